@@ -1,0 +1,153 @@
+//! Wiring: config -> state -> listeners -> shutdown.
+//!
+//! [`Gateway::start`] binds both listeners and returns once they accept
+//! connections; [`Gateway::wait`] returns once a shutdown has drained them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{Admin, Readiness};
+use crate::config::GatewayConfig;
+use crate::proxy::Proxy;
+use crate::server::{self, Drained, ServeOptions};
+
+/// A running gateway: the proxy listener and the admin listener.
+pub struct Gateway {
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+    proxy_task: JoinHandle<Drained>,
+    admin_task: JoinHandle<Drained>,
+}
+
+impl Gateway {
+    /// Open the data directory, bind the listeners and start serving. Stops
+    /// serving when `shutdown` is cancelled.
+    pub async fn start(
+        config: GatewayConfig,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Gateway> {
+        let config = Arc::new(config);
+        prepare_data_dir(&config)?;
+        let proxy_listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (proxy)", config.server.listen))?;
+        let admin_listener = TcpListener::bind(config.server.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin)", config.server.admin_listen))?;
+        let proxy_addr = proxy_listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+
+        let options = ServeOptions {
+            name: "proxy",
+            max_connections: config.server.max_connections,
+            header_read_timeout: config.server.header_read_timeout,
+            shutdown_grace: config.server.shutdown_grace,
+        };
+        let proxy = Arc::new(Proxy::new(config.clone()));
+        let proxy_task = tokio::spawn(server::serve(
+            proxy_listener,
+            options.clone(),
+            shutdown.clone(),
+            move |req, peer| proxy.clone().handle(req, peer),
+        ));
+
+        let readiness = Arc::new(Readiness::default());
+        let admin = Arc::new(Admin {
+            readiness: readiness.clone(),
+        });
+        let admin_options = ServeOptions {
+            name: "admin",
+            ..options
+        };
+        let admin_task = tokio::spawn(server::serve(
+            admin_listener,
+            admin_options,
+            shutdown.clone(),
+            move |req, _peer| admin.clone().handle(req),
+        ));
+        readiness.set(true);
+        tracing::info!(%proxy_addr, %admin_addr, data_dir = %config.server.data_dir.display(), "creditgate is serving");
+        Ok(Gateway {
+            proxy_addr,
+            admin_addr,
+            readiness,
+            shutdown,
+            proxy_task,
+            admin_task,
+        })
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Signal shutdown (same as cancelling the token given to `start`).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Wait for shutdown to be signalled and both listeners to drain.
+    pub async fn wait(self) -> Drained {
+        self.shutdown.cancelled().await;
+        self.readiness.set(false);
+        let proxy = self.proxy_task.await.unwrap_or(Drained::TimedOut);
+        let admin = self.admin_task.await.unwrap_or(Drained::TimedOut);
+        let drained = if proxy == Drained::All && admin == Drained::All {
+            Drained::All
+        } else {
+            Drained::TimedOut
+        };
+        tracing::info!(?drained, "creditgate stopped");
+        drained
+    }
+}
+
+fn prepare_data_dir(config: &GatewayConfig) -> anyhow::Result<()> {
+    let dir = &config.server.data_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    // Refuse to start rather than serve with books we cannot write.
+    let probe = dir.join(".write-probe");
+    std::fs::write(&probe, b"ok")
+        .with_context(|| format!("data directory {} is not writable", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+/// Cancel `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        token.cancel();
+    });
+}

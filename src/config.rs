@@ -1,0 +1,743 @@
+//! Gateway config: strict raw serde types, then validated runtime types.
+//!
+//! Loading is two layers. The raw layer mirrors the TOML file and rejects
+//! unknown keys (`deny_unknown_fields`), so a typo is an error rather than a
+//! silently ignored setting. The validated layer ([`GatewayConfig`]) is what the
+//! rest of the gateway uses; it can only be built through [`GatewayConfig::parse`]
+//! or [`GatewayConfig::load`], so nothing downstream sees an unchecked value.
+//!
+//! Every section is checked on its own so that one run reports every problem in
+//! the file at once, each with `file:line` and a hint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Largest request body the gateway accepts unless the config says otherwise.
+const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
+/// How long in-flight requests may run after a shutdown signal.
+const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+/// Bound on how long a client may take to send request headers (slowloris).
+const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Bound on open client connections; excess connections wait in the backlog.
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
+const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 120_000;
+const DEFAULT_IDLE_TIMEOUT_MS: u64 = 120_000;
+const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 256;
+
+/// The validated gateway config.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The file this config was read from (for messages and relative paths).
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    /// Upstreams in file order; routes refer to them by index.
+    pub upstreams: Vec<Upstream>,
+    /// Routes in match order: longest prefix first, host-specific before any-host.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub max_body_bytes: u64,
+    pub shutdown_grace: Duration,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A `tracing` filter directive such as `info` or `creditgate=debug`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One upstream service the gateway forwards to.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path of the base URL without a trailing slash; prepended to request paths.
+    pub base_path: String,
+    pub connect_timeout: Duration,
+    /// Time from sending the request to receiving the response head.
+    pub response_timeout: Duration,
+    /// Longest silence allowed between two chunks of a response body.
+    pub idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    /// Speak HTTP/2 without negotiation (h2c) to a plain-HTTP upstream.
+    pub http2_prior_knowledge: bool,
+    pub credential: Option<Credential>,
+}
+
+/// The upstream's own credential, added to every forwarded request.
+#[derive(Clone)]
+pub struct Credential {
+    pub header: HeaderName,
+    /// Marked sensitive so hyper never indexes it in HPACK tables.
+    pub value: HeaderValue,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The value is a secret: never print it, not even at trace level.
+        f.debug_struct("Credential")
+            .field("header", &self.header)
+            .field("value", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A path prefix (and optional host) mapped to an upstream.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub prefix: String,
+    pub host: Option<String>,
+    pub upstream: usize,
+}
+
+impl Route {
+    /// Whether this route serves `path` on `host`. Prefixes match whole path
+    /// segments: `/v1/chat` serves `/v1/chat/completions` but not `/v1/chatty`.
+    pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        if let Some(want) = &self.host {
+            match host {
+                Some(h) if strip_port(h).eq_ignore_ascii_case(want) => {}
+                _ => return false,
+            }
+        }
+        match path.strip_prefix(self.prefix.as_str()) {
+            Some(rest) => self.prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+            None => false,
+        }
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub line: usize,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+/// Everything wrong with a config file, reported at once.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(file, problems))]
+    Invalid {
+        file: String,
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+fn render_problems(file: &str, problems: &[ConfigProblem]) -> String {
+    let mut out = format!("{} problem(s) in {file}:", problems.len());
+    for p in problems {
+        out.push_str(&format!("\n  {file}:{}: {}", p.line, p.message));
+        if let Some(hint) = &p.hint {
+            out.push_str(&format!(" (hint: {hint})"));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- raw layer
+
+/// The top level of the file. Each section is kept as a spanned TOML value and
+/// deserialized on its own, so an error in one section does not hide the rest.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTop {
+    server: Option<Spanned<toml::Value>>,
+    log: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    upstreams: BTreeMap<String, Spanned<toml::Value>>,
+    #[serde(default)]
+    routes: Vec<Spanned<toml::Value>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    max_body_bytes: Option<u64>,
+    shutdown_grace_ms: Option<u64>,
+    header_read_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<LogFormat>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    base_url: String,
+    connect_timeout_ms: Option<u64>,
+    response_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    pool_max_idle_per_host: Option<usize>,
+    #[serde(default)]
+    http2_prior_knowledge: bool,
+    /// Name of the environment variable that holds the upstream's secret.
+    credential_env: Option<String>,
+    /// Header that carries it (default `authorization`).
+    credential_header: Option<String>,
+    /// Prefix before the secret, e.g. `Bearer` (default: none for custom
+    /// headers, `Bearer` for `authorization`).
+    credential_scheme: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    prefix: String,
+    host: Option<String>,
+    upstream: String,
+}
+
+// ---------------------------------------------------------- validated layer
+
+/// Collects problems while walking the file, so all of them are reported.
+struct Checker<'a> {
+    text: &'a str,
+    problems: Vec<ConfigProblem>,
+}
+
+impl Checker<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn problem(&mut self, offset: usize, message: impl Into<String>, hint: Option<&str>) {
+        let line = self.line_of(offset);
+        self.problems.push(ConfigProblem {
+            line,
+            message: message.into(),
+            hint: hint.map(str::to_owned),
+        });
+    }
+
+    /// Deserialize one section; on failure record the problem at its line.
+    fn section<T: DeserializeOwned>(
+        &mut self,
+        what: &str,
+        value: Spanned<toml::Value>,
+    ) -> Option<T> {
+        let offset = value.span().start;
+        match value.into_inner().try_into::<T>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let message = format!("{what}: {}", e.message().trim_end());
+                self.problem(
+                    offset,
+                    message,
+                    Some("check the key names and value types against config/gateway.toml"),
+                );
+                None
+            }
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Read and validate a config file, taking secrets from the process environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// Validate config text. `env` resolves environment variables (injectable
+    /// so tests need not touch the process environment).
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let mut checker = Checker {
+            text,
+            problems: Vec::new(),
+        };
+        let top: RawTop = match toml::from_str(text) {
+            Ok(top) => top,
+            Err(e) => {
+                let offset = e.span().map(|s| s.start).unwrap_or(0);
+                checker.problem(offset, e.message().trim_end().to_owned(), Some("the file must be valid TOML with only the documented sections: server, log, upstreams, routes"));
+                return Err(ConfigError::Invalid {
+                    file,
+                    problems: checker.problems,
+                });
+            }
+        };
+
+        let server_offset = top.server.as_ref().map_or(0, |v| v.span().start);
+        let server = top
+            .server
+            .and_then(|v| checker.section::<RawServer>("[server]", v))
+            .unwrap_or_default();
+        let log = top
+            .log
+            .and_then(|v| checker.section::<RawLog>("[log]", v))
+            .unwrap_or_default();
+        let server = validate_server(&mut checker, server_offset, server);
+        let log = LogConfig {
+            level: log.level.unwrap_or_else(|| "info".to_owned()),
+            format: log.format.unwrap_or(LogFormat::Text),
+        };
+
+        let mut upstreams = Vec::new();
+        let mut upstream_index = HashMap::new();
+        for (name, value) in top.upstreams {
+            let offset = value.span().start;
+            let what = format!("[upstreams.{name}]");
+            if let Some(raw) = checker.section::<RawUpstream>(&what, value) {
+                if let Some(up) = validate_upstream(&mut checker, offset, &name, raw, env) {
+                    upstream_index.insert(name, upstreams.len());
+                    upstreams.push(up);
+                }
+            }
+        }
+
+        let mut routes = Vec::new();
+        for (i, value) in top.routes.into_iter().enumerate() {
+            let offset = value.span().start;
+            let what = format!("[[routes]] #{}", i + 1);
+            if let Some(raw) = checker.section::<RawRoute>(&what, value) {
+                if let Some(route) = validate_route(&mut checker, offset, raw, &upstream_index) {
+                    routes.push(route);
+                }
+            }
+        }
+        if routes.is_empty() && checker.problems.is_empty() {
+            checker.problem(
+                0,
+                "no routes are configured",
+                Some("add a [[routes]] table with `prefix` and `upstream`"),
+            );
+        }
+        check_duplicate_routes(&mut checker, &routes);
+        // Most specific first: host-bound routes, then longer prefixes.
+        routes.sort_by(|a, b| {
+            b.host
+                .is_some()
+                .cmp(&a.host.is_some())
+                .then(b.prefix.len().cmp(&a.prefix.len()))
+        });
+
+        if !checker.problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                file,
+                problems: checker.problems,
+            });
+        }
+        Ok(GatewayConfig {
+            source: path.to_owned(),
+            server,
+            log,
+            upstreams,
+            routes,
+        })
+    }
+
+    /// The route serving a request, if any.
+    pub fn route_for(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(host, path))
+    }
+}
+
+fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> ServerConfig {
+    let mut addr = |value: Option<String>, default: &str, key: &str| -> SocketAddr {
+        let text = value.unwrap_or_else(|| default.to_owned());
+        text.parse().unwrap_or_else(|_| {
+            checker.problem(
+                offset,
+                format!("[server] {key} = {text:?} is not an address"),
+                Some("write it as IP:PORT, e.g. \"127.0.0.1:8080\""),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    };
+    let listen = addr(raw.listen, "127.0.0.1:8080", "listen");
+    let admin_listen = addr(raw.admin_listen, "127.0.0.1:8081", "admin_listen");
+    let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    if max_body_bytes == 0 {
+        checker.problem(
+            offset,
+            "[server] max_body_bytes must be above 0",
+            Some("the default is 8388608 (8 MiB)"),
+        );
+    }
+    ServerConfig {
+        listen,
+        admin_listen,
+        data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from("./data")),
+        max_body_bytes,
+        shutdown_grace: Duration::from_millis(
+            raw.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS),
+        ),
+        header_read_timeout: Duration::from_millis(
+            raw.header_read_timeout_ms
+                .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS),
+        ),
+        max_connections: raw
+            .max_connections
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS)
+            .max(1),
+    }
+}
+
+fn validate_upstream(
+    checker: &mut Checker<'_>,
+    offset: usize,
+    name: &str,
+    raw: RawUpstream,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<Upstream> {
+    let uri: http::Uri = match raw.base_url.parse() {
+        Ok(uri) => uri,
+        Err(e) => {
+            checker.problem(
+                offset,
+                format!(
+                    "[upstreams.{name}] base_url {:?} is not a URL: {e}",
+                    raw.base_url
+                ),
+                Some("write it as http://host:port or https://host"),
+            );
+            return None;
+        }
+    };
+    let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned()) else {
+        checker.problem(
+            offset,
+            format!(
+                "[upstreams.{name}] base_url {:?} needs a scheme and a host",
+                raw.base_url
+            ),
+            Some("e.g. \"http://127.0.0.1:8090\""),
+        );
+        return None;
+    };
+    if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+        checker.problem(
+            offset,
+            format!("[upstreams.{name}] base_url scheme {scheme} is not supported"),
+            Some("use http or https"),
+        );
+        return None;
+    }
+    if uri.query().is_some() {
+        checker.problem(
+            offset,
+            format!("[upstreams.{name}] base_url must not carry a query string"),
+            None,
+        );
+    }
+    let credential = credential(checker, offset, name, &raw, env);
+    Some(Upstream {
+        name: name.to_owned(),
+        scheme,
+        authority,
+        base_path: uri.path().trim_end_matches('/').to_owned(),
+        connect_timeout: Duration::from_millis(
+            raw.connect_timeout_ms.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
+        ),
+        response_timeout: Duration::from_millis(
+            raw.response_timeout_ms
+                .unwrap_or(DEFAULT_RESPONSE_TIMEOUT_MS),
+        ),
+        idle_timeout: Duration::from_millis(raw.idle_timeout_ms.unwrap_or(DEFAULT_IDLE_TIMEOUT_MS)),
+        pool_max_idle_per_host: raw
+            .pool_max_idle_per_host
+            .unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),
+        http2_prior_knowledge: raw.http2_prior_knowledge,
+        credential,
+    })
+}
+
+fn credential(
+    checker: &mut Checker<'_>,
+    offset: usize,
+    name: &str,
+    raw: &RawUpstream,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<Credential> {
+    let var = raw.credential_env.as_deref()?;
+    let header_text = raw.credential_header.as_deref().unwrap_or("authorization");
+    let Ok(header) = HeaderName::from_bytes(header_text.as_bytes()) else {
+        checker.problem(
+            offset,
+            format!("[upstreams.{name}] credential_header {header_text:?} is not a header name"),
+            None,
+        );
+        return None;
+    };
+    let Some(secret) = env(var).filter(|s| !s.is_empty()) else {
+        checker.problem(
+            offset,
+            format!("[upstreams.{name}] environment variable {var} is not set"),
+            Some("export it before starting, or remove credential_env"),
+        );
+        return None;
+    };
+    let default_scheme = (header == http::header::AUTHORIZATION).then_some("Bearer");
+    let text = match raw.credential_scheme.as_deref().or(default_scheme) {
+        Some(scheme) if !scheme.is_empty() => format!("{scheme} {secret}"),
+        _ => secret,
+    };
+    let Ok(mut value) = HeaderValue::from_str(&text) else {
+        // Do not echo the value: it is a secret.
+        checker.problem(
+            offset,
+            format!("[upstreams.{name}] the value of {var} is not a valid header value"),
+            Some("it must be visible ASCII without newlines"),
+        );
+        return None;
+    };
+    value.set_sensitive(true);
+    Some(Credential { header, value })
+}
+
+fn validate_route(
+    checker: &mut Checker<'_>,
+    offset: usize,
+    raw: RawRoute,
+    upstream_index: &HashMap<String, usize>,
+) -> Option<Route> {
+    if !raw.prefix.starts_with('/') {
+        checker.problem(
+            offset,
+            format!("route prefix {:?} must start with '/'", raw.prefix),
+            Some("e.g. prefix = \"/v1/chat/completions\""),
+        );
+        return None;
+    }
+    let Some(&upstream) = upstream_index.get(&raw.upstream) else {
+        let known: Vec<&str> = upstream_index.keys().map(String::as_str).collect();
+        checker.problem(
+            offset,
+            format!(
+                "route {:?} names upstream {:?}, which is not defined",
+                raw.prefix, raw.upstream
+            ),
+            Some(&format!(
+                "define [upstreams.{}] or use one of {known:?}",
+                raw.upstream
+            )),
+        );
+        return None;
+    };
+    Some(Route {
+        prefix: raw.prefix,
+        host: raw.host.map(|h| h.to_ascii_lowercase()),
+        upstream,
+    })
+}
+
+fn check_duplicate_routes(checker: &mut Checker<'_>, routes: &[Route]) {
+    let mut seen = HashMap::new();
+    for r in routes {
+        if seen
+            .insert((r.host.clone(), r.prefix.clone()), ())
+            .is_some()
+        {
+            checker.problem(
+                0,
+                format!(
+                    "route prefix {:?} (host {:?}) is defined twice",
+                    r.prefix, r.host
+                ),
+                Some("remove one of them"),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
+        GatewayConfig::parse(Path::new("test.toml"), text, &|name| {
+            (name == "UP_KEY").then(|| "sk-upstream".to_owned())
+        })
+    }
+
+    fn problems(text: &str) -> Vec<ConfigProblem> {
+        match parse(text) {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    const MINIMAL: &str = r#"
+[upstreams.mock]
+base_url = "http://127.0.0.1:8090"
+
+[[routes]]
+prefix = "/v1"
+upstream = "mock"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(c.upstreams[0].base_path, "");
+        assert!(c.route_for(None, "/v1/chat/completions").is_some());
+        assert!(
+            c.route_for(None, "/v10").is_none(),
+            "prefix must match whole segments"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_line() {
+        let text = r#"
+[server]
+listne = "127.0.0.1:1"
+
+[upstreams.a]
+base_url = "ftp://x"
+
+[upstreams.b]
+base_url = "http://x"
+credential_env = "MISSING"
+
+[[routes]]
+prefix = "v1"
+upstream = "a"
+
+[[routes]]
+prefix = "/v1"
+upstream = "nope"
+"#;
+        let p = problems(text);
+        let lines: Vec<usize> = p.iter().map(|p| p.line).collect();
+        assert_eq!(p.len(), 5, "one problem per mistake: {p:#?}");
+        assert!(
+            p[0].message.contains("listne"),
+            "unknown key named: {}",
+            p[0].message
+        );
+        assert!(
+            lines.contains(&6) || lines.contains(&5),
+            "upstream a's line reported: {lines:?}"
+        );
+        assert!(
+            p.iter().any(|p| p.message.contains("MISSING")),
+            "missing env var named"
+        );
+        assert!(p.iter().any(|p| p.message.contains("must start with '/'")));
+        assert!(p
+            .iter()
+            .any(|p| p.message.contains("\"nope\"") && p.hint.is_some()));
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let p = problems("[server]\nlisten = \n");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].line, 2);
+    }
+
+    #[test]
+    fn credential_is_resolved_and_never_printed() {
+        let text = format!("{MINIMAL}\n[upstreams.secure]\nbase_url = \"https://api.example.com/base/\"\ncredential_env = \"UP_KEY\"\n");
+        let c = parse(&text).unwrap();
+        let up = c.upstreams.iter().find(|u| u.name == "secure").unwrap();
+        let cred = up.credential.as_ref().unwrap();
+        assert_eq!(cred.value, "Bearer sk-upstream");
+        assert!(cred.value.is_sensitive());
+        assert_eq!(up.base_path, "/base");
+        assert!(
+            !format!("{c:?}").contains("sk-upstream"),
+            "Debug must redact the secret"
+        );
+    }
+
+    #[test]
+    fn host_routes_win_over_any_host_and_longest_prefix_wins() {
+        let text = r#"
+[upstreams.a]
+base_url = "http://a"
+[upstreams.b]
+base_url = "http://b"
+[upstreams.c]
+base_url = "http://c"
+[[routes]]
+prefix = "/v1"
+upstream = "a"
+[[routes]]
+prefix = "/v1/chat"
+upstream = "b"
+[[routes]]
+prefix = "/v1"
+host = "special.example"
+upstream = "c"
+"#;
+        let c = parse(text).unwrap();
+        let name = |host, path| {
+            c.upstreams[c.route_for(host, path).unwrap().upstream]
+                .name
+                .clone()
+        };
+        assert_eq!(name(None, "/v1/chat/completions"), "b");
+        assert_eq!(name(None, "/v1/embeddings"), "a");
+        assert_eq!(
+            name(Some("special.example:8080"), "/v1/chat/completions"),
+            "c"
+        );
+    }
+}

@@ -1,0 +1,78 @@
+//! The typed per-request context every phase reads and writes.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use http::{HeaderValue, Method, StatusCode, Uri};
+
+/// What one request has picked up on its way through the phases. Created when
+/// the request arrives, handed to `settle` exactly once when its response ends.
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub request_id: HeaderValue,
+    pub started: Instant,
+    pub peer: SocketAddr,
+    pub method: Method,
+    /// Kept for the access log, which prints the path only: a query string can
+    /// carry secrets.
+    pub uri: Uri,
+    /// Index into the config's upstreams, once the route phase has picked one.
+    pub upstream: Option<usize>,
+    /// Status of the upstream's response head, if one arrived.
+    pub upstream_status: Option<StatusCode>,
+    /// Status the client received.
+    pub status: StatusCode,
+    /// Machine code of the error the gateway answered with, if any.
+    pub error_code: Option<&'static str>,
+    /// Body bytes handed to the client so far.
+    pub response_bytes: u64,
+    pub span: tracing::Span,
+}
+
+impl RequestCtx {
+    pub fn new(request_id: HeaderValue, peer: SocketAddr, method: Method, uri: Uri) -> Self {
+        let span = tracing::info_span!(
+            "request",
+            request_id = request_id.to_str().unwrap_or("-"),
+            method = %method,
+            path = uri.path(),
+        );
+        RequestCtx {
+            request_id,
+            started: Instant::now(),
+            peer,
+            method,
+            uri,
+            upstream: None,
+            upstream_status: None,
+            status: StatusCode::OK,
+            error_code: None,
+            response_bytes: 0,
+            span,
+        }
+    }
+}
+
+/// How a response ended, as seen by the settle phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every byte reached the client.
+    Completed,
+    /// The client went away before the body ended.
+    ClientGone,
+    /// The upstream broke off the body (reset, protocol error).
+    UpstreamBroke,
+    /// The upstream went silent for longer than its idle timeout.
+    UpstreamIdle,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::ClientGone => "client_gone",
+            Outcome::UpstreamBroke => "upstream_broke",
+            Outcome::UpstreamIdle => "upstream_idle",
+        }
+    }
+}
