@@ -1,0 +1,28 @@
+# Build stage: compile the release binary.
+FROM rust:1-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY config ./config
+RUN cargo build --release --locked --bin creditgate
+
+# Runtime stage: the binary, the example config, a non-root user, /data.
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --home-dir /data creditgate \
+ && mkdir -p /data /etc/creditgate \
+ && chown creditgate /data
+COPY --from=build /src/target/release/creditgate /usr/local/bin/creditgate
+COPY config /etc/creditgate
+# Listen on all interfaces inside the container; keep the admin port private
+# when publishing (map only 8080 to the outside world).
+RUN sed -i 's/^listen = "127.0.0.1:8080"/listen = "0.0.0.0:8080"/; s/^admin_listen = "127.0.0.1:8081"/admin_listen = "0.0.0.0:8081"/; s#^data_dir = "./data"#data_dir = "/data"#' /etc/creditgate/gateway.toml
+USER creditgate
+VOLUME ["/data"]
+EXPOSE 8080 8081
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD curl -fsS http://127.0.0.1:8081/healthz || exit 1
+ENTRYPOINT ["creditgate"]
+CMD ["serve", "--config", "/etc/creditgate/gateway.toml"]

@@ -1,0 +1,183 @@
+//! Shared test harness: a real gateway on 127.0.0.1:0 in front of a real mock
+//! upstream over TCP, with a real data directory.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use creditgate::app::Gateway;
+use creditgate::config::GatewayConfig;
+use creditgate::mock::{MockBody, MockOptions, MockUpstream};
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub const UPSTREAM_SECRET: &str = "sk-upstream-secret-0123456789";
+
+pub struct Stack {
+    pub mock: MockUpstream,
+    pub gateway: Gateway,
+    pub shutdown: CancellationToken,
+    pub data_dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gateway.proxy_addr())
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gateway.admin_addr())
+    }
+}
+
+/// Gateway config text for a mock at `mock`; `extra_server` and
+/// `extra_upstream` are appended to those sections.
+pub fn config_text(mock: SocketAddr, extra_server: &str, extra_upstream: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace_ms = 5000
+{extra_server}
+
+[log]
+level = "warn"
+
+[upstreams.mock]
+base_url = "http://{mock}"
+credential_env = "MOCK_UPSTREAM_KEY"
+{extra_upstream}
+
+[[routes]]
+prefix = "/v1"
+upstream = "mock"
+
+[[routes]]
+prefix = "/echo"
+upstream = "mock"
+"#
+    )
+}
+
+pub fn parse_config(text: &str, data_dir: &Path) -> GatewayConfig {
+    let mut config = GatewayConfig::parse(Path::new("test.toml"), text, &|name| {
+        (name == "MOCK_UPSTREAM_KEY").then(|| UPSTREAM_SECRET.to_owned())
+    })
+    .unwrap();
+    config.server.data_dir = data_dir.to_owned();
+    config
+}
+
+pub async fn start_with(
+    extra_server: &str,
+    extra_upstream: &str,
+    mock_options: MockOptions,
+) -> Stack {
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), mock_options)
+        .await
+        .unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let config = parse_config(
+        &config_text(mock.addr(), extra_server, extra_upstream),
+        data_dir.path(),
+    );
+    let shutdown = CancellationToken::new();
+    let gateway = Gateway::start(config, shutdown.clone()).await.unwrap();
+    Stack {
+        mock,
+        gateway,
+        shutdown,
+        data_dir,
+    }
+}
+
+pub async fn start() -> Stack {
+    start_with("", "", MockOptions::default()).await
+}
+
+/// A complete response, read to the end.
+pub struct Reply {
+    pub status: http::StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Send one request with a fixed body and read the whole response.
+pub async fn send(request: Request<Full<Bytes>>) -> Reply {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    read(response).await
+}
+
+pub async fn read(response: Response<Incoming>) -> Reply {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body failed").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn post_json(url: &str, body: &serde_json::Value) -> Reply {
+    let request = Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    send(request).await
+}
+
+/// An HTTP/1.1 connection whose request body the test streams by hand.
+pub async fn open_h1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<MockBody> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+pub type BodySender =
+    mpsc::Sender<Result<http_body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>;
+
+/// A request body the test feeds chunk by chunk (sent chunked, no length).
+pub fn channel_body() -> (BodySender, MockBody) {
+    let (tx, rx) = mpsc::channel(1);
+    (tx, MockBody::Channel(rx))
+}
+
+/// Read the next data frame of a streamed response.
+pub async fn next_chunk(body: &mut Incoming) -> Option<Bytes> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("no frame within 10 s")?;
+        if let Ok(data) = frame.expect("stream broke").into_data() {
+            return Some(data);
+        }
+    }
+}

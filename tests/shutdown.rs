@@ -1,0 +1,202 @@
+//! Graceful shutdown: stop accepting, let in-flight streams finish, exit 0.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use creditgate::mock::{MockOptions, MockUpstream};
+use creditgate::server::Drained;
+use http::Request;
+use http_body_util::Full;
+
+const STREAM_BODY: &str = r#"{"model":"mock-gpt","stream":true,"max_tokens":8}"#;
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_stream_finish() {
+    let stack = start().await;
+    let mut sender = open_h1(stack.gateway.proxy_addr()).await;
+    let request = Request::post(stack.url("/v1/chat/completions"))
+        .header("x-mock-pace-ms", "50")
+        .body(creditgate::mock::MockBody::Full(Some(Bytes::from(
+            STREAM_BODY,
+        ))))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let mut body = response.into_body();
+    let mut received = next_chunk(&mut body).await.unwrap().to_vec();
+
+    stack.shutdown.cancel();
+    let proxy_addr = stack.gateway.proxy_addr();
+    let drained = tokio::spawn(stack.gateway.wait());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        tokio::net::TcpStream::connect(proxy_addr).await.is_err(),
+        "new connections are refused after shutdown"
+    );
+
+    while let Some(chunk) = next_chunk(&mut body).await {
+        received.extend_from_slice(&chunk);
+    }
+    assert!(
+        received.ends_with(b"data: [DONE]\n\n"),
+        "the in-flight stream ran to its end"
+    );
+    let content_events = String::from_utf8_lossy(&received)
+        .matches(r#""tok ""#)
+        .count();
+    assert_eq!(content_events, 8, "every token arrived");
+    assert_eq!(drained.await.unwrap(), Drained::All);
+}
+
+/// Kills the gateway process if the test fails before it exits by itself.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `creditgate serve` as a real process and return it with its proxy address.
+fn spawn_gateway(
+    config_path: &std::path::Path,
+    data_dir: &std::path::Path,
+) -> (std::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
+        .args(["serve", "--config"])
+        .arg(config_path)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("MOCK_UPSTREAM_KEY", UPSTREAM_SECRET)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Read stderr on a thread (and keep draining it so the child never blocks
+    // on a full pipe); the test waits for the address with a deadline.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("proxy_addr=").nth(1) {
+                let _ = tx.send(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("gateway did not report its address");
+    (child, addr)
+}
+
+// Multi-threaded: the test does blocking socket I/O while the mock runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_stream_and_exits_zero() {
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("gateway.toml");
+    std::fs::write(&config_path, config_text(mock.addr(), "", "")).unwrap();
+    let (child, addr) = spawn_gateway(&config_path, &dir.path().join("data"));
+    let mut child = KillOnDrop(child);
+
+    // A raw HTTP/1.1 stream, read on a blocking thread.
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-mock-pace-ms: 60\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{STREAM_BODY}",
+        STREAM_BODY.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 64];
+    let n = stream.read(&mut first).unwrap();
+    assert!(
+        n > 0 && first.starts_with(b"HTTP/1.1 200"),
+        "stream started"
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let reader = std::thread::spawn(move || {
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap();
+        rest
+    });
+    let rest = reader.join().unwrap();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        text.contains("data: [DONE]"),
+        "stream finished after SIGTERM: {text}"
+    );
+    let exit = child.0.wait().unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+    mock.stop().await;
+}
+
+#[test]
+fn check_config_accepts_the_examples_and_rejects_a_broken_file() {
+    let ok = Command::new(env!("CARGO_BIN_EXE_creditgate"))
+        .args(["check-config", "--config", "config/gateway.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "[server]\nlisten = \"nope\"\nbogus = 1\n\n[[routes]]\nprefix = \"/v1\"\nupstream = \"ghost\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_creditgate"))
+        .args(["check-config", "--config"])
+        .arg(&broken)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a broken config must fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("broken.toml:1:") && stderr.contains("bogus"),
+        "unknown key with file:line: {stderr}"
+    );
+    assert!(
+        stderr.contains("broken.toml:5:") && stderr.contains("ghost"),
+        "bad upstream with file:line: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn admin_health_and_readiness() {
+    let stack = start().await;
+    let health = send(
+        Request::get(stack.admin_url("/healthz"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(health.status, 200);
+    let ready = send(
+        Request::get(stack.admin_url("/readyz"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["status"], "ready");
+}
