@@ -5,16 +5,22 @@
 //! - [`admin`] — the admin listener: health and readiness.
 //! - [`config`] — gateway config: strict raw types, then validated types.
 //! - [`demo`] — `creditgate demo`: mock upstream and gateway in one process.
+//! - [`ledger`] — orgs, wallets, lots, holds, limits, entries (pure, no I/O).
 //! - [`mock`] — the mock upstream used by the demo, tests and load harness.
+//! - [`pricing`] — the price table: schema, validation, cost functions (pure).
 //! - [`proxy`] — the data path as named phases.
 //! - [`server`] — the accept loop shared by all listeners.
+//! - [`store`] — the storage interface, its sled backend and group commit.
 //! - [`telemetry`] — logging setup.
 
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod demo;
+pub mod ledger;
 pub mod mock;
+pub mod pricing;
 pub mod proxy;
 pub mod server;
+pub mod store;
 pub mod telemetry;

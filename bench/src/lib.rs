@@ -1,0 +1,1 @@
+//! Benchmarks for creditgate (see benches/); the load harness joins here later.

@@ -1,0 +1,530 @@
+//! Entity operations: organizations, contracts, users, applications, keys.
+//!
+//! Every change follows one pattern, shared with replay: take a sequence
+//! number, append the entity's new version to the journal, then *apply* it
+//! (update the maps and the affected wallets). Replay calls the same
+//! `apply_*` functions, so a restarted ledger reaches the same state by the
+//! same code. Changes that also move money (the first grants of an org or a
+//! Lite user, plan changes) record those as entries after the entity.
+//!
+//! Every call names the organization it acts for; naming anything of
+//! another organization is refused with [`LedgerError::CrossOrg`]. Each
+//! operation waits for the journal to make it durable before returning.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use parking_lot::Mutex;
+use rust_decimal::Decimal;
+
+use crate::ledger::calendar::YearMonth;
+use crate::ledger::contract::{ContractTerm, OrgCalendar};
+use crate::ledger::entity::{ApiKey, Application, KeyHash, Organization, Plan, User};
+use crate::ledger::ids::{AppId, KeyId, OrgId, Owner, UserId, WalletId};
+use crate::ledger::journal::{Record, RecordBody};
+use crate::ledger::limit::Limits;
+use crate::ledger::wallet::{LiteSchedule, WalletCell, WalletState};
+use crate::ledger::{Ledger, LedgerError};
+
+/// The largest amount any single allocation, purchase or adjustment may
+/// carry (one trillion credits). Keeps every product and sum the ledger
+/// computes far inside `Decimal`'s range.
+pub const MAX_AMOUNT: Decimal = Decimal::from_parts(0xD4A5_1000, 0xE8, 0, false, 0);
+
+/// A new organization.
+#[derive(Clone, Debug)]
+pub struct NewOrg {
+    /// Display name.
+    pub name: String,
+    /// Zone for days, months and contract years (UTC if unsure).
+    pub time_zone: Tz,
+    /// First contract term, if signed already.
+    pub contract: Option<ContractTerm>,
+}
+
+/// A new user.
+#[derive(Clone, Debug)]
+pub struct NewUser {
+    /// Display name.
+    pub name: String,
+    /// Starting plan.
+    pub plan: Plan,
+    /// Monthly allowance while on Lite.
+    pub lite_monthly_allowance: Decimal,
+    /// Pro-rate the allowance on a Pro -> Lite downgrade.
+    pub prorate_on_downgrade: bool,
+    /// The user's spending limits.
+    pub limits: Limits,
+}
+
+/// A new application.
+#[derive(Clone, Debug)]
+pub struct NewApp {
+    /// Display name.
+    pub name: String,
+    /// Limits of the application as a whole.
+    pub limits: Limits,
+    /// Limits applied to each end user separately.
+    pub end_user_limits: Limits,
+}
+
+/// A new API key. The admin API generates the secret, shows it once, and
+/// passes only its hash here.
+#[derive(Clone, Debug)]
+pub struct NewKey {
+    /// The user or application it speaks for.
+    pub owner: Owner,
+    /// SHA-256 of the secret.
+    pub hash: KeyHash,
+    /// Operator label.
+    pub label: String,
+    /// The key's own limits.
+    pub limits: Limits,
+}
+
+pub(crate) fn check_amount(field: &'static str, amount: Decimal) -> Result<(), LedgerError> {
+    if amount.is_sign_negative() || amount > MAX_AMOUNT {
+        return Err(LedgerError::InvalidAmount {
+            field,
+            expected: "between 0 and 1,000,000,000,000",
+            amount,
+        });
+    }
+    Ok(())
+}
+
+fn check_term(term: &ContractTerm) -> Result<(), LedgerError> {
+    term.validate()?;
+    check_amount(
+        "platform_allocation_per_year",
+        term.platform_allocation_per_year,
+    )?;
+    check_amount("seat_allocation", term.seat_allocation()?)
+}
+
+impl Ledger {
+    /// Creates an organization and its pool; grants the contract year in
+    /// force, if any.
+    pub fn create_org(&self, new: NewOrg, now: DateTime<Utc>) -> Result<Organization, LedgerError> {
+        let _admin = self.admin.lock();
+        let mut calendar = OrgCalendar::new(new.time_zone);
+        if let Some(term) = &new.contract {
+            check_term(term)?;
+            calendar = calendar.with_term(term.clone())?;
+        }
+        let org = self.commit(|seq| {
+            RecordBody::Org(Organization {
+                id: OrgId(seq),
+                name: new.name,
+                time_zone: new.time_zone,
+                contracts: calendar.terms.to_vec(),
+                created_at: now,
+            })
+        });
+        let RecordBody::Org(org) = org else {
+            unreachable!("commit returns the record it was given")
+        };
+        self.apply_org(&org);
+        self.advance_wallet(WalletId::Pool(org.id), now);
+        self.shared.committer.sync()?;
+        Ok(org)
+    }
+
+    /// Adds a contract term (a renewal). It must start on or after the end of
+    /// the last term; its years are granted as they begin. Lots of earlier
+    /// terms keep their own expiry.
+    pub fn renew_contract(
+        &self,
+        org: OrgId,
+        term: ContractTerm,
+        now: DateTime<Utc>,
+    ) -> Result<Organization, LedgerError> {
+        let _admin = self.admin.lock();
+        let mut current = self.org(org).ok_or(LedgerError::UnknownOrg(org))?;
+        check_term(&term)?;
+        let calendar = calendar_of(&current).with_term(term)?;
+        current.contracts = calendar.terms.to_vec();
+        let record = self.commit(|_| RecordBody::Org(current.clone()));
+        debug_assert!(matches!(record, RecordBody::Org(_)));
+        self.apply_org(&current);
+        self.advance_wallet(WalletId::Pool(org), now);
+        self.shared.committer.sync()?;
+        Ok(current)
+    }
+
+    /// Creates a user. A Lite user gets a wallet and this month's allowance in
+    /// full at once; a Pro user draws on the pool.
+    pub fn create_user(
+        &self,
+        org: OrgId,
+        new: NewUser,
+        now: DateTime<Utc>,
+    ) -> Result<User, LedgerError> {
+        let _admin = self.admin.lock();
+        let tz = self.org(org).ok_or(LedgerError::UnknownOrg(org))?.time_zone;
+        check_amount("lite_monthly_allowance", new.lite_monthly_allowance)?;
+        new.limits.validate()?;
+        let record = self.commit(|seq| {
+            RecordBody::User(User {
+                id: UserId(seq),
+                org,
+                name: new.name,
+                plan: new.plan,
+                lite_monthly_allowance: new.lite_monthly_allowance,
+                prorate_on_downgrade: new.prorate_on_downgrade,
+                lite_allowance_from: (new.plan == Plan::Lite)
+                    .then(|| YearMonth::containing(tz, now)),
+                limits: new.limits,
+                created_at: now,
+            })
+        });
+        let RecordBody::User(user) = record else {
+            unreachable!("commit returns the record it was given")
+        };
+        self.apply_user(&user);
+        if user.plan == Plan::Lite {
+            self.advance_wallet(WalletId::Lite(user.id), now);
+        }
+        self.shared.committer.sync()?;
+        Ok(user)
+    }
+
+    /// Changes a user's limits.
+    pub fn set_user_limits(
+        &self,
+        org: OrgId,
+        user: UserId,
+        limits: Limits,
+    ) -> Result<User, LedgerError> {
+        limits.validate()?;
+        self.update_user(org, user, |user| {
+            user.limits = limits;
+            Ok(())
+        })
+    }
+
+    /// Changes a user's Lite allowance and downgrade setting; takes effect
+    /// from the next grant.
+    pub fn set_lite_allowance(
+        &self,
+        org: OrgId,
+        user: UserId,
+        allowance: Decimal,
+        prorate_on_downgrade: bool,
+    ) -> Result<User, LedgerError> {
+        check_amount("lite_monthly_allowance", allowance)?;
+        self.update_user(org, user, |user| {
+            user.lite_monthly_allowance = allowance;
+            user.prorate_on_downgrade = prorate_on_downgrade;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn update_user(
+        &self,
+        org: OrgId,
+        user: UserId,
+        change: impl FnOnce(&mut User) -> Result<(), LedgerError>,
+    ) -> Result<User, LedgerError> {
+        let _admin = self.admin.lock();
+        let mut current = self.user_in(org, user)?;
+        change(&mut current)?;
+        self.commit(|_| RecordBody::User(current.clone()));
+        self.apply_user(&current);
+        self.shared.committer.sync()?;
+        Ok(current)
+    }
+
+    /// Creates an application drawing on the pool.
+    pub fn create_app(
+        &self,
+        org: OrgId,
+        new: NewApp,
+        now: DateTime<Utc>,
+    ) -> Result<Application, LedgerError> {
+        let _admin = self.admin.lock();
+        if !self.orgs.contains_key(&org) {
+            return Err(LedgerError::UnknownOrg(org));
+        }
+        new.limits.validate()?;
+        new.end_user_limits.validate()?;
+        let record = self.commit(|seq| {
+            RecordBody::App(Application {
+                id: AppId(seq),
+                org,
+                name: new.name,
+                limits: new.limits,
+                end_user_limits: new.end_user_limits,
+                created_at: now,
+            })
+        });
+        let RecordBody::App(app) = record else {
+            unreachable!("commit returns the record it was given")
+        };
+        self.apply_app(&app);
+        self.shared.committer.sync()?;
+        Ok(app)
+    }
+
+    /// Changes an application's limits.
+    pub fn set_app_limits(
+        &self,
+        org: OrgId,
+        app: AppId,
+        limits: Limits,
+        end_user_limits: Limits,
+    ) -> Result<Application, LedgerError> {
+        let _admin = self.admin.lock();
+        limits.validate()?;
+        end_user_limits.validate()?;
+        let mut current = self.app(app).ok_or(LedgerError::UnknownApp(app))?;
+        self.ensure_same_org(org, current.org, &app.to_string())?;
+        current.limits = limits;
+        current.end_user_limits = end_user_limits;
+        self.commit(|_| RecordBody::App(current.clone()));
+        self.apply_app(&current);
+        self.shared.committer.sync()?;
+        Ok(current)
+    }
+
+    /// Registers a key for a user or application of `org`.
+    pub fn create_key(
+        &self,
+        org: OrgId,
+        new: NewKey,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey, LedgerError> {
+        let _admin = self.admin.lock();
+        let owner_org = self.owner_org(new.owner)?;
+        self.ensure_same_org(org, owner_org, &new.owner.to_string())?;
+        new.limits.validate()?;
+        if self.key_index.contains_key(&new.hash) {
+            return Err(LedgerError::DuplicateKey);
+        }
+        let record = self.commit(|seq| {
+            RecordBody::Key(ApiKey {
+                id: KeyId(seq),
+                org,
+                owner: new.owner,
+                hash: new.hash,
+                label: new.label,
+                limits: new.limits,
+                revoked: false,
+                created_at: now,
+            })
+        });
+        let RecordBody::Key(key) = record else {
+            unreachable!("commit returns the record it was given")
+        };
+        self.apply_key(&key);
+        self.shared.committer.sync()?;
+        Ok(key)
+    }
+
+    /// Revokes a key: it resolves to nothing and cannot hold. Open holds
+    /// taken with it still settle.
+    pub fn revoke_key(&self, org: OrgId, key: KeyId) -> Result<ApiKey, LedgerError> {
+        self.update_key(org, key, |key| key.revoked = true)
+    }
+
+    /// Changes a key's limits.
+    pub fn set_key_limits(
+        &self,
+        org: OrgId,
+        key: KeyId,
+        limits: Limits,
+    ) -> Result<ApiKey, LedgerError> {
+        limits.validate()?;
+        self.update_key(org, key, |key| key.limits = limits)
+    }
+
+    fn update_key(
+        &self,
+        org: OrgId,
+        key: KeyId,
+        change: impl FnOnce(&mut ApiKey),
+    ) -> Result<ApiKey, LedgerError> {
+        let _admin = self.admin.lock();
+        let mut current = self.key(key).ok_or(LedgerError::UnknownKey(key))?;
+        self.ensure_same_org(org, current.org, &key.to_string())?;
+        change(&mut current);
+        self.commit(|_| RecordBody::Key(current.clone()));
+        self.apply_key(&current);
+        self.shared.committer.sync()?;
+        Ok(current)
+    }
+
+    /// Takes a sequence number, builds the record with it, appends it.
+    pub(crate) fn commit(&self, make: impl FnOnce(u64) -> RecordBody) -> RecordBody {
+        let seq = self.shared.committer.next_seq();
+        let body = make(seq);
+        self.shared.committer.append(Record {
+            seq,
+            body: body.clone(),
+        });
+        body
+    }
+
+    pub(crate) fn user_in(&self, org: OrgId, user: UserId) -> Result<User, LedgerError> {
+        let current = self.user(user).ok_or(LedgerError::UnknownUser(user))?;
+        self.ensure_same_org(org, current.org, &user.to_string())?;
+        Ok(current)
+    }
+
+    fn owner_org(&self, owner: Owner) -> Result<OrgId, LedgerError> {
+        match owner {
+            Owner::User(user) => self
+                .user(user)
+                .map(|u| u.org)
+                .ok_or(LedgerError::UnknownUser(user)),
+            Owner::App(app) => self
+                .app(app)
+                .map(|a| a.org)
+                .ok_or(LedgerError::UnknownApp(app)),
+        }
+    }
+
+    fn ensure_same_org(
+        &self,
+        org: OrgId,
+        target_org: OrgId,
+        target: &str,
+    ) -> Result<(), LedgerError> {
+        if org == target_org {
+            Ok(())
+        } else {
+            Err(LedgerError::CrossOrg {
+                org,
+                target: target.to_owned(),
+                target_org,
+            })
+        }
+    }
+
+    pub(crate) fn advance_wallet(&self, wallet: WalletId, now: DateTime<Utc>) {
+        if let Some(cell) = self.cell(wallet) {
+            cell.state.lock().advance(now, &self.shared.committer);
+        }
+    }
+
+    fn new_cell(&self, state: WalletState) -> Arc<WalletCell> {
+        Arc::new(WalletCell {
+            shared: Arc::clone(&self.shared),
+            state: Mutex::new(state),
+        })
+    }
+
+    // ---- apply: shared by live changes and replay -------------------------
+
+    /// Installs an org version: its pool exists and every wallet of the org
+    /// sees its calendar.
+    pub(crate) fn apply_org(&self, org: &Organization) {
+        self.orgs.insert(org.id, org.clone());
+        let calendar = calendar_of(org);
+        let pool = WalletId::Pool(org.id);
+        if !self.wallets.contains_key(&pool) {
+            let state = WalletState::new(pool, org.id, calendar.clone(), None);
+            self.wallets.insert(pool, self.new_cell(state));
+        }
+        for wallet in self.wallets_of(org.id) {
+            if let Some(cell) = self.cell(wallet) {
+                cell.state.lock().set_calendar(calendar.clone());
+            }
+        }
+    }
+
+    /// Installs a user version: creates their Lite wallet on first need,
+    /// moves their spend and keys when their paying wallet changes, and sets
+    /// the Lite schedule.
+    pub(crate) fn apply_user(&self, user: &User) {
+        let previous = self.users.insert(user.id, user.clone());
+        let wallet = match user.plan {
+            Plan::Pro => WalletId::Pool(user.org),
+            Plan::Lite => WalletId::Lite(user.id),
+        };
+        let lite_wallet = WalletId::Lite(user.id);
+        if user.plan == Plan::Lite && !self.wallets.contains_key(&lite_wallet) {
+            let calendar = self
+                .org(user.org)
+                .map_or(OrgCalendar::new(Tz::UTC), |org| calendar_of(&org));
+            let state = WalletState::new(lite_wallet, user.org, calendar, None);
+            self.wallets.insert(lite_wallet, self.new_cell(state));
+        }
+        if let Some(cell) = self.cell(lite_wallet) {
+            cell.state.lock().set_lite(LiteSchedule {
+                allowance: user.lite_monthly_allowance,
+                allowance_from: user.lite_allowance_from,
+            });
+        }
+        let owner = Owner::User(user.id);
+        if let Some(previous) = previous.filter(|previous| previous.plan != user.plan) {
+            let from = match previous.plan {
+                Plan::Pro => WalletId::Pool(user.org),
+                Plan::Lite => lite_wallet,
+            };
+            let moved = self
+                .cell(from)
+                .and_then(|cell| cell.state.lock().payers.take_owner(owner));
+            if let (Some(moved), Some(to)) = (moved, self.cell(wallet)) {
+                to.state.lock().payers.put_owner(moved);
+            }
+        }
+        if let Some(cell) = self.cell(wallet) {
+            cell.state
+                .lock()
+                .payers
+                .set_owner(owner, user.limits, Limits::NONE);
+        }
+    }
+
+    /// Installs an application version on its org's pool.
+    pub(crate) fn apply_app(&self, app: &Application) {
+        self.apps.insert(app.id, app.clone());
+        if let Some(cell) = self.cell(WalletId::Pool(app.org)) {
+            cell.state
+                .lock()
+                .payers
+                .set_owner(Owner::App(app.id), app.limits, app.end_user_limits);
+        }
+    }
+
+    /// Installs a key version on its owner's wallet (or removes it there
+    /// when revoked).
+    pub(crate) fn apply_key(&self, key: &ApiKey) {
+        self.keys.insert(key.id, key.clone());
+        self.key_index.insert(key.hash, key.id);
+        let Some(cell) = self
+            .wallet_of(key.owner)
+            .ok()
+            .and_then(|wallet| self.cell(wallet))
+        else {
+            return;
+        };
+        let mut state = cell.state.lock();
+        if key.revoked {
+            state.payers.remove_key(key.id);
+        } else {
+            state.payers.set_key(key.id, key.owner, key.limits);
+        }
+    }
+}
+
+/// The calendar an org's wallets use.
+pub(crate) fn calendar_of(org: &Organization) -> OrgCalendar {
+    OrgCalendar {
+        tz: org.time_zone,
+        terms: Arc::from(org.contracts.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_amount_is_one_trillion() {
+        // Proves the hand-built constant is what its doc says.
+        assert_eq!(MAX_AMOUNT, Decimal::from(1_000_000_000_000_i64));
+    }
+}

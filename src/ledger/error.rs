@@ -1,0 +1,119 @@
+//! Errors of the ledger's admin operations (organizations, users, keys,
+//! purchases, adjustments, balances). Hold refusals have their own closed
+//! enum, [`crate::ledger::Refusal`]; settles have [`crate::ledger::SettleError`].
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+
+use crate::ledger::contract::ContractError;
+use crate::ledger::ids::{AppId, KeyId, OrgId, UserId, WalletId};
+use crate::ledger::journal::JournalError;
+use crate::ledger::limit::LimitError;
+
+/// Why an admin operation did nothing (or, for `Unavailable`, why its
+/// durability is unknown).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    /// The journal failed; the ledger takes no more work until restarted.
+    #[error("the ledger is unavailable: {0}")]
+    Unavailable(#[from] JournalError),
+    /// No such organization.
+    #[error("organization {0} does not exist")]
+    UnknownOrg(OrgId),
+    /// No such user (or not in this organization's reach).
+    #[error("user {0} does not exist")]
+    UnknownUser(UserId),
+    /// No such application.
+    #[error("application {0} does not exist")]
+    UnknownApp(AppId),
+    /// No such key.
+    #[error("key {0} does not exist")]
+    UnknownKey(KeyId),
+    /// No such wallet.
+    #[error("wallet {0} does not exist")]
+    UnknownWallet(WalletId),
+    /// The call names something that belongs to another organization.
+    /// Credits never move between organizations.
+    #[error("{target} belongs to organization {target_org}, not {org}")]
+    CrossOrg {
+        /// The organization the call acts for.
+        org: OrgId,
+        /// What it named.
+        target: String,
+        /// The organization that owns it.
+        target_org: OrgId,
+    },
+    /// An amount is out of range.
+    #[error("{field} must be {expected}, got {amount}")]
+    InvalidAmount {
+        /// The field.
+        field: &'static str,
+        /// What is allowed.
+        expected: &'static str,
+        /// What was given.
+        amount: Decimal,
+    },
+    /// A contract term was refused.
+    #[error(transparent)]
+    Contract(#[from] ContractError),
+    /// A spending limit was refused.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    /// A purchase without an explicit expiry when no contract term is in force.
+    #[error("organization {org} has no contract term in force at {at}; give the purchase an explicit expiry")]
+    NoContractInForce {
+        /// The organization.
+        org: OrgId,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// An expiry at or before the operation's time.
+    #[error("expiry {expires_at} must be after {now}")]
+    ExpiryNotInFuture {
+        /// The expiry given.
+        expires_at: DateTime<Utc>,
+        /// The operation's time.
+        now: DateTime<Utc>,
+    },
+    /// A positive adjustment needs an expiry (and a negative one takes none).
+    #[error("a positive adjustment needs an expiry; a negative one must not have one")]
+    AdjustmentExpiry,
+    /// A negative adjustment larger than what is available.
+    #[error("wallet {wallet} has {available} available, the adjustment takes {required}")]
+    InsufficientAvailable {
+        /// The wallet.
+        wallet: WalletId,
+        /// Balance less open holds.
+        available: Decimal,
+        /// The amount to take.
+        required: Decimal,
+    },
+    /// The idempotency key was used before with a different request.
+    #[error("idempotency key {key:?} was used with a different {field}; use a new key for a new request")]
+    IdempotencyConflict {
+        /// The key.
+        key: String,
+        /// The first field that differs.
+        field: &'static str,
+    },
+    /// The idempotency key is empty or too long.
+    #[error("idempotency key must be 1 to {max} bytes")]
+    BadIdempotencyKey {
+        /// The longest allowed.
+        max: usize,
+    },
+    /// A key with this secret hash already exists.
+    #[error("a key with this secret already exists")]
+    DuplicateKey,
+    /// The user is already on that plan.
+    #[error("user {user} is already on {plan:?}")]
+    SamePlan {
+        /// The user.
+        user: UserId,
+        /// The plan.
+        plan: crate::ledger::entity::Plan,
+    },
+    /// End-user limits apply to applications only.
+    #[error("end-user limits apply to applications only")]
+    EndUserLimitsOnUser,
+}

@@ -1,0 +1,344 @@
+//! Purchases and adjustments: the admin writes that move money.
+//!
+//! Both carry an idempotency key, scoped to the organization. Replaying a
+//! key with the same request returns the original receipt and changes
+//! nothing; replaying it with a different request is refused with the name of
+//! the first field that differs. Both wait for the journal to make them
+//! durable before returning `Ok`.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::admin::{check_amount, MAX_AMOUNT};
+use crate::ledger::entry::{EntryKind, LedgerEntry};
+use crate::ledger::ids::{EntryId, LotId, OrgId, WalletId};
+use crate::ledger::{Ledger, LedgerError};
+
+/// Longest accepted idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 200;
+
+/// Credits bought by an organization, for its pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurchaseRequest {
+    /// The buying organization.
+    pub org: OrgId,
+    /// Amount bought; positive.
+    pub amount: Decimal,
+    /// Explicit expiry; by default the end of the contract term in force.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Invoice or order reference.
+    pub reference: Option<String>,
+    /// Caller's idempotency key.
+    pub idempotency_key: String,
+}
+
+/// The result of a purchase (the same on every replay).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurchaseReceipt {
+    /// The purchase entry.
+    pub entry: EntryId,
+    /// The lot created.
+    pub lot: LotId,
+    /// The pool credited.
+    pub wallet: WalletId,
+    /// Amount credited.
+    pub amount: Decimal,
+    /// When the lot expires.
+    pub expires_at: DateTime<Utc>,
+    /// Pool balance right after.
+    pub balance_after: Decimal,
+}
+
+/// An operator correction to one wallet of an organization.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdjustmentRequest {
+    /// The organization acting; the wallet must be one of its own.
+    pub org: OrgId,
+    /// The wallet corrected.
+    pub wallet: WalletId,
+    /// Signed amount, non-zero. Positive creates an adjustment lot; negative
+    /// draws from the lots in consumption order and may not exceed what is
+    /// available.
+    pub amount: Decimal,
+    /// Why (shown in the ledger).
+    pub reason: String,
+    /// Expiry of the created lot: required when positive, absent when negative.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Caller's idempotency key.
+    pub idempotency_key: String,
+}
+
+/// The result of an adjustment (the same on every replay).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdjustmentReceipt {
+    /// The adjustment entry.
+    pub entry: EntryId,
+    /// The lot created, for positive adjustments.
+    pub lot: Option<LotId>,
+    /// The wallet corrected.
+    pub wallet: WalletId,
+    /// Signed amount.
+    pub amount: Decimal,
+    /// Balance right after.
+    pub balance_after: Decimal,
+}
+
+/// What an idempotency key was first used for.
+#[derive(Clone, Debug)]
+pub(crate) enum Replay {
+    Purchase(PurchaseRequest, PurchaseReceipt),
+    Adjustment(AdjustmentRequest, AdjustmentReceipt),
+}
+
+fn purchase_difference(first: &PurchaseRequest, again: &PurchaseRequest) -> Option<&'static str> {
+    [
+        ("amount", first.amount != again.amount),
+        ("expires_at", first.expires_at != again.expires_at),
+        ("reference", first.reference != again.reference),
+    ]
+    .into_iter()
+    .find_map(|(field, differs)| differs.then_some(field))
+}
+
+fn adjustment_difference(
+    first: &AdjustmentRequest,
+    again: &AdjustmentRequest,
+) -> Option<&'static str> {
+    [
+        ("wallet", first.wallet != again.wallet),
+        ("amount", first.amount != again.amount),
+        ("reason", first.reason != again.reason),
+        ("expires_at", first.expires_at != again.expires_at),
+    ]
+    .into_iter()
+    .find_map(|(field, differs)| differs.then_some(field))
+}
+
+fn check_key(key: &str) -> Result<(), LedgerError> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(LedgerError::BadIdempotencyKey {
+            max: MAX_IDEMPOTENCY_KEY_BYTES,
+        });
+    }
+    Ok(())
+}
+
+impl Ledger {
+    /// Credits the org's pool with purchased credits.
+    pub fn purchase(
+        &self,
+        request: PurchaseRequest,
+        now: DateTime<Utc>,
+    ) -> Result<PurchaseReceipt, LedgerError> {
+        // Held through the sync on purpose: a replay of this key must never
+        // see a receipt that is not yet durable.
+        let _admin = self.admin.lock();
+        check_key(&request.idempotency_key)?;
+        let slot = (request.org, request.idempotency_key.clone());
+        match self.idempotency.lock().get(&slot) {
+            Some(Replay::Purchase(first, receipt)) => {
+                return match purchase_difference(first, &request) {
+                    None => Ok(*receipt),
+                    Some(field) => Err(conflict(&request.idempotency_key, field)),
+                }
+            }
+            Some(Replay::Adjustment(..)) => {
+                return Err(conflict(&request.idempotency_key, "operation"))
+            }
+            None => {}
+        }
+        if request.amount <= Decimal::ZERO {
+            return Err(LedgerError::InvalidAmount {
+                field: "amount",
+                expected: "positive",
+                amount: request.amount,
+            });
+        }
+        check_amount("amount", request.amount)?;
+        let wallet = WalletId::Pool(request.org);
+        let cell = self
+            .cell(wallet)
+            .ok_or(LedgerError::UnknownOrg(request.org))?;
+        let mut state = cell.state.lock();
+        let now = state.advance(now, &self.shared.committer);
+        let expires_at = match request.expires_at {
+            Some(at) => at,
+            None => state
+                .calendar
+                .term_end_at(now)
+                .ok_or(LedgerError::NoContractInForce {
+                    org: request.org,
+                    at: now,
+                })?,
+        };
+        if expires_at <= now {
+            return Err(LedgerError::ExpiryNotInFuture { expires_at, now });
+        }
+        let kind = EntryKind::Purchase {
+            idempotency_key: request.idempotency_key.clone(),
+            expires_at,
+            expiry_override: request.expires_at,
+            reference: request.reference.clone(),
+        };
+        let entry = state.credit(&self.shared.committer, now, kind, request.amount);
+        let receipt = PurchaseReceipt {
+            entry,
+            lot: LotId(entry.0),
+            wallet,
+            amount: request.amount,
+            expires_at,
+            balance_after: state.balance(),
+        };
+        drop(state);
+        self.idempotency
+            .lock()
+            .insert(slot, Replay::Purchase(request, receipt));
+        self.shared.committer.sync()?;
+        Ok(receipt)
+    }
+
+    /// Corrects a wallet of `request.org` by a signed amount.
+    pub fn adjust(
+        &self,
+        request: AdjustmentRequest,
+        now: DateTime<Utc>,
+    ) -> Result<AdjustmentReceipt, LedgerError> {
+        let _admin = self.admin.lock();
+        check_key(&request.idempotency_key)?;
+        let slot = (request.org, request.idempotency_key.clone());
+        match self.idempotency.lock().get(&slot) {
+            Some(Replay::Adjustment(first, receipt)) => {
+                return match adjustment_difference(first, &request) {
+                    None => Ok(*receipt),
+                    Some(field) => Err(conflict(&request.idempotency_key, field)),
+                }
+            }
+            Some(Replay::Purchase(..)) => {
+                return Err(conflict(&request.idempotency_key, "operation"))
+            }
+            None => {}
+        }
+        self.ensure_wallet_in(request.org, request.wallet)?;
+        if request.amount.is_zero() || request.amount.abs() > MAX_AMOUNT {
+            return Err(LedgerError::InvalidAmount {
+                field: "amount",
+                expected: "non-zero and at most 1,000,000,000,000 either way",
+                amount: request.amount,
+            });
+        }
+        if (request.amount > Decimal::ZERO) != request.expires_at.is_some() {
+            return Err(LedgerError::AdjustmentExpiry);
+        }
+        let cell = self
+            .cell(request.wallet)
+            .ok_or(LedgerError::UnknownWallet(request.wallet))?;
+        let mut state = cell.state.lock();
+        let now = state.advance(now, &self.shared.committer);
+        let kind = EntryKind::Adjustment {
+            idempotency_key: request.idempotency_key.clone(),
+            reason: request.reason.clone(),
+            expires_at: request.expires_at,
+        };
+        let (entry, lot) = match request.expires_at {
+            Some(expires_at) => {
+                if expires_at <= now {
+                    return Err(LedgerError::ExpiryNotInFuture { expires_at, now });
+                }
+                let entry = state.credit(&self.shared.committer, now, kind, request.amount);
+                (entry, Some(LotId(entry.0)))
+            }
+            None => {
+                let required = -request.amount;
+                if state.available() < required {
+                    return Err(LedgerError::InsufficientAvailable {
+                        wallet: request.wallet,
+                        available: state.available(),
+                        required,
+                    });
+                }
+                let (entry, overrun) = state.draw(&self.shared.committer, now, required, |_| kind);
+                assert!(
+                    overrun.is_zero(),
+                    "negative adjustment overran a checked balance"
+                );
+                (entry, None)
+            }
+        };
+        let receipt = AdjustmentReceipt {
+            entry,
+            lot,
+            wallet: request.wallet,
+            amount: request.amount,
+            balance_after: state.balance(),
+        };
+        drop(state);
+        self.idempotency
+            .lock()
+            .insert(slot, Replay::Adjustment(request, receipt));
+        self.shared.committer.sync()?;
+        Ok(receipt)
+    }
+
+    /// Rebuilds the idempotency memory from a replayed entry.
+    pub(crate) fn remember_funding(&self, entry: &LedgerEntry) {
+        let replay = match &entry.kind {
+            EntryKind::Purchase {
+                idempotency_key,
+                expires_at,
+                expiry_override,
+                reference,
+            } => Replay::Purchase(
+                PurchaseRequest {
+                    org: entry.org,
+                    amount: entry.amount,
+                    expires_at: *expiry_override,
+                    reference: reference.clone(),
+                    idempotency_key: idempotency_key.clone(),
+                },
+                PurchaseReceipt {
+                    entry: entry.id,
+                    lot: LotId(entry.id.0),
+                    wallet: entry.wallet,
+                    amount: entry.amount,
+                    expires_at: *expires_at,
+                    balance_after: entry.balance_after,
+                },
+            ),
+            EntryKind::Adjustment {
+                idempotency_key,
+                reason,
+                expires_at,
+            } => Replay::Adjustment(
+                AdjustmentRequest {
+                    org: entry.org,
+                    wallet: entry.wallet,
+                    amount: entry.amount,
+                    reason: reason.clone(),
+                    expires_at: *expires_at,
+                    idempotency_key: idempotency_key.clone(),
+                },
+                AdjustmentReceipt {
+                    entry: entry.id,
+                    lot: expires_at.map(|_| LotId(entry.id.0)),
+                    wallet: entry.wallet,
+                    amount: entry.amount,
+                    balance_after: entry.balance_after,
+                },
+            ),
+            _ => return,
+        };
+        let key = match &replay {
+            Replay::Purchase(request, _) => request.idempotency_key.clone(),
+            Replay::Adjustment(request, _) => request.idempotency_key.clone(),
+        };
+        self.idempotency.lock().insert((entry.org, key), replay);
+    }
+}
+
+fn conflict(key: &str, field: &'static str) -> LedgerError {
+    LedgerError::IdempotencyConflict {
+        key: key.to_owned(),
+        field,
+    }
+}

@@ -1,0 +1,485 @@
+//! Holds: reserve before forwarding, settle (or release) when the response ends.
+//!
+//! A [`Hold`] is a move-only token: not `Clone`, `#[must_use]`, consumed by
+//! [`Hold::settle`] or [`Hold::release`]. Dropping it is a bug in the caller;
+//! the reservation then stays open until its TTL voids it, which is also what
+//! happens to holds lost in a crash. A settle that arrives after its hold was
+//! voided still debits the real cost: the upstream served the request.
+//!
+//! Settles are idempotent per request id: each wallet remembers its most
+//! recent settlements (`settled_memory_per_wallet`), and settling a request
+//! again, through [`crate::ledger::Ledger::settle_request`], returns the first
+//! [`Settlement`] without debiting twice.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use crate::ledger::entry::{Debit, EntryKind, SettleDetails};
+use crate::ledger::ids::{EntryId, IdMap, KeyId, Owner, RequestId, WalletId};
+use crate::ledger::limit::PeriodEnds;
+use crate::ledger::payer::{PayerRefusal, Spender};
+use crate::ledger::refusal::Refusal;
+use crate::ledger::wallet::{WalletCell, WalletState};
+use crate::ledger::Shared;
+
+/// An open reservation on a wallet. Settle it or release it.
+#[must_use = "a hold must be settled or released; a dropped hold stays open until its TTL voids it"]
+#[derive(Debug)]
+pub struct Hold {
+    cell: Arc<WalletCell>,
+    wallet: WalletId,
+    request_id: RequestId,
+    amount: Decimal,
+    payer: HoldPayer,
+}
+
+/// Who a hold counts against; kept by the token so a late settle (after the
+/// hold was voided) can still be attributed.
+#[derive(Clone, Debug)]
+pub(crate) struct HoldPayer {
+    pub key: KeyId,
+    pub owner: Owner,
+    pub end_user: Option<Arc<str>>,
+}
+
+impl HoldPayer {
+    fn spender(&self) -> Spender<'_> {
+        Spender {
+            key: self.key,
+            owner: self.owner,
+            end_user: self.end_user.as_deref(),
+        }
+    }
+}
+
+/// The outcome of a settle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Settlement {
+    /// The request.
+    pub request_id: RequestId,
+    /// The wallet debited.
+    pub wallet: WalletId,
+    /// The debit entry; `None` when the cost was zero.
+    pub entry: Option<EntryId>,
+    /// The real cost debited.
+    pub debited: Decimal,
+    /// Held but not debited (zero when the cost exceeded the hold).
+    pub released: Decimal,
+    /// Part of the cost no lot covered: the wallet is below zero by this.
+    pub overrun: Decimal,
+    /// Balance after the debit.
+    pub balance_after: Decimal,
+    /// The hold had been voided by its TTL before this settle.
+    pub late: bool,
+}
+
+/// Why a settle did nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SettleError {
+    /// The ledger's journal failed; restart from the store.
+    #[error("the ledger is unavailable: {reason}")]
+    Unavailable {
+        /// The journal's error.
+        reason: String,
+    },
+    /// A negative cost (a metering bug).
+    #[error("settled cost must not be negative, got {cost}")]
+    InvalidCost {
+        /// The cost given.
+        cost: Decimal,
+    },
+    /// No such wallet.
+    #[error("wallet {wallet} does not exist")]
+    UnknownWallet {
+        /// The wallet given.
+        wallet: WalletId,
+    },
+    /// Settling by id a request with no open hold and no remembered settlement.
+    #[error("request {request_id} has no open hold or recent settlement on {wallet}")]
+    UnknownRequest {
+        /// The wallet.
+        wallet: WalletId,
+        /// The request.
+        request_id: RequestId,
+    },
+}
+
+impl Hold {
+    pub(crate) fn new(
+        cell: Arc<WalletCell>,
+        wallet: WalletId,
+        request_id: RequestId,
+        amount: Decimal,
+        payer: HoldPayer,
+    ) -> Self {
+        Hold {
+            cell,
+            wallet,
+            request_id,
+            amount,
+            payer,
+        }
+    }
+
+    /// The wallet that holds.
+    pub fn wallet(&self) -> WalletId {
+        self.wallet
+    }
+
+    /// The request it was taken for.
+    pub fn request_id(&self) -> RequestId {
+        self.request_id
+    }
+
+    /// The amount reserved.
+    pub fn amount(&self) -> Decimal {
+        self.amount
+    }
+
+    /// Debits `actual_cost` and releases the rest of the hold. A cost above
+    /// the hold is debited in full; if the lots cannot cover it the wallet
+    /// goes below zero by the difference (the overrun) and later holds are
+    /// refused until it is paid back.
+    pub fn settle(
+        self,
+        actual_cost: Decimal,
+        details: SettleDetails,
+        now: DateTime<Utc>,
+    ) -> Result<Settlement, SettleError> {
+        let late = LateSettle {
+            held: self.amount,
+            payer: self.payer,
+        };
+        settle_in(
+            &self.cell,
+            self.request_id,
+            actual_cost,
+            details,
+            now,
+            Some(late),
+        )
+    }
+
+    /// Ends the hold without a debit (the request was never forwarded, or
+    /// the upstream failed on a route that charges nothing). Returns the
+    /// amount released (zero if the TTL had already voided it).
+    pub fn release(self, now: DateTime<Utc>) -> Decimal {
+        let mut state = self.cell.state.lock();
+        state.advance(now, &self.cell.shared.committer);
+        state.release(self.request_id)
+    }
+}
+
+/// What a token knows that the wallet forgot when the TTL voided the hold.
+pub(crate) struct LateSettle {
+    held: Decimal,
+    payer: HoldPayer,
+}
+
+/// Settles `request_id` on the wallet in `cell`.
+pub(crate) fn settle_in(
+    cell: &WalletCell,
+    request_id: RequestId,
+    actual_cost: Decimal,
+    details: SettleDetails,
+    now: DateTime<Utc>,
+    late: Option<LateSettle>,
+) -> Result<Settlement, SettleError> {
+    let unavailable = |error: crate::ledger::journal::JournalError| SettleError::Unavailable {
+        reason: error.to_string(),
+    };
+    cell.shared.committer.check().map_err(unavailable)?;
+    if actual_cost < Decimal::ZERO {
+        return Err(SettleError::InvalidCost { cost: actual_cost });
+    }
+    let settled =
+        cell.state
+            .lock()
+            .settle(&cell.shared, request_id, actual_cost, details, now, late)?;
+    cell.shared.committer.check().map_err(unavailable)?;
+    Ok(settled)
+}
+
+/// A hold as the wallet keeps it.
+#[derive(Debug)]
+pub(crate) struct OpenHold {
+    pub amount: Decimal,
+    pub payer: HoldPayer,
+    /// The periods its amount was counted in, so a release or settle takes it
+    /// back from the right counters even after a period rolled.
+    pub counted_in: PeriodEnds,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl OpenHold {
+    pub fn spender(&self) -> Spender<'_> {
+        self.payer.spender()
+    }
+}
+
+/// A wallet's open holds by request id.
+#[derive(Debug, Default)]
+pub(crate) struct OpenHolds {
+    by_request: IdMap<RequestId, OpenHold>,
+    /// No open hold expires before this (a lower bound, refreshed on scans),
+    /// so most operations skip the TTL scan.
+    earliest_expiry: Option<DateTime<Utc>>,
+}
+
+impl OpenHolds {
+    pub fn len(&self) -> usize {
+        self.by_request.len()
+    }
+
+    pub fn contains(&self, request_id: &RequestId) -> bool {
+        self.by_request.contains_key(request_id)
+    }
+
+    pub fn insert(&mut self, request_id: RequestId, hold: OpenHold) {
+        let expires_at = hold.expires_at;
+        self.earliest_expiry = Some(
+            self.earliest_expiry
+                .map_or(expires_at, |at| at.min(expires_at)),
+        );
+        let previous = self.by_request.insert(request_id, hold);
+        assert!(
+            previous.is_none(),
+            "request {request_id} held twice on one wallet"
+        );
+    }
+
+    pub fn remove(&mut self, request_id: &RequestId) -> Option<OpenHold> {
+        self.by_request.remove(request_id)
+    }
+
+    pub fn next_expiry(&self) -> DateTime<Utc> {
+        self.earliest_expiry.unwrap_or(DateTime::<Utc>::MAX_UTC)
+    }
+
+    /// Removes the holds whose TTL has passed at `now`.
+    pub fn take_expired(&mut self, now: DateTime<Utc>) -> Vec<OpenHold> {
+        if self.next_expiry() > now {
+            return Vec::new();
+        }
+        let expired: Vec<RequestId> = self
+            .by_request
+            .iter()
+            .filter(|(_, hold)| hold.expires_at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        let taken = expired
+            .iter()
+            .filter_map(|id| self.by_request.remove(id))
+            .collect();
+        self.earliest_expiry = self.by_request.values().map(|hold| hold.expires_at).min();
+        taken
+    }
+}
+
+/// The last settlements of a wallet, oldest first out.
+#[derive(Debug, Default)]
+pub(crate) struct RecentSettlements {
+    by_request: IdMap<RequestId, Settlement>,
+    order: VecDeque<RequestId>,
+}
+
+impl RecentSettlements {
+    pub fn get(&self, request_id: &RequestId) -> Option<Settlement> {
+        self.by_request.get(request_id).copied()
+    }
+
+    pub fn contains(&self, request_id: &RequestId) -> bool {
+        self.by_request.contains_key(request_id)
+    }
+
+    pub fn remember(&mut self, settlement: Settlement, capacity: usize) {
+        if capacity == 0 {
+            return;
+        }
+        while self.order.len() >= capacity {
+            if let Some(oldest) = self.order.pop_front() {
+                self.by_request.remove(&oldest);
+            }
+        }
+        self.order.push_back(settlement.request_id);
+        self.by_request.insert(settlement.request_id, settlement);
+    }
+}
+
+/// A hold request as the wallet sees it.
+pub(crate) struct HoldArgs<'a> {
+    pub request_id: RequestId,
+    pub amount: Decimal,
+    pub key: KeyId,
+    pub end_user: Option<&'a str>,
+}
+
+impl WalletState {
+    /// Reserves `args.amount` if every rule allows it; on success returns the
+    /// payer the hold counts against. Checks follow [`Refusal`]'s order.
+    pub(crate) fn try_hold(
+        &mut self,
+        shared: &Shared,
+        args: &HoldArgs<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<HoldPayer, Refusal> {
+        let now = self.advance(now, &shared.committer);
+        let owner = self.payers.owner_of(args.key).ok_or(Refusal::NotAPayer {
+            wallet: self.id,
+            key: args.key,
+        })?;
+        if self.holds.contains(&args.request_id) || self.settled.contains(&args.request_id) {
+            return Err(Refusal::DuplicateRequest {
+                wallet: self.id,
+                request_id: args.request_id,
+            });
+        }
+        let config = &shared.config;
+        if self.holds.len() >= config.max_open_holds_per_wallet {
+            return Err(Refusal::TooManyOpenHolds {
+                wallet: self.view(),
+                limit: config.max_open_holds_per_wallet,
+            });
+        }
+        let ends = self.period_ends(now);
+        let spender = Spender {
+            key: args.key,
+            owner,
+            end_user: args.end_user,
+        };
+        self.payers
+            .check(
+                spender,
+                args.amount,
+                &ends,
+                now,
+                config.max_end_users_per_app,
+            )
+            .map_err(|refusal| {
+                self.payer_refusal(refusal, owner, args.amount, config.max_end_users_per_app)
+            })?;
+        if self.available() < args.amount {
+            return Err(Refusal::InsufficientFunds {
+                wallet: self.view(),
+                required: args.amount,
+            });
+        }
+        self.payers.add(spender, args.amount, &ends);
+        self.held += args.amount;
+        let payer = HoldPayer {
+            key: args.key,
+            owner,
+            end_user: crate::ledger::payer::end_user_arc(args.end_user),
+        };
+        let hold = OpenHold {
+            amount: args.amount,
+            payer: payer.clone(),
+            counted_in: ends,
+            expires_at: WalletState::hold_ttl_expiry(now, config.hold_ttl()),
+        };
+        self.add_open_hold(args.request_id, hold);
+        Ok(payer)
+    }
+
+    fn payer_refusal(
+        &self,
+        refusal: PayerRefusal,
+        owner: Owner,
+        required: Decimal,
+        end_user_limit: usize,
+    ) -> Refusal {
+        match refusal {
+            PayerRefusal::Limit(limit) => Refusal::SpendingLimit {
+                wallet: self.view(),
+                required,
+                limit: Box::new(limit),
+            },
+            PayerRefusal::EndUserCapacity => Refusal::EndUserCapacity {
+                wallet: self.view(),
+                app: match owner {
+                    Owner::App(app) => app,
+                    Owner::User(_) => unreachable!("only applications track end users"),
+                },
+                limit: end_user_limit,
+            },
+        }
+    }
+
+    /// Settles a request: the first settle debits, later ones return the
+    /// remembered result.
+    pub(crate) fn settle(
+        &mut self,
+        shared: &Shared,
+        request_id: RequestId,
+        actual_cost: Decimal,
+        details: SettleDetails,
+        now: DateTime<Utc>,
+        late: Option<LateSettle>,
+    ) -> Result<Settlement, SettleError> {
+        let now = self.advance(now, &shared.committer);
+        if let Some(first) = self.settled.get(&request_id) {
+            return Ok(first);
+        }
+        let (held, payer, is_late) = match (self.holds.remove(&request_id), late) {
+            (Some(open), _) => {
+                self.held -= open.amount;
+                self.payers
+                    .unreserve(open.spender(), open.amount, &open.counted_in);
+                (open.amount, open.payer, false)
+            }
+            (None, Some(late)) => (late.held, late.payer, true),
+            (None, None) => {
+                return Err(SettleError::UnknownRequest {
+                    wallet: self.id,
+                    request_id,
+                })
+            }
+        };
+        let ends = self.period_ends(now);
+        self.payers.add(payer.spender(), actual_cost, &ends);
+        let (entry, overrun) = if actual_cost.is_zero() {
+            (None, Decimal::ZERO)
+        } else {
+            let (id, overrun) = self.draw(&shared.committer, now, actual_cost, |overrun| {
+                EntryKind::Debit(Debit {
+                    request_id,
+                    key: payer.key,
+                    owner: payer.owner,
+                    end_user: payer.end_user.clone(),
+                    details,
+                    held,
+                    overrun,
+                })
+            });
+            (Some(id), overrun)
+        };
+        let settlement = Settlement {
+            request_id,
+            wallet: self.id,
+            entry,
+            debited: actual_cost,
+            released: (held - actual_cost).max(Decimal::ZERO),
+            overrun,
+            balance_after: self.balance(),
+            late: is_late,
+        };
+        self.settled
+            .remember(settlement, shared.config.settled_memory_per_wallet);
+        Ok(settlement)
+    }
+
+    /// Ends an open hold without a debit; returns the amount released.
+    pub(crate) fn release(&mut self, request_id: RequestId) -> Decimal {
+        let Some(open) = self.holds.remove(&request_id) else {
+            return Decimal::ZERO;
+        };
+        self.held -= open.amount;
+        self.payers
+            .unreserve(open.spender(), open.amount, &open.counted_in);
+        open.amount
+    }
+}

@@ -1,0 +1,178 @@
+//! The journal: where committed changes go.
+//!
+//! The ledger never does I/O. Every change it commits (an entity version or
+//! a ledger entry) is handed, as a [`Record`], to a [`Journal`] supplied by its
+//! owner: the store's group-commit writer in production, [`MemoryJournal`] in
+//! tests, [`NullJournal`] in benchmarks.
+//!
+//! Ordering contract: the ledger assigns each record a sequence number and
+//! appends it inside the same critical section that makes the change visible
+//! (the wallet lock for entries; before publication for entities). So for any
+//! two records where one depends on the other, the dependency has the lower
+//! sequence number *and* was appended first. A journal must keep append order
+//! when it persists, so that whatever survives a crash is, per wallet, a
+//! prefix of what was appended.
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::entity::{ApiKey, Application, Organization, User};
+use crate::ledger::entry::LedgerEntry;
+
+/// A committed change with its sequence number.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Monotonic per ledger; ids of entities and entries are taken from it.
+    pub seq: u64,
+    /// The change.
+    pub body: RecordBody,
+}
+
+/// The kinds of committed change. Entity variants carry the whole new
+/// version of the entity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordBody {
+    /// An organization was created or changed.
+    Org(Organization),
+    /// A user was created or changed.
+    User(User),
+    /// An application was created or changed.
+    App(Application),
+    /// A key was created or changed.
+    Key(ApiKey),
+    /// A balance changed.
+    Entry(LedgerEntry),
+}
+
+/// Why the journal could not take or persist a record.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    /// The journal was shut down.
+    #[error("the journal is closed")]
+    Closed,
+    /// The storage underneath failed; the journal takes nothing more.
+    #[error("the journal failed: {reason}")]
+    Failed {
+        /// The storage error.
+        reason: String,
+    },
+}
+
+/// Receives committed records.
+pub trait Journal: Send + Sync {
+    /// Takes a record. Called inside the ledger's critical sections, so it
+    /// must be quick: it may block only for back-pressure. Records must be
+    /// persisted in the order they are appended.
+    fn append(&self, record: Record) -> Result<(), JournalError>;
+
+    /// Returns once every record this thread appended before the call is
+    /// durable.
+    fn sync(&self) -> Result<(), JournalError>;
+}
+
+/// Discards everything (in-memory benchmarks).
+#[derive(Debug, Default)]
+pub struct NullJournal;
+
+impl Journal for NullJournal {
+    fn append(&self, _record: Record) -> Result<(), JournalError> {
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), JournalError> {
+        Ok(())
+    }
+}
+
+/// Keeps every record in memory (tests, and the auditor's input).
+#[derive(Debug, Default)]
+pub struct MemoryJournal {
+    records: Mutex<Vec<Record>>,
+}
+
+impl MemoryJournal {
+    /// A copy of everything appended so far, in sequence order.
+    pub fn records(&self) -> Vec<Record> {
+        let mut records = self.records.lock().clone();
+        records.sort_by_key(|record| record.seq);
+        records
+    }
+}
+
+impl Journal for MemoryJournal {
+    fn append(&self, record: Record) -> Result<(), JournalError> {
+        self.records.lock().push(record);
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), JournalError> {
+        Ok(())
+    }
+}
+
+/// Sequences records and hands them to the journal. A journal failure is
+/// remembered rather than returned at each call site: the change it failed to
+/// record is already visible in memory, so the ledger stops taking new work
+/// (fail-stop) and the owner restarts it from the store.
+pub(crate) struct Committer {
+    journal: std::sync::Arc<dyn Journal>,
+    next_seq: std::sync::atomic::AtomicU64,
+    failure: std::sync::OnceLock<JournalError>,
+}
+
+impl Committer {
+    pub fn new(journal: std::sync::Arc<dyn Journal>, next_seq: u64) -> Self {
+        Committer {
+            journal,
+            next_seq: std::sync::atomic::AtomicU64::new(next_seq),
+            failure: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The next sequence number. Relaxed is enough: callers assign and
+    /// append inside the lock that orders dependent records.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Moves the next sequence number past `seq` (after a replay).
+    pub fn skip_past(&self, seq: u64) {
+        self.next_seq
+            .fetch_max(seq.saturating_add(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Appends, remembering the first failure.
+    pub fn append(&self, record: Record) {
+        if let Err(error) = self.journal.append(record) {
+            let _first = self.failure.set(error);
+        }
+    }
+
+    /// Waits until this thread's appends are durable.
+    pub fn sync(&self) -> Result<(), JournalError> {
+        self.check()?;
+        let synced = self.journal.sync();
+        if let Err(error) = &synced {
+            let _first = self.failure.set(error.clone());
+        }
+        synced
+    }
+
+    /// The first journal failure, if any.
+    pub fn check(&self) -> Result<(), JournalError> {
+        self.failure
+            .get()
+            .map_or(Ok(()), |error| Err(error.clone()))
+    }
+}
+
+impl std::fmt::Debug for Committer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Committer")
+            .field("next_seq", &self.next_seq)
+            .field("failure", &self.failure.get())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,305 @@
+//! Spending limits and the per-period spend counters behind them.
+//!
+//! A limit caps what one subject (a key, a user, an application, or one end
+//! user of an application) may spend per local day, per local month, per
+//! contract year, and optionally per request. Spend counts open holds at their
+//! held amount and settled requests at their real cost, so a burst of
+//! concurrent requests cannot slip past a cap. Counters live in the paying
+//! wallet's state and are guarded by its lock, which makes check-and-reserve
+//! atomic without a second lock. A limit set (or raised) mid-period counts spend
+//! from the moment it is set; spend is rebuilt from the ledger on restart.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::ids::{AppId, KeyId, Owner, UserId};
+
+/// Caps for one subject; `None` means no cap for that period.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Most one request may hold.
+    pub per_request: Option<Decimal>,
+    /// Most per local day.
+    pub daily: Option<Decimal>,
+    /// Most per local month.
+    pub monthly: Option<Decimal>,
+    /// Most per contract year (calendar year outside any contract).
+    pub contract_yearly: Option<Decimal>,
+}
+
+/// A negative cap.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("spending limit {period:?} must not be negative, got {cap}")]
+pub struct LimitError {
+    /// The offending period.
+    pub period: LimitPeriod,
+    /// The offending cap.
+    pub cap: Decimal,
+}
+
+impl Limits {
+    /// No caps at all.
+    pub const NONE: Limits = Limits {
+        per_request: None,
+        daily: None,
+        monthly: None,
+        contract_yearly: None,
+    };
+
+    /// True when no cap is set, so nothing needs counting.
+    pub fn is_empty(&self) -> bool {
+        *self == Limits::NONE
+    }
+
+    /// Refuses negative caps.
+    pub fn validate(&self) -> Result<(), LimitError> {
+        self.caps()
+            .into_iter()
+            .find(|(_, cap)| cap.is_some_and(|cap| cap.is_sign_negative()))
+            .map_or(Ok(()), |(period, cap)| {
+                Err(LimitError {
+                    period,
+                    cap: cap.unwrap_or_default(),
+                })
+            })
+    }
+
+    /// The caps in the order they are checked.
+    fn caps(&self) -> [(LimitPeriod, Option<Decimal>); 4] {
+        [
+            (LimitPeriod::Request, self.per_request),
+            (LimitPeriod::Day, self.daily),
+            (LimitPeriod::Month, self.monthly),
+            (LimitPeriod::ContractYear, self.contract_yearly),
+        ]
+    }
+}
+
+/// The period a cap applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitPeriod {
+    /// A single request.
+    Request,
+    /// A local day.
+    Day,
+    /// A local month.
+    Month,
+    /// A contract year.
+    ContractYear,
+}
+
+/// Whose limit it is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitSubject {
+    /// An API key's own limit.
+    Key(KeyId),
+    /// A user's limit (all their keys together).
+    User(UserId),
+    /// An application's limit (all its keys together).
+    App(AppId),
+    /// The per-end-user limit of an application, for one end user.
+    EndUser {
+        /// The application.
+        app: AppId,
+        /// The end-user id from the request.
+        end_user: String,
+    },
+}
+
+impl From<Owner> for LimitSubject {
+    fn from(owner: Owner) -> Self {
+        match owner {
+            Owner::User(user) => LimitSubject::User(user),
+            Owner::App(app) => LimitSubject::App(app),
+        }
+    }
+}
+
+/// A cap that a hold would cross.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitBreach {
+    /// Whose limit.
+    pub subject: LimitSubject,
+    /// Which period.
+    pub period: LimitPeriod,
+    /// The cap.
+    pub cap: Decimal,
+    /// Spent (settled plus held) in the current period.
+    pub spent: Decimal,
+    /// When the period resets; `None` for per-request caps.
+    pub resets_at: Option<DateTime<Utc>>,
+}
+
+/// The ends of the periods containing one instant; the same for every
+/// subject of a wallet, so it is computed once and cached per wallet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeriodEnds {
+    /// End of the local day.
+    pub day: DateTime<Utc>,
+    /// End of the local month.
+    pub month: DateTime<Utc>,
+    /// End of the contract year.
+    pub year: DateTime<Utc>,
+}
+
+impl PeriodEnds {
+    fn of(&self, period: LimitPeriod) -> Option<DateTime<Utc>> {
+        match period {
+            LimitPeriod::Request => None,
+            LimitPeriod::Day => Some(self.day),
+            LimitPeriod::Month => Some(self.month),
+            LimitPeriod::ContractYear => Some(self.year),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Counter {
+    /// End of the period `spent` belongs to; a different current end means
+    /// the period rolled and `spent` is stale.
+    ends_at: DateTime<Utc>,
+    spent: Decimal,
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Counter {
+            ends_at: DateTime::<Utc>::MIN_UTC,
+            spent: Decimal::ZERO,
+        }
+    }
+}
+
+impl Counter {
+    fn spent_in(&self, ends_at: DateTime<Utc>) -> Decimal {
+        if self.ends_at == ends_at {
+            self.spent
+        } else {
+            Decimal::ZERO
+        }
+    }
+
+    fn add(&mut self, ends_at: DateTime<Utc>, amount: Decimal) {
+        if self.ends_at != ends_at {
+            self.ends_at = ends_at;
+            self.spent = Decimal::ZERO;
+        }
+        self.spent += amount;
+    }
+
+    /// Takes back a hold counted in the period ending `held_in`; nothing to
+    /// take back once that period has rolled.
+    fn unreserve(&mut self, held_in: DateTime<Utc>, amount: Decimal) {
+        if self.ends_at == held_in {
+            self.spent = (self.spent - amount).max(Decimal::ZERO);
+        }
+    }
+}
+
+/// Spend of one subject: a counter per period.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spend {
+    day: Counter,
+    month: Counter,
+    year: Counter,
+}
+
+impl Spend {
+    fn counter(&self, period: LimitPeriod) -> Option<&Counter> {
+        match period {
+            LimitPeriod::Request => None,
+            LimitPeriod::Day => Some(&self.day),
+            LimitPeriod::Month => Some(&self.month),
+            LimitPeriod::ContractYear => Some(&self.year),
+        }
+    }
+
+    /// The first cap `amount` would cross, in the order per request, day,
+    /// month, contract year.
+    pub fn check(
+        &self,
+        limits: &Limits,
+        amount: Decimal,
+        ends: &PeriodEnds,
+    ) -> Option<(LimitPeriod, Decimal, Decimal, Option<DateTime<Utc>>)> {
+        limits.caps().into_iter().find_map(|(period, cap)| {
+            let cap = cap?;
+            let spent = match (self.counter(period), ends.of(period)) {
+                (Some(counter), Some(end)) => counter.spent_in(end),
+                _ => Decimal::ZERO,
+            };
+            (spent + amount > cap).then_some((period, cap, spent, ends.of(period)))
+        })
+    }
+
+    /// Counts `amount` in the current periods.
+    pub fn add(&mut self, ends: &PeriodEnds, amount: Decimal) {
+        self.day.add(ends.day, amount);
+        self.month.add(ends.month, amount);
+        self.year.add(ends.year, amount);
+    }
+
+    /// Takes back a hold of `amount` counted in the periods `held_in`.
+    pub fn unreserve(&mut self, held_in: &PeriodEnds, amount: Decimal) {
+        self.day.unreserve(held_in.day, amount);
+        self.month.unreserve(held_in.month, amount);
+        self.year.unreserve(held_in.year, amount);
+    }
+
+    /// True when every counter belongs to a period that ended before `now`.
+    pub fn is_stale(&self, now: DateTime<Utc>) -> bool {
+        self.day.ends_at <= now && self.month.ends_at <= now && self.year.ends_at <= now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    fn ends(day: &str) -> PeriodEnds {
+        PeriodEnds {
+            day: day.parse().unwrap(),
+            month: "2027-02-01T00:00:00Z".parse().unwrap(),
+            year: "2028-01-01T00:00:00Z".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn caps_are_checked_in_order_and_reset_with_their_period() {
+        // Proves per-request caps win over daily caps and daily spend resets at the next day.
+        let limits = Limits {
+            per_request: Some(dec!(5)),
+            daily: Some(dec!(8)),
+            monthly: Some(dec!(20)),
+            contract_yearly: None,
+        };
+        let today = ends("2027-01-02T00:00:00Z");
+        let mut spend = Spend::default();
+        assert_eq!(
+            spend.check(&limits, dec!(6), &today).unwrap().0,
+            LimitPeriod::Request
+        );
+        spend.add(&today, dec!(5));
+        let breach = spend.check(&limits, dec!(4), &today).unwrap();
+        assert_eq!((breach.0, breach.2), (LimitPeriod::Day, dec!(5)));
+        let tomorrow = ends("2027-01-03T00:00:00Z");
+        assert_eq!(spend.check(&limits, dec!(4), &tomorrow), None);
+        spend.unreserve(&today, dec!(5));
+        assert_eq!(spend.check(&limits, dec!(5), &today), None);
+    }
+
+    #[test]
+    fn negative_caps_are_refused() {
+        // Proves a negative cap is reported with its period.
+        let limits = Limits {
+            monthly: Some(dec!(-1)),
+            ..Limits::NONE
+        };
+        assert_eq!(limits.validate().unwrap_err().period, LimitPeriod::Month);
+    }
+}

@@ -1,0 +1,260 @@
+//! Who may pay from a wallet, and their spend against their limits.
+//!
+//! Each wallet knows the keys that draw on it and their owners (users or
+//! applications), with their limits and spend counters. Keeping this inside
+//! the wallet's state means a hold takes exactly one lock, and moving a user
+//! between wallets (upgrade, downgrade) carries their spend along.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+
+use crate::ledger::ids::{IdMap, KeyId, Owner};
+use crate::ledger::limit::{LimitBreach, LimitSubject, Limits, PeriodEnds, Spend};
+
+#[derive(Clone, Debug)]
+struct KeyPayer {
+    owner: Owner,
+    limits: Limits,
+    spend: Spend,
+}
+
+/// An owner's limits and spend, carried between wallets on a plan change.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct OwnerPayer {
+    limits: Limits,
+    spend: Spend,
+    /// Applications only: caps applied to each end user separately.
+    end_user_limits: Limits,
+    end_users: HashMap<Box<str>, Spend>,
+}
+
+/// An owner with its keys, detached from one wallet to join another.
+#[derive(Debug)]
+pub(crate) struct MovedOwner {
+    owner: Owner,
+    payer: OwnerPayer,
+    keys: Vec<(KeyId, KeyPayer)>,
+}
+
+/// Why a hold may not count against this wallet's payers.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum PayerRefusal {
+    /// The end-user table of an app is full of live counters.
+    EndUserCapacity,
+    /// A cap would be crossed.
+    Limit(LimitBreach),
+}
+
+/// The keys and owners paying from one wallet.
+#[derive(Debug, Default)]
+pub(crate) struct Payers {
+    keys: IdMap<KeyId, KeyPayer>,
+    owners: IdMap<Owner, OwnerPayer>,
+    /// True when any key or owner here has a cap; when false the hot path
+    /// skips limit bookkeeping altogether. Recomputed on every change.
+    any_limits: bool,
+}
+
+/// The spend a hold or debit counts against: a key, its owner, and maybe an
+/// end user of an application.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Spender<'a> {
+    pub key: KeyId,
+    pub owner: Owner,
+    pub end_user: Option<&'a str>,
+}
+
+impl Payers {
+    /// The owner of `key` if it pays from this wallet.
+    pub fn owner_of(&self, key: KeyId) -> Option<Owner> {
+        self.keys.get(&key).map(|payer| payer.owner)
+    }
+
+    /// Adds or updates an owner's limits.
+    pub fn set_owner(&mut self, owner: Owner, limits: Limits, end_user_limits: Limits) {
+        let payer = self.owners.entry(owner).or_default();
+        payer.limits = limits;
+        payer.end_user_limits = end_user_limits;
+        self.recount();
+    }
+
+    fn recount(&mut self) {
+        self.any_limits = self.keys.values().any(|key| !key.limits.is_empty())
+            || self
+                .owners
+                .values()
+                .any(|owner| !owner.limits.is_empty() || !owner.end_user_limits.is_empty());
+    }
+
+    /// Adds or updates a key; its owner must already be here.
+    pub fn set_key(&mut self, key: KeyId, owner: Owner, limits: Limits) {
+        debug_assert!(
+            self.owners.contains_key(&owner),
+            "key {key} added before its owner {owner}"
+        );
+        let payer = self.keys.entry(key).or_insert(KeyPayer {
+            owner,
+            limits,
+            spend: Spend::default(),
+        });
+        payer.limits = limits;
+        self.recount();
+    }
+
+    /// Removes a key (revocation).
+    pub fn remove_key(&mut self, key: KeyId) {
+        self.keys.remove(&key);
+        self.recount();
+    }
+
+    /// Detaches an owner and its keys, spend included.
+    pub fn take_owner(&mut self, owner: Owner) -> Option<MovedOwner> {
+        let payer = self.owners.remove(&owner)?;
+        let key_ids: Vec<KeyId> = self
+            .keys
+            .iter()
+            .filter(|(_, key)| key.owner == owner)
+            .map(|(id, _)| *id)
+            .collect();
+        let keys = key_ids
+            .into_iter()
+            .filter_map(|id| self.keys.remove(&id).map(|key| (id, key)))
+            .collect();
+        self.recount();
+        Some(MovedOwner { owner, payer, keys })
+    }
+
+    /// Attaches an owner taken from another wallet.
+    pub fn put_owner(&mut self, moved: MovedOwner) {
+        self.owners.insert(moved.owner, moved.payer);
+        self.keys.extend(moved.keys);
+        self.recount();
+    }
+
+    /// The first cap `amount` would cross: key, then owner, then end user.
+    pub fn check(
+        &mut self,
+        spender: Spender<'_>,
+        amount: Decimal,
+        ends: &PeriodEnds,
+        now: DateTime<Utc>,
+        max_end_users: usize,
+    ) -> Result<(), PayerRefusal> {
+        if !self.any_limits {
+            return Ok(());
+        }
+        let breach = |subject: LimitSubject, spend: &Spend, limits: &Limits| {
+            spend
+                .check(limits, amount, ends)
+                .map(|(period, cap, spent, resets_at)| {
+                    PayerRefusal::Limit(LimitBreach {
+                        subject,
+                        period,
+                        cap,
+                        spent,
+                        resets_at,
+                    })
+                })
+        };
+        if let Some(key) = self.keys.get(&spender.key) {
+            if let Some(refusal) = breach(LimitSubject::Key(spender.key), &key.spend, &key.limits) {
+                return Err(refusal);
+            }
+        }
+        let Some(owner) = self.owners.get_mut(&spender.owner) else {
+            return Ok(());
+        };
+        if let Some(refusal) = breach(spender.owner.into(), &owner.spend, &owner.limits) {
+            return Err(refusal);
+        }
+        let (Owner::App(app), Some(end_user)) = (spender.owner, spender.end_user) else {
+            return Ok(());
+        };
+        if owner.end_user_limits.is_empty() {
+            return Ok(());
+        }
+        let spend = match owner.end_users.get(end_user) {
+            Some(spend) => *spend,
+            None => {
+                make_room(&mut owner.end_users, now, max_end_users)?;
+                Spend::default()
+            }
+        };
+        // The subject (with its owned end-user id) is only built on refusal.
+        if spend.check(&owner.end_user_limits, amount, ends).is_none() {
+            return Ok(());
+        }
+        let subject = LimitSubject::EndUser {
+            app,
+            end_user: end_user.to_owned(),
+        };
+        breach(subject, &spend, &owner.end_user_limits).map_or(Ok(()), Err)
+    }
+
+    /// Counts `amount` for the spender in the periods `ends`.
+    pub fn add(&mut self, spender: Spender<'_>, amount: Decimal, ends: &PeriodEnds) {
+        self.each_spend(spender, true, |spend| spend.add(ends, amount));
+    }
+
+    /// Takes back a hold counted in `held_in`.
+    pub fn unreserve(&mut self, spender: Spender<'_>, amount: Decimal, held_in: &PeriodEnds) {
+        self.each_spend(spender, false, |spend| spend.unreserve(held_in, amount));
+    }
+
+    /// Applies `apply` to every counter the spender draws on; only tracks a
+    /// new end user when `create` (a hold or debit), never on a take-back.
+    fn each_spend(
+        &mut self,
+        spender: Spender<'_>,
+        create: bool,
+        mut apply: impl FnMut(&mut Spend),
+    ) {
+        if let Some(key) = self.keys.get_mut(&spender.key) {
+            if !key.limits.is_empty() {
+                apply(&mut key.spend);
+            }
+        }
+        let Some(owner) = self.owners.get_mut(&spender.owner) else {
+            return;
+        };
+        if !owner.limits.is_empty() {
+            apply(&mut owner.spend);
+        }
+        let (Some(end_user), false) = (spender.end_user, owner.end_user_limits.is_empty()) else {
+            return;
+        };
+        if let Some(spend) = owner.end_users.get_mut(end_user) {
+            apply(spend);
+        } else if create {
+            let mut spend = Spend::default();
+            apply(&mut spend);
+            owner.end_users.insert(end_user.into(), spend);
+        }
+    }
+}
+
+/// Drops end users whose counters all belong to past periods; refuses when
+/// the table is still full.
+fn make_room(
+    end_users: &mut HashMap<Box<str>, Spend>,
+    now: DateTime<Utc>,
+    max_end_users: usize,
+) -> Result<(), PayerRefusal> {
+    if end_users.len() < max_end_users {
+        return Ok(());
+    }
+    end_users.retain(|_, spend| !spend.is_stale(now));
+    if end_users.len() < max_end_users {
+        Ok(())
+    } else {
+        Err(PayerRefusal::EndUserCapacity)
+    }
+}
+
+/// Shares an end-user id between a hold token and the open hold.
+pub(crate) fn end_user_arc(end_user: Option<&str>) -> Option<Arc<str>> {
+    end_user.map(Arc::from)
+}

@@ -1,0 +1,156 @@
+//! The data path: resolve a key, hold, settle, and the periodic catch-up.
+//!
+//! Each call takes one dashmap read lock to find the wallet and then that
+//! wallet's mutex; nothing here allocates except the debit entry, the hold
+//! token's `Arc` clone and, when present, the end-user id.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use crate::ledger::entity::{KeyHash, Plan};
+use crate::ledger::entry::SettleDetails;
+use crate::ledger::hold::{self, Hold, HoldArgs, SettleError, Settlement};
+use crate::ledger::ids::{KeyId, OrgId, Owner, RequestId, WalletId};
+use crate::ledger::refusal::Refusal;
+use crate::ledger::Ledger;
+
+/// What a presented key resolves to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ResolvedKey {
+    /// The key.
+    pub key: KeyId,
+    /// Its organization.
+    pub org: OrgId,
+    /// The user or application it speaks for.
+    pub owner: Owner,
+    /// The wallet that pays for it right now.
+    pub wallet: WalletId,
+}
+
+/// Who is spending, for limits and the debit entry.
+#[derive(Clone, Copy, Debug)]
+pub struct SpendContext<'a> {
+    /// The key the request came with.
+    pub key: KeyId,
+    /// The end-user id an application passed, if any.
+    pub end_user: Option<&'a str>,
+}
+
+/// What a [`Ledger::tick`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TickReport {
+    /// Wallets brought up to date.
+    pub wallets: usize,
+    /// Holds voided by their TTL.
+    pub holds_voided: usize,
+}
+
+impl Ledger {
+    /// Resolves the hash of a presented secret; `None` for unknown or
+    /// revoked keys.
+    pub fn resolve_key(&self, hash: &KeyHash) -> Option<ResolvedKey> {
+        let key_id = *self.key_index.get(hash)?;
+        let key = self.keys.get(&key_id)?;
+        if key.revoked {
+            return None;
+        }
+        let (org, owner) = (key.org, key.owner);
+        drop(key);
+        let wallet = match owner {
+            Owner::App(_) => WalletId::Pool(org),
+            Owner::User(user) => match self.users.get(&user)?.plan {
+                Plan::Pro => WalletId::Pool(org),
+                Plan::Lite => WalletId::Lite(user),
+            },
+        };
+        Some(ResolvedKey {
+            key: key_id,
+            org,
+            owner,
+            wallet,
+        })
+    }
+
+    /// Reserves `amount` on `wallet` for `request_id`, or says why not (see
+    /// [`Refusal`] for the order in which reasons are checked).
+    pub fn hold(
+        &self,
+        wallet: WalletId,
+        request_id: RequestId,
+        amount: Decimal,
+        context: SpendContext<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Hold, Refusal> {
+        if let Err(error) = self.shared.committer.check() {
+            return Err(Refusal::Unavailable {
+                reason: error.to_string(),
+            });
+        }
+        if amount < Decimal::ZERO {
+            return Err(Refusal::InvalidAmount { required: amount });
+        }
+        let cell = self.cell(wallet).ok_or(Refusal::UnknownWallet { wallet })?;
+        let args = HoldArgs {
+            request_id,
+            amount,
+            key: context.key,
+            end_user: context.end_user,
+        };
+        let payer = cell.state.lock().try_hold(&self.shared, &args, now)?;
+        Ok(Hold::new(cell, wallet, request_id, amount, payer))
+    }
+
+    /// Settles a request by id, for callers that no longer have its
+    /// [`Hold`] (a retried settle, a settle queue after a handover). A
+    /// request already settled returns its first [`Settlement`] unchanged.
+    pub fn settle_request(
+        &self,
+        wallet: WalletId,
+        request_id: RequestId,
+        actual_cost: Decimal,
+        details: SettleDetails,
+        now: DateTime<Utc>,
+    ) -> Result<Settlement, SettleError> {
+        let cell = self
+            .cell(wallet)
+            .ok_or(SettleError::UnknownWallet { wallet })?;
+        hold::settle_in(&cell, request_id, actual_cost, details, now, None)
+    }
+
+    /// Voids every hold past its TTL; returns how many.
+    pub fn void_expired_holds(&self, now: DateTime<Utc>) -> usize {
+        self.all_cells()
+            .iter()
+            .map(|cell| cell.state.lock().void_expired_holds(now))
+            .sum()
+    }
+
+    /// Brings every wallet up to `now`: grants what became effective, writes
+    /// off what expired, voids expired holds. Run it periodically (say every
+    /// minute) so idle wallets get their grants and write-offs on time;
+    /// every operation on a wallet does the same for that wallet first.
+    pub fn tick(&self, now: DateTime<Utc>) -> TickReport {
+        let cells = self.all_cells();
+        let mut report = TickReport {
+            wallets: cells.len(),
+            holds_voided: 0,
+        };
+        for cell in cells {
+            let mut state = cell.state.lock();
+            report.holds_voided += state.void_expired_holds(now);
+            state.advance(now, &self.shared.committer);
+        }
+        report
+    }
+
+    /// The wallets, copied out so no map guard is held while they are locked.
+    fn all_cells(&self) -> Vec<Arc<crate::ledger::wallet::WalletCell>> {
+        self.wallets
+            .iter()
+            .map(|cell| Arc::clone(cell.value()))
+            .collect()
+    }
+}

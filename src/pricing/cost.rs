@@ -1,0 +1,433 @@
+//! Cost functions: exact integer arithmetic, one rounding at the end.
+//!
+//! Prices are loaded as whole picodollars (1e-12 dollar). A per-1M-token price
+//! in picodollars is the same number as a per-token price in attodollars
+//! (1e-18 dollar), so `tokens × price` is an exact count of attodollars, and a
+//! flat fee in picodollars is `fee × 10^6` attodollars. A call's total is summed
+//! exactly in `u128` attodollars and then rounded up once to whole nanodollars
+//! (1e-9 dollar, [`COST_SCALE`] decimal places).
+//!
+//! Why integers rather than `Decimal` arithmetic: `Decimal`'s multiplication
+//! silently rounds when an exact product needs more than 96 bits, and a large
+//! token count times a finely divided price can need more. `u128` never does
+//! that: it is exact or it reports overflow.
+//!
+//! Overflow. A token term is at most `u64::MAX × u64::MAX < u128::MAX`, so it
+//! cannot overflow. With prices under the hard ceiling (10^6 dollars, that is
+//! 10^18 picodollars) a model call's total is at most about 3.7 × 10^28
+//! nanodollars for any `u64` usage, which fits a `Decimal` (7.9 × 10^28), so
+//! model costs and holds never fail.
+//! A tool's `units × per_unit` has no such bound, so every cost function returns
+//! [`CostError::Overflow`] as a value rather than saturating to a wrong amount.
+
+use rust_decimal::Decimal;
+
+/// Decimal places of every computed cost and hold: whole nanodollars.
+pub const COST_SCALE: u32 = 9;
+
+/// Decimal places of every loaded price: whole picodollars.
+pub(super) const PRICE_SCALE: u32 = 12;
+
+const ATTOS_PER_PICO: u128 = 1_000_000;
+const ATTOS_PER_NANO: u128 = 1_000_000_000;
+
+/// An exact non-negative price in picodollars, per 1M tokens for token rates
+/// and per call or per unit for fees.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Picos(pub(super) u64);
+
+impl Picos {
+    /// The price in dollars. Cannot panic: any `u64` fits a `Decimal` mantissa.
+    fn dollars(self) -> Decimal {
+        Decimal::from_i128_with_scale(i128::from(self.0), PRICE_SCALE).normalize()
+    }
+}
+
+/// A cost that does not fit the money type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CostError {
+    /// The exact total is above `Decimal::MAX` nanodollars (about 7.9 × 10^19
+    /// dollars). No wallet can cover it; the caller should refuse the request.
+    #[error("the cost is too large to represent (above about 7.9e19 dollars); refuse the request")]
+    Overflow,
+}
+
+/// Tokens a model call used, as the upstream reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    /// All input tokens, cached ones included (OpenAI's `prompt_tokens`;
+    /// for Anthropic, `input_tokens` plus the cache read and write tokens).
+    pub input_tokens: u64,
+    /// The part of `input_tokens` served from the provider's prompt cache.
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// What is known about a model call before it is forwarded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HoldRequest {
+    /// Size of the request body. A byte-level BPE never makes more tokens than
+    /// bytes, so this bounds the input tokens from above.
+    pub input_bytes: u64,
+    /// The request's `max_tokens` (or equivalent), if it names one.
+    pub max_output_tokens: Option<u64>,
+}
+
+/// The prices of one model at one instant. Small and `Copy`: a lookup returns
+/// it by value, without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelPrice {
+    pub(super) input_per_mtok: Picos,
+    /// Equal to `input_per_mtok` when the file sets no cached price.
+    pub(super) cached_input_per_mtok: Picos,
+    pub(super) output_per_mtok: Picos,
+    pub(super) per_request: Picos,
+    /// Output tokens to hold for when a request names no maximum. Zero only
+    /// for models whose output is free, where it does not matter.
+    pub(super) default_max_output_tokens: u64,
+}
+
+impl ModelPrice {
+    /// The most this call can cost: every input byte as a token at the dearer
+    /// of the input and cached-input prices, plus the allowed output tokens.
+    /// Never less than [`ModelPrice::cost`] of a usage that stays within it.
+    pub fn hold_amount(&self, request: &HoldRequest) -> Result<Decimal, CostError> {
+        let input_price = self.input_per_mtok.max(self.cached_input_per_mtok);
+        let output_tokens = request
+            .max_output_tokens
+            .unwrap_or(self.default_max_output_tokens);
+        total(&[
+            tokens_at(request.input_bytes, input_price),
+            tokens_at(output_tokens, self.output_per_mtok),
+            fee(self.per_request),
+        ])
+    }
+
+    /// What the call cost. Cached input tokens are charged at the cached price;
+    /// a cached count above the input count is charged in full (the upstream's
+    /// word is taken for the cached part, the rest of the input is then zero).
+    pub fn cost(&self, usage: &TokenUsage) -> Result<Decimal, CostError> {
+        let uncached_tokens = usage.input_tokens.saturating_sub(usage.cached_input_tokens);
+        total(&[
+            tokens_at(uncached_tokens, self.input_per_mtok),
+            tokens_at(usage.cached_input_tokens, self.cached_input_per_mtok),
+            tokens_at(usage.output_tokens, self.output_per_mtok),
+            fee(self.per_request),
+        ])
+    }
+
+    /// Dollars per 1M input tokens.
+    pub fn input_per_mtok(&self) -> Decimal {
+        self.input_per_mtok.dollars()
+    }
+
+    /// Dollars per 1M cached input tokens (the input price when none is set).
+    pub fn cached_input_per_mtok(&self) -> Decimal {
+        self.cached_input_per_mtok.dollars()
+    }
+
+    /// Dollars per 1M output tokens.
+    pub fn output_per_mtok(&self) -> Decimal {
+        self.output_per_mtok.dollars()
+    }
+
+    /// Dollars charged per request on top of tokens.
+    pub fn per_request(&self) -> Decimal {
+        self.per_request.dollars()
+    }
+
+    pub fn default_max_output_tokens(&self) -> u64 {
+        self.default_max_output_tokens
+    }
+}
+
+/// The prices of one tool at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ToolPrice {
+    pub(super) per_call: Picos,
+    pub(super) per_unit: Picos,
+}
+
+impl ToolPrice {
+    /// `per_call + units × per_unit`.
+    pub fn cost(&self, units: u64) -> Result<Decimal, CostError> {
+        let unit_attos = u128::from(units)
+            .checked_mul(u128::from(self.per_unit.0))
+            .and_then(|picos| picos.checked_mul(ATTOS_PER_PICO))
+            .ok_or(CostError::Overflow)?;
+        total(&[fee(self.per_call), unit_attos])
+    }
+
+    /// The most a call reporting at most `max_units` units can cost.
+    pub fn hold_amount(&self, max_units: u64) -> Result<Decimal, CostError> {
+        self.cost(max_units)
+    }
+
+    /// Dollars per call.
+    pub fn per_call(&self) -> Decimal {
+        self.per_call.dollars()
+    }
+
+    /// Dollars per unit.
+    pub fn per_unit(&self) -> Decimal {
+        self.per_unit.dollars()
+    }
+}
+
+/// Exact attodollars for `tokens` at a per-1M-token price. Cannot overflow:
+/// the product of two `u64`s is below `u128::MAX`.
+fn tokens_at(tokens: u64, price_per_mtok: Picos) -> u128 {
+    u128::from(tokens) * u128::from(price_per_mtok.0)
+}
+
+/// Exact attodollars of a flat fee. Cannot overflow: `u64::MAX × 10^6 < u128::MAX`.
+fn fee(price: Picos) -> u128 {
+    u128::from(price.0) * ATTOS_PER_PICO
+}
+
+/// The one rounding rule: sum the exact attodollar terms, then round the total
+/// up (towards +∞) to whole nanodollars. Never per token or per term, so
+/// splitting a call's usage can never change what it costs.
+fn total(attos_terms: &[u128]) -> Result<Decimal, CostError> {
+    let attos = attos_terms
+        .iter()
+        .try_fold(0u128, |sum, &term| sum.checked_add(term))
+        .ok_or(CostError::Overflow)?;
+    let nanos = attos.div_ceil(ATTOS_PER_NANO);
+    let nanos = i128::try_from(nanos).map_err(|_| CostError::Overflow)?;
+    Decimal::try_from_i128_with_scale(nanos, COST_SCALE).map_err(|_| CostError::Overflow)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::str::FromStr;
+
+    fn dec(text: &str) -> Decimal {
+        Decimal::from_str(text).unwrap()
+    }
+
+    /// A price given in dollars, as the loader would store it.
+    fn picos(dollars: &str) -> Picos {
+        let mut d = dec(dollars);
+        d.rescale(PRICE_SCALE);
+        Picos(u64::try_from(d.mantissa()).unwrap())
+    }
+
+    fn model(input: &str, cached: &str, output: &str, per_request: &str) -> ModelPrice {
+        ModelPrice {
+            input_per_mtok: picos(input),
+            cached_input_per_mtok: picos(cached),
+            output_per_mtok: picos(output),
+            per_request: picos(per_request),
+            default_max_output_tokens: 4096,
+        }
+    }
+
+    fn usage(input: u64, cached: u64, output: u64) -> TokenUsage {
+        TokenUsage {
+            input_tokens: input,
+            cached_input_tokens: cached,
+            output_tokens: output,
+        }
+    }
+
+    #[test]
+    fn rounding_rule_table() {
+        // (input price per Mtok, input tokens, expected cost as printed)
+        let cases = [
+            ("0.15", 1, "0.000000150"),      // exact at 1e-9 already
+            ("0.0000001", 1, "0.000000001"), // 1e-13 rounds up to 1e-9
+            ("0.15", 0, "0.000000000"),      // nothing used, nothing charged
+            ("2.5", 1_000_000, "2.500000000"),
+            ("0.000999", 1, "0.000000001"), // 9.99e-10 rounds up
+            ("0.001", 1, "0.000000001"),    // exactly 1e-9 stays
+            ("0.001001", 1, "0.000000002"), // 1.001e-9 rounds up
+        ];
+        for (price, tokens, want) in cases {
+            let got = model(price, price, "0", "0")
+                .cost(&usage(tokens, 0, 0))
+                .unwrap();
+            assert_eq!(got.to_string(), want, "{tokens} tokens at {price}/Mtok");
+            assert_eq!(got.scale(), COST_SCALE, "every cost has 9 decimal places");
+        }
+    }
+
+    #[test]
+    fn rounding_happens_once_per_call_not_per_token() {
+        // 3 tokens at 1e-13 each: per-token rounding would give 3e-9.
+        let price = model("0.0000001", "0.0000001", "0", "0");
+        let got = price.cost(&usage(3, 0, 0)).unwrap();
+        assert_eq!(got, dec("0.000000001"), "sum then round");
+    }
+
+    #[test]
+    fn cost_charges_cached_output_and_request_fee() {
+        let price = model("2.5", "1.25", "10", "0.001");
+        // 1000 uncached × 2.5e-6 + 1000 cached × 1.25e-6 + 500 × 1e-5 + 0.001
+        let got = price.cost(&usage(2000, 1000, 500)).unwrap();
+        assert_eq!(got, dec("0.00975"), "2.5e-3 + 1.25e-3 + 5e-3 + 1e-3");
+    }
+
+    #[test]
+    fn cached_count_above_input_is_charged_as_cached() {
+        let price = model("1", "0.5", "0", "0");
+        let got = price.cost(&usage(10, 20, 0)).unwrap();
+        assert_eq!(got, dec("0.00001"), "20 cached × 0.5e-6, 0 uncached");
+    }
+
+    #[test]
+    fn hold_uses_the_default_output_cap_when_the_request_names_none() {
+        let price = model("1", "1", "2", "0");
+        let hold = price
+            .hold_amount(&HoldRequest {
+                input_bytes: 100,
+                max_output_tokens: None,
+            })
+            .unwrap();
+        assert_eq!(hold, dec("0.008292"), "100 × 1e-6 + 4096 × 2e-6");
+    }
+
+    #[test]
+    fn hold_uses_the_dearer_of_input_and_cached_prices() {
+        // Cache writes can be priced above plain input; the hold must cover them.
+        let price = model("1", "3", "0", "0");
+        let hold = price
+            .hold_amount(&HoldRequest {
+                input_bytes: 10,
+                max_output_tokens: Some(0),
+            })
+            .unwrap();
+        assert_eq!(hold, dec("0.00003"), "10 bytes × 3e-6");
+    }
+
+    #[test]
+    fn largest_model_usage_at_the_hard_ceiling_does_not_overflow() {
+        let ceiling = Picos(1_000_000 * 1_000_000_000_000);
+        let price = ModelPrice {
+            input_per_mtok: ceiling,
+            cached_input_per_mtok: ceiling,
+            output_per_mtok: ceiling,
+            per_request: ceiling,
+            default_max_output_tokens: u64::MAX,
+        };
+        let most = usage(u64::MAX, 0, u64::MAX);
+        assert!(price.cost(&most).is_ok(), "u64 usage at the ceiling fits");
+        let request = HoldRequest {
+            input_bytes: u64::MAX,
+            max_output_tokens: None,
+        };
+        assert!(price.hold_amount(&request).is_ok(), "u64 hold fits");
+    }
+
+    #[test]
+    fn absurd_tool_units_report_overflow_instead_of_a_wrong_amount() {
+        let tool = ToolPrice {
+            per_call: Picos(0),
+            per_unit: Picos(u64::MAX),
+        };
+        assert_eq!(tool.cost(u64::MAX), Err(CostError::Overflow));
+    }
+
+    #[test]
+    fn tool_cost_is_per_call_plus_units_times_per_unit() {
+        let tool = ToolPrice {
+            per_call: picos("0.005"),
+            per_unit: picos("0.001"),
+        };
+        assert_eq!(tool.cost(0).unwrap(), dec("0.005"), "call fee only");
+        assert_eq!(tool.cost(10).unwrap(), dec("0.015"), "plus 10 units");
+        assert_eq!(tool.hold_amount(10).unwrap(), dec("0.015"), "hold = cost");
+    }
+
+    #[test]
+    fn price_getters_return_dollars() {
+        let price = model("0.15", "0.075", "0.6", "0");
+        assert_eq!(price.input_per_mtok().to_string(), "0.15");
+        assert_eq!(price.cached_input_per_mtok().to_string(), "0.075");
+        assert_eq!(price.output_per_mtok().to_string(), "0.6");
+        assert_eq!(price.per_request().to_string(), "0");
+        let max = Picos(u64::MAX).dollars();
+        assert_eq!(max.to_string(), "18446744.073709551615", "u64 never panics");
+    }
+
+    fn any_price() -> impl Strategy<Value = Picos> {
+        // Up to the hard ceiling of 10^6 dollars, weighted towards small prices.
+        prop_oneof![0..=20_000_000_000_000u64, 0..=1_000_000_000_000_000_000u64].prop_map(Picos)
+    }
+
+    prop_compose! {
+        fn any_model()(input in any_price(), cached in any_price(), output in any_price(),
+                       fee in any_price(), default_out in 0..=1_000_000u64) -> ModelPrice {
+            ModelPrice {
+                input_per_mtok: input,
+                cached_input_per_mtok: cached,
+                output_per_mtok: output,
+                per_request: fee,
+                default_max_output_tokens: default_out,
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn cost_never_decreases_with_more_input_or_output(
+            price in any_model(), input in 0..u64::MAX / 2, cached in any::<u64>(),
+            output in 0..u64::MAX / 2, more in 0..u64::MAX / 2,
+        ) {
+            let cached = cached % (input + 1);
+            let base = price.cost(&usage(input, cached, output)).unwrap();
+            let more_input = price.cost(&usage(input + more, cached, output)).unwrap();
+            let more_output = price.cost(&usage(input, cached, output + more)).unwrap();
+            prop_assert!(more_input >= base, "more input tokens cost less");
+            prop_assert!(more_output >= base, "more output tokens cost less");
+        }
+
+        #[test]
+        fn cost_never_decreases_with_more_cached_input(
+            price in any_model(), input in 0..u64::MAX / 2, cached in any::<u64>(),
+            output in any::<u64>(), more in 0..u64::MAX / 4,
+        ) {
+            // Cached tokens are part of the input: adding some adds both counts.
+            // (Raising the cached count alone moves tokens to a cheaper price,
+            // which may rightly lower the cost.)
+            let cached = cached % (input + 1);
+            let base = price.cost(&usage(input, cached, output)).unwrap();
+            let more_cached = price.cost(&usage(input + more, cached + more, output)).unwrap();
+            prop_assert!(more_cached >= base, "more cached input tokens cost less");
+        }
+
+        #[test]
+        fn cost_never_exceeds_a_hold_that_covers_the_usage(
+            price in any_model(), input_bytes in any::<u64>(), input in any::<u64>(),
+            cached in any::<u64>(), max_output in proptest::option::of(any::<u64>()),
+            output in any::<u64>(),
+        ) {
+            // Bring the usage within the hold: input <= bytes, cached <= input,
+            // output <= the hold's output cap.
+            let input = input % input_bytes.saturating_add(1);
+            let cached = cached % input.saturating_add(1);
+            let cap = max_output.unwrap_or(price.default_max_output_tokens);
+            let output = output % cap.saturating_add(1);
+            let hold = price.hold_amount(&HoldRequest { input_bytes, max_output_tokens: max_output });
+            let cost = price.cost(&usage(input, cached, output)).unwrap();
+            prop_assert!(cost <= hold.unwrap(), "cost {} above hold", cost);
+        }
+
+        #[test]
+        fn tool_cost_never_decreases_with_more_units(
+            per_call in any_price(), per_unit in any_price(), units in 0..u64::MAX / 2, more in 0..u64::MAX / 2,
+        ) {
+            // An overflow counts as the highest cost: once reached, more units
+            // must overflow too.
+            let tool = ToolPrice { per_call, per_unit };
+            match (tool.cost(units), tool.cost(units + more)) {
+                (Ok(base), Ok(bigger)) => prop_assert!(bigger >= base, "more units cost less"),
+                (Ok(_) | Err(_), Err(_)) => {}
+                (Err(_), Ok(_)) => prop_assert!(false, "fewer units overflowed, more did not"),
+            }
+        }
+    }
+}
