@@ -12,15 +12,19 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, Readiness};
+use crate::clock::{Clock, SystemClock};
 use crate::config::GatewayConfig;
+use crate::pricing::LivePrices;
 use crate::proxy::Proxy;
 use crate::server::{self, Drained, ServeOptions};
+use crate::telemetry::metrics::Metrics;
 
 /// A running gateway: the proxy listener and the admin listener.
 pub struct Gateway {
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
     readiness: Arc<Readiness>,
+    prices: Option<Arc<LivePrices>>,
     shutdown: CancellationToken,
     proxy_task: JoinHandle<Drained>,
     admin_task: JoinHandle<Drained>,
@@ -29,12 +33,20 @@ pub struct Gateway {
 impl Gateway {
     /// Open the data directory, bind the listeners and start serving. Stops
     /// serving when `shutdown` is cancelled.
-    pub async fn start(
+    pub async fn start(config: GatewayConfig, shutdown: CancellationToken) -> anyhow::Result<Gateway> {
+        Self::start_with_clock(config, Arc::new(SystemClock), shutdown).await
+    }
+
+    /// As [`Gateway::start`], with the clock every time-dependent rule reads.
+    pub async fn start_with_clock(
         config: GatewayConfig,
+        clock: Arc<dyn Clock>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Gateway> {
         let config = Arc::new(config);
         prepare_data_dir(&config)?;
+        let metrics = Arc::new(Metrics::default());
+        let prices = load_prices(&config, &clock, &metrics, &shutdown)?;
         let proxy_listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {} (proxy)", config.server.listen))?;
@@ -50,7 +62,7 @@ impl Gateway {
             header_read_timeout: config.server.header_read_timeout,
             shutdown_grace: config.server.shutdown_grace,
         };
-        let proxy = Arc::new(Proxy::new(config.clone()));
+        let proxy = Arc::new(Proxy::new(config.clone(), prices.clone(), metrics.clone()));
         let proxy_task = tokio::spawn(server::serve(
             proxy_listener,
             options.clone(),
@@ -61,6 +73,10 @@ impl Gateway {
         let readiness = Arc::new(Readiness::default());
         let admin = Arc::new(Admin {
             readiness: readiness.clone(),
+            prices: prices.clone(),
+            metrics,
+            operator_token: config.admin.operator_token.clone(),
+            clock,
         });
         let admin_options = ServeOptions {
             name: "admin",
@@ -78,6 +94,7 @@ impl Gateway {
             proxy_addr,
             admin_addr,
             readiness,
+            prices,
             shutdown,
             proxy_task,
             admin_task,
@@ -90,6 +107,11 @@ impl Gateway {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The live price table, when the config names a price file.
+    pub fn prices(&self) -> Option<Arc<LivePrices>> {
+        self.prices.clone()
     }
 
     /// Signal shutdown (same as cancelling the token given to `start`).
@@ -113,6 +135,57 @@ impl Gateway {
     }
 }
 
+/// Load the price file (a broken one stops the start) and keep it live: a
+/// watcher reloads on file change, SIGHUP reloads on demand.
+fn load_prices(
+    config: &GatewayConfig,
+    clock: &Arc<dyn Clock>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Arc<LivePrices>>> {
+    let Some(pricing) = &config.pricing else {
+        return Ok(None);
+    };
+    let prices = Arc::new(LivePrices::load(
+        &pricing.file,
+        config.required_tools(),
+        clock.now(),
+        metrics.clone(),
+    )?);
+    tokio::spawn(
+        prices
+            .clone()
+            .watch(pricing.watch_interval, clock.clone(), shutdown.clone()),
+    );
+    #[cfg(unix)]
+    spawn_sighup_reload(prices.clone(), clock.clone(), shutdown.clone())?;
+    Ok(Some(prices))
+}
+
+#[cfg(unix)]
+fn spawn_sighup_reload(
+    prices: Arc<LivePrices>,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                received = hangup.recv() => {
+                    if received.is_none() {
+                        return;
+                    }
+                    let _ = prices.reload(clock.now(), "SIGHUP");
+                }
+                () = shutdown.cancelled() => return,
+            }
+        }
+    });
+    Ok(())
+}
+
 fn prepare_data_dir(config: &GatewayConfig) -> anyhow::Result<()> {
     let dir = &config.server.data_dir;
     std::fs::create_dir_all(dir)
@@ -131,16 +204,15 @@ pub fn cancel_on_signal(token: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(term) => term,
-                    Err(error) => {
-                        tracing::error!(%error, "cannot listen for SIGTERM");
-                        let _ = ctrl_c.await;
-                        token.cancel();
-                        return;
-                    }
-                };
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
             tokio::select! {
                 _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
                 _ = term.recv() => tracing::info!("SIGTERM: shutting down"),

@@ -23,6 +23,8 @@ use toml::Spanned;
 
 /// Largest request body the gateway accepts unless the config says otherwise.
 const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
+/// How often the price file is checked for changes.
+const DEFAULT_PRICE_WATCH_INTERVAL_MS: u64 = 250;
 /// How long in-flight requests may run after a shutdown signal.
 const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 /// Bound on how long a client may take to send request headers (slowloris).
@@ -45,6 +47,57 @@ pub struct GatewayConfig {
     pub upstreams: Vec<Upstream>,
     /// Routes in match order: longest prefix first, host-specific before any-host.
     pub routes: Vec<Route>,
+    /// The price file; required when any route is metered.
+    pub pricing: Option<PricingConfig>,
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct PricingConfig {
+    /// Resolved against the config file's directory.
+    pub file: PathBuf,
+    /// How often the price file is checked for changes.
+    pub watch_interval: Duration,
+}
+
+#[derive(Clone, Default)]
+pub struct AdminConfig {
+    /// The operator token for `/admin/v1` (all orgs). `None` disables the
+    /// admin API; health, readiness and metrics stay open.
+    pub operator_token: Option<String>,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let token = self.operator_token.as_ref().map(|_| "<redacted>");
+        f.debug_struct("AdminConfig")
+            .field("operator_token", &token)
+            .finish()
+    }
+}
+
+/// How the gateway reads and charges the traffic of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteKind {
+    /// A model API; the flavour says where `model`, limits and usage live.
+    Model(Flavour),
+    /// A tool priced per call and/or per unit; units come from a response
+    /// header when the route names one.
+    Tool {
+        name: String,
+        units_header: Option<HeaderName>,
+    },
+    /// Forwarded without metering: the operator said so explicitly.
+    Passthrough,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Flavour {
+    OpenaiChat,
+    OpenaiEmbeddings,
+    OpenaiResponses,
+    AnthropicMessages,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +168,7 @@ pub struct Route {
     pub prefix: String,
     pub host: Option<String>,
     pub upstream: usize,
+    pub kind: RouteKind,
 }
 
 impl Route {
@@ -153,10 +207,7 @@ pub struct ConfigProblem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{}", render_problems(file, problems))]
     Invalid {
         file: String,
@@ -184,6 +235,8 @@ fn render_problems(file: &str, problems: &[ConfigProblem]) -> String {
 struct RawTop {
     server: Option<Spanned<toml::Value>>,
     log: Option<Spanned<toml::Value>>,
+    pricing: Option<Spanned<toml::Value>>,
+    admin: Option<Spanned<toml::Value>>,
     #[serde(default)]
     upstreams: BTreeMap<String, Spanned<toml::Value>>,
     #[serde(default)]
@@ -234,6 +287,25 @@ struct RawRoute {
     prefix: String,
     host: Option<String>,
     upstream: String,
+    flavour: Option<Flavour>,
+    tool: Option<String>,
+    units_header: Option<String>,
+    #[serde(default)]
+    passthrough: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPricing {
+    file: PathBuf,
+    watch_interval_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    /// Environment variable holding the operator token.
+    token_env: Option<String>,
 }
 
 // ---------------------------------------------------------- validated layer
@@ -264,11 +336,7 @@ impl Checker<'_> {
     }
 
     /// Deserialize one section; on failure record the problem at its line.
-    fn section<T: DeserializeOwned>(
-        &mut self,
-        what: &str,
-        value: Spanned<toml::Value>,
-    ) -> Option<T> {
+    fn section<T: DeserializeOwned>(&mut self, what: &str, value: Spanned<toml::Value>) -> Option<T> {
         let offset = value.span().start;
         match value.into_inner().try_into::<T>() {
             Ok(v) => Some(v),
@@ -297,11 +365,7 @@ impl GatewayConfig {
 
     /// Validate config text. `env` resolves environment variables (injectable
     /// so tests need not touch the process environment).
-    pub fn parse(
-        path: &Path,
-        text: &str,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
+    pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
         let mut checker = Checker {
             text,
@@ -332,6 +396,37 @@ impl GatewayConfig {
         let log = LogConfig {
             level: log.level.unwrap_or_else(|| "info".to_owned()),
             format: log.format.unwrap_or(LogFormat::Text),
+        };
+
+        let pricing = top.pricing.and_then(|v| {
+            let offset = v.span().start;
+            let raw = checker.section::<RawPricing>("[pricing]", v)?;
+            let base = path.parent().unwrap_or(Path::new("."));
+            if raw.file.as_os_str().is_empty() {
+                checker.problem(
+                    offset,
+                    "[pricing] file is empty",
+                    Some("name the price file, e.g. file = \"prices.toml\""),
+                );
+            }
+            Some(PricingConfig {
+                file: base.join(raw.file),
+                watch_interval: Duration::from_millis(
+                    raw.watch_interval_ms
+                        .unwrap_or(DEFAULT_PRICE_WATCH_INTERVAL_MS)
+                        .max(10),
+                ),
+            })
+        });
+        let admin = top
+            .admin
+            .and_then(|v| checker.section::<RawAdmin>("[admin]", v))
+            .unwrap_or_default();
+        let admin = AdminConfig {
+            operator_token: admin
+                .token_env
+                .and_then(|var| env(&var))
+                .filter(|t| !t.is_empty()),
         };
 
         let mut upstreams = Vec::new();
@@ -365,6 +460,13 @@ impl GatewayConfig {
             );
         }
         check_duplicate_routes(&mut checker, &routes);
+        if pricing.is_none() && routes.iter().any(|r| r.kind != RouteKind::Passthrough) {
+            checker.problem(
+                0,
+                "metered routes need a price file, and [pricing] is missing",
+                Some("add [pricing] with file = \"prices.toml\""),
+            );
+        }
         // Most specific first: host-bound routes, then longer prefixes.
         routes.sort_by(|a, b| {
             b.host
@@ -385,7 +487,24 @@ impl GatewayConfig {
             log,
             upstreams,
             routes,
+            pricing,
+            admin,
         })
+    }
+
+    /// Tools that metered routes charge for; the price file must price each.
+    pub fn required_tools(&self) -> Vec<String> {
+        let mut tools: Vec<String> = self
+            .routes
+            .iter()
+            .filter_map(|r| match &r.kind {
+                RouteKind::Tool { name, .. } => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        tools.sort();
+        tools.dedup();
+        tools
     }
 
     /// The route serving a request, if any.
@@ -421,17 +540,12 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
         admin_listen,
         data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from("./data")),
         max_body_bytes,
-        shutdown_grace: Duration::from_millis(
-            raw.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS),
-        ),
+        shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS)),
         header_read_timeout: Duration::from_millis(
             raw.header_read_timeout_ms
                 .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS),
         ),
-        max_connections: raw
-            .max_connections
-            .unwrap_or(DEFAULT_MAX_CONNECTIONS)
-            .max(1),
+        max_connections: raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS).max(1),
     }
 }
 
@@ -447,10 +561,7 @@ fn validate_upstream(
         Err(e) => {
             checker.problem(
                 offset,
-                format!(
-                    "[upstreams.{name}] base_url {:?} is not a URL: {e}",
-                    raw.base_url
-                ),
+                format!("[upstreams.{name}] base_url {:?} is not a URL: {e}", raw.base_url),
                 Some("write it as http://host:port or https://host"),
             );
             return None;
@@ -488,12 +599,9 @@ fn validate_upstream(
         scheme,
         authority,
         base_path: uri.path().trim_end_matches('/').to_owned(),
-        connect_timeout: Duration::from_millis(
-            raw.connect_timeout_ms.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
-        ),
+        connect_timeout: Duration::from_millis(raw.connect_timeout_ms.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS)),
         response_timeout: Duration::from_millis(
-            raw.response_timeout_ms
-                .unwrap_or(DEFAULT_RESPONSE_TIMEOUT_MS),
+            raw.response_timeout_ms.unwrap_or(DEFAULT_RESPONSE_TIMEOUT_MS),
         ),
         idle_timeout: Duration::from_millis(raw.idle_timeout_ms.unwrap_or(DEFAULT_IDLE_TIMEOUT_MS)),
         pool_max_idle_per_host: raw
@@ -576,26 +684,71 @@ fn validate_route(
         );
         return None;
     };
+    let kind = route_kind(checker, offset, &raw)?;
     Some(Route {
         prefix: raw.prefix,
         host: raw.host.map(|h| h.to_ascii_lowercase()),
         upstream,
+        kind,
     })
+}
+
+/// A route must say how it is charged; forwarding unmetered is a choice the
+/// operator makes explicitly (`passthrough = true`), never a default.
+fn route_kind(checker: &mut Checker<'_>, offset: usize, raw: &RawRoute) -> Option<RouteKind> {
+    let hint = Some("give exactly one of flavour = \"openai-chat\" (or openai-embeddings, openai-responses, anthropic-messages), tool = \"NAME\", or passthrough = true");
+    let units_header = match raw
+        .units_header
+        .as_deref()
+        .map(|h| HeaderName::from_bytes(h.as_bytes()))
+    {
+        None => None,
+        Some(Ok(name)) => Some(name),
+        Some(Err(_)) => {
+            checker.problem(
+                offset,
+                format!("route {:?}: units_header is not a header name", raw.prefix),
+                None,
+            );
+            return None;
+        }
+    };
+    match (raw.flavour, &raw.tool, raw.passthrough) {
+        (Some(flavour), None, false) if units_header.is_none() => Some(RouteKind::Model(flavour)),
+        (None, Some(name), false) => Some(RouteKind::Tool {
+            name: name.clone(),
+            units_header,
+        }),
+        (None, None, true) if units_header.is_none() => Some(RouteKind::Passthrough),
+        (None, None, false) => {
+            checker.problem(
+                offset,
+                format!("route {:?} does not say how it is charged", raw.prefix),
+                hint,
+            );
+            None
+        }
+        _ => {
+            checker.problem(
+                offset,
+                format!(
+                    "route {:?} mixes flavour, tool, units_header and passthrough",
+                    raw.prefix
+                ),
+                hint,
+            );
+            None
+        }
+    }
 }
 
 fn check_duplicate_routes(checker: &mut Checker<'_>, routes: &[Route]) {
     let mut seen = HashMap::new();
     for r in routes {
-        if seen
-            .insert((r.host.clone(), r.prefix.clone()), ())
-            .is_some()
-        {
+        if seen.insert((r.host.clone(), r.prefix.clone()), ()).is_some() {
             checker.problem(
                 0,
-                format!(
-                    "route prefix {:?} (host {:?}) is defined twice",
-                    r.prefix, r.host
-                ),
+                format!("route prefix {:?} (host {:?}) is defined twice", r.prefix, r.host),
                 Some("remove one of them"),
             );
         }
@@ -627,6 +780,7 @@ base_url = "http://127.0.0.1:8090"
 [[routes]]
 prefix = "/v1"
 upstream = "mock"
+passthrough = true
 "#;
 
     #[test]
@@ -708,6 +862,30 @@ upstream = "nope"
     }
 
     #[test]
+    fn routes_must_say_how_they_are_charged() {
+        let text = "[upstreams.a]\nbase_url = \"http://a\"\n[[routes]]\nprefix = \"/v1\"\nupstream = \"a\"\n[[routes]]\nprefix = \"/v2\"\nupstream = \"a\"\ntool = \"t\"\npassthrough = true\n";
+        let p = problems(text);
+        assert!(
+            p.iter()
+                .any(|p| p.line == 3 && p.message.contains("does not say how it is charged")),
+            "{p:#?}"
+        );
+        assert!(
+            p.iter().any(|p| p.line == 6 && p.message.contains("mixes")),
+            "{p:#?}"
+        );
+        let metered = "[upstreams.a]\nbase_url = \"http://a\"\n[[routes]]\nprefix = \"/v1\"\nupstream = \"a\"\ntool = \"web-search\"\nunits_header = \"x-units\"\n";
+        let p = problems(metered);
+        assert!(
+            p.iter().any(|p| p.message.contains("[pricing] is missing")),
+            "metered routes need prices: {p:#?}"
+        );
+        let ok = parse(&format!("{metered}[pricing]\nfile = \"prices.toml\"\n")).unwrap();
+        assert_eq!(ok.required_tools(), ["web-search"]);
+        assert_eq!(ok.pricing.unwrap().file, Path::new("prices.toml"));
+    }
+
+    #[test]
     fn host_routes_win_over_any_host_and_longest_prefix_wins() {
         let text = r#"
 [upstreams.a]
@@ -719,13 +897,18 @@ base_url = "http://c"
 [[routes]]
 prefix = "/v1"
 upstream = "a"
+passthrough = true
 [[routes]]
 prefix = "/v1/chat"
 upstream = "b"
+flavour = "openai-chat"
 [[routes]]
 prefix = "/v1"
 host = "special.example"
 upstream = "c"
+passthrough = true
+[pricing]
+file = "prices.toml"
 "#;
         let c = parse(text).unwrap();
         let name = |host, path| {
@@ -735,9 +918,6 @@ upstream = "c"
         };
         assert_eq!(name(None, "/v1/chat/completions"), "b");
         assert_eq!(name(None, "/v1/embeddings"), "a");
-        assert_eq!(
-            name(Some("special.example:8080"), "/v1/chat/completions"),
-            "c"
-        );
+        assert_eq!(name(Some("special.example:8080"), "/v1/chat/completions"), "c");
     }
 }

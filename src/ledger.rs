@@ -197,10 +197,7 @@ impl Ledger {
                 Ok(WalletId::Pool(app.org))
             }
             Owner::User(user) => {
-                let user = self
-                    .users
-                    .get(&user)
-                    .ok_or(LedgerError::UnknownUser(user))?;
+                let user = self.users.get(&user).ok_or(LedgerError::UnknownUser(user))?;
                 Ok(match user.plan {
                     Plan::Pro => WalletId::Pool(user.org),
                     Plan::Lite => WalletId::Lite(user.id),
@@ -239,14 +236,8 @@ impl Ledger {
     }
 
     /// The wallet's balance, lots and holds, after bringing it up to `now`.
-    pub fn balance(
-        &self,
-        wallet: WalletId,
-        now: DateTime<Utc>,
-    ) -> Result<WalletBalance, LedgerError> {
-        let cell = self
-            .cell(wallet)
-            .ok_or(LedgerError::UnknownWallet(wallet))?;
+    pub fn balance(&self, wallet: WalletId, now: DateTime<Utc>) -> Result<WalletBalance, LedgerError> {
+        let cell = self.cell(wallet).ok_or(LedgerError::UnknownWallet(wallet))?;
         let mut state = cell.state.lock();
         state.advance(now, &self.shared.committer);
         let balance = WalletBalance {
@@ -266,17 +257,12 @@ impl Ledger {
     }
 
     fn cell(&self, wallet: WalletId) -> Option<Arc<WalletCell>> {
-        self.wallets
-            .get(&wallet)
-            .map(|cell| Arc::clone(cell.value()))
+        self.wallets.get(&wallet).map(|cell| Arc::clone(cell.value()))
     }
 
     /// Recomputes every wallet from `entries` (all entries ever made, in id
     /// order) and compares with the live state; see [`Audit`].
-    pub fn verify<'a>(
-        &self,
-        entries: impl IntoIterator<Item = &'a entry::LedgerEntry>,
-    ) -> AuditReport {
+    pub fn verify<'a>(&self, entries: impl IntoIterator<Item = &'a entry::LedgerEntry>) -> AuditReport {
         let mut audit = Audit::default();
         for entry in entries {
             audit.add(entry);

@@ -3,6 +3,7 @@
 //! Module map:
 //! - [`app`] — wiring: config, listeners, shutdown.
 //! - [`admin`] — the admin listener: health and readiness.
+//! - [`clock`] — the injectable clock time-dependent rules read.
 //! - [`config`] — gateway config: strict raw types, then validated types.
 //! - [`demo`] — `creditgate demo`: mock upstream and gateway in one process.
 //! - [`ledger`] — orgs, wallets, lots, holds, limits, entries (pure, no I/O).
@@ -15,6 +16,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod ledger;

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -10,8 +11,10 @@ use creditgate::app::{self, Gateway};
 use creditgate::config::{GatewayConfig, LogConfig, LogFormat};
 use creditgate::demo::{self, DemoOptions};
 use creditgate::mock::{MockOptions, MockUpstream};
+use creditgate::pricing::LivePrices;
 use creditgate::server::Drained;
 use creditgate::telemetry;
+use creditgate::telemetry::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -73,10 +76,7 @@ struct Overrides {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("creditgate: cannot start the async runtime: {error}");
@@ -145,14 +145,24 @@ async fn serve(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode> 
 }
 
 fn check_config(path: PathBuf) -> ExitCode {
-    match GatewayConfig::load(&path) {
-        Ok(config) => {
-            println!(
-                "{}: ok ({} upstream(s), {} route(s))",
-                path.display(),
-                config.upstreams.len(),
-                config.routes.len()
-            );
+    let config = match GatewayConfig::load(&path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "{}: ok ({} upstream(s), {} route(s))",
+        path.display(),
+        config.upstreams.len(),
+        config.routes.len()
+    );
+    let Some(pricing) = &config.pricing else { return ExitCode::SUCCESS };
+    let metrics = Arc::new(Metrics::default());
+    match LivePrices::load(&pricing.file, config.required_tools(), chrono::Utc::now(), metrics) {
+        Ok(prices) => {
+            println!("{}: ok (version {})", pricing.file.display(), prices.status().version);
             ExitCode::SUCCESS
         }
         Err(error) => {

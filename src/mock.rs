@@ -100,10 +100,7 @@ impl JournalEntry {
     }
 
     pub fn event_times(&self) -> Vec<Instant> {
-        self.event_times
-            .lock()
-            .map(|t| t.clone())
-            .unwrap_or_default()
+        self.event_times.lock().map(|t| t.clone()).unwrap_or_default()
     }
 }
 
@@ -116,9 +113,7 @@ pub struct Journal {
 
 impl Journal {
     fn record(&self, mut entry: JournalEntry) {
-        entry.seq = self
-            .next_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        entry.seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut entries) = self.entries.lock() {
             if entries.len() == JOURNAL_CAPACITY {
                 entries.pop_front();
@@ -257,11 +252,7 @@ impl MockState {
         let mut entry = JournalEntry {
             seq: 0,
             method: parts.method.to_string(),
-            uri: parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned(),
+            uri: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
             headers: parts
                 .headers
                 .iter()
@@ -336,12 +327,7 @@ impl MockState {
         response
     }
 
-    fn write(
-        &self,
-        reply: Reply,
-        controls: &Controls,
-        mut entry: JournalEntry,
-    ) -> Response<MockBody> {
+    fn write(&self, reply: Reply, controls: &Controls, mut entry: JournalEntry) -> Response<MockBody> {
         match reply {
             Reply::Json(status, value, usage) => {
                 entry.status = status.as_u16();
@@ -462,10 +448,9 @@ impl Body for MockBody {
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<MockBody> {
     let mut response = Response::new(MockBody::Full(Some(Bytes::from(value.to_string()))));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 

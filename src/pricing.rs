@@ -56,12 +56,14 @@
 //! settled with the same version.
 
 mod cost;
+mod live;
 mod problems;
 mod schema;
 mod table;
 mod validate;
 
 pub use cost::{CostError, HoldRequest, ModelPrice, TokenUsage, ToolPrice, COST_SCALE};
+pub use live::{LivePrices, PriceLoadError, PriceStatus};
 pub use problems::{PriceFileErrors, Problem};
 pub use table::{PriceTable, PriceVersion};
 pub use validate::MAX_PRICE_FILE_BYTES;
@@ -69,9 +71,10 @@ pub use validate::MAX_PRICE_FILE_BYTES;
 #[cfg(test)]
 mod tests {
     /// Every source file of this module, read at compile time.
-    const SOURCES: [(&str, &str); 6] = [
+    const SOURCES: [(&str, &str); 7] = [
         ("pricing.rs", include_str!("pricing.rs")),
         ("cost.rs", include_str!("pricing/cost.rs")),
+        ("live.rs", include_str!("pricing/live.rs")),
         ("problems.rs", include_str!("pricing/problems.rs")),
         ("schema.rs", include_str!("pricing/schema.rs")),
         ("table.rs", include_str!("pricing/table.rs")),

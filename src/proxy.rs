@@ -34,18 +34,28 @@ pub use error::{json_error, ErrorClass, ProxyError};
 pub use headers::REQUEST_ID;
 
 use crate::config::{GatewayConfig, Route, Upstream};
+use crate::pricing::LivePrices;
+use crate::telemetry::metrics::{Metrics, RequestLabels};
 use upstream::{UpstreamBody, UpstreamClients};
 
 /// The gateway's request handler, shared by all connections.
 pub struct Proxy {
     config: Arc<GatewayConfig>,
     upstreams: UpstreamClients,
+    /// The price table in force; `None` when every route is pass-through.
+    prices: Option<Arc<LivePrices>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    pub fn new(config: Arc<GatewayConfig>) -> Self {
+    pub fn new(config: Arc<GatewayConfig>, prices: Option<Arc<LivePrices>>, metrics: Arc<Metrics>) -> Self {
         let upstreams = UpstreamClients::new(&config.upstreams);
-        Proxy { config, upstreams }
+        Proxy {
+            config,
+            upstreams,
+            prices,
+            metrics,
+        }
     }
 
     /// Entry point for one request: run the phases, turn any error into the
@@ -57,12 +67,7 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Result<Response<GatewayBody>, Infallible> {
         let request_id = headers::request_id(request.headers());
-        let mut ctx = RequestCtx::new(
-            request_id,
-            peer,
-            request.method().clone(),
-            request.uri().clone(),
-        );
+        let mut ctx = RequestCtx::new(request_id, peer, request.method().clone(), request.uri().clone());
         let span = ctx.span.clone();
         let result = self.run_phases(&mut ctx, request).instrument(span).await;
         let mut response = match result {
@@ -75,9 +80,7 @@ impl Proxy {
             }
         };
         ctx.status = response.status();
-        response
-            .headers_mut()
-            .insert(&REQUEST_ID, ctx.request_id.clone());
+        response.headers_mut().insert(&REQUEST_ID, ctx.request_id.clone());
         response.body_mut().settle_with(self.clone(), ctx);
         Ok(response)
     }
@@ -121,24 +124,19 @@ impl Proxy {
     }
 
     /// Phase: pick the route (and so the upstream) for the request.
-    pub fn route(
-        &self,
-        ctx: &mut RequestCtx,
-        request: &Request<Incoming>,
-    ) -> Result<&Route, ProxyError> {
-        let host = request.uri().host().or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        });
-        let route = self
-            .config
-            .route_for(host, request.uri().path())
-            .ok_or_else(|| ProxyError::RouteNotFound {
-                path: request.uri().path().to_owned(),
-            })?;
+    pub fn route(&self, ctx: &mut RequestCtx, request: &Request<Incoming>) -> Result<&Route, ProxyError> {
+        let host = request
+            .uri()
+            .host()
+            .or_else(|| request.headers().get(header::HOST).and_then(|h| h.to_str().ok()));
+        let route =
+            self.config
+                .route_for(host, request.uri().path())
+                .ok_or_else(|| ProxyError::RouteNotFound {
+                    path: request.uri().path().to_owned(),
+                })?;
         ctx.upstream = Some(route.upstream);
+        ctx.route_prefix = Some(route.prefix.clone());
         Ok(route)
     }
 
@@ -153,11 +151,9 @@ impl Proxy {
         request: Request<Incoming>,
     ) -> Result<Request<UpstreamBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
-        parts.uri = upstream::upstream_uri(upstream, &parts.uri).map_err(|e| {
-            ProxyError::UpstreamFailed {
-                upstream: upstream.name.clone(),
-                reason: format!("cannot build upstream URI: {e}"),
-            }
+        parts.uri = upstream::upstream_uri(upstream, &parts.uri).map_err(|e| ProxyError::UpstreamFailed {
+            upstream: upstream.name.clone(),
+            reason: format!("cannot build upstream URI: {e}"),
         })?;
         parts.version = upstream::upstream_version(upstream);
         let headers = &mut parts.headers;
@@ -210,6 +206,9 @@ impl Proxy {
             .upstream
             .and_then(|i| self.config.upstreams.get(i))
             .map_or("-", |u| u.name.as_str());
+        let route = ctx.route_prefix.clone().unwrap_or_else(|| "none".to_owned());
+        let status = ctx.status.as_u16();
+        self.metrics.requests.get_or_create(&RequestLabels { route, status }).inc();
         let _entered = ctx.span.enter();
         tracing::info!(
             target: "creditgate::access",
@@ -239,9 +238,8 @@ fn log_error(span: &tracing::Span, level: tracing::Level, code: &str, error: &Pr
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<GatewayBody> {
     let mut response = Response::new(GatewayBody::local(value.to_string().into()));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }

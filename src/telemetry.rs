@@ -23,3 +23,85 @@ pub fn init(log: &LogConfig) {
         LogFormat::Text => builder.try_init(),
     };
 }
+
+/// The gateway's Prometheus metrics. Labels are bounded: route prefixes come
+/// from the config, statuses and codes from fixed sets; never org, key or user
+/// ids.
+pub mod metrics {
+    use prometheus_client::encoding::EncodeLabelSet;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::registry::Registry;
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct RequestLabels {
+        pub route: String,
+        pub status: u16,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct ResultLabels {
+        pub result: &'static str,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct VersionLabels {
+        pub version: String,
+    }
+
+    pub struct Metrics {
+        registry: Registry,
+        pub requests: Family<RequestLabels, Counter>,
+        pub price_reloads: Family<ResultLabels, Counter>,
+        pub price_version: Family<VersionLabels, Gauge>,
+    }
+
+    impl Default for Metrics {
+        fn default() -> Self {
+            let mut registry = Registry::with_prefix("creditgate");
+            let requests = Family::<RequestLabels, Counter>::default();
+            registry.register(
+                "requests",
+                "Requests answered, by route prefix and status",
+                requests.clone(),
+            );
+            let price_reloads = Family::<ResultLabels, Counter>::default();
+            registry.register(
+                "price_reloads",
+                "Price table reloads, by result",
+                price_reloads.clone(),
+            );
+            let price_version = Family::<VersionLabels, Gauge>::default();
+            registry.register(
+                "price_table_active",
+                "1 for the price table version in force",
+                price_version.clone(),
+            );
+            Metrics {
+                registry,
+                requests,
+                price_reloads,
+                price_version,
+            }
+        }
+    }
+
+    impl Metrics {
+        /// Record which price table is in force (one series at a time).
+        pub fn set_price_version(&self, version: String) {
+            self.price_version.clear();
+            self.price_version
+                .get_or_create(&VersionLabels { version })
+                .set(1);
+        }
+
+        /// The Prometheus text exposition of every metric.
+        pub fn render(&self) -> String {
+            let mut out = String::new();
+            // Writing into a String cannot fail.
+            let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+            out
+        }
+    }
+}

@@ -35,10 +35,7 @@ async fn unknown_route_is_404() {
     )
     .await;
     assert_error(&reply, 404, "route_not_found");
-    assert!(
-        stack.mock.journal().entries().is_empty(),
-        "nothing was forwarded"
-    );
+    assert!(stack.mock.journal().entries().is_empty(), "nothing was forwarded");
 }
 
 #[tokio::test]
@@ -50,9 +47,7 @@ async fn refused_upstream_is_502() {
         .unwrap();
     let data_dir = tempfile::tempdir().unwrap();
     let config = parse_config(&config_text(port, "", ""), data_dir.path());
-    let gateway = Gateway::start(config, CancellationToken::new())
-        .await
-        .unwrap();
+    let gateway = Gateway::start(config, CancellationToken::new()).await.unwrap();
     let url = format!("http://{}/v1/chat/completions", gateway.proxy_addr());
     let reply = post_json(&url, &serde_json::json!({"model": "mock-gpt"})).await;
     assert_error(&reply, 502, "upstream_unreachable");
@@ -83,10 +78,7 @@ async fn declared_oversized_body_is_413_before_forwarding() {
         .unwrap();
     let reply = send(request).await;
     assert_error(&reply, 413, "body_too_large");
-    assert!(
-        stack.mock.journal().entries().is_empty(),
-        "nothing was forwarded"
-    );
+    assert!(stack.mock.journal().entries().is_empty(), "nothing was forwarded");
 }
 
 #[tokio::test]

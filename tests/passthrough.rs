@@ -62,11 +62,7 @@ async fn every_method_and_body_shape_reaches_the_upstream_unchanged() {
                 .filter(|(k, _)| k == "x-multi")
                 .map(|(_, v)| v.as_str())
                 .collect();
-            assert_eq!(
-                multi,
-                ["first", "second"],
-                "repeated headers keep their order"
-            );
+            assert_eq!(multi, ["first", "second"], "repeated headers keep their order");
             assert!(
                 reply.header("x-request-id").is_some(),
                 "every response has a request id"
@@ -87,9 +83,7 @@ async fn chunked_request_bodies_stream_through() {
     let stack = start().await;
     let mut sender = open_h1(stack.gateway.proxy_addr()).await;
     let (tx, body) = channel_body();
-    let request = Request::post(stack.url("/echo/chunked"))
-        .body(body)
-        .unwrap();
+    let request = Request::post(stack.url("/echo/chunked")).body(body).unwrap();
     let response_future = tokio::spawn(async move { sender.send_request(request).await.unwrap() });
     let mut sent = Vec::new();
     for i in 0..5u8 {
@@ -115,9 +109,7 @@ async fn credentials_are_swapped_in_both_directions() {
         .header("authorization", format!("Bearer {client_key}"))
         .header("x-api-key", client_key)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(
-            r#"{"model":"mock-gpt","max_tokens":5}"#,
-        )))
+        .body(Full::new(Bytes::from(r#"{"model":"mock-gpt","max_tokens":5}"#)))
         .unwrap();
     let reply = send(request).await;
     assert_eq!(reply.status, 200);
@@ -127,11 +119,7 @@ async fn credentials_are_swapped_in_both_directions() {
         Some(format!("Bearer {UPSTREAM_SECRET}").as_str()),
         "upstream gets its own credential"
     );
-    assert_eq!(
-        seen.header("x-api-key"),
-        None,
-        "client's x-api-key is removed"
-    );
+    assert_eq!(seen.header("x-api-key"), None, "client's x-api-key is removed");
     let everything_upstream_saw = format!("{:?}", seen.headers);
     assert!(
         !everything_upstream_saw.contains(client_key),
@@ -253,20 +241,14 @@ async fn large_bodies_stream_both_ways_without_being_held_whole() {
                 .unwrap()
                 .unwrap();
             if let Ok(data) = chunk.into_data() {
-                assert!(
-                    data.iter().all(|&b| b == (i - 1) as u8),
-                    "chunk {i} corrupted"
-                );
+                assert!(data.iter().all(|&b| b == (i - 1) as u8), "chunk {i} corrupted");
                 received += data.len();
             }
         }
         if i < CHUNKS {
-            tx.send(Ok(http_body::Frame::data(Bytes::from(vec![
-                i as u8;
-                CHUNK
-            ]))))
-            .await
-            .unwrap();
+            tx.send(Ok(http_body::Frame::data(Bytes::from(vec![i as u8; CHUNK]))))
+                .await
+                .unwrap();
         }
     }
     drop(tx);

@@ -22,9 +22,7 @@ async fn shutdown_lets_an_in_flight_stream_finish() {
     let mut sender = open_h1(stack.gateway.proxy_addr()).await;
     let request = Request::post(stack.url("/v1/chat/completions"))
         .header("x-mock-pace-ms", "50")
-        .body(creditgate::mock::MockBody::Full(Some(Bytes::from(
-            STREAM_BODY,
-        ))))
+        .body(creditgate::mock::MockBody::Full(Some(Bytes::from(STREAM_BODY))))
         .unwrap();
     let response = sender.send_request(request).await.unwrap();
     let mut body = response.into_body();
@@ -46,9 +44,7 @@ async fn shutdown_lets_an_in_flight_stream_finish() {
         received.ends_with(b"data: [DONE]\n\n"),
         "the in-flight stream ran to its end"
     );
-    let content_events = String::from_utf8_lossy(&received)
-        .matches(r#""tok ""#)
-        .count();
+    let content_events = String::from_utf8_lossy(&received).matches(r#""tok ""#).count();
     assert_eq!(content_events, 8, "every token arrived");
     assert_eq!(drained.await.unwrap(), Drained::All);
 }
@@ -64,10 +60,7 @@ impl Drop for KillOnDrop {
 }
 
 /// Start `creditgate serve` as a real process and return it with its proxy address.
-fn spawn_gateway(
-    config_path: &std::path::Path,
-    data_dir: &std::path::Path,
-) -> (std::process::Child, String) {
+fn spawn_gateway(config_path: &std::path::Path, data_dir: &std::path::Path) -> (std::process::Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
         .args(["serve", "--config"])
         .arg(config_path)
@@ -86,12 +79,7 @@ fn spawn_gateway(
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             if let Some(rest) = line.split("proxy_addr=").nth(1) {
-                let _ = tx.send(
-                    rest.split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned(),
-                );
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
             }
         }
     });
@@ -123,10 +111,7 @@ async fn sigterm_drains_a_stream_and_exits_zero() {
     .unwrap();
     let mut first = [0u8; 64];
     let n = stream.read(&mut first).unwrap();
-    assert!(
-        n > 0 && first.starts_with(b"HTTP/1.1 200"),
-        "stream started"
-    );
+    assert!(n > 0 && first.starts_with(b"HTTP/1.1 200"), "stream started");
 
     let status = Command::new("kill")
         .args(["-TERM", &child.0.id().to_string()])
@@ -155,15 +140,15 @@ fn check_config_accepts_the_examples_and_rejects_a_broken_file() {
         .args(["check-config", "--config", "config/gateway.toml"])
         .output()
         .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
 
     let dir = tempfile::tempdir().unwrap();
     let broken = dir.path().join("broken.toml");
-    std::fs::write(&broken, "[server]\nlisten = \"nope\"\nbogus = 1\n\n[[routes]]\nprefix = \"/v1\"\nupstream = \"ghost\"\n").unwrap();
+    std::fs::write(
+        &broken,
+        "[server]\nlisten = \"nope\"\nbogus = 1\n\n[[routes]]\nprefix = \"/v1\"\nupstream = \"ghost\"\n",
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_creditgate"))
         .args(["check-config", "--config"])
         .arg(&broken)

@@ -96,10 +96,7 @@ pub(crate) fn check_amount(field: &'static str, amount: Decimal) -> Result<(), L
 
 fn check_term(term: &ContractTerm) -> Result<(), LedgerError> {
     term.validate()?;
-    check_amount(
-        "platform_allocation_per_year",
-        term.platform_allocation_per_year,
-    )?;
+    check_amount("platform_allocation_per_year", term.platform_allocation_per_year)?;
     check_amount("seat_allocation", term.seat_allocation()?)
 }
 
@@ -155,12 +152,7 @@ impl Ledger {
 
     /// Creates a user. A Lite user gets a wallet and this month's allowance in
     /// full at once; a Pro user draws on the pool.
-    pub fn create_user(
-        &self,
-        org: OrgId,
-        new: NewUser,
-        now: DateTime<Utc>,
-    ) -> Result<User, LedgerError> {
+    pub fn create_user(&self, org: OrgId, new: NewUser, now: DateTime<Utc>) -> Result<User, LedgerError> {
         let _admin = self.admin.lock();
         let tz = self.org(org).ok_or(LedgerError::UnknownOrg(org))?.time_zone;
         check_amount("lite_monthly_allowance", new.lite_monthly_allowance)?;
@@ -173,8 +165,7 @@ impl Ledger {
                 plan: new.plan,
                 lite_monthly_allowance: new.lite_monthly_allowance,
                 prorate_on_downgrade: new.prorate_on_downgrade,
-                lite_allowance_from: (new.plan == Plan::Lite)
-                    .then(|| YearMonth::containing(tz, now)),
+                lite_allowance_from: (new.plan == Plan::Lite).then(|| YearMonth::containing(tz, now)),
                 limits: new.limits,
                 created_at: now,
             })
@@ -191,12 +182,7 @@ impl Ledger {
     }
 
     /// Changes a user's limits.
-    pub fn set_user_limits(
-        &self,
-        org: OrgId,
-        user: UserId,
-        limits: Limits,
-    ) -> Result<User, LedgerError> {
+    pub fn set_user_limits(&self, org: OrgId, user: UserId, limits: Limits) -> Result<User, LedgerError> {
         limits.validate()?;
         self.update_user(org, user, |user| {
             user.limits = limits;
@@ -289,12 +275,7 @@ impl Ledger {
     }
 
     /// Registers a key for a user or application of `org`.
-    pub fn create_key(
-        &self,
-        org: OrgId,
-        new: NewKey,
-        now: DateTime<Utc>,
-    ) -> Result<ApiKey, LedgerError> {
+    pub fn create_key(&self, org: OrgId, new: NewKey, now: DateTime<Utc>) -> Result<ApiKey, LedgerError> {
         let _admin = self.admin.lock();
         let owner_org = self.owner_org(new.owner)?;
         self.ensure_same_org(org, owner_org, &new.owner.to_string())?;
@@ -329,12 +310,7 @@ impl Ledger {
     }
 
     /// Changes a key's limits.
-    pub fn set_key_limits(
-        &self,
-        org: OrgId,
-        key: KeyId,
-        limits: Limits,
-    ) -> Result<ApiKey, LedgerError> {
+    pub fn set_key_limits(&self, org: OrgId, key: KeyId, limits: Limits) -> Result<ApiKey, LedgerError> {
         limits.validate()?;
         self.update_key(org, key, |key| key.limits = limits)
     }
@@ -378,19 +354,11 @@ impl Ledger {
                 .user(user)
                 .map(|u| u.org)
                 .ok_or(LedgerError::UnknownUser(user)),
-            Owner::App(app) => self
-                .app(app)
-                .map(|a| a.org)
-                .ok_or(LedgerError::UnknownApp(app)),
+            Owner::App(app) => self.app(app).map(|a| a.org).ok_or(LedgerError::UnknownApp(app)),
         }
     }
 
-    fn ensure_same_org(
-        &self,
-        org: OrgId,
-        target_org: OrgId,
-        target: &str,
-    ) -> Result<(), LedgerError> {
+    fn ensure_same_org(&self, org: OrgId, target_org: OrgId, target: &str) -> Result<(), LedgerError> {
         if org == target_org {
             Ok(())
         } else {

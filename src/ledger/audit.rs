@@ -112,11 +112,7 @@ impl Audit {
         AuditReport {
             wallets: self.wallets.len(),
             entries: self.entries,
-            balances: self
-                .wallets
-                .iter()
-                .map(|(id, w)| (*id, w.balance))
-                .collect(),
+            balances: self.wallets.iter().map(|(id, w)| (*id, w.balance)).collect(),
             mismatches: self.mismatches,
         }
     }
@@ -159,11 +155,6 @@ fn lots_problem(entry: &LedgerEntry) -> Option<String> {
         _ => Decimal::ZERO,
     };
     let expected = entry.amount.abs();
-    (touched + overrun != expected || entry.lots.iter().any(|t| t.amount <= Decimal::ZERO)).then(
-        || {
-            format!(
-                "lots touched sum to {touched} (overrun {overrun}) but the amount is {expected}"
-            )
-        },
-    )
+    (touched + overrun != expected || entry.lots.iter().any(|t| t.amount <= Decimal::ZERO))
+        .then(|| format!("lots touched sum to {touched} (overrun {overrun}) but the amount is {expected}"))
 }

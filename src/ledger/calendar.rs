@@ -13,8 +13,7 @@
 //! ("never"), so no date arithmetic here can panic.
 
 use chrono::{
-    DateTime, Datelike, Months, NaiveDate, NaiveDateTime, NaiveTime, Offset, TimeDelta, TimeZone,
-    Utc,
+    DateTime, Datelike, Months, NaiveDate, NaiveDateTime, NaiveTime, Offset, TimeDelta, TimeZone, Utc,
 };
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
@@ -32,13 +31,9 @@ pub fn local_midnight(tz: Tz, date: NaiveDate) -> DateTime<Utc> {
 /// Midnight fell into a spring-forward gap: read it with the offset in force
 /// before the gap, which yields the transition instant itself.
 fn start_of_gap(tz: Tz, naive: NaiveDateTime) -> DateTime<Utc> {
-    let day_before = naive
-        .checked_sub_signed(TimeDelta::days(1))
-        .unwrap_or(naive);
+    let day_before = naive.checked_sub_signed(TimeDelta::days(1)).unwrap_or(naive);
     let offset_before = tz.offset_from_utc_datetime(&day_before).fix();
-    let utc = naive.checked_sub_signed(TimeDelta::seconds(i64::from(
-        offset_before.local_minus_utc(),
-    )));
+    let utc = naive.checked_sub_signed(TimeDelta::seconds(i64::from(offset_before.local_minus_utc())));
     utc.map_or(DateTime::<Utc>::MAX_UTC, |utc| Utc.from_utc_datetime(&utc))
 }
 
@@ -179,11 +174,7 @@ mod tests {
         ];
         for (tz, at, start, end) in cases {
             let month = YearMonth::containing(tz, utc(at));
-            assert_eq!(
-                month.start(tz),
-                utc(start),
-                "start of month of {at} in {tz}"
-            );
+            assert_eq!(month.start(tz), utc(start), "start of month of {at} in {tz}");
             assert_eq!(month.end(tz), utc(end), "end of month of {at} in {tz}");
         }
     }

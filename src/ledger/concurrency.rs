@@ -38,10 +38,7 @@ fn sixty_four_threads_cannot_overspend_one_wallet() {
                 let mut rng = SplitMix(thread);
                 for _ in 0..200 {
                     let held = rng.cents(500);
-                    let context = SpendContext {
-                        key,
-                        end_user: None,
-                    };
+                    let context = SpendContext { key, end_user: None };
                     let Ok(hold) = ledger.hold(pool, request(), held, context, now) else {
                         refused.fetch_add(1, Ordering::Relaxed);
                         continue;
@@ -59,23 +56,16 @@ fn sixty_four_threads_cannot_overspend_one_wallet() {
                     };
                     if actual > held {
                         let cents = ((actual - held) * dec!(100)).trunc();
-                        declared
-                            .fetch_add(u64::try_from(cents.mantissa()).unwrap(), Ordering::Relaxed);
+                        declared.fetch_add(u64::try_from(cents.mantissa()).unwrap(), Ordering::Relaxed);
                     }
                     hold.settle(actual, details(), now).unwrap();
                 }
             });
         }
     });
-    let declared = Decimal::new(
-        i64::try_from(declared_overrun_cents.into_inner()).unwrap(),
-        2,
-    );
+    let declared = Decimal::new(i64::try_from(declared_overrun_cents.into_inner()).unwrap(), 2);
     let view = ledger.balance(pool, now).unwrap();
-    assert!(
-        refused.into_inner() > 0,
-        "the workload must exceed the balance"
-    );
+    assert!(refused.into_inner() > 0, "the workload must exceed the balance");
     assert_eq!(view.held, dec!(0), "every hold ended");
     assert_eq!(
         view.totals.debited,
@@ -115,12 +105,8 @@ fn measure(
                     let id = crate::ledger::ids::RequestId(uuid::Uuid::from_u128(
                         (thread as u128) << 64 | pair as u128,
                     ));
-                    let (wallet, key) =
-                        targets[usize::try_from(rng.below(targets.len() as u64)).unwrap()];
-                    let context = SpendContext {
-                        key,
-                        end_user: None,
-                    };
+                    let (wallet, key) = targets[usize::try_from(rng.below(targets.len() as u64)).unwrap()];
+                    let context = SpendContext { key, end_user: None };
                     let hold = ledger.hold(wallet, id, dec!(0.02), context, now).unwrap();
                     hold.settle(dec!(0.01), details.clone(), now).unwrap();
                 }

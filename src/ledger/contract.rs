@@ -38,9 +38,7 @@ pub enum ContractError {
         years: u32,
     },
     /// An allocation is negative.
-    #[error(
-        "contract allocations must not be negative (platform {platform}, per seat {per_seat})"
-    )]
+    #[error("contract allocations must not be negative (platform {platform}, per seat {per_seat})")]
     NegativeAllocation {
         /// Platform allocation per year.
         platform: Decimal,
@@ -121,9 +119,8 @@ impl ContractTerm {
     }
 
     fn year_bounds(&self, tz: Tz, year: u32) -> (DateTime<Utc>, DateTime<Utc>) {
-        let bound = |k: u32| {
-            add_years(self.start, k).map_or(DateTime::<Utc>::MAX_UTC, |d| local_midnight(tz, d))
-        };
+        let bound =
+            |k: u32| add_years(self.start, k).map_or(DateTime::<Utc>::MAX_UTC, |d| local_midnight(tz, d));
         (bound(year), bound(year.saturating_add(1)))
     }
 }
@@ -191,21 +188,18 @@ impl OrgCalendar {
 
     /// Every contract year of every term, in time order.
     pub fn years(&self) -> impl Iterator<Item = (ContractYear, &ContractTerm)> + '_ {
-        self.terms
-            .iter()
-            .enumerate()
-            .flat_map(move |(index, term)| {
-                (0..term.years).map(move |year| {
-                    let (start, end) = term.year_bounds(self.tz, year);
-                    let year = ContractYear {
-                        term: u32::try_from(index).unwrap_or(u32::MAX),
-                        year,
-                        start,
-                        end,
-                    };
-                    (year, term)
-                })
+        self.terms.iter().enumerate().flat_map(move |(index, term)| {
+            (0..term.years).map(move |year| {
+                let (start, end) = term.year_bounds(self.tz, year);
+                let year = ContractYear {
+                    term: u32::try_from(index).unwrap_or(u32::MAX),
+                    year,
+                    start,
+                    end,
+                };
+                (year, term)
             })
+        })
     }
 
     /// End of the term in force at `at` (purchases expire then).
@@ -249,10 +243,7 @@ mod tests {
             .unwrap()
             .with_term(term("2029-03-01", 1))
             .unwrap();
-        let starts: Vec<String> = calendar
-            .years()
-            .map(|(y, _)| y.start.to_rfc3339())
-            .collect();
+        let starts: Vec<String> = calendar.years().map(|(y, _)| y.start.to_rfc3339()).collect();
         assert_eq!(
             starts,
             [

@@ -60,7 +60,9 @@ pub enum LedgerError {
     #[error(transparent)]
     Limit(#[from] LimitError),
     /// A purchase without an explicit expiry when no contract term is in force.
-    #[error("organization {org} has no contract term in force at {at}; give the purchase an explicit expiry")]
+    #[error(
+        "organization {org} has no contract term in force at {at}; give the purchase an explicit expiry"
+    )]
     NoContractInForce {
         /// The organization.
         org: OrgId,

@@ -101,10 +101,7 @@ fn purchase_difference(first: &PurchaseRequest, again: &PurchaseRequest) -> Opti
     .find_map(|(field, differs)| differs.then_some(field))
 }
 
-fn adjustment_difference(
-    first: &AdjustmentRequest,
-    again: &AdjustmentRequest,
-) -> Option<&'static str> {
+fn adjustment_difference(first: &AdjustmentRequest, again: &AdjustmentRequest) -> Option<&'static str> {
     [
         ("wallet", first.wallet != again.wallet),
         ("amount", first.amount != again.amount),
@@ -143,9 +140,7 @@ impl Ledger {
                     Some(field) => Err(conflict(&request.idempotency_key, field)),
                 }
             }
-            Some(Replay::Adjustment(..)) => {
-                return Err(conflict(&request.idempotency_key, "operation"))
-            }
+            Some(Replay::Adjustment(..)) => return Err(conflict(&request.idempotency_key, "operation")),
             None => {}
         }
         if request.amount <= Decimal::ZERO {
@@ -157,9 +152,7 @@ impl Ledger {
         }
         check_amount("amount", request.amount)?;
         let wallet = WalletId::Pool(request.org);
-        let cell = self
-            .cell(wallet)
-            .ok_or(LedgerError::UnknownOrg(request.org))?;
+        let cell = self.cell(wallet).ok_or(LedgerError::UnknownOrg(request.org))?;
         let mut state = cell.state.lock();
         let now = state.advance(now, &self.shared.committer);
         let expires_at = match request.expires_at {
@@ -214,9 +207,7 @@ impl Ledger {
                     Some(field) => Err(conflict(&request.idempotency_key, field)),
                 }
             }
-            Some(Replay::Purchase(..)) => {
-                return Err(conflict(&request.idempotency_key, "operation"))
-            }
+            Some(Replay::Purchase(..)) => return Err(conflict(&request.idempotency_key, "operation")),
             None => {}
         }
         self.ensure_wallet_in(request.org, request.wallet)?;
@@ -258,10 +249,7 @@ impl Ledger {
                     });
                 }
                 let (entry, overrun) = state.draw(&self.shared.committer, now, required, |_| kind);
-                assert!(
-                    overrun.is_zero(),
-                    "negative adjustment overran a checked balance"
-                );
+                assert!(overrun.is_zero(), "negative adjustment overran a checked balance");
                 (entry, None)
             }
         };

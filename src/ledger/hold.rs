@@ -154,14 +154,7 @@ impl Hold {
             held: self.amount,
             payer: self.payer,
         };
-        settle_in(
-            &self.cell,
-            self.request_id,
-            actual_cost,
-            details,
-            now,
-            Some(late),
-        )
+        settle_in(&self.cell, self.request_id, actual_cost, details, now, Some(late))
     }
 
     /// Ends the hold without a debit (the request was never forwarded, or
@@ -196,10 +189,10 @@ pub(crate) fn settle_in(
     if actual_cost < Decimal::ZERO {
         return Err(SettleError::InvalidCost { cost: actual_cost });
     }
-    let settled =
-        cell.state
-            .lock()
-            .settle(&cell.shared, request_id, actual_cost, details, now, late)?;
+    let settled = cell
+        .state
+        .lock()
+        .settle(&cell.shared, request_id, actual_cost, details, now, late)?;
     cell.shared.committer.check().map_err(unavailable)?;
     Ok(settled)
 }
@@ -241,10 +234,7 @@ impl OpenHolds {
 
     pub fn insert(&mut self, request_id: RequestId, hold: OpenHold) {
         let expires_at = hold.expires_at;
-        self.earliest_expiry = Some(
-            self.earliest_expiry
-                .map_or(expires_at, |at| at.min(expires_at)),
-        );
+        self.earliest_expiry = Some(self.earliest_expiry.map_or(expires_at, |at| at.min(expires_at)));
         let previous = self.by_request.insert(request_id, hold);
         assert!(
             previous.is_none(),
@@ -352,13 +342,7 @@ impl WalletState {
             end_user: args.end_user,
         };
         self.payers
-            .check(
-                spender,
-                args.amount,
-                &ends,
-                now,
-                config.max_end_users_per_app,
-            )
+            .check(spender, args.amount, &ends, now, config.max_end_users_per_app)
             .map_err(|refusal| {
                 self.payer_refusal(refusal, owner, args.amount, config.max_end_users_per_app)
             })?;

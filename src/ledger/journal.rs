@@ -133,8 +133,7 @@ impl Committer {
     /// The next sequence number. Relaxed is enough: callers assign and
     /// append inside the lock that orders dependent records.
     pub fn next_seq(&self) -> u64 {
-        self.next_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Moves the next sequence number past `seq` (after a replay).
@@ -162,9 +161,7 @@ impl Committer {
 
     /// The first journal failure, if any.
     pub fn check(&self) -> Result<(), JournalError> {
-        self.failure
-            .get()
-            .map_or(Ok(()), |error| Err(error.clone()))
+        self.failure.get().map_or(Ok(()), |error| Err(error.clone()))
     }
 }
 

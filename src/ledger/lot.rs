@@ -151,9 +151,7 @@ impl Lots {
         );
         self.total += lot.remaining;
         let key = lot.order_key();
-        let at = self
-            .lots
-            .partition_point(|existing| existing.order_key() < key);
+        let at = self.lots.partition_point(|existing| existing.order_key() < key);
         self.lots.insert(at, lot);
     }
 
@@ -247,12 +245,7 @@ mod tests {
         let mut lots = Lots::default();
         lots.insert(lot(1, LotOrigin::Adjustment, dec!(1), year_end));
         lots.insert(lot(2, LotOrigin::Purchase, dec!(1), year_end));
-        lots.insert(lot(
-            3,
-            LotOrigin::Seat { term: 0, year: 0 },
-            dec!(1),
-            year_end,
-        ));
+        lots.insert(lot(3, LotOrigin::Seat { term: 0, year: 0 }, dec!(1), year_end));
         lots.insert(lot(
             4,
             LotOrigin::Platform { term: 0, year: 0 },
@@ -260,12 +253,7 @@ mod tests {
             year_end,
         ));
         lots.insert(lot(5, LotOrigin::Purchase, dec!(1), year_end));
-        lots.insert(lot(
-            6,
-            LotOrigin::Adjustment,
-            dec!(1),
-            "2027-06-01T00:00:00Z",
-        ));
+        lots.insert(lot(6, LotOrigin::Adjustment, dec!(1), "2027-06-01T00:00:00Z"));
         let mut touches = Vec::new();
         let shortfall = lots.draw(dec!(6.5), &mut touches);
         let order: Vec<u64> = touches.iter().map(|t| t.lot.0).collect();
@@ -278,12 +266,7 @@ mod tests {
     fn partial_draw_keeps_the_lot() {
         // Proves a draw that leaves a lot non-empty keeps it first in line with the remainder.
         let mut lots = Lots::default();
-        lots.insert(lot(
-            1,
-            LotOrigin::Purchase,
-            dec!(10),
-            "2028-01-01T00:00:00Z",
-        ));
+        lots.insert(lot(1, LotOrigin::Purchase, dec!(10), "2028-01-01T00:00:00Z"));
         let mut touches = Vec::new();
         assert_eq!(lots.draw(dec!(2.25), &mut touches), dec!(0));
         assert_eq!(lots.total(), dec!(7.75));

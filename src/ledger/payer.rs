@@ -206,12 +206,7 @@ impl Payers {
 
     /// Applies `apply` to every counter the spender draws on; only tracks a
     /// new end user when `create` (a hold or debit), never on a take-back.
-    fn each_spend(
-        &mut self,
-        spender: Spender<'_>,
-        create: bool,
-        mut apply: impl FnMut(&mut Spend),
-    ) {
+    fn each_spend(&mut self, spender: Spender<'_>, create: bool, mut apply: impl FnMut(&mut Spend)) {
         if let Some(key) = self.keys.get_mut(&spender.key) {
             if !key.limits.is_empty() {
                 apply(&mut key.spend);

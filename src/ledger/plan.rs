@@ -106,12 +106,7 @@ mod tests {
             // Leap February: 1 day left of 29.
             (dec!(29), "2028-02-29T00:00:00Z", Tz::UTC, dec!(1.00)),
             // New York March 2028 has 743 hours (DST); 24h left -> 100*24/743 = 3.230..
-            (
-                dec!(100),
-                "2028-04-01T03:59:59Z",
-                Tz::America__New_York,
-                dec!(0),
-            ),
+            (dec!(100), "2028-04-01T03:59:59Z", Tz::America__New_York, dec!(0)),
             (
                 dec!(100),
                 "2028-03-31T04:00:00Z",

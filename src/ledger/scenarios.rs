@@ -14,8 +14,7 @@ use crate::ledger::limit::{LimitPeriod, LimitSubject, Limits};
 use crate::ledger::lot::{LotKind, LotOrigin};
 use crate::ledger::testkit::*;
 use crate::ledger::{
-    AdjustmentRequest, LedgerConfig, LedgerError, NewApp, PurchaseRequest, Refusal, SettleError,
-    SpendContext,
+    AdjustmentRequest, LedgerConfig, LedgerError, NewApp, PurchaseRequest, Refusal, SettleError, SpendContext,
 };
 
 fn local(tz: Tz, text: &str) -> DateTime<Utc> {
@@ -27,10 +26,7 @@ fn local(tz: Tz, text: &str) -> DateTime<Utc> {
 }
 
 fn ctx(key: crate::ledger::ids::KeyId) -> SpendContext<'static> {
-    SpendContext {
-        key,
-        end_user: None,
-    }
+    SpendContext { key, end_user: None }
 }
 
 /// Holds and settles `cost` on `wallet` with `key`.
@@ -45,9 +41,7 @@ fn spend(
     hold.settle(cost, details(), now).unwrap();
 }
 
-fn write_offs(
-    journal: &crate::ledger::journal::MemoryJournal,
-) -> Vec<(WalletId, Decimal, WriteOffReason)> {
+fn write_offs(journal: &crate::ledger::journal::MemoryJournal) -> Vec<(WalletId, Decimal, WriteOffReason)> {
     entries(journal)
         .into_iter()
         .filter_map(|e| match e.kind {
@@ -70,37 +64,21 @@ fn lite_allowance_turns_over_at_local_month_ends() {
         let wallet = WalletId::Lite(user);
         spend(&ledger, wallet, key, dec!(3), created);
         let steps = [
-            (
-                "2028-01-31 23:59:59",
-                dec!(7),
-                YearMonth {
-                    year: 2028,
-                    month: 1,
-                },
-            ),
+            ("2028-01-31 23:59:59", dec!(7), YearMonth { year: 2028, month: 1 }),
             (
                 "2028-02-01 00:00:00",
                 dec!(10),
-                YearMonth {
-                    year: 2028,
-                    month: 2,
-                },
+                YearMonth { year: 2028, month: 2 },
             ),
             (
                 "2028-02-29 23:59:59",
                 dec!(10),
-                YearMonth {
-                    year: 2028,
-                    month: 2,
-                },
+                YearMonth { year: 2028, month: 2 },
             ),
             (
                 "2028-03-01 00:00:00",
                 dec!(10),
-                YearMonth {
-                    year: 2028,
-                    month: 3,
-                },
+                YearMonth { year: 2028, month: 3 },
             ),
         ];
         for (when, balance, month) in steps {
@@ -109,11 +87,7 @@ fn lite_allowance_turns_over_at_local_month_ends() {
             assert_eq!(view.balance, balance, "{tz} at {when}");
             assert_eq!(view.lots.len(), 1, "{tz} at {when}: one live lot");
             let lot = &view.lots[0];
-            assert_eq!(
-                lot.origin,
-                LotOrigin::LiteMonthly { month },
-                "{tz} at {when}"
-            );
+            assert_eq!(lot.origin, LotOrigin::LiteMonthly { month }, "{tz} at {when}");
             assert_eq!(
                 lot.expires_at,
                 month.end(tz),
@@ -181,11 +155,7 @@ fn contract_years_grant_expire_and_renew() {
     ];
     for (when, balance, lots) in steps {
         let view = ledger.balance(pool, local(tz, when)).unwrap();
-        assert_eq!(
-            (view.balance, view.lots.len()),
-            (balance, lots),
-            "at {when}"
-        );
+        assert_eq!((view.balance, view.lots.len()), (balance, lots), "at {when}");
     }
     let overlap = ledger.renew_contract(
         org,
@@ -210,9 +180,7 @@ fn contract_years_grant_expire_and_renew() {
             .balance,
         dec!(0)
     );
-    let renewed = ledger
-        .balance(pool, local(tz, "2029-04-01 00:00:00"))
-        .unwrap();
+    let renewed = ledger.balance(pool, local(tz, "2029-04-01 00:00:00")).unwrap();
     assert_eq!(
         renewed.balance,
         dec!(2050),
@@ -286,10 +254,7 @@ fn debits_consume_soonest_expiry_then_kind_then_age() {
         .find(|l| l.origin.kind() == LotKind::Seat)
         .unwrap()
         .id;
-    assert_eq!(
-        order,
-        [adjusted, platform, seat, bought_year_end, bought_late]
-    );
+    assert_eq!(order, [adjusted, platform, seat, bought_year_end, bought_late]);
     // Each step drains exactly one lot, in that order.
     for (step, lot) in order.iter().enumerate() {
         spend(&ledger, pool, key, dec!(10), now);
@@ -321,14 +286,9 @@ fn upgrade_writes_off_lite_and_moves_to_pool() {
         write_offs(&journal),
         [(lite, dec!(-30), WriteOffReason::Upgraded)]
     );
-    let secret_wallet = ledger
-        .resolve_key(&ledger.key(key).unwrap().hash)
-        .unwrap()
-        .wallet;
+    let secret_wallet = ledger.resolve_key(&ledger.key(key).unwrap().hash).unwrap().wallet;
     assert_eq!(secret_wallet, WalletId::Pool(org));
-    let refused = ledger
-        .hold(lite, request(), dec!(1), ctx(key), now)
-        .unwrap_err();
+    let refused = ledger.hold(lite, request(), dec!(1), ctx(key), now).unwrap_err();
     assert_eq!(refused.code(), "not_a_payer");
     spend(&ledger, WalletId::Pool(org), key, dec!(5), now);
     assert_eq!(
@@ -337,10 +297,7 @@ fn upgrade_writes_off_lite_and_moves_to_pool() {
     );
     // No more monthly grants while on Pro.
     assert_eq!(
-        ledger
-            .balance(lite, at("2027-07-01T00:00:00Z"))
-            .unwrap()
-            .balance,
+        ledger.balance(lite, at("2027-07-01T00:00:00Z")).unwrap().balance,
         dec!(0)
     );
     assert_verified(&ledger, &journal);
@@ -360,17 +317,12 @@ fn downgrade_grants_from_next_first_or_pro_rated() {
         let now = at(now);
         let org = org(&ledger, tz, None, now);
         let user = user(&ledger, org, Plan::Pro, dec!(30), now);
-        ledger
-            .set_lite_allowance(org, user, dec!(30), prorate)
-            .unwrap();
+        ledger.set_lite_allowance(org, user, dec!(30), prorate).unwrap();
         let key = key(&ledger, org, Owner::User(user), Limits::NONE, now);
         ledger.set_user_plan(org, user, Plan::Lite, now).unwrap();
         let lite = WalletId::Lite(user);
         assert_eq!(
-            ledger
-                .resolve_key(&ledger.key(key).unwrap().hash)
-                .unwrap()
-                .wallet,
+            ledger.resolve_key(&ledger.key(key).unwrap().hash).unwrap().wallet,
             lite
         );
         assert_eq!(
@@ -378,16 +330,9 @@ fn downgrade_grants_from_next_first_or_pro_rated() {
             expected_now,
             "prorate {prorate} at {now}"
         );
-        let may = YearMonth {
-            year: 2027,
-            month: 5,
-        }
-        .start(tz);
+        let may = YearMonth { year: 2027, month: 5 }.start(tz);
         assert_eq!(
-            ledger
-                .balance(lite, may - TimeDelta::seconds(1))
-                .unwrap()
-                .balance,
+            ledger.balance(lite, may - TimeDelta::seconds(1)).unwrap().balance,
             expected_now
         );
         assert_eq!(
@@ -571,10 +516,7 @@ fn nothing_crosses_organizations() {
         .hold(WalletId::Pool(b), request(), dec!(1), ctx(a_key), now)
         .unwrap_err();
     assert_eq!(refused.code(), "not_a_payer");
-    assert_eq!(
-        ledger.balance(WalletId::Pool(b), now).unwrap().balance,
-        dec!(100)
-    );
+    assert_eq!(ledger.balance(WalletId::Pool(b), now).unwrap().balance, dec!(100));
     assert_verified(&ledger, &journal);
 }
 
@@ -681,13 +623,8 @@ fn each_spending_limit_refuses_and_resets() {
             .settle(dec!(6), details(), now)
             .unwrap();
         let open = ledger.hold(pool, request(), dec!(3), context, now).unwrap();
-        let refused = ledger
-            .hold(pool, request(), dec!(2), context, now)
-            .unwrap_err();
-        let Refusal::SpendingLimit {
-            limit, required, ..
-        } = refused
-        else {
+        let refused = ledger.hold(pool, request(), dec!(2), context, now).unwrap_err();
+        let Refusal::SpendingLimit { limit, required, .. } = refused else {
             panic!(
                 "{}: expected a spending-limit refusal, got {refused:?}",
                 case.name
@@ -707,17 +644,8 @@ fn each_spending_limit_refuses_and_resets() {
             }
             LimitSubject::User(_) => false,
         };
-        assert!(
-            subject_ok,
-            "{}: refusal names {:?}",
-            case.name, limit.subject
-        );
-        assert_eq!(
-            limit.resets_at,
-            Some(local(tz, case.reset)),
-            "{}",
-            case.name
-        );
+        assert!(subject_ok, "{}: refusal names {:?}", case.name, limit.subject);
+        assert_eq!(limit.resets_at, Some(local(tz, case.reset)), "{}", case.name);
         if case.on_end_user {
             let other = SpendContext {
                 key,
@@ -742,9 +670,7 @@ fn each_spending_limit_refuses_and_resets() {
             .settle(dec!(3), details(), before)
             .unwrap();
         assert!(
-            ledger
-                .hold(pool, request(), dec!(1), context, before)
-                .is_err(),
+            ledger.hold(pool, request(), dec!(1), context, before).is_err(),
             "{}: still capped",
             case.name
         );
@@ -782,17 +708,13 @@ fn per_request_and_user_caps_refuse() {
     let k1 = key(&ledger, org, Owner::User(user), Limits::NONE, now);
     let k2 = key(&ledger, org, Owner::User(user), Limits::NONE, now);
     let pool = WalletId::Pool(org);
-    let refused = ledger
-        .hold(pool, request(), dec!(9), ctx(k1), now)
-        .unwrap_err();
+    let refused = ledger.hold(pool, request(), dec!(9), ctx(k1), now).unwrap_err();
     assert!(
         matches!(refused, Refusal::SpendingLimit { ref limit, .. } if limit.period == LimitPeriod::Request && limit.resets_at.is_none())
     );
     spend(&ledger, pool, k1, dec!(8), now);
     spend(&ledger, pool, k2, dec!(8), now);
-    let refused = ledger
-        .hold(pool, request(), dec!(5), ctx(k2), now)
-        .unwrap_err();
+    let refused = ledger.hold(pool, request(), dec!(5), ctx(k2), now).unwrap_err();
     assert!(
         matches!(refused, Refusal::SpendingLimit { ref limit, .. } if limit.subject == LimitSubject::User(user) && limit.period == LimitPeriod::Month)
     );
@@ -813,17 +735,13 @@ fn holds_reserve_and_settles_debit_real_cost() {
     let user = user(&ledger, org, Plan::Pro, dec!(0), now);
     let key = key(&ledger, org, Owner::User(user), Limits::NONE, now);
     let pool = WalletId::Pool(org);
-    let first = ledger
-        .hold(pool, request(), dec!(6), ctx(key), now)
-        .unwrap();
+    let first = ledger.hold(pool, request(), dec!(6), ctx(key), now).unwrap();
     let view = ledger.balance(pool, now).unwrap();
     assert_eq!(
         (view.balance, view.available, view.held),
         (dec!(10), dec!(4), dec!(6))
     );
-    let refused = ledger
-        .hold(pool, request(), dec!(5), ctx(key), now)
-        .unwrap_err();
+    let refused = ledger.hold(pool, request(), dec!(5), ctx(key), now).unwrap_err();
     let Refusal::InsufficientFunds { wallet, required } = refused else {
         panic!("{refused:?}")
     };
@@ -831,9 +749,7 @@ fn holds_reserve_and_settles_debit_real_cost() {
         (wallet.balance, wallet.available, required, wallet.resets_at),
         (dec!(10), dec!(4), dec!(5), None)
     );
-    let second = ledger
-        .hold(pool, request(), dec!(4), ctx(key), now)
-        .unwrap();
+    let second = ledger.hold(pool, request(), dec!(4), ctx(key), now).unwrap();
     let second_id = second.request_id();
     let settled = first.settle(dec!(9), details(), now).unwrap();
     assert_eq!(
@@ -859,9 +775,7 @@ fn holds_reserve_and_settles_debit_real_cost() {
         .hold(pool, request(), dec!(0.01), ctx(key), now)
         .unwrap_err();
     assert_eq!(refused.code(), "insufficient_funds");
-    let dup = ledger
-        .hold(pool, second_id, dec!(0), ctx(key), now)
-        .unwrap_err();
+    let dup = ledger.hold(pool, second_id, dec!(0), ctx(key), now).unwrap_err();
     assert_eq!(dup.code(), "duplicate_request");
     // A purchase pays the overrun back first.
     ledger
@@ -907,19 +821,10 @@ fn holds_expire_after_their_ttl() {
     let user = user(&ledger, org, Plan::Pro, dec!(0), now);
     let key = key(&ledger, org, Owner::User(user), Limits::NONE, now);
     let pool = WalletId::Pool(org);
-    let late = ledger
-        .hold(pool, request(), dec!(4), ctx(key), now)
-        .unwrap();
-    let zero = ledger
-        .hold(pool, request(), dec!(4), ctx(key), now)
-        .unwrap();
-    let refused = ledger
-        .hold(pool, request(), dec!(1), ctx(key), now)
-        .unwrap_err();
-    assert!(matches!(
-        refused,
-        Refusal::TooManyOpenHolds { limit: 2, .. }
-    ));
+    let late = ledger.hold(pool, request(), dec!(4), ctx(key), now).unwrap();
+    let zero = ledger.hold(pool, request(), dec!(4), ctx(key), now).unwrap();
+    let refused = ledger.hold(pool, request(), dec!(1), ctx(key), now).unwrap_err();
+    assert!(matches!(refused, Refusal::TooManyOpenHolds { limit: 2, .. }));
     let entries_before = entries(&journal).len();
     assert_eq!(zero.settle(dec!(0), details(), now).unwrap().entry, None);
     assert_eq!(

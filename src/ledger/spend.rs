@@ -114,9 +114,7 @@ impl Ledger {
         details: SettleDetails,
         now: DateTime<Utc>,
     ) -> Result<Settlement, SettleError> {
-        let cell = self
-            .cell(wallet)
-            .ok_or(SettleError::UnknownWallet { wallet })?;
+        let cell = self.cell(wallet).ok_or(SettleError::UnknownWallet { wallet })?;
         hold::settle_in(&cell, request_id, actual_cost, details, now, None)
     }
 
@@ -148,9 +146,6 @@ impl Ledger {
 
     /// The wallets, copied out so no map guard is held while they are locked.
     fn all_cells(&self) -> Vec<Arc<crate::ledger::wallet::WalletCell>> {
-        self.wallets
-            .iter()
-            .map(|cell| Arc::clone(cell.value()))
-            .collect()
+        self.wallets.iter().map(|cell| Arc::clone(cell.value())).collect()
     }
 }

@@ -33,13 +33,7 @@ pub fn ledger_with(config: LedgerConfig) -> (Ledger, Arc<MemoryJournal>) {
 }
 
 /// A contract term.
-pub fn term(
-    start: &str,
-    years: u32,
-    platform: Decimal,
-    seats: u32,
-    per_seat: Decimal,
-) -> ContractTerm {
+pub fn term(start: &str, years: u32, platform: Decimal, seats: u32, per_seat: Decimal) -> ContractTerm {
     ContractTerm {
         start: start.parse().unwrap(),
         years,
@@ -60,13 +54,7 @@ pub fn org(ledger: &Ledger, tz: Tz, contract: Option<ContractTerm>, now: DateTim
 }
 
 /// A user on `plan`.
-pub fn user(
-    ledger: &Ledger,
-    org: OrgId,
-    plan: Plan,
-    allowance: Decimal,
-    now: DateTime<Utc>,
-) -> UserId {
+pub fn user(ledger: &Ledger, org: OrgId, plan: Plan, allowance: Decimal, now: DateTime<Utc>) -> UserId {
     let new = NewUser {
         name: "ada".into(),
         plan,

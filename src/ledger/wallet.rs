@@ -113,12 +113,7 @@ pub(crate) struct WalletState {
 }
 
 impl WalletState {
-    pub fn new(
-        id: WalletId,
-        org: OrgId,
-        calendar: OrgCalendar,
-        lite: Option<LiteSchedule>,
-    ) -> Self {
+    pub fn new(id: WalletId, org: OrgId, calendar: OrgCalendar, lite: Option<LiteSchedule>) -> Self {
         WalletState {
             id,
             org,
@@ -340,13 +335,7 @@ impl WalletState {
         id
     }
 
-    fn add_lot(
-        &mut self,
-        id: EntryId,
-        kind: &EntryKind,
-        amount: Decimal,
-        effective_at: DateTime<Utc>,
-    ) {
+    fn add_lot(&mut self, id: EntryId, kind: &EntryKind, amount: Decimal, effective_at: DateTime<Utc>) {
         let Some((origin, expires_at)) = kind.created_lot() else {
             unreachable!("entry {id} credits a lot but creates none");
         };
@@ -534,7 +523,6 @@ impl WalletState {
 
     /// When a hold taken at `now` expires.
     pub fn hold_ttl_expiry(now: DateTime<Utc>, ttl: TimeDelta) -> DateTime<Utc> {
-        now.checked_add_signed(ttl)
-            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+        now.checked_add_signed(ttl).unwrap_or(DateTime::<Utc>::MAX_UTC)
     }
 }

@@ -4,9 +4,7 @@
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::{
-    JournalEntry, MockUsage, Reply, DEFAULT_MAX_TOKENS, DEFAULT_TOOL_UNITS, MAX_TOOL_UNITS,
-};
+use super::{JournalEntry, MockUsage, Reply, DEFAULT_MAX_TOKENS, DEFAULT_TOOL_UNITS, MAX_TOOL_UNITS};
 
 /// Fixed timestamp so responses are byte-for-byte reproducible.
 const CREATED: u64 = 1_700_000_000;
@@ -21,8 +19,7 @@ struct ModelRequest {
 
 impl ModelRequest {
     fn parse(body: &[u8], has_output: bool) -> Result<ModelRequest, String> {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+        let value: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
         let model = value
             .get("model")
             .and_then(Value::as_str)
@@ -40,10 +37,7 @@ impl ModelRequest {
         };
         Ok(ModelRequest {
             model,
-            stream: value
-                .get("stream")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            stream: value.get("stream").and_then(Value::as_bool).unwrap_or(false),
             include_usage: value
                 .pointer("/stream_options/include_usage")
                 .and_then(Value::as_bool)
@@ -83,8 +77,7 @@ pub(crate) fn answer(is_post: bool, path: &str, body: &[u8], entry: &mut Journal
 }
 
 pub(crate) fn error(status: StatusCode, message: &str) -> Reply {
-    let body =
-        json!({"error": {"type": "mock_error", "code": status.as_u16(), "message": message}});
+    let body = json!({"error": {"type": "mock_error", "code": status.as_u16(), "message": message}});
     Reply::Json(status, body, None)
 }
 
@@ -115,10 +108,7 @@ fn chat_stream(request: &ModelRequest) -> Reply {
         }
         format!("data: {c}\n\n")
     };
-    let mut events = vec![chunk(
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-    )];
+    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
     for _ in 0..u.output_tokens {
         events.push(chunk(json!({"content": "tok "}), Value::Null));
     }
@@ -181,7 +171,10 @@ fn messages_stream(request: &ModelRequest) -> Reply {
                         "usage": {"input_tokens": u.input_tokens, "output_tokens": 1}},
         }),
     )];
-    events.push(event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})));
+    events.push(event(
+        "content_block_start",
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ));
     events.push(event("ping", json!({"type": "ping"})));
     for _ in 0..u.output_tokens {
         events.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "tok "}})));

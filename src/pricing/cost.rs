@@ -247,9 +247,7 @@ mod tests {
             ("0.001001", 1, "0.000000002"), // 1.001e-9 rounds up
         ];
         for (price, tokens, want) in cases {
-            let got = model(price, price, "0", "0")
-                .cost(&usage(tokens, 0, 0))
-                .unwrap();
+            let got = model(price, price, "0", "0").cost(&usage(tokens, 0, 0)).unwrap();
             assert_eq!(got.to_string(), want, "{tokens} tokens at {price}/Mtok");
             assert_eq!(got.scale(), COST_SCALE, "every cost has 9 decimal places");
         }

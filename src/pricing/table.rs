@@ -167,9 +167,7 @@ mod tests {
     }
 
     fn instant(text: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(text)
-            .unwrap()
-            .with_timezone(&Utc)
+        DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
     }
 
     fn now() -> DateTime<Utc> {
@@ -223,10 +221,7 @@ mod tests {
             version.content_hash.bytes().all(|b| b.is_ascii_hexdigit()),
             "{version}"
         );
-        assert_eq!(
-            version.to_string(),
-            format!("2025-11@{}", version.content_hash)
-        );
+        assert_eq!(version.to_string(), format!("2025-11@{}", version.content_hash));
     }
 
     #[test]
@@ -235,11 +230,7 @@ mod tests {
         assert_eq!(content_hash(""), "e3b0c44298fc");
         let edited = format!("{EXAMPLE}\n# a comment changes the bytes\n");
         let edited = PriceTable::parse("p.toml", &edited).unwrap();
-        assert_ne!(
-            edited.version(),
-            example().version(),
-            "any edit is a new version"
-        );
+        assert_ne!(edited.version(), example().version(), "any edit is a new version");
     }
 
     #[test]
@@ -249,10 +240,7 @@ mod tests {
         assert_eq!(by_alias, table.model("gpt-4o", now()), "same prices");
         assert_eq!(table.canonical_model("gpt-4o-2024-08-06"), Some("gpt-4o"));
         assert_eq!(table.canonical_model("gpt-4o"), Some("gpt-4o"));
-        assert!(
-            table.has_model("claude-sonnet-4-20250514"),
-            "Anthropic alias"
-        );
+        assert!(table.has_model("claude-sonnet-4-20250514"), "Anthropic alias");
     }
 
     #[test]
@@ -263,10 +251,7 @@ mod tests {
         assert!(!table.has_model(" gpt-4o"), "names are not trimmed");
         assert_eq!(table.tool("web-search-pro", now()), None);
         assert!(!table.has_tool("gpt-4o"), "models and tools are separate");
-        assert!(
-            !table.has_model("web-search"),
-            "tools and models are separate"
-        );
+        assert!(!table.has_model("web-search"), "tools and models are separate");
     }
 
     #[test]
@@ -277,17 +262,9 @@ mod tests {
         let old = table.model("mock-gpt", before).unwrap();
         let new = table.model("mock-gpt", switch).unwrap();
         assert_eq!(old.input_per_mtok(), dec("1"), "one ns before: old price");
-        assert_eq!(
-            new.input_per_mtok(),
-            dec("1.5"),
-            "at the instant: new price"
-        );
+        assert_eq!(new.input_per_mtok(), dec("1.5"), "at the instant: new price");
         assert_eq!(new.output_per_mtok(), dec("3"));
-        assert_eq!(
-            new.cached_input_per_mtok(),
-            dec("0.5"),
-            "unset prices carry over"
-        );
+        assert_eq!(new.cached_input_per_mtok(), dec("0.5"), "unset prices carry over");
         assert_eq!(new.per_request(), dec("0.0001"), "unset fees carry over");
         assert_eq!(table.model("mock-gpt", DateTime::<Utc>::MIN_UTC), Some(old));
         assert_eq!(table.model("mock-gpt", DateTime::<Utc>::MAX_UTC), Some(new));
@@ -303,11 +280,7 @@ mod tests {
         );
         let table = PriceTable::parse("p.toml", text).unwrap();
         let per_call = |at: &str| table.tool("t", instant(at)).unwrap().per_call();
-        assert_eq!(
-            per_call("2025-06-01T00:00:00Z"),
-            dec("1"),
-            "base before all"
-        );
+        assert_eq!(per_call("2025-06-01T00:00:00Z"), dec("1"), "base before all");
         assert_eq!(per_call("2026-06-01T00:00:00Z"), dec("2"), "first change");
         assert_eq!(per_call("2027-06-01T00:00:00Z"), dec("3"), "second change");
     }
@@ -321,11 +294,7 @@ mod tests {
         );
         let table = PriceTable::parse("p.toml", text).unwrap();
         let later = table.model("m", instant("2026-06-01T00:00:00Z")).unwrap();
-        assert_eq!(
-            later.cached_input_per_mtok(),
-            dec("2"),
-            "cached = input in force"
-        );
+        assert_eq!(later.cached_input_per_mtok(), dec("2"), "cached = input in force");
         assert_eq!(later.output_per_mtok(), dec("0"), "an unset price is zero");
     }
 

@@ -11,8 +11,7 @@ use toml::{Spanned, Value};
 use super::cost::{ModelPrice, Picos, ToolPrice, PRICE_SCALE};
 use super::problems::{PriceFileErrors, Problems};
 use super::schema::{
-    Lenient, RawEntries, RawLimits, RawModel, RawModelChange, RawPriceFile, RawTool, RawToolChange,
-    RawValue,
+    Lenient, RawEntries, RawLimits, RawModel, RawModelChange, RawPriceFile, RawTool, RawToolChange, RawValue,
 };
 use super::table::{ModelEntry, Schedule, ToolEntry};
 
@@ -306,11 +305,7 @@ impl Checker<'_> {
         None
     }
 
-    fn model(
-        &mut self,
-        name: &Spanned<String>,
-        body: &Spanned<Lenient<RawModel>>,
-    ) -> Option<CheckedModel> {
+    fn model(&mut self, name: &Spanned<String>, body: &Spanned<Lenient<RawModel>>) -> Option<CheckedModel> {
         let what = format!("model `{}`", name.get_ref());
         self.entry_name(&what, name);
         let raw = self.entry_body(&what, body)?;
@@ -402,11 +397,7 @@ impl Checker<'_> {
         0
     }
 
-    fn tool(
-        &mut self,
-        name: &Spanned<String>,
-        body: &Spanned<Lenient<RawTool>>,
-    ) -> Option<ToolEntry> {
+    fn tool(&mut self, name: &Spanned<String>, body: &Spanned<Lenient<RawTool>>) -> Option<ToolEntry> {
         let what = format!("tool `{}`", name.get_ref());
         self.entry_name(&what, name);
         let raw = self.entry_body(&what, body)?;
@@ -420,11 +411,7 @@ impl Checker<'_> {
         Some(ToolEntry {
             name: name.get_ref().clone(),
             unit,
-            schedule: Schedule::new(
-                periods
-                    .into_iter()
-                    .map(|(from, rates)| (from, rates.price())),
-            ),
+            schedule: Schedule::new(periods.into_iter().map(|(from, rates)| (from, rates.price()))),
         })
     }
 
@@ -432,18 +419,16 @@ impl Checker<'_> {
     /// `unit` goes with `per_unit`, in either direction.
     fn tool_shape(&mut self, what: &str, name: &Spanned<String>, raw: &RawTool) {
         let sets_per_unit = raw.per_unit.is_some()
-            || raw.schedule.iter().any(|change| {
-                matches!(change.get_ref(), Lenient::Valid(change) if change.per_unit.is_some())
-            });
+            || raw.schedule.iter().any(
+                |change| matches!(change.get_ref(), Lenient::Valid(change) if change.per_unit.is_some()),
+            );
         let fault = if raw.per_call.is_none() && raw.per_unit.is_none() {
             format!(
                 "{what} has neither per_call nor per_unit; set at least one \
                  (per_call = \"0\" makes calls free)"
             )
         } else if sets_per_unit && raw.unit.is_none() {
-            format!(
-                "{what} has per_unit but no unit; name what is counted, e.g. unit = \"results\""
-            )
+            format!("{what} has per_unit but no unit; name what is counted, e.g. unit = \"results\"")
         } else if !sets_per_unit && raw.unit.is_some() {
             format!("{what} has a unit but no per_unit; add per_unit or remove unit")
         } else {
@@ -452,11 +437,7 @@ impl Checker<'_> {
         self.problems.at_span(&name.span(), fault);
     }
 
-    fn tool_rates(
-        &mut self,
-        per_call: Option<&RawValue>,
-        per_unit: Option<&RawValue>,
-    ) -> ToolRates {
+    fn tool_rates(&mut self, per_call: Option<&RawValue>, per_unit: Option<&RawValue>) -> ToolRates {
         ToolRates {
             per_call: self.price("per_call", per_call, PriceKind::PerCall),
             per_unit: self.price("per_unit", per_unit, PriceKind::PerCall),
@@ -539,9 +520,7 @@ impl Checker<'_> {
             return None;
         };
         let parsed = match value.get_ref() {
-            Value::Datetime(at)
-                if at.date.is_some() && at.time.is_some() && at.offset.is_some() =>
-            {
+            Value::Datetime(at) if at.date.is_some() && at.time.is_some() && at.offset.is_some() => {
                 parse_instant(&at.to_string())
             }
             Value::String(text) => parse_instant(text),
@@ -656,22 +635,10 @@ impl Checker<'_> {
         let value = value?;
         let amount = self.decimal(field, value)?;
         let (ceiling, limit, per) = match kind {
-            PriceKind::PerMtok => (
-                self.ceilings.per_mtok,
-                "max_price_per_mtok",
-                "per 1M tokens",
-            ),
-            PriceKind::PerCall => (
-                self.ceilings.per_call,
-                "max_price_per_call",
-                "per call or unit",
-            ),
+            PriceKind::PerMtok => (self.ceilings.per_mtok, "max_price_per_mtok", "per 1M tokens"),
+            PriceKind::PerCall => (self.ceilings.per_call, "max_price_per_call", "per call or unit"),
         };
-        let picos = if amount > ceiling {
-            None
-        } else {
-            to_picos(amount)
-        };
+        let picos = if amount > ceiling { None } else { to_picos(amount) };
         if picos.is_none() {
             let message = format!(
                 "{field} = {}: above the ceiling of {ceiling} dollars {per}; if the price is \
@@ -743,10 +710,7 @@ impl Checker<'_> {
 
     /// The value exactly as the operator wrote it, for quoting in messages.
     fn written(&self, value: &RawValue) -> &str {
-        self.problems
-            .text()
-            .get(value.span())
-            .unwrap_or("the value")
+        self.problems.text().get(value.span()).unwrap_or("the value")
     }
 }
 
@@ -804,11 +768,7 @@ fn is_valid_label(label: &str) -> bool {
 
 /// The base prices (in force since the beginning of time) followed by each
 /// change in time order, every period carrying the merged prices.
-fn merge<R: Copy>(
-    base: R,
-    changes: Vec<Change<R>>,
-    then: fn(R, R) -> R,
-) -> Vec<(DateTime<Utc>, R)> {
+fn merge<R: Copy>(base: R, changes: Vec<Change<R>>, then: fn(R, R) -> R) -> Vec<(DateTime<Utc>, R)> {
     let mut periods = Vec::with_capacity(changes.len() + 1);
     periods.push((DateTime::<Utc>::MIN_UTC, base));
     let mut current = base;
@@ -858,8 +818,8 @@ fn one_line(message: &str) -> String {
 /// body, so the key's own line is inside `span`. `None` if not found; the
 /// caller then points at the entry.
 fn locate_key(text: &str, span: &Range<usize>, message: &str) -> Option<usize> {
-    let key = quoted_after(message, "unknown field `")
-        .or_else(|| message.lines().last().and_then(trailing_key))?;
+    let key =
+        quoted_after(message, "unknown field `").or_else(|| message.lines().last().and_then(trailing_key))?;
     let body = text.get(span.clone())?;
     let mut line_start = span.start;
     for line in body.split_inclusive('\n') {
@@ -1020,14 +980,7 @@ mod tests {
 
     #[test]
     fn a_non_numeric_price_is_refused() {
-        for written in [
-            "\"abc\"",
-            "\"1e3\"",
-            "\"1_000\"",
-            "\".5\"",
-            "\" 1\"",
-            "\"\"",
-        ] {
+        for written in ["\"abc\"", "\"1e3\"", "\"1_000\"", "\".5\"", "\" 1\"", "\"\""] {
             let text = file(&format!("[models.m]\ninput_per_mtok = {written}\n"));
             assert_one_problem(&text, 3, &[written, "not a decimal amount"]);
         }
@@ -1037,8 +990,7 @@ mod tests {
 
     #[test]
     fn integer_prices_and_trailing_zeros_are_accepted() {
-        let text =
-            file("[models.m]\ninput_per_mtok = 2\noutput_per_mtok = \"0.150000000000000\"\n");
+        let text = file("[models.m]\ninput_per_mtok = 2\noutput_per_mtok = \"0.150000000000000\"\n");
         let text = format!("{text}default_max_output_tokens = 10\n");
         assert!(PriceTable::parse("p.toml", &text).is_ok());
     }
@@ -1052,17 +1004,9 @@ mod tests {
     #[test]
     fn a_price_above_the_default_ceiling_is_refused() {
         let text = file("[models.m]\ninput_per_mtok = \"10000.01\"\n");
-        assert_one_problem(
-            &text,
-            3,
-            &["above the ceiling of 10000", "max_price_per_mtok"],
-        );
+        assert_one_problem(&text, 3, &["above the ceiling of 10000", "max_price_per_mtok"]);
         let text = file("[tools.t]\nper_call = \"150\"\n");
-        assert_one_problem(
-            &text,
-            3,
-            &["above the ceiling of 100", "max_price_per_call"],
-        );
+        assert_one_problem(&text, 3, &["above the ceiling of 100", "max_price_per_call"]);
     }
 
     #[test]
@@ -1070,9 +1014,7 @@ mod tests {
         let limits = "[limits]\nmax_price_per_mtok = \"20000\"\nmax_price_per_call = \"0.01\"\n";
         let ok = file(&format!("{limits}[models.m]\ninput_per_mtok = \"15000\"\n"));
         assert!(PriceTable::parse("p.toml", &ok).is_ok(), "raised ceiling");
-        let low = file(&format!(
-            "{limits}[tools.t]\nper_unit = \"0.02\"\nunit = \"u\"\n"
-        ));
+        let low = file(&format!("{limits}[tools.t]\nper_unit = \"0.02\"\nunit = \"u\"\n"));
         assert_one_problem(&low, 6, &["per_unit = \"0.02\"", "ceiling of 0.01"]);
     }
 
@@ -1083,11 +1025,7 @@ mod tests {
         let found = problems(&text);
         assert_eq!(found.len(), 2, "{found:#?}");
         assert_eq!(found[0].0, 3);
-        assert!(
-            found[0].1.contains("hard limit of 1000000"),
-            "{}",
-            found[0].1
-        );
+        assert!(found[0].1.contains("hard limit of 1000000"), "{}", found[0].1);
         assert_eq!(found[1].0, 4);
         assert!(found[1].1.contains("zero"), "{}", found[1].1);
     }
@@ -1128,10 +1066,7 @@ mod tests {
         let neither = file("[tools.t]\nunit = \"results\"\n");
         let found = problems(&neither);
         assert_eq!(found.len(), 1, "{found:#?}");
-        assert!(
-            found[0].1.contains("neither per_call nor per_unit"),
-            "{found:#?}"
-        );
+        assert!(found[0].1.contains("neither per_call nor per_unit"), "{found:#?}");
         let no_unit = file("[tools.t]\nper_unit = \"0.001\"\n");
         assert_one_problem(&no_unit, 2, &["tool `t`", "per_unit but no unit"]);
         let no_per_unit = file("[tools.t]\nper_call = \"0.001\"\nunit = \"results\"\n");
@@ -1204,10 +1139,7 @@ mod tests {
         assert_eq!(lines, [4, 7, 10, 12], "{found:#?}");
         assert!(found[0].1.contains("has no effective_from"), "{found:#?}");
         assert!(found[1].1.contains("UTC offset"), "{found:#?}");
-        assert!(
-            found[2].1.contains("effective_from = \"soon\""),
-            "{found:#?}"
-        );
+        assert!(found[2].1.contains("effective_from = \"soon\""), "{found:#?}");
         assert!(found[3].1.contains("sets no price"), "{found:#?}");
     }
 

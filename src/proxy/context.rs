@@ -18,6 +18,8 @@ pub struct RequestCtx {
     pub uri: Uri,
     /// Index into the config's upstreams, once the route phase has picked one.
     pub upstream: Option<usize>,
+    /// The matched route's prefix (a bounded metric label).
+    pub route_prefix: Option<String>,
     /// Status of the upstream's response head, if one arrived.
     pub upstream_status: Option<StatusCode>,
     /// Status the client received.
@@ -44,6 +46,7 @@ impl RequestCtx {
             method,
             uri,
             upstream: None,
+            route_prefix: None,
             upstream_status: None,
             status: StatusCode::OK,
             error_code: None,

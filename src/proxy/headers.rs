@@ -104,10 +104,7 @@ mod tests {
         h.insert(&REQUEST_ID, HeaderValue::from_static("bad id with spaces"));
         let generated = request_id(&h);
         assert_eq!(generated.len(), 32, "generated ids are simple uuids");
-        h.insert(
-            &REQUEST_ID,
-            HeaderValue::from_str(&"a".repeat(129)).unwrap(),
-        );
+        h.insert(&REQUEST_ID, HeaderValue::from_str(&"a".repeat(129)).unwrap());
         assert_ne!(request_id(&h).len(), 129);
     }
 }

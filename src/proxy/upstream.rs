@@ -88,9 +88,7 @@ fn build_client(upstream: &Upstream) -> HttpsClient {
 /// The upstream URI for a client request: the upstream's base URL with the
 /// request's path and query appended.
 pub fn upstream_uri(upstream: &Upstream, client_uri: &Uri) -> Result<Uri, http::Error> {
-    let path_and_query = client_uri
-        .path_and_query()
-        .map_or("/", PathAndQuery::as_str);
+    let path_and_query = client_uri.path_and_query().map_or("/", PathAndQuery::as_str);
     let path_and_query = if upstream.base_path.is_empty() {
         PathAndQuery::try_from(path_and_query)?
     } else {
@@ -125,8 +123,7 @@ fn classify(
             limit_bytes: max_body_bytes,
         };
     }
-    let timed_out =
-        find_source::<io::Error>(error).is_some_and(|e| e.kind() == io::ErrorKind::TimedOut);
+    let timed_out = find_source::<io::Error>(error).is_some_and(|e| e.kind() == io::ErrorKind::TimedOut);
     if error.is_connect() && timed_out {
         return ProxyError::UpstreamConnectTimeout {
             upstream: name,

@@ -127,8 +127,7 @@ impl Model {
             }
         }
         let local = now.with_timezone(&tz);
-        let month_start =
-            self.midnight(NaiveDate::from_ymd_opt(local.year(), local.month(), 1).unwrap());
+        let month_start = self.midnight(NaiveDate::from_ymd_opt(local.year(), local.month(), 1).unwrap());
         let next = if local.month() == 12 {
             (local.year() + 1, 1)
         } else {
@@ -301,10 +300,7 @@ fn run(seed: u64) {
     let step = std::cell::Cell::new(0_usize);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_steps(seed, &step)));
     if let Err(panic) = outcome {
-        eprintln!(
-            "ledger simulation failed: seed {seed} at step {}",
-            step.get()
-        );
+        eprintln!("ledger simulation failed: seed {seed} at step {}", step.get());
         std::panic::resume_unwind(panic);
     }
 }
@@ -349,11 +345,10 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
                     end_user: None,
                 };
                 let id = request();
-                let result =
-                    system
-                        .opened
-                        .ledger
-                        .hold(system.wallet_id(wallet), id, amount, context, now);
+                let result = system
+                    .opened
+                    .ledger
+                    .hold(system.wallet_id(wallet), id, amount, context, now);
                 assert_eq!(
                     result.is_ok(),
                     expected,
@@ -457,11 +452,7 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
             let expected = model.wallet(wallet);
             assert_eq!(
                 (view.balance, view.available, view.open_holds),
-                (
-                    expected.balance(),
-                    expected.available(),
-                    expected.holds.len()
-                ),
+                (expected.balance(), expected.available(), expected.holds.len()),
                 "{wallet:?} at {now}"
             );
         }
@@ -494,10 +485,7 @@ struct Seen {
 fn seeded_workload_matches_the_reference_model() {
     // Proves 10,000 random steps per seed (with restarts through sled) never diverge from the model.
     // One seed runs in UTC, the other in New York (odd/even).
-    let seeds = match std::env::var("LEDGER_SIM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
+    let seeds = match std::env::var("LEDGER_SIM_SEED").ok().and_then(|s| s.parse().ok()) {
         Some(seed) => vec![seed],
         None => vec![0x5EED_0001, 0x5EED_0002],
     };

@@ -22,10 +22,7 @@ impl SledStore {
     /// off: durability comes only from [`Store::flush`], which the
     /// group-commit writer calls on its own schedule.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = ::sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .open()?;
+        let db = ::sled::Config::new().path(dir).flush_every_ms(None).open()?;
         let meta = db.open_tree("meta")?;
         match meta.get("format")? {
             Some(found) if found.as_ref() != FORMAT.as_bytes() => {
@@ -46,9 +43,7 @@ impl SledStore {
 }
 
 fn decode(key: &[u8], value: &[u8]) -> Result<Record, StoreError> {
-    let seq = <[u8; 8]>::try_from(key)
-        .map(u64::from_be_bytes)
-        .unwrap_or(0);
+    let seq = <[u8; 8]>::try_from(key).map(u64::from_be_bytes).unwrap_or(0);
     serde_json::from_slice(value).map_err(|error| StoreError::Decode {
         seq,
         reason: error.to_string(),

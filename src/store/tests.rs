@@ -13,9 +13,7 @@ use crate::ledger::journal::{Record, RecordBody};
 use crate::ledger::limit::Limits;
 use crate::ledger::testkit::{at, details, request, term};
 use crate::ledger::{Ledger, LedgerConfig, NewKey, NewOrg, NewUser, PurchaseRequest, SpendContext};
-use crate::store::{
-    open_ledger, open_ledger_on, verify_store, SledStore, Store, StoreConfig, StoreError,
-};
+use crate::store::{open_ledger, open_ledger_on, verify_store, SledStore, Store, StoreConfig, StoreError};
 
 fn fast() -> StoreConfig {
     StoreConfig {
@@ -79,15 +77,11 @@ fn populate(ledger: &Ledger) -> Vec<WalletId> {
             end_user: None,
         };
         for cost in [dec!(1.25), dec!(3)] {
-            let hold = ledger
-                .hold(wallet, request(), dec!(2), context, now)
-                .unwrap();
+            let hold = ledger.hold(wallet, request(), dec!(2), context, now).unwrap();
             hold.settle(cost, details(), now).unwrap();
         }
         // Left open on purpose: holds do not survive a restart.
-        let _left_open = ledger
-            .hold(wallet, request(), dec!(1), context, now)
-            .unwrap();
+        let _left_open = ledger.hold(wallet, request(), dec!(1), context, now).unwrap();
         if plan == Plan::Lite {
             wallets.push(wallet);
         }
@@ -257,10 +251,7 @@ fn money_moving_admin_writes_are_durable_before_ok() {
         );
     }
     let stats = opened.writer.stats();
-    assert!(
-        stats.flushes >= 6 && stats.written == stats.appended,
-        "{stats:?}"
-    );
+    assert!(stats.flushes >= 6 && stats.written == stats.appended, "{stats:?}");
     opened.writer.shutdown().unwrap();
 }
 
@@ -282,10 +273,7 @@ fn a_corrupt_record_stops_the_start_and_fails_verify() {
         db.flush().unwrap();
     }
     let error = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap_err();
-    assert!(
-        matches!(error, StoreError::Decode { seq: 3, .. }),
-        "{error}"
-    );
+    assert!(matches!(error, StoreError::Decode { seq: 3, .. }), "{error}");
     assert!(verify_store(dir.path()).is_err());
 }
 

@@ -126,9 +126,7 @@ impl<S: Store> GroupCommit<S> {
         match self.queue.try_send(message) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(message)) => {
-                self.counters
-                    .waited_for_room
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.waited_for_room.fetch_add(1, Ordering::Relaxed);
                 self.queue.send(message).map_err(|_| self.closed())
             }
             Err(TrySendError::Disconnected(_)) => Err(self.closed()),

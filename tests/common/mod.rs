@@ -20,6 +20,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub const UPSTREAM_SECRET: &str = "sk-upstream-secret-0123456789";
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests";
+pub const PRICES_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/prices.toml");
 
 pub struct Stack {
     pub mock: MockUpstream,
@@ -52,36 +54,65 @@ shutdown_grace_ms = 5000
 [log]
 level = "warn"
 
+[pricing]
+file = "{prices}"
+watch_interval_ms = 50
+
+[admin]
+token_env = "ADMIN_TOKEN"
+
 [upstreams.mock]
 base_url = "http://{mock}"
 credential_env = "MOCK_UPSTREAM_KEY"
 {extra_upstream}
 
 [[routes]]
-prefix = "/v1"
+prefix = "/v1/chat/completions"
 upstream = "mock"
+flavour = "openai-chat"
+
+[[routes]]
+prefix = "/v1/embeddings"
+upstream = "mock"
+flavour = "openai-embeddings"
+
+[[routes]]
+prefix = "/v1/responses"
+upstream = "mock"
+flavour = "openai-responses"
+
+[[routes]]
+prefix = "/v1/messages"
+upstream = "mock"
+flavour = "anthropic-messages"
+
+[[routes]]
+prefix = "/v1/tools/web-search"
+upstream = "mock"
+tool = "web-search"
+units_header = "x-usage-units"
 
 [[routes]]
 prefix = "/echo"
 upstream = "mock"
-"#
+passthrough = true
+"#,
+        prices = PRICES_FILE,
     )
 }
 
 pub fn parse_config(text: &str, data_dir: &Path) -> GatewayConfig {
-    let mut config = GatewayConfig::parse(Path::new("test.toml"), text, &|name| {
-        (name == "MOCK_UPSTREAM_KEY").then(|| UPSTREAM_SECRET.to_owned())
+    let mut config = GatewayConfig::parse(Path::new("test.toml"), text, &|name| match name {
+        "MOCK_UPSTREAM_KEY" => Some(UPSTREAM_SECRET.to_owned()),
+        "ADMIN_TOKEN" => Some(ADMIN_TOKEN.to_owned()),
+        _ => None,
     })
     .unwrap();
     config.server.data_dir = data_dir.to_owned();
     config
 }
 
-pub async fn start_with(
-    extra_server: &str,
-    extra_upstream: &str,
-    mock_options: MockOptions,
-) -> Stack {
+pub async fn start_with(extra_server: &str, extra_upstream: &str, mock_options: MockOptions) -> Stack {
     let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), mock_options)
         .await
         .unwrap();
@@ -161,8 +192,7 @@ pub async fn open_h1(addr: SocketAddr) -> hyper::client::conn::http1::SendReques
     sender
 }
 
-pub type BodySender =
-    mpsc::Sender<Result<http_body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>;
+pub type BodySender = mpsc::Sender<Result<http_body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>;
 
 /// A request body the test feeds chunk by chunk (sent chunked, no length).
 pub fn channel_body() -> (BodySender, MockBody) {

@@ -1,0 +1,223 @@
+//! The price table reloads live: on file change (in place or renamed over),
+//! on SIGHUP and on the admin call; a broken file changes nothing.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use creditgate::app::Gateway;
+use creditgate::clock::ManualClock;
+use http::Request;
+use http_body_util::Full;
+use tokio_util::sync::CancellationToken;
+
+const TABLE_A: &str = r#"label = "A"
+[models."mock-gpt"]
+input_per_mtok = "1"
+output_per_mtok = "2"
+default_max_output_tokens = 100
+[tools."web-search"]
+per_call = "0.005"
+"#;
+
+/// Same models, new prices, and a second model that a truncated copy would lack.
+const TABLE_B: &str = r#"label = "B"
+[models."mock-gpt"]
+input_per_mtok = "3"
+output_per_mtok = "4"
+default_max_output_tokens = 100
+[tools."web-search"]
+per_call = "0.007"
+[models."mock-claude"]
+input_per_mtok = "5"
+output_per_mtok = "6"
+default_max_output_tokens = 100
+"#;
+
+/// A gateway whose price file is a copy the test can rewrite.
+async fn start_with_prices(text: &str) -> (Stack, std::path::PathBuf) {
+    let stack = start().await;
+    let prices = stack.data_dir.path().join("prices.toml");
+    std::fs::write(&prices, text).unwrap();
+    let config_text = config_text(stack.mock.addr(), "", "").replace(PRICES_FILE, prices.to_str().unwrap());
+    let data = stack.data_dir.path().join("data");
+    let config = parse_config(&config_text, &data);
+    let gateway = Gateway::start(config, stack.shutdown.clone()).await.unwrap();
+    (Stack { gateway, ..stack }, prices)
+}
+
+async fn admin(stack: &Stack, method: http::Method, path: &str) -> Reply {
+    let request = Request::builder()
+        .method(method)
+        .uri(stack.admin_url(path))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(request).await
+}
+
+async fn wait_for_label(stack: &Stack, label: &str) {
+    let prices = stack.gateway.prices().unwrap();
+    for _ in 0..200 {
+        if prices.current().version().label == label {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("price table {label} never came into force; status: {:?}", prices.status());
+}
+
+fn write_atomically(path: &Path, text: &str) {
+    let temp = path.with_extension("toml.tmp");
+    std::fs::write(&temp, text).unwrap();
+    std::fs::rename(&temp, path).unwrap();
+}
+
+#[tokio::test]
+async fn an_invalid_file_keeps_the_old_prices_and_reports_file_and_line() {
+    let (stack, path) = start_with_prices(TABLE_A).await;
+    std::fs::write(
+        &path,
+        "label = \"broken\"\n[models.\"mock-gpt\"]\ninput_per_mtok = \"-1\"\n[tools.\"web-search\"]\nbogus = 1\n",
+    )
+    .unwrap();
+    let reply = admin(&stack, http::Method::POST, "/admin/v1/prices/reload").await;
+    assert_eq!(reply.status, 422, "{:?}", reply.body);
+    let body = reply.json();
+    let problems = body["error"]["problems"].as_array().unwrap();
+    let text = format!("{problems:?}");
+    assert!(text.contains("prices.toml:3:"), "negative price at line 3: {text}");
+    assert!(text.contains("prices.toml:5:") && text.contains("bogus"), "unknown key at line 5: {text}");
+    assert_eq!(body["error"]["active_version"].as_str().unwrap().split('@').next(), Some("A"));
+
+    let status = admin(&stack, http::Method::GET, "/admin/v1/prices").await.json();
+    assert_eq!(status["label"], "A", "old table still in force");
+    assert!(status["last_reload_error"].as_str().unwrap().contains("prices.toml:3"), "{status}");
+    assert_eq!(stack.gateway.prices().unwrap().current().version().label, "A");
+
+    // The watcher sees the broken file too, and still keeps A.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stack.gateway.prices().unwrap().current().version().label, "A");
+    let metrics = send(Request::get(stack.admin_url("/metrics")).body(Full::new(Bytes::new())).unwrap()).await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    assert!(metrics.contains("creditgate_price_reloads_total{result=\"failed\"}"), "{metrics}");
+    assert!(metrics.contains("creditgate_price_table_active{version=\"A@"), "{metrics}");
+}
+
+#[tokio::test]
+async fn admin_reload_needs_the_operator_token() {
+    let (stack, _) = start_with_prices(TABLE_A).await;
+    let request = Request::post(stack.admin_url("/admin/v1/prices/reload"))
+        .header("authorization", "Bearer wrong")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(request).await.status, 401);
+    let ok = admin(&stack, http::Method::POST, "/admin/v1/prices/reload").await;
+    assert_eq!(ok.status, 200);
+}
+
+#[tokio::test]
+async fn file_changes_are_picked_up_in_place_and_by_rename() {
+    let (stack, path) = start_with_prices(TABLE_A).await;
+    std::fs::write(&path, TABLE_B).unwrap();
+    wait_for_label(&stack, "B").await;
+    write_atomically(&path, TABLE_A);
+    wait_for_label(&stack, "A").await;
+    let status = stack.gateway.prices().unwrap().status();
+    assert!(status.reloads_ok >= 2, "{status:?}");
+}
+
+#[tokio::test]
+async fn sighup_reloads() {
+    let (stack, path) = start_with_prices(TABLE_A).await;
+    // Write without changing the fingerprint the watcher would see soon
+    // enough; SIGHUP must reload at once regardless.
+    write_atomically(&path, TABLE_B);
+    let pid = std::process::id().to_string();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    wait_for_label(&stack, "B").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_traffic_never_expose_a_half_written_table() {
+    let (stack, path) = start_with_prices(TABLE_A).await;
+    let prices = stack.gateway.prices().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Readers check every table they see is whole: A, or B with both models.
+    let reader = {
+        let prices = prices.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut seen = std::collections::BTreeSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                let table = prices.current();
+                let label = table.version().label.clone();
+                let now = chrono::Utc::now();
+                assert!(table.model("mock-gpt", now).is_some(), "table {label} lacks mock-gpt");
+                if label == "B" {
+                    assert!(table.model("mock-claude", now).is_some(), "a truncated B was put in force");
+                }
+                assert!(label == "A" || label == "B", "unexpected table {label}");
+                seen.insert(label);
+                tokio::task::yield_now().await;
+            }
+            seen
+        })
+    };
+    // Traffic keeps flowing through the gateway meanwhile.
+    let traffic = {
+        let url = stack.url("/echo/traffic");
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let reply = send(Request::get(&url).body(Full::new(Bytes::new())).unwrap()).await;
+                assert_eq!(reply.status, 200);
+                sent += 1;
+            }
+            sent
+        })
+    };
+    // Rewrite in place in two halves with a short pause, as a slow editor would.
+    for round in 0..6 {
+        let text = if round % 2 == 0 { TABLE_B } else { TABLE_A };
+        let (first, second) = text.split_at(text.len() / 2);
+        let mut file = std::fs::File::create(&path).unwrap();
+        std::io::Write::write_all(&mut file, first.as_bytes()).unwrap();
+        file.sync_all().unwrap();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        std::io::Write::write_all(&mut file, second.as_bytes()).unwrap();
+        drop(file);
+        wait_for_label(&stack, if round % 2 == 0 { "B" } else { "A" }).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let seen = reader.await.unwrap();
+    let sent = traffic.await.unwrap();
+    assert_eq!(seen.len(), 2, "both tables were seen: {seen:?}");
+    assert!(sent > 10, "traffic flowed during reloads: {sent}");
+}
+
+#[tokio::test]
+async fn a_scheduled_price_switch_happens_at_the_injected_instant() {
+    let mock = creditgate::mock::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = parse_config(&config_text(mock.addr(), "", ""), dir.path());
+    // The example file moves mock-gpt from 1/2 to 1.5/3 per Mtok at 2027-01-01.
+    let switch: chrono::DateTime<chrono::Utc> = "2027-01-01T00:00:00Z".parse().unwrap();
+    let clock = ManualClock::new(switch - chrono::TimeDelta::nanoseconds(1));
+    let gateway = Gateway::start_with_clock(config, clock.clone(), CancellationToken::new()).await.unwrap();
+    let table = gateway.prices().unwrap().current();
+    use creditgate::clock::Clock;
+    let before = table.model("mock-gpt", clock.now()).unwrap();
+    clock.advance(chrono::TimeDelta::nanoseconds(1));
+    let after = table.model("mock-gpt", clock.now()).unwrap();
+    assert_eq!(before.input_per_mtok().to_string(), "1");
+    assert_eq!(after.input_per_mtok().to_string(), "1.5");
+    assert_eq!(after.output_per_mtok().to_string(), "3");
+}
