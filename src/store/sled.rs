@@ -22,7 +22,7 @@ impl SledStore {
     /// off: durability comes only from [`Store::flush`], which the
     /// group-commit writer calls on its own schedule.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = ::sled::Config::new().path(dir).flush_every_ms(None).open()?;
+        let db = open_db(dir)?;
         let meta = db.open_tree("meta")?;
         match meta.get("format")? {
             Some(found) if found.as_ref() != FORMAT.as_bytes() => {
@@ -39,6 +39,26 @@ impl SledStore {
         }
         let records = db.open_tree("records")?;
         Ok(SledStore { db, records })
+    }
+}
+
+/// How long to wait for another holder of the directory's lock to let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Open the sled database, waiting briefly if its file lock is still held: a
+/// dropped `Db` releases the lock from sled's own threads a moment later, so
+/// a quick reopen (restart, `ledger verify` right after a test) can race it.
+fn open_db(dir: &Path) -> Result<::sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match ::sled::Config::new().path(dir).flush_every_ms(None).open() {
+            Err(::sled::Error::Io(error))
+                if error.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
     }
 }
 
