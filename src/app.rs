@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{Admin, Readiness};
 use crate::clock::{Clock, SystemClock};
 use crate::config::GatewayConfig;
+use crate::ledger::{Ledger, LedgerConfig};
+use crate::store::SledStore;
+use crate::store::{open_ledger, GroupCommit, StoreConfig};
 use crate::pricing::LivePrices;
 use crate::proxy::Proxy;
 use crate::server::{self, Drained, ServeOptions};
@@ -25,6 +28,8 @@ pub struct Gateway {
     admin_addr: SocketAddr,
     readiness: Arc<Readiness>,
     prices: Option<Arc<LivePrices>>,
+    ledger: Arc<Ledger>,
+    writer: Arc<GroupCommit<SledStore>>,
     shutdown: CancellationToken,
     proxy_task: JoinHandle<Drained>,
     admin_task: JoinHandle<Drained>,
@@ -47,6 +52,11 @@ impl Gateway {
         prepare_data_dir(&config)?;
         let metrics = Arc::new(Metrics::default());
         let prices = load_prices(&config, &clock, &metrics, &shutdown)?;
+        let ledger_dir = config.server.data_dir.join("ledger");
+        let opened = open_ledger(&ledger_dir, LedgerConfig::default(), StoreConfig::default())
+            .with_context(|| format!("cannot open the ledger in {}", ledger_dir.display()))?;
+        let (ledger, writer) = (opened.ledger, opened.writer);
+        tokio::spawn(void_expired_holds(ledger.clone(), clock.clone(), shutdown.clone()));
         let proxy_listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {} (proxy)", config.server.listen))?;
@@ -62,7 +72,13 @@ impl Gateway {
             header_read_timeout: config.server.header_read_timeout,
             shutdown_grace: config.server.shutdown_grace,
         };
-        let proxy = Arc::new(Proxy::new(config.clone(), prices.clone(), metrics.clone()));
+        let proxy = Arc::new(Proxy::new(
+            config.clone(),
+            prices.clone(),
+            ledger.clone(),
+            clock.clone(),
+            metrics.clone(),
+        ));
         let proxy_task = tokio::spawn(server::serve(
             proxy_listener,
             options.clone(),
@@ -95,6 +111,8 @@ impl Gateway {
             admin_addr,
             readiness,
             prices,
+            ledger,
+            writer,
             shutdown,
             proxy_task,
             admin_task,
@@ -107,6 +125,11 @@ impl Gateway {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The ledger (for seeding by the demo, the admin API and tests).
+    pub fn ledger(&self) -> Arc<Ledger> {
+        self.ledger.clone()
     }
 
     /// The live price table, when the config names a price file.
@@ -125,6 +148,10 @@ impl Gateway {
         self.readiness.set(false);
         let proxy = self.proxy_task.await.unwrap_or(Drained::TimedOut);
         let admin = self.admin_task.await.unwrap_or(Drained::TimedOut);
+        // Every request has settled: make the last settles durable.
+        if let Err(error) = self.writer.shutdown() {
+            tracing::error!(%error, "the ledger's last flush failed");
+        }
         let drained = if proxy == Drained::All && admin == Drained::All {
             Drained::All
         } else {
@@ -132,6 +159,23 @@ impl Gateway {
         };
         tracing::info!(?drained, "creditgate stopped");
         drained
+    }
+}
+
+/// How often open holds are checked against their TTL.
+const HOLD_VOID_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Void holds whose request never settled (lost upstream, crash of a task).
+async fn void_expired_holds(ledger: Arc<Ledger>, clock: Arc<dyn Clock>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(HOLD_VOID_INTERVAL) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let voided = ledger.void_expired_holds(clock.now());
+        if voided > 0 {
+            tracing::warn!(voided, "voided holds that outlived their TTL");
+        }
     }
 }
 

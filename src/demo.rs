@@ -5,10 +5,18 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, Gateway};
 use crate::config::GatewayConfig;
+use crate::ledger::contract::ContractTerm;
+use crate::ledger::entity::{KeyHash, Plan};
+use crate::ledger::ids::{OrgId, Owner};
+use crate::ledger::limit::Limits;
+use crate::ledger::{Ledger, LedgerError, NewApp, NewKey, NewOrg, NewUser};
 use crate::mock::{MockOptions, MockUpstream};
 use crate::telemetry;
 
@@ -42,6 +50,70 @@ pub fn demo_config(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
     }
 }
 
+/// What to create for a seeded organization.
+#[derive(Debug, Clone)]
+pub struct SeedSpec {
+    pub org_name: String,
+    /// Platform credits granted for the first contract year (the pool).
+    pub pool: Decimal,
+    /// The Lite user's monthly allowance.
+    pub lite_allowance: Decimal,
+}
+
+/// Keys of a seeded organization, labelled by kind. The secrets exist only
+/// here: the ledger keeps their hashes.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeededKeys {
+    pub org: OrgId,
+    pub pro: String,
+    pub lite: String,
+    pub app: String,
+}
+
+/// A fresh API key secret: 244 random bits behind a recognisable prefix.
+pub fn new_secret() -> String {
+    format!("cg_{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+}
+
+/// Create an org with a one-year contract funding its pool, a Pro user, a
+/// Lite user and an application, each with one key.
+pub fn seed_org(ledger: &Ledger, spec: &SeedSpec, now: DateTime<Utc>) -> Result<SeededKeys, LedgerError> {
+    let contract = ContractTerm {
+        start: now.date_naive(),
+        years: 1,
+        platform_allocation_per_year: spec.pool,
+        pro_seats: 0,
+        seat_allocation_per_year: Decimal::ZERO,
+    };
+    let org = ledger
+        .create_org(NewOrg { name: spec.org_name.clone(), time_zone: chrono_tz::UTC, contract: Some(contract) }, now)?
+        .id;
+    let user = |name: &str, plan, allowance| NewUser {
+        name: name.to_owned(),
+        plan,
+        lite_monthly_allowance: allowance,
+        prorate_on_downgrade: false,
+        limits: Limits::default(),
+    };
+    let pro = ledger.create_user(org, user("pro-user", Plan::Pro, Decimal::ZERO), now)?.id;
+    let lite = ledger.create_user(org, user("lite-user", Plan::Lite, spec.lite_allowance), now)?.id;
+    let app = ledger
+        .create_app(org, NewApp { name: "embedded-app".into(), limits: Limits::default(), end_user_limits: Limits::default() }, now)?
+        .id;
+    let key_for = |owner: Owner, label: &str| -> Result<String, LedgerError> {
+        let secret = new_secret();
+        let new = NewKey { owner, hash: KeyHash::of_secret(&secret), label: label.to_owned(), limits: Limits::default() };
+        ledger.create_key(org, new, now)?;
+        Ok(secret)
+    };
+    Ok(SeededKeys {
+        org,
+        pro: key_for(Owner::User(pro), "pro")?,
+        lite: key_for(Owner::User(lite), "lite")?,
+        app: key_for(Owner::App(app), "app")?,
+    })
+}
+
 /// Run the demo until SIGINT/SIGTERM.
 pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let mut config = demo_config(options.config.as_deref())?;
@@ -67,29 +139,55 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     app::cancel_on_signal(shutdown.clone());
+    let data_dir = config.server.data_dir.clone();
     let gateway = Gateway::start(config, shutdown).await?;
-    print_walkthrough(&gateway, mock.addr());
+    let spec = SeedSpec {
+        org_name: "demo-org".into(),
+        pool: Decimal::new(2, 3),          // $0.002: a handful of calls
+        lite_allowance: Decimal::new(1, 3), // $0.001 a month
+    };
+    let keys = seed_org(&gateway.ledger(), &spec, Utc::now()).context("cannot seed the demo org")?;
+    let demo_json = serde_json::json!({
+        "proxy_url": format!("http://{}", gateway.proxy_addr()),
+        "admin_url": format!("http://{}", gateway.admin_addr()),
+        "admin_token": std::env::var("CREDITGATE_ADMIN_TOKEN").ok(),
+        "org": keys.org,
+        "keys": {"pro": keys.pro, "lite": keys.lite, "app": keys.app},
+    });
+    let demo_path = data_dir.join("demo.json");
+    std::fs::write(&demo_path, serde_json::to_vec_pretty(&demo_json)?)
+        .with_context(|| format!("cannot write {}", demo_path.display()))?;
+    print_walkthrough(&gateway, mock.addr(), &keys, &demo_path);
     gateway.wait().await;
     mock.stop().await;
     Ok(())
 }
 
-fn print_walkthrough(gateway: &Gateway, mock_addr: SocketAddr) {
+fn print_walkthrough(gateway: &Gateway, mock_addr: SocketAddr, keys: &SeededKeys, demo_path: &Path) {
     let proxy = gateway.proxy_addr();
+    let pro = &keys.pro;
     println!(
         "creditgate demo is running.
   proxy:          http://{proxy}
   admin:          http://{admin}
   mock upstream:  http://{mock_addr}
+  keys (also in {demo}):
+    pro:  {pro}
+    lite: {lite}
+    app:  {app}
 
-Try:
-  curl -s http://{proxy}/v1/chat/completions -H 'content-type: application/json' \\
-       -d '{{\"model\":\"mock-gpt\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"max_tokens\":20}}'
-  curl -sN http://{proxy}/v1/chat/completions -H 'content-type: application/json' \\
+A charged call (the pool holds $0.002; repeat it until the answer is 402):
+  curl -si http://{proxy}/v1/chat/completions -H 'authorization: Bearer {pro}' \\
+       -H 'content-type: application/json' \\
+       -d '{{\"model\":\"mock-gpt\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"max_tokens\":200}}'
+A stream:
+  curl -sN http://{proxy}/v1/chat/completions -H 'authorization: Bearer {pro}' \\
        -d '{{\"model\":\"mock-gpt\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'
-  curl -s http://{admin}/healthz
 
 Stop with Ctrl-C.",
         admin = gateway.admin_addr(),
+        demo = demo_path.display(),
+        lite = keys.lite,
+        app = keys.app,
     );
 }

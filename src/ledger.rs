@@ -256,6 +256,12 @@ impl Ledger {
         Ok(balance)
     }
 
+    /// Balance less open holds, without copying the wallet's lots (for the
+    /// `x-creditgate-available` header on every response).
+    pub fn available(&self, wallet: WalletId) -> Option<Decimal> {
+        self.wallets.get(&wallet).map(|cell| cell.value().state.lock().available())
+    }
+
     fn cell(&self, wallet: WalletId) -> Option<Arc<WalletCell>> {
         self.wallets.get(&wallet).map(|cell| Arc::clone(cell.value()))
     }

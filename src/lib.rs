@@ -7,6 +7,7 @@
 //! - [`config`] — gateway config: strict raw types, then validated types.
 //! - [`demo`] — `creditgate demo`: mock upstream and gateway in one process.
 //! - [`ledger`] — orgs, wallets, lots, holds, limits, entries (pure, no I/O).
+//! - [`meter`] — usage extraction from JSON bodies, SSE streams, tool headers.
 //! - [`mock`] — the mock upstream used by the demo, tests and load harness.
 //! - [`pricing`] — the price table: schema, validation, cost functions (pure).
 //! - [`proxy`] — the data path as named phases.
@@ -20,6 +21,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod ledger;
+pub mod meter;
 pub mod mock;
 pub mod pricing;
 pub mod proxy;

@@ -14,6 +14,7 @@
 //! response.
 
 mod body;
+mod charge;
 mod context;
 mod error;
 mod headers;
@@ -24,7 +25,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{Either, Limited};
+use bytes::Bytes;
+use http_body::Body as _;
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
@@ -33,7 +36,10 @@ pub use context::{Outcome, RequestCtx};
 pub use error::{json_error, ErrorClass, ProxyError};
 pub use headers::REQUEST_ID;
 
-use crate::config::{GatewayConfig, Route, Upstream};
+use crate::clock::Clock;
+use crate::config::{Flavour, GatewayConfig, Route, RouteKind, Upstream};
+use crate::ledger::ids::RequestId;
+use crate::ledger::{Ledger, SpendContext};
 use crate::pricing::LivePrices;
 use crate::telemetry::metrics::{Metrics, RequestLabels};
 use upstream::{UpstreamBody, UpstreamClients};
@@ -44,18 +50,21 @@ pub struct Proxy {
     upstreams: UpstreamClients,
     /// The price table in force; `None` when every route is pass-through.
     prices: Option<Arc<LivePrices>>,
+    ledger: Arc<Ledger>,
+    clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    pub fn new(config: Arc<GatewayConfig>, prices: Option<Arc<LivePrices>>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: Arc<GatewayConfig>,
+        prices: Option<Arc<LivePrices>>,
+        ledger: Arc<Ledger>,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let upstreams = UpstreamClients::new(&config.upstreams);
-        Proxy {
-            config,
-            upstreams,
-            prices,
-            metrics,
-        }
+        Proxy { config, upstreams, prices, ledger, clock, metrics }
     }
 
     /// Entry point for one request: run the phases, turn any error into the
@@ -81,6 +90,9 @@ impl Proxy {
         };
         ctx.status = response.status();
         response.headers_mut().insert(&REQUEST_ID, ctx.request_id.clone());
+        if let Some(available) = ctx.wallet.and_then(|w| self.ledger.available(w)).and_then(charge::available_header) {
+            response.headers_mut().insert(&charge::AVAILABLE, available);
+        }
         response.body_mut().settle_with(self.clone(), ctx);
         Ok(response)
     }
@@ -93,7 +105,8 @@ impl Proxy {
         self.request_filter(ctx, &request)?;
         let route = self.route(ctx, &request)?;
         let upstream = self.upstream_of(route);
-        let upstream_request = self.upstream_request(ctx, upstream, request)?;
+        let (parts, body) = self.charge(ctx, route, request).await?;
+        let upstream_request = self.upstream_request(ctx, upstream, parts, body)?;
         let mut response = self.forward(ctx, route, upstream_request).await?;
         self.response_filter(ctx, &mut response);
         Ok(response.map(|body| GatewayBody::upstream(body, upstream.idle_timeout)))
@@ -140,6 +153,72 @@ impl Proxy {
         Ok(route)
     }
 
+    /// Phases identify, price and hold, for metered routes: find the caller's
+    /// wallet, price the request from the table in force, and reserve the
+    /// most it can cost. Model requests are read whole (up to the body limit)
+    /// to find `model` and the output cap; the bytes read go upstream
+    /// unchanged, unless usage must be requested for a stream. Tool and
+    /// pass-through bodies stream through unread.
+    pub async fn charge(
+        &self,
+        ctx: &mut RequestCtx,
+        route: &Route,
+        request: Request<Incoming>,
+    ) -> Result<(http::request::Parts, UpstreamBody), ProxyError> {
+        let limit = self.config.server.max_body_bytes;
+        let (parts, incoming) = request.into_parts();
+        let streamed = |incoming| Either::Left(Limited::new(incoming, usize::try_from(limit).unwrap_or(usize::MAX)));
+        if route.kind == RouteKind::Passthrough {
+            return Ok((parts, streamed(incoming)));
+        }
+        let (key, end_user) = charge::identify(&self.ledger, &parts.headers)?;
+        ctx.wallet = Some(key.wallet);
+        let table = self.prices.as_ref().ok_or(ProxyError::NoPriceTable)?.current();
+        let now = self.clock.now();
+        let (body, priced, max_output, injected_usage, request_bytes) = match &route.kind {
+            RouteKind::Model(flavour) => {
+                let bytes = read_body(incoming, limit).await?;
+                let fields = charge::read_model_request(&bytes)?;
+                let priced = charge::price_model(&table, &fields.model, *flavour, now)?;
+                let request_bytes = bytes.len() as u64;
+                let inject = *flavour == Flavour::OpenaiChat && fields.stream && !fields.include_usage;
+                let (bytes, injected) = match inject.then(|| charge::with_include_usage(&bytes)).flatten() {
+                    Some(rewritten) => (rewritten, true),
+                    None => (bytes, false),
+                };
+                (Either::Right(Full::new(bytes)), priced, fields.max_output_tokens, injected, request_bytes)
+            }
+            RouteKind::Tool { name, units_header } => {
+                let priced = charge::price_tool(&table, name, units_header.clone(), now)?;
+                let request_bytes = incoming.size_hint().exact().unwrap_or(0);
+                (streamed(incoming), priced, None, false, request_bytes)
+            }
+            RouteKind::Passthrough => return Ok((parts, streamed(incoming))),
+        };
+        let amount = charge::hold_amount(&priced, request_bytes, max_output)?;
+        let request_id = ledger_request_id(&ctx.request_id);
+        let context = SpendContext { key: key.key, end_user: end_user.as_deref() };
+        let hold = self
+            .ledger
+            .hold(key.wallet, request_id, amount, context, now)
+            .map_err(|refusal| ProxyError::Refused(Box::new(refusal)))?;
+        ctx.charge = Some(charge::Charge {
+            key,
+            end_user,
+            request_id,
+            route: Arc::from(route.prefix.as_str()),
+            table,
+            priced: Some(priced),
+            request_bytes,
+            hold: Some(hold),
+            meter: None,
+            injected_usage,
+            upstream_status: None,
+            tool_units: None,
+        });
+        Ok((parts, body))
+    }
+
     /// Phase: build the upstream request. Method, path, query, end-to-end
     /// headers and the body stream pass unchanged; hop-by-hop headers and the
     /// client's credential are removed; the upstream's credential and the
@@ -148,9 +227,9 @@ impl Proxy {
         &self,
         ctx: &mut RequestCtx,
         upstream: &Upstream,
-        request: Request<Incoming>,
+        mut parts: http::request::Parts,
+        body: UpstreamBody,
     ) -> Result<Request<UpstreamBody>, ProxyError> {
-        let (mut parts, body) = request.into_parts();
         parts.uri = upstream::upstream_uri(upstream, &parts.uri).map_err(|e| ProxyError::UpstreamFailed {
             upstream: upstream.name.clone(),
             reason: format!("cannot build upstream URI: {e}"),
@@ -165,11 +244,11 @@ impl Proxy {
             headers.insert(credential.header.clone(), credential.value.clone());
         }
         headers.insert(&REQUEST_ID, ctx.request_id.clone());
-        let limit = usize::try_from(self.config.server.max_body_bytes).unwrap_or(usize::MAX);
-        Ok(Request::from_parts(
-            parts,
-            Either::Left(Limited::new(body, limit)),
-        ))
+        if let Either::Right(full) = &body {
+            // The body may have been rewritten: announce its real length.
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(full.size_hint().exact().unwrap_or(0)));
+        }
+        Ok(Request::from_parts(parts, body))
     }
 
     /// Phase: send upstream and wait for the response head.
@@ -194,14 +273,22 @@ impl Proxy {
     }
 
     /// Phase: adjust the upstream's response head before it goes to the client.
-    pub fn response_filter(&self, _ctx: &mut RequestCtx, response: &mut Response<Incoming>) {
+    pub fn response_filter(&self, ctx: &mut RequestCtx, response: &mut Response<Incoming>) {
         headers::strip_hop_by_hop(response.headers_mut());
+        if let Some(charge) = ctx.charge.as_mut() {
+            charge.on_response_head(response.status(), response.headers());
+            if charge.injected_usage {
+                // The body the client gets is shorter than the upstream's.
+                response.headers_mut().remove(header::CONTENT_LENGTH);
+            }
+        }
     }
 
     /// Phase: runs exactly once per request on every path — success, gateway
     /// error, upstream failure, client disconnect — when the response body
     /// ends or is dropped. Writes the access log line.
-    pub fn settle(&self, ctx: RequestCtx, outcome: Outcome) {
+    pub fn settle(&self, mut ctx: RequestCtx, outcome: Outcome) {
+        let settled = ctx.charge.take().map(|charge| charge.settle(outcome, self.clock.now()));
         let upstream = ctx
             .upstream
             .and_then(|i| self.config.upstreams.get(i))
@@ -217,12 +304,32 @@ impl Proxy {
             upstream_status = ctx.upstream_status.map(|s| s.as_u16()),
             error_code = ctx.error_code,
             outcome = outcome.as_str(),
+            settled = settled.as_ref().map(|s| format!("{s:?}")),
             response_bytes = ctx.response_bytes,
             duration_us = u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX),
             peer = %ctx.peer,
             "request finished"
         );
     }
+}
+
+/// Read a whole request body, refusing one over `limit_bytes`.
+async fn read_body(body: Incoming, limit_bytes: u64) -> Result<Bytes, ProxyError> {
+    let limit = usize::try_from(limit_bytes).unwrap_or(usize::MAX);
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(ProxyError::BodyTooLarge { limit_bytes })
+        }
+        Err(error) => Err(ProxyError::InvalidField { field: "body", reason: format!("could not be read: {error}") }),
+    }
+}
+
+/// The ledger's id for a request: the request id when it is a UUID (ours
+/// always are), otherwise a fresh one.
+fn ledger_request_id(request_id: &HeaderValue) -> RequestId {
+    let parsed = request_id.to_str().ok().and_then(|text| uuid::Uuid::try_parse(text).ok());
+    RequestId(parsed.unwrap_or_else(uuid::Uuid::now_v7))
 }
 
 fn log_error(span: &tracing::Span, level: tracing::Level, code: &str, error: &ProxyError) {

@@ -78,10 +78,25 @@ impl GatewayBody {
         }
     }
 
-    fn count(&mut self, frame: &Frame<Bytes>) {
-        if let (Some(data), Some(s)) = (frame.data_ref(), self.settle.as_mut()) {
-            s.ctx.response_bytes += data.len() as u64;
-        }
+    /// Pass a frame through the meter (which may trim injected usage) and
+    /// count what reaches the client. `None`: nothing left to send yet.
+    fn observe(&mut self, frame: Frame<Bytes>) -> Option<Frame<Bytes>> {
+        let Some(settle) = self.settle.as_mut() else { return Some(frame) };
+        let frame = match frame.into_data() {
+            Ok(data) => {
+                let data = match settle.ctx.charge.as_mut().and_then(|c| c.meter.as_mut()) {
+                    Some(meter) => meter.observe(data),
+                    None => data,
+                };
+                if data.is_empty() {
+                    return None;
+                }
+                settle.ctx.response_bytes += data.len() as u64;
+                Frame::data(data)
+            }
+            Err(frame) => frame,
+        };
+        Some(frame)
     }
 }
 
@@ -94,38 +109,20 @@ impl Body for GatewayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let polled = match &mut this.source {
-            Source::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Source::Upstream {
-                body,
-                idle_timeout,
-                idle_timer,
-            } => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    idle_timer.as_mut().reset(Instant::now() + *idle_timeout);
-                    Poll::Ready(Some(Ok(frame)))
+        loop {
+            match this.poll_source(cx) {
+                Poll::Ready(Some(Ok(frame))) => match this.observe(frame) {
+                    Some(frame) => return Poll::Ready(Some(Ok(frame))),
+                    // The meter is holding an incomplete event; read on.
+                    None => continue,
+                },
+                Poll::Ready(None) => {
+                    this.finish(Outcome::Completed);
+                    return Poll::Ready(None);
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    this.finish(Outcome::UpstreamBroke);
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => {
-                    if idle_timer.as_mut().poll(cx).is_ready() {
-                        let timeout = *idle_timeout;
-                        this.finish(Outcome::UpstreamIdle);
-                        return Poll::Ready(Some(Err(IdleTimeout(timeout).into())));
-                    }
-                    Poll::Pending
-                }
-            },
-        };
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => this.count(frame),
-            Poll::Ready(None) => this.finish(Outcome::Completed),
-            _ => {}
+                other => return other,
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -140,6 +137,39 @@ impl Body for GatewayBody {
             Source::Local(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Source::Local(None) => SizeHint::with_exact(0),
             Source::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+impl GatewayBody {
+    /// The next frame from the source, with idle-timeout and error handling.
+    fn poll_source(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.source {
+            Source::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Source::Upstream {
+                body,
+                idle_timeout,
+                idle_timer,
+            } => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    idle_timer.as_mut().reset(Instant::now() + *idle_timeout);
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.finish(Outcome::UpstreamBroke);
+                    Poll::Ready(Some(Err(e.into())))
+                }
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => {
+                    if idle_timer.as_mut().poll(cx).is_ready() {
+                        let timeout = *idle_timeout;
+                        self.finish(Outcome::UpstreamIdle);
+                        Poll::Ready(Some(Err(IdleTimeout(timeout).into())))
+                    } else {
+                        Poll::Pending
+                    }
+                }
+            },
         }
     }
 }

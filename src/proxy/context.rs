@@ -26,6 +26,10 @@ pub struct RequestCtx {
     pub status: StatusCode,
     /// Machine code of the error the gateway answered with, if any.
     pub error_code: Option<&'static str>,
+    /// The wallet that pays, once the caller is identified.
+    pub wallet: Option<crate::ledger::ids::WalletId>,
+    /// The request's money state, once it holds credits.
+    pub charge: Option<super::charge::Charge>,
     /// Body bytes handed to the client so far.
     pub response_bytes: u64,
     pub span: tracing::Span,
@@ -50,6 +54,8 @@ impl RequestCtx {
             upstream_status: None,
             status: StatusCode::OK,
             error_code: None,
+            wallet: None,
+            charge: None,
             response_bytes: 0,
             span,
         }

@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
+use serde_json::json;
+
+use crate::ledger::ids::WalletKind;
+use crate::ledger::Refusal;
 
 /// A request the gateway answers itself instead of (or after) the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +25,22 @@ pub enum ProxyError {
     UpstreamTimeout { upstream: String, timeout: Duration },
     #[error("upstream {upstream} failed: {reason}")]
     UpstreamFailed { upstream: String, reason: String },
+    #[error("no API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")]
+    MissingKey,
+    #[error("the API key is unknown or revoked")]
+    InvalidKey,
+    #[error("the request body is not valid JSON: {reason}")]
+    InvalidJson { reason: String },
+    #[error("the request names no `model`; add the model to charge for")]
+    MissingModel,
+    #[error("`{model}` has no price on this gateway; use a priced model or ask the operator to add it to the price file")]
+    UnpricedModel { model: String },
+    #[error("`{field}` {reason}")]
+    InvalidField { field: &'static str, reason: String },
+    #[error("this route is metered but the gateway has no price table")]
+    NoPriceTable,
+    #[error("{0}")]
+    Refused(Box<Refusal>),
 }
 
 /// How an error is shown to the client and the operator.
@@ -37,66 +57,94 @@ pub struct ErrorClass {
 impl ProxyError {
     /// The single mapping from errors to responses. Exhaustive on purpose: a
     /// new variant does not compile until it has a status and a code.
+    #[rustfmt::skip]
     pub fn class(&self) -> ErrorClass {
         use tracing::Level;
+        use StatusCode as S;
         let (status, kind, code, level) = match self {
-            ProxyError::RouteNotFound { .. } => (
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "route_not_found",
-                Level::DEBUG,
-            ),
-            ProxyError::BodyTooLarge { .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "body_too_large",
-                Level::DEBUG,
-            ),
-            ProxyError::UpstreamUnreachable { .. } => (
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                "upstream_unreachable",
-                Level::WARN,
-            ),
-            ProxyError::UpstreamConnectTimeout { .. } => (
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream_error",
-                "upstream_connect_timeout",
-                Level::WARN,
-            ),
-            ProxyError::UpstreamTimeout { .. } => (
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream_error",
-                "upstream_timeout",
-                Level::WARN,
-            ),
-            ProxyError::UpstreamFailed { .. } => (
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                "upstream_failed",
-                Level::WARN,
-            ),
+            ProxyError::RouteNotFound { .. } => (S::NOT_FOUND, "invalid_request_error", "route_not_found", Level::DEBUG),
+            ProxyError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "invalid_request_error", "body_too_large", Level::DEBUG),
+            ProxyError::UpstreamUnreachable { .. } => (S::BAD_GATEWAY, "upstream_error", "upstream_unreachable", Level::WARN),
+            ProxyError::UpstreamConnectTimeout { .. } => (S::GATEWAY_TIMEOUT, "upstream_error", "upstream_connect_timeout", Level::WARN),
+            ProxyError::UpstreamTimeout { .. } => (S::GATEWAY_TIMEOUT, "upstream_error", "upstream_timeout", Level::WARN),
+            ProxyError::UpstreamFailed { .. } => (S::BAD_GATEWAY, "upstream_error", "upstream_failed", Level::WARN),
+            ProxyError::MissingKey => (S::UNAUTHORIZED, "authentication_error", "missing_api_key", Level::DEBUG),
+            ProxyError::InvalidKey => (S::UNAUTHORIZED, "authentication_error", "invalid_api_key", Level::DEBUG),
+            ProxyError::InvalidJson { .. } => (S::BAD_REQUEST, "invalid_request_error", "invalid_json", Level::DEBUG),
+            ProxyError::MissingModel => (S::BAD_REQUEST, "invalid_request_error", "missing_model", Level::DEBUG),
+            ProxyError::UnpricedModel { .. } => (S::BAD_REQUEST, "invalid_request_error", "model_not_priced", Level::DEBUG),
+            ProxyError::InvalidField { .. } => (S::BAD_REQUEST, "invalid_request_error", "invalid_field", Level::DEBUG),
+            ProxyError::NoPriceTable => (S::SERVICE_UNAVAILABLE, "gateway_error", "no_price_table", Level::ERROR),
+            ProxyError::Refused(refusal) => refusal_class(refusal),
         };
-        ErrorClass {
-            status,
-            kind,
-            code,
-            level,
-        }
+        ErrorClass { status, kind, code, level }
     }
 
-    /// The JSON error response: `{"error": {"type", "code", "message"}}`.
+    /// The JSON error response: `{"error": {"type", "code", "message"}}`,
+    /// plus the wallet facts for money refusals.
     pub fn to_response(&self) -> Response<Bytes> {
         let class = self.class();
-        json_error(class.status, class.kind, class.code, &self.to_string())
+        let mut body = json!({"error": {"type": class.kind, "code": class.code, "message": self.to_string()}});
+        if let ProxyError::Refused(refusal) = self {
+            add_refusal_facts(&mut body["error"], refusal);
+        }
+        json_body(class.status, &body)
+    }
+}
+
+/// Money refusals are 402; traffic and capacity refusals are 429; a ledger
+/// that cannot record is 503 (never free service).
+#[rustfmt::skip]
+fn refusal_class(refusal: &Refusal) -> (StatusCode, &'static str, &'static str, tracing::Level) {
+    use tracing::Level;
+    match refusal {
+        Refusal::InsufficientFunds { .. } => (StatusCode::PAYMENT_REQUIRED, "insufficient_credits", "insufficient_credits", Level::DEBUG),
+        Refusal::SpendingLimit { .. } => (StatusCode::PAYMENT_REQUIRED, "spend_limit_reached", "spend_limit_reached", Level::DEBUG),
+        Refusal::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "gateway_error", "ledger_unavailable", Level::ERROR),
+        Refusal::TooManyOpenHolds { .. } | Refusal::EndUserCapacity { .. } => {
+            (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", refusal.code(), Level::WARN)
+        }
+        Refusal::DuplicateRequest { .. } => (StatusCode::CONFLICT, "invalid_request_error", "duplicate_request", Level::DEBUG),
+        Refusal::NotAPayer { .. } | Refusal::UnknownWallet { .. } => {
+            (StatusCode::FORBIDDEN, "authentication_error", refusal.code(), Level::WARN)
+        }
+        Refusal::InvalidAmount { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "gateway_error", "invalid_amount", Level::ERROR),
+    }
+}
+
+fn add_refusal_facts(error: &mut serde_json::Value, refusal: &Refusal) {
+    let (view, required) = match refusal {
+        Refusal::InsufficientFunds { wallet, required } => (wallet, *required),
+        Refusal::SpendingLimit { wallet, required, limit } => {
+            error["limit"] = json!({
+                "subject": format!("{:?}", limit.subject).to_lowercase(),
+                "period": format!("{:?}", limit.period).to_lowercase(),
+                "cap": limit.cap.to_string(),
+                "spent": limit.spent.to_string(),
+                "resets_at": limit.resets_at,
+            });
+            error["resets_at"] = json!(limit.resets_at);
+            (wallet, *required)
+        }
+        _ => return,
+    };
+    error["wallet"] = json!(match view.kind {
+        WalletKind::Pool => "org",
+        WalletKind::Lite => "lite",
+    });
+    error["available"] = json!(view.available.normalize().to_string());
+    error["required"] = json!(required.normalize().to_string());
+    if matches!(refusal, Refusal::InsufficientFunds { .. }) {
+        error["resets_at"] = json!(view.resets_at);
     }
 }
 
 /// Build a JSON error response in the gateway's one error shape.
 pub fn json_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response<Bytes> {
-    let body = serde_json::json!({
-        "error": { "type": kind, "code": code, "message": message }
-    });
+    json_body(status, &json!({"error": {"type": kind, "code": code, "message": message}}))
+}
+
+fn json_body(status: StatusCode, body: &serde_json::Value) -> Response<Bytes> {
     let mut response = Response::new(Bytes::from(body.to_string()));
     *response.status_mut() = status;
     response

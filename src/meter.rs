@@ -1,0 +1,325 @@
+//! Usage extraction from upstream responses: JSON bodies, SSE streams and
+//! tool headers. The meter watches bytes go by; it never holds them back,
+//! except when it must remove the usage chunk the gateway itself asked for
+//! (then it releases each SSE event as soon as the event is complete).
+
+use bytes::{Bytes, BytesMut};
+use serde_json::Value;
+
+/// Most bytes of a non-streamed JSON body kept for usage parsing; a larger
+/// body is still forwarded whole, but charged at its hold.
+pub const MAX_METERED_JSON_BYTES: usize = 4 * 1024 * 1024;
+/// Longest SSE line the meter keeps while looking for its end.
+const MAX_SSE_LINE_BYTES: usize = 1024 * 1024;
+/// Rough bytes per token used to estimate what a cut-short stream delivered.
+const BYTES_PER_TOKEN_ESTIMATE: u64 = 4;
+
+/// Token counts as reported (each `None` until seen).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reported {
+    /// All input tokens, cached ones included.
+    pub input_tokens: Option<u64>,
+    pub cached_input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+}
+
+impl Reported {
+    pub fn is_complete(&self) -> bool {
+        self.input_tokens.is_some() && self.output_tokens.is_some()
+    }
+
+    /// Keep the larger of each count: Anthropic streams report output
+    /// cumulatively (`message_start` says 1, `message_delta` the total).
+    fn merge(&mut self, other: Reported) {
+        fn max(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        self.input_tokens = max(self.input_tokens, other.input_tokens);
+        self.cached_input_tokens = max(self.cached_input_tokens, other.cached_input_tokens);
+        self.output_tokens = max(self.output_tokens, other.output_tokens);
+    }
+}
+
+/// Read a `usage` object in any of the shapes the supported APIs use.
+pub fn usage_from_json(value: &Value) -> Option<Reported> {
+    let usage = value
+        .get("usage")
+        .filter(|u| u.is_object())
+        .or_else(|| value.pointer("/message/usage"))
+        .or_else(|| value.pointer("/response/usage"))?;
+    let count = |key: &str| usage.get(key).and_then(Value::as_u64);
+    let cached = usage
+        .pointer("/prompt_tokens_details/cached_tokens")
+        .or_else(|| usage.pointer("/input_tokens_details/cached_tokens"))
+        .and_then(Value::as_u64);
+    let anthropic_cache_read = count("cache_read_input_tokens");
+    let anthropic_cache_write = count("cache_creation_input_tokens");
+    let input = match count("prompt_tokens") {
+        // OpenAI chat and embeddings: prompt_tokens includes cached tokens.
+        Some(prompt) => Some(prompt),
+        // Responses API includes cached tokens in input_tokens; Anthropic
+        // reports cache reads and writes beside input_tokens.
+        None => count("input_tokens").map(|input| {
+            input.saturating_add(anthropic_cache_read.unwrap_or(0)).saturating_add(anthropic_cache_write.unwrap_or(0))
+        }),
+    };
+    Some(Reported {
+        input_tokens: input,
+        cached_input_tokens: cached.or(anthropic_cache_read),
+        output_tokens: count("completion_tokens").or_else(|| count("output_tokens")),
+    })
+}
+
+/// Watches one response body and collects its usage.
+#[derive(Debug)]
+pub struct Meter {
+    mode: Mode,
+    reported: Reported,
+    /// Bytes of generated text seen in stream deltas (for cut-short streams).
+    text_bytes: u64,
+    /// Remove the usage-only chunk and `"usage":null` fields the gateway
+    /// asked for on the client's behalf.
+    strip_injected_usage: bool,
+}
+
+#[derive(Debug)]
+enum Mode {
+    /// A whole JSON body, parsed at the end.
+    Json { buffer: BytesMut, overflowed: bool },
+    /// Server-sent events, parsed line by line as they pass.
+    Sse { line: BytesMut, pending_event: BytesMut },
+}
+
+impl Meter {
+    /// A meter for a response whose head says whether it is an event stream.
+    pub fn new(event_stream: bool, strip_injected_usage: bool) -> Self {
+        let mode = if event_stream {
+            Mode::Sse { line: BytesMut::new(), pending_event: BytesMut::new() }
+        } else {
+            Mode::Json { buffer: BytesMut::new(), overflowed: false }
+        };
+        Meter { mode, reported: Reported::default(), text_bytes: 0, strip_injected_usage }
+    }
+
+    /// Look at one chunk; returns what the client should get (the chunk
+    /// itself unless injected usage must be removed).
+    pub fn observe(&mut self, chunk: Bytes) -> Bytes {
+        match &mut self.mode {
+            Mode::Json { buffer, overflowed } => {
+                if buffer.len() + chunk.len() <= MAX_METERED_JSON_BYTES {
+                    buffer.extend_from_slice(&chunk);
+                } else {
+                    *overflowed = true;
+                }
+                chunk
+            }
+            Mode::Sse { .. } if self.strip_injected_usage => self.observe_sse_rewriting(&chunk),
+            Mode::Sse { .. } => {
+                self.scan_lines(&chunk);
+                chunk
+            }
+        }
+    }
+
+    /// Usage once the body has ended.
+    pub fn finish(&mut self) -> Reported {
+        if let Mode::Json { buffer, overflowed: false } = &self.mode {
+            if let Some(found) = serde_json::from_slice::<Value>(buffer).ok().as_ref().and_then(usage_from_json) {
+                self.reported.merge(found);
+            }
+        }
+        self.reported
+    }
+
+    /// Estimated output tokens delivered so far (for a stream cut short).
+    pub fn delivered_output_estimate(&self) -> u64 {
+        self.text_bytes.div_ceil(BYTES_PER_TOKEN_ESTIMATE)
+    }
+
+    pub fn reported(&self) -> Reported {
+        self.reported
+    }
+
+    fn scan_lines(&mut self, chunk: &[u8]) {
+        let Mode::Sse { line, .. } = &mut self.mode else { return };
+        let mut rest = chunk;
+        let mut complete: Vec<BytesMut> = Vec::new();
+        while let Some(at) = rest.iter().position(|&b| b == b'\n') {
+            if line.len() + at <= MAX_SSE_LINE_BYTES {
+                line.extend_from_slice(&rest[..at]);
+                complete.push(line.split());
+            } else {
+                line.clear();
+            }
+            rest = &rest[at + 1..];
+        }
+        if line.len() + rest.len() <= MAX_SSE_LINE_BYTES {
+            line.extend_from_slice(rest);
+        } else {
+            line.clear();
+        }
+        for full in complete {
+            self.on_line(&full);
+        }
+    }
+
+    fn on_line(&mut self, line: &[u8]) {
+        let Some(data) = line.strip_prefix(b"data:") else { return };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        self.text_bytes += delta_text_len(data);
+        // Cheap scan before parsing: most events carry no usage.
+        if contains(data, b"\"usage\"") {
+            if let Some(found) = serde_json::from_slice::<Value>(data).ok().as_ref().and_then(usage_from_json) {
+                self.reported.merge(found);
+            }
+        }
+    }
+
+    /// Pass whole events through, minus the injected usage: the usage-only
+    /// chunk is dropped and `"usage":null` fields are removed.
+    fn observe_sse_rewriting(&mut self, chunk: &[u8]) -> Bytes {
+        if let Mode::Sse { pending_event, .. } = &mut self.mode {
+            pending_event.extend_from_slice(chunk);
+        }
+        let mut out = BytesMut::new();
+        loop {
+            let Mode::Sse { pending_event, .. } = &mut self.mode else { break };
+            let Some(end) = find(pending_event, b"\n\n") else { break };
+            let event = pending_event.split_to(end + 2);
+            let data_line = event.strip_prefix(b"data: ").or_else(|| event.strip_prefix(b"data:"));
+            let usage_only = data_line.is_some_and(|d| contains(d, b"\"choices\":[]") && contains(d, b"\"usage\":{"));
+            let rewritten = remove_all(&event, b",\"usage\":null");
+            self.scan_lines(&event);
+            if !usage_only {
+                out.extend_from_slice(&rewritten);
+            }
+        }
+        out.freeze()
+    }
+}
+
+/// Length of the generated text in a stream delta (OpenAI `content`,
+/// Anthropic `text`), without parsing the event.
+fn delta_text_len(data: &[u8]) -> u64 {
+    for key in [&b"\"content\":\""[..], &b"\"text\":\""[..]] {
+        if let Some(start) = find(data, key) {
+            let text = &data[start + key.len()..];
+            let mut escaped = false;
+            for (i, &b) in text.iter().enumerate() {
+                match b {
+                    b'\\' if !escaped => escaped = true,
+                    b'"' if !escaped => return i as u64,
+                    _ => escaped = false,
+                }
+            }
+        }
+    }
+    0
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    find(haystack, needle).is_some()
+}
+
+fn remove_all(haystack: &[u8], needle: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut rest = haystack;
+    while let Some(at) = find(rest, needle) {
+        out.extend_from_slice(&rest[..at]);
+        rest = &rest[at + needle.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn feed_split(meter: &mut Meter, text: &[u8], at: usize) -> Vec<u8> {
+        let mut out = meter.observe(Bytes::copy_from_slice(&text[..at])).to_vec();
+        out.extend_from_slice(&meter.observe(Bytes::copy_from_slice(&text[at..])));
+        out
+    }
+
+    const OPENAI_STREAM: &str = concat!(
+        "data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}],\"id\":\"x\",\"usage\":null}\n\n",
+        "data: {\"choices\":[],\"id\":\"x\",\"usage\":{\"completion_tokens\":7,\"prompt_tokens\":11,\"total_tokens\":18}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    #[test]
+    fn openai_stream_usage_is_found_at_every_split_point() {
+        for at in 0..=OPENAI_STREAM.len() {
+            let mut meter = Meter::new(true, false);
+            let out = feed_split(&mut meter, OPENAI_STREAM.as_bytes(), at);
+            assert_eq!(out, OPENAI_STREAM.as_bytes(), "bytes pass unchanged (split at {at})");
+            let r = meter.finish();
+            assert_eq!((r.input_tokens, r.output_tokens), (Some(11), Some(7)), "split at {at}");
+        }
+    }
+
+    #[test]
+    fn injected_usage_is_removed_at_every_split_point() {
+        let expected = "data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}],\"id\":\"x\"}\n\ndata: [DONE]\n\n";
+        for at in 0..=OPENAI_STREAM.len() {
+            let mut meter = Meter::new(true, true);
+            let out = feed_split(&mut meter, OPENAI_STREAM.as_bytes(), at);
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "split at {at}");
+            assert_eq!(meter.finish().output_tokens, Some(7));
+        }
+    }
+
+    #[test]
+    fn anthropic_stream_takes_input_from_start_and_output_from_delta() {
+        let stream = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"abcdefgh\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n\n",
+        );
+        for at in 0..=stream.len() {
+            let mut meter = Meter::new(true, false);
+            feed_split(&mut meter, stream.as_bytes(), at);
+            let r = meter.finish();
+            assert_eq!((r.input_tokens, r.output_tokens), (Some(20), Some(9)), "split at {at}");
+            assert_eq!(meter.delivered_output_estimate(), 2, "8 text bytes ~ 2 tokens");
+        }
+    }
+
+    #[test]
+    fn json_bodies_of_each_flavour() {
+        let cases = [
+            (r#"{"usage":{"prompt_tokens":5,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":2}}}"#, (5, 2, 3)),
+            (r#"{"usage":{"prompt_tokens":5,"total_tokens":5}}"#, (5, 0, 0)),
+            (r#"{"usage":{"input_tokens":6,"output_tokens":4,"input_tokens_details":{"cached_tokens":1}}}"#, (6, 1, 4)),
+            (r#"{"usage":{"input_tokens":6,"output_tokens":4,"cache_read_input_tokens":10}}"#, (16, 10, 4)),
+        ];
+        for (body, (input, cached, output)) in cases {
+            let mut meter = Meter::new(false, false);
+            feed_split(&mut meter, body.as_bytes(), body.len() / 2);
+            let r = meter.finish();
+            assert_eq!(r.input_tokens, Some(input), "{body}");
+            assert_eq!(r.cached_input_tokens.unwrap_or(0), cached, "{body}");
+            assert_eq!(r.output_tokens.unwrap_or(0), output, "{body}");
+        }
+    }
+
+    #[test]
+    fn negative_or_garbage_usage_is_not_believed() {
+        let mut meter = Meter::new(false, false);
+        meter.observe(Bytes::from_static(br#"{"usage":{"prompt_tokens":-5,"completion_tokens":"many"}}"#));
+        let r = meter.finish();
+        assert_eq!((r.input_tokens, r.output_tokens), (None, None));
+        let mut meter = Meter::new(false, false);
+        meter.observe(Bytes::from_static(b"not json at all"));
+        assert!(!meter.finish().is_complete());
+    }
+}
