@@ -15,11 +15,11 @@ use crate::admin::{Admin, Readiness};
 use crate::clock::{Clock, SystemClock};
 use crate::config::GatewayConfig;
 use crate::ledger::{Ledger, LedgerConfig};
-use crate::store::SledStore;
-use crate::store::{open_ledger, GroupCommit, StoreConfig};
 use crate::pricing::LivePrices;
 use crate::proxy::Proxy;
 use crate::server::{self, Drained, ServeOptions};
+use crate::store::SledStore;
+use crate::store::{open_ledger, GroupCommit, StoreConfig};
 use crate::telemetry::metrics::Metrics;
 
 /// A running gateway: the proxy listener and the admin listener.
@@ -56,7 +56,11 @@ impl Gateway {
         let opened = open_ledger(&ledger_dir, LedgerConfig::default(), StoreConfig::default())
             .with_context(|| format!("cannot open the ledger in {}", ledger_dir.display()))?;
         let (ledger, writer) = (opened.ledger, opened.writer);
-        tokio::spawn(void_expired_holds(ledger.clone(), clock.clone(), shutdown.clone()));
+        tokio::spawn(void_expired_holds(
+            ledger.clone(),
+            clock.clone(),
+            shutdown.clone(),
+        ));
         let proxy_listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {} (proxy)", config.server.listen))?;

@@ -72,7 +72,11 @@ pub struct SeededKeys {
 
 /// A fresh API key secret: 244 random bits behind a recognisable prefix.
 pub fn new_secret() -> String {
-    format!("cg_{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+    format!(
+        "cg_{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 /// Create an org with a one-year contract funding its pool, a Pro user, a
@@ -86,7 +90,14 @@ pub fn seed_org(ledger: &Ledger, spec: &SeedSpec, now: DateTime<Utc>) -> Result<
         seat_allocation_per_year: Decimal::ZERO,
     };
     let org = ledger
-        .create_org(NewOrg { name: spec.org_name.clone(), time_zone: chrono_tz::UTC, contract: Some(contract) }, now)?
+        .create_org(
+            NewOrg {
+                name: spec.org_name.clone(),
+                time_zone: chrono_tz::UTC,
+                contract: Some(contract),
+            },
+            now,
+        )?
         .id;
     let user = |name: &str, plan, allowance| NewUser {
         name: name.to_owned(),
@@ -95,14 +106,31 @@ pub fn seed_org(ledger: &Ledger, spec: &SeedSpec, now: DateTime<Utc>) -> Result<
         prorate_on_downgrade: false,
         limits: Limits::default(),
     };
-    let pro = ledger.create_user(org, user("pro-user", Plan::Pro, Decimal::ZERO), now)?.id;
-    let lite = ledger.create_user(org, user("lite-user", Plan::Lite, spec.lite_allowance), now)?.id;
+    let pro = ledger
+        .create_user(org, user("pro-user", Plan::Pro, Decimal::ZERO), now)?
+        .id;
+    let lite = ledger
+        .create_user(org, user("lite-user", Plan::Lite, spec.lite_allowance), now)?
+        .id;
     let app = ledger
-        .create_app(org, NewApp { name: "embedded-app".into(), limits: Limits::default(), end_user_limits: Limits::default() }, now)?
+        .create_app(
+            org,
+            NewApp {
+                name: "embedded-app".into(),
+                limits: Limits::default(),
+                end_user_limits: Limits::default(),
+            },
+            now,
+        )?
         .id;
     let key_for = |owner: Owner, label: &str| -> Result<String, LedgerError> {
         let secret = new_secret();
-        let new = NewKey { owner, hash: KeyHash::of_secret(&secret), label: label.to_owned(), limits: Limits::default() };
+        let new = NewKey {
+            owner,
+            hash: KeyHash::of_secret(&secret),
+            label: label.to_owned(),
+            limits: Limits::default(),
+        };
         ledger.create_key(org, new, now)?;
         Ok(secret)
     };
@@ -143,7 +171,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let gateway = Gateway::start(config, shutdown).await?;
     let spec = SeedSpec {
         org_name: "demo-org".into(),
-        pool: Decimal::new(2, 3),          // $0.002: a handful of calls
+        pool: Decimal::new(2, 3),           // $0.002: a handful of calls
         lite_allowance: Decimal::new(1, 3), // $0.001 a month
     };
     let keys = seed_org(&gateway.ledger(), &spec, Utc::now()).context("cannot seed the demo org")?;

@@ -259,7 +259,9 @@ impl Ledger {
     /// Balance less open holds, without copying the wallet's lots (for the
     /// `x-creditgate-available` header on every response).
     pub fn available(&self, wallet: WalletId) -> Option<Decimal> {
-        self.wallets.get(&wallet).map(|cell| cell.value().state.lock().available())
+        self.wallets
+            .get(&wallet)
+            .map(|cell| cell.value().state.lock().available())
     }
 
     fn cell(&self, wallet: WalletId) -> Option<Arc<WalletCell>> {

@@ -158,11 +158,22 @@ fn check_config(path: PathBuf) -> ExitCode {
         config.upstreams.len(),
         config.routes.len()
     );
-    let Some(pricing) = &config.pricing else { return ExitCode::SUCCESS };
+    let Some(pricing) = &config.pricing else {
+        return ExitCode::SUCCESS;
+    };
     let metrics = Arc::new(Metrics::default());
-    match LivePrices::load(&pricing.file, config.required_tools(), chrono::Utc::now(), metrics) {
+    match LivePrices::load(
+        &pricing.file,
+        config.required_tools(),
+        chrono::Utc::now(),
+        metrics,
+    ) {
         Ok(prices) => {
-            println!("{}: ok (version {})", pricing.file.display(), prices.status().version);
+            println!(
+                "{}: ok (version {})",
+                pricing.file.display(),
+                prices.status().version
+            );
             ExitCode::SUCCESS
         }
         Err(error) => {

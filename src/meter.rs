@@ -63,7 +63,9 @@ pub fn usage_from_json(value: &Value) -> Option<Reported> {
         // Responses API includes cached tokens in input_tokens; Anthropic
         // reports cache reads and writes beside input_tokens.
         None => count("input_tokens").map(|input| {
-            input.saturating_add(anthropic_cache_read.unwrap_or(0)).saturating_add(anthropic_cache_write.unwrap_or(0))
+            input
+                .saturating_add(anthropic_cache_read.unwrap_or(0))
+                .saturating_add(anthropic_cache_write.unwrap_or(0))
         }),
     };
     Some(Reported {
@@ -97,11 +99,22 @@ impl Meter {
     /// A meter for a response whose head says whether it is an event stream.
     pub fn new(event_stream: bool, strip_injected_usage: bool) -> Self {
         let mode = if event_stream {
-            Mode::Sse { line: BytesMut::new(), pending_event: BytesMut::new() }
+            Mode::Sse {
+                line: BytesMut::new(),
+                pending_event: BytesMut::new(),
+            }
         } else {
-            Mode::Json { buffer: BytesMut::new(), overflowed: false }
+            Mode::Json {
+                buffer: BytesMut::new(),
+                overflowed: false,
+            }
         };
-        Meter { mode, reported: Reported::default(), text_bytes: 0, strip_injected_usage }
+        Meter {
+            mode,
+            reported: Reported::default(),
+            text_bytes: 0,
+            strip_injected_usage,
+        }
     }
 
     /// Look at one chunk; returns what the client should get (the chunk
@@ -126,8 +139,16 @@ impl Meter {
 
     /// Usage once the body has ended.
     pub fn finish(&mut self) -> Reported {
-        if let Mode::Json { buffer, overflowed: false } = &self.mode {
-            if let Some(found) = serde_json::from_slice::<Value>(buffer).ok().as_ref().and_then(usage_from_json) {
+        if let Mode::Json {
+            buffer,
+            overflowed: false,
+        } = &self.mode
+        {
+            if let Some(found) = serde_json::from_slice::<Value>(buffer)
+                .ok()
+                .as_ref()
+                .and_then(usage_from_json)
+            {
                 self.reported.merge(found);
             }
         }
@@ -144,7 +165,9 @@ impl Meter {
     }
 
     fn scan_lines(&mut self, chunk: &[u8]) {
-        let Mode::Sse { line, .. } = &mut self.mode else { return };
+        let Mode::Sse { line, .. } = &mut self.mode else {
+            return;
+        };
         let mut rest = chunk;
         let mut complete: Vec<BytesMut> = Vec::new();
         while let Some(at) = rest.iter().position(|&b| b == b'\n') {
@@ -167,12 +190,18 @@ impl Meter {
     }
 
     fn on_line(&mut self, line: &[u8]) {
-        let Some(data) = line.strip_prefix(b"data:") else { return };
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
         let data = data.strip_prefix(b" ").unwrap_or(data);
         self.text_bytes += delta_text_len(data);
         // Cheap scan before parsing: most events carry no usage.
         if contains(data, b"\"usage\"") {
-            if let Some(found) = serde_json::from_slice::<Value>(data).ok().as_ref().and_then(usage_from_json) {
+            if let Some(found) = serde_json::from_slice::<Value>(data)
+                .ok()
+                .as_ref()
+                .and_then(usage_from_json)
+            {
                 self.reported.merge(found);
             }
         }
@@ -186,11 +215,18 @@ impl Meter {
         }
         let mut out = BytesMut::new();
         loop {
-            let Mode::Sse { pending_event, .. } = &mut self.mode else { break };
-            let Some(end) = find(pending_event, b"\n\n") else { break };
+            let Mode::Sse { pending_event, .. } = &mut self.mode else {
+                break;
+            };
+            let Some(end) = find(pending_event, b"\n\n") else {
+                break;
+            };
             let event = pending_event.split_to(end + 2);
-            let data_line = event.strip_prefix(b"data: ").or_else(|| event.strip_prefix(b"data:"));
-            let usage_only = data_line.is_some_and(|d| contains(d, b"\"choices\":[]") && contains(d, b"\"usage\":{"));
+            let data_line = event
+                .strip_prefix(b"data: ")
+                .or_else(|| event.strip_prefix(b"data:"));
+            let usage_only =
+                data_line.is_some_and(|d| contains(d, b"\"choices\":[]") && contains(d, b"\"usage\":{"));
             let rewritten = remove_all(&event, b",\"usage\":null");
             self.scan_lines(&event);
             if !usage_only {
@@ -261,15 +297,24 @@ mod tests {
         for at in 0..=OPENAI_STREAM.len() {
             let mut meter = Meter::new(true, false);
             let out = feed_split(&mut meter, OPENAI_STREAM.as_bytes(), at);
-            assert_eq!(out, OPENAI_STREAM.as_bytes(), "bytes pass unchanged (split at {at})");
+            assert_eq!(
+                out,
+                OPENAI_STREAM.as_bytes(),
+                "bytes pass unchanged (split at {at})"
+            );
             let r = meter.finish();
-            assert_eq!((r.input_tokens, r.output_tokens), (Some(11), Some(7)), "split at {at}");
+            assert_eq!(
+                (r.input_tokens, r.output_tokens),
+                (Some(11), Some(7)),
+                "split at {at}"
+            );
         }
     }
 
     #[test]
     fn injected_usage_is_removed_at_every_split_point() {
-        let expected = "data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}],\"id\":\"x\"}\n\ndata: [DONE]\n\n";
+        let expected =
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}],\"id\":\"x\"}\n\ndata: [DONE]\n\n";
         for at in 0..=OPENAI_STREAM.len() {
             let mut meter = Meter::new(true, true);
             let out = feed_split(&mut meter, OPENAI_STREAM.as_bytes(), at);
@@ -289,7 +334,11 @@ mod tests {
             let mut meter = Meter::new(true, false);
             feed_split(&mut meter, stream.as_bytes(), at);
             let r = meter.finish();
-            assert_eq!((r.input_tokens, r.output_tokens), (Some(20), Some(9)), "split at {at}");
+            assert_eq!(
+                (r.input_tokens, r.output_tokens),
+                (Some(20), Some(9)),
+                "split at {at}"
+            );
             assert_eq!(meter.delivered_output_estimate(), 2, "8 text bytes ~ 2 tokens");
         }
     }
@@ -297,10 +346,19 @@ mod tests {
     #[test]
     fn json_bodies_of_each_flavour() {
         let cases = [
-            (r#"{"usage":{"prompt_tokens":5,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":2}}}"#, (5, 2, 3)),
+            (
+                r#"{"usage":{"prompt_tokens":5,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":2}}}"#,
+                (5, 2, 3),
+            ),
             (r#"{"usage":{"prompt_tokens":5,"total_tokens":5}}"#, (5, 0, 0)),
-            (r#"{"usage":{"input_tokens":6,"output_tokens":4,"input_tokens_details":{"cached_tokens":1}}}"#, (6, 1, 4)),
-            (r#"{"usage":{"input_tokens":6,"output_tokens":4,"cache_read_input_tokens":10}}"#, (16, 10, 4)),
+            (
+                r#"{"usage":{"input_tokens":6,"output_tokens":4,"input_tokens_details":{"cached_tokens":1}}}"#,
+                (6, 1, 4),
+            ),
+            (
+                r#"{"usage":{"input_tokens":6,"output_tokens":4,"cache_read_input_tokens":10}}"#,
+                (16, 10, 4),
+            ),
         ];
         for (body, (input, cached, output)) in cases {
             let mut meter = Meter::new(false, false);
@@ -315,7 +373,9 @@ mod tests {
     #[test]
     fn negative_or_garbage_usage_is_not_believed() {
         let mut meter = Meter::new(false, false);
-        meter.observe(Bytes::from_static(br#"{"usage":{"prompt_tokens":-5,"completion_tokens":"many"}}"#));
+        meter.observe(Bytes::from_static(
+            br#"{"usage":{"prompt_tokens":-5,"completion_tokens":"many"}}"#,
+        ));
         let r = meter.finish();
         assert_eq!((r.input_tokens, r.output_tokens), (None, None));
         let mut meter = Meter::new(false, false);

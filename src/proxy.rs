@@ -24,8 +24,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{header, HeaderValue, Request, Response, StatusCode};
 use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
@@ -64,7 +64,14 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Self {
         let upstreams = UpstreamClients::new(&config.upstreams);
-        Proxy { config, upstreams, prices, ledger, clock, metrics }
+        Proxy {
+            config,
+            upstreams,
+            prices,
+            ledger,
+            clock,
+            metrics,
+        }
     }
 
     /// Entry point for one request: run the phases, turn any error into the
@@ -90,7 +97,11 @@ impl Proxy {
         };
         ctx.status = response.status();
         response.headers_mut().insert(&REQUEST_ID, ctx.request_id.clone());
-        if let Some(available) = ctx.wallet.and_then(|w| self.ledger.available(w)).and_then(charge::available_header) {
+        if let Some(available) = ctx
+            .wallet
+            .and_then(|w| self.ledger.available(w))
+            .and_then(charge::available_header)
+        {
             response.headers_mut().insert(&charge::AVAILABLE, available);
         }
         response.body_mut().settle_with(self.clone(), ctx);
@@ -167,7 +178,12 @@ impl Proxy {
     ) -> Result<(http::request::Parts, UpstreamBody), ProxyError> {
         let limit = self.config.server.max_body_bytes;
         let (parts, incoming) = request.into_parts();
-        let streamed = |incoming| Either::Left(Limited::new(incoming, usize::try_from(limit).unwrap_or(usize::MAX)));
+        let streamed = |incoming| {
+            Either::Left(Limited::new(
+                incoming,
+                usize::try_from(limit).unwrap_or(usize::MAX),
+            ))
+        };
         if route.kind == RouteKind::Passthrough {
             return Ok((parts, streamed(incoming)));
         }
@@ -186,7 +202,13 @@ impl Proxy {
                     Some(rewritten) => (rewritten, true),
                     None => (bytes, false),
                 };
-                (Either::Right(Full::new(bytes)), priced, fields.max_output_tokens, injected, request_bytes)
+                (
+                    Either::Right(Full::new(bytes)),
+                    priced,
+                    fields.max_output_tokens,
+                    injected,
+                    request_bytes,
+                )
             }
             RouteKind::Tool { name, units_header } => {
                 let priced = charge::price_tool(&table, name, units_header.clone(), now)?;
@@ -197,7 +219,10 @@ impl Proxy {
         };
         let amount = charge::hold_amount(&priced, request_bytes, max_output)?;
         let request_id = ledger_request_id(&ctx.request_id);
-        let context = SpendContext { key: key.key, end_user: end_user.as_deref() };
+        let context = SpendContext {
+            key: key.key,
+            end_user: end_user.as_deref(),
+        };
         let hold = self
             .ledger
             .hold(key.wallet, request_id, amount, context, now)
@@ -246,7 +271,10 @@ impl Proxy {
         headers.insert(&REQUEST_ID, ctx.request_id.clone());
         if let Either::Right(full) = &body {
             // The body may have been rewritten: announce its real length.
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(full.size_hint().exact().unwrap_or(0)));
+            headers.insert(
+                header::CONTENT_LENGTH,
+                HeaderValue::from(full.size_hint().exact().unwrap_or(0)),
+            );
         }
         Ok(Request::from_parts(parts, body))
     }
@@ -288,14 +316,20 @@ impl Proxy {
     /// error, upstream failure, client disconnect — when the response body
     /// ends or is dropped. Writes the access log line.
     pub fn settle(&self, mut ctx: RequestCtx, outcome: Outcome) {
-        let settled = ctx.charge.take().map(|charge| charge.settle(outcome, self.clock.now()));
+        let settled = ctx
+            .charge
+            .take()
+            .map(|charge| charge.settle(outcome, self.clock.now()));
         let upstream = ctx
             .upstream
             .and_then(|i| self.config.upstreams.get(i))
             .map_or("-", |u| u.name.as_str());
         let route = ctx.route_prefix.clone().unwrap_or_else(|| "none".to_owned());
         let status = ctx.status.as_u16();
-        self.metrics.requests.get_or_create(&RequestLabels { route, status }).inc();
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
         let _entered = ctx.span.enter();
         tracing::info!(
             target: "creditgate::access",
@@ -321,14 +355,20 @@ async fn read_body(body: Incoming, limit_bytes: u64) -> Result<Bytes, ProxyError
         Err(error) if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(ProxyError::BodyTooLarge { limit_bytes })
         }
-        Err(error) => Err(ProxyError::InvalidField { field: "body", reason: format!("could not be read: {error}") }),
+        Err(error) => Err(ProxyError::InvalidField {
+            field: "body",
+            reason: format!("could not be read: {error}"),
+        }),
     }
 }
 
 /// The ledger's id for a request: the request id when it is a UUID (ours
 /// always are), otherwise a fresh one.
 fn ledger_request_id(request_id: &HeaderValue) -> RequestId {
-    let parsed = request_id.to_str().ok().and_then(|text| uuid::Uuid::try_parse(text).ok());
+    let parsed = request_id
+        .to_str()
+        .ok()
+        .and_then(|text| uuid::Uuid::try_parse(text).ok());
     RequestId(parsed.unwrap_or_else(uuid::Uuid::now_v7))
 }
 

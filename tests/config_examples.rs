@@ -47,8 +47,20 @@ fn every_price_example_parses_and_prices_what_the_gateway_example_routes() {
         &|_| None,
     )
     .unwrap();
-    let pricing = config.pricing.as_ref().expect("the example config names a price file");
+    let pricing = config
+        .pricing
+        .as_ref()
+        .expect("the example config names a price file");
     let metrics = std::sync::Arc::new(creditgate::telemetry::metrics::Metrics::default());
-    let live = creditgate::pricing::LivePrices::load(&pricing.file, config.required_tools(), chrono::Utc::now(), metrics);
-    assert!(live.is_ok(), "the example price file prices every tool the example routes name: {:?}", live.err());
+    let live = creditgate::pricing::LivePrices::load(
+        &pricing.file,
+        config.required_tools(),
+        chrono::Utc::now(),
+        metrics,
+    );
+    assert!(
+        live.is_ok(),
+        "the example price file prices every tool the example routes name: {:?}",
+        live.err()
+    );
 }

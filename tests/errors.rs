@@ -48,9 +48,20 @@ async fn refused_upstream_is_502() {
     let data_dir = tempfile::tempdir().unwrap();
     let config = parse_config(&config_text(port, "", ""), data_dir.path());
     let gateway = Gateway::start(config, CancellationToken::new()).await.unwrap();
+    let keys = seed(&gateway, "10", "1");
     let url = format!("http://{}/v1/chat/completions", gateway.proxy_addr());
-    let reply = post_json(&url, &serde_json::json!({"model": "mock-gpt"})).await;
+    let before = gateway
+        .ledger()
+        .available(creditgate::ledger::ids::WalletId::Pool(keys.org));
+    let reply = post_json(&url, &keys.pro, &serde_json::json!({"model": "mock-gpt"})).await;
     assert_error(&reply, 502, "upstream_unreachable");
+    let after = gateway
+        .ledger()
+        .available(creditgate::ledger::ids::WalletId::Pool(keys.org));
+    assert_eq!(
+        before, after,
+        "an unreachable upstream costs nothing and leaves no hold open"
+    );
 }
 
 #[tokio::test]
@@ -58,6 +69,7 @@ async fn upstream_that_never_answers_is_504() {
     let stack = start_with("", "response_timeout_ms = 300", MockOptions::default()).await;
     let request = Request::post(stack.url("/v1/chat/completions"))
         .header("x-mock-hang", "1")
+        .header("authorization", format!("Bearer {}", stack.keys.pro))
         .body(Full::new(Bytes::from(r#"{"model":"mock-gpt"}"#)))
         .unwrap();
     let started = std::time::Instant::now();
@@ -83,27 +95,27 @@ async fn declared_oversized_body_is_413_before_forwarding() {
 
 #[tokio::test]
 async fn streamed_oversized_body_is_413() {
+    // A chunked body (no declared length) over the limit, written whole in
+    // one go so the client is done writing before the gateway answers.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stack = start_with("max_body_bytes = 1024", "", MockOptions::default()).await;
-    let mut sender = open_h1(stack.gateway.proxy_addr()).await;
-    let (tx, body) = channel_body();
-    let request = Request::post(stack.url("/v1/chat/completions"))
-        .body(body)
-        .unwrap();
-    let feeder = tokio::spawn(async move {
-        for _ in 0..8 {
-            if tx
-                .send(Ok(http_body::Frame::data(Bytes::from(vec![b'x'; 512]))))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-    });
-    let response = sender.send_request(request).await.unwrap();
-    let reply = read(response).await;
-    assert_error(&reply, 413, "body_too_large");
-    feeder.abort();
+    let mut stream = tokio::net::TcpStream::connect(stack.gateway.proxy_addr()).await.unwrap();
+    let chunk = "x".repeat(512);
+    let mut request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ntransfer-encoding: chunked\r\n\r\n",
+        stack.keys.pro
+    );
+    for _ in 0..3 {
+        request.push_str(&format!("200\r\n{chunk}\r\n"));
+    }
+    request.push_str("0\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("body_too_large"), "{text}");
+    assert!(stack.mock.journal().entries().is_empty(), "nothing was forwarded");
 }
 
 #[tokio::test]
@@ -111,6 +123,7 @@ async fn upstream_error_statuses_pass_through_untouched() {
     let stack = start().await;
     let request = Request::post(stack.url("/v1/chat/completions"))
         .header("x-mock-status", "503")
+        .header("authorization", format!("Bearer {}", stack.keys.pro))
         .body(Full::new(Bytes::from(r#"{"model":"mock-gpt"}"#)))
         .unwrap();
     let reply = send(request).await;

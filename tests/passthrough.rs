@@ -104,7 +104,8 @@ async fn chunked_request_bodies_stream_through() {
 #[tokio::test]
 async fn credentials_are_swapped_in_both_directions() {
     let stack = start().await;
-    let client_key = "sk-client-key-must-not-leak";
+    let client_key = stack.keys.pro.clone();
+    let client_key = client_key.as_str();
     let request = Request::post(stack.url("/v1/chat/completions"))
         .header("authorization", format!("Bearer {client_key}"))
         .header("x-api-key", client_key)
@@ -166,8 +167,11 @@ async fn client_request_id_is_kept_when_well_formed() {
             .body(Full::new(Bytes::new()))
             .unwrap()
     };
-    let reply = send(with_id("client-req-42")).await;
-    assert_eq!(reply.header("x-request-id"), Some("client-req-42"));
+    let reply = send(with_id("0192f0c4-7a1b-7cde-8f00-1234567890ab")).await;
+    assert_eq!(
+        reply.header("x-request-id"),
+        Some("0192f0c4-7a1b-7cde-8f00-1234567890ab")
+    );
     let reply = send(with_id("has spaces and ünïcode")).await;
     let id = reply.header("x-request-id").unwrap();
     assert_ne!(id, "has spaces and ünïcode");
@@ -181,6 +185,7 @@ async fn sse_events_reach_the_client_before_the_upstream_writes_the_next() {
     let (tx, body) = channel_body();
     let request = Request::post(stack.url("/v1/chat/completions"))
         .header("x-mock-pace-ms", "200")
+        .header("authorization", format!("Bearer {}", stack.keys.pro))
         .body(body)
         .unwrap();
     tx.send(Ok(http_body::Frame::data(Bytes::from(
@@ -276,6 +281,7 @@ async fn http2_prior_knowledge_upstreams_are_reached_over_h2() {
     let stack = start_with("", "http2_prior_knowledge = true", Default::default()).await;
     let reply = post_json(
         &stack.url("/v1/chat/completions"),
+        &stack.keys.pro,
         &serde_json::json!({"model": "mock-gpt"}),
     )
     .await;

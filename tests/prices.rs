@@ -70,7 +70,10 @@ async fn wait_for_label(stack: &Stack, label: &str) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("price table {label} never came into force; status: {:?}", prices.status());
+    panic!(
+        "price table {label} never came into force; status: {:?}",
+        prices.status()
+    );
 }
 
 fn write_atomically(path: &Path, text: &str) {
@@ -92,22 +95,52 @@ async fn an_invalid_file_keeps_the_old_prices_and_reports_file_and_line() {
     let body = reply.json();
     let problems = body["error"]["problems"].as_array().unwrap();
     let text = format!("{problems:?}");
-    assert!(text.contains("prices.toml:3:"), "negative price at line 3: {text}");
-    assert!(text.contains("prices.toml:5:") && text.contains("bogus"), "unknown key at line 5: {text}");
-    assert_eq!(body["error"]["active_version"].as_str().unwrap().split('@').next(), Some("A"));
+    assert!(
+        text.contains("prices.toml:3:"),
+        "negative price at line 3: {text}"
+    );
+    assert!(
+        text.contains("prices.toml:5:") && text.contains("bogus"),
+        "unknown key at line 5: {text}"
+    );
+    assert_eq!(
+        body["error"]["active_version"]
+            .as_str()
+            .unwrap()
+            .split('@')
+            .next(),
+        Some("A")
+    );
 
     let status = admin(&stack, http::Method::GET, "/admin/v1/prices").await.json();
     assert_eq!(status["label"], "A", "old table still in force");
-    assert!(status["last_reload_error"].as_str().unwrap().contains("prices.toml:3"), "{status}");
+    assert!(
+        status["last_reload_error"]
+            .as_str()
+            .unwrap()
+            .contains("prices.toml:3"),
+        "{status}"
+    );
     assert_eq!(stack.gateway.prices().unwrap().current().version().label, "A");
 
     // The watcher sees the broken file too, and still keeps A.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(stack.gateway.prices().unwrap().current().version().label, "A");
-    let metrics = send(Request::get(stack.admin_url("/metrics")).body(Full::new(Bytes::new())).unwrap()).await;
+    let metrics = send(
+        Request::get(stack.admin_url("/metrics"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
     let metrics = String::from_utf8_lossy(&metrics.body);
-    assert!(metrics.contains("creditgate_price_reloads_total{result=\"failed\"}"), "{metrics}");
-    assert!(metrics.contains("creditgate_price_table_active{version=\"A@"), "{metrics}");
+    assert!(
+        metrics.contains("creditgate_price_reloads_total{result=\"failed\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("creditgate_price_table_active{version=\"A@"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -140,7 +173,11 @@ async fn sighup_reloads() {
     // enough; SIGHUP must reload at once regardless.
     write_atomically(&path, TABLE_B);
     let pid = std::process::id().to_string();
-    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
     wait_for_label(&stack, "B").await;
 }
 
@@ -159,9 +196,15 @@ async fn reloads_under_traffic_never_expose_a_half_written_table() {
                 let table = prices.current();
                 let label = table.version().label.clone();
                 let now = chrono::Utc::now();
-                assert!(table.model("mock-gpt", now).is_some(), "table {label} lacks mock-gpt");
+                assert!(
+                    table.model("mock-gpt", now).is_some(),
+                    "table {label} lacks mock-gpt"
+                );
                 if label == "B" {
-                    assert!(table.model("mock-claude", now).is_some(), "a truncated B was put in force");
+                    assert!(
+                        table.model("mock-claude", now).is_some(),
+                        "a truncated B was put in force"
+                    );
                 }
                 assert!(label == "A" || label == "B", "unexpected table {label}");
                 seen.insert(label);
@@ -205,13 +248,17 @@ async fn reloads_under_traffic_never_expose_a_half_written_table() {
 
 #[tokio::test]
 async fn a_scheduled_price_switch_happens_at_the_injected_instant() {
-    let mock = creditgate::mock::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default()).await.unwrap();
+    let mock = creditgate::mock::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default())
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = parse_config(&config_text(mock.addr(), "", ""), dir.path());
     // The example file moves mock-gpt from 1/2 to 1.5/3 per Mtok at 2027-01-01.
     let switch: chrono::DateTime<chrono::Utc> = "2027-01-01T00:00:00Z".parse().unwrap();
     let clock = ManualClock::new(switch - chrono::TimeDelta::nanoseconds(1));
-    let gateway = Gateway::start_with_clock(config, clock.clone(), CancellationToken::new()).await.unwrap();
+    let gateway = Gateway::start_with_clock(config, clock.clone(), CancellationToken::new())
+        .await
+        .unwrap();
     let table = gateway.prices().unwrap().current();
     use creditgate::clock::Clock;
     let before = table.model("mock-gpt", clock.now()).unwrap();

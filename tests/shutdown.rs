@@ -22,6 +22,7 @@ async fn shutdown_lets_an_in_flight_stream_finish() {
     let mut sender = open_h1(stack.gateway.proxy_addr()).await;
     let request = Request::post(stack.url("/v1/chat/completions"))
         .header("x-mock-pace-ms", "50")
+        .header("authorization", format!("Bearer {}", stack.keys.pro))
         .body(creditgate::mock::MockBody::Full(Some(Bytes::from(STREAM_BODY))))
         .unwrap();
     let response = sender.send_request(request).await.unwrap();
@@ -105,7 +106,7 @@ async fn sigterm_drains_a_stream_and_exits_zero() {
     let mut stream = std::net::TcpStream::connect(&addr).unwrap();
     write!(
         stream,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-mock-pace-ms: 60\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{STREAM_BODY}",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: passthrough.test\r\nx-mock-pace-ms: 60\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{STREAM_BODY}",
         STREAM_BODY.len()
     )
     .unwrap();

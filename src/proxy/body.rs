@@ -81,7 +81,9 @@ impl GatewayBody {
     /// Pass a frame through the meter (which may trim injected usage) and
     /// count what reaches the client. `None`: nothing left to send yet.
     fn observe(&mut self, frame: Frame<Bytes>) -> Option<Frame<Bytes>> {
-        let Some(settle) = self.settle.as_mut() else { return Some(frame) };
+        let Some(settle) = self.settle.as_mut() else {
+            return Some(frame);
+        };
         let frame = match frame.into_data() {
             Ok(data) => {
                 let data = match settle.ctx.charge.as_mut().and_then(|c| c.meter.as_mut()) {

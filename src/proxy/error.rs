@@ -84,7 +84,8 @@ impl ProxyError {
     /// plus the wallet facts for money refusals.
     pub fn to_response(&self) -> Response<Bytes> {
         let class = self.class();
-        let mut body = json!({"error": {"type": class.kind, "code": class.code, "message": self.to_string()}});
+        let mut body =
+            json!({"error": {"type": class.kind, "code": class.code, "message": self.to_string()}});
         if let ProxyError::Refused(refusal) = self {
             add_refusal_facts(&mut body["error"], refusal);
         }
@@ -115,7 +116,11 @@ fn refusal_class(refusal: &Refusal) -> (StatusCode, &'static str, &'static str, 
 fn add_refusal_facts(error: &mut serde_json::Value, refusal: &Refusal) {
     let (view, required) = match refusal {
         Refusal::InsufficientFunds { wallet, required } => (wallet, *required),
-        Refusal::SpendingLimit { wallet, required, limit } => {
+        Refusal::SpendingLimit {
+            wallet,
+            required,
+            limit,
+        } => {
             error["limit"] = json!({
                 "subject": format!("{:?}", limit.subject).to_lowercase(),
                 "period": format!("{:?}", limit.period).to_lowercase(),
@@ -141,7 +146,10 @@ fn add_refusal_facts(error: &mut serde_json::Value, refusal: &Refusal) {
 
 /// Build a JSON error response in the gateway's one error shape.
 pub fn json_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response<Bytes> {
-    json_body(status, &json!({"error": {"type": kind, "code": code, "message": message}}))
+    json_body(
+        status,
+        &json!({"error": {"type": kind, "code": code, "message": message}}),
+    )
 }
 
 fn json_body(status: StatusCode, body: &serde_json::Value) -> Response<Bytes> {

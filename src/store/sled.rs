@@ -53,7 +53,8 @@ fn open_db(dir: &Path) -> Result<::sled::Db, StoreError> {
     loop {
         match ::sled::Config::new().path(dir).flush_every_ms(None).open() {
             Err(::sled::Error::Io(error))
-                if error.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+                if error.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use creditgate::app::Gateway;
 use creditgate::config::GatewayConfig;
+use creditgate::demo::{seed_org, SeedSpec, SeededKeys};
 use creditgate::mock::{MockBody, MockOptions, MockUpstream};
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Full};
@@ -24,6 +25,7 @@ pub const ADMIN_TOKEN: &str = "admin-token-for-tests";
 pub const PRICES_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/prices.toml");
 
 pub struct Stack {
+    pub keys: SeededKeys,
     pub mock: MockUpstream,
     pub gateway: Gateway,
     pub shutdown: CancellationToken,
@@ -96,6 +98,13 @@ units_header = "x-usage-units"
 prefix = "/echo"
 upstream = "mock"
 passthrough = true
+
+# Unmetered access to the model endpoints, for tests of the bare data path.
+[[routes]]
+prefix = "/v1"
+host = "passthrough.test"
+upstream = "mock"
+passthrough = true
 "#,
         prices = PRICES_FILE,
     )
@@ -123,12 +132,25 @@ pub async fn start_with(extra_server: &str, extra_upstream: &str, mock_options: 
     );
     let shutdown = CancellationToken::new();
     let gateway = Gateway::start(config, shutdown.clone()).await.unwrap();
+    let keys = seed(&gateway, "100", "1");
     Stack {
+        keys,
         mock,
         gateway,
         shutdown,
         data_dir,
     }
+}
+
+/// Seed an org whose pool holds `pool` dollars and whose Lite user gets
+/// `lite` dollars a month.
+pub fn seed(gateway: &Gateway, pool: &str, lite: &str) -> SeededKeys {
+    let spec = SeedSpec {
+        org_name: "test-org".into(),
+        pool: pool.parse().unwrap(),
+        lite_allowance: lite.parse().unwrap(),
+    };
+    seed_org(&gateway.ledger(), &spec, chrono::Utc::now()).unwrap()
 }
 
 pub async fn start() -> Stack {
@@ -173,9 +195,11 @@ pub async fn read(response: Response<Incoming>) -> Reply {
     }
 }
 
-pub async fn post_json(url: &str, body: &serde_json::Value) -> Reply {
+/// POST a JSON body with an API key.
+pub async fn post_json(url: &str, key: &str, body: &serde_json::Value) -> Reply {
     let request = Request::post(url)
         .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {key}"))
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap();
     send(request).await
