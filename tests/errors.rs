@@ -99,10 +99,12 @@ async fn streamed_oversized_body_is_413() {
     // one go so the client is done writing before the gateway answers.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stack = start_with("max_body_bytes = 1024", "", MockOptions::default()).await;
-    let mut stream = tokio::net::TcpStream::connect(stack.gateway.proxy_addr()).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(stack.gateway.proxy_addr())
+        .await
+        .unwrap();
     let chunk = "x".repeat(512);
     let mut request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ntransfer-encoding: chunked\r\n\r\n",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer {}\r\ntransfer-encoding: chunked\r\n\r\n",
         stack.keys.pro
     );
     for _ in 0..3 {
@@ -111,7 +113,11 @@ async fn streamed_oversized_body_is_413() {
     request.push_str("0\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut response),
+    )
+    .await;
     let text = String::from_utf8_lossy(&response);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("body_too_large"), "{text}");

@@ -1,0 +1,361 @@
+//! Every priced request is held, settled exactly from the mock's usage, or
+//! refused with 402 — through a real gateway, mock upstream and sled store.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use creditgate::ledger::entity::KeyHash;
+use creditgate::ledger::ids::WalletId;
+use http::Request;
+use http_body_util::Full;
+use rust_decimal::Decimal;
+use serde_json::json;
+
+fn dec(text: &str) -> Decimal {
+    text.parse().unwrap()
+}
+
+/// The mock's documented usage rules, computed here on their own.
+fn mock_input_tokens(body: &str) -> u64 {
+    (body.len() as u64).div_ceil(4).max(1)
+}
+
+fn mock_output_tokens(max_tokens: u64, seed: u64) -> u64 {
+    max_tokens.min(10 + seed % 41)
+}
+
+/// Cost from config/prices.toml, rounded up to 1e-9 as the price file says.
+fn cost(input: u64, output: u64, input_per_mtok: &str, output_per_mtok: &str, fee: &str) -> Decimal {
+    let million = Decimal::from(1_000_000u64);
+    let exact = Decimal::from(input) * dec(input_per_mtok) / million
+        + Decimal::from(output) * dec(output_per_mtok) / million
+        + dec(fee);
+    exact.round_dp_with_strategy(9, rust_decimal::RoundingStrategy::AwayFromZero)
+}
+
+fn wallet_of(stack: &Stack, key: &str) -> WalletId {
+    stack
+        .gateway
+        .ledger()
+        .resolve_key(&KeyHash::of_secret(key))
+        .unwrap()
+        .wallet
+}
+
+/// The wallet's balance, after checking the books balance.
+fn balance(stack: &Stack, wallet: WalletId) -> Decimal {
+    let b = stack
+        .gateway
+        .ledger()
+        .balance(wallet, chrono::Utc::now())
+        .unwrap();
+    assert_eq!(
+        b.balance,
+        b.totals.balance(),
+        "balance == granted - debited - written_off for {wallet:?}"
+    );
+    assert_eq!(b.open_holds, 0, "no hold is left open");
+    b.balance
+}
+
+async fn post_raw(stack: &Stack, path: &str, key: &str, body: &str) -> Reply {
+    let request = Request::post(stack.url(path))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    send(request).await
+}
+
+#[tokio::test]
+async fn each_flavour_is_charged_exactly() {
+    let stack = start().await;
+    let pool = wallet_of(&stack, &stack.keys.pro);
+    let key = stack.keys.pro.clone();
+    let cases: Vec<(&str, String, Decimal)> = {
+        let chat =
+            r#"{"model":"mock-gpt","messages":[{"role":"user","content":"hello"}],"max_tokens":30,"seed":7}"#;
+        let embed = r#"{"model":"mock-embed","input":"some text to embed"}"#;
+        let responses = r#"{"model":"mock-gpt","input":"hi","max_output_tokens":12,"seed":3}"#;
+        let messages = r#"{"model":"mock-claude","max_tokens":25,"seed":40,"messages":[]}"#;
+        vec![
+            (
+                "/v1/chat/completions",
+                chat.into(),
+                cost(
+                    mock_input_tokens(chat),
+                    mock_output_tokens(30, 7),
+                    "1",
+                    "2",
+                    "0.0001",
+                ),
+            ),
+            (
+                "/v1/embeddings",
+                embed.into(),
+                cost(mock_input_tokens(embed), 0, "0.1", "0", "0"),
+            ),
+            (
+                "/v1/responses",
+                responses.into(),
+                cost(
+                    mock_input_tokens(responses),
+                    mock_output_tokens(12, 3),
+                    "1",
+                    "2",
+                    "0.0001",
+                ),
+            ),
+            (
+                "/v1/messages",
+                messages.into(),
+                cost(
+                    mock_input_tokens(messages),
+                    mock_output_tokens(25, 40),
+                    "3",
+                    "15",
+                    "0",
+                ),
+            ),
+        ]
+    };
+    for (path, body, expected) in cases {
+        let before = balance(&stack, pool);
+        let reply = post_raw(&stack, path, &key, &body).await;
+        assert_eq!(reply.status, 200, "{path}: {:?}", reply.body);
+        assert!(
+            reply.header("x-creditgate-available").is_some(),
+            "{path}: available header"
+        );
+        assert_eq!(before - balance(&stack, pool), expected, "{path} charged exactly");
+    }
+    // Tool: per call plus per unit reported in the header.
+    let before = balance(&stack, pool);
+    let reply = post_raw(
+        &stack,
+        "/v1/tools/web-search",
+        &key,
+        r#"{"query":"rust","num_results":7}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        before - balance(&stack, pool),
+        dec("0.005") + dec("0.001") * Decimal::from(7)
+    );
+}
+
+#[tokio::test]
+async fn streams_are_charged_and_reach_the_client_as_a_direct_call_would() {
+    let stack = start().await;
+    let pool = wallet_of(&stack, &stack.keys.pro);
+    for (body, label) in [
+        (
+            r#"{"model":"mock-gpt","stream":true,"max_tokens":6,"seed":1}"#,
+            "without client usage",
+        ),
+        (
+            r#"{"model":"mock-gpt","stream":true,"max_tokens":6,"seed":1,"stream_options":{"include_usage":true}}"#,
+            "with client usage",
+        ),
+    ] {
+        let direct = {
+            let request = Request::post(format!("http://{}/v1/chat/completions", stack.mock.addr()))
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            send(request).await
+        };
+        let before = balance(&stack, pool);
+        let reply = post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, body).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            String::from_utf8_lossy(&reply.body),
+            String::from_utf8_lossy(&direct.body),
+            "{label}: client bytes identical to a direct call"
+        );
+        let upstream_saw = stack.mock.journal().last().unwrap();
+        let expected = cost(
+            upstream_saw.usage.unwrap().input_tokens,
+            mock_output_tokens(6, 1),
+            "1",
+            "2",
+            "0.0001",
+        );
+        assert_eq!(
+            before - balance(&stack, pool),
+            expected,
+            "{label}: charged from the stream's usage"
+        );
+    }
+    // Anthropic stream: usage from message_start and message_delta.
+    let body = r#"{"model":"mock-claude","stream":true,"max_tokens":9}"#;
+    let before = balance(&stack, pool);
+    let reply = post_raw(&stack, "/v1/messages", &stack.keys.pro, body).await;
+    assert!(String::from_utf8_lossy(&reply.body).contains("message_stop"));
+    assert_eq!(
+        before - balance(&stack, pool),
+        cost(mock_input_tokens(body), 9, "3", "15", "0")
+    );
+}
+
+#[tokio::test]
+async fn an_empty_lite_wallet_gets_402_while_the_pool_still_pays() {
+    let stack = start().await;
+    let keys = seed(&stack.gateway, "100", "0.002");
+    // Each call costs ~$0.00018 and holds ~$0.00043: the $0.002 allowance
+    // runs dry within a dozen calls.
+    let body = r#"{"model":"mock-claude","max_tokens":20}"#;
+    let mut refused = None;
+    for _ in 0..30 {
+        let reply = post_raw(&stack, "/v1/messages", &keys.lite, body).await;
+        if reply.status == 402 {
+            refused = Some(reply);
+            break;
+        }
+        assert_eq!(reply.status, 200);
+    }
+    let refused = refused.expect("the Lite wallet never ran dry");
+    let error = &refused.json()["error"];
+    assert_eq!(error["type"], "insufficient_credits");
+    assert_eq!(error["wallet"], "lite");
+    assert!(
+        error["resets_at"].as_str().unwrap().contains("-01T00:00:00"),
+        "resets on the 1st: {error}"
+    );
+    assert!(dec(error["required"].as_str().unwrap()) > dec(error["available"].as_str().unwrap()));
+    assert!(refused.header("x-creditgate-available").is_some());
+    let forwarded = stack.mock.journal().entries().len();
+    // The pool is untouched by Lite spending and still serves a Pro user.
+    let reply = post_raw(&stack, "/v1/messages", &keys.pro, body).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        stack.mock.journal().entries().len(),
+        forwarded + 1,
+        "the refused call was never forwarded"
+    );
+    assert!(balance(&stack, wallet_of(&stack, &keys.lite)) >= Decimal::ZERO);
+    balance(&stack, wallet_of(&stack, &keys.pro));
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_and_charge_nothing() {
+    let stack = start().await;
+    let pool = wallet_of(&stack, &stack.keys.pro);
+    let before = balance(&stack, pool);
+    let cases = [
+        (
+            stack.keys.pro.as_str(),
+            r#"{"model":"no-such-model"}"#,
+            400,
+            "model_not_priced",
+        ),
+        (
+            stack.keys.pro.as_str(),
+            r#"{"model": "mock-gpt", "#,
+            400,
+            "invalid_json",
+        ),
+        (
+            stack.keys.pro.as_str(),
+            r#"{"messages":[]}"#,
+            400,
+            "missing_model",
+        ),
+        (
+            stack.keys.pro.as_str(),
+            r#"{"model":"mock-gpt","max_tokens":-5}"#,
+            400,
+            "invalid_field",
+        ),
+        (
+            stack.keys.pro.as_str(),
+            r#"{"model":"mock-gpt","stream":"yes"}"#,
+            400,
+            "invalid_field",
+        ),
+        (
+            "cg_unknown_key",
+            r#"{"model":"mock-gpt"}"#,
+            401,
+            "invalid_api_key",
+        ),
+    ];
+    for (key, body, status, code) in cases {
+        let reply = post_raw(&stack, "/v1/chat/completions", key, body).await;
+        assert_eq!(reply.status, status, "{body}");
+        assert_eq!(reply.json()["error"]["code"], code, "{body}");
+    }
+    let no_key = send(
+        Request::post(stack.url("/v1/chat/completions"))
+            .body(Full::new(Bytes::from("{}")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(no_key.status, 401);
+    assert_eq!(no_key.json()["error"]["code"], "missing_api_key");
+    assert!(stack.mock.journal().entries().is_empty(), "nothing was forwarded");
+    assert_eq!(balance(&stack, pool), before, "nothing was charged");
+}
+
+#[tokio::test]
+async fn upstream_errors_charge_nothing() {
+    let stack = start().await;
+    let pool = wallet_of(&stack, &stack.keys.pro);
+    let before = balance(&stack, pool);
+    let request = Request::post(stack.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {}", stack.keys.pro))
+        .header("x-mock-status", "500")
+        .body(Full::new(Bytes::from(r#"{"model":"mock-gpt"}"#)))
+        .unwrap();
+    let reply = send(request).await;
+    assert_eq!(reply.status, 500);
+    assert_eq!(balance(&stack, pool), before, "an upstream 500 costs nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_on_a_nearly_empty_wallet_never_overdraw() {
+    let stack = start().await;
+    let keys = seed(&stack.gateway, "0.01", "0");
+    let pool = wallet_of(&stack, &keys.pro);
+    let body = r#"{"model":"mock-gpt","max_tokens":100}"#; // hold ~ $0.0003
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let url = stack.url("/v1/chat/completions");
+            let key = keys.pro.clone();
+            tokio::spawn(async move {
+                post_json(&url, &key, &serde_json::from_str(body).unwrap())
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut refused = 0;
+    for task in tasks {
+        match task.await.unwrap().as_u16() {
+            200 => ok += 1,
+            402 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let left = balance(&stack, pool);
+    assert!(left >= Decimal::ZERO, "the wallet was overdrawn: {left}");
+    assert!(
+        ok > 0 && refused > 0,
+        "some calls were served ({ok}) and some refused ({refused})"
+    );
+    let per_call = cost(
+        mock_input_tokens(body),
+        mock_output_tokens(100, 0),
+        "1",
+        "2",
+        "0.0001",
+    );
+    assert_eq!(
+        dec("0.01") - left,
+        per_call * Decimal::from(ok),
+        "every served call was charged once"
+    );
+}
