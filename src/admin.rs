@@ -63,9 +63,9 @@ impl Admin {
                 json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "not_ready"}))
             }
             (&Method::GET, "/metrics") => self.metrics_text(),
-            (_, p) if p.starts_with("/admin/v1/") => match self.authorize(&request) {
-                Ok(()) => self.operator(request.method(), p),
-                Err(response) => response,
+            (_, p) if p.starts_with("/admin/v1/") => match self.refuse_unauthorized(&request) {
+                None => self.operator(request.method(), p),
+                Some(refusal) => refusal,
             },
             _ => error(
                 StatusCode::NOT_FOUND,
@@ -76,10 +76,10 @@ impl Admin {
         Ok(response)
     }
 
-    /// Check the operator token in constant time.
-    fn authorize(&self, request: &Request<Incoming>) -> Result<(), Response<GatewayBody>> {
+    /// Check the operator token in constant time; the refusal if it fails.
+    fn refuse_unauthorized(&self, request: &Request<Incoming>) -> Option<Response<GatewayBody>> {
         let Some(expected) = &self.operator_token else {
-            return Err(error(
+            return Some(error(
                 StatusCode::FORBIDDEN,
                 "admin_disabled",
                 "the admin API is off: set the environment variable named by [admin] token_env",
@@ -92,9 +92,9 @@ impl Admin {
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
-            Ok(())
+            None
         } else {
-            Err(error(
+            Some(error(
                 StatusCode::UNAUTHORIZED,
                 "invalid_admin_token",
                 "send the operator token as `Authorization: Bearer <token>`",

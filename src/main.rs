@@ -49,6 +49,11 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         pace_ms: u64,
     },
+    /// Ledger operations on a data directory (the gateway must be stopped).
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
     /// Run the mock upstream and the gateway together on the example config.
     Demo {
         /// Config file (default: config/gateway.toml if present, else built in).
@@ -58,6 +63,15 @@ enum Command {
         overrides: Overrides,
         #[arg(long)]
         mock_listen: Option<SocketAddr>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Recompute every wallet from its ledger entries; exit non-zero on any mismatch.
+    Verify {
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
     },
 }
 
@@ -96,6 +110,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve { config, overrides } => serve(config, overrides).await,
         Command::CheckConfig { config } => Ok(check_config(config)),
+        Command::Ledger {
+            command: LedgerCommand::Verify { data_dir },
+        } => ledger_verify(&data_dir),
         Command::MockUpstream {
             listen,
             latency_ms,
@@ -180,6 +197,31 @@ fn check_config(path: PathBuf) -> ExitCode {
             eprintln!("{error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn ledger_verify(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    // The gateway keeps its ledger in <data-dir>/ledger.
+    let dir = data_dir.join("ledger");
+    if !dir.exists() {
+        anyhow::bail!("no ledger at {}", dir.display());
+    }
+    let report = creditgate::store::verify_store(&dir)?;
+    println!(
+        "{}: {} record(s), {} wallet(s), {} entries checked",
+        dir.display(),
+        report.records,
+        report.audit.wallets,
+        report.audit.entries
+    );
+    if report.is_clean() {
+        println!("ok: every wallet's balance equals granted - debited - written_off");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for mismatch in &report.audit.mismatches {
+            eprintln!("mismatch: {mismatch:?}");
+        }
+        Ok(ExitCode::FAILURE)
     }
 }
 

@@ -214,10 +214,7 @@ impl Meter {
             pending_event.extend_from_slice(chunk);
         }
         let mut out = BytesMut::new();
-        loop {
-            let Mode::Sse { pending_event, .. } = &mut self.mode else {
-                break;
-            };
+        while let Mode::Sse { pending_event, .. } = &mut self.mode {
             let Some(end) = find(pending_event, b"\n\n") else {
                 break;
             };

@@ -11,7 +11,6 @@ use creditgate::ledger::ids::WalletId;
 use http::Request;
 use http_body_util::Full;
 use rust_decimal::Decimal;
-use serde_json::json;
 
 fn dec(text: &str) -> Decimal {
     text.parse().unwrap()
@@ -358,4 +357,49 @@ async fn concurrent_requests_on_a_nearly_empty_wallet_never_overdraw() {
         per_call * Decimal::from(ok),
         "every served call was charged once"
     );
+}
+
+#[tokio::test]
+async fn ledger_verify_passes_after_traffic_and_a_restart_keeps_the_books() {
+    let stack = start().await;
+    let pool = wallet_of(&stack, &stack.keys.pro);
+    for seed in 0..5 {
+        let body = format!(r#"{{"model":"mock-gpt","max_tokens":40,"seed":{seed}}}"#);
+        assert_eq!(
+            post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, &body)
+                .await
+                .status,
+            200
+        );
+    }
+    let before = balance(&stack, pool);
+    let data_dir = stack.data_dir.path().to_owned();
+    stack.shutdown.cancel();
+    stack.gateway.wait().await;
+    stack.mock.stop().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_creditgate"))
+        .args(["ledger", "verify", "--data-dir"])
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Reopen the same directory: the balance survives the restart.
+    let mock = creditgate::mock::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default())
+        .await
+        .unwrap();
+    let config = parse_config(&config_text(mock.addr(), "", ""), &data_dir);
+    let gateway = creditgate::app::Gateway::start(config, tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    let after = gateway.ledger().balance(pool, chrono::Utc::now()).unwrap();
+    assert_eq!(
+        after.balance, before,
+        "restart rebuilt the same balance from sled"
+    );
+    assert_eq!(after.balance, after.totals.balance());
 }

@@ -44,7 +44,8 @@ struct SettleOnDone {
 
 pub struct GatewayBody {
     source: Source,
-    settle: Option<SettleOnDone>,
+    /// Boxed: the context is large and the body is moved around by hyper.
+    settle: Option<Box<SettleOnDone>>,
 }
 
 impl GatewayBody {
@@ -69,11 +70,12 @@ impl GatewayBody {
 
     /// Arrange for `proxy.settle(ctx, ..)` to run when this body is done.
     pub fn settle_with(&mut self, proxy: Arc<Proxy>, ctx: RequestCtx) {
-        self.settle = Some(SettleOnDone { proxy, ctx });
+        self.settle = Some(Box::new(SettleOnDone { proxy, ctx }));
     }
 
     fn finish(&mut self, outcome: Outcome) {
-        if let Some(SettleOnDone { proxy, ctx }) = self.settle.take() {
+        if let Some(done) = self.settle.take() {
+            let SettleOnDone { proxy, ctx } = *done;
             proxy.settle(ctx, outcome);
         }
     }
