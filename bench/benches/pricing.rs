@@ -14,10 +14,7 @@ use creditgate::pricing::{HoldRequest, PriceTable, TokenUsage};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 /// The example price file shipped with the gateway.
-const PRICES: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../config/prices.toml"
-));
+const PRICES: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/prices.toml"));
 
 /// A fixed instant, so the schedule picked never changes between runs.
 fn now() -> DateTime<Utc> {
