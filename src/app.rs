@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{Admin, Readiness};
 use crate::clock::{Clock, SystemClock};
 use crate::config::GatewayConfig;
+use crate::ledger::entry::LedgerEntry;
+use crate::ledger::journal::RecordBody;
 use crate::ledger::{Ledger, LedgerConfig};
 use crate::pricing::LivePrices;
 use crate::proxy::Proxy;
@@ -134,6 +136,20 @@ impl Gateway {
     /// The ledger (for seeding by the demo, the admin API and tests).
     pub fn ledger(&self) -> Arc<Ledger> {
         self.ledger.clone()
+    }
+
+    /// Ledger entries written to the store so far (appended within one flush
+    /// window of being made), oldest first, after entry id `after`.
+    pub fn ledger_entries(&self, after: u64, limit: usize) -> anyhow::Result<Vec<LedgerEntry>> {
+        use crate::store::Store as _;
+        let records = self.writer.store().read_after(after, limit)?;
+        Ok(records
+            .into_iter()
+            .filter_map(|record| match record.body {
+                RecordBody::Entry(entry) => Some(entry),
+                _ => None,
+            })
+            .collect())
     }
 
     /// The live price table, when the config names a price file.

@@ -50,6 +50,30 @@ pub struct GatewayConfig {
     /// The price file; required when any route is metered.
     pub pricing: Option<PricingConfig>,
     pub admin: AdminConfig,
+    pub traffic: TrafficConfig,
+}
+
+/// Per-key traffic caps (answered with 429, never mixed with money refusals).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrafficConfig {
+    pub defaults: TrafficCaps,
+    /// Overrides by API key id.
+    pub per_key: HashMap<u64, TrafficCaps>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficCaps {
+    /// Requests a key may start per minute; `None`: no cap.
+    pub requests_per_minute: Option<u32>,
+    /// Requests a key may have open at once; `None`: no cap.
+    pub max_in_flight: Option<u32>,
+}
+
+impl TrafficConfig {
+    pub fn caps_for(&self, key_id: u64) -> TrafficCaps {
+        self.per_key.get(&key_id).copied().unwrap_or(self.defaults)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -237,6 +261,7 @@ struct RawTop {
     log: Option<Spanned<toml::Value>>,
     pricing: Option<Spanned<toml::Value>>,
     admin: Option<Spanned<toml::Value>>,
+    traffic: Option<Spanned<toml::Value>>,
     #[serde(default)]
     upstreams: BTreeMap<String, Spanned<toml::Value>>,
     #[serde(default)]
@@ -299,6 +324,16 @@ struct RawRoute {
 struct RawPricing {
     file: PathBuf,
     watch_interval_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTraffic {
+    requests_per_minute: Option<u32>,
+    max_in_flight: Option<u32>,
+    /// Overrides by key id: `[traffic.per_key."12"]`.
+    #[serde(default)]
+    per_key: BTreeMap<String, TrafficCaps>,
 }
 
 #[derive(Deserialize, Default)]
@@ -429,6 +464,8 @@ impl GatewayConfig {
                 .filter(|t| !t.is_empty()),
         };
 
+        let traffic = validate_traffic(&mut checker, top.traffic);
+
         let mut upstreams = Vec::new();
         let mut upstream_index = HashMap::new();
         for (name, value) in top.upstreams {
@@ -489,6 +526,7 @@ impl GatewayConfig {
             routes,
             pricing,
             admin,
+            traffic,
         })
     }
 
@@ -547,6 +585,34 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
         ),
         max_connections: raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS).max(1),
     }
+}
+
+fn validate_traffic(checker: &mut Checker<'_>, value: Option<Spanned<toml::Value>>) -> TrafficConfig {
+    let Some(value) = value else {
+        return TrafficConfig::default();
+    };
+    let offset = value.span().start;
+    let Some(raw) = checker.section::<RawTraffic>("[traffic]", value) else {
+        return TrafficConfig::default();
+    };
+    let mut per_key = HashMap::new();
+    for (id, caps) in raw.per_key {
+        match id.parse::<u64>() {
+            Ok(id) => {
+                per_key.insert(id, caps);
+            }
+            Err(_) => checker.problem(
+                offset,
+                format!("[traffic.per_key.{id:?}] is not a key id"),
+                Some("key ids are whole numbers, as the admin API shows them"),
+            ),
+        }
+    }
+    let defaults = TrafficCaps {
+        requests_per_minute: raw.requests_per_minute,
+        max_in_flight: raw.max_in_flight,
+    };
+    TrafficConfig { defaults, per_key }
 }
 
 fn validate_upstream(

@@ -18,6 +18,7 @@ mod charge;
 mod context;
 mod error;
 mod headers;
+mod traffic;
 mod upstream;
 
 use std::convert::Infallible;
@@ -53,6 +54,7 @@ pub struct Proxy {
     ledger: Arc<Ledger>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
+    traffic: traffic::TrafficCaps,
 }
 
 impl Proxy {
@@ -64,6 +66,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Self {
         let upstreams = UpstreamClients::new(&config.upstreams);
+        let traffic = traffic::TrafficCaps::new(config.traffic.clone());
         Proxy {
             config,
             upstreams,
@@ -71,6 +74,7 @@ impl Proxy {
             ledger,
             clock,
             metrics,
+            traffic,
         }
     }
 
@@ -189,6 +193,7 @@ impl Proxy {
         }
         let (key, end_user) = charge::identify(&self.ledger, &parts.headers)?;
         ctx.wallet = Some(key.wallet);
+        ctx.in_flight = self.traffic.admit(key.key)?;
         let table = self.prices.as_ref().ok_or(ProxyError::NoPriceTable)?.current();
         let now = self.clock.now();
         let (body, priced, max_output, injected_usage, request_bytes) = match &route.kind {
@@ -362,8 +367,8 @@ async fn read_body(body: Incoming, limit_bytes: u64) -> Result<Bytes, ProxyError
     }
 }
 
-/// The ledger's id for a request: the request id when it is a UUID (ours
-/// always are), otherwise a fresh one.
+/// The ledger's id for a request: the request id, which is always a UUID
+/// (a fresh one stands in should it somehow not parse).
 fn ledger_request_id(request_id: &HeaderValue) -> RequestId {
     let parsed = request_id
         .to_str()

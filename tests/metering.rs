@@ -403,3 +403,267 @@ async fn ledger_verify_passes_after_traffic_and_a_restart_keeps_the_books() {
     );
     assert_eq!(after.balance, after.totals.balance());
 }
+
+use creditgate::ledger::entry::EntryKind;
+use creditgate::ledger::ids::Owner;
+use creditgate::ledger::limit::Limits;
+
+fn resolved(stack: &Stack, key: &str) -> creditgate::ledger::ResolvedKey {
+    stack
+        .gateway
+        .ledger()
+        .resolve_key(&KeyHash::of_secret(key))
+        .unwrap()
+}
+
+const SMALL_CALL: &str = r#"{"model":"mock-gpt","max_tokens":20}"#;
+
+#[tokio::test]
+async fn a_revoked_key_gets_401() {
+    let stack = start().await;
+    assert_eq!(
+        post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL)
+            .await
+            .status,
+        200
+    );
+    let key = resolved(&stack, &stack.keys.pro);
+    stack.gateway.ledger().revoke_key(key.org, key.key).unwrap();
+    let reply = post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.json()["error"]["code"], "invalid_api_key");
+}
+
+#[tokio::test]
+async fn a_key_limit_refuses_with_402_and_names_the_limit_while_other_keys_go_on() {
+    let stack = start().await;
+    let key = resolved(&stack, &stack.keys.pro);
+    let limits = Limits {
+        daily: Some(dec("0.001")),
+        ..Limits::default()
+    };
+    stack
+        .gateway
+        .ledger()
+        .set_key_limits(key.org, key.key, limits)
+        .unwrap();
+    let mut refused = None;
+    for _ in 0..20 {
+        let reply = post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await;
+        if reply.status == 402 {
+            refused = Some(reply);
+            break;
+        }
+        assert_eq!(reply.status, 200);
+    }
+    let refused = refused.expect("the daily key limit never applied");
+    let error = &refused.json()["error"];
+    assert_eq!(error["type"], "spend_limit_reached", "{error}");
+    assert_eq!(error["limit"]["subject"], "key");
+    assert_eq!(error["limit"]["period"], "day");
+    assert_eq!(error["limit"]["cap"], "0.001");
+    assert!(
+        error["resets_at"].as_str().unwrap().ends_with("T00:00:00Z"),
+        "resets at midnight: {error}"
+    );
+    // The pool still has money: the app's key is not limited.
+    assert_eq!(
+        post_raw(&stack, "/v1/chat/completions", &stack.keys.app, SMALL_CALL)
+            .await
+            .status,
+        200
+    );
+    balance(&stack, key.wallet);
+}
+
+#[tokio::test]
+async fn a_user_limit_covers_all_of_the_users_keys() {
+    let stack = start().await;
+    let key = resolved(&stack, &stack.keys.pro);
+    let Owner::User(user) = key.owner else {
+        panic!("the pro key belongs to a user")
+    };
+    let limits = Limits {
+        monthly: Some(dec("0.0005")),
+        ..Limits::default()
+    };
+    stack
+        .gateway
+        .ledger()
+        .set_user_limits(key.org, user, limits)
+        .unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await);
+    }
+    let refused = statuses
+        .iter()
+        .find(|r| r.status == 402)
+        .expect("the monthly user limit never applied");
+    assert_eq!(refused.json()["error"]["limit"]["subject"], "user");
+    assert_eq!(refused.json()["error"]["limit"]["period"], "month");
+}
+
+#[tokio::test]
+async fn an_app_key_records_its_end_user_on_the_debit() {
+    let stack = start().await;
+    let request = Request::post(stack.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {}", stack.keys.app))
+        .header("x-creditgate-end-user", "customer-42")
+        .body(Full::new(Bytes::from(SMALL_CALL)))
+        .unwrap();
+    let reply = send(request).await;
+    assert_eq!(reply.status, 200);
+    let request_id = reply.header("x-request-id").unwrap().to_owned();
+    let debit = wait_for_debit(&stack).await;
+    let EntryKind::Debit(debit) = debit.kind else {
+        unreachable!()
+    };
+    assert_eq!(debit.end_user.as_deref(), Some("customer-42"));
+    assert!(matches!(debit.owner, Owner::App(_)), "{:?}", debit.owner);
+    assert_eq!(
+        debit.request_id.0.simple().to_string(),
+        request_id,
+        "the ledger names the request id the client saw"
+    );
+    assert_eq!(&*debit.details.model, "mock-gpt");
+    assert_eq!(&*debit.details.route, "/v1/chat/completions");
+    assert!(
+        debit
+            .details
+            .price_version
+            .starts_with(&format!("{}@", "2025-11")),
+        "{}",
+        debit.details.price_version
+    );
+    assert_eq!(debit.details.usage.output_tokens, mock_output_tokens(20, 0));
+}
+
+async fn wait_for_debit(stack: &Stack) -> creditgate::ledger::entry::LedgerEntry {
+    for _ in 0..200 {
+        let entries = stack.gateway.ledger_entries(0, 10_000).unwrap();
+        if let Some(debit) = entries
+            .into_iter()
+            .find(|e| matches!(e.kind, EntryKind::Debit(_)))
+        {
+            return debit;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("no debit entry reached the store");
+}
+
+#[tokio::test]
+async fn requests_over_the_per_key_rate_get_429_and_cost_nothing() {
+    let stack = start_edited(|text| format!("{text}\n[traffic]\nrequests_per_minute = 3\n")).await;
+    let pool = wallet_of(&stack, &stack.keys.pro);
+    let before = balance(&stack, pool);
+    for _ in 0..3 {
+        assert_eq!(
+            post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL)
+                .await
+                .status,
+            200
+        );
+    }
+    let spent_on_three = before - balance(&stack, pool);
+    let reply = post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.json()["error"]["code"], "traffic_cap");
+    assert_eq!(reply.json()["error"]["cap"], "requests_per_minute");
+    assert!(reply.header("retry-after").is_some());
+    assert_eq!(
+        stack.mock.journal().entries().len(),
+        3,
+        "the fourth call was not forwarded"
+    );
+    assert_eq!(
+        before - balance(&stack, pool),
+        spent_on_three,
+        "nothing held or charged for the 429"
+    );
+    // Another key has its own budget.
+    assert_eq!(
+        post_raw(&stack, "/v1/chat/completions", &stack.keys.app, SMALL_CALL)
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_key_over_its_in_flight_cap_gets_429_until_a_request_ends() {
+    let stack = start_edited(|text| format!("{text}\n[traffic]\nmax_in_flight = 1\n")).await;
+    let slow = {
+        let url = stack.url("/v1/chat/completions");
+        let key = stack.keys.pro.clone();
+        tokio::spawn(async move {
+            let request = Request::post(url)
+                .header("authorization", format!("Bearer {key}"))
+                .header("x-mock-latency-ms", "400")
+                .body(Full::new(Bytes::from(SMALL_CALL)))
+                .unwrap();
+            send(request).await.status
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let reply = post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await;
+    assert_eq!(reply.status, 429, "a second request while one is open");
+    assert_eq!(reply.json()["error"]["cap"], "max_in_flight");
+    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(
+        post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL)
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_is_charged_for_what_was_delivered() {
+    let stack = start().await;
+    let pool = wallet_of(&stack, &stack.keys.pro);
+    let before = balance(&stack, pool);
+    // 40 tokens, one event each, 30 ms apart: ~1.2 s in all.
+    let body = r#"{"model":"mock-gpt","stream":true,"max_tokens":40,"seed":30}"#;
+    let full_cost = cost(mock_input_tokens(body), 40, "1", "2", "0.0001");
+    let hold = {
+        let bytes = body.len() as u64;
+        Decimal::from(bytes) / Decimal::from(1_000_000u64)
+            + Decimal::from(40u64 * 2) / Decimal::from(1_000_000u64)
+            + dec("0.0001")
+    };
+    {
+        let mut sender = open_h1(stack.gateway.proxy_addr()).await;
+        let request = Request::post(stack.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {}", stack.keys.pro))
+            .header("x-mock-pace-ms", "30")
+            .body(creditgate::mock::MockBody::Full(Some(Bytes::from(body))))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let mut stream = response.into_body();
+        for _ in 0..5 {
+            next_chunk(&mut stream).await.unwrap();
+        }
+        // Dropping the body and the connection: the client is gone.
+    }
+    let mut charged = Decimal::ZERO;
+    for _ in 0..200 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let b = stack.gateway.ledger().balance(pool, chrono::Utc::now()).unwrap();
+        if b.open_holds == 0 {
+            charged = before - b.balance;
+            break;
+        }
+    }
+    assert!(
+        charged > Decimal::ZERO,
+        "something was delivered, so something is charged"
+    );
+    assert!(
+        charged < full_cost,
+        "charged {charged}, less than the full stream's {full_cost}"
+    );
+    assert!(charged <= hold, "never more than the hold");
+    balance(&stack, pool);
+}

@@ -7,7 +7,6 @@ use http::{HeaderValue, Method, StatusCode, Uri};
 
 /// What one request has picked up on its way through the phases. Created when
 /// the request arrives, handed to `settle` exactly once when its response ends.
-#[derive(Debug)]
 pub struct RequestCtx {
     pub request_id: HeaderValue,
     pub started: Instant,
@@ -28,6 +27,8 @@ pub struct RequestCtx {
     pub error_code: Option<&'static str>,
     /// The wallet that pays, once the caller is identified.
     pub wallet: Option<crate::ledger::ids::WalletId>,
+    /// Counts this request against its key's in-flight cap until settle.
+    pub in_flight: Option<pingora_limits::inflight::Guard>,
     /// The request's money state, once it holds credits.
     pub charge: Option<super::charge::Charge>,
     /// Body bytes handed to the client so far.
@@ -55,6 +56,7 @@ impl RequestCtx {
             status: StatusCode::OK,
             error_code: None,
             wallet: None,
+            in_flight: None,
             charge: None,
             response_bytes: 0,
             span,

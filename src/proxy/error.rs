@@ -8,6 +8,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
 use crate::ledger::ids::WalletKind;
+use crate::ledger::limit::{LimitPeriod, LimitSubject};
 use crate::ledger::Refusal;
 
 /// A request the gateway answers itself instead of (or after) the upstream.
@@ -41,6 +42,12 @@ pub enum ProxyError {
     NoPriceTable,
     #[error("{0}")]
     Refused(Box<Refusal>),
+    #[error("this key is over its {cap} cap of {limit}; retry after {retry_after_secs} s")]
+    TrafficCap {
+        cap: &'static str,
+        limit: u32,
+        retry_after_secs: u64,
+    },
 }
 
 /// How an error is shown to the client and the operator.
@@ -76,6 +83,7 @@ impl ProxyError {
             ProxyError::InvalidField { .. } => (S::BAD_REQUEST, "invalid_request_error", "invalid_field", Level::DEBUG),
             ProxyError::NoPriceTable => (S::SERVICE_UNAVAILABLE, "gateway_error", "no_price_table", Level::ERROR),
             ProxyError::Refused(refusal) => refusal_class(refusal),
+            ProxyError::TrafficCap { .. } => (S::TOO_MANY_REQUESTS, "rate_limit_error", "traffic_cap", Level::DEBUG),
         };
         ErrorClass { status, kind, code, level }
     }
@@ -89,7 +97,21 @@ impl ProxyError {
         if let ProxyError::Refused(refusal) = self {
             add_refusal_facts(&mut body["error"], refusal);
         }
-        json_body(class.status, &body)
+        let mut response = json_body(class.status, &body);
+        if let ProxyError::TrafficCap {
+            retry_after_secs,
+            cap,
+            limit,
+        } = self
+        {
+            body["error"]["cap"] = json!(cap);
+            body["error"]["limit"] = json!(limit);
+            response = json_body(class.status, &body);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+        response
     }
 }
 
@@ -122,10 +144,10 @@ fn add_refusal_facts(error: &mut serde_json::Value, refusal: &Refusal) {
             limit,
         } => {
             error["limit"] = json!({
-                "subject": format!("{:?}", limit.subject).to_lowercase(),
-                "period": format!("{:?}", limit.period).to_lowercase(),
-                "cap": limit.cap.to_string(),
-                "spent": limit.spent.to_string(),
+                "subject": limit_subject(&limit.subject),
+                "period": limit_period(limit.period),
+                "cap": limit.cap.normalize().to_string(),
+                "spent": limit.spent.normalize().to_string(),
                 "resets_at": limit.resets_at,
             });
             error["resets_at"] = json!(limit.resets_at);
@@ -141,6 +163,24 @@ fn add_refusal_facts(error: &mut serde_json::Value, refusal: &Refusal) {
     error["required"] = json!(required.normalize().to_string());
     if matches!(refusal, Refusal::InsufficientFunds { .. }) {
         error["resets_at"] = json!(view.resets_at);
+    }
+}
+
+fn limit_subject(subject: &LimitSubject) -> &'static str {
+    match subject {
+        LimitSubject::Key(_) => "key",
+        LimitSubject::User(_) => "user",
+        LimitSubject::App(_) => "app",
+        LimitSubject::EndUser { .. } => "end_user",
+    }
+}
+
+fn limit_period(period: LimitPeriod) -> &'static str {
+    match period {
+        LimitPeriod::Request => "request",
+        LimitPeriod::Day => "day",
+        LimitPeriod::Month => "month",
+        LimitPeriod::ContractYear => "contract_year",
     }
 }
 

@@ -8,9 +8,6 @@ pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Alternative client credential header (Anthropic style).
 pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
-/// Longest client-supplied request id we accept and echo.
-const MAX_REQUEST_ID_LEN: usize = 128;
-
 /// Headers that describe one connection, not the message, and so must not be
 /// forwarded. `te` is kept when it is exactly `trailers` (needed by gRPC).
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -47,18 +44,16 @@ pub fn strip_client_credentials(headers: &mut HeaderMap) {
     headers.remove(&X_API_KEY);
 }
 
-/// The client's request id if it is well formed, otherwise a fresh one.
-/// Well formed: 1 to 128 characters of `[A-Za-z0-9._:-]`, so it is safe to log
-/// and to store in the ledger.
+/// The client's request id if it is well formed, otherwise a fresh UUIDv7.
+/// Well formed means a UUID (hyphenated or 32 hex digits): the same id then
+/// names the request in the response header, the access log, the trace span
+/// and the ledger entry, and it is always safe to log.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(value) = headers.get(&REQUEST_ID) {
-        let bytes = value.as_bytes();
-        let well_formed = !bytes.is_empty()
-            && bytes.len() <= MAX_REQUEST_ID_LEN
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(b));
-        if well_formed {
+        let is_uuid = value
+            .to_str()
+            .is_ok_and(|text| uuid::Uuid::try_parse(text).is_ok());
+        if is_uuid {
             return value.clone();
         }
     }
@@ -99,8 +94,13 @@ mod tests {
     #[test]
     fn request_id_is_reused_only_when_well_formed() {
         let mut h = HeaderMap::new();
+        h.insert(
+            &REQUEST_ID,
+            HeaderValue::from_static("0192f0c4-7a1b-7cde-8f00-1234567890ab"),
+        );
+        assert_eq!(request_id(&h), "0192f0c4-7a1b-7cde-8f00-1234567890ab");
         h.insert(&REQUEST_ID, HeaderValue::from_static("client-id_1.2:3"));
-        assert_eq!(request_id(&h), "client-id_1.2:3");
+        assert_eq!(request_id(&h).len(), 32, "a non-UUID id is replaced");
         h.insert(&REQUEST_ID, HeaderValue::from_static("bad id with spaces"));
         let generated = request_id(&h);
         assert_eq!(generated.len(), 32, "generated ids are simple uuids");

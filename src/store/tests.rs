@@ -303,3 +303,91 @@ fn verify_store_reports_a_tampered_balance() {
     assert!(!report.is_clean(), "tampering must be found");
     let _unused = Arc::new(());
 }
+
+/// A store in memory that counts what it is asked to do.
+#[derive(Default)]
+struct Counting {
+    appended: AtomicU64,
+    flushes: AtomicU64,
+}
+
+impl Store for Counting {
+    fn append(&self, records: &[Record]) -> Result<(), StoreError> {
+        // Writing a batch takes time (sled: encoding and inserts), long
+        // enough for the queue to fill up behind it, as under real load.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        self.appended.fetch_add(records.len() as u64, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        std::thread::sleep(std::time::Duration::from_micros(200));
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn records(&self) -> Box<dyn Iterator<Item = Result<Record, StoreError>> + '_> {
+        Box::new(std::iter::empty())
+    }
+
+    fn read_after(&self, _after: u64, _limit: usize) -> Result<Vec<Record>, StoreError> {
+        Ok(Vec::new())
+    }
+}
+
+#[test]
+fn the_writer_keeps_flushing_under_steady_load() {
+    // Proves a group closes at its deadline even while records keep coming:
+    // settles become durable within the flush window and a waiting admin
+    // write is answered during the load, not after it.
+    use crate::ledger::journal::Journal;
+    use crate::store::GroupCommit;
+    let dir = tempfile::tempdir().unwrap();
+    let template = {
+        let opened = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
+        populate(&opened.ledger);
+        opened.writer.shutdown().unwrap();
+        drop(opened);
+        all_records(&SledStore::open(dir.path()).unwrap()).remove(0)
+    };
+    let store = Arc::new(Counting::default());
+    let writer = Arc::new(GroupCommit::start(Arc::clone(&store), fast()).unwrap());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (writer, stop, template) = (Arc::clone(&writer), Arc::clone(&stop), template.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                writer.append(template.clone()).unwrap();
+            }
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let flushes_before = store.flushes.load(Ordering::SeqCst);
+    // Sync on another thread: a writer that never flushes would block it
+    // until the load stops, which this test must not wait for.
+    let (done, waited) = std::sync::mpsc::channel();
+    {
+        let writer = Arc::clone(&writer);
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let result = writer.sync();
+            let _ = done.send((result, started.elapsed()));
+        });
+    }
+    let answer = waited.recv_timeout(std::time::Duration::from_secs(2));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let flushes_during = store.flushes.load(Ordering::SeqCst) - flushes_before;
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    writer.shutdown().unwrap();
+    let (result, waited) = answer.expect("a sync under steady load was never answered");
+    result.unwrap();
+    assert!(
+        waited < std::time::Duration::from_secs(1),
+        "a sync under load waited {waited:?}"
+    );
+    assert!(
+        flushes_during >= 10,
+        "only {flushes_during} flushes in 300 ms of steady load"
+    );
+}

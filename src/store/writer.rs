@@ -232,6 +232,12 @@ impl<S: Store> Worker<S> {
                 result = result.and_then(|()| self.hand_over(&mut group.records));
             }
             let left = deadline.saturating_duration_since(Instant::now());
+            // Past the deadline the group closes even if more is queued:
+            // under steady load a zero-timeout receive would always find a
+            // message, and the group would never flush.
+            if left.is_zero() {
+                break;
+            }
             match self.receiver.recv_timeout(left) {
                 Ok(message) => group.take(message),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,

@@ -153,6 +153,25 @@ pub fn seed(gateway: &Gateway, pool: &str, lite: &str) -> SeededKeys {
     seed_org(&gateway.ledger(), &spec, chrono::Utc::now()).unwrap()
 }
 
+/// A stack whose config text the test edits first (e.g. to add [traffic]).
+pub async fn start_edited(edit: impl FnOnce(String) -> String) -> Stack {
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default())
+        .await
+        .unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let config = parse_config(&edit(config_text(mock.addr(), "", "")), data_dir.path());
+    let shutdown = CancellationToken::new();
+    let gateway = Gateway::start(config, shutdown.clone()).await.unwrap();
+    let keys = seed(&gateway, "100", "1");
+    Stack {
+        keys,
+        mock,
+        gateway,
+        shutdown,
+        data_dir,
+    }
+}
+
 pub async fn start() -> Stack {
     start_with("", "", MockOptions::default()).await
 }
