@@ -23,7 +23,8 @@
 //! `x-mock-latency-ms: N` waits before the response head;
 //! `x-mock-pace-ms: N` waits between stream events (default from options);
 //! `x-mock-reset-after: N` breaks the connection after N events (or after half
-//! of a plain body); `x-mock-hang: 1` never answers.
+//! of a plain body); `x-mock-hang: 1` never answers; `x-mock-omit-usage: 1`
+//! leaves `usage` out of a JSON body.
 
 mod responses;
 
@@ -216,6 +217,7 @@ struct Controls {
     pace: Duration,
     reset_after: Option<usize>,
     hang: bool,
+    omit_usage: bool,
 }
 
 impl Controls {
@@ -234,6 +236,7 @@ impl Controls {
             pace: number("x-mock-pace-ms").map_or(options.pace, Duration::from_millis),
             reset_after: number("x-mock-reset-after").and_then(|n| usize::try_from(n).ok()),
             hang: headers.contains_key("x-mock-hang"),
+            omit_usage: headers.contains_key("x-mock-omit-usage"),
         }
     }
 }
@@ -329,7 +332,12 @@ impl MockState {
 
     fn write(&self, reply: Reply, controls: &Controls, mut entry: JournalEntry) -> Response<MockBody> {
         match reply {
-            Reply::Json(status, value, usage) => {
+            Reply::Json(status, mut value, usage) => {
+                if controls.omit_usage {
+                    if let Some(object) = value.as_object_mut() {
+                        object.remove("usage");
+                    }
+                }
                 entry.status = status.as_u16();
                 entry.usage = usage;
                 self.journal.record(entry);

@@ -42,7 +42,7 @@ use crate::config::{Flavour, GatewayConfig, Route, RouteKind, Upstream};
 use crate::ledger::ids::RequestId;
 use crate::ledger::{Ledger, SpendContext};
 use crate::pricing::LivePrices;
-use crate::telemetry::metrics::{Metrics, RequestLabels};
+use crate::telemetry::metrics::{Metrics, RequestLabels, ResultLabels};
 use upstream::{UpstreamBody, UpstreamClients};
 
 /// The gateway's request handler, shared by all connections.
@@ -325,6 +325,10 @@ impl Proxy {
             .charge
             .take()
             .map(|charge| charge.settle(outcome, self.clock.now()));
+        if let Some(result) = &settled {
+            let result = result.metric_label();
+            self.metrics.settles.get_or_create(&ResultLabels { result }).inc();
+        }
         let upstream = ctx
             .upstream
             .and_then(|i| self.config.upstreams.get(i))

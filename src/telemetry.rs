@@ -55,6 +55,10 @@ pub mod metrics {
         pub requests: Family<RequestLabels, Counter>,
         pub price_reloads: Family<ResultLabels, Counter>,
         pub price_version: Family<VersionLabels, Gauge>,
+        /// How held requests ended: debited from usage, debited at the hold
+        /// or from an estimate (no usage reported, stream cut short),
+        /// released (upstream failed), or failed to settle.
+        pub settles: Family<ResultLabels, Counter>,
     }
 
     impl Default for Metrics {
@@ -78,12 +82,9 @@ pub mod metrics {
                 "1 for the price table version in force",
                 price_version.clone(),
             );
-            Metrics {
-                registry,
-                requests,
-                price_reloads,
-                price_version,
-            }
+            let settles = Family::<ResultLabels, Counter>::default();
+            registry.register("settles", "Held requests by how they settled", settles.clone());
+            Metrics { registry, requests, price_reloads, price_version, settles }
         }
     }
 

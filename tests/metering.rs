@@ -667,3 +667,46 @@ async fn a_client_that_leaves_mid_stream_is_charged_for_what_was_delivered() {
     assert!(charged <= hold, "never more than the hold");
     balance(&stack, pool);
 }
+
+#[tokio::test]
+async fn a_success_without_usage_is_charged_at_the_hold_and_counted() {
+    let stack = start().await;
+    let pool = wallet_of(&stack, &stack.keys.pro);
+    let before = balance(&stack, pool);
+    let request = Request::post(stack.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {}", stack.keys.pro))
+        .header("x-mock-omit-usage", "1")
+        .body(Full::new(Bytes::from(SMALL_CALL)))
+        .unwrap();
+    assert_eq!(send(request).await.status, 200);
+    // Hold: 1 token per request byte at $1/M, 20 output tokens at $2/M, the fee.
+    let hold = cost(SMALL_CALL.len() as u64, 20, "1", "2", "0.0001");
+    assert_eq!(before - balance(&stack, pool), hold, "charged exactly the hold");
+    let metrics = send(Request::get(stack.admin_url("/metrics")).body(Full::new(Bytes::new())).unwrap()).await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    assert!(metrics.contains("creditgate_settles_total{result=\"debited_estimate\"} 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_drained_pool_refuses_pro_users_and_apps_but_not_lite_users() {
+    let stack = start().await;
+    let keys = seed(&stack.gateway, "0.002", "1");
+    let mut drained = false;
+    for _ in 0..40 {
+        let reply = post_raw(&stack, "/v1/chat/completions", &keys.pro, SMALL_CALL).await;
+        if reply.status == 402 {
+            assert_eq!(reply.json()["error"]["wallet"], "org");
+            drained = true;
+            break;
+        }
+        assert_eq!(reply.status, 200);
+    }
+    assert!(drained, "the pool never ran dry");
+    let app = post_raw(&stack, "/v1/chat/completions", &keys.app, SMALL_CALL).await;
+    assert_eq!(app.status, 402, "the app draws on the same empty pool");
+    assert_eq!(app.json()["error"]["type"], "insufficient_credits");
+    let lite = post_raw(&stack, "/v1/chat/completions", &keys.lite, SMALL_CALL).await;
+    assert_eq!(lite.status, 200, "the Lite wallet is separate from the pool");
+    assert!(balance(&stack, wallet_of(&stack, &keys.pro)) >= Decimal::ZERO);
+    balance(&stack, wallet_of(&stack, &keys.lite));
+}

@@ -390,6 +390,19 @@ pub enum SettleResult {
     Failed(String),
 }
 
+impl SettleResult {
+    /// Bounded label for the settle metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SettleResult::NotHeld => "not_held",
+            SettleResult::Released => "released",
+            SettleResult::Debited { estimated: false, .. } => "debited",
+            SettleResult::Debited { estimated: true, .. } => "debited_estimate",
+            SettleResult::Failed(_) => "failed",
+        }
+    }
+}
+
 /// The `x-creditgate-available` value.
 pub fn available_header(amount: Decimal) -> Option<HeaderValue> {
     HeaderValue::from_str(&amount.normalize().to_string()).ok()
