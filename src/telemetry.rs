@@ -84,7 +84,13 @@ pub mod metrics {
             );
             let settles = Family::<ResultLabels, Counter>::default();
             registry.register("settles", "Held requests by how they settled", settles.clone());
-            Metrics { registry, requests, price_reloads, price_version, settles }
+            Metrics {
+                registry,
+                requests,
+                price_reloads,
+                price_version,
+                settles,
+            }
         }
     }
 

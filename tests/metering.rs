@@ -682,9 +682,17 @@ async fn a_success_without_usage_is_charged_at_the_hold_and_counted() {
     // Hold: 1 token per request byte at $1/M, 20 output tokens at $2/M, the fee.
     let hold = cost(SMALL_CALL.len() as u64, 20, "1", "2", "0.0001");
     assert_eq!(before - balance(&stack, pool), hold, "charged exactly the hold");
-    let metrics = send(Request::get(stack.admin_url("/metrics")).body(Full::new(Bytes::new())).unwrap()).await;
+    let metrics = send(
+        Request::get(stack.admin_url("/metrics"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
     let metrics = String::from_utf8_lossy(&metrics.body);
-    assert!(metrics.contains("creditgate_settles_total{result=\"debited_estimate\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("creditgate_settles_total{result=\"debited_estimate\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -49,7 +49,15 @@ async fn start_with_prices(text: &str) -> (Stack, std::path::PathBuf) {
     let data = stack.data_dir.path().join("data");
     let config = parse_config(&config_text, &data);
     let gateway = Gateway::start(config, stack.shutdown.clone()).await.unwrap();
-    (Stack { gateway, ..stack }, prices)
+    let keys = seed(&gateway, "100", "1");
+    (
+        Stack {
+            gateway,
+            keys,
+            ..stack
+        },
+        prices,
+    )
 }
 
 async fn admin(stack: &Stack, method: http::Method, path: &str) -> Reply {
@@ -213,15 +221,21 @@ async fn reloads_under_traffic_never_expose_a_half_written_table() {
             seen
         })
     };
-    // Traffic keeps flowing through the gateway meanwhile.
+    // Priced traffic keeps flowing through the gateway meanwhile.
+    const BODY: &str = r#"{"model":"mock-gpt","max_tokens":20}"#;
     let traffic = {
-        let url = stack.url("/echo/traffic");
+        let url = stack.url("/v1/chat/completions");
+        let key = stack.keys.pro.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             let mut sent = 0;
             while !stop.load(Ordering::Relaxed) {
-                let reply = send(Request::get(&url).body(Full::new(Bytes::new())).unwrap()).await;
-                assert_eq!(reply.status, 200);
+                let reply = post_json(&url, &key, &serde_json::from_str(BODY).unwrap()).await;
+                assert_eq!(
+                    reply.status, 200,
+                    "no request fails during reloads: {:?}",
+                    reply.body
+                );
                 sent += 1;
             }
             sent
@@ -244,6 +258,35 @@ async fn reloads_under_traffic_never_expose_a_half_written_table() {
     let sent = traffic.await.unwrap();
     assert_eq!(seen.len(), 2, "both tables were seen: {seen:?}");
     assert!(sent > 10, "traffic flowed during reloads: {sent}");
+    // Every request was priced by a whole table, A or B, at that table's prices.
+    let body_len = serde_json::to_vec(&serde_json::from_str::<serde_json::Value>(BODY).unwrap())
+        .unwrap()
+        .len() as u64;
+    let (input, output) = (body_len.div_ceil(4), 10u64);
+    let price = |i: u64, o: u64| {
+        rust_decimal::Decimal::from(input * i + output * o) / rust_decimal::Decimal::from(1_000_000u64)
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let debits: Vec<_> = stack
+        .gateway
+        .ledger_entries(0, 1_000_000)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            creditgate::ledger::entry::EntryKind::Debit(d) => {
+                Some((d.details.price_version.to_string(), -e.amount))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(debits.len(), sent, "every request was settled once");
+    for (version, amount) in &debits {
+        match version.split('@').next() {
+            Some("A") => assert_eq!(*amount, price(1, 2), "{version}"),
+            Some("B") => assert_eq!(*amount, price(3, 4), "{version}"),
+            other => panic!("priced from an unexpected table {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]
@@ -267,4 +310,71 @@ async fn a_scheduled_price_switch_happens_at_the_injected_instant() {
     assert_eq!(before.input_per_mtok().to_string(), "1");
     assert_eq!(after.input_per_mtok().to_string(), "1.5");
     assert_eq!(after.output_per_mtok().to_string(), "3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_settled_with_the_table_it_was_held_with() {
+    use creditgate::ledger::entry::EntryKind;
+    let (stack, path) = start_with_prices(TABLE_A).await;
+    let body = r#"{"model":"mock-gpt","max_tokens":30,"seed":2}"#;
+    let call = |latency: &'static str| {
+        let url = stack.url("/v1/chat/completions");
+        let key = stack.keys.pro.clone();
+        async move {
+            let request = Request::post(url)
+                .header("authorization", format!("Bearer {key}"))
+                .header("x-mock-latency-ms", latency)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            send(request).await
+        }
+    };
+    // A slow call is held under A; B comes into force while it is upstream.
+    let slow = tokio::spawn(call("400"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    write_atomically(&path, TABLE_B);
+    assert_eq!(
+        admin(&stack, http::Method::POST, "/admin/v1/prices/reload")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(slow.await.unwrap().status, 200);
+    assert_eq!(call("0").await.status, 200);
+
+    let input = (body.len() as u64).div_ceil(4);
+    // The mock answers min(max_tokens, 10 + seed % 41) = min(30, 12) tokens.
+    let output = 12u64;
+    let at = |input_price: u64, output_price: u64| {
+        rust_decimal::Decimal::from(input * input_price + output * output_price)
+            / rust_decimal::Decimal::from(1_000_000u64)
+    };
+    let mut debits = Vec::new();
+    for _ in 0..200 {
+        debits = stack
+            .gateway
+            .ledger_entries(0, 10_000)
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                EntryKind::Debit(d) => Some((d.details.price_version.to_string(), -e.amount)),
+                _ => None,
+            })
+            .collect();
+        if debits.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(debits.len(), 2, "{debits:?}");
+    assert!(
+        debits[0].0.starts_with("A@"),
+        "the slow call settles under A: {debits:?}"
+    );
+    assert_eq!(debits[0].1, at(1, 2), "priced at A");
+    assert!(
+        debits[1].0.starts_with("B@"),
+        "the next call is held under B: {debits:?}"
+    );
+    assert_eq!(debits[1].1, at(3, 4), "priced at B");
 }
