@@ -6,22 +6,51 @@
 //!   before that and during shutdown.
 //! - `GET /metrics` — Prometheus text.
 //!
-//! Operator endpoints (`Authorization: Bearer <operator token>`):
+//! `/admin/v1` (`Authorization: Bearer <token>`): the operator token sees
+//! every organization; an organization token (`[[admin.org_tokens]]`) sees
+//! only its own, and anything of another organization answers 404.
 //! - `GET /admin/v1/prices` — the price table in force: version, loaded-at,
-//!   last reload error.
+//!   last reload error (operator).
 //! - `POST /admin/v1/prices/reload` — re-read the price file; 200 with the new
-//!   status, or 422 with every problem (the old table stays in force).
+//!   status, or 422 with every problem; the old table stays in force (operator).
+//! - `GET|POST /admin/v1/orgs` — list (own org for org tokens) / create (operator).
+//! - `GET /admin/v1/orgs/{org}` — one organization with its contracts.
+//! - `POST /admin/v1/orgs/{org}/contracts` — add a term (renewal).
+//! - `GET|POST /admin/v1/orgs/{org}/users`, `PATCH .../users/{user}` — plan,
+//!   Lite allowance, limits.
+//! - `GET|POST /admin/v1/orgs/{org}/apps`, `PUT .../apps/{app}/limits`.
+//! - `GET|POST /admin/v1/orgs/{org}/keys` (the secret is returned once),
+//!   `POST .../keys/{key}/revoke`, `PUT .../keys/{key}/limits`.
+//! - `POST /admin/v1/orgs/{org}/purchases`, `POST .../adjustments` — need an
+//!   `Idempotency-Key` header; a replay returns the original result.
+//! - `GET /admin/v1/orgs/{org}/balances` — pool and Lite wallets, lots, holds.
+//! - `GET /admin/v1/orgs/{org}/ledger` — entries with cursor paging and
+//!   filters (`after`, `limit`, `wallet`, `kind`, `key`, `user`, `from`, `to`).
+//! - `GET /admin/v1/orgs/{org}/usage` — totals grouped by `group_by` (user,
+//!   app, key, end_user, model, tool, route, day, month) over `from`..`to`, as
+//!   JSON or CSV (`format=csv` or `Accept: text/csv`).
+
+mod api;
+mod error;
+mod reports;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+pub use error::AdminError;
+
 use crate::clock::Clock;
+use crate::ledger::entry::LedgerEntry;
+use crate::ledger::ids::OrgId;
+use crate::ledger::Ledger;
 use crate::pricing::{LivePrices, PriceLoadError};
 use crate::proxy::{json_error, json_response, GatewayBody};
 use crate::telemetry::metrics::Metrics;
@@ -40,12 +69,39 @@ impl Readiness {
     }
 }
 
+/// Who an admin request acts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Operator,
+    Org(OrgId),
+}
+
+impl Scope {
+    pub fn sees(self, org: OrgId) -> bool {
+        match self {
+            Scope::Operator => true,
+            Scope::Org(own) => own == org,
+        }
+    }
+}
+
+/// Reads ledger entries from the store: given `(after record, at most
+/// records)`, the entries among them and the last record read (`None`: end).
+pub type EntryReader =
+    Arc<dyn Fn(u64, usize) -> Result<(Vec<LedgerEntry>, Option<u64>), AdminError> + Send + Sync>;
+
+/// Largest admin request body read.
+const MAX_ADMIN_BODY_BYTES: usize = 1024 * 1024;
+
 pub struct Admin {
     pub readiness: Arc<Readiness>,
     pub prices: Option<Arc<LivePrices>>,
     pub metrics: Arc<Metrics>,
     pub operator_token: Option<String>,
+    pub org_tokens: Vec<(OrgId, String)>,
     pub clock: Arc<dyn Clock>,
+    pub ledger: Arc<Ledger>,
+    pub entries: EntryReader,
 }
 
 impl Admin {
@@ -53,8 +109,8 @@ impl Admin {
         self: Arc<Self>,
         request: Request<Incoming>,
     ) -> Result<Response<GatewayBody>, Infallible> {
-        let path = request.uri().path();
-        let response = match (request.method(), path) {
+        let path = request.uri().path().to_owned();
+        let response = match (request.method(), path.as_str()) {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
             (&Method::GET, "/readyz") if self.readiness.is_ready() => {
                 json_response(StatusCode::OK, &json!({"status": "ready"}))
@@ -63,9 +119,9 @@ impl Admin {
                 json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "not_ready"}))
             }
             (&Method::GET, "/metrics") => self.metrics_text(),
-            (_, p) if p.starts_with("/admin/v1/") => match self.refuse_unauthorized(&request) {
-                None => self.operator(request.method(), p),
-                Some(refusal) => refusal,
+            (_, p) if p.starts_with("/admin/v1/") => match self.api(request).await {
+                Ok(response) => response,
+                Err(error) => error_response(&error),
             },
             _ => error(
                 StatusCode::NOT_FOUND,
@@ -76,30 +132,91 @@ impl Admin {
         Ok(response)
     }
 
-    /// Check the operator token in constant time; the refusal if it fails.
-    fn refuse_unauthorized(&self, request: &Request<Incoming>) -> Option<Response<GatewayBody>> {
-        let Some(expected) = &self.operator_token else {
-            return Some(error(
-                StatusCode::FORBIDDEN,
-                "admin_disabled",
-                "the admin API is off: set the environment variable named by [admin] token_env",
-            ));
-        };
-        let presented = request
-            .headers()
+    /// The caller's scope from its token, compared in constant time.
+    fn scope(&self, headers: &http::HeaderMap) -> Result<Scope, AdminError> {
+        if self.operator_token.is_none() && self.org_tokens.is_empty() {
+            return Err(AdminError::Disabled);
+        }
+        let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
-            None
-        } else {
-            Some(error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_admin_token",
-                "send the operator token as `Authorization: Bearer <token>`",
-            ))
+            .unwrap_or("")
+            .as_bytes();
+        let matches = |token: &str| bool::from(presented.ct_eq(token.as_bytes()));
+        // Compare against every token so timing does not tell which matched.
+        let mut scope = None;
+        if self.operator_token.as_deref().is_some_and(matches) {
+            scope = Some(Scope::Operator);
         }
+        for (org, token) in &self.org_tokens {
+            if matches(token) && scope.is_none() {
+                scope = Some(Scope::Org(*org));
+            }
+        }
+        scope.ok_or(AdminError::Unauthorized)
+    }
+
+    async fn api(&self, request: Request<Incoming>) -> Result<Response<GatewayBody>, AdminError> {
+        let scope = self.scope(request.headers())?;
+        let (parts, body) = request.into_parts();
+        let body = read_body(body).await?;
+        let path = parts
+            .uri
+            .path()
+            .trim_start_matches("/admin/v1/")
+            .trim_end_matches('/');
+        let segments: Vec<&str> = path.split('/').collect();
+        let now = self.clock.now();
+        let params = reports::query_pairs(parts.uri.query());
+        let (status, value) = match segments.as_slice() {
+            ["prices"] | ["prices", "reload"] => {
+                if scope != Scope::Operator {
+                    return Err(AdminError::OperatorOnly);
+                }
+                return Ok(self.operator(&parts.method, parts.uri.path()));
+            }
+            ["orgs"] => api::orgs(&self.ledger, scope, &parts.method, &body, now)?,
+            ["orgs", org, rest @ ..] => {
+                let org = OrgId(
+                    org.parse()
+                        .map_err(|_| AdminError::NotFound(format!("no org {org}")))?,
+                );
+                // Another organization's resources do not exist for this token.
+                if !scope.sees(org) || self.ledger.org(org).is_none() {
+                    return Err(AdminError::NotFound(format!("no org {}", org.0)));
+                }
+                match (&parts.method, rest) {
+                    (&Method::GET, ["ledger"]) => reports::ledger_page(&*self.entries, org, &params)?,
+                    (&Method::GET, ["usage"]) => {
+                        let wants_csv = params.get("format").is_some_and(|f| f == "csv")
+                            || parts
+                                .headers
+                                .get(header::ACCEPT)
+                                .and_then(|v| v.to_str().ok())
+                                .is_some_and(|a| a.contains("text/csv"));
+                        let (status, text, content_type) =
+                            reports::usage(&*self.entries, org, &params, wants_csv)?;
+                        let mut response = Response::new(GatewayBody::local(Bytes::from(text)));
+                        *response.status_mut() = status;
+                        response
+                            .headers_mut()
+                            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+                        return Ok(response);
+                    }
+                    _ => {
+                        api::org_resource(&self.ledger, org, &parts.method, rest, &parts.headers, &body, now)?
+                    }
+                }
+            }
+            _ => {
+                return Err(AdminError::NotFound(format!(
+                    "no admin endpoint at {}",
+                    parts.uri.path()
+                )))
+            }
+        };
+        Ok(json_response(status, &value))
     }
 
     fn operator(&self, method: &Method, path: &str) -> Response<GatewayBody> {
@@ -164,4 +281,30 @@ fn no_prices() -> Response<GatewayBody> {
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<GatewayBody> {
     json_error(status, "admin_error", code, message).map(GatewayBody::local)
+}
+
+fn error_response(error: &AdminError) -> Response<GatewayBody> {
+    let (status, code) = error.class();
+    // Never say which organization owns something: that would leak it.
+    let message = match error {
+        AdminError::Ledger(crate::ledger::LedgerError::CrossOrg { target, .. }) => {
+            format!("{target} not found")
+        }
+        other => other.to_string(),
+    };
+    let mut body = json!({"error": {"type": "admin_error", "code": code, "message": message}});
+    if let AdminError::BadRequest { field, .. } = error {
+        body["error"]["field"] = json!(field);
+    }
+    json_response(status, &body)
+}
+
+async fn read_body(body: Incoming) -> Result<Bytes, AdminError> {
+    match Limited::new(body, MAX_ADMIN_BODY_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(_) => Err(AdminError::bad(
+            "body",
+            format!("unreadable or over {MAX_ADMIN_BODY_BYTES} bytes"),
+        )),
+    }
 }

@@ -11,10 +11,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{Admin, Readiness};
+use crate::admin::{Admin, AdminError, EntryReader, Readiness};
 use crate::clock::{Clock, SystemClock};
 use crate::config::GatewayConfig;
 use crate::ledger::entry::LedgerEntry;
+use crate::ledger::ids::OrgId;
 use crate::ledger::journal::RecordBody;
 use crate::ledger::{Ledger, LedgerConfig};
 use crate::pricing::LivePrices;
@@ -98,7 +99,15 @@ impl Gateway {
             prices: prices.clone(),
             metrics,
             operator_token: config.admin.operator_token.clone(),
+            org_tokens: config
+                .admin
+                .org_tokens
+                .iter()
+                .map(|(org, token)| (OrgId(*org), token.clone()))
+                .collect(),
             clock,
+            ledger: ledger.clone(),
+            entries: entry_reader(writer.clone()),
         });
         let admin_options = ServeOptions {
             name: "admin",
@@ -141,15 +150,7 @@ impl Gateway {
     /// Ledger entries written to the store so far (appended within one flush
     /// window of being made), oldest first, after entry id `after`.
     pub fn ledger_entries(&self, after: u64, limit: usize) -> anyhow::Result<Vec<LedgerEntry>> {
-        use crate::store::Store as _;
-        let records = self.writer.store().read_after(after, limit)?;
-        Ok(records
-            .into_iter()
-            .filter_map(|record| match record.body {
-                RecordBody::Entry(entry) => Some(entry),
-                _ => None,
-            })
-            .collect())
+        Ok(read_entries(&self.writer, after, limit)?.0)
     }
 
     /// The live price table, when the config names a price file.
@@ -180,6 +181,34 @@ impl Gateway {
         tracing::info!(?drained, "creditgate stopped");
         drained
     }
+}
+
+/// Entries among the next `limit` records after `after`, with the sequence
+/// number of the last record read (`None` at the end). Records also hold
+/// entity changes, so a step may carry fewer than `limit` entries, or none.
+fn read_entries(
+    writer: &GroupCommit<SledStore>,
+    after: u64,
+    limit: usize,
+) -> Result<(Vec<LedgerEntry>, Option<u64>), AdminError> {
+    use crate::store::Store as _;
+    let records = writer
+        .store()
+        .read_after(after, limit)
+        .map_err(|e| AdminError::Store(e.to_string()))?;
+    let last = records.last().map(|r| r.seq);
+    let entries = records
+        .into_iter()
+        .filter_map(|record| match record.body {
+            RecordBody::Entry(entry) => Some(entry),
+            _ => None,
+        })
+        .collect();
+    Ok((entries, last))
+}
+
+fn entry_reader(writer: Arc<GroupCommit<SledStore>>) -> EntryReader {
+    Arc::new(move |after, limit| read_entries(&writer, after, limit))
 }
 
 /// How often open holds are checked against their TTL.

@@ -89,6 +89,9 @@ pub struct AdminConfig {
     /// The operator token for `/admin/v1` (all orgs). `None` disables the
     /// admin API; health, readiness and metrics stay open.
     pub operator_token: Option<String>,
+    /// Tokens scoped to one organization (by org id): they see and change
+    /// only that organization.
+    pub org_tokens: Vec<(u64, String)>,
 }
 
 impl fmt::Debug for AdminConfig {
@@ -341,6 +344,15 @@ struct RawTraffic {
 struct RawAdmin {
     /// Environment variable holding the operator token.
     token_env: Option<String>,
+    #[serde(default)]
+    org_tokens: Vec<RawOrgToken>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOrgToken {
+    org: u64,
+    token_env: String,
 }
 
 // ---------------------------------------------------------- validated layer
@@ -462,6 +474,11 @@ impl GatewayConfig {
                 .token_env
                 .and_then(|var| env(&var))
                 .filter(|t| !t.is_empty()),
+            org_tokens: admin
+                .org_tokens
+                .into_iter()
+                .filter_map(|t| env(&t.token_env).filter(|v| !v.is_empty()).map(|v| (t.org, v)))
+                .collect(),
         };
 
         let traffic = validate_traffic(&mut checker, top.traffic);

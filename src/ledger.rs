@@ -173,6 +173,49 @@ impl Ledger {
         self.keys.get(&key).map(|k| k.clone())
     }
 
+    /// Every organization, by id.
+    pub fn orgs(&self) -> Vec<Organization> {
+        let mut orgs: Vec<Organization> = self.orgs.iter().map(|o| o.clone()).collect();
+        orgs.sort_by_key(|o| o.id);
+        orgs
+    }
+
+    /// The users of an organization, by id.
+    pub fn users_of(&self, org: OrgId) -> Vec<User> {
+        let mut users: Vec<User> = self
+            .users
+            .iter()
+            .filter(|u| u.org == org)
+            .map(|u| u.clone())
+            .collect();
+        users.sort_by_key(|u| u.id);
+        users
+    }
+
+    /// The applications of an organization, by id.
+    pub fn apps_of(&self, org: OrgId) -> Vec<Application> {
+        let mut apps: Vec<Application> = self
+            .apps
+            .iter()
+            .filter(|a| a.org == org)
+            .map(|a| a.clone())
+            .collect();
+        apps.sort_by_key(|a| a.id);
+        apps
+    }
+
+    /// The key records of an organization (hashes only, never secrets), by id.
+    pub fn keys_of(&self, org: OrgId) -> Vec<ApiKey> {
+        let mut keys: Vec<ApiKey> = self
+            .keys
+            .iter()
+            .filter(|k| k.org == org)
+            .map(|k| k.clone())
+            .collect();
+        keys.sort_by_key(|k| k.id);
+        keys
+    }
+
     /// Every wallet of an organization: its pool, then its Lite wallets.
     pub fn wallets_of(&self, org: OrgId) -> Vec<WalletId> {
         let mut wallets: Vec<WalletId> = self

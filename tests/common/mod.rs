@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 pub const UPSTREAM_SECRET: &str = "sk-upstream-secret-0123456789";
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests";
+/// Scoped to the organization the stack seeds (the first one created).
+pub const ORG_TOKEN: &str = "org-token-for-tests";
 pub const PRICES_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/prices.toml");
 
 pub struct Stack {
@@ -62,6 +64,7 @@ watch_interval_ms = 50
 
 [admin]
 token_env = "ADMIN_TOKEN"
+org_tokens = [{{ org = 1, token_env = "ORG_TOKEN" }}]
 
 [upstreams.mock]
 base_url = "http://{mock}"
@@ -114,6 +117,7 @@ pub fn parse_config(text: &str, data_dir: &Path) -> GatewayConfig {
     let mut config = GatewayConfig::parse(Path::new("test.toml"), text, &|name| match name {
         "MOCK_UPSTREAM_KEY" => Some(UPSTREAM_SECRET.to_owned()),
         "ADMIN_TOKEN" => Some(ADMIN_TOKEN.to_owned()),
+        "ORG_TOKEN" => Some(ORG_TOKEN.to_owned()),
         _ => None,
     })
     .unwrap();

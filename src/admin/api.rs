@@ -1,0 +1,436 @@
+//! The `/admin/v1` resources: organizations, contracts, users, applications,
+//! keys, purchases, adjustments and balances. Request bodies are strict
+//! (unknown fields rejected, amounts as decimal strings) and errors name the
+//! field. Every `/orgs/{org}/...` route checks the caller's scope first; an
+//! organization token asking for another organization gets 404.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use chrono_tz::Tz;
+use http::{HeaderMap, Method, StatusCode};
+use rust_decimal::Decimal;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::AdminError;
+use super::Scope;
+use crate::demo::new_secret;
+use crate::ledger::contract::ContractTerm;
+use crate::ledger::entity::{ApiKey, KeyHash, Plan};
+use crate::ledger::ids::{AppId, KeyId, OrgId, Owner, UserId, WalletId};
+use crate::ledger::limit::Limits;
+use crate::ledger::{AdjustmentRequest, Ledger, NewApp, NewKey, NewOrg, NewUser, PurchaseRequest};
+
+/// An admin answer: status and JSON body.
+pub type Answer = Result<(StatusCode, Value), AdminError>;
+
+/// Longest idempotency key accepted.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
+
+/// Parse a strict JSON body; the error names the field that is wrong.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let field = error.path().to_string();
+        let field = if field == "." { "body".to_owned() } else { field };
+        AdminError::bad(field, error.inner().to_string())
+    })
+}
+
+/// A money amount: a decimal string such as "12.50", never a JSON number
+/// (which would have passed through binary floating point).
+#[derive(Debug, Clone, Copy)]
+pub struct Amount(pub Decimal);
+
+impl<'de> Deserialize<'de> for Amount {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)
+            .map_err(|_| serde::de::Error::custom("amounts are decimal strings, e.g. \"12.50\""))?;
+        text.trim()
+            .parse::<Decimal>()
+            .map(Amount)
+            .map_err(|_| serde::de::Error::custom(format!("{text:?} is not a decimal amount")))
+    }
+}
+
+fn amount(value: Option<Amount>) -> Option<Decimal> {
+    value.map(|a| a.0)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsIn {
+    per_request: Option<Amount>,
+    daily: Option<Amount>,
+    monthly: Option<Amount>,
+    contract_yearly: Option<Amount>,
+}
+
+impl From<LimitsIn> for Limits {
+    fn from(raw: LimitsIn) -> Self {
+        Limits {
+            per_request: amount(raw.per_request),
+            daily: amount(raw.daily),
+            monthly: amount(raw.monthly),
+            contract_yearly: amount(raw.contract_yearly),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContractIn {
+    start: NaiveDate,
+    years: u32,
+    platform_allocation_per_year: Amount,
+    #[serde(default)]
+    pro_seats: u32,
+    seat_allocation_per_year: Option<Amount>,
+}
+
+impl From<ContractIn> for ContractTerm {
+    fn from(raw: ContractIn) -> Self {
+        ContractTerm {
+            start: raw.start,
+            years: raw.years,
+            platform_allocation_per_year: raw.platform_allocation_per_year.0,
+            pro_seats: raw.pro_seats,
+            seat_allocation_per_year: amount(raw.seat_allocation_per_year).unwrap_or(Decimal::ZERO),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OrgIn {
+    name: String,
+    time_zone: Option<String>,
+    contract: Option<ContractIn>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum PlanIn {
+    Pro,
+    Lite,
+}
+
+impl From<PlanIn> for Plan {
+    fn from(plan: PlanIn) -> Self {
+        match plan {
+            PlanIn::Pro => Plan::Pro,
+            PlanIn::Lite => Plan::Lite,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserIn {
+    name: String,
+    plan: PlanIn,
+    lite_monthly_allowance: Option<Amount>,
+    #[serde(default)]
+    prorate_on_downgrade: bool,
+    #[serde(default)]
+    limits: LimitsIn,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserPatch {
+    plan: Option<PlanIn>,
+    lite_monthly_allowance: Option<Amount>,
+    prorate_on_downgrade: Option<bool>,
+    limits: Option<LimitsIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppIn {
+    name: String,
+    #[serde(default)]
+    limits: LimitsIn,
+    #[serde(default)]
+    end_user_limits: LimitsIn,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyIn {
+    user: Option<u64>,
+    app: Option<u64>,
+    #[serde(default)]
+    label: String,
+    #[serde(default)]
+    limits: LimitsIn,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurchaseIn {
+    amount: Amount,
+    expires_at: Option<DateTime<Utc>>,
+    reference: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum WalletIn {
+    Pool,
+    LiteUser(u64),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdjustmentIn {
+    wallet: WalletIn,
+    amount: Amount,
+    reason: String,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+/// Key record as shown: never the hash, never the secret.
+pub fn key_view(key: &ApiKey) -> Value {
+    json!({
+        "id": key.id, "org": key.org, "owner": key.owner, "label": key.label,
+        "limits": key.limits, "revoked": key.revoked, "created_at": key.created_at,
+    })
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<String, AdminError> {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or(AdminError::MissingHeader("Idempotency-Key"))?;
+    if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(AdminError::bad(
+            "Idempotency-Key",
+            format!("at most {MAX_IDEMPOTENCY_KEY_LEN} bytes"),
+        ));
+    }
+    Ok(key.to_owned())
+}
+
+fn id(segment: &str, what: &str) -> Result<u64, AdminError> {
+    segment
+        .parse()
+        .map_err(|_| AdminError::NotFound(format!("no {what} {segment}")))
+}
+
+/// `POST /admin/v1/orgs` and `GET /admin/v1/orgs`.
+pub fn orgs(ledger: &Ledger, scope: Scope, method: &Method, body: &[u8], now: DateTime<Utc>) -> Answer {
+    match *method {
+        Method::GET => {
+            let orgs: Vec<_> = ledger.orgs().into_iter().filter(|o| scope.sees(o.id)).collect();
+            Ok((StatusCode::OK, json!({ "orgs": orgs })))
+        }
+        Method::POST => {
+            if scope != Scope::Operator {
+                return Err(AdminError::OperatorOnly);
+            }
+            let raw: OrgIn = parse(body)?;
+            let time_zone = match raw.time_zone.as_deref() {
+                None => chrono_tz::UTC,
+                Some(name) => name.parse::<Tz>().map_err(|_| {
+                    AdminError::bad(
+                        "time_zone",
+                        format!("{name:?} is not an IANA time zone, e.g. \"Europe/Berlin\""),
+                    )
+                })?,
+            };
+            let new = NewOrg {
+                name: raw.name,
+                time_zone,
+                contract: raw.contract.map(Into::into),
+            };
+            Ok((StatusCode::CREATED, json!(ledger.create_org(new, now)?)))
+        }
+        _ => Err(method_not_allowed()),
+    }
+}
+
+fn method_not_allowed() -> AdminError {
+    AdminError::NotFound("no such endpoint for this method".into())
+}
+
+/// Everything under `/admin/v1/orgs/{org}/`.
+pub fn org_resource(
+    ledger: &Ledger,
+    org: OrgId,
+    method: &Method,
+    rest: &[&str],
+    headers: &HeaderMap,
+    body: &[u8],
+    now: DateTime<Utc>,
+) -> Answer {
+    let get = |value: Value| Ok((StatusCode::OK, value));
+    match (method, rest) {
+        (&Method::GET, []) => get(json!(ledger
+            .org(org)
+            .ok_or_else(|| AdminError::NotFound(format!("no org {}", org.0)))?)),
+        (&Method::POST, ["contracts"]) => {
+            let raw: ContractIn = parse(body)?;
+            Ok((
+                StatusCode::CREATED,
+                json!(ledger.renew_contract(org, raw.into(), now)?),
+            ))
+        }
+        (&Method::GET, ["users"]) => get(json!({ "users": ledger.users_of(org) })),
+        (&Method::POST, ["users"]) => create_user(ledger, org, body, now),
+        (&Method::PATCH, ["users", user]) => patch_user(ledger, org, UserId(id(user, "user")?), body, now),
+        (&Method::GET, ["apps"]) => get(json!({ "apps": ledger.apps_of(org) })),
+        (&Method::POST, ["apps"]) => {
+            let raw: AppIn = parse(body)?;
+            let new = NewApp {
+                name: raw.name,
+                limits: raw.limits.into(),
+                end_user_limits: raw.end_user_limits.into(),
+            };
+            Ok((StatusCode::CREATED, json!(ledger.create_app(org, new, now)?)))
+        }
+        (&Method::GET, ["keys"]) => {
+            get(json!({ "keys": ledger.keys_of(org).iter().map(key_view).collect::<Vec<_>>() }))
+        }
+        (&Method::POST, ["keys"]) => create_key(ledger, org, body, now),
+        (&Method::POST, ["keys", key, "revoke"]) => {
+            get(key_view(&ledger.revoke_key(org, KeyId(id(key, "key")?))?))
+        }
+        (&Method::PUT, ["keys", key, "limits"]) => {
+            let raw: LimitsIn = parse(body)?;
+            get(key_view(&ledger.set_key_limits(
+                org,
+                KeyId(id(key, "key")?),
+                raw.into(),
+            )?))
+        }
+        (&Method::PUT, ["apps", app, "limits"]) => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct AppLimits {
+                #[serde(default)]
+                limits: LimitsIn,
+                #[serde(default)]
+                end_user_limits: LimitsIn,
+            }
+            let raw: AppLimits = parse(body)?;
+            let app = AppId(id(app, "app")?);
+            get(json!(ledger.set_app_limits(
+                org,
+                app,
+                raw.limits.into(),
+                raw.end_user_limits.into()
+            )?))
+        }
+        (&Method::POST, ["purchases"]) => {
+            let raw: PurchaseIn = parse(body)?;
+            let request = PurchaseRequest {
+                org,
+                amount: raw.amount.0,
+                expires_at: raw.expires_at,
+                reference: raw.reference,
+                idempotency_key: idempotency_key(headers)?,
+            };
+            Ok((StatusCode::CREATED, json!(ledger.purchase(request, now)?)))
+        }
+        (&Method::POST, ["adjustments"]) => {
+            let raw: AdjustmentIn = parse(body)?;
+            let wallet = match raw.wallet {
+                WalletIn::Pool => WalletId::Pool(org),
+                WalletIn::LiteUser(user) => WalletId::Lite(UserId(user)),
+            };
+            let request = AdjustmentRequest {
+                org,
+                wallet,
+                amount: raw.amount.0,
+                reason: raw.reason,
+                expires_at: raw.expires_at,
+                idempotency_key: idempotency_key(headers)?,
+            };
+            Ok((StatusCode::CREATED, json!(ledger.adjust(request, now)?)))
+        }
+        (&Method::GET, ["balances"]) => {
+            let balances = ledger
+                .wallets_of(org)
+                .into_iter()
+                .map(|wallet| ledger.balance(wallet, now))
+                .collect::<Result<Vec<_>, _>>()?;
+            get(json!({ "balances": balances }))
+        }
+        _ => Err(method_not_allowed()),
+    }
+}
+
+fn create_user(ledger: &Ledger, org: OrgId, body: &[u8], now: DateTime<Utc>) -> Answer {
+    let raw: UserIn = parse(body)?;
+    let plan: Plan = raw.plan.into();
+    let allowance = amount(raw.lite_monthly_allowance).unwrap_or(Decimal::ZERO);
+    if plan == Plan::Lite && raw.lite_monthly_allowance.is_none() {
+        return Err(AdminError::bad(
+            "lite_monthly_allowance",
+            "required for a Lite user, e.g. \"10.00\"",
+        ));
+    }
+    let new = NewUser {
+        name: raw.name,
+        plan,
+        lite_monthly_allowance: allowance,
+        prorate_on_downgrade: raw.prorate_on_downgrade,
+        limits: raw.limits.into(),
+    };
+    Ok((StatusCode::CREATED, json!(ledger.create_user(org, new, now)?)))
+}
+
+fn patch_user(ledger: &Ledger, org: OrgId, user: UserId, body: &[u8], now: DateTime<Utc>) -> Answer {
+    let raw: UserPatch = parse(body)?;
+    let current = ledger
+        .user(user)
+        .filter(|u| u.org == org)
+        .ok_or_else(|| AdminError::NotFound(format!("no user {}", user.0)))?;
+    if raw.lite_monthly_allowance.is_some() || raw.prorate_on_downgrade.is_some() {
+        let allowance = amount(raw.lite_monthly_allowance).unwrap_or(current.lite_monthly_allowance);
+        let prorate = raw.prorate_on_downgrade.unwrap_or(current.prorate_on_downgrade);
+        ledger.set_lite_allowance(org, user, allowance, prorate)?;
+    }
+    if let Some(limits) = raw.limits {
+        ledger.set_user_limits(org, user, limits.into())?;
+    }
+    if let Some(plan) = raw.plan {
+        let plan: Plan = plan.into();
+        if plan != current.plan {
+            ledger.set_user_plan(org, user, plan, now)?;
+        }
+    }
+    let updated = ledger
+        .user(user)
+        .ok_or_else(|| AdminError::NotFound(format!("no user {}", user.0)))?;
+    Ok((StatusCode::OK, json!(updated)))
+}
+
+fn create_key(ledger: &Ledger, org: OrgId, body: &[u8], now: DateTime<Utc>) -> Answer {
+    let raw: KeyIn = parse(body)?;
+    let owner = match (raw.user, raw.app) {
+        (Some(user), None) => Owner::User(UserId(user)),
+        (None, Some(app)) => Owner::App(AppId(app)),
+        _ => {
+            return Err(AdminError::bad(
+                "user",
+                "name exactly one owner: \"user\": ID or \"app\": ID",
+            ))
+        }
+    };
+    let secret = new_secret();
+    let new = NewKey {
+        owner,
+        hash: KeyHash::of_secret(&secret),
+        label: raw.label,
+        limits: raw.limits.into(),
+    };
+    let key = ledger.create_key(org, new, now)?;
+    let mut view = key_view(&key);
+    // Shown once: only its hash is kept.
+    view["secret"] = json!(secret);
+    Ok((StatusCode::CREATED, view))
+}

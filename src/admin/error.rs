@@ -1,0 +1,70 @@
+//! Admin API errors and their one mapping to HTTP responses.
+
+use http::StatusCode;
+
+use crate::ledger::LedgerError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("send the operator or organization token as `Authorization: Bearer <token>`")]
+    Unauthorized,
+    #[error("the admin API is off: set the environment variable named by [admin] token_env")]
+    Disabled,
+    #[error("this endpoint is for the operator token only")]
+    OperatorOnly,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("`{field}`: {reason}")]
+    BadRequest { field: String, reason: String },
+    #[error("the {0} header is required: a retry with the same key changes nothing")]
+    MissingHeader(&'static str),
+    #[error("{0}")]
+    Ledger(LedgerError),
+    #[error("the ledger store could not be read: {0}")]
+    Store(String),
+}
+
+impl From<LedgerError> for AdminError {
+    fn from(error: LedgerError) -> Self {
+        AdminError::Ledger(error)
+    }
+}
+
+impl AdminError {
+    pub fn bad(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        AdminError::BadRequest {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Status and stable code. Anything of another organization answers 404,
+    /// exactly as if it did not exist.
+    pub fn class(&self) -> (StatusCode, &'static str) {
+        match self {
+            AdminError::Unauthorized => (StatusCode::UNAUTHORIZED, "invalid_admin_token"),
+            AdminError::Disabled => (StatusCode::FORBIDDEN, "admin_disabled"),
+            AdminError::OperatorOnly => (StatusCode::FORBIDDEN, "operator_only"),
+            AdminError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            AdminError::BadRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
+            AdminError::MissingHeader(_) => (StatusCode::BAD_REQUEST, "missing_header"),
+            AdminError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            AdminError::Ledger(error) => ledger_class(error),
+        }
+    }
+}
+
+fn ledger_class(error: &LedgerError) -> (StatusCode, &'static str) {
+    match error {
+        LedgerError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable"),
+        LedgerError::UnknownOrg(_)
+        | LedgerError::UnknownUser(_)
+        | LedgerError::UnknownApp(_)
+        | LedgerError::UnknownKey(_)
+        | LedgerError::UnknownWallet(_)
+        | LedgerError::CrossOrg { .. } => (StatusCode::NOT_FOUND, "not_found"),
+        LedgerError::IdempotencyConflict { .. } => (StatusCode::CONFLICT, "idempotency_conflict"),
+        LedgerError::DuplicateKey => (StatusCode::CONFLICT, "duplicate_key"),
+        _ => (StatusCode::BAD_REQUEST, "invalid_request"),
+    }
+}

@@ -1,0 +1,666 @@
+//! The admin API through its real listener: every resource, idempotent money
+//! writes, paging, usage reports as JSON and CSV, strict bodies, and org
+//! isolation for org-scoped tokens.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request};
+use http_body_util::Full;
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+
+async fn call(
+    stack: &Stack,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    extra: &[(&str, &str)],
+) -> Reply {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(stack.admin_url(path))
+        .header("authorization", format!("Bearer {token}"));
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    send(request.body(Full::new(Bytes::from(body))).unwrap()).await
+}
+
+fn dec(value: &Value) -> Decimal {
+    value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a decimal string: {value}"))
+        .parse()
+        .unwrap()
+}
+
+/// Creates org "B" with a contract, a Pro and a Lite user, an app and keys.
+async fn org_b(stack: &Stack) -> (u64, Value) {
+    let today = chrono::Utc::now().date_naive().to_string();
+    let org = call(stack, ADMIN_TOKEN, Method::POST, "/admin/v1/orgs", Some(json!({
+        "name": "org-b", "time_zone": "Europe/Berlin",
+        "contract": {"start": today, "years": 1, "platform_allocation_per_year": "50", "pro_seats": 2, "seat_allocation_per_year": "5"}
+    })), &[]).await;
+    assert_eq!(org.status, 201, "{:?}", org.body);
+    let id = org.json()["id"].as_u64().unwrap();
+    let base = format!("/admin/v1/orgs/{id}");
+    let pro = call(
+        stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        &format!("{base}/users"),
+        Some(json!({"name": "pat", "plan": "pro"})),
+        &[],
+    )
+    .await;
+    assert_eq!(pro.status, 201, "{:?}", pro.body);
+    let lite = call(
+        stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        &format!("{base}/users"),
+        Some(json!({"name": "lee", "plan": "lite", "lite_monthly_allowance": "3"})),
+        &[],
+    )
+    .await;
+    assert_eq!(lite.status, 201, "{:?}", lite.body);
+    let app = call(
+        stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        &format!("{base}/apps"),
+        Some(json!({"name": "widget"})),
+        &[],
+    )
+    .await;
+    assert_eq!(app.status, 201, "{:?}", app.body);
+    let key = call(
+        stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        &format!("{base}/keys"),
+        Some(json!({"user": pro.json()["id"], "label": "pat's key"})),
+        &[],
+    )
+    .await;
+    assert_eq!(key.status, 201, "{:?}", key.body);
+    let ids = json!({
+        "pro": pro.json()["id"], "lite": lite.json()["id"], "app": app.json()["id"],
+        "key": key.json()["id"], "secret": key.json()["secret"],
+    });
+    (id, ids)
+}
+
+#[tokio::test]
+async fn an_operator_sets_up_an_org_whose_keys_are_charged_through_the_proxy() {
+    let stack = start().await;
+    let (org, ids) = org_b(&stack).await;
+    let base = format!("/admin/v1/orgs/{org}");
+    let secret = ids["secret"].as_str().unwrap();
+    assert!(secret.starts_with("cg_"), "the secret is shown once at creation");
+
+    let keys = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::GET,
+        &format!("{base}/keys"),
+        None,
+        &[],
+    )
+    .await;
+    let listed = keys.body.clone();
+    assert!(
+        !String::from_utf8_lossy(&listed).contains(secret),
+        "lists never show the secret"
+    );
+    assert!(!String::from_utf8_lossy(&listed).contains("hash"), "nor its hash");
+
+    let balances = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::GET,
+        &format!("{base}/balances"),
+        None,
+        &[],
+    )
+    .await
+    .json();
+    let pool = &balances["balances"][0];
+    assert_eq!(
+        dec(&pool["balance"]),
+        Decimal::from(60),
+        "platform 50 + 2 seats x 5"
+    );
+    assert_eq!(
+        dec(&balances["balances"][1]["balance"]),
+        Decimal::from(3),
+        "the Lite user's allowance"
+    );
+
+    let reply = post_json(
+        &stack.url("/v1/chat/completions"),
+        secret,
+        &json!({"model": "mock-gpt", "max_tokens": 5}),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let after = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::GET,
+        &format!("{base}/balances"),
+        None,
+        &[],
+    )
+    .await
+    .json();
+    assert!(
+        dec(&after["balances"][0]["balance"]) < Decimal::from(60),
+        "the call was charged to org B's pool"
+    );
+
+    // Revoke: the key stops working at once.
+    let revoked = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        &format!("{base}/keys/{}/revoke", ids["key"]),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(revoked.status, 200);
+    assert_eq!(revoked.json()["revoked"], true);
+    let reply = post_json(
+        &stack.url("/v1/chat/completions"),
+        secret,
+        &json!({"model": "mock-gpt"}),
+    )
+    .await;
+    assert_eq!(reply.status, 401);
+
+    // Upgrade the Lite user to Pro: its Lite remainder is written off.
+    let patched = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::PATCH,
+        &format!("{base}/users/{}", ids["lite"]),
+        Some(json!({"plan": "pro"})),
+        &[],
+    )
+    .await;
+    assert_eq!(patched.status, 200, "{:?}", patched.body);
+    assert_eq!(patched.json()["plan"], "pro");
+    let write_offs = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::GET,
+        &format!("{base}/ledger?kind=write_off"),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        write_offs.json()["entries"].as_array().unwrap().len(),
+        1,
+        "{:?}",
+        write_offs.body
+    );
+
+    // Renewal adds a term.
+    let next_year = (chrono::Utc::now().date_naive() + chrono::Months::new(12)).to_string();
+    let renewed = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        &format!("{base}/contracts"),
+        Some(json!({"start": next_year, "years": 1, "platform_allocation_per_year": "70"})),
+        &[],
+    )
+    .await;
+    assert_eq!(renewed.status, 201, "{:?}", renewed.body);
+    assert_eq!(renewed.json()["contracts"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn purchases_are_idempotent_and_a_conflicting_replay_names_the_field() {
+    let stack = start().await;
+    let (org, _) = org_b(&stack).await;
+    let path = format!("/admin/v1/orgs/{org}/purchases");
+    let body = json!({"amount": "25.50", "reference": "INV-1"});
+    let missing = call(&stack, ADMIN_TOKEN, Method::POST, &path, Some(body.clone()), &[]).await;
+    assert_eq!(missing.status, 400, "Idempotency-Key is required");
+    let first = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        &path,
+        Some(body.clone()),
+        &[("idempotency-key", "buy-1")],
+    )
+    .await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    let replay = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        &path,
+        Some(body.clone()),
+        &[("idempotency-key", "buy-1")],
+    )
+    .await;
+    assert_eq!(
+        replay.json(),
+        first.json(),
+        "a replay returns the original receipt"
+    );
+    let conflict = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        &path,
+        Some(json!({"amount": "30", "reference": "INV-1"})),
+        &[("idempotency-key", "buy-1")],
+    )
+    .await;
+    assert_eq!(conflict.status, 409);
+    assert!(
+        conflict.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("amount"),
+        "{:?}",
+        conflict.body
+    );
+    let balances = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::GET,
+        &format!("/admin/v1/orgs/{org}/balances"),
+        None,
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(
+        dec(&balances["balances"][0]["balance"]),
+        dec(&json!("85.50")),
+        "60 granted + 25.50 bought once"
+    );
+    let purchases = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::GET,
+        &format!("/admin/v1/orgs/{org}/ledger?kind=purchase"),
+        None,
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(purchases["entries"].as_array().unwrap().len(), 1);
+
+    let adjust = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        &format!("/admin/v1/orgs/{org}/adjustments"),
+        Some(json!({"wallet": "pool", "amount": "-0.50", "reason": "correction"})),
+        &[("idempotency-key", "adj-1")],
+    )
+    .await;
+    assert_eq!(adjust.status, 201, "{:?}", adjust.body);
+}
+
+#[tokio::test]
+async fn invalid_bodies_get_400_naming_the_field() {
+    let stack = start().await;
+    let cases = [
+        (json!({"name": "x", "colour": "red"}), "colour"),
+        (json!({"name": "x", "time_zone": "Mars/Olympus"}), "time_zone"),
+        (
+            json!({"name": "x", "contract": {"start": "2026-01-01", "years": 1, "platform_allocation_per_year": 10}}),
+            "contract.platform_allocation_per_year",
+        ),
+        (
+            json!({"name": "x", "contract": {"start": "someday", "years": 1, "platform_allocation_per_year": "10"}}),
+            "contract.start",
+        ),
+        (json!({"nom": "x"}), "nom"),
+    ];
+    for (body, field) in cases {
+        let reply = call(
+            &stack,
+            ADMIN_TOKEN,
+            Method::POST,
+            "/admin/v1/orgs",
+            Some(body.clone()),
+            &[],
+        )
+        .await;
+        assert_eq!(reply.status, 400, "{body}");
+        let error = reply.json()["error"].clone();
+        assert!(
+            error["field"].as_str().unwrap().contains(field)
+                || error["message"].as_str().unwrap().contains(field),
+            "{body} -> {error}"
+        );
+    }
+    let bad_json = send(
+        Request::post(stack.admin_url("/admin/v1/orgs"))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(Full::new(Bytes::from("{oops")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(bad_json.status, 400);
+}
+
+#[tokio::test]
+async fn ledger_pages_and_usage_reports_agree_with_each_other() {
+    let stack = start().await;
+    let org = stack.keys.org.0;
+    for (model, seed) in [("mock-gpt", 1), ("mock-gpt", 2), ("mock-claude", 3)] {
+        let path = if model == "mock-claude" {
+            "/v1/messages"
+        } else {
+            "/v1/chat/completions"
+        };
+        let reply = post_json(
+            &stack.url(path),
+            &stack.keys.pro,
+            &json!({"model": model, "max_tokens": 30, "seed": seed}),
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(
+        post_json(
+            &stack.url("/v1/tools/web-search"),
+            &stack.keys.app,
+            &json!({"query": "q", "num_results": 4})
+        )
+        .await
+        .status,
+        200
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let base = format!("/admin/v1/orgs/{org}");
+
+    // Walk the ledger two entries at a time; the pages add up to the whole.
+    let whole = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::GET,
+        &format!("{base}/ledger?limit=1000"),
+        None,
+        &[],
+    )
+    .await
+    .json();
+    let whole: Vec<Value> = whole["entries"].as_array().unwrap().clone();
+    let mut paged = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let page = call(
+            &stack,
+            ADMIN_TOKEN,
+            Method::GET,
+            &format!("{base}/ledger?limit=2&after={cursor}"),
+            None,
+            &[],
+        )
+        .await
+        .json();
+        paged.extend(page["entries"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_u64() {
+            Some(next) => cursor = next,
+            None => break,
+        }
+    }
+    assert_eq!(paged, whole, "cursor paging visits every entry once, in order");
+    let debits: Vec<&Value> = whole.iter().filter(|e| e["kind"]["type"] == "debit").collect();
+    assert_eq!(debits.len(), 4);
+    let ledger_total: Decimal = debits.iter().map(|e| -dec(&e["amount"])).sum();
+
+    let report = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::GET,
+        &format!("{base}/usage?group_by=model,tool,day"),
+        None,
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(
+        dec(&report["total"]["charged"]),
+        ledger_total,
+        "JSON total equals the ledger"
+    );
+    assert_eq!(report["total"]["requests"], 4);
+    assert_eq!(
+        report["rows"].as_array().unwrap().len(),
+        3,
+        "mock-gpt, mock-claude, web-search: {report}"
+    );
+
+    let csv = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::GET,
+        &format!("{base}/usage?group_by=model,tool,day"),
+        None,
+        &[("accept", "text/csv")],
+    )
+    .await;
+    assert!(csv.header("content-type").unwrap().starts_with("text/csv"));
+    let text = String::from_utf8(csv.body.to_vec()).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let charged_at = header.iter().position(|h| *h == "charged").unwrap();
+    let csv_total: Decimal = lines
+        .map(|l| l.split(',').nth(charged_at).unwrap().parse::<Decimal>().unwrap())
+        .sum();
+    assert_eq!(csv_total, ledger_total, "CSV rows add up to the ledger");
+    let same = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::GET,
+        &format!("{base}/usage?group_by=model,tool,day&format=csv"),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(same.body, csv.body, "format=csv and Accept: text/csv agree");
+
+    let bad = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::GET,
+        &format!("{base}/usage?group_by=colour"),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+}
+
+#[tokio::test]
+async fn an_org_token_cannot_see_or_change_another_org_through_any_route() {
+    let stack = start().await;
+    assert_eq!(
+        stack.keys.org.0, 1,
+        "the org token is configured for the first org"
+    );
+    let (b, ids) = org_b(&stack).await;
+    let own = call(&stack, ORG_TOKEN, Method::GET, "/admin/v1/orgs", None, &[]).await;
+    assert_eq!(own.status, 200, "{:?}", own.body);
+    let own = own.json();
+    let listed: Vec<u64> = own["orgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(listed, [1], "an org token lists only its own org");
+    assert_eq!(
+        call(
+            &stack,
+            ORG_TOKEN,
+            Method::GET,
+            "/admin/v1/orgs/1/balances",
+            None,
+            &[]
+        )
+        .await
+        .status,
+        200
+    );
+
+    let b_base = format!("/admin/v1/orgs/{b}");
+    let routes: Vec<(Method, String, Option<Value>)> = vec![
+        (Method::GET, b_base.clone(), None),
+        (
+            Method::POST,
+            format!("{b_base}/contracts"),
+            Some(json!({"start": "2030-01-01", "years": 1, "platform_allocation_per_year": "1"})),
+        ),
+        (Method::GET, format!("{b_base}/users"), None),
+        (
+            Method::POST,
+            format!("{b_base}/users"),
+            Some(json!({"name": "x", "plan": "pro"})),
+        ),
+        (
+            Method::PATCH,
+            format!("{b_base}/users/{}", ids["pro"]),
+            Some(json!({"plan": "lite", "lite_monthly_allowance": "1"})),
+        ),
+        (Method::GET, format!("{b_base}/apps"), None),
+        (Method::POST, format!("{b_base}/apps"), Some(json!({"name": "x"}))),
+        (
+            Method::PUT,
+            format!("{b_base}/apps/{}/limits", ids["app"]),
+            Some(json!({})),
+        ),
+        (Method::GET, format!("{b_base}/keys"), None),
+        (
+            Method::POST,
+            format!("{b_base}/keys"),
+            Some(json!({"user": ids["pro"]})),
+        ),
+        (Method::POST, format!("{b_base}/keys/{}/revoke", ids["key"]), None),
+        (
+            Method::PUT,
+            format!("{b_base}/keys/{}/limits", ids["key"]),
+            Some(json!({"daily": "1"})),
+        ),
+        (
+            Method::POST,
+            format!("{b_base}/purchases"),
+            Some(json!({"amount": "1"})),
+        ),
+        (
+            Method::POST,
+            format!("{b_base}/adjustments"),
+            Some(
+                json!({"wallet": "pool", "amount": "1", "reason": "x", "expires_at": "2030-01-01T00:00:00Z"}),
+            ),
+        ),
+        (Method::GET, format!("{b_base}/balances"), None),
+        (Method::GET, format!("{b_base}/ledger"), None),
+        (Method::GET, format!("{b_base}/usage"), None),
+    ];
+    for (method, path, body) in routes {
+        let reply = call(
+            &stack,
+            ORG_TOKEN,
+            method.clone(),
+            &path,
+            body,
+            &[("idempotency-key", "k")],
+        )
+        .await;
+        assert_eq!(
+            reply.status, 404,
+            "{method} {path} must not reach org {b}: {:?}",
+            reply.body
+        );
+    }
+    // Naming org B's things through org A's own path is refused too, without saying whose they are.
+    let cross = call(
+        &stack,
+        ORG_TOKEN,
+        Method::POST,
+        &format!("/admin/v1/orgs/1/keys/{}/revoke", ids["key"]),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(cross.status, 404);
+    assert!(
+        !String::from_utf8_lossy(&cross.body).contains(&format!("organization {b}")),
+        "{:?}",
+        cross.body
+    );
+    let cross_key = call(
+        &stack,
+        ORG_TOKEN,
+        Method::POST,
+        "/admin/v1/orgs/1/keys",
+        Some(json!({"user": ids["pro"]})),
+        &[],
+    )
+    .await;
+    assert_eq!(cross_key.status, 404, "a key for another org's user");
+    let cross_wallet = call(&stack, ORG_TOKEN, Method::POST, "/admin/v1/orgs/1/adjustments",
+        Some(json!({"wallet": {"lite_user": ids["lite"]}, "amount": "5", "reason": "move", "expires_at": "2030-01-01T00:00:00Z"})), &[("idempotency-key", "x")]).await;
+    assert_eq!(
+        cross_wallet.status, 404,
+        "credits never move between orgs: {:?}",
+        cross_wallet.body
+    );
+    // Operator-only endpoints.
+    assert_eq!(
+        call(
+            &stack,
+            ORG_TOKEN,
+            Method::POST,
+            "/admin/v1/orgs",
+            Some(json!({"name": "x"})),
+            &[]
+        )
+        .await
+        .status,
+        403
+    );
+    assert_eq!(
+        call(&stack, ORG_TOKEN, Method::GET, "/admin/v1/prices", None, &[])
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        call(&stack, "nope", Method::GET, "/admin/v1/orgs", None, &[])
+            .await
+            .status,
+        401
+    );
+    // And org B's books are untouched.
+    let b_balance = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::GET,
+        &format!("{b_base}/balances"),
+        None,
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(dec(&b_balance["balances"][0]["balance"]), Decimal::from(60));
+}
