@@ -42,7 +42,7 @@ use crate::config::{Flavour, GatewayConfig, Route, RouteKind, Upstream};
 use crate::ledger::ids::RequestId;
 use crate::ledger::{Ledger, SpendContext};
 use crate::pricing::LivePrices;
-use crate::telemetry::metrics::{Metrics, RequestLabels, ResultLabels};
+use crate::telemetry::metrics::{ItemLabels, Metrics, ReasonLabels, RequestLabels, ResultLabels};
 use upstream::{UpstreamBody, UpstreamClients};
 
 /// The gateway's request handler, shared by all connections.
@@ -228,10 +228,10 @@ impl Proxy {
             key: key.key,
             end_user: end_user.as_deref(),
         };
-        let hold = self
-            .ledger
-            .hold(key.wallet, request_id, amount, context, now)
-            .map_err(|refusal| ProxyError::Refused(Box::new(refusal)))?;
+        let started = std::time::Instant::now();
+        let hold = self.ledger.hold(key.wallet, request_id, amount, context, now);
+        self.metrics.hold_seconds.observe(started.elapsed().as_secs_f64());
+        let hold = hold.map_err(|refusal| ProxyError::Refused(Box::new(refusal)))?;
         ctx.charge = Some(charge::Charge {
             key,
             end_user,
@@ -321,14 +321,12 @@ impl Proxy {
     /// error, upstream failure, client disconnect — when the response body
     /// ends or is dropped. Writes the access log line.
     pub fn settle(&self, mut ctx: RequestCtx, outcome: Outcome) {
+        let started = std::time::Instant::now();
         let settled = ctx
             .charge
             .take()
             .map(|charge| charge.settle(outcome, self.clock.now()));
-        if let Some(result) = &settled {
-            let result = result.metric_label();
-            self.metrics.settles.get_or_create(&ResultLabels { result }).inc();
-        }
+        self.record_settle(settled.as_ref(), started.elapsed());
         let upstream = ctx
             .upstream
             .and_then(|i| self.config.upstreams.get(i))
@@ -339,6 +337,12 @@ impl Proxy {
             .requests
             .get_or_create(&RequestLabels { route, status })
             .inc();
+        if let (402 | 429, Some(reason)) = (status, ctx.error_code) {
+            self.metrics
+                .refusals
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+        }
         let _entered = ctx.span.enter();
         tracing::info!(
             target: "creditgate::access",
@@ -353,6 +357,31 @@ impl Proxy {
             peer = %ctx.peer,
             "request finished"
         );
+    }
+}
+
+impl Proxy {
+    fn record_settle(&self, settled: Option<&charge::SettleResult>, took: std::time::Duration) {
+        let Some(result) = settled else { return };
+        self.metrics
+            .settles
+            .get_or_create(&ResultLabels {
+                result: result.metric_label(),
+            })
+            .inc();
+        self.metrics.settle_seconds.observe(took.as_secs_f64());
+        if let charge::SettleResult::Debited { amount, item, .. } = result {
+            // Debits carry at most 9 decimal places: this is exact.
+            let nanodollars = (*amount * rust_decimal::Decimal::from(1_000_000_000u64)).trunc();
+            if let Some(n) = rust_decimal::prelude::ToPrimitive::to_u64(&nanodollars) {
+                self.metrics
+                    .charged_nanodollars
+                    .get_or_create(&ItemLabels {
+                        item: item.to_string(),
+                    })
+                    .inc_by(n);
+            }
+        }
     }
 }
 

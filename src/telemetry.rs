@@ -32,6 +32,7 @@ pub mod metrics {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
     use prometheus_client::registry::Registry;
 
     #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,6 +44,18 @@ pub mod metrics {
     #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
     pub struct ResultLabels {
         pub result: &'static str,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct ReasonLabels {
+        pub reason: &'static str,
+    }
+
+    /// A priced model or tool name: bounded by the price table, since
+    /// unpriced names are refused before anything is charged.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct ItemLabels {
+        pub item: String,
     }
 
     #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -59,6 +72,13 @@ pub mod metrics {
         /// or from an estimate (no usage reported, stream cut short),
         /// released (upstream failed), or failed to settle.
         pub settles: Family<ResultLabels, Counter>,
+        /// 402 and 429 answers by their stable code.
+        pub refusals: Family<ReasonLabels, Counter>,
+        /// Credits debited, in nanodollars (integers: no float near money).
+        pub charged_nanodollars: Family<ItemLabels, Counter>,
+        /// Time spent in the ledger's hold and settle, in seconds.
+        pub hold_seconds: Histogram,
+        pub settle_seconds: Histogram,
     }
 
     impl Default for Metrics {
@@ -84,12 +104,37 @@ pub mod metrics {
             );
             let settles = Family::<ResultLabels, Counter>::default();
             registry.register("settles", "Held requests by how they settled", settles.clone());
+            let refusals = Family::<ReasonLabels, Counter>::default();
+            registry.register("refusals", "402 and 429 answers, by reason", refusals.clone());
+            let charged_nanodollars = Family::<ItemLabels, Counter>::default();
+            registry.register(
+                "charged_nanodollars",
+                "Credits debited, in 1e-9 dollars, by model or tool",
+                charged_nanodollars.clone(),
+            );
+            // 1 µs to ~4 ms in powers of 2.
+            let hold_seconds = Histogram::new(exponential_buckets(0.000_001, 2.0, 12));
+            registry.register(
+                "hold_seconds",
+                "Time to place a hold in the ledger",
+                hold_seconds.clone(),
+            );
+            let settle_seconds = Histogram::new(exponential_buckets(0.000_001, 2.0, 12));
+            registry.register(
+                "settle_seconds",
+                "Time to settle a hold in the ledger",
+                settle_seconds.clone(),
+            );
             Metrics {
                 registry,
                 requests,
                 price_reloads,
                 price_version,
                 settles,
+                refusals,
+                charged_nanodollars,
+                hold_seconds,
+                settle_seconds,
             }
         }
     }

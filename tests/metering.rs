@@ -718,3 +718,54 @@ async fn a_drained_pool_refuses_pro_users_and_apps_but_not_lite_users() {
     assert!(balance(&stack, wallet_of(&stack, &keys.pro)) >= Decimal::ZERO);
     balance(&stack, wallet_of(&stack, &keys.lite));
 }
+
+#[tokio::test]
+async fn metrics_count_charges_refusals_and_ledger_latency_with_bounded_labels() {
+    let stack = start().await;
+    let keys = seed(&stack.gateway, "0.001", "0");
+    let pool = wallet_of(&stack, &keys.pro);
+    let mut refused = 0;
+    for _ in 0..10 {
+        match post_raw(&stack, "/v1/chat/completions", &keys.pro, SMALL_CALL)
+            .await
+            .status
+            .as_u16()
+        {
+            200 => {}
+            402 => refused += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(refused > 0);
+    let charged = dec("0.001") - balance(&stack, pool);
+    let metrics = send(
+        Request::get(stack.admin_url("/metrics"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let nanodollars = (charged * Decimal::from(1_000_000_000u64))
+        .normalize()
+        .to_string();
+    assert!(
+        text.contains(&format!(
+            "creditgate_charged_nanodollars_total{{item=\"mock-gpt\"}} {nanodollars}"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "creditgate_refusals_total{{reason=\"insufficient_credits\"}} {refused}"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("creditgate_hold_seconds_count 10"),
+        "every hold attempt is timed: {text}"
+    );
+    assert!(
+        !text.contains(&keys.pro) && !text.contains("org="),
+        "no keys or org ids in labels"
+    );
+}

@@ -316,6 +316,7 @@ impl Charge {
         let name = match &priced {
             Priced::Model { name, .. } | Priced::Tool { name, .. } => name.clone(),
         };
+        let name_for_metrics = name.clone();
         let details = SettleDetails {
             route: self.route.clone(),
             model: name,
@@ -326,6 +327,7 @@ impl Charge {
             Ok(settlement) => SettleResult::Debited {
                 amount: settlement.debited,
                 estimated,
+                item: name_for_metrics,
             },
             Err(error) => SettleResult::Failed(error.to_string()),
         }
@@ -386,7 +388,11 @@ fn token_usage(reported: &Reported, delivered_output: u64) -> TokenUsage {
 pub enum SettleResult {
     NotHeld,
     Released,
-    Debited { amount: Decimal, estimated: bool },
+    Debited {
+        amount: Decimal,
+        estimated: bool,
+        item: Arc<str>,
+    },
     Failed(String),
 }
 
