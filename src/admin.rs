@@ -32,6 +32,7 @@
 
 mod api;
 mod error;
+pub mod openapi;
 mod reports;
 
 use std::convert::Infallible;
@@ -209,12 +210,8 @@ impl Admin {
                     }
                 }
             }
-            _ => {
-                return Err(AdminError::NotFound(format!(
-                    "no admin endpoint at {}",
-                    parts.uri.path()
-                )))
-            }
+            ["openapi.json"] if parts.method == Method::GET => (StatusCode::OK, openapi::document()),
+            _ => return Err(api::no_route(&parts.method, parts.uri.path())),
         };
         Ok(json_response(status, &value))
     }
@@ -226,11 +223,7 @@ impl Admin {
                 None => no_prices(),
             },
             (&Method::POST, "/admin/v1/prices/reload") => self.reload_prices(),
-            _ => error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                &format!("no admin endpoint {method} {path}"),
-            ),
+            _ => error_response(&api::no_route(method, path)),
         }
     }
 

@@ -664,3 +664,73 @@ async fn an_org_token_cannot_see_or_change_another_org_through_any_route() {
     .json();
     assert_eq!(dec(&b_balance["balances"][0]["balance"]), Decimal::from(60));
 }
+
+#[tokio::test]
+async fn the_openapi_document_matches_the_routes() {
+    let stack = start().await;
+    let (org, ids) = org_b(&stack).await;
+    let doc = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::GET,
+        "/admin/v1/openapi.json",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(doc.status, 200);
+    let doc = doc.json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 15, "{paths:?}");
+    let concrete = |template: &str| {
+        template
+            .replace("{org}", &org.to_string())
+            .replace("{user}", &ids["pro"].to_string())
+            .replace("{app}", &ids["app"].to_string())
+            .replace("{key}", &ids["key"].to_string())
+    };
+    let all_methods = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    ];
+    let mut documented = 0;
+    for (template, operations) in paths {
+        let path = concrete(template);
+        for method in &all_methods {
+            let name = method.as_str().to_lowercase();
+            let listed = operations.get(&name).is_some();
+            let body = (method != Method::GET).then(|| json!({}));
+            let reply = call(
+                &stack,
+                ADMIN_TOKEN,
+                method.clone(),
+                &path,
+                body,
+                &[("idempotency-key", "doc-check")],
+            )
+            .await;
+            let code = serde_json::from_slice::<Value>(&reply.body)
+                .ok()
+                .map(|v| v["error"]["code"].clone())
+                .unwrap_or(Value::Null);
+            if listed {
+                documented += 1;
+                assert_ne!(
+                    code, "no_route",
+                    "{method} {template} is documented but not served"
+                );
+            } else {
+                assert_eq!(
+                    code, "no_route",
+                    "{method} {template} is served but not documented: {:?}",
+                    reply.body
+                );
+            }
+        }
+    }
+    assert_eq!(documented, creditgate::admin::openapi::ROUTES.len());
+}

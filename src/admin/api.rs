@@ -248,12 +248,15 @@ pub fn orgs(ledger: &Ledger, scope: Scope, method: &Method, body: &[u8], now: Da
             };
             Ok((StatusCode::CREATED, json!(ledger.create_org(new, now)?)))
         }
-        _ => Err(method_not_allowed()),
+        _ => Err(no_route(method, "/admin/v1/orgs")),
     }
 }
 
-fn method_not_allowed() -> AdminError {
-    AdminError::NotFound("no such endpoint for this method".into())
+pub fn no_route(method: &Method, path: &str) -> AdminError {
+    AdminError::NoRoute {
+        method: method.to_string(),
+        path: path.to_owned(),
+    }
 }
 
 /// Everything under `/admin/v1/orgs/{org}/`.
@@ -359,7 +362,10 @@ pub fn org_resource(
                 .collect::<Result<Vec<_>, _>>()?;
             get(json!({ "balances": balances }))
         }
-        _ => Err(method_not_allowed()),
+        _ => Err(no_route(
+            method,
+            &format!("/admin/v1/orgs/{}/{}", org.0, rest.join("/")),
+        )),
     }
 }
 

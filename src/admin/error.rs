@@ -14,6 +14,8 @@ pub enum AdminError {
     OperatorOnly,
     #[error("{0}")]
     NotFound(String),
+    #[error("no admin endpoint {method} {path}; see GET /admin/v1/openapi.json")]
+    NoRoute { method: String, path: String },
     #[error("`{field}`: {reason}")]
     BadRequest { field: String, reason: String },
     #[error("the {0} header is required: a retry with the same key changes nothing")]
@@ -46,6 +48,7 @@ impl AdminError {
             AdminError::Disabled => (StatusCode::FORBIDDEN, "admin_disabled"),
             AdminError::OperatorOnly => (StatusCode::FORBIDDEN, "operator_only"),
             AdminError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            AdminError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
             AdminError::BadRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
             AdminError::MissingHeader(_) => (StatusCode::BAD_REQUEST, "missing_header"),
             AdminError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
