@@ -31,6 +31,8 @@
 //!   JSON or CSV (`format=csv` or `Accept: text/csv`).
 
 mod api;
+pub mod cli;
+pub mod client;
 mod error;
 pub mod openapi;
 mod reports;

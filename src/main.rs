@@ -49,6 +49,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         pace_ms: u64,
     },
+    /// Operator tasks over the admin API (token from CREDITGATE_ADMIN_TOKEN).
+    Admin(creditgate::admin::cli::AdminArgs),
     /// Ledger operations on a data directory (the gateway must be stopped).
     Ledger {
         #[command(subcommand)]
@@ -110,6 +112,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve { config, overrides } => serve(config, overrides).await,
         Command::CheckConfig { config } => Ok(check_config(config)),
+        Command::Admin(args) => {
+            println!("{}", creditgate::admin::cli::run(args).await?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ledger {
             command: LedgerCommand::Verify { data_dir },
         } => ledger_verify(&data_dir),
