@@ -24,6 +24,8 @@
 //! - `POST /admin/v1/orgs/{org}/purchases`, `POST .../adjustments` — need an
 //!   `Idempotency-Key` header; a replay returns the original result.
 //! - `GET /admin/v1/orgs/{org}/balances` — pool and Lite wallets, lots, holds.
+//! - `GET|POST /admin/v1/orgs/{org}/alerts`, `GET .../alerts/deliveries` —
+//!   alert rules (signed webhooks) and their delivery status.
 //! - `GET /admin/v1/orgs/{org}/ledger` — entries with cursor paging and
 //!   filters (`after`, `limit`, `wallet`, `kind`, `key`, `user`, `from`, `to`).
 //! - `GET /admin/v1/orgs/{org}/usage` — totals grouped by `group_by` (user,
@@ -50,6 +52,7 @@ use subtle::ConstantTimeEq;
 
 pub use error::AdminError;
 
+use crate::alerts::Alerts;
 use crate::clock::Clock;
 use crate::ledger::entry::LedgerEntry;
 use crate::ledger::ids::OrgId;
@@ -105,6 +108,7 @@ pub struct Admin {
     pub clock: Arc<dyn Clock>,
     pub ledger: Arc<Ledger>,
     pub entries: EntryReader,
+    pub alerts: Arc<Alerts>,
 }
 
 impl Admin {
@@ -126,11 +130,7 @@ impl Admin {
                 Ok(response) => response,
                 Err(error) => error_response(&error),
             },
-            _ => error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                &format!("no admin endpoint at {path}"),
-            ),
+            _ => error(StatusCode::NOT_FOUND, "not_found", &format!("no admin endpoint at {path}")),
         };
         Ok(response)
     }
@@ -164,11 +164,7 @@ impl Admin {
         let scope = self.scope(request.headers())?;
         let (parts, body) = request.into_parts();
         let body = read_body(body).await?;
-        let path = parts
-            .uri
-            .path()
-            .trim_start_matches("/admin/v1/")
-            .trim_end_matches('/');
+        let path = parts.uri.path().trim_start_matches("/admin/v1/").trim_end_matches('/');
         let segments: Vec<&str> = path.split('/').collect();
         let now = self.clock.now();
         let params = reports::query_pairs(parts.uri.query());
@@ -181,15 +177,15 @@ impl Admin {
             }
             ["orgs"] => api::orgs(&self.ledger, scope, &parts.method, &body, now)?,
             ["orgs", org, rest @ ..] => {
-                let org = OrgId(
-                    org.parse()
-                        .map_err(|_| AdminError::NotFound(format!("no org {org}")))?,
-                );
+                let org = OrgId(org.parse().map_err(|_| AdminError::NotFound(format!("no org {org}")))?);
                 // Another organization's resources do not exist for this token.
                 if !scope.sees(org) || self.ledger.org(org).is_none() {
                     return Err(AdminError::NotFound(format!("no org {}", org.0)));
                 }
                 match (&parts.method, rest) {
+                    (_, ["alerts", ..]) => {
+                        api::alert_resource(&self.ledger, &self.alerts, org, &parts.method, rest, &body)?
+                    }
                     (&Method::GET, ["ledger"]) => reports::ledger_page(&*self.entries, org, &params)?,
                     (&Method::GET, ["usage"]) => {
                         let wants_csv = params.get("format").is_some_and(|f| f == "csv")
@@ -267,11 +263,7 @@ impl Admin {
 }
 
 fn no_prices() -> Response<GatewayBody> {
-    error(
-        StatusCode::NOT_FOUND,
-        "no_price_table",
-        "this gateway has no [pricing] file configured",
-    )
+    error(StatusCode::NOT_FOUND, "no_price_table", "this gateway has no [pricing] file configured")
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<GatewayBody> {
@@ -297,9 +289,6 @@ fn error_response(error: &AdminError) -> Response<GatewayBody> {
 async fn read_body(body: Incoming) -> Result<Bytes, AdminError> {
     match Limited::new(body, MAX_ADMIN_BODY_BYTES).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(_) => Err(AdminError::bad(
-            "body",
-            format!("unreadable or over {MAX_ADMIN_BODY_BYTES} bytes"),
-        )),
+        Err(_) => Err(AdminError::bad("body", format!("unreadable or over {MAX_ADMIN_BODY_BYTES} bytes"))),
     }
 }

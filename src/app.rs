@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, AdminError, EntryReader, Readiness};
+use crate::alerts::Alerts;
 use crate::clock::{Clock, SystemClock};
 use crate::config::GatewayConfig;
 use crate::ledger::entry::LedgerEntry;
@@ -59,11 +60,9 @@ impl Gateway {
         let opened = open_ledger(&ledger_dir, LedgerConfig::default(), StoreConfig::default())
             .with_context(|| format!("cannot open the ledger in {}", ledger_dir.display()))?;
         let (ledger, writer) = (opened.ledger, opened.writer);
-        tokio::spawn(void_expired_holds(
-            ledger.clone(),
-            clock.clone(),
-            shutdown.clone(),
-        ));
+        let alerts = Alerts::load(config.server.data_dir.join("alerts.json"))?;
+        tokio::spawn(alerts.clone().run(ledger.clone(), clock.clone(), shutdown.clone()));
+        tokio::spawn(void_expired_holds(ledger.clone(), clock.clone(), shutdown.clone()));
         let proxy_listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {} (proxy)", config.server.listen))?;
@@ -85,6 +84,7 @@ impl Gateway {
             ledger.clone(),
             clock.clone(),
             metrics.clone(),
+            alerts.clone(),
         ));
         let proxy_task = tokio::spawn(server::serve(
             proxy_listener,
@@ -108,11 +108,9 @@ impl Gateway {
             clock,
             ledger: ledger.clone(),
             entries: entry_reader(writer.clone()),
+            alerts,
         });
-        let admin_options = ServeOptions {
-            name: "admin",
-            ..options
-        };
+        let admin_options = ServeOptions { name: "admin", ..options };
         let admin_task = tokio::spawn(server::serve(
             admin_listener,
             admin_options,
@@ -173,11 +171,8 @@ impl Gateway {
         if let Err(error) = self.writer.shutdown() {
             tracing::error!(%error, "the ledger's last flush failed");
         }
-        let drained = if proxy == Drained::All && admin == Drained::All {
-            Drained::All
-        } else {
-            Drained::TimedOut
-        };
+        let drained =
+            if proxy == Drained::All && admin == Drained::All { Drained::All } else { Drained::TimedOut };
         tracing::info!(?drained, "creditgate stopped");
         drained
     }
@@ -192,10 +187,7 @@ fn read_entries(
     limit: usize,
 ) -> Result<(Vec<LedgerEntry>, Option<u64>), AdminError> {
     use crate::store::Store as _;
-    let records = writer
-        .store()
-        .read_after(after, limit)
-        .map_err(|e| AdminError::Store(e.to_string()))?;
+    let records = writer.store().read_after(after, limit).map_err(|e| AdminError::Store(e.to_string()))?;
     let last = records.last().map(|r| r.seq);
     let entries = records
         .into_iter()
@@ -239,17 +231,9 @@ fn load_prices(
     let Some(pricing) = &config.pricing else {
         return Ok(None);
     };
-    let prices = Arc::new(LivePrices::load(
-        &pricing.file,
-        config.required_tools(),
-        clock.now(),
-        metrics.clone(),
-    )?);
-    tokio::spawn(
-        prices
-            .clone()
-            .watch(pricing.watch_interval, clock.clone(), shutdown.clone()),
-    );
+    let prices =
+        Arc::new(LivePrices::load(&pricing.file, config.required_tools(), clock.now(), metrics.clone())?);
+    tokio::spawn(prices.clone().watch(pricing.watch_interval, clock.clone(), shutdown.clone()));
     #[cfg(unix)]
     spawn_sighup_reload(prices.clone(), clock.clone(), shutdown.clone())?;
     Ok(Some(prices))

@@ -97,9 +97,7 @@ pub struct AdminConfig {
 impl fmt::Debug for AdminConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let token = self.operator_token.as_ref().map(|_| "<redacted>");
-        f.debug_struct("AdminConfig")
-            .field("operator_token", &token)
-            .finish()
+        f.debug_struct("AdminConfig").field("operator_token", &token).finish()
     }
 }
 
@@ -110,10 +108,7 @@ pub enum RouteKind {
     Model(Flavour),
     /// A tool priced per call and/or per unit; units come from a response
     /// header when the route names one.
-    Tool {
-        name: String,
-        units_header: Option<HeaderName>,
-    },
+    Tool { name: String, units_header: Option<HeaderName> },
     /// Forwarded without metering: the operator said so explicitly.
     Passthrough,
 }
@@ -182,10 +177,7 @@ pub struct Credential {
 impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The value is a secret: never print it, not even at trace level.
-        f.debug_struct("Credential")
-            .field("header", &self.header)
-            .field("value", &"<redacted>")
-            .finish()
+        f.debug_struct("Credential").field("header", &self.header).field("value", &"<redacted>").finish()
     }
 }
 
@@ -236,10 +228,7 @@ pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{}", render_problems(file, problems))]
-    Invalid {
-        file: String,
-        problems: Vec<ConfigProblem>,
-    },
+    Invalid { file: String, problems: Vec<ConfigProblem> },
 }
 
 fn render_problems(file: &str, problems: &[ConfigProblem]) -> String {
@@ -366,20 +355,12 @@ struct Checker<'a> {
 impl Checker<'_> {
     fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
+        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
     }
 
     fn problem(&mut self, offset: usize, message: impl Into<String>, hint: Option<&str>) {
         let line = self.line_of(offset);
-        self.problems.push(ConfigProblem {
-            line,
-            message: message.into(),
-            hint: hint.map(str::to_owned),
-        });
+        self.problems.push(ConfigProblem { line, message: message.into(), hint: hint.map(str::to_owned) });
     }
 
     /// Deserialize one section; on failure record the problem at its line.
@@ -403,10 +384,8 @@ impl Checker<'_> {
 impl GatewayConfig {
     /// Read and validate a config file, taking secrets from the process environment.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(path, &text, &|name| std::env::var(name).ok())
     }
 
@@ -414,31 +393,19 @@ impl GatewayConfig {
     /// so tests need not touch the process environment).
     pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
-        let mut checker = Checker {
-            text,
-            problems: Vec::new(),
-        };
+        let mut checker = Checker { text, problems: Vec::new() };
         let top: RawTop = match toml::from_str(text) {
             Ok(top) => top,
             Err(e) => {
                 let offset = e.span().map(|s| s.start).unwrap_or(0);
                 checker.problem(offset, e.message().trim_end().to_owned(), Some("the file must be valid TOML with only the documented sections: server, log, upstreams, routes"));
-                return Err(ConfigError::Invalid {
-                    file,
-                    problems: checker.problems,
-                });
+                return Err(ConfigError::Invalid { file, problems: checker.problems });
             }
         };
 
         let server_offset = top.server.as_ref().map_or(0, |v| v.span().start);
-        let server = top
-            .server
-            .and_then(|v| checker.section::<RawServer>("[server]", v))
-            .unwrap_or_default();
-        let log = top
-            .log
-            .and_then(|v| checker.section::<RawLog>("[log]", v))
-            .unwrap_or_default();
+        let server = top.server.and_then(|v| checker.section::<RawServer>("[server]", v)).unwrap_or_default();
+        let log = top.log.and_then(|v| checker.section::<RawLog>("[log]", v)).unwrap_or_default();
         let server = validate_server(&mut checker, server_offset, server);
         let log = LogConfig {
             level: log.level.unwrap_or_else(|| "info".to_owned()),
@@ -459,21 +426,13 @@ impl GatewayConfig {
             Some(PricingConfig {
                 file: base.join(raw.file),
                 watch_interval: Duration::from_millis(
-                    raw.watch_interval_ms
-                        .unwrap_or(DEFAULT_PRICE_WATCH_INTERVAL_MS)
-                        .max(10),
+                    raw.watch_interval_ms.unwrap_or(DEFAULT_PRICE_WATCH_INTERVAL_MS).max(10),
                 ),
             })
         });
-        let admin = top
-            .admin
-            .and_then(|v| checker.section::<RawAdmin>("[admin]", v))
-            .unwrap_or_default();
+        let admin = top.admin.and_then(|v| checker.section::<RawAdmin>("[admin]", v)).unwrap_or_default();
         let admin = AdminConfig {
-            operator_token: admin
-                .token_env
-                .and_then(|var| env(&var))
-                .filter(|t| !t.is_empty()),
+            operator_token: admin.token_env.and_then(|var| env(&var)).filter(|t| !t.is_empty()),
             org_tokens: admin
                 .org_tokens
                 .into_iter()
@@ -523,28 +482,13 @@ impl GatewayConfig {
         }
         // Most specific first: host-bound routes, then longer prefixes.
         routes.sort_by(|a, b| {
-            b.host
-                .is_some()
-                .cmp(&a.host.is_some())
-                .then(b.prefix.len().cmp(&a.prefix.len()))
+            b.host.is_some().cmp(&a.host.is_some()).then(b.prefix.len().cmp(&a.prefix.len()))
         });
 
         if !checker.problems.is_empty() {
-            return Err(ConfigError::Invalid {
-                file,
-                problems: checker.problems,
-            });
+            return Err(ConfigError::Invalid { file, problems: checker.problems });
         }
-        Ok(GatewayConfig {
-            source: path.to_owned(),
-            server,
-            log,
-            upstreams,
-            routes,
-            pricing,
-            admin,
-            traffic,
-        })
+        Ok(GatewayConfig { source: path.to_owned(), server, log, upstreams, routes, pricing, admin, traffic })
     }
 
     /// Tools that metered routes charge for; the price file must price each.
@@ -597,8 +541,7 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
         max_body_bytes,
         shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS)),
         header_read_timeout: Duration::from_millis(
-            raw.header_read_timeout_ms
-                .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS),
+            raw.header_read_timeout_ms.unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS),
         ),
         max_connections: raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS).max(1),
     }
@@ -625,10 +568,8 @@ fn validate_traffic(checker: &mut Checker<'_>, value: Option<Spanned<toml::Value
             ),
         }
     }
-    let defaults = TrafficCaps {
-        requests_per_minute: raw.requests_per_minute,
-        max_in_flight: raw.max_in_flight,
-    };
+    let defaults =
+        TrafficCaps { requests_per_minute: raw.requests_per_minute, max_in_flight: raw.max_in_flight };
     TrafficConfig { defaults, per_key }
 }
 
@@ -653,10 +594,7 @@ fn validate_upstream(
     let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned()) else {
         checker.problem(
             offset,
-            format!(
-                "[upstreams.{name}] base_url {:?} needs a scheme and a host",
-                raw.base_url
-            ),
+            format!("[upstreams.{name}] base_url {:?} needs a scheme and a host", raw.base_url),
             Some("e.g. \"http://127.0.0.1:8090\""),
         );
         return None;
@@ -670,11 +608,7 @@ fn validate_upstream(
         return None;
     }
     if uri.query().is_some() {
-        checker.problem(
-            offset,
-            format!("[upstreams.{name}] base_url must not carry a query string"),
-            None,
-        );
+        checker.problem(offset, format!("[upstreams.{name}] base_url must not carry a query string"), None);
     }
     let credential = credential(checker, offset, name, &raw, env);
     Some(Upstream {
@@ -687,9 +621,7 @@ fn validate_upstream(
             raw.response_timeout_ms.unwrap_or(DEFAULT_RESPONSE_TIMEOUT_MS),
         ),
         idle_timeout: Duration::from_millis(raw.idle_timeout_ms.unwrap_or(DEFAULT_IDLE_TIMEOUT_MS)),
-        pool_max_idle_per_host: raw
-            .pool_max_idle_per_host
-            .unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),
+        pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),
         http2_prior_knowledge: raw.http2_prior_knowledge,
         credential,
     })
@@ -756,35 +688,20 @@ fn validate_route(
         let known: Vec<&str> = upstream_index.keys().map(String::as_str).collect();
         checker.problem(
             offset,
-            format!(
-                "route {:?} names upstream {:?}, which is not defined",
-                raw.prefix, raw.upstream
-            ),
-            Some(&format!(
-                "define [upstreams.{}] or use one of {known:?}",
-                raw.upstream
-            )),
+            format!("route {:?} names upstream {:?}, which is not defined", raw.prefix, raw.upstream),
+            Some(&format!("define [upstreams.{}] or use one of {known:?}", raw.upstream)),
         );
         return None;
     };
     let kind = route_kind(checker, offset, &raw)?;
-    Some(Route {
-        prefix: raw.prefix,
-        host: raw.host.map(|h| h.to_ascii_lowercase()),
-        upstream,
-        kind,
-    })
+    Some(Route { prefix: raw.prefix, host: raw.host.map(|h| h.to_ascii_lowercase()), upstream, kind })
 }
 
 /// A route must say how it is charged; forwarding unmetered is a choice the
 /// operator makes explicitly (`passthrough = true`), never a default.
 fn route_kind(checker: &mut Checker<'_>, offset: usize, raw: &RawRoute) -> Option<RouteKind> {
     let hint = Some("give exactly one of flavour = \"openai-chat\" (or openai-embeddings, openai-responses, anthropic-messages), tool = \"NAME\", or passthrough = true");
-    let units_header = match raw
-        .units_header
-        .as_deref()
-        .map(|h| HeaderName::from_bytes(h.as_bytes()))
-    {
+    let units_header = match raw.units_header.as_deref().map(|h| HeaderName::from_bytes(h.as_bytes())) {
         None => None,
         Some(Ok(name)) => Some(name),
         Some(Err(_)) => {
@@ -798,26 +715,16 @@ fn route_kind(checker: &mut Checker<'_>, offset: usize, raw: &RawRoute) -> Optio
     };
     match (raw.flavour, &raw.tool, raw.passthrough) {
         (Some(flavour), None, false) if units_header.is_none() => Some(RouteKind::Model(flavour)),
-        (None, Some(name), false) => Some(RouteKind::Tool {
-            name: name.clone(),
-            units_header,
-        }),
+        (None, Some(name), false) => Some(RouteKind::Tool { name: name.clone(), units_header }),
         (None, None, true) if units_header.is_none() => Some(RouteKind::Passthrough),
         (None, None, false) => {
-            checker.problem(
-                offset,
-                format!("route {:?} does not say how it is charged", raw.prefix),
-                hint,
-            );
+            checker.problem(offset, format!("route {:?} does not say how it is charged", raw.prefix), hint);
             None
         }
         _ => {
             checker.problem(
                 offset,
-                format!(
-                    "route {:?} mixes flavour, tool, units_header and passthrough",
-                    raw.prefix
-                ),
+                format!("route {:?} mixes flavour, tool, units_header and passthrough", raw.prefix),
                 hint,
             );
             None
@@ -873,10 +780,7 @@ passthrough = true
         assert_eq!(c.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
         assert_eq!(c.upstreams[0].base_path, "");
         assert!(c.route_for(None, "/v1/chat/completions").is_some());
-        assert!(
-            c.route_for(None, "/v10").is_none(),
-            "prefix must match whole segments"
-        );
+        assert!(c.route_for(None, "/v10").is_none(), "prefix must match whole segments");
     }
 
     #[test]
@@ -903,23 +807,11 @@ upstream = "nope"
         let p = problems(text);
         let lines: Vec<usize> = p.iter().map(|p| p.line).collect();
         assert_eq!(p.len(), 5, "one problem per mistake: {p:#?}");
-        assert!(
-            p[0].message.contains("listne"),
-            "unknown key named: {}",
-            p[0].message
-        );
-        assert!(
-            lines.contains(&6) || lines.contains(&5),
-            "upstream a's line reported: {lines:?}"
-        );
-        assert!(
-            p.iter().any(|p| p.message.contains("MISSING")),
-            "missing env var named"
-        );
+        assert!(p[0].message.contains("listne"), "unknown key named: {}", p[0].message);
+        assert!(lines.contains(&6) || lines.contains(&5), "upstream a's line reported: {lines:?}");
+        assert!(p.iter().any(|p| p.message.contains("MISSING")), "missing env var named");
         assert!(p.iter().any(|p| p.message.contains("must start with '/'")));
-        assert!(p
-            .iter()
-            .any(|p| p.message.contains("\"nope\"") && p.hint.is_some()));
+        assert!(p.iter().any(|p| p.message.contains("\"nope\"") && p.hint.is_some()));
     }
 
     #[test]
@@ -938,10 +830,7 @@ upstream = "nope"
         assert_eq!(cred.value, "Bearer sk-upstream");
         assert!(cred.value.is_sensitive());
         assert_eq!(up.base_path, "/base");
-        assert!(
-            !format!("{c:?}").contains("sk-upstream"),
-            "Debug must redact the secret"
-        );
+        assert!(!format!("{c:?}").contains("sk-upstream"), "Debug must redact the secret");
     }
 
     #[test]
@@ -949,14 +838,10 @@ upstream = "nope"
         let text = "[upstreams.a]\nbase_url = \"http://a\"\n[[routes]]\nprefix = \"/v1\"\nupstream = \"a\"\n[[routes]]\nprefix = \"/v2\"\nupstream = \"a\"\ntool = \"t\"\npassthrough = true\n";
         let p = problems(text);
         assert!(
-            p.iter()
-                .any(|p| p.line == 3 && p.message.contains("does not say how it is charged")),
+            p.iter().any(|p| p.line == 3 && p.message.contains("does not say how it is charged")),
             "{p:#?}"
         );
-        assert!(
-            p.iter().any(|p| p.line == 6 && p.message.contains("mixes")),
-            "{p:#?}"
-        );
+        assert!(p.iter().any(|p| p.line == 6 && p.message.contains("mixes")), "{p:#?}");
         let metered = "[upstreams.a]\nbase_url = \"http://a\"\n[[routes]]\nprefix = \"/v1\"\nupstream = \"a\"\ntool = \"web-search\"\nunits_header = \"x-units\"\n";
         let p = problems(metered);
         assert!(
@@ -994,11 +879,7 @@ passthrough = true
 file = "prices.toml"
 "#;
         let c = parse(text).unwrap();
-        let name = |host, path| {
-            c.upstreams[c.route_for(host, path).unwrap().upstream]
-                .name
-                .clone()
-        };
+        let name = |host, path| c.upstreams[c.route_for(host, path).unwrap().upstream].name.clone();
         assert_eq!(name(None, "/v1/chat/completions"), "b");
         assert_eq!(name(None, "/v1/embeddings"), "a");
         assert_eq!(name(Some("special.example:8080"), "/v1/chat/completions"), "c");

@@ -42,11 +42,11 @@ pub fn demo_config(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
         None if Path::new(EXAMPLE_CONFIG_PATH).exists() => {
             Ok(GatewayConfig::load(Path::new(EXAMPLE_CONFIG_PATH))?)
         }
-        None => Ok(GatewayConfig::parse(
-            Path::new("<built-in config/gateway.toml>"),
-            EXAMPLE_CONFIG,
-            &|name| std::env::var(name).ok(),
-        )?),
+        None => {
+            Ok(GatewayConfig::parse(Path::new("<built-in config/gateway.toml>"), EXAMPLE_CONFIG, &|name| {
+                std::env::var(name).ok()
+            })?)
+        }
     }
 }
 
@@ -72,11 +72,7 @@ pub struct SeededKeys {
 
 /// A fresh API key secret: 244 random bits behind a recognisable prefix.
 pub fn new_secret() -> String {
-    format!(
-        "cg_{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    )
+    format!("cg_{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
 }
 
 /// Create an org with a one-year contract funding its pool, a Pro user, a
@@ -91,11 +87,7 @@ pub fn seed_org(ledger: &Ledger, spec: &SeedSpec, now: DateTime<Utc>) -> Result<
     };
     let org = ledger
         .create_org(
-            NewOrg {
-                name: spec.org_name.clone(),
-                time_zone: chrono_tz::UTC,
-                contract: Some(contract),
-            },
+            NewOrg { name: spec.org_name.clone(), time_zone: chrono_tz::UTC, contract: Some(contract) },
             now,
         )?
         .id;
@@ -106,12 +98,8 @@ pub fn seed_org(ledger: &Ledger, spec: &SeedSpec, now: DateTime<Utc>) -> Result<
         prorate_on_downgrade: false,
         limits: Limits::default(),
     };
-    let pro = ledger
-        .create_user(org, user("pro-user", Plan::Pro, Decimal::ZERO), now)?
-        .id;
-    let lite = ledger
-        .create_user(org, user("lite-user", Plan::Lite, spec.lite_allowance), now)?
-        .id;
+    let pro = ledger.create_user(org, user("pro-user", Plan::Pro, Decimal::ZERO), now)?.id;
+    let lite = ledger.create_user(org, user("lite-user", Plan::Lite, spec.lite_allowance), now)?.id;
     let app = ledger
         .create_app(
             org,
@@ -155,9 +143,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     if let Some(data_dir) = options.data_dir {
         config.server.data_dir = data_dir;
     }
-    let mock_addr = options
-        .mock_listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8090)));
+    let mock_addr = options.mock_listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8090)));
     let mock = MockUpstream::start(mock_addr, MockOptions::default())
         .await
         .with_context(|| format!("cannot start the mock upstream on {mock_addr}"))?;

@@ -133,10 +133,7 @@ impl Ledger {
     /// An empty ledger writing to `journal`.
     pub fn new(config: LedgerConfig, journal: Arc<dyn Journal>) -> Self {
         Ledger {
-            shared: Arc::new(Shared {
-                config,
-                committer: Committer::new(journal, 1),
-            }),
+            shared: Arc::new(Shared { config, committer: Committer::new(journal, 1) }),
             wallets: DashMap::new(),
             orgs: DashMap::new(),
             users: DashMap::new(),
@@ -182,36 +179,22 @@ impl Ledger {
 
     /// The users of an organization, by id.
     pub fn users_of(&self, org: OrgId) -> Vec<User> {
-        let mut users: Vec<User> = self
-            .users
-            .iter()
-            .filter(|u| u.org == org)
-            .map(|u| u.clone())
-            .collect();
+        let mut users: Vec<User> = self.users.iter().filter(|u| u.org == org).map(|u| u.clone()).collect();
         users.sort_by_key(|u| u.id);
         users
     }
 
     /// The applications of an organization, by id.
     pub fn apps_of(&self, org: OrgId) -> Vec<Application> {
-        let mut apps: Vec<Application> = self
-            .apps
-            .iter()
-            .filter(|a| a.org == org)
-            .map(|a| a.clone())
-            .collect();
+        let mut apps: Vec<Application> =
+            self.apps.iter().filter(|a| a.org == org).map(|a| a.clone()).collect();
         apps.sort_by_key(|a| a.id);
         apps
     }
 
     /// The key records of an organization (hashes only, never secrets), by id.
     pub fn keys_of(&self, org: OrgId) -> Vec<ApiKey> {
-        let mut keys: Vec<ApiKey> = self
-            .keys
-            .iter()
-            .filter(|k| k.org == org)
-            .map(|k| k.clone())
-            .collect();
+        let mut keys: Vec<ApiKey> = self.keys.iter().filter(|k| k.org == org).map(|k| k.clone()).collect();
         keys.sort_by_key(|k| k.id);
         keys
     }
@@ -254,11 +237,9 @@ impl Ledger {
         match wallet {
             WalletId::Pool(org) if self.orgs.contains_key(&org) => Ok(org),
             WalletId::Pool(_) => Err(LedgerError::UnknownWallet(wallet)),
-            WalletId::Lite(user) => self
-                .users
-                .get(&user)
-                .map(|user| user.org)
-                .ok_or(LedgerError::UnknownWallet(wallet)),
+            WalletId::Lite(user) => {
+                self.users.get(&user).map(|user| user.org).ok_or(LedgerError::UnknownWallet(wallet))
+            }
         }
     }
 
@@ -266,11 +247,7 @@ impl Ledger {
     pub(crate) fn ensure_wallet_in(&self, org: OrgId, wallet: WalletId) -> Result<(), LedgerError> {
         let target_org = self.wallet_org(wallet)?;
         if target_org != org {
-            return Err(LedgerError::CrossOrg {
-                org,
-                target: wallet.to_string(),
-                target_org,
-            });
+            return Err(LedgerError::CrossOrg { org, target: wallet.to_string(), target_org });
         }
         if !self.wallets.contains_key(&wallet) {
             return Err(LedgerError::UnknownWallet(wallet));
@@ -302,9 +279,7 @@ impl Ledger {
     /// Balance less open holds, without copying the wallet's lots (for the
     /// `x-creditgate-available` header on every response).
     pub fn available(&self, wallet: WalletId) -> Option<Decimal> {
-        self.wallets
-            .get(&wallet)
-            .map(|cell| cell.value().state.lock().available())
+        self.wallets.get(&wallet).map(|cell| cell.value().state.lock().available())
     }
 
     fn cell(&self, wallet: WalletId) -> Option<Arc<WalletCell>> {

@@ -1,6 +1,7 @@
 //! creditgate: a usage-metering API gateway.
 //!
 //! Module map:
+//! - [`alerts`] — balance alerts delivered as signed webhooks.
 //! - [`app`] — wiring: config, listeners, shutdown.
 //! - [`admin`] — the admin listener: health and readiness.
 //! - [`clock`] — the injectable clock time-dependent rules read.
@@ -16,6 +17,7 @@
 //! - [`telemetry`] — logging setup.
 
 pub mod admin;
+pub mod alerts;
 pub mod app;
 pub mod clock;
 pub mod config;

@@ -116,22 +116,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}", creditgate::admin::cli::run(args).await?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ledger {
-            command: LedgerCommand::Verify { data_dir },
-        } => ledger_verify(&data_dir),
-        Command::MockUpstream {
-            listen,
-            latency_ms,
-            pace_ms,
-        } => {
+        Command::Ledger { command: LedgerCommand::Verify { data_dir } } => ledger_verify(&data_dir),
+        Command::MockUpstream { listen, latency_ms, pace_ms } => {
             mock_upstream(listen, latency_ms, pace_ms).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo {
-            config,
-            overrides,
-            mock_listen,
-        } => {
+        Command::Demo { config, overrides, mock_listen } => {
             demo::run(DemoOptions {
                 config,
                 listen: overrides.listen,
@@ -185,18 +175,9 @@ fn check_config(path: PathBuf) -> ExitCode {
         return ExitCode::SUCCESS;
     };
     let metrics = Arc::new(Metrics::default());
-    match LivePrices::load(
-        &pricing.file,
-        config.required_tools(),
-        chrono::Utc::now(),
-        metrics,
-    ) {
+    match LivePrices::load(&pricing.file, config.required_tools(), chrono::Utc::now(), metrics) {
         Ok(prices) => {
-            println!(
-                "{}: ok (version {})",
-                pricing.file.display(),
-                prices.status().version
-            );
+            println!("{}: ok (version {})", pricing.file.display(), prices.status().version);
             ExitCode::SUCCESS
         }
         Err(error) => {
@@ -232,14 +213,9 @@ fn ledger_verify(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
 }
 
 async fn mock_upstream(listen: SocketAddr, latency_ms: u64, pace_ms: u64) -> anyhow::Result<()> {
-    telemetry::init(&LogConfig {
-        level: "info".to_owned(),
-        format: LogFormat::Text,
-    });
-    let options = MockOptions {
-        latency: Duration::from_millis(latency_ms),
-        pace: Duration::from_millis(pace_ms),
-    };
+    telemetry::init(&LogConfig { level: "info".to_owned(), format: LogFormat::Text });
+    let options =
+        MockOptions { latency: Duration::from_millis(latency_ms), pace: Duration::from_millis(pace_ms) };
     let mock = MockUpstream::start(listen, options).await?;
     println!("mock upstream listening on http://{}", mock.addr());
     app::cancel_on_signal(mock.shutdown_token());

@@ -99,22 +99,11 @@ impl Meter {
     /// A meter for a response whose head says whether it is an event stream.
     pub fn new(event_stream: bool, strip_injected_usage: bool) -> Self {
         let mode = if event_stream {
-            Mode::Sse {
-                line: BytesMut::new(),
-                pending_event: BytesMut::new(),
-            }
+            Mode::Sse { line: BytesMut::new(), pending_event: BytesMut::new() }
         } else {
-            Mode::Json {
-                buffer: BytesMut::new(),
-                overflowed: false,
-            }
+            Mode::Json { buffer: BytesMut::new(), overflowed: false }
         };
-        Meter {
-            mode,
-            reported: Reported::default(),
-            text_bytes: 0,
-            strip_injected_usage,
-        }
+        Meter { mode, reported: Reported::default(), text_bytes: 0, strip_injected_usage }
     }
 
     /// Look at one chunk; returns what the client should get (the chunk
@@ -139,15 +128,9 @@ impl Meter {
 
     /// Usage once the body has ended.
     pub fn finish(&mut self) -> Reported {
-        if let Mode::Json {
-            buffer,
-            overflowed: false,
-        } = &self.mode
-        {
-            if let Some(found) = serde_json::from_slice::<Value>(buffer)
-                .ok()
-                .as_ref()
-                .and_then(usage_from_json)
+        if let Mode::Json { buffer, overflowed: false } = &self.mode {
+            if let Some(found) =
+                serde_json::from_slice::<Value>(buffer).ok().as_ref().and_then(usage_from_json)
             {
                 self.reported.merge(found);
             }
@@ -197,10 +180,7 @@ impl Meter {
         self.text_bytes += delta_text_len(data);
         // Cheap scan before parsing: most events carry no usage.
         if contains(data, b"\"usage\"") {
-            if let Some(found) = serde_json::from_slice::<Value>(data)
-                .ok()
-                .as_ref()
-                .and_then(usage_from_json)
+            if let Some(found) = serde_json::from_slice::<Value>(data).ok().as_ref().and_then(usage_from_json)
             {
                 self.reported.merge(found);
             }
@@ -219,9 +199,7 @@ impl Meter {
                 break;
             };
             let event = pending_event.split_to(end + 2);
-            let data_line = event
-                .strip_prefix(b"data: ")
-                .or_else(|| event.strip_prefix(b"data:"));
+            let data_line = event.strip_prefix(b"data: ").or_else(|| event.strip_prefix(b"data:"));
             let usage_only =
                 data_line.is_some_and(|d| contains(d, b"\"choices\":[]") && contains(d, b"\"usage\":{"));
             let rewritten = remove_all(&event, b",\"usage\":null");
@@ -294,17 +272,9 @@ mod tests {
         for at in 0..=OPENAI_STREAM.len() {
             let mut meter = Meter::new(true, false);
             let out = feed_split(&mut meter, OPENAI_STREAM.as_bytes(), at);
-            assert_eq!(
-                out,
-                OPENAI_STREAM.as_bytes(),
-                "bytes pass unchanged (split at {at})"
-            );
+            assert_eq!(out, OPENAI_STREAM.as_bytes(), "bytes pass unchanged (split at {at})");
             let r = meter.finish();
-            assert_eq!(
-                (r.input_tokens, r.output_tokens),
-                (Some(11), Some(7)),
-                "split at {at}"
-            );
+            assert_eq!((r.input_tokens, r.output_tokens), (Some(11), Some(7)), "split at {at}");
         }
     }
 
@@ -331,11 +301,7 @@ mod tests {
             let mut meter = Meter::new(true, false);
             feed_split(&mut meter, stream.as_bytes(), at);
             let r = meter.finish();
-            assert_eq!(
-                (r.input_tokens, r.output_tokens),
-                (Some(20), Some(9)),
-                "split at {at}"
-            );
+            assert_eq!((r.input_tokens, r.output_tokens), (Some(20), Some(9)), "split at {at}");
             assert_eq!(meter.delivered_output_estimate(), 2, "8 text bytes ~ 2 tokens");
         }
     }
@@ -352,10 +318,7 @@ mod tests {
                 r#"{"usage":{"input_tokens":6,"output_tokens":4,"input_tokens_details":{"cached_tokens":1}}}"#,
                 (6, 1, 4),
             ),
-            (
-                r#"{"usage":{"input_tokens":6,"output_tokens":4,"cache_read_input_tokens":10}}"#,
-                (16, 10, 4),
-            ),
+            (r#"{"usage":{"input_tokens":6,"output_tokens":4,"cache_read_input_tokens":10}}"#, (16, 10, 4)),
         ];
         for (body, (input, cached, output)) in cases {
             let mut meter = Meter::new(false, false);
@@ -370,9 +333,7 @@ mod tests {
     #[test]
     fn negative_or_garbage_usage_is_not_believed() {
         let mut meter = Meter::new(false, false);
-        meter.observe(Bytes::from_static(
-            br#"{"usage":{"prompt_tokens":-5,"completion_tokens":"many"}}"#,
-        ));
+        meter.observe(Bytes::from_static(br#"{"usage":{"prompt_tokens":-5,"completion_tokens":"many"}}"#));
         let r = meter.finish();
         assert_eq!((r.input_tokens, r.output_tokens), (None, None));
         let mut meter = Meter::new(false, false);

@@ -94,10 +94,7 @@ pub struct JournalEntry {
 
 impl JournalEntry {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn event_times(&self) -> Vec<Instant> {
@@ -124,10 +121,7 @@ impl Journal {
     }
 
     pub fn entries(&self) -> Vec<JournalEntry> {
-        self.entries
-            .lock()
-            .map(|e| e.iter().cloned().collect())
-            .unwrap_or_default()
+        self.entries.lock().map(|e| e.iter().cloned().collect()).unwrap_or_default()
     }
 
     pub fn last(&self) -> Option<JournalEntry> {
@@ -156,32 +150,19 @@ impl MockUpstream {
         let addr = listener.local_addr()?;
         let journal = Arc::new(Journal::default());
         let shutdown = CancellationToken::new();
-        let state = Arc::new(MockState {
-            options,
-            journal: journal.clone(),
-            shutdown: shutdown.clone(),
-        });
+        let state = Arc::new(MockState { options, journal: journal.clone(), shutdown: shutdown.clone() });
         let serve_options = ServeOptions {
             name: "mock",
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(1),
         };
-        let task = tokio::spawn(server::serve(
-            listener,
-            serve_options,
-            shutdown.clone(),
-            move |req, _peer| {
+        let task =
+            tokio::spawn(server::serve(listener, serve_options, shutdown.clone(), move |req, _peer| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(state.handle(req).await) }
-            },
-        ));
-        Ok(MockUpstream {
-            addr,
-            journal,
-            shutdown,
-            task,
-        })
+            }));
+        Ok(MockUpstream { addr, journal, shutdown, task })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -222,12 +203,8 @@ struct Controls {
 
 impl Controls {
     fn from_headers(headers: &HeaderMap, options: &MockOptions) -> Self {
-        let number = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-        };
+        let number =
+            |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         Controls {
             status: number("x-mock-status")
                 .and_then(|code| u16::try_from(code).ok())
@@ -259,12 +236,7 @@ impl MockState {
             headers: parts
                 .headers
                 .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_owned(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
+                .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
                 .collect(),
             body_bytes: 0,
             model: None,
@@ -289,17 +261,9 @@ impl MockState {
             let entries = serde_json::to_value(self.journal.entries()).unwrap_or_default();
             return json(StatusCode::OK, &entries);
         }
-        let bytes = match http_body_util::Limited::new(body, MAX_MODEL_BODY_BYTES)
-            .collect()
-            .await
-        {
+        let bytes = match http_body_util::Limited::new(body, MAX_MODEL_BODY_BYTES).collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(_) => {
-                return plain(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request body unreadable or too large",
-                )
-            }
+            Err(_) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body unreadable or too large"),
         };
         entry.body_bytes = bytes.len() as u64;
         let reply = match controls.status {
@@ -355,9 +319,7 @@ impl MockState {
                     None => json(status, &value),
                 };
                 if let Some(units) = usage.map(|u| u.units).filter(|&u| u > 0) {
-                    response
-                        .headers_mut()
-                        .insert("x-usage-units", HeaderValue::from(units));
+                    response.headers_mut().insert("x-usage-units", HeaderValue::from(units));
                 }
                 *response.status_mut() = status;
                 response
@@ -368,19 +330,10 @@ impl MockState {
                 let times = entry.event_times.clone();
                 self.journal.record(entry);
                 let (tx, rx) = mpsc::channel(1);
-                tokio::spawn(pace_events(
-                    events,
-                    controls.pace,
-                    controls.reset_after,
-                    tx,
-                    times,
-                ));
+                tokio::spawn(pace_events(events, controls.pace, controls.reset_after, tx, times));
                 let mut response = Response::new(MockBody::Channel(rx));
                 let headers = response.headers_mut();
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/event-stream"),
-                );
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
                 headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
                 response
             }
@@ -456,9 +409,7 @@ impl Body for MockBody {
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<MockBody> {
     let mut response = Response::new(MockBody::Full(Some(Bytes::from(value.to_string()))));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 

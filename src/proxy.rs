@@ -37,9 +37,11 @@ pub use context::{Outcome, RequestCtx};
 pub use error::{json_error, ErrorClass, ProxyError};
 pub use headers::REQUEST_ID;
 
+use crate::alerts::{Alerts, Signal};
 use crate::clock::Clock;
 use crate::config::{Flavour, GatewayConfig, Route, RouteKind, Upstream};
 use crate::ledger::ids::RequestId;
+use crate::ledger::Refusal;
 use crate::ledger::{Ledger, SpendContext};
 use crate::pricing::LivePrices;
 use crate::telemetry::metrics::{ItemLabels, Metrics, ReasonLabels, RequestLabels, ResultLabels};
@@ -55,6 +57,7 @@ pub struct Proxy {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     traffic: traffic::TrafficCaps,
+    alerts: Arc<Alerts>,
 }
 
 impl Proxy {
@@ -64,18 +67,11 @@ impl Proxy {
         ledger: Arc<Ledger>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
+        alerts: Arc<Alerts>,
     ) -> Self {
         let upstreams = UpstreamClients::new(&config.upstreams);
         let traffic = traffic::TrafficCaps::new(config.traffic.clone());
-        Proxy {
-            config,
-            upstreams,
-            prices,
-            ledger,
-            clock,
-            metrics,
-            traffic,
-        }
+        Proxy { config, upstreams, prices, ledger, clock, metrics, traffic, alerts }
     }
 
     /// Entry point for one request: run the phases, turn any error into the
@@ -93,6 +89,7 @@ impl Proxy {
         let mut response = match result {
             Ok(response) => response,
             Err(error) => {
+                self.signal_refusal(&error);
                 let class = error.class();
                 ctx.error_code = Some(class.code);
                 log_error(&ctx.span, class.level, class.code, &error);
@@ -101,10 +98,8 @@ impl Proxy {
         };
         ctx.status = response.status();
         response.headers_mut().insert(&REQUEST_ID, ctx.request_id.clone());
-        if let Some(available) = ctx
-            .wallet
-            .and_then(|w| self.ledger.available(w))
-            .and_then(charge::available_header)
+        if let Some(available) =
+            ctx.wallet.and_then(|w| self.ledger.available(w)).and_then(charge::available_header)
         {
             response.headers_mut().insert(&charge::AVAILABLE, available);
         }
@@ -157,12 +152,10 @@ impl Proxy {
             .uri()
             .host()
             .or_else(|| request.headers().get(header::HOST).and_then(|h| h.to_str().ok()));
-        let route =
-            self.config
-                .route_for(host, request.uri().path())
-                .ok_or_else(|| ProxyError::RouteNotFound {
-                    path: request.uri().path().to_owned(),
-                })?;
+        let route = self
+            .config
+            .route_for(host, request.uri().path())
+            .ok_or_else(|| ProxyError::RouteNotFound { path: request.uri().path().to_owned() })?;
         ctx.upstream = Some(route.upstream);
         ctx.route_prefix = Some(route.prefix.clone());
         Ok(route)
@@ -182,12 +175,8 @@ impl Proxy {
     ) -> Result<(http::request::Parts, UpstreamBody), ProxyError> {
         let limit = self.config.server.max_body_bytes;
         let (parts, incoming) = request.into_parts();
-        let streamed = |incoming| {
-            Either::Left(Limited::new(
-                incoming,
-                usize::try_from(limit).unwrap_or(usize::MAX),
-            ))
-        };
+        let streamed =
+            |incoming| Either::Left(Limited::new(incoming, usize::try_from(limit).unwrap_or(usize::MAX)));
         if route.kind == RouteKind::Passthrough {
             return Ok((parts, streamed(incoming)));
         }
@@ -207,13 +196,7 @@ impl Proxy {
                     Some(rewritten) => (rewritten, true),
                     None => (bytes, false),
                 };
-                (
-                    Either::Right(Full::new(bytes)),
-                    priced,
-                    fields.max_output_tokens,
-                    injected,
-                    request_bytes,
-                )
+                (Either::Right(Full::new(bytes)), priced, fields.max_output_tokens, injected, request_bytes)
             }
             RouteKind::Tool { name, units_header } => {
                 let priced = charge::price_tool(&table, name, units_header.clone(), now)?;
@@ -224,10 +207,7 @@ impl Proxy {
         };
         let amount = charge::hold_amount(&priced, request_bytes, max_output)?;
         let request_id = ledger_request_id(&ctx.request_id);
-        let context = SpendContext {
-            key: key.key,
-            end_user: end_user.as_deref(),
-        };
+        let context = SpendContext { key: key.key, end_user: end_user.as_deref() };
         let started = std::time::Instant::now();
         let hold = self.ledger.hold(key.wallet, request_id, amount, context, now);
         self.metrics.hold_seconds.observe(started.elapsed().as_secs_f64());
@@ -276,10 +256,7 @@ impl Proxy {
         headers.insert(&REQUEST_ID, ctx.request_id.clone());
         if let Either::Right(full) = &body {
             // The body may have been rewritten: announce its real length.
-            headers.insert(
-                header::CONTENT_LENGTH,
-                HeaderValue::from(full.size_hint().exact().unwrap_or(0)),
-            );
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(full.size_hint().exact().unwrap_or(0)));
         }
         Ok(Request::from_parts(parts, body))
     }
@@ -292,15 +269,8 @@ impl Proxy {
         request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let upstream = self.upstream_of(route);
-        let response = self
-            .upstreams
-            .send(
-                route.upstream,
-                upstream,
-                self.config.server.max_body_bytes,
-                request,
-            )
-            .await?;
+        let response =
+            self.upstreams.send(route.upstream, upstream, self.config.server.max_body_bytes, request).await?;
         ctx.upstream_status = Some(response.status());
         Ok(response)
     }
@@ -322,26 +292,18 @@ impl Proxy {
     /// ends or is dropped. Writes the access log line.
     pub fn settle(&self, mut ctx: RequestCtx, outcome: Outcome) {
         let started = std::time::Instant::now();
-        let settled = ctx
-            .charge
-            .take()
-            .map(|charge| charge.settle(outcome, self.clock.now()));
+        let settled = ctx.charge.take().map(|charge| charge.settle(outcome, self.clock.now()));
         self.record_settle(settled.as_ref(), started.elapsed());
-        let upstream = ctx
-            .upstream
-            .and_then(|i| self.config.upstreams.get(i))
-            .map_or("-", |u| u.name.as_str());
+        if let (Some(charge::SettleResult::Debited { .. }), Some(wallet)) = (&settled, ctx.wallet) {
+            self.alerts.notify(Signal::Changed(wallet));
+        }
+        let upstream =
+            ctx.upstream.and_then(|i| self.config.upstreams.get(i)).map_or("-", |u| u.name.as_str());
         let route = ctx.route_prefix.clone().unwrap_or_else(|| "none".to_owned());
         let status = ctx.status.as_u16();
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels { route, status })
-            .inc();
+        self.metrics.requests.get_or_create(&RequestLabels { route, status }).inc();
         if let (402 | 429, Some(reason)) = (status, ctx.error_code) {
-            self.metrics
-                .refusals
-                .get_or_create(&ReasonLabels { reason })
-                .inc();
+            self.metrics.refusals.get_or_create(&ReasonLabels { reason }).inc();
         }
         let _entered = ctx.span.enter();
         tracing::info!(
@@ -361,14 +323,21 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// Tell the alerts about money refusals (empty Lite wallet, limit reached).
+    fn signal_refusal(&self, error: &ProxyError) {
+        let ProxyError::Refused(refusal) = error else { return };
+        match refusal.as_ref() {
+            Refusal::InsufficientFunds { wallet, .. } => self.alerts.notify(Signal::Empty(wallet.wallet)),
+            Refusal::SpendingLimit { wallet, limit, .. } => {
+                self.alerts.notify(Signal::LimitReached(wallet.wallet, limit.resets_at));
+            }
+            _ => {}
+        }
+    }
+
     fn record_settle(&self, settled: Option<&charge::SettleResult>, took: std::time::Duration) {
         let Some(result) = settled else { return };
-        self.metrics
-            .settles
-            .get_or_create(&ResultLabels {
-                result: result.metric_label(),
-            })
-            .inc();
+        self.metrics.settles.get_or_create(&ResultLabels { result: result.metric_label() }).inc();
         self.metrics.settle_seconds.observe(took.as_secs_f64());
         if let charge::SettleResult::Debited { amount, item, .. } = result {
             // Debits carry at most 9 decimal places: this is exact.
@@ -376,9 +345,7 @@ impl Proxy {
             if let Some(n) = rust_decimal::prelude::ToPrimitive::to_u64(&nanodollars) {
                 self.metrics
                     .charged_nanodollars
-                    .get_or_create(&ItemLabels {
-                        item: item.to_string(),
-                    })
+                    .get_or_create(&ItemLabels { item: item.to_string() })
                     .inc_by(n);
             }
         }
@@ -393,20 +360,16 @@ async fn read_body(body: Incoming, limit_bytes: u64) -> Result<Bytes, ProxyError
         Err(error) if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(ProxyError::BodyTooLarge { limit_bytes })
         }
-        Err(error) => Err(ProxyError::InvalidField {
-            field: "body",
-            reason: format!("could not be read: {error}"),
-        }),
+        Err(error) => {
+            Err(ProxyError::InvalidField { field: "body", reason: format!("could not be read: {error}") })
+        }
     }
 }
 
 /// The ledger's id for a request: the request id, which is always a UUID
 /// (a fresh one stands in should it somehow not parse).
 fn ledger_request_id(request_id: &HeaderValue) -> RequestId {
-    let parsed = request_id
-        .to_str()
-        .ok()
-        .and_then(|text| uuid::Uuid::try_parse(text).ok());
+    let parsed = request_id.to_str().ok().and_then(|text| uuid::Uuid::try_parse(text).ok());
     RequestId(parsed.unwrap_or_else(uuid::Uuid::now_v7))
 }
 
@@ -423,8 +386,6 @@ fn log_error(span: &tracing::Span, level: tracing::Level, code: &str, error: &Pr
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<GatewayBody> {
     let mut response = Response::new(GatewayBody::local(value.to_string().into()));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }

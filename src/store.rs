@@ -128,11 +128,7 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig {
-            flush_interval_ms: 5,
-            queue_capacity: 65_536,
-            max_batch: 8_192,
-        }
+        StoreConfig { flush_interval_ms: 5, queue_capacity: 65_536, max_batch: 8_192 }
     }
 }
 
@@ -165,17 +161,12 @@ pub fn open_ledger_on<S: Store>(
     // to the ledger as its journal.
     let writer = Arc::new(GroupCommit::start(Arc::clone(&store), store_config)?);
     let mut failure = None;
-    let records = store
-        .records()
-        .map_while(|record| record.map_err(|error| failure = Some(error)).ok());
+    let records = store.records().map_while(|record| record.map_err(|error| failure = Some(error)).ok());
     let replayed = Ledger::restore(ledger_config, writer.clone(), records);
     if let Some(error) = failure {
         return Err(error);
     }
-    Ok(OpenLedger {
-        ledger: Arc::new(replayed?),
-        writer,
-    })
+    Ok(OpenLedger { ledger: Arc::new(replayed?), writer })
 }
 
 #[cfg(test)]

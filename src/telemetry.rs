@@ -85,17 +85,9 @@ pub mod metrics {
         fn default() -> Self {
             let mut registry = Registry::with_prefix("creditgate");
             let requests = Family::<RequestLabels, Counter>::default();
-            registry.register(
-                "requests",
-                "Requests answered, by route prefix and status",
-                requests.clone(),
-            );
+            registry.register("requests", "Requests answered, by route prefix and status", requests.clone());
             let price_reloads = Family::<ResultLabels, Counter>::default();
-            registry.register(
-                "price_reloads",
-                "Price table reloads, by result",
-                price_reloads.clone(),
-            );
+            registry.register("price_reloads", "Price table reloads, by result", price_reloads.clone());
             let price_version = Family::<VersionLabels, Gauge>::default();
             registry.register(
                 "price_table_active",
@@ -114,11 +106,7 @@ pub mod metrics {
             );
             // 1 µs to ~4 ms in powers of 2.
             let hold_seconds = Histogram::new(exponential_buckets(0.000_001, 2.0, 12));
-            registry.register(
-                "hold_seconds",
-                "Time to place a hold in the ledger",
-                hold_seconds.clone(),
-            );
+            registry.register("hold_seconds", "Time to place a hold in the ledger", hold_seconds.clone());
             let settle_seconds = Histogram::new(exponential_buckets(0.000_001, 2.0, 12));
             registry.register(
                 "settle_seconds",
@@ -143,9 +131,7 @@ pub mod metrics {
         /// Record which price table is in force (one series at a time).
         pub fn set_price_version(&self, version: String) {
             self.price_version.clear();
-            self.price_version
-                .get_or_create(&VersionLabels { version })
-                .set(1);
+            self.price_version.get_or_create(&VersionLabels { version }).set(1);
         }
 
         /// The Prometheus text exposition of every metric.

@@ -32,11 +32,7 @@ async fn call(
 }
 
 fn dec(value: &Value) -> Decimal {
-    value
-        .as_str()
-        .unwrap_or_else(|| panic!("not a decimal string: {value}"))
-        .parse()
-        .unwrap()
+    value.as_str().unwrap_or_else(|| panic!("not a decimal string: {value}")).parse().unwrap()
 }
 
 /// Creates org "B" with a contract, a Pro and a Lite user, an app and keys.
@@ -69,15 +65,9 @@ async fn org_b(stack: &Stack) -> (u64, Value) {
     )
     .await;
     assert_eq!(lite.status, 201, "{:?}", lite.body);
-    let app = call(
-        stack,
-        ADMIN_TOKEN,
-        Method::POST,
-        &format!("{base}/apps"),
-        Some(json!({"name": "widget"})),
-        &[],
-    )
-    .await;
+    let app =
+        call(stack, ADMIN_TOKEN, Method::POST, &format!("{base}/apps"), Some(json!({"name": "widget"})), &[])
+            .await;
     assert_eq!(app.status, 201, "{:?}", app.body);
     let key = call(
         stack,
@@ -104,84 +94,34 @@ async fn an_operator_sets_up_an_org_whose_keys_are_charged_through_the_proxy() {
     let secret = ids["secret"].as_str().unwrap();
     assert!(secret.starts_with("cg_"), "the secret is shown once at creation");
 
-    let keys = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::GET,
-        &format!("{base}/keys"),
-        None,
-        &[],
-    )
-    .await;
+    let keys = call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/keys"), None, &[]).await;
     let listed = keys.body.clone();
-    assert!(
-        !String::from_utf8_lossy(&listed).contains(secret),
-        "lists never show the secret"
-    );
+    assert!(!String::from_utf8_lossy(&listed).contains(secret), "lists never show the secret");
     assert!(!String::from_utf8_lossy(&listed).contains("hash"), "nor its hash");
 
-    let balances = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::GET,
-        &format!("{base}/balances"),
-        None,
-        &[],
-    )
-    .await
-    .json();
+    let balances =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/balances"), None, &[]).await.json();
     let pool = &balances["balances"][0];
-    assert_eq!(
-        dec(&pool["balance"]),
-        Decimal::from(60),
-        "platform 50 + 2 seats x 5"
-    );
-    assert_eq!(
-        dec(&balances["balances"][1]["balance"]),
-        Decimal::from(3),
-        "the Lite user's allowance"
-    );
+    assert_eq!(dec(&pool["balance"]), Decimal::from(60), "platform 50 + 2 seats x 5");
+    assert_eq!(dec(&balances["balances"][1]["balance"]), Decimal::from(3), "the Lite user's allowance");
 
-    let reply = post_json(
-        &stack.url("/v1/chat/completions"),
-        secret,
-        &json!({"model": "mock-gpt", "max_tokens": 5}),
-    )
-    .await;
+    let reply =
+        post_json(&stack.url("/v1/chat/completions"), secret, &json!({"model": "mock-gpt", "max_tokens": 5}))
+            .await;
     assert_eq!(reply.status, 200);
-    let after = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::GET,
-        &format!("{base}/balances"),
-        None,
-        &[],
-    )
-    .await
-    .json();
+    let after = call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/balances"), None, &[]).await.json();
     assert!(
         dec(&after["balances"][0]["balance"]) < Decimal::from(60),
         "the call was charged to org B's pool"
     );
 
     // Revoke: the key stops working at once.
-    let revoked = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::POST,
-        &format!("{base}/keys/{}/revoke", ids["key"]),
-        None,
-        &[],
-    )
-    .await;
+    let revoked =
+        call(&stack, ADMIN_TOKEN, Method::POST, &format!("{base}/keys/{}/revoke", ids["key"]), None, &[])
+            .await;
     assert_eq!(revoked.status, 200);
     assert_eq!(revoked.json()["revoked"], true);
-    let reply = post_json(
-        &stack.url("/v1/chat/completions"),
-        secret,
-        &json!({"model": "mock-gpt"}),
-    )
-    .await;
+    let reply = post_json(&stack.url("/v1/chat/completions"), secret, &json!({"model": "mock-gpt"})).await;
     assert_eq!(reply.status, 401);
 
     // Upgrade the Lite user to Pro: its Lite remainder is written off.
@@ -196,21 +136,9 @@ async fn an_operator_sets_up_an_org_whose_keys_are_charged_through_the_proxy() {
     .await;
     assert_eq!(patched.status, 200, "{:?}", patched.body);
     assert_eq!(patched.json()["plan"], "pro");
-    let write_offs = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::GET,
-        &format!("{base}/ledger?kind=write_off"),
-        None,
-        &[],
-    )
-    .await;
-    assert_eq!(
-        write_offs.json()["entries"].as_array().unwrap().len(),
-        1,
-        "{:?}",
-        write_offs.body
-    );
+    let write_offs =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/ledger?kind=write_off"), None, &[]).await;
+    assert_eq!(write_offs.json()["entries"].as_array().unwrap().len(), 1, "{:?}", write_offs.body);
 
     // Renewal adds a term.
     let next_year = (chrono::Utc::now().date_naive() + chrono::Months::new(12)).to_string();
@@ -235,30 +163,14 @@ async fn purchases_are_idempotent_and_a_conflicting_replay_names_the_field() {
     let body = json!({"amount": "25.50", "reference": "INV-1"});
     let missing = call(&stack, ADMIN_TOKEN, Method::POST, &path, Some(body.clone()), &[]).await;
     assert_eq!(missing.status, 400, "Idempotency-Key is required");
-    let first = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::POST,
-        &path,
-        Some(body.clone()),
-        &[("idempotency-key", "buy-1")],
-    )
-    .await;
+    let first =
+        call(&stack, ADMIN_TOKEN, Method::POST, &path, Some(body.clone()), &[("idempotency-key", "buy-1")])
+            .await;
     assert_eq!(first.status, 201, "{:?}", first.body);
-    let replay = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::POST,
-        &path,
-        Some(body.clone()),
-        &[("idempotency-key", "buy-1")],
-    )
-    .await;
-    assert_eq!(
-        replay.json(),
-        first.json(),
-        "a replay returns the original receipt"
-    );
+    let replay =
+        call(&stack, ADMIN_TOKEN, Method::POST, &path, Some(body.clone()), &[("idempotency-key", "buy-1")])
+            .await;
+    assert_eq!(replay.json(), first.json(), "a replay returns the original receipt");
     let conflict = call(
         &stack,
         ADMIN_TOKEN,
@@ -269,24 +181,11 @@ async fn purchases_are_idempotent_and_a_conflicting_replay_names_the_field() {
     )
     .await;
     assert_eq!(conflict.status, 409);
-    assert!(
-        conflict.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("amount"),
-        "{:?}",
-        conflict.body
-    );
-    let balances = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::GET,
-        &format!("/admin/v1/orgs/{org}/balances"),
-        None,
-        &[],
-    )
-    .await
-    .json();
+    assert!(conflict.json()["error"]["message"].as_str().unwrap().contains("amount"), "{:?}", conflict.body);
+    let balances =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("/admin/v1/orgs/{org}/balances"), None, &[])
+            .await
+            .json();
     assert_eq!(
         dec(&balances["balances"][0]["balance"]),
         dec(&json!("85.50")),
@@ -333,15 +232,7 @@ async fn invalid_bodies_get_400_naming_the_field() {
         (json!({"nom": "x"}), "nom"),
     ];
     for (body, field) in cases {
-        let reply = call(
-            &stack,
-            ADMIN_TOKEN,
-            Method::POST,
-            "/admin/v1/orgs",
-            Some(body.clone()),
-            &[],
-        )
-        .await;
+        let reply = call(&stack, ADMIN_TOKEN, Method::POST, "/admin/v1/orgs", Some(body.clone()), &[]).await;
         assert_eq!(reply.status, 400, "{body}");
         let error = reply.json()["error"].clone();
         assert!(
@@ -365,11 +256,7 @@ async fn ledger_pages_and_usage_reports_agree_with_each_other() {
     let stack = start().await;
     let org = stack.keys.org.0;
     for (model, seed) in [("mock-gpt", 1), ("mock-gpt", 2), ("mock-claude", 3)] {
-        let path = if model == "mock-claude" {
-            "/v1/messages"
-        } else {
-            "/v1/chat/completions"
-        };
+        let path = if model == "mock-claude" { "/v1/messages" } else { "/v1/chat/completions" };
         let reply = post_json(
             &stack.url(path),
             &stack.keys.pro,
@@ -392,16 +279,8 @@ async fn ledger_pages_and_usage_reports_agree_with_each_other() {
     let base = format!("/admin/v1/orgs/{org}");
 
     // Walk the ledger two entries at a time; the pages add up to the whole.
-    let whole = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::GET,
-        &format!("{base}/ledger?limit=1000"),
-        None,
-        &[],
-    )
-    .await
-    .json();
+    let whole =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/ledger?limit=1000"), None, &[]).await.json();
     let whole: Vec<Value> = whole["entries"].as_array().unwrap().clone();
     let mut paged = Vec::new();
     let mut cursor = 0;
@@ -427,27 +306,13 @@ async fn ledger_pages_and_usage_reports_agree_with_each_other() {
     assert_eq!(debits.len(), 4);
     let ledger_total: Decimal = debits.iter().map(|e| -dec(&e["amount"])).sum();
 
-    let report = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::GET,
-        &format!("{base}/usage?group_by=model,tool,day"),
-        None,
-        &[],
-    )
-    .await
-    .json();
-    assert_eq!(
-        dec(&report["total"]["charged"]),
-        ledger_total,
-        "JSON total equals the ledger"
-    );
+    let report =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/usage?group_by=model,tool,day"), None, &[])
+            .await
+            .json();
+    assert_eq!(dec(&report["total"]["charged"]), ledger_total, "JSON total equals the ledger");
     assert_eq!(report["total"]["requests"], 4);
-    assert_eq!(
-        report["rows"].as_array().unwrap().len(),
-        3,
-        "mock-gpt, mock-claude, web-search: {report}"
-    );
+    assert_eq!(report["rows"].as_array().unwrap().len(), 3, "mock-gpt, mock-claude, web-search: {report}");
 
     let csv = call(
         &stack,
@@ -463,9 +328,8 @@ async fn ledger_pages_and_usage_reports_agree_with_each_other() {
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     let charged_at = header.iter().position(|h| *h == "charged").unwrap();
-    let csv_total: Decimal = lines
-        .map(|l| l.split(',').nth(charged_at).unwrap().parse::<Decimal>().unwrap())
-        .sum();
+    let csv_total: Decimal =
+        lines.map(|l| l.split(',').nth(charged_at).unwrap().parse::<Decimal>().unwrap()).sum();
     assert_eq!(csv_total, ledger_total, "CSV rows add up to the ledger");
     let same = call(
         &stack,
@@ -478,47 +342,24 @@ async fn ledger_pages_and_usage_reports_agree_with_each_other() {
     .await;
     assert_eq!(same.body, csv.body, "format=csv and Accept: text/csv agree");
 
-    let bad = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::GET,
-        &format!("{base}/usage?group_by=colour"),
-        None,
-        &[],
-    )
-    .await;
+    let bad =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/usage?group_by=colour"), None, &[]).await;
     assert_eq!(bad.status, 400);
 }
 
 #[tokio::test]
 async fn an_org_token_cannot_see_or_change_another_org_through_any_route() {
     let stack = start().await;
-    assert_eq!(
-        stack.keys.org.0, 1,
-        "the org token is configured for the first org"
-    );
+    assert_eq!(stack.keys.org.0, 1, "the org token is configured for the first org");
     let (b, ids) = org_b(&stack).await;
     let own = call(&stack, ORG_TOKEN, Method::GET, "/admin/v1/orgs", None, &[]).await;
     assert_eq!(own.status, 200, "{:?}", own.body);
     let own = own.json();
-    let listed: Vec<u64> = own["orgs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o["id"].as_u64().unwrap())
-        .collect();
+    let listed: Vec<u64> =
+        own["orgs"].as_array().unwrap().iter().map(|o| o["id"].as_u64().unwrap()).collect();
     assert_eq!(listed, [1], "an org token lists only its own org");
     assert_eq!(
-        call(
-            &stack,
-            ORG_TOKEN,
-            Method::GET,
-            "/admin/v1/orgs/1/balances",
-            None,
-            &[]
-        )
-        .await
-        .status,
+        call(&stack, ORG_TOKEN, Method::GET, "/admin/v1/orgs/1/balances", None, &[]).await.status,
         200
     );
 
@@ -531,11 +372,7 @@ async fn an_org_token_cannot_see_or_change_another_org_through_any_route() {
             Some(json!({"start": "2030-01-01", "years": 1, "platform_allocation_per_year": "1"})),
         ),
         (Method::GET, format!("{b_base}/users"), None),
-        (
-            Method::POST,
-            format!("{b_base}/users"),
-            Some(json!({"name": "x", "plan": "pro"})),
-        ),
+        (Method::POST, format!("{b_base}/users"), Some(json!({"name": "x", "plan": "pro"}))),
         (
             Method::PATCH,
             format!("{b_base}/users/{}", ids["pro"]),
@@ -543,28 +380,12 @@ async fn an_org_token_cannot_see_or_change_another_org_through_any_route() {
         ),
         (Method::GET, format!("{b_base}/apps"), None),
         (Method::POST, format!("{b_base}/apps"), Some(json!({"name": "x"}))),
-        (
-            Method::PUT,
-            format!("{b_base}/apps/{}/limits", ids["app"]),
-            Some(json!({})),
-        ),
+        (Method::PUT, format!("{b_base}/apps/{}/limits", ids["app"]), Some(json!({}))),
         (Method::GET, format!("{b_base}/keys"), None),
-        (
-            Method::POST,
-            format!("{b_base}/keys"),
-            Some(json!({"user": ids["pro"]})),
-        ),
+        (Method::POST, format!("{b_base}/keys"), Some(json!({"user": ids["pro"]}))),
         (Method::POST, format!("{b_base}/keys/{}/revoke", ids["key"]), None),
-        (
-            Method::PUT,
-            format!("{b_base}/keys/{}/limits", ids["key"]),
-            Some(json!({"daily": "1"})),
-        ),
-        (
-            Method::POST,
-            format!("{b_base}/purchases"),
-            Some(json!({"amount": "1"})),
-        ),
+        (Method::PUT, format!("{b_base}/keys/{}/limits", ids["key"]), Some(json!({"daily": "1"}))),
+        (Method::POST, format!("{b_base}/purchases"), Some(json!({"amount": "1"}))),
         (
             Method::POST,
             format!("{b_base}/adjustments"),
@@ -577,20 +398,8 @@ async fn an_org_token_cannot_see_or_change_another_org_through_any_route() {
         (Method::GET, format!("{b_base}/usage"), None),
     ];
     for (method, path, body) in routes {
-        let reply = call(
-            &stack,
-            ORG_TOKEN,
-            method.clone(),
-            &path,
-            body,
-            &[("idempotency-key", "k")],
-        )
-        .await;
-        assert_eq!(
-            reply.status, 404,
-            "{method} {path} must not reach org {b}: {:?}",
-            reply.body
-        );
+        let reply = call(&stack, ORG_TOKEN, method.clone(), &path, body, &[("idempotency-key", "k")]).await;
+        assert_eq!(reply.status, 404, "{method} {path} must not reach org {b}: {:?}", reply.body);
     }
     // Naming org B's things through org A's own path is refused too, without saying whose they are.
     let cross = call(
@@ -603,11 +412,7 @@ async fn an_org_token_cannot_see_or_change_another_org_through_any_route() {
     )
     .await;
     assert_eq!(cross.status, 404);
-    assert!(
-        !String::from_utf8_lossy(&cross.body).contains(&format!("organization {b}")),
-        "{:?}",
-        cross.body
-    );
+    assert!(!String::from_utf8_lossy(&cross.body).contains(&format!("organization {b}")), "{:?}", cross.body);
     let cross_key = call(
         &stack,
         ORG_TOKEN,
@@ -620,48 +425,17 @@ async fn an_org_token_cannot_see_or_change_another_org_through_any_route() {
     assert_eq!(cross_key.status, 404, "a key for another org's user");
     let cross_wallet = call(&stack, ORG_TOKEN, Method::POST, "/admin/v1/orgs/1/adjustments",
         Some(json!({"wallet": {"lite_user": ids["lite"]}, "amount": "5", "reason": "move", "expires_at": "2030-01-01T00:00:00Z"})), &[("idempotency-key", "x")]).await;
-    assert_eq!(
-        cross_wallet.status, 404,
-        "credits never move between orgs: {:?}",
-        cross_wallet.body
-    );
+    assert_eq!(cross_wallet.status, 404, "credits never move between orgs: {:?}", cross_wallet.body);
     // Operator-only endpoints.
     assert_eq!(
-        call(
-            &stack,
-            ORG_TOKEN,
-            Method::POST,
-            "/admin/v1/orgs",
-            Some(json!({"name": "x"})),
-            &[]
-        )
-        .await
-        .status,
+        call(&stack, ORG_TOKEN, Method::POST, "/admin/v1/orgs", Some(json!({"name": "x"})), &[]).await.status,
         403
     );
-    assert_eq!(
-        call(&stack, ORG_TOKEN, Method::GET, "/admin/v1/prices", None, &[])
-            .await
-            .status,
-        403
-    );
-    assert_eq!(
-        call(&stack, "nope", Method::GET, "/admin/v1/orgs", None, &[])
-            .await
-            .status,
-        401
-    );
+    assert_eq!(call(&stack, ORG_TOKEN, Method::GET, "/admin/v1/prices", None, &[]).await.status, 403);
+    assert_eq!(call(&stack, "nope", Method::GET, "/admin/v1/orgs", None, &[]).await.status, 401);
     // And org B's books are untouched.
-    let b_balance = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::GET,
-        &format!("{b_base}/balances"),
-        None,
-        &[],
-    )
-    .await
-    .json();
+    let b_balance =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("{b_base}/balances"), None, &[]).await.json();
     assert_eq!(dec(&b_balance["balances"][0]["balance"]), Decimal::from(60));
 }
 
@@ -669,15 +443,7 @@ async fn an_org_token_cannot_see_or_change_another_org_through_any_route() {
 async fn the_openapi_document_matches_the_routes() {
     let stack = start().await;
     let (org, ids) = org_b(&stack).await;
-    let doc = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::GET,
-        "/admin/v1/openapi.json",
-        None,
-        &[],
-    )
-    .await;
+    let doc = call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/openapi.json", None, &[]).await;
     assert_eq!(doc.status, 200);
     let doc = doc.json();
     assert_eq!(doc["openapi"], "3.1.0");
@@ -690,13 +456,7 @@ async fn the_openapi_document_matches_the_routes() {
             .replace("{app}", &ids["app"].to_string())
             .replace("{key}", &ids["key"].to_string())
     };
-    let all_methods = [
-        Method::GET,
-        Method::POST,
-        Method::PUT,
-        Method::PATCH,
-        Method::DELETE,
-    ];
+    let all_methods = [Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE];
     let mut documented = 0;
     for (template, operations) in paths {
         let path = concrete(template);
@@ -704,25 +464,16 @@ async fn the_openapi_document_matches_the_routes() {
             let name = method.as_str().to_lowercase();
             let listed = operations.get(&name).is_some();
             let body = (method != Method::GET).then(|| json!({}));
-            let reply = call(
-                &stack,
-                ADMIN_TOKEN,
-                method.clone(),
-                &path,
-                body,
-                &[("idempotency-key", "doc-check")],
-            )
-            .await;
+            let reply =
+                call(&stack, ADMIN_TOKEN, method.clone(), &path, body, &[("idempotency-key", "doc-check")])
+                    .await;
             let code = serde_json::from_slice::<Value>(&reply.body)
                 .ok()
                 .map(|v| v["error"]["code"].clone())
                 .unwrap_or(Value::Null);
             if listed {
                 documented += 1;
-                assert_ne!(
-                    code, "no_route",
-                    "{method} {template} is documented but not served"
-                );
+                assert_ne!(code, "no_route", "{method} {template} is documented but not served");
             } else {
                 assert_eq!(
                     code, "no_route",

@@ -36,49 +36,22 @@ fn field(stdout: &str, name: &str) -> String {
 async fn an_operator_runs_the_common_tasks_from_the_command_line() {
     let stack = start().await;
     let today = chrono::Utc::now().date_naive().to_string();
-    let (ok, out, err) = admin_cli(
-        &stack,
-        &[
-            "create-org",
-            "--name",
-            "cli-org",
-            "--start",
-            &today,
-            "--platform",
-            "20",
-        ],
-    )
-    .await;
+    let (ok, out, err) =
+        admin_cli(&stack, &["create-org", "--name", "cli-org", "--start", &today, "--platform", "20"]).await;
     assert!(ok, "{err}");
     let org = field(&out, "id");
-    let (ok, out, err) = admin_cli(
-        &stack,
-        &["add-user", "--org", &org, "--name", "ana", "--plan", "pro"],
-    )
-    .await;
+    let (ok, out, err) =
+        admin_cli(&stack, &["add-user", "--org", &org, "--name", "ana", "--plan", "pro"]).await;
     assert!(ok, "{err}");
     let user = field(&out, "id");
-    let (ok, out, err) = admin_cli(
-        &stack,
-        &["create-key", "--org", &org, "--user", &user, "--label", "cli"],
-    )
-    .await;
+    let (ok, out, err) =
+        admin_cli(&stack, &["create-key", "--org", &org, "--user", &user, "--label", "cli"]).await;
     assert!(ok, "{err}");
     let secret = field(&out, "secret");
     assert!(secret.starts_with("cg_"));
-    let (ok, out, err) = admin_cli(
-        &stack,
-        &[
-            "purchase",
-            "--org",
-            &org,
-            "--amount",
-            "5",
-            "--idempotency-key",
-            "cli-buy-1",
-        ],
-    )
-    .await;
+    let (ok, out, err) =
+        admin_cli(&stack, &["purchase", "--org", &org, "--amount", "5", "--idempotency-key", "cli-buy-1"])
+            .await;
     assert!(ok && out.contains("cli-buy-1"), "{out}{err}");
 
     let reply = post_json(
@@ -92,10 +65,7 @@ async fn an_operator_runs_the_common_tasks_from_the_command_line() {
 
     let (ok, out, err) = admin_cli(&stack, &["balance", "--org", &org]).await;
     assert!(ok, "{err}");
-    assert!(
-        out.lines().next().unwrap().starts_with("wallet"),
-        "a table: {out}"
-    );
+    assert!(out.lines().next().unwrap().starts_with("wallet"), "a table: {out}");
     assert!(out.contains("24.99"), "25 less one small call: {out}");
     let (ok, table, err) = admin_cli(&stack, &["usage", "--org", &org, "--group-by", "model"]).await;
     assert!(ok, "{err}");
@@ -105,11 +75,7 @@ async fn an_operator_runs_the_common_tasks_from_the_command_line() {
     assert!(csv.starts_with("model,requests,charged"), "{csv}");
 
     // A refused call exits non-zero and says why.
-    let (ok, _, err) = admin_cli(
-        &stack,
-        &["add-user", "--org", &org, "--name", "x", "--plan", "lite"],
-    )
-    .await;
+    let (ok, _, err) = admin_cli(&stack, &["add-user", "--org", &org, "--name", "x", "--plan", "lite"]).await;
     assert!(!ok);
     assert!(err.contains("lite_monthly_allowance"), "{err}");
 }

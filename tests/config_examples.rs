@@ -22,10 +22,7 @@ fn every_gateway_example_parses() {
     }
     assert!(checked >= 1, "found no gateway example in config/");
     let built_in = GatewayConfig::parse(Path::new("built-in"), creditgate::demo::EXAMPLE_CONFIG, &|_| None);
-    assert!(
-        built_in.is_ok(),
-        "the demo's built-in config parses without any environment"
-    );
+    assert!(built_in.is_ok(), "the demo's built-in config parses without any environment");
 }
 
 #[test]
@@ -47,10 +44,7 @@ fn every_price_example_parses_and_prices_what_the_gateway_example_routes() {
         &|_| None,
     )
     .unwrap();
-    let pricing = config
-        .pricing
-        .as_ref()
-        .expect("the example config names a price file");
+    let pricing = config.pricing.as_ref().expect("the example config names a price file");
     let metrics = std::sync::Arc::new(creditgate::telemetry::metrics::Metrics::default());
     let live = creditgate::pricing::LivePrices::load(
         &pricing.file,

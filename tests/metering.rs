@@ -35,26 +35,13 @@ fn cost(input: u64, output: u64, input_per_mtok: &str, output_per_mtok: &str, fe
 }
 
 fn wallet_of(stack: &Stack, key: &str) -> WalletId {
-    stack
-        .gateway
-        .ledger()
-        .resolve_key(&KeyHash::of_secret(key))
-        .unwrap()
-        .wallet
+    stack.gateway.ledger().resolve_key(&KeyHash::of_secret(key)).unwrap().wallet
 }
 
 /// The wallet's balance, after checking the books balance.
 fn balance(stack: &Stack, wallet: WalletId) -> Decimal {
-    let b = stack
-        .gateway
-        .ledger()
-        .balance(wallet, chrono::Utc::now())
-        .unwrap();
-    assert_eq!(
-        b.balance,
-        b.totals.balance(),
-        "balance == granted - debited - written_off for {wallet:?}"
-    );
+    let b = stack.gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap();
+    assert_eq!(b.balance, b.totals.balance(), "balance == granted - debited - written_off for {wallet:?}");
     assert_eq!(b.open_holds, 0, "no hold is left open");
     b.balance
 }
@@ -83,40 +70,18 @@ async fn each_flavour_is_charged_exactly() {
             (
                 "/v1/chat/completions",
                 chat.into(),
-                cost(
-                    mock_input_tokens(chat),
-                    mock_output_tokens(30, 7),
-                    "1",
-                    "2",
-                    "0.0001",
-                ),
+                cost(mock_input_tokens(chat), mock_output_tokens(30, 7), "1", "2", "0.0001"),
             ),
-            (
-                "/v1/embeddings",
-                embed.into(),
-                cost(mock_input_tokens(embed), 0, "0.1", "0", "0"),
-            ),
+            ("/v1/embeddings", embed.into(), cost(mock_input_tokens(embed), 0, "0.1", "0", "0")),
             (
                 "/v1/responses",
                 responses.into(),
-                cost(
-                    mock_input_tokens(responses),
-                    mock_output_tokens(12, 3),
-                    "1",
-                    "2",
-                    "0.0001",
-                ),
+                cost(mock_input_tokens(responses), mock_output_tokens(12, 3), "1", "2", "0.0001"),
             ),
             (
                 "/v1/messages",
                 messages.into(),
-                cost(
-                    mock_input_tokens(messages),
-                    mock_output_tokens(25, 40),
-                    "3",
-                    "15",
-                    "0",
-                ),
+                cost(mock_input_tokens(messages), mock_output_tokens(25, 40), "3", "15", "0"),
             ),
         ]
     };
@@ -124,26 +89,14 @@ async fn each_flavour_is_charged_exactly() {
         let before = balance(&stack, pool);
         let reply = post_raw(&stack, path, &key, &body).await;
         assert_eq!(reply.status, 200, "{path}: {:?}", reply.body);
-        assert!(
-            reply.header("x-creditgate-available").is_some(),
-            "{path}: available header"
-        );
+        assert!(reply.header("x-creditgate-available").is_some(), "{path}: available header");
         assert_eq!(before - balance(&stack, pool), expected, "{path} charged exactly");
     }
     // Tool: per call plus per unit reported in the header.
     let before = balance(&stack, pool);
-    let reply = post_raw(
-        &stack,
-        "/v1/tools/web-search",
-        &key,
-        r#"{"query":"rust","num_results":7}"#,
-    )
-    .await;
+    let reply = post_raw(&stack, "/v1/tools/web-search", &key, r#"{"query":"rust","num_results":7}"#).await;
     assert_eq!(reply.status, 200);
-    assert_eq!(
-        before - balance(&stack, pool),
-        dec("0.005") + dec("0.001") * Decimal::from(7)
-    );
+    assert_eq!(before - balance(&stack, pool), dec("0.005") + dec("0.001") * Decimal::from(7));
 }
 
 #[tokio::test]
@@ -151,10 +104,7 @@ async fn streams_are_charged_and_reach_the_client_as_a_direct_call_would() {
     let stack = start().await;
     let pool = wallet_of(&stack, &stack.keys.pro);
     for (body, label) in [
-        (
-            r#"{"model":"mock-gpt","stream":true,"max_tokens":6,"seed":1}"#,
-            "without client usage",
-        ),
+        (r#"{"model":"mock-gpt","stream":true,"max_tokens":6,"seed":1}"#, "without client usage"),
         (
             r#"{"model":"mock-gpt","stream":true,"max_tokens":6,"seed":1,"stream_options":{"include_usage":true}}"#,
             "with client usage",
@@ -175,28 +125,16 @@ async fn streams_are_charged_and_reach_the_client_as_a_direct_call_would() {
             "{label}: client bytes identical to a direct call"
         );
         let upstream_saw = stack.mock.journal().last().unwrap();
-        let expected = cost(
-            upstream_saw.usage.unwrap().input_tokens,
-            mock_output_tokens(6, 1),
-            "1",
-            "2",
-            "0.0001",
-        );
-        assert_eq!(
-            before - balance(&stack, pool),
-            expected,
-            "{label}: charged from the stream's usage"
-        );
+        let expected =
+            cost(upstream_saw.usage.unwrap().input_tokens, mock_output_tokens(6, 1), "1", "2", "0.0001");
+        assert_eq!(before - balance(&stack, pool), expected, "{label}: charged from the stream's usage");
     }
     // Anthropic stream: usage from message_start and message_delta.
     let body = r#"{"model":"mock-claude","stream":true,"max_tokens":9}"#;
     let before = balance(&stack, pool);
     let reply = post_raw(&stack, "/v1/messages", &stack.keys.pro, body).await;
     assert!(String::from_utf8_lossy(&reply.body).contains("message_stop"));
-    assert_eq!(
-        before - balance(&stack, pool),
-        cost(mock_input_tokens(body), 9, "3", "15", "0")
-    );
+    assert_eq!(before - balance(&stack, pool), cost(mock_input_tokens(body), 9, "3", "15", "0"));
 }
 
 #[tokio::test]
@@ -219,21 +157,14 @@ async fn an_empty_lite_wallet_gets_402_while_the_pool_still_pays() {
     let error = &refused.json()["error"];
     assert_eq!(error["type"], "insufficient_credits");
     assert_eq!(error["wallet"], "lite");
-    assert!(
-        error["resets_at"].as_str().unwrap().contains("-01T00:00:00"),
-        "resets on the 1st: {error}"
-    );
+    assert!(error["resets_at"].as_str().unwrap().contains("-01T00:00:00"), "resets on the 1st: {error}");
     assert!(dec(error["required"].as_str().unwrap()) > dec(error["available"].as_str().unwrap()));
     assert!(refused.header("x-creditgate-available").is_some());
     let forwarded = stack.mock.journal().entries().len();
     // The pool is untouched by Lite spending and still serves a Pro user.
     let reply = post_raw(&stack, "/v1/messages", &keys.pro, body).await;
     assert_eq!(reply.status, 200);
-    assert_eq!(
-        stack.mock.journal().entries().len(),
-        forwarded + 1,
-        "the refused call was never forwarded"
-    );
+    assert_eq!(stack.mock.journal().entries().len(), forwarded + 1, "the refused call was never forwarded");
     assert!(balance(&stack, wallet_of(&stack, &keys.lite)) >= Decimal::ZERO);
     balance(&stack, wallet_of(&stack, &keys.pro));
 }
@@ -244,54 +175,21 @@ async fn bad_requests_are_refused_and_charge_nothing() {
     let pool = wallet_of(&stack, &stack.keys.pro);
     let before = balance(&stack, pool);
     let cases = [
-        (
-            stack.keys.pro.as_str(),
-            r#"{"model":"no-such-model"}"#,
-            400,
-            "model_not_priced",
-        ),
-        (
-            stack.keys.pro.as_str(),
-            r#"{"model": "mock-gpt", "#,
-            400,
-            "invalid_json",
-        ),
-        (
-            stack.keys.pro.as_str(),
-            r#"{"messages":[]}"#,
-            400,
-            "missing_model",
-        ),
-        (
-            stack.keys.pro.as_str(),
-            r#"{"model":"mock-gpt","max_tokens":-5}"#,
-            400,
-            "invalid_field",
-        ),
-        (
-            stack.keys.pro.as_str(),
-            r#"{"model":"mock-gpt","stream":"yes"}"#,
-            400,
-            "invalid_field",
-        ),
-        (
-            "cg_unknown_key",
-            r#"{"model":"mock-gpt"}"#,
-            401,
-            "invalid_api_key",
-        ),
+        (stack.keys.pro.as_str(), r#"{"model":"no-such-model"}"#, 400, "model_not_priced"),
+        (stack.keys.pro.as_str(), r#"{"model": "mock-gpt", "#, 400, "invalid_json"),
+        (stack.keys.pro.as_str(), r#"{"messages":[]}"#, 400, "missing_model"),
+        (stack.keys.pro.as_str(), r#"{"model":"mock-gpt","max_tokens":-5}"#, 400, "invalid_field"),
+        (stack.keys.pro.as_str(), r#"{"model":"mock-gpt","stream":"yes"}"#, 400, "invalid_field"),
+        ("cg_unknown_key", r#"{"model":"mock-gpt"}"#, 401, "invalid_api_key"),
     ];
     for (key, body, status, code) in cases {
         let reply = post_raw(&stack, "/v1/chat/completions", key, body).await;
         assert_eq!(reply.status, status, "{body}");
         assert_eq!(reply.json()["error"]["code"], code, "{body}");
     }
-    let no_key = send(
-        Request::post(stack.url("/v1/chat/completions"))
-            .body(Full::new(Bytes::from("{}")))
-            .unwrap(),
-    )
-    .await;
+    let no_key =
+        send(Request::post(stack.url("/v1/chat/completions")).body(Full::new(Bytes::from("{}"))).unwrap())
+            .await;
     assert_eq!(no_key.status, 401);
     assert_eq!(no_key.json()["error"]["code"], "missing_api_key");
     assert!(stack.mock.journal().entries().is_empty(), "nothing was forwarded");
@@ -323,11 +221,9 @@ async fn concurrent_requests_on_a_nearly_empty_wallet_never_overdraw() {
         .map(|_| {
             let url = stack.url("/v1/chat/completions");
             let key = keys.pro.clone();
-            tokio::spawn(async move {
-                post_json(&url, &key, &serde_json::from_str(body).unwrap())
-                    .await
-                    .status
-            })
+            tokio::spawn(
+                async move { post_json(&url, &key, &serde_json::from_str(body).unwrap()).await.status },
+            )
         })
         .collect();
     let mut ok = 0;
@@ -341,22 +237,9 @@ async fn concurrent_requests_on_a_nearly_empty_wallet_never_overdraw() {
     }
     let left = balance(&stack, pool);
     assert!(left >= Decimal::ZERO, "the wallet was overdrawn: {left}");
-    assert!(
-        ok > 0 && refused > 0,
-        "some calls were served ({ok}) and some refused ({refused})"
-    );
-    let per_call = cost(
-        mock_input_tokens(body),
-        mock_output_tokens(100, 0),
-        "1",
-        "2",
-        "0.0001",
-    );
-    assert_eq!(
-        dec("0.01") - left,
-        per_call * Decimal::from(ok),
-        "every served call was charged once"
-    );
+    assert!(ok > 0 && refused > 0, "some calls were served ({ok}) and some refused ({refused})");
+    let per_call = cost(mock_input_tokens(body), mock_output_tokens(100, 0), "1", "2", "0.0001");
+    assert_eq!(dec("0.01") - left, per_call * Decimal::from(ok), "every served call was charged once");
 }
 
 #[tokio::test]
@@ -365,12 +248,7 @@ async fn ledger_verify_passes_after_traffic_and_a_restart_keeps_the_books() {
     let pool = wallet_of(&stack, &stack.keys.pro);
     for seed in 0..5 {
         let body = format!(r#"{{"model":"mock-gpt","max_tokens":40,"seed":{seed}}}"#);
-        assert_eq!(
-            post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, &body)
-                .await
-                .status,
-            200
-        );
+        assert_eq!(post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, &body).await.status, 200);
     }
     let before = balance(&stack, pool);
     let data_dir = stack.data_dir.path().to_owned();
@@ -393,14 +271,10 @@ async fn ledger_verify_passes_after_traffic_and_a_restart_keeps_the_books() {
         .await
         .unwrap();
     let config = parse_config(&config_text(mock.addr(), "", ""), &data_dir);
-    let gateway = creditgate::app::Gateway::start(config, tokio_util::sync::CancellationToken::new())
-        .await
-        .unwrap();
+    let gateway =
+        creditgate::app::Gateway::start(config, tokio_util::sync::CancellationToken::new()).await.unwrap();
     let after = gateway.ledger().balance(pool, chrono::Utc::now()).unwrap();
-    assert_eq!(
-        after.balance, before,
-        "restart rebuilt the same balance from sled"
-    );
+    assert_eq!(after.balance, before, "restart rebuilt the same balance from sled");
     assert_eq!(after.balance, after.totals.balance());
 }
 
@@ -409,11 +283,7 @@ use creditgate::ledger::ids::Owner;
 use creditgate::ledger::limit::Limits;
 
 fn resolved(stack: &Stack, key: &str) -> creditgate::ledger::ResolvedKey {
-    stack
-        .gateway
-        .ledger()
-        .resolve_key(&KeyHash::of_secret(key))
-        .unwrap()
+    stack.gateway.ledger().resolve_key(&KeyHash::of_secret(key)).unwrap()
 }
 
 const SMALL_CALL: &str = r#"{"model":"mock-gpt","max_tokens":20}"#;
@@ -421,12 +291,7 @@ const SMALL_CALL: &str = r#"{"model":"mock-gpt","max_tokens":20}"#;
 #[tokio::test]
 async fn a_revoked_key_gets_401() {
     let stack = start().await;
-    assert_eq!(
-        post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await.status, 200);
     let key = resolved(&stack, &stack.keys.pro);
     stack.gateway.ledger().revoke_key(key.org, key.key).unwrap();
     let reply = post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await;
@@ -438,15 +303,8 @@ async fn a_revoked_key_gets_401() {
 async fn a_key_limit_refuses_with_402_and_names_the_limit_while_other_keys_go_on() {
     let stack = start().await;
     let key = resolved(&stack, &stack.keys.pro);
-    let limits = Limits {
-        daily: Some(dec("0.001")),
-        ..Limits::default()
-    };
-    stack
-        .gateway
-        .ledger()
-        .set_key_limits(key.org, key.key, limits)
-        .unwrap();
+    let limits = Limits { daily: Some(dec("0.001")), ..Limits::default() };
+    stack.gateway.ledger().set_key_limits(key.org, key.key, limits).unwrap();
     let mut refused = None;
     for _ in 0..20 {
         let reply = post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await;
@@ -462,17 +320,9 @@ async fn a_key_limit_refuses_with_402_and_names_the_limit_while_other_keys_go_on
     assert_eq!(error["limit"]["subject"], "key");
     assert_eq!(error["limit"]["period"], "day");
     assert_eq!(error["limit"]["cap"], "0.001");
-    assert!(
-        error["resets_at"].as_str().unwrap().ends_with("T00:00:00Z"),
-        "resets at midnight: {error}"
-    );
+    assert!(error["resets_at"].as_str().unwrap().ends_with("T00:00:00Z"), "resets at midnight: {error}");
     // The pool still has money: the app's key is not limited.
-    assert_eq!(
-        post_raw(&stack, "/v1/chat/completions", &stack.keys.app, SMALL_CALL)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(post_raw(&stack, "/v1/chat/completions", &stack.keys.app, SMALL_CALL).await.status, 200);
     balance(&stack, key.wallet);
 }
 
@@ -480,26 +330,14 @@ async fn a_key_limit_refuses_with_402_and_names_the_limit_while_other_keys_go_on
 async fn a_user_limit_covers_all_of_the_users_keys() {
     let stack = start().await;
     let key = resolved(&stack, &stack.keys.pro);
-    let Owner::User(user) = key.owner else {
-        panic!("the pro key belongs to a user")
-    };
-    let limits = Limits {
-        monthly: Some(dec("0.0005")),
-        ..Limits::default()
-    };
-    stack
-        .gateway
-        .ledger()
-        .set_user_limits(key.org, user, limits)
-        .unwrap();
+    let Owner::User(user) = key.owner else { panic!("the pro key belongs to a user") };
+    let limits = Limits { monthly: Some(dec("0.0005")), ..Limits::default() };
+    stack.gateway.ledger().set_user_limits(key.org, user, limits).unwrap();
     let mut statuses = Vec::new();
     for _ in 0..10 {
         statuses.push(post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await);
     }
-    let refused = statuses
-        .iter()
-        .find(|r| r.status == 402)
-        .expect("the monthly user limit never applied");
+    let refused = statuses.iter().find(|r| r.status == 402).expect("the monthly user limit never applied");
     assert_eq!(refused.json()["error"]["limit"]["subject"], "user");
     assert_eq!(refused.json()["error"]["limit"]["period"], "month");
 }
@@ -516,9 +354,7 @@ async fn an_app_key_records_its_end_user_on_the_debit() {
     assert_eq!(reply.status, 200);
     let request_id = reply.header("x-request-id").unwrap().to_owned();
     let debit = wait_for_debit(&stack).await;
-    let EntryKind::Debit(debit) = debit.kind else {
-        unreachable!()
-    };
+    let EntryKind::Debit(debit) = debit.kind else { unreachable!() };
     assert_eq!(debit.end_user.as_deref(), Some("customer-42"));
     assert!(matches!(debit.owner, Owner::App(_)), "{:?}", debit.owner);
     assert_eq!(
@@ -529,10 +365,7 @@ async fn an_app_key_records_its_end_user_on_the_debit() {
     assert_eq!(&*debit.details.model, "mock-gpt");
     assert_eq!(&*debit.details.route, "/v1/chat/completions");
     assert!(
-        debit
-            .details
-            .price_version
-            .starts_with(&format!("{}@", "2025-11")),
+        debit.details.price_version.starts_with(&format!("{}@", "2025-11")),
         "{}",
         debit.details.price_version
     );
@@ -542,10 +375,7 @@ async fn an_app_key_records_its_end_user_on_the_debit() {
 async fn wait_for_debit(stack: &Stack) -> creditgate::ledger::entry::LedgerEntry {
     for _ in 0..200 {
         let entries = stack.gateway.ledger_entries(0, 10_000).unwrap();
-        if let Some(debit) = entries
-            .into_iter()
-            .find(|e| matches!(e.kind, EntryKind::Debit(_)))
-        {
+        if let Some(debit) = entries.into_iter().find(|e| matches!(e.kind, EntryKind::Debit(_))) {
             return debit;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -559,12 +389,7 @@ async fn requests_over_the_per_key_rate_get_429_and_cost_nothing() {
     let pool = wallet_of(&stack, &stack.keys.pro);
     let before = balance(&stack, pool);
     for _ in 0..3 {
-        assert_eq!(
-            post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL)
-                .await
-                .status,
-            200
-        );
+        assert_eq!(post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await.status, 200);
     }
     let spent_on_three = before - balance(&stack, pool);
     let reply = post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await;
@@ -572,23 +397,10 @@ async fn requests_over_the_per_key_rate_get_429_and_cost_nothing() {
     assert_eq!(reply.json()["error"]["code"], "traffic_cap");
     assert_eq!(reply.json()["error"]["cap"], "requests_per_minute");
     assert!(reply.header("retry-after").is_some());
-    assert_eq!(
-        stack.mock.journal().entries().len(),
-        3,
-        "the fourth call was not forwarded"
-    );
-    assert_eq!(
-        before - balance(&stack, pool),
-        spent_on_three,
-        "nothing held or charged for the 429"
-    );
+    assert_eq!(stack.mock.journal().entries().len(), 3, "the fourth call was not forwarded");
+    assert_eq!(before - balance(&stack, pool), spent_on_three, "nothing held or charged for the 429");
     // Another key has its own budget.
-    assert_eq!(
-        post_raw(&stack, "/v1/chat/completions", &stack.keys.app, SMALL_CALL)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(post_raw(&stack, "/v1/chat/completions", &stack.keys.app, SMALL_CALL).await.status, 200);
 }
 
 #[tokio::test]
@@ -611,12 +423,7 @@ async fn a_key_over_its_in_flight_cap_gets_429_until_a_request_ends() {
     assert_eq!(reply.status, 429, "a second request while one is open");
     assert_eq!(reply.json()["error"]["cap"], "max_in_flight");
     assert_eq!(slow.await.unwrap(), 200);
-    assert_eq!(
-        post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await.status, 200);
 }
 
 #[tokio::test]
@@ -656,14 +463,8 @@ async fn a_client_that_leaves_mid_stream_is_charged_for_what_was_delivered() {
             break;
         }
     }
-    assert!(
-        charged > Decimal::ZERO,
-        "something was delivered, so something is charged"
-    );
-    assert!(
-        charged < full_cost,
-        "charged {charged}, less than the full stream's {full_cost}"
-    );
+    assert!(charged > Decimal::ZERO, "something was delivered, so something is charged");
+    assert!(charged < full_cost, "charged {charged}, less than the full stream's {full_cost}");
     assert!(charged <= hold, "never more than the hold");
     balance(&stack, pool);
 }
@@ -682,17 +483,10 @@ async fn a_success_without_usage_is_charged_at_the_hold_and_counted() {
     // Hold: 1 token per request byte at $1/M, 20 output tokens at $2/M, the fee.
     let hold = cost(SMALL_CALL.len() as u64, 20, "1", "2", "0.0001");
     assert_eq!(before - balance(&stack, pool), hold, "charged exactly the hold");
-    let metrics = send(
-        Request::get(stack.admin_url("/metrics"))
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let metrics =
+        send(Request::get(stack.admin_url("/metrics")).body(Full::new(Bytes::new())).unwrap()).await;
     let metrics = String::from_utf8_lossy(&metrics.body);
-    assert!(
-        metrics.contains("creditgate_settles_total{result=\"debited_estimate\"} 1"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("creditgate_settles_total{result=\"debited_estimate\"} 1"), "{metrics}");
 }
 
 #[tokio::test]
@@ -726,11 +520,7 @@ async fn metrics_count_charges_refusals_and_ledger_latency_with_bounded_labels()
     let pool = wallet_of(&stack, &keys.pro);
     let mut refused = 0;
     for _ in 0..10 {
-        match post_raw(&stack, "/v1/chat/completions", &keys.pro, SMALL_CALL)
-            .await
-            .status
-            .as_u16()
-        {
+        match post_raw(&stack, "/v1/chat/completions", &keys.pro, SMALL_CALL).await.status.as_u16() {
             200 => {}
             402 => refused += 1,
             other => panic!("unexpected {other}"),
@@ -738,34 +528,18 @@ async fn metrics_count_charges_refusals_and_ledger_latency_with_bounded_labels()
     }
     assert!(refused > 0);
     let charged = dec("0.001") - balance(&stack, pool);
-    let metrics = send(
-        Request::get(stack.admin_url("/metrics"))
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let metrics =
+        send(Request::get(stack.admin_url("/metrics")).body(Full::new(Bytes::new())).unwrap()).await;
     let text = String::from_utf8_lossy(&metrics.body).into_owned();
-    let nanodollars = (charged * Decimal::from(1_000_000_000u64))
-        .normalize()
-        .to_string();
+    let nanodollars = (charged * Decimal::from(1_000_000_000u64)).normalize().to_string();
     assert!(
-        text.contains(&format!(
-            "creditgate_charged_nanodollars_total{{item=\"mock-gpt\"}} {nanodollars}"
-        )),
+        text.contains(&format!("creditgate_charged_nanodollars_total{{item=\"mock-gpt\"}} {nanodollars}")),
         "{text}"
     );
     assert!(
-        text.contains(&format!(
-            "creditgate_refusals_total{{reason=\"insufficient_credits\"}} {refused}"
-        )),
+        text.contains(&format!("creditgate_refusals_total{{reason=\"insufficient_credits\"}} {refused}")),
         "{text}"
     );
-    assert!(
-        text.contains("creditgate_hold_seconds_count 10"),
-        "every hold attempt is timed: {text}"
-    );
-    assert!(
-        !text.contains(&keys.pro) && !text.contains("org="),
-        "no keys or org ids in labels"
-    );
+    assert!(text.contains("creditgate_hold_seconds_count 10"), "every hold attempt is timed: {text}");
+    assert!(!text.contains(&keys.pro) && !text.contains("org="), "no keys or org ids in labels");
 }

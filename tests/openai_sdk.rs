@@ -11,18 +11,8 @@ use rust_decimal::Decimal;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_python_sdk_needs_only_a_base_url_and_a_key() {
     let stack = start().await;
-    let pool = stack
-        .gateway
-        .ledger()
-        .resolve_key(&KeyHash::of_secret(&stack.keys.pro))
-        .unwrap()
-        .wallet;
-    let before = stack
-        .gateway
-        .ledger()
-        .balance(pool, chrono::Utc::now())
-        .unwrap()
-        .balance;
+    let pool = stack.gateway.ledger().resolve_key(&KeyHash::of_secret(&stack.keys.pro)).unwrap().wallet;
+    let before = stack.gateway.ledger().balance(pool, chrono::Utc::now()).unwrap().balance;
     let base_url = stack.url("/v1");
     let key = stack.keys.pro.clone();
     let output = tokio::task::spawn_blocking(move || {
@@ -48,10 +38,7 @@ async fn the_openai_python_sdk_needs_only_a_base_url_and_a_key() {
         result["saw_usage_chunk"], false,
         "the usage the gateway asked for stays hidden from the client"
     );
-    assert_eq!(
-        result["refused"], "AuthenticationError",
-        "a bad key is a 401 the SDK understands"
-    );
+    assert_eq!(result["refused"], "AuthenticationError", "a bad key is a 401 the SDK understands");
 
     // Both calls were charged, from the usage the mock reported.
     let journal = stack.mock.journal().entries();

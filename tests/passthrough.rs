@@ -21,14 +21,7 @@ async fn every_method_and_body_shape_reaches_the_upstream_unchanged() {
         ("json", br#"{"model":"x","nested":{"a":[1,2,3]}}"#.to_vec()),
         ("binary", binary),
     ];
-    let methods = [
-        Method::GET,
-        Method::POST,
-        Method::PUT,
-        Method::PATCH,
-        Method::DELETE,
-        Method::OPTIONS,
-    ];
+    let methods = [Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS];
     for method in &methods {
         for (shape, body) in &bodies {
             let uri = stack.url("/echo/items/42?q=a%20b&flag&x=%E2%9C%93");
@@ -43,11 +36,7 @@ async fn every_method_and_body_shape_reaches_the_upstream_unchanged() {
                 .unwrap();
             let reply = send(request).await;
             assert_eq!(reply.status, 200, "{method} {shape}");
-            assert_eq!(
-                reply.body.as_ref(),
-                body.as_slice(),
-                "{method} {shape}: body echoed byte for byte"
-            );
+            assert_eq!(reply.body.as_ref(), body.as_slice(), "{method} {shape}: body echoed byte for byte");
             assert_eq!(reply.header("x-echo-method"), Some(method.as_str()));
             assert_eq!(
                 reply.header("x-echo-uri"),
@@ -56,23 +45,14 @@ async fn every_method_and_body_shape_reaches_the_upstream_unchanged() {
             );
             let seen = stack.mock.journal().last().unwrap();
             assert_eq!(seen.header("x-custom"), Some("one"));
-            let multi: Vec<&str> = seen
-                .headers
-                .iter()
-                .filter(|(k, _)| k == "x-multi")
-                .map(|(_, v)| v.as_str())
-                .collect();
+            let multi: Vec<&str> =
+                seen.headers.iter().filter(|(k, _)| k == "x-multi").map(|(_, v)| v.as_str()).collect();
             assert_eq!(multi, ["first", "second"], "repeated headers keep their order");
-            assert!(
-                reply.header("x-request-id").is_some(),
-                "every response has a request id"
-            );
+            assert!(reply.header("x-request-id").is_some(), "every response has a request id");
         }
     }
     // HEAD has no response body but must still pass through.
-    let request = Request::head(stack.url("/echo/head"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let request = Request::head(stack.url("/echo/head")).body(Full::new(Bytes::new())).unwrap();
     let reply = send(request).await;
     assert_eq!(reply.status, 200);
     assert_eq!(stack.mock.journal().last().unwrap().method, "HEAD");
@@ -94,11 +74,7 @@ async fn chunked_request_bodies_stream_through() {
     drop(tx);
     let response = response_future.await.unwrap();
     let reply = read(response).await;
-    assert_eq!(
-        reply.body.as_ref(),
-        sent.as_slice(),
-        "chunked body arrives whole and in order"
-    );
+    assert_eq!(reply.body.as_ref(), sent.as_slice(), "chunked body arrives whole and in order");
 }
 
 #[tokio::test]
@@ -127,10 +103,7 @@ async fn credentials_are_swapped_in_both_directions() {
         "client key reached the upstream: {everything_upstream_saw}"
     );
     let everything_client_saw = format!("{:?}{:?}", reply.headers, reply.body);
-    assert!(
-        !everything_client_saw.contains(UPSTREAM_SECRET),
-        "upstream secret reached the client"
-    );
+    assert!(!everything_client_saw.contains(UPSTREAM_SECRET), "upstream secret reached the client");
     assert_eq!(
         seen.header("x-request-id"),
         reply.header("x-request-id"),
@@ -162,16 +135,10 @@ async fn hop_by_hop_headers_are_not_forwarded() {
 async fn client_request_id_is_kept_when_well_formed() {
     let stack = start().await;
     let with_id = |id: &str| {
-        Request::get(stack.url("/echo/id"))
-            .header("x-request-id", id)
-            .body(Full::new(Bytes::new()))
-            .unwrap()
+        Request::get(stack.url("/echo/id")).header("x-request-id", id).body(Full::new(Bytes::new())).unwrap()
     };
     let reply = send(with_id("0192f0c4-7a1b-7cde-8f00-1234567890ab")).await;
-    assert_eq!(
-        reply.header("x-request-id"),
-        Some("0192f0c4-7a1b-7cde-8f00-1234567890ab")
-    );
+    assert_eq!(reply.header("x-request-id"), Some("0192f0c4-7a1b-7cde-8f00-1234567890ab"));
     let reply = send(with_id("has spaces and ünïcode")).await;
     let id = reply.header("x-request-id").unwrap();
     assert_ne!(id, "has spaces and ünïcode");
@@ -188,11 +155,9 @@ async fn sse_events_reach_the_client_before_the_upstream_writes_the_next() {
         .header("authorization", format!("Bearer {}", stack.keys.pro))
         .body(body)
         .unwrap();
-    tx.send(Ok(http_body::Frame::data(Bytes::from(
-        r#"{"model":"mock-gpt","stream":true,"max_tokens":3}"#,
-    ))))
-    .await
-    .unwrap();
+    tx.send(Ok(http_body::Frame::data(Bytes::from(r#"{"model":"mock-gpt","stream":true,"max_tokens":3}"#))))
+        .await
+        .unwrap();
     drop(tx);
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.headers()["content-type"], "text/event-stream");
@@ -229,9 +194,7 @@ async fn large_bodies_stream_both_ways_without_being_held_whole() {
     let response_future = tokio::spawn(async move { sender.send_request(request).await.unwrap() });
     const CHUNK: usize = 1 << 20;
     const CHUNKS: usize = 64;
-    tx.send(Ok(http_body::Frame::data(Bytes::from(vec![0u8; CHUNK]))))
-        .await
-        .unwrap();
+    tx.send(Ok(http_body::Frame::data(Bytes::from(vec![0u8; CHUNK])))).await.unwrap();
     let response = tokio::time::timeout(Duration::from_secs(10), response_future)
         .await
         .expect("response head did not arrive while the request body was still open")
@@ -251,9 +214,7 @@ async fn large_bodies_stream_both_ways_without_being_held_whole() {
             }
         }
         if i < CHUNKS {
-            tx.send(Ok(http_body::Frame::data(Bytes::from(vec![i as u8; CHUNK]))))
-                .await
-                .unwrap();
+            tx.send(Ok(http_body::Frame::data(Bytes::from(vec![i as u8; CHUNK])))).await.unwrap();
         }
     }
     drop(tx);
@@ -267,9 +228,7 @@ async fn h2c_clients_are_served() {
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .http2_only(true)
             .build_http();
-    let request = Request::post(stack.url("/echo/h2"))
-        .body(Full::new(Bytes::from("over h2")))
-        .unwrap();
+    let request = Request::post(stack.url("/echo/h2")).body(Full::new(Bytes::from("over h2"))).unwrap();
     let response = client.request(request).await.unwrap();
     assert_eq!(response.version(), http::Version::HTTP_2);
     let body = response.into_body().collect().await.unwrap().to_bytes();

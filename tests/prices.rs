@@ -50,14 +50,7 @@ async fn start_with_prices(text: &str) -> (Stack, std::path::PathBuf) {
     let config = parse_config(&config_text, &data);
     let gateway = Gateway::start(config, stack.shutdown.clone()).await.unwrap();
     let keys = seed(&gateway, "100", "1");
-    (
-        Stack {
-            gateway,
-            keys,
-            ..stack
-        },
-        prices,
-    )
+    (Stack { gateway, keys, ..stack }, prices)
 }
 
 async fn admin(stack: &Stack, method: http::Method, path: &str) -> Reply {
@@ -78,10 +71,7 @@ async fn wait_for_label(stack: &Stack, label: &str) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!(
-        "price table {label} never came into force; status: {:?}",
-        prices.status()
-    );
+    panic!("price table {label} never came into force; status: {:?}", prices.status());
 }
 
 fn write_atomically(path: &Path, text: &str) {
@@ -103,52 +93,23 @@ async fn an_invalid_file_keeps_the_old_prices_and_reports_file_and_line() {
     let body = reply.json();
     let problems = body["error"]["problems"].as_array().unwrap();
     let text = format!("{problems:?}");
-    assert!(
-        text.contains("prices.toml:3:"),
-        "negative price at line 3: {text}"
-    );
-    assert!(
-        text.contains("prices.toml:5:") && text.contains("bogus"),
-        "unknown key at line 5: {text}"
-    );
-    assert_eq!(
-        body["error"]["active_version"]
-            .as_str()
-            .unwrap()
-            .split('@')
-            .next(),
-        Some("A")
-    );
+    assert!(text.contains("prices.toml:3:"), "negative price at line 3: {text}");
+    assert!(text.contains("prices.toml:5:") && text.contains("bogus"), "unknown key at line 5: {text}");
+    assert_eq!(body["error"]["active_version"].as_str().unwrap().split('@').next(), Some("A"));
 
     let status = admin(&stack, http::Method::GET, "/admin/v1/prices").await.json();
     assert_eq!(status["label"], "A", "old table still in force");
-    assert!(
-        status["last_reload_error"]
-            .as_str()
-            .unwrap()
-            .contains("prices.toml:3"),
-        "{status}"
-    );
+    assert!(status["last_reload_error"].as_str().unwrap().contains("prices.toml:3"), "{status}");
     assert_eq!(stack.gateway.prices().unwrap().current().version().label, "A");
 
     // The watcher sees the broken file too, and still keeps A.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(stack.gateway.prices().unwrap().current().version().label, "A");
-    let metrics = send(
-        Request::get(stack.admin_url("/metrics"))
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let metrics =
+        send(Request::get(stack.admin_url("/metrics")).body(Full::new(Bytes::new())).unwrap()).await;
     let metrics = String::from_utf8_lossy(&metrics.body);
-    assert!(
-        metrics.contains("creditgate_price_reloads_total{result=\"failed\"}"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("creditgate_price_table_active{version=\"A@"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("creditgate_price_reloads_total{result=\"failed\"}"), "{metrics}");
+    assert!(metrics.contains("creditgate_price_table_active{version=\"A@"), "{metrics}");
 }
 
 #[tokio::test]
@@ -181,11 +142,7 @@ async fn sighup_reloads() {
     // enough; SIGHUP must reload at once regardless.
     write_atomically(&path, TABLE_B);
     let pid = std::process::id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
     wait_for_label(&stack, "B").await;
 }
 
@@ -204,15 +161,9 @@ async fn reloads_under_traffic_never_expose_a_half_written_table() {
                 let table = prices.current();
                 let label = table.version().label.clone();
                 let now = chrono::Utc::now();
-                assert!(
-                    table.model("mock-gpt", now).is_some(),
-                    "table {label} lacks mock-gpt"
-                );
+                assert!(table.model("mock-gpt", now).is_some(), "table {label} lacks mock-gpt");
                 if label == "B" {
-                    assert!(
-                        table.model("mock-claude", now).is_some(),
-                        "a truncated B was put in force"
-                    );
+                    assert!(table.model("mock-claude", now).is_some(), "a truncated B was put in force");
                 }
                 assert!(label == "A" || label == "B", "unexpected table {label}");
                 seen.insert(label);
@@ -231,11 +182,7 @@ async fn reloads_under_traffic_never_expose_a_half_written_table() {
             let mut sent = 0;
             while !stop.load(Ordering::Relaxed) {
                 let reply = post_json(&url, &key, &serde_json::from_str(BODY).unwrap()).await;
-                assert_eq!(
-                    reply.status, 200,
-                    "no request fails during reloads: {:?}",
-                    reply.body
-                );
+                assert_eq!(reply.status, 200, "no request fails during reloads: {:?}", reply.body);
                 sent += 1;
             }
             sent
@@ -259,9 +206,8 @@ async fn reloads_under_traffic_never_expose_a_half_written_table() {
     assert_eq!(seen.len(), 2, "both tables were seen: {seen:?}");
     assert!(sent > 10, "traffic flowed during reloads: {sent}");
     // Every request was priced by a whole table, A or B, at that table's prices.
-    let body_len = serde_json::to_vec(&serde_json::from_str::<serde_json::Value>(BODY).unwrap())
-        .unwrap()
-        .len() as u64;
+    let body_len =
+        serde_json::to_vec(&serde_json::from_str::<serde_json::Value>(BODY).unwrap()).unwrap().len() as u64;
     let (input, output) = (body_len.div_ceil(4), 10u64);
     let price = |i: u64, o: u64| {
         rust_decimal::Decimal::from(input * i + output * o) / rust_decimal::Decimal::from(1_000_000u64)
@@ -299,9 +245,7 @@ async fn a_scheduled_price_switch_happens_at_the_injected_instant() {
     // The example file moves mock-gpt from 1/2 to 1.5/3 per Mtok at 2027-01-01.
     let switch: chrono::DateTime<chrono::Utc> = "2027-01-01T00:00:00Z".parse().unwrap();
     let clock = ManualClock::new(switch - chrono::TimeDelta::nanoseconds(1));
-    let gateway = Gateway::start_with_clock(config, clock.clone(), CancellationToken::new())
-        .await
-        .unwrap();
+    let gateway = Gateway::start_with_clock(config, clock.clone(), CancellationToken::new()).await.unwrap();
     let table = gateway.prices().unwrap().current();
     use creditgate::clock::Clock;
     let before = table.model("mock-gpt", clock.now()).unwrap();
@@ -333,12 +277,7 @@ async fn a_request_is_settled_with_the_table_it_was_held_with() {
     let slow = tokio::spawn(call("400"));
     tokio::time::sleep(Duration::from_millis(100)).await;
     write_atomically(&path, TABLE_B);
-    assert_eq!(
-        admin(&stack, http::Method::POST, "/admin/v1/prices/reload")
-            .await
-            .status,
-        200
-    );
+    assert_eq!(admin(&stack, http::Method::POST, "/admin/v1/prices/reload").await.status, 200);
     assert_eq!(slow.await.unwrap().status, 200);
     assert_eq!(call("0").await.status, 200);
 
@@ -367,14 +306,8 @@ async fn a_request_is_settled_with_the_table_it_was_held_with() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(debits.len(), 2, "{debits:?}");
-    assert!(
-        debits[0].0.starts_with("A@"),
-        "the slow call settles under A: {debits:?}"
-    );
+    assert!(debits[0].0.starts_with("A@"), "the slow call settles under A: {debits:?}");
     assert_eq!(debits[0].1, at(1, 2), "priced at A");
-    assert!(
-        debits[1].0.starts_with("B@"),
-        "the next call is held under B: {debits:?}"
-    );
+    assert!(debits[1].0.starts_with("B@"), "the next call is held under B: {debits:?}");
     assert_eq!(debits[1].1, at(3, 4), "priced at B");
 }

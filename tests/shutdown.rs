@@ -41,10 +41,7 @@ async fn shutdown_lets_an_in_flight_stream_finish() {
     while let Some(chunk) = next_chunk(&mut body).await {
         received.extend_from_slice(&chunk);
     }
-    assert!(
-        received.ends_with(b"data: [DONE]\n\n"),
-        "the in-flight stream ran to its end"
-    );
+    assert!(received.ends_with(b"data: [DONE]\n\n"), "the in-flight stream ran to its end");
     let content_events = String::from_utf8_lossy(&received).matches(r#""tok ""#).count();
     assert_eq!(content_events, 8, "every token arrived");
     assert_eq!(drained.await.unwrap(), Drained::All);
@@ -84,18 +81,14 @@ fn spawn_gateway(config_path: &std::path::Path, data_dir: &std::path::Path) -> (
             }
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("gateway did not report its address");
+    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("gateway did not report its address");
     (child, addr)
 }
 
 // Multi-threaded: the test does blocking socket I/O while the mock runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_stream_and_exits_zero() {
-    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default())
-        .await
-        .unwrap();
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("gateway.toml");
     std::fs::write(&config_path, config_text(mock.addr(), "", "")).unwrap();
@@ -114,10 +107,7 @@ async fn sigterm_drains_a_stream_and_exits_zero() {
     let n = stream.read(&mut first).unwrap();
     assert!(n > 0 && first.starts_with(b"HTTP/1.1 200"), "stream started");
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
     assert!(status.success());
     let reader = std::thread::spawn(move || {
         let mut rest = Vec::new();
@@ -126,10 +116,7 @@ async fn sigterm_drains_a_stream_and_exits_zero() {
     });
     let rest = reader.join().unwrap();
     let text = String::from_utf8_lossy(&rest);
-    assert!(
-        text.contains("data: [DONE]"),
-        "stream finished after SIGTERM: {text}"
-    );
+    assert!(text.contains("data: [DONE]"), "stream finished after SIGTERM: {text}");
     let exit = child.0.wait().unwrap();
     assert!(exit.success(), "exit status {exit:?}");
     mock.stop().await;
@@ -170,19 +157,9 @@ fn check_config_accepts_the_examples_and_rejects_a_broken_file() {
 #[tokio::test]
 async fn admin_health_and_readiness() {
     let stack = start().await;
-    let health = send(
-        Request::get(stack.admin_url("/healthz"))
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let health = send(Request::get(stack.admin_url("/healthz")).body(Full::new(Bytes::new())).unwrap()).await;
     assert_eq!(health.status, 200);
-    let ready = send(
-        Request::get(stack.admin_url("/readyz"))
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let ready = send(Request::get(stack.admin_url("/readyz")).body(Full::new(Bytes::new())).unwrap()).await;
     assert_eq!(ready.status, 200);
     assert_eq!(ready.json()["status"], "ready");
 }

@@ -81,11 +81,7 @@ fn setup() -> Setup {
             (WalletId::Lite(lite), key(&ledger, org, lite, n))
         })
         .collect();
-    Setup {
-        records: journal.records(),
-        hot,
-        spread,
-    }
+    Setup { records: journal.records(), hot, spread }
 }
 
 fn user(ledger: &Ledger, org: OrgId, plan: Plan, n: usize) -> UserId {
@@ -125,12 +121,7 @@ fn details() -> SettleDetails {
     SettleDetails {
         route: Arc::from("/v1/chat/completions"),
         model: Arc::from("gpt-4o-mini"),
-        usage: Usage {
-            input_tokens: 1_000,
-            output_tokens: 300,
-            cached_input_tokens: 200,
-            tool_units: 0,
-        },
+        usage: Usage { input_tokens: 1_000, output_tokens: 300, cached_input_tokens: 200, tool_units: 0 },
         price_version: Arc::from("2025-11@0123456789ab"),
     }
 }
@@ -162,9 +153,7 @@ fn pairs(
         let pick = usize::try_from(next_random(&mut random) % len).unwrap_or(0);
         let (wallet, key) = targets[pick];
         let context = SpendContext { key, end_user: None };
-        let hold = ledger
-            .hold(wallet, request, held, context, now)
-            .expect("the wallet is funded");
+        let hold = ledger.hold(wallet, request, held, context, now).expect("the wallet is funded");
         black_box(hold.settle(cost, details.clone(), now).expect("settles"));
     }
 }
@@ -208,18 +197,11 @@ impl Variant {
 }
 
 fn memory(setup: &Setup) -> Variant {
-    let ledger = Ledger::restore(
-        LedgerConfig::default(),
-        Arc::new(NullJournal),
-        setup.records.iter().cloned(),
-    )
-    .expect("the records replay");
+    let ledger =
+        Ledger::restore(LedgerConfig::default(), Arc::new(NullJournal), setup.records.iter().cloned())
+            .expect("the records replay");
     ledger.tick(now());
-    Variant {
-        name: "memory",
-        ledger: Arc::new(ledger),
-        writer: None,
-    }
+    Variant { name: "memory", ledger: Arc::new(ledger), writer: None }
 }
 
 fn sled(setup: &Setup, dir: &std::path::Path) -> Variant {
@@ -234,11 +216,7 @@ fn sled(setup: &Setup, dir: &std::path::Path) -> Variant {
     }
     let open = open_ledger(dir, LedgerConfig::default(), StoreConfig::default()).expect("the store replays");
     open.ledger.tick(now());
-    let variant = Variant {
-        name: "sled_write_through",
-        ledger: open.ledger,
-        writer: Some(open.writer),
-    };
+    let variant = Variant { name: "sled_write_through", ledger: open.ledger, writer: Some(open.writer) };
     variant.drain();
     variant
 }

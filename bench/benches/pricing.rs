@@ -29,15 +29,8 @@ fn pricing(c: &mut Criterion) {
     // A realistic chat request: ~4 kB body, max_tokens 1024; it used 1200
     // input tokens (200 of them cached) and 300 output tokens.
     let model = "gpt-4o-mini";
-    let request = HoldRequest {
-        input_bytes: 4_000,
-        max_output_tokens: Some(1_024),
-    };
-    let usage = TokenUsage {
-        input_tokens: 1_200,
-        cached_input_tokens: 200,
-        output_tokens: 300,
-    };
+    let request = HoldRequest { input_bytes: 4_000, max_output_tokens: Some(1_024) };
+    let usage = TokenUsage { input_tokens: 1_200, cached_input_tokens: 200, output_tokens: 300 };
     let tool = "web-search";
     let tool_units = 10_u64;
     // The baseline: the same name looked up in a std map of the same size.
@@ -62,18 +55,13 @@ fn pricing(c: &mut Criterion) {
     .collect();
 
     let mut group = c.benchmark_group("pricing");
-    group
-        .sample_size(20)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    group.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     group.bench_function("baseline_hashmap_lookup", |b| {
         b.iter(|| black_box(baseline.get(black_box(model)).copied()))
     });
     group.bench_function("model_lookup_hold_cost", |b| {
         b.iter(|| {
-            let price = table
-                .model(black_box(model), black_box(at))
-                .expect("the model is priced");
+            let price = table.model(black_box(model), black_box(at)).expect("the model is priced");
             let hold = price.hold_amount(black_box(&request)).expect("fits");
             let cost = price.cost(black_box(&usage)).expect("fits");
             black_box((hold, cost))
@@ -81,9 +69,7 @@ fn pricing(c: &mut Criterion) {
     });
     group.bench_function("tool_lookup_hold_cost", |b| {
         b.iter(|| {
-            let price = table
-                .tool(black_box(tool), black_box(at))
-                .expect("the tool is priced");
+            let price = table.tool(black_box(tool), black_box(at)).expect("the tool is priced");
             let hold = price.hold_amount(black_box(tool_units)).expect("fits");
             let cost = price.cost(black_box(tool_units)).expect("fits");
             black_box((hold, cost))

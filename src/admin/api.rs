@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::error::AdminError;
 use super::Scope;
+use crate::alerts::{AlertError, Alerts, Condition, Rule};
 use crate::demo::new_secret;
 use crate::ledger::contract::ContractTerm;
 use crate::ledger::entity::{ApiKey, KeyHash, Plan};
@@ -206,18 +207,13 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, AdminError> {
         .filter(|k| !k.is_empty())
         .ok_or(AdminError::MissingHeader("Idempotency-Key"))?;
     if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-        return Err(AdminError::bad(
-            "Idempotency-Key",
-            format!("at most {MAX_IDEMPOTENCY_KEY_LEN} bytes"),
-        ));
+        return Err(AdminError::bad("Idempotency-Key", format!("at most {MAX_IDEMPOTENCY_KEY_LEN} bytes")));
     }
     Ok(key.to_owned())
 }
 
 fn id(segment: &str, what: &str) -> Result<u64, AdminError> {
-    segment
-        .parse()
-        .map_err(|_| AdminError::NotFound(format!("no {what} {segment}")))
+    segment.parse().map_err(|_| AdminError::NotFound(format!("no {what} {segment}")))
 }
 
 /// `POST /admin/v1/orgs` and `GET /admin/v1/orgs`.
@@ -241,11 +237,7 @@ pub fn orgs(ledger: &Ledger, scope: Scope, method: &Method, body: &[u8], now: Da
                     )
                 })?,
             };
-            let new = NewOrg {
-                name: raw.name,
-                time_zone,
-                contract: raw.contract.map(Into::into),
-            };
+            let new = NewOrg { name: raw.name, time_zone, contract: raw.contract.map(Into::into) };
             Ok((StatusCode::CREATED, json!(ledger.create_org(new, now)?)))
         }
         _ => Err(no_route(method, "/admin/v1/orgs")),
@@ -253,10 +245,7 @@ pub fn orgs(ledger: &Ledger, scope: Scope, method: &Method, body: &[u8], now: Da
 }
 
 pub fn no_route(method: &Method, path: &str) -> AdminError {
-    AdminError::NoRoute {
-        method: method.to_string(),
-        path: path.to_owned(),
-    }
+    AdminError::NoRoute { method: method.to_string(), path: path.to_owned() }
 }
 
 /// Everything under `/admin/v1/orgs/{org}/`.
@@ -271,15 +260,12 @@ pub fn org_resource(
 ) -> Answer {
     let get = |value: Value| Ok((StatusCode::OK, value));
     match (method, rest) {
-        (&Method::GET, []) => get(json!(ledger
-            .org(org)
-            .ok_or_else(|| AdminError::NotFound(format!("no org {}", org.0)))?)),
+        (&Method::GET, []) => {
+            get(json!(ledger.org(org).ok_or_else(|| AdminError::NotFound(format!("no org {}", org.0)))?))
+        }
         (&Method::POST, ["contracts"]) => {
             let raw: ContractIn = parse(body)?;
-            Ok((
-                StatusCode::CREATED,
-                json!(ledger.renew_contract(org, raw.into(), now)?),
-            ))
+            Ok((StatusCode::CREATED, json!(ledger.renew_contract(org, raw.into(), now)?)))
         }
         (&Method::GET, ["users"]) => get(json!({ "users": ledger.users_of(org) })),
         (&Method::POST, ["users"]) => create_user(ledger, org, body, now),
@@ -303,11 +289,7 @@ pub fn org_resource(
         }
         (&Method::PUT, ["keys", key, "limits"]) => {
             let raw: LimitsIn = parse(body)?;
-            get(key_view(&ledger.set_key_limits(
-                org,
-                KeyId(id(key, "key")?),
-                raw.into(),
-            )?))
+            get(key_view(&ledger.set_key_limits(org, KeyId(id(key, "key")?), raw.into())?))
         }
         (&Method::PUT, ["apps", app, "limits"]) => {
             #[derive(Deserialize)]
@@ -320,12 +302,7 @@ pub fn org_resource(
             }
             let raw: AppLimits = parse(body)?;
             let app = AppId(id(app, "app")?);
-            get(json!(ledger.set_app_limits(
-                org,
-                app,
-                raw.limits.into(),
-                raw.end_user_limits.into()
-            )?))
+            get(json!(ledger.set_app_limits(org, app, raw.limits.into(), raw.end_user_limits.into())?))
         }
         (&Method::POST, ["purchases"]) => {
             let raw: PurchaseIn = parse(body)?;
@@ -362,10 +339,7 @@ pub fn org_resource(
                 .collect::<Result<Vec<_>, _>>()?;
             get(json!({ "balances": balances }))
         }
-        _ => Err(no_route(
-            method,
-            &format!("/admin/v1/orgs/{}/{}", org.0, rest.join("/")),
-        )),
+        _ => Err(no_route(method, &format!("/admin/v1/orgs/{}/{}", org.0, rest.join("/")))),
     }
 }
 
@@ -374,10 +348,7 @@ fn create_user(ledger: &Ledger, org: OrgId, body: &[u8], now: DateTime<Utc>) -> 
     let plan: Plan = raw.plan.into();
     let allowance = amount(raw.lite_monthly_allowance).unwrap_or(Decimal::ZERO);
     if plan == Plan::Lite && raw.lite_monthly_allowance.is_none() {
-        return Err(AdminError::bad(
-            "lite_monthly_allowance",
-            "required for a Lite user, e.g. \"10.00\"",
-        ));
+        return Err(AdminError::bad("lite_monthly_allowance", "required for a Lite user, e.g. \"10.00\""));
     }
     let new = NewUser {
         name: raw.name,
@@ -409,9 +380,7 @@ fn patch_user(ledger: &Ledger, org: OrgId, user: UserId, body: &[u8], now: DateT
             ledger.set_user_plan(org, user, plan, now)?;
         }
     }
-    let updated = ledger
-        .user(user)
-        .ok_or_else(|| AdminError::NotFound(format!("no user {}", user.0)))?;
+    let updated = ledger.user(user).ok_or_else(|| AdminError::NotFound(format!("no user {}", user.0)))?;
     Ok((StatusCode::OK, json!(updated)))
 }
 
@@ -420,23 +389,65 @@ fn create_key(ledger: &Ledger, org: OrgId, body: &[u8], now: DateTime<Utc>) -> A
     let owner = match (raw.user, raw.app) {
         (Some(user), None) => Owner::User(UserId(user)),
         (None, Some(app)) => Owner::App(AppId(app)),
-        _ => {
-            return Err(AdminError::bad(
-                "user",
-                "name exactly one owner: \"user\": ID or \"app\": ID",
-            ))
-        }
+        _ => return Err(AdminError::bad("user", "name exactly one owner: \"user\": ID or \"app\": ID")),
     };
     let secret = new_secret();
-    let new = NewKey {
-        owner,
-        hash: KeyHash::of_secret(&secret),
-        label: raw.label,
-        limits: raw.limits.into(),
-    };
+    let new =
+        NewKey { owner, hash: KeyHash::of_secret(&secret), label: raw.label, limits: raw.limits.into() };
     let key = ledger.create_key(org, new, now)?;
     let mut view = key_view(&key);
     // Shown once: only its hash is kept.
     view["secret"] = json!(secret);
     Ok((StatusCode::CREATED, view))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertIn {
+    wallet: WalletIn,
+    condition: Condition,
+    webhook_url: String,
+    secret: String,
+}
+
+/// `/admin/v1/orgs/{org}/alerts[/deliveries]`.
+pub fn alert_resource(
+    ledger: &Ledger,
+    alerts: &Alerts,
+    org: OrgId,
+    method: &Method,
+    rest: &[&str],
+    body: &[u8],
+) -> Answer {
+    match (method, rest) {
+        (&Method::GET, ["alerts"]) => {
+            let rules: Vec<Value> = alerts.rules_of(org).iter().map(Rule::view).collect();
+            Ok((StatusCode::OK, json!({ "rules": rules })))
+        }
+        (&Method::GET, ["alerts", "deliveries"]) => {
+            Ok((StatusCode::OK, json!({ "deliveries": alerts.deliveries_of(org) })))
+        }
+        (&Method::POST, ["alerts"]) => {
+            let raw: AlertIn = parse(body)?;
+            let wallet = match raw.wallet {
+                WalletIn::Pool => WalletId::Pool(org),
+                WalletIn::LiteUser(user) => {
+                    // Only this organization's users: another org's do not exist here.
+                    ledger
+                        .user(UserId(user))
+                        .filter(|u| u.org == org)
+                        .ok_or_else(|| AdminError::NotFound(format!("no user {user}")))?;
+                    WalletId::Lite(UserId(user))
+                }
+            };
+            let rule = alerts.add_rule(org, wallet, raw.condition, raw.webhook_url, raw.secret).map_err(
+                |e| match e {
+                    AlertError::Invalid { field, reason } => AdminError::bad(field, reason),
+                    other => AdminError::Store(other.to_string()),
+                },
+            )?;
+            Ok((StatusCode::CREATED, rule.view()))
+        }
+        _ => Err(no_route(method, &format!("/admin/v1/orgs/{}/{}", org.0, rest.join("/")))),
+    }
 }

@@ -126,77 +126,34 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
     let client = AdminClient::new(&args.url, &args.token);
     let pretty = |v: Value| serde_json::to_string_pretty(&v).unwrap_or_default();
     Ok(match args.command {
-        AdminCommand::CreateOrg {
-            name,
-            time_zone,
-            contract,
-        } => {
+        AdminCommand::CreateOrg { name, time_zone, contract } => {
             let mut body = json!({"name": name, "time_zone": time_zone});
             if let Some(contract) = contract {
                 body["contract"] = contract.json();
             }
-            pretty(
-                client
-                    .json(Method::POST, "/admin/v1/orgs", Some(&body), None)
-                    .await?,
-            )
+            pretty(client.json(Method::POST, "/admin/v1/orgs", Some(&body), None).await?)
         }
         AdminCommand::AddContract { org, contract } => {
             let path = format!("/admin/v1/orgs/{org}/contracts");
-            pretty(
-                client
-                    .json(Method::POST, &path, Some(&contract.json()), None)
-                    .await?,
-            )
+            pretty(client.json(Method::POST, &path, Some(&contract.json()), None).await?)
         }
-        AdminCommand::AddUser {
-            org,
-            name,
-            plan,
-            lite_allowance,
-        } => {
+        AdminCommand::AddUser { org, name, plan, lite_allowance } => {
             let mut body = json!({"name": name, "plan": plan});
             if let Some(allowance) = lite_allowance {
                 body["lite_monthly_allowance"] = json!(allowance);
             }
             pretty(
-                client
-                    .json(
-                        Method::POST,
-                        &format!("/admin/v1/orgs/{org}/users"),
-                        Some(&body),
-                        None,
-                    )
-                    .await?,
+                client.json(Method::POST, &format!("/admin/v1/orgs/{org}/users"), Some(&body), None).await?,
             )
         }
-        AdminCommand::CreateKey {
-            org,
-            user,
-            app,
-            label,
-        } => {
+        AdminCommand::CreateKey { org, user, app, label } => {
             let body = match (user, app) {
                 (Some(user), _) => json!({"user": user, "label": label}),
                 (None, app) => json!({"app": app, "label": label}),
             };
-            pretty(
-                client
-                    .json(
-                        Method::POST,
-                        &format!("/admin/v1/orgs/{org}/keys"),
-                        Some(&body),
-                        None,
-                    )
-                    .await?,
-            )
+            pretty(client.json(Method::POST, &format!("/admin/v1/orgs/{org}/keys"), Some(&body), None).await?)
         }
-        AdminCommand::Purchase {
-            org,
-            amount,
-            reference,
-            idempotency_key,
-        } => {
+        AdminCommand::Purchase { org, amount, reference, idempotency_key } => {
             let key = idempotency_key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             let body = json!({"amount": amount, "reference": reference});
             let path = format!("/admin/v1/orgs/{org}/purchases");
@@ -204,18 +161,11 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
             format!("idempotency key: {key}\n{}", pretty(receipt))
         }
         AdminCommand::Balance { org } => {
-            let balances = client
-                .json(Method::GET, &format!("/admin/v1/orgs/{org}/balances"), None, None)
-                .await?;
+            let balances =
+                client.json(Method::GET, &format!("/admin/v1/orgs/{org}/balances"), None, None).await?;
             balance_table(&balances)
         }
-        AdminCommand::Usage {
-            org,
-            group_by,
-            from,
-            to,
-            csv,
-        } => {
+        AdminCommand::Usage { org, group_by, from, to, csv } => {
             let mut path = format!("/admin/v1/orgs/{org}/usage?group_by={group_by}");
             for (name, value) in [("from", from), ("to", to)] {
                 if let Some(value) = value {
@@ -259,31 +209,13 @@ fn balance_table(balances: &Value) -> String {
                 .collect()
         })
         .unwrap_or_default();
-    table(
-        &[
-            "wallet",
-            "balance",
-            "available",
-            "held",
-            "open_holds",
-            "resets_at",
-        ],
-        &rows,
-    )
+    table(&["wallet", "balance", "available", "held", "open_holds", "resets_at"], &rows)
 }
 
 fn usage_table(report: &Value) -> String {
-    let dimensions: Vec<String> = report["group_by"]
-        .as_array()
-        .map(|d| d.iter().map(text).collect())
-        .unwrap_or_default();
-    let metrics = [
-        "requests",
-        "charged",
-        "input_tokens",
-        "output_tokens",
-        "tool_units",
-    ];
+    let dimensions: Vec<String> =
+        report["group_by"].as_array().map(|d| d.iter().map(text).collect()).unwrap_or_default();
+    let metrics = ["requests", "charged", "input_tokens", "output_tokens", "tool_units"];
     let mut header: Vec<&str> = dimensions.iter().map(String::as_str).collect();
     header.extend(metrics);
     let mut rows: Vec<Vec<String>> = report["rows"]

@@ -51,25 +51,11 @@ impl AdminClient {
             request = request.header("idempotency-key", key);
         }
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let unreachable = |reason: String| ClientError::Unreachable {
-            url: url.clone(),
-            reason,
-        };
-        let request = request
-            .body(Full::new(body))
-            .map_err(|e| unreachable(e.to_string()))?;
-        let response = self
-            .http
-            .request(request)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+        let unreachable = |reason: String| ClientError::Unreachable { url: url.clone(), reason };
+        let request = request.body(Full::new(body)).map_err(|e| unreachable(e.to_string()))?;
+        let response = self.http.request(request).await.map_err(|e| unreachable(e.to_string()))?;
         let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .to_bytes();
+        let bytes = response.into_body().collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
         if status.is_success() {
             return Ok(bytes);
         }

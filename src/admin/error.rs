@@ -34,10 +34,7 @@ impl From<LedgerError> for AdminError {
 
 impl AdminError {
     pub fn bad(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        AdminError::BadRequest {
-            field: field.into(),
-            reason: reason.into(),
-        }
+        AdminError::BadRequest { field: field.into(), reason: reason.into() }
     }
 
     /// Status and stable code. Anything of another organization answers 404,

@@ -15,106 +15,36 @@ pub struct RouteDoc {
 }
 
 const fn route(method: &'static str, path: &'static str, summary: &'static str) -> RouteDoc {
-    RouteDoc {
-        method,
-        path,
-        summary,
-        operator_only: false,
-    }
+    RouteDoc { method, path, summary, operator_only: false }
 }
 
 const fn operator(method: &'static str, path: &'static str, summary: &'static str) -> RouteDoc {
-    RouteDoc {
-        method,
-        path,
-        summary,
-        operator_only: true,
-    }
+    RouteDoc { method, path, summary, operator_only: true }
 }
 
 pub const ROUTES: &[RouteDoc] = &[
     route("get", "/admin/v1/openapi.json", "This document"),
-    operator(
-        "get",
-        "/admin/v1/prices",
-        "The price table in force and the last reload",
-    ),
-    operator(
-        "post",
-        "/admin/v1/prices/reload",
-        "Reload the price file; 422 with every problem if invalid",
-    ),
-    route(
-        "get",
-        "/admin/v1/orgs",
-        "Organizations (an org token sees its own)",
-    ),
-    operator(
-        "post",
-        "/admin/v1/orgs",
-        "Create an organization, optionally with its first contract",
-    ),
-    route(
-        "get",
-        "/admin/v1/orgs/{org}",
-        "One organization and its contracts",
-    ),
-    route(
-        "post",
-        "/admin/v1/orgs/{org}/contracts",
-        "Add a contract term (renewal)",
-    ),
+    operator("get", "/admin/v1/prices", "The price table in force and the last reload"),
+    operator("post", "/admin/v1/prices/reload", "Reload the price file; 422 with every problem if invalid"),
+    route("get", "/admin/v1/orgs", "Organizations (an org token sees its own)"),
+    operator("post", "/admin/v1/orgs", "Create an organization, optionally with its first contract"),
+    route("get", "/admin/v1/orgs/{org}", "One organization and its contracts"),
+    route("post", "/admin/v1/orgs/{org}/contracts", "Add a contract term (renewal)"),
     route("get", "/admin/v1/orgs/{org}/users", "Users"),
     route("post", "/admin/v1/orgs/{org}/users", "Create a Pro or Lite user"),
-    route(
-        "patch",
-        "/admin/v1/orgs/{org}/users/{user}",
-        "Change plan, Lite allowance or limits",
-    ),
+    route("patch", "/admin/v1/orgs/{org}/users/{user}", "Change plan, Lite allowance or limits"),
     route("get", "/admin/v1/orgs/{org}/apps", "Applications"),
     route("post", "/admin/v1/orgs/{org}/apps", "Create an application"),
-    route(
-        "put",
-        "/admin/v1/orgs/{org}/apps/{app}/limits",
-        "Set an application's and its end users' limits",
-    ),
+    route("put", "/admin/v1/orgs/{org}/apps/{app}/limits", "Set an application's and its end users' limits"),
     route("get", "/admin/v1/orgs/{org}/keys", "API keys, without secrets"),
-    route(
-        "post",
-        "/admin/v1/orgs/{org}/keys",
-        "Create a key; the secret is returned once",
-    ),
+    route("post", "/admin/v1/orgs/{org}/keys", "Create a key; the secret is returned once"),
     route("post", "/admin/v1/orgs/{org}/keys/{key}/revoke", "Revoke a key"),
-    route(
-        "put",
-        "/admin/v1/orgs/{org}/keys/{key}/limits",
-        "Set a key's limits",
-    ),
-    route(
-        "post",
-        "/admin/v1/orgs/{org}/purchases",
-        "Buy credits (Idempotency-Key header required)",
-    ),
-    route(
-        "post",
-        "/admin/v1/orgs/{org}/adjustments",
-        "Correct a wallet (Idempotency-Key header required)",
-    ),
-    route(
-        "get",
-        "/admin/v1/orgs/{org}/balances",
-        "Pool and Lite wallets: balance, lots, holds",
-    ),
-    route(
-        "get",
-        "/admin/v1/orgs/{org}/ledger",
-        "Ledger entries: cursor paging and filters",
-    ),
-    route(
-        "get",
-        "/admin/v1/orgs/{org}/usage",
-        "Usage totals grouped by dimensions, JSON or CSV",
-    ),
+    route("put", "/admin/v1/orgs/{org}/keys/{key}/limits", "Set a key's limits"),
+    route("post", "/admin/v1/orgs/{org}/purchases", "Buy credits (Idempotency-Key header required)"),
+    route("post", "/admin/v1/orgs/{org}/adjustments", "Correct a wallet (Idempotency-Key header required)"),
+    route("get", "/admin/v1/orgs/{org}/balances", "Pool and Lite wallets: balance, lots, holds"),
+    route("get", "/admin/v1/orgs/{org}/ledger", "Ledger entries: cursor paging and filters"),
+    route("get", "/admin/v1/orgs/{org}/usage", "Usage totals grouped by dimensions, JSON or CSV"),
 ];
 
 /// Query parameters of the read endpoints.

@@ -48,11 +48,7 @@ fn decode(text: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) {
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
             (b'%', Some(high), Some(low)) => {
                 out.push(high * 16 + low);
                 i += 3;
@@ -93,10 +89,7 @@ fn time(params: &BTreeMap<String, String>, name: &str) -> Result<Option<DateTime
 fn number(params: &BTreeMap<String, String>, name: &str) -> Result<Option<u64>, AdminError> {
     params
         .get(name)
-        .map(|v| {
-            v.parse::<u64>()
-                .map_err(|_| AdminError::bad(name, "a whole number"))
-        })
+        .map(|v| v.parse::<u64>().map_err(|_| AdminError::bad(name, "a whole number")))
         .transpose()
 }
 
@@ -124,10 +117,7 @@ impl Filter {
         let kind = params.get("kind").cloned();
         if let Some(kind) = &kind {
             if !["grant", "purchase", "adjustment", "debit", "write_off"].contains(&kind.as_str()) {
-                return Err(AdminError::bad(
-                    "kind",
-                    "one of grant, purchase, adjustment, debit, write_off",
-                ));
+                return Err(AdminError::bad("kind", "one of grant, purchase, adjustment, debit, write_off"));
             }
         }
         Ok(Filter {
@@ -193,9 +183,7 @@ pub fn ledger_page(source: EntrySource<'_>, org: OrgId, params: &BTreeMap<String
 }
 
 /// Dimensions a usage report can group by.
-const DIMENSIONS: [&str; 9] = [
-    "user", "app", "key", "end_user", "model", "tool", "route", "day", "month",
-];
+const DIMENSIONS: [&str; 9] = ["user", "app", "key", "end_user", "model", "tool", "route", "day", "month"];
 
 /// One group's totals.
 #[derive(Default, Clone)]
@@ -218,19 +206,10 @@ pub fn usage(
 ) -> Result<(StatusCode, String, &'static str), AdminError> {
     let group_by: Vec<String> = params
         .get("group_by")
-        .map(|g| {
-            g.split(',')
-                .map(str::trim)
-                .filter(|d| !d.is_empty())
-                .map(str::to_owned)
-                .collect()
-        })
+        .map(|g| g.split(',').map(str::trim).filter(|d| !d.is_empty()).map(str::to_owned).collect())
         .unwrap_or_default();
     if let Some(bad) = group_by.iter().find(|d| !DIMENSIONS.contains(&d.as_str())) {
-        return Err(AdminError::bad(
-            "group_by",
-            format!("{bad:?} is not one of {DIMENSIONS:?}"),
-        ));
+        return Err(AdminError::bad("group_by", format!("{bad:?} is not one of {DIMENSIONS:?}")));
     }
     let (from, to) = (time(params, "from")?, time(params, "to")?);
     let mut groups: BTreeMap<Vec<String>, Totals> = BTreeMap::new();
@@ -278,11 +257,7 @@ pub fn usage(
         }
     }
     if csv {
-        return Ok((
-            StatusCode::OK,
-            render_csv(&group_by, &groups),
-            "text/csv; charset=utf-8",
-        ));
+        return Ok((StatusCode::OK, render_csv(&group_by, &groups), "text/csv; charset=utf-8"));
     }
     let mut total = Totals::default();
     let rows: Vec<Value> = groups
@@ -348,11 +323,7 @@ fn render_csv(group_by: &[String], groups: &BTreeMap<Vec<String>, Totals>) -> St
 /// Quote a CSV cell when it needs it (RFC 4180); also defuse cells that a
 /// spreadsheet would run as a formula.
 fn csv_cell(value: &str) -> String {
-    let value = if value.starts_with(['=', '+', '-', '@']) {
-        format!("'{value}")
-    } else {
-        value.to_owned()
-    };
+    let value = if value.starts_with(['=', '+', '-', '@']) { format!("'{value}") } else { value.to_owned() };
     if value.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
@@ -370,11 +341,7 @@ mod tests {
         assert_eq!(q["group_by"], "model,day");
         assert_eq!(q["from"], "2026-11-01T00:00:00Z");
         assert_eq!(q["flag"], "");
-        assert_eq!(
-            decode("%E2%9C%93+x%zz%"),
-            "✓ x%zz%",
-            "bad escapes pass through, never panic"
-        );
+        assert_eq!(decode("%E2%9C%93+x%zz%"), "✓ x%zz%", "bad escapes pass through, never panic");
     }
 
     #[test]

@@ -119,9 +119,7 @@ impl Ledger {
                 created_at: now,
             })
         });
-        let RecordBody::Org(org) = org else {
-            unreachable!("commit returns the record it was given")
-        };
+        let RecordBody::Org(org) = org else { unreachable!("commit returns the record it was given") };
         self.apply_org(&org);
         self.advance_wallet(WalletId::Pool(org.id), now);
         self.shared.committer.sync()?;
@@ -170,9 +168,7 @@ impl Ledger {
                 created_at: now,
             })
         });
-        let RecordBody::User(user) = record else {
-            unreachable!("commit returns the record it was given")
-        };
+        let RecordBody::User(user) = record else { unreachable!("commit returns the record it was given") };
         self.apply_user(&user);
         if user.plan == Plan::Lite {
             self.advance_wallet(WalletId::Lite(user.id), now);
@@ -245,9 +241,7 @@ impl Ledger {
                 created_at: now,
             })
         });
-        let RecordBody::App(app) = record else {
-            unreachable!("commit returns the record it was given")
-        };
+        let RecordBody::App(app) = record else { unreachable!("commit returns the record it was given") };
         self.apply_app(&app);
         self.shared.committer.sync()?;
         Ok(app)
@@ -295,9 +289,7 @@ impl Ledger {
                 created_at: now,
             })
         });
-        let RecordBody::Key(key) = record else {
-            unreachable!("commit returns the record it was given")
-        };
+        let RecordBody::Key(key) = record else { unreachable!("commit returns the record it was given") };
         self.apply_key(&key);
         self.shared.committer.sync()?;
         Ok(key)
@@ -335,10 +327,7 @@ impl Ledger {
     pub(crate) fn commit(&self, make: impl FnOnce(u64) -> RecordBody) -> RecordBody {
         let seq = self.shared.committer.next_seq();
         let body = make(seq);
-        self.shared.committer.append(Record {
-            seq,
-            body: body.clone(),
-        });
+        self.shared.committer.append(Record { seq, body: body.clone() });
         body
     }
 
@@ -350,10 +339,7 @@ impl Ledger {
 
     fn owner_org(&self, owner: Owner) -> Result<OrgId, LedgerError> {
         match owner {
-            Owner::User(user) => self
-                .user(user)
-                .map(|u| u.org)
-                .ok_or(LedgerError::UnknownUser(user)),
+            Owner::User(user) => self.user(user).map(|u| u.org).ok_or(LedgerError::UnknownUser(user)),
             Owner::App(app) => self.app(app).map(|a| a.org).ok_or(LedgerError::UnknownApp(app)),
         }
     }
@@ -362,11 +348,7 @@ impl Ledger {
         if org == target_org {
             Ok(())
         } else {
-            Err(LedgerError::CrossOrg {
-                org,
-                target: target.to_owned(),
-                target_org,
-            })
+            Err(LedgerError::CrossOrg { org, target: target.to_owned(), target_org })
         }
     }
 
@@ -377,10 +359,7 @@ impl Ledger {
     }
 
     fn new_cell(&self, state: WalletState) -> Arc<WalletCell> {
-        Arc::new(WalletCell {
-            shared: Arc::clone(&self.shared),
-            state: Mutex::new(state),
-        })
+        Arc::new(WalletCell { shared: Arc::clone(&self.shared), state: Mutex::new(state) })
     }
 
     // ---- apply: shared by live changes and replay -------------------------
@@ -413,9 +392,7 @@ impl Ledger {
         };
         let lite_wallet = WalletId::Lite(user.id);
         if user.plan == Plan::Lite && !self.wallets.contains_key(&lite_wallet) {
-            let calendar = self
-                .org(user.org)
-                .map_or(OrgCalendar::new(Tz::UTC), |org| calendar_of(&org));
+            let calendar = self.org(user.org).map_or(OrgCalendar::new(Tz::UTC), |org| calendar_of(&org));
             let state = WalletState::new(lite_wallet, user.org, calendar, None);
             self.wallets.insert(lite_wallet, self.new_cell(state));
         }
@@ -431,18 +408,13 @@ impl Ledger {
                 Plan::Pro => WalletId::Pool(user.org),
                 Plan::Lite => lite_wallet,
             };
-            let moved = self
-                .cell(from)
-                .and_then(|cell| cell.state.lock().payers.take_owner(owner));
+            let moved = self.cell(from).and_then(|cell| cell.state.lock().payers.take_owner(owner));
             if let (Some(moved), Some(to)) = (moved, self.cell(wallet)) {
                 to.state.lock().payers.put_owner(moved);
             }
         }
         if let Some(cell) = self.cell(wallet) {
-            cell.state
-                .lock()
-                .payers
-                .set_owner(owner, user.limits, Limits::NONE);
+            cell.state.lock().payers.set_owner(owner, user.limits, Limits::NONE);
         }
     }
 
@@ -450,10 +422,7 @@ impl Ledger {
     pub(crate) fn apply_app(&self, app: &Application) {
         self.apps.insert(app.id, app.clone());
         if let Some(cell) = self.cell(WalletId::Pool(app.org)) {
-            cell.state
-                .lock()
-                .payers
-                .set_owner(Owner::App(app.id), app.limits, app.end_user_limits);
+            cell.state.lock().payers.set_owner(Owner::App(app.id), app.limits, app.end_user_limits);
         }
     }
 
@@ -462,11 +431,7 @@ impl Ledger {
     pub(crate) fn apply_key(&self, key: &ApiKey) {
         self.keys.insert(key.id, key.clone());
         self.key_index.insert(key.hash, key.id);
-        let Some(cell) = self
-            .wallet_of(key.owner)
-            .ok()
-            .and_then(|wallet| self.cell(wallet))
-        else {
+        let Some(cell) = self.wallet_of(key.owner).ok().and_then(|wallet| self.cell(wallet)) else {
             return;
         };
         let mut state = cell.state.lock();
@@ -480,10 +445,7 @@ impl Ledger {
 
 /// The calendar an org's wallets use.
 pub(crate) fn calendar_of(org: &Organization) -> OrgCalendar {
-    OrgCalendar {
-        tz: org.time_zone,
-        terms: Arc::from(org.contracts.clone()),
-    }
+    OrgCalendar { tz: org.time_zone, terms: Arc::from(org.contracts.clone()) }
 }
 
 #[cfg(test)]

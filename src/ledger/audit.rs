@@ -99,12 +99,11 @@ impl Audit {
                 wallet.totals.balance()
             ));
         }
-        self.mismatches
-            .extend(problems.into_iter().map(|problem| Mismatch {
-                wallet: Some(entry.wallet),
-                entry: Some(entry.id),
-                problem,
-            }));
+        self.mismatches.extend(problems.into_iter().map(|problem| Mismatch {
+            wallet: Some(entry.wallet),
+            entry: Some(entry.id),
+            problem,
+        }));
     }
 
     /// The report of the entries alone.

@@ -44,9 +44,7 @@ pub fn local_date(tz: Tz, at: DateTime<Utc>) -> NaiveDate {
 
 /// The instant the local day containing `at` ends (next local midnight).
 pub fn day_end(tz: Tz, at: DateTime<Utc>) -> DateTime<Utc> {
-    local_date(tz, at)
-        .succ_opt()
-        .map_or(DateTime::<Utc>::MAX_UTC, |next| local_midnight(tz, next))
+    local_date(tz, at).succ_opt().map_or(DateTime::<Utc>::MAX_UTC, |next| local_midnight(tz, next))
 }
 
 /// `date` plus whole years; 29 February becomes 28 February in common years.
@@ -67,24 +65,15 @@ impl YearMonth {
     /// The local month that contains `at` in `tz`.
     pub fn containing(tz: Tz, at: DateTime<Utc>) -> Self {
         let local = at.with_timezone(&tz);
-        YearMonth {
-            year: local.year(),
-            month: local.month(),
-        }
+        YearMonth { year: local.year(), month: local.month() }
     }
 
     /// The month after this one.
     pub fn next(self) -> Self {
         if self.month >= 12 {
-            YearMonth {
-                year: self.year.saturating_add(1),
-                month: 1,
-            }
+            YearMonth { year: self.year.saturating_add(1), month: 1 }
         } else {
-            YearMonth {
-                year: self.year,
-                month: self.month + 1,
-            }
+            YearMonth { year: self.year, month: self.month + 1 }
         }
     }
 
@@ -127,50 +116,15 @@ mod tests {
     fn month_bounds_follow_the_zone() {
         // Proves months start at local midnight, across February and leap years.
         let cases = [
-            (
-                Tz::UTC,
-                "2028-02-15T12:00:00Z",
-                "2028-02-01T00:00:00Z",
-                "2028-03-01T00:00:00Z",
-            ),
-            (
-                Tz::UTC,
-                "2027-02-28T23:59:59Z",
-                "2027-02-01T00:00:00Z",
-                "2027-03-01T00:00:00Z",
-            ),
-            (
-                Tz::UTC,
-                "2027-12-31T23:59:59Z",
-                "2027-12-01T00:00:00Z",
-                "2028-01-01T00:00:00Z",
-            ),
+            (Tz::UTC, "2028-02-15T12:00:00Z", "2028-02-01T00:00:00Z", "2028-03-01T00:00:00Z"),
+            (Tz::UTC, "2027-02-28T23:59:59Z", "2027-02-01T00:00:00Z", "2027-03-01T00:00:00Z"),
+            (Tz::UTC, "2027-12-31T23:59:59Z", "2027-12-01T00:00:00Z", "2028-01-01T00:00:00Z"),
             // New York: EST (-5) in February/March 1st, EDT (-4) from 2028-03-12.
-            (
-                Tz::America__New_York,
-                "2028-03-01T04:59:59Z",
-                "2028-02-01T05:00:00Z",
-                "2028-03-01T05:00:00Z",
-            ),
-            (
-                Tz::America__New_York,
-                "2028-03-20T00:00:00Z",
-                "2028-03-01T05:00:00Z",
-                "2028-04-01T04:00:00Z",
-            ),
+            (Tz::America__New_York, "2028-03-01T04:59:59Z", "2028-02-01T05:00:00Z", "2028-03-01T05:00:00Z"),
+            (Tz::America__New_York, "2028-03-20T00:00:00Z", "2028-03-01T05:00:00Z", "2028-04-01T04:00:00Z"),
             // Tokyo (+9, no DST): local March 1st starts on Feb 29 UTC.
-            (
-                Tz::Asia__Tokyo,
-                "2028-02-29T15:00:00Z",
-                "2028-02-29T15:00:00Z",
-                "2028-03-31T15:00:00Z",
-            ),
-            (
-                Tz::Asia__Tokyo,
-                "2028-02-29T14:59:59Z",
-                "2028-01-31T15:00:00Z",
-                "2028-02-29T15:00:00Z",
-            ),
+            (Tz::Asia__Tokyo, "2028-02-29T15:00:00Z", "2028-02-29T15:00:00Z", "2028-03-31T15:00:00Z"),
+            (Tz::Asia__Tokyo, "2028-02-29T14:59:59Z", "2028-01-31T15:00:00Z", "2028-02-29T15:00:00Z"),
         ];
         for (tz, at, start, end) in cases {
             let month = YearMonth::containing(tz, utc(at));
@@ -211,14 +165,8 @@ mod tests {
     fn day_end_is_next_local_midnight() {
         // Proves daily periods end at local midnight, including on a 23-hour DST day.
         let ny = Tz::America__New_York;
-        assert_eq!(
-            day_end(ny, utc("2028-03-12T04:59:00Z")),
-            utc("2028-03-12T05:00:00Z")
-        );
-        assert_eq!(
-            day_end(ny, utc("2028-03-12T05:00:00Z")),
-            utc("2028-03-13T04:00:00Z")
-        );
+        assert_eq!(day_end(ny, utc("2028-03-12T04:59:00Z")), utc("2028-03-12T05:00:00Z"));
+        assert_eq!(day_end(ny, utc("2028-03-12T05:00:00Z")), utc("2028-03-13T04:00:00Z"));
         assert_eq!(
             calendar_year_end(Tz::Asia__Tokyo, utc("2027-12-31T15:00:00Z")),
             utc("2028-12-31T15:00:00Z")

@@ -20,12 +20,7 @@ fn sixty_four_threads_cannot_overspend_one_wallet() {
     let (ledger, journal) = ledger();
     let now = at("2027-03-10T12:00:00Z");
     let start = dec!(1000);
-    let org = org(
-        &ledger,
-        Tz::UTC,
-        Some(term("2027-01-01", 1, start, 0, dec!(0))),
-        now,
-    );
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, start, 0, dec!(0))), now);
     let user = user(&ledger, org, Plan::Pro, dec!(0), now);
     let key = key(&ledger, org, Owner::User(user), Limits::NONE, now);
     let pool = WalletId::Pool(org);
@@ -44,16 +39,8 @@ fn sixty_four_threads_cannot_overspend_one_wallet() {
                         continue;
                     };
                     // One settle in ten runs over its hold by up to a dollar.
-                    let over = if rng.chance(10) {
-                        rng.cents(100)
-                    } else {
-                        Decimal::ZERO
-                    };
-                    let actual = if rng.chance(20) {
-                        held * dec!(0.5)
-                    } else {
-                        held + over
-                    };
+                    let over = if rng.chance(10) { rng.cents(100) } else { Decimal::ZERO };
+                    let actual = if rng.chance(20) { held * dec!(0.5) } else { held + over };
                     if actual > held {
                         let cents = ((actual - held) * dec!(100)).trunc();
                         declared.fetch_add(u64::try_from(cents.mantissa()).unwrap(), Ordering::Relaxed);
@@ -67,21 +54,13 @@ fn sixty_four_threads_cannot_overspend_one_wallet() {
     let view = ledger.balance(pool, now).unwrap();
     assert!(refused.into_inner() > 0, "the workload must exceed the balance");
     assert_eq!(view.held, dec!(0), "every hold ended");
-    assert_eq!(
-        view.totals.debited,
-        start - view.balance,
-        "balance == granted - debited"
-    );
+    assert_eq!(view.totals.debited, start - view.balance, "balance == granted - debited");
     assert!(
         view.totals.debited <= start + declared,
         "debited {} exceeds balance {start} plus declared overruns {declared}",
         view.totals.debited
     );
-    assert!(
-        view.balance >= -declared,
-        "below zero by more than the overruns: {}",
-        view.balance
-    );
+    assert!(view.balance >= -declared, "below zero by more than the overruns: {}", view.balance);
     assert_verified(&ledger, &journal);
 }
 
@@ -124,17 +103,9 @@ fn throughput() {
     let journal = std::sync::Arc::new(crate::ledger::journal::NullJournal);
     let ledger = crate::ledger::Ledger::new(crate::ledger::LedgerConfig::default(), journal);
     let now = at("2027-03-10T12:00:00Z");
-    let org = org(
-        &ledger,
-        Tz::UTC,
-        Some(term("2027-01-01", 1, dec!(100000000), 0, dec!(0))),
-        now,
-    );
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(100000000), 0, dec!(0))), now);
     let pro = user(&ledger, org, Plan::Pro, dec!(0), now);
-    let hot = [(
-        WalletId::Pool(org),
-        key(&ledger, org, Owner::User(pro), Limits::NONE, now),
-    )];
+    let hot = [(WalletId::Pool(org), key(&ledger, org, Owner::User(pro), Limits::NONE, now))];
     let one = measure(&ledger, &hot, 1, 2_000_000);
     println!("one hot wallet, 1 thread: {one} pairs/s");
     let two = measure(&ledger, &hot, 2, 1_000_000);
@@ -142,10 +113,7 @@ fn throughput() {
     let spread: Vec<_> = (0..100_000)
         .map(|_| {
             let lite = user(&ledger, org, Plan::Lite, dec!(1000000), now);
-            (
-                WalletId::Lite(lite),
-                key(&ledger, org, Owner::User(lite), Limits::NONE, now),
-            )
+            (WalletId::Lite(lite), key(&ledger, org, Owner::User(lite), Limits::NONE, now))
         })
         .collect();
     let cold = measure(&ledger, &spread, 2, 2_000_000);
@@ -154,8 +122,5 @@ fn throughput() {
     println!("100k wallets, 2 threads, warm: {warm} pairs/s");
     let started = std::time::Instant::now();
     let ids: u128 = (0..1_000_000).map(|_| request().0.as_u128() & 1).sum();
-    println!(
-        "request id minting alone: {} ns per id ({ids})",
-        started.elapsed().as_nanos() / 1_000_000
-    );
+    println!("request id minting alone: {} ns per id ({ids})", started.elapsed().as_nanos() / 1_000_000);
 }

@@ -105,12 +105,9 @@ impl ContractTerm {
 
     /// The seat lot of one contract year: seats x per-seat allocation.
     pub fn seat_allocation(&self) -> Result<Decimal, ContractError> {
-        self.seat_allocation_per_year
-            .checked_mul(Decimal::from(self.pro_seats))
-            .ok_or(ContractError::SeatOverflow {
-                seats: self.pro_seats,
-                per_seat: self.seat_allocation_per_year,
-            })
+        self.seat_allocation_per_year.checked_mul(Decimal::from(self.pro_seats)).ok_or(
+            ContractError::SeatOverflow { seats: self.pro_seats, per_seat: self.seat_allocation_per_year },
+        )
     }
 
     /// The local date after the last day of the term.
@@ -139,10 +136,7 @@ pub struct OrgCalendar {
 impl OrgCalendar {
     /// A calendar with no contract.
     pub fn new(tz: Tz) -> Self {
-        OrgCalendar {
-            tz,
-            terms: Arc::from(Vec::new()),
-        }
+        OrgCalendar { tz, terms: Arc::from(Vec::new()) }
     }
 
     /// This calendar plus `term`, which must be valid and start on or after
@@ -152,18 +146,12 @@ impl OrgCalendar {
         if let Some(last) = self.terms.last() {
             let previous_end = last.end_date();
             if term.start < previous_end {
-                return Err(ContractError::Overlaps {
-                    start: term.start,
-                    previous_end,
-                });
+                return Err(ContractError::Overlaps { start: term.start, previous_end });
             }
         }
         let mut terms = self.terms.to_vec();
         terms.push(term);
-        Ok(OrgCalendar {
-            tz: self.tz,
-            terms: Arc::from(terms),
-        })
+        Ok(OrgCalendar { tz: self.tz, terms: Arc::from(terms) })
     }
 
     /// The contract year in force at `at`, if any term covers it.
@@ -191,12 +179,7 @@ impl OrgCalendar {
         self.terms.iter().enumerate().flat_map(move |(index, term)| {
             (0..term.years).map(move |year| {
                 let (start, end) = term.year_bounds(self.tz, year);
-                let year = ContractYear {
-                    term: u32::try_from(index).unwrap_or(u32::MAX),
-                    year,
-                    start,
-                    end,
-                };
+                let year = ContractYear { term: u32::try_from(index).unwrap_or(u32::MAX), year, start, end };
                 (year, term)
             })
         })
@@ -214,8 +197,7 @@ impl OrgCalendar {
     /// End of the contract year containing `at`; outside any term, the end of
     /// the local calendar year (so yearly limits still reset).
     pub fn limit_year_end(&self, at: DateTime<Utc>) -> DateTime<Utc> {
-        self.year_at(at)
-            .map_or_else(|| calendar::calendar_year_end(self.tz, at), |y| y.end)
+        self.year_at(at).map_or_else(|| calendar::calendar_year_end(self.tz, at), |y| y.end)
     }
 }
 
@@ -246,40 +228,25 @@ mod tests {
         let starts: Vec<String> = calendar.years().map(|(y, _)| y.start.to_rfc3339()).collect();
         assert_eq!(
             starts,
-            [
-                "2027-02-28T15:00:00+00:00",
-                "2028-02-29T15:00:00+00:00",
-                "2029-02-28T15:00:00+00:00"
-            ]
+            ["2027-02-28T15:00:00+00:00", "2028-02-29T15:00:00+00:00", "2029-02-28T15:00:00+00:00"]
         );
         let at = "2028-06-01T00:00:00Z".parse().unwrap();
         let year = calendar.year_at(at).unwrap();
         assert_eq!((year.term, year.year), (0, 1));
-        assert_eq!(
-            calendar.term_end_at(at),
-            Some("2029-02-28T15:00:00Z".parse().unwrap())
-        );
+        assert_eq!(calendar.term_end_at(at), Some("2029-02-28T15:00:00Z".parse().unwrap()));
     }
 
     #[test]
     fn bad_terms_are_refused() {
         // Proves overlapping, empty and negative terms are refused with a reason.
-        let calendar = OrgCalendar::new(Tz::UTC)
-            .with_term(term("2027-01-01", 1))
-            .unwrap();
-        assert!(matches!(
-            calendar.with_term(term("2027-06-01", 1)),
-            Err(ContractError::Overlaps { .. })
-        ));
+        let calendar = OrgCalendar::new(Tz::UTC).with_term(term("2027-01-01", 1)).unwrap();
+        assert!(matches!(calendar.with_term(term("2027-06-01", 1)), Err(ContractError::Overlaps { .. })));
         assert!(matches!(
             calendar.with_term(term("2028-01-01", 0)),
             Err(ContractError::BadLength { years: 0 })
         ));
         let mut negative = term("2028-01-01", 1);
         negative.platform_allocation_per_year = dec!(-1);
-        assert!(matches!(
-            calendar.with_term(negative),
-            Err(ContractError::NegativeAllocation { .. })
-        ));
+        assert!(matches!(calendar.with_term(negative), Err(ContractError::NegativeAllocation { .. })));
     }
 }

@@ -92,18 +92,13 @@ pub enum EntryKind {
 impl EntryKind {
     /// True for kinds that count as granted in the balance identity.
     pub fn is_credit_side(&self) -> bool {
-        matches!(
-            self,
-            EntryKind::Grant { .. } | EntryKind::Purchase { .. } | EntryKind::Adjustment { .. }
-        )
+        matches!(self, EntryKind::Grant { .. } | EntryKind::Purchase { .. } | EntryKind::Adjustment { .. })
     }
 
     /// The lot this entry creates, if it creates one.
     pub fn created_lot(&self) -> Option<(LotOrigin, DateTime<Utc>)> {
         match self {
-            EntryKind::Grant {
-                origin, expires_at, ..
-            } => Some((*origin, *expires_at)),
+            EntryKind::Grant { origin, expires_at, .. } => Some((*origin, *expires_at)),
             EntryKind::Purchase { expires_at, .. } => Some((LotOrigin::Purchase, *expires_at)),
             EntryKind::Adjustment { expires_at, .. } => {
                 expires_at.map(|expires_at| (LotOrigin::Adjustment, expires_at))
@@ -163,10 +158,6 @@ pub struct Debit {
 impl Debit {
     /// The spend this debit counts against.
     pub(crate) fn spender(&self) -> crate::ledger::payer::Spender<'_> {
-        crate::ledger::payer::Spender {
-            key: self.key,
-            owner: self.owner,
-            end_user: self.end_user.as_deref(),
-        }
+        crate::ledger::payer::Spender { key: self.key, owner: self.owner, end_user: self.end_user.as_deref() }
     }
 }

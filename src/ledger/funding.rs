@@ -114,9 +114,7 @@ fn adjustment_difference(first: &AdjustmentRequest, again: &AdjustmentRequest) -
 
 fn check_key(key: &str) -> Result<(), LedgerError> {
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
-        return Err(LedgerError::BadIdempotencyKey {
-            max: MAX_IDEMPOTENCY_KEY_BYTES,
-        });
+        return Err(LedgerError::BadIdempotencyKey { max: MAX_IDEMPOTENCY_KEY_BYTES });
     }
     Ok(())
 }
@@ -160,10 +158,7 @@ impl Ledger {
             None => state
                 .calendar
                 .term_end_at(now)
-                .ok_or(LedgerError::NoContractInForce {
-                    org: request.org,
-                    at: now,
-                })?,
+                .ok_or(LedgerError::NoContractInForce { org: request.org, at: now })?,
         };
         if expires_at <= now {
             return Err(LedgerError::ExpiryNotInFuture { expires_at, now });
@@ -184,9 +179,7 @@ impl Ledger {
             balance_after: state.balance(),
         };
         drop(state);
-        self.idempotency
-            .lock()
-            .insert(slot, Replay::Purchase(request, receipt));
+        self.idempotency.lock().insert(slot, Replay::Purchase(request, receipt));
         self.shared.committer.sync()?;
         Ok(receipt)
     }
@@ -221,9 +214,7 @@ impl Ledger {
         if (request.amount > Decimal::ZERO) != request.expires_at.is_some() {
             return Err(LedgerError::AdjustmentExpiry);
         }
-        let cell = self
-            .cell(request.wallet)
-            .ok_or(LedgerError::UnknownWallet(request.wallet))?;
+        let cell = self.cell(request.wallet).ok_or(LedgerError::UnknownWallet(request.wallet))?;
         let mut state = cell.state.lock();
         let now = state.advance(now, &self.shared.committer);
         let kind = EntryKind::Adjustment {
@@ -261,9 +252,7 @@ impl Ledger {
             balance_after: state.balance(),
         };
         drop(state);
-        self.idempotency
-            .lock()
-            .insert(slot, Replay::Adjustment(request, receipt));
+        self.idempotency.lock().insert(slot, Replay::Adjustment(request, receipt));
         self.shared.committer.sync()?;
         Ok(receipt)
     }
@@ -271,33 +260,26 @@ impl Ledger {
     /// Rebuilds the idempotency memory from a replayed entry.
     pub(crate) fn remember_funding(&self, entry: &LedgerEntry) {
         let replay = match &entry.kind {
-            EntryKind::Purchase {
-                idempotency_key,
-                expires_at,
-                expiry_override,
-                reference,
-            } => Replay::Purchase(
-                PurchaseRequest {
-                    org: entry.org,
-                    amount: entry.amount,
-                    expires_at: *expiry_override,
-                    reference: reference.clone(),
-                    idempotency_key: idempotency_key.clone(),
-                },
-                PurchaseReceipt {
-                    entry: entry.id,
-                    lot: LotId(entry.id.0),
-                    wallet: entry.wallet,
-                    amount: entry.amount,
-                    expires_at: *expires_at,
-                    balance_after: entry.balance_after,
-                },
-            ),
-            EntryKind::Adjustment {
-                idempotency_key,
-                reason,
-                expires_at,
-            } => Replay::Adjustment(
+            EntryKind::Purchase { idempotency_key, expires_at, expiry_override, reference } => {
+                Replay::Purchase(
+                    PurchaseRequest {
+                        org: entry.org,
+                        amount: entry.amount,
+                        expires_at: *expiry_override,
+                        reference: reference.clone(),
+                        idempotency_key: idempotency_key.clone(),
+                    },
+                    PurchaseReceipt {
+                        entry: entry.id,
+                        lot: LotId(entry.id.0),
+                        wallet: entry.wallet,
+                        amount: entry.amount,
+                        expires_at: *expires_at,
+                        balance_after: entry.balance_after,
+                    },
+                )
+            }
+            EntryKind::Adjustment { idempotency_key, reason, expires_at } => Replay::Adjustment(
                 AdjustmentRequest {
                     org: entry.org,
                     wallet: entry.wallet,
@@ -325,8 +307,5 @@ impl Ledger {
 }
 
 fn conflict(key: &str, field: &'static str) -> LedgerError {
-    LedgerError::IdempotencyConflict {
-        key: key.to_owned(),
-        field,
-    }
+    LedgerError::IdempotencyConflict { key: key.to_owned(), field }
 }

@@ -48,11 +48,7 @@ pub(crate) struct HoldPayer {
 
 impl HoldPayer {
     fn spender(&self) -> Spender<'_> {
-        Spender {
-            key: self.key,
-            owner: self.owner,
-            end_user: self.end_user.as_deref(),
-        }
+        Spender { key: self.key, owner: self.owner, end_user: self.end_user.as_deref() }
     }
 }
 
@@ -116,13 +112,7 @@ impl Hold {
         amount: Decimal,
         payer: HoldPayer,
     ) -> Self {
-        Hold {
-            cell,
-            wallet,
-            request_id,
-            amount,
-            payer,
-        }
+        Hold { cell, wallet, request_id, amount, payer }
     }
 
     /// The wallet that holds.
@@ -150,10 +140,7 @@ impl Hold {
         details: SettleDetails,
         now: DateTime<Utc>,
     ) -> Result<Settlement, SettleError> {
-        let late = LateSettle {
-            held: self.amount,
-            payer: self.payer,
-        };
+        let late = LateSettle { held: self.amount, payer: self.payer };
         settle_in(&self.cell, self.request_id, actual_cost, details, now, Some(late))
     }
 
@@ -182,17 +169,13 @@ pub(crate) fn settle_in(
     now: DateTime<Utc>,
     late: Option<LateSettle>,
 ) -> Result<Settlement, SettleError> {
-    let unavailable = |error: crate::ledger::journal::JournalError| SettleError::Unavailable {
-        reason: error.to_string(),
-    };
+    let unavailable =
+        |error: crate::ledger::journal::JournalError| SettleError::Unavailable { reason: error.to_string() };
     cell.shared.committer.check().map_err(unavailable)?;
     if actual_cost < Decimal::ZERO {
         return Err(SettleError::InvalidCost { cost: actual_cost });
     }
-    let settled = cell
-        .state
-        .lock()
-        .settle(&cell.shared, request_id, actual_cost, details, now, late)?;
+    let settled = cell.state.lock().settle(&cell.shared, request_id, actual_cost, details, now, late)?;
     cell.shared.committer.check().map_err(unavailable)?;
     Ok(settled)
 }
@@ -236,10 +219,7 @@ impl OpenHolds {
         let expires_at = hold.expires_at;
         self.earliest_expiry = Some(self.earliest_expiry.map_or(expires_at, |at| at.min(expires_at)));
         let previous = self.by_request.insert(request_id, hold);
-        assert!(
-            previous.is_none(),
-            "request {request_id} held twice on one wallet"
-        );
+        assert!(previous.is_none(), "request {request_id} held twice on one wallet");
     }
 
     pub fn remove(&mut self, request_id: &RequestId) -> Option<OpenHold> {
@@ -255,16 +235,9 @@ impl OpenHolds {
         if self.next_expiry() > now {
             return Vec::new();
         }
-        let expired: Vec<RequestId> = self
-            .by_request
-            .iter()
-            .filter(|(_, hold)| hold.expires_at <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        let taken = expired
-            .iter()
-            .filter_map(|id| self.by_request.remove(id))
-            .collect();
+        let expired: Vec<RequestId> =
+            self.by_request.iter().filter(|(_, hold)| hold.expires_at <= now).map(|(id, _)| *id).collect();
+        let taken = expired.iter().filter_map(|id| self.by_request.remove(id)).collect();
         self.earliest_expiry = self.by_request.values().map(|hold| hold.expires_at).min();
         taken
     }
@@ -318,15 +291,10 @@ impl WalletState {
         now: DateTime<Utc>,
     ) -> Result<HoldPayer, Refusal> {
         let now = self.advance(now, &shared.committer);
-        let owner = self.payers.owner_of(args.key).ok_or(Refusal::NotAPayer {
-            wallet: self.id,
-            key: args.key,
-        })?;
+        let owner =
+            self.payers.owner_of(args.key).ok_or(Refusal::NotAPayer { wallet: self.id, key: args.key })?;
         if self.holds.contains(&args.request_id) || self.settled.contains(&args.request_id) {
-            return Err(Refusal::DuplicateRequest {
-                wallet: self.id,
-                request_id: args.request_id,
-            });
+            return Err(Refusal::DuplicateRequest { wallet: self.id, request_id: args.request_id });
         }
         let config = &shared.config;
         if self.holds.len() >= config.max_open_holds_per_wallet {
@@ -336,29 +304,17 @@ impl WalletState {
             });
         }
         let ends = self.period_ends(now);
-        let spender = Spender {
-            key: args.key,
-            owner,
-            end_user: args.end_user,
-        };
-        self.payers
-            .check(spender, args.amount, &ends, now, config.max_end_users_per_app)
-            .map_err(|refusal| {
-                self.payer_refusal(refusal, owner, args.amount, config.max_end_users_per_app)
-            })?;
+        let spender = Spender { key: args.key, owner, end_user: args.end_user };
+        self.payers.check(spender, args.amount, &ends, now, config.max_end_users_per_app).map_err(
+            |refusal| self.payer_refusal(refusal, owner, args.amount, config.max_end_users_per_app),
+        )?;
         if self.available() < args.amount {
-            return Err(Refusal::InsufficientFunds {
-                wallet: self.view(),
-                required: args.amount,
-            });
+            return Err(Refusal::InsufficientFunds { wallet: self.view(), required: args.amount });
         }
         self.payers.add(spender, args.amount, &ends);
         self.held += args.amount;
-        let payer = HoldPayer {
-            key: args.key,
-            owner,
-            end_user: crate::ledger::payer::end_user_arc(args.end_user),
-        };
+        let payer =
+            HoldPayer { key: args.key, owner, end_user: crate::ledger::payer::end_user_arc(args.end_user) };
         let hold = OpenHold {
             amount: args.amount,
             payer: payer.clone(),
@@ -377,11 +333,9 @@ impl WalletState {
         end_user_limit: usize,
     ) -> Refusal {
         match refusal {
-            PayerRefusal::Limit(limit) => Refusal::SpendingLimit {
-                wallet: self.view(),
-                required,
-                limit: Box::new(limit),
-            },
+            PayerRefusal::Limit(limit) => {
+                Refusal::SpendingLimit { wallet: self.view(), required, limit: Box::new(limit) }
+            }
             PayerRefusal::EndUserCapacity => Refusal::EndUserCapacity {
                 wallet: self.view(),
                 app: match owner {
@@ -411,17 +365,11 @@ impl WalletState {
         let (held, payer, is_late) = match (self.holds.remove(&request_id), late) {
             (Some(open), _) => {
                 self.held -= open.amount;
-                self.payers
-                    .unreserve(open.spender(), open.amount, &open.counted_in);
+                self.payers.unreserve(open.spender(), open.amount, &open.counted_in);
                 (open.amount, open.payer, false)
             }
             (None, Some(late)) => (late.held, late.payer, true),
-            (None, None) => {
-                return Err(SettleError::UnknownRequest {
-                    wallet: self.id,
-                    request_id,
-                })
-            }
+            (None, None) => return Err(SettleError::UnknownRequest { wallet: self.id, request_id }),
         };
         let ends = self.period_ends(now);
         self.payers.add(payer.spender(), actual_cost, &ends);
@@ -451,8 +399,7 @@ impl WalletState {
             balance_after: self.balance(),
             late: is_late,
         };
-        self.settled
-            .remember(settlement, shared.config.settled_memory_per_wallet);
+        self.settled.remember(settlement, shared.config.settled_memory_per_wallet);
         Ok(settlement)
     }
 
@@ -462,8 +409,7 @@ impl WalletState {
             return Decimal::ZERO;
         };
         self.held -= open.amount;
-        self.payers
-            .unreserve(open.spender(), open.amount, &open.counted_in);
+        self.payers.unreserve(open.spender(), open.amount, &open.counted_in);
         open.amount
     }
 }

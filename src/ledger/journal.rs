@@ -138,8 +138,7 @@ impl Committer {
 
     /// Moves the next sequence number past `seq` (after a replay).
     pub fn skip_past(&self, seq: u64) {
-        self.next_seq
-            .fetch_max(seq.saturating_add(1), std::sync::atomic::Ordering::Relaxed);
+        self.next_seq.fetch_max(seq.saturating_add(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Appends, remembering the first failure.

@@ -40,12 +40,7 @@ pub struct LimitError {
 
 impl Limits {
     /// No caps at all.
-    pub const NONE: Limits = Limits {
-        per_request: None,
-        daily: None,
-        monthly: None,
-        contract_yearly: None,
-    };
+    pub const NONE: Limits = Limits { per_request: None, daily: None, monthly: None, contract_yearly: None };
 
     /// True when no cap is set, so nothing needs counting.
     pub fn is_empty(&self) -> bool {
@@ -57,12 +52,7 @@ impl Limits {
         self.caps()
             .into_iter()
             .find(|(_, cap)| cap.is_some_and(|cap| cap.is_sign_negative()))
-            .map_or(Ok(()), |(period, cap)| {
-                Err(LimitError {
-                    period,
-                    cap: cap.unwrap_or_default(),
-                })
-            })
+            .map_or(Ok(()), |(period, cap)| Err(LimitError { period, cap: cap.unwrap_or_default() }))
     }
 
     /// The caps in the order they are checked.
@@ -166,10 +156,7 @@ struct Counter {
 
 impl Default for Counter {
     fn default() -> Self {
-        Counter {
-            ends_at: DateTime::<Utc>::MIN_UTC,
-            spent: Decimal::ZERO,
-        }
+        Counter { ends_at: DateTime::<Utc>::MIN_UTC, spent: Decimal::ZERO }
     }
 }
 
@@ -280,10 +267,7 @@ mod tests {
         };
         let today = ends("2027-01-02T00:00:00Z");
         let mut spend = Spend::default();
-        assert_eq!(
-            spend.check(&limits, dec!(6), &today).unwrap().0,
-            LimitPeriod::Request
-        );
+        assert_eq!(spend.check(&limits, dec!(6), &today).unwrap().0, LimitPeriod::Request);
         spend.add(&today, dec!(5));
         let breach = spend.check(&limits, dec!(4), &today).unwrap();
         assert_eq!((breach.0, breach.2), (LimitPeriod::Day, dec!(5)));
@@ -296,10 +280,7 @@ mod tests {
     #[test]
     fn negative_caps_are_refused() {
         // Proves a negative cap is reported with its period.
-        let limits = Limits {
-            monthly: Some(dec!(-1)),
-            ..Limits::NONE
-        };
+        let limits = Limits { monthly: Some(dec!(-1)), ..Limits::NONE };
         assert_eq!(limits.validate().unwrap_err().period, LimitPeriod::Month);
     }
 }

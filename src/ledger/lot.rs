@@ -144,11 +144,7 @@ impl Lots {
 
     /// Adds a lot at its place in consumption order.
     pub fn insert(&mut self, lot: Lot) {
-        assert!(
-            !lot.remaining.is_sign_negative(),
-            "lot {} inserted with a negative remainder",
-            lot.id
-        );
+        assert!(!lot.remaining.is_sign_negative(), "lot {} inserted with a negative remainder", lot.id);
         self.total += lot.remaining;
         let key = lot.order_key();
         let at = self.lots.partition_point(|existing| existing.order_key() < key);
@@ -168,10 +164,7 @@ impl Lots {
             lot.remaining -= take;
             left -= take;
             if !take.is_zero() {
-                touches.push(LotTouch {
-                    lot: lot.id,
-                    amount: take,
-                });
+                touches.push(LotTouch { lot: lot.id, amount: take });
             }
             if lot.remaining.is_zero() {
                 exhausted += 1;
@@ -246,12 +239,7 @@ mod tests {
         lots.insert(lot(1, LotOrigin::Adjustment, dec!(1), year_end));
         lots.insert(lot(2, LotOrigin::Purchase, dec!(1), year_end));
         lots.insert(lot(3, LotOrigin::Seat { term: 0, year: 0 }, dec!(1), year_end));
-        lots.insert(lot(
-            4,
-            LotOrigin::Platform { term: 0, year: 0 },
-            dec!(1),
-            year_end,
-        ));
+        lots.insert(lot(4, LotOrigin::Platform { term: 0, year: 0 }, dec!(1), year_end));
         lots.insert(lot(5, LotOrigin::Purchase, dec!(1), year_end));
         lots.insert(lot(6, LotOrigin::Adjustment, dec!(1), "2027-06-01T00:00:00Z"));
         let mut touches = Vec::new();

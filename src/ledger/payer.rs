@@ -91,15 +91,8 @@ impl Payers {
 
     /// Adds or updates a key; its owner must already be here.
     pub fn set_key(&mut self, key: KeyId, owner: Owner, limits: Limits) {
-        debug_assert!(
-            self.owners.contains_key(&owner),
-            "key {key} added before its owner {owner}"
-        );
-        let payer = self.keys.entry(key).or_insert(KeyPayer {
-            owner,
-            limits,
-            spend: Spend::default(),
-        });
+        debug_assert!(self.owners.contains_key(&owner), "key {key} added before its owner {owner}");
+        let payer = self.keys.entry(key).or_insert(KeyPayer { owner, limits, spend: Spend::default() });
         payer.limits = limits;
         self.recount();
     }
@@ -113,16 +106,9 @@ impl Payers {
     /// Detaches an owner and its keys, spend included.
     pub fn take_owner(&mut self, owner: Owner) -> Option<MovedOwner> {
         let payer = self.owners.remove(&owner)?;
-        let key_ids: Vec<KeyId> = self
-            .keys
-            .iter()
-            .filter(|(_, key)| key.owner == owner)
-            .map(|(id, _)| *id)
-            .collect();
-        let keys = key_ids
-            .into_iter()
-            .filter_map(|id| self.keys.remove(&id).map(|key| (id, key)))
-            .collect();
+        let key_ids: Vec<KeyId> =
+            self.keys.iter().filter(|(_, key)| key.owner == owner).map(|(id, _)| *id).collect();
+        let keys = key_ids.into_iter().filter_map(|id| self.keys.remove(&id).map(|key| (id, key))).collect();
         self.recount();
         Some(MovedOwner { owner, payer, keys })
     }
@@ -147,17 +133,9 @@ impl Payers {
             return Ok(());
         }
         let breach = |subject: LimitSubject, spend: &Spend, limits: &Limits| {
-            spend
-                .check(limits, amount, ends)
-                .map(|(period, cap, spent, resets_at)| {
-                    PayerRefusal::Limit(LimitBreach {
-                        subject,
-                        period,
-                        cap,
-                        spent,
-                        resets_at,
-                    })
-                })
+            spend.check(limits, amount, ends).map(|(period, cap, spent, resets_at)| {
+                PayerRefusal::Limit(LimitBreach { subject, period, cap, spent, resets_at })
+            })
         };
         if let Some(key) = self.keys.get(&spender.key) {
             if let Some(refusal) = breach(LimitSubject::Key(spender.key), &key.spend, &key.limits) {
@@ -187,10 +165,7 @@ impl Payers {
         if spend.check(&owner.end_user_limits, amount, ends).is_none() {
             return Ok(());
         }
-        let subject = LimitSubject::EndUser {
-            app,
-            end_user: end_user.to_owned(),
-        };
+        let subject = LimitSubject::EndUser { app, end_user: end_user.to_owned() };
         breach(subject, &spend, &owner.end_user_limits).map_or(Ok(()), Err)
     }
 

@@ -39,9 +39,7 @@ pub fn prorated_allowance(allowance: Decimal, now: DateTime<Utc>, tz: Tz) -> Dec
     allowance
         .checked_mul(Decimal::from(left))
         .and_then(|scaled| scaled.checked_div(Decimal::from(total)))
-        .map_or(Decimal::ZERO, |share| {
-            share.round_dp_with_strategy(2, RoundingStrategy::ToZero)
-        })
+        .map_or(Decimal::ZERO, |share| share.round_dp_with_strategy(2, RoundingStrategy::ToZero))
 }
 
 impl Ledger {
@@ -107,20 +105,11 @@ mod tests {
             (dec!(29), "2028-02-29T00:00:00Z", Tz::UTC, dec!(1.00)),
             // New York March 2028 has 743 hours (DST); 24h left -> 100*24/743 = 3.230..
             (dec!(100), "2028-04-01T03:59:59Z", Tz::America__New_York, dec!(0)),
-            (
-                dec!(100),
-                "2028-03-31T04:00:00Z",
-                Tz::America__New_York,
-                dec!(3.23),
-            ),
+            (dec!(100), "2028-03-31T04:00:00Z", Tz::America__New_York, dec!(3.23)),
         ];
         for (allowance, now, tz, expected) in cases {
             let now = now.parse().unwrap();
-            assert_eq!(
-                prorated_allowance(allowance, now, tz),
-                expected,
-                "{allowance} at {now} in {tz}"
-            );
+            assert_eq!(prorated_allowance(allowance, now, tz), expected, "{allowance} at {now} in {tz}");
         }
     }
 }

@@ -51,10 +51,7 @@ impl Ledger {
         let mut previous = 0;
         for record in records {
             if record.seq <= previous {
-                return Err(RestoreError::OutOfOrder {
-                    seq: record.seq,
-                    previous,
-                });
+                return Err(RestoreError::OutOfOrder { seq: record.seq, previous });
             }
             previous = record.seq;
             ledger.replay(record)?;
@@ -70,10 +67,9 @@ impl Ledger {
             RecordBody::App(app) => self.apply_app(&app),
             RecordBody::Key(key) => self.apply_key(&key),
             RecordBody::Entry(entry) => {
-                let cell = self.cell(entry.wallet).ok_or(RestoreError::UnknownWallet {
-                    seq: record.seq,
-                    wallet: entry.wallet,
-                })?;
+                let cell = self
+                    .cell(entry.wallet)
+                    .ok_or(RestoreError::UnknownWallet { seq: record.seq, wallet: entry.wallet })?;
                 cell.state.lock().replay(&entry)?;
                 self.remember_funding(&entry);
             }

@@ -19,10 +19,7 @@ use crate::ledger::{
 
 fn local(tz: Tz, text: &str) -> DateTime<Utc> {
     let naive = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S").unwrap();
-    tz.from_local_datetime(&naive)
-        .earliest()
-        .unwrap()
-        .with_timezone(&Utc)
+    tz.from_local_datetime(&naive).earliest().unwrap().with_timezone(&Utc)
 }
 
 fn ctx(key: crate::ledger::ids::KeyId) -> SpendContext<'static> {
@@ -65,21 +62,9 @@ fn lite_allowance_turns_over_at_local_month_ends() {
         spend(&ledger, wallet, key, dec!(3), created);
         let steps = [
             ("2028-01-31 23:59:59", dec!(7), YearMonth { year: 2028, month: 1 }),
-            (
-                "2028-02-01 00:00:00",
-                dec!(10),
-                YearMonth { year: 2028, month: 2 },
-            ),
-            (
-                "2028-02-29 23:59:59",
-                dec!(10),
-                YearMonth { year: 2028, month: 2 },
-            ),
-            (
-                "2028-03-01 00:00:00",
-                dec!(10),
-                YearMonth { year: 2028, month: 3 },
-            ),
+            ("2028-02-01 00:00:00", dec!(10), YearMonth { year: 2028, month: 2 }),
+            ("2028-02-29 23:59:59", dec!(10), YearMonth { year: 2028, month: 2 }),
+            ("2028-03-01 00:00:00", dec!(10), YearMonth { year: 2028, month: 3 }),
         ];
         for (when, balance, month) in steps {
             let now = local(tz, when);
@@ -88,23 +73,11 @@ fn lite_allowance_turns_over_at_local_month_ends() {
             assert_eq!(view.lots.len(), 1, "{tz} at {when}: one live lot");
             let lot = &view.lots[0];
             assert_eq!(lot.origin, LotOrigin::LiteMonthly { month }, "{tz} at {when}");
-            assert_eq!(
-                lot.expires_at,
-                month.end(tz),
-                "{tz} at {when}: expires next local 1st"
-            );
-            assert_eq!(
-                view.resets_at,
-                Some(month.end(tz)),
-                "{tz} at {when}: resets next 1st"
-            );
+            assert_eq!(lot.expires_at, month.end(tz), "{tz} at {when}: expires next local 1st");
+            assert_eq!(view.resets_at, Some(month.end(tz)), "{tz} at {when}: resets next 1st");
         }
         let expired: Vec<Decimal> = write_offs(&journal).into_iter().map(|w| w.1).collect();
-        assert_eq!(
-            expired,
-            [dec!(-7), dec!(-10)],
-            "{tz}: January's 7 and February's 10 written off"
-        );
+        assert_eq!(expired, [dec!(-7), dec!(-10)], "{tz}: January's 7 and February's 10 written off");
         assert_verified(&ledger, &journal);
     }
 }
@@ -116,12 +89,7 @@ fn contract_years_grant_expire_and_renew() {
     let tz = Tz::Asia__Tokyo;
     let (ledger, journal) = ledger();
     let start = local(tz, "2027-03-10 09:00:00");
-    let org = org(
-        &ledger,
-        tz,
-        Some(term("2027-03-01", 2, dec!(1000), 3, dec!(100))),
-        start,
-    );
+    let org = org(&ledger, tz, Some(term("2027-03-01", 2, dec!(1000), 3, dec!(100))), start);
     let pool = WalletId::Pool(org);
     let view = ledger.balance(pool, start).unwrap();
     assert_eq!(view.balance, dec!(1300));
@@ -141,11 +109,7 @@ fn contract_years_grant_expire_and_renew() {
             start,
         )
         .unwrap();
-    assert_eq!(
-        receipt.expires_at,
-        local(tz, "2029-03-01 00:00:00"),
-        "purchase expires at term end"
-    );
+    assert_eq!(receipt.expires_at, local(tz, "2029-03-01 00:00:00"), "purchase expires at term end");
 
     let steps = [
         // (local time, balance, live lot kinds)
@@ -162,35 +126,15 @@ fn contract_years_grant_expire_and_renew() {
         term("2028-06-01", 1, dec!(1), 0, dec!(0)),
         local(tz, "2029-03-02 00:00:00"),
     );
-    assert!(
-        matches!(overlap, Err(LedgerError::Contract(_))),
-        "overlapping renewal refused"
-    );
+    assert!(matches!(overlap, Err(LedgerError::Contract(_))), "overlapping renewal refused");
     ledger
-        .renew_contract(
-            org,
-            term("2029-04-01", 1, dec!(2000), 1, dec!(50)),
-            local(tz, "2029-03-02 00:00:00"),
-        )
+        .renew_contract(org, term("2029-04-01", 1, dec!(2000), 1, dec!(50)), local(tz, "2029-03-02 00:00:00"))
         .unwrap();
-    assert_eq!(
-        ledger
-            .balance(pool, local(tz, "2029-03-31 23:59:59"))
-            .unwrap()
-            .balance,
-        dec!(0)
-    );
+    assert_eq!(ledger.balance(pool, local(tz, "2029-03-31 23:59:59")).unwrap().balance, dec!(0));
     let renewed = ledger.balance(pool, local(tz, "2029-04-01 00:00:00")).unwrap();
-    assert_eq!(
-        renewed.balance,
-        dec!(2050),
-        "renewal grants its first year at its start"
-    );
+    assert_eq!(renewed.balance, dec!(2050), "renewal grants its first year at its start");
     let expired: Vec<Decimal> = write_offs(&journal).into_iter().map(|w| w.1).collect();
-    assert_eq!(
-        expired,
-        [dec!(-1000), dec!(-300), dec!(-1000), dec!(-300), dec!(-500)]
-    );
+    assert_eq!(expired, [dec!(-1000), dec!(-300), dec!(-1000), dec!(-300), dec!(-500)]);
     assert_verified(&ledger, &journal);
 }
 
@@ -199,12 +143,7 @@ fn debits_consume_soonest_expiry_then_kind_then_age() {
     // Proves the draw order across platform, seat, purchase and adjustment lots.
     let (ledger, journal) = ledger();
     let now = at("2027-01-10T00:00:00Z");
-    let org = org(
-        &ledger,
-        Tz::UTC,
-        Some(term("2027-01-01", 1, dec!(10), 1, dec!(10))),
-        now,
-    );
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(10), 1, dec!(10))), now);
     let pool = WalletId::Pool(org);
     let admin = user(&ledger, org, Plan::Pro, dec!(0), now);
     let key = key(&ledger, org, Owner::User(admin), Limits::NONE, now);
@@ -242,18 +181,8 @@ fn debits_consume_soonest_expiry_then_kind_then_age() {
         .unwrap();
     let view = ledger.balance(pool, now).unwrap();
     let order: Vec<_> = view.lots.iter().map(|l| l.id).collect();
-    let platform = view
-        .lots
-        .iter()
-        .find(|l| l.origin.kind() == LotKind::Platform)
-        .unwrap()
-        .id;
-    let seat = view
-        .lots
-        .iter()
-        .find(|l| l.origin.kind() == LotKind::Seat)
-        .unwrap()
-        .id;
+    let platform = view.lots.iter().find(|l| l.origin.kind() == LotKind::Platform).unwrap().id;
+    let seat = view.lots.iter().find(|l| l.origin.kind() == LotKind::Seat).unwrap().id;
     assert_eq!(order, [adjusted, platform, seat, bought_year_end, bought_late]);
     // Each step drains exactly one lot, in that order.
     for (step, lot) in order.iter().enumerate() {
@@ -270,36 +199,22 @@ fn upgrade_writes_off_lite_and_moves_to_pool() {
     // Proves Lite -> Pro writes off the Lite remainder and the user's keys draw on the pool at once.
     let (ledger, journal) = ledger();
     let now = at("2027-05-10T00:00:00Z");
-    let org = org(
-        &ledger,
-        Tz::UTC,
-        Some(term("2027-01-01", 1, dec!(100), 0, dec!(0))),
-        now,
-    );
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(100), 0, dec!(0))), now);
     let user = user(&ledger, org, Plan::Lite, dec!(50), now);
     let key = key(&ledger, org, Owner::User(user), Limits::NONE, now);
     let lite = WalletId::Lite(user);
     spend(&ledger, lite, key, dec!(20), now);
     ledger.set_user_plan(org, user, Plan::Pro, now).unwrap();
     assert_eq!(ledger.balance(lite, now).unwrap().balance, dec!(0));
-    assert_eq!(
-        write_offs(&journal),
-        [(lite, dec!(-30), WriteOffReason::Upgraded)]
-    );
+    assert_eq!(write_offs(&journal), [(lite, dec!(-30), WriteOffReason::Upgraded)]);
     let secret_wallet = ledger.resolve_key(&ledger.key(key).unwrap().hash).unwrap().wallet;
     assert_eq!(secret_wallet, WalletId::Pool(org));
     let refused = ledger.hold(lite, request(), dec!(1), ctx(key), now).unwrap_err();
     assert_eq!(refused.code(), "not_a_payer");
     spend(&ledger, WalletId::Pool(org), key, dec!(5), now);
-    assert_eq!(
-        ledger.balance(WalletId::Pool(org), now).unwrap().balance,
-        dec!(95)
-    );
+    assert_eq!(ledger.balance(WalletId::Pool(org), now).unwrap().balance, dec!(95));
     // No more monthly grants while on Pro.
-    assert_eq!(
-        ledger.balance(lite, at("2027-07-01T00:00:00Z")).unwrap().balance,
-        dec!(0)
-    );
+    assert_eq!(ledger.balance(lite, at("2027-07-01T00:00:00Z")).unwrap().balance, dec!(0));
     assert_verified(&ledger, &journal);
 }
 
@@ -321,25 +236,11 @@ fn downgrade_grants_from_next_first_or_pro_rated() {
         let key = key(&ledger, org, Owner::User(user), Limits::NONE, now);
         ledger.set_user_plan(org, user, Plan::Lite, now).unwrap();
         let lite = WalletId::Lite(user);
-        assert_eq!(
-            ledger.resolve_key(&ledger.key(key).unwrap().hash).unwrap().wallet,
-            lite
-        );
-        assert_eq!(
-            ledger.balance(lite, now).unwrap().balance,
-            expected_now,
-            "prorate {prorate} at {now}"
-        );
+        assert_eq!(ledger.resolve_key(&ledger.key(key).unwrap().hash).unwrap().wallet, lite);
+        assert_eq!(ledger.balance(lite, now).unwrap().balance, expected_now, "prorate {prorate} at {now}");
         let may = YearMonth { year: 2027, month: 5 }.start(tz);
-        assert_eq!(
-            ledger.balance(lite, may - TimeDelta::seconds(1)).unwrap().balance,
-            expected_now
-        );
-        assert_eq!(
-            ledger.balance(lite, may).unwrap().balance,
-            dec!(30),
-            "full allowance from the 1st"
-        );
+        assert_eq!(ledger.balance(lite, may - TimeDelta::seconds(1)).unwrap().balance, expected_now);
+        assert_eq!(ledger.balance(lite, may).unwrap().balance, dec!(30), "full allowance from the 1st");
         assert_verified(&ledger, &journal);
     }
 }
@@ -349,12 +250,7 @@ fn purchases_and_adjustments_are_idempotent() {
     // Proves a replayed key returns the original receipt, and a changed body names the field.
     let (ledger, journal) = ledger();
     let now = at("2027-02-01T00:00:00Z");
-    let org = org(
-        &ledger,
-        Tz::UTC,
-        Some(term("2027-01-01", 1, dec!(0), 0, dec!(0))),
-        now,
-    );
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(0), 0, dec!(0))), now);
     let request = PurchaseRequest {
         org,
         amount: dec!(100),
@@ -363,47 +259,17 @@ fn purchases_and_adjustments_are_idempotent() {
         idempotency_key: "k1".into(),
     };
     let first = ledger.purchase(request.clone(), now).unwrap();
-    let again = ledger
-        .purchase(request.clone(), now + TimeDelta::hours(1))
-        .unwrap();
+    let again = ledger.purchase(request.clone(), now + TimeDelta::hours(1)).unwrap();
     assert_eq!(first, again, "replay returns the original receipt");
-    assert_eq!(
-        ledger.balance(WalletId::Pool(org), now).unwrap().balance,
-        dec!(100),
-        "credited once"
-    );
+    assert_eq!(ledger.balance(WalletId::Pool(org), now).unwrap().balance, dec!(100), "credited once");
     let conflicts = [
-        (
-            PurchaseRequest {
-                amount: dec!(101),
-                ..request.clone()
-            },
-            "amount",
-        ),
-        (
-            PurchaseRequest {
-                expires_at: Some(at("2027-06-01T00:00:00Z")),
-                ..request.clone()
-            },
-            "expires_at",
-        ),
-        (
-            PurchaseRequest {
-                reference: None,
-                ..request.clone()
-            },
-            "reference",
-        ),
+        (PurchaseRequest { amount: dec!(101), ..request.clone() }, "amount"),
+        (PurchaseRequest { expires_at: Some(at("2027-06-01T00:00:00Z")), ..request.clone() }, "expires_at"),
+        (PurchaseRequest { reference: None, ..request.clone() }, "reference"),
     ];
     for (changed, field) in conflicts {
         let error = ledger.purchase(changed, now).unwrap_err();
-        assert_eq!(
-            error,
-            LedgerError::IdempotencyConflict {
-                key: "k1".into(),
-                field
-            }
-        );
+        assert_eq!(error, LedgerError::IdempotencyConflict { key: "k1".into(), field });
     }
     let adjustment = AdjustmentRequest {
         org,
@@ -414,44 +280,14 @@ fn purchases_and_adjustments_are_idempotent() {
         idempotency_key: "k1".into(),
     };
     let error = ledger.adjust(adjustment.clone(), now).unwrap_err();
-    assert_eq!(
-        error,
-        LedgerError::IdempotencyConflict {
-            key: "k1".into(),
-            field: "operation"
-        }
-    );
-    let adjustment = AdjustmentRequest {
-        idempotency_key: "k2".into(),
-        ..adjustment
-    };
+    assert_eq!(error, LedgerError::IdempotencyConflict { key: "k1".into(), field: "operation" });
+    let adjustment = AdjustmentRequest { idempotency_key: "k2".into(), ..adjustment };
     let first = ledger.adjust(adjustment.clone(), now).unwrap();
     assert_eq!(ledger.adjust(adjustment.clone(), now).unwrap(), first);
-    let error = ledger
-        .adjust(
-            AdjustmentRequest {
-                reason: "other".into(),
-                ..adjustment
-            },
-            now,
-        )
-        .unwrap_err();
-    assert_eq!(
-        error,
-        LedgerError::IdempotencyConflict {
-            key: "k2".into(),
-            field: "reason"
-        }
-    );
-    assert_eq!(
-        ledger.balance(WalletId::Pool(org), now).unwrap().balance,
-        dec!(60)
-    );
-    assert_eq!(
-        entries(&journal).len(),
-        2,
-        "one purchase and one adjustment entry"
-    );
+    let error = ledger.adjust(AdjustmentRequest { reason: "other".into(), ..adjustment }, now).unwrap_err();
+    assert_eq!(error, LedgerError::IdempotencyConflict { key: "k2".into(), field: "reason" });
+    assert_eq!(ledger.balance(WalletId::Pool(org), now).unwrap().balance, dec!(60));
+    assert_eq!(entries(&journal).len(), 2, "one purchase and one adjustment entry");
     assert_verified(&ledger, &journal);
 }
 
@@ -460,18 +296,8 @@ fn nothing_crosses_organizations() {
     // Proves admin calls and holds naming another org's wallet, user or key are refused.
     let (ledger, journal) = ledger();
     let now = at("2027-02-01T00:00:00Z");
-    let a = org(
-        &ledger,
-        Tz::UTC,
-        Some(term("2027-01-01", 1, dec!(100), 0, dec!(0))),
-        now,
-    );
-    let b = org(
-        &ledger,
-        Tz::UTC,
-        Some(term("2027-01-01", 1, dec!(100), 0, dec!(0))),
-        now,
-    );
+    let a = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(100), 0, dec!(0))), now);
+    let b = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(100), 0, dec!(0))), now);
     let b_user = user(&ledger, b, Plan::Lite, dec!(10), now);
     let a_user = user(&ledger, a, Plan::Pro, dec!(0), now);
     let a_key = key(&ledger, a, Owner::User(a_user), Limits::NONE, now);
@@ -486,35 +312,18 @@ fn nothing_crosses_organizations() {
     assert!(
         matches!(ledger.adjust(adjustment.clone(), now), Err(LedgerError::CrossOrg { target_org, .. }) if target_org == b)
     );
-    let to_pool = AdjustmentRequest {
-        wallet: WalletId::Pool(b),
-        ..adjustment
-    };
-    assert!(matches!(
-        ledger.adjust(to_pool, now),
-        Err(LedgerError::CrossOrg { .. })
-    ));
+    let to_pool = AdjustmentRequest { wallet: WalletId::Pool(b), ..adjustment };
+    assert!(matches!(ledger.adjust(to_pool, now), Err(LedgerError::CrossOrg { .. })));
     let new_key = crate::ledger::NewKey {
         owner: Owner::User(b_user),
         hash: crate::ledger::entity::KeyHash::of_secret("s"),
         label: String::new(),
         limits: Limits::NONE,
     };
-    assert!(matches!(
-        ledger.create_key(a, new_key, now),
-        Err(LedgerError::CrossOrg { .. })
-    ));
-    assert!(matches!(
-        ledger.set_user_plan(a, b_user, Plan::Pro, now),
-        Err(LedgerError::CrossOrg { .. })
-    ));
-    assert!(matches!(
-        ledger.revoke_key(b, a_key),
-        Err(LedgerError::CrossOrg { .. })
-    ));
-    let refused = ledger
-        .hold(WalletId::Pool(b), request(), dec!(1), ctx(a_key), now)
-        .unwrap_err();
+    assert!(matches!(ledger.create_key(a, new_key, now), Err(LedgerError::CrossOrg { .. })));
+    assert!(matches!(ledger.set_user_plan(a, b_user, Plan::Pro, now), Err(LedgerError::CrossOrg { .. })));
+    assert!(matches!(ledger.revoke_key(b, a_key), Err(LedgerError::CrossOrg { .. })));
+    let refused = ledger.hold(WalletId::Pool(b), request(), dec!(1), ctx(a_key), now).unwrap_err();
     assert_eq!(refused.code(), "not_a_payer");
     assert_eq!(ledger.balance(WalletId::Pool(b), now).unwrap().balance, dec!(100));
     assert_verified(&ledger, &journal);
@@ -581,12 +390,7 @@ fn each_spending_limit_refuses_and_resets() {
     for case in cases {
         let (ledger, journal) = ledger();
         let now = local(tz, "2027-03-10 15:00:00");
-        let org = org(
-            &ledger,
-            tz,
-            Some(term("2026-07-01", 2, dec!(1000), 0, dec!(0))),
-            now,
-        );
+        let org = org(&ledger, tz, Some(term("2026-07-01", 2, dec!(1000), 0, dec!(0))), now);
         let cap = |on: bool| {
             let mut limits = Limits::NONE;
             if on {
@@ -612,23 +416,13 @@ fn each_spending_limit_refuses_and_resets() {
             .unwrap();
         let key = key(&ledger, org, Owner::App(app.id), cap(case.on_key), now);
         let pool = WalletId::Pool(org);
-        let context = SpendContext {
-            key,
-            end_user: Some("eu-1"),
-        };
+        let context = SpendContext { key, end_user: Some("eu-1") };
         // 6 settled + 3 open = 9 counted; 2 more would cross 10.
-        ledger
-            .hold(pool, request(), dec!(6), context, now)
-            .unwrap()
-            .settle(dec!(6), details(), now)
-            .unwrap();
+        ledger.hold(pool, request(), dec!(6), context, now).unwrap().settle(dec!(6), details(), now).unwrap();
         let open = ledger.hold(pool, request(), dec!(3), context, now).unwrap();
         let refused = ledger.hold(pool, request(), dec!(2), context, now).unwrap_err();
         let Refusal::SpendingLimit { limit, required, .. } = refused else {
-            panic!(
-                "{}: expected a spending-limit refusal, got {refused:?}",
-                case.name
-            );
+            panic!("{}: expected a spending-limit refusal, got {refused:?}", case.name);
         };
         assert_eq!(
             (limit.period, limit.cap, limit.spent, required),
@@ -647,21 +441,12 @@ fn each_spending_limit_refuses_and_resets() {
         assert!(subject_ok, "{}: refusal names {:?}", case.name, limit.subject);
         assert_eq!(limit.resets_at, Some(local(tz, case.reset)), "{}", case.name);
         if case.on_end_user {
-            let other = SpendContext {
-                key,
-                end_user: Some("eu-2"),
-            };
-            ledger
-                .hold(pool, request(), dec!(2), other, now)
-                .unwrap()
-                .release(now);
+            let other = SpendContext { key, end_user: Some("eu-2") };
+            ledger.hold(pool, request(), dec!(2), other, now).unwrap().release(now);
         }
         // Settling below the hold gives room back.
         open.settle(dec!(1), details(), now).unwrap();
-        ledger
-            .hold(pool, request(), dec!(2), context, now)
-            .unwrap()
-            .release(now);
+        ledger.hold(pool, request(), dec!(2), context, now).unwrap().release(now);
         let reset = local(tz, case.reset);
         let before = reset - TimeDelta::seconds(1);
         ledger
@@ -674,10 +459,7 @@ fn each_spending_limit_refuses_and_resets() {
             "{}: still capped",
             case.name
         );
-        ledger
-            .hold(pool, request(), dec!(10), context, reset)
-            .unwrap()
-            .release(reset);
+        ledger.hold(pool, request(), dec!(10), context, reset).unwrap().release(reset);
         assert_verified(&ledger, &journal);
     }
 }
@@ -687,22 +469,13 @@ fn per_request_and_user_caps_refuse() {
     // Proves a per-request cap refuses one large hold and a user cap covers all the user's keys.
     let (ledger, _journal) = ledger();
     let now = at("2027-03-10T12:00:00Z");
-    let org = org(
-        &ledger,
-        Tz::UTC,
-        Some(term("2027-01-01", 1, dec!(1000), 0, dec!(0))),
-        now,
-    );
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(1000), 0, dec!(0))), now);
     let user = user(&ledger, org, Plan::Pro, dec!(0), now);
     ledger
         .set_user_limits(
             org,
             user,
-            Limits {
-                monthly: Some(dec!(20)),
-                per_request: Some(dec!(8)),
-                ..Limits::NONE
-            },
+            Limits { monthly: Some(dec!(20)), per_request: Some(dec!(8)), ..Limits::NONE },
         )
         .unwrap();
     let k1 = key(&ledger, org, Owner::User(user), Limits::NONE, now);
@@ -726,25 +499,15 @@ fn holds_reserve_and_settles_debit_real_cost() {
     // the next hold, releases free the hold, and settles are idempotent per request id.
     let (ledger, journal) = ledger();
     let now = at("2027-03-10T12:00:00Z");
-    let org = org(
-        &ledger,
-        Tz::UTC,
-        Some(term("2027-01-01", 1, dec!(10), 0, dec!(0))),
-        now,
-    );
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(10), 0, dec!(0))), now);
     let user = user(&ledger, org, Plan::Pro, dec!(0), now);
     let key = key(&ledger, org, Owner::User(user), Limits::NONE, now);
     let pool = WalletId::Pool(org);
     let first = ledger.hold(pool, request(), dec!(6), ctx(key), now).unwrap();
     let view = ledger.balance(pool, now).unwrap();
-    assert_eq!(
-        (view.balance, view.available, view.held),
-        (dec!(10), dec!(4), dec!(6))
-    );
+    assert_eq!((view.balance, view.available, view.held), (dec!(10), dec!(4), dec!(6)));
     let refused = ledger.hold(pool, request(), dec!(5), ctx(key), now).unwrap_err();
-    let Refusal::InsufficientFunds { wallet, required } = refused else {
-        panic!("{refused:?}")
-    };
+    let Refusal::InsufficientFunds { wallet, required } = refused else { panic!("{refused:?}") };
     assert_eq!(
         (wallet.balance, wallet.available, required, wallet.resets_at),
         (dec!(10), dec!(4), dec!(5), None)
@@ -753,12 +516,7 @@ fn holds_reserve_and_settles_debit_real_cost() {
     let second_id = second.request_id();
     let settled = first.settle(dec!(9), details(), now).unwrap();
     assert_eq!(
-        (
-            settled.debited,
-            settled.released,
-            settled.overrun,
-            settled.balance_after
-        ),
+        (settled.debited, settled.released, settled.overrun, settled.balance_after),
         (dec!(9), dec!(0), dec!(0), dec!(1))
     );
     let settled = second.settle(dec!(4), details(), now).unwrap();
@@ -767,13 +525,9 @@ fn holds_reserve_and_settles_debit_real_cost() {
         (dec!(3), dec!(-3)),
         "below zero by the overrun only"
     );
-    let again = ledger
-        .settle_request(pool, second_id, dec!(100), details(), now)
-        .unwrap();
+    let again = ledger.settle_request(pool, second_id, dec!(100), details(), now).unwrap();
     assert_eq!(again, settled, "a second settle returns the first result");
-    let refused = ledger
-        .hold(pool, request(), dec!(0.01), ctx(key), now)
-        .unwrap_err();
+    let refused = ledger.hold(pool, request(), dec!(0.01), ctx(key), now).unwrap_err();
     assert_eq!(refused.code(), "insufficient_funds");
     let dup = ledger.hold(pool, second_id, dec!(0), ctx(key), now).unwrap_err();
     assert_eq!(dup.code(), "duplicate_request");
@@ -792,10 +546,7 @@ fn holds_reserve_and_settles_debit_real_cost() {
         .unwrap();
     let view = ledger.balance(pool, now).unwrap();
     assert_eq!((view.balance, view.lots[0].remaining), (dec!(2), dec!(2)));
-    let released = ledger
-        .hold(pool, request(), dec!(2), ctx(key), now)
-        .unwrap()
-        .release(now);
+    let released = ledger.hold(pool, request(), dec!(2), ctx(key), now).unwrap().release(now);
     assert_eq!(released, dec!(2));
     assert_eq!(ledger.balance(pool, now).unwrap().available, dec!(2));
     assert_verified(&ledger, &journal);
@@ -805,19 +556,11 @@ fn holds_reserve_and_settles_debit_real_cost() {
 fn holds_expire_after_their_ttl() {
     // Proves holds past their TTL are voided (freeing the money), a late settle still debits,
     // the open-hold bound refuses by name, and zero-cost settles write no entry.
-    let config = LedgerConfig {
-        hold_ttl_ms: 60_000,
-        max_open_holds_per_wallet: 2,
-        ..LedgerConfig::default()
-    };
+    let config =
+        LedgerConfig { hold_ttl_ms: 60_000, max_open_holds_per_wallet: 2, ..LedgerConfig::default() };
     let (ledger, journal) = ledger_with(config);
     let now = at("2027-03-10T12:00:00Z");
-    let org = org(
-        &ledger,
-        Tz::UTC,
-        Some(term("2027-01-01", 1, dec!(10), 0, dec!(0))),
-        now,
-    );
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(10), 0, dec!(0))), now);
     let user = user(&ledger, org, Plan::Pro, dec!(0), now);
     let key = key(&ledger, org, Owner::User(user), Limits::NONE, now);
     let pool = WalletId::Pool(org);
@@ -827,11 +570,7 @@ fn holds_expire_after_their_ttl() {
     assert!(matches!(refused, Refusal::TooManyOpenHolds { limit: 2, .. }));
     let entries_before = entries(&journal).len();
     assert_eq!(zero.settle(dec!(0), details(), now).unwrap().entry, None);
-    assert_eq!(
-        entries(&journal).len(),
-        entries_before,
-        "zero cost writes nothing"
-    );
+    assert_eq!(entries(&journal).len(), entries_before, "zero cost writes nothing");
     assert_eq!(ledger.void_expired_holds(now + TimeDelta::seconds(59)), 0);
     assert_eq!(ledger.void_expired_holds(now + TimeDelta::seconds(60)), 1);
     let later = now + TimeDelta::seconds(61);
@@ -839,9 +578,7 @@ fn holds_expire_after_their_ttl() {
     let settled = late.settle(dec!(3), details(), later).unwrap();
     assert!(settled.late);
     assert_eq!(settled.balance_after, dec!(7));
-    let unknown = ledger
-        .settle_request(pool, request(), dec!(1), details(), later)
-        .unwrap_err();
+    let unknown = ledger.settle_request(pool, request(), dec!(1), details(), later).unwrap_err();
     assert!(matches!(unknown, SettleError::UnknownRequest { .. }));
     assert_verified(&ledger, &journal);
 }
@@ -851,37 +588,17 @@ fn refusals_follow_their_precedence() {
     // Proves the documented order: invalid amount, unknown wallet, not a payer, then limits before funds.
     let (ledger, _journal) = ledger();
     let now = at("2027-03-10T12:00:00Z");
-    let org = org(
-        &ledger,
-        Tz::UTC,
-        Some(term("2027-01-01", 1, dec!(1), 0, dec!(0))),
-        now,
-    );
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(1), 0, dec!(0))), now);
     let user = user(&ledger, org, Plan::Pro, dec!(0), now);
-    let key = key(
-        &ledger,
-        org,
-        Owner::User(user),
-        Limits {
-            per_request: Some(dec!(5)),
-            ..Limits::NONE
-        },
-        now,
-    );
+    let key =
+        key(&ledger, org, Owner::User(user), Limits { per_request: Some(dec!(5)), ..Limits::NONE }, now);
     let pool = WalletId::Pool(org);
     let missing = WalletId::Lite(crate::ledger::ids::UserId(9999));
-    let code = |wallet, amount, key| {
-        ledger
-            .hold(wallet, request(), amount, ctx(key), now)
-            .unwrap_err()
-            .code()
-    };
+    let code =
+        |wallet, amount, key| ledger.hold(wallet, request(), amount, ctx(key), now).unwrap_err().code();
     assert_eq!(code(missing, dec!(-1), key), "invalid_amount");
     assert_eq!(code(missing, dec!(1), key), "unknown_wallet");
-    assert_eq!(
-        code(pool, dec!(100), crate::ledger::ids::KeyId(9999)),
-        "not_a_payer"
-    );
+    assert_eq!(code(pool, dec!(100), crate::ledger::ids::KeyId(9999)), "not_a_payer");
     assert_eq!(code(pool, dec!(100), key), "spending_limit");
     assert_eq!(code(pool, dec!(2), key), "insufficient_funds");
     ledger.revoke_key(org, key).unwrap();
@@ -894,12 +611,7 @@ fn audit_catches_a_tampered_entry() {
     // Proves verify() reports an entry whose amount no longer matches its balance chain.
     let (ledger, journal) = ledger();
     let now = at("2027-03-10T12:00:00Z");
-    let org = org(
-        &ledger,
-        Tz::UTC,
-        Some(term("2027-01-01", 1, dec!(10), 0, dec!(0))),
-        now,
-    );
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(10), 0, dec!(0))), now);
     let user = user(&ledger, org, Plan::Pro, dec!(0), now);
     let key = key(&ledger, org, Owner::User(user), Limits::NONE, now);
     spend(&ledger, WalletId::Pool(org), key, dec!(2), now);
@@ -907,10 +619,7 @@ fn audit_catches_a_tampered_entry() {
     tampered[1].amount = dec!(-1);
     let report = ledger.verify(&tampered);
     assert!(!report.is_clean());
-    assert!(report
-        .mismatches
-        .iter()
-        .all(|m| m.wallet == Some(WalletId::Pool(org))));
+    assert!(report.mismatches.iter().all(|m| m.wallet == Some(WalletId::Pool(org))));
 }
 
 #[test]

@@ -66,12 +66,7 @@ impl Ledger {
                 Plan::Lite => WalletId::Lite(user),
             },
         };
-        Some(ResolvedKey {
-            key: key_id,
-            org,
-            owner,
-            wallet,
-        })
+        Some(ResolvedKey { key: key_id, org, owner, wallet })
     }
 
     /// Reserves `amount` on `wallet` for `request_id`, or says why not (see
@@ -85,20 +80,13 @@ impl Ledger {
         now: DateTime<Utc>,
     ) -> Result<Hold, Refusal> {
         if let Err(error) = self.shared.committer.check() {
-            return Err(Refusal::Unavailable {
-                reason: error.to_string(),
-            });
+            return Err(Refusal::Unavailable { reason: error.to_string() });
         }
         if amount < Decimal::ZERO {
             return Err(Refusal::InvalidAmount { required: amount });
         }
         let cell = self.cell(wallet).ok_or(Refusal::UnknownWallet { wallet })?;
-        let args = HoldArgs {
-            request_id,
-            amount,
-            key: context.key,
-            end_user: context.end_user,
-        };
+        let args = HoldArgs { request_id, amount, key: context.key, end_user: context.end_user };
         let payer = cell.state.lock().try_hold(&self.shared, &args, now)?;
         Ok(Hold::new(cell, wallet, request_id, amount, payer))
     }
@@ -120,10 +108,7 @@ impl Ledger {
 
     /// Voids every hold past its TTL; returns how many.
     pub fn void_expired_holds(&self, now: DateTime<Utc>) -> usize {
-        self.all_cells()
-            .iter()
-            .map(|cell| cell.state.lock().void_expired_holds(now))
-            .sum()
+        self.all_cells().iter().map(|cell| cell.state.lock().void_expired_holds(now)).sum()
     }
 
     /// Brings every wallet up to `now`: grants what became effective, writes
@@ -132,10 +117,7 @@ impl Ledger {
     /// every operation on a wallet does the same for that wallet first.
     pub fn tick(&self, now: DateTime<Utc>) -> TickReport {
         let cells = self.all_cells();
-        let mut report = TickReport {
-            wallets: cells.len(),
-            holds_voided: 0,
-        };
+        let mut report = TickReport { wallets: cells.len(), holds_voided: 0 };
         for cell in cells {
             let mut state = cell.state.lock();
             report.holds_voided += state.void_expired_holds(now);

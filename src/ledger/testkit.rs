@@ -45,11 +45,7 @@ pub fn term(start: &str, years: u32, platform: Decimal, seats: u32, per_seat: De
 
 /// An org with an optional contract.
 pub fn org(ledger: &Ledger, tz: Tz, contract: Option<ContractTerm>, now: DateTime<Utc>) -> OrgId {
-    let new = NewOrg {
-        name: "acme".into(),
-        time_zone: tz,
-        contract,
-    };
+    let new = NewOrg { name: "acme".into(), time_zone: tz, contract };
     ledger.create_org(new, now).unwrap().id
 }
 
@@ -68,12 +64,7 @@ pub fn user(ledger: &Ledger, org: OrgId, plan: Plan, allowance: Decimal, now: Da
 /// A key for `owner`, with limits; the secret is derived from a counter.
 pub fn key(ledger: &Ledger, org: OrgId, owner: Owner, limits: Limits, now: DateTime<Utc>) -> KeyId {
     let secret = format!("secret-{}", Uuid::now_v7());
-    let new = NewKey {
-        owner,
-        hash: KeyHash::of_secret(&secret),
-        label: "test".into(),
-        limits,
-    };
+    let new = NewKey { owner, hash: KeyHash::of_secret(&secret), label: "test".into(), limits };
     ledger.create_key(org, new, now).unwrap().id
 }
 
@@ -87,12 +78,7 @@ pub fn details() -> SettleDetails {
     SettleDetails {
         route: Arc::from("/v1/chat/completions"),
         model: Arc::from("gpt-test"),
-        usage: Usage {
-            input_tokens: 10,
-            output_tokens: 20,
-            cached_input_tokens: 0,
-            tool_units: 0,
-        },
+        usage: Usage { input_tokens: 10, output_tokens: 20, cached_input_tokens: 0, tool_units: 0 },
         price_version: Arc::from("prices-v1"),
     }
 }

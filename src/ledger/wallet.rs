@@ -200,14 +200,9 @@ impl WalletState {
                 continue;
             }
             self.totals.written_off += lot.remaining;
-            let touch = LotTouch {
-                lot: lot.id,
-                amount: lot.remaining,
-            };
+            let touch = LotTouch { lot: lot.id, amount: lot.remaining };
             let id = EntryId(committer.next_seq());
-            let kind = EntryKind::WriteOff {
-                reason: WriteOffReason::Expired,
-            };
+            let kind = EntryKind::WriteOff { reason: WriteOffReason::Expired };
             self.emit(committer, id, now, kind, -lot.remaining, vec![touch]);
         }
     }
@@ -224,23 +219,13 @@ impl WalletState {
                 continue;
             }
             self.granted_years.push(key);
-            let platform = LotOrigin::Platform {
-                term: year.term,
-                year: year.year,
-            };
-            let seat = LotOrigin::Seat {
-                term: year.term,
-                year: year.year,
-            };
+            let platform = LotOrigin::Platform { term: year.term, year: year.year };
+            let seat = LotOrigin::Seat { term: year.term, year: year.year };
             // Validated at contract creation, so the product fits.
             let seats = term.seat_allocation().unwrap_or(Decimal::ZERO);
             for (origin, amount) in [(platform, term.platform_allocation_per_year), (seat, seats)] {
                 if amount > Decimal::ZERO {
-                    let kind = EntryKind::Grant {
-                        origin,
-                        effective_at: year.start,
-                        expires_at: year.end,
-                    };
+                    let kind = EntryKind::Grant { origin, effective_at: year.start, expires_at: year.end };
                     self.credit(committer, now, kind, amount);
                 }
             }
@@ -249,11 +234,7 @@ impl WalletState {
 
     /// Grants this month's allowance if it is due and not yet granted.
     fn grant_lite_month(&mut self, now: DateTime<Utc>, committer: &Committer) {
-        let Some(LiteSchedule {
-            allowance,
-            allowance_from: Some(from),
-        }) = self.lite
-        else {
+        let Some(LiteSchedule { allowance, allowance_from: Some(from) }) = self.lite else {
             return;
         };
         let month = YearMonth::containing(self.calendar.tz, now);
@@ -327,10 +308,7 @@ impl WalletState {
         };
         self.add_lot(id, &kind, amount, effective_at);
         self.totals.granted += amount;
-        let touch = LotTouch {
-            lot: LotId(id.0),
-            amount,
-        };
+        let touch = LotTouch { lot: LotId(id.0), amount };
         self.emit(committer, id, now, kind, amount, vec![touch]);
         id
     }
@@ -388,10 +366,7 @@ impl WalletState {
         let touches: Vec<LotTouch> = lots
             .iter()
             .filter(|lot| !lot.remaining.is_zero())
-            .map(|lot| LotTouch {
-                lot: lot.id,
-                amount: lot.remaining,
-            })
+            .map(|lot| LotTouch { lot: lot.id, amount: lot.remaining })
             .collect();
         let total: Decimal = touches.iter().map(|touch| touch.amount).sum();
         if total.is_zero() {
@@ -399,9 +374,7 @@ impl WalletState {
         }
         self.totals.written_off += total;
         let id = EntryId(committer.next_seq());
-        let kind = EntryKind::WriteOff {
-            reason: WriteOffReason::Upgraded,
-        };
+        let kind = EntryKind::WriteOff { reason: WriteOffReason::Upgraded };
         self.emit(committer, id, now, kind, -total, touches);
     }
 
@@ -423,20 +396,9 @@ impl WalletState {
             "wallet {} breaks balance == granted - debited - written_off at entry {id}",
             self.id
         );
-        let entry = LedgerEntry {
-            id,
-            at: now,
-            wallet: self.id,
-            org: self.org,
-            kind,
-            amount,
-            balance_after,
-            lots,
-        };
-        committer.append(Record {
-            seq: id.0,
-            body: RecordBody::Entry(entry),
-        });
+        let entry =
+            LedgerEntry { id, at: now, wallet: self.id, org: self.org, kind, amount, balance_after, lots };
+        committer.append(Record { seq: id.0, body: RecordBody::Entry(entry) });
     }
 
     /// The ends of the day, month and contract year containing `now`.
@@ -473,19 +435,14 @@ impl WalletState {
         let count = voided.len();
         for hold in voided {
             self.held -= hold.amount;
-            self.payers
-                .unreserve(hold.spender(), hold.amount, &hold.counted_in);
+            self.payers.unreserve(hold.spender(), hold.amount, &hold.counted_in);
         }
         count
     }
 
     /// Applies a recorded entry while rebuilding state from the journal.
     pub fn replay(&mut self, entry: &LedgerEntry) -> Result<(), ReplayMismatch> {
-        let mismatch = |problem: String| ReplayMismatch {
-            entry: entry.id,
-            wallet: entry.wallet,
-            problem,
-        };
+        let mismatch = |problem: String| ReplayMismatch { entry: entry.id, wallet: entry.wallet, problem };
         self.clock = self.clock.max(entry.at);
         if entry.kind.created_lot().is_some() {
             let effective_at = match &entry.kind {
@@ -496,10 +453,7 @@ impl WalletState {
         } else {
             for touch in &entry.lots {
                 if !self.lots.take_from(touch.lot, touch.amount) {
-                    return Err(mismatch(format!(
-                        "lot {} cannot give {}",
-                        touch.lot, touch.amount
-                    )));
+                    return Err(mismatch(format!("lot {} cannot give {}", touch.lot, touch.amount)));
                 }
             }
             if let EntryKind::Debit(debit) = &entry.kind {

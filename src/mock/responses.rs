@@ -20,21 +20,14 @@ struct ModelRequest {
 impl ModelRequest {
     fn parse(body: &[u8], has_output: bool) -> Result<ModelRequest, String> {
         let value: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
-        let model = value
-            .get("model")
-            .and_then(Value::as_str)
-            .ok_or("missing string field `model`")?
-            .to_owned();
+        let model =
+            value.get("model").and_then(Value::as_str).ok_or("missing string field `model`")?.to_owned();
         let max_tokens = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
             .iter()
             .find_map(|k| value.get(*k).and_then(Value::as_u64))
             .unwrap_or(DEFAULT_MAX_TOKENS);
         let seed = value.get("seed").and_then(Value::as_u64).unwrap_or(0);
-        let output_tokens = if has_output {
-            max_tokens.min(10 + seed % 41)
-        } else {
-            0
-        };
+        let output_tokens = if has_output { max_tokens.min(10 + seed % 41) } else { 0 };
         Ok(ModelRequest {
             model,
             stream: value.get("stream").and_then(Value::as_bool).unwrap_or(false),
@@ -179,10 +172,7 @@ fn messages_stream(request: &ModelRequest) -> Reply {
     for _ in 0..u.output_tokens {
         events.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "tok "}})));
     }
-    events.push(event(
-        "content_block_stop",
-        json!({"type": "content_block_stop", "index": 0}),
-    ));
+    events.push(event("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
     events.push(event(
         "message_delta",
         json!({
@@ -196,23 +186,12 @@ fn messages_stream(request: &ModelRequest) -> Reply {
 
 fn web_search(body: &[u8]) -> Reply {
     let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let units = value
-        .get("num_results")
-        .and_then(Value::as_u64)
-        .unwrap_or(DEFAULT_TOOL_UNITS)
-        .min(MAX_TOOL_UNITS);
+    let units =
+        value.get("num_results").and_then(Value::as_u64).unwrap_or(DEFAULT_TOOL_UNITS).min(MAX_TOOL_UNITS);
     let query = value.get("query").and_then(Value::as_str).unwrap_or("");
     let results: Vec<Value> = (0..units)
         .map(|i| json!({"title": format!("result {i} for {query}"), "url": format!("https://example.invalid/{i}")}))
         .collect();
-    let usage = MockUsage {
-        input_tokens: 0,
-        output_tokens: 0,
-        units,
-    };
-    Reply::Json(
-        StatusCode::OK,
-        json!({"query": query, "results": results}),
-        Some(usage),
-    )
+    let usage = MockUsage { input_tokens: 0, output_tokens: 0, units };
+    Reply::Json(StatusCode::OK, json!({"query": query, "results": results}), Some(usage))
 }

@@ -93,9 +93,7 @@ impl ModelPrice {
     /// Never less than [`ModelPrice::cost`] of a usage that stays within it.
     pub fn hold_amount(&self, request: &HoldRequest) -> Result<Decimal, CostError> {
         let input_price = self.input_per_mtok.max(self.cached_input_per_mtok);
-        let output_tokens = request
-            .max_output_tokens
-            .unwrap_or(self.default_max_output_tokens);
+        let output_tokens = request.max_output_tokens.unwrap_or(self.default_max_output_tokens);
         total(&[
             tokens_at(request.input_bytes, input_price),
             tokens_at(output_tokens, self.output_per_mtok),
@@ -189,10 +187,8 @@ fn fee(price: Picos) -> u128 {
 /// up (towards +∞) to whole nanodollars. Never per token or per term, so
 /// splitting a call's usage can never change what it costs.
 fn total(attos_terms: &[u128]) -> Result<Decimal, CostError> {
-    let attos = attos_terms
-        .iter()
-        .try_fold(0u128, |sum, &term| sum.checked_add(term))
-        .ok_or(CostError::Overflow)?;
+    let attos =
+        attos_terms.iter().try_fold(0u128, |sum, &term| sum.checked_add(term)).ok_or(CostError::Overflow)?;
     let nanos = attos.div_ceil(ATTOS_PER_NANO);
     let nanos = i128::try_from(nanos).map_err(|_| CostError::Overflow)?;
     Decimal::try_from_i128_with_scale(nanos, COST_SCALE).map_err(|_| CostError::Overflow)
@@ -227,11 +223,7 @@ mod tests {
     }
 
     fn usage(input: u64, cached: u64, output: u64) -> TokenUsage {
-        TokenUsage {
-            input_tokens: input,
-            cached_input_tokens: cached,
-            output_tokens: output,
-        }
+        TokenUsage { input_tokens: input, cached_input_tokens: cached, output_tokens: output }
     }
 
     #[test]
@@ -279,12 +271,7 @@ mod tests {
     #[test]
     fn hold_uses_the_default_output_cap_when_the_request_names_none() {
         let price = model("1", "1", "2", "0");
-        let hold = price
-            .hold_amount(&HoldRequest {
-                input_bytes: 100,
-                max_output_tokens: None,
-            })
-            .unwrap();
+        let hold = price.hold_amount(&HoldRequest { input_bytes: 100, max_output_tokens: None }).unwrap();
         assert_eq!(hold, dec("0.008292"), "100 × 1e-6 + 4096 × 2e-6");
     }
 
@@ -292,12 +279,7 @@ mod tests {
     fn hold_uses_the_dearer_of_input_and_cached_prices() {
         // Cache writes can be priced above plain input; the hold must cover them.
         let price = model("1", "3", "0", "0");
-        let hold = price
-            .hold_amount(&HoldRequest {
-                input_bytes: 10,
-                max_output_tokens: Some(0),
-            })
-            .unwrap();
+        let hold = price.hold_amount(&HoldRequest { input_bytes: 10, max_output_tokens: Some(0) }).unwrap();
         assert_eq!(hold, dec("0.00003"), "10 bytes × 3e-6");
     }
 
@@ -313,28 +295,19 @@ mod tests {
         };
         let most = usage(u64::MAX, 0, u64::MAX);
         assert!(price.cost(&most).is_ok(), "u64 usage at the ceiling fits");
-        let request = HoldRequest {
-            input_bytes: u64::MAX,
-            max_output_tokens: None,
-        };
+        let request = HoldRequest { input_bytes: u64::MAX, max_output_tokens: None };
         assert!(price.hold_amount(&request).is_ok(), "u64 hold fits");
     }
 
     #[test]
     fn absurd_tool_units_report_overflow_instead_of_a_wrong_amount() {
-        let tool = ToolPrice {
-            per_call: Picos(0),
-            per_unit: Picos(u64::MAX),
-        };
+        let tool = ToolPrice { per_call: Picos(0), per_unit: Picos(u64::MAX) };
         assert_eq!(tool.cost(u64::MAX), Err(CostError::Overflow));
     }
 
     #[test]
     fn tool_cost_is_per_call_plus_units_times_per_unit() {
-        let tool = ToolPrice {
-            per_call: picos("0.005"),
-            per_unit: picos("0.001"),
-        };
+        let tool = ToolPrice { per_call: picos("0.005"), per_unit: picos("0.001") };
         assert_eq!(tool.cost(0).unwrap(), dec("0.005"), "call fee only");
         assert_eq!(tool.cost(10).unwrap(), dec("0.015"), "plus 10 units");
         assert_eq!(tool.hold_amount(10).unwrap(), dec("0.015"), "hold = cost");

@@ -112,10 +112,7 @@ impl LivePrices {
                 status.2 = None;
                 drop(status);
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .price_reloads
-                    .get_or_create(&ResultLabels { result: "ok" })
-                    .inc();
+                self.metrics.price_reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
                 tracing::info!(trigger, version = %table.version(), changed, "price table reloaded");
                 Ok(if changed { table } else { old })
             }
@@ -124,10 +121,7 @@ impl LivePrices {
                 status.1 = now;
                 status.2 = Some(error.to_string());
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .price_reloads
-                    .get_or_create(&ResultLabels { result: "failed" })
-                    .inc();
+                self.metrics.price_reloads.get_or_create(&ResultLabels { result: "failed" }).inc();
                 tracing::error!(trigger, %error, "price table reload failed; the previous table stays in force");
                 Err(error)
             }
@@ -199,28 +193,16 @@ fn fingerprint(path: &Path) -> Fingerprint {
 
 fn read_table(path: &Path, required_tools: &[String]) -> Result<PriceTable, PriceLoadError> {
     let size = std::fs::metadata(path)
-        .map_err(|source| PriceLoadError::Read {
-            path: path.to_owned(),
-            source,
-        })?
+        .map_err(|source| PriceLoadError::Read { path: path.to_owned(), source })?
         .len();
     if size > MAX_PRICE_FILE_BYTES as u64 {
-        return Err(PriceLoadError::TooLarge {
-            path: path.to_owned(),
-            size,
-        });
+        return Err(PriceLoadError::TooLarge { path: path.to_owned(), size });
     }
-    let text = std::fs::read_to_string(path).map_err(|source| PriceLoadError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| PriceLoadError::Read { path: path.to_owned(), source })?;
     let file = path.display().to_string();
     let table = PriceTable::parse(&file, &text).map_err(PriceLoadError::Invalid)?;
-    let missing: Vec<String> = required_tools
-        .iter()
-        .filter(|t| !table.has_tool(t))
-        .cloned()
-        .collect();
+    let missing: Vec<String> = required_tools.iter().filter(|t| !table.has_tool(t)).cloned().collect();
     if !missing.is_empty() {
         return Err(PriceLoadError::MissingTools { file, missing });
     }

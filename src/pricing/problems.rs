@@ -45,10 +45,7 @@ pub(super) struct Problems<'a> {
 
 impl<'a> Problems<'a> {
     pub(super) fn new(text: &'a str) -> Self {
-        Self {
-            text,
-            found: Vec::new(),
-        }
+        Self { text, found: Vec::new() }
     }
 
     /// The text being checked, for quoting what the operator wrote.
@@ -58,11 +55,7 @@ impl<'a> Problems<'a> {
 
     pub(super) fn at(&mut self, offset: usize, message: impl Into<String>) {
         let (line, column) = line_column(self.text, offset);
-        self.found.push(Problem {
-            line,
-            column,
-            message: message.into(),
-        });
+        self.found.push(Problem { line, column, message: message.into() });
     }
 
     pub(super) fn at_span(&mut self, span: &Range<usize>, message: impl Into<String>) {
@@ -83,10 +76,7 @@ impl<'a> Problems<'a> {
         let mut problems = self.found;
         problems.sort();
         problems.dedup();
-        PriceFileErrors {
-            file: file.to_owned(),
-            problems,
-        }
+        PriceFileErrors { file: file.to_owned(), problems }
     }
 }
 
@@ -95,17 +85,10 @@ impl<'a> Problems<'a> {
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let bytes = text.as_bytes();
     let before = &bytes[..offset.min(bytes.len())];
-    let line_start = before
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |newline| newline + 1);
+    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |newline| newline + 1);
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
     // Count UTF-8 lead bytes so a column is a character position.
-    let column = before[line_start..]
-        .iter()
-        .filter(|&&b| (b & 0xC0) != 0x80)
-        .count()
-        + 1;
+    let column = before[line_start..].iter().filter(|&&b| (b & 0xC0) != 0x80).count() + 1;
     (line, column)
 }
 
@@ -130,9 +113,6 @@ mod tests {
         problems.at(4, "third");
         problems.at(0, "first");
         let errors = problems.into_errors("prices.toml");
-        assert_eq!(
-            errors.to_string(),
-            "prices.toml:1:1: first\nprices.toml:3:1: third"
-        );
+        assert_eq!(errors.to_string(), "prices.toml:1:1: first\nprices.toml:3:1: third");
     }
 }

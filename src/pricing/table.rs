@@ -50,10 +50,7 @@ impl PriceTable {
     pub fn parse(file_name: &str, text: &str) -> Result<Self, PriceFileErrors> {
         let valid = validate(file_name, text)?;
         Ok(Self {
-            version: PriceVersion {
-                label: valid.label,
-                content_hash: content_hash(text),
-            },
+            version: PriceVersion { label: valid.label, content_hash: content_hash(text) },
             models: valid.models,
             tools: valid.tools,
             model_names: valid.model_names,
@@ -145,10 +142,7 @@ impl<P: Copy> Schedule<P> {
 
 fn content_hash(text: &str) -> String {
     let digest = Sha256::digest(text.as_bytes());
-    digest
-        .get(..CONTENT_HASH_HEX_DIGITS / 2)
-        .map(hex::encode)
-        .unwrap_or_default()
+    digest.get(..CONTENT_HASH_HEX_DIGITS / 2).map(hex::encode).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -202,10 +196,7 @@ mod tests {
     #[test]
     fn the_example_prices_one_mini_token_at_fifteen_hundred_millionths_of_a_cent() {
         let mini = example().model("gpt-4o-mini", now()).unwrap();
-        let usage = TokenUsage {
-            input_tokens: 1,
-            ..TokenUsage::default()
-        };
+        let usage = TokenUsage { input_tokens: 1, ..TokenUsage::default() };
         assert_eq!(mini.cost(&usage).unwrap().to_string(), "0.000000150");
         assert_eq!(mini.cached_input_per_mtok(), dec("0.075"));
         assert_eq!(mini.default_max_output_tokens(), 4096);
@@ -217,10 +208,7 @@ mod tests {
         let version = table.version();
         assert_eq!(version.label, "2025-11");
         assert_eq!(version.content_hash.len(), 12, "{version}");
-        assert!(
-            version.content_hash.bytes().all(|b| b.is_ascii_hexdigit()),
-            "{version}"
-        );
+        assert!(version.content_hash.bytes().all(|b| b.is_ascii_hexdigit()), "{version}");
         assert_eq!(version.to_string(), format!("2025-11@{}", version.content_hash));
     }
 
@@ -304,12 +292,7 @@ mod tests {
         let search = table.tool("web-search", now()).unwrap();
         assert_eq!(search.cost(10).unwrap(), dec("0.015"), "0.005 + 10 × 0.001");
         let mock = table.model("mock-gpt", now()).unwrap();
-        let hold = mock
-            .hold_amount(&HoldRequest {
-                input_bytes: 1000,
-                max_output_tokens: None,
-            })
-            .unwrap();
+        let hold = mock.hold_amount(&HoldRequest { input_bytes: 1000, max_output_tokens: None }).unwrap();
         // 1000 × 1e-6 + 256 × 2e-6 + 0.0001
         assert_eq!(hold, dec("0.001612"));
     }
@@ -324,11 +307,7 @@ mod tests {
         const CALLS: u32 = 1000;
         let table = example();
         let names = ["gpt-4o-mini", "claude-sonnet-4-20250514", "mock-gpt"];
-        let usage = TokenUsage {
-            input_tokens: 1200,
-            cached_input_tokens: 200,
-            output_tokens: 300,
-        };
+        let usage = TokenUsage { input_tokens: 1200, cached_input_tokens: 200, output_tokens: 300 };
         let mut samples: Vec<Duration> = (0..101)
             .map(|_| {
                 let start = Instant::now();

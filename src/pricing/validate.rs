@@ -63,10 +63,7 @@ pub(super) fn validate(file: &str, text: &str) -> Result<Validated, PriceFileErr
             return Err(problems.into_errors(file));
         }
     };
-    let mut checker = Checker {
-        problems,
-        ceilings: Ceilings::default(),
-    };
+    let mut checker = Checker { problems, ceilings: Ceilings::default() };
     let validated = checker.file(raw);
     if checker.problems.is_empty() {
         Ok(validated)
@@ -139,17 +136,11 @@ struct ToolRates {
 
 impl ToolRates {
     fn then(self, change: Self) -> Self {
-        Self {
-            per_call: change.per_call.or(self.per_call),
-            per_unit: change.per_unit.or(self.per_unit),
-        }
+        Self { per_call: change.per_call.or(self.per_call), per_unit: change.per_unit.or(self.per_unit) }
     }
 
     fn price(self) -> ToolPrice {
-        ToolPrice {
-            per_call: self.per_call.unwrap_or_default(),
-            per_unit: self.per_unit.unwrap_or_default(),
-        }
+        ToolPrice { per_call: self.per_call.unwrap_or_default(), per_unit: self.per_unit.unwrap_or_default() }
     }
 }
 
@@ -222,20 +213,13 @@ impl Checker<'_> {
                  add a [models.\"name\"] or [tools.\"name\"] table",
             );
         }
-        let models: Vec<CheckedModel> = in_file_order(raw.models)
-            .iter()
-            .filter_map(|(name, body)| self.model(name, body))
-            .collect();
+        let models: Vec<CheckedModel> =
+            in_file_order(raw.models).iter().filter_map(|(name, body)| self.model(name, body)).collect();
         let model_names = self.model_names(&models);
-        let tools: Vec<ToolEntry> = in_file_order(raw.tools)
-            .iter()
-            .filter_map(|(name, body)| self.tool(name, body))
-            .collect();
-        let tool_names = tools
-            .iter()
-            .enumerate()
-            .map(|(index, tool)| (Box::from(tool.name.as_str()), index))
-            .collect();
+        let tools: Vec<ToolEntry> =
+            in_file_order(raw.tools).iter().filter_map(|(name, body)| self.tool(name, body)).collect();
+        let tool_names =
+            tools.iter().enumerate().map(|(index, tool)| (Box::from(tool.name.as_str()), index)).collect();
         Validated {
             label,
             models: models.into_iter().map(|model| model.entry).collect(),
@@ -332,17 +316,11 @@ impl Checker<'_> {
         });
         let periods = merge(base, changes, ModelRates::then);
         let default_output = self.default_output(&what, name, raw, &periods);
-        let schedule = Schedule::new(
-            periods
-                .into_iter()
-                .map(|(from, rates)| (from, rates.price(default_output))),
-        );
+        let schedule =
+            Schedule::new(periods.into_iter().map(|(from, rates)| (from, rates.price(default_output))));
         let aliases = self.aliases(&raw.aliases);
         Some(CheckedModel {
-            entry: ModelEntry {
-                name: name.get_ref().clone(),
-                schedule,
-            },
+            entry: ModelEntry { name: name.get_ref().clone(), schedule },
             name_offset: name.span().start,
             aliases,
         })
@@ -350,10 +328,7 @@ impl Checker<'_> {
 
     /// Each alias that is a usable name, with where it is written.
     fn aliases(&mut self, aliases: &[RawValue]) -> Vec<(String, usize)> {
-        aliases
-            .iter()
-            .filter_map(|alias| Some((self.name("alias", alias)?, alias.span().start)))
-            .collect()
+        aliases.iter().filter_map(|alias| Some((self.name("alias", alias)?, alias.span().start))).collect()
     }
 
     fn model_rates(
@@ -384,9 +359,7 @@ impl Checker<'_> {
         if let Some(value) = &raw.default_max_output_tokens {
             return self.output_tokens(value).unwrap_or(0);
         }
-        let output_costs = periods
-            .iter()
-            .any(|(_, rates)| rates.output.is_some_and(|price| price.0 > 0));
+        let output_costs = periods.iter().any(|(_, rates)| rates.output.is_some_and(|price| price.0 > 0));
         if output_costs {
             let message = format!(
                 "{what} prices output but has no default_max_output_tokens; set it to the \
@@ -472,11 +445,7 @@ impl Checker<'_> {
             }
             let rates = rates(self, raw);
             if let Some(from) = self.effective_from(what, raw.effective_from(), &span) {
-                changes.push(Change {
-                    from,
-                    offset: span.start,
-                    rates,
-                });
+                changes.push(Change { from, offset: span.start, rates });
             }
         }
         // Stable: of two entries at the same instant, the later one in the file
@@ -544,11 +513,7 @@ impl Checker<'_> {
             .iter()
             .enumerate()
             .map(|(model, checked)| {
-                let owner = NameOwner {
-                    model,
-                    offset: checked.name_offset,
-                    is_alias: false,
-                };
+                let owner = NameOwner { model, offset: checked.name_offset, is_alias: false };
                 (checked.entry.name.as_str(), owner)
             })
             .collect();
@@ -558,18 +523,11 @@ impl Checker<'_> {
                     self.report_taken_alias(models, model, alias, *offset, taken);
                     continue;
                 }
-                let owner = NameOwner {
-                    model,
-                    offset: *offset,
-                    is_alias: true,
-                };
+                let owner = NameOwner { model, offset: *offset, is_alias: true };
                 names.insert(alias, owner);
             }
         }
-        names
-            .into_iter()
-            .map(|(name, owner)| (Box::from(name), owner.model))
-            .collect()
+        names.into_iter().map(|(name, owner)| (Box::from(name), owner.model)).collect()
     }
 
     fn report_taken_alias(
@@ -724,11 +682,9 @@ fn parse_amount(text: &str) -> Result<Decimal, String> {
     let (whole, fraction) = text.split_once('.').unwrap_or((text, "0"));
     let all_digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
     if !all_digits(whole) || !all_digits(fraction) {
-        return Err(
-            "not a decimal amount; write digits with an optional fraction, e.g. \"0.15\" \
+        return Err("not a decimal amount; write digits with an optional fraction, e.g. \"0.15\" \
              (no sign, exponent, spaces or separators)"
-                .to_owned(),
-        );
+            .to_owned());
     }
     let places = fraction.trim_end_matches('0').len();
     if places > PRICE_SCALE as usize {
@@ -754,16 +710,12 @@ fn to_picos(amount: Decimal) -> Option<Picos> {
 }
 
 fn parse_instant(text: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(text)
-        .ok()
-        .map(|at| at.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(text).ok().map(|at| at.with_timezone(&Utc))
 }
 
 fn is_valid_label(label: &str) -> bool {
     (1..=MAX_LABEL_CHARS).contains(&label.chars().count())
-        && label
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
+        && label.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
 }
 
 /// The base prices (in force since the beginning of time) followed by each
@@ -805,12 +757,7 @@ fn trailing_key(line: &str) -> Option<&str> {
 
 /// toml's messages can span lines; ours are one line.
 fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
+    message.lines().map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join("; ")
 }
 
 /// Finds where the key named in a serde error is written inside an entry:
@@ -825,10 +772,8 @@ fn locate_key(text: &str, span: &Range<usize>, message: &str) -> Option<usize> {
     for line in body.split_inclusive('\n') {
         let indent = line.len() - line.trim_start().len();
         let rest = line.trim_start();
-        let unquoted = rest
-            .strip_prefix('"')
-            .and_then(|r| r.strip_prefix(key))
-            .and_then(|r| r.strip_prefix('"'));
+        let unquoted =
+            rest.strip_prefix('"').and_then(|r| r.strip_prefix(key)).and_then(|r| r.strip_prefix('"'));
         let after = unquoted.or_else(|| rest.strip_prefix(key));
         if after.is_some_and(|after| after.trim_start().starts_with(['=', '.'])) {
             return Some(line_start + indent);
@@ -852,11 +797,7 @@ mod tests {
     /// The problems of a file that must fail, as (line, message).
     fn problems(text: &str) -> Vec<(usize, String)> {
         let errors = PriceTable::parse("prices.toml", text).unwrap_err();
-        errors
-            .problems
-            .into_iter()
-            .map(|Problem { line, message, .. }| (line, message))
-            .collect()
+        errors.problems.into_iter().map(|Problem { line, message, .. }| (line, message)).collect()
     }
 
     /// Asserts that the file fails with exactly one problem, at `line`,
@@ -901,12 +842,7 @@ mod tests {
         assert_one_problem(
             &text,
             4,
-            &[
-                "model `m`",
-                "unknown field `inptu_per_mtok`",
-                "input_per_mtok",
-                "spelling",
-            ],
+            &["model `m`", "unknown field `inptu_per_mtok`", "input_per_mtok", "spelling"],
         );
     }
 
@@ -949,11 +885,7 @@ mod tests {
     #[test]
     fn a_key_of_the_wrong_shape_is_located() {
         let text = file("[models.m]\ninput_per_mtok = \"1\"\nschedule = 3\n");
-        assert_one_problem(
-            &text,
-            4,
-            &["model `m`: schedule: invalid type", "expected a sequence"],
-        );
+        assert_one_problem(&text, 4, &["model `m`: schedule: invalid type", "expected a sequence"]);
     }
 
     #[test]
@@ -962,11 +894,7 @@ mod tests {
         assert_one_problem(
             &text,
             3,
-            &[
-                "input_per_mtok = 0.1",
-                "binary floating point",
-                "input_per_mtok = \"0.1\"",
-            ],
+            &["input_per_mtok = 0.1", "binary floating point", "input_per_mtok = \"0.1\""],
         );
     }
 
@@ -1033,11 +961,7 @@ mod tests {
     #[test]
     fn a_model_needs_an_input_or_output_price() {
         let text = file("[models.m]\nper_request = \"1\"\n");
-        assert_one_problem(
-            &text,
-            2,
-            &["model `m`", "neither input_per_mtok nor output_per_mtok"],
-        );
+        assert_one_problem(&text, 2, &["model `m`", "neither input_per_mtok nor output_per_mtok"]);
     }
 
     #[test]
@@ -1045,10 +969,7 @@ mod tests {
         let text = file("[models.m]\noutput_per_mtok = \"1\"\n");
         assert_one_problem(&text, 2, &["default_max_output_tokens", "4096"]);
         let free_output = file("[models.m]\ninput_per_mtok = \"1\"\noutput_per_mtok = \"0\"\n");
-        assert!(
-            PriceTable::parse("p.toml", &free_output).is_ok(),
-            "free output needs no cap"
-        );
+        assert!(PriceTable::parse("p.toml", &free_output).is_ok(), "free output needs no cap");
     }
 
     #[test]
@@ -1079,11 +1000,7 @@ mod tests {
             "[models.a]\ninput_per_mtok = \"1\"\n",
             "[models.b]\ninput_per_mtok = \"1\"\naliases = [\"a\"]\n",
         ));
-        assert_one_problem(
-            &text,
-            6,
-            &["alias `a` of model `b`", "name of model `a` (line 2)"],
-        );
+        assert_one_problem(&text, 6, &["alias `a` of model `b`", "name of model `a` (line 2)"]);
     }
 
     #[test]
@@ -1093,11 +1010,7 @@ mod tests {
             "[models.b]\ninput_per_mtok = \"1\"\n",
             "aliases = [\n  \"y\",\n  \"x\",\n]\n",
         ));
-        assert_one_problem(
-            &text,
-            9,
-            &["alias `x` of model `b`", "alias of model `a` (line 4)"],
-        );
+        assert_one_problem(&text, 9, &["alias `x` of model `b`", "alias of model `a` (line 4)"]);
     }
 
     #[test]
@@ -1118,11 +1031,7 @@ mod tests {
             "[[models.m.schedule]]\neffective_from = \"2026-12-01T01:00:00+01:00\"\n",
             "input_per_mtok = \"3\"\n",
         ));
-        assert_one_problem(
-            &text,
-            7,
-            &["2026-12-01T00:00:00+00:00", "entry at line 4", "merge"],
-        );
+        assert_one_problem(&text, 7, &["2026-12-01T00:00:00+00:00", "entry at line 4", "merge"]);
     }
 
     #[test]

@@ -50,22 +50,12 @@ pub struct GatewayBody {
 
 impl GatewayBody {
     pub fn local(bytes: Bytes) -> Self {
-        GatewayBody {
-            source: Source::Local(Some(bytes)),
-            settle: None,
-        }
+        GatewayBody { source: Source::Local(Some(bytes)), settle: None }
     }
 
     pub fn upstream(body: Incoming, idle_timeout: Duration) -> Self {
         let idle_timer = Box::pin(tokio::time::sleep(idle_timeout));
-        GatewayBody {
-            source: Source::Upstream {
-                body,
-                idle_timeout,
-                idle_timer,
-            },
-            settle: None,
-        }
+        GatewayBody { source: Source::Upstream { body, idle_timeout, idle_timer }, settle: None }
     }
 
     /// Arrange for `proxy.settle(ctx, ..)` to run when this body is done.
@@ -150,11 +140,7 @@ impl GatewayBody {
     fn poll_source(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.source {
             Source::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Source::Upstream {
-                body,
-                idle_timeout,
-                idle_timer,
-            } => match Pin::new(body).poll_frame(cx) {
+            Source::Upstream { body, idle_timeout, idle_timer } => match Pin::new(body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     idle_timer.as_mut().reset(Instant::now() + *idle_timeout);
                     Poll::Ready(Some(Ok(frame)))
@@ -183,11 +169,7 @@ impl Drop for GatewayBody {
         // hyper may drop a body without polling past its last frame once
         // `is_end_stream` says it is done; only an unfinished body means the
         // client went away.
-        let outcome = if self.is_end_stream() {
-            Outcome::Completed
-        } else {
-            Outcome::ClientGone
-        };
+        let outcome = if self.is_end_stream() { Outcome::Completed } else { Outcome::ClientGone };
         self.finish(outcome);
     }
 }

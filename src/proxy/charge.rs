@@ -38,16 +38,8 @@ const REQUEST_BYTES_PER_TOKEN: u64 = 4;
 /// What is being bought.
 #[derive(Debug, Clone)]
 pub enum Priced {
-    Model {
-        name: Arc<str>,
-        price: ModelPrice,
-        flavour: Flavour,
-    },
-    Tool {
-        name: Arc<str>,
-        price: ToolPrice,
-        units_header: Option<HeaderName>,
-    },
+    Model { name: Arc<str>, price: ModelPrice, flavour: Flavour },
+    Tool { name: Arc<str>, price: ToolPrice, units_header: Option<HeaderName> },
 }
 
 /// A request's money state, from identify to settle.
@@ -88,16 +80,11 @@ pub fn identify(ledger: &Ledger, headers: &HeaderMap) -> Result<(ResolvedKey, Op
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .ok_or(ProxyError::MissingKey)?;
-    let key = ledger
-        .resolve_key(&KeyHash::of_secret(secret))
-        .ok_or(ProxyError::InvalidKey)?;
+    let key = ledger.resolve_key(&KeyHash::of_secret(secret)).ok_or(ProxyError::InvalidKey)?;
     let end_user = match headers.get(&END_USER) {
         None => None,
         Some(value) => {
-            let text = value
-                .to_str()
-                .ok()
-                .filter(|t| !t.is_empty() && t.len() <= MAX_END_USER_LEN);
+            let text = value.to_str().ok().filter(|t| !t.is_empty() && t.len() <= MAX_END_USER_LEN);
             let text = text.ok_or(ProxyError::InvalidField {
                 field: "x-creditgate-end-user",
                 reason: format!("must be 1 to {MAX_END_USER_LEN} visible ASCII characters"),
@@ -130,9 +117,8 @@ pub struct ModelRequest {
 
 /// Read `model`, the output cap and the stream flags from a JSON body.
 pub fn read_model_request(body: &[u8]) -> Result<ModelRequest, ProxyError> {
-    let fields: ModelFields = serde_json::from_slice(body).map_err(|e| ProxyError::InvalidJson {
-        reason: e.to_string(),
-    })?;
+    let fields: ModelFields =
+        serde_json::from_slice(body).map_err(|e| ProxyError::InvalidJson { reason: e.to_string() })?;
     let model = match fields.model {
         Some(Value::String(model)) if !model.is_empty() => model,
         Some(_) => {
@@ -164,10 +150,7 @@ pub fn read_model_request(body: &[u8]) -> Result<ModelRequest, ProxyError> {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => b,
         Some(_) => {
-            return Err(ProxyError::InvalidField {
-                field: "stream",
-                reason: "must be true or false".into(),
-            })
+            return Err(ProxyError::InvalidField { field: "stream", reason: "must be true or false".into() })
         }
     };
     let include_usage = fields
@@ -176,12 +159,7 @@ pub fn read_model_request(body: &[u8]) -> Result<ModelRequest, ProxyError> {
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    Ok(ModelRequest {
-        model,
-        max_output_tokens,
-        stream,
-        include_usage,
-    })
+    Ok(ModelRequest { model, max_output_tokens, stream, include_usage })
 }
 
 /// The body with `stream_options.include_usage = true` added, so the stream
@@ -189,12 +167,8 @@ pub fn read_model_request(body: &[u8]) -> Result<ModelRequest, ProxyError> {
 pub fn with_include_usage(body: &[u8]) -> Option<Bytes> {
     let mut value: Value = serde_json::from_slice(body).ok()?;
     let object = value.as_object_mut()?;
-    let options = object
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(Default::default()));
-    options
-        .as_object_mut()?
-        .insert("include_usage".into(), Value::Bool(true));
+    let options = object.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
+    options.as_object_mut()?.insert("include_usage".into(), Value::Bool(true));
     serde_json::to_vec(&value).ok().map(Bytes::from)
 }
 
@@ -205,18 +179,11 @@ pub fn hold_amount(
     max_output_tokens: Option<u64>,
 ) -> Result<Decimal, ProxyError> {
     let amount = match priced {
-        Priced::Model { price, .. } => price.hold_amount(&HoldRequest {
-            input_bytes: request_bytes,
-            max_output_tokens,
-        }),
-        Priced::Tool {
-            price, units_header, ..
-        } => {
-            let units = if units_header.is_some() {
-                TOOL_HOLD_UNITS
-            } else {
-                0
-            };
+        Priced::Model { price, .. } => {
+            price.hold_amount(&HoldRequest { input_bytes: request_bytes, max_output_tokens })
+        }
+        Priced::Tool { price, units_header, .. } => {
+            let units = if units_header.is_some() { TOOL_HOLD_UNITS } else { 0 };
             price.hold_amount(units)
         }
     };
@@ -233,14 +200,9 @@ pub fn price_model(
     flavour: Flavour,
     now: DateTime<Utc>,
 ) -> Result<Priced, ProxyError> {
-    let price = table.model(model, now).ok_or_else(|| ProxyError::UnpricedModel {
-        model: model.to_owned(),
-    })?;
-    Ok(Priced::Model {
-        name: Arc::from(model),
-        price,
-        flavour,
-    })
+    let price =
+        table.model(model, now).ok_or_else(|| ProxyError::UnpricedModel { model: model.to_owned() })?;
+    Ok(Priced::Model { name: Arc::from(model), price, flavour })
 }
 
 pub fn price_tool(
@@ -249,14 +211,8 @@ pub fn price_tool(
     units_header: Option<HeaderName>,
     now: DateTime<Utc>,
 ) -> Result<Priced, ProxyError> {
-    let price = table.tool(tool, now).ok_or_else(|| ProxyError::UnpricedModel {
-        model: tool.to_owned(),
-    })?;
-    Ok(Priced::Tool {
-        name: Arc::from(tool),
-        price,
-        units_header,
-    })
+    let price = table.tool(tool, now).ok_or_else(|| ProxyError::UnpricedModel { model: tool.to_owned() })?;
+    Ok(Priced::Tool { name: Arc::from(tool), price, units_header })
 }
 
 impl Charge {
@@ -269,14 +225,9 @@ impl Charge {
             .is_some_and(|v| v.starts_with("text/event-stream"));
         match &self.priced {
             Some(Priced::Model { .. }) => self.meter = Some(Meter::new(event_stream, self.injected_usage)),
-            Some(Priced::Tool {
-                units_header: Some(name),
-                ..
-            }) => {
-                self.tool_units = headers
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse().ok());
+            Some(Priced::Tool { units_header: Some(name), .. }) => {
+                self.tool_units =
+                    headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
             }
             _ => {}
         }
@@ -303,14 +254,7 @@ impl Charge {
             Priced::Tool { price, .. } => {
                 let units = self.tool_units.unwrap_or(0);
                 let cost = price.cost(units).map(|c| c.min(held)).unwrap_or(held);
-                (
-                    cost,
-                    Usage {
-                        tool_units: units,
-                        ..Usage::default()
-                    },
-                    false,
-                )
+                (cost, Usage { tool_units: units, ..Usage::default() }, false)
             }
         };
         let name = match &priced {
@@ -324,11 +268,9 @@ impl Charge {
             price_version: Arc::from(self.table.version().to_string()),
         };
         match hold.settle(cost, details, now) {
-            Ok(settlement) => SettleResult::Debited {
-                amount: settlement.debited,
-                estimated,
-                item: name_for_metrics,
-            },
+            Ok(settlement) => {
+                SettleResult::Debited { amount: settlement.debited, estimated, item: name_for_metrics }
+            }
             Err(error) => SettleResult::Failed(error.to_string()),
         }
     }
@@ -361,9 +303,7 @@ impl Charge {
                 (usage, true)
             }
         };
-        let cost = price
-            .cost(&tokens)
-            .map_or(held, |c| if estimated { c.min(held) } else { c });
+        let cost = price.cost(&tokens).map_or(held, |c| if estimated { c.min(held) } else { c });
         let usage = Usage {
             input_tokens: tokens.input_tokens,
             output_tokens: tokens.output_tokens,
@@ -388,11 +328,7 @@ fn token_usage(reported: &Reported, delivered_output: u64) -> TokenUsage {
 pub enum SettleResult {
     NotHeld,
     Released,
-    Debited {
-        amount: Decimal,
-        estimated: bool,
-        item: Arc<str>,
-    },
+    Debited { amount: Decimal, estimated: bool, item: Arc<str> },
     Failed(String),
 }
 

@@ -43,11 +43,7 @@ pub enum ProxyError {
     #[error("{0}")]
     Refused(Box<Refusal>),
     #[error("this key is over its {cap} cap of {limit}; retry after {retry_after_secs} s")]
-    TrafficCap {
-        cap: &'static str,
-        limit: u32,
-        retry_after_secs: u64,
-    },
+    TrafficCap { cap: &'static str, limit: u32, retry_after_secs: u64 },
 }
 
 /// How an error is shown to the client and the operator.
@@ -98,18 +94,11 @@ impl ProxyError {
             add_refusal_facts(&mut body["error"], refusal);
         }
         let mut response = json_body(class.status, &body);
-        if let ProxyError::TrafficCap {
-            retry_after_secs,
-            cap,
-            limit,
-        } = self
-        {
+        if let ProxyError::TrafficCap { retry_after_secs, cap, limit } = self {
             body["error"]["cap"] = json!(cap);
             body["error"]["limit"] = json!(limit);
             response = json_body(class.status, &body);
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
         }
         response
     }
@@ -138,11 +127,7 @@ fn refusal_class(refusal: &Refusal) -> (StatusCode, &'static str, &'static str, 
 fn add_refusal_facts(error: &mut serde_json::Value, refusal: &Refusal) {
     let (view, required) = match refusal {
         Refusal::InsufficientFunds { wallet, required } => (wallet, *required),
-        Refusal::SpendingLimit {
-            wallet,
-            required,
-            limit,
-        } => {
+        Refusal::SpendingLimit { wallet, required, limit } => {
             error["limit"] = json!({
                 "subject": limit_subject(&limit.subject),
                 "period": limit_period(limit.period),
@@ -186,17 +171,12 @@ fn limit_period(period: LimitPeriod) -> &'static str {
 
 /// Build a JSON error response in the gateway's one error shape.
 pub fn json_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response<Bytes> {
-    json_body(
-        status,
-        &json!({"error": {"type": kind, "code": code, "message": message}}),
-    )
+    json_body(status, &json!({"error": {"type": kind, "code": code, "message": message}}))
 }
 
 fn json_body(status: StatusCode, body: &serde_json::Value) -> Response<Bytes> {
     let mut response = Response::new(Bytes::from(body.to_string()));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }

@@ -50,9 +50,7 @@ pub fn strip_client_credentials(headers: &mut HeaderMap) {
 /// and the ledger entry, and it is always safe to log.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(value) = headers.get(&REQUEST_ID) {
-        let is_uuid = value
-            .to_str()
-            .is_ok_and(|text| uuid::Uuid::try_parse(text).is_ok());
+        let is_uuid = value.to_str().is_ok_and(|text| uuid::Uuid::try_parse(text).is_ok());
         if is_uuid {
             return value.clone();
         }
@@ -70,10 +68,7 @@ mod tests {
     #[test]
     fn connection_named_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret-hop"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("gzip"));
@@ -94,10 +89,7 @@ mod tests {
     #[test]
     fn request_id_is_reused_only_when_well_formed() {
         let mut h = HeaderMap::new();
-        h.insert(
-            &REQUEST_ID,
-            HeaderValue::from_static("0192f0c4-7a1b-7cde-8f00-1234567890ab"),
-        );
+        h.insert(&REQUEST_ID, HeaderValue::from_static("0192f0c4-7a1b-7cde-8f00-1234567890ab"));
         assert_eq!(request_id(&h), "0192f0c4-7a1b-7cde-8f00-1234567890ab");
         h.insert(&REQUEST_ID, HeaderValue::from_static("client-id_1.2:3"));
         assert_eq!(request_id(&h).len(), 32, "a non-UUID id is replaced");

@@ -24,11 +24,7 @@ pub struct TrafficCaps {
 
 impl TrafficCaps {
     pub fn new(config: TrafficConfig) -> Self {
-        TrafficCaps {
-            config,
-            rate: Rate::new(RATE_WINDOW),
-            in_flight: Inflight::new(),
-        }
+        TrafficCaps { config, rate: Rate::new(RATE_WINDOW), in_flight: Inflight::new() }
     }
 
     /// Admit one request of `key`, or say which cap it hit. The guard keeps
@@ -52,11 +48,7 @@ impl TrafficCaps {
         if open > isize::try_from(limit).unwrap_or(isize::MAX) {
             // Dropping the guard takes this request back out of the count.
             drop(guard);
-            return Err(ProxyError::TrafficCap {
-                cap: "max_in_flight",
-                limit,
-                retry_after_secs: 1,
-            });
+            return Err(ProxyError::TrafficCap { cap: "max_in_flight", limit, retry_after_secs: 1 });
         }
         Ok(Some(guard))
     }

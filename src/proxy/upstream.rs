@@ -34,9 +34,7 @@ pub struct UpstreamClients {
 
 impl UpstreamClients {
     pub fn new(upstreams: &[Upstream]) -> Self {
-        UpstreamClients {
-            clients: upstreams.iter().map(build_client).collect(),
-        }
+        UpstreamClients { clients: upstreams.iter().map(build_client).collect() }
     }
 
     /// Send a request and wait for the response head, within the upstream's
@@ -119,28 +117,17 @@ fn classify(
 ) -> ProxyError {
     let name = upstream.name.clone();
     if find_source::<http_body_util::LengthLimitError>(error).is_some() {
-        return ProxyError::BodyTooLarge {
-            limit_bytes: max_body_bytes,
-        };
+        return ProxyError::BodyTooLarge { limit_bytes: max_body_bytes };
     }
     let timed_out = find_source::<io::Error>(error).is_some_and(|e| e.kind() == io::ErrorKind::TimedOut);
     if error.is_connect() && timed_out {
-        return ProxyError::UpstreamConnectTimeout {
-            upstream: name,
-            timeout: upstream.connect_timeout,
-        };
+        return ProxyError::UpstreamConnectTimeout { upstream: name, timeout: upstream.connect_timeout };
     }
     let reason = error_chain(error);
     if error.is_connect() {
-        ProxyError::UpstreamUnreachable {
-            upstream: name,
-            reason,
-        }
+        ProxyError::UpstreamUnreachable { upstream: name, reason }
     } else {
-        ProxyError::UpstreamFailed {
-            upstream: name,
-            reason,
-        }
+        ProxyError::UpstreamFailed { upstream: name, reason }
     }
 }
 

@@ -60,12 +60,7 @@ impl ModelWallet {
         let repaid = self.deficit.min(amount);
         self.deficit -= repaid;
         *seq += 1;
-        self.lots.push(ModelLot {
-            expires_at,
-            rank,
-            seq: *seq,
-            left: amount - repaid,
-        });
+        self.lots.push(ModelLot { expires_at, rank, seq: *seq, left: amount - repaid });
     }
 
     fn draw(&mut self, amount: Decimal) {
@@ -93,20 +88,12 @@ struct Model {
 impl Model {
     fn midnight(&self, date: NaiveDate) -> DateTime<Utc> {
         let naive = date.and_hms_opt(0, 0, 0).unwrap();
-        self.tz
-            .from_local_datetime(&naive)
-            .earliest()
-            .unwrap()
-            .with_timezone(&Utc)
+        self.tz.from_local_datetime(&naive).earliest().unwrap().with_timezone(&Utc)
     }
 
     fn anniversary(start: NaiveDate, years: u32) -> NaiveDate {
-        NaiveDate::from_ymd_opt(
-            start.year() + i32::try_from(years).unwrap(),
-            start.month(),
-            start.day(),
-        )
-        .unwrap()
+        NaiveDate::from_ymd_opt(start.year() + i32::try_from(years).unwrap(), start.month(), start.day())
+            .unwrap()
     }
 
     fn term_end_at(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -128,11 +115,8 @@ impl Model {
         }
         let local = now.with_timezone(&tz);
         let month_start = self.midnight(NaiveDate::from_ymd_opt(local.year(), local.month(), 1).unwrap());
-        let next = if local.month() == 12 {
-            (local.year() + 1, 1)
-        } else {
-            (local.year(), local.month() + 1)
-        };
+        let next =
+            if local.month() == 12 { (local.year() + 1, 1) } else { (local.year(), local.month() + 1) };
         let month_end = self.midnight(NaiveDate::from_ymd_opt(next.0, next.1, 1).unwrap());
         let mut seq = self.seq;
         let target = match wallet {
@@ -207,13 +191,7 @@ fn config() -> (LedgerConfig, StoreConfig) {
         max_open_holds_per_wallet: 64,
         ..LedgerConfig::default()
     };
-    (
-        ledger,
-        StoreConfig {
-            flush_interval_ms: 1,
-            ..StoreConfig::default()
-        },
-    )
+    (ledger, StoreConfig { flush_interval_ms: 1, ..StoreConfig::default() })
 }
 
 fn setup(dir: &std::path::Path, tz: Tz, now: DateTime<Utc>) -> System {
@@ -222,14 +200,7 @@ fn setup(dir: &std::path::Path, tz: Tz, now: DateTime<Utc>) -> System {
     let ledger = &opened.ledger;
     let contract = term("2027-01-01", 2, PLATFORM, SEATS, PER_SEAT);
     let org = ledger
-        .create_org(
-            NewOrg {
-                name: "sim".into(),
-                time_zone: tz,
-                contract: Some(contract),
-            },
-            now,
-        )
+        .create_org(NewOrg { name: "sim".into(), time_zone: tz, contract: Some(contract) }, now)
         .unwrap()
         .id;
     let mut keys = Vec::new();
@@ -261,28 +232,14 @@ fn setup(dir: &std::path::Path, tz: Tz, now: DateTime<Utc>) -> System {
 }
 
 fn restart(system: System, dir: &std::path::Path) -> System {
-    let System {
-        opened,
-        org,
-        pool_key,
-        lite_wallet,
-        lite_key,
-        holds,
-    } = system;
+    let System { opened, org, pool_key, lite_wallet, lite_key, holds } = system;
     // Tokens belong to the old in-memory state, and keep its store open.
     drop(holds);
     opened.writer.shutdown().unwrap();
     drop(opened);
     let (ledger_config, store_config) = config();
     let opened = open_ledger(dir, ledger_config, store_config).unwrap();
-    System {
-        opened,
-        org,
-        pool_key,
-        lite_wallet,
-        lite_key,
-        holds: Vec::new(),
-    }
+    System { opened, org, pool_key, lite_wallet, lite_key, holds: Vec::new() }
 }
 
 fn jump(rng: &mut SplitMix) -> TimeDelta {
@@ -307,11 +264,7 @@ fn run(seed: u64) {
 
 fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
     let mut rng = SplitMix(seed);
-    let tz = if seed % 2 == 0 {
-        Tz::America__New_York
-    } else {
-        Tz::UTC
-    };
+    let tz = if seed % 2 == 0 { Tz::America__New_York } else { Tz::UTC };
     let dir = tempfile::tempdir().unwrap();
     let mut now: DateTime<Utc> = "2027-01-20T12:00:00Z".parse().unwrap();
     let mut system = setup(dir.path(), tz, now);
@@ -327,11 +280,7 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
     let mut seen = Seen::default();
     for index in 0..STEPS {
         step.set(index);
-        let wallet = if rng.chance(60) {
-            WalletKey::Pool
-        } else {
-            WalletKey::Lite
-        };
+        let wallet = if rng.chance(60) { WalletKey::Pool } else { WalletKey::Lite };
         match rng.below(1000) {
             0..=299 => {
                 let amount = rng.cents(2000);
@@ -340,15 +289,9 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
                     let m = model.wallet(wallet);
                     m.holds.len() < 64 && m.available() >= amount
                 };
-                let context = SpendContext {
-                    key: system.key(wallet),
-                    end_user: None,
-                };
+                let context = SpendContext { key: system.key(wallet), end_user: None };
                 let id = request();
-                let result = system
-                    .opened
-                    .ledger
-                    .hold(system.wallet_id(wallet), id, amount, context, now);
+                let result = system.opened.ledger.hold(system.wallet_id(wallet), id, amount, context, now);
                 assert_eq!(
                     result.is_ok(),
                     expected,
@@ -385,11 +328,8 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
                 let pick = usize::try_from(rng.below(system.holds.len() as u64)).unwrap();
                 let (wallet, hold) = system.holds.swap_remove(pick);
                 model.advance(wallet, now);
-                let held = model
-                    .wallet(wallet)
-                    .holds
-                    .remove(&hold.request_id())
-                    .map_or(Decimal::ZERO, |h| h.0);
+                let held =
+                    model.wallet(wallet).holds.remove(&hold.request_id()).map_or(Decimal::ZERO, |h| h.0);
                 assert_eq!(hold.release(now), held, "released amount");
             }
             630..=659 => {
@@ -433,22 +373,12 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
         if !renewed && now >= "2028-10-01T00:00:00Z".parse::<DateTime<Utc>>().unwrap() {
             renewed = true;
             let next = term("2029-01-01", 2, PLATFORM, SEATS, PER_SEAT);
-            system
-                .opened
-                .ledger
-                .renew_contract(system.org, next, now)
-                .unwrap();
-            model
-                .terms
-                .push((NaiveDate::from_ymd_opt(2029, 1, 1).unwrap(), 2));
+            system.opened.ledger.renew_contract(system.org, next, now).unwrap();
+            model.terms.push((NaiveDate::from_ymd_opt(2029, 1, 1).unwrap(), 2));
         }
         for wallet in [WalletKey::Pool, WalletKey::Lite] {
             model.advance(wallet, now);
-            let view = system
-                .opened
-                .ledger
-                .balance(system.wallet_id(wallet), now)
-                .unwrap();
+            let view = system.opened.ledger.balance(system.wallet_id(wallet), now).unwrap();
             let expected = model.wallet(wallet);
             assert_eq!(
                 (view.balance, view.available, view.open_holds),
@@ -462,10 +392,7 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
     drop(system);
     let report = verify_store(dir.path()).unwrap();
     assert!(report.is_clean(), "{:#?}", report.audit.mismatches);
-    assert!(
-        purchases > 0 && renewed,
-        "the workload must reach purchases and the renewal"
-    );
+    assert!(purchases > 0 && renewed, "the workload must reach purchases and the renewal");
     assert!(
         seen.refused > 0 && seen.late > 0 && seen.overruns > 0 && seen.restarts >= 5,
         "the workload must exercise refusals, late settles, overruns and restarts: {seen:?}"

@@ -65,20 +65,15 @@ fn open_db(dir: &Path) -> Result<::sled::Db, StoreError> {
 
 fn decode(key: &[u8], value: &[u8]) -> Result<Record, StoreError> {
     let seq = <[u8; 8]>::try_from(key).map(u64::from_be_bytes).unwrap_or(0);
-    serde_json::from_slice(value).map_err(|error| StoreError::Decode {
-        seq,
-        reason: error.to_string(),
-    })
+    serde_json::from_slice(value).map_err(|error| StoreError::Decode { seq, reason: error.to_string() })
 }
 
 impl Store for SledStore {
     fn append(&self, records: &[Record]) -> Result<(), StoreError> {
         let mut batch = ::sled::Batch::default();
         for record in records {
-            let value = serde_json::to_vec(record).map_err(|error| StoreError::Encode {
-                seq: record.seq,
-                reason: error.to_string(),
-            })?;
+            let value = serde_json::to_vec(record)
+                .map_err(|error| StoreError::Encode { seq: record.seq, reason: error.to_string() })?;
             batch.insert(&record.seq.to_be_bytes(), value);
         }
         self.records.apply_batch(batch)?;

@@ -16,10 +16,7 @@ use crate::ledger::{Ledger, LedgerConfig, NewKey, NewOrg, NewUser, PurchaseReque
 use crate::store::{open_ledger, open_ledger_on, verify_store, SledStore, Store, StoreConfig, StoreError};
 
 fn fast() -> StoreConfig {
-    StoreConfig {
-        flush_interval_ms: 1,
-        ..StoreConfig::default()
-    }
+    StoreConfig { flush_interval_ms: 1, ..StoreConfig::default() }
 }
 
 fn all_records(store: &impl Store) -> Vec<Record> {
@@ -51,10 +48,7 @@ fn populate(ledger: &Ledger) -> Vec<WalletId> {
                     plan,
                     lite_monthly_allowance: dec!(7.5),
                     prorate_on_downgrade: true,
-                    limits: Limits {
-                        daily: Some(dec!(50)),
-                        ..Limits::NONE
-                    },
+                    limits: Limits { daily: Some(dec!(50)), ..Limits::NONE },
                 },
                 now,
             )
@@ -72,10 +66,7 @@ fn populate(ledger: &Ledger) -> Vec<WalletId> {
             )
             .unwrap();
         let wallet = ledger.wallet_of(Owner::User(user.id)).unwrap();
-        let context = SpendContext {
-            key: key.id,
-            end_user: None,
-        };
+        let context = SpendContext { key: key.id, end_user: None };
         for cost in [dec!(1.25), dec!(3)] {
             let hold = ledger.hold(wallet, request(), dec!(2), context, now).unwrap();
             hold.settle(cost, details(), now).unwrap();
@@ -106,19 +97,12 @@ fn restart_rebuilds_identical_balances_and_ledger() {
     let (wallets, before_balances, before_records) = {
         let opened = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
         let wallets = populate(&opened.ledger);
-        let balances: Vec<_> = wallets
-            .iter()
-            .map(|w| opened.ledger.balance(*w, now).unwrap())
-            .collect();
+        let balances: Vec<_> = wallets.iter().map(|w| opened.ledger.balance(*w, now).unwrap()).collect();
         opened.writer.shutdown().unwrap();
         (wallets, balances, all_records(opened.writer.store()))
     };
     let reopened = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
-    assert_eq!(
-        all_records(reopened.writer.store()),
-        before_records,
-        "same ledger on disk"
-    );
+    assert_eq!(all_records(reopened.writer.store()), before_records, "same ledger on disk");
     for (wallet, before) in wallets.iter().zip(&before_balances) {
         let after = reopened.ledger.balance(*wallet, now).unwrap();
         assert_eq!(
@@ -144,26 +128,13 @@ fn restart_rebuilds_identical_balances_and_ledger() {
         idempotency_key: "buy-1".into(),
     };
     let receipt = reopened.ledger.purchase(replay, now).unwrap();
-    assert_eq!(
-        receipt.balance_after, before_balances[0].balance,
-        "idempotency survives the restart"
-    );
+    assert_eq!(receipt.balance_after, before_balances[0].balance, "idempotency survives the restart");
     let last_seq = before_records.last().unwrap().seq;
     let org_again = reopened
         .ledger
-        .create_org(
-            NewOrg {
-                name: "b".into(),
-                time_zone: Tz::UTC,
-                contract: None,
-            },
-            now,
-        )
+        .create_org(NewOrg { name: "b".into(), time_zone: Tz::UTC, contract: None }, now)
         .unwrap();
-    assert!(
-        org_again.id.0 > last_seq,
-        "sequence numbers continue after the restart"
-    );
+    assert!(org_again.id.0 > last_seq, "sequence numbers continue after the restart");
     reopened.writer.shutdown().unwrap();
     drop(reopened);
     let report = verify_store(dir.path()).unwrap();
@@ -211,10 +182,7 @@ fn money_moving_admin_writes_are_durable_before_ok() {
         appended_max: AtomicU64::new(0),
         durable_max: AtomicU64::new(0),
     };
-    let config = StoreConfig {
-        flush_interval_ms: 20,
-        ..StoreConfig::default()
-    };
+    let config = StoreConfig { flush_interval_ms: 20, ..StoreConfig::default() };
     let opened = open_ledger_on(store, LedgerConfig::default(), config).unwrap();
     let now = at("2027-03-10T12:00:00Z");
     let org = opened
@@ -266,10 +234,7 @@ fn a_corrupt_record_stops_the_start_and_fails_verify() {
     }
     {
         let db = ::sled::open(dir.path()).unwrap();
-        db.open_tree("records")
-            .unwrap()
-            .insert(3_u64.to_be_bytes(), b"{not json".as_slice())
-            .unwrap();
+        db.open_tree("records").unwrap().insert(3_u64.to_be_bytes(), b"{not json".as_slice()).unwrap();
         db.flush().unwrap();
     }
     let error = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap_err();
@@ -382,12 +347,6 @@ fn the_writer_keeps_flushing_under_steady_load() {
     writer.shutdown().unwrap();
     let (result, waited) = answer.expect("a sync under steady load was never answered");
     result.unwrap();
-    assert!(
-        waited < std::time::Duration::from_secs(1),
-        "a sync under load waited {waited:?}"
-    );
-    assert!(
-        flushes_during >= 10,
-        "only {flushes_during} flushes in 300 ms of steady load"
-    );
+    assert!(waited < std::time::Duration::from_secs(1), "a sync under load waited {waited:?}");
+    assert!(flushes_during >= 10, "only {flushes_during} flushes in 300 ms of steady load");
 }

@@ -66,8 +66,5 @@ pub fn verify<S: Store>(store: &S) -> Result<Report, StoreError> {
             report
         }
     };
-    Ok(Report {
-        records,
-        audit: report,
-    })
+    Ok(Report { records, audit: report })
 }

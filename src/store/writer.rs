@@ -79,13 +79,7 @@ impl<S: Store> GroupCommit<S> {
             .name("ledger-writer".into())
             .spawn(move || worker.run())
             .map_err(StoreError::Spawn)?;
-        Ok(GroupCommit {
-            queue,
-            failure,
-            counters,
-            thread: Mutex::new(Some(thread)),
-            store,
-        })
+        Ok(GroupCommit { queue, failure, counters, thread: Mutex::new(Some(thread)), store })
     }
 
     /// The store underneath (for paging reads).
@@ -115,9 +109,7 @@ impl<S: Store> GroupCommit<S> {
             Err(_) => Err(JournalError::Closed),
         };
         if thread.join().is_err() {
-            return Err(JournalError::Failed {
-                reason: "the writer thread panicked".into(),
-            });
+            return Err(JournalError::Failed { reason: "the writer thread panicked".into() });
         }
         result
     }
@@ -268,9 +260,7 @@ impl<S: Store> Worker<S> {
     }
 
     fn fail(&self, error: StoreError) -> JournalError {
-        let error = JournalError::Failed {
-            reason: error.to_string(),
-        };
+        let error = JournalError::Failed { reason: error.to_string() };
         let _first = self.failure.set(error.clone());
         error
     }

@@ -126,24 +126,13 @@ pub fn parse_config(text: &str, data_dir: &Path) -> GatewayConfig {
 }
 
 pub async fn start_with(extra_server: &str, extra_upstream: &str, mock_options: MockOptions) -> Stack {
-    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), mock_options)
-        .await
-        .unwrap();
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), mock_options).await.unwrap();
     let data_dir = tempfile::tempdir().unwrap();
-    let config = parse_config(
-        &config_text(mock.addr(), extra_server, extra_upstream),
-        data_dir.path(),
-    );
+    let config = parse_config(&config_text(mock.addr(), extra_server, extra_upstream), data_dir.path());
     let shutdown = CancellationToken::new();
     let gateway = Gateway::start(config, shutdown.clone()).await.unwrap();
     let keys = seed(&gateway, "100", "1");
-    Stack {
-        keys,
-        mock,
-        gateway,
-        shutdown,
-        data_dir,
-    }
+    Stack { keys, mock, gateway, shutdown, data_dir }
 }
 
 /// Seed an org whose pool holds `pool` dollars and whose Lite user gets
@@ -159,21 +148,13 @@ pub fn seed(gateway: &Gateway, pool: &str, lite: &str) -> SeededKeys {
 
 /// A stack whose config text the test edits first (e.g. to add [traffic]).
 pub async fn start_edited(edit: impl FnOnce(String) -> String) -> Stack {
-    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default())
-        .await
-        .unwrap();
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default()).await.unwrap();
     let data_dir = tempfile::tempdir().unwrap();
     let config = parse_config(&edit(config_text(mock.addr(), "", "")), data_dir.path());
     let shutdown = CancellationToken::new();
     let gateway = Gateway::start(config, shutdown.clone()).await.unwrap();
     let keys = seed(&gateway, "100", "1");
-    Stack {
-        keys,
-        mock,
-        gateway,
-        shutdown,
-        data_dir,
-    }
+    Stack { keys, mock, gateway, shutdown, data_dir }
 }
 
 pub async fn start() -> Stack {
@@ -211,11 +192,7 @@ pub async fn send(request: Request<Full<Bytes>>) -> Reply {
 pub async fn read(response: Response<Incoming>) -> Reply {
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("body failed").to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    Reply { status: parts.status, headers: parts.headers, body }
 }
 
 /// POST a JSON body with an API key.
@@ -232,9 +209,7 @@ pub async fn post_json(url: &str, key: &str, body: &serde_json::Value) -> Reply 
 pub async fn open_h1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<MockBody> {
     let stream = TcpStream::connect(addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(connection);
     sender
 }

@@ -1,0 +1,370 @@
+//! Balance alerts: rules per wallet, evaluated off the request path, each
+//! firing once per allocation period per threshold as a signed webhook.
+//!
+//! Conditions: a share of the current allocation consumed (e.g. 80 %), the
+//! balance below an amount, a Lite wallet that ran empty (a 402 on it), and a
+//! spending limit reached. The proxy only drops a wallet id into a bounded
+//! queue after each settle or refusal; a background task evaluates the rules.
+//!
+//! Webhooks are `POST`s of a JSON event with `x-creditgate-timestamp` (Unix
+//! seconds) and `x-creditgate-signature: v1=<hex HMAC-SHA256 of
+//! "{timestamp}.{body}" under the rule's secret>`, retried with exponential
+//! backoff. Rules persist in `<data-dir>/alerts.json`; which thresholds have
+//! fired is kept in memory, so after a restart a threshold still crossed may
+//! fire once more.
+
+use std::collections::{HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use http::Request;
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::ledger::ids::{OrgId, WalletId};
+use crate::ledger::lot::LotKind;
+use crate::ledger::Ledger;
+
+/// Wallet signals waiting for evaluation; beyond this they are dropped (and
+/// counted): a later settle on the same wallet signals again.
+const QUEUE_CAPACITY: usize = 10_000;
+/// Delivery records kept for the admin API.
+const MAX_DELIVERIES: usize = 10_000;
+/// Attempts per webhook before it is marked failed.
+const MAX_ATTEMPTS: u32 = 5;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "type", deny_unknown_fields)]
+pub enum Condition {
+    /// `percent` of the live allocation consumed (e.g. "80").
+    ConsumedShare { percent: Decimal },
+    /// Balance below `amount` dollars.
+    BalanceBelow { amount: Decimal },
+    /// A Lite wallet refused a request for lack of credits.
+    LiteWalletEmpty,
+    /// A spending limit refused a request.
+    SpendLimitReached,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rule {
+    pub id: u64,
+    pub org: OrgId,
+    pub wallet: WalletId,
+    pub condition: Condition,
+    pub webhook_url: String,
+    /// Signs deliveries; never shown back.
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub secret: String,
+}
+
+impl Rule {
+    /// The rule as the admin API shows it (no secret).
+    pub fn view(&self) -> Value {
+        json!({"id": self.id, "org": self.org, "wallet": self.wallet, "condition": self.condition, "webhook_url": self.webhook_url})
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    pub id: u64,
+    pub rule: u64,
+    pub org: OrgId,
+    pub event: Value,
+    /// pending, delivered or failed.
+    pub status: &'static str,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What the proxy reports.
+#[derive(Debug, Clone, Copy)]
+pub enum Signal {
+    /// The wallet's balance changed.
+    Changed(WalletId),
+    /// A request was refused for lack of credits on this wallet.
+    Empty(WalletId),
+    /// A request was refused by a spending limit paid from this wallet;
+    /// `period` tells one limit period from the next.
+    LimitReached(WalletId, Option<DateTime<Utc>>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    #[error("cannot save alert rules to {path}: {reason}")]
+    Save { path: String, reason: String },
+    #[error("`{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+pub struct Alerts {
+    rules: Mutex<Vec<Rule>>,
+    fired: Mutex<HashSet<(u64, String)>>,
+    deliveries: Mutex<VecDeque<Delivery>>,
+    next_id: AtomicU64,
+    path: PathBuf,
+    queue: mpsc::Sender<Signal>,
+    receiver: Mutex<Option<mpsc::Receiver<Signal>>>,
+    pub dropped: AtomicU64,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl Alerts {
+    /// Load the rules saved in `path` (none if the file does not exist).
+    pub fn load(path: PathBuf) -> Result<Arc<Alerts>, AlertError> {
+        let rules: Vec<Rule> = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AlertError::Save {
+                path: path.display().to_string(),
+                reason: format!("unreadable: {e}"),
+            })?,
+            Err(_) => Vec::new(),
+        };
+        let next = rules.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+        let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        Ok(Arc::new(Alerts {
+            rules: Mutex::new(rules),
+            fired: Mutex::new(HashSet::new()),
+            deliveries: Mutex::new(VecDeque::new()),
+            next_id: AtomicU64::new(next),
+            path,
+            queue,
+            receiver: Mutex::new(Some(receiver)),
+            dropped: AtomicU64::new(0),
+            http: Client::builder(TokioExecutor::new()).build(
+                hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_webpki_roots()
+                    .https_or_http()
+                    .enable_http1()
+                    .build(),
+            ),
+        }))
+    }
+
+    /// Report a signal without waiting; a full queue drops it (counted).
+    pub fn notify(&self, signal: Signal) {
+        if self.queue.try_send(signal).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Add a rule and save the set before answering.
+    pub fn add_rule(
+        &self,
+        org: OrgId,
+        wallet: WalletId,
+        condition: Condition,
+        webhook_url: String,
+        secret: String,
+    ) -> Result<Rule, AlertError> {
+        if !(webhook_url.starts_with("http://") || webhook_url.starts_with("https://"))
+            || webhook_url.parse::<http::Uri>().is_err()
+        {
+            return Err(AlertError::Invalid {
+                field: "webhook_url",
+                reason: "an http:// or https:// URL".into(),
+            });
+        }
+        if secret.len() < 16 {
+            return Err(AlertError::Invalid { field: "secret", reason: "at least 16 characters".into() });
+        }
+        let rule = Rule {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            org,
+            wallet,
+            condition,
+            webhook_url,
+            secret,
+        };
+        let mut rules = self.rules.lock();
+        rules.push(rule.clone());
+        self.save(&rules)?;
+        Ok(rule)
+    }
+
+    pub fn rules_of(&self, org: OrgId) -> Vec<Rule> {
+        self.rules.lock().iter().filter(|r| r.org == org).cloned().collect()
+    }
+
+    pub fn deliveries_of(&self, org: OrgId) -> Vec<Delivery> {
+        self.deliveries.lock().iter().filter(|d| d.org == org).cloned().collect()
+    }
+
+    fn save(&self, rules: &[Rule]) -> Result<(), AlertError> {
+        let error = |e: std::io::Error| AlertError::Save {
+            path: self.path.display().to_string(),
+            reason: e.to_string(),
+        };
+        let temp = self.path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(rules).unwrap_or_default();
+        std::fs::write(&temp, bytes).map_err(error)?;
+        std::fs::rename(&temp, &self.path).map_err(error)
+    }
+
+    /// Evaluate signals until shutdown.
+    pub async fn run(
+        self: Arc<Self>,
+        ledger: Arc<Ledger>,
+        clock: Arc<dyn Clock>,
+        shutdown: CancellationToken,
+    ) {
+        let Some(mut receiver) = self.receiver.lock().take() else { return };
+        loop {
+            let signal = tokio::select! {
+                signal = receiver.recv() => match signal { Some(s) => s, None => return },
+                () = shutdown.cancelled() => return,
+            };
+            for (rule, period, facts) in self.due(&ledger, signal, clock.now()) {
+                let alerts = self.clone();
+                tokio::spawn(async move { alerts.deliver(rule, period, facts).await });
+            }
+        }
+    }
+
+    /// The rules this signal makes fire now, each marked as fired.
+    fn due(&self, ledger: &Ledger, signal: Signal, now: DateTime<Utc>) -> Vec<(Rule, String, Value)> {
+        let wallet = match signal {
+            Signal::Changed(w) | Signal::Empty(w) | Signal::LimitReached(w, _) => w,
+        };
+        let rules: Vec<Rule> = self.rules.lock().iter().filter(|r| r.wallet == wallet).cloned().collect();
+        if rules.is_empty() {
+            return Vec::new();
+        }
+        let Ok(balance) = ledger.balance(wallet, now) else { return Vec::new() };
+        let allocated: Decimal = balance.lots.iter().map(|l| l.granted).sum();
+        let remaining: Decimal = balance.lots.iter().map(|l| l.remaining).sum();
+        let consumed_percent = if allocated > Decimal::ZERO {
+            (allocated - remaining) * Decimal::from(100) / allocated
+        } else {
+            Decimal::ZERO
+        };
+        // An allocation period starts with the newest scheduled grant.
+        let period = balance
+            .lots
+            .iter()
+            .filter(|l| matches!(l.origin.kind(), LotKind::Platform | LotKind::Seat | LotKind::LiteMonthly))
+            .map(|l| l.effective_at)
+            .max()
+            .map_or_else(|| "none".to_owned(), |at| at.to_rfc3339());
+        let facts = json!({
+            "balance": balance.balance.normalize().to_string(),
+            "available": balance.available.normalize().to_string(),
+            "allocated": allocated.normalize().to_string(),
+            "consumed_percent": consumed_percent.round_dp(2).normalize().to_string(),
+        });
+        let mut due = Vec::new();
+        let mut fired = self.fired.lock();
+        for rule in rules {
+            let (holds, period) = match (&rule.condition, signal) {
+                (Condition::ConsumedShare { percent }, _) => (consumed_percent >= *percent, period.clone()),
+                (Condition::BalanceBelow { amount }, _) => (balance.balance < *amount, period.clone()),
+                (Condition::LiteWalletEmpty, Signal::Empty(WalletId::Lite(_))) => (true, period.clone()),
+                (Condition::SpendLimitReached, Signal::LimitReached(_, resets)) => {
+                    (true, resets.map_or_else(|| "request".to_owned(), |r| r.to_rfc3339()))
+                }
+                _ => (false, String::new()),
+            };
+            if holds && fired.insert((rule.id, period.clone())) {
+                due.push((rule, period, facts.clone()));
+            }
+        }
+        due
+    }
+
+    async fn deliver(&self, rule: Rule, period: String, facts: Value) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let event = json!({
+            "delivery": id, "rule": rule.id, "org": rule.org, "wallet": rule.wallet,
+            "condition": rule.condition, "period": period, "facts": facts,
+        });
+        self.record(Delivery {
+            id,
+            rule: rule.id,
+            org: rule.org,
+            event: event.clone(),
+            status: "pending",
+            attempts: 0,
+            last_error: None,
+            created_at: Utc::now(),
+        });
+        let body = event.to_string();
+        let mut backoff = FIRST_BACKOFF;
+        for attempt in 1..=MAX_ATTEMPTS {
+            let result = self.post(&rule, &body).await;
+            let done = result.is_ok();
+            let status = match (&result, attempt == MAX_ATTEMPTS) {
+                (Ok(()), _) => "delivered",
+                (Err(_), true) => "failed",
+                (Err(_), false) => "pending",
+            };
+            self.update(id, status, attempt, result.err());
+            tracing::info!(rule = rule.id, delivery = id, attempt, status, "alert webhook");
+            if done {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+    }
+
+    async fn post(&self, rule: &Rule, body: &str) -> Result<(), String> {
+        let timestamp = Utc::now().timestamp().to_string();
+        let signature = sign(&rule.secret, &timestamp, body);
+        let request = Request::post(&rule.webhook_url)
+            .header("content-type", "application/json")
+            .header("x-creditgate-timestamp", &timestamp)
+            .header("x-creditgate-signature", format!("v1={signature}"))
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(WEBHOOK_TIMEOUT, self.http.request(request)).await {
+            Err(_) => Err("timed out".into()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(response)) if response.status().is_success() => Ok(()),
+            Ok(Ok(response)) => Err(format!("answered {}", response.status())),
+        }
+    }
+
+    fn record(&self, delivery: Delivery) {
+        let mut deliveries = self.deliveries.lock();
+        if deliveries.len() == MAX_DELIVERIES {
+            deliveries.pop_front();
+        }
+        deliveries.push_back(delivery);
+    }
+
+    fn update(&self, id: u64, status: &'static str, attempts: u32, error: Option<String>) {
+        if let Some(d) = self.deliveries.lock().iter_mut().rev().find(|d| d.id == id) {
+            d.status = status;
+            d.attempts = attempts;
+            d.last_error = error;
+        }
+    }
+}
+
+/// Hex HMAC-SHA256 of `"{timestamp}.{body}"` under `secret`.
+pub fn sign(secret: &str, timestamp: &str, body: &str) -> String {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else { return String::new() };
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
