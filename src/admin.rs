@@ -20,7 +20,8 @@
 //!   Lite allowance, limits.
 //! - `GET|POST /admin/v1/orgs/{org}/apps`, `PUT .../apps/{app}/limits`.
 //! - `GET|POST /admin/v1/orgs/{org}/keys` (the secret is returned once),
-//!   `POST .../keys/{key}/revoke`, `PUT .../keys/{key}/limits`.
+//!   `POST .../keys/{key}/revoke`, `PUT .../keys/{key}/limits`,
+//!   `PUT .../keys/{key}/scope` (allowed routes and models).
 //! - `POST /admin/v1/orgs/{org}/purchases`, `POST .../adjustments` — need an
 //!   `Idempotency-Key` header; a replay returns the original result.
 //! - `GET /admin/v1/orgs/{org}/balances` — pool and Lite wallets, lots, holds.
@@ -59,6 +60,7 @@ use crate::ledger::ids::OrgId;
 use crate::ledger::Ledger;
 use crate::pricing::{LivePrices, PriceLoadError};
 use crate::proxy::{json_error, json_response, GatewayBody};
+use crate::store::WriterStats;
 use crate::telemetry::metrics::Metrics;
 
 /// Readiness latch: set once start-up is complete, cleared on shutdown.
@@ -109,6 +111,8 @@ pub struct Admin {
     pub ledger: Arc<Ledger>,
     pub entries: EntryReader,
     pub alerts: Arc<Alerts>,
+    /// The store writer's counters, read at scrape time.
+    pub store_stats: Arc<dyn Fn() -> WriterStats + Send + Sync>,
 }
 
 impl Admin {
@@ -253,6 +257,11 @@ impl Admin {
     }
 
     fn metrics_text(&self) -> Response<GatewayBody> {
+        let stats = (self.store_stats)();
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics.open_holds.set(gauge(self.ledger.open_holds() as u64));
+        self.metrics.store_flushes.set(gauge(stats.flushes));
+        self.metrics.store_flush_micros.set(gauge(stats.flush_micros));
         let mut response = Response::new(GatewayBody::local(self.metrics.render().into()));
         response.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -108,6 +108,10 @@ impl Gateway {
             clock,
             ledger: ledger.clone(),
             entries: entry_reader(writer.clone()),
+            store_stats: {
+                let writer = writer.clone();
+                Arc::new(move || writer.stats())
+            },
             alerts,
         });
         let admin_options = ServeOptions { name: "admin", ..options };

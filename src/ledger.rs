@@ -276,6 +276,14 @@ impl Ledger {
         Ok(balance)
     }
 
+    /// Whether a key may use a route and a model or tool; checked without
+    /// copying the key record.
+    pub fn key_allows(&self, key: KeyId, route: &str, model: Option<&str>) -> bool {
+        self.keys
+            .get(&key)
+            .is_some_and(|k| k.scope.allows_route(route) && model.is_none_or(|m| k.scope.allows_model(m)))
+    }
+
     /// Balance less open holds, without copying the wallet's lots (for the
     /// `x-creditgate-available` header on every response).
     pub fn available(&self, wallet: WalletId) -> Option<Decimal> {

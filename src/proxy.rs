@@ -182,6 +182,9 @@ impl Proxy {
         }
         let (key, end_user) = charge::identify(&self.ledger, &parts.headers)?;
         ctx.wallet = Some(key.wallet);
+        if !self.ledger.key_allows(key.key, &route.prefix, None) {
+            return Err(ProxyError::NotAllowed { what: "route", name: route.prefix.clone() });
+        }
         ctx.in_flight = self.traffic.admit(key.key)?;
         let table = self.prices.as_ref().ok_or(ProxyError::NoPriceTable)?.current();
         let now = self.clock.now();
@@ -205,6 +208,10 @@ impl Proxy {
             }
             RouteKind::Passthrough => return Ok((parts, streamed(incoming))),
         };
+        let item = priced.name();
+        if !self.ledger.key_allows(key.key, &route.prefix, Some(item)) {
+            return Err(ProxyError::NotAllowed { what: "model", name: item.to_owned() });
+        }
         let amount = charge::hold_amount(&priced, request_bytes, max_output)?;
         let request_id = ledger_request_id(&ctx.request_id);
         let context = SpendContext { key: key.key, end_user: end_user.as_deref() };

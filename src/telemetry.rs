@@ -79,6 +79,10 @@ pub mod metrics {
         /// Time spent in the ledger's hold and settle, in seconds.
         pub hold_seconds: Histogram,
         pub settle_seconds: Histogram,
+        /// Read at scrape time: holds open now, and the store's flushes.
+        pub open_holds: Gauge,
+        pub store_flushes: Gauge,
+        pub store_flush_micros: Gauge,
     }
 
     impl Default for Metrics {
@@ -113,8 +117,25 @@ pub mod metrics {
                 "Time to settle a hold in the ledger",
                 settle_seconds.clone(),
             );
+            let open_holds = Gauge::default();
+            registry.register("open_holds", "Holds open now, across all wallets", open_holds.clone());
+            let store_flushes = Gauge::default();
+            registry.register(
+                "store_flushes",
+                "Flushes (fsync) of the ledger store since start",
+                store_flushes.clone(),
+            );
+            let store_flush_micros = Gauge::default();
+            registry.register(
+                "store_flush_micros",
+                "Time spent flushing the ledger store since start, in microseconds",
+                store_flush_micros.clone(),
+            );
             Metrics {
                 registry,
+                open_holds,
+                store_flushes,
+                store_flush_micros,
                 requests,
                 price_reloads,
                 price_version,

@@ -385,6 +385,16 @@ async fn an_org_token_cannot_see_or_change_another_org_through_any_route() {
         (Method::POST, format!("{b_base}/keys"), Some(json!({"user": ids["pro"]}))),
         (Method::POST, format!("{b_base}/keys/{}/revoke", ids["key"]), None),
         (Method::PUT, format!("{b_base}/keys/{}/limits", ids["key"]), Some(json!({"daily": "1"}))),
+        (Method::PUT, format!("{b_base}/keys/{}/scope", ids["key"]), Some(json!({"models": ["x"]}))),
+        (Method::GET, format!("{b_base}/alerts"), None),
+        (
+            Method::POST,
+            format!("{b_base}/alerts"),
+            Some(
+                json!({"wallet": "pool", "condition": {"type": "lite_wallet_empty"}, "webhook_url": "http://127.0.0.1:9/x", "secret": "0123456789abcdef"}),
+            ),
+        ),
+        (Method::GET, format!("{b_base}/alerts/deliveries"), None),
         (Method::POST, format!("{b_base}/purchases"), Some(json!({"amount": "1"}))),
         (
             Method::POST,
@@ -484,4 +494,45 @@ async fn the_openapi_document_matches_the_routes() {
         }
     }
     assert_eq!(documented, creditgate::admin::openapi::ROUTES.len());
+}
+
+#[tokio::test]
+async fn a_key_scoped_to_some_models_and_routes_is_refused_elsewhere_and_charged_nothing() {
+    let stack = start().await;
+    let (org, ids) = org_b(&stack).await;
+    let secret = ids["secret"].as_str().unwrap();
+    let scope = json!({"routes": ["/v1/messages"], "models": ["mock-claude"]});
+    let set = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::PUT,
+        &format!("/admin/v1/orgs/{org}/keys/{}/scope", ids["key"]),
+        Some(scope),
+        &[],
+    )
+    .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    assert_eq!(set.json()["scope"]["models"][0], "mock-claude");
+    let before = call(&stack, ADMIN_TOKEN, Method::GET, &format!("/admin/v1/orgs/{org}/balances"), None, &[])
+        .await
+        .json();
+
+    let wrong_route =
+        post_json(&stack.url("/v1/chat/completions"), secret, &json!({"model": "mock-claude"})).await;
+    assert_eq!(wrong_route.status, 403);
+    assert_eq!(wrong_route.json()["error"]["code"], "not_allowed_for_key");
+    let wrong_model =
+        post_json(&stack.url("/v1/messages"), secret, &json!({"model": "claude-sonnet-4", "max_tokens": 5}))
+            .await;
+    assert_eq!(wrong_model.status, 403);
+    let after = call(&stack, ADMIN_TOKEN, Method::GET, &format!("/admin/v1/orgs/{org}/balances"), None, &[])
+        .await
+        .json();
+    assert_eq!(before["balances"][0]["balance"], after["balances"][0]["balance"], "refusals charge nothing");
+    assert!(stack.mock.journal().entries().is_empty(), "nothing was forwarded");
+
+    let allowed =
+        post_json(&stack.url("/v1/messages"), secret, &json!({"model": "mock-claude", "max_tokens": 5}))
+            .await;
+    assert_eq!(allowed.status, 200);
 }

@@ -541,5 +541,12 @@ async fn metrics_count_charges_refusals_and_ledger_latency_with_bounded_labels()
         "{text}"
     );
     assert!(text.contains("creditgate_hold_seconds_count 10"), "every hold attempt is timed: {text}");
+    assert!(text.contains("creditgate_open_holds 0"), "no hold left open: {text}");
+    let flushes: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("creditgate_store_flushes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(flushes > 0, "the store has flushed: {text}");
     assert!(!text.contains(&keys.pro) && !text.contains("org="), "no keys or org ids in labels");
 }

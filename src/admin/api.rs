@@ -17,7 +17,7 @@ use super::Scope;
 use crate::alerts::{AlertError, Alerts, Condition, Rule};
 use crate::demo::new_secret;
 use crate::ledger::contract::ContractTerm;
-use crate::ledger::entity::{ApiKey, KeyHash, Plan};
+use crate::ledger::entity::{ApiKey, KeyHash, KeyScope, Plan};
 use crate::ledger::ids::{AppId, KeyId, OrgId, Owner, UserId, WalletId};
 use crate::ledger::limit::Limits;
 use crate::ledger::{AdjustmentRequest, Ledger, NewApp, NewKey, NewOrg, NewUser, PurchaseRequest};
@@ -195,7 +195,7 @@ struct AdjustmentIn {
 pub fn key_view(key: &ApiKey) -> Value {
     json!({
         "id": key.id, "org": key.org, "owner": key.owner, "label": key.label,
-        "limits": key.limits, "revoked": key.revoked, "created_at": key.created_at,
+        "limits": key.limits, "scope": key.scope, "revoked": key.revoked, "created_at": key.created_at,
     })
 }
 
@@ -286,6 +286,19 @@ pub fn org_resource(
         (&Method::POST, ["keys"]) => create_key(ledger, org, body, now),
         (&Method::POST, ["keys", key, "revoke"]) => {
             get(key_view(&ledger.revoke_key(org, KeyId(id(key, "key")?))?))
+        }
+        (&Method::PUT, ["keys", key, "scope"]) => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct ScopeIn {
+                #[serde(default)]
+                routes: Vec<String>,
+                #[serde(default)]
+                models: Vec<String>,
+            }
+            let raw: ScopeIn = parse(body)?;
+            let scope = KeyScope { routes: raw.routes, models: raw.models };
+            get(key_view(&ledger.set_key_scope(org, KeyId(id(key, "key")?), scope)?))
         }
         (&Method::PUT, ["keys", key, "limits"]) => {
             let raw: LimitsIn = parse(body)?;

@@ -40,6 +40,7 @@ pub const ROUTES: &[RouteDoc] = &[
     route("post", "/admin/v1/orgs/{org}/keys", "Create a key; the secret is returned once"),
     route("post", "/admin/v1/orgs/{org}/keys/{key}/revoke", "Revoke a key"),
     route("put", "/admin/v1/orgs/{org}/keys/{key}/limits", "Set a key's limits"),
+    route("put", "/admin/v1/orgs/{org}/keys/{key}/scope", "Restrict a key to some routes and models"),
     route("post", "/admin/v1/orgs/{org}/purchases", "Buy credits (Idempotency-Key header required)"),
     route("post", "/admin/v1/orgs/{org}/adjustments", "Correct a wallet (Idempotency-Key header required)"),
     route("get", "/admin/v1/orgs/{org}/balances", "Pool and Lite wallets: balance, lots, holds"),

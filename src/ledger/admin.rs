@@ -20,7 +20,7 @@ use rust_decimal::Decimal;
 
 use crate::ledger::calendar::YearMonth;
 use crate::ledger::contract::{ContractTerm, OrgCalendar};
-use crate::ledger::entity::{ApiKey, Application, KeyHash, Organization, Plan, User};
+use crate::ledger::entity::{ApiKey, Application, KeyHash, KeyScope, Organization, Plan, User};
 use crate::ledger::ids::{AppId, KeyId, OrgId, Owner, UserId, WalletId};
 use crate::ledger::journal::{Record, RecordBody};
 use crate::ledger::limit::Limits;
@@ -287,6 +287,7 @@ impl Ledger {
                 limits: new.limits,
                 revoked: false,
                 created_at: now,
+                scope: KeyScope::default(),
             })
         });
         let RecordBody::Key(key) = record else { unreachable!("commit returns the record it was given") };
@@ -305,6 +306,11 @@ impl Ledger {
     pub fn set_key_limits(&self, org: OrgId, key: KeyId, limits: Limits) -> Result<ApiKey, LedgerError> {
         limits.validate()?;
         self.update_key(org, key, |key| key.limits = limits)
+    }
+
+    /// Restricts a key to some routes and models (empty lists: everything).
+    pub fn set_key_scope(&self, org: OrgId, key: KeyId, scope: KeyScope) -> Result<ApiKey, LedgerError> {
+        self.update_key(org, key, |key| key.scope = scope)
     }
 
     fn update_key(

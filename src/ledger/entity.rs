@@ -132,4 +132,29 @@ pub struct ApiKey {
     pub revoked: bool,
     /// Creation time.
     pub created_at: DateTime<Utc>,
+    /// What the key may be used for; empty lists allow everything. Records
+    /// written before this field existed read as "everything".
+    #[serde(default)]
+    pub scope: KeyScope,
+}
+
+/// Routes and models a key is restricted to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyScope {
+    /// Route prefixes (as in the gateway config); empty: any route.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// Model or tool names; empty: any.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+impl KeyScope {
+    pub fn allows_route(&self, route: &str) -> bool {
+        self.routes.is_empty() || self.routes.iter().any(|r| r == route)
+    }
+
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m == model)
+    }
 }

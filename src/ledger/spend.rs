@@ -127,6 +127,12 @@ impl Ledger {
     }
 
     /// The wallets, copied out so no map guard is held while they are locked.
+    /// Holds open across every wallet (for the metrics endpoint; locks each
+    /// wallet briefly in turn).
+    pub fn open_holds(&self) -> usize {
+        self.all_cells().iter().map(|cell| cell.state.lock().holds.len()).sum()
+    }
+
     fn all_cells(&self) -> Vec<Arc<crate::ledger::wallet::WalletCell>> {
         self.wallets.iter().map(|cell| Arc::clone(cell.value())).collect()
     }

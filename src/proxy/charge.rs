@@ -42,6 +42,15 @@ pub enum Priced {
     Tool { name: Arc<str>, price: ToolPrice, units_header: Option<HeaderName> },
 }
 
+impl Priced {
+    /// The model or tool name as the request gave it.
+    pub fn name(&self) -> &str {
+        match self {
+            Priced::Model { name, .. } | Priced::Tool { name, .. } => name,
+        }
+    }
+}
+
 /// A request's money state, from identify to settle.
 pub struct Charge {
     pub key: ResolvedKey,

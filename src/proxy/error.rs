@@ -42,6 +42,8 @@ pub enum ProxyError {
     NoPriceTable,
     #[error("{0}")]
     Refused(Box<Refusal>),
+    #[error("this key may not use {what} `{name}`; ask the operator to widen the key's scope")]
+    NotAllowed { what: &'static str, name: String },
     #[error("this key is over its {cap} cap of {limit}; retry after {retry_after_secs} s")]
     TrafficCap { cap: &'static str, limit: u32, retry_after_secs: u64 },
 }
@@ -79,6 +81,7 @@ impl ProxyError {
             ProxyError::InvalidField { .. } => (S::BAD_REQUEST, "invalid_request_error", "invalid_field", Level::DEBUG),
             ProxyError::NoPriceTable => (S::SERVICE_UNAVAILABLE, "gateway_error", "no_price_table", Level::ERROR),
             ProxyError::Refused(refusal) => refusal_class(refusal),
+            ProxyError::NotAllowed { .. } => (S::FORBIDDEN, "permission_error", "not_allowed_for_key", Level::DEBUG),
             ProxyError::TrafficCap { .. } => (S::TOO_MANY_REQUESTS, "rate_limit_error", "traffic_cap", Level::DEBUG),
         };
         ErrorClass { status, kind, code, level }

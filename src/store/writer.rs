@@ -33,6 +33,8 @@ pub struct WriterStats {
     pub flushes: u64,
     /// Records written by completed flushes.
     pub written: u64,
+    /// Time spent in flushes (fsync), in microseconds.
+    pub flush_micros: u64,
 }
 
 #[derive(Debug, Default)]
@@ -41,6 +43,7 @@ struct Counters {
     waited_for_room: AtomicU64,
     flushes: AtomicU64,
     written: AtomicU64,
+    flush_micros: AtomicU64,
 }
 
 /// The journal the ledger writes to in production.
@@ -94,6 +97,7 @@ impl<S: Store> GroupCommit<S> {
             waited_for_room: self.counters.waited_for_room.load(Ordering::Relaxed),
             flushes: self.counters.flushes.load(Ordering::Relaxed),
             written: self.counters.written.load(Ordering::Relaxed),
+            flush_micros: self.counters.flush_micros.load(Ordering::Relaxed),
         }
     }
 
@@ -253,7 +257,10 @@ impl<S: Store> Worker<S> {
         if let Some(error) = self.failure.get() {
             return Err(error.clone());
         }
+        let started = Instant::now();
         self.store.flush().map_err(|error| self.fail(error))?;
+        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.counters.flush_micros.fetch_add(took, Ordering::Relaxed);
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         self.counters.written.fetch_add(count, Ordering::Relaxed);
         Ok(())
