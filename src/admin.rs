@@ -183,9 +183,10 @@ impl Admin {
             ["orgs", org, rest @ ..] => {
                 let org = OrgId(org.parse().map_err(|_| AdminError::NotFound(format!("no org {org}")))?);
                 // Another organization's resources do not exist for this token.
-                if !scope.sees(org) || self.ledger.org(org).is_none() {
-                    return Err(AdminError::NotFound(format!("no org {}", org.0)));
-                }
+                let time_zone = match self.ledger.org(org) {
+                    Some(found) if scope.sees(org) => found.time_zone,
+                    _ => return Err(AdminError::NotFound(format!("no org {}", org.0))),
+                };
                 match (&parts.method, rest) {
                     (_, ["alerts", ..]) => {
                         api::alert_resource(&self.ledger, &self.alerts, org, &parts.method, rest, &body)?
@@ -199,7 +200,7 @@ impl Admin {
                                 .and_then(|v| v.to_str().ok())
                                 .is_some_and(|a| a.contains("text/csv"));
                         let (status, text, content_type) =
-                            reports::usage(&*self.entries, org, &params, wants_csv)?;
+                            reports::usage(&*self.entries, org, time_zone, &params, wants_csv)?;
                         let mut response = Response::new(GatewayBody::local(Bytes::from(text)));
                         *response.status_mut() = status;
                         response

@@ -536,3 +536,64 @@ async fn a_key_scoped_to_some_models_and_routes_is_refused_elsewhere_and_charged
             .await;
     assert_eq!(allowed.status, 200);
 }
+
+#[tokio::test]
+async fn usage_days_are_the_organizations_days() {
+    // 20:00 UTC on the 25th is 05:00 on the 26th in Tokyo.
+    let clock = creditgate::clock::ManualClock::new("2026-11-25T20:00:00Z".parse().unwrap());
+    let stack = start_with_clock(clock).await;
+    let org = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        "/admin/v1/orgs",
+        Some(json!({
+            "name": "tokyo", "time_zone": "Asia/Tokyo",
+            "contract": {"start": "2026-11-01", "years": 1, "platform_allocation_per_year": "10"}
+        })),
+        &[],
+    )
+    .await
+    .json();
+    let id = org["id"].as_u64().unwrap();
+    let user = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        &format!("/admin/v1/orgs/{id}/users"),
+        Some(json!({"name": "k", "plan": "pro"})),
+        &[],
+    )
+    .await
+    .json();
+    let key = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        &format!("/admin/v1/orgs/{id}/keys"),
+        Some(json!({"user": user["id"]})),
+        &[],
+    )
+    .await
+    .json();
+    let reply = post_json(
+        &stack.url("/v1/chat/completions"),
+        key["secret"].as_str().unwrap(),
+        &json!({"model": "mock-gpt", "max_tokens": 5}),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let report = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::GET,
+        &format!("/admin/v1/orgs/{id}/usage?group_by=day,month"),
+        None,
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(report["rows"][0]["day"], "2026-11-26", "{report}");
+    assert_eq!(report["rows"][0]["month"], "2026-11");
+}

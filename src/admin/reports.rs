@@ -198,9 +198,11 @@ struct Totals {
 
 /// `GET /admin/v1/orgs/{org}/usage?group_by=model,day&from=&to=` as JSON;
 /// with `csv` true, the same rows as CSV text.
+/// Days and months are the organization's, in its time zone.
 pub fn usage(
     source: EntrySource<'_>,
     org: OrgId,
+    time_zone: chrono_tz::Tz,
     params: &BTreeMap<String, String>,
     csv: bool,
 ) -> Result<(StatusCode, String, &'static str), AdminError> {
@@ -242,8 +244,8 @@ pub fn usage(
                     "model" if !is_tool => debit.details.model.to_string(),
                     "tool" if is_tool => debit.details.model.to_string(),
                     "route" => debit.details.route.to_string(),
-                    "day" => entry.at.format("%Y-%m-%d").to_string(),
-                    "month" => entry.at.format("%Y-%m").to_string(),
+                    "day" => entry.at.with_timezone(&time_zone).format("%Y-%m-%d").to_string(),
+                    "month" => entry.at.with_timezone(&time_zone).format("%Y-%m").to_string(),
                     _ => String::new(),
                 })
                 .collect();

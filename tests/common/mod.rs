@@ -157,6 +157,23 @@ pub async fn start_edited(edit: impl FnOnce(String) -> String) -> Stack {
     Stack { keys, mock, gateway, shutdown, data_dir }
 }
 
+/// A stack whose gateway reads `clock`.
+pub async fn start_with_clock(clock: std::sync::Arc<dyn creditgate::clock::Clock>) -> Stack {
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default()).await.unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let config = parse_config(&config_text(mock.addr(), "", ""), data_dir.path());
+    let shutdown = CancellationToken::new();
+    let now = clock.now();
+    let gateway = Gateway::start_with_clock(config, clock, shutdown.clone()).await.unwrap();
+    let spec = SeedSpec {
+        org_name: "test-org".into(),
+        pool: "100".parse().unwrap(),
+        lite_allowance: "1".parse().unwrap(),
+    };
+    let keys = seed_org(&gateway.ledger(), &spec, now).unwrap();
+    Stack { keys, mock, gateway, shutdown, data_dir }
+}
+
 pub async fn start() -> Stack {
     start_with("", "", MockOptions::default()).await
 }
