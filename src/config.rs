@@ -29,6 +29,8 @@ const DEFAULT_PRICE_WATCH_INTERVAL_MS: u64 = 250;
 const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 /// Bound on how long a client may take to send request headers (slowloris).
 const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Bound on reading a whole request body that must be priced.
+const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
 /// Bound on open client connections; excess connections wait in the backlog.
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
@@ -130,6 +132,9 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
+    /// Bound on reading a request body the gateway must see whole (model
+    /// routes); a slower client gets 408.
+    pub body_read_timeout: Duration,
     pub max_connections: usize,
 }
 
@@ -269,6 +274,7 @@ struct RawServer {
     max_body_bytes: Option<u64>,
     shutdown_grace_ms: Option<u64>,
     header_read_timeout_ms: Option<u64>,
+    body_read_timeout_ms: Option<u64>,
     max_connections: Option<usize>,
 }
 
@@ -542,6 +548,9 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
         shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS)),
         header_read_timeout: Duration::from_millis(
             raw.header_read_timeout_ms.unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS),
+        ),
+        body_read_timeout: Duration::from_millis(
+            raw.body_read_timeout_ms.unwrap_or(DEFAULT_BODY_READ_TIMEOUT_MS),
         ),
         max_connections: raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS).max(1),
     }

@@ -24,7 +24,7 @@
 //! `x-mock-pace-ms: N` waits between stream events (default from options);
 //! `x-mock-reset-after: N` breaks the connection after N events (or after half
 //! of a plain body); `x-mock-hang: 1` never answers; `x-mock-omit-usage: 1`
-//! leaves `usage` out of a JSON body.
+//! leaves `usage` out of a JSON body; `x-mock-usage: {...}` replaces it.
 
 mod responses;
 
@@ -199,6 +199,8 @@ struct Controls {
     reset_after: Option<usize>,
     hang: bool,
     omit_usage: bool,
+    /// Replaces the `usage` object of a JSON answer (fault injection).
+    usage_override: Option<serde_json::Value>,
 }
 
 impl Controls {
@@ -214,6 +216,10 @@ impl Controls {
             reset_after: number("x-mock-reset-after").and_then(|n| usize::try_from(n).ok()),
             hang: headers.contains_key("x-mock-hang"),
             omit_usage: headers.contains_key("x-mock-omit-usage"),
+            usage_override: headers
+                .get("x-mock-usage")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| serde_json::from_str(v).ok()),
         }
     }
 }
@@ -297,9 +303,12 @@ impl MockState {
     fn write(&self, reply: Reply, controls: &Controls, mut entry: JournalEntry) -> Response<MockBody> {
         match reply {
             Reply::Json(status, mut value, usage) => {
-                if controls.omit_usage {
-                    if let Some(object) = value.as_object_mut() {
+                if let Some(object) = value.as_object_mut() {
+                    if controls.omit_usage {
                         object.remove("usage");
+                    }
+                    if let Some(usage) = &controls.usage_override {
+                        object.insert("usage".to_owned(), usage.clone());
                     }
                 }
                 entry.status = status.as_u16();

@@ -190,7 +190,10 @@ impl Proxy {
         let now = self.clock.now();
         let (body, priced, max_output, injected_usage, request_bytes) = match &route.kind {
             RouteKind::Model(flavour) => {
-                let bytes = read_body(incoming, limit).await?;
+                let timeout = self.config.server.body_read_timeout;
+                let bytes = tokio::time::timeout(timeout, read_body(incoming, limit))
+                    .await
+                    .map_err(|_| ProxyError::BodyTimeout { timeout })??;
                 let fields = charge::read_model_request(&bytes)?;
                 let priced = charge::price_model(&table, &fields.model, *flavour, now)?;
                 let request_bytes = bytes.len() as u64;
@@ -227,6 +230,7 @@ impl Proxy {
             table,
             priced: Some(priced),
             request_bytes,
+            max_output_tokens: max_output,
             hold: Some(hold),
             meter: None,
             injected_usage,

@@ -60,6 +60,8 @@ pub struct Charge {
     pub table: Arc<PriceTable>,
     pub priced: Option<Priced>,
     pub request_bytes: u64,
+    /// The output cap the request named, if any.
+    pub max_output_tokens: Option<u64>,
     pub hold: Option<Hold>,
     pub meter: Option<Meter>,
     /// The gateway added `stream_options.include_usage`; remove what it adds.
@@ -301,7 +303,20 @@ impl Charge {
         let no_output = flavour == Flavour::OpenaiEmbeddings;
         let complete = reported.input_tokens.is_some() && (reported.output_tokens.is_some() || no_output);
         let (tokens, estimated) = match outcome {
-            Outcome::Completed if complete => (token_usage(&reported, 0), false),
+            Outcome::Completed if complete => {
+                let usage = token_usage(&reported, 0);
+                if self.implausible(&usage) {
+                    // A usage no request like this can have (garbage from the
+                    // upstream): never bill it, charge the hold and flag it.
+                    tracing::warn!(
+                        input = usage.input_tokens,
+                        output = usage.output_tokens,
+                        "implausible usage reported; charged at the hold"
+                    );
+                    return (held, Usage::default(), true);
+                }
+                (usage, false)
+            }
             Outcome::Completed => return (held, Usage::default(), true),
             _ => {
                 let input_estimate = self.request_bytes.div_ceil(REQUEST_BYTES_PER_TOKEN);
@@ -320,6 +335,18 @@ impl Charge {
             tool_units: 0,
         };
         (cost, usage, estimated)
+    }
+}
+
+/// Slack for bytes the gateway itself adds to a request (`stream_options`).
+const ADDED_REQUEST_BYTES: u64 = 64;
+
+impl Charge {
+    /// More input tokens than request bytes (no tokenizer does that), or more
+    /// output than the request allowed.
+    fn implausible(&self, usage: &TokenUsage) -> bool {
+        usage.input_tokens > self.request_bytes + ADDED_REQUEST_BYTES
+            || self.max_output_tokens.is_some_and(|max| usage.output_tokens > max)
     }
 }
 

@@ -18,6 +18,8 @@ pub enum ProxyError {
     RouteNotFound { path: String },
     #[error("request body exceeds the {limit_bytes}-byte limit")]
     BodyTooLarge { limit_bytes: u64 },
+    #[error("the request body did not arrive within {timeout:?}")]
+    BodyTimeout { timeout: Duration },
     #[error("upstream {upstream} refused the connection: {reason}")]
     UpstreamUnreachable { upstream: String, reason: String },
     #[error("upstream {upstream} did not accept a connection within {timeout:?}")]
@@ -69,6 +71,7 @@ impl ProxyError {
         let (status, kind, code, level) = match self {
             ProxyError::RouteNotFound { .. } => (S::NOT_FOUND, "invalid_request_error", "route_not_found", Level::DEBUG),
             ProxyError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "invalid_request_error", "body_too_large", Level::DEBUG),
+            ProxyError::BodyTimeout { .. } => (S::REQUEST_TIMEOUT, "invalid_request_error", "body_timeout", Level::DEBUG),
             ProxyError::UpstreamUnreachable { .. } => (S::BAD_GATEWAY, "upstream_error", "upstream_unreachable", Level::WARN),
             ProxyError::UpstreamConnectTimeout { .. } => (S::GATEWAY_TIMEOUT, "upstream_error", "upstream_connect_timeout", Level::WARN),
             ProxyError::UpstreamTimeout { .. } => (S::GATEWAY_TIMEOUT, "upstream_error", "upstream_timeout", Level::WARN),

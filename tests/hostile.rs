@@ -1,0 +1,238 @@
+//! Hostile input and upstream faults: every malformed request gets a clear
+//! 4xx and costs nothing; broken upstreams never break the books.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use creditgate::ledger::entity::KeyHash;
+use http::Request;
+use http_body_util::Full;
+use rust_decimal::Decimal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn pool_balance(stack: &Stack) -> Decimal {
+    let wallet = stack.gateway.ledger().resolve_key(&KeyHash::of_secret(&stack.keys.pro)).unwrap().wallet;
+    let b = stack.gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap();
+    assert_eq!(b.balance, b.totals.balance(), "the books balance");
+    b.balance
+}
+
+async fn wait_settled(stack: &Stack) -> Decimal {
+    let wallet = stack.gateway.ledger().resolve_key(&KeyHash::of_secret(&stack.keys.pro)).unwrap().wallet;
+    for _ in 0..300 {
+        let b = stack.gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap();
+        if b.open_holds == 0 {
+            return b.balance;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("a hold stayed open");
+}
+
+/// Send raw bytes on a fresh connection and return the status line.
+async fn raw(stack: &Stack, request: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(stack.gateway.proxy_addr()).await.unwrap();
+    let _ = stream.write_all(request).await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    String::from_utf8_lossy(&response).lines().next().unwrap_or("").to_owned()
+}
+
+#[tokio::test]
+async fn a_matrix_of_malformed_requests_gets_clear_4xx_and_costs_nothing() {
+    let stack =
+        start_with("max_body_bytes = 65536\nbody_read_timeout_ms = 300", "", Default::default()).await;
+    let before = pool_balance(&stack);
+    let key = stack.keys.pro.clone();
+    let bodies: Vec<(String, u16)> = vec![
+        (String::new(), 400),
+        ("{".into(), 400),
+        ("[]".into(), 400),
+        ("null".into(), 400),
+        ("\"just a string\"".into(), 400),
+        (r#"{"model": 5}"#.into(), 400),
+        (r#"{"model": ""}"#.into(), 400),
+        (r#"{"model": null}"#.into(), 400),
+        (r#"{"model": "mock-gpt", "max_tokens": -1}"#.into(), 400),
+        (r#"{"model": "mock-gpt", "max_tokens": 1.5}"#.into(), 400),
+        (r#"{"model": "mock-gpt", "max_tokens": 1e30}"#.into(), 400),
+        (r#"{"model": "mock-gpt", "max_tokens": "10"}"#.into(), 400),
+        (r#"{"model": "mock-gpt", "max_tokens": 18446744073709551615}"#.into(), 402),
+        (r#"{"model": "mock-gpt", "stream": "yes"}"#.into(), 400),
+        ("{\"model\": \"mock-gpt\u{0000}\"}".into(), 400),
+        ("{\"model\": \"\u{202e}tpg-kcom\"}".into(), 400),
+        ("{\"model\": \"𝓂𝑜𝒸𝓀-gpt\"}".into(), 400),
+        ("{\"model\": \"mock-gpt\", \"max_tokens\": 5, \"x\": \"\u{fffd}\"}".into(), 200),
+        (format!("{{\"model\": \"{}\"}}", "m".repeat(10_000)), 400),
+        (format!("{{\"model\": \"mock-gpt\", \"pad\": \"{}\"}}", "x".repeat(70_000)), 413),
+    ];
+    let mut tried = 0;
+    for (body, status) in &bodies {
+        let reply = post_raw_body(&stack, &key, body.as_bytes()).await;
+        assert_eq!(reply.status, *status, "body {:?}: {:?}", &body[..body.len().min(60)], reply.body);
+        if *status != 200 {
+            assert!(reply.json()["error"]["code"].is_string(), "a clear error code");
+        }
+        tried += 1;
+    }
+    // Bytes that are not UTF-8 at all.
+    let reply = post_raw_body(&stack, &key, &[0xff, 0xfe, b'{', 0x80]).await;
+    assert_eq!(reply.status, 400);
+    tried += 1;
+    // Header tricks: an overlong or non-ASCII end-user id.
+    for end_user in ["x".repeat(500), "ünïcödé".to_owned()] {
+        let request = Request::post(stack.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {key}"))
+            .header("x-creditgate-end-user", http::HeaderValue::from_bytes(end_user.as_bytes()).unwrap())
+            .body(Full::new(Bytes::from(r#"{"model":"mock-gpt"}"#)))
+            .unwrap();
+        assert_eq!(send(request).await.status, 400, "end user {end_user:?}");
+        tried += 1;
+    }
+    // Header injection never gets through the parser.
+    let status = raw(
+        &stack,
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-creditgate-end-user: a\rb: c\r\n\r\n",
+    )
+    .await;
+    assert!(status.starts_with("HTTP/1.1 4"), "{status}");
+    // Oversized headers.
+    let big =
+        format!("GET /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n", "a".repeat(1 << 20));
+    let status = raw(&stack, big.as_bytes()).await;
+    assert!(
+        status.is_empty() || status.starts_with("HTTP/1.1 431") || status.starts_with("HTTP/1.1 4"),
+        "{status}"
+    );
+    // A body that stalls half-way gets 408.
+    let slow = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-length: 100\r\n\r\n{{\"model\":"
+    );
+    let status = raw(&stack, slow.as_bytes()).await;
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+    tried += 4;
+
+    let forwarded = stack.mock.journal().entries().len();
+    assert_eq!(forwarded, 1, "only the one well-formed call reached the upstream");
+    let after = wait_settled(&stack).await;
+    let one_call = before - after;
+    assert!(
+        one_call > Decimal::ZERO && one_call < Decimal::new(1, 3),
+        "only the well-formed call was charged: {one_call}"
+    );
+    println!("malformed cases tried: {tried}");
+}
+
+async fn post_raw_body(stack: &Stack, key: &str, body: &[u8]) -> Reply {
+    let request = Request::post(stack.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .unwrap();
+    send(request).await
+}
+
+#[tokio::test]
+async fn garbage_negative_or_huge_usage_from_the_upstream_is_never_believed() {
+    let stack = start().await;
+    let body = r#"{"model":"mock-gpt","max_tokens":20}"#;
+    // The hold: one token per request byte at $1/M, 20 output tokens at $2/M, the fee.
+    let hold = (Decimal::from(body.len() as u64) + Decimal::from(40u64)) / Decimal::from(1_000_000u64)
+        + Decimal::new(1, 4);
+    for usage in [
+        r#"{"prompt_tokens": -5, "completion_tokens": -9}"#,
+        r#"{"prompt_tokens": "many", "completion_tokens": null}"#,
+        r#"{"prompt_tokens": 1000000000000, "completion_tokens": 1000000000000}"#,
+        r#"{"prompt_tokens": 3, "completion_tokens": 999999}"#,
+        r#"[1,2,3]"#,
+    ] {
+        let before = pool_balance(&stack);
+        let request = Request::post(stack.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {}", stack.keys.pro))
+            .header("x-mock-usage", usage)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        assert_eq!(send(request).await.status, 200, "the client still gets its answer");
+        let charged = before - wait_settled(&stack).await;
+        assert_eq!(charged, hold, "usage {usage} is charged at the hold, never more");
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_that_resets_mid_stream_is_charged_for_what_was_delivered() {
+    let stack = start().await;
+    let before = pool_balance(&stack);
+    let body = r#"{"model":"mock-gpt","stream":true,"max_tokens":40,"seed":30}"#;
+    let request = Request::post(stack.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {}", stack.keys.pro))
+        .header("x-mock-reset-after", "6")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let result = http_body_util::BodyExt::collect(response.into_body()).await;
+    assert!(result.is_err(), "the client sees the stream break, not a clean end");
+    let charged = before - wait_settled(&stack).await;
+    let full = (Decimal::from((body.len() as u64).div_ceil(4)) + Decimal::from(80u64))
+        / Decimal::from(1_000_000u64)
+        + Decimal::new(1, 4);
+    assert!(charged > Decimal::ZERO && charged < full, "partial charge {charged} below the full {full}");
+    // The gateway keeps serving.
+    let reply = post_json(
+        &stack.url("/v1/chat/completions"),
+        &stack.keys.pro,
+        &serde_json::json!({"model": "mock-gpt"}),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn an_unwritable_data_directory_stops_the_start_with_a_clear_error() {
+    let mock = creditgate::mock::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A file where the data directory should be: nothing can be created in it.
+    let blocked = dir.path().join("data");
+    std::fs::write(&blocked, b"not a directory").unwrap();
+    let config = parse_config(&config_text(mock.addr(), "", ""), &blocked);
+    let error =
+        creditgate::app::Gateway::start(config, tokio_util::sync::CancellationToken::new()).await.err();
+    let message = format!("{:#}", error.expect("the gateway must refuse to start"));
+    assert!(message.contains("data directory"), "{message}");
+}
+
+#[tokio::test]
+async fn a_price_file_deleted_or_truncated_keeps_the_prices_in_force() {
+    let stack = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prices.toml");
+    std::fs::copy(PRICES_FILE, &path).unwrap();
+    let text = config_text(stack.mock.addr(), "", "").replace(PRICES_FILE, path.to_str().unwrap());
+    let config = parse_config(&text, &dir.path().join("data"));
+    let gateway =
+        creditgate::app::Gateway::start(config, tokio_util::sync::CancellationToken::new()).await.unwrap();
+    let prices = gateway.prices().unwrap();
+    let version = prices.current().version().clone();
+    let full = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, &full[..full.len() / 3]).unwrap();
+    assert!(prices.reload(chrono::Utc::now(), "test").is_err(), "a truncated file is refused");
+    std::fs::remove_file(&path).unwrap();
+    assert!(prices.reload(chrono::Utc::now(), "test").is_err(), "a missing file is refused");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(prices.current().version(), &version, "the old table stays in force");
+    let keys = seed(&gateway, "10", "1");
+    let reply = post_json(
+        &format!("http://{}/v1/chat/completions", gateway.proxy_addr()),
+        &keys.pro,
+        &serde_json::json!({"model": "mock-gpt"}),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "requests are still priced and served");
+}
