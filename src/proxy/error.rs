@@ -186,3 +186,18 @@ fn json_body(status: StatusCode, body: &serde_json::Value) -> Response<Bytes> {
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ledger_that_cannot_record_answers_503_never_free_service() {
+        let error = ProxyError::Refused(Box::new(Refusal::Unavailable { reason: "disk full".into() }));
+        let response = error.to_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(body["error"]["code"], "ledger_unavailable");
+    }
+}

@@ -350,3 +350,60 @@ fn the_writer_keeps_flushing_under_steady_load() {
     assert!(waited < std::time::Duration::from_secs(1), "a sync under load waited {waited:?}");
     assert!(flushes_during >= 10, "only {flushes_during} flushes in 300 ms of steady load");
 }
+
+/// A sled store that starts failing its writes when told to (a full or
+/// broken disk).
+struct Breakable {
+    inner: SledStore,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl Store for Breakable {
+    fn append(&self, records: &[Record]) -> Result<(), StoreError> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(StoreError::Sled(::sled::Error::Io(std::io::Error::other("disk full"))));
+        }
+        self.inner.append(records)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush()
+    }
+
+    fn records(&self) -> Box<dyn Iterator<Item = Result<Record, StoreError>> + '_> {
+        self.inner.records()
+    }
+
+    fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
+        self.inner.read_after(after, limit)
+    }
+}
+
+#[test]
+fn a_store_that_cannot_write_makes_the_ledger_refuse_rather_than_serve_unrecorded() {
+    // Proves fail-closed: once the store fails, holds are refused as
+    // Unavailable (the proxy answers 503), and admin writes return an error.
+    let dir = tempfile::tempdir().unwrap();
+    let now = at("2027-03-10T12:00:00Z");
+    let store = Breakable { inner: SledStore::open(dir.path()).unwrap(), broken: false.into() };
+    let opened = open_ledger_on(store, LedgerConfig::default(), fast()).unwrap();
+    let wallets = populate(&opened.ledger);
+    let pool = wallets[0];
+    let key = opened.ledger.keys_of(opened.ledger.wallet_org(pool).unwrap())[0].id;
+    let context = SpendContext { key, end_user: None };
+    opened.writer.store().broken.store(true, Ordering::SeqCst);
+    // The first write after the break fails in the writer; from then on the
+    // ledger takes no work.
+    let hold = opened.ledger.hold(pool, request(), dec!(1), context, now).unwrap();
+    let _ = hold.settle(dec!(1), details(), now);
+    let purchase = PurchaseRequest {
+        org: opened.ledger.wallet_org(pool).unwrap(),
+        amount: dec!(1),
+        expires_at: None,
+        reference: None,
+        idempotency_key: "after-break".into(),
+    };
+    assert!(opened.ledger.purchase(purchase, now).is_err(), "a purchase is never acknowledged unrecorded");
+    let refused = opened.ledger.hold(pool, request(), dec!(1), context, now).unwrap_err();
+    assert_eq!(refused.code(), "ledger_unavailable", "{refused:?}");
+}
