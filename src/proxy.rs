@@ -33,6 +33,8 @@ use hyper::body::Incoming;
 use tracing::Instrument;
 
 pub use body::GatewayBody;
+/// Request-body field extraction, public for the fuzz targets.
+pub use charge::{read_model_request, with_include_usage, ModelRequest};
 pub use context::{Outcome, RequestCtx};
 pub use error::{json_error, ErrorClass, ProxyError};
 pub use headers::REQUEST_ID;
