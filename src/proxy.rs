@@ -238,6 +238,7 @@ impl Proxy {
             injected_usage,
             upstream_status: None,
             tool_units: None,
+            clock: self.clock.clone(),
         });
         Ok((parts, body))
     }

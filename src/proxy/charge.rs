@@ -14,6 +14,7 @@ use serde_json::Value;
 use super::context::Outcome;
 use super::error::ProxyError;
 use super::headers::X_API_KEY;
+use crate::clock::Clock;
 use crate::config::Flavour;
 use crate::ledger::entity::KeyHash;
 use crate::ledger::entry::{SettleDetails, Usage};
@@ -68,6 +69,19 @@ pub struct Charge {
     pub injected_usage: bool,
     pub upstream_status: Option<StatusCode>,
     pub tool_units: Option<u64>,
+    /// For releasing the hold if the request is dropped before it settles.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Drop for Charge {
+    /// A request dropped before its response began (the client went away
+    /// while the upstream was still thinking) releases its hold at once
+    /// instead of leaving it to the TTL. After a settle there is no hold left.
+    fn drop(&mut self) {
+        if let Some(hold) = self.hold.take() {
+            hold.release(self.clock.now());
+        }
+    }
 }
 
 impl std::fmt::Debug for Charge {
