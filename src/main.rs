@@ -214,8 +214,11 @@ fn ledger_verify(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
 
 async fn mock_upstream(listen: SocketAddr, latency_ms: u64, pace_ms: u64) -> anyhow::Result<()> {
     telemetry::init(&LogConfig { level: "info".to_owned(), format: LogFormat::Text });
-    let options =
-        MockOptions { latency: Duration::from_millis(latency_ms), pace: Duration::from_millis(pace_ms) };
+    let options = MockOptions {
+        latency: Duration::from_millis(latency_ms),
+        pace: Duration::from_millis(pace_ms),
+        journal_capacity: None,
+    };
     let mock = MockUpstream::start(listen, options).await?;
     println!("mock upstream listening on http://{}", mock.addr());
     app::cancel_on_signal(mock.shutdown_token());

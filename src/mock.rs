@@ -64,6 +64,9 @@ pub struct MockOptions {
     pub latency: Duration,
     /// Default gap between stream events.
     pub pace: Duration,
+    /// Journal entries kept (default 100,000); a load run that audits every
+    /// call needs room for all of them.
+    pub journal_capacity: Option<usize>,
 }
 
 /// Token and unit counts the mock reported for one request.
@@ -107,13 +110,14 @@ impl JournalEntry {
 pub struct Journal {
     entries: Mutex<VecDeque<JournalEntry>>,
     next_seq: std::sync::atomic::AtomicU64,
+    capacity: usize,
 }
 
 impl Journal {
     fn record(&self, mut entry: JournalEntry) {
         entry.seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut entries) = self.entries.lock() {
-            if entries.len() == JOURNAL_CAPACITY {
+            if entries.len() >= self.capacity.max(1) {
                 entries.pop_front();
             }
             entries.push_back(entry);
@@ -148,7 +152,10 @@ impl MockUpstream {
     pub async fn start(addr: SocketAddr, options: MockOptions) -> std::io::Result<MockUpstream> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let journal = Arc::new(Journal::default());
+        let journal = Arc::new(Journal {
+            capacity: options.journal_capacity.unwrap_or(JOURNAL_CAPACITY),
+            ..Journal::default()
+        });
         let shutdown = CancellationToken::new();
         let state = Arc::new(MockState { options, journal: journal.clone(), shutdown: shutdown.clone() });
         let serve_options = ServeOptions {
