@@ -35,6 +35,8 @@ impl fmt::Display for PriceVersion {
 #[derive(Debug)]
 pub struct PriceTable {
     version: PriceVersion,
+    /// `version` as `label@hash`, made once: every debit entry records it.
+    version_text: std::sync::Arc<str>,
     models: Vec<ModelEntry>,
     tools: Vec<ToolEntry>,
     /// Every model name and alias, to its index in `models`. Lookups borrow
@@ -49,8 +51,10 @@ impl PriceTable {
     /// problem found is returned, each with its line and a hint.
     pub fn parse(file_name: &str, text: &str) -> Result<Self, PriceFileErrors> {
         let valid = validate(file_name, text)?;
+        let version = PriceVersion { label: valid.label, content_hash: content_hash(text) };
         Ok(Self {
-            version: PriceVersion { label: valid.label, content_hash: content_hash(text) },
+            version_text: version.to_string().into(),
+            version,
             models: valid.models,
             tools: valid.tools,
             model_names: valid.model_names,
@@ -60,6 +64,11 @@ impl PriceTable {
 
     pub fn version(&self) -> &PriceVersion {
         &self.version
+    }
+
+    /// The version as `label@hash`, shared rather than formatted per use.
+    pub fn version_text(&self) -> std::sync::Arc<str> {
+        self.version_text.clone()
     }
 
     /// The prices of a model (by name or alias, matched exactly) in force at `at`.

@@ -290,7 +290,7 @@ impl Charge {
             route: self.route.clone(),
             model: name,
             usage,
-            price_version: Arc::from(self.table.version().to_string()),
+            price_version: self.table.version_text(),
         };
         match hold.settle(cost, details, now) {
             Ok(settlement) => {
