@@ -33,7 +33,8 @@ pub struct Gateway {
     readiness: Arc<Readiness>,
     prices: Option<Arc<LivePrices>>,
     ledger: Arc<Ledger>,
-    writer: Arc<GroupCommit<SledStore>>,
+    /// The store writer; `None` when `[ledger] write_through = false`.
+    writer: Option<Arc<GroupCommit<SledStore>>>,
     shutdown: CancellationToken,
     proxy_task: JoinHandle<Drained>,
     admin_task: JoinHandle<Drained>,
@@ -56,10 +57,7 @@ impl Gateway {
         prepare_data_dir(&config)?;
         let metrics = Arc::new(Metrics::default());
         let prices = load_prices(&config, &clock, &metrics, &shutdown)?;
-        let ledger_dir = config.server.data_dir.join("ledger");
-        let opened = open_ledger(&ledger_dir, LedgerConfig::default(), StoreConfig::default())
-            .with_context(|| format!("cannot open the ledger in {}", ledger_dir.display()))?;
-        let (ledger, writer) = (opened.ledger, opened.writer);
+        let (ledger, writer) = open_books(&config)?;
         let alerts = Alerts::load(config.server.data_dir.join("alerts.json"))?;
         tokio::spawn(alerts.clone().run(ledger.clone(), clock.clone(), shutdown.clone()));
         tokio::spawn(void_expired_holds(ledger.clone(), clock.clone(), shutdown.clone()));
@@ -110,7 +108,7 @@ impl Gateway {
             entries: entry_reader(writer.clone()),
             store_stats: {
                 let writer = writer.clone();
-                Arc::new(move || writer.stats())
+                Arc::new(move || writer.as_ref().map(|w| w.stats()).unwrap_or_default())
             },
             alerts,
         });
@@ -152,7 +150,7 @@ impl Gateway {
     /// Ledger entries written to the store so far (appended within one flush
     /// window of being made), oldest first, after entry id `after`.
     pub fn ledger_entries(&self, after: u64, limit: usize) -> anyhow::Result<Vec<LedgerEntry>> {
-        Ok(read_entries(&self.writer, after, limit)?.0)
+        Ok(read_entries(self.writer.as_deref(), after, limit)?.0)
     }
 
     /// The live price table, when the config names a price file.
@@ -172,7 +170,7 @@ impl Gateway {
         let proxy = self.proxy_task.await.unwrap_or(Drained::TimedOut);
         let admin = self.admin_task.await.unwrap_or(Drained::TimedOut);
         // Every request has settled: make the last settles durable.
-        if let Err(error) = self.writer.shutdown() {
+        if let Some(Err(error)) = self.writer.as_ref().map(|writer| writer.shutdown()) {
             tracing::error!(%error, "the ledger's last flush failed");
         }
         let drained =
@@ -186,11 +184,16 @@ impl Gateway {
 /// number of the last record read (`None` at the end). Records also hold
 /// entity changes, so a step may carry fewer than `limit` entries, or none.
 fn read_entries(
-    writer: &GroupCommit<SledStore>,
+    writer: Option<&GroupCommit<SledStore>>,
     after: u64,
     limit: usize,
 ) -> Result<(Vec<LedgerEntry>, Option<u64>), AdminError> {
     use crate::store::Store as _;
+    let Some(writer) = writer else {
+        return Err(AdminError::Store(
+            "this gateway runs with [ledger] write_through = false and keeps no ledger entries".into(),
+        ));
+    };
     let records = writer.store().read_after(after, limit).map_err(|e| AdminError::Store(e.to_string()))?;
     let last = records.last().map(|r| r.seq);
     let entries = records
@@ -203,8 +206,27 @@ fn read_entries(
     Ok((entries, last))
 }
 
-fn entry_reader(writer: Arc<GroupCommit<SledStore>>) -> EntryReader {
-    Arc::new(move |after, limit| read_entries(&writer, after, limit))
+fn entry_reader(writer: Option<Arc<GroupCommit<SledStore>>>) -> EntryReader {
+    Arc::new(move |after, limit| read_entries(writer.as_deref(), after, limit))
+}
+
+/// The ledger, rebuilt from `<data-dir>/ledger` with its store writer, or
+/// in memory only when write-through is off.
+fn open_books(config: &GatewayConfig) -> anyhow::Result<(Arc<Ledger>, Option<Arc<GroupCommit<SledStore>>>)> {
+    let section = &config.ledger;
+    let ledger_config = LedgerConfig { hold_ttl_ms: section.hold_ttl_ms, ..LedgerConfig::default() };
+    if !section.write_through {
+        tracing::warn!(
+            "[ledger] write_through = false: balances live in memory only and are lost on restart"
+        );
+        let ledger = Ledger::new(ledger_config, Arc::new(crate::ledger::journal::NullJournal));
+        return Ok((Arc::new(ledger), None));
+    }
+    let store_config = StoreConfig { flush_interval_ms: section.flush_interval_ms, ..StoreConfig::default() };
+    let ledger_dir = config.server.data_dir.join("ledger");
+    let opened = open_ledger(&ledger_dir, ledger_config, store_config)
+        .with_context(|| format!("cannot open the ledger in {}", ledger_dir.display()))?;
+    Ok((opened.ledger, Some(opened.writer)))
 }
 
 /// How often open holds are checked against their TTL.

@@ -53,6 +53,33 @@ pub struct GatewayConfig {
     pub pricing: Option<PricingConfig>,
     pub admin: AdminConfig,
     pub traffic: TrafficConfig,
+    pub ledger: LedgerSection,
+}
+
+/// `[ledger]`: how the credit ledger holds and persists its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerSection {
+    /// Write every committed change through to the sled store (the default).
+    /// Off keeps the ledger in memory only: a restart starts empty and the
+    /// ledger-entries export is unavailable. For load comparisons and demos,
+    /// never for real money.
+    pub write_through: bool,
+    /// Least time between two group flushes (fsyncs) of the store.
+    pub flush_interval_ms: u64,
+    /// How long a hold may stay open before it is voided.
+    pub hold_ttl_ms: u64,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        let ledger = crate::ledger::LedgerConfig::default();
+        let store = crate::store::StoreConfig::default();
+        LedgerSection {
+            write_through: true,
+            flush_interval_ms: store.flush_interval_ms,
+            hold_ttl_ms: ledger.hold_ttl_ms,
+        }
+    }
 }
 
 /// Per-key traffic caps (answered with 429, never mixed with money refusals).
@@ -259,6 +286,7 @@ struct RawTop {
     pricing: Option<Spanned<toml::Value>>,
     admin: Option<Spanned<toml::Value>>,
     traffic: Option<Spanned<toml::Value>>,
+    ledger: Option<Spanned<toml::Value>>,
     #[serde(default)]
     upstreams: BTreeMap<String, Spanned<toml::Value>>,
     #[serde(default)]
@@ -336,6 +364,14 @@ struct RawTraffic {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct RawLedger {
+    write_through: Option<bool>,
+    flush_interval_ms: Option<u64>,
+    hold_ttl_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RawAdmin {
     /// Environment variable holding the operator token.
     token_env: Option<String>,
@@ -404,7 +440,7 @@ impl GatewayConfig {
             Ok(top) => top,
             Err(e) => {
                 let offset = e.span().map(|s| s.start).unwrap_or(0);
-                checker.problem(offset, e.message().trim_end().to_owned(), Some("the file must be valid TOML with only the documented sections: server, log, upstreams, routes"));
+                checker.problem(offset, e.message().trim_end().to_owned(), Some("the file must be valid TOML with only the documented sections: server, log, pricing, admin, traffic, ledger, upstreams, routes"));
                 return Err(ConfigError::Invalid { file, problems: checker.problems });
             }
         };
@@ -447,6 +483,7 @@ impl GatewayConfig {
         };
 
         let traffic = validate_traffic(&mut checker, top.traffic);
+        let ledger = validate_ledger(&mut checker, top.ledger);
 
         let mut upstreams = Vec::new();
         let mut upstream_index = HashMap::new();
@@ -494,7 +531,17 @@ impl GatewayConfig {
         if !checker.problems.is_empty() {
             return Err(ConfigError::Invalid { file, problems: checker.problems });
         }
-        Ok(GatewayConfig { source: path.to_owned(), server, log, upstreams, routes, pricing, admin, traffic })
+        Ok(GatewayConfig {
+            source: path.to_owned(),
+            server,
+            log,
+            upstreams,
+            routes,
+            pricing,
+            admin,
+            traffic,
+            ledger,
+        })
     }
 
     /// Tools that metered routes charge for; the price file must price each.
@@ -553,6 +600,38 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
             raw.body_read_timeout_ms.unwrap_or(DEFAULT_BODY_READ_TIMEOUT_MS),
         ),
         max_connections: raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS).max(1),
+    }
+}
+
+fn validate_ledger(checker: &mut Checker<'_>, value: Option<Spanned<toml::Value>>) -> LedgerSection {
+    let defaults = LedgerSection::default();
+    let Some(value) = value else {
+        return defaults;
+    };
+    let offset = value.span().start;
+    let Some(raw) = checker.section::<RawLedger>("[ledger]", value) else {
+        return defaults;
+    };
+    let hold_ttl_ms = raw.hold_ttl_ms.unwrap_or(defaults.hold_ttl_ms);
+    if hold_ttl_ms < 1_000 {
+        checker.problem(
+            offset,
+            format!("[ledger] hold_ttl_ms = {hold_ttl_ms} would void holds of requests still running"),
+            Some("use at least 1000; the default is 600000 (10 minutes)"),
+        );
+    }
+    let flush_interval_ms = raw.flush_interval_ms.unwrap_or(defaults.flush_interval_ms);
+    if flush_interval_ms > 1_000 {
+        checker.problem(
+            offset,
+            format!("[ledger] flush_interval_ms = {flush_interval_ms} leaves settles undurable too long"),
+            Some("use at most 1000; the default is 5"),
+        );
+    }
+    LedgerSection {
+        write_through: raw.write_through.unwrap_or(defaults.write_through),
+        flush_interval_ms,
+        hold_ttl_ms,
     }
 }
 
@@ -821,6 +900,29 @@ upstream = "nope"
         assert!(p.iter().any(|p| p.message.contains("MISSING")), "missing env var named");
         assert!(p.iter().any(|p| p.message.contains("must start with '/'")));
         assert!(p.iter().any(|p| p.message.contains("\"nope\"") && p.hint.is_some()));
+    }
+
+    #[test]
+    fn ledger_section_has_defaults_and_bounds() {
+        let defaults = parse(MINIMAL).unwrap().ledger;
+        assert_eq!(defaults, LedgerSection::default());
+        assert!(defaults.write_through);
+        assert_eq!(defaults.flush_interval_ms, 5);
+        let text = format!(
+            "{MINIMAL}\n[ledger]\nwrite_through = false\nflush_interval_ms = 20\nhold_ttl_ms = 60000\n"
+        );
+        let ledger = parse(&text).unwrap().ledger;
+        assert_eq!(
+            ledger,
+            LedgerSection { write_through: false, flush_interval_ms: 20, hold_ttl_ms: 60_000 }
+        );
+        let text =
+            format!("{MINIMAL}\n[ledger]\nflush_interval_ms = 5000\nhold_ttl_ms = 10\nwrite_thru = true\n");
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "unknown key reported: {found:?}");
+        let text = format!("{MINIMAL}\n[ledger]\nflush_interval_ms = 5000\nhold_ttl_ms = 10\n");
+        let found = problems(&text);
+        assert_eq!(found.len(), 2, "both bounds reported: {found:?}");
     }
 
     #[test]

@@ -577,3 +577,23 @@ async fn a_client_that_leaves_before_the_answer_releases_its_hold_at_once() {
     }
     panic!("the hold of a departed client stayed open");
 }
+
+#[tokio::test]
+async fn without_write_through_requests_are_charged_in_memory_and_nothing_is_stored() {
+    let stack =
+        start_edited(|text| format!("{text}\n[ledger]\nwrite_through = false\nhold_ttl_ms = 5000\n")).await;
+    let pool = wallet_of(&stack, &stack.keys.pro);
+    let before = balance(&stack, pool);
+    let chat =
+        r#"{"model":"mock-gpt","messages":[{"role":"user","content":"hello"}],"max_tokens":30,"seed":7}"#;
+    let reply = post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, chat).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let expected = cost(mock_input_tokens(chat), mock_output_tokens(30, 7), "1", "2", "0.0001");
+    assert_eq!(before - balance(&stack, pool), expected, "charged exactly, in memory");
+    let error = stack.gateway.ledger_entries(0, 100).unwrap_err().to_string();
+    assert!(error.contains("write_through = false"), "the export says why it is empty: {error}");
+    assert!(
+        !stack.data_dir.path().join("ledger").exists(),
+        "no sled directory is created when write-through is off"
+    );
+}
