@@ -210,9 +210,12 @@ fn entry_reader(writer: Option<Arc<GroupCommit<SledStore>>>) -> EntryReader {
     Arc::new(move |after, limit| read_entries(writer.as_deref(), after, limit))
 }
 
+/// The group-commit writer over the sled store.
+type StoreWriter = Arc<GroupCommit<SledStore>>;
+
 /// The ledger, rebuilt from `<data-dir>/ledger` with its store writer, or
 /// in memory only when write-through is off.
-fn open_books(config: &GatewayConfig) -> anyhow::Result<(Arc<Ledger>, Option<Arc<GroupCommit<SledStore>>>)> {
+fn open_books(config: &GatewayConfig) -> anyhow::Result<(Arc<Ledger>, Option<StoreWriter>)> {
     let section = &config.ledger;
     let ledger_config = LedgerConfig { hold_ttl_ms: section.hold_ttl_ms, ..LedgerConfig::default() };
     if !section.write_through {

@@ -1,7 +1,8 @@
 //! Storage: the narrow interface, its sled backend, and the group-commit
 //! writer that connects it to the ledger's journal.
 //!
-//! - `sled`   — [`SledStore`], records in one sled tree keyed by sequence number
+//! - `codec`  — the segment layout: a batch of records per stored value
+//! - `sled`   — [`SledStore`], segments in one sled tree, in append order
 //! - `writer` — [`GroupCommit`], the bounded background writer (a [`crate::ledger::journal::Journal`])
 //! - `verify` — [`verify_store`], the offline audit behind `ledger verify`
 //!
@@ -45,6 +46,7 @@
 //!   append waits for room; the number of such waits is counted. Nothing is
 //!   ever dropped.
 
+pub mod codec;
 mod sled;
 mod verify;
 mod writer;

@@ -1,20 +1,47 @@
-//! The sled backend: one tree of records keyed by big-endian sequence
-//! number (so sled's key order is replay order), values in JSON (amounts are
-//! strings, never floats), and a meta tree holding the format version.
+//! The sled backend: one tree of segments (see [`super::codec`]), each
+//! holding the records of one batch in append order, and a meta tree holding
+//! the format version.
+//!
+//! A segment's key is `running_max_seq ‖ segment_number` (both big-endian):
+//! the highest sequence number stored so far, including this segment, then a
+//! counter. Both only grow, so sled's key order is append order (replay
+//! order), and the first segment whose running maximum exceeds `n` is where
+//! records after `n` begin (paging). Stores of the first format (one JSON
+//! record per key, keyed by its sequence number) open and keep working: their
+//! 8-byte keys sort before every later segment.
 
 use std::path::Path;
 
+use parking_lot::Mutex;
+
 use crate::ledger::journal::Record;
+use crate::store::codec::{self, CodecError};
 use crate::store::{Store, StoreError};
 
-/// Written to the meta tree; bump when the record encoding changes.
-const FORMAT: &str = "creditgate-ledger-1";
+/// Written to the meta tree; bump when the layout changes.
+const FORMAT: &str = "creditgate-ledger-2";
+/// Formats this build reads (and upgrades by writing segments after them).
+const READABLE: [&str; 2] = ["creditgate-ledger-1", FORMAT];
+/// Records per segment. Debits take about 230 bytes and entities under 1 KiB,
+/// so a segment stays well below the size at which sled moves a value out
+/// into its own blob file.
+const RECORDS_PER_SEGMENT: usize = 64;
 
 /// Records in a sled database.
 #[derive(Debug, Clone)]
 pub struct SledStore {
     db: ::sled::Db,
     records: ::sled::Tree,
+    /// Where the next segment goes; only the writer appends.
+    tail: std::sync::Arc<Mutex<Tail>>,
+}
+
+#[derive(Debug, Default)]
+struct Tail {
+    running_max: u64,
+    next_segment: u64,
+    /// Reused between appends.
+    buffer: Vec<u8>,
 }
 
 impl SledStore {
@@ -25,21 +52,52 @@ impl SledStore {
         let db = open_db(dir)?;
         let meta = db.open_tree("meta")?;
         match meta.get("format")? {
-            Some(found) if found.as_ref() != FORMAT.as_bytes() => {
+            Some(found) if !READABLE.iter().any(|known| found.as_ref() == known.as_bytes()) => {
                 return Err(StoreError::Format {
                     found: String::from_utf8_lossy(&found).into_owned(),
                     expected: FORMAT,
                 });
             }
-            Some(_) => {}
-            None => {
+            Some(found) if found.as_ref() == FORMAT.as_bytes() => {}
+            _ => {
                 meta.insert("format", FORMAT)?;
                 db.flush()?;
             }
         }
         let records = db.open_tree("records")?;
-        Ok(SledStore { db, records })
+        let tail = match records.last()? {
+            None => Tail::default(),
+            Some((key, value)) => match segment_key(&key) {
+                Some((running_max, segment)) => {
+                    Tail { running_max, next_segment: segment + 1, buffer: Vec::new() }
+                }
+                None => {
+                    // A first-format record: its key is its sequence number.
+                    let seq = decode_all(&key, &value)?.iter().map(|r| r.seq).max().unwrap_or(0);
+                    Tail { running_max: seq, next_segment: 0, buffer: Vec::new() }
+                }
+            },
+        };
+        Ok(SledStore { db, records, tail: std::sync::Arc::new(Mutex::new(tail)) })
     }
+}
+
+/// `(running_max_seq, segment_number)` of a segment key; `None` for a
+/// first-format key.
+fn segment_key(key: &[u8]) -> Option<(u64, u64)> {
+    let key = <[u8; 16]>::try_from(key).ok()?;
+    let (max, segment) = key.split_at(8);
+    Some((u64::from_be_bytes(max.try_into().ok()?), u64::from_be_bytes(segment.try_into().ok()?)))
+}
+
+fn decode_all(key: &[u8], value: &[u8]) -> Result<Vec<Record>, StoreError> {
+    codec::decode_value(value).map_err(|error: CodecError| StoreError::Decode {
+        seq: segment_key(key)
+            .map(|(max, _)| max)
+            .or_else(|| <[u8; 8]>::try_from(key).ok().map(u64::from_be_bytes))
+            .unwrap_or(0),
+        reason: error.to_string(),
+    })
 }
 
 /// How long to wait for another holder of the directory's lock to let go.
@@ -63,18 +121,22 @@ fn open_db(dir: &Path) -> Result<::sled::Db, StoreError> {
     }
 }
 
-fn decode(key: &[u8], value: &[u8]) -> Result<Record, StoreError> {
-    let seq = <[u8; 8]>::try_from(key).map(u64::from_be_bytes).unwrap_or(0);
-    serde_json::from_slice(value).map_err(|error| StoreError::Decode { seq, reason: error.to_string() })
-}
-
 impl Store for SledStore {
     fn append(&self, records: &[Record]) -> Result<(), StoreError> {
+        let mut tail = self.tail.lock();
         let mut batch = ::sled::Batch::default();
-        for record in records {
-            let value = serde_json::to_vec(record)
-                .map_err(|error| StoreError::Encode { seq: record.seq, reason: error.to_string() })?;
-            batch.insert(&record.seq.to_be_bytes(), value);
+        for chunk in records.chunks(RECORDS_PER_SEGMENT) {
+            let tail = &mut *tail;
+            codec::encode_segment(chunk, &mut tail.buffer).map_err(|error| StoreError::Encode {
+                seq: chunk.first().map_or(0, |record| record.seq),
+                reason: error.to_string(),
+            })?;
+            tail.running_max = chunk.iter().map(|record| record.seq).fold(tail.running_max, u64::max);
+            let mut key = [0; 16];
+            key[..8].copy_from_slice(&tail.running_max.to_be_bytes());
+            key[8..].copy_from_slice(&tail.next_segment.to_be_bytes());
+            tail.next_segment += 1;
+            batch.insert(&key, tail.buffer.as_slice());
         }
         self.records.apply_batch(batch)?;
         Ok(())
@@ -86,21 +148,36 @@ impl Store for SledStore {
     }
 
     fn records(&self) -> Box<dyn Iterator<Item = Result<Record, StoreError>> + '_> {
-        Box::new(self.records.iter().map(|item| {
-            let (key, value) = item?;
-            decode(&key, &value)
+        Box::new(self.records.iter().flat_map(|item| {
+            let decoded = item.map_err(StoreError::from).and_then(|(key, value)| decode_all(&key, &value));
+            match decoded {
+                Ok(records) => records.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(error) => vec![Err(error)],
+            }
         }))
     }
 
+    /// Segments before the first whose running maximum exceeds `after` hold
+    /// nothing after it. From there, records come in append order, which
+    /// differs from sequence order only for records that were between taking
+    /// their number and being queued when a batch closed; reading one segment
+    /// past the page and sorting puts those in place.
     fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
         let start = after.saturating_add(1).to_be_bytes();
-        self.records
-            .range(start..)
-            .take(limit)
-            .map(|item| {
-                let (key, value) = item?;
-                decode(&key, &value)
-            })
-            .collect()
+        let mut found = Vec::new();
+        let mut extra_segments = 0;
+        for item in self.records.range(start..) {
+            if found.len() >= limit {
+                if extra_segments == 1 {
+                    break;
+                }
+                extra_segments += 1;
+            }
+            let (key, value) = item?;
+            found.extend(decode_all(&key, &value)?.into_iter().filter(|record| record.seq > after));
+        }
+        found.sort_unstable_by_key(|record| record.seq);
+        found.truncate(limit);
+        Ok(found)
     }
 }

@@ -19,6 +19,15 @@ fn fast() -> StoreConfig {
     StoreConfig { flush_interval_ms: 1, ..StoreConfig::default() }
 }
 
+/// A sled directory holding [`populate`]'s ledger, writer shut down.
+fn populated_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let opened = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
+    populate(&opened.ledger);
+    opened.writer.shutdown().unwrap();
+    dir
+}
+
 fn all_records(store: &impl Store) -> Vec<Record> {
     store.read_after(0, usize::MAX).unwrap()
 }
@@ -226,12 +235,7 @@ fn money_moving_admin_writes_are_durable_before_ok() {
 #[test]
 fn a_corrupt_record_stops_the_start_and_fails_verify() {
     // Proves a record that does not decode is an error naming it, not a silently smaller ledger.
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let opened = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
-        populate(&opened.ledger);
-        opened.writer.shutdown().unwrap();
-    }
+    let dir = populated_dir();
     {
         let db = ::sled::open(dir.path()).unwrap();
         db.open_tree("records").unwrap().insert(3_u64.to_be_bytes(), b"{not json".as_slice()).unwrap();
@@ -243,14 +247,116 @@ fn a_corrupt_record_stops_the_start_and_fails_verify() {
 }
 
 #[test]
-fn verify_store_reports_a_tampered_balance() {
-    // Proves verify_store recomputes wallets from entries and reports an edited entry.
-    let dir = tempfile::tempdir().unwrap();
+fn a_damaged_segment_stops_the_start() {
+    // Proves a segment whose bytes were damaged on disk is an error, not a shorter ledger.
+    let dir = populated_dir();
     {
+        let db = ::sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("records").unwrap();
+        let (key, value) = tree.last().unwrap().unwrap();
+        let mut damaged = value.to_vec();
+        damaged.truncate(damaged.len() - 3);
+        tree.insert(key, damaged).unwrap();
+        db.flush().unwrap();
+    }
+    let error = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap_err();
+    assert!(matches!(error, StoreError::Decode { .. }), "{error}");
+}
+
+#[test]
+fn a_first_format_store_opens_replays_and_takes_new_segments() {
+    // Proves a directory written one JSON record per key (format 1) keeps working after the upgrade.
+    let dir = tempfile::tempdir().unwrap();
+    let original = {
         let opened = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
         populate(&opened.ledger);
         opened.writer.shutdown().unwrap();
+        all_records(opened.writer.store())
+    };
+    let legacy = tempfile::tempdir().unwrap();
+    {
+        let db = ::sled::open(legacy.path()).unwrap();
+        db.open_tree("meta").unwrap().insert("format", "creditgate-ledger-1").unwrap();
+        let tree = db.open_tree("records").unwrap();
+        for record in &original {
+            tree.insert(record.seq.to_be_bytes(), serde_json::to_vec(record).unwrap()).unwrap();
+        }
+        db.flush().unwrap();
     }
+    let opened = open_ledger(legacy.path(), LedgerConfig::default(), fast()).unwrap();
+    assert_eq!(all_records(opened.writer.store()), original);
+    let wallet = match original.iter().find_map(|r| match &r.body {
+        RecordBody::Org(org) => Some(org.id),
+        _ => None,
+    }) {
+        Some(org) => org,
+        None => panic!("populate creates an org"),
+    };
+    let purchase = PurchaseRequest {
+        org: wallet,
+        idempotency_key: "after-upgrade".into(),
+        amount: dec!(3),
+        expires_at: None,
+        reference: None,
+    };
+    opened.ledger.purchase(purchase, at("2027-03-11T00:00:00Z")).unwrap();
+    opened.writer.shutdown().unwrap();
+    let last = original.last().unwrap().seq;
+    let newer = opened.writer.store().read_after(last, 10).unwrap();
+    assert!(!newer.is_empty() && newer.iter().all(|record| record.seq > last), "{newer:?}");
+    let balance = opened.ledger.balance(WalletId::Pool(wallet), at("2027-03-11T00:00:00Z")).unwrap();
+    drop(opened);
+    let reopened = open_ledger(legacy.path(), LedgerConfig::default(), fast()).unwrap();
+    let again = reopened.ledger.balance(WalletId::Pool(wallet), at("2027-03-11T00:00:00Z")).unwrap();
+    assert_eq!(again.balance, balance.balance, "the mixed store replays to the same balance");
+    reopened.writer.shutdown().unwrap();
+    drop(reopened);
+    assert!(verify_store(legacy.path()).unwrap().is_clean());
+}
+
+#[test]
+fn paging_is_in_sequence_order_even_when_batches_arrived_out_of_order() {
+    // Proves read_after returns every record after the cursor, sorted, across segment boundaries.
+    let dir = tempfile::tempdir().unwrap();
+    let opened = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
+    populate(&opened.ledger);
+    opened.writer.shutdown().unwrap();
+    let mut records = all_records(opened.writer.store());
+    drop(opened);
+    let store = SledStore::open(dir.path()).unwrap();
+    // Append copies under fresh numbers, a late one straddling two batches.
+    let base = records.last().unwrap().seq;
+    let mut copies: Vec<Record> = records
+        .iter()
+        .enumerate()
+        .map(|(n, record)| Record { seq: base + 1 + n as u64, body: record.body.clone() })
+        .collect();
+    let late = copies.remove(3);
+    let (first, second) = copies.split_at(copies.len() / 2);
+    store.append(first).unwrap();
+    store.append(&[second.to_vec(), vec![late]].concat()).unwrap();
+    records.extend(copies.iter().cloned());
+    records.sort_by_key(|record| record.seq);
+    let mut expected: Vec<u64> = records.iter().map(|r| r.seq).collect();
+    expected.push(base + 4);
+    expected.sort_unstable();
+    for page in [1, 2, 5, 1000] {
+        let mut seen = Vec::new();
+        let mut cursor = 0;
+        loop {
+            let step = store.read_after(cursor, page).unwrap();
+            let Some(last) = step.last() else { break };
+            cursor = last.seq;
+            seen.extend(step.iter().map(|r| r.seq));
+        }
+        assert_eq!(seen, expected, "pages of {page}");
+    }
+}
+
+#[test]
+fn verify_store_reports_a_tampered_balance() {
+    // Proves verify_store recomputes wallets from entries and reports an edited entry.
+    let dir = populated_dir();
     {
         let store = SledStore::open(dir.path()).unwrap();
         let mut records = all_records(&store);
