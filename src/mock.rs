@@ -132,6 +132,12 @@ impl Journal {
         self.entries.lock().ok().and_then(|e| e.back().cloned())
     }
 
+    /// Takes every entry out, oldest first. The load harness drains the
+    /// journal after each phase so a long run never overflows it.
+    pub fn drain(&self) -> Vec<JournalEntry> {
+        self.entries.lock().map(|mut e| e.drain(..).collect()).unwrap_or_default()
+    }
+
     pub fn clear(&self) {
         if let Ok(mut entries) = self.entries.lock() {
             entries.clear();

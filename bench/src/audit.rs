@@ -1,0 +1,377 @@
+//! The books of one gateway against what the mock served.
+//!
+//! Independently of the gateway, the harness knows every request it sent
+//! (request number → [`Spec`], see [`Catalog`]), the mock's journal says what
+//! usage it reported for each, and the price file prices it. From those:
+//! - every wallet's balance at the end equals its balance after seeding less
+//!   the computed cost of every request its keys got served (exact decimals);
+//! - with the per-debit audit (durable store on): every ledger debit is one
+//!   served request and its amount and hold are the computed ones;
+//! - no wallet is below zero by more than the overruns its requests could
+//!   make (cost above hold);
+//! - every 402 `insufficient_credits` names the hold the request needed, and
+//!   came from a wallet whose available balance at the end is below that
+//!   hold; every wallet that ended dry (below the smallest hold its keys
+//!   asked for) had 402s; no other 402 code appears (no limits are set);
+//! - no hold is left open.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use creditgate::mock::{JournalEntry, MockUsage};
+use creditgate::pricing::{PriceTable, TokenUsage};
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+
+use crate::client::Admin;
+use crate::drive::Sequencer;
+use crate::mix::{Call, Catalog, Spec};
+use crate::stats::Refused;
+use crate::tenants::{Tenants, WalletRef};
+
+/// Longest wait for in-flight settles to close their holds.
+const SETTLE_WAIT: Duration = Duration::from_secs(15);
+
+/// What the mock served one gateway for one request.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub seq: u64,
+    pub path: String,
+    pub model: Option<String>,
+    pub status: u16,
+    pub usage: Option<MockUsage>,
+}
+
+impl Served {
+    /// Journal entries of this run's requests, keeping what the audit needs.
+    pub fn from_journal(entries: Vec<JournalEntry>, sequencer: &Sequencer) -> Vec<Served> {
+        entries
+            .into_iter()
+            .filter_map(|e| {
+                let seq = e.header("x-request-id").and_then(|id| sequencer.seq_of(id))?;
+                let path = e.uri.split('?').next().unwrap_or_default().to_owned();
+                Some(Served { seq, path, model: e.model, status: e.status, usage: e.usage })
+            })
+            .collect()
+    }
+}
+
+/// A wallet as the admin API shows it.
+#[derive(Debug, Clone, Copy)]
+pub struct WalletState {
+    pub balance: Decimal,
+    pub available: Decimal,
+    pub held: Decimal,
+    pub open_holds: u64,
+}
+
+/// Every wallet of the gateway's organizations.
+pub async fn wallets(admin: &Admin, orgs: &[u64]) -> anyhow::Result<BTreeMap<WalletRef, WalletState>> {
+    let mut wallets = BTreeMap::new();
+    for org in orgs {
+        let page = admin.get(&format!("/admin/v1/orgs/{org}/balances")).await?;
+        for wallet in page["balances"].as_array().context("balances: no list")? {
+            let id =
+                WalletRef::from_json(&wallet["wallet"]).with_context(|| format!("wallet id in {wallet}"))?;
+            let amount = |field: &str| -> anyhow::Result<Decimal> {
+                let text = wallet[field].as_str().with_context(|| format!("{id}: no {field}"))?;
+                text.parse().with_context(|| format!("{id}: {field} {text:?} is not a decimal"))
+            };
+            let state = WalletState {
+                balance: amount("balance")?,
+                available: amount("available")?,
+                held: amount("held")?,
+                open_holds: wallet["open_holds"].as_u64().unwrap_or(0),
+            };
+            wallets.insert(id, state);
+        }
+    }
+    Ok(wallets)
+}
+
+/// What one gateway's audit needs.
+pub struct Books<'a> {
+    pub name: &'a str,
+    pub admin: &'a Admin,
+    pub tenants: &'a Tenants,
+    /// Balances right after seeding.
+    pub seeded: &'a BTreeMap<WalletRef, WalletState>,
+    pub served: &'a [Served],
+    pub refused: &'a [Refused],
+    pub catalog: &'a Catalog,
+    pub sequencer: &'a Sequencer,
+    pub prices: &'a PriceTable,
+    /// Match each ledger debit too (needs the durable store's entries export).
+    pub per_debit: bool,
+}
+
+/// Findings: `failures` empty means the books are right.
+#[derive(Debug, Default)]
+pub struct Findings {
+    pub notes: Vec<String>,
+    pub failures: Vec<String>,
+    pub json: Value,
+}
+
+/// Computed facts about one wallet.
+#[derive(Debug, Default, Clone)]
+struct Expected {
+    cost: Decimal,
+    overrun_sum: Decimal,
+    overrun_max: Decimal,
+    served: u64,
+    refused: u64,
+    smallest_hold: Option<Decimal>,
+}
+
+pub async fn audit(books: &Books<'_>) -> anyhow::Result<Findings> {
+    let mut findings = Findings::default();
+    let now = Utc::now();
+    let wallets = settled_wallets(books).await?;
+    let mut expected: BTreeMap<WalletRef, Expected> = BTreeMap::new();
+    let mut costs: HashMap<u64, (Decimal, Decimal)> = HashMap::new();
+    for served in books.served {
+        let Some((spec, cost, hold)) = price_served(books, served, now, &mut findings)? else { continue };
+        let wallet = books.tenants.keys.get(spec.key).map(|t| t.wallet).context("served key out of range")?;
+        let e = expected.entry(wallet).or_default();
+        e.cost += cost;
+        let overrun = (cost - hold).max(Decimal::ZERO);
+        e.overrun_sum += overrun;
+        e.overrun_max = e.overrun_max.max(overrun);
+        e.served += 1;
+        e.smallest_hold = Some(e.smallest_hold.map_or(hold, |h| h.min(hold)));
+        costs.insert(served.seq, (cost, hold));
+    }
+    check_refusals(books, &wallets, &mut expected, now, &mut findings)?;
+    check_wallets(books, &wallets, &expected, &mut findings);
+    if books.per_debit {
+        check_debits(books, &costs, &mut findings).await?;
+    }
+    let served_total: u64 = expected.values().map(|e| e.served).sum();
+    findings.notes.push(format!(
+        "{}: {} wallets, {served_total} served requests priced from the mock's usage, {} refusals checked",
+        books.name,
+        wallets.len(),
+        books.refused.len()
+    ));
+    findings.json = json!({
+        "wallets": expected.iter().map(|(w, e)| {
+            let state = wallets.get(w);
+            json!({"wallet": w.to_string(), "served": e.served, "refused_402": e.refused,
+                   "computed_cost": e.cost.to_string(), "balance": state.map(|s| s.balance.to_string()),
+                   "available": state.map(|s| s.available.to_string()),
+                   "max_overrun": e.overrun_max.to_string()})
+        }).collect::<Vec<_>>(),
+        "failures": findings.failures,
+    });
+    Ok(findings)
+}
+
+/// Wallets once every hold is closed (settles run as streams end).
+async fn settled_wallets(books: &Books<'_>) -> anyhow::Result<BTreeMap<WalletRef, WalletState>> {
+    let started = Instant::now();
+    loop {
+        let wallets = wallets(books.admin, &books.tenants.orgs).await?;
+        let open = wallets.values().any(|w| w.open_holds > 0 || !w.held.is_zero());
+        if !open || started.elapsed() > SETTLE_WAIT {
+            return Ok(wallets);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The spec, computed cost and hold of one served request; `None` (with a
+/// failure noted) when it cannot be priced.
+fn price_served(
+    books: &Books<'_>,
+    served: &Served,
+    now: chrono::DateTime<Utc>,
+    findings: &mut Findings,
+) -> anyhow::Result<Option<(Spec, Decimal, Decimal)>> {
+    let Some(spec) = books.catalog.spec(served.seq) else {
+        findings
+            .failures
+            .push(format!("{}: the mock served request {} that no phase sent", books.name, served.seq));
+        return Ok(None);
+    };
+    let (Some(usage), 200) = (served.usage, served.status) else {
+        findings.failures.push(format!(
+            "{}: request {} answered {} without usage at the mock",
+            books.name, served.seq, served.status
+        ));
+        return Ok(None);
+    };
+    if let Call::Model { model, .. } = &spec.call {
+        if served.model.as_deref() != Some(model.as_str()) || served.path != spec.path() {
+            findings.failures.push(format!(
+                "{}: request {} reached the mock as {:?} {} (sent {model} {})",
+                books.name,
+                served.seq,
+                served.model,
+                served.path,
+                spec.path()
+            ));
+        }
+    }
+    let tokens = TokenUsage {
+        input_tokens: usage.input_tokens,
+        cached_input_tokens: 0,
+        output_tokens: usage.output_tokens,
+    };
+    let cost = spec.cost(books.prices, now, &tokens, usage.units)?;
+    let hold = spec.hold(books.prices, now)?;
+    Ok(Some((spec, cost, hold)))
+}
+
+fn check_refusals(
+    books: &Books<'_>,
+    wallets: &BTreeMap<WalletRef, WalletState>,
+    expected: &mut BTreeMap<WalletRef, Expected>,
+    now: chrono::DateTime<Utc>,
+    findings: &mut Findings,
+) -> anyhow::Result<()> {
+    let name = books.name;
+    for refused in books.refused {
+        let tenant = books.tenants.keys.get(refused.key).context("refused key out of range")?;
+        let e = expected.entry(tenant.wallet).or_default();
+        e.refused += 1;
+        if refused.code != "insufficient_credits" {
+            findings.failures.push(format!(
+                "{name}: request {} got 402 {} although no spending limit is set",
+                refused.seq, refused.code
+            ));
+            continue;
+        }
+        let Some(spec) = books.catalog.spec(refused.seq) else {
+            findings.failures.push(format!("{name}: refused request {} was never sent", refused.seq));
+            continue;
+        };
+        let hold = spec.hold(books.prices, now)?;
+        e.smallest_hold = Some(e.smallest_hold.map_or(hold, |h| h.min(hold)));
+        if refused.required != Some(hold) {
+            findings.failures.push(format!(
+                "{name}: request {} was refused as needing {:?}, the computed hold is {hold}",
+                refused.seq, refused.required
+            ));
+        }
+        let available = wallets.get(&tenant.wallet).map(|w| w.available);
+        if available.is_none_or(|a| a >= hold) {
+            findings.failures.push(format!(
+                "{name}: request {} got 402 from {} which ends with {available:?} available, enough for its hold {hold}",
+                refused.seq, tenant.wallet
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_wallets(
+    books: &Books<'_>,
+    wallets: &BTreeMap<WalletRef, WalletState>,
+    expected: &BTreeMap<WalletRef, Expected>,
+    findings: &mut Findings,
+) {
+    let name = books.name;
+    for (wallet, small) in books.tenants.wallets() {
+        let (Some(end), Some(start)) = (wallets.get(&wallet), books.seeded.get(&wallet)) else {
+            findings.failures.push(format!("{name}: wallet {wallet} is missing from the admin API"));
+            continue;
+        };
+        let e = expected.get(&wallet).cloned().unwrap_or_default();
+        let debited = start.balance - end.balance;
+        if debited != e.cost {
+            findings.failures.push(format!(
+                "{name}: {wallet} was debited {debited} ({} → {}), the mock's usage at list prices costs {}",
+                start.balance, end.balance, e.cost
+            ));
+        }
+        if end.balance < -e.overrun_sum {
+            findings.failures.push(format!(
+                "{name}: {wallet} is at {} below its possible overrun {} (largest single {})",
+                end.balance, e.overrun_sum, e.overrun_max
+            ));
+        }
+        if end.open_holds > 0 || !end.held.is_zero() {
+            findings.failures.push(format!(
+                "{name}: {wallet} still has {} holds open ({} held) after the run",
+                end.open_holds, end.held
+            ));
+        }
+        let dry = e.smallest_hold.is_some_and(|h| end.available < h);
+        if dry && e.refused == 0 {
+            findings.failures.push(format!(
+                "{name}: {wallet} ended dry ({} available) but its keys saw no 402",
+                end.available
+            ));
+        }
+        if small && e.refused == 0 {
+            findings.notes.push(format!(
+                "{name}: small wallet {wallet} saw no 402 ({} available): a longer run or a larger --dry-share drains it",
+                end.available
+            ));
+        }
+    }
+}
+
+/// Each ledger debit is one served request, at the computed cost and hold.
+async fn check_debits(
+    books: &Books<'_>,
+    costs: &HashMap<u64, (Decimal, Decimal)>,
+    findings: &mut Findings,
+) -> anyhow::Result<()> {
+    let name = books.name;
+    let mut matched = 0usize;
+    for org in &books.tenants.orgs {
+        let mut cursor = 0u64;
+        loop {
+            let page = books
+                .admin
+                .get(&format!("/admin/v1/orgs/{org}/ledger?kind=debit&limit=1000&after={cursor}"))
+                .await?;
+            for debit in page["entries"].as_array().context("ledger page: no entries")? {
+                let id = debit["kind"]["request_id"].as_str().context("debit without request id")?;
+                let Some(seq) = books.sequencer.seq_of(id) else {
+                    findings.failures.push(format!("{name}: debit for unknown request {id}"));
+                    continue;
+                };
+                let Some((cost, hold)) = costs.get(&seq) else {
+                    findings
+                        .failures
+                        .push(format!("{name}: debit for request {seq} that the mock never served"));
+                    continue;
+                };
+                let amount = |field: &str| {
+                    debit[field].as_str().and_then(|a| a.parse::<Decimal>().ok()).map(|a| a.abs())
+                };
+                let held = debit["kind"]["held"].as_str().and_then(|a| a.parse::<Decimal>().ok());
+                if amount("amount") != Some(*cost) {
+                    findings.failures.push(format!(
+                        "{name}: request {seq} was debited {:?}, its usage costs {cost}",
+                        debit["amount"]
+                    ));
+                }
+                if held != Some(*hold) {
+                    findings
+                        .failures
+                        .push(format!("{name}: request {seq} held {held:?}, the computed hold is {hold}"));
+                }
+                matched += 1;
+            }
+            match page["next_cursor"].as_u64() {
+                Some(next) => cursor = next,
+                None => break,
+            }
+        }
+    }
+    if matched != costs.len() {
+        findings.failures.push(format!(
+            "{name}: {matched} debits in the ledger for {} requests the mock served",
+            costs.len()
+        ));
+    } else {
+        findings.notes.push(format!("{name}: every one of {matched} ledger debits matches its request"));
+    }
+    Ok(())
+}

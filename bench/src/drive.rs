@@ -1,0 +1,281 @@
+//! Driving load at one target for one phase: closed loop (fixed concurrency)
+//! or open loop (fixed send schedule), with a progress line once a second.
+//!
+//! Open loop measures each request from the time it was meant to be sent, so
+//! a slow answer cannot hide the requests that should have gone out meanwhile
+//! (no coordinated omission); requests sent late, and requests not sent
+//! because too many were in flight, are counted.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use rust_decimal::Decimal;
+use tokio::sync::mpsc;
+
+use crate::client::{self, Http};
+use crate::cpu::CpuSource;
+use crate::mix::{Mix, Spec};
+use crate::settings::LoadShape;
+use crate::stats::{Outcome, Sample};
+
+/// Where a phase sends its requests.
+#[derive(Clone)]
+pub struct Target {
+    /// `host:port`.
+    pub addr: String,
+    /// A `Host` header to send (picks the gateway's pass-through route).
+    pub host: Option<&'static str>,
+    /// Key secrets by mix key index; empty for targets that take no key.
+    pub keys: Arc<Vec<String>>,
+    /// Whose CPU the phase is charged with.
+    pub cpu: CpuSource,
+}
+
+/// Numbers requests across the whole run and names them: the request id is a
+/// UUID carrying the run id and the sequence number, which the gateway keeps
+/// as its ledger request id and passes to the mock.
+#[derive(Debug)]
+pub struct Sequencer {
+    run: u32,
+    next: AtomicU64,
+}
+
+impl Sequencer {
+    pub fn new() -> Sequencer {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        Sequencer { run: nanos ^ std::process::id().rotate_left(16), next: AtomicU64::new(1) }
+    }
+
+    /// The number the next request will get.
+    pub fn peek(&self) -> u64 {
+        self.next.load(Ordering::Relaxed)
+    }
+
+    pub fn next(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn request_id(&self, seq: u64) -> String {
+        format!("{:08x}-0000-4000-8000-{:012x}", self.run, seq & 0xffff_ffff_ffff)
+    }
+
+    /// The sequence number of one of this run's request ids (hyphenated or not).
+    pub fn seq_of(&self, request_id: &str) -> Option<u64> {
+        let hex: String = request_id.chars().filter(|c| *c != '-').collect();
+        if hex.len() != 32 || !hex[..8].eq_ignore_ascii_case(&format!("{:08x}", self.run)) {
+            return None;
+        }
+        u64::from_str_radix(&hex[20..], 16).ok()
+    }
+}
+
+impl Default for Sequencer {
+    fn default() -> Self {
+        Sequencer::new()
+    }
+}
+
+/// One phase: a target, a mix and how to drive it.
+pub struct Phase<'a> {
+    pub http: &'a Http,
+    pub target: &'a Target,
+    pub mix: &'a Mix,
+    pub shape: LoadShape,
+    pub duration: Duration,
+    pub sequencer: &'a Arc<Sequencer>,
+    /// Shown on progress lines; `None` prints none.
+    pub progress: Option<String>,
+}
+
+pub fn build_request(
+    target: &Target,
+    sequencer: &Sequencer,
+    spec: &Spec,
+) -> anyhow::Result<Request<Full<Bytes>>> {
+    let mut request = Request::post(format!("http://{}{}", target.addr, spec.path()))
+        .header("content-type", "application/json")
+        .header("x-request-id", sequencer.request_id(spec.seq));
+    if let Some(key) = target.keys.get(spec.key) {
+        request = request.header("authorization", format!("Bearer {key}"));
+    }
+    if let Some(host) = target.host {
+        request = request.header("host", host);
+    }
+    Ok(request.body(Full::new(spec.body.clone()))?)
+}
+
+/// Send one request; time it from `since`.
+async fn send(http: &Http, target: &Target, sequencer: &Sequencer, spec: &Spec, since: Instant) -> Outcome {
+    let mut outcome =
+        Outcome { seq: spec.seq, key: spec.key, latency_ns: 0, status: 0, code: None, required: None };
+    if let Ok(request) = build_request(target, sequencer, spec) {
+        if let Ok((status, body)) = client::call(http, request).await {
+            outcome.status = status;
+            if status != 200 {
+                outcome.code = client::error_code(&body);
+                outcome.required = required(&body);
+            }
+        }
+    }
+    outcome.latency_ns = since.elapsed().as_nanos() as u64;
+    outcome
+}
+
+fn required(body: &[u8]) -> Option<Decimal> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value.pointer("/error/required")?.as_str()?.parse().ok()
+}
+
+pub async fn run(phase: Phase<'_>) -> anyhow::Result<Sample> {
+    let done = Arc::new(AtomicU64::new(0));
+    let stop_progress = Arc::new(AtomicBool::new(false));
+    let expected = match phase.shape {
+        LoadShape::Open { rate, .. } => Some((f64::from(rate) * phase.duration.as_secs_f64()) as u64),
+        LoadShape::Closed { .. } => None,
+    };
+    let progress = phase.progress.clone().map(|label| {
+        tokio::spawn(progress_lines(label, done.clone(), stop_progress.clone(), phase.duration, expected))
+    });
+    let cpu_before = phase.target.cpu.read();
+    let started = Instant::now();
+    let mut sample = match phase.shape {
+        LoadShape::Closed { concurrency } => closed_loop(&phase, concurrency, &done).await?,
+        LoadShape::Open { rate, max_in_flight, late_ms } => {
+            open_loop(&phase, rate, max_in_flight, Duration::from_millis(late_ms), &done).await?
+        }
+    };
+    let cpu = phase.target.cpu.read().zip(cpu_before).map(|(after, before)| after.saturating_sub(before));
+    sample.finish(started.elapsed(), cpu);
+    stop_progress.store(true, Ordering::Relaxed);
+    if let Some(progress) = progress {
+        let _ = progress.await;
+    }
+    Ok(sample)
+}
+
+async fn closed_loop(phase: &Phase<'_>, concurrency: usize, done: &Arc<AtomicU64>) -> anyhow::Result<Sample> {
+    let deadline = Instant::now() + phase.duration;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (http, target, mix) = (phase.http.clone(), phase.target.clone(), phase.mix.clone());
+            let (sequencer, done) = (phase.sequencer.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut sample = Sample::default();
+                while Instant::now() < deadline {
+                    let spec = mix.spec(sequencer.next());
+                    let outcome = send(&http, &target, &sequencer, &spec, Instant::now()).await;
+                    sample.add(outcome);
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                sample
+            })
+        })
+        .collect();
+    let mut total = Sample::default();
+    for worker in workers {
+        total.merge(worker.await?);
+    }
+    Ok(total)
+}
+
+async fn open_loop(
+    phase: &Phase<'_>,
+    rate: u32,
+    max_in_flight: usize,
+    late: Duration,
+    done: &Arc<AtomicU64>,
+) -> anyhow::Result<Sample> {
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let mut sample = Sample::default();
+    let start = Instant::now();
+    let mut intended = start;
+    let deadline = start + phase.duration;
+    while intended < deadline {
+        tokio::time::sleep_until(intended.into()).await;
+        // Send everything due by now: a timer that wakes late must not thin out the schedule.
+        let now = Instant::now();
+        while intended <= now && intended < deadline {
+            if now.duration_since(intended) > late {
+                sample.late += 1;
+            }
+            if in_flight.load(Ordering::Relaxed) >= max_in_flight {
+                sample.unsent += 1;
+            } else {
+                in_flight.fetch_add(1, Ordering::Relaxed);
+                let (http, target, spec) =
+                    (phase.http.clone(), phase.target.clone(), phase.mix.spec(phase.sequencer.next()));
+                let (sequencer, tx, in_flight, done) =
+                    (phase.sequencer.clone(), tx.clone(), in_flight.clone(), done.clone());
+                let since = intended;
+                tokio::spawn(async move {
+                    let outcome = send(&http, &target, &sequencer, &spec, since).await;
+                    let _ = tx.send(outcome);
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                    done.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+            intended += interval;
+        }
+    }
+    drop(tx);
+    while let Some(outcome) = rx.recv().await {
+        sample.add(outcome);
+    }
+    Ok(sample)
+}
+
+async fn progress_lines(
+    label: String,
+    done: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    duration: Duration,
+    expected: Option<u64>,
+) {
+    let started = Instant::now();
+    let mut last = 0;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = done.load(Ordering::Relaxed);
+        let total = expected.map(|e| format!("/{e}")).unwrap_or_default();
+        eprintln!(
+            "  {label}: {:>4.0}/{} s  done {now}{total}  {} req/s",
+            started.elapsed().as_secs_f64(),
+            duration.as_secs(),
+            now - last
+        );
+        last = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_carry_the_sequence_number() {
+        let sequencer = Sequencer::new();
+        let id = sequencer.request_id(123_456);
+        assert_eq!(sequencer.seq_of(&id), Some(123_456), "hyphenated");
+        assert_eq!(sequencer.seq_of(&id.replace('-', "")), Some(123_456), "32 hex digits");
+        assert_eq!(
+            Sequencer { run: sequencer.run ^ 1, next: AtomicU64::new(0) }.seq_of(&id),
+            None,
+            "other run"
+        );
+        assert_eq!(sequencer.seq_of("not-an-id"), None, "garbage");
+    }
+}

@@ -1,0 +1,473 @@
+//! The run: start the mock, the gateways and nginx, seed, drive the modes in
+//! interleaved rounds, then the concurrency-1 and SSE passes, report, audit,
+//! stop the gateways gracefully and verify the durable ledger.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use creditgate::mock::{Journal, MockOptions, MockUpstream};
+use creditgate::pricing::PriceTable;
+
+use crate::audit::{self, Books, Served, WalletState};
+use crate::client::{self, Admin, Http};
+use crate::cpu::CpuSource;
+use crate::drive::{self, Phase, Sequencer, Target};
+use crate::gateway::{self, Gateway, ADMIN_TOKEN, PASSTHROUGH_HOST};
+use crate::mix::{Catalog, KeyCounts, Mix, MixConfig, Source};
+use crate::nginx::{self, Nginx};
+use crate::report::{self, Results, DIRECT, METERED, METERED_WT_OFF, NGINX, PASSTHROUGH};
+use crate::settings::{LoadShape, Settings, Switch};
+use crate::sse::{self, SseSample, StreamCall};
+use crate::stats::{Refused, Sample};
+use crate::tenants::{self, Tenants, WalletRef};
+
+/// Journal entries the mock keeps between two drains (one phase's requests).
+const JOURNAL_CAPACITY: usize = 5_000_000;
+
+/// A metered gateway and what the audit needs about it.
+struct Metered {
+    gateway: Gateway,
+    admin: Admin,
+    tenants: Tenants,
+    seeded: BTreeMap<WalletRef, WalletState>,
+    served: Vec<Served>,
+    refused: Vec<Refused>,
+    /// Its ledger entries can be read back (durable store on).
+    per_debit: bool,
+}
+
+impl Metered {
+    async fn start(
+        name: &'static str,
+        settings: &Settings,
+        mock: &MockUpstream,
+        extra: &str,
+        http: &Http,
+    ) -> anyhow::Result<Metered> {
+        let gateway =
+            Gateway::start(name, &settings.gateway_bin, mock.addr(), &settings.prices, extra, http).await?;
+        let admin = Admin { http: http.clone(), addr: gateway.admin.clone(), token: ADMIN_TOKEN.to_owned() };
+        let tenants = tenants::seed(&admin, &settings.tenants)
+            .await
+            .with_context(|| format!("seeding the {name} gateway"))?;
+        let seeded = audit::wallets(&admin, &tenants.orgs).await?;
+        Ok(Metered {
+            gateway,
+            admin,
+            tenants,
+            seeded,
+            served: Vec::new(),
+            refused: Vec::new(),
+            per_debit: extra.is_empty(),
+        })
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            addr: self.gateway.proxy.clone(),
+            host: None,
+            keys: Arc::new(self.tenants.keys.iter().map(|t| t.secret.clone()).collect()),
+            cpu: CpuSource::Process(self.gateway.pid()),
+        }
+    }
+}
+
+/// Whose books a mode's requests are charged to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Charged {
+    /// Unmetered: nobody's.
+    Nobody,
+    On,
+    Off,
+}
+
+struct Mode {
+    name: &'static str,
+    target: Target,
+    books: Charged,
+}
+
+/// The state of a run between its passes.
+struct Run {
+    settings: Settings,
+    prices: PriceTable,
+    http: Http,
+    mock: MockUpstream,
+    journal: Arc<Journal>,
+    sequencer: Arc<Sequencer>,
+    /// Which phase sent which request numbers (for the audit).
+    catalog: Catalog,
+    on: Metered,
+    off: Option<Metered>,
+    nginx: Option<Nginx>,
+    modes: Vec<Mode>,
+    results: Results,
+}
+
+/// Run everything; `Ok(false)` when the audit found a problem.
+pub async fn run(settings: Settings) -> anyhow::Result<bool> {
+    let mut run = Run::start(settings).await?;
+    run.measured_rounds().await?;
+    run.concurrency_one().await?;
+    run.streams().await?;
+    let (text, json) = report::render(&run.results);
+    println!("{text}");
+    run.finish(json).await
+}
+
+impl Run {
+    async fn start(settings: Settings) -> anyhow::Result<Run> {
+        let prices_text = std::fs::read_to_string(&settings.prices)
+            .with_context(|| format!("cannot read the price file {}", settings.prices.display()))?;
+        let prices = PriceTable::parse("prices.toml", &prices_text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        settings.mix.check_priced(&prices, chrono::Utc::now())?;
+        if !settings.gateway_bin.is_file() {
+            bail!(
+                "no gateway binary at {} (build it: cargo build --release -p creditgate --bin creditgate, or pass --gateway-bin)",
+                settings.gateway_bin.display()
+            );
+        }
+        let options = MockOptions { journal_capacity: Some(JOURNAL_CAPACITY), ..MockOptions::default() };
+        let mock = MockUpstream::start("127.0.0.1:0".parse()?, options).await?;
+        let concurrency = match settings.load {
+            LoadShape::Closed { concurrency } => concurrency,
+            LoadShape::Open { max_in_flight, .. } => max_in_flight.min(1024),
+        };
+        let http = client::http(concurrency * 2);
+        let mut results = Results {
+            shape: Some(settings.load),
+            seconds: settings.seconds,
+            rounds: settings.rounds,
+            c1_seconds: settings.c1_seconds,
+            sse_streams: settings.sse_streams,
+            sse_frames: settings.sse_frames,
+            sse_pace_ms: settings.sse_pace_ms,
+            ..Results::default()
+        };
+        eprintln!("starting the gateways ({})", settings.gateway_bin.display());
+        let on = Metered::start(METERED, &settings, &mock, "", &http).await?;
+        let off = start_write_through_off(&settings, &mock, &http, &mut results.notes).await?;
+        let nginx = start_nginx(&settings, &mock, &mut results.notes)?;
+        let modes = modes(&mock, &on, off.as_ref(), nginx.as_ref());
+        Ok(Run {
+            journal: mock.journal(),
+            settings,
+            prices,
+            http,
+            mock,
+            sequencer: Arc::new(Sequencer::new()),
+            catalog: Catalog::default(),
+            on,
+            off,
+            nginx,
+            modes,
+            results,
+        })
+    }
+
+    /// One closed- or open-loop phase of `mix` against mode `index`.
+    async fn phase(
+        &mut self,
+        index: usize,
+        mix: &Mix,
+        shape: LoadShape,
+        seconds: u64,
+        label: String,
+    ) -> anyhow::Result<Sample> {
+        let first = self.sequencer.peek();
+        let phase = Phase {
+            http: &self.http,
+            target: &self.modes[index].target,
+            mix,
+            shape,
+            duration: Duration::from_secs(seconds),
+            sequencer: &self.sequencer,
+            progress: (self.settings.progress && shape == self.settings.load).then(|| label.clone()),
+        };
+        let sample = drive::run(phase).await?;
+        eprintln!("{label:<32} {}", summary(&sample));
+        self.file(index, first, Source::Mix(mix.clone()), &sample.refused);
+        Ok(sample)
+    }
+
+    /// After a phase: note which requests it sent, and hand what the mock
+    /// served (and the refusals) to the gateway whose books it touched.
+    fn file(&mut self, index: usize, first: u64, source: Source, refused: &[Refused]) {
+        self.catalog.add(first..self.sequencer.peek(), source);
+        let entries = self.journal.drain();
+        let metered = match self.modes[index].books {
+            Charged::Nobody => return,
+            Charged::On => &mut self.on,
+            Charged::Off => match self.off.as_mut() {
+                Some(off) => off,
+                None => return,
+            },
+        };
+        metered.served.extend(Served::from_journal(entries, &self.sequencer));
+        metered.refused.extend_from_slice(refused);
+    }
+
+    /// Every mode once per round, the order rotating so no mode always runs
+    /// first or right after another.
+    async fn measured_rounds(&mut self) -> anyhow::Result<()> {
+        let mix = Mix::new(self.settings.mix.clone(), self.settings.tenants.key_counts());
+        let count = self.modes.len();
+        let mut measured: Vec<(&'static str, Vec<Sample>)> =
+            self.modes.iter().map(|m| (m.name, Vec::new())).collect();
+        for round in 0..self.settings.rounds {
+            for i in 0..count {
+                let index = (i + round) % count;
+                let label =
+                    format!("round {}/{} {}", round + 1, self.settings.rounds, self.modes[index].name);
+                let sample =
+                    self.phase(index, &mix, self.settings.load, self.settings.seconds, label).await?;
+                measured[index].1.push(sample);
+            }
+        }
+        self.results.modes = measured;
+        Ok(())
+    }
+
+    /// The modes the latency passes compare.
+    fn latency_modes(&self) -> Vec<usize> {
+        (0..self.modes.len())
+            .filter(|&i| [DIRECT, PASSTHROUGH, METERED].contains(&self.modes[i].name))
+            .collect()
+    }
+
+    /// Concurrency 1: the gateway's added latency without queueing.
+    async fn concurrency_one(&mut self) -> anyhow::Result<()> {
+        if self.settings.c1_seconds == 0 {
+            return Ok(());
+        }
+        let probe = Mix::new(MixConfig::latency_probe(), KeyCounts { funded: 1, dry: 0 });
+        let indexes = self.latency_modes();
+        let mut c1: Vec<(&'static str, Vec<Sample>)> =
+            indexes.iter().map(|&i| (self.modes[i].name, Vec::new())).collect();
+        for round in 0..self.settings.rounds {
+            for (slot, &index) in indexes.iter().enumerate() {
+                let label =
+                    format!("c1 round {}/{} {}", round + 1, self.settings.rounds, self.modes[index].name);
+                let shape = LoadShape::Closed { concurrency: 1 };
+                let sample = self.phase(index, &probe, shape, self.settings.c1_seconds, label).await?;
+                c1[slot].1.push(sample);
+            }
+        }
+        self.results.c1 = c1;
+        Ok(())
+    }
+
+    /// SSE: paced streams, per-event delay direct vs through the gateway.
+    async fn streams(&mut self) -> anyhow::Result<()> {
+        if self.settings.sse_streams == 0 {
+            return Ok(());
+        }
+        let indexes = self.latency_modes();
+        let mut sse: Vec<(&'static str, Vec<SseSample>)> =
+            indexes.iter().map(|&i| (self.modes[i].name, Vec::new())).collect();
+        let frames = self.settings.sse_frames;
+        for _ in 0..self.settings.rounds {
+            for (slot, &index) in indexes.iter().enumerate() {
+                let first = self.sequencer.peek();
+                let call = StreamCall {
+                    http: &self.http,
+                    target: &self.modes[index].target,
+                    sequencer: &self.sequencer,
+                    journal: &self.journal,
+                    key: 0,
+                    pace_ms: self.settings.sse_pace_ms,
+                    frames,
+                };
+                let sample = sse::measure(&call, self.settings.sse_streams).await?;
+                self.file(index, first, Source::Stream { key: 0, frames }, &[]);
+                sse[slot].1.push(sample);
+            }
+        }
+        self.results.sse = sse;
+        Ok(())
+    }
+
+    /// Audit both gateways, stop everything (the durable gateway by SIGTERM,
+    /// then `ledger verify`), write the JSON report.
+    async fn finish(mut self, mut json: serde_json::Value) -> anyhow::Result<bool> {
+        let mut ok = check_errors(&self.results);
+        let mut audits = serde_json::Map::new();
+        for metered in std::iter::once(&self.on).chain(self.off.as_ref()) {
+            let books = Books {
+                name: metered.gateway.name,
+                admin: &metered.admin,
+                tenants: &metered.tenants,
+                seeded: &metered.seeded,
+                served: &metered.served,
+                refused: &metered.refused,
+                catalog: &self.catalog,
+                sequencer: &self.sequencer,
+                prices: &self.prices,
+                per_debit: metered.per_debit,
+            };
+            let findings = audit::audit(&books).await?;
+            audits.insert(metered.gateway.name.to_owned(), findings.json.clone());
+            for note in &findings.notes {
+                println!("audit: {note}");
+            }
+            for failure in &findings.failures {
+                println!("audit FAILED: {failure}");
+            }
+            ok &= findings.failures.is_empty();
+        }
+        if let Some(nginx) = self.nginx.take() {
+            nginx.stop();
+        }
+        if let Some(off) = self.off.as_mut() {
+            off.gateway.stop().context("stopping the write-through-off gateway")?;
+        }
+        match self.on.gateway.stop_and_verify() {
+            Ok(verified) => {
+                println!("audit: ledger verify after SIGTERM: {}", verified.lines().last().unwrap_or("ok"))
+            }
+            Err(error) => {
+                println!("audit FAILED: {error:#}");
+                ok = false;
+            }
+        }
+        self.mock.stop().await;
+        json["audit"] = serde_json::Value::Object(audits);
+        write_json(&self.settings, json, ok)?;
+        println!("{}", if ok { "audit: ok" } else { "audit: FAILED" });
+        Ok(ok)
+    }
+}
+
+/// The modes of the measured rounds, in order.
+fn modes(mock: &MockUpstream, on: &Metered, off: Option<&Metered>, nginx: Option<&Nginx>) -> Vec<Mode> {
+    let on_target = on.target();
+    // Unmetered modes send the same requests, keys included, as the metered one.
+    let plain = |addr: String, host, cpu| Target { addr, host, keys: on_target.keys.clone(), cpu };
+    let mut modes = vec![
+        Mode {
+            name: DIRECT,
+            target: plain(mock.addr().to_string(), None, CpuSource::None),
+            books: Charged::Nobody,
+        },
+        Mode {
+            name: PASSTHROUGH,
+            target: plain(
+                on.gateway.proxy.clone(),
+                Some(PASSTHROUGH_HOST),
+                CpuSource::Process(on.gateway.pid()),
+            ),
+            books: Charged::Nobody,
+        },
+    ];
+    if let Some(nginx) = nginx {
+        let target = plain(nginx.addr.to_string(), None, CpuSource::Tree(nginx.pid()));
+        modes.push(Mode { name: NGINX, target, books: Charged::Nobody });
+    }
+    modes.push(Mode { name: METERED, target: on_target.clone(), books: Charged::On });
+    if let Some(off) = off {
+        modes.push(Mode { name: METERED_WT_OFF, target: off.target(), books: Charged::Off });
+    }
+    modes
+}
+
+fn summary(sample: &Sample) -> String {
+    format!(
+        "{:>8.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  402s {:>5}  errors {}",
+        sample.throughput(),
+        sample.percentile_us(0.5),
+        sample.percentile_us(0.99),
+        sample.refusal_count(),
+        sample.error_count()
+    )
+}
+
+/// Every request must have been answered 200 or 402.
+fn check_errors(results: &Results) -> bool {
+    let mut ok = true;
+    for (mode, samples) in results.modes.iter().chain(&results.c1) {
+        let errors: u64 = samples.iter().map(Sample::error_count).sum();
+        let refused: u64 = samples.iter().map(Sample::refusal_count).sum();
+        if errors > 0 {
+            println!("audit FAILED: {mode}: {errors} requests answered neither 200 nor 402");
+            ok = false;
+        }
+        if refused > 0 && ![METERED, METERED_WT_OFF].contains(mode) {
+            println!("audit FAILED: {mode}: {refused} 402s on an unmetered path");
+            ok = false;
+        }
+    }
+    for (mode, samples) in &results.sse {
+        let broken: u64 = samples.iter().map(|s| s.failed + s.unmatched).sum();
+        if broken > 0 {
+            println!("audit FAILED: SSE {mode}: {broken} streams failed or events went missing");
+            ok = false;
+        }
+    }
+    ok
+}
+
+async fn start_write_through_off(
+    settings: &Settings,
+    mock: &MockUpstream,
+    http: &Http,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Option<Metered>> {
+    if settings.write_through_off == Switch::Off {
+        return Ok(None);
+    }
+    match gateway::write_through_off_switch(&settings.gateway_bin, mock.addr(), &settings.prices)? {
+        Some(section) => {
+            let section_name = section.lines().next().unwrap_or_default().to_owned();
+            let off = Metered::start(METERED_WT_OFF, settings, mock, &section, http).await?;
+            notes.push(format!(
+                "write-through off via `{section_name} write_through = false`; audited by wallet balances"
+            ));
+            Ok(Some(off))
+        }
+        None if settings.write_through_off == Switch::On => {
+            bail!("this gateway has no `write_through = false` switch ([store] or [ledger]); drop --write-through-off on")
+        }
+        None => {
+            let note =
+                "skipped write-through off: the gateway config has no `write_through` switch yet".to_owned();
+            eprintln!("{note}");
+            notes.push(note);
+            Ok(None)
+        }
+    }
+}
+
+fn start_nginx(
+    settings: &Settings,
+    mock: &MockUpstream,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Option<Nginx>> {
+    if settings.nginx == Switch::Off {
+        return Ok(None);
+    }
+    match nginx::find() {
+        Some(bin) => Ok(Some(Nginx::start(&bin, mock.addr())?)),
+        None if settings.nginx == Switch::On => bail!("--nginx on, but there is no nginx on PATH"),
+        None => {
+            let note = "skipped nginx: not on PATH (apt-get install nginx)".to_owned();
+            eprintln!("{note}");
+            notes.push(note);
+            Ok(None)
+        }
+    }
+}
+
+fn write_json(settings: &Settings, mut json: serde_json::Value, ok: bool) -> anyhow::Result<()> {
+    let Some(path) = &settings.json else { return Ok(()) };
+    json["audit_ok"] = serde_json::json!(ok);
+    let text = serde_json::to_string_pretty(&json)?;
+    if path.as_os_str() == "-" {
+        println!("{text}");
+    } else {
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("JSON report written to {}", path.display());
+    }
+    Ok(())
+}

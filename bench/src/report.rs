@@ -1,0 +1,311 @@
+//! The report: a human table on stdout and the same numbers as JSON.
+//!
+//! Per mode, each figure is the median over rounds of that round's figure;
+//! ratios are computed per round (both modes ran in the same round, under the
+//! same machine noise) and shown as median (min..max).
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Map, Value};
+
+use crate::settings::LoadShape;
+use crate::sse::SseSample;
+use crate::stats::{paired, percentile, Sample, Spread};
+
+pub const DIRECT: &str = "direct";
+pub const PASSTHROUGH: &str = "passthrough";
+pub const NGINX: &str = "nginx";
+pub const METERED: &str = "metered";
+pub const METERED_WT_OFF: &str = "metered-wt-off";
+
+/// Everything measured, by mode, one entry per round.
+#[derive(Debug, Default)]
+pub struct Results {
+    pub shape: Option<LoadShape>,
+    pub seconds: u64,
+    pub rounds: usize,
+    pub modes: Vec<(&'static str, Vec<Sample>)>,
+    pub c1_seconds: u64,
+    pub c1: Vec<(&'static str, Vec<Sample>)>,
+    pub sse_streams: usize,
+    pub sse_frames: u64,
+    pub sse_pace_ms: u64,
+    pub sse: Vec<(&'static str, Vec<SseSample>)>,
+    pub notes: Vec<String>,
+}
+
+fn find<'a, T>(list: &'a [(&'static str, Vec<T>)], mode: &str) -> Option<&'a [T]> {
+    list.iter().find(|(name, _)| *name == mode).map(|(_, samples)| samples.as_slice())
+}
+
+/// Median over rounds of `f`.
+fn over_rounds(samples: &[Sample], f: impl Fn(&Sample) -> Option<f64>) -> Option<Spread> {
+    Spread::of(&samples.iter().filter_map(f).collect::<Vec<_>>())
+}
+
+fn cell(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "–".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+const QUANTILES: [(&str, f64); 4] = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)];
+
+fn mode_table(text: &mut String, list: &[(&'static str, Vec<Sample>)], json: &mut Map<String, Value>) {
+    let _ = writeln!(
+        text,
+        "{:<15} {:>9} {:>8} {:>8} {:>8} {:>9} {:>11} {:>7} {:>7}",
+        "mode", "req/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "CPU µs/req", "402s", "errors"
+    );
+    for (mode, samples) in list {
+        let throughput = over_rounds(samples, |s| Some(s.throughput()));
+        let quantiles: Vec<Option<Spread>> =
+            QUANTILES.iter().map(|(_, q)| over_rounds(samples, |s| Some(s.percentile_us(*q)))).collect();
+        let cpu = over_rounds(samples, Sample::cpu_per_request_us);
+        let refused: u64 = samples.iter().map(Sample::refusal_count).sum();
+        let errors: u64 = samples.iter().map(Sample::error_count).sum();
+        let _ = writeln!(
+            text,
+            "{mode:<15} {:>9} {:>8} {:>8} {:>8} {:>9} {:>11} {refused:>7} {errors:>7}",
+            cell(throughput.map(|s| s.median), 0),
+            cell(quantiles[0].map(|s| s.median), 0),
+            cell(quantiles[1].map(|s| s.median), 0),
+            cell(quantiles[2].map(|s| s.median), 0),
+            cell(quantiles[3].map(|s| s.median), 0),
+            cell(cpu.map(|s| s.median), 1),
+        );
+        let mut entry = Map::new();
+        entry.insert("rounds".into(), json!(samples.len()));
+        entry.insert("requests".into(), json!(samples.iter().map(|s| s.requests).sum::<u64>()));
+        entry.insert("throughput_rps".into(), throughput.map_or(Value::Null, |s| s.json()));
+        for ((name, _), spread) in QUANTILES.iter().zip(&quantiles) {
+            entry.insert(format!("{}_us", name.replace('.', "")), spread.map_or(Value::Null, |s| s.json()));
+        }
+        entry.insert("gateway_cpu_us_per_request".into(), cpu.map_or(Value::Null, |s| s.json()));
+        entry.insert("refusals_402_by_code".into(), json!(merged(samples, |s| &s.refusals)));
+        entry.insert("errors_by_status".into(), json!(merged(samples, |s| &s.errors)));
+        entry.insert("late".into(), json!(samples.iter().map(|s| s.late).sum::<u64>()));
+        entry.insert("unsent".into(), json!(samples.iter().map(|s| s.unsent).sum::<u64>()));
+        json.insert((*mode).to_owned(), Value::Object(entry));
+    }
+}
+
+fn merged(
+    samples: &[Sample],
+    f: impl Fn(&Sample) -> &std::collections::BTreeMap<String, u64>,
+) -> std::collections::BTreeMap<String, u64> {
+    let mut total = std::collections::BTreeMap::new();
+    for sample in samples {
+        for (code, count) in f(sample) {
+            *total.entry(code.clone()).or_default() += count;
+        }
+    }
+    total
+}
+
+/// One ratio line: `name  median (min..max)  note`.
+fn ratio(
+    text: &mut String,
+    json: &mut Map<String, Value>,
+    key: &str,
+    label: &str,
+    spread: Option<Spread>,
+    note: &str,
+) {
+    if let Some(spread) = spread {
+        // Ratios get two decimals, microseconds one.
+        let decimals = if label.ends_with("(µs)") { 1 } else { 2 };
+        let _ = writeln!(text, "  {label:<44} {:<26} {note}", spread.text(decimals));
+        json.insert(key.to_owned(), spread.json());
+    }
+}
+
+fn ratios(results: &Results, text: &mut String, json: &mut Map<String, Value>) {
+    let get = |mode| find(&results.modes, mode).unwrap_or(&[]);
+    let throughput = |a: &Sample, b: &Sample| Some(a.throughput() / b.throughput());
+    let cpu = |a: &Sample, b: &Sample| Some(a.cpu_per_request_us()? / b.cpu_per_request_us()?);
+    let added_p50 = |a: &Sample, b: &Sample| Some(a.percentile_us(0.5) - b.percentile_us(0.5));
+    let added_p99 = |a: &Sample, b: &Sample| Some(a.percentile_us(0.99) - b.percentile_us(0.99));
+    let _ = writeln!(text, "ratios, per round, median (min..max):");
+    for (mode, key) in [(METERED, "metered"), (METERED_WT_OFF, "metered_wt_off"), (NGINX, "nginx")] {
+        let target = |t: &str| if mode == METERED { t.to_owned() } else { String::new() };
+        ratio(
+            text,
+            json,
+            &format!("{key}_over_passthrough_throughput"),
+            &format!("{mode} / passthrough throughput"),
+            paired(get(mode), get(PASSTHROUGH), throughput),
+            &target("target ≥ 0.85"),
+        );
+        ratio(
+            text,
+            json,
+            &format!("{key}_over_passthrough_cpu_per_request"),
+            &format!("{mode} / passthrough CPU per request"),
+            paired(get(mode), get(PASSTHROUGH), cpu),
+            &target("target ≤ 1.25"),
+        );
+    }
+    ratio(
+        text,
+        json,
+        "write_through_on_over_off_throughput",
+        "write-through on / off throughput",
+        paired(get(METERED), get(METERED_WT_OFF), throughput),
+        "target ≥ 0.95",
+    );
+    for mode in [PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
+        let key = mode.replace('-', "_");
+        ratio(
+            text,
+            json,
+            &format!("{key}_added_p50_us"),
+            &format!("{mode} added p50 over direct (µs)"),
+            paired(get(mode), get(DIRECT), added_p50),
+            "",
+        );
+        ratio(
+            text,
+            json,
+            &format!("{key}_added_p99_us"),
+            &format!("{mode} added p99 over direct (µs)"),
+            paired(get(mode), get(DIRECT), added_p99),
+            "",
+        );
+    }
+}
+
+fn c1_section(results: &Results, text: &mut String, json: &mut Map<String, Value>) {
+    if results.c1.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        text,
+        "\nconcurrency 1 (closed loop, one small chat request at a time, {} × {} s per mode):",
+        results.rounds, results.c1_seconds
+    );
+    let mut modes = Map::new();
+    mode_table(text, &results.c1, &mut modes);
+    json.insert("modes".into(), Value::Object(modes));
+    let get = |mode| find(&results.c1, mode).unwrap_or(&[]);
+    let added_p50 = |a: &Sample, b: &Sample| Some(a.percentile_us(0.5) - b.percentile_us(0.5));
+    for mode in [PASSTHROUGH, METERED] {
+        ratio(
+            text,
+            json,
+            &format!("{mode}_added_p50_us"),
+            &format!("{mode} added p50 over direct (µs)"),
+            paired(get(mode), get(DIRECT), added_p50),
+            if mode == METERED { "target ≤ 100" } else { "" },
+        );
+    }
+}
+
+fn sse_section(results: &Results, text: &mut String, json: &mut Map<String, Value>) {
+    if results.sse.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        text,
+        "\nSSE ({} rounds × {} streams × {} events, {} ms apart): delay mock write → client read",
+        results.rounds, results.sse_streams, results.sse_frames, results.sse_pace_ms
+    );
+    let _ = writeln!(
+        text,
+        "{:<15} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "mode", "events", "p50 µs", "p99 µs", "max µs", "coalesced", "unmatched"
+    );
+    let mut modes = Map::new();
+    for (mode, samples) in &results.sse {
+        let q = |q: f64| {
+            Spread::of(&samples.iter().map(|s| percentile(&s.delays_ns, q) / 1e3).collect::<Vec<_>>())
+        };
+        let (p50, p99, max) = (q(0.5), q(0.99), q(1.0));
+        let events: u64 = samples.iter().map(|s| s.events).sum();
+        let coalesced: u64 = samples.iter().map(|s| s.coalesced).sum();
+        let unmatched: u64 = samples.iter().map(|s| s.unmatched + s.failed).sum();
+        let _ = writeln!(
+            text,
+            "{mode:<15} {events:>7} {:>10} {:>10} {:>10} {coalesced:>10} {unmatched:>10}",
+            cell(p50.map(|s| s.median), 1),
+            cell(p99.map(|s| s.median), 1),
+            cell(max.map(|s| s.median), 1),
+        );
+        modes.insert(
+            (*mode).to_owned(),
+            json!({"events": events, "delay_p50_us": p50.map(|s| s.json()), "delay_p99_us": p99.map(|s| s.json()),
+                   "delay_max_us": max.map(|s| s.json()), "coalesced_reads": coalesced, "unmatched_events": unmatched}),
+        );
+    }
+    json.insert("modes".into(), Value::Object(modes));
+    let get = |mode| find(&results.sse, mode).unwrap_or(&[]);
+    for mode in [PASSTHROUGH, METERED] {
+        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+            let added = Spread::of(
+                &get(mode)
+                    .iter()
+                    .zip(get(DIRECT))
+                    .map(|(a, b)| (percentile(&a.delays_ns, q) - percentile(&b.delays_ns, q)) / 1e3)
+                    .collect::<Vec<_>>(),
+            );
+            ratio(
+                text,
+                json,
+                &format!("{mode}_added_gap_{name}_us"),
+                &format!("{mode} added per-event gap {name} (µs)"),
+                added,
+                if mode == METERED && name == "p99" { "target ≤ 10" } else { "" },
+            );
+        }
+    }
+}
+
+/// The human report and the JSON report.
+pub fn render(results: &Results) -> (String, Value) {
+    let mut text = String::new();
+    let mut json = Map::new();
+    let shape = match results.shape {
+        Some(LoadShape::Closed { concurrency }) => format!("closed loop, concurrency {concurrency}"),
+        Some(LoadShape::Open { rate, max_in_flight, late_ms }) => {
+            format!("open loop, {rate} req/s (latency from intended send time; late > {late_ms} ms, at most {max_in_flight} in flight)")
+        }
+        None => "–".into(),
+    };
+    let _ = writeln!(
+        text,
+        "\n{shape}; {} rounds × {} s per mode; medians over rounds",
+        results.rounds, results.seconds
+    );
+    json.insert("load".into(), json!(shape));
+    json.insert("rounds".into(), json!(results.rounds));
+    json.insert("seconds_per_mode".into(), json!(results.seconds));
+    let mut modes = Map::new();
+    mode_table(&mut text, &results.modes, &mut modes);
+    json.insert("modes".into(), Value::Object(modes));
+    for (mode, samples) in &results.modes {
+        let refusals = merged(samples, |s| &s.refusals);
+        let errors = merged(samples, |s| &s.errors);
+        let (late, unsent): (u64, u64) = samples.iter().fold((0, 0), |(l, u), s| (l + s.late, u + s.unsent));
+        if !refusals.is_empty() {
+            let _ = writeln!(text, "  {mode}: 402 by code {refusals:?}");
+        }
+        if !errors.is_empty() {
+            let _ = writeln!(text, "  {mode}: errors {errors:?}");
+        }
+        if late + unsent > 0 {
+            let _ = writeln!(text, "  {mode}: {late} sent late, {unsent} not sent (too many in flight)");
+        }
+    }
+    let mut ratio_json = Map::new();
+    ratios(results, &mut text, &mut ratio_json);
+    json.insert("ratios".into(), Value::Object(ratio_json));
+    let mut c1 = Map::new();
+    c1_section(results, &mut text, &mut c1);
+    json.insert("concurrency_1".into(), Value::Object(c1));
+    let mut sse = Map::new();
+    sse_section(results, &mut text, &mut sse);
+    json.insert("sse".into(), Value::Object(sse));
+    for note in &results.notes {
+        let _ = writeln!(text, "note: {note}");
+    }
+    json.insert("notes".into(), json!(results.notes));
+    (text, Value::Object(json))
+}

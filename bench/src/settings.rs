@@ -1,0 +1,255 @@
+//! Command-line flags and the defaults each profile gives them.
+//!
+//! Every flag left unset takes its profile's value, so `--profile full
+//! --seconds 3` is the full comparison with shorter phases.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use rust_decimal::Decimal;
+
+use crate::mix::{MixConfig, ModelChoice};
+use crate::tenants::TenantConfig;
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Profile {
+    /// Under a minute in a debug build, asserts correctness only (run by CI).
+    Smoke,
+    /// The real measurement: 5 interleaved rounds, nginx when installed.
+    Full,
+}
+
+/// Whether to run an optional baseline.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Switch {
+    /// Run it when it is available, say so when it is not.
+    Auto,
+    /// Run it; fail when it is not available.
+    On,
+    /// Do not run it.
+    Off,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "creditgate-load",
+    about = "Load-test a creditgate gateway against baselines and audit its books"
+)]
+pub struct Args {
+    #[arg(long, value_enum, default_value = "smoke")]
+    pub profile: Profile,
+    /// The creditgate binary to run (default: `creditgate` next to this binary).
+    #[arg(long)]
+    pub gateway_bin: Option<PathBuf>,
+    /// The price file the gateways load and the audit prices with.
+    #[arg(long)]
+    pub prices: Option<PathBuf>,
+    /// Closed loop: requests in flight at once [smoke 4, full 16].
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Open loop instead: send this many requests per second on a fixed
+    /// schedule; latency counts from each request's intended send time.
+    #[arg(long)]
+    pub rate: Option<u32>,
+    /// Open loop: most requests in flight; a request due while this many are
+    /// out is not sent and is counted as unsent.
+    #[arg(long, default_value_t = 4096)]
+    pub max_in_flight: usize,
+    /// Open loop: a request sent more than this after its intended time
+    /// counts as late.
+    #[arg(long, default_value_t = 2)]
+    pub late_ms: u64,
+    /// Seconds per mode per round [smoke 2, full 10].
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// Interleaved rounds [smoke 1, full 5].
+    #[arg(long)]
+    pub rounds: Option<usize>,
+    /// Seconds per mode per round of the concurrency-1 pass; 0 skips it [smoke 1, full 3].
+    #[arg(long)]
+    pub c1_seconds: Option<u64>,
+    /// Paced streams per mode per round for the SSE frame-gap pass; 0 skips it [smoke 2, full 6].
+    #[arg(long)]
+    pub sse_streams: Option<usize>,
+    /// Gap the mock leaves between stream events in the SSE pass.
+    #[arg(long, default_value_t = 5)]
+    pub sse_pace_ms: u64,
+    /// Content events per stream in the SSE pass (10..=50).
+    #[arg(long, default_value_t = 24)]
+    pub sse_frames: u64,
+    /// Models and their weights, `api:model=weight` (api: chat, messages,
+    /// embeddings, responses); every model must be in the price file.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "chat:mock-gpt=4,chat:gpt-4o-mini=2,messages:mock-claude=2,embeddings:mock-embed=1,responses:gpt-4.1-mini=1"
+    )]
+    pub models: Vec<String>,
+    /// Share of requests that call the web-search tool (units from the mock's header).
+    #[arg(long, default_value_t = 0.1)]
+    pub tool_share: f64,
+    /// Share of model requests (chat and messages) that stream.
+    #[arg(long, default_value_t = 0.2)]
+    pub stream_share: f64,
+    /// Request body sizes in bytes, picked uniformly.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024,8192")]
+    pub body_bytes: Vec<usize>,
+    /// `max_tokens` of every model request (the output is 10..=50 tokens, capped by this).
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: u64,
+    /// Funded keys, one user each, paying from a large pool or allowance [smoke 4, full 8].
+    #[arg(long)]
+    pub keys: Option<usize>,
+    /// Share of the funded users that are Lite (own large monthly allowance).
+    #[arg(long, default_value_t = 0.25)]
+    pub lite_share: f64,
+    /// Lite users with a small monthly allowance, meant to run dry.
+    #[arg(long, default_value_t = 2)]
+    pub dry_lite: usize,
+    /// Monthly allowance of those Lite users (dollars).
+    #[arg(long, default_value = "0.002")]
+    pub dry_allowance: Decimal,
+    /// Pool of a second organization (one Pro key, one app key) meant to run
+    /// dry (dollars); 0 leaves that organization out.
+    #[arg(long, default_value = "0.004")]
+    pub dry_pool: Decimal,
+    /// Share of requests sent with the keys of the small wallets.
+    #[arg(long, default_value_t = 0.05)]
+    pub dry_share: f64,
+    /// nginx as a second pass-through baseline [smoke off, full auto].
+    #[arg(long, value_enum)]
+    pub nginx: Option<Switch>,
+    /// A second gateway with durable write-through off [auto: when the
+    /// gateway's config has the switch].
+    #[arg(long, value_enum, default_value = "auto")]
+    pub write_through_off: Switch,
+    /// Write the report as JSON to this file (`-` for stdout).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Seed of the request mix (which key, model, size, stream per request).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Progress lines on stderr once a second [default: when phases last 3 s or more].
+    #[arg(long)]
+    pub progress: Option<bool>,
+}
+
+/// How the measured phases drive load.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LoadShape {
+    /// A fixed number of requests in flight, each sent when one finishes.
+    Closed { concurrency: usize },
+    /// A fixed send schedule, independent of how fast answers come.
+    Open { rate: u32, max_in_flight: usize, late_ms: u64 },
+}
+
+/// Everything the run needs, with the profile's defaults filled in.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub profile: Profile,
+    pub gateway_bin: PathBuf,
+    pub prices: PathBuf,
+    pub load: LoadShape,
+    pub seconds: u64,
+    pub rounds: usize,
+    pub c1_seconds: u64,
+    pub sse_streams: usize,
+    pub sse_pace_ms: u64,
+    pub sse_frames: u64,
+    pub mix: MixConfig,
+    pub tenants: TenantConfig,
+    pub nginx: Switch,
+    pub write_through_off: Switch,
+    pub json: Option<PathBuf>,
+    pub progress: bool,
+}
+
+impl Settings {
+    pub fn from_args(args: Args) -> anyhow::Result<Settings> {
+        let smoke = args.profile == Profile::Smoke;
+        let pick = |value: Option<u64>, smoke_value: u64, full_value: u64| {
+            value.unwrap_or(if smoke { smoke_value } else { full_value })
+        };
+        let concurrency = args.concurrency.unwrap_or(if smoke { 4 } else { 16 });
+        if concurrency == 0 {
+            bail!("--concurrency must be at least 1");
+        }
+        let load = match args.rate {
+            Some(0) => bail!("--rate must be at least 1 request per second"),
+            Some(rate) => {
+                LoadShape::Open { rate, max_in_flight: args.max_in_flight.max(1), late_ms: args.late_ms }
+            }
+            None => LoadShape::Closed { concurrency },
+        };
+        let seconds = pick(args.seconds, 2, 10).max(1);
+        let rounds = args.rounds.unwrap_or(if smoke { 1 } else { 5 }).max(1);
+        if !(10..=50).contains(&args.sse_frames) {
+            bail!("--sse-frames must be 10..=50 (the mock writes 10 + seed % 41 tokens)");
+        }
+        for (name, share) in [
+            ("--tool-share", args.tool_share),
+            ("--stream-share", args.stream_share),
+            ("--lite-share", args.lite_share),
+            ("--dry-share", args.dry_share),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                bail!("{name} must be between 0 and 1, not {share}");
+            }
+        }
+        let models = args.models.iter().map(|m| ModelChoice::parse(m)).collect::<anyhow::Result<Vec<_>>>()?;
+        if models.is_empty() && args.tool_share < 1.0 {
+            bail!("--models is empty: name at least one `api:model`");
+        }
+        if args.body_bytes.is_empty() || args.body_bytes.iter().any(|b| *b == 0 || *b > 4 * 1024 * 1024) {
+            bail!("--body-bytes needs sizes from 1 to 4 MiB");
+        }
+        if args.dry_allowance < Decimal::ZERO || args.dry_pool < Decimal::ZERO {
+            bail!("--dry-allowance and --dry-pool are amounts of 0 or more");
+        }
+        let tenants = TenantConfig {
+            keys: args.keys.unwrap_or(if smoke { 4 } else { 8 }).max(1),
+            lite_share: args.lite_share,
+            dry_lite: args.dry_lite,
+            dry_allowance: args.dry_allowance,
+            dry_pool: args.dry_pool,
+        };
+        let dry_share = if tenants.dry_keys() == 0 { 0.0 } else { args.dry_share };
+        let mix = MixConfig {
+            models,
+            tool_share: args.tool_share,
+            stream_share: args.stream_share,
+            body_bytes: args.body_bytes,
+            max_tokens: args.max_tokens,
+            dry_share,
+            seed: args.seed,
+        };
+        let gateway_bin = match args.gateway_bin {
+            Some(bin) => bin,
+            None => std::env::current_exe()
+                .context("cannot find this binary's path to look for creditgate next to it")?
+                .with_file_name("creditgate"),
+        };
+        let prices = args
+            .prices
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/prices.toml"));
+        Ok(Settings {
+            profile: args.profile,
+            gateway_bin,
+            prices,
+            load,
+            seconds,
+            rounds,
+            c1_seconds: pick(args.c1_seconds, 1, 3),
+            sse_streams: args.sse_streams.unwrap_or(if smoke { 2 } else { 6 }),
+            sse_pace_ms: args.sse_pace_ms.max(1),
+            sse_frames: args.sse_frames,
+            mix,
+            tenants,
+            nginx: args.nginx.unwrap_or(if smoke { Switch::Off } else { Switch::Auto }),
+            write_through_off: args.write_through_off,
+            json: args.json,
+            progress: args.progress.unwrap_or(seconds >= 3),
+        })
+    }
+}
