@@ -185,6 +185,10 @@ async fn closed_loop(phase: &Phase<'_>, concurrency: usize, done: &Arc<AtomicU64
     Ok(total)
 }
 
+/// The schedule runs on its own OS thread: `std::thread::sleep` wakes within
+/// tens of microseconds, where a tokio timer rounds up to the next
+/// millisecond and would add that to every latency measured from the
+/// intended time. Requests are spawned onto the runtime.
 async fn open_loop(
     phase: &Phase<'_>,
     rate: u32,
@@ -194,29 +198,32 @@ async fn open_loop(
 ) -> anyhow::Result<Sample> {
     let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
     let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let mut sample = Sample::default();
-    let start = Instant::now();
-    let mut intended = start;
-    let deadline = start + phase.duration;
-    while intended < deadline {
-        tokio::time::sleep_until(intended.into()).await;
-        // Send everything due by now: a timer that wakes late must not thin out the schedule.
-        let now = Instant::now();
-        while intended <= now && intended < deadline {
-            if now.duration_since(intended) > late {
-                sample.late += 1;
+    let runtime = tokio::runtime::Handle::current();
+    let (http, target, mix) = (phase.http.clone(), phase.target.clone(), phase.mix.clone());
+    let (sequencer, done, duration) = (phase.sequencer.clone(), done.clone(), phase.duration);
+    let schedule = tokio::task::spawn_blocking(move || {
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (mut late_count, mut unsent) = (0, 0);
+        let start = Instant::now();
+        let deadline = start + duration;
+        let mut intended = start;
+        while intended < deadline {
+            let now = Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
+            }
+            if Instant::now().duration_since(intended) > late {
+                late_count += 1;
             }
             if in_flight.load(Ordering::Relaxed) >= max_in_flight {
-                sample.unsent += 1;
+                unsent += 1;
             } else {
                 in_flight.fetch_add(1, Ordering::Relaxed);
-                let (http, target, spec) =
-                    (phase.http.clone(), phase.target.clone(), phase.mix.spec(phase.sequencer.next()));
+                let (http, target, spec) = (http.clone(), target.clone(), mix.spec(sequencer.next()));
                 let (sequencer, tx, in_flight, done) =
-                    (phase.sequencer.clone(), tx.clone(), in_flight.clone(), done.clone());
+                    (sequencer.clone(), tx.clone(), in_flight.clone(), done.clone());
                 let since = intended;
-                tokio::spawn(async move {
+                runtime.spawn(async move {
                     let outcome = send(&http, &target, &sequencer, &spec, since).await;
                     let _ = tx.send(outcome);
                     in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -225,11 +232,16 @@ async fn open_loop(
             }
             intended += interval;
         }
-    }
-    drop(tx);
+        (late_count, unsent)
+    });
+    let mut sample = Sample::default();
+    // The channel closes once the schedule and every request it spawned are done.
     while let Some(outcome) = rx.recv().await {
         sample.add(outcome);
     }
+    let (late_count, unsent) = schedule.await?;
+    sample.late = late_count;
+    sample.unsent = unsent;
     Ok(sample)
 }
 
