@@ -10,10 +10,12 @@
 //! ```
 //!
 //! Debit entries (nearly all the traffic) use a compact binary payload
-//! ([`FRAME_DEBIT`]: fixed-width integers, decimals as mantissa and scale,
-//! strings length-prefixed), which is several times cheaper to write than
-//! JSON. Every other record is JSON ([`FRAME_JSON`]), so entities and rare
-//! entries keep one readable encoding. All integers are little-endian.
+//! ([`FRAME_DEBIT`]: LEB128 varints, decimals as zigzag mantissa and scale,
+//! route/model/price-version strings written once per segment and then
+//! referred to by index), about 100 bytes instead of 600 as JSON: the bytes
+//! sled must copy and write are what limits the store. Every other record is
+//! JSON ([`FRAME_JSON`]), so entities and rare entries keep one readable
+//! encoding. Header integers are little-endian.
 //! Decoding checks every length and value and returns an error, never
 //! panics: a store is input like any other.
 //!
@@ -58,22 +60,24 @@ pub struct SegmentSpan {
     pub max_seq: u64,
 }
 
-/// Encodes `records` (non-empty, in append order) as one segment.
-pub fn encode_segment(records: &[Record], out: &mut Vec<u8>) -> Result<(), CodecError> {
-    let count = u32::try_from(records.len()).map_err(|_| error("too many records for one segment"))?;
-    let min_seq = records.iter().map(|r| r.seq).min().unwrap_or(0);
-    let max_seq = records.iter().map(|r| r.seq).max().unwrap_or(0);
+/// Encodes records from the front of `records` (in append order) as one
+/// segment, stopping once the segment holds `max_bytes` or more; returns
+/// how many it took (at least one, unless `records` is empty).
+pub fn encode_segment(records: &[Record], max_bytes: usize, out: &mut Vec<u8>) -> Result<usize, CodecError> {
     out.clear();
     out.extend_from_slice(&[MAGIC, VERSION]);
-    out.extend_from_slice(&count.to_le_bytes());
-    out.extend_from_slice(&min_seq.to_le_bytes());
-    out.extend_from_slice(&max_seq.to_le_bytes());
+    out.extend_from_slice(&[0; HEADER_LEN - 2]);
+    let (mut min_seq, mut max_seq, mut count) = (u64::MAX, 0, 0_u32);
+    let mut strings = Strings::default();
     for record in records {
+        if out.len() >= max_bytes && count > 0 {
+            break;
+        }
         let start = out.len();
         out.extend_from_slice(&[0, 0, 0, 0, 0]);
         let kind = match &record.body {
             RecordBody::Entry(entry @ LedgerEntry { kind: EntryKind::Debit(debit), .. }) => {
-                encode_debit(record.seq, entry, debit, out);
+                encode_debit(record.seq, entry, debit, &mut strings, out);
                 FRAME_DEBIT
             }
             _ => {
@@ -84,8 +88,12 @@ pub fn encode_segment(records: &[Record], out: &mut Vec<u8>) -> Result<(), Codec
         let len = u32::try_from(out.len() - start - 5).map_err(|_| error("record too large"))?;
         out[start] = kind;
         out[start + 1..start + 5].copy_from_slice(&len.to_le_bytes());
+        (min_seq, max_seq, count) = (min_seq.min(record.seq), max_seq.max(record.seq), count + 1);
     }
-    Ok(())
+    out[2..6].copy_from_slice(&count.to_le_bytes());
+    out[6..14].copy_from_slice(&min_seq.min(max_seq).to_le_bytes());
+    out[14..22].copy_from_slice(&max_seq.to_le_bytes());
+    Ok(count as usize)
 }
 
 /// The header of a stored value: `None` for a first-format JSON record.
@@ -110,6 +118,7 @@ pub fn decode_value(value: &[u8]) -> Result<Vec<Record>, CodecError> {
         return serde_json::from_slice(value).map(|record| vec![record]).map_err(|e| error(e.to_string()));
     };
     let mut reader = Reader { bytes: &value[HEADER_LEN..] };
+    let mut strings = Strings::default();
     // The count is input: cap the reservation by what the bytes could hold.
     let mut records = Vec::with_capacity((span.count as usize).min(value.len() / 5));
     for _ in 0..span.count {
@@ -118,7 +127,7 @@ pub fn decode_value(value: &[u8]) -> Result<Vec<Record>, CodecError> {
         let mut payload = Reader { bytes: reader.take(len)? };
         let record = match kind {
             FRAME_JSON => serde_json::from_slice(payload.bytes).map_err(|e| error(e.to_string()))?,
-            FRAME_DEBIT => decode_debit(&mut payload)?,
+            FRAME_DEBIT => decode_debit(&mut payload, &mut strings)?,
             other => return Err(error(format!("unknown frame kind {other}"))),
         };
         if !payload.bytes.is_empty() && kind == FRAME_DEBIT {
@@ -134,73 +143,92 @@ pub fn decode_value(value: &[u8]) -> Result<Vec<Record>, CodecError> {
 
 // ------------------------------------------------------------------ debits
 
-fn encode_debit(seq: u64, entry: &LedgerEntry, debit: &Debit, out: &mut Vec<u8>) {
+/// Strings already written in this segment, so repeats cost one byte.
+#[derive(Default)]
+struct Strings(Vec<Arc<str>>);
+
+/// Most strings a segment remembers; later new ones are written in full.
+const MAX_STRINGS: usize = 64;
+
+impl Strings {
+    fn position(&self, text: &Arc<str>) -> Option<usize> {
+        self.0.iter().position(|known| Arc::ptr_eq(known, text) || **known == **text)
+    }
+
+    fn learn(&mut self, text: &Arc<str>) {
+        if self.0.len() < MAX_STRINGS {
+            self.0.push(Arc::clone(text));
+        }
+    }
+}
+
+fn encode_debit(seq: u64, entry: &LedgerEntry, debit: &Debit, strings: &mut Strings, out: &mut Vec<u8>) {
     let mut w = Writer(out);
-    w.u64(seq);
-    w.u64(entry.id.0);
+    w.var(seq);
+    // The entry id is the sequence number; anything else is kept exactly.
+    w.var(entry.id.0.wrapping_sub(seq));
     w.time(entry.at);
     w.wallet(entry.wallet);
-    w.u64(entry.org.0);
+    w.var(entry.org.0);
     w.decimal(entry.amount);
     w.decimal(entry.balance_after);
-    // A debit touches a few lots; u32 is far beyond any real count.
-    w.u32(entry.lots.len() as u32);
+    w.var(entry.lots.len() as u64);
     for touch in &entry.lots {
-        w.u64(touch.lot.0);
+        w.var(touch.lot.0);
         w.decimal(touch.amount);
     }
     w.0.extend_from_slice(debit.request_id.0.as_bytes());
-    w.u64(debit.key.0);
+    w.var(debit.key.0);
     w.owner(debit.owner);
     match &debit.end_user {
         Some(end_user) => {
-            w.u8(1);
+            w.0.push(1);
             w.str(end_user);
         }
-        None => w.u8(0),
+        None => w.0.push(0),
     }
     let details = &debit.details;
-    w.str(&details.route);
-    w.str(&details.model);
-    w.str(&details.price_version);
+    for text in [&details.route, &details.model, &details.price_version] {
+        w.shared_str(text, strings);
+    }
     let usage = details.usage;
     for count in [usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.tool_units] {
-        w.u64(count);
+        w.var(count);
     }
     w.decimal(debit.held);
     w.decimal(debit.overrun);
 }
 
-fn decode_debit(r: &mut Reader<'_>) -> Result<Record, CodecError> {
-    let seq = r.u64()?;
-    let id = EntryId(r.u64()?);
+fn decode_debit(r: &mut Reader<'_>, strings: &mut Strings) -> Result<Record, CodecError> {
+    let seq = r.var()?;
+    let id = EntryId(seq.wrapping_add(r.var()?));
     let at = r.time()?;
     let wallet = r.wallet()?;
-    let org = OrgId(r.u64()?);
+    let org = OrgId(r.var()?);
     let amount = r.decimal()?;
     let balance_after = r.decimal()?;
-    let touches = r.u32()? as usize;
-    // Each touch takes 25 bytes: a corrupt count cannot make us reserve more.
-    let mut lots = Vec::with_capacity(touches.min(r.bytes.len() / 25));
+    let touches = r.var()?;
+    // Each touch takes at least 3 bytes: a corrupt count cannot make us reserve more.
+    let mut lots = Vec::with_capacity(usize::try_from(touches).unwrap_or(0).min(r.bytes.len() / 3));
     for _ in 0..touches {
-        lots.push(LotTouch { lot: LotId(r.u64()?), amount: r.decimal()? });
+        lots.push(LotTouch { lot: LotId(r.var()?), amount: r.decimal()? });
     }
     let request_id = RequestId(Uuid::from_bytes(r.array()?));
-    let key = KeyId(r.u64()?);
+    let key = KeyId(r.var()?);
     let owner = r.owner()?;
     let end_user = match r.u8()? {
         0 => None,
-        1 => Some(r.arc_str()?),
+        1 => Some(r.str()?),
         other => return Err(error(format!("bad end-user flag {other}"))),
     };
-    let route = r.arc_str()?;
-    let model = r.arc_str()?;
-    let price_version = r.arc_str()?;
+    let route = r.shared_str(strings)?;
+    let model = r.shared_str(strings)?;
+    let price_version = r.shared_str(strings)?;
     let usage = Usage {
-        input_tokens: r.u64()?,
-        output_tokens: r.u64()?,
-        cached_input_tokens: r.u64()?,
-        tool_units: r.u64()?,
+        input_tokens: r.var()?,
+        output_tokens: r.var()?,
+        cached_input_tokens: r.var()?,
+        tool_units: r.var()?,
     };
     let held = r.decimal()?;
     let overrun = r.decimal()?;
@@ -218,62 +246,75 @@ fn decode_debit(r: &mut Reader<'_>) -> Result<Record, CodecError> {
     Ok(Record { seq, body: RecordBody::Entry(entry) })
 }
 
+fn zigzag(value: i128) -> u128 {
+    ((value << 1) ^ (value >> 127)) as u128
+}
+
+fn unzigzag(value: u128) -> i128 {
+    ((value >> 1) as i128) ^ -((value & 1) as i128)
+}
+
 struct Writer<'a>(&'a mut Vec<u8>);
 
 impl Writer<'_> {
-    fn u8(&mut self, value: u8) {
-        self.0.push(value);
+    /// LEB128.
+    fn var(&mut self, value: u64) {
+        self.var128(u128::from(value));
     }
 
-    fn u32(&mut self, value: u32) {
-        self.0.extend_from_slice(&value.to_le_bytes());
-    }
-
-    fn u64(&mut self, value: u64) {
-        self.0.extend_from_slice(&value.to_le_bytes());
+    fn var128(&mut self, mut value: u128) {
+        while value >= 0x80 {
+            self.0.push((value as u8) | 0x80);
+            value >>= 7;
+        }
+        self.0.push(value as u8);
     }
 
     fn time(&mut self, at: DateTime<Utc>) {
-        self.0.extend_from_slice(&at.timestamp().to_le_bytes());
-        self.u32(at.timestamp_subsec_nanos());
+        self.var128(zigzag(i128::from(at.timestamp())));
+        self.var(u64::from(at.timestamp_subsec_nanos()));
     }
 
     fn decimal(&mut self, value: Decimal) {
-        self.0.extend_from_slice(&value.mantissa().to_le_bytes());
+        self.var128(zigzag(value.mantissa()));
         // The scale of a Decimal is at most 28.
-        self.u8(value.scale() as u8);
+        self.0.push(value.scale() as u8);
     }
 
     fn wallet(&mut self, wallet: WalletId) {
-        match wallet {
-            WalletId::Pool(org) => {
-                self.u8(0);
-                self.u64(org.0);
-            }
-            WalletId::Lite(user) => {
-                self.u8(1);
-                self.u64(user.0);
-            }
-        }
+        let (kind, id) = match wallet {
+            WalletId::Pool(org) => (0, org.0),
+            WalletId::Lite(user) => (1, user.0),
+        };
+        self.0.push(kind);
+        self.var(id);
     }
 
     fn owner(&mut self, owner: Owner) {
-        match owner {
-            Owner::User(user) => {
-                self.u8(0);
-                self.u64(user.0);
-            }
-            Owner::App(app) => {
-                self.u8(1);
-                self.u64(app.0);
-            }
-        }
+        let (kind, id) = match owner {
+            Owner::User(user) => (0, user.0),
+            Owner::App(app) => (1, app.0),
+        };
+        self.0.push(kind);
+        self.var(id);
     }
 
     fn str(&mut self, text: &str) {
-        // Routes, models and end-user ids are bounded far below 4 GiB.
-        self.u32(text.len() as u32);
+        self.var(text.len() as u64);
         self.0.extend_from_slice(text.as_bytes());
+    }
+
+    /// `0` and the string the first time (the reader learns it too), then
+    /// its position plus one.
+    fn shared_str(&mut self, text: &Arc<str>, strings: &mut Strings) {
+        match strings.position(text) {
+            Some(position) => self.var(position as u64 + 1),
+            None => {
+                self.0.push(0);
+                self.str(text);
+                strings.learn(text);
+            }
+        }
     }
 }
 
@@ -309,14 +350,35 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
+    fn var128(&mut self) -> Result<u128, CodecError> {
+        let mut value = 0_u128;
+        for shift in (0..128).step_by(7) {
+            let byte = self.u8()?;
+            let bits = u128::from(byte & 0x7f);
+            if shift == 126 && bits > 0b11 {
+                return Err(error("varint overflows 128 bits"));
+            }
+            value |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(error("varint longer than 128 bits"))
+    }
+
+    fn var(&mut self) -> Result<u64, CodecError> {
+        let value = self.var128()?;
+        u64::try_from(value).map_err(|_| error(format!("varint {value} overflows 64 bits")))
+    }
+
     fn time(&mut self) -> Result<DateTime<Utc>, CodecError> {
-        let secs = i64::from_le_bytes(self.array()?);
-        let nanos = self.u32()?;
+        let secs = i64::try_from(unzigzag(self.var128()?)).map_err(|_| error("timestamp out of range"))?;
+        let nanos = u32::try_from(self.var()?).map_err(|_| error("nanoseconds out of range"))?;
         DateTime::from_timestamp(secs, nanos).ok_or_else(|| error(format!("bad timestamp {secs}.{nanos}")))
     }
 
     fn decimal(&mut self) -> Result<Decimal, CodecError> {
-        let mantissa = i128::from_le_bytes(self.array()?);
+        let mantissa = unzigzag(self.var128()?);
         let scale = self.u8()?;
         Decimal::try_from_i128_with_scale(mantissa, u32::from(scale))
             .map_err(|e| error(format!("bad decimal {mantissa}e-{scale}: {e}")))
@@ -324,24 +386,39 @@ impl<'a> Reader<'a> {
 
     fn wallet(&mut self) -> Result<WalletId, CodecError> {
         match self.u8()? {
-            0 => Ok(WalletId::Pool(OrgId(self.u64()?))),
-            1 => Ok(WalletId::Lite(UserId(self.u64()?))),
+            0 => Ok(WalletId::Pool(OrgId(self.var()?))),
+            1 => Ok(WalletId::Lite(UserId(self.var()?))),
             other => Err(error(format!("bad wallet kind {other}"))),
         }
     }
 
     fn owner(&mut self) -> Result<Owner, CodecError> {
         match self.u8()? {
-            0 => Ok(Owner::User(UserId(self.u64()?))),
-            1 => Ok(Owner::App(AppId(self.u64()?))),
+            0 => Ok(Owner::User(UserId(self.var()?))),
+            1 => Ok(Owner::App(AppId(self.var()?))),
             other => Err(error(format!("bad owner kind {other}"))),
         }
     }
 
-    fn arc_str(&mut self) -> Result<Arc<str>, CodecError> {
-        let len = self.u32()? as usize;
+    fn str(&mut self) -> Result<Arc<str>, CodecError> {
+        let len = usize::try_from(self.var()?).map_err(|_| error("string length out of range"))?;
         let bytes = self.take(len)?;
         std::str::from_utf8(bytes).map(Arc::from).map_err(|e| error(format!("bad string: {e}")))
+    }
+
+    fn shared_str(&mut self, strings: &mut Strings) -> Result<Arc<str>, CodecError> {
+        match self.var()? {
+            0 => {
+                let text = self.str()?;
+                strings.learn(&text);
+                Ok(text)
+            }
+            position => usize::try_from(position - 1)
+                .ok()
+                .and_then(|index| strings.0.get(index))
+                .cloned()
+                .ok_or_else(|| error(format!("string reference {position} before its definition"))),
+        }
     }
 }
 
@@ -405,8 +482,20 @@ mod tests {
 
     fn segment(records: &[Record]) -> Vec<u8> {
         let mut out = Vec::new();
-        encode_segment(records, &mut out).unwrap();
+        assert_eq!(encode_segment(records, usize::MAX, &mut out).unwrap(), records.len());
         out
+    }
+
+    #[test]
+    fn a_segment_closes_at_its_byte_budget() {
+        let records: Vec<Record> = (1..=10).map(|seq| debit(seq, None, dec!(1))).collect();
+        let mut out = Vec::new();
+        let one = encode_segment(&records, 0, &mut out).unwrap();
+        assert_eq!(one, 1, "a segment always takes at least one record");
+        let some = encode_segment(&records, 600, &mut out).unwrap();
+        assert!(some > 1 && some < 10, "{some} records in 600 bytes");
+        assert!(out.len() >= 600 && out.len() < 600 + 400, "closes just past the budget: {}", out.len());
+        assert_eq!(decode_value(&out).unwrap(), records[..some]);
     }
 
     #[test]
@@ -416,6 +505,21 @@ mod tests {
         let bytes = segment(&records);
         assert_eq!(segment_span(&bytes).unwrap(), Some(SegmentSpan { count: 3, min_seq: 10, max_seq: 12 }));
         assert_eq!(decode_value(&bytes).unwrap(), records);
+        let json: usize = records.iter().map(|r| serde_json::to_vec(r).unwrap().len()).sum();
+        assert!(bytes.len() * 3 < json, "binary debits are compact: {} bytes vs {json} as JSON", bytes.len());
+    }
+
+    #[test]
+    fn extreme_values_round_trip() {
+        let mut record = debit(u64::MAX, Some(""), Decimal::MAX);
+        if let RecordBody::Entry(entry) = &mut record.body {
+            entry.id = EntryId(3);
+            entry.at = DateTime::<Utc>::MIN_UTC;
+            entry.balance_after = Decimal::MIN;
+            entry.lots.clear();
+        }
+        let records = vec![record, debit(0, None, dec!(-0.0000000000000000000000000001))];
+        assert_eq!(decode_value(&segment(&records)).unwrap(), records);
     }
 
     #[test]
@@ -440,10 +544,12 @@ mod tests {
                 let _ = decode_value(&damaged);
             }
         }
-        let mut bad_scale = segment(&[debit(1, None, dec!(1))]);
-        // The first decimal (amount) sits after the header, frame head, seq,
-        // id, time, wallet and org; its scale is its 17th byte.
-        let scale_at = HEADER_LEN + 5 + 8 + 8 + 12 + 9 + 8 + 16;
+        // Frame head, seq 1, id delta 0, time (5-byte seconds, 4-byte
+        // nanoseconds), wallet (kind, id 1), org 1, then the amount: one
+        // mantissa byte and its scale.
+        let mut bad_scale = segment(&[debit(1, None, dec!(0.01))]);
+        let scale_at = HEADER_LEN + 5 + 1 + 1 + 5 + 4 + 2 + 1 + 1;
+        assert_eq!(bad_scale[scale_at], 2, "the amount's scale is where the layout says");
         bad_scale[scale_at] = 200;
         let problem = decode_value(&bad_scale).unwrap_err().to_string();
         assert!(problem.contains("bad decimal"), "{problem}");

@@ -22,10 +22,11 @@ use crate::store::{Store, StoreError};
 const FORMAT: &str = "creditgate-ledger-2";
 /// Formats this build reads (and upgrades by writing segments after them).
 const READABLE: [&str; 2] = ["creditgate-ledger-1", FORMAT];
-/// Records per segment. Debits take about 230 bytes and entities under 1 KiB,
-/// so a segment stays well below the size at which sled moves a value out
-/// into its own blob file.
-const RECORDS_PER_SEGMENT: usize = 64;
+/// A segment closes once it holds this many bytes (about 25 debits). sled
+/// keeps up to 17 values in a leaf and writes a leaf larger than a quarter
+/// of its 512 KiB log segment to a file of its own, one file per write:
+/// small segments keep leaves under that.
+const SEGMENT_BYTES: usize = 6 * 1024;
 
 /// Records in a sled database.
 #[derive(Debug, Clone)]
@@ -125,12 +126,13 @@ impl Store for SledStore {
     fn append(&self, records: &[Record]) -> Result<(), StoreError> {
         let mut tail = self.tail.lock();
         let mut batch = ::sled::Batch::default();
-        for chunk in records.chunks(RECORDS_PER_SEGMENT) {
+        let mut rest = records;
+        while !rest.is_empty() {
             let tail = &mut *tail;
-            codec::encode_segment(chunk, &mut tail.buffer).map_err(|error| StoreError::Encode {
-                seq: chunk.first().map_or(0, |record| record.seq),
-                reason: error.to_string(),
-            })?;
+            let taken = codec::encode_segment(rest, SEGMENT_BYTES, &mut tail.buffer)
+                .map_err(|error| StoreError::Encode { seq: rest[0].seq, reason: error.to_string() })?;
+            let (chunk, after) = rest.split_at(taken.clamp(1, rest.len()));
+            rest = after;
             tail.running_max = chunk.iter().map(|record| record.seq).fold(tail.running_max, u64::max);
             let mut key = [0; 16];
             key[..8].copy_from_slice(&tail.running_max.to_be_bytes());
