@@ -4,6 +4,8 @@
 //! (then it releases each SSE event as soon as the event is complete).
 
 use bytes::{Bytes, BytesMut};
+use memchr::memmem;
+use serde::Deserialize;
 use serde_json::Value;
 
 /// Most bytes of a non-streamed JSON body kept for usage parsing; a larger
@@ -43,6 +45,38 @@ impl Reported {
     }
 }
 
+/// The only parts of a response or event the meter reads. Everything else
+/// is skipped by the parser without being built, which is most of the cost
+/// of metering a JSON body.
+#[derive(Deserialize)]
+struct Envelope {
+    usage: Option<Value>,
+    message: Option<Nested>,
+    response: Option<Nested>,
+}
+
+#[derive(Deserialize)]
+struct Nested {
+    usage: Option<Value>,
+}
+
+/// Usage in a JSON document, in any of the shapes the supported APIs use.
+pub fn usage_from_bytes(json: &[u8]) -> Option<Reported> {
+    match serde_json::from_slice::<Envelope>(json) {
+        Ok(envelope) => {
+            let usage = envelope
+                .usage
+                .filter(Value::is_object)
+                .or_else(|| envelope.message.and_then(|m| m.usage))
+                .or_else(|| envelope.response.and_then(|r| r.usage))?;
+            usage_from_object(&usage)
+        }
+        // An unusual shape (`message` as a string, a duplicated key): read
+        // it the slow, general way.
+        Err(_) => serde_json::from_slice::<Value>(json).ok().as_ref().and_then(usage_from_json),
+    }
+}
+
 /// Read a `usage` object in any of the shapes the supported APIs use.
 pub fn usage_from_json(value: &Value) -> Option<Reported> {
     let usage = value
@@ -50,6 +84,13 @@ pub fn usage_from_json(value: &Value) -> Option<Reported> {
         .filter(|u| u.is_object())
         .or_else(|| value.pointer("/message/usage"))
         .or_else(|| value.pointer("/response/usage"))?;
+    usage_from_object(usage)
+}
+
+fn usage_from_object(usage: &Value) -> Option<Reported> {
+    if !usage.is_object() {
+        return None;
+    }
     let count = |key: &str| usage.get(key).and_then(Value::as_u64);
     let cached = usage
         .pointer("/prompt_tokens_details/cached_tokens")
@@ -129,9 +170,7 @@ impl Meter {
     /// Usage once the body has ended.
     pub fn finish(&mut self) -> Reported {
         if let Mode::Json { buffer, overflowed: false } = &self.mode {
-            if let Some(found) =
-                serde_json::from_slice::<Value>(buffer).ok().as_ref().and_then(usage_from_json)
-            {
+            if let Some(found) = usage_from_bytes(buffer) {
                 self.reported.merge(found);
             }
         }
@@ -153,7 +192,7 @@ impl Meter {
         };
         let mut rest = chunk;
         let mut complete: Vec<BytesMut> = Vec::new();
-        while let Some(at) = rest.iter().position(|&b| b == b'\n') {
+        while let Some(at) = memchr::memchr(b'\n', rest) {
             if line.len() + at <= MAX_SSE_LINE_BYTES {
                 line.extend_from_slice(&rest[..at]);
                 complete.push(line.split());
@@ -180,8 +219,7 @@ impl Meter {
         self.text_bytes += delta_text_len(data);
         // Cheap scan before parsing: most events carry no usage.
         if contains(data, b"\"usage\"") {
-            if let Some(found) = serde_json::from_slice::<Value>(data).ok().as_ref().and_then(usage_from_json)
-            {
+            if let Some(found) = usage_from_bytes(data) {
                 self.reported.merge(found);
             }
         }
@@ -232,7 +270,7 @@ fn delta_text_len(data: &[u8]) -> u64 {
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    memmem::find(haystack, needle)
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -339,5 +377,27 @@ mod tests {
         let mut meter = Meter::new(false, false);
         meter.observe(Bytes::from_static(b"not json at all"));
         assert!(!meter.finish().is_complete());
+    }
+
+    #[test]
+    fn the_fast_parse_reads_what_the_general_one_reads() {
+        let documents: [&[u8]; 10] = [
+            br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":5,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":2}}}"#,
+            br#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":9,"output_tokens":1,"cache_read_input_tokens":3}}}"#,
+            br#"{"type":"response.completed","response":{"output":[],"usage":{"input_tokens":4,"output_tokens":6,"input_tokens_details":{"cached_tokens":1}}}}"#,
+            br#"{"usage":null,"message":{"usage":{"input_tokens":2,"output_tokens":3}}}"#,
+            br#"{"usage":"lots","response":{"usage":{"input_tokens":1,"output_tokens":1}}}"#,
+            br#"{"message":"a string","usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            br#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":8,"completion_tokens":2}}"#,
+            br#"{"usage":{"prompt_tokens":-1,"completion_tokens":1.5}}"#,
+            br#"[1,2,3]"#,
+            br#"{"message":{"usage":[]}}"#,
+        ];
+        for document in documents {
+            let general = serde_json::from_slice::<Value>(document).ok().as_ref().and_then(usage_from_json);
+            let general = general.filter(|r| *r != Reported::default());
+            let fast = usage_from_bytes(document).filter(|r| *r != Reported::default());
+            assert_eq!(fast, general, "{}", String::from_utf8_lossy(document));
+        }
     }
 }

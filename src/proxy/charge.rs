@@ -190,6 +190,24 @@ pub fn read_model_request(body: &[u8]) -> Result<ModelRequest, ProxyError> {
 /// The body with `stream_options.include_usage = true` added, so the stream
 /// reports its usage; `None` if the body is not a JSON object.
 pub fn with_include_usage(body: &[u8]) -> Option<Bytes> {
+    // Most bodies have no stream_options at all: splice the field in after
+    // the opening brace instead of rebuilding the document. A body that
+    // mentions the name anywhere, or spells any key with \u escapes, takes
+    // the general path so no second stream_options can appear.
+    let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[start] == b'{'
+        && memchr::memmem::find(body, b"stream_options").is_none()
+        && memchr::memmem::find(body, b"\\u").is_none()
+    {
+        let rest = &body[start + 1..];
+        let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+        let field: &[u8] = if empty {
+            br#"{"stream_options":{"include_usage":true}"#
+        } else {
+            br#"{"stream_options":{"include_usage":true},"#
+        };
+        return Some(Bytes::from([field, rest].concat()));
+    }
     let mut value: Value = serde_json::from_slice(body).ok()?;
     let object = value.as_object_mut()?;
     let options = object.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
@@ -398,4 +416,39 @@ impl SettleResult {
 /// The `x-creditgate-available` value.
 pub fn available_header(amount: Decimal) -> Option<HeaderValue> {
     HeaderValue::from_str(&amount.normalize().to_string()).ok()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::with_include_usage;
+
+    fn injected(body: &str) -> Value {
+        serde_json::from_slice(&with_include_usage(body.as_bytes()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn include_usage_is_added_once_whatever_the_body_looks_like() {
+        let cases = [
+            (r#"{"model":"m","stream":true}"#, json!({"model":"m","stream":true})),
+            ("  {\n}", json!({})),
+            (
+                r#"{"model":"m","stream_options":{"other":1}}"#,
+                json!({"model":"m","stream_options":{"other":1}}),
+            ),
+            (
+                r#"{"model":"m","messages":[{"content":"what are stream_options?"}]}"#,
+                json!({"model":"m","messages":[{"content":"what are stream_options?"}]}),
+            ),
+            (r#"{"stream\u005foptions":{"include_usage":false}}"#, json!({})),
+        ];
+        for (body, mut expected) in cases {
+            let options = expected.as_object_mut().unwrap().entry("stream_options").or_insert(json!({}));
+            options.as_object_mut().unwrap().insert("include_usage".into(), json!(true));
+            assert_eq!(injected(body), expected, "{body}");
+        }
+        assert!(with_include_usage(b"[1]").is_none(), "not an object");
+    }
 }
