@@ -69,7 +69,7 @@ pub struct Args {
     /// Seconds per mode per round of the concurrency-1 pass; 0 skips it [smoke 1, full 3].
     #[arg(long)]
     pub c1_seconds: Option<u64>,
-    /// Paced streams per mode per round for the SSE frame-gap pass; 0 skips it [smoke 2, full 6].
+    /// Paced streams per mode per round for the SSE frame-gap pass; 0 skips it [smoke 2, full 12].
     #[arg(long)]
     pub sse_streams: Option<usize>,
     /// Gap the mock leaves between stream events in the SSE pass.
@@ -114,9 +114,10 @@ pub struct Args {
     /// dry (dollars); 0 leaves that organization out.
     #[arg(long, default_value = "0.004")]
     pub dry_pool: Decimal,
-    /// Share of requests sent with the keys of the small wallets.
-    #[arg(long, default_value_t = 0.05)]
-    pub dry_share: f64,
+    /// Share of requests sent with the keys of the small wallets; their 402s
+    /// are cheap, so a large share flatters metered throughput [smoke 0.05, full 0.01].
+    #[arg(long)]
+    pub dry_share: Option<f64>,
     /// nginx as a second pass-through baseline [smoke off, full auto].
     #[arg(long, value_enum)]
     pub nginx: Option<Switch>,
@@ -191,7 +192,7 @@ impl Settings {
             ("--tool-share", args.tool_share),
             ("--stream-share", args.stream_share),
             ("--lite-share", args.lite_share),
-            ("--dry-share", args.dry_share),
+            ("--dry-share", args.dry_share.unwrap_or(0.0)),
         ] {
             if !(0.0..=1.0).contains(&share) {
                 bail!("{name} must be between 0 and 1, not {share}");
@@ -214,7 +215,10 @@ impl Settings {
             dry_allowance: args.dry_allowance,
             dry_pool: args.dry_pool,
         };
-        let dry_share = if tenants.dry_keys() == 0 { 0.0 } else { args.dry_share };
+        let dry_share = match tenants.dry_keys() {
+            0 => 0.0,
+            _ => args.dry_share.unwrap_or(if smoke { 0.05 } else { 0.01 }),
+        };
         let mix = MixConfig {
             models,
             tool_share: args.tool_share,
@@ -241,7 +245,7 @@ impl Settings {
             seconds,
             rounds,
             c1_seconds: pick(args.c1_seconds, 1, 3),
-            sse_streams: args.sse_streams.unwrap_or(if smoke { 2 } else { 6 }),
+            sse_streams: args.sse_streams.unwrap_or(if smoke { 2 } else { 12 }),
             sse_pace_ms: args.sse_pace_ms.max(1),
             sse_frames: args.sse_frames,
             mix,
