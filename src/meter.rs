@@ -3,8 +3,10 @@
 //! except when it must remove the usage chunk the gateway itself asked for
 //! (then it releases each SSE event as soon as the event is complete).
 
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
-use memchr::memmem;
+use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -218,7 +220,7 @@ impl Meter {
         let data = data.strip_prefix(b" ").unwrap_or(data);
         self.text_bytes += delta_text_len(data);
         // Cheap scan before parsing: most events carry no usage.
-        if contains(data, b"\"usage\"") {
+        if USAGE_KEY.find(data).is_some() {
             if let Some(found) = usage_from_bytes(data) {
                 self.reported.merge(found);
             }
@@ -233,14 +235,14 @@ impl Meter {
         }
         let mut out = BytesMut::new();
         while let Mode::Sse { pending_event, .. } = &mut self.mode {
-            let Some(end) = find(pending_event, b"\n\n") else {
+            let Some(end) = EVENT_END.find(pending_event) else {
                 break;
             };
             let event = pending_event.split_to(end + 2);
             let data_line = event.strip_prefix(b"data: ").or_else(|| event.strip_prefix(b"data:"));
             let usage_only =
-                data_line.is_some_and(|d| contains(d, b"\"choices\":[]") && contains(d, b"\"usage\":{"));
-            let rewritten = remove_all(&event, b",\"usage\":null");
+                data_line.is_some_and(|d| NO_CHOICES.find(d).is_some() && USAGE_OBJECT.find(d).is_some());
+            let rewritten = remove_all(&event, &NULL_USAGE);
             self.scan_lines(&event);
             if !usage_only {
                 out.extend_from_slice(&rewritten);
@@ -253,9 +255,9 @@ impl Meter {
 /// Length of the generated text in a stream delta (OpenAI `content`,
 /// Anthropic `text`), without parsing the event.
 fn delta_text_len(data: &[u8]) -> u64 {
-    for key in [&b"\"content\":\""[..], &b"\"text\":\""[..]] {
-        if let Some(start) = find(data, key) {
-            let text = &data[start + key.len()..];
+    for key in [&*CONTENT_KEY, &*TEXT_KEY] {
+        if let Some(start) = key.find(data) {
+            let text = &data[start + key.needle().len()..];
             let mut escaped = false;
             for (i, &b) in text.iter().enumerate() {
                 match b {
@@ -269,20 +271,24 @@ fn delta_text_len(data: &[u8]) -> u64 {
     0
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    memmem::find(haystack, needle)
-}
+/// A substring searcher built once: building one costs more than most
+/// searches of a short event.
+type Needle = LazyLock<Finder<'static>>;
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    find(haystack, needle).is_some()
-}
+static USAGE_KEY: Needle = LazyLock::new(|| Finder::new(b"\"usage\""));
+static USAGE_OBJECT: Needle = LazyLock::new(|| Finder::new(b"\"usage\":{"));
+static NULL_USAGE: Needle = LazyLock::new(|| Finder::new(b",\"usage\":null"));
+static NO_CHOICES: Needle = LazyLock::new(|| Finder::new(b"\"choices\":[]"));
+static EVENT_END: Needle = LazyLock::new(|| Finder::new(b"\n\n"));
+static CONTENT_KEY: Needle = LazyLock::new(|| Finder::new(b"\"content\":\""));
+static TEXT_KEY: Needle = LazyLock::new(|| Finder::new(b"\"text\":\""));
 
-fn remove_all(haystack: &[u8], needle: &[u8]) -> Vec<u8> {
+fn remove_all(haystack: &[u8], needle: &Finder<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(haystack.len());
     let mut rest = haystack;
-    while let Some(at) = find(rest, needle) {
+    while let Some(at) = needle.find(rest) {
         out.extend_from_slice(&rest[..at]);
-        rest = &rest[at + needle.len()..];
+        rest = &rest[at + needle.needle().len()..];
     }
     out.extend_from_slice(rest);
     out
