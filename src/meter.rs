@@ -52,14 +52,96 @@ impl Reported {
 /// of metering a JSON body.
 #[derive(Deserialize)]
 struct Envelope {
-    usage: Option<Value>,
+    usage: Option<UsageFields>,
     message: Option<Nested>,
     response: Option<Nested>,
 }
 
 #[derive(Deserialize)]
 struct Nested {
-    usage: Option<Value>,
+    usage: Option<UsageFields>,
+}
+
+/// The counts of a `usage` object, each `Count(None)` when present but not
+/// a non-negative integer (as [`Value::as_u64`] reads it).
+#[derive(Deserialize)]
+struct UsageFields {
+    prompt_tokens: Option<Count>,
+    completion_tokens: Option<Count>,
+    input_tokens: Option<Count>,
+    output_tokens: Option<Count>,
+    cache_read_input_tokens: Option<Count>,
+    cache_creation_input_tokens: Option<Count>,
+    prompt_tokens_details: Option<Details>,
+    input_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize)]
+struct Details {
+    cached_tokens: Option<Count>,
+}
+
+/// Any JSON value; keeps it only if it is a non-negative integer.
+struct Count(Option<u64>);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CountVisitor;
+        impl<'de> serde::de::Visitor<'de> for CountVisitor {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_u64<E>(self, value: u64) -> Result<Count, E> {
+                Ok(Count(Some(value)))
+            }
+            fn visit_i64<E>(self, value: i64) -> Result<Count, E> {
+                Ok(Count(u64::try_from(value).ok()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_unit<E>(self) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Count(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Count(None))
+            }
+        }
+        deserializer.deserialize_any(CountVisitor)
+    }
+}
+
+impl UsageFields {
+    fn reported(&self) -> Reported {
+        let count = |field: &Option<Count>| field.as_ref().and_then(|count| count.0);
+        fn cached(details: &Option<Details>) -> Option<&Count> {
+            details.as_ref().and_then(|d| d.cached_tokens.as_ref())
+        }
+        let cached = cached(&self.prompt_tokens_details)
+            .or_else(|| cached(&self.input_tokens_details))
+            .and_then(|count| count.0);
+        counted(UsageCounts {
+            prompt: count(&self.prompt_tokens),
+            completion: count(&self.completion_tokens),
+            input: count(&self.input_tokens),
+            output: count(&self.output_tokens),
+            cache_read: count(&self.cache_read_input_tokens),
+            cache_write: count(&self.cache_creation_input_tokens),
+            cached,
+        })
+    }
 }
 
 /// Usage in a JSON document, in any of the shapes the supported APIs use.
@@ -68,14 +150,41 @@ pub fn usage_from_bytes(json: &[u8]) -> Option<Reported> {
         Ok(envelope) => {
             let usage = envelope
                 .usage
-                .filter(Value::is_object)
                 .or_else(|| envelope.message.and_then(|m| m.usage))
                 .or_else(|| envelope.response.and_then(|r| r.usage))?;
-            usage_from_object(&usage)
+            Some(usage.reported())
         }
-        // An unusual shape (`message` as a string, a duplicated key): read
-        // it the slow, general way.
+        // An unusual shape (`usage` that is not an object, a duplicated
+        // key): read it the slow, general way.
         Err(_) => serde_json::from_slice::<Value>(json).ok().as_ref().and_then(usage_from_json),
+    }
+}
+
+/// The counts the APIs report, each `None` when absent or not a count.
+struct UsageCounts {
+    prompt: Option<u64>,
+    completion: Option<u64>,
+    input: Option<u64>,
+    output: Option<u64>,
+    cache_read: Option<u64>,
+    cache_write: Option<u64>,
+    cached: Option<u64>,
+}
+
+fn counted(c: UsageCounts) -> Reported {
+    let input = match c.prompt {
+        // OpenAI chat and embeddings: prompt_tokens includes cached tokens.
+        Some(prompt) => Some(prompt),
+        // Responses API includes cached tokens in input_tokens; Anthropic
+        // reports cache reads and writes beside input_tokens.
+        None => c.input.map(|input| {
+            input.saturating_add(c.cache_read.unwrap_or(0)).saturating_add(c.cache_write.unwrap_or(0))
+        }),
+    };
+    Reported {
+        input_tokens: input,
+        cached_input_tokens: c.cached.or(c.cache_read),
+        output_tokens: c.completion.or(c.output),
     }
 }
 
@@ -98,24 +207,15 @@ fn usage_from_object(usage: &Value) -> Option<Reported> {
         .pointer("/prompt_tokens_details/cached_tokens")
         .or_else(|| usage.pointer("/input_tokens_details/cached_tokens"))
         .and_then(Value::as_u64);
-    let anthropic_cache_read = count("cache_read_input_tokens");
-    let anthropic_cache_write = count("cache_creation_input_tokens");
-    let input = match count("prompt_tokens") {
-        // OpenAI chat and embeddings: prompt_tokens includes cached tokens.
-        Some(prompt) => Some(prompt),
-        // Responses API includes cached tokens in input_tokens; Anthropic
-        // reports cache reads and writes beside input_tokens.
-        None => count("input_tokens").map(|input| {
-            input
-                .saturating_add(anthropic_cache_read.unwrap_or(0))
-                .saturating_add(anthropic_cache_write.unwrap_or(0))
-        }),
-    };
-    Some(Reported {
-        input_tokens: input,
-        cached_input_tokens: cached.or(anthropic_cache_read),
-        output_tokens: count("completion_tokens").or_else(|| count("output_tokens")),
-    })
+    Some(counted(UsageCounts {
+        prompt: count("prompt_tokens"),
+        completion: count("completion_tokens"),
+        input: count("input_tokens"),
+        output: count("output_tokens"),
+        cache_read: count("cache_read_input_tokens"),
+        cache_write: count("cache_creation_input_tokens"),
+        cached,
+    }))
 }
 
 /// Watches one response body and collects its usage.
@@ -188,28 +288,33 @@ impl Meter {
         self.reported
     }
 
+    /// Hands each complete line to `on_line`: straight from the chunk when
+    /// no earlier part of it is pending, so most lines are never copied.
     fn scan_lines(&mut self, chunk: &[u8]) {
         let Mode::Sse { line, .. } = &mut self.mode else {
             return;
         };
+        let mut pending = std::mem::take(line);
         let mut rest = chunk;
-        let mut complete: Vec<BytesMut> = Vec::new();
         while let Some(at) = memchr::memchr(b'\n', rest) {
-            if line.len() + at <= MAX_SSE_LINE_BYTES {
-                line.extend_from_slice(&rest[..at]);
-                complete.push(line.split());
+            if pending.is_empty() {
+                self.on_line(&rest[..at]);
             } else {
-                line.clear();
+                if pending.len() + at <= MAX_SSE_LINE_BYTES {
+                    pending.extend_from_slice(&rest[..at]);
+                    self.on_line(&pending);
+                }
+                pending.clear();
             }
             rest = &rest[at + 1..];
         }
-        if line.len() + rest.len() <= MAX_SSE_LINE_BYTES {
-            line.extend_from_slice(rest);
+        if pending.len() + rest.len() <= MAX_SSE_LINE_BYTES {
+            pending.extend_from_slice(rest);
         } else {
-            line.clear();
+            pending.clear();
         }
-        for full in complete {
-            self.on_line(&full);
+        if let Mode::Sse { line, .. } = &mut self.mode {
+            *line = pending;
         }
     }
 
@@ -387,7 +492,7 @@ mod tests {
 
     #[test]
     fn the_fast_parse_reads_what_the_general_one_reads() {
-        let documents: [&[u8]; 10] = [
+        let documents: [&[u8]; 13] = [
             br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":5,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":2}}}"#,
             br#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":9,"output_tokens":1,"cache_read_input_tokens":3}}}"#,
             br#"{"type":"response.completed","response":{"output":[],"usage":{"input_tokens":4,"output_tokens":6,"input_tokens_details":{"cached_tokens":1}}}}"#,
@@ -398,6 +503,9 @@ mod tests {
             br#"{"usage":{"prompt_tokens":-1,"completion_tokens":1.5}}"#,
             br#"[1,2,3]"#,
             br#"{"message":{"usage":[]}}"#,
+            br#"{"usage":{"prompt_tokens":{"a":[1]},"completion_tokens":[1,{}],"input_tokens":7,"output_tokens":true}}"#,
+            br#"{"usage":{"prompt_tokens_details":{"cached_tokens":"x"},"input_tokens_details":{"cached_tokens":3},"prompt_tokens":4}}"#,
+            br#"{"usage":{"input_tokens":18446744073709551615,"cache_read_input_tokens":5,"output_tokens":0}}"#,
         ];
         for document in documents {
             let general = serde_json::from_slice::<Value>(document).ok().as_ref().and_then(usage_from_json);
