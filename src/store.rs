@@ -33,7 +33,9 @@
 //! - **What is never stored.** Holds. They live in memory; after a restart
 //!   every hold is void, and the money they reserved is available again.
 //! - **How restart recovers.** [`open_ledger`] replays every record in
-//!   sequence order through the same code that applied it live, checking
+//!   the order it was appended (each wallet's entries in sequence order;
+//!   across wallets a record can land a moment after a higher-numbered one)
+//!   through the same code that applied it live, checking
 //!   each entry's `balance_after`; a record that does not fit stops the
 //!   start with an error naming it. Grants and write-offs lost in a crash are
 //!   simply made again by the first operation on their wallet, because the
@@ -108,7 +110,7 @@ pub trait Store: Send + Sync + 'static {
     /// Makes everything appended so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 
-    /// Every record in sequence order.
+    /// Every record in the order it was appended.
     fn records(&self) -> Box<dyn Iterator<Item = Result<Record, StoreError>> + '_>;
 
     /// Up to `limit` records with a sequence number above `after`, in order

@@ -1,13 +1,18 @@
 //! Rebuilding a ledger from its records.
 //!
-//! Records are applied in sequence order by the same `apply_*` functions the
-//! live operations use; entries are replayed onto their wallet's lots (a
+//! Records are applied in the order they were appended, by the same
+//! `apply_*` functions the live operations use. Append order is a valid
+//! replay order (see [`crate::ledger::journal`]): a record's dependencies were
+//! appended before it, and each wallet's entries were appended under its lock,
+//! in sequence order. Across wallets, a record may be appended a moment after
+//! one with a higher number, so only per-wallet order is checked; entries are replayed onto their wallet's lots (a
 //! created lot, or the exact draws recorded), and each replayed entry's
 //! `balance_after` is checked. Nothing is granted, written off or voided
 //! during replay: the first operation on each wallet (or a
 //! [`Ledger::tick`]) catches it up to its `now`. Holds do not survive a
 //! restart; they lived only in memory.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::ledger::ids::WalletId;
@@ -18,8 +23,8 @@ use crate::ledger::{Ledger, LedgerConfig};
 /// Why records could not be replayed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RestoreError {
-    /// Records arrived out of sequence order.
-    #[error("record {seq} arrived after record {previous}")]
+    /// A wallet's entries arrived out of sequence order (or one twice).
+    #[error("record {seq} arrived after record {previous} of the same wallet")]
     OutOfOrder {
         /// The record.
         seq: u64,
@@ -40,7 +45,7 @@ pub enum RestoreError {
 }
 
 impl Ledger {
-    /// A ledger rebuilt from `records` (in sequence order), writing new
+    /// A ledger rebuilt from `records` (in append order), writing new
     /// records to `journal`.
     pub fn restore(
         config: LedgerConfig,
@@ -48,15 +53,20 @@ impl Ledger {
         records: impl IntoIterator<Item = Record>,
     ) -> Result<Ledger, RestoreError> {
         let ledger = Ledger::new(config, journal);
-        let mut previous = 0;
+        let mut highest = 0;
+        let mut last_of_wallet: HashMap<WalletId, u64> = HashMap::new();
         for record in records {
-            if record.seq <= previous {
-                return Err(RestoreError::OutOfOrder { seq: record.seq, previous });
+            if let RecordBody::Entry(entry) = &record.body {
+                let previous = last_of_wallet.entry(entry.wallet).or_insert(0);
+                if record.seq <= *previous {
+                    return Err(RestoreError::OutOfOrder { seq: record.seq, previous: *previous });
+                }
+                *previous = record.seq;
             }
-            previous = record.seq;
+            highest = highest.max(record.seq);
             ledger.replay(record)?;
         }
-        ledger.shared.committer.skip_past(previous);
+        ledger.shared.committer.skip_past(highest);
         Ok(ledger)
     }
 

@@ -354,6 +354,72 @@ fn paging_is_in_sequence_order_even_when_batches_arrived_out_of_order() {
 }
 
 #[test]
+fn records_appended_out_of_sequence_across_wallets_replay_and_verify() {
+    // Proves restart accepts append order: a settle numbered before another
+    // wallet's may reach the writer after it (seen under load), and replay
+    // must not refuse the directory for that.
+    let dir = populated_dir();
+    let mut records = all_records(&SledStore::open(dir.path()).unwrap());
+    let entry_wallet = |record: &Record| match &record.body {
+        RecordBody::Entry(entry) => Some(entry.wallet),
+        _ => None,
+    };
+    let swap_at = (1..records.len())
+        .find(|&i| {
+            let (a, b) = (entry_wallet(&records[i - 1]), entry_wallet(&records[i]));
+            a.is_some() && b.is_some() && a != b
+        })
+        .expect("populate writes entries of two wallets next to each other");
+    records.swap(swap_at - 1, swap_at);
+    let swapped = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(swapped.path()).unwrap();
+        store.append(&records).unwrap();
+        store.flush().unwrap();
+    }
+    let original = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
+    let reopened = open_ledger(swapped.path(), LedgerConfig::default(), fast()).unwrap();
+    let now = at("2027-03-10T12:00:00Z");
+    let wallets: std::collections::BTreeSet<WalletId> = records.iter().filter_map(entry_wallet).collect();
+    for wallet in wallets {
+        assert_eq!(
+            reopened.ledger.balance(wallet, now).unwrap().balance,
+            original.ledger.balance(wallet, now).unwrap().balance
+        );
+    }
+    original.writer.shutdown().unwrap();
+    reopened.writer.shutdown().unwrap();
+    drop((original, reopened));
+    assert!(verify_store(swapped.path()).unwrap().is_clean());
+
+    // The same swap inside one wallet is refused.
+    let mut records = all_records(&SledStore::open(dir.path()).unwrap());
+    let wallet = entry_wallet(&records[swap_at]).unwrap();
+    let same: Vec<usize> =
+        (0..records.len()).filter(|&i| entry_wallet(&records[i]) == Some(wallet)).collect();
+    records.swap(same[0], same[1]);
+    let broken = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(broken.path()).unwrap();
+        store.append(&records).unwrap();
+        store.flush().unwrap();
+    }
+    let error = open_ledger(broken.path(), LedgerConfig::default(), fast()).unwrap_err();
+    assert!(matches!(error, StoreError::Restore(_)), "{error}");
+    // And a wallet's entry stored twice.
+    let mut records = all_records(&SledStore::open(dir.path()).unwrap());
+    records.push(records[same[1]].clone());
+    let doubled = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(doubled.path()).unwrap();
+        store.append(&records).unwrap();
+        store.flush().unwrap();
+    }
+    let error = open_ledger(doubled.path(), LedgerConfig::default(), fast()).unwrap_err();
+    assert!(error.to_string().contains("of the same wallet"), "{error}");
+}
+
+#[test]
 fn verify_store_reports_a_tampered_balance() {
     // Proves verify_store recomputes wallets from entries and reports an edited entry.
     let dir = populated_dir();
