@@ -56,6 +56,56 @@ impl Served {
             })
             .collect()
     }
+
+    /// This run's requests among the entries of a remote mock's
+    /// `GET /_mock/journal` (a JSON list) numbered `next` or later; moves
+    /// `next` past the newest entry. `true` as well when entries numbered
+    /// `next` or later were already dropped (the journal overflowed), so
+    /// some served requests may be missing.
+    pub fn from_journal_json(
+        entries: &Value,
+        sequencer: &Sequencer,
+        next: &mut u64,
+    ) -> anyhow::Result<(Vec<Served>, bool)> {
+        let list = entries.as_array().context("the mock's journal is not a JSON list")?;
+        let mut served = Vec::new();
+        let mut oldest: Option<u64> = None;
+        let mut newest: Option<u64> = None;
+        for entry in list {
+            let mock_seq = entry["seq"].as_u64().context("a journal entry without seq")?;
+            if mock_seq < *next {
+                continue;
+            }
+            oldest = Some(oldest.map_or(mock_seq, |o| o.min(mock_seq)));
+            newest = Some(newest.map_or(mock_seq, |n| n.max(mock_seq)));
+            let request_id = entry["headers"].as_array().and_then(|headers| {
+                headers.iter().find_map(|pair| {
+                    let name = pair.get(0)?.as_str()?;
+                    name.eq_ignore_ascii_case("x-request-id").then(|| pair.get(1)?.as_str()).flatten()
+                })
+            });
+            let Some(seq) = request_id.and_then(|id| sequencer.seq_of(id)) else { continue };
+            let uri = entry["uri"].as_str().unwrap_or_default();
+            let count = |usage: &Value, field: &str| usage[field].as_u64().unwrap_or(0);
+            let usage = entry.get("usage").filter(|u| u.is_object()).map(|u| MockUsage {
+                input_tokens: count(u, "input_tokens"),
+                output_tokens: count(u, "output_tokens"),
+                units: count(u, "units"),
+            });
+            served.push(Served {
+                seq,
+                path: uri.split('?').next().unwrap_or_default().to_owned(),
+                model: entry["model"].as_str().map(str::to_owned),
+                status: entry["status"].as_u64().unwrap_or(0) as u16,
+                usage,
+            });
+        }
+        let gap = oldest.is_some_and(|o| o > *next);
+        if let Some(newest) = newest {
+            *next = newest + 1;
+        }
+        Ok((served, gap))
+    }
 }
 
 /// A wallet as the admin API shows it.
@@ -374,4 +424,33 @@ async fn check_debits(
         findings.notes.push(format!("{name}: every one of {matched} ledger debits matches its request"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_journal_keeps_new_entries_of_this_run_and_sees_gaps() {
+        let sequencer = Sequencer::new();
+        let ours = sequencer.request_id(7);
+        let entry = |seq: u64, id: &str| {
+            json!({"seq": seq, "method": "POST", "uri": "/v1/chat/completions?x=1",
+                   "headers": [["X-Request-Id", id]], "model": "mock-gpt", "status": 200,
+                   "usage": {"input_tokens": 3, "output_tokens": 5, "units": 0}})
+        };
+        let journal = json!([entry(4, &ours), entry(5, &ours), entry(6, "someone-else")]);
+        let mut next = 5;
+        let (served, gap) = Served::from_journal_json(&journal, &sequencer, &mut next).unwrap();
+        assert!(!gap);
+        assert_eq!(next, 7);
+        assert_eq!(served.len(), 1, "seq 4 was read before, seq 6 is not ours");
+        assert_eq!((served[0].seq, served[0].path.as_str()), (7, "/v1/chat/completions"));
+        assert_eq!(served[0].usage, Some(MockUsage { input_tokens: 3, output_tokens: 5, units: 0 }));
+        let (_, gap) = Served::from_journal_json(&json!([entry(9, &ours)]), &sequencer, &mut next).unwrap();
+        assert!(gap, "entries 7 and 8 were dropped");
+        let (none, gap) = Served::from_journal_json(&json!([]), &sequencer, &mut next).unwrap();
+        assert!(none.is_empty() && !gap);
+        assert_eq!(next, 10);
+    }
 }

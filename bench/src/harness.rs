@@ -1,6 +1,7 @@
-//! The run: start the mock, the gateways and nginx, seed, drive the modes in
-//! interleaved rounds, then the concurrency-1 and SSE passes, report, audit,
-//! stop the gateways gracefully and verify the durable ledger.
+//! The run: start the mock, the gateways and nginx (or target an already
+//! running mock and gateway), seed, drive the modes in interleaved rounds,
+//! then the concurrency-1 and SSE passes, report, audit, stop the gateways
+//! gracefully and verify the durable ledger.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,17 +19,24 @@ use crate::gateway::{self, Gateway, ADMIN_TOKEN, PASSTHROUGH_HOST};
 use crate::mix::{Catalog, KeyCounts, Mix, MixConfig, Source};
 use crate::nginx::{self, Nginx};
 use crate::report::{self, Results, DIRECT, METERED, METERED_WT_OFF, NGINX, PASSTHROUGH};
-use crate::settings::{LoadShape, Settings, Switch};
+use crate::settings::{LoadShape, Settings, Switch, TargetSettings};
 use crate::sse::{self, SseSample, StreamCall};
 use crate::stats::{Refused, Sample};
 use crate::tenants::{self, Tenants, WalletRef};
 
 /// Journal entries the mock keeps between two drains (one phase's requests).
 const JOURNAL_CAPACITY: usize = 5_000_000;
+/// Longest wait for the operator to stop a targeted gateway before `ledger verify`.
+const VERIFY_WAIT: Duration = Duration::from_secs(120);
 
 /// A metered gateway and what the audit needs about it.
 struct Metered {
-    gateway: Gateway,
+    name: &'static str,
+    /// `host:port` of its proxy listener.
+    proxy: String,
+    cpu: CpuSource,
+    /// The process, when this run started it (`None`: an already running one).
+    gateway: Option<Gateway>,
     admin: Admin,
     tenants: Tenants,
     seeded: BTreeMap<WalletRef, WalletState>,
@@ -54,7 +62,10 @@ impl Metered {
             .with_context(|| format!("seeding the {name} gateway"))?;
         let seeded = audit::wallets(&admin, &tenants.orgs).await?;
         Ok(Metered {
-            gateway,
+            name,
+            proxy: gateway.proxy.clone(),
+            cpu: CpuSource::Process(gateway.pid()),
+            gateway: Some(gateway),
             admin,
             tenants,
             seeded,
@@ -64,12 +75,34 @@ impl Metered {
         })
     }
 
+    /// An already running gateway: seeded through its admin API like ours.
+    async fn attach(settings: &Settings, target: &TargetSettings, http: &Http) -> anyhow::Result<Metered> {
+        let admin =
+            Admin { http: http.clone(), addr: target.admin.clone(), token: target.admin_token.clone() };
+        let tenants = tenants::seed(&admin, &settings.tenants)
+            .await
+            .with_context(|| format!("seeding the gateway at {} through its admin API", target.admin))?;
+        let seeded = audit::wallets(&admin, &tenants.orgs).await?;
+        Ok(Metered {
+            name: METERED,
+            proxy: target.proxy.clone(),
+            cpu: target.pid.map_or(CpuSource::None, CpuSource::Process),
+            gateway: None,
+            admin,
+            tenants,
+            seeded,
+            served: Vec::new(),
+            refused: Vec::new(),
+            per_debit: true,
+        })
+    }
+
     fn target(&self) -> Target {
         Target {
-            addr: self.gateway.proxy.clone(),
+            addr: self.proxy.clone(),
             host: None,
             keys: Arc::new(self.tenants.keys.iter().map(|t| t.secret.clone()).collect()),
-            cpu: CpuSource::Process(self.gateway.pid()),
+            cpu: self.cpu,
         }
     }
 }
@@ -89,13 +122,23 @@ struct Mode {
     books: Charged,
 }
 
+/// The mock upstream and how its usage journal is read.
+enum Upstream {
+    /// Started in this process: drained after each phase, event times at hand.
+    Local { mock: MockUpstream, journal: Arc<Journal> },
+    /// Already running (`--target-mock`): `GET /_mock/journal` after each
+    /// phase, keeping entries numbered `next` or later.
+    Remote { addr: String, next: u64 },
+}
+
 /// The state of a run between its passes.
 struct Run {
     settings: Settings,
     prices: PriceTable,
     http: Http,
-    mock: MockUpstream,
-    journal: Arc<Journal>,
+    upstream: Upstream,
+    /// Phases after which the remote mock's journal had dropped entries.
+    journal_gaps: u64,
     sequencer: Arc<Sequencer>,
     /// Which phase sent which request numbers (for the audit).
     catalog: Catalog,
@@ -119,10 +162,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<bool> {
 
 impl Run {
     async fn start(settings: Settings) -> anyhow::Result<Run> {
-        let prices_text = std::fs::read_to_string(&settings.prices)
-            .with_context(|| format!("cannot read the price file {}", settings.prices.display()))?;
-        let prices = PriceTable::parse("prices.toml", &prices_text).map_err(|e| anyhow::anyhow!("{e}"))?;
-        settings.mix.check_priced(&prices, chrono::Utc::now())?;
+        if let Some(target) = settings.target.clone() {
+            return Run::attach(settings, target).await;
+        }
+        let prices = load_prices(&settings)?;
         if !settings.gateway_bin.is_file() {
             bail!(
                 "no gateway binary at {} (build it: cargo build --release -p creditgate --bin creditgate, or pass --gateway-bin)",
@@ -131,37 +174,83 @@ impl Run {
         }
         let options = MockOptions { journal_capacity: Some(JOURNAL_CAPACITY), ..MockOptions::default() };
         let mock = MockUpstream::start("127.0.0.1:0".parse()?, options).await?;
-        let concurrency = match settings.load {
-            LoadShape::Closed { concurrency } => concurrency,
-            LoadShape::Open { max_in_flight, .. } => max_in_flight.min(1024),
-        };
-        let http = client::http(concurrency * 2);
-        let mut results = Results {
-            shape: Some(settings.load),
-            seconds: settings.seconds,
-            rounds: settings.rounds,
-            c1_seconds: settings.c1_seconds,
-            sse_streams: settings.sse_streams,
-            sse_frames: settings.sse_frames,
-            sse_pace_ms: settings.sse_pace_ms,
-            ..Results::default()
-        };
+        let http = client::http(connections(&settings));
+        let mut results = results_for(&settings);
         eprintln!("starting the gateways ({})", settings.gateway_bin.display());
         let on = Metered::start(METERED, &settings, &mock, "", &http).await?;
         let off = start_write_through_off(&settings, &mock, &http, &mut results.notes).await?;
         let nginx = start_nginx(&settings, &mock, &mut results.notes)?;
-        let modes = modes(&mock, &on, off.as_ref(), nginx.as_ref());
+        let modes =
+            modes(&mock.addr().to_string(), Some(PASSTHROUGH_HOST), &on, off.as_ref(), nginx.as_ref());
         Ok(Run {
-            journal: mock.journal(),
+            upstream: Upstream::Local { journal: mock.journal(), mock },
+            journal_gaps: 0,
             settings,
             prices,
             http,
-            mock,
             sequencer: Arc::new(Sequencer::new()),
             catalog: Catalog::default(),
             on,
             off,
             nginx,
+            modes,
+            results,
+        })
+    }
+
+    /// Target an already running mock and gateway: seed it, start nothing.
+    async fn attach(settings: Settings, target: TargetSettings) -> anyhow::Result<Run> {
+        let prices = load_prices(&settings)?;
+        let http = client::http(connections(&settings));
+        let mut results = results_for(&settings);
+        results.sse_streams = 0;
+        eprintln!(
+            "targeting the running gateway {} (admin {}), mock {}",
+            target.proxy, target.admin, target.mock
+        );
+        let (_, journal) = fetch_journal(&http, &target.mock)
+            .await
+            .with_context(|| format!("reading the mock's journal at http://{}/_mock/journal", target.mock))?;
+        let next = journal
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["seq"].as_u64())
+            .max()
+            .map_or(0, |s| s + 1);
+        let on = Metered::attach(&settings, &target, &http).await?;
+        results.notes.push(format!(
+            "targeted the running gateway {} (mock {}); nothing started or stopped by the harness",
+            target.proxy, target.mock
+        ));
+        for note in [
+            target.passthrough_host.is_none().then_some(
+                "skipped passthrough: no --target-passthrough-host naming the gateway's passthrough route",
+            ),
+            target.pid.is_none().then_some("gateway CPU per request not measured: no --target-pid"),
+            Some("skipped write-through off and nginx: they need gateways and proxies this run starts"),
+            (settings.sse_streams > 0).then_some(
+                "skipped the SSE pass: it needs the mock's event write times, kept in-process only",
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            eprintln!("{note}");
+            results.notes.push(note.to_owned());
+        }
+        let modes = modes(&target.mock, target.passthrough_host, &on, None, None);
+        Ok(Run {
+            upstream: Upstream::Remote { addr: target.mock, next },
+            journal_gaps: 0,
+            settings,
+            prices,
+            http,
+            sequencer: Arc::new(Sequencer::new()),
+            catalog: Catalog::default(),
+            on,
+            off: None,
+            nginx: None,
             modes,
             results,
         })
@@ -188,25 +277,40 @@ impl Run {
         };
         let sample = drive::run(phase).await?;
         eprintln!("{label:<32} {}", summary(&sample));
-        self.file(index, first, Source::Mix(mix.clone()), &sample.refused);
+        self.file(index, first, Source::Mix(mix.clone()), &sample.refused).await?;
         Ok(sample)
     }
 
     /// After a phase: note which requests it sent, and hand what the mock
     /// served (and the refusals) to the gateway whose books it touched.
-    fn file(&mut self, index: usize, first: u64, source: Source, refused: &[Refused]) {
+    async fn file(
+        &mut self,
+        index: usize,
+        first: u64,
+        source: Source,
+        refused: &[Refused],
+    ) -> anyhow::Result<()> {
         self.catalog.add(first..self.sequencer.peek(), source);
-        let entries = self.journal.drain();
+        let served = match &mut self.upstream {
+            Upstream::Local { journal, .. } => Served::from_journal(journal.drain(), &self.sequencer),
+            Upstream::Remote { addr, next } => {
+                let (_, entries) = fetch_journal(&self.http, addr).await?;
+                let (served, gap) = Served::from_journal_json(&entries, &self.sequencer, next)?;
+                self.journal_gaps += u64::from(gap);
+                served
+            }
+        };
         let metered = match self.modes[index].books {
-            Charged::Nobody => return,
+            Charged::Nobody => return Ok(()),
             Charged::On => &mut self.on,
             Charged::Off => match self.off.as_mut() {
                 Some(off) => off,
-                None => return,
+                None => return Ok(()),
             },
         };
-        metered.served.extend(Served::from_journal(entries, &self.sequencer));
+        metered.served.extend(served);
         metered.refused.extend_from_slice(refused);
+        Ok(())
     }
 
     /// Every mode once per round, the order rotating so no mode always runs
@@ -264,6 +368,9 @@ impl Run {
         if self.settings.sse_streams == 0 {
             return Ok(());
         }
+        // The remote mock's journal leaves out event write times.
+        let Upstream::Local { journal, .. } = &self.upstream else { return Ok(()) };
+        let journal = journal.clone();
         let indexes = self.latency_modes();
         let mut sse: Vec<(&'static str, Vec<SseSample>)> =
             indexes.iter().map(|&i| (self.modes[i].name, Vec::new())).collect();
@@ -275,13 +382,13 @@ impl Run {
                     http: &self.http,
                     target: &self.modes[index].target,
                     sequencer: &self.sequencer,
-                    journal: &self.journal,
+                    journal: &journal,
                     key: 0,
                     pace_ms: self.settings.sse_pace_ms,
                     frames,
                 };
                 let sample = sse::measure(&call, self.settings.sse_streams).await?;
-                self.file(index, first, Source::Stream { key: 0, frames }, &[]);
+                self.file(index, first, Source::Stream { key: 0, frames }, &[]).await?;
                 sse[slot].1.push(sample);
             }
         }
@@ -296,7 +403,7 @@ impl Run {
         let mut audits = serde_json::Map::new();
         for metered in std::iter::once(&self.on).chain(self.off.as_ref()) {
             let books = Books {
-                name: metered.gateway.name,
+                name: metered.name,
                 admin: &metered.admin,
                 tenants: &metered.tenants,
                 seeded: &metered.seeded,
@@ -308,7 +415,7 @@ impl Run {
                 per_debit: metered.per_debit,
             };
             let findings = audit::audit(&books).await?;
-            audits.insert(metered.gateway.name.to_owned(), findings.json.clone());
+            audits.insert(metered.name.to_owned(), findings.json.clone());
             for note in &findings.notes {
                 println!("audit: {note}");
             }
@@ -320,19 +427,44 @@ impl Run {
         if let Some(nginx) = self.nginx.take() {
             nginx.stop();
         }
-        if let Some(off) = self.off.as_mut() {
-            off.gateway.stop().context("stopping the write-through-off gateway")?;
+        if self.journal_gaps > 0 {
+            println!(
+                "audit FAILED: the mock's journal dropped entries before {} phase(s) were read: \
+                 served requests may be missing (restart the mock, or shorten the phases)",
+                self.journal_gaps
+            );
+            ok = false;
         }
-        match self.on.gateway.stop_and_verify() {
-            Ok(verified) => {
-                println!("audit: ledger verify after SIGTERM: {}", verified.lines().last().unwrap_or("ok"))
+        if let Some(gateway) = self.off.as_mut().and_then(|off| off.gateway.as_mut()) {
+            gateway.stop().context("stopping the write-through-off gateway")?;
+        }
+        let data_dir = self.settings.target.as_ref().and_then(|t| t.data_dir.clone());
+        let verified = match (self.on.gateway.take(), data_dir) {
+            (Some(gateway), _) => Some(gateway.stop_and_verify().map(|v| ("after SIGTERM", v))),
+            (None, Some(dir)) => Some(
+                verify_when_stopped(&self.settings.gateway_bin, &dir)
+                    .await
+                    .with_context(|| format!("the targeted gateway's ledger in {}", dir.display()))
+                    .map(|v| ("on --target-data-dir once the gateway stopped", v)),
+            ),
+            (None, None) => None,
+        };
+        match verified {
+            Some(Ok((how, verified))) => {
+                println!("audit: ledger verify {how}: {}", verified.lines().last().unwrap_or("ok"))
             }
-            Err(error) => {
+            Some(Err(error)) => {
                 println!("audit FAILED: {error:#}");
                 ok = false;
             }
+            None => println!(
+                "audit: ledger verify skipped: the targeted gateway is not this run's to stop \
+                 (stop it, then run `creditgate ledger verify --data-dir DIR`, or pass --target-data-dir)"
+            ),
         }
-        self.mock.stop().await;
+        if let Upstream::Local { mock, .. } = self.upstream {
+            mock.stop().await;
+        }
         json["audit"] = serde_json::Value::Object(audits);
         write_json(&self.settings, json, ok)?;
         println!("{}", if ok { "audit: ok" } else { "audit: FAILED" });
@@ -341,26 +473,27 @@ impl Run {
 }
 
 /// The modes of the measured rounds, in order.
-fn modes(mock: &MockUpstream, on: &Metered, off: Option<&Metered>, nginx: Option<&Nginx>) -> Vec<Mode> {
+/// `mock` is `host:port`; `passthrough` the `Host` of the gateway's
+/// unmetered route (`None` leaves that mode out).
+fn modes(
+    mock: &str,
+    passthrough: Option<&'static str>,
+    on: &Metered,
+    off: Option<&Metered>,
+    nginx: Option<&Nginx>,
+) -> Vec<Mode> {
     let on_target = on.target();
     // Unmetered modes send the same requests, keys included, as the metered one.
     let plain = |addr: String, host, cpu| Target { addr, host, keys: on_target.keys.clone(), cpu };
-    let mut modes = vec![
-        Mode {
-            name: DIRECT,
-            target: plain(mock.addr().to_string(), None, CpuSource::None),
-            books: Charged::Nobody,
-        },
-        Mode {
-            name: PASSTHROUGH,
-            target: plain(
-                on.gateway.proxy.clone(),
-                Some(PASSTHROUGH_HOST),
-                CpuSource::Process(on.gateway.pid()),
-            ),
-            books: Charged::Nobody,
-        },
-    ];
+    let mut modes = vec![Mode {
+        name: DIRECT,
+        target: plain(mock.to_owned(), None, CpuSource::None),
+        books: Charged::Nobody,
+    }];
+    if let Some(host) = passthrough {
+        let target = plain(on.proxy.clone(), Some(host), on.cpu);
+        modes.push(Mode { name: PASSTHROUGH, target, books: Charged::Nobody });
+    }
     if let Some(nginx) = nginx {
         let target = plain(nginx.addr.to_string(), None, CpuSource::Tree(nginx.pid()));
         modes.push(Mode { name: NGINX, target, books: Charged::Nobody });
@@ -470,4 +603,72 @@ fn write_json(settings: &Settings, mut json: serde_json::Value, ok: bool) -> any
         eprintln!("JSON report written to {}", path.display());
     }
     Ok(())
+}
+
+/// `ledger verify` on a targeted gateway's data directory. The gateway holds
+/// it locked while it runs, so this waits (up to [`VERIFY_WAIT`]) for the
+/// operator to stop it.
+async fn verify_when_stopped(bin: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<String> {
+    let started = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        match Gateway::verify(bin, dir) {
+            Err(error)
+                if format!("{error:#}").contains("acquire lock") && started.elapsed() < VERIFY_WAIT =>
+            {
+                if !told {
+                    eprintln!(
+                        "ledger verify: the gateway still holds {}; stop it (SIGTERM) to verify, waiting up to {} s",
+                        dir.display(),
+                        VERIFY_WAIT.as_secs()
+                    );
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// `GET /_mock/journal` of a running mock (`host:port`): status and the JSON list.
+async fn fetch_journal(http: &Http, mock: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+    let request = http::Request::get(format!("http://{mock}/_mock/journal"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))?;
+    let (status, body) = client::call(http, request).await.context("GET /_mock/journal")?;
+    if status != 200 {
+        bail!("GET http://{mock}/_mock/journal answered {status}");
+    }
+    Ok((status, serde_json::from_slice(&body).context("the mock's journal is not JSON")?))
+}
+
+/// The price file the audit prices with; every model of the mix must be in it.
+fn load_prices(settings: &Settings) -> anyhow::Result<PriceTable> {
+    let prices_text = std::fs::read_to_string(&settings.prices)
+        .with_context(|| format!("cannot read the price file {}", settings.prices.display()))?;
+    let prices = PriceTable::parse("prices.toml", &prices_text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    settings.mix.check_priced(&prices, chrono::Utc::now())?;
+    Ok(prices)
+}
+
+/// Idle connections the client keeps per host.
+fn connections(settings: &Settings) -> usize {
+    let concurrency = match settings.load {
+        LoadShape::Closed { concurrency } => concurrency,
+        LoadShape::Open { max_in_flight, .. } => max_in_flight.min(1024),
+    };
+    concurrency * 2
+}
+
+fn results_for(settings: &Settings) -> Results {
+    Results {
+        shape: Some(settings.load),
+        seconds: settings.seconds,
+        rounds: settings.rounds,
+        c1_seconds: settings.c1_seconds,
+        sse_streams: settings.sse_streams,
+        sse_frames: settings.sse_frames,
+        sse_pace_ms: settings.sse_pace_ms,
+        ..Results::default()
+    }
 }

@@ -134,6 +134,82 @@ pub struct Args {
     /// Progress lines on stderr once a second [default: when phases last 3 s or more].
     #[arg(long)]
     pub progress: Option<bool>,
+    /// Target an already running gateway: its proxy listener (`http://HOST:PORT`).
+    /// Needs --target-admin and --target-mock; the harness then starts no
+    /// mock and no gateway of its own.
+    #[arg(long, requires_all = ["target_admin", "target_mock"])]
+    pub target_proxy: Option<String>,
+    /// The running gateway's admin listener (`http://HOST:PORT`).
+    #[arg(long, requires = "target_proxy")]
+    pub target_admin: Option<String>,
+    /// The running mock upstream that gateway forwards to (`http://HOST:PORT`,
+    /// a `creditgate mock-upstream`; its `GET /_mock/journal` feeds the audit).
+    #[arg(long, requires = "target_proxy")]
+    pub target_mock: Option<String>,
+    /// Admin token of the running gateway [default: $CREDITGATE_ADMIN_TOKEN].
+    #[arg(long, requires = "target_proxy")]
+    pub admin_token: Option<String>,
+    /// `Host` of the running gateway's `passthrough = true` route; without it
+    /// the passthrough mode is skipped.
+    #[arg(long, requires = "target_proxy")]
+    pub target_passthrough_host: Option<String>,
+    /// Pid of the running gateway, for CPU per request (without it: "–").
+    #[arg(long, requires = "target_proxy")]
+    pub target_pid: Option<u32>,
+    /// Data directory of the running gateway: `creditgate ledger verify` runs
+    /// on it at the end (stop the gateway first: verify needs it stopped).
+    #[arg(long, requires = "target_proxy")]
+    pub target_data_dir: Option<PathBuf>,
+}
+
+/// An already running mock and gateway to drive instead of starting our own.
+#[derive(Debug, Clone)]
+pub struct TargetSettings {
+    /// `host:port` of the proxy listener.
+    pub proxy: String,
+    /// `host:port` of the admin listener.
+    pub admin: String,
+    /// `host:port` of the mock upstream.
+    pub mock: String,
+    pub admin_token: String,
+    /// `Host` of the pass-through route, leaked once so targets can borrow it.
+    pub passthrough_host: Option<&'static str>,
+    pub pid: Option<u32>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// `http://host:port[/]` or `host:port` → `host:port`.
+fn host_port(flag: &str, url: &str) -> anyhow::Result<String> {
+    let rest = url.strip_prefix("http://").unwrap_or(url).trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') || url.starts_with("https://") || !rest.contains(':') {
+        bail!("{flag} wants http://HOST:PORT, not {url:?}");
+    }
+    Ok(rest.to_owned())
+}
+
+impl TargetSettings {
+    fn from_args(args: &Args) -> anyhow::Result<Option<TargetSettings>> {
+        let Some(proxy) = &args.target_proxy else { return Ok(None) };
+        let (Some(admin), Some(mock)) = (&args.target_admin, &args.target_mock) else {
+            bail!("--target-proxy needs --target-admin and --target-mock");
+        };
+        let admin_token = match &args.admin_token {
+            Some(token) => token.clone(),
+            None => std::env::var("CREDITGATE_ADMIN_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .context("--target-proxy needs --admin-token or $CREDITGATE_ADMIN_TOKEN")?,
+        };
+        Ok(Some(TargetSettings {
+            proxy: host_port("--target-proxy", proxy)?,
+            admin: host_port("--target-admin", admin)?,
+            mock: host_port("--target-mock", mock)?,
+            admin_token,
+            passthrough_host: args.target_passthrough_host.clone().map(|h| &*Box::leak(h.into_boxed_str())),
+            pid: args.target_pid,
+            data_dir: args.target_data_dir.clone(),
+        }))
+    }
 }
 
 /// How the measured phases drive load.
@@ -164,11 +240,14 @@ pub struct Settings {
     pub write_through_off: Switch,
     pub json: Option<PathBuf>,
     pub progress: bool,
+    /// Drive an already running mock and gateway instead of starting them.
+    pub target: Option<TargetSettings>,
 }
 
 impl Settings {
     pub fn from_args(args: Args) -> anyhow::Result<Settings> {
         let smoke = args.profile == Profile::Smoke;
+        let target = TargetSettings::from_args(&args)?;
         let pick = |value: Option<u64>, smoke_value: u64, full_value: u64| {
             value.unwrap_or(if smoke { smoke_value } else { full_value })
         };
@@ -254,6 +333,7 @@ impl Settings {
             write_through_off: args.write_through_off,
             json: args.json,
             progress: args.progress.unwrap_or(seconds >= 3),
+            target,
         })
     }
 }
