@@ -187,7 +187,10 @@ fn c1_section(results: &Results, text: &mut String, json: &mut Map<String, Value
     json.insert("modes".into(), Value::Object(modes));
     let get = |mode| find(&results.c1, mode).unwrap_or(&[]);
     let added_p50 = |a: &Sample, b: &Sample| Some(a.percentile_us(0.5) - b.percentile_us(0.5));
-    for mode in [PASSTHROUGH, METERED] {
+    for mode in [PASSTHROUGH, NGINX, METERED] {
+        if find(&results.c1, mode).is_none() {
+            continue;
+        }
         ratio(
             text,
             json,
@@ -247,7 +250,12 @@ fn sse_section(results: &Results, text: &mut String, json: &mut Map<String, Valu
         text,
         "added per-event delay over direct, all rounds' events pooled; per round: median (min..max)"
     );
-    for mode in [PASSTHROUGH, METERED] {
+    // nginx (when installed) is the reference: what one established proxy
+    // hop with buffering off adds on the same machine.
+    for mode in [PASSTHROUGH, NGINX, METERED] {
+        if find(&results.sse, mode).is_none() {
+            continue;
+        }
         let events = pooled(mode);
         for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
             let added = (percentile(&events, q) - percentile(&direct, q)) / 1e3;
