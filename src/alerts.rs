@@ -28,7 +28,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -118,6 +118,10 @@ pub enum AlertError {
 
 pub struct Alerts {
     rules: Mutex<Vec<Rule>>,
+    /// Wallets some rule watches: signals about any other wallet are not
+    /// queued at all, so a gateway with no rule on a wallet pays nothing per
+    /// request (no queue send, no wakeup of the evaluating task).
+    watched: RwLock<HashSet<WalletId>>,
     fired: Mutex<HashSet<(u64, String)>>,
     deliveries: Mutex<VecDeque<Delivery>>,
     next_id: AtomicU64,
@@ -140,7 +144,9 @@ impl Alerts {
         };
         let next = rules.iter().map(|r| r.id).max().unwrap_or(0) + 1;
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let watched = rules.iter().map(|r| r.wallet).collect();
         Ok(Arc::new(Alerts {
+            watched: RwLock::new(watched),
             rules: Mutex::new(rules),
             fired: Mutex::new(HashSet::new()),
             deliveries: Mutex::new(VecDeque::new()),
@@ -161,6 +167,10 @@ impl Alerts {
 
     /// Report a signal without waiting; a full queue drops it (counted).
     pub fn notify(&self, signal: Signal) {
+        let (Signal::Changed(wallet) | Signal::Empty(wallet) | Signal::LimitReached(wallet, _)) = signal;
+        if !self.watched.read().contains(&wallet) {
+            return;
+        }
         if self.queue.try_send(signal).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -196,6 +206,7 @@ impl Alerts {
         };
         let mut rules = self.rules.lock();
         rules.push(rule.clone());
+        self.watched.write().insert(rule.wallet);
         self.save(&rules)?;
         Ok(rule)
     }
@@ -367,4 +378,38 @@ pub fn sign(secret: &str, timestamp: &str, body: &str) -> String {
     mac.update(b".");
     mac.update(body.as_bytes());
     hex::encode(mac.finalize().into_bytes())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_signals_about_watched_wallets_are_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let alerts = Alerts::load(dir.path().join("alerts.json")).unwrap();
+        let (watched, other) = (WalletId::Pool(OrgId(1)), WalletId::Pool(OrgId(2)));
+        for _ in 0..3 {
+            alerts.notify(Signal::Changed(watched));
+        }
+        assert_eq!(alerts.queue.capacity(), QUEUE_CAPACITY, "no rule: nothing queued");
+        let condition = Condition::BalanceBelow { amount: Decimal::ONE };
+        alerts
+            .add_rule(
+                OrgId(1),
+                watched,
+                condition,
+                "http://127.0.0.1:9/hook".into(),
+                "a-long-enough-secret".into(),
+            )
+            .unwrap();
+        alerts.notify(Signal::Changed(other));
+        alerts.notify(Signal::Empty(watched));
+        assert_eq!(alerts.queue.capacity(), QUEUE_CAPACITY - 1, "only the watched wallet's signal");
+        // The rule survives a reload, and so does the watch.
+        let reloaded = Alerts::load(dir.path().join("alerts.json")).unwrap();
+        reloaded.notify(Signal::Changed(watched));
+        assert_eq!(reloaded.queue.capacity(), QUEUE_CAPACITY - 1);
+    }
 }
