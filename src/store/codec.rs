@@ -554,4 +554,21 @@ mod tests {
         let problem = decode_value(&bad_scale).unwrap_err().to_string();
         assert!(problem.contains("bad decimal"), "{problem}");
     }
+
+    /// Regenerates the seed corpus of the `store_segment` fuzz target.
+    #[test]
+    #[ignore = "writes files: CREDITGATE_FUZZ_SEEDS=fuzz/corpus/store_segment cargo test --lib -- --ignored write_fuzz_seeds"]
+    fn write_fuzz_seeds() {
+        let Some(dir) = std::env::var_os("CREDITGATE_FUZZ_SEEDS") else { return };
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let seeds = [
+            segment(&[debit(12, Some("end-user"), dec!(0.0123)), write_off(10), debit(11, None, dec!(7))]),
+            segment(&[debit(1, None, dec!(1)), debit(2, None, dec!(2)), debit(3, Some("u"), dec!(3))]),
+            serde_json::to_vec(&write_off(4)).unwrap(),
+        ];
+        for (n, seed) in seeds.iter().enumerate() {
+            std::fs::write(dir.join(format!("seed-{n}")), seed).unwrap();
+        }
+    }
 }
