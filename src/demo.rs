@@ -20,9 +20,14 @@ use crate::ledger::{Ledger, LedgerError, NewApp, NewKey, NewOrg, NewUser};
 use crate::mock::{MockOptions, MockUpstream};
 use crate::telemetry;
 
-/// The example config, built in so `demo` runs from any directory.
+/// The example config and price file, built in so `demo` runs from any
+/// directory.
 pub const EXAMPLE_CONFIG: &str = include_str!("../config/gateway.toml");
 const EXAMPLE_CONFIG_PATH: &str = "config/gateway.toml";
+pub const EXAMPLE_PRICES: &str = include_str!("../config/prices.toml");
+/// Marks the config as the built-in copy, whose price file lives in the data
+/// directory (see [`place_builtin_prices`]).
+const BUILTIN_SOURCE: &str = "<built-in config/gateway.toml>";
 
 /// Where the demo listens and keeps its data; `None` keeps the config's value.
 #[derive(Debug, Clone, Default)]
@@ -42,12 +47,29 @@ pub fn demo_config(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
         None if Path::new(EXAMPLE_CONFIG_PATH).exists() => {
             Ok(GatewayConfig::load(Path::new(EXAMPLE_CONFIG_PATH))?)
         }
-        None => {
-            Ok(GatewayConfig::parse(Path::new("<built-in config/gateway.toml>"), EXAMPLE_CONFIG, &|name| {
-                std::env::var(name).ok()
-            })?)
-        }
+        None => Ok(GatewayConfig::parse(Path::new(BUILTIN_SOURCE), EXAMPLE_CONFIG, &|name| {
+            std::env::var(name).ok()
+        })?),
     }
+}
+
+/// The built-in config has no file beside it: its price file is the built-in
+/// example, written to `<data-dir>/prices.toml` unless one is there already
+/// (so an operator's edits survive, and live reload watches a real file).
+pub fn place_builtin_prices(config: &mut GatewayConfig) -> anyhow::Result<()> {
+    if config.source != Path::new(BUILTIN_SOURCE) {
+        return Ok(());
+    }
+    let Some(pricing) = config.pricing.as_mut() else { return Ok(()) };
+    let dir = &config.server.data_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    let file = dir.join("prices.toml");
+    if !file.exists() {
+        std::fs::write(&file, EXAMPLE_PRICES).with_context(|| format!("cannot write {}", file.display()))?;
+    }
+    pricing.file = file;
+    Ok(())
 }
 
 /// What to create for a seeded organization.
@@ -143,6 +165,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     if let Some(data_dir) = options.data_dir {
         config.server.data_dir = data_dir;
     }
+    place_builtin_prices(&mut config)?;
     let mock_addr = options.mock_listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8090)));
     let mock = MockUpstream::start(mock_addr, MockOptions::default())
         .await
@@ -204,4 +227,35 @@ Stop with Ctrl-C.",
         lite = keys.lite,
         app = keys.app,
     );
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_in_config_gets_the_built_in_prices_in_its_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let builtin = || {
+            let mut config =
+                GatewayConfig::parse(Path::new(BUILTIN_SOURCE), EXAMPLE_CONFIG, &|_| None).unwrap();
+            config.server.data_dir = dir.path().join("data");
+            config
+        };
+        let mut config = builtin();
+        place_builtin_prices(&mut config).unwrap();
+        let file = dir.path().join("data/prices.toml");
+        assert_eq!(config.pricing.as_ref().unwrap().file, file);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), EXAMPLE_PRICES);
+        // An operator's edited copy is kept.
+        std::fs::write(&file, "# edited\n").unwrap();
+        place_builtin_prices(&mut builtin()).unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "# edited\n");
+        // A config read from a file keeps its own price file.
+        let mut from_file = GatewayConfig::load(Path::new(EXAMPLE_CONFIG_PATH)).unwrap();
+        let before = from_file.pricing.as_ref().unwrap().file.clone();
+        place_builtin_prices(&mut from_file).unwrap();
+        assert_eq!(from_file.pricing.unwrap().file, before);
+    }
 }
