@@ -101,6 +101,11 @@ fn decode_all(key: &[u8], value: &[u8]) -> Result<Vec<Record>, StoreError> {
     })
 }
 
+/// sled's page cache. The ledger lives in memory and only reads the store
+/// at start and for paging, so sled's 1 GiB default would only hold pages
+/// nobody reads (and grow the process by that much).
+const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// How long to wait for another holder of the directory's lock to let go.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -110,7 +115,7 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 fn open_db(dir: &Path) -> Result<::sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
-        match ::sled::Config::new().path(dir).flush_every_ms(None).open() {
+        match ::sled::Config::new().path(dir).flush_every_ms(None).cache_capacity(SLED_CACHE_BYTES).open() {
             Err(::sled::Error::Io(error))
                 if error.to_string().contains("could not acquire lock")
                     && std::time::Instant::now() < deadline =>
