@@ -337,7 +337,7 @@ impl Run {
     /// The modes the latency passes compare.
     fn latency_modes(&self) -> Vec<usize> {
         (0..self.modes.len())
-            .filter(|&i| [DIRECT, PASSTHROUGH, NGINX, METERED].contains(&self.modes[i].name))
+            .filter(|&i| [DIRECT, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF].contains(&self.modes[i].name))
             .collect()
     }
 

@@ -187,7 +187,7 @@ fn c1_section(results: &Results, text: &mut String, json: &mut Map<String, Value
     json.insert("modes".into(), Value::Object(modes));
     let get = |mode| find(&results.c1, mode).unwrap_or(&[]);
     let added_p50 = |a: &Sample, b: &Sample| Some(a.percentile_us(0.5) - b.percentile_us(0.5));
-    for mode in [PASSTHROUGH, NGINX, METERED] {
+    for mode in [PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
         if find(&results.c1, mode).is_none() {
             continue;
         }
@@ -252,7 +252,7 @@ fn sse_section(results: &Results, text: &mut String, json: &mut Map<String, Valu
     );
     // nginx (when installed) is the reference: what one established proxy
     // hop with buffering off adds on the same machine.
-    for mode in [PASSTHROUGH, NGINX, METERED] {
+    for mode in [PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
         if find(&results.sse, mode).is_none() {
             continue;
         }
