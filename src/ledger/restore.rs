@@ -2,12 +2,13 @@
 //!
 //! Records are applied in the order they were appended, by the same
 //! `apply_*` functions the live operations use. Append order is a valid
-//! replay order (see [`crate::ledger::journal`]): a record's dependencies were
-//! appended before it, and each wallet's entries were appended under its lock,
-//! in sequence order. Across wallets, a record may be appended a moment after
-//! one with a higher number, so only per-wallet order is checked; entries are replayed onto their wallet's lots (a
-//! created lot, or the exact draws recorded), and each replayed entry's
-//! `balance_after` is checked. Nothing is granted, written off or voided
+//! replay order (see [`crate::ledger::journal`]): a record's dependencies
+//! were appended before it, and each wallet's entries were appended under
+//! its lock, in sequence order. Across wallets a record may be appended a
+//! moment after one with a higher number, so only per-wallet order is
+//! checked. Entries are replayed onto their wallet's lots (a created lot, or
+//! the exact draws recorded), and each replayed entry's `balance_after` is
+//! checked. Nothing is granted, written off or voided
 //! during replay: the first operation on each wallet (or a
 //! [`Ledger::tick`]) catches it up to its `now`. Holds do not survive a
 //! restart; they lived only in memory.
