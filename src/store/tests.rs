@@ -28,6 +28,15 @@ fn populated_dir() -> tempfile::TempDir {
     dir
 }
 
+/// A fresh sled directory holding exactly `records`, in the order given.
+fn stored(records: &[Record]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    store.append(records).unwrap();
+    store.flush().unwrap();
+    dir
+}
+
 fn all_records(store: &impl Store) -> Vec<Record> {
     store.read_after(0, usize::MAX).unwrap()
 }
@@ -371,12 +380,7 @@ fn records_appended_out_of_sequence_across_wallets_replay_and_verify() {
         })
         .expect("populate writes entries of two wallets next to each other");
     records.swap(swap_at - 1, swap_at);
-    let swapped = tempfile::tempdir().unwrap();
-    {
-        let store = SledStore::open(swapped.path()).unwrap();
-        store.append(&records).unwrap();
-        store.flush().unwrap();
-    }
+    let swapped = stored(&records);
     let original = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
     let reopened = open_ledger(swapped.path(), LedgerConfig::default(), fast()).unwrap();
     let now = at("2027-03-10T12:00:00Z");
@@ -398,23 +402,13 @@ fn records_appended_out_of_sequence_across_wallets_replay_and_verify() {
     let same: Vec<usize> =
         (0..records.len()).filter(|&i| entry_wallet(&records[i]) == Some(wallet)).collect();
     records.swap(same[0], same[1]);
-    let broken = tempfile::tempdir().unwrap();
-    {
-        let store = SledStore::open(broken.path()).unwrap();
-        store.append(&records).unwrap();
-        store.flush().unwrap();
-    }
+    let broken = stored(&records);
     let error = open_ledger(broken.path(), LedgerConfig::default(), fast()).unwrap_err();
     assert!(matches!(error, StoreError::Restore(_)), "{error}");
     // And a wallet's entry stored twice.
     let mut records = all_records(&SledStore::open(dir.path()).unwrap());
     records.push(records[same[1]].clone());
-    let doubled = tempfile::tempdir().unwrap();
-    {
-        let store = SledStore::open(doubled.path()).unwrap();
-        store.append(&records).unwrap();
-        store.flush().unwrap();
-    }
+    let doubled = stored(&records);
     let error = open_ledger(doubled.path(), LedgerConfig::default(), fast()).unwrap_err();
     assert!(error.to_string().contains("of the same wallet"), "{error}");
 }
