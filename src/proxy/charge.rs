@@ -2,11 +2,12 @@
 //! request from the table in force, hold the most it can cost, and — when the
 //! response has ended — settle the real cost from the metered usage.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use memchr::memmem::Finder;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::Value;
@@ -187,6 +188,10 @@ pub fn read_model_request(body: &[u8]) -> Result<ModelRequest, ProxyError> {
     Ok(ModelRequest { model, max_output_tokens, stream, include_usage })
 }
 
+/// Searchers built once (building one costs more than searching a body).
+static STREAM_OPTIONS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"stream_options"));
+static UNICODE_ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
+
 /// The body with `stream_options.include_usage = true` added, so the stream
 /// reports its usage; `None` if the body is not a JSON object.
 pub fn with_include_usage(body: &[u8]) -> Option<Bytes> {
@@ -195,10 +200,7 @@ pub fn with_include_usage(body: &[u8]) -> Option<Bytes> {
     // mentions the name anywhere, or spells any key with \u escapes, takes
     // the general path so no second stream_options can appear.
     let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
-    if body[start] == b'{'
-        && memchr::memmem::find(body, b"stream_options").is_none()
-        && memchr::memmem::find(body, b"\\u").is_none()
-    {
+    if body[start] == b'{' && STREAM_OPTIONS.find(body).is_none() && UNICODE_ESCAPE.find(body).is_none() {
         let rest = &body[start + 1..];
         let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
         let field: &[u8] = if empty {
