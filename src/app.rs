@@ -34,7 +34,7 @@ pub struct Gateway {
     prices: Option<Arc<LivePrices>>,
     ledger: Arc<Ledger>,
     /// The store writer; `None` when `[ledger] write_through = false`.
-    writer: Option<Arc<GroupCommit<SledStore>>>,
+    writer: Option<StoreWriter>,
     shutdown: CancellationToken,
     proxy_task: JoinHandle<Drained>,
     admin_task: JoinHandle<Drained>,
@@ -206,7 +206,7 @@ fn read_entries(
     Ok((entries, last))
 }
 
-fn entry_reader(writer: Option<Arc<GroupCommit<SledStore>>>) -> EntryReader {
+fn entry_reader(writer: Option<StoreWriter>) -> EntryReader {
     Arc::new(move |after, limit| read_entries(writer.as_deref(), after, limit))
 }
 

@@ -145,7 +145,7 @@ impl UsageFields {
 }
 
 /// Usage in a JSON document, in any of the shapes the supported APIs use.
-pub fn usage_from_bytes(json: &[u8]) -> Option<Reported> {
+fn usage_from_bytes(json: &[u8]) -> Option<Reported> {
     match serde_json::from_slice::<Envelope>(json) {
         Ok(envelope) => {
             let usage = envelope
@@ -189,7 +189,7 @@ fn counted(c: UsageCounts) -> Reported {
 }
 
 /// Read a `usage` object in any of the shapes the supported APIs use.
-pub fn usage_from_json(value: &Value) -> Option<Reported> {
+fn usage_from_json(value: &Value) -> Option<Reported> {
     let usage = value
         .get("usage")
         .filter(|u| u.is_object())
