@@ -81,6 +81,11 @@ pub(crate) struct Shared {
     pub committer: Committer,
 }
 
+/// Shards of the wallet map. dashmap's default (4 x cores) leaves 8 on two
+/// cores, and each lookup writes its shard's lock word, so two threads on
+/// different wallets would still trade that cache line most of the time.
+const WALLET_SHARDS: usize = 128;
+
 /// The ledger. Share it behind an `Arc`; every method takes `&self`.
 pub struct Ledger {
     shared: Arc<Shared>,
@@ -134,7 +139,7 @@ impl Ledger {
     pub fn new(config: LedgerConfig, journal: Arc<dyn Journal>) -> Self {
         Ledger {
             shared: Arc::new(Shared { config, committer: Committer::new(journal, 1) }),
-            wallets: DashMap::new(),
+            wallets: DashMap::with_shard_amount(WALLET_SHARDS),
             orgs: DashMap::new(),
             users: DashMap::new(),
             apps: DashMap::new(),

@@ -11,6 +11,7 @@
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::ledger::calendar::YearMonth;
 use crate::ledger::ids::LotId;
@@ -122,7 +123,9 @@ pub struct LotTouch {
 /// A wallet's live lots in consumption order.
 #[derive(Clone, Debug, Default)]
 pub struct Lots {
-    lots: Vec<Lot>,
+    /// A Lite wallet lives on one lot a month: kept inline, a debit finds it
+    /// in the wallet's own memory.
+    lots: SmallVec<[Lot; 1]>,
     total: Decimal,
 }
 
@@ -210,7 +213,7 @@ impl Lots {
     /// Removes every lot (an upgrade writes the whole Lite wallet off).
     pub fn take_all(&mut self) -> Vec<Lot> {
         self.total = Decimal::ZERO;
-        std::mem::take(&mut self.lots)
+        std::mem::take(&mut self.lots).into_vec()
     }
 }
 

@@ -51,7 +51,10 @@ pub(crate) enum PayerRefusal {
 /// The keys and owners paying from one wallet.
 #[derive(Debug, Default)]
 pub(crate) struct Payers {
-    keys: IdMap<KeyId, KeyPayer>,
+    /// Sorted by key id. A Lite wallet has a key or two, so its key is one
+    /// cache line away, where a hash map costs two cold lines per hold; a
+    /// pool's thousands of keys are found by binary search.
+    keys: Vec<(KeyId, KeyPayer)>,
     owners: IdMap<Owner, OwnerPayer>,
     /// True when any key or owner here has a cap; when false the hot path
     /// skips limit bookkeeping altogether. Recomputed on every change.
@@ -70,7 +73,17 @@ pub(crate) struct Spender<'a> {
 impl Payers {
     /// The owner of `key` if it pays from this wallet.
     pub fn owner_of(&self, key: KeyId) -> Option<Owner> {
-        self.keys.get(&key).map(|payer| payer.owner)
+        self.key(key).map(|payer| payer.owner)
+    }
+
+    fn key(&self, key: KeyId) -> Option<&KeyPayer> {
+        let at = self.keys.binary_search_by_key(&key, |(id, _)| *id).ok()?;
+        Some(&self.keys[at].1)
+    }
+
+    fn key_mut(&mut self, key: KeyId) -> Option<&mut KeyPayer> {
+        let at = self.keys.binary_search_by_key(&key, |(id, _)| *id).ok()?;
+        Some(&mut self.keys[at].1)
     }
 
     /// Adds or updates an owner's limits.
@@ -82,7 +95,7 @@ impl Payers {
     }
 
     fn recount(&mut self) {
-        self.any_limits = self.keys.values().any(|key| !key.limits.is_empty())
+        self.any_limits = self.keys.iter().any(|(_, key)| !key.limits.is_empty())
             || self
                 .owners
                 .values()
@@ -92,23 +105,25 @@ impl Payers {
     /// Adds or updates a key; its owner must already be here.
     pub fn set_key(&mut self, key: KeyId, owner: Owner, limits: Limits) {
         debug_assert!(self.owners.contains_key(&owner), "key {key} added before its owner {owner}");
-        let payer = self.keys.entry(key).or_insert(KeyPayer { owner, limits, spend: Spend::default() });
-        payer.limits = limits;
+        match self.keys.binary_search_by_key(&key, |(id, _)| *id) {
+            Ok(at) => self.keys[at].1.limits = limits,
+            Err(at) => self.keys.insert(at, (key, KeyPayer { owner, limits, spend: Spend::default() })),
+        }
         self.recount();
     }
 
     /// Removes a key (revocation).
     pub fn remove_key(&mut self, key: KeyId) {
-        self.keys.remove(&key);
+        self.keys.retain(|(id, _)| *id != key);
         self.recount();
     }
 
     /// Detaches an owner and its keys, spend included.
     pub fn take_owner(&mut self, owner: Owner) -> Option<MovedOwner> {
         let payer = self.owners.remove(&owner)?;
-        let key_ids: Vec<KeyId> =
-            self.keys.iter().filter(|(_, key)| key.owner == owner).map(|(id, _)| *id).collect();
-        let keys = key_ids.into_iter().filter_map(|id| self.keys.remove(&id).map(|key| (id, key))).collect();
+        let (keys, stay) =
+            std::mem::take(&mut self.keys).into_iter().partition(|(_, key)| key.owner == owner);
+        self.keys = stay;
         self.recount();
         Some(MovedOwner { owner, payer, keys })
     }
@@ -116,7 +131,12 @@ impl Payers {
     /// Attaches an owner taken from another wallet.
     pub fn put_owner(&mut self, moved: MovedOwner) {
         self.owners.insert(moved.owner, moved.payer);
-        self.keys.extend(moved.keys);
+        for (key, payer) in moved.keys {
+            match self.keys.binary_search_by_key(&key, |(id, _)| *id) {
+                Ok(at) => self.keys[at].1 = payer,
+                Err(at) => self.keys.insert(at, (key, payer)),
+            }
+        }
         self.recount();
     }
 
@@ -137,7 +157,7 @@ impl Payers {
                 PayerRefusal::Limit(LimitBreach { subject, period, cap, spent, resets_at })
             })
         };
-        if let Some(key) = self.keys.get(&spender.key) {
+        if let Some(key) = self.key(spender.key) {
             if let Some(refusal) = breach(LimitSubject::Key(spender.key), &key.spend, &key.limits) {
                 return Err(refusal);
             }
@@ -182,7 +202,13 @@ impl Payers {
     /// Applies `apply` to every counter the spender draws on; only tracks a
     /// new end user when `create` (a hold or debit), never on a take-back.
     fn each_spend(&mut self, spender: Spender<'_>, create: bool, mut apply: impl FnMut(&mut Spend)) {
-        if let Some(key) = self.keys.get_mut(&spender.key) {
+        // Only capped counters are kept, so with no cap here there is nothing
+        // to count and the two map lookups (cold on a wallet just woken) are
+        // skipped.
+        if !self.any_limits {
+            return;
+        }
+        if let Some(key) = self.key_mut(spender.key) {
             if !key.limits.is_empty() {
                 apply(&mut key.spend);
             }
