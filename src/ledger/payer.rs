@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use smallvec::SmallVec;
 
 use crate::ledger::ids::{IdMap, KeyId, Owner};
 use crate::ledger::limit::{LimitBreach, LimitSubject, Limits, PeriodEnds, Spend};
@@ -17,6 +18,14 @@ use crate::ledger::limit::{LimitBreach, LimitSubject, Limits, PeriodEnds, Spend}
 #[derive(Clone, Debug)]
 struct KeyPayer {
     owner: Owner,
+    /// Boxed: every hold reads `owner`, few keys have caps, and a small
+    /// entry keeps a pool's key list dense for the binary search.
+    capped: Option<Box<Capped>>,
+}
+
+/// A key's caps and its spend against them.
+#[derive(Clone, Debug, Default)]
+struct Capped {
     limits: Limits,
     spend: Spend,
 }
@@ -51,10 +60,10 @@ pub(crate) enum PayerRefusal {
 /// The keys and owners paying from one wallet.
 #[derive(Debug, Default)]
 pub(crate) struct Payers {
-    /// Sorted by key id. A Lite wallet has a key or two, so its key is one
-    /// cache line away, where a hash map costs two cold lines per hold; a
-    /// pool's thousands of keys are found by binary search.
-    keys: Vec<(KeyId, KeyPayer)>,
+    /// Sorted by key id. A Lite wallet's usual single key sits inside the
+    /// wallet, where a hash map costs two cold cache lines per hold; a pool's
+    /// thousands of keys are found by binary search.
+    keys: SmallVec<[(KeyId, KeyPayer); 1]>,
     owners: IdMap<Owner, OwnerPayer>,
     /// True when any key or owner here has a cap; when false the hot path
     /// skips limit bookkeeping altogether. Recomputed on every change.
@@ -95,7 +104,7 @@ impl Payers {
     }
 
     fn recount(&mut self) {
-        self.any_limits = self.keys.iter().any(|(_, key)| !key.limits.is_empty())
+        self.any_limits = self.keys.iter().any(|(_, key)| key.capped.is_some())
             || self
                 .owners
                 .values()
@@ -105,9 +114,20 @@ impl Payers {
     /// Adds or updates a key; its owner must already be here.
     pub fn set_key(&mut self, key: KeyId, owner: Owner, limits: Limits) {
         debug_assert!(self.owners.contains_key(&owner), "key {key} added before its owner {owner}");
-        match self.keys.binary_search_by_key(&key, |(id, _)| *id) {
-            Ok(at) => self.keys[at].1.limits = limits,
-            Err(at) => self.keys.insert(at, (key, KeyPayer { owner, limits, spend: Spend::default() })),
+        let at = match self.keys.binary_search_by_key(&key, |(id, _)| *id) {
+            Ok(at) => at,
+            Err(at) => {
+                self.keys.insert(at, (key, KeyPayer { owner, capped: None }));
+                at
+            }
+        };
+        let payer = &mut self.keys[at].1;
+        // Spend is only counted under a cap, so a key whose caps are lifted
+        // has nothing worth keeping; one that keeps a cap keeps its spend.
+        if limits.is_empty() {
+            payer.capped = None;
+        } else {
+            payer.capped.get_or_insert_with(Box::default).limits = limits;
         }
         self.recount();
     }
@@ -121,9 +141,9 @@ impl Payers {
     /// Detaches an owner and its keys, spend included.
     pub fn take_owner(&mut self, owner: Owner) -> Option<MovedOwner> {
         let payer = self.owners.remove(&owner)?;
-        let (keys, stay) =
+        let (keys, stay): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.keys).into_iter().partition(|(_, key)| key.owner == owner);
-        self.keys = stay;
+        self.keys = SmallVec::from_vec(stay);
         self.recount();
         Some(MovedOwner { owner, payer, keys })
     }
@@ -157,8 +177,8 @@ impl Payers {
                 PayerRefusal::Limit(LimitBreach { subject, period, cap, spent, resets_at })
             })
         };
-        if let Some(key) = self.key(spender.key) {
-            if let Some(refusal) = breach(LimitSubject::Key(spender.key), &key.spend, &key.limits) {
+        if let Some(Capped { limits, spend }) = self.key(spender.key).and_then(|key| key.capped.as_deref()) {
+            if let Some(refusal) = breach(LimitSubject::Key(spender.key), spend, limits) {
                 return Err(refusal);
             }
         }
@@ -208,10 +228,8 @@ impl Payers {
         if !self.any_limits {
             return;
         }
-        if let Some(key) = self.key_mut(spender.key) {
-            if !key.limits.is_empty() {
-                apply(&mut key.spend);
-            }
+        if let Some(capped) = self.key_mut(spender.key).and_then(|key| key.capped.as_deref_mut()) {
+            apply(&mut capped.spend);
         }
         let Some(owner) = self.owners.get_mut(&spender.owner) else {
             return;
