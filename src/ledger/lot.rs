@@ -111,6 +111,9 @@ impl Lot {
     }
 }
 
+/// The lots an entry touched; see [`crate::ledger::entry::LedgerEntry::lots`].
+pub type LotTouches = SmallVec<[LotTouch; 1]>;
+
 /// How much of one lot an entry moved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LotTouch {
@@ -156,7 +159,7 @@ impl Lots {
 
     /// Takes up to `amount` in consumption order, appending what it took to
     /// `touches`; returns the part it could not cover.
-    pub fn draw(&mut self, amount: Decimal, touches: &mut Vec<LotTouch>) -> Decimal {
+    pub fn draw(&mut self, amount: Decimal, touches: &mut LotTouches) -> Decimal {
         let mut left = amount;
         let mut exhausted = 0;
         for lot in self.lots.iter_mut() {
@@ -245,7 +248,7 @@ mod tests {
         lots.insert(lot(4, LotOrigin::Platform { term: 0, year: 0 }, dec!(1), year_end));
         lots.insert(lot(5, LotOrigin::Purchase, dec!(1), year_end));
         lots.insert(lot(6, LotOrigin::Adjustment, dec!(1), "2027-06-01T00:00:00Z"));
-        let mut touches = Vec::new();
+        let mut touches = LotTouches::new();
         let shortfall = lots.draw(dec!(6.5), &mut touches);
         let order: Vec<u64> = touches.iter().map(|t| t.lot.0).collect();
         assert_eq!(order, [6, 4, 3, 2, 5, 1]);
@@ -258,7 +261,7 @@ mod tests {
         // Proves a draw that leaves a lot non-empty keeps it first in line with the remainder.
         let mut lots = Lots::default();
         lots.insert(lot(1, LotOrigin::Purchase, dec!(10), "2028-01-01T00:00:00Z"));
-        let mut touches = Vec::new();
+        let mut touches = LotTouches::new();
         assert_eq!(lots.draw(dec!(2.25), &mut touches), dec!(0));
         assert_eq!(lots.total(), dec!(7.75));
         assert_eq!(lots.iter().next().unwrap().remaining, dec!(7.75));

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use chrono::{DateTime, TimeDelta, Utc};
 use parking_lot::Mutex;
 use rust_decimal::Decimal;
+use smallvec::smallvec;
 
 use crate::ledger::calendar::{self, YearMonth};
 use crate::ledger::contract::OrgCalendar;
@@ -24,7 +25,7 @@ use crate::ledger::hold::{OpenHolds, RecentSettlements};
 use crate::ledger::ids::{EntryId, LotId, OrgId, WalletId};
 use crate::ledger::journal::{Committer, Record, RecordBody};
 use crate::ledger::limit::PeriodEnds;
-use crate::ledger::lot::{Lot, LotOrigin, LotTouch, Lots};
+use crate::ledger::lot::{Lot, LotOrigin, LotTouch, LotTouches, Lots};
 use crate::ledger::payer::Payers;
 use crate::ledger::refusal::WalletView;
 use crate::ledger::Shared;
@@ -203,7 +204,7 @@ impl WalletState {
             let touch = LotTouch { lot: lot.id, amount: lot.remaining };
             let id = EntryId(committer.next_seq());
             let kind = EntryKind::WriteOff { reason: WriteOffReason::Expired };
-            self.emit(committer, id, now, kind, -lot.remaining, vec![touch]);
+            self.emit(committer, id, now, kind, -lot.remaining, smallvec![touch]);
         }
     }
 
@@ -309,7 +310,7 @@ impl WalletState {
         self.add_lot(id, &kind, amount, effective_at);
         self.totals.granted += amount;
         let touch = LotTouch { lot: LotId(id.0), amount };
-        self.emit(committer, id, now, kind, amount, vec![touch]);
+        self.emit(committer, id, now, kind, amount, smallvec![touch]);
         id
     }
 
@@ -351,7 +352,7 @@ impl WalletState {
         make_kind: impl FnOnce(Decimal) -> EntryKind,
     ) -> (EntryId, Decimal) {
         let id = EntryId(committer.next_seq());
-        let mut touches = Vec::with_capacity(2);
+        let mut touches = LotTouches::new();
         let overrun = self.lots.draw(amount, &mut touches);
         self.deficit += overrun;
         let kind = make_kind(overrun);
@@ -363,7 +364,7 @@ impl WalletState {
     /// Writes off every live lot (a Lite user moving to Pro).
     pub fn write_off_all(&mut self, committer: &Committer, now: DateTime<Utc>) {
         let lots = self.lots.take_all();
-        let touches: Vec<LotTouch> = lots
+        let touches: LotTouches = lots
             .iter()
             .filter(|lot| !lot.remaining.is_zero())
             .map(|lot| LotTouch { lot: lot.id, amount: lot.remaining })
@@ -387,7 +388,7 @@ impl WalletState {
         now: DateTime<Utc>,
         kind: EntryKind,
         amount: Decimal,
-        lots: Vec<LotTouch>,
+        lots: LotTouches,
     ) {
         let balance_after = self.balance();
         debug_assert_eq!(
