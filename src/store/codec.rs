@@ -152,7 +152,10 @@ const MAX_STRINGS: usize = 64;
 
 impl Strings {
     fn position(&self, text: &Arc<str>) -> Option<usize> {
-        self.0.iter().position(|known| Arc::ptr_eq(known, text) || **known == **text)
+        // Debits share the price table's strings, so pointers nearly always
+        // match; comparing contents is the fallback.
+        (self.0.iter().position(|known| Arc::ptr_eq(known, text)))
+            .or_else(|| self.0.iter().position(|known| **known == **text))
     }
 
     fn learn(&mut self, text: &Arc<str>) {
@@ -258,8 +261,10 @@ struct Writer<'a>(&'a mut Vec<u8>);
 
 impl Writer<'_> {
     /// LEB128.
-    /// LEB128. Built in a stack buffer and copied once: pushing byte by
-    /// byte (a capacity check each) was a quarter of the writer's time.
+    /// LEB128, built in a stack buffer that is copied whole and then cut to
+    /// length: a fixed-size copy compiles to two moves, where pushing byte by
+    /// byte or copying a run-time length (a `memcpy` call) was a quarter of
+    /// the store writer's time.
     fn var(&mut self, mut value: u64) {
         let mut bytes = [0_u8; 10];
         let mut len = 0;
@@ -269,7 +274,9 @@ impl Writer<'_> {
             len += 1;
         }
         bytes[len] = value as u8;
-        self.0.extend_from_slice(&bytes[..=len]);
+        let end = self.0.len() + len + 1;
+        self.0.extend_from_slice(&bytes);
+        self.0.truncate(end);
     }
 
     fn var128(&mut self, value: u128) {
@@ -284,7 +291,9 @@ impl Writer<'_> {
             len += 1;
         }
         bytes[len] = value as u8;
-        self.0.extend_from_slice(&bytes[..=len]);
+        let end = self.0.len() + len + 1;
+        self.0.extend_from_slice(&bytes);
+        self.0.truncate(end);
     }
 
     fn time(&mut self, at: DateTime<Utc>) {

@@ -194,8 +194,10 @@ impl Group {
 impl<S: Store> Worker<S> {
     fn run(self) {
         let mut last_flush: Option<Instant> = None;
+        // The record buffer outlives its group: grown once, not per flush.
+        let mut spare_records = Vec::new();
         while let Ok(first) = self.receiver.recv() {
-            let mut group = Group::default();
+            let mut group = Group { records: std::mem::take(&mut spare_records), ..Group::default() };
             group.take(first);
             // The group stays open until one interval after the last flush
             // (at once after a quiet spell), so flushes never come closer
@@ -207,6 +209,8 @@ impl<S: Store> Worker<S> {
                 .and_then(|()| self.hand_over(&mut group.records))
                 .and_then(|()| self.flush(group.count));
             last_flush = Some(Instant::now());
+            group.records.clear();
+            spare_records = std::mem::take(&mut group.records);
             for barrier in group.barriers {
                 let _gone = barrier.send(result.clone());
             }
