@@ -7,6 +7,13 @@
 //! Targets (per core, in memory): >= 1M pairs/s on one hot wallet, >= 5M
 //! pairs/s spread; write-through on >= 0.9x of off.
 //!
+//! A baseline runs first in the same process: one dependent load at a
+//! random place in 128 MiB (the wallets' footprint is of that order), the
+//! latency every pair on a cold wallet pays a few times over. After the
+//! runs, the store writer's and sled's I/O threads' CPU time is divided by
+//! the records they took, so the cost of write-through per record is a
+//! figure from the same run as the ratio.
+//!
 //! Request ids are counter-based (`Uuid::from_u128`), not minted v7 UUIDs:
 //! minting costs the proxy a few hundred ns per request and is not ledger
 //! work. Both ledgers are rebuilt from the same records (`Ledger::restore`
@@ -28,6 +35,7 @@ use creditgate::ledger::journal::{Journal, MemoryJournal, NullJournal, Record};
 use creditgate::ledger::limit::Limits;
 use creditgate::ledger::{Ledger, LedgerConfig, NewKey, NewOrg, NewUser, SpendContext};
 use creditgate::store::{open_ledger, GroupCommit, SledStore, Store, StoreConfig};
+use creditgate_bench::cpu::own_threads_cpu;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rust_decimal::Decimal;
 use uuid::Uuid;
@@ -221,10 +229,46 @@ fn sled(setup: &Setup, dir: &std::path::Path) -> Variant {
     variant
 }
 
+/// A random cyclic walk over `bytes` of memory, one step per cache line:
+/// each step's address depends on the previous load (Sattolo's shuffle).
+fn pointer_chase(bytes: usize) -> Vec<usize> {
+    const STRIDE: usize = 64 / std::mem::size_of::<usize>();
+    let lines = bytes / 64;
+    let mut order: Vec<usize> = (0..lines).collect();
+    let mut random = 7_u64;
+    for i in (1..lines).rev() {
+        let j = usize::try_from(next_random(&mut random) % (i as u64)).unwrap_or(0);
+        order.swap(i, j);
+    }
+    let mut next = vec![0_usize; lines * STRIDE];
+    for (i, line) in order.iter().enumerate() {
+        next[line * STRIDE] = order[(i + 1) % lines] * STRIDE;
+    }
+    next
+}
+
+fn baseline(c: &mut Criterion) {
+    let chase = pointer_chase(128 << 20);
+    let mut at = 0;
+    let mut group = c.benchmark_group("baseline");
+    group.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(2));
+    group.bench_function("dependent_load_random_128MiB", |b| {
+        b.iter(|| {
+            at = chase[at];
+            black_box(at)
+        })
+    });
+    group.finish();
+}
+
 fn ledger(c: &mut Criterion) {
+    baseline(c);
     let setup = setup();
     let dir = tempfile::tempdir().expect("a temporary directory");
     let variants = [memory(&setup), sled(&setup, dir.path())];
+    // From here on the writer and sled's I/O threads only serve the runs.
+    let durable_cpu = || own_threads_cpu("ledger-writer") + own_threads_cpu("sled-io");
+    let durable_before = durable_cpu();
     let ids = Ids::default();
     let hot = [setup.hot];
     let cases: [(&str, &[Target], u64); 4] = [
@@ -253,11 +297,17 @@ fn ledger(c: &mut Criterion) {
 
     for variant in &variants {
         if let Some(writer) = &variant.writer {
+            writer.sync().expect("the store flushes");
+            let durable = durable_cpu().saturating_sub(durable_before);
             let stats = writer.stats();
             writer.shutdown().expect("the writer stops cleanly");
             println!(
                 "write-through: {} records appended, {} flushes, {} appends waited for room",
                 stats.appended, stats.flushes, stats.waited_for_room
+            );
+            let per_record = durable.as_nanos() / u128::from(stats.appended.max(1));
+            println!(
+                "write-through CPU: {durable:.2?} in the writer and sled's I/O threads, {per_record} ns per record"
             );
         }
     }

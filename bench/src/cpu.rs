@@ -33,6 +33,24 @@ pub fn process_cpu(pid: u32) -> Duration {
     Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / ticks_per_second())
 }
 
+/// CPU time used so far by this process's threads whose name starts with
+/// `prefix` (thread names are cut to 15 bytes by the kernel).
+pub fn own_threads_cpu(prefix: &str) -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Duration::ZERO };
+    let mut total = Duration::ZERO;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        if !stat[open + 1..close].starts_with(prefix) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        total += Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / ticks_per_second());
+    }
+    total
+}
+
 /// The process and its direct children (nginx's master and workers).
 pub fn tree_cpu(pid: u32) -> Duration {
     let mut total = process_cpu(pid);
@@ -77,5 +95,24 @@ mod tests {
             std::hint::black_box(spin.elapsed());
         }
         assert!(process_cpu(std::process::id()) > Duration::ZERO, "utime+stime read from /proc");
+    }
+
+    #[test]
+    fn a_named_thread_is_charged_its_own_cpu() {
+        let before = own_threads_cpu("cpu-test-spin");
+        let spinner = std::thread::Builder::new()
+            .name("cpu-test-spin".into())
+            .spawn(|| {
+                let spin = std::time::Instant::now();
+                while own_threads_cpu("cpu-test-spin") < Duration::from_millis(30) {
+                    std::hint::black_box(spin.elapsed());
+                }
+                own_threads_cpu("cpu-test-spin")
+            })
+            .unwrap();
+        let during = spinner.join().unwrap();
+        assert_eq!(before, Duration::ZERO, "no such thread before");
+        assert!(during >= Duration::from_millis(30), "the spinning thread saw its own time: {during:?}");
+        assert!(own_threads_cpu("no-such-thread") == Duration::ZERO);
     }
 }

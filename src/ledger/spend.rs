@@ -1,8 +1,9 @@
 //! The data path: resolve a key, hold, settle, and the periodic catch-up.
 //!
 //! Each call takes one dashmap read lock to find the wallet and then that
-//! wallet's mutex; nothing here allocates except the debit entry, the hold
-//! token's `Arc` clone and, when present, the end-user id.
+//! wallet's mutex. Nothing here allocates but the end-user id, when there is
+//! one: a wallet's usual key, open hold, first lot and recent request ids live
+//! inline in its state, and so does the lot a debit entry touches.
 
 use std::sync::Arc;
 
