@@ -262,11 +262,12 @@ struct Writer<'a>(&'a mut Vec<u8>);
 impl Writer<'_> {
     /// LEB128.
     /// LEB128, built in a stack buffer that is copied whole and then cut to
-    /// length: a fixed-size copy compiles to two moves, where pushing byte by
-    /// byte or copying a run-time length (a `memcpy` call) was a quarter of
-    /// the store writer's time.
-    fn var(&mut self, mut value: u64) {
-        let mut bytes = [0_u8; 10];
+    /// length: a fixed-size copy compiles to a few moves, where pushing byte
+    /// by byte or copying a run-time length (a `memcpy` call) was a quarter
+    /// of the store writer's time. `MAX` bytes must hold the value's 7-bit
+    /// groups.
+    fn leb128<const MAX: usize>(&mut self, mut value: u128) {
+        let mut bytes = [0_u8; MAX];
         let mut len = 0;
         while value >= 0x80 {
             bytes[len] = (value as u8) | 0x80;
@@ -279,21 +280,16 @@ impl Writer<'_> {
         self.0.truncate(end);
     }
 
+    fn var(&mut self, value: u64) {
+        self.leb128::<10>(u128::from(value));
+    }
+
     fn var128(&mut self, value: u128) {
-        // Nearly every value fits 64 bits; only then is the encoding the same.
-        if let Ok(small) = u64::try_from(value) {
-            return self.var(small);
+        // Nearly every value fits 64 bits: then 10 bytes are copied, not 19.
+        match u64::try_from(value) {
+            Ok(small) => self.var(small),
+            Err(_) => self.leb128::<19>(value),
         }
-        let (mut value, mut bytes, mut len) = (value, [0_u8; 19], 0);
-        while value >= 0x80 {
-            bytes[len] = (value as u8) | 0x80;
-            value >>= 7;
-            len += 1;
-        }
-        bytes[len] = value as u8;
-        let end = self.0.len() + len + 1;
-        self.0.extend_from_slice(&bytes);
-        self.0.truncate(end);
     }
 
     fn time(&mut self, at: DateTime<Utc>) {
