@@ -272,3 +272,52 @@ fn make_room(
 pub(crate) fn end_user_arc(end_user: Option<&str>) -> Option<Arc<str>> {
     end_user.map(Arc::from)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::ledger::ids::{AppId, UserId};
+
+    fn check_against(payers: &Payers, model: &BTreeMap<u64, Owner>) {
+        for id in 0..64 {
+            assert_eq!(payers.owner_of(KeyId(id)), model.get(&id).copied(), "key {id}");
+        }
+        let ids: Vec<u64> = payers.keys.iter().map(|(id, _)| id.0).collect();
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "keys stay sorted: {ids:?}");
+    }
+
+    #[test]
+    fn keys_stay_findable_through_adds_moves_and_revocations() {
+        // Proves the sorted key list answers like a map: keys added out of
+        // order, an owner moved out and back with its keys, a key revoked.
+        let (alice, bob, app) = (Owner::User(UserId(1)), Owner::User(UserId(2)), Owner::App(AppId(3)));
+        let mut payers = Payers::default();
+        let mut model = BTreeMap::new();
+        for owner in [alice, bob, app] {
+            payers.set_owner(owner, Limits::NONE, Limits::NONE);
+        }
+        for (id, owner) in [(40, bob), (3, alice), (17, app), (1, bob), (29, alice), (8, app)] {
+            payers.set_key(KeyId(id), owner, Limits::NONE);
+            model.insert(id, owner);
+            check_against(&payers, &model);
+        }
+        let moved = payers.take_owner(alice).expect("alice pays here");
+        model.retain(|_, owner| *owner != alice);
+        check_against(&payers, &model);
+        payers.put_owner(moved);
+        model.extend([(3, alice), (29, alice)]);
+        check_against(&payers, &model);
+        payers.remove_key(KeyId(17));
+        model.remove(&17);
+        check_against(&payers, &model);
+        assert!(!payers.any_limits, "no caps were set");
+        let cap = Limits { daily: Some(Decimal::ONE), ..Limits::NONE };
+        payers.set_key(KeyId(8), app, cap);
+        assert!(payers.any_limits, "a capped key counts");
+        payers.set_key(KeyId(8), app, Limits::NONE);
+        assert!(!payers.any_limits && payers.key(KeyId(8)).is_some_and(|key| key.capped.is_none()));
+        check_against(&payers, &model);
+    }
+}
