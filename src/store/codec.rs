@@ -260,7 +260,6 @@ fn unzigzag(value: u128) -> i128 {
 struct Writer<'a>(&'a mut Vec<u8>);
 
 impl Writer<'_> {
-    /// LEB128.
     /// LEB128, built in a stack buffer that is copied whole and then cut to
     /// length: a fixed-size copy compiles to a few moves, where pushing byte
     /// by byte or copying a run-time length (a `memcpy` call) was a quarter
