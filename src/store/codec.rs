@@ -260,35 +260,27 @@ fn unzigzag(value: u128) -> i128 {
 struct Writer<'a>(&'a mut Vec<u8>);
 
 impl Writer<'_> {
-    /// LEB128, built in a stack buffer that is copied whole and then cut to
-    /// length: a fixed-size copy compiles to a few moves, where pushing byte
-    /// by byte or copying a run-time length (a `memcpy` call) was a quarter
-    /// of the store writer's time. `MAX` bytes must hold the value's 7-bit
-    /// groups.
-    fn leb128<const MAX: usize>(&mut self, mut value: u128) {
-        let mut bytes = [0_u8; MAX];
-        let mut len = 0;
+    /// LEB128. Pushing byte by byte measured faster than building the bytes
+    /// in a stack buffer and copying it (a wide load of narrow stores).
+    fn var(&mut self, mut value: u64) {
         while value >= 0x80 {
-            bytes[len] = (value as u8) | 0x80;
+            self.0.push((value as u8) | 0x80);
             value >>= 7;
-            len += 1;
         }
-        bytes[len] = value as u8;
-        let end = self.0.len() + len + 1;
-        self.0.extend_from_slice(&bytes);
-        self.0.truncate(end);
+        self.0.push(value as u8);
     }
 
-    fn var(&mut self, value: u64) {
-        self.leb128::<10>(u128::from(value));
-    }
-
-    fn var128(&mut self, value: u128) {
-        // Nearly every value fits 64 bits: then 10 bytes are copied, not 19.
-        match u64::try_from(value) {
-            Ok(small) => self.var(small),
-            Err(_) => self.leb128::<19>(value),
+    fn var128(&mut self, mut value: u128) {
+        // Nearly every value fits 64 bits, and 64-bit shifts are cheaper;
+        // the encoding is the same either way.
+        if let Ok(small) = u64::try_from(value) {
+            return self.var(small);
         }
+        while value >= 0x80 {
+            self.0.push((value as u8) | 0x80);
+            value >>= 7;
+        }
+        self.0.push(value as u8);
     }
 
     fn time(&mut self, at: DateTime<Utc>) {
