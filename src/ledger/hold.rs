@@ -284,6 +284,8 @@ impl OpenHolds {
         let (expired, live): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.holds).into_iter().partition(|(_, hold)| hold.expires_at <= now);
         self.holds = SmallVec::from_vec(live);
+        // Back inline when one hold is left (`from_vec` keeps the heap buffer).
+        self.holds.shrink_to_fit();
         self.earliest_expiry = self.holds.iter().map(|(_, hold)| hold.expires_at).min();
         self.reindex();
         expired.into_iter().map(|(_, hold)| hold).collect()

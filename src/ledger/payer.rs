@@ -18,8 +18,10 @@ use crate::ledger::limit::{LimitBreach, LimitSubject, Limits, PeriodEnds, Spend}
 #[derive(Clone, Debug)]
 struct KeyPayer {
     owner: Owner,
-    /// Boxed: every hold reads `owner`, few keys have caps, and a small
-    /// entry keeps a pool's key list dense for the binary search.
+    /// Boxed: every hold reads `owner`, few keys ever have caps, and a small
+    /// entry keeps a pool's key list dense for the binary search. Kept (with
+    /// empty limits) when the caps are lifted, so spend already counted in a
+    /// period still counts if a cap returns within it, as for owners.
     capped: Option<Box<Capped>>,
 }
 
@@ -28,6 +30,13 @@ struct KeyPayer {
 struct Capped {
     limits: Limits,
     spend: Spend,
+}
+
+impl KeyPayer {
+    /// The key's caps and spend, while it has a cap.
+    fn caps(&self) -> Option<&Capped> {
+        self.capped.as_deref().filter(|capped| !capped.limits.is_empty())
+    }
 }
 
 /// An owner's limits and spend, carried between wallets on a plan change.
@@ -104,7 +113,7 @@ impl Payers {
     }
 
     fn recount(&mut self) {
-        self.any_limits = self.keys.iter().any(|(_, key)| key.capped.is_some())
+        self.any_limits = self.keys.iter().any(|(_, key)| key.caps().is_some())
             || self
                 .owners
                 .values()
@@ -122,12 +131,10 @@ impl Payers {
             }
         };
         let payer = &mut self.keys[at].1;
-        // Spend is only counted under a cap, so a key whose caps are lifted
-        // has nothing worth keeping; one that keeps a cap keeps its spend.
-        if limits.is_empty() {
-            payer.capped = None;
-        } else {
-            payer.capped.get_or_insert_with(Box::default).limits = limits;
+        match (&mut payer.capped, limits.is_empty()) {
+            (Some(capped), _) => capped.limits = limits,
+            (None, true) => {}
+            (None, false) => payer.capped = Some(Box::new(Capped { limits, spend: Spend::default() })),
         }
         self.recount();
     }
@@ -144,6 +151,8 @@ impl Payers {
         let (keys, stay): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.keys).into_iter().partition(|(_, key)| key.owner == owner);
         self.keys = SmallVec::from_vec(stay);
+        // Back inline when one key is left (`from_vec` keeps the heap buffer).
+        self.keys.shrink_to_fit();
         self.recount();
         Some(MovedOwner { owner, payer, keys })
     }
@@ -177,7 +186,7 @@ impl Payers {
                 PayerRefusal::Limit(LimitBreach { subject, period, cap, spent, resets_at })
             })
         };
-        if let Some(Capped { limits, spend }) = self.key(spender.key).and_then(|key| key.capped.as_deref()) {
+        if let Some(Capped { limits, spend }) = self.key(spender.key).and_then(KeyPayer::caps) {
             if let Some(refusal) = breach(LimitSubject::Key(spender.key), spend, limits) {
                 return Err(refusal);
             }
@@ -228,7 +237,8 @@ impl Payers {
         if !self.any_limits {
             return;
         }
-        if let Some(capped) = self.key_mut(spender.key).and_then(|key| key.capped.as_deref_mut()) {
+        let capped = self.key_mut(spender.key).and_then(|key| key.capped.as_deref_mut());
+        if let Some(capped) = capped.filter(|capped| !capped.limits.is_empty()) {
             apply(&mut capped.spend);
         }
         let Some(owner) = self.owners.get_mut(&spender.owner) else {
@@ -274,6 +284,7 @@ pub(crate) fn end_user_arc(end_user: Option<&str>) -> Option<Arc<str>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use std::collections::BTreeMap;
 
@@ -317,7 +328,31 @@ mod tests {
         payers.set_key(KeyId(8), app, cap);
         assert!(payers.any_limits, "a capped key counts");
         payers.set_key(KeyId(8), app, Limits::NONE);
-        assert!(!payers.any_limits && payers.key(KeyId(8)).is_some_and(|key| key.capped.is_none()));
+        assert!(!payers.any_limits && payers.key(KeyId(8)).is_some_and(|key| key.caps().is_none()));
         check_against(&payers, &model);
+    }
+
+    #[test]
+    fn a_key_cap_lifted_and_restored_within_a_day_keeps_the_days_spend() {
+        // Proves lifting a key's cap does not wipe what it spent: restored
+        // the same day, the cap still counts the spend from before.
+        let owner = Owner::User(UserId(1));
+        let mut payers = Payers::default();
+        payers.set_owner(owner, Limits::NONE, Limits::NONE);
+        let cap = Limits { daily: Some(Decimal::TEN), ..Limits::NONE };
+        payers.set_key(KeyId(1), owner, cap);
+        let now: DateTime<Utc> = "2027-03-10T12:00:00Z".parse().unwrap();
+        let day_end: DateTime<Utc> = "2027-03-11T00:00:00Z".parse().unwrap();
+        let ends = PeriodEnds { day: day_end, month: day_end, year: day_end };
+        let spender = Spender { key: KeyId(1), owner, end_user: None };
+        payers.add(spender, Decimal::from(8), &ends);
+        payers.set_key(KeyId(1), owner, Limits::NONE);
+        assert_eq!(payers.check(spender, Decimal::from(5), &ends, now, 10), Ok(()), "no cap, no refusal");
+        payers.set_key(KeyId(1), owner, cap);
+        let refused = payers.check(spender, Decimal::from(5), &ends, now, 10);
+        assert!(
+            matches!(&refused, Err(PayerRefusal::Limit(breach)) if breach.spent == Decimal::from(8)),
+            "8 spent before the lift + 5 > 10: {refused:?}"
+        );
     }
 }
