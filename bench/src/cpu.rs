@@ -18,19 +18,28 @@ fn ticks_per_second() -> u64 {
     })
 }
 
-/// The fields after the command name (which may hold spaces and parentheses).
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    Some(rest.split_whitespace().map(str::to_owned).collect())
+/// The command name and the fields after it, from a `stat` file's text
+/// (the name may hold spaces and parentheses).
+fn parse_stat(stat: &str) -> Option<(&str, Vec<&str>)> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    let (_, name) = head.split_once('(')?;
+    Some((name, rest.split_whitespace().collect()))
+}
+
+/// utime + stime from the fields after the name (stat's fields 14 and 15).
+fn cpu_of(fields: &[&str]) -> Duration {
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / ticks_per_second())
+}
+
+fn read_stat(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()
 }
 
 /// CPU time (user + system) the process has used so far; zero once it is gone.
 pub fn process_cpu(pid: u32) -> Duration {
-    let Some(fields) = stat_fields(pid) else { return Duration::ZERO };
-    // utime and stime are fields 14 and 15 of stat: 11 and 12 after the name.
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / ticks_per_second())
+    let stat = read_stat(pid).unwrap_or_default();
+    parse_stat(&stat).map_or(Duration::ZERO, |(_, fields)| cpu_of(&fields))
 }
 
 /// CPU time used so far by this process's threads whose name starts with
@@ -40,13 +49,10 @@ pub fn own_threads_cpu(prefix: &str) -> Duration {
     let mut total = Duration::ZERO;
     for task in tasks.flatten() {
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-        if !stat[open + 1..close].starts_with(prefix) {
-            continue;
+        match parse_stat(&stat) {
+            Some((name, fields)) if name.starts_with(prefix) => total += cpu_of(&fields),
+            _ => {}
         }
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-        total += Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / ticks_per_second());
     }
     total
 }
@@ -58,7 +64,8 @@ pub fn tree_cpu(pid: u32) -> Duration {
     for entry in entries.flatten() {
         let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         // ppid is field 4 of stat: 1 after the name.
-        let parent = stat_fields(child).and_then(|f| f.get(1).and_then(|p| p.parse::<u32>().ok()));
+        let stat = read_stat(child).unwrap_or_default();
+        let parent = parse_stat(&stat).and_then(|(_, fields)| fields.get(1)?.parse::<u32>().ok());
         if parent == Some(pid) {
             total += process_cpu(child);
         }
@@ -113,6 +120,6 @@ mod tests {
         let during = spinner.join().unwrap();
         assert_eq!(before, Duration::ZERO, "no such thread before");
         assert!(during >= Duration::from_millis(30), "the spinning thread saw its own time: {during:?}");
-        assert!(own_threads_cpu("no-such-thread") == Duration::ZERO);
+        assert_eq!(own_threads_cpu("no-such-thread"), Duration::ZERO);
     }
 }
