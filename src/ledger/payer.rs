@@ -37,6 +37,10 @@ impl KeyPayer {
     fn caps(&self) -> Option<&Capped> {
         self.capped.as_deref().filter(|capped| !capped.limits.is_empty())
     }
+
+    fn caps_mut(&mut self) -> Option<&mut Capped> {
+        self.capped.as_deref_mut().filter(|capped| !capped.limits.is_empty())
+    }
 }
 
 /// An owner's limits and spend, carried between wallets on a plan change.
@@ -94,13 +98,17 @@ impl Payers {
         self.key(key).map(|payer| payer.owner)
     }
 
+    /// Where `key` is in the sorted list, or where it would go.
+    fn slot(&self, key: KeyId) -> Result<usize, usize> {
+        self.keys.binary_search_by_key(&key, |(id, _)| *id)
+    }
+
     fn key(&self, key: KeyId) -> Option<&KeyPayer> {
-        let at = self.keys.binary_search_by_key(&key, |(id, _)| *id).ok()?;
-        Some(&self.keys[at].1)
+        Some(&self.keys[self.slot(key).ok()?].1)
     }
 
     fn key_mut(&mut self, key: KeyId) -> Option<&mut KeyPayer> {
-        let at = self.keys.binary_search_by_key(&key, |(id, _)| *id).ok()?;
+        let at = self.slot(key).ok()?;
         Some(&mut self.keys[at].1)
     }
 
@@ -123,7 +131,7 @@ impl Payers {
     /// Adds or updates a key; its owner must already be here.
     pub fn set_key(&mut self, key: KeyId, owner: Owner, limits: Limits) {
         debug_assert!(self.owners.contains_key(&owner), "key {key} added before its owner {owner}");
-        let at = match self.keys.binary_search_by_key(&key, |(id, _)| *id) {
+        let at = match self.slot(key) {
             Ok(at) => at,
             Err(at) => {
                 self.keys.insert(at, (key, KeyPayer { owner, capped: None }));
@@ -161,7 +169,7 @@ impl Payers {
     pub fn put_owner(&mut self, moved: MovedOwner) {
         self.owners.insert(moved.owner, moved.payer);
         for (key, payer) in moved.keys {
-            match self.keys.binary_search_by_key(&key, |(id, _)| *id) {
+            match self.slot(key) {
                 Ok(at) => self.keys[at].1 = payer,
                 Err(at) => self.keys.insert(at, (key, payer)),
             }
@@ -231,14 +239,13 @@ impl Payers {
     /// Applies `apply` to every counter the spender draws on; only tracks a
     /// new end user when `create` (a hold or debit), never on a take-back.
     fn each_spend(&mut self, spender: Spender<'_>, create: bool, mut apply: impl FnMut(&mut Spend)) {
-        // Only capped counters are kept, so with no cap here there is nothing
-        // to count and the two map lookups (cold on a wallet just woken) are
+        // Only counters under a cap count, so with no cap here there is
+        // nothing to do and the lookups (cold on a wallet just woken) are
         // skipped.
         if !self.any_limits {
             return;
         }
-        let capped = self.key_mut(spender.key).and_then(|key| key.capped.as_deref_mut());
-        if let Some(capped) = capped.filter(|capped| !capped.limits.is_empty()) {
+        if let Some(capped) = self.key_mut(spender.key).and_then(KeyPayer::caps_mut) {
             apply(&mut capped.spend);
         }
         let Some(owner) = self.owners.get_mut(&spender.owner) else {
