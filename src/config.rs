@@ -220,6 +220,41 @@ pub struct Route {
     pub host: Option<String>,
     pub upstream: usize,
     pub kind: RouteKind,
+    pub limits: RouteLimits,
+}
+
+/// What a route lets a request cost, and who may use it. Each bound exists
+/// because a client chooses the value it bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteLimits {
+    /// A pass-through route served without an API key (and then without the
+    /// upstream's credential). Off unless the operator says so.
+    pub public: bool,
+    /// Input tokens held for context the upstream reads on its own
+    /// (`previous_response_id`, `conversation`, file ids, URL inputs): the
+    /// request's bytes do not bound it. 0 refuses such requests.
+    pub context_budget_tokens: u64,
+    /// The smallest output cap the gateway lowers a request to when the
+    /// wallet cannot pay for the default cap; below it the answer is 402.
+    pub min_output_tokens: u64,
+    /// Sanity ceiling on each count an upstream reports (tokens, a tool's
+    /// units): a report above it is charged at the ceiling and flagged, as an
+    /// upstream bug rather than a bill.
+    pub usage_ceiling: u64,
+    /// Units a tool call is held for (per-unit tools).
+    pub max_units: u64,
+}
+
+impl Default for RouteLimits {
+    fn default() -> Self {
+        RouteLimits {
+            public: false,
+            context_budget_tokens: 128_000,
+            min_output_tokens: 16,
+            usage_ceiling: 10_000_000,
+            max_units: 100,
+        }
+    }
 }
 
 impl Route {
@@ -343,6 +378,12 @@ struct RawRoute {
     units_header: Option<String>,
     #[serde(default)]
     passthrough: bool,
+    #[serde(default)]
+    public: bool,
+    context_budget_tokens: Option<u64>,
+    min_output_tokens: Option<u64>,
+    usage_ceiling: Option<u64>,
+    max_units: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -782,7 +823,50 @@ fn validate_route(
         return None;
     };
     let kind = route_kind(checker, offset, &raw)?;
-    Some(Route { prefix: raw.prefix, host: raw.host.map(|h| h.to_ascii_lowercase()), upstream, kind })
+    let limits = route_limits(checker, offset, &raw, &kind)?;
+    Some(Route { prefix: raw.prefix, host: raw.host.map(|h| h.to_ascii_lowercase()), upstream, kind, limits })
+}
+
+fn route_limits(
+    checker: &mut Checker<'_>,
+    offset: usize,
+    raw: &RawRoute,
+    kind: &RouteKind,
+) -> Option<RouteLimits> {
+    let defaults = RouteLimits::default();
+    let limits = RouteLimits {
+        public: raw.public,
+        context_budget_tokens: raw.context_budget_tokens.unwrap_or(defaults.context_budget_tokens),
+        min_output_tokens: raw.min_output_tokens.unwrap_or(defaults.min_output_tokens),
+        usage_ceiling: raw.usage_ceiling.unwrap_or(defaults.usage_ceiling),
+        max_units: raw.max_units.unwrap_or(defaults.max_units),
+    };
+    let model_only = [
+        ("context_budget_tokens", raw.context_budget_tokens.is_some()),
+        ("min_output_tokens", raw.min_output_tokens.is_some()),
+    ];
+    let mut ok = true;
+    let mut refuse = |checker: &mut Checker<'_>, message: String| {
+        checker.problem(offset, message, None);
+        ok = false;
+    };
+    if raw.public && *kind != RouteKind::Passthrough {
+        refuse(checker, format!("route {:?}: only a passthrough route can be public", raw.prefix));
+    }
+    if !matches!(kind, RouteKind::Model(_)) {
+        for (name, set) in model_only {
+            if set {
+                refuse(checker, format!("route {:?}: {name} applies to model routes only", raw.prefix));
+            }
+        }
+    }
+    if raw.max_units.is_some() && !matches!(kind, RouteKind::Tool { units_header: Some(_), .. }) {
+        refuse(checker, format!("route {:?}: max_units needs a tool route with units_header", raw.prefix));
+    }
+    if limits.usage_ceiling == 0 || limits.max_units == 0 {
+        refuse(checker, format!("route {:?}: usage_ceiling and max_units must be above 0", raw.prefix));
+    }
+    ok.then_some(limits)
 }
 
 /// A route must say how it is charged; forwarding unmetered is a choice the

@@ -18,6 +18,7 @@ mod charge;
 mod context;
 mod error;
 mod headers;
+mod path;
 mod traffic;
 mod upstream;
 
@@ -34,7 +35,7 @@ use tracing::Instrument;
 
 pub use body::GatewayBody;
 /// Request-body field extraction, public for the fuzz targets.
-pub use charge::{read_model_request, with_include_usage, ModelRequest};
+pub use charge::{cap_field, edited_body, read_model_request, with_include_usage, BodyEdits, ModelRequest};
 pub use context::{Outcome, RequestCtx};
 pub use error::{json_error, ErrorClass, ProxyError};
 pub use headers::REQUEST_ID;
@@ -42,11 +43,12 @@ pub use headers::REQUEST_ID;
 use crate::alerts::{Alerts, Signal};
 use crate::clock::Clock;
 use crate::config::{Flavour, GatewayConfig, Route, RouteKind, Upstream};
-use crate::ledger::ids::RequestId;
+use crate::ledger::ids::{KeyId, RequestId, WalletId};
 use crate::ledger::Refusal;
-use crate::ledger::{Ledger, SpendContext};
-use crate::pricing::LivePrices;
+use crate::ledger::{Hold, Ledger, SpendContext};
+use crate::pricing::{LivePrices, ModelPrice};
 use crate::telemetry::metrics::{ItemLabels, Metrics, ReasonLabels, RequestLabels, ResultLabels};
+use charge::{OutputPlan, Priced};
 use upstream::{UpstreamBody, UpstreamClients};
 
 /// The gateway's request handler, shared by all connections.
@@ -84,8 +86,9 @@ impl Proxy {
         request: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<GatewayBody>, Infallible> {
-        let request_id = headers::request_id(request.headers());
+        let request_id = headers::mint_request_id();
         let mut ctx = RequestCtx::new(request_id, peer, request.method().clone(), request.uri().clone());
+        ctx.client_request_id = headers::client_request_id(request.headers());
         let span = ctx.span.clone();
         let result = self.run_phases(&mut ctx, request).instrument(span).await;
         let mut response = match result {
@@ -100,6 +103,9 @@ impl Proxy {
         };
         ctx.status = response.status();
         response.headers_mut().insert(&REQUEST_ID, ctx.request_id.clone());
+        if let Some(cap) = ctx.charge.as_ref().and_then(|c| c.output_cap) {
+            response.headers_mut().insert(&charge::OUTPUT_CAP, HeaderValue::from(cap));
+        }
         if let Some(available) =
             ctx.wallet.and_then(|w| self.ledger.available(w)).and_then(charge::available_header)
         {
@@ -115,6 +121,7 @@ impl Proxy {
         request: Request<Incoming>,
     ) -> Result<Response<GatewayBody>, ProxyError> {
         self.request_filter(ctx, &request)?;
+        let request = normalise_path(request)?;
         let route = self.route(ctx, &request)?;
         let upstream = self.upstream_of(route);
         let (parts, body) = self.charge(ctx, route, request).await?;
@@ -148,12 +155,18 @@ impl Proxy {
         }
     }
 
-    /// Phase: pick the route (and so the upstream) for the request.
+    /// Phase: pick the route (and so the upstream) for the request, on its
+    /// normalised path. A target URI's host and the `Host` header must agree,
+    /// so no one value picks the route while another reaches the upstream.
     pub fn route(&self, ctx: &mut RequestCtx, request: &Request<Incoming>) -> Result<&Route, ProxyError> {
-        let host = request
-            .uri()
-            .host()
-            .or_else(|| request.headers().get(header::HOST).and_then(|h| h.to_str().ok()));
+        let header_host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+        let host = match (request.uri().host(), header_host) {
+            (Some(uri_host), Some(header_host)) if !same_host(uri_host, header_host) => {
+                return Err(ProxyError::HostMismatch { host: header_host.chars().take(256).collect() })
+            }
+            (Some(uri_host), _) => Some(uri_host),
+            (None, header_host) => header_host,
+        };
         let route = self
             .config
             .route_for(host, request.uri().path())
@@ -163,12 +176,12 @@ impl Proxy {
         Ok(route)
     }
 
-    /// Phases identify, price and hold, for metered routes: find the caller's
-    /// wallet, price the request from the table in force, and reserve the
-    /// most it can cost. Model requests are read whole (up to the body limit)
-    /// to find `model` and the output cap; the bytes read go upstream
-    /// unchanged, unless usage must be requested for a stream. Tool and
-    /// pass-through bodies stream through unread.
+    /// Phases identify, price and hold. Every route but a `public`
+    /// pass-through needs a key, so the operator's upstream credential is
+    /// only ever used on behalf of a known caller. Model requests are read
+    /// whole (up to the body limit) to find `model`, the output cap and the
+    /// choice count; the output cap that was held is the one that goes
+    /// upstream. Tool and pass-through bodies stream through unread.
     pub async fn charge(
         &self,
         ctx: &mut RequestCtx,
@@ -179,51 +192,70 @@ impl Proxy {
         let (parts, incoming) = request.into_parts();
         let streamed =
             |incoming| Either::Left(Limited::new(incoming, usize::try_from(limit).unwrap_or(usize::MAX)));
-        if route.kind == RouteKind::Passthrough {
+        if route.kind == RouteKind::Passthrough && route.limits.public {
             return Ok((parts, streamed(incoming)));
         }
         let (key, end_user) = charge::identify(&self.ledger, &parts.headers)?;
-        ctx.wallet = Some(key.wallet);
+        ctx.authenticated = true;
         if !self.ledger.key_allows(key.key, &route.prefix, None) {
             return Err(ProxyError::NotAllowed { what: "route", name: route.prefix.clone() });
         }
         ctx.in_flight = self.traffic.admit(key.key)?;
+        if route.kind == RouteKind::Passthrough {
+            return Ok((parts, streamed(incoming)));
+        }
+        ctx.wallet = Some(key.wallet);
         let table = self.prices.as_ref().ok_or(ProxyError::NoPriceTable)?.current();
         let now = self.clock.now();
-        let (body, priced, max_output, injected_usage, request_bytes) = match &route.kind {
+        let request_id = ledger_request_id(&ctx.request_id);
+        let context = SpendContext { key: key.key, end_user: end_user.as_deref() };
+        let (body, priced, hold, output_cap, injected_usage, request_bytes) = match &route.kind {
             RouteKind::Model(flavour) => {
                 let timeout = self.config.server.body_read_timeout;
                 let bytes = tokio::time::timeout(timeout, read_body(incoming, limit))
                     .await
                     .map_err(|_| ProxyError::BodyTimeout { timeout })??;
-                let fields = charge::read_model_request(&bytes)?;
+                let fields = charge::read_model_request(&bytes, *flavour)?;
                 let priced = charge::price_model(&table, &fields.model, *flavour, now)?;
-                let request_bytes = bytes.len() as u64;
-                let inject = *flavour == Flavour::OpenaiChat && fields.stream && !fields.include_usage;
-                let (bytes, injected) = match inject.then(|| charge::with_include_usage(&bytes)).flatten() {
-                    Some(rewritten) => (rewritten, true),
-                    None => (bytes, false),
+                self.check_item_allowed(key.key, route, &priced)?;
+                let Priced::Model { price, .. } = &priced else { unreachable!("price_model prices a model") };
+                let context_tokens = match fields.server_context {
+                    Some(marker) if route.limits.context_budget_tokens == 0 => {
+                        return Err(ProxyError::ServerContextRefused { marker })
+                    }
+                    Some(_) => route.limits.context_budget_tokens,
+                    None => 0,
                 };
-                (Either::Right(Full::new(bytes)), priced, fields.max_output_tokens, injected, request_bytes)
+                let request_bytes = bytes.len() as u64;
+                let plan = OutputPlan::new(&fields, *flavour, price, context_tokens);
+                let (hold, plan) =
+                    self.hold_model(key.wallet, request_id, price, request_bytes, plan, route, context, now)?;
+                let inject = *flavour == Flavour::OpenaiChat && fields.stream && !fields.include_usage;
+                let cap_edit = match (charge::cap_field(*flavour), plan.cap) {
+                    (Some(field), Some(cap)) if fields.max_output_tokens != Some(cap) => Some((field, cap)),
+                    _ => None,
+                };
+                let edits = BodyEdits { cap: cap_edit, include_usage: inject };
+                let bytes = if edits == BodyEdits::default() {
+                    bytes
+                } else {
+                    charge::edited_body(&bytes, edits).ok_or_else(|| ProxyError::InvalidJson {
+                        reason: "the body must be a JSON object".into(),
+                    })?
+                };
+                (Either::Right(Full::new(bytes)), priced, hold, plan.cap, inject, request_bytes)
             }
             RouteKind::Tool { name, units_header } => {
                 let priced = charge::price_tool(&table, name, units_header.clone(), now)?;
+                self.check_item_allowed(key.key, route, &priced)?;
+                let Priced::Tool { price, .. } = &priced else { unreachable!("price_tool prices a tool") };
+                let amount = charge::tool_hold_amount(price, units_header.as_ref(), route.limits.max_units)?;
+                let hold = self.hold(key.wallet, request_id, amount, context, now)?;
                 let request_bytes = incoming.size_hint().exact().unwrap_or(0);
-                (streamed(incoming), priced, None, false, request_bytes)
+                (streamed(incoming), priced, hold, None, false, request_bytes)
             }
             RouteKind::Passthrough => return Ok((parts, streamed(incoming))),
         };
-        let item = priced.name();
-        if !self.ledger.key_allows(key.key, &route.prefix, Some(item)) {
-            return Err(ProxyError::NotAllowed { what: "model", name: item.to_owned() });
-        }
-        let amount = charge::hold_amount(&priced, request_bytes, max_output)?;
-        let request_id = ledger_request_id(&ctx.request_id);
-        let context = SpendContext { key: key.key, end_user: end_user.as_deref() };
-        let started = std::time::Instant::now();
-        let hold = self.ledger.hold(key.wallet, request_id, amount, context, now);
-        self.metrics.hold_seconds.observe(started.elapsed().as_secs_f64());
-        let hold = hold.map_err(|refusal| ProxyError::Refused(Box::new(refusal)))?;
         ctx.charge = Some(charge::Charge {
             key,
             end_user,
@@ -232,7 +264,8 @@ impl Proxy {
             table,
             priced: Some(priced),
             request_bytes,
-            max_output_tokens: max_output,
+            limits: route.limits.clone(),
+            output_cap,
             hold: Some(hold),
             meter: None,
             injected_usage,
@@ -241,6 +274,63 @@ impl Proxy {
             clock: self.clock.clone(),
         });
         Ok((parts, body))
+    }
+
+    fn check_item_allowed(&self, key: KeyId, route: &Route, priced: &Priced) -> Result<(), ProxyError> {
+        let item = priced.name();
+        if self.ledger.key_allows(key, &route.prefix, Some(item)) {
+            Ok(())
+        } else {
+            Err(ProxyError::NotAllowed { what: "model", name: item.to_owned() })
+        }
+    }
+
+    /// Phase hold for a model request. A request that named no output cap
+    /// and cannot afford the default one is offered the largest cap its
+    /// wallet can pay, down to the route's `min_output_tokens`: small
+    /// balances are not refused for a worst case the caller never asked for.
+    #[allow(clippy::too_many_arguments)]
+    fn hold_model(
+        &self,
+        wallet: WalletId,
+        request_id: RequestId,
+        price: &ModelPrice,
+        request_bytes: u64,
+        plan: OutputPlan,
+        route: &Route,
+        context: SpendContext<'_>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(Hold, OutputPlan), ProxyError> {
+        let amount = charge::model_hold_amount(price, request_bytes, &plan)?;
+        match self.hold(wallet, request_id, amount, context, now) {
+            Ok(hold) => Ok((hold, plan)),
+            Err(ProxyError::Refused(refusal)) => {
+                let Refusal::InsufficientFunds { wallet: view, .. } = refusal.as_ref() else {
+                    return Err(ProxyError::Refused(refusal));
+                };
+                let min_cap = route.limits.min_output_tokens;
+                let Some(lowered) = plan.affordable(price, request_bytes, view.available, min_cap) else {
+                    return Err(ProxyError::Refused(refusal));
+                };
+                let amount = charge::model_hold_amount(price, request_bytes, &lowered)?;
+                Ok((self.hold(wallet, request_id, amount, context, now)?, lowered))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    fn hold(
+        &self,
+        wallet: WalletId,
+        request_id: RequestId,
+        amount: rust_decimal::Decimal,
+        context: SpendContext<'_>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Hold, ProxyError> {
+        let started = std::time::Instant::now();
+        let hold = self.ledger.hold(wallet, request_id, amount, context, now);
+        self.metrics.hold_seconds.observe(started.elapsed().as_secs_f64());
+        hold.map_err(|refusal| ProxyError::Refused(Box::new(refusal)))
     }
 
     /// Phase: build the upstream request. Method, path, query, end-to-end
@@ -262,10 +352,16 @@ impl Proxy {
         let headers = &mut parts.headers;
         headers::strip_hop_by_hop(headers);
         headers::strip_client_credentials(headers);
+        headers::strip_billing_selectors(headers);
         // The pooled client sets Host from the upstream URI.
         headers.remove(header::HOST);
-        if let Some(credential) = &upstream.credential {
+        // An anonymous request (a public route) never carries the operator's credential.
+        if let (Some(credential), true) = (&upstream.credential, ctx.authenticated) {
             headers.insert(credential.header.clone(), credential.value.clone());
+        }
+        if ctx.charge.is_some() {
+            // The meter reads what the upstream sends: ask for it unencoded.
+            headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         }
         headers.insert(&REQUEST_ID, ctx.request_id.clone());
         if let Either::Right(full) = &body {
@@ -326,6 +422,7 @@ impl Proxy {
             upstream,
             upstream_status = ctx.upstream_status.map(|s| s.as_u16()),
             error_code = ctx.error_code,
+            client_request_id = ctx.client_request_id.as_ref().and_then(|v| v.to_str().ok()),
             outcome = outcome.as_str(),
             settled = settled.as_ref().map(|s| format!("{s:?}")),
             response_bytes = ctx.response_bytes,
@@ -353,7 +450,11 @@ impl Proxy {
         let Some(result) = settled else { return };
         self.metrics.settles.get_or_create(&ResultLabels { result: result.metric_label() }).inc();
         self.metrics.settle_seconds.observe(took.as_secs_f64());
-        if let charge::SettleResult::Debited { amount, item, .. } = result {
+        if let charge::SettleResult::Debited { amount, item, over_hold, .. } = result {
+            if !over_hold.is_zero() {
+                // An upstream billed past the cap it was sent: an alert, not a discount.
+                tracing::warn!(%over_hold, item = %item, "debit exceeded its hold");
+            }
             // Debits carry at most 9 decimal places: this is exact.
             let nanodollars = (*amount * rust_decimal::Decimal::from(1_000_000_000u64)).trunc();
             if let Some(n) = rust_decimal::prelude::ToPrimitive::to_u64(&nanodollars) {
@@ -380,8 +481,38 @@ async fn read_body(body: Incoming, limit_bytes: u64) -> Result<Bytes, ProxyError
     }
 }
 
-/// The ledger's id for a request: the request id, which is always a UUID
-/// (a fresh one stands in should it somehow not parse).
+/// The request with its path normalised (see [`path::normalise`]).
+fn normalise_path(request: Request<Incoming>) -> Result<Request<Incoming>, ProxyError> {
+    let normalised = match path::normalise(request.uri().path())? {
+        std::borrow::Cow::Borrowed(_) => return Ok(request),
+        std::borrow::Cow::Owned(normalised) => normalised,
+    };
+    let (mut parts, body) = request.into_parts();
+    let path_and_query = match parts.uri.query() {
+        Some(query) => format!("{normalised}?{query}"),
+        None => normalised,
+    };
+    let mut uri = http::uri::Parts::from(parts.uri);
+    uri.path_and_query = Some(
+        path_and_query.parse().map_err(|_| ProxyError::InvalidPath { reason: "is not a valid URI path" })?,
+    );
+    parts.uri =
+        http::Uri::from_parts(uri).map_err(|_| ProxyError::InvalidPath { reason: "is not a valid URI" })?;
+    Ok(Request::from_parts(parts, body))
+}
+
+/// Host names equal without their ports, ignoring case.
+fn same_host(uri_host: &str, header_host: &str) -> bool {
+    let name = match header_host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => header_host,
+    };
+    name.eq_ignore_ascii_case(uri_host.trim_start_matches('[').trim_end_matches(']'))
+        || name.eq_ignore_ascii_case(uri_host)
+}
+
+/// The ledger's id for a request: the request id the gateway minted (a UUID;
+/// a fresh one stands in should it somehow not parse). Never the client's.
 fn ledger_request_id(request_id: &HeaderValue) -> RequestId {
     let parsed = request_id.to_str().ok().and_then(|text| uuid::Uuid::try_parse(text).ok());
     RequestId(parsed.unwrap_or_else(uuid::Uuid::now_v7))

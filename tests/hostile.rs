@@ -136,18 +136,25 @@ async fn post_raw_body(stack: &Stack, key: &str, body: &[u8]) -> Reply {
 }
 
 #[tokio::test]
-async fn garbage_negative_or_huge_usage_from_the_upstream_is_never_believed() {
+async fn garbage_usage_costs_the_hold_absurd_usage_the_ceiling_and_usage_past_the_cap_is_charged_in_full() {
+    // Proves the settle never bills less than the upstream reported: a report above the hold is
+    // debited whole (not cut to the hold), garbage that is no report at all costs the hold, and a
+    // count past the route's ceiling (10M tokens by default) is charged at the ceiling.
     let stack = start().await;
     let body = r#"{"model":"mock-gpt","max_tokens":20}"#;
+    let per_mtok = |tokens: u64, dollars: u64| Decimal::from(tokens * dollars) / Decimal::from(1_000_000u64);
+    let fee = Decimal::new(1, 4);
     // The hold: one token per request byte at $1/M, 20 output tokens at $2/M, the fee.
-    let hold = (Decimal::from(body.len() as u64) + Decimal::from(40u64)) / Decimal::from(1_000_000u64)
-        + Decimal::new(1, 4);
-    for usage in [
-        r#"{"prompt_tokens": -5, "completion_tokens": -9}"#,
-        r#"{"prompt_tokens": "many", "completion_tokens": null}"#,
-        r#"{"prompt_tokens": 1000000000000, "completion_tokens": 1000000000000}"#,
-        r#"{"prompt_tokens": 3, "completion_tokens": 999999}"#,
-        r#"[1,2,3]"#,
+    let hold = per_mtok(body.len() as u64, 1) + per_mtok(20, 2) + fee;
+    for (usage, expected) in [
+        (r#"{"prompt_tokens": -5, "completion_tokens": -9}"#, hold),
+        (r#"{"prompt_tokens": "many", "completion_tokens": null}"#, hold),
+        (r#"[1,2,3]"#, hold),
+        (r#"{"prompt_tokens": 3, "completion_tokens": 999999}"#, per_mtok(3, 1) + per_mtok(999_999, 2) + fee),
+        (
+            r#"{"prompt_tokens": 1000000000000, "completion_tokens": 1000000000000}"#,
+            per_mtok(10_000_000, 1) + per_mtok(10_000_000, 2) + fee,
+        ),
     ] {
         let before = pool_balance(&stack);
         let request = Request::post(stack.url("/v1/chat/completions"))
@@ -157,7 +164,7 @@ async fn garbage_negative_or_huge_usage_from_the_upstream_is_never_believed() {
             .unwrap();
         assert_eq!(send(request).await.status, 200, "the client still gets its answer");
         let charged = before - wait_settled(&stack).await;
-        assert_eq!(charged, hold, "usage {usage} is charged at the hold, never more");
+        assert_eq!(charged, expected, "usage {usage}");
     }
 }
 

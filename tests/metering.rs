@@ -486,7 +486,7 @@ async fn a_success_without_usage_is_charged_at_the_hold_and_counted() {
     let metrics =
         send(Request::get(stack.admin_url("/metrics")).body(Full::new(Bytes::new())).unwrap()).await;
     let metrics = String::from_utf8_lossy(&metrics.body);
-    assert!(metrics.contains("creditgate_settles_total{result=\"debited_estimate\"} 1"), "{metrics}");
+    assert!(metrics.contains("creditgate_settles_total{result=\"debited_no_usage\"} 1"), "{metrics}");
 }
 
 #[tokio::test]

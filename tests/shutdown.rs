@@ -99,7 +99,7 @@ async fn sigterm_drains_a_stream_and_exits_zero() {
     let mut stream = std::net::TcpStream::connect(&addr).unwrap();
     write!(
         stream,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: passthrough.test\r\nx-mock-pace-ms: 60\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{STREAM_BODY}",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: public.test\r\nx-mock-pace-ms: 60\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{STREAM_BODY}",
         STREAM_BODY.len()
     )
     .unwrap();

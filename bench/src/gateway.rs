@@ -74,6 +74,7 @@ prefix = "/v1"
 host = "{PASSTHROUGH_HOST}"
 upstream = "mock"
 passthrough = true
+public = true
 {extra}
 "#,
         prices = prices.display(),

@@ -1,16 +1,25 @@
 //! Reading `model`, the output cap and the stream flags from a request body
-//! never panics; adding `include_usage` keeps the body a JSON object that
-//! still names the same model.
+//! never panics, for every API flavour; the gateway's edits (a forwarded
+//! output cap, `include_usage`) keep the body a JSON object that still names
+//! the same model and now carries exactly the cap that was held.
 #![no_main]
 
+use creditgate::config::Flavour;
+use creditgate::proxy::{edited_body, read_model_request, BodyEdits};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(request) = creditgate::proxy::read_model_request(data) {
-        if let Some(rewritten) = creditgate::proxy::with_include_usage(data) {
-            let again = creditgate::proxy::read_model_request(&rewritten).expect("a rewritten body stays readable");
-            assert_eq!(again.model, request.model);
-            assert!(again.include_usage);
+    for flavour in [Flavour::OpenaiChat, Flavour::OpenaiResponses, Flavour::AnthropicMessages, Flavour::OpenaiEmbeddings] {
+        let Ok(request) = read_model_request(data, flavour) else { continue };
+        let Some(field) = creditgate::proxy::cap_field(flavour) else { continue };
+        let edits = BodyEdits { cap: Some((field, 77)), include_usage: true };
+        if request.max_output_tokens.is_some() {
+            continue;
         }
+        let rewritten = edited_body(data, edits).expect("an object body can be edited");
+        let again = read_model_request(&rewritten, flavour).expect("an edited body stays readable");
+        assert_eq!(again.model, request.model);
+        assert_eq!(again.max_output_tokens, Some(77));
+        assert!(again.include_usage);
     }
 });

@@ -1,10 +1,12 @@
 //! Holds: reserve before forwarding, settle (or release) when the response ends.
 //!
 //! A [`Hold`] is a move-only token: not `Clone`, `#[must_use]`, consumed by
-//! [`Hold::settle`] or [`Hold::release`]. Dropping it is a bug in the caller;
-//! the reservation then stays open until its TTL voids it, which is also what
-//! happens to holds lost in a crash. A settle that arrives after its hold was
-//! voided still debits the real cost: the upstream served the request.
+//! [`Hold::settle`] or [`Hold::release`]. Dropping it unspent is a bug in the
+//! caller: the hold becomes an orphan, and the TTL voids it once its time is
+//! up. The TTL voids nothing else: while its token lives the request may
+//! still be running (a slow stream, a client that stopped reading), and
+//! voiding it would free credit the request is about to spend. A settle by
+//! id ([`crate::ledger::Ledger::settle_request`]) never finds a voided hold.
 //!
 //! Settles are idempotent per request id: each wallet remembers its most
 //! recent settlements (`settled_memory_per_wallet`), and settling a request
@@ -35,6 +37,8 @@ pub struct Hold {
     request_id: RequestId,
     amount: Decimal,
     payer: HoldPayer,
+    /// Settled or released: dropping the token then changes nothing.
+    spent: bool,
 }
 
 /// Who a hold counts against; kept by the token so a late settle (after the
@@ -112,7 +116,7 @@ impl Hold {
         amount: Decimal,
         payer: HoldPayer,
     ) -> Self {
-        Hold { cell, wallet, request_id, amount, payer }
+        Hold { cell, wallet, request_id, amount, payer, spent: false }
     }
 
     /// The wallet that holds.
@@ -135,22 +139,33 @@ impl Hold {
     /// goes below zero by the difference (the overrun) and later holds are
     /// refused until it is paid back.
     pub fn settle(
-        self,
+        mut self,
         actual_cost: Decimal,
         details: SettleDetails,
         now: DateTime<Utc>,
     ) -> Result<Settlement, SettleError> {
-        let late = LateSettle { held: self.amount, payer: self.payer };
+        self.spent = true;
+        let late = LateSettle { held: self.amount, payer: self.payer.clone() };
         settle_in(&self.cell, self.request_id, actual_cost, details, now, Some(late))
     }
 
     /// Ends the hold without a debit (the request was never forwarded, or
     /// the upstream failed on a route that charges nothing). Returns the
     /// amount released (zero if the TTL had already voided it).
-    pub fn release(self, now: DateTime<Utc>) -> Decimal {
+    pub fn release(mut self, now: DateTime<Utc>) -> Decimal {
+        self.spent = true;
         let mut state = self.cell.state.lock();
         state.advance(now, &self.cell.shared.committer);
         state.release(self.request_id)
+    }
+}
+
+impl Drop for Hold {
+    /// An unspent token leaves an orphan: from now on its TTL applies.
+    fn drop(&mut self) {
+        if !self.spent {
+            self.cell.state.lock().orphan_hold(self.request_id);
+        }
     }
 }
 
@@ -188,7 +203,10 @@ pub(crate) struct OpenHold {
     /// The periods its amount was counted in, so a release or settle takes it
     /// back from the right counters even after a period rolled.
     pub counted_in: PeriodEnds,
+    /// When the TTL voids it, once it is an orphan.
     pub expires_at: DateTime<Utc>,
+    /// Its token was dropped unspent: nothing will settle it.
+    pub orphaned: bool,
 }
 
 impl OpenHold {
@@ -208,8 +226,9 @@ pub(crate) struct OpenHolds {
     holds: SmallVec<[(RequestId, OpenHold); 1]>,
     /// Position of each hold in `holds`, kept only while many are open.
     index: Option<IdMap<RequestId, usize>>,
-    /// No open hold expires before this (a lower bound, refreshed on scans),
-    /// so most operations skip the TTL scan.
+    /// No orphaned hold expires before this (a lower bound, refreshed on
+    /// scans), so most operations skip the TTL scan. Holds whose token lives
+    /// never expire and are not counted.
     earliest_expiry: Option<DateTime<Utc>>,
 }
 
@@ -234,8 +253,9 @@ impl OpenHolds {
 
     pub fn insert(&mut self, request_id: RequestId, hold: OpenHold) {
         assert!(!self.contains(&request_id), "request {request_id} held twice on one wallet");
-        let expires_at = hold.expires_at;
-        self.earliest_expiry = Some(self.earliest_expiry.map_or(expires_at, |at| at.min(expires_at)));
+        if hold.orphaned {
+            self.schedule(hold.expires_at);
+        }
         self.holds.push((request_id, hold));
         match &mut self.index {
             Some(index) => {
@@ -272,21 +292,37 @@ impl OpenHolds {
         self.index = Some(index);
     }
 
+    fn schedule(&mut self, expires_at: DateTime<Utc>) {
+        self.earliest_expiry = Some(self.earliest_expiry.map_or(expires_at, |at| at.min(expires_at)));
+    }
+
+    /// Marks a hold an orphan; returns when its TTL voids it.
+    pub fn orphan(&mut self, request_id: &RequestId) -> Option<DateTime<Utc>> {
+        let at = self.position(request_id)?;
+        let hold = &mut self.holds[at].1;
+        hold.orphaned = true;
+        let expires_at = hold.expires_at;
+        self.schedule(expires_at);
+        Some(expires_at)
+    }
+
     pub fn next_expiry(&self) -> DateTime<Utc> {
         self.earliest_expiry.unwrap_or(DateTime::<Utc>::MAX_UTC)
     }
 
-    /// Removes the holds whose TTL has passed at `now`.
+    /// Removes the orphaned holds whose TTL has passed at `now`.
     pub fn take_expired(&mut self, now: DateTime<Utc>) -> Vec<OpenHold> {
         if self.next_expiry() > now {
             return Vec::new();
         }
-        let (expired, live): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.holds).into_iter().partition(|(_, hold)| hold.expires_at <= now);
-        self.holds = SmallVec::from_vec(live);
+        let (expired, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.holds)
+            .into_iter()
+            .partition(|(_, hold)| hold.orphaned && hold.expires_at <= now);
+        self.holds = SmallVec::from_vec(kept);
         // Back inline when one hold is left (`from_vec` keeps the heap buffer).
         self.holds.shrink_to_fit();
-        self.earliest_expiry = self.holds.iter().map(|(_, hold)| hold.expires_at).min();
+        self.earliest_expiry =
+            self.holds.iter().filter(|(_, hold)| hold.orphaned).map(|(_, hold)| hold.expires_at).min();
         self.reindex();
         expired.into_iter().map(|(_, hold)| hold).collect()
     }
@@ -381,6 +417,7 @@ impl WalletState {
             payer: payer.clone(),
             counted_in: ends,
             expires_at: WalletState::hold_ttl_expiry(now, config.hold_ttl()),
+            orphaned: false,
         };
         self.add_open_hold(args.request_id, hold);
         Ok(payer)
@@ -519,7 +556,7 @@ mod tests {
         let payer =
             HoldPayer { key: KeyId(1), owner: Owner::User(crate::ledger::ids::UserId(1)), end_user: None };
         let counted_in = PeriodEnds { day: expires_at, month: expires_at, year: expires_at };
-        OpenHold { amount: Decimal::from(amount), payer, counted_in, expires_at }
+        OpenHold { amount: Decimal::from(amount), payer, counted_in, expires_at, orphaned: true }
     }
 
     #[test]

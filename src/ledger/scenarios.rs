@@ -553,9 +553,11 @@ fn holds_reserve_and_settles_debit_real_cost() {
 }
 
 #[test]
-fn holds_expire_after_their_ttl() {
-    // Proves holds past their TTL are voided (freeing the money), a late settle still debits,
-    // the open-hold bound refuses by name, and zero-cost settles write no entry.
+fn holds_expire_after_their_ttl_only_when_orphaned() {
+    // Proves the TTL never voids a hold whose request still runs (its token is alive: voiding it
+    // would let the wallet spend the same credit twice), voids an orphaned one (freeing the
+    // money), a late settle by id still debits, the open-hold bound refuses by name, and
+    // zero-cost settles write no entry.
     let config =
         LedgerConfig { hold_ttl_ms: 60_000, max_open_holds_per_wallet: 2, ..LedgerConfig::default() };
     let (ledger, journal) = ledger_with(config);
@@ -564,21 +566,35 @@ fn holds_expire_after_their_ttl() {
     let user = user(&ledger, org, Plan::Pro, dec!(0), now);
     let key = key(&ledger, org, Owner::User(user), Limits::NONE, now);
     let pool = WalletId::Pool(org);
-    let late = ledger.hold(pool, request(), dec!(4), ctx(key), now).unwrap();
+    let running = ledger.hold(pool, request(), dec!(4), ctx(key), now).unwrap();
     let zero = ledger.hold(pool, request(), dec!(4), ctx(key), now).unwrap();
     let refused = ledger.hold(pool, request(), dec!(1), ctx(key), now).unwrap_err();
     assert!(matches!(refused, Refusal::TooManyOpenHolds { limit: 2, .. }));
     let entries_before = entries(&journal).len();
     assert_eq!(zero.settle(dec!(0), details(), now).unwrap().entry, None);
     assert_eq!(entries(&journal).len(), entries_before, "zero cost writes nothing");
-    assert_eq!(ledger.void_expired_holds(now + TimeDelta::seconds(59)), 0);
-    assert_eq!(ledger.void_expired_holds(now + TimeDelta::seconds(60)), 1);
-    let later = now + TimeDelta::seconds(61);
-    assert_eq!(ledger.balance(pool, later).unwrap().available, dec!(10));
-    let settled = late.settle(dec!(3), details(), later).unwrap();
-    assert!(settled.late);
+    assert_eq!(
+        ledger.void_expired_holds(now + TimeDelta::seconds(60)),
+        0,
+        "a running request keeps its hold"
+    );
+    let later = now + TimeDelta::seconds(3600);
+    assert_eq!(ledger.void_expired_holds(later), 0, "however long it runs");
+    assert_eq!(ledger.balance(pool, later).unwrap().available, dec!(6), "its credit stays reserved");
+    let settled = running.settle(dec!(3), details(), later).unwrap();
+    assert!(!settled.late);
     assert_eq!(settled.balance_after, dec!(7));
-    let unknown = ledger.settle_request(pool, request(), dec!(1), details(), later).unwrap_err();
+
+    let orphan_id = request();
+    let orphan = ledger.hold(pool, orphan_id, dec!(4), ctx(key), later).unwrap();
+    drop(orphan);
+    assert_eq!(ledger.void_expired_holds(later + TimeDelta::seconds(59)), 0);
+    assert_eq!(ledger.void_expired_holds(later + TimeDelta::seconds(60)), 1, "an orphan is voided");
+    let after = later + TimeDelta::seconds(61);
+    assert_eq!(ledger.balance(pool, after).unwrap().available, dec!(7));
+    let late = ledger.settle_request(pool, orphan_id, dec!(2), details(), after).unwrap_err();
+    assert!(matches!(late, SettleError::UnknownRequest { .. }), "a voided hold is forgotten: {late:?}");
+    let unknown = ledger.settle_request(pool, request(), dec!(1), details(), after).unwrap_err();
     assert!(matches!(unknown, SettleError::UnknownRequest { .. }));
     assert_verified(&ledger, &journal);
 }

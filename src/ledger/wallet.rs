@@ -426,8 +426,17 @@ impl WalletState {
         request_id: crate::ledger::ids::RequestId,
         hold: crate::ledger::hold::OpenHold,
     ) {
-        self.next_event_at = self.next_event_at.min(hold.expires_at);
+        if hold.orphaned {
+            self.next_event_at = self.next_event_at.min(hold.expires_at);
+        }
         self.holds.insert(request_id, hold);
+    }
+
+    /// A hold's token was dropped unspent: let the TTL void it.
+    pub(crate) fn orphan_hold(&mut self, request_id: crate::ledger::ids::RequestId) {
+        if let Some(expires_at) = self.holds.orphan(&request_id) {
+            self.next_event_at = self.next_event_at.min(expires_at);
+        }
     }
 
     /// Voids holds past their TTL; returns how many.

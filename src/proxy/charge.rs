@@ -16,7 +16,7 @@ use super::context::Outcome;
 use super::error::ProxyError;
 use super::headers::X_API_KEY;
 use crate::clock::Clock;
-use crate::config::Flavour;
+use crate::config::{Flavour, RouteLimits};
 use crate::ledger::entity::KeyHash;
 use crate::ledger::entry::{SettleDetails, Usage};
 use crate::ledger::ids::RequestId;
@@ -26,13 +26,12 @@ use crate::pricing::{HoldRequest, ModelPrice, PriceTable, TokenUsage, ToolPrice}
 
 /// Header an application uses to name its end user (recorded, for reports).
 pub static END_USER: HeaderName = HeaderName::from_static("x-creditgate-end-user");
+/// The output cap per choice the gateway sent upstream (and held for).
+pub static OUTPUT_CAP: HeaderName = HeaderName::from_static("x-creditgate-max-output-tokens");
 /// Available balance of the paying wallet after the hold.
 pub static AVAILABLE: HeaderName = HeaderName::from_static("x-creditgate-available");
 /// Longest end-user id kept; longer ones are refused.
 const MAX_END_USER_LEN: usize = 128;
-/// Units a tool call is held for when the price is per unit: the hold must
-/// cover the worst case before the tool reports its count.
-pub const TOOL_HOLD_UNITS: u64 = 100;
 /// Input tokens estimated per request byte when a stream is cut short before
 /// the upstream reported its input (one token per four bytes, as for English).
 const REQUEST_BYTES_PER_TOKEN: u64 = 4;
@@ -62,8 +61,10 @@ pub struct Charge {
     pub table: Arc<PriceTable>,
     pub priced: Option<Priced>,
     pub request_bytes: u64,
-    /// The output cap the request named, if any.
-    pub max_output_tokens: Option<u64>,
+    /// The route's bounds (usage ceiling) for the settle.
+    pub limits: RouteLimits,
+    /// The output cap per choice sent upstream (model routes).
+    pub output_cap: Option<u64>,
     pub hold: Option<Hold>,
     pub meter: Option<Meter>,
     /// The gateway added `stream_options.include_usage`; remove what it adds.
@@ -122,27 +123,56 @@ pub fn identify(ledger: &Ledger, headers: &HeaderMap) -> Result<(ResolvedKey, Op
 }
 
 /// The fields of a model request the gateway reads; everything else is
-/// skipped without being built.
+/// skipped without being built. A key given twice is refused by the derive
+/// (the upstream would read the last one, the gateway the first).
 #[derive(Deserialize)]
 struct ModelFields {
     model: Option<Value>,
     max_tokens: Option<Value>,
     max_completion_tokens: Option<Value>,
     max_output_tokens: Option<Value>,
+    n: Option<Value>,
+    best_of: Option<Value>,
     stream: Option<Value>,
     stream_options: Option<Value>,
 }
 
+/// Most choices one request may ask for (`n`, `best_of`); OpenAI's own bound.
+pub const MAX_CHOICES: u64 = 128;
+
 /// What the price phase learned from a model request body.
 pub struct ModelRequest {
     pub model: String,
+    /// The output cap per choice the request names, in a field its API reads.
     pub max_output_tokens: Option<u64>,
+    /// Choices the upstream generates (`n`, `best_of`), each billed for its output.
+    pub choices: u64,
     pub stream: bool,
     pub include_usage: bool,
+    /// The request makes the upstream read input it does not carry itself
+    /// (`previous_response_id`, `conversation`, file ids, URLs, hosted
+    /// tools): the first such marker found.
+    pub server_context: Option<&'static str>,
 }
 
-/// Read `model`, the output cap and the stream flags from a JSON body.
-pub fn read_model_request(body: &[u8]) -> Result<ModelRequest, ProxyError> {
+/// The output-cap field each API reads; a cap in any other field would be
+/// ignored by the upstream, so it is refused rather than believed.
+pub fn cap_field(flavour: Flavour) -> Option<&'static str> {
+    match flavour {
+        Flavour::OpenaiChat => Some("max_completion_tokens"),
+        Flavour::OpenaiResponses => Some("max_output_tokens"),
+        Flavour::AnthropicMessages => Some("max_tokens"),
+        Flavour::OpenaiEmbeddings => None,
+    }
+}
+
+/// Read `model`, the output cap, the choice count and the stream flags from a
+/// JSON object body.
+pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest, ProxyError> {
+    // serde's derive also reads a JSON array into a struct, by position.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ProxyError::InvalidJson { reason: "the body must be a JSON object".into() });
+    }
     let fields: ModelFields =
         serde_json::from_slice(body).map_err(|e| ProxyError::InvalidJson { reason: e.to_string() })?;
     let model = match fields.model {
@@ -155,21 +185,22 @@ pub fn read_model_request(body: &[u8]) -> Result<ModelRequest, ProxyError> {
         }
         None => return Err(ProxyError::MissingModel),
     };
-    let mut max_output_tokens = None;
-    for (field, value) in [
-        ("max_tokens", fields.max_tokens),
-        ("max_completion_tokens", fields.max_completion_tokens),
-        ("max_output_tokens", fields.max_output_tokens),
-    ] {
-        match value {
-            None | Some(Value::Null) => {}
-            Some(v) => {
-                let n = v.as_u64().ok_or_else(|| ProxyError::InvalidField {
+    let caps = [
+        ("max_tokens", count(fields.max_tokens, "max_tokens")?),
+        ("max_completion_tokens", count(fields.max_completion_tokens, "max_completion_tokens")?),
+        ("max_output_tokens", count(fields.max_output_tokens, "max_output_tokens")?),
+    ];
+    let max_output_tokens = output_cap(flavour, &caps)?;
+    let mut choices = 1;
+    for (field, value) in [("n", fields.n), ("best_of", fields.best_of)] {
+        if let Some(n) = count(value, field)? {
+            if n == 0 || n > MAX_CHOICES {
+                return Err(ProxyError::InvalidField {
                     field,
-                    reason: "must be a whole number of tokens, 0 or more".into(),
-                })?;
-                max_output_tokens.get_or_insert(n);
+                    reason: format!("must be a whole number from 1 to {MAX_CHOICES}"),
+                });
             }
+            choices = choices.max(n);
         }
     }
     let stream = match fields.stream {
@@ -185,56 +216,232 @@ pub fn read_model_request(body: &[u8]) -> Result<ModelRequest, ProxyError> {
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    Ok(ModelRequest { model, max_output_tokens, stream, include_usage })
+    let server_context =
+        SERVER_CONTEXT.iter().find(|(_, finder)| finder.find(body).is_some()).map(|(name, _)| *name);
+    Ok(ModelRequest { model, max_output_tokens, choices, stream, include_usage, server_context })
+}
+
+/// A whole number of tokens or choices, 0 or more; `null` counts as absent.
+fn count(value: Option<Value>, field: &'static str) -> Result<Option<u64>, ProxyError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| ProxyError::InvalidField {
+            field,
+            reason: "must be a whole number, 0 or more".into(),
+        }),
+    }
+}
+
+/// The cap the upstream will enforce. Chat reads `max_tokens` (older
+/// models) and `max_completion_tokens`; both given must agree. A cap field
+/// the API does not read is refused: the upstream would ignore it.
+fn output_cap(flavour: Flavour, caps: &[(&'static str, Option<u64>)]) -> Result<Option<u64>, ProxyError> {
+    let read_by_api = |field: &str| match flavour {
+        Flavour::OpenaiChat => field == "max_tokens" || field == "max_completion_tokens",
+        Flavour::OpenaiEmbeddings => false,
+        _ => cap_field(flavour) == Some(field),
+    };
+    let mut cap = None;
+    for &(field, value) in caps {
+        let Some(value) = value else { continue };
+        if flavour == Flavour::OpenaiEmbeddings {
+            continue;
+        }
+        if !read_by_api(field) {
+            return Err(ProxyError::InvalidField {
+                field,
+                reason: format!(
+                    "is not read by this API, so it would not cap the output; use `{}`",
+                    cap_field(flavour).unwrap_or("max_tokens")
+                ),
+            });
+        }
+        match cap {
+            Some(earlier) if earlier != value => {
+                return Err(ProxyError::InvalidField {
+                    field,
+                    reason: "conflicts with another output cap in the request; give one".into(),
+                })
+            }
+            _ => cap = Some(value),
+        }
+    }
+    Ok(cap)
 }
 
 /// Searchers built once (building one costs more than searching a body).
-static STREAM_OPTIONS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"stream_options"));
+static STREAM_OPTIONS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"stream_options\""));
 static UNICODE_ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
+/// Keys (or values) that make an upstream read input from its own storage or
+/// the web. Quoted, so text inside a message (where quotes are escaped) never
+/// matches; a false match only makes the hold larger.
+static SERVER_CONTEXT: LazyLock<Vec<(&'static str, Finder<'static>)>> = LazyLock::new(|| {
+    [
+        "\"previous_response_id\"",
+        "\"conversation\"",
+        "\"prompt\"",
+        "\"file_id\"",
+        "\"file_url\"",
+        "\"image_url\"",
+        "\"url\"",
+        "\"file_search\"",
+        "\"vector_store_ids\"",
+        "\"web_search\"",
+        "\"web_search_preview\"",
+        "\"mcp_servers\"",
+        "\"container\"",
+    ]
+    .iter()
+    .map(|marker| (marker.trim_matches('"'), Finder::new(marker.as_bytes())))
+    .collect()
+});
+
+/// What the gateway changes in a model request body before it goes upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BodyEdits {
+    /// Set this output cap field (the request named none, or the gateway
+    /// lowered it to what the wallet can pay).
+    pub cap: Option<(&'static str, u64)>,
+    /// Add `stream_options.include_usage = true`.
+    pub include_usage: bool,
+}
 
 /// The body with `stream_options.include_usage = true` added, so the stream
 /// reports its usage; `None` if the body is not a JSON object.
 pub fn with_include_usage(body: &[u8]) -> Option<Bytes> {
-    // Most bodies have no stream_options at all: splice the field in after
-    // the opening brace instead of rebuilding the document. A body that
-    // mentions the name anywhere, or spells any key with \u escapes, takes
-    // the general path so no second stream_options can appear.
+    edited_body(body, BodyEdits { cap: None, include_usage: true })
+}
+
+/// The body with `edits` applied; `None` if the body is not a JSON object.
+pub fn edited_body(body: &[u8], edits: BodyEdits) -> Option<Bytes> {
+    // Most bodies name neither field: splice them in after the opening brace
+    // instead of rebuilding the document. A body that mentions a name
+    // anywhere, or spells any key with \u escapes, takes the general path
+    // so no field can appear twice.
     let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
-    if body[start] == b'{' && STREAM_OPTIONS.find(body).is_none() && UNICODE_ESCAPE.find(body).is_none() {
+    let cap_named = edits
+        .cap
+        .is_some_and(|(field, _)| memchr::memmem::find(body, format!("\"{field}\"").as_bytes()).is_some());
+    let options_named = edits.include_usage && STREAM_OPTIONS.find(body).is_some();
+    if body[start] == b'{' && !cap_named && !options_named && UNICODE_ESCAPE.find(body).is_none() {
         let rest = &body[start + 1..];
-        let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
-        let field: &[u8] = if empty {
-            br#"{"stream_options":{"include_usage":true}"#
-        } else {
-            br#"{"stream_options":{"include_usage":true},"#
-        };
-        return Some(Bytes::from([field, rest].concat()));
+        let mut spliced = Vec::with_capacity(body.len() + 64);
+        spliced.push(b'{');
+        if edits.include_usage {
+            spliced.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
+        }
+        if let Some((field, cap)) = edits.cap {
+            spliced.extend_from_slice(format!("\"{field}\":{cap},").as_bytes());
+        }
+        if rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}') {
+            spliced.pop();
+        }
+        spliced.extend_from_slice(rest);
+        return Some(Bytes::from(spliced));
     }
     let mut value: Value = serde_json::from_slice(body).ok()?;
     let object = value.as_object_mut()?;
-    let options = object.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
-    options.as_object_mut()?.insert("include_usage".into(), Value::Bool(true));
+    if let Some((field, cap)) = edits.cap {
+        object.insert(field.into(), Value::from(cap));
+    }
+    if edits.include_usage {
+        let options = object.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
+        options.as_object_mut()?.insert("include_usage".into(), Value::Bool(true));
+    }
     serde_json::to_vec(&value).ok().map(Bytes::from)
 }
 
-/// Phase `price`: the most this request can cost.
-pub fn hold_amount(
-    priced: &Priced,
+/// The output a model request is held for, and the cap that goes upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputPlan {
+    /// Output cap per choice sent upstream; `None` for APIs without output.
+    pub cap: Option<u64>,
+    /// The request named its cap itself (the gateway never lowers it then).
+    pub named: bool,
+    pub choices: u64,
+    /// Input tokens held beyond the request's bytes for context the upstream
+    /// reads itself (the route's context budget).
+    pub context_tokens: u64,
+}
+
+impl OutputPlan {
+    /// The cap the request named, or the price table's default.
+    pub fn new(fields: &ModelRequest, flavour: Flavour, price: &ModelPrice, context_tokens: u64) -> Self {
+        let cap =
+            cap_field(flavour).map(|_| fields.max_output_tokens.unwrap_or(price.default_max_output_tokens()));
+        OutputPlan { cap, named: fields.max_output_tokens.is_some(), choices: fields.choices, context_tokens }
+    }
+
+    fn hold_request(&self, request_bytes: u64, cap: Option<u64>) -> Option<HoldRequest> {
+        let output = match cap {
+            Some(cap) => Some(cap.checked_mul(self.choices)?),
+            None => None,
+        };
+        Some(HoldRequest {
+            input_bytes: request_bytes.checked_add(self.context_tokens)?,
+            max_output_tokens: output,
+        })
+    }
+
+    /// For a request that named no cap: the largest cap from `min_cap` up to
+    /// the planned one whose hold fits in `available`.
+    pub fn affordable(
+        &self,
+        price: &ModelPrice,
+        request_bytes: u64,
+        available: Decimal,
+        min_cap: u64,
+    ) -> Option<Self> {
+        let planned = self.cap?;
+        if self.named || min_cap >= planned {
+            return None;
+        }
+        let fits = |cap: u64| {
+            self.hold_request(request_bytes, Some(cap))
+                .and_then(|request| price.hold_amount(&request).ok())
+                .is_some_and(|hold| hold <= available)
+        };
+        if !fits(min_cap) {
+            return None;
+        }
+        // The hold grows with the cap: find the last cap that fits.
+        let (mut low, mut high) = (min_cap, planned);
+        while high - low > 1 {
+            let middle = low + (high - low) / 2;
+            if fits(middle) {
+                low = middle;
+            } else {
+                high = middle;
+            }
+        }
+        Some(OutputPlan { cap: Some(low), ..*self })
+    }
+}
+
+/// Phase `price`: the most a model request can cost.
+pub fn model_hold_amount(
+    price: &ModelPrice,
     request_bytes: u64,
-    max_output_tokens: Option<u64>,
+    plan: &OutputPlan,
 ) -> Result<Decimal, ProxyError> {
-    let amount = match priced {
-        Priced::Model { price, .. } => {
-            price.hold_amount(&HoldRequest { input_bytes: request_bytes, max_output_tokens })
-        }
-        Priced::Tool { price, units_header, .. } => {
-            let units = if units_header.is_some() { TOOL_HOLD_UNITS } else { 0 };
-            price.hold_amount(units)
-        }
-    };
-    amount.map_err(|_| ProxyError::InvalidField {
-        field: "max_tokens",
-        reason: "the request could cost more than the gateway can represent; lower it".into(),
+    plan.hold_request(request_bytes, plan.cap)
+        .and_then(|request| price.hold_amount(&request).ok())
+        .ok_or_else(|| ProxyError::InvalidField {
+            field: "max_tokens",
+            reason: "the request could cost more than the gateway can represent; lower it".into(),
+        })
+}
+
+/// Phase `price`: the most a tool call can cost (its route's most units).
+pub fn tool_hold_amount(
+    price: &ToolPrice,
+    units_header: Option<&HeaderName>,
+    max_units: u64,
+) -> Result<Decimal, ProxyError> {
+    let units = if units_header.is_some() { max_units } else { 0 };
+    price.hold_amount(units).map_err(|_| ProxyError::InvalidField {
+        field: "max_units",
+        reason: "the route's max_units costs more than the gateway can represent".into(),
     })
 }
 
@@ -268,7 +475,13 @@ impl Charge {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
+        // The gateway asked for an unencoded body; an upstream that encodes
+        // anyway cannot be metered (it is charged the hold) or rewritten.
+        let encoded = headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
         match &self.priced {
+            Some(Priced::Model { .. }) if encoded => self.meter = None,
             Some(Priced::Model { .. }) => self.meter = Some(Meter::new(event_stream, self.injected_usage)),
             Some(Priced::Tool { units_header: Some(name), .. }) => {
                 self.tool_units =
@@ -278,9 +491,23 @@ impl Charge {
         }
     }
 
-    /// Phase `settle`: debit the real cost and release the rest of the hold,
-    /// or release it all when the upstream failed. Returns what was debited
-    /// and whether usage was missing (charged at the hold).
+    /// Phase `settle`: debit what the upstream reported and release the
+    /// rest of the hold, or release it all when the upstream failed.
+    ///
+    /// Rules (the README's "Billing guarantees" table lists every ending):
+    /// - Reported usage is charged in full, never less: the hold is a
+    ///   reservation, not a discount. A cost above the hold (an upstream that
+    ///   ignored the forwarded cap) is debited whole and flagged `over_hold`;
+    ///   the ledger records any part no lot covers as the wallet's overrun.
+    /// - Each reported count above the route's `usage_ceiling` is charged at
+    ///   the ceiling and flagged `ceiling`: garbage, not a bill.
+    /// - A 2xx response that ended without usage is charged the hold
+    ///   (`no_usage`), as is a tool call without a readable units header.
+    /// - A response cut short without usage is charged what it delivered,
+    ///   estimated from every kind of delta it carried, up to the hold
+    ///   (`estimated`); the proxy first reads on after a client that left,
+    ///   so the estimate is the last resort.
+    /// - A non-2xx response costs nothing.
     pub fn settle(mut self, outcome: Outcome, now: DateTime<Utc>) -> SettleResult {
         let Some(hold) = self.hold.take() else {
             return SettleResult::NotHeld;
@@ -294,93 +521,94 @@ impl Charge {
             return SettleResult::Released;
         }
         let held = hold.amount();
-        let (cost, usage, estimated) = match &priced {
+        let (cost, usage, flag) = match &priced {
             Priced::Model { price, flavour, .. } => self.model_cost(price, *flavour, outcome, held),
-            Priced::Tool { price, .. } => {
-                let units = self.tool_units.unwrap_or(0);
-                let cost = price.cost(units).map(|c| c.min(held)).unwrap_or(held);
-                (cost, Usage { tool_units: units, ..Usage::default() }, false)
-            }
+            Priced::Tool { price, .. } => self.tool_cost(price, held),
         };
         let name = match &priced {
             Priced::Model { name, .. } | Priced::Tool { name, .. } => name.clone(),
         };
-        let name_for_metrics = name.clone();
         let details = SettleDetails {
             route: self.route.clone(),
-            model: name,
+            model: name.clone(),
             usage,
             price_version: self.table.version_text(),
         };
+        let flag = if flag == SettleFlag::Exact && cost > held { SettleFlag::OverHold } else { flag };
         match hold.settle(cost, details, now) {
-            Ok(settlement) => {
-                SettleResult::Debited { amount: settlement.debited, estimated, item: name_for_metrics }
-            }
+            Ok(settlement) => SettleResult::Debited {
+                amount: settlement.debited,
+                over_hold: (settlement.debited - held).max(Decimal::ZERO),
+                flag,
+                item: name,
+            },
             Err(error) => SettleResult::Failed(error.to_string()),
         }
     }
 
-    /// Cost from the reported usage; a stream cut short is charged for what
-    /// it delivered, capped at the hold; a complete response without usage is
-    /// charged at the hold (counted in a metric by the caller).
     fn model_cost(
         &mut self,
         price: &ModelPrice,
         flavour: Flavour,
         outcome: Outcome,
         held: Decimal,
-    ) -> (Decimal, Usage, bool) {
+    ) -> (Decimal, Usage, SettleFlag) {
         let (reported, delivered) = match self.meter.as_mut() {
             Some(meter) => (meter.finish(), meter.delivered_output_estimate()),
             None => (Reported::default(), 0),
         };
         let no_output = flavour == Flavour::OpenaiEmbeddings;
         let complete = reported.input_tokens.is_some() && (reported.output_tokens.is_some() || no_output);
-        let (tokens, estimated) = match outcome {
-            Outcome::Completed if complete => {
-                let usage = token_usage(&reported, 0);
-                if self.implausible(&usage) {
-                    // A usage no request like this can have (garbage from the
-                    // upstream): never bill it, charge the hold and flag it.
-                    tracing::warn!(
-                        input = usage.input_tokens,
-                        output = usage.output_tokens,
-                        "implausible usage reported; charged at the hold"
-                    );
-                    return (held, Usage::default(), true);
-                }
-                (usage, false)
+        let (tokens, flag) = if complete {
+            let mut tokens = token_usage(&reported, 0);
+            let ceiling = self.limits.usage_ceiling;
+            let clipped = tokens.input_tokens > ceiling || tokens.output_tokens > ceiling;
+            if clipped {
+                tokens.input_tokens = tokens.input_tokens.min(ceiling);
+                tokens.output_tokens = tokens.output_tokens.min(ceiling);
+                tokens.cached_input_tokens = tokens.cached_input_tokens.min(tokens.input_tokens);
+                tracing::warn!(
+                    input = reported.input_tokens,
+                    output = reported.output_tokens,
+                    ceiling,
+                    "usage above the route's ceiling reported; charged at the ceiling"
+                );
             }
-            Outcome::Completed => return (held, Usage::default(), true),
-            _ => {
-                let input_estimate = self.request_bytes.div_ceil(REQUEST_BYTES_PER_TOKEN);
-                let mut usage = token_usage(&reported, delivered);
-                if reported.input_tokens.is_none() {
-                    usage.input_tokens = input_estimate;
-                }
-                (usage, true)
+            (tokens, if clipped { SettleFlag::Ceiling } else { SettleFlag::Exact })
+        } else if outcome == Outcome::Completed {
+            return (held, Usage::default(), SettleFlag::NoUsage);
+        } else {
+            let mut usage = token_usage(&reported, delivered);
+            if reported.input_tokens.is_none() {
+                usage.input_tokens = self.request_bytes.div_ceil(REQUEST_BYTES_PER_TOKEN);
             }
+            (usage, SettleFlag::Estimated)
         };
-        let cost = price.cost(&tokens).map_or(held, |c| if estimated { c.min(held) } else { c });
+        let cost = match price.cost(&tokens) {
+            Ok(cost) if flag == SettleFlag::Estimated => cost.min(held),
+            Ok(cost) => cost,
+            Err(_) => held,
+        };
         let usage = Usage {
             input_tokens: tokens.input_tokens,
             output_tokens: tokens.output_tokens,
             cached_input_tokens: tokens.cached_input_tokens,
             tool_units: 0,
         };
-        (cost, usage, estimated)
+        (cost, usage, flag)
     }
-}
 
-/// Slack for bytes the gateway itself adds to a request (`stream_options`).
-const ADDED_REQUEST_BYTES: u64 = 64;
-
-impl Charge {
-    /// More input tokens than request bytes (no tokenizer does that), or more
-    /// output than the request allowed.
-    fn implausible(&self, usage: &TokenUsage) -> bool {
-        usage.input_tokens > self.request_bytes + ADDED_REQUEST_BYTES
-            || self.max_output_tokens.is_some_and(|max| usage.output_tokens > max)
+    /// A tool's units as its header reported them, up to the ceiling; no
+    /// readable count is charged the hold.
+    fn tool_cost(&self, price: &ToolPrice, held: Decimal) -> (Decimal, Usage, SettleFlag) {
+        let Some(reported) = self.tool_units else {
+            return (held, Usage::default(), SettleFlag::NoUsage);
+        };
+        let ceiling = self.limits.usage_ceiling;
+        let units = reported.min(ceiling);
+        let flag = if reported > ceiling { SettleFlag::Ceiling } else { SettleFlag::Exact };
+        let cost = price.cost(units).unwrap_or(held);
+        (cost, Usage { tool_units: units, ..Usage::default() }, flag)
     }
 }
 
@@ -393,12 +621,33 @@ fn token_usage(reported: &Reported, delivered_output: u64) -> TokenUsage {
     }
 }
 
+/// How a debit's amount was arrived at (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleFlag {
+    /// From the usage the upstream reported.
+    Exact,
+    /// Reported usage cost more than the hold: charged in full.
+    OverHold,
+    /// A reported count was above the route's ceiling: charged at the ceiling.
+    Ceiling,
+    /// A response that ended without usage: charged the hold.
+    NoUsage,
+    /// A response cut short: charged what it delivered, up to the hold.
+    Estimated,
+}
+
 /// How a settle ended, for logs and metrics.
 #[derive(Debug)]
 pub enum SettleResult {
     NotHeld,
     Released,
-    Debited { amount: Decimal, estimated: bool, item: Arc<str> },
+    /// `over_hold`: what the debit exceeded the hold by.
+    Debited {
+        amount: Decimal,
+        over_hold: Decimal,
+        flag: SettleFlag,
+        item: Arc<str>,
+    },
     Failed(String),
 }
 
@@ -408,8 +657,11 @@ impl SettleResult {
         match self {
             SettleResult::NotHeld => "not_held",
             SettleResult::Released => "released",
-            SettleResult::Debited { estimated: false, .. } => "debited",
-            SettleResult::Debited { estimated: true, .. } => "debited_estimate",
+            SettleResult::Debited { flag: SettleFlag::Exact, .. } => "debited",
+            SettleResult::Debited { flag: SettleFlag::OverHold, .. } => "debited_over_hold",
+            SettleResult::Debited { flag: SettleFlag::Ceiling, .. } => "debited_ceiling",
+            SettleResult::Debited { flag: SettleFlag::NoUsage, .. } => "debited_no_usage",
+            SettleResult::Debited { flag: SettleFlag::Estimated, .. } => "debited_estimate",
             SettleResult::Failed(_) => "failed",
         }
     }

@@ -8,7 +8,13 @@ use http::{HeaderValue, Method, StatusCode, Uri};
 /// What one request has picked up on its way through the phases. Created when
 /// the request arrives, handed to `settle` exactly once when its response ends.
 pub struct RequestCtx {
+    /// Minted by the gateway for every request: it keys the hold, so nothing
+    /// a client sends can name another request's hold.
     pub request_id: HeaderValue,
+    /// The client's own `x-request-id`, kept for the access log only.
+    pub client_request_id: Option<HeaderValue>,
+    /// The caller presented a valid API key (false on public routes).
+    pub authenticated: bool,
     pub started: Instant,
     pub peer: SocketAddr,
     pub method: Method,
@@ -46,6 +52,8 @@ impl RequestCtx {
         );
         RequestCtx {
             request_id,
+            client_request_id: None,
+            authenticated: false,
             started: Instant::now(),
             peer,
             method,

@@ -46,6 +46,12 @@ pub enum ProxyError {
     Refused(Box<Refusal>),
     #[error("this key may not use {what} `{name}`; ask the operator to widen the key's scope")]
     NotAllowed { what: &'static str, name: String },
+    #[error("the request makes the upstream read input it does not carry (`{marker}`), which this route does not allow")]
+    ServerContextRefused { marker: &'static str },
+    #[error("the path {reason}; send a normalised path")]
+    InvalidPath { reason: &'static str },
+    #[error("the request's Host {host:?} does not match the host of its target URI")]
+    HostMismatch { host: String },
     #[error("this key is over its {cap} cap of {limit}; retry after {retry_after_secs} s")]
     TrafficCap { cap: &'static str, limit: u32, retry_after_secs: u64 },
 }
@@ -85,6 +91,9 @@ impl ProxyError {
             ProxyError::NoPriceTable => (S::SERVICE_UNAVAILABLE, "gateway_error", "no_price_table", Level::ERROR),
             ProxyError::Refused(refusal) => refusal_class(refusal),
             ProxyError::NotAllowed { .. } => (S::FORBIDDEN, "permission_error", "not_allowed_for_key", Level::DEBUG),
+            ProxyError::ServerContextRefused { .. } => (S::BAD_REQUEST, "invalid_request_error", "server_context_not_allowed", Level::DEBUG),
+            ProxyError::InvalidPath { .. } => (S::BAD_REQUEST, "invalid_request_error", "invalid_path", Level::DEBUG),
+            ProxyError::HostMismatch { .. } => (S::BAD_REQUEST, "invalid_request_error", "host_mismatch", Level::DEBUG),
             ProxyError::TrafficCap { .. } => (S::TOO_MANY_REQUESTS, "rate_limit_error", "traffic_cap", Level::DEBUG),
         };
         ErrorClass { status, kind, code, level }

@@ -44,20 +44,36 @@ pub fn strip_client_credentials(headers: &mut HeaderMap) {
     headers.remove(&X_API_KEY);
 }
 
-/// The client's request id if it is well formed, otherwise a fresh UUIDv7.
-/// Well formed means a UUID (hyphenated or 32 hex digits): the same id then
-/// names the request in the response header, the access log, the trace span
-/// and the ledger entry, and it is always safe to log.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(value) = headers.get(&REQUEST_ID) {
-        let is_uuid = value.to_str().is_ok_and(|text| uuid::Uuid::try_parse(text).is_ok());
-        if is_uuid {
-            return value.clone();
-        }
+/// Request headers that pick which of the operator's upstream accounts
+/// pays (and so are the operator's choice, never the client's).
+const BILLING_SELECTORS: [HeaderName; 2] =
+    [HeaderName::from_static("openai-organization"), HeaderName::from_static("openai-project")];
+
+/// Remove headers with which a client could bill another upstream account.
+pub fn strip_billing_selectors(headers: &mut HeaderMap) {
+    for name in &BILLING_SELECTORS {
+        headers.remove(name);
     }
+}
+
+/// A fresh request id (a UUIDv7 as 32 hex digits). The gateway mints one for
+/// every request and never takes the client's: the id keys the request's
+/// hold, and a client that could choose it could replay another request's
+/// settlement.
+pub fn mint_request_id() -> HeaderValue {
     let id = uuid::Uuid::now_v7().simple().to_string();
     // A simple uuid is 32 hex digits: always a valid header value.
     HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// Longest client request id kept for the log.
+const MAX_CLIENT_REQUEST_ID_LEN: usize = 128;
+
+/// The client's own request id, if it is short visible ASCII (safe to log).
+pub fn client_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
+    let value = headers.get(&REQUEST_ID)?;
+    let printable = value.as_bytes().iter().all(|b| b.is_ascii_graphic());
+    (printable && !value.is_empty() && value.len() <= MAX_CLIENT_REQUEST_ID_LEN).then(|| value.clone())
 }
 
 #[cfg(test)]
@@ -87,16 +103,15 @@ mod tests {
     }
 
     #[test]
-    fn request_id_is_reused_only_when_well_formed() {
+    fn request_ids_are_minted_and_the_clients_is_only_kept_when_printable() {
         let mut h = HeaderMap::new();
+        assert_ne!(mint_request_id(), mint_request_id(), "every request gets its own id");
+        assert_eq!(mint_request_id().len(), 32);
         h.insert(&REQUEST_ID, HeaderValue::from_static("0192f0c4-7a1b-7cde-8f00-1234567890ab"));
-        assert_eq!(request_id(&h), "0192f0c4-7a1b-7cde-8f00-1234567890ab");
-        h.insert(&REQUEST_ID, HeaderValue::from_static("client-id_1.2:3"));
-        assert_eq!(request_id(&h).len(), 32, "a non-UUID id is replaced");
+        assert_eq!(client_request_id(&h).unwrap(), "0192f0c4-7a1b-7cde-8f00-1234567890ab");
         h.insert(&REQUEST_ID, HeaderValue::from_static("bad id with spaces"));
-        let generated = request_id(&h);
-        assert_eq!(generated.len(), 32, "generated ids are simple uuids");
+        assert!(client_request_id(&h).is_none());
         h.insert(&REQUEST_ID, HeaderValue::from_str(&"a".repeat(129)).unwrap());
-        assert_ne!(request_id(&h).len(), 129);
+        assert!(client_request_id(&h).is_none());
     }
 }

@@ -43,7 +43,8 @@ struct ModelLot {
 struct ModelWallet {
     lots: Vec<ModelLot>,
     deficit: Decimal,
-    holds: BTreeMap<RequestId, (Decimal, DateTime<Utc>)>,
+    /// Amount, TTL expiry, and whether its token still lives (only orphans expire).
+    holds: BTreeMap<RequestId, (Decimal, DateTime<Utc>, bool)>,
     granted: HashSet<String>,
 }
 
@@ -124,7 +125,7 @@ impl Model {
             WalletKey::Lite => &mut self.lite,
         };
         target.lots.retain(|l| l.expires_at > now);
-        target.holds.retain(|_, h| h.1 > now);
+        target.holds.retain(|_, h| h.1 > now || h.2);
         match wallet {
             WalletKey::Pool => {
                 for (name, from, to) in years {
@@ -301,7 +302,7 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
                 seen.refused += u32::from(result.is_err());
                 if let Ok(hold) = result {
                     let expiry = now + TimeDelta::minutes(HOLD_TTL_MINUTES);
-                    model.wallet(wallet).holds.insert(id, (amount, expiry));
+                    model.wallet(wallet).holds.insert(id, (amount, expiry, true));
                     system.holds.push((wallet, hold));
                 }
             }
@@ -320,17 +321,26 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
                 model_wallet.draw(actual);
                 let settled = hold.settle(actual, details(), now).unwrap();
                 assert_eq!(settled.late, !was_open, "late flag");
-                seen.late += u32::from(settled.late);
                 seen.overruns += u32::from(settled.overrun > Decimal::ZERO);
                 assert_eq!(settled.debited, actual);
             }
-            550..=629 if !system.holds.is_empty() => {
+            550..=609 if !system.holds.is_empty() => {
                 let pick = usize::try_from(rng.below(system.holds.len() as u64)).unwrap();
                 let (wallet, hold) = system.holds.swap_remove(pick);
                 model.advance(wallet, now);
                 let held =
                     model.wallet(wallet).holds.remove(&hold.request_id()).map_or(Decimal::ZERO, |h| h.0);
                 assert_eq!(hold.release(now), held, "released amount");
+            }
+            610..=629 if !system.holds.is_empty() => {
+                // A token lost without a settle: its hold is an orphan the TTL voids.
+                let pick = usize::try_from(rng.below(system.holds.len() as u64)).unwrap();
+                let (wallet, hold) = system.holds.swap_remove(pick);
+                if let Some(open) = model.wallet(wallet).holds.get_mut(&hold.request_id()) {
+                    open.2 = false;
+                }
+                drop(hold);
+                seen.orphans += 1;
             }
             630..=659 => {
                 purchases += 1;
@@ -394,8 +404,8 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
     assert!(report.is_clean(), "{:#?}", report.audit.mismatches);
     assert!(purchases > 0 && renewed, "the workload must reach purchases and the renewal");
     assert!(
-        seen.refused > 0 && seen.late > 0 && seen.overruns > 0 && seen.restarts >= 5,
-        "the workload must exercise refusals, late settles, overruns and restarts: {seen:?}"
+        seen.refused > 0 && seen.orphans > 0 && seen.overruns > 0 && seen.restarts >= 5,
+        "the workload must exercise refusals, orphaned holds, overruns and restarts: {seen:?}"
     );
 }
 
@@ -403,7 +413,7 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
 #[derive(Debug, Default)]
 struct Seen {
     refused: u32,
-    late: u32,
+    orphans: u32,
     overruns: u32,
     restarts: u32,
 }

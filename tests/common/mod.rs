@@ -101,13 +101,22 @@ units_header = "x-usage-units"
 prefix = "/echo"
 upstream = "mock"
 passthrough = true
+public = true
 
-# Unmetered access to the model endpoints, for tests of the bare data path.
+# Unmetered access to the model endpoints: with a key (the default), and
+# without one (public), for tests of the bare data path.
 [[routes]]
 prefix = "/v1"
 host = "passthrough.test"
 upstream = "mock"
 passthrough = true
+
+[[routes]]
+prefix = "/v1"
+host = "public.test"
+upstream = "mock"
+passthrough = true
+public = true
 "#,
         prices = PRICES_FILE,
     )

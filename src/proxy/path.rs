@@ -1,0 +1,96 @@
+//! The request path, normalised once: routing, pricing and the upstream all
+//! see the same path, so `/v1/tools/x/../../chat/completions` cannot be
+//! priced as one route and served as another.
+
+use std::borrow::Cow;
+
+use super::error::ProxyError;
+
+/// Percent-encodings that would turn back into a separator or a dot segment
+/// after routing (upstreams and frameworks decode them differently).
+const REFUSED_ESCAPES: [&[u8; 3]; 3] = [b"%2f", b"%2e", b"%5c"];
+
+/// The path with dot segments removed (RFC 3986 §5.2.4) and empty segments
+/// (`//`) folded. Refuses encoded `/`, `.` and `\`, a raw `\`, and a path
+/// that climbs above the root.
+pub fn normalise(path: &str) -> Result<Cow<'_, str>, ProxyError> {
+    let bytes = path.as_bytes();
+    if !path.starts_with('/') {
+        return Err(ProxyError::InvalidPath { reason: "does not start with '/'" });
+    }
+    if bytes.contains(&b'\\') {
+        return Err(ProxyError::InvalidPath { reason: "contains a backslash" });
+    }
+    let escaped = bytes.windows(3).any(|w| REFUSED_ESCAPES.iter().any(|e| w.eq_ignore_ascii_case(*e)));
+    if escaped {
+        return Err(ProxyError::InvalidPath { reason: "percent-encodes '/', '.' or '\\'" });
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    let mut changed = false;
+    for segment in path[1..].split('/') {
+        match segment {
+            "" | "." => changed = true,
+            ".." => {
+                changed = true;
+                if segments.pop().is_none() {
+                    return Err(ProxyError::InvalidPath { reason: "climbs above the root" });
+                }
+            }
+            _ => segments.push(segment),
+        }
+    }
+    if !changed {
+        return Ok(Cow::Borrowed(path));
+    }
+    // A path that ended in a separator or a dot segment names a directory.
+    let trailing = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..");
+    let mut normalised = String::with_capacity(path.len());
+    for segment in &segments {
+        normalised.push('/');
+        normalised.push_str(segment);
+    }
+    if trailing || normalised.is_empty() {
+        normalised.push('/');
+    }
+    Ok(Cow::Owned(normalised))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::normalise;
+
+    #[test]
+    fn dot_segments_and_empty_segments_are_folded() {
+        let cases = [
+            ("/v1/chat/completions", "/v1/chat/completions"),
+            ("/v1/tools/web-search/../../chat/completions", "/v1/chat/completions"),
+            ("/v1//chat///completions", "/v1/chat/completions"),
+            ("/v1/./chat/completions", "/v1/chat/completions"),
+            ("/v1/chat/completions/", "/v1/chat/completions/"),
+            ("/v1/chat/..", "/v1/"),
+            ("/", "/"),
+            ("//", "/"),
+            ("/a/b/./../c", "/a/c"),
+            ("/v1/%41bc", "/v1/%41bc"),
+        ];
+        for (path, expected) in cases {
+            assert_eq!(normalise(path).unwrap(), expected, "{path}");
+        }
+    }
+
+    #[test]
+    fn encoded_separators_backslashes_and_escapes_above_the_root_are_refused() {
+        for path in [
+            "/v1/tools%2F..%2Fchat",
+            "/v1/%2e%2e/chat",
+            "/v1/%2E./x",
+            "/v1\\..\\chat",
+            "/..",
+            "/a/../..",
+            "*",
+        ] {
+            assert!(normalise(path).is_err(), "{path} is refused");
+        }
+    }
+}
