@@ -36,6 +36,8 @@ pub struct Gateway {
     /// The store writer; `None` when `[ledger] write_through = false`.
     writer: Option<StoreWriter>,
     shutdown: CancellationToken,
+    /// Kept to wait for the settles its background work still owes.
+    proxy: Arc<Proxy>,
     proxy_task: JoinHandle<Drained>,
     admin_task: JoinHandle<Drained>,
 }
@@ -83,12 +85,14 @@ impl Gateway {
             clock.clone(),
             metrics.clone(),
             alerts.clone(),
+            shutdown.clone(),
         ));
+        let serving = proxy.clone();
         let proxy_task = tokio::spawn(server::serve(
             proxy_listener,
             options.clone(),
             shutdown.clone(),
-            move |req, peer| proxy.clone().handle(req, peer),
+            move |req, peer| serving.clone().handle(req, peer),
         ));
 
         let readiness = Arc::new(Readiness::default());
@@ -129,6 +133,7 @@ impl Gateway {
             ledger,
             writer,
             shutdown,
+            proxy,
             proxy_task,
             admin_task,
         })
@@ -169,6 +174,7 @@ impl Gateway {
         self.readiness.set(false);
         let proxy = self.proxy_task.await.unwrap_or(Drained::TimedOut);
         let admin = self.admin_task.await.unwrap_or(Drained::TimedOut);
+        self.proxy.drain_background().await;
         // Every request has settled: make the last settles durable.
         if let Some(Err(error)) = self.writer.as_ref().map(|writer| writer.shutdown()) {
             tracing::error!(%error, "the ledger's last flush failed");

@@ -31,6 +31,11 @@ const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 /// Bound on reading a whole request body that must be priced.
 const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
+/// Reading on after a client left: long enough for a slow model to finish.
+const DEFAULT_READ_ON_TIMEOUT_MS: u64 = 120_000;
+const DEFAULT_READ_ON_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// Longest a response may stream; far above any real completion.
+const DEFAULT_MAX_RESPONSE_MS: u64 = 30 * 60 * 1000;
 /// Bound on open client connections; excess connections wait in the backlog.
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
@@ -163,6 +168,14 @@ pub struct ServerConfig {
     /// routes); a slower client gets 408.
     pub body_read_timeout: Duration,
     pub max_connections: usize,
+    /// After a client leaves a metered response, the gateway reads on for the
+    /// upstream's usage this long at most (then it charges the hold).
+    pub read_on_timeout: Duration,
+    /// ... and this many body bytes at most.
+    pub read_on_max_bytes: u64,
+    /// A response still streaming after this long is ended (and charged
+    /// the hold): no request holds credit forever.
+    pub max_response_duration: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,6 +352,9 @@ struct RawServer {
     header_read_timeout_ms: Option<u64>,
     body_read_timeout_ms: Option<u64>,
     max_connections: Option<usize>,
+    read_on_timeout_ms: Option<u64>,
+    read_on_max_bytes: Option<u64>,
+    max_response_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -641,6 +657,9 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
             raw.body_read_timeout_ms.unwrap_or(DEFAULT_BODY_READ_TIMEOUT_MS),
         ),
         max_connections: raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS).max(1),
+        read_on_timeout: Duration::from_millis(raw.read_on_timeout_ms.unwrap_or(DEFAULT_READ_ON_TIMEOUT_MS)),
+        read_on_max_bytes: raw.read_on_max_bytes.unwrap_or(DEFAULT_READ_ON_MAX_BYTES),
+        max_response_duration: Duration::from_millis(raw.max_response_ms.unwrap_or(DEFAULT_MAX_RESPONSE_MS)),
     }
 }
 

@@ -269,34 +269,71 @@ impl Meter {
         }
     }
 
+    /// The body has ended: whatever the rewriter still holds (a last event
+    /// without its blank line) goes to the client, minus injected usage.
+    pub fn end_of_body(&mut self) -> Bytes {
+        let Mode::Sse { pending_event, .. } = &mut self.mode else {
+            return Bytes::new();
+        };
+        if pending_event.is_empty() {
+            return Bytes::new();
+        }
+        let event = pending_event.split().freeze();
+        self.scan_lines(&event);
+        // A last line without its terminator is still a line.
+        self.scan_lines(b"\n");
+        self.rewritten_event(&event)
+    }
+
     /// Usage once the body has ended.
     pub fn finish(&mut self) -> Reported {
-        if let Mode::Json { buffer, overflowed: false } = &self.mode {
-            if let Some(found) = usage_from_bytes(buffer) {
-                self.reported.merge(found);
+        match &self.mode {
+            Mode::Json { buffer, overflowed: false } => {
+                if let Some(found) = usage_from_bytes(buffer) {
+                    self.reported.merge(found);
+                }
             }
+            Mode::Sse { line, .. } if !line.is_empty() => {
+                // A final `data:` line the upstream never terminated.
+                let last = line.clone();
+                self.on_line(&last);
+            }
+            _ => {}
         }
         self.reported
     }
 
-    /// Estimated output tokens delivered so far (for a stream cut short).
+    /// Estimated output tokens delivered so far (for a response cut short):
+    /// the text of every kind of delta a stream carried, or the bytes of a
+    /// JSON body.
     pub fn delivered_output_estimate(&self) -> u64 {
-        self.text_bytes.div_ceil(BYTES_PER_TOKEN_ESTIMATE)
+        let bytes = match &self.mode {
+            Mode::Json { buffer, .. } => buffer.len() as u64,
+            Mode::Sse { .. } => self.text_bytes,
+        };
+        bytes.div_ceil(BYTES_PER_TOKEN_ESTIMATE)
     }
 
     pub fn reported(&self) -> Reported {
         self.reported
     }
 
+    /// The rewriter holds bytes of an event it has not seen the end of.
+    pub fn holds_bytes(&self) -> bool {
+        matches!(&self.mode, Mode::Sse { pending_event, .. } if !pending_event.is_empty())
+    }
+
     /// Hands each complete line to `on_line`: straight from the chunk when
     /// no earlier part of it is pending, so most lines are never copied.
+    /// Lines end at LF, CR or CRLF (the SSE grammar); a CRLF split across
+    /// chunks only adds an empty line, which means nothing to the meter.
     fn scan_lines(&mut self, chunk: &[u8]) {
         let Mode::Sse { line, .. } = &mut self.mode else {
             return;
         };
         let mut pending = std::mem::take(line);
         let mut rest = chunk;
-        while let Some(at) = memchr::memchr(b'\n', rest) {
+        while let Some(at) = memchr::memchr2(b'\n', b'\r', rest) {
             if pending.is_empty() {
                 self.on_line(&rest[..at]);
             } else {
@@ -333,44 +370,176 @@ impl Meter {
     }
 
     /// Pass whole events through, minus the injected usage: the usage-only
-    /// chunk is dropped and `"usage":null` fields are removed.
+    /// chunk is dropped and `"usage": null` fields are removed. An event
+    /// longer than [`MAX_SSE_EVENT_BYTES`] ends the rewriting: what is held
+    /// goes out as it is and the rest of the stream passes untouched.
     fn observe_sse_rewriting(&mut self, chunk: &[u8]) -> Bytes {
-        if let Mode::Sse { pending_event, .. } = &mut self.mode {
-            pending_event.extend_from_slice(chunk);
-        }
+        let Mode::Sse { pending_event, .. } = &mut self.mode else {
+            return Bytes::copy_from_slice(chunk);
+        };
+        pending_event.extend_from_slice(chunk);
         let mut out = BytesMut::new();
         while let Mode::Sse { pending_event, .. } = &mut self.mode {
-            let Some(end) = EVENT_END.find(pending_event) else {
+            let Some(end) = event_end(pending_event) else {
+                if pending_event.len() > MAX_SSE_EVENT_BYTES {
+                    let held = pending_event.split().freeze();
+                    self.strip_injected_usage = false;
+                    self.scan_lines(&held);
+                    out.extend_from_slice(&held);
+                }
                 break;
             };
-            let event = pending_event.split_to(end + 2);
-            let data_line = event.strip_prefix(b"data: ").or_else(|| event.strip_prefix(b"data:"));
-            let usage_only =
-                data_line.is_some_and(|d| NO_CHOICES.find(d).is_some() && USAGE_OBJECT.find(d).is_some());
-            let rewritten = remove_all(&event, &NULL_USAGE);
+            let event = pending_event.split_to(end).freeze();
             self.scan_lines(&event);
-            if !usage_only {
-                out.extend_from_slice(&rewritten);
-            }
+            out.extend_from_slice(&self.rewritten_event(&event));
         }
         out.freeze()
     }
+
+    /// One whole event as the client gets it: nothing for the usage-only
+    /// chunk the gateway asked for, otherwise the event without its
+    /// `"usage": null` field.
+    fn rewritten_event(&self, event: &[u8]) -> Bytes {
+        if is_usage_only(event) {
+            return Bytes::new();
+        }
+        match remove_null_usage(event) {
+            Some(rewritten) => Bytes::from(rewritten),
+            None => Bytes::copy_from_slice(event),
+        }
+    }
 }
 
-/// Length of the generated text in a stream delta (OpenAI `content`,
-/// Anthropic `text`), without parsing the event.
-fn delta_text_len(data: &[u8]) -> u64 {
-    for key in [&*CONTENT_KEY, &*TEXT_KEY] {
-        if let Some(start) = key.find(data) {
-            let text = &data[start + key.needle().len()..];
-            let mut escaped = false;
-            for (i, &b) in text.iter().enumerate() {
-                match b {
-                    b'\\' if !escaped => escaped = true,
-                    b'"' if !escaped => return i as u64,
-                    _ => escaped = false,
-                }
+/// Longest SSE event the rewriter holds back while waiting for its end.
+const MAX_SSE_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Where the first event in `buffer` ends (after its blank line), with lines
+/// ended by LF, CRLF or CR. A CR at the very end waits for the next byte,
+/// which may be its LF.
+fn event_end(buffer: &[u8]) -> Option<usize> {
+    let mut line_start = 0;
+    while let Some(offset) = memchr::memchr2(b'\n', b'\r', &buffer[line_start..]) {
+        let end = line_start + offset;
+        let next = match buffer[end] {
+            b'\r' => match buffer.get(end + 1) {
+                Some(b'\n') => end + 2,
+                Some(_) => end + 1,
+                None => return None,
+            },
+            _ => end + 1,
+        };
+        if end == line_start {
+            // An empty line: the event ends here.
+            return Some(next);
+        }
+        line_start = next;
+    }
+    None
+}
+
+/// The event is the usage-only chunk: `choices` an empty array and `usage`
+/// an object, however the JSON is spaced.
+fn is_usage_only(event: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Chunk {
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+        usage: Option<Value>,
+    }
+    if USAGE_KEY.find(event).is_none() || CHOICES_KEY.find(event).is_none() {
+        return false;
+    }
+    event_data(event).is_some_and(|data| {
+        serde_json::from_slice::<Chunk>(&data).is_ok_and(|chunk| {
+            chunk.choices.is_some_and(|c| c.is_empty()) && chunk.usage.is_some_and(|u| u.is_object())
+        })
+    })
+}
+
+/// The data of an event: its `data:` lines joined by LF.
+fn event_data(event: &[u8]) -> Option<Vec<u8>> {
+    let mut data: Option<Vec<u8>> = None;
+    for line in event.split(|b| *b == b'\n' || *b == b'\r') {
+        if let Some(value) = line.strip_prefix(b"data:") {
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            let joined = data.get_or_insert_with(Vec::new);
+            if !joined.is_empty() {
+                joined.push(b'\n');
             }
+            joined.extend_from_slice(value);
+        }
+    }
+    data
+}
+
+/// The event without its `"usage": null` members (whitespace allowed
+/// around the colon and before the comma); `None` when it has none.
+fn remove_null_usage(event: &[u8]) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
+    let mut copied = 0;
+    let mut from = 0;
+    while let Some(found) = USAGE_KEY.find(&event[from..]) {
+        let key = from + found;
+        from = key + USAGE_KEY.needle().len();
+        let after = skip_whitespace(event, from);
+        let Some(b':') = event.get(after) else { continue };
+        let value = skip_whitespace(event, after + 1);
+        if !event[value..].starts_with(b"null") {
+            continue;
+        }
+        // Take the comma before the key, and the spaces around it, with it.
+        let mut start = key;
+        while start > copied && event[start - 1].is_ascii_whitespace() && event[start - 1] != b'\n' {
+            start -= 1;
+        }
+        if start == copied || event[start - 1] != b',' {
+            continue;
+        }
+        start -= 1;
+        let buffer = out.get_or_insert_with(|| Vec::with_capacity(event.len()));
+        buffer.extend_from_slice(&event[copied..start]);
+        copied = value + 4;
+        from = copied;
+    }
+    let mut buffer = out?;
+    buffer.extend_from_slice(&event[copied..]);
+    Some(buffer)
+}
+
+fn skip_whitespace(bytes: &[u8], mut at: usize) -> usize {
+    while bytes.get(at).is_some_and(|b| *b == b' ' || *b == b'\t') {
+        at += 1;
+    }
+    at
+}
+
+/// Length of the generated text in a stream delta, of every kind the APIs
+/// send: OpenAI `content`, `refusal`, tool-call `arguments`, reasoning text;
+/// Responses API `delta`; Anthropic `text`, `thinking` and `partial_json`.
+/// Read without parsing the event; a non-string value counts nothing.
+fn delta_text_len(data: &[u8]) -> u64 {
+    DELTA_KEYS
+        .iter()
+        .map(|key| key.find(data).map_or(0, |at| string_len_after(data, at + key.needle().len())))
+        .sum()
+}
+
+/// Length of the JSON string value after a key ending at `at` (`: "..."`).
+fn string_len_after(data: &[u8], at: usize) -> u64 {
+    let colon = skip_whitespace(data, at);
+    if data.get(colon) != Some(&b':') {
+        return 0;
+    }
+    let open = skip_whitespace(data, colon + 1);
+    if data.get(open) != Some(&b'"') {
+        return 0;
+    }
+    let text = &data[open + 1..];
+    let mut escaped = false;
+    for (i, &b) in text.iter().enumerate() {
+        match b {
+            b'\\' if !escaped => escaped = true,
+            b'"' if !escaped => return i as u64,
+            _ => escaped = false,
         }
     }
     0
@@ -381,23 +550,23 @@ fn delta_text_len(data: &[u8]) -> u64 {
 type Needle = LazyLock<Finder<'static>>;
 
 static USAGE_KEY: Needle = LazyLock::new(|| Finder::new(b"\"usage\""));
-static USAGE_OBJECT: Needle = LazyLock::new(|| Finder::new(b"\"usage\":{"));
-static NULL_USAGE: Needle = LazyLock::new(|| Finder::new(b",\"usage\":null"));
-static NO_CHOICES: Needle = LazyLock::new(|| Finder::new(b"\"choices\":[]"));
-static EVENT_END: Needle = LazyLock::new(|| Finder::new(b"\n\n"));
-static CONTENT_KEY: Needle = LazyLock::new(|| Finder::new(b"\"content\":\""));
-static TEXT_KEY: Needle = LazyLock::new(|| Finder::new(b"\"text\":\""));
-
-fn remove_all(haystack: &[u8], needle: &Finder<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(haystack.len());
-    let mut rest = haystack;
-    while let Some(at) = needle.find(rest) {
-        out.extend_from_slice(&rest[..at]);
-        rest = &rest[at + needle.needle().len()..];
-    }
-    out.extend_from_slice(rest);
-    out
-}
+static CHOICES_KEY: Needle = LazyLock::new(|| Finder::new(b"\"choices\""));
+static DELTA_KEYS: LazyLock<Vec<Finder<'static>>> = LazyLock::new(|| {
+    [
+        "\"content\"",
+        "\"text\"",
+        "\"arguments\"",
+        "\"refusal\"",
+        "\"reasoning_content\"",
+        "\"reasoning\"",
+        "\"thinking\"",
+        "\"partial_json\"",
+        "\"delta\"",
+    ]
+    .iter()
+    .map(|key| Finder::new(key.as_bytes()))
+    .collect()
+});
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -437,6 +606,87 @@ mod tests {
             assert_eq!(String::from_utf8(out).unwrap(), expected, "split at {at}");
             assert_eq!(meter.finish().output_tokens, Some(7));
         }
+    }
+
+    /// Feed `text` split at `at`, then end the body; what the client gets.
+    fn feed_to_end(meter: &mut Meter, text: &[u8], at: usize) -> Vec<u8> {
+        let mut out = feed_split(meter, text, at);
+        out.extend_from_slice(&meter.end_of_body());
+        out
+    }
+
+    #[test]
+    fn crlf_framed_spaced_json_loses_only_the_injected_usage_at_every_split_point() {
+        // Proves the rewriter finds events by any SSE line ending and the usage chunk however
+        // its JSON is spaced: a real provider writes CRLF and `"choices": []`.
+        let stream = concat!(
+            "data: {\"id\": \"x\", \"choices\": [{\"delta\": {\"content\": \"hello\"}}], \"usage\": null}\r\n\r\n",
+            "data: {\"id\": \"x\", \"choices\": [], \"usage\": {\"prompt_tokens\": 11, \"completion_tokens\": 7}}\r\n\r\n",
+            "data: [DONE]\r\n\r\n",
+        );
+        let expected =
+            "data: {\"id\": \"x\", \"choices\": [{\"delta\": {\"content\": \"hello\"}}]}\r\n\r\ndata: [DONE]\r\n\r\n";
+        for at in 0..=stream.len() {
+            let mut meter = Meter::new(true, true);
+            let out = feed_to_end(&mut meter, stream.as_bytes(), at);
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "split at {at}");
+            let r = meter.finish();
+            assert_eq!((r.input_tokens, r.output_tokens), (Some(11), Some(7)), "split at {at}");
+        }
+    }
+
+    #[test]
+    fn a_last_event_without_its_blank_line_still_reaches_the_client_and_the_meter() {
+        let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[{\"delta\":{}}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}";
+        for strip in [true, false] {
+            for at in 0..=stream.len() {
+                let mut meter = Meter::new(true, strip);
+                let out = feed_to_end(&mut meter, stream.as_bytes(), at);
+                assert_eq!(String::from_utf8(out).unwrap(), stream, "strip {strip}, split at {at}");
+                let r = meter.finish();
+                assert_eq!(
+                    (r.input_tokens, r.output_tokens),
+                    (Some(3), Some(2)),
+                    "strip {strip}, split at {at}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_event_that_never_ends_is_passed_on_not_held_without_bound() {
+        let mut meter = Meter::new(true, true);
+        let chunk = Bytes::from(vec![b'a'; 64 * 1024]);
+        let mut passed = 0;
+        for _ in 0..(MAX_SSE_EVENT_BYTES / chunk.len() + 2) {
+            passed += meter.observe(chunk.clone()).len();
+        }
+        assert!(passed > 0, "the held bytes went out once the bound was passed");
+        assert!(!meter.holds_bytes() || passed >= MAX_SSE_EVENT_BYTES);
+        assert_eq!(meter.observe(Bytes::from_static(b"data: x\n\n")).len(), 9, "later bytes pass at once");
+    }
+
+    #[test]
+    fn every_kind_of_delta_counts_toward_a_cut_short_estimate() {
+        // 8 bytes of text in each event, in the delta kinds of each API.
+        let events = [
+            r#"{"choices":[{"delta":{"content":"abcdefgh"}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"ab\"}"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"reasoning_content":"thinking"}}]}"#,
+            r#"{"type":"response.output_text.delta","delta":"abcdefgh"}"#,
+            r#"{"type":"response.function_call_arguments.delta","delta":"abcdefgh"}"#,
+            r#"{"type":"content_block_delta","delta":{"type":"thinking_delta","thinking":"abcdefgh"}}"#,
+            r#"{"type":"content_block_delta","delta":{"type":"input_json_delta","partial_json":"abcdefgh"}}"#,
+            r#"{"type": "content_block_delta", "delta": {"type": "text_delta", "text": "abcdefgh"}}"#,
+        ];
+        for event in events {
+            let mut meter = Meter::new(true, false);
+            meter.observe(Bytes::from(format!("data: {event}\n\n")));
+            assert_eq!(meter.delivered_output_estimate(), 2, "{event}");
+        }
+        let mut meter = Meter::new(false, false);
+        meter.observe(Bytes::from_static(br#"{"choices":[{"message":{"content":"cut"#));
+        assert!(meter.delivered_output_estimate() > 0, "a JSON body cut short counts its bytes");
     }
 
     #[test]

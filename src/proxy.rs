@@ -31,6 +31,8 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use body::GatewayBody;
@@ -62,6 +64,10 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     traffic: traffic::TrafficCaps,
     alerts: Arc<Alerts>,
+    /// Work a request leaves behind (reading on after a client left); the
+    /// gateway waits for it before the store writer stops.
+    background: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 impl Proxy {
@@ -72,10 +78,19 @@ impl Proxy {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
         alerts: Arc<Alerts>,
+        shutdown: CancellationToken,
     ) -> Self {
         let upstreams = UpstreamClients::new(&config.upstreams);
         let traffic = traffic::TrafficCaps::new(config.traffic.clone());
-        Proxy { config, upstreams, prices, ledger, clock, metrics, traffic, alerts }
+        let background = TaskTracker::new();
+        Proxy { config, upstreams, prices, ledger, clock, metrics, traffic, alerts, background, shutdown }
+    }
+
+    /// Wait for the work requests left behind (each ends by itself within
+    /// `read_on_timeout`, or at once once shutdown is signalled).
+    pub async fn drain_background(&self) {
+        self.background.close();
+        self.background.wait().await;
     }
 
     /// Entry point for one request: run the phases, turn any error into the
@@ -128,7 +143,8 @@ impl Proxy {
         let upstream_request = self.upstream_request(ctx, upstream, parts, body)?;
         let mut response = self.forward(ctx, route, upstream_request).await?;
         self.response_filter(ctx, &mut response);
-        Ok(response.map(|body| GatewayBody::upstream(body, upstream.idle_timeout)))
+        let max_duration = self.config.server.max_response_duration;
+        Ok(response.map(|body| GatewayBody::upstream(body, upstream.idle_timeout, max_duration)))
     }
 
     fn upstream_of(&self, route: &Route) -> &Upstream {

@@ -2,6 +2,11 @@
 //! upstream's body streamed through frame by frame. Whichever way it ends —
 //! fully sent, client gone, upstream broken — it hands the request context to
 //! the settle phase exactly once.
+//!
+//! A client that leaves a metered 2xx response early does not end its bill:
+//! the gateway reads on in the background (bounded by
+//! `[server] read_on_timeout_ms` and `read_on_max_bytes`) to meter the usage
+//! the upstream reports at the end, and charges the hold if it cannot.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,6 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
@@ -24,6 +30,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("upstream sent nothing for {0:?}")]
 pub struct IdleTimeout(Duration);
 
+/// Error returned into the client stream when it ran too long.
+#[derive(Debug, thiserror::Error)]
+#[error("the response ran longer than {0:?} and was ended")]
+pub struct TooLong(Duration);
+
 enum Source {
     /// A body the gateway made itself (errors, refusals); `None` once sent.
     Local(Option<Bytes>),
@@ -33,6 +44,9 @@ enum Source {
         idle_timeout: Duration,
         /// Boxed because `Sleep` is `!Unpin`; one allocation per streamed response.
         idle_timer: Pin<Box<Sleep>>,
+        /// When the response must have ended (`max_response_duration`).
+        deadline: Instant,
+        max_duration: Duration,
     },
 }
 
@@ -40,6 +54,15 @@ enum Source {
 struct SettleOnDone {
     proxy: Arc<Proxy>,
     ctx: RequestCtx,
+}
+
+impl SettleOnDone {
+    /// A metered 2xx response whose usage is still to come.
+    fn wants_usage(&self) -> bool {
+        self.ctx.charge.as_ref().is_some_and(|charge| {
+            charge.meter.is_some() && charge.upstream_status.is_some_and(|status| status.is_success())
+        })
+    }
 }
 
 pub struct GatewayBody {
@@ -53,9 +76,13 @@ impl GatewayBody {
         GatewayBody { source: Source::Local(Some(bytes)), settle: None }
     }
 
-    pub fn upstream(body: Incoming, idle_timeout: Duration) -> Self {
+    pub fn upstream(body: Incoming, idle_timeout: Duration, max_duration: Duration) -> Self {
         let idle_timer = Box::pin(tokio::time::sleep(idle_timeout));
-        GatewayBody { source: Source::Upstream { body, idle_timeout, idle_timer }, settle: None }
+        let deadline = Instant::now() + max_duration;
+        GatewayBody {
+            source: Source::Upstream { body, idle_timeout, idle_timer, deadline, max_duration },
+            settle: None,
+        }
     }
 
     /// Arrange for `proxy.settle(ctx, ..)` to run when this body is done.
@@ -70,27 +97,34 @@ impl GatewayBody {
         }
     }
 
+    fn meter_mut(&mut self) -> Option<&mut crate::meter::Meter> {
+        self.settle.as_mut()?.ctx.charge.as_mut()?.meter.as_mut()
+    }
+
     /// Pass a frame through the meter (which may trim injected usage) and
     /// count what reaches the client. `None`: nothing left to send yet.
     fn observe(&mut self, frame: Frame<Bytes>) -> Option<Frame<Bytes>> {
-        let Some(settle) = self.settle.as_mut() else {
-            return Some(frame);
-        };
         let frame = match frame.into_data() {
             Ok(data) => {
-                let data = match settle.ctx.charge.as_mut().and_then(|c| c.meter.as_mut()) {
+                let data = match self.meter_mut() {
                     Some(meter) => meter.observe(data),
                     None => data,
                 };
-                if data.is_empty() {
-                    return None;
-                }
-                settle.ctx.response_bytes += data.len() as u64;
-                Frame::data(data)
+                self.count(data)?
             }
             Err(frame) => frame,
         };
         Some(frame)
+    }
+
+    fn count(&mut self, data: Bytes) -> Option<Frame<Bytes>> {
+        if data.is_empty() {
+            return None;
+        }
+        if let Some(settle) = self.settle.as_mut() {
+            settle.ctx.response_bytes += data.len() as u64;
+        }
+        Some(Frame::data(data))
     }
 }
 
@@ -111,6 +145,13 @@ impl Body for GatewayBody {
                     None => continue,
                 },
                 Poll::Ready(None) => {
+                    // The upstream ended: release what the meter still holds
+                    // (a last event without its blank line) before ending.
+                    this.source = Source::Local(None);
+                    let tail = this.meter_mut().map(|meter| meter.end_of_body()).unwrap_or_default();
+                    if let Some(frame) = this.count(tail) {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
                     this.finish(Outcome::Completed);
                     return Poll::Ready(None);
                 }
@@ -122,7 +163,15 @@ impl Body for GatewayBody {
     fn is_end_stream(&self) -> bool {
         match &self.source {
             Source::Local(bytes) => bytes.is_none(),
-            Source::Upstream { body, .. } => body.is_end_stream(),
+            // Not ended while the meter may still hold a last event.
+            Source::Upstream { body, .. } => {
+                body.is_end_stream()
+                    && !self
+                        .settle
+                        .as_ref()
+                        .and_then(|s| s.ctx.charge.as_ref()?.meter.as_ref())
+                        .is_some_and(|meter| meter.holds_bytes())
+            }
         }
     }
 
@@ -136,30 +185,39 @@ impl Body for GatewayBody {
 }
 
 impl GatewayBody {
-    /// The next frame from the source, with idle-timeout and error handling.
+    /// The next frame from the source, with idle-timeout, deadline and error
+    /// handling.
     fn poll_source(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.source {
             Source::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Source::Upstream { body, idle_timeout, idle_timer } => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    idle_timer.as_mut().reset(Instant::now() + *idle_timeout);
-                    Poll::Ready(Some(Ok(frame)))
+            Source::Upstream { body, idle_timeout, idle_timer, deadline, max_duration } => {
+                if Instant::now() >= *deadline {
+                    let max = *max_duration;
+                    self.source = Source::Local(None);
+                    self.finish(Outcome::TooLong);
+                    return Poll::Ready(Some(Err(TooLong(max).into())));
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    self.finish(Outcome::UpstreamBroke);
-                    Poll::Ready(Some(Err(e.into())))
-                }
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => {
-                    if idle_timer.as_mut().poll(cx).is_ready() {
-                        let timeout = *idle_timeout;
-                        self.finish(Outcome::UpstreamIdle);
-                        Poll::Ready(Some(Err(IdleTimeout(timeout).into())))
-                    } else {
-                        Poll::Pending
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        idle_timer.as_mut().reset(Instant::now() + *idle_timeout);
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        self.finish(Outcome::UpstreamBroke);
+                        Poll::Ready(Some(Err(e.into())))
+                    }
+                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Pending => {
+                        if idle_timer.as_mut().poll(cx).is_ready() {
+                            let timeout = *idle_timeout;
+                            self.finish(Outcome::UpstreamIdle);
+                            Poll::Ready(Some(Err(IdleTimeout(timeout).into())))
+                        } else {
+                            Poll::Pending
+                        }
                     }
                 }
-            },
+            }
         }
     }
 }
@@ -169,7 +227,54 @@ impl Drop for GatewayBody {
         // hyper may drop a body without polling past its last frame once
         // `is_end_stream` says it is done; only an unfinished body means the
         // client went away.
-        let outcome = if self.is_end_stream() { Outcome::Completed } else { Outcome::ClientGone };
-        self.finish(outcome);
+        if self.is_end_stream() {
+            return self.finish(Outcome::Completed);
+        }
+        let Some(done) = self.settle.take() else { return };
+        match std::mem::replace(&mut self.source, Source::Local(None)) {
+            Source::Upstream { body, .. } if done.wants_usage() => read_on(body, done),
+            _ => {
+                let SettleOnDone { proxy, ctx } = *done;
+                proxy.settle(ctx, Outcome::ClientGone);
+            }
+        }
+    }
+}
+
+/// The client left a metered response before its usage: read the rest of
+/// the upstream body through the meter in the background, then settle.
+fn read_on(body: Incoming, done: Box<SettleOnDone>) {
+    let proxy = done.proxy.clone();
+    let limits = (proxy.config.server.read_on_timeout, proxy.config.server.read_on_max_bytes);
+    let shutdown = proxy.shutdown.clone();
+    proxy.background.spawn(async move {
+        let mut done = done;
+        let outcome = tokio::select! {
+            outcome = drain_through_meter(body, &mut done, limits.1) => outcome,
+            () = tokio::time::sleep(limits.0) => Outcome::Abandoned,
+            () = shutdown.cancelled() => Outcome::Abandoned,
+        };
+        let SettleOnDone { proxy, ctx } = *done;
+        proxy.settle(ctx, outcome);
+    });
+}
+
+async fn drain_through_meter(mut body: Incoming, done: &mut SettleOnDone, max_bytes: u64) -> Outcome {
+    let mut read = 0u64;
+    loop {
+        match body.frame().await {
+            None => return Outcome::Completed,
+            Some(Err(_)) => return Outcome::UpstreamBroke,
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else { continue };
+                read += data.len() as u64;
+                if read > max_bytes {
+                    return Outcome::Abandoned;
+                }
+                if let Some(meter) = done.ctx.charge.as_mut().and_then(|c| c.meter.as_mut()) {
+                    meter.observe(data);
+                }
+            }
+        }
     }
 }

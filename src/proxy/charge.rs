@@ -502,11 +502,12 @@ impl Charge {
     /// - Each reported count above the route's `usage_ceiling` is charged at
     ///   the ceiling and flagged `ceiling`: garbage, not a bill.
     /// - A 2xx response that ended without usage is charged the hold
-    ///   (`no_usage`), as is a tool call without a readable units header.
-    /// - A response cut short without usage is charged what it delivered,
-    ///   estimated from every kind of delta it carried, up to the hold
-    ///   (`estimated`); the proxy first reads on after a client that left,
-    ///   so the estimate is the last resort.
+    ///   (`no_usage`), as is a tool call without a readable units header,
+    ///   a response the client left whose usage the gateway could not read
+    ///   on to in time, and one ended for running too long.
+    /// - A response the upstream broke off (reset, idle) without usage is
+    ///   charged what it delivered, estimated from every kind of delta it
+    ///   carried, up to the hold (`estimated`).
     /// - A non-2xx response costs nothing.
     pub fn settle(mut self, outcome: Outcome, now: DateTime<Utc>) -> SettleResult {
         let Some(hold) = self.hold.take() else {
@@ -575,7 +576,7 @@ impl Charge {
                 );
             }
             (tokens, if clipped { SettleFlag::Ceiling } else { SettleFlag::Exact })
-        } else if outcome == Outcome::Completed {
+        } else if outcome.charges_hold_without_usage() {
             return (held, Usage::default(), SettleFlag::NoUsage);
         } else {
             let mut usage = token_usage(&reported, delivered);

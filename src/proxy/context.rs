@@ -83,15 +83,28 @@ pub enum Outcome {
     UpstreamBroke,
     /// The upstream went silent for longer than its idle timeout.
     UpstreamIdle,
+    /// The client went away and reading on for the usage ran out of time or
+    /// bytes (or the gateway shut down first).
+    Abandoned,
+    /// The response ran past `[server] max_response_ms` and was ended.
+    TooLong,
 }
 
 impl Outcome {
+    /// The upstream may have produced up to the held cap, and no usage says
+    /// otherwise: only the hold is sure not to bill less.
+    pub fn charges_hold_without_usage(self) -> bool {
+        matches!(self, Outcome::Completed | Outcome::Abandoned | Outcome::TooLong)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Completed => "completed",
             Outcome::ClientGone => "client_gone",
             Outcome::UpstreamBroke => "upstream_broke",
             Outcome::UpstreamIdle => "upstream_idle",
+            Outcome::Abandoned => "abandoned",
+            Outcome::TooLong => "too_long",
         }
     }
 }

@@ -20,6 +20,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub mod provider;
+
 pub const UPSTREAM_SECRET: &str = "sk-upstream-secret-0123456789";
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests";
 /// Scoped to the organization the stack seeds (the first one created).

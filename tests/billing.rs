@@ -1,0 +1,400 @@
+//! Billing integrity against an upstream that behaves like the real
+//! providers (tests/common/provider.rs): every request is charged what the
+//! upstream reported, never less, and no wallet overdraws while the upstream
+//! honours the cap it was sent. One test per way a hostile client or a real
+//! provider broke the books before.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::provider::Provider;
+use common::*;
+use creditgate::app::Gateway;
+use creditgate::demo::SeededKeys;
+use creditgate::ledger::entity::KeyHash;
+use creditgate::ledger::entry::EntryKind;
+use creditgate::ledger::ids::WalletId;
+use creditgate::pricing::TokenUsage;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Books {
+    provider: Provider,
+    gateway: Gateway,
+    keys: SeededKeys,
+    _data_dir: tempfile::TempDir,
+}
+
+impl Books {
+    async fn start(edit: impl FnOnce(String) -> String, pool: &str, lite: &str) -> Books {
+        let provider = Provider::start().await;
+        let data_dir = tempfile::tempdir().unwrap();
+        let text = edit(config_text(provider.addr(), "", ""));
+        let config = parse_config(&text, data_dir.path());
+        let gateway = Gateway::start(config, tokio_util::sync::CancellationToken::new()).await.unwrap();
+        let keys = seed(&gateway, pool, lite);
+        Books { provider, gateway, keys, _data_dir: data_dir }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gateway.proxy_addr())
+    }
+
+    fn wallet(&self, key: &str) -> WalletId {
+        self.gateway.ledger().resolve_key(&KeyHash::of_secret(key)).unwrap().wallet
+    }
+
+    /// The wallet's balance once no hold is open; the books must balance.
+    async fn settled_balance(&self, key: &str) -> Decimal {
+        let wallet = self.wallet(key);
+        for _ in 0..500 {
+            let b = self.gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap();
+            if b.open_holds == 0 {
+                assert_eq!(b.balance, b.totals.balance(), "balance == granted - debited - written_off");
+                return b.balance;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("a hold stayed open");
+    }
+
+    /// What the price table says `input`/`output` tokens of `model` cost.
+    fn cost(&self, model: &str, input: u64, output: u64) -> Decimal {
+        let table = self.gateway.prices().unwrap().current();
+        let price = table.model(model, chrono::Utc::now()).unwrap();
+        price
+            .cost(&TokenUsage { input_tokens: input, cached_input_tokens: 0, output_tokens: output })
+            .unwrap()
+    }
+
+    /// The cost of what the provider last reported.
+    fn reported_cost(&self, model: &str) -> Decimal {
+        let last = self.provider.last();
+        self.cost(model, last.input_tokens, last.output_tokens)
+    }
+
+    async fn post(&self, path: &str, key: Option<&str>, headers: &[(&str, &str)], body: &Value) -> Reply {
+        let mut request = Request::post(self.url(path)).header("content-type", "application/json");
+        if let Some(key) = key {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        send(request.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await
+    }
+
+    async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.gateway.admin_addr());
+        let reply = send(Request::get(url).body(Full::new(Bytes::new())).unwrap()).await;
+        String::from_utf8_lossy(&reply.body).into_owned()
+    }
+}
+
+const CHAT: &str = "/v1/chat/completions";
+
+#[tokio::test]
+async fn the_held_cap_goes_upstream_so_a_small_wallet_is_never_overdrawn() {
+    // Proves defect 1: a request without max_tokens used to be held at the default cap but
+    // forwarded without one, so a provider writing 1M tokens took a $0.001 Lite wallet to -$2.
+    // Now the cap that was held is the cap sent, lowered to what the wallet can pay, then 402.
+    let books = Books::start(|t| t, "100", "0.001").await;
+    let lite = books.keys.lite.clone();
+    let body = json!({"model": "mock-gpt", "messages": [{"role": "user", "content": "write forever"}]});
+    let mut served = 0;
+    let mut lowered = false;
+    loop {
+        let before = books.settled_balance(&lite).await;
+        let reply = books.post(CHAT, Some(&lite), &[("x-provider-output", "1000000")], &body).await;
+        if reply.status == 402 {
+            assert_eq!(reply.json()["error"]["code"], "insufficient_credits");
+            break;
+        }
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        served += 1;
+        let cap: u64 = reply.header("x-creditgate-max-output-tokens").unwrap().parse().unwrap();
+        let sent = books.provider.last().body["max_completion_tokens"].as_u64();
+        assert_eq!(sent, Some(cap), "the cap that was held is the cap the upstream got");
+        assert!((16..=256).contains(&cap), "between the route minimum and the default: {cap}");
+        lowered |= cap < 256;
+        let after = books.settled_balance(&lite).await;
+        assert_eq!(before - after, books.reported_cost("mock-gpt"), "charged what the provider reported");
+        assert!(after >= Decimal::ZERO, "the Lite wallet never goes below zero: {after}");
+        assert!(served < 20, "the wallet must run dry");
+    }
+    assert!(served >= 2 && lowered, "small balances get an affordable cap before the 402 ({served} served)");
+}
+
+#[tokio::test]
+async fn n_choices_are_held_and_usage_past_the_hold_is_charged_in_full() {
+    // Proves defect 2: `n: 64` with max_tokens 10 used to be held and charged for 10 output
+    // tokens. Now the hold covers 64 choices, and an upstream that ignores the cap is still
+    // charged all it reported (flagged as over the hold), never cut to the hold.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let body = json!({"model": "mock-gpt", "max_tokens": 10, "n": 64, "messages": []});
+    let before = books.settled_balance(&pro).await;
+    let reply = books.post(CHAT, Some(&pro), &[("x-provider-output", "500")], &body).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(books.provider.last().output_tokens, 640, "64 choices of 10 tokens");
+    let first = before - books.settled_balance(&pro).await;
+    assert_eq!(first, books.reported_cost("mock-gpt"));
+
+    let before = books.settled_balance(&pro).await;
+    let headers = [("x-provider-output", "500"), ("x-provider-ignore-cap", "1")];
+    assert_eq!(books.post(CHAT, Some(&pro), &headers, &body).await.status, 200);
+    assert_eq!(books.provider.last().output_tokens, 32_000);
+    let charged = before - books.settled_balance(&pro).await;
+    assert_eq!(charged, books.reported_cost("mock-gpt"), "all 32,000 tokens are charged");
+    assert!(charged > first, "more than the hold");
+    assert!(books.metrics().await.contains("creditgate_settles_total{result=\"debited_over_hold\"} 1"));
+    let entries = books.gateway.ledger_entries(0, 1000).unwrap();
+    let last_debit = entries.iter().rev().find_map(|e| match &e.kind {
+        EntryKind::Debit(debit) => Some(debit.clone()),
+        _ => None,
+    });
+    let debit = last_debit.expect("a debit entry");
+    assert!(debit.held < charged, "the entry shows the hold it went past: {} < {charged}", debit.held);
+
+    for n in ["0", "129", "\"2\""] {
+        let bad: Value = serde_json::from_str(&format!(r#"{{"model":"mock-gpt","n":{n}}}"#)).unwrap();
+        assert_eq!(books.post(CHAT, Some(&pro), &[], &bad).await.status, 400, "n = {n}");
+    }
+    let conflicting = json!({"model": "mock-gpt", "max_tokens": 10, "max_completion_tokens": 5000});
+    assert_eq!(books.post(CHAT, Some(&pro), &[], &conflicting).await.status, 400, "two caps that disagree");
+    let unread = json!({"model": "mock-gpt", "max_output_tokens": 10});
+    assert_eq!(books.post(CHAT, Some(&pro), &[], &unread).await.status, 400, "a cap chat does not read");
+}
+
+#[tokio::test]
+async fn context_the_upstream_reads_itself_is_held_for_and_charged() {
+    // Proves defect 2 (server-side context): previous_response_id made the upstream read far
+    // more input than the request carried, and that usage was charged at the small hold.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let body = json!({"model": "mock-gpt", "previous_response_id": "resp_1", "input": "and then?"});
+    let before = books.settled_balance(&pro).await;
+    assert_eq!(books.post("/v1/responses", Some(&pro), &[], &body).await.status, 200);
+    assert!(books.provider.last().input_tokens > 50_000);
+    assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-gpt"));
+
+    let refusing = Books::start(
+        |t| {
+            t.replace(
+                "flavour = \"openai-responses\"",
+                "flavour = \"openai-responses\"\ncontext_budget_tokens = 0",
+            )
+        },
+        "100",
+        "1",
+    )
+    .await;
+    let reply = refusing.post("/v1/responses", Some(&refusing.keys.pro), &[], &body).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["error"]["code"], "server_context_not_allowed");
+    assert!(refusing.provider.received().is_empty(), "nothing was forwarded");
+}
+
+#[tokio::test]
+async fn a_client_request_id_names_no_hold_and_the_ttl_spares_running_requests() {
+    // Proves defect 3: the client's x-request-id keyed the hold, so two requests with one id
+    // collided, and the TTL voided a hold still streaming (freeing credit it was spending).
+    let books =
+        Books::start(|t| t.replace("[log]", "[ledger]\nhold_ttl_ms = 1000\n\n[log]"), "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let wallet = books.wallet(&pro);
+    let body = json!({"model": "mock-gpt", "stream": true, "max_tokens": 50});
+    let headers = [
+        ("x-request-id", "0192f0c4-7a1b-7cde-8f00-1234567890ab"),
+        ("x-provider-pace-ms", "100"),
+        ("x-provider-usage-delay-ms", "3000"),
+    ];
+    let before = books.settled_balance(&pro).await;
+    let (first, second, ()) = tokio::join!(
+        books.post(CHAT, Some(&pro), &headers, &body),
+        books.post(CHAT, Some(&pro), &headers, &body),
+        async {
+            tokio::time::sleep(Duration::from_millis(2000)).await;
+            let b = books.gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap();
+            assert_eq!(b.open_holds, 2, "past the 1 s TTL, both running requests keep their holds");
+        }
+    );
+    assert_eq!((first.status.as_u16(), second.status.as_u16()), (200, 200), "one client id, two requests");
+    assert_ne!(first.header("x-request-id"), second.header("x-request-id"));
+    let charged = before - books.settled_balance(&pro).await;
+    let each = books.reported_cost("mock-gpt");
+    assert_eq!(charged, each + each, "both are charged in full");
+}
+
+#[tokio::test]
+async fn a_client_that_accepts_gzip_is_still_metered() {
+    // Proves defect 4: the SDKs send Accept-Encoding: gzip; the provider then compressed the
+    // body, the meter saw no usage and a rewritten stream reached the client empty.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let gzip = [("accept-encoding", "gzip, deflate")];
+    let before = books.settled_balance(&pro).await;
+    let reply = books.post(CHAT, Some(&pro), &gzip, &json!({"model": "mock-gpt", "max_tokens": 40})).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(books.provider.last().headers["accept-encoding"], "identity");
+    assert!(reply.json()["usage"].is_object(), "the client gets a body it can read");
+    assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-gpt"));
+
+    let before = books.settled_balance(&pro).await;
+    let reply = books
+        .post(CHAT, Some(&pro), &gzip, &json!({"model": "mock-gpt", "max_tokens": 40, "stream": true}))
+        .await;
+    let text = String::from_utf8_lossy(&reply.body);
+    assert!(text.contains("hello there") && text.contains("[DONE]"), "{text}");
+    assert!(!text.contains("\"usage\""), "the usage the client did not ask for stays hidden: {text}");
+    assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-gpt"));
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_before_the_usage_event_pays_the_reported_usage() {
+    // Proves defect 5: a client that reset the stream just before the usage event paid an
+    // estimate of the text it had seen. Now the gateway reads on to the usage.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let before = books.settled_balance(&pro).await;
+    let body = json!({"model": "mock-gpt", "stream": true, "max_tokens": 200});
+    let request = Request::post(books.url(CHAT))
+        .header("authorization", format!("Bearer {pro}"))
+        .header("x-provider-output", "200")
+        .header("x-provider-usage-delay-ms", "400")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    drop(body);
+    drop(client);
+    let charged = before - books.settled_balance(&pro).await;
+    assert_eq!(charged, books.reported_cost("mock-gpt"), "all 200 output tokens, not the 2 it saw");
+}
+
+#[tokio::test]
+async fn passthrough_needs_a_key_and_anonymous_requests_never_carry_the_upstream_credential() {
+    // Proves defect 6: a client-supplied Host picked the unmetered route with no key at all,
+    // and the operator's upstream credential went along.
+    let books = Books::start(|t| t, "100", "1").await;
+    let body = json!({"model": "mock-gpt", "max_tokens": 5});
+    let host = [("host", "passthrough.test")];
+    let reply = books.post(CHAT, None, &host, &body).await;
+    assert_eq!(reply.status, 401, "no key, no service");
+    assert!(books.provider.received().is_empty());
+    let reply = books.post(CHAT, Some(&books.keys.pro), &host, &body).await;
+    assert_eq!(reply.status, 200);
+    let auth = books.provider.last().headers.get("authorization").cloned();
+    assert_eq!(
+        auth.unwrap(),
+        format!("Bearer {UPSTREAM_SECRET}").as_str(),
+        "a known caller gets the credential"
+    );
+    let reply = books.post(CHAT, None, &[("host", "public.test")], &body).await;
+    assert_eq!(reply.status, 200, "a public route serves anyone");
+    assert!(books.provider.last().headers.get("authorization").is_none(), "but without the credential");
+}
+
+#[tokio::test]
+async fn tool_units_past_the_hold_are_charged_and_a_missing_count_costs_the_hold() {
+    // Proves defect 7: units above the 100 held were cut to the hold, and a missing or
+    // garbled units header billed zero units.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let table = books.gateway.prices().unwrap().current();
+    let tool = table.tool("web-search", chrono::Utc::now()).unwrap();
+    let hold = tool.cost(100).unwrap();
+    for (units, expected) in
+        [("7", tool.cost(7).unwrap()), ("500", tool.cost(500).unwrap()), ("none", hold), ("garbage", hold)]
+    {
+        let before = books.settled_balance(&pro).await;
+        let reply =
+            books.post("/v1/tools/web-search", Some(&pro), &[("x-provider-units", units)], &json!({})).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(before - books.settled_balance(&pro).await, expected, "units {units}");
+    }
+}
+
+/// Send raw bytes on a fresh connection; the whole response as text.
+async fn raw(books: &Books, request: String) -> String {
+    let mut stream = tokio::net::TcpStream::connect(books.gateway.proxy_addr()).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test]
+async fn the_path_is_normalised_once_and_routed_priced_and_forwarded_as_one() {
+    // Proves defect 8: `/v1/tools/web-search/../../chat/completions` was priced as a tool call
+    // and forwarded as is (the upstream then resolved it to the chat endpoint).
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let body = r#"{"model":"mock-gpt","max_tokens":5}"#;
+    let request = |path: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {pro}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let before = books.settled_balance(&pro).await;
+    let response = raw(&books, request("/v1/tools/web-search/../../chat//completions")).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(books.provider.last().path, "/v1/chat/completions");
+    assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-gpt"), "priced as chat");
+    for path in [
+        "/v1/tools/web-search%2F..%2F..%2Fchat/completions",
+        "/v1/%2e%2e/chat/completions",
+        "/../v1/chat/completions",
+    ] {
+        let response = raw(&books, request(path)).await;
+        assert!(response.starts_with("HTTP/1.1 400"), "{path}: {response}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_cannot_pick_the_upstream_account_that_pays() {
+    // Proves defect 9 (headers): OpenAI-Project/OpenAI-Organization chose which of the
+    // operator's upstream accounts was billed.
+    let books = Books::start(|t| t, "100", "1").await;
+    let headers = [("openai-project", "proj_other"), ("openai-organization", "org_other")];
+    let reply = books.post(CHAT, Some(&books.keys.pro), &headers, &json!({"model": "mock-gpt"})).await;
+    assert_eq!(reply.status, 200);
+    let seen = books.provider.last().headers;
+    assert!(seen.get("openai-project").is_none() && seen.get("openai-organization").is_none());
+}
+
+#[tokio::test]
+async fn a_crlf_stream_with_spaced_json_and_no_final_blank_line_reaches_the_client_whole() {
+    // Proves defect 11: the rewriter found events only by "\n\n" and the usage chunk only as
+    // `"choices":[]`, so a CRLF stream reached the client as 0 bytes and was charged the hold,
+    // and a final event without a blank line was dropped.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let body = json!({"model": "mock-gpt", "stream": true, "n": 2, "max_tokens": 30});
+    let before = books.settled_balance(&pro).await;
+    let reply = books.post(CHAT, Some(&pro), &[("x-provider-no-final-blank", "1")], &body).await;
+    let text = String::from_utf8_lossy(&reply.body).into_owned();
+    assert_eq!(text.matches("hello there").count(), 2, "both choices: {text}");
+    assert!(text.ends_with("data: [DONE]"), "the last event, as the provider ended it: {text:?}");
+    assert!(!text.contains("usage"), "neither the usage chunk nor `usage: null` fields: {text}");
+    assert!(text.contains("\r\n\r\n"), "framing passes unchanged");
+    assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-gpt"));
+
+    let claude = json!({"model": "mock-claude", "stream": true, "max_tokens": 64});
+    let before = books.settled_balance(&pro).await;
+    let reply = books.post("/v1/messages", Some(&pro), &[], &claude).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-claude"));
+}

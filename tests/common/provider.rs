@@ -1,0 +1,215 @@
+//! A test upstream that behaves like the real providers, not like our mock:
+//! it gzips when asked, frames SSE with CRLF, writes spaced JSON
+//! (`"choices": []`), returns `n` choices, reads context the request does
+//! not carry (`previous_response_id`, file ids, URLs), and can end a stream
+//! without the final blank line. It honours the output cap it is sent, as
+//! real APIs do, unless told to ignore it.
+//!
+//! Per-request controls (headers): `x-provider-output: N` output tokens per
+//! choice it would like to write (default 30); `x-provider-ignore-cap: 1`;
+//! `x-provider-context-tokens: N` input read from server-side context
+//! (default 50,000); `x-provider-pace-ms: N` between stream events;
+//! `x-provider-usage-delay-ms: N` before the usage event;
+//! `x-provider-no-final-blank: 1`; `x-provider-units: N|none|garbage` for
+//! the tool route.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use creditgate::mock::MockBody;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// One request as the provider received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Value,
+    /// The usage the provider reported for it.
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+#[derive(Clone, Default)]
+pub struct Provider {
+    pub addr: Option<SocketAddr>,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Provider {
+    pub async fn start() -> Provider {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let provider = Provider { addr: Some(listener.local_addr().unwrap()), ..Provider::default() };
+        let serving = provider.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let provider = serving.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let provider = provider.clone();
+                        async move { Ok::<_, std::convert::Infallible>(provider.answer(request).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        provider
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.unwrap()
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Received {
+        self.received().pop().expect("the provider received a request")
+    }
+
+    async fn answer(&self, request: Request<Incoming>) -> Response<MockBody> {
+        let (parts, body) = request.into_parts();
+        let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let path = parts.uri.path().to_owned();
+        let headers = parts.headers;
+        let number = |name: &str, default: u64| {
+            headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(default)
+        };
+        if path.starts_with("/v1/tools/") {
+            return self.tool(&path, headers, bytes);
+        }
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let reads_context = ["previous_response_id", "conversation", "file_id", "image_url"]
+            .iter()
+            .any(|key| bytes.windows(key.len()).any(|w| w == key.as_bytes()));
+        let input_tokens = (bytes.len() as u64).div_ceil(4)
+            + if reads_context { number("x-provider-context-tokens", 50_000) } else { 0 };
+        let cap = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|field| body.get(field).and_then(Value::as_u64))
+            .unwrap_or(4096);
+        let wanted = number("x-provider-output", 30);
+        let per_choice = if headers.contains_key("x-provider-ignore-cap") { wanted } else { wanted.min(cap) };
+        let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1);
+        let output_tokens = per_choice * choices;
+        self.received.lock().unwrap().push(Received {
+            path: path.clone(),
+            headers: headers.clone(),
+            body: body.clone(),
+            input_tokens,
+            output_tokens,
+        });
+        let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let gzip =
+            headers.get("accept-encoding").and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("gzip"));
+        let anthropic = path.starts_with("/v1/messages");
+        if !stream {
+            let document = if anthropic {
+                json!({"id": "msg_1", "type": "message", "content": [{"type": "text", "text": "hi"}],
+                       "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}})
+            } else {
+                let choices: Vec<Value> = (0..choices)
+                    .map(|i| json!({"index": i, "message": {"role": "assistant", "content": "hi"}}))
+                    .collect();
+                json!({"id": "chatcmpl-1", "object": "chat.completion", "choices": choices,
+                       "usage": {"prompt_tokens": input_tokens, "completion_tokens": output_tokens}})
+            };
+            let text = serde_json::to_string_pretty(&document).unwrap();
+            return respond(text.into_bytes(), "application/json", gzip);
+        }
+        let include_usage =
+            body.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
+        let mut events: Vec<(u64, String)> = Vec::new();
+        let pace = number("x-provider-pace-ms", 0);
+        if anthropic {
+            events.push((0, format!("event: message_start\r\ndata: {{\"type\": \"message_start\", \"message\": {{\"usage\": {{\"input_tokens\": {input_tokens}, \"output_tokens\": 1}}}}}}\r\n\r\n")));
+            events.push((pace, "event: content_block_delta\r\ndata: {\"type\": \"content_block_delta\", \"delta\": {\"type\": \"text_delta\", \"text\": \"hello there\"}}\r\n\r\n".into()));
+            events.push((number("x-provider-usage-delay-ms", pace), format!("event: message_delta\r\ndata: {{\"type\": \"message_delta\", \"usage\": {{\"output_tokens\": {output_tokens}}}}}\r\n\r\n")));
+        } else {
+            let usage_field = if include_usage { ", \"usage\": null" } else { "" };
+            for i in 0..choices {
+                events.push((pace, format!("data: {{\"id\": \"c1\", \"choices\": [{{\"index\": {i}, \"delta\": {{\"content\": \"hello there\"}}}}]{usage_field}}}\r\n\r\n")));
+            }
+            if include_usage {
+                events.push((number("x-provider-usage-delay-ms", pace), format!("data: {{\"id\": \"c1\", \"choices\": [], \"usage\": {{\"prompt_tokens\": {input_tokens}, \"completion_tokens\": {output_tokens}}}}}\r\n\r\n")));
+            }
+            let done = if headers.contains_key("x-provider-no-final-blank") {
+                "data: [DONE]"
+            } else {
+                "data: [DONE]\r\n\r\n"
+            };
+            events.push((pace, done.into()));
+        }
+        if gzip {
+            let all: String = events.iter().map(|(_, e)| e.as_str()).collect();
+            return respond(all.into_bytes(), "text/event-stream", true);
+        }
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            for (delay_ms, event) in events {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut response = Response::new(MockBody::Channel(rx));
+        response.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+        response
+    }
+
+    fn tool(&self, path: &str, headers: HeaderMap, _body: Bytes) -> Response<MockBody> {
+        let units = headers.get("x-provider-units").and_then(|v| v.to_str().ok()).unwrap_or("5").to_owned();
+        self.received.lock().unwrap().push(Received {
+            path: path.to_owned(),
+            headers,
+            body: Value::Null,
+            input_tokens: 0,
+            output_tokens: 0,
+        });
+        let mut response = respond(b"{\"results\": []}".to_vec(), "application/json", false);
+        match units.as_str() {
+            "none" => {}
+            "garbage" => {
+                response.headers_mut().insert("x-usage-units", "lots".parse().unwrap());
+            }
+            n => {
+                response.headers_mut().insert("x-usage-units", n.parse().unwrap());
+            }
+        }
+        response
+    }
+}
+
+fn respond(body: Vec<u8>, content_type: &str, gzip: bool) -> Response<MockBody> {
+    let body = if gzip {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(&body).unwrap();
+        encoder.finish().unwrap()
+    } else {
+        body
+    };
+    let mut response = Response::new(MockBody::Full(Some(Bytes::from(body))));
+    *response.status_mut() = StatusCode::OK;
+    response.headers_mut().insert("content-type", content_type.parse().unwrap());
+    if gzip {
+        response.headers_mut().insert("content-encoding", "gzip".parse().unwrap());
+    }
+    response
+}
