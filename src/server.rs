@@ -17,6 +17,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -62,7 +63,11 @@ where
     builder.http1().timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout);
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(options.max_connections));
+    // Owned so that shutdown can cut what outlives the grace period and wait
+    // for it: a request's settle runs when its connection is dropped.
+    let mut connections = JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let permit = tokio::select! {
             permit = permits.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
@@ -88,7 +93,7 @@ where
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
         let name = options.name;
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(listener = name, %peer, error = %error, "connection ended with an error");
             }
@@ -96,11 +101,16 @@ where
         });
     }
     drop(listener);
-    tokio::select! {
+    let drained = tokio::select! {
         () = graceful.shutdown() => Drained::All,
         () = tokio::time::sleep(options.shutdown_grace) => {
             tracing::warn!(listener = options.name, "shutdown grace period ran out; cutting open connections");
+            connections.abort_all();
             Drained::TimedOut
         }
-    }
+    };
+    // Every connection task has ended (and so every request has settled)
+    // before the caller goes on to close the store.
+    while connections.join_next().await.is_some() {}
+    drained
 }

@@ -163,3 +163,62 @@ async fn admin_health_and_readiness() {
     assert_eq!(ready.status, 200);
     assert_eq!(ready.json()["status"], "ready");
 }
+
+#[tokio::test]
+async fn streams_cut_at_the_end_of_the_grace_period_are_settled_before_the_store_closes() {
+    // Proves defect 10 of issue 13: a stream still running when the grace period ran out
+    // settled after the store writer had stopped, so its debit never reached the store. Now
+    // the remaining connections are cut, their settles awaited, and only then the store closes.
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default()).await.unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let text =
+        config_text(mock.addr(), "", "").replace("shutdown_grace_ms = 5000", "shutdown_grace_ms = 300");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let gateway = creditgate::app::Gateway::start(parse_config(&text, data_dir.path()), shutdown.clone())
+        .await
+        .unwrap();
+    let keys = seed(&gateway, "100", "1");
+    let wallet = gateway
+        .ledger()
+        .resolve_key(&creditgate::ledger::entity::KeyHash::of_secret(&keys.pro))
+        .unwrap()
+        .wallet;
+    let seeded = gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap().balance;
+    let mut sender = open_h1(gateway.proxy_addr()).await;
+    let request = Request::post(format!("http://{}/v1/chat/completions", gateway.proxy_addr()))
+        .header("x-mock-pace-ms", "200")
+        .header("authorization", format!("Bearer {}", keys.pro))
+        .body(creditgate::mock::MockBody::Full(Some(Bytes::from(
+            r#"{"model":"mock-gpt","stream":true,"max_tokens":40}"#,
+        ))))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let mut body = response.into_body();
+    next_chunk(&mut body).await.unwrap();
+
+    shutdown.cancel();
+    let ledger = gateway.ledger();
+    let drained = tokio::time::timeout(Duration::from_secs(10), gateway.wait()).await.unwrap();
+    assert_eq!(drained, Drained::TimedOut, "the 8 s stream outlived the 300 ms grace");
+    let settled = ledger.balance(wallet, chrono::Utc::now()).unwrap();
+    assert_eq!(settled.open_holds, 0, "the cut stream settled before the gateway stopped");
+    assert!(settled.balance < seeded, "and was charged: {} !< {seeded}", settled.balance);
+    drop((ledger, body));
+
+    // Reopen the same data directory (once the last handles on it are gone): the charge is there.
+    let mut reopened = None;
+    for _ in 0..50 {
+        let config = parse_config(&text, data_dir.path());
+        match creditgate::app::Gateway::start(config, tokio_util::sync::CancellationToken::new()).await {
+            Ok(gateway) => {
+                reopened = Some(gateway);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let gateway = reopened.expect("the data directory reopens");
+    let after = gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap();
+    assert_eq!(after.balance, settled.balance, "the charge survived the restart");
+    assert_eq!(after.balance, after.totals.balance());
+}
