@@ -24,6 +24,9 @@ pub struct Reported {
     /// All input tokens, cached ones included.
     pub input_tokens: Option<u64>,
     pub cached_input_tokens: Option<u64>,
+    /// Input written to a 5-minute (and a 1-hour) prompt cache (Anthropic).
+    pub cache_write_5m_tokens: Option<u64>,
+    pub cache_write_1h_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
 }
 
@@ -43,6 +46,8 @@ impl Reported {
         }
         self.input_tokens = max(self.input_tokens, other.input_tokens);
         self.cached_input_tokens = max(self.cached_input_tokens, other.cached_input_tokens);
+        self.cache_write_5m_tokens = max(self.cache_write_5m_tokens, other.cache_write_5m_tokens);
+        self.cache_write_1h_tokens = max(self.cache_write_1h_tokens, other.cache_write_1h_tokens);
         self.output_tokens = max(self.output_tokens, other.output_tokens);
     }
 }
@@ -74,11 +79,19 @@ struct UsageFields {
     cache_creation_input_tokens: Option<Count>,
     prompt_tokens_details: Option<Details>,
     input_tokens_details: Option<Details>,
+    cache_creation: Option<CacheCreation>,
 }
 
 #[derive(Deserialize)]
 struct Details {
     cached_tokens: Option<Count>,
+}
+
+/// Anthropic's split of `cache_creation_input_tokens` by cache lifetime.
+#[derive(Deserialize)]
+struct CacheCreation {
+    ephemeral_5m_input_tokens: Option<Count>,
+    ephemeral_1h_input_tokens: Option<Count>,
 }
 
 /// Any JSON value; keeps it only if it is a non-negative integer.
@@ -132,6 +145,9 @@ impl UsageFields {
         let cached = cached(&self.prompt_tokens_details)
             .or_else(|| cached(&self.input_tokens_details))
             .and_then(|count| count.0);
+        let split = |pick: fn(&CacheCreation) -> &Option<Count>| {
+            self.cache_creation.as_ref().and_then(|c| pick(c).as_ref()).and_then(|count| count.0)
+        };
         counted(UsageCounts {
             prompt: count(&self.prompt_tokens),
             completion: count(&self.completion_tokens),
@@ -139,6 +155,8 @@ impl UsageFields {
             output: count(&self.output_tokens),
             cache_read: count(&self.cache_read_input_tokens),
             cache_write: count(&self.cache_creation_input_tokens),
+            cache_write_5m: split(|c| &c.ephemeral_5m_input_tokens),
+            cache_write_1h: split(|c| &c.ephemeral_1h_input_tokens),
             cached,
         })
     }
@@ -168,6 +186,8 @@ struct UsageCounts {
     output: Option<u64>,
     cache_read: Option<u64>,
     cache_write: Option<u64>,
+    cache_write_5m: Option<u64>,
+    cache_write_1h: Option<u64>,
     cached: Option<u64>,
 }
 
@@ -181,9 +201,18 @@ fn counted(c: UsageCounts) -> Reported {
             input.saturating_add(c.cache_read.unwrap_or(0)).saturating_add(c.cache_write.unwrap_or(0))
         }),
     };
+    // Cache writes without a split are 5-minute writes (the default lifetime).
+    let (write_5m, write_1h) = match (c.cache_write_5m, c.cache_write_1h) {
+        (None, None) => (c.cache_write, None),
+        (five, hour) => {
+            (five.or_else(|| c.cache_write.map(|all| all.saturating_sub(hour.unwrap_or(0)))), hour)
+        }
+    };
     Reported {
         input_tokens: input,
         cached_input_tokens: c.cached.or(c.cache_read),
+        cache_write_5m_tokens: write_5m,
+        cache_write_1h_tokens: write_1h,
         output_tokens: c.completion.or(c.output),
     }
 }
@@ -214,6 +243,8 @@ fn usage_from_object(usage: &Value) -> Option<Reported> {
         output: count("output_tokens"),
         cache_read: count("cache_read_input_tokens"),
         cache_write: count("cache_creation_input_tokens"),
+        cache_write_5m: usage.pointer("/cache_creation/ephemeral_5m_input_tokens").and_then(Value::as_u64),
+        cache_write_1h: usage.pointer("/cache_creation/ephemeral_1h_input_tokens").and_then(Value::as_u64),
         cached,
     }))
 }
@@ -727,6 +758,28 @@ mod tests {
             assert_eq!(r.cached_input_tokens.unwrap_or(0), cached, "{body}");
             assert_eq!(r.output_tokens.unwrap_or(0), output, "{body}");
         }
+    }
+
+    #[test]
+    fn anthropic_cache_writes_are_read_by_lifetime() {
+        let body = br#"{"usage":{"input_tokens":10,"output_tokens":2,"cache_read_input_tokens":5,"cache_creation_input_tokens":300,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200}}}"#;
+        let mut meter = Meter::new(false, false);
+        meter.observe(Bytes::from_static(body));
+        let r = meter.finish();
+        assert_eq!(r.input_tokens, Some(315), "plain + cache reads + cache writes");
+        assert_eq!((r.cache_write_5m_tokens, r.cache_write_1h_tokens), (Some(100), Some(200)));
+        let general = serde_json::from_slice::<Value>(body).ok().as_ref().and_then(usage_from_json);
+        assert_eq!(general, Some(r), "the general parse agrees");
+        let mut meter = Meter::new(false, false);
+        meter.observe(Bytes::from_static(
+            br#"{"usage":{"input_tokens":1,"output_tokens":1,"cache_creation_input_tokens":7}}"#,
+        ));
+        let r = meter.finish();
+        assert_eq!(
+            (r.cache_write_5m_tokens, r.cache_write_1h_tokens),
+            (Some(7), None),
+            "unsplit writes are 5-minute writes"
+        );
     }
 
     #[test]

@@ -62,7 +62,9 @@ mod schema;
 mod table;
 mod validate;
 
-pub use cost::{CostError, HoldRequest, ModelPrice, TokenUsage, ToolPrice, COST_SCALE};
+pub use cost::{
+    CostError, HoldRequest, LongContext, ModelPrice, Multipliers, TokenUsage, ToolPrice, COST_SCALE,
+};
 pub use live::{LivePrices, PriceLoadError, PriceStatus};
 pub use problems::{PriceFileErrors, Problem};
 pub use table::{PriceTable, PriceVersion};

@@ -232,7 +232,13 @@ impl Proxy {
                     .await
                     .map_err(|_| ProxyError::BodyTimeout { timeout })??;
                 let fields = charge::read_model_request(&bytes, *flavour)?;
-                let priced = charge::price_model(&table, &fields.model, *flavour, now)?;
+                let priced = charge::price_model(
+                    &table,
+                    &fields.model,
+                    fields.service_tier.as_deref(),
+                    *flavour,
+                    now,
+                )?;
                 self.check_item_allowed(key.key, route, &priced)?;
                 let Priced::Model { price, .. } = &priced else { unreachable!("price_model prices a model") };
                 let context_tokens = match fields.server_context {

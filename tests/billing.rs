@@ -69,7 +69,12 @@ impl Books {
         let table = self.gateway.prices().unwrap().current();
         let price = table.model(model, chrono::Utc::now()).unwrap();
         price
-            .cost(&TokenUsage { input_tokens: input, cached_input_tokens: 0, output_tokens: output })
+            .cost(&TokenUsage {
+                input_tokens: input,
+                cached_input_tokens: 0,
+                output_tokens: output,
+                ..TokenUsage::default()
+            })
             .unwrap()
     }
 
@@ -397,4 +402,58 @@ async fn a_crlf_stream_with_spaced_json_and_no_final_blank_line_reaches_the_clie
     let reply = books.post("/v1/messages", Some(&pro), &[], &claude).await;
     assert_eq!(reply.status, 200);
     assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-claude"));
+}
+
+#[tokio::test]
+async fn price_modifiers_the_client_picks_are_priced() {
+    // Proves defect 9 (prices): a `service_tier` the client picked and Anthropic cache writes
+    // were priced at base input rates. Now a priced tier applies its multipliers, an unpriced
+    // tier is refused, and cache writes are charged at their own prices.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let table = books.gateway.prices().unwrap().current();
+    let now = chrono::Utc::now();
+
+    let before = books.settled_balance(&pro).await;
+    let body = json!({"model": "mock-gpt", "max_tokens": 100, "service_tier": "priority"});
+    assert_eq!(books.post(CHAT, Some(&pro), &[], &body).await.status, 200);
+    let last = books.provider.last();
+    let priority =
+        table.model("mock-gpt", now).unwrap().in_tier(table.service_tier("mock-gpt", "priority").unwrap());
+    let usage = TokenUsage {
+        input_tokens: last.input_tokens,
+        output_tokens: last.output_tokens,
+        ..TokenUsage::default()
+    };
+    let charged = before - books.settled_balance(&pro).await;
+    assert_eq!(charged, priority.cost(&usage).unwrap(), "priority prices");
+    assert!(
+        charged > books.cost("mock-gpt", last.input_tokens, last.output_tokens),
+        "above the default tier"
+    );
+
+    let body = json!({"model": "mock-gpt", "service_tier": "scale"});
+    let reply = books.post(CHAT, Some(&pro), &[], &body).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["error"]["code"], "service_tier_not_priced");
+
+    let before = books.settled_balance(&pro).await;
+    let headers = [("x-provider-cache-write-5m", "1000"), ("x-provider-cache-write-1h", "2000")];
+    let body = json!({"model": "mock-claude", "max_tokens": 10, "messages": []});
+    assert_eq!(books.post("/v1/messages", Some(&pro), &headers, &body).await.status, 200);
+    let last = books.provider.last();
+    let usage = TokenUsage {
+        input_tokens: last.input_tokens,
+        cache_write_5m_tokens: 1000,
+        cache_write_1h_tokens: 2000,
+        output_tokens: last.output_tokens,
+        ..TokenUsage::default()
+    };
+    let charged = before - books.settled_balance(&pro).await;
+    assert_eq!(
+        charged,
+        table.model("mock-claude", now).unwrap().cost(&usage).unwrap(),
+        "cache writes at their prices"
+    );
+    assert!(charged > books.reported_cost("mock-claude"), "dearer than plain input");
 }

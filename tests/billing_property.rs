@@ -167,6 +167,7 @@ async fn random_traffic_never_beats_the_books() {
             input_tokens: request.input_tokens,
             cached_input_tokens: 0,
             output_tokens: request.output_tokens.min(10_000_000),
+            ..TokenUsage::default()
         };
         let reported = table.model(model, chrono::Utc::now()).unwrap().cost(&usage).unwrap();
         assert!(debited >= reported, "seed {seed}: {id} debited {debited}, below the reported {reported}");

@@ -30,7 +30,12 @@ fn pricing(c: &mut Criterion) {
     // input tokens (200 of them cached) and 300 output tokens.
     let model = "gpt-4o-mini";
     let request = HoldRequest { input_bytes: 4_000, max_output_tokens: Some(1_024) };
-    let usage = TokenUsage { input_tokens: 1_200, cached_input_tokens: 200, output_tokens: 300 };
+    let usage = TokenUsage {
+        input_tokens: 1_200,
+        cached_input_tokens: 200,
+        output_tokens: 300,
+        ..TokenUsage::default()
+    };
     let tool = "web-search";
     let tool_units = 10_u64;
     // The baseline: the same name looked up in a std map of the same size.

@@ -269,6 +269,7 @@ fn price_served(
         input_tokens: usage.input_tokens,
         cached_input_tokens: 0,
         output_tokens: usage.output_tokens,
+        ..TokenUsage::default()
     };
     let cost = spec.cost(books.prices, now, &tokens, usage.units)?;
     let hold = spec.hold(books.prices, now)?;

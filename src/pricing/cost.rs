@@ -60,7 +60,41 @@ pub struct TokenUsage {
     pub input_tokens: u64,
     /// The part of `input_tokens` served from the provider's prompt cache.
     pub cached_input_tokens: u64,
+    /// The part of `input_tokens` written to a prompt cache kept 5 minutes.
+    pub cache_write_5m_tokens: u64,
+    /// ... and to one kept an hour.
+    pub cache_write_1h_tokens: u64,
     pub output_tokens: u64,
+}
+
+/// Price multipliers, in ten-thousandths so that they stay exact integers:
+/// one for every input-side rate (input, cached input, cache writes), one
+/// for output. A service tier (`priority`, `flex`) and a long-context tier
+/// are each one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Multipliers {
+    pub(super) input: u64,
+    pub(super) output: u64,
+}
+
+/// 1× in [`Multipliers`]' ten-thousandths.
+pub(super) const MULTIPLIER_ONE: u64 = 10_000;
+
+impl Multipliers {
+    pub const ONE: Multipliers = Multipliers { input: MULTIPLIER_ONE, output: MULTIPLIER_ONE };
+
+    /// Both applied: the products, in hundred-millionths.
+    fn and(self, other: Multipliers) -> (u128, u128) {
+        (u128::from(self.input) * u128::from(other.input), u128::from(self.output) * u128::from(other.output))
+    }
+}
+
+/// Rates that apply to the whole call once its input is above a size
+/// (Anthropic and Google price long prompts higher).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LongContext {
+    pub(super) above_input_tokens: u64,
+    pub(super) multipliers: Multipliers,
 }
 
 /// What is known about a model call before it is forwarded.
@@ -82,9 +116,15 @@ pub struct ModelPrice {
     pub(super) cached_input_per_mtok: Picos,
     pub(super) output_per_mtok: Picos,
     pub(super) per_request: Picos,
+    /// Equal to `input_per_mtok` when the file sets no cache-write price.
+    pub(super) cache_write_5m_per_mtok: Picos,
+    pub(super) cache_write_1h_per_mtok: Picos,
     /// Output tokens to hold for when a request names no maximum. Zero only
     /// for models whose output is free, where it does not matter.
     pub(super) default_max_output_tokens: u64,
+    pub(super) long_context: Option<LongContext>,
+    /// The service tier the request asked for ([`ModelPrice::in_tier`]).
+    pub(super) tier: Multipliers,
 }
 
 impl ModelPrice {
@@ -92,25 +132,58 @@ impl ModelPrice {
     /// of the input and cached-input prices, plus the allowed output tokens.
     /// Never less than [`ModelPrice::cost`] of a usage that stays within it.
     pub fn hold_amount(&self, request: &HoldRequest) -> Result<Decimal, CostError> {
-        let input_price = self.input_per_mtok.max(self.cached_input_per_mtok);
+        let input_price = self
+            .input_per_mtok
+            .max(self.cached_input_per_mtok)
+            .max(self.cache_write_5m_per_mtok)
+            .max(self.cache_write_1h_per_mtok);
         let output_tokens = request.max_output_tokens.unwrap_or(self.default_max_output_tokens);
-        total(&[
-            tokens_at(request.input_bytes, input_price),
-            tokens_at(output_tokens, self.output_per_mtok),
-            fee(self.per_request),
+        let (input_scale, output_scale) = self.multipliers(request.input_bytes);
+        scaled_total(&[
+            (tokens_at(request.input_bytes, input_price), input_scale),
+            (tokens_at(output_tokens, self.output_per_mtok), output_scale),
+            (fee(self.per_request), UNSCALED),
         ])
+    }
+
+    /// The tier's multipliers, and the long-context ones once `input_tokens`
+    /// is above the model's threshold.
+    fn multipliers(&self, input_tokens: u64) -> (u128, u128) {
+        let long = match self.long_context {
+            Some(long) if input_tokens > long.above_input_tokens => long.multipliers,
+            _ => Multipliers::ONE,
+        };
+        self.tier.and(long)
+    }
+
+    /// These prices in a service tier.
+    pub fn in_tier(self, tier: Multipliers) -> ModelPrice {
+        ModelPrice { tier, ..self }
     }
 
     /// What the call cost. Cached input tokens are charged at the cached price;
     /// a cached count above the input count is charged in full (the upstream's
     /// word is taken for the cached part, the rest of the input is then zero).
     pub fn cost(&self, usage: &TokenUsage) -> Result<Decimal, CostError> {
-        let uncached_tokens = usage.input_tokens.saturating_sub(usage.cached_input_tokens);
-        total(&[
+        let uncached_tokens = usage
+            .input_tokens
+            .saturating_sub(usage.cached_input_tokens)
+            .saturating_sub(usage.cache_write_5m_tokens)
+            .saturating_sub(usage.cache_write_1h_tokens);
+        let input_attos = [
             tokens_at(uncached_tokens, self.input_per_mtok),
             tokens_at(usage.cached_input_tokens, self.cached_input_per_mtok),
-            tokens_at(usage.output_tokens, self.output_per_mtok),
-            fee(self.per_request),
+            tokens_at(usage.cache_write_5m_tokens, self.cache_write_5m_per_mtok),
+            tokens_at(usage.cache_write_1h_tokens, self.cache_write_1h_per_mtok),
+        ]
+        .iter()
+        .try_fold(0u128, |sum, &term| sum.checked_add(term))
+        .ok_or(CostError::Overflow)?;
+        let (input_scale, output_scale) = self.multipliers(usage.input_tokens);
+        scaled_total(&[
+            (input_attos, input_scale),
+            (tokens_at(usage.output_tokens, self.output_per_mtok), output_scale),
+            (fee(self.per_request), UNSCALED),
         ])
     }
 
@@ -183,13 +256,35 @@ fn fee(price: Picos) -> u128 {
     u128::from(price.0) * ATTOS_PER_PICO
 }
 
+/// A term's scale when no multiplier applies: two multipliers of 1×.
+const UNSCALED: u128 = (MULTIPLIER_ONE as u128) * (MULTIPLIER_ONE as u128);
+
 /// The one rounding rule: sum the exact attodollar terms, then round the total
 /// up (towards +∞) to whole nanodollars. Never per token or per term, so
 /// splitting a call's usage can never change what it costs.
 fn total(attos_terms: &[u128]) -> Result<Decimal, CostError> {
-    let attos =
-        attos_terms.iter().try_fold(0u128, |sum, &term| sum.checked_add(term)).ok_or(CostError::Overflow)?;
-    let nanos = attos.div_ceil(ATTOS_PER_NANO);
+    let terms: Vec<(u128, u128)> = attos_terms.iter().map(|&attos| (attos, UNSCALED)).collect();
+    scaled_total(&terms)
+}
+
+/// [`total`] of terms each multiplied by its scale (two [`Multipliers`]
+/// applied, in hundred-millionths): still exact, still one rounding.
+fn scaled_total(terms: &[(u128, u128)]) -> Result<Decimal, CostError> {
+    // Terms at 1× are summed as they are, so they overflow no sooner than
+    // without multipliers; the others in hundred-millionths of an attodollar.
+    let (mut plain, mut scaled) = (0u128, 0u128);
+    for &(attos, scale) in terms {
+        if scale == UNSCALED {
+            plain = plain.checked_add(attos).ok_or(CostError::Overflow)?;
+        } else {
+            let term = attos.checked_mul(scale).ok_or(CostError::Overflow)?;
+            scaled = scaled.checked_add(term).ok_or(CostError::Overflow)?;
+        }
+    }
+    // plain + scaled / UNSCALED attodollars, rounded up once to nanodollars.
+    let whole = plain.checked_add(scaled / UNSCALED).ok_or(CostError::Overflow)?;
+    let nanos =
+        if scaled % UNSCALED == 0 { whole.div_ceil(ATTOS_PER_NANO) } else { whole / ATTOS_PER_NANO + 1 };
     let nanos = i128::try_from(nanos).map_err(|_| CostError::Overflow)?;
     Decimal::try_from_i128_with_scale(nanos, COST_SCALE).map_err(|_| CostError::Overflow)
 }
@@ -218,12 +313,75 @@ mod tests {
             cached_input_per_mtok: picos(cached),
             output_per_mtok: picos(output),
             per_request: picos(per_request),
+            cache_write_5m_per_mtok: picos(input),
+            cache_write_1h_per_mtok: picos(input),
             default_max_output_tokens: 4096,
+            long_context: None,
+            tier: Multipliers::ONE,
         }
     }
 
     fn usage(input: u64, cached: u64, output: u64) -> TokenUsage {
-        TokenUsage { input_tokens: input, cached_input_tokens: cached, output_tokens: output }
+        TokenUsage {
+            input_tokens: input,
+            cached_input_tokens: cached,
+            output_tokens: output,
+            ..TokenUsage::default()
+        }
+    }
+
+    /// A multiplier written as a decimal, in ten-thousandths.
+    fn times(text: &str) -> u64 {
+        rust_decimal::prelude::ToPrimitive::to_u64(&(dec(text) * Decimal::from(MULTIPLIER_ONE))).unwrap()
+    }
+
+    #[test]
+    fn cache_writes_are_priced_apart_from_plain_and_cached_input() {
+        let price = ModelPrice {
+            cache_write_5m_per_mtok: picos("3.75"),
+            cache_write_1h_per_mtok: picos("6"),
+            ..model("3", "0.3", "15", "0")
+        };
+        // 1000 input: 100 cache reads, 200 5-minute writes, 300 1-hour writes, 400 plain.
+        let used =
+            TokenUsage { cache_write_5m_tokens: 200, cache_write_1h_tokens: 300, ..usage(1000, 100, 10) };
+        let expected = dec("0.0012") + dec("0.00003") + dec("0.00075") + dec("0.0018") + dec("0.00015");
+        assert_eq!(price.cost(&used).unwrap(), expected, "400×3 + 100×0.3 + 200×3.75 + 300×6 + 10×15 per 1M");
+        let hold = price.hold_amount(&HoldRequest { input_bytes: 1000, max_output_tokens: Some(0) }).unwrap();
+        assert_eq!(hold, dec("0.006"), "the hold prices every input byte as a 1-hour cache write");
+    }
+
+    #[test]
+    fn tier_and_long_context_multipliers_apply_exactly_with_one_rounding() {
+        let base = model("3", "3", "15", "0.001");
+        let priority = base.in_tier(Multipliers { input: times("1.7"), output: times("1.7") });
+        assert_eq!(
+            priority.cost(&usage(1_000_000, 0, 100_000)).unwrap(),
+            dec("7.65") + dec("0.001"),
+            "fee unscaled"
+        );
+        let long = ModelPrice {
+            long_context: Some(LongContext {
+                above_input_tokens: 200_000,
+                multipliers: Multipliers { input: times("2"), output: times("1.5") },
+            }),
+            ..base
+        };
+        assert_eq!(
+            long.cost(&usage(200_000, 0, 1000)).unwrap(),
+            dec("0.6") + dec("0.015") + dec("0.001"),
+            "at the threshold: base"
+        );
+        assert_eq!(
+            long.cost(&usage(200_001, 0, 1000)).unwrap(),
+            dec("1.200006") + dec("0.0225") + dec("0.001"),
+            "above: the whole call"
+        );
+        // A third: 1 token at $1/M × 0.3333 = 3.333e-7, rounded up once to 3.34e-7.
+        let third =
+            model("1", "1", "0", "0").in_tier(Multipliers { input: times("0.3333"), output: MULTIPLIER_ONE });
+        assert_eq!(third.cost(&usage(1, 0, 0)).unwrap(), dec("0.000000334"));
+        assert_eq!(third.cost(&usage(3, 0, 0)).unwrap(), dec("0.000001"), "9999e-13 rounds up to 1e-6");
     }
 
     #[test]
@@ -291,7 +449,11 @@ mod tests {
             cached_input_per_mtok: ceiling,
             output_per_mtok: ceiling,
             per_request: ceiling,
+            cache_write_5m_per_mtok: ceiling,
+            cache_write_1h_per_mtok: ceiling,
             default_max_output_tokens: u64::MAX,
+            long_context: None,
+            tier: Multipliers::ONE,
         };
         let most = usage(u64::MAX, 0, u64::MAX);
         assert!(price.cost(&most).is_ok(), "u64 usage at the ceiling fits");
@@ -337,7 +499,11 @@ mod tests {
                 cached_input_per_mtok: cached,
                 output_per_mtok: output,
                 per_request: fee,
+                cache_write_5m_per_mtok: input,
+                cache_write_1h_per_mtok: input,
                 default_max_output_tokens: default_out,
+                long_context: None,
+                tier: Multipliers::ONE,
             }
         }
     }

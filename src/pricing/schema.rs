@@ -45,8 +45,14 @@ pub(super) struct RawModel {
     pub input_per_mtok: Option<RawValue>,
     pub output_per_mtok: Option<RawValue>,
     pub cached_input_per_mtok: Option<RawValue>,
+    pub cache_write_5m_per_mtok: Option<RawValue>,
+    pub cache_write_1h_per_mtok: Option<RawValue>,
     pub per_request: Option<RawValue>,
     pub default_max_output_tokens: Option<RawValue>,
+    pub long_context: Option<Spanned<Lenient<RawLongContext>>>,
+    /// Multipliers per `service_tier` a request may ask for.
+    #[serde(default)]
+    pub service_tiers: RawEntries<RawMultipliers>,
     #[serde(default)]
     pub aliases: Vec<RawValue>,
     #[serde(default)]
@@ -62,7 +68,26 @@ pub(super) struct RawModelChange {
     pub input_per_mtok: Option<RawValue>,
     pub output_per_mtok: Option<RawValue>,
     pub cached_input_per_mtok: Option<RawValue>,
+    pub cache_write_5m_per_mtok: Option<RawValue>,
+    pub cache_write_1h_per_mtok: Option<RawValue>,
     pub per_request: Option<RawValue>,
+}
+
+/// Multipliers on the input-side rates and on the output rate.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMultipliers {
+    pub input: Option<RawValue>,
+    pub output: Option<RawValue>,
+}
+
+/// Multipliers that apply to a whole call above an input size.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLongContext {
+    pub above_input_tokens: Option<RawValue>,
+    pub input: Option<RawValue>,
+    pub output: Option<RawValue>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,7 +6,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
-use super::cost::{ModelPrice, ToolPrice};
+use super::cost::{ModelPrice, Multipliers, ToolPrice};
 use super::problems::PriceFileErrors;
 use super::validate::validate;
 
@@ -77,6 +77,13 @@ impl PriceTable {
         self.models.get(index)?.schedule.at(at)
     }
 
+    /// The multipliers of a service tier of a model, if the file prices it.
+    pub fn service_tier(&self, name: &str, tier: &str) -> Option<Multipliers> {
+        let index = *self.model_names.get(name)?;
+        let tiers = &self.models.get(index)?.service_tiers;
+        tiers.iter().find(|(named, _)| named == tier).map(|(_, multipliers)| *multipliers)
+    }
+
     /// The prices of a tool in force at `at`.
     pub fn tool(&self, name: &str, at: DateTime<Utc>) -> Option<ToolPrice> {
         let index = *self.tool_names.get(name)?;
@@ -112,6 +119,8 @@ impl PriceTable {
 pub(super) struct ModelEntry {
     pub(super) name: String,
     pub(super) schedule: Schedule<ModelPrice>,
+    /// Multipliers per service tier a request may name (`priority`, `flex`).
+    pub(super) service_tiers: Vec<(String, Multipliers)>,
 }
 
 #[derive(Debug)]
@@ -316,7 +325,12 @@ mod tests {
         const CALLS: u32 = 1000;
         let table = example();
         let names = ["gpt-4o-mini", "claude-sonnet-4-20250514", "mock-gpt"];
-        let usage = TokenUsage { input_tokens: 1200, cached_input_tokens: 200, output_tokens: 300 };
+        let usage = TokenUsage {
+            input_tokens: 1200,
+            cached_input_tokens: 200,
+            output_tokens: 300,
+            ..TokenUsage::default()
+        };
         let mut samples: Vec<Duration> = (0..101)
             .map(|_| {
                 let start = Instant::now();

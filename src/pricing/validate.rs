@@ -8,10 +8,11 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use toml::{Spanned, Value};
 
-use super::cost::{ModelPrice, Picos, ToolPrice, PRICE_SCALE};
+use super::cost::{LongContext, ModelPrice, Multipliers, Picos, ToolPrice, MULTIPLIER_ONE, PRICE_SCALE};
 use super::problems::{PriceFileErrors, Problems};
 use super::schema::{
-    Lenient, RawEntries, RawLimits, RawModel, RawModelChange, RawPriceFile, RawTool, RawToolChange, RawValue,
+    Lenient, RawEntries, RawLimits, RawLongContext, RawModel, RawModelChange, RawPriceFile, RawTool,
+    RawToolChange, RawValue,
 };
 use super::table::{ModelEntry, Schedule, ToolEntry};
 
@@ -28,6 +29,8 @@ const DEFAULT_MAX_PRICE_PER_CALL: u32 = 100;
 const HARD_MAX_PRICE: u32 = 1_000_000;
 /// Bound on `default_max_output_tokens`: a slip here would inflate every hold.
 const MAX_DEFAULT_OUTPUT_TOKENS: u64 = 10_000_000;
+/// Bound on a tier or long-context multiplier: a slip of magnitude, not a price.
+const MAX_MULTIPLIER: u64 = 100;
 /// Bound on the label: it is printed in every ledger entry as `label@hash`.
 const MAX_LABEL_CHARS: usize = 64;
 
@@ -99,8 +102,20 @@ enum PriceKind {
 struct ModelRates {
     input: Option<Picos>,
     cached_input: Option<Picos>,
+    cache_write_5m: Option<Picos>,
+    cache_write_1h: Option<Picos>,
     output: Option<Picos>,
     per_request: Option<Picos>,
+}
+
+/// The price fields a model and each of its schedule entries may set.
+struct RateFields<'r> {
+    input: Option<&'r RawValue>,
+    cached_input: Option<&'r RawValue>,
+    cache_write_5m: Option<&'r RawValue>,
+    cache_write_1h: Option<&'r RawValue>,
+    output: Option<&'r RawValue>,
+    per_request: Option<&'r RawValue>,
 }
 
 impl ModelRates {
@@ -109,21 +124,28 @@ impl ModelRates {
         Self {
             input: change.input.or(self.input),
             cached_input: change.cached_input.or(self.cached_input),
+            cache_write_5m: change.cache_write_5m.or(self.cache_write_5m),
+            cache_write_1h: change.cache_write_1h.or(self.cache_write_1h),
             output: change.output.or(self.output),
             per_request: change.per_request.or(self.per_request),
         }
     }
 
-    /// An unset price is zero, except the cached price, which follows the
-    /// input price in force (also after a scheduled input change).
-    fn price(self, default_max_output_tokens: u64) -> ModelPrice {
+    /// An unset price is zero, except the cached and cache-write prices,
+    /// which follow the input price in force (also after a scheduled input
+    /// change).
+    fn price(self, default_max_output_tokens: u64, long_context: Option<LongContext>) -> ModelPrice {
         let input = self.input.unwrap_or_default();
         ModelPrice {
             input_per_mtok: input,
             cached_input_per_mtok: self.cached_input.unwrap_or(input),
             output_per_mtok: self.output.unwrap_or_default(),
             per_request: self.per_request.unwrap_or_default(),
+            cache_write_5m_per_mtok: self.cache_write_5m.unwrap_or(input),
+            cache_write_1h_per_mtok: self.cache_write_1h.unwrap_or(input),
             default_max_output_tokens,
+            long_context,
+            tier: Multipliers::ONE,
         }
     }
 }
@@ -166,6 +188,8 @@ impl RawChange for RawModelChange {
         self.input_per_mtok.is_none()
             && self.output_per_mtok.is_none()
             && self.cached_input_per_mtok.is_none()
+            && self.cache_write_5m_per_mtok.is_none()
+            && self.cache_write_1h_per_mtok.is_none()
             && self.per_request.is_none()
     }
 }
@@ -300,27 +324,41 @@ impl Checker<'_> {
             );
             self.problems.at_span(&name.span(), message);
         }
-        let base = self.model_rates(
-            raw.input_per_mtok.as_ref(),
-            raw.cached_input_per_mtok.as_ref(),
-            raw.output_per_mtok.as_ref(),
-            raw.per_request.as_ref(),
-        );
+        let base = self.model_rates(RateFields {
+            input: raw.input_per_mtok.as_ref(),
+            cached_input: raw.cached_input_per_mtok.as_ref(),
+            cache_write_5m: raw.cache_write_5m_per_mtok.as_ref(),
+            cache_write_1h: raw.cache_write_1h_per_mtok.as_ref(),
+            output: raw.output_per_mtok.as_ref(),
+            per_request: raw.per_request.as_ref(),
+        });
         let changes = self.changes(&what, &raw.schedule, |checker, change| {
-            checker.model_rates(
-                change.input_per_mtok.as_ref(),
-                change.cached_input_per_mtok.as_ref(),
-                change.output_per_mtok.as_ref(),
-                change.per_request.as_ref(),
-            )
+            checker.model_rates(RateFields {
+                input: change.input_per_mtok.as_ref(),
+                cached_input: change.cached_input_per_mtok.as_ref(),
+                cache_write_5m: change.cache_write_5m_per_mtok.as_ref(),
+                cache_write_1h: change.cache_write_1h_per_mtok.as_ref(),
+                output: change.output_per_mtok.as_ref(),
+                per_request: change.per_request.as_ref(),
+            })
         });
         let periods = merge(base, changes, ModelRates::then);
         let default_output = self.default_output(&what, name, raw, &periods);
-        let schedule =
-            Schedule::new(periods.into_iter().map(|(from, rates)| (from, rates.price(default_output))));
+        let long_context = raw.long_context.as_ref().and_then(|long| self.long_context(&what, long));
+        let schedule = Schedule::new(
+            periods.into_iter().map(|(from, rates)| (from, rates.price(default_output, long_context))),
+        );
+        let service_tiers = in_file_order_ref(&raw.service_tiers)
+            .into_iter()
+            .filter_map(|(tier, body)| {
+                let what = format!("{what} service tier `{}`", tier.get_ref());
+                let raw = self.entry_body(&what, body)?;
+                Some((tier.get_ref().clone(), self.multipliers(raw.input.as_ref(), raw.output.as_ref())?))
+            })
+            .collect();
         let aliases = self.aliases(&raw.aliases);
         Some(CheckedModel {
-            entry: ModelEntry { name: name.get_ref().clone(), schedule },
+            entry: ModelEntry { name: name.get_ref().clone(), schedule, service_tiers },
             name_offset: name.span().start,
             aliases,
         })
@@ -331,20 +369,63 @@ impl Checker<'_> {
         aliases.iter().filter_map(|alias| Some((self.name("alias", alias)?, alias.span().start))).collect()
     }
 
-    fn model_rates(
-        &mut self,
-        input: Option<&RawValue>,
-        cached_input: Option<&RawValue>,
-        output: Option<&RawValue>,
-        per_request: Option<&RawValue>,
-    ) -> ModelRates {
+    fn model_rates(&mut self, fields: RateFields<'_>) -> ModelRates {
         use PriceKind::{PerCall, PerMtok};
         ModelRates {
-            input: self.price("input_per_mtok", input, PerMtok),
-            cached_input: self.price("cached_input_per_mtok", cached_input, PerMtok),
-            output: self.price("output_per_mtok", output, PerMtok),
-            per_request: self.price("per_request", per_request, PerCall),
+            input: self.price("input_per_mtok", fields.input, PerMtok),
+            cached_input: self.price("cached_input_per_mtok", fields.cached_input, PerMtok),
+            cache_write_5m: self.price("cache_write_5m_per_mtok", fields.cache_write_5m, PerMtok),
+            cache_write_1h: self.price("cache_write_1h_per_mtok", fields.cache_write_1h, PerMtok),
+            output: self.price("output_per_mtok", fields.output, PerMtok),
+            per_request: self.price("per_request", fields.per_request, PerCall),
         }
+    }
+
+    /// `[models."name".long_context]`: above how many input tokens which
+    /// multipliers apply.
+    fn long_context(&mut self, what: &str, body: &Spanned<Lenient<RawLongContext>>) -> Option<LongContext> {
+        let what = format!("{what} long_context");
+        let raw = self.entry_body(&what, body)?;
+        let above = match raw.above_input_tokens.as_ref().map(|value| (value, value.get_ref())) {
+            Some((_, Value::Integer(n))) if *n > 0 => u64::try_from(*n).ok(),
+            Some((value, _)) => {
+                let message =
+                    format!("above_input_tokens = {}: use a whole number above 0", self.written(value));
+                self.problems.at_span(&value.span(), message);
+                return None;
+            }
+            None => {
+                self.problems.at_span(&body.span(), format!("{what} needs above_input_tokens, e.g. 200000"));
+                return None;
+            }
+        }?;
+        let multipliers = self.multipliers(raw.input.as_ref(), raw.output.as_ref())?;
+        Some(LongContext { above_input_tokens: above, multipliers })
+    }
+
+    /// Input and output multipliers (each defaults to 1): exact decimals
+    /// above 0, at most 100, with at most 4 decimal places.
+    fn multipliers(&mut self, input: Option<&RawValue>, output: Option<&RawValue>) -> Option<Multipliers> {
+        let input = self.multiplier("input", input)?;
+        let output = self.multiplier("output", output)?;
+        Some(Multipliers { input, output })
+    }
+
+    fn multiplier(&mut self, field: &str, value: Option<&RawValue>) -> Option<u64> {
+        let Some(value) = value else { return Some(MULTIPLIER_ONE) };
+        let amount = self.decimal(field, value)?;
+        let scaled = amount * Decimal::from(MULTIPLIER_ONE);
+        let valid =
+            amount > Decimal::ZERO && amount <= Decimal::from(MAX_MULTIPLIER) && scaled.fract().is_zero();
+        let result = valid.then(|| rust_decimal::prelude::ToPrimitive::to_u64(&scaled)).flatten();
+        if result.is_none() {
+            let message = format!(
+                "{field} = {}: a multiplier is above 0, at most {MAX_MULTIPLIER}, with at most 4 decimal places",
+                self.written(value)
+            );
+            self.problems.at_span(&value.span(), message);
+        }
+        result
     }
 
     /// Output tokens to hold when a request names no maximum. Required as soon
@@ -731,6 +812,13 @@ fn merge<R: Copy>(base: R, changes: Vec<Change<R>>, then: fn(R, R) -> R) -> Vec<
     periods
 }
 
+/// [`in_file_order`] without taking the entries.
+fn in_file_order_ref<T>(entries: &RawEntries<T>) -> Vec<(&Spanned<String>, &Spanned<Lenient<T>>)> {
+    let mut entries: Vec<_> = entries.iter().collect();
+    entries.sort_by_key(|(name, _)| name.span().start);
+    entries
+}
+
 fn in_file_order<T>(entries: RawEntries<T>) -> Vec<(Spanned<String>, Spanned<Lenient<T>>)> {
     let mut entries: Vec<_> = entries.into_iter().collect();
     entries.sort_by_key(|(name, _)| name.span().start);
@@ -956,6 +1044,28 @@ mod tests {
         assert!(found[0].1.contains("hard limit of 1000000"), "{}", found[0].1);
         assert_eq!(found[1].0, 4);
         assert!(found[1].1.contains("zero"), "{}", found[1].1);
+    }
+
+    #[test]
+    fn tier_and_long_context_multipliers_are_checked() {
+        let text = file(concat!(
+            "[models.m]\ninput_per_mtok = \"1\"\n",
+            "service_tiers.priority = { input = \"0\" }\n",
+            "service_tiers.flex = { output = \"1.00001\" }\n",
+            "service_tiers.slow = { input = 0.5 }\n",
+            "long_context = { input = \"2\" }\n",
+        ));
+        let found = problems(&text);
+        assert_eq!(found.len(), 4, "{found:?}");
+        assert!(found.iter().any(|(_, m)| m.contains("above 0, at most 100")), "{found:?}");
+        assert!(found.iter().any(|(_, m)| m.contains("bare TOML float")), "{found:?}");
+        assert!(found.iter().any(|(_, m)| m.contains("needs above_input_tokens")), "{found:?}");
+        let valid = file(concat!(
+            "[models.m]\ninput_per_mtok = \"1\"\ncache_write_1h_per_mtok = \"2\"\n",
+            "service_tiers.priority = { input = \"1.7\", output = \"1.7\" }\n",
+            "long_context = { above_input_tokens = 200000, input = \"2\", output = \"1.5\" }\n",
+        ));
+        assert!(PriceTable::parse("prices.toml", &valid).is_ok(), "multipliers and cache writes in range");
     }
 
     #[test]

@@ -135,6 +135,7 @@ struct ModelFields {
     best_of: Option<Value>,
     stream: Option<Value>,
     stream_options: Option<Value>,
+    service_tier: Option<Value>,
 }
 
 /// Most choices one request may ask for (`n`, `best_of`); OpenAI's own bound.
@@ -153,6 +154,9 @@ pub struct ModelRequest {
     /// (`previous_response_id`, `conversation`, file ids, URLs, hosted
     /// tools): the first such marker found.
     pub server_context: Option<&'static str>,
+    /// A service tier other than the default (`priority`, `flex`, ...),
+    /// priced by the tier's multipliers or refused.
+    pub service_tier: Option<String>,
 }
 
 /// The output-cap field each API reads; a cap in any other field would be
@@ -218,7 +222,27 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         .unwrap_or(false);
     let server_context =
         SERVER_CONTEXT.iter().find(|(_, finder)| finder.find(body).is_some()).map(|(name, _)| *name);
-    Ok(ModelRequest { model, max_output_tokens, choices, stream, include_usage, server_context })
+    // `auto` runs on the project's default tier, which the operator chose.
+    let service_tier = match fields.service_tier {
+        None | Some(Value::Null) => None,
+        Some(Value::String(tier)) if tier == "auto" || tier == "default" => None,
+        Some(Value::String(tier)) if !tier.is_empty() && tier.len() <= 64 => Some(tier),
+        Some(_) => {
+            return Err(ProxyError::InvalidField {
+                field: "service_tier",
+                reason: "must be a tier name such as \"default\" or \"priority\"".into(),
+            })
+        }
+    };
+    Ok(ModelRequest {
+        model,
+        max_output_tokens,
+        choices,
+        stream,
+        include_usage,
+        server_context,
+        service_tier,
+    })
 }
 
 /// A whole number of tokens or choices, 0 or more; `null` counts as absent.
@@ -445,15 +469,24 @@ pub fn tool_hold_amount(
     })
 }
 
-/// Look the model up; unpriced models are refused, never served free.
+/// Look the model up (in the service tier the request asked for); unpriced
+/// models and tiers are refused, never served at the wrong price.
 pub fn price_model(
     table: &PriceTable,
     model: &str,
+    service_tier: Option<&str>,
     flavour: Flavour,
     now: DateTime<Utc>,
 ) -> Result<Priced, ProxyError> {
-    let price =
+    let mut price =
         table.model(model, now).ok_or_else(|| ProxyError::UnpricedModel { model: model.to_owned() })?;
+    if let Some(tier) = service_tier {
+        let multipliers = table.service_tier(model, tier).ok_or_else(|| ProxyError::UnpricedServiceTier {
+            model: model.to_owned(),
+            tier: tier.to_owned(),
+        })?;
+        price = price.in_tier(multipliers);
+    }
     Ok(Priced::Model { name: Arc::from(model), price, flavour })
 }
 
@@ -565,9 +598,11 @@ impl Charge {
             let ceiling = self.limits.usage_ceiling;
             let clipped = tokens.input_tokens > ceiling || tokens.output_tokens > ceiling;
             if clipped {
-                tokens.input_tokens = tokens.input_tokens.min(ceiling);
-                tokens.output_tokens = tokens.output_tokens.min(ceiling);
-                tokens.cached_input_tokens = tokens.cached_input_tokens.min(tokens.input_tokens);
+                tokens = TokenUsage {
+                    input_tokens: tokens.input_tokens.min(ceiling),
+                    output_tokens: tokens.output_tokens.min(ceiling),
+                    ..TokenUsage::default()
+                };
                 tracing::warn!(
                     input = reported.input_tokens,
                     output = reported.output_tokens,
@@ -615,9 +650,15 @@ impl Charge {
 
 fn token_usage(reported: &Reported, delivered_output: u64) -> TokenUsage {
     let input = reported.input_tokens.unwrap_or(0);
+    // Parts of the input, each at most what is left of it.
+    let cached = reported.cached_input_tokens.unwrap_or(0).min(input);
+    let write_1h = reported.cache_write_1h_tokens.unwrap_or(0).min(input - cached);
+    let write_5m = reported.cache_write_5m_tokens.unwrap_or(0).min(input - cached - write_1h);
     TokenUsage {
         input_tokens: input,
-        cached_input_tokens: reported.cached_input_tokens.unwrap_or(0).min(input),
+        cached_input_tokens: cached,
+        cache_write_5m_tokens: write_5m,
+        cache_write_1h_tokens: write_1h,
         output_tokens: reported.output_tokens.unwrap_or(0).max(delivered_output),
     }
 }

@@ -38,6 +38,8 @@ pub enum ProxyError {
     MissingModel,
     #[error("`{model}` has no price on this gateway; use a priced model or ask the operator to add it to the price file")]
     UnpricedModel { model: String },
+    #[error("`{model}` has no price for service tier `{tier}`; use the default tier or ask the operator to price it")]
+    UnpricedServiceTier { model: String, tier: String },
     #[error("`{field}` {reason}")]
     InvalidField { field: &'static str, reason: String },
     #[error("this route is metered but the gateway has no price table")]
@@ -87,6 +89,7 @@ impl ProxyError {
             ProxyError::InvalidJson { .. } => (S::BAD_REQUEST, "invalid_request_error", "invalid_json", Level::DEBUG),
             ProxyError::MissingModel => (S::BAD_REQUEST, "invalid_request_error", "missing_model", Level::DEBUG),
             ProxyError::UnpricedModel { .. } => (S::BAD_REQUEST, "invalid_request_error", "model_not_priced", Level::DEBUG),
+            ProxyError::UnpricedServiceTier { .. } => (S::BAD_REQUEST, "invalid_request_error", "service_tier_not_priced", Level::DEBUG),
             ProxyError::InvalidField { .. } => (S::BAD_REQUEST, "invalid_request_error", "invalid_field", Level::DEBUG),
             ProxyError::NoPriceTable => (S::SERVICE_UNAVAILABLE, "gateway_error", "no_price_table", Level::ERROR),
             ProxyError::Refused(refusal) => refusal_class(refusal),

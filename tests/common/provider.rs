@@ -11,7 +11,9 @@
 //! (default 50,000); `x-provider-pace-ms: N` between stream events;
 //! `x-provider-usage-delay-ms: N` before the usage event;
 //! `x-provider-no-final-blank: 1`; `x-provider-units: N|none|garbage` for
-//! the tool route.
+//! the tool route; `x-provider-cache-write-5m: N` and `-1h: N` input tokens
+//! an Anthropic call wrote to its prompt cache (reported apart, as
+//! Anthropic does).
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::Write as _;
@@ -37,9 +39,11 @@ pub struct Received {
     pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
-    /// The usage the provider reported for it.
+    /// The usage the provider reported for it (input includes cache writes).
     pub input_tokens: u64,
     pub output_tokens: u64,
+    pub cache_write_5m_tokens: u64,
+    pub cache_write_1h_tokens: u64,
 }
 
 #[derive(Clone, Default)]
@@ -108,12 +112,16 @@ impl Provider {
         let per_choice = if headers.contains_key("x-provider-ignore-cap") { wanted } else { wanted.min(cap) };
         let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1);
         let output_tokens = per_choice * choices;
+        let (write_5m, write_1h) =
+            (number("x-provider-cache-write-5m", 0), number("x-provider-cache-write-1h", 0));
         self.received.lock().unwrap().push(Received {
             path: path.clone(),
             headers: headers.clone(),
             body: body.clone(),
-            input_tokens,
+            input_tokens: input_tokens + write_5m + write_1h,
             output_tokens,
+            cache_write_5m_tokens: write_5m,
+            cache_write_1h_tokens: write_1h,
         });
         let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
         let gzip =
@@ -122,7 +130,10 @@ impl Provider {
         if !stream {
             let document = if anthropic {
                 json!({"id": "msg_1", "type": "message", "content": [{"type": "text", "text": "hi"}],
-                       "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}})
+                       "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
+                                 "cache_creation_input_tokens": write_5m + write_1h,
+                                 "cache_creation": {"ephemeral_5m_input_tokens": write_5m,
+                                                    "ephemeral_1h_input_tokens": write_1h}}})
             } else {
                 let choices: Vec<Value> = (0..choices)
                     .map(|i| json!({"index": i, "message": {"role": "assistant", "content": "hi"}}))
@@ -182,6 +193,8 @@ impl Provider {
             body: Value::Null,
             input_tokens: 0,
             output_tokens: 0,
+            cache_write_5m_tokens: 0,
+            cache_write_1h_tokens: 0,
         });
         let mut response = respond(b"{\"results\": []}".to_vec(), "application/json", false);
         match units.as_str() {
