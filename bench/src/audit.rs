@@ -26,7 +26,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use crate::client::Admin;
-use crate::drive::Sequencer;
+use crate::drive::{Sequencer, LOAD_REQUEST_ID};
 use crate::mix::{Call, Catalog, Spec};
 use crate::stats::Refused;
 use crate::tenants::{Tenants, WalletRef};
@@ -34,10 +34,19 @@ use crate::tenants::{Tenants, WalletRef};
 /// Longest wait for in-flight settles to close their holds.
 const SETTLE_WAIT: Duration = Duration::from_secs(15);
 
+/// A request id as plain lowercase hex (the gateway writes it without
+/// hyphens to the upstream, the ledger with them).
+fn hex_id(id: &str) -> String {
+    id.chars().filter(|c| *c != '-').collect::<String>().to_ascii_lowercase()
+}
+
 /// What the mock served one gateway for one request.
 #[derive(Debug, Clone)]
 pub struct Served {
     pub seq: u64,
+    /// The gateway's own request id, as the mock saw it (hex, no hyphens):
+    /// its ledger debit carries the same one.
+    pub ledger_id: Option<String>,
     pub path: String,
     pub model: Option<String>,
     pub status: u16,
@@ -50,9 +59,10 @@ impl Served {
         entries
             .into_iter()
             .filter_map(|e| {
-                let seq = e.header("x-request-id").and_then(|id| sequencer.seq_of(id))?;
+                let seq = e.header(LOAD_REQUEST_ID).and_then(|id| sequencer.seq_of(id))?;
                 let path = e.uri.split('?').next().unwrap_or_default().to_owned();
-                Some(Served { seq, path, model: e.model, status: e.status, usage: e.usage })
+                let ledger_id = e.header("x-request-id").map(hex_id);
+                Some(Served { seq, ledger_id, path, model: e.model, status: e.status, usage: e.usage })
             })
             .collect()
     }
@@ -78,13 +88,16 @@ impl Served {
             }
             oldest = Some(oldest.map_or(mock_seq, |o| o.min(mock_seq)));
             newest = Some(newest.map_or(mock_seq, |n| n.max(mock_seq)));
-            let request_id = entry["headers"].as_array().and_then(|headers| {
-                headers.iter().find_map(|pair| {
-                    let name = pair.get(0)?.as_str()?;
-                    name.eq_ignore_ascii_case("x-request-id").then(|| pair.get(1)?.as_str()).flatten()
+            let header = |wanted: &str| {
+                entry["headers"].as_array().and_then(|headers| {
+                    headers.iter().find_map(|pair| {
+                        let name = pair.get(0)?.as_str()?;
+                        name.eq_ignore_ascii_case(wanted).then(|| pair.get(1)?.as_str()).flatten()
+                    })
                 })
-            });
-            let Some(seq) = request_id.and_then(|id| sequencer.seq_of(id)) else { continue };
+            };
+            let Some(seq) = header(LOAD_REQUEST_ID).and_then(|id| sequencer.seq_of(id)) else { continue };
+            let ledger_id = header("x-request-id").map(hex_id);
             let uri = entry["uri"].as_str().unwrap_or_default();
             let count = |usage: &Value, field: &str| usage[field].as_u64().unwrap_or(0);
             let usage = entry.get("usage").filter(|u| u.is_object()).map(|u| MockUsage {
@@ -94,6 +107,7 @@ impl Served {
             });
             served.push(Served {
                 seq,
+                ledger_id,
                 path: uri.split('?').next().unwrap_or_default().to_owned(),
                 model: entry["model"].as_str().map(str::to_owned),
                 status: entry["status"].as_u64().unwrap_or(0) as u16,
@@ -374,6 +388,8 @@ async fn check_debits(
 ) -> anyhow::Result<()> {
     let name = books.name;
     let mut matched = 0usize;
+    let seq_of: HashMap<&str, u64> =
+        books.served.iter().filter_map(|s| Some((s.ledger_id.as_deref()?, s.seq))).collect();
     for org in &books.tenants.orgs {
         let mut cursor = 0u64;
         loop {
@@ -383,7 +399,7 @@ async fn check_debits(
                 .await?;
             for debit in page["entries"].as_array().context("ledger page: no entries")? {
                 let id = debit["kind"]["request_id"].as_str().context("debit without request id")?;
-                let Some(seq) = books.sequencer.seq_of(id) else {
+                let Some(seq) = seq_of.get(hex_id(id).as_str()).copied() else {
                     findings.failures.push(format!("{name}: debit for unknown request {id}"));
                     continue;
                 };

@@ -25,6 +25,22 @@ pub async fn call(http: &Http, request: Request<Full<Bytes>>) -> anyhow::Result<
     Ok((status, response.into_body().collect().await?.to_bytes()))
 }
 
+/// Send a request, read its status and first chunk, and hang up (a client
+/// that leaves a stream early). An error body is still read whole.
+pub async fn call_and_hang_up(http: &Http, request: Request<Full<Bytes>>) -> anyhow::Result<(u16, Bytes)> {
+    let response = http.request(request).await?;
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    if status != 200 {
+        return Ok((status, body.collect().await?.to_bytes()));
+    }
+    let first = match body.frame().await {
+        Some(frame) => frame?.into_data().unwrap_or_default(),
+        None => Bytes::new(),
+    };
+    Ok((status, first))
+}
+
 /// The `error.code` of a gateway error body (`{"error":{"type","code","message"}}`).
 pub fn error_code(body: &[u8]) -> Option<String> {
     let value: Value = serde_json::from_slice(body).ok()?;

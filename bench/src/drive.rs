@@ -37,7 +37,12 @@ pub struct Target {
 
 /// Numbers requests across the whole run and names them: the request id is a
 /// UUID carrying the run id and the sequence number, which the gateway keeps
-/// as its ledger request id and passes to the mock.
+/// and passes to the mock in [`LOAD_REQUEST_ID`]; the gateway keys its
+/// ledger by an id of its own, which the mock sees as `x-request-id`.
+/// An end-to-end header the gateway forwards untouched: how the mock's
+/// journal names the harness's request.
+pub const LOAD_REQUEST_ID: &str = "x-load-request-id";
+
 #[derive(Debug)]
 pub struct Sequencer {
     run: u32,
@@ -62,6 +67,8 @@ impl Sequencer {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The id the harness gives request `seq`, sent as [`LOAD_REQUEST_ID`]
+    /// (and as `x-request-id`, which the gateway replaces with its own).
     pub fn request_id(&self, seq: u64) -> String {
         format!("{:08x}-0000-4000-8000-{:012x}", self.run, seq & 0xffff_ffff_ffff)
     }
@@ -101,7 +108,8 @@ pub fn build_request(
 ) -> anyhow::Result<Request<Full<Bytes>>> {
     let mut request = Request::post(format!("http://{}{}", target.addr, spec.path()))
         .header("content-type", "application/json")
-        .header("x-request-id", sequencer.request_id(spec.seq));
+        .header("x-request-id", sequencer.request_id(spec.seq))
+        .header(LOAD_REQUEST_ID, sequencer.request_id(spec.seq));
     if let Some(key) = target.keys.get(spec.key) {
         request = request.header("authorization", format!("Bearer {key}"));
     }
@@ -116,7 +124,12 @@ async fn send(http: &Http, target: &Target, sequencer: &Sequencer, spec: &Spec, 
     let mut outcome =
         Outcome { seq: spec.seq, key: spec.key, latency_ns: 0, status: 0, code: None, required: None };
     if let Ok(request) = build_request(target, sequencer, spec) {
-        if let Ok((status, body)) = client::call(http, request).await {
+        let call = if spec.abandon {
+            client::call_and_hang_up(http, request).await
+        } else {
+            client::call(http, request).await
+        };
+        if let Ok((status, body)) = call {
             outcome.status = status;
             if status != 200 {
                 outcome.code = client::error_code(&body);

@@ -91,6 +91,12 @@ pub struct MixConfig {
     pub max_tokens: u64,
     /// Share of requests sent with the small wallets' keys.
     pub dry_share: f64,
+    /// Share of streamed requests whose client hangs up after the first
+    /// chunk: the gateway must still charge the usage the upstream reports.
+    pub abandon_share: f64,
+    /// Share of funded model requests that name no output cap: the gateway
+    /// holds and forwards the price table's default.
+    pub no_cap_share: f64,
     pub seed: u64,
 }
 
@@ -105,6 +111,8 @@ impl MixConfig {
             body_bytes: vec![200],
             max_tokens: 16,
             dry_share: 0.0,
+            abandon_share: 0.0,
+            no_cap_share: 0.0,
             seed: 7,
         }
     }
@@ -147,6 +155,8 @@ pub struct Spec {
     pub key: usize,
     pub call: Call,
     pub body: Bytes,
+    /// The client reads the first chunk and hangs up.
+    pub abandon: bool,
 }
 
 impl Spec {
@@ -238,11 +248,17 @@ impl Mix {
                 })
                 .unwrap_or(&self.config.models[0]);
             let stream = choice.api.streams() && draws.chance(self.config.stream_share);
-            let max_tokens = (choice.api != Api::Embeddings).then_some(self.config.max_tokens);
+            // A wallet that cannot pay the default cap gets a lower one: the
+            // audit cannot know which, so only funded keys leave it out.
+            let funded = key < self.keys.funded;
+            let capped = !(funded && draws.chance(self.config.no_cap_share));
+            let max_tokens = (choice.api != Api::Embeddings && capped).then_some(self.config.max_tokens);
             Call::Model { api: choice.api, model: choice.model.clone(), stream, max_tokens }
         };
+        let abandon =
+            matches!(call, Call::Model { stream: true, .. }) && draws.chance(self.config.abandon_share);
         let body = body(&call, seq, size);
-        Spec { seq, key, call, body }
+        Spec { seq, key, call, body, abandon }
     }
 }
 
@@ -288,7 +304,7 @@ pub fn stream_spec(seq: u64, key: usize, frames: u64) -> Spec {
     );
     let call =
         Call::Model { api: Api::Chat, model: "mock-gpt".into(), stream: true, max_tokens: Some(frames) };
-    Spec { seq, key, call, body: Bytes::from(body) }
+    Spec { seq, key, call, body: Bytes::from(body), abandon: false }
 }
 
 /// The request body, padded with prompt text to about `size` bytes.
@@ -301,18 +317,23 @@ fn body(call: &Call, seq: u64, size: usize) -> Bytes {
             format!(r#"{{"model":"{model}","input":"{pad}"}}"#)
         }
         Call::Model { api: Api::Responses, model, max_tokens, .. } => format!(
-            r#"{{"model":"{model}","max_output_tokens":{},"seed":{seq},"input":"{pad}"}}"#,
-            max_tokens.unwrap_or(16)
+            r#"{{"model":"{model}",{}"seed":{seq},"input":"{pad}"}}"#,
+            cap("max_output_tokens", *max_tokens)
         ),
         Call::Model { model, stream, max_tokens, .. } => format!(
-            r#"{{"model":"{model}","max_tokens":{},"seed":{seq},"stream":{stream},"messages":[{{"role":"user","content":"{pad}"}}]}}"#,
-            max_tokens.unwrap_or(16)
+            r#"{{"model":"{model}",{}"seed":{seq},"stream":{stream},"messages":[{{"role":"user","content":"{pad}"}}]}}"#,
+            cap("max_tokens", *max_tokens)
         ),
     };
     let bare = skeleton("").len();
     let pad = "lorem ipsum ".repeat(size.saturating_sub(bare).div_ceil(12));
     let pad = &pad[..size.saturating_sub(bare)];
     Bytes::from(skeleton(pad))
+}
+
+/// The output cap member of a body (with its comma), or nothing.
+fn cap(field: &str, max_tokens: Option<u64>) -> String {
+    max_tokens.map(|n| format!(r#""{field}":{n},"#)).unwrap_or_default()
 }
 
 /// Deterministic draws for one request (splitmix64 over seed and sequence).
@@ -355,6 +376,8 @@ mod tests {
             body_bytes: vec![100, 5000],
             max_tokens: 32,
             dry_share: 0.1,
+            abandon_share: 0.2,
+            no_cap_share: 0.2,
             seed: 3,
         };
         Mix::new(config, KeyCounts { funded: 4, dry: 2 })

@@ -92,6 +92,12 @@ pub struct Args {
     /// Share of model requests (chat and messages) that stream.
     #[arg(long, default_value_t = 0.2)]
     pub stream_share: f64,
+    /// Share of streamed requests whose client hangs up after the first chunk.
+    #[arg(long, default_value_t = 0.05)]
+    pub abandon_share: f64,
+    /// Share of funded model requests sent without an output cap.
+    #[arg(long, default_value_t = 0.1)]
+    pub no_cap_share: f64,
     /// Request body sizes in bytes, picked uniformly.
     #[arg(long, value_delimiter = ',', default_value = "256,1024,8192")]
     pub body_bytes: Vec<usize>,
@@ -270,6 +276,8 @@ impl Settings {
         for (name, share) in [
             ("--tool-share", args.tool_share),
             ("--stream-share", args.stream_share),
+            ("--abandon-share", args.abandon_share),
+            ("--no-cap-share", args.no_cap_share),
             ("--lite-share", args.lite_share),
             ("--dry-share", args.dry_share.unwrap_or(0.0)),
         ] {
@@ -305,6 +313,8 @@ impl Settings {
             body_bytes: args.body_bytes,
             max_tokens: args.max_tokens,
             dry_share,
+            abandon_share: args.abandon_share,
+            no_cap_share: args.no_cap_share,
             seed: args.seed,
         };
         let gateway_bin = match args.gateway_bin {

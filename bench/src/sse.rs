@@ -15,7 +15,7 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 
 use crate::client::Http;
-use crate::drive::{Sequencer, Target};
+use crate::drive::{Sequencer, Target, LOAD_REQUEST_ID};
 use crate::mix::stream_spec;
 
 /// What the streams of one mode in one round showed.
@@ -59,7 +59,7 @@ pub async fn measure(call: &StreamCall<'_>, streams: usize) -> anyhow::Result<Ss
             .journal
             .entries()
             .into_iter()
-            .find(|e| e.header("x-request-id").and_then(|id| call.sequencer.seq_of(id)) == Some(seq))
+            .find(|e| e.header(LOAD_REQUEST_ID).and_then(|id| call.sequencer.seq_of(id)) == Some(seq))
             .map(|e| e.event_times())
             .unwrap_or_default();
         sample.unmatched += received.times.len().abs_diff(written.len()) as u64;
@@ -82,7 +82,7 @@ async fn stream_once(call: &StreamCall<'_>, seq: u64) -> anyhow::Result<Option<R
     let spec = stream_spec(seq, call.key, call.frames);
     let mut request = Request::post(format!("http://{}{}", call.target.addr, spec.path()))
         .header("content-type", "application/json")
-        .header("x-request-id", call.sequencer.request_id(seq))
+        .header(LOAD_REQUEST_ID, call.sequencer.request_id(seq))
         .header("x-mock-pace-ms", call.pace_ms.to_string());
     if let Some(key) = call.target.keys.get(call.key) {
         request = request.header("authorization", format!("Bearer {key}"));
