@@ -453,7 +453,7 @@ mod tests {
         let ours = sequencer.request_id(7);
         let entry = |seq: u64, id: &str| {
             json!({"seq": seq, "method": "POST", "uri": "/v1/chat/completions?x=1",
-                   "headers": [["X-Request-Id", id]], "model": "mock-gpt", "status": 200,
+                   "headers": [["X-Load-Request-Id", id], ["x-request-id", "01A2-B3"]], "model": "mock-gpt", "status": 200,
                    "usage": {"input_tokens": 3, "output_tokens": 5, "units": 0}})
         };
         let journal = json!([entry(4, &ours), entry(5, &ours), entry(6, "someone-else")]);
@@ -463,6 +463,7 @@ mod tests {
         assert_eq!(next, 7);
         assert_eq!(served.len(), 1, "seq 4 was read before, seq 6 is not ours");
         assert_eq!((served[0].seq, served[0].path.as_str()), (7, "/v1/chat/completions"));
+        assert_eq!(served[0].ledger_id.as_deref(), Some("01a2b3"), "the gateway's id, as plain hex");
         assert_eq!(served[0].usage, Some(MockUsage { input_tokens: 3, output_tokens: 5, units: 0 }));
         let (_, gap) = Served::from_journal_json(&json!([entry(9, &ours)]), &sequencer, &mut next).unwrap();
         assert!(gap, "entries 7 and 8 were dropped");
