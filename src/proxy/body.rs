@@ -232,7 +232,16 @@ impl Drop for GatewayBody {
         }
         let Some(done) = self.settle.take() else { return };
         match std::mem::replace(&mut self.source, Source::Local(None)) {
-            Source::Upstream { body, .. } if done.wants_usage() => read_on(body, done),
+            // Reading on needs the runtime (gone only while it shuts down).
+            Source::Upstream { body, .. }
+                if done.wants_usage() && tokio::runtime::Handle::try_current().is_ok() =>
+            {
+                read_on(body, done)
+            }
+            _ if done.wants_usage() => {
+                let SettleOnDone { proxy, ctx } = *done;
+                proxy.settle(ctx, Outcome::Abandoned);
+            }
             _ => {
                 let SettleOnDone { proxy, ctx } = *done;
                 proxy.settle(ctx, Outcome::ClientGone);

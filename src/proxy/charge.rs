@@ -557,7 +557,7 @@ impl Charge {
         let held = hold.amount();
         let (cost, usage, flag) = match &priced {
             Priced::Model { price, flavour, .. } => self.model_cost(price, *flavour, outcome, held),
-            Priced::Tool { price, .. } => self.tool_cost(price, held),
+            Priced::Tool { price, units_header, .. } => self.tool_cost(price, units_header.is_some(), held),
         };
         let name = match &priced {
             Priced::Model { name, .. } | Priced::Tool { name, .. } => name.clone(),
@@ -635,10 +635,17 @@ impl Charge {
     }
 
     /// A tool's units as its header reported them, up to the ceiling; no
-    /// readable count is charged the hold.
-    fn tool_cost(&self, price: &ToolPrice, held: Decimal) -> (Decimal, Usage, SettleFlag) {
-        let Some(reported) = self.tool_units else {
-            return (held, Usage::default(), SettleFlag::NoUsage);
+    /// readable count (where the route reads one) is charged the hold.
+    fn tool_cost(
+        &self,
+        price: &ToolPrice,
+        counts_units: bool,
+        held: Decimal,
+    ) -> (Decimal, Usage, SettleFlag) {
+        let reported = match (counts_units, self.tool_units) {
+            (false, _) => 0,
+            (true, Some(units)) => units,
+            (true, None) => return (held, Usage::default(), SettleFlag::NoUsage),
         };
         let ceiling = self.limits.usage_ceiling;
         let units = reported.min(ceiling);
