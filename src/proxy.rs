@@ -232,15 +232,8 @@ impl Proxy {
                     .await
                     .map_err(|_| ProxyError::BodyTimeout { timeout })??;
                 let fields = charge::read_model_request(&bytes, *flavour)?;
-                let priced = charge::price_model(
-                    &table,
-                    &fields.model,
-                    fields.service_tier.as_deref(),
-                    *flavour,
-                    now,
-                )?;
-                self.check_item_allowed(key.key, route, &priced)?;
-                let Priced::Model { price, .. } = &priced else { unreachable!("price_model prices a model") };
+                let price = charge::price_model(&table, &fields.model, fields.service_tier.as_deref(), now)?;
+                self.check_item_allowed(key.key, route, &fields.model)?;
                 let context_tokens = match fields.server_context {
                     Some(marker) if route.limits.context_budget_tokens == 0 => {
                         return Err(ProxyError::ServerContextRefused { marker })
@@ -249,9 +242,17 @@ impl Proxy {
                     None => 0,
                 };
                 let request_bytes = bytes.len() as u64;
-                let plan = OutputPlan::new(&fields, *flavour, price, context_tokens);
-                let (hold, plan) =
-                    self.hold_model(key.wallet, request_id, price, request_bytes, plan, route, context, now)?;
+                let plan = OutputPlan::new(&fields, *flavour, &price, context_tokens);
+                let (hold, plan) = self.hold_model(
+                    key.wallet,
+                    request_id,
+                    &price,
+                    request_bytes,
+                    plan,
+                    route,
+                    context,
+                    now,
+                )?;
                 let inject = *flavour == Flavour::OpenaiChat && fields.stream && !fields.include_usage;
                 let cap_edit = match (charge::cap_field(*flavour), plan.cap) {
                     (Some(field), Some(cap)) if fields.max_output_tokens != Some(cap) => Some((field, cap)),
@@ -265,13 +266,18 @@ impl Proxy {
                         reason: "the body must be a JSON object".into(),
                     })?
                 };
+                let priced = Priced::Model { name: Arc::from(fields.model), price, flavour: *flavour };
                 (Either::Right(Full::new(bytes)), priced, hold, plan.cap, inject, request_bytes)
             }
             RouteKind::Tool { name, units_header } => {
-                let priced = charge::price_tool(&table, name, units_header.clone(), now)?;
-                self.check_item_allowed(key.key, route, &priced)?;
-                let Priced::Tool { price, .. } = &priced else { unreachable!("price_tool prices a tool") };
-                let amount = charge::tool_hold_amount(price, units_header.as_ref(), route.limits.max_units)?;
+                let price = charge::price_tool(&table, name, now)?;
+                self.check_item_allowed(key.key, route, name)?;
+                let amount = charge::tool_hold_amount(&price, units_header.as_ref(), route.limits.max_units)?;
+                let priced = Priced::Tool {
+                    name: Arc::from(name.as_str()),
+                    price,
+                    units_header: units_header.clone(),
+                };
                 let hold = self.hold(key.wallet, request_id, amount, context, now)?;
                 let request_bytes = incoming.size_hint().exact().unwrap_or(0);
                 (streamed(incoming), priced, hold, None, false, request_bytes)
@@ -298,8 +304,7 @@ impl Proxy {
         Ok((parts, body))
     }
 
-    fn check_item_allowed(&self, key: KeyId, route: &Route, priced: &Priced) -> Result<(), ProxyError> {
-        let item = priced.name();
+    fn check_item_allowed(&self, key: KeyId, route: &Route, item: &str) -> Result<(), ProxyError> {
         if self.ledger.key_allows(key, &route.prefix, Some(item)) {
             Ok(())
         } else {

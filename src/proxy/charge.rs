@@ -475,9 +475,8 @@ pub fn price_model(
     table: &PriceTable,
     model: &str,
     service_tier: Option<&str>,
-    flavour: Flavour,
     now: DateTime<Utc>,
-) -> Result<Priced, ProxyError> {
+) -> Result<ModelPrice, ProxyError> {
     let mut price =
         table.model(model, now).ok_or_else(|| ProxyError::UnpricedModel { model: model.to_owned() })?;
     if let Some(tier) = service_tier {
@@ -487,17 +486,11 @@ pub fn price_model(
         })?;
         price = price.in_tier(multipliers);
     }
-    Ok(Priced::Model { name: Arc::from(model), price, flavour })
+    Ok(price)
 }
 
-pub fn price_tool(
-    table: &PriceTable,
-    tool: &str,
-    units_header: Option<HeaderName>,
-    now: DateTime<Utc>,
-) -> Result<Priced, ProxyError> {
-    let price = table.tool(tool, now).ok_or_else(|| ProxyError::UnpricedModel { model: tool.to_owned() })?;
-    Ok(Priced::Tool { name: Arc::from(tool), price, units_header })
+pub fn price_tool(table: &PriceTable, tool: &str, now: DateTime<Utc>) -> Result<ToolPrice, ProxyError> {
+    table.tool(tool, now).ok_or_else(|| ProxyError::UnpricedModel { model: tool.to_owned() })
 }
 
 impl Charge {
