@@ -209,6 +209,9 @@ pub struct Upstream {
     /// Speak HTTP/2 without negotiation (h2c) to a plain-HTTP upstream.
     pub http2_prior_knowledge: bool,
     pub credential: Option<Credential>,
+    /// When set, the only client request headers forwarded (the gateway's
+    /// own — credential, request id, length — are added after).
+    pub forward_headers: Option<Vec<HeaderName>>,
 }
 
 /// The upstream's own credential, added to every forwarded request.
@@ -381,6 +384,9 @@ struct RawUpstream {
     /// Prefix before the secret, e.g. `Bearer` (default: none for custom
     /// headers, `Bearer` for `authorization`).
     credential_scheme: Option<String>,
+    /// Request headers forwarded to this upstream; unset forwards every
+    /// end-to-end header but the client's credentials and account selectors.
+    forward_headers: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -759,6 +765,22 @@ fn validate_upstream(
         checker.problem(offset, format!("[upstreams.{name}] base_url must not carry a query string"), None);
     }
     let credential = credential(checker, offset, name, &raw, env);
+    let forward_headers = raw.forward_headers.as_ref().map(|names| {
+        names
+            .iter()
+            .filter_map(|text| match HeaderName::from_bytes(text.as_bytes()) {
+                Ok(header) => Some(header),
+                Err(_) => {
+                    checker.problem(
+                        offset,
+                        format!("[upstreams.{name}] forward_headers: {text:?} is not a header name"),
+                        None,
+                    );
+                    None
+                }
+            })
+            .collect()
+    });
     Some(Upstream {
         name: name.to_owned(),
         scheme,
@@ -772,6 +794,7 @@ fn validate_upstream(
         pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),
         http2_prior_knowledge: raw.http2_prior_knowledge,
         credential,
+        forward_headers,
     })
 }
 

@@ -380,6 +380,9 @@ impl Proxy {
         headers::strip_hop_by_hop(headers);
         headers::strip_client_credentials(headers);
         headers::strip_billing_selectors(headers);
+        if let Some(allowed) = &upstream.forward_headers {
+            headers::keep_only(headers, allowed);
+        }
         // The pooled client sets Host from the upstream URI.
         headers.remove(header::HOST);
         // An anonymous request (a public route) never carries the operator's credential.

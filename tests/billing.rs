@@ -378,6 +378,29 @@ async fn a_client_cannot_pick_the_upstream_account_that_pays() {
     assert_eq!(reply.status, 200);
     let seen = books.provider.last().headers;
     assert!(seen.get("openai-project").is_none() && seen.get("openai-organization").is_none());
+
+    // An operator's allow-list forwards only what it names, plus the gateway's own headers.
+    let allowing = Books::start(
+        |t| t.replace("credential_env = \"MOCK_UPSTREAM_KEY\"", "credential_env = \"MOCK_UPSTREAM_KEY\"\nforward_headers = [\"content-type\", \"anthropic-version\"]"),
+        "100",
+        "1",
+    )
+    .await;
+    let headers = [
+        ("anthropic-version", "2023-06-01"),
+        ("x-debug-route", "elsewhere"),
+        ("openai-beta", "assistants=v2"),
+    ];
+    let reply = allowing.post(CHAT, Some(&allowing.keys.pro), &headers, &json!({"model": "mock-gpt"})).await;
+    assert_eq!(reply.status, 200);
+    let seen = allowing.provider.last().headers;
+    assert_eq!(seen["anthropic-version"], "2023-06-01");
+    assert_eq!(seen["content-type"], "application/json");
+    assert!(seen.get("x-debug-route").is_none() && seen.get("openai-beta").is_none(), "{seen:?}");
+    assert!(
+        seen.contains_key("authorization") && seen.contains_key("x-request-id"),
+        "the gateway's own: {seen:?}"
+    );
 }
 
 #[tokio::test]

@@ -56,6 +56,14 @@ pub fn strip_billing_selectors(headers: &mut HeaderMap) {
     }
 }
 
+/// Keep only the `allowed` headers (an upstream's `forward_headers`).
+pub fn keep_only(headers: &mut HeaderMap, allowed: &[HeaderName]) {
+    let refused: Vec<HeaderName> = headers.keys().filter(|name| !allowed.contains(name)).cloned().collect();
+    for name in refused {
+        headers.remove(name);
+    }
+}
+
 /// A fresh request id (a UUIDv7 as 32 hex digits). The gateway mints one for
 /// every request and never takes the client's: the id keys the request's
 /// hold, and a client that could choose it could replay another request's
