@@ -259,6 +259,10 @@ pub struct RouteLimits {
     pub usage_ceiling: u64,
     /// Units a tool call is held for (per-unit tools).
     pub max_units: u64,
+    /// Calls of the upstream's hosted tools (web search, file search, ...) a
+    /// Responses request is held for and sent with as `max_tool_calls`,
+    /// when it names no bound itself.
+    pub max_tool_calls: u64,
 }
 
 impl Default for RouteLimits {
@@ -269,6 +273,7 @@ impl Default for RouteLimits {
             min_output_tokens: 16,
             usage_ceiling: 10_000_000,
             max_units: 100,
+            max_tool_calls: 10,
         }
     }
 }
@@ -406,6 +411,7 @@ struct RawRoute {
     min_output_tokens: Option<u64>,
     usage_ceiling: Option<u64>,
     max_units: Option<u64>,
+    max_tool_calls: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -882,10 +888,12 @@ fn route_limits(
         min_output_tokens: raw.min_output_tokens.unwrap_or(defaults.min_output_tokens),
         usage_ceiling: raw.usage_ceiling.unwrap_or(defaults.usage_ceiling),
         max_units: raw.max_units.unwrap_or(defaults.max_units),
+        max_tool_calls: raw.max_tool_calls.unwrap_or(defaults.max_tool_calls),
     };
     let model_only = [
         ("context_budget_tokens", raw.context_budget_tokens.is_some()),
         ("min_output_tokens", raw.min_output_tokens.is_some()),
+        ("max_tool_calls", raw.max_tool_calls.is_some()),
     ];
     let mut ok = true;
     let mut refuse = |checker: &mut Checker<'_>, message: String| {

@@ -28,6 +28,67 @@ pub struct Reported {
     pub cache_write_5m_tokens: Option<u64>,
     pub cache_write_1h_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
+    /// Calls of the upstream's own (hosted) tools, by [`HostedTool`].
+    pub hosted_calls: [u32; HostedTool::ALL.len()],
+}
+
+/// A tool the upstream runs itself and bills per call (OpenAI Responses
+/// API). Priced as the tool named by its output item type, e.g.
+/// `[tools."web_search_call"]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostedTool {
+    WebSearch,
+    FileSearch,
+    CodeInterpreter,
+    ImageGeneration,
+}
+
+impl HostedTool {
+    pub const ALL: [HostedTool; 4] = [
+        HostedTool::WebSearch,
+        HostedTool::FileSearch,
+        HostedTool::CodeInterpreter,
+        HostedTool::ImageGeneration,
+    ];
+
+    /// The type of the output item a call leaves, which is also the name
+    /// it is priced under.
+    pub fn item_type(self) -> &'static str {
+        match self {
+            HostedTool::WebSearch => "web_search_call",
+            HostedTool::FileSearch => "file_search_call",
+            HostedTool::CodeInterpreter => "code_interpreter_call",
+            HostedTool::ImageGeneration => "image_generation_call",
+        }
+    }
+
+    /// The hosted tool a request's `tools[].type` enables, if any.
+    pub fn from_request_type(kind: &str) -> Option<HostedTool> {
+        match kind {
+            "web_search" | "web_search_preview" | "web_search_2025_08_26" => Some(HostedTool::WebSearch),
+            "file_search" => Some(HostedTool::FileSearch),
+            "code_interpreter" => Some(HostedTool::CodeInterpreter),
+            "image_generation" => Some(HostedTool::ImageGeneration),
+            _ => None,
+        }
+    }
+
+    fn from_item_type(kind: &str) -> Option<HostedTool> {
+        HostedTool::ALL.into_iter().find(|tool| tool.item_type() == kind)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Hosted-tool calls among a response's output items.
+fn count_hosted_calls<'a>(types: impl Iterator<Item = &'a str>) -> [u32; HostedTool::ALL.len()] {
+    let mut calls = [0u32; HostedTool::ALL.len()];
+    for tool in types.filter_map(HostedTool::from_item_type) {
+        calls[tool.index()] = calls[tool.index()].saturating_add(1);
+    }
+    calls
 }
 
 impl Reported {
@@ -48,6 +109,9 @@ impl Reported {
         self.cached_input_tokens = max(self.cached_input_tokens, other.cached_input_tokens);
         self.cache_write_5m_tokens = max(self.cache_write_5m_tokens, other.cache_write_5m_tokens);
         self.cache_write_1h_tokens = max(self.cache_write_1h_tokens, other.cache_write_1h_tokens);
+        for (mine, theirs) in self.hosted_calls.iter_mut().zip(other.hosted_calls) {
+            *mine = (*mine).max(theirs);
+        }
         self.output_tokens = max(self.output_tokens, other.output_tokens);
     }
 }
@@ -60,11 +124,24 @@ struct Envelope {
     usage: Option<UsageFields>,
     message: Option<Nested>,
     response: Option<Nested>,
+    output: Option<Vec<OutputItem>>,
 }
 
 #[derive(Deserialize)]
 struct Nested {
     usage: Option<UsageFields>,
+    output: Option<Vec<OutputItem>>,
+}
+
+/// An item of a Responses API `output`: only its type is read.
+#[derive(Deserialize)]
+struct OutputItem {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+fn item_types(items: &[OutputItem]) -> impl Iterator<Item = &str> {
+    items.iter().filter_map(|item| item.kind.as_deref())
 }
 
 /// The counts of a `usage` object, each `Count(None)` when present but not
@@ -166,11 +243,14 @@ impl UsageFields {
 fn usage_from_bytes(json: &[u8]) -> Option<Reported> {
     match serde_json::from_slice::<Envelope>(json) {
         Ok(envelope) => {
+            let output =
+                envelope.output.as_deref().or(envelope.response.as_ref().and_then(|r| r.output.as_deref()));
+            let hosted_calls = output.map(|items| count_hosted_calls(item_types(items))).unwrap_or_default();
             let usage = envelope
                 .usage
                 .or_else(|| envelope.message.and_then(|m| m.usage))
                 .or_else(|| envelope.response.and_then(|r| r.usage))?;
-            Some(usage.reported())
+            Some(Reported { hosted_calls, ..usage.reported() })
         }
         // An unusual shape (`usage` that is not an object, a duplicated
         // key): read it the slow, general way.
@@ -214,6 +294,7 @@ fn counted(c: UsageCounts) -> Reported {
         cache_write_5m_tokens: write_5m,
         cache_write_1h_tokens: write_1h,
         output_tokens: c.completion.or(c.output),
+        hosted_calls: Default::default(),
     }
 }
 
@@ -224,7 +305,9 @@ fn usage_from_json(value: &Value) -> Option<Reported> {
         .filter(|u| u.is_object())
         .or_else(|| value.pointer("/message/usage"))
         .or_else(|| value.pointer("/response/usage"))?;
-    usage_from_object(usage)
+    let output = value.get("output").or_else(|| value.pointer("/response/output")).and_then(Value::as_array);
+    let types = output.into_iter().flatten().filter_map(|item| item.get("type").and_then(Value::as_str));
+    Some(Reported { hosted_calls: count_hosted_calls(types), ..usage_from_object(usage)? })
 }
 
 fn usage_from_object(usage: &Value) -> Option<Reported> {
@@ -758,6 +841,20 @@ mod tests {
             assert_eq!(r.cached_input_tokens.unwrap_or(0), cached, "{body}");
             assert_eq!(r.output_tokens.unwrap_or(0), output, "{body}");
         }
+    }
+
+    #[test]
+    fn hosted_tool_calls_are_counted_from_a_streamed_responses_call() {
+        let stream = concat!(
+            "event: response.output_item.done\ndata: {\"type\":\"response.output_item.done\",\"item\":{\"type\":\"web_search_call\"}}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"output\":[{\"type\":\"web_search_call\"},{\"type\":\"file_search_call\"},{\"type\":\"web_search_call\"},{\"type\":\"message\"}],\"usage\":{\"input_tokens\":9,\"output_tokens\":4}}}\n\n",
+        );
+        let mut meter = Meter::new(true, false);
+        meter.observe(Bytes::from_static(stream.as_bytes()));
+        let r = meter.finish();
+        assert_eq!(r.hosted_calls[HostedTool::WebSearch.index()], 2);
+        assert_eq!(r.hosted_calls[HostedTool::FileSearch.index()], 1);
+        assert_eq!((r.input_tokens, r.output_tokens), (Some(9), Some(4)));
     }
 
     #[test]

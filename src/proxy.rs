@@ -242,7 +242,10 @@ impl Proxy {
                     None => 0,
                 };
                 let request_bytes = bytes.len() as u64;
-                let plan = OutputPlan::new(&fields, *flavour, &price, context_tokens);
+                let (hosted_fee, tool_calls) =
+                    charge::hosted_tools_hold(&table, &fields, route.limits.max_tool_calls, now)?;
+                let plan =
+                    OutputPlan { hosted_fee, ..OutputPlan::new(&fields, *flavour, &price, context_tokens) };
                 let (hold, plan) = self.hold_model(
                     key.wallet,
                     request_id,
@@ -258,7 +261,7 @@ impl Proxy {
                     (Some(field), Some(cap)) if fields.max_output_tokens != Some(cap) => Some((field, cap)),
                     _ => None,
                 };
-                let edits = BodyEdits { cap: cap_edit, include_usage: inject };
+                let edits = BodyEdits { cap: cap_edit, include_usage: inject, max_tool_calls: tool_calls };
                 let bytes = if edits == BodyEdits::default() {
                     bytes
                 } else {

@@ -480,3 +480,41 @@ async fn price_modifiers_the_client_picks_are_priced() {
     );
     assert!(charged > books.reported_cost("mock-claude"), "dearer than plain input");
 }
+
+#[tokio::test]
+async fn hosted_tool_calls_are_held_bounded_and_charged_per_call() {
+    // Proves the per-call fees of the upstream's own tools (Responses API web search) are
+    // charged: the request is held for max_tool_calls calls (sent upstream when the request
+    // names no bound), each reported call is charged, and an unpriced hosted tool is refused.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let table = books.gateway.prices().unwrap().current();
+    let per_call = table.tool("web_search_call", chrono::Utc::now()).unwrap().cost(0).unwrap();
+    let tools =
+        json!([{"type": "web_search"}, {"type": "function", "name": "f", "parameters": {"type": "object"}}]);
+    for (bound, wanted, expected_calls, sent_bound) in
+        [(None, 3, 3, 10), (Some(2), 5, 2, 2), (None, 40, 10, 10)]
+    {
+        let mut body =
+            json!({"model": "mock-gpt", "max_output_tokens": 50, "input": "news?", "tools": tools});
+        if let Some(bound) = bound {
+            body["max_tool_calls"] = json!(bound);
+        }
+        let before = books.settled_balance(&pro).await;
+        let wanted = wanted.to_string();
+        let reply = books
+            .post("/v1/responses", Some(&pro), &[("x-provider-tool-calls", wanted.as_str())], &body)
+            .await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        let last = books.provider.last();
+        assert_eq!(last.body["max_tool_calls"], sent_bound, "the bound the hold assumed went upstream");
+        assert_eq!(last.hosted_calls, expected_calls);
+        let charged = before - books.settled_balance(&pro).await;
+        let expected = books.reported_cost("mock-gpt") + per_call * Decimal::from(expected_calls);
+        assert_eq!(charged, expected, "tokens plus {expected_calls} searches");
+    }
+    let body = json!({"model": "mock-gpt", "input": "draw", "tools": [{"type": "image_generation"}]});
+    let reply = books.post("/v1/responses", Some(&pro), &[], &body).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["error"]["code"], "tool_not_priced");
+}

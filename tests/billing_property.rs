@@ -156,6 +156,7 @@ async fn random_traffic_never_beats_the_books() {
     let ignored_cap = ignored_cap.lock().unwrap().clone();
     let forwarded = provider.received();
     let mut allowed_overrun: HashMap<WalletId, Decimal> = HashMap::new();
+    let mut recorded_overrun: HashMap<WalletId, Decimal> = HashMap::new();
     for request in &forwarded {
         let id = request.headers["x-request-id"].to_str().unwrap();
         let id = uuid::Uuid::try_parse(id).unwrap();
@@ -173,14 +174,24 @@ async fn random_traffic_never_beats_the_books() {
         assert!(debited >= reported, "seed {seed}: {id} debited {debited}, below the reported {reported}");
         let marker = request.headers["x-test-marker"].to_str().unwrap();
         if ignored_cap.contains(marker) {
-            *allowed_overrun.entry(wallet).or_default() += overrun;
+            // What this request cost beyond its hold is the most it can have taken the
+            // wallet below zero. (The ledger may record the overrun on another request
+            // that settles after it inside its own hold, once the lots are gone.)
+            *allowed_overrun.entry(wallet).or_default() += (debited - held).max(Decimal::ZERO);
         } else {
             assert!(
                 debited <= held,
                 "seed {seed}: {id} cost {debited} over its hold {held} though the cap was kept"
             );
-            assert_eq!(overrun, Decimal::ZERO, "seed {seed}: {id} overdrew though the cap was kept");
         }
+        *recorded_overrun.entry(wallet).or_default() += overrun;
+    }
+    for (wallet, recorded) in &recorded_overrun {
+        let allowed = allowed_overrun.get(wallet).copied().unwrap_or_default();
+        assert!(
+            *recorded <= allowed,
+            "seed {seed}: {wallet:?} overran {recorded}, ignored caps explain {allowed}"
+        );
     }
     assert_eq!(debits.len(), forwarded.len(), "seed {seed}: exactly the forwarded requests are debited");
     let mut wallets = HashSet::new();

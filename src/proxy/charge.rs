@@ -21,7 +21,7 @@ use crate::ledger::entity::KeyHash;
 use crate::ledger::entry::{SettleDetails, Usage};
 use crate::ledger::ids::RequestId;
 use crate::ledger::{Hold, Ledger, ResolvedKey};
-use crate::meter::{Meter, Reported};
+use crate::meter::{HostedTool, Meter, Reported};
 use crate::pricing::{HoldRequest, ModelPrice, PriceTable, TokenUsage, ToolPrice};
 
 /// Header an application uses to name its end user (recorded, for reports).
@@ -136,6 +136,15 @@ struct ModelFields {
     stream: Option<Value>,
     stream_options: Option<Value>,
     service_tier: Option<Value>,
+    tools: Option<Vec<RequestTool>>,
+    max_tool_calls: Option<Value>,
+}
+
+/// A `tools[]` entry: only its type is read (function schemas are skipped).
+#[derive(Deserialize)]
+struct RequestTool {
+    #[serde(rename = "type")]
+    kind: Option<String>,
 }
 
 /// Most choices one request may ask for (`n`, `best_of`); OpenAI's own bound.
@@ -157,6 +166,10 @@ pub struct ModelRequest {
     /// A service tier other than the default (`priority`, `flex`, ...),
     /// priced by the tier's multipliers or refused.
     pub service_tier: Option<String>,
+    /// Tools the upstream runs and bills per call (Responses API).
+    pub hosted_tools: Vec<HostedTool>,
+    /// The request's own bound on hosted tool calls.
+    pub max_tool_calls: Option<u64>,
 }
 
 /// The output-cap field each API reads; a cap in any other field would be
@@ -234,6 +247,16 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
             })
         }
     };
+    let mut hosted_tools: Vec<HostedTool> = Vec::new();
+    if flavour == Flavour::OpenaiResponses {
+        let kinds = fields.tools.iter().flatten().filter_map(|tool| tool.kind.as_deref());
+        for tool in kinds.filter_map(HostedTool::from_request_type) {
+            if !hosted_tools.contains(&tool) {
+                hosted_tools.push(tool);
+            }
+        }
+    }
+    let max_tool_calls = count(fields.max_tool_calls, "max_tool_calls")?;
     Ok(ModelRequest {
         model,
         max_output_tokens,
@@ -242,6 +265,8 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         include_usage,
         server_context,
         service_tier,
+        hosted_tools,
+        max_tool_calls,
     })
 }
 
@@ -326,6 +351,8 @@ pub struct BodyEdits {
     /// Set this output cap field (the request named none, or the gateway
     /// lowered it to what the wallet can pay).
     pub cap: Option<(&'static str, u64)>,
+    /// Set `max_tool_calls` (hosted tools enabled, no bound named).
+    pub max_tool_calls: Option<u64>,
     /// Add `stream_options.include_usage = true`.
     pub include_usage: bool,
 }
@@ -333,7 +360,7 @@ pub struct BodyEdits {
 /// The body with `stream_options.include_usage = true` added, so the stream
 /// reports its usage; `None` if the body is not a JSON object.
 pub fn with_include_usage(body: &[u8]) -> Option<Bytes> {
-    edited_body(body, BodyEdits { cap: None, include_usage: true })
+    edited_body(body, BodyEdits { include_usage: true, ..BodyEdits::default() })
 }
 
 /// The body with `edits` applied; `None` if the body is not a JSON object.
@@ -343,9 +370,9 @@ pub fn edited_body(body: &[u8], edits: BodyEdits) -> Option<Bytes> {
     // anywhere, or spells any key with \u escapes, takes the general path
     // so no field can appear twice.
     let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
-    let cap_named = edits
-        .cap
-        .is_some_and(|(field, _)| memchr::memmem::find(body, format!("\"{field}\"").as_bytes()).is_some());
+    let named = |field: &str| memchr::memmem::find(body, format!("\"{field}\"").as_bytes()).is_some();
+    let cap_named = edits.cap.is_some_and(|(field, _)| named(field))
+        || (edits.max_tool_calls.is_some() && named("max_tool_calls"));
     let options_named = edits.include_usage && STREAM_OPTIONS.find(body).is_some();
     if body[start] == b'{' && !cap_named && !options_named && UNICODE_ESCAPE.find(body).is_none() {
         let rest = &body[start + 1..];
@@ -357,6 +384,9 @@ pub fn edited_body(body: &[u8], edits: BodyEdits) -> Option<Bytes> {
         if let Some((field, cap)) = edits.cap {
             spliced.extend_from_slice(format!("\"{field}\":{cap},").as_bytes());
         }
+        if let Some(calls) = edits.max_tool_calls {
+            spliced.extend_from_slice(format!("\"max_tool_calls\":{calls},").as_bytes());
+        }
         if rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}') {
             spliced.pop();
         }
@@ -367,6 +397,9 @@ pub fn edited_body(body: &[u8], edits: BodyEdits) -> Option<Bytes> {
     let object = value.as_object_mut()?;
     if let Some((field, cap)) = edits.cap {
         object.insert(field.into(), Value::from(cap));
+    }
+    if let Some(calls) = edits.max_tool_calls {
+        object.insert("max_tool_calls".into(), Value::from(calls));
     }
     if edits.include_usage {
         let options = object.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
@@ -386,6 +419,8 @@ pub struct OutputPlan {
     /// Input tokens held beyond the request's bytes for context the upstream
     /// reads itself (the route's context budget).
     pub context_tokens: u64,
+    /// Held for the hosted tool calls the request may make.
+    pub hosted_fee: Decimal,
 }
 
 impl OutputPlan {
@@ -393,7 +428,13 @@ impl OutputPlan {
     pub fn new(fields: &ModelRequest, flavour: Flavour, price: &ModelPrice, context_tokens: u64) -> Self {
         let cap =
             cap_field(flavour).map(|_| fields.max_output_tokens.unwrap_or(price.default_max_output_tokens()));
-        OutputPlan { cap, named: fields.max_output_tokens.is_some(), choices: fields.choices, context_tokens }
+        OutputPlan {
+            cap,
+            named: fields.max_output_tokens.is_some(),
+            choices: fields.choices,
+            context_tokens,
+            hosted_fee: Decimal::ZERO,
+        }
     }
 
     fn hold_request(&self, request_bytes: u64, cap: Option<u64>) -> Option<HoldRequest> {
@@ -423,7 +464,7 @@ impl OutputPlan {
         let fits = |cap: u64| {
             self.hold_request(request_bytes, Some(cap))
                 .and_then(|request| price.hold_amount(&request).ok())
-                .is_some_and(|hold| hold <= available)
+                .is_some_and(|hold| hold + self.hosted_fee <= available)
         };
         if !fits(min_cap) {
             return None;
@@ -450,10 +491,56 @@ pub fn model_hold_amount(
 ) -> Result<Decimal, ProxyError> {
     plan.hold_request(request_bytes, plan.cap)
         .and_then(|request| price.hold_amount(&request).ok())
+        .and_then(|hold| hold.checked_add(plan.hosted_fee))
         .ok_or_else(|| ProxyError::InvalidField {
             field: "max_tokens",
             reason: "the request could cost more than the gateway can represent; lower it".into(),
         })
+}
+
+/// Phase `price` for the upstream's own tools a Responses request enables:
+/// every such tool must be priced (as `[tools."<item type>"]`), and the
+/// request is held for `max_tool_calls` calls of the dearest; a request
+/// that names no bound is sent with the route's (the second value).
+pub fn hosted_tools_hold(
+    table: &PriceTable,
+    fields: &ModelRequest,
+    route_calls: u64,
+    now: DateTime<Utc>,
+) -> Result<(Decimal, Option<u64>), ProxyError> {
+    if fields.hosted_tools.is_empty() {
+        return Ok((Decimal::ZERO, None));
+    }
+    let mut dearest = Decimal::ZERO;
+    for tool in &fields.hosted_tools {
+        let name = tool.item_type();
+        let per_call = table.tool(name, now).and_then(|price| price.cost(0).ok());
+        dearest = dearest.max(per_call.ok_or(ProxyError::UnpricedHostedTool { tool: name })?);
+    }
+    let calls = fields.max_tool_calls.unwrap_or(route_calls);
+    let fee = dearest.checked_mul(Decimal::from(calls)).ok_or_else(|| ProxyError::InvalidField {
+        field: "max_tool_calls",
+        reason: "the request could cost more than the gateway can represent; lower it".into(),
+    })?;
+    Ok((fee, fields.max_tool_calls.is_none().then_some(calls)))
+}
+
+/// What the hosted tool calls a response reports cost (each at its tool's
+/// per-call price), and how many there were.
+fn hosted_calls_cost(table: &PriceTable, reported: &Reported, now: DateTime<Utc>) -> (Decimal, u64) {
+    let mut cost = Decimal::ZERO;
+    let mut calls = 0u64;
+    for (tool, count) in HostedTool::ALL.into_iter().zip(reported.hosted_calls) {
+        if count == 0 {
+            continue;
+        }
+        calls += u64::from(count);
+        match table.tool(tool.item_type(), now).and_then(|price| price.cost(0).ok()) {
+            Some(per_call) => cost += per_call * Decimal::from(count),
+            None => tracing::warn!(tool = tool.item_type(), count, "unpriced hosted tool calls reported"),
+        }
+    }
+    (cost, calls)
 }
 
 /// Phase `price`: the most a tool call can cost (its route's most units).
@@ -549,7 +636,7 @@ impl Charge {
         }
         let held = hold.amount();
         let (cost, usage, flag) = match &priced {
-            Priced::Model { price, flavour, .. } => self.model_cost(price, *flavour, outcome, held),
+            Priced::Model { price, flavour, .. } => self.model_cost(price, *flavour, outcome, held, now),
             Priced::Tool { price, units_header, .. } => self.tool_cost(price, units_header.is_some(), held),
         };
         let name = match &priced {
@@ -579,6 +666,7 @@ impl Charge {
         flavour: Flavour,
         outcome: Outcome,
         held: Decimal,
+        now: DateTime<Utc>,
     ) -> (Decimal, Usage, SettleFlag) {
         let (reported, delivered) = match self.meter.as_mut() {
             Some(meter) => (meter.finish(), meter.delivered_output_estimate()),
@@ -613,16 +701,18 @@ impl Charge {
             }
             (usage, SettleFlag::Estimated)
         };
+        let (tool_cost, tool_calls) = hosted_calls_cost(&self.table, &reported, now);
         let cost = match price.cost(&tokens) {
-            Ok(cost) if flag == SettleFlag::Estimated => cost.min(held),
-            Ok(cost) => cost,
+            Ok(cost) if flag == SettleFlag::Estimated => (cost + tool_cost).min(held),
+            Ok(cost) => cost + tool_cost,
             Err(_) => held,
         };
         let usage = Usage {
             input_tokens: tokens.input_tokens,
             output_tokens: tokens.output_tokens,
             cached_input_tokens: tokens.cached_input_tokens,
-            tool_units: 0,
+            // A Responses call's hosted tool calls (the entry's unit count).
+            tool_units: tool_calls,
         };
         (cost, usage, flag)
     }

@@ -40,6 +40,8 @@ pub enum ProxyError {
     UnpricedModel { model: String },
     #[error("`{model}` has no price for service tier `{tier}`; use the default tier or ask the operator to price it")]
     UnpricedServiceTier { model: String, tier: String },
+    #[error("the request enables the upstream's `{tool}` tool, which has no price on this gateway; ask the operator to price [tools.\"{tool}\"]")]
+    UnpricedHostedTool { tool: &'static str },
     #[error("`{field}` {reason}")]
     InvalidField { field: &'static str, reason: String },
     #[error("this route is metered but the gateway has no price table")]
@@ -90,6 +92,7 @@ impl ProxyError {
             ProxyError::MissingModel => (S::BAD_REQUEST, "invalid_request_error", "missing_model", Level::DEBUG),
             ProxyError::UnpricedModel { .. } => (S::BAD_REQUEST, "invalid_request_error", "model_not_priced", Level::DEBUG),
             ProxyError::UnpricedServiceTier { .. } => (S::BAD_REQUEST, "invalid_request_error", "service_tier_not_priced", Level::DEBUG),
+            ProxyError::UnpricedHostedTool { .. } => (S::BAD_REQUEST, "invalid_request_error", "tool_not_priced", Level::DEBUG),
             ProxyError::InvalidField { .. } => (S::BAD_REQUEST, "invalid_request_error", "invalid_field", Level::DEBUG),
             ProxyError::NoPriceTable => (S::SERVICE_UNAVAILABLE, "gateway_error", "no_price_table", Level::ERROR),
             ProxyError::Refused(refusal) => refusal_class(refusal),

@@ -44,6 +44,8 @@ pub struct Received {
     pub output_tokens: u64,
     pub cache_write_5m_tokens: u64,
     pub cache_write_1h_tokens: u64,
+    /// Hosted tool calls it reported (Responses API `web_search_call` items).
+    pub hosted_calls: u64,
 }
 
 #[derive(Clone, Default)]
@@ -114,6 +116,12 @@ impl Provider {
         let output_tokens = per_choice * choices;
         let (write_5m, write_1h) =
             (number("x-provider-cache-write-5m", 0), number("x-provider-cache-write-1h", 0));
+        // Web searches it would run, within the request's max_tool_calls.
+        let wanted_calls = number("x-provider-tool-calls", 0);
+        let hosted_calls = match body.get("max_tool_calls").and_then(Value::as_u64) {
+            Some(bound) if !headers.contains_key("x-provider-ignore-cap") => wanted_calls.min(bound),
+            _ => wanted_calls,
+        };
         self.received.lock().unwrap().push(Received {
             path: path.clone(),
             headers: headers.clone(),
@@ -122,13 +130,21 @@ impl Provider {
             output_tokens,
             cache_write_5m_tokens: write_5m,
             cache_write_1h_tokens: write_1h,
+            hosted_calls,
         });
         let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
         let gzip =
             headers.get("accept-encoding").and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("gzip"));
         let anthropic = path.starts_with("/v1/messages");
         if !stream {
-            let document = if anthropic {
+            let document = if path.starts_with("/v1/responses") {
+                let mut output: Vec<Value> = (0..hosted_calls)
+                    .map(|i| json!({"type": "web_search_call", "id": format!("ws_{i}"), "status": "completed"}))
+                    .collect();
+                output.push(json!({"type": "message", "content": [{"type": "output_text", "text": "hi"}]}));
+                json!({"id": "resp_1", "object": "response", "output": output,
+                       "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}})
+            } else if anthropic {
                 json!({"id": "msg_1", "type": "message", "content": [{"type": "text", "text": "hi"}],
                        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
                                  "cache_creation_input_tokens": write_5m + write_1h,
@@ -195,6 +211,7 @@ impl Provider {
             output_tokens: 0,
             cache_write_5m_tokens: 0,
             cache_write_1h_tokens: 0,
+            hosted_calls: 0,
         });
         let mut response = respond(b"{\"results\": []}".to_vec(), "application/json", false);
         match units.as_str() {
