@@ -8,7 +8,10 @@
 //!
 //! `/admin/v1` (`Authorization: Bearer <token>`): the operator token sees
 //! every organization; an organization token (`[[admin.org_tokens]]`) sees
-//! only its own, and anything of another organization answers 404.
+//! only its own, and anything of another organization answers 404. Calls that
+//! create or remove credit (purchases, adjustments, contracts, Lite
+//! allowances and downgrades that grant them) need the operator token or an
+//! org token the operator marked `finance = true`; other org tokens get 403.
 //! - `GET /admin/v1/prices` — the price table in force: version, loaded-at,
 //!   last reload error (operator).
 //! - `POST /admin/v1/prices/reload` — re-read the price file; 200 with the new
@@ -81,16 +84,38 @@ impl Readiness {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
     Operator,
-    Org(OrgId),
+    /// One organization; `finance` lets it create or remove credit.
+    Org {
+        org: OrgId,
+        finance: bool,
+    },
 }
 
 impl Scope {
     pub fn sees(self, org: OrgId) -> bool {
         match self {
             Scope::Operator => true,
-            Scope::Org(own) => own == org,
+            Scope::Org { org: own, .. } => own == org,
         }
     }
+
+    /// Refuses callers that may not create or remove credit: money is the
+    /// operator's (or a finance token's) business, not every org admin's.
+    pub fn require_finance(self) -> Result<(), AdminError> {
+        match self {
+            Scope::Operator | Scope::Org { finance: true, .. } => Ok(()),
+            Scope::Org { finance: false, .. } => Err(AdminError::FinanceOnly),
+        }
+    }
+}
+
+/// An organization token as configured.
+#[derive(Clone)]
+pub struct OrgAccess {
+    pub org: OrgId,
+    pub token: String,
+    /// May create or remove credit.
+    pub finance: bool,
 }
 
 /// Reads ledger entries from the store: given `(after record, at most
@@ -106,7 +131,7 @@ pub struct Admin {
     pub prices: Option<Arc<LivePrices>>,
     pub metrics: Arc<Metrics>,
     pub operator_token: Option<String>,
-    pub org_tokens: Vec<(OrgId, String)>,
+    pub org_tokens: Vec<OrgAccess>,
     pub clock: Arc<dyn Clock>,
     pub ledger: Arc<Ledger>,
     pub entries: EntryReader,
@@ -156,9 +181,9 @@ impl Admin {
         if self.operator_token.as_deref().is_some_and(matches) {
             scope = Some(Scope::Operator);
         }
-        for (org, token) in &self.org_tokens {
-            if matches(token) && scope.is_none() {
-                scope = Some(Scope::Org(*org));
+        for access in &self.org_tokens {
+            if matches(&access.token) && scope.is_none() {
+                scope = Some(Scope::Org { org: access.org, finance: access.finance });
             }
         }
         scope.ok_or(AdminError::Unauthorized)
@@ -209,7 +234,9 @@ impl Admin {
                         return Ok(response);
                     }
                     _ => {
-                        api::org_resource(&self.ledger, org, &parts.method, rest, &parts.headers, &body, now)?
+                        let call =
+                            api::OrgCall { ledger: &self.ledger, org, scope, headers: &parts.headers, now };
+                        api::org_resource(&call, &parts.method, rest, &body)?
                     }
                 }
             }

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{Admin, AdminError, EntryReader, Readiness};
+use crate::admin::{Admin, AdminError, EntryReader, OrgAccess, Readiness};
 use crate::alerts::Alerts;
 use crate::clock::{Clock, SystemClock};
 use crate::config::GatewayConfig;
@@ -101,7 +101,7 @@ impl Gateway {
                 .admin
                 .org_tokens
                 .iter()
-                .map(|(org, token)| (OrgId(*org), token.clone()))
+                .map(|t| OrgAccess { org: OrgId(t.org), token: t.token.clone(), finance: t.finance })
                 .collect(),
             clock,
             ledger: ledger.clone(),

@@ -435,7 +435,11 @@ async fn an_org_token_cannot_see_or_change_another_org_through_any_route() {
     assert_eq!(cross_key.status, 404, "a key for another org's user");
     let cross_wallet = call(&stack, ORG_TOKEN, Method::POST, "/admin/v1/orgs/1/adjustments",
         Some(json!({"wallet": {"lite_user": ids["lite"]}, "amount": "5", "reason": "move", "expires_at": "2030-01-01T00:00:00Z"})), &[("idempotency-key", "x")]).await;
-    assert_eq!(cross_wallet.status, 404, "credits never move between orgs: {:?}", cross_wallet.body);
+    assert_eq!(
+        cross_wallet.status, 403,
+        "moving credit needs finance, before anything else: {:?}",
+        cross_wallet.body
+    );
     // Operator-only endpoints.
     assert_eq!(
         call(&stack, ORG_TOKEN, Method::POST, "/admin/v1/orgs", Some(json!({"name": "x"})), &[]).await.status,
@@ -596,4 +600,155 @@ async fn usage_days_are_the_organizations_days() {
     .json();
     assert_eq!(report["rows"][0]["day"], "2026-11-26", "{report}");
     assert_eq!(report["rows"][0]["month"], "2026-11");
+}
+
+/// The pool and every Lite wallet of `org`, with balances, as the operator sees them.
+async fn balances_of(stack: &Stack, org: u64) -> Value {
+    call(stack, ADMIN_TOKEN, Method::GET, &format!("/admin/v1/orgs/{org}/balances"), None, &[]).await.json()
+}
+
+#[tokio::test]
+async fn an_org_token_without_finance_cannot_create_credit_by_any_route() {
+    let stack = start().await;
+    let base = "/admin/v1/orgs/1";
+    let users = call(&stack, ORG_TOKEN, Method::GET, &format!("{base}/users"), None, &[]).await.json();
+    let user_id = |plan: &str| {
+        users["users"].as_array().unwrap().iter().find(|u| u["plan"] == plan).unwrap()["id"].clone()
+    };
+    let (pro, lite) = (user_id("pro"), user_id("lite"));
+    // A Pro user with no allowance: creating them grants nothing, so the org token may.
+    let plain = call(
+        &stack,
+        ORG_TOKEN,
+        Method::POST,
+        &format!("{base}/users"),
+        Some(json!({"name": "pat", "plan": "pro"})),
+        &[],
+    )
+    .await;
+    assert_eq!(plain.status, 201, "org tokens keep users: {:?}", plain.body);
+    let before = balances_of(&stack, 1).await;
+
+    let money_routes: Vec<(Method, String, Value)> = vec![
+        (Method::POST, format!("{base}/purchases"), json!({"amount": "1000000"})),
+        (
+            Method::POST,
+            format!("{base}/adjustments"),
+            json!({"wallet": "pool", "amount": "500", "reason": "gift", "expires_at": "2099-01-01T00:00:00Z"}),
+        ),
+        (
+            Method::POST,
+            format!("{base}/adjustments"),
+            json!({"wallet": "pool", "amount": "-1", "reason": "take"}),
+        ),
+        (
+            Method::POST,
+            format!("{base}/contracts"),
+            json!({"start": "2099-01-01", "years": 1, "platform_allocation_per_year": "1000000"}),
+        ),
+        (
+            Method::POST,
+            format!("{base}/users"),
+            json!({"name": "rich", "plan": "lite", "lite_monthly_allowance": "1000"}),
+        ),
+        (
+            Method::POST,
+            format!("{base}/users"),
+            json!({"name": "later", "plan": "pro", "lite_monthly_allowance": "1000"}),
+        ),
+        (Method::PATCH, format!("{base}/users/{lite}"), json!({"lite_monthly_allowance": "1000"})),
+        (Method::PATCH, format!("{base}/users/{pro}"), json!({"prorate_on_downgrade": true})),
+        (
+            Method::PATCH,
+            format!("{base}/users/{pro}"),
+            json!({"plan": "lite", "lite_monthly_allowance": "50"}),
+        ),
+    ];
+    for (method, path, body) in money_routes {
+        let reply = call(
+            &stack,
+            ORG_TOKEN,
+            method.clone(),
+            &path,
+            Some(body.clone()),
+            &[("idempotency-key", "mint")],
+        )
+        .await;
+        assert_eq!(reply.status, 403, "{method} {path} {body} must need finance: {:?}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "finance_scope_required");
+    }
+    assert_eq!(balances_of(&stack, 1).await, before, "no wallet changed");
+
+    // Upgrading a Lite user moves them onto the pool and grants nothing: allowed.
+    let up = call(
+        &stack,
+        ORG_TOKEN,
+        Method::PATCH,
+        &format!("{base}/users/{lite}"),
+        Some(json!({"plan": "pro"})),
+        &[],
+    )
+    .await;
+    assert_eq!(up.status, 200, "{:?}", up.body);
+    // But back down to Lite would grant their allowance again (Pro -> Lite -> Pro mints per cycle).
+    let after_up = balances_of(&stack, 1).await;
+    let down = call(
+        &stack,
+        ORG_TOKEN,
+        Method::PATCH,
+        &format!("{base}/users/{lite}"),
+        Some(json!({"plan": "lite"})),
+        &[],
+    )
+    .await;
+    assert_eq!(down.status, 403, "{:?}", down.body);
+    assert_eq!(balances_of(&stack, 1).await, after_up, "the refused downgrade granted nothing");
+    // Limits, keys, apps stay the org token's.
+    let limits = call(
+        &stack,
+        ORG_TOKEN,
+        Method::PATCH,
+        &format!("{base}/users/{pro}"),
+        Some(json!({"limits": {"daily": "5"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(limits.status, 200, "{:?}", limits.body);
+    let key =
+        call(&stack, ORG_TOKEN, Method::POST, &format!("{base}/keys"), Some(json!({"user": pro})), &[]).await;
+    assert_eq!(key.status, 201, "{:?}", key.body);
+}
+
+#[tokio::test]
+async fn an_org_token_the_operator_grants_finance_may_buy_credit_for_its_own_org_only() {
+    let stack = start_edited(|text| {
+        text.replace(
+            r#"org_tokens = [{ org = 1, token_env = "ORG_TOKEN" }]"#,
+            r#"org_tokens = [{ org = 1, token_env = "ORG_TOKEN" }, { org = 1, token_env = "FINANCE_TOKEN", finance = true }]"#,
+        )
+    })
+    .await;
+    let (b, ids) = org_b(&stack).await;
+    let buy = |org: u64, token: &'static str| {
+        let stack = &stack;
+        async move {
+            call(
+                stack,
+                token,
+                Method::POST,
+                &format!("/admin/v1/orgs/{org}/purchases"),
+                Some(json!({"amount": "5"})),
+                &[("idempotency-key", "fin-1")],
+            )
+            .await
+        }
+    };
+    assert_eq!(buy(1, ORG_TOKEN).await.status, 403, "a plain org token still may not");
+    let bought = buy(1, FINANCE_TOKEN).await;
+    assert_eq!(bought.status, 201, "{:?}", bought.body);
+    assert_eq!(dec(&bought.json()["balance_after"]), Decimal::from(105));
+    assert_eq!(buy(b, FINANCE_TOKEN).await.status, 404, "finance is for its own org only");
+    let cross_wallet = call(&stack, FINANCE_TOKEN, Method::POST, "/admin/v1/orgs/1/adjustments",
+        Some(json!({"wallet": {"lite_user": ids["lite"]}, "amount": "5", "reason": "move", "expires_at": "2099-01-01T00:00:00Z"})), &[("idempotency-key", "x")]).await;
+    assert_eq!(cross_wallet.status, 404, "credits never move between orgs: {:?}", cross_wallet.body);
 }

@@ -17,7 +17,7 @@ use super::Scope;
 use crate::alerts::{AlertError, Alerts, Condition, Rule};
 use crate::demo::new_secret;
 use crate::ledger::contract::ContractTerm;
-use crate::ledger::entity::{ApiKey, KeyHash, KeyScope, Plan};
+use crate::ledger::entity::{ApiKey, KeyHash, KeyScope, Plan, User};
 use crate::ledger::ids::{AppId, KeyId, OrgId, Owner, UserId, WalletId};
 use crate::ledger::limit::Limits;
 use crate::ledger::{AdjustmentRequest, Ledger, NewApp, NewKey, NewOrg, NewUser, PurchaseRequest};
@@ -248,28 +248,31 @@ pub fn no_route(method: &Method, path: &str) -> AdminError {
     AdminError::NoRoute { method: method.to_string(), path: path.to_owned() }
 }
 
+/// Who calls `/admin/v1/orgs/{org}/...`, for which org, and when.
+pub struct OrgCall<'a> {
+    pub ledger: &'a Ledger,
+    pub org: OrgId,
+    pub scope: Scope,
+    pub headers: &'a HeaderMap,
+    pub now: DateTime<Utc>,
+}
+
 /// Everything under `/admin/v1/orgs/{org}/`.
-pub fn org_resource(
-    ledger: &Ledger,
-    org: OrgId,
-    method: &Method,
-    rest: &[&str],
-    headers: &HeaderMap,
-    body: &[u8],
-    now: DateTime<Utc>,
-) -> Answer {
+pub fn org_resource(call: &OrgCall<'_>, method: &Method, rest: &[&str], body: &[u8]) -> Answer {
+    let OrgCall { ledger, org, scope, headers, now } = *call;
     let get = |value: Value| Ok((StatusCode::OK, value));
     match (method, rest) {
         (&Method::GET, []) => {
             get(json!(ledger.org(org).ok_or_else(|| AdminError::NotFound(format!("no org {}", org.0)))?))
         }
         (&Method::POST, ["contracts"]) => {
+            scope.require_finance()?;
             let raw: ContractIn = parse(body)?;
             Ok((StatusCode::CREATED, json!(ledger.renew_contract(org, raw.into(), now)?)))
         }
         (&Method::GET, ["users"]) => get(json!({ "users": ledger.users_of(org) })),
-        (&Method::POST, ["users"]) => create_user(ledger, org, body, now),
-        (&Method::PATCH, ["users", user]) => patch_user(ledger, org, UserId(id(user, "user")?), body, now),
+        (&Method::POST, ["users"]) => create_user(call, body),
+        (&Method::PATCH, ["users", user]) => patch_user(call, UserId(id(user, "user")?), body),
         (&Method::GET, ["apps"]) => get(json!({ "apps": ledger.apps_of(org) })),
         (&Method::POST, ["apps"]) => {
             let raw: AppIn = parse(body)?;
@@ -283,7 +286,7 @@ pub fn org_resource(
         (&Method::GET, ["keys"]) => {
             get(json!({ "keys": ledger.keys_of(org).iter().map(key_view).collect::<Vec<_>>() }))
         }
-        (&Method::POST, ["keys"]) => create_key(ledger, org, body, now),
+        (&Method::POST, ["keys"]) => create_key(call, body),
         (&Method::POST, ["keys", key, "revoke"]) => {
             get(key_view(&ledger.revoke_key(org, KeyId(id(key, "key")?))?))
         }
@@ -297,8 +300,8 @@ pub fn org_resource(
                 models: Vec<String>,
             }
             let raw: ScopeIn = parse(body)?;
-            let scope = KeyScope { routes: raw.routes, models: raw.models };
-            get(key_view(&ledger.set_key_scope(org, KeyId(id(key, "key")?), scope)?))
+            let key_scope = KeyScope { routes: raw.routes, models: raw.models };
+            get(key_view(&ledger.set_key_scope(org, KeyId(id(key, "key")?), key_scope)?))
         }
         (&Method::PUT, ["keys", key, "limits"]) => {
             let raw: LimitsIn = parse(body)?;
@@ -318,6 +321,7 @@ pub fn org_resource(
             get(json!(ledger.set_app_limits(org, app, raw.limits.into(), raw.end_user_limits.into())?))
         }
         (&Method::POST, ["purchases"]) => {
+            scope.require_finance()?;
             let raw: PurchaseIn = parse(body)?;
             let request = PurchaseRequest {
                 org,
@@ -329,6 +333,7 @@ pub fn org_resource(
             Ok((StatusCode::CREATED, json!(ledger.purchase(request, now)?)))
         }
         (&Method::POST, ["adjustments"]) => {
+            scope.require_finance()?;
             let raw: AdjustmentIn = parse(body)?;
             let wallet = match raw.wallet {
                 WalletIn::Pool => WalletId::Pool(org),
@@ -356,12 +361,18 @@ pub fn org_resource(
     }
 }
 
-fn create_user(ledger: &Ledger, org: OrgId, body: &[u8], now: DateTime<Utc>) -> Answer {
+fn create_user(call: &OrgCall<'_>, body: &[u8]) -> Answer {
+    let OrgCall { ledger, org, scope, now, .. } = *call;
     let raw: UserIn = parse(body)?;
     let plan: Plan = raw.plan.into();
     let allowance = amount(raw.lite_monthly_allowance).unwrap_or(Decimal::ZERO);
     if plan == Plan::Lite && raw.lite_monthly_allowance.is_none() {
         return Err(AdminError::bad("lite_monthly_allowance", "required for a Lite user, e.g. \"10.00\""));
+    }
+    // A Lite user is granted their allowance at once and every month; an
+    // allowance or pro-rating set now is granted on a later downgrade.
+    if !allowance.is_zero() || raw.prorate_on_downgrade {
+        scope.require_finance()?;
     }
     let new = NewUser {
         name: raw.name,
@@ -373,12 +384,16 @@ fn create_user(ledger: &Ledger, org: OrgId, body: &[u8], now: DateTime<Utc>) -> 
     Ok((StatusCode::CREATED, json!(ledger.create_user(org, new, now)?)))
 }
 
-fn patch_user(ledger: &Ledger, org: OrgId, user: UserId, body: &[u8], now: DateTime<Utc>) -> Answer {
+fn patch_user(call: &OrgCall<'_>, user: UserId, body: &[u8]) -> Answer {
+    let OrgCall { ledger, org, scope, now, .. } = *call;
     let raw: UserPatch = parse(body)?;
     let current = ledger
         .user(user)
         .filter(|u| u.org == org)
         .ok_or_else(|| AdminError::NotFound(format!("no user {}", user.0)))?;
+    if grants_credit(&raw, &current) {
+        scope.require_finance()?;
+    }
     if raw.lite_monthly_allowance.is_some() || raw.prorate_on_downgrade.is_some() {
         let allowance = amount(raw.lite_monthly_allowance).unwrap_or(current.lite_monthly_allowance);
         let prorate = raw.prorate_on_downgrade.unwrap_or(current.prorate_on_downgrade);
@@ -397,7 +412,20 @@ fn patch_user(ledger: &Ledger, org: OrgId, user: UserId, body: &[u8], now: DateT
     Ok((StatusCode::OK, json!(updated)))
 }
 
-fn create_key(ledger: &Ledger, org: OrgId, body: &[u8], now: DateTime<Utc>) -> Answer {
+/// Whether a user change can grant credit: a new allowance or pro-rating
+/// setting, or a downgrade to Lite (granted its allowance, pro-rated or from
+/// the next month; cycling Pro -> Lite -> Pro would mint one per cycle).
+fn grants_credit(patch: &UserPatch, current: &User) -> bool {
+    let allowance = amount(patch.lite_monthly_allowance).unwrap_or(current.lite_monthly_allowance);
+    let prorate = patch.prorate_on_downgrade.unwrap_or(current.prorate_on_downgrade);
+    let downgrade = matches!(patch.plan, Some(PlanIn::Lite)) && current.plan != Plan::Lite;
+    allowance != current.lite_monthly_allowance
+        || prorate != current.prorate_on_downgrade
+        || (downgrade && !allowance.is_zero())
+}
+
+fn create_key(call: &OrgCall<'_>, body: &[u8]) -> Answer {
+    let OrgCall { ledger, org, now, .. } = *call;
     let raw: KeyIn = parse(body)?;
     let owner = match (raw.user, raw.app) {
         (Some(user), None) => Owner::User(UserId(user)),

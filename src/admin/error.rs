@@ -12,6 +12,11 @@ pub enum AdminError {
     Disabled,
     #[error("this endpoint is for the operator token only")]
     OperatorOnly,
+    #[error(
+        "creating or removing credit (purchases, adjustments, contracts, Lite allowances) needs the \
+         operator token or an org token with `finance = true`"
+    )]
+    FinanceOnly,
     #[error("{0}")]
     NotFound(String),
     #[error("no admin endpoint {method} {path}; see GET /admin/v1/openapi.json")]
@@ -44,6 +49,7 @@ impl AdminError {
             AdminError::Unauthorized => (StatusCode::UNAUTHORIZED, "invalid_admin_token"),
             AdminError::Disabled => (StatusCode::FORBIDDEN, "admin_disabled"),
             AdminError::OperatorOnly => (StatusCode::FORBIDDEN, "operator_only"),
+            AdminError::FinanceOnly => (StatusCode::FORBIDDEN, "finance_scope_required"),
             AdminError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AdminError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
             AdminError::BadRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
