@@ -42,6 +42,7 @@ pub mod client;
 mod error;
 pub mod openapi;
 mod reports;
+mod strict;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};

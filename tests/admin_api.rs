@@ -752,3 +752,62 @@ async fn an_org_token_the_operator_grants_finance_may_buy_credit_for_its_own_org
         Some(json!({"wallet": {"lite_user": ids["lite"]}, "amount": "5", "reason": "move", "expires_at": "2099-01-01T00:00:00Z"})), &[("idempotency-key", "x")]).await;
     assert_eq!(cross_wallet.status, 404, "credits never move between orgs: {:?}", cross_wallet.body);
 }
+
+#[tokio::test]
+async fn array_bodies_are_refused_naming_the_field_and_change_nothing() {
+    let stack = start().await;
+    let (b, ids) = org_b(&stack).await;
+    let base = format!("/admin/v1/orgs/{b}");
+    let before = balances_of(&stack, b).await;
+    let users_before =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/users"), None, &[]).await.json();
+    let cases: Vec<(Method, String, Value, &str)> = vec![
+        (Method::POST, format!("{base}/purchases"), json!(["1.00", null, null]), "body"),
+        (Method::PATCH, format!("{base}/users/{}", ids["lite"]), json!(["pro", null, null, null]), "body"),
+        (
+            Method::PATCH,
+            format!("{base}/users/{}", ids["pro"]),
+            json!({"limits": ["1", null, null, null]}),
+            "limits",
+        ),
+        (Method::POST, format!("{base}/contracts"), json!(["2099-01-01", 1, "10", 0, null]), "body"),
+        (
+            Method::POST,
+            "/admin/v1/orgs".to_owned(),
+            json!({"name": "x", "contract": ["2099-01-01", 1, "10", 0, null]}),
+            "contract",
+        ),
+        (
+            Method::POST,
+            format!("{base}/alerts"),
+            json!({"wallet": "pool", "condition": ["balance_below", "5"], "webhook_url": "http://127.0.0.1:9/x", "secret": "0123456789abcdef"}),
+            "condition",
+        ),
+        (
+            Method::POST,
+            format!("{base}/adjustments"),
+            json!({"wallet": {"lite_user": [ids["lite"]]}, "amount": "1", "reason": "x", "expires_at": "2099-01-01T00:00:00Z"}),
+            "wallet.lite_user",
+        ),
+    ];
+    for (method, path, body, field) in cases {
+        let reply = call(
+            &stack,
+            ADMIN_TOKEN,
+            method.clone(),
+            &path,
+            Some(body.clone()),
+            &[("idempotency-key", "arr")],
+        )
+        .await;
+        assert_eq!(reply.status, 400, "{method} {path} {body}: {:?}", reply.body);
+        let error = reply.json()["error"].clone();
+        assert_eq!(error["field"], field, "{method} {path} {body}: {error}");
+    }
+    assert_eq!(balances_of(&stack, b).await, before, "no wallet changed");
+    let users_after =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/users"), None, &[]).await.json();
+    assert_eq!(users_after, users_before, "no user changed plan or limits");
+    let orgs = call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/orgs", None, &[]).await.json();
+    assert_eq!(orgs["orgs"].as_array().unwrap().len(), 2, "no org was created");
+}

@@ -1,7 +1,7 @@
 //! The `/admin/v1` resources: organizations, contracts, users, applications,
 //! keys, purchases, adjustments and balances. Request bodies are strict
-//! (unknown fields rejected, amounts as decimal strings) and errors name the
-//! field. Every `/orgs/{org}/...` route checks the caller's scope first; an
+//! (JSON objects only, never arrays read by position; unknown fields
+//! rejected; amounts as decimal strings) and errors name the field. Every `/orgs/{org}/...` route checks the caller's scope first; an
 //! organization token asking for another organization gets 404.
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::AdminError;
+use super::strict::Objects;
 use super::Scope;
 use crate::alerts::{AlertError, Alerts, Condition, Rule};
 use crate::demo::new_secret;
@@ -28,14 +29,18 @@ pub type Answer = Result<(StatusCode, Value), AdminError>;
 /// Longest idempotency key accepted.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
 
-/// Parse a strict JSON body; the error names the field that is wrong.
+/// Parse a strict JSON body: exactly one value, structures only from JSON
+/// objects (never arrays by position), no unknown fields. The error names
+/// the field that is wrong.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+    let value = serde_path_to_error::deserialize(Objects(&mut deserializer)).map_err(|error| {
         let field = error.path().to_string();
         let field = if field == "." { "body".to_owned() } else { field };
         AdminError::bad(field, error.inner().to_string())
-    })
+    })?;
+    deserializer.end().map_err(|error| AdminError::bad("body", error.to_string()))?;
+    Ok(value)
 }
 
 /// A money amount: a decimal string such as "12.50", never a JSON number
