@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::ledger::ids::{OrgId, WalletId};
 use crate::ledger::lot::LotKind;
-use crate::ledger::Ledger;
+use crate::ledger::{too_fine, Ledger};
 
 /// Wallet signals waiting for evaluation; beyond this they are dropped (and
 /// counted): a later settle on the same wallet signals again.
@@ -62,6 +62,30 @@ pub enum Condition {
     LiteWalletEmpty,
     /// A spending limit refused a request.
     SpendLimitReached,
+}
+
+impl Condition {
+    /// Refuses thresholds that can never be met exactly or at all.
+    fn validate(&self) -> Result<(), AlertError> {
+        let invalid = |field, reason: &str| Err(AlertError::Invalid { field, reason: reason.into() });
+        match self {
+            Condition::ConsumedShare { percent } => {
+                if *percent <= Decimal::ZERO || *percent > Decimal::ONE_HUNDRED || too_fine(*percent) {
+                    return invalid("condition.percent", "above 0 and at most 100, e.g. \"80\"");
+                }
+            }
+            Condition::BalanceBelow { amount } => {
+                if amount.is_sign_negative() || too_fine(*amount) {
+                    return invalid(
+                        "condition.amount",
+                        "a dollar amount of at least 0 with at most 9 decimal places",
+                    );
+                }
+            }
+            Condition::LiteWalletEmpty | Condition::SpendLimitReached => {}
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,6 +220,7 @@ impl Alerts {
         if secret.len() < 16 {
             return Err(AlertError::Invalid { field: "secret", reason: "at least 16 characters".into() });
         }
+        condition.validate()?;
         let rule = Rule {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             org,

@@ -753,6 +753,28 @@ async fn an_org_token_the_operator_grants_finance_may_buy_credit_for_its_own_org
     assert_eq!(cross_wallet.status, 404, "credits never move between orgs: {:?}", cross_wallet.body);
 }
 
+/// Sends each (method, path, body) as the operator and asserts a 400 whose
+/// `field` is (or ends with) the one given.
+async fn assert_each_refused_naming_its_field(stack: &Stack, cases: Vec<(Method, String, Value, &str)>) {
+    for (method, path, body, field) in cases {
+        let reply = call(
+            stack,
+            ADMIN_TOKEN,
+            method.clone(),
+            &path,
+            Some(body.clone()),
+            &[("idempotency-key", "refused")],
+        )
+        .await;
+        assert_eq!(reply.status, 400, "{method} {path} {body}: {:?}", reply.body);
+        let error = reply.json()["error"].clone();
+        assert!(
+            error["field"].as_str().unwrap_or_default().ends_with(field),
+            "{method} {path} {body}: {error}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn array_bodies_are_refused_naming_the_field_and_change_nothing() {
     let stack = start().await;
@@ -790,24 +812,63 @@ async fn array_bodies_are_refused_naming_the_field_and_change_nothing() {
             "wallet.lite_user",
         ),
     ];
-    for (method, path, body, field) in cases {
-        let reply = call(
-            &stack,
-            ADMIN_TOKEN,
-            method.clone(),
-            &path,
-            Some(body.clone()),
-            &[("idempotency-key", "arr")],
-        )
-        .await;
-        assert_eq!(reply.status, 400, "{method} {path} {body}: {:?}", reply.body);
-        let error = reply.json()["error"].clone();
-        assert_eq!(error["field"], field, "{method} {path} {body}: {error}");
-    }
+    assert_each_refused_naming_its_field(&stack, cases).await;
     assert_eq!(balances_of(&stack, b).await, before, "no wallet changed");
     let users_after =
         call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/users"), None, &[]).await.json();
     assert_eq!(users_after, users_before, "no user changed plan or limits");
     let orgs = call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/orgs", None, &[]).await.json();
     assert_eq!(orgs["orgs"].as_array().unwrap().len(), 2, "no org was created");
+}
+
+#[tokio::test]
+async fn money_inputs_finer_than_a_nano_dollar_are_refused_everywhere() {
+    let stack = start().await;
+    let (b, ids) = org_b(&stack).await;
+    let base = format!("/admin/v1/orgs/{b}");
+    let before = balances_of(&stack, b).await;
+    let fine = "1.0000000000000000000000000001";
+    let cases: Vec<(Method, String, Value, &str)> = vec![
+        (Method::POST, format!("{base}/purchases"), json!({"amount": fine}), "amount"),
+        (Method::POST, format!("{base}/purchases"), json!({"amount": "0.0000000001"}), "amount"),
+        (
+            Method::POST,
+            format!("{base}/adjustments"),
+            json!({"wallet": "pool", "amount": fine, "reason": "x", "expires_at": "2099-01-01T00:00:00Z"}),
+            "amount",
+        ),
+        (
+            Method::POST,
+            format!("{base}/contracts"),
+            json!({"start": "2099-01-01", "years": 1, "platform_allocation_per_year": fine}),
+            "platform_allocation_per_year",
+        ),
+        (
+            Method::PATCH,
+            format!("{base}/users/{}", ids["lite"]),
+            json!({"lite_monthly_allowance": fine}),
+            "lite_monthly_allowance",
+        ),
+        (Method::PUT, format!("{base}/keys/{}/limits", ids["key"]), json!({"daily": fine}), "daily"),
+        (
+            Method::POST,
+            format!("{base}/alerts"),
+            json!({"wallet": "pool", "condition": {"type": "balance_below", "amount": fine}, "webhook_url": "http://127.0.0.1:9/x", "secret": "0123456789abcdef"}),
+            "condition.amount",
+        ),
+    ];
+    assert_each_refused_naming_its_field(&stack, cases).await;
+    assert_eq!(balances_of(&stack, b).await, before, "no wallet changed");
+    // Nine places, the cost scale, are taken exactly.
+    let exact = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        &format!("{base}/purchases"),
+        Some(json!({"amount": "0.000000001"})),
+        &[("idempotency-key", "nano")],
+    )
+    .await;
+    assert_eq!(exact.status, 201, "{:?}", exact.body);
+    assert_eq!(dec(&exact.json()["balance_after"]), dec(&json!("60.000000001")));
 }

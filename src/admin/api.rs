@@ -17,11 +17,14 @@ use super::strict::Objects;
 use super::Scope;
 use crate::alerts::{AlertError, Alerts, Condition, Rule};
 use crate::demo::new_secret;
+
 use crate::ledger::contract::ContractTerm;
 use crate::ledger::entity::{ApiKey, KeyHash, KeyScope, Plan, User};
 use crate::ledger::ids::{AppId, KeyId, OrgId, Owner, UserId, WalletId};
 use crate::ledger::limit::Limits;
-use crate::ledger::{AdjustmentRequest, Ledger, NewApp, NewKey, NewOrg, NewUser, PurchaseRequest};
+use crate::ledger::{
+    too_fine, AdjustmentRequest, Ledger, NewApp, NewKey, NewOrg, NewUser, PurchaseRequest, MAX_AMOUNT_SCALE,
+};
 
 /// An admin answer: status and JSON body.
 pub type Answer = Result<(StatusCode, Value), AdminError>;
@@ -52,10 +55,16 @@ impl<'de> Deserialize<'de> for Amount {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)
             .map_err(|_| serde::de::Error::custom("amounts are decimal strings, e.g. \"12.50\""))?;
-        text.trim()
+        let amount = text
+            .trim()
             .parse::<Decimal>()
-            .map(Amount)
-            .map_err(|_| serde::de::Error::custom(format!("{text:?} is not a decimal amount")))
+            .map_err(|_| serde::de::Error::custom(format!("{text:?} is not a decimal amount")))?;
+        if too_fine(amount) {
+            return Err(serde::de::Error::custom(format!(
+                "{text:?} has more than {MAX_AMOUNT_SCALE} decimal places (a nano-dollar); round it"
+            )));
+        }
+        Ok(Amount(amount))
     }
 }
 
@@ -495,5 +504,16 @@ pub fn alert_resource(
             Ok((StatusCode::CREATED, rule.view()))
         }
         _ => Err(no_route(method, &format!("/admin/v1/orgs/{}/{}", org.0, rest.join("/")))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_inputs_keep_the_cost_scale() {
+        // Proves the input cap and the price engine's cost scale cannot drift apart.
+        assert_eq!(MAX_AMOUNT_SCALE, crate::pricing::COST_SCALE);
     }
 }

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::ledger::admin::{check_amount, MAX_AMOUNT};
+use crate::ledger::admin::{check_amount, too_fine, MAX_AMOUNT};
 use crate::ledger::entry::{EntryKind, LedgerEntry};
 use crate::ledger::ids::{EntryId, LotId, OrgId, WalletId};
 use crate::ledger::{Ledger, LedgerError};
@@ -209,10 +209,10 @@ impl Ledger {
         }
         self.shared.committer.check()?;
         self.ensure_wallet_in(request.org, request.wallet)?;
-        if request.amount.is_zero() || request.amount.abs() > MAX_AMOUNT {
+        if request.amount.is_zero() || request.amount.abs() > MAX_AMOUNT || too_fine(request.amount) {
             return Err(LedgerError::InvalidAmount {
                 field: "amount",
-                expected: "non-zero and at most 1,000,000,000,000 either way",
+                expected: "non-zero, at most 1,000,000,000,000 either way, with at most 9 decimal places",
                 amount: request.amount,
             });
         }
