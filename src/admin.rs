@@ -29,7 +29,9 @@
 //!   `Idempotency-Key` header; a replay returns the original result.
 //! - `GET /admin/v1/orgs/{org}/balances` — pool and Lite wallets, lots, holds.
 //! - `GET|POST /admin/v1/orgs/{org}/alerts`, `GET .../alerts/deliveries` —
-//!   alert rules (signed webhooks) and their delivery status.
+//!   alert rules (signed webhooks, public addresses only unless
+//!   `[admin] alert_webhook_allow` opens more; at most 50 per org) and their
+//!   delivery status (org tokens see only that a delivery failed, not why).
 //! - `GET /admin/v1/orgs/{org}/ledger` — entries with cursor paging and
 //!   filters (`after`, `limit`, `wallet`, `kind`, `key`, `user`, `from`, `to`).
 //! - `GET /admin/v1/orgs/{org}/usage` — totals grouped by `group_by` (user,
@@ -213,9 +215,10 @@ impl Admin {
                     Some(found) if scope.sees(org) => found.time_zone,
                     _ => return Err(AdminError::NotFound(format!("no org {}", org.0))),
                 };
+                let call = api::OrgCall { ledger: &self.ledger, org, scope, headers: &parts.headers, now };
                 match (&parts.method, rest) {
                     (_, ["alerts", ..]) => {
-                        api::alert_resource(&self.ledger, &self.alerts, org, &parts.method, rest, &body)?
+                        api::alert_resource(&call, &self.alerts, &parts.method, rest, &body)?
                     }
                     (&Method::GET, ["ledger"]) => reports::ledger_page(&*self.entries, org, &params)?,
                     (&Method::GET, ["usage"]) => {
@@ -234,11 +237,7 @@ impl Admin {
                             .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
                         return Ok(response);
                     }
-                    _ => {
-                        let call =
-                            api::OrgCall { ledger: &self.ledger, org, scope, headers: &parts.headers, now };
-                        api::org_resource(&call, &parts.method, rest, &body)?
-                    }
+                    _ => api::org_resource(&call, &parts.method, rest, &body)?,
                 }
             }
             ["openapi.json"] if parts.method == Method::GET => (StatusCode::OK, openapi::document()),

@@ -6,7 +6,8 @@
 //! spending limit reached. The proxy only drops a wallet id into a bounded
 //! queue after each settle or refusal; a background task evaluates the rules.
 //!
-//! Webhooks are `POST`s of a JSON event with `x-creditgate-timestamp` (Unix
+//! Webhooks go only to public addresses unless the operator allows more
+//! (see `destination`). They are `POST`s of a JSON event with `x-creditgate-timestamp` (Unix
 //! seconds) and `x-creditgate-signature: v1=<hex HMAC-SHA256 of
 //! "{timestamp}.{body}" under the rule's secret>`, retried with exponential
 //! backoff. Rules persist in `<data-dir>/alerts.json`; which thresholds have
@@ -36,10 +37,15 @@ use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+mod destination;
+
+pub use destination::{DestinationPolicy, REFUSED as REFUSED_DESTINATION};
+
 use crate::clock::Clock;
 use crate::ledger::ids::{OrgId, WalletId};
 use crate::ledger::lot::LotKind;
 use crate::ledger::{too_fine, Ledger};
+use destination::GuardedResolver;
 
 /// Wallet signals waiting for evaluation; beyond this they are dropped (and
 /// counted): a later settle on the same wallet signals again.
@@ -50,6 +56,9 @@ const MAX_DELIVERIES: usize = 10_000;
 const MAX_ATTEMPTS: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Alert rules one organization may keep: each can send webhooks, so an org
+/// token must not be able to add them without end.
+pub const MAX_RULES_PER_ORG: usize = 50;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case", tag = "type", deny_unknown_fields)]
@@ -138,6 +147,8 @@ pub enum AlertError {
     Save { path: String, reason: String },
     #[error("`{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error("an organization keeps at most {max} alert rules")]
+    TooMany { max: usize },
 }
 
 pub struct Alerts {
@@ -153,12 +164,15 @@ pub struct Alerts {
     queue: mpsc::Sender<Signal>,
     receiver: Mutex<Option<mpsc::Receiver<Signal>>>,
     pub dropped: AtomicU64,
-    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// Where webhooks may go; the client's resolver enforces it too.
+    policy: Arc<DestinationPolicy>,
+    http: Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>,
 }
 
 impl Alerts {
-    /// Load the rules saved in `path` (none if the file does not exist).
-    pub fn load(path: PathBuf) -> Result<Arc<Alerts>, AlertError> {
+    /// Load the rules saved in `path` (none if the file does not exist);
+    /// webhooks go only where `policy` allows.
+    pub fn load(path: PathBuf, policy: DestinationPolicy) -> Result<Arc<Alerts>, AlertError> {
         let rules: Vec<Rule> = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AlertError::Save {
                 path: path.display().to_string(),
@@ -169,6 +183,7 @@ impl Alerts {
         let next = rules.iter().map(|r| r.id).max().unwrap_or(0) + 1;
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let watched = rules.iter().map(|r| r.wallet).collect();
+        let policy = Arc::new(policy);
         Ok(Arc::new(Alerts {
             watched: RwLock::new(watched),
             rules: Mutex::new(rules),
@@ -179,13 +194,8 @@ impl Alerts {
             queue,
             receiver: Mutex::new(Some(receiver)),
             dropped: AtomicU64::new(0),
-            http: Client::builder(TokioExecutor::new()).build(
-                hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_webpki_roots()
-                    .https_or_http()
-                    .enable_http1()
-                    .build(),
-            ),
+            http: webhook_client(policy.clone()),
+            policy,
         }))
     }
 
@@ -209,14 +219,9 @@ impl Alerts {
         webhook_url: String,
         secret: String,
     ) -> Result<Rule, AlertError> {
-        if !(webhook_url.starts_with("http://") || webhook_url.starts_with("https://"))
-            || webhook_url.parse::<http::Uri>().is_err()
-        {
-            return Err(AlertError::Invalid {
-                field: "webhook_url",
-                reason: "an http:// or https:// URL".into(),
-            });
-        }
+        self.policy
+            .check_url(&webhook_url)
+            .map_err(|reason| AlertError::Invalid { field: "webhook_url", reason: reason.into() })?;
         if secret.len() < 16 {
             return Err(AlertError::Invalid { field: "secret", reason: "at least 16 characters".into() });
         }
@@ -230,6 +235,9 @@ impl Alerts {
             secret,
         };
         let mut rules = self.rules.lock();
+        if rules.iter().filter(|r| r.org == org).count() >= MAX_RULES_PER_ORG {
+            return Err(AlertError::TooMany { max: MAX_RULES_PER_ORG });
+        }
         rules.push(rule.clone());
         self.watched.write().insert(rule.wallet);
         self.save(&rules)?;
@@ -362,6 +370,9 @@ impl Alerts {
     }
 
     async fn post(&self, rule: &Rule, body: &str) -> Result<(), String> {
+        // Rules saved before a policy change are held to the policy in force;
+        // the resolver checks every address a name resolves to.
+        self.policy.check_url(&rule.webhook_url)?;
         let timestamp = Utc::now().timestamp().to_string();
         let signature = sign(&rule.secret, &timestamp, body);
         let request = Request::post(&rule.webhook_url)
@@ -372,7 +383,7 @@ impl Alerts {
             .map_err(|e| e.to_string())?;
         match tokio::time::timeout(WEBHOOK_TIMEOUT, self.http.request(request)).await {
             Err(_) => Err("timed out".into()),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(with_causes(&e)),
             Ok(Ok(response)) if response.status().is_success() => Ok(()),
             Ok(Ok(response)) => Err(format!("answered {}", response.status())),
         }
@@ -395,6 +406,34 @@ impl Alerts {
     }
 }
 
+/// An error with its causes ("client error (Connect): ..."), for the
+/// operator's view of a failed delivery.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
+/// The webhook client: HTTP/1 over TCP or TLS, connecting only to the
+/// addresses the policy allows.
+fn webhook_client(
+    policy: Arc<DestinationPolicy>,
+) -> Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>> {
+    let mut tcp = HttpConnector::new_with_resolver(GuardedResolver { policy });
+    tcp.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
 /// Hex HMAC-SHA256 of `"{timestamp}.{body}"` under `secret`.
 pub fn sign(secret: &str, timestamp: &str, body: &str) -> String {
     // HMAC accepts keys of any length, so this cannot fail.
@@ -410,10 +449,38 @@ pub fn sign(secret: &str, timestamp: &str, body: &str) -> String {
 mod tests {
     use super::*;
 
+    fn open_loopback() -> DestinationPolicy {
+        DestinationPolicy { allow: vec!["127.0.0.0/8".parse().unwrap()] }
+    }
+
+    #[tokio::test]
+    async fn an_organization_keeps_a_bounded_number_of_rules() {
+        // Proves an org token cannot add webhook senders without end.
+        let dir = tempfile::tempdir().unwrap();
+        let alerts = Alerts::load(dir.path().join("alerts.json"), open_loopback()).unwrap();
+        let add = |org: u64| {
+            let condition = Condition::LiteWalletEmpty;
+            let wallet = WalletId::Pool(OrgId(org));
+            alerts.add_rule(
+                OrgId(org),
+                wallet,
+                condition,
+                "http://127.0.0.1:9/hook".into(),
+                "a-long-enough-secret".into(),
+            )
+        };
+        for _ in 0..MAX_RULES_PER_ORG {
+            add(1).unwrap();
+        }
+        assert!(matches!(add(1), Err(AlertError::TooMany { .. })), "one more is refused");
+        assert!(add(2).is_ok(), "the cap is per organization");
+        assert_eq!(alerts.rules_of(OrgId(1)).len(), MAX_RULES_PER_ORG);
+    }
+
     #[tokio::test]
     async fn only_signals_about_watched_wallets_are_queued() {
         let dir = tempfile::tempdir().unwrap();
-        let alerts = Alerts::load(dir.path().join("alerts.json")).unwrap();
+        let alerts = Alerts::load(dir.path().join("alerts.json"), open_loopback()).unwrap();
         let (watched, other) = (WalletId::Pool(OrgId(1)), WalletId::Pool(OrgId(2)));
         for _ in 0..3 {
             alerts.notify(Signal::Changed(watched));
@@ -433,7 +500,7 @@ mod tests {
         alerts.notify(Signal::Empty(watched));
         assert_eq!(alerts.queue.capacity(), QUEUE_CAPACITY - 1, "only the watched wallet's signal");
         // The rule survives a reload, and so does the watch.
-        let reloaded = Alerts::load(dir.path().join("alerts.json")).unwrap();
+        let reloaded = Alerts::load(dir.path().join("alerts.json"), open_loopback()).unwrap();
         reloaded.notify(Signal::Changed(watched));
         assert_eq!(reloaded.queue.capacity(), QUEUE_CAPACITY - 1);
     }

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, AdminError, EntryReader, OrgAccess, Readiness};
-use crate::alerts::Alerts;
+use crate::alerts::{Alerts, DestinationPolicy};
 use crate::clock::{Clock, SystemClock};
 use crate::config::GatewayConfig;
 use crate::ledger::entry::LedgerEntry;
@@ -58,7 +58,8 @@ impl Gateway {
         let metrics = Arc::new(Metrics::default());
         let prices = load_prices(&config, &clock, &metrics, &shutdown)?;
         let (ledger, writer) = open_books(&config)?;
-        let alerts = Alerts::load(config.server.data_dir.join("alerts.json"))?;
+        let policy = DestinationPolicy { allow: config.admin.alert_webhook_allow.clone() };
+        let alerts = Alerts::load(config.server.data_dir.join("alerts.json"), policy)?;
         tokio::spawn(alerts.clone().run(ledger.clone(), clock.clone(), shutdown.clone()));
         tokio::spawn(void_expired_holds(ledger.clone(), clock.clone(), shutdown.clone()));
         let proxy_listener = TcpListener::bind(config.server.listen)

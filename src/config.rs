@@ -121,6 +121,9 @@ pub struct AdminConfig {
     /// Tokens scoped to one organization: they see and change only that
     /// organization, and move money only with `finance = true`.
     pub org_tokens: Vec<OrgToken>,
+    /// Networks alert webhooks may reach beyond public addresses (loopback,
+    /// private ranges and metadata addresses are refused otherwise).
+    pub alert_webhook_allow: Vec<ipnet::IpNet>,
 }
 
 /// An organization-scoped admin token.
@@ -389,6 +392,9 @@ struct RawAdmin {
     token_env: Option<String>,
     #[serde(default)]
     org_tokens: Vec<RawOrgToken>,
+    /// CIDR networks alert webhooks may reach besides public addresses.
+    #[serde(default)]
+    alert_webhook_allow: Vec<ipnet::IpNet>,
 }
 
 #[derive(Deserialize)]
@@ -497,6 +503,7 @@ impl GatewayConfig {
                     Some(OrgToken { org: t.org, token, finance: t.finance })
                 })
                 .collect(),
+            alert_webhook_allow: admin.alert_webhook_allow,
         };
 
         let traffic = validate_traffic(&mut checker, top.traffic);

@@ -853,7 +853,7 @@ async fn money_inputs_finer_than_a_nano_dollar_are_refused_everywhere() {
         (
             Method::POST,
             format!("{base}/alerts"),
-            json!({"wallet": "pool", "condition": {"type": "balance_below", "amount": fine}, "webhook_url": "http://127.0.0.1:9/x", "secret": "0123456789abcdef"}),
+            json!({"wallet": "pool", "condition": {"type": "balance_below", "amount": fine}, "webhook_url": "https://hooks.example.com/x", "secret": "0123456789abcdef"}),
             "condition.amount",
         ),
     ];

@@ -467,20 +467,31 @@ struct AlertIn {
 
 /// `/admin/v1/orgs/{org}/alerts[/deliveries]`.
 pub fn alert_resource(
-    ledger: &Ledger,
+    call: &OrgCall<'_>,
     alerts: &Alerts,
-    org: OrgId,
     method: &Method,
     rest: &[&str],
     body: &[u8],
 ) -> Answer {
+    let OrgCall { ledger, org, scope, .. } = *call;
     match (method, rest) {
         (&Method::GET, ["alerts"]) => {
             let rules: Vec<Value> = alerts.rules_of(org).iter().map(Rule::view).collect();
             Ok((StatusCode::OK, json!({ "rules": rules })))
         }
         (&Method::GET, ["alerts", "deliveries"]) => {
-            Ok((StatusCode::OK, json!({ "deliveries": alerts.deliveries_of(org) })))
+            let mut deliveries = alerts.deliveries_of(org);
+            // What a connection attempt ran into (refused, reset, timed out)
+            // would map the network behind an address: org tokens see only
+            // that it failed; the operator sees why.
+            if scope != Scope::Operator {
+                for delivery in &mut deliveries {
+                    if delivery.last_error.is_some() {
+                        delivery.last_error = Some("not delivered".to_owned());
+                    }
+                }
+            }
+            Ok((StatusCode::OK, json!({ "deliveries": deliveries })))
         }
         (&Method::POST, ["alerts"]) => {
             let raw: AlertIn = parse(body)?;
@@ -498,7 +509,8 @@ pub fn alert_resource(
             let rule = alerts.add_rule(org, wallet, raw.condition, raw.webhook_url, raw.secret).map_err(
                 |e| match e {
                     AlertError::Invalid { field, reason } => AdminError::bad(field, reason),
-                    other => AdminError::Store(other.to_string()),
+                    AlertError::TooMany { .. } => AdminError::bad("body", e.to_string()),
+                    AlertError::Save { .. } => AdminError::Store(e.to_string()),
                 },
             )?;
             Ok((StatusCode::CREATED, rule.view()))
