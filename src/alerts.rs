@@ -14,7 +14,7 @@
 //! fired is kept in memory, so after a restart a threshold still crossed may
 //! fire once more.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,7 +43,7 @@ pub use destination::{DestinationPolicy, REFUSED as REFUSED_DESTINATION};
 
 use crate::clock::Clock;
 use crate::ledger::ids::{OrgId, WalletId};
-use crate::ledger::lot::LotKind;
+use crate::ledger::lot::{Lot, LotKind};
 use crate::ledger::{too_fine, Ledger};
 use destination::GuardedResolver;
 
@@ -59,6 +59,9 @@ const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Alert rules one organization may keep: each can send webhooks, so an org
 /// token must not be able to add them without end.
 pub const MAX_RULES_PER_ORG: usize = 50;
+/// Periods remembered per rule as fired: enough for a rule fed by limits of
+/// several periods at once (a daily and a monthly cap), never growing.
+const FIRED_PERIODS_PER_RULE: usize = 4;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case", tag = "type", deny_unknown_fields)]
@@ -145,6 +148,8 @@ pub enum Signal {
 pub enum AlertError {
     #[error("cannot save alert rules to {path}: {reason}")]
     Save { path: String, reason: String },
+    #[error("cannot read alert rules from {path}: {reason}")]
+    Load { path: String, reason: String },
     #[error("`{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
     #[error("an organization keeps at most {max} alert rules")]
@@ -157,7 +162,13 @@ pub struct Alerts {
     /// queued at all, so a gateway with no rule on a wallet pays nothing per
     /// request (no queue send, no wakeup of the evaluating task).
     watched: RwLock<HashSet<WalletId>>,
-    fired: Mutex<HashSet<(u64, String)>>,
+    /// Per rule, the latest periods it fired in (at most
+    /// [`FIRED_PERIODS_PER_RULE`], oldest first).
+    fired: Mutex<HashMap<u64, VecDeque<String>>>,
+    /// Per watched wallet, the lots seen live and not yet expired: the
+    /// ledger drops a lot once it is empty, and an allocation consumed in
+    /// full must still count as allocated (100 % consumed, not 0 %).
+    allocations: Mutex<HashMap<WalletId, Vec<Lot>>>,
     deliveries: Mutex<VecDeque<Delivery>>,
     next_id: AtomicU64,
     path: PathBuf,
@@ -174,9 +185,12 @@ impl Alerts {
     /// webhooks go only where `policy` allows.
     pub fn load(path: PathBuf, policy: DestinationPolicy) -> Result<Arc<Alerts>, AlertError> {
         let rules: Vec<Rule> = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AlertError::Save {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AlertError::Load {
                 path: path.display().to_string(),
-                reason: format!("unreadable: {e}"),
+                reason: format!(
+                    "unreadable ({e}); the gateway writes it whole, so it was damaged from outside: \
+                     restore it from a backup, or move it away to start without alert rules"
+                ),
             })?,
             Err(_) => Vec::new(),
         };
@@ -187,7 +201,8 @@ impl Alerts {
         Ok(Arc::new(Alerts {
             watched: RwLock::new(watched),
             rules: Mutex::new(rules),
-            fired: Mutex::new(HashSet::new()),
+            fired: Mutex::new(HashMap::new()),
+            allocations: Mutex::new(HashMap::new()),
             deliveries: Mutex::new(VecDeque::new()),
             next_id: AtomicU64::new(next),
             path,
@@ -238,9 +253,12 @@ impl Alerts {
         if rules.iter().filter(|r| r.org == org).count() >= MAX_RULES_PER_ORG {
             return Err(AlertError::TooMany { max: MAX_RULES_PER_ORG });
         }
-        rules.push(rule.clone());
+        // Saved first: a rule the file does not hold is not in force either.
+        let mut saved = rules.clone();
+        saved.push(rule.clone());
+        self.save(&saved)?;
+        *rules = saved;
         self.watched.write().insert(rule.wallet);
-        self.save(&rules)?;
         Ok(rule)
     }
 
@@ -252,15 +270,15 @@ impl Alerts {
         self.deliveries.lock().iter().filter(|d| d.org == org).cloned().collect()
     }
 
+    /// Replaces the rules file whole and durably: a crash leaves the old
+    /// file or the new one, never a torn one (which would stop start-up).
     fn save(&self, rules: &[Rule]) -> Result<(), AlertError> {
         let error = |e: std::io::Error| AlertError::Save {
             path: self.path.display().to_string(),
             reason: e.to_string(),
         };
-        let temp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(rules).unwrap_or_default();
-        std::fs::write(&temp, bytes).map_err(error)?;
-        std::fs::rename(&temp, &self.path).map_err(error)
+        write_durably(&self.path, &bytes).map_err(error)
     }
 
     /// Evaluate signals until shutdown.
@@ -293,10 +311,13 @@ impl Alerts {
             return Vec::new();
         }
         let Ok(balance) = ledger.balance(wallet, now) else { return Vec::new() };
-        let allocated: Decimal = balance.lots.iter().map(|l| l.granted).sum();
+        let allocated = self.allocated(wallet, &balance.lots, now);
         let remaining: Decimal = balance.lots.iter().map(|l| l.remaining).sum();
         let consumed_percent = if allocated > Decimal::ZERO {
-            (allocated - remaining) * Decimal::from(100) / allocated
+            (allocated - remaining) * Decimal::ONE_HUNDRED / allocated
+        } else if balance.totals.granted > Decimal::ZERO && remaining.is_zero() {
+            // Every lot was emptied before this wallet was first looked at.
+            Decimal::ONE_HUNDRED
         } else {
             Decimal::ZERO
         };
@@ -321,16 +342,28 @@ impl Alerts {
                 (Condition::ConsumedShare { percent }, _) => (consumed_percent >= *percent, period.clone()),
                 (Condition::BalanceBelow { amount }, _) => (balance.balance < *amount, period.clone()),
                 (Condition::LiteWalletEmpty, Signal::Empty(WalletId::Lite(_))) => (true, period.clone()),
+                // A per-request cap has no period of its own: it alerts once
+                // per (UTC) day, not once per process.
                 (Condition::SpendLimitReached, Signal::LimitReached(_, resets)) => {
-                    (true, resets.map_or_else(|| "request".to_owned(), |r| r.to_rfc3339()))
+                    (true, resets.map_or_else(|| format!("request:{}", now.date_naive()), |r| r.to_rfc3339()))
                 }
                 _ => (false, String::new()),
             };
-            if holds && fired.insert((rule.id, period.clone())) {
+            if holds && first_time(&mut fired, rule.id, &period) {
                 due.push((rule, period, facts.clone()));
             }
         }
         due
+    }
+
+    /// The wallet's allocation: its live lots plus the lots seen live before
+    /// and emptied since, until they expire.
+    fn allocated(&self, wallet: WalletId, live: &[Lot], now: DateTime<Utc>) -> Decimal {
+        let mut allocations = self.allocations.lock();
+        let seen = allocations.entry(wallet).or_default();
+        seen.retain(|lot| lot.expires_at > now && !live.iter().any(|l| l.id == lot.id));
+        seen.extend(live.iter().cloned());
+        seen.iter().map(|lot| lot.granted).sum()
     }
 
     async fn deliver(&self, rule: Rule, period: String, facts: Value) {
@@ -406,6 +439,34 @@ impl Alerts {
     }
 }
 
+/// Writes `bytes` to `path` through a synced temporary file renamed into
+/// place, then syncs the directory so the rename itself survives a crash.
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let temp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temp, path)?;
+    let directory = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::File::open(directory)?.sync_all()
+}
+
+/// Marks `period` fired for `rule`; false if it had fired already. Only the
+/// latest few periods are kept per rule, so the set never grows.
+fn first_time(fired: &mut HashMap<u64, VecDeque<String>>, rule: u64, period: &str) -> bool {
+    let periods = fired.entry(rule).or_default();
+    if periods.iter().any(|p| p == period) {
+        return false;
+    }
+    if periods.len() == FIRED_PERIODS_PER_RULE {
+        periods.pop_front();
+    }
+    periods.push_back(period.to_owned());
+    true
+}
+
 /// An error with its causes ("client error (Connect): ..."), for the
 /// operator's view of a failed delivery.
 fn with_causes(error: &dyn std::error::Error) -> String {
@@ -451,6 +512,111 @@ mod tests {
 
     fn open_loopback() -> DestinationPolicy {
         DestinationPolicy { allow: vec!["127.0.0.0/8".parse().unwrap()] }
+    }
+
+    /// A pool with a $10 platform lot, a Pro user's key that spends from it,
+    /// and alerts with one rule of `condition` on it.
+    struct Watched {
+        alerts: Arc<Alerts>,
+        ledger: Ledger,
+        pool: WalletId,
+        key: crate::ledger::ids::KeyId,
+        _dir: tempfile::TempDir,
+    }
+
+    fn watched_pool(condition: Condition) -> Watched {
+        use crate::ledger::testkit::{at, key, ledger, org, term, user};
+        let (ledger, _journal) = ledger();
+        let now = at("2026-03-01T00:00:00Z");
+        let term = term("2026-01-01", 1, Decimal::TEN, 0, Decimal::ZERO);
+        let org = org(&ledger, chrono_tz::UTC, Some(term), now);
+        let pro = user(&ledger, org, crate::ledger::entity::Plan::Pro, Decimal::ZERO, now);
+        let key = key(&ledger, org, crate::ledger::ids::Owner::User(pro), Default::default(), now);
+        let dir = tempfile::tempdir().unwrap();
+        let alerts = Alerts::load(dir.path().join("alerts.json"), open_loopback()).unwrap();
+        let pool = WalletId::Pool(org);
+        alerts
+            .add_rule(org, pool, condition, "http://127.0.0.1:9/hook".into(), "a-long-enough-secret".into())
+            .unwrap();
+        Watched { alerts, ledger, pool, key, _dir: dir }
+    }
+
+    impl Watched {
+        /// Holds and settles `cost` from the pool.
+        fn spend(&self, cost: Decimal, now: DateTime<Utc>) {
+            let context = crate::ledger::SpendContext { key: self.key, end_user: None };
+            let hold =
+                self.ledger.hold(self.pool, crate::ledger::testkit::request(), cost, context, now).unwrap();
+            hold.settle(cost, crate::ledger::testkit::details(), now).unwrap();
+        }
+
+        fn due(&self, signal: Signal, now: DateTime<Utc>) -> Vec<(Rule, String, Value)> {
+            self.alerts.due(&self.ledger, signal, now)
+        }
+    }
+
+    #[tokio::test]
+    async fn consumed_share_fires_at_100_percent_when_the_last_lot_is_emptied() {
+        // Proves an emptied allocation counts as consumed, not as gone.
+        let watched = watched_pool(Condition::ConsumedShare { percent: Decimal::ONE_HUNDRED });
+        let (now, pool) = (crate::ledger::testkit::at("2026-03-02T00:00:00Z"), watched.pool);
+        watched.spend(Decimal::from(4), now);
+        assert!(watched.due(Signal::Changed(pool), now).is_empty(), "40 % is not 100 %");
+        watched.spend(Decimal::from(6), now);
+        let due = watched.due(Signal::Changed(pool), now);
+        assert_eq!(due.len(), 1, "all of it consumed");
+        assert_eq!(due[0].2["consumed_percent"], "100");
+        assert!(watched.due(Signal::Changed(pool), now).is_empty(), "once");
+    }
+
+    #[tokio::test]
+    async fn consumed_share_counts_a_lot_emptied_before_it_was_ever_looked_at() {
+        // Proves the fallback: the first look finds every lot gone.
+        let watched = watched_pool(Condition::ConsumedShare { percent: Decimal::ONE_HUNDRED });
+        let now = crate::ledger::testkit::at("2026-03-02T00:00:00Z");
+        watched.spend(Decimal::TEN, now);
+        assert_eq!(watched.due(Signal::Changed(watched.pool), now).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_per_request_limit_alerts_again_on_a_later_day_and_the_fired_set_stays_bounded() {
+        // Proves per-request limit alerts are not once per process, and memory does not grow.
+        let watched = watched_pool(Condition::SpendLimitReached);
+        let day = |d: i64| crate::ledger::testkit::at("2026-03-02T12:00:00Z") + chrono::Duration::days(d);
+        let signal = Signal::LimitReached(watched.pool, None);
+        assert_eq!(watched.due(signal, day(0)).len(), 1);
+        assert!(watched.due(signal, day(0)).is_empty(), "once that day");
+        assert_eq!(watched.due(signal, day(1)).len(), 1, "again the next day");
+        for d in 2..200 {
+            assert_eq!(watched.due(signal, day(d)).len(), 1);
+        }
+        let remembered: usize = watched.alerts.fired.lock().values().map(VecDeque::len).sum();
+        assert!(remembered <= FIRED_PERIODS_PER_RULE, "{remembered} periods remembered for one rule");
+    }
+
+    #[tokio::test]
+    async fn rules_are_saved_whole_and_a_rule_that_could_not_be_saved_is_not_in_force() {
+        // Proves the save leaves no temporary file and memory never runs ahead of the file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.json");
+        let alerts = Alerts::load(path.clone(), open_loopback()).unwrap();
+        let add = |alerts: &Alerts| {
+            let wallet = WalletId::Pool(OrgId(1));
+            alerts.add_rule(
+                OrgId(1),
+                wallet,
+                Condition::LiteWalletEmpty,
+                "http://127.0.0.1:9/h".into(),
+                "a-long-enough-secret".into(),
+            )
+        };
+        add(&alerts).unwrap();
+        assert!(!dir.path().join("alerts.json.tmp").exists(), "the temporary file was renamed");
+        assert_eq!(Alerts::load(path.clone(), open_loopback()).unwrap().rules_of(OrgId(1)).len(), 1);
+        // A directory where the file should be: the save fails, the rule is not kept.
+        let blocked = Alerts::load(dir.path().join("blocked/alerts.json"), open_loopback()).unwrap();
+        assert!(matches!(add(&blocked), Err(AlertError::Save { .. })));
+        assert!(blocked.rules_of(OrgId(1)).is_empty(), "a rule that is not saved is not in force");
     }
 
     #[tokio::test]

@@ -510,7 +510,7 @@ pub fn alert_resource(
                 |e| match e {
                     AlertError::Invalid { field, reason } => AdminError::bad(field, reason),
                     AlertError::TooMany { .. } => AdminError::bad("body", e.to_string()),
-                    AlertError::Save { .. } => AdminError::Store(e.to_string()),
+                    AlertError::Save { .. } | AlertError::Load { .. } => AdminError::Store(e.to_string()),
                 },
             )?;
             Ok((StatusCode::CREATED, rule.view()))
