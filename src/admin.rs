@@ -160,7 +160,7 @@ impl Admin {
             (&Method::GET, "/metrics") => self.metrics_text(),
             (_, p) if p.starts_with("/admin/v1/") => match self.api(request).await {
                 Ok(response) => response,
-                Err(error) => error_response(&error),
+                Err(error) => error_response(&method_not_allowed(error)),
             },
             _ => error(StatusCode::NOT_FOUND, "not_found", &format!("no admin endpoint at {path}")),
         };
@@ -199,7 +199,9 @@ impl Admin {
         let path = parts.uri.path().trim_start_matches("/admin/v1/").trim_end_matches('/');
         let segments: Vec<&str> = path.split('/').collect();
         let now = self.clock.now();
-        let params = reports::query_pairs(parts.uri.query());
+        let mut params = reports::query_pairs(parts.uri.query());
+        // As documented: `?limit=` is the same as no `limit` at all.
+        params.retain(|_, value| !value.is_empty());
         let (status, value) = match segments.as_slice() {
             ["prices"] | ["prices", "reload"] => {
                 if scope != Scope::Operator {
@@ -253,7 +255,7 @@ impl Admin {
                 None => no_prices(),
             },
             (&Method::POST, "/admin/v1/prices/reload") => self.reload_prices(),
-            _ => error_response(&api::no_route(method, path)),
+            _ => error_response(&method_not_allowed(api::no_route(method, path))),
         }
     }
 
@@ -307,6 +309,21 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<GatewayBody>
     json_error(status, "admin_error", code, message).map(GatewayBody::local)
 }
 
+/// A path that exists with other methods answers 405 with `Allow`, not 404.
+fn method_not_allowed(error: AdminError) -> AdminError {
+    match error {
+        AdminError::NoRoute { method, path } => {
+            let allowed = openapi::methods_for(&path);
+            if allowed.is_empty() {
+                return AdminError::NoRoute { method, path };
+            }
+            let allow = allowed.iter().map(|m| m.to_ascii_uppercase()).collect::<Vec<_>>().join(", ");
+            AdminError::MethodNotAllowed { method, path, allow }
+        }
+        other => other,
+    }
+}
+
 fn error_response(error: &AdminError) -> Response<GatewayBody> {
     let (status, code) = error.class();
     // Never say which organization owns something: that would leak it.
@@ -320,7 +337,13 @@ fn error_response(error: &AdminError) -> Response<GatewayBody> {
     if let AdminError::BadRequest { field, .. } = error {
         body["error"]["field"] = json!(field);
     }
-    json_response(status, &body)
+    let mut response = json_response(status, &body);
+    if let AdminError::MethodNotAllowed { allow, .. } = error {
+        if let Ok(value) = HeaderValue::from_str(allow) {
+            response.headers_mut().insert(header::ALLOW, value);
+        }
+    }
+    response
 }
 
 async fn read_body(body: Incoming) -> Result<Bytes, AdminError> {

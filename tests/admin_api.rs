@@ -487,17 +487,65 @@ async fn the_openapi_document_matches_the_routes() {
                 .unwrap_or(Value::Null);
             if listed {
                 documented += 1;
+                assert_ne!(reply.status, 405, "{method} {template} is documented but not served");
                 assert_ne!(code, "no_route", "{method} {template} is documented but not served");
             } else {
                 assert_eq!(
-                    code, "no_route",
-                    "{method} {template} is served but not documented: {:?}",
+                    reply.status, 405,
+                    "{method} {template} is served but not documented, or answers 404 for a known path: {:?}",
                     reply.body
+                );
+                assert_eq!(code, "method_not_allowed");
+                let allow = reply.header("allow").unwrap_or_default().to_lowercase();
+                let expected: Vec<&str> =
+                    operations.as_object().unwrap().keys().map(String::as_str).collect();
+                assert_eq!(
+                    allow.split(", ").collect::<Vec<_>>(),
+                    expected,
+                    "Allow lists the documented methods"
                 );
             }
         }
     }
     assert_eq!(documented, creditgate::admin::openapi::ROUTES.len());
+    // An unknown path is still 404.
+    let nowhere = call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/nowhere", None, &[]).await;
+    assert_eq!(nowhere.status, 404);
+}
+
+#[tokio::test]
+async fn every_request_body_is_described_and_empty_query_values_mean_absent() {
+    let stack = start().await;
+    let doc = call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/openapi.json", None, &[]).await.json();
+    for (path, operations) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in operations.as_object().unwrap() {
+            let responses = operation["responses"].as_object().unwrap();
+            for code in ["400", "401", "403", "404", "405", "503"] {
+                assert!(responses.contains_key(code), "{method} {path} declares {code}");
+            }
+            if method == "get" {
+                continue;
+            }
+            let reads_body = !path.ends_with("/revoke") && !path.ends_with("/reload");
+            let schema = &operation["requestBody"]["content"]["application/json"]["schema"];
+            assert_eq!(schema.is_object(), reads_body, "{method} {path}: {schema}");
+            if reads_body {
+                assert_eq!(schema["type"], "object", "{method} {path}");
+                assert_eq!(schema["additionalProperties"], false, "{method} {path}: strict");
+                assert!(schema["properties"].as_object().is_some_and(|p| !p.is_empty()), "{method} {path}");
+            }
+        }
+    }
+    let purchases = &doc["paths"]["/admin/v1/orgs/{org}/purchases"]["post"]["responses"];
+    assert!(purchases.get("409").is_some(), "idempotency conflicts are declared");
+    // Empty values, as documented, are the same as leaving the parameter out.
+    let empty =
+        call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/orgs/1/ledger?limit=&after=&from=", None, &[])
+            .await;
+    assert_eq!(empty.status, 200, "{:?}", empty.body);
+    let usage =
+        call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/orgs/1/usage?group_by=&format=", None, &[]).await;
+    assert_eq!(usage.status, 200, "{:?}", usage.body);
 }
 
 #[tokio::test]

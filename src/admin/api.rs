@@ -55,8 +55,13 @@ impl<'de> Deserialize<'de> for Amount {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)
             .map_err(|_| serde::de::Error::custom("amounts are decimal strings, e.g. \"12.50\""))?;
+        if !is_amount_text(&text) {
+            return Err(serde::de::Error::custom(format!(
+                "{text:?} is not an amount: digits with an optional sign and at most \
+                 {MAX_AMOUNT_SCALE} decimal places, e.g. \"12.50\""
+            )));
+        }
         let amount = text
-            .trim()
             .parse::<Decimal>()
             .map_err(|_| serde::de::Error::custom(format!("{text:?} is not a decimal amount")))?;
         if too_fine(amount) {
@@ -66,6 +71,17 @@ impl<'de> Deserialize<'de> for Amount {
         }
         Ok(Amount(amount))
     }
+}
+
+/// Whether `text` is written as the OpenAPI document says an amount is
+/// (`openapi::AMOUNT_PATTERN`): `-?digits(.digits)?`, at most 13 whole digits
+/// (the largest amount is 1e12) and 9 decimal places; no spaces, no exponent.
+fn is_amount_text(text: &str) -> bool {
+    let unsigned = text.strip_prefix('-').unwrap_or(text);
+    let (whole, fraction) = unsigned.split_once('.').map_or((unsigned, None), |(w, f)| (w, Some(f)));
+    let digits =
+        |part: &str, max: usize| (1..=max).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_digit());
+    digits(whole, 13) && fraction.is_none_or(|f| digits(f, MAX_AMOUNT_SCALE as usize))
 }
 
 fn amount(value: Option<Amount>) -> Option<Decimal> {
@@ -522,6 +538,19 @@ pub fn alert_resource(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amounts_are_read_exactly_as_documented() {
+        // Proves the reader and the document's pattern agree on what an amount is.
+        for good in ["0", "12.50", "-0.5", "1000000000000", "0.000000001"] {
+            assert!(is_amount_text(good), "{good}");
+        }
+        for bad in
+            ["", " 1", "1 ", "+1", "1.", ".5", "1e3", "0x10", "1.0000000001", "12345678901234", "--1", "1,5"]
+        {
+            assert!(!is_amount_text(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn money_inputs_keep_the_cost_scale() {

@@ -21,6 +21,8 @@ pub enum AdminError {
     NotFound(String),
     #[error("no admin endpoint {method} {path}; see GET /admin/v1/openapi.json")]
     NoRoute { method: String, path: String },
+    #[error("{path} does not answer {method}; it answers {allow}")]
+    MethodNotAllowed { method: String, path: String, allow: String },
     #[error("`{field}`: {reason}")]
     BadRequest { field: String, reason: String },
     #[error("the {0} header is required: a retry with the same key changes nothing")]
@@ -52,6 +54,7 @@ impl AdminError {
             AdminError::FinanceOnly => (StatusCode::FORBIDDEN, "finance_scope_required"),
             AdminError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AdminError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
+            AdminError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             AdminError::BadRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
             AdminError::MissingHeader(_) => (StatusCode::BAD_REQUEST, "missing_header"),
             AdminError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
