@@ -224,6 +224,9 @@ impl Admin {
                     }
                     (&Method::GET, ["ledger"]) => reports::ledger_page(&*self.entries, org, &params)?,
                     (&Method::GET, ["usage"]) => {
+                        if params.get("format").is_some_and(|f| f != "csv" && f != "json") {
+                            return Err(AdminError::bad("format", "\"json\" or \"csv\""));
+                        }
                         let wants_csv = params.get("format").is_some_and(|f| f == "csv")
                             || parts
                                 .headers

@@ -92,9 +92,9 @@ fn contract() -> Value {
     object(
         json!({
             "start": {"type": "string", "format": "date"},
-            "years": {"type": "integer", "minimum": 1, "maximum": 100},
+            "years": {"type": "integer", "minimum": 0, "maximum": u32::MAX},
             "platform_allocation_per_year": amount(),
-            "pro_seats": {"type": "integer", "minimum": 0, "maximum": 1000000},
+            "pro_seats": {"type": "integer", "minimum": 0, "maximum": u32::MAX},
             "seat_allocation_per_year": optional_amount(),
         }),
         &["start", "years", "platform_allocation_per_year"],
@@ -106,6 +106,18 @@ fn wallet() -> Value {
         {"type": "string", "enum": ["pool"]},
         object(json!({"lite_user": {"type": "integer", "minimum": 0}}), &["lite_user"]),
     ]})
+}
+
+/// An IANA time zone name, as chrono-tz knows them.
+fn time_zone() -> Value {
+    let mut names: Vec<Value> = chrono_tz::TZ_VARIANTS.iter().map(|tz| json!(tz.name())).collect();
+    names.push(Value::Null);
+    json!({"enum": names, "examples": ["Europe/Berlin"]})
+}
+
+/// A time, or empty (the same as leaving the parameter out).
+fn query_time() -> Value {
+    json!({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "string", "maxLength": 0}]})
 }
 
 fn plan() -> Value {
@@ -133,7 +145,7 @@ fn condition() -> Value {
 fn request_schema(method: &str, path: &str) -> Option<Value> {
     let schema = match (method, path.trim_start_matches("/admin/v1")) {
         ("post", "/orgs") => object(
-            json!({"name": {"type": "string"}, "time_zone": {"type": ["string", "null"], "examples": ["Europe/Berlin"]}, "contract": {"anyOf": [contract(), {"type": "null"}]}}),
+            json!({"name": {"type": "string"}, "time_zone": time_zone(), "contract": {"anyOf": [contract(), {"type": "null"}]}}),
             &["name"],
         ),
         ("post", "/orgs/{org}/contracts") => contract(),
@@ -189,13 +201,13 @@ fn query_parameters(path: &str) -> Vec<Value> {
             ("kind", json!({"type": "string"})),
             ("key", json!({"type": "string", "pattern": "^[0-9]*$"})),
             ("user", json!({"type": "string", "pattern": "^[0-9]*$"})),
-            ("from", json!({"type": "string", "format": "date-time"})),
-            ("to", json!({"type": "string", "format": "date-time"})),
+            ("from", query_time()),
+            ("to", query_time()),
         ],
         "/admin/v1/orgs/{org}/usage" => vec![
             ("group_by", json!({"type": "string", "examples": ["model,day"]})),
-            ("from", json!({"type": "string", "format": "date-time"})),
-            ("to", json!({"type": "string", "format": "date-time"})),
+            ("from", query_time()),
+            ("to", query_time()),
             ("format", json!({"type": "string", "enum": ["json", "csv"]})),
         ],
         _ => vec![],
