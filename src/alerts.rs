@@ -66,10 +66,17 @@ const FIRED_PERIODS_PER_RULE: usize = 4;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case", tag = "type", deny_unknown_fields)]
 pub enum Condition {
-    /// `percent` of the live allocation consumed (e.g. "80").
-    ConsumedShare { percent: Decimal },
-    /// Balance below `amount` dollars.
-    BalanceBelow { amount: Decimal },
+    /// `percent` of the live allocation consumed (e.g. "80"). Strings only:
+    /// a JSON number would reach the Decimal through a float.
+    ConsumedShare {
+        #[serde(with = "rust_decimal::serde::str")]
+        percent: Decimal,
+    },
+    /// Balance below `amount` dollars (a decimal string, never a number).
+    BalanceBelow {
+        #[serde(with = "rust_decimal::serde::str")]
+        amount: Decimal,
+    },
     /// A Lite wallet refused a request for lack of credits.
     LiteWalletEmpty,
     /// A spending limit refused a request.

@@ -904,6 +904,12 @@ async fn money_inputs_finer_than_a_nano_dollar_are_refused_everywhere() {
             json!({"wallet": "pool", "condition": {"type": "balance_below", "amount": fine}, "webhook_url": "https://hooks.example.com/x", "secret": "0123456789abcdef"}),
             "condition.amount",
         ),
+        (
+            Method::POST,
+            format!("{base}/alerts"),
+            json!({"wallet": "pool", "condition": {"type": "balance_below", "amount": 0.1}, "webhook_url": "https://hooks.example.com/x", "secret": "0123456789abcdef"}),
+            "condition",
+        ),
     ];
     assert_each_refused_naming_its_field(&stack, cases).await;
     assert_eq!(balances_of(&stack, b).await, before, "no wallet changed");
