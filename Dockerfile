@@ -1,9 +1,12 @@
 # Build stage: compile the release binary.
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
+# Everything cargo needs to load the workspace (bench is a member) and build
+# the binary; .ci/docker-context builds from exactly these files in CI.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY config ./config
+COPY bench ./bench
 RUN cargo build --release --locked --bin creditgate
 
 # Runtime stage: the binary, the example config, a non-root user, /data.
@@ -16,12 +19,18 @@ RUN apt-get update \
  && chown creditgate /data
 COPY --from=build /src/target/release/creditgate /usr/local/bin/creditgate
 COPY config /etc/creditgate
-# Listen on all interfaces inside the container; keep the admin port private
-# when publishing (map only 8080 to the outside world).
-RUN sed -i 's/^listen = "127.0.0.1:8080"/listen = "0.0.0.0:8080"/; s/^admin_listen = "127.0.0.1:8081"/admin_listen = "0.0.0.0:8081"/; s#^data_dir = "./data"#data_dir = "/data"#' /etc/creditgate/gateway.toml
+# The proxy listens on all interfaces inside the container. The admin
+# listener stays on the container's loopback: /metrics, /healthz and /readyz
+# there need no token, so it is not reachable from outside unless the operator
+# opens it on purpose (`serve ... --admin-listen 0.0.0.0:8081`, on a private
+# network only). The health check runs inside the container.
+RUN sed -i 's/^listen = "127.0.0.1:8080"/listen = "0.0.0.0:8080"/; s#^data_dir = "./data"#data_dir = "/data"#' /etc/creditgate/gateway.toml \
+ && grep -q '^listen = "0.0.0.0:8080"' /etc/creditgate/gateway.toml \
+ && grep -q '^admin_listen = "127.0.0.1:8081"' /etc/creditgate/gateway.toml \
+ && grep -q '^data_dir = "/data"' /etc/creditgate/gateway.toml
 USER creditgate
 VOLUME ["/data"]
-EXPOSE 8080 8081
+EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD curl -fsS http://127.0.0.1:8081/healthz || exit 1
 ENTRYPOINT ["creditgate"]

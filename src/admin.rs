@@ -8,7 +8,10 @@
 //!
 //! `/admin/v1` (`Authorization: Bearer <token>`): the operator token sees
 //! every organization; an organization token (`[[admin.org_tokens]]`) sees
-//! only its own, and anything of another organization answers 404.
+//! only its own, and anything of another organization answers 404. Calls that
+//! create or remove credit (purchases, adjustments, contracts, Lite
+//! allowances and downgrades that grant them) need the operator token or an
+//! org token the operator marked `finance = true`; other org tokens get 403.
 //! - `GET /admin/v1/prices` — the price table in force: version, loaded-at,
 //!   last reload error (operator).
 //! - `POST /admin/v1/prices/reload` — re-read the price file; 200 with the new
@@ -26,7 +29,9 @@
 //!   `Idempotency-Key` header; a replay returns the original result.
 //! - `GET /admin/v1/orgs/{org}/balances` — pool and Lite wallets, lots, holds.
 //! - `GET|POST /admin/v1/orgs/{org}/alerts`, `GET .../alerts/deliveries` —
-//!   alert rules (signed webhooks) and their delivery status.
+//!   alert rules (signed webhooks, public addresses only unless
+//!   `[admin] alert_webhook_allow` opens more; at most 50 per org) and their
+//!   delivery status (org tokens see only that a delivery failed, not why).
 //! - `GET /admin/v1/orgs/{org}/ledger` — entries with cursor paging and
 //!   filters (`after`, `limit`, `wallet`, `kind`, `key`, `user`, `from`, `to`).
 //! - `GET /admin/v1/orgs/{org}/usage` — totals grouped by `group_by` (user,
@@ -39,6 +44,7 @@ pub mod client;
 mod error;
 pub mod openapi;
 mod reports;
+mod strict;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,16 +87,38 @@ impl Readiness {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
     Operator,
-    Org(OrgId),
+    /// One organization; `finance` lets it create or remove credit.
+    Org {
+        org: OrgId,
+        finance: bool,
+    },
 }
 
 impl Scope {
     pub fn sees(self, org: OrgId) -> bool {
         match self {
             Scope::Operator => true,
-            Scope::Org(own) => own == org,
+            Scope::Org { org: own, .. } => own == org,
         }
     }
+
+    /// Refuses callers that may not create or remove credit: money is the
+    /// operator's (or a finance token's) business, not every org admin's.
+    pub fn require_finance(self) -> Result<(), AdminError> {
+        match self {
+            Scope::Operator | Scope::Org { finance: true, .. } => Ok(()),
+            Scope::Org { finance: false, .. } => Err(AdminError::FinanceOnly),
+        }
+    }
+}
+
+/// An organization token as configured.
+#[derive(Clone)]
+pub struct OrgAccess {
+    pub org: OrgId,
+    pub token: String,
+    /// May create or remove credit.
+    pub finance: bool,
 }
 
 /// Reads ledger entries from the store: given `(after record, at most
@@ -106,7 +134,7 @@ pub struct Admin {
     pub prices: Option<Arc<LivePrices>>,
     pub metrics: Arc<Metrics>,
     pub operator_token: Option<String>,
-    pub org_tokens: Vec<(OrgId, String)>,
+    pub org_tokens: Vec<OrgAccess>,
     pub clock: Arc<dyn Clock>,
     pub ledger: Arc<Ledger>,
     pub entries: EntryReader,
@@ -132,7 +160,7 @@ impl Admin {
             (&Method::GET, "/metrics") => self.metrics_text(),
             (_, p) if p.starts_with("/admin/v1/") => match self.api(request).await {
                 Ok(response) => response,
-                Err(error) => error_response(&error),
+                Err(error) => error_response(&method_not_allowed(error)),
             },
             _ => error(StatusCode::NOT_FOUND, "not_found", &format!("no admin endpoint at {path}")),
         };
@@ -156,9 +184,9 @@ impl Admin {
         if self.operator_token.as_deref().is_some_and(matches) {
             scope = Some(Scope::Operator);
         }
-        for (org, token) in &self.org_tokens {
-            if matches(token) && scope.is_none() {
-                scope = Some(Scope::Org(*org));
+        for access in &self.org_tokens {
+            if matches(&access.token) && scope.is_none() {
+                scope = Some(Scope::Org { org: access.org, finance: access.finance });
             }
         }
         scope.ok_or(AdminError::Unauthorized)
@@ -171,7 +199,9 @@ impl Admin {
         let path = parts.uri.path().trim_start_matches("/admin/v1/").trim_end_matches('/');
         let segments: Vec<&str> = path.split('/').collect();
         let now = self.clock.now();
-        let params = reports::query_pairs(parts.uri.query());
+        let mut params = reports::query_pairs(parts.uri.query());
+        // As documented: `?limit=` is the same as no `limit` at all.
+        params.retain(|_, value| !value.is_empty());
         let (status, value) = match segments.as_slice() {
             ["prices"] | ["prices", "reload"] => {
                 if scope != Scope::Operator {
@@ -187,12 +217,16 @@ impl Admin {
                     Some(found) if scope.sees(org) => found.time_zone,
                     _ => return Err(AdminError::NotFound(format!("no org {}", org.0))),
                 };
+                let call = api::OrgCall { ledger: &self.ledger, org, scope, headers: &parts.headers, now };
                 match (&parts.method, rest) {
                     (_, ["alerts", ..]) => {
-                        api::alert_resource(&self.ledger, &self.alerts, org, &parts.method, rest, &body)?
+                        api::alert_resource(&call, &self.alerts, &parts.method, rest, &body)?
                     }
                     (&Method::GET, ["ledger"]) => reports::ledger_page(&*self.entries, org, &params)?,
                     (&Method::GET, ["usage"]) => {
+                        if params.get("format").is_some_and(|f| f != "csv" && f != "json") {
+                            return Err(AdminError::bad("format", "\"json\" or \"csv\""));
+                        }
                         let wants_csv = params.get("format").is_some_and(|f| f == "csv")
                             || parts
                                 .headers
@@ -208,9 +242,7 @@ impl Admin {
                             .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
                         return Ok(response);
                     }
-                    _ => {
-                        api::org_resource(&self.ledger, org, &parts.method, rest, &parts.headers, &body, now)?
-                    }
+                    _ => api::org_resource(&call, &parts.method, rest, &body)?,
                 }
             }
             ["openapi.json"] if parts.method == Method::GET => (StatusCode::OK, openapi::document()),
@@ -226,7 +258,7 @@ impl Admin {
                 None => no_prices(),
             },
             (&Method::POST, "/admin/v1/prices/reload") => self.reload_prices(),
-            _ => error_response(&api::no_route(method, path)),
+            _ => error_response(&method_not_allowed(api::no_route(method, path))),
         }
     }
 
@@ -280,6 +312,21 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<GatewayBody>
     json_error(status, "admin_error", code, message).map(GatewayBody::local)
 }
 
+/// A path that exists with other methods answers 405 with `Allow`, not 404.
+fn method_not_allowed(error: AdminError) -> AdminError {
+    match error {
+        AdminError::NoRoute { method, path } => {
+            let allowed = openapi::methods_for(&path);
+            if allowed.is_empty() {
+                return AdminError::NoRoute { method, path };
+            }
+            let allow = allowed.iter().map(|m| m.to_ascii_uppercase()).collect::<Vec<_>>().join(", ");
+            AdminError::MethodNotAllowed { method, path, allow }
+        }
+        other => other,
+    }
+}
+
 fn error_response(error: &AdminError) -> Response<GatewayBody> {
     let (status, code) = error.class();
     // Never say which organization owns something: that would leak it.
@@ -293,7 +340,13 @@ fn error_response(error: &AdminError) -> Response<GatewayBody> {
     if let AdminError::BadRequest { field, .. } = error {
         body["error"]["field"] = json!(field);
     }
-    json_response(status, &body)
+    let mut response = json_response(status, &body);
+    if let AdminError::MethodNotAllowed { allow, .. } = error {
+        if let Ok(value) = HeaderValue::from_str(allow) {
+            response.headers_mut().insert(header::ALLOW, value);
+        }
+    }
+    response
 }
 
 async fn read_body(body: Incoming) -> Result<Bytes, AdminError> {

@@ -6,14 +6,15 @@
 //! spending limit reached. The proxy only drops a wallet id into a bounded
 //! queue after each settle or refusal; a background task evaluates the rules.
 //!
-//! Webhooks are `POST`s of a JSON event with `x-creditgate-timestamp` (Unix
+//! Webhooks go only to public addresses unless the operator allows more
+//! (see `destination`). They are `POST`s of a JSON event with `x-creditgate-timestamp` (Unix
 //! seconds) and `x-creditgate-signature: v1=<hex HMAC-SHA256 of
 //! "{timestamp}.{body}" under the rule's secret>`, retried with exponential
 //! backoff. Rules persist in `<data-dir>/alerts.json`; which thresholds have
 //! fired is kept in memory, so after a restart a threshold still crossed may
 //! fire once more.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,10 +37,15 @@ use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+mod destination;
+
+pub use destination::{DestinationPolicy, REFUSED as REFUSED_DESTINATION};
+
 use crate::clock::Clock;
 use crate::ledger::ids::{OrgId, WalletId};
-use crate::ledger::lot::LotKind;
-use crate::ledger::Ledger;
+use crate::ledger::lot::{Lot, LotKind};
+use crate::ledger::{too_fine, Ledger};
+use destination::GuardedResolver;
 
 /// Wallet signals waiting for evaluation; beyond this they are dropped (and
 /// counted): a later settle on the same wallet signals again.
@@ -50,18 +56,55 @@ const MAX_DELIVERIES: usize = 10_000;
 const MAX_ATTEMPTS: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Alert rules one organization may keep: each can send webhooks, so an org
+/// token must not be able to add them without end.
+pub const MAX_RULES_PER_ORG: usize = 50;
+/// Periods remembered per rule as fired: enough for a rule fed by limits of
+/// several periods at once (a daily and a monthly cap), never growing.
+const FIRED_PERIODS_PER_RULE: usize = 4;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case", tag = "type", deny_unknown_fields)]
 pub enum Condition {
-    /// `percent` of the live allocation consumed (e.g. "80").
-    ConsumedShare { percent: Decimal },
-    /// Balance below `amount` dollars.
-    BalanceBelow { amount: Decimal },
+    /// `percent` of the live allocation consumed (e.g. "80"). Strings only:
+    /// a JSON number would reach the Decimal through a float.
+    ConsumedShare {
+        #[serde(with = "rust_decimal::serde::str")]
+        percent: Decimal,
+    },
+    /// Balance below `amount` dollars (a decimal string, never a number).
+    BalanceBelow {
+        #[serde(with = "rust_decimal::serde::str")]
+        amount: Decimal,
+    },
     /// A Lite wallet refused a request for lack of credits.
     LiteWalletEmpty,
     /// A spending limit refused a request.
     SpendLimitReached,
+}
+
+impl Condition {
+    /// Refuses thresholds that can never be met exactly or at all.
+    fn validate(&self) -> Result<(), AlertError> {
+        let invalid = |field, reason: &str| Err(AlertError::Invalid { field, reason: reason.into() });
+        match self {
+            Condition::ConsumedShare { percent } => {
+                if *percent <= Decimal::ZERO || *percent > Decimal::ONE_HUNDRED || too_fine(*percent) {
+                    return invalid("condition.percent", "above 0 and at most 100, e.g. \"80\"");
+                }
+            }
+            Condition::BalanceBelow { amount } => {
+                if amount.is_sign_negative() || too_fine(*amount) {
+                    return invalid(
+                        "condition.amount",
+                        "a dollar amount of at least 0 with at most 9 decimal places",
+                    );
+                }
+            }
+            Condition::LiteWalletEmpty | Condition::SpendLimitReached => {}
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,8 +155,12 @@ pub enum Signal {
 pub enum AlertError {
     #[error("cannot save alert rules to {path}: {reason}")]
     Save { path: String, reason: String },
+    #[error("cannot read alert rules from {path}: {reason}")]
+    Load { path: String, reason: String },
     #[error("`{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error("an organization keeps at most {max} alert rules")]
+    TooMany { max: usize },
 }
 
 pub struct Alerts {
@@ -122,46 +169,55 @@ pub struct Alerts {
     /// queued at all, so a gateway with no rule on a wallet pays nothing per
     /// request (no queue send, no wakeup of the evaluating task).
     watched: RwLock<HashSet<WalletId>>,
-    fired: Mutex<HashSet<(u64, String)>>,
+    /// Per rule, the latest periods it fired in (at most
+    /// [`FIRED_PERIODS_PER_RULE`], oldest first).
+    fired: Mutex<HashMap<u64, VecDeque<String>>>,
+    /// Per watched wallet, the lots seen live and not yet expired: the
+    /// ledger drops a lot once it is empty, and an allocation consumed in
+    /// full must still count as allocated (100 % consumed, not 0 %).
+    allocations: Mutex<HashMap<WalletId, Vec<Lot>>>,
     deliveries: Mutex<VecDeque<Delivery>>,
     next_id: AtomicU64,
     path: PathBuf,
     queue: mpsc::Sender<Signal>,
     receiver: Mutex<Option<mpsc::Receiver<Signal>>>,
     pub dropped: AtomicU64,
-    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// Where webhooks may go; the client's resolver enforces it too.
+    policy: Arc<DestinationPolicy>,
+    http: Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>,
 }
 
 impl Alerts {
-    /// Load the rules saved in `path` (none if the file does not exist).
-    pub fn load(path: PathBuf) -> Result<Arc<Alerts>, AlertError> {
+    /// Load the rules saved in `path` (none if the file does not exist);
+    /// webhooks go only where `policy` allows.
+    pub fn load(path: PathBuf, policy: DestinationPolicy) -> Result<Arc<Alerts>, AlertError> {
         let rules: Vec<Rule> = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AlertError::Save {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AlertError::Load {
                 path: path.display().to_string(),
-                reason: format!("unreadable: {e}"),
+                reason: format!(
+                    "unreadable ({e}); the gateway writes it whole, so it was damaged from outside: \
+                     restore it from a backup, or move it away to start without alert rules"
+                ),
             })?,
             Err(_) => Vec::new(),
         };
         let next = rules.iter().map(|r| r.id).max().unwrap_or(0) + 1;
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let watched = rules.iter().map(|r| r.wallet).collect();
+        let policy = Arc::new(policy);
         Ok(Arc::new(Alerts {
             watched: RwLock::new(watched),
             rules: Mutex::new(rules),
-            fired: Mutex::new(HashSet::new()),
+            fired: Mutex::new(HashMap::new()),
+            allocations: Mutex::new(HashMap::new()),
             deliveries: Mutex::new(VecDeque::new()),
             next_id: AtomicU64::new(next),
             path,
             queue,
             receiver: Mutex::new(Some(receiver)),
             dropped: AtomicU64::new(0),
-            http: Client::builder(TokioExecutor::new()).build(
-                hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_webpki_roots()
-                    .https_or_http()
-                    .enable_http1()
-                    .build(),
-            ),
+            http: webhook_client(policy.clone()),
+            policy,
         }))
     }
 
@@ -185,17 +241,13 @@ impl Alerts {
         webhook_url: String,
         secret: String,
     ) -> Result<Rule, AlertError> {
-        if !(webhook_url.starts_with("http://") || webhook_url.starts_with("https://"))
-            || webhook_url.parse::<http::Uri>().is_err()
-        {
-            return Err(AlertError::Invalid {
-                field: "webhook_url",
-                reason: "an http:// or https:// URL".into(),
-            });
-        }
+        self.policy
+            .check_url(&webhook_url)
+            .map_err(|reason| AlertError::Invalid { field: "webhook_url", reason: reason.into() })?;
         if secret.len() < 16 {
             return Err(AlertError::Invalid { field: "secret", reason: "at least 16 characters".into() });
         }
+        condition.validate()?;
         let rule = Rule {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             org,
@@ -205,9 +257,15 @@ impl Alerts {
             secret,
         };
         let mut rules = self.rules.lock();
-        rules.push(rule.clone());
+        if rules.iter().filter(|r| r.org == org).count() >= MAX_RULES_PER_ORG {
+            return Err(AlertError::TooMany { max: MAX_RULES_PER_ORG });
+        }
+        // Saved first: a rule the file does not hold is not in force either.
+        let mut saved = rules.clone();
+        saved.push(rule.clone());
+        self.save(&saved)?;
+        *rules = saved;
         self.watched.write().insert(rule.wallet);
-        self.save(&rules)?;
         Ok(rule)
     }
 
@@ -219,15 +277,15 @@ impl Alerts {
         self.deliveries.lock().iter().filter(|d| d.org == org).cloned().collect()
     }
 
+    /// Replaces the rules file whole and durably: a crash leaves the old
+    /// file or the new one, never a torn one (which would stop start-up).
     fn save(&self, rules: &[Rule]) -> Result<(), AlertError> {
         let error = |e: std::io::Error| AlertError::Save {
             path: self.path.display().to_string(),
             reason: e.to_string(),
         };
-        let temp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(rules).unwrap_or_default();
-        std::fs::write(&temp, bytes).map_err(error)?;
-        std::fs::rename(&temp, &self.path).map_err(error)
+        write_durably(&self.path, &bytes).map_err(error)
     }
 
     /// Evaluate signals until shutdown.
@@ -260,10 +318,13 @@ impl Alerts {
             return Vec::new();
         }
         let Ok(balance) = ledger.balance(wallet, now) else { return Vec::new() };
-        let allocated: Decimal = balance.lots.iter().map(|l| l.granted).sum();
+        let allocated = self.allocated(wallet, &balance.lots, now);
         let remaining: Decimal = balance.lots.iter().map(|l| l.remaining).sum();
         let consumed_percent = if allocated > Decimal::ZERO {
-            (allocated - remaining) * Decimal::from(100) / allocated
+            (allocated - remaining) * Decimal::ONE_HUNDRED / allocated
+        } else if balance.totals.granted > Decimal::ZERO && remaining.is_zero() {
+            // Every lot was emptied before this wallet was first looked at.
+            Decimal::ONE_HUNDRED
         } else {
             Decimal::ZERO
         };
@@ -288,16 +349,28 @@ impl Alerts {
                 (Condition::ConsumedShare { percent }, _) => (consumed_percent >= *percent, period.clone()),
                 (Condition::BalanceBelow { amount }, _) => (balance.balance < *amount, period.clone()),
                 (Condition::LiteWalletEmpty, Signal::Empty(WalletId::Lite(_))) => (true, period.clone()),
+                // A per-request cap has no period of its own: it alerts once
+                // per (UTC) day, not once per process.
                 (Condition::SpendLimitReached, Signal::LimitReached(_, resets)) => {
-                    (true, resets.map_or_else(|| "request".to_owned(), |r| r.to_rfc3339()))
+                    (true, resets.map_or_else(|| format!("request:{}", now.date_naive()), |r| r.to_rfc3339()))
                 }
                 _ => (false, String::new()),
             };
-            if holds && fired.insert((rule.id, period.clone())) {
+            if holds && first_time(&mut fired, rule.id, &period) {
                 due.push((rule, period, facts.clone()));
             }
         }
         due
+    }
+
+    /// The wallet's allocation: its live lots plus the lots seen live before
+    /// and emptied since, until they expire.
+    fn allocated(&self, wallet: WalletId, live: &[Lot], now: DateTime<Utc>) -> Decimal {
+        let mut allocations = self.allocations.lock();
+        let seen = allocations.entry(wallet).or_default();
+        seen.retain(|lot| lot.expires_at > now && !live.iter().any(|l| l.id == lot.id));
+        seen.extend(live.iter().cloned());
+        seen.iter().map(|lot| lot.granted).sum()
     }
 
     async fn deliver(&self, rule: Rule, period: String, facts: Value) {
@@ -337,6 +410,9 @@ impl Alerts {
     }
 
     async fn post(&self, rule: &Rule, body: &str) -> Result<(), String> {
+        // Rules saved before a policy change are held to the policy in force;
+        // the resolver checks every address a name resolves to.
+        self.policy.check_url(&rule.webhook_url)?;
         let timestamp = Utc::now().timestamp().to_string();
         let signature = sign(&rule.secret, &timestamp, body);
         let request = Request::post(&rule.webhook_url)
@@ -347,7 +423,7 @@ impl Alerts {
             .map_err(|e| e.to_string())?;
         match tokio::time::timeout(WEBHOOK_TIMEOUT, self.http.request(request)).await {
             Err(_) => Err("timed out".into()),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(with_causes(&e)),
             Ok(Ok(response)) if response.status().is_success() => Ok(()),
             Ok(Ok(response)) => Err(format!("answered {}", response.status())),
         }
@@ -370,6 +446,62 @@ impl Alerts {
     }
 }
 
+/// Writes `bytes` to `path` through a synced temporary file renamed into
+/// place, then syncs the directory so the rename itself survives a crash.
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let temp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temp, path)?;
+    let directory = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::File::open(directory)?.sync_all()
+}
+
+/// Marks `period` fired for `rule`; false if it had fired already. Only the
+/// latest few periods are kept per rule, so the set never grows.
+fn first_time(fired: &mut HashMap<u64, VecDeque<String>>, rule: u64, period: &str) -> bool {
+    let periods = fired.entry(rule).or_default();
+    if periods.iter().any(|p| p == period) {
+        return false;
+    }
+    if periods.len() == FIRED_PERIODS_PER_RULE {
+        periods.pop_front();
+    }
+    periods.push_back(period.to_owned());
+    true
+}
+
+/// An error with its causes ("client error (Connect): ..."), for the
+/// operator's view of a failed delivery.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
+/// The webhook client: HTTP/1 over TCP or TLS, connecting only to the
+/// addresses the policy allows.
+fn webhook_client(
+    policy: Arc<DestinationPolicy>,
+) -> Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>> {
+    let mut tcp = HttpConnector::new_with_resolver(GuardedResolver { policy });
+    tcp.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
 /// Hex HMAC-SHA256 of `"{timestamp}.{body}"` under `secret`.
 pub fn sign(secret: &str, timestamp: &str, body: &str) -> String {
     // HMAC accepts keys of any length, so this cannot fail.
@@ -385,10 +517,143 @@ pub fn sign(secret: &str, timestamp: &str, body: &str) -> String {
 mod tests {
     use super::*;
 
+    fn open_loopback() -> DestinationPolicy {
+        DestinationPolicy { allow: vec!["127.0.0.0/8".parse().unwrap()] }
+    }
+
+    /// A pool with a $10 platform lot, a Pro user's key that spends from it,
+    /// and alerts with one rule of `condition` on it.
+    struct Watched {
+        alerts: Arc<Alerts>,
+        ledger: Ledger,
+        pool: WalletId,
+        key: crate::ledger::ids::KeyId,
+        _dir: tempfile::TempDir,
+    }
+
+    fn watched_pool(condition: Condition) -> Watched {
+        use crate::ledger::testkit::{at, key, ledger, org, term, user};
+        let (ledger, _journal) = ledger();
+        let now = at("2026-03-01T00:00:00Z");
+        let term = term("2026-01-01", 1, Decimal::TEN, 0, Decimal::ZERO);
+        let org = org(&ledger, chrono_tz::UTC, Some(term), now);
+        let pro = user(&ledger, org, crate::ledger::entity::Plan::Pro, Decimal::ZERO, now);
+        let key = key(&ledger, org, crate::ledger::ids::Owner::User(pro), Default::default(), now);
+        let dir = tempfile::tempdir().unwrap();
+        let alerts = Alerts::load(dir.path().join("alerts.json"), open_loopback()).unwrap();
+        let pool = WalletId::Pool(org);
+        alerts
+            .add_rule(org, pool, condition, "http://127.0.0.1:9/hook".into(), "a-long-enough-secret".into())
+            .unwrap();
+        Watched { alerts, ledger, pool, key, _dir: dir }
+    }
+
+    impl Watched {
+        /// Holds and settles `cost` from the pool.
+        fn spend(&self, cost: Decimal, now: DateTime<Utc>) {
+            let context = crate::ledger::SpendContext { key: self.key, end_user: None };
+            let hold =
+                self.ledger.hold(self.pool, crate::ledger::testkit::request(), cost, context, now).unwrap();
+            hold.settle(cost, crate::ledger::testkit::details(), now).unwrap();
+        }
+
+        fn due(&self, signal: Signal, now: DateTime<Utc>) -> Vec<(Rule, String, Value)> {
+            self.alerts.due(&self.ledger, signal, now)
+        }
+    }
+
+    #[tokio::test]
+    async fn consumed_share_fires_at_100_percent_when_the_last_lot_is_emptied() {
+        // Proves an emptied allocation counts as consumed, not as gone.
+        let watched = watched_pool(Condition::ConsumedShare { percent: Decimal::ONE_HUNDRED });
+        let (now, pool) = (crate::ledger::testkit::at("2026-03-02T00:00:00Z"), watched.pool);
+        watched.spend(Decimal::from(4), now);
+        assert!(watched.due(Signal::Changed(pool), now).is_empty(), "40 % is not 100 %");
+        watched.spend(Decimal::from(6), now);
+        let due = watched.due(Signal::Changed(pool), now);
+        assert_eq!(due.len(), 1, "all of it consumed");
+        assert_eq!(due[0].2["consumed_percent"], "100");
+        assert!(watched.due(Signal::Changed(pool), now).is_empty(), "once");
+    }
+
+    #[tokio::test]
+    async fn consumed_share_counts_a_lot_emptied_before_it_was_ever_looked_at() {
+        // Proves the fallback: the first look finds every lot gone.
+        let watched = watched_pool(Condition::ConsumedShare { percent: Decimal::ONE_HUNDRED });
+        let now = crate::ledger::testkit::at("2026-03-02T00:00:00Z");
+        watched.spend(Decimal::TEN, now);
+        assert_eq!(watched.due(Signal::Changed(watched.pool), now).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_per_request_limit_alerts_again_on_a_later_day_and_the_fired_set_stays_bounded() {
+        // Proves per-request limit alerts are not once per process, and memory does not grow.
+        let watched = watched_pool(Condition::SpendLimitReached);
+        let day = |d: i64| crate::ledger::testkit::at("2026-03-02T12:00:00Z") + chrono::Duration::days(d);
+        let signal = Signal::LimitReached(watched.pool, None);
+        assert_eq!(watched.due(signal, day(0)).len(), 1);
+        assert!(watched.due(signal, day(0)).is_empty(), "once that day");
+        assert_eq!(watched.due(signal, day(1)).len(), 1, "again the next day");
+        for d in 2..200 {
+            assert_eq!(watched.due(signal, day(d)).len(), 1);
+        }
+        let remembered: usize = watched.alerts.fired.lock().values().map(VecDeque::len).sum();
+        assert!(remembered <= FIRED_PERIODS_PER_RULE, "{remembered} periods remembered for one rule");
+    }
+
+    #[tokio::test]
+    async fn rules_are_saved_whole_and_a_rule_that_could_not_be_saved_is_not_in_force() {
+        // Proves the save leaves no temporary file and memory never runs ahead of the file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.json");
+        let alerts = Alerts::load(path.clone(), open_loopback()).unwrap();
+        let add = |alerts: &Alerts| {
+            let wallet = WalletId::Pool(OrgId(1));
+            alerts.add_rule(
+                OrgId(1),
+                wallet,
+                Condition::LiteWalletEmpty,
+                "http://127.0.0.1:9/h".into(),
+                "a-long-enough-secret".into(),
+            )
+        };
+        add(&alerts).unwrap();
+        assert!(!dir.path().join("alerts.json.tmp").exists(), "the temporary file was renamed");
+        assert_eq!(Alerts::load(path.clone(), open_loopback()).unwrap().rules_of(OrgId(1)).len(), 1);
+        // A directory where the file should be: the save fails, the rule is not kept.
+        let blocked = Alerts::load(dir.path().join("blocked/alerts.json"), open_loopback()).unwrap();
+        assert!(matches!(add(&blocked), Err(AlertError::Save { .. })));
+        assert!(blocked.rules_of(OrgId(1)).is_empty(), "a rule that is not saved is not in force");
+    }
+
+    #[tokio::test]
+    async fn an_organization_keeps_a_bounded_number_of_rules() {
+        // Proves an org token cannot add webhook senders without end.
+        let dir = tempfile::tempdir().unwrap();
+        let alerts = Alerts::load(dir.path().join("alerts.json"), open_loopback()).unwrap();
+        let add = |org: u64| {
+            let condition = Condition::LiteWalletEmpty;
+            let wallet = WalletId::Pool(OrgId(org));
+            alerts.add_rule(
+                OrgId(org),
+                wallet,
+                condition,
+                "http://127.0.0.1:9/hook".into(),
+                "a-long-enough-secret".into(),
+            )
+        };
+        for _ in 0..MAX_RULES_PER_ORG {
+            add(1).unwrap();
+        }
+        assert!(matches!(add(1), Err(AlertError::TooMany { .. })), "one more is refused");
+        assert!(add(2).is_ok(), "the cap is per organization");
+        assert_eq!(alerts.rules_of(OrgId(1)).len(), MAX_RULES_PER_ORG);
+    }
+
     #[tokio::test]
     async fn only_signals_about_watched_wallets_are_queued() {
         let dir = tempfile::tempdir().unwrap();
-        let alerts = Alerts::load(dir.path().join("alerts.json")).unwrap();
+        let alerts = Alerts::load(dir.path().join("alerts.json"), open_loopback()).unwrap();
         let (watched, other) = (WalletId::Pool(OrgId(1)), WalletId::Pool(OrgId(2)));
         for _ in 0..3 {
             alerts.notify(Signal::Changed(watched));
@@ -408,7 +673,7 @@ mod tests {
         alerts.notify(Signal::Empty(watched));
         assert_eq!(alerts.queue.capacity(), QUEUE_CAPACITY - 1, "only the watched wallet's signal");
         // The rule survives a reload, and so does the watch.
-        let reloaded = Alerts::load(dir.path().join("alerts.json")).unwrap();
+        let reloaded = Alerts::load(dir.path().join("alerts.json"), open_loopback()).unwrap();
         reloaded.notify(Signal::Changed(watched));
         assert_eq!(reloaded.queue.capacity(), QUEUE_CAPACITY - 1);
     }

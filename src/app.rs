@@ -11,8 +11,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{Admin, AdminError, EntryReader, Readiness};
-use crate::alerts::Alerts;
+use crate::admin::{Admin, AdminError, EntryReader, OrgAccess, Readiness};
+use crate::alerts::{Alerts, DestinationPolicy};
 use crate::clock::{Clock, SystemClock};
 use crate::config::GatewayConfig;
 use crate::ledger::entry::LedgerEntry;
@@ -60,7 +60,8 @@ impl Gateway {
         let metrics = Arc::new(Metrics::default());
         let prices = load_prices(&config, &clock, &metrics, &shutdown)?;
         let (ledger, writer) = open_books(&config)?;
-        let alerts = Alerts::load(config.server.data_dir.join("alerts.json"))?;
+        let policy = DestinationPolicy { allow: config.admin.alert_webhook_allow.clone() };
+        let alerts = Alerts::load(config.server.data_dir.join("alerts.json"), policy)?;
         tokio::spawn(alerts.clone().run(ledger.clone(), clock.clone(), shutdown.clone()));
         tokio::spawn(void_expired_holds(ledger.clone(), clock.clone(), shutdown.clone()));
         let proxy_listener = TcpListener::bind(config.server.listen)
@@ -105,7 +106,7 @@ impl Gateway {
                 .admin
                 .org_tokens
                 .iter()
-                .map(|(org, token)| (OrgId(*org), token.clone()))
+                .map(|t| OrgAccess { org: OrgId(t.org), token: t.token.clone(), finance: t.finance })
                 .collect(),
             clock,
             ledger: ledger.clone(),

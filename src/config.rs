@@ -123,9 +123,24 @@ pub struct AdminConfig {
     /// The operator token for `/admin/v1` (all orgs). `None` disables the
     /// admin API; health, readiness and metrics stay open.
     pub operator_token: Option<String>,
-    /// Tokens scoped to one organization (by org id): they see and change
-    /// only that organization.
-    pub org_tokens: Vec<(u64, String)>,
+    /// Tokens scoped to one organization: they see and change only that
+    /// organization, and move money only with `finance = true`.
+    pub org_tokens: Vec<OrgToken>,
+    /// Networks alert webhooks may reach beyond public addresses (loopback,
+    /// private ranges and metadata addresses are refused otherwise).
+    pub alert_webhook_allow: Vec<ipnet::IpNet>,
+}
+
+/// An organization-scoped admin token.
+#[derive(Clone)]
+pub struct OrgToken {
+    /// The organization it acts for.
+    pub org: u64,
+    /// The token itself (from the environment, never from the file).
+    pub token: String,
+    /// May create or remove credit: purchases, adjustments, contracts, Lite
+    /// allowances. Off unless the operator grants it in the config.
+    pub finance: bool,
 }
 
 impl fmt::Debug for AdminConfig {
@@ -446,6 +461,9 @@ struct RawAdmin {
     token_env: Option<String>,
     #[serde(default)]
     org_tokens: Vec<RawOrgToken>,
+    /// CIDR networks alert webhooks may reach besides public addresses.
+    #[serde(default)]
+    alert_webhook_allow: Vec<ipnet::IpNet>,
 }
 
 #[derive(Deserialize)]
@@ -453,6 +471,8 @@ struct RawAdmin {
 struct RawOrgToken {
     org: u64,
     token_env: String,
+    #[serde(default)]
+    finance: bool,
 }
 
 // ---------------------------------------------------------- validated layer
@@ -547,8 +567,12 @@ impl GatewayConfig {
             org_tokens: admin
                 .org_tokens
                 .into_iter()
-                .filter_map(|t| env(&t.token_env).filter(|v| !v.is_empty()).map(|v| (t.org, v)))
+                .filter_map(|t| {
+                    let token = env(&t.token_env).filter(|v| !v.is_empty())?;
+                    Some(OrgToken { org: t.org, token, finance: t.finance })
+                })
                 .collect(),
+            alert_webhook_allow: admin.alert_webhook_allow,
         };
 
         let traffic = validate_traffic(&mut checker, top.traffic);

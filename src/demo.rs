@@ -174,6 +174,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     for upstream in config.upstreams.iter_mut().filter(|u| u.name == "mock") {
         upstream.authority = mock.addr().to_string().parse().context("mock address")?;
     }
+    // A newcomer needs the admin API (top-ups, reports, the CLI) without a
+    // restart: the demo mints an operator token unless the environment
+    // variable the config names already holds one.
+    let admin_token = config.admin.operator_token.get_or_insert_with(new_secret).clone();
     let shutdown = CancellationToken::new();
     app::cancel_on_signal(shutdown.clone());
     let data_dir = config.server.data_dir.clone();
@@ -187,27 +191,47 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let demo_json = serde_json::json!({
         "proxy_url": format!("http://{}", gateway.proxy_addr()),
         "admin_url": format!("http://{}", gateway.admin_addr()),
-        "admin_token": std::env::var("CREDITGATE_ADMIN_TOKEN").ok(),
+        "admin_token": admin_token,
         "org": keys.org,
         "keys": {"pro": keys.pro, "lite": keys.lite, "app": keys.app},
     });
     let demo_path = data_dir.join("demo.json");
-    std::fs::write(&demo_path, serde_json::to_vec_pretty(&demo_json)?)
+    write_private(&demo_path, &serde_json::to_vec_pretty(&demo_json)?)
         .with_context(|| format!("cannot write {}", demo_path.display()))?;
-    print_walkthrough(&gateway, mock.addr(), &keys, &demo_path);
+    print_walkthrough(&gateway, mock.addr(), &keys, &admin_token, &demo_path);
     gateway.wait().await;
     mock.stop().await;
     Ok(())
 }
 
-fn print_walkthrough(gateway: &Gateway, mock_addr: SocketAddr, keys: &SeededKeys, demo_path: &Path) {
+/// Writes `bytes` readable by the owner only (the file holds secrets), whole:
+/// a reader never sees half of it.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let partial = path.with_extension("json.partial");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::io::Write::write_all(&mut options.open(&partial)?, bytes)?;
+    std::fs::rename(&partial, path)
+}
+
+fn print_walkthrough(
+    gateway: &Gateway,
+    mock_addr: SocketAddr,
+    keys: &SeededKeys,
+    admin_token: &str,
+    demo_path: &Path,
+) {
     let proxy = gateway.proxy_addr();
+    let admin = gateway.admin_addr();
     let pro = &keys.pro;
     println!(
         "creditgate demo is running.
   proxy:          http://{proxy}
   admin:          http://{admin}
   mock upstream:  http://{mock_addr}
+  admin token:    {admin_token}
   keys (also in {demo}):
     pro:  {pro}
     lite: {lite}
@@ -217,12 +241,16 @@ A charged call (the pool holds $0.002; repeat it until the answer is 402):
   curl -si http://{proxy}/v1/chat/completions -H 'authorization: Bearer {pro}' \\
        -H 'content-type: application/json' \\
        -d '{{\"model\":\"mock-gpt\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"max_tokens\":200}}'
+Top the pool up with the admin token (a retry with the same key buys nothing more):
+  curl -s http://{admin}/admin/v1/orgs/{org}/purchases -H 'authorization: Bearer {admin_token}' \\
+       -H 'idempotency-key: demo-top-up-1' -d '{{\"amount\":\"1.00\"}}'
+  (or: CREDITGATE_ADMIN_TOKEN={admin_token} creditgate admin --url http://{admin} purchase --org {org} --amount 1.00)
 A stream:
   curl -sN http://{proxy}/v1/chat/completions -H 'authorization: Bearer {pro}' \\
        -d '{{\"model\":\"mock-gpt\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'
 
 Stop with Ctrl-C.",
-        admin = gateway.admin_addr(),
+        org = keys.org.0,
         demo = demo_path.display(),
         lite = keys.lite,
         app = keys.app,

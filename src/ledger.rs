@@ -57,7 +57,7 @@ use parking_lot::Mutex;
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-pub use admin::{NewApp, NewKey, NewOrg, NewUser};
+pub use admin::{too_fine, NewApp, NewKey, NewOrg, NewUser, MAX_AMOUNT_SCALE};
 pub use audit::{Audit, AuditReport, Mismatch};
 pub use config::LedgerConfig;
 pub use error::LedgerError;

@@ -435,7 +435,11 @@ async fn an_org_token_cannot_see_or_change_another_org_through_any_route() {
     assert_eq!(cross_key.status, 404, "a key for another org's user");
     let cross_wallet = call(&stack, ORG_TOKEN, Method::POST, "/admin/v1/orgs/1/adjustments",
         Some(json!({"wallet": {"lite_user": ids["lite"]}, "amount": "5", "reason": "move", "expires_at": "2030-01-01T00:00:00Z"})), &[("idempotency-key", "x")]).await;
-    assert_eq!(cross_wallet.status, 404, "credits never move between orgs: {:?}", cross_wallet.body);
+    assert_eq!(
+        cross_wallet.status, 403,
+        "moving credit needs finance, before anything else: {:?}",
+        cross_wallet.body
+    );
     // Operator-only endpoints.
     assert_eq!(
         call(&stack, ORG_TOKEN, Method::POST, "/admin/v1/orgs", Some(json!({"name": "x"})), &[]).await.status,
@@ -483,17 +487,65 @@ async fn the_openapi_document_matches_the_routes() {
                 .unwrap_or(Value::Null);
             if listed {
                 documented += 1;
+                assert_ne!(reply.status, 405, "{method} {template} is documented but not served");
                 assert_ne!(code, "no_route", "{method} {template} is documented but not served");
             } else {
                 assert_eq!(
-                    code, "no_route",
-                    "{method} {template} is served but not documented: {:?}",
+                    reply.status, 405,
+                    "{method} {template} is served but not documented, or answers 404 for a known path: {:?}",
                     reply.body
+                );
+                assert_eq!(code, "method_not_allowed");
+                let allow = reply.header("allow").unwrap_or_default().to_lowercase();
+                let expected: Vec<&str> =
+                    operations.as_object().unwrap().keys().map(String::as_str).collect();
+                assert_eq!(
+                    allow.split(", ").collect::<Vec<_>>(),
+                    expected,
+                    "Allow lists the documented methods"
                 );
             }
         }
     }
     assert_eq!(documented, creditgate::admin::openapi::ROUTES.len());
+    // An unknown path is still 404.
+    let nowhere = call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/nowhere", None, &[]).await;
+    assert_eq!(nowhere.status, 404);
+}
+
+#[tokio::test]
+async fn every_request_body_is_described_and_empty_query_values_mean_absent() {
+    let stack = start().await;
+    let doc = call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/openapi.json", None, &[]).await.json();
+    for (path, operations) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in operations.as_object().unwrap() {
+            let responses = operation["responses"].as_object().unwrap();
+            for code in ["400", "401", "403", "404", "405", "503"] {
+                assert!(responses.contains_key(code), "{method} {path} declares {code}");
+            }
+            if method == "get" {
+                continue;
+            }
+            let reads_body = !path.ends_with("/revoke") && !path.ends_with("/reload");
+            let schema = &operation["requestBody"]["content"]["application/json"]["schema"];
+            assert_eq!(schema.is_object(), reads_body, "{method} {path}: {schema}");
+            if reads_body {
+                assert_eq!(schema["type"], "object", "{method} {path}");
+                assert_eq!(schema["additionalProperties"], false, "{method} {path}: strict");
+                assert!(schema["properties"].as_object().is_some_and(|p| !p.is_empty()), "{method} {path}");
+            }
+        }
+    }
+    let purchases = &doc["paths"]["/admin/v1/orgs/{org}/purchases"]["post"]["responses"];
+    assert!(purchases.get("409").is_some(), "idempotency conflicts are declared");
+    // Empty values, as documented, are the same as leaving the parameter out.
+    let empty =
+        call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/orgs/1/ledger?limit=&after=&from=", None, &[])
+            .await;
+    assert_eq!(empty.status, 200, "{:?}", empty.body);
+    let usage =
+        call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/orgs/1/usage?group_by=&format=", None, &[]).await;
+    assert_eq!(usage.status, 200, "{:?}", usage.body);
 }
 
 #[tokio::test]
@@ -596,4 +648,281 @@ async fn usage_days_are_the_organizations_days() {
     .json();
     assert_eq!(report["rows"][0]["day"], "2026-11-26", "{report}");
     assert_eq!(report["rows"][0]["month"], "2026-11");
+}
+
+/// The pool and every Lite wallet of `org`, with balances, as the operator sees them.
+async fn balances_of(stack: &Stack, org: u64) -> Value {
+    call(stack, ADMIN_TOKEN, Method::GET, &format!("/admin/v1/orgs/{org}/balances"), None, &[]).await.json()
+}
+
+#[tokio::test]
+async fn an_org_token_without_finance_cannot_create_credit_by_any_route() {
+    let stack = start().await;
+    let base = "/admin/v1/orgs/1";
+    let users = call(&stack, ORG_TOKEN, Method::GET, &format!("{base}/users"), None, &[]).await.json();
+    let user_id = |plan: &str| {
+        users["users"].as_array().unwrap().iter().find(|u| u["plan"] == plan).unwrap()["id"].clone()
+    };
+    let (pro, lite) = (user_id("pro"), user_id("lite"));
+    // A Pro user with no allowance: creating them grants nothing, so the org token may.
+    let plain = call(
+        &stack,
+        ORG_TOKEN,
+        Method::POST,
+        &format!("{base}/users"),
+        Some(json!({"name": "pat", "plan": "pro"})),
+        &[],
+    )
+    .await;
+    assert_eq!(plain.status, 201, "org tokens keep users: {:?}", plain.body);
+    let before = balances_of(&stack, 1).await;
+
+    let money_routes: Vec<(Method, String, Value)> = vec![
+        (Method::POST, format!("{base}/purchases"), json!({"amount": "1000000"})),
+        (
+            Method::POST,
+            format!("{base}/adjustments"),
+            json!({"wallet": "pool", "amount": "500", "reason": "gift", "expires_at": "2099-01-01T00:00:00Z"}),
+        ),
+        (
+            Method::POST,
+            format!("{base}/adjustments"),
+            json!({"wallet": "pool", "amount": "-1", "reason": "take"}),
+        ),
+        (
+            Method::POST,
+            format!("{base}/contracts"),
+            json!({"start": "2099-01-01", "years": 1, "platform_allocation_per_year": "1000000"}),
+        ),
+        (
+            Method::POST,
+            format!("{base}/users"),
+            json!({"name": "rich", "plan": "lite", "lite_monthly_allowance": "1000"}),
+        ),
+        (
+            Method::POST,
+            format!("{base}/users"),
+            json!({"name": "later", "plan": "pro", "lite_monthly_allowance": "1000"}),
+        ),
+        (Method::PATCH, format!("{base}/users/{lite}"), json!({"lite_monthly_allowance": "1000"})),
+        (Method::PATCH, format!("{base}/users/{pro}"), json!({"prorate_on_downgrade": true})),
+        (
+            Method::PATCH,
+            format!("{base}/users/{pro}"),
+            json!({"plan": "lite", "lite_monthly_allowance": "50"}),
+        ),
+    ];
+    for (method, path, body) in money_routes {
+        let reply = call(
+            &stack,
+            ORG_TOKEN,
+            method.clone(),
+            &path,
+            Some(body.clone()),
+            &[("idempotency-key", "mint")],
+        )
+        .await;
+        assert_eq!(reply.status, 403, "{method} {path} {body} must need finance: {:?}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "finance_scope_required");
+    }
+    assert_eq!(balances_of(&stack, 1).await, before, "no wallet changed");
+
+    // Upgrading a Lite user moves them onto the pool and grants nothing: allowed.
+    let up = call(
+        &stack,
+        ORG_TOKEN,
+        Method::PATCH,
+        &format!("{base}/users/{lite}"),
+        Some(json!({"plan": "pro"})),
+        &[],
+    )
+    .await;
+    assert_eq!(up.status, 200, "{:?}", up.body);
+    // But back down to Lite would grant their allowance again (Pro -> Lite -> Pro mints per cycle).
+    let after_up = balances_of(&stack, 1).await;
+    let down = call(
+        &stack,
+        ORG_TOKEN,
+        Method::PATCH,
+        &format!("{base}/users/{lite}"),
+        Some(json!({"plan": "lite"})),
+        &[],
+    )
+    .await;
+    assert_eq!(down.status, 403, "{:?}", down.body);
+    assert_eq!(balances_of(&stack, 1).await, after_up, "the refused downgrade granted nothing");
+    // Limits, keys, apps stay the org token's.
+    let limits = call(
+        &stack,
+        ORG_TOKEN,
+        Method::PATCH,
+        &format!("{base}/users/{pro}"),
+        Some(json!({"limits": {"daily": "5"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(limits.status, 200, "{:?}", limits.body);
+    let key =
+        call(&stack, ORG_TOKEN, Method::POST, &format!("{base}/keys"), Some(json!({"user": pro})), &[]).await;
+    assert_eq!(key.status, 201, "{:?}", key.body);
+}
+
+#[tokio::test]
+async fn an_org_token_the_operator_grants_finance_may_buy_credit_for_its_own_org_only() {
+    let stack = start_edited(|text| {
+        text.replace(
+            r#"org_tokens = [{ org = 1, token_env = "ORG_TOKEN" }]"#,
+            r#"org_tokens = [{ org = 1, token_env = "ORG_TOKEN" }, { org = 1, token_env = "FINANCE_TOKEN", finance = true }]"#,
+        )
+    })
+    .await;
+    let (b, ids) = org_b(&stack).await;
+    let buy = |org: u64, token: &'static str| {
+        let stack = &stack;
+        async move {
+            call(
+                stack,
+                token,
+                Method::POST,
+                &format!("/admin/v1/orgs/{org}/purchases"),
+                Some(json!({"amount": "5"})),
+                &[("idempotency-key", "fin-1")],
+            )
+            .await
+        }
+    };
+    assert_eq!(buy(1, ORG_TOKEN).await.status, 403, "a plain org token still may not");
+    let bought = buy(1, FINANCE_TOKEN).await;
+    assert_eq!(bought.status, 201, "{:?}", bought.body);
+    assert_eq!(dec(&bought.json()["balance_after"]), Decimal::from(105));
+    assert_eq!(buy(b, FINANCE_TOKEN).await.status, 404, "finance is for its own org only");
+    let cross_wallet = call(&stack, FINANCE_TOKEN, Method::POST, "/admin/v1/orgs/1/adjustments",
+        Some(json!({"wallet": {"lite_user": ids["lite"]}, "amount": "5", "reason": "move", "expires_at": "2099-01-01T00:00:00Z"})), &[("idempotency-key", "x")]).await;
+    assert_eq!(cross_wallet.status, 404, "credits never move between orgs: {:?}", cross_wallet.body);
+}
+
+/// Sends each (method, path, body) as the operator and asserts a 400 whose
+/// `field` is (or ends with) the one given.
+async fn assert_each_refused_naming_its_field(stack: &Stack, cases: Vec<(Method, String, Value, &str)>) {
+    for (method, path, body, field) in cases {
+        let reply = call(
+            stack,
+            ADMIN_TOKEN,
+            method.clone(),
+            &path,
+            Some(body.clone()),
+            &[("idempotency-key", "refused")],
+        )
+        .await;
+        assert_eq!(reply.status, 400, "{method} {path} {body}: {:?}", reply.body);
+        let error = reply.json()["error"].clone();
+        assert!(
+            error["field"].as_str().unwrap_or_default().ends_with(field),
+            "{method} {path} {body}: {error}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn array_bodies_are_refused_naming_the_field_and_change_nothing() {
+    let stack = start().await;
+    let (b, ids) = org_b(&stack).await;
+    let base = format!("/admin/v1/orgs/{b}");
+    let before = balances_of(&stack, b).await;
+    let users_before =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/users"), None, &[]).await.json();
+    let cases: Vec<(Method, String, Value, &str)> = vec![
+        (Method::POST, format!("{base}/purchases"), json!(["1.00", null, null]), "body"),
+        (Method::PATCH, format!("{base}/users/{}", ids["lite"]), json!(["pro", null, null, null]), "body"),
+        (
+            Method::PATCH,
+            format!("{base}/users/{}", ids["pro"]),
+            json!({"limits": ["1", null, null, null]}),
+            "limits",
+        ),
+        (Method::POST, format!("{base}/contracts"), json!(["2099-01-01", 1, "10", 0, null]), "body"),
+        (
+            Method::POST,
+            "/admin/v1/orgs".to_owned(),
+            json!({"name": "x", "contract": ["2099-01-01", 1, "10", 0, null]}),
+            "contract",
+        ),
+        (
+            Method::POST,
+            format!("{base}/alerts"),
+            json!({"wallet": "pool", "condition": ["balance_below", "5"], "webhook_url": "http://127.0.0.1:9/x", "secret": "0123456789abcdef"}),
+            "condition",
+        ),
+        (
+            Method::POST,
+            format!("{base}/adjustments"),
+            json!({"wallet": {"lite_user": [ids["lite"]]}, "amount": "1", "reason": "x", "expires_at": "2099-01-01T00:00:00Z"}),
+            "wallet.lite_user",
+        ),
+    ];
+    assert_each_refused_naming_its_field(&stack, cases).await;
+    assert_eq!(balances_of(&stack, b).await, before, "no wallet changed");
+    let users_after =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/users"), None, &[]).await.json();
+    assert_eq!(users_after, users_before, "no user changed plan or limits");
+    let orgs = call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/orgs", None, &[]).await.json();
+    assert_eq!(orgs["orgs"].as_array().unwrap().len(), 2, "no org was created");
+}
+
+#[tokio::test]
+async fn money_inputs_finer_than_a_nano_dollar_are_refused_everywhere() {
+    let stack = start().await;
+    let (b, ids) = org_b(&stack).await;
+    let base = format!("/admin/v1/orgs/{b}");
+    let before = balances_of(&stack, b).await;
+    let fine = "1.0000000000000000000000000001";
+    let cases: Vec<(Method, String, Value, &str)> = vec![
+        (Method::POST, format!("{base}/purchases"), json!({"amount": fine}), "amount"),
+        (Method::POST, format!("{base}/purchases"), json!({"amount": "0.0000000001"}), "amount"),
+        (
+            Method::POST,
+            format!("{base}/adjustments"),
+            json!({"wallet": "pool", "amount": fine, "reason": "x", "expires_at": "2099-01-01T00:00:00Z"}),
+            "amount",
+        ),
+        (
+            Method::POST,
+            format!("{base}/contracts"),
+            json!({"start": "2099-01-01", "years": 1, "platform_allocation_per_year": fine}),
+            "platform_allocation_per_year",
+        ),
+        (
+            Method::PATCH,
+            format!("{base}/users/{}", ids["lite"]),
+            json!({"lite_monthly_allowance": fine}),
+            "lite_monthly_allowance",
+        ),
+        (Method::PUT, format!("{base}/keys/{}/limits", ids["key"]), json!({"daily": fine}), "daily"),
+        (
+            Method::POST,
+            format!("{base}/alerts"),
+            json!({"wallet": "pool", "condition": {"type": "balance_below", "amount": fine}, "webhook_url": "https://hooks.example.com/x", "secret": "0123456789abcdef"}),
+            "condition.amount",
+        ),
+        (
+            Method::POST,
+            format!("{base}/alerts"),
+            json!({"wallet": "pool", "condition": {"type": "balance_below", "amount": 0.1}, "webhook_url": "https://hooks.example.com/x", "secret": "0123456789abcdef"}),
+            "condition",
+        ),
+    ];
+    assert_each_refused_naming_its_field(&stack, cases).await;
+    assert_eq!(balances_of(&stack, b).await, before, "no wallet changed");
+    // Nine places, the cost scale, are taken exactly.
+    let exact = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::POST,
+        &format!("{base}/purchases"),
+        Some(json!({"amount": "0.000000001"})),
+        &[("idempotency-key", "nano")],
+    )
+    .await;
+    assert_eq!(exact.status, 201, "{:?}", exact.body);
+    assert_eq!(dec(&exact.json()["balance_after"]), dec(&json!("60.000000001")));
 }

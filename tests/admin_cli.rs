@@ -8,7 +8,11 @@ use common::*;
 
 /// Run `creditgate admin --url URL ARGS...` with the operator token.
 async fn admin_cli(stack: &Stack, args: &[&str]) -> (bool, String, String) {
-    let url = format!("http://{}", stack.gateway.admin_addr());
+    admin_cli_at(format!("http://{}", stack.gateway.admin_addr()), args).await
+}
+
+/// The same against any admin URL.
+async fn admin_cli_at(url: String, args: &[&str]) -> (bool, String, String) {
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_creditgate"))
@@ -78,4 +82,63 @@ async fn an_operator_runs_the_common_tasks_from_the_command_line() {
     let (ok, _, err) = admin_cli(&stack, &["add-user", "--org", &org, "--name", "x", "--plan", "lite"]).await;
     assert!(!ok);
     assert!(err.contains("lite_monthly_allowance"), "{err}");
+}
+
+/// An admin "server" that reads one request head and hangs up without an
+/// answer, as a connection lost mid-purchase would; returns the head it read.
+async fn hang_up_once() -> (String, tokio::task::JoinHandle<String>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let head = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let read = socket.read(&mut chunk).await.unwrap();
+            assert!(read > 0, "the CLI closed before sending its request");
+            head.extend_from_slice(&chunk[..read]);
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    });
+    (url, head)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purchase_that_got_no_answer_names_its_key_and_a_retry_with_it_buys_once() {
+    let (url, head) = hang_up_once().await;
+    let (ok, _, err) = admin_cli_at(url, &["purchase", "--org", "1", "--amount", "5"]).await;
+    assert!(!ok, "no answer is a failure");
+    let sent = head.await.unwrap().to_lowercase();
+    let key = sent
+        .lines()
+        .find_map(|line| line.strip_prefix("idempotency-key: "))
+        .expect("the purchase carried an idempotency key")
+        .trim()
+        .to_owned();
+    assert!(err.contains(&format!("--idempotency-key {key}")), "the CLI told the key it sent: {err}");
+
+    // The retry the CLI suggested, twice, against a real gateway: one purchase.
+    let stack = start().await;
+    for _ in 0..2 {
+        let (ok, _, err) =
+            admin_cli(&stack, &["purchase", "--org", "1", "--amount", "5", "--idempotency-key", &key]).await;
+        assert!(ok, "{err}");
+    }
+    let (ok, out, err) = admin_cli(&stack, &["balance", "--org", "1"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("105"), "100 seeded + 5 bought once: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_query_values_are_percent_encoded() {
+    // A `+` in a time zone offset would read as a space if sent raw.
+    let stack = start().await;
+    let (ok, out, err) = admin_cli(
+        &stack,
+        &["usage", "--org", "1", "--from", "2020-01-01T00:00:00+01:00", "--to", "2099-01-01T00:00:00+01:00"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("TOTAL"), "{out}");
 }

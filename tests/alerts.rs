@@ -72,11 +72,21 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Received>>>) {
     (url, seen)
 }
 
+/// A stack whose operator allows webhooks to loopback (the test receivers).
+async fn start_with_loopback_webhooks() -> Stack {
+    start_edited(|text| text.replace("[admin]\n", "[admin]\nalert_webhook_allow = [\"127.0.0.1/32\"]\n"))
+        .await
+}
+
 async fn admin(stack: &Stack, method: Method, path: &str, body: Option<Value>) -> Reply {
+    admin_as(stack, ADMIN_TOKEN, method, path, body).await
+}
+
+async fn admin_as(stack: &Stack, token: &str, method: Method, path: &str, body: Option<Value>) -> Reply {
     let request = Request::builder()
         .method(method)
         .uri(stack.admin_url(path))
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .header("authorization", format!("Bearer {token}"))
         .body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))
         .unwrap();
     send(request).await
@@ -84,7 +94,7 @@ async fn admin(stack: &Stack, method: Method, path: &str, body: Option<Value>) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_threshold_fires_exactly_once_as_a_signed_webhook() {
-    let stack = start().await;
+    let stack = start_with_loopback_webhooks().await;
     let keys = seed(&stack.gateway, "0.01", "0");
     let org = keys.org.0;
     let (url, seen) = receiver().await;
@@ -158,7 +168,7 @@ async fn each_threshold_fires_exactly_once_as_a_signed_webhook() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spending_limit_alert_fires_once_per_limit_period() {
-    let stack = start().await;
+    let stack = start_with_loopback_webhooks().await;
     let org = stack.keys.org.0;
     let (url, seen) = receiver().await;
     let key = stack
@@ -193,4 +203,64 @@ async fn a_spending_limit_alert_fires_once_per_limit_period() {
     let received = seen.lock().unwrap().clone();
     assert_eq!(received.len(), 1, "one alert for the period, however many refusals: {received:#?}");
     assert_eq!(received[0].event["condition"]["type"], "spend_limit_reached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_to_internal_addresses_are_refused_with_one_generic_answer() {
+    // No allow-list: the receiver on 127.0.0.1 stands for any internal service.
+    let stack = start().await;
+    let org = stack.keys.org.0;
+    let (url, seen) = receiver().await;
+    let port = url.trim_start_matches("http://127.0.0.1:").trim_end_matches("/hook").to_owned();
+    let path = format!("/admin/v1/orgs/{org}/alerts");
+    let mut messages = Vec::new();
+    for target in [
+        url.clone(),
+        "http://10.0.0.1/hook".to_owned(),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        format!("http://[::1]:{port}/hook"),
+        format!("http://[::ffff:127.0.0.1]:{port}/hook"),
+        format!("http://localhost:{port}/hook"),
+    ] {
+        let rule = json!({"wallet": "pool", "condition": {"type": "balance_below", "amount": "1000"}, "webhook_url": target, "secret": SECRET});
+        let reply = admin_as(&stack, ORG_TOKEN, Method::POST, &path, Some(rule)).await;
+        assert_eq!(reply.status, 400, "{target}: {:?}", reply.body);
+        assert_eq!(reply.json()["error"]["field"], "webhook_url");
+        messages.push(reply.json()["error"]["message"].clone());
+    }
+    messages.dedup();
+    assert_eq!(messages.len(), 1, "one answer for every refused address: {messages:?}");
+
+    // A spelling the URL check cannot judge without resolving (127.1 is 127.0.0.1)
+    // is refused where it counts: on the address the delivery would connect to.
+    let sneaky = json!({"wallet": "pool", "condition": {"type": "balance_below", "amount": "1000"}, "webhook_url": format!("http://127.1:{port}/hook"), "secret": SECRET});
+    let added = admin_as(&stack, ORG_TOKEN, Method::POST, &path, Some(sneaky)).await;
+    assert_eq!(added.status, 201, "{:?}", added.body);
+    let reply = post_json(
+        &stack.url("/v1/chat/completions"),
+        &stack.keys.pro,
+        &json!({"model": "mock-gpt", "max_tokens": 5}),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let deliveries_path = format!("/admin/v1/orgs/{org}/alerts/deliveries");
+    let mut attempted = Value::Null;
+    for _ in 0..500 {
+        let deliveries = admin_as(&stack, ORG_TOKEN, Method::GET, &deliveries_path, None).await.json();
+        if deliveries["deliveries"][0]["attempts"].as_u64().unwrap_or(0) >= 1 {
+            attempted = deliveries["deliveries"][0].clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_ne!(attempted, Value::Null, "the alert fired and its delivery was attempted");
+    assert_ne!(attempted["status"], "delivered");
+    assert_eq!(
+        attempted["last_error"], "not delivered",
+        "org tokens learn nothing about the address: {attempted}"
+    );
+    assert!(seen.lock().unwrap().is_empty(), "nothing reached the internal receiver");
+    let operator_view = admin(&stack, Method::GET, &deliveries_path, None).await.json();
+    let reason = operator_view["deliveries"][0]["last_error"].as_str().unwrap_or_default().to_owned();
+    assert!(reason.contains("not an allowed webhook destination"), "the operator sees why: {reason}");
 }

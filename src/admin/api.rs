@@ -1,7 +1,7 @@
 //! The `/admin/v1` resources: organizations, contracts, users, applications,
 //! keys, purchases, adjustments and balances. Request bodies are strict
-//! (unknown fields rejected, amounts as decimal strings) and errors name the
-//! field. Every `/orgs/{org}/...` route checks the caller's scope first; an
+//! (JSON objects only, never arrays read by position; unknown fields
+//! rejected; amounts as decimal strings) and errors name the field. Every `/orgs/{org}/...` route checks the caller's scope first; an
 //! organization token asking for another organization gets 404.
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -13,14 +13,18 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::AdminError;
+use super::strict::Objects;
 use super::Scope;
 use crate::alerts::{AlertError, Alerts, Condition, Rule};
 use crate::demo::new_secret;
+
 use crate::ledger::contract::ContractTerm;
-use crate::ledger::entity::{ApiKey, KeyHash, KeyScope, Plan};
+use crate::ledger::entity::{ApiKey, KeyHash, KeyScope, Plan, User};
 use crate::ledger::ids::{AppId, KeyId, OrgId, Owner, UserId, WalletId};
 use crate::ledger::limit::Limits;
-use crate::ledger::{AdjustmentRequest, Ledger, NewApp, NewKey, NewOrg, NewUser, PurchaseRequest};
+use crate::ledger::{
+    too_fine, AdjustmentRequest, Ledger, NewApp, NewKey, NewOrg, NewUser, PurchaseRequest, MAX_AMOUNT_SCALE,
+};
 
 /// An admin answer: status and JSON body.
 pub type Answer = Result<(StatusCode, Value), AdminError>;
@@ -28,14 +32,18 @@ pub type Answer = Result<(StatusCode, Value), AdminError>;
 /// Longest idempotency key accepted.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
 
-/// Parse a strict JSON body; the error names the field that is wrong.
+/// Parse a strict JSON body: exactly one value, structures only from JSON
+/// objects (never arrays by position), no unknown fields. The error names
+/// the field that is wrong.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+    let value = serde_path_to_error::deserialize(Objects(&mut deserializer)).map_err(|error| {
         let field = error.path().to_string();
         let field = if field == "." { "body".to_owned() } else { field };
         AdminError::bad(field, error.inner().to_string())
-    })
+    })?;
+    deserializer.end().map_err(|error| AdminError::bad("body", error.to_string()))?;
+    Ok(value)
 }
 
 /// A money amount: a decimal string such as "12.50", never a JSON number
@@ -47,11 +55,33 @@ impl<'de> Deserialize<'de> for Amount {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)
             .map_err(|_| serde::de::Error::custom("amounts are decimal strings, e.g. \"12.50\""))?;
-        text.trim()
+        if !is_amount_text(&text) {
+            return Err(serde::de::Error::custom(format!(
+                "{text:?} is not an amount: digits with an optional sign and at most \
+                 {MAX_AMOUNT_SCALE} decimal places, e.g. \"12.50\""
+            )));
+        }
+        let amount = text
             .parse::<Decimal>()
-            .map(Amount)
-            .map_err(|_| serde::de::Error::custom(format!("{text:?} is not a decimal amount")))
+            .map_err(|_| serde::de::Error::custom(format!("{text:?} is not a decimal amount")))?;
+        if too_fine(amount) {
+            return Err(serde::de::Error::custom(format!(
+                "{text:?} has more than {MAX_AMOUNT_SCALE} decimal places (a nano-dollar); round it"
+            )));
+        }
+        Ok(Amount(amount))
     }
+}
+
+/// Whether `text` is written as the OpenAPI document says an amount is
+/// (`openapi::AMOUNT_PATTERN`): `-?digits(.digits)?`, at most 13 whole digits
+/// (the largest amount is 1e12) and 9 decimal places; no spaces, no exponent.
+fn is_amount_text(text: &str) -> bool {
+    let unsigned = text.strip_prefix('-').unwrap_or(text);
+    let (whole, fraction) = unsigned.split_once('.').map_or((unsigned, None), |(w, f)| (w, Some(f)));
+    let digits =
+        |part: &str, max: usize| (1..=max).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_digit());
+    digits(whole, 13) && fraction.is_none_or(|f| digits(f, MAX_AMOUNT_SCALE as usize))
 }
 
 fn amount(value: Option<Amount>) -> Option<Decimal> {
@@ -248,28 +278,31 @@ pub fn no_route(method: &Method, path: &str) -> AdminError {
     AdminError::NoRoute { method: method.to_string(), path: path.to_owned() }
 }
 
+/// Who calls `/admin/v1/orgs/{org}/...`, for which org, and when.
+pub struct OrgCall<'a> {
+    pub ledger: &'a Ledger,
+    pub org: OrgId,
+    pub scope: Scope,
+    pub headers: &'a HeaderMap,
+    pub now: DateTime<Utc>,
+}
+
 /// Everything under `/admin/v1/orgs/{org}/`.
-pub fn org_resource(
-    ledger: &Ledger,
-    org: OrgId,
-    method: &Method,
-    rest: &[&str],
-    headers: &HeaderMap,
-    body: &[u8],
-    now: DateTime<Utc>,
-) -> Answer {
+pub fn org_resource(call: &OrgCall<'_>, method: &Method, rest: &[&str], body: &[u8]) -> Answer {
+    let OrgCall { ledger, org, scope, headers, now } = *call;
     let get = |value: Value| Ok((StatusCode::OK, value));
     match (method, rest) {
         (&Method::GET, []) => {
             get(json!(ledger.org(org).ok_or_else(|| AdminError::NotFound(format!("no org {}", org.0)))?))
         }
         (&Method::POST, ["contracts"]) => {
+            scope.require_finance()?;
             let raw: ContractIn = parse(body)?;
             Ok((StatusCode::CREATED, json!(ledger.renew_contract(org, raw.into(), now)?)))
         }
         (&Method::GET, ["users"]) => get(json!({ "users": ledger.users_of(org) })),
-        (&Method::POST, ["users"]) => create_user(ledger, org, body, now),
-        (&Method::PATCH, ["users", user]) => patch_user(ledger, org, UserId(id(user, "user")?), body, now),
+        (&Method::POST, ["users"]) => create_user(call, body),
+        (&Method::PATCH, ["users", user]) => patch_user(call, UserId(id(user, "user")?), body),
         (&Method::GET, ["apps"]) => get(json!({ "apps": ledger.apps_of(org) })),
         (&Method::POST, ["apps"]) => {
             let raw: AppIn = parse(body)?;
@@ -283,7 +316,7 @@ pub fn org_resource(
         (&Method::GET, ["keys"]) => {
             get(json!({ "keys": ledger.keys_of(org).iter().map(key_view).collect::<Vec<_>>() }))
         }
-        (&Method::POST, ["keys"]) => create_key(ledger, org, body, now),
+        (&Method::POST, ["keys"]) => create_key(call, body),
         (&Method::POST, ["keys", key, "revoke"]) => {
             get(key_view(&ledger.revoke_key(org, KeyId(id(key, "key")?))?))
         }
@@ -297,8 +330,8 @@ pub fn org_resource(
                 models: Vec<String>,
             }
             let raw: ScopeIn = parse(body)?;
-            let scope = KeyScope { routes: raw.routes, models: raw.models };
-            get(key_view(&ledger.set_key_scope(org, KeyId(id(key, "key")?), scope)?))
+            let key_scope = KeyScope { routes: raw.routes, models: raw.models };
+            get(key_view(&ledger.set_key_scope(org, KeyId(id(key, "key")?), key_scope)?))
         }
         (&Method::PUT, ["keys", key, "limits"]) => {
             let raw: LimitsIn = parse(body)?;
@@ -318,6 +351,7 @@ pub fn org_resource(
             get(json!(ledger.set_app_limits(org, app, raw.limits.into(), raw.end_user_limits.into())?))
         }
         (&Method::POST, ["purchases"]) => {
+            scope.require_finance()?;
             let raw: PurchaseIn = parse(body)?;
             let request = PurchaseRequest {
                 org,
@@ -329,6 +363,7 @@ pub fn org_resource(
             Ok((StatusCode::CREATED, json!(ledger.purchase(request, now)?)))
         }
         (&Method::POST, ["adjustments"]) => {
+            scope.require_finance()?;
             let raw: AdjustmentIn = parse(body)?;
             let wallet = match raw.wallet {
                 WalletIn::Pool => WalletId::Pool(org),
@@ -356,12 +391,18 @@ pub fn org_resource(
     }
 }
 
-fn create_user(ledger: &Ledger, org: OrgId, body: &[u8], now: DateTime<Utc>) -> Answer {
+fn create_user(call: &OrgCall<'_>, body: &[u8]) -> Answer {
+    let OrgCall { ledger, org, scope, now, .. } = *call;
     let raw: UserIn = parse(body)?;
     let plan: Plan = raw.plan.into();
     let allowance = amount(raw.lite_monthly_allowance).unwrap_or(Decimal::ZERO);
     if plan == Plan::Lite && raw.lite_monthly_allowance.is_none() {
         return Err(AdminError::bad("lite_monthly_allowance", "required for a Lite user, e.g. \"10.00\""));
+    }
+    // A Lite user is granted their allowance at once and every month; an
+    // allowance or pro-rating set now is granted on a later downgrade.
+    if !allowance.is_zero() || raw.prorate_on_downgrade {
+        scope.require_finance()?;
     }
     let new = NewUser {
         name: raw.name,
@@ -373,12 +414,16 @@ fn create_user(ledger: &Ledger, org: OrgId, body: &[u8], now: DateTime<Utc>) -> 
     Ok((StatusCode::CREATED, json!(ledger.create_user(org, new, now)?)))
 }
 
-fn patch_user(ledger: &Ledger, org: OrgId, user: UserId, body: &[u8], now: DateTime<Utc>) -> Answer {
+fn patch_user(call: &OrgCall<'_>, user: UserId, body: &[u8]) -> Answer {
+    let OrgCall { ledger, org, scope, now, .. } = *call;
     let raw: UserPatch = parse(body)?;
     let current = ledger
         .user(user)
         .filter(|u| u.org == org)
         .ok_or_else(|| AdminError::NotFound(format!("no user {}", user.0)))?;
+    if grants_credit(&raw, &current) {
+        scope.require_finance()?;
+    }
     if raw.lite_monthly_allowance.is_some() || raw.prorate_on_downgrade.is_some() {
         let allowance = amount(raw.lite_monthly_allowance).unwrap_or(current.lite_monthly_allowance);
         let prorate = raw.prorate_on_downgrade.unwrap_or(current.prorate_on_downgrade);
@@ -397,7 +442,20 @@ fn patch_user(ledger: &Ledger, org: OrgId, user: UserId, body: &[u8], now: DateT
     Ok((StatusCode::OK, json!(updated)))
 }
 
-fn create_key(ledger: &Ledger, org: OrgId, body: &[u8], now: DateTime<Utc>) -> Answer {
+/// Whether a user change can grant credit: a new allowance or pro-rating
+/// setting, or a downgrade to Lite (granted its allowance, pro-rated or from
+/// the next month; cycling Pro -> Lite -> Pro would mint one per cycle).
+fn grants_credit(patch: &UserPatch, current: &User) -> bool {
+    let allowance = amount(patch.lite_monthly_allowance).unwrap_or(current.lite_monthly_allowance);
+    let prorate = patch.prorate_on_downgrade.unwrap_or(current.prorate_on_downgrade);
+    let downgrade = matches!(patch.plan, Some(PlanIn::Lite)) && current.plan != Plan::Lite;
+    allowance != current.lite_monthly_allowance
+        || prorate != current.prorate_on_downgrade
+        || (downgrade && !allowance.is_zero())
+}
+
+fn create_key(call: &OrgCall<'_>, body: &[u8]) -> Answer {
+    let OrgCall { ledger, org, now, .. } = *call;
     let raw: KeyIn = parse(body)?;
     let owner = match (raw.user, raw.app) {
         (Some(user), None) => Owner::User(UserId(user)),
@@ -425,20 +483,31 @@ struct AlertIn {
 
 /// `/admin/v1/orgs/{org}/alerts[/deliveries]`.
 pub fn alert_resource(
-    ledger: &Ledger,
+    call: &OrgCall<'_>,
     alerts: &Alerts,
-    org: OrgId,
     method: &Method,
     rest: &[&str],
     body: &[u8],
 ) -> Answer {
+    let OrgCall { ledger, org, scope, .. } = *call;
     match (method, rest) {
         (&Method::GET, ["alerts"]) => {
             let rules: Vec<Value> = alerts.rules_of(org).iter().map(Rule::view).collect();
             Ok((StatusCode::OK, json!({ "rules": rules })))
         }
         (&Method::GET, ["alerts", "deliveries"]) => {
-            Ok((StatusCode::OK, json!({ "deliveries": alerts.deliveries_of(org) })))
+            let mut deliveries = alerts.deliveries_of(org);
+            // What a connection attempt ran into (refused, reset, timed out)
+            // would map the network behind an address: org tokens see only
+            // that it failed; the operator sees why.
+            if scope != Scope::Operator {
+                for delivery in &mut deliveries {
+                    if delivery.last_error.is_some() {
+                        delivery.last_error = Some("not delivered".to_owned());
+                    }
+                }
+            }
+            Ok((StatusCode::OK, json!({ "deliveries": deliveries })))
         }
         (&Method::POST, ["alerts"]) => {
             let raw: AlertIn = parse(body)?;
@@ -456,11 +525,36 @@ pub fn alert_resource(
             let rule = alerts.add_rule(org, wallet, raw.condition, raw.webhook_url, raw.secret).map_err(
                 |e| match e {
                     AlertError::Invalid { field, reason } => AdminError::bad(field, reason),
-                    other => AdminError::Store(other.to_string()),
+                    AlertError::TooMany { .. } => AdminError::bad("body", e.to_string()),
+                    AlertError::Save { .. } | AlertError::Load { .. } => AdminError::Store(e.to_string()),
                 },
             )?;
             Ok((StatusCode::CREATED, rule.view()))
         }
         _ => Err(no_route(method, &format!("/admin/v1/orgs/{}/{}", org.0, rest.join("/")))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_are_read_exactly_as_documented() {
+        // Proves the reader and the document's pattern agree on what an amount is.
+        for good in ["0", "12.50", "-0.5", "1000000000000", "0.000000001"] {
+            assert!(is_amount_text(good), "{good}");
+        }
+        for bad in
+            ["", " 1", "1 ", "+1", "1.", ".5", "1e3", "0x10", "1.0000000001", "12345678901234", "--1", "1,5"]
+        {
+            assert!(!is_amount_text(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn money_inputs_keep_the_cost_scale() {
+        // Proves the input cap and the price engine's cost scale cannot drift apart.
+        assert_eq!(MAX_AMOUNT_SCALE, crate::pricing::COST_SCALE);
     }
 }

@@ -155,9 +155,18 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
         }
         AdminCommand::Purchase { org, amount, reference, idempotency_key } => {
             let key = idempotency_key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            // Said before sending: if the answer never comes (a timeout, a
+            // dropped connection), the retry must reuse this key or it buys again.
+            eprintln!("idempotency key: {key} (to retry safely, run again with --idempotency-key {key})");
             let body = json!({"amount": amount, "reference": reference});
             let path = format!("/admin/v1/orgs/{org}/purchases");
-            let receipt = client.json(Method::POST, &path, Some(&body), Some(&key)).await?;
+            let receipt =
+                client.json(Method::POST, &path, Some(&body), Some(&key)).await.map_err(|error| {
+                    anyhow::anyhow!(
+                    "{error}\nthe purchase may or may not have been made; retry with --idempotency-key {key} \
+                     (a retry with the same key never buys twice)"
+                )
+                })?;
             format!("idempotency key: {key}\n{}", pretty(receipt))
         }
         AdminCommand::Balance { org } => {
@@ -166,14 +175,19 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
             balance_table(&balances)
         }
         AdminCommand::Usage { org, group_by, from, to, csv } => {
-            let mut path = format!("/admin/v1/orgs/{org}/usage?group_by={group_by}");
+            // Encoded, so a time such as 2026-01-01T00:00:00+01:00 keeps its `+`.
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            query.append_pair("group_by", &group_by);
             for (name, value) in [("from", from), ("to", to)] {
                 if let Some(value) = value {
-                    path.push_str(&format!("&{name}={value}"));
+                    query.append_pair(name, &value);
                 }
             }
             if csv {
-                path.push_str("&format=csv");
+                query.append_pair("format", "csv");
+            }
+            let path = format!("/admin/v1/orgs/{org}/usage?{}", query.finish());
+            if csv {
                 let bytes = client.send(Method::GET, &path, None, None).await?;
                 String::from_utf8_lossy(&bytes).trim_end().to_owned()
             } else {

@@ -8,6 +8,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
+/// How long the CLI waits for an answer before giving up (and saying how
+/// to retry safely).
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What went wrong talking to the admin API.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -53,7 +57,10 @@ impl AdminClient {
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let unreachable = |reason: String| ClientError::Unreachable { url: url.clone(), reason };
         let request = request.body(Full::new(body)).map_err(|e| unreachable(e.to_string()))?;
-        let response = self.http.request(request).await.map_err(|e| unreachable(e.to_string()))?;
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(request))
+            .await
+            .map_err(|_| unreachable(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())))?
+            .map_err(|e| unreachable(e.to_string()))?;
         let status = response.status();
         let bytes = response.into_body().collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
         if status.is_success() {

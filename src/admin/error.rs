@@ -12,10 +12,17 @@ pub enum AdminError {
     Disabled,
     #[error("this endpoint is for the operator token only")]
     OperatorOnly,
+    #[error(
+        "creating or removing credit (purchases, adjustments, contracts, Lite allowances) needs the \
+         operator token or an org token with `finance = true`"
+    )]
+    FinanceOnly,
     #[error("{0}")]
     NotFound(String),
     #[error("no admin endpoint {method} {path}; see GET /admin/v1/openapi.json")]
     NoRoute { method: String, path: String },
+    #[error("{path} does not answer {method}; it answers {allow}")]
+    MethodNotAllowed { method: String, path: String, allow: String },
     #[error("`{field}`: {reason}")]
     BadRequest { field: String, reason: String },
     #[error("the {0} header is required: a retry with the same key changes nothing")]
@@ -44,8 +51,10 @@ impl AdminError {
             AdminError::Unauthorized => (StatusCode::UNAUTHORIZED, "invalid_admin_token"),
             AdminError::Disabled => (StatusCode::FORBIDDEN, "admin_disabled"),
             AdminError::OperatorOnly => (StatusCode::FORBIDDEN, "operator_only"),
+            AdminError::FinanceOnly => (StatusCode::FORBIDDEN, "finance_scope_required"),
             AdminError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AdminError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
+            AdminError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             AdminError::BadRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
             AdminError::MissingHeader(_) => (StatusCode::BAD_REQUEST, "missing_header"),
             AdminError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),

@@ -46,57 +46,236 @@ pub const ROUTES: &[RouteDoc] = &[
     route("get", "/admin/v1/orgs/{org}/balances", "Pool and Lite wallets: balance, lots, holds"),
     route("get", "/admin/v1/orgs/{org}/ledger", "Ledger entries: cursor paging and filters"),
     route("get", "/admin/v1/orgs/{org}/usage", "Usage totals grouped by dimensions, JSON or CSV"),
+    route("get", "/admin/v1/orgs/{org}/alerts", "Alert rules (secrets never shown)"),
+    route("post", "/admin/v1/orgs/{org}/alerts", "Add an alert rule: a signed webhook to a public address"),
+    route("get", "/admin/v1/orgs/{org}/alerts/deliveries", "Webhook deliveries and their status"),
 ];
 
-/// Query parameters of the read endpoints.
+/// The methods documented for a concrete path (`/admin/v1/orgs/3/keys`),
+/// matching `{param}` segments to any segment; empty if no path matches.
+pub fn methods_for(path: &str) -> Vec<&'static str> {
+    let path = path.trim_end_matches('/');
+    let segments: Vec<&str> = path.split('/').collect();
+    let matches = |template: &str| {
+        let parts: Vec<&str> = template.split('/').collect();
+        parts.len() == segments.len()
+            && parts.iter().zip(&segments).all(|(part, segment)| part.starts_with('{') || part == segment)
+    };
+    ROUTES.iter().filter(|route| matches(route.path)).map(|route| route.method).collect()
+}
+
+/// A money amount: a decimal string with at most 9 places.
+fn amount() -> Value {
+    json!({"type": "string", "pattern": AMOUNT_PATTERN, "examples": ["12.50"]})
+}
+
+/// An amount or null (left unset).
+fn optional_amount() -> Value {
+    json!({"type": ["string", "null"], "pattern": AMOUNT_PATTERN})
+}
+
+/// What the admin API reads as an amount (see `api::Amount`).
+pub const AMOUNT_PATTERN: &str = "^-?[0-9]{1,13}(\\.[0-9]{1,9})?$";
+
+fn object(properties: Value, required: &[&str]) -> Value {
+    json!({"type": "object", "additionalProperties": false, "properties": properties, "required": required})
+}
+
+fn limits() -> Value {
+    object(
+        json!({"per_request": optional_amount(), "daily": optional_amount(), "monthly": optional_amount(), "contract_yearly": optional_amount()}),
+        &[],
+    )
+}
+
+fn contract() -> Value {
+    object(
+        json!({
+            "start": {"type": "string", "format": "date"},
+            "years": {"type": "integer", "minimum": 0, "maximum": u32::MAX},
+            "platform_allocation_per_year": amount(),
+            "pro_seats": {"type": "integer", "minimum": 0, "maximum": u32::MAX},
+            "seat_allocation_per_year": optional_amount(),
+        }),
+        &["start", "years", "platform_allocation_per_year"],
+    )
+}
+
+fn wallet() -> Value {
+    json!({"oneOf": [
+        {"type": "string", "enum": ["pool"]},
+        object(json!({"lite_user": {"type": "integer", "minimum": 0}}), &["lite_user"]),
+    ]})
+}
+
+/// An IANA time zone name, as chrono-tz knows them.
+fn time_zone() -> Value {
+    let mut names: Vec<Value> = chrono_tz::TZ_VARIANTS.iter().map(|tz| json!(tz.name())).collect();
+    names.push(Value::Null);
+    json!({"enum": names, "examples": ["Europe/Berlin"]})
+}
+
+/// A time, or empty (the same as leaving the parameter out).
+fn query_time() -> Value {
+    json!({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "string", "maxLength": 0}]})
+}
+
+fn plan() -> Value {
+    json!({"type": "string", "enum": ["pro", "lite"]})
+}
+
+fn condition() -> Value {
+    let tagged = |kind: &str, properties: Value, required: &[&str]| {
+        let mut properties = properties;
+        properties["type"] = json!({"type": "string", "const": kind});
+        let mut all = vec!["type"];
+        all.extend_from_slice(required);
+        object(properties, &all)
+    };
+    json!({"oneOf": [
+        tagged("consumed_share", json!({"percent": amount()}), &["percent"]),
+        tagged("balance_below", json!({"amount": amount()}), &["amount"]),
+        tagged("lite_wallet_empty", json!({}), &[]),
+        tagged("spend_limit_reached", json!({}), &[]),
+    ]})
+}
+
+/// The request body an endpoint reads, if any. Bodies are strict: JSON
+/// objects only, unknown fields refused, amounts as decimal strings.
+fn request_schema(method: &str, path: &str) -> Option<Value> {
+    let schema = match (method, path.trim_start_matches("/admin/v1")) {
+        ("post", "/orgs") => object(
+            json!({"name": {"type": "string"}, "time_zone": time_zone(), "contract": {"anyOf": [contract(), {"type": "null"}]}}),
+            &["name"],
+        ),
+        ("post", "/orgs/{org}/contracts") => contract(),
+        ("post", "/orgs/{org}/users") => object(
+            json!({"name": {"type": "string"}, "plan": plan(), "lite_monthly_allowance": optional_amount(), "prorate_on_downgrade": {"type": "boolean"}, "limits": limits()}),
+            &["name", "plan"],
+        ),
+        ("patch", "/orgs/{org}/users/{user}") => object(
+            json!({"plan": {"anyOf": [plan(), {"type": "null"}]}, "lite_monthly_allowance": optional_amount(), "prorate_on_downgrade": {"type": ["boolean", "null"]}, "limits": {"anyOf": [limits(), {"type": "null"}]}}),
+            &[],
+        ),
+        ("post", "/orgs/{org}/apps") => object(
+            json!({"name": {"type": "string"}, "limits": limits(), "end_user_limits": limits()}),
+            &["name"],
+        ),
+        ("put", "/orgs/{org}/apps/{app}/limits") => {
+            object(json!({"limits": limits(), "end_user_limits": limits()}), &[])
+        }
+        ("post", "/orgs/{org}/keys") => object(
+            json!({"user": {"type": ["integer", "null"], "minimum": 0}, "app": {"type": ["integer", "null"], "minimum": 0}, "label": {"type": "string"}, "limits": limits()}),
+            &[],
+        ),
+        ("put", "/orgs/{org}/keys/{key}/limits") => limits(),
+        ("put", "/orgs/{org}/keys/{key}/scope") => object(
+            json!({"routes": {"type": "array", "items": {"type": "string"}}, "models": {"type": "array", "items": {"type": "string"}}}),
+            &[],
+        ),
+        ("post", "/orgs/{org}/purchases") => object(
+            json!({"amount": amount(), "expires_at": {"type": ["string", "null"], "format": "date-time"}, "reference": {"type": ["string", "null"]}}),
+            &["amount"],
+        ),
+        ("post", "/orgs/{org}/adjustments") => object(
+            json!({"wallet": wallet(), "amount": amount(), "reason": {"type": "string"}, "expires_at": {"type": ["string", "null"], "format": "date-time"}}),
+            &["wallet", "amount", "reason"],
+        ),
+        ("post", "/orgs/{org}/alerts") => object(
+            json!({"wallet": wallet(), "condition": condition(), "webhook_url": {"type": "string", "format": "uri"}, "secret": {"type": "string", "minLength": 16}}),
+            &["wallet", "condition", "webhook_url", "secret"],
+        ),
+        _ => return None,
+    };
+    Some(schema)
+}
+
+/// Query parameters of the read endpoints. An empty value (`?limit=`) is
+/// the same as leaving the parameter out.
 fn query_parameters(path: &str) -> Vec<Value> {
-    let names: &[&str] = match path {
-        "/admin/v1/orgs/{org}/ledger" => &["after", "limit", "wallet", "kind", "key", "user", "from", "to"],
-        "/admin/v1/orgs/{org}/usage" => &["group_by", "from", "to", "format"],
-        _ => &[],
+    let names: &[(&str, Value)] = &match path {
+        "/admin/v1/orgs/{org}/ledger" => vec![
+            ("after", json!({"type": "string", "pattern": "^[0-9]*$"})),
+            ("limit", json!({"type": "string", "pattern": "^[0-9]*$"})),
+            ("wallet", json!({"type": "string"})),
+            ("kind", json!({"type": "string"})),
+            ("key", json!({"type": "string", "pattern": "^[0-9]*$"})),
+            ("user", json!({"type": "string", "pattern": "^[0-9]*$"})),
+            ("from", query_time()),
+            ("to", query_time()),
+        ],
+        "/admin/v1/orgs/{org}/usage" => vec![
+            ("group_by", json!({"type": "string", "examples": ["model,day"]})),
+            ("from", query_time()),
+            ("to", query_time()),
+            ("format", json!({"type": "string", "enum": ["json", "csv"]})),
+        ],
+        _ => vec![],
     };
     names
         .iter()
-        .map(|name| json!({"name": name, "in": "query", "required": false, "schema": {"type": "string"}}))
+        .map(|(name, schema)| {
+            json!({"name": name, "in": "query", "required": false, "schema": schema,
+                   "description": "An empty value is the same as leaving the parameter out."})
+        })
         .collect()
 }
 
 fn path_parameters(path: &str) -> Vec<Value> {
     path.split('/')
         .filter_map(|segment| segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-        .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "integer"}}))
+        .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "integer", "minimum": 0}}))
         .collect()
+}
+
+fn error(description: &str) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+}
+
+/// The answers an endpoint can give, success first.
+fn responses(route: &RouteDoc) -> Value {
+    let success =
+        if route.method == "post" && !route.path.ends_with("/revoke") && !route.path.ends_with("/reload") {
+            ("201", "Created")
+        } else {
+            ("200", "OK")
+        };
+    let body = if route.path.ends_with("/usage") {
+        json!({"application/json": {"schema": {"type": "object"}}, "text/csv": {"schema": {"type": "string"}}})
+    } else {
+        json!({"application/json": {"schema": {"type": "object"}}})
+    };
+    let mut answers = json!({
+        success.0: {"description": success.1, "content": body},
+        "400": error("The request is invalid; `field` names what is wrong"),
+        "401": error("No valid token"),
+        "403": error("Operator-only or finance-only for this token, or the admin API is off"),
+        "404": error("No such resource (or it belongs to another organization)"),
+        "405": error("The path exists but not with this method (see `Allow`)"),
+        "503": error("The ledger store is unavailable"),
+    });
+    if route.path.ends_with("/purchases") || route.path.ends_with("/adjustments") {
+        answers["409"] =
+            error("The Idempotency-Key was used for a different request; `message` names the field");
+    }
+    if route.path.ends_with("/reload") {
+        answers["422"] = error("The price file is invalid; the previous table stays in force");
+    }
+    answers
 }
 
 fn operation(route: &RouteDoc) -> Value {
     let mut parameters = path_parameters(route.path);
     parameters.extend(query_parameters(route.path));
     if route.path.ends_with("/purchases") || route.path.ends_with("/adjustments") {
-        parameters.push(json!({"name": "Idempotency-Key", "in": "header", "required": true, "schema": {"type": "string"}}));
+        parameters.push(json!({"name": "Idempotency-Key", "in": "header", "required": true, "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[\\x21-\\x7e]+$"}}));
     }
-    let mut op = json!({
-        "summary": route.summary,
-        "parameters": parameters,
-        "responses": {
-            "200": {"description": "OK"},
-            "201": {"description": "Created"},
-            "400": {"$ref": "#/components/responses/Error"},
-            "401": {"$ref": "#/components/responses/Error"},
-            "404": {"$ref": "#/components/responses/Error"},
-        },
-    });
+    let mut op = json!({"summary": route.summary, "parameters": parameters, "responses": responses(route)});
     if route.operator_only {
         op["description"] = json!("Operator token only; organization tokens get 403.");
     }
-    if matches!(route.method, "post" | "put" | "patch")
-        && !route.path.ends_with("/revoke")
-        && !route.path.ends_with("/reload")
-    {
-        op["requestBody"] = json!({
-            "required": true,
-            "content": {"application/json": {"schema": {"type": "object",
-                "description": "Strict: unknown fields are rejected; amounts are decimal strings such as \"12.50\"."}}},
-        });
+    if let Some(schema) = request_schema(route.method, route.path) {
+        op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema}}});
     }
     op
 }
@@ -115,9 +294,17 @@ pub fn document() -> Value {
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "responses": {"Error": {
-                "description": "`{\"error\": {\"type\", \"code\", \"message\", \"field\"?}}`",
-                "content": {"application/json": {"schema": {"type": "object"}}},
+            "schemas": {"Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {"error": {
+                    "type": "object",
+                    "required": ["type", "code", "message"],
+                    "properties": {
+                        "type": {"type": "string"}, "code": {"type": "string"},
+                        "message": {"type": "string"}, "field": {"type": "string"},
+                    },
+                }},
             }},
         },
     })

@@ -83,11 +83,25 @@ pub struct NewKey {
     pub limits: Limits,
 }
 
+/// The most decimal places a money input may carry: the cost scale (a
+/// nano-dollar), so every amount the ledger adds is a whole number of
+/// nano-dollars. With amounts up to [`MAX_AMOUNT`] that is at most 22
+/// digits, and sums of millions of them stay below `Decimal`'s 28 exact
+/// digits; an input with 28 places would make a sum round silently (and a
+/// replay disagree with the balance it recorded).
+pub const MAX_AMOUNT_SCALE: u32 = 9;
+
+/// Whether `amount` has more decimal places than [`MAX_AMOUNT_SCALE`]
+/// (trailing zeros do not count).
+pub fn too_fine(amount: Decimal) -> bool {
+    amount.scale() > MAX_AMOUNT_SCALE && amount.normalize().scale() > MAX_AMOUNT_SCALE
+}
+
 pub(crate) fn check_amount(field: &'static str, amount: Decimal) -> Result<(), LedgerError> {
-    if amount.is_sign_negative() || amount > MAX_AMOUNT {
+    if amount.is_sign_negative() || amount > MAX_AMOUNT || too_fine(amount) {
         return Err(LedgerError::InvalidAmount {
             field,
-            expected: "between 0 and 1,000,000,000,000",
+            expected: "between 0 and 1,000,000,000,000, with at most 9 decimal places",
             amount,
         });
     }
@@ -457,6 +471,25 @@ pub(crate) fn calendar_of(org: &Organization) -> OrgCalendar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sums_of_finer_amounts_would_round_and_are_refused() {
+        // Proves why the scale is capped: 28 places make a plain sum round.
+        let fine: Decimal = "0.0000000000000000000000000001".parse().unwrap_or_default();
+        let sum = Decimal::from(1_000_000) + fine;
+        assert_eq!(sum - Decimal::from(1_000_000), Decimal::ZERO, "the sum lost the input");
+        assert!(check_amount("amount", fine).is_err());
+        // At the cap, the largest amounts add exactly.
+        let finest: Decimal = "999999999999.999999999".parse().unwrap_or_default();
+        assert!(check_amount("amount", finest).is_ok());
+        let total = (0..1000).fold(Decimal::ZERO, |total, _| total + finest);
+        assert_eq!(total, finest * Decimal::from(1000), "sums at the cap stay exact");
+        assert_eq!(total.scale(), MAX_AMOUNT_SCALE);
+        assert!(
+            check_amount("amount", "1.500000000000".parse().unwrap_or_default()).is_ok(),
+            "zeros do not count"
+        );
+    }
 
     #[test]
     fn max_amount_is_one_trillion() {

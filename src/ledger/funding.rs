@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::ledger::admin::{check_amount, MAX_AMOUNT};
+use crate::ledger::admin::{check_amount, too_fine, MAX_AMOUNT};
 use crate::ledger::entry::{EntryKind, LedgerEntry};
 use crate::ledger::ids::{EntryId, LotId, OrgId, WalletId};
 use crate::ledger::{Ledger, LedgerError};
@@ -131,16 +131,19 @@ impl Ledger {
         let _admin = self.admin.lock();
         check_key(&request.idempotency_key)?;
         let slot = (request.org, request.idempotency_key.clone());
-        match self.idempotency.lock().get(&slot) {
+        let remembered = self.idempotency.lock().get(&slot).cloned();
+        match remembered {
             Some(Replay::Purchase(first, receipt)) => {
-                return match purchase_difference(first, &request) {
-                    None => Ok(*receipt),
+                return match purchase_difference(&first, &request) {
+                    None => self.durable(receipt),
                     Some(field) => Err(conflict(&request.idempotency_key, field)),
                 }
             }
             Some(Replay::Adjustment(..)) => return Err(conflict(&request.idempotency_key, "operation")),
             None => {}
         }
+        // A failed journal takes nothing more: no credit only memory knows.
+        self.shared.committer.check()?;
         if request.amount <= Decimal::ZERO {
             return Err(LedgerError::InvalidAmount {
                 field: "amount",
@@ -193,21 +196,23 @@ impl Ledger {
         let _admin = self.admin.lock();
         check_key(&request.idempotency_key)?;
         let slot = (request.org, request.idempotency_key.clone());
-        match self.idempotency.lock().get(&slot) {
+        let remembered = self.idempotency.lock().get(&slot).cloned();
+        match remembered {
             Some(Replay::Adjustment(first, receipt)) => {
-                return match adjustment_difference(first, &request) {
-                    None => Ok(*receipt),
+                return match adjustment_difference(&first, &request) {
+                    None => self.durable(receipt),
                     Some(field) => Err(conflict(&request.idempotency_key, field)),
                 }
             }
             Some(Replay::Purchase(..)) => return Err(conflict(&request.idempotency_key, "operation")),
             None => {}
         }
+        self.shared.committer.check()?;
         self.ensure_wallet_in(request.org, request.wallet)?;
-        if request.amount.is_zero() || request.amount.abs() > MAX_AMOUNT {
+        if request.amount.is_zero() || request.amount.abs() > MAX_AMOUNT || too_fine(request.amount) {
             return Err(LedgerError::InvalidAmount {
                 field: "amount",
-                expected: "non-zero and at most 1,000,000,000,000 either way",
+                expected: "non-zero, at most 1,000,000,000,000 either way, with at most 9 decimal places",
                 amount: request.amount,
             });
         }
@@ -253,6 +258,17 @@ impl Ledger {
         };
         drop(state);
         self.idempotency.lock().insert(slot, Replay::Adjustment(request, receipt));
+        self.shared.committer.sync()?;
+        Ok(receipt)
+    }
+
+    /// A remembered receipt, answered only once its record is durable. The
+    /// key's slot is taken before the first call's sync, so a retry never
+    /// credits twice; if that sync failed, the retry must not report success
+    /// either: it waits for the journal to confirm everything appended so far
+    /// (the journal keeps order and never drops a record it then confirms),
+    /// and a failed journal answers its failure.
+    fn durable<R>(&self, receipt: R) -> Result<R, LedgerError> {
         self.shared.committer.sync()?;
         Ok(receipt)
     }
@@ -308,4 +324,111 @@ impl Ledger {
 
 fn conflict(key: &str, field: &'static str) -> LedgerError {
     LedgerError::IdempotencyConflict { key: key.to_owned(), field }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use rust_decimal_macros::dec;
+
+    use super::*;
+    use crate::ledger::journal::{Journal, JournalError, MemoryJournal, Record, RecordBody};
+    use crate::ledger::testkit::{at, org, term};
+    use crate::ledger::LedgerConfig;
+
+    /// A memory journal whose syncs fail once `failing` is set, as a full
+    /// disk's would.
+    #[derive(Default)]
+    struct FailingSync {
+        records: MemoryJournal,
+        failing: AtomicBool,
+    }
+
+    impl Journal for FailingSync {
+        fn append(&self, record: Record) -> Result<(), JournalError> {
+            self.records.append(record)
+        }
+
+        fn sync(&self) -> Result<(), JournalError> {
+            if self.failing.load(Ordering::Relaxed) {
+                return Err(JournalError::Failed { reason: "no space left on device".into() });
+            }
+            Ok(())
+        }
+    }
+
+    fn funded_ledger() -> (Ledger, Arc<FailingSync>, OrgId) {
+        let journal = Arc::new(FailingSync::default());
+        let ledger = Ledger::new(LedgerConfig::default(), journal.clone());
+        let now = at("2026-03-01T00:00:00Z");
+        let org = org(&ledger, chrono_tz::UTC, Some(term("2026-01-01", 1, dec!(10), 0, dec!(0))), now);
+        (ledger, journal, org)
+    }
+
+    fn purchase_of_25(org: OrgId) -> PurchaseRequest {
+        PurchaseRequest {
+            org,
+            amount: dec!(25),
+            expires_at: None,
+            reference: None,
+            idempotency_key: "buy-1".into(),
+        }
+    }
+
+    #[test]
+    fn a_purchase_whose_sync_failed_is_never_acknowledged_on_retry() {
+        // Proves the retry of a purchase that was not made durable does not answer success.
+        let (ledger, journal, org) = funded_ledger();
+        journal.failing.store(true, Ordering::Relaxed);
+        let now = at("2026-03-02T00:00:00Z");
+        let request = purchase_of_25(org);
+        let first = ledger.purchase(request.clone(), now);
+        assert!(matches!(first, Err(LedgerError::Unavailable(_))), "{first:?}");
+        let retry = ledger.purchase(request.clone(), now);
+        assert!(matches!(retry, Err(LedgerError::Unavailable(_))), "a retry must not ack: {retry:?}");
+        let other = PurchaseRequest { idempotency_key: "buy-2".into(), ..request };
+        assert!(ledger.purchase(other, now).is_err(), "a failed journal takes no new credit");
+        let purchases = journal
+            .records
+            .records()
+            .into_iter()
+            .filter(
+                |r| matches!(&r.body, RecordBody::Entry(e) if matches!(e.kind, EntryKind::Purchase { .. })),
+            )
+            .count();
+        assert_eq!(purchases, 1, "the retry credited nothing more");
+    }
+
+    #[test]
+    fn an_adjustment_whose_sync_failed_is_never_acknowledged_on_retry() {
+        // Proves the same for adjustments, the other idempotent money write.
+        let (ledger, journal, org) = funded_ledger();
+        journal.failing.store(true, Ordering::Relaxed);
+        let now = at("2026-03-02T00:00:00Z");
+        let request = AdjustmentRequest {
+            org,
+            wallet: WalletId::Pool(org),
+            amount: dec!(5),
+            reason: "goodwill".into(),
+            expires_at: Some(at("2026-06-01T00:00:00Z")),
+            idempotency_key: "adj-1".into(),
+        };
+        assert!(ledger.adjust(request.clone(), now).is_err());
+        let retry = ledger.adjust(request, now);
+        assert!(matches!(retry, Err(LedgerError::Unavailable(_))), "a retry must not ack: {retry:?}");
+    }
+
+    #[test]
+    fn a_durable_purchase_replays_its_receipt() {
+        // Proves the durability check leaves the ordinary replay alone.
+        let (ledger, _journal, org) = funded_ledger();
+        let now = at("2026-03-02T00:00:00Z");
+        let request = purchase_of_25(org);
+        let first = ledger.purchase(request.clone(), now).unwrap();
+        assert_eq!(ledger.purchase(request, now).unwrap(), first);
+    }
 }

@@ -26,6 +26,8 @@ pub const UPSTREAM_SECRET: &str = "sk-upstream-secret-0123456789";
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests";
 /// Scoped to the organization the stack seeds (the first one created).
 pub const ORG_TOKEN: &str = "org-token-for-tests";
+/// For org 1 with `finance = true`, when a test's config lists it.
+pub const FINANCE_TOKEN: &str = "finance-token-for-tests";
 pub const PRICES_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/prices.toml");
 
 pub struct Stack {
@@ -129,6 +131,7 @@ pub fn parse_config(text: &str, data_dir: &Path) -> GatewayConfig {
         "MOCK_UPSTREAM_KEY" => Some(UPSTREAM_SECRET.to_owned()),
         "ADMIN_TOKEN" => Some(ADMIN_TOKEN.to_owned()),
         "ORG_TOKEN" => Some(ORG_TOKEN.to_owned()),
+        "FINANCE_TOKEN" => Some(FINANCE_TOKEN.to_owned()),
         _ => None,
     })
     .unwrap();
