@@ -3,7 +3,7 @@
 //! Open endpoints:
 //! - `GET /healthz` — 200 while the process is up.
 //! - `GET /readyz` — 200 once the store is open and state is loaded, 503
-//!   before that and during shutdown.
+//!   before that, during shutdown and while the store fails (with a reason).
 //! - `GET /metrics` — Prometheus text.
 //!
 //! `/admin/v1` (`Authorization: Bearer <token>`): the operator token sees
@@ -63,17 +63,44 @@ use crate::proxy::{json_error, json_response, GatewayBody};
 use crate::store::WriterStats;
 use crate::telemetry::metrics::Metrics;
 
-/// Readiness latch: set once start-up is complete, cleared on shutdown.
-#[derive(Debug, Default)]
-pub struct Readiness(AtomicBool);
+/// Readiness: a latch set once start-up is complete and cleared on
+/// shutdown, and a probe of the store, which can fail (and recover) while the
+/// process runs.
+#[derive(Default)]
+pub struct Readiness {
+    ready: AtomicBool,
+    store: std::sync::OnceLock<StoreProbe>,
+}
+
+/// `Err(reason)` while the store cannot make changes durable.
+pub type StoreProbe = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness").field("ready", &self.ready).finish_non_exhaustive()
+    }
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// Makes readiness follow the store's health too (set once).
+    pub fn watch_store(&self, probe: StoreProbe) {
+        let _already = self.store.set(probe);
     }
 
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.check().is_ok()
+    }
+
+    /// `Ok` when ready; otherwise why not.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Err("starting or stopping".into());
+        }
+        self.store.get().map_or(Ok(()), |probe| probe())
     }
 }
 
@@ -123,12 +150,13 @@ impl Admin {
         let path = request.uri().path().to_owned();
         let response = match (request.method(), path.as_str()) {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
-            (&Method::GET, "/readyz") if self.readiness.is_ready() => {
-                json_response(StatusCode::OK, &json!({"status": "ready"}))
-            }
-            (&Method::GET, "/readyz") => {
-                json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "not_ready"}))
-            }
+            (&Method::GET, "/readyz") => match self.readiness.check() {
+                Ok(()) => json_response(StatusCode::OK, &json!({"status": "ready"})),
+                Err(reason) => json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "not_ready", "reason": reason}),
+                ),
+            },
             (&Method::GET, "/metrics") => self.metrics_text(),
             (_, p) if p.starts_with("/admin/v1/") => match self.api(request).await {
                 Ok(response) => response,
