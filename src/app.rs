@@ -210,18 +210,12 @@ fn read_entries(
     after: u64,
     limit: usize,
 ) -> Result<(Vec<LedgerEntry>, Option<u64>), AdminError> {
-    use crate::store::Store as _;
     let Some(writer) = writer else {
         return Err(AdminError::Store(
             "this gateway runs with [ledger] write_through = false and keeps no ledger entries".into(),
         ));
     };
-    // Only what is durable, and nothing past a record still missing: a
-    // reader resuming after the last number it saw never skips one.
-    let durable = writer.durable_through();
-    let mut records =
-        writer.store().read_after(after, limit).map_err(|e| AdminError::Store(e.to_string()))?;
-    records.retain(|record| record.seq <= durable);
+    let records = writer.read_durable_after(after, limit).map_err(|e| AdminError::Store(e.to_string()))?;
     let last = records.last().map(|r| r.seq);
     let entries = records
         .into_iter()

@@ -195,11 +195,16 @@ pub struct StoreConfig {
     pub queue_capacity: usize,
     /// Most records written per sled batch.
     pub max_batch: usize,
+    /// How long records wait behind a missing sequence number before they
+    /// are written anyway. A number is taken and its record queued inside
+    /// one critical section, so a gap normally closes within microseconds;
+    /// one that does not is a bug, and the books must not stall on it.
+    pub gap_patience_ms: u64,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { flush_interval_ms: 5, queue_capacity: 65_536, max_batch: 8_192 }
+        StoreConfig { flush_interval_ms: 5, queue_capacity: 65_536, max_batch: 8_192, gap_patience_ms: 200 }
     }
 }
 

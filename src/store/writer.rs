@@ -26,11 +26,6 @@ enum Message {
     Shutdown(SyncSender<Result<(), JournalError>>),
 }
 
-/// How long records may wait behind a missing sequence number before they
-/// are written anyway. A number is taken and its record queued inside one
-/// critical section, so a gap normally closes within microseconds; one that
-/// does not is a bug, and the books must not stall on it.
-const GAP_PATIENCE: Duration = Duration::from_millis(200);
 /// First and longest pause between two attempts to recover a failed store.
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MOST: Duration = Duration::from_secs(2);
@@ -123,6 +118,7 @@ impl<S: Store> GroupCommit<S> {
             max_batch: config.max_batch.max(1),
             max_unflushed: config.queue_capacity.max(config.max_batch).max(1),
             reserve_ahead: reserve_ahead(config.queue_capacity),
+            gap_patience: Duration::from_millis(config.gap_patience_ms),
             shared: Arc::clone(&shared),
         };
         let thread = std::thread::Builder::new()
@@ -150,6 +146,21 @@ impl<S: Store> GroupCommit<S> {
     /// failure it cannot mend.
     pub fn health(&self) -> Result<(), JournalError> {
         self.shared.health()
+    }
+
+    /// Up to `limit` durable records numbered above `after`, in order. Only
+    /// up to [`GroupCommit::durable_through`]: a reader resuming after the
+    /// last number it saw gets every record exactly once, however records
+    /// are appended meanwhile.
+    pub fn read_durable_after(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
+        let durable = self.durable_through();
+        if after >= durable {
+            return Ok(Vec::new());
+        }
+        let wanted = usize::try_from(durable - after).unwrap_or(usize::MAX).min(limit);
+        let mut records = self.store.read_after(after, wanted)?;
+        records.retain(|record| record.seq <= durable);
+        Ok(records)
     }
 
     /// The store underneath (for paging reads).
@@ -250,6 +261,8 @@ struct Worker<S: Store> {
     /// Most records kept while the store fails; past it, appends wait.
     max_unflushed: usize,
     reserve_ahead: u64,
+    /// See [`StoreConfig::gap_patience_ms`].
+    gap_patience: Duration,
     shared: Arc<Shared>,
 }
 
@@ -323,8 +336,8 @@ impl Sequencer {
 
     /// Writes held records past their gap when it has lasted too long (or
     /// `now_anyway`): the gap is a number that will never come.
-    fn release_stuck(&mut self, now_anyway: bool, ready: &mut Vec<Record>) {
-        let stuck = self.held_since.is_some_and(|since| since.elapsed() >= GAP_PATIENCE);
+    fn release_stuck(&mut self, patience: Duration, now_anyway: bool, ready: &mut Vec<Record>) {
+        let stuck = self.held_since.is_some_and(|since| since.elapsed() >= patience);
         if !(stuck || now_anyway) {
             return;
         }
@@ -380,7 +393,7 @@ impl<S: Store> Worker<S> {
         let mut state = State { reserved: self.store.reserved_seq(), ..State::default() };
         loop {
             let first = if state.sequencer.is_holding() || !state.carried.is_empty() {
-                match self.receiver.recv_timeout(GAP_PATIENCE) {
+                match self.receiver.recv_timeout(self.gap_patience) {
                     Ok(message) => Some(message),
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => return,
@@ -402,7 +415,7 @@ impl<S: Store> Worker<S> {
             // than it must.
             let deadline = last_flush.map_or_else(Instant::now, |at| at + self.interval);
             let gathered = self.gather(&mut group, &mut state, deadline);
-            state.sequencer.release_stuck(group.shutdown.is_some(), &mut group.records);
+            state.sequencer.release_stuck(self.gap_patience, group.shutdown.is_some(), &mut group.records);
             if state.sequencer.is_holding() {
                 // Records queued before these barriers may still be held:
                 // answer them once the gap closes.
@@ -571,7 +584,7 @@ impl<S: Store> Worker<S> {
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
-        state.sequencer.release_stuck(group.shutdown.is_some(), &mut group.records);
+        state.sequencer.release_stuck(self.gap_patience, group.shutdown.is_some(), &mut group.records);
     }
 
     /// Reopens the store and writes again what it does not hold.
