@@ -126,6 +126,7 @@ fn corrupt(path: &Path, reason: &str) -> StoreError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
