@@ -140,6 +140,9 @@ pub struct Admin {
     pub alerts: Arc<Alerts>,
     /// The store writer's counters, read at scrape time.
     pub store_stats: Arc<dyn Fn() -> WriterStats + Send + Sync>,
+    /// Longest wait for a request body, so a client that stops sending
+    /// cannot hold a request (and its connection) open.
+    pub body_read_timeout: std::time::Duration,
 }
 
 impl Admin {
@@ -195,7 +198,7 @@ impl Admin {
     async fn api(&self, request: Request<Incoming>) -> Result<Response<GatewayBody>, AdminError> {
         let scope = self.scope(request.headers())?;
         let (parts, body) = request.into_parts();
-        let body = read_body(body).await?;
+        let body = read_body(body, self.body_read_timeout).await?;
         let path = parts.uri.path().trim_start_matches("/admin/v1/").trim_end_matches('/');
         let segments: Vec<&str> = path.split('/').collect();
         let now = self.clock.now();
@@ -324,9 +327,12 @@ fn error_response(error: &AdminError) -> Response<GatewayBody> {
     json_response(status, &body)
 }
 
-async fn read_body(body: Incoming) -> Result<Bytes, AdminError> {
-    match Limited::new(body, MAX_ADMIN_BODY_BYTES).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(_) => Err(AdminError::bad("body", format!("unreadable or over {MAX_ADMIN_BODY_BYTES} bytes"))),
+async fn read_body(body: Incoming, timeout: std::time::Duration) -> Result<Bytes, AdminError> {
+    match tokio::time::timeout(timeout, Limited::new(body, MAX_ADMIN_BODY_BYTES).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(_)) => {
+            Err(AdminError::bad("body", format!("unreadable or over {MAX_ADMIN_BODY_BYTES} bytes")))
+        }
+        Err(_) => Err(AdminError::bad("body", format!("not received within {} ms", timeout.as_millis()))),
     }
 }

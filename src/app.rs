@@ -114,6 +114,7 @@ impl Gateway {
                 Arc::new(move || writer.as_ref().map(|w| w.stats()).unwrap_or_default())
             },
             alerts,
+            body_read_timeout: config.server.header_read_timeout,
         });
         let admin_options = ServeOptions { name: "admin", ..options };
         let admin_task = tokio::spawn(server::serve(

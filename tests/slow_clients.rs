@@ -71,3 +71,37 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_body_that_stops_arriving_is_refused_not_waited_for() {
+    // Proves the admin API bounds its body read: a client that announces 100
+    // bytes and sends 10 gets a 400 naming the body once the read timeout
+    // (here the 300 ms header-read timeout) passes. (Before, the request
+    // waited for the rest forever.)
+    let stack = common::start_with("header_read_timeout_ms = 300", "", Default::default()).await;
+    let admin = stack.gateway.admin_addr();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(admin).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            stream,
+            "POST /admin/v1/orgs HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {}\r\n\
+             content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"name\":",
+            common::ADMIN_TOKEN
+        )
+        .unwrap();
+        let mut answer = Vec::new();
+        let mut buffer = [0_u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains("}}") {
+            match stream.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "a stalled body is refused: {answer:?}");
+    assert!(answer.contains("\"field\":\"body\""), "the error names the body: {answer}");
+}
