@@ -222,7 +222,10 @@ impl Admin {
                     (_, ["alerts", ..]) => {
                         api::alert_resource(&self.ledger, &self.alerts, org, &parts.method, rest, &body)?
                     }
-                    (&Method::GET, ["ledger"]) => reports::ledger_page(&*self.entries, org, &params)?,
+                    (&Method::GET, ["ledger"]) => {
+                        let entries = self.entries.clone();
+                        off_the_runtime(move || reports::ledger_page(&*entries, org, &params)).await??
+                    }
                     (&Method::GET, ["usage"]) => {
                         let wants_csv = params.get("format").is_some_and(|f| f == "csv")
                             || parts
@@ -230,8 +233,11 @@ impl Admin {
                                 .get(header::ACCEPT)
                                 .and_then(|v| v.to_str().ok())
                                 .is_some_and(|a| a.contains("text/csv"));
-                        let (status, text, content_type) =
-                            reports::usage(&*self.entries, org, time_zone, &params, wants_csv)?;
+                        let entries = self.entries.clone();
+                        let (status, text, content_type) = off_the_runtime(move || {
+                            reports::usage(&*entries, org, time_zone, &params, wants_csv)
+                        })
+                        .await??;
                         let mut response = Response::new(GatewayBody::local(Bytes::from(text)));
                         *response.status_mut() = status;
                         response
@@ -301,6 +307,16 @@ impl Admin {
         );
         response
     }
+}
+
+/// Runs a report's store scan on tokio's blocking pool: it reads and
+/// decodes many records, and must not hold a runtime thread the proxy shares.
+async fn off_the_runtime<T: Send + 'static>(
+    scan: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AdminError> {
+    tokio::task::spawn_blocking(scan)
+        .await
+        .map_err(|error| AdminError::Store(format!("the report failed: {error}")))
 }
 
 fn no_prices() -> Response<GatewayBody> {

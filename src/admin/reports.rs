@@ -23,8 +23,9 @@ const DEFAULT_PAGE: usize = 100;
 /// Records read from the store per step of a scan.
 const SCAN_STEP: usize = 2_000;
 /// Most records one ledger-page request scans before it returns a cursor,
-/// so a sparse filter cannot make one request read the whole store.
-const MAX_SCAN_PER_PAGE: usize = 100_000;
+/// so a sparse filter cannot make one request read the whole store (the
+/// caller follows the cursor for more).
+const MAX_SCAN_PER_PAGE: usize = 20_000;
 
 /// Query parameters as `name -> value`.
 pub fn query_pairs(query: Option<&str>) -> BTreeMap<String, String> {
