@@ -39,6 +39,7 @@ pub mod client;
 mod error;
 pub mod openapi;
 mod reports;
+mod rollup;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +53,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 pub use error::AdminError;
+pub use rollup::Rollups;
 
 use crate::alerts::Alerts;
 use crate::clock::Clock;
@@ -143,6 +145,8 @@ pub struct Admin {
     /// Longest wait for a request body, so a client that stops sending
     /// cannot hold a request (and its connection) open.
     pub body_read_timeout: std::time::Duration,
+    /// Usage totals per organization, kept up to date from `entries`.
+    pub rollups: Arc<rollup::Rollups>,
 }
 
 impl Admin {
@@ -233,9 +237,9 @@ impl Admin {
                                 .get(header::ACCEPT)
                                 .and_then(|v| v.to_str().ok())
                                 .is_some_and(|a| a.contains("text/csv"));
-                        let entries = self.entries.clone();
+                        let (entries, rollups) = (self.entries.clone(), self.rollups.clone());
                         let (status, text, content_type) = off_the_runtime(move || {
-                            reports::usage(&*entries, org, time_zone, &params, wants_csv)
+                            reports::usage(&*entries, &rollups, org, time_zone, &params, wants_csv)
                         })
                         .await??;
                         let mut response = Response::new(GatewayBody::local(Bytes::from(text)));

@@ -115,6 +115,7 @@ impl Gateway {
             },
             alerts,
             body_read_timeout: config.server.header_read_timeout,
+            rollups: Arc::default(),
         });
         let admin_options = ServeOptions { name: "admin", ..options };
         let admin_task = tokio::spawn(server::serve(

@@ -125,10 +125,12 @@ where
                 async move {
                     let response = response.await?;
                     // In flight until the body is dropped: sent or abandoned.
+                    // (`map_err` keeps the body's size hint, so a known
+                    // length is still sent as content-length.)
                     Ok::<_, Infallible>(response.map(|body| {
-                        body.map_frame(move |frame| {
+                        body.map_err(move |error| {
                             let _in_flight = &busy;
-                            frame
+                            error
                         })
                     }))
                 }

@@ -105,3 +105,24 @@ async fn an_admin_body_that_stops_arriving_is_refused_not_waited_for() {
     assert!(answer.starts_with("HTTP/1.1 400"), "a stalled body is refused: {answer:?}");
     assert!(answer.contains("\"field\":\"body\""), "the error names the body: {answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_of_known_length_keeps_its_content_length() {
+    // Proves the per-connection request tracking leaves bodies as they are:
+    // a response whose length is known is sent with content-length, not
+    // re-chunked.
+    let stack = common::start().await;
+    let admin = stack.gateway.admin_addr();
+    let head = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(admin).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(stream, "GET /healthz HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response.to_ascii_lowercase()
+    })
+    .await
+    .unwrap();
+    assert!(head.contains("content-length:"), "{head}");
+    assert!(!head.contains("transfer-encoding: chunked"), "{head}");
+}
