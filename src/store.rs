@@ -251,7 +251,7 @@ pub fn open_ledger_on<S: Store>(
     // run reserved, so a number a crash lost is never used for another record.
     let begins_after = highest.max(store.reserved_seq());
     ledger.skip_ids_through(begins_after);
-    writer.begin_after(begins_after);
+    writer.begin_after(begins_after)?;
     Ok(OpenLedger { ledger: Arc::new(ledger), writer })
 }
 

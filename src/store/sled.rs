@@ -18,7 +18,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::ledger::journal::Record;
 use crate::store::codec::{self, CodecError};
-use crate::store::watermark::{Position, Watermark};
+use crate::store::watermark::{Position, Watermark, WatermarkFile};
 use crate::store::{Store, StoreError};
 
 /// Written to the meta tree; bump when the layout changes.
@@ -42,8 +42,8 @@ pub struct SledStore {
     tail: Arc<Mutex<Tail>>,
     /// The store's end at the last successful flush.
     durable: Arc<Mutex<Position>>,
-    /// The watermark as last read or written.
-    watermark: Arc<Mutex<Watermark>>,
+    /// The watermark as last read or written, and its file once opened.
+    watermark: Arc<Mutex<(Watermark, Option<WatermarkFile>)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,7 +91,7 @@ impl SledStore {
             open: Arc::new(RwLock::new(Some(open))),
             tail: Arc::new(Mutex::new(tail)),
             durable: Arc::new(Mutex::new(durable)),
-            watermark: Arc::new(Mutex::new(watermark.unwrap_or_default())),
+            watermark: Arc::new(Mutex::new((watermark.unwrap_or_default(), None))),
         })
     }
 
@@ -288,7 +288,8 @@ impl Store for SledStore {
 
     fn acknowledge(&self, reserved_seq: u64) -> Result<(), StoreError> {
         let position = *self.durable.lock();
-        let mut mark = self.watermark.lock();
+        let mut guard = self.watermark.lock();
+        let (mark, file) = &mut *guard;
         let next = Watermark {
             acknowledged_seq: position.0,
             acknowledged_at: position,
@@ -297,13 +298,17 @@ impl Store for SledStore {
         if next == *mark {
             return Ok(());
         }
-        next.save(&self.dir).map_err(StoreError::Watermark)?;
+        let file = match file {
+            Some(file) => file,
+            None => file.insert(WatermarkFile::open(&self.dir)?),
+        };
+        file.save(&next).map_err(StoreError::Watermark)?;
         *mark = next;
         Ok(())
     }
 
     fn reserved_seq(&self) -> u64 {
-        self.watermark.lock().reserved_seq
+        self.watermark.lock().0.reserved_seq
     }
 
     /// sled keeps its first I/O error for good, so the database is closed

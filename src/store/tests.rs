@@ -649,7 +649,7 @@ fn a_reader_paging_by_number_never_skips_a_record_appended_out_of_order() {
     let store = Arc::new(SledStore::open(dir.path()).unwrap());
     let patient = StoreConfig { gap_patience_ms: 60_000, ..fast() };
     let writer = GroupCommit::start(Arc::clone(&store), patient).unwrap();
-    writer.begin_after(0);
+    writer.begin_after(0).unwrap();
     writer.append(numbered(1)).unwrap();
     writer.append(numbered(3)).unwrap();
     wait_until("record 1 to be durable", || writer.durable_through() >= 1);

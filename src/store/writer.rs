@@ -5,7 +5,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -70,6 +70,9 @@ struct Shared {
     /// While set, the store is failing and the writer retries; nothing is
     /// lost, but nothing new becomes durable either.
     trouble: Mutex<Option<String>>,
+    /// Whether `trouble` is set: every hold checks this, so it must not
+    /// take a lock all request threads share.
+    troubled: AtomicBool,
     /// The ledger hands out sequence numbers after this one (set once the
     /// ledger is restored; everything up to it is already stored).
     begins_after: AtomicU64,
@@ -82,16 +85,27 @@ impl Shared {
         if let Some(error) = self.failure.get() {
             return Err(error.clone());
         }
+        if !self.troubled.load(Ordering::Acquire) {
+            return Ok(());
+        }
         match &*self.trouble.lock() {
             Some(reason) => Err(JournalError::Unavailable { reason: reason.clone() }),
             None => Ok(()),
         }
+    }
+
+    fn set_trouble(&self, trouble: Option<String>) {
+        let mut current = self.trouble.lock();
+        self.troubled.store(trouble.is_some(), Ordering::Release);
+        *current = trouble;
     }
 }
 
 /// The journal the ledger writes to in production.
 pub struct GroupCommit<S: Store> {
     queue: SyncSender<Message>,
+    /// See [`reserve_ahead`].
+    reserve_ahead: u64,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
     store: Arc<S>,
@@ -125,15 +139,21 @@ impl<S: Store> GroupCommit<S> {
             .name("ledger-writer".into())
             .spawn(move || worker.run())
             .map_err(StoreError::Spawn)?;
-        Ok(GroupCommit { queue, shared, thread: Mutex::new(Some(thread)), store })
+        let reserve_ahead = reserve_ahead(config.queue_capacity);
+        Ok(GroupCommit { queue, reserve_ahead, shared, thread: Mutex::new(Some(thread)), store })
     }
 
     /// Tells the writer where the ledger's numbering resumes: every record
     /// up to `seq` is already stored, and new ones are numbered after it.
     /// Call once, after the restore and before the first append.
-    pub fn begin_after(&self, seq: u64) {
+    ///
+    /// Reserves numbers ahead at once, so a crash before the first flush
+    /// cannot lose numbers the next run would hand out again.
+    pub fn begin_after(&self, seq: u64) -> Result<(), StoreError> {
+        self.store.acknowledge(seq.saturating_add(self.reserve_ahead))?;
         self.shared.begins_after.store(seq, Ordering::SeqCst);
         self.shared.durable_through.store(seq, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Every record numbered up to this is durable, and no record with a
@@ -276,12 +296,10 @@ struct Sequencer {
     /// The next number to write; `None` until the first record.
     next: Option<u64>,
     held: BinaryHeap<Reverse<Held>>,
-    /// Since when the oldest held record waits.
-    held_since: Option<Instant>,
 }
 
-/// A record ordered by its number alone.
-struct Held(Record);
+/// A record ordered by its number alone, with when it was taken.
+struct Held(Record, Instant);
 
 impl PartialEq for Held {
     fn eq(&self, other: &Self) -> bool {
@@ -303,10 +321,15 @@ impl Ord for Held {
 impl Sequencer {
     /// Takes a record; pushes onto `ready` what can be written now, in order.
     fn take(&mut self, record: Record, begins_after: u64, ready: &mut Vec<Record>) {
-        let next = self.next.get_or_insert(begins_after.saturating_add(1));
+        // Numbering resumes after `begins_after` (set once the ledger is
+        // restored); records taken before that were numbered below it.
+        let resumes_at = begins_after.saturating_add(1);
+        let next = self.next.get_or_insert(resumes_at);
+        if *next < resumes_at {
+            *next = resumes_at;
+        }
         if record.seq > *next {
-            self.held_since.get_or_insert_with(Instant::now);
-            self.held.push(Reverse(Held(record)));
+            self.held.push(Reverse(Held(record, Instant::now())));
             return;
         }
         if record.seq == *next {
@@ -323,25 +346,23 @@ impl Sequencer {
 
     fn release_in_order(&mut self, ready: &mut Vec<Record>) {
         let Some(next) = self.next.as_mut() else { return };
-        while self.held.peek().is_some_and(|Reverse(Held(record))| record.seq == *next) {
-            if let Some(Reverse(Held(record))) = self.held.pop() {
+        while self.held.peek().is_some_and(|Reverse(Held(record, _))| record.seq == *next) {
+            if let Some(Reverse(Held(record, _))) = self.held.pop() {
                 *next += 1;
                 ready.push(record);
             }
         }
-        if self.held.is_empty() {
-            self.held_since = None;
-        }
     }
 
-    /// Writes held records past their gap when it has lasted too long (or
-    /// `now_anyway`): the gap is a number that will never come.
+    /// Writes held records past a gap that has lasted too long (or all of
+    /// them when `now_anyway`): such a gap is a number that will never come.
     fn release_stuck(&mut self, patience: Duration, now_anyway: bool, ready: &mut Vec<Record>) {
-        let stuck = self.held_since.is_some_and(|since| since.elapsed() >= patience);
-        if !(stuck || now_anyway) {
-            return;
-        }
-        while let Some(Reverse(Held(record))) = self.held.pop() {
+        loop {
+            let stuck = self.held.peek().is_some_and(|Reverse(Held(_, since))| since.elapsed() >= patience);
+            if !(stuck || now_anyway) {
+                return;
+            }
+            let Some(Reverse(Held(record, _))) = self.held.pop() else { return };
             tracing::warn!(
                 seq = record.seq,
                 "sequence numbers before this record never arrived; writing past them"
@@ -350,7 +371,6 @@ impl Sequencer {
             ready.push(record);
             self.release_in_order(ready);
         }
-        self.held_since = None;
     }
 
     fn is_holding(&self) -> bool {
@@ -525,6 +545,7 @@ impl<S: Store> Worker<S> {
         let begins_after = self.shared.begins_after.load(Ordering::Relaxed);
         let through = state.sequencer.contiguous_through(begins_after);
         self.shared.durable_through.fetch_max(through, Ordering::Release);
+        state.reserved = state.reserved.max(self.store.reserved_seq());
         let renew = state.highest_seen.saturating_add(self.reserve_ahead / 2) > state.reserved;
         if acknowledging || renew {
             let reserved =
@@ -555,7 +576,7 @@ impl<S: Store> Worker<S> {
             let attempt = self.retry(state, group, acknowledging || group.shutdown.is_some());
             match attempt {
                 Ok(()) => {
-                    *self.shared.trouble.lock() = None;
+                    self.shared.set_trouble(None);
                     tracing::info!("the ledger store works again; writes resumed");
                     return Ok(());
                 }
@@ -613,7 +634,7 @@ impl<S: Store> Worker<S> {
     fn trouble(&self, error: StoreError) -> JournalError {
         self.shared.counters.store_failures.fetch_add(1, Ordering::Relaxed);
         let reason = error.to_string();
-        *self.shared.trouble.lock() = Some(reason.clone());
+        self.shared.set_trouble(Some(reason.clone()));
         JournalError::Unavailable { reason }
     }
 }
