@@ -384,9 +384,14 @@ fn a_full_disk_makes_the_gateway_unready_and_it_resumes_when_space_returns() {
     assert!(purchases.contains(&"after-recovery"), "{purchases:?}");
 
     // Full again, with work waiting for the disk: the last flush fails.
+    // (sled may have room left in a segment it already holds: write until
+    // the store fails.)
     let filler = tmpfs.fill();
-    let _ = purchase(&gateway, org, "at-the-end");
-    let _ = chat(&gateway, &secret);
+    let failed = (0..500).any(|n| {
+        let _ = chat(&gateway, &secret);
+        purchase(&gateway, org, &format!("at-the-end-{n}")).0 == 503
+    });
+    assert!(failed, "the store never failed on a full disk");
     let exit = gateway.terminate();
     assert!(!exit.success(), "a shutdown whose last flush failed must not exit 0 ({exit:?})");
     std::fs::remove_file(&filler).unwrap();
