@@ -3,7 +3,7 @@
 //! Open endpoints:
 //! - `GET /healthz` — 200 while the process is up.
 //! - `GET /readyz` — 200 once the store is open and state is loaded, 503
-//!   before that and during shutdown.
+//!   before that, during shutdown and while the store fails (with a reason).
 //! - `GET /metrics` — Prometheus text.
 //!
 //! `/admin/v1` (`Authorization: Bearer <token>`): the operator token sees
@@ -44,6 +44,7 @@ pub mod client;
 mod error;
 pub mod openapi;
 mod reports;
+mod rollup;
 mod strict;
 
 use std::convert::Infallible;
@@ -58,6 +59,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 pub use error::AdminError;
+pub use rollup::Rollups;
 
 use crate::alerts::Alerts;
 use crate::clock::Clock;
@@ -69,17 +71,44 @@ use crate::proxy::{json_error, json_response, GatewayBody};
 use crate::store::WriterStats;
 use crate::telemetry::metrics::Metrics;
 
-/// Readiness latch: set once start-up is complete, cleared on shutdown.
-#[derive(Debug, Default)]
-pub struct Readiness(AtomicBool);
+/// Readiness: a latch set once start-up is complete and cleared on
+/// shutdown, and a probe of the store, which can fail (and recover) while the
+/// process runs.
+#[derive(Default)]
+pub struct Readiness {
+    ready: AtomicBool,
+    store: std::sync::OnceLock<StoreProbe>,
+}
+
+/// `Err(reason)` while the store cannot make changes durable.
+pub type StoreProbe = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness").field("ready", &self.ready).finish_non_exhaustive()
+    }
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// Makes readiness follow the store's health too (set once).
+    pub fn watch_store(&self, probe: StoreProbe) {
+        let _already = self.store.set(probe);
     }
 
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.check().is_ok()
+    }
+
+    /// `Ok` when ready; otherwise why not.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Err("starting or stopping".into());
+        }
+        self.store.get().map_or(Ok(()), |probe| probe())
     }
 }
 
@@ -141,6 +170,11 @@ pub struct Admin {
     pub alerts: Arc<Alerts>,
     /// The store writer's counters, read at scrape time.
     pub store_stats: Arc<dyn Fn() -> WriterStats + Send + Sync>,
+    /// Longest wait for a request body, so a client that stops sending
+    /// cannot hold a request (and its connection) open.
+    pub body_read_timeout: std::time::Duration,
+    /// Usage totals per organization, kept up to date from `entries`.
+    pub rollups: Arc<rollup::Rollups>,
 }
 
 impl Admin {
@@ -151,12 +185,13 @@ impl Admin {
         let path = request.uri().path().to_owned();
         let response = match (request.method(), path.as_str()) {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
-            (&Method::GET, "/readyz") if self.readiness.is_ready() => {
-                json_response(StatusCode::OK, &json!({"status": "ready"}))
-            }
-            (&Method::GET, "/readyz") => {
-                json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "not_ready"}))
-            }
+            (&Method::GET, "/readyz") => match self.readiness.check() {
+                Ok(()) => json_response(StatusCode::OK, &json!({"status": "ready"})),
+                Err(reason) => json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "not_ready", "reason": reason}),
+                ),
+            },
             (&Method::GET, "/metrics") => self.metrics_text(),
             (_, p) if p.starts_with("/admin/v1/") => match self.api(request).await {
                 Ok(response) => response,
@@ -195,7 +230,7 @@ impl Admin {
     async fn api(&self, request: Request<Incoming>) -> Result<Response<GatewayBody>, AdminError> {
         let scope = self.scope(request.headers())?;
         let (parts, body) = request.into_parts();
-        let body = read_body(body).await?;
+        let body = read_body(body, self.body_read_timeout).await?;
         let path = parts.uri.path().trim_start_matches("/admin/v1/").trim_end_matches('/');
         let segments: Vec<&str> = path.split('/').collect();
         let now = self.clock.now();
@@ -222,7 +257,10 @@ impl Admin {
                     (_, ["alerts", ..]) => {
                         api::alert_resource(&call, &self.alerts, &parts.method, rest, &body)?
                     }
-                    (&Method::GET, ["ledger"]) => reports::ledger_page(&*self.entries, org, &params)?,
+                    (&Method::GET, ["ledger"]) => {
+                        let entries = self.entries.clone();
+                        off_the_runtime(move || reports::ledger_page(&*entries, org, &params)).await??
+                    }
                     (&Method::GET, ["usage"]) => {
                         if params.get("format").is_some_and(|f| f != "csv" && f != "json") {
                             return Err(AdminError::bad("format", "\"json\" or \"csv\""));
@@ -233,8 +271,11 @@ impl Admin {
                                 .get(header::ACCEPT)
                                 .and_then(|v| v.to_str().ok())
                                 .is_some_and(|a| a.contains("text/csv"));
-                        let (status, text, content_type) =
-                            reports::usage(&*self.entries, org, time_zone, &params, wants_csv)?;
+                        let (entries, rollups) = (self.entries.clone(), self.rollups.clone());
+                        let (status, text, content_type) = off_the_runtime(move || {
+                            reports::usage(&*entries, &rollups, org, time_zone, &params, wants_csv)
+                        })
+                        .await??;
                         let mut response = Response::new(GatewayBody::local(Bytes::from(text)));
                         *response.status_mut() = status;
                         response
@@ -304,6 +345,16 @@ impl Admin {
     }
 }
 
+/// Runs a report's store scan on tokio's blocking pool: it reads and
+/// decodes many records, and must not hold a runtime thread the proxy shares.
+async fn off_the_runtime<T: Send + 'static>(
+    scan: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AdminError> {
+    tokio::task::spawn_blocking(scan)
+        .await
+        .map_err(|error| AdminError::Store(format!("the report failed: {error}")))
+}
+
 fn no_prices() -> Response<GatewayBody> {
     error(StatusCode::NOT_FOUND, "no_price_table", "this gateway has no [pricing] file configured")
 }
@@ -349,9 +400,12 @@ fn error_response(error: &AdminError) -> Response<GatewayBody> {
     response
 }
 
-async fn read_body(body: Incoming) -> Result<Bytes, AdminError> {
-    match Limited::new(body, MAX_ADMIN_BODY_BYTES).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(_) => Err(AdminError::bad("body", format!("unreadable or over {MAX_ADMIN_BODY_BYTES} bytes"))),
+async fn read_body(body: Incoming, timeout: std::time::Duration) -> Result<Bytes, AdminError> {
+    match tokio::time::timeout(timeout, Limited::new(body, MAX_ADMIN_BODY_BYTES).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(_)) => {
+            Err(AdminError::bad("body", format!("unreadable or over {MAX_ADMIN_BODY_BYTES} bytes")))
+        }
+        Err(_) => Err(AdminError::bad("body", format!("not received within {} ms", timeout.as_millis()))),
     }
 }

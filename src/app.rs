@@ -97,6 +97,9 @@ impl Gateway {
         ));
 
         let readiness = Arc::new(Readiness::default());
+        if let Some(writer) = writer.clone() {
+            readiness.watch_store(Box::new(move || writer.health().map_err(|error| error.to_string())));
+        }
         let admin = Arc::new(Admin {
             readiness: readiness.clone(),
             prices: prices.clone(),
@@ -116,6 +119,8 @@ impl Gateway {
                 Arc::new(move || writer.as_ref().map(|w| w.stats()).unwrap_or_default())
             },
             alerts,
+            body_read_timeout: config.server.header_read_timeout,
+            rollups: Arc::default(),
         });
         let admin_options = ServeOptions { name: "admin", ..options };
         let admin_task = tokio::spawn(server::serve(
@@ -171,37 +176,55 @@ impl Gateway {
 
     /// Wait for shutdown to be signalled and both listeners to drain.
     pub async fn wait(self) -> Drained {
+        self.wait_stopped().await.drained
+    }
+
+    /// As [`Gateway::wait`], also saying whether the store's last flush
+    /// succeeded (`Err` means records were left unwritten).
+    pub async fn wait_stopped(self) -> Stopped {
         self.shutdown.cancelled().await;
         self.readiness.set(false);
         let proxy = self.proxy_task.await.unwrap_or(Drained::TimedOut);
         let admin = self.admin_task.await.unwrap_or(Drained::TimedOut);
         self.proxy.drain_background().await;
         // Every request has settled: make the last settles durable.
-        if let Some(Err(error)) = self.writer.as_ref().map(|writer| writer.shutdown()) {
-            tracing::error!(%error, "the ledger's last flush failed");
-        }
+        let store = match self.writer.as_ref().map(|writer| writer.shutdown()) {
+            Some(Err(error)) => {
+                tracing::error!(%error, "the ledger's last flush failed");
+                Err(error.to_string())
+            }
+            _ => Ok(()),
+        };
         let drained =
             if proxy == Drained::All && admin == Drained::All { Drained::All } else { Drained::TimedOut };
         tracing::info!(?drained, "creditgate stopped");
-        drained
+        Stopped { drained, store }
     }
 }
 
-/// Entries among the next `limit` records after `after`, with the sequence
-/// number of the last record read (`None` at the end). Records also hold
+/// How the gateway stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stopped {
+    /// Whether the listeners drained within the grace period.
+    pub drained: Drained,
+    /// Whether the store's last flush succeeded.
+    pub store: Result<(), String>,
+}
+
+/// Durable entries among the next `limit` records after `after`, with the
+/// sequence number of the last record read (`None` at the end). Records also hold
 /// entity changes, so a step may carry fewer than `limit` entries, or none.
 fn read_entries(
     writer: Option<&GroupCommit<SledStore>>,
     after: u64,
     limit: usize,
 ) -> Result<(Vec<LedgerEntry>, Option<u64>), AdminError> {
-    use crate::store::Store as _;
     let Some(writer) = writer else {
         return Err(AdminError::Store(
             "this gateway runs with [ledger] write_through = false and keeps no ledger entries".into(),
         ));
     };
-    let records = writer.store().read_after(after, limit).map_err(|e| AdminError::Store(e.to_string()))?;
+    let records = writer.read_durable_after(after, limit).map_err(|e| AdminError::Store(e.to_string()))?;
     let last = records.last().map(|r| r.seq);
     let entries = records
         .into_iter()

@@ -150,7 +150,12 @@ async fn serve(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode> 
     let shutdown = CancellationToken::new();
     app::cancel_on_signal(shutdown.clone());
     let gateway = Gateway::start(config, shutdown).await?;
-    Ok(match gateway.wait().await {
+    let stopped = gateway.wait_stopped().await;
+    if let Err(error) = stopped.store {
+        eprintln!("creditgate: the ledger's last flush failed; records were left unwritten: {error}");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(match stopped.drained {
         Drained::All => ExitCode::SUCCESS,
         // Still a clean exit: the grace period is the operator's choice.
         Drained::TimedOut => ExitCode::SUCCESS,

@@ -1,20 +1,30 @@
 //! The accept loop shared by every listener (proxy, admin, mock upstream):
 //! HTTP/1.1 and h2c on one port, a bound on open connections, a header-read
 //! timeout, and graceful shutdown that lets in-flight requests finish.
+//!
+//! Silent clients cannot hold the listener: a connection with no request in
+//! flight is closed once it has been idle too long (the header-read timeout
+//! before its first request, which also bounds protocol detection; the
+//! keep-alive idle timeout after), and when every connection slot is taken,
+//! a new client takes the slot of the connection idle the longest.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -25,6 +35,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Pause after a failed accept (e.g. out of file descriptors) before retrying,
 /// so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+/// A connection with no request in flight is closed after this long idle
+/// (HTTP/1.1 keep-alive and h2 alike).
+const KEEP_ALIVE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most often idle connections are looked for; also the resolution of the
+/// idle timeouts.
+const IDLE_SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -61,20 +77,16 @@ where
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(options.max_connections));
+    let open = Arc::new(OpenConnections::default());
+    tokio::spawn(open.clone().close_idle(options.header_read_timeout, shutdown.clone()));
     // Owned so that shutdown can cut what outlives the grace period and wait
     // for it: a request's settle runs when its connection is dropped.
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = shutdown.cancelled() => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -86,17 +98,63 @@ where
             },
             () = shutdown.cancelled() => break,
         };
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Full: the connection idle the longest makes room, if any
+                // is idle; otherwise wait for one to end.
+                if open.close_longest_idle() {
+                    tracing::debug!(
+                        listener = options.name,
+                        "closed the longest-idle connection to admit a new one"
+                    );
+                }
+                tokio::select! {
+                    permit = permits.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        };
         // Small writes (SSE events) must leave at once, not wait for Nagle.
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = service_fn(move |request| handler(request, peer));
+        let tracked = open.add();
+        let service = {
+            let tracked = tracked.clone();
+            service_fn(move |request| {
+                let busy = Busy::start(&tracked);
+                let response = handler(request, peer);
+                async move {
+                    let response = response.await?;
+                    // In flight until the body is dropped: sent or abandoned.
+                    // (`map_err` keeps the body's size hint, so a known
+                    // length is still sent as content-length.)
+                    Ok::<_, Infallible>(response.map(|body| {
+                        body.map_err(move |error| {
+                            let _in_flight = &busy;
+                            error
+                        })
+                    }))
+                }
+            })
+        };
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
         let name = options.name;
+        let open = open.clone();
         connections.spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(listener = name, %peer, error = %error, "connection ended with an error");
+            tokio::select! {
+                ended = connection => if let Err(error) = ended {
+                    tracing::debug!(listener = name, %peer, error = %error, "connection ended with an error");
+                },
+                () = tracked.close.cancelled() => {
+                    tracing::debug!(listener = name, %peer, "closed an idle connection");
+                }
             }
+            open.remove(tracked.id);
             drop(permit);
         });
     }
@@ -113,4 +171,115 @@ where
     // before the caller goes on to close the store.
     while connections.join_next().await.is_some() {}
     drained
+}
+
+/// The open connections of one listener, for closing idle ones.
+#[derive(Default)]
+struct OpenConnections {
+    next_id: AtomicU64,
+    connections: Mutex<HashMap<u64, Arc<Tracked>>>,
+}
+
+/// One open connection.
+struct Tracked {
+    id: u64,
+    /// Requests whose response has not been sent (or dropped) yet.
+    in_flight: AtomicUsize,
+    /// Whether a request ever started on it.
+    served: AtomicBool,
+    /// When it last started or finished a request (or was accepted).
+    last_active: Mutex<Instant>,
+    /// Cancelled to close it.
+    close: CancellationToken,
+}
+
+impl Tracked {
+    /// How long it has been idle; `None` while a request is in flight.
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(now.saturating_duration_since(*self.last_active.lock()))
+    }
+}
+
+/// A request in flight on a connection, from its head to its body's end.
+struct Busy(Arc<Tracked>);
+
+impl Busy {
+    fn start(tracked: &Arc<Tracked>) -> Busy {
+        tracked.served.store(true, Ordering::Relaxed);
+        tracked.in_flight.fetch_add(1, Ordering::AcqRel);
+        *tracked.last_active.lock() = Instant::now();
+        Busy(tracked.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last_active.lock() = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl OpenConnections {
+    fn add(&self) -> Arc<Tracked> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let tracked = Arc::new(Tracked {
+            id,
+            in_flight: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            last_active: Mutex::new(Instant::now()),
+            close: CancellationToken::new(),
+        });
+        self.connections.lock().insert(id, tracked.clone());
+        tracked
+    }
+
+    fn remove(&self, id: u64) {
+        self.connections.lock().remove(&id);
+    }
+
+    /// Closes the connection idle the longest; false when none is idle.
+    fn close_longest_idle(&self) -> bool {
+        let now = Instant::now();
+        let connections = self.connections.lock();
+        let longest = connections
+            .values()
+            .filter(|tracked| !tracked.close.is_cancelled())
+            .filter_map(|tracked| tracked.idle_for(now).map(|idle| (idle, tracked)))
+            .max_by_key(|(idle, _)| *idle);
+        match longest {
+            Some((_, tracked)) => {
+                tracked.close.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes connections idle past their limit until shutdown: the
+    /// header-read timeout before a first request (a client that never
+    /// completes one, or never gets through protocol detection), the
+    /// keep-alive idle timeout after.
+    async fn close_idle(self: Arc<Self>, header_read_timeout: Duration, shutdown: CancellationToken) {
+        let interval = IDLE_SWEEP_INTERVAL.min(header_read_timeout.max(Duration::from_millis(10)));
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let now = Instant::now();
+            for tracked in self.connections.lock().values() {
+                let limit = if tracked.served.load(Ordering::Relaxed) {
+                    KEEP_ALIVE_IDLE_TIMEOUT
+                } else {
+                    header_read_timeout
+                };
+                if tracked.idle_for(now).is_some_and(|idle| idle >= limit) {
+                    tracked.close.cancel();
+                }
+            }
+        }
+    }
 }

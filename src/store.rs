@@ -5,6 +5,8 @@
 //! - `sled`   — [`SledStore`], segments in one sled tree, in append order
 //! - `writer` — [`GroupCommit`], the bounded background writer (a [`crate::ledger::journal::Journal`])
 //! - `verify` — [`verify_store`], the offline audit behind `ledger verify`
+//! - `watermark` — the checksummed file that says how far the store must
+//!   reach and which sequence numbers were handed out
 //!
 //! # Durability contract
 //!
@@ -40,10 +42,24 @@
 //!   start with an error naming it. Grants and write-offs lost in a crash are
 //!   simply made again by the first operation on their wallet, because the
 //!   ledger derives what is due from the lots it has.
-//! - **When storage fails.** The writer stops taking records and every
-//!   later operation fails (`Unavailable`) until the process restarts and
-//!   recovers from what was flushed: the ledger never runs ahead of its store
-//!   for longer than one failed batch.
+//! - **When storage fails** (a full disk, an I/O error), the writer keeps
+//!   every record it could not make durable, reports the store unavailable
+//!   (`/readyz` answers 503; new holds and admin writes are refused with 503;
+//!   settles of requests already served are kept), and retries: it reopens
+//!   the store, writes again only the records the store does not hold, and
+//!   resumes once a flush succeeds. Nothing is lost or stored twice unless the
+//!   process stops while the store still fails; a shutdown then reports the
+//!   failed last flush (the process exits non-zero).
+//! - **Order and numbering.** The writer stores records in sequence order
+//!   (putting back the few that were queued a moment out of order), so a
+//!   reader paging by sequence number never skips one; readers serve only up
+//!   to [`GroupCommit::durable_through`]. Numbers are reserved ahead in the
+//!   watermark, and a restart numbers new records above the reservation, so
+//!   a number a crash lost is never given to another record.
+//! - **Damage.** The store refuses to open (an error, never a panic) when
+//!   sled cannot read its files, or when it ends before the durable watermark
+//!   written after the last acknowledged admin operation and at shutdown:
+//!   acknowledged records were lost, and serving would hide it.
 //! - **Back-pressure.** When the queue (`queue_capacity` records) is full, an
 //!   append waits for room; the number of such waits is counted. Nothing is
 //!   ever dropped.
@@ -51,8 +67,10 @@
 pub mod codec;
 mod sled;
 mod verify;
+mod watermark;
 mod writer;
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -99,6 +117,33 @@ pub enum StoreError {
     /// The writer thread could not be started.
     #[error("cannot start the store writer: {0}")]
     Spawn(#[source] std::io::Error),
+    /// The files are damaged in a way the store cannot read past.
+    #[error("the store is damaged: {reason}")]
+    Corrupt {
+        /// What was found.
+        reason: String,
+    },
+    /// The store ends before a record that was acknowledged as durable.
+    #[error(
+        "the store ends at record {found_seq}, but record {acknowledged_seq} was acknowledged as durable \
+         (watermark {}): its last writes were lost or damaged. Restore the data directory from a \
+         backup; remove the watermark only to accept the loss knowingly",
+        path.display()
+    )]
+    BehindWatermark {
+        /// The highest sequence number the store holds.
+        found_seq: u64,
+        /// The highest sequence number acknowledged before the stop.
+        acknowledged_seq: u64,
+        /// The watermark file.
+        path: std::path::PathBuf,
+    },
+    /// The watermark could not be written.
+    #[error("cannot write the durable watermark: {0}")]
+    Watermark(#[source] std::io::Error),
+    /// The store is being reopened after a failure.
+    #[error("the store is reopening after a failure")]
+    Reopening,
 }
 
 /// The storage interface. Narrow on purpose, so a shared backend can replace
@@ -116,6 +161,28 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` records with a sequence number above `after`, in order
     /// (paging for the admin API).
     fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError>;
+
+    /// Records durably that everything flushed so far was acknowledged (a
+    /// later open refuses a store that ends before it) and that no sequence
+    /// number up to `reserved_seq` may be handed out again.
+    fn acknowledge(&self, reserved_seq: u64) -> Result<(), StoreError> {
+        let _ = reserved_seq;
+        Ok(())
+    }
+
+    /// The highest sequence number an earlier run may have handed out
+    /// (see [`Store::acknowledge`]).
+    fn reserved_seq(&self) -> u64 {
+        0
+    }
+
+    /// Makes a failed store usable again, if it can be. Returns the sequence
+    /// numbers of records it holds beyond the last successful flush (written
+    /// before the failure and kept anyway), so the writer writes only the
+    /// others again and no record is stored twice.
+    fn reopen(&self) -> Result<HashSet<u64>, StoreError> {
+        Err(StoreError::Corrupt { reason: "this store cannot be reopened".into() })
+    }
 }
 
 /// Tunables of the group-commit writer.
@@ -128,11 +195,16 @@ pub struct StoreConfig {
     pub queue_capacity: usize,
     /// Most records written per sled batch.
     pub max_batch: usize,
+    /// How long records wait behind a missing sequence number before they
+    /// are written anyway. A number is taken and its record queued inside
+    /// one critical section, so a gap normally closes within microseconds;
+    /// one that does not is a bug, and the books must not stall on it.
+    pub gap_patience_ms: u64,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { flush_interval_ms: 5, queue_capacity: 65_536, max_batch: 8_192 }
+        StoreConfig { flush_interval_ms: 5, queue_capacity: 65_536, max_batch: 8_192, gap_patience_ms: 200 }
     }
 }
 
@@ -165,12 +237,22 @@ pub fn open_ledger_on<S: Store>(
     // to the ledger as its journal.
     let writer = Arc::new(GroupCommit::start(Arc::clone(&store), store_config)?);
     let mut failure = None;
-    let records = store.records().map_while(|record| record.map_err(|error| failure = Some(error)).ok());
+    let mut highest = 0;
+    let records = store
+        .records()
+        .map_while(|record| record.map_err(|error| failure = Some(error)).ok())
+        .inspect(|record| highest = highest.max(record.seq));
     let replayed = Ledger::restore(ledger_config, writer.clone(), records);
     if let Some(error) = failure {
         return Err(error);
     }
-    Ok(OpenLedger { ledger: Arc::new(replayed?), writer })
+    let ledger = replayed?;
+    // New numbers start above everything stored and everything an earlier
+    // run reserved, so a number a crash lost is never used for another record.
+    let begins_after = highest.max(store.reserved_seq());
+    ledger.skip_ids_through(begins_after);
+    writer.begin_after(begins_after)?;
+    Ok(OpenLedger { ledger: Arc::new(ledger), writer })
 }
 
 #[cfg(test)]

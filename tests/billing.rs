@@ -159,11 +159,19 @@ async fn n_choices_are_held_and_usage_past_the_hold_is_charged_in_full() {
     assert_eq!(charged, books.reported_cost("mock-gpt"), "all 32,000 tokens are charged");
     assert!(charged > first, "more than the hold");
     assert!(books.metrics().await.contains("creditgate_settles_total{result=\"debited_over_hold\"} 1"));
-    let entries = books.gateway.ledger_entries(0, 1000).unwrap();
-    let last_debit = entries.iter().rev().find_map(|e| match &e.kind {
-        EntryKind::Debit(debit) => Some(debit.clone()),
-        _ => None,
-    });
+    // Entries are exported once durable: wait for this one.
+    let mut last_debit = None;
+    for _ in 0..200 {
+        let entries = books.gateway.ledger_entries(0, 1000).unwrap();
+        last_debit = entries.iter().rev().find_map(|e| match &e.kind {
+            EntryKind::Debit(debit) if e.amount.abs() == charged => Some(debit.clone()),
+            _ => None,
+        });
+        if last_debit.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let debit = last_debit.expect("a debit entry");
     assert!(debit.held < charged, "the entry shows the hold it went past: {} < {charged}", debit.held);
 

@@ -141,17 +141,25 @@ async fn random_traffic_never_beats_the_books() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(ledger.open_holds(), 0, "seed {seed}: no hold is left open");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let entries = gateway.ledger_entries(0, 1_000_000).unwrap();
-    let debits: HashMap<uuid::Uuid, (WalletId, Decimal, Decimal, Decimal)> = entries
-        .iter()
-        .filter_map(|entry| match &entry.kind {
-            EntryKind::Debit(debit) => {
-                Some((debit.request_id.0, (entry.wallet, entry.amount.abs(), debit.held, debit.overrun)))
-            }
-            _ => None,
-        })
-        .collect();
+    // Entries are exported once durable: wait until every forwarded request's is.
+    let forwarded_count = provider.received().len();
+    let mut debits: HashMap<uuid::Uuid, (WalletId, Decimal, Decimal, Decimal)> = HashMap::new();
+    for _ in 0..300 {
+        let entries = gateway.ledger_entries(0, 1_000_000).unwrap();
+        debits = entries
+            .iter()
+            .filter_map(|entry| match &entry.kind {
+                EntryKind::Debit(debit) => {
+                    Some((debit.request_id.0, (entry.wallet, entry.amount.abs(), debit.held, debit.overrun)))
+                }
+                _ => None,
+            })
+            .collect();
+        if debits.len() >= forwarded_count {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let table = gateway.prices().unwrap().current();
     let ignored_cap = ignored_cap.lock().unwrap().clone();
     let forwarded = provider.received();

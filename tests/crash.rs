@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
+
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,31 +29,8 @@ struct Running {
 }
 
 fn spawn(config: &std::path::Path, data: &std::path::Path) -> Running {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .arg("--data-dir")
-        .arg(data)
-        .env("MOCK_UPSTREAM_KEY", UPSTREAM_SECRET)
-        .env("ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<(String, String)>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let field = |name: &str| {
-                line.split(name).nth(1).and_then(|r| r.split_whitespace().next()).map(str::to_owned)
-            };
-            if let (Some(proxy), Some(admin)) = (field("proxy_addr="), field("admin_addr=")) {
-                let _ = tx.send((proxy, admin));
-            }
-        }
-    });
-    let (proxy, admin) = rx.recv_timeout(Duration::from_secs(30)).expect("the gateway did not start");
+    let mut child = serve_command(config, data).stderr(Stdio::piped()).spawn().unwrap();
+    let (proxy, admin) = logged_addresses(&mut child);
     Running { child, proxy, admin }
 }
 

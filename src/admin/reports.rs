@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use http::StatusCode;
-use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use super::api::Answer;
 use super::error::AdminError;
+use super::rollup::{self, Rollups, RowKey, Totals};
 use crate::ledger::entry::{EntryKind, LedgerEntry};
 use crate::ledger::ids::{OrgId, Owner, UserId, WalletId};
 
@@ -23,8 +23,9 @@ const DEFAULT_PAGE: usize = 100;
 /// Records read from the store per step of a scan.
 const SCAN_STEP: usize = 2_000;
 /// Most records one ledger-page request scans before it returns a cursor,
-/// so a sparse filter cannot make one request read the whole store.
-const MAX_SCAN_PER_PAGE: usize = 100_000;
+/// so a sparse filter cannot make one request read the whole store (the
+/// caller follows the cursor for more).
+const MAX_SCAN_PER_PAGE: usize = 20_000;
 
 /// Query parameters as `name -> value`.
 pub fn query_pairs(query: Option<&str>) -> BTreeMap<String, String> {
@@ -185,22 +186,15 @@ pub fn ledger_page(source: EntrySource<'_>, org: OrgId, params: &BTreeMap<String
 /// Dimensions a usage report can group by.
 const DIMENSIONS: [&str; 9] = ["user", "app", "key", "end_user", "model", "tool", "route", "day", "month"];
 
-/// One group's totals.
-#[derive(Default, Clone)]
-struct Totals {
-    requests: u64,
-    charged: Decimal,
-    input_tokens: u64,
-    cached_input_tokens: u64,
-    output_tokens: u64,
-    tool_units: u64,
-}
-
 /// `GET /admin/v1/orgs/{org}/usage?group_by=model,day&from=&to=` as JSON;
 /// with `csv` true, the same rows as CSV text.
 /// Days and months are the organization's, in its time zone.
+///
+/// A range whose ends fall on quarter hours (or are open) is read from the
+/// per-organization rollups; any other range scans the entries.
 pub fn usage(
     source: EntrySource<'_>,
+    rollups: &Rollups,
     org: OrgId,
     time_zone: chrono_tz::Tz,
     params: &BTreeMap<String, String>,
@@ -215,47 +209,33 @@ pub fn usage(
     }
     let (from, to) = (time(params, "from")?, time(params, "to")?);
     let mut groups: BTreeMap<Vec<String>, Totals> = BTreeMap::new();
-    let mut cursor = 0;
-    loop {
-        let (step, last) = source(cursor, SCAN_STEP)?;
-        let Some(last) = last else { break };
-        cursor = last;
-        for entry in &step {
-            let EntryKind::Debit(debit) = &entry.kind else {
-                continue;
-            };
-            if entry.org != org || from.is_some_and(|f| entry.at < f) || to.is_some_and(|t| entry.at >= t) {
-                continue;
+    let mut fold = |key: &RowKey, totals: &Totals| {
+        groups.entry(group_key(&group_by, key, time_zone)).or_default().add(totals);
+    };
+    if from.is_none_or(rollup::on_boundary) && to.is_none_or(rollup::on_boundary) {
+        let (from, to) = (from.map(|f| f.timestamp()), to.map(|t| t.timestamp()));
+        rollups.read(source, org, |rows| {
+            for (key, totals) in rows {
+                if from.is_none_or(|f| key.bucket >= f) && to.is_none_or(|t| key.bucket < t) {
+                    fold(key, totals);
+                }
             }
-            let is_tool = debit.details.usage.tool_units > 0 || debit.details.route.contains("/tools/");
-            let key: Vec<String> = group_by
-                .iter()
-                .map(|dimension| match dimension.as_str() {
-                    "user" => match debit.owner {
-                        Owner::User(u) => u.0.to_string(),
-                        Owner::App(_) => String::new(),
-                    },
-                    "app" => match debit.owner {
-                        Owner::App(a) => a.0.to_string(),
-                        Owner::User(_) => String::new(),
-                    },
-                    "key" => debit.key.0.to_string(),
-                    "end_user" => debit.end_user.as_deref().unwrap_or("").to_owned(),
-                    "model" if !is_tool => debit.details.model.to_string(),
-                    "tool" if is_tool => debit.details.model.to_string(),
-                    "route" => debit.details.route.to_string(),
-                    "day" => entry.at.with_timezone(&time_zone).format("%Y-%m-%d").to_string(),
-                    "month" => entry.at.with_timezone(&time_zone).format("%Y-%m").to_string(),
-                    _ => String::new(),
-                })
-                .collect();
-            let totals = groups.entry(key).or_default();
-            totals.requests += 1;
-            totals.charged += -entry.amount;
-            totals.input_tokens += debit.details.usage.input_tokens;
-            totals.cached_input_tokens += debit.details.usage.cached_input_tokens;
-            totals.output_tokens += debit.details.usage.output_tokens;
-            totals.tool_units += debit.details.usage.tool_units;
+        })?;
+    } else {
+        let mut cursor = 0;
+        loop {
+            let (step, last) = source(cursor, SCAN_STEP)?;
+            let Some(last) = last else { break };
+            cursor = last;
+            for entry in &step {
+                if entry.org != org || from.is_some_and(|f| entry.at < f) || to.is_some_and(|t| entry.at >= t)
+                {
+                    continue;
+                }
+                if let Some((key, totals)) = rollup::debit_row(entry) {
+                    fold(&key, &totals);
+                }
+            }
         }
     }
     if csv {
@@ -265,12 +245,7 @@ pub fn usage(
     let rows: Vec<Value> = groups
         .iter()
         .map(|(key, t)| {
-            total.requests += t.requests;
-            total.charged += t.charged;
-            total.input_tokens += t.input_tokens;
-            total.cached_input_tokens += t.cached_input_tokens;
-            total.output_tokens += t.output_tokens;
-            total.tool_units += t.tool_units;
+            total.add(t);
             let mut row = totals_json(t);
             for (dimension, value) in group_by.iter().zip(key) {
                 row[dimension] = json!(value);
@@ -280,6 +255,33 @@ pub fn usage(
         .collect();
     let body = json!({ "group_by": group_by, "rows": rows, "total": totals_json(&total) });
     Ok((StatusCode::OK, body.to_string(), "application/json"))
+}
+
+/// The report's group of a row: its value for each dimension asked for.
+fn group_key(group_by: &[String], row: &RowKey, time_zone: chrono_tz::Tz) -> Vec<String> {
+    let local =
+        || DateTime::<Utc>::from_timestamp(row.bucket, 0).unwrap_or_default().with_timezone(&time_zone);
+    group_by
+        .iter()
+        .map(|dimension| match dimension.as_str() {
+            "user" => match row.owner {
+                Owner::User(u) => u.0.to_string(),
+                Owner::App(_) => String::new(),
+            },
+            "app" => match row.owner {
+                Owner::App(a) => a.0.to_string(),
+                Owner::User(_) => String::new(),
+            },
+            "key" => row.key.to_string(),
+            "end_user" => row.end_user.as_deref().unwrap_or("").to_owned(),
+            "model" if !row.is_tool => row.model.to_string(),
+            "tool" if row.is_tool => row.model.to_string(),
+            "route" => row.route.to_string(),
+            "day" => local().format("%Y-%m-%d").to_string(),
+            "month" => local().format("%Y-%m").to_string(),
+            _ => String::new(),
+        })
+        .collect()
 }
 
 fn totals_json(t: &Totals) -> Value {

@@ -129,6 +129,8 @@ impl Ledger {
         // Held through the sync on purpose: a replay of this key must never
         // see a receipt that is not yet durable.
         let _admin = self.admin.lock();
+        // Money is not credited while the store cannot record it.
+        self.shared.committer.check_ready()?;
         check_key(&request.idempotency_key)?;
         let slot = (request.org, request.idempotency_key.clone());
         let remembered = self.idempotency.lock().get(&slot).cloned();
@@ -194,6 +196,8 @@ impl Ledger {
         now: DateTime<Utc>,
     ) -> Result<AdjustmentReceipt, LedgerError> {
         let _admin = self.admin.lock();
+        // Money is not credited while the store cannot record it.
+        self.shared.committer.check_ready()?;
         check_key(&request.idempotency_key)?;
         let slot = (request.org, request.idempotency_key.clone());
         let remembered = self.idempotency.lock().get(&slot).cloned();

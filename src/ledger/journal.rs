@@ -57,6 +57,14 @@ pub enum JournalError {
         /// The storage error.
         reason: String,
     },
+    /// The storage underneath is failing and being retried: what was taken
+    /// is kept and will be written once it works again, but nothing new is
+    /// durable until then.
+    #[error("the ledger store is unavailable: {reason}")]
+    Unavailable {
+        /// The storage error.
+        reason: String,
+    },
 }
 
 /// Receives committed records.
@@ -69,6 +77,12 @@ pub trait Journal: Send + Sync {
     /// Returns once every record this thread appended before the call is
     /// durable.
     fn sync(&self) -> Result<(), JournalError>;
+
+    /// `Err` while the journal cannot make new records durable (its storage
+    /// is failing); new work should be refused until it can.
+    fn health(&self) -> Result<(), JournalError> {
+        Ok(())
+    }
 }
 
 /// Discards everything (in-memory benchmarks).
@@ -114,7 +128,10 @@ impl Journal for MemoryJournal {
 /// Sequences records and hands them to the journal. A journal failure is
 /// remembered rather than returned at each call site: the change it failed to
 /// record is already visible in memory, so the ledger stops taking new work
-/// (fail-stop) and the owner restarts it from the store.
+/// (fail-stop) and the owner restarts it from the store. A journal that is
+/// only `Unavailable` (retrying its storage, keeping every record) is not
+/// remembered: new work is refused while it lasts ([`Committer::check_ready`])
+/// and resumes after.
 pub(crate) struct Committer {
     journal: std::sync::Arc<dyn Journal>,
     next_seq: std::sync::atomic::AtomicU64,
@@ -153,14 +170,24 @@ impl Committer {
         self.check()?;
         let synced = self.journal.sync();
         if let Err(error) = &synced {
-            let _first = self.failure.set(error.clone());
+            if !matches!(error, JournalError::Unavailable { .. }) {
+                let _first = self.failure.set(error.clone());
+            }
         }
         synced
     }
 
-    /// The first journal failure, if any.
+    /// The first journal failure, if any. Work already under way (a settle)
+    /// checks this: its record is kept even while the journal retries.
     pub fn check(&self) -> Result<(), JournalError> {
         self.failure.get().map_or(Ok(()), |error| Err(error.clone()))
+    }
+
+    /// [`Committer::check`], and also `Err` while the journal cannot make
+    /// records durable: new work (a hold, an admin change) checks this.
+    pub fn check_ready(&self) -> Result<(), JournalError> {
+        self.check()?;
+        self.journal.health()
     }
 }
 

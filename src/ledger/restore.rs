@@ -71,6 +71,13 @@ impl Ledger {
         Ok(ledger)
     }
 
+    /// Hands out new sequence numbers only above `seq`: numbers an earlier
+    /// run reserved (and may have used for records a crash lost) are never
+    /// used twice.
+    pub fn skip_ids_through(&self, seq: u64) {
+        self.shared.committer.skip_past(seq);
+    }
+
     fn replay(&self, record: Record) -> Result<(), RestoreError> {
         match record.body {
             RecordBody::Org(org) => self.apply_org(&org),

@@ -80,7 +80,8 @@ impl Ledger {
         context: SpendContext<'_>,
         now: DateTime<Utc>,
     ) -> Result<Hold, Refusal> {
-        if let Err(error) = self.shared.committer.check() {
+        // A new hold needs a store that can record its settle.
+        if let Err(error) = self.shared.committer.check_ready() {
             return Err(Refusal::Unavailable { reason: error.to_string() });
         }
         if amount < Decimal::ZERO {

@@ -10,12 +10,15 @@
 //! record per key, keyed by its sequence number) open and keep working: their
 //! 8-byte keys sort before every later segment.
 
-use std::path::Path;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::ledger::journal::Record;
 use crate::store::codec::{self, CodecError};
+use crate::store::watermark::{Position, Watermark, WatermarkFile};
 use crate::store::{Store, StoreError};
 
 /// Written to the meta tree; bump when the layout changes.
@@ -31,10 +34,22 @@ const SEGMENT_BYTES: usize = 6 * 1024;
 /// Records in a sled database.
 #[derive(Debug, Clone)]
 pub struct SledStore {
+    dir: PathBuf,
+    /// `None` only while [`Store::reopen`] swaps a failed database for a
+    /// fresh one (sled keeps its first I/O error for good).
+    open: Arc<RwLock<Option<Open>>>,
+    /// Where the next segment goes; only the writer appends.
+    tail: Arc<Mutex<Tail>>,
+    /// The store's end at the last successful flush.
+    durable: Arc<Mutex<Position>>,
+    /// The watermark as last read or written, and its file once opened.
+    watermark: Arc<Mutex<(Watermark, Option<WatermarkFile>)>>,
+}
+
+#[derive(Debug, Clone)]
+struct Open {
     db: ::sled::Db,
     records: ::sled::Tree,
-    /// Where the next segment goes; only the writer appends.
-    tail: std::sync::Arc<Mutex<Tail>>,
 }
 
 #[derive(Debug, Default)]
@@ -45,42 +60,119 @@ struct Tail {
     buffer: Vec<u8>,
 }
 
+impl Tail {
+    fn position(&self) -> Position {
+        (self.running_max, self.next_segment)
+    }
+}
+
 impl SledStore {
     /// Opens or creates the store in `dir`. sled's background flusher is
     /// off: durability comes only from [`Store::flush`], which the
     /// group-commit writer calls on its own schedule.
+    ///
+    /// Refuses a damaged store: one sled cannot read, and one that ends
+    /// before its durable watermark (acknowledged records were lost).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = open_db(dir)?;
-        let meta = db.open_tree("meta")?;
-        match meta.get("format")? {
-            Some(found) if !READABLE.iter().any(|known| found.as_ref() == known.as_bytes()) => {
-                return Err(StoreError::Format {
-                    found: String::from_utf8_lossy(&found).into_owned(),
-                    expected: FORMAT,
+        let (open, tail) = open_checked(dir)?;
+        let watermark = Watermark::load(dir)?;
+        if let Some(mark) = watermark {
+            if tail.position() < mark.acknowledged_at {
+                return Err(StoreError::BehindWatermark {
+                    found_seq: tail.running_max,
+                    acknowledged_seq: mark.acknowledged_seq,
+                    path: Watermark::path(dir),
                 });
             }
-            Some(found) if found.as_ref() == FORMAT.as_bytes() => {}
-            _ => {
-                meta.insert("format", FORMAT)?;
-                db.flush()?;
-            }
         }
-        let records = db.open_tree("records")?;
-        let tail = match records.last()? {
-            None => Tail::default(),
-            Some((key, value)) => match segment_key(&key) {
-                Some((running_max, segment)) => {
-                    Tail { running_max, next_segment: segment + 1, buffer: Vec::new() }
-                }
-                None => {
-                    // A first-format record: its key is its sequence number.
-                    let seq = decode_all(&key, &value)?.iter().map(|r| r.seq).max().unwrap_or(0);
-                    Tail { running_max: seq, next_segment: 0, buffer: Vec::new() }
-                }
-            },
-        };
-        Ok(SledStore { db, records, tail: std::sync::Arc::new(Mutex::new(tail)) })
+        let durable = tail.position();
+        Ok(SledStore {
+            dir: dir.to_owned(),
+            open: Arc::new(RwLock::new(Some(open))),
+            tail: Arc::new(Mutex::new(tail)),
+            durable: Arc::new(Mutex::new(durable)),
+            watermark: Arc::new(Mutex::new((watermark.unwrap_or_default(), None))),
+        })
     }
+
+    /// The records tree, or an error while the database is being reopened.
+    fn tree(&self) -> Result<::sled::Tree, StoreError> {
+        self.open.read().as_ref().map(|open| open.records.clone()).ok_or(StoreError::Reopening)
+    }
+}
+
+/// Opens the database and finds its tail. sled panics on some damaged files
+/// (a truncated log under a snapshot that points past its end) instead of
+/// returning an error: the panic is caught here and reported as corruption.
+fn open_checked(dir: &Path) -> Result<(Open, Tail), StoreError> {
+    remove_unfinished_snapshots(dir)?;
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<_, StoreError> {
+        let db = open_db(dir)?;
+        check_format(&db)?;
+        let records = db.open_tree("records")?;
+        let tail = find_tail(&records)?;
+        Ok((Open { db, records }, tail))
+    }));
+    opened.unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|text| (*text).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(StoreError::Corrupt { reason: format!("sled cannot read {} ({message})", dir.display()) })
+    })
+}
+
+/// sled writes a snapshot to `snap.<lsn>.generating` and renames it into
+/// place once complete; one whose write failed (a full disk) stays behind,
+/// and sled would then read it as the newest snapshot and call the store
+/// corrupt. Such a file is never complete, so it goes before sled opens.
+fn remove_unfinished_snapshots(dir: &Path) -> Result<(), StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(StoreError::Sled(::sled::Error::Io(error))),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %entry.path().display(), "removing a snapshot sled did not finish writing");
+            std::fs::remove_file(entry.path()).map_err(|error| StoreError::Sled(::sled::Error::Io(error)))?;
+        }
+    }
+    Ok(())
+}
+
+fn check_format(db: &::sled::Db) -> Result<(), StoreError> {
+    let meta = db.open_tree("meta")?;
+    match meta.get("format")? {
+        Some(found) if !READABLE.iter().any(|known| found.as_ref() == known.as_bytes()) => {
+            Err(StoreError::Format { found: String::from_utf8_lossy(&found).into_owned(), expected: FORMAT })
+        }
+        Some(found) if found.as_ref() == FORMAT.as_bytes() => Ok(()),
+        _ => {
+            meta.insert("format", FORMAT)?;
+            db.flush()?;
+            Ok(())
+        }
+    }
+}
+
+fn find_tail(records: &::sled::Tree) -> Result<Tail, StoreError> {
+    Ok(match records.last()? {
+        None => Tail::default(),
+        Some((key, value)) => match segment_key(&key) {
+            Some((running_max, segment)) => {
+                Tail { running_max, next_segment: segment + 1, buffer: Vec::new() }
+            }
+            None => {
+                // A first-format record: its key is its sequence number.
+                let seq = decode_all(&key, &value)?.iter().map(|r| r.seq).max().unwrap_or(0);
+                Tail { running_max: seq, next_segment: 0, buffer: Vec::new() }
+            }
+        },
+    })
 }
 
 /// `(running_max_seq, segment_number)` of a segment key; `None` for a
@@ -129,6 +221,7 @@ fn open_db(dir: &Path) -> Result<::sled::Db, StoreError> {
 
 impl Store for SledStore {
     fn append(&self, records: &[Record]) -> Result<(), StoreError> {
+        let tree = self.tree()?;
         let mut tail = self.tail.lock();
         let mut batch = ::sled::Batch::default();
         let mut rest = records;
@@ -139,23 +232,28 @@ impl Store for SledStore {
             let (chunk, after) = rest.split_at(taken.clamp(1, rest.len()));
             rest = after;
             tail.running_max = chunk.iter().map(|record| record.seq).fold(tail.running_max, u64::max);
-            let mut key = [0; 16];
-            key[..8].copy_from_slice(&tail.running_max.to_be_bytes());
-            key[8..].copy_from_slice(&tail.next_segment.to_be_bytes());
+            batch.insert(&segment_key_bytes((tail.running_max, tail.next_segment)), tail.buffer.as_slice());
             tail.next_segment += 1;
-            batch.insert(&key, tail.buffer.as_slice());
         }
-        self.records.apply_batch(batch)?;
+        tree.apply_batch(batch)?;
         Ok(())
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        let db = self.open.read().as_ref().map(|open| open.db.clone()).ok_or(StoreError::Reopening)?;
+        // Only the writer appends, and it is the caller: the tail is still.
+        let position = self.tail.lock().position();
+        db.flush()?;
+        *self.durable.lock() = position;
         Ok(())
     }
 
     fn records(&self) -> Box<dyn Iterator<Item = Result<Record, StoreError>> + '_> {
-        Box::new(self.records.iter().flat_map(|item| {
+        let tree = match self.tree() {
+            Ok(tree) => tree,
+            Err(error) => return Box::new(std::iter::once(Err(error))),
+        };
+        Box::new(tree.iter().flat_map(|item| {
             let decoded = item.map_err(StoreError::from).and_then(|(key, value)| decode_all(&key, &value));
             match decoded {
                 Ok(records) => records.into_iter().map(Ok).collect::<Vec<_>>(),
@@ -173,7 +271,7 @@ impl Store for SledStore {
         let start = after.saturating_add(1).to_be_bytes();
         let mut found = Vec::new();
         let mut extra_segments = 0;
-        for item in self.records.range(start..) {
+        for item in self.tree()?.range(start..) {
             if found.len() >= limit {
                 if extra_segments == 1 {
                     break;
@@ -187,4 +285,55 @@ impl Store for SledStore {
         found.truncate(limit);
         Ok(found)
     }
+
+    fn acknowledge(&self, reserved_seq: u64) -> Result<(), StoreError> {
+        let position = *self.durable.lock();
+        let mut guard = self.watermark.lock();
+        let (mark, file) = &mut *guard;
+        let next = Watermark {
+            acknowledged_seq: position.0,
+            acknowledged_at: position,
+            reserved_seq: reserved_seq.max(mark.reserved_seq),
+        };
+        if next == *mark {
+            return Ok(());
+        }
+        let file = match file {
+            Some(file) => file,
+            None => file.insert(WatermarkFile::open(&self.dir)?),
+        };
+        file.save(&next).map_err(StoreError::Watermark)?;
+        *mark = next;
+        Ok(())
+    }
+
+    fn reserved_seq(&self) -> u64 {
+        self.watermark.lock().0.reserved_seq
+    }
+
+    /// sled keeps its first I/O error for good, so the database is closed
+    /// (which releases its lock on the directory) and opened again; sled's
+    /// recovery then keeps a prefix of what was written.
+    fn reopen(&self) -> Result<HashSet<u64>, StoreError> {
+        let failed = self.open.write().take();
+        drop(failed);
+        let (fresh, tail) = open_checked(&self.dir)?;
+        let durable = *self.durable.lock();
+        let mut present = HashSet::new();
+        for item in fresh.records.range(segment_key_bytes(durable)..) {
+            let (key, value) = item?;
+            present.extend(decode_all(&key, &value)?.iter().map(|record| record.seq));
+        }
+        *self.tail.lock() = tail;
+        *self.open.write() = Some(fresh);
+        Ok(present)
+    }
+}
+
+/// The key of the segment at `position`.
+fn segment_key_bytes((running_max, segment): Position) -> [u8; 16] {
+    let mut key = [0; 16];
+    key[..8].copy_from_slice(&running_max.to_be_bytes());
+    key[8..].copy_from_slice(&segment.to_be_bytes());
+    key
 }

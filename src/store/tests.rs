@@ -9,7 +9,7 @@ use rust_decimal_macros::dec;
 
 use crate::ledger::entity::{KeyHash, Plan};
 use crate::ledger::ids::{Owner, WalletId};
-use crate::ledger::journal::{Record, RecordBody};
+use crate::ledger::journal::{Journal, Record, RecordBody};
 use crate::ledger::limit::Limits;
 use crate::ledger::testkit::{at, details, request, term};
 use crate::ledger::{Ledger, LedgerConfig, NewKey, NewOrg, NewUser, PurchaseRequest, SpendContext};
@@ -471,7 +471,6 @@ fn the_writer_keeps_flushing_under_steady_load() {
     // Proves a group closes at its deadline even while records keep coming:
     // settles become durable within the flush window and a waiting admin
     // write is answered during the load, not after it.
-    use crate::ledger::journal::Journal;
     use crate::store::GroupCommit;
     let dir = tempfile::tempdir().unwrap();
     let template = {
@@ -517,22 +516,46 @@ fn the_writer_keeps_flushing_under_steady_load() {
     assert!(flushes_during >= 10, "only {flushes_during} flushes in 300 ms of steady load");
 }
 
-/// A sled store that starts failing its writes when told to (a full or
-/// broken disk).
-struct Breakable {
+/// A sled store with a fault switched on when told to.
+struct Faulty {
     inner: SledStore,
-    broken: std::sync::atomic::AtomicBool,
+    fault: std::sync::atomic::AtomicU8,
 }
 
-impl Store for Breakable {
+/// Works.
+const HEALTHY: u8 = 0;
+/// Fails every write, flush and reopen (a full or broken disk).
+const FAILING: u8 = 1;
+/// Takes writes without keeping them (what a crash loses).
+const FORGETTING: u8 = 2;
+
+impl Faulty {
+    fn new(dir: &std::path::Path) -> Faulty {
+        Faulty { inner: SledStore::open(dir).unwrap(), fault: HEALTHY.into() }
+    }
+
+    fn set(&self, fault: u8) {
+        self.fault.store(fault, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<bool, StoreError> {
+        match self.fault.load(Ordering::SeqCst) {
+            FAILING => Err(StoreError::Sled(::sled::Error::Io(std::io::Error::other("disk full")))),
+            fault => Ok(fault == FORGETTING),
+        }
+    }
+}
+
+impl Store for Faulty {
     fn append(&self, records: &[Record]) -> Result<(), StoreError> {
-        if self.broken.load(Ordering::SeqCst) {
-            return Err(StoreError::Sled(::sled::Error::Io(std::io::Error::other("disk full"))));
+        if self.check()? {
+            return Ok(());
         }
         self.inner.append(records)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        self.check()?;
         self.inner.flush()
     }
 
@@ -543,21 +566,36 @@ impl Store for Breakable {
     fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
         self.inner.read_after(after, limit)
     }
+
+    fn acknowledge(&self, reserved_seq: u64) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.acknowledge(reserved_seq)
+    }
+
+    fn reserved_seq(&self) -> u64 {
+        self.inner.reserved_seq()
+    }
+
+    fn reopen(&self) -> Result<std::collections::HashSet<u64>, StoreError> {
+        self.check()?;
+        self.inner.reopen()
+    }
 }
 
 #[test]
-fn a_store_that_cannot_write_makes_the_ledger_refuse_rather_than_serve_unrecorded() {
+fn a_store_that_cannot_write_refuses_new_work_then_resumes_when_it_can() {
     // Proves fail-closed: once the store fails, holds are refused as
-    // Unavailable (the proxy answers 503), and admin writes return an error.
+    // Unavailable (the proxy answers 503), and admin writes return an error;
+    // and that the writer recovers once the store works again.
     let dir = tempfile::tempdir().unwrap();
     let now = at("2027-03-10T12:00:00Z");
-    let store = Breakable { inner: SledStore::open(dir.path()).unwrap(), broken: false.into() };
+    let store = Faulty::new(dir.path());
     let opened = open_ledger_on(store, LedgerConfig::default(), fast()).unwrap();
     let wallets = populate(&opened.ledger);
     let pool = wallets[0];
     let key = opened.ledger.keys_of(opened.ledger.wallet_org(pool).unwrap())[0].id;
     let context = SpendContext { key, end_user: None };
-    opened.writer.store().broken.store(true, Ordering::SeqCst);
+    opened.writer.store().set(FAILING);
     // The first write after the break fails in the writer; from then on the
     // ledger takes no work.
     let hold = opened.ledger.hold(pool, request(), dec!(1), context, now).unwrap();
@@ -572,4 +610,137 @@ fn a_store_that_cannot_write_makes_the_ledger_refuse_rather_than_serve_unrecorde
     assert!(opened.ledger.purchase(purchase, now).is_err(), "a purchase is never acknowledged unrecorded");
     let refused = opened.ledger.hold(pool, request(), dec!(1), context, now).unwrap_err();
     assert_eq!(refused.code(), "ledger_unavailable", "{refused:?}");
+    assert!(opened.writer.health().is_err(), "the writer reports the failing store");
+
+    // The disk works again: the writer recovers by itself and nothing it
+    // kept is lost or written twice.
+    opened.writer.store().set(HEALTHY);
+    wait_until("the writer to recover", || opened.writer.health().is_ok());
+    let hold = opened.ledger.hold(pool, request(), dec!(1), context, now).unwrap();
+    hold.settle(dec!(0.5), details(), now).unwrap();
+    opened.writer.sync().unwrap();
+    opened.writer.shutdown().unwrap();
+    let seqs: Vec<u64> = opened.writer.store().records().map(|r| r.unwrap().seq).collect();
+    assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]), "every record stored once: {seqs:?}");
+    drop(opened);
+    let report = verify_store(dir.path()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
+
+/// Polls `done` until it holds (or fails the test after a generous bound).
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_reader_paging_by_number_never_skips_a_record_appended_out_of_order() {
+    // Proves the writer stores records in number order and serves only up to
+    // the durable, contiguous floor: with records 1 and 3 queued before 2, a
+    // reader first sees only 1, then 2 and 3. (Before, 1 and 3 were stored
+    // and served together, and a reader resuming after 3 never saw 2.)
+    use crate::store::GroupCommit;
+    let template = all_records(&SledStore::open(populated_dir().path()).unwrap()).remove(0);
+    let numbered = |seq| Record { seq, body: template.body.clone() };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let patient = StoreConfig { gap_patience_ms: 60_000, ..fast() };
+    let writer = GroupCommit::start(Arc::clone(&store), patient).unwrap();
+    writer.begin_after(0).unwrap();
+    writer.append(numbered(1)).unwrap();
+    writer.append(numbered(3)).unwrap();
+    wait_until("record 1 to be durable", || writer.durable_through() >= 1);
+    let seqs = |records: Vec<Record>| records.iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(writer.read_durable_after(0, 100).unwrap()), [1], "3 waits for 2");
+    writer.append(numbered(2)).unwrap();
+    writer.sync().unwrap();
+    assert_eq!(seqs(writer.read_durable_after(1, 100).unwrap()), [2, 3]);
+    writer.shutdown().unwrap();
+    let stored: Vec<u64> = store.records().map(|r| r.unwrap().seq).collect();
+    assert_eq!(stored, [1, 2, 3], "the store's order is number order");
+}
+
+#[test]
+fn paging_under_concurrent_settles_returns_every_entry_exactly_once() {
+    // Proves a reader paging through the durable records while four threads
+    // settle on two wallets sees every record exactly once, in order.
+    let dir = tempfile::tempdir().unwrap();
+    let opened = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
+    let wallets = populate(&opened.ledger);
+    let org = opened.ledger.wallet_org(wallets[0]).unwrap();
+    let keys = opened.ledger.keys_of(org);
+    let now = at("2027-03-10T12:00:00Z");
+    let spenders: Vec<_> = (0..4)
+        .map(|n| {
+            let (ledger, wallet, key) = (Arc::clone(&opened.ledger), wallets[n % 2], keys[n % 2].id);
+            std::thread::spawn(move || {
+                let context = SpendContext { key, end_user: None };
+                for _ in 0..400 {
+                    let hold = ledger.hold(wallet, request(), dec!(0.01), context, now).unwrap();
+                    hold.settle(dec!(0.001), details(), now).unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    let mut cursor = 0;
+    let mut read_page = |seen: &mut Vec<u64>| {
+        let page = opened.writer.read_durable_after(cursor, 7).unwrap();
+        if let Some(last) = page.last() {
+            cursor = last.seq;
+        }
+        seen.extend(page.iter().map(|r| r.seq));
+        !page.is_empty()
+    };
+    while spenders.iter().any(|spender| !spender.is_finished()) {
+        read_page(&mut seen);
+    }
+    for spender in spenders {
+        spender.join().unwrap();
+    }
+    opened.writer.sync().unwrap();
+    while read_page(&mut seen) {}
+    opened.writer.shutdown().unwrap();
+    let stored: Vec<u64> = all_records(opened.writer.store()).iter().map(|r| r.seq).collect();
+    assert!(seen.windows(2).all(|pair| pair[0] < pair[1]), "every record once, in order");
+    assert_eq!(seen, stored, "the pages hold every stored record");
+    assert!(seen.len() > 1_600, "the settles were paged: {}", seen.len());
+}
+
+#[test]
+fn numbers_lost_in_a_crash_are_never_handed_out_again() {
+    // Proves entry ids are never reused: records lost after the last flush
+    // took numbers, and after the restart new records are numbered above
+    // them. (Before, numbering resumed after the highest stored record and
+    // gave the lost numbers to new entries.)
+    let dir = tempfile::tempdir().unwrap();
+    let now = at("2027-03-10T12:00:00Z");
+    let buy = |org, key: &str| PurchaseRequest {
+        org,
+        amount: dec!(1),
+        expires_at: None,
+        reference: None,
+        idempotency_key: key.into(),
+    };
+    let (org, lost) = {
+        let store = Faulty::new(dir.path());
+        let opened = open_ledger_on(store, LedgerConfig::default(), fast()).unwrap();
+        let wallets = populate(&opened.ledger);
+        let org = opened.ledger.wallet_org(wallets[0]).unwrap();
+        opened.writer.store().set(FORGETTING);
+        let lost = opened.ledger.purchase(buy(org, "lost"), now).unwrap().entry.0;
+        opened.writer.shutdown().unwrap();
+        (org, lost)
+    };
+    let opened = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
+    assert!(
+        opened.ledger.purchase(buy(org, "lost"), now).is_ok(),
+        "the lost purchase is not in the books and can be made again"
+    );
+    let again = opened.ledger.purchase(buy(org, "after-restart"), now).unwrap().entry.0;
+    assert!(again > lost, "entry {again} reuses a number at or below lost entry {lost}");
+    opened.writer.shutdown().unwrap();
 }

@@ -1,8 +1,12 @@
 //! The group-commit writer: a bounded queue and one thread that batches
-//! records into the store and flushes at most once per interval.
+//! records into the store, in sequence order, and flushes at most once per
+//! interval. When the store fails it keeps what it could not write, retries,
+//! and resumes once writes succeed again.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,6 +26,13 @@ enum Message {
     Shutdown(SyncSender<Result<(), JournalError>>),
 }
 
+/// First and longest pause between two attempts to recover a failed store.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MOST: Duration = Duration::from_secs(2);
+/// Attempts to recover a failed store once shutdown was asked for, before
+/// giving up and reporting the last flush as failed.
+const RETRIES_AT_SHUTDOWN: u32 = 3;
+
 /// Counters for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriterStats {
@@ -35,6 +46,8 @@ pub struct WriterStats {
     pub written: u64,
     /// Time spent in flushes (fsync), in microseconds.
     pub flush_micros: u64,
+    /// Failed writes or flushes (each one retried).
+    pub store_failures: u64,
 }
 
 #[derive(Debug, Default)]
@@ -44,13 +57,56 @@ struct Counters {
     flushes: AtomicU64,
     written: AtomicU64,
     flush_micros: AtomicU64,
+    store_failures: AtomicU64,
+}
+
+/// State the writer thread shares with its handle.
+#[derive(Debug, Default)]
+struct Shared {
+    counters: Counters,
+    /// A failure retrying cannot mend (a record that cannot be encoded):
+    /// from then on the journal takes nothing.
+    failure: OnceLock<JournalError>,
+    /// While set, the store is failing and the writer retries; nothing is
+    /// lost, but nothing new becomes durable either.
+    trouble: Mutex<Option<String>>,
+    /// Whether `trouble` is set: every hold checks this, so it must not
+    /// take a lock all request threads share.
+    troubled: AtomicBool,
+    /// The ledger hands out sequence numbers after this one (set once the
+    /// ledger is restored; everything up to it is already stored).
+    begins_after: AtomicU64,
+    /// Every record with a sequence number up to this one is durable.
+    durable_through: AtomicU64,
+}
+
+impl Shared {
+    fn health(&self) -> Result<(), JournalError> {
+        if let Some(error) = self.failure.get() {
+            return Err(error.clone());
+        }
+        if !self.troubled.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match &*self.trouble.lock() {
+            Some(reason) => Err(JournalError::Unavailable { reason: reason.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    fn set_trouble(&self, trouble: Option<String>) {
+        let mut current = self.trouble.lock();
+        self.troubled.store(trouble.is_some(), Ordering::Release);
+        *current = trouble;
+    }
 }
 
 /// The journal the ledger writes to in production.
 pub struct GroupCommit<S: Store> {
     queue: SyncSender<Message>,
-    failure: Arc<OnceLock<JournalError>>,
-    counters: Arc<Counters>,
+    /// See [`reserve_ahead`].
+    reserve_ahead: u64,
+    shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
     store: Arc<S>,
 }
@@ -59,7 +115,7 @@ impl<S: Store> std::fmt::Debug for GroupCommit<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GroupCommit")
             .field("stats", &self.stats())
-            .field("failure", &self.failure.get())
+            .field("health", &self.shared.health())
             .finish_non_exhaustive()
     }
 }
@@ -68,21 +124,63 @@ impl<S: Store> GroupCommit<S> {
     /// Starts the writer thread over `store`.
     pub fn start(store: Arc<S>, config: StoreConfig) -> Result<Self, StoreError> {
         let (queue, receiver) = mpsc::sync_channel(config.queue_capacity.max(1));
-        let failure = Arc::new(OnceLock::new());
-        let counters = Arc::new(Counters::default());
+        let shared = Arc::new(Shared::default());
         let worker = Worker {
             store: Arc::clone(&store),
             receiver,
             interval: Duration::from_millis(config.flush_interval_ms),
             max_batch: config.max_batch.max(1),
-            failure: Arc::clone(&failure),
-            counters: Arc::clone(&counters),
+            max_unflushed: config.queue_capacity.max(config.max_batch).max(1),
+            reserve_ahead: reserve_ahead(config.queue_capacity),
+            gap_patience: Duration::from_millis(config.gap_patience_ms),
+            shared: Arc::clone(&shared),
         };
         let thread = std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || worker.run())
             .map_err(StoreError::Spawn)?;
-        Ok(GroupCommit { queue, failure, counters, thread: Mutex::new(Some(thread)), store })
+        let reserve_ahead = reserve_ahead(config.queue_capacity);
+        Ok(GroupCommit { queue, reserve_ahead, shared, thread: Mutex::new(Some(thread)), store })
+    }
+
+    /// Tells the writer where the ledger's numbering resumes: every record
+    /// up to `seq` is already stored, and new ones are numbered after it.
+    /// Call once, after the restore and before the first append.
+    ///
+    /// Reserves numbers ahead at once, so a crash before the first flush
+    /// cannot lose numbers the next run would hand out again.
+    pub fn begin_after(&self, seq: u64) -> Result<(), StoreError> {
+        self.store.acknowledge(seq.saturating_add(self.reserve_ahead))?;
+        self.shared.begins_after.store(seq, Ordering::SeqCst);
+        self.shared.durable_through.store(seq, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Every record numbered up to this is durable, and no record with a
+    /// lower number will be stored later: readers may serve up to here.
+    pub fn durable_through(&self) -> u64 {
+        self.shared.durable_through.load(Ordering::Acquire)
+    }
+
+    /// `Err` while the store is failing (the writer is retrying) or after a
+    /// failure it cannot mend.
+    pub fn health(&self) -> Result<(), JournalError> {
+        self.shared.health()
+    }
+
+    /// Up to `limit` durable records numbered above `after`, in order. Only
+    /// up to [`GroupCommit::durable_through`]: a reader resuming after the
+    /// last number it saw gets every record exactly once, however records
+    /// are appended meanwhile.
+    pub fn read_durable_after(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
+        let durable = self.durable_through();
+        if after >= durable {
+            return Ok(Vec::new());
+        }
+        let wanted = usize::try_from(durable - after).unwrap_or(usize::MAX).min(limit);
+        let mut records = self.store.read_after(after, wanted)?;
+        records.retain(|record| record.seq <= durable);
+        Ok(records)
     }
 
     /// The store underneath (for paging reads).
@@ -92,17 +190,20 @@ impl<S: Store> GroupCommit<S> {
 
     /// Counters for metrics.
     pub fn stats(&self) -> WriterStats {
+        let counters = &self.shared.counters;
         WriterStats {
-            appended: self.counters.appended.load(Ordering::Relaxed),
-            waited_for_room: self.counters.waited_for_room.load(Ordering::Relaxed),
-            flushes: self.counters.flushes.load(Ordering::Relaxed),
-            written: self.counters.written.load(Ordering::Relaxed),
-            flush_micros: self.counters.flush_micros.load(Ordering::Relaxed),
+            appended: counters.appended.load(Ordering::Relaxed),
+            waited_for_room: counters.waited_for_room.load(Ordering::Relaxed),
+            flushes: counters.flushes.load(Ordering::Relaxed),
+            written: counters.written.load(Ordering::Relaxed),
+            flush_micros: counters.flush_micros.load(Ordering::Relaxed),
+            store_failures: counters.store_failures.load(Ordering::Relaxed),
         }
     }
 
     /// Flushes everything queued and stops the thread. Appends after this
-    /// fail with [`JournalError::Closed`]. Safe to call more than once.
+    /// fail with [`JournalError::Closed`]. Safe to call more than once; an
+    /// `Err` means records were left unwritten.
     pub fn shutdown(&self) -> Result<(), JournalError> {
         let Some(thread) = self.thread.lock().take() else {
             return Ok(());
@@ -122,7 +223,7 @@ impl<S: Store> GroupCommit<S> {
         match self.queue.try_send(message) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(message)) => {
-                self.counters.waited_for_room.fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.waited_for_room.fetch_add(1, Ordering::Relaxed);
                 self.queue.send(message).map_err(|_| self.closed())
             }
             Err(TrySendError::Disconnected(_)) => Err(self.closed()),
@@ -130,13 +231,21 @@ impl<S: Store> GroupCommit<S> {
     }
 
     fn closed(&self) -> JournalError {
-        self.failure.get().cloned().unwrap_or(JournalError::Closed)
+        self.shared.failure.get().cloned().unwrap_or(JournalError::Closed)
     }
+}
+
+/// How far ahead of the highest number seen the reservation reaches. Numbers
+/// the ledger handed out but the writer has not seen yet are at most a queue
+/// (plus one per thread inside a critical section), so reserving well over a
+/// queue ahead, and renewing at half, keeps every handed-out number reserved.
+fn reserve_ahead(queue_capacity: usize) -> u64 {
+    u64::try_from(queue_capacity).unwrap_or(u64::MAX / 8).saturating_mul(4).max(1 << 20)
 }
 
 impl<S: Store> Journal for GroupCommit<S> {
     fn append(&self, record: Record) -> Result<(), JournalError> {
-        if let Some(error) = self.failure.get() {
+        if let Some(error) = self.shared.failure.get() {
             return Err(error.clone());
         }
         // Counted by the writer as it takes them: a counter every request
@@ -145,9 +254,15 @@ impl<S: Store> Journal for GroupCommit<S> {
     }
 
     fn sync(&self) -> Result<(), JournalError> {
+        // While the store fails, say so at once rather than wait for it.
+        self.shared.health()?;
         let (answer, answered) = mpsc::sync_channel(1);
         self.send(Message::Barrier(answer))?;
         answered.recv().unwrap_or_else(|_| Err(self.closed()))
+    }
+
+    fn health(&self) -> Result<(), JournalError> {
+        self.shared.health()
     }
 }
 
@@ -163,55 +278,180 @@ struct Worker<S: Store> {
     receiver: Receiver<Message>,
     interval: Duration,
     max_batch: usize,
-    failure: Arc<OnceLock<JournalError>>,
-    counters: Arc<Counters>,
+    /// Most records kept while the store fails; past it, appends wait.
+    max_unflushed: usize,
+    reserve_ahead: u64,
+    /// See [`StoreConfig::gap_patience_ms`].
+    gap_patience: Duration,
+    shared: Arc<Shared>,
+}
+
+/// Puts records back in sequence order. Records are queued in the order
+/// their changes became visible, which differs from number order only for
+/// records of different wallets numbered a moment apart; writing them in
+/// number order makes the store's order the paging order, so a reader
+/// resuming after a number never skips one that was written later.
+#[derive(Default)]
+struct Sequencer {
+    /// The next number to write; `None` until the first record.
+    next: Option<u64>,
+    held: BinaryHeap<Reverse<Held>>,
+}
+
+/// A record ordered by its number alone, with when it was taken.
+struct Held(Record, Instant);
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.seq == other.0.seq
+    }
+}
+impl Eq for Held {}
+impl PartialOrd for Held {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Held {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.seq.cmp(&other.0.seq)
+    }
+}
+
+impl Sequencer {
+    /// Takes a record; pushes onto `ready` what can be written now, in order.
+    fn take(&mut self, record: Record, begins_after: u64, ready: &mut Vec<Record>) {
+        // Numbering resumes after `begins_after` (set once the ledger is
+        // restored); records taken before that were numbered below it.
+        let resumes_at = begins_after.saturating_add(1);
+        let next = self.next.get_or_insert(resumes_at);
+        if *next < resumes_at {
+            *next = resumes_at;
+        }
+        if record.seq > *next {
+            self.held.push(Reverse(Held(record, Instant::now())));
+            return;
+        }
+        if record.seq == *next {
+            *next += 1;
+        } else {
+            // Below the next number: a second record with a number already
+            // written, which only a test's hand-made records do. It cannot be
+            // put in order any more; write it as it comes.
+            tracing::warn!(seq = record.seq, "a record arrived after its number was passed");
+        }
+        ready.push(record);
+        self.release_in_order(ready);
+    }
+
+    fn release_in_order(&mut self, ready: &mut Vec<Record>) {
+        let Some(next) = self.next.as_mut() else { return };
+        while self.held.peek().is_some_and(|Reverse(Held(record, _))| record.seq == *next) {
+            if let Some(Reverse(Held(record, _))) = self.held.pop() {
+                *next += 1;
+                ready.push(record);
+            }
+        }
+    }
+
+    /// Writes held records past a gap that has lasted too long (or all of
+    /// them when `now_anyway`): such a gap is a number that will never come.
+    fn release_stuck(&mut self, patience: Duration, now_anyway: bool, ready: &mut Vec<Record>) {
+        loop {
+            let stuck = self.held.peek().is_some_and(|Reverse(Held(_, since))| since.elapsed() >= patience);
+            if !(stuck || now_anyway) {
+                return;
+            }
+            let Some(Reverse(Held(record, _))) = self.held.pop() else { return };
+            tracing::warn!(
+                seq = record.seq,
+                "sequence numbers before this record never arrived; writing past them"
+            );
+            self.next = Some(record.seq.saturating_add(1).max(self.next.unwrap_or(0)));
+            ready.push(record);
+            self.release_in_order(ready);
+        }
+    }
+
+    fn is_holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Every number below this has been taken in order.
+    fn contiguous_through(&self, begins_after: u64) -> u64 {
+        self.next.map_or(begins_after, |next| next.saturating_sub(1))
+    }
 }
 
 /// One group: the records and the waiters its flush will answer.
 #[derive(Default)]
 struct Group {
-    /// Records not yet handed to the store.
+    /// Records ready to be handed to the store, in order.
     records: Vec<Record>,
-    /// Records in the group, handed over or not.
+    /// Records taken into the group.
     count: u64,
     barriers: Vec<SyncSender<Result<(), JournalError>>>,
     shutdown: Option<SyncSender<Result<(), JournalError>>>,
 }
 
-impl Group {
-    fn take(&mut self, message: Message, counters: &Counters) {
-        match message {
-            Message::Record(record) => {
-                self.records.push(record);
-                self.count += 1;
-                counters.appended.fetch_add(1, Ordering::Relaxed);
-            }
-            Message::Barrier(answer) => self.barriers.push(answer),
-            Message::Shutdown(answer) => self.shutdown = Some(answer),
-        }
-    }
+/// What the writer keeps between groups.
+#[derive(Default)]
+struct State {
+    sequencer: Sequencer,
+    /// Records handed to the store since the last successful flush: kept
+    /// until then, so a failed store can be given them again.
+    unflushed: Vec<Record>,
+    /// Barriers waiting for held records to be written.
+    carried: Vec<SyncSender<Result<(), JournalError>>>,
+    highest_seen: u64,
+    reserved: u64,
 }
 
 impl<S: Store> Worker<S> {
     fn run(self) {
         let mut last_flush: Option<Instant> = None;
-        // The record buffer outlives its group: grown once, not per flush.
-        let mut spare_records = Vec::new();
-        while let Ok(first) = self.receiver.recv() {
-            let mut group = Group { records: std::mem::take(&mut spare_records), ..Group::default() };
-            group.take(first, &self.counters);
+        let mut state = State { reserved: self.store.reserved_seq(), ..State::default() };
+        loop {
+            let first = if state.sequencer.is_holding() || !state.carried.is_empty() {
+                match self.receiver.recv_timeout(self.gap_patience) {
+                    Ok(message) => Some(message),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match self.receiver.recv() {
+                    Ok(message) => Some(message),
+                    // Every sender is gone: nothing can be waiting.
+                    Err(_) => return,
+                }
+            };
+            let mut group = Group { barriers: std::mem::take(&mut state.carried), ..Group::default() };
+            if let Some(first) = first {
+                self.take(&mut group, &mut state, first);
+            }
             // The group stays open until one interval after the last flush
             // (at once after a quiet spell), so flushes never come closer
             // together than the interval and a lone purchase waits no longer
             // than it must.
             let deadline = last_flush.map_or_else(Instant::now, |at| at + self.interval);
-            let gathered = self.gather(&mut group, deadline);
-            let result = gathered
-                .and_then(|()| self.hand_over(&mut group.records))
-                .and_then(|()| self.flush(group.count));
+            let gathered = self.gather(&mut group, &mut state, deadline);
+            state.sequencer.release_stuck(self.gap_patience, group.shutdown.is_some(), &mut group.records);
+            if state.sequencer.is_holding() {
+                // Records queued before these barriers may still be held:
+                // answer them once the gap closes.
+                state.carried = std::mem::take(&mut group.barriers);
+            }
+            let needs_mark = !group.barriers.is_empty() || group.shutdown.is_some();
+            let mut result = gathered
+                .and_then(|()| self.hand_over(&mut group.records, &mut state))
+                .and_then(|()| self.flush(&mut state, group.count, needs_mark));
             last_flush = Some(Instant::now());
-            group.records.clear();
-            spare_records = std::mem::take(&mut group.records);
+            if let Err(JournalError::Unavailable { .. }) = &result {
+                for barrier in group.barriers.drain(..) {
+                    let _gone = barrier.send(result.clone());
+                }
+                result = self.recover(&mut state, &mut group, needs_mark);
+            }
             for barrier in group.barriers {
                 let _gone = barrier.send(result.clone());
             }
@@ -220,8 +460,20 @@ impl<S: Store> Worker<S> {
                 return;
             }
         }
-        // Every sender is gone: nothing can be waiting, and records queued
-        // by now were taken above.
+    }
+
+    fn take(&self, group: &mut Group, state: &mut State, message: Message) {
+        match message {
+            Message::Record(record) => {
+                group.count += 1;
+                state.highest_seen = state.highest_seen.max(record.seq);
+                self.shared.counters.appended.fetch_add(1, Ordering::Relaxed);
+                let begins_after = self.shared.begins_after.load(Ordering::Relaxed);
+                state.sequencer.take(record, begins_after, &mut group.records);
+            }
+            Message::Barrier(answer) => group.barriers.push(answer),
+            Message::Shutdown(answer) => group.shutdown = Some(answer),
+        }
     }
 
     /// Takes messages until the deadline (or a shutdown), handing full
@@ -232,7 +484,7 @@ impl<S: Store> Worker<S> {
     /// (a futex call and a context switch, several microseconds on the
     /// request path), while a sleeping one is woken by nobody. The first
     /// record of a group still wakes it, at most once per flush interval.
-    fn gather(&self, group: &mut Group, deadline: Instant) -> Result<(), JournalError> {
+    fn gather(&self, group: &mut Group, state: &mut State, deadline: Instant) -> Result<(), JournalError> {
         let mut result = Ok(());
         loop {
             for taken in 0_u64.. {
@@ -240,7 +492,7 @@ impl<S: Store> Worker<S> {
                     return result;
                 }
                 if group.records.len() >= self.max_batch {
-                    result = result.and_then(|()| self.hand_over(&mut group.records));
+                    result = result.and_then(|()| self.hand_over(&mut group.records, state));
                 }
                 // Past the deadline the group closes even if more is queued:
                 // under steady load the queue is never empty, and the group
@@ -249,7 +501,7 @@ impl<S: Store> Worker<S> {
                     return result;
                 }
                 match self.receiver.try_recv() {
-                    Ok(message) => group.take(message, &self.counters),
+                    Ok(message) => self.take(group, state, message),
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
@@ -261,33 +513,128 @@ impl<S: Store> Worker<S> {
         }
     }
 
-    /// Writes (without flushing) and clears `records`.
-    fn hand_over(&self, records: &mut Vec<Record>) -> Result<(), JournalError> {
-        if let Some(error) = self.failure.get() {
+    /// Writes (without flushing) `records`, keeping them as unflushed.
+    /// After a failure, records are only kept: recovery writes them.
+    fn hand_over(&self, records: &mut Vec<Record>, state: &mut State) -> Result<(), JournalError> {
+        if let Some(error) = self.shared.failure.get() {
             records.clear();
             return Err(error.clone());
         }
-        let written = self.store.append(records);
-        records.clear();
+        let written = if records.is_empty() { Ok(()) } else { self.store.append(records) };
+        state.unflushed.append(records);
         written.map_err(|error| self.fail(error))
     }
 
-    fn flush(&self, count: u64) -> Result<(), JournalError> {
-        if let Some(error) = self.failure.get() {
+    /// Flushes; see [`Worker::flush_and_mark`].
+    fn flush(&self, state: &mut State, count: u64, acknowledging: bool) -> Result<(), JournalError> {
+        if let Some(error) = self.shared.failure.get() {
             return Err(error.clone());
         }
+        self.flush_and_mark(state, count, acknowledging).map_err(|error| self.fail(error))
+    }
+
+    /// Flushes, then renews the watermark when an acknowledgement needs it
+    /// (`acknowledging`) or the reserved numbers run short, and moves the
+    /// durable floor up.
+    fn flush_and_mark(&self, state: &mut State, count: u64, acknowledging: bool) -> Result<(), StoreError> {
         let started = Instant::now();
-        self.store.flush().map_err(|error| self.fail(error))?;
+        self.store.flush()?;
+        // Durable now, whatever happens to the watermark: a retry must not
+        // write them again.
+        state.unflushed.clear();
+        let begins_after = self.shared.begins_after.load(Ordering::Relaxed);
+        let through = state.sequencer.contiguous_through(begins_after);
+        self.shared.durable_through.fetch_max(through, Ordering::Release);
+        state.reserved = state.reserved.max(self.store.reserved_seq());
+        let renew = state.highest_seen.saturating_add(self.reserve_ahead / 2) > state.reserved;
+        if acknowledging || renew {
+            let reserved =
+                if renew { state.highest_seen.saturating_add(self.reserve_ahead) } else { state.reserved };
+            self.store.acknowledge(reserved)?;
+            state.reserved = reserved;
+        }
         let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.counters.flush_micros.fetch_add(took, Ordering::Relaxed);
-        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
-        self.counters.written.fetch_add(count, Ordering::Relaxed);
+        let counters = &self.shared.counters;
+        counters.flush_micros.fetch_add(took, Ordering::Relaxed);
+        counters.flushes.fetch_add(1, Ordering::Relaxed);
+        counters.written.fetch_add(count, Ordering::Relaxed);
         Ok(())
     }
 
+    /// Retries a failed store until it takes the unflushed records again.
+    /// Meanwhile the queue keeps moving: records are kept (up to a bound),
+    /// waiting writes are told the store is unavailable. Returns once the
+    /// store works again, or with the error when shutdown was asked for and
+    /// the store still fails.
+    fn recover(&self, state: &mut State, group: &mut Group, acknowledging: bool) -> Result<(), JournalError> {
+        let mut pause = RETRY_FIRST;
+        let mut attempts_since_shutdown = 0;
+        loop {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(RETRY_MOST);
+            self.drain_while_failing(state, group);
+            let attempt = self.retry(state, group, acknowledging || group.shutdown.is_some());
+            match attempt {
+                Ok(()) => {
+                    self.shared.set_trouble(None);
+                    tracing::info!("the ledger store works again; writes resumed");
+                    return Ok(());
+                }
+                Err(error @ JournalError::Unavailable { .. }) => {
+                    if group.shutdown.is_some() {
+                        attempts_since_shutdown += 1;
+                        if attempts_since_shutdown >= RETRIES_AT_SHUTDOWN {
+                            return Err(error);
+                        }
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// While the store fails: keep records (up to the bound), answer
+    /// barriers at once, note a shutdown.
+    fn drain_while_failing(&self, state: &mut State, group: &mut Group) {
+        while state.unflushed.len() + group.records.len() < self.max_unflushed && group.shutdown.is_none() {
+            match self.receiver.try_recv() {
+                Ok(Message::Barrier(answer)) => {
+                    let _gone = answer.send(self.shared.health());
+                }
+                Ok(message) => self.take(group, state, message),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        state.sequencer.release_stuck(self.gap_patience, group.shutdown.is_some(), &mut group.records);
+    }
+
+    /// Reopens the store and writes again what it does not hold.
+    fn retry(&self, state: &mut State, group: &mut Group, acknowledging: bool) -> Result<(), JournalError> {
+        let present = self.store.reopen().map_err(|error| self.trouble(error))?;
+        state.unflushed.retain(|record| !present.contains(&record.seq));
+        state.unflushed.append(&mut group.records);
+        if !state.unflushed.is_empty() {
+            self.store.append(&state.unflushed).map_err(|error| self.trouble(error))?;
+        }
+        self.flush_and_mark(state, group.count, acknowledging).map_err(|error| self.trouble(error))
+    }
+
+    /// Records a store error: retried unless it is one retrying cannot mend.
     fn fail(&self, error: StoreError) -> JournalError {
-        let error = JournalError::Failed { reason: error.to_string() };
-        let _first = self.failure.set(error.clone());
-        error
+        if let StoreError::Encode { .. } = error {
+            let error = JournalError::Failed { reason: error.to_string() };
+            let _first = self.shared.failure.set(error.clone());
+            tracing::error!(%error, "the ledger store writer stopped");
+            return error;
+        }
+        tracing::error!(%error, "the ledger store failed; retrying until it works again");
+        self.trouble(error)
+    }
+
+    fn trouble(&self, error: StoreError) -> JournalError {
+        self.shared.counters.store_failures.fetch_add(1, Ordering::Relaxed);
+        let reason = error.to_string();
+        self.shared.set_trouble(Some(reason.clone()));
+        JournalError::Unavailable { reason }
     }
 }

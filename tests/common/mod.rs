@@ -264,3 +264,39 @@ pub async fn next_chunk(body: &mut Incoming) -> Option<Bytes> {
         }
     }
 }
+
+/// The proxy and admin addresses a `creditgate serve` process logs on start.
+/// Its stderr is read on a thread that keeps draining it, so the child never
+/// blocks on a full pipe.
+pub fn logged_addresses(child: &mut std::process::Child) -> (String, String) {
+    use std::io::BufRead as _;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel::<(String, String)>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let field = |name: &str| {
+                line.split(name).nth(1).and_then(|r| r.split_whitespace().next()).map(str::to_owned)
+            };
+            if let (Some(proxy), Some(admin)) = (field("proxy_addr="), field("admin_addr=")) {
+                let _ = tx.send((proxy, admin));
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30)).expect("the gateway did not start")
+}
+
+/// `creditgate serve` on `config` and `data`, with the test secrets in its
+/// environment.
+pub fn serve_command(config: &Path, data: &Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_creditgate"));
+    command
+        .args(["serve", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data)
+        .env("MOCK_UPSTREAM_KEY", UPSTREAM_SECRET)
+        .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("RUST_LOG", "info");
+    command
+}
