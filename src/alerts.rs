@@ -81,6 +81,9 @@ pub enum Condition {
     LiteWalletEmpty,
     /// A spending limit refused a request.
     SpendLimitReached,
+    /// An upstream billed a request past what was held for it (it ignored
+    /// the cap it was sent): charged in full, and worth a look every time.
+    UsageOverHold,
 }
 
 impl Condition {
@@ -101,7 +104,7 @@ impl Condition {
                     );
                 }
             }
-            Condition::LiteWalletEmpty | Condition::SpendLimitReached => {}
+            Condition::LiteWalletEmpty | Condition::SpendLimitReached | Condition::UsageOverHold => {}
         }
         Ok(())
     }
@@ -149,6 +152,8 @@ pub enum Signal {
     /// A request was refused by a spending limit paid from this wallet;
     /// `period` tells one limit period from the next.
     LimitReached(WalletId, Option<DateTime<Utc>>),
+    /// A debit on this wallet exceeded its request's hold.
+    OverHold(WalletId),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +183,8 @@ pub struct Alerts {
     allocations: Mutex<HashMap<WalletId, Vec<Lot>>>,
     deliveries: Mutex<VecDeque<Delivery>>,
     next_id: AtomicU64,
+    /// Numbers each over-hold event, so each is an alert period of its own.
+    over_hold_events: AtomicU64,
     path: PathBuf,
     queue: mpsc::Sender<Signal>,
     receiver: Mutex<Option<mpsc::Receiver<Signal>>>,
@@ -212,6 +219,7 @@ impl Alerts {
             allocations: Mutex::new(HashMap::new()),
             deliveries: Mutex::new(VecDeque::new()),
             next_id: AtomicU64::new(next),
+            over_hold_events: AtomicU64::new(0),
             path,
             queue,
             receiver: Mutex::new(Some(receiver)),
@@ -223,7 +231,10 @@ impl Alerts {
 
     /// Report a signal without waiting; a full queue drops it (counted).
     pub fn notify(&self, signal: Signal) {
-        let (Signal::Changed(wallet) | Signal::Empty(wallet) | Signal::LimitReached(wallet, _)) = signal;
+        let (Signal::Changed(wallet)
+        | Signal::Empty(wallet)
+        | Signal::LimitReached(wallet, _)
+        | Signal::OverHold(wallet)) = signal;
         if !self.watched.read().contains(&wallet) {
             return;
         }
@@ -311,7 +322,7 @@ impl Alerts {
     /// The rules this signal makes fire now, each marked as fired.
     fn due(&self, ledger: &Ledger, signal: Signal, now: DateTime<Utc>) -> Vec<(Rule, String, Value)> {
         let wallet = match signal {
-            Signal::Changed(w) | Signal::Empty(w) | Signal::LimitReached(w, _) => w,
+            Signal::Changed(w) | Signal::Empty(w) | Signal::LimitReached(w, _) | Signal::OverHold(w) => w,
         };
         let rules: Vec<Rule> = self.rules.lock().iter().filter(|r| r.wallet == wallet).cloned().collect();
         if rules.is_empty() {
@@ -353,6 +364,10 @@ impl Alerts {
                 // per (UTC) day, not once per process.
                 (Condition::SpendLimitReached, Signal::LimitReached(_, resets)) => {
                     (true, resets.map_or_else(|| format!("request:{}", now.date_naive()), |r| r.to_rfc3339()))
+                }
+                // Every overrun is its own event.
+                (Condition::UsageOverHold, Signal::OverHold(_)) => {
+                    (true, format!("over_hold:{}", self.over_hold_events.fetch_add(1, Ordering::Relaxed)))
                 }
                 _ => (false, String::new()),
             };

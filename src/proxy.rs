@@ -437,8 +437,12 @@ impl Proxy {
         let started = std::time::Instant::now();
         let settled = ctx.charge.take().map(|charge| charge.settle(outcome, self.clock.now()));
         self.record_settle(settled.as_ref(), started.elapsed());
-        if let (Some(charge::SettleResult::Debited { .. }), Some(wallet)) = (&settled, ctx.wallet) {
+        if let (Some(charge::SettleResult::Debited { over_hold, .. }), Some(wallet)) = (&settled, ctx.wallet)
+        {
             self.alerts.notify(Signal::Changed(wallet));
+            if !over_hold.is_zero() {
+                self.alerts.notify(Signal::OverHold(wallet));
+            }
         }
         let upstream =
             ctx.upstream.and_then(|i| self.config.upstreams.get(i)).map_or("-", |u| u.name.as_str());

@@ -526,3 +526,72 @@ async fn hosted_tool_calls_are_held_bounded_and_charged_per_call() {
     assert_eq!(reply.status, 400);
     assert_eq!(reply.json()["error"]["code"], "tool_not_priced");
 }
+
+#[tokio::test]
+async fn usage_past_the_hold_raises_an_alert() {
+    // Proves an overrun is signalled to alerts (a usage_over_hold rule fires for each one), not
+    // only counted: an upstream that ignored the cap it was sent is worth a look every time.
+    let books = Books::start(
+        |t| t.replace("[admin]\n", "[admin]\nalert_webhook_allow = [\"127.0.0.1/32\"]\n"),
+        "100",
+        "1",
+    )
+    .await;
+    let hooks = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", hooks.local_addr().unwrap());
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = hooks.accept().await else { return };
+            let events_tx = events_tx.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                    request.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&request).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().to_owned())
+                            })
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if body.len() >= length {
+                            let _ = events_tx.send(body.to_owned());
+                            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let org = books.keys.org.0;
+    let rule = json!({"wallet": "pool", "condition": {"type": "usage_over_hold"}, "webhook_url": hook_url, "secret": "s3cret-s3cret-s3cret"});
+    let request = Request::post(format!("http://{}/admin/v1/orgs/{org}/alerts", books.gateway.admin_addr()))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(rule.to_string())))
+        .unwrap();
+    assert_eq!(send(request).await.status, 201);
+    let pro = books.keys.pro.clone();
+    let body = json!({"model": "mock-gpt", "max_tokens": 10});
+    assert_eq!(books.post(CHAT, Some(&pro), &[("x-provider-output", "50")], &body).await.status, 200);
+    let ignoring = [("x-provider-output", "5000"), ("x-provider-ignore-cap", "1")];
+    for _ in 0..2 {
+        assert_eq!(books.post(CHAT, Some(&pro), &ignoring, &body).await.status, 200);
+    }
+    for _ in 0..2 {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
+        assert!(event.contains("usage_over_hold"), "{event}");
+    }
+    let more = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
+    assert!(more.is_err(), "one alert per overrun, none for the request within its hold");
+}

@@ -137,6 +137,7 @@ fn condition() -> Value {
         tagged("balance_below", json!({"amount": amount()}), &["amount"]),
         tagged("lite_wallet_empty", json!({}), &[]),
         tagged("spend_limit_reached", json!({}), &[]),
+        tagged("usage_over_hold", json!({}), &[]),
     ]})
 }
 
