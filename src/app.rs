@@ -78,6 +78,7 @@ impl Gateway {
             max_connections: config.server.max_connections,
             header_read_timeout: config.server.header_read_timeout,
             shutdown_grace: config.server.shutdown_grace,
+            max_request_duration: Some(config.server.max_response_duration),
         };
         let proxy = Arc::new(Proxy::new(
             config.clone(),

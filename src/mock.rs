@@ -169,6 +169,7 @@ impl MockUpstream {
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(1),
+            max_request_duration: None,
         };
         let task =
             tokio::spawn(server::serve(listener, serve_options, shutdown.clone(), move |req, _peer| {

@@ -50,6 +50,10 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// How long in-flight requests may run after shutdown is signalled.
     pub shutdown_grace: Duration,
+    /// A connection busy with requests this long without a pause is closed,
+    /// whether or not its client still reads: a response body is only
+    /// polled (and its own deadline checked) while the client reads.
+    pub max_request_duration: Option<Duration>,
 }
 
 /// How a listener stopped.
@@ -81,7 +85,9 @@ where
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(options.max_connections));
     let open = Arc::new(OpenConnections::default());
-    tokio::spawn(open.clone().close_idle(options.header_read_timeout, shutdown.clone()));
+    let sweep =
+        open.clone().close_idle(options.header_read_timeout, options.max_request_duration, shutdown.clone());
+    tokio::spawn(sweep);
     // Owned so that shutdown can cut what outlives the grace period and wait
     // for it: a request's settle runs when its connection is dropped.
     let mut connections = JoinSet::new();
@@ -189,6 +195,8 @@ struct Tracked {
     served: AtomicBool,
     /// When it last started or finished a request (or was accepted).
     last_active: Mutex<Instant>,
+    /// Since when it has had a request in flight without a pause.
+    busy_since: Mutex<Option<Instant>>,
     /// Cancelled to close it.
     close: CancellationToken,
 }
@@ -209,8 +217,11 @@ struct Busy(Arc<Tracked>);
 impl Busy {
     fn start(tracked: &Arc<Tracked>) -> Busy {
         tracked.served.store(true, Ordering::Relaxed);
-        tracked.in_flight.fetch_add(1, Ordering::AcqRel);
-        *tracked.last_active.lock() = Instant::now();
+        let now = Instant::now();
+        if tracked.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            *tracked.busy_since.lock() = Some(now);
+        }
+        *tracked.last_active.lock() = now;
         Busy(tracked.clone())
     }
 }
@@ -218,7 +229,9 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         *self.0.last_active.lock() = Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.busy_since.lock() = None;
+        }
     }
 }
 
@@ -230,6 +243,7 @@ impl OpenConnections {
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
             last_active: Mutex::new(Instant::now()),
+            busy_since: Mutex::new(None),
             close: CancellationToken::new(),
         });
         self.connections.lock().insert(id, tracked.clone());
@@ -262,8 +276,14 @@ impl OpenConnections {
     /// header-read timeout before a first request (a client that never
     /// completes one, or never gets through protocol detection), the
     /// keep-alive idle timeout after.
-    async fn close_idle(self: Arc<Self>, header_read_timeout: Duration, shutdown: CancellationToken) {
-        let interval = IDLE_SWEEP_INTERVAL.min(header_read_timeout.max(Duration::from_millis(10)));
+    async fn close_idle(
+        self: Arc<Self>,
+        header_read_timeout: Duration,
+        max_busy: Option<Duration>,
+        shutdown: CancellationToken,
+    ) {
+        let shortest = max_busy.map_or(header_read_timeout, |busy| busy.min(header_read_timeout));
+        let interval = IDLE_SWEEP_INTERVAL.min(shortest.max(Duration::from_millis(10)));
         loop {
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
@@ -276,7 +296,10 @@ impl OpenConnections {
                 } else {
                     header_read_timeout
                 };
-                if tracked.idle_for(now).is_some_and(|idle| idle >= limit) {
+                let busy_too_long = max_busy
+                    .zip(*tracked.busy_since.lock())
+                    .is_some_and(|(max, since)| now.saturating_duration_since(since) >= max);
+                if busy_too_long || tracked.idle_for(now).is_some_and(|idle| idle >= limit) {
                     tracked.close.cancel();
                 }
             }

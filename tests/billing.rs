@@ -595,3 +595,51 @@ async fn usage_past_the_hold_raises_an_alert() {
     let more = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
     assert!(more.is_err(), "one alert per overrun, none for the request within its hold");
 }
+
+#[tokio::test]
+async fn a_response_is_ended_after_max_response_ms_even_when_its_client_stopped_reading() {
+    // Proves a client cannot keep a request (and its hold) open at will: the response is cut
+    // after [server] max_response_ms however the client behaves, and the request is charged
+    // (here the hold: reading on for the usage gives up after read_on_timeout_ms).
+    let books = Books::start(
+        |t| {
+            t.replace(
+                "shutdown_grace_ms = 5000",
+                "shutdown_grace_ms = 5000\nmax_response_ms = 1000\nread_on_timeout_ms = 300",
+            )
+        },
+        "100",
+        "1",
+    )
+    .await;
+    let pro = books.keys.pro.clone();
+    let wallet = books.wallet(&pro);
+    let before = books.settled_balance(&pro).await;
+    let mut sender = open_h1(books.gateway.proxy_addr()).await;
+    let request = Request::post(books.url(CHAT))
+        .header("authorization", format!("Bearer {pro}"))
+        .header("x-provider-usage-delay-ms", "20000")
+        .body(creditgate::mock::MockBody::Full(Some(Bytes::from(
+            json!({"model": "mock-gpt", "stream": true, "max_tokens": 100}).to_string(),
+        ))))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let mut body = response.into_body();
+    next_chunk(&mut body).await.unwrap();
+    // The client stops reading; the upstream would take 20 s more.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the gateway ended the response");
+    let after = books.settled_balance(&pro).await;
+    assert!(after < before, "the cut request was charged");
+    let open = books.gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap().open_holds;
+    assert_eq!(open, 0);
+}
