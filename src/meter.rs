@@ -32,23 +32,26 @@ pub struct Reported {
     pub hosted_calls: [u32; HostedTool::ALL.len()],
 }
 
-/// A tool the upstream runs itself and bills per call (OpenAI Responses
-/// API). Priced as the tool named by its output item type, e.g.
-/// `[tools."web_search_call"]`.
+/// A tool the upstream runs itself and bills per call. OpenAI's (Responses
+/// API) are priced as the tool named by the output item a call leaves, e.g.
+/// `[tools."web_search_call"]`; Anthropic's web search as
+/// `[tools."web_search_requests"]`, the usage field that counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostedTool {
     WebSearch,
     FileSearch,
     CodeInterpreter,
     ImageGeneration,
+    AnthropicWebSearch,
 }
 
 impl HostedTool {
-    pub const ALL: [HostedTool; 4] = [
+    pub const ALL: [HostedTool; 5] = [
         HostedTool::WebSearch,
         HostedTool::FileSearch,
         HostedTool::CodeInterpreter,
         HostedTool::ImageGeneration,
+        HostedTool::AnthropicWebSearch,
     ];
 
     /// The type of the output item a call leaves, which is also the name
@@ -59,7 +62,14 @@ impl HostedTool {
             HostedTool::FileSearch => "file_search_call",
             HostedTool::CodeInterpreter => "code_interpreter_call",
             HostedTool::ImageGeneration => "image_generation_call",
+            HostedTool::AnthropicWebSearch => "web_search_requests",
         }
+    }
+
+    /// The hosted tool an Anthropic request's `tools[].type` enables
+    /// (`web_search_20250305` and later versions).
+    pub fn from_anthropic_type(kind: &str) -> Option<HostedTool> {
+        kind.starts_with("web_search_").then_some(HostedTool::AnthropicWebSearch)
     }
 
     /// The hosted tool a request's `tools[].type` enables, if any.
@@ -77,7 +87,7 @@ impl HostedTool {
         HostedTool::ALL.into_iter().find(|tool| tool.item_type() == kind)
     }
 
-    fn index(self) -> usize {
+    pub fn index(self) -> usize {
         self as usize
     }
 }
@@ -157,6 +167,13 @@ struct UsageFields {
     prompt_tokens_details: Option<Details>,
     input_tokens_details: Option<Details>,
     cache_creation: Option<CacheCreation>,
+    server_tool_use: Option<ServerToolUse>,
+}
+
+/// Anthropic's count of the server tools a call ran.
+#[derive(Deserialize)]
+struct ServerToolUse {
+    web_search_requests: Option<Count>,
 }
 
 #[derive(Deserialize)]
@@ -225,7 +242,9 @@ impl UsageFields {
         let split = |pick: fn(&CacheCreation) -> &Option<Count>| {
             self.cache_creation.as_ref().and_then(|c| pick(c).as_ref()).and_then(|count| count.0)
         };
-        counted(UsageCounts {
+        let searches =
+            self.server_tool_use.as_ref().and_then(|s| s.web_search_requests.as_ref()).and_then(|c| c.0);
+        let mut reported = counted(UsageCounts {
             prompt: count(&self.prompt_tokens),
             completion: count(&self.completion_tokens),
             input: count(&self.input_tokens),
@@ -235,7 +254,10 @@ impl UsageFields {
             cache_write_5m: split(|c| &c.ephemeral_5m_input_tokens),
             cache_write_1h: split(|c| &c.ephemeral_1h_input_tokens),
             cached,
-        })
+        });
+        reported.hosted_calls[HostedTool::AnthropicWebSearch.index()] =
+            searches.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
+        reported
     }
 }
 
@@ -250,7 +272,11 @@ fn usage_from_bytes(json: &[u8]) -> Option<Reported> {
                 .usage
                 .or_else(|| envelope.message.and_then(|m| m.usage))
                 .or_else(|| envelope.response.and_then(|r| r.usage))?;
-            Some(Reported { hosted_calls, ..usage.reported() })
+            let mut reported = usage.reported();
+            for (mine, from_output) in reported.hosted_calls.iter_mut().zip(hosted_calls) {
+                *mine = (*mine).max(from_output);
+            }
+            Some(reported)
         }
         // An unusual shape (`usage` that is not an object, a duplicated
         // key): read it the slow, general way.
@@ -307,7 +333,11 @@ fn usage_from_json(value: &Value) -> Option<Reported> {
         .or_else(|| value.pointer("/response/usage"))?;
     let output = value.get("output").or_else(|| value.pointer("/response/output")).and_then(Value::as_array);
     let types = output.into_iter().flatten().filter_map(|item| item.get("type").and_then(Value::as_str));
-    Some(Reported { hosted_calls: count_hosted_calls(types), ..usage_from_object(usage)? })
+    let mut reported = usage_from_object(usage)?;
+    for (mine, from_output) in reported.hosted_calls.iter_mut().zip(count_hosted_calls(types)) {
+        *mine = (*mine).max(from_output);
+    }
+    Some(reported)
 }
 
 fn usage_from_object(usage: &Value) -> Option<Reported> {
@@ -319,7 +349,7 @@ fn usage_from_object(usage: &Value) -> Option<Reported> {
         .pointer("/prompt_tokens_details/cached_tokens")
         .or_else(|| usage.pointer("/input_tokens_details/cached_tokens"))
         .and_then(Value::as_u64);
-    Some(counted(UsageCounts {
+    let mut reported = counted(UsageCounts {
         prompt: count("prompt_tokens"),
         completion: count("completion_tokens"),
         input: count("input_tokens"),
@@ -329,7 +359,11 @@ fn usage_from_object(usage: &Value) -> Option<Reported> {
         cache_write_5m: usage.pointer("/cache_creation/ephemeral_5m_input_tokens").and_then(Value::as_u64),
         cache_write_1h: usage.pointer("/cache_creation/ephemeral_1h_input_tokens").and_then(Value::as_u64),
         cached,
-    }))
+    });
+    let searches = usage.pointer("/server_tool_use/web_search_requests").and_then(Value::as_u64);
+    reported.hosted_calls[HostedTool::AnthropicWebSearch.index()] =
+        searches.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
+    Some(reported)
 }
 
 /// Watches one response body and collects its usage.

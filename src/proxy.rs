@@ -261,7 +261,12 @@ impl Proxy {
                     (Some(field), Some(cap)) if fields.max_output_tokens != Some(cap) => Some((field, cap)),
                     _ => None,
                 };
-                let edits = BodyEdits { cap: cap_edit, include_usage: inject, max_tool_calls: tool_calls };
+                let (max_tool_calls, anthropic_max_uses) = match flavour {
+                    Flavour::AnthropicMessages => (None, tool_calls),
+                    _ => (tool_calls, None),
+                };
+                let edits =
+                    BodyEdits { cap: cap_edit, include_usage: inject, max_tool_calls, anthropic_max_uses };
                 let bytes = if edits == BodyEdits::default() {
                     bytes
                 } else {

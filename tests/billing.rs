@@ -521,6 +521,19 @@ async fn hosted_tool_calls_are_held_bounded_and_charged_per_call() {
         let expected = books.reported_cost("mock-gpt") + per_call * Decimal::from(expected_calls);
         assert_eq!(charged, expected, "tokens plus {expected_calls} searches");
     }
+    // Anthropic's web search: bounded by max_uses, counted by usage.server_tool_use.
+    let per_search = table.tool("web_search_requests", chrono::Utc::now()).unwrap().cost(0).unwrap();
+    let before = books.settled_balance(&pro).await;
+    let body = json!({"model": "mock-claude", "max_tokens": 50, "messages": [],
+                      "tools": [{"type": "web_search_20250305", "name": "web_search"}]});
+    let reply = books.post("/v1/messages", Some(&pro), &[("x-provider-tool-calls", "40")], &body).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let last = books.provider.last();
+    assert_eq!(last.body["tools"][0]["max_uses"], 10, "the bound the hold assumed went upstream");
+    assert_eq!(last.hosted_calls, 10);
+    let charged = before - books.settled_balance(&pro).await;
+    assert_eq!(charged, books.reported_cost("mock-claude") + per_search * Decimal::from(10u64));
+
     let body = json!({"model": "mock-gpt", "input": "draw", "tools": [{"type": "image_generation"}]});
     let reply = books.post("/v1/responses", Some(&pro), &[], &body).await;
     assert_eq!(reply.status, 400);

@@ -145,6 +145,8 @@ struct ModelFields {
 struct RequestTool {
     #[serde(rename = "type")]
     kind: Option<String>,
+    /// Anthropic's bound on a server tool's calls.
+    max_uses: Option<Value>,
 }
 
 /// Most choices one request may ask for (`n`, `best_of`); OpenAI's own bound.
@@ -248,15 +250,23 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         }
     };
     let mut hosted_tools: Vec<HostedTool> = Vec::new();
-    if flavour == Flavour::OpenaiResponses {
-        let kinds = fields.tools.iter().flatten().filter_map(|tool| tool.kind.as_deref());
-        for tool in kinds.filter_map(HostedTool::from_request_type) {
-            if !hosted_tools.contains(&tool) {
-                hosted_tools.push(tool);
+    let mut max_tool_calls = count(fields.max_tool_calls, "max_tool_calls")?;
+    let recognise = match flavour {
+        Flavour::OpenaiResponses => HostedTool::from_request_type,
+        Flavour::AnthropicMessages => HostedTool::from_anthropic_type,
+        _ => |_: &str| None,
+    };
+    for tool in fields.tools.into_iter().flatten() {
+        let Some(hosted) = tool.kind.as_deref().and_then(recognise) else { continue };
+        if !hosted_tools.contains(&hosted) {
+            hosted_tools.push(hosted);
+        }
+        if hosted == HostedTool::AnthropicWebSearch {
+            if let Some(uses) = count(tool.max_uses, "max_uses")? {
+                max_tool_calls = Some(max_tool_calls.map_or(uses, |calls| calls.max(uses)));
             }
         }
     }
-    let max_tool_calls = count(fields.max_tool_calls, "max_tool_calls")?;
     Ok(ModelRequest {
         model,
         max_output_tokens,
@@ -353,6 +363,8 @@ pub struct BodyEdits {
     pub cap: Option<(&'static str, u64)>,
     /// Set `max_tool_calls` (hosted tools enabled, no bound named).
     pub max_tool_calls: Option<u64>,
+    /// Set `max_uses` on Anthropic web search tools that name none.
+    pub anthropic_max_uses: Option<u64>,
     /// Add `stream_options.include_usage = true`.
     pub include_usage: bool,
 }
@@ -374,7 +386,8 @@ pub fn edited_body(body: &[u8], edits: BodyEdits) -> Option<Bytes> {
     let cap_named = edits.cap.is_some_and(|(field, _)| named(field))
         || (edits.max_tool_calls.is_some() && named("max_tool_calls"));
     let options_named = edits.include_usage && STREAM_OPTIONS.find(body).is_some();
-    if body[start] == b'{' && !cap_named && !options_named && UNICODE_ESCAPE.find(body).is_none() {
+    let nested = edits.anthropic_max_uses.is_some();
+    if body[start] == b'{' && !cap_named && !options_named && !nested && UNICODE_ESCAPE.find(body).is_none() {
         let rest = &body[start + 1..];
         let mut spliced = Vec::with_capacity(body.len() + 64);
         spliced.push(b'{');
@@ -400,6 +413,16 @@ pub fn edited_body(body: &[u8], edits: BodyEdits) -> Option<Bytes> {
     }
     if let Some(calls) = edits.max_tool_calls {
         object.insert("max_tool_calls".into(), Value::from(calls));
+    }
+    if let Some(uses) = edits.anthropic_max_uses {
+        let tools = object.get_mut("tools").and_then(Value::as_array_mut).into_iter().flatten();
+        for tool in tools.filter_map(Value::as_object_mut) {
+            let searches =
+                tool.get("type").and_then(Value::as_str).is_some_and(|t| t.starts_with("web_search_"));
+            if searches && !tool.contains_key("max_uses") {
+                tool.insert("max_uses".into(), Value::from(uses));
+            }
+        }
     }
     if edits.include_usage {
         let options = object.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));

@@ -118,7 +118,11 @@ impl Provider {
             (number("x-provider-cache-write-5m", 0), number("x-provider-cache-write-1h", 0));
         // Web searches it would run, within the request's max_tool_calls.
         let wanted_calls = number("x-provider-tool-calls", 0);
-        let hosted_calls = match body.get("max_tool_calls").and_then(Value::as_u64) {
+        let bound = body.get("max_tool_calls").and_then(Value::as_u64).or_else(|| {
+            // Anthropic bounds each server tool with max_uses.
+            body.get("tools")?.as_array()?.iter().find_map(|tool| tool.get("max_uses")?.as_u64())
+        });
+        let hosted_calls = match bound {
             Some(bound) if !headers.contains_key("x-provider-ignore-cap") => wanted_calls.min(bound),
             _ => wanted_calls,
         };
@@ -147,6 +151,7 @@ impl Provider {
             } else if anthropic {
                 json!({"id": "msg_1", "type": "message", "content": [{"type": "text", "text": "hi"}],
                        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
+                                 "server_tool_use": {"web_search_requests": hosted_calls},
                                  "cache_creation_input_tokens": write_5m + write_1h,
                                  "cache_creation": {"ephemeral_5m_input_tokens": write_5m,
                                                     "ephemeral_1h_input_tokens": write_1h}}})
