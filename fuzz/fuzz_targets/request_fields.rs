@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     for flavour in [Flavour::OpenaiChat, Flavour::OpenaiResponses, Flavour::AnthropicMessages, Flavour::OpenaiEmbeddings] {
         let Ok(request) = read_model_request(data, flavour) else { continue };
         let Some(field) = creditgate::proxy::cap_field(flavour) else { continue };
-        let edits = BodyEdits { cap: Some((field, 77)), include_usage: true };
+        let edits = BodyEdits { cap: Some((field, 77)), include_usage: true, ..BodyEdits::default() };
         if request.max_output_tokens.is_some() {
             continue;
         }
