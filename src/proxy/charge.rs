@@ -192,6 +192,10 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ProxyError::InvalidJson { reason: "the body must be a JSON object".into() });
     }
+    // Skipped members are not checked for UTF-8 by the parser; JSON must be.
+    if std::str::from_utf8(body).is_err() {
+        return Err(ProxyError::InvalidJson { reason: "the body is not UTF-8".into() });
+    }
     let fields: ModelFields =
         serde_json::from_slice(body).map_err(|e| ProxyError::InvalidJson { reason: e.to_string() })?;
     let model = match fields.model {
