@@ -5,6 +5,7 @@
 //! - [`app`] — wiring: config, listeners, shutdown.
 //! - [`admin`] — the admin listener: health and readiness.
 //! - [`clock`] — the injectable clock time-dependent rules read.
+//! - [`cluster`] — cluster mode: shared credit in PostgreSQL through leases.
 //! - [`config`] — gateway config: strict raw types, then validated types.
 //! - [`demo`] — `creditgate demo`: mock upstream and gateway in one process.
 //! - [`ledger`] — orgs, wallets, lots, holds, limits, entries (pure, no I/O).
@@ -20,6 +21,7 @@ pub mod admin;
 pub mod alerts;
 pub mod app;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod ledger;

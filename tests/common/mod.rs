@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub mod pg;
 pub mod provider;
 
 pub const UPSTREAM_SECRET: &str = "sk-upstream-secret-0123456789";

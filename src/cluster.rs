@@ -1,0 +1,91 @@
+//! Cluster mode: many replicas, one set of books in PostgreSQL (DESIGN.md §7).
+//!
+//! Without a `[cluster]` section nothing here runs: a single node keeps its
+//! books in the embedded sled store. This module is the shared-credit core of
+//! cluster mode; it is not yet wired into the gateway (see "Status" below).
+//!
+//! - [`db`]      — the connection pool: libpq URLs, multi-host, read-write
+//! - [`migrate`] — embedded, versioned schema migrations under an advisory lock
+//! - [`books`]   — the statements on the shared books: funding, leases, shipped
+//!   debits, expiry, audit (one statement each)
+//! - [`leases`]  — a replica's side: [`LeaseBook`] holds and settles in memory
+//!   against leased credit and ships its debits in batches
+//!
+//! # Zero overdraft without a round trip per request
+//!
+//! A replica spends only credit it has leased. A lease is drawn in one
+//! statement (`cg_draw_lease`) that locks the wallet's row and grants at most
+//! `balance - leased`, so the open leases of all replicas together never
+//! exceed the balance. Holds and settles run in memory against the lease;
+//! a hold that no lease covers waits for one draw and is refused (402) when
+//! the database says the credit is not there. Debits are shipped in batches
+//! (`cg_ship_debits`), unique by (replica, entry), so a retry or a restart
+//! never debits twice; each is charged to its lease while the lease is open.
+//!
+//! Lease size follows the wallet's recent spend (about `lease_target_ms` of
+//! it), is capped by an even share of what is left among live replicas, and
+//! shrinks to one hold near empty. Refills are drawn ahead of need, off the
+//! request path, when a wallet's leased credit falls below half a lease.
+//!
+//! # Expiry and late shipping (the bound)
+//!
+//! A lease carries a database-time deadline and is renewed while its replica
+//! lives. A replica stops starting holds on a lease `safety_ms` before the
+//! deadline it last heard (measured on its own monotonic clock from the
+//! database's `now()`, so clock skew does not matter). Once a lease is
+//! `grace_ms` past its deadline, any replica's sweep (`cg_close_leases`)
+//! returns its unspent part to the wallet.
+//!
+//! A debit that ships after its lease was closed (its replica was killed and
+//! restarted on its data directory after the grace, or was cut off from the
+//! database for longer than the grace while a request was in flight) is
+//! still posted, never dropped: the part no open lease covered is recorded
+//! in `cg_debits.uncovered` and counted as the wallet's overrun. So the
+//! overspend is zero while every replica ships within the grace, and is in
+//! any case bounded by the leases the late replica held, and always visible.
+//!
+//! # Status
+//!
+//! Built: the pool, migrations, the lease and shipping statements, the
+//! replica-side lease book with background refill, renewal, shipping and
+//! give-back, and the audit. Not yet: the `[cluster]` config section and its
+//! wiring into the proxy's hold/settle path, entity and admin replication
+//! through PostgreSQL, shipping from the sled journal (the outbox is in
+//! memory), spending-limit headroom leases, and time rules in the database.
+//! ledger growth in cluster mode: debits are partitioned by month
+//! (`cg_debits.at`) and detached partitions are exported like sled's.
+
+pub mod books;
+pub mod db;
+pub mod leases;
+pub mod migrate;
+
+pub use books::{Books, FundingReceipt, LeaseGrant, ShippedDebit, WalletAudit};
+pub use db::Database;
+pub use leases::{LeaseBook, LeaseHold, LeaseRefusal, LeaseSettings};
+
+/// What can go wrong talking to the cluster's database.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The URL or settings are unusable.
+    #[error("cluster config: {0}")]
+    Config(String),
+    /// No connection could be had (database down, pool exhausted).
+    #[error("cluster database unavailable: {0}")]
+    Unavailable(String),
+    /// A statement failed.
+    #[error("cluster database: {}", describe(.0))]
+    Statement(#[from] tokio_postgres::Error),
+    /// The database's schema is not one this binary knows.
+    #[error("cluster schema: {0}")]
+    Schema(String),
+}
+
+/// The server's message and code when there is one: tokio-postgres's own
+/// `Display` says only "db error".
+fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => err.to_string(),
+    }
+}

@@ -1,0 +1,312 @@
+//! The statements on the shared books. Each operation is one statement (the
+//! multi-step ones are PL/pgSQL functions in the schema), so a replica's
+//! database traffic is one round trip per lease draw, renewal or shipped
+//! batch, never one per request.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use super::{ClusterError, Database};
+
+/// A lease the database granted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseGrant {
+    /// The lease's id.
+    pub id: i64,
+    /// How much may be spent under it.
+    pub granted: Decimal,
+    /// Its deadline, in database time.
+    pub expires_at: DateTime<Utc>,
+    /// The database's clock when it was granted.
+    pub db_now: DateTime<Utc>,
+}
+
+impl LeaseGrant {
+    /// How long the lease lasts from the moment it was granted.
+    pub fn lifetime(&self) -> Duration {
+        (self.expires_at - self.db_now).to_std().unwrap_or(Duration::ZERO)
+    }
+}
+
+/// A settled debit on its way from a replica's outbox to the books.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ShippedDebit {
+    /// The replica's own number for it; (replica, entry) is unique.
+    pub entry: i64,
+    /// The wallet it debits.
+    pub wallet: String,
+    /// The lease it was held under.
+    pub lease: i64,
+    /// The amount debited.
+    pub amount: Decimal,
+    /// When it was settled.
+    pub at: DateTime<Utc>,
+    /// What the books keep about it (request id, model, usage).
+    pub detail: serde_json::Value,
+}
+
+/// The answer to a funding call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FundingReceipt {
+    /// False when the idempotency key had been used: nothing new was added.
+    pub created: bool,
+    /// The wallet's balance afterwards.
+    pub balance: Decimal,
+}
+
+/// One wallet's books, recomputed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WalletAudit {
+    /// The wallet.
+    pub wallet: String,
+    /// The stored balance.
+    pub balance: Decimal,
+    /// Sum of funding.
+    pub funded: Decimal,
+    /// Sum of shipped debits.
+    pub debited: Decimal,
+    /// Sum of the debits no open lease covered (recorded overrun).
+    pub uncovered: Decimal,
+    /// The stored sum of open leases' unspent part.
+    pub leased: Decimal,
+    /// That sum recomputed from the open leases.
+    pub open_leases: Decimal,
+}
+
+impl WalletAudit {
+    /// `balance == funded - debited` and `leased` matches the open leases.
+    pub fn balances(&self) -> bool {
+        self.balance == self.funded - self.debited && self.leased == self.open_leases
+    }
+}
+
+/// The shared books, through a [`Database`].
+#[derive(Clone, Debug)]
+pub struct Books {
+    db: Database,
+}
+
+/// Deadlock (40P01) and serialization (40001) failures roll the whole
+/// transaction back, and every statement here is safe to run again.
+fn retryable(err: &ClusterError) -> bool {
+    let ClusterError::Statement(err) = err else { return false };
+    err.code().is_some_and(|code| {
+        *code == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+            || *code == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+    })
+}
+
+async fn retrying<T, F, Fut>(mut op: F) -> Result<T, ClusterError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClusterError>>,
+{
+    let mut attempts = 0;
+    loop {
+        match op().await {
+            Err(err) if retryable(&err) && attempts < 3 => attempts += 1,
+            other => return other,
+        }
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Books {
+    /// Books in `db` (migrated with [`super::migrate::migrate`]).
+    pub fn new(db: Database) -> Books {
+        Books { db }
+    }
+
+    /// Adds credit to a wallet, once per `(org, idempotency_key)`; creates the
+    /// wallet's row on first use. A wallet belongs to one org for ever, so
+    /// credit never moves between organizations.
+    pub async fn fund(
+        &self,
+        org: i64,
+        wallet: &str,
+        amount: Decimal,
+        idempotency_key: &str,
+    ) -> Result<FundingReceipt, ClusterError> {
+        retrying(|| async move {
+            let mut client = self.db.client().await?;
+            let tx = client.transaction().await?;
+            let owner = tx
+                .query_opt(
+                    "INSERT INTO cg_wallets (wallet, org) VALUES ($1, $2)
+                     ON CONFLICT (wallet) DO UPDATE SET org = cg_wallets.org RETURNING org",
+                    &[&wallet, &org],
+                )
+                .await?;
+            if owner.map(|row| row.get::<_, i64>(0)) != Some(org) {
+                return Err(ClusterError::Config(format!("wallet {wallet} belongs to another organization")));
+            }
+            let inserted = tx
+                .execute(
+                    "INSERT INTO cg_funding (org, wallet, amount, idempotency_key) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (org, idempotency_key) DO NOTHING",
+                    &[&org, &wallet, &amount, &idempotency_key],
+                )
+                .await?;
+            let balance: Decimal = if inserted == 1 {
+                tx.query_one(
+                    "UPDATE cg_wallets SET balance = balance + $2 WHERE wallet = $1 RETURNING balance",
+                    &[&wallet, &amount],
+                )
+                .await?
+                .get(0)
+            } else {
+                tx.query_one("SELECT balance FROM cg_wallets WHERE wallet = $1", &[&wallet]).await?.get(0)
+            };
+            tx.commit().await?;
+            Ok(FundingReceipt { created: inserted == 1, balance })
+        })
+        .await
+    }
+
+    /// Draws a lease of up to `want`, at least `min`; `None` when the wallet
+    /// cannot cover `min`. `live` is how recently a replica must have been
+    /// seen to count for the fair share.
+    pub async fn draw_lease(
+        &self,
+        replica: &str,
+        wallet: &str,
+        want: Decimal,
+        min: Decimal,
+        ttl: Duration,
+        live: Duration,
+    ) -> Result<Option<LeaseGrant>, ClusterError> {
+        retrying(|| async move {
+            let client = self.db.client().await?;
+            let statement = client
+                .prepare_cached(
+                    "SELECT lease, granted, expires_at, db_now FROM cg_draw_lease($1, $2, $3, $4, $5, $6)",
+                )
+                .await?;
+            let row = client
+                .query_opt(&statement, &[&replica, &wallet, &want, &min, &millis(ttl), &millis(live)])
+                .await?;
+            Ok(row.map(|row| LeaseGrant {
+                id: row.get(0),
+                granted: row.get(1),
+                expires_at: row.get(2),
+                db_now: row.get(3),
+            }))
+        })
+        .await
+    }
+
+    /// Extends every open lease of `replica` to `ttl` from now and marks it
+    /// live; returns the database's `now()` and the new deadline.
+    pub async fn renew(
+        &self,
+        replica: &str,
+        ttl: Duration,
+    ) -> Result<(DateTime<Utc>, DateTime<Utc>), ClusterError> {
+        retrying(|| self.renew_once(replica, ttl)).await
+    }
+
+    /// Ships a batch of debits; returns how many were new.
+    pub async fn ship(&self, replica: &str, debits: &[ShippedDebit]) -> Result<u64, ClusterError> {
+        retrying(|| self.ship_once(replica, debits)).await
+    }
+
+    /// Closes leases of `replica` whose debits have all shipped and returns
+    /// their unspent part to their wallets; returns the total returned.
+    pub async fn give_back(&self, replica: &str, leases: &[i64]) -> Result<Decimal, ClusterError> {
+        retrying(|| self.give_back_once(replica, leases)).await
+    }
+
+    /// Closes every lease more than `grace` past its deadline (its replica
+    /// stopped renewing) and returns the unspent part to its wallet.
+    pub async fn expire(&self, grace: Duration) -> Result<Decimal, ClusterError> {
+        retrying(|| self.expire_once(grace)).await
+    }
+
+    async fn renew_once(
+        &self,
+        replica: &str,
+        ttl: Duration,
+    ) -> Result<(DateTime<Utc>, DateTime<Utc>), ClusterError> {
+        let client = self.db.client().await?;
+        let statement = client
+            .prepare_cached(
+                "WITH seen AS (
+                     INSERT INTO cg_replicas (replica) VALUES ($1)
+                     ON CONFLICT (replica) DO UPDATE SET last_seen = now()),
+                 renewed AS (
+                     UPDATE cg_leases SET expires_at = now() + make_interval(secs => $2::bigint / 1000.0)
+                     WHERE id IN (SELECT id FROM cg_leases
+                                  WHERE replica = $1 AND closed_at IS NULL ORDER BY id FOR UPDATE))
+                 SELECT now(), now() + make_interval(secs => $2::bigint / 1000.0)",
+            )
+            .await?;
+        let row = client.query_one(&statement, &[&replica, &millis(ttl)]).await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    async fn ship_once(&self, replica: &str, debits: &[ShippedDebit]) -> Result<u64, ClusterError> {
+        if debits.is_empty() {
+            return Ok(0);
+        }
+        let entries: Vec<i64> = debits.iter().map(|debit| debit.entry).collect();
+        let wallets: Vec<&str> = debits.iter().map(|debit| debit.wallet.as_str()).collect();
+        let leases: Vec<i64> = debits.iter().map(|debit| debit.lease).collect();
+        let amounts: Vec<Decimal> = debits.iter().map(|debit| debit.amount).collect();
+        let ats: Vec<DateTime<Utc>> = debits.iter().map(|debit| debit.at).collect();
+        let details: Vec<serde_json::Value> = debits.iter().map(|debit| debit.detail.clone()).collect();
+        let client = self.db.client().await?;
+        let statement = client.prepare_cached("SELECT cg_ship_debits($1, $2, $3, $4, $5, $6, $7)").await?;
+        let row = client
+            .query_one(&statement, &[&replica, &entries, &wallets, &leases, &amounts, &ats, &details])
+            .await?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
+    async fn give_back_once(&self, replica: &str, leases: &[i64]) -> Result<Decimal, ClusterError> {
+        let client = self.db.client().await?;
+        let row = client.query_one("SELECT cg_close_leases($1, $2, 0)", &[&replica, &leases]).await?;
+        Ok(row.get(0))
+    }
+
+    async fn expire_once(&self, grace: Duration) -> Result<Decimal, ClusterError> {
+        let client = self.db.client().await?;
+        let none: Option<Vec<i64>> = None;
+        let row = client.query_one("SELECT cg_close_leases('', $1, $2)", &[&none, &millis(grace)]).await?;
+        Ok(row.get(0))
+    }
+
+    /// Every wallet's books recomputed from funding, debits and open leases.
+    pub async fn audit(&self) -> Result<Vec<WalletAudit>, ClusterError> {
+        let client = self.db.client().await?;
+        let rows = client
+            .query(
+                "SELECT w.wallet, w.balance, w.leased,
+                        COALESCE((SELECT sum(amount) FROM cg_funding f WHERE f.wallet = w.wallet), 0),
+                        COALESCE((SELECT sum(amount) FROM cg_debits d WHERE d.wallet = w.wallet), 0),
+                        COALESCE((SELECT sum(uncovered) FROM cg_debits d WHERE d.wallet = w.wallet), 0),
+                        COALESCE((SELECT sum(granted - spent) FROM cg_leases l
+                                  WHERE l.wallet = w.wallet AND l.closed_at IS NULL), 0)
+                 FROM cg_wallets w ORDER BY w.wallet",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| WalletAudit {
+                wallet: row.get(0),
+                balance: row.get(1),
+                leased: row.get(2),
+                funded: row.get(3),
+                debited: row.get(4),
+                uncovered: row.get(5),
+                open_leases: row.get(6),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,449 @@
+//! A replica's side of the leases: holds and settles run in memory against
+//! leased credit; the database is met only to draw, renew, ship and give
+//! back, in the background except when a hold finds no lease to cover it.
+//!
+//! Per wallet the book keeps its open leases, each with what is still free
+//! to hold (`free = granted - held - spent`). A hold takes from one lease;
+//! its settle returns `held - debit` to that lease and queues the debit in
+//! the outbox. A lease that is near its deadline takes no new holds, and a
+//! lease is given back only when no hold on it is open and its debits have
+//! shipped, so the database always learns a lease's spend before it returns
+//! the rest to the wallet.
+//!
+//! A lease left idle for `target` is given back at the next maintenance
+//! round, so credit parked on a replica that stopped seeing the wallet's
+//! traffic returns to the others within `target` plus one round: that is
+//! how long a hold elsewhere can be refused while credit sits unused.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+use rust_decimal::Decimal;
+
+use super::books::{Books, ShippedDebit};
+use super::ClusterError;
+
+/// How leases are sized and kept.
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    /// The replica's name in the books (unique per data directory).
+    pub replica: String,
+    /// A lease's lifetime from its last renewal.
+    pub ttl: Duration,
+    /// How far before its deadline a lease stops taking holds.
+    pub safety: Duration,
+    /// How much spend a lease aims to cover (about this long of it).
+    pub target: Duration,
+    /// The smallest lease worth drawing when the wallet has more.
+    pub min_lease: Decimal,
+    /// The largest lease.
+    pub max_lease: Decimal,
+}
+
+impl LeaseSettings {
+    /// Defaults: 10 s leases renewed every 2.5 s, 1 s of spend each.
+    pub fn new(replica: impl Into<String>) -> LeaseSettings {
+        LeaseSettings {
+            replica: replica.into(),
+            ttl: Duration::from_secs(10),
+            safety: Duration::from_secs(2),
+            target: Duration::from_secs(1),
+            min_lease: Decimal::new(1, 2),
+            max_lease: Decimal::new(100, 0),
+        }
+    }
+}
+
+/// Why a hold was not covered.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseRefusal {
+    /// The database says the wallet cannot cover it (402).
+    #[error("the wallet's credit does not cover {required}")]
+    InsufficientCredit {
+        /// The hold asked for.
+        required: Decimal,
+    },
+    /// No lease covers it and the database could not be asked (503).
+    #[error("no lease covers the hold and the books are unavailable: {0}")]
+    Unavailable(ClusterError),
+}
+
+/// Credit held under a lease; give it to [`LeaseBook::settle`] or
+/// [`LeaseBook::release`].
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a lease hold keeps its credit until settled or released"]
+pub struct LeaseHold {
+    wallet: String,
+    lease: i64,
+    amount: Decimal,
+}
+
+impl LeaseHold {
+    /// The lease it was taken from.
+    pub fn lease(&self) -> i64 {
+        self.lease
+    }
+
+    /// The amount held.
+    pub fn amount(&self) -> Decimal {
+        self.amount
+    }
+}
+
+#[derive(Debug)]
+struct Lease {
+    id: i64,
+    /// Still free to hold; may go below zero when a debit exceeded its hold.
+    free: Decimal,
+    open_holds: u32,
+    /// Debits settled under it that have not shipped yet.
+    unshipped: u32,
+    /// When it stops taking holds, on this process's clock.
+    usable_until: Instant,
+    /// Set once it stopped being usable: give it back when idle.
+    retiring: bool,
+    /// When it last took a hold.
+    last_used: Instant,
+}
+
+#[derive(Debug, Default)]
+struct WalletLeases {
+    leases: Vec<Lease>,
+    /// Debits settled in the current rate window, and when it began.
+    window_spend: Decimal,
+    window_start: Option<Instant>,
+    /// Spend per `target`, smoothed over windows.
+    rate: Decimal,
+    /// The largest hold asked for: a refill smaller than it is no use.
+    largest_hold: Decimal,
+    refill_running: bool,
+}
+
+impl WalletLeases {
+    fn free(&self, now: Instant) -> Decimal {
+        self.leases
+            .iter()
+            .filter(|lease| !lease.retiring && lease.usable_until > now && lease.free > Decimal::ZERO)
+            .map(|lease| lease.free)
+            .sum()
+    }
+
+    fn record_spend(&mut self, amount: Decimal, now: Instant, target: Duration) {
+        let start = *self.window_start.get_or_insert(now);
+        self.window_spend += amount;
+        if now.duration_since(start) >= target {
+            // Half the old rate, half the last window: quick to follow a
+            // burst, quick to forget one.
+            self.rate = (self.rate + self.window_spend) / Decimal::TWO;
+            self.window_spend = Decimal::ZERO;
+            self.window_start = Some(now);
+        }
+    }
+}
+
+/// A replica's leases and outbox.
+pub struct LeaseBook {
+    books: Books,
+    settings: LeaseSettings,
+    wallets: Mutex<HashMap<String, Arc<Mutex<WalletLeases>>>>,
+    /// Serializes draws per wallet so concurrent misses share one draw.
+    drawing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    outbox: Mutex<Vec<ShippedDebit>>,
+    next_entry: AtomicI64,
+}
+
+impl std::fmt::Debug for LeaseBook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseBook").field("replica", &self.settings.replica).finish_non_exhaustive()
+    }
+}
+
+/// Deadline on this process's clock for a database deadline, less `safety`.
+fn usable_until(lifetime: Duration, safety: Duration, asked_at: Instant) -> Instant {
+    // Counted from when the request was sent, so the round trip only makes
+    // the local deadline earlier, never later.
+    asked_at + lifetime.saturating_sub(safety)
+}
+
+impl LeaseBook {
+    /// A book for one replica; `first_entry` numbers its debits (restart it
+    /// above every number this replica shipped before).
+    pub fn new(books: Books, settings: LeaseSettings, first_entry: i64) -> LeaseBook {
+        LeaseBook {
+            books,
+            settings,
+            wallets: Mutex::new(HashMap::new()),
+            drawing: Mutex::new(HashMap::new()),
+            outbox: Mutex::new(Vec::new()),
+            next_entry: AtomicI64::new(first_entry),
+        }
+    }
+
+    fn wallet(&self, wallet: &str) -> Arc<Mutex<WalletLeases>> {
+        self.wallets.lock().entry(wallet.to_owned()).or_default().clone()
+    }
+
+    /// Holds `amount` from a lease on `wallet`, drawing one first if none
+    /// covers it.
+    pub async fn hold(&self, wallet: &str, amount: Decimal) -> Result<LeaseHold, LeaseRefusal> {
+        if let Some(hold) = self.take(wallet, amount) {
+            return Ok(hold);
+        }
+        {
+            let cell = self.wallet(wallet);
+            let mut state = cell.lock();
+            state.largest_hold = state.largest_hold.max(amount);
+        }
+        let draw_lock = self.drawing.lock().entry(wallet.to_owned()).or_default().clone();
+        let _drawing = draw_lock.lock().await;
+        // Another hold may have drawn while this one waited.
+        if let Some(hold) = self.take(wallet, amount) {
+            return Ok(hold);
+        }
+        // This replica's own leftovers too small for the hold go back first,
+        // so near empty they can be drawn again as one lease.
+        if let Err(err) = self.consolidate(wallet, amount).await {
+            return Err(LeaseRefusal::Unavailable(err));
+        }
+        match self.draw(wallet, amount, true).await {
+            Ok(Some(hold)) => Ok(hold),
+            Ok(None) => Err(LeaseRefusal::InsufficientCredit { required: amount }),
+            Err(err) => Err(LeaseRefusal::Unavailable(err)),
+        }
+    }
+
+    /// Gives back this replica's idle leases on `wallet` that cannot cover
+    /// `amount`, after shipping their debits.
+    async fn consolidate(&self, wallet: &str, amount: Decimal) -> Result<(), ClusterError> {
+        let cell = self.wallet(wallet);
+        let small = |lease: &Lease| lease.open_holds == 0 && lease.free < amount;
+        let (any, unshipped) = {
+            let state = cell.lock();
+            let mut small_leases = state.leases.iter().filter(|lease| small(lease));
+            let any = small_leases.next().is_some();
+            (any, state.leases.iter().any(|lease| small(lease) && lease.unshipped > 0))
+        };
+        if !any {
+            return Ok(());
+        }
+        if unshipped {
+            self.ship().await?;
+        }
+        let ids: Vec<i64> = {
+            let mut state = cell.lock();
+            let ids = state
+                .leases
+                .iter()
+                .filter(|lease| small(lease) && lease.unshipped == 0)
+                .map(|lease| lease.id)
+                .collect::<Vec<_>>();
+            // Out of use from here, whether or not the give-back succeeds;
+            // expiry returns them otherwise.
+            for lease in state.leases.iter_mut().filter(|lease| ids.contains(&lease.id)) {
+                lease.retiring = true;
+            }
+            ids
+        };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.books.give_back(&self.settings.replica, &ids).await?;
+        cell.lock().leases.retain(|lease| !ids.contains(&lease.id));
+        Ok(())
+    }
+
+    /// Takes `amount` from the first usable lease that has it.
+    fn take(&self, wallet: &str, amount: Decimal) -> Option<LeaseHold> {
+        let cell = self.wallet(wallet);
+        let mut state = cell.lock();
+        let now = Instant::now();
+        let lease = state
+            .leases
+            .iter_mut()
+            .find(|lease| !lease.retiring && lease.usable_until > now && lease.free >= amount)?;
+        lease.free -= amount;
+        lease.open_holds += 1;
+        lease.last_used = now;
+        Some(LeaseHold { wallet: wallet.to_owned(), lease: lease.id, amount })
+    }
+
+    /// Draws one lease sized from the wallet's spend, at least `need`; with
+    /// `hold_need`, holds `need` from it before any other hold can see it.
+    async fn draw(
+        &self,
+        wallet: &str,
+        need: Decimal,
+        hold_need: bool,
+    ) -> Result<Option<LeaseHold>, ClusterError> {
+        let want = {
+            let cell = self.wallet(wallet);
+            let state = cell.lock();
+            state.rate.max(self.settings.min_lease).min(self.settings.max_lease).max(need)
+        };
+        let asked_at = Instant::now();
+        let grant = self
+            .books
+            .draw_lease(&self.settings.replica, wallet, want, need, self.settings.ttl, self.settings.ttl)
+            .await?;
+        let Some(grant) = grant else { return Ok(None) };
+        let held = if hold_need { need } else { Decimal::ZERO };
+        self.wallet(wallet).lock().leases.push(Lease {
+            id: grant.id,
+            free: grant.granted - held,
+            open_holds: u32::from(hold_need),
+            unshipped: 0,
+            usable_until: usable_until(grant.lifetime(), self.settings.safety, asked_at),
+            retiring: false,
+            last_used: asked_at,
+        });
+        Ok(hold_need.then(|| LeaseHold { wallet: wallet.to_owned(), lease: grant.id, amount: need }))
+    }
+
+    /// Settles a hold at `debit` (which may exceed the hold: the upstream's
+    /// report is charged in full) and queues the debit for shipping.
+    pub fn settle(&self, hold: LeaseHold, debit: Decimal, at: DateTime<Utc>, detail: serde_json::Value) {
+        let cell = self.wallet(&hold.wallet);
+        {
+            let mut state = cell.lock();
+            if let Some(lease) = state.leases.iter_mut().find(|lease| lease.id == hold.lease) {
+                lease.free += hold.amount - debit;
+                lease.open_holds -= 1;
+                lease.unshipped += 1;
+            }
+            state.record_spend(debit, Instant::now(), self.settings.target);
+        }
+        let entry = self.next_entry.fetch_add(1, Ordering::Relaxed);
+        self.outbox.lock().push(ShippedDebit {
+            entry,
+            wallet: hold.wallet,
+            lease: hold.lease,
+            amount: debit,
+            at,
+            detail,
+        });
+    }
+
+    /// Releases a hold that spent nothing (the request failed before the
+    /// upstream answered).
+    pub fn release(&self, hold: LeaseHold) {
+        let cell = self.wallet(&hold.wallet);
+        let mut state = cell.lock();
+        if let Some(lease) = state.leases.iter_mut().find(|lease| lease.id == hold.lease) {
+            lease.free += hold.amount;
+            lease.open_holds -= 1;
+        }
+    }
+
+    /// Debits waiting to ship.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.lock().len()
+    }
+
+    /// Ships the outbox in one batch; on failure the batch stays queued.
+    pub async fn ship(&self) -> Result<u64, ClusterError> {
+        let batch = std::mem::take(&mut *self.outbox.lock());
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        match self.books.ship(&self.settings.replica, &batch).await {
+            Ok(new) => {
+                let wallets = self.wallets.lock().clone();
+                for debit in &batch {
+                    if let Some(cell) = wallets.get(&debit.wallet) {
+                        let mut state = cell.lock();
+                        if let Some(lease) = state.leases.iter_mut().find(|lease| lease.id == debit.lease) {
+                            lease.unshipped -= 1;
+                        }
+                    }
+                }
+                Ok(new)
+            }
+            Err(err) => {
+                // Put it back in front, keeping settle order.
+                let mut outbox = self.outbox.lock();
+                let later = std::mem::replace(&mut *outbox, batch);
+                outbox.extend(later);
+                Err(err)
+            }
+        }
+    }
+
+    /// One background round: renew leases, retire the ones past their
+    /// usable deadline, give back idle retired leases whose debits shipped,
+    /// and draw ahead for wallets whose free credit fell below half their
+    /// spend target. Call every `ttl / 4` or so.
+    pub async fn maintain(&self) -> Result<(), ClusterError> {
+        self.ship().await?;
+        let asked_at = Instant::now();
+        let (db_now, deadline) = self.books.renew(&self.settings.replica, self.settings.ttl).await?;
+        let lifetime = (deadline - db_now).to_std().unwrap_or(Duration::ZERO);
+        let usable = usable_until(lifetime, self.settings.safety, asked_at);
+        let now = Instant::now();
+        let wallets = self.wallets.lock().clone();
+        let mut give_back = Vec::new();
+        let mut refill = Vec::new();
+        for (wallet, cell) in &wallets {
+            let mut state = cell.lock();
+            for lease in &mut state.leases {
+                if lease.retiring {
+                    // Renewal keeps a retiring lease open until given back.
+                } else if lease.open_holds == 0
+                    && (lease.free <= Decimal::ZERO
+                        || now.duration_since(lease.last_used) > self.settings.target)
+                {
+                    // Spent, or idle for a spend target's time: let other
+                    // replicas have what is left.
+                    lease.retiring = true;
+                } else {
+                    lease.usable_until = usable;
+                }
+                if lease.retiring && lease.open_holds == 0 && lease.unshipped == 0 {
+                    give_back.push(lease.id);
+                }
+            }
+            let threshold = (state.rate / Decimal::TWO).max(state.largest_hold);
+            if state.rate > Decimal::ZERO && state.free(now) < threshold && !state.refill_running {
+                state.refill_running = true;
+                refill.push((wallet.clone(), state.largest_hold.max(self.settings.min_lease)));
+            }
+        }
+        if !give_back.is_empty() {
+            self.books.give_back(&self.settings.replica, &give_back).await?;
+            for cell in wallets.values() {
+                cell.lock().leases.retain(|lease| !give_back.contains(&lease.id));
+            }
+        }
+        for (wallet, need) in refill {
+            let result = self.draw(&wallet, need, false).await;
+            self.wallet(&wallet).lock().refill_running = false;
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Stops spending: retires every lease, ships the outbox and gives back
+    /// every lease with no open hold. Returns what went back to the wallets.
+    pub async fn shutdown(&self) -> Result<Decimal, ClusterError> {
+        self.ship().await?;
+        let wallets = self.wallets.lock().clone();
+        let mut give_back = Vec::new();
+        for cell in wallets.values() {
+            let mut state = cell.lock();
+            for lease in &mut state.leases {
+                lease.retiring = true;
+                if lease.open_holds == 0 && lease.unshipped == 0 {
+                    give_back.push(lease.id);
+                }
+            }
+            state.leases.retain(|lease| !give_back.contains(&lease.id));
+        }
+        if give_back.is_empty() {
+            return Ok(Decimal::ZERO);
+        }
+        self.books.give_back(&self.settings.replica, &give_back).await
+    }
+}

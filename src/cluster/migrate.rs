@@ -1,0 +1,62 @@
+//! Embedded, versioned schema migrations, applied at start-up.
+//!
+//! Replicas starting together race to migrate; a transaction-scoped advisory
+//! lock makes one of them apply each missing version, in order, and the rest
+//! find it done. A database whose schema is newer than this binary knows is
+//! refused rather than written with old assumptions.
+
+use super::{ClusterError, Database};
+
+/// One schema version.
+struct Migration {
+    version: i32,
+    name: &'static str,
+    sql: &'static str,
+}
+
+const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, name: "leases", sql: include_str!("migrations/0001_leases.sql") }];
+
+/// The advisory lock key migrations take ("cgmigrat" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6367_6d69_6772_6174;
+
+/// The newest schema version this binary knows.
+pub fn latest_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |migration| migration.version)
+}
+
+/// Brings the schema to [`latest_version`]; returns how many versions this
+/// call applied.
+pub async fn migrate(db: &Database) -> Result<usize, ClusterError> {
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS cg_schema (
+             version    integer PRIMARY KEY,
+             name       text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    let current: i32 = tx.query_one("SELECT COALESCE(max(version), 0) FROM cg_schema", &[]).await?.get(0);
+    if current > latest_version() {
+        return Err(ClusterError::Schema(format!(
+            "the database is at schema version {current}, newer than this binary's {}; upgrade the binary",
+            latest_version()
+        )));
+    }
+    let mut applied = 0;
+    for migration in MIGRATIONS.iter().filter(|migration| migration.version > current) {
+        tx.batch_execute(migration.sql).await.map_err(|err| {
+            ClusterError::Schema(format!("migration {} ({}): {err}", migration.version, migration.name))
+        })?;
+        tx.execute(
+            "INSERT INTO cg_schema (version, name) VALUES ($1, $2)",
+            &[&migration.version, &migration.name],
+        )
+        .await?;
+        applied += 1;
+    }
+    tx.commit().await?;
+    Ok(applied)
+}

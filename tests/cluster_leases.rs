@@ -1,0 +1,330 @@
+//! Cluster mode's shared credit on a real PostgreSQL (started by the test,
+//! see `common/pg.rs`): migrations, leases across replicas, idempotent
+//! shipping, expiry and late shipping, a database outage, a multi-host URL.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::pg::Postgres;
+use creditgate::cluster::migrate::{latest_version, migrate};
+use creditgate::cluster::{Books, Database, LeaseBook, LeaseRefusal, LeaseSettings, ShippedDebit};
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use tokio_util::sync::CancellationToken;
+
+const ORG: i64 = 1;
+const WALLET: &str = "pool:org_1";
+
+async fn books(url: &str) -> Books {
+    let db = Database::new(url, 8).unwrap();
+    migrate(&db).await.unwrap();
+    Books::new(db)
+}
+
+fn settings(replica: &str) -> LeaseSettings {
+    let mut settings = LeaseSettings::new(replica);
+    settings.ttl = Duration::from_secs(3);
+    settings.safety = Duration::from_millis(500);
+    settings.target = Duration::from_millis(200);
+    settings.min_lease = dec!(0.01);
+    settings
+}
+
+/// Runs `book.maintain()` every 50 ms until cancelled.
+fn maintain(book: Arc<LeaseBook>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while !stop.is_cancelled() {
+            if let Err(err) = book.maintain().await {
+                eprintln!("maintain: {err}");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    })
+}
+
+/// Every wallet's books balance, and no debit went uncovered.
+async fn assert_books_exact(books: &Books) -> Vec<creditgate::cluster::WalletAudit> {
+    let audit = books.audit().await.unwrap();
+    for wallet in &audit {
+        assert!(wallet.balances(), "books do not balance: {wallet:?}");
+    }
+    audit
+}
+
+/// A small xorshift, so the spend pattern is varied but repeatable.
+fn next(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_apply_each_migration_once_and_refuse_a_newer_schema() {
+    let pg = Postgres::start();
+    let url = pg.create_database("migrate");
+    let runs = (0..3).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move { migrate(&Database::new(&url, 2).unwrap()).await.unwrap() })
+    });
+    let mut applied = 0;
+    for run in runs {
+        applied += run.await.unwrap();
+    }
+    assert_eq!(
+        applied,
+        usize::try_from(latest_version()).unwrap(),
+        "each version applied by exactly one replica"
+    );
+
+    let db = Database::new(&url, 2).unwrap();
+    db.client()
+        .await
+        .unwrap()
+        .execute("INSERT INTO cg_schema (version, name) VALUES (9999, 'future')", &[])
+        .await
+        .unwrap();
+    let err = migrate(&db).await.unwrap_err().to_string();
+    assert!(err.contains("newer than this binary"), "{err}");
+}
+
+/// The overdraft attack across replicas: three replicas, eight clients each,
+/// every request holding the most it may cost, on a $1 wallet, until the
+/// wallet answers 402 everywhere. Total debits never exceed the funding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_spending_one_small_wallet_never_overdraw_it() {
+    let pg = Postgres::start();
+    let url = pg.create_database("overdraft");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(1.00), "purchase-1").await.unwrap();
+
+    let stop = CancellationToken::new();
+    let mut replicas = Vec::new();
+    let mut maintainers = Vec::new();
+    for (index, name) in ["r1", "r2", "r3"].into_iter().enumerate() {
+        let book = Arc::new(LeaseBook::new(books(&url).await, settings(name), 1 + index as i64 * 1_000_000));
+        maintainers.push(maintain(book.clone(), stop.clone()));
+        replicas.push(book);
+    }
+    let max_cost = dec!(0.05);
+    let mut clients = Vec::new();
+    for (index, book) in replicas.iter().enumerate() {
+        for client in 0..8u64 {
+            let book = book.clone();
+            clients.push(tokio::spawn(async move {
+                let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (index as u64 * 64 + client + 1);
+                let (mut served, mut debited, mut refusals) = (0u32, Decimal::ZERO, 0u32);
+                // A client retries a 402 a few times, as real ones do; that
+                // also lets credit parked on another replica come back.
+                while refusals < 20 {
+                    match book.hold(WALLET, max_cost).await {
+                        Ok(hold) => {
+                            refusals = 0;
+                            tokio::task::yield_now().await;
+                            // Real cost: anything from nothing to the whole hold.
+                            let debit = max_cost * Decimal::from(next(&mut seed) % 101) / dec!(100);
+                            book.settle(hold, debit, Utc::now(), serde_json::json!({"client": client}));
+                            served += 1;
+                            debited += debit;
+                        }
+                        Err(LeaseRefusal::InsufficientCredit { .. }) => {
+                            refusals += 1;
+                            tokio::time::sleep(Duration::from_millis(25)).await;
+                        }
+                        Err(err) => panic!("{err}"),
+                    }
+                }
+                (served, debited)
+            }));
+        }
+    }
+    let (mut served, mut debited) = (0u32, Decimal::ZERO);
+    for client in clients {
+        let (s, d) = client.await.unwrap();
+        served += s;
+        debited += d;
+    }
+    stop.cancel();
+    for task in maintainers {
+        task.await.unwrap();
+    }
+    for book in &replicas {
+        book.shutdown().await.unwrap();
+    }
+
+    let audit = assert_books_exact(&admin).await;
+    let wallet = audit.iter().find(|wallet| wallet.wallet == WALLET).unwrap();
+    assert_eq!(wallet.debited, debited, "every settled debit shipped exactly once");
+    assert!(wallet.debited <= dec!(1.00), "overdrawn: debited {} of 1.00", wallet.debited);
+    assert!(wallet.balance >= Decimal::ZERO);
+    assert_eq!(wallet.uncovered, Decimal::ZERO, "no debit outside a lease");
+    assert_eq!(wallet.leased, Decimal::ZERO, "every lease given back at shutdown");
+    // The wallet was really spent down: what is left cannot pay one more
+    // max-cost request, so no replica refused while credit was free.
+    assert!(wallet.balance < max_cost, "left {} unspent; served {served}", wallet.balance);
+    assert!(served > 20, "served {served}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shipped_batch_debits_once_however_often_it_is_retried() {
+    let pg = Postgres::start();
+    let url = pg.create_database("ship");
+    let books = books(&url).await;
+    books.fund(ORG, WALLET, dec!(10), "p").await.unwrap();
+    // The same idempotency key funds once.
+    let again = books.fund(ORG, WALLET, dec!(10), "p").await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.balance, dec!(10));
+    // Credit never moves between organizations.
+    assert!(books.fund(2, WALLET, dec!(5), "other-org").await.is_err());
+
+    let lease = books
+        .draw_lease("r1", WALLET, dec!(2), dec!(1), Duration::from_secs(10), Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    let batch: Vec<ShippedDebit> = (1..=3)
+        .map(|entry| ShippedDebit {
+            entry,
+            wallet: WALLET.into(),
+            lease: lease.id,
+            amount: dec!(0.25),
+            at: Utc::now(),
+            detail: serde_json::json!({}),
+        })
+        .collect();
+    assert_eq!(books.ship("r1", &batch).await.unwrap(), 3);
+    assert_eq!(books.ship("r1", &batch).await.unwrap(), 0, "a retried batch adds nothing");
+    assert_eq!(books.ship("r1", &batch[1..]).await.unwrap(), 0);
+    // Another replica's entry 1 is another debit.
+    let other = books
+        .draw_lease("r2", WALLET, dec!(1), dec!(1), Duration::from_secs(10), Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    let theirs = ShippedDebit { lease: other.id, ..batch[0].clone() };
+    assert_eq!(books.ship("r2", &[theirs]).await.unwrap(), 1);
+
+    let audit = assert_books_exact(&books).await;
+    assert_eq!(audit[0].debited, dec!(1.00));
+    assert_eq!(audit[0].balance, dec!(9.00));
+    // Open leases: r1's 2 less 0.75 spent, r2's 1 less 0.25.
+    assert_eq!(audit[0].leased, dec!(2.00));
+}
+
+/// kill -9 of a replica: its leases come back after their deadline and the
+/// grace; if it returns later and ships what its outbox kept, the debits
+/// post as recorded overrun (the stated bound), never lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_leases_return_after_expiry_and_its_late_debits_are_recorded_as_overrun() {
+    let pg = Postgres::start();
+    let url = pg.create_database("expiry");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(1), "p").await.unwrap();
+
+    let mut quick = settings("doomed");
+    quick.ttl = Duration::from_secs(1);
+    quick.safety = Duration::from_millis(200);
+    let doomed = LeaseBook::new(books(&url).await, quick, 1);
+    let hold = doomed.hold(WALLET, dec!(0.30)).await.unwrap();
+    doomed.settle(hold, dec!(0.20), Utc::now(), serde_json::json!({}));
+    // It dies here: no renewal, no shipping, its outbox kept on its disk.
+
+    let survivor = LeaseBook::new(books(&url).await, settings("alive"), 1);
+    let before = admin.audit().await.unwrap()[0].clone();
+    assert!(before.leased > Decimal::ZERO, "the dead replica's lease is still counted");
+    // Inside the lease's life the books keep its credit.
+    assert_eq!(admin.expire(Duration::ZERO).await.unwrap(), Decimal::ZERO);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let returned = admin.expire(Duration::ZERO).await.unwrap();
+    assert_eq!(returned, before.leased, "the whole unshipped lease came back");
+    // The survivor can now have all of it.
+    let big = survivor.hold(WALLET, dec!(1)).await.unwrap();
+    survivor.release(big);
+    survivor.shutdown().await.unwrap();
+
+    // The dead replica restarts on its data and ships late.
+    assert_eq!(doomed.ship().await.unwrap(), 1);
+    let audit = assert_books_exact(&admin).await;
+    assert_eq!(audit[0].debited, dec!(0.20));
+    assert_eq!(audit[0].uncovered, dec!(0.20), "a debit after its lease closed is recorded overrun");
+    assert_eq!(audit[0].balance, dec!(0.80));
+    assert_eq!(audit[0].leased, Decimal::ZERO);
+}
+
+/// With the database down a replica serves only inside the leases it has,
+/// then refuses with `Unavailable` (503); nothing is served without a lease,
+/// and once the database is back the outbox ships and the books are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_database_down_holds_are_served_only_inside_leases_and_the_books_catch_up() {
+    let mut pg = Postgres::start();
+    let url = pg.create_database("outage");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(5), "p").await.unwrap();
+    let mut long = settings("r1");
+    long.ttl = Duration::from_secs(30);
+    long.min_lease = dec!(0.10);
+    let book = LeaseBook::new(books(&url).await, long, 1);
+    // One lease of 0.10 (the minimum, as there is no spend history yet).
+    let first = book.hold(WALLET, dec!(0.01)).await.unwrap();
+    book.settle(first, dec!(0.01), Utc::now(), serde_json::json!({}));
+    book.ship().await.unwrap();
+
+    pg.stop();
+    let mut served = Decimal::ZERO;
+    let refusal = loop {
+        match book.hold(WALLET, dec!(0.01)).await {
+            Ok(hold) => {
+                book.settle(hold, dec!(0.01), Utc::now(), serde_json::json!({}));
+                served += dec!(0.01);
+                assert!(served <= dec!(0.10), "served past its lease while the database was down");
+            }
+            Err(refusal) => break refusal,
+        }
+    };
+    assert!(matches!(refusal, LeaseRefusal::Unavailable(_)), "{refusal}");
+    assert_eq!(served, dec!(0.09), "the rest of its lease, and not a cent more");
+    assert!(book.ship().await.is_err());
+    assert_eq!(book.outbox_len(), 9, "unshipped debits are kept");
+
+    pg.restart();
+    let mut shipped = None;
+    for _ in 0..50 {
+        match book.ship().await {
+            Ok(count) => {
+                shipped = Some(count);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(shipped, Some(9));
+    book.shutdown().await.unwrap();
+    let audit = assert_books_exact(&admin).await;
+    assert_eq!(audit[0].debited, dec!(0.10));
+    assert_eq!(audit[0].balance, dec!(4.90));
+    assert_eq!(audit[0].uncovered, Decimal::ZERO);
+}
+
+/// A libpq multi-host URL: the first host is dead, the second is the
+/// primary; `target_session_attrs=read-write` is implied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_host_url_finds_the_primary_past_a_dead_host() {
+    let pg = Postgres::start();
+    pg.create_database("multihost");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url =
+        format!("postgresql://postgres@127.0.0.1:{dead},127.0.0.1:{}/multihost?connect_timeout=1", pg.port());
+    let books = books(&url).await;
+    assert!(books.fund(ORG, WALLET, dec!(1), "p").await.unwrap().created);
+    // A malformed URL is a config error that does not echo the password.
+    let err = Database::new("postgresql://user:hunter2@[::1", 1).unwrap_err().to_string();
+    assert!(!err.contains("hunter2"), "{err}");
+}
