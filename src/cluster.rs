@@ -8,6 +8,7 @@
 //! - [`migrate`] — embedded, versioned schema migrations under an advisory lock
 //! - [`books`]   — the statements on the shared books: funding, leases, shipped
 //!   debits, expiry, audit (one statement each)
+//! - [`log`]     — the global record log: one gapless order for all replicas
 //! - [`leases`]  — a replica's side: [`LeaseBook`] holds and settles in memory
 //!   against leased credit and ships its debits in batches
 //!
@@ -58,6 +59,7 @@
 pub mod books;
 pub mod db;
 pub mod leases;
+pub mod log;
 pub mod migrate;
 
 pub use books::{Books, FundingReceipt, LeaseGrant, ShippedDebit, WalletAudit};

@@ -99,7 +99,7 @@ fn retryable(err: &ClusterError) -> bool {
     })
 }
 
-async fn retrying<T, F, Fut>(mut op: F) -> Result<T, ClusterError>
+pub(super) async fn retrying<T, F, Fut>(mut op: F) -> Result<T, ClusterError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ClusterError>>,
@@ -121,6 +121,10 @@ impl Books {
     /// Books in `db` (migrated with [`super::migrate::migrate`]).
     pub fn new(db: Database) -> Books {
         Books { db }
+    }
+
+    pub(super) fn database(&self) -> &Database {
+        &self.db
     }
 
     /// Adds credit to a wallet, once per `(org, idempotency_key)`; creates the

@@ -14,8 +14,10 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "leases", sql: include_str!("migrations/0001_leases.sql") }];
+const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "leases", sql: include_str!("migrations/0001_leases.sql") },
+    Migration { version: 2, name: "log", sql: include_str!("migrations/0002_log.sql") },
+];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6367_6d69_6772_6174;
