@@ -405,3 +405,81 @@ async fn the_global_log_gives_every_record_one_gapless_place_for_every_reader() 
         assert_eq!(body, &format!("{replica}/{origin}").into_bytes());
     }
 }
+
+/// No database round trip per request: at steady state on a funded wallet,
+/// three replicas send at most one database operation per 100 holds (lease
+/// draws, renewals, shipments and give-backs together), and every debit
+/// still reaches the books exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_steady_state_a_funded_wallet_costs_under_one_database_operation_per_hundred_requests() {
+    let pg = Postgres::start();
+    let url = pg.create_database("steady");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(1000), "p").await.unwrap();
+    let stop = CancellationToken::new();
+    let mut replicas = Vec::new();
+    let mut maintainers = Vec::new();
+    for (index, name) in ["r1", "r2", "r3"].into_iter().enumerate() {
+        // Production defaults (10 s leases, 1 s of spend each), renewed
+        // every 250 ms.
+        let book = Arc::new(LeaseBook::new(
+            books(&url).await,
+            LeaseSettings::new(name),
+            1 + index as i64 * 1_000_000,
+        ));
+        let (book2, stop2) = (book.clone(), stop.clone());
+        maintainers.push(tokio::spawn(async move {
+            while !stop2.is_cancelled() {
+                let _ = book2.maintain().await;
+                tokio::select! {
+                    _ = stop2.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+        }));
+        replicas.push(book);
+    }
+    let run = |holds: u32| {
+        let clients: Vec<_> = replicas
+            .iter()
+            .flat_map(|book| (0..4).map(move |_| book.clone()))
+            .map(|book| {
+                tokio::spawn(async move {
+                    for _ in 0..holds {
+                        let hold = book.hold(WALLET, dec!(0.001)).await.unwrap();
+                        book.settle(hold, dec!(0.0005), Utc::now(), serde_json::json!({}));
+                    }
+                })
+            })
+            .collect();
+        async move {
+            for client in clients {
+                client.await.unwrap();
+            }
+        }
+    };
+    let totals = |replicas: &[Arc<LeaseBook>]| {
+        replicas.iter().map(|book| book.stats()).fold((0, 0), |(h, o), (holds, ops)| (h + holds, o + ops))
+    };
+    // Warm-up: spend history forms over the first second.
+    run(2_000).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    run(500).await;
+    let (holds_before, ops_before) = totals(&replicas);
+    run(5_000).await;
+    let (holds_after, ops_after) = totals(&replicas);
+    let (holds, ops) = (holds_after - holds_before, ops_after - ops_before);
+    assert_eq!(holds, 12 * 5_000);
+    assert!(ops * 100 <= holds, "{ops} database operations for {holds} requests");
+
+    stop.cancel();
+    for task in maintainers {
+        task.await.unwrap();
+    }
+    for book in &replicas {
+        book.shutdown().await.unwrap();
+    }
+    let audit = assert_books_exact(&admin).await;
+    assert_eq!(audit[0].debited, dec!(0.0005) * Decimal::from(holds_after));
+    assert_eq!(audit[0].leased, Decimal::ZERO);
+}

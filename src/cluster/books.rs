@@ -3,6 +3,8 @@
 //! database traffic is one round trip per lease draw, renewal or shipped
 //! batch, never one per request.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -87,6 +89,8 @@ impl WalletAudit {
 #[derive(Clone, Debug)]
 pub struct Books {
     db: Database,
+    /// Operations sent (each one statement, or one short transaction).
+    operations: Arc<AtomicU64>,
 }
 
 /// Deadlock (40P01) and serialization (40001) failures roll the whole
@@ -120,11 +124,18 @@ fn millis(duration: Duration) -> i64 {
 impl Books {
     /// Books in `db` (migrated with [`super::migrate::migrate`]).
     pub fn new(db: Database) -> Books {
-        Books { db }
+        Books { db, operations: Arc::new(AtomicU64::new(0)) }
     }
 
-    pub(super) fn database(&self) -> &Database {
-        &self.db
+    /// A connection for one operation, counted.
+    pub(super) async fn client(&self) -> Result<deadpool_postgres::Object, ClusterError> {
+        self.operations.fetch_add(1, Ordering::Relaxed);
+        self.db.client().await
+    }
+
+    /// How many operations these books (and their clones) have sent.
+    pub fn operations(&self) -> u64 {
+        self.operations.load(Ordering::Relaxed)
     }
 
     /// Adds credit to a wallet, once per `(org, idempotency_key)`; creates the
@@ -138,7 +149,7 @@ impl Books {
         idempotency_key: &str,
     ) -> Result<FundingReceipt, ClusterError> {
         retrying(|| async move {
-            let mut client = self.db.client().await?;
+            let mut client = self.client().await?;
             let tx = client.transaction().await?;
             let owner = tx
                 .query_opt(
@@ -186,7 +197,7 @@ impl Books {
         live: Duration,
     ) -> Result<Option<LeaseGrant>, ClusterError> {
         retrying(|| async move {
-            let client = self.db.client().await?;
+            let client = self.client().await?;
             let statement = client
                 .prepare_cached(
                     "SELECT lease, granted, expires_at, db_now FROM cg_draw_lease($1, $2, $3, $4, $5, $6)",
@@ -237,7 +248,7 @@ impl Books {
         replica: &str,
         ttl: Duration,
     ) -> Result<(DateTime<Utc>, DateTime<Utc>), ClusterError> {
-        let client = self.db.client().await?;
+        let client = self.client().await?;
         let statement = client
             .prepare_cached(
                 "WITH seen AS (
@@ -264,7 +275,7 @@ impl Books {
         let amounts: Vec<Decimal> = debits.iter().map(|debit| debit.amount).collect();
         let ats: Vec<DateTime<Utc>> = debits.iter().map(|debit| debit.at).collect();
         let details: Vec<serde_json::Value> = debits.iter().map(|debit| debit.detail.clone()).collect();
-        let client = self.db.client().await?;
+        let client = self.client().await?;
         let statement = client.prepare_cached("SELECT cg_ship_debits($1, $2, $3, $4, $5, $6, $7)").await?;
         let row = client
             .query_one(&statement, &[&replica, &entries, &wallets, &leases, &amounts, &ats, &details])
@@ -273,13 +284,13 @@ impl Books {
     }
 
     async fn give_back_once(&self, replica: &str, leases: &[i64]) -> Result<Decimal, ClusterError> {
-        let client = self.db.client().await?;
+        let client = self.client().await?;
         let row = client.query_one("SELECT cg_close_leases($1, $2, 0)", &[&replica, &leases]).await?;
         Ok(row.get(0))
     }
 
     async fn expire_once(&self, grace: Duration) -> Result<Decimal, ClusterError> {
-        let client = self.db.client().await?;
+        let client = self.client().await?;
         let none: Option<Vec<i64>> = None;
         let row = client.query_one("SELECT cg_close_leases('', $1, $2)", &[&none, &millis(grace)]).await?;
         Ok(row.get(0))
@@ -287,7 +298,7 @@ impl Books {
 
     /// Every wallet's books recomputed from funding, debits and open leases.
     pub async fn audit(&self) -> Result<Vec<WalletAudit>, ClusterError> {
-        let client = self.db.client().await?;
+        let client = self.client().await?;
         let rows = client
             .query(
                 "SELECT w.wallet, w.balance, w.leased,

@@ -16,7 +16,9 @@
 //! how long a hold elsewhere can be refused while credit sits unused.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+
+use dashmap::DashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -149,11 +151,12 @@ impl WalletLeases {
 pub struct LeaseBook {
     books: Books,
     settings: LeaseSettings,
-    wallets: Mutex<HashMap<String, Arc<Mutex<WalletLeases>>>>,
+    wallets: DashMap<String, Arc<Mutex<WalletLeases>>>,
     /// Serializes draws per wallet so concurrent misses share one draw.
     drawing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     outbox: Mutex<Vec<ShippedDebit>>,
     next_entry: AtomicI64,
+    holds: AtomicU64,
 }
 
 impl std::fmt::Debug for LeaseBook {
@@ -176,20 +179,44 @@ impl LeaseBook {
         LeaseBook {
             books,
             settings,
-            wallets: Mutex::new(HashMap::new()),
+            wallets: DashMap::new(),
             drawing: Mutex::new(HashMap::new()),
             outbox: Mutex::new(Vec::new()),
             next_entry: AtomicI64::new(first_entry),
+            holds: AtomicU64::new(0),
         }
     }
 
+    /// Every wallet's cell, so no map shard is locked while one is used.
+    fn snapshot(&self) -> Vec<(String, Arc<Mutex<WalletLeases>>)> {
+        self.wallets.iter().map(|entry| (entry.key().clone(), entry.value().clone())).collect()
+    }
+
     fn wallet(&self, wallet: &str) -> Arc<Mutex<WalletLeases>> {
-        self.wallets.lock().entry(wallet.to_owned()).or_default().clone()
+        // A lookup by `&str` first: no allocation on the hot path.
+        if let Some(cell) = self.wallets.get(wallet) {
+            return cell.clone();
+        }
+        self.wallets.entry(wallet.to_owned()).or_default().clone()
+    }
+
+    /// Holds granted and database operations sent so far: their ratio is
+    /// the database cost per request.
+    pub fn stats(&self) -> (u64, u64) {
+        (self.holds.load(Ordering::Relaxed), self.books.operations())
     }
 
     /// Holds `amount` from a lease on `wallet`, drawing one first if none
     /// covers it.
     pub async fn hold(&self, wallet: &str, amount: Decimal) -> Result<LeaseHold, LeaseRefusal> {
+        let hold = self.hold_inner(wallet, amount).await;
+        if hold.is_ok() {
+            self.holds.fetch_add(1, Ordering::Relaxed);
+        }
+        hold
+    }
+
+    async fn hold_inner(&self, wallet: &str, amount: Decimal) -> Result<LeaseHold, LeaseRefusal> {
         if let Some(hold) = self.take(wallet, amount) {
             return Ok(hold);
         }
@@ -351,9 +378,8 @@ impl LeaseBook {
         }
         match self.books.ship(&self.settings.replica, &batch).await {
             Ok(new) => {
-                let wallets = self.wallets.lock().clone();
                 for debit in &batch {
-                    if let Some(cell) = wallets.get(&debit.wallet) {
+                    if let Some(cell) = self.wallets.get(&debit.wallet) {
                         let mut state = cell.lock();
                         if let Some(lease) = state.leases.iter_mut().find(|lease| lease.id == debit.lease) {
                             lease.unshipped -= 1;
@@ -383,7 +409,7 @@ impl LeaseBook {
         let lifetime = (deadline - db_now).to_std().unwrap_or(Duration::ZERO);
         let usable = usable_until(lifetime, self.settings.safety, asked_at);
         let now = Instant::now();
-        let wallets = self.wallets.lock().clone();
+        let wallets = self.snapshot();
         let mut give_back = Vec::new();
         let mut refill = Vec::new();
         for (wallet, cell) in &wallets {
@@ -413,7 +439,7 @@ impl LeaseBook {
         }
         if !give_back.is_empty() {
             self.books.give_back(&self.settings.replica, &give_back).await?;
-            for cell in wallets.values() {
+            for (_, cell) in &wallets {
                 cell.lock().leases.retain(|lease| !give_back.contains(&lease.id));
             }
         }
@@ -429,9 +455,9 @@ impl LeaseBook {
     /// every lease with no open hold. Returns what went back to the wallets.
     pub async fn shutdown(&self) -> Result<Decimal, ClusterError> {
         self.ship().await?;
-        let wallets = self.wallets.lock().clone();
+        let wallets = self.snapshot();
         let mut give_back = Vec::new();
-        for cell in wallets.values() {
+        for (_, cell) in &wallets {
             let mut state = cell.lock();
             for lease in &mut state.leases {
                 lease.retiring = true;

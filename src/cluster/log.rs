@@ -41,7 +41,7 @@ impl Books {
         let origins: Vec<i64> = records.iter().map(|(origin, _)| *origin).collect();
         let bodies: Vec<&[u8]> = records.iter().map(|(_, body)| body.as_slice()).collect();
         retrying(|| async {
-            let client = self.database().client().await?;
+            let client = self.client().await?;
             let statement = client.prepare_cached("SELECT origin, gseq FROM cg_append($1, $2, $3)").await?;
             let rows = client.query(&statement, &[&replica, &origins, &bodies]).await?;
             Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
@@ -51,7 +51,7 @@ impl Books {
 
     /// Up to `limit` records after global number `after`, in order.
     pub async fn tail(&self, after: i64, limit: i64) -> Result<Vec<LogRecord>, ClusterError> {
-        let client = self.database().client().await?;
+        let client = self.client().await?;
         let statement = client
             .prepare_cached(
                 "SELECT gseq, replica, origin, at, body FROM cg_log WHERE gseq > $1 ORDER BY gseq LIMIT $2",

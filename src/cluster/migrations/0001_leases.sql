@@ -96,43 +96,49 @@ BEGIN
 END $$;
 
 -- Ships a batch of debits: inserts the new ones, charges each to its lease
--- while the lease is open and has room, the rest as uncovered, and moves
--- the wallets' balances. Returns how many were new. One statement a batch.
+-- while the lease is open and has room (in entry order), the rest as
+-- uncovered, and moves the wallets' balances. Set-based, so a batch of
+-- thousands holds the wallet rows for milliseconds. Returns how many were
+-- new. One statement a batch.
 CREATE FUNCTION cg_ship_debits(p_replica text, p_entries bigint[], p_wallets text[], p_leases bigint[],
                                p_amounts numeric[], p_ats timestamptz[], p_bodies jsonb[])
 RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
-    d record;
-    v_room numeric;
-    v_covered numeric;
-    v_new bigint := 0;
+    v_new bigint;
 BEGIN
     PERFORM 1 FROM cg_wallets w WHERE w.wallet = ANY (p_wallets) ORDER BY w.wallet FOR UPDATE;
     PERFORM 1 FROM cg_leases l WHERE l.id = ANY (p_leases) ORDER BY l.id FOR UPDATE;
-    FOR d IN
-        INSERT INTO cg_debits (replica, entry, wallet, lease, amount, at, body)
-        SELECT p_replica, t.entry, t.wallet, t.lease, t.amount, t.at, t.body
+    WITH input AS (
+        SELECT DISTINCT ON (t.entry) t.*
         FROM unnest(p_entries, p_wallets, p_leases, p_amounts, p_ats, p_bodies)
              AS t(entry, wallet, lease, amount, at, body)
+        WHERE NOT EXISTS (SELECT 1 FROM cg_debits d WHERE d.replica = p_replica AND d.entry = t.entry)
         ORDER BY t.entry
+    ), room AS (
+        SELECT l.id, CASE WHEN l.closed_at IS NULL THEN l.granted - l.spent ELSE 0 END AS room
+        FROM cg_leases l WHERE l.id IN (SELECT lease FROM input)
+    ), priced AS (
+        SELECT i.*, LEAST(i.amount, GREATEST(COALESCE(r.room, 0)
+                   - (sum(i.amount) OVER (PARTITION BY i.lease ORDER BY i.entry) - i.amount), 0)) AS covered
+        FROM input i LEFT JOIN room r ON r.id = i.lease
+    ), ins AS (
+        INSERT INTO cg_debits (replica, entry, wallet, lease, amount, uncovered, at, body)
+        SELECT p_replica, entry, wallet, lease, amount, amount - covered, at, body FROM priced
         ON CONFLICT (replica, entry) DO NOTHING
-        RETURNING entry, wallet, lease, amount
-    LOOP
-        v_new := v_new + 1;
-        SELECT CASE WHEN l.closed_at IS NULL THEN l.granted - l.spent ELSE 0 END INTO v_room
-            FROM cg_leases l WHERE l.id = d.lease;
-        v_covered := LEAST(d.amount, GREATEST(COALESCE(v_room, 0), 0));
-        IF v_covered > 0 THEN
-            UPDATE cg_leases SET spent = spent + v_covered WHERE id = d.lease;
-        END IF;
-        IF v_covered < d.amount THEN
-            UPDATE cg_debits SET uncovered = d.amount - v_covered
-                WHERE replica = p_replica AND entry = d.entry;
-        END IF;
-        UPDATE cg_wallets SET balance = balance - d.amount, leased = leased - v_covered
-            WHERE wallet = d.wallet;
-    END LOOP;
+        RETURNING lease, wallet, amount, amount - uncovered AS covered
+    ), per_lease AS (
+        UPDATE cg_leases l SET spent = l.spent + s.covered
+        FROM (SELECT lease, sum(covered) AS covered FROM ins GROUP BY lease) s
+        WHERE l.id = s.lease AND s.covered > 0
+        RETURNING 1
+    ), per_wallet AS (
+        UPDATE cg_wallets w SET balance = w.balance - s.amount, leased = w.leased - s.covered
+        FROM (SELECT wallet, sum(amount) AS amount, sum(covered) AS covered FROM ins GROUP BY wallet) s
+        WHERE w.wallet = s.wallet
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_new FROM ins;
     RETURN v_new;
 END $$;
 
