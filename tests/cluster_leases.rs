@@ -34,19 +34,48 @@ fn settings(replica: &str) -> LeaseSettings {
     settings
 }
 
-/// Runs `book.maintain()` every 50 ms until cancelled.
-fn maintain(book: Arc<LeaseBook>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        while !stop.is_cancelled() {
-            if let Err(err) = book.maintain().await {
-                eprintln!("maintain: {err}");
-            }
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
+/// Three replicas on one database, each renewing, shipping and refilling
+/// every `every` until [`Replicas::stop`].
+struct Replicas {
+    books: Vec<Arc<LeaseBook>>,
+    stop: CancellationToken,
+    maintainers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Replicas {
+    async fn start(url: &str, settings: impl Fn(&str) -> LeaseSettings, every: Duration) -> Replicas {
+        let stop = CancellationToken::new();
+        let mut replicas = Replicas { books: Vec::new(), stop: stop.clone(), maintainers: Vec::new() };
+        for (index, name) in ["r1", "r2", "r3"].into_iter().enumerate() {
+            let book =
+                Arc::new(LeaseBook::new(books(url).await, settings(name), 1 + index as i64 * 1_000_000));
+            let (book2, stop) = (book.clone(), stop.clone());
+            replicas.maintainers.push(tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    if let Err(err) = book2.maintain().await {
+                        eprintln!("maintain: {err}");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(every) => {}
+                    }
+                }
+            }));
+            replicas.books.push(book);
         }
-    })
+        replicas
+    }
+
+    /// Stops maintenance and shuts every replica down cleanly.
+    async fn stop(self) {
+        self.stop.cancel();
+        for task in self.maintainers {
+            task.await.unwrap();
+        }
+        for book in &self.books {
+            book.shutdown().await.unwrap();
+        }
+    }
 }
 
 /// Every wallet's books balance, and no debit went uncovered.
@@ -105,17 +134,10 @@ async fn three_replicas_spending_one_small_wallet_never_overdraw_it() {
     let admin = books(&url).await;
     admin.fund(ORG, WALLET, dec!(1.00), "purchase-1").await.unwrap();
 
-    let stop = CancellationToken::new();
-    let mut replicas = Vec::new();
-    let mut maintainers = Vec::new();
-    for (index, name) in ["r1", "r2", "r3"].into_iter().enumerate() {
-        let book = Arc::new(LeaseBook::new(books(&url).await, settings(name), 1 + index as i64 * 1_000_000));
-        maintainers.push(maintain(book.clone(), stop.clone()));
-        replicas.push(book);
-    }
+    let replicas = Replicas::start(&url, settings, Duration::from_millis(50)).await;
     let max_cost = dec!(0.05);
     let mut clients = Vec::new();
-    for (index, book) in replicas.iter().enumerate() {
+    for (index, book) in replicas.books.iter().enumerate() {
         for client in 0..8u64 {
             let book = book.clone();
             clients.push(tokio::spawn(async move {
@@ -151,13 +173,7 @@ async fn three_replicas_spending_one_small_wallet_never_overdraw_it() {
         served += s;
         debited += d;
     }
-    stop.cancel();
-    for task in maintainers {
-        task.await.unwrap();
-    }
-    for book in &replicas {
-        book.shutdown().await.unwrap();
-    }
+    replicas.stop().await;
 
     let audit = assert_books_exact(&admin).await;
     let wallet = audit.iter().find(|wallet| wallet.wallet == WALLET).unwrap();
@@ -416,31 +432,13 @@ async fn at_steady_state_a_funded_wallet_costs_under_one_database_operation_per_
     let url = pg.create_database("steady");
     let admin = books(&url).await;
     admin.fund(ORG, WALLET, dec!(1000), "p").await.unwrap();
-    let stop = CancellationToken::new();
-    let mut replicas = Vec::new();
-    let mut maintainers = Vec::new();
-    for (index, name) in ["r1", "r2", "r3"].into_iter().enumerate() {
-        // Production defaults (10 s leases, 1 s of spend each), renewed
-        // every 250 ms.
-        let book = Arc::new(LeaseBook::new(
-            books(&url).await,
-            LeaseSettings::new(name),
-            1 + index as i64 * 1_000_000,
-        ));
-        let (book2, stop2) = (book.clone(), stop.clone());
-        maintainers.push(tokio::spawn(async move {
-            while !stop2.is_cancelled() {
-                let _ = book2.maintain().await;
-                tokio::select! {
-                    _ = stop2.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                }
-            }
-        }));
-        replicas.push(book);
-    }
+    // Production defaults (10 s leases, 1 s of spend each), renewed every
+    // 250 ms.
+    let replicas =
+        Replicas::start(&url, |name: &str| LeaseSettings::new(name), Duration::from_millis(250)).await;
     let run = |holds: u32| {
         let clients: Vec<_> = replicas
+            .books
             .iter()
             .flat_map(|book| (0..4).map(move |_| book.clone()))
             .map(|book| {
@@ -465,20 +463,14 @@ async fn at_steady_state_a_funded_wallet_costs_under_one_database_operation_per_
     run(2_000).await;
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     run(500).await;
-    let (holds_before, ops_before) = totals(&replicas);
+    let (holds_before, ops_before) = totals(&replicas.books);
     run(5_000).await;
-    let (holds_after, ops_after) = totals(&replicas);
+    let (holds_after, ops_after) = totals(&replicas.books);
     let (holds, ops) = (holds_after - holds_before, ops_after - ops_before);
     assert_eq!(holds, 12 * 5_000);
     assert!(ops * 100 <= holds, "{ops} database operations for {holds} requests");
 
-    stop.cancel();
-    for task in maintainers {
-        task.await.unwrap();
-    }
-    for book in &replicas {
-        book.shutdown().await.unwrap();
-    }
+    replicas.stop().await;
     let audit = assert_books_exact(&admin).await;
     assert_eq!(audit[0].debited, dec!(0.0005) * Decimal::from(holds_after));
     assert_eq!(audit[0].leased, Decimal::ZERO);
