@@ -3,6 +3,7 @@
 //! Module map:
 //! - [`alerts`] — balance alerts delivered as signed webhooks.
 //! - [`app`] — wiring: config, listeners, shutdown.
+//! - [`catalog`] — importing LiteLLM's public price catalog into a price table.
 //! - [`admin`] — the admin listener: health and readiness.
 //! - [`clock`] — the injectable clock time-dependent rules read.
 //! - [`cluster`] — cluster mode: shared credit in PostgreSQL through leases.
@@ -20,6 +21,7 @@
 pub mod admin;
 pub mod alerts;
 pub mod app;
+pub mod catalog;
 pub mod clock;
 pub mod cluster;
 pub mod config;

@@ -1,7 +1,7 @@
 //! The `creditgate` command: parse the CLI, load config, hand over to the library.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +56,11 @@ enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Price-table tasks: import a public catalog, compare two tables.
+    Prices {
+        #[command(subcommand)]
+        command: PricesCommand,
+    },
     /// Run the mock upstream and the gateway together on the example config.
     Demo {
         /// Config file (default: config/gateway.toml if present, else built in).
@@ -75,6 +80,29 @@ enum LedgerCommand {
         #[arg(long, default_value = "./data")]
         data_dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum PricesCommand {
+    /// Write a price table (to stdout) from a public catalog; models the
+    /// table cannot express are listed on stderr with the reason.
+    Import {
+        /// Catalog format: only `litellm` (model_prices_and_context_window.json).
+        #[arg(long = "from", value_parser = ["litellm"])]
+        format: String,
+        /// The catalog file.
+        file: PathBuf,
+        /// A price file whose every field wins over the catalog's (negotiated
+        /// rates, private models, label, limits, tools).
+        #[arg(long)]
+        overlay: Option<PathBuf>,
+        /// Import only models whose name matches one of these (`*` wildcards).
+        #[arg(long, num_args = 1..)]
+        only: Vec<String>,
+    },
+    /// Show every model and tool price that changed, was added or removed;
+    /// exit 1 when anything changed, 2 when a file is unreadable or invalid.
+    Diff { old: PathBuf, new: PathBuf },
 }
 
 #[derive(clap::Args)]
@@ -117,6 +145,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ledger { command: LedgerCommand::Verify { data_dir } } => ledger_verify(&data_dir),
+        Command::Prices { command: PricesCommand::Import { format, file, overlay, only } } => {
+            prices_import(&format, &file, overlay.as_deref(), &only)
+        }
+        Command::Prices { command: PricesCommand::Diff { old, new } } => Ok(prices_diff(&old, &new)),
         Command::MockUpstream { listen, latency_ms, pace_ms } => {
             mock_upstream(listen, latency_ms, pace_ms).await?;
             Ok(ExitCode::SUCCESS)
@@ -230,4 +262,56 @@ async fn mock_upstream(listen: SocketAddr, latency_ms: u64, pace_ms: u64) -> any
     mock.shutdown_token().cancelled().await;
     mock.stop().await;
     Ok(())
+}
+
+fn prices_import(
+    format: &str,
+    file: &Path,
+    overlay: Option<&Path>,
+    only: &[String],
+) -> anyhow::Result<ExitCode> {
+    use anyhow::Context as _;
+    let catalog = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let overlay = overlay
+        .map(|path| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display())))
+        .transpose()?;
+    let import = creditgate::catalog::import_litellm(&catalog, only).map_err(anyhow::Error::msg)?;
+    let imported = import.models.len();
+    for note in &import.notes {
+        eprintln!("note {}: {}", note.model, note.reason);
+    }
+    let source = format!("the {format} catalog {}", file.display());
+    let (text, skipped) = creditgate::catalog::price_file(import, overlay.as_deref(), format, &source)
+        .map_err(anyhow::Error::msg)?;
+    print!("{text}");
+    for skip in &skipped {
+        eprintln!("skipped {}: {}", skip.model, skip.reason);
+    }
+    eprintln!("imported {} models, skipped {}", imported.saturating_sub(skipped.len()), skipped.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit 0: no change; 1: changes (printed); 2: a file is unreadable or invalid.
+fn prices_diff(old: &Path, new: &Path) -> ExitCode {
+    let read = |path: &Path| -> Result<String, String> {
+        let text = std::fs::read_to_string(path).map_err(|err| format!("{}: {err}", path.display()))?;
+        creditgate::pricing::PriceTable::parse(&path.display().to_string(), &text)
+            .map_err(|err| err.to_string())?;
+        Ok(text)
+    };
+    let changes =
+        read(old).and_then(|old| read(new).and_then(|new| creditgate::pricing::diff::diff(&old, &new)));
+    match changes {
+        Ok(changes) if changes.is_empty() => ExitCode::SUCCESS,
+        Ok(changes) => {
+            for change in changes {
+                println!("{change}");
+            }
+            ExitCode::from(1)
+        }
+        Err(err) => {
+            eprintln!("creditgate: {err}");
+            ExitCode::from(2)
+        }
+    }
 }

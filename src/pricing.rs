@@ -56,6 +56,7 @@
 //! settled with the same version.
 
 mod cost;
+pub mod diff;
 mod live;
 mod problems;
 mod schema;
@@ -73,9 +74,10 @@ pub use validate::MAX_PRICE_FILE_BYTES;
 #[cfg(test)]
 mod tests {
     /// Every source file of this module, read at compile time.
-    const SOURCES: [(&str, &str); 7] = [
+    const SOURCES: [(&str, &str); 8] = [
         ("pricing.rs", include_str!("pricing.rs")),
         ("cost.rs", include_str!("pricing/cost.rs")),
+        ("diff.rs", include_str!("pricing/diff.rs")),
         ("live.rs", include_str!("pricing/live.rs")),
         ("problems.rs", include_str!("pricing/problems.rs")),
         ("schema.rs", include_str!("pricing/schema.rs")),

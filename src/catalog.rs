@@ -1,0 +1,439 @@
+//! Importing LiteLLM's public price catalog into a price table.
+//!
+//! Outside [`crate::pricing`] on purpose: the catalog is made of binary
+//! doubles, and the money module holds none (a test checks it).
+//!
+//! `model_prices_and_context_window.json` (shipped in the `litellm` Python
+//! package) prices tokens as JSON numbers per token, such as `1.5e-07`. Each
+//! number is read as the binary double JSON parsers give, turned into its
+//! shortest decimal form (the digits that round-trip to that double; for the
+//! catalog's values, the digits written in the file) and only then into an
+//! exact [`Decimal`], multiplied by 1,000,000 for the per-1M-token prices of
+//! a price table. No arithmetic happens in floating point.
+//!
+//! A model is imported only when every price it carries can be expressed;
+//! otherwise it is skipped with the reason (never dropped silently), because
+//! a partly imported model would be charged less than the provider bills.
+//! Fields that do not change what a call through the gateway costs (batch-API
+//! prices, metadata) are ignored.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+use serde_json::{Map, Value};
+
+/// API modes the gateway meters by tokens.
+const TOKEN_MODES: &[&str] = &["chat", "completion", "responses", "embedding"];
+
+/// Price fields that apply only to provider batch APIs, which a real-time
+/// gateway does not proxy, or that are metadata.
+fn ignored(field: &str) -> bool {
+    field.ends_with("_batches") || !field.contains("cost")
+}
+
+/// A model that was not imported, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    /// The catalog's name for it.
+    pub model: String,
+    /// Why the price schema cannot express it.
+    pub reason: String,
+}
+
+/// The result of an import: the table's `[models]` and what was left out.
+#[derive(Debug, Default)]
+pub struct Import {
+    /// Model name -> its price-table entry.
+    pub models: BTreeMap<String, toml::Table>,
+    /// Models left out, with their reasons.
+    pub skipped: Vec<Skipped>,
+    /// Parts of imported models left out (a service tier the table cannot
+    /// state is refused at request time, never charged at the base price).
+    pub notes: Vec<Skipped>,
+}
+
+/// A per-token price as an exact per-1M-token decimal string.
+pub fn per_mtok(value: &Value) -> Result<Decimal, String> {
+    let per_token = exact(value)?;
+    Ok((per_token * Decimal::from(1_000_000)).normalize())
+}
+
+/// A JSON number as an exact decimal, through its shortest decimal form.
+fn exact(value: &Value) -> Result<Decimal, String> {
+    let number = value.as_number().ok_or_else(|| format!("{value} is not a number"))?;
+    let text = if let Some(whole) = number.as_u64() {
+        whole.to_string()
+    } else if let Some(float) = number.as_f64() {
+        // `Display` for f64 prints the shortest digits that round-trip, in
+        // positional notation (no exponent).
+        format!("{float}")
+    } else {
+        return Err(format!("{number} is negative"));
+    };
+    let decimal = Decimal::from_str_exact(&text).map_err(|err| format!("{text}: {err}"))?;
+    if decimal.is_sign_negative() {
+        return Err(format!("{text} is negative"));
+    }
+    Ok(decimal)
+}
+
+/// A multiplier `tier / base` when it is exact in four decimal places (the
+/// price table's multiplier precision), as a string.
+fn ratio(tier: Decimal, base: Decimal) -> Option<String> {
+    if base.is_zero() {
+        return None;
+    }
+    let ratio = tier.checked_div(base)?;
+    let rounded = ratio.round_dp(4);
+    (rounded == ratio && rounded > Decimal::ZERO).then(|| rounded.normalize().to_string())
+}
+
+/// Shell-style pattern with `*` only, matched against the whole name.
+pub fn matches(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Imports every token-priced model of the catalog (or those matching one
+/// of `only`).
+pub fn import_litellm(catalog: &str, only: &[String]) -> Result<Import, String> {
+    let catalog: Map<String, Value> =
+        serde_json::from_str(catalog).map_err(|err| format!("the catalog is not a JSON object: {err}"))?;
+    let mut import = Import::default();
+    for (name, entry) in &catalog {
+        if name == "sample_spec" || !(only.is_empty() || only.iter().any(|pattern| matches(pattern, name))) {
+            continue;
+        }
+        let Some(entry) = entry.as_object() else {
+            import.skipped.push(Skipped { model: name.clone(), reason: "not a JSON object".into() });
+            continue;
+        };
+        match model(entry) {
+            Ok((table, notes)) => {
+                import.models.insert(name.clone(), table);
+                import.notes.extend(notes.into_iter().map(|reason| Skipped { model: name.clone(), reason }));
+            }
+            Err(reason) => import.skipped.push(Skipped { model: name.clone(), reason }),
+        }
+    }
+    Ok(import)
+}
+
+/// One catalog entry as a price-table model with notes on what it leaves
+/// out, or why it cannot be one.
+fn model(entry: &Map<String, Value>) -> Result<(toml::Table, Vec<String>), String> {
+    let mode = entry.get("mode").and_then(Value::as_str).unwrap_or("(none)");
+    if !TOKEN_MODES.contains(&mode) {
+        return Err(format!("mode {mode} is not metered by tokens"));
+    }
+    let price = |field: &str| -> Result<Option<Decimal>, String> {
+        entry.get(field).map(per_mtok).transpose().map_err(|err| format!("{field}: {err}"))
+    };
+    let mut used: Vec<String> = vec!["input_cost_per_token".into(), "output_cost_per_token".into()];
+    let input = price("input_cost_per_token")?;
+    let output = price("output_cost_per_token")?;
+    let Some(input) = input else {
+        return Err("no input_cost_per_token".into());
+    };
+    let mut table = toml::Table::new();
+    let set = |table: &mut toml::Table, key: &str, amount: Decimal| {
+        table.insert(key.into(), toml::Value::String(amount.to_string()));
+    };
+    set(&mut table, "input_per_mtok", input);
+    let output = output.filter(|output| !output.is_zero());
+    if let Some(output) = output {
+        set(&mut table, "output_per_mtok", output);
+        let max_output = entry
+            .get("max_output_tokens")
+            .or_else(|| entry.get("max_tokens"))
+            .and_then(Value::as_u64)
+            .filter(|tokens| *tokens > 0)
+            .ok_or("prices output but states no max_output_tokens to hold for")?;
+        table.insert(
+            "default_max_output_tokens".into(),
+            toml::Value::Integer(i64::try_from(max_output.min(1_000_000)).unwrap_or(1_000_000)),
+        );
+    }
+    // DeepSeek's name for the cache-read price.
+    used.push("input_cost_per_token_cache_hit".into());
+    if !entry.contains_key("cache_read_input_token_cost") {
+        if let Some(amount) = price("input_cost_per_token_cache_hit")? {
+            set(&mut table, "cached_input_per_mtok", amount);
+        }
+    }
+    for (field, key) in [
+        ("cache_read_input_token_cost", "cached_input_per_mtok"),
+        ("cache_creation_input_token_cost", "cache_write_5m_per_mtok"),
+        ("cache_creation_input_token_cost_above_1hr", "cache_write_1h_per_mtok"),
+    ] {
+        used.push(field.into());
+        if let Some(amount) = price(field)? {
+            set(&mut table, key, amount);
+        }
+    }
+    // Reasoning tokens are output tokens; a separate price is only
+    // expressible when it is the output price.
+    used.push("output_cost_per_reasoning_token".into());
+    if let Some(reasoning) = price("output_cost_per_reasoning_token")? {
+        if Some(reasoning) != output {
+            return Err("prices reasoning tokens apart from output".into());
+        }
+    }
+    let mut notes = Vec::new();
+    for tier in ["priority", "flex"] {
+        let multipliers = match tier_multipliers(entry, &price, tier, &mut used) {
+            Ok(multipliers) => multipliers,
+            Err(reason) => {
+                // Every `*_<tier>` field is accounted for: the tier is left
+                // out whole, so a request asking for it is refused.
+                used.extend(entry.keys().filter(|field| field.ends_with(&format!("_{tier}"))).cloned());
+                notes.push(format!(
+                    "service tier {tier} left out (requests asking for it are refused): {reason}"
+                ));
+                None
+            }
+        };
+        if let Some(multipliers) = multipliers {
+            let tiers =
+                table.entry("service_tiers").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(tiers) = tiers {
+                tiers.insert(tier.into(), toml::Value::Table(multipliers));
+            }
+        }
+    }
+    if let Some(long_context) = long_context(entry, &price, &mut used)? {
+        table.insert("long_context".into(), toml::Value::Table(long_context));
+    }
+    // Anything priced that was not read is a price the table cannot state.
+    let unpriced: Vec<&str> = entry
+        .iter()
+        .filter(|(field, value)| {
+            !ignored(field) && !used.contains(field) && value.as_f64().is_some_and(|amount| amount != 0.0)
+        })
+        .map(|(field, _)| field.as_str())
+        .collect();
+    if !unpriced.is_empty() {
+        return Err(format!("prices the schema cannot express: {}", unpriced.join(", ")));
+    }
+    Ok((table, notes))
+}
+
+/// The two multipliers of a tier: one for every input-side rate, one for
+/// output.
+#[derive(Default)]
+struct Ratios {
+    input: Option<String>,
+    output: Option<String>,
+}
+
+impl Ratios {
+    /// Folds in `field` as a multiple of `base_field`; errors name the tier
+    /// as `TIER` for the caller to fill in.
+    fn fold(
+        &mut self,
+        field: &str,
+        base_field: &str,
+        price: &dyn Fn(&str) -> Result<Option<Decimal>, String>,
+    ) -> Result<(), String> {
+        let (Some(tiered), Some(base)) = (price(field)?, price(base_field)?) else {
+            return Err(format!("{field} has no base price {base_field}"));
+        };
+        let ratio = ratio(tiered, base)
+            .ok_or_else(|| format!("{field} is not a 4-place multiple of {base_field}"))?;
+        let slot = if base_field.starts_with("output") { &mut self.output } else { &mut self.input };
+        if slot.as_ref().is_some_and(|seen| *seen != ratio) {
+            return Err("TIER scales input-side rates by different factors".into());
+        }
+        *slot = Some(ratio);
+        Ok(())
+    }
+
+    fn table(self) -> toml::Table {
+        let mut table = toml::Table::new();
+        table.insert("input".into(), toml::Value::String(self.input.unwrap_or_else(|| "1".into())));
+        table.insert("output".into(), toml::Value::String(self.output.unwrap_or_else(|| "1".into())));
+        table
+    }
+}
+
+/// `service_tiers.<tier>` from the catalog's `*_<tier>` prices, when they are
+/// exact multiples of the base prices (one multiplier for every input-side
+/// rate, one for output).
+fn tier_multipliers(
+    entry: &Map<String, Value>,
+    price: &dyn Fn(&str) -> Result<Option<Decimal>, String>,
+    tier: &str,
+    used: &mut Vec<String>,
+) -> Result<Option<toml::Table>, String> {
+    let fields: Vec<String> =
+        entry.keys().filter(|field| field.ends_with(&format!("_{tier}"))).cloned().collect();
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    let mut ratios = Ratios::default();
+    for field in &fields {
+        let base_field = &field[..field.len() - tier.len() - 1];
+        if base_field.contains("_above_") {
+            return Err(format!("{field}: a {tier} price above an input size"));
+        }
+        ratios
+            .fold(field, base_field, price)
+            .map_err(|err| err.replace("TIER", &format!("{tier} prices")))?;
+        used.push(field.clone());
+    }
+    Ok(Some(ratios.table()))
+}
+
+/// `long_context` from `*_above_<N>k_tokens` prices: one threshold, exact
+/// multipliers.
+fn long_context(
+    entry: &Map<String, Value>,
+    price: &dyn Fn(&str) -> Result<Option<Decimal>, String>,
+    used: &mut Vec<String>,
+) -> Result<Option<toml::Table>, String> {
+    let fields: Vec<&String> =
+        entry.keys().filter(|field| field.contains("_above_") && field.ends_with("k_tokens")).collect();
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    let mut threshold: Option<u64> = None;
+    let mut ratios = Ratios::default();
+    for field in fields {
+        let (base_field, size) = field.split_once("_above_").ok_or("unreachable")?;
+        let thousands: u64 = size
+            .trim_end_matches("k_tokens")
+            .parse()
+            .map_err(|_| format!("{field}: unreadable input size"))?;
+        if threshold.is_some_and(|seen| seen != thousands) {
+            return Err("prices more than one input-size tier".into());
+        }
+        threshold = Some(thousands);
+        ratios.fold(field, base_field, price).map_err(|err| err.replace("TIER", "the input-size tier"))?;
+        used.push(field.clone());
+    }
+    let mut table = ratios.table();
+    let tokens = threshold.unwrap_or_default() * 1000;
+    table
+        .insert("above_input_tokens".into(), toml::Value::Integer(i64::try_from(tokens).unwrap_or(i64::MAX)));
+    Ok(Some(table))
+}
+
+/// Lays `overlay` (a price file) over `models`: every field an overlay
+/// model sets replaces the catalog's, overlay-only models are added, and the
+/// overlay's `label`, `limits` and `tools` are kept. Returns the whole table.
+pub fn with_overlay(
+    models: BTreeMap<String, toml::Table>,
+    overlay: Option<&str>,
+) -> Result<toml::Table, String> {
+    let mut overlay: toml::Table = match overlay {
+        Some(text) => toml::from_str(text).map_err(|err| format!("overlay: {err}"))?,
+        None => toml::Table::new(),
+    };
+    let mut merged: toml::Table =
+        models.into_iter().map(|(name, table)| (name, toml::Value::Table(table))).collect();
+    if let Some(toml::Value::Table(overlay_models)) = overlay.remove("models") {
+        for (name, fields) in overlay_models {
+            let toml::Value::Table(fields) = fields else {
+                return Err(format!("overlay: models.\"{name}\" is not a table"));
+            };
+            match merged.get_mut(&name) {
+                Some(toml::Value::Table(model)) => model.extend(fields),
+                _ => {
+                    merged.insert(name, toml::Value::Table(fields));
+                }
+            }
+        }
+    }
+    let mut table = overlay;
+    table.insert("models".into(), toml::Value::Table(merged));
+    Ok(table)
+}
+
+/// The price file an import writes: the catalog's models under `overlay`,
+/// each model checked by the price-file validator on its own (with the
+/// overlay's limits) so one the gateway would refuse is skipped with the
+/// validator's reason, then the whole file checked. Returns the file's text
+/// and every skipped model. Without an overlay label, the label is
+/// `<label>-<today>`.
+pub fn price_file(
+    import: Import,
+    overlay: Option<&str>,
+    label: &str,
+    source: &str,
+) -> Result<(String, Vec<Skipped>), String> {
+    let Import { models, mut skipped, .. } = import;
+    let mut table = with_overlay(models, overlay)?;
+    let limits = table.get("limits").cloned();
+    if let Some(toml::Value::Table(models)) = table.get_mut("models") {
+        let names: Vec<String> = models.keys().cloned().collect();
+        for name in names {
+            let mut alone = toml::Table::new();
+            alone.insert("label".into(), toml::Value::String("check".into()));
+            if let Some(limits) = &limits {
+                alone.insert("limits".into(), limits.clone());
+            }
+            let mut one = toml::Table::new();
+            one.insert(name.clone(), models[&name].clone());
+            alone.insert("models".into(), toml::Value::Table(one));
+            let text = toml::to_string(&alone).map_err(|err| err.to_string())?;
+            if let Err(errors) = crate::pricing::PriceTable::parse(&name, &text) {
+                let reason =
+                    errors.problems.iter().map(|problem| problem.message.clone()).collect::<Vec<_>>();
+                skipped.push(Skipped { model: name.clone(), reason: reason.join("; ") });
+                models.remove(&name);
+            }
+        }
+    }
+    if !table.contains_key("label") {
+        let today = chrono::Utc::now().format("%Y-%m-%d");
+        table.insert("label".into(), toml::Value::String(format!("{label}-{today}")));
+    }
+    let body = toml::to_string(&table).map_err(|err| err.to_string())?;
+    let text = format!(
+        "# Imported by `creditgate prices import` from {source}: per-token catalog\n\
+         # prices x 1,000,000, converted through their shortest decimal form.\n\
+         # Review with `creditgate prices diff` before it goes live.\n\n{body}"
+    );
+    crate::pricing::PriceTable::parse("imported", &text).map_err(|errors| errors.to_string())?;
+    skipped.sort_by(|a, b| a.model.cmp(&b.model));
+    Ok((text, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    #[test]
+    fn per_token_floats_become_their_written_decimals_exactly() {
+        let json: Value =
+            serde_json::from_str("[1.5e-07, 2.5e-06, 1e-05, 3.75e-06, 0, 7.5e-08, 1.1e-06]").unwrap();
+        let prices: Vec<Decimal> = json.as_array().unwrap().iter().map(|v| per_mtok(v).unwrap()).collect();
+        assert_eq!(prices, [dec!(0.15), dec!(2.5), dec!(10), dec!(3.75), dec!(0), dec!(0.075), dec!(1.1)]);
+        assert!(per_mtok(&serde_json::json!(-1e-6)).is_err());
+    }
+
+    #[test]
+    fn patterns_match_whole_names() {
+        assert!(matches("gpt-4o*", "gpt-4o-mini"));
+        assert!(matches("*claude*", "anthropic/claude-3"));
+        assert!(!matches("gpt-4o", "gpt-4o-mini"));
+        assert!(matches("a*b*c", "a-b-c"));
+        assert!(!matches("a*b*c", "a-c"));
+    }
+}
