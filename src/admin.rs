@@ -178,6 +178,22 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// Builds the usage rollups from the store on the blocking pool, off the
+    /// request path, so the first report does not scan the store. Stops at
+    /// the next step once `shutdown` is cancelled.
+    pub fn build_rollups(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let (entries, rollups) = (self.entries.clone(), self.rollups.clone());
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            match rollups.catch_up(&*entries, &|| shutdown.is_cancelled()) {
+                Ok(true) => tracing::info!(elapsed_ms = started.elapsed().as_millis(), "usage rollups built"),
+                Ok(false) => {}
+                // A report will try again (and answer the error) when called.
+                Err(error) => tracing::warn!(%error, "building the usage rollups failed"),
+            }
+        });
+    }
+
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
