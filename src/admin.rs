@@ -26,7 +26,9 @@
 //!   `POST .../keys/{key}/revoke`, `PUT .../keys/{key}/limits`,
 //!   `PUT .../keys/{key}/scope` (allowed routes and models).
 //! - `POST /admin/v1/orgs/{org}/purchases`, `POST .../adjustments` — need an
-//!   `Idempotency-Key` header; a replay returns the original result.
+//!   `Idempotency-Key` header; a replay returns the original result. A 503
+//!   `outcome_unknown` (the store failed mid-write) is settled by retrying
+//!   with the same key once `/readyz` is 200: it answers the one result.
 //! - `GET /admin/v1/orgs/{org}/balances` — pool and Lite wallets, lots, holds.
 //! - `GET|POST /admin/v1/orgs/{org}/alerts`, `GET .../alerts/deliveries` —
 //!   alert rules (signed webhooks, public addresses only unless

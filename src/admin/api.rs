@@ -360,7 +360,9 @@ pub fn org_resource(call: &OrgCall<'_>, method: &Method, rest: &[&str], body: &[
                 reference: raw.reference,
                 idempotency_key: idempotency_key(headers)?,
             };
-            Ok((StatusCode::CREATED, json!(ledger.purchase(request, now)?)))
+            let receipt =
+                ledger.purchase(request, now).map_err(|e| AdminError::money_write("purchase", e))?;
+            Ok((StatusCode::CREATED, json!(receipt)))
         }
         (&Method::POST, ["adjustments"]) => {
             scope.require_finance()?;
@@ -377,7 +379,9 @@ pub fn org_resource(call: &OrgCall<'_>, method: &Method, rest: &[&str], body: &[
                 expires_at: raw.expires_at,
                 idempotency_key: idempotency_key(headers)?,
             };
-            Ok((StatusCode::CREATED, json!(ledger.adjust(request, now)?)))
+            let receipt =
+                ledger.adjust(request, now).map_err(|e| AdminError::money_write("adjustment", e))?;
+            Ok((StatusCode::CREATED, json!(receipt)))
         }
         (&Method::GET, ["balances"]) => {
             let balances = ledger

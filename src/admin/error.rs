@@ -31,6 +31,15 @@ pub enum AdminError {
     Ledger(LedgerError),
     #[error("the ledger store could not be read: {0}")]
     Store(String),
+    /// A purchase or adjustment met a failing store: it may have been
+    /// credited in memory and become durable once the store recovers, or not
+    /// at all, so the caller cannot know. Its idempotency key settles it.
+    #[error(
+        "the outcome of this {operation} is unknown: the store failed ({reason}). It may or may not \
+         have been recorded. Retry with the same Idempotency-Key once GET /readyz answers 200: the \
+         retry answers the original result, and never credits twice"
+    )]
+    OutcomeUnknown { operation: &'static str, reason: String },
 }
 
 impl From<LedgerError> for AdminError {
@@ -40,6 +49,17 @@ impl From<LedgerError> for AdminError {
 }
 
 impl AdminError {
+    /// The answer to a money write that failed: a failing store makes its
+    /// outcome unknown; anything else did nothing.
+    pub fn money_write(operation: &'static str, error: LedgerError) -> Self {
+        match error {
+            LedgerError::Unavailable(reason) => {
+                AdminError::OutcomeUnknown { operation, reason: reason.to_string() }
+            }
+            other => AdminError::Ledger(other),
+        }
+    }
+
     pub fn bad(field: impl Into<String>, reason: impl Into<String>) -> Self {
         AdminError::BadRequest { field: field.into(), reason: reason.into() }
     }
@@ -58,6 +78,7 @@ impl AdminError {
             AdminError::BadRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
             AdminError::MissingHeader(_) => (StatusCode::BAD_REQUEST, "missing_header"),
             AdminError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            AdminError::OutcomeUnknown { .. } => (StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown"),
             AdminError::Ledger(error) => ledger_class(error),
         }
     }

@@ -258,6 +258,11 @@ fn responses(route: &RouteDoc) -> Value {
     if route.path.ends_with("/purchases") || route.path.ends_with("/adjustments") {
         answers["409"] =
             error("The Idempotency-Key was used for a different request; `message` names the field");
+        answers["503"] = error(
+            "`outcome_unknown`: the store failed, so the write may or may not have been recorded; \
+             retry with the same Idempotency-Key once /readyz answers 200 (the retry answers the \
+             original result and never credits twice)",
+        );
     }
     if route.path.ends_with("/reload") {
         answers["422"] = error("The price file is invalid; the previous table stays in force");
