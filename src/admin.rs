@@ -41,6 +41,7 @@
 //!   JSON or CSV (`format=csv` or `Accept: text/csv`).
 
 mod api;
+mod background;
 pub mod cli;
 pub mod client;
 mod error;
@@ -180,12 +181,12 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Builds the usage rollups from the store on the blocking pool, off the
-    /// request path, so the first report does not scan the store. Stops at
-    /// the next step once `shutdown` is cancelled.
+    /// Builds the usage rollups from the store on a low-priority thread,
+    /// off the request path, so the first report does not scan the store.
+    /// Stops at the next step once `shutdown` is cancelled.
     pub fn build_rollups(&self, shutdown: tokio_util::sync::CancellationToken) {
         let (entries, rollups) = (self.entries.clone(), self.rollups.clone());
-        tokio::task::spawn_blocking(move || {
+        let started = background::spawn("usage-rollups", move || {
             let started = std::time::Instant::now();
             match rollups.catch_up(&*entries, &|| shutdown.is_cancelled()) {
                 Ok(true) => tracing::info!(elapsed_ms = started.elapsed().as_millis(), "usage rollups built"),
@@ -194,6 +195,9 @@ impl Admin {
                 Err(error) => tracing::warn!(%error, "building the usage rollups failed"),
             }
         });
+        if let Err(error) = started {
+            tracing::warn!(%error, "the usage rollups will be built by the first report");
+        }
     }
 
     pub async fn handle(
@@ -277,7 +281,7 @@ impl Admin {
                     }
                     (&Method::GET, ["ledger"]) => {
                         let entries = self.entries.clone();
-                        off_the_runtime(move || reports::ledger_page(&*entries, org, &params)).await??
+                        background::report(move || reports::ledger_page(&*entries, org, &params)).await??
                     }
                     (&Method::GET, ["usage"]) => {
                         if params.get("format").is_some_and(|f| f != "csv" && f != "json") {
@@ -290,7 +294,7 @@ impl Admin {
                                 .and_then(|v| v.to_str().ok())
                                 .is_some_and(|a| a.contains("text/csv"));
                         let (entries, rollups) = (self.entries.clone(), self.rollups.clone());
-                        let (status, text, content_type) = off_the_runtime(move || {
+                        let (status, text, content_type) = background::report(move || {
                             reports::usage(&*entries, &rollups, org, time_zone, &params, wants_csv)
                         })
                         .await??;
@@ -361,16 +365,6 @@ impl Admin {
         );
         response
     }
-}
-
-/// Runs a report's store scan on tokio's blocking pool: it reads and
-/// decodes many records, and must not hold a runtime thread the proxy shares.
-async fn off_the_runtime<T: Send + 'static>(
-    scan: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, AdminError> {
-    tokio::task::spawn_blocking(scan)
-        .await
-        .map_err(|error| AdminError::Store(format!("the report failed: {error}")))
 }
 
 fn no_prices() -> Response<GatewayBody> {

@@ -59,14 +59,23 @@ pub struct ReportArgs {
     pub gateway_bin: Option<std::path::PathBuf>,
     #[arg(long)]
     pub prices: Option<std::path::PathBuf>,
+    /// Pause after each report call of the concurrent load (a dashboard
+    /// polling; 0 sends them back to back).
+    #[arg(long, default_value_t = 250)]
+    pub report_pause_ms: u64,
     /// Bound: median over rounds of p99(with reports) / p99(quiet).
     #[arg(long, default_value_t = 1.5)]
     pub max_p99_ratio: f64,
-    /// Bound: p99 of steady-state report calls (each kind), in ms.
-    #[arg(long, default_value_t = 250.0)]
+    /// Bound: p99 of steady-state report calls answered from the rollups or
+    /// one ledger page, in ms.
+    #[arg(long, default_value_t = 100.0)]
     pub max_report_p99_ms: f64,
+    /// Bound: p99 of usage reports by end user, which scan the store once
+    /// the end-user rollup is over its cap, in ms.
+    #[arg(long, default_value_t = 5_000.0)]
+    pub max_scan_p99_ms: f64,
     /// Bound: the first `/usage` call after start-up, in ms.
-    #[arg(long, default_value_t = 10_000.0)]
+    #[arg(long, default_value_t = 5_000.0)]
     pub max_first_usage_ms: f64,
 }
 
@@ -83,8 +92,11 @@ const MODELS: [&str; 4] = ["gpt-4o-mini", "mock-gpt", "mock-claude", "gpt-4.1-mi
 fn build_store(dir: &std::path::Path, entries: u64, end_users: u64) -> anyhow::Result<Seeded> {
     let open = open_ledger(dir, LedgerConfig::default(), StoreConfig::default())?;
     let ledger = &open.ledger;
-    let now = Utc::now();
-    let start = now.date_naive().checked_sub_days(Days::new(60)).context("a start date")?;
+    let span = TimeDelta::days(30);
+    // The ledger's clock only moves forward: everything starts at the first
+    // debit's time, 30 days ago, and the debits walk up to now.
+    let now = Utc::now() - span;
+    let start = now.date_naive().checked_sub_days(Days::new(30)).context("a start date")?;
     let contract = ContractTerm {
         start,
         years: 2,
@@ -112,8 +124,7 @@ fn build_store(dir: &std::path::Path, entries: u64, end_users: u64) -> anyhow::R
         Ok(ledger.create_key(org, new, now)?.id)
     };
     let keys = [key(Owner::User(pro), &secrets[0])?, key(Owner::App(app), &secrets[1])?];
-    let span = TimeDelta::days(30);
-    let first = now - span;
+    let first = now;
     let step_ms = span.num_milliseconds() / i64::try_from(entries.max(1))?;
     let started = Instant::now();
     for n in 0..entries {
@@ -185,11 +196,12 @@ async fn timed_get(http: &Http, admin: &str, path: &str) -> anyhow::Result<(Dura
     Ok((took, body))
 }
 
-/// Report calls back to back until `stop`, one at a time: latencies (ns) per kind.
+/// Report calls one at a time, `pause` apart, until `stop`: latencies (ns) per kind.
 async fn report_load(
     http: Http,
     admin: String,
     org: OrgId,
+    pause: Duration,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<Vec<Vec<u64>>> {
     let paths = report_paths(org);
@@ -206,6 +218,7 @@ async fn report_load(
                 let page: serde_json::Value = serde_json::from_slice(&body)?;
                 cursor = page["next_cursor"].as_u64().unwrap_or(0);
             }
+            tokio::time::sleep(pause).await;
         }
     }
     Ok(latencies)
@@ -231,7 +244,8 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<bool> {
     let dir = tempfile::tempdir()?;
     let data_dir = dir.path().join("data");
     let (entries, end_users) = (args.entries, args.end_users);
-    let store_dir = data_dir.clone();
+    // The gateway keeps its store in `<data-dir>/ledger`.
+    let store_dir = data_dir.join("ledger");
     let seeded = tokio::task::spawn_blocking(move || build_store(&store_dir, entries, end_users)).await??;
 
     let mock = MockUpstream::start("127.0.0.1:0".parse()?, MockOptions::default()).await?;
@@ -273,7 +287,14 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<bool> {
         for loaded in order {
             let stop = Arc::new(AtomicBool::new(false));
             let load = loaded.then(|| {
-                tokio::spawn(report_load(http.clone(), gateway.admin.clone(), seeded.org, stop.clone()))
+                let pause = Duration::from_millis(args.report_pause_ms);
+                tokio::spawn(report_load(
+                    http.clone(),
+                    gateway.admin.clone(),
+                    seeded.org,
+                    pause,
+                    stop.clone(),
+                ))
             });
             let phase = Phase {
                 http: &http,
@@ -302,11 +323,11 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<bool> {
     }
     let ratio = median(ratios.clone());
     println!("report calls under load (ms):  p50     p99     max   calls");
-    let mut worst_report_p99 = 0.0_f64;
+    let mut report_p99 = Vec::new();
     for ((name, _), latencies) in paths.iter().zip(report_ns.iter_mut()) {
         latencies.sort_unstable();
         let p = |q| ms(percentile(latencies, q));
-        worst_report_p99 = worst_report_p99.max(p(0.99));
+        report_p99.push(p(0.99));
         println!("  {name:<16} {:>7.1} {:>7.1} {:>7.1}  {}", p(0.5), p(0.99), p(1.0), latencies.len());
     }
     println!(
@@ -323,9 +344,19 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<bool> {
             format!("≤ {}", args.max_p99_ratio),
         ),
         (
-            format!("report p99 (worst kind) {worst_report_p99:.1} ms"),
-            worst_report_p99 <= args.max_report_p99_ms,
+            format!("usage model,day p99 {:.1} ms", report_p99[0]),
+            report_p99[0] <= args.max_report_p99_ms,
             format!("≤ {} ms", args.max_report_p99_ms),
+        ),
+        (
+            format!("ledger page p99 {:.1} ms", report_p99[2]),
+            report_p99[2] <= args.max_report_p99_ms,
+            format!("≤ {} ms", args.max_report_p99_ms),
+        ),
+        (
+            format!("usage end_user p99 {:.1} ms", report_p99[1]),
+            report_p99[1] <= args.max_scan_p99_ms,
+            format!("≤ {} ms", args.max_scan_p99_ms),
         ),
         (
             format!("first /usage {:.1} ms", ms(first_usage.as_nanos() as f64)),
