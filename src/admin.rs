@@ -400,7 +400,7 @@ fn error_response(error: &AdminError) -> Response<GatewayBody> {
         other => other.to_string(),
     };
     let mut body = json!({"error": {"type": "admin_error", "code": code, "message": message}});
-    if let AdminError::BadRequest { field, .. } = error {
+    if let AdminError::BadRequest { field, .. } | AdminError::Rule { field, .. } = error {
         body["error"]["field"] = json!(field);
     }
     let mut response = json_response(status, &body);
