@@ -191,6 +191,84 @@ fn request_schema(method: &str, path: &str) -> Option<Value> {
     Some(schema)
 }
 
+/// Properties every one of which an answer has; others may follow.
+fn has(properties: Value, required: &[&str]) -> Value {
+    json!({"type": "object", "properties": properties, "required": required})
+}
+
+/// An amount in an answer: a decimal string.
+fn decimal() -> Value {
+    json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?$"})
+}
+
+fn id() -> Value {
+    json!({"type": "integer", "minimum": 0})
+}
+
+fn time() -> Value {
+    json!({"type": "string", "format": "date-time"})
+}
+
+fn organization() -> Value {
+    has(
+        json!({"id": id(), "name": {"type": "string"}, "time_zone": {"type": "string"},
+               "contracts": {"type": "array", "items": {"type": "object"}}, "created_at": time()}),
+        &["id", "name", "time_zone", "contracts", "created_at"],
+    )
+}
+
+fn usage_totals() -> Value {
+    let count = json!({"type": "integer", "minimum": 0});
+    has(
+        json!({"requests": count, "charged": decimal(), "input_tokens": count,
+               "cached_input_tokens": count, "output_tokens": count, "tool_units": count}),
+        &["requests", "charged", "input_tokens", "cached_input_tokens", "output_tokens", "tool_units"],
+    )
+}
+
+/// The JSON an endpoint answers on success, for the main routes; others
+/// are described as an object.
+fn response_schema(method: &str, path: &str) -> Value {
+    match (method, path.trim_start_matches("/admin/v1")) {
+        ("get", "/orgs") => has(json!({"orgs": {"type": "array", "items": organization()}}), &["orgs"]),
+        ("post", "/orgs") | ("get", "/orgs/{org}") => organization(),
+        ("post", "/orgs/{org}/purchases") => has(
+            json!({"entry": id(), "lot": id(), "wallet": {"type": "object"}, "amount": decimal(),
+                   "expires_at": time(), "balance_after": decimal()}),
+            &["entry", "lot", "wallet", "amount", "expires_at", "balance_after"],
+        ),
+        ("post", "/orgs/{org}/adjustments") => has(
+            json!({"entry": id(), "lot": {"anyOf": [id(), {"type": "null"}]}, "wallet": {"type": "object"},
+                   "amount": decimal(), "balance_after": decimal()}),
+            &["entry", "wallet", "amount", "balance_after"],
+        ),
+        ("get", "/orgs/{org}/balances") => has(
+            json!({"balances": {"type": "array", "items": has(
+                json!({"wallet": {"type": "object"}, "balance": decimal()}),
+                &["wallet", "balance"],
+            )}}),
+            &["balances"],
+        ),
+        ("get", "/orgs/{org}/ledger") => has(
+            json!({
+                "entries": {"type": "array", "items": has(
+                    json!({"id": id(), "at": time(), "wallet": {"type": "object"}, "org": id(),
+                           "kind": {"type": "object"}, "amount": decimal(), "balance_after": decimal()}),
+                    &["id", "at", "wallet", "org", "kind", "amount", "balance_after"],
+                )},
+                "next_cursor": {"anyOf": [id(), {"type": "null"}]},
+            }),
+            &["entries", "next_cursor"],
+        ),
+        ("get", "/orgs/{org}/usage") => has(
+            json!({"group_by": {"type": "array", "items": {"type": "string"}},
+                   "rows": {"type": "array", "items": usage_totals()}, "total": usage_totals()}),
+            &["group_by", "rows", "total"],
+        ),
+        _ => json!({"type": "object"}),
+    }
+}
+
 /// Query parameters of the read endpoints. An empty value (`?limit=`) is
 /// the same as leaving the parameter out.
 fn query_parameters(path: &str) -> Vec<Value> {
@@ -241,10 +319,11 @@ fn responses(route: &RouteDoc) -> Value {
         } else {
             ("200", "OK")
         };
+    let schema = response_schema(route.method, route.path);
     let body = if route.path.ends_with("/usage") {
-        json!({"application/json": {"schema": {"type": "object"}}, "text/csv": {"schema": {"type": "string"}}})
+        json!({"application/json": {"schema": schema}, "text/csv": {"schema": {"type": "string"}}})
     } else {
-        json!({"application/json": {"schema": {"type": "object"}}})
+        json!({"application/json": {"schema": schema}})
     };
     let mut answers = json!({
         success.0: {"description": success.1, "content": body},
@@ -266,6 +345,12 @@ fn responses(route: &RouteDoc) -> Value {
     }
     if route.path.ends_with("/reload") {
         answers["422"] = error("The price file is invalid; the previous table stays in force");
+    } else if request_schema(route.method, route.path).is_some() {
+        answers["422"] = error(
+            "`rule_refused`: the body has the documented shape but a rule refuses it (no contract in \
+             force, an expiry already past, an overlapping term, an unknown time zone, a webhook to a \
+             private address, ...); `field` names what",
+        );
     }
     answers
 }
