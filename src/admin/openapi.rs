@@ -69,6 +69,17 @@ fn amount() -> Value {
     json!({"type": "string", "pattern": AMOUNT_PATTERN, "examples": ["12.50"]})
 }
 
+/// An amount of at least zero (alert thresholds).
+fn non_negative_amount() -> Value {
+    json!({"type": "string", "pattern": AMOUNT_PATTERN.replacen("-?", "", 1), "examples": ["100"]})
+}
+
+/// A share in percent, at most 100 with at most 9 places (zero is refused
+/// as a rule: 422).
+fn percent() -> Value {
+    json!({"type": "string", "pattern": "^(100(\\.0{1,9})?|[0-9]{1,2}(\\.[0-9]{1,9})?)$", "examples": ["80"]})
+}
+
 /// An amount or null (left unset).
 fn optional_amount() -> Value {
     json!({"type": ["string", "null"], "pattern": AMOUNT_PATTERN})
@@ -104,7 +115,7 @@ fn contract() -> Value {
 fn wallet() -> Value {
     json!({"oneOf": [
         {"type": "string", "enum": ["pool"]},
-        object(json!({"lite_user": {"type": "integer", "minimum": 0}}), &["lite_user"]),
+        object(json!({"lite_user": {"type": "integer", "minimum": 0, "maximum": u64::MAX}}), &["lite_user"]),
     ]})
 }
 
@@ -133,8 +144,8 @@ fn condition() -> Value {
         object(properties, &all)
     };
     json!({"oneOf": [
-        tagged("consumed_share", json!({"percent": amount()}), &["percent"]),
-        tagged("balance_below", json!({"amount": amount()}), &["amount"]),
+        tagged("consumed_share", json!({"percent": percent()}), &["percent"]),
+        tagged("balance_below", json!({"amount": non_negative_amount()}), &["amount"]),
         tagged("lite_wallet_empty", json!({}), &[]),
         tagged("spend_limit_reached", json!({}), &[]),
         tagged("usage_over_hold", json!({}), &[]),
@@ -166,7 +177,7 @@ fn request_schema(method: &str, path: &str) -> Option<Value> {
             object(json!({"limits": limits(), "end_user_limits": limits()}), &[])
         }
         ("post", "/orgs/{org}/keys") => object(
-            json!({"user": {"type": ["integer", "null"], "minimum": 0}, "app": {"type": ["integer", "null"], "minimum": 0}, "label": {"type": "string"}, "limits": limits()}),
+            json!({"user": {"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX}, "app": {"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX}, "label": {"type": "string"}, "limits": limits()}),
             &[],
         ),
         ("put", "/orgs/{org}/keys/{key}/limits") => limits(),
@@ -276,8 +287,11 @@ fn query_parameters(path: &str) -> Vec<Value> {
         "/admin/v1/orgs/{org}/ledger" => vec![
             ("after", json!({"type": "string", "pattern": "^[0-9]*$"})),
             ("limit", json!({"type": "string", "pattern": "^[0-9]*$"})),
-            ("wallet", json!({"type": "string"})),
-            ("kind", json!({"type": "string"})),
+            ("wallet", json!({"type": "string", "pattern": "^(pool|lite:[0-9]{1,19})?$"})),
+            (
+                "kind",
+                json!({"type": "string", "enum": ["", "grant", "purchase", "adjustment", "debit", "write_off"]}),
+            ),
             ("key", json!({"type": "string", "pattern": "^[0-9]*$"})),
             ("user", json!({"type": "string", "pattern": "^[0-9]*$"})),
             ("from", query_time()),
