@@ -26,7 +26,9 @@
 //!   `POST .../keys/{key}/revoke`, `PUT .../keys/{key}/limits`,
 //!   `PUT .../keys/{key}/scope` (allowed routes and models).
 //! - `POST /admin/v1/orgs/{org}/purchases`, `POST .../adjustments` — need an
-//!   `Idempotency-Key` header; a replay returns the original result.
+//!   `Idempotency-Key` header; a replay returns the original result. A 503
+//!   `outcome_unknown` (the store failed mid-write) is settled by retrying
+//!   with the same key once `/readyz` is 200: it answers the one result.
 //! - `GET /admin/v1/orgs/{org}/balances` — pool and Lite wallets, lots, holds.
 //! - `GET|POST /admin/v1/orgs/{org}/alerts`, `GET .../alerts/deliveries` —
 //!   alert rules (signed webhooks, public addresses only unless
@@ -39,6 +41,7 @@
 //!   JSON or CSV (`format=csv` or `Accept: text/csv`).
 
 mod api;
+mod background;
 pub mod cli;
 pub mod client;
 mod error;
@@ -178,6 +181,25 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// Builds the usage rollups from the store on a low-priority thread,
+    /// off the request path, so the first report does not scan the store.
+    /// Stops at the next step once `shutdown` is cancelled.
+    pub fn build_rollups(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let (entries, rollups) = (self.entries.clone(), self.rollups.clone());
+        let started = background::spawn("usage-rollups", move || {
+            let started = std::time::Instant::now();
+            match rollups.catch_up(&*entries, &|| shutdown.is_cancelled()) {
+                Ok(true) => tracing::info!(elapsed_ms = started.elapsed().as_millis(), "usage rollups built"),
+                Ok(false) => {}
+                // A report will try again (and answer the error) when called.
+                Err(error) => tracing::warn!(%error, "building the usage rollups failed"),
+            }
+        });
+        if let Err(error) = started {
+            tracing::warn!(%error, "the usage rollups will be built by the first report");
+        }
+    }
+
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
@@ -259,7 +281,7 @@ impl Admin {
                     }
                     (&Method::GET, ["ledger"]) => {
                         let entries = self.entries.clone();
-                        off_the_runtime(move || reports::ledger_page(&*entries, org, &params)).await??
+                        background::report(move || reports::ledger_page(&*entries, org, &params)).await??
                     }
                     (&Method::GET, ["usage"]) => {
                         if params.get("format").is_some_and(|f| f != "csv" && f != "json") {
@@ -272,7 +294,7 @@ impl Admin {
                                 .and_then(|v| v.to_str().ok())
                                 .is_some_and(|a| a.contains("text/csv"));
                         let (entries, rollups) = (self.entries.clone(), self.rollups.clone());
-                        let (status, text, content_type) = off_the_runtime(move || {
+                        let (status, text, content_type) = background::report(move || {
                             reports::usage(&*entries, &rollups, org, time_zone, &params, wants_csv)
                         })
                         .await??;
@@ -345,16 +367,6 @@ impl Admin {
     }
 }
 
-/// Runs a report's store scan on tokio's blocking pool: it reads and
-/// decodes many records, and must not hold a runtime thread the proxy shares.
-async fn off_the_runtime<T: Send + 'static>(
-    scan: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, AdminError> {
-    tokio::task::spawn_blocking(scan)
-        .await
-        .map_err(|error| AdminError::Store(format!("the report failed: {error}")))
-}
-
 fn no_prices() -> Response<GatewayBody> {
     error(StatusCode::NOT_FOUND, "no_price_table", "this gateway has no [pricing] file configured")
 }
@@ -388,7 +400,7 @@ fn error_response(error: &AdminError) -> Response<GatewayBody> {
         other => other.to_string(),
     };
     let mut body = json!({"error": {"type": "admin_error", "code": code, "message": message}});
-    if let AdminError::BadRequest { field, .. } = error {
+    if let AdminError::BadRequest { field, .. } | AdminError::Rule { field, .. } = error {
         body["error"]["field"] = json!(field);
     }
     let mut response = json_response(status, &body);

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{Admin, AdminError, EntryReader, OrgAccess, Readiness};
+use crate::admin::{Admin, AdminError, EntryReader, OrgAccess, Readiness, Rollups};
 use crate::alerts::{Alerts, DestinationPolicy};
 use crate::clock::{Clock, SystemClock};
 use crate::config::GatewayConfig;
@@ -121,8 +121,9 @@ impl Gateway {
             },
             alerts,
             body_read_timeout: config.server.header_read_timeout,
-            rollups: Arc::default(),
+            rollups: Arc::new(Rollups::new(config.admin.usage_rollup_max_rows)),
         });
+        admin.build_rollups(shutdown.clone());
         let admin_options = ServeOptions { name: "admin", ..options };
         let admin_task = tokio::spawn(server::serve(
             admin_listener,

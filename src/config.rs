@@ -118,7 +118,12 @@ pub struct PricingConfig {
     pub watch_interval: Duration,
 }
 
-#[derive(Clone, Default)]
+/// Rows an organization's usage rollup may hold before that organization's
+/// reports scan the ledger instead. A row is about 200 bytes, so the
+/// default bounds a rollup near 20 MB.
+pub const DEFAULT_USAGE_ROLLUP_MAX_ROWS: usize = 100_000;
+
+#[derive(Clone)]
 pub struct AdminConfig {
     /// The operator token for `/admin/v1` (all orgs). `None` disables the
     /// admin API; health, readiness and metrics stay open.
@@ -129,6 +134,20 @@ pub struct AdminConfig {
     /// Networks alert webhooks may reach beyond public addresses (loopback,
     /// private ranges and metadata addresses are refused otherwise).
     pub alert_webhook_allow: Vec<ipnet::IpNet>,
+    /// Rows one organization's usage rollup may hold; past it that
+    /// organization's usage reports scan the ledger instead.
+    pub usage_rollup_max_rows: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            operator_token: None,
+            org_tokens: Vec::new(),
+            alert_webhook_allow: Vec::new(),
+            usage_rollup_max_rows: DEFAULT_USAGE_ROLLUP_MAX_ROWS,
+        }
+    }
 }
 
 /// An organization-scoped admin token.
@@ -464,6 +483,8 @@ struct RawAdmin {
     /// CIDR networks alert webhooks may reach besides public addresses.
     #[serde(default)]
     alert_webhook_allow: Vec<ipnet::IpNet>,
+    /// Rows per organization's usage rollup (default 100,000).
+    usage_rollup_max_rows: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -573,6 +594,7 @@ impl GatewayConfig {
                 })
                 .collect(),
             alert_webhook_allow: admin.alert_webhook_allow,
+            usage_rollup_max_rows: admin.usage_rollup_max_rows.unwrap_or(DEFAULT_USAGE_ROLLUP_MAX_ROWS),
         };
 
         let traffic = validate_traffic(&mut checker, top.traffic);

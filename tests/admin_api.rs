@@ -926,3 +926,45 @@ async fn money_inputs_finer_than_a_nano_dollar_are_refused_everywhere() {
     assert_eq!(exact.status, 201, "{:?}", exact.body);
     assert_eq!(dec(&exact.json()["balance_after"]), dec(&json!("60.000000001")));
 }
+
+#[tokio::test]
+async fn schema_valid_bodies_that_a_rule_refuses_answer_422_naming_the_field() {
+    // Proves 400 means "not the documented shape" and 422 `rule_refused`
+    // means "well-formed, but the books' rules refuse it": an expiry already
+    // past, a term overlapping the current one, a Lite user without an
+    // allowance and a key with two owners all answer 422, and change nothing.
+    let stack = start().await;
+    let (org, ids) = org_b(&stack).await;
+    let base = format!("/admin/v1/orgs/{org}");
+    let today = chrono::Utc::now().date_naive().to_string();
+    let cases = [
+        (format!("{base}/purchases"), json!({"amount": "5", "expires_at": "2001-01-01T00:00:00Z"}), None),
+        (
+            format!("{base}/contracts"),
+            json!({"start": today, "years": 1, "platform_allocation_per_year": "10"}),
+            None,
+        ),
+        (format!("{base}/users"), json!({"name": "l", "plan": "lite"}), Some("lite_monthly_allowance")),
+        (format!("{base}/keys"), json!({"user": ids["pro"], "app": ids["app"]}), Some("user")),
+    ];
+    let before = call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/balances"), None, &[]).await;
+    for (path, body, field) in cases {
+        let reply = call(
+            &stack,
+            ADMIN_TOKEN,
+            Method::POST,
+            &path,
+            Some(body.clone()),
+            &[("idempotency-key", "rule")],
+        )
+        .await;
+        assert_eq!(reply.status, 422, "{path} {body}: {:?}", reply.body);
+        let error = reply.json()["error"].clone();
+        assert_eq!(error["code"], "rule_refused", "{path}: {error}");
+        if let Some(field) = field {
+            assert_eq!(error["field"], field, "{path}: {error}");
+        }
+    }
+    let after = call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/balances"), None, &[]).await;
+    assert_eq!(before.json(), after.json(), "no refused call changed a wallet");
+}

@@ -224,7 +224,7 @@ async fn webhooks_to_internal_addresses_are_refused_with_one_generic_answer() {
     ] {
         let rule = json!({"wallet": "pool", "condition": {"type": "balance_below", "amount": "1000"}, "webhook_url": target, "secret": SECRET});
         let reply = admin_as(&stack, ORG_TOKEN, Method::POST, &path, Some(rule)).await;
-        assert_eq!(reply.status, 400, "{target}: {:?}", reply.body);
+        assert_eq!(reply.status, 422, "a well-formed URL the policy refuses: {target}: {:?}", reply.body);
         assert_eq!(reply.json()["error"]["field"], "webhook_url");
         messages.push(reply.json()["error"]["message"].clone());
     }

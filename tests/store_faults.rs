@@ -398,3 +398,59 @@ fn a_full_disk_makes_the_gateway_unready_and_it_resumes_when_space_returns() {
     let verified = verify(&data);
     assert!(verified.status.success(), "the books add up and hold no record twice: {}", text(&verified));
 }
+
+#[test]
+fn a_money_write_answered_503_on_a_full_disk_is_answered_once_on_a_retry_after_recovery() {
+    // Proves the honest semantics of a purchase whose disk fails: the 503
+    // says the outcome is unknown and to retry with the same
+    // Idempotency-Key; after space returns, that retry answers 201 with the
+    // one purchase (whether the first call landed or not), a second retry
+    // answers the same, and the pool holds the credit exactly once per key.
+    let setup = setup();
+    let Some(tmpfs) = Tmpfs::mount(setup.dir.path().join("tmpfs")) else {
+        panic!("this test needs a tmpfs (run as root, or where `mount -t tmpfs` is allowed)");
+    };
+    let data = tmpfs.0.join("data");
+    let gateway = Gateway::start(&setup.config, &data);
+    let (org, _) = seed(&gateway);
+    let filler = tmpfs.fill();
+    // Write until the store fails (sled may still have room in a segment).
+    let mut unknown = Vec::new();
+    for n in 0..500 {
+        let key = format!("unknown-{n}");
+        let (status, body) = purchase(&gateway, org, &key);
+        if status == 503 {
+            assert_eq!(body["error"]["code"], "outcome_unknown", "{body}");
+            let message = body["error"]["message"].as_str().unwrap_or("");
+            assert!(message.contains("same Idempotency-Key"), "the 503 says how to retry: {body}");
+            unknown.push(key);
+            if unknown.len() == 3 {
+                break;
+            }
+        }
+    }
+    assert!(!unknown.is_empty(), "the store never failed on a full disk");
+
+    std::fs::remove_file(&filler).unwrap();
+    let ready = || http(&gateway.admin, "GET", "/readyz", "", "").0 == 200;
+    wait_for("the store to recover", ready);
+    for key in &unknown {
+        let (status, first) = purchase(&gateway, org, key);
+        assert_eq!(status, 201, "the retry of {key} answers the purchase: {first}");
+        let (status, again) = purchase(&gateway, org, key);
+        assert_eq!((status, &again), (201, &first), "a second retry answers the same purchase");
+    }
+    let entries = ledger(&gateway, org);
+    let keys: Vec<&str> = entries
+        .iter()
+        .filter(|entry| entry["kind"]["type"] == "purchase")
+        .map(|entry| entry["kind"]["idempotency_key"].as_str().unwrap())
+        .collect();
+    for key in &unknown {
+        assert_eq!(keys.iter().filter(|k| *k == key).count(), 1, "{key} is bought exactly once: {keys:?}");
+    }
+    let (_, balances) = gateway.admin("GET", &format!("/admin/v1/orgs/{org}/balances"), &json!({}), None);
+    let pool: rust_decimal::Decimal = balances["balances"][0]["balance"].as_str().unwrap().parse().unwrap();
+    let bought = rust_decimal::Decimal::from(keys.len());
+    assert_eq!(pool, rust_decimal::Decimal::from(1000) + bought, "one credit per purchase: {balances}");
+}

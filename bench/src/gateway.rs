@@ -108,6 +108,7 @@ pub fn write_through_off_switch(
 }
 
 impl Gateway {
+    /// Starts the gateway on `data_dir`, or on a new temporary one.
     pub async fn start(
         name: &'static str,
         bin: &Path,
@@ -115,11 +116,12 @@ impl Gateway {
         prices: &Path,
         extra: &str,
         http: &Http,
+        data_dir: Option<PathBuf>,
     ) -> anyhow::Result<Gateway> {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, config_text(mock, prices, extra))?;
-        let data_dir = dir.path().join("data");
+        let data_dir = data_dir.unwrap_or_else(|| dir.path().join("data"));
         let mut child = Command::new(bin)
             .args(["serve", "--config"])
             .arg(&config_path)

@@ -55,7 +55,8 @@ impl Metered {
         http: &Http,
     ) -> anyhow::Result<Metered> {
         let gateway =
-            Gateway::start(name, &settings.gateway_bin, mock.addr(), &settings.prices, extra, http).await?;
+            Gateway::start(name, &settings.gateway_bin, mock.addr(), &settings.prices, extra, http, None)
+                .await?;
         let admin = Admin { http: http.clone(), addr: gateway.admin.clone(), token: ADMIN_TOKEN.to_owned() };
         let tenants = tenants::seed(&admin, &settings.tenants)
             .await

@@ -14,6 +14,7 @@
 //! - [`sse`]      — per-event delay of paced streams
 //! - [`audit`]    — the books against the mock's usage and the price file
 //! - [`report`]   — the human table and the JSON report
+//! - [`reports`]  — `creditgate-reports`: admin reports on a 1M-entry store against proxy p99
 //! - [`harness`]  — the whole run
 
 pub mod audit;
@@ -25,6 +26,7 @@ pub mod harness;
 pub mod mix;
 pub mod nginx;
 pub mod report;
+pub mod reports;
 pub mod settings;
 pub mod sse;
 pub mod stats;

@@ -360,7 +360,9 @@ pub fn org_resource(call: &OrgCall<'_>, method: &Method, rest: &[&str], body: &[
                 reference: raw.reference,
                 idempotency_key: idempotency_key(headers)?,
             };
-            Ok((StatusCode::CREATED, json!(ledger.purchase(request, now)?)))
+            let receipt =
+                ledger.purchase(request, now).map_err(|e| AdminError::money_write("purchase", e))?;
+            Ok((StatusCode::CREATED, json!(receipt)))
         }
         (&Method::POST, ["adjustments"]) => {
             scope.require_finance()?;
@@ -377,7 +379,9 @@ pub fn org_resource(call: &OrgCall<'_>, method: &Method, rest: &[&str], body: &[
                 expires_at: raw.expires_at,
                 idempotency_key: idempotency_key(headers)?,
             };
-            Ok((StatusCode::CREATED, json!(ledger.adjust(request, now)?)))
+            let receipt =
+                ledger.adjust(request, now).map_err(|e| AdminError::money_write("adjustment", e))?;
+            Ok((StatusCode::CREATED, json!(receipt)))
         }
         (&Method::GET, ["balances"]) => {
             let balances = ledger
@@ -397,7 +401,7 @@ fn create_user(call: &OrgCall<'_>, body: &[u8]) -> Answer {
     let plan: Plan = raw.plan.into();
     let allowance = amount(raw.lite_monthly_allowance).unwrap_or(Decimal::ZERO);
     if plan == Plan::Lite && raw.lite_monthly_allowance.is_none() {
-        return Err(AdminError::bad("lite_monthly_allowance", "required for a Lite user, e.g. \"10.00\""));
+        return Err(AdminError::rule("lite_monthly_allowance", "required for a Lite user, e.g. \"10.00\""));
     }
     // A Lite user is granted their allowance at once and every month; an
     // allowance or pro-rating set now is granted on a later downgrade.
@@ -460,7 +464,7 @@ fn create_key(call: &OrgCall<'_>, body: &[u8]) -> Answer {
     let owner = match (raw.user, raw.app) {
         (Some(user), None) => Owner::User(UserId(user)),
         (None, Some(app)) => Owner::App(AppId(app)),
-        _ => return Err(AdminError::bad("user", "name exactly one owner: \"user\": ID or \"app\": ID")),
+        _ => return Err(AdminError::rule("user", "name exactly one owner: \"user\": ID or \"app\": ID")),
     };
     let secret = new_secret();
     let new =
@@ -524,8 +528,13 @@ pub fn alert_resource(
             };
             let rule = alerts.add_rule(org, wallet, raw.condition, raw.webhook_url, raw.secret).map_err(
                 |e| match e {
+                    // A URL of the documented form to an address the policy
+                    // refuses is a rule; anything else is the wrong shape.
+                    AlertError::Invalid { field: field @ "webhook_url", reason } => {
+                        AdminError::rule(field, reason)
+                    }
                     AlertError::Invalid { field, reason } => AdminError::bad(field, reason),
-                    AlertError::TooMany { .. } => AdminError::bad("body", e.to_string()),
+                    AlertError::TooMany { .. } => AdminError::rule("body", e.to_string()),
                     AlertError::Save { .. } | AlertError::Load { .. } => AdminError::Store(e.to_string()),
                 },
             )?;

@@ -25,12 +25,26 @@ pub enum AdminError {
     MethodNotAllowed { method: String, path: String, allow: String },
     #[error("`{field}`: {reason}")]
     BadRequest { field: String, reason: String },
+    /// A body the schema accepts, refused by a rule a schema cannot state
+    /// (a Lite user without an allowance, one owner of two, a webhook to a
+    /// private address): 422, so 400 always means "not the documented shape".
+    #[error("`{field}`: {reason}")]
+    Rule { field: String, reason: String },
     #[error("the {0} header is required: a retry with the same key changes nothing")]
     MissingHeader(&'static str),
     #[error("{0}")]
     Ledger(LedgerError),
     #[error("the ledger store could not be read: {0}")]
     Store(String),
+    /// A purchase or adjustment met a failing store: it may have been
+    /// credited in memory and become durable once the store recovers, or not
+    /// at all, so the caller cannot know. Its idempotency key settles it.
+    #[error(
+        "the outcome of this {operation} is unknown: the store failed ({reason}). It may or may not \
+         have been recorded. Retry with the same Idempotency-Key once GET /readyz answers 200: the \
+         retry answers the original result, and never credits twice"
+    )]
+    OutcomeUnknown { operation: &'static str, reason: String },
 }
 
 impl From<LedgerError> for AdminError {
@@ -40,8 +54,23 @@ impl From<LedgerError> for AdminError {
 }
 
 impl AdminError {
+    /// The answer to a money write that failed: a failing store makes its
+    /// outcome unknown; anything else did nothing.
+    pub fn money_write(operation: &'static str, error: LedgerError) -> Self {
+        match error {
+            LedgerError::Unavailable(reason) => {
+                AdminError::OutcomeUnknown { operation, reason: reason.to_string() }
+            }
+            other => AdminError::Ledger(other),
+        }
+    }
+
     pub fn bad(field: impl Into<String>, reason: impl Into<String>) -> Self {
         AdminError::BadRequest { field: field.into(), reason: reason.into() }
+    }
+
+    pub fn rule(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        AdminError::Rule { field: field.into(), reason: reason.into() }
     }
 
     /// Status and stable code. Anything of another organization answers 404,
@@ -56,8 +85,10 @@ impl AdminError {
             AdminError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
             AdminError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             AdminError::BadRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
+            AdminError::Rule { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "rule_refused"),
             AdminError::MissingHeader(_) => (StatusCode::BAD_REQUEST, "missing_header"),
             AdminError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            AdminError::OutcomeUnknown { .. } => (StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown"),
             AdminError::Ledger(error) => ledger_class(error),
         }
     }
@@ -74,6 +105,10 @@ fn ledger_class(error: &LedgerError) -> (StatusCode, &'static str) {
         | LedgerError::CrossOrg { .. } => (StatusCode::NOT_FOUND, "not_found"),
         LedgerError::IdempotencyConflict { .. } => (StatusCode::CONFLICT, "idempotency_conflict"),
         LedgerError::DuplicateKey => (StatusCode::CONFLICT, "duplicate_key"),
-        _ => (StatusCode::BAD_REQUEST, "invalid_request"),
+        LedgerError::BadIdempotencyKey { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+        // The request has the documented shape; the books' rules refuse it
+        // (no contract in force, an expiry already past, an overlapping
+        // term, an amount that must be positive, ...).
+        _ => (StatusCode::UNPROCESSABLE_ENTITY, "rule_refused"),
     }
 }

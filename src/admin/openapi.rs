@@ -69,6 +69,17 @@ fn amount() -> Value {
     json!({"type": "string", "pattern": AMOUNT_PATTERN, "examples": ["12.50"]})
 }
 
+/// An amount of at least zero (alert thresholds).
+fn non_negative_amount() -> Value {
+    json!({"type": "string", "pattern": AMOUNT_PATTERN.replacen("-?", "", 1), "examples": ["100"]})
+}
+
+/// A share in percent, at most 100 with at most 9 places (zero is refused
+/// as a rule: 422).
+fn percent() -> Value {
+    json!({"type": "string", "pattern": "^(100(\\.0{1,9})?|[0-9]{1,2}(\\.[0-9]{1,9})?)$", "examples": ["80"]})
+}
+
 /// An amount or null (left unset).
 fn optional_amount() -> Value {
     json!({"type": ["string", "null"], "pattern": AMOUNT_PATTERN})
@@ -104,7 +115,7 @@ fn contract() -> Value {
 fn wallet() -> Value {
     json!({"oneOf": [
         {"type": "string", "enum": ["pool"]},
-        object(json!({"lite_user": {"type": "integer", "minimum": 0}}), &["lite_user"]),
+        object(json!({"lite_user": {"type": "integer", "minimum": 0, "maximum": u64::MAX}}), &["lite_user"]),
     ]})
 }
 
@@ -133,8 +144,8 @@ fn condition() -> Value {
         object(properties, &all)
     };
     json!({"oneOf": [
-        tagged("consumed_share", json!({"percent": amount()}), &["percent"]),
-        tagged("balance_below", json!({"amount": amount()}), &["amount"]),
+        tagged("consumed_share", json!({"percent": percent()}), &["percent"]),
+        tagged("balance_below", json!({"amount": non_negative_amount()}), &["amount"]),
         tagged("lite_wallet_empty", json!({}), &[]),
         tagged("spend_limit_reached", json!({}), &[]),
         tagged("usage_over_hold", json!({}), &[]),
@@ -166,7 +177,7 @@ fn request_schema(method: &str, path: &str) -> Option<Value> {
             object(json!({"limits": limits(), "end_user_limits": limits()}), &[])
         }
         ("post", "/orgs/{org}/keys") => object(
-            json!({"user": {"type": ["integer", "null"], "minimum": 0}, "app": {"type": ["integer", "null"], "minimum": 0}, "label": {"type": "string"}, "limits": limits()}),
+            json!({"user": {"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX}, "app": {"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX}, "label": {"type": "string"}, "limits": limits()}),
             &[],
         ),
         ("put", "/orgs/{org}/keys/{key}/limits") => limits(),
@@ -191,6 +202,84 @@ fn request_schema(method: &str, path: &str) -> Option<Value> {
     Some(schema)
 }
 
+/// Properties every one of which an answer has; others may follow.
+fn has(properties: Value, required: &[&str]) -> Value {
+    json!({"type": "object", "properties": properties, "required": required})
+}
+
+/// An amount in an answer: a decimal string.
+fn decimal() -> Value {
+    json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?$"})
+}
+
+fn id() -> Value {
+    json!({"type": "integer", "minimum": 0})
+}
+
+fn time() -> Value {
+    json!({"type": "string", "format": "date-time"})
+}
+
+fn organization() -> Value {
+    has(
+        json!({"id": id(), "name": {"type": "string"}, "time_zone": {"type": "string"},
+               "contracts": {"type": "array", "items": {"type": "object"}}, "created_at": time()}),
+        &["id", "name", "time_zone", "contracts", "created_at"],
+    )
+}
+
+fn usage_totals() -> Value {
+    let count = json!({"type": "integer", "minimum": 0});
+    has(
+        json!({"requests": count, "charged": decimal(), "input_tokens": count,
+               "cached_input_tokens": count, "output_tokens": count, "tool_units": count}),
+        &["requests", "charged", "input_tokens", "cached_input_tokens", "output_tokens", "tool_units"],
+    )
+}
+
+/// The JSON an endpoint answers on success, for the main routes; others
+/// are described as an object.
+fn response_schema(method: &str, path: &str) -> Value {
+    match (method, path.trim_start_matches("/admin/v1")) {
+        ("get", "/orgs") => has(json!({"orgs": {"type": "array", "items": organization()}}), &["orgs"]),
+        ("post", "/orgs") | ("get", "/orgs/{org}") => organization(),
+        ("post", "/orgs/{org}/purchases") => has(
+            json!({"entry": id(), "lot": id(), "wallet": {"type": "object"}, "amount": decimal(),
+                   "expires_at": time(), "balance_after": decimal()}),
+            &["entry", "lot", "wallet", "amount", "expires_at", "balance_after"],
+        ),
+        ("post", "/orgs/{org}/adjustments") => has(
+            json!({"entry": id(), "lot": {"anyOf": [id(), {"type": "null"}]}, "wallet": {"type": "object"},
+                   "amount": decimal(), "balance_after": decimal()}),
+            &["entry", "wallet", "amount", "balance_after"],
+        ),
+        ("get", "/orgs/{org}/balances") => has(
+            json!({"balances": {"type": "array", "items": has(
+                json!({"wallet": {"type": "object"}, "balance": decimal()}),
+                &["wallet", "balance"],
+            )}}),
+            &["balances"],
+        ),
+        ("get", "/orgs/{org}/ledger") => has(
+            json!({
+                "entries": {"type": "array", "items": has(
+                    json!({"id": id(), "at": time(), "wallet": {"type": "object"}, "org": id(),
+                           "kind": {"type": "object"}, "amount": decimal(), "balance_after": decimal()}),
+                    &["id", "at", "wallet", "org", "kind", "amount", "balance_after"],
+                )},
+                "next_cursor": {"anyOf": [id(), {"type": "null"}]},
+            }),
+            &["entries", "next_cursor"],
+        ),
+        ("get", "/orgs/{org}/usage") => has(
+            json!({"group_by": {"type": "array", "items": {"type": "string"}},
+                   "rows": {"type": "array", "items": usage_totals()}, "total": usage_totals()}),
+            &["group_by", "rows", "total"],
+        ),
+        _ => json!({"type": "object"}),
+    }
+}
+
 /// Query parameters of the read endpoints. An empty value (`?limit=`) is
 /// the same as leaving the parameter out.
 fn query_parameters(path: &str) -> Vec<Value> {
@@ -198,8 +287,11 @@ fn query_parameters(path: &str) -> Vec<Value> {
         "/admin/v1/orgs/{org}/ledger" => vec![
             ("after", json!({"type": "string", "pattern": "^[0-9]*$"})),
             ("limit", json!({"type": "string", "pattern": "^[0-9]*$"})),
-            ("wallet", json!({"type": "string"})),
-            ("kind", json!({"type": "string"})),
+            ("wallet", json!({"type": "string", "pattern": "^(pool|lite:[0-9]{1,19})?$"})),
+            (
+                "kind",
+                json!({"type": "string", "enum": ["", "grant", "purchase", "adjustment", "debit", "write_off"]}),
+            ),
             ("key", json!({"type": "string", "pattern": "^[0-9]*$"})),
             ("user", json!({"type": "string", "pattern": "^[0-9]*$"})),
             ("from", query_time()),
@@ -241,10 +333,11 @@ fn responses(route: &RouteDoc) -> Value {
         } else {
             ("200", "OK")
         };
+    let schema = response_schema(route.method, route.path);
     let body = if route.path.ends_with("/usage") {
-        json!({"application/json": {"schema": {"type": "object"}}, "text/csv": {"schema": {"type": "string"}}})
+        json!({"application/json": {"schema": schema}, "text/csv": {"schema": {"type": "string"}}})
     } else {
-        json!({"application/json": {"schema": {"type": "object"}}})
+        json!({"application/json": {"schema": schema}})
     };
     let mut answers = json!({
         success.0: {"description": success.1, "content": body},
@@ -258,9 +351,20 @@ fn responses(route: &RouteDoc) -> Value {
     if route.path.ends_with("/purchases") || route.path.ends_with("/adjustments") {
         answers["409"] =
             error("The Idempotency-Key was used for a different request; `message` names the field");
+        answers["503"] = error(
+            "`outcome_unknown`: the store failed, so the write may or may not have been recorded; \
+             retry with the same Idempotency-Key once /readyz answers 200 (the retry answers the \
+             original result and never credits twice)",
+        );
     }
     if route.path.ends_with("/reload") {
         answers["422"] = error("The price file is invalid; the previous table stays in force");
+    } else if request_schema(route.method, route.path).is_some() {
+        answers["422"] = error(
+            "`rule_refused`: the body has the documented shape but a rule refuses it (no contract in \
+             force, an expiry already past, an overlapping term, an unknown time zone, a webhook to a \
+             private address, ...); `field` names what",
+        );
     }
     answers
 }

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::api::Answer;
 use super::error::AdminError;
-use super::rollup::{self, Rollups, RowKey, Totals};
+use super::rollup::{self, Grain, Rollups, RowKey, Totals};
 use crate::ledger::entry::{EntryKind, LedgerEntry};
 use crate::ledger::ids::{OrgId, Owner, UserId, WalletId};
 
@@ -191,7 +191,8 @@ const DIMENSIONS: [&str; 9] = ["user", "app", "key", "end_user", "model", "tool"
 /// Days and months are the organization's, in its time zone.
 ///
 /// A range whose ends fall on quarter hours (or are open) is read from the
-/// per-organization rollups; any other range scans the entries.
+/// per-organization rollups, unless the rollup it needs went over its cap;
+/// any other range scans the entries.
 pub fn usage(
     source: EntrySource<'_>,
     rollups: &Rollups,
@@ -212,16 +213,20 @@ pub fn usage(
     let mut fold = |key: &RowKey, totals: &Totals| {
         groups.entry(group_key(&group_by, key, time_zone)).or_default().add(totals);
     };
-    if from.is_none_or(rollup::on_boundary) && to.is_none_or(rollup::on_boundary) {
-        let (from, to) = (from.map(|f| f.timestamp()), to.map(|t| t.timestamp()));
-        rollups.read(source, org, |rows| {
-            for (key, totals) in rows {
-                if from.is_none_or(|f| key.bucket >= f) && to.is_none_or(|t| key.bucket < t) {
-                    fold(key, totals);
+    let aligned = from.is_none_or(rollup::on_boundary) && to.is_none_or(rollup::on_boundary);
+    let grain = if group_by.iter().any(|d| d == "end_user") { Grain::Fine } else { Grain::Coarse };
+    let from_rollup = aligned
+        && rollups
+            .read(source, org, grain, |rows| {
+                let (from, to) = (from.map(|f| f.timestamp()), to.map(|t| t.timestamp()));
+                for (key, totals) in rows {
+                    if from.is_none_or(|f| key.bucket >= f) && to.is_none_or(|t| key.bucket < t) {
+                        fold(key, totals);
+                    }
                 }
-            }
-        })?;
-    } else {
+            })?
+            .is_some();
+    if !from_rollup {
         let mut cursor = 0;
         loop {
             let (step, last) = source(cursor, SCAN_STEP)?;

@@ -155,7 +155,6 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Guard<V> {
         visit_u64(u64),
         visit_u128(u128),
         visit_f32(f32),
-        visit_f64(f64),
         visit_char(char),
         visit_str(&str),
         visit_borrowed_str(&'de str),
@@ -163,6 +162,22 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Guard<V> {
         visit_bytes(&[u8]),
         visit_borrowed_bytes(&'de [u8]),
         visit_byte_buf(Vec<u8>),
+    }
+
+    /// JSON Schema counts `5.0` as an integer, and the OpenAPI document
+    /// says "integer": an integral number in range is handed on as one.
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<V::Value, E> {
+        const TWO_POW_64: f64 = 18_446_744_073_709_551_616.0;
+        const MINUS_TWO_POW_63: f64 = -9_223_372_036_854_775_808.0;
+        if value.fract() == 0.0 {
+            if (0.0..TWO_POW_64).contains(&value) {
+                return self.visitor.visit_u64(value as u64);
+            }
+            if (MINUS_TWO_POW_63..0.0).contains(&value) {
+                return self.visitor.visit_i64(value as i64);
+            }
+        }
+        self.visitor.visit_f64(value)
     }
 
     fn visit_none<E: de::Error>(self) -> Result<V::Value, E> {
@@ -305,6 +320,19 @@ mod tests {
         let mut json = serde_json::Deserializer::from_str(text);
         serde_path_to_error::deserialize(Objects(&mut json))
             .map_err(|e| (e.path().to_string(), e.inner().to_string()))
+    }
+
+    #[test]
+    fn integral_numbers_written_with_a_fraction_are_integers() {
+        // Proves a body the OpenAPI document allows ("integer" includes 5.0
+        // in JSON Schema) is read, at any depth, while 5.5 and numbers past
+        // the field's range are still refused naming the field.
+        let outer = read(r#"{"inner": {"a": 5.0}, "tagged": {"type": "limit", "amount": 3.0}}"#).unwrap();
+        assert_eq!(outer.inner, Some(Inner { a: 5 }));
+        assert_eq!(outer.tagged, Some(Tagged::Limit { amount: 3 }));
+        assert_eq!(read(r#"{"inner": {"a": 5.5}}"#).unwrap_err().0, "inner.a");
+        assert_eq!(read(r#"{"inner": {"a": 5e12}}"#).unwrap_err().0, "inner.a", "past u32");
+        assert_eq!(read(r#"{"inner": {"a": -1.0}}"#).unwrap_err().0, "inner.a", "negative");
     }
 
     #[test]

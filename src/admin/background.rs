@@ -1,0 +1,81 @@
+//! Report work off the request path: store scans run on their own threads
+//! under the idle scheduling policy, so neither a runtime thread the proxy
+//! shares nor a core the proxy needs is taken by a report. On a busy machine
+//! a report waits; a proxied call does not.
+//!
+//! Why SCHED_IDLE and not nice 19: measured with `creditgate-reports`, nice
+//! 19 changed nothing (a waking proxy thread still waited up to a
+//! scheduler slice behind a running report); an idle-policy thread is
+//! preempted as soon as any normal thread wants its core.
+
+use tokio::sync::Semaphore;
+
+use super::error::AdminError;
+
+/// Reports scanning at once; more wait their turn rather than each taking
+/// a thread (and its share of the store's page cache) of their own.
+static REPORT_SLOTS: Semaphore = Semaphore::const_new(4);
+
+/// `SCHED_IDLE` in /proc's policy field.
+#[cfg(test)]
+const SCHED_IDLE: i64 = 5;
+
+/// Runs a report's store scan on a low-priority thread and waits for it.
+pub async fn report<T: Send + 'static>(scan: impl FnOnce() -> T + Send + 'static) -> Result<T, AdminError> {
+    let _slot = REPORT_SLOTS
+        .acquire()
+        .await
+        .map_err(|error| AdminError::Store(format!("the report failed: {error}")))?;
+    let (done, answer) = tokio::sync::oneshot::channel();
+    spawn("report", move || {
+        let _ = done.send(scan());
+    })?;
+    answer.await.map_err(|_| AdminError::Store("the report failed: its thread stopped".into()))
+}
+
+/// Starts `work` on a new thread named `name` under the idle policy.
+pub fn spawn(name: &str, work: impl FnOnce() + Send + 'static) -> Result<(), AdminError> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            lower_priority();
+            work();
+        })
+        .map(drop)
+        .map_err(|error| AdminError::Store(format!("cannot start a report thread: {error}")))
+}
+
+/// Puts this thread under the idle policy. Failing to is harmless: the
+/// work still runs, at normal priority.
+fn lower_priority() {
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy};
+    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+    let thread = thread_priority::thread_native_id();
+    if let Err(error) = thread_priority::set_thread_priority_and_policy(thread, ThreadPriority::Min, idle) {
+        tracing::debug!(?error, "a report thread keeps its normal priority");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// This thread's scheduling policy, from /proc (field 41 of its stat line).
+    fn own_policy() -> i64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        after_name.split_whitespace().nth(38).unwrap().parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_report_runs_under_the_idle_policy_and_the_caller_keeps_its_own() {
+        // Proves report scans cannot take CPU from the proxy's threads: the
+        // scan's thread runs under SCHED_IDLE, the calling thread is untouched.
+        let before = own_policy();
+        assert_ne!(before, SCHED_IDLE, "the test starts on a normal thread");
+        assert_eq!(report(own_policy).await.unwrap(), SCHED_IDLE, "the report thread is idle-policy");
+        assert_eq!(own_policy(), before, "the caller's policy is unchanged");
+    }
+}
