@@ -317,7 +317,7 @@ impl Admin {
     fn operator(&self, method: &Method, path: &str) -> Response<GatewayBody> {
         match (method, path) {
             (&Method::GET, "/admin/v1/prices") => match &self.prices {
-                Some(prices) => json_response(StatusCode::OK, &json!(prices.status())),
+                Some(prices) => json_response(StatusCode::OK, &json!(prices.status(self.clock.now()))),
                 None => no_prices(),
             },
             (&Method::POST, "/admin/v1/prices/reload") => self.reload_prices(),
@@ -330,7 +330,7 @@ impl Admin {
             return no_prices();
         };
         match prices.reload(self.clock.now(), "admin api") {
-            Ok(_) => json_response(StatusCode::OK, &json!(prices.status())),
+            Ok(_) => json_response(StatusCode::OK, &json!(prices.status(self.clock.now()))),
             Err(load_error) => {
                 let problems: Vec<String> = match &load_error {
                     PriceLoadError::Invalid(errors) => errors
@@ -345,7 +345,7 @@ impl Admin {
                     "code": "price_file_invalid",
                     "message": "the price file was not loaded; the previous table stays in force",
                     "problems": problems,
-                    "active_version": prices.status().version,
+                    "active_version": prices.status(self.clock.now()).version,
                 }});
                 json_response(StatusCode::UNPROCESSABLE_ENTITY, &body)
             }

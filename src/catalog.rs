@@ -368,7 +368,7 @@ pub fn with_overlay(
 /// overlay's limits) so one the gateway would refuse is skipped with the
 /// validator's reason, then the whole file checked. Returns the file's text
 /// and every skipped model. Without an overlay label, the label is
-/// `<label>-<today>`.
+/// `<label>-<today>`; without an overlay `as_of`, it is today.
 pub fn price_file(
     import: Import,
     overlay: Option<&str>,
@@ -398,9 +398,12 @@ pub fn price_file(
             }
         }
     }
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
     if !table.contains_key("label") {
-        let today = chrono::Utc::now().format("%Y-%m-%d");
         table.insert("label".into(), toml::Value::String(format!("{label}-{today}")));
+    }
+    if !table.contains_key("as_of") {
+        table.insert("as_of".into(), toml::Value::String(today));
     }
     let body = toml::to_string(&table).map_err(|err| err.to_string())?;
     let text = format!(

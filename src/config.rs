@@ -116,11 +116,17 @@ pub struct PricingConfig {
     pub file: PathBuf,
     /// How often the price file is checked for changes.
     pub watch_interval: Duration,
+    /// Past this many days since its `as_of`, `check-config` warns that the
+    /// price table may be stale.
+    pub max_age_days: u32,
 }
 
 /// Rows an organization's usage rollup may hold before that organization's
 /// reports scan the ledger instead. A row is about 200 bytes, so the
 /// default bounds a rollup near 20 MB.
+/// Provider prices change every few weeks; a month-old table deserves a look.
+pub const DEFAULT_PRICE_MAX_AGE_DAYS: u32 = 30;
+
 pub const DEFAULT_USAGE_ROLLUP_MAX_ROWS: usize = 100_000;
 
 #[derive(Clone)]
@@ -453,6 +459,7 @@ struct RawRoute {
 struct RawPricing {
     file: PathBuf,
     watch_interval_ms: Option<u64>,
+    max_age_days: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -580,6 +587,7 @@ impl GatewayConfig {
                 watch_interval: Duration::from_millis(
                     raw.watch_interval_ms.unwrap_or(DEFAULT_PRICE_WATCH_INTERVAL_MS).max(10),
                 ),
+                max_age_days: raw.max_age_days.unwrap_or(DEFAULT_PRICE_MAX_AGE_DAYS),
             })
         });
         let admin = top.admin.and_then(|v| checker.section::<RawAdmin>("[admin]", v)).unwrap_or_default();

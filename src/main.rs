@@ -214,7 +214,22 @@ fn check_config(path: PathBuf) -> ExitCode {
     let metrics = Arc::new(Metrics::default());
     match LivePrices::load(&pricing.file, config.required_tools(), chrono::Utc::now(), metrics) {
         Ok(prices) => {
-            println!("{}: ok (version {})", pricing.file.display(), prices.status().version);
+            let status = prices.status(chrono::Utc::now());
+            println!("{}: ok (version {})", pricing.file.display(), status.version);
+            // Stale prices are a warning, not an error: the table is valid.
+            match (status.as_of, status.age_days) {
+                (Some(as_of), Some(age)) if age > i64::from(pricing.max_age_days) => println!(
+                    "{}: warning: prices as of {as_of} are {age} days old (more than [pricing] max_age_days = {}); \
+                     check them, e.g. with `creditgate prices import` and `creditgate prices diff`",
+                    pricing.file.display(),
+                    pricing.max_age_days
+                ),
+                (None, _) => println!(
+                    "{}: warning: no as_of date, so its age is unknown; add as_of = \"YYYY-MM-DD\" (the day the prices were checked)",
+                    pricing.file.display()
+                ),
+                _ => {}
+            }
             ExitCode::SUCCESS
         }
         Err(error) => {

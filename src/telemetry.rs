@@ -68,6 +68,7 @@ pub mod metrics {
         pub requests: Family<RequestLabels, Counter>,
         pub price_reloads: Family<ResultLabels, Counter>,
         pub price_version: Family<VersionLabels, Gauge>,
+        pub price_as_of: Gauge,
         /// How held requests ended: debited from usage, debited at the hold
         /// or from an estimate (no usage reported, stream cut short),
         /// released (upstream failed), or failed to settle.
@@ -97,6 +98,12 @@ pub mod metrics {
                 "price_table_active",
                 "1 for the price table version in force",
                 price_version.clone(),
+            );
+            let price_as_of = Gauge::default();
+            registry.register(
+                "price_table_as_of_seconds",
+                "Unix time of the price table's as_of date (0 without one); its age is time() minus this",
+                price_as_of.clone(),
             );
             let settles = Family::<ResultLabels, Counter>::default();
             registry.register("settles", "Held requests by how they settled", settles.clone());
@@ -139,6 +146,7 @@ pub mod metrics {
                 requests,
                 price_reloads,
                 price_version,
+                price_as_of,
                 settles,
                 refusals,
                 charged_nanodollars,
@@ -150,9 +158,14 @@ pub mod metrics {
 
     impl Metrics {
         /// Record which price table is in force (one series at a time).
-        pub fn set_price_version(&self, version: String) {
+        pub fn set_price_version(&self, version: &crate::pricing::PriceVersion) {
             self.price_version.clear();
-            self.price_version.get_or_create(&VersionLabels { version }).set(1);
+            self.price_version.get_or_create(&VersionLabels { version: version.to_string() }).set(1);
+            let as_of = version
+                .as_of
+                .and_then(|date| date.and_hms_opt(0, 0, 0))
+                .map_or(0, |at| at.and_utc().timestamp());
+            self.price_as_of.set(as_of);
         }
 
         /// The Prometheus text exposition of every metric.

@@ -71,7 +71,7 @@ async fn wait_for_label(stack: &Stack, label: &str) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("price table {label} never came into force; status: {:?}", prices.status());
+    panic!("price table {label} never came into force; status: {:?}", prices.status(chrono::Utc::now()));
 }
 
 fn write_atomically(path: &Path, text: &str) {
@@ -131,7 +131,7 @@ async fn file_changes_are_picked_up_in_place_and_by_rename() {
     wait_for_label(&stack, "B").await;
     write_atomically(&path, TABLE_A);
     wait_for_label(&stack, "A").await;
-    let status = stack.gateway.prices().unwrap().status();
+    let status = stack.gateway.prices().unwrap().status(chrono::Utc::now());
     assert!(status.reloads_ok >= 2, "{status:?}");
 }
 
@@ -310,4 +310,70 @@ async fn a_request_is_settled_with_the_table_it_was_held_with() {
     assert_eq!(debits[0].1, at(1, 2), "priced at A");
     assert!(debits[1].0.starts_with("B@"), "the next call is held under B: {debits:?}");
     assert_eq!(debits[1].1, at(3, 4), "priced at B");
+}
+
+/// Freshness: the table's `as_of` shows in the admin API as a date and an
+/// age in days by the gateway's clock, and as a metric; `check-config`
+/// warns when it is older than `[pricing] max_age_days`, and a bad date is
+/// refused with its line.
+#[tokio::test]
+async fn the_price_tables_age_shows_in_the_api_the_metrics_and_check_config() {
+    let mock = creditgate::mock::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let prices = dir.path().join("prices.toml");
+    std::fs::write(&prices, TABLE_A.replace("label = \"A\"", "label = \"A\"\nas_of = \"2026-05-01\""))
+        .unwrap();
+    let text = config_text(mock.addr(), "", "").replace(PRICES_FILE, prices.to_str().unwrap());
+    let config = parse_config(&text, &dir.path().join("data"));
+    let clock = ManualClock::new("2026-06-15T12:00:00Z".parse().unwrap());
+    let gateway = Gateway::start_with_clock(config, clock, CancellationToken::new()).await.unwrap();
+    let request = |path: &str| {
+        Request::builder()
+            .uri(format!("http://{}{path}", gateway.admin_addr()))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let status = send(request("/admin/v1/prices")).await;
+    assert_eq!(status.status, 200);
+    let body: serde_json::Value = serde_json::from_slice(&status.body).unwrap();
+    assert_eq!(body["as_of"], "2026-05-01");
+    assert_eq!(body["age_days"], 45);
+    let metrics = String::from_utf8(send(request("/metrics")).await.body.to_vec()).unwrap();
+    // 2026-05-01T00:00:00Z
+    assert!(metrics.contains("creditgate_price_table_as_of_seconds 1777593600"), "{metrics}");
+
+    // check-config, on the wall clock: a table checked 400 days ago is stale
+    // under the default 30 days, one checked today is not.
+    let today = chrono::Utc::now().date_naive();
+    let check = |as_of: chrono::NaiveDate| {
+        std::fs::write(
+            &prices,
+            TABLE_A.replace("label = \"A\"", &format!("label = \"A\"\nas_of = \"{as_of}\"")),
+        )
+        .unwrap();
+        let gateway_toml = dir.path().join("gateway.toml");
+        std::fs::write(&gateway_toml, &text).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_creditgate"))
+            .args(["check-config", "--config", gateway_toml.to_str().unwrap()])
+            .env("MOCK_UPSTREAM_KEY", UPSTREAM_SECRET)
+            .output()
+            .unwrap()
+    };
+    let stale = check(today - chrono::Days::new(400));
+    assert!(stale.status.success(), "{}", String::from_utf8_lossy(&stale.stderr));
+    let stdout = String::from_utf8_lossy(&stale.stdout);
+    assert!(stdout.contains("are 400 days old (more than [pricing] max_age_days = 30)"), "{stdout}");
+    let fresh = check(today);
+    assert!(fresh.status.success());
+    assert!(!String::from_utf8_lossy(&fresh.stdout).contains("warning"));
+
+    let bad = creditgate::pricing::PriceTable::parse(
+        "p.toml",
+        &TABLE_A.replace("label = \"A\"", "label = \"A\"\nas_of = \"2026-13-01\""),
+    );
+    let message = bad.unwrap_err().to_string();
+    assert!(message.starts_with("p.toml:2:9: as_of = \"2026-13-01\""), "{message}");
 }

@@ -44,6 +44,9 @@ pub struct PriceStatus {
     pub version: String,
     pub label: String,
     pub content_hash: String,
+    /// The file's `as_of` date and its age in whole days (none without one).
+    pub as_of: Option<chrono::NaiveDate>,
+    pub age_days: Option<i64>,
     pub loaded_at: DateTime<Utc>,
     pub last_reload_at: DateTime<Utc>,
     pub last_reload_error: Option<String>,
@@ -71,7 +74,7 @@ impl LivePrices {
         metrics: Arc<Metrics>,
     ) -> Result<Self, PriceLoadError> {
         let table = read_table(path, &required_tools)?;
-        metrics.set_price_version(table.version().to_string());
+        metrics.set_price_version(table.version());
         Ok(LivePrices {
             path: path.to_owned(),
             required_tools,
@@ -102,7 +105,7 @@ impl LivePrices {
                 let table = Arc::new(table);
                 if changed {
                     self.current.store(table.clone());
-                    self.metrics.set_price_version(table.version().to_string());
+                    self.metrics.set_price_version(table.version());
                 }
                 let mut status = self.status.lock();
                 if changed {
@@ -128,14 +131,17 @@ impl LivePrices {
         }
     }
 
-    pub fn status(&self) -> PriceStatus {
+    pub fn status(&self, now: DateTime<Utc>) -> PriceStatus {
         let table = self.current();
+        let as_of = table.version().as_of;
         let (loaded_at, last_reload_at, last_reload_error) = self.status.lock().clone();
         PriceStatus {
             file: self.path.display().to_string(),
             version: table.version().to_string(),
             label: table.version().label.clone(),
             content_hash: table.version().content_hash.clone(),
+            as_of,
+            age_days: as_of.map(|date| (now.date_naive() - date).num_days()),
             loaded_at,
             last_reload_at,
             last_reload_error,

@@ -25,6 +25,8 @@ pub(super) type RawEntries<T> = BTreeMap<Spanned<String>, Spanned<Lenient<T>>>;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPriceFile {
     pub label: Option<RawValue>,
+    /// The date the prices were last checked against the providers.
+    pub as_of: Option<RawValue>,
     pub limits: Option<Spanned<Lenient<RawLimits>>>,
     #[serde(default)]
     pub models: RawEntries<RawModel>,

@@ -20,6 +20,8 @@ const CONTENT_HASH_HEX_DIGITS: usize = 12;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PriceVersion {
     pub label: String,
+    /// The file's `as_of`: when its prices were last checked.
+    pub as_of: Option<chrono::NaiveDate>,
     /// The first 12 hex digits of the SHA-256 of the file's bytes.
     pub content_hash: String,
 }
@@ -51,7 +53,8 @@ impl PriceTable {
     /// problem found is returned, each with its line and a hint.
     pub fn parse(file_name: &str, text: &str) -> Result<Self, PriceFileErrors> {
         let valid = validate(file_name, text)?;
-        let version = PriceVersion { label: valid.label, content_hash: content_hash(text) };
+        let version =
+            PriceVersion { label: valid.label, as_of: valid.as_of, content_hash: content_hash(text) };
         Ok(Self {
             version_text: version.to_string().into(),
             version,

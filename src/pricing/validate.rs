@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use toml::{Spanned, Value};
 
@@ -37,6 +37,7 @@ const MAX_LABEL_CHARS: usize = 64;
 /// The parts of a valid price file, ready to become a `PriceTable`.
 pub(super) struct Validated {
     pub(super) label: String,
+    pub(super) as_of: Option<NaiveDate>,
     pub(super) models: Vec<ModelEntry>,
     pub(super) tools: Vec<ToolEntry>,
     /// Every model name and alias, to its index in `models`.
@@ -227,6 +228,7 @@ struct Checker<'a> {
 impl Checker<'_> {
     fn file(&mut self, raw: RawPriceFile) -> Validated {
         let label = self.label(raw.label.as_ref());
+        let as_of = raw.as_of.as_ref().and_then(|value| self.as_of(value));
         if let Some(limits) = &raw.limits {
             self.ceilings = self.limits(limits);
         }
@@ -246,11 +248,30 @@ impl Checker<'_> {
             tools.iter().enumerate().map(|(index, tool)| (Box::from(tool.name.as_str()), index)).collect();
         Validated {
             label,
+            as_of,
             models: models.into_iter().map(|model| model.entry).collect(),
             tools,
             model_names,
             tool_names,
         }
+    }
+
+    /// `as_of = "YYYY-MM-DD"`: when the prices were last checked.
+    fn as_of(&mut self, value: &RawValue) -> Option<NaiveDate> {
+        let date = match value.get_ref() {
+            Value::String(text) => {
+                NaiveDate::parse_from_str(text, "%Y-%m-%d").ok().filter(|_| text.len() == 10)
+            }
+            _ => None,
+        };
+        if date.is_none() {
+            let message = format!(
+                "as_of = {}: write the date the prices were last checked as \"YYYY-MM-DD\", e.g. as_of = \"2026-11-30\"",
+                self.written(value)
+            );
+            self.problems.at_span(&value.span(), message);
+        }
+        date
     }
 
     fn label(&mut self, raw: Option<&RawValue>) -> String {
