@@ -47,22 +47,42 @@
 //!
 //! # Status
 //!
-//! Built: the pool, migrations, the lease and shipping statements, the
-//! replica-side lease book with background refill, renewal, shipping and
-//! give-back, and the audit. Not yet: the `[cluster]` config section and its
-//! wiring into the proxy's hold/settle path, entity and admin replication
-//! through PostgreSQL, shipping from the sled journal (the outbox is in
-//! memory), spending-limit headroom leases, and time rules in the database.
-//! ledger growth in cluster mode: debits are partitioned by month
-//! (`cg_debits.at`) and detached partitions are exported like sled's.
-
+//! Built and tested on a real PostgreSQL (`tests/cluster_leases.rs`): the
+//! pool, migrations, the lease and shipping statements, the global record
+//! log, the replica-side lease book (background refill, renewal, shipping,
+//! idle give-back, consolidation near empty), the audit behind
+//! `creditgate ledger verify --database-url-env`, and `creditgate cluster
+//! status`.
+//!
+//! Not yet: the `[cluster]` config section and its wiring into the gateway.
+//! The plan, in order:
+//!
+//! 1. **One book of record.** One replica at a time (the holder of a
+//!    session advisory lock) is the treasurer: it runs the ledger as the
+//!    single node does, journaling its records to [`log`] instead of sled,
+//!    and posts every shipped debit (`cg_debits`, in shipping order) as a
+//!    settle in its ledger, so lots, expiry, Lite resets and limits keep
+//!    their one implementation. It keeps `cg_wallets.balance` equal to its
+//!    ledger's balance less shipped debits not yet posted.
+//! 2. **Every replica follows.** Each replica replays the log into its own
+//!    ledger (`Ledger::replay`, checked per wallet as on restart), so keys,
+//!    users, limits and balances are known everywhere within one poll; it
+//!    keeps its sled data directory as the outbox for settles not shipped.
+//! 3. **The data path.** Hold: the local ledger's checks (key, limits,
+//!    payer) and a [`LeaseBook`] hold on the paying wallet; 402 when the
+//!    books refuse a lease, 503 when they cannot be reached and no lease is
+//!    left. Settle: void the local hold and queue the debit for shipping.
+//! 4. **Admin writes** from any replica go to the treasurer through a
+//!    command table and answer with its result; reports read PostgreSQL.
+//! 5. Spending-limit headroom leased like credit; time rules run by the
+//!    treasurer; debits partitioned by month for retention (issue 19).
 pub mod books;
 pub mod db;
 pub mod leases;
 pub mod log;
 pub mod migrate;
 
-pub use books::{Books, FundingReceipt, LeaseGrant, ShippedDebit, WalletAudit};
+pub use books::{Books, FundingReceipt, LeaseGrant, ReplicaStatus, ShippedDebit, WalletAudit};
 pub use db::Database;
 pub use leases::{LeaseBook, LeaseHold, LeaseRefusal, LeaseSettings};
 

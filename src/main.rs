@@ -56,6 +56,11 @@ enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Cluster mode's shared books in PostgreSQL.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Price-table tasks: import a public catalog, compare two tables.
     Prices {
         #[command(subcommand)]
@@ -79,6 +84,23 @@ enum LedgerCommand {
     Verify {
         #[arg(long, default_value = "./data")]
         data_dir: PathBuf,
+        /// Verify cluster mode's books in PostgreSQL instead: the variable
+        /// holding the database URL (it carries the password).
+        #[arg(long, value_name = "VAR")]
+        database_url_env: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Replicas, their open leases and their outbox lag.
+    Status {
+        /// The environment variable holding the database URL.
+        #[arg(long, value_name = "VAR")]
+        database_url_env: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -144,7 +166,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}", creditgate::admin::cli::run(args).await?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ledger { command: LedgerCommand::Verify { data_dir } } => ledger_verify(&data_dir),
+        Command::Ledger { command: LedgerCommand::Verify { database_url_env: Some(var), .. } } => {
+            cluster_verify(&var).await
+        }
+        Command::Ledger { command: LedgerCommand::Verify { data_dir, database_url_env: None } } => {
+            ledger_verify(&data_dir)
+        }
+        Command::Cluster { command: ClusterCommand::Status { database_url_env, json } } => {
+            cluster_status(&database_url_env, json).await
+        }
         Command::Prices { command: PricesCommand::Import { format, file, overlay, only } } => {
             prices_import(&format, &file, overlay.as_deref(), &only)
         }
@@ -329,4 +359,58 @@ fn prices_diff(old: &Path, new: &Path) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The cluster's books, from the URL in environment variable `var`.
+fn cluster_books(var: &str) -> anyhow::Result<creditgate::cluster::Books> {
+    let url = std::env::var(var)
+        .map_err(|_| anyhow::anyhow!("environment variable {var} (the database URL) is not set"))?;
+    Ok(creditgate::cluster::Books::new(creditgate::cluster::Database::new(&url, 2)?))
+}
+
+/// Exit 0 when every wallet's balance equals funding less debits and its
+/// leased credit equals its open leases; 1 (naming each wallet) otherwise.
+async fn cluster_verify(var: &str) -> anyhow::Result<ExitCode> {
+    let audit = cluster_books(var)?.audit().await?;
+    let wrong: Vec<_> = audit.iter().filter(|wallet| !wallet.balances()).collect();
+    for wallet in &wrong {
+        println!(
+            "{}: balance {} but funded {} - debited {} = {}; leased {} but open leases hold {}",
+            wallet.wallet,
+            wallet.balance,
+            wallet.funded,
+            wallet.debited,
+            wallet.funded - wallet.debited,
+            wallet.leased,
+            wallet.open_leases
+        );
+    }
+    let overrun: rust_decimal::Decimal = audit.iter().map(|wallet| wallet.uncovered).sum();
+    println!("{} wallet(s) checked, {} mismatched; recorded overrun {overrun}", audit.len(), wrong.len());
+    Ok(if wrong.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn cluster_status(var: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let replicas = cluster_books(var)?.replicas().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&replicas)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:<25} {:>6} {:>20} {:>8} {:>10}",
+        "replica", "last seen", "leases", "leased", "outbox", "lag ms"
+    );
+    for replica in &replicas {
+        let lag = replica.outbox_lag_ms.map_or_else(|| "-".to_owned(), |ms| ms.to_string());
+        println!(
+            "{:<24} {:<25} {:>6} {:>20} {:>8} {:>10}",
+            replica.replica,
+            replica.last_seen.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            replica.open_leases,
+            replica.leased,
+            replica.outbox_len,
+            lag
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -475,3 +475,58 @@ async fn at_steady_state_a_funded_wallet_costs_under_one_database_operation_per_
     assert_eq!(audit[0].debited, dec!(0.0005) * Decimal::from(holds_after));
     assert_eq!(audit[0].leased, Decimal::ZERO);
 }
+
+/// `creditgate cluster status` shows each replica's leases and outbox;
+/// `creditgate ledger verify --database-url-env` passes on exact books and
+/// names the wallet when a balance was tampered with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_and_verify_read_the_books_from_the_database() {
+    let pg = Postgres::start();
+    let url = pg.create_database("cli");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(5), "p").await.unwrap();
+    let book = LeaseBook::new(books(&url).await, settings("replica-a"), 1);
+    let hold = book.hold(WALLET, dec!(0.50)).await.unwrap();
+    book.settle(hold, dec!(0.25), Utc::now(), serde_json::json!({}));
+    let hold = book.hold(WALLET, dec!(0.10)).await.unwrap();
+    book.settle(hold, dec!(0.10), Utc::now(), serde_json::json!({}));
+    book.maintain().await.unwrap(); // ships both, renews with an empty outbox
+    let hold = book.hold(WALLET, dec!(0.05)).await.unwrap();
+    book.settle(hold, dec!(0.05), Utc::now(), serde_json::json!({}));
+    // The renewal a replica sends while its outbox holds that settle, three
+    // seconds old (as when the database refused the shipment).
+    let outbox = (1, Some(Utc::now() - chrono::TimeDelta::seconds(3)));
+    admin.renew("replica-a", Duration::from_secs(10), outbox).await.unwrap();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_creditgate"))
+            .args(args)
+            .env("CG_TEST_DATABASE_URL", &url)
+            .output()
+            .unwrap()
+    };
+
+    let status = cli(&["cluster", "status", "--database-url-env", "CG_TEST_DATABASE_URL", "--json"]);
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let replicas: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let replica = &replicas[0];
+    assert_eq!(replica["replica"], "replica-a");
+    assert_eq!(replica["open_leases"], 1);
+    assert_eq!(replica["outbox_len"], 1);
+    assert!(replica["outbox_lag_ms"].as_i64().unwrap() >= 3_000, "{replica}");
+    let table = cli(&["cluster", "status", "--database-url-env", "CG_TEST_DATABASE_URL"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("replica-a"));
+
+    let verify = cli(&["ledger", "verify", "--database-url-env", "CG_TEST_DATABASE_URL"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    let db = Database::new(&url, 1).unwrap();
+    db.client().await.unwrap().execute("UPDATE cg_wallets SET balance = balance + 1", &[]).await.unwrap();
+    let tampered = cli(&["ledger", "verify", "--database-url-env", "CG_TEST_DATABASE_URL"]);
+    assert_eq!(tampered.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&tampered.stdout).contains("pool:org_1: balance 5.650000000"),
+        "{}",
+        String::from_utf8_lossy(&tampered.stdout)
+    );
+    let unset = cli(&["ledger", "verify", "--database-url-env", "CG_NOT_SET"]);
+    assert!(String::from_utf8_lossy(&unset.stderr).contains("CG_NOT_SET"));
+}

@@ -85,6 +85,25 @@ impl WalletAudit {
     }
 }
 
+/// A replica as `cluster status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ReplicaStatus {
+    /// Its name.
+    pub replica: String,
+    /// When it first registered.
+    pub started_at: DateTime<Utc>,
+    /// Its last renewal.
+    pub last_seen: DateTime<Utc>,
+    /// Settles waiting in its outbox at that renewal.
+    pub outbox_len: i64,
+    /// How long the oldest of them has waited, now.
+    pub outbox_lag_ms: Option<i64>,
+    /// Its open leases.
+    pub open_leases: i64,
+    /// Sum of their unspent part.
+    pub leased: Decimal,
+}
+
 /// The shared books, through a [`Database`].
 #[derive(Clone, Debug)]
 pub struct Books {
@@ -216,14 +235,16 @@ impl Books {
         .await
     }
 
-    /// Extends every open lease of `replica` to `ttl` from now and marks it
-    /// live; returns the database's `now()` and the new deadline.
+    /// Extends every open lease of `replica` to `ttl` from now, marks it
+    /// live and records its outbox (length, oldest unshipped settle);
+    /// returns the database's `now()` and the new deadline.
     pub async fn renew(
         &self,
         replica: &str,
         ttl: Duration,
+        outbox: (i64, Option<DateTime<Utc>>),
     ) -> Result<(DateTime<Utc>, DateTime<Utc>), ClusterError> {
-        retrying(|| self.renew_once(replica, ttl)).await
+        retrying(|| self.renew_once(replica, ttl, outbox)).await
     }
 
     /// Ships a batch of debits; returns how many were new.
@@ -247,13 +268,15 @@ impl Books {
         &self,
         replica: &str,
         ttl: Duration,
+        (outbox_len, oldest_unshipped): (i64, Option<DateTime<Utc>>),
     ) -> Result<(DateTime<Utc>, DateTime<Utc>), ClusterError> {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
                 "WITH seen AS (
-                     INSERT INTO cg_replicas (replica) VALUES ($1)
-                     ON CONFLICT (replica) DO UPDATE SET last_seen = now()),
+                     INSERT INTO cg_replicas (replica, outbox_len, oldest_unshipped) VALUES ($1, $3, $4)
+                     ON CONFLICT (replica) DO UPDATE
+                     SET last_seen = now(), outbox_len = $3, oldest_unshipped = $4),
                  renewed AS (
                      UPDATE cg_leases SET expires_at = now() + make_interval(secs => $2::bigint / 1000.0)
                      WHERE id IN (SELECT id FROM cg_leases
@@ -261,7 +284,8 @@ impl Books {
                  SELECT now(), now() + make_interval(secs => $2::bigint / 1000.0)",
             )
             .await?;
-        let row = client.query_one(&statement, &[&replica, &millis(ttl)]).await?;
+        let row =
+            client.query_one(&statement, &[&replica, &millis(ttl), &outbox_len, &oldest_unshipped]).await?;
         Ok((row.get(0), row.get(1)))
     }
 
@@ -294,6 +318,34 @@ impl Books {
         let none: Option<Vec<i64>> = None;
         let row = client.query_one("SELECT cg_close_leases('', $1, $2)", &[&none, &millis(grace)]).await?;
         Ok(row.get(0))
+    }
+
+    /// Every replica the books know, with its open leases and outbox.
+    pub async fn replicas(&self) -> Result<Vec<ReplicaStatus>, ClusterError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT r.replica, r.started_at, r.last_seen, r.outbox_len,
+                        (EXTRACT(EPOCH FROM (now() - r.oldest_unshipped)) * 1000)::bigint,
+                        (SELECT count(*) FROM cg_leases l WHERE l.replica = r.replica AND l.closed_at IS NULL),
+                        COALESCE((SELECT sum(granted - spent) FROM cg_leases l
+                                  WHERE l.replica = r.replica AND l.closed_at IS NULL), 0)
+                 FROM cg_replicas r ORDER BY r.replica",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| ReplicaStatus {
+                replica: row.get(0),
+                started_at: row.get(1),
+                last_seen: row.get(2),
+                outbox_len: row.get(3),
+                outbox_lag_ms: row.get(4),
+                open_leases: row.get(5),
+                leased: row.get(6),
+            })
+            .collect())
     }
 
     /// Every wallet's books recomputed from funding, debits and open leases.

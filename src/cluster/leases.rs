@@ -405,7 +405,11 @@ impl LeaseBook {
     pub async fn maintain(&self) -> Result<(), ClusterError> {
         self.ship().await?;
         let asked_at = Instant::now();
-        let (db_now, deadline) = self.books.renew(&self.settings.replica, self.settings.ttl).await?;
+        let outbox = {
+            let outbox = self.outbox.lock();
+            (i64::try_from(outbox.len()).unwrap_or(i64::MAX), outbox.iter().map(|debit| debit.at).min())
+        };
+        let (db_now, deadline) = self.books.renew(&self.settings.replica, self.settings.ttl, outbox).await?;
         let lifetime = (deadline - db_now).to_std().unwrap_or(Duration::ZERO);
         let usable = usable_until(lifetime, self.settings.safety, asked_at);
         let now = Instant::now();

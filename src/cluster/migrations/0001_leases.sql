@@ -4,10 +4,13 @@
 -- then replicas; so concurrent draws, shipments, renewals and closes queue
 -- behind each other instead of deadlocking.
 
+-- A replica reports its outbox at every renewal, for `cluster status`.
 CREATE TABLE cg_replicas (
-    replica     text PRIMARY KEY,
-    started_at  timestamptz NOT NULL DEFAULT now(),
-    last_seen   timestamptz NOT NULL DEFAULT now()
+    replica           text PRIMARY KEY,
+    started_at        timestamptz NOT NULL DEFAULT now(),
+    last_seen         timestamptz NOT NULL DEFAULT now(),
+    outbox_len        bigint NOT NULL DEFAULT 0,
+    oldest_unshipped  timestamptz
 );
 
 -- One row per wallet ("pool:org_1", "lite:user_4"). `leased` is the sum of
