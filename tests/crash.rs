@@ -10,8 +10,8 @@ mod common;
 use std::collections::HashSet;
 
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +21,9 @@ use http_body_util::Full;
 use serde_json::{json, Value};
 
 const KILLS: usize = 5;
+/// How close to a kill a lost settle must have been served: far past one
+/// flush window and fsync on a loaded machine, well short of a round.
+const FLUSH_BOUND: Duration = Duration::from_millis(250);
 
 struct Running {
     child: Child,
@@ -116,15 +119,17 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
     let secret = key["secret"].as_str().unwrap().to_owned();
 
     let mut acknowledged_purchases: Vec<String> = Vec::new();
-    let mut served = 0u64;
+    // Every call served (its request id and when its body arrived), and
+    // when each round's kill came.
+    let served_log: Arc<Mutex<Vec<(String, std::time::Instant)>>> = Arc::default();
+    let mut kills = Vec::new();
     for round in 0..KILLS {
         let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
         let load: Vec<_> = (0..2)
             .map(|_| {
                 let (stop, ok, url, secret) = (
                     stop.clone(),
-                    ok.clone(),
+                    served_log.clone(),
                     format!("http://{}/v1/chat/completions", running.proxy),
                     secret.clone(),
                 );
@@ -141,11 +146,17 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
                             tokio::time::timeout(Duration::from_secs(2), client.request(request)).await
                         {
                             let status = response.status();
+                            let id = response
+                                .headers()
+                                .get("x-request-id")
+                                .and_then(|id| id.to_str().ok())
+                                .unwrap_or_default()
+                                .to_owned();
                             // Count a call as served only once its body has fully arrived.
                             if http_body_util::BodyExt::collect(response.into_body()).await.is_ok()
                                 && status == 200
                             {
-                                ok.fetch_add(1, Ordering::Relaxed);
+                                ok.lock().unwrap().push((id, std::time::Instant::now()));
                             }
                         } else {
                             break;
@@ -155,7 +166,7 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
             })
             .collect();
         // Purchases while the load runs; record each one acknowledged.
-        let kill_after = Duration::from_millis(100 + next(&mut seed) % 400);
+        let kill_after = Duration::from_millis(600 + next(&mut seed) % 400);
         let started = std::time::Instant::now();
         let mut n = 0;
         while started.elapsed() < kill_after {
@@ -176,12 +187,12 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
             }
         }
         running.child.kill().unwrap(); // SIGKILL
+        kills.push(std::time::Instant::now());
         running.child.wait().unwrap();
         stop.store(true, Ordering::Relaxed);
         for task in load {
             let _ = task.await;
         }
-        served += ok.load(Ordering::Relaxed);
         running = spawn(&config, &data);
     }
 
@@ -216,18 +227,29 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
     let debits: Vec<String> = entries
         .iter()
         .filter(|e| e["kind"]["type"] == "debit")
-        .map(|e| e["kind"]["request_id"].to_string())
+        // The header carries the id without hyphens.
+        .map(|e| e["kind"]["request_id"].as_str().unwrap().replace('-', ""))
         .collect();
     let unique: HashSet<&String> = debits.iter().collect();
     assert_eq!(unique.len(), debits.len(), "no request was settled twice");
-    let lost = served.saturating_sub(debits.len() as u64);
-    // The durability contract: at most the settles of the last flush window
-    // (5 ms) before each kill may be lost.
-    assert!(
-        lost <= 10 * KILLS as u64,
-        "{lost} settles lost over {KILLS} kills ({served} served, {} debited)",
-        debits.len()
-    );
+    // The durability contract: a settle is durable within its flush window
+    // (5 ms) plus the fsync, so only settles served just before a kill may
+    // be lost. How many that is depends on the machine's speed; that each
+    // lost one was served moments before a kill does not.
+    let served_log = std::mem::take(&mut *served_log.lock().unwrap());
+    let served = served_log.len() as u64;
+    let mut lost = 0u64;
+    for (id, served_at) in served_log.iter().filter(|(id, _)| !unique.contains(id)) {
+        lost += 1;
+        // The nearest kill: a response already on the wire can be read a
+        // moment after the process died.
+        let from_kill =
+            kills.iter().map(|kill| kill.max(served_at).duration_since(*kill.min(served_at))).min().unwrap();
+        assert!(
+            from_kill <= FLUSH_BOUND,
+            "request {id} was served {from_kill:?} away from any kill and its settle was lost"
+        );
+    }
     let balances = admin(&running, Method::GET, &format!("/admin/v1/orgs/{org}/balances"), json!({}), None)
         .await
         .unwrap()
