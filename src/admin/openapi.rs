@@ -237,10 +237,111 @@ fn usage_totals() -> Value {
     )
 }
 
-/// The JSON an endpoint answers on success, for the main routes; others
-/// are described as an object.
+/// Limits as the API shows them: each an amount or null.
+fn shown_limits() -> Value {
+    let amount = json!({"anyOf": [decimal(), {"type": "null"}]});
+    has(
+        json!({"per_request": amount, "daily": amount, "monthly": amount, "contract_yearly": amount}),
+        &["per_request", "daily", "monthly", "contract_yearly"],
+    )
+}
+
+fn user() -> Value {
+    has(
+        json!({"id": id(), "org": id(), "name": {"type": "string"}, "plan": plan(),
+               "lite_monthly_allowance": decimal(), "prorate_on_downgrade": {"type": "boolean"},
+               "limits": shown_limits(), "created_at": time()}),
+        &[
+            "id",
+            "org",
+            "name",
+            "plan",
+            "lite_monthly_allowance",
+            "prorate_on_downgrade",
+            "limits",
+            "created_at",
+        ],
+    )
+}
+
+fn application() -> Value {
+    has(
+        json!({"id": id(), "org": id(), "name": {"type": "string"}, "limits": shown_limits(),
+               "end_user_limits": shown_limits(), "created_at": time()}),
+        &["id", "org", "name", "limits", "end_user_limits", "created_at"],
+    )
+}
+
+/// A key record: never its hash; the secret only in the answer that created it.
+fn key(with_secret: bool) -> Value {
+    let owner =
+        json!({"oneOf": [has(json!({"user": id()}), &["user"]), has(json!({"app": id()}), &["app"])]});
+    let strings = json!({"type": "array", "items": {"type": "string"}});
+    let mut properties = json!({"id": id(), "org": id(), "owner": owner, "label": {"type": "string"},
+        "limits": shown_limits(), "scope": has(json!({"routes": strings, "models": strings}), &["routes", "models"]),
+        "revoked": {"type": "boolean"}, "created_at": time()});
+    let mut required = vec!["id", "org", "owner", "label", "limits", "scope", "revoked", "created_at"];
+    if with_secret {
+        properties["secret"] = json!({"type": "string", "minLength": 16});
+        required.push("secret");
+    }
+    let mut schema = has(properties, &required);
+    schema["not"] = json!({"required": ["hash"]});
+    schema
+}
+
+fn alert_rule() -> Value {
+    has(
+        json!({"id": id(), "org": id(), "wallet": {"type": "object"}, "condition": {"type": "object"},
+               "webhook_url": {"type": "string"}}),
+        &["id", "org", "wallet", "condition", "webhook_url"],
+    )
+}
+
+fn price_status() -> Value {
+    let count = json!({"type": "integer", "minimum": 0});
+    has(
+        json!({"file": {"type": "string"}, "version": {"type": "string"}, "label": {"type": "string"},
+               "content_hash": {"type": "string"},
+               "as_of": {"anyOf": [{"type": "string", "format": "date"}, {"type": "null"}]},
+               "age_days": {"type": ["integer", "null"]}, "loaded_at": time(), "last_reload_at": time(),
+               "last_reload_error": {"type": ["string", "null"]}, "reloads_ok": count, "reloads_failed": count}),
+        &["file", "version", "label", "content_hash", "loaded_at", "reloads_ok", "reloads_failed"],
+    )
+}
+
+/// The JSON each endpoint answers on success.
 fn response_schema(method: &str, path: &str) -> Value {
     match (method, path.trim_start_matches("/admin/v1")) {
+        ("get", "/prices") | ("post", "/prices/reload") => price_status(),
+        ("post", "/orgs/{org}/contracts") => organization(),
+        ("get", "/orgs/{org}/users") => has(json!({"users": {"type": "array", "items": user()}}), &["users"]),
+        ("post", "/orgs/{org}/users") | ("patch", "/orgs/{org}/users/{user}") => user(),
+        ("get", "/orgs/{org}/apps") => {
+            has(json!({"apps": {"type": "array", "items": application()}}), &["apps"])
+        }
+        ("post", "/orgs/{org}/apps") | ("put", "/orgs/{org}/apps/{app}/limits") => application(),
+        ("get", "/orgs/{org}/keys") => {
+            has(json!({"keys": {"type": "array", "items": key(false)}}), &["keys"])
+        }
+        ("post", "/orgs/{org}/keys") => key(true),
+        ("post", "/orgs/{org}/keys/{key}/revoke")
+        | ("put", "/orgs/{org}/keys/{key}/limits")
+        | ("put", "/orgs/{org}/keys/{key}/scope") => key(false),
+        ("get", "/orgs/{org}/alerts") => {
+            has(json!({"rules": {"type": "array", "items": alert_rule()}}), &["rules"])
+        }
+        ("post", "/orgs/{org}/alerts") => alert_rule(),
+        ("get", "/orgs/{org}/alerts/deliveries") => has(
+            json!({"deliveries": {"type": "array", "items": has(
+                json!({"id": id(), "rule": id(), "org": id(), "event": {"type": "object"},
+                       "status": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+                       "attempts": {"type": "integer", "minimum": 0},
+                       "last_error": {"type": ["string", "null"]}, "created_at": time()}),
+                &["id", "rule", "org", "event", "status", "attempts", "created_at"],
+            )}}),
+            &["deliveries"],
+        ),
         ("get", "/orgs") => has(json!({"orgs": {"type": "array", "items": organization()}}), &["orgs"]),
         ("post", "/orgs") | ("get", "/orgs/{org}") => organization(),
         ("post", "/orgs/{org}/purchases") => has(
