@@ -328,7 +328,8 @@ fn prices_import(
     let source = format!("the {format} catalog {}", file.display());
     let (text, skipped) = creditgate::catalog::price_file(import, overlay.as_deref(), format, &source)
         .map_err(anyhow::Error::msg)?;
-    print!("{text}");
+    // A closed pipe (`| head`) ends the output quietly, not with a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
     for skip in &skipped {
         eprintln!("skipped {}: {}", skip.model, skip.reason);
     }
@@ -349,8 +350,12 @@ fn prices_diff(old: &Path, new: &Path) -> ExitCode {
     match changes {
         Ok(changes) if changes.is_empty() => ExitCode::SUCCESS,
         Ok(changes) => {
+            let mut out = std::io::stdout().lock();
             for change in changes {
-                println!("{change}");
+                // A closed pipe (`| head`) ends the listing quietly.
+                if std::io::Write::write_all(&mut out, format!("{change}\n").as_bytes()).is_err() {
+                    break;
+                }
             }
             ExitCode::from(1)
         }

@@ -250,3 +250,47 @@ fn prices_diff_reports_each_change_and_exits_one_only_when_something_changed() {
         String::from_utf8_lossy(&invalid.stderr)
     );
 }
+
+/// The README's update workflow: the real catalog under the example overlay
+/// gives a table the example gateway config accepts, with the negotiated
+/// rate and the mock models in it.
+#[test]
+fn the_readme_workflow_with_the_example_overlay_gives_a_table_the_example_gateway_accepts() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let catalog_file = catalog_path();
+    let out = run(&[
+        "prices",
+        "import",
+        "--from",
+        "litellm",
+        catalog_file.to_str().unwrap(),
+        "--overlay",
+        root.join("config/overlay.toml").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(root.join("config/gateway.toml"), dir.path().join("gateway.toml")).unwrap();
+    std::fs::write(dir.path().join("prices.toml"), &out.stdout).unwrap();
+    let check = Command::new(BINARY)
+        .args(["check-config", "--config", dir.path().join("gateway.toml").to_str().unwrap()])
+        .env("CREDITGATE_ADMIN_TOKEN", "example")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{said}{}", String::from_utf8_lossy(&check.stderr));
+    assert!(said.contains("(version example@"), "{said}");
+    let table: toml::Table = toml::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(imported(&table, "gpt-4o", "input_per_mtok"), Some(Decimal::from_str("2.25").unwrap()));
+    assert_eq!(imported(&table, "mock-gpt", "output_per_mtok"), Some(Decimal::from(2)));
+    // `prices diff` against the example table lists the change and exits 1.
+    let diff = run(&[
+        "prices",
+        "diff",
+        root.join("config/prices.toml").to_str().unwrap(),
+        dir.path().join("prices.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(diff.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&diff.stdout).contains("model gpt-4o: input_per_mtok 2.50 -> 2.25 (-10%)")
+    );
+}
