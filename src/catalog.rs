@@ -25,10 +25,31 @@ use serde_json::{Map, Value};
 /// API modes the gateway meters by tokens.
 const TOKEN_MODES: &[&str] = &["chat", "completion", "responses", "embedding"];
 
-/// Price fields that apply only to provider batch APIs, which a real-time
-/// gateway does not proxy, or that are metadata.
+/// Fields that carry no price (metadata), or prices of provider batch APIs,
+/// which a real-time gateway does not proxy.
 fn ignored(field: &str) -> bool {
-    field.ends_with("_batches") || !field.contains("cost")
+    field.ends_with("_batches") || !(field.contains("cost") || field.contains("pric"))
+}
+
+/// Providers whose web search is a hosted tool a request opts into: the
+/// gateway prices it per call under `[tools]` and refuses it unpriced, so the
+/// catalog's per-query search fee need not be on the model. (Elsewhere, as
+/// on Perplexity, every call searches and the model is skipped.)
+fn search_is_a_tool(provider: &str) -> bool {
+    ["openai", "azure", "azure_ai", "anthropic", "gemini", "groq"].contains(&provider)
+        || provider.starts_with("vertex_ai")
+        || provider.starts_with("bedrock")
+}
+
+/// A value that charges something: a non-zero number, or an object or
+/// array holding one (tiered or per-size prices).
+fn charges(value: &Value) -> bool {
+    match value {
+        Value::Number(number) => number.as_f64().is_some_and(|amount| amount != 0.0),
+        Value::Array(items) => items.iter().any(charges),
+        Value::Object(fields) => fields.values().any(charges),
+        _ => false,
+    }
 }
 
 /// A model that was not imported, and why.
@@ -50,6 +71,8 @@ pub struct Import {
     /// Parts of imported models left out (a service tier the table cannot
     /// state is refused at request time, never charged at the base price).
     pub notes: Vec<Skipped>,
+    /// Every name the catalog has, imported or not.
+    pub known: std::collections::BTreeSet<String>,
 }
 
 /// A per-token price as an exact per-1M-token decimal string.
@@ -115,7 +138,11 @@ pub fn import_litellm(catalog: &str, only: &[String]) -> Result<Import, String> 
         serde_json::from_str(catalog).map_err(|err| format!("the catalog is not a JSON object: {err}"))?;
     let mut import = Import::default();
     for (name, entry) in &catalog {
-        if name == "sample_spec" || !(only.is_empty() || only.iter().any(|pattern| matches(pattern, name))) {
+        if name == "sample_spec" {
+            continue;
+        }
+        import.known.insert(name.clone());
+        if !(only.is_empty() || only.iter().any(|pattern| matches(pattern, name))) {
             continue;
         }
         let Some(entry) = entry.as_object() else {
@@ -150,10 +177,15 @@ fn model(entry: &Map<String, Value>) -> Result<(toml::Table, Vec<String>), Strin
         return Err("no input_cost_per_token".into());
     };
     let mut table = toml::Table::new();
+    let mut early_notes: Vec<String> = Vec::new();
     let set = |table: &mut toml::Table, key: &str, amount: Decimal| {
         table.insert(key.into(), toml::Value::String(amount.to_string()));
     };
     set(&mut table, "input_per_mtok", input);
+    // A text model without an output price would get free output.
+    if mode != "embedding" && output.is_none() {
+        return Err("states no output_cost_per_token".into());
+    }
     let output = output.filter(|output| !output.is_zero());
     if let Some(output) = output {
         set(&mut table, "output_per_mtok", output);
@@ -185,6 +217,14 @@ fn model(entry: &Map<String, Value>) -> Result<(toml::Table, Vec<String>), Strin
             set(&mut table, key, amount);
         }
     }
+    // Anthropic-style 1-hour cache writes cost 2x input; a catalog entry
+    // with a 5-minute write price but none for the hour would otherwise
+    // charge them as plain input.
+    if table.contains_key("cache_write_5m_per_mtok") && !table.contains_key("cache_write_1h_per_mtok") {
+        set(&mut table, "cache_write_1h_per_mtok", input * Decimal::TWO);
+        early_notes
+            .push("1-hour cache writes priced at 2x input (the catalog states no price for them)".to_owned());
+    }
     // Reasoning tokens are output tokens; a separate price is only
     // expressible when it is the output price.
     used.push("output_cost_per_reasoning_token".into());
@@ -193,7 +233,7 @@ fn model(entry: &Map<String, Value>) -> Result<(toml::Table, Vec<String>), Strin
             return Err("prices reasoning tokens apart from output".into());
         }
     }
-    let mut notes = Vec::new();
+    let mut notes = early_notes;
     for tier in ["priority", "flex"] {
         let multipliers = match tier_multipliers(entry, &price, tier, &mut used) {
             Ok(multipliers) => multipliers,
@@ -218,12 +258,17 @@ fn model(entry: &Map<String, Value>) -> Result<(toml::Table, Vec<String>), Strin
     if let Some(long_context) = long_context(entry, &price, &mut used)? {
         table.insert("long_context".into(), toml::Value::Table(long_context));
     }
+    let provider = entry.get("litellm_provider").and_then(Value::as_str).unwrap_or("");
+    if entry.get("search_context_cost_per_query").is_some_and(charges) && search_is_a_tool(provider) {
+        used.push("search_context_cost_per_query".into());
+        notes.push(
+            "web search is priced per call under [tools] (set it in the overlay), not per model".into(),
+        );
+    }
     // Anything priced that was not read is a price the table cannot state.
     let unpriced: Vec<&str> = entry
         .iter()
-        .filter(|(field, value)| {
-            !ignored(field) && !used.contains(field) && value.as_f64().is_some_and(|amount| amount != 0.0)
-        })
+        .filter(|(field, value)| !ignored(field) && !used.contains(field) && charges(value))
         .map(|(field, _)| field.as_str())
         .collect();
     if !unpriced.is_empty() {
@@ -313,7 +358,7 @@ fn long_context(
     let mut threshold: Option<u64> = None;
     let mut ratios = Ratios::default();
     for field in fields {
-        let (base_field, size) = field.split_once("_above_").ok_or("unreachable")?;
+        let (base_field, size) = field.rsplit_once("_above_").ok_or("unreachable")?;
         let thousands: u64 = size
             .trim_end_matches("k_tokens")
             .parse()
@@ -333,12 +378,18 @@ fn long_context(
 }
 
 /// Lays `overlay` (a price file) over `models`: every field an overlay
-/// model sets replaces the catalog's, overlay-only models are added, and the
-/// overlay's `label`, `limits` and `tools` are kept. Returns the whole table.
+/// model sets replaces the catalog's, models only the overlay names are
+/// added, and the overlay's `label`, `limits` and `tools` are kept. An
+/// overlay entry for a catalog model the import left out (skipped, or not
+/// selected) is dropped and listed: on its own it would price only the
+/// fields it sets, leaving the rest free. Returns the whole table and what
+/// was dropped.
 pub fn with_overlay(
     models: BTreeMap<String, toml::Table>,
     overlay: Option<&str>,
-) -> Result<toml::Table, String> {
+    known: &std::collections::BTreeSet<String>,
+) -> Result<(toml::Table, Vec<Skipped>), String> {
+    let mut dropped = Vec::new();
     let mut overlay: toml::Table = match overlay {
         Some(text) => toml::from_str(text).map_err(|err| format!("overlay: {err}"))?,
         None => toml::Table::new(),
@@ -352,6 +403,12 @@ pub fn with_overlay(
             };
             match merged.get_mut(&name) {
                 Some(toml::Value::Table(model)) => model.extend(fields),
+                _ if known.contains(&name) => dropped.push(Skipped {
+                    model: name,
+                    reason: "the overlay sets some of its prices, but the import left the catalog's out \
+                             (skipped or not selected), so the rest would be free"
+                        .into(),
+                }),
                 _ => {
                     merged.insert(name, toml::Value::Table(fields));
                 }
@@ -360,23 +417,31 @@ pub fn with_overlay(
     }
     let mut table = overlay;
     table.insert("models".into(), toml::Value::Table(merged));
-    Ok(table)
+    Ok((table, dropped))
 }
 
 /// The price file an import writes: the catalog's models under `overlay`,
 /// each model checked by the price-file validator on its own (with the
 /// overlay's limits) so one the gateway would refuse is skipped with the
 /// validator's reason, then the whole file checked. Returns the file's text
-/// and every skipped model. Without an overlay label, the label is
+/// every skipped model and how many models it prices. Without an overlay label, the label is
 /// `<label>-<today>`; without an overlay `as_of`, it is today.
 pub fn price_file(
     import: Import,
     overlay: Option<&str>,
     label: &str,
     source: &str,
-) -> Result<(String, Vec<Skipped>), String> {
-    let Import { models, mut skipped, .. } = import;
-    let mut table = with_overlay(models, overlay)?;
+) -> Result<(String, Vec<Skipped>, usize), String> {
+    let Import { models, mut skipped, known, .. } = import;
+    let (mut table, dropped) = with_overlay(models, overlay, &known)?;
+    // A model the import skipped and the overlay named is listed once, with
+    // the catalog's reason first.
+    for drop in dropped {
+        match skipped.iter_mut().find(|skip| skip.model == drop.model) {
+            Some(skip) => skip.reason = format!("{}; {}", skip.reason, drop.reason),
+            None => skipped.push(drop),
+        }
+    }
     let limits = table.get("limits").cloned();
     if let Some(toml::Value::Table(models)) = table.get_mut("models") {
         let names: Vec<String> = models.keys().cloned().collect();
@@ -413,7 +478,8 @@ pub fn price_file(
     );
     crate::pricing::PriceTable::parse("imported", &text).map_err(|errors| errors.to_string())?;
     skipped.sort_by(|a, b| a.model.cmp(&b.model));
-    Ok((text, skipped))
+    let count = table.get("models").and_then(toml::Value::as_table).map_or(0, toml::Table::len);
+    Ok((text, skipped, count))
 }
 
 #[cfg(test)]
@@ -429,6 +495,59 @@ mod tests {
         let prices: Vec<Decimal> = json.as_array().unwrap().iter().map(|v| per_mtok(v).unwrap()).collect();
         assert_eq!(prices, [dec!(0.15), dec!(2.5), dec!(10), dec!(3.75), dec!(0), dec!(0.075), dec!(1.1)]);
         assert!(per_mtok(&serde_json::json!(-1e-6)).is_err());
+    }
+
+    #[test]
+    fn a_price_the_schema_cannot_state_skips_the_model_and_never_drops_silently() {
+        let catalog = r#"{
+            "tiered": {"mode": "chat", "input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06,
+                       "max_output_tokens": 100, "tiered_pricing": [{"range": [0, 32000], "input_cost_per_token": 1e-06}]},
+            "sonar": {"mode": "chat", "litellm_provider": "perplexity", "input_cost_per_token": 1e-06,
+                      "output_cost_per_token": 1e-06, "max_output_tokens": 100,
+                      "search_context_cost_per_query": {"search_context_size_low": 0.005}},
+            "searchy": {"mode": "chat", "litellm_provider": "openai", "input_cost_per_token": 1e-06,
+                        "output_cost_per_token": 1e-06, "max_output_tokens": 100,
+                        "search_context_cost_per_query": {"search_context_size_low": 0.01}},
+            "no-output": {"mode": "chat", "input_cost_per_token": 1e-06, "max_output_tokens": 100},
+            "cachey": {"mode": "chat", "input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
+                       "cache_creation_input_token_cost": 3.75e-06, "max_output_tokens": 100},
+            "embed": {"mode": "embedding", "input_cost_per_token": 2e-08}
+        }"#;
+        let import = import_litellm(catalog, &[]).unwrap();
+        let skipped: Vec<&str> = import.skipped.iter().map(|skip| skip.model.as_str()).collect();
+        assert_eq!(skipped, ["no-output", "sonar", "tiered"]);
+        let imported: Vec<&str> = import.models.keys().map(String::as_str).collect();
+        assert_eq!(imported, ["cachey", "embed", "searchy"]);
+        // Web search as a hosted tool is priced under [tools]: said, not hidden.
+        assert!(import.notes.iter().any(|note| note.model == "searchy" && note.reason.contains("[tools]")));
+        // 1-hour cache writes are not left at the input price.
+        assert_eq!(import.models["cachey"]["cache_write_1h_per_mtok"].as_str(), Some("6"));
+    }
+
+    #[test]
+    fn an_overlay_never_completes_a_model_the_import_left_out() {
+        let catalog = r#"{
+            "kept": {"mode": "chat", "input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06, "max_output_tokens": 100},
+            "audio": {"mode": "chat", "input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06,
+                      "max_output_tokens": 100, "input_cost_per_audio_token": 1e-05}
+        }"#;
+        let overlay = "label = \"o\"\n[models.\"audio\"]\ninput_per_mtok = \"0.5\"\n\
+                       [models.\"private\"]\ninput_per_mtok = \"1\"\n[models.\"kept\"]\ninput_per_mtok = \"0.9\"\n";
+        let (text, skipped, count) =
+            price_file(import_litellm(catalog, &[]).unwrap(), Some(overlay), "t", "test").unwrap();
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let models = table["models"].as_table().unwrap();
+        assert!(!models.contains_key("audio"), "a skipped model came back with only the overlay's prices");
+        assert_eq!(models["kept"]["input_per_mtok"].as_str(), Some("0.9"));
+        assert_eq!(models["kept"]["output_per_mtok"].as_str(), Some("2"));
+        assert!(models.contains_key("private"));
+        assert_eq!(count, 2);
+        let audio = skipped.iter().find(|skip| skip.model == "audio").unwrap();
+        assert!(
+            audio.reason.contains("input_cost_per_audio_token") && audio.reason.contains("overlay"),
+            "{}",
+            audio.reason
+        );
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub mod leases;
 pub mod log;
 pub mod migrate;
 
-pub use books::{Books, FundingReceipt, LeaseGrant, ReplicaStatus, ShippedDebit, WalletAudit};
+pub use books::{Books, FundingReceipt, LeaseGrant, Renewal, ReplicaStatus, ShippedDebit, WalletAudit};
 pub use db::Database;
 pub use leases::{LeaseBook, LeaseHold, LeaseRefusal, LeaseSettings};
 

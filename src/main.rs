@@ -321,19 +321,18 @@ fn prices_import(
         .map(|path| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display())))
         .transpose()?;
     let import = creditgate::catalog::import_litellm(&catalog, only).map_err(anyhow::Error::msg)?;
-    let imported = import.models.len();
     for note in &import.notes {
         eprintln!("note {}: {}", note.model, note.reason);
     }
     let source = format!("the {format} catalog {}", file.display());
-    let (text, skipped) = creditgate::catalog::price_file(import, overlay.as_deref(), format, &source)
-        .map_err(anyhow::Error::msg)?;
-    // A closed pipe (`| head`) ends the output quietly, not with a panic.
-    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+    let (text, skipped, imported) =
+        creditgate::catalog::price_file(import, overlay.as_deref(), format, &source)
+            .map_err(anyhow::Error::msg)?;
+    write_out(text.as_bytes())?;
     for skip in &skipped {
         eprintln!("skipped {}: {}", skip.model, skip.reason);
     }
-    eprintln!("imported {} models, skipped {}", imported.saturating_sub(skipped.len()), skipped.len());
+    eprintln!("imported {imported} models, skipped {}", skipped.len());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -350,14 +349,14 @@ fn prices_diff(old: &Path, new: &Path) -> ExitCode {
     match changes {
         Ok(changes) if changes.is_empty() => ExitCode::SUCCESS,
         Ok(changes) => {
-            let mut out = std::io::stdout().lock();
-            for change in changes {
-                // A closed pipe (`| head`) ends the listing quietly.
-                if std::io::Write::write_all(&mut out, format!("{change}\n").as_bytes()).is_err() {
-                    break;
+            let listing: String = changes.iter().map(|change| format!("{change}\n")).collect();
+            match write_out(listing.as_bytes()) {
+                Ok(()) => ExitCode::from(1),
+                Err(err) => {
+                    eprintln!("creditgate: {err}");
+                    ExitCode::from(2)
                 }
             }
-            ExitCode::from(1)
         }
         Err(err) => {
             eprintln!("creditgate: {err}");
@@ -418,4 +417,17 @@ async fn cluster_status(var: &str, json: bool) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error, anything
+/// else (a full disk under `> file`) is.
+fn write_out(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::anyhow!("writing the output: {err}"))
+        }
+        _ => Ok(()),
+    }
 }

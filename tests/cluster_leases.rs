@@ -530,3 +530,69 @@ async fn cluster_status_and_verify_read_the_books_from_the_database() {
     let unset = cli(&["ledger", "verify", "--database-url-env", "CG_NOT_SET"]);
     assert!(String::from_utf8_lossy(&unset.stderr).contains("CG_NOT_SET"));
 }
+
+/// A replica cut off past its lease's deadline and grace: the sweep closes
+/// the lease and returns its credit; when the replica is back, its renewal
+/// does not name that lease, so the replica drops it and draws afresh for
+/// new holds (the closed lease is never spent again). The hold that was
+/// open on it settles as recorded overrun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_closed_by_the_sweep_is_never_spent_again_after_the_replica_returns() {
+    let pg = Postgres::start();
+    let url = pg.create_database("revive");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(1), "p").await.unwrap();
+    let mut quick = settings("cut-off");
+    quick.ttl = Duration::from_secs(1);
+    quick.safety = Duration::from_millis(200);
+    let book = LeaseBook::new(books(&url).await, quick, 1);
+    let streaming = book.hold(WALLET, dec!(0.10)).await.unwrap();
+    let first_lease = streaming.lease();
+    // Cut off: no renewal while the deadline and the grace pass.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert!(admin.expire(Duration::ZERO).await.unwrap() > Decimal::ZERO);
+    // Back: a maintenance round, then a new hold.
+    book.maintain().await.unwrap();
+    let next = book.hold(WALLET, dec!(0.05)).await.unwrap();
+    assert_ne!(next.lease(), first_lease, "a closed lease was spent again");
+    book.settle(next, dec!(0.05), Utc::now(), serde_json::json!({}));
+    book.settle(streaming, dec!(0.10), Utc::now(), serde_json::json!({}));
+    book.shutdown().await.unwrap();
+    let audit = assert_books_exact(&admin).await;
+    assert_eq!(audit[0].debited, dec!(0.15));
+    assert_eq!(audit[0].uncovered, dec!(0.10), "only the hold open across the cut is overrun");
+    assert_eq!(audit[0].leased, Decimal::ZERO);
+}
+
+/// Credit does not stay parked on a replica whose traffic for a wallet
+/// stopped: within a few rounds of the last request every lease is back,
+/// without a shutdown, and no refill draws it out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_wallets_leases_come_back_while_the_replicas_keep_running() {
+    let pg = Postgres::start();
+    let url = pg.create_database("quiet");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(10), "p").await.unwrap();
+    let replicas = Replicas::start(&url, settings, Duration::from_millis(50)).await;
+    let deadline = std::time::Instant::now() + Duration::from_millis(600);
+    while std::time::Instant::now() < deadline {
+        for book in &replicas.books {
+            let hold = book.hold(WALLET, dec!(0.01)).await.unwrap();
+            book.settle(hold, dec!(0.005), Utc::now(), serde_json::json!({}));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let busy = admin.audit().await.unwrap()[0].leased;
+    assert!(busy > Decimal::ZERO, "the replicas held leases while busy");
+    let mut leased = busy;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        leased = admin.audit().await.unwrap()[0].leased;
+        if leased.is_zero() {
+            break;
+        }
+    }
+    assert_eq!(leased, Decimal::ZERO, "credit stayed parked on quiet replicas");
+    replicas.stop().await;
+    assert_books_exact(&admin).await;
+}

@@ -85,6 +85,17 @@ impl WalletAudit {
     }
 }
 
+/// What a renewal did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Renewal {
+    /// The database's clock.
+    pub db_now: DateTime<Utc>,
+    /// The renewed leases' new deadline.
+    pub deadline: DateTime<Utc>,
+    /// The leases renewed: every open lease of the replica.
+    pub renewed: Vec<i64>,
+}
+
 /// A replica as `cluster status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ReplicaStatus {
@@ -167,6 +178,11 @@ impl Books {
         amount: Decimal,
         idempotency_key: &str,
     ) -> Result<FundingReceipt, ClusterError> {
+        // Lowering a balance below what is leased would let replicas spend
+        // credit that is gone; debit adjustments go through the treasurer.
+        if amount <= Decimal::ZERO {
+            return Err(ClusterError::Config(format!("funding adds credit: {amount} is not above 0")));
+        }
         retrying(|| async move {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
@@ -237,13 +253,14 @@ impl Books {
 
     /// Extends every open lease of `replica` to `ttl` from now, marks it
     /// live and records its outbox (length, oldest unshipped settle);
-    /// returns the database's `now()` and the new deadline.
+    /// returns the database's `now()`, the new deadline and the leases it
+    /// renewed (a lease missing from them was closed: it must not be used).
     pub async fn renew(
         &self,
         replica: &str,
         ttl: Duration,
         outbox: (i64, Option<DateTime<Utc>>),
-    ) -> Result<(DateTime<Utc>, DateTime<Utc>), ClusterError> {
+    ) -> Result<Renewal, ClusterError> {
         retrying(|| self.renew_once(replica, ttl, outbox)).await
     }
 
@@ -269,7 +286,7 @@ impl Books {
         replica: &str,
         ttl: Duration,
         (outbox_len, oldest_unshipped): (i64, Option<DateTime<Utc>>),
-    ) -> Result<(DateTime<Utc>, DateTime<Utc>), ClusterError> {
+    ) -> Result<Renewal, ClusterError> {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
@@ -280,13 +297,15 @@ impl Books {
                  renewed AS (
                      UPDATE cg_leases SET expires_at = now() + make_interval(secs => $2::bigint / 1000.0)
                      WHERE id IN (SELECT id FROM cg_leases
-                                  WHERE replica = $1 AND closed_at IS NULL ORDER BY id FOR UPDATE))
-                 SELECT now(), now() + make_interval(secs => $2::bigint / 1000.0)",
+                                  WHERE replica = $1 AND closed_at IS NULL ORDER BY id FOR UPDATE)
+                     RETURNING id)
+                 SELECT now(), now() + make_interval(secs => $2::bigint / 1000.0),
+                        COALESCE((SELECT array_agg(id) FROM renewed), '{}')",
             )
             .await?;
         let row =
             client.query_one(&statement, &[&replica, &millis(ttl), &outbox_len, &oldest_unshipped]).await?;
-        Ok((row.get(0), row.get(1)))
+        Ok(Renewal { db_now: row.get(0), deadline: row.get(1), renewed: row.get(2) })
     }
 
     async fn ship_once(&self, replica: &str, debits: &[ShippedDebit]) -> Result<u64, ClusterError> {

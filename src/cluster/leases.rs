@@ -110,6 +110,8 @@ struct Lease {
     retiring: bool,
     /// When it last took a hold.
     last_used: Instant,
+    /// When it was drawn: a renewal sent before then cannot name it.
+    drawn_at: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -122,6 +124,8 @@ struct WalletLeases {
     rate: Decimal,
     /// The largest hold asked for: a refill smaller than it is no use.
     largest_hold: Decimal,
+    /// When the wallet last took a hold here: no refill for a quiet wallet.
+    last_hold: Option<Instant>,
     refill_running: bool,
 }
 
@@ -141,6 +145,13 @@ impl WalletLeases {
             // Half the old rate, half the last window: quick to follow a
             // burst, quick to forget one.
             self.rate = (self.rate + self.window_spend) / Decimal::TWO;
+            if self.window_spend.is_zero() {
+                // A quiet window: the wallet's traffic has moved on.
+                self.largest_hold = Decimal::ZERO;
+                if self.rate < Decimal::new(1, 9) {
+                    self.rate = Decimal::ZERO;
+                }
+            }
             self.window_spend = Decimal::ZERO;
             self.window_start = Some(now);
         }
@@ -295,7 +306,9 @@ impl LeaseBook {
         lease.free -= amount;
         lease.open_holds += 1;
         lease.last_used = now;
-        Some(LeaseHold { wallet: wallet.to_owned(), lease: lease.id, amount })
+        let id = lease.id;
+        state.last_hold = Some(now);
+        Some(LeaseHold { wallet: wallet.to_owned(), lease: id, amount })
     }
 
     /// Draws one lease sized from the wallet's spend, at least `need`; with
@@ -326,6 +339,7 @@ impl LeaseBook {
             usable_until: usable_until(grant.lifetime(), self.settings.safety, asked_at),
             retiring: false,
             last_used: asked_at,
+            drawn_at: asked_at,
         });
         Ok(hold_need.then(|| LeaseHold { wallet: wallet.to_owned(), lease: grant.id, amount: need }))
     }
@@ -409,8 +423,8 @@ impl LeaseBook {
             let outbox = self.outbox.lock();
             (i64::try_from(outbox.len()).unwrap_or(i64::MAX), outbox.iter().map(|debit| debit.at).min())
         };
-        let (db_now, deadline) = self.books.renew(&self.settings.replica, self.settings.ttl, outbox).await?;
-        let lifetime = (deadline - db_now).to_std().unwrap_or(Duration::ZERO);
+        let renewal = self.books.renew(&self.settings.replica, self.settings.ttl, outbox).await?;
+        let lifetime = (renewal.deadline - renewal.db_now).to_std().unwrap_or(Duration::ZERO);
         let usable = usable_until(lifetime, self.settings.safety, asked_at);
         let now = Instant::now();
         let wallets = self.snapshot();
@@ -418,6 +432,13 @@ impl LeaseBook {
         let mut refill = Vec::new();
         for (wallet, cell) in &wallets {
             let mut state = cell.lock();
+            // A lease drawn before the renewal went out but not renewed was
+            // closed by the expiry sweep (this replica was cut off past its
+            // deadline and grace): its credit went back to the wallet, so it
+            // takes no more holds; settles of holds still open on it ship as
+            // uncovered.
+            state.leases.retain(|lease| lease.drawn_at >= asked_at || renewal.renewed.contains(&lease.id));
+            state.record_spend(Decimal::ZERO, now, self.settings.target);
             for lease in &mut state.leases {
                 if lease.retiring {
                     // Renewal keeps a retiring lease open until given back.
@@ -436,7 +457,8 @@ impl LeaseBook {
                 }
             }
             let threshold = (state.rate / Decimal::TWO).max(state.largest_hold);
-            if state.rate > Decimal::ZERO && state.free(now) < threshold && !state.refill_running {
+            let busy = state.last_hold.is_some_and(|at| now.duration_since(at) <= self.settings.target);
+            if busy && state.rate > Decimal::ZERO && state.free(now) < threshold && !state.refill_running {
                 state.refill_running = true;
                 refill.push((wallet.clone(), state.largest_hold.max(self.settings.min_lease)));
             }
@@ -469,11 +491,15 @@ impl LeaseBook {
                     give_back.push(lease.id);
                 }
             }
-            state.leases.retain(|lease| !give_back.contains(&lease.id));
         }
         if give_back.is_empty() {
             return Ok(Decimal::ZERO);
         }
-        self.books.give_back(&self.settings.replica, &give_back).await
+        let returned = self.books.give_back(&self.settings.replica, &give_back).await?;
+        // Forgotten only once the books took them back (else expiry does).
+        for (_, cell) in &wallets {
+            cell.lock().leases.retain(|lease| !give_back.contains(&lease.id));
+        }
+        Ok(returned)
     }
 }

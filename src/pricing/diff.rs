@@ -108,6 +108,16 @@ fn entries(file: &toml::Table, section: &str) -> BTreeMap<String, BTreeMap<Strin
         .collect()
 }
 
+/// Equal as written, or as numbers ("2.00" and "2" are one price).
+fn same(a: Option<&String>, b: Option<&String>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            a == b || matches!((Decimal::from_str(a), Decimal::from_str(b)), (Ok(x), Ok(y)) if x == y)
+        }
+        (a, b) => a == b,
+    }
+}
+
 /// Every model and tool difference from `old` to `new` (both price files
 /// that already passed validation).
 pub fn diff(old: &str, new: &str) -> Result<Vec<Change>, String> {
@@ -125,7 +135,7 @@ pub fn diff(old: &str, new: &str) -> Result<Vec<Change>, String> {
             let keys: std::collections::BTreeSet<&String> = previous.keys().chain(fields.keys()).collect();
             for field in keys {
                 let (was, is) = (previous.get(field), fields.get(field));
-                if was != is {
+                if !same(was, is) {
                     changes.push(Change::Changed {
                         kind,
                         name: name.clone(),
@@ -187,5 +197,7 @@ per_call = "0.005"
         );
         assert_eq!(changes[0].percent(), Some(dec!(25)));
         assert!(diff(old, old).unwrap().is_empty());
+        // The same price written another way is no change.
+        assert!(diff(old, &old.replace("\"2.00\"", "\"2\"")).unwrap().is_empty());
     }
 }

@@ -113,18 +113,23 @@ BEGIN
     PERFORM 1 FROM cg_wallets w WHERE w.wallet = ANY (p_wallets) ORDER BY w.wallet FOR UPDATE;
     PERFORM 1 FROM cg_leases l WHERE l.id = ANY (p_leases) ORDER BY l.id FOR UPDATE;
     WITH input AS (
-        SELECT DISTINCT ON (t.entry) t.*
+        -- Amounts arrive at the cost scale (9 places); rounding up here only
+        -- guards the column's scale, never lowering a charge.
+        SELECT DISTINCT ON (t.entry) t.entry, t.wallet, t.lease,
+               ceil(t.amount * 1000000000) / 1000000000 AS amount, t.at, t.body
         FROM unnest(p_entries, p_wallets, p_leases, p_amounts, p_ats, p_bodies)
              AS t(entry, wallet, lease, amount, at, body)
         WHERE NOT EXISTS (SELECT 1 FROM cg_debits d WHERE d.replica = p_replica AND d.entry = t.entry)
         ORDER BY t.entry
     ), room AS (
-        SELECT l.id, CASE WHEN l.closed_at IS NULL THEN l.granted - l.spent ELSE 0 END AS room
-        FROM cg_leases l WHERE l.id IN (SELECT lease FROM input)
+        SELECT l.id, l.wallet, CASE WHEN l.closed_at IS NULL THEN l.granted - l.spent ELSE 0 END AS room
+        FROM cg_leases l WHERE l.id IN (SELECT lease FROM input) AND l.replica = p_replica
     ), priced AS (
+        -- A debit is covered only by its own replica's lease on its own
+        -- wallet; anything else ships as uncovered.
         SELECT i.*, LEAST(i.amount, GREATEST(COALESCE(r.room, 0)
                    - (sum(i.amount) OVER (PARTITION BY i.lease ORDER BY i.entry) - i.amount), 0)) AS covered
-        FROM input i LEFT JOIN room r ON r.id = i.lease
+        FROM input i LEFT JOIN room r ON r.id = i.lease AND r.wallet = i.wallet
     ), ins AS (
         INSERT INTO cg_debits (replica, entry, wallet, lease, amount, uncovered, at, body)
         SELECT p_replica, entry, wallet, lease, amount, amount - covered, at, body FROM priced

@@ -29,7 +29,9 @@ BEGIN
     SELECT COALESCE(max(l.gseq), 0) + 1 INTO v_next FROM cg_log l;
     INSERT INTO cg_log AS l (gseq, replica, origin, body)
         SELECT v_next + row_number() OVER (ORDER BY t.ord) - 1, p_replica, t.origin, t.body
-        FROM unnest(p_origins, p_bodies) WITH ORDINALITY AS t(origin, body, ord)
+        FROM (SELECT DISTINCT ON (u.origin) u.* -- an origin twice in one batch is one record
+              FROM unnest(p_origins, p_bodies) WITH ORDINALITY AS u(origin, body, ord)
+              ORDER BY u.origin, u.ord) t
         WHERE NOT EXISTS (SELECT 1 FROM cg_log e WHERE e.replica = p_replica AND e.origin = t.origin)
         ORDER BY t.ord;
     RETURN QUERY
