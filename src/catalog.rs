@@ -41,6 +41,12 @@ fn search_is_a_tool(provider: &str) -> bool {
         || provider.starts_with("bedrock")
 }
 
+/// Models that search on every call (search previews, deep research): their
+/// per-query fee belongs to every request, not to a tool call.
+fn always_searches(name: &str) -> bool {
+    name.contains("search-preview") || name.contains("deep-research")
+}
+
 /// A value that charges something: a non-zero number, or an object or
 /// array holding one (tiered or per-size prices).
 fn charges(value: &Value) -> bool {
@@ -149,7 +155,7 @@ pub fn import_litellm(catalog: &str, only: &[String]) -> Result<Import, String> 
             import.skipped.push(Skipped { model: name.clone(), reason: "not a JSON object".into() });
             continue;
         };
-        match model(entry) {
+        match model(name, entry) {
             Ok((table, notes)) => {
                 import.models.insert(name.clone(), table);
                 import.notes.extend(notes.into_iter().map(|reason| Skipped { model: name.clone(), reason }));
@@ -162,7 +168,7 @@ pub fn import_litellm(catalog: &str, only: &[String]) -> Result<Import, String> 
 
 /// One catalog entry as a price-table model with notes on what it leaves
 /// out, or why it cannot be one.
-fn model(entry: &Map<String, Value>) -> Result<(toml::Table, Vec<String>), String> {
+fn model(name: &str, entry: &Map<String, Value>) -> Result<(toml::Table, Vec<String>), String> {
     let mode = entry.get("mode").and_then(Value::as_str).unwrap_or("(none)");
     if !TOKEN_MODES.contains(&mode) {
         return Err(format!("mode {mode} is not metered by tokens"));
@@ -259,7 +265,10 @@ fn model(entry: &Map<String, Value>) -> Result<(toml::Table, Vec<String>), Strin
         table.insert("long_context".into(), toml::Value::Table(long_context));
     }
     let provider = entry.get("litellm_provider").and_then(Value::as_str).unwrap_or("");
-    if entry.get("search_context_cost_per_query").is_some_and(charges) && search_is_a_tool(provider) {
+    if entry.get("search_context_cost_per_query").is_some_and(charges)
+        && search_is_a_tool(provider)
+        && !always_searches(name)
+    {
         used.push("search_context_cost_per_query".into());
         notes.push(
             "web search is priced per call under [tools] (set it in the overlay), not per model".into(),
@@ -508,6 +517,9 @@ mod tests {
             "searchy": {"mode": "chat", "litellm_provider": "openai", "input_cost_per_token": 1e-06,
                         "output_cost_per_token": 1e-06, "max_output_tokens": 100,
                         "search_context_cost_per_query": {"search_context_size_low": 0.01}},
+            "gpt-x-search-preview": {"mode": "chat", "litellm_provider": "openai", "input_cost_per_token": 1e-06,
+                        "output_cost_per_token": 1e-06, "max_output_tokens": 100,
+                        "search_context_cost_per_query": {"search_context_size_low": 0.01}},
             "no-output": {"mode": "chat", "input_cost_per_token": 1e-06, "max_output_tokens": 100},
             "cachey": {"mode": "chat", "input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
                        "cache_creation_input_token_cost": 3.75e-06, "max_output_tokens": 100},
@@ -515,7 +527,7 @@ mod tests {
         }"#;
         let import = import_litellm(catalog, &[]).unwrap();
         let skipped: Vec<&str> = import.skipped.iter().map(|skip| skip.model.as_str()).collect();
-        assert_eq!(skipped, ["no-output", "sonar", "tiered"]);
+        assert_eq!(skipped, ["gpt-x-search-preview", "no-output", "sonar", "tiered"]);
         let imported: Vec<&str> = import.models.keys().map(String::as_str).collect();
         assert_eq!(imported, ["cachey", "embed", "searchy"]);
         // Web search as a hosted tool is priced under [tools]: said, not hidden.
