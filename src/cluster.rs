@@ -11,6 +11,9 @@
 //! - [`log`]     — the global record log: one gapless order for all replicas
 //! - [`leases`]  — a replica's side: [`LeaseBook`] holds and settles in memory
 //!   against leased credit and ships its debits in batches
+//! - [`replica`] — a replica's ledger: a follower replaying the log, or the
+//!   treasurer (one at a time, fenced by epoch) whose ledger makes records
+//! - [`journal`] — [`LogJournal`], the treasurer's journal into the log
 //!
 //! # Zero overdraft without a round trip per request
 //!
@@ -54,37 +57,45 @@
 //! `creditgate ledger verify --database-url-env`, and `creditgate cluster
 //! status`.
 //!
+//! Also built and tested (`tests/cluster_replication.rs`): one book of
+//! record for entities and money. One replica at a time, the treasurer,
+//! holds the treasury lease (fenced by epoch) and runs the ledger as the
+//! single node does, journaling its records to [`log`] through
+//! [`LogJournal`]; every other replica replays them into its own ledger
+//! ([`Replica`]), makes no records itself, and takes the treasury when it
+//! lapses or is given up. Lot expiry, Lite resets and renewals are therefore
+//! applied once, by the treasurer.
+//!
 //! Not yet: the `[cluster]` config section and its wiring into the gateway.
 //! The plan, in order:
 //!
-//! 1. **One book of record.** One replica at a time (the holder of a
-//!    session advisory lock) is the treasurer: it runs the ledger as the
-//!    single node does, journaling its records to [`log`] instead of sled,
-//!    and posts every shipped debit (`cg_debits`, in shipping order) as a
-//!    settle in its ledger, so lots, expiry, Lite resets and limits keep
-//!    their one implementation. It keeps `cg_wallets.balance` equal to its
-//!    ledger's balance less shipped debits not yet posted.
-//! 2. **Every replica follows.** Each replica replays the log into its own
-//!    ledger (`Ledger::replay`, checked per wallet as on restart), so keys,
-//!    users, limits and balances are known everywhere within one poll; it
-//!    keeps its sled data directory as the outbox for settles not shipped.
-//! 3. **The data path.** Hold: the local ledger's checks (key, limits,
+//! 1. **The data path.** Hold: the local ledger's checks (key, limits,
 //!    payer) and a [`LeaseBook`] hold on the paying wallet; 402 when the
 //!    books refuse a lease, 503 when they cannot be reached and no lease is
-//!    left. Settle: void the local hold and queue the debit for shipping.
-//! 4. **Admin writes** from any replica go to the treasurer through a
-//!    command table and answer with its result; reports read PostgreSQL.
-//! 5. Spending-limit headroom leased like credit; time rules run by the
-//!    treasurer; debits partitioned by month for retention (issue 19).
+//!    left. Settle: queue the debit in the replica's sled outbox and ship it;
+//!    the treasurer posts every shipped debit (`cg_debits`, in shipping
+//!    order) as a settle in its ledger, so limits and lots keep their one
+//!    implementation, and keeps `cg_wallets.balance` equal to its ledger's
+//!    balance less shipped debits not yet posted.
+//! 2. **Admin writes** from any replica go to the treasurer (forwarded to
+//!    its admin listener, or through a command table) and answer with its
+//!    result; reports read PostgreSQL.
+//! 3. Spending-limit headroom leased like credit; debits partitioned by
+//!    month for retention (issue 19); a deposed treasurer rebuilds its
+//!    ledger from the log instead of needing a restart.
 pub mod books;
 pub mod db;
+pub mod journal;
 pub mod leases;
 pub mod log;
 pub mod migrate;
+pub mod replica;
 
 pub use books::{Books, FundingReceipt, LeaseGrant, Renewal, ReplicaStatus, ShippedDebit, WalletAudit};
 pub use db::Database;
+pub use journal::LogJournal;
 pub use leases::{LeaseBook, LeaseHold, LeaseRefusal, LeaseSettings};
+pub use replica::{Replica, ReplicaSettings};
 
 /// What can go wrong talking to the cluster's database.
 #[derive(Debug, thiserror::Error)]
@@ -98,9 +109,13 @@ pub enum ClusterError {
     /// A statement failed.
     #[error("cluster database: {}", describe(.0))]
     Statement(#[from] tokio_postgres::Error),
-    /// The database's schema is not one this binary knows.
+    /// The database's schema is not one this binary knows, or what it holds
+    /// cannot be read.
     #[error("cluster schema: {0}")]
     Schema(String),
+    /// This replica's treasury epoch is over: another replica is treasurer.
+    #[error("treasury epoch {0} is over: another replica is the treasurer")]
+    Fenced(i64),
 }
 
 /// The server's message and code when there is one: tokio-postgres's own

@@ -295,6 +295,13 @@ impl Ledger {
         self.wallets.get(&wallet).map(|cell| cell.value().state.lock().available())
     }
 
+    /// Takes the admin lock for a change, refusing while the journal cannot
+    /// take new work (failing storage, or a cluster follower).
+    fn lock_admin(&self) -> Result<parking_lot::MutexGuard<'_, ()>, LedgerError> {
+        self.shared.committer.check_ready()?;
+        Ok(self.admin.lock())
+    }
+
     fn cell(&self, wallet: WalletId) -> Option<Arc<WalletCell>> {
         self.wallets.get(&wallet).map(|cell| Arc::clone(cell.value()))
     }

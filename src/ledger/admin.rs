@@ -118,7 +118,7 @@ impl Ledger {
     /// Creates an organization and its pool; grants the contract year in
     /// force, if any.
     pub fn create_org(&self, new: NewOrg, now: DateTime<Utc>) -> Result<Organization, LedgerError> {
-        let _admin = self.admin.lock();
+        let _admin = self.lock_admin()?;
         let mut calendar = OrgCalendar::new(new.time_zone);
         if let Some(term) = &new.contract {
             check_term(term)?;
@@ -149,7 +149,7 @@ impl Ledger {
         term: ContractTerm,
         now: DateTime<Utc>,
     ) -> Result<Organization, LedgerError> {
-        let _admin = self.admin.lock();
+        let _admin = self.lock_admin()?;
         let mut current = self.org(org).ok_or(LedgerError::UnknownOrg(org))?;
         check_term(&term)?;
         let calendar = calendar_of(&current).with_term(term)?;
@@ -165,7 +165,7 @@ impl Ledger {
     /// Creates a user. A Lite user gets a wallet and this month's allowance in
     /// full at once; a Pro user draws on the pool.
     pub fn create_user(&self, org: OrgId, new: NewUser, now: DateTime<Utc>) -> Result<User, LedgerError> {
-        let _admin = self.admin.lock();
+        let _admin = self.lock_admin()?;
         let tz = self.org(org).ok_or(LedgerError::UnknownOrg(org))?.time_zone;
         check_amount("lite_monthly_allowance", new.lite_monthly_allowance)?;
         new.limits.validate()?;
@@ -223,7 +223,7 @@ impl Ledger {
         user: UserId,
         change: impl FnOnce(&mut User) -> Result<(), LedgerError>,
     ) -> Result<User, LedgerError> {
-        let _admin = self.admin.lock();
+        let _admin = self.lock_admin()?;
         let mut current = self.user_in(org, user)?;
         change(&mut current)?;
         self.commit(|_| RecordBody::User(current.clone()));
@@ -239,7 +239,7 @@ impl Ledger {
         new: NewApp,
         now: DateTime<Utc>,
     ) -> Result<Application, LedgerError> {
-        let _admin = self.admin.lock();
+        let _admin = self.lock_admin()?;
         if !self.orgs.contains_key(&org) {
             return Err(LedgerError::UnknownOrg(org));
         }
@@ -269,7 +269,7 @@ impl Ledger {
         limits: Limits,
         end_user_limits: Limits,
     ) -> Result<Application, LedgerError> {
-        let _admin = self.admin.lock();
+        let _admin = self.lock_admin()?;
         limits.validate()?;
         end_user_limits.validate()?;
         let mut current = self.app(app).ok_or(LedgerError::UnknownApp(app))?;
@@ -284,7 +284,7 @@ impl Ledger {
 
     /// Registers a key for a user or application of `org`.
     pub fn create_key(&self, org: OrgId, new: NewKey, now: DateTime<Utc>) -> Result<ApiKey, LedgerError> {
-        let _admin = self.admin.lock();
+        let _admin = self.lock_admin()?;
         let owner_org = self.owner_org(new.owner)?;
         self.ensure_same_org(org, owner_org, &new.owner.to_string())?;
         new.limits.validate()?;
@@ -333,7 +333,7 @@ impl Ledger {
         key: KeyId,
         change: impl FnOnce(&mut ApiKey),
     ) -> Result<ApiKey, LedgerError> {
-        let _admin = self.admin.lock();
+        let _admin = self.lock_admin()?;
         let mut current = self.key(key).ok_or(LedgerError::UnknownKey(key))?;
         self.ensure_same_org(org, current.org, &key.to_string())?;
         change(&mut current);

@@ -128,7 +128,7 @@ impl Ledger {
     ) -> Result<PurchaseReceipt, LedgerError> {
         // Held through the sync on purpose: a replay of this key must never
         // see a receipt that is not yet durable.
-        let _admin = self.admin.lock();
+        let _admin = self.lock_admin()?;
         // Money is not credited while the store cannot record it.
         self.shared.committer.check_ready()?;
         check_key(&request.idempotency_key)?;
@@ -195,7 +195,7 @@ impl Ledger {
         request: AdjustmentRequest,
         now: DateTime<Utc>,
     ) -> Result<AdjustmentReceipt, LedgerError> {
-        let _admin = self.admin.lock();
+        let _admin = self.lock_admin()?;
         // Money is not credited while the store cannot record it.
         self.shared.committer.check_ready()?;
         check_key(&request.idempotency_key)?;

@@ -136,6 +136,10 @@ pub(crate) struct Committer {
     journal: std::sync::Arc<dyn Journal>,
     next_seq: std::sync::atomic::AtomicU64,
     failure: std::sync::OnceLock<JournalError>,
+    /// Set on a cluster follower: its state comes only from the records it
+    /// replays, so it makes none of its own (no catch-up grants, no new
+    /// work) until it is promoted.
+    following: std::sync::atomic::AtomicBool,
 }
 
 impl Committer {
@@ -144,7 +148,18 @@ impl Committer {
             journal,
             next_seq: std::sync::atomic::AtomicU64::new(next_seq),
             failure: std::sync::OnceLock::new(),
+            following: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether the ledger only follows another's records.
+    pub fn following(&self) -> bool {
+        self.following.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Starts or stops following.
+    pub fn set_following(&self, following: bool) {
+        self.following.store(following, std::sync::atomic::Ordering::Release);
     }
 
     /// The next sequence number. Relaxed is enough: callers assign and
@@ -187,6 +202,11 @@ impl Committer {
     /// records durable: new work (a hold, an admin change) checks this.
     pub fn check_ready(&self) -> Result<(), JournalError> {
         self.check()?;
+        if self.following() {
+            return Err(JournalError::Unavailable {
+                reason: "this replica follows the cluster's books and makes no changes itself".into(),
+            });
+        }
         self.journal.health()
     }
 }

@@ -51,7 +51,7 @@ impl Ledger {
         plan: Plan,
         now: DateTime<Utc>,
     ) -> Result<User, LedgerError> {
-        let _admin = self.admin.lock();
+        let _admin = self.lock_admin()?;
         let mut current = self.user_in(org, user)?;
         if current.plan == plan {
             return Err(LedgerError::SamePlan { user, plan });

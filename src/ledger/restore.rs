@@ -78,6 +78,26 @@ impl Ledger {
         self.shared.committer.skip_past(seq);
     }
 
+    /// Applies one record another ledger made (a cluster follower replaying
+    /// the shared log, in its order), numbering its own records above it.
+    pub fn apply_replicated(&self, record: Record) -> Result<(), RestoreError> {
+        let seq = record.seq;
+        self.replay(record)?;
+        self.shared.committer.skip_past(seq);
+        Ok(())
+    }
+
+    /// Makes the ledger a follower (no records of its own, no new work) or,
+    /// once it has replayed everything, the writer again.
+    pub fn set_following(&self, following: bool) {
+        self.shared.committer.set_following(following);
+    }
+
+    /// Whether the ledger is a follower.
+    pub fn following(&self) -> bool {
+        self.shared.committer.following()
+    }
+
     fn replay(&self, record: Record) -> Result<(), RestoreError> {
         match record.body {
             RecordBody::Org(org) => self.apply_org(&org),

@@ -180,6 +180,11 @@ impl WalletState {
     /// past their TTL and grants allocations that became effective. Returns
     /// the wallet's clock, which is `now` unless `now` is in its past.
     pub fn advance(&mut self, now: DateTime<Utc>, committer: &Committer) -> DateTime<Utc> {
+        if committer.following() {
+            // A follower learns grants and write-offs from the records it
+            // replays; making its own would fork the books.
+            return now.max(self.clock);
+        }
         let now = now.max(self.clock);
         self.clock = now;
         if now < self.next_event_at {

@@ -1,0 +1,239 @@
+//! The treasurer's journal: the ledger's records go to the shared log.
+//!
+//! [`LogJournal`] is the cluster counterpart of the store's group-commit
+//! writer. The ledger appends records inside its critical sections; a
+//! background thread appends them to `cg_log` in batches, in that order,
+//! fenced by the treasury epoch; [`Journal::sync`] returns once everything
+//! appended before it is committed there, so an admin change is
+//! acknowledged only once every replica can read it.
+//!
+//! - While the database cannot be reached the records are kept and retried,
+//!   and [`Journal::health`] reports the journal unavailable (new work gets
+//!   503), exactly as the store writer does for a failing disk.
+//! - Once the epoch is over (another replica took the treasury), nothing
+//!   more can be appended: the journal fails for good and the ledger stops
+//!   taking work, because it holds records the log will never have. The
+//!   replica must be restarted, and then follows the new treasurer.
+//! - Until a replica is promoted it has no epoch, and an append fails: a
+//!   follower's ledger makes no records (see `Committer::following`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::ledger::journal::{Journal, JournalError, Record};
+use crate::store::codec;
+
+use super::books::Books;
+use super::ClusterError;
+
+/// Records sent to the log in one statement at most.
+const BATCH: usize = 2_000;
+/// First wait before retrying an append the database refused or missed.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+/// Longest wait between retries.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// The treasurer's journal, appending to the shared log.
+#[derive(Clone)]
+pub struct LogJournal {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    /// Wakes the appender (records queued) and syncers (records committed).
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// Who appends, once promoted.
+    writer: Option<Writer>,
+    queue: Vec<Record>,
+    /// Records ever queued, and ever committed to the log.
+    queued: u64,
+    committed: u64,
+    /// Set for good: the epoch is over, or a record cannot be encoded.
+    failed: Option<JournalError>,
+    /// The last append's error while it is being retried.
+    retrying: Option<String>,
+    closed: bool,
+}
+
+#[derive(Clone)]
+struct Writer {
+    replica: String,
+    epoch: i64,
+}
+
+impl std::fmt::Debug for LogJournal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.inner.state.lock();
+        f.debug_struct("LogJournal")
+            .field("epoch", &state.writer.as_ref().map(|writer| writer.epoch))
+            .field("queued", &state.queued)
+            .field("committed", &state.committed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for LogJournal {
+    fn default() -> Self {
+        LogJournal { inner: Arc::new(Inner { state: Mutex::new(State::default()), changed: Condvar::new() }) }
+    }
+}
+
+impl LogJournal {
+    /// A journal that takes no records until [`LogJournal::start`].
+    pub fn new() -> LogJournal {
+        LogJournal::default()
+    }
+
+    /// Starts appending as `replica`, treasurer of `epoch`, on a thread of
+    /// its own (so a sync may block any thread, as with the store writer).
+    pub fn start(&self, books: Books, replica: String, epoch: i64) -> Result<(), ClusterError> {
+        self.inner.state.lock().writer = Some(Writer { replica, epoch });
+        let inner = Arc::clone(&self.inner);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|err| ClusterError::Config(format!("log journal runtime: {err}")))?;
+        std::thread::Builder::new()
+            .name("creditgate-log-journal".into())
+            .spawn(move || runtime.block_on(append_loop(inner, books)))
+            .map_err(|err| ClusterError::Config(format!("log journal thread: {err}")))?;
+        Ok(())
+    }
+
+    /// Stops the appender once the queue is empty (or for good has failed).
+    pub fn close(&self) {
+        self.inner.state.lock().closed = true;
+        self.inner.changed.notify_all();
+    }
+
+    /// Records committed to the log so far.
+    pub fn committed(&self) -> u64 {
+        self.inner.state.lock().committed
+    }
+}
+
+impl Journal for LogJournal {
+    fn append(&self, record: Record) -> Result<(), JournalError> {
+        let mut state = self.inner.state.lock();
+        if let Some(failed) = &state.failed {
+            return Err(failed.clone());
+        }
+        if state.writer.is_none() || state.closed {
+            return Err(JournalError::Failed {
+                reason: "this replica is not the cluster's treasurer and cannot make records".into(),
+            });
+        }
+        state.queue.push(record);
+        state.queued += 1;
+        drop(state);
+        self.inner.changed.notify_all();
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), JournalError> {
+        let mut state = self.inner.state.lock();
+        let target = state.queued;
+        loop {
+            if let Some(failed) = &state.failed {
+                return Err(failed.clone());
+            }
+            if state.committed >= target {
+                return Ok(());
+            }
+            self.inner.changed.wait(&mut state);
+        }
+    }
+
+    fn health(&self) -> Result<(), JournalError> {
+        let state = self.inner.state.lock();
+        if let Some(failed) = &state.failed {
+            return Err(failed.clone());
+        }
+        match &state.retrying {
+            Some(reason) => Err(JournalError::Unavailable { reason: reason.clone() }),
+            None => Ok(()),
+        }
+    }
+}
+
+async fn append_loop(inner: Arc<Inner>, books: Books) {
+    let mut retry = RETRY_FIRST;
+    loop {
+        let (batch, writer) = {
+            let mut state = inner.state.lock();
+            while state.queue.is_empty() && !state.closed && state.failed.is_none() {
+                inner.changed.wait(&mut state);
+            }
+            if state.failed.is_some() || (state.closed && state.queue.is_empty()) {
+                return;
+            }
+            let take = state.queue.len().min(BATCH);
+            let Some(writer) = state.writer.clone() else { return };
+            (state.queue[..take].to_vec(), writer)
+        };
+        let outcome = match encode(&batch) {
+            Ok(bodies) => books.append_as_treasurer(writer.epoch, &writer.replica, &bodies).await,
+            Err(reason) => Err(ClusterError::Schema(reason)),
+        };
+        let waiting = {
+            let mut state = inner.state.lock();
+            match outcome {
+                Ok(()) => {
+                    state.queue.drain(..batch.len());
+                    state.committed += batch.len() as u64;
+                    state.retrying = None;
+                    retry = RETRY_FIRST;
+                }
+                Err(err @ (ClusterError::Fenced(_) | ClusterError::Schema(_))) => {
+                    tracing::error!(error = %err, "the treasurer's journal stops: its records cannot reach the log");
+                    state.failed = Some(JournalError::Failed { reason: err.to_string() });
+                }
+                Err(err) => {
+                    if state.retrying.is_none() {
+                        tracing::warn!(error = %err, "cannot append to the cluster log; retrying");
+                    }
+                    state.retrying = Some(err.to_string());
+                }
+            }
+            state.retrying.is_some()
+        };
+        inner.changed.notify_all();
+        if waiting {
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+    }
+}
+
+/// Each record as its own one-record segment: the store's encoding, so the
+/// log and the sled store read back through one decoder.
+fn encode(records: &[Record]) -> Result<Vec<(i64, Vec<u8>)>, String> {
+    records
+        .iter()
+        .map(|record| {
+            let mut body = Vec::new();
+            codec::encode_segment(std::slice::from_ref(record), usize::MAX, &mut body)
+                .map_err(|err| format!("record {} cannot be encoded: {err}", record.seq))?;
+            let origin =
+                i64::try_from(record.seq).map_err(|_| format!("record {} is out of range", record.seq))?;
+            Ok((origin, body))
+        })
+        .collect()
+}
+
+/// The record in a log body.
+pub fn decode(gseq: i64, body: &[u8]) -> Result<Record, ClusterError> {
+    let mut records = codec::decode_value(body)
+        .map_err(|err| ClusterError::Schema(format!("log record {gseq} cannot be decoded: {err}")))?;
+    match (records.pop(), records.is_empty()) {
+        (Some(record), true) => Ok(record),
+        _ => Err(ClusterError::Schema(format!("log record {gseq} does not hold exactly one record"))),
+    }
+}

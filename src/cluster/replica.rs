@@ -1,0 +1,293 @@
+//! One replica's ledger in a cluster: a follower of the shared log, or its
+//! treasurer.
+//!
+//! Every replica keeps a full [`Ledger`] in memory, rebuilt from `cg_log`
+//! and kept current by replaying what is appended to it, so keys, users,
+//! limits, lots and balances are known everywhere within one poll. Exactly
+//! one replica, the treasurer (the holder of the treasury lease, see
+//! `migrations/0003_treasury.sql`), makes records: its ledger runs as a
+//! single node's does, with a [`LogJournal`] in place of the sled writer.
+//! A follower's ledger makes none: it takes no new work of its own and
+//! catches no wallet up to the clock (the treasurer's grants and write-offs
+//! reach it as records).
+//!
+//! When the treasury lapses (its holder died, paused or lost the database
+//! for longer than the treasury's lease), the first follower to claim it
+//! reads the log to its end (no record of the old epoch can be appended
+//! after the claim), becomes the writer, and catches every wallet up to
+//! its clock. A treasurer that finds its epoch over fails its journal and
+//! must be restarted: it cannot know which of its records the log took.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::ledger::{Ledger, LedgerConfig};
+
+use super::books::{retrying, Books};
+use super::journal::{decode, LogJournal};
+use super::ClusterError;
+
+/// Records read from the log per statement.
+const TAIL_BATCH: i64 = 5_000;
+
+/// How a replica follows and keeps the treasury.
+#[derive(Clone, Debug)]
+pub struct ReplicaSettings {
+    /// The replica's name (unique per data directory).
+    pub replica: String,
+    /// The treasury lease's length; the treasurer renews it every third.
+    pub treasury_ttl: Duration,
+    /// How often a follower reads the log.
+    pub poll: Duration,
+}
+
+impl ReplicaSettings {
+    /// Defaults: a 6 s treasury, the log read every 50 ms.
+    pub fn new(replica: impl Into<String>) -> ReplicaSettings {
+        ReplicaSettings {
+            replica: replica.into(),
+            treasury_ttl: Duration::from_secs(6),
+            poll: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A replica's ledger and its place in the shared log.
+pub struct Replica {
+    books: Books,
+    settings: ReplicaSettings,
+    ledger: Arc<Ledger>,
+    journal: LogJournal,
+    /// The last log record applied (while following).
+    applied: AtomicI64,
+    /// The treasury epoch held, once promoted.
+    epoch: Mutex<Option<i64>>,
+    /// Set once this replica was treasurer and lost the treasury.
+    deposed: AtomicBool,
+    /// Serializes reading the log, so records apply once and in order.
+    tailing: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("replica", &self.settings.replica)
+            .field("applied", &self.applied)
+            .field("epoch", &*self.epoch.lock())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replica {
+    /// A follower with the whole log replayed.
+    pub async fn open(
+        books: Books,
+        config: LedgerConfig,
+        settings: ReplicaSettings,
+    ) -> Result<Replica, ClusterError> {
+        let journal = LogJournal::new();
+        let ledger = Arc::new(Ledger::new(config, Arc::new(journal.clone())));
+        ledger.set_following(true);
+        let replica = Replica {
+            books,
+            settings,
+            ledger,
+            journal,
+            applied: AtomicI64::new(0),
+            epoch: Mutex::new(None),
+            deposed: AtomicBool::new(false),
+            tailing: tokio::sync::Mutex::new(()),
+        };
+        while replica.catch_up().await? > 0 {}
+        Ok(replica)
+    }
+
+    /// The ledger: serve from it; changes succeed only on the treasurer.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
+    /// The treasury epoch this replica holds, if it is the treasurer.
+    pub fn epoch(&self) -> Option<i64> {
+        *self.epoch.lock()
+    }
+
+    /// Waits until every record the treasurer's ledger made so far is in
+    /// the log (settles are not acknowledged one by one). Blocks the thread.
+    pub fn sync(&self) -> Result<(), crate::ledger::journal::JournalError> {
+        use crate::ledger::journal::Journal as _;
+        self.journal.sync()
+    }
+
+    /// The last log record this replica applied (its own, once treasurer).
+    pub fn applied(&self) -> i64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// Applies the records appended since the last call (up to one batch);
+    /// returns how many. Nothing for the treasurer: it made them.
+    pub async fn catch_up(&self) -> Result<usize, ClusterError> {
+        let _tailing = self.tailing.lock().await;
+        if self.epoch().is_some() {
+            return Ok(0);
+        }
+        let records = self.books.tail(self.applied(), TAIL_BATCH).await?;
+        for record in &records {
+            let decoded = decode(record.gseq, &record.body)?;
+            self.ledger.apply_replicated(decoded).map_err(|err| {
+                ClusterError::Schema(format!("log record {} does not replay: {err}", record.gseq))
+            })?;
+            self.applied.store(record.gseq, Ordering::Release);
+        }
+        Ok(records.len())
+    }
+
+    /// Takes the treasury if it is free and becomes the writer: reads the
+    /// log to its end, starts the journal and catches every wallet up to
+    /// `clock`. Returns whether this replica is the treasurer afterwards.
+    pub async fn try_promote(&self, clock: &dyn Clock) -> Result<bool, ClusterError> {
+        if self.epoch().is_some() {
+            return Ok(true);
+        }
+        if self.deposed.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let Some(epoch) =
+            self.books.claim_treasury(&self.settings.replica, None, self.settings.treasury_ttl).await?
+        else {
+            return Ok(false);
+        };
+        while self.catch_up().await? > 0 {}
+        self.journal.start(self.books.clone(), self.settings.replica.clone(), epoch)?;
+        *self.epoch.lock() = Some(epoch);
+        self.ledger.set_following(false);
+        self.ledger.tick(clock.now());
+        tracing::info!(replica = %self.settings.replica, epoch, "this replica is the cluster's treasurer");
+        Ok(true)
+    }
+
+    /// Renews the treasury. `false` once it is lost: the ledger then stops
+    /// (its journal fails at its next append, and so does every change).
+    pub async fn renew(&self) -> Result<bool, ClusterError> {
+        let Some(epoch) = self.epoch() else { return Ok(false) };
+        let renewed = self
+            .books
+            .claim_treasury(&self.settings.replica, Some(epoch), self.settings.treasury_ttl)
+            .await?;
+        if renewed.is_none() {
+            tracing::error!(replica = %self.settings.replica, epoch, "the treasury lapsed; this replica must restart");
+            self.deposed.store(true, Ordering::Release);
+            self.ledger.set_following(true);
+        }
+        Ok(renewed.is_some())
+    }
+
+    /// Follows the log and keeps (or claims) the treasury until `shutdown`;
+    /// then gives the treasury up so another replica takes it at once.
+    pub async fn run(self: Arc<Self>, clock: Arc<dyn Clock>, shutdown: CancellationToken) {
+        let renew_every = self.settings.treasury_ttl / 3;
+        let mut last_renewal = tokio::time::Instant::now();
+        let mut tick_at = tokio::time::Instant::now();
+        loop {
+            let outcome = if self.epoch().is_some() {
+                if last_renewal.elapsed() >= renew_every {
+                    last_renewal = tokio::time::Instant::now();
+                    self.renew().await.map(drop)
+                } else {
+                    Ok(())
+                }
+            } else {
+                match self.catch_up().await {
+                    Ok(_) => self.try_promote(clock.as_ref()).await.map(|promoted| {
+                        if promoted {
+                            last_renewal = tokio::time::Instant::now();
+                        }
+                    }),
+                    Err(err) => Err(err),
+                }
+            };
+            if let Err(err) = outcome {
+                tracing::warn!(error = %err, "cluster log");
+            }
+            if self.epoch().is_some() && tick_at.elapsed() >= Duration::from_secs(1) {
+                // Idle wallets get their grants and write-offs on time.
+                tick_at = tokio::time::Instant::now();
+                self.ledger.tick(clock.now());
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(self.settings.poll) => {}
+            }
+        }
+        self.step_down().await;
+    }
+
+    /// Lets the journal drain and gives the treasury up.
+    pub async fn step_down(&self) {
+        let Some(epoch) = self.epoch.lock().take() else { return };
+        self.ledger.set_following(true);
+        self.journal.close();
+        if let Err(err) = self.books.release_treasury(&self.settings.replica, epoch).await {
+            tracing::warn!(error = %err, "cannot release the treasury; it lapses by itself");
+        }
+    }
+}
+
+impl Books {
+    /// Renews `epoch` for `replica`, or (with `None`) takes a vacant or
+    /// lapsed treasury; the epoch held afterwards, if any.
+    pub async fn claim_treasury(
+        &self,
+        replica: &str,
+        epoch: Option<i64>,
+        ttl: Duration,
+    ) -> Result<Option<i64>, ClusterError> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        retrying(|| async {
+            let client = self.client().await?;
+            let statement = client.prepare_cached("SELECT cg_claim_treasury($1, $2, $3)").await?;
+            Ok(client.query_one(&statement, &[&replica, &epoch, &ttl_ms]).await?.get(0))
+        })
+        .await
+    }
+
+    /// Lets `epoch` lapse now.
+    pub async fn release_treasury(&self, replica: &str, epoch: i64) -> Result<(), ClusterError> {
+        let client = self.client().await?;
+        client.execute("SELECT cg_release_treasury($1, $2)", &[&replica, &epoch]).await?;
+        Ok(())
+    }
+
+    /// Appends the treasurer's records (origin = its sequence number);
+    /// [`ClusterError::Fenced`] once `epoch` is over.
+    pub async fn append_as_treasurer(
+        &self,
+        epoch: i64,
+        replica: &str,
+        records: &[(i64, Vec<u8>)],
+    ) -> Result<(), ClusterError> {
+        let origins: Vec<i64> = records.iter().map(|(origin, _)| *origin).collect();
+        let bodies: Vec<&[u8]> = records.iter().map(|(_, body)| body.as_slice()).collect();
+        let outcome = retrying(|| async {
+            let client = self.client().await?;
+            let statement =
+                client.prepare_cached("SELECT count(*) FROM cg_append_as_treasurer($1, $2, $3, $4)").await?;
+            client.query_one(&statement, &[&epoch, &replica, &origins, &bodies]).await?;
+            Ok(())
+        })
+        .await;
+        match outcome {
+            Err(ClusterError::Statement(err))
+                if err.as_db_error().is_some_and(|db| db.code().code() == "CG001") =>
+            {
+                Err(ClusterError::Fenced(epoch))
+            }
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Cluster mode's one set of books on a real PostgreSQL: the treasurer's
+//! ledger journals to the shared log, followers replay it and hold the same
+//! books, time rules run once, and a treasurer that lost the treasury can
+//! never fork the log.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use common::pg::Postgres;
+use creditgate::clock::{Clock, ManualClock};
+use creditgate::cluster::journal::decode;
+use creditgate::cluster::migrate::migrate;
+use creditgate::cluster::{Books, Database, Replica, ReplicaSettings};
+use creditgate::ledger::contract::ContractTerm;
+use creditgate::ledger::entity::{KeyHash, Plan};
+use creditgate::ledger::entry::{EntryKind, LedgerEntry, SettleDetails, Usage};
+use creditgate::ledger::ids::{OrgId, Owner, RequestId, UserId, WalletId};
+use creditgate::ledger::journal::RecordBody;
+use creditgate::ledger::limit::Limits;
+use creditgate::ledger::{
+    Ledger, LedgerConfig, LedgerError, NewKey, NewOrg, NewUser, PurchaseRequest, SpendContext,
+};
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+
+async fn books(url: &str) -> Books {
+    let db = Database::new(url, 4).unwrap();
+    migrate(&db).await.unwrap();
+    Books::new(db)
+}
+
+fn settings(name: &str) -> ReplicaSettings {
+    let mut settings = ReplicaSettings::new(name);
+    settings.treasury_ttl = Duration::from_millis(1500);
+    settings
+}
+
+async fn replica(url: &str, name: &str) -> Replica {
+    Replica::open(books(url).await, LedgerConfig::default(), settings(name)).await.unwrap()
+}
+
+fn at(text: &str) -> DateTime<Utc> {
+    text.parse().unwrap()
+}
+
+/// Every record in the log, decoded, in log order.
+async fn log(url: &str) -> Vec<creditgate::ledger::journal::Record> {
+    let books = books(url).await;
+    let mut records = Vec::new();
+    loop {
+        let after = records.len() as i64;
+        let batch = books.tail(after, 1000).await.unwrap();
+        if batch.is_empty() {
+            return records;
+        }
+        records.extend(batch.iter().map(|record| decode(record.gseq, &record.body).unwrap()));
+    }
+}
+
+fn entries(records: &[creditgate::ledger::journal::Record]) -> Vec<LedgerEntry> {
+    let mut entries: Vec<LedgerEntry> = records
+        .iter()
+        .filter_map(|record| match &record.body {
+            RecordBody::Entry(entry) => Some(entry.clone()),
+            _ => None,
+        })
+        .collect();
+    entries.sort_by_key(|entry| entry.id);
+    entries
+}
+
+/// The audit over the log's entries finds every wallet of `ledger` exact.
+fn assert_audited(ledger: &Ledger, entries: &[LedgerEntry]) {
+    let report = ledger.verify(entries);
+    assert!(report.is_clean(), "audit found: {:#?}", report.mismatches);
+}
+
+/// The wallet's money as both ledgers see it.
+fn same_wallet(a: &Ledger, b: &Ledger, wallet: WalletId, now: DateTime<Utc>) {
+    let (x, y) = (a.balance(wallet, now).unwrap(), b.balance(wallet, now).unwrap());
+    assert_eq!((x.balance, x.totals, &x.lots), (y.balance, y.totals, &y.lots), "{wallet} differs");
+}
+
+/// A database, a clock at `start`, a treasurer and a follower.
+async fn cluster(name: &str, start: &str) -> (Postgres, String, Arc<ManualClock>, Replica, Replica) {
+    let pg = Postgres::start();
+    let url = pg.create_database(name);
+    let clock = ManualClock::new(at(start));
+    let treasurer = replica(&url, "r1").await;
+    let follower = replica(&url, "r2").await;
+    assert!(treasurer.try_promote(clock.as_ref()).await.unwrap());
+    (pg, url, clock, treasurer, follower)
+}
+
+/// Waits for the treasurer's records to reach the log, then has the
+/// follower apply all of them.
+async fn follow_all(treasurer: &Replica, follower: &Replica) {
+    tokio::task::block_in_place(|| treasurer.sync()).unwrap();
+    follow(follower).await;
+}
+
+async fn follow(replica: &Replica) {
+    while replica.catch_up().await.unwrap() > 0 {}
+}
+
+/// A contract from 2026 on, with no allocation: purchases alone fund it.
+fn term() -> ContractTerm {
+    ContractTerm {
+        start: "2026-01-01".parse().unwrap(),
+        years: 2,
+        platform_allocation_per_year: dec!(0),
+        pro_seats: 0,
+        seat_allocation_per_year: dec!(0),
+    }
+}
+
+/// A purchase of `amount` under `idempotency_key`.
+fn purchase(org: OrgId, amount: Decimal, idempotency_key: &str) -> PurchaseRequest {
+    PurchaseRequest {
+        org,
+        amount,
+        expires_at: None,
+        reference: None,
+        idempotency_key: idempotency_key.into(),
+    }
+}
+
+struct Seeded {
+    org: OrgId,
+    lite: UserId,
+    pro: UserId,
+}
+
+fn seed(ledger: &Ledger, now: DateTime<Utc>) -> Seeded {
+    let org = ledger
+        .create_org(NewOrg { name: "acme".into(), time_zone: chrono_tz::UTC, contract: Some(term()) }, now)
+        .unwrap()
+        .id;
+    let user = |name: &str, plan, allowance| NewUser {
+        name: name.into(),
+        plan,
+        lite_monthly_allowance: allowance,
+        prorate_on_downgrade: false,
+        limits: Limits::NONE,
+    };
+    let lite = ledger.create_user(org, user("lite", Plan::Lite, dec!(5)), now).unwrap().id;
+    let pro = ledger.create_user(org, user("pro", Plan::Pro, dec!(0)), now).unwrap().id;
+    ledger.purchase(purchase(org, dec!(100), "order-1"), now).unwrap();
+    Seeded { org, lite, pro }
+}
+
+fn spend(ledger: &Ledger, org: OrgId, owner: Owner, amount: Decimal, now: DateTime<Utc>) {
+    let secret = format!("secret-{}", uuid::Uuid::now_v7());
+    let key = NewKey { owner, hash: KeyHash::of_secret(&secret), label: "k".into(), limits: Limits::NONE };
+    let key = ledger.create_key(org, key, now).unwrap().id;
+    let wallet = ledger.wallet_of(owner).unwrap();
+    let request = RequestId(uuid::Uuid::now_v7());
+    let hold = ledger.hold(wallet, request, amount, SpendContext { key, end_user: None }, now).unwrap();
+    let details = SettleDetails {
+        route: Arc::from("/v1/chat/completions"),
+        model: Arc::from("gpt-test"),
+        usage: Usage { input_tokens: 10, output_tokens: 20, cached_input_tokens: 0, tool_units: 0 },
+        price_version: Arc::from("prices-v1"),
+    };
+    hold.settle(amount, details, now).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_replay_the_treasurers_books_exactly() {
+    let (_pg, url, clock, treasurer, follower) = cluster("replay", "2026-03-10T12:00:00Z").await;
+    assert!(!follower.try_promote(clock.as_ref()).await.unwrap(), "one treasurer at a time");
+
+    let now = clock.now();
+    let seeded = seed(treasurer.ledger(), now);
+    spend(treasurer.ledger(), seeded.org, Owner::User(seeded.pro), dec!(1.25), now);
+    spend(treasurer.ledger(), seeded.org, Owner::User(seeded.lite), dec!(0.5), now);
+
+    // Once the treasurer's records are in the log, a follower that reads it
+    // has everything, entities and money alike.
+    follow_all(&treasurer, &follower).await;
+    let (a, b) = (treasurer.ledger(), follower.ledger());
+    assert_eq!(a.orgs(), b.orgs());
+    assert_eq!(a.users_of(seeded.org), b.users_of(seeded.org));
+    assert_eq!(a.keys_of(seeded.org), b.keys_of(seeded.org));
+    for wallet in [WalletId::Pool(seeded.org), WalletId::Lite(seeded.lite)] {
+        same_wallet(a, b, wallet, now);
+    }
+    assert_eq!(b.balance(WalletId::Pool(seeded.org), now).unwrap().balance, dec!(98.75));
+    assert_eq!(b.balance(WalletId::Lite(seeded.lite), now).unwrap().balance, dec!(4.5));
+    let records = log(&url).await;
+    assert_audited(a, &entries(&records));
+    assert_audited(b, &entries(&records));
+
+    // A replica started later rebuilds the same books from the log alone.
+    let late = replica(&url, "r3").await;
+    same_wallet(a, late.ledger(), WalletId::Pool(seeded.org), now);
+    same_wallet(a, late.ledger(), WalletId::Lite(seeded.lite), now);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_makes_no_records_and_a_lite_reset_happens_once() {
+    let (_pg, url, clock, treasurer, follower) = cluster("once", "2026-03-31T23:00:00Z").await;
+    let seeded = seed(treasurer.ledger(), clock.now());
+    spend(treasurer.ledger(), seeded.org, Owner::User(seeded.lite), dec!(3), clock.now());
+    follow_all(&treasurer, &follower).await;
+    let lite = WalletId::Lite(seeded.lite);
+
+    // April arrives. The follower reads the wallet at the new time but does
+    // not grant April's allowance itself; and it refuses any change.
+    clock.advance(TimeDelta::hours(2));
+    let before = log(&url).await.len();
+    assert_eq!(follower.ledger().balance(lite, clock.now()).unwrap().balance, dec!(2));
+    let refused = follower.ledger().purchase(purchase(seeded.org, dec!(1), "on-a-follower"), clock.now());
+    assert!(matches!(refused, Err(LedgerError::Unavailable(_))), "{refused:?}");
+    assert_eq!(log(&url).await.len(), before, "a follower appended to the log");
+
+    // The treasurer's tick grants it (and writes March's remainder off),
+    // and the follower learns both from the log.
+    treasurer.ledger().tick(clock.now());
+    treasurer.ledger().balance(lite, clock.now()).unwrap();
+    let settled = follower.ledger().balance(lite, clock.now()).unwrap().balance;
+    assert_eq!(settled, dec!(2), "the follower moved before the treasurer's records arrived");
+    follow_all(&treasurer, &follower).await;
+    same_wallet(treasurer.ledger(), follower.ledger(), lite, clock.now());
+    assert_eq!(follower.ledger().balance(lite, clock.now()).unwrap().balance, dec!(5));
+    let records = log(&url).await;
+    let april_grants = entries(&records)
+        .iter()
+        .filter(|entry| entry.wallet == lite && matches!(entry.kind, EntryKind::Grant { .. }))
+        .filter(|entry| entry.at >= at("2026-04-01T00:00:00Z"))
+        .count();
+    assert_eq!(april_grants, 1, "April's allowance granted once");
+    assert_audited(follower.ledger(), &entries(&records));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_treasurer_cannot_fork_the_log() {
+    let (_pg, url, clock, old, new) = cluster("fence", "2026-05-05T10:00:00Z").await;
+    let seeded = seed(old.ledger(), clock.now());
+
+    // The old treasurer stops renewing (a pause, a partition); once its
+    // treasury lapses the follower takes it, with a new epoch.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert!(new.try_promote(clock.as_ref()).await.unwrap());
+    assert!(new.epoch() > old.epoch());
+    let purchase = |key: &str| purchase(seeded.org, dec!(10), key);
+    new.ledger().purchase(purchase("after-failover"), clock.now()).unwrap();
+
+    // The old one still believes it is treasurer: its change is refused by
+    // the log (never acknowledged), and its ledger stops taking work.
+    let forked = old.ledger().purchase(purchase("from-the-old-epoch"), clock.now());
+    assert!(matches!(forked, Err(LedgerError::Unavailable(_))), "{forked:?}");
+    assert!(!old.renew().await.unwrap(), "the old epoch cannot be renewed");
+    let again = old.ledger().purchase(purchase("later"), clock.now());
+    assert!(again.is_err(), "a deposed treasurer took new work: {again:?}");
+
+    // The log holds one history: the new treasurer's, which a fresh replica
+    // rebuilds exactly.
+    let records = log(&url).await;
+    assert!(!records.iter().any(|record| matches!(&record.body,
+        RecordBody::Entry(entry) if matches!(&entry.kind, EntryKind::Purchase { idempotency_key, .. }
+            if idempotency_key != "order-1" && idempotency_key != "after-failover"))));
+    let fresh = replica(&url, "r3").await;
+    same_wallet(new.ledger(), fresh.ledger(), WalletId::Pool(seeded.org), clock.now());
+    assert_eq!(fresh.ledger().balance(WalletId::Pool(seeded.org), clock.now()).unwrap().balance, dec!(110));
+    assert_audited(fresh.ledger(), &entries(&records));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_treasurer_that_steps_down_hands_over_at_once() {
+    let pg = Postgres::start();
+    let url = pg.create_database("handover");
+    let clock: Arc<ManualClock> = ManualClock::new(at("2026-06-01T08:00:00Z"));
+    let first = Arc::new(replica(&url, "r1").await);
+    let second = Arc::new(replica(&url, "r2").await);
+    let stop_first = tokio_util::sync::CancellationToken::new();
+    let stop_second = tokio_util::sync::CancellationToken::new();
+    let run_first = tokio::spawn(first.clone().run(clock.clone(), stop_first.clone()));
+    while first.epoch().is_none() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let run_second = tokio::spawn(second.clone().run(clock.clone(), stop_second.clone()));
+    let seeded = seed(first.ledger(), clock.now());
+
+    // A clean shutdown gives the treasury up: the other replica takes it
+    // well inside the treasury's lease, with everything applied.
+    stop_first.cancel();
+    run_first.await.unwrap();
+    let started = std::time::Instant::now();
+    while second.epoch().is_none() {
+        assert!(started.elapsed() < Duration::from_secs(1), "no handover within a second");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(second.ledger().balance(WalletId::Pool(seeded.org), clock.now()).unwrap().balance, dec!(100));
+    second.ledger().purchase(purchase(seeded.org, dec!(1), "on-the-new-treasurer"), clock.now()).unwrap();
+    stop_second.cancel();
+    run_second.await.unwrap();
+    let records = log(&url).await;
+    assert_audited(second.ledger(), &entries(&records));
+}
