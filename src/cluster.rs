@@ -95,7 +95,7 @@ pub use books::{Books, FundingReceipt, LeaseGrant, Renewal, ReplicaStatus, Shipp
 pub use db::Database;
 pub use journal::LogJournal;
 pub use leases::{LeaseBook, LeaseHold, LeaseRefusal, LeaseSettings};
-pub use replica::{Replica, ReplicaSettings};
+pub use replica::{DebitDetail, Replica, ReplicaSettings};
 
 /// What can go wrong talking to the cluster's database.
 #[derive(Debug, thiserror::Error)]

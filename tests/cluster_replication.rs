@@ -14,11 +14,11 @@ use common::pg::Postgres;
 use creditgate::clock::{Clock, ManualClock};
 use creditgate::cluster::journal::decode;
 use creditgate::cluster::migrate::migrate;
-use creditgate::cluster::{Books, Database, Replica, ReplicaSettings};
+use creditgate::cluster::{Books, Database, DebitDetail, LeaseBook, LeaseSettings, Replica, ReplicaSettings};
 use creditgate::ledger::contract::ContractTerm;
 use creditgate::ledger::entity::{KeyHash, Plan};
 use creditgate::ledger::entry::{EntryKind, LedgerEntry, SettleDetails, Usage};
-use creditgate::ledger::ids::{OrgId, Owner, RequestId, UserId, WalletId};
+use creditgate::ledger::ids::{KeyId, OrgId, Owner, RequestId, UserId, WalletId};
 use creditgate::ledger::journal::RecordBody;
 use creditgate::ledger::limit::Limits;
 use creditgate::ledger::{
@@ -301,4 +301,107 @@ async fn a_treasurer_that_steps_down_hands_over_at_once() {
     run_second.await.unwrap();
     let records = log(&url).await;
     assert_audited(second.ledger(), &entries(&records));
+}
+
+/// A debit as a replica settles it under a lease: held `held`, charged
+/// `cost`, with the detail the treasurer posts from.
+fn settle_on_lease(
+    book: &LeaseBook,
+    hold: creditgate::cluster::LeaseHold,
+    wallet: WalletId,
+    key: KeyId,
+    cost: Decimal,
+) -> RequestId {
+    let request_id = RequestId(uuid::Uuid::now_v7());
+    let detail = DebitDetail {
+        request_id,
+        wallet,
+        key,
+        end_user: None,
+        held: hold.amount(),
+        details: SettleDetails {
+            route: Arc::from("/v1/chat/completions"),
+            model: Arc::from("gpt-test"),
+            usage: Usage { input_tokens: 10, output_tokens: 20, cached_input_tokens: 0, tool_units: 0 },
+            price_version: Arc::from("prices-v1"),
+        },
+    };
+    book.settle(hold, cost, Utc::now(), serde_json::to_value(&detail).unwrap());
+    request_id
+}
+
+/// The shared books balance, and `wallet`'s row there says `balance`.
+async fn assert_shared_books(url: &str, wallet: WalletId, balance: Decimal) {
+    let audit = books(url).await.audit().await.unwrap();
+    for row in &audit {
+        assert!(row.balances(), "shared books do not balance: {row:?}");
+        assert_eq!(row.uncovered, Decimal::ZERO, "{row:?}");
+    }
+    let row = audit.iter().find(|row| row.wallet == wallet.to_string()).unwrap();
+    assert_eq!(row.balance, balance, "{row:?}");
+}
+
+fn debits_of(records: &[creditgate::ledger::journal::Record], request: RequestId) -> usize {
+    entries(records)
+        .iter()
+        .filter(|entry| matches!(&entry.kind, EntryKind::Debit(debit) if debit.request_id == request))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_debits_post_once_and_every_book_agrees() {
+    let (_pg, url, clock, treasurer, follower) = cluster("posting", "2026-03-31T22:00:00Z").await;
+    let seeded = seed(treasurer.ledger(), clock.now());
+    let pool = WalletId::Pool(seeded.org);
+    let lite = WalletId::Lite(seeded.lite);
+    let secret = "sk-posting";
+    let new_key =
+        |owner| NewKey { owner, hash: KeyHash::of_secret(secret), label: "k".into(), limits: Limits::NONE };
+    let pro_key =
+        treasurer.ledger().create_key(seeded.org, new_key(Owner::User(seeded.pro)), clock.now()).unwrap().id;
+    // The purchase and the Lite allowance reached the shared books with
+    // their records: that is what replicas may lease.
+    tokio::task::block_in_place(|| treasurer.sync()).unwrap();
+    assert_shared_books(&url, pool, dec!(100)).await;
+    assert_shared_books(&url, lite, dec!(5)).await;
+
+    // The follower spends under leases and ships; the treasurer posts.
+    let book = LeaseBook::new(books(&url).await, LeaseSettings::new("r2"), 1);
+    let first = book.hold(&pool.to_string(), dec!(1)).await.unwrap();
+    let request_1 = settle_on_lease(&book, first, pool, pro_key, dec!(0.75));
+    let second = book.hold(&pool.to_string(), dec!(1)).await.unwrap();
+    let request_2 = settle_on_lease(&book, second, pool, pro_key, dec!(0.5));
+    book.ship().await.unwrap();
+    assert_eq!(book.outbox_len(), 0);
+    assert_eq!(treasurer.post_shipped().await.unwrap(), 2);
+    assert_eq!(treasurer.post_shipped().await.unwrap(), 0, "posted twice");
+    follow_all(&treasurer, &follower).await;
+    for ledger in [treasurer.ledger(), follower.ledger()] {
+        assert_eq!(ledger.balance(pool, clock.now()).unwrap().balance, dec!(98.75));
+    }
+    assert_shared_books(&url, pool, dec!(98.75)).await;
+
+    // April: the treasurer's tick writes March's allowance off and grants
+    // April's; the shared books follow.
+    clock.advance(TimeDelta::hours(3));
+    treasurer.ledger().tick(clock.now());
+    tokio::task::block_in_place(|| treasurer.sync()).unwrap();
+    assert_shared_books(&url, lite, dec!(5)).await;
+
+    // A debit shipped around a handover is posted once, by the new
+    // treasurer; the ones posted before are not posted again.
+    let third = book.hold(&pool.to_string(), dec!(1)).await.unwrap();
+    let request_3 = settle_on_lease(&book, third, pool, pro_key, dec!(0.25));
+    book.ship().await.unwrap();
+    treasurer.step_down().await;
+    assert!(follower.try_promote(clock.as_ref()).await.unwrap());
+    assert_eq!(follower.post_shipped().await.unwrap(), 1);
+    book.shutdown().await.unwrap();
+    let records = log(&url).await;
+    for request in [request_1, request_2, request_3] {
+        assert_eq!(debits_of(&records, request), 1, "{request:?}");
+    }
+    assert_eq!(follower.ledger().balance(pool, clock.now()).unwrap().balance, dec!(98.5));
+    assert_shared_books(&url, pool, dec!(98.5)).await;
+    assert_audited(follower.ledger(), &entries(&records));
 }

@@ -22,7 +22,10 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::ledger::journal::{Journal, JournalError, Record};
+use rust_decimal::Decimal;
+
+use crate::ledger::entry::EntryKind;
+use crate::ledger::journal::{Journal, JournalError, Record, RecordBody};
 use crate::store::codec;
 
 use super::books::Books;
@@ -179,7 +182,7 @@ async fn append_loop(inner: Arc<Inner>, books: Books) {
             (state.queue[..take].to_vec(), writer)
         };
         let outcome = match encode(&batch) {
-            Ok(bodies) => books.append_as_treasurer(writer.epoch, &writer.replica, &bodies).await,
+            Ok(appended) => books.append_books(writer.epoch, &writer.replica, &appended).await,
             Err(reason) => Err(ClusterError::Schema(reason)),
         };
         let waiting = {
@@ -212,9 +215,24 @@ async fn append_loop(inner: Arc<Inner>, books: Books) {
     }
 }
 
-/// Each record as its own one-record segment: the store's encoding, so the
-/// log and the sled store read back through one decoder.
-fn encode(records: &[Record]) -> Result<Vec<(i64, Vec<u8>)>, String> {
+/// A record on its way to the log, with what it does to the shared books.
+#[derive(Debug)]
+pub struct Appended {
+    /// The treasurer's sequence number for it.
+    pub origin: i64,
+    /// The record, as a one-record segment.
+    pub body: Vec<u8>,
+    /// A credit or write-off: wallet, org and signed amount.
+    pub funding: Option<(String, i64, Decimal)>,
+    /// A posted debit: the request it settles.
+    pub posts: Option<String>,
+}
+
+/// Each record as its own one-record segment (the store's encoding, so the
+/// log and the sled store read back through one decoder), with its effect
+/// on the shared books: debits were taken off when they shipped; every
+/// other balance change moves what replicas may lease.
+fn encode(records: &[Record]) -> Result<Vec<Appended>, String> {
     records
         .iter()
         .map(|record| {
@@ -223,7 +241,19 @@ fn encode(records: &[Record]) -> Result<Vec<(i64, Vec<u8>)>, String> {
                 .map_err(|err| format!("record {} cannot be encoded: {err}", record.seq))?;
             let origin =
                 i64::try_from(record.seq).map_err(|_| format!("record {} is out of range", record.seq))?;
-            Ok((origin, body))
+            let (mut funding, mut posts) = (None, None);
+            if let RecordBody::Entry(entry) = &record.body {
+                match &entry.kind {
+                    EntryKind::Debit(debit) => posts = Some(debit.request_id.0.to_string()),
+                    _ if entry.amount.is_zero() => {}
+                    _ => {
+                        let org = i64::try_from(entry.org.0)
+                            .map_err(|_| format!("record {}: org out of range", record.seq))?;
+                        funding = Some((entry.wallet.to_string(), org, entry.amount));
+                    }
+                }
+            }
+            Ok(Appended { origin, body, funding, posts })
         })
         .collect()
 }

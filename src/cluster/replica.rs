@@ -22,18 +22,58 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
+use crate::ledger::entry::SettleDetails;
+use crate::ledger::ids::{KeyId, RequestId, WalletId};
 use crate::ledger::{Ledger, LedgerConfig};
 
 use super::books::{retrying, Books};
-use super::journal::{decode, LogJournal};
+use super::journal::{decode, Appended, LogJournal};
 use super::ClusterError;
 
 /// Records read from the log per statement.
 const TAIL_BATCH: i64 = 5_000;
+/// Shipped debits posted per round.
+const POST_BATCH: i64 = 2_000;
+
+/// What a replica ships with a debit so the treasurer can post it: the
+/// settle its own ledger would have made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebitDetail {
+    /// The request.
+    pub request_id: RequestId,
+    /// The wallet it paid from.
+    pub wallet: WalletId,
+    /// The key it came with.
+    pub key: KeyId,
+    /// The end user an application named, if any.
+    pub end_user: Option<String>,
+    /// What was held for it.
+    pub held: Decimal,
+    /// Route, model, usage and price version.
+    pub details: SettleDetails,
+}
+
+/// A shipped debit not yet posted.
+#[derive(Clone, Debug)]
+pub struct UnpostedDebit {
+    /// The replica that shipped it, and its number there.
+    pub replica: String,
+    /// That replica's number for it.
+    pub entry: i64,
+    /// The amount.
+    pub amount: Decimal,
+    /// When it was settled.
+    pub at: DateTime<Utc>,
+    /// Its [`DebitDetail`], as shipped.
+    pub body: serde_json::Value,
+}
 
 /// How a replica follows and keeps the treasury.
 #[derive(Clone, Debug)]
@@ -171,6 +211,52 @@ impl Replica {
         Ok(true)
     }
 
+    /// Posts the debits replicas shipped to the treasurer's ledger, oldest
+    /// first, up to one batch; returns how many. Each is marked posted in the
+    /// transaction that appends its settle record, so it is posted once
+    /// however often the treasury changes hands. A debit that cannot be
+    /// posted (a body this version does not read, a wallet or key the ledger
+    /// does not know) is marked with the reason instead and stays in the
+    /// shared books, where the audit counts it.
+    pub async fn post_shipped(&self) -> Result<usize, ClusterError> {
+        if self.epoch().is_none() {
+            return Ok(0);
+        }
+        let shipped = self.books.unposted(POST_BATCH).await?;
+        for debit in &shipped {
+            let posted = serde_json::from_value::<DebitDetail>(debit.body.clone())
+                .map_err(|err| format!("the debit's detail cannot be read: {err}"))
+                .and_then(|detail| {
+                    self.ledger
+                        .post_debit(
+                            detail.wallet,
+                            detail.request_id,
+                            detail.key,
+                            detail.end_user.as_deref(),
+                            detail.held,
+                            debit.amount,
+                            detail.details,
+                            debit.at,
+                        )
+                        .map_err(|err| err.to_string())
+                });
+            match posted {
+                Ok(_) => {}
+                Err(_) if self.ledger.following() => return Ok(0),
+                Err(reason) => {
+                    tracing::error!(replica = %debit.replica, entry = debit.entry, %reason, "a shipped debit cannot be posted");
+                    self.books.refuse_posting(&debit.replica, debit.entry, &reason).await?;
+                }
+            }
+        }
+        let journal = self.journal.clone();
+        tokio::task::spawn_blocking(move || crate::ledger::journal::Journal::sync(&journal))
+            .await
+            .map_err(|err| ClusterError::Unavailable(err.to_string()))?
+            .map_err(|err| ClusterError::Unavailable(err.to_string()))?;
+        Ok(shipped.len())
+    }
+
     /// Renews the treasury. `false` once it is lost: the ledger then stops
     /// (its journal fails at its next append, and so does every change).
     pub async fn renew(&self) -> Result<bool, ClusterError> {
@@ -214,6 +300,9 @@ impl Replica {
             if let Err(err) = outcome {
                 tracing::warn!(error = %err, "cluster log");
             }
+            if let Err(err) = self.post_shipped().await {
+                tracing::warn!(error = %err, "cannot post shipped debits");
+            }
             if self.epoch().is_some() && tick_at.elapsed() >= Duration::from_secs(1) {
                 // Idle wallets get their grants and write-offs on time.
                 tick_at = tokio::time::Instant::now();
@@ -239,6 +328,40 @@ impl Replica {
 }
 
 impl Books {
+    /// Up to `limit` shipped debits not yet posted, in shipping order.
+    pub async fn unposted(&self, limit: i64) -> Result<Vec<UnpostedDebit>, ClusterError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT replica, entry, amount, at, body FROM cg_debits WHERE NOT posted
+                 ORDER BY shipped_at, replica, entry LIMIT $1",
+            )
+            .await?;
+        let rows = client.query(&statement, &[&limit]).await?;
+        Ok(rows
+            .iter()
+            .map(|row| UnpostedDebit {
+                replica: row.get(0),
+                entry: row.get(1),
+                amount: row.get(2),
+                at: row.get(3),
+                body: row.get(4),
+            })
+            .collect())
+    }
+
+    /// Marks a shipped debit that cannot be posted, with the reason.
+    pub async fn refuse_posting(&self, replica: &str, entry: i64, reason: &str) -> Result<(), ClusterError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE cg_debits SET posted = true, post_error = $3 WHERE replica = $1 AND entry = $2",
+                &[&replica, &entry, &reason],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Renews `epoch` for `replica`, or (with `None`) takes a vacant or
     /// lapsed treasury; the epoch held afterwards, if any.
     pub async fn claim_treasury(
@@ -263,21 +386,31 @@ impl Books {
         Ok(())
     }
 
-    /// Appends the treasurer's records (origin = its sequence number);
+    /// Appends the treasurer's records (origin = its sequence number) and
+    /// moves the shared books with them, in one transaction;
     /// [`ClusterError::Fenced`] once `epoch` is over.
-    pub async fn append_as_treasurer(
+    pub async fn append_books(
         &self,
         epoch: i64,
         replica: &str,
-        records: &[(i64, Vec<u8>)],
+        records: &[Appended],
     ) -> Result<(), ClusterError> {
-        let origins: Vec<i64> = records.iter().map(|(origin, _)| *origin).collect();
-        let bodies: Vec<&[u8]> = records.iter().map(|(_, body)| body.as_slice()).collect();
+        let origins: Vec<i64> = records.iter().map(|record| record.origin).collect();
+        let bodies: Vec<&[u8]> = records.iter().map(|record| record.body.as_slice()).collect();
+        fn funding(record: &Appended) -> Option<&(String, i64, Decimal)> {
+            record.funding.as_ref()
+        }
+        let wallets: Vec<Option<&str>> = records.iter().map(|r| funding(r).map(|f| f.0.as_str())).collect();
+        let orgs: Vec<Option<i64>> = records.iter().map(|r| funding(r).map(|f| f.1)).collect();
+        let deltas: Vec<Option<Decimal>> = records.iter().map(|r| funding(r).map(|f| f.2)).collect();
+        let posts: Vec<Option<&str>> = records.iter().map(|r| r.posts.as_deref()).collect();
         let outcome = retrying(|| async {
             let client = self.client().await?;
             let statement =
-                client.prepare_cached("SELECT count(*) FROM cg_append_as_treasurer($1, $2, $3, $4)").await?;
-            client.query_one(&statement, &[&epoch, &replica, &origins, &bodies]).await?;
+                client.prepare_cached("SELECT cg_append_books($1, $2, $3, $4, $5, $6, $7, $8)").await?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] =
+                [&epoch, &replica, &origins, &bodies, &wallets, &orgs, &deltas, &posts];
+            client.query_one(&statement, &params).await?;
             Ok(())
         })
         .await;

@@ -171,8 +171,8 @@ impl Drop for Hold {
 
 /// What a token knows that the wallet forgot when the TTL voided the hold.
 pub(crate) struct LateSettle {
-    held: Decimal,
-    payer: HoldPayer,
+    pub held: Decimal,
+    pub payer: HoldPayer,
 }
 
 /// Settles `request_id` on the wallet in `cell`.

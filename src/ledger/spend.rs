@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::ledger::entity::{KeyHash, Plan};
 use crate::ledger::entry::SettleDetails;
-use crate::ledger::hold::{self, Hold, HoldArgs, SettleError, Settlement};
+use crate::ledger::hold::{self, Hold, HoldArgs, HoldPayer, LateSettle, SettleError, Settlement};
 use crate::ledger::ids::{KeyId, OrgId, Owner, RequestId, WalletId};
 use crate::ledger::refusal::Refusal;
 use crate::ledger::Ledger;
@@ -106,6 +106,32 @@ impl Ledger {
     ) -> Result<Settlement, SettleError> {
         let cell = self.cell(wallet).ok_or(SettleError::UnknownWallet { wallet })?;
         hold::settle_in(&cell, request_id, actual_cost, details, now, None)
+    }
+
+    /// Posts a debit another replica settled under a lease (cluster mode):
+    /// charged in full, as a settle whose hold was `held`, and counted
+    /// against the key's, owner's and end user's limits. Posting the same
+    /// request again while the wallet remembers it changes nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn post_debit(
+        &self,
+        wallet: WalletId,
+        request_id: RequestId,
+        key: KeyId,
+        end_user: Option<&str>,
+        held: Decimal,
+        cost: Decimal,
+        details: SettleDetails,
+        now: DateTime<Utc>,
+    ) -> Result<Settlement, SettleError> {
+        let cell = self.cell(wallet).ok_or(SettleError::UnknownWallet { wallet })?;
+        let owner = self
+            .keys
+            .get(&key)
+            .map(|key| key.owner)
+            .ok_or(SettleError::UnknownRequest { wallet, request_id })?;
+        let payer = HoldPayer { key, owner, end_user: crate::ledger::payer::end_user_arc(end_user) };
+        hold::settle_in(&cell, request_id, cost, details, now, Some(LateSettle { held, payer }))
     }
 
     /// Voids every hold past its TTL; returns how many.

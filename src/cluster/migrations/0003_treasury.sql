@@ -4,9 +4,10 @@
 -- records (admin changes, posted debits, grants and write-offs), which it
 -- appends to cg_log; every other replica replays them. The treasury is a
 -- lease on this one row: the holder renews it, another replica takes it
--- once it has lapsed, and each taking starts a new epoch. Appends name
--- their epoch and are refused once it is over, so a treasurer that lost
--- the treasury (a pause, a partition) can never fork the log. Taking and
+-- once it has lapsed, and each taking starts a new epoch. Appends
+-- (cg_append_books, version 4) name their epoch and are refused once it is
+-- over, so a treasurer that lost the treasury (a pause, a partition) can
+-- never fork the log. Taking and
 -- appending share cg_log's advisory lock, so a new treasurer that has read
 -- the log to its end has read every record the old epoch will ever add.
 CREATE TABLE cg_treasurer (
@@ -48,16 +49,3 @@ RETURNS void
 LANGUAGE sql AS $$
     UPDATE cg_treasurer SET expires_at = clock_timestamp() WHERE epoch = p_epoch AND replica = p_replica;
 $$;
-
--- cg_append for the treasurer of epoch p_epoch; refused (SQLSTATE CG001)
--- once that epoch is over.
-CREATE FUNCTION cg_append_as_treasurer(p_epoch bigint, p_replica text, p_origins bigint[], p_bodies bytea[])
-RETURNS TABLE (origin bigint, gseq bigint)
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_advisory_xact_lock(109295633723239);
-    IF NOT EXISTS (SELECT 1 FROM cg_treasurer t WHERE t.epoch = p_epoch AND t.replica = p_replica) THEN
-        RAISE EXCEPTION 'treasury epoch % of % is over', p_epoch, p_replica USING ERRCODE = 'CG001';
-    END IF;
-    RETURN QUERY SELECT a.origin, a.gseq FROM cg_append(p_replica, p_origins, p_bodies) a;
-END $$;
