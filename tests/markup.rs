@@ -232,6 +232,7 @@ async fn entries_without_a_markup_show_cost_equal_to_price() {
 async fn a_reload_with_a_changed_markup_is_a_new_version_and_prices_the_next_call() {
     let stack = start_priced(RESALE).await;
     let before = stack.gateway.prices().unwrap().current().version().clone();
+    assert_eq!(admin_get(&stack, "/admin/v1/prices").await["markup_percent"], "20", "the API shows it");
     let usage = r#"{"prompt_tokens": 1000, "completion_tokens": 0, "total_tokens": 1000}"#;
     let body = json!({"model": "mock-gpt", "max_tokens": 5});
     post(&stack, "/v1/chat/completions", &[("x-mock-usage", usage)], &body).await;
@@ -245,6 +246,7 @@ async fn a_reload_with_a_changed_markup_is_a_new_version_and_prices_the_next_cal
     let after = stack.gateway.prices().unwrap().current().version().clone();
     assert_eq!(after.label, before.label, "same label");
     assert_ne!(after, before, "only the markup changed, and it is a new version");
+    assert_eq!(admin_get(&stack, "/admin/v1/prices").await["markup_percent"], "30");
     post(&stack, "/v1/chat/completions", &[("x-mock-usage", usage)], &body).await;
     let entries = debits(&stack, 2).await;
     let version = |entry: &Value| entry["kind"]["details"]["price_version"].as_str().unwrap().to_owned();

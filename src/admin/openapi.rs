@@ -319,9 +319,19 @@ fn price_status() -> Value {
         json!({"file": {"type": "string"}, "version": {"type": "string"}, "label": {"type": "string"},
                "content_hash": {"type": "string"},
                "as_of": {"anyOf": [{"type": "string", "format": "date"}, {"type": "null"}]},
-               "age_days": {"type": ["integer", "null"]}, "loaded_at": time(), "last_reload_at": time(),
+               "age_days": {"type": ["integer", "null"]}, "markup_percent": decimal(),
+               "loaded_at": time(), "last_reload_at": time(),
                "last_reload_error": {"type": ["string", "null"]}, "reloads_ok": count, "reloads_failed": count}),
-        &["file", "version", "label", "content_hash", "loaded_at", "reloads_ok", "reloads_failed"],
+        &[
+            "file",
+            "version",
+            "label",
+            "content_hash",
+            "markup_percent",
+            "loaded_at",
+            "reloads_ok",
+            "reloads_failed",
+        ],
     )
 }
 
