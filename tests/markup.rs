@@ -49,10 +49,16 @@ markup_percent = "35"
 
 /// A gateway priced by `prices`, its org's pool holding $100.
 async fn start_priced(prices: &str) -> Stack {
+    start_priced_at(prices, None).await
+}
+
+/// The same in front of `upstream` instead of the stack's mock.
+async fn start_priced_at(prices: &str, upstream: Option<std::net::SocketAddr>) -> Stack {
     let stack = start().await;
     let path = stack.data_dir.path().join("prices.toml");
     std::fs::write(&path, prices).unwrap();
-    let text = config_text(stack.mock.addr(), "", "").replace(PRICES_FILE, path.to_str().unwrap());
+    let upstream = upstream.unwrap_or_else(|| stack.mock.addr());
+    let text = config_text(upstream, "", "").replace(PRICES_FILE, path.to_str().unwrap());
     let config = parse_config(&text, &stack.data_dir.path().join("data"));
     let gateway = Gateway::start(config, stack.shutdown.clone()).await.unwrap();
     let keys = seed(&gateway, "100", "1");
@@ -215,6 +221,32 @@ async fn a_streamed_request_is_charged_the_marked_up_price_of_its_streamed_usage
     let (cost, price) = cost_and_price(&debits(&stack, 1).await[0]);
     assert_eq!(cost, nanos(cost_nanos), "the streamed usage at the table's prices: {usage:?}");
     assert_eq!(price, nanos(price_nanos), "× 1.33333, rounded up once");
+    assert_eq!(Decimal::from(100) - balance, price);
+}
+
+#[tokio::test]
+async fn hosted_tool_calls_take_their_tool_s_markup_inside_the_call_s_single_rounding() {
+    // A Responses call to mock-claude (33.333%) that runs 3 web searches
+    // (web_search_call: $0.01 a call, 7.5% of its own), against an upstream
+    // that reports its usage and tool calls like the real providers.
+    let provider = common::provider::Provider::start().await;
+    let prices =
+        format!("{RESALE}\n[tools.\"web_search_call\"]\nper_call = \"0.01\"\nmarkup_percent = \"7.5\"\n");
+    let stack = start_priced_at(&prices, Some(provider.addr())).await;
+    let body = json!({"model": "mock-claude", "max_output_tokens": 50, "input": "news?",
+                      "tools": [{"type": "web_search"}]});
+    post(&stack, "/v1/responses", &[("x-provider-tool-calls", "3")], &body).await;
+    let balance = settled_pool(&stack).await;
+    let last = provider.last();
+    assert_eq!(last.hosted_calls, 3);
+    let tokens_nanos = 3_000 * last.input_tokens + 15_000 * last.output_tokens;
+    let searches_nanos = 3 * 10_000_000;
+    // Σ cost × (1 + percent/100), in hundred-thousandths, rounded up once.
+    let price_nanos = (tokens_nanos * 133_333 + searches_nanos * 107_500).div_ceil(100_000);
+    let (cost, price) = cost_and_price(&debits(&stack, 1).await[0]);
+    let as_decimal = |nanos: u64| Decimal::new(i64::try_from(nanos).unwrap(), 9);
+    assert_eq!(cost, as_decimal(tokens_nanos + searches_nanos), "tokens plus 3 searches at cost");
+    assert_eq!(price, as_decimal(price_nanos), "each part at its own markup, rounded once");
     assert_eq!(Decimal::from(100) - balance, price);
 }
 
