@@ -588,15 +588,19 @@ pub fn hosted_tools_hold(
     })
 }
 
+/// A call's costs, each under its markup: the tokens, then one part per
+/// hosted tool. Inline, so a settle allocates nothing for them.
+type CostParts = smallvec::SmallVec<[(Decimal, Markup); 1 + HostedTool::ALL.len()]>;
+
 /// What the hosted tool calls a response reports cost the operator (each at
 /// its tool's per-call price), one part per tool with the tool's markup,
-/// and how many calls there were.
+/// added to `parts`; returns how many calls there were.
 fn hosted_calls_cost(
     table: &PriceTable,
     reported: &Reported,
     now: DateTime<Utc>,
-) -> (Vec<(Decimal, Markup)>, u64) {
-    let mut parts = Vec::new();
+    parts: &mut CostParts,
+) -> u64 {
     let mut calls = 0u64;
     for (tool, count) in HostedTool::ALL.into_iter().zip(reported.hosted_calls) {
         if count == 0 {
@@ -613,7 +617,7 @@ fn hosted_calls_cost(
             None => tracing::warn!(tool = tool.item_type(), count, "unpriced hosted tool calls reported"),
         }
     }
-    (parts, calls)
+    calls
 }
 
 /// What a settle charges: the operator's cost and the customer's price.
@@ -802,11 +806,13 @@ impl Charge {
         };
         // One price over the whole call: tokens at the model's markup, each
         // hosted tool's calls at the tool's, rounded up once.
-        let (mut parts, tool_calls) = hosted_calls_cost(&self.table, &reported, now);
-        let charged = price.cost(&tokens).ok().and_then(|cost| {
-            parts.insert(0, (cost, price.markup()));
-            Amounts::of(&parts)
-        });
+        let mut parts = CostParts::new();
+        let token_cost = price.cost(&tokens);
+        if let Ok(cost) = token_cost {
+            parts.push((cost, price.markup()));
+        }
+        let tool_calls = hosted_calls_cost(&self.table, &reported, now, &mut parts);
+        let charged = token_cost.ok().and_then(|_| Amounts::of(&parts));
         let charged = match charged {
             Some(charged) if flag == SettleFlag::Estimated => charged.at_most(held),
             Some(charged) => charged,
