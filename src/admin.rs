@@ -13,7 +13,7 @@
 //! allowances and downgrades that grant them) need the operator token or an
 //! org token the operator marked `finance = true`; other org tokens get 403.
 //! - `GET /admin/v1/prices` — the price table in force: version, loaded-at,
-//!   last reload error (operator).
+//!   as_of and age, table-wide markup, last reload error (operator).
 //! - `POST /admin/v1/prices/reload` — re-read the price file; 200 with the new
 //!   status, or 422 with every problem; the old table stays in force (operator).
 //! - `GET|POST /admin/v1/orgs` — list (own org for org tokens) / create (operator).

@@ -388,7 +388,8 @@ fn long_context(
 
 /// Lays `overlay` (a price file) over `models`: every field an overlay
 /// model sets replaces the catalog's, models only the overlay names are
-/// added, and the overlay's `label`, `limits` and `tools` are kept. An
+/// added, and the overlay's `label`, `limits`, `[markup]` and `tools` are
+/// kept (an overlay model's or tool's `markup_percent` is one of its fields). An
 /// overlay entry for a catalog model the import left out (skipped, or not
 /// selected) is dropped and listed: on its own it would price only the
 /// fields it sets, leaving the rest free. Returns the whole table and what
@@ -560,6 +561,27 @@ mod tests {
             "{}",
             audio.reason
         );
+    }
+
+    #[test]
+    fn an_overlay_s_markups_pass_into_the_imported_table() {
+        let catalog = r#"{
+            "kept": {"mode": "chat", "input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06, "max_output_tokens": 100},
+            "other": {"mode": "chat", "input_cost_per_token": 3e-06, "output_cost_per_token": 4e-06, "max_output_tokens": 100}
+        }"#;
+        let overlay = "label = \"o\"\n[markup]\npercent = \"20\"\n\
+                       [models.\"kept\"]\nmarkup_percent = \"7.5\"\n\
+                       [tools.\"t\"]\nper_call = \"0.01\"\nmarkup_percent = \"0\"\n";
+        let (text, skipped, _) =
+            price_file(import_litellm(catalog, &[]).unwrap(), Some(overlay), "t", "test").unwrap();
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let table = crate::pricing::PriceTable::parse("imported", &text).unwrap();
+        let now = chrono::Utc::now();
+        assert_eq!(table.markup().percent(), dec!(20), "the table-wide markup");
+        assert_eq!(table.model("kept", now).unwrap().markup().percent(), dec!(7.5), "the model's own");
+        assert_eq!(table.model("kept", now).unwrap().output_per_mtok(), dec!(2), "catalog prices kept");
+        assert_eq!(table.model("other", now).unwrap().markup().percent(), dec!(20), "the table's");
+        assert!(table.tool("t", now).unwrap().markup().is_none(), "the tool's \"0\"");
     }
 
     #[test]

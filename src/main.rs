@@ -115,7 +115,7 @@ enum PricesCommand {
         /// The catalog file.
         file: PathBuf,
         /// A price file whose every field wins over the catalog's (negotiated
-        /// rates, private models, label, limits, tools).
+        /// rates, private models, label, limits, markups, tools).
         #[arg(long)]
         overlay: Option<PathBuf>,
         /// Import only models whose name matches one of these (`*` wildcards).

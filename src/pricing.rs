@@ -29,6 +29,10 @@
 //! per_call = "0.005"                 # at least one of per_call/per_unit
 //! per_unit = "0.001"
 //! unit = "results"                   # required with per_unit
+//! markup_percent = "35"              # optional; this entry's own markup
+//!
+//! [markup]                           # optional; what customers pay above cost
+//! percent = "20"                     # 0 to 1000, at most 4 decimal places
 //! ```
 //!
 //! Unknown keys are errors. Amounts are dollars written as strings of digits
@@ -49,6 +53,17 @@
 //! ceiling of 10^6 dollars this cannot happen for model calls, whatever the
 //! `u64` token counts; only a tool's `units × per_unit` can reach it.
 //!
+//! # Markup
+//!
+//! The prices are what the operator pays. An operator who resells credits
+//! sets `[markup] percent` (and `markup_percent` on a model or tool to
+//! differ from it, `"0"` for none): the customer is charged
+//! `cost × (1 + percent/100)`, computed exactly on the whole call's cost (as
+//! rounded above) and rounded up once more, to whole nanodollars — never per
+//! token, per term or per part ([`customer_price`]). Holds are marked up the
+//! same way, so a hold still covers its settle. The markup is in the file,
+//! so changing it makes a new [`PriceVersion`].
+//!
 //! # Version
 //!
 //! [`PriceVersion`] is the file's `label` plus the first 12 hex digits of the
@@ -64,7 +79,8 @@ mod table;
 mod validate;
 
 pub use cost::{
-    CostError, HoldRequest, LongContext, ModelPrice, Multipliers, TokenUsage, ToolPrice, COST_SCALE,
+    customer_price, CostError, HoldRequest, LongContext, Markup, ModelPrice, Multipliers, TokenUsage,
+    ToolPrice, COST_SCALE, MARKUP_PERCENT_PLACES,
 };
 pub use live::{LivePrices, PriceLoadError, PriceStatus};
 pub use problems::{PriceFileErrors, Problem};

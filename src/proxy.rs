@@ -225,7 +225,7 @@ impl Proxy {
         let now = self.clock.now();
         let request_id = ledger_request_id(&ctx.request_id);
         let context = SpendContext { key: key.key, end_user: end_user.as_deref() };
-        let (body, priced, hold, output_cap, injected_usage, request_bytes) = match &route.kind {
+        let (body, priced, hold, held_cost, output_cap, injected_usage, request_bytes) = match &route.kind {
             RouteKind::Model(flavour) => {
                 let timeout = self.config.server.body_read_timeout;
                 let bytes = tokio::time::timeout(timeout, read_body(incoming, limit))
@@ -242,10 +242,13 @@ impl Proxy {
                     None => 0,
                 };
                 let request_bytes = bytes.len() as u64;
-                let (hosted_fee, tool_calls) =
-                    charge::hosted_tools_hold(&table, &fields, route.limits.max_tool_calls, now)?;
-                let plan =
-                    OutputPlan { hosted_fee, ..OutputPlan::new(&fields, *flavour, &price, context_tokens) };
+                let hosted = charge::hosted_tools_hold(&table, &fields, route.limits.max_tool_calls, now)?;
+                let tool_calls = hosted.calls_to_send;
+                let plan = OutputPlan {
+                    hosted_fee: hosted.fee,
+                    hosted_cost: hosted.cost,
+                    ..OutputPlan::new(&fields, *flavour, &price, context_tokens)
+                };
                 let (hold, plan) = self.hold_model(
                     key.wallet,
                     request_id,
@@ -274,21 +277,24 @@ impl Proxy {
                         reason: "the body must be a JSON object".into(),
                     })?
                 };
+                // At most the hold (markups are not negative), so it fits where the hold did.
+                let held_cost =
+                    charge::model_hold_cost(&price, request_bytes, &plan).unwrap_or_else(|| hold.amount());
                 let priced = Priced::Model { name: Arc::from(fields.model), price, flavour: *flavour };
-                (Either::Right(Full::new(bytes)), priced, hold, plan.cap, inject, request_bytes)
+                (Either::Right(Full::new(bytes)), priced, hold, held_cost, plan.cap, inject, request_bytes)
             }
             RouteKind::Tool { name, units_header } => {
                 let price = charge::price_tool(&table, name, now)?;
                 self.check_item_allowed(key.key, route, name)?;
-                let amount = charge::tool_hold_amount(&price, units_header.as_ref(), route.limits.max_units)?;
+                let held = charge::tool_hold_amount(&price, units_header.as_ref(), route.limits.max_units)?;
                 let priced = Priced::Tool {
                     name: Arc::from(name.as_str()),
                     price,
                     units_header: units_header.clone(),
                 };
-                let hold = self.hold(key.wallet, request_id, amount, context, now)?;
+                let hold = self.hold(key.wallet, request_id, held.price, context, now)?;
                 let request_bytes = incoming.size_hint().exact().unwrap_or(0);
-                (streamed(incoming), priced, hold, None, false, request_bytes)
+                (streamed(incoming), priced, hold, held.cost, None, false, request_bytes)
             }
             RouteKind::Passthrough => return Ok((parts, streamed(incoming))),
         };
@@ -303,6 +309,7 @@ impl Proxy {
             limits: route.limits.clone(),
             output_cap,
             hold: Some(hold),
+            held_cost,
             meter: None,
             injected_usage,
             upstream_status: None,

@@ -171,8 +171,12 @@ fn an_overlay_wins_over_the_catalog_for_every_field_it_sets() {
 [limits]
 max_price_per_mtok = "500"
 
+[markup]
+percent = "20"
+
 [models."gpt-4o"]
 input_per_mtok = "2.10"          # negotiated
+markup_percent = "12.5"
 
 [models."acme-private"]
 input_per_mtok = "0.50"
@@ -181,6 +185,7 @@ default_max_output_tokens = 4096
 
 [tools."web_search_call"]
 per_call = "0.01"
+markup_percent = "0"
 "#,
     )
     .unwrap();
@@ -205,6 +210,10 @@ per_call = "0.01"
     assert_eq!(imported(&table, "gpt-4o", "output_per_mtok"), Some(Decimal::from(10)));
     assert_eq!(imported(&table, "acme-private", "output_per_mtok"), Some(Decimal::from_str("1.50").unwrap()));
     assert!(table["tools"].get("web_search_call").is_some());
+    // The overlay's markups pass into the table: table-wide, per model and per tool.
+    assert_eq!(table["markup"]["percent"].as_str(), Some("20"));
+    assert_eq!(table["models"]["gpt-4o"]["markup_percent"].as_str(), Some("12.5"));
+    assert_eq!(table["tools"]["web_search_call"]["markup_percent"].as_str(), Some("0"));
     let models = table["models"].as_table().unwrap();
     assert!(models
         .keys()

@@ -4,21 +4,8 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
-use http::Request;
-use http_body_util::Full;
 use serde_json::{json, Value};
-
-async fn admin_get(stack: &Stack, path: &str) -> Value {
-    let request = Request::get(stack.admin_url(path))
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let reply = send(request).await;
-    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
-    reply.json()
-}
 
 /// Debits of the stack's org the ledger serves so far.
 async fn debits(stack: &Stack) -> usize {

@@ -131,6 +131,7 @@ fn details() -> SettleDetails {
         model: Arc::from("gpt-4o-mini"),
         usage: Usage { input_tokens: 1_000, output_tokens: 300, cached_input_tokens: 200, tool_units: 0 },
         price_version: Arc::from("2025-11@0123456789ab"),
+        operator_cost: None,
     }
 }
 

@@ -171,6 +171,7 @@ fn debit(
             tool_units: 0,
         },
         price_version: Arc::from("bench"),
+        operator_cost: None,
     };
     hold.settle(Decimal::new(1, 2) + Decimal::new(i64::try_from(n % 7)?, 4), details, at)
         .map_err(|error| anyhow::anyhow!("settle failed: {error:?}"))?;

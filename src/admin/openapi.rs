@@ -228,12 +228,27 @@ fn organization() -> Value {
     )
 }
 
+/// An entry's kind: a debit's also shows what it cost the operator and the
+/// price the customer paid (the amount debited), before and after markup.
+fn entry_kind() -> Value {
+    json!({
+        "type": "object",
+        "properties": {"type": {"type": "string"}},
+        "required": ["type"],
+        "if": {"properties": {"type": {"const": "debit"}}},
+        "then": has(
+            json!({"operator_cost": decimal(), "price": decimal(), "held": decimal(), "overrun": decimal()}),
+            &["operator_cost", "price", "held", "overrun"],
+        ),
+    })
+}
+
 fn usage_totals() -> Value {
     let count = json!({"type": "integer", "minimum": 0});
     has(
-        json!({"requests": count, "charged": decimal(), "input_tokens": count,
+        json!({"requests": count, "charged": decimal(), "operator_cost": decimal(), "input_tokens": count,
                "cached_input_tokens": count, "output_tokens": count, "tool_units": count}),
-        &["requests", "charged", "input_tokens", "cached_input_tokens", "output_tokens", "tool_units"],
+        &super::reports::TOTALS_FIELDS,
     )
 }
 
@@ -304,9 +319,19 @@ fn price_status() -> Value {
         json!({"file": {"type": "string"}, "version": {"type": "string"}, "label": {"type": "string"},
                "content_hash": {"type": "string"},
                "as_of": {"anyOf": [{"type": "string", "format": "date"}, {"type": "null"}]},
-               "age_days": {"type": ["integer", "null"]}, "loaded_at": time(), "last_reload_at": time(),
+               "age_days": {"type": ["integer", "null"]}, "markup_percent": decimal(),
+               "loaded_at": time(), "last_reload_at": time(),
                "last_reload_error": {"type": ["string", "null"]}, "reloads_ok": count, "reloads_failed": count}),
-        &["file", "version", "label", "content_hash", "loaded_at", "reloads_ok", "reloads_failed"],
+        &[
+            "file",
+            "version",
+            "label",
+            "content_hash",
+            "markup_percent",
+            "loaded_at",
+            "reloads_ok",
+            "reloads_failed",
+        ],
     )
 }
 
@@ -365,7 +390,7 @@ fn response_schema(method: &str, path: &str) -> Value {
             json!({
                 "entries": {"type": "array", "items": has(
                     json!({"id": id(), "at": time(), "wallet": {"type": "object"}, "org": id(),
-                           "kind": {"type": "object"}, "amount": decimal(), "balance_after": decimal()}),
+                           "kind": entry_kind(), "amount": decimal(), "balance_after": decimal()}),
                     &["id", "at", "wallet", "org", "kind", "amount", "balance_after"],
                 )},
                 "next_cursor": {"anyOf": [id(), {"type": "null"}]},

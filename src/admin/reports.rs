@@ -180,7 +180,24 @@ pub fn ledger_page(source: EntrySource<'_>, org: OrgId, params: &BTreeMap<String
         cursor = last;
     }
     let next = if exhausted { Value::Null } else { json!(cursor) };
-    Ok((StatusCode::OK, json!({ "entries": found, "next_cursor": next })))
+    let entries: Vec<Value> = found.iter().map(entry_json).collect();
+    Ok((StatusCode::OK, json!({ "entries": entries, "next_cursor": next })))
+}
+
+/// An entry as the ledger export shows it: a debit's kind also carries
+/// `operator_cost` (what the request cost the operator, before markup) and
+/// `price` (what the customer paid: the amount debited), always both, so
+/// an entry from before markups shows them equal.
+fn entry_json(entry: &LedgerEntry) -> Value {
+    let mut value = json!(entry);
+    if let (Some((cost, price)), Some(kind)) = (entry.cost_and_price(), value.get_mut("kind")) {
+        kind["operator_cost"] = json!(cost.to_string());
+        kind["price"] = json!(price.to_string());
+        if let Some(details) = kind.get_mut("details").and_then(Value::as_object_mut) {
+            details.remove("operator_cost");
+        }
+    }
+    value
 }
 
 /// Dimensions a usage report can group by.
@@ -289,10 +306,22 @@ fn group_key(group_by: &[String], row: &RowKey, time_zone: chrono_tz::Tz) -> Vec
         .collect()
 }
 
+/// The fields of a usage row's totals, in the order of the CSV columns.
+pub const TOTALS_FIELDS: [&str; 7] = [
+    "requests",
+    "charged",
+    "operator_cost",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "tool_units",
+];
+
 fn totals_json(t: &Totals) -> Value {
     json!({
         "requests": t.requests,
         "charged": t.charged.normalize().to_string(),
+        "operator_cost": t.operator_cost.normalize().to_string(),
         "input_tokens": t.input_tokens,
         "cached_input_tokens": t.cached_input_tokens,
         "output_tokens": t.output_tokens,
@@ -303,14 +332,7 @@ fn totals_json(t: &Totals) -> Value {
 fn render_csv(group_by: &[String], groups: &BTreeMap<Vec<String>, Totals>) -> String {
     let mut out = String::new();
     let mut header: Vec<&str> = group_by.iter().map(String::as_str).collect();
-    header.extend([
-        "requests",
-        "charged",
-        "input_tokens",
-        "cached_input_tokens",
-        "output_tokens",
-        "tool_units",
-    ]);
+    header.extend(TOTALS_FIELDS);
     out.push_str(&header.join(","));
     out.push('\n');
     for (key, t) in groups {
@@ -318,6 +340,7 @@ fn render_csv(group_by: &[String], groups: &BTreeMap<Vec<String>, Totals>) -> St
         cells.extend([
             t.requests.to_string(),
             t.charged.normalize().to_string(),
+            t.operator_cost.normalize().to_string(),
             t.input_tokens.to_string(),
             t.cached_input_tokens.to_string(),
             t.output_tokens.to_string(),

@@ -41,7 +41,10 @@ pub struct RowKey {
 #[derive(Default, Clone, Debug, PartialEq, Eq)]
 pub struct Totals {
     pub requests: u64,
+    /// What the customers paid (the debits).
     pub charged: Decimal,
+    /// What those requests cost the operator, before markup.
+    pub operator_cost: Decimal,
     pub input_tokens: u64,
     pub cached_input_tokens: u64,
     pub output_tokens: u64,
@@ -52,6 +55,7 @@ impl Totals {
     pub fn add(&mut self, other: &Totals) {
         self.requests += other.requests;
         self.charged += other.charged;
+        self.operator_cost += other.operator_cost;
         self.input_tokens += other.input_tokens;
         self.cached_input_tokens += other.cached_input_tokens;
         self.output_tokens += other.output_tokens;
@@ -65,6 +69,7 @@ pub fn debit_row(entry: &LedgerEntry) -> Option<(RowKey, Totals)> {
         return None;
     };
     let usage = &debit.details.usage;
+    let (operator_cost, charged) = entry.cost_and_price()?;
     let key = RowKey {
         bucket: bucket_of(entry.at),
         owner: debit.owner,
@@ -76,7 +81,8 @@ pub fn debit_row(entry: &LedgerEntry) -> Option<(RowKey, Totals)> {
     };
     let totals = Totals {
         requests: 1,
-        charged: -entry.amount,
+        charged,
+        operator_cost,
         input_tokens: usage.input_tokens,
         cached_input_tokens: usage.cached_input_tokens,
         output_tokens: usage.output_tokens,
@@ -283,6 +289,7 @@ mod tests {
                 model: Arc::from("mock-gpt"),
                 usage: Usage { input_tokens: n, output_tokens: 1, cached_input_tokens: 0, tool_units: 0 },
                 price_version: Arc::from("v"),
+                operator_cost: None,
             };
             hold.settle(Decimal::new(i64::try_from(n % 7).unwrap() + 1, 2), details, at).unwrap();
         }

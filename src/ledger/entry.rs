@@ -137,6 +137,12 @@ pub struct SettleDetails {
     pub usage: Usage,
     /// Version of the price table used to hold and settle.
     pub price_version: Arc<str>,
+    /// What the request cost the operator at the price table's prices,
+    /// before the markup; the debit itself (the entry's amount) is the price
+    /// the customer paid. `None` in entries recorded before markups existed:
+    /// their cost was the debit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_cost: Option<Decimal>,
 }
 
 /// The debit of one request.
@@ -156,6 +162,16 @@ pub struct Debit {
     pub held: Decimal,
     /// The part of the cost no lot covered (the wallet went below zero).
     pub overrun: Decimal,
+}
+
+impl LedgerEntry {
+    /// For a debit: what it cost the operator and what the customer paid
+    /// (the amount debited). Equal for entries recorded before markups.
+    pub fn cost_and_price(&self) -> Option<(Decimal, Decimal)> {
+        let EntryKind::Debit(debit) = &self.kind else { return None };
+        let price = -self.amount;
+        Some((debit.details.operator_cost.unwrap_or(price), price))
+    }
 }
 
 impl Debit {

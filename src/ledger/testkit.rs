@@ -80,6 +80,7 @@ pub fn details() -> SettleDetails {
         model: Arc::from("gpt-test"),
         usage: Usage { input_tokens: 10, output_tokens: 20, cached_input_tokens: 0, tool_units: 0 },
         price_version: Arc::from("prices-v1"),
+        operator_cost: None,
     }
 }
 

@@ -43,6 +43,65 @@ impl Picos {
     }
 }
 
+/// What an operator who resells credits charges above cost: a percentage,
+/// kept exactly as a whole number of millionths of the cost (a ten-thousandth
+/// of a percent, [`MARKUP_PERCENT_PLACES`] decimal places of the percent).
+/// `Markup::NONE` is 0%.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Markup {
+    pub(super) millionths: u64,
+}
+
+/// Decimal places a markup percent may have (`"33.3333"`).
+pub const MARKUP_PERCENT_PLACES: u32 = 4;
+/// A whole cost in [`Markup`]'s millionths.
+const MARKUP_ONE: u128 = 1_000_000;
+
+impl Markup {
+    pub const NONE: Markup = Markup { millionths: 0 };
+
+    /// The markup as written in a price file: percent of the cost.
+    pub fn percent(self) -> Decimal {
+        Decimal::from_i128_with_scale(i128::from(self.millionths), MARKUP_PERCENT_PLACES).normalize()
+    }
+
+    pub fn is_none(self) -> bool {
+        self.millionths == 0
+    }
+}
+
+/// What the customer pays for costs each under its own markup:
+/// `Σ cost × (1 + percent/100)`, computed exactly and rounded up (towards
+/// +∞) once, to whole nanodollars ([`COST_SCALE`]), never per part. The
+/// costs are the operator's, as the cost functions return them (whole
+/// nanodollars); a cost with more places is taken rounded up, so the price
+/// never falls below it. Exact because it is integer arithmetic: a cost of
+/// at most `Decimal::MAX` nanodollars (< 2^96) times at most 1.1 × 10^7
+/// millionths fits a `u128` many times over.
+pub fn customer_price(parts: &[(Decimal, Markup)]) -> Result<Decimal, CostError> {
+    let mut millionths_of_nanos: u128 = 0;
+    for &(cost, markup) in parts {
+        let nanos = whole_nanos(cost)?;
+        let factor = MARKUP_ONE + u128::from(markup.millionths);
+        let term = nanos.checked_mul(factor).ok_or(CostError::Overflow)?;
+        millionths_of_nanos = millionths_of_nanos.checked_add(term).ok_or(CostError::Overflow)?;
+    }
+    let nanos = i128::try_from(millionths_of_nanos.div_ceil(MARKUP_ONE)).map_err(|_| CostError::Overflow)?;
+    Decimal::try_from_i128_with_scale(nanos, COST_SCALE).map_err(|_| CostError::Overflow)
+}
+
+/// A non-negative cost in whole nanodollars, rounded up; a negative one is
+/// no cost the cost functions make, and is refused rather than priced.
+fn whole_nanos(cost: Decimal) -> Result<u128, CostError> {
+    if cost.is_sign_negative() && !cost.is_zero() {
+        return Err(CostError::Negative);
+    }
+    let rounded = cost.round_dp_with_strategy(COST_SCALE, rust_decimal::RoundingStrategy::AwayFromZero);
+    let mantissa = u128::try_from(rounded.mantissa()).map_err(|_| CostError::Negative)?;
+    let places = COST_SCALE.checked_sub(rounded.scale()).ok_or(CostError::Overflow)?;
+    mantissa.checked_mul(10u128.pow(places)).ok_or(CostError::Overflow)
+}
+
 /// A cost that does not fit the money type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum CostError {
@@ -50,6 +109,9 @@ pub enum CostError {
     /// dollars). No wallet can cover it; the caller should refuse the request.
     #[error("the cost is too large to represent (above about 7.9e19 dollars); refuse the request")]
     Overflow,
+    /// A negative amount was given as a cost to mark up.
+    #[error("a cost cannot be negative")]
+    Negative,
 }
 
 /// Tokens a model call used, as the upstream reported them.
@@ -125,13 +187,22 @@ pub struct ModelPrice {
     pub(super) long_context: Option<LongContext>,
     /// The service tier the request asked for ([`ModelPrice::in_tier`]).
     pub(super) tier: Multipliers,
+    /// What the customer pays above these prices (the model's own, else the table's).
+    pub(super) markup: Markup,
 }
 
 impl ModelPrice {
-    /// The most this call can cost: every input byte as a token at the dearer
-    /// of the input and cached-input prices, plus the allowed output tokens.
-    /// Never less than [`ModelPrice::cost`] of a usage that stays within it.
+    /// The most this call can cost the customer: [`ModelPrice::hold_cost`]
+    /// with the markup on. Never less than the marked-up [`ModelPrice::cost`]
+    /// of a usage that stays within it (both round up, from a larger cost).
     pub fn hold_amount(&self, request: &HoldRequest) -> Result<Decimal, CostError> {
+        customer_price(&[(self.hold_cost(request)?, self.markup)])
+    }
+
+    /// The most this call can cost the operator: every input byte as a token
+    /// at the dearest input-side price, plus the allowed output tokens.
+    /// Never less than [`ModelPrice::cost`] of a usage that stays within it.
+    pub fn hold_cost(&self, request: &HoldRequest) -> Result<Decimal, CostError> {
         let input_price = self
             .input_per_mtok
             .max(self.cached_input_per_mtok)
@@ -210,6 +281,11 @@ impl ModelPrice {
     pub fn default_max_output_tokens(&self) -> u64 {
         self.default_max_output_tokens
     }
+
+    /// The markup the customer pays on [`ModelPrice::cost`].
+    pub fn markup(&self) -> Markup {
+        self.markup
+    }
 }
 
 /// The prices of one tool at one instant.
@@ -217,10 +293,12 @@ impl ModelPrice {
 pub struct ToolPrice {
     pub(super) per_call: Picos,
     pub(super) per_unit: Picos,
+    /// What the customer pays above these prices (the tool's own, else the table's).
+    pub(super) markup: Markup,
 }
 
 impl ToolPrice {
-    /// `per_call + units × per_unit`.
+    /// What a call costs the operator: `per_call + units × per_unit`.
     pub fn cost(&self, units: u64) -> Result<Decimal, CostError> {
         let unit_attos = u128::from(units)
             .checked_mul(u128::from(self.per_unit.0))
@@ -229,9 +307,15 @@ impl ToolPrice {
         total(&[fee(self.per_call), unit_attos])
     }
 
-    /// The most a call reporting at most `max_units` units can cost.
+    /// The most a call reporting at most `max_units` units can cost the
+    /// customer: the cost of `max_units` with the markup on.
     pub fn hold_amount(&self, max_units: u64) -> Result<Decimal, CostError> {
-        self.cost(max_units)
+        customer_price(&[(self.cost(max_units)?, self.markup)])
+    }
+
+    /// The markup the customer pays on [`ToolPrice::cost`].
+    pub fn markup(&self) -> Markup {
+        self.markup
     }
 
     /// Dollars per call.
@@ -318,6 +402,7 @@ mod tests {
             default_max_output_tokens: 4096,
             long_context: None,
             tier: Multipliers::ONE,
+            markup: Markup::NONE,
         }
     }
 
@@ -454,6 +539,7 @@ mod tests {
             default_max_output_tokens: u64::MAX,
             long_context: None,
             tier: Multipliers::ONE,
+            markup: Markup::NONE,
         };
         let most = usage(u64::MAX, 0, u64::MAX);
         assert!(price.cost(&most).is_ok(), "u64 usage at the ceiling fits");
@@ -463,13 +549,13 @@ mod tests {
 
     #[test]
     fn absurd_tool_units_report_overflow_instead_of_a_wrong_amount() {
-        let tool = ToolPrice { per_call: Picos(0), per_unit: Picos(u64::MAX) };
+        let tool = ToolPrice { per_call: Picos(0), per_unit: Picos(u64::MAX), markup: Markup::NONE };
         assert_eq!(tool.cost(u64::MAX), Err(CostError::Overflow));
     }
 
     #[test]
     fn tool_cost_is_per_call_plus_units_times_per_unit() {
-        let tool = ToolPrice { per_call: picos("0.005"), per_unit: picos("0.001") };
+        let tool = ToolPrice { per_call: picos("0.005"), per_unit: picos("0.001"), markup: Markup::NONE };
         assert_eq!(tool.cost(0).unwrap(), dec("0.005"), "call fee only");
         assert_eq!(tool.cost(10).unwrap(), dec("0.015"), "plus 10 units");
         assert_eq!(tool.hold_amount(10).unwrap(), dec("0.015"), "hold = cost");
@@ -484,6 +570,57 @@ mod tests {
         assert_eq!(price.per_request().to_string(), "0");
         let max = Picos(u64::MAX).dollars();
         assert_eq!(max.to_string(), "18446744.073709551615", "u64 never panics");
+    }
+
+    /// A markup written as a percent, in millionths.
+    fn markup(percent: &str) -> Markup {
+        let millionths = dec(percent) * Decimal::from(10_000);
+        Markup { millionths: rust_decimal::prelude::ToPrimitive::to_u64(&millionths).unwrap() }
+    }
+
+    #[test]
+    fn a_markup_is_applied_exactly_to_the_whole_cost() {
+        assert_eq!(customer_price(&[(dec("0.001612"), markup("20"))]).unwrap(), dec("0.0019344"), "× 1.2");
+        assert_eq!(customer_price(&[(dec("0.001612"), Markup::NONE)]).unwrap(), dec("0.001612"), "0%");
+        assert_eq!(customer_price(&[]).unwrap(), Decimal::ZERO, "nothing costs nothing");
+        assert_eq!(markup("33.3333").percent(), dec("33.3333"));
+        assert_eq!(markup("20").percent().to_string(), "20");
+        let price = customer_price(&[(dec("1"), markup("1000"))]).unwrap();
+        assert_eq!(price, dec("11"), "the largest markup: 11 × cost");
+        assert_eq!(price.scale(), COST_SCALE, "prices have 9 places like costs");
+    }
+
+    #[test]
+    fn a_marked_up_price_beyond_nine_places_is_rounded_up_once() {
+        // 123 nanodollars × 1.075 = 132.225 nanodollars: rounded up to 133.
+        assert_eq!(customer_price(&[(dec("0.000000123"), markup("7.5"))]).unwrap(), dec("0.000000133"));
+        // 3 nanodollars × 1.33333 = 3.99999: up to 4, never down to 3.
+        assert_eq!(customer_price(&[(dec("0.000000003"), markup("33.333"))]).unwrap(), dec("0.000000004"));
+        // Two parts of one nanodollar each at 7.5%: once over the whole
+        // (2.15 → 3) is one nanodollar less than per part (1.075 → 2, twice).
+        let once =
+            customer_price(&[(dec("0.000000001"), markup("7.5")), (dec("0.000000001"), markup("7.5"))]);
+        let per_part = customer_price(&[(dec("0.000000001"), markup("7.5"))]).unwrap() * Decimal::TWO;
+        assert_eq!(once.unwrap(), dec("0.000000003"));
+        assert_eq!(per_part, dec("0.000000004"), "rounding each part would overcharge");
+    }
+
+    #[test]
+    fn the_model_hold_and_the_tool_hold_are_marked_up() {
+        let price = ModelPrice { markup: markup("20"), ..model("1", "1", "2", "0") };
+        let request = HoldRequest { input_bytes: 100, max_output_tokens: None };
+        assert_eq!(price.hold_cost(&request).unwrap(), dec("0.008292"), "operator side");
+        assert_eq!(price.hold_amount(&request).unwrap(), dec("0.0099504"), "customer side: × 1.2");
+        let tool = ToolPrice { per_call: picos("0.005"), per_unit: picos("0.001"), markup: markup("35") };
+        assert_eq!(tool.cost(10).unwrap(), dec("0.015"));
+        assert_eq!(tool.hold_amount(10).unwrap(), dec("0.02025"), "0.015 × 1.35");
+    }
+
+    #[test]
+    fn a_negative_or_unrepresentable_cost_is_an_error_not_a_price() {
+        assert_eq!(customer_price(&[(dec("-0.1"), Markup::NONE)]), Err(CostError::Negative));
+        assert_eq!(customer_price(&[(Decimal::MAX, markup("20"))]), Err(CostError::Overflow));
+        assert_eq!(customer_price(&[(dec("0.0000000001"), Markup::NONE)]).unwrap(), dec("0.000000001"));
     }
 
     fn any_price() -> impl Strategy<Value = Picos> {
@@ -504,6 +641,7 @@ mod tests {
                 default_max_output_tokens: default_out,
                 long_context: None,
                 tier: Multipliers::ONE,
+            markup: Markup::NONE,
             }
         }
     }
@@ -554,12 +692,34 @@ mod tests {
         }
 
         #[test]
+        fn a_marked_up_cost_never_exceeds_the_marked_up_hold(
+            price in any_model(), input_bytes in 0..u64::MAX / 4, input in any::<u64>(),
+            output in any::<u64>(), millionths in 0..=10_000_000u64,
+        ) {
+            let price = ModelPrice { markup: Markup { millionths }, ..price };
+            let input = input % input_bytes.saturating_add(1);
+            let output = output % price.default_max_output_tokens.saturating_add(1);
+            let hold = price.hold_amount(&HoldRequest { input_bytes, max_output_tokens: None });
+            let cost = price.cost(&usage(input, 0, output)).unwrap();
+            let charged = customer_price(&[(cost, price.markup())]);
+            match (charged, hold) {
+                (Ok(charged), Ok(hold)) => {
+                    prop_assert!(charged <= hold, "price {} above hold {}", charged, hold);
+                    prop_assert!(charged >= cost, "price {} below cost {}", charged, cost);
+                }
+                // The dearer hold may not fit where the price does; never the reverse.
+                (_, Err(_)) => {}
+                (Err(_), Ok(_)) => prop_assert!(false, "the price overflowed but the hold did not"),
+            }
+        }
+
+        #[test]
         fn tool_cost_never_decreases_with_more_units(
             per_call in any_price(), per_unit in any_price(), units in 0..u64::MAX / 2, more in 0..u64::MAX / 2,
         ) {
             // An overflow counts as the highest cost: once reached, more units
             // must overflow too.
-            let tool = ToolPrice { per_call, per_unit };
+            let tool = ToolPrice { per_call, per_unit, markup: Markup::NONE };
             match (tool.cost(units), tool.cost(units + more)) {
                 (Ok(base), Ok(bigger)) => prop_assert!(bigger >= base, "more units cost less"),
                 (Ok(_) | Err(_), Err(_)) => {}

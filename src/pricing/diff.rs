@@ -1,6 +1,7 @@
 //! What changed between two price files: every model and tool added,
 //! removed, or with a field whose value changed, with the percentage change
-//! of prices. Compared field by field as written (after both files pass
+//! of prices, and the table-wide `[markup]` (an entry's own
+//! `markup_percent` is one of its fields). Compared field by field as written (after both files pass
 //! validation), so a change to a schedule, a tier or an alias shows too.
 
 use std::collections::BTreeMap;
@@ -118,12 +119,44 @@ fn same(a: Option<&String>, b: Option<&String>) -> bool {
     }
 }
 
+/// Each field of one entry that changed, appeared or went away.
+fn changed_fields(
+    kind: &'static str,
+    name: &str,
+    before: &BTreeMap<String, String>,
+    after: &BTreeMap<String, String>,
+    changes: &mut Vec<Change>,
+) {
+    let keys: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    for field in keys {
+        let (was, is) = (before.get(field), after.get(field));
+        if !same(was, is) {
+            changes.push(Change::Changed {
+                kind,
+                name: name.to_owned(),
+                field: field.clone(),
+                old: was.cloned(),
+                new: is.cloned(),
+            });
+        }
+    }
+}
+
 /// Every model and tool difference from `old` to `new` (both price files
 /// that already passed validation).
 pub fn diff(old: &str, new: &str) -> Result<Vec<Change>, String> {
     let old: toml::Table = toml::from_str(old).map_err(|err| format!("old file: {err}"))?;
     let new: toml::Table = toml::from_str(new).map_err(|err| format!("new file: {err}"))?;
     let mut changes = Vec::new();
+    let table_markup = |file: &toml::Table| {
+        let mut fields = BTreeMap::new();
+        if let Some(toml::Value::Table(markup)) = file.get("markup") {
+            flatten("", markup, &mut fields);
+        }
+        fields
+    };
+    let (before, after) = (table_markup(&old), table_markup(&new));
+    changed_fields("table", "[markup]", &before, &after, &mut changes);
     for (kind, section) in [("model", "models"), ("tool", "tools")] {
         let (before, after) = (entries(&old, section), entries(&new, section));
         for (name, fields) in &after {
@@ -132,19 +165,7 @@ pub fn diff(old: &str, new: &str) -> Result<Vec<Change>, String> {
                 changes.push(Change::Added { kind, name: name.clone(), fields });
                 continue;
             };
-            let keys: std::collections::BTreeSet<&String> = previous.keys().chain(fields.keys()).collect();
-            for field in keys {
-                let (was, is) = (previous.get(field), fields.get(field));
-                if !same(was, is) {
-                    changes.push(Change::Changed {
-                        kind,
-                        name: name.clone(),
-                        field: field.clone(),
-                        old: was.cloned(),
-                        new: is.cloned(),
-                    });
-                }
-            }
+            changed_fields(kind, name, previous, fields, &mut changes);
         }
         for name in before.keys().filter(|name| !after.contains_key(*name)) {
             changes.push(Change::Removed { kind, name: name.clone() });
@@ -199,5 +220,46 @@ per_call = "0.005"
         assert!(diff(old, old).unwrap().is_empty());
         // The same price written another way is no change.
         assert!(diff(old, &old.replace("\"2.00\"", "\"2\"")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn markup_changes_are_reported_table_wide_and_per_entry() {
+        let old = r#"
+[markup]
+percent = "20"
+[models."a"]
+input_per_mtok = "1"
+[models."b"]
+input_per_mtok = "1"
+markup_percent = "0"
+[tools."t"]
+per_call = "0.01"
+"#;
+        let new = r#"
+[markup]
+percent = "25"
+[models."a"]
+input_per_mtok = "1"
+markup_percent = "35"
+[models."b"]
+input_per_mtok = "1"
+[tools."t"]
+per_call = "0.01"
+markup_percent = "7.5"
+"#;
+        let lines: Vec<String> = diff(old, new).unwrap().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "table [markup]: percent 20 -> 25 (+25%)",
+                "model a: markup_percent (unset) -> 35",
+                "model b: markup_percent 0 -> (unset)",
+                "tool t: markup_percent (unset) -> 7.5",
+            ]
+        );
+        let unmarked = old.replace("[markup]\npercent = \"20\"\n", "");
+        let lines: Vec<String> = diff(&unmarked, old).unwrap().iter().map(ToString::to_string).collect();
+        assert_eq!(lines, ["table [markup]: percent (unset) -> 20"], "a markup added is a change");
+        assert!(diff(old, &old.replace("\"20\"", "\"20.00\"")).unwrap().is_empty(), "same percent");
     }
 }

@@ -47,6 +47,9 @@ pub struct PriceStatus {
     /// The file's `as_of` date and its age in whole days (none without one).
     pub as_of: Option<chrono::NaiveDate>,
     pub age_days: Option<i64>,
+    /// The table-wide markup in percent (`[markup] percent`; "0" without
+    /// one). Models and tools may set their own.
+    pub markup_percent: String,
     pub loaded_at: DateTime<Utc>,
     pub last_reload_at: DateTime<Utc>,
     pub last_reload_error: Option<String>,
@@ -142,6 +145,7 @@ impl LivePrices {
             content_hash: table.version().content_hash.clone(),
             as_of,
             age_days: as_of.map(|date| (now.date_naive() - date).num_days()),
+            markup_percent: table.markup().percent().to_string(),
             loaded_at,
             last_reload_at,
             last_reload_error,

@@ -28,6 +28,8 @@ pub(super) struct RawPriceFile {
     /// The date the prices were last checked against the providers.
     pub as_of: Option<RawValue>,
     pub limits: Option<Spanned<Lenient<RawLimits>>>,
+    /// What the customer pays above the prices (which are the operator's cost).
+    pub markup: Option<Spanned<Lenient<RawMarkup>>>,
     #[serde(default)]
     pub models: RawEntries<RawModel>,
     #[serde(default)]
@@ -41,6 +43,13 @@ pub(super) struct RawLimits {
     pub max_price_per_call: Option<RawValue>,
 }
 
+/// `[markup]`: the table-wide markup, in percent of the cost.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMarkup {
+    pub percent: Option<RawValue>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawModel {
@@ -51,6 +60,8 @@ pub(super) struct RawModel {
     pub cache_write_1h_per_mtok: Option<RawValue>,
     pub per_request: Option<RawValue>,
     pub default_max_output_tokens: Option<RawValue>,
+    /// This model's markup in percent, instead of the table's (`"0"`: none).
+    pub markup_percent: Option<RawValue>,
     pub long_context: Option<Spanned<Lenient<RawLongContext>>>,
     /// Multipliers per `service_tier` a request may ask for.
     #[serde(default)]
@@ -98,6 +109,8 @@ pub(super) struct RawTool {
     pub per_call: Option<RawValue>,
     pub per_unit: Option<RawValue>,
     pub unit: Option<RawValue>,
+    /// This tool's markup in percent, instead of the table's (`"0"`: none).
+    pub markup_percent: Option<RawValue>,
     #[serde(default)]
     pub schedule: Vec<Spanned<Lenient<RawToolChange>>>,
 }

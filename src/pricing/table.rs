@@ -6,7 +6,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
-use super::cost::{ModelPrice, Multipliers, ToolPrice};
+use super::cost::{Markup, ModelPrice, Multipliers, ToolPrice};
 use super::problems::PriceFileErrors;
 use super::validate::validate;
 
@@ -39,6 +39,8 @@ pub struct PriceTable {
     version: PriceVersion,
     /// `version` as `label@hash`, made once: every debit entry records it.
     version_text: std::sync::Arc<str>,
+    /// The table-wide markup; each model's and tool's price carries its own.
+    markup: Markup,
     models: Vec<ModelEntry>,
     tools: Vec<ToolEntry>,
     /// Every model name and alias, to its index in `models`. Lookups borrow
@@ -58,6 +60,7 @@ impl PriceTable {
         Ok(Self {
             version_text: version.to_string().into(),
             version,
+            markup: valid.markup,
             models: valid.models,
             tools: valid.tools,
             model_names: valid.model_names,
@@ -72,6 +75,12 @@ impl PriceTable {
     /// The version as `label@hash`, shared rather than formatted per use.
     pub fn version_text(&self) -> std::sync::Arc<str> {
         self.version_text.clone()
+    }
+
+    /// The table-wide markup (`[markup] percent`); a model or tool may set
+    /// its own, which its price carries.
+    pub fn markup(&self) -> Markup {
+        self.markup
     }
 
     /// The prices of a model (by name or alias, matched exactly) in force at `at`.
@@ -240,6 +249,21 @@ mod tests {
         let edited = format!("{EXAMPLE}\n# a comment changes the bytes\n");
         let edited = PriceTable::parse("p.toml", &edited).unwrap();
         assert_ne!(edited.version(), example().version(), "any edit is a new version");
+    }
+
+    #[test]
+    fn a_changed_markup_is_a_new_version() {
+        let text = |percent: &str| {
+            format!("label = \"t\"\n[markup]\npercent = \"{percent}\"\n[models.m]\ninput_per_mtok = \"1\"\n")
+        };
+        let twenty = PriceTable::parse("p.toml", &text("20")).unwrap();
+        let thirty = PriceTable::parse("p.toml", &text("30")).unwrap();
+        assert_ne!(twenty.version(), thirty.version(), "same prices, other markup: another version");
+        let usage = TokenUsage { input_tokens: 1_000_000, ..TokenUsage::default() };
+        let price = twenty.model("m", now()).unwrap();
+        assert_eq!(price.cost(&usage).unwrap(), dec("1"), "the cost is the operator's, unmarked");
+        let hold = price.hold_amount(&HoldRequest { input_bytes: 1_000_000, max_output_tokens: None });
+        assert_eq!(hold.unwrap(), dec("1.2"), "the hold is the customer's, marked up");
     }
 
     #[test]

@@ -8,11 +8,14 @@ use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use toml::{Spanned, Value};
 
-use super::cost::{LongContext, ModelPrice, Multipliers, Picos, ToolPrice, MULTIPLIER_ONE, PRICE_SCALE};
+use super::cost::{
+    LongContext, Markup, ModelPrice, Multipliers, Picos, ToolPrice, MARKUP_PERCENT_PLACES, MULTIPLIER_ONE,
+    PRICE_SCALE,
+};
 use super::problems::{PriceFileErrors, Problems};
 use super::schema::{
-    Lenient, RawEntries, RawLimits, RawLongContext, RawModel, RawModelChange, RawPriceFile, RawTool,
-    RawToolChange, RawValue,
+    Lenient, RawEntries, RawLimits, RawLongContext, RawMarkup, RawModel, RawModelChange, RawPriceFile,
+    RawTool, RawToolChange, RawValue,
 };
 use super::table::{ModelEntry, Schedule, ToolEntry};
 
@@ -31,6 +34,9 @@ const HARD_MAX_PRICE: u32 = 1_000_000;
 const MAX_DEFAULT_OUTPUT_TOKENS: u64 = 10_000_000;
 /// Bound on a tier or long-context multiplier: a slip of magnitude, not a price.
 const MAX_MULTIPLIER: u64 = 100;
+/// Bound on a markup, in percent: 1000% is eleven times cost, far above any
+/// resale margin; more is a slip of magnitude ("200" for "20.0").
+const MAX_MARKUP_PERCENT: u32 = 1_000;
 /// Bound on the label: it is printed in every ledger entry as `label@hash`.
 const MAX_LABEL_CHARS: usize = 64;
 
@@ -38,6 +44,8 @@ const MAX_LABEL_CHARS: usize = 64;
 pub(super) struct Validated {
     pub(super) label: String,
     pub(super) as_of: Option<NaiveDate>,
+    /// The table-wide markup (`[markup] percent`); entries may override it.
+    pub(super) markup: Markup,
     pub(super) models: Vec<ModelEntry>,
     pub(super) tools: Vec<ToolEntry>,
     /// Every model name and alias, to its index in `models`.
@@ -67,7 +75,7 @@ pub(super) fn validate(file: &str, text: &str) -> Result<Validated, PriceFileErr
             return Err(problems.into_errors(file));
         }
     };
-    let mut checker = Checker { problems, ceilings: Ceilings::default() };
+    let mut checker = Checker { problems, ceilings: Ceilings::default(), markup: Markup::NONE };
     let validated = checker.file(raw);
     if checker.problems.is_empty() {
         Ok(validated)
@@ -135,7 +143,12 @@ impl ModelRates {
     /// An unset price is zero, except the cached and cache-write prices,
     /// which follow the input price in force (also after a scheduled input
     /// change).
-    fn price(self, default_max_output_tokens: u64, long_context: Option<LongContext>) -> ModelPrice {
+    fn price(
+        self,
+        default_max_output_tokens: u64,
+        long_context: Option<LongContext>,
+        markup: Markup,
+    ) -> ModelPrice {
         let input = self.input.unwrap_or_default();
         ModelPrice {
             input_per_mtok: input,
@@ -147,6 +160,7 @@ impl ModelRates {
             default_max_output_tokens,
             long_context,
             tier: Multipliers::ONE,
+            markup,
         }
     }
 }
@@ -162,8 +176,12 @@ impl ToolRates {
         Self { per_call: change.per_call.or(self.per_call), per_unit: change.per_unit.or(self.per_unit) }
     }
 
-    fn price(self) -> ToolPrice {
-        ToolPrice { per_call: self.per_call.unwrap_or_default(), per_unit: self.per_unit.unwrap_or_default() }
+    fn price(self, markup: Markup) -> ToolPrice {
+        ToolPrice {
+            per_call: self.per_call.unwrap_or_default(),
+            per_unit: self.per_unit.unwrap_or_default(),
+            markup,
+        }
     }
 }
 
@@ -223,6 +241,8 @@ struct NameOwner {
 struct Checker<'a> {
     problems: Problems<'a>,
     ceilings: Ceilings,
+    /// The table-wide markup, for entries that set none of their own.
+    markup: Markup,
 }
 
 impl Checker<'_> {
@@ -231,6 +251,9 @@ impl Checker<'_> {
         let as_of = raw.as_of.as_ref().and_then(|value| self.as_of(value));
         if let Some(limits) = &raw.limits {
             self.ceilings = self.limits(limits);
+        }
+        if let Some(markup) = &raw.markup {
+            self.markup = self.table_markup(markup);
         }
         if raw.models.is_empty() && raw.tools.is_empty() {
             self.problems.at(
@@ -249,6 +272,7 @@ impl Checker<'_> {
         Validated {
             label,
             as_of,
+            markup: self.markup,
             models: models.into_iter().map(|model| model.entry).collect(),
             tools,
             model_names,
@@ -316,6 +340,37 @@ impl Checker<'_> {
         }
     }
 
+    /// `[markup] percent`: the table-wide markup (none when unset).
+    fn table_markup(&mut self, markup: &Spanned<Lenient<RawMarkup>>) -> Markup {
+        let markup = match markup.get_ref() {
+            Lenient::Valid(markup) => markup,
+            Lenient::Invalid(message) => {
+                self.invalid_entry("[markup]", &markup.span(), message);
+                return Markup::NONE;
+            }
+        };
+        markup
+            .percent
+            .as_ref()
+            .and_then(|value| self.markup_percent("percent", value))
+            .unwrap_or(Markup::NONE)
+    }
+
+    /// An entry's `markup_percent`, or the table's when it sets none.
+    fn entry_markup(&mut self, value: Option<&RawValue>) -> Markup {
+        match value {
+            Some(value) => self.markup_percent("markup_percent", value).unwrap_or(self.markup),
+            None => self.markup,
+        }
+    }
+
+    /// A markup percent: an exact decimal string (or integer) from 0 to
+    /// [`MAX_MARKUP_PERCENT`] with at most [`MARKUP_PERCENT_PLACES`] places.
+    fn markup_percent(&mut self, field: &str, value: &RawValue) -> Option<Markup> {
+        let shape = Exact { noun: "percent", hint: "a markup is a percent of the cost", example: "20" };
+        self.exact(field, value, &shape, parse_markup)
+    }
+
     fn ceiling(&mut self, field: &str, value: Option<&RawValue>) -> Option<Decimal> {
         let value = value?;
         let amount = self.decimal(field, value)?;
@@ -366,8 +421,11 @@ impl Checker<'_> {
         let periods = merge(base, changes, ModelRates::then);
         let default_output = self.default_output(&what, name, raw, &periods);
         let long_context = raw.long_context.as_ref().and_then(|long| self.long_context(&what, long));
+        let markup = self.entry_markup(raw.markup_percent.as_ref());
         let schedule = Schedule::new(
-            periods.into_iter().map(|(from, rates)| (from, rates.price(default_output, long_context))),
+            periods
+                .into_iter()
+                .map(|(from, rates)| (from, rates.price(default_output, long_context, markup))),
         );
         let service_tiers = in_file_order_ref(&raw.service_tiers)
             .into_iter()
@@ -483,10 +541,11 @@ impl Checker<'_> {
         });
         let periods = merge(base, changes, ToolRates::then);
         let unit = raw.unit.as_ref().and_then(|unit| self.name("unit", unit));
+        let markup = self.entry_markup(raw.markup_percent.as_ref());
         Some(ToolEntry {
             name: name.get_ref().clone(),
             unit,
-            schedule: Schedule::new(periods.into_iter().map(|(from, rates)| (from, rates.price()))),
+            schedule: Schedule::new(periods.into_iter().map(|(from, rates)| (from, rates.price(markup)))),
         })
     }
 
@@ -712,17 +771,32 @@ impl Checker<'_> {
 
     /// An exact non-negative decimal: a string of digits or a TOML integer.
     fn decimal(&mut self, field: &str, value: &RawValue) -> Option<Decimal> {
+        let shape = Exact { noun: "amount", hint: "a price is a dollar amount", example: "0.15" };
+        self.exact(field, value, &shape, parse_amount)
+    }
+
+    /// A value written as a string of digits (or a TOML integer) and read
+    /// exactly by `parse`; a bare float or another type is refused.
+    fn exact<T>(
+        &mut self,
+        field: &str,
+        value: &RawValue,
+        shape: &Exact,
+        parse: fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
         let parsed = match value.get_ref() {
-            Value::String(text) => parse_amount(text),
-            Value::Integer(number) => parse_amount(&number.to_string()),
+            Value::String(text) => parse(text),
+            Value::Integer(number) => parse(&number.to_string()),
             Value::Float(_) => Err(format!(
                 "a bare TOML float goes through binary floating point and may not be the \
-                 amount written; quote it: {field} = \"{}\"",
+                 {} written; quote it: {field} = \"{}\"",
+                shape.noun,
                 self.written(value)
             )),
             other => Err(format!(
-                "a price is a dollar amount written as a string, e.g. {field} = \"0.15\"; \
-                 this is a {}",
+                "{} written as a string, e.g. {field} = \"{}\"; this is a {}",
+                shape.hint,
+                shape.example,
                 other.type_str()
             )),
         };
@@ -798,6 +872,50 @@ fn parse_amount(text: &str) -> Result<Decimal, String> {
     Decimal::from_str_exact(text)
         .map(|amount| amount.normalize())
         .map_err(|_| format!("too large; no price may exceed {HARD_MAX_PRICE} dollars"))
+}
+
+/// How an exact value is written, for the messages of [`Checker::exact`].
+struct Exact {
+    /// What the value is ("amount").
+    noun: &'static str,
+    /// What it must be ("a price is a dollar amount").
+    hint: &'static str,
+    /// A value to show ("0.15").
+    example: &'static str,
+}
+
+/// Parses a markup percent: digits with an optional fraction, as for prices.
+fn parse_markup(text: &str) -> Result<Markup, String> {
+    if text.starts_with('-') {
+        return Err("a markup cannot be negative (that would sell below cost); \
+                    use \"0\" for no markup"
+            .to_owned());
+    }
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, "0"));
+    let all_digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    if !all_digits(whole) || !all_digits(fraction) {
+        return Err("not a percent; write digits with an optional fraction, e.g. \"20\" or \"7.5\" \
+             (no sign, % sign, exponent, spaces or separators)"
+            .to_owned());
+    }
+    let places = fraction.trim_end_matches('0').len();
+    if places > MARKUP_PERCENT_PLACES as usize {
+        return Err(format!(
+            "{places} decimal places, more than the {MARKUP_PERCENT_PLACES} a markup keeps \
+             (a ten-thousandth of a percent); round it"
+        ));
+    }
+    let percent = Decimal::from_str_exact(text).ok().filter(|p| *p <= Decimal::from(MAX_MARKUP_PERCENT));
+    let millionths = percent
+        .map(|percent| percent * Decimal::from(10u64.pow(MARKUP_PERCENT_PLACES)))
+        .and_then(|millionths| rust_decimal::prelude::ToPrimitive::to_u64(&millionths));
+    millionths.map(|millionths| Markup { millionths }).ok_or_else(|| {
+        format!(
+            "above {MAX_MARKUP_PERCENT}%, which would charge more than {} times the cost; \
+             a markup is a percent (\"20\" for 20%), not a multiplier",
+            MAX_MARKUP_PERCENT / 100 + 1
+        )
+    })
 }
 
 /// Whole picodollars of an amount with at most 12 decimal places, if it fits.
@@ -1087,6 +1205,50 @@ mod tests {
             "long_context = { above_input_tokens = 200000, input = \"2\", output = \"1.5\" }\n",
         ));
         assert!(PriceTable::parse("prices.toml", &valid).is_ok(), "multipliers and cache writes in range");
+    }
+
+    #[test]
+    fn markups_are_exact_percents_from_zero_to_a_thousand_with_four_places() {
+        let text = file(concat!(
+            "[markup]\npercent = \"20\"\n",
+            "[models.m]\ninput_per_mtok = \"1\"\nmarkup_percent = \"33.3333\"\n",
+            "[models.free]\ninput_per_mtok = \"1\"\nmarkup_percent = \"0\"\n",
+            "[models.plain]\ninput_per_mtok = \"1\"\n",
+            "[tools.t]\nper_call = \"1\"\nmarkup_percent = 1000\n",
+        ));
+        let table = PriceTable::parse("p.toml", &text).unwrap();
+        let now = chrono::Utc::now();
+        let percent = |markup: crate::pricing::Markup| markup.percent().to_string();
+        assert_eq!(percent(table.markup()), "20");
+        assert_eq!(percent(table.model("m", now).unwrap().markup()), "33.3333", "the model's own");
+        assert_eq!(percent(table.model("free", now).unwrap().markup()), "0", "\"0\" turns it off");
+        assert_eq!(percent(table.model("plain", now).unwrap().markup()), "20", "the table's");
+        assert_eq!(percent(table.tool("t", now).unwrap().markup()), "1000", "the tool's own");
+        let none = PriceTable::parse("p.toml", &file("[models.m]\ninput_per_mtok = \"1\"\n")).unwrap();
+        assert!(none.markup().is_none(), "no [markup]: none");
+    }
+
+    #[test]
+    fn a_bad_markup_is_refused_with_the_reason() {
+        let model = "[models.m]\ninput_per_mtok = \"1\"\n";
+        let cases: [(&str, &[&str]); 7] = [
+            ("\"-5\"", &["percent = \"-5\"", "cannot be negative", "\"0\" for no markup"]),
+            ("-5", &["cannot be negative"]),
+            ("\"1000.0001\"", &["above 1000%", "not a multiplier"]),
+            ("\"99999999999999999999999999999\"", &["above 1000%"]),
+            ("\"12.34567\"", &["5 decimal places", "more than the 4"]),
+            ("\"20%\"", &["not a percent"]),
+            ("0.2", &["bare TOML float", "percent = \"0.2\""]),
+        ];
+        for (written, parts) in cases {
+            assert_one_problem(&file(&format!("[markup]\npercent = {written}\n{model}")), 3, parts);
+        }
+        let entry = file("[models.m]\ninput_per_mtok = \"1\"\nmarkup_percent = \"-1\"\n");
+        assert_one_problem(&entry, 4, &["markup_percent = \"-1\"", "negative"]);
+        let tool = file("[tools.t]\nper_call = \"1\"\nmarkup_percent = true\n");
+        assert_one_problem(&tool, 4, &["markup_percent = true", "percent of the cost", "boolean"]);
+        let typo = file(&format!("[markup]\npercnt = \"20\"\n{model}"));
+        assert_one_problem(&typo, 3, &["[markup]: unknown field `percnt`"]);
     }
 
     #[test]

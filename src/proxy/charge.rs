@@ -22,7 +22,7 @@ use crate::ledger::entry::{SettleDetails, Usage};
 use crate::ledger::ids::RequestId;
 use crate::ledger::{Hold, Ledger, ResolvedKey};
 use crate::meter::{HostedTool, Meter, Reported};
-use crate::pricing::{HoldRequest, ModelPrice, PriceTable, TokenUsage, ToolPrice};
+use crate::pricing::{customer_price, HoldRequest, Markup, ModelPrice, PriceTable, TokenUsage, ToolPrice};
 
 /// Header an application uses to name its end user (recorded, for reports).
 pub static END_USER: HeaderName = HeaderName::from_static("x-creditgate-end-user");
@@ -66,6 +66,9 @@ pub struct Charge {
     /// The output cap per choice sent upstream (model routes).
     pub output_cap: Option<u64>,
     pub hold: Option<Hold>,
+    /// What the hold is at the operator's cost (the hold itself is the
+    /// customer's price): recorded as the cost when the hold is charged.
+    pub held_cost: Decimal,
     pub meter: Option<Meter>,
     /// The gateway added `stream_options.include_usage`; remove what it adds.
     pub injected_usage: bool,
@@ -446,8 +449,10 @@ pub struct OutputPlan {
     /// Input tokens held beyond the request's bytes for context the upstream
     /// reads itself (the route's context budget).
     pub context_tokens: u64,
-    /// Held for the hosted tool calls the request may make.
+    /// Held for the hosted tool calls the request may make (customer price).
     pub hosted_fee: Decimal,
+    /// `hosted_fee` at the operator's cost.
+    pub hosted_cost: Decimal,
 }
 
 impl OutputPlan {
@@ -461,6 +466,7 @@ impl OutputPlan {
             choices: fields.choices,
             context_tokens,
             hosted_fee: Decimal::ZERO,
+            hosted_cost: Decimal::ZERO,
         }
     }
 
@@ -510,7 +516,15 @@ impl OutputPlan {
     }
 }
 
-/// Phase `price`: the most a model request can cost.
+/// The operator's cost of what a model request is held for (`plan` as
+/// held); `None` only if it cannot be represented.
+pub fn model_hold_cost(price: &ModelPrice, request_bytes: u64, plan: &OutputPlan) -> Option<Decimal> {
+    plan.hold_request(request_bytes, plan.cap)
+        .and_then(|request| price.hold_cost(&request).ok())
+        .and_then(|cost| cost.checked_add(plan.hosted_cost))
+}
+
+/// Phase `price`: the most a model request can cost the customer.
 pub fn model_hold_amount(
     price: &ModelPrice,
     request_bytes: u64,
@@ -525,59 +539,119 @@ pub fn model_hold_amount(
         })
 }
 
+/// What a request holds for hosted tool calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostedHold {
+    /// The customer's price: calls × the dearest marked-up per-call price.
+    pub fee: Decimal,
+    /// The operator's cost: calls × the dearest per-call cost.
+    pub cost: Decimal,
+    /// The bound to send upstream when the request named none.
+    pub calls_to_send: Option<u64>,
+}
+
 /// Phase `price` for the upstream's own tools a Responses request enables:
 /// every such tool must be priced (as `[tools."<item type>"]`), and the
-/// request is held for `max_tool_calls` calls of the dearest; a request
-/// that names no bound is sent with the route's (the second value).
+/// request is held for `max_tool_calls` calls of the dearest, each tool
+/// with its own markup; a request that names no bound is sent with the
+/// route's.
 pub fn hosted_tools_hold(
     table: &PriceTable,
     fields: &ModelRequest,
     route_calls: u64,
     now: DateTime<Utc>,
-) -> Result<(Decimal, Option<u64>), ProxyError> {
+) -> Result<HostedHold, ProxyError> {
     if fields.hosted_tools.is_empty() {
-        return Ok((Decimal::ZERO, None));
+        return Ok(HostedHold { fee: Decimal::ZERO, cost: Decimal::ZERO, calls_to_send: None });
     }
-    let mut dearest = Decimal::ZERO;
+    let (mut dearest_price, mut dearest_cost) = (Decimal::ZERO, Decimal::ZERO);
     for tool in &fields.hosted_tools {
         let name = tool.item_type();
-        let per_call = table.tool(name, now).and_then(|price| price.cost(0).ok());
-        dearest = dearest.max(per_call.ok_or(ProxyError::UnpricedHostedTool { tool: name })?);
+        let per_call = table
+            .tool(name, now)
+            .and_then(|price| Some((price.hold_amount(0).ok()?, price.cost(0).ok()?)))
+            .ok_or(ProxyError::UnpricedHostedTool { tool: name })?;
+        dearest_price = dearest_price.max(per_call.0);
+        dearest_cost = dearest_cost.max(per_call.1);
     }
     let calls = fields.max_tool_calls.unwrap_or(route_calls);
-    let fee = dearest.checked_mul(Decimal::from(calls)).ok_or_else(|| ProxyError::InvalidField {
-        field: "max_tool_calls",
-        reason: "the request could cost more than the gateway can represent; lower it".into(),
-    })?;
-    Ok((fee, fields.max_tool_calls.is_none().then_some(calls)))
+    let times = |per_call: Decimal| {
+        per_call.checked_mul(Decimal::from(calls)).ok_or_else(|| ProxyError::InvalidField {
+            field: "max_tool_calls",
+            reason: "the request could cost more than the gateway can represent; lower it".into(),
+        })
+    };
+    Ok(HostedHold {
+        fee: times(dearest_price)?,
+        cost: times(dearest_cost)?,
+        calls_to_send: fields.max_tool_calls.is_none().then_some(calls),
+    })
 }
 
-/// What the hosted tool calls a response reports cost (each at its tool's
-/// per-call price), and how many there were.
-fn hosted_calls_cost(table: &PriceTable, reported: &Reported, now: DateTime<Utc>) -> (Decimal, u64) {
-    let mut cost = Decimal::ZERO;
+/// A call's costs, each under its markup: the tokens, then one part per
+/// hosted tool. Inline, so a settle allocates nothing for them.
+type CostParts = smallvec::SmallVec<[(Decimal, Markup); 1 + HostedTool::ALL.len()]>;
+
+/// What the hosted tool calls a response reports cost the operator (each at
+/// its tool's per-call price), one part per tool with the tool's markup,
+/// added to `parts`; returns how many calls there were.
+fn hosted_calls_cost(
+    table: &PriceTable,
+    reported: &Reported,
+    now: DateTime<Utc>,
+    parts: &mut CostParts,
+) -> u64 {
     let mut calls = 0u64;
     for (tool, count) in HostedTool::ALL.into_iter().zip(reported.hosted_calls) {
         if count == 0 {
             continue;
         }
         calls += u64::from(count);
-        match table.tool(tool.item_type(), now).and_then(|price| price.cost(0).ok()) {
-            Some(per_call) => cost += per_call * Decimal::from(count),
+        match table.tool(tool.item_type(), now).and_then(|price| Some((price.cost(0).ok()?, price.markup())))
+        {
+            Some((per_call, markup)) => {
+                // A product that does not fit makes the price overflow, so the call is charged its hold.
+                let cost = per_call.checked_mul(Decimal::from(count)).unwrap_or(Decimal::MAX);
+                parts.push((cost, markup));
+            }
             None => tracing::warn!(tool = tool.item_type(), count, "unpriced hosted tool calls reported"),
         }
     }
-    (cost, calls)
+    calls
 }
 
-/// Phase `price`: the most a tool call can cost (its route's most units).
+/// What a settle charges: the operator's cost and the customer's price.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Amounts {
+    pub cost: Decimal,
+    pub price: Decimal,
+}
+
+impl Amounts {
+    /// Costs each under its markup: their sum, and the price of the whole
+    /// rounded up once ([`customer_price`]).
+    fn of(parts: &[(Decimal, Markup)]) -> Option<Amounts> {
+        let cost = parts.iter().try_fold(Decimal::ZERO, |sum, (cost, _)| sum.checked_add(*cost))?;
+        Some(Amounts { cost, price: customer_price(parts).ok()? })
+    }
+
+    /// Both sides capped at the hold's.
+    fn at_most(self, held: Amounts) -> Amounts {
+        Amounts { cost: self.cost.min(held.cost), price: self.price.min(held.price) }
+    }
+}
+
+/// Phase `price`: the most a tool call can cost (its route's most units),
+/// as the customer's price and the operator's cost.
 pub fn tool_hold_amount(
     price: &ToolPrice,
     units_header: Option<&HeaderName>,
     max_units: u64,
-) -> Result<Decimal, ProxyError> {
+) -> Result<Amounts, ProxyError> {
     let units = if units_header.is_some() { max_units } else { 0 };
-    price.hold_amount(units).map_err(|_| ProxyError::InvalidField {
+    let amounts =
+        price.hold_amount(units).and_then(|held| Ok(Amounts { cost: price.cost(units)?, price: held }));
+    amounts.map_err(|_| ProxyError::InvalidField {
         field: "max_units",
         reason: "the route's max_units costs more than the gateway can represent".into(),
     })
@@ -661,8 +735,8 @@ impl Charge {
             hold.release(now);
             return SettleResult::Released;
         }
-        let held = hold.amount();
-        let (cost, usage, flag) = match &priced {
+        let held = Amounts { cost: self.held_cost, price: hold.amount() };
+        let (charged, usage, flag) = match &priced {
             Priced::Model { price, flavour, .. } => self.model_cost(price, *flavour, outcome, held, now),
             Priced::Tool { price, units_header, .. } => self.tool_cost(price, units_header.is_some(), held),
         };
@@ -674,12 +748,14 @@ impl Charge {
             model: name.clone(),
             usage,
             price_version: self.table.version_text(),
+            operator_cost: Some(charged.cost),
         };
-        let flag = if flag == SettleFlag::Exact && cost > held { SettleFlag::OverHold } else { flag };
-        match hold.settle(cost, details, now) {
+        let flag =
+            if flag == SettleFlag::Exact && charged.price > held.price { SettleFlag::OverHold } else { flag };
+        match hold.settle(charged.price, details, now) {
             Ok(settlement) => SettleResult::Debited {
                 amount: settlement.debited,
-                over_hold: (settlement.debited - held).max(Decimal::ZERO),
+                over_hold: (settlement.debited - held.price).max(Decimal::ZERO),
                 flag,
                 item: name,
             },
@@ -692,9 +768,9 @@ impl Charge {
         price: &ModelPrice,
         flavour: Flavour,
         outcome: Outcome,
-        held: Decimal,
+        held: Amounts,
         now: DateTime<Utc>,
-    ) -> (Decimal, Usage, SettleFlag) {
+    ) -> (Amounts, Usage, SettleFlag) {
         let (reported, delivered) = match self.meter.as_mut() {
             Some(meter) => (meter.finish(), meter.delivered_output_estimate()),
             None => (Reported::default(), 0),
@@ -728,11 +804,19 @@ impl Charge {
             }
             (usage, SettleFlag::Estimated)
         };
-        let (tool_cost, tool_calls) = hosted_calls_cost(&self.table, &reported, now);
-        let cost = match price.cost(&tokens) {
-            Ok(cost) if flag == SettleFlag::Estimated => (cost + tool_cost).min(held),
-            Ok(cost) => cost + tool_cost,
-            Err(_) => held,
+        // One price over the whole call: tokens at the model's markup, each
+        // hosted tool's calls at the tool's, rounded up once.
+        let mut parts = CostParts::new();
+        let token_cost = price.cost(&tokens);
+        if let Ok(cost) = token_cost {
+            parts.push((cost, price.markup()));
+        }
+        let tool_calls = hosted_calls_cost(&self.table, &reported, now, &mut parts);
+        let charged = token_cost.ok().and_then(|_| Amounts::of(&parts));
+        let charged = match charged {
+            Some(charged) if flag == SettleFlag::Estimated => charged.at_most(held),
+            Some(charged) => charged,
+            None => held,
         };
         let usage = Usage {
             input_tokens: tokens.input_tokens,
@@ -741,7 +825,7 @@ impl Charge {
             // A Responses call's hosted tool calls (the entry's unit count).
             tool_units: tool_calls,
         };
-        (cost, usage, flag)
+        (charged, usage, flag)
     }
 
     /// A tool's units as its header reported them, up to the ceiling; no
@@ -750,8 +834,8 @@ impl Charge {
         &self,
         price: &ToolPrice,
         counts_units: bool,
-        held: Decimal,
-    ) -> (Decimal, Usage, SettleFlag) {
+        held: Amounts,
+    ) -> (Amounts, Usage, SettleFlag) {
         let reported = match (counts_units, self.tool_units) {
             (false, _) => 0,
             (true, Some(units)) => units,
@@ -760,8 +844,8 @@ impl Charge {
         let ceiling = self.limits.usage_ceiling;
         let units = reported.min(ceiling);
         let flag = if reported > ceiling { SettleFlag::Ceiling } else { SettleFlag::Exact };
-        let cost = price.cost(units).unwrap_or(held);
-        (cost, Usage { tool_units: units, ..Usage::default() }, flag)
+        let charged = price.cost(units).ok().and_then(|cost| Amounts::of(&[(cost, price.markup())]));
+        (charged.unwrap_or(held), Usage { tool_units: units, ..Usage::default() }, flag)
     }
 }
 

@@ -16,6 +16,11 @@
 //! sled must copy and write are what limits the store. Every other record is
 //! JSON ([`FRAME_JSON`]), so entities and rare entries keep one readable
 //! encoding. Header integers are little-endian.
+//!
+//! A debit that records the operator's cost apart from the price debited
+//! (every debit since markups, [`FRAME_DEBIT_PRICED`]) is the same payload
+//! followed by that cost. Frames of kind [`FRAME_DEBIT`], written before,
+//! still decode, with no operator cost: their cost was the debit.
 //! Decoding checks every length and value and returns an error, never
 //! panics: a store is input like any other.
 //!
@@ -42,6 +47,8 @@ const HEADER_LEN: usize = 2 + 4 + 8 + 8;
 const FRAME_JSON: u8 = 1;
 /// A debit entry, binary.
 const FRAME_DEBIT: u8 = 2;
+/// A debit entry, binary, followed by the operator's cost (a decimal).
+const FRAME_DEBIT_PRICED: u8 = 3;
 
 /// Why bytes did not decode; the caller adds where they came from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,8 +84,7 @@ pub fn encode_segment(records: &[Record], max_bytes: usize, out: &mut Vec<u8>) -
         out.extend_from_slice(&[0, 0, 0, 0, 0]);
         let kind = match &record.body {
             RecordBody::Entry(entry @ LedgerEntry { kind: EntryKind::Debit(debit), .. }) => {
-                encode_debit(record.seq, entry, debit, &mut strings, out);
-                FRAME_DEBIT
+                encode_debit(record.seq, entry, debit, &mut strings, out)
             }
             _ => {
                 serde_json::to_writer(&mut *out, record).map_err(|e| error(e.to_string()))?;
@@ -127,10 +133,10 @@ pub fn decode_value(value: &[u8]) -> Result<Vec<Record>, CodecError> {
         let mut payload = Reader { bytes: reader.take(len)? };
         let record = match kind {
             FRAME_JSON => serde_json::from_slice(payload.bytes).map_err(|e| error(e.to_string()))?,
-            FRAME_DEBIT => decode_debit(&mut payload, &mut strings)?,
+            FRAME_DEBIT | FRAME_DEBIT_PRICED => decode_debit(&mut payload, &mut strings, kind)?,
             other => return Err(error(format!("unknown frame kind {other}"))),
         };
-        if !payload.bytes.is_empty() && kind == FRAME_DEBIT {
+        if !payload.bytes.is_empty() && kind != FRAME_JSON {
             return Err(error("trailing bytes after a debit frame"));
         }
         records.push(record);
@@ -165,7 +171,14 @@ impl Strings {
     }
 }
 
-fn encode_debit(seq: u64, entry: &LedgerEntry, debit: &Debit, strings: &mut Strings, out: &mut Vec<u8>) {
+/// Writes a debit's payload; returns its frame kind.
+fn encode_debit(
+    seq: u64,
+    entry: &LedgerEntry,
+    debit: &Debit,
+    strings: &mut Strings,
+    out: &mut Vec<u8>,
+) -> u8 {
     let mut w = Writer(out);
     w.var(seq);
     // The entry id is the sequence number; anything else is kept exactly.
@@ -200,9 +213,16 @@ fn encode_debit(seq: u64, entry: &LedgerEntry, debit: &Debit, strings: &mut Stri
     }
     w.decimal(debit.held);
     w.decimal(debit.overrun);
+    match details.operator_cost {
+        Some(cost) => {
+            w.decimal(cost);
+            FRAME_DEBIT_PRICED
+        }
+        None => FRAME_DEBIT,
+    }
 }
 
-fn decode_debit(r: &mut Reader<'_>, strings: &mut Strings) -> Result<Record, CodecError> {
+fn decode_debit(r: &mut Reader<'_>, strings: &mut Strings, kind: u8) -> Result<Record, CodecError> {
     let seq = r.var()?;
     let id = EntryId(seq.wrapping_add(r.var()?));
     let at = r.time()?;
@@ -235,12 +255,13 @@ fn decode_debit(r: &mut Reader<'_>, strings: &mut Strings) -> Result<Record, Cod
     };
     let held = r.decimal()?;
     let overrun = r.decimal()?;
+    let operator_cost = if kind == FRAME_DEBIT_PRICED { Some(r.decimal()?) } else { None };
     let debit = Debit {
         request_id,
         key,
         owner,
         end_user,
-        details: SettleDetails { route, model, usage, price_version },
+        details: SettleDetails { route, model, usage, price_version, operator_cost },
         held,
         overrun,
     };
@@ -461,6 +482,7 @@ mod tests {
                     tool_units: 3,
                 },
                 price_version: Arc::from("2025-11@0123456789ab"),
+                operator_cost: None,
             },
             held: dec!(0.02),
             overrun: dec!(0.000000000000000000000000001),
@@ -560,6 +582,61 @@ mod tests {
             assert_eq!(out, expected, "LEB128 of {value}");
             assert_eq!(Reader { bytes: &out }.var128().unwrap(), value, "{value} reads back");
         }
+    }
+
+    /// A segment checked in with the fuzz corpus before markups existed:
+    /// debits in frame kind 2, without an operator cost.
+    const OLD_SEGMENT: &[u8] = include_bytes!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fuzz/corpus/store_segment/2a5ddebc7c853a1fb3bb5554610463def1a54575"
+    ));
+
+    /// A debit with the operator's cost apart from the price debited.
+    fn priced_debit(seq: u64, cost: Decimal, price: Decimal) -> Record {
+        let mut record = debit(seq, Some("u"), price);
+        if let RecordBody::Entry(LedgerEntry { kind: EntryKind::Debit(debit), .. }) = &mut record.body {
+            debit.details.operator_cost = Some(cost);
+        }
+        record
+    }
+
+    #[test]
+    fn a_debit_with_its_operator_cost_round_trips_beside_one_without() {
+        let records = vec![
+            priced_debit(1, dec!(0.001), dec!(0.0012)),
+            debit(2, None, dec!(0.5)),
+            priced_debit(3, dec!(0.000000123), dec!(0.000000133)),
+        ];
+        let bytes = segment(&records);
+        assert_eq!(decode_value(&bytes).unwrap(), records, "cost and price both kept");
+        assert_eq!(bytes[HEADER_LEN], FRAME_DEBIT_PRICED, "a debit with a cost has its own frame kind");
+    }
+
+    #[test]
+    fn a_debit_frame_written_before_markups_still_decodes_with_cost_equal_to_price() {
+        assert_eq!(OLD_SEGMENT[HEADER_LEN], FRAME_DEBIT, "the fixture starts with an old debit frame");
+        let records = decode_value(OLD_SEGMENT).unwrap();
+        let debits: Vec<&LedgerEntry> = records
+            .iter()
+            .filter_map(|record| match &record.body {
+                RecordBody::Entry(entry @ LedgerEntry { kind: EntryKind::Debit(_), .. }) => Some(entry),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(debits.len(), 2, "{records:?}");
+        for entry in debits {
+            let EntryKind::Debit(debit) = &entry.kind else { unreachable!() };
+            assert_eq!(debit.details.operator_cost, None, "an old debit has no cost of its own");
+            let (cost, price) = entry.cost_and_price().unwrap();
+            assert_eq!((cost, price), (-entry.amount, -entry.amount), "cost == price == the debit");
+        }
+        assert_eq!(segment(&records), OLD_SEGMENT, "re-encoded byte for byte: the old layout is unchanged");
+        // A first-format JSON debit, written without the field, decodes the same way.
+        let json = serde_json::to_value(&records[0]).unwrap();
+        let details = json["body"]["entry"]["kind"]["details"].as_object().unwrap();
+        assert!(details.contains_key("price_version") && !details.contains_key("operator_cost"), "{json}");
+        let from_json = decode_value(&serde_json::to_vec(&json).unwrap()).unwrap();
+        assert_eq!(from_json[0], records[0], "JSON without operator_cost");
     }
 
     #[test]

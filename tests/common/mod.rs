@@ -193,6 +193,17 @@ pub async fn start() -> Stack {
     start_with("", "", MockOptions::default()).await
 }
 
+/// GET an admin path as the operator; the answer must be 200 JSON.
+pub async fn admin_get(stack: &Stack, path: &str) -> serde_json::Value {
+    let request = Request::get(stack.admin_url(path))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let reply = send(request).await;
+    assert_eq!(reply.status, 200, "{path}: {}", String::from_utf8_lossy(&reply.body));
+    reply.json()
+}
+
 /// A complete response, read to the end.
 pub struct Reply {
     pub status: http::StatusCode,
