@@ -275,13 +275,24 @@ async fn ledger_pages_and_usage_reports_agree_with_each_other() {
         .status,
         200
     );
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let base = format!("/admin/v1/orgs/{org}");
+    // Settles are served once durable (within a flush window): wait for the
+    // four debits rather than for a fixed time, which a loaded machine
+    // outlasts.
+    let started = std::time::Instant::now();
+    let whole: Vec<Value> = loop {
+        let whole = call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/ledger?limit=1000"), None, &[])
+            .await
+            .json();
+        let whole = whole["entries"].as_array().unwrap().clone();
+        let debits = whole.iter().filter(|e| e["kind"]["type"] == "debit").count();
+        if debits >= 4 || started.elapsed() > std::time::Duration::from_secs(5) {
+            break whole;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
 
     // Walk the ledger two entries at a time; the pages add up to the whole.
-    let whole =
-        call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/ledger?limit=1000"), None, &[]).await.json();
-    let whole: Vec<Value> = whole["entries"].as_array().unwrap().clone();
     let mut paged = Vec::new();
     let mut cursor = 0;
     loop {

@@ -165,6 +165,7 @@ fn spend(ledger: &Ledger, org: OrgId, owner: Owner, amount: Decimal, now: DateTi
         model: Arc::from("gpt-test"),
         usage: Usage { input_tokens: 10, output_tokens: 20, cached_input_tokens: 0, tool_units: 0 },
         price_version: Arc::from("prices-v1"),
+        operator_cost: None,
     };
     hold.settle(amount, details, now).unwrap();
 }
@@ -324,6 +325,7 @@ fn settle_on_lease(
             model: Arc::from("gpt-test"),
             usage: Usage { input_tokens: 10, output_tokens: 20, cached_input_tokens: 0, tool_units: 0 },
             price_version: Arc::from("prices-v1"),
+            operator_cost: None,
         },
     };
     book.settle(hold, cost, Utc::now(), serde_json::to_value(&detail).unwrap());
