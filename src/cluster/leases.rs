@@ -110,7 +110,8 @@ struct Lease {
     retiring: bool,
     /// When it last took a hold.
     last_used: Instant,
-    /// When it was drawn: a renewal sent before then cannot name it.
+    /// When its draw returned: a renewal sent before then may not name it;
+    /// one sent after names it while it is open.
     drawn_at: Instant,
 }
 
@@ -339,7 +340,10 @@ impl LeaseBook {
             usable_until: usable_until(grant.lifetime(), self.settings.safety, asked_at),
             retiring: false,
             last_used: asked_at,
-            drawn_at: asked_at,
+            // When the grant came back, not when it was asked for: a renewal
+            // sent between the two may not see a draw that commits after
+            // its snapshot, and must not take the lease for closed.
+            drawn_at: Instant::now(),
         });
         Ok(hold_need.then(|| LeaseHold { wallet: wallet.to_owned(), lease: grant.id, amount: need }))
     }
