@@ -398,12 +398,32 @@ async fn shipped_debits_post_once_and_every_book_agrees() {
     treasurer.step_down().await;
     assert!(follower.try_promote(clock.as_ref()).await.unwrap());
     assert_eq!(follower.post_shipped().await.unwrap(), 1);
+    // A debit whose detail cannot be read is marked refused with the
+    // reason, not posted and not retried; the shared books still count it.
+    let fourth = book.hold(&pool.to_string(), dec!(1)).await.unwrap();
+    book.settle(fourth, dec!(0.125), Utc::now(), serde_json::json!({"unexpected": true}));
+    book.ship().await.unwrap();
+    assert_eq!(follower.post_shipped().await.unwrap(), 1);
+    assert_eq!(follower.post_shipped().await.unwrap(), 0, "a refused debit is tried again");
+    let db = Database::new(&url, 1).unwrap();
+    let refused: Vec<String> = db
+        .client()
+        .await
+        .unwrap()
+        .query("SELECT post_error FROM cg_debits WHERE post_error IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].contains("cannot be read"), "{refused:?}");
     book.shutdown().await.unwrap();
     let records = log(&url).await;
     for request in [request_1, request_2, request_3] {
         assert_eq!(debits_of(&records, request), 1, "{request:?}");
     }
     assert_eq!(follower.ledger().balance(pool, clock.now()).unwrap().balance, dec!(98.5));
-    assert_shared_books(&url, pool, dec!(98.5)).await;
+    assert_shared_books(&url, pool, dec!(98.375)).await;
     assert_audited(follower.ledger(), &entries(&records));
 }

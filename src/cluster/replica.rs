@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::ledger::entry::SettleDetails;
 use crate::ledger::ids::{KeyId, RequestId, WalletId};
-use crate::ledger::{Ledger, LedgerConfig};
+use crate::ledger::{Ledger, LedgerConfig, SettleError};
 
 use super::books::{retrying, Books};
 use super::journal::{decode, Appended, LogJournal};
@@ -224,29 +224,29 @@ impl Replica {
         }
         let shipped = self.books.unposted(POST_BATCH).await?;
         for debit in &shipped {
-            let posted = serde_json::from_value::<DebitDetail>(debit.body.clone())
-                .map_err(|err| format!("the debit's detail cannot be read: {err}"))
-                .and_then(|detail| {
-                    self.ledger
-                        .post_debit(
-                            detail.wallet,
-                            detail.request_id,
-                            detail.key,
-                            detail.end_user.as_deref(),
-                            detail.held,
-                            debit.amount,
-                            detail.details,
-                            debit.at,
-                        )
-                        .map_err(|err| err.to_string())
-                });
+            let detail = match serde_json::from_value::<DebitDetail>(debit.body.clone()) {
+                Ok(detail) => detail,
+                Err(err) => {
+                    self.refuse_posting(debit, &format!("the debit's detail cannot be read: {err}")).await?;
+                    continue;
+                }
+            };
+            let posted = self.ledger.post_debit(
+                detail.wallet,
+                detail.request_id,
+                detail.key,
+                detail.end_user.as_deref(),
+                detail.held,
+                debit.amount,
+                detail.details,
+                debit.at,
+            );
             match posted {
                 Ok(_) => {}
-                Err(_) if self.ledger.following() => return Ok(0),
-                Err(reason) => {
-                    tracing::error!(replica = %debit.replica, entry = debit.entry, %reason, "a shipped debit cannot be posted");
-                    self.books.refuse_posting(&debit.replica, debit.entry, &reason).await?;
-                }
+                // The journal stopped (this epoch is over): the rest are the
+                // next treasurer's to post, never to be marked refused here.
+                Err(SettleError::Unavailable { reason }) => return Err(ClusterError::Unavailable(reason)),
+                Err(err) => self.refuse_posting(debit, &err.to_string()).await?,
             }
         }
         let journal = self.journal.clone();
@@ -255,6 +255,12 @@ impl Replica {
             .map_err(|err| ClusterError::Unavailable(err.to_string()))?
             .map_err(|err| ClusterError::Unavailable(err.to_string()))?;
         Ok(shipped.len())
+    }
+
+    async fn refuse_posting(&self, debit: &UnpostedDebit, reason: &str) -> Result<(), ClusterError> {
+        tracing::error!(replica = %debit.replica, entry = debit.entry, %reason, "a shipped debit cannot be posted");
+        let Some(epoch) = self.epoch() else { return Ok(()) };
+        self.books.refuse_posting(&self.settings.replica, epoch, debit, reason).await
     }
 
     /// Renews the treasury. `false` once it is lost: the ledger then stops
@@ -319,6 +325,8 @@ impl Replica {
     /// Lets the journal drain and gives the treasury up.
     pub async fn step_down(&self) {
         let Some(epoch) = self.epoch.lock().take() else { return };
+        // Its journal is closed for good: to lead again it must restart.
+        self.deposed.store(true, Ordering::Release);
         self.ledger.set_following(true);
         self.journal.close();
         if let Err(err) = self.books.release_treasury(&self.settings.replica, epoch).await {
@@ -350,13 +358,22 @@ impl Books {
             .collect())
     }
 
-    /// Marks a shipped debit that cannot be posted, with the reason.
-    pub async fn refuse_posting(&self, replica: &str, entry: i64, reason: &str) -> Result<(), ClusterError> {
+    /// Marks a shipped debit that cannot be posted, with the reason; only
+    /// while `treasurer` holds `epoch`, so a deposed treasurer marks nothing.
+    pub async fn refuse_posting(
+        &self,
+        treasurer: &str,
+        epoch: i64,
+        debit: &UnpostedDebit,
+        reason: &str,
+    ) -> Result<(), ClusterError> {
         let client = self.client().await?;
         client
             .execute(
-                "UPDATE cg_debits SET posted = true, post_error = $3 WHERE replica = $1 AND entry = $2",
-                &[&replica, &entry, &reason],
+                "UPDATE cg_debits SET posted = true, post_error = $3
+                 WHERE replica = $1 AND entry = $2
+                   AND EXISTS (SELECT 1 FROM cg_treasurer WHERE epoch = $4 AND replica = $5)",
+                &[&debit.replica, &debit.entry, &reason, &epoch, &treasurer],
             )
             .await?;
         Ok(())
