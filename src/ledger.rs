@@ -296,10 +296,12 @@ impl Ledger {
     }
 
     /// Takes the admin lock for a change, refusing while the journal cannot
-    /// take new work (failing storage, or a cluster follower).
+    /// take new work (failing storage, or a cluster follower). Checked once
+    /// the lock is held: the store may fail while a change waits for it.
     fn lock_admin(&self) -> Result<parking_lot::MutexGuard<'_, ()>, LedgerError> {
+        let admin = self.admin.lock();
         self.shared.committer.check_ready()?;
-        Ok(self.admin.lock())
+        Ok(admin)
     }
 
     fn cell(&self, wallet: WalletId) -> Option<Arc<WalletCell>> {

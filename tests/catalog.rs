@@ -27,6 +27,24 @@ fn run(args: &[&str]) -> Output {
     Command::new(BINARY).args(args).output().unwrap()
 }
 
+/// `prices import --from litellm CATALOG --overlay OVERLAY [--only ONLY...]`.
+fn import_with_overlay(catalog: &Path, overlay: &Path, only: &[&str]) -> Output {
+    let mut args = vec![
+        "prices",
+        "import",
+        "--from",
+        "litellm",
+        catalog.to_str().unwrap(),
+        "--overlay",
+        overlay.to_str().unwrap(),
+    ];
+    if !only.is_empty() {
+        args.push("--only");
+        args.extend_from_slice(only);
+    }
+    run(&args)
+}
+
 /// The number literally written for `field` of `model` in the catalog's
 /// text, read as an exact decimal (not through a binary double, so this
 /// check does not share the importer's path).
@@ -189,18 +207,7 @@ markup_percent = "0"
 "#,
     )
     .unwrap();
-    let out = run(&[
-        "prices",
-        "import",
-        "--from",
-        "litellm",
-        catalog_file.to_str().unwrap(),
-        "--overlay",
-        overlay.to_str().unwrap(),
-        "--only",
-        "gpt-4o",
-        "claude-sonnet-4*",
-    ]);
+    let out = import_with_overlay(&catalog_file, &overlay, &["gpt-4o", "claude-sonnet-4*"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let table: toml::Table = toml::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
@@ -267,15 +274,7 @@ fn prices_diff_reports_each_change_and_exits_one_only_when_something_changed() {
 fn the_readme_workflow_with_the_example_overlay_gives_a_table_the_example_gateway_accepts() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let catalog_file = catalog_path();
-    let out = run(&[
-        "prices",
-        "import",
-        "--from",
-        "litellm",
-        catalog_file.to_str().unwrap(),
-        "--overlay",
-        root.join("config/overlay.toml").to_str().unwrap(),
-    ]);
+    let out = import_with_overlay(&catalog_file, &root.join("config/overlay.toml"), &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(root.join("config/gateway.toml"), dir.path().join("gateway.toml")).unwrap();
