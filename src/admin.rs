@@ -178,6 +178,9 @@ pub struct Admin {
     pub body_read_timeout: std::time::Duration,
     /// Usage totals per organization, kept up to date from `entries`.
     pub rollups: Arc<rollup::Rollups>,
+    /// Cluster mode: a follower forwards organization writes to the
+    /// treasurer, whose ledger alone can make them.
+    pub cluster: Option<Arc<crate::cluster::ClusterNode>>,
 }
 
 impl Admin {
@@ -256,6 +259,16 @@ impl Admin {
         let path = parts.uri.path().trim_start_matches("/admin/v1/").trim_end_matches('/');
         let segments: Vec<&str> = path.split('/').collect();
         let now = self.clock.now();
+        if let Some(node) = self.cluster.as_ref().filter(|_| forwarded_in_cluster(&parts.method, &segments)) {
+            if let Some(reply) = node.forward_admin(&parts, body.clone()).await {
+                return match reply {
+                    Ok(response) => Ok(response.map(GatewayBody::local)),
+                    Err(reason) => Err(AdminError::Ledger(crate::ledger::LedgerError::Unavailable(
+                        crate::ledger::journal::JournalError::Unavailable { reason },
+                    ))),
+                };
+            }
+        }
         let mut params = reports::query_pairs(parts.uri.query());
         // As documented: `?limit=` is the same as no `limit` at all.
         params.retain(|_, value| !value.is_empty());
@@ -365,6 +378,14 @@ impl Admin {
         );
         response
     }
+}
+
+/// The writes a follower forwards to the treasurer: every change to an
+/// organization's books. Price reloads and alert rules stay with the replica
+/// (its own price file and alerts file).
+fn forwarded_in_cluster(method: &Method, segments: &[&str]) -> bool {
+    let writes = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+    writes && matches!(segments, ["orgs"] | ["orgs", _, ..]) && !matches!(segments, ["orgs", _, "alerts", ..])
 }
 
 fn no_prices() -> Response<GatewayBody> {

@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{Admin, AdminError, EntryReader, OrgAccess, Readiness, Rollups};
 use crate::alerts::{Alerts, DestinationPolicy};
 use crate::clock::{Clock, SystemClock};
-use crate::config::GatewayConfig;
+use crate::cluster::journal::decode;
+use crate::cluster::{ClusterNode, NodeOptions};
+use crate::config::{ClusterConfig, GatewayConfig};
 use crate::ledger::entry::LedgerEntry;
 use crate::ledger::ids::OrgId;
 use crate::ledger::journal::RecordBody;
@@ -40,6 +42,8 @@ pub struct Gateway {
     proxy: Arc<Proxy>,
     proxy_task: JoinHandle<Drained>,
     admin_task: JoinHandle<Drained>,
+    /// Cluster mode: this replica's part in the shared books.
+    cluster: Option<Arc<ClusterNode>>,
 }
 
 impl Gateway {
@@ -59,11 +63,6 @@ impl Gateway {
         prepare_data_dir(&config)?;
         let metrics = Arc::new(Metrics::default());
         let prices = load_prices(&config, &clock, &metrics, &shutdown)?;
-        let (ledger, writer) = open_books(&config)?;
-        let policy = DestinationPolicy { allow: config.admin.alert_webhook_allow.clone() };
-        let alerts = Alerts::load(config.server.data_dir.join("alerts.json"), policy)?;
-        tokio::spawn(alerts.clone().run(ledger.clone(), clock.clone(), shutdown.clone()));
-        tokio::spawn(void_expired_holds(ledger.clone(), clock.clone(), shutdown.clone()));
         let proxy_listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {} (proxy)", config.server.listen))?;
@@ -72,7 +71,21 @@ impl Gateway {
             .with_context(|| format!("cannot listen on {} (admin)", config.server.admin_listen))?;
         let proxy_addr = proxy_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
-
+        let (ledger, writer, cluster) = match &config.cluster {
+            None => {
+                let (ledger, writer) = open_books(&config)?;
+                (ledger, writer, None)
+            }
+            Some(section) => {
+                let node =
+                    join_cluster(&config, section, admin_addr, clock.clone(), shutdown.clone()).await?;
+                (node.ledger().clone(), None, Some(node))
+            }
+        };
+        let policy = DestinationPolicy { allow: config.admin.alert_webhook_allow.clone() };
+        let alerts = Alerts::load(config.server.data_dir.join("alerts.json"), policy)?;
+        tokio::spawn(alerts.clone().run(ledger.clone(), clock.clone(), shutdown.clone()));
+        tokio::spawn(void_expired_holds(ledger.clone(), clock.clone(), shutdown.clone()));
         let options = ServeOptions {
             name: "proxy",
             max_connections: config.server.max_connections,
@@ -80,7 +93,7 @@ impl Gateway {
             shutdown_grace: config.server.shutdown_grace,
             max_request_duration: Some(config.server.max_response_duration),
         };
-        let proxy = Arc::new(Proxy::new(
+        let mut proxy = Proxy::new(
             config.clone(),
             prices.clone(),
             ledger.clone(),
@@ -88,7 +101,11 @@ impl Gateway {
             metrics.clone(),
             alerts.clone(),
             shutdown.clone(),
-        ));
+        );
+        if let Some(node) = &cluster {
+            proxy = proxy.with_leases(node.lease_book().clone());
+        }
+        let proxy = Arc::new(proxy);
         let serving = proxy.clone();
         let proxy_task = tokio::spawn(server::serve(
             proxy_listener,
@@ -114,7 +131,10 @@ impl Gateway {
                 .collect(),
             clock,
             ledger: ledger.clone(),
-            entries: entry_reader(writer.clone()),
+            entries: match &cluster {
+                Some(node) => log_entry_reader(node),
+                None => entry_reader(writer.clone()),
+            },
             store_stats: {
                 let writer = writer.clone();
                 Arc::new(move || writer.as_ref().map(|w| w.stats()).unwrap_or_default())
@@ -122,6 +142,7 @@ impl Gateway {
             alerts,
             body_read_timeout: config.server.header_read_timeout,
             rollups: Arc::new(Rollups::new(config.admin.usage_rollup_max_rows)),
+            cluster: cluster.clone(),
         });
         admin.build_rollups(shutdown.clone());
         let admin_options = ServeOptions { name: "admin", ..options };
@@ -144,6 +165,7 @@ impl Gateway {
             proxy,
             proxy_task,
             admin_task,
+            cluster,
         })
     }
 
@@ -189,6 +211,10 @@ impl Gateway {
         let proxy = self.proxy_task.await.unwrap_or(Drained::TimedOut);
         let admin = self.admin_task.await.unwrap_or(Drained::TimedOut);
         self.proxy.drain_background().await;
+        if let Some(node) = &self.cluster {
+            // Every request has settled: ship the outbox, give back leases.
+            node.stop().await;
+        }
         // Every request has settled: make the last settles durable.
         let store = match self.writer.as_ref().map(|writer| writer.shutdown()) {
             Some(Err(error)) => {
@@ -240,6 +266,75 @@ fn read_entries(
 
 fn entry_reader(writer: Option<StoreWriter>) -> EntryReader {
     Arc::new(move |after, limit| read_entries(writer.as_deref(), after, limit))
+}
+
+/// Cluster mode: ledger entries come from the shared log (the cursor is
+/// the log's sequence number). Called on report threads, never on the
+/// runtime's own.
+fn log_entry_reader(node: &Arc<ClusterNode>) -> EntryReader {
+    let books = node.books().clone();
+    let runtime = tokio::runtime::Handle::current();
+    Arc::new(move |after, limit| {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let records =
+            runtime.block_on(books.tail(after, limit)).map_err(|e| AdminError::Store(e.to_string()))?;
+        let last = records.last().and_then(|record| u64::try_from(record.gseq).ok());
+        let mut entries = Vec::new();
+        for record in &records {
+            let decoded = decode(record.gseq, &record.body).map_err(|e| AdminError::Store(e.to_string()))?;
+            if let RecordBody::Entry(entry) = decoded.body {
+                entries.push(entry);
+            }
+        }
+        Ok((entries, last))
+    })
+}
+
+/// Joins the cluster named by `[cluster]`, as the replica this data
+/// directory belongs to.
+async fn join_cluster(
+    config: &GatewayConfig,
+    section: &ClusterConfig,
+    admin_addr: SocketAddr,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Arc<ClusterNode>> {
+    let data_dir = &config.server.data_dir;
+    let replica = match &section.replica {
+        Some(name) => name.clone(),
+        None => replica_name(data_dir)?,
+    };
+    if section.admin_url.is_none() && admin_addr.ip().is_unspecified() {
+        tracing::warn!(%admin_addr, "set [cluster] admin_url: other replicas forward admin writes to it");
+    }
+    let options = NodeOptions {
+        database_url: section.database_url.clone(),
+        replica,
+        admin_url: section.admin_url.clone().unwrap_or_else(|| format!("http://{admin_addr}")),
+        max_connections: section.max_connections,
+        lease_ttl: std::time::Duration::from_millis(section.lease_ttl_ms),
+        treasury_ttl: std::time::Duration::from_millis(section.treasury_ttl_ms),
+        ship_interval: std::time::Duration::from_millis(section.ship_interval_ms),
+    };
+    let ledger_config = LedgerConfig { hold_ttl_ms: config.ledger.hold_ttl_ms, ..LedgerConfig::default() };
+    ClusterNode::start(options, data_dir, ledger_config, clock, shutdown)
+        .await
+        .context("cannot join the cluster")
+}
+
+/// The replica name kept in the data directory, made at its first start:
+/// the outbox there ships under this name, so it must not change.
+fn replica_name(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("replica-name");
+    match std::fs::read_to_string(&path) {
+        Ok(name) if !name.trim().is_empty() => Ok(name.trim().to_owned()),
+        _ => {
+            let name = format!("replica-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+            std::fs::write(&path, &name).with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(name)
+        }
+    }
 }
 
 /// The group-commit writer over the sled store.

@@ -89,13 +89,17 @@ pub mod journal;
 pub mod leases;
 pub mod log;
 pub mod migrate;
+pub mod node;
 pub mod replica;
+pub mod spend;
 
 pub use books::{Books, FundingReceipt, LeaseGrant, Renewal, ReplicaStatus, ShippedDebit, WalletAudit};
 pub use db::Database;
 pub use journal::LogJournal;
 pub use leases::{LeaseBook, LeaseHold, LeaseRefusal, LeaseSettings};
+pub use node::{ClusterNode, NodeOptions};
 pub use replica::{DebitDetail, Replica, ReplicaSettings};
+pub use spend::ClusterHold;
 
 /// What can go wrong talking to the cluster's database.
 #[derive(Debug, thiserror::Error)]

@@ -59,6 +59,42 @@ pub struct GatewayConfig {
     pub admin: AdminConfig,
     pub traffic: TrafficConfig,
     pub ledger: LedgerSection,
+    /// `[cluster]`: share the books with other replicas through PostgreSQL.
+    /// `None` runs a single node on the embedded store.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this replica's part in a cluster (DESIGN.md §7).
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// The database URL (libpq form, several hosts allowed), read from the
+    /// environment variable the file names: it carries the password.
+    pub database_url: String,
+    /// This replica's name in the books; default: one made at first start
+    /// and kept in the data directory.
+    pub replica: Option<String>,
+    /// The URL other replicas forward admin writes to while this replica is
+    /// the treasurer; default `http://` + the admin listener's address.
+    pub admin_url: Option<String>,
+    /// Connections in this replica's pool.
+    pub max_connections: usize,
+    /// A credit lease's lifetime from its last renewal.
+    pub lease_ttl_ms: u64,
+    /// The treasury's lease; a lapsed treasurer is replaced after this.
+    pub treasury_ttl_ms: u64,
+    /// How often settled debits are shipped (and the outbox flushed).
+    pub ship_interval_ms: u64,
+}
+
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the URL: it carries the password.
+        f.debug_struct("ClusterConfig")
+            .field("replica", &self.replica)
+            .field("admin_url", &self.admin_url)
+            .field("lease_ttl_ms", &self.lease_ttl_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[ledger]`: how the credit ledger holds and persists its state.
@@ -383,6 +419,7 @@ struct RawTop {
     admin: Option<Spanned<toml::Value>>,
     traffic: Option<Spanned<toml::Value>>,
     ledger: Option<Spanned<toml::Value>>,
+    cluster: Option<Spanned<toml::Value>>,
     #[serde(default)]
     upstreams: BTreeMap<String, Spanned<toml::Value>>,
     #[serde(default)]
@@ -480,6 +517,18 @@ struct RawLedger {
     hold_ttl_ms: Option<u64>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    database_url_env: String,
+    replica: Option<String>,
+    admin_url: Option<String>,
+    max_connections: Option<usize>,
+    lease_ttl_ms: Option<u64>,
+    treasury_ttl_ms: Option<u64>,
+    ship_interval_ms: Option<u64>,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
@@ -557,7 +606,7 @@ impl GatewayConfig {
             Ok(top) => top,
             Err(e) => {
                 let offset = e.span().map(|s| s.start).unwrap_or(0);
-                checker.problem(offset, e.message().trim_end().to_owned(), Some("the file must be valid TOML with only the documented sections: server, log, pricing, admin, traffic, ledger, upstreams, routes"));
+                checker.problem(offset, e.message().trim_end().to_owned(), Some("the file must be valid TOML with only the documented sections: server, log, pricing, admin, traffic, ledger, cluster, upstreams, routes"));
                 return Err(ConfigError::Invalid { file, problems: checker.problems });
             }
         };
@@ -607,6 +656,7 @@ impl GatewayConfig {
 
         let traffic = validate_traffic(&mut checker, top.traffic);
         let ledger = validate_ledger(&mut checker, top.ledger);
+        let cluster = top.cluster.and_then(|value| validate_cluster(&mut checker, value, env));
 
         let mut upstreams = Vec::new();
         let mut upstream_index = HashMap::new();
@@ -664,6 +714,7 @@ impl GatewayConfig {
             admin,
             traffic,
             ledger,
+            cluster,
         })
     }
 
@@ -759,6 +810,63 @@ fn validate_ledger(checker: &mut Checker<'_>, value: Option<Spanned<toml::Value>
         flush_interval_ms,
         hold_ttl_ms,
     }
+}
+
+fn validate_cluster(
+    checker: &mut Checker<'_>,
+    value: Spanned<toml::Value>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<ClusterConfig> {
+    let offset = value.span().start;
+    let raw = checker.section::<RawCluster>("[cluster]", value)?;
+    let database_url = env(&raw.database_url_env).filter(|url| !url.trim().is_empty());
+    if database_url.is_none() {
+        checker.problem(
+            offset,
+            format!("[cluster] database_url_env names {}, which is not set", raw.database_url_env),
+            Some("export the PostgreSQL URL in that variable, e.g. postgresql://creditgate:secret@db1,db2/creditgate"),
+        );
+    }
+    if let Some(name) = &raw.replica {
+        let fine = !name.is_empty()
+            && name.len() <= 64
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !fine {
+            checker.problem(
+                offset,
+                format!("[cluster] replica = {name:?} is not a usable name"),
+                Some("use 1-64 letters, digits, '-', '_' or '.', unique per data directory"),
+            );
+        }
+    }
+    let lease_ttl_ms = raw.lease_ttl_ms.unwrap_or(10_000);
+    let treasury_ttl_ms = raw.treasury_ttl_ms.unwrap_or(6_000);
+    for (name, value) in [("lease_ttl_ms", lease_ttl_ms), ("treasury_ttl_ms", treasury_ttl_ms)] {
+        if !(1_000..=600_000).contains(&value) {
+            checker.problem(
+                offset,
+                format!("[cluster] {name} = {value} is out of range"),
+                Some("use 1000 to 600000 milliseconds"),
+            );
+        }
+    }
+    let ship_interval_ms = raw.ship_interval_ms.unwrap_or(50);
+    if !(1..=1_000).contains(&ship_interval_ms) {
+        checker.problem(
+            offset,
+            format!("[cluster] ship_interval_ms = {ship_interval_ms} is out of range"),
+            Some("use 1 to 1000; settles wait in the outbox that long"),
+        );
+    }
+    Some(ClusterConfig {
+        database_url: database_url?,
+        replica: raw.replica,
+        admin_url: raw.admin_url,
+        max_connections: raw.max_connections.unwrap_or(8).clamp(2, 256),
+        lease_ttl_ms,
+        treasury_ttl_ms,
+        ship_interval_ms,
+    })
 }
 
 fn validate_traffic(checker: &mut Checker<'_>, value: Option<Spanned<toml::Value>>) -> TrafficConfig {

@@ -289,6 +289,11 @@ impl Ledger {
             .is_some_and(|k| k.scope.allows_route(route) && model.is_none_or(|m| k.scope.allows_model(m)))
     }
 
+    /// What a refused caller is told about a wallet.
+    pub fn wallet_view(&self, wallet: WalletId) -> Option<WalletView> {
+        self.wallets.get(&wallet).map(|cell| cell.value().state.lock().view())
+    }
+
     /// Balance less open holds, without copying the wallet's lots (for the
     /// `x-creditgate-available` header on every response).
     pub fn available(&self, wallet: WalletId) -> Option<Decimal> {

@@ -44,12 +44,14 @@ pub use headers::REQUEST_ID;
 
 use crate::alerts::{Alerts, Signal};
 use crate::clock::Clock;
+use crate::cluster::{self, LeaseBook};
 use crate::config::{Flavour, GatewayConfig, Route, RouteKind, Upstream};
 use crate::ledger::ids::{KeyId, RequestId, WalletId};
 use crate::ledger::Refusal;
-use crate::ledger::{Hold, Ledger, SpendContext};
+use crate::ledger::{Ledger, SpendContext};
 use crate::pricing::{LivePrices, ModelPrice};
 use crate::telemetry::metrics::{ItemLabels, Metrics, ReasonLabels, RequestLabels, ResultLabels};
+use charge::Reservation;
 use charge::{OutputPlan, Priced};
 use upstream::{UpstreamBody, UpstreamClients};
 
@@ -68,6 +70,8 @@ pub struct Proxy {
     /// gateway waits for it before the store writer stops.
     background: TaskTracker,
     shutdown: CancellationToken,
+    /// Cluster mode: the leases credit is held under (see `cluster::spend`).
+    leases: Option<Arc<LeaseBook>>,
 }
 
 impl Proxy {
@@ -83,7 +87,26 @@ impl Proxy {
         let upstreams = UpstreamClients::new(&config.upstreams);
         let traffic = traffic::TrafficCaps::new(config.traffic.clone());
         let background = TaskTracker::new();
-        Proxy { config, upstreams, prices, ledger, clock, metrics, traffic, alerts, background, shutdown }
+        Proxy {
+            config,
+            upstreams,
+            prices,
+            ledger,
+            clock,
+            metrics,
+            traffic,
+            alerts,
+            background,
+            shutdown,
+            leases: None,
+        }
+    }
+
+    /// Cluster mode: holds take credit from these leases as well as the
+    /// replica's view of the books.
+    pub fn with_leases(mut self, leases: Arc<LeaseBook>) -> Self {
+        self.leases = Some(leases);
+        self
     }
 
     /// Wait for the work requests left behind (each ends by itself within
@@ -249,16 +272,9 @@ impl Proxy {
                     hosted_cost: hosted.cost,
                     ..OutputPlan::new(&fields, *flavour, &price, context_tokens)
                 };
-                let (hold, plan) = self.hold_model(
-                    key.wallet,
-                    request_id,
-                    &price,
-                    request_bytes,
-                    plan,
-                    route,
-                    context,
-                    now,
-                )?;
+                let (hold, plan) = self
+                    .hold_model(key.wallet, request_id, &price, request_bytes, plan, route, context, now)
+                    .await?;
                 let inject = *flavour == Flavour::OpenaiChat && fields.stream && !fields.include_usage;
                 let cap_edit = match (charge::cap_field(*flavour), plan.cap) {
                     (Some(field), Some(cap)) if fields.max_output_tokens != Some(cap) => Some((field, cap)),
@@ -292,7 +308,7 @@ impl Proxy {
                     price,
                     units_header: units_header.clone(),
                 };
-                let hold = self.hold(key.wallet, request_id, held.price, context, now)?;
+                let hold = self.hold(key.wallet, request_id, held.price, context, now).await?;
                 let request_bytes = incoming.size_hint().exact().unwrap_or(0);
                 (streamed(incoming), priced, hold, held.cost, None, false, request_bytes)
             }
@@ -332,7 +348,7 @@ impl Proxy {
     /// wallet can pay, down to the route's `min_output_tokens`: small
     /// balances are not refused for a worst case the caller never asked for.
     #[allow(clippy::too_many_arguments)]
-    fn hold_model(
+    async fn hold_model(
         &self,
         wallet: WalletId,
         request_id: RequestId,
@@ -342,9 +358,9 @@ impl Proxy {
         route: &Route,
         context: SpendContext<'_>,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<(Hold, OutputPlan), ProxyError> {
+    ) -> Result<(Reservation, OutputPlan), ProxyError> {
         let amount = charge::model_hold_amount(price, request_bytes, &plan)?;
-        match self.hold(wallet, request_id, amount, context, now) {
+        match self.hold(wallet, request_id, amount, context, now).await {
             Ok(hold) => Ok((hold, plan)),
             Err(ProxyError::Refused(refusal)) => {
                 let Refusal::InsufficientFunds { wallet: view, .. } = refusal.as_ref() else {
@@ -355,22 +371,29 @@ impl Proxy {
                     return Err(ProxyError::Refused(refusal));
                 };
                 let amount = charge::model_hold_amount(price, request_bytes, &lowered)?;
-                Ok((self.hold(wallet, request_id, amount, context, now)?, lowered))
+                Ok((self.hold(wallet, request_id, amount, context, now).await?, lowered))
             }
             Err(error) => Err(error),
         }
     }
 
-    fn hold(
+    async fn hold(
         &self,
         wallet: WalletId,
         request_id: RequestId,
         amount: rust_decimal::Decimal,
         context: SpendContext<'_>,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Hold, ProxyError> {
+    ) -> Result<Reservation, ProxyError> {
         let started = std::time::Instant::now();
-        let hold = self.ledger.hold(wallet, request_id, amount, context, now);
+        let hold = match &self.leases {
+            None => self.ledger.hold(wallet, request_id, amount, context, now).map(Reservation::Local),
+            Some(leases) => {
+                cluster::spend::hold(&self.ledger, leases, wallet, request_id, amount, context, now)
+                    .await
+                    .map(Reservation::Leased)
+            }
+        };
         self.metrics.hold_seconds.observe(started.elapsed().as_secs_f64());
         hold.map_err(|refusal| ProxyError::Refused(Box::new(refusal)))
     }

@@ -44,20 +44,7 @@ async fn admin(
     body: Value,
     key: Option<&str>,
 ) -> Option<Reply> {
-    let mut request = Request::builder()
-        .method(method)
-        .uri(format!("http://{}{path}", running.admin))
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"));
-    if let Some(key) = key {
-        request = request.header("idempotency-key", key);
-    }
-    let request = request.body(Full::new(Bytes::from(body.to_string()))).unwrap();
-    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let response = tokio::time::timeout(Duration::from_secs(5), client.request(request)).await.ok()?.ok()?;
-    let (parts, body) = response.into_parts();
-    let body = http_body_util::BodyExt::collect(body).await.ok()?.to_bytes();
-    Some(Reply { status: parts.status, headers: parts.headers, body })
+    operator_call(&running.admin, method, path, body, key).await
 }
 
 /// A tiny seeded generator, so a failing run can be replayed.

@@ -34,7 +34,7 @@ impl LeaseGrant {
 }
 
 /// A settled debit on its way from a replica's outbox to the books.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ShippedDebit {
     /// The replica's own number for it; (replica, entry) is unique.
     pub entry: i64,
@@ -273,6 +273,51 @@ impl Books {
     /// their unspent part to their wallets; returns the total returned.
     pub async fn give_back(&self, replica: &str, leases: &[i64]) -> Result<Decimal, ClusterError> {
         retrying(|| self.give_back_once(replica, leases)).await
+    }
+
+    /// Records where `replica`'s admin API listens (registering it).
+    pub async fn register(&self, replica: &str, admin_url: &str) -> Result<(), ClusterError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO cg_replicas (replica, admin_url) VALUES ($1, $2)
+                 ON CONFLICT (replica) DO UPDATE SET admin_url = $2, last_seen = now()",
+                &[&replica, &admin_url],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The treasurer while its treasury stands: its name and admin URL.
+    pub async fn treasurer(&self) -> Result<Option<(String, Option<String>)>, ClusterError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT t.replica, r.admin_url FROM cg_treasurer t LEFT JOIN cg_replicas r USING (replica)
+                 WHERE t.expires_at > clock_timestamp()",
+                &[],
+            )
+            .await?;
+        Ok(row.map(|row| (row.get(0), row.get(1))))
+    }
+
+    /// The open leases of `replica`.
+    pub async fn open_leases(&self, replica: &str) -> Result<Vec<i64>, ClusterError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT id FROM cg_leases WHERE replica = $1 AND closed_at IS NULL", &[&replica])
+            .await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    /// The highest entry `replica` ever shipped (0 if none): a restarted
+    /// replica numbers its debits above it.
+    pub async fn last_entry(&self, replica: &str) -> Result<i64, ClusterError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT COALESCE(max(entry), 0) FROM cg_debits WHERE replica = $1", &[&replica])
+            .await?;
+        Ok(row.get(0))
     }
 
     /// Closes every lease more than `grace` past its deadline (its replica

@@ -167,6 +167,9 @@ pub struct LeaseBook {
     /// Serializes draws per wallet so concurrent misses share one draw.
     drawing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     outbox: Mutex<Vec<ShippedDebit>>,
+    /// Where the outbox is kept until shipped (the replica's data
+    /// directory); `None` keeps it in memory only.
+    durable: Option<sled::Tree>,
     next_entry: AtomicI64,
     holds: AtomicU64,
 }
@@ -194,8 +197,57 @@ impl LeaseBook {
             wallets: DashMap::new(),
             drawing: Mutex::new(HashMap::new()),
             outbox: Mutex::new(Vec::new()),
+            durable: None,
             next_entry: AtomicI64::new(first_entry),
             holds: AtomicU64::new(0),
+        }
+    }
+
+    /// A book whose outbox is kept in `tree` until shipped. Debits a
+    /// previous run left there are queued first, and new ones are numbered
+    /// above them and above `first_entry`.
+    pub fn with_outbox(
+        books: Books,
+        settings: LeaseSettings,
+        first_entry: i64,
+        tree: sled::Tree,
+    ) -> Result<LeaseBook, ClusterError> {
+        let mut pending = Vec::new();
+        for item in tree.iter() {
+            let (_, value) = item.map_err(|err| ClusterError::Config(format!("outbox: {err}")))?;
+            let debit: ShippedDebit = serde_json::from_slice(&value)
+                .map_err(|err| ClusterError::Schema(format!("outbox record cannot be read: {err}")))?;
+            pending.push(debit);
+        }
+        let next = pending.iter().map(|debit| debit.entry + 1).max().unwrap_or(0).max(first_entry);
+        let mut book = LeaseBook::new(books, settings, next);
+        *book.outbox.get_mut() = pending;
+        book.durable = Some(tree);
+        Ok(book)
+    }
+
+    /// Debits a previous run of this replica left unshipped are shipped,
+    /// then every lease it still had open is given back: this run does not
+    /// know them, and would otherwise keep renewing them. Call once, before
+    /// serving.
+    pub async fn recover(&self) -> Result<Decimal, ClusterError> {
+        self.ship().await?;
+        let open = self.books.open_leases(&self.settings.replica).await?;
+        if open.is_empty() {
+            return Ok(Decimal::ZERO);
+        }
+        self.books.give_back(&self.settings.replica, &open).await
+    }
+
+    /// Makes the outbox durable (what was settled so far survives a crash).
+    pub async fn flush_outbox(&self) -> Result<(), ClusterError> {
+        match &self.durable {
+            Some(tree) => tree
+                .flush_async()
+                .await
+                .map(drop)
+                .map_err(|err| ClusterError::Unavailable(format!("outbox flush: {err}"))),
+            None => Ok(()),
         }
     }
 
@@ -362,14 +414,18 @@ impl LeaseBook {
             state.record_spend(debit, Instant::now(), self.settings.target);
         }
         let entry = self.next_entry.fetch_add(1, Ordering::Relaxed);
-        self.outbox.lock().push(ShippedDebit {
-            entry,
-            wallet: hold.wallet,
-            lease: hold.lease,
-            amount: debit,
-            at,
-            detail,
-        });
+        let debit = ShippedDebit { entry, wallet: hold.wallet, lease: hold.lease, amount: debit, at, detail };
+        if let Some(tree) = &self.durable {
+            // Kept until shipped; a write the tree refuses leaves the debit
+            // in memory only, to ship as usual.
+            let kept = serde_json::to_vec(&debit)
+                .map_err(|err| err.to_string())
+                .and_then(|value| tree.insert(entry.to_be_bytes(), value).map_err(|err| err.to_string()));
+            if let Err(error) = kept {
+                tracing::error!(%error, entry, "cannot keep a settled debit in the outbox");
+            }
+        }
+        self.outbox.lock().push(debit);
     }
 
     /// Releases a hold that spent nothing (the request failed before the
@@ -396,6 +452,12 @@ impl LeaseBook {
         }
         match self.books.ship(&self.settings.replica, &batch).await {
             Ok(new) => {
+                if let Some(tree) = &self.durable {
+                    for debit in &batch {
+                        // A failed removal only ships it again: it is unique by entry.
+                        let _ = tree.remove(debit.entry.to_be_bytes());
+                    }
+                }
                 for debit in &batch {
                     if let Some(cell) = self.wallets.get(&debit.wallet) {
                         let mut state = cell.lock();

@@ -84,6 +84,22 @@ impl Ledger {
         if let Err(error) = self.shared.committer.check_ready() {
             return Err(Refusal::Unavailable { reason: error.to_string() });
         }
+        self.hold_in_view(wallet, request_id, amount, context, now)
+    }
+
+    /// Cluster mode: reserves `amount` in this replica's view of the books,
+    /// with every check [`Ledger::hold`] makes (key, payer, limits,
+    /// balance), on a follower too. The credit itself is held under a lease
+    /// and the debit shipped to the treasurer, so this hold is only ever
+    /// released, never settled here.
+    pub fn hold_in_view(
+        &self,
+        wallet: WalletId,
+        request_id: RequestId,
+        amount: Decimal,
+        context: SpendContext<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Hold, Refusal> {
         if amount < Decimal::ZERO {
             return Err(Refusal::InvalidAmount { required: amount });
         }

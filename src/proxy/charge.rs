@@ -16,11 +16,12 @@ use super::context::Outcome;
 use super::error::ProxyError;
 use super::headers::X_API_KEY;
 use crate::clock::Clock;
+use crate::cluster::ClusterHold;
 use crate::config::{Flavour, RouteLimits};
 use crate::ledger::entity::KeyHash;
 use crate::ledger::entry::{SettleDetails, Usage};
 use crate::ledger::ids::RequestId;
-use crate::ledger::{Hold, Ledger, ResolvedKey};
+use crate::ledger::{Hold, Ledger, ResolvedKey, SettleError};
 use crate::meter::{HostedTool, Meter, Reported};
 use crate::pricing::{customer_price, HoldRequest, Markup, ModelPrice, PriceTable, TokenUsage, ToolPrice};
 
@@ -52,6 +53,45 @@ impl Priced {
     }
 }
 
+/// A request's reservation: on this node's ledger, or (cluster mode) in
+/// the replica's view and under a lease.
+#[derive(Debug)]
+pub enum Reservation {
+    Local(Hold),
+    Leased(ClusterHold),
+}
+
+impl Reservation {
+    /// The amount held.
+    pub fn amount(&self) -> Decimal {
+        match self {
+            Reservation::Local(hold) => hold.amount(),
+            Reservation::Leased(hold) => hold.amount(),
+        }
+    }
+
+    /// Debits `cost` and releases the rest; returns the amount debited.
+    pub fn settle(
+        self,
+        cost: Decimal,
+        details: SettleDetails,
+        now: DateTime<Utc>,
+    ) -> Result<Decimal, SettleError> {
+        match self {
+            Reservation::Local(hold) => hold.settle(cost, details, now).map(|settlement| settlement.debited),
+            Reservation::Leased(hold) => Ok(hold.settle(cost, details, now)),
+        }
+    }
+
+    /// Ends the hold without a debit.
+    pub fn release(self, now: DateTime<Utc>) -> Decimal {
+        match self {
+            Reservation::Local(hold) => hold.release(now),
+            Reservation::Leased(hold) => hold.release(now),
+        }
+    }
+}
+
 /// A request's money state, from identify to settle.
 pub struct Charge {
     pub key: ResolvedKey,
@@ -65,7 +105,7 @@ pub struct Charge {
     pub limits: RouteLimits,
     /// The output cap per choice sent upstream (model routes).
     pub output_cap: Option<u64>,
-    pub hold: Option<Hold>,
+    pub hold: Option<Reservation>,
     /// What the hold is at the operator's cost (the hold itself is the
     /// customer's price): recorded as the cost when the hold is charged.
     pub held_cost: Decimal,
@@ -94,7 +134,7 @@ impl std::fmt::Debug for Charge {
         f.debug_struct("Charge")
             .field("key", &self.key.key)
             .field("request_id", &self.request_id)
-            .field("held", &self.hold.as_ref().map(Hold::amount))
+            .field("held", &self.hold.as_ref().map(Reservation::amount))
             .finish()
     }
 }
@@ -753,9 +793,9 @@ impl Charge {
         let flag =
             if flag == SettleFlag::Exact && charged.price > held.price { SettleFlag::OverHold } else { flag };
         match hold.settle(charged.price, details, now) {
-            Ok(settlement) => SettleResult::Debited {
-                amount: settlement.debited,
-                over_hold: (settlement.debited - held.price).max(Decimal::ZERO),
+            Ok(debited) => SettleResult::Debited {
+                amount: debited,
+                over_hold: (debited - held.price).max(Decimal::ZERO),
                 flag,
                 item: name,
             },

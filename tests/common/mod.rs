@@ -312,3 +312,27 @@ pub fn serve_command(config: &Path, data: &Path) -> std::process::Command {
         .env("RUST_LOG", "info");
     command
 }
+
+/// An admin call as the operator to the admin listener at `admin`, with an
+/// `Idempotency-Key` when given; `None` when it did not answer in time.
+pub async fn operator_call(
+    admin: &str,
+    method: http::Method,
+    path: &str,
+    body: serde_json::Value,
+    idempotency_key: Option<&str>,
+) -> Option<Reply> {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(format!("http://{admin}{path}"))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"));
+    if let Some(key) = idempotency_key {
+        request = request.header("idempotency-key", key);
+    }
+    let request = request.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request)).await.ok()?.ok()?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.ok()?.to_bytes();
+    Some(Reply { status: parts.status, headers: parts.headers, body })
+}

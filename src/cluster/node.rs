@@ -1,0 +1,282 @@
+//! A replica at run time: its [`Replica`] (the ledger it serves from),
+//! its [`LeaseBook`] (the credit it may spend), the durable outbox in its
+//! data directory, and the rounds that keep them going.
+//!
+//! - every `ship_interval`: flush the outbox to disk, ship it;
+//! - every lease TTL / 4: renew leases, give back idle ones, refill ahead
+//!   of need, and close any replica's leases past their deadline;
+//! - the replica's own loop follows the log, or posts shipped debits and
+//!   keeps the treasury while it is the treasurer.
+//!
+//! Admin writes can be made only by the treasurer's ledger; a follower
+//! forwards them ([`ClusterNode::forward_admin`]) and answers with the
+//! treasurer's reply once its own view has read the log that far.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rust_decimal::Decimal;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::ledger::LedgerConfig;
+
+use super::migrate::migrate;
+use super::{Books, ClusterError, Database, LeaseBook, LeaseSettings, Replica, ReplicaSettings};
+
+/// Header on an admin request a follower forwarded: the receiver handles it
+/// or refuses it, never forwards it again.
+pub const FORWARDED: &str = "x-creditgate-forwarded";
+/// Largest forwarded reply read.
+const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
+/// Longest wait for the treasurer's reply.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a replica joins the cluster.
+#[derive(Clone)]
+pub struct NodeOptions {
+    /// The database URL (it carries the password: never log it).
+    pub database_url: String,
+    /// This replica's name, unique per data directory.
+    pub replica: String,
+    /// Where the other replicas reach this one's admin API.
+    pub admin_url: String,
+    pub max_connections: usize,
+    pub lease_ttl: Duration,
+    pub treasury_ttl: Duration,
+    pub ship_interval: Duration,
+}
+
+/// A running replica.
+pub struct ClusterNode {
+    replica: Arc<Replica>,
+    book: Arc<LeaseBook>,
+    books: Books,
+    name: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+    /// Stops the shipping and lease rounds (after the proxy drained).
+    rounds: CancellationToken,
+    tasks: parking_lot::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode").field("replica", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl ClusterNode {
+    /// Joins the cluster: migrates the schema, replays the log, opens the
+    /// outbox in `data_dir` and ships what a previous run left there, then
+    /// starts the rounds. The replica's ledger is [`ClusterNode::ledger`].
+    pub async fn start(
+        options: NodeOptions,
+        data_dir: &Path,
+        ledger_config: LedgerConfig,
+        clock: Arc<dyn Clock>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<ClusterNode>, ClusterError> {
+        let db = Database::new(&options.database_url, options.max_connections)?;
+        migrate(&db).await?;
+        let books = Books::new(db);
+        books.register(&options.replica, &options.admin_url).await?;
+        let replica_settings = ReplicaSettings {
+            treasury_ttl: options.treasury_ttl,
+            ..ReplicaSettings::new(options.replica.clone())
+        };
+        let replica = Arc::new(Replica::open(books.clone(), ledger_config, replica_settings).await?);
+
+        let outbox = sled::Config::new()
+            .path(data_dir.join("outbox"))
+            // Flushed by the shipping round, just before each shipment.
+            .flush_every_ms(None)
+            .open()
+            .and_then(|db| db.open_tree("debits"))
+            .map_err(|err| {
+                ClusterError::Config(format!("cannot open the outbox in {}: {err}", data_dir.display()))
+            })?;
+        let lease_settings = LeaseSettings {
+            ttl: options.lease_ttl,
+            safety: options.lease_ttl / 5,
+            ..LeaseSettings::new(options.replica.clone())
+        };
+        let first_entry = books.last_entry(&options.replica).await? + 1;
+        let book = Arc::new(LeaseBook::with_outbox(books.clone(), lease_settings, first_entry, outbox)?);
+        let returned = book.recover().await?;
+        if returned > Decimal::ZERO {
+            tracing::info!(%returned, "gave back the leases a previous run of this replica left open");
+        }
+
+        let node = Arc::new(ClusterNode {
+            replica: replica.clone(),
+            book,
+            books,
+            name: options.replica.clone(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            rounds: CancellationToken::new(),
+            tasks: parking_lot::Mutex::new(Vec::new()),
+        });
+        let mut tasks = vec![tokio::spawn(replica.run(clock, shutdown))];
+        tasks.push(tokio::spawn(node.clone().ship_rounds(options.ship_interval)));
+        tasks.push(tokio::spawn(node.clone().lease_rounds(options.lease_ttl)));
+        *node.tasks.lock() = tasks;
+        tracing::info!(replica = %options.replica, "joined the cluster");
+        Ok(node)
+    }
+
+    /// The replica's ledger (its view of the books).
+    pub fn ledger(&self) -> &Arc<crate::ledger::Ledger> {
+        self.replica.ledger()
+    }
+
+    /// The replica.
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
+    }
+
+    /// The leases this replica spends from.
+    pub fn lease_book(&self) -> &Arc<LeaseBook> {
+        &self.book
+    }
+
+    /// The shared books.
+    pub fn books(&self) -> &Books {
+        &self.books
+    }
+
+    /// This replica's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn ship_rounds(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::select! {
+                () = self.rounds.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            if self.book.outbox_len() == 0 {
+                continue;
+            }
+            let shipped = match self.book.flush_outbox().await {
+                Ok(()) => self.book.ship().await,
+                Err(err) => Err(err),
+            };
+            if let Err(error) = shipped {
+                tracing::warn!(%error, outbox = self.book.outbox_len(), "cannot ship settled debits; retrying");
+            }
+        }
+    }
+
+    async fn lease_rounds(self: Arc<Self>, ttl: Duration) {
+        let every = ttl / 4;
+        loop {
+            tokio::select! {
+                () = self.rounds.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            if let Err(error) = self.book.maintain().await {
+                tracing::warn!(%error, "cannot renew or refill leases");
+            }
+            // Any replica may close what a dead one left: the statement is
+            // idempotent and locks the rows it closes.
+            match self.books.expire(ttl / 2).await {
+                Ok(returned) if returned > Decimal::ZERO => {
+                    tracing::info!(%returned, "closed expired leases of a replica that stopped renewing");
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "cannot close expired leases"),
+            }
+        }
+    }
+
+    /// After the proxy drained: ships the outbox, gives back the leases and
+    /// stops the rounds. What cannot be shipped now stays in the outbox for
+    /// the next start.
+    pub async fn stop(&self) {
+        match self.book.flush_outbox().await {
+            Ok(()) => match self.book.shutdown().await {
+                Ok(returned) => tracing::info!(%returned, "gave back this replica's leases"),
+                Err(error) => tracing::warn!(%error, "leases are left to expire"),
+            },
+            Err(error) => tracing::error!(%error, "the outbox could not be flushed"),
+        }
+        self.rounds.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// An admin write for the treasurer: `None` when this replica is the
+    /// treasurer (handle it here); otherwise the treasurer's reply, or 503
+    /// when no treasurer can be reached.
+    pub async fn forward_admin(
+        &self,
+        parts: &http::request::Parts,
+        body: Bytes,
+    ) -> Option<Result<Response<Bytes>, String>> {
+        if self.replica.epoch().is_some() {
+            return None;
+        }
+        if parts.headers.contains_key(FORWARDED) {
+            return Some(Err("this replica is no longer the treasurer; retry".into()));
+        }
+        Some(self.forward(parts, body).await)
+    }
+
+    async fn forward(&self, parts: &http::request::Parts, body: Bytes) -> Result<Response<Bytes>, String> {
+        let (treasurer, url) = match self.books.treasurer().await {
+            Ok(Some((name, Some(url)))) => (name, url),
+            Ok(_) => return Err("no replica is the treasurer right now; retry shortly".into()),
+            Err(err) => return Err(err.to_string()),
+        };
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = format!("{}{path}", url.trim_end_matches('/'));
+        let mut request = Request::builder().method(parts.method.clone()).uri(&uri);
+        for (name, value) in &parts.headers {
+            if name == http::header::HOST
+                || name == http::header::CONTENT_LENGTH
+                || name == http::header::CONNECTION
+            {
+                continue;
+            }
+            request = request.header(name, value);
+        }
+        let request = request
+            .header(FORWARDED, HeaderValue::from_static("1"))
+            .body(Full::new(body))
+            .map_err(|err| format!("cannot forward to the treasurer: {err}"))?;
+        let response = tokio::time::timeout(FORWARD_TIMEOUT, self.client.request(request))
+            .await
+            .map_err(|_| format!("the treasurer ({treasurer}) did not answer in time"))?
+            .map_err(|err| format!("the treasurer ({treasurer}) cannot be reached: {err}"))?;
+        let (head, body) = response.into_parts();
+        let body = tokio::time::timeout(FORWARD_TIMEOUT, Limited::new(body, MAX_REPLY_BYTES).collect())
+            .await
+            .map_err(|_| format!("the treasurer ({treasurer}) did not finish its reply"))?
+            .map_err(|err| format!("the treasurer's reply cannot be read: {err}"))?
+            .to_bytes();
+        // The treasurer acknowledged once its records were in the log: read
+        // it to the end so a read on this replica sees the change.
+        loop {
+            match self.replica.catch_up().await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot read the log after a forwarded write");
+                    break;
+                }
+            }
+        }
+        Ok(Response::from_parts(head, body))
+    }
+}
