@@ -1,0 +1,325 @@
+//! Cluster-mode test harness: `creditgate serve` processes with
+//! `[cluster]` on a real PostgreSQL, in front of a real mock upstream, and
+//! the queries that audit the shared books.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use creditgate::cluster::migrate::migrate;
+use creditgate::cluster::{Books, Database, WalletAudit};
+use creditgate::mock::{MockOptions, MockUpstream};
+use http::Method;
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+
+use super::pg::Postgres;
+use super::*;
+
+pub const URL_VAR: &str = "CG_TEST_DATABASE_URL";
+/// Short leases and treasury, so expiry and takeover fit in a test.
+pub const LEASE_TTL_MS: u64 = 2_000;
+
+pub struct Replica {
+    pub child: Child,
+    pub proxy: String,
+    pub admin: String,
+    pub data: tempfile::TempDir,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Cluster {
+    pub url: String,
+    pub config: tempfile::NamedTempFile,
+    pub replicas: Vec<Replica>,
+    pub mock: MockUpstream,
+}
+
+pub fn config_file(mock: std::net::SocketAddr) -> tempfile::NamedTempFile {
+    let text = config_text(mock, "", "").replace(
+        "[upstreams.mock]",
+        &format!(
+            "[cluster]\ndatabase_url_env = \"{URL_VAR}\"\nlease_ttl_ms = {LEASE_TTL_MS}\ntreasury_ttl_ms = 1500\nship_interval_ms = 20\n\n[upstreams.mock]"
+        ),
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    file
+}
+
+/// Starts a replica whose log goes to `<data>/replica.log` (kept for a
+/// failing test's message); returns once it serves.
+pub fn spawn_replica(config: &std::path::Path, url: &str, data: tempfile::TempDir) -> Replica {
+    let log_path = data.path().join("replica.log");
+    let log = std::fs::File::options().create(true).append(true).open(&log_path).unwrap();
+    let child =
+        serve_command(config, data.path()).env(URL_VAR, url).stderr(Stdio::from(log)).spawn().unwrap();
+    // Owned at once, so a failed start is killed too (on drop).
+    let mut replica = Replica { child, proxy: String::new(), admin: String::new(), data };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = replica.log();
+        let field = |name: &str| {
+            text.lines()
+                .filter(|line| line.contains("creditgate is serving"))
+                .find_map(|line| line.split(name).nth(1).and_then(|r| r.split_whitespace().next()))
+                .map(str::to_owned)
+        };
+        if let (Some(proxy), Some(admin)) = (field("proxy_addr="), field("admin_addr=")) {
+            (replica.proxy, replica.admin) = (proxy, admin);
+            return replica;
+        }
+        assert!(Instant::now() < deadline, "the replica did not start: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Replica {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("replica.log")).unwrap_or_default()
+    }
+}
+
+pub async fn start_cluster(pg: &Postgres, name: &str, replicas: usize) -> Cluster {
+    start_cluster_at(pg.create_database(name), replicas).await
+}
+
+/// `replicas` replicas on the database at `url` (any libpq URL).
+pub async fn start_cluster_at(url: String, replicas: usize) -> Cluster {
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default()).await.unwrap();
+    let config = config_file(mock.addr());
+    let replicas =
+        (0..replicas).map(|_| spawn_replica(config.path(), &url, tempfile::tempdir().unwrap())).collect();
+    Cluster { url, config, replicas, mock }
+}
+
+pub async fn books(url: &str) -> Books {
+    let db = Database::new(url, 2).unwrap();
+    migrate(&db).await.unwrap();
+    Books::new(db)
+}
+
+pub fn client(
+) -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+pub async fn admin(
+    replica: &Replica,
+    method: Method,
+    path: &str,
+    body: Value,
+    key: Option<&str>,
+) -> Option<Reply> {
+    operator_call(&replica.admin, method, path, body, key).await
+}
+
+/// An admin write, retried while the cluster has no treasurer yet (503).
+pub async fn admin_write(replica: &Replica, path: &str, body: Value, key: Option<&str>) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = admin(replica, Method::POST, path, body.clone(), key).await;
+        match reply {
+            Some(reply) if reply.status.is_success() => return reply.json(),
+            Some(reply) if reply.status != 503 => panic!("{path}: {} {:?}", reply.status, reply.body),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "{path}: no treasurer answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An org whose pool holds `allocation` from its contract plus `purchase`
+/// bought through a follower, and a Pro user's key; made through replica
+/// `via`. Returns (org id, key secret).
+pub async fn funded_org(cluster: &Cluster, via: usize, allocation: &str, purchase: &str) -> (u64, String) {
+    let replica = &cluster.replicas[via];
+    let today = chrono::Utc::now().date_naive().to_string();
+    let org = admin_write(
+        replica,
+        "/admin/v1/orgs",
+        json!({"name": "cluster-org", "contract": {"start": today, "years": 1, "platform_allocation_per_year": allocation}}),
+        None,
+    )
+    .await;
+    let org = org["id"].as_u64().unwrap();
+    let base = format!("/admin/v1/orgs/{org}");
+    let user =
+        admin_write(replica, &format!("{base}/users"), json!({"name": "pat", "plan": "pro"}), None).await;
+    let key = admin_write(replica, &format!("{base}/keys"), json!({"user": user["id"]}), None).await;
+    admin_write(
+        replica,
+        &format!("{base}/purchases"),
+        json!({"amount": purchase, "reference": "INV-1"}),
+        Some("cluster-buy-1"),
+    )
+    .await;
+    // The other replicas learn all of it from the log within a poll or two.
+    let total = allocation.parse::<Decimal>().unwrap() + purchase.parse::<Decimal>().unwrap();
+    for replica in &cluster.replicas {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let reply = admin(replica, Method::GET, &format!("{base}/balances"), Value::Null, None).await;
+            let shown = reply.as_ref().map(|reply| reply.json()["balances"][0].clone());
+            let balance = |reply: &Reply| {
+                reply.json()["balances"][0]["balance"].as_str().map(|b| b.parse::<Decimal>().unwrap())
+            };
+            if reply.is_some_and(|reply| reply.status == 200 && balance(&reply) == Some(total)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a replica did not learn the org ({shown:?}): {}",
+                replica.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    (org, key["secret"].as_str().unwrap().to_owned())
+}
+
+/// One chat call of known, fixed usage through `replica`: the status, or
+/// `None` when the connection failed.
+pub async fn call(proxy: &str, secret: &str) -> Option<u16> {
+    let body = json!({"model": "mock-gpt", "max_tokens": 50, "seed": 40,
+                      "messages": [{"role": "user", "content": "hello"}]});
+    let request = Request::post(format!("http://{proxy}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {secret}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response =
+        tokio::time::timeout(Duration::from_secs(10), client().request(request)).await.ok()?.ok()?;
+    let status = response.status().as_u16();
+    http_body_util::BodyExt::collect(response.into_body()).await.ok()?;
+    Some(status)
+}
+
+/// The pool wallet's audit line in PostgreSQL.
+pub async fn pool_audit(url: &str, org: u64) -> WalletAudit {
+    let wallet = format!("pool:org_{org}");
+    let audit = books(url).await.audit().await.unwrap();
+    audit.into_iter().find(|line| line.wallet == wallet).unwrap_or_else(|| panic!("no wallet {wallet}"))
+}
+
+/// Waits until every replica shipped its outbox and the treasurer posted
+/// every shipped debit.
+pub async fn settled(url: &str) {
+    let db = Database::new(url, 1).unwrap();
+    let client = db.client().await.unwrap();
+    let since: chrono::DateTime<chrono::Utc> = client.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let client = db.client().await.unwrap();
+        let unposted: i64 =
+            client.query_one("SELECT count(*) FROM cg_debits WHERE NOT posted", &[]).await.unwrap().get(0);
+        // Replicas seen shortly before the wait began are live; each must
+        // report an empty outbox after it began (a killed one never does).
+        let row = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE last_seen <= $1),
+                        COALESCE(sum(outbox_len) FILTER (WHERE last_seen > $1), 0)::bigint
+                 FROM cg_replicas WHERE last_seen > $1 - interval '1 second'",
+                &[&since],
+            )
+            .await
+            .unwrap();
+        let (stale, outbox): (i64, i64) = (row.get(0), row.get(1));
+        if unposted == 0 && outbox == 0 && stale == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{unposted} debits unposted, {outbox} unshipped, {stale} replicas not reporting"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `creditgate ledger verify --database-url-env` on the cluster's books.
+pub fn verify(url: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_creditgate"))
+        .args(["ledger", "verify", "--database-url-env", URL_VAR])
+        .env(URL_VAR, url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ledger verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Debits shipped for the pool, and their amounts.
+pub async fn debits(url: &str, org: u64) -> Vec<Decimal> {
+    let db = Database::new(url, 1).unwrap();
+    let client = db.client().await.unwrap();
+    let wallet = format!("pool:org_{org}");
+    client
+        .query("SELECT amount FROM cg_debits WHERE wallet = $1", &[&wallet])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// What each call held (the same for every call here).
+pub async fn held_per_call(url: &str, org: u64) -> Decimal {
+    let db = Database::new(url, 1).unwrap();
+    let client = db.client().await.unwrap();
+    let wallet = format!("pool:org_{org}");
+    let held: String = client
+        .query_one("SELECT max(body->>'held') FROM cg_debits WHERE wallet = $1", &[&wallet])
+        .await
+        .unwrap()
+        .get(0);
+    held.parse().unwrap()
+}
+
+/// The pool's balance as replica `replica`'s admin API shows it.
+pub async fn shown_balance(replica: &Replica, org: u64) -> Decimal {
+    let reply = admin(replica, Method::GET, &format!("/admin/v1/orgs/{org}/balances"), Value::Null, None)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    reply.json()["balances"][0]["balance"].as_str().unwrap().parse().unwrap()
+}
+
+/// One call of a load run.
+#[derive(Clone, Copy, Debug)]
+pub struct Call {
+    /// Which replica it went to.
+    pub replica: usize,
+    pub status: Option<u16>,
+    pub started: Instant,
+    pub finished: Instant,
+}
+
+/// Calls through every replica in turn until `stop`.
+pub fn load(
+    proxies: Vec<String>,
+    secret: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Call>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut i = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let replica = i % proxies.len();
+            let started = Instant::now();
+            let status = call(&proxies[replica], &secret).await;
+            seen.push(Call { replica, status, started, finished: Instant::now() });
+            i += 1;
+        }
+        seen
+    })
+}
