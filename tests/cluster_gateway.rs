@@ -58,11 +58,18 @@ async fn many_max_cost_requests_over_three_replicas_never_overdraw_one_small_wal
     let audit = pool_audit(&cluster.url, org).await;
     assert_eq!(audit.uncovered, Decimal::ZERO, "every debit was covered by a lease: zero overdraft");
     assert!(spent <= funded, "spent {spent} of {funded}");
-    // Near empty, leases shrink to one hold, so when the burst ends at most
-    // one hold's worth sits unspent on each replica.
-    let held = held_per_call(&cluster.url, org).await;
-    assert!(funded - spent < held * Decimal::from(3), "{spent} of {funded} spent; holds of {held}");
     assert_eq!(audit.balance, funded - spent);
+    // No credit is stranded: once the idle leases went back (a spend
+    // target, 1 s, and a round), one replica can spend what is left down
+    // to less than one hold.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    while call(&cluster.replicas[0].proxy, &secret).await == Some(200) {}
+    settled(&cluster.url).await;
+    let spent: Decimal = debits(&cluster.url, org).await.iter().sum();
+    let held = held_per_call(&cluster.url, org).await;
+    assert!(spent <= funded && funded - spent < held, "{spent} of {funded} spent; holds of {held}");
+    let audit = pool_audit(&cluster.url, org).await;
+    assert_eq!(audit.uncovered, Decimal::ZERO);
     assert!(audit.balances(), "{audit:?}");
     verify(&cluster.url);
     // Every replica's view shows the books' balance once it read the log.
@@ -165,8 +172,10 @@ async fn with_postgresql_stopped_replicas_serve_only_inside_their_leases_then_an
     pg.stop();
     let stopped_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(10)).await;
-    pg.restart();
+    // Taken before the restart: the server accepts connections a little
+    // before `restart` sees it ready.
     let restarted_at = Instant::now();
+    pg.restart();
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut seen = Vec::new();
@@ -195,5 +204,78 @@ async fn with_postgresql_stopped_replicas_serve_only_inside_their_leases_then_an
     assert_eq!(debits(&cluster.url, org).await.len(), served, "every call served is debited once");
     let audit = pool_audit(&cluster.url, org).await;
     assert!(audit.balances(), "{audit:?}");
+    verify(&cluster.url);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_daily_key_limit_holds_with_the_keys_traffic_spread_over_three_replicas() {
+    let pg = Postgres::start();
+    let cluster = start_cluster(&pg, "limits", 3).await;
+    // Plenty of credit: the key's own daily limit is what binds.
+    let (org, secret) = funded_org(&cluster, 0, "50", "10").await;
+    let key = first_key(&cluster.replicas[0], org).await;
+    let cap = Decimal::new(3, 3);
+    admin_change(
+        &cluster.replicas[1],
+        http::Method::PUT,
+        &format!("/admin/v1/orgs/{org}/keys/{key}/limits"),
+        serde_json::json!({"daily": cap.to_string()}),
+        None,
+    )
+    .await;
+    // Every replica applies the limit (from the log) before the burst.
+    for replica in &cluster.replicas {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let reply = common::operator_call(
+                &replica.admin,
+                http::Method::GET,
+                &format!("/admin/v1/orgs/{org}/keys"),
+                serde_json::Value::Null,
+                None,
+            )
+            .await
+            .unwrap();
+            if String::from_utf8_lossy(&reply.body).contains(&format!("\"daily\":\"{cap}\"")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "a replica did not learn the limit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    let calls: Vec<_> = (0..120)
+        .map(|i| {
+            let (proxy, secret) = (cluster.replicas[i % 3].proxy.clone(), secret.clone());
+            tokio::spawn(async move { call(&proxy, &secret).await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in calls {
+        statuses.push(task.await.unwrap());
+    }
+    let served = statuses.iter().filter(|s| **s == Some(200)).count();
+    let refused = statuses.iter().filter(|s| **s == Some(402)).count();
+    assert_eq!(served + refused, statuses.len(), "only 200 or 402: {statuses:?}");
+    assert!(refused > 0 && served > 5, "{served} served, {refused} refused");
+
+    settled(&cluster.url).await;
+    let amounts = debits(&cluster.url, org).await;
+    assert_eq!(amounts.len(), served, "one debit per call served");
+    let spent: Decimal = amounts.iter().sum();
+    let audit = books(&cluster.url).await.audit().await.unwrap();
+    assert!(spent <= cap, "the key spent {spent} against a daily cap of {cap}: {audit:?}");
+    let held = held_per_call(&cluster.url, org).await;
+    assert!(cap - spent < held * Decimal::from(3), "{spent} of {cap} spent; holds of {held}");
+    // The limit's own row in the books: every debit under a lease, none over.
+    let audit = books(&cluster.url).await.audit().await.unwrap();
+    let limit = audit
+        .iter()
+        .find(|line| line.wallet.starts_with(&format!("limit:key_{key}:day:")))
+        .unwrap_or_else(|| panic!("no limit row in {audit:?}"));
+    assert_eq!(limit.funded, cap);
+    assert_eq!(limit.debited, spent);
+    assert_eq!(limit.uncovered, Decimal::ZERO, "no debit crossed the cap");
+    assert!(audit.iter().all(|line| line.balances()), "{audit:?}");
     verify(&cluster.url);
 }

@@ -301,6 +301,17 @@ impl Books {
         Ok(row.map(|row| (row.get(0), row.get(1))))
     }
 
+    /// Sets a limit row's cap (creating the row): see migration 6.
+    pub async fn set_limit(&self, name: &str, org: i64, cap: Decimal) -> Result<(), ClusterError> {
+        retrying(|| async move {
+            let client = self.client().await?;
+            let statement = client.prepare_cached("SELECT cg_set_limit($1, $2, $3)").await?;
+            client.query_one(&statement, &[&name, &org, &cap]).await?;
+            Ok(())
+        })
+        .await
+    }
+
     /// The open leases of `replica`.
     pub async fn open_leases(&self, replica: &str) -> Result<Vec<i64>, ClusterError> {
         let client = self.client().await?;

@@ -164,6 +164,8 @@ pub struct LeaseBook {
     books: Books,
     settings: LeaseSettings,
     wallets: DashMap<String, Arc<Mutex<WalletLeases>>>,
+    /// The caps this book set on limit rows, so each is set once per change.
+    limit_caps: DashMap<String, Decimal>,
     /// Serializes draws per wallet so concurrent misses share one draw.
     drawing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     outbox: Mutex<Vec<ShippedDebit>>,
@@ -195,6 +197,7 @@ impl LeaseBook {
             books,
             settings,
             wallets: DashMap::new(),
+            limit_caps: DashMap::new(),
             drawing: Mutex::new(HashMap::new()),
             outbox: Mutex::new(Vec::new()),
             durable: None,
@@ -268,6 +271,17 @@ impl LeaseBook {
     /// the database cost per request.
     pub fn stats(&self) -> (u64, u64) {
         (self.holds.load(Ordering::Relaxed), self.books.operations())
+    }
+
+    /// Makes sure the books' row for a limit period carries `cap` (one
+    /// statement the first time, and again only when the cap changed).
+    pub async fn set_limit(&self, name: &str, org: i64, cap: Decimal) -> Result<(), ClusterError> {
+        if self.limit_caps.get(name).is_some_and(|known| *known == cap) {
+            return Ok(());
+        }
+        self.books.set_limit(name, org, cap).await?;
+        self.limit_caps.insert(name.to_owned(), cap);
+        Ok(())
     }
 
     /// Holds `amount` from a lease on `wallet`, drawing one first if none
@@ -535,12 +549,30 @@ impl LeaseBook {
                 cell.lock().leases.retain(|lease| !give_back.contains(&lease.id));
             }
         }
+        self.forget_quiet(now);
         for (wallet, need) in refill {
             let result = self.draw(&wallet, need, false).await;
             self.wallet(&wallet).lock().refill_running = false;
             result?;
         }
         Ok(())
+    }
+
+    /// Forgets wallets with no lease that took no hold for a while, and the
+    /// caps of limit periods that ended: limit rows are named per period,
+    /// so without this the book would grow by a row per subject and period.
+    fn forget_quiet(&self, now: Instant) {
+        let quiet = self.settings.ttl * 6;
+        self.wallets.retain(|_, cell| {
+            let state = cell.lock();
+            !state.leases.is_empty()
+                || state.refill_running
+                || state.last_hold.is_some_and(|at| now.duration_since(at) < quiet)
+        });
+        let now = Utc::now().timestamp();
+        self.limit_caps.retain(|name, _| {
+            name.rsplit(':').next().and_then(|end| end.parse::<i64>().ok()).is_none_or(|end| end > now)
+        });
     }
 
     /// Stops spending: retires every lease, ships the outbox and gives back

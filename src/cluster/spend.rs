@@ -12,6 +12,7 @@ use rust_decimal::Decimal;
 
 use crate::ledger::entry::SettleDetails;
 use crate::ledger::ids::{KeyId, RequestId, WalletId};
+use crate::ledger::limit::LimitBreach;
 use crate::ledger::{Hold, Ledger, Refusal, SpendContext};
 
 use super::{DebitDetail, LeaseBook, LeaseHold, LeaseRefusal};
@@ -22,15 +23,19 @@ use super::{DebitDetail, LeaseBook, LeaseHold, LeaseRefusal};
 pub struct ClusterHold {
     view: Hold,
     lease: LeaseHold,
+    /// Headroom held under each period cap the spender draws on.
+    limits: Vec<LeaseHold>,
     book: Arc<LeaseBook>,
     key: KeyId,
     end_user: Option<String>,
 }
 
 /// Holds `amount` for `request_id` on `wallet`: first in the replica's view
-/// (any refusal a single node would give), then under a lease (402 when the
-/// books say the credit is not there, 503 when they cannot be asked and no
-/// lease covers it).
+/// (any refusal a single node would give), then under a lease of headroom
+/// for each period cap the spender draws on (so limits hold across
+/// replicas), then under a lease of the wallet's credit. 402 when the books
+/// say the credit or headroom is not there, 503 when they cannot be asked
+/// and no lease covers it.
 pub async fn hold(
     ledger: &Ledger,
     book: &Arc<LeaseBook>,
@@ -41,16 +46,54 @@ pub async fn hold(
     now: DateTime<Utc>,
 ) -> Result<ClusterHold, Refusal> {
     let view = ledger.hold_in_view(wallet, request_id, amount, context, now)?;
+    let mut limits = Vec::new();
+    let caps = ledger.period_caps(wallet, context, now);
+    if !caps.is_empty() {
+        let org = ledger.wallet_org(wallet).map_err(|_| Refusal::UnknownWallet { wallet })?;
+        let org = i64::try_from(org.0).map_err(|_| Refusal::UnknownWallet { wallet })?;
+        for cap in caps {
+            let name = cap.name();
+            let held = match book.set_limit(&name, org, cap.cap).await {
+                Ok(()) => book.hold(&name, amount).await,
+                Err(err) => Err(LeaseRefusal::Unavailable(err)),
+            };
+            match held {
+                Ok(lease) => limits.push(lease),
+                Err(refusal) => {
+                    view.release(now);
+                    limits.into_iter().for_each(|lease| book.release(lease));
+                    return Err(match refusal {
+                        LeaseRefusal::InsufficientCredit { required } => Refusal::SpendingLimit {
+                            wallet: ledger.wallet_view(wallet).ok_or(Refusal::UnknownWallet { wallet })?,
+                            required,
+                            limit: Box::new(LimitBreach {
+                                subject: cap.subject,
+                                period: cap.period,
+                                cap: cap.cap,
+                                // What the other replicas hold or spent is
+                                // not known here: the cap is what binds.
+                                spent: (cap.cap - required).max(Decimal::ZERO),
+                                resets_at: Some(cap.ends_at),
+                            }),
+                        },
+                        LeaseRefusal::Unavailable(err) => Refusal::Unavailable { reason: err.to_string() },
+                    });
+                }
+            }
+        }
+    }
     match book.hold(&wallet.to_string(), amount).await {
         Ok(lease) => Ok(ClusterHold {
             view,
             lease,
+            limits,
             book: book.clone(),
             key: context.key,
             end_user: context.end_user.map(str::to_owned),
         }),
         Err(refusal) => {
             view.release(now);
+            limits.into_iter().for_each(|lease| book.release(lease));
             Err(match refusal {
                 LeaseRefusal::InsufficientCredit { required } => {
                     // The view may lag the books (debits not yet posted), so
@@ -83,6 +126,11 @@ impl ClusterHold {
             details,
         };
         self.view.release(now);
+        for limit in self.limits {
+            // Counted against the limit only; the credit debit carries the detail.
+            let detail = serde_json::json!({ "request_id": detail.request_id });
+            self.book.settle(limit, cost, now, detail);
+        }
         let detail = serde_json::to_value(&detail).unwrap_or_default();
         self.book.settle(self.lease, cost, now, detail);
         cost
@@ -92,6 +140,7 @@ impl ClusterHold {
     pub fn release(self, now: DateTime<Utc>) -> Decimal {
         let amount = self.lease.amount();
         self.view.release(now);
+        self.limits.into_iter().for_each(|limit| self.book.release(limit));
         self.book.release(self.lease);
         amount
     }

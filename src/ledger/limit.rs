@@ -123,6 +123,55 @@ pub struct LimitBreach {
     pub resets_at: Option<DateTime<Utc>>,
 }
 
+/// One period cap a spender draws on, in the period containing some instant
+/// (cluster mode leases headroom under it like credit).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeriodCap {
+    /// Whose limit.
+    pub subject: LimitSubject,
+    /// Day, month or contract year (per-request caps need no sharing).
+    pub period: LimitPeriod,
+    /// The cap.
+    pub cap: Decimal,
+    /// When this period ends: with subject and period, it names the period.
+    pub ends_at: DateTime<Utc>,
+}
+
+impl PeriodCap {
+    /// A stable name for this subject's period, safe for any end-user id
+    /// (which is hashed, never written out).
+    pub fn name(&self) -> String {
+        use sha2::Digest as _;
+        let subject = match &self.subject {
+            LimitSubject::Key(key) => key.to_string(),
+            LimitSubject::User(user) => user.to_string(),
+            LimitSubject::App(app) => app.to_string(),
+            LimitSubject::EndUser { app, end_user } => {
+                let digest = sha2::Sha256::digest(end_user.as_bytes());
+                format!("{app}_end_user_{}", hex::encode(&digest[..12]))
+            }
+        };
+        let period = match self.period {
+            LimitPeriod::Request => "request",
+            LimitPeriod::Day => "day",
+            LimitPeriod::Month => "month",
+            LimitPeriod::ContractYear => "contract_year",
+        };
+        format!("limit:{subject}:{period}:{}", self.ends_at.timestamp())
+    }
+}
+
+impl Limits {
+    /// The period caps set here, for `subject`, in the periods `ends`.
+    pub fn period_caps(&self, subject: &LimitSubject, ends: &PeriodEnds, out: &mut Vec<PeriodCap>) {
+        for (period, cap) in self.caps() {
+            if let (Some(cap), Some(ends_at)) = (cap, ends.of(period)) {
+                out.push(PeriodCap { subject: subject.clone(), period, cap, ends_at });
+            }
+        }
+    }
+}
+
 /// The ends of the periods containing one instant; the same for every
 /// subject of a wallet, so it is computed once and cached per wallet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

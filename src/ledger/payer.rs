@@ -13,7 +13,7 @@ use rust_decimal::Decimal;
 use smallvec::SmallVec;
 
 use crate::ledger::ids::{IdMap, KeyId, Owner};
-use crate::ledger::limit::{LimitBreach, LimitSubject, Limits, PeriodEnds, Spend};
+use crate::ledger::limit::{LimitBreach, LimitSubject, Limits, PeriodCap, PeriodEnds, Spend};
 
 #[derive(Clone, Debug)]
 struct KeyPayer {
@@ -224,6 +224,26 @@ impl Payers {
         }
         let subject = LimitSubject::EndUser { app, end_user: end_user.to_owned() };
         breach(subject, &spend, &owner.end_user_limits).map_or(Ok(()), Err)
+    }
+
+    /// Every period cap the spender draws on: key, then owner, then end user.
+    pub fn period_caps(&self, spender: Spender<'_>, ends: &PeriodEnds) -> Vec<PeriodCap> {
+        let mut caps = Vec::new();
+        if !self.any_limits {
+            return caps;
+        }
+        if let Some(Capped { limits, .. }) = self.key(spender.key).and_then(KeyPayer::caps) {
+            limits.period_caps(&LimitSubject::Key(spender.key), ends, &mut caps);
+        }
+        let Some(owner) = self.owners.get(&spender.owner) else {
+            return caps;
+        };
+        owner.limits.period_caps(&spender.owner.into(), ends, &mut caps);
+        if let (Owner::App(app), Some(end_user)) = (spender.owner, spender.end_user) {
+            let subject = LimitSubject::EndUser { app, end_user: end_user.to_owned() };
+            owner.end_user_limits.period_caps(&subject, ends, &mut caps);
+        }
+        caps
     }
 
     /// Counts `amount` for the spender in the periods `ends`.

@@ -15,6 +15,8 @@ use crate::ledger::entity::{KeyHash, Plan};
 use crate::ledger::entry::SettleDetails;
 use crate::ledger::hold::{self, Hold, HoldArgs, HoldPayer, LateSettle, SettleError, Settlement};
 use crate::ledger::ids::{KeyId, OrgId, Owner, RequestId, WalletId};
+use crate::ledger::limit::PeriodCap;
+use crate::ledger::payer::Spender;
 use crate::ledger::refusal::Refusal;
 use crate::ledger::Ledger;
 
@@ -107,6 +109,23 @@ impl Ledger {
         let args = HoldArgs { request_id, amount, key: context.key, end_user: context.end_user };
         let payer = cell.state.lock().try_hold(&self.shared, &args, now)?;
         Ok(Hold::new(cell, wallet, request_id, amount, payer))
+    }
+
+    /// The period caps a spend on `wallet` with `context` draws on right
+    /// now (none without limits, at no cost): cluster mode leases headroom
+    /// under each.
+    pub fn period_caps(
+        &self,
+        wallet: WalletId,
+        context: SpendContext<'_>,
+        now: DateTime<Utc>,
+    ) -> Vec<PeriodCap> {
+        let Some(cell) = self.cell(wallet) else { return Vec::new() };
+        let mut state = cell.state.lock();
+        let Some(owner) = state.payers.owner_of(context.key) else { return Vec::new() };
+        let ends = state.period_ends(now);
+        let spender = Spender { key: context.key, owner, end_user: context.end_user };
+        state.payers.period_caps(spender, &ends)
     }
 
     /// Settles a request by id, for callers that no longer have its

@@ -122,9 +122,20 @@ pub async fn admin(
 
 /// An admin write, retried while the cluster has no treasurer yet (503).
 pub async fn admin_write(replica: &Replica, path: &str, body: Value, key: Option<&str>) -> Value {
+    admin_change(replica, Method::POST, path, body, key).await
+}
+
+/// As [`admin_write`], with any method.
+pub async fn admin_change(
+    replica: &Replica,
+    method: Method,
+    path: &str,
+    body: Value,
+    key: Option<&str>,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let reply = admin(replica, Method::POST, path, body.clone(), key).await;
+        let reply = admin(replica, method.clone(), path, body.clone(), key).await;
         match reply {
             Some(reply) if reply.status.is_success() => return reply.json(),
             Some(reply) if reply.status != 503 => panic!("{path}: {} {:?}", reply.status, reply.body),
@@ -133,6 +144,16 @@ pub async fn admin_write(replica: &Replica, path: &str, body: Value, key: Option
         assert!(Instant::now() < deadline, "{path}: no treasurer answered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The id of the org's first key.
+pub async fn first_key(replica: &Replica, org: u64) -> u64 {
+    let reply =
+        admin(replica, Method::GET, &format!("/admin/v1/orgs/{org}/keys"), Value::Null, None).await.unwrap();
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let keys = reply.json();
+    let key = keys.get("keys").unwrap_or(&keys);
+    key[0]["id"].as_u64().unwrap_or_else(|| panic!("no key in {keys}"))
 }
 
 /// An org whose pool holds `allocation` from its contract plus `purchase`
