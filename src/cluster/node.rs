@@ -178,17 +178,38 @@ impl ClusterNode {
 
     async fn lease_rounds(self: Arc<Self>, ttl: Duration) {
         let every = ttl / 4;
+        let grace = ttl / 2;
+        // Since when this replica's rounds have reached the books without a
+        // break (`None` while they cannot).
+        let mut reachable_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = self.rounds.cancelled() => return,
                 () = tokio::time::sleep(every) => {}
             }
-            if let Err(error) = self.book.maintain().await {
-                tracing::warn!(%error, "cannot renew or refill leases");
+            // A round that succeeds shipped and renewed in the database.
+            match self.book.maintain().await {
+                Ok(()) => {
+                    reachable_since.get_or_insert_with(tokio::time::Instant::now);
+                }
+                Err(error) => {
+                    reachable_since = None;
+                    tracing::warn!(%error, "cannot renew or refill leases");
+                }
+            }
+            // The grace lets a lease's replica ship its spend before the
+            // lease closes, but while the database was unreachable (an
+            // outage, a failover) no replica could ship, and every lease
+            // went past its deadline. So the grace also runs from when this
+            // replica reached the books again: live replicas, back at about
+            // the same time, ship their outboxes first instead of seeing
+            // them posted as uncovered.
+            if reachable_since.is_none_or(|since| since.elapsed() < grace) {
+                continue;
             }
             // Any replica may close what a dead one left: the statement is
             // idempotent and locks the rows it closes.
-            match self.books.expire(ttl / 2).await {
+            match self.books.expire(grace).await {
                 Ok(returned) if returned > Decimal::ZERO => {
                     tracing::info!(%returned, "closed expired leases of a replica that stopped renewing");
                 }

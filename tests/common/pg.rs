@@ -59,6 +59,46 @@ fn command(bin: &Path, program: &str) -> Command {
     }
 }
 
+/// A temp dir holding an empty `data` directory the server's user owns.
+fn data_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new().prefix("creditgate-pg-").tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    // The server refuses a data directory others can read.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    if is_root() {
+        // The temp dir is root's and 0700; the server's user must reach its
+        // data and socket directories.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let status = Command::new("chown").arg("postgres:postgres").arg(&data).status().unwrap();
+        assert!(status.success(), "chown postgres {data:?}");
+    }
+    (dir, data)
+}
+
+/// Sends `signal` (a `kill` name: `KILL`, `STOP`, ...) to each of `pids`.
+fn signal(signal: &str, pids: &[String]) {
+    if !pids.is_empty() {
+        let _ = Command::new("kill").arg(format!("-{signal}")).args(pids).status();
+    }
+}
+
+/// The pids of `parent`'s children (the postmaster's backends and workers).
+fn children(parent: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+            (ppid == parent).then(|| entry.file_name().to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -67,17 +107,7 @@ impl Postgres {
     /// initdb and start a server; returns once it accepts connections.
     pub fn start() -> Postgres {
         let bin = bin_dir();
-        let dir = tempfile::Builder::new().prefix("creditgate-pg-").tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        if is_root() {
-            // The temp dir is root's and 0700; the server's user must reach its
-            // data and socket directories.
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-            let status = Command::new("chown").arg("postgres:postgres").arg(&data).status().unwrap();
-            assert!(status.success(), "chown postgres {data:?}");
-        }
+        let (dir, data) = data_dir();
         let out = command(&bin, "initdb")
             .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
             .arg(&data)
@@ -161,18 +191,81 @@ impl Postgres {
         format!("postgresql://postgres@127.0.0.1:{}/{name}", self.port)
     }
 
+    /// The postmaster's own pid (the child may be `runuser`, which does not
+    /// pass signals on).
+    fn postmaster_pid(&self, child: &Child) -> String {
+        std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .ok()
+            .and_then(|text| text.lines().next().map(str::to_owned))
+            .unwrap_or_else(|| child.id().to_string())
+    }
+
     /// Stops the server (fast shutdown: open sessions are cut).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // The postmaster's own pid (the child may be `runuser`, which
-            // does not pass signals on); SIGINT is a fast shutdown.
-            let pid = std::fs::read_to_string(self.data().join("postmaster.pid"))
-                .ok()
-                .and_then(|text| text.lines().next().map(str::to_owned))
-                .unwrap_or_else(|| child.id().to_string());
-            let _ = Command::new("kill").args(["-INT", &pid]).status();
+            // SIGINT is a fast shutdown.
+            signal("INT", &[self.postmaster_pid(&child)]);
             let _ = child.wait();
         }
+    }
+
+    /// Kills the server as a lost machine would lose it: SIGKILL to the
+    /// postmaster and every backend at once, no shutdown checkpoint, no
+    /// goodbye to clients or standbys. Its data stays; it is not restarted.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let postmaster = self.postmaster_pid(&child);
+            // Stopped, it forks no new backend while its children are listed.
+            signal("STOP", std::slice::from_ref(&postmaster));
+            let mut pids = children(&postmaster);
+            pids.push(postmaster);
+            signal("KILL", &pids);
+            // As root the child is `runuser`, which stops itself when the
+            // postmaster stops and then never reaps it: it goes too.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs one statement with psql on database `postgres`; its output.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-qAt", "-v", "ON_ERROR_STOP=1", "-d", &self.url(), "-c", sql])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// A streaming standby of this server: a base backup (`pg_basebackup
+    /// -R`, which writes `standby.signal` and the `primary_conninfo`) on its
+    /// own free port, started in hot standby; returns once it accepts
+    /// (read-only) connections. `initdb -A trust` lets loopback connect for
+    /// replication, and `wal_level = replica` is the default.
+    pub fn start_standby(&self) -> Postgres {
+        let (dir, data) = data_dir();
+        let out = command(&self.bin, "pg_basebackup")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+            .args(["-X", "stream", "-c", "fast", "-R", "--no-sync", "-D"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_basebackup failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut standby = Postgres { bin: self.bin.clone(), dir, port: free_port(), child: None };
+        standby.spawn();
+        standby
+    }
+
+    /// Promotes this standby to a primary (`pg_ctl promote`, waiting until
+    /// it accepts writes).
+    pub fn promote(&self) {
+        let out = command(&self.bin, "pg_ctl")
+            .args(["promote", "-w", "-t", "30", "-D"])
+            .arg(self.data())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl promote: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(self.psql("SELECT pg_is_in_recovery()"), "f", "promoted: {}", self.log());
     }
 
     /// Starts it again on the same port and data.
@@ -185,5 +278,55 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A primary and a **synchronous** streaming standby of it, for failover.
+///
+/// Zero-loss failover needs synchronous replication: the primary runs with
+/// `synchronous_standby_names = '*'` and `synchronous_commit = on`, so a
+/// commit is acknowledged only once the standby has flushed its WAL, and a
+/// standby promoted after the primary is lost holds every transaction a
+/// client saw commit (Patroni's `synchronous_mode` does the same). With
+/// asynchronous replication a failover may lose the last acknowledged
+/// commits (a shipped debit, a lease, a log record), and no book could stay
+/// exact. The standby itself names no synchronous standby, so once promoted
+/// it commits alone.
+pub struct Replicated {
+    pub primary: Postgres,
+    pub standby: Postgres,
+}
+
+impl Replicated {
+    /// Starts both; returns once the standby streams synchronously.
+    pub fn start() -> Replicated {
+        let primary = Postgres::start();
+        let standby = primary.start_standby();
+        // Set only now: a primary that waits for a standby that is not there
+        // yet would block every commit, the standby's own setup included.
+        primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'");
+        primary.psql("ALTER SYSTEM SET synchronous_commit = on");
+        primary.psql("SELECT pg_reload_conf()");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while primary.psql("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'") != "1" {
+            assert!(
+                Instant::now() < deadline,
+                "the standby does not stream synchronously: {}",
+                standby.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Replicated { primary, standby }
+    }
+
+    /// Creates a database on the primary (it streams to the standby) and
+    /// returns its libpq multi-host URL: the primary first, then the standby.
+    pub fn create_database(&self, name: &str) -> String {
+        self.primary.create_database(name);
+        format!(
+            "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/{name}",
+            self.primary.port(),
+            self.standby.port()
+        )
     }
 }
