@@ -12,11 +12,14 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use chrono::{TimeDelta, Utc};
 use common::webdriver::{Driver, Session, WAIT};
 use common::{admin_get, post_json, send, Stack, ADMIN_TOKEN, ORG_TOKEN};
+use creditgate::clock::ManualClock;
 use http::Request;
 use http_body_util::Full;
 use rust_decimal::Decimal;
@@ -41,10 +44,21 @@ async fn exact(session: &Session, css: &str) -> Decimal {
     dec(&session.script(script, json!([css])).await)
 }
 
-/// Opens a dashboard route and waits for `ready` (a selector only that page has).
+/// Opens a dashboard route and waits for `ready` (a selector only that page
+/// has) on a fresh render: the page on screen is marked stale first, and a
+/// unique `view` parameter makes even the same route render again.
 async fn open(session: &Session, stack: &Stack, route: &str, ready: &str) {
-    session.goto(&stack.admin_url(&format!("/ui/{route}"))).await;
-    session.wait_for(ready).await;
+    static VIEWS: AtomicU64 = AtomicU64::new(0);
+    let view = VIEWS.fetch_add(1, Ordering::Relaxed);
+    session
+        .script(
+            "const page = document.getElementById('page'); if (page) page.dataset.ready = 'stale';",
+            json!([]),
+        )
+        .await;
+    let separator = if route.contains('?') { '&' } else { '?' };
+    session.goto(&stack.admin_url(&format!("/ui/{route}{separator}view={view}"))).await;
+    session.wait_for(&format!("#page:not([data-ready='stale']) {ready}")).await;
 }
 
 async fn sign_in(session: &Session, stack: &Stack, token: &str) {
@@ -82,6 +96,18 @@ async fn wait_for_debits(stack: &Stack, org: u64, count: usize) {
     }
 }
 
+/// Caps the seeded app key at a tiny daily spend, so its next call is a 402.
+async fn limit_the_app_key(stack: &Stack, org: u64) {
+    let keys = admin_get(stack, &format!("/admin/v1/orgs/{org}/keys")).await;
+    let app = keys["keys"].as_array().unwrap().iter().find(|k| k["label"] == "app").expect("the app key");
+    let request = Request::put(stack.admin_url(&format!("/admin/v1/orgs/{org}/keys/{}/limits", app["id"])))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::new(Bytes::from(json!({"daily": "0.000001"}).to_string())))
+        .unwrap();
+    let reply = send(request).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+}
+
 fn screenshot_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"), PathBuf::from);
@@ -95,7 +121,10 @@ fn errors(entries: &[Value]) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_books_as_the_api_does() {
-    let stack = common::start().await;
+    // The gateway's clock starts five days back, so the usage has several days.
+    let days = 5;
+    let clock = ManualClock::new(Utc::now() - TimeDelta::days(days));
+    let stack = common::start_with_clock(clock.clone()).await;
     let org = stack.keys.org.0;
     // A second organization, which the org token must not reach.
     let other = send(
@@ -118,12 +147,26 @@ async fn the_dashboard_shows_the_books_as_the_api_does() {
     let api_balance = pool_balance(&admin_get(&stack, &format!("/admin/v1/orgs/{org}/balances")).await);
     assert_eq!(exact(&session, "#pool-balance [data-exact]").await, api_balance, "overview balance");
 
-    // A burst of calls on two models: each day's bar totals the usage report's day.
-    for i in 0..6 {
-        chat(&stack, &stack.keys.pro, if i % 2 == 0 { "mock-gpt" } else { "mock-claude" }, 50 + i).await;
+    // Bursts of calls on two models over several days, and one 402 (a key
+    // over its daily limit): each day's bar totals the usage report's day.
+    for day in 0..days {
+        clock.set(Utc::now() - TimeDelta::days(days - day));
+        for i in 0..(2 + day) {
+            let model = if i % 2 == 0 { "mock-gpt" } else { "mock-claude" };
+            chat(&stack, &stack.keys.pro, model, 40 + u32::try_from(i).unwrap()).await;
+        }
     }
+    clock.set(Utc::now());
     chat(&stack, &stack.keys.app, "mock-gpt", 40).await;
-    wait_for_debits(&stack, org, 7).await;
+    let debits = (0..days).map(|day| 2 + day as usize).sum::<usize>() + 1;
+    wait_for_debits(&stack, org, debits).await;
+    limit_the_app_key(&stack, org).await;
+    let body =
+        json!({"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40});
+    let refused = post_json(&stack.url("/v1/chat/completions"), &stack.keys.app, &body).await;
+    assert_eq!(refused.status, 402, "{:?}", refused.body);
+    open(&session, &stack, &format!("#/org/{org}/overview"), "tr[data-reason='spend_limit_reached']").await;
+
     open(&session, &stack, &format!("#/org/{org}/usage?group=model"), "#usage-chart").await;
     let bars = session
         .script(
@@ -150,10 +193,11 @@ async fn the_dashboard_shows_the_books_as_the_api_does() {
         charted.insert(bar["day"].as_str().unwrap().to_owned(), sum);
     }
     assert_eq!(charted, by_day, "bars per day equal the usage report");
-    assert_eq!(by_day.len(), 1, "all calls were today");
-    let models =
+    assert!(by_day.len() >= usize::try_from(days).unwrap(), "calls on {days} days or more: {by_day:?}");
+    let stacked = admin_get(&stack, &format!("/admin/v1/orgs/{org}/usage?group_by=day,model")).await;
+    let rects =
         session.script("return document.querySelectorAll('#usage-chart rect').length;", json!([])).await;
-    assert_eq!(models, 2, "the day's bar is stacked by the two models");
+    assert_eq!(rects, stacked["rows"].as_array().unwrap().len(), "one stacked part per day and model");
     let total = admin_get(&stack, &format!("/admin/v1/orgs/{org}/usage?group_by=model")).await;
     assert_eq!(
         exact(&session, "#usage-total [data-exact]").await,
@@ -173,7 +217,7 @@ async fn the_dashboard_shows_the_books_as_the_api_does() {
     let key_box = session.wait_for(".secret[data-key]").await;
     let key_id: u64 = session.attribute(&key_box, "data-key").await.unwrap().parse().unwrap();
     chat(&stack, &secret, "mock-gpt", 30).await;
-    wait_for_debits(&stack, org, 8).await;
+    wait_for_debits(&stack, org, debits + 1).await;
     let ledger = admin_get(&stack, &format!("/admin/v1/orgs/{org}/ledger?kind=debit&key={key_id}")).await;
     let entry = &ledger["entries"][0];
     let row = format!("tr[data-entry='{}'][data-key='{key_id}']", entry["id"]);
@@ -226,8 +270,6 @@ async fn the_dashboard_shows_the_books_as_the_api_does() {
     for (width, height) in [WIDE, NARROW] {
         session.resize(width, height).await;
         for (name, route, ready) in &pages {
-            // A fresh load per page, so each is drawn for this width.
-            session.goto(&stack.admin_url("/ui/#/")).await;
             open(&session, &stack, route, ready).await;
             session.script("return document.fonts.ready.then(() => true);", json!([])).await;
             let png = session.screenshot().await;

@@ -149,7 +149,13 @@ function table(headers, rows, footer) {
       el("td", { class: cls(i), "data-label": headers[i] ? headers[i].label : "" }, cell))))
     : [el("tr", {}, el("td", { class: "empty", colspan: String(headers.length), text: "Nothing yet." }))];
   const foot = footer ? el("tfoot", {}, el("tr", {}, footer.map((cell, i) => el("td", { class: cls(i), "data-label": i ? headers[i].label : "" }, cell)))) : null;
-  return el("div", { class: "scroll" }, el("table", {}, el("thead", {}, head), el("tbody", {}, body), foot));
+  return el("div", { class: "scroll stack" }, el("table", {}, el("thead", {}, head), el("tbody", {}, body), foot));
+}
+
+// A two-column table of facts: a label and its value per row.
+function facts(rows) {
+  return el("div", { class: "scroll" }, el("table", { class: "facts" },
+    el("tbody", {}, rows.map(([label, value]) => el("tr", {}, el("th", { scope: "row", text: label }), el("td", {}, value))))));
 }
 
 function card(title, ...children) {
@@ -432,7 +438,8 @@ async function usagePage(org, params) {
   const change = () => go(`#/org/${org.id}/usage?group=${groupSelect.value}&range=${rangeSelect.value}`);
   groupSelect.addEventListener("change", change);
   rangeSelect.addEventListener("change", change);
-  const headers = [{ label: group.replace("_", " ") }, { label: "Requests", num: true }, { label: "Input tokens", num: true, cls: "hide-narrow" },
+  const title = group.charAt(0).toUpperCase() + group.slice(1).replace("_", " ");
+  const headers = [{ label: title }, { label: "Requests", num: true }, { label: "Input tokens", num: true, cls: "hide-narrow" },
     { label: "Output tokens", num: true, cls: "hide-narrow" }, { label: "Charged", num: true }];
   const rows = totals.rows.map((r) => ({ attrs: { "data-group": String(r[group] ?? "") },
     cells: [dimensionLabel(group, r[group], org.id), String(r.requests), String(r.input_tokens), String(r.output_tokens), money(r.charged)] }));
@@ -728,12 +735,11 @@ async function purchasesPage(org) {
     try {
       const receipt = await api(`/orgs/${org.id}/purchases`, { method: "POST", body, headers: { "idempotency-key": idempotencyKey } });
       const after = poolOf((await api(`/orgs/${org.id}/balances`)).balances);
-      result.replaceChildren(card("Receipt", table([{ label: "Field" }, { label: "Value" }], [
-        { cells: ["Entry", String(receipt.entry)] }, { cells: ["Lot", String(receipt.lot)] },
-        { cells: ["Amount", money(receipt.amount)] }, { cells: ["Expires", when(receipt.expires_at, zone)] },
-        { cells: ["Balance after", money(receipt.balance_after)] },
-        { cells: ["Pool balance now", el("span", { id: "new-balance" }, money(after.balance))] },
-        { cells: ["Idempotency key", el("span", { class: "mono", text: idempotencyKey })] }])));
+      result.replaceChildren(card("Receipt", facts([
+        ["Entry", String(receipt.entry)], ["Lot", String(receipt.lot)], ["Amount", money(receipt.amount)],
+        ["Expires", when(receipt.expires_at, zone)], ["Balance after", money(receipt.balance_after)],
+        ["Pool balance now", el("span", { id: "new-balance" }, money(after.balance))],
+        ["Idempotency key", el("span", { class: "mono", text: idempotencyKey })]])));
       form.reset();
       idempotencyKey = crypto.randomUUID();
     } catch (error) {
@@ -753,11 +759,11 @@ async function pricesPage() {
     return card("Prices", el("p", { class: "empty", text: "The price table is shown to the operator token." }));
   }
   const [status, entries] = await Promise.all([api("/prices"), api("/prices/table")]);
-  const info = table([{ label: "Field" }, { label: "Value" }], [
-    { cells: ["Version", el("span", { id: "price-version", class: "mono", text: status.version })] },
-    { cells: ["As of", `${status.as_of || "—"}${status.age_days !== null && status.age_days !== undefined ? ` (${status.age_days} days old)` : ""}`] },
-    { cells: ["Markup", `${status.markup_percent}%`] }, { cells: ["Loaded", when(status.loaded_at, "UTC")] },
-    { cells: ["Last reload error", status.last_reload_error ? el("span", { class: "tag bad", text: status.last_reload_error }) : "none"] }]);
+  const info = facts([
+    ["Version", el("span", { id: "price-version", class: "mono", text: status.version })],
+    ["As of", `${status.as_of || "—"}${status.age_days !== null && status.age_days !== undefined ? ` (${status.age_days} days old)` : ""}`],
+    ["Markup", `${status.markup_percent}%`], ["Loaded", when(status.loaded_at, "UTC")],
+    ["Last reload error", status.last_reload_error ? el("span", { class: "tag bad", text: status.last_reload_error }) : "none"]]);
   const models = table([{ label: "Model" }, { label: "Input / 1M", num: true }, { label: "Cached input / 1M", num: true, cls: "hide-narrow" },
     { label: "Output / 1M", num: true }, { label: "Per request", num: true, cls: "hide-narrow" }],
   entries.models.map((m) => ({ cells: [m.name, money(m.input_per_mtok), money(m.cached_input_per_mtok), money(m.output_per_mtok), money(m.per_request)] })));

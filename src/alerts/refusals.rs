@@ -86,7 +86,7 @@ impl RefusalLog {
             .iter()
             .filter(|((wallet, _), _)| wallets.contains(wallet))
             .map(|(&(wallet, reason), tally)| {
-                let last_day = tally.times.iter().filter(|&&t| t > day_ago && t <= now).count();
+                let last_day = tally.times.iter().filter(|&&t| t > day_ago).count();
                 RefusalCount {
                     wallet,
                     reason,
