@@ -271,7 +271,8 @@ impl Alerts {
         self.policy
             .check_url(&webhook_url)
             .map_err(|reason| AlertError::Invalid { field: "webhook_url", reason: reason.into() })?;
-        if secret.len() < 16 {
+        // Characters, as the OpenAPI document's `minLength` counts them.
+        if secret.chars().count() < 16 {
             return Err(AlertError::Invalid { field: "secret", reason: "at least 16 characters".into() });
         }
         condition.validate()?;
