@@ -25,8 +25,8 @@ use http_body_util::Full;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
-const WIDE: (u32, u32) = (1280, 1000);
-const NARROW: (u32, u32) = (390, 844);
+const WIDE: (u32, u32) = (1280, 1400);
+const NARROW: (u32, u32) = (390, 1400);
 
 fn dec(value: &Value) -> Decimal {
     value.as_str().unwrap_or_else(|| panic!("not a decimal string: {value}")).parse().unwrap()

@@ -50,7 +50,7 @@ fn contract_year(
     let seats = term.seat_allocation().map_err(|e| AdminError::Store(e.to_string()))?;
     let allocated = term.platform_allocation_per_year.checked_add(seats).unwrap_or(Decimal::MAX);
     let pool = ledger.balance(WalletId::Pool(org.id), now)?;
-    let remaining: Decimal = pool
+    let remaining = pool
         .lots
         .iter()
         .filter(|lot| match lot.origin {
@@ -59,9 +59,9 @@ fn contract_year(
             }
             _ => false,
         })
-        .map(|lot| lot.remaining)
-        .sum();
-    let consumed = (allocated - remaining).max(Decimal::ZERO);
+        .try_fold(Decimal::ZERO, |sum, lot| sum.checked_add(lot.remaining))
+        .unwrap_or(Decimal::MAX);
+    let consumed = allocated.checked_sub(remaining).unwrap_or(Decimal::ZERO).max(Decimal::ZERO);
     Ok(json!({
         "term": year.term, "year": year.year, "start": year.start, "end": year.end,
         "allocated": allocated.normalize().to_string(),
