@@ -646,17 +646,17 @@ async fn usage_days_are_the_organizations_days() {
     )
     .await;
     assert_eq!(reply.status, 200);
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let report = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::GET,
-        &format!("/admin/v1/orgs/{id}/usage?group_by=day,month"),
-        None,
-        &[],
-    )
-    .await
-    .json();
+    // The report reads the debit once it is written through (no fixed wait).
+    let started = std::time::Instant::now();
+    let report = loop {
+        let path = format!("/admin/v1/orgs/{id}/usage?group_by=day,month");
+        let report = call(&stack, ADMIN_TOKEN, Method::GET, &path, None, &[]).await.json();
+        if !report["rows"].as_array().unwrap().is_empty() {
+            break report;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the debit was never reported");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(report["rows"][0]["day"], "2026-11-26", "{report}");
     assert_eq!(report["rows"][0]["month"], "2026-11");
 }
@@ -996,28 +996,27 @@ async fn the_dashboard_reads_scope_summary_and_price_entries() {
     let body =
         json!({"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20});
     assert_eq!(post_json(&stack.url("/v1/chat/completions"), secret, &body).await.status, 200);
-    let path = format!("/admin/v1/orgs/{org}/summary");
+    // The debit is in the ledger's store once it has been written through.
+    let ledger_path = format!("/admin/v1/orgs/{org}/ledger?kind=debit");
     let started = std::time::Instant::now();
-    let summary = loop {
-        let summary = call(&stack, ADMIN_TOKEN, Method::GET, &path, None, &[]).await.json();
-        if dec(&summary["contract_year"]["consumed"]) > Decimal::ZERO {
-            break summary;
+    let debit = loop {
+        let ledger = call(&stack, ADMIN_TOKEN, Method::GET, &ledger_path, None, &[]).await.json();
+        if let Some(entry) = ledger["entries"].get(0) {
+            break entry.clone();
         }
-        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the debit never showed: {summary}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the debit was never recorded");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
+    let path = format!("/admin/v1/orgs/{org}/summary");
+    let summary = call(&stack, ADMIN_TOKEN, Method::GET, &path, None, &[]).await.json();
     assert_eq!(summary["time_zone"], "Europe/Berlin");
     let year = &summary["contract_year"];
     // 50 platform + 2 seats x 5, starting at local midnight in Berlin.
-    assert_eq!(dec(&year["allocated"]), Decimal::from(60));
+    assert_eq!(dec(&year["allocated"]), Decimal::from(60), "{summary}");
     assert_eq!(dec(&year["consumed"]) + dec(&year["remaining"]), Decimal::from(60));
     let start = year["start"].as_str().unwrap();
     assert!(start.ends_with("T23:00:00Z") || start.ends_with("T22:00:00Z"), "Berlin midnight: {start}");
-    let ledger =
-        call(&stack, ADMIN_TOKEN, Method::GET, &format!("/admin/v1/orgs/{org}/ledger?kind=debit"), None, &[])
-            .await
-            .json();
-    assert_eq!(dec(&year["consumed"]), -dec(&ledger["entries"][0]["amount"]), "consumed is the one debit");
+    assert_eq!(dec(&year["consumed"]), -dec(&debit["amount"]), "consumed is the one debit");
     assert_eq!(call(&stack, ORG_TOKEN, Method::GET, &path, None, &[]).await.status, 404, "another org's");
 
     assert_eq!(call(&stack, ORG_TOKEN, Method::GET, "/admin/v1/prices/table", None, &[]).await.status, 403);
