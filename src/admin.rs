@@ -5,6 +5,8 @@
 //! - `GET /readyz` — 200 once the store is open and state is loaded, 503
 //!   before that, during shutdown and while the store fails (with a reason).
 //! - `GET /metrics` — Prometheus text.
+//! - `GET /ui/` — the dashboard (see `ui`): static pages that sign in with
+//!   a token kept in the browser tab and call `/admin/v1` like any client.
 //!
 //! `/admin/v1` (`Authorization: Bearer <token>`): the operator token sees
 //! every organization; an organization token (`[[admin.org_tokens]]`) sees
@@ -12,8 +14,12 @@
 //! create or remove credit (purchases, adjustments, contracts, Lite
 //! allowances and downgrades that grant them) need the operator token or an
 //! org token the operator marked `finance = true`; other org tokens get 403.
+//! - `GET /admin/v1/whoami` — the caller's scope: operator, or which org
+//!   and whether it may move money.
 //! - `GET /admin/v1/prices` — the price table in force: version, loaded-at,
 //!   as_of and age, table-wide markup, last reload error (operator).
+//! - `GET /admin/v1/prices/table` — every model and tool with its prices in
+//!   force now (operator).
 //! - `POST /admin/v1/prices/reload` — re-read the price file; 200 with the new
 //!   status, or 422 with every problem; the old table stays in force (operator).
 //! - `GET|POST /admin/v1/orgs` — list (own org for org tokens) / create (operator).
@@ -30,6 +36,9 @@
 //!   `outcome_unknown` (the store failed mid-write) is settled by retrying
 //!   with the same key once `/readyz` is 200: it answers the one result.
 //! - `GET /admin/v1/orgs/{org}/balances` — pool and Lite wallets, lots, holds.
+//! - `GET /admin/v1/orgs/{org}/summary` — the org's time zone, this contract
+//!   year's allocation consumed, and recent 402s per wallet and reason
+//!   (counted in memory since the process started).
 //! - `GET|POST /admin/v1/orgs/{org}/alerts`, `GET .../alerts/deliveries` —
 //!   alert rules (signed webhooks, public addresses only unless
 //!   `[admin] alert_webhook_allow` opens more; at most 50 per org) and their
@@ -49,6 +58,8 @@ pub mod openapi;
 mod reports;
 mod rollup;
 mod strict;
+mod summary;
+mod ui;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -131,6 +142,14 @@ impl Scope {
         match self {
             Scope::Operator => true,
             Scope::Org { org: own, .. } => own == org,
+        }
+    }
+
+    /// The scope as `GET /admin/v1/whoami` shows it.
+    pub fn view(self) -> serde_json::Value {
+        match self {
+            Scope::Operator => json!({"scope": "operator", "org": null, "finance": true}),
+            Scope::Org { org, finance } => json!({"scope": "org", "org": org, "finance": finance}),
         }
     }
 
@@ -218,6 +237,7 @@ impl Admin {
                 ),
             },
             (&Method::GET, "/metrics") => self.metrics_text(),
+            (_, p) if p == "/ui" || p.starts_with("/ui/") => ui::serve(request.method(), p),
             (_, p) if p.starts_with("/admin/v1/") => match self.api(request).await {
                 Ok(response) => response,
                 Err(error) => error_response(&method_not_allowed(error)),
@@ -273,12 +293,20 @@ impl Admin {
         // As documented: `?limit=` is the same as no `limit` at all.
         params.retain(|_, value| !value.is_empty());
         let (status, value) = match segments.as_slice() {
+            ["prices", "table"] if parts.method == Method::GET => {
+                if scope != Scope::Operator {
+                    return Err(AdminError::OperatorOnly);
+                }
+                let Some(prices) = &self.prices else { return Ok(no_prices()) };
+                (StatusCode::OK, summary::price_table(&prices.current(), now))
+            }
             ["prices"] | ["prices", "reload"] => {
                 if scope != Scope::Operator {
                     return Err(AdminError::OperatorOnly);
                 }
                 return Ok(self.operator(&parts.method, parts.uri.path()));
             }
+            ["whoami"] if parts.method == Method::GET => (StatusCode::OK, scope.view()),
             ["orgs"] => api::orgs(&self.ledger, scope, &parts.method, &body, now)?,
             ["orgs", org, rest @ ..] => {
                 let org = OrgId(org.parse().map_err(|_| AdminError::NotFound(format!("no org {org}")))?);
@@ -291,6 +319,9 @@ impl Admin {
                 match (&parts.method, rest) {
                     (_, ["alerts", ..]) => {
                         api::alert_resource(&call, &self.alerts, &parts.method, rest, &body)?
+                    }
+                    (&Method::GET, ["summary"]) => {
+                        summary::org_summary(&self.ledger, &self.alerts.refusals, org, now)?
                     }
                     (&Method::GET, ["ledger"]) => {
                         let entries = self.entries.clone();

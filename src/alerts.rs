@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 mod destination;
+pub mod refusals;
 
 pub use destination::{DestinationPolicy, REFUSED as REFUSED_DESTINATION};
 
@@ -46,6 +47,7 @@ use crate::ledger::ids::{OrgId, WalletId};
 use crate::ledger::lot::{Lot, LotKind};
 use crate::ledger::{too_fine, Ledger};
 use destination::GuardedResolver;
+use refusals::{RefusalLog, RefusalReason};
 
 /// Wallet signals waiting for evaluation; beyond this they are dropped (and
 /// counted): a later settle on the same wallet signals again.
@@ -192,6 +194,8 @@ pub struct Alerts {
     /// Where webhooks may go; the client's resolver enforces it too.
     policy: Arc<DestinationPolicy>,
     http: Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>,
+    /// Recent 402s per wallet and reason, counted from the refusal signals.
+    pub refusals: RefusalLog,
 }
 
 impl Alerts {
@@ -226,11 +230,23 @@ impl Alerts {
             dropped: AtomicU64::new(0),
             http: webhook_client(policy.clone()),
             policy,
+            refusals: RefusalLog::new(Utc::now()),
         }))
     }
 
     /// Report a signal without waiting; a full queue drops it (counted).
     pub fn notify(&self, signal: Signal) {
+        // Counted whether or not a rule watches the wallet: the dashboard
+        // shows every wallet's recent 402s.
+        match signal {
+            Signal::Empty(wallet) => {
+                self.refusals.record(wallet, RefusalReason::InsufficientCredits, Utc::now())
+            }
+            Signal::LimitReached(wallet, _) => {
+                self.refusals.record(wallet, RefusalReason::SpendLimitReached, Utc::now());
+            }
+            Signal::Changed(_) | Signal::OverHold(_) => {}
+        }
         let (Signal::Changed(wallet)
         | Signal::Empty(wallet)
         | Signal::LimitReached(wallet, _)
@@ -255,7 +271,8 @@ impl Alerts {
         self.policy
             .check_url(&webhook_url)
             .map_err(|reason| AlertError::Invalid { field: "webhook_url", reason: reason.into() })?;
-        if secret.len() < 16 {
+        // Characters, as the OpenAPI document's `minLength` counts them.
+        if secret.chars().count() < 16 {
             return Err(AlertError::Invalid { field: "secret", reason: "at least 16 characters".into() });
         }
         condition.validate()?;

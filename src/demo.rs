@@ -192,6 +192,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         "proxy_url": format!("http://{}", gateway.proxy_addr()),
         "admin_url": format!("http://{}", gateway.admin_addr()),
         "admin_token": admin_token,
+        "dashboard_url": format!("http://{}/ui/", gateway.admin_addr()),
         "org": keys.org,
         "keys": {"pro": keys.pro, "lite": keys.lite, "app": keys.app},
     });
@@ -231,6 +232,7 @@ fn print_walkthrough(
   proxy:          http://{proxy}
   admin:          http://{admin}
   mock upstream:  http://{mock_addr}
+  dashboard:      http://{admin}/ui/  (sign in with the admin token)
   admin token:    {admin_token}
   keys (also in {demo}):
     pro:  {pro}

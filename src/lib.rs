@@ -1,10 +1,10 @@
 //! creditgate: a usage-metering API gateway.
 //!
 //! Module map:
-//! - [`alerts`] — balance alerts delivered as signed webhooks.
+//! - [`alerts`] — balance alerts delivered as signed webhooks; recent 402s per wallet.
 //! - [`app`] — wiring: config, listeners, shutdown.
 //! - [`catalog`] — importing LiteLLM's public price catalog into a price table.
-//! - [`admin`] — the admin listener: health and readiness.
+//! - [`admin`] — the admin listener: health, readiness, `/admin/v1` and the `/ui/` dashboard.
 //! - [`clock`] — the injectable clock time-dependent rules read.
 //! - [`cluster`] — cluster mode: shared credit in PostgreSQL through leases.
 //! - [`config`] — gateway config: strict raw types, then validated types.

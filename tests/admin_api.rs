@@ -646,17 +646,17 @@ async fn usage_days_are_the_organizations_days() {
     )
     .await;
     assert_eq!(reply.status, 200);
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let report = call(
-        &stack,
-        ADMIN_TOKEN,
-        Method::GET,
-        &format!("/admin/v1/orgs/{id}/usage?group_by=day,month"),
-        None,
-        &[],
-    )
-    .await
-    .json();
+    // The report reads the debit once it is written through (no fixed wait).
+    let started = std::time::Instant::now();
+    let report = loop {
+        let path = format!("/admin/v1/orgs/{id}/usage?group_by=day,month");
+        let report = call(&stack, ADMIN_TOKEN, Method::GET, &path, None, &[]).await.json();
+        if !report["rows"].as_array().unwrap().is_empty() {
+            break report;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the debit was never reported");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(report["rows"][0]["day"], "2026-11-26", "{report}");
     assert_eq!(report["rows"][0]["month"], "2026-11");
 }
@@ -978,4 +978,49 @@ async fn schema_valid_bodies_that_a_rule_refuses_answer_422_naming_the_field() {
     }
     let after = call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/balances"), None, &[]).await;
     assert_eq!(before.json(), after.json(), "no refused call changed a wallet");
+}
+
+#[tokio::test]
+async fn the_dashboard_reads_scope_summary_and_price_entries() {
+    // Proves the three read endpoints the dashboard added: whoami, an org's
+    // summary (allocation consumed this contract year, in the org's zone)
+    // and the price table's entries (operator only).
+    let stack = start().await;
+    let (org, ids) = org_b(&stack).await;
+    let whoami = call(&stack, ORG_TOKEN, Method::GET, "/admin/v1/whoami", None, &[]).await.json();
+    assert_eq!(whoami, json!({"scope": "org", "org": 1, "finance": false}));
+    let whoami = call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/whoami", None, &[]).await.json();
+    assert_eq!(whoami["scope"], "operator");
+
+    let secret = ids["secret"].as_str().unwrap();
+    let body =
+        json!({"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20});
+    assert_eq!(post_json(&stack.url("/v1/chat/completions"), secret, &body).await.status, 200);
+    // The debit is in the ledger's store once it has been written through.
+    let ledger_path = format!("/admin/v1/orgs/{org}/ledger?kind=debit");
+    let started = std::time::Instant::now();
+    let debit = loop {
+        let ledger = call(&stack, ADMIN_TOKEN, Method::GET, &ledger_path, None, &[]).await.json();
+        if let Some(entry) = ledger["entries"].get(0) {
+            break entry.clone();
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the debit was never recorded");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let path = format!("/admin/v1/orgs/{org}/summary");
+    let summary = call(&stack, ADMIN_TOKEN, Method::GET, &path, None, &[]).await.json();
+    assert_eq!(summary["time_zone"], "Europe/Berlin");
+    let year = &summary["contract_year"];
+    // 50 platform + 2 seats x 5, starting at local midnight in Berlin.
+    assert_eq!(dec(&year["allocated"]), Decimal::from(60), "{summary}");
+    assert_eq!(dec(&year["consumed"]) + dec(&year["remaining"]), Decimal::from(60));
+    let start = year["start"].as_str().unwrap();
+    assert!(start.ends_with("T23:00:00Z") || start.ends_with("T22:00:00Z"), "Berlin midnight: {start}");
+    assert_eq!(dec(&year["consumed"]), -dec(&debit["amount"]), "consumed is the one debit");
+    assert_eq!(call(&stack, ORG_TOKEN, Method::GET, &path, None, &[]).await.status, 404, "another org's");
+
+    assert_eq!(call(&stack, ORG_TOKEN, Method::GET, "/admin/v1/prices/table", None, &[]).await.status, 403);
+    let table = call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/prices/table", None, &[]).await.json();
+    let models = table["models"].as_array().unwrap();
+    assert!(models.iter().any(|m| m["name"] == "mock-gpt" && m["input_per_mtok"].is_string()), "{table}");
 }

@@ -80,6 +80,24 @@ async fn the_demo_mints_an_admin_token_that_tops_up_the_pool_before_a_stream() {
         }
     }
     assert!(refused, "the demo pool runs dry");
+    // The dashboard is served where demo.json says, under a strict CSP, and the
+    // org summary it reads counts that 402.
+    let get = |url: String| {
+        Request::get(url)
+            .header("authorization", format!("Bearer {token}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    let page =
+        send(get(demo["dashboard_url"].as_str().expect("demo.json names the dashboard").to_owned())).await;
+    assert_eq!(page.status, 200);
+    assert!(page.header("content-security-policy").is_some_and(|csp| csp.contains("default-src 'none'")));
+    let summary = send(get(format!("{admin}/admin/v1/orgs/{org}/summary"))).await.json();
+    let counts = summary["refusals"]["counts"].as_array().unwrap();
+    assert!(
+        counts.iter().any(|c| c["reason"] == "insufficient_credits" && c["total"].as_u64() >= Some(1)),
+        "the 402 is counted: {summary}"
+    );
     let bought = admin_post(
         format!("{admin}/admin/v1/orgs/{org}/purchases"),
         token,

@@ -24,7 +24,9 @@ const fn operator(method: &'static str, path: &'static str, summary: &'static st
 
 pub const ROUTES: &[RouteDoc] = &[
     route("get", "/admin/v1/openapi.json", "This document"),
+    route("get", "/admin/v1/whoami", "The caller's scope: the operator, or one organization"),
     operator("get", "/admin/v1/prices", "The price table in force and the last reload"),
+    operator("get", "/admin/v1/prices/table", "Every model and tool with its prices in force now"),
     operator("post", "/admin/v1/prices/reload", "Reload the price file; 422 with every problem if invalid"),
     route("get", "/admin/v1/orgs", "Organizations (an org token sees its own)"),
     operator("post", "/admin/v1/orgs", "Create an organization, optionally with its first contract"),
@@ -44,6 +46,11 @@ pub const ROUTES: &[RouteDoc] = &[
     route("post", "/admin/v1/orgs/{org}/purchases", "Buy credits (Idempotency-Key header required)"),
     route("post", "/admin/v1/orgs/{org}/adjustments", "Correct a wallet (Idempotency-Key header required)"),
     route("get", "/admin/v1/orgs/{org}/balances", "Pool and Lite wallets: balance, lots, holds"),
+    route(
+        "get",
+        "/admin/v1/orgs/{org}/summary",
+        "Time zone, this contract year's allocation consumed, recent 402s by wallet and reason",
+    ),
     route("get", "/admin/v1/orgs/{org}/ledger", "Ledger entries: cursor paging and filters"),
     route("get", "/admin/v1/orgs/{org}/usage", "Usage totals grouped by dimensions, JSON or CSV"),
     route("get", "/admin/v1/orgs/{org}/alerts", "Alert rules (secrets never shown)"),
@@ -335,10 +342,68 @@ fn price_status() -> Value {
     )
 }
 
+fn price_table() -> Value {
+    let markup = decimal();
+    let model = has(
+        json!({"name": {"type": "string"}, "input_per_mtok": decimal(), "cached_input_per_mtok": decimal(),
+               "output_per_mtok": decimal(), "per_request": decimal(), "markup_percent": markup}),
+        &[
+            "name",
+            "input_per_mtok",
+            "cached_input_per_mtok",
+            "output_per_mtok",
+            "per_request",
+            "markup_percent",
+        ],
+    );
+    let tool = has(
+        json!({"name": {"type": "string"}, "per_call": decimal(), "per_unit": decimal(),
+               "unit": {"type": ["string", "null"]}, "markup_percent": decimal()}),
+        &["name", "per_call", "per_unit", "unit", "markup_percent"],
+    );
+    has(
+        json!({"version": {"type": "string"}, "models": {"type": "array", "items": model},
+               "tools": {"type": "array", "items": tool}}),
+        &["version", "models", "tools"],
+    )
+}
+
+/// What the dashboard's overview reads beside balances: the org's zone,
+/// the contract year in force (null outside any term) and recent 402s.
+fn org_summary() -> Value {
+    let count = json!({"type": "integer", "minimum": 0});
+    let year = has(
+        json!({"term": count, "year": count, "start": time(), "end": time(), "allocated": decimal(),
+               "remaining": decimal(), "consumed": decimal()}),
+        &["term", "year", "start", "end", "allocated", "remaining", "consumed"],
+    );
+    let refusal = has(
+        json!({"wallet": {"type": "object"},
+               "reason": {"type": "string", "enum": ["insufficient_credits", "spend_limit_reached"]},
+               "total": count, "last_day": count, "last_day_capped": {"type": "boolean"},
+               "last_at": {"anyOf": [time(), {"type": "null"}]}}),
+        &["wallet", "reason", "total", "last_day", "last_day_capped", "last_at"],
+    );
+    has(
+        json!({"org": id(), "time_zone": {"type": "string"}, "now": time(),
+               "contract_year": {"anyOf": [year, {"type": "null"}]},
+               "refusals": has(json!({"since": time(), "counts": {"type": "array", "items": refusal}}),
+                               &["since", "counts"])}),
+        &["org", "time_zone", "now", "contract_year", "refusals"],
+    )
+}
+
 /// The JSON each endpoint answers on success.
 fn response_schema(method: &str, path: &str) -> Value {
     match (method, path.trim_start_matches("/admin/v1")) {
         ("get", "/prices") | ("post", "/prices/reload") => price_status(),
+        ("get", "/prices/table") => price_table(),
+        ("get", "/whoami") => has(
+            json!({"scope": {"type": "string", "enum": ["operator", "org"]},
+                   "org": {"anyOf": [id(), {"type": "null"}]}, "finance": {"type": "boolean"}}),
+            &["scope", "org", "finance"],
+        ),
+        ("get", "/orgs/{org}/summary") => org_summary(),
         ("post", "/orgs/{org}/contracts") => organization(),
         ("get", "/orgs/{org}/users") => has(json!({"users": {"type": "array", "items": user()}}), &["users"]),
         ("post", "/orgs/{org}/users") | ("patch", "/orgs/{org}/users/{user}") => user(),

@@ -87,10 +87,17 @@ fn time(params: &BTreeMap<String, String>, name: &str) -> Result<Option<DateTime
         .transpose()
 }
 
+/// A whole-number parameter. Digits past `u64::MAX` read as `u64::MAX`
+/// (the document allows any run of digits): a page size that large is the
+/// largest page, and no id or cursor is that large.
 fn number(params: &BTreeMap<String, String>, name: &str) -> Result<Option<u64>, AdminError> {
     params
         .get(name)
-        .map(|v| v.parse::<u64>().map_err(|_| AdminError::bad(name, "a whole number")))
+        .map(|v| match v.parse::<u64>() {
+            Ok(n) => Ok(n),
+            Err(_) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => Ok(u64::MAX),
+            Err(_) => Err(AdminError::bad(name, "a whole number")),
+        })
         .transpose()
 }
 

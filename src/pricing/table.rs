@@ -119,6 +119,16 @@ impl PriceTable {
         self.models.get(index).map(|model| model.name.as_str())
     }
 
+    /// Every priced model's name (not its aliases), in file order.
+    pub fn model_names(&self) -> impl Iterator<Item = &str> {
+        self.models.iter().map(|model| model.name.as_str())
+    }
+
+    /// Every priced tool's name, in file order.
+    pub fn tool_names(&self) -> impl Iterator<Item = &str> {
+        self.tools.iter().map(|tool| tool.name.as_str())
+    }
+
     /// What a tool's `per_unit` counts (e.g. "results"), if it is priced per unit.
     pub fn tool_unit(&self, name: &str) -> Option<&str> {
         let index = *self.tool_names.get(name)?;

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 pub mod cluster;
 pub mod pg;
 pub mod provider;
+pub mod webdriver;
 
 pub const UPSTREAM_SECRET: &str = "sk-upstream-secret-0123456789";
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests";

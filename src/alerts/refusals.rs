@@ -1,0 +1,137 @@
+//! Recent 402 answers per wallet and reason, in memory, for the admin API's
+//! org summary (the dashboard's "recent 402s by reason").
+//!
+//! The proxy already tells the alerts about every money refusal (an empty
+//! wallet, a spending limit reached); this log counts those signals as they
+//! arrive, so the request path gains no new call. It is not a ledger record:
+//! it starts empty at every start of the process, which the summary says
+//! (`since`).
+
+use std::collections::{HashMap, VecDeque};
+
+use chrono::{DateTime, Duration, Utc};
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::ledger::ids::WalletId;
+
+/// Times kept per wallet and reason, to count the last day: past this many
+/// the oldest are forgotten and the day's count is a lower bound
+/// (`last_day_capped`).
+const TIMES_PER_TALLY: usize = 1_000;
+
+/// Why a request was answered 402, by the proxy's stable error code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    InsufficientCredits,
+    SpendLimitReached,
+}
+
+#[derive(Default)]
+struct Tally {
+    total: u64,
+    /// Newest last, at most [`TIMES_PER_TALLY`].
+    times: VecDeque<DateTime<Utc>>,
+}
+
+/// One wallet's 402s for one reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RefusalCount {
+    pub wallet: WalletId,
+    pub reason: RefusalReason,
+    /// Since `since`.
+    pub total: u64,
+    /// In the 24 hours before the summary was asked for.
+    pub last_day: u64,
+    /// Whether more than [`TIMES_PER_TALLY`] came in that day (then
+    /// `last_day` counts only the latest of them).
+    pub last_day_capped: bool,
+    pub last_at: Option<DateTime<Utc>>,
+}
+
+/// Per wallet and reason, how many 402s and when. Wallets come only from
+/// refusals the ledger made, so the map holds at most one entry per
+/// existing wallet and reason.
+pub struct RefusalLog {
+    since: DateTime<Utc>,
+    tallies: Mutex<HashMap<(WalletId, RefusalReason), Tally>>,
+}
+
+impl RefusalLog {
+    pub fn new(since: DateTime<Utc>) -> Self {
+        RefusalLog { since, tallies: Mutex::new(HashMap::new()) }
+    }
+
+    /// When counting began (the process start).
+    pub fn since(&self) -> DateTime<Utc> {
+        self.since
+    }
+
+    pub fn record(&self, wallet: WalletId, reason: RefusalReason, at: DateTime<Utc>) {
+        let mut tallies = self.tallies.lock();
+        let tally = tallies.entry((wallet, reason)).or_default();
+        tally.total = tally.total.saturating_add(1);
+        if tally.times.len() == TIMES_PER_TALLY {
+            tally.times.pop_front();
+        }
+        tally.times.push_back(at);
+    }
+
+    /// The counts of `wallets`, by wallet then reason, as of `now`.
+    pub fn counts(&self, wallets: &[WalletId], now: DateTime<Utc>) -> Vec<RefusalCount> {
+        let day_ago = now - Duration::hours(24);
+        let tallies = self.tallies.lock();
+        let mut counts: Vec<RefusalCount> = tallies
+            .iter()
+            .filter(|((wallet, _), _)| wallets.contains(wallet))
+            .map(|(&(wallet, reason), tally)| {
+                let last_day = tally.times.iter().filter(|&&t| t > day_ago).count();
+                RefusalCount {
+                    wallet,
+                    reason,
+                    total: tally.total,
+                    last_day: last_day as u64,
+                    last_day_capped: last_day == TIMES_PER_TALLY,
+                    last_at: tally.times.back().copied(),
+                }
+            })
+            .collect();
+        counts.sort_by_key(|c| (c.wallet, c.reason));
+        counts
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::ledger::ids::{OrgId, UserId};
+
+    #[test]
+    fn counts_each_wallet_and_reason_over_the_last_day() {
+        // Proves the day window, the per-wallet filter and the cap on kept times.
+        let start: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
+        let log = RefusalLog::new(start);
+        let pool = WalletId::Pool(OrgId(1));
+        let lite = WalletId::Lite(UserId(2));
+        log.record(pool, RefusalReason::InsufficientCredits, start);
+        for minute in 0..(TIMES_PER_TALLY as i64 + 5) {
+            log.record(
+                lite,
+                RefusalReason::SpendLimitReached,
+                start + Duration::hours(30) + Duration::minutes(minute),
+            );
+        }
+        let now = start + Duration::hours(48);
+        let counts = log.counts(&[pool, lite], now);
+        assert_eq!(counts.len(), 2, "{counts:?}");
+        let pool_count = counts.iter().find(|c| c.wallet == pool).unwrap();
+        assert_eq!((pool_count.total, pool_count.last_day, pool_count.last_day_capped), (1, 0, false));
+        let lite_count = counts.iter().find(|c| c.wallet == lite).unwrap();
+        assert_eq!(lite_count.total, TIMES_PER_TALLY as u64 + 5);
+        assert_eq!(lite_count.last_day, TIMES_PER_TALLY as u64, "only the kept times count");
+        assert!(lite_count.last_day_capped);
+        assert!(log.counts(&[WalletId::Pool(OrgId(9))], now).is_empty(), "other wallets are not shown");
+    }
+}
