@@ -5,6 +5,7 @@ WORKDIR /src
 # the binary; .ci/docker-context builds from exactly these files in CI.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY ui ./ui
 COPY config ./config
 COPY bench ./bench
 RUN cargo build --release --locked --bin creditgate
