@@ -427,3 +427,52 @@ async fn shipped_debits_post_once_and_every_book_agrees() {
     assert_shared_books(&url, pool, dec!(98.375)).await;
     assert_audited(follower.ledger(), &entries(&records));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_cancelled_while_it_waits_for_the_books_leaves_nothing_held() {
+    let (_pg, url, clock, treasurer, follower) = cluster("cancelled", "2026-03-31T22:00:00Z").await;
+    let seeded = seed(treasurer.ledger(), clock.now());
+    let pool = WalletId::Pool(seeded.org);
+    let capped = Limits { daily: Some(dec!(10)), ..Limits::NONE };
+    let key = NewKey {
+        owner: Owner::User(seeded.pro),
+        hash: KeyHash::of_secret("sk-cancelled"),
+        label: "k".into(),
+        limits: capped,
+    };
+    let key = treasurer.ledger().create_key(seeded.org, key, clock.now()).unwrap().id;
+    follow_all(&treasurer, &follower).await;
+    let book = Arc::new(LeaseBook::new(books(&url).await, LeaseSettings::new("r2"), 1));
+
+    // The pool's row is locked elsewhere, so the credit draw waits, after
+    // the daily limit's headroom was already leased; the client leaves.
+    let db = Database::new(&url, 1).unwrap();
+    let mut blocker = db.client().await.unwrap();
+    let tx = blocker.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM cg_wallets WHERE wallet = $1 FOR UPDATE", &[&pool.to_string()]).await.unwrap();
+    let context = SpendContext { key, end_user: None };
+    let request_id = RequestId(uuid::Uuid::now_v7());
+    let pending = creditgate::cluster::spend::hold(
+        follower.ledger(),
+        &book,
+        pool,
+        request_id,
+        dec!(1),
+        context,
+        clock.now(),
+    );
+    assert!(tokio::time::timeout(Duration::from_millis(300), pending).await.is_err(), "the draw waited");
+    tx.rollback().await.unwrap();
+
+    assert_eq!(follower.ledger().open_holds(), 0, "the view's hold was released");
+    // Every lease can go back: none keeps a hold that will never end.
+    // The draw that was cut short finishes once the row is free, and its
+    // lease goes straight back.
+    book.shutdown().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !books(&url).await.open_leases("r2").await.unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "a lease was left open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_shared_books(&url, pool, dec!(100)).await;
+}

@@ -392,10 +392,23 @@ impl LeaseBook {
             state.rate.max(self.settings.min_lease).min(self.settings.max_lease).max(need)
         };
         let asked_at = Instant::now();
-        let grant = self
-            .books
-            .draw_lease(&self.settings.replica, wallet, want, need, self.settings.ttl, self.settings.ttl)
-            .await?;
+        // The draw runs as its own task: a request that stops waiting (its
+        // client left) must not leave a lease the books granted and this
+        // book never learned of. Nobody left to take it, it goes back.
+        let (sent, received) = tokio::sync::oneshot::channel();
+        let (books, replica, named, ttl) =
+            (self.books.clone(), self.settings.replica.clone(), wallet.to_owned(), self.settings.ttl);
+        tokio::spawn(async move {
+            let drawn = books.draw_lease(&replica, &named, want, need, ttl, ttl).await;
+            if let Err(Ok(Some(grant))) = sent.send(drawn) {
+                if let Err(error) = books.give_back(&replica, &[grant.id]).await {
+                    tracing::warn!(%error, "a lease drawn for a cancelled hold is left to expire");
+                }
+            }
+        });
+        let grant = received
+            .await
+            .map_err(|_| ClusterError::Unavailable("the lease draw was cut short".into()))??;
         let Some(grant) = grant else { return Ok(None) };
         let held = if hold_need { need } else { Decimal::ZERO };
         self.wallet(wallet).lock().leases.push(Lease {

@@ -4,6 +4,11 @@
 //! at the same time). Its settle releases the first and ships the debit
 //! from the second; the treasurer posts it to the books, and every
 //! replica's view learns it from the log.
+//!
+//! Taking the leases may wait for the database, and the request's future
+//! may be dropped meanwhile (the client left): whatever was taken so far
+//! lives in the [`ClusterHold`] from the start and is released by its
+//! `Drop`, so no lease is left with a hold that never ends.
 
 use std::sync::Arc;
 
@@ -17,17 +22,27 @@ use crate::ledger::{Hold, Ledger, Refusal, SpendContext};
 
 use super::{DebitDetail, LeaseBook, LeaseHold, LeaseRefusal};
 
-/// A request's reservation in cluster mode: settle or release it.
-#[must_use = "a cluster hold keeps its lease credit until settled or released"]
+/// A request's reservation in cluster mode: settle or release it. Dropped
+/// unspent (a request cancelled mid-hold, or a caller's bug), it releases
+/// what it holds.
 #[derive(Debug)]
 pub struct ClusterHold {
-    view: Hold,
-    lease: LeaseHold,
+    /// Taken while holding, for a release on drop.
+    taken_at: DateTime<Utc>,
+    view: Option<Hold>,
+    /// The wallet's credit; `None` until the limits' headroom was held.
+    lease: Option<LeaseHold>,
     /// Headroom held under each period cap the spender draws on.
     limits: Vec<LeaseHold>,
     book: Arc<LeaseBook>,
     key: KeyId,
     end_user: Option<String>,
+}
+
+impl Drop for ClusterHold {
+    fn drop(&mut self) {
+        self.release_taken(self.taken_at);
+    }
 }
 
 /// Holds `amount` for `request_id` on `wallet`: first in the replica's view
@@ -46,7 +61,15 @@ pub async fn hold(
     now: DateTime<Utc>,
 ) -> Result<ClusterHold, Refusal> {
     let view = ledger.hold_in_view(wallet, request_id, amount, context, now)?;
-    let mut limits = Vec::new();
+    let mut hold = ClusterHold {
+        taken_at: now,
+        view: Some(view),
+        lease: None,
+        limits: Vec::new(),
+        book: book.clone(),
+        key: context.key,
+        end_user: context.end_user.map(str::to_owned),
+    };
     let caps = ledger.period_caps(wallet, context, now);
     if !caps.is_empty() {
         let org = ledger.wallet_org(wallet).map_err(|_| Refusal::UnknownWallet { wallet })?;
@@ -58,90 +81,91 @@ pub async fn hold(
                 Err(err) => Err(LeaseRefusal::Unavailable(err)),
             };
             match held {
-                Ok(lease) => limits.push(lease),
-                Err(refusal) => {
-                    view.release(now);
-                    limits.into_iter().for_each(|lease| book.release(lease));
-                    return Err(match refusal {
-                        LeaseRefusal::InsufficientCredit { required } => Refusal::SpendingLimit {
-                            wallet: ledger.wallet_view(wallet).ok_or(Refusal::UnknownWallet { wallet })?,
-                            required,
-                            limit: Box::new(LimitBreach {
-                                subject: cap.subject,
-                                period: cap.period,
-                                cap: cap.cap,
-                                // What the other replicas hold or spent is
-                                // not known here: the cap is what binds.
-                                spent: (cap.cap - required).max(Decimal::ZERO),
-                                resets_at: Some(cap.ends_at),
-                            }),
-                        },
-                        LeaseRefusal::Unavailable(err) => Refusal::Unavailable { reason: err.to_string() },
+                Ok(lease) => hold.limits.push(lease),
+                Err(LeaseRefusal::InsufficientCredit { required }) => {
+                    return Err(Refusal::SpendingLimit {
+                        wallet: ledger.wallet_view(wallet).ok_or(Refusal::UnknownWallet { wallet })?,
+                        required,
+                        limit: Box::new(LimitBreach {
+                            subject: cap.subject,
+                            period: cap.period,
+                            cap: cap.cap,
+                            // What the other replicas hold or spent is not
+                            // known here: the cap is what binds.
+                            spent: (cap.cap - required).max(Decimal::ZERO),
+                            resets_at: Some(cap.ends_at),
+                        }),
                     });
+                }
+                Err(LeaseRefusal::Unavailable(err)) => {
+                    return Err(Refusal::Unavailable { reason: err.to_string() })
                 }
             }
         }
     }
     match book.hold(&wallet.to_string(), amount).await {
-        Ok(lease) => Ok(ClusterHold {
-            view,
-            lease,
-            limits,
-            book: book.clone(),
-            key: context.key,
-            end_user: context.end_user.map(str::to_owned),
-        }),
-        Err(refusal) => {
-            view.release(now);
-            limits.into_iter().for_each(|lease| book.release(lease));
-            Err(match refusal {
-                LeaseRefusal::InsufficientCredit { required } => {
-                    // The view may lag the books (debits not yet posted), so
-                    // what it shows available is at most what a smaller
-                    // retry could get, never a promise.
-                    let view = ledger.wallet_view(wallet).ok_or(Refusal::UnknownWallet { wallet })?;
-                    Refusal::InsufficientFunds { wallet: view, required }
-                }
-                LeaseRefusal::Unavailable(err) => Refusal::Unavailable { reason: err.to_string() },
-            })
+        Ok(lease) => {
+            hold.lease = Some(lease);
+            Ok(hold)
         }
+        // The view may lag the books (debits not yet posted), so what it
+        // shows available is at most what a smaller retry could get.
+        Err(LeaseRefusal::InsufficientCredit { required }) => Err(Refusal::InsufficientFunds {
+            wallet: ledger.wallet_view(wallet).ok_or(Refusal::UnknownWallet { wallet })?,
+            required,
+        }),
+        Err(LeaseRefusal::Unavailable(err)) => Err(Refusal::Unavailable { reason: err.to_string() }),
     }
 }
 
 impl ClusterHold {
     /// The amount held.
     pub fn amount(&self) -> Decimal {
-        self.lease.amount()
+        self.lease.as_ref().map_or(Decimal::ZERO, LeaseHold::amount)
     }
 
     /// Charges `cost` (in full, even above the hold) and queues the debit
     /// for the books; returns the amount debited.
-    pub fn settle(self, cost: Decimal, details: SettleDetails, now: DateTime<Utc>) -> Decimal {
+    pub fn settle(mut self, cost: Decimal, details: SettleDetails, now: DateTime<Utc>) -> Decimal {
+        let (Some(view), Some(lease)) = (self.view.take(), self.lease.take()) else {
+            // Only a complete hold is handed out.
+            return Decimal::ZERO;
+        };
         let detail = DebitDetail {
-            request_id: self.view.request_id(),
-            wallet: self.view.wallet(),
+            request_id: view.request_id(),
+            wallet: view.wallet(),
             key: self.key,
-            end_user: self.end_user,
-            held: self.lease.amount(),
+            end_user: self.end_user.take(),
+            held: lease.amount(),
             details,
         };
-        self.view.release(now);
-        for limit in self.limits {
+        view.release(now);
+        for limit in std::mem::take(&mut self.limits) {
             // Counted against the limit only; the credit debit carries the detail.
             let detail = serde_json::json!({ "request_id": detail.request_id });
             self.book.settle(limit, cost, now, detail);
         }
         let detail = serde_json::to_value(&detail).unwrap_or_default();
-        self.book.settle(self.lease, cost, now, detail);
+        self.book.settle(lease, cost, now, detail);
         cost
     }
 
     /// Ends the hold without a debit.
-    pub fn release(self, now: DateTime<Utc>) -> Decimal {
-        let amount = self.lease.amount();
-        self.view.release(now);
-        self.limits.into_iter().for_each(|limit| self.book.release(limit));
-        self.book.release(self.lease);
+    pub fn release(mut self, now: DateTime<Utc>) -> Decimal {
+        let amount = self.amount();
+        self.release_taken(now);
         amount
+    }
+
+    fn release_taken(&mut self, now: DateTime<Utc>) {
+        if let Some(view) = self.view.take() {
+            view.release(now);
+        }
+        for limit in std::mem::take(&mut self.limits) {
+            self.book.release(limit);
+        }
+        if let Some(lease) = self.lease.take() {
+            self.book.release(lease);
+        }
     }
 }
