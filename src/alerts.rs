@@ -196,12 +196,23 @@ pub struct Alerts {
     http: Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>,
     /// Recent 402s per wallet and reason, counted from the refusal signals.
     pub refusals: RefusalLog,
+    /// When a refusal happened (the gateway's injectable clock).
+    clock: Arc<dyn Clock>,
 }
 
 impl Alerts {
     /// Load the rules saved in `path` (none if the file does not exist);
     /// webhooks go only where `policy` allows.
     pub fn load(path: PathBuf, policy: DestinationPolicy) -> Result<Arc<Alerts>, AlertError> {
+        Self::load_with_clock(path, policy, Arc::new(crate::clock::SystemClock))
+    }
+
+    /// As [`Alerts::load`], reading `clock` for when refusals happen.
+    pub fn load_with_clock(
+        path: PathBuf,
+        policy: DestinationPolicy,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Alerts>, AlertError> {
         let rules: Vec<Rule> = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AlertError::Load {
                 path: path.display().to_string(),
@@ -230,7 +241,8 @@ impl Alerts {
             dropped: AtomicU64::new(0),
             http: webhook_client(policy.clone()),
             policy,
-            refusals: RefusalLog::new(Utc::now()),
+            refusals: RefusalLog::new(clock.now()),
+            clock,
         }))
     }
 
@@ -240,10 +252,10 @@ impl Alerts {
         // shows every wallet's recent 402s.
         match signal {
             Signal::Empty(wallet) => {
-                self.refusals.record(wallet, RefusalReason::InsufficientCredits, Utc::now())
+                self.refusals.record(wallet, RefusalReason::InsufficientCredits, self.clock.now())
             }
             Signal::LimitReached(wallet, _) => {
-                self.refusals.record(wallet, RefusalReason::SpendLimitReached, Utc::now());
+                self.refusals.record(wallet, RefusalReason::SpendLimitReached, self.clock.now());
             }
             Signal::Changed(_) | Signal::OverHold(_) => {}
         }

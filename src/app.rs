@@ -83,7 +83,8 @@ impl Gateway {
             }
         };
         let policy = DestinationPolicy { allow: config.admin.alert_webhook_allow.clone() };
-        let alerts = Alerts::load(config.server.data_dir.join("alerts.json"), policy)?;
+        let alerts =
+            Alerts::load_with_clock(config.server.data_dir.join("alerts.json"), policy, clock.clone())?;
         tokio::spawn(alerts.clone().run(ledger.clone(), clock.clone(), shutdown.clone()));
         tokio::spawn(void_expired_holds(ledger.clone(), clock.clone(), shutdown.clone()));
         let options = ServeOptions {

@@ -54,14 +54,7 @@ async fn a_standby_promoted_under_load_takes_over_and_the_books_stay_exact() {
 
     // A hold needs a lease, and none was renewed after the primary died: a
     // call that began a TTL into the outage cannot have been served.
-    let without_lease: Vec<_> = seen
-        .iter()
-        .filter(|call| {
-            call.status == Some(200)
-                && call.started > killed_at + Duration::from_millis(LEASE_TTL_MS)
-                && call.finished < promoting_at
-        })
-        .collect();
+    let without_lease = served_without_lease(&seen, killed_at, promoting_at);
     assert!(without_lease.is_empty(), "served without a lease: {without_lease:?}");
     let unavailable = seen.iter().filter(|call| call.status == Some(503)).count();
     assert!(unavailable > 0, "503 once the leases ran out");

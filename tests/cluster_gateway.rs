@@ -30,16 +30,7 @@ async fn many_max_cost_requests_over_three_replicas_never_overdraw_one_small_wal
     let audit = pool_audit(&cluster.url, org).await;
     assert_eq!(audit.funded, funded, "the contract's grant and the purchase are in the shared books");
 
-    let calls: Vec<_> = (0..120)
-        .map(|i| {
-            let (proxy, secret) = (cluster.replicas[i % 3].proxy.clone(), secret.clone());
-            tokio::spawn(async move { call(&proxy, &secret).await })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for task in calls {
-        statuses.push(task.await.unwrap());
-    }
+    let statuses = burst(&cluster, &secret, 120).await;
     let served = statuses.iter().filter(|s| **s == Some(200)).count();
     let refused = statuses.iter().filter(|s| **s == Some(402)).count();
     if served + refused != statuses.len() {
@@ -184,14 +175,7 @@ async fn with_postgresql_stopped_replicas_serve_only_inside_their_leases_then_an
     }
     // A hold needs a lease, and the last one was renewed before the outage:
     // a call that began a TTL into it cannot have been served.
-    let without_lease: Vec<_> = seen
-        .iter()
-        .filter(|call| {
-            call.status == Some(200)
-                && call.started > stopped_at + Duration::from_millis(LEASE_TTL_MS)
-                && call.finished < restarted_at
-        })
-        .collect();
+    let without_lease = served_without_lease(&seen, stopped_at, restarted_at);
     assert!(without_lease.is_empty(), "served without a lease: {without_lease:?}");
     let unavailable = seen.iter().filter(|call| call.status == Some(503)).count();
     assert!(unavailable > 0, "503 once the leases ran out");
@@ -244,16 +228,7 @@ async fn a_daily_key_limit_holds_with_the_keys_traffic_spread_over_three_replica
         }
     }
 
-    let calls: Vec<_> = (0..120)
-        .map(|i| {
-            let (proxy, secret) = (cluster.replicas[i % 3].proxy.clone(), secret.clone());
-            tokio::spawn(async move { call(&proxy, &secret).await })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for task in calls {
-        statuses.push(task.await.unwrap());
-    }
+    let statuses = burst(&cluster, &secret, 120).await;
     let served = statuses.iter().filter(|s| **s == Some(200)).count();
     let refused = statuses.iter().filter(|s| **s == Some(402)).count();
     assert_eq!(served + refused, statuses.len(), "only 200 or 402: {statuses:?}");

@@ -344,3 +344,33 @@ pub fn load(
         seen
     })
 }
+
+/// `calls` concurrent calls, spread over the replicas in turn; their statuses.
+pub async fn burst(cluster: &Cluster, secret: &str, calls: usize) -> Vec<Option<u16>> {
+    let tasks: Vec<_> = (0..calls)
+        .map(|i| {
+            let proxy = cluster.replicas[i % cluster.replicas.len()].proxy.clone();
+            let secret = secret.to_owned();
+            tokio::spawn(async move { call(&proxy, &secret).await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.unwrap());
+    }
+    statuses
+}
+
+/// The calls served (200) that began a lease TTL after the books became
+/// unreachable at `cut_off` and ended before they could be reached again:
+/// none may exist, since a hold needs a lease and none was renewed.
+pub fn served_without_lease(seen: &[Call], cut_off: Instant, back: Instant) -> Vec<Call> {
+    seen.iter()
+        .filter(|call| {
+            call.status == Some(200)
+                && call.started > cut_off + Duration::from_millis(LEASE_TTL_MS)
+                && call.finished < back
+        })
+        .copied()
+        .collect()
+}
