@@ -17,7 +17,7 @@ mod body;
 mod charge;
 mod context;
 mod error;
-mod headers;
+pub(crate) mod headers;
 mod path;
 mod traffic;
 mod upstream;

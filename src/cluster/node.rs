@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::ledger::LedgerConfig;
+use crate::proxy::headers::strip_hop_by_hop;
 
 use super::migrate::migrate;
 use super::{Books, ClusterError, Database, LeaseBook, LeaseSettings, Replica, ReplicaSettings};
@@ -262,25 +263,25 @@ impl ClusterNode {
         };
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = format!("{}{path}", url.trim_end_matches('/'));
-        let mut request = Request::builder().method(parts.method.clone()).uri(&uri);
-        for (name, value) in &parts.headers {
-            if name == http::header::HOST
-                || name == http::header::CONTENT_LENGTH
-                || name == http::header::CONNECTION
-            {
-                continue;
-            }
-            request = request.header(name, value);
-        }
-        let request = request
-            .header(FORWARDED, HeaderValue::from_static("1"))
+        // The caller's own headers (its token, its Idempotency-Key) go
+        // along; hop-by-hop ones and the length of a body re-sent whole do not.
+        let mut headers = parts.headers.clone();
+        strip_hop_by_hop(&mut headers);
+        headers.remove(http::header::HOST);
+        headers.remove(http::header::CONTENT_LENGTH);
+        headers.insert(FORWARDED, HeaderValue::from_static("1"));
+        let mut request = Request::builder()
+            .method(parts.method.clone())
+            .uri(&uri)
             .body(Full::new(body))
             .map_err(|err| format!("cannot forward to the treasurer: {err}"))?;
+        *request.headers_mut() = headers;
         let response = tokio::time::timeout(FORWARD_TIMEOUT, self.client.request(request))
             .await
             .map_err(|_| format!("the treasurer ({treasurer}) did not answer in time"))?
             .map_err(|err| format!("the treasurer ({treasurer}) cannot be reached: {err}"))?;
-        let (head, body) = response.into_parts();
+        let (mut head, body) = response.into_parts();
+        strip_hop_by_hop(&mut head.headers);
         let body = tokio::time::timeout(FORWARD_TIMEOUT, Limited::new(body, MAX_REPLY_BYTES).collect())
             .await
             .map_err(|_| format!("the treasurer ({treasurer}) did not finish its reply"))?
