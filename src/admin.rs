@@ -402,6 +402,11 @@ impl Admin {
         self.metrics.open_holds.set(gauge(self.ledger.open_holds() as u64));
         self.metrics.store_flushes.set(gauge(stats.flushes));
         self.metrics.store_flush_micros.set(gauge(stats.flush_micros));
+        if let (Some(node), Some(cluster)) = (&self.cluster, &self.metrics.cluster) {
+            let (holds, statements) = node.lease_book().stats();
+            cluster.lease_holds.set(gauge(holds));
+            cluster.db_statements.set(gauge(statements));
+        }
         let mut response = Response::new(GatewayBody::local(self.metrics.render().into()));
         response.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -61,7 +61,7 @@ impl Gateway {
     ) -> anyhow::Result<Gateway> {
         let config = Arc::new(config);
         prepare_data_dir(&config)?;
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(config.cluster.is_some()));
         let prices = load_prices(&config, &clock, &metrics, &shutdown)?;
         let proxy_listener = TcpListener::bind(config.server.listen)
             .await
@@ -78,7 +78,8 @@ impl Gateway {
             }
             Some(section) => {
                 let node =
-                    join_cluster(&config, section, admin_addr, clock.clone(), shutdown.clone()).await?;
+                    join_cluster(&config, section, admin_addr, &metrics, clock.clone(), shutdown.clone())
+                        .await?;
                 (node.ledger().clone(), None, Some(node))
             }
         };
@@ -298,6 +299,7 @@ async fn join_cluster(
     config: &GatewayConfig,
     section: &ClusterConfig,
     admin_addr: SocketAddr,
+    metrics: &Metrics,
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<ClusterNode>> {
@@ -317,6 +319,7 @@ async fn join_cluster(
         lease_ttl: std::time::Duration::from_millis(section.lease_ttl_ms),
         treasury_ttl: std::time::Duration::from_millis(section.treasury_ttl_ms),
         ship_interval: std::time::Duration::from_millis(section.ship_interval_ms),
+        metrics: metrics.cluster.clone(),
     };
     let ledger_config = LedgerConfig { hold_ttl_ms: config.ledger.hold_ttl_ms, ..LedgerConfig::default() };
     ClusterNode::start(options, data_dir, ledger_config, clock, shutdown)

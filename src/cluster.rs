@@ -92,6 +92,7 @@ pub mod migrate;
 pub mod node;
 pub mod replica;
 pub mod spend;
+pub mod wakeups;
 
 pub use books::{Books, FundingReceipt, LeaseGrant, Renewal, ReplicaStatus, ShippedDebit, WalletAudit};
 pub use db::Database;
@@ -100,6 +101,7 @@ pub use leases::{LeaseBook, LeaseHold, LeaseRefusal, LeaseSettings};
 pub use node::{ClusterNode, NodeOptions};
 pub use replica::{DebitDetail, Replica, ReplicaSettings};
 pub use spend::ClusterHold;
+pub use wakeups::Wakeups;
 
 /// What can go wrong talking to the cluster's database.
 #[derive(Debug, thiserror::Error)]

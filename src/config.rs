@@ -850,12 +850,12 @@ fn validate_cluster(
             );
         }
     }
-    let ship_interval_ms = raw.ship_interval_ms.unwrap_or(50);
+    let ship_interval_ms = raw.ship_interval_ms.unwrap_or(250);
     if !(1..=1_000).contains(&ship_interval_ms) {
         checker.problem(
             offset,
             format!("[cluster] ship_interval_ms = {ship_interval_ms} is out of range"),
-            Some("use 1 to 1000; settles wait in the outbox that long"),
+            Some("use 1 to 1000; settled debits wait in the outbox (kept on disk) that long before the shared books see them"),
         );
     }
     Some(ClusterConfig {

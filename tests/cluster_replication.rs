@@ -280,11 +280,16 @@ async fn a_treasurer_that_steps_down_hands_over_at_once() {
     let second = Arc::new(replica(&url, "r2").await);
     let stop_first = tokio_util::sync::CancellationToken::new();
     let stop_second = tokio_util::sync::CancellationToken::new();
-    let run_first = tokio::spawn(first.clone().run(clock.clone(), stop_first.clone()));
+    // Each listens for the database's wake-ups as a replica process does.
+    let listen = |stop: &tokio_util::sync::CancellationToken| {
+        creditgate::cluster::Wakeups::start(Database::new(&url, 1).unwrap(), stop.clone())
+    };
+    let run_first = tokio::spawn(first.clone().run(clock.clone(), listen(&stop_first), stop_first.clone()));
     while first.epoch().is_none() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let run_second = tokio::spawn(second.clone().run(clock.clone(), stop_second.clone()));
+    let run_second =
+        tokio::spawn(second.clone().run(clock.clone(), listen(&stop_second), stop_second.clone()));
     let seeded = seed(first.ledger(), clock.now());
 
     // A clean shutdown gives the treasury up: the other replica takes it

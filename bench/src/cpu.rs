@@ -74,19 +74,22 @@ pub fn tree_cpu(pid: u32) -> Duration {
 }
 
 /// Whose CPU a phase charges.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum CpuSource {
     None,
     Process(u32),
     Tree(u32),
+    /// Several processes together (a cluster's replicas).
+    Processes(std::sync::Arc<[u32]>),
 }
 
 impl CpuSource {
-    pub fn read(self) -> Option<Duration> {
+    pub fn read(&self) -> Option<Duration> {
         match self {
             CpuSource::None => None,
-            CpuSource::Process(pid) => Some(process_cpu(pid)),
-            CpuSource::Tree(pid) => Some(tree_cpu(pid)),
+            CpuSource::Process(pid) => Some(process_cpu(*pid)),
+            CpuSource::Tree(pid) => Some(tree_cpu(*pid)),
+            CpuSource::Processes(pids) => Some(pids.iter().map(|pid| process_cpu(*pid)).sum()),
         }
     }
 }

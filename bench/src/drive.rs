@@ -25,8 +25,8 @@ use crate::stats::{Outcome, Sample};
 /// Where a phase sends its requests.
 #[derive(Clone)]
 pub struct Target {
-    /// `host:port`.
-    pub addr: String,
+    /// `host:port` of each listener; requests go round the list by number.
+    pub addrs: Arc<[String]>,
     /// A `Host` header to send (picks the gateway's pass-through route).
     pub host: Option<&'static str>,
     /// Key secrets by mix key index; empty for targets that take no key.
@@ -47,6 +47,14 @@ pub const LOAD_REQUEST_ID: &str = "x-load-request-id";
 pub struct Sequencer {
     run: u32,
     next: AtomicU64,
+}
+
+impl Target {
+    /// The listener request number `seq` goes to.
+    pub fn addr(&self, seq: u64) -> &str {
+        let count = self.addrs.len().max(1) as u64;
+        self.addrs.get((seq % count) as usize).map_or("", String::as_str)
+    }
 }
 
 impl Sequencer {
@@ -106,7 +114,7 @@ pub fn build_request(
     sequencer: &Sequencer,
     spec: &Spec,
 ) -> anyhow::Result<Request<Full<Bytes>>> {
-    let mut request = Request::post(format!("http://{}{}", target.addr, spec.path()))
+    let mut request = Request::post(format!("http://{}{}", target.addr(spec.seq), spec.path()))
         .header("content-type", "application/json")
         .header("x-request-id", sequencer.request_id(spec.seq))
         .header(LOAD_REQUEST_ID, sequencer.request_id(spec.seq));

@@ -107,17 +107,24 @@ pub fn write_through_off_switch(
     Ok(None)
 }
 
+/// What a gateway process is started with.
+pub struct Launch<'a> {
+    pub name: &'static str,
+    pub bin: &'a Path,
+    pub mock: SocketAddr,
+    pub prices: &'a Path,
+    /// Config text appended to [`config_text`]'s.
+    pub extra: &'a str,
+    /// Its data directory (`None`: a new temporary one).
+    pub data_dir: Option<PathBuf>,
+    /// Environment variables it also gets.
+    pub env: &'a [(&'a str, &'a str)],
+}
+
 impl Gateway {
-    /// Starts the gateway on `data_dir`, or on a new temporary one.
-    pub async fn start(
-        name: &'static str,
-        bin: &Path,
-        mock: SocketAddr,
-        prices: &Path,
-        extra: &str,
-        http: &Http,
-        data_dir: Option<PathBuf>,
-    ) -> anyhow::Result<Gateway> {
+    /// Starts a gateway as `launch` says; returns once it is ready.
+    pub async fn start(launch: Launch<'_>, http: &Http) -> anyhow::Result<Gateway> {
+        let Launch { name, bin, mock, prices, extra, data_dir, env } = launch;
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, config_text(mock, prices, extra))?;
@@ -129,6 +136,7 @@ impl Gateway {
             .arg(&data_dir)
             .env(ADMIN_TOKEN_ENV, ADMIN_TOKEN)
             .env("RUST_LOG", "warn,creditgate::app=info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

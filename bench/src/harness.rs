@@ -13,12 +13,15 @@ use creditgate::pricing::PriceTable;
 
 use crate::audit::{self, Books, Served, WalletState};
 use crate::client::{self, Admin, Http};
+use crate::cluster::Cluster;
 use crate::cpu::CpuSource;
 use crate::drive::{self, Phase, Sequencer, Target};
-use crate::gateway::{self, Gateway, ADMIN_TOKEN, PASSTHROUGH_HOST};
+use crate::gateway::{self, Gateway, Launch, ADMIN_TOKEN, PASSTHROUGH_HOST};
 use crate::mix::{Catalog, KeyCounts, Mix, MixConfig, Source};
 use crate::nginx::{self, Nginx};
-use crate::report::{self, Results, DIRECT, METERED, METERED_WT_OFF, NGINX, PASSTHROUGH};
+use crate::report::{
+    self, ClusterFigures, Results, CLUSTER, DIRECT, METERED, METERED_WT_OFF, NGINX, PASSTHROUGH,
+};
 use crate::settings::{LoadShape, Settings, Switch, TargetSettings};
 use crate::sse::{self, SseSample, StreamCall};
 use crate::stats::{Refused, Sample};
@@ -32,11 +35,13 @@ const VERIFY_WAIT: Duration = Duration::from_secs(120);
 /// A metered gateway and what the audit needs about it.
 struct Metered {
     name: &'static str,
-    /// `host:port` of its proxy listener.
-    proxy: String,
+    /// `host:port` of its proxy listeners (a cluster's replicas: several).
+    proxies: Vec<String>,
     cpu: CpuSource,
     /// The process, when this run started it (`None`: an already running one).
     gateway: Option<Gateway>,
+    /// Cluster mode: PostgreSQL and the replicas.
+    cluster: Option<Cluster>,
     admin: Admin,
     tenants: Tenants,
     seeded: BTreeMap<WalletRef, WalletState>,
@@ -54,9 +59,19 @@ impl Metered {
         extra: &str,
         http: &Http,
     ) -> anyhow::Result<Metered> {
-        let gateway =
-            Gateway::start(name, &settings.gateway_bin, mock.addr(), &settings.prices, extra, http, None)
-                .await?;
+        let gateway = Gateway::start(
+            Launch {
+                name,
+                bin: &settings.gateway_bin,
+                mock: mock.addr(),
+                prices: &settings.prices,
+                extra,
+                data_dir: None,
+                env: &[],
+            },
+            http,
+        )
+        .await?;
         let admin = Admin { http: http.clone(), addr: gateway.admin.clone(), token: ADMIN_TOKEN.to_owned() };
         let tenants = tenants::seed(&admin, &settings.tenants)
             .await
@@ -64,9 +79,10 @@ impl Metered {
         let seeded = audit::wallets(&admin, &tenants.orgs).await?;
         Ok(Metered {
             name,
-            proxy: gateway.proxy.clone(),
+            proxies: vec![gateway.proxy.clone()],
             cpu: CpuSource::Process(gateway.pid()),
             gateway: Some(gateway),
+            cluster: None,
             admin,
             tenants,
             seeded,
@@ -86,10 +102,62 @@ impl Metered {
         let seeded = audit::wallets(&admin, &tenants.orgs).await?;
         Ok(Metered {
             name: METERED,
-            proxy: target.proxy.clone(),
+            proxies: vec![target.proxy.clone()],
             cpu: target.pid.map_or(CpuSource::None, CpuSource::Process),
             gateway: None,
+            cluster: None,
             admin,
+            tenants,
+            seeded,
+            served: Vec::new(),
+            refused: Vec::new(),
+            per_debit: true,
+        })
+    }
+
+    /// `replicas` gateways on one PostgreSQL, seeded through the first
+    /// (its admin writes reach the books through the treasurer); returns once
+    /// every replica's view holds the seeded wallets.
+    async fn start_cluster(settings: &Settings, mock: &MockUpstream, http: &Http) -> anyhow::Result<Metered> {
+        eprintln!("starting PostgreSQL and {} cluster replicas", settings.replicas);
+        let cluster =
+            Cluster::start(settings.replicas, &settings.gateway_bin, mock, &settings.prices, http).await?;
+        let admins: Vec<Admin> = cluster
+            .replicas
+            .iter()
+            .map(|r| Admin { http: http.clone(), addr: r.admin.clone(), token: ADMIN_TOKEN.to_owned() })
+            .collect();
+        let seeded = async {
+            let tenants =
+                tenants::seed(&admins[0], &settings.tenants).await.context("seeding the cluster")?;
+            let seeded = audit::wallets(&admins[0], &tenants.orgs).await?;
+            anyhow::Ok((tenants, seeded))
+        };
+        let (tenants, seeded) = match seeded.await {
+            Ok(seeded) => seeded,
+            Err(error) => bail!("{error:#}\nPostgreSQL's log ends:\n{}", cluster.log_tail()),
+        };
+        let started = std::time::Instant::now();
+        for admin in &admins[1..] {
+            // A replica's view follows the log: an org it has not read yet is a 404.
+            while audit::wallets(admin, &tenants.orgs).await.map_or(true, |w| w.keys().ne(seeded.keys())) {
+                if started.elapsed() > Duration::from_secs(30) {
+                    bail!(
+                        "a replica at {} did not see the seeded wallets within 30 s\nPostgreSQL's log ends:\n{}",
+                        admin.addr,
+                        cluster.log_tail()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(Metered {
+            name: CLUSTER,
+            proxies: cluster.replicas.iter().map(|r| r.proxy.clone()).collect(),
+            cpu: CpuSource::Processes(cluster.replicas.iter().map(Gateway::pid).collect()),
+            gateway: None,
+            cluster: Some(cluster),
+            admin: admins[0].clone(),
             tenants,
             seeded,
             served: Vec::new(),
@@ -100,10 +168,10 @@ impl Metered {
 
     fn target(&self) -> Target {
         Target {
-            addr: self.proxy.clone(),
+            addrs: self.proxies.clone().into(),
             host: None,
             keys: Arc::new(self.tenants.keys.iter().map(|t| t.secret.clone()).collect()),
-            cpu: self.cpu,
+            cpu: self.cpu.clone(),
         }
     }
 }
@@ -115,6 +183,8 @@ enum Charged {
     Nobody,
     On,
     Off,
+    /// The cluster's shared books.
+    Cluster,
 }
 
 struct Mode {
@@ -145,6 +215,7 @@ struct Run {
     catalog: Catalog,
     on: Metered,
     off: Option<Metered>,
+    cluster: Option<Metered>,
     nginx: Option<Nginx>,
     modes: Vec<Mode>,
     results: Results,
@@ -156,6 +227,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<bool> {
     run.measured_rounds().await?;
     run.concurrency_one().await?;
     run.streams().await?;
+    run.cluster_figures().await?;
     let (text, json) = report::render(&run.results);
     println!("{text}");
     run.finish(json).await
@@ -181,8 +253,20 @@ impl Run {
         let on = Metered::start(METERED, &settings, &mock, "", &http).await?;
         let off = start_write_through_off(&settings, &mock, &http, &mut results.notes).await?;
         let nginx = start_nginx(&settings, &mock, &mut results.notes)?;
-        let modes =
+        let cluster = match settings.replicas {
+            0 => None,
+            _ => Some(Metered::start_cluster(&settings, &mock, &http).await?),
+        };
+        let mut modes =
             modes(&mock.addr().to_string(), Some(PASSTHROUGH_HOST), &on, off.as_ref(), nginx.as_ref());
+        if let Some(cluster) = &cluster {
+            modes.push(Mode { name: CLUSTER, target: cluster.target(), books: Charged::Cluster });
+            results.notes.push(format!(
+                "cluster: {} replicas on one PostgreSQL (fsync off, on this machine), requests spread \
+                 over them in turn; its CPU per request is the replicas' only, the database's is shown apart",
+                settings.replicas
+            ));
+        }
         Ok(Run {
             upstream: Upstream::Local { journal: mock.journal(), mock },
             journal_gaps: 0,
@@ -193,6 +277,7 @@ impl Run {
             catalog: Catalog::default(),
             on,
             off,
+            cluster,
             nginx,
             modes,
             results,
@@ -251,6 +336,7 @@ impl Run {
             catalog: Catalog::default(),
             on,
             off: None,
+            cluster: None,
             nginx: None,
             modes,
             results,
@@ -276,10 +362,25 @@ impl Run {
             sequencer: &self.sequencer,
             progress: (self.settings.progress && shape == self.settings.load).then(|| label.clone()),
         };
-        let sample = drive::run(phase).await?;
+        let database = self.cluster_database(index);
+        let before = database.map(|cluster| (cluster.statements(), cluster.database_cpu()));
+        let mut sample = drive::run(phase).await?;
+        if let (Some(cluster), Some((statements, cpu))) = (database, before) {
+            // Less the first reading, which the second counts.
+            sample.db_statements = Some(cluster.statements().saturating_sub(statements + 1));
+            sample.db_cpu = Some(cluster.database_cpu().saturating_sub(cpu));
+        }
         eprintln!("{label:<32} {}", summary(&sample));
         self.file(index, first, Source::Mix(mix.clone()), &sample.refused).await?;
         Ok(sample)
+    }
+
+    /// The cluster whose database mode `index` charges, if any.
+    fn cluster_database(&self, index: usize) -> Option<&Cluster> {
+        match self.modes[index].books {
+            Charged::Cluster => self.cluster.as_ref()?.cluster.as_ref(),
+            _ => None,
+        }
     }
 
     /// After a phase: note which requests it sent, and hand what the mock
@@ -306,6 +407,10 @@ impl Run {
             Charged::On => &mut self.on,
             Charged::Off => match self.off.as_mut() {
                 Some(off) => off,
+                None => return Ok(()),
+            },
+            Charged::Cluster => match self.cluster.as_mut() {
+                Some(cluster) => cluster,
                 None => return Ok(()),
             },
         };
@@ -338,7 +443,9 @@ impl Run {
     /// The modes the latency passes compare.
     fn latency_modes(&self) -> Vec<usize> {
         (0..self.modes.len())
-            .filter(|&i| [DIRECT, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF].contains(&self.modes[i].name))
+            .filter(|&i| {
+                [DIRECT, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF, CLUSTER].contains(&self.modes[i].name)
+            })
             .collect()
     }
 
@@ -397,12 +504,28 @@ impl Run {
         Ok(())
     }
 
+    /// The replicas' lease-draw and outbox-lag p99 over the whole run.
+    async fn cluster_figures(&mut self) -> anyhow::Result<()> {
+        let Some(cluster) = self.cluster.as_ref().and_then(|c| c.cluster.as_ref()) else { return Ok(()) };
+        self.results.cluster = Some(ClusterFigures {
+            replicas: cluster.replicas.len(),
+            lease_draw: cluster.p99(&self.http, "lease_draw_seconds").await?,
+            outbox_lag: cluster.p99(&self.http, "outbox_lag_seconds").await?,
+            top_statements: cluster.top_statements(12),
+            lease_churn: cluster.lease_churn(8),
+        });
+        Ok(())
+    }
+
     /// Audit both gateways, stop everything (the durable gateway by SIGTERM,
     /// then `ledger verify`), write the JSON report.
     async fn finish(mut self, mut json: serde_json::Value) -> anyhow::Result<bool> {
         let mut ok = check_errors(&self.results);
+        if let Some(cluster) = self.cluster.as_ref().and_then(|c| c.cluster.as_ref()) {
+            cluster.wait_settled()?;
+        }
         let mut audits = serde_json::Map::new();
-        for metered in std::iter::once(&self.on).chain(self.off.as_ref()) {
+        for metered in std::iter::once(&self.on).chain(self.off.as_ref()).chain(self.cluster.as_ref()) {
             let books = Books {
                 name: metered.name,
                 admin: &metered.admin,
@@ -438,6 +561,18 @@ impl Run {
         }
         if let Some(gateway) = self.off.as_mut().and_then(|off| off.gateway.as_mut()) {
             gateway.stop().context("stopping the write-through-off gateway")?;
+        }
+        if let Some(cluster) = self.cluster.as_mut().and_then(|c| c.cluster.take()) {
+            match cluster.stop_and_verify() {
+                Ok(verified) => println!(
+                    "audit: cluster ledger verify --database-url-env after SIGTERM: {}",
+                    verified.lines().last().unwrap_or("ok")
+                ),
+                Err(error) => {
+                    println!("audit FAILED: {error:#}");
+                    ok = false;
+                }
+            }
         }
         let data_dir = self.settings.target.as_ref().and_then(|t| t.data_dir.clone());
         let verified = match (self.on.gateway.take(), data_dir) {
@@ -485,14 +620,19 @@ fn modes(
 ) -> Vec<Mode> {
     let on_target = on.target();
     // Unmetered modes send the same requests, keys included, as the metered one.
-    let plain = |addr: String, host, cpu| Target { addr, host, keys: on_target.keys.clone(), cpu };
+    let plain = |addr: String, host, cpu| Target {
+        addrs: vec![addr].into(),
+        host,
+        keys: on_target.keys.clone(),
+        cpu,
+    };
     let mut modes = vec![Mode {
         name: DIRECT,
         target: plain(mock.to_owned(), None, CpuSource::None),
         books: Charged::Nobody,
     }];
     if let Some(host) = passthrough {
-        let target = plain(on.proxy.clone(), Some(host), on.cpu);
+        let target = plain(on.proxies[0].clone(), Some(host), on.cpu.clone());
         modes.push(Mode { name: PASSTHROUGH, target, books: Charged::Nobody });
     }
     if let Some(nginx) = nginx {
@@ -527,7 +667,7 @@ fn check_errors(results: &Results) -> bool {
             println!("audit FAILED: {mode}: {errors} requests answered neither 200 nor 402");
             ok = false;
         }
-        if refused > 0 && ![METERED, METERED_WT_OFF].contains(mode) {
+        if refused > 0 && ![METERED, METERED_WT_OFF, CLUSTER].contains(mode) {
             println!("audit FAILED: {mode}: {refused} 402s on an unmetered path");
             ok = false;
         }

@@ -19,6 +19,7 @@
 
 pub mod audit;
 pub mod client;
+pub mod cluster;
 pub mod cpu;
 pub mod drive;
 pub mod gateway;

@@ -17,6 +17,19 @@ pub const PASSTHROUGH: &str = "passthrough";
 pub const NGINX: &str = "nginx";
 pub const METERED: &str = "metered";
 pub const METERED_WT_OFF: &str = "metered-wt-off";
+pub const CLUSTER: &str = "cluster";
+
+/// Cluster mode's figures over the whole run, from the replicas' metrics.
+#[derive(Debug, Clone)]
+pub struct ClusterFigures {
+    pub replicas: usize,
+    pub lease_draw: crate::cluster::BucketP99,
+    pub outbox_lag: crate::cluster::BucketP99,
+    /// The statements the database ran most often, with their calls.
+    pub top_statements: Vec<(u64, String)>,
+    /// The wallets that drew the most leases.
+    pub lease_churn: Vec<String>,
+}
 
 /// Everything measured, by mode, one entry per round.
 #[derive(Debug, Default)]
@@ -31,6 +44,7 @@ pub struct Results {
     pub sse_frames: u64,
     pub sse_pace_ms: u64,
     pub sse: Vec<(&'static str, Vec<SseSample>)>,
+    pub cluster: Option<ClusterFigures>,
     pub notes: Vec<String>,
 }
 
@@ -171,6 +185,78 @@ fn ratios(results: &Results, text: &mut String, json: &mut Map<String, Value>) {
             "",
         );
     }
+}
+
+/// Cluster mode against the single node, per round, and what the shared
+/// books cost.
+fn cluster_section(results: &Results, text: &mut String, json: &mut Map<String, Value>) {
+    let Some(figures) = &results.cluster else { return };
+    let cluster = find(&results.modes, CLUSTER).unwrap_or(&[]);
+    let metered = find(&results.modes, METERED).unwrap_or(&[]);
+    let _ =
+        writeln!(text, "cluster ({} replicas on one PostgreSQL) against the single node:", figures.replicas);
+    let cpu = |a: &Sample, b: &Sample| Some(a.cpu_per_request_us()? / b.cpu_per_request_us()?);
+    let throughput = |a: &Sample, b: &Sample| Some(a.throughput() / b.throughput());
+    ratio(
+        text,
+        json,
+        "cluster_over_metered_cpu_per_request",
+        "cluster / metered CPU per request",
+        paired(cluster, metered, cpu),
+        "target ≤ 1.10 (replicas' CPU; the database's below)",
+    );
+    ratio(
+        text,
+        json,
+        "cluster_over_metered_throughput",
+        "cluster / metered throughput",
+        paired(cluster, metered, throughput),
+        "",
+    );
+    let statements = over_rounds(cluster, Sample::statements_per_request);
+    if let Some(spread) = statements {
+        let _ = writeln!(
+            text,
+            "  {:<44} {:<26} target ≤ 0.01",
+            "database statements per request",
+            spread.text(4)
+        );
+        json.insert("db_statements_per_request".into(), spread.json());
+    }
+    let total: u64 = cluster.iter().filter_map(|s| s.db_statements).sum();
+    json.insert("db_statements".into(), json!(total));
+    ratio(
+        text,
+        json,
+        "db_cpu_us_per_request",
+        "database CPU per request (µs)",
+        over_rounds(cluster, Sample::db_cpu_per_request_us),
+        "",
+    );
+    for (key, label, p99) in [
+        ("lease_draw_p99_ms", "lease draw", figures.lease_draw),
+        ("outbox_lag_p99_ms", "outbox lag (settle to shipped)", figures.outbox_lag),
+    ] {
+        let ms = p99.seconds.map(|s| s * 1e3);
+        let _ = writeln!(
+            text,
+            "  {:<44} {:<26} {} observations, bucket bound",
+            format!("{label} p99 (ms)"),
+            cell(ms, 2),
+            p99.count
+        );
+        json.insert(key.into(), json!({ "p99_ms_at_most": ms, "observations": p99.count }));
+    }
+    let _ = writeln!(text, "  most frequent statements (calls over the whole run):");
+    for (calls, query) in &figures.top_statements {
+        let _ = writeln!(text, "    {calls:>9}  {query}");
+    }
+    json.insert("top_statements".into(), json!(figures.top_statements));
+    let _ = writeln!(text, "  wallets by leases drawn:");
+    for line in &figures.lease_churn {
+        let _ = writeln!(text, "    {line}");
+    }
+    json.insert("lease_churn".into(), json!(figures.lease_churn));
 }
 
 fn c1_section(results: &Results, text: &mut String, json: &mut Map<String, Value>) {
@@ -316,6 +402,9 @@ pub fn render(results: &Results) -> (String, Value) {
     let mut ratio_json = Map::new();
     ratios(results, &mut text, &mut ratio_json);
     json.insert("ratios".into(), Value::Object(ratio_json));
+    let mut cluster = Map::new();
+    cluster_section(results, &mut text, &mut cluster);
+    json.insert("cluster".into(), Value::Object(cluster));
     let mut c1 = Map::new();
     c1_section(results, &mut text, &mut c1);
     json.insert("concurrency_1".into(), Value::Object(c1));

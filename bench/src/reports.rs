@@ -32,7 +32,7 @@ use uuid::Uuid;
 use crate::client::{self, Http};
 use crate::cpu::CpuSource;
 use crate::drive::{self, Phase, Sequencer, Target};
-use crate::gateway::{Gateway, ADMIN_TOKEN};
+use crate::gateway::{Gateway, Launch, ADMIN_TOKEN};
 use crate::mix::{KeyCounts, Mix, MixConfig};
 use crate::settings::LoadShape;
 use crate::stats::percentile;
@@ -261,8 +261,19 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<bool> {
     let mock = MockUpstream::start("127.0.0.1:0".parse()?, MockOptions::default()).await?;
     let http = client::http(1024);
     let started = Instant::now();
-    let gateway =
-        Gateway::start("reports", &bin, mock.addr(), &prices, "", &http, Some(data_dir.clone())).await?;
+    let gateway = Gateway::start(
+        Launch {
+            name: "reports",
+            bin: &bin,
+            mock: mock.addr(),
+            prices: &prices,
+            extra: "",
+            data_dir: Some(data_dir.clone()),
+            env: &[],
+        },
+        &http,
+    )
+    .await?;
     let start_up = started.elapsed();
     eprintln!("gateway ready on {entries} entries in {start_up:.1?}");
 
@@ -276,7 +287,7 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<bool> {
     );
 
     let target = Target {
-        addr: gateway.proxy.clone(),
+        addrs: vec![gateway.proxy.clone()].into(),
         host: None,
         keys: Arc::new(seeded.secrets.clone()),
         cpu: CpuSource::Process(gateway.pid()),

@@ -18,6 +18,10 @@ pub enum Profile {
     Smoke,
     /// The real measurement: 5 interleaved rounds, nginx when installed.
     Full,
+    /// Cluster mode: `--replicas` gateways on one PostgreSQL against the
+    /// single-node metered gateway, 3 interleaved rounds, the shared books
+    /// audited and verified.
+    Cluster,
 }
 
 /// Whether to run an optional baseline.
@@ -39,6 +43,9 @@ pub enum Switch {
 pub struct Args {
     #[arg(long, value_enum, default_value = "smoke")]
     pub profile: Profile,
+    /// Cluster profile: gateway replicas sharing one PostgreSQL [2].
+    #[arg(long)]
+    pub replicas: Option<usize>,
     /// The creditgate binary to run (default: `creditgate` next to this binary).
     #[arg(long)]
     pub gateway_bin: Option<PathBuf>,
@@ -246,6 +253,8 @@ pub struct Settings {
     pub write_through_off: Switch,
     pub json: Option<PathBuf>,
     pub progress: bool,
+    /// Replicas of the cluster mode (0: no cluster mode).
+    pub replicas: usize,
     /// Drive an already running mock and gateway instead of starting them.
     pub target: Option<TargetSettings>,
 }
@@ -253,7 +262,17 @@ pub struct Settings {
 impl Settings {
     pub fn from_args(args: Args) -> anyhow::Result<Settings> {
         let smoke = args.profile == Profile::Smoke;
+        let cluster = args.profile == Profile::Cluster;
         let target = TargetSettings::from_args(&args)?;
+        let replicas = match (cluster, args.replicas) {
+            (true, Some(0)) => bail!("--replicas must be at least 1"),
+            (true, replicas) => replicas.unwrap_or(2),
+            (false, None) => 0,
+            (false, Some(_)) => bail!("--replicas belongs to --profile cluster"),
+        };
+        if cluster && target.is_some() {
+            bail!("--profile cluster starts its own replicas; it cannot --target-proxy a running gateway");
+        }
         let pick = |value: Option<u64>, smoke_value: u64, full_value: u64| {
             value.unwrap_or(if smoke { smoke_value } else { full_value })
         };
@@ -269,7 +288,12 @@ impl Settings {
             None => LoadShape::Closed { concurrency },
         };
         let seconds = pick(args.seconds, 2, 10).max(1);
-        let rounds = args.rounds.unwrap_or(if smoke { 1 } else { 5 }).max(1);
+        let rounds = args.rounds.unwrap_or(match args.profile {
+            Profile::Smoke => 1,
+            Profile::Full => 5,
+            Profile::Cluster => 3,
+        });
+        let rounds = rounds.max(1);
         if !(10..=50).contains(&args.sse_frames) {
             bail!("--sse-frames must be 10..=50 (the mock writes 10 + seed % 41 tokens)");
         }
@@ -334,15 +358,21 @@ impl Settings {
             seconds,
             rounds,
             c1_seconds: pick(args.c1_seconds, 1, 3),
-            sse_streams: args.sse_streams.unwrap_or(if smoke { 2 } else { 12 }),
+            // The SSE pass compares against the mock's own event times: one gateway's.
+            sse_streams: args.sse_streams.unwrap_or(match args.profile {
+                Profile::Smoke => 2,
+                Profile::Full => 12,
+                Profile::Cluster => 0,
+            }),
             sse_pace_ms: args.sse_pace_ms.max(1),
             sse_frames: args.sse_frames,
             mix,
             tenants,
-            nginx: args.nginx.unwrap_or(if smoke { Switch::Off } else { Switch::Auto }),
-            write_through_off: args.write_through_off,
+            nginx: args.nginx.unwrap_or(if smoke || cluster { Switch::Off } else { Switch::Auto }),
+            write_through_off: if cluster { Switch::Off } else { args.write_through_off },
             json: args.json,
             progress: args.progress.unwrap_or(seconds >= 3),
+            replicas,
             target,
         })
     }

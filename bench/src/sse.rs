@@ -80,7 +80,7 @@ struct Received {
 
 async fn stream_once(call: &StreamCall<'_>, seq: u64) -> anyhow::Result<Option<Received>> {
     let spec = stream_spec(seq, call.key, call.frames);
-    let mut request = Request::post(format!("http://{}{}", call.target.addr, spec.path()))
+    let mut request = Request::post(format!("http://{}{}", call.target.addr(spec.seq), spec.path()))
         .header("content-type", "application/json")
         .header(LOAD_REQUEST_ID, call.sequencer.request_id(seq))
         .header("x-mock-pace-ms", call.pace_ms.to_string());

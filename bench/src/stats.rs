@@ -48,6 +48,10 @@ pub struct Sample {
     /// intended time, and requests not sent at all (too many in flight).
     pub late: u64,
     pub unsent: u64,
+    /// Cluster mode: statements the shared database ran during the phase,
+    /// and the CPU it used.
+    pub db_statements: Option<u64>,
+    pub db_cpu: Option<Duration>,
 }
 
 impl Sample {
@@ -106,6 +110,16 @@ impl Sample {
     /// Latency percentile `q` (0..=1) in microseconds (nearest rank).
     pub fn percentile_us(&self, q: f64) -> f64 {
         percentile(&self.latencies_ns, q) / 1e3
+    }
+
+    /// Database statements per request (cluster mode).
+    pub fn statements_per_request(&self) -> Option<f64> {
+        self.db_statements.map(|n| n as f64 / self.requests.max(1) as f64)
+    }
+
+    /// The database's CPU per request (cluster mode), in microseconds.
+    pub fn db_cpu_per_request_us(&self) -> Option<f64> {
+        self.db_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64)
     }
 
     pub fn cpu_per_request_us(&self) -> Option<f64> {

@@ -312,6 +312,17 @@ impl Books {
         .await
     }
 
+    /// Whether `wallet`'s balance covers `amount`, counting the credit
+    /// open leases hold (a draw refused while this is true waits for a
+    /// replica to give some back).
+    pub async fn balance_covers(&self, wallet: &str, amount: Decimal) -> Result<bool, ClusterError> {
+        let client = self.client().await?;
+        let statement =
+            client.prepare_cached("SELECT balance >= $2 FROM cg_wallets WHERE wallet = $1").await?;
+        let row = client.query_opt(&statement, &[&wallet, &amount]).await?;
+        Ok(row.is_some_and(|row| row.get(0)))
+    }
+
     /// The open leases of `replica`.
     pub async fn open_leases(&self, replica: &str) -> Result<Vec<i64>, ClusterError> {
         let client = self.client().await?;

@@ -25,6 +25,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct Database {
     pool: Pool,
+    /// The parsed URL, for connections outside the pool (the listener).
+    config: tokio_postgres::Config,
 }
 
 impl std::fmt::Debug for Database {
@@ -47,8 +49,11 @@ impl Database {
         if config.get_application_name().is_none() {
             config.application_name("creditgate");
         }
-        let manager =
-            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
         let pool = Pool::builder(manager)
             .max_size(max_connections.max(1))
             .runtime(Runtime::Tokio1)
@@ -57,7 +62,21 @@ impl Database {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|err| ClusterError::Config(format!("connection pool: {err}")))?;
-        Ok(Database { pool })
+        Ok(Database { pool, config })
+    }
+
+    /// A connection of its own, outside the pool, and the future that
+    /// drives it (poll it to receive notifications).
+    pub async fn connect(
+        &self,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+        ),
+        ClusterError,
+    > {
+        self.config.connect(NoTls).await.map_err(|err| ClusterError::Unavailable(err.to_string()))
     }
 
     /// A connection from the pool.

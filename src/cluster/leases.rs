@@ -28,6 +28,12 @@ use rust_decimal::Decimal;
 
 use super::books::{Books, ShippedDebit};
 use super::ClusterError;
+use crate::telemetry::metrics::ClusterMetrics;
+
+/// Longest a hold waits for credit that other replicas' leases hold
+/// (near empty) before it is refused, and how often it asks again.
+const LEASED_ELSEWHERE_WAIT: Duration = Duration::from_millis(500);
+const LEASED_ELSEWHERE_RETRY: Duration = Duration::from_millis(20);
 
 /// How leases are sized and kept.
 #[derive(Clone, Debug)]
@@ -38,8 +44,11 @@ pub struct LeaseSettings {
     pub ttl: Duration,
     /// How far before its deadline a lease stops taking holds.
     pub safety: Duration,
-    /// How much spend a lease aims to cover (about this long of it).
+    /// The window a wallet's spend rate is measured over, and how long a
+    /// lease may sit idle before it is given back.
     pub target: Duration,
+    /// How much spend a lease aims to cover (about this long of it).
+    pub cover: Duration,
     /// The smallest lease worth drawing when the wallet has more.
     pub min_lease: Decimal,
     /// The largest lease.
@@ -47,13 +56,15 @@ pub struct LeaseSettings {
 }
 
 impl LeaseSettings {
-    /// Defaults: 10 s leases renewed every 2.5 s, 1 s of spend each.
+    /// Defaults: 10 s leases renewed every 2.5 s, 4 s of spend each, given
+    /// back after 1 s idle.
     pub fn new(replica: impl Into<String>) -> LeaseSettings {
         LeaseSettings {
             replica: replica.into(),
             ttl: Duration::from_secs(10),
             safety: Duration::from_secs(2),
             target: Duration::from_secs(1),
+            cover: Duration::from_secs(4),
             min_lease: Decimal::new(1, 2),
             max_lease: Decimal::new(100, 0),
         }
@@ -108,8 +119,9 @@ struct Lease {
     usable_until: Instant,
     /// Set once it stopped being usable: give it back when idle.
     retiring: bool,
-    /// When it last took a hold.
-    last_used: Instant,
+    /// The books granted less than was asked: the wallet is near empty, so
+    /// what this lease cannot use is given back at once.
+    short: bool,
     /// When its draw returned: a renewal sent before then may not name it;
     /// one sent after names it while it is open.
     drawn_at: Instant,
@@ -168,12 +180,41 @@ pub struct LeaseBook {
     limit_caps: DashMap<String, Decimal>,
     /// Serializes draws per wallet so concurrent misses share one draw.
     drawing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    outbox: Mutex<Vec<ShippedDebit>>,
+    outbox: Mutex<Outbox>,
     /// Where the outbox is kept until shipped (the replica's data
     /// directory); `None` keeps it in memory only.
     durable: Option<sled::Tree>,
     next_entry: AtomicI64,
     holds: AtomicU64,
+    metrics: Option<ClusterMetrics>,
+    /// Wallets whose leases ran low on a hold, waiting for a refill.
+    refills: Mutex<Vec<(String, Decimal)>>,
+    /// Set when a settle left a lease that cannot cover another hold.
+    spent_leases: std::sync::atomic::AtomicBool,
+    /// Wakes the errand task: refills wanted, or spent leases to give back.
+    refill_wanted: tokio::sync::Notify,
+}
+
+/// Settled debits waiting to ship, in settle order, and when each was
+/// queued (for the outbox lag).
+#[derive(Default)]
+struct Outbox {
+    debits: Vec<ShippedDebit>,
+    queued: Vec<Instant>,
+}
+
+impl Outbox {
+    fn push(&mut self, debit: ShippedDebit, at: Instant) {
+        self.debits.push(debit);
+        self.queued.push(at);
+    }
+
+    /// Puts a batch that failed to ship back in front, keeping settle order.
+    fn put_back(&mut self, mut batch: Outbox) {
+        batch.debits.append(&mut self.debits);
+        batch.queued.append(&mut self.queued);
+        *self = batch;
+    }
 }
 
 impl std::fmt::Debug for LeaseBook {
@@ -199,10 +240,14 @@ impl LeaseBook {
             wallets: DashMap::new(),
             limit_caps: DashMap::new(),
             drawing: Mutex::new(HashMap::new()),
-            outbox: Mutex::new(Vec::new()),
+            outbox: Mutex::new(Outbox::default()),
             durable: None,
             next_entry: AtomicI64::new(first_entry),
             holds: AtomicU64::new(0),
+            metrics: None,
+            refills: Mutex::new(Vec::new()),
+            spent_leases: std::sync::atomic::AtomicBool::new(false),
+            refill_wanted: tokio::sync::Notify::new(),
         }
     }
 
@@ -224,7 +269,9 @@ impl LeaseBook {
         }
         let next = pending.iter().map(|debit| debit.entry + 1).max().unwrap_or(0).max(first_entry);
         let mut book = LeaseBook::new(books, settings, next);
-        *book.outbox.get_mut() = pending;
+        let now = Instant::now();
+        book.outbox.get_mut().queued = vec![now; pending.len()];
+        book.outbox.get_mut().debits = pending;
         book.durable = Some(tree);
         Ok(book)
     }
@@ -240,6 +287,12 @@ impl LeaseBook {
             return Ok(Decimal::ZERO);
         }
         self.books.give_back(&self.settings.replica, &open).await
+    }
+
+    /// A book that records its draw times and outbox lag in `metrics`.
+    pub fn with_metrics(mut self, metrics: Option<ClusterMetrics>) -> LeaseBook {
+        self.metrics = metrics;
+        self
     }
 
     /// Makes the outbox durable (what was settled so far survives a crash).
@@ -314,10 +367,25 @@ impl LeaseBook {
         if let Err(err) = self.consolidate(wallet, amount).await {
             return Err(LeaseRefusal::Unavailable(err));
         }
-        match self.draw(wallet, amount, true).await {
-            Ok(Some(hold)) => Ok(hold),
-            Ok(None) => Err(LeaseRefusal::InsufficientCredit { required: amount }),
-            Err(err) => Err(LeaseRefusal::Unavailable(err)),
+        // Near empty, the credit a hold needs may sit in another replica's
+        // lease that it cannot use (its leftover after a settle): that
+        // replica gives it back within moments, so wait for it rather than
+        // refuse a wallet that still has the credit.
+        let started = Instant::now();
+        loop {
+            match self.draw(wallet, amount, true).await {
+                Ok(Some(hold)) => return Ok(hold),
+                Ok(None) => {}
+                Err(err) => return Err(LeaseRefusal::Unavailable(err)),
+            }
+            let leased_elsewhere = match self.books.balance_covers(wallet, amount).await {
+                Ok(covers) => covers,
+                Err(err) => return Err(LeaseRefusal::Unavailable(err)),
+            };
+            if !leased_elsewhere || started.elapsed() >= LEASED_ELSEWHERE_WAIT {
+                return Err(LeaseRefusal::InsufficientCredit { required: amount });
+            }
+            tokio::time::sleep(LEASED_ELSEWHERE_RETRY).await;
         }
     }
 
@@ -361,7 +429,31 @@ impl LeaseBook {
         Ok(())
     }
 
-    /// Takes `amount` from the first usable lease that has it.
+    /// The size of the next lease on a wallet: `cover` of its spend, within
+    /// the bounds.
+    fn lease_size(&self, state: &WalletLeases) -> Decimal {
+        let target_ms = self.settings.target.as_millis().max(1);
+        let windows = Decimal::from(self.settings.cover.as_millis().max(1)) / Decimal::from(target_ms);
+        // While the spend ramps up the smoothed rate lags it: the window
+        // under way, scaled to a whole one, counts too.
+        let under_way = state.window_start.map_or(0, |start| start.elapsed().as_millis());
+        let current = if under_way >= target_ms / 10 {
+            state.window_spend * Decimal::from(target_ms) / Decimal::from(under_way)
+        } else {
+            Decimal::ZERO
+        };
+        (state.rate.max(current) * windows).max(self.settings.min_lease).min(self.settings.max_lease)
+    }
+
+    /// Whether a wallet's free credit fell low enough to draw ahead: below
+    /// half a lease, or below its largest hold.
+    fn wants_refill(&self, state: &WalletLeases, now: Instant) -> bool {
+        let threshold = (self.lease_size(state) / Decimal::TWO).max(state.largest_hold);
+        state.rate > Decimal::ZERO && !state.refill_running && state.free(now) < threshold
+    }
+
+    /// Takes `amount` from the first usable lease that has it. When that
+    /// leaves the wallet's leases low, asks for a refill ahead of need.
     fn take(&self, wallet: &str, amount: Decimal) -> Option<LeaseHold> {
         let cell = self.wallet(wallet);
         let mut state = cell.lock();
@@ -372,10 +464,63 @@ impl LeaseBook {
             .find(|lease| !lease.retiring && lease.usable_until > now && lease.free >= amount)?;
         lease.free -= amount;
         lease.open_holds += 1;
-        lease.last_used = now;
         let id = lease.id;
         state.last_hold = Some(now);
+        if self.wants_refill(&state, now) {
+            state.refill_running = true;
+            let need = state.largest_hold.max(self.settings.min_lease);
+            self.refills.lock().push((wallet.to_owned(), need));
+            self.refill_wanted.notify_one();
+        }
         Some(LeaseHold { wallet: wallet.to_owned(), lease: id, amount })
+    }
+
+    /// Waits for errands: wallets that ran low on a hold (returned with
+    /// the least each refill must bring), or spent leases to give back
+    /// (`true`). Run by one task, which calls [`LeaseBook::refill`] for
+    /// each wallet and [`LeaseBook::give_back_spent`] for the leases.
+    pub async fn errands(&self) -> (Vec<(String, Decimal)>, bool) {
+        loop {
+            let wanted = std::mem::take(&mut *self.refills.lock());
+            let spent = self.spent_leases.swap(false, Ordering::AcqRel);
+            if !wanted.is_empty() || spent {
+                return (wanted, spent);
+            }
+            self.refill_wanted.notified().await;
+        }
+    }
+
+    /// Ships the outbox and gives back every retired lease with no open
+    /// hold (their debits shipped with it).
+    pub async fn give_back_spent(&self) -> Result<(), ClusterError> {
+        self.ship().await?;
+        let wallets = self.snapshot();
+        let mut give_back = Vec::new();
+        for (_, cell) in &wallets {
+            let state = cell.lock();
+            give_back.extend(
+                state
+                    .leases
+                    .iter()
+                    .filter(|lease| lease.retiring && lease.open_holds == 0 && lease.unshipped == 0)
+                    .map(|lease| lease.id),
+            );
+        }
+        if give_back.is_empty() {
+            return Ok(());
+        }
+        self.books.give_back(&self.settings.replica, &give_back).await?;
+        for (_, cell) in &wallets {
+            cell.lock().leases.retain(|lease| !give_back.contains(&lease.id));
+        }
+        Ok(())
+    }
+
+    /// Draws a lease ahead of need on `wallet` (off the request path).
+    pub async fn refill(&self, wallet: &str, need: Decimal) -> Result<(), ClusterError> {
+        let drawn = self.draw(wallet, need, false).await;
+        self.wallet(wallet).lock().refill_running = false;
+        drawn.map(drop)
     }
 
     /// Draws one lease sized from the wallet's spend, at least `need`; with
@@ -389,7 +534,7 @@ impl LeaseBook {
         let want = {
             let cell = self.wallet(wallet);
             let state = cell.lock();
-            state.rate.max(self.settings.min_lease).min(self.settings.max_lease).max(need)
+            self.lease_size(&state).max(need)
         };
         let asked_at = Instant::now();
         // The draw runs as its own task: a request that stops waiting (its
@@ -409,6 +554,9 @@ impl LeaseBook {
         let grant = received
             .await
             .map_err(|_| ClusterError::Unavailable("the lease draw was cut short".into()))??;
+        if let Some(metrics) = &self.metrics {
+            metrics.lease_draw_seconds.observe(asked_at.elapsed().as_secs_f64());
+        }
         let Some(grant) = grant else { return Ok(None) };
         let held = if hold_need { need } else { Decimal::ZERO };
         self.wallet(wallet).lock().leases.push(Lease {
@@ -418,7 +566,7 @@ impl LeaseBook {
             unshipped: 0,
             usable_until: usable_until(grant.lifetime(), self.settings.safety, asked_at),
             retiring: false,
-            last_used: asked_at,
+            short: grant.granted < want,
             // When the grant came back, not when it was asked for: a renewal
             // sent between the two may not see a draw that commits after
             // its snapshot, and must not take the lease for closed.
@@ -433,10 +581,19 @@ impl LeaseBook {
         let cell = self.wallet(&hold.wallet);
         {
             let mut state = cell.lock();
+            let largest_hold = state.largest_hold.max(hold.amount);
             if let Some(lease) = state.leases.iter_mut().find(|lease| lease.id == hold.lease) {
                 lease.free += hold.amount - debit;
                 lease.open_holds -= 1;
                 lease.unshipped += 1;
+                if lease.short && lease.open_holds == 0 && lease.free < largest_hold {
+                    // Near empty, what is left cannot cover another hold
+                    // here and may be what a hold on another replica needs:
+                    // give it back now rather than when it has sat idle.
+                    lease.retiring = true;
+                    self.spent_leases.store(true, Ordering::Release);
+                    self.refill_wanted.notify_one();
+                }
             }
             state.record_spend(debit, Instant::now(), self.settings.target);
         }
@@ -452,7 +609,7 @@ impl LeaseBook {
                 tracing::error!(%error, entry, "cannot keep a settled debit in the outbox");
             }
         }
-        self.outbox.lock().push(debit);
+        self.outbox.lock().push(debit, Instant::now());
     }
 
     /// Releases a hold that spent nothing (the request failed before the
@@ -466,26 +623,36 @@ impl LeaseBook {
         }
     }
 
+    /// The number the next settle's debit gets: it changes with every settle.
+    pub fn settled_through(&self) -> i64 {
+        self.next_entry.load(Ordering::Relaxed)
+    }
+
     /// Debits waiting to ship.
     pub fn outbox_len(&self) -> usize {
-        self.outbox.lock().len()
+        self.outbox.lock().debits.len()
     }
 
     /// Ships the outbox in one batch; on failure the batch stays queued.
     pub async fn ship(&self) -> Result<u64, ClusterError> {
         let batch = std::mem::take(&mut *self.outbox.lock());
-        if batch.is_empty() {
+        if batch.debits.is_empty() {
             return Ok(0);
         }
-        match self.books.ship(&self.settings.replica, &batch).await {
+        match self.books.ship(&self.settings.replica, &batch.debits).await {
             Ok(new) => {
+                if let Some(metrics) = &self.metrics {
+                    for queued in &batch.queued {
+                        metrics.outbox_lag_seconds.observe(queued.elapsed().as_secs_f64());
+                    }
+                }
                 if let Some(tree) = &self.durable {
-                    for debit in &batch {
+                    for debit in &batch.debits {
                         // A failed removal only ships it again: it is unique by entry.
                         let _ = tree.remove(debit.entry.to_be_bytes());
                     }
                 }
-                for debit in &batch {
+                for debit in &batch.debits {
                     if let Some(cell) = self.wallets.get(&debit.wallet) {
                         let mut state = cell.lock();
                         if let Some(lease) = state.leases.iter_mut().find(|lease| lease.id == debit.lease) {
@@ -496,10 +663,7 @@ impl LeaseBook {
                 Ok(new)
             }
             Err(err) => {
-                // Put it back in front, keeping settle order.
-                let mut outbox = self.outbox.lock();
-                let later = std::mem::replace(&mut *outbox, batch);
-                outbox.extend(later);
+                self.outbox.lock().put_back(batch);
                 Err(err)
             }
         }
@@ -514,7 +678,10 @@ impl LeaseBook {
         let asked_at = Instant::now();
         let outbox = {
             let outbox = self.outbox.lock();
-            (i64::try_from(outbox.len()).unwrap_or(i64::MAX), outbox.iter().map(|debit| debit.at).min())
+            (
+                i64::try_from(outbox.debits.len()).unwrap_or(i64::MAX),
+                outbox.debits.iter().map(|debit| debit.at).min(),
+            )
         };
         let renewal = self.books.renew(&self.settings.replica, self.settings.ttl, outbox).await?;
         let lifetime = (renewal.deadline - renewal.db_now).to_std().unwrap_or(Duration::ZERO);
@@ -532,15 +699,15 @@ impl LeaseBook {
             // uncovered.
             state.leases.retain(|lease| lease.drawn_at >= asked_at || renewal.renewed.contains(&lease.id));
             state.record_spend(Decimal::ZERO, now, self.settings.target);
+            // The wallet's traffic here, not one lease's: a lease drawn
+            // ahead of need waits unused while the one before it is spent.
+            let quiet = state.last_hold.is_none_or(|at| now.duration_since(at) > self.settings.target);
             for lease in &mut state.leases {
                 if lease.retiring {
                     // Renewal keeps a retiring lease open until given back.
-                } else if lease.open_holds == 0
-                    && (lease.free <= Decimal::ZERO
-                        || now.duration_since(lease.last_used) > self.settings.target)
-                {
-                    // Spent, or idle for a spend target's time: let other
-                    // replicas have what is left.
+                } else if lease.open_holds == 0 && (lease.free <= Decimal::ZERO || quiet) {
+                    // Spent, or the wallet was quiet here for a spend
+                    // target's time: let other replicas have what is left.
                     lease.retiring = true;
                 } else {
                     lease.usable_until = usable;
@@ -549,9 +716,8 @@ impl LeaseBook {
                     give_back.push(lease.id);
                 }
             }
-            let threshold = (state.rate / Decimal::TWO).max(state.largest_hold);
             let busy = state.last_hold.is_some_and(|at| now.duration_since(at) <= self.settings.target);
-            if busy && state.rate > Decimal::ZERO && state.free(now) < threshold && !state.refill_running {
+            if busy && self.wants_refill(&state, now) {
                 state.refill_running = true;
                 refill.push((wallet.clone(), state.largest_hold.max(self.settings.min_lease)));
             }
@@ -563,10 +729,11 @@ impl LeaseBook {
             }
         }
         self.forget_quiet(now);
+        // Refills asked for on holds that no task took (a book run without
+        // one) are drawn here.
+        refill.append(&mut self.refills.lock());
         for (wallet, need) in refill {
-            let result = self.draw(&wallet, need, false).await;
-            self.wallet(&wallet).lock().refill_running = false;
-            result?;
+            self.refill(&wallet, need).await?;
         }
         Ok(())
     }

@@ -2,9 +2,11 @@
 //! its [`LeaseBook`] (the credit it may spend), the durable outbox in its
 //! data directory, and the rounds that keep them going.
 //!
-//! - every `ship_interval`: flush the outbox to disk, ship it;
+//! - every 50 ms: flush the outbox to disk; every `ship_interval`: ship it;
 //! - every lease TTL / 4: renew leases, give back idle ones, refill ahead
 //!   of need, and close any replica's leases past their deadline;
+//! - whenever a hold leaves a wallet's leases low: draw the next one ahead
+//!   of need;
 //! - the replica's own loop follows the log, or posts shipped debits and
 //!   keeps the treasury while it is the treasurer.
 //!
@@ -38,6 +40,8 @@ use super::{Books, ClusterError, Database, LeaseBook, LeaseSettings, Replica, Re
 pub const FORWARDED: &str = "x-creditgate-forwarded";
 /// Largest forwarded reply read.
 const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
+/// How often settles in the outbox are made durable on disk.
+const OUTBOX_FLUSH: Duration = Duration::from_millis(50);
 /// Longest wait for the treasurer's reply.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -54,6 +58,8 @@ pub struct NodeOptions {
     pub lease_ttl: Duration,
     pub treasury_ttl: Duration,
     pub ship_interval: Duration,
+    /// Where the replica records its draw times and outbox lag.
+    pub metrics: Option<crate::telemetry::metrics::ClusterMetrics>,
 }
 
 /// A running replica.
@@ -87,7 +93,7 @@ impl ClusterNode {
     ) -> Result<Arc<ClusterNode>, ClusterError> {
         let db = Database::new(&options.database_url, options.max_connections)?;
         migrate(&db).await?;
-        let books = Books::new(db);
+        let books = Books::new(db.clone());
         books.register(&options.replica, &options.admin_url).await?;
         let replica_settings = ReplicaSettings {
             treasury_ttl: options.treasury_ttl,
@@ -110,7 +116,10 @@ impl ClusterNode {
             ..LeaseSettings::new(options.replica.clone())
         };
         let first_entry = books.last_entry(&options.replica).await? + 1;
-        let book = Arc::new(LeaseBook::with_outbox(books.clone(), lease_settings, first_entry, outbox)?);
+        let book = Arc::new(
+            LeaseBook::with_outbox(books.clone(), lease_settings, first_entry, outbox)?
+                .with_metrics(options.metrics.clone()),
+        );
         let returned = book.recover().await?;
         if returned > Decimal::ZERO {
             tracing::info!(%returned, "gave back the leases a previous run of this replica left open");
@@ -125,9 +134,11 @@ impl ClusterNode {
             rounds: CancellationToken::new(),
             tasks: parking_lot::Mutex::new(Vec::new()),
         });
-        let mut tasks = vec![tokio::spawn(replica.run(clock, shutdown))];
+        let wakeups = super::Wakeups::start(db, node.rounds.clone());
+        let mut tasks = vec![tokio::spawn(replica.run(clock, wakeups, shutdown))];
         tasks.push(tokio::spawn(node.clone().ship_rounds(options.ship_interval)));
         tasks.push(tokio::spawn(node.clone().lease_rounds(options.lease_ttl)));
+        tasks.push(tokio::spawn(node.clone().errands()));
         *node.tasks.lock() = tasks;
         tracing::info!(replica = %options.replica, "joined the cluster");
         Ok(node)
@@ -158,21 +169,59 @@ impl ClusterNode {
         &self.name
     }
 
+    /// Makes settles durable in the outbox every [`OUTBOX_FLUSH`] (a local
+    /// fsync, no database statement) and ships them every `every`, so a
+    /// SIGKILL loses at most the last flush window while the database sees
+    /// one shipment per `every`.
     async fn ship_rounds(self: Arc<Self>, every: Duration) {
+        let tick = every.min(OUTBOX_FLUSH);
+        let mut flushed_through = self.book.settled_through();
+        let mut last_ship = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 () = self.rounds.cancelled() => return,
-                () = tokio::time::sleep(every) => {}
+                () = tokio::time::sleep(tick) => {}
             }
             if self.book.outbox_len() == 0 {
                 continue;
             }
-            let shipped = match self.book.flush_outbox().await {
-                Ok(()) => self.book.ship().await,
-                Err(err) => Err(err),
-            };
-            if let Err(error) = shipped {
+            let settled = self.book.settled_through();
+            if settled != flushed_through {
+                match self.book.flush_outbox().await {
+                    Ok(()) => flushed_through = settled,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot make the outbox durable; retrying");
+                        continue;
+                    }
+                }
+            }
+            if last_ship.elapsed() < every {
+                continue;
+            }
+            last_ship = tokio::time::Instant::now();
+            if let Err(error) = self.book.ship().await {
                 tracing::warn!(%error, outbox = self.book.outbox_len(), "cannot ship settled debits; retrying");
+            }
+        }
+    }
+
+    /// Draws leases ahead of need for wallets whose holds ran them low, and
+    /// gives back leases a settle left unable to cover another hold.
+    async fn errands(self: Arc<Self>) {
+        loop {
+            let (refills, spent) = tokio::select! {
+                () = self.rounds.cancelled() => return,
+                errands = self.book.errands() => errands,
+            };
+            for (wallet, need) in refills {
+                if let Err(error) = self.book.refill(&wallet, need).await {
+                    tracing::warn!(%error, "cannot draw a lease ahead of need; holds will draw their own");
+                }
+            }
+            if spent {
+                if let Err(error) = self.book.give_back_spent().await {
+                    tracing::warn!(%error, "cannot give back spent leases; they go back at the next round");
+                }
             }
         }
     }

@@ -35,6 +35,7 @@ use crate::ledger::{Ledger, LedgerConfig, SettleError};
 
 use super::books::{retrying, Books};
 use super::journal::{decode, Appended, LogJournal};
+use super::wakeups::Wakeups;
 use super::ClusterError;
 
 /// Records read from the log per statement.
@@ -82,17 +83,23 @@ pub struct ReplicaSettings {
     pub replica: String,
     /// The treasury lease's length; the treasurer renews it every third.
     pub treasury_ttl: Duration,
-    /// How often a follower reads the log.
+    /// How often a follower reads the log (and the treasurer looks for
+    /// shipped debits) while the database's wake-ups are not heard.
     pub poll: Duration,
+    /// How long the treasurer, told of a shipment, waits for others to
+    /// post them together.
+    pub gather: Duration,
 }
 
 impl ReplicaSettings {
-    /// Defaults: a 6 s treasury, the log read every 50 ms.
+    /// Defaults: a 6 s treasury; the log read every 50 ms while no
+    /// wake-ups come.
     pub fn new(replica: impl Into<String>) -> ReplicaSettings {
         ReplicaSettings {
             replica: replica.into(),
             treasury_ttl: Duration::from_secs(6),
             poll: Duration::from_millis(50),
+            gather: Duration::from_millis(100),
         }
     }
 }
@@ -281,9 +288,21 @@ impl Replica {
 
     /// Follows the log and keeps (or claims) the treasury until `shutdown`;
     /// then gives the treasury up so another replica takes it at once.
-    pub async fn run(self: Arc<Self>, clock: Arc<dyn Clock>, shutdown: CancellationToken) {
+    ///
+    /// A follower reads the log when `wakeups` says it grew, and tries for
+    /// the treasury every `treasury_ttl / 6` and as soon as a treasurer
+    /// steps down; the treasurer posts shipped
+    /// debits when told there are some, and renews every `treasury_ttl / 3`.
+    /// Without wake-ups (the listener is down) both poll every `poll`.
+    pub async fn run(
+        self: Arc<Self>,
+        clock: Arc<dyn Clock>,
+        wakeups: Arc<Wakeups>,
+        shutdown: CancellationToken,
+    ) {
         let renew_every = self.settings.treasury_ttl / 3;
         let mut last_renewal = tokio::time::Instant::now();
+        let mut last_claim: Option<tokio::time::Instant> = None;
         let mut tick_at = tokio::time::Instant::now();
         loop {
             let outcome = if self.epoch().is_some() {
@@ -294,12 +313,17 @@ impl Replica {
                     Ok(())
                 }
             } else {
+                let claim_every = wakeups.fallback(self.settings.treasury_ttl / 6, self.settings.poll);
                 match self.catch_up().await {
-                    Ok(_) => self.try_promote(clock.as_ref()).await.map(|promoted| {
-                        if promoted {
-                            last_renewal = tokio::time::Instant::now();
-                        }
-                    }),
+                    Ok(_) if last_claim.is_none_or(|at| at.elapsed() >= claim_every) => {
+                        last_claim = Some(tokio::time::Instant::now());
+                        self.try_promote(clock.as_ref()).await.map(|promoted| {
+                            if promoted {
+                                last_renewal = tokio::time::Instant::now();
+                            }
+                        })
+                    }
+                    Ok(_) => Ok(()),
                     Err(err) => Err(err),
                 }
             };
@@ -314,9 +338,17 @@ impl Replica {
                 tick_at = tokio::time::Instant::now();
                 self.ledger.tick(clock.now());
             }
+            let treasurer = self.epoch().is_some();
+            // The next renewal, claim or tick is due within the slow wait.
+            let slow = (self.settings.treasury_ttl / 6).min(Duration::from_secs(1));
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(self.settings.poll) => {}
+                () = wakeups.log_appended(), if !treasurer => {}
+                () = wakeups.treasury_released(), if !treasurer => last_claim = None,
+                // Shipments from several replicas are gathered into one
+                // posting round (one read and one append for all of them).
+                () = wakeups.debits_shipped(), if treasurer => tokio::time::sleep(self.settings.gather).await,
+                () = tokio::time::sleep(wakeups.fallback(slow, self.settings.poll)) => {}
             }
         }
         self.step_down().await;

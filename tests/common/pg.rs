@@ -174,6 +174,11 @@ impl Postgres {
         self.port
     }
 
+    /// The postmaster's pid while it runs (its backends are its children).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|child| self.postmaster_pid(child).parse().ok())
+    }
+
     /// A URL for database `postgres` as the superuser (trust auth on loopback).
     pub fn url(&self) -> String {
         format!("postgresql://postgres@127.0.0.1:{}/postgres", self.port)
