@@ -254,3 +254,60 @@ async fn a_daily_key_limit_holds_with_the_keys_traffic_spread_over_three_replica
     assert!(audit.iter().all(|line| line.balances()), "{audit:?}");
     verify(&cluster.url);
 }
+
+/// Statements each replica has sent the database, from its `/metrics`.
+async fn statements_sent(cluster: &Cluster) -> Vec<u64> {
+    let mut sent = Vec::new();
+    for replica in &cluster.replicas {
+        let reply =
+            admin(replica, http::Method::GET, "/metrics", serde_json::Value::Null, None).await.unwrap();
+        let text = String::from_utf8_lossy(&reply.body).into_owned();
+        let value = text
+            .lines()
+            .find_map(|line| line.strip_prefix("creditgate_db_statements "))
+            .unwrap_or_else(|| panic!("no creditgate_db_statements in {text}"));
+        sent.push(value.trim().parse().unwrap());
+    }
+    sent
+}
+
+/// An idle cluster waits for the database's wake-ups (LISTEN/NOTIFY)
+/// instead of polling it, and a change still reaches every replica at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_cluster_waits_for_wake_ups_and_changes_still_reach_every_replica() {
+    let pg = Postgres::start();
+    let cluster = start_cluster(&pg, "wakeups", 3).await;
+    let (org, secret) = funded_org(&cluster, 1, "1", "1").await;
+    assert_eq!(call(&cluster.replicas[2].proxy, &secret).await, Some(200));
+    settled(&cluster.url).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let before = statements_sent(&cluster).await;
+    let idle = Duration::from_secs(4);
+    tokio::time::sleep(idle).await;
+    let after = statements_sent(&cluster).await;
+    let sent: u64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
+    eprintln!("{sent} statements in {idle:?} of idle");
+    // Polling the log every 50 ms, two followers alone sent 2 × 20 a second.
+    let polling = 2 * 20 * idle.as_secs();
+    assert!(sent < polling, "{sent} statements in {idle:?} of idle (before {before:?}, after {after:?})");
+
+    // A purchase through one follower is in every replica's view within
+    // moments: the treasurer's append woke the followers.
+    let before = shown_balance(&cluster.replicas[0], org).await;
+    let started = Instant::now();
+    admin_write(
+        &cluster.replicas[1],
+        &format!("/admin/v1/orgs/{org}/purchases"),
+        serde_json::json!({"amount": "1"}),
+        Some("wake-up-purchase"),
+    )
+    .await;
+    for replica in &cluster.replicas {
+        while shown_balance(replica, org).await != before + Decimal::ONE {
+            assert!(started.elapsed() < Duration::from_secs(2), "a view did not see the purchase");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    verify(&cluster.url);
+}

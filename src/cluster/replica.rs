@@ -40,8 +40,10 @@ use super::ClusterError;
 
 /// Records read from the log per statement.
 const TAIL_BATCH: i64 = 5_000;
+const TAIL_BATCH_LEN: usize = TAIL_BATCH as usize;
 /// Shipped debits posted per round.
 const POST_BATCH: i64 = 2_000;
+const POST_BATCH_LEN: usize = POST_BATCH as usize;
 
 /// What a replica ships with a debit so the treasurer can post it: the
 /// settle its own ledger would have made.
@@ -304,7 +306,15 @@ impl Replica {
         let mut last_renewal = tokio::time::Instant::now();
         let mut last_claim: Option<tokio::time::Instant> = None;
         let mut tick_at = tokio::time::Instant::now();
+        // What there is to do: everything at first, what the last wake-up
+        // said since, and everything again while no wake-ups are heard.
+        let (mut read_log, mut post) = (true, true);
         loop {
+            if !wakeups.listening() {
+                (read_log, post) = (true, true);
+            }
+            // A full batch read or posted: go on at once, not after a wait.
+            let mut more = false;
             let outcome = if self.epoch().is_some() {
                 if last_renewal.elapsed() >= renew_every {
                     last_renewal = tokio::time::Instant::now();
@@ -314,40 +324,66 @@ impl Replica {
                 }
             } else {
                 let claim_every = wakeups.fallback(self.settings.treasury_ttl / 6, self.settings.poll);
-                match self.catch_up().await {
-                    Ok(_) if last_claim.is_none_or(|at| at.elapsed() >= claim_every) => {
-                        last_claim = Some(tokio::time::Instant::now());
-                        self.try_promote(clock.as_ref()).await.map(|promoted| {
-                            if promoted {
-                                last_renewal = tokio::time::Instant::now();
-                            }
-                        })
+                let read = if std::mem::take(&mut read_log) { self.catch_up().await } else { Ok(0) };
+                match read {
+                    Ok(read) => {
+                        more = read >= TAIL_BATCH_LEN;
+                        read_log = more;
+                        if last_claim.is_none_or(|at| at.elapsed() >= claim_every) {
+                            last_claim = Some(tokio::time::Instant::now());
+                            self.try_promote(clock.as_ref()).await.map(|promoted| {
+                                if promoted {
+                                    last_renewal = tokio::time::Instant::now();
+                                    post = true;
+                                }
+                            })
+                        } else {
+                            Ok(())
+                        }
                     }
-                    Ok(_) => Ok(()),
-                    Err(err) => Err(err),
+                    Err(err) => {
+                        read_log = true;
+                        Err(err)
+                    }
                 }
             };
             if let Err(err) = outcome {
                 tracing::warn!(error = %err, "cluster log");
             }
-            if let Err(err) = self.post_shipped().await {
-                tracing::warn!(error = %err, "cannot post shipped debits");
+            if std::mem::take(&mut post) {
+                match self.post_shipped().await {
+                    Ok(posted) => {
+                        post = posted >= POST_BATCH_LEN;
+                        more |= post;
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot post shipped debits");
+                        post = true;
+                    }
+                }
             }
             if self.epoch().is_some() && tick_at.elapsed() >= Duration::from_secs(1) {
                 // Idle wallets get their grants and write-offs on time.
                 tick_at = tokio::time::Instant::now();
                 self.ledger.tick(clock.now());
             }
+            if more && !shutdown.is_cancelled() {
+                tokio::task::yield_now().await;
+                continue;
+            }
             let treasurer = self.epoch().is_some();
             // The next renewal, claim or tick is due within the slow wait.
             let slow = (self.settings.treasury_ttl / 6).min(Duration::from_secs(1));
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = wakeups.log_appended(), if !treasurer => {}
+                () = wakeups.log_appended(), if !treasurer => read_log = true,
                 () = wakeups.treasury_released(), if !treasurer => last_claim = None,
                 // Shipments from several replicas are gathered into one
                 // posting round (one read and one append for all of them).
-                () = wakeups.debits_shipped(), if treasurer => tokio::time::sleep(self.settings.gather).await,
+                () = wakeups.debits_shipped(), if treasurer => {
+                    tokio::time::sleep(self.settings.gather).await;
+                    post = true;
+                }
                 () = tokio::time::sleep(wakeups.fallback(slow, self.settings.poll)) => {}
             }
         }
