@@ -120,6 +120,9 @@ impl Gateway {
         if let Some(writer) = writer.clone() {
             readiness.watch_store(Box::new(move || writer.health().map_err(|error| error.to_string())));
         }
+        if let Some(node) = cluster.clone() {
+            readiness.watch_store(Box::new(move || node.health()));
+        }
         let admin = Arc::new(Admin {
             readiness: readiness.clone(),
             prices: prices.clone(),

@@ -91,6 +91,9 @@ async fn a_replica_killed_under_load_leaves_its_leases_to_expire_and_the_books_b
     victim.child.wait().unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for replica in &cluster.replicas {
+        assert_eq!(readyz(replica).await, 200, "ready again once the books are back");
+    }
     let mut seen = Vec::new();
     for load in loads {
         seen.extend(load.await.unwrap());
@@ -162,13 +165,22 @@ async fn with_postgresql_stopped_replicas_serve_only_inside_their_leases_then_an
 
     pg.stop();
     let stopped_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Once the leases lapsed (a TTL with no round reaching the books) a
+    // replica says it is not ready, so a load balancer can route around it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for replica in &cluster.replicas {
+        assert_eq!(readyz(replica).await, 503, "not ready while the books are out of reach");
+    }
+    tokio::time::sleep(Duration::from_secs(10) - stopped_at.elapsed()).await;
     // Taken before the restart: the server accepts connections a little
     // before `restart` sees it ready.
     let restarted_at = Instant::now();
     pg.restart();
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for replica in &cluster.replicas {
+        assert_eq!(readyz(replica).await, 200, "ready again once the books are back");
+    }
     let mut seen = Vec::new();
     for load in loads {
         seen.extend(load.await.unwrap());
@@ -253,6 +265,12 @@ async fn a_daily_key_limit_holds_with_the_keys_traffic_spread_over_three_replica
     assert_eq!(limit.uncovered, Decimal::ZERO, "no debit crossed the cap");
     assert!(audit.iter().all(|line| line.balances()), "{audit:?}");
     verify(&cluster.url);
+}
+
+/// The status of a replica's `/readyz`.
+async fn readyz(replica: &Replica) -> u16 {
+    let reply = admin(replica, http::Method::GET, "/readyz", serde_json::Value::Null, None).await.unwrap();
+    reply.status.as_u16()
 }
 
 /// Statements each replica has sent the database, from its `/metrics`.

@@ -71,6 +71,10 @@ pub struct ClusterNode {
     client: Client<HttpConnector, Full<Bytes>>,
     /// Stops the shipping and lease rounds (after the proxy drained).
     rounds: CancellationToken,
+    /// When a lease round last reached the books, and the lease TTL: past
+    /// it without one, this replica's leases have lapsed (see [`ClusterNode::health`]).
+    last_reached: parking_lot::Mutex<std::time::Instant>,
+    lease_ttl: Duration,
     tasks: parking_lot::Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -133,6 +137,8 @@ impl ClusterNode {
             client: Client::builder(TokioExecutor::new()).build_http(),
             rounds: CancellationToken::new(),
             tasks: parking_lot::Mutex::new(Vec::new()),
+            last_reached: parking_lot::Mutex::new(std::time::Instant::now()),
+            lease_ttl: options.lease_ttl,
         });
         let wakeups = super::Wakeups::start(db, node.rounds.clone());
         let mut tasks = vec![tokio::spawn(replica.run(clock, wakeups, shutdown))];
@@ -162,6 +168,22 @@ impl ClusterNode {
     /// The shared books.
     pub fn books(&self) -> &Books {
         &self.books
+    }
+
+    /// `Ok` while this replica can spend: its lease rounds reached the
+    /// books within a lease TTL. Past that its leases have lapsed and every
+    /// hold is answered 503 `ledger_unavailable`, so `/readyz` says so and a
+    /// load balancer sends the traffic to replicas that can serve it.
+    pub fn health(&self) -> Result<(), String> {
+        let since = self.last_reached.lock().elapsed();
+        if since > self.lease_ttl {
+            return Err(format!(
+                "the cluster database has not been reached for {} ms (lease TTL {} ms): leases lapsed",
+                since.as_millis(),
+                self.lease_ttl.as_millis()
+            ));
+        }
+        Ok(())
     }
 
     /// This replica's name.
@@ -241,6 +263,7 @@ impl ClusterNode {
             match self.book.maintain().await {
                 Ok(()) => {
                     reachable_since.get_or_insert_with(tokio::time::Instant::now);
+                    *self.last_reached.lock() = std::time::Instant::now();
                 }
                 Err(error) => {
                     reachable_since = None;
