@@ -231,7 +231,8 @@ impl Gateway {
         let drained =
             if proxy == Drained::All && admin == Drained::All { Drained::All } else { Drained::TimedOut };
         tracing::info!(?drained, "creditgate stopped");
-        Stopped { drained, store }
+        let restart = self.cluster.as_ref().and_then(|node| node.must_restart());
+        Stopped { drained, store, restart }
     }
 }
 
@@ -242,6 +243,9 @@ pub struct Stopped {
     pub drained: Drained,
     /// Whether the store's last flush succeeded.
     pub store: Result<(), String>,
+    /// Cluster mode: why this replica stopped to be started again (its
+    /// ledger must be rebuilt from the shared log), if it did.
+    pub restart: Option<String>,
 }
 
 /// Durable entries among the next `limit` records after `after`, with the

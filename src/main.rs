@@ -197,6 +197,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Exit status of a replica that stopped so its supervisor starts it
+/// again (EX_TEMPFAIL): its ledger is rebuilt from the shared log.
+const EXIT_RESTART: u8 = 75;
+
 async fn serve(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode> {
     let mut config = GatewayConfig::load(&path)?;
     telemetry::init(&config.log);
@@ -216,6 +220,10 @@ async fn serve(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode> 
     if let Err(error) = stopped.store {
         eprintln!("creditgate: the ledger's last flush failed; records were left unwritten: {error}");
         return Ok(ExitCode::FAILURE);
+    }
+    if let Some(reason) = stopped.restart {
+        eprintln!("creditgate: this replica stopped to be restarted: {reason}");
+        return Ok(ExitCode::from(EXIT_RESTART));
     }
     Ok(match stopped.drained {
         Drained::All => ExitCode::SUCCESS,

@@ -92,7 +92,7 @@ async fn a_replica_killed_under_load_leaves_its_leases_to_expire_and_the_books_b
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for replica in &cluster.replicas {
-        assert_eq!(readyz(replica).await, 200, "ready again once the books are back");
+        assert_eq!(readyz(replica).await, 200, "the others stay ready");
     }
     let mut seen = Vec::new();
     for load in loads {
@@ -327,5 +327,74 @@ async fn an_idle_cluster_waits_for_wake_ups_and_changes_still_reach_every_replic
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    verify(&cluster.url);
+}
+
+/// A treasurer paused past its term (a long GC pause, a partition) comes
+/// back deposed: its ledger may hold changes the log refused, so it drains
+/// its requests, ships its outbox, gives its leases back and exits 75 for
+/// its supervisor to start it again; restarted on its data directory it
+/// rebuilds its ledger from the log and serves. The others serve throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_treasurer_paused_past_its_term_stops_to_be_restarted_and_the_books_stay_exact() {
+    let pg = Postgres::start();
+    let mut cluster = start_cluster(&pg, "paused", 3).await;
+    let (org, secret) = funded_org(&cluster, 0, "50", "10").await;
+    let books = books(&cluster.url).await;
+    let (old, admin_url) = books.treasurer().await.unwrap().unwrap();
+    let index = cluster
+        .replicas
+        .iter()
+        .position(|replica| admin_url.as_deref() == Some(&format!("http://{}", replica.admin)))
+        .unwrap();
+    let mut served_elsewhere = 0;
+    assert_eq!(call(&cluster.replicas[index].proxy, &secret).await, Some(200));
+    let others: Vec<String> =
+        (0..3).filter(|i| *i != index).map(|i| cluster.replicas[i].proxy.clone()).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loads: Vec<_> = (0..3).map(|_| load(others.clone(), secret.clone(), stop.clone())).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let pid = cluster.replicas[index].child.id().to_string();
+    std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    // Twice the treasury's term (1.5 s here): another replica takes it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    let resumed = Instant::now();
+    let status = loop {
+        if let Some(status) = cluster.replicas[index].child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(resumed.elapsed() < Duration::from_secs(20), "the deposed treasurer did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = cluster.replicas[index].log();
+    assert_eq!(status.code(), Some(75), "exit 75 asks its supervisor for a restart: {log}");
+    assert!(log.contains("stopped to be restarted"), "{log}");
+    let (new, _) = books.treasurer().await.unwrap().unwrap();
+    assert_ne!(new, old, "another replica is the treasurer");
+
+    // Restarted on its data directory, it serves again.
+    let data = std::mem::replace(&mut cluster.replicas[index].data, tempfile::tempdir().unwrap());
+    cluster.replicas[index] = spawn_replica(cluster.config.path(), &cluster.url, data);
+    assert_eq!(call(&cluster.replicas[index].proxy, &secret).await, Some(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for load in loads {
+        seen.extend(load.await.unwrap());
+    }
+    assert!(seen.iter().all(|call| call.status == Some(200)), "the others served throughout");
+    served_elsewhere += seen.len();
+
+    settled(&cluster.url).await;
+    // The call before the pause and the one after the restart, and the rest.
+    assert_eq!(
+        debits(&cluster.url, org).await.len(),
+        served_elsewhere + 2,
+        "every call served is debited once"
+    );
+    let audit = pool_audit(&cluster.url, org).await;
+    assert_eq!(audit.uncovered, Decimal::ZERO, "it shipped before its leases lapsed: {audit:?}");
+    assert!(audit.balances(), "{audit:?}");
     verify(&cluster.url);
 }

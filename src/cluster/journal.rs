@@ -117,6 +117,12 @@ impl LogJournal {
     }
 
     /// Records committed to the log so far.
+    /// Why the journal stopped for good (its epoch is over, or a record
+    /// could not be encoded), if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.state.lock().failed.as_ref().map(ToString::to_string)
+    }
+
     pub fn committed(&self) -> u64 {
         self.inner.state.lock().committed
     }

@@ -141,10 +141,11 @@ impl ClusterNode {
             lease_ttl: options.lease_ttl,
         });
         let wakeups = super::Wakeups::start(db, node.rounds.clone());
-        let mut tasks = vec![tokio::spawn(replica.run(clock, wakeups, shutdown))];
+        let mut tasks = vec![tokio::spawn(replica.run(clock, wakeups, shutdown.clone()))];
         tasks.push(tokio::spawn(node.clone().ship_rounds(options.ship_interval)));
         tasks.push(tokio::spawn(node.clone().lease_rounds(options.lease_ttl)));
         tasks.push(tokio::spawn(node.clone().errands()));
+        tasks.push(tokio::spawn(node.clone().watch_ledger(shutdown.clone())));
         *node.tasks.lock() = tasks;
         tracing::info!(replica = %options.replica, "joined the cluster");
         Ok(node)
@@ -225,6 +226,31 @@ impl ClusterNode {
                 tracing::warn!(%error, outbox = self.book.outbox_len(), "cannot ship settled debits; retrying");
             }
         }
+    }
+
+    /// Stops the gateway (gracefully: requests drain, the outbox ships,
+    /// leases go back) once this replica's ledger cannot go on; the process
+    /// then exits with [`ClusterNode::must_restart`]'s reason so its
+    /// supervisor starts it again, and the restart rebuilds the ledger
+    /// from the log.
+    async fn watch_ledger(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = self.rounds.cancelled() => return,
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            if let Some(reason) = self.replica.must_restart() {
+                tracing::error!(%reason, "this replica's ledger cannot go on: stopping to be restarted");
+                shutdown.cancel();
+                return;
+            }
+        }
+    }
+
+    /// Why this replica stopped to be restarted, if it did.
+    pub fn must_restart(&self) -> Option<String> {
+        self.replica.must_restart()
     }
 
     /// Draws leases ahead of need for wallets whose holds ran them low, and

@@ -118,6 +118,8 @@ pub struct Replica {
     epoch: Mutex<Option<i64>>,
     /// Set once this replica was treasurer and lost the treasury.
     deposed: AtomicBool,
+    /// Set when it lost it without stepping down (a pause, a partition).
+    lost_treasury: AtomicBool,
     /// Serializes reading the log, so records apply once and in order.
     tailing: tokio::sync::Mutex<()>,
 }
@@ -150,6 +152,7 @@ impl Replica {
             applied: AtomicI64::new(0),
             epoch: Mutex::new(None),
             deposed: AtomicBool::new(false),
+            lost_treasury: AtomicBool::new(false),
             tailing: tokio::sync::Mutex::new(()),
         };
         while replica.catch_up().await? > 0 {}
@@ -171,6 +174,17 @@ impl Replica {
     pub fn sync(&self) -> Result<(), crate::ledger::journal::JournalError> {
         use crate::ledger::journal::Journal as _;
         self.journal.sync()
+    }
+
+    /// Why this replica's ledger cannot go on, if it cannot: it lost the
+    /// treasury without stepping down, or its journal stopped. Its ledger
+    /// may hold changes the log never took, so it must be rebuilt from the
+    /// log, which a restart does.
+    pub fn must_restart(&self) -> Option<String> {
+        if self.lost_treasury.load(Ordering::Acquire) {
+            return Some("it lost the treasury (its renewal came too late)".into());
+        }
+        self.journal.failure().map(|reason| format!("its journal stopped: {reason}"))
     }
 
     /// The last log record this replica applied (its own, once treasurer).
@@ -283,6 +297,7 @@ impl Replica {
         if renewed.is_none() {
             tracing::error!(replica = %self.settings.replica, epoch, "the treasury lapsed; this replica must restart");
             self.deposed.store(true, Ordering::Release);
+            self.lost_treasury.store(true, Ordering::Release);
             self.ledger.set_following(true);
         }
         Ok(renewed.is_some())
@@ -305,6 +320,11 @@ impl Replica {
         let renew_every = self.settings.treasury_ttl / 3;
         let mut last_renewal = tokio::time::Instant::now();
         let mut last_claim: Option<tokio::time::Instant> = None;
+        // When the books were last out of reach: after an outage the
+        // treasurer, back too, renews its own term (its epoch is still the
+        // books' own) before any follower may claim it, so an outage does
+        // not depose it.
+        let mut last_failure: Option<tokio::time::Instant> = None;
         let mut tick_at = tokio::time::Instant::now();
         // What there is to do: everything at first, what the last wake-up
         // said since, and everything again while no wake-ups are heard.
@@ -329,7 +349,9 @@ impl Replica {
                     Ok(read) => {
                         more = read >= TAIL_BATCH_LEN;
                         read_log = more;
-                        if last_claim.is_none_or(|at| at.elapsed() >= claim_every) {
+                        let settled =
+                            last_failure.is_none_or(|at| at.elapsed() >= self.settings.treasury_ttl / 2);
+                        if settled && last_claim.is_none_or(|at| at.elapsed() >= claim_every) {
                             last_claim = Some(tokio::time::Instant::now());
                             self.try_promote(clock.as_ref()).await.map(|promoted| {
                                 if promoted {
@@ -348,6 +370,7 @@ impl Replica {
                 }
             };
             if let Err(err) = outcome {
+                last_failure = Some(tokio::time::Instant::now());
                 tracing::warn!(error = %err, "cluster log");
             }
             if std::mem::take(&mut post) {

@@ -57,6 +57,8 @@ pub fn config_file(mock: std::net::SocketAddr) -> tempfile::NamedTempFile {
 /// failing test's message); returns once it serves.
 pub fn spawn_replica(config: &std::path::Path, url: &str, data: tempfile::TempDir) -> Replica {
     let log_path = data.path().join("replica.log");
+    // A restart on the same directory must not read the last run's address.
+    let _ = std::fs::rename(&log_path, data.path().join("replica.previous.log"));
     let log = std::fs::File::options().create(true).append(true).open(&log_path).unwrap();
     let child =
         serve_command(config, data.path()).env(URL_VAR, url).stderr(Stdio::from(log)).spawn().unwrap();
