@@ -1,8 +1,7 @@
 //! Cluster mode: many replicas, one set of books in PostgreSQL (DESIGN.md §7).
 //!
 //! Without a `[cluster]` section nothing here runs: a single node keeps its
-//! books in the embedded sled store. This module is the shared-credit core of
-//! cluster mode; it is not yet wired into the gateway (see "Status" below).
+//! books in the embedded sled store.
 //!
 //! - [`db`]      — the connection pool: libpq URLs, multi-host, read-write
 //! - [`migrate`] — embedded, versioned schema migrations under an advisory lock
@@ -14,6 +13,9 @@
 //! - [`replica`] — a replica's ledger: a follower replaying the log, or the
 //!   treasurer (one at a time, fenced by epoch) whose ledger makes records
 //! - [`journal`] — [`LogJournal`], the treasurer's journal into the log
+//! - [`node`]    — a replica at run time: its view, leases, outbox and rounds
+//! - [`spend`]   — a request's hold across the view, limits and credit
+//! - [`wakeups`] — `LISTEN`/`NOTIFY` instead of polling
 //!
 //! # Zero overdraft without a round trip per request
 //!
@@ -26,10 +28,14 @@
 //! (`cg_ship_debits`), unique by (replica, entry), so a retry or a restart
 //! never debits twice; each is charged to its lease while the lease is open.
 //!
-//! Lease size follows the wallet's recent spend (about `lease_target_ms` of
-//! it), is capped by an even share of what is left among live replicas, and
-//! shrinks to one hold near empty. Refills are drawn ahead of need, off the
-//! request path, when a wallet's leased credit falls below half a lease.
+//! Lease size follows the wallet's recent spend (about 4 s of it), is
+//! capped by an even share of what is left among live replicas, and shrinks
+//! to one hold near empty. Refills are drawn ahead of need, off the request
+//! path, as soon as a hold leaves a wallet's leased credit below half a
+//! lease. Near empty, a lease that cannot cover another hold goes back as
+//! soon as its debits ship, and a refused draw waits briefly while the
+//! wallet's balance still covers the hold, so the last cents are shared
+//! instead of being refused on one replica while parked on another.
 //!
 //! # Expiry and late shipping (the bound)
 //!
@@ -48,41 +54,28 @@
 //! overspend is zero while every replica ships within the grace, and is in
 //! any case bounded by the leases the late replica held, and always visible.
 //!
-//! # Status
+//! # Running it
 //!
-//! Built and tested on a real PostgreSQL (`tests/cluster_leases.rs`): the
-//! pool, migrations, the lease and shipping statements, the global record
-//! log, the replica-side lease book (background refill, renewal, shipping,
-//! idle give-back, consolidation near empty), the audit behind
-//! `creditgate ledger verify --database-url-env`, and `creditgate cluster
-//! status`.
+//! With a `[cluster]` section, `serve` makes the process a replica
+//! ([`node`]): it migrates the schema, replays the log into its view,
+//! opens its outbox in the data directory, and serves holds through
+//! [`spend`] (its view's checks, limit headroom and credit under leases).
+//! One replica at a time, the treasurer, holds the treasury (fenced by
+//! epoch) and runs the ledger as the single node does, journaling its
+//! records to [`log`] through [`LogJournal`] and posting every shipped
+//! debit; the others follow its log, forward admin writes to it, and take
+//! the treasury when it lapses or is given up. Lot expiry, Lite resets and
+//! renewals are therefore applied once. A treasurer deposed without
+//! stepping down exits for its supervisor to restart it: its ledger is
+//! rebuilt from the log.
 //!
-//! Also built and tested (`tests/cluster_replication.rs`): one book of
-//! record for entities and money. One replica at a time, the treasurer,
-//! holds the treasury lease (fenced by epoch) and runs the ledger as the
-//! single node does, journaling its records to [`log`] through
-//! [`LogJournal`]; every other replica replays them into its own ledger
-//! ([`Replica`]), makes no records itself, and takes the treasury when it
-//! lapses or is given up. Lot expiry, Lite resets and renewals are therefore
-//! applied once, by the treasurer.
+//! Nobody polls the database: [`wakeups`] listens for the log growing,
+//! debits shipped and a treasurer stepping down, with a slow timer (and the
+//! old 50 ms poll while the listener is down) behind it.
 //!
-//! Not yet: the `[cluster]` config section and its wiring into the gateway.
-//! The plan, in order:
-//!
-//! 1. **The data path.** Hold: the local ledger's checks (key, limits,
-//!    payer) and a [`LeaseBook`] hold on the paying wallet; 402 when the
-//!    books refuse a lease, 503 when they cannot be reached and no lease is
-//!    left. Settle: queue the debit in the replica's sled outbox and ship it;
-//!    the treasurer posts every shipped debit (`cg_debits`, in shipping
-//!    order) as a settle in its ledger, so limits and lots keep their one
-//!    implementation, and keeps `cg_wallets.balance` equal to its ledger's
-//!    balance less shipped debits not yet posted.
-//! 2. **Admin writes** from any replica go to the treasurer (forwarded to
-//!    its admin listener, or through a command table) and answer with its
-//!    result; reports read PostgreSQL.
-//! 3. Spending-limit headroom leased like credit; debits partitioned by
-//!    month for retention (issue 19); a deposed treasurer rebuilds its
-//!    ledger from the log instead of needing a restart.
+//! Not yet: a lease bounded by the expiry of the lots it draws on (a lot
+//! that expires while leased can be spent until the lease ends, recorded as
+//! overrun), and debits partitioned by month for retention (issue 19).
 pub mod books;
 pub mod db;
 pub mod journal;
