@@ -308,8 +308,8 @@ impl Replica {
     ///
     /// A follower reads the log when `wakeups` says it grew, and tries for
     /// the treasury every `treasury_ttl / 6` and as soon as a treasurer
-    /// steps down; the treasurer posts shipped
-    /// debits when told there are some, and renews every `treasury_ttl / 3`.
+    /// steps down; the treasurer posts shipped debits when told there are
+    /// some, and a task of its own renews its term every `treasury_ttl / 3`.
     /// Without wake-ups (the listener is down) both poll every `poll`.
     pub async fn run(
         self: Arc<Self>,
@@ -317,8 +317,10 @@ impl Replica {
         wakeups: Arc<Wakeups>,
         shutdown: CancellationToken,
     ) {
-        let renew_every = self.settings.treasury_ttl / 3;
-        let mut last_renewal = tokio::time::Instant::now();
+        // Renewal runs apart from the posting work, which a busy moment can
+        // keep going for longer than a term.
+        let keeper_stop = CancellationToken::new();
+        let keeper = tokio::spawn(self.clone().keep_treasury(keeper_stop.clone()));
         let mut last_claim: Option<tokio::time::Instant> = None;
         // When the books were last out of reach: after an outage the
         // treasurer, back too, renews its own term (its epoch is still the
@@ -336,12 +338,7 @@ impl Replica {
             // A full batch read or posted: go on at once, not after a wait.
             let mut more = false;
             let outcome = if self.epoch().is_some() {
-                if last_renewal.elapsed() >= renew_every {
-                    last_renewal = tokio::time::Instant::now();
-                    self.renew().await.map(drop)
-                } else {
-                    Ok(())
-                }
+                Ok(())
             } else {
                 let claim_every = wakeups.fallback(self.settings.treasury_ttl / 6, self.settings.poll);
                 let read = if std::mem::take(&mut read_log) { self.catch_up().await } else { Ok(0) };
@@ -353,12 +350,7 @@ impl Replica {
                             last_failure.is_none_or(|at| at.elapsed() >= self.settings.treasury_ttl / 2);
                         if settled && last_claim.is_none_or(|at| at.elapsed() >= claim_every) {
                             last_claim = Some(tokio::time::Instant::now());
-                            self.try_promote(clock.as_ref()).await.map(|promoted| {
-                                if promoted {
-                                    last_renewal = tokio::time::Instant::now();
-                                    post = true;
-                                }
-                            })
+                            self.try_promote(clock.as_ref()).await.map(|promoted| post |= promoted)
                         } else {
                             Ok(())
                         }
@@ -410,7 +402,27 @@ impl Replica {
                 () = tokio::time::sleep(wakeups.fallback(slow, self.settings.poll)) => {}
             }
         }
+        // No renewal may land after the step-down gives the term up.
+        keeper_stop.cancel();
+        let _ = keeper.await;
         self.step_down().await;
+    }
+
+    /// Renews the treasury every `treasury_ttl / 3` while this replica
+    /// holds it, until `stop`.
+    async fn keep_treasury(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(self.settings.treasury_ttl / 3) => {}
+            }
+            if self.epoch().is_none() || self.deposed.load(Ordering::Acquire) {
+                continue;
+            }
+            if let Err(err) = self.renew().await {
+                tracing::warn!(error = %err, "cannot renew the treasury; retrying");
+            }
+        }
     }
 
     /// Lets the journal drain and gives the treasury up.
