@@ -184,7 +184,7 @@ pub trait Store: Send + Sync + 'static {
     /// Removes records up to `seq` for good (retention, after they were
     /// checkpointed and exported), keeping at least the newest stored
     /// value so the store's end stays known. Returns how many stored values
-    /// went. `pause` runs between batches (a test hook).
+    /// went. `pause` runs before each batch (a test hook).
     fn prune_through(&self, seq: u64, pause: &dyn Fn()) -> Result<usize, StoreError> {
         let _ = (seq, pause);
         Err(StoreError::Corrupt { reason: "this store cannot prune".into() })

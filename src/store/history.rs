@@ -46,7 +46,7 @@
 //! `CREDITGATE_TEST_PAUSE=STEP=MS` (test-only, never for production) makes
 //! the historian stop for `MS` milliseconds in the middle of `STEP`
 //! (`checkpoint`: halfway through the temporary file; `export`: after the
-//! first record of a day file; `prune`: after the first batch removed),
+//! first record of a day file; `prune`: once the new floor is durable, before each batch is removed),
 //! creating the file `test-paused-STEP` in the ledger directory while it
 //! waits, so a crash test can SIGKILL the process at exactly that moment.
 

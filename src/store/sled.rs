@@ -330,10 +330,10 @@ impl Store for SledStore {
             if taken == 0 {
                 return Ok(removed);
             }
+            pause();
             tree.apply_batch(batch)?;
             db.flush()?;
             removed += taken;
-            pause();
         }
     }
 
