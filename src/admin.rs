@@ -356,6 +356,23 @@ impl Admin {
                         response
                             .headers_mut()
                             .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+                        if let Some(history) = &self.history {
+                            // Usage is summed from the retained records only: say where
+                            // the older ones are.
+                            let status = history.status();
+                            let headers = response.headers_mut();
+                            headers.insert(
+                                "x-creditgate-retained-after",
+                                HeaderValue::from(status.pruned_through),
+                            );
+                            if let Some(dir) = status
+                                .export_dir
+                                .as_ref()
+                                .and_then(|d| HeaderValue::try_from(d.display().to_string()).ok())
+                            {
+                                headers.insert("x-creditgate-exports", dir);
+                            }
+                        }
                         return Ok(response);
                     }
                     _ => api::org_resource(&call, &parts.method, rest, &body)?,

@@ -1269,6 +1269,25 @@ upstream = "nope"
     }
 
     #[test]
+    fn ledger_history_knobs_parse_with_defaults_and_bounds() {
+        // Proves checkpoint and retention settings default to every 1M records or 5 minutes, keep
+        // everything, export before pruning, and that a zero period is refused.
+        let defaults = parse(MINIMAL).unwrap().ledger.history;
+        assert_eq!(
+            (defaults.checkpoint_every_records, defaults.checkpoint_interval_ms),
+            (1_000_000, 300_000)
+        );
+        assert_eq!((defaults.retain_days, defaults.export), (None, true));
+        let text =
+            format!("{MINIMAL}\n[ledger]\nretain_days = 30\nexport = false\nexport_dir = \"/srv/old\"\n");
+        let history = parse(&text).unwrap().ledger.history;
+        assert_eq!((history.retain_days, history.export), (Some(30), false));
+        assert_eq!(history.export_dir.as_deref(), Some(Path::new("/srv/old")));
+        let text = format!("{MINIMAL}\n[ledger]\ncheckpoint_every_records = 0\ncheckpoint_interval_ms = 5\n");
+        assert_eq!(problems(&text).len(), 2, "both bounds reported");
+    }
+
+    #[test]
     fn syntax_error_names_the_line() {
         let p = problems("[server]\nlisten = \n");
         assert_eq!(p.len(), 1);

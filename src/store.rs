@@ -40,7 +40,9 @@
 //!   incomplete write, which preserves that prefix.)
 //! - **What is never stored.** Holds. They live in memory; after a restart
 //!   every hold is void, and the money they reserved is available again.
-//! - **How restart recovers.** [`open_ledger`] replays every record in
+//! - **How restart recovers.** [`open_ledger`] loads the newest valid
+//!   checkpoint (see [`history`]; a damaged one falls back to the one
+//!   before, none means a full replay) and replays every record after it in
 //!   the order it was appended (each wallet's entries in sequence order;
 //!   across wallets a record can land a moment after a higher-numbered one)
 //!   through the same code that applied it live, checking

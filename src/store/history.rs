@@ -159,13 +159,6 @@ impl Historian {
         clock: Arc<dyn Clock>,
     ) -> Result<Historian, StoreError> {
         let covered = start.as_ref().map_or(0, |snapshot| snapshot.seq);
-        let shadow = match &start {
-            Some(snapshot) => Ledger::from_snapshot(ledger_config, Arc::new(NullJournal), snapshot)?,
-            None => Ledger::new(ledger_config, Arc::new(NullJournal)),
-        };
-        drop(start);
-        // The shadow only follows: it must never make catch-up records.
-        shadow.set_following(true);
         let status = Arc::new(Mutex::new(HistoryStatus {
             checkpoint_seq: covered,
             pruned_through: writer.store().pruned_through(),
@@ -173,30 +166,51 @@ impl Historian {
             exported_through: crate::store::export::exported_days(&export_dir).last().copied(),
             ..HistoryStatus::default()
         }));
-        let now = clock.now();
-        let mut work = Work {
-            writer,
-            ledger_dir: ledger_dir.to_owned(),
-            export_dir,
-            config,
-            clock,
-            shadow,
-            replayer: Replayer::after(covered),
-            covered,
-            since_checkpoint: 0,
-            last_checkpoint_at: now,
-            last_checkpoint_seq: covered,
-            status: status.clone(),
-            broken: None,
-        };
         let (stop, stopped) = mpsc::sync_channel(1);
+        let shared = status.clone();
+        let ledger_dir = ledger_dir.to_owned();
+        // The shadow is built on the historian's own thread: start-up (and
+        // readiness) never waits for it.
         let thread = std::thread::Builder::new()
             .name("historian".into())
-            .spawn(move || loop {
-                work.step();
-                match stopped.recv_timeout(POLL) {
-                    Err(RecvTimeoutError::Timeout) => {}
-                    _ => return,
+            .spawn(move || {
+                let shadow = match &start {
+                    Some(snapshot) => Ledger::from_snapshot(ledger_config, Arc::new(NullJournal), snapshot),
+                    None => Ok(Ledger::new(ledger_config, Arc::new(NullJournal))),
+                };
+                drop(start);
+                let shadow = match shadow {
+                    Ok(shadow) => shadow,
+                    Err(error) => {
+                        tracing::error!(%error, "ledger history: the checkpoint shadow cannot be built");
+                        shared.lock().last_error = Some(error.to_string());
+                        return;
+                    }
+                };
+                // The shadow only follows: it must never make catch-up records.
+                shadow.set_following(true);
+                let now = clock.now();
+                let mut work = Work {
+                    writer,
+                    ledger_dir,
+                    export_dir,
+                    config,
+                    clock,
+                    shadow,
+                    replayer: Replayer::after(covered),
+                    covered,
+                    since_checkpoint: 0,
+                    last_checkpoint_at: now,
+                    last_checkpoint_seq: covered,
+                    status: shared,
+                    broken: None,
+                };
+                loop {
+                    work.step();
+                    match stopped.recv_timeout(POLL) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
                 }
             })
             .map_err(StoreError::Spawn)?;
