@@ -62,6 +62,14 @@ pub enum ExportError {
     /// Reading the store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A day file exists with other records; it is never overwritten.
+    #[error("{path} already exists and differs: {reason}; move it aside to export that day again")]
+    Conflict {
+        /// The existing file.
+        path: PathBuf,
+        /// How it differs.
+        reason: String,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError {
@@ -235,6 +243,23 @@ impl DayFile {
         let hashing = out.finish().map_err(io(&self.temp))?;
         hashing.file.sync_all().map_err(io(&self.temp))?;
         let path = dir.join(file_name(self.day));
+        // Files are append-only: the same day is written again only with
+        // the same records (a retry after a crash between export and prune).
+        let existing = std::fs::read(dir.join(manifest_name(self.day)))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Manifest>(&bytes).ok());
+        if let Some(existing) =
+            existing.filter(|m| (m.first_seq, m.last_seq) != (self.first_seq, self.last_seq))
+        {
+            let _ = std::fs::remove_file(&self.temp);
+            return Err(ExportError::Conflict {
+                path,
+                reason: format!(
+                    "it holds records {}..={}, this export {}..={}",
+                    existing.first_seq, existing.last_seq, self.first_seq, self.last_seq
+                ),
+            });
+        }
         std::fs::rename(&self.temp, &path).map_err(io(&path))?;
         let manifest = Manifest {
             format: FORMAT.into(),
@@ -295,6 +320,15 @@ pub fn export_days(
     pause: &dyn Fn(),
 ) -> Result<Exported, ExportError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // Days already exported from before `after` are closed: a record after
+    // them whose time is a moment earlier (another wallet's clock) still
+    // belongs after them, never in a second file for their day.
+    let floor = read_manifests(dir)
+        .into_iter()
+        .filter(|manifest| manifest.last_seq <= plan.after)
+        .filter_map(|manifest| manifest.day.succ_opt())
+        .max()
+        .unwrap_or(NaiveDate::MIN);
     let mut exported = Exported::default();
     let mut current: Option<DayFile> = None;
     // Entity records before the first entry, waiting for a day.
@@ -306,7 +340,8 @@ pub fn export_days(
         }
         let day = match &record.body {
             RecordBody::Entry(entry) => {
-                Some(current.as_ref().map_or(entry.at.date_naive(), |c| c.day.max(entry.at.date_naive())))
+                let own = entry.at.date_naive().max(floor);
+                Some(current.as_ref().map_or(own, |c| c.day.max(own)))
             }
             _ => None,
         };
@@ -371,16 +406,9 @@ pub struct ExportCheck {
 /// its manifest (size, sha256, format, counts, sums, order), and hands each
 /// record to `each`.
 pub fn read_exports(dir: &Path, mut each: impl FnMut(Record)) -> Result<ExportCheck, ExportError> {
-    let mut manifests = Vec::new();
     let mut check = ExportCheck::default();
-    for entry in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with("ledger-") && name.ends_with(".manifest.json")) {
-            continue;
-        }
-        let parsed = std::fs::read(entry.path())
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| serde_json::from_slice::<Manifest>(&bytes).map_err(|e| e.to_string()));
+    let mut manifests = Vec::new();
+    for (name, parsed) in manifest_files(dir).map_err(io(dir))? {
         match parsed {
             Ok(manifest) => manifests.push(manifest),
             Err(error) => check.problems.push(format!("{name}: {error}")),
@@ -397,6 +425,27 @@ pub fn read_exports(dir: &Path, mut each: impl FnMut(Record)) -> Result<ExportCh
         check.manifests.push(manifest);
     }
     Ok(check)
+}
+
+/// Every manifest file in `dir` by name, parsed or with why not.
+fn manifest_files(dir: &Path) -> std::io::Result<Vec<(String, Result<Manifest, String>)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("ledger-") && name.ends_with(".manifest.json")) {
+            continue;
+        }
+        let parsed = std::fs::read(entry.path())
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| serde_json::from_slice::<Manifest>(&bytes).map_err(|e| e.to_string()));
+        found.push((name, parsed));
+    }
+    Ok(found)
+}
+
+/// The manifests in `dir` that parse (none when it does not exist).
+fn read_manifests(dir: &Path) -> Vec<Manifest> {
+    manifest_files(dir).unwrap_or_default().into_iter().filter_map(|(_, parsed)| parsed.ok()).collect()
 }
 
 /// Checks one day file against its manifest; returns the problems found.
@@ -501,4 +550,89 @@ pub fn export_range(
     let after = store.pruned_through();
     let plan = ExportPlan { after, through: u64::MAX, before, from: Some(from) };
     Ok(export_days(store.records_after(after), out, plan, &|| {})?.days)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use chrono_tz::Tz;
+    use rust_decimal_macros::dec;
+
+    use super::*;
+    use crate::ledger::entity::Plan;
+    use crate::ledger::ids::{Owner, WalletId};
+    use crate::ledger::limit::Limits;
+    use crate::ledger::testkit::{at, details, key, ledger, org, purchase, request, term, user};
+    use crate::ledger::SpendContext;
+
+    /// Records of one org spending on three days.
+    fn three_days() -> Vec<Record> {
+        let (ledger, journal) = ledger();
+        let first = at("2027-03-01T12:00:00Z");
+        let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(100), 0, dec!(0))), first);
+        let user = user(&ledger, org, Plan::Pro, dec!(0), first);
+        let key = key(&ledger, org, Owner::User(user), Limits::NONE, first);
+        ledger.purchase(purchase(org, dec!(5), "p"), first).unwrap();
+        for day in 0..3 {
+            let now = first + chrono::TimeDelta::days(day);
+            for _ in 0..4 {
+                let hold = ledger.hold(
+                    WalletId::Pool(org),
+                    request(),
+                    dec!(1),
+                    SpendContext { key, end_user: None },
+                    now,
+                );
+                hold.unwrap().settle(dec!(0.25), details(), now).unwrap();
+            }
+        }
+        journal.records()
+    }
+
+    fn plan(after: u64, before: &str) -> ExportPlan {
+        ExportPlan { after, through: u64::MAX, before: before.parse().unwrap(), from: None }
+    }
+
+    #[test]
+    fn days_are_whole_closed_and_never_rewritten_with_other_records() {
+        // Proves only whole days before the cut are written, with manifests
+        // that match; that a record after an exported day whose time is a
+        // moment earlier joins the next day instead of reopening the old
+        // one; and that a day file is never replaced by different records.
+        let mut records = three_days();
+        let dir = tempfile::tempdir().unwrap();
+        let first =
+            export_days(records.clone().into_iter().map(Ok), dir.path(), plan(0, "2027-03-02"), &|| {})
+                .unwrap();
+        assert_eq!(first.days.len(), 1, "only the first whole day: {:?}", first.days);
+        let day_one = first.days[0].clone();
+        assert_eq!((day_one.first_seq, day_one.entries), (1, 6), "entities go with the first day's entries");
+        assert_eq!(first.complete_through, day_one.last_seq);
+        // A day-two record stamped a moment before midnight of day one.
+        let straggler =
+            records.iter_mut().find(|r| r.seq > day_one.last_seq && matches!(r.body, RecordBody::Entry(_)));
+        if let Some(Record { body: RecordBody::Entry(entry), .. }) = straggler {
+            entry.at = at("2027-03-01T23:59:59Z");
+        }
+        let second = export_days(
+            records.clone().into_iter().map(Ok),
+            dir.path(),
+            plan(day_one.last_seq, "2027-03-03"),
+            &|| {},
+        )
+        .unwrap();
+        let days: Vec<String> = second.days.iter().map(|m| m.day.to_string()).collect();
+        assert_eq!(days, ["2027-03-02"], "the straggler joins day two");
+        let check = read_exports(dir.path(), |_| {}).unwrap();
+        assert!(check.problems.is_empty(), "{:?}", check.problems);
+        assert_eq!(check.manifests[0], day_one, "day one is untouched");
+        // The same day again from another starting point is refused.
+        let refused = export_days(
+            records.into_iter().map(Ok),
+            dir.path(),
+            plan(day_one.last_seq + 1, "2027-03-03"),
+            &|| {},
+        );
+        assert!(matches!(refused, Err(ExportError::Conflict { .. })), "{refused:?}");
+    }
 }
