@@ -93,6 +93,12 @@ enum LedgerCommand {
         #[arg(long, value_name = "DIR")]
         exports: Option<PathBuf>,
     },
+    /// Copy the store into a fresh directory and swap it in, so the space of
+    /// pruned records goes back to the file system (gateway stopped).
+    Compact {
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+    },
     /// Write the retained records of whole UTC days FROM..=TO to export day
     /// files (JSON Lines, gzip, with manifests), the format retention uses.
     Export {
@@ -190,6 +196,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Ledger { command: LedgerCommand::Verify { data_dir, database_url_env: None, exports } } => {
             ledger_verify(&data_dir, exports.as_deref())
+        }
+        Command::Ledger { command: LedgerCommand::Compact { data_dir } } => {
+            let dir = data_dir.join("ledger");
+            if !dir.exists() {
+                anyhow::bail!("no ledger at {}", dir.display());
+            }
+            let (before, after) = creditgate::store::compact::compact(&dir)?;
+            println!("{}: {} MB before, {} MB after", dir.display(), before / 1_000_000, after / 1_000_000);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Ledger { command: LedgerCommand::Export { data_dir, from, to, out } } => {
             ledger_export(&data_dir, from, to, out)

@@ -13,6 +13,8 @@
 //!   manifests, written before retention prunes them
 //! - [`history`] — the background historian: checkpoints and retention,
 //!   off the request path
+//! - [`compact`] — `ledger compact`: a fresh copy of the store, so pruned
+//!   space goes back to the file system
 //!
 //! # Durability contract
 //!
@@ -74,6 +76,7 @@
 
 pub mod checkpoint;
 pub mod codec;
+pub mod compact;
 pub mod export;
 pub mod history;
 mod sled;

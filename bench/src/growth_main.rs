@@ -6,8 +6,8 @@
 //! `--days` days, the background historian checkpointing as in production),
 //! stops, then restarts in a fresh process and reports the time until the
 //! ledger is ready and the peak RSS of that process; then it applies
-//! retention (`--retain-days`), reports the disk before and after, and
-//! restarts once more. Each phase runs as its own process (`write`,
+//! retention (`--retain-days`) and `ledger compact`, reports the disk before
+//! and after, and restarts once more. Each phase runs as its own process (`write`,
 //! `restart`, `retain`), so peak RSS is that of the phase alone.
 
 use std::path::{Path, PathBuf};
@@ -292,15 +292,14 @@ fn retain(dir: &Path, days: i64, retain_days: u32) -> anyhow::Result<()> {
             began.elapsed().as_secs_f64()
         );
     }
-    // sled reclaims the space of removed values as it rewrites its log
-    // segments; a reopen and flush lets it do so.
-    {
-        let store = SledStore::open(&ledger_dir)?;
-        store.flush()?;
-    }
+    let pruned = megabytes(&ledger_dir);
+    let began = Instant::now();
+    creditgate::store::compact::compact(&ledger_dir)?;
     println!(
-        "retain: store {before} MB before, {} MB after; exports {} MB (keeping {retain_days} of {days} days)",
+        "retain: store {before} MB before, {pruned} MB after pruning, {} MB after `ledger compact` ({:.1} s); \
+         exports {} MB (keeping {retain_days} of {days} days)",
         megabytes(&ledger_dir),
+        began.elapsed().as_secs_f64(),
         megabytes(&exports)
     );
     Ok(())
@@ -308,19 +307,7 @@ fn retain(dir: &Path, days: i64, retain_days: u32) -> anyhow::Result<()> {
 
 /// Size of the files under `dir`, in MB.
 fn megabytes(dir: &Path) -> u64 {
-    fn walk(dir: &Path) -> u64 {
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|entry| match entry.metadata() {
-                Ok(meta) if meta.is_dir() => walk(&entry.path()),
-                Ok(meta) => meta.len(),
-                Err(_) => 0,
-            })
-            .sum()
-    }
-    walk(dir) / 1_000_000
+    creditgate::store::compact::size(dir) / 1_000_000
 }
 
 /// The process's peak resident set (VmHWM), in KiB.

@@ -174,6 +174,9 @@ impl Historian {
         let thread = std::thread::Builder::new()
             .name("historian".into())
             .spawn(move || {
+                // Replaying into the shadow is CPU work the writer and the
+                // proxy must never wait behind.
+                crate::server::idle_priority("the ledger historian");
                 let shadow = match &start {
                     Some(snapshot) => Ledger::from_snapshot(ledger_config, Arc::new(NullJournal), snapshot),
                     None => Ok(Ledger::new(ledger_config, Arc::new(NullJournal))),

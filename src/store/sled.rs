@@ -84,6 +84,7 @@ impl SledStore {
     /// Refuses a damaged store: one sled cannot read, and one that ends
     /// before its durable watermark (acknowledged records were lost).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        crate::store::compact::finish_interrupted(dir)?;
         let (open, tail) = open_checked(dir)?;
         let watermark = Watermark::load(dir)?;
         if let Some(mark) = watermark {
@@ -214,7 +215,7 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Open the sled database, waiting briefly if its file lock is still held: a
 /// dropped `Db` releases the lock from sled's own threads a moment later, so
 /// a quick reopen (restart, `ledger verify` right after a test) can race it.
-fn open_db(dir: &Path) -> Result<::sled::Db, StoreError> {
+pub(super) fn open_db(dir: &Path) -> Result<::sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
         match ::sled::Config::new().path(dir).flush_every_ms(None).cache_capacity(SLED_CACHE_BYTES).open() {
