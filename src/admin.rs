@@ -197,6 +197,9 @@ pub struct Admin {
     pub body_read_timeout: std::time::Duration,
     /// Usage totals per organization, kept up to date from `entries`.
     pub rollups: Arc<rollup::Rollups>,
+    /// Checkpoints and retention: where history older than the store's
+    /// retained window lives (single node with write-through only).
+    pub history: Option<Arc<crate::store::history::Historian>>,
     /// Cluster mode: a follower forwards organization writes to the
     /// treasurer, whose ledger alone can make them.
     pub cluster: Option<Arc<crate::cluster::ClusterNode>>,
@@ -325,7 +328,13 @@ impl Admin {
                     }
                     (&Method::GET, ["ledger"]) => {
                         let entries = self.entries.clone();
-                        background::report(move || reports::ledger_page(&*entries, org, &params)).await??
+                        let (status, mut page) =
+                            background::report(move || reports::ledger_page(&*entries, org, &params))
+                                .await??;
+                        if let Some(history) = &self.history {
+                            page["history"] = history_view(&history.status());
+                        }
+                        (status, page)
                     }
                     (&Method::GET, ["usage"]) => {
                         if params.get("format").is_some_and(|f| f != "csv" && f != "json") {
@@ -347,6 +356,23 @@ impl Admin {
                         response
                             .headers_mut()
                             .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+                        if let Some(history) = &self.history {
+                            // Usage is summed from the retained records only: say where
+                            // the older ones are.
+                            let status = history.status();
+                            let headers = response.headers_mut();
+                            headers.insert(
+                                "x-creditgate-retained-after",
+                                HeaderValue::from(status.pruned_through),
+                            );
+                            if let Some(dir) = status
+                                .export_dir
+                                .as_ref()
+                                .and_then(|d| HeaderValue::try_from(d.display().to_string()).ok())
+                            {
+                                headers.insert("x-creditgate-exports", dir);
+                            }
+                        }
                         return Ok(response);
                     }
                     _ => api::org_resource(&call, &parts.method, rest, &body)?,
@@ -477,4 +503,17 @@ async fn read_body(body: Incoming, timeout: std::time::Duration) -> Result<Bytes
         }
         Err(_) => Err(AdminError::bad("body", format!("not received within {} ms", timeout.as_millis()))),
     }
+}
+
+/// Where the ledger's history lives, beside a page of entries: the hot
+/// store answers only for records after `retained_after`; older ones are in
+/// the export directory, one file per day (see `crate::store::export`).
+fn history_view(status: &crate::store::history::HistoryStatus) -> serde_json::Value {
+    serde_json::json!({
+        "retained_after": status.pruned_through,
+        "export_dir": status.export_dir,
+        "exported_through": status.exported_through,
+        "checkpoint_seq": status.checkpoint_seq,
+        "checkpoint_at": status.checkpoint_at,
+    })
 }

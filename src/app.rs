@@ -24,6 +24,7 @@ use crate::ledger::{Ledger, LedgerConfig};
 use crate::pricing::LivePrices;
 use crate::proxy::Proxy;
 use crate::server::{self, Drained, ServeOptions};
+use crate::store::history::Historian;
 use crate::store::SledStore;
 use crate::store::{open_ledger, GroupCommit, StoreConfig};
 use crate::telemetry::metrics::Metrics;
@@ -44,6 +45,8 @@ pub struct Gateway {
     admin_task: JoinHandle<Drained>,
     /// Cluster mode: this replica's part in the shared books.
     cluster: Option<Arc<ClusterNode>>,
+    /// Checkpoints and retention (single node with write-through).
+    historian: Option<Arc<Historian>>,
 }
 
 impl Gateway {
@@ -71,16 +74,16 @@ impl Gateway {
             .with_context(|| format!("cannot listen on {} (admin)", config.server.admin_listen))?;
         let proxy_addr = proxy_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
-        let (ledger, writer, cluster) = match &config.cluster {
+        let (ledger, writer, cluster, historian) = match &config.cluster {
             None => {
-                let (ledger, writer) = open_books(&config)?;
-                (ledger, writer, None)
+                let (ledger, writer, historian) = open_books(&config, &clock)?;
+                (ledger, writer, None, historian)
             }
             Some(section) => {
                 let node =
                     join_cluster(&config, section, admin_addr, &metrics, clock.clone(), shutdown.clone())
                         .await?;
-                (node.ledger().clone(), None, Some(node))
+                (node.ledger().clone(), None, Some(node), None)
             }
         };
         let policy = DestinationPolicy { allow: config.admin.alert_webhook_allow.clone() };
@@ -148,6 +151,7 @@ impl Gateway {
             body_read_timeout: config.server.header_read_timeout,
             rollups: Arc::new(Rollups::new(config.admin.usage_rollup_max_rows)),
             cluster: cluster.clone(),
+            history: historian.clone(),
         });
         admin.build_rollups(shutdown.clone());
         let admin_options = ServeOptions { name: "admin", ..options };
@@ -171,6 +175,7 @@ impl Gateway {
             proxy_task,
             admin_task,
             cluster,
+            historian,
         })
     }
 
@@ -219,6 +224,10 @@ impl Gateway {
         if let Some(node) = &self.cluster {
             // Every request has settled: ship the outbox, give back leases.
             node.stop().await;
+        }
+        if let Some(historian) = &self.historian {
+            // Before the writer stops: a checkpoint in progress finishes.
+            historian.stop();
         }
         // Every request has settled: make the last settles durable.
         let store = match self.writer.as_ref().map(|writer| writer.shutdown()) {
@@ -351,9 +360,13 @@ fn replica_name(data_dir: &std::path::Path) -> anyhow::Result<String> {
 /// The group-commit writer over the sled store.
 type StoreWriter = Arc<GroupCommit<SledStore>>;
 
-/// The ledger, rebuilt from `<data-dir>/ledger` with its store writer, or
-/// in memory only when write-through is off.
-fn open_books(config: &GatewayConfig) -> anyhow::Result<(Arc<Ledger>, Option<StoreWriter>)> {
+/// The single-node books: the ledger, its store writer and its historian
+/// (both `None` without write-through).
+type Books = (Arc<Ledger>, Option<StoreWriter>, Option<Arc<Historian>>);
+
+/// The ledger, rebuilt from `<data-dir>/ledger` (from its newest checkpoint
+/// on) with its store writer, or in memory only when write-through is off.
+fn open_books(config: &GatewayConfig, clock: &Arc<dyn Clock>) -> anyhow::Result<Books> {
     let section = &config.ledger;
     let ledger_config = LedgerConfig { hold_ttl_ms: section.hold_ttl_ms, ..LedgerConfig::default() };
     if !section.write_through {
@@ -361,13 +374,24 @@ fn open_books(config: &GatewayConfig) -> anyhow::Result<(Arc<Ledger>, Option<Sto
             "[ledger] write_through = false: balances live in memory only and are lost on restart"
         );
         let ledger = Ledger::new(ledger_config, Arc::new(crate::ledger::journal::NullJournal));
-        return Ok((Arc::new(ledger), None));
+        return Ok((Arc::new(ledger), None, None));
     }
     let store_config = StoreConfig { flush_interval_ms: section.flush_interval_ms, ..StoreConfig::default() };
     let ledger_dir = config.server.data_dir.join("ledger");
-    let opened = open_ledger(&ledger_dir, ledger_config, store_config)
+    let opened = open_ledger(&ledger_dir, ledger_config.clone(), store_config)
         .with_context(|| format!("cannot open the ledger in {}", ledger_dir.display()))?;
-    Ok((opened.ledger, Some(opened.writer)))
+    let export_dir =
+        config.server.data_dir.join(section.history.export_dir.as_deref().unwrap_or("exports".as_ref()));
+    let historian = Historian::start(
+        opened.writer.clone(),
+        &ledger_dir,
+        export_dir,
+        section.history.clone(),
+        ledger_config,
+        opened.checkpoint,
+        clock.clone(),
+    )?;
+    Ok((opened.ledger, Some(opened.writer), Some(Arc::new(historian))))
 }
 
 /// How often open holds are checked against their TTL.

@@ -20,6 +20,18 @@ impl Clock for SystemClock {
     }
 }
 
+/// The wall clock moved by a fixed offset. Test-only: `creditgate serve`
+/// runs on it when `CREDITGATE_TEST_CLOCK_SHIFT_DAYS` is set, so a crash
+/// test can write records on past days and then restart in the present.
+#[derive(Debug, Clone, Copy)]
+pub struct ShiftedClock(pub TimeDelta);
+
+impl Clock for ShiftedClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now() + self.0
+    }
+}
+
 /// A clock that moves only when told to (tests, simulations).
 #[derive(Debug)]
 pub struct ManualClock(Mutex<DateTime<Utc>>);

@@ -109,6 +109,9 @@ pub struct LedgerSection {
     pub flush_interval_ms: u64,
     /// How long a hold may stay open before it is voided.
     pub hold_ttl_ms: u64,
+    /// Checkpoints and retention (`checkpoint_every_records`,
+    /// `checkpoint_interval_ms`, `retain_days`, `export`, `export_dir`).
+    pub history: crate::store::history::HistoryConfig,
 }
 
 impl Default for LedgerSection {
@@ -119,6 +122,7 @@ impl Default for LedgerSection {
             write_through: true,
             flush_interval_ms: store.flush_interval_ms,
             hold_ttl_ms: ledger.hold_ttl_ms,
+            history: crate::store::history::HistoryConfig::default(),
         }
     }
 }
@@ -515,6 +519,11 @@ struct RawLedger {
     write_through: Option<bool>,
     flush_interval_ms: Option<u64>,
     hold_ttl_ms: Option<u64>,
+    checkpoint_every_records: Option<u64>,
+    checkpoint_interval_ms: Option<u64>,
+    retain_days: Option<u32>,
+    export: Option<bool>,
+    export_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -805,10 +814,43 @@ fn validate_ledger(checker: &mut Checker<'_>, value: Option<Spanned<toml::Value>
             Some("use at most 1000; the default is 5"),
         );
     }
+    let history = validate_history(checker, offset, &raw, defaults.history);
     LedgerSection {
         write_through: raw.write_through.unwrap_or(defaults.write_through),
         flush_interval_ms,
         hold_ttl_ms,
+        history,
+    }
+}
+
+fn validate_history(
+    checker: &mut Checker<'_>,
+    offset: usize,
+    raw: &RawLedger,
+    defaults: crate::store::history::HistoryConfig,
+) -> crate::store::history::HistoryConfig {
+    let every = raw.checkpoint_every_records.unwrap_or(defaults.checkpoint_every_records);
+    if every == 0 {
+        checker.problem(
+            offset,
+            "[ledger] checkpoint_every_records = 0 would checkpoint without end",
+            Some("use at least 1; the default is 1000000"),
+        );
+    }
+    let interval = raw.checkpoint_interval_ms.unwrap_or(defaults.checkpoint_interval_ms);
+    if interval < 100 {
+        checker.problem(
+            offset,
+            format!("[ledger] checkpoint_interval_ms = {interval} would checkpoint without pause"),
+            Some("use at least 100; the default is 300000 (5 minutes)"),
+        );
+    }
+    crate::store::history::HistoryConfig {
+        checkpoint_every_records: every,
+        checkpoint_interval_ms: interval,
+        retain_days: raw.retain_days,
+        export: raw.export.unwrap_or(defaults.export),
+        export_dir: raw.export_dir.clone(),
     }
 }
 
@@ -1210,7 +1252,12 @@ upstream = "nope"
         let ledger = parse(&text).unwrap().ledger;
         assert_eq!(
             ledger,
-            LedgerSection { write_through: false, flush_interval_ms: 20, hold_ttl_ms: 60_000 }
+            LedgerSection {
+                write_through: false,
+                flush_interval_ms: 20,
+                hold_ttl_ms: 60_000,
+                history: crate::store::history::HistoryConfig::default()
+            }
         );
         let text =
             format!("{MINIMAL}\n[ledger]\nflush_interval_ms = 5000\nhold_ttl_ms = 10\nwrite_thru = true\n");
@@ -1219,6 +1266,25 @@ upstream = "nope"
         let text = format!("{MINIMAL}\n[ledger]\nflush_interval_ms = 5000\nhold_ttl_ms = 10\n");
         let found = problems(&text);
         assert_eq!(found.len(), 2, "both bounds reported: {found:?}");
+    }
+
+    #[test]
+    fn ledger_history_knobs_parse_with_defaults_and_bounds() {
+        // Proves checkpoint and retention settings default to every 1M records or 5 minutes, keep
+        // everything, export before pruning, and that a zero period is refused.
+        let defaults = parse(MINIMAL).unwrap().ledger.history;
+        assert_eq!(
+            (defaults.checkpoint_every_records, defaults.checkpoint_interval_ms),
+            (1_000_000, 300_000)
+        );
+        assert_eq!((defaults.retain_days, defaults.export), (None, true));
+        let text =
+            format!("{MINIMAL}\n[ledger]\nretain_days = 30\nexport = false\nexport_dir = \"/srv/old\"\n");
+        let history = parse(&text).unwrap().ledger.history;
+        assert_eq!((history.retain_days, history.export), (Some(30), false));
+        assert_eq!(history.export_dir.as_deref(), Some(Path::new("/srv/old")));
+        let text = format!("{MINIMAL}\n[ledger]\ncheckpoint_every_records = 0\ncheckpoint_interval_ms = 5\n");
+        assert_eq!(problems(&text).len(), 2, "both bounds reported");
     }
 
     #[test]

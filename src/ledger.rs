@@ -19,6 +19,7 @@
 //! - `payer`       — who may pay from a wallet, and their spend
 //! - `wallet`      — one wallet's state and balance changes
 //! - `restore`     — rebuilding a ledger from its records
+//! - [`snapshot`]  — the whole state as one value, for checkpoints
 //! - `audit`       — recomputing balances from entries
 //!
 //! Concurrency: each wallet is a `parking_lot::Mutex` in a `DashMap`, so
@@ -45,6 +46,7 @@ mod payer;
 mod plan;
 mod refusal;
 mod restore;
+pub mod snapshot;
 mod spend;
 mod wallet;
 
@@ -64,7 +66,7 @@ pub use error::LedgerError;
 pub use funding::{AdjustmentReceipt, AdjustmentRequest, PurchaseReceipt, PurchaseRequest};
 pub use hold::{Hold, SettleError, Settlement};
 pub use refusal::{Refusal, WalletView};
-pub use restore::RestoreError;
+pub use restore::{Replayer, RestoreError};
 pub use spend::{ResolvedKey, SpendContext, TickReport};
 pub use wallet::{ReplayMismatch, Totals};
 
@@ -325,7 +327,12 @@ impl Ledger {
 
     /// Finishes `audit`, comparing its recomputed wallets with the live ones.
     pub fn compare_with(&self, audit: Audit) -> AuditReport {
-        let live: Vec<(WalletId, Decimal, Totals)> = self
+        audit.compare_live(self.wallet_totals())
+    }
+
+    /// Every wallet's balance and lifetime sums, by wallet id.
+    pub fn wallet_totals(&self) -> Vec<(WalletId, Decimal, Totals)> {
+        let mut live: Vec<(WalletId, Decimal, Totals)> = self
             .wallets
             .iter()
             .map(|cell| {
@@ -333,7 +340,8 @@ impl Ledger {
                 (*cell.key(), state.balance(), state.totals)
             })
             .collect();
-        audit.compare_live(live)
+        live.sort_by_key(|(wallet, _, _)| *wallet);
+        live
     }
 }
 

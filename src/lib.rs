@@ -15,7 +15,7 @@
 //! - [`pricing`] — the price table: schema, validation, cost functions (pure).
 //! - [`proxy`] — the data path as named phases.
 //! - [`server`] — the accept loop shared by all listeners.
-//! - [`store`] — the storage interface, its sled backend and group commit.
+//! - [`store`] — the storage interface, its sled backend, group commit, checkpoints and retention.
 //! - [`telemetry`] — logging setup.
 
 pub mod admin;

@@ -88,6 +88,31 @@ enum LedgerCommand {
         /// holding the database URL (it carries the password).
         #[arg(long, value_name = "VAR")]
         database_url_env: Option<String>,
+        /// Also verify the whole history from the first record, reading the
+        /// exported day files in DIR (their manifests are checked too).
+        #[arg(long, value_name = "DIR")]
+        exports: Option<PathBuf>,
+    },
+    /// Copy the store into a fresh directory and swap it in, so the space of
+    /// pruned records goes back to the file system (gateway stopped).
+    Compact {
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+    },
+    /// Write the retained records of whole UTC days FROM..=TO to export day
+    /// files (JSON Lines, gzip, with manifests), the format retention uses.
+    Export {
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+        /// First day (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        from: chrono::NaiveDate,
+        /// Last day (YYYY-MM-DD, UTC); days not yet over are not written.
+        #[arg(long)]
+        to: chrono::NaiveDate,
+        /// Where the files go (default: <data-dir>/exports).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -169,8 +194,20 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Ledger { command: LedgerCommand::Verify { database_url_env: Some(var), .. } } => {
             cluster_verify(&var).await
         }
-        Command::Ledger { command: LedgerCommand::Verify { data_dir, database_url_env: None } } => {
-            ledger_verify(&data_dir)
+        Command::Ledger { command: LedgerCommand::Verify { data_dir, database_url_env: None, exports } } => {
+            ledger_verify(&data_dir, exports.as_deref())
+        }
+        Command::Ledger { command: LedgerCommand::Compact { data_dir } } => {
+            let dir = data_dir.join("ledger");
+            if !dir.exists() {
+                anyhow::bail!("no ledger at {}", dir.display());
+            }
+            let (before, after) = creditgate::store::compact::compact(&dir)?;
+            println!("{}: {} MB before, {} MB after", dir.display(), before / 1_000_000, after / 1_000_000);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ledger { command: LedgerCommand::Export { data_dir, from, to, out } } => {
+            ledger_export(&data_dir, from, to, out)
         }
         Command::Cluster { command: ClusterCommand::Status { database_url_env, json } } => {
             cluster_status(&database_url_env, json).await
@@ -215,7 +252,20 @@ async fn serve(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode> 
     }
     let shutdown = CancellationToken::new();
     app::cancel_on_signal(shutdown.clone());
-    let gateway = Gateway::start(config, shutdown).await?;
+    // Test-only: run on a clock moved by whole days (see `ShiftedClock`).
+    let shift_days =
+        std::env::var("CREDITGATE_TEST_CLOCK_SHIFT_DAYS").ok().and_then(|days| days.parse::<i64>().ok());
+    let gateway = match shift_days.and_then(chrono::TimeDelta::try_days) {
+        Some(shift) => {
+            tracing::warn!(
+                ?shift,
+                "CREDITGATE_TEST_CLOCK_SHIFT_DAYS is set: the clock is shifted (tests only)"
+            );
+            let clock = std::sync::Arc::new(creditgate::clock::ShiftedClock(shift));
+            Gateway::start_with_clock(config, clock, shutdown).await?
+        }
+        None => Gateway::start(config, shutdown).await?,
+    };
     let stopped = gateway.wait_stopped().await;
     if let Err(error) = stopped.store {
         eprintln!("creditgate: the ledger's last flush failed; records were left unwritten: {error}");
@@ -277,29 +327,67 @@ fn check_config(path: PathBuf) -> ExitCode {
     }
 }
 
-fn ledger_verify(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+fn ledger_verify(data_dir: &std::path::Path, exports: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     // The gateway keeps its ledger in <data-dir>/ledger.
     let dir = data_dir.join("ledger");
     if !dir.exists() {
         anyhow::bail!("no ledger at {}", dir.display());
     }
-    let report = creditgate::store::verify_store(&dir)?;
+    let report = creditgate::store::verify_store(&dir, exports)?;
     println!(
-        "{}: {} record(s), {} wallet(s), {} entries checked",
+        "{}: {} record(s) after checkpoint {}, {} wallet(s), {} entries checked",
         dir.display(),
         report.records,
+        report.checkpoint_seq,
         report.audit.wallets,
         report.audit.entries
     );
+    let mut mismatches = report.audit.mismatches.clone();
+    if let Some(full) = &report.full_history {
+        println!(
+            "whole history: {} exported day(s), {} exported record(s), {} entries checked",
+            full.days, full.exported_records, full.audit.entries
+        );
+        mismatches.extend(full.audit.mismatches.iter().cloned());
+        for problem in &full.problems {
+            eprintln!("export: {problem}");
+        }
+    }
     if report.is_clean() {
         println!("ok: every wallet's balance equals granted - debited - written_off");
         Ok(ExitCode::SUCCESS)
     } else {
-        for mismatch in &report.audit.mismatches {
+        for mismatch in &mismatches {
             eprintln!("mismatch: {mismatch:?}");
         }
         Ok(ExitCode::FAILURE)
     }
+}
+
+fn ledger_export(
+    data_dir: &std::path::Path,
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+    out: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let dir = data_dir.join("ledger");
+    if !dir.exists() {
+        anyhow::bail!("no ledger at {}", dir.display());
+    }
+    let out = out.unwrap_or_else(|| data_dir.join("exports"));
+    let days = creditgate::store::export::export_range(&dir, &out, from, to, chrono::Utc::now())?;
+    for manifest in &days {
+        println!(
+            "{}: {} record(s), {} entries, records {}..={}",
+            out.join(&manifest.file).display(),
+            manifest.records,
+            manifest.entries,
+            manifest.first_seq,
+            manifest.last_seq
+        );
+    }
+    println!("{} day file(s) written to {}", days.len(), out.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn mock_upstream(listen: SocketAddr, latency_ms: u64, pace_ms: u64) -> anyhow::Result<()> {

@@ -306,3 +306,15 @@ impl OpenConnections {
         }
     }
 }
+
+/// Puts the calling thread under the idle scheduling policy, so background
+/// work (reports, the ledger historian) only takes CPU the proxy leaves.
+/// Failing to is harmless: the work still runs, at normal priority.
+pub fn idle_priority(what: &str) {
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy};
+    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+    let thread = thread_priority::thread_native_id();
+    if let Err(error) = thread_priority::set_thread_priority_and_policy(thread, ThreadPriority::Min, idle) {
+        tracing::debug!(?error, what, "a background thread keeps its normal priority");
+    }
+}

@@ -7,6 +7,14 @@
 //! - `verify` — [`verify_store`], the offline audit behind `ledger verify`
 //! - `watermark` — the checksummed file that says how far the store must
 //!   reach and which sequence numbers were handed out
+//! - [`checkpoint`] — checkpoint files: the whole ledger state at a sequence
+//!   number, so a restart replays only what follows
+//! - [`export`] — day files of old records (JSON Lines, gzip) and their
+//!   manifests, written before retention prunes them
+//! - [`history`] — the background historian: checkpoints and retention,
+//!   off the request path
+//! - [`compact`] — `ledger compact`: a fresh copy of the store, so pruned
+//!   space goes back to the file system
 //!
 //! # Durability contract
 //!
@@ -34,7 +42,9 @@
 //!   incomplete write, which preserves that prefix.)
 //! - **What is never stored.** Holds. They live in memory; after a restart
 //!   every hold is void, and the money they reserved is available again.
-//! - **How restart recovers.** [`open_ledger`] replays every record in
+//! - **How restart recovers.** [`open_ledger`] loads the newest valid
+//!   checkpoint (see [`history`]; a damaged one falls back to the one
+//!   before, none means a full replay) and replays every record after it in
 //!   the order it was appended (each wallet's entries in sequence order;
 //!   across wallets a record can land a moment after a higher-numbered one)
 //!   through the same code that applied it live, checking
@@ -64,7 +74,11 @@
 //!   append waits for room; the number of such waits is counted. Nothing is
 //!   ever dropped.
 
+pub mod checkpoint;
 pub mod codec;
+pub mod compact;
+pub mod export;
+pub mod history;
 mod sled;
 mod verify;
 mod watermark;
@@ -79,6 +93,7 @@ pub use self::verify::{verify_store, Report};
 pub use self::writer::{GroupCommit, WriterStats};
 
 use crate::ledger::journal::Record;
+use crate::ledger::snapshot::LedgerSnapshot;
 use crate::ledger::{Ledger, LedgerConfig, RestoreError};
 
 /// Why the store failed.
@@ -158,6 +173,28 @@ pub trait Store: Send + Sync + 'static {
     /// Every record in the order it was appended.
     fn records(&self) -> Box<dyn Iterator<Item = Result<Record, StoreError>> + '_>;
 
+    /// The records with a sequence number above `after`, in the order they
+    /// were appended (restart after a checkpoint). Stores that can seek
+    /// start there instead of reading everything.
+    fn records_after(&self, after: u64) -> Box<dyn Iterator<Item = Result<Record, StoreError>> + '_> {
+        Box::new(self.records().filter(move |record| record.as_ref().map_or(true, |r| r.seq > after)))
+    }
+
+    /// Every record up to this sequence number may have been removed
+    /// ([`Store::prune_through`]); 0 when nothing was.
+    fn pruned_through(&self) -> u64 {
+        0
+    }
+
+    /// Removes records up to `seq` for good (retention, after they were
+    /// checkpointed and exported), keeping at least the newest stored
+    /// value so the store's end stays known. Returns how many stored values
+    /// went. `pause` runs before each batch (a test hook).
+    fn prune_through(&self, seq: u64, pause: &dyn Fn()) -> Result<usize, StoreError> {
+        let _ = (seq, pause);
+        Err(StoreError::Corrupt { reason: "this store cannot prune".into() })
+    }
+
     /// Up to `limit` records with a sequence number above `after`, in order
     /// (paging for the admin API).
     fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError>;
@@ -215,15 +252,27 @@ pub struct OpenLedger<S: Store> {
     pub ledger: Arc<Ledger>,
     /// The writer; call [`GroupCommit::shutdown`] after the last operation.
     pub writer: Arc<GroupCommit<S>>,
+    /// The checkpoint the ledger started from (`None`: a full replay); the
+    /// background historian continues from it.
+    pub checkpoint: Option<LedgerSnapshot>,
+    /// Newer checkpoints that were damaged and skipped, one line each.
+    pub skipped_checkpoints: Vec<String>,
 }
 
-/// Opens (or creates) the sled store in `dir` and rebuilds the ledger.
+/// Opens (or creates) the sled store in `dir` and rebuilds the ledger from
+/// its newest valid checkpoint (in `dir/checkpoints`) and the records after
+/// it; with no valid checkpoint, from every record.
 pub fn open_ledger(
     dir: &Path,
     ledger_config: LedgerConfig,
     store_config: StoreConfig,
 ) -> Result<OpenLedger<SledStore>, StoreError> {
-    open_ledger_on(SledStore::open(dir)?, ledger_config, store_config)
+    let store = SledStore::open(dir)?;
+    let (snapshot, skipped) = checkpoint::load_newest(&checkpoint::dir_of(dir))
+        .map_err(|error| StoreError::Corrupt { reason: error.to_string() })?;
+    let mut opened = open_ledger_from(store, snapshot, ledger_config, store_config)?;
+    opened.skipped_checkpoints = skipped;
+    Ok(opened)
 }
 
 /// Rebuilds the ledger from any store and starts its writer.
@@ -232,17 +281,40 @@ pub fn open_ledger_on<S: Store>(
     ledger_config: LedgerConfig,
     store_config: StoreConfig,
 ) -> Result<OpenLedger<S>, StoreError> {
+    open_ledger_from(store, None, ledger_config, store_config)
+}
+
+/// Rebuilds the ledger from `snapshot` (if any) and the store's records
+/// after it, and starts the writer. Refuses a start that would skip
+/// records: the store pruned records the snapshot does not cover.
+pub fn open_ledger_from<S: Store>(
+    store: S,
+    snapshot: Option<LedgerSnapshot>,
+    ledger_config: LedgerConfig,
+    store_config: StoreConfig,
+) -> Result<OpenLedger<S>, StoreError> {
+    let covered = snapshot.as_ref().map_or(0, |snapshot| snapshot.seq);
+    let pruned = store.pruned_through();
+    if pruned > covered {
+        return Err(StoreError::Corrupt {
+            reason: format!(
+                "records up to {pruned} were pruned after export, but the newest valid checkpoint covers \
+                 only {covered}: restore a checkpoint covering {pruned} into the checkpoints directory \
+                 (from a backup), or rebuild the store from the exports"
+            ),
+        });
+    }
     let store = Arc::new(store);
     // Replay appends nothing, so the writer can start first and be handed
     // to the ledger as its journal.
     let writer = Arc::new(GroupCommit::start(Arc::clone(&store), store_config)?);
     let mut failure = None;
-    let mut highest = 0;
+    let mut highest = covered;
     let records = store
-        .records()
+        .records_after(covered)
         .map_while(|record| record.map_err(|error| failure = Some(error)).ok())
         .inspect(|record| highest = highest.max(record.seq));
-    let replayed = Ledger::restore(ledger_config, writer.clone(), records);
+    let replayed = Ledger::restore_from(ledger_config, writer.clone(), snapshot.as_ref(), records);
     if let Some(error) = failure {
         return Err(error);
     }
@@ -252,7 +324,10 @@ pub fn open_ledger_on<S: Store>(
     let begins_after = highest.max(store.reserved_seq());
     ledger.skip_ids_through(begins_after);
     writer.begin_after(begins_after)?;
-    Ok(OpenLedger { ledger: Arc::new(ledger), writer })
+    if let Some(snapshot) = &snapshot {
+        tracing::info!(checkpoint_seq = snapshot.seq, through = highest, "ledger restored from a checkpoint");
+    }
+    Ok(OpenLedger { ledger: Arc::new(ledger), writer, checkpoint: snapshot, skipped_checkpoints: Vec::new() })
 }
 
 #[cfg(test)]

@@ -226,7 +226,7 @@ async fn random_traffic_never_beats_the_books() {
     let dir = data_dir.path().join("ledger");
     let mut report = None;
     for _ in 0..50 {
-        match creditgate::store::verify_store(&dir) {
+        match creditgate::store::verify_store(&dir, None) {
             Ok(found) => {
                 report = Some(found);
                 break;

@@ -161,7 +161,7 @@ impl Spread {
         }
         values.sort_by(f64::total_cmp);
         let middle = values.len() / 2;
-        let median = if values.len().is_multiple_of(2) {
+        let median = if values.len() % 2 == 0 {
             (values[middle - 1] + values[middle]) / 2.0
         } else {
             values[middle]

@@ -45,15 +45,9 @@ pub fn spawn(name: &str, work: impl FnOnce() + Send + 'static) -> Result<(), Adm
         .map_err(|error| AdminError::Store(format!("cannot start a report thread: {error}")))
 }
 
-/// Puts this thread under the idle policy. Failing to is harmless: the
-/// work still runs, at normal priority.
+/// Puts this thread under the idle policy (see [`crate::server::idle_priority`]).
 fn lower_priority() {
-    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy};
-    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
-    let thread = thread_priority::thread_native_id();
-    if let Err(error) = thread_priority::set_thread_priority_and_policy(thread, ThreadPriority::Min, idle) {
-        tracing::debug!(?error, "a report thread keeps its normal priority");
-    }
+    crate::server::idle_priority("a report thread");
 }
 
 #[cfg(test)]

@@ -459,6 +459,18 @@ fn response_schema(method: &str, path: &str) -> Value {
                     &["id", "at", "wallet", "org", "kind", "amount", "balance_after"],
                 )},
                 "next_cursor": {"anyOf": [id(), {"type": "null"}]},
+                "history": {
+                    "type": "object",
+                    "description": "Where history older than the store's retained window lives: records up to \
+                        retained_after were exported (one file per UTC day) to export_dir and pruned.",
+                    "properties": {
+                        "retained_after": id(),
+                        "export_dir": {"type": ["string", "null"]},
+                        "exported_through": {"type": ["string", "null"]},
+                        "checkpoint_seq": id(),
+                        "checkpoint_at": {"anyOf": [time(), {"type": "null"}]},
+                    },
+                },
             }),
             &["entries", "next_cursor"],
         ),

@@ -378,7 +378,7 @@ impl Ledger {
         }
     }
 
-    fn new_cell(&self, state: WalletState) -> Arc<WalletCell> {
+    pub(crate) fn new_cell(&self, state: WalletState) -> Arc<WalletCell> {
         Arc::new(WalletCell { shared: Arc::clone(&self.shared), state: Mutex::new(state) })
     }
 

@@ -67,6 +67,19 @@ pub struct Audit {
 }
 
 impl Audit {
+    /// An auditor that continues from a checkpoint: each wallet starts with
+    /// the sums and balance the checkpoint saved.
+    pub fn starting_from(snapshot: &crate::ledger::snapshot::LedgerSnapshot) -> Audit {
+        let wallets = snapshot
+            .wallets
+            .iter()
+            .map(|saved| {
+                (saved.wallet, WalletAudit { totals: saved.totals, balance: saved.balance(), last: None })
+            })
+            .collect();
+        Audit { wallets, entries: 0, mismatches: Vec::new() }
+    }
+
     /// Checks one entry against its wallet's history so far.
     pub fn add(&mut self, entry: &LedgerEntry) {
         self.entries += 1;

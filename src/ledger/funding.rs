@@ -84,8 +84,9 @@ pub struct AdjustmentReceipt {
     pub balance_after: Decimal,
 }
 
-/// What an idempotency key was first used for.
-#[derive(Clone, Debug)]
+/// What an idempotency key was first used for (kept in checkpoints).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum Replay {
     Purchase(PurchaseRequest, PurchaseReceipt),
     Adjustment(AdjustmentRequest, AdjustmentReceipt),

@@ -195,7 +195,7 @@ impl PeriodEnds {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Counter {
     /// End of the period `spent` belongs to; a different current end means
     /// the period rolled and `spent` is stale.
@@ -235,8 +235,8 @@ impl Counter {
     }
 }
 
-/// Spend of one subject: a counter per period.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Spend of one subject: a counter per period. Serialized in checkpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Spend {
     day: Counter,
     month: Counter,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
 use crate::ledger::ids::{IdMap, KeyId, Owner};
@@ -285,6 +286,73 @@ impl Payers {
             owner.end_users.insert(end_user.into(), spend);
         }
     }
+}
+
+impl Payers {
+    /// The spend counters held here, for a checkpoint; counters never used
+    /// are left out.
+    pub fn spends(&self) -> PayerSpends {
+        let keys = self
+            .keys
+            .iter()
+            .filter_map(|(id, payer)| payer.capped.as_ref().map(|capped| (*id, capped.spend)))
+            .filter(|(_, spend)| *spend != Spend::default())
+            .collect();
+        let mut owners: Vec<OwnerSpend> = self
+            .owners
+            .iter()
+            .map(|(owner, payer)| {
+                let mut end_users: Vec<(String, Spend)> =
+                    payer.end_users.iter().map(|(id, spend)| (id.to_string(), *spend)).collect();
+                end_users.sort_by(|a, b| a.0.cmp(&b.0));
+                OwnerSpend { owner: *owner, spend: payer.spend, end_users }
+            })
+            .filter(|owner| owner.spend != Spend::default() || !owner.end_users.is_empty())
+            .collect();
+        owners.sort_by_key(|saved| match saved.owner {
+            Owner::User(user) => (0, user.0),
+            Owner::App(app) => (1, app.0),
+        });
+        PayerSpends { keys, owners }
+    }
+
+    /// Puts back counters taken by [`Payers::spends`] (restoring a
+    /// checkpoint, after the keys and owners were installed). A key no
+    /// longer here (revoked) has nothing left to count.
+    pub fn restore_spends(&mut self, spends: &PayerSpends) {
+        for (key, spend) in &spends.keys {
+            if let Some(payer) = self.key_mut(*key) {
+                payer.capped.get_or_insert_with(Box::default).spend = *spend;
+            }
+        }
+        for saved in &spends.owners {
+            let payer = self.owners.entry(saved.owner).or_default();
+            payer.spend = saved.spend;
+            payer.end_users =
+                saved.end_users.iter().map(|(id, spend)| (id.as_str().into(), *spend)).collect();
+        }
+        self.recount();
+    }
+}
+
+/// The spend counters of one wallet's payers, as a checkpoint keeps them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayerSpends {
+    /// Capped keys (and keys whose cap was lifted within a period).
+    pub keys: Vec<(KeyId, Spend)>,
+    /// Owners with spend or end users.
+    pub owners: Vec<OwnerSpend>,
+}
+
+/// An owner's counters and its end users' (applications).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerSpend {
+    /// The user or application.
+    pub owner: Owner,
+    /// Its own counters.
+    pub spend: Spend,
+    /// Per end user, by id.
+    pub end_users: Vec<(String, Spend)>,
 }
 
 /// Drops end users whose counters all belong to past periods; refuses when

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use crate::ledger::ids::WalletId;
 use crate::ledger::journal::{Journal, Record, RecordBody};
+use crate::ledger::snapshot::LedgerSnapshot;
 use crate::ledger::wallet::ReplayMismatch;
 use crate::ledger::{Ledger, LedgerConfig};
 
@@ -53,21 +54,27 @@ impl Ledger {
         journal: Arc<dyn Journal>,
         records: impl IntoIterator<Item = Record>,
     ) -> Result<Ledger, RestoreError> {
-        let ledger = Ledger::new(config, journal);
-        let mut highest = 0;
-        let mut last_of_wallet: HashMap<WalletId, u64> = HashMap::new();
-        for record in records {
-            if let RecordBody::Entry(entry) = &record.body {
-                let previous = last_of_wallet.entry(entry.wallet).or_insert(0);
-                if record.seq <= *previous {
-                    return Err(RestoreError::OutOfOrder { seq: record.seq, previous: *previous });
-                }
-                *previous = record.seq;
+        Ledger::restore_from(config, journal, None, records)
+    }
+
+    /// A ledger rebuilt from a checkpoint's `snapshot` (when there is one)
+    /// and the `records` after it, in append order. Records the snapshot
+    /// already covers are skipped.
+    pub fn restore_from(
+        config: LedgerConfig,
+        journal: Arc<dyn Journal>,
+        snapshot: Option<&LedgerSnapshot>,
+        records: impl IntoIterator<Item = Record>,
+    ) -> Result<Ledger, RestoreError> {
+        let (ledger, mut replayer) = match snapshot {
+            Some(snapshot) => {
+                (Ledger::from_snapshot(config, journal, snapshot)?, Replayer::after(snapshot.seq))
             }
-            highest = highest.max(record.seq);
-            ledger.replay(record)?;
+            None => (Ledger::new(config, journal), Replayer::default()),
+        };
+        for record in records {
+            replayer.apply(&ledger, record)?;
         }
-        ledger.shared.committer.skip_past(highest);
         Ok(ledger)
     }
 
@@ -98,7 +105,7 @@ impl Ledger {
         self.shared.committer.following()
     }
 
-    fn replay(&self, record: Record) -> Result<(), RestoreError> {
+    pub(crate) fn replay(&self, record: Record) -> Result<(), RestoreError> {
         match record.body {
             RecordBody::Org(org) => self.apply_org(&org),
             RecordBody::User(user) => self.apply_user(&user),
@@ -112,6 +119,41 @@ impl Ledger {
                 self.remember_funding(&entry);
             }
         }
+        Ok(())
+    }
+}
+
+/// Applies records in append order, checking each wallet's entries arrive
+/// in sequence order; skips what an earlier state already covers.
+#[derive(Debug, Default)]
+pub struct Replayer {
+    /// Records up to this one are in the state already.
+    covered: u64,
+    last_of_wallet: HashMap<WalletId, u64>,
+}
+
+impl Replayer {
+    /// A replayer for a state that covers every record up to `seq`.
+    pub fn after(seq: u64) -> Replayer {
+        Replayer { covered: seq, last_of_wallet: HashMap::new() }
+    }
+
+    /// Applies one record to `ledger` (unless already covered), moving its
+    /// numbering past it.
+    pub fn apply(&mut self, ledger: &Ledger, record: Record) -> Result<(), RestoreError> {
+        if record.seq <= self.covered {
+            return Ok(());
+        }
+        if let RecordBody::Entry(entry) = &record.body {
+            let previous = self.last_of_wallet.entry(entry.wallet).or_insert(0);
+            if record.seq <= *previous {
+                return Err(RestoreError::OutOfOrder { seq: record.seq, previous: *previous });
+            }
+            *previous = record.seq;
+        }
+        let seq = record.seq;
+        ledger.replay(record)?;
+        ledger.shared.committer.skip_past(seq);
         Ok(())
     }
 }

@@ -68,6 +68,18 @@ pub fn key(ledger: &Ledger, org: OrgId, owner: Owner, limits: Limits, now: DateT
     ledger.create_key(org, new, now).unwrap().id
 }
 
+/// A purchase of `amount` for `org` under an idempotency key, no expiry
+/// override, no reference.
+pub fn purchase(org: OrgId, amount: Decimal, idempotency_key: &str) -> crate::ledger::PurchaseRequest {
+    crate::ledger::PurchaseRequest {
+        org,
+        amount,
+        expires_at: None,
+        reference: None,
+        idempotency_key: idempotency_key.into(),
+    }
+}
+
 /// A fresh request id.
 pub fn request() -> RequestId {
     RequestId(Uuid::now_v7())

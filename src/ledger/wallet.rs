@@ -28,6 +28,7 @@ use crate::ledger::limit::PeriodEnds;
 use crate::ledger::lot::{Lot, LotOrigin, LotTouch, LotTouches, Lots};
 use crate::ledger::payer::Payers;
 use crate::ledger::refusal::WalletView;
+use crate::ledger::snapshot::WalletSnapshot;
 use crate::ledger::Shared;
 
 /// A wallet's lock, and the ledger parts its operations need. Hold tokens
@@ -48,7 +49,7 @@ pub(crate) struct LiteSchedule {
 }
 
 /// Sums of entries by side of the balance identity.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Totals {
     /// Grants, purchases and adjustments (signed).
     pub granted: Decimal,
@@ -487,6 +488,52 @@ impl WalletState {
                 self.totals.balance()
             )));
         }
+        Ok(())
+    }
+
+    /// The wallet's state as a checkpoint keeps it. Open holds and recent
+    /// settlements are not kept: like a restart, a checkpoint voids them.
+    pub fn snapshot(&self) -> WalletSnapshot {
+        WalletSnapshot {
+            wallet: self.id,
+            org: self.org,
+            clock: self.clock,
+            lots: self.lots.iter().cloned().collect(),
+            deficit: self.deficit,
+            totals: self.totals,
+            granted_years: self.granted_years.clone(),
+            lite_granted_through: self.lite_granted_through,
+            spends: self.payers.spends(),
+        }
+    }
+
+    /// Puts back a checkpointed state onto a wallet whose calendar, Lite
+    /// schedule and payers were installed from the checkpoint's entities.
+    pub fn restore(&mut self, saved: &WalletSnapshot) -> Result<(), ReplayMismatch> {
+        let mismatch = |problem: String| ReplayMismatch { entry: EntryId(0), wallet: saved.wallet, problem };
+        if saved.lots.iter().any(|lot| lot.remaining.is_sign_negative()) {
+            return Err(mismatch("the checkpoint holds a lot with a negative remainder".into()));
+        }
+        let mut lots = Lots::default();
+        for lot in &saved.lots {
+            lots.insert(lot.clone());
+        }
+        if lots.total() - saved.deficit != saved.totals.balance() {
+            return Err(mismatch(format!(
+                "the checkpoint's lots less deficit give {} but granted - debited - written_off is {}",
+                lots.total() - saved.deficit,
+                saved.totals.balance()
+            )));
+        }
+        self.lots = lots;
+        self.deficit = saved.deficit;
+        self.totals = saved.totals;
+        self.clock = saved.clock;
+        self.granted_years.clone_from(&saved.granted_years);
+        self.lite_granted_through = saved.lite_granted_through;
+        self.payers.restore_spends(&saved.spends);
+        self.next_event_at = DateTime::<Utc>::MIN_UTC;
+        self.period_cache = None;
         Ok(())
     }
 

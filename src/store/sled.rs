@@ -66,7 +66,17 @@ impl Tail {
     }
 }
 
+/// Meta key: records up to this sequence number (big-endian) may be pruned.
+const PRUNED_THROUGH: &str = "pruned_through";
+/// Stored values removed per batch (and flush) while pruning.
+const PRUNE_BATCH: usize = 4_096;
+
 impl SledStore {
+    fn meta(&self) -> Result<::sled::Tree, StoreError> {
+        let db = self.open.read().as_ref().map(|open| open.db.clone()).ok_or(StoreError::Reopening)?;
+        Ok(db.open_tree("meta")?)
+    }
+
     /// Opens or creates the store in `dir`. sled's background flusher is
     /// off: durability comes only from [`Store::flush`], which the
     /// group-commit writer calls on its own schedule.
@@ -74,6 +84,7 @@ impl SledStore {
     /// Refuses a damaged store: one sled cannot read, and one that ends
     /// before its durable watermark (acknowledged records were lost).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        crate::store::compact::finish_interrupted(dir)?;
         let (open, tail) = open_checked(dir)?;
         let watermark = Watermark::load(dir)?;
         if let Some(mark) = watermark {
@@ -204,7 +215,7 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Open the sled database, waiting briefly if its file lock is still held: a
 /// dropped `Db` releases the lock from sled's own threads a moment later, so
 /// a quick reopen (restart, `ledger verify` right after a test) can race it.
-fn open_db(dir: &Path) -> Result<::sled::Db, StoreError> {
+pub(super) fn open_db(dir: &Path) -> Result<::sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
         match ::sled::Config::new().path(dir).flush_every_ms(None).cache_capacity(SLED_CACHE_BYTES).open() {
@@ -260,6 +271,71 @@ impl Store for SledStore {
                 Err(error) => vec![Err(error)],
             }
         }))
+    }
+
+    fn records_after(&self, after: u64) -> Box<dyn Iterator<Item = Result<Record, StoreError>> + '_> {
+        let tree = match self.tree() {
+            Ok(tree) => tree,
+            Err(error) => return Box::new(std::iter::once(Err(error))),
+        };
+        // Segments before the first whose running maximum exceeds `after`
+        // hold nothing after it (see `read_after`).
+        let start = after.saturating_add(1).to_be_bytes();
+        Box::new(tree.range(start..).flat_map(move |item| {
+            let decoded = item.map_err(StoreError::from).and_then(|(key, value)| decode_all(&key, &value));
+            match decoded {
+                Ok(records) => {
+                    records.into_iter().filter(|record| record.seq > after).map(Ok).collect::<Vec<_>>()
+                }
+                Err(error) => vec![Err(error)],
+            }
+        }))
+    }
+
+    fn pruned_through(&self) -> u64 {
+        self.meta()
+            .and_then(|meta| Ok(meta.get(PRUNED_THROUGH)?))
+            .ok()
+            .flatten()
+            .and_then(|value| <[u8; 8]>::try_from(value.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes)
+    }
+
+    /// Records the new floor durably first, then removes whole segments
+    /// (every record in them at or below `seq`) in batches, flushing each.
+    /// A crash part-way leaves some of them, which the next prune removes;
+    /// a restart skips them anyway (the checkpoint covers them).
+    fn prune_through(&self, seq: u64, pause: &dyn Fn()) -> Result<usize, StoreError> {
+        let db = self.open.read().as_ref().map(|open| open.db.clone()).ok_or(StoreError::Reopening)?;
+        let floor = self.pruned_through().max(seq);
+        self.meta()?.insert(PRUNED_THROUGH, &floor.to_be_bytes())?;
+        db.flush()?;
+        let tree = self.tree()?;
+        let last = tree.last()?.map(|(key, _)| key);
+        let mut removed = 0;
+        loop {
+            let mut batch = ::sled::Batch::default();
+            let mut taken = 0;
+            for item in tree.iter() {
+                let (key, _) = item?;
+                let max = segment_key(&key)
+                    .map(|(max, _)| max)
+                    .or_else(|| <[u8; 8]>::try_from(key.as_ref()).ok().map(u64::from_be_bytes))
+                    .unwrap_or(u64::MAX);
+                if max > floor || Some(&key) == last.as_ref() || taken == PRUNE_BATCH {
+                    break;
+                }
+                batch.remove(key);
+                taken += 1;
+            }
+            if taken == 0 {
+                return Ok(removed);
+            }
+            pause();
+            tree.apply_batch(batch)?;
+            db.flush()?;
+            removed += taken;
+        }
     }
 
     /// Segments before the first whose running maximum exceeds `after` hold

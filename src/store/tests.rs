@@ -11,7 +11,7 @@ use crate::ledger::entity::{KeyHash, Plan};
 use crate::ledger::ids::{Owner, WalletId};
 use crate::ledger::journal::{Journal, Record, RecordBody};
 use crate::ledger::limit::Limits;
-use crate::ledger::testkit::{at, details, request, term};
+use crate::ledger::testkit::{at, details, purchase, request, term};
 use crate::ledger::{Ledger, LedgerConfig, NewKey, NewOrg, NewUser, PurchaseRequest, SpendContext};
 use crate::store::{open_ledger, open_ledger_on, verify_store, SledStore, Store, StoreConfig, StoreError};
 
@@ -95,14 +95,7 @@ fn populate(ledger: &Ledger) -> Vec<WalletId> {
             wallets.push(wallet);
         }
     }
-    let purchase = PurchaseRequest {
-        org,
-        amount: dec!(40),
-        expires_at: None,
-        reference: None,
-        idempotency_key: "buy-1".into(),
-    };
-    ledger.purchase(purchase, now).unwrap();
+    ledger.purchase(purchase(org, dec!(40), "buy-1"), now).unwrap();
     wallets
 }
 
@@ -138,13 +131,7 @@ fn restart_rebuilds_identical_balances_and_ledger() {
         WalletId::Pool(org) => org,
         WalletId::Lite(_) => unreachable!(),
     };
-    let replay = PurchaseRequest {
-        org,
-        amount: dec!(40),
-        expires_at: None,
-        reference: None,
-        idempotency_key: "buy-1".into(),
-    };
+    let replay = purchase(org, dec!(40), "buy-1");
     let receipt = reopened.ledger.purchase(replay, now).unwrap();
     assert_eq!(receipt.balance_after, before_balances[0].balance, "idempotency survives the restart");
     let last_seq = before_records.last().unwrap().seq;
@@ -155,7 +142,7 @@ fn restart_rebuilds_identical_balances_and_ledger() {
     assert!(org_again.id.0 > last_seq, "sequence numbers continue after the restart");
     reopened.writer.shutdown().unwrap();
     drop(reopened);
-    let report = verify_store(dir.path()).unwrap();
+    let report = verify_store(dir.path(), None).unwrap();
     assert!(report.is_clean(), "{:#?}", report.audit.mismatches);
     assert_eq!(report.records, before_records.len() + 1);
 }
@@ -252,7 +239,7 @@ fn a_corrupt_record_stops_the_start_and_fails_verify() {
     }
     let error = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap_err();
     assert!(matches!(error, StoreError::Decode { seq: 3, .. }), "{error}");
-    assert!(verify_store(dir.path()).is_err());
+    assert!(verify_store(dir.path(), None).is_err());
 }
 
 #[test]
@@ -320,7 +307,7 @@ fn a_first_format_store_opens_replays_and_takes_new_segments() {
     assert_eq!(again.balance, balance.balance, "the mixed store replays to the same balance");
     reopened.writer.shutdown().unwrap();
     drop(reopened);
-    assert!(verify_store(legacy.path()).unwrap().is_clean());
+    assert!(verify_store(legacy.path(), None).unwrap().is_clean());
 }
 
 #[test]
@@ -394,7 +381,7 @@ fn records_appended_out_of_sequence_across_wallets_replay_and_verify() {
     original.writer.shutdown().unwrap();
     reopened.writer.shutdown().unwrap();
     drop((original, reopened));
-    assert!(verify_store(swapped.path()).unwrap().is_clean());
+    assert!(verify_store(swapped.path(), None).unwrap().is_clean());
 
     // The same swap inside one wallet is refused.
     let mut records = all_records(&SledStore::open(dir.path()).unwrap());
@@ -430,7 +417,7 @@ fn verify_store_reports_a_tampered_balance() {
         store.append(std::slice::from_ref(debit)).unwrap();
         store.flush().unwrap();
     }
-    let report = verify_store(dir.path()).unwrap();
+    let report = verify_store(dir.path(), None).unwrap();
     assert!(!report.is_clean(), "tampering must be found");
     let _unused = Arc::new(());
 }
@@ -623,7 +610,7 @@ fn a_store_that_cannot_write_refuses_new_work_then_resumes_when_it_can() {
     let seqs: Vec<u64> = opened.writer.store().records().map(|r| r.unwrap().seq).collect();
     assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]), "every record stored once: {seqs:?}");
     drop(opened);
-    let report = verify_store(dir.path()).unwrap();
+    let report = verify_store(dir.path(), None).unwrap();
     assert!(report.is_clean(), "{report:?}");
 }
 

@@ -1,48 +1,91 @@
 //! `verify_store`: the offline audit behind `creditgate ledger verify`.
+//!
+//! Two checks, the second only when given the export directory:
+//!
+//! 1. **Live records against the newest checkpoint.** The auditor starts
+//!    each wallet from the checkpoint's sums and balance and checks every
+//!    entry the store holds after it; the ledger is rebuilt the way a
+//!    restart does (checkpoint, then replay) and compared with the auditor.
+//!    With no checkpoint, this is the full replay from the first record.
+//! 2. **The whole history across the cut.** Every export day file is checked
+//!    against its manifest (size, sha256, counts, sums), and a second ledger
+//!    is rebuilt from nothing: every exported record, then the store's
+//!    records after them. Every wallet's balance must equal granted -
+//!    debited - written_off over all time, and that ledger must agree with
+//!    the one from the checkpoint, wallet by wallet.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::ledger::journal::{NullJournal, RecordBody};
-use crate::ledger::{Audit, AuditReport, Ledger, LedgerConfig, Mismatch};
-use crate::store::{SledStore, Store, StoreError};
+use crate::ledger::journal::{NullJournal, Record, RecordBody};
+use crate::ledger::snapshot::LedgerSnapshot;
+use crate::ledger::{Audit, AuditReport, Ledger, LedgerConfig, Mismatch, Replayer};
+use crate::store::{checkpoint, export, SledStore, Store, StoreError};
 
 /// What the audit of a data directory found.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Report {
-    /// Records read.
+    /// Records read from the store.
     pub records: usize,
+    /// The checkpoint the live check started from (0: none, full replay).
+    pub checkpoint_seq: u64,
+    /// Records up to this one were pruned from the store.
+    pub pruned_through: u64,
     /// The auditor's findings: per-wallet balances recomputed from entries
     /// and every mismatch (entries that do not add up, and wallets whose
     /// replayed state differs from their entries).
     pub audit: AuditReport,
+    /// With exports: the audit of the whole history from the first record.
+    pub full_history: Option<FullHistory>,
+}
+
+/// The check across the cut.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FullHistory {
+    /// Day files read.
+    pub days: usize,
+    /// Records read from them.
+    pub exported_records: usize,
+    /// The audit of every entry ever made.
+    pub audit: AuditReport,
+    /// Files that disagree with their manifests, and a history that does
+    /// not reach the store's pruned records.
+    pub problems: Vec<String>,
 }
 
 impl Report {
     /// True when the ledger is sound.
     pub fn is_clean(&self) -> bool {
         self.audit.is_clean()
+            && self.full_history.as_ref().is_none_or(|full| full.audit.is_clean() && full.problems.is_empty())
     }
 }
 
-/// Recomputes every wallet in the store at `dir` from its entries, replays
-/// the whole ledger, and reports every mismatch. Needs the gateway stopped
-/// (sled allows one process per directory). A store that cannot be read is an
-/// error; a ledger that does not add up is a report with mismatches.
-pub fn verify_store(dir: &Path) -> Result<Report, StoreError> {
+/// Audits the store at `dir` (see the module doc); with `exports`, the
+/// whole history too. Needs the gateway stopped (sled allows one process per
+/// directory). A store that cannot be read is an error; a ledger that does
+/// not add up is a report with mismatches.
+pub fn verify_store(dir: &Path, exports: Option<&Path>) -> Result<Report, StoreError> {
     let store = SledStore::open(dir)?;
-    verify(&store)
+    let (snapshot, _) = checkpoint::load_newest(&checkpoint::dir_of(dir))
+        .map_err(|error| StoreError::Corrupt { reason: error.to_string() })?;
+    let mut report = verify_from(&store, snapshot.as_ref())?;
+    if let Some(exports) = exports {
+        report.full_history = Some(verify_history(&store, exports, snapshot.as_ref())?);
+    }
+    Ok(report)
 }
 
-/// [`verify_store`] over any store.
-pub fn verify<S: Store>(store: &S) -> Result<Report, StoreError> {
-    let mut audit = Audit::default();
+fn verify_from<S: Store>(store: &S, snapshot: Option<&LedgerSnapshot>) -> Result<Report, StoreError> {
+    let covered = snapshot.map_or(0, |s| s.seq);
+    let pruned_through = store.pruned_through();
+    let mut audit = snapshot.map(Audit::starting_from).unwrap_or_default();
     let mut records = 0;
     let mut failure = None;
     let stream = store
-        .records()
+        .records_after(covered)
         .map_while(|record| record.map_err(|error| failure = Some(error)).ok())
         .inspect(|record| {
             records += 1;
@@ -50,21 +93,91 @@ pub fn verify<S: Store>(store: &S) -> Result<Report, StoreError> {
                 audit.add(entry);
             }
         });
-    let replayed = Ledger::restore(LedgerConfig::default(), Arc::new(NullJournal), stream);
+    let replayed = Ledger::restore_from(LedgerConfig::default(), Arc::new(NullJournal), snapshot, stream);
     if let Some(error) = failure {
         return Err(error);
     }
-    let report = match replayed {
+    let mut audit = finish(replayed.as_ref().map_err(ToString::to_string), audit);
+    if pruned_through > covered {
+        audit.mismatches.push(problem(format!(
+            "records up to {pruned_through} were pruned but the newest valid checkpoint covers only {covered}"
+        )));
+    }
+    Ok(Report { records, checkpoint_seq: covered, pruned_through, audit, full_history: None })
+}
+
+fn finish(replayed: Result<&Ledger, String>, audit: Audit) -> AuditReport {
+    match replayed {
         Ok(ledger) => ledger.compare_with(audit),
         Err(error) => {
             let mut report = audit.finish();
-            report.mismatches.push(Mismatch {
-                wallet: None,
-                entry: None,
-                problem: format!("replay stopped: {error}"),
-            });
+            report.mismatches.push(problem(format!("replay stopped: {error}")));
             report
         }
+    }
+}
+
+fn problem(problem: String) -> Mismatch {
+    Mismatch { wallet: None, entry: None, problem }
+}
+
+/// The whole history: exports, then the store after them; see the module doc.
+fn verify_history<S: Store>(
+    store: &S,
+    exports: &Path,
+    snapshot: Option<&LedgerSnapshot>,
+) -> Result<FullHistory, StoreError> {
+    let ledger = Ledger::new(LedgerConfig::default(), Arc::new(NullJournal));
+    let mut replayer = Replayer::default();
+    let mut audit = Audit::default();
+    let mut replay_error: Option<String> = None;
+    let mut exported_records = 0;
+    let mut feed = |record: Record| {
+        if let RecordBody::Entry(entry) = &record.body {
+            audit.add(entry);
+        }
+        if replay_error.is_none() {
+            if let Err(error) = replayer.apply(&ledger, record) {
+                replay_error = Some(error.to_string());
+            }
+        }
     };
-    Ok(Report { records, audit: report })
+    let (days, mut problems, exported_through) = if exports.exists() {
+        let check = export::read_exports(exports, |record| {
+            exported_records += 1;
+            feed(record);
+        })
+        .map_err(|error| StoreError::Corrupt { reason: error.to_string() })?;
+        let through = check.manifests.iter().map(|m| m.last_seq).max().unwrap_or(0);
+        (check.manifests.len(), check.problems, through)
+    } else {
+        (0, Vec::new(), 0)
+    };
+    let pruned = store.pruned_through();
+    if pruned > exported_through {
+        problems.push(format!(
+            "records up to {pruned} were pruned but the exports in {} end at {exported_through}",
+            exports.display()
+        ));
+    }
+    for record in store.records_after(exported_through) {
+        feed(record?);
+    }
+    let mut report = finish(replay_error.map_or(Ok(&ledger), Err), audit);
+    if let (Some(snapshot), true) = (snapshot, report.is_clean()) {
+        let from_checkpoint = Ledger::restore_from(
+            LedgerConfig::default(),
+            Arc::new(NullJournal),
+            Some(snapshot),
+            store.records_after(snapshot.seq).map_while(Result::ok),
+        )
+        .map_err(StoreError::from)?;
+        if from_checkpoint.wallet_totals() != ledger.wallet_totals() {
+            report.mismatches.push(problem(
+                "the ledger rebuilt from the newest checkpoint differs from the one rebuilt from the whole history"
+                    .into(),
+            ));
+        }
+    }
+    Ok(FullHistory { days, exported_records, audit: report, problems })
 }
