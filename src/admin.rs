@@ -47,8 +47,11 @@
 //!   filters (`after`, `limit`, `wallet`, `kind`, `key`, `user`, `from`, `to`).
 //! - `GET /admin/v1/orgs/{org}/usage` — totals grouped by `group_by` (user,
 //!   app, key, end_user, model, tool, route, day, month) over `from`..`to`, as
-//!   JSON or CSV (`format=csv` or `Accept: text/csv`).
+//!   JSON or CSV (`format=csv` or `Accept: text/csv`). In cluster mode a
+//!   report is a SQL aggregate read from PostgreSQL directly, so it already
+//!   counts debits shipped but not yet posted to the ledger.
 
+mod aggregates;
 mod api;
 mod background;
 pub mod cli;
@@ -177,6 +180,25 @@ pub struct OrgAccess {
 pub type EntryReader =
     Arc<dyn Fn(u64, usize) -> Result<(Vec<LedgerEntry>, Option<u64>), AdminError> + Send + Sync>;
 
+/// Cluster mode: runs a usage aggregate on the shared books. Called on
+/// report threads, never on the runtime's own.
+pub type UsageReader = Arc<
+    dyn Fn(&crate::cluster::usage::UsageQuery) -> Result<Vec<crate::cluster::usage::UsageGroup>, AdminError>
+        + Send
+        + Sync,
+>;
+
+/// Where usage reports come from.
+#[derive(Clone)]
+pub enum UsageSource {
+    /// Single node: the ledger's entries, folded into per-organization
+    /// rollups kept up to date from [`Admin::entries`].
+    Rollups(Arc<rollup::Rollups>),
+    /// Cluster mode: SQL aggregates over the shipped debits (which include
+    /// debits shipped but not yet posted to the ledger).
+    Database(UsageReader),
+}
+
 /// Largest admin request body read.
 const MAX_ADMIN_BODY_BYTES: usize = 1024 * 1024;
 
@@ -195,8 +217,8 @@ pub struct Admin {
     /// Longest wait for a request body, so a client that stops sending
     /// cannot hold a request (and its connection) open.
     pub body_read_timeout: std::time::Duration,
-    /// Usage totals per organization, kept up to date from `entries`.
-    pub rollups: Arc<rollup::Rollups>,
+    /// Where usage reports read their totals.
+    pub usage: UsageSource,
     /// Cluster mode: a follower forwards organization writes to the
     /// treasurer, whose ledger alone can make them.
     pub cluster: Option<Arc<crate::cluster::ClusterNode>>,
@@ -205,9 +227,11 @@ pub struct Admin {
 impl Admin {
     /// Builds the usage rollups from the store on a low-priority thread,
     /// off the request path, so the first report does not scan the store.
-    /// Stops at the next step once `shutdown` is cancelled.
+    /// Stops at the next step once `shutdown` is cancelled. Nothing to build
+    /// when reports come from the database.
     pub fn build_rollups(&self, shutdown: tokio_util::sync::CancellationToken) {
-        let (entries, rollups) = (self.entries.clone(), self.rollups.clone());
+        let UsageSource::Rollups(rollups) = &self.usage else { return };
+        let (entries, rollups) = (self.entries.clone(), rollups.clone());
         let started = background::spawn("usage-rollups", move || {
             let started = std::time::Instant::now();
             match rollups.catch_up(&*entries, &|| shutdown.is_cancelled()) {
@@ -337,9 +361,10 @@ impl Admin {
                                 .get(header::ACCEPT)
                                 .and_then(|v| v.to_str().ok())
                                 .is_some_and(|a| a.contains("text/csv"));
-                        let (entries, rollups) = (self.entries.clone(), self.rollups.clone());
+                        let (entries, usage) = (self.entries.clone(), self.usage.clone());
+                        let ledger = self.ledger.clone();
                         let (status, text, content_type) = background::report(move || {
-                            reports::usage(&*entries, &rollups, org, time_zone, &params, wants_csv)
+                            reports::usage(&*entries, &usage, &ledger, org, time_zone, &params, wants_csv)
                         })
                         .await??;
                         let mut response = Response::new(GatewayBody::local(Bytes::from(text)));

@@ -14,6 +14,7 @@
 //! - [`replica`] — a replica's ledger: a follower replaying the log, or the
 //!   treasurer (one at a time, fenced by epoch) whose ledger makes records
 //! - [`journal`] — [`LogJournal`], the treasurer's journal into the log
+//! - [`usage`]   — usage reports as one SQL aggregate over the shipped debits
 //!
 //! # Zero overdraft without a round trip per request
 //!
@@ -92,6 +93,7 @@ pub mod migrate;
 pub mod node;
 pub mod replica;
 pub mod spend;
+pub mod usage;
 
 pub use books::{Books, FundingReceipt, LeaseGrant, Renewal, ReplicaStatus, ShippedDebit, WalletAudit};
 pub use db::Database;
