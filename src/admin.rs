@@ -331,7 +331,11 @@ impl Admin {
                 return Ok(self.operator(&parts.method, parts.uri.path()));
             }
             ["whoami"] if parts.method == Method::GET => (StatusCode::OK, scope.view()),
-            ["orgs"] => api::orgs(&self.ledger, scope, &parts.method, &body, now)?,
+            ["orgs"] => {
+                let (method, body) = (parts.method.clone(), body.clone());
+                self.change(&parts.method, move |ledger| api::orgs(ledger, scope, &method, &body, now))
+                    .await?
+            }
             ["orgs", org, rest @ ..] => {
                 let org = OrgId(org.parse().map_err(|_| AdminError::NotFound(format!("no org {org}")))?);
                 // Another organization's resources do not exist for this token.
@@ -349,7 +353,7 @@ impl Admin {
                     }
                     (&Method::GET, ["ledger"]) => {
                         let entries = self.entries.clone();
-                        background::report(move || reports::ledger_page(&*entries, org, &params)).await??
+                        self.report(move || reports::ledger_page(&*entries, org, &params)).await??
                     }
                     (&Method::GET, ["usage"]) => {
                         if params.get("format").is_some_and(|f| f != "csv" && f != "json") {
@@ -363,10 +367,11 @@ impl Admin {
                                 .is_some_and(|a| a.contains("text/csv"));
                         let (entries, usage) = (self.entries.clone(), self.usage.clone());
                         let ledger = self.ledger.clone();
-                        let (status, text, content_type) = background::report(move || {
-                            reports::usage(&*entries, &usage, &ledger, org, time_zone, &params, wants_csv)
-                        })
-                        .await??;
+                        let (status, text, content_type) = self
+                            .report(move || {
+                                reports::usage(&*entries, &usage, &ledger, org, time_zone, &params, wants_csv)
+                            })
+                            .await??;
                         let mut response = Response::new(GatewayBody::local(Bytes::from(text)));
                         *response.status_mut() = status;
                         response
@@ -374,13 +379,57 @@ impl Admin {
                             .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
                         return Ok(response);
                     }
-                    _ => api::org_resource(&call, &parts.method, rest, &body)?,
+                    _ => {
+                        let (method, headers, body) =
+                            (parts.method.clone(), parts.headers.clone(), body.clone());
+                        let rest: Vec<String> = rest.iter().map(|segment| (*segment).to_owned()).collect();
+                        self.change(&parts.method, move |ledger| {
+                            let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+                            let call = api::OrgCall { ledger, org, scope, headers: &headers, now };
+                            api::org_resource(&call, &method, &rest, &body)
+                        })
+                        .await?
+                    }
                 }
             }
             ["openapi.json"] if parts.method == Method::GET => (StatusCode::OK, openapi::document()),
             _ => return Err(api::no_route(&parts.method, parts.uri.path())),
         };
         Ok(json_response(status, &value))
+    }
+
+    /// Runs a report's work off the runtime: a single node's scans under
+    /// the idle policy, a cluster's database reads at normal priority (see
+    /// [`background::database_report`]).
+    async fn report<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AdminError> {
+        match self.cluster {
+            None => background::report(work).await,
+            Some(_) => background::database_report(work).await,
+        }
+    }
+
+    /// Runs an organization call that may change the books. A change waits
+    /// for its journal; in cluster mode that is the shared log, whose
+    /// appends and connections run on this runtime, so a change waiting on
+    /// a runtime thread could leave none to drive them: a deadlock once as
+    /// many admin writes wait as the runtime has threads (at once on a
+    /// current-thread runtime). There a change runs on a blocking thread;
+    /// a single node's journal is its own thread, so it runs in place.
+    async fn change(
+        &self,
+        method: &Method,
+        work: impl FnOnce(&Ledger) -> api::Answer + Send + 'static,
+    ) -> api::Answer {
+        if self.cluster.is_none() || *method == Method::GET {
+            return work(&self.ledger);
+        }
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || work(&ledger))
+            .await
+            .map_err(|error| AdminError::Store(format!("the change did not finish: {error}")))?
     }
 
     fn operator(&self, method: &Method, path: &str) -> Response<GatewayBody> {

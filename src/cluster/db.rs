@@ -22,9 +22,16 @@ const POOL_WAIT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A pool of connections to the primary.
+///
+/// A connection's I/O runs as a task on the runtime that opened it, so a
+/// pool serves one runtime: a connection opened on a runtime whose thread
+/// blocks stalls whoever else draws it. A thread with a runtime of its own
+/// takes a pool of its own ([`Database::own_pool`]).
 #[derive(Clone)]
 pub struct Database {
     pool: Pool,
+    /// Kept (never shown: it carries the password) to open sibling pools.
+    config: tokio_postgres::Config,
 }
 
 impl std::fmt::Debug for Database {
@@ -47,8 +54,20 @@ impl Database {
         if config.get_application_name().is_none() {
             config.application_name("creditgate");
         }
-        let manager =
-            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        Database::from_config(config, max_connections)
+    }
+
+    /// Another pool of up to `max_connections` to the same database.
+    pub fn own_pool(&self, max_connections: usize) -> Result<Database, ClusterError> {
+        Database::from_config(self.config.clone(), max_connections)
+    }
+
+    fn from_config(config: tokio_postgres::Config, max_connections: usize) -> Result<Database, ClusterError> {
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
         let pool = Pool::builder(manager)
             .max_size(max_connections.max(1))
             .runtime(Runtime::Tokio1)
@@ -57,7 +76,7 @@ impl Database {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|err| ClusterError::Config(format!("connection pool: {err}")))?;
-        Ok(Database { pool })
+        Ok(Database { pool, config })
     }
 
     /// A connection from the pool.
