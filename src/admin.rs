@@ -47,8 +47,11 @@
 //!   filters (`after`, `limit`, `wallet`, `kind`, `key`, `user`, `from`, `to`).
 //! - `GET /admin/v1/orgs/{org}/usage` — totals grouped by `group_by` (user,
 //!   app, key, end_user, model, tool, route, day, month) over `from`..`to`, as
-//!   JSON or CSV (`format=csv` or `Accept: text/csv`).
+//!   JSON or CSV (`format=csv` or `Accept: text/csv`). In cluster mode a
+//!   report is a SQL aggregate read from PostgreSQL directly, so it already
+//!   counts debits shipped but not yet posted to the ledger.
 
+mod aggregates;
 mod api;
 mod background;
 pub mod cli;
@@ -177,6 +180,25 @@ pub struct OrgAccess {
 pub type EntryReader =
     Arc<dyn Fn(u64, usize) -> Result<(Vec<LedgerEntry>, Option<u64>), AdminError> + Send + Sync>;
 
+/// Cluster mode: runs a usage aggregate on the shared books. Called on
+/// report threads, never on the runtime's own.
+pub type UsageReader = Arc<
+    dyn Fn(&crate::cluster::usage::UsageQuery) -> Result<Vec<crate::cluster::usage::UsageGroup>, AdminError>
+        + Send
+        + Sync,
+>;
+
+/// Where usage reports come from.
+#[derive(Clone)]
+pub enum UsageSource {
+    /// Single node: the ledger's entries, folded into per-organization
+    /// rollups kept up to date from [`Admin::entries`].
+    Rollups(Arc<rollup::Rollups>),
+    /// Cluster mode: SQL aggregates over the shipped debits (which include
+    /// debits shipped but not yet posted to the ledger).
+    Database(UsageReader),
+}
+
 /// Largest admin request body read.
 const MAX_ADMIN_BODY_BYTES: usize = 1024 * 1024;
 
@@ -195,8 +217,8 @@ pub struct Admin {
     /// Longest wait for a request body, so a client that stops sending
     /// cannot hold a request (and its connection) open.
     pub body_read_timeout: std::time::Duration,
-    /// Usage totals per organization, kept up to date from `entries`.
-    pub rollups: Arc<rollup::Rollups>,
+    /// Where usage reports read their totals.
+    pub usage: UsageSource,
     /// Checkpoints and retention: where history older than the store's
     /// retained window lives (single node with write-through only).
     pub history: Option<Arc<crate::store::history::Historian>>,
@@ -208,9 +230,11 @@ pub struct Admin {
 impl Admin {
     /// Builds the usage rollups from the store on a low-priority thread,
     /// off the request path, so the first report does not scan the store.
-    /// Stops at the next step once `shutdown` is cancelled.
+    /// Stops at the next step once `shutdown` is cancelled. Nothing to build
+    /// when reports come from the database.
     pub fn build_rollups(&self, shutdown: tokio_util::sync::CancellationToken) {
-        let (entries, rollups) = (self.entries.clone(), self.rollups.clone());
+        let UsageSource::Rollups(rollups) = &self.usage else { return };
+        let (entries, rollups) = (self.entries.clone(), rollups.clone());
         let started = background::spawn("usage-rollups", move || {
             let started = std::time::Instant::now();
             match rollups.catch_up(&*entries, &|| shutdown.is_cancelled()) {
@@ -310,7 +334,11 @@ impl Admin {
                 return Ok(self.operator(&parts.method, parts.uri.path()));
             }
             ["whoami"] if parts.method == Method::GET => (StatusCode::OK, scope.view()),
-            ["orgs"] => api::orgs(&self.ledger, scope, &parts.method, &body, now)?,
+            ["orgs"] => {
+                let (method, body) = (parts.method.clone(), body.clone());
+                self.change(&parts.method, move |ledger| api::orgs(ledger, scope, &method, &body, now))
+                    .await?
+            }
             ["orgs", org, rest @ ..] => {
                 let org = OrgId(org.parse().map_err(|_| AdminError::NotFound(format!("no org {org}")))?);
                 // Another organization's resources do not exist for this token.
@@ -329,8 +357,7 @@ impl Admin {
                     (&Method::GET, ["ledger"]) => {
                         let entries = self.entries.clone();
                         let (status, mut page) =
-                            background::report(move || reports::ledger_page(&*entries, org, &params))
-                                .await??;
+                            self.report(move || reports::ledger_page(&*entries, org, &params)).await??;
                         if let Some(history) = &self.history {
                             page["history"] = history_view(&history.status());
                         }
@@ -346,11 +373,13 @@ impl Admin {
                                 .get(header::ACCEPT)
                                 .and_then(|v| v.to_str().ok())
                                 .is_some_and(|a| a.contains("text/csv"));
-                        let (entries, rollups) = (self.entries.clone(), self.rollups.clone());
-                        let (status, text, content_type) = background::report(move || {
-                            reports::usage(&*entries, &rollups, org, time_zone, &params, wants_csv)
-                        })
-                        .await??;
+                        let (entries, usage) = (self.entries.clone(), self.usage.clone());
+                        let ledger = self.ledger.clone();
+                        let (status, text, content_type) = self
+                            .report(move || {
+                                reports::usage(&*entries, &usage, &ledger, org, time_zone, &params, wants_csv)
+                            })
+                            .await??;
                         let mut response = Response::new(GatewayBody::local(Bytes::from(text)));
                         *response.status_mut() = status;
                         response
@@ -375,13 +404,57 @@ impl Admin {
                         }
                         return Ok(response);
                     }
-                    _ => api::org_resource(&call, &parts.method, rest, &body)?,
+                    _ => {
+                        let (method, headers, body) =
+                            (parts.method.clone(), parts.headers.clone(), body.clone());
+                        let rest: Vec<String> = rest.iter().map(|segment| (*segment).to_owned()).collect();
+                        self.change(&parts.method, move |ledger| {
+                            let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+                            let call = api::OrgCall { ledger, org, scope, headers: &headers, now };
+                            api::org_resource(&call, &method, &rest, &body)
+                        })
+                        .await?
+                    }
                 }
             }
             ["openapi.json"] if parts.method == Method::GET => (StatusCode::OK, openapi::document()),
             _ => return Err(api::no_route(&parts.method, parts.uri.path())),
         };
         Ok(json_response(status, &value))
+    }
+
+    /// Runs a report's work off the runtime: a single node's scans under
+    /// the idle policy, a cluster's database reads at normal priority (see
+    /// [`background::database_report`]).
+    async fn report<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AdminError> {
+        match self.cluster {
+            None => background::report(work).await,
+            Some(_) => background::database_report(work).await,
+        }
+    }
+
+    /// Runs an organization call that may change the books. A change waits
+    /// for its journal; in cluster mode that is the shared log, whose
+    /// appends and connections run on this runtime, so a change waiting on
+    /// a runtime thread could leave none to drive them: a deadlock once as
+    /// many admin writes wait as the runtime has threads (at once on a
+    /// current-thread runtime). There a change runs on a blocking thread;
+    /// a single node's journal is its own thread, so it runs in place.
+    async fn change(
+        &self,
+        method: &Method,
+        work: impl FnOnce(&Ledger) -> api::Answer + Send + 'static,
+    ) -> api::Answer {
+        if self.cluster.is_none() || *method == Method::GET {
+            return work(&self.ledger);
+        }
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || work(&ledger))
+            .await
+            .map_err(|error| AdminError::Store(format!("the change did not finish: {error}")))?
     }
 
     fn operator(&self, method: &Method, path: &str) -> Response<GatewayBody> {

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{Admin, AdminError, EntryReader, OrgAccess, Readiness, Rollups};
+use crate::admin::{Admin, AdminError, EntryReader, OrgAccess, Readiness, Rollups, UsageReader, UsageSource};
 use crate::alerts::{Alerts, DestinationPolicy};
 use crate::clock::{Clock, SystemClock};
 use crate::cluster::journal::decode;
@@ -149,7 +149,10 @@ impl Gateway {
             },
             alerts,
             body_read_timeout: config.server.header_read_timeout,
-            rollups: Arc::new(Rollups::new(config.admin.usage_rollup_max_rows)),
+            usage: match &cluster {
+                Some(node) => UsageSource::Database(usage_reader(node)),
+                None => UsageSource::Rollups(Arc::new(Rollups::new(config.admin.usage_rollup_max_rows))),
+            },
             cluster: cluster.clone(),
             history: historian.clone(),
         });
@@ -307,6 +310,14 @@ fn log_entry_reader(node: &Arc<ClusterNode>) -> EntryReader {
         }
         Ok((entries, last))
     })
+}
+
+/// Cluster mode: usage reports are SQL aggregates on the shared books.
+/// Called on report threads, never on the runtime's own.
+fn usage_reader(node: &Arc<ClusterNode>) -> UsageReader {
+    let books = node.books().clone();
+    let runtime = tokio::runtime::Handle::current();
+    Arc::new(move |query| runtime.block_on(books.usage(query)).map_err(|e| AdminError::Store(e.to_string())))
 }
 
 /// Joins the cluster named by `[cluster]`, as the replica this data

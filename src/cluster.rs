@@ -16,6 +16,7 @@
 //! - [`node`]    — a replica at run time: its view, leases, outbox and rounds
 //! - [`spend`]   — a request's hold across the view, limits and credit
 //! - [`wakeups`] — `LISTEN`/`NOTIFY` instead of polling
+//! - [`usage`]   — usage reports as one SQL aggregate over the shipped debits
 //!
 //! # Zero overdraft without a round trip per request
 //!
@@ -85,6 +86,7 @@ pub mod migrate;
 pub mod node;
 pub mod replica;
 pub mod spend;
+pub mod usage;
 pub mod wakeups;
 
 pub use books::{Books, FundingReceipt, LeaseGrant, Renewal, ReplicaStatus, ShippedDebit, WalletAudit};

@@ -161,11 +161,8 @@ impl Spread {
         }
         values.sort_by(f64::total_cmp);
         let middle = values.len() / 2;
-        let median = if values.len() % 2 == 0 {
-            (values[middle - 1] + values[middle]) / 2.0
-        } else {
-            values[middle]
-        };
+        let median =
+            if values.len() % 2 == 0 { (values[middle - 1] + values[middle]) / 2.0 } else { values[middle] };
         Some(Spread { median, min: values[0], max: values[values.len() - 1] })
     }
 

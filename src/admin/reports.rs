@@ -7,11 +7,14 @@ use chrono::{DateTime, Utc};
 use http::StatusCode;
 use serde_json::{json, Value};
 
+use super::aggregates;
 use super::api::Answer;
 use super::error::AdminError;
 use super::rollup::{self, Grain, Rollups, RowKey, Totals};
+use super::UsageSource;
 use crate::ledger::entry::{EntryKind, LedgerEntry};
 use crate::ledger::ids::{OrgId, Owner, UserId, WalletId};
+use crate::ledger::Ledger;
 
 /// Entries among the next records after a record id, and the last record
 /// read (`None` at the end of the store).
@@ -208,18 +211,21 @@ fn entry_json(entry: &LedgerEntry) -> Value {
 }
 
 /// Dimensions a usage report can group by.
-const DIMENSIONS: [&str; 9] = ["user", "app", "key", "end_user", "model", "tool", "route", "day", "month"];
+pub const DIMENSIONS: [&str; 9] =
+    ["user", "app", "key", "end_user", "model", "tool", "route", "day", "month"];
 
 /// `GET /admin/v1/orgs/{org}/usage?group_by=model,day&from=&to=` as JSON;
 /// with `csv` true, the same rows as CSV text.
 /// Days and months are the organization's, in its time zone.
 ///
-/// A range whose ends fall on quarter hours (or are open) is read from the
-/// per-organization rollups, unless the rollup it needs went over its cap;
-/// any other range scans the entries.
+/// Single node: a range whose ends fall on quarter hours (or are open) is
+/// read from the per-organization rollups, unless the rollup it needs went
+/// over its cap; any other range scans the entries. Cluster mode: one SQL
+/// aggregate over the shipped debits ([`super::aggregates`]).
 pub fn usage(
     source: EntrySource<'_>,
-    rollups: &Rollups,
+    usage: &UsageSource,
+    ledger: &Ledger,
     org: OrgId,
     time_zone: chrono_tz::Tz,
     params: &BTreeMap<String, String>,
@@ -233,9 +239,30 @@ pub fn usage(
         return Err(AdminError::bad("group_by", format!("{bad:?} is not one of {DIMENSIONS:?}")));
     }
     let (from, to) = (time(params, "from")?, time(params, "to")?);
+    let groups = match usage {
+        UsageSource::Rollups(rollups) => {
+            from_entries(source, rollups, org, time_zone, &group_by, (from, to))?
+        }
+        UsageSource::Database(read) => {
+            aggregates::groups(read, ledger, org, time_zone, &group_by, (from, to))?
+        }
+    };
+    Ok(render(&group_by, &groups, csv))
+}
+
+/// The report's groups from the ledger entries: through the rollups when
+/// the range allows, else by a scan.
+fn from_entries(
+    source: EntrySource<'_>,
+    rollups: &Rollups,
+    org: OrgId,
+    time_zone: chrono_tz::Tz,
+    group_by: &[String],
+    (from, to): (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
+) -> Result<BTreeMap<Vec<String>, Totals>, AdminError> {
     let mut groups: BTreeMap<Vec<String>, Totals> = BTreeMap::new();
     let mut fold = |key: &RowKey, totals: &Totals| {
-        groups.entry(group_key(&group_by, key, time_zone)).or_default().add(totals);
+        groups.entry(group_key(group_by, key, time_zone)).or_default().add(totals);
     };
     let aligned = from.is_none_or(rollup::on_boundary) && to.is_none_or(rollup::on_boundary);
     let grain = if group_by.iter().any(|d| d == "end_user") { Grain::Fine } else { Grain::Coarse };
@@ -267,8 +294,17 @@ pub fn usage(
             }
         }
     }
+    Ok(groups)
+}
+
+/// The report's body and content type: JSON, or CSV when `csv`.
+fn render(
+    group_by: &[String],
+    groups: &BTreeMap<Vec<String>, Totals>,
+    csv: bool,
+) -> (StatusCode, String, &'static str) {
     if csv {
-        return Ok((StatusCode::OK, render_csv(&group_by, &groups), "text/csv; charset=utf-8"));
+        return (StatusCode::OK, render_csv(group_by, groups), "text/csv; charset=utf-8");
     }
     let mut total = Totals::default();
     let rows: Vec<Value> = groups
@@ -283,7 +319,7 @@ pub fn usage(
         })
         .collect();
     let body = json!({ "group_by": group_by, "rows": rows, "total": totals_json(&total) });
-    Ok((StatusCode::OK, body.to_string(), "application/json"))
+    (StatusCode::OK, body.to_string(), "application/json")
 }
 
 /// The report's group of a row: its value for each dimension asked for.
@@ -293,14 +329,7 @@ fn group_key(group_by: &[String], row: &RowKey, time_zone: chrono_tz::Tz) -> Vec
     group_by
         .iter()
         .map(|dimension| match dimension.as_str() {
-            "user" => match row.owner {
-                Owner::User(u) => u.0.to_string(),
-                Owner::App(_) => String::new(),
-            },
-            "app" => match row.owner {
-                Owner::App(a) => a.0.to_string(),
-                Owner::User(_) => String::new(),
-            },
+            "user" | "app" => owner_cell(dimension, Some(row.owner)),
             "key" => row.key.to_string(),
             "end_user" => row.end_user.as_deref().unwrap_or("").to_owned(),
             "model" if !row.is_tool => row.model.to_string(),
@@ -311,6 +340,16 @@ fn group_key(group_by: &[String], row: &RowKey, time_zone: chrono_tz::Tz) -> Vec
             _ => String::new(),
         })
         .collect()
+}
+
+/// A row's `user` or `app` cell: the owner's id when it is one of those,
+/// else empty (also when the owner is not known).
+pub(super) fn owner_cell(dimension: &str, owner: Option<Owner>) -> String {
+    match (dimension, owner) {
+        ("user", Some(Owner::User(user))) => user.0.to_string(),
+        ("app", Some(Owner::App(app))) => app.0.to_string(),
+        _ => String::new(),
+    }
 }
 
 /// The fields of a usage row's totals, in the order of the CSV columns.

@@ -364,13 +364,16 @@ mod tests {
         // uncapped rollup and from a scan of an unaligned range.
         let (org, entries) = books(300, 50);
         let source = |after: u64, limit: usize| Ok(source_of(&entries, after, limit));
-        let report = |rollups: &Rollups, group_by: &str, from: &str| {
+        // The single-node path reads no entity from the ledger.
+        let ledger = Ledger::new(LedgerConfig::default(), Arc::new(MemoryJournal::default()));
+        let report = |rollups: &Arc<Rollups>, group_by: &str, from: &str| {
             let params = [("group_by".to_owned(), group_by.to_owned()), ("from".to_owned(), from.to_owned())]
                 .into_iter()
                 .collect();
-            super::super::reports::usage(&source, rollups, org, Tz::UTC, &params, false).unwrap().1
+            let usage = super::super::UsageSource::Rollups(rollups.clone());
+            super::super::reports::usage(&source, &usage, &ledger, org, Tz::UTC, &params, false).unwrap().1
         };
-        let (capped, uncapped) = (Rollups::new(20), Rollups::new(100_000));
+        let (capped, uncapped) = (Arc::new(Rollups::new(20)), Arc::new(Rollups::new(100_000)));
         for group_by in ["end_user", "model,day", "end_user,key"] {
             let scanned = report(&uncapped, group_by, "2000-01-01T00:00:00.5Z");
             assert_eq!(report(&capped, group_by, "2000-01-01T00:00:00Z"), scanned, "capped, by {group_by}");

@@ -157,6 +157,12 @@ impl Books {
         Books { db, operations: Arc::new(AtomicU64::new(0)) }
     }
 
+    /// The same books through a pool of their own, for a thread that runs
+    /// its own runtime (see [`Database`]); operations are counted together.
+    pub fn with_own_pool(&self, max_connections: usize) -> Result<Books, ClusterError> {
+        Ok(Books { db: self.db.own_pool(max_connections)?, operations: self.operations.clone() })
+    }
+
     /// A connection for one operation, counted.
     pub(super) async fn client(&self) -> Result<deadpool_postgres::Object, ClusterError> {
         self.operations.fetch_add(1, Ordering::Relaxed);

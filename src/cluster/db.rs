@@ -22,10 +22,16 @@ const POOL_WAIT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A pool of connections to the primary.
+///
+/// A connection's I/O runs as a task on the runtime that opened it, so a
+/// pool serves one runtime: a connection opened on a runtime whose thread
+/// blocks stalls whoever else draws it. A thread with a runtime of its own
+/// takes a pool of its own ([`Database::own_pool`]).
 #[derive(Clone)]
 pub struct Database {
     pool: Pool,
-    /// The parsed URL, for connections outside the pool (the listener).
+    /// The parsed URL (never shown: it carries the password), for sibling
+    /// pools and connections outside the pool (the listener).
     config: tokio_postgres::Config,
 }
 
@@ -49,6 +55,15 @@ impl Database {
         if config.get_application_name().is_none() {
             config.application_name("creditgate");
         }
+        Database::from_config(config, max_connections)
+    }
+
+    /// Another pool of up to `max_connections` to the same database.
+    pub fn own_pool(&self, max_connections: usize) -> Result<Database, ClusterError> {
+        Database::from_config(self.config.clone(), max_connections)
+    }
+
+    fn from_config(config: tokio_postgres::Config, max_connections: usize) -> Result<Database, ClusterError> {
         let manager = Manager::from_config(
             config.clone(),
             NoTls,

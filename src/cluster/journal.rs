@@ -31,6 +31,8 @@ use crate::store::codec;
 use super::books::Books;
 use super::ClusterError;
 
+/// The appender's own connections: one appends, one spare for a retry.
+const JOURNAL_CONNECTIONS: usize = 2;
 /// Records sent to the log in one statement at most.
 const BATCH: usize = 2_000;
 /// First wait before retrying an append the database refused or missed.
@@ -97,6 +99,11 @@ impl LogJournal {
     /// Starts appending as `replica`, treasurer of `epoch`, on a thread of
     /// its own (so a sync may block any thread, as with the store writer).
     pub fn start(&self, books: Books, replica: String, epoch: i64) -> Result<(), ClusterError> {
+        // Connections of its own: the appender's runtime blocks its thread
+        // while it waits for records, and a connection it opened in a
+        // shared pool would stall whoever drew it meanwhile (a report, a
+        // lease draw, the treasury's renewal) until the next record.
+        let books = books.with_own_pool(JOURNAL_CONNECTIONS)?;
         self.inner.state.lock().writer = Some(Writer { replica, epoch });
         let inner = Arc::clone(&self.inner);
         let runtime = tokio::runtime::Builder::new_current_thread()

@@ -42,15 +42,65 @@ pub struct Cluster {
 }
 
 pub fn config_file(mock: std::net::SocketAddr) -> tempfile::NamedTempFile {
-    let text = config_text(mock, "", "").replace(
-        "[upstreams.mock]",
-        &format!(
-            "[cluster]\ndatabase_url_env = \"{URL_VAR}\"\nlease_ttl_ms = {LEASE_TTL_MS}\ntreasury_ttl_ms = 1500\nship_interval_ms = 20\n\n[upstreams.mock]"
-        ),
-    );
+    let settings = format!("lease_ttl_ms = {LEASE_TTL_MS}\ntreasury_ttl_ms = 1500\nship_interval_ms = 20");
+    let text = with_cluster_section(&config_text(mock, "", ""), &settings);
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), text).unwrap();
     file
+}
+
+/// Gateway config `text` with a `[cluster]` section: the database URL in
+/// [`URL_VAR`], and `settings`.
+pub fn with_cluster_section(text: &str, settings: &str) -> String {
+    text.replace(
+        "[upstreams.mock]",
+        &format!("[cluster]\ndatabase_url_env = \"{URL_VAR}\"\n{settings}\n\n[upstreams.mock]"),
+    )
+}
+
+/// A [`Stack`] whose gateway is a cluster replica, in process, on a fresh
+/// database of this test binary's shared PostgreSQL: config `text` edited
+/// by `edit`, the gateway reading `clock`, the usual org seeded (through
+/// its ledger, once it is the treasurer) as of `clock`'s now.
+pub async fn start_replica_stack(
+    edit: impl FnOnce(String) -> String,
+    clock: std::sync::Arc<dyn creditgate::clock::Clock>,
+) -> Stack {
+    static DATABASES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = format!("stack_{}", DATABASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let url = Postgres::shared().create_database(&name);
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default()).await.unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    // A small pool: every test of the binary shares one server. A long
+    // treasury: a busy machine must not depose the only replica (a deposed
+    // treasurer takes no more changes until it restarts).
+    let settings = "max_connections = 4\ntreasury_ttl_ms = 30000\nship_interval_ms = 20";
+    let text = with_cluster_section(&edit(config_text(mock.addr(), "", "")), settings);
+    let env = |name: &str| (name == URL_VAR).then(|| url.clone());
+    let config = parse_config_with_env(&text, data_dir.path(), &env);
+    let shutdown = CancellationToken::new();
+    let now = clock.now();
+    let gateway = creditgate::app::Gateway::start_with_clock(config, clock, shutdown.clone()).await.unwrap();
+    let spec = creditgate::demo::SeedSpec {
+        org_name: "test-org".into(),
+        pool: "100".parse().unwrap(),
+        lite_allowance: "1".parse().unwrap(),
+    };
+    // The only replica takes the treasury within a poll; until then its
+    // ledger refuses changes (and makes none).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let keys = loop {
+        // Off the runtime: a change waits for the shared log, whose appends
+        // this (single-threaded) runtime drives.
+        let (ledger, spec) = (gateway.ledger(), spec.clone());
+        let seeded = tokio::task::spawn_blocking(move || creditgate::demo::seed_org(&ledger, &spec, now));
+        match seeded.await.unwrap() {
+            Ok(keys) => break keys,
+            Err(error) => assert!(Instant::now() < deadline, "the replica never became treasurer: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    Stack { keys, mock, gateway, shutdown, data_dir }
 }
 
 /// Starts a replica whose log goes to `<data>/replica.log` (kept for a

@@ -130,12 +130,21 @@ public = true
 }
 
 pub fn parse_config(text: &str, data_dir: &Path) -> GatewayConfig {
+    parse_config_with_env(text, data_dir, &|_| None)
+}
+
+/// As [`parse_config`], with more environment variables from `env`.
+pub fn parse_config_with_env(
+    text: &str,
+    data_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> GatewayConfig {
     let mut config = GatewayConfig::parse(Path::new("test.toml"), text, &|name| match name {
         "MOCK_UPSTREAM_KEY" => Some(UPSTREAM_SECRET.to_owned()),
         "ADMIN_TOKEN" => Some(ADMIN_TOKEN.to_owned()),
         "ORG_TOKEN" => Some(ORG_TOKEN.to_owned()),
         "FINANCE_TOKEN" => Some(FINANCE_TOKEN.to_owned()),
-        _ => None,
+        other => env(other),
     })
     .unwrap();
     config.server.data_dir = data_dir.to_owned();
@@ -311,6 +320,7 @@ pub fn serve_command(config: &Path, data: &Path) -> std::process::Command {
         .arg(data)
         .env("MOCK_UPSTREAM_KEY", UPSTREAM_SECRET)
         .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("ORG_TOKEN", ORG_TOKEN)
         .env("RUST_LOG", "info");
     command
 }

@@ -119,6 +119,39 @@ impl Postgres {
         pg
     }
 
+    /// One server for the whole test binary, started on first use; tests
+    /// keep apart by database ([`Postgres::create_database`]). A static is
+    /// never dropped, so a watchdog process stops the server and deletes
+    /// its directory once this process has exited.
+    pub fn shared() -> &'static Postgres {
+        static SHARED: std::sync::OnceLock<Postgres> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            let pg = Postgres::start();
+            pg.stop_when_gone(std::process::id());
+            pg
+        })
+    }
+
+    /// Spawns the watchdog: waits for process `owner` to exit, then stops
+    /// the server (fast shutdown) and removes its directory.
+    // The watchdog outlives this process on purpose: nothing here waits for it.
+    #[allow(clippy::zombie_processes)]
+    fn stop_when_gone(&self, owner: u32) {
+        let postmaster = self.child.as_ref().map(|child| self.postmaster_pid(child)).unwrap();
+        let dir = self.dir.path().display();
+        let script = format!(
+            "while kill -0 {owner} 2>/dev/null; do sleep 0.5; done; kill -INT {postmaster}; \
+             while kill -0 {postmaster} 2>/dev/null; do sleep 0.2; done; rm -rf '{dir}'"
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
