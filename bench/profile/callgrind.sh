@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# Instructions per request through the gateway, metered vs pass-through,
-# counted by callgrind (repeatable on a noisy machine: it counts
-# instructions, not time). Needs valgrind, curl, python3 and a release build:
-#   cargo build --release -j2 --bin creditgate
+# Instructions per request through the bare hyper proxy (the reference) and
+# the gateway, pass-through and metered, counted by callgrind (repeatable on a
+# noisy machine: it counts instructions, not time); each printed as a ratio
+# to the bare proxy. Needs valgrind, curl, python3 and a release build:
+#   cargo build --release -j2 -p creditgate -p creditgate-bench --bin creditgate --bin creditgate-bare-proxy
 #   bench/profile/callgrind.sh [REQUESTS]        # default 2000 per mode
-# Leaves callgrind.metered.out and callgrind.passthrough.out in $OUT (default
+# Leaves callgrind.{hyper-proxy,passthrough,metered}.out in $OUT (default
 # target/callgrind) for `callgrind_annotate --inclusive=yes FILE`.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 bin="$root/target/release/creditgate"
+bare="$root/target/release/creditgate-bare-proxy"
 requests=${1:-2000}
 out=${OUT:-$root/target/callgrind}
 work=$(mktemp -d)
 mkdir -p "$out"
 port_proxy=${PORT_PROXY:-18080} port_admin=${PORT_ADMIN:-18081} port_mock=${PORT_MOCK:-18090}
-cleanup() { kill "$gateway" "$mock" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+port_bare=${PORT_BARE:-18082}
+gateway="" proxy=""
+cleanup() { kill $gateway $proxy "$mock" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
 # The example config, on these ports, with caps out of the way and an
@@ -38,7 +42,7 @@ org=$(admin -H "idempotency-key: callgrind-org" -d '{"name":"callgrind","contrac
 user=$(admin -d '{"name":"p","plan":"pro"}' "127.0.0.1:$port_admin/admin/v1/orgs/$org/users" | field id)
 key=$(admin -d "{\"user\":$user}" "127.0.0.1:$port_admin/admin/v1/orgs/$org/keys" | field secret)
 
-drive() { python3 "$root/bench/profile/drive.py" "$1" "$2" "$key" "$port_proxy"; }
+drive() { python3 "$root/bench/profile/drive.py" "$1" "$2" "$key" "${3:-$port_proxy}"; }
 drive metered 300 && drive pass 300          # warm up pools, caches, the price table
 for mode in metered pass; do
   callgrind_control -z "$gateway" > /dev/null 2>&1
@@ -47,7 +51,27 @@ for mode in metered pass; do
 done
 kill "$gateway"; wait "$gateway" 2>/dev/null || true
 mv "$work/cg.out.1" "$out/callgrind.metered.out"; mv "$work/cg.out.2" "$out/callgrind.passthrough.out"
-for mode in metered passthrough; do
-  total=$(callgrind_annotate "$out/callgrind.$mode.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
-  echo "$mode: $((total / requests)) instructions per request (${total} over $requests requests)"
+
+# The bare proxy: the same requests (the key is forwarded and ignored), as
+# many worker threads as the gateway's runtime (one per core).
+valgrind --tool=callgrind --callgrind-out-file="$work/bare.out" \
+  "$bare" --listen "127.0.0.1:$port_bare" --upstream "127.0.0.1:$port_mock" --workers "$(nproc)" \
+  > "$work/bare.log" 2>&1 & proxy=$!
+for _ in $(seq 1 120); do grep -q "^listening on" "$work/bare.log" && break; sleep 0.5; done
+drive bare 300 "$port_bare"
+callgrind_control -z "$proxy" > /dev/null 2>&1
+drive bare "$requests" "$port_bare"
+callgrind_control -d "$proxy" > /dev/null 2>&1
+kill "$proxy"; wait "$proxy" 2>/dev/null || true
+mv "$work/bare.out.1" "$out/callgrind.hyper-proxy.out"
+
+per_request() {
+  total=$(callgrind_annotate "$out/callgrind.$1.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+  echo $((total / requests))
+}
+reference=$(per_request hyper-proxy)
+for mode in hyper-proxy passthrough metered; do
+  count=$(per_request "$mode")
+  ratio=$(awk -v a="$count" -v b="$reference" 'BEGIN { printf "%.2f", a / b }')
+  echo "$mode: $count instructions per request (${ratio}x hyper-proxy, over $requests requests)"
 done

@@ -1,7 +1,8 @@
-"""Sequential requests for the callgrind profile: MODE (metered|pass) N KEY PORT.
+"""Sequential requests for the callgrind profile: MODE (metered|pass|bare) N KEY PORT.
 
-One keep-alive connection; every fifth call streams. Exits non-zero unless
-every response is 200.
+One keep-alive connection; every fifth call streams. `pass` picks the
+gateway's unmetered route by Host; `bare` (the bare hyper proxy) sends the
+same requests as `metered`. Exits non-zero unless every response is 200.
 """
 import http.client
 import json

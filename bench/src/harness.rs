@@ -4,6 +4,7 @@
 //! gracefully and verify the durable ledger.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use creditgate::mock::{Journal, MockOptions, MockUpstream};
 use creditgate::pricing::PriceTable;
 
 use crate::audit::{self, Books, Served, WalletState};
+use crate::bare::{self, BareProxy};
 use crate::client::{self, Admin, Http};
 use crate::cluster::Cluster;
 use crate::cpu::CpuSource;
@@ -20,7 +22,7 @@ use crate::gateway::{self, Gateway, Launch, ADMIN_TOKEN, PASSTHROUGH_HOST};
 use crate::mix::{Catalog, KeyCounts, Mix, MixConfig, Source};
 use crate::nginx::{self, Nginx};
 use crate::report::{
-    self, ClusterFigures, Results, CLUSTER, DIRECT, METERED, METERED_WT_OFF, NGINX, PASSTHROUGH,
+    self, ClusterFigures, Results, CLUSTER, DIRECT, HYPER_PROXY, METERED, METERED_WT_OFF, NGINX, PASSTHROUGH,
 };
 use crate::settings::{LoadShape, Settings, Switch, TargetSettings};
 use crate::sse::{self, SseSample, StreamCall};
@@ -217,6 +219,8 @@ struct Run {
     off: Option<Metered>,
     cluster: Option<Metered>,
     nginx: Option<Nginx>,
+    /// The bare hyper proxy, the reference row.
+    bare: Option<BareProxy>,
     modes: Vec<Mode>,
     results: Results,
 }
@@ -253,12 +257,13 @@ impl Run {
         let on = Metered::start(METERED, &settings, &mock, "", &http).await?;
         let off = start_write_through_off(&settings, &mock, &http, &mut results.notes).await?;
         let nginx = start_nginx(&settings, &mock, &mut results.notes)?;
+        let bare = start_bare(&settings, &mock, &mut results.notes)?;
         let cluster = match settings.replicas {
             0 => None,
             _ => Some(Metered::start_cluster(&settings, &mock, &http).await?),
         };
-        let mut modes =
-            modes(&mock.addr().to_string(), Some(PASSTHROUGH_HOST), &on, off.as_ref(), nginx.as_ref());
+        let baselines = Baselines { nginx: nginx.as_ref(), bare: bare.as_ref() };
+        let mut modes = modes(&mock.addr().to_string(), Some(PASSTHROUGH_HOST), &on, off.as_ref(), baselines);
         if let Some(cluster) = &cluster {
             modes.push(Mode { name: CLUSTER, target: cluster.target(), books: Charged::Cluster });
             results.notes.push(format!(
@@ -279,6 +284,7 @@ impl Run {
             off,
             cluster,
             nginx,
+            bare,
             modes,
             results,
         })
@@ -314,7 +320,9 @@ impl Run {
                 "skipped passthrough: no --target-passthrough-host naming the gateway's passthrough route",
             ),
             target.pid.is_none().then_some("gateway CPU per request not measured: no --target-pid"),
-            Some("skipped write-through off and nginx: they need gateways and proxies this run starts"),
+            Some(
+                "skipped write-through off, nginx and hyper-proxy: they need gateways and proxies this run starts",
+            ),
             (settings.sse_streams > 0).then_some(
                 "skipped the SSE pass: it needs the mock's event write times, kept in-process only",
             ),
@@ -325,7 +333,8 @@ impl Run {
             eprintln!("{note}");
             results.notes.push(note.to_owned());
         }
-        let modes = modes(&target.mock, target.passthrough_host, &on, None, None);
+        let baselines = Baselines { nginx: None, bare: None };
+        let modes = modes(&target.mock, target.passthrough_host, &on, None, baselines);
         Ok(Run {
             upstream: Upstream::Remote { addr: target.mock, next },
             journal_gaps: 0,
@@ -338,6 +347,7 @@ impl Run {
             off: None,
             cluster: None,
             nginx: None,
+            bare: None,
             modes,
             results,
         })
@@ -444,7 +454,8 @@ impl Run {
     fn latency_modes(&self) -> Vec<usize> {
         (0..self.modes.len())
             .filter(|&i| {
-                [DIRECT, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF, CLUSTER].contains(&self.modes[i].name)
+                [DIRECT, HYPER_PROXY, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF, CLUSTER]
+                    .contains(&self.modes[i].name)
             })
             .collect()
     }
@@ -551,6 +562,7 @@ impl Run {
         if let Some(nginx) = self.nginx.take() {
             nginx.stop();
         }
+        drop(self.bare.take());
         if self.journal_gaps > 0 {
             println!(
                 "audit FAILED: the mock's journal dropped entries before {} phase(s) were read: \
@@ -608,6 +620,13 @@ impl Run {
     }
 }
 
+/// The unmetered proxies this run started next to the gateways.
+#[derive(Clone, Copy)]
+struct Baselines<'a> {
+    nginx: Option<&'a Nginx>,
+    bare: Option<&'a BareProxy>,
+}
+
 /// The modes of the measured rounds, in order.
 /// `mock` is `host:port`; `passthrough` the `Host` of the gateway's
 /// unmetered route (`None` leaves that mode out).
@@ -616,7 +635,7 @@ fn modes(
     passthrough: Option<&'static str>,
     on: &Metered,
     off: Option<&Metered>,
-    nginx: Option<&Nginx>,
+    baselines: Baselines,
 ) -> Vec<Mode> {
     let on_target = on.target();
     // Unmetered modes send the same requests, keys included, as the metered one.
@@ -631,11 +650,15 @@ fn modes(
         target: plain(mock.to_owned(), None, CpuSource::None),
         books: Charged::Nobody,
     }];
+    if let Some(bare) = baselines.bare {
+        let target = plain(bare.addr.to_string(), None, CpuSource::Process(bare.pid()));
+        modes.push(Mode { name: HYPER_PROXY, target, books: Charged::Nobody });
+    }
     if let Some(host) = passthrough {
         let target = plain(on.proxies[0].clone(), Some(host), on.cpu.clone());
         modes.push(Mode { name: PASSTHROUGH, target, books: Charged::Nobody });
     }
-    if let Some(nginx) = nginx {
+    if let Some(nginx) = baselines.nginx {
         let target = plain(nginx.addr.to_string(), None, CpuSource::Tree(nginx.pid()));
         modes.push(Mode { name: NGINX, target, books: Charged::Nobody });
     }
@@ -713,24 +736,66 @@ async fn start_write_through_off(
     }
 }
 
-fn start_nginx(
-    settings: &Settings,
-    mock: &MockUpstream,
+/// An optional baseline's binary as its switch says: `found` when on or
+/// auto; when it is missing, an error (on) or a note saying why (auto).
+fn baseline_bin(
+    switch: Switch,
+    found: impl FnOnce() -> Option<PathBuf>,
+    name: &str,
+    missing: &str,
     notes: &mut Vec<String>,
-) -> anyhow::Result<Option<Nginx>> {
-    if settings.nginx == Switch::Off {
+) -> anyhow::Result<Option<PathBuf>> {
+    if switch == Switch::Off {
         return Ok(None);
     }
-    match nginx::find() {
-        Some(bin) => Ok(Some(Nginx::start(&bin, mock.addr())?)),
-        None if settings.nginx == Switch::On => bail!("--nginx on, but there is no nginx on PATH"),
+    match found() {
+        Some(bin) => Ok(Some(bin)),
+        None if switch == Switch::On => bail!("--{name} on, but {missing}"),
         None => {
-            let note = "skipped nginx: not on PATH (apt-get install nginx)".to_owned();
+            let note = format!("skipped {name}: {missing}");
             eprintln!("{note}");
             notes.push(note);
             Ok(None)
         }
     }
+}
+
+fn start_nginx(
+    settings: &Settings,
+    mock: &MockUpstream,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Option<Nginx>> {
+    let missing = "not on PATH (apt-get install nginx)";
+    match baseline_bin(settings.nginx, nginx::find, "nginx", missing, notes)? {
+        Some(bin) => Ok(Some(Nginx::start(&bin, mock.addr())?)),
+        None => Ok(None),
+    }
+}
+
+/// The bare hyper proxy, with as many worker threads as the gateway's
+/// runtime has (tokio's default: one per core), so throughput compares
+/// like with like.
+fn start_bare(
+    settings: &Settings,
+    mock: &MockUpstream,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Option<BareProxy>> {
+    let missing = format!(
+        "no {bin} next to this binary (cargo build -p creditgate-bench --bin {bin}; \
+         `cargo run --bin creditgate-load` builds only the harness)",
+        bin = bare::BIN
+    );
+    let Some(bin) = baseline_bin(settings.hyper_proxy, bare::find, "hyper-proxy", &missing, notes)? else {
+        return Ok(None);
+    };
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+    let proxy = BareProxy::start(&bin, mock.addr(), workers)?;
+    notes.push(format!(
+        "hyper-proxy: {} with {workers} worker thread(s), as many as the gateway's runtime; every ratio \
+         `… / hyper-proxy` is to it",
+        bare::BIN
+    ));
+    Ok(Some(proxy))
 }
 
 fn write_json(settings: &Settings, mut json: serde_json::Value, ok: bool) -> anyhow::Result<()> {

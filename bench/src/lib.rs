@@ -8,6 +8,7 @@
 //! - [`client`]   — the HTTP client and admin API calls
 //! - [`gateway`]  — running a creditgate process: config, write-through switch, SIGTERM, verify
 //! - [`nginx`]    — the nginx pass-through baseline
+//! - [`bare`]     — the bare hyper proxy, the reference row every mode is a ratio to
 //! - [`cpu`]      — process CPU time from /proc
 //! - [`drive`]    — closed- and open-loop load, request ids, progress lines
 //! - [`stats`]    — samples, percentiles, medians with their spread
@@ -18,6 +19,7 @@
 //! - [`harness`]  — the whole run
 
 pub mod audit;
+pub mod bare;
 pub mod client;
 pub mod cluster;
 pub mod cpu;

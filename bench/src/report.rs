@@ -13,6 +13,8 @@ use crate::sse::SseSample;
 use crate::stats::{paired, percentile, Sample, Spread};
 
 pub const DIRECT: &str = "direct";
+/// The bare hyper proxy: the reference every proxy mode is a ratio to.
+pub const HYPER_PROXY: &str = "hyper-proxy";
 pub const PASSTHROUGH: &str = "passthrough";
 pub const NGINX: &str = "nginx";
 pub const METERED: &str = "metered";
@@ -158,6 +160,31 @@ fn ratios(results: &Results, text: &mut String, json: &mut Map<String, Value>) {
             &target("target ≤ 1.25"),
         );
     }
+    // Against what a user would run instead (issue 17's targets).
+    for mode in [PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
+        let key = mode.replace('-', "_");
+        let cpu_target = match mode {
+            METERED => "target ≤ 1.25",
+            PASSTHROUGH => "target ≤ 1.10",
+            _ => "",
+        };
+        ratio(
+            text,
+            json,
+            &format!("{key}_over_hyper_proxy_throughput"),
+            &format!("{mode} / hyper-proxy throughput"),
+            paired(get(mode), get(HYPER_PROXY), throughput),
+            "",
+        );
+        ratio(
+            text,
+            json,
+            &format!("{key}_over_hyper_proxy_cpu_per_request"),
+            &format!("{mode} / hyper-proxy CPU per request"),
+            paired(get(mode), get(HYPER_PROXY), cpu),
+            cpu_target,
+        );
+    }
     ratio(
         text,
         json,
@@ -166,7 +193,7 @@ fn ratios(results: &Results, text: &mut String, json: &mut Map<String, Value>) {
         paired(get(METERED), get(METERED_WT_OFF), throughput),
         "target ≥ 0.95",
     );
-    for mode in [PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
+    for mode in [HYPER_PROXY, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
         let key = mode.replace('-', "_");
         ratio(
             text,
@@ -273,7 +300,8 @@ fn c1_section(results: &Results, text: &mut String, json: &mut Map<String, Value
     json.insert("modes".into(), Value::Object(modes));
     let get = |mode| find(&results.c1, mode).unwrap_or(&[]);
     let added_p50 = |a: &Sample, b: &Sample| Some(a.percentile_us(0.5) - b.percentile_us(0.5));
-    for mode in [PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
+    let added_p99 = |a: &Sample, b: &Sample| Some(a.percentile_us(0.99) - b.percentile_us(0.99));
+    for mode in [HYPER_PROXY, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
         if find(&results.c1, mode).is_none() {
             continue;
         }
@@ -285,6 +313,29 @@ fn c1_section(results: &Results, text: &mut String, json: &mut Map<String, Value
             paired(get(mode), get(DIRECT), added_p50),
             if mode == METERED { "target ≤ 100" } else { "" },
         );
+        ratio(
+            text,
+            json,
+            &format!("{mode}_added_p99_us"),
+            &format!("{mode} added p99 over direct (µs)"),
+            paired(get(mode), get(DIRECT), added_p99),
+            "",
+        );
+    }
+    // What a request at idle pays on top of the bare proxy's hop (issue 17).
+    let added = |q: f64| move |a: &Sample, b: &Sample| Some(a.percentile_us(q) - b.percentile_us(q));
+    for mode in [PASSTHROUGH, METERED] {
+        let targets = if mode == METERED { ["target ≤ +15", "target ≤ +40"] } else { ["", ""] };
+        for ((name, q), target) in [("p50", 0.5), ("p99", 0.99)].into_iter().zip(targets) {
+            ratio(
+                text,
+                json,
+                &format!("{mode}_added_{name}_over_hyper_proxy_us"),
+                &format!("{mode} added {name} over hyper-proxy (µs)"),
+                paired(get(mode), get(HYPER_PROXY), added(q)),
+                target,
+            );
+        }
     }
 }
 
@@ -338,7 +389,7 @@ fn sse_section(results: &Results, text: &mut String, json: &mut Map<String, Valu
     );
     // nginx (when installed) is the reference: what one established proxy
     // hop with buffering off adds on the same machine.
-    for mode in [PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
+    for mode in [HYPER_PROXY, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
         if find(&results.sse, mode).is_none() {
             continue;
         }

@@ -134,6 +134,10 @@ pub struct Args {
     /// nginx as a second pass-through baseline [smoke off, full auto].
     #[arg(long, value_enum)]
     pub nginx: Option<Switch>,
+    /// The bare hyper proxy (`creditgate-bare-proxy` next to this binary) as
+    /// the reference row every mode is a ratio to [smoke and full auto].
+    #[arg(long, value_enum)]
+    pub hyper_proxy: Option<Switch>,
     /// A second gateway with durable write-through off [auto: when the
     /// gateway's config has the switch].
     #[arg(long, value_enum, default_value = "auto")]
@@ -250,6 +254,7 @@ pub struct Settings {
     pub mix: MixConfig,
     pub tenants: TenantConfig,
     pub nginx: Switch,
+    pub hyper_proxy: Switch,
     pub write_through_off: Switch,
     pub json: Option<PathBuf>,
     pub progress: bool,
@@ -369,6 +374,7 @@ impl Settings {
             mix,
             tenants,
             nginx: args.nginx.unwrap_or(if smoke || cluster { Switch::Off } else { Switch::Auto }),
+            hyper_proxy: args.hyper_proxy.unwrap_or(if cluster { Switch::Off } else { Switch::Auto }),
             write_through_off: if cluster { Switch::Off } else { args.write_through_off },
             json: args.json,
             progress: args.progress.unwrap_or(seconds >= 3),
