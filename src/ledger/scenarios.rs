@@ -195,6 +195,51 @@ fn debits_consume_soonest_expiry_then_kind_then_age() {
 }
 
 #[test]
+fn a_lot_that_expires_before_any_other_event_is_written_off_at_its_expiry() {
+    // Proves a purchase (or adjustment) whose expiry comes before the
+    // wallet's next scheduled event still expires on time: its credit is
+    // not spent after its expiry, and its remainder is written off.
+    let (ledger, journal) = ledger();
+    let now = at("2027-01-10T00:00:00Z");
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(10), 0, dec!(0))), now);
+    let pool = WalletId::Pool(org);
+    let admin = user(&ledger, org, Plan::Pro, dec!(0), now);
+    let key = key(&ledger, org, Owner::User(admin), Limits::NONE, now);
+    // The wallet is brought up to date (its next event is the year's end).
+    spend(&ledger, pool, key, dec!(1), now);
+    let request = |amount, expires: &str, idempotency_key: &str| PurchaseRequest {
+        org,
+        amount,
+        expires_at: Some(at(expires)),
+        reference: None,
+        idempotency_key: idempotency_key.into(),
+    };
+    ledger.purchase(request(dec!(5), "2027-01-10T01:00:00Z", "short"), now).unwrap();
+    let adjustment = AdjustmentRequest {
+        org,
+        wallet: pool,
+        amount: dec!(3),
+        reason: "goodwill".into(),
+        expires_at: Some(at("2027-01-10T02:00:00Z")),
+        idempotency_key: "adj".into(),
+    };
+    ledger.adjust(adjustment, now).unwrap();
+    assert_eq!(ledger.balance(pool, now).unwrap().balance, dec!(17));
+    spend(&ledger, pool, key, dec!(2), now);
+    // An hour and a half on: the purchase's remainder (3) is gone, the
+    // adjustment's is not; half an hour more and that is gone too.
+    assert_eq!(ledger.balance(pool, at("2027-01-10T01:30:00Z")).unwrap().balance, dec!(12));
+    assert_eq!(ledger.balance(pool, at("2027-01-10T02:30:00Z")).unwrap().balance, dec!(9));
+    let expired: Vec<Decimal> = write_offs(&journal)
+        .into_iter()
+        .filter(|(wallet, _, reason)| *wallet == pool && *reason == WriteOffReason::Expired)
+        .map(|(_, amount, _)| amount)
+        .collect();
+    assert_eq!(expired, [dec!(-3), dec!(-3)]);
+    assert_verified(&ledger, &journal);
+}
+
+#[test]
 fn upgrade_writes_off_lite_and_moves_to_pool() {
     // Proves Lite -> Pro writes off the Lite remainder and the user's keys draw on the pool at once.
     let (ledger, journal) = ledger();

@@ -326,6 +326,8 @@ impl WalletState {
         };
         let repaid = self.deficit.min(amount);
         self.deficit -= repaid;
+        // Its expiry may come before the event `advance` waits for next.
+        self.next_event_at = self.next_event_at.min(expires_at);
         // A lot the deficit swallowed whole has nothing to give or expire.
         if repaid < amount {
             self.lots.insert(Lot {
