@@ -74,9 +74,16 @@
 //! debits shipped and a treasurer stepping down, with a slow timer (and the
 //! old 50 ms poll while the listener is down) behind it.
 //!
-//! Not yet: a lease bounded by the expiry of the lots it draws on (a lot
-//! that expires while leased can be spent until the lease ends, recorded as
-//! overrun), and debits partitioned by month for retention (issue 19).
+//! Expiring credit: the treasurer mirrors its ledger's live lots into
+//! `cg_lots` (whole when it takes the treasury, then moved by every record
+//! it appends, in the append's transaction). A draw leases only credit that
+//! outlives [`LeaseSettings::horizon`] and ends the lease at the wallet's
+//! next expiry; a renewal extends a lease only to that expiry, and only
+//! while the wallet's lasting credit still covers all its leases. Debits
+//! shipped but not posted only make the mirrored remainders too large, so
+//! the bound errs toward refusing, never toward spending expired credit.
+//!
+//! Not yet: debits partitioned by month for retention (issue 19).
 pub mod books;
 pub mod db;
 pub mod journal;

@@ -74,6 +74,69 @@ async fn many_max_cost_requests_over_three_replicas_never_overdraw_one_small_wal
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credit_that_expires_is_spent_on_no_replica_after_its_expiry() {
+    let pg = Postgres::start();
+    let cluster = start_cluster(&pg, "lot_expiry", 3).await;
+    // 0.003 that lasts (the year's grant and a purchase), then 0.01 more,
+    // bought through a follower, that expires in 8 s: it is spent first,
+    // and about half of it is left when it expires.
+    let (org, secret) = funded_org(&cluster, 0, "0.002", "0.001").await;
+    let lasting = Decimal::new(3, 3);
+    let expiry = chrono::Utc::now() + chrono::TimeDelta::seconds(8);
+    admin_write(
+        &cluster.replicas[1],
+        &format!("/admin/v1/orgs/{org}/purchases"),
+        serde_json::json!({"amount": "0.01", "expires_at": expiry.to_rfc3339()}),
+        Some("short-lived"),
+    )
+    .await;
+    // Light traffic on every replica while it is valid: each draws leases.
+    while chrono::Utc::now() < expiry - chrono::TimeDelta::milliseconds(4500) {
+        for replica in &cluster.replicas {
+            assert_eq!(call(&replica.proxy, &secret).await, Some(200));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    while chrono::Utc::now() < expiry {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past the expiry: everyone spends until refused.
+    let mut statuses = Vec::new();
+    loop {
+        let round = burst(&cluster, &secret, 30).await;
+        let served = round.contains(&Some(200));
+        statuses.extend(round);
+        if !served {
+            break;
+        }
+    }
+    assert!(statuses.iter().all(|s| matches!(s, Some(200 | 402))), "only 200 or 402: {statuses:?}");
+
+    settled(&cluster.url).await;
+    let db = creditgate::cluster::Database::new(&cluster.url, 1).unwrap();
+    let row = db
+        .client()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT COALESCE(sum(amount) FILTER (WHERE at < $2), 0), COALESCE(sum(amount) FILTER (WHERE at >= $2), 0)
+             FROM cg_debits WHERE wallet = $1",
+            &[&format!("pool:org_{org}"), &expiry],
+        )
+        .await
+        .unwrap();
+    let (before, after): (Decimal, Decimal) = (row.get(0), row.get(1));
+    assert!(before > Decimal::ZERO, "nothing was spent before the expiry");
+    assert!(after > Decimal::ZERO, "the credit that lasts could not be spent after the expiry");
+    assert!(after <= lasting, "{after} spent after the expiry, with {lasting} of lasting credit");
+    let audit = pool_audit(&cluster.url, org).await;
+    assert_eq!(audit.uncovered, Decimal::ZERO, "every debit was covered by a lease");
+    assert!(audit.balances(), "{audit:?}");
+    assert!(audit.balance >= Decimal::ZERO, "the wallet went below zero: {audit:?}");
+    verify(&cluster.url);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_under_load_leaves_its_leases_to_expire_and_the_books_balance() {
     let pg = Postgres::start();
     let mut cluster = start_cluster(&pg, "killed", 3).await;

@@ -202,7 +202,15 @@ async fn a_shipped_batch_debits_once_however_often_it_is_retried() {
     assert!(books.fund(2, WALLET, dec!(5), "other-org").await.is_err());
 
     let lease = books
-        .draw_lease("r1", WALLET, dec!(2), dec!(1), Duration::from_secs(10), Duration::from_secs(10))
+        .draw_lease(
+            "r1",
+            WALLET,
+            dec!(2),
+            dec!(1),
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+            Duration::ZERO,
+        )
         .await
         .unwrap()
         .unwrap();
@@ -221,7 +229,15 @@ async fn a_shipped_batch_debits_once_however_often_it_is_retried() {
     assert_eq!(books.ship("r1", &batch[1..]).await.unwrap(), 0);
     // Another replica's entry 1 is another debit.
     let other = books
-        .draw_lease("r2", WALLET, dec!(1), dec!(1), Duration::from_secs(10), Duration::from_secs(10))
+        .draw_lease(
+            "r2",
+            WALLET,
+            dec!(1),
+            dec!(1),
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+            Duration::ZERO,
+        )
         .await
         .unwrap()
         .unwrap();
@@ -496,7 +512,7 @@ async fn cluster_status_and_verify_read_the_books_from_the_database() {
     // The renewal a replica sends while its outbox holds that settle, three
     // seconds old (as when the database refused the shipment).
     let outbox = (1, Some(Utc::now() - chrono::TimeDelta::seconds(3)));
-    admin.renew("replica-a", Duration::from_secs(10), outbox).await.unwrap();
+    admin.renew("replica-a", Duration::from_secs(10), Duration::ZERO, outbox).await.unwrap();
     let cli = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_creditgate"))
             .args(args)
@@ -595,4 +611,83 @@ async fn a_quiet_wallets_leases_come_back_while_the_replicas_keep_running() {
     assert_eq!(leased, Decimal::ZERO, "credit stayed parked on quiet replicas");
     replicas.stop().await;
     assert_books_exact(&admin).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_never_outlives_the_credit_it_draws_on() {
+    let pg = Postgres::start();
+    let url = pg.create_database("lot_expiry");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(10), "purchase-1").await.unwrap();
+    // The treasurer's lots, as it publishes them: 6 expiring in 3 s, 4 in
+    // an hour. Leases run 30 s, ten times longer than the first lot.
+    let db = Database::new(&url, 1).unwrap();
+    let client = db.client().await.unwrap();
+    let expiry: chrono::DateTime<Utc> =
+        client.query_one("SELECT now() + interval '3 seconds'", &[]).await.unwrap().get(0);
+    client
+        .execute(
+            "INSERT INTO cg_lots (wallet, lot, expires_at, remaining) VALUES
+                 ($1, 1, $2, 6), ($1, 2, $2 + interval '1 hour', 4)",
+            &[&WALLET, &expiry],
+        )
+        .await
+        .unwrap();
+    let mut lasting = settings("r1");
+    lasting.ttl = Duration::from_secs(30);
+    lasting.max_lease = dec!(100);
+    let book = Arc::new(LeaseBook::new(books(&url).await, lasting, 1));
+    let stop = CancellationToken::new();
+    let maintainer = {
+        let (book, stop) = (book.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                book.maintain().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    // One hold before the expiry draws a lease; then spend after it until
+    // refused. A lease that ran its full 30 s would let the 6 that expired
+    // be spent too.
+    let hold = book.hold(WALLET, dec!(0.5)).await.unwrap();
+    book.settle(hold, dec!(0.5), Utc::now(), serde_json::json!({}));
+    while Utc::now() < expiry {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut after = Decimal::ZERO;
+    for _ in 0..40 {
+        match book.hold(WALLET, dec!(0.5)).await {
+            Ok(hold) => {
+                book.settle(hold, dec!(0.5), Utc::now(), serde_json::json!({}));
+                after += dec!(0.5);
+            }
+            Err(LeaseRefusal::InsufficientCredit { .. }) => break,
+            Err(err) => panic!("{err}"),
+        }
+    }
+    stop.cancel();
+    maintainer.await.unwrap();
+    book.shutdown().await.unwrap();
+
+    // What outlives the first lot is 4 at most, less what that lot's
+    // remainder (6 as the treasurer last saw it) may still owe: spending
+    // went on on the second lot's credit and stopped within it.
+    assert!(after > Decimal::ZERO, "the lasting credit could not be spent");
+    assert!(after <= dec!(3.5), "spent {after} after the lot expired: expired credit was leased");
+    // No lease drawn before the expiry ran past it.
+    let outliving: i64 = client
+        .query_one(
+            "SELECT count(*) FROM cg_leases WHERE wallet = $1 AND drawn_at < $2 AND expires_at > $2",
+            &[&WALLET, &expiry],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(outliving, 0, "a lease outlived the lot it drew on");
+    let audit = assert_books_exact(&admin).await;
+    let wallet = audit.iter().find(|wallet| wallet.wallet == WALLET).unwrap();
+    assert_eq!(wallet.uncovered, Decimal::ZERO);
+    assert_eq!(wallet.debited, dec!(0.5) + after);
 }

@@ -348,6 +348,28 @@ async fn assert_shared_books(url: &str, wallet: WalletId, balance: Decimal) {
     assert_eq!(row.balance, balance, "{row:?}");
 }
 
+/// `cg_lots` holds exactly the treasurer's live lots (what bounds leases).
+async fn assert_lots_mirrored(url: &str, treasurer: &Ledger) {
+    let db = Database::new(url, 1).unwrap();
+    let rows = db
+        .client()
+        .await
+        .unwrap()
+        .query("SELECT wallet, lot, expires_at, remaining FROM cg_lots ORDER BY wallet, lot", &[])
+        .await
+        .unwrap();
+    let shared: Vec<(String, i64, DateTime<Utc>, Decimal)> =
+        rows.iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(3))).collect();
+    let mut live: Vec<(String, i64, DateTime<Utc>, Decimal)> = treasurer
+        .live_lots()
+        .into_iter()
+        .map(|(wallet, lot)| (wallet.to_string(), lot.id.0 as i64, lot.expires_at, lot.remaining))
+        .collect();
+    live.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    assert!(!live.is_empty());
+    assert_eq!(shared, live, "cg_lots differs from the treasurer's lots");
+}
+
 fn debits_of(records: &[creditgate::ledger::journal::Record], request: RequestId) -> usize {
     entries(records)
         .iter()
@@ -387,6 +409,7 @@ async fn shipped_debits_post_once_and_every_book_agrees() {
         assert_eq!(ledger.balance(pool, clock.now()).unwrap().balance, dec!(98.75));
     }
     assert_shared_books(&url, pool, dec!(98.75)).await;
+    assert_lots_mirrored(&url, treasurer.ledger()).await;
 
     // April: the treasurer's tick writes March's allowance off and grants
     // April's; the shared books follow.
@@ -394,6 +417,7 @@ async fn shipped_debits_post_once_and_every_book_agrees() {
     treasurer.ledger().tick(clock.now());
     tokio::task::block_in_place(|| treasurer.sync()).unwrap();
     assert_shared_books(&url, lite, dec!(5)).await;
+    assert_lots_mirrored(&url, treasurer.ledger()).await;
 
     // A debit shipped around a handover is posted once, by the new
     // treasurer; the ones posted before are not posted again.
@@ -430,6 +454,8 @@ async fn shipped_debits_post_once_and_every_book_agrees() {
     }
     assert_eq!(follower.ledger().balance(pool, clock.now()).unwrap().balance, dec!(98.5));
     assert_shared_books(&url, pool, dec!(98.375)).await;
+    // The new treasurer published its lots on taking over, then moved them.
+    assert_lots_mirrored(&url, follower.ledger()).await;
     assert_audited(follower.ledger(), &entries(&records));
 }
 

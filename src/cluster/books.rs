@@ -90,10 +90,18 @@ impl WalletAudit {
 pub struct Renewal {
     /// The database's clock.
     pub db_now: DateTime<Utc>,
-    /// The renewed leases' new deadline.
-    pub deadline: DateTime<Utc>,
-    /// The leases renewed: every open lease of the replica.
-    pub renewed: Vec<i64>,
+    /// Every open lease of the replica with its deadline: `ttl` from now,
+    /// or its wallet's next lot expiry if that comes first, or unchanged
+    /// where the wallet's lasting credit no longer covers its leases.
+    pub open: Vec<(i64, DateTime<Utc>)>,
+}
+
+impl Renewal {
+    /// How long `lease` lasts from the renewal, or `None` if it was closed.
+    pub fn lifetime(&self, lease: i64) -> Option<Duration> {
+        let (_, deadline) = self.open.iter().find(|(id, _)| *id == lease)?;
+        Some((*deadline - self.db_now).to_std().unwrap_or(Duration::ZERO))
+    }
 }
 
 /// A replica as `cluster status` shows it.
@@ -227,7 +235,9 @@ impl Books {
 
     /// Draws a lease of up to `want`, at least `min`; `None` when the wallet
     /// cannot cover `min`. `live` is how recently a replica must have been
-    /// seen to count for the fair share.
+    /// seen to count for the fair share. Credit of lots that expire within
+    /// `horizon` is not leased, and the lease ends by the next expiry.
+    #[allow(clippy::too_many_arguments)]
     pub async fn draw_lease(
         &self,
         replica: &str,
@@ -236,17 +246,18 @@ impl Books {
         min: Decimal,
         ttl: Duration,
         live: Duration,
+        horizon: Duration,
     ) -> Result<Option<LeaseGrant>, ClusterError> {
         retrying(|| async move {
             let client = self.client().await?;
             let statement = client
                 .prepare_cached(
-                    "SELECT lease, granted, expires_at, db_now FROM cg_draw_lease($1, $2, $3, $4, $5, $6)",
+                    "SELECT lease, granted, expires_at, db_now FROM cg_draw_lease($1, $2, $3, $4, $5, $6, $7)",
                 )
                 .await?;
-            let row = client
-                .query_opt(&statement, &[&replica, &wallet, &want, &min, &millis(ttl), &millis(live)])
-                .await?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
+                [&replica, &wallet, &want, &min, &millis(ttl), &millis(live), &millis(horizon)];
+            let row = client.query_opt(&statement, &params).await?;
             Ok(row.map(|row| LeaseGrant {
                 id: row.get(0),
                 granted: row.get(1),
@@ -257,17 +268,20 @@ impl Books {
         .await
     }
 
-    /// Extends every open lease of `replica` to `ttl` from now, marks it
-    /// live and records its outbox (length, oldest unshipped settle);
-    /// returns the database's `now()`, the new deadline and the leases it
-    /// renewed (a lease missing from them was closed: it must not be used).
+    /// Extends every open lease of `replica` to `ttl` from now (bounded as
+    /// [`Renewal::open`] says, with lots expiring within `horizon` counted
+    /// as expired), marks it live and records its outbox (length, oldest
+    /// unshipped settle); returns the database's `now()` and every open
+    /// lease with its deadline (a lease missing from them was closed: it
+    /// must not be used).
     pub async fn renew(
         &self,
         replica: &str,
         ttl: Duration,
+        horizon: Duration,
         outbox: (i64, Option<DateTime<Utc>>),
     ) -> Result<Renewal, ClusterError> {
-        retrying(|| self.renew_once(replica, ttl, outbox)).await
+        retrying(|| self.renew_once(replica, ttl, horizon, outbox)).await
     }
 
     /// Ships a batch of debits; returns how many were new.
@@ -358,27 +372,24 @@ impl Books {
         &self,
         replica: &str,
         ttl: Duration,
+        horizon: Duration,
         (outbox_len, oldest_unshipped): (i64, Option<DateTime<Utc>>),
     ) -> Result<Renewal, ClusterError> {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
                 "WITH seen AS (
-                     INSERT INTO cg_replicas (replica, outbox_len, oldest_unshipped) VALUES ($1, $3, $4)
+                     INSERT INTO cg_replicas (replica, outbox_len, oldest_unshipped) VALUES ($1, $4, $5)
                      ON CONFLICT (replica) DO UPDATE
-                     SET last_seen = now(), outbox_len = $3, oldest_unshipped = $4),
-                 renewed AS (
-                     UPDATE cg_leases SET expires_at = now() + make_interval(secs => $2::bigint / 1000.0)
-                     WHERE id IN (SELECT id FROM cg_leases
-                                  WHERE replica = $1 AND closed_at IS NULL ORDER BY id FOR UPDATE)
-                     RETURNING id)
-                 SELECT now(), now() + make_interval(secs => $2::bigint / 1000.0),
-                        COALESCE((SELECT array_agg(id) FROM renewed), '{}')",
+                     SET last_seen = now(), outbox_len = $4, oldest_unshipped = $5)
+                 SELECT now(), r.ids, r.deadlines FROM cg_renew_leases($1, $2, $3) r",
             )
             .await?;
-        let row =
-            client.query_one(&statement, &[&replica, &millis(ttl), &outbox_len, &oldest_unshipped]).await?;
-        Ok(Renewal { db_now: row.get(0), deadline: row.get(1), renewed: row.get(2) })
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&replica, &millis(ttl), &millis(horizon), &outbox_len, &oldest_unshipped];
+        let row = client.query_one(&statement, &params).await?;
+        let (ids, deadlines): (Vec<i64>, Vec<DateTime<Utc>>) = (row.get(1), row.get(2));
+        Ok(Renewal { db_now: row.get(0), open: ids.into_iter().zip(deadlines).collect() })
     }
 
     async fn ship_once(&self, replica: &str, debits: &[ShippedDebit]) -> Result<u64, ClusterError> {

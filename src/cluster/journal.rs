@@ -24,8 +24,11 @@ use parking_lot::{Condvar, Mutex};
 
 use rust_decimal::Decimal;
 
-use crate::ledger::entry::EntryKind;
+use chrono::{DateTime, Utc};
+
+use crate::ledger::entry::{EntryKind, LedgerEntry};
 use crate::ledger::journal::{Journal, JournalError, Record, RecordBody};
+use crate::ledger::lot::LotTouch;
 use crate::store::codec;
 
 use super::books::Books;
@@ -239,6 +242,19 @@ pub struct Appended {
     pub funding: Option<(String, i64, Decimal)>,
     /// A posted debit: the request it settles.
     pub posts: Option<String>,
+    /// What it does to the wallet's lots (see [`LotMove`]).
+    pub lots: Vec<LotMove>,
+}
+
+/// A record's effect on one lot, as `cg_lots` keeps them (migration 9).
+#[derive(Debug)]
+pub struct LotMove {
+    pub wallet: String,
+    pub lot: i64,
+    /// Set when the record creates the lot: its expiry.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The created lot's remainder, or the signed amount taken from it.
+    pub delta: Decimal,
 }
 
 /// Each record as its own one-record segment (the store's encoding, so the
@@ -254,8 +270,9 @@ fn encode(records: &[Record]) -> Result<Vec<Appended>, String> {
                 .map_err(|err| format!("record {} cannot be encoded: {err}", record.seq))?;
             let origin =
                 i64::try_from(record.seq).map_err(|_| format!("record {} is out of range", record.seq))?;
-            let (mut funding, mut posts) = (None, None);
+            let (mut funding, mut posts, mut lots) = (None, None, Vec::new());
             if let RecordBody::Entry(entry) = &record.body {
+                lots = lot_moves(entry).map_err(|err| format!("record {}: {err}", record.seq))?;
                 match &entry.kind {
                     EntryKind::Debit(debit) => posts = Some(debit.request_id.0.to_string()),
                     _ if entry.amount.is_zero() => {}
@@ -266,7 +283,33 @@ fn encode(records: &[Record]) -> Result<Vec<Appended>, String> {
                     }
                 }
             }
-            Ok(Appended { origin, body, funding, posts })
+            Ok(Appended { origin, body, funding, posts, lots })
+        })
+        .collect()
+}
+
+/// An entry's lot moves: a created lot with its expiry and what is left of
+/// it (a credit first repays a deficit, and a wallet in deficit has no
+/// credit left in any lot, so what is left is the balance after, up to the
+/// amount); otherwise each lot touched, taken from.
+fn lot_moves(entry: &LedgerEntry) -> Result<Vec<LotMove>, String> {
+    let wallet = entry.wallet.to_string();
+    let lot_id = |touch: &LotTouch| i64::try_from(touch.lot.0).map_err(|_| "lot out of range".to_owned());
+    if let Some((_, expires_at)) = entry.kind.created_lot() {
+        let Some(touch) = entry.lots.first() else { return Ok(Vec::new()) };
+        let left = entry.amount.min(entry.balance_after.max(Decimal::ZERO));
+        return Ok(vec![LotMove { wallet, lot: lot_id(touch)?, expires_at: Some(expires_at), delta: left }]);
+    }
+    entry
+        .lots
+        .iter()
+        .map(|touch| {
+            Ok(LotMove {
+                wallet: wallet.clone(),
+                lot: lot_id(touch)?,
+                expires_at: None,
+                delta: -touch.amount,
+            })
         })
         .collect()
 }

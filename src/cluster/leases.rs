@@ -56,6 +56,12 @@ pub struct LeaseSettings {
 }
 
 impl LeaseSettings {
+    /// Credit that expires within this is not leased, so a lease bounded by
+    /// the next expiry is usable for at least `target`.
+    pub fn horizon(&self) -> Duration {
+        self.safety + self.target
+    }
+
     /// Defaults: 10 s leases renewed every 2.5 s, 4 s of spend each, given
     /// back after 1 s idle.
     pub fn new(replica: impl Into<String>) -> LeaseSettings {
@@ -541,10 +547,15 @@ impl LeaseBook {
         // client left) must not leave a lease the books granted and this
         // book never learned of. Nobody left to take it, it goes back.
         let (sent, received) = tokio::sync::oneshot::channel();
-        let (books, replica, named, ttl) =
-            (self.books.clone(), self.settings.replica.clone(), wallet.to_owned(), self.settings.ttl);
+        let (books, replica, named, ttl, horizon) = (
+            self.books.clone(),
+            self.settings.replica.clone(),
+            wallet.to_owned(),
+            self.settings.ttl,
+            self.settings.horizon(),
+        );
         tokio::spawn(async move {
-            let drawn = books.draw_lease(&replica, &named, want, need, ttl, ttl).await;
+            let drawn = books.draw_lease(&replica, &named, want, need, ttl, ttl, horizon).await;
             if let Err(Ok(Some(grant))) = sent.send(drawn) {
                 if let Err(error) = books.give_back(&replica, &[grant.id]).await {
                     tracing::warn!(%error, "a lease drawn for a cancelled hold is left to expire");
@@ -683,9 +694,13 @@ impl LeaseBook {
                 outbox.debits.iter().map(|debit| debit.at).min(),
             )
         };
-        let renewal = self.books.renew(&self.settings.replica, self.settings.ttl, outbox).await?;
-        let lifetime = (renewal.deadline - renewal.db_now).to_std().unwrap_or(Duration::ZERO);
-        let usable = usable_until(lifetime, self.settings.safety, asked_at);
+        let renewal = self
+            .books
+            .renew(&self.settings.replica, self.settings.ttl, self.settings.horizon(), outbox)
+            .await?;
+        let usable = |lease: i64| {
+            renewal.lifetime(lease).map(|lifetime| usable_until(lifetime, self.settings.safety, asked_at))
+        };
         let now = Instant::now();
         let wallets = self.snapshot();
         let mut give_back = Vec::new();
@@ -697,7 +712,7 @@ impl LeaseBook {
             // deadline and grace): its credit went back to the wallet, so it
             // takes no more holds; settles of holds still open on it ship as
             // uncovered.
-            state.leases.retain(|lease| lease.drawn_at >= asked_at || renewal.renewed.contains(&lease.id));
+            state.leases.retain(|lease| lease.drawn_at >= asked_at || renewal.lifetime(lease.id).is_some());
             state.record_spend(Decimal::ZERO, now, self.settings.target);
             // The wallet's traffic here, not one lease's: a lease drawn
             // ahead of need waits unused while the one before it is spent.
@@ -709,8 +724,13 @@ impl LeaseBook {
                     // Spent, or the wallet was quiet here for a spend
                     // target's time: let other replicas have what is left.
                     lease.retiring = true;
-                } else {
-                    lease.usable_until = usable;
+                } else if let Some(until) = usable(lease.id) {
+                    lease.usable_until = until;
+                }
+                if !lease.retiring && lease.usable_until <= now {
+                    // Past its deadline (the credit it draws on expires, or
+                    // no longer covers the wallet's leases): no more holds.
+                    lease.retiring = true;
                 }
                 if lease.retiring && lease.open_holds == 0 && lease.unshipped == 0 {
                     give_back.push(lease.id);

@@ -23,6 +23,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 6, name: "limits", sql: include_str!("migrations/0006_limits.sql") },
     Migration { version: 7, name: "notify", sql: include_str!("migrations/0007_notify.sql") },
     Migration { version: 8, name: "reports", sql: include_str!("migrations/0008_reports.sql") },
+    Migration { version: 9, name: "lot_expiry", sql: include_str!("migrations/0009_lot_expiry.sql") },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::ledger::entry::SettleDetails;
 use crate::ledger::ids::{KeyId, RequestId, WalletId};
+use crate::ledger::lot::Lot;
 use crate::ledger::{Ledger, LedgerConfig, SettleError};
 
 use super::books::{retrying, Books};
@@ -226,6 +227,8 @@ impl Replica {
             return Ok(false);
         };
         while self.catch_up().await? > 0 {}
+        // Before the first append: the lots' moves are applied from there.
+        self.books.publish_lots(epoch, &self.settings.replica, &self.ledger.live_lots()).await?;
         self.journal.start(self.books.clone(), self.settings.replica.clone(), epoch)?;
         *self.epoch.lock() = Some(epoch);
         self.ledger.set_following(false);
@@ -524,23 +527,73 @@ impl Books {
         let orgs: Vec<Option<i64>> = records.iter().map(|r| funding(r).map(|f| f.1)).collect();
         let deltas: Vec<Option<Decimal>> = records.iter().map(|r| funding(r).map(|f| f.2)).collect();
         let posts: Vec<Option<&str>> = records.iter().map(|r| r.posts.as_deref()).collect();
+        let moves =
+            || records.iter().flat_map(|record| record.lots.iter().map(move |lot| (record.origin, lot)));
+        let lot_origins: Vec<i64> = moves().map(|(origin, _)| origin).collect();
+        let lot_wallets: Vec<&str> = moves().map(|(_, lot)| lot.wallet.as_str()).collect();
+        let lot_ids: Vec<i64> = moves().map(|(_, lot)| lot.lot).collect();
+        let lot_expires: Vec<Option<DateTime<Utc>>> = moves().map(|(_, lot)| lot.expires_at).collect();
+        let lot_deltas: Vec<Decimal> = moves().map(|(_, lot)| lot.delta).collect();
         let outcome = retrying(|| async {
             let client = self.client().await?;
-            let statement =
-                client.prepare_cached("SELECT cg_append_books($1, $2, $3, $4, $5, $6, $7, $8)").await?;
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] =
-                [&epoch, &replica, &origins, &bodies, &wallets, &orgs, &deltas, &posts];
+            let statement = client
+                .prepare_cached(
+                    "SELECT cg_append_books($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                )
+                .await?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
+                &epoch,
+                &replica,
+                &origins,
+                &bodies,
+                &wallets,
+                &orgs,
+                &deltas,
+                &posts,
+                &lot_origins,
+                &lot_wallets,
+                &lot_ids,
+                &lot_expires,
+                &lot_deltas,
+            ];
             client.query_one(&statement, &params).await?;
             Ok(())
         })
         .await;
-        match outcome {
-            Err(ClusterError::Statement(err))
-                if err.as_db_error().is_some_and(|db| db.code().code() == "CG001") =>
-            {
-                Err(ClusterError::Fenced(epoch))
-            }
-            other => other,
+        fenced(outcome, epoch)
+    }
+
+    /// Writes the treasurer's live lots whole (on taking the treasury, before
+    /// its first append), so leases are bounded by their expiry from then on.
+    pub async fn publish_lots(
+        &self,
+        epoch: i64,
+        replica: &str,
+        lots: &[(WalletId, Lot)],
+    ) -> Result<(), ClusterError> {
+        let wallets: Vec<String> = lots.iter().map(|(wallet, _)| wallet.to_string()).collect();
+        let ids: Vec<i64> = lots.iter().map(|(_, lot)| i64::try_from(lot.id.0).unwrap_or(i64::MAX)).collect();
+        let expires: Vec<DateTime<Utc>> = lots.iter().map(|(_, lot)| lot.expires_at).collect();
+        let remaining: Vec<Decimal> = lots.iter().map(|(_, lot)| lot.remaining).collect();
+        let outcome = retrying(|| async {
+            let client = self.client().await?;
+            let statement = client.prepare_cached("SELECT cg_publish_lots($1, $2, $3, $4, $5, $6)").await?;
+            client.execute(&statement, &[&epoch, &replica, &wallets, &ids, &expires, &remaining]).await?;
+            Ok(())
+        })
+        .await;
+        fenced(outcome, epoch)
+    }
+}
+
+/// [`ClusterError::Fenced`] for the books' refusal of an `epoch` that is over.
+fn fenced(outcome: Result<(), ClusterError>, epoch: i64) -> Result<(), ClusterError> {
+    match outcome {
+        Err(ClusterError::Statement(err))
+            if err.as_db_error().is_some_and(|db| db.code().code() == "CG001") =>
+        {
+            Err(ClusterError::Fenced(epoch))
         }
+        other => other,
     }
 }

@@ -16,6 +16,7 @@ use crate::ledger::entry::SettleDetails;
 use crate::ledger::hold::{self, Hold, HoldArgs, HoldPayer, LateSettle, SettleError, Settlement};
 use crate::ledger::ids::{KeyId, OrgId, Owner, RequestId, WalletId};
 use crate::ledger::limit::PeriodCap;
+use crate::ledger::lot::Lot;
 use crate::ledger::payer::Spender;
 use crate::ledger::refusal::Refusal;
 use crate::ledger::Ledger;
@@ -194,6 +195,18 @@ impl Ledger {
     /// wallet briefly in turn).
     pub fn open_holds(&self) -> usize {
         self.all_cells().iter().map(|cell| cell.state.lock().holds.len()).sum()
+    }
+
+    /// Every lot with credit left, with its wallet (the cluster's treasurer
+    /// publishes them so leases end before the credit they draw on does).
+    pub fn live_lots(&self) -> Vec<(WalletId, Lot)> {
+        let mut lots = Vec::new();
+        for cell in self.all_cells() {
+            let state = cell.state.lock();
+            let live = state.lots.iter().filter(|lot| lot.remaining > Decimal::ZERO);
+            lots.extend(live.map(|lot| (state.id, lot.clone())));
+        }
+        lots
     }
 
     fn all_cells(&self) -> Vec<Arc<crate::ledger::wallet::WalletCell>> {
