@@ -201,6 +201,11 @@ pub enum UsageSource {
 
 /// Largest admin request body read.
 const MAX_ADMIN_BODY_BYTES: usize = 1024 * 1024;
+/// Cluster mode: how long an admin change waits for the shared log before
+/// answering 503 `outcome_unknown` (the database is out of reach) instead
+/// of holding the caller until it returns. Under a follower's forwarding
+/// timeout, so the follower relays this answer.
+const CLUSTER_CHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
 
 pub struct Admin {
     pub readiness: Arc<Readiness>,
@@ -452,9 +457,21 @@ impl Admin {
             return work(&self.ledger);
         }
         let ledger = self.ledger.clone();
-        tokio::task::spawn_blocking(move || work(&ledger))
-            .await
-            .map_err(|error| AdminError::Store(format!("the change did not finish: {error}")))?
+        let change = tokio::task::spawn_blocking(move || work(&ledger));
+        match tokio::time::timeout(CLUSTER_CHANGE_TIMEOUT, change).await {
+            Ok(done) => {
+                done.map_err(|error| AdminError::Store(format!("the change did not finish: {error}")))?
+            }
+            // The change stays queued for the log and is written once the
+            // database is back; the caller is told it cannot know yet.
+            Err(_) => Err(AdminError::OutcomeUnknown {
+                operation: "change",
+                reason: format!(
+                    "the database is out of reach: the cluster's shared log did not take it within {} s",
+                    CLUSTER_CHANGE_TIMEOUT.as_secs()
+                ),
+            }),
+        }
     }
 
     fn operator(&self, method: &Method, path: &str) -> Response<GatewayBody> {

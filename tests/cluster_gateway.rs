@@ -228,13 +228,35 @@ async fn with_postgresql_stopped_replicas_serve_only_inside_their_leases_then_an
 
     pg.stop();
     let stopped_at = Instant::now();
-    // Once the leases lapsed (a TTL with no round reaching the books) a
-    // replica says it is not ready, so a load balancer can route around it.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    for replica in &cluster.replicas {
-        assert_eq!(readyz(replica).await, 503, "not ready while the books are out of reach");
-    }
-    tokio::time::sleep(Duration::from_secs(10) - stopped_at.elapsed()).await;
+    // A purchase on the treasurer during the outage is answered, not held
+    // until the database returns: 503, whether the journal already knew
+    // (`ledger_unavailable`) or the change waited for the log and timed out
+    // (`outcome_unknown`).
+    let treasurer = cluster
+        .replicas
+        .iter()
+        .find(|replica| replica.log().contains("this replica is the cluster's treasurer"))
+        .unwrap();
+    let purchase_path = format!("/admin/v1/orgs/{org}/purchases");
+    let purchase = serde_json::json!({"amount": "5", "reference": "INV-OUTAGE"});
+    let buy_during_outage = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let sent = Instant::now();
+        let reply = admin_call(treasurer, &purchase_path, purchase.clone(), "outage-buy").await;
+        (reply, sent.elapsed())
+    };
+    let outage = async {
+        // Once the leases lapsed (a TTL with no round reaching the books) a
+        // replica says it is not ready, so a load balancer can route around it.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for replica in &cluster.replicas {
+            assert_eq!(readyz(replica).await, 503, "not ready while the books are out of reach");
+        }
+        tokio::time::sleep(Duration::from_secs(10) - stopped_at.elapsed()).await;
+    };
+    let ((bought, waited), ()) = tokio::join!(buy_during_outage, outage);
+    assert_eq!(bought.as_ref().map(|reply| reply.0), Some(503), "{bought:?}");
+    assert!(waited < Duration::from_millis(9500), "the purchase was held {waited:?}");
     // Taken before the restart: the server accepts connections a little
     // before `restart` sees it ready.
     let restarted_at = Instant::now();
@@ -263,7 +285,33 @@ async fn with_postgresql_stopped_replicas_serve_only_inside_their_leases_then_an
     assert_eq!(debits(&cluster.url, org).await.len(), served, "every call served is debited once");
     let audit = pool_audit(&cluster.url, org).await;
     assert!(audit.balances(), "{audit:?}");
+    // Retried with its key once the books are back, the purchase answers one
+    // result and credits once.
+    let first = admin_write(treasurer, &purchase_path, purchase.clone(), Some("outage-buy")).await;
+    let again = admin_write(&cluster.replicas[2], &purchase_path, purchase, Some("outage-buy")).await;
+    assert_eq!(first, again, "a retry answers the original result");
+    assert_eq!(pool_audit(&cluster.url, org).await.funded, Decimal::from(65), "credited once");
     verify(&cluster.url);
+}
+
+/// An admin POST with an idempotency key, waited for up to 20 s (past the
+/// gateway's own timeouts): its status and body.
+async fn admin_call(
+    replica: &Replica,
+    path: &str,
+    body: serde_json::Value,
+    key: &str,
+) -> Option<(u16, String)> {
+    let request = http::Request::post(format!("http://{}{path}", replica.admin))
+        .header("authorization", format!("Bearer {}", common::ADMIN_TOKEN))
+        .header("idempotency-key", key)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let response =
+        tokio::time::timeout(Duration::from_secs(20), client().request(request)).await.ok()?.ok()?;
+    let status = response.status().as_u16();
+    let body = http_body_util::BodyExt::collect(response.into_body()).await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
