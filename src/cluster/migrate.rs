@@ -24,6 +24,11 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 7, name: "notify", sql: include_str!("migrations/0007_notify.sql") },
     Migration { version: 8, name: "reports", sql: include_str!("migrations/0008_reports.sql") },
     Migration { version: 9, name: "lot_expiry", sql: include_str!("migrations/0009_lot_expiry.sql") },
+    Migration {
+        version: 10,
+        name: "treasury_renewal",
+        sql: include_str!("migrations/0010_treasury_renewal.sql"),
+    },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).

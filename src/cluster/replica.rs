@@ -292,11 +292,13 @@ impl Replica {
     /// Renews the treasury. `false` once it is lost: the ledger then stops
     /// (its journal fails at its next append, and so does every change).
     pub async fn renew(&self) -> Result<bool, ClusterError> {
+        self.renew_with(&self.books).await
+    }
+
+    async fn renew_with(&self, books: &Books) -> Result<bool, ClusterError> {
         let Some(epoch) = self.epoch() else { return Ok(false) };
-        let renewed = self
-            .books
-            .claim_treasury(&self.settings.replica, Some(epoch), self.settings.treasury_ttl)
-            .await?;
+        let renewed =
+            books.claim_treasury(&self.settings.replica, Some(epoch), self.settings.treasury_ttl).await?;
         if renewed.is_none() {
             tracing::error!(replica = %self.settings.replica, epoch, "the treasury lapsed; this replica must restart");
             self.deposed.store(true, Ordering::Release);
@@ -323,7 +325,7 @@ impl Replica {
         // Renewal runs apart from the posting work, which a busy moment can
         // keep going for longer than a term.
         let keeper_stop = CancellationToken::new();
-        let keeper = tokio::spawn(self.clone().keep_treasury(keeper_stop.clone()));
+        let keeper = self.clone().keep_treasury(keeper_stop.clone());
         let mut last_claim: Option<tokio::time::Instant> = None;
         // When the books were last out of reach: after an outage the
         // treasurer, back too, renews its own term (its epoch is still the
@@ -407,23 +409,59 @@ impl Replica {
         }
         // No renewal may land after the step-down gives the term up.
         keeper_stop.cancel();
-        let _ = keeper.await;
+        if let Some(keeper) = keeper {
+            let _ = keeper.await;
+        }
         self.step_down().await;
     }
 
-    /// Renews the treasury every `treasury_ttl / 3` while this replica
-    /// holds it, until `stop`.
-    async fn keep_treasury(self: Arc<Self>, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(self.settings.treasury_ttl / 3) => {}
+    /// Renews the treasury every `treasury_ttl / 6` while this replica
+    /// holds it, until `stop`; the receiver hears when it stopped (`None`
+    /// if its thread could not start: the term then lapses unrenewed).
+    ///
+    /// On a thread of its own, with a runtime and a connection of its own:
+    /// neither a busy runtime (posting a large batch, a flood of requests)
+    /// nor a pool drained by lease draws and shipments may delay it past
+    /// the term.
+    fn keep_treasury(self: Arc<Self>, stop: CancellationToken) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let (done, stopped) = tokio::sync::oneshot::channel();
+        let books = match self.books.with_own_pool(1) {
+            Ok(books) => books,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot open the treasury keeper's connection");
+                return None;
             }
-            if self.epoch().is_none() || self.deposed.load(Ordering::Acquire) {
-                continue;
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        let runtime = match runtime {
+            Ok(runtime) => runtime,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot start the treasury keeper's runtime");
+                return None;
             }
-            if let Err(err) = self.renew().await {
-                tracing::warn!(error = %err, "cannot renew the treasury; retrying");
+        };
+        let keeper = move || {
+            runtime.block_on(async {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(self.settings.treasury_ttl / 6) => {}
+                    }
+                    if self.epoch().is_none() || self.deposed.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    if let Err(err) = self.renew_with(&books).await {
+                        tracing::warn!(error = %err, "cannot renew the treasury; retrying");
+                    }
+                }
+            });
+            let _ = done.send(());
+        };
+        match std::thread::Builder::new().name("creditgate-treasury".into()).spawn(keeper) {
+            Ok(_) => Some(stopped),
+            Err(err) => {
+                tracing::error!(error = %err, "cannot start the treasury keeper's thread");
+                None
             }
         }
     }
