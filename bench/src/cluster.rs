@@ -54,6 +54,10 @@ impl Cluster {
             pg.psql("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'");
             pg.restart();
             pg.psql("CREATE EXTENSION pg_stat_statements");
+            // Statements inside the books' functions too, to see where their
+            // time goes; the per-request count reads top-level ones only.
+            pg.psql("ALTER SYSTEM SET pg_stat_statements.track = 'all'");
+            pg.psql("SELECT pg_reload_conf()");
             pg
         })
         .await
@@ -88,15 +92,22 @@ impl Cluster {
     /// them). Each reading is itself one: callers subtract one per reading
     /// between two.
     pub fn statements(&self) -> u64 {
-        self.pg.psql("SELECT COALESCE(sum(calls), 0) FROM pg_stat_statements").parse().unwrap_or(0)
+        self.pg
+            .psql("SELECT COALESCE(sum(calls), 0) FROM pg_stat_statements WHERE toplevel")
+            .parse()
+            .unwrap_or(0)
     }
 
-    /// The statements run most often, with their call counts (over the
-    /// whole run, the harness's own readings included).
+    /// The statements the database spent most time on, with their call
+    /// counts: `total ms, mean ms, "in a function" when nested, query` (over
+    /// the whole run, the harness's own readings included).
     pub fn top_statements(&self, count: usize) -> Vec<(u64, String)> {
         let rows = self.pg.psql(&format!(
-            "SELECT calls || '|' || left(regexp_replace(query, '\\s+', ' ', 'g'), 90) \
-             FROM pg_stat_statements ORDER BY calls DESC LIMIT {count}"
+            "SELECT calls || '|' || lpad(round(total_exec_time::numeric, 1)::text, 10) || ' ms ' \
+             || lpad(round(mean_exec_time::numeric, 3)::text, 9) || ' ms/call ' \
+             || CASE WHEN toplevel THEN '' ELSE '[in a function] ' END \
+             || left(regexp_replace(query, '\\s+', ' ', 'g'), 80) \
+             FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT {count}"
         ));
         rows.lines()
             .filter_map(|row| {

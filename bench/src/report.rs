@@ -274,7 +274,7 @@ fn cluster_section(results: &Results, text: &mut String, json: &mut Map<String, 
         );
         json.insert(key.into(), json!({ "p99_ms_at_most": ms, "observations": p99.count }));
     }
-    let _ = writeln!(text, "  most frequent statements (calls over the whole run):");
+    let _ = writeln!(text, "  statements by time spent (calls, total and mean time over the whole run):");
     for (calls, query) in &figures.top_statements {
         let _ = writeln!(text, "    {calls:>9}  {query}");
     }

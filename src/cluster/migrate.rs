@@ -29,6 +29,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "treasury_renewal",
         sql: include_str!("migrations/0010_treasury_renewal.sql"),
     },
+    Migration { version: 11, name: "append_lookup", sql: include_str!("migrations/0011_append_lookup.sql") },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).
