@@ -30,6 +30,11 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("migrations/0010_treasury_renewal.sql"),
     },
     Migration { version: 11, name: "append_lookup", sql: include_str!("migrations/0011_append_lookup.sql") },
+    Migration {
+        version: 12,
+        name: "posting_lookup",
+        sql: include_str!("migrations/0012_posting_lookup.sql"),
+    },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).
