@@ -60,6 +60,8 @@ mod error;
 pub mod openapi;
 mod reports;
 mod rollup;
+/// A usage group's totals, the same on a single node and in cluster mode.
+pub use rollup::Totals as UsageTotals;
 mod strict;
 mod summary;
 mod ui;

@@ -46,7 +46,7 @@ pub fn groups(
     let mut groups: BTreeMap<Vec<String>, Totals> = BTreeMap::new();
     for row in read(&query)? {
         let cells = group_by.iter().map(|dimension| cell(dimension, &row, ledger)).collect();
-        groups.entry(cells).or_default().add(&totals(&row));
+        groups.entry(cells).or_default().add(&row.totals);
     }
     Ok(groups)
 }
@@ -67,17 +67,5 @@ fn cell(dimension: &str, row: &UsageGroup, ledger: &Ledger) -> String {
         "day" => text(&row.day),
         "month" => text(&row.month),
         _ => String::new(),
-    }
-}
-
-fn totals(row: &UsageGroup) -> Totals {
-    Totals {
-        requests: row.requests,
-        charged: row.charged,
-        operator_cost: row.operator_cost,
-        input_tokens: row.input_tokens,
-        cached_input_tokens: row.cached_input_tokens,
-        output_tokens: row.output_tokens,
-        tool_units: row.tool_units,
     }
 }

@@ -16,9 +16,9 @@
 //! does); the admin API maps them to its dimensions.
 
 use chrono::{DateTime, TimeDelta, Utc};
-use rust_decimal::Decimal;
 
 use super::{Books, ClusterError};
+use crate::admin::UsageTotals as Totals;
 
 /// What to aggregate: an organization's debits in `[from, to)`, grouped by
 /// the columns whose flag is set.
@@ -52,15 +52,9 @@ pub struct UsageGroup {
     pub day: Option<String>,
     /// `YYYY-MM` in the query's zone.
     pub month: Option<String>,
-    pub requests: u64,
-    /// The debits (what customers paid).
-    pub charged: Decimal,
-    /// The operator's cost before markup (the debit when none was recorded).
-    pub operator_cost: Decimal,
-    pub input_tokens: u64,
-    pub cached_input_tokens: u64,
-    pub output_tokens: u64,
-    pub tool_units: u64,
+    /// The same totals a single node's rollup keeps (the operator's cost is
+    /// the debit where none was recorded).
+    pub totals: Totals,
 }
 
 /// The aggregate. `$1` org, `$2`/`$3` the range (NULL: open), `$4` the zone,
@@ -142,13 +136,15 @@ fn group(row: &tokio_postgres::Row) -> Result<UsageGroup, ClusterError> {
         route: row.try_get(4)?,
         day: row.try_get(5)?,
         month: row.try_get(6)?,
-        requests: u64::try_from(requests).unwrap_or(0),
-        charged: row.try_get(8)?,
-        operator_cost: row.try_get(9)?,
-        input_tokens: whole(10)?,
-        cached_input_tokens: whole(11)?,
-        output_tokens: whole(12)?,
-        tool_units: whole(13)?,
+        totals: Totals {
+            requests: u64::try_from(requests).unwrap_or(0),
+            charged: row.try_get(8)?,
+            operator_cost: row.try_get(9)?,
+            input_tokens: whole(10)?,
+            cached_input_tokens: whole(11)?,
+            output_tokens: whole(12)?,
+            tool_units: whole(13)?,
+        },
     })
 }
 
