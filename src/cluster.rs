@@ -34,9 +34,12 @@
 //! to one hold near empty. Refills are drawn ahead of need, off the request
 //! path, as soon as a hold leaves a wallet's leased credit below half a
 //! lease. Near empty, a lease that cannot cover another hold goes back as
-//! soon as its debits ship, and a refused draw waits briefly while the
-//! wallet's balance still covers the hold, so the last cents are shared
-//! instead of being refused on one replica while parked on another.
+//! soon as its debits ship, and a refused draw waits briefly (up to 500 ms)
+//! while the wallet's balance still covers the hold. It asks the others for
+//! that credit once (`NOTIFY cg_wanted`, see [`Wakeups`]): each gives back
+//! its idle leases on the wallet at once and its busy ones when their holds
+//! settle. So the last cents are shared instead of being refused on one
+//! replica while parked on another.
 //!
 //! # Expiry and late shipping (the bound)
 //!

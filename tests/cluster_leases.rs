@@ -691,3 +691,60 @@ async fn a_lease_never_outlives_the_credit_it_draws_on() {
     assert_eq!(wallet.uncovered, Decimal::ZERO);
     assert_eq!(wallet.debited, dec!(0.5) + after);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_idle_in_one_replicas_lease_goes_to_a_hold_on_another_at_once() {
+    let pg = Postgres::start();
+    let url = pg.create_database("wanted");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(1), "p").await.unwrap();
+    // Leases never idle out within the test (no maintenance runs, and the
+    // idle time is long): only being asked makes r1 give its lease back.
+    let patient = |name: &str| {
+        let mut settings = settings(name);
+        settings.ttl = Duration::from_secs(30);
+        settings.target = Duration::from_secs(30);
+        settings.min_lease = dec!(1);
+        settings
+    };
+    let r1 = Arc::new(LeaseBook::new(books(&url).await, patient("r1"), 1));
+    let r2 = LeaseBook::new(books(&url).await, patient("r2"), 1_000_000);
+    let stop = CancellationToken::new();
+    let wakeups = creditgate::cluster::Wakeups::start(Database::new(&url, 1).unwrap(), stop.clone());
+    while !wakeups.listening() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let answering = {
+        let (r1, wakeups) = (r1.clone(), wakeups.clone());
+        tokio::spawn(async move { r1.answer_wanted(&wakeups).await })
+    };
+
+    // r1 leases the whole wallet, spends a little and goes quiet with 0.95
+    // of it still leased.
+    let hold = r1.hold(WALLET, dec!(0.10)).await.unwrap();
+    r1.settle(hold, dec!(0.05), Utc::now(), serde_json::json!({}));
+    assert_eq!(admin.audit().await.unwrap()[0].leased, dec!(1));
+
+    // A hold on r2 finds nothing left to lease, asks, and is served from
+    // what r1 gave back, inside its wait.
+    let asked_at = std::time::Instant::now();
+    let hold = match r2.hold(WALLET, dec!(0.5)).await {
+        Ok(hold) => hold,
+        Err(err) => panic!("a hold the wallet covers was refused while its credit sat idle on r1: {err}"),
+    };
+    assert!(asked_at.elapsed() < Duration::from_millis(500));
+    r2.settle(hold, dec!(0.5), Utc::now(), serde_json::json!({}));
+
+    // Only what is really there: 0.45 is left, so 0.5 more is refused.
+    assert!(matches!(r2.hold(WALLET, dec!(0.5)).await, Err(LeaseRefusal::InsufficientCredit { .. })));
+    let hold = r1.hold(WALLET, dec!(0.45)).await.unwrap();
+    r1.settle(hold, dec!(0.45), Utc::now(), serde_json::json!({}));
+
+    answering.abort();
+    stop.cancel();
+    r1.shutdown().await.unwrap();
+    r2.shutdown().await.unwrap();
+    let audit = assert_books_exact(&admin).await;
+    assert_eq!(audit[0].debited, dec!(1));
+    assert_eq!(audit[0].uncovered, Decimal::ZERO);
+}

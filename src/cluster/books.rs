@@ -343,6 +343,16 @@ impl Books {
         Ok(row.is_some_and(|row| row.get(0)))
     }
 
+    /// Tells the other replicas that `replica` needs credit on `wallet`
+    /// that their leases hold: each gives back what it is not using (see
+    /// [`super::Wakeups::wanted`]). A hint; nothing waits for an answer.
+    pub async fn want(&self, replica: &str, wallet: &str) -> Result<(), ClusterError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached("SELECT pg_notify('cg_wanted', $1)").await?;
+        client.execute(&statement, &[&super::wakeups::wanted_payload(replica, wallet)]).await?;
+        Ok(())
+    }
+
     /// The open leases of `replica`.
     pub async fn open_leases(&self, replica: &str) -> Result<Vec<i64>, ClusterError> {
         let client = self.client().await?;

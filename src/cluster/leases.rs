@@ -31,9 +31,12 @@ use super::ClusterError;
 use crate::telemetry::metrics::ClusterMetrics;
 
 /// Longest a hold waits for credit that other replicas' leases hold
-/// (near empty) before it is refused, and how often it asks again.
+/// (near empty) before it is refused, and how often it asks again: at
+/// first soon, then less often, so a wallet that is truly spent costs the
+/// database a few statements rather than one every few milliseconds.
 const LEASED_ELSEWHERE_WAIT: Duration = Duration::from_millis(500);
-const LEASED_ELSEWHERE_RETRY: Duration = Duration::from_millis(20);
+const LEASED_ELSEWHERE_RETRY: Duration = Duration::from_millis(10);
+const LEASED_ELSEWHERE_RETRY_MAX: Duration = Duration::from_millis(100);
 
 /// How leases are sized and kept.
 #[derive(Clone, Debug)]
@@ -377,7 +380,11 @@ impl LeaseBook {
         // lease that it cannot use (its leftover after a settle): that
         // replica gives it back within moments, so wait for it rather than
         // refuse a wallet that still has the credit.
+        // The replicas holding it are asked once to give back what they do
+        // not use (`cg_wanted`), and the draw is retried at growing intervals.
         let started = Instant::now();
+        let mut retry = LEASED_ELSEWHERE_RETRY;
+        let mut asked = false;
         loop {
             match self.draw(wallet, amount, true).await {
                 Ok(Some(hold)) => return Ok(hold),
@@ -391,7 +398,14 @@ impl LeaseBook {
             if !leased_elsewhere || started.elapsed() >= LEASED_ELSEWHERE_WAIT {
                 return Err(LeaseRefusal::InsufficientCredit { required: amount });
             }
-            tokio::time::sleep(LEASED_ELSEWHERE_RETRY).await;
+            if !asked {
+                asked = true;
+                if let Err(error) = self.books.want(&self.settings.replica, wallet).await {
+                    tracing::debug!(%error, "cannot ask the other replicas for leased credit");
+                }
+            }
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(LEASED_ELSEWHERE_RETRY_MAX);
         }
     }
 
@@ -602,6 +616,8 @@ impl LeaseBook {
                     // here and may be what a hold on another replica needs:
                     // give it back now rather than when it has sat idle.
                     lease.retiring = true;
+                }
+                if lease.retiring && lease.open_holds == 0 {
                     self.spent_leases.store(true, Ordering::Release);
                     self.refill_wanted.notify_one();
                 }
@@ -631,7 +647,44 @@ impl LeaseBook {
         if let Some(lease) = state.leases.iter_mut().find(|lease| lease.id == hold.lease) {
             lease.free += hold.amount;
             lease.open_holds -= 1;
+            if lease.retiring && lease.open_holds == 0 {
+                self.spent_leases.store(true, Ordering::Release);
+                self.refill_wanted.notify_one();
+            }
         }
+    }
+
+    /// Answers other replicas' `cg_wanted` until the task is dropped: see
+    /// [`LeaseBook::give_up`].
+    pub async fn answer_wanted(&self, wakeups: &super::Wakeups) {
+        loop {
+            for wallet in wakeups.wanted(&self.settings.replica).await {
+                if let Err(error) = self.give_up(&wallet).await {
+                    tracing::warn!(%error, "cannot give back leases another replica wants; they go back when idle");
+                }
+            }
+        }
+    }
+
+    /// Another replica needs credit on `wallet` that this one's leases hold:
+    /// every lease on it takes no more holds, the idle ones go back now and
+    /// the others once their last hold settles. This replica's next hold on
+    /// the wallet draws again, from what is then left.
+    pub async fn give_up(&self, wallet: &str) -> Result<(), ClusterError> {
+        let Some(cell) = self.wallets.get(wallet).map(|cell| cell.clone()) else {
+            return Ok(());
+        };
+        let idle = {
+            let mut state = cell.lock();
+            for lease in &mut state.leases {
+                lease.retiring = true;
+            }
+            state.leases.iter().any(|lease| lease.open_holds == 0)
+        };
+        if idle {
+            self.give_back_spent().await?;
+        }
+        Ok(())
     }
 
     /// The number the next settle's debit gets: it changes with every settle.

@@ -141,7 +141,8 @@ impl ClusterNode {
             lease_ttl: options.lease_ttl,
         });
         let wakeups = super::Wakeups::start(db, node.rounds.clone());
-        let mut tasks = vec![tokio::spawn(replica.run(clock, wakeups, shutdown.clone()))];
+        let mut tasks = vec![tokio::spawn(replica.run(clock, wakeups.clone(), shutdown.clone()))];
+        tasks.push(tokio::spawn(node.clone().answer_wanted(wakeups)));
         tasks.push(tokio::spawn(node.clone().ship_rounds(options.ship_interval)));
         tasks.push(tokio::spawn(node.clone().lease_rounds(options.lease_ttl)));
         tasks.push(tokio::spawn(node.clone().errands()));
@@ -271,6 +272,14 @@ impl ClusterNode {
                     tracing::warn!(%error, "cannot give back spent leases; they go back at the next round");
                 }
             }
+        }
+    }
+
+    /// Gives back leases on wallets other replicas ask for (`cg_wanted`).
+    async fn answer_wanted(self: Arc<Self>, wakeups: Arc<super::Wakeups>) {
+        tokio::select! {
+            () = self.rounds.cancelled() => {}
+            () = self.book.answer_wanted(&wakeups) => {}
         }
     }
 

@@ -8,6 +8,12 @@
 //! told there are some. An idle cluster then sends the database almost
 //! nothing, and a busy one one read per append instead of one per poll.
 //!
+//! A replica whose hold finds the credit it needs leased to others
+//! notifies `cg_wanted` with its name and the wallet ([`super::Books::want`]):
+//! the others give back the leases on that wallet they are not using, so
+//! near empty the last credit moves to where the traffic is in a round
+//! trip instead of after a lease's idle time.
+//!
 //! A notification is a hint, never the only way to learn of a change: one
 //! sent while the listening connection was down is lost. So whoever waits
 //! also wakes on a timer, a slow one while the listener is connected and
@@ -27,6 +33,7 @@ use super::Database;
 const LOG: &str = "cg_log";
 const DEBITS: &str = "cg_debits";
 const TREASURY: &str = "cg_treasury";
+const WANTED: &str = "cg_wanted";
 /// Wait before connecting again after the listener lost its connection.
 const RECONNECT: Duration = Duration::from_secs(1);
 
@@ -37,7 +44,16 @@ pub struct Wakeups {
     log: Notify,
     debits: Notify,
     treasury: Notify,
+    /// Wallets other replicas asked for, as `(replica, wallet)`, not yet taken.
+    wanted: parking_lot::Mutex<Vec<(String, String)>>,
+    wanted_heard: Notify,
     listening: AtomicBool,
+}
+
+/// The payload of a `cg_wanted` notification (wallet names carry no newline:
+/// they are built from ids).
+pub(super) fn wanted_payload(replica: &str, wallet: &str) -> String {
+    format!("{replica}\n{wallet}")
 }
 
 impl Wakeups {
@@ -81,6 +97,29 @@ impl Wakeups {
         self.treasury.notified().await;
     }
 
+    /// Returns the wallets other replicas than `me` asked for since the
+    /// last call, waiting until there is one.
+    pub async fn wanted(&self, me: &str) -> Vec<String> {
+        loop {
+            let heard = std::mem::take(&mut *self.wanted.lock());
+            let mut wallets: Vec<String> =
+                heard.into_iter().filter(|(replica, _)| replica != me).map(|(_, wallet)| wallet).collect();
+            wallets.sort_unstable();
+            wallets.dedup();
+            if !wallets.is_empty() {
+                return wallets;
+            }
+            self.wanted_heard.notified().await;
+        }
+    }
+
+    fn heard_wanted(&self, payload: &str) {
+        if let Some((replica, wallet)) = payload.split_once('\n') {
+            self.wanted.lock().push((replica.to_owned(), wallet.to_owned()));
+            self.wanted_heard.notify_one();
+        }
+    }
+
     async fn listen(self: Arc<Self>, db: Database, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
             match db.connect().await {
@@ -94,6 +133,7 @@ impl Wakeups {
                                     LOG => heard.log.notify_one(),
                                     DEBITS => heard.debits.notify_one(),
                                     TREASURY => heard.treasury.notify_one(),
+                                    WANTED => heard.heard_wanted(note.payload()),
                                     _ => {}
                                 },
                                 Some(Ok(_)) => {}
@@ -103,7 +143,9 @@ impl Wakeups {
                         }
                     });
                     match client
-                        .batch_execute(&format!("LISTEN {LOG}; LISTEN {DEBITS}; LISTEN {TREASURY}"))
+                        .batch_execute(&format!(
+                            "LISTEN {LOG}; LISTEN {DEBITS}; LISTEN {TREASURY}; LISTEN {WANTED}"
+                        ))
                         .await
                     {
                         Ok(()) => {
