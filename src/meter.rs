@@ -509,8 +509,9 @@ impl Meter {
         };
         let data = data.strip_prefix(b" ").unwrap_or(data);
         self.text_bytes += delta_text_len(data);
-        // Cheap scan before parsing: most events carry no usage.
-        if USAGE_KEY.find(data).is_some() {
+        // Cheap scan before parsing: most events carry no usage, or only
+        // the `"usage": null` that asking for it adds to every chunk.
+        if carries_usage(data) {
             if let Some(found) = usage_from_bytes(data) {
                 self.reported.merge(found);
             }
@@ -593,7 +594,7 @@ fn is_usage_only(event: &[u8]) -> bool {
         choices: Option<Vec<serde::de::IgnoredAny>>,
         usage: Option<Value>,
     }
-    if USAGE_KEY.find(event).is_none() || CHOICES_KEY.find(event).is_none() {
+    if !carries_usage(event) || CHOICES_KEY.find(event).is_none() {
         return false;
     }
     event_data(event).is_some_and(|data| {
@@ -617,6 +618,24 @@ fn event_data(event: &[u8]) -> Option<Vec<u8>> {
         }
     }
     data
+}
+
+/// Whether `json` may carry a usage object: it has a `"usage"` that is not
+/// a key whose value is `null`. Inside a JSON string a quote is escaped, so
+/// the bytes `"usage"` are a key or a whole string value; a value is never
+/// followed by a colon. So when every one is followed by `: null`, no
+/// parse can find usage in it, and the chunks a stream sends with
+/// `include_usage` are passed without one.
+fn carries_usage(json: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(found) = USAGE_KEY.find(&json[from..]) {
+        from += found + USAGE_KEY.needle().len();
+        let colon = skip_whitespace(json, from);
+        if json.get(colon) != Some(&b':') || !json[skip_whitespace(json, colon + 1)..].starts_with(b"null") {
+            return true;
+        }
+    }
+    false
 }
 
 /// The event without its `"usage": null` members (whitespace allowed
@@ -732,6 +751,29 @@ mod tests {
         "data: {\"choices\":[],\"id\":\"x\",\"usage\":{\"completion_tokens\":7,\"prompt_tokens\":11,\"total_tokens\":18}}\n\n",
         "data: [DONE]\n\n",
     );
+
+    #[test]
+    fn only_null_usage_keys_are_known_to_carry_no_usage() {
+        for none in [
+            &br#"{"id":"x","usage":null}"#[..],
+            br#"{"usage" :  null,"choices":[]}"#,
+            br#"{"choices":[{"delta":{"content":"say \"usage\": {\"total_tokens\": 9}"}}]}"#,
+            br#"{"a":{"usage":null},"usage":null}"#,
+            b"{}",
+        ] {
+            assert!(!carries_usage(none), "{}", String::from_utf8_lossy(none));
+        }
+        for some in [
+            &br#"{"choices":[],"usage":{"total_tokens":3}}"#[..],
+            br#"{"a":{"usage":null},"usage":{"total_tokens":3}}"#,
+            br#"{"usage":	{"total_tokens":3},"b":{"usage":null}}"#,
+            br#"{"usage":"odd"}"#,
+            br#"{"role":"usage","usage":null}"#,
+            br#"{"usage"}"#,
+        ] {
+            assert!(carries_usage(some), "{}", String::from_utf8_lossy(some));
+        }
+    }
 
     #[test]
     fn openai_stream_usage_is_found_at_every_split_point() {
