@@ -520,6 +520,8 @@ impl Admin {
         self.metrics.open_holds.set(gauge(self.ledger.open_holds() as u64));
         self.metrics.store_flushes.set(gauge(stats.flushes));
         self.metrics.store_flush_micros.set(gauge(stats.flush_micros));
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        self.metrics.runtime_workers.set(gauge(workers as u64));
         if let (Some(node), Some(cluster)) = (&self.cluster, &self.metrics.cluster) {
             let (holds, statements) = node.lease_book().stats();
             cluster.lease_holds.set(gauge(holds));

@@ -38,6 +38,7 @@ const DEFAULT_READ_ON_MAX_BYTES: u64 = 16 * 1024 * 1024;
 const DEFAULT_MAX_RESPONSE_MS: u64 = 30 * 60 * 1000;
 /// Bound on open client connections; excess connections wait in the backlog.
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+const MAX_WORKERS: usize = 1024;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
 const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 120_000;
 const DEFAULT_IDLE_TIMEOUT_MS: u64 = 120_000;
@@ -248,6 +249,9 @@ pub struct ServerConfig {
     /// routes); a slower client gets 408.
     pub body_read_timeout: Duration,
     pub max_connections: usize,
+    /// Threads of the async runtime that serves the proxy and admin API;
+    /// `None`: one per core (as the machine reports them).
+    pub workers: Option<usize>,
     /// After a client leaves a metered response, the gateway reads on for the
     /// upstream's usage this long at most (then it charges the hold).
     pub read_on_timeout: Duration,
@@ -441,6 +445,7 @@ struct RawServer {
     header_read_timeout_ms: Option<u64>,
     body_read_timeout_ms: Option<u64>,
     max_connections: Option<usize>,
+    workers: Option<usize>,
     read_on_timeout_ms: Option<u64>,
     read_on_max_bytes: Option<u64>,
     max_response_ms: Option<u64>,
@@ -770,6 +775,13 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
             Some("the default is 8388608 (8 MiB)"),
         );
     }
+    if let Some(workers) = raw.workers.filter(|n| !(1..=MAX_WORKERS).contains(n)) {
+        checker.problem(
+            offset,
+            format!("[server] workers = {workers} is out of range"),
+            Some("use 1 to 1024, or leave it out for one per core"),
+        );
+    }
     ServerConfig {
         listen,
         admin_listen,
@@ -783,6 +795,7 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
             raw.body_read_timeout_ms.unwrap_or(DEFAULT_BODY_READ_TIMEOUT_MS),
         ),
         max_connections: raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS).max(1),
+        workers: raw.workers.map(|n| n.clamp(1, MAX_WORKERS)),
         read_on_timeout: Duration::from_millis(raw.read_on_timeout_ms.unwrap_or(DEFAULT_READ_ON_TIMEOUT_MS)),
         read_on_max_bytes: raw.read_on_max_bytes.unwrap_or(DEFAULT_READ_ON_MAX_BYTES),
         max_response_duration: Duration::from_millis(raw.max_response_ms.unwrap_or(DEFAULT_MAX_RESPONSE_MS)),

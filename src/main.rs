@@ -167,7 +167,11 @@ struct Overrides {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = runtime_workers(&cli.command) {
+        builder.worker_threads(workers);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("creditgate: cannot start the async runtime: {error}");
@@ -180,6 +184,16 @@ fn main() -> ExitCode {
             eprintln!("creditgate: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `[server] workers` of the config `serve` is given (else one per core).
+/// The runtime is built before `serve` reads its config; an unreadable one
+/// is reported there.
+fn runtime_workers(command: &Command) -> Option<usize> {
+    match command {
+        Command::Serve { config, .. } => GatewayConfig::load(config).ok()?.server.workers,
+        _ => None,
     }
 }
 

@@ -137,6 +137,8 @@ pub mod metrics {
         pub open_holds: Gauge,
         pub store_flushes: Gauge,
         pub store_flush_micros: Gauge,
+        /// Worker threads of the runtime serving requests (`[server] workers`).
+        pub runtime_workers: Gauge,
     }
 
     impl Default for Metrics {
@@ -198,6 +200,12 @@ pub mod metrics {
                 "Time spent flushing the ledger store since start, in microseconds",
                 store_flush_micros.clone(),
             );
+            let runtime_workers = Gauge::default();
+            registry.register(
+                "runtime_workers",
+                "Worker threads of the async runtime serving requests ([server] workers)",
+                runtime_workers.clone(),
+            );
             let cluster = cluster.then(|| ClusterMetrics::register(&mut registry));
             Metrics {
                 registry,
@@ -205,6 +213,7 @@ pub mod metrics {
                 open_holds,
                 store_flushes,
                 store_flush_micros,
+                runtime_workers,
                 requests,
                 price_reloads,
                 price_version,

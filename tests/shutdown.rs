@@ -57,8 +57,12 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Start `creditgate serve` as a real process and return it with its proxy address.
-fn spawn_gateway(config_path: &std::path::Path, data_dir: &std::path::Path) -> (std::process::Child, String) {
+/// Start `creditgate serve` as a real process and return it with its proxy
+/// and admin addresses.
+fn spawn_gateway(
+    config_path: &std::path::Path,
+    data_dir: &std::path::Path,
+) -> (std::process::Child, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
         .args(["serve", "--config"])
         .arg(config_path)
@@ -72,17 +76,21 @@ fn spawn_gateway(config_path: &std::path::Path, data_dir: &std::path::Path) -> (
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     // Read stderr on a thread (and keep draining it so the child never blocks
-    // on a full pipe); the test waits for the address with a deadline.
+    // on a full pipe); the test waits for the addresses with a deadline.
     std::thread::spawn(move || {
+        let field = |line: &str, name: &str| {
+            line.split(name).nth(1).map(|rest| rest.split_whitespace().next().unwrap_or_default().to_owned())
+        };
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
-            if let Some(rest) = line.split("proxy_addr=").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
+            if let (Some(proxy), Some(admin)) = (field(&line, "proxy_addr="), field(&line, "admin_addr=")) {
+                let _ = tx.send((proxy, admin));
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("gateway did not report its address");
-    (child, addr)
+    let (proxy, admin) =
+        rx.recv_timeout(Duration::from_secs(20)).expect("gateway did not report its address");
+    (child, proxy, admin)
 }
 
 // Multi-threaded: the test does blocking socket I/O while the mock runs.
@@ -92,7 +100,7 @@ async fn sigterm_drains_a_stream_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("gateway.toml");
     std::fs::write(&config_path, config_text(mock.addr(), "", "")).unwrap();
-    let (child, addr) = spawn_gateway(&config_path, &dir.path().join("data"));
+    let (child, addr, _) = spawn_gateway(&config_path, &dir.path().join("data"));
     let mut child = KillOnDrop(child);
 
     // A raw HTTP/1.1 stream, read on a blocking thread.
@@ -119,6 +127,41 @@ async fn sigterm_drains_a_stream_and_exits_zero() {
     assert!(text.contains("data: [DONE]"), "stream finished after SIGTERM: {text}");
     let exit = child.0.wait().unwrap();
     assert!(exit.success(), "exit status {exit:?}");
+    mock.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_setting_sizes_the_runtime_and_check_config_bounds_it() {
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let metric = |text: &str| {
+        text.lines().find_map(|line| line.strip_prefix("creditgate_runtime_workers ")).map(str::to_owned)
+    };
+    for (workers, expected) in [("workers = 3", 3), ("", std::thread::available_parallelism().unwrap().get())]
+    {
+        let config_path = dir.path().join("gateway.toml");
+        std::fs::write(&config_path, config_text(mock.addr(), workers, "")).unwrap();
+        let (child, _, admin) = spawn_gateway(&config_path, &dir.path().join(format!("data{expected}")));
+        let mut child = KillOnDrop(child);
+        let metrics =
+            send(Request::get(format!("http://{admin}/metrics")).body(Full::new(Bytes::new())).unwrap())
+                .await;
+        let text = String::from_utf8_lossy(&metrics.body).into_owned();
+        assert_eq!(metric(&text).as_deref(), Some(expected.to_string().as_str()), "{workers:?}: {text}");
+        Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
+        assert!(child.0.wait().unwrap().success());
+    }
+    for bad in ["workers = 0", "workers = 5000"] {
+        let config_path = dir.path().join("bad.toml");
+        std::fs::write(&config_path, config_text(mock.addr(), bad, "")).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_creditgate"))
+            .args(["check-config", "--config"])
+            .arg(&config_path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("workers"), "{bad}: {stderr}");
+    }
     mock.stop().await;
 }
 
