@@ -361,6 +361,51 @@ async fn a_multi_host_url_finds_the_primary_past_a_dead_host() {
     assert!(!err.contains("hunter2"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_verified_against_the_named_root_and_carries_notifications() {
+    let (pg, ca) = Postgres::start_tls();
+    let plain = pg.create_database("tls");
+    let verified = format!("{plain}?sslmode=verify-full&sslrootcert={}", ca.display());
+
+    // Over TLS: the books work, the session is encrypted, and the listener
+    // (a connection of its own) hears notifications.
+    let db = Database::new(&verified, 2).unwrap();
+    assert!(db.encrypted());
+    migrate(&db).await.unwrap();
+    let books = Books::new(db.clone());
+    assert!(books.fund(ORG, WALLET, dec!(1), "p").await.unwrap().created);
+    let client = db.client().await.unwrap();
+    let ssl: bool = client
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "the session is not encrypted");
+    let stop = CancellationToken::new();
+    let wakeups = creditgate::cluster::Wakeups::start(db.clone(), stop.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !wakeups.listening() {
+        assert!(std::time::Instant::now() < deadline, "the listener never connected over TLS");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hold = LeaseBook::new(books.clone(), settings("r1"), 1).hold(WALLET, dec!(0.1)).await;
+    assert!(hold.is_ok());
+    stop.cancel();
+
+    // `require` verifies too: against the public roots this throwaway CA
+    // is not among, so the connection is refused, not made unverified.
+    let unverified = Database::new(&format!("{plain}?sslmode=require"), 1).unwrap();
+    let err = unverified.client().await.unwrap_err().to_string();
+    assert!(err.contains("TLS handshake"), "{err}");
+    // In the clear, this server refuses (so the first session really was TLS).
+    let clear = Database::new(&plain, 1).unwrap();
+    assert!(!clear.encrypted());
+    assert!(clear.client().await.is_err());
+    // A root file with no TLS asked for is a mistake, said at once.
+    let err = Database::new(&format!("{plain}?sslrootcert={}", ca.display()), 1).unwrap_err().to_string();
+    assert!(err.contains("sslmode"), "{err}");
+}
+
 /// The global log: four replicas append concurrently (each batch sent twice,
 /// as a retry after a lost answer would), two readers tail while they do.
 /// Every record appears exactly once, numbered 1..=N without gaps, and both

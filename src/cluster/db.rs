@@ -6,13 +6,26 @@
 //! driver tries them in order and keeps the primary, which is how a replica
 //! follows a Patroni-managed failover. A short connect timeout (unless the
 //! URL sets one) keeps a dead host from stalling that search.
+//!
+//! TLS follows libpq's `sslmode`, always verified: `require`, `verify-ca`
+//! and `verify-full` connect only over TLS to a server whose certificate
+//! chains to a trusted root and names the host (rustls checks both; a
+//! `require` that does not verify would let anyone on the path read the
+//! books). The roots are the URL's `sslrootcert` file (PEM) when given,
+//! else the public web roots. `disable`, `allow` and `prefer` (the default)
+//! connect in the clear.
 
 use std::str::FromStr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::config::TargetSessionAttrs;
-use tokio_postgres::NoTls;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use tokio_postgres::config::{SslMode, TargetSessionAttrs};
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::ClusterError;
 
@@ -33,6 +46,37 @@ pub struct Database {
     /// The parsed URL (never shown: it carries the password), for sibling
     /// pools and connections outside the pool (the listener).
     config: tokio_postgres::Config,
+    tls: Tls,
+}
+
+/// How connections are made: in the clear, or over verified TLS.
+#[derive(Clone)]
+enum Tls {
+    Off,
+    Verified(MakeRustlsConnect),
+}
+
+/// A connection outside the pool, plain or over TLS: poll its messages to
+/// drive it and to receive notifications (`None` once it closed).
+pub trait Messages: Send {
+    /// The next notification, notice or error.
+    fn poll_message(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<AsyncMessage, tokio_postgres::Error>>>;
+}
+
+impl<S, T> Messages for tokio_postgres::Connection<S, T>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    fn poll_message(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<AsyncMessage, tokio_postgres::Error>>> {
+        tokio_postgres::Connection::poll_message(self, cx)
+    }
 }
 
 impl std::fmt::Debug for Database {
@@ -45,7 +89,8 @@ impl std::fmt::Debug for Database {
 impl Database {
     /// A pool of up to `max_connections` for `url`. Connects lazily.
     pub fn new(url: &str, max_connections: usize) -> Result<Database, ClusterError> {
-        let mut config = tokio_postgres::Config::from_str(url)
+        let (url, root_file, verify) = take_tls_options(url);
+        let mut config = tokio_postgres::Config::from_str(&url)
             // The driver's message does not echo the URL, so no password leaks.
             .map_err(|err| ClusterError::Config(format!("database URL: {err}")))?;
         config.target_session_attrs(TargetSessionAttrs::ReadWrite);
@@ -55,20 +100,41 @@ impl Database {
         if config.get_application_name().is_none() {
             config.application_name("creditgate");
         }
-        Database::from_config(config, max_connections)
+        let tls = if verify || config.get_ssl_mode() == SslMode::Require {
+            config.ssl_mode(SslMode::Require);
+            Tls::Verified(MakeRustlsConnect::new(tls_config(root_file.as_deref())?))
+        } else {
+            if root_file.is_some() {
+                return Err(ClusterError::Config(
+                    "database URL: sslrootcert is set but sslmode does not ask for TLS; add sslmode=verify-full".into(),
+                ));
+            }
+            // `prefer` would try TLS first: with no connector it never does.
+            Tls::Off
+        };
+        Database::from_config(config, tls, max_connections)
     }
 
     /// Another pool of up to `max_connections` to the same database.
     pub fn own_pool(&self, max_connections: usize) -> Result<Database, ClusterError> {
-        Database::from_config(self.config.clone(), max_connections)
+        Database::from_config(self.config.clone(), self.tls.clone(), max_connections)
     }
 
-    fn from_config(config: tokio_postgres::Config, max_connections: usize) -> Result<Database, ClusterError> {
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+    /// Whether connections are made over TLS.
+    pub fn encrypted(&self) -> bool {
+        matches!(self.tls, Tls::Verified(_))
+    }
+
+    fn from_config(
+        config: tokio_postgres::Config,
+        tls: Tls,
+        max_connections: usize,
+    ) -> Result<Database, ClusterError> {
+        let settings = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match &tls {
+            Tls::Off => Manager::from_config(config.clone(), NoTls, settings),
+            Tls::Verified(connector) => Manager::from_config(config.clone(), connector.clone(), settings),
+        };
         let pool = Pool::builder(manager)
             .max_size(max_connections.max(1))
             .runtime(Runtime::Tokio1)
@@ -77,25 +143,76 @@ impl Database {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|err| ClusterError::Config(format!("connection pool: {err}")))?;
-        Ok(Database { pool, config })
+        Ok(Database { pool, config, tls })
     }
 
-    /// A connection of its own, outside the pool, and the future that
-    /// drives it (poll it to receive notifications).
-    pub async fn connect(
-        &self,
-    ) -> Result<
-        (
-            tokio_postgres::Client,
-            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
-        ),
-        ClusterError,
-    > {
-        self.config.connect(NoTls).await.map_err(|err| ClusterError::Unavailable(err.to_string()))
+    /// A connection of its own, outside the pool, and its messages (poll
+    /// them to drive it and to receive notifications).
+    pub async fn connect(&self) -> Result<(tokio_postgres::Client, Box<dyn Messages>), ClusterError> {
+        let unavailable = |err: tokio_postgres::Error| ClusterError::Unavailable(err.to_string());
+        Ok(match &self.tls {
+            Tls::Off => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(unavailable)?;
+                (client, Box::new(connection) as Box<dyn Messages>)
+            }
+            Tls::Verified(connector) => {
+                let (client, connection) =
+                    self.config.connect(connector.clone()).await.map_err(unavailable)?;
+                (client, Box::new(connection) as Box<dyn Messages>)
+            }
+        })
     }
 
     /// A connection from the pool.
     pub async fn client(&self) -> Result<Object, ClusterError> {
         self.pool.get().await.map_err(|err| ClusterError::Unavailable(err.to_string()))
     }
+}
+
+/// Takes libpq's TLS options the driver does not read out of a URL:
+/// `sslrootcert` (returned), and `sslmode=verify-ca|verify-full` (returned
+/// as `true`, passed on as `require`). Other forms pass unchanged.
+fn take_tls_options(url: &str) -> (String, Option<String>, bool) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None, false);
+    };
+    let (mut kept, mut root_file, mut verify) = (Vec::new(), None, false);
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("sslrootcert", file)) => {
+                // A path as written (not percent-decoded).
+                root_file = Some(file.to_owned());
+            }
+            Some(("sslmode", "verify-ca" | "verify-full")) => {
+                verify = true;
+                kept.push("sslmode=require");
+            }
+            _ => kept.push(pair),
+        }
+    }
+    let url = if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) };
+    (url, root_file, verify)
+}
+
+/// A client configuration that trusts the roots in `root_file` (PEM), or
+/// the public web roots.
+fn tls_config(root_file: Option<&str>) -> Result<rustls::ClientConfig, ClusterError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match root_file {
+        Some(file) => {
+            let bad =
+                |err: &dyn std::fmt::Display| ClusterError::Config(format!("sslrootcert {file}: {err}"));
+            for cert in CertificateDer::pem_file_iter(file).map_err(|err| bad(&err))? {
+                roots.add(cert.map_err(|err| bad(&err))?).map_err(|err| bad(&err))?;
+            }
+            if roots.is_empty() {
+                return Err(bad(&"no certificate in the file"));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|builder| builder.with_root_certificates(roots).with_no_client_auth())
+        .map_err(|err| ClusterError::Config(format!("TLS: {err}")))
 }

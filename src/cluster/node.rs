@@ -96,6 +96,11 @@ impl ClusterNode {
         shutdown: CancellationToken,
     ) -> Result<Arc<ClusterNode>, ClusterError> {
         let db = Database::new(&options.database_url, options.max_connections)?;
+        if !db.encrypted() {
+            tracing::info!(
+                "connecting to PostgreSQL in the clear (no sslmode=require or verify-full in the URL)"
+            );
+        }
         migrate(&db).await?;
         let books = Books::new(db.clone());
         books.register(&options.replica, &options.admin_url).await?;

@@ -119,6 +119,58 @@ impl Postgres {
         pg
     }
 
+    /// A server that takes TLS connections only (`hostnossl ... reject`),
+    /// with a certificate for 127.0.0.1 and localhost signed by a throwaway
+    /// CA; returns it with the CA's PEM file. Certificates come from the
+    /// `openssl` command (Debian's package, which PostgreSQL's pulls in).
+    pub fn start_tls() -> (Postgres, PathBuf) {
+        let bin = bin_dir();
+        let (dir, data) = data_dir();
+        let out = command(&bin, "initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let certs = dir.path().join("certs");
+        std::fs::create_dir(&certs).unwrap();
+        let script = r#"set -e
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=creditgate-test-ca   -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign   -keyout ca.key -out ca.pem 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost   -keyout server.key -out server.csr 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost
+basicConstraints=CA:FALSE
+keyUsage=digitalSignature
+extendedKeyUsage=serverAuth
+' > server.ext
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile server.ext -out server.pem 2>/dev/null
+chmod 600 server.key"#;
+        let out = Command::new("sh").args(["-c", script]).current_dir(&certs).output().unwrap();
+        assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+        for file in ["server.pem", "server.key"] {
+            std::fs::copy(certs.join(file), data.join(file)).unwrap();
+        }
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(data.join("server.pem"))
+                .arg(data.join("server.key"))
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        use std::io::Write;
+        let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+        writeln!(conf, "ssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'").unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+        )
+        .unwrap();
+        let mut pg = Postgres { bin, dir, port: free_port(), child: None };
+        pg.spawn();
+        (pg, certs.join("ca.pem"))
+    }
+
     /// One server for the whole test binary, started on first use; tests
     /// keep apart by database ([`Postgres::create_database`]). A static is
     /// never dropped, so a watchdog process stops the server and deletes
