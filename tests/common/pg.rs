@@ -77,6 +77,20 @@ fn data_dir() -> (tempfile::TempDir, PathBuf) {
     (dir, data)
 }
 
+/// A fresh cluster from `initdb` (trust on loopback): the binaries' directory,
+/// the temp dir and its data directory.
+fn initdb() -> (PathBuf, tempfile::TempDir, PathBuf) {
+    let bin = bin_dir();
+    let (dir, data) = data_dir();
+    let out = command(&bin, "initdb")
+        .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+    (bin, dir, data)
+}
+
 /// Sends `signal` (a `kill` name: `KILL`, `STOP`, ...) to each of `pids`.
 fn signal(signal: &str, pids: &[String]) {
     if !pids.is_empty() {
@@ -106,14 +120,7 @@ fn free_port() -> u16 {
 impl Postgres {
     /// initdb and start a server; returns once it accepts connections.
     pub fn start() -> Postgres {
-        let bin = bin_dir();
-        let (dir, data) = data_dir();
-        let out = command(&bin, "initdb")
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
-            .arg(&data)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let (bin, dir, data) = initdb();
         let mut pg = Postgres { bin, dir, port: free_port(), child: None };
         pg.spawn();
         pg
@@ -124,14 +131,7 @@ impl Postgres {
     /// CA; returns it with the CA's PEM file. Certificates come from the
     /// `openssl` command (Debian's package, which PostgreSQL's pulls in).
     pub fn start_tls() -> (Postgres, PathBuf) {
-        let bin = bin_dir();
-        let (dir, data) = data_dir();
-        let out = command(&bin, "initdb")
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
-            .arg(&data)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let (bin, dir, data) = initdb();
         let certs = dir.path().join("certs");
         std::fs::create_dir(&certs).unwrap();
         let script = r#"set -e
