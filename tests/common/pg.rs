@@ -120,7 +120,7 @@ fn free_port() -> u16 {
 impl Postgres {
     /// initdb and start a server; returns once it accepts connections.
     pub fn start() -> Postgres {
-        let (bin, dir, data) = initdb();
+        let (bin, dir, _) = initdb();
         let mut pg = Postgres { bin, dir, port: free_port(), child: None };
         pg.spawn();
         pg
