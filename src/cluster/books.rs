@@ -332,25 +332,27 @@ impl Books {
         .await
     }
 
-    /// Whether `wallet`'s balance covers `amount`, counting the credit
-    /// open leases hold (a draw refused while this is true waits for a
-    /// replica to give some back).
-    pub async fn balance_covers(&self, wallet: &str, amount: Decimal) -> Result<bool, ClusterError> {
+    /// Whether `wallet`'s balance covers `amount` (the credit is leased to
+    /// other replicas, then) and, when it does, tells them in the same
+    /// statement that `replica` needs it: each gives back what it is not
+    /// using (see [`super::Wakeups::wanted`]). The ask is a hint.
+    pub async fn balance_covers_asking(
+        &self,
+        replica: &str,
+        wallet: &str,
+        amount: Decimal,
+    ) -> Result<bool, ClusterError> {
         let client = self.client().await?;
-        let statement =
-            client.prepare_cached("SELECT balance >= $2 FROM cg_wallets WHERE wallet = $1").await?;
-        let row = client.query_opt(&statement, &[&wallet, &amount]).await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT w.balance >= $2,
+                        (SELECT count(*) FROM (SELECT pg_notify('cg_wanted', $3) WHERE w.balance >= $2) ask)
+                 FROM cg_wallets w WHERE w.wallet = $1",
+            )
+            .await?;
+        let payload = super::wakeups::wanted_payload(replica, wallet);
+        let row = client.query_opt(&statement, &[&wallet, &amount, &payload]).await?;
         Ok(row.is_some_and(|row| row.get(0)))
-    }
-
-    /// Tells the other replicas that `replica` needs credit on `wallet`
-    /// that their leases hold: each gives back what it is not using (see
-    /// [`super::Wakeups::wanted`]). A hint; nothing waits for an answer.
-    pub async fn want(&self, replica: &str, wallet: &str) -> Result<(), ClusterError> {
-        let client = self.client().await?;
-        let statement = client.prepare_cached("SELECT pg_notify('cg_wanted', $1)").await?;
-        client.execute(&statement, &[&super::wakeups::wanted_payload(replica, wallet)]).await?;
-        Ok(())
     }
 
     /// The open leases of `replica`.

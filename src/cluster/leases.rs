@@ -36,7 +36,10 @@ use crate::telemetry::metrics::ClusterMetrics;
 /// database a few statements rather than one every few milliseconds.
 const LEASED_ELSEWHERE_WAIT: Duration = Duration::from_millis(500);
 const LEASED_ELSEWHERE_RETRY: Duration = Duration::from_millis(10);
-const LEASED_ELSEWHERE_RETRY_MAX: Duration = Duration::from_millis(100);
+const LEASED_ELSEWHERE_RETRY_MAX: Duration = Duration::from_millis(50);
+/// How long a replica that gave a wallet's leases up to another's ask keeps
+/// from drawing on it: several of the asker's tries.
+const YIELD_TO_ASKER: Duration = Duration::from_millis(200);
 
 /// How leases are sized and kept.
 #[derive(Clone, Debug)]
@@ -149,6 +152,10 @@ struct WalletLeases {
     /// When the wallet last took a hold here: no refill for a quiet wallet.
     last_hold: Option<Instant>,
     refill_running: bool,
+    /// Until when this replica leaves the wallet's credit to the replica that
+    /// asked for it (`cg_wanted`): its own draws wait, or the credit it gave
+    /// back would be drawn again here before the asker's next try.
+    yielding_until: Option<Instant>,
 }
 
 impl WalletLeases {
@@ -365,6 +372,11 @@ impl LeaseBook {
             let mut state = cell.lock();
             state.largest_hold = state.largest_hold.max(amount);
         }
+        // Another replica asked for this wallet's credit: let it draw first.
+        let yielding = self.wallet(wallet).lock().yielding_until.filter(|until| *until > Instant::now());
+        if let Some(until) = yielding {
+            tokio::time::sleep_until(until.into()).await;
+        }
         let draw_lock = self.drawing.lock().entry(wallet.to_owned()).or_default().clone();
         let _drawing = draw_lock.lock().await;
         // Another hold may have drawn while this one waited.
@@ -380,29 +392,25 @@ impl LeaseBook {
         // lease that it cannot use (its leftover after a settle): that
         // replica gives it back within moments, so wait for it rather than
         // refuse a wallet that still has the credit.
-        // The replicas holding it are asked once to give back what they do
-        // not use (`cg_wanted`), and the draw is retried at growing intervals.
+        // At every try the replicas holding it are asked to give back what
+        // they do not use (`cg_wanted`; a lease one drew while the last ask
+        // was on its way is given back at the next), and the draw is retried
+        // at growing intervals.
         let started = Instant::now();
         let mut retry = LEASED_ELSEWHERE_RETRY;
-        let mut asked = false;
         loop {
             match self.draw(wallet, amount, true).await {
                 Ok(Some(hold)) => return Ok(hold),
                 Ok(None) => {}
                 Err(err) => return Err(LeaseRefusal::Unavailable(err)),
             }
-            let leased_elsewhere = match self.books.balance_covers(wallet, amount).await {
-                Ok(covers) => covers,
-                Err(err) => return Err(LeaseRefusal::Unavailable(err)),
-            };
+            let leased_elsewhere =
+                match self.books.balance_covers_asking(&self.settings.replica, wallet, amount).await {
+                    Ok(covers) => covers,
+                    Err(err) => return Err(LeaseRefusal::Unavailable(err)),
+                };
             if !leased_elsewhere || started.elapsed() >= LEASED_ELSEWHERE_WAIT {
                 return Err(LeaseRefusal::InsufficientCredit { required: amount });
-            }
-            if !asked {
-                asked = true;
-                if let Err(error) = self.books.want(&self.settings.replica, wallet).await {
-                    tracing::debug!(%error, "cannot ask the other replicas for leased credit");
-                }
             }
             tokio::time::sleep(retry).await;
             retry = (retry * 2).min(LEASED_ELSEWHERE_RETRY_MAX);
@@ -538,6 +546,11 @@ impl LeaseBook {
 
     /// Draws a lease ahead of need on `wallet` (off the request path).
     pub async fn refill(&self, wallet: &str, need: Decimal) -> Result<(), ClusterError> {
+        let yielding = self.wallet(wallet).lock().yielding_until.is_some_and(|until| until > Instant::now());
+        if yielding {
+            self.wallet(wallet).lock().refill_running = false;
+            return Ok(());
+        }
         let drawn = self.draw(wallet, need, false).await;
         self.wallet(wallet).lock().refill_running = false;
         drawn.map(drop)
@@ -676,6 +689,7 @@ impl LeaseBook {
         };
         let idle = {
             let mut state = cell.lock();
+            state.yielding_until = Some(Instant::now() + YIELD_TO_ASKER);
             for lease in &mut state.leases {
                 lease.retiring = true;
             }
