@@ -102,12 +102,22 @@ impl Cluster {
     /// counts: `total ms, mean ms, "in a function" when nested, query` (over
     /// the whole run, the harness's own readings included).
     pub fn top_statements(&self, count: usize) -> Vec<(u64, String)> {
+        self.statements_by("total_exec_time DESC", "true", count)
+    }
+
+    /// The statements clients sent most often (top level only: what the
+    /// statements-per-request figure counts), same columns.
+    pub fn most_sent_statements(&self, count: usize) -> Vec<(u64, String)> {
+        self.statements_by("calls DESC", "toplevel", count)
+    }
+
+    fn statements_by(&self, order: &str, filter: &str, count: usize) -> Vec<(u64, String)> {
         let rows = self.pg.psql(&format!(
             "SELECT calls || '|' || lpad(round(total_exec_time::numeric, 1)::text, 10) || ' ms ' \
              || lpad(round(mean_exec_time::numeric, 3)::text, 9) || ' ms/call ' \
              || CASE WHEN toplevel THEN '' ELSE '[in a function] ' END \
              || left(regexp_replace(query, '\\s+', ' ', 'g'), 80) \
-             FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT {count}"
+             FROM pg_stat_statements WHERE {filter} ORDER BY {order} LIMIT {count}"
         ));
         rows.lines()
             .filter_map(|row| {

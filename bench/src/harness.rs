@@ -523,6 +523,7 @@ impl Run {
             lease_draw: cluster.p99(&self.http, "lease_draw_seconds").await?,
             outbox_lag: cluster.p99(&self.http, "outbox_lag_seconds").await?,
             top_statements: cluster.top_statements(12),
+            most_sent_statements: cluster.most_sent_statements(10),
             lease_churn: cluster.lease_churn(8),
         });
         Ok(())

@@ -29,6 +29,8 @@ pub struct ClusterFigures {
     pub outbox_lag: crate::cluster::BucketP99,
     /// The statements the database ran most often, with their calls.
     pub top_statements: Vec<(u64, String)>,
+    /// The statements replicas sent most often.
+    pub most_sent_statements: Vec<(u64, String)>,
     /// The wallets that drew the most leases.
     pub lease_churn: Vec<String>,
 }
@@ -279,6 +281,11 @@ fn cluster_section(results: &Results, text: &mut String, json: &mut Map<String, 
         let _ = writeln!(text, "    {calls:>9}  {query}");
     }
     json.insert("top_statements".into(), json!(figures.top_statements));
+    let _ = writeln!(text, "  statements sent most often (top level, over the whole run):");
+    for (calls, query) in &figures.most_sent_statements {
+        let _ = writeln!(text, "    {calls:>9}  {query}");
+    }
+    json.insert("most_sent_statements".into(), json!(figures.most_sent_statements));
     let _ = writeln!(text, "  wallets by leases drawn:");
     for line in &figures.lease_churn {
         let _ = writeln!(text, "    {line}");
