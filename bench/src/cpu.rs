@@ -59,18 +59,37 @@ pub fn own_threads_cpu(prefix: &str) -> Duration {
 
 /// The process and its direct children (nginx's master and workers).
 pub fn tree_cpu(pid: u32) -> Duration {
-    let mut total = process_cpu(pid);
-    let Ok(entries) = std::fs::read_dir("/proc") else { return total };
-    for entry in entries.flatten() {
-        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        // ppid is field 4 of stat: 1 after the name.
-        let stat = read_stat(child).unwrap_or_default();
-        let parent = parse_stat(&stat).and_then(|(_, fields)| fields.get(1)?.parse::<u32>().ok());
-        if parent == Some(pid) {
-            total += process_cpu(child);
-        }
-    }
-    total
+    process_cpu(pid) + children(pid).into_iter().map(process_cpu).sum::<Duration>()
+}
+
+/// The direct children of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|child| {
+            // ppid is field 4 of stat: 1 after the name.
+            let stat = read_stat(*child).unwrap_or_default();
+            parse_stat(&stat).and_then(|(_, fields)| fields.get(1)?.parse::<u32>().ok()) == Some(pid)
+        })
+        .collect()
+}
+
+/// Resident memory of the process now (`VmRSS`), in KiB; 0 once it is gone.
+pub fn process_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 /// Whose CPU a phase charges.
@@ -92,6 +111,18 @@ impl CpuSource {
             CpuSource::Processes(pids) => Some(pids.iter().map(|pid| process_cpu(*pid)).sum()),
         }
     }
+
+    /// Resident memory of the same processes now, in KiB.
+    pub fn rss_kb(&self) -> Option<u64> {
+        match self {
+            CpuSource::None => None,
+            CpuSource::Process(pid) => Some(process_rss_kb(*pid)),
+            CpuSource::Tree(pid) => {
+                Some(process_rss_kb(*pid) + children(*pid).into_iter().map(process_rss_kb).sum::<u64>())
+            }
+            CpuSource::Processes(pids) => Some(pids.iter().map(|pid| process_rss_kb(*pid)).sum()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -105,6 +136,7 @@ mod tests {
             std::hint::black_box(spin.elapsed());
         }
         assert!(process_cpu(std::process::id()) > Duration::ZERO, "utime+stime read from /proc");
+        assert!(process_rss_kb(std::process::id()) > 0, "VmRSS read from /proc");
     }
 
     #[test]

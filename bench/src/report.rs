@@ -136,6 +136,42 @@ fn ratio(
     }
 }
 
+/// Each process's resident memory at the end of each of its rounds (in
+/// round order, so growth over a long run shows), and the metered gateway's
+/// against the bare proxy's in the same round.
+fn memory_section(results: &Results, text: &mut String, json: &mut Map<String, Value>) {
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    let measured: Vec<_> = results
+        .modes
+        .iter()
+        .filter_map(|(mode, samples)| {
+            let rounds: Vec<f64> = samples.iter().filter_map(|s| s.rss_kb.map(mb)).collect();
+            (!rounds.is_empty()).then_some((*mode, rounds))
+        })
+        .collect();
+    if measured.is_empty() {
+        return;
+    }
+    let _ = writeln!(text, "resident memory (MB) at the end of each round, in order:");
+    for (mode, rounds) in &measured {
+        let list: Vec<String> = rounds.iter().map(|v| format!("{v:.1}")).collect();
+        let _ = writeln!(text, "  {mode:<15} {}", list.join(" "));
+        json.insert((*mode).to_owned(), json!(rounds));
+    }
+    let get = |mode| find(&results.modes, mode).unwrap_or(&[]);
+    let rss = |a: &Sample, b: &Sample| Some(mb(a.rss_kb?) / mb(b.rss_kb?.max(1)));
+    for mode in [PASSTHROUGH, METERED] {
+        ratio(
+            text,
+            json,
+            &format!("{}_over_hyper_proxy_rss", mode.replace('-', "_")),
+            &format!("{mode} / hyper-proxy resident memory"),
+            paired(get(mode), get(HYPER_PROXY), rss),
+            if mode == METERED { "target ≤ 2.00" } else { "" },
+        );
+    }
+}
+
 fn ratios(results: &Results, text: &mut String, json: &mut Map<String, Value>) {
     let get = |mode| find(&results.modes, mode).unwrap_or(&[]);
     let throughput = |a: &Sample, b: &Sample| Some(a.throughput() / b.throughput());
@@ -460,6 +496,9 @@ pub fn render(results: &Results) -> (String, Value) {
     let mut ratio_json = Map::new();
     ratios(results, &mut text, &mut ratio_json);
     json.insert("ratios".into(), Value::Object(ratio_json));
+    let mut memory = Map::new();
+    memory_section(results, &mut text, &mut memory);
+    json.insert("resident_memory".into(), Value::Object(memory));
     let mut cluster = Map::new();
     cluster_section(results, &mut text, &mut cluster);
     json.insert("cluster".into(), Value::Object(cluster));

@@ -52,6 +52,8 @@ pub struct Sample {
     /// and the CPU it used.
     pub db_statements: Option<u64>,
     pub db_cpu: Option<Duration>,
+    /// Resident memory of the process under test when the phase ended, KiB.
+    pub rss_kb: Option<u64>,
 }
 
 impl Sample {
