@@ -16,13 +16,14 @@ use crate::alerts::{Alerts, DestinationPolicy};
 use crate::clock::{Clock, SystemClock};
 use crate::cluster::journal::decode;
 use crate::cluster::{ClusterNode, NodeOptions};
-use crate::config::{ClusterConfig, GatewayConfig};
+use crate::config::{ClusterConfig, GatewayConfig, Scheduler};
 use crate::ledger::entry::LedgerEntry;
 use crate::ledger::ids::OrgId;
 use crate::ledger::journal::RecordBody;
 use crate::ledger::{Ledger, LedgerConfig};
 use crate::pricing::LivePrices;
 use crate::proxy::Proxy;
+use crate::server::per_core::{self, PerCore};
 use crate::server::{self, Drained, ServeOptions};
 use crate::store::history::Historian;
 use crate::store::SledStore;
@@ -41,12 +42,20 @@ pub struct Gateway {
     shutdown: CancellationToken,
     /// Kept to wait for the settles its background work still owes.
     proxy: Arc<Proxy>,
-    proxy_task: JoinHandle<Drained>,
+    proxy_serving: ProxyServing,
     admin_task: JoinHandle<Drained>,
     /// Cluster mode: this replica's part in the shared books.
     cluster: Option<Arc<ClusterNode>>,
     /// Checkpoints and retention (single node with write-through).
     historian: Option<Arc<Historian>>,
+}
+
+/// Who serves the proxy listener (`[server] scheduler`).
+enum ProxyServing {
+    /// A task on the shared work-stealing runtime.
+    Shared(JoinHandle<Drained>),
+    /// Threads with a runtime each.
+    PerCore(PerCore),
 }
 
 impl Gateway {
@@ -65,14 +74,28 @@ impl Gateway {
         let config = Arc::new(config);
         prepare_data_dir(&config)?;
         let metrics = Arc::new(Metrics::new(config.cluster.is_some()));
+        let proxy_threads = match config.server.scheduler {
+            Scheduler::WorkStealing => tokio::runtime::Handle::current().metrics().num_workers(),
+            Scheduler::ThreadPerCore => config.server.proxy_threads(),
+        };
+        metrics.proxy_threads.set(i64::try_from(proxy_threads).unwrap_or(i64::MAX));
         let prices = load_prices(&config, &clock, &metrics, &shutdown)?;
-        let proxy_listener = TcpListener::bind(config.server.listen)
-            .await
-            .with_context(|| format!("cannot listen on {} (proxy)", config.server.listen))?;
+        let proxy_listeners = match config.server.scheduler {
+            Scheduler::WorkStealing => ProxyListeners::Shared(
+                TcpListener::bind(config.server.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {} (proxy)", config.server.listen))?,
+            ),
+            Scheduler::ThreadPerCore => {
+                let (_, listeners) = per_core::bind(config.server.listen, config.server.proxy_threads())
+                    .with_context(|| format!("cannot listen on {} (proxy)", config.server.listen))?;
+                ProxyListeners::PerCore(listeners)
+            }
+        };
         let admin_listener = TcpListener::bind(config.server.admin_listen)
             .await
             .with_context(|| format!("cannot listen on {} (admin)", config.server.admin_listen))?;
-        let proxy_addr = proxy_listener.local_addr()?;
+        let proxy_addr = proxy_listeners.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
         let (ledger, writer, cluster, historian) = match &config.cluster {
             None => {
@@ -112,12 +135,19 @@ impl Gateway {
         }
         let proxy = Arc::new(proxy);
         let serving = proxy.clone();
-        let proxy_task = tokio::spawn(server::serve(
-            proxy_listener,
-            options.clone(),
-            shutdown.clone(),
-            move |req, peer| serving.clone().handle(req, peer),
-        ));
+        let handler = move |req, peer| Proxy::handle(Arc::clone(&serving), req, peer);
+        let proxy_serving = match proxy_listeners {
+            ProxyListeners::Shared(listener) => ProxyServing::Shared(tokio::spawn(server::serve(
+                listener,
+                options.clone(),
+                shutdown.clone(),
+                handler,
+            ))),
+            ProxyListeners::PerCore(listeners) => ProxyServing::PerCore(
+                per_core::start(listeners, options.clone(), shutdown.clone(), handler)
+                    .context("cannot start the proxy threads")?,
+            ),
+        };
 
         let readiness = Arc::new(Readiness::default());
         if let Some(writer) = writer.clone() {
@@ -175,7 +205,7 @@ impl Gateway {
             writer,
             shutdown,
             proxy,
-            proxy_task,
+            proxy_serving,
             admin_task,
             cluster,
             historian,
@@ -221,9 +251,16 @@ impl Gateway {
     pub async fn wait_stopped(self) -> Stopped {
         self.shutdown.cancelled().await;
         self.readiness.set(false);
-        let proxy = self.proxy_task.await.unwrap_or(Drained::TimedOut);
+        let (proxy, per_core) = match self.proxy_serving {
+            ProxyServing::Shared(task) => (task.await.unwrap_or(Drained::TimedOut), None),
+            ProxyServing::PerCore(mut threads) => (threads.drained().await, Some(threads)),
+        };
         let admin = self.admin_task.await.unwrap_or(Drained::TimedOut);
+        // The proxy threads' runtimes still run the read-on work this waits for.
         self.proxy.drain_background().await;
+        if let Some(threads) = per_core {
+            let _ = tokio::task::spawn_blocking(move || threads.release()).await;
+        }
         if let Some(node) = &self.cluster {
             // Every request has settled: ship the outbox, give back leases.
             node.stop().await;
@@ -245,6 +282,23 @@ impl Gateway {
         tracing::info!(?drained, "creditgate stopped");
         let restart = self.cluster.as_ref().and_then(|node| node.must_restart());
         Stopped { drained, store, restart }
+    }
+}
+
+/// The proxy's bound listener(s), before serving starts.
+enum ProxyListeners {
+    Shared(TcpListener),
+    PerCore(Vec<std::net::TcpListener>),
+}
+
+impl ProxyListeners {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            ProxyListeners::Shared(listener) => listener.local_addr(),
+            ProxyListeners::PerCore(listeners) => {
+                listeners.first().ok_or_else(|| std::io::Error::other("no proxy listener"))?.local_addr()
+            }
+        }
     }
 }
 

@@ -252,6 +252,8 @@ pub struct ServerConfig {
     /// Threads of the async runtime that serves the proxy and admin API;
     /// `None`: one per core (as the machine reports them).
     pub workers: Option<usize>,
+    /// How the proxy's connections are spread over those threads.
+    pub scheduler: Scheduler,
     /// After a client leaves a metered response, the gateway reads on for the
     /// upstream's usage this long at most (then it charges the hold).
     pub read_on_timeout: Duration,
@@ -260,6 +262,37 @@ pub struct ServerConfig {
     /// A response still streaming after this long is ended (and charged
     /// the hold): no request holds credit forever.
     pub max_response_duration: Duration,
+}
+
+/// `[server] scheduler`: how proxy connections are spread over threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    /// One multi-threaded runtime whose workers steal each other's tasks.
+    #[default]
+    WorkStealing,
+    /// One single-threaded runtime per worker, each accepting on its own
+    /// `SO_REUSEPORT` listener, so a connection's tasks never change thread
+    /// (as nginx and pingora run). The admin API and background work keep a
+    /// small shared runtime of their own. Single node only.
+    ThreadPerCore,
+}
+
+impl ServerConfig {
+    /// Threads that serve the proxy: the runtime's workers, or one
+    /// single-threaded runtime each under `thread-per-core`.
+    pub fn proxy_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+    }
+
+    /// Workers of the shared multi-threaded runtime: all of them, or one for
+    /// the admin API and background work under `thread-per-core`.
+    pub fn shared_runtime_workers(&self) -> Option<usize> {
+        match self.scheduler {
+            Scheduler::WorkStealing => self.workers,
+            Scheduler::ThreadPerCore => Some(1),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -446,6 +479,7 @@ struct RawServer {
     body_read_timeout_ms: Option<u64>,
     max_connections: Option<usize>,
     workers: Option<usize>,
+    scheduler: Option<Scheduler>,
     read_on_timeout_ms: Option<u64>,
     read_on_max_bytes: Option<u64>,
     max_response_ms: Option<u64>,
@@ -671,6 +705,13 @@ impl GatewayConfig {
         let traffic = validate_traffic(&mut checker, top.traffic);
         let ledger = validate_ledger(&mut checker, top.ledger);
         let cluster = top.cluster.and_then(|value| validate_cluster(&mut checker, value, env));
+        if cluster.is_some() && server.scheduler == Scheduler::ThreadPerCore {
+            checker.problem(
+                0,
+                "[server] scheduler = \"thread-per-core\" is for a single node; a cluster replica's database connections live on the shared runtime",
+                Some("leave scheduler out (work-stealing) with [cluster]"),
+            );
+        }
 
         let mut upstreams = Vec::new();
         let mut upstream_index = HashMap::new();
@@ -796,6 +837,7 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
         ),
         max_connections: raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS).max(1),
         workers: raw.workers.map(|n| n.clamp(1, MAX_WORKERS)),
+        scheduler: raw.scheduler.unwrap_or_default(),
         read_on_timeout: Duration::from_millis(raw.read_on_timeout_ms.unwrap_or(DEFAULT_READ_ON_TIMEOUT_MS)),
         read_on_max_bytes: raw.read_on_max_bytes.unwrap_or(DEFAULT_READ_ON_MAX_BYTES),
         max_response_duration: Duration::from_millis(raw.max_response_ms.unwrap_or(DEFAULT_MAX_RESPONSE_MS)),

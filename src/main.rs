@@ -187,12 +187,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// `[server] workers` of the config `serve` is given (else one per core).
+/// The shared runtime's workers for the config `serve` is given: `[server]
+/// workers` (else one per core), or one under `thread-per-core`.
 /// The runtime is built before `serve` reads its config; an unreadable one
 /// is reported there.
 fn runtime_workers(command: &Command) -> Option<usize> {
     match command {
-        Command::Serve { config, .. } => GatewayConfig::load(config).ok()?.server.workers,
+        Command::Serve { config, .. } => GatewayConfig::load(config).ok()?.server.shared_runtime_workers(),
         _ => None,
     }
 }

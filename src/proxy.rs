@@ -45,7 +45,7 @@ pub use headers::REQUEST_ID;
 use crate::alerts::{Alerts, Signal};
 use crate::clock::Clock;
 use crate::cluster::{self, LeaseBook};
-use crate::config::{Flavour, GatewayConfig, Route, RouteKind, Upstream};
+use crate::config::{Flavour, GatewayConfig, Route, RouteKind, Scheduler, Upstream};
 use crate::ledger::ids::{KeyId, RequestId, WalletId};
 use crate::ledger::Refusal;
 use crate::ledger::{Ledger, SpendContext};
@@ -84,7 +84,11 @@ impl Proxy {
         alerts: Arc<Alerts>,
         shutdown: CancellationToken,
     ) -> Self {
-        let upstreams = UpstreamClients::new(&config.upstreams);
+        let client_sets = match config.server.scheduler {
+            Scheduler::WorkStealing => 1,
+            Scheduler::ThreadPerCore => config.server.proxy_threads(),
+        };
+        let upstreams = UpstreamClients::new(&config.upstreams, client_sets);
         let traffic = traffic::TrafficCaps::new(config.traffic.clone());
         let background = TaskTracker::new();
         Proxy {

@@ -30,6 +30,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub mod per_core;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Pause after a failed accept (e.g. out of file descriptors) before retrying,

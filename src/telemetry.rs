@@ -139,6 +139,9 @@ pub mod metrics {
         pub store_flush_micros: Gauge,
         /// Worker threads of the runtime serving requests (`[server] workers`).
         pub runtime_workers: Gauge,
+        /// Threads serving the proxy listener: the runtime's workers, or
+        /// one runtime each under `scheduler = "thread-per-core"`.
+        pub proxy_threads: Gauge,
     }
 
     impl Default for Metrics {
@@ -206,6 +209,12 @@ pub mod metrics {
                 "Worker threads of the async runtime serving requests ([server] workers)",
                 runtime_workers.clone(),
             );
+            let proxy_threads = Gauge::default();
+            registry.register(
+                "proxy_threads",
+                "Threads serving the proxy listener (one runtime each under [server] scheduler = \"thread-per-core\")",
+                proxy_threads.clone(),
+            );
             let cluster = cluster.then(|| ClusterMetrics::register(&mut registry));
             Metrics {
                 registry,
@@ -214,6 +223,7 @@ pub mod metrics {
                 store_flushes,
                 store_flush_micros,
                 runtime_workers,
+                proxy_threads,
                 requests,
                 price_reloads,
                 price_version,

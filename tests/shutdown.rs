@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use creditgate::ledger::entry::EntryKind;
 use creditgate::mock::{MockOptions, MockUpstream};
 use creditgate::server::Drained;
 use http::Request;
@@ -264,4 +265,147 @@ async fn streams_cut_at_the_end_of_the_grace_period_are_settled_before_the_store
     let after = gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap();
     assert_eq!(after.balance, settled.balance, "the charge survived the restart");
     assert_eq!(after.balance, after.totals.balance());
+}
+
+/// The amounts of the debits the gateway has made durable so far.
+fn debit_amounts(gateway: &creditgate::app::Gateway) -> Vec<rust_decimal::Decimal> {
+    let entries = gateway.ledger_entries(0, 10_000).unwrap();
+    entries.iter().filter(|e| matches!(e.kind, EntryKind::Debit(_))).map(|e| e.amount.abs()).collect()
+}
+
+/// Names of this process's threads that serve the proxy under
+/// `thread-per-core` (the kernel keeps 15 bytes of a thread's name).
+fn proxy_threads_running() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("creditgate-prox"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_per_core_charges_every_request_reads_on_and_drains_streams_at_shutdown() {
+    assert_eq!(proxy_threads_running(), 0);
+    let stack = start_with("scheduler = \"thread-per-core\"\nworkers = 3", "", MockOptions::default()).await;
+    assert_eq!(proxy_threads_running(), 3, "one thread per configured worker");
+    let metrics =
+        send(Request::get(stack.admin_url("/metrics")).body(Full::new(Bytes::new())).unwrap()).await;
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(metrics.contains("creditgate_proxy_threads 3\n"), "{metrics}");
+    let ledger = stack.gateway.ledger();
+    let org_balance = || -> rust_decimal::Decimal {
+        let wallets = ledger.wallets_of(stack.keys.org);
+        wallets.iter().map(|w| ledger.balance(*w, chrono::Utc::now()).unwrap().balance).sum()
+    };
+    let before = org_balance();
+
+    // Each on a connection of its own, so the kernel spreads them over the
+    // three listeners.
+    let calls = 24;
+    for _ in 0..calls {
+        let mut sender = open_h1(stack.gateway.proxy_addr()).await;
+        let request = Request::post(stack.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {}", stack.keys.pro))
+            .body(creditgate::mock::MockBody::Full(Some(Bytes::from(
+                r#"{"model":"mock-gpt","max_tokens":8}"#,
+            ))))
+            .unwrap();
+        let reply = read(sender.send_request(request).await.unwrap()).await;
+        assert_eq!(reply.status, 200, "{:?}", String::from_utf8_lossy(&reply.body));
+    }
+    let mut debits = Vec::new();
+    for _ in 0..200 {
+        debits = debit_amounts(&stack.gateway);
+        if debits.len() == calls {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(debits.len(), calls, "one debit per request");
+    let spent: rust_decimal::Decimal = debits.iter().sum();
+    let after = org_balance();
+    assert!(spent > rust_decimal::Decimal::ZERO);
+    assert_eq!(before - after, spent, "the pool paid exactly the debits");
+
+    // The same small-usage stream three times. Read to its end:
+    let stream = |pace: &str| {
+        Request::post(stack.url("/v1/chat/completions"))
+            .header("x-mock-pace-ms", pace)
+            .header("x-mock-usage", r#"{"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}"#)
+            .header("authorization", format!("Bearer {}", stack.keys.pro))
+            .body(creditgate::mock::MockBody::Full(Some(Bytes::from(STREAM_BODY))))
+            .unwrap()
+    };
+    let mut sender = open_h1(stack.gateway.proxy_addr()).await;
+    let reply = read(sender.send_request(stream("1")).await.unwrap()).await;
+    assert!(reply.body.ends_with(b"data: [DONE]\n\n"));
+    let usage_cost = after - org_balance();
+    assert!(usage_cost > rust_decimal::Decimal::ZERO);
+
+    // Left after its first event: the gateway reads on for the usage on
+    // that connection's thread (charging the whole hold if it could not).
+    let after = org_balance();
+    let mut sender = open_h1(stack.gateway.proxy_addr()).await;
+    let mut body = sender.send_request(stream("20")).await.unwrap().into_body();
+    assert!(next_chunk(&mut body).await.is_some(), "the stream started");
+    drop(body);
+    drop(sender);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(ledger.open_holds(), 1, "the left stream's hold waits for its usage");
+    for _ in 0..300 {
+        if ledger.open_holds() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(after - org_balance(), usage_cost, "the left stream was charged its usage, not its hold");
+
+    // In flight when shutdown starts: it runs to its end on its thread.
+    let after = org_balance();
+    let mut sender = open_h1(stack.gateway.proxy_addr()).await;
+    let mut body = sender.send_request(stream("40")).await.unwrap().into_body();
+    let mut received = next_chunk(&mut body).await.unwrap().to_vec();
+    stack.shutdown.cancel();
+    let stopped = tokio::spawn(stack.gateway.wait());
+    while let Some(chunk) = next_chunk(&mut body).await {
+        received.extend_from_slice(&chunk);
+    }
+    assert!(received.ends_with(b"data: [DONE]\n\n"), "the in-flight stream ran to its end");
+    assert_eq!(stopped.await.unwrap(), Drained::All);
+    assert_eq!(proxy_threads_running(), 0, "the proxy threads ended");
+    assert_eq!(ledger.open_holds(), 0);
+    assert_eq!(after - org_balance(), usage_cost, "charged its usage");
+    for (wallet, balance, totals) in ledger.wallet_totals() {
+        assert_eq!(balance, totals.granted - totals.debited - totals.written_off, "wallet {wallet:?}");
+    }
+    stack.mock.stop().await;
+}
+
+#[test]
+fn thread_per_core_is_refused_in_cluster_mode_and_unknown_schedulers_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |server: &str, extra: &str| {
+        let path = dir.path().join("gateway.toml");
+        let text = config_text("127.0.0.1:9".parse().unwrap(), server, "") + extra;
+        std::fs::write(&path, text).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_creditgate"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env("CG_TEST_DATABASE_URL", "postgres://127.0.0.1:9/none")
+            .env("MOCK_UPSTREAM_KEY", UPSTREAM_SECRET)
+            .env("ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("ORG_TOKEN", ORG_TOKEN)
+            .output()
+            .unwrap()
+    };
+    let cluster = "\n[cluster]\ndatabase_url_env = \"CG_TEST_DATABASE_URL\"\n";
+    let fine = check("scheduler = \"thread-per-core\"", "");
+    assert!(fine.status.success(), "{}", String::from_utf8_lossy(&fine.stderr));
+    assert!(check("", cluster).status.success(), "the cluster section itself is fine");
+    let out = check("scheduler = \"thread-per-core\"", cluster);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("thread-per-core"), "{stderr}");
+    let out = check("scheduler = \"round-robin\"", "");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("round-robin"), "{stderr}");
 }

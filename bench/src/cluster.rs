@@ -68,8 +68,16 @@ impl Cluster {
         for index in 0..replicas {
             let name: &'static str = Box::leak(format!("replica-{index}").into_boxed_str());
             let env = [(DATABASE_URL_ENV, url.as_str())];
-            let launch =
-                Launch { name, bin, mock: mock.addr(), prices, extra: &section, data_dir: None, env: &env };
+            let launch = Launch {
+                name,
+                bin,
+                mock: mock.addr(),
+                prices,
+                server: "",
+                extra: &section,
+                data_dir: None,
+                env: &env,
+            };
             match Gateway::start(launch, http).await {
                 Ok(gateway) => started.push(gateway),
                 Err(error) => {

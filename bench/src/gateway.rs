@@ -32,13 +32,15 @@ pub struct Gateway {
 
 /// The config of every gateway the harness runs: every model flavour, the
 /// web-search tool, and an unmetered `passthrough = true` route chosen by
-/// `Host`. `extra` is appended (the write-through switch).
-pub fn config_text(mock: SocketAddr, prices: &Path, extra: &str) -> String {
+/// `Host`. `server` goes into `[server]` (the scheduler); `extra` is
+/// appended (the write-through switch).
+pub fn config_text(mock: SocketAddr, prices: &Path, server: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
+{server}
 [log]
 level = "warn"
 [pricing]
@@ -92,7 +94,7 @@ pub fn write_through_off_switch(
     let dir = tempfile::tempdir()?;
     for section in ["[store]\nwrite_through = false\n", "[ledger]\nwrite_through = false\n"] {
         let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, config_text(mock, prices, section))?;
+        std::fs::write(&path, config_text(mock, prices, "", section))?;
         let status = Command::new(bin)
             .args(["check-config", "--config"])
             .arg(&path)
@@ -113,6 +115,8 @@ pub struct Launch<'a> {
     pub bin: &'a Path,
     pub mock: SocketAddr,
     pub prices: &'a Path,
+    /// Lines for `[server]` in [`config_text`].
+    pub server: &'a str,
     /// Config text appended to [`config_text`]'s.
     pub extra: &'a str,
     /// Its data directory (`None`: a new temporary one).
@@ -124,10 +128,10 @@ pub struct Launch<'a> {
 impl Gateway {
     /// Starts a gateway as `launch` says; returns once it is ready.
     pub async fn start(launch: Launch<'_>, http: &Http) -> anyhow::Result<Gateway> {
-        let Launch { name, bin, mock, prices, extra, data_dir, env } = launch;
+        let Launch { name, bin, mock, prices, server, extra, data_dir, env } = launch;
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("gateway.toml");
-        std::fs::write(&config_path, config_text(mock, prices, extra))?;
+        std::fs::write(&config_path, config_text(mock, prices, server, extra))?;
         let data_dir = data_dir.unwrap_or_else(|| dir.path().join("data"));
         let mut child = Command::new(bin)
             .args(["serve", "--config"])

@@ -67,6 +67,7 @@ impl Metered {
                 bin: &settings.gateway_bin,
                 mock: mock.addr(),
                 prices: &settings.prices,
+                server: &settings.server_lines(),
                 extra,
                 data_dir: None,
                 env: &[],
@@ -254,6 +255,9 @@ impl Run {
         let http = client::http(connections(&settings));
         let mut results = results_for(&settings);
         eprintln!("starting the gateways ({})", settings.gateway_bin.display());
+        if let Some(scheduler) = &settings.scheduler {
+            results.notes.push(format!("the gateways run with [server] scheduler = \"{scheduler}\""));
+        }
         let on = Metered::start(METERED, &settings, &mock, "", &http).await?;
         let off = start_write_through_off(&settings, &mock, &http, &mut results.notes).await?;
         let nginx = start_nginx(&settings, &mock, &mut results.notes)?;

@@ -267,6 +267,7 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<bool> {
             bin: &bin,
             mock: mock.addr(),
             prices: &prices,
+            server: "",
             extra: "",
             data_dir: Some(data_dir.clone()),
             env: &[],

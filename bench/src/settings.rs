@@ -142,6 +142,10 @@ pub struct Args {
     /// gateway's config has the switch].
     #[arg(long, value_enum, default_value = "auto")]
     pub write_through_off: Switch,
+    /// `[server] scheduler` of the gateways this run starts (not the
+    /// cluster's replicas) [default: the gateway's own, work-stealing].
+    #[arg(long, value_parser = ["work-stealing", "thread-per-core"])]
+    pub scheduler: Option<String>,
     /// Write the report as JSON to this file (`-` for stdout).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -256,6 +260,8 @@ pub struct Settings {
     pub nginx: Switch,
     pub hyper_proxy: Switch,
     pub write_through_off: Switch,
+    /// `[server] scheduler` of the gateways it starts, if set.
+    pub scheduler: Option<String>,
     pub json: Option<PathBuf>,
     pub progress: bool,
     /// Replicas of the cluster mode (0: no cluster mode).
@@ -265,6 +271,11 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Lines for the `[server]` table of the gateways this run starts.
+    pub fn server_lines(&self) -> String {
+        self.scheduler.as_ref().map(|s| format!("scheduler = \"{s}\"\n")).unwrap_or_default()
+    }
+
     pub fn from_args(args: Args) -> anyhow::Result<Settings> {
         let smoke = args.profile == Profile::Smoke;
         let cluster = args.profile == Profile::Cluster;
@@ -373,6 +384,7 @@ impl Settings {
             sse_frames: args.sse_frames,
             mix,
             tenants,
+            scheduler: args.scheduler.clone(),
             nginx: args.nginx.unwrap_or(if smoke || cluster { Switch::Off } else { Switch::Auto }),
             hyper_proxy: args.hyper_proxy.unwrap_or(if cluster { Switch::Off } else { Switch::Auto }),
             write_through_off: if cluster { Switch::Off } else { args.write_through_off },

@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::error::ProxyError;
 use crate::config::Upstream;
+use crate::server::per_core::thread_index;
 
 /// The body sent upstream: the client's stream under a size limit, or a body
 /// the gateway rebuilt (e.g. after adding `stream_options`).
@@ -27,14 +28,18 @@ type HttpsClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 const POOL_IDLE_TIMEOUT_SECS: u64 = 90;
 
 /// One pooled client per upstream, so each keeps its own pool size, timeouts
-/// and protocol choice.
+/// and protocol choice; and one such set per proxy thread under
+/// `thread-per-core`, so a thread never sends on a connection whose task
+/// another thread runs.
 pub struct UpstreamClients {
-    clients: Vec<HttpsClient>,
+    /// `[thread][upstream]`; one thread's set under work-stealing.
+    clients: Vec<Vec<HttpsClient>>,
 }
 
 impl UpstreamClients {
-    pub fn new(upstreams: &[Upstream]) -> Self {
-        UpstreamClients { clients: upstreams.iter().map(build_client).collect() }
+    pub fn new(upstreams: &[Upstream], threads: usize) -> Self {
+        let clients = (0..threads.max(1)).map(|_| upstreams.iter().map(build_client).collect()).collect();
+        UpstreamClients { clients }
     }
 
     /// Send a request and wait for the response head, within the upstream's
@@ -46,7 +51,8 @@ impl UpstreamClients {
         max_body_bytes: u64,
         request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let Some(client) = self.clients.get(index) else {
+        let thread = self.clients.get(thread_index()).or_else(|| self.clients.first());
+        let Some(client) = thread.and_then(|clients| clients.get(index)) else {
             return Err(ProxyError::UpstreamFailed {
                 upstream: upstream.name.clone(),
                 reason: "no client configured".to_owned(),
