@@ -5,6 +5,7 @@
 # to the bare proxy. Needs valgrind, curl, python3 and a release build:
 #   cargo build --release -j2 -p creditgate -p creditgate-bench --bin creditgate --bin creditgate-bare-proxy
 #   bench/profile/callgrind.sh [REQUESTS]        # default 2000 per mode
+#   SCHEDULER=thread-per-core bench/profile/callgrind.sh 1000   # the gateway's [server] scheduler
 # Leaves callgrind.{hyper-proxy,passthrough,metered}.out in $OUT (default
 # target/callgrind) for `callgrind_annotate --inclusive=yes FILE`.
 set -euo pipefail
@@ -27,6 +28,9 @@ sed -e "s#127.0.0.1:8090#127.0.0.1:$port_mock#; s#127.0.0.1:8080#127.0.0.1:$port
     -e "s#127.0.0.1:8081#127.0.0.1:$port_admin#; s#file = \"prices.toml\"#file = \"$root/config/prices.toml\"#" \
     -e 's#^requests_per_minute = 600#requests_per_minute = 100000000#; s#^max_in_flight = 32#max_in_flight = 100000#' \
     -e 's#^level = "info"#level = "warn"#' "$root/config/gateway.toml" > "$work/gateway.toml"
+if [ -n "${SCHEDULER:-}" ]; then
+  sed -i "s#^\[server\]#[server]\nscheduler = \"$SCHEDULER\"#" "$work/gateway.toml"
+fi
 printf '\n[[routes]]\nprefix = "/v1"\nhost = "passthrough.test"\nupstream = "mock"\npassthrough = true\n' >> "$work/gateway.toml"
 
 "$bin" mock-upstream --listen "127.0.0.1:$port_mock" > "$work/mock.log" 2>&1 & mock=$!
