@@ -4,11 +4,15 @@
 //!
 //! The historian never looks at the live ledger. It keeps a *shadow* ledger
 //! of its own: the checkpoint the gateway started from (or an empty ledger)
-//! plus every record read back from the store, in sequence order, up to
+//! plus every durable record, in sequence order, up to
 //! [`GroupCommit::durable_through`] — a contiguous durable prefix (the writer
 //! stores records in sequence order and serves readers only that far), so
 //! the shadow is, by construction, exactly the state after record `N` with
-//! nothing missing below `N` and nothing above it. A checkpoint is that
+//! nothing missing below `N` and nothing above it. The records come from
+//! the writer itself, handed over after each flush
+//! ([`GroupCommit::hand_durable_to`]), as long as they follow on without a
+//! gap; whatever the hand-over missed (records from before the historian
+//! started, a batch dropped while it was busy) is read back from the store. A checkpoint is that
 //! shadow serialized ([`crate::ledger::snapshot`]) and written atomically
 //! ([`super::checkpoint`]). Settles never wait for any of it: the only
 //! shared things are the store (read) and the writer's durable counter.
@@ -51,7 +55,7 @@
 //! waits, so a crash test can SIGKILL the process at exactly that moment.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -60,7 +64,7 @@ use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use parking_lot::Mutex;
 
 use crate::clock::Clock;
-use crate::ledger::journal::NullJournal;
+use crate::ledger::journal::{NullJournal, Record};
 use crate::ledger::snapshot::LedgerSnapshot;
 use crate::ledger::{Ledger, LedgerConfig, Replayer};
 use crate::store::export::{export_days, ExportPlan};
@@ -112,6 +116,11 @@ pub struct HistoryStatus {
     pub exported_through: Option<NaiveDate>,
     /// The last failure, if the last attempt failed.
     pub last_error: Option<String>,
+    /// Records the shadow took as the writer handed them over after a flush.
+    pub records_handed_over: u64,
+    /// Records the shadow read back from the store instead (those before
+    /// it started, and any batch the hand-over dropped).
+    pub records_read_back: u64,
 }
 
 /// The background historian; stop it before the writer shuts down.
@@ -126,6 +135,10 @@ pub struct Historian {
 const POLL: Duration = Duration::from_millis(500);
 /// Records read from the store per step.
 const READ_BATCH: usize = 8_192;
+/// Flushed batches the writer may hand over between two steps (a flush
+/// every few milliseconds, a step every [`POLL`]); more are dropped and
+/// read back from the store.
+const HANDED_BATCHES: usize = 1_024;
 
 struct Work<S: Store> {
     writer: Arc<GroupCommit<S>>,
@@ -135,6 +148,8 @@ struct Work<S: Store> {
     clock: Arc<dyn Clock>,
     shadow: Ledger,
     replayer: Replayer,
+    /// Batches the writer made durable, in sequence order.
+    handed: Receiver<Vec<Record>>,
     /// The shadow holds every record up to this one.
     covered: u64,
     since_checkpoint: u64,
@@ -167,6 +182,8 @@ impl Historian {
             ..HistoryStatus::default()
         }));
         let (stop, stopped) = mpsc::sync_channel(1);
+        let (hand, handed) = mpsc::sync_channel(HANDED_BATCHES);
+        writer.hand_durable_to(hand);
         let shared = status.clone();
         let ledger_dir = ledger_dir.to_owned();
         // The shadow is built on the historian's own thread: start-up (and
@@ -201,6 +218,7 @@ impl Historian {
                     clock,
                     shadow,
                     replayer: Replayer::after(covered),
+                    handed,
                     covered,
                     since_checkpoint: 0,
                     last_checkpoint_at: now,
@@ -250,29 +268,59 @@ impl<S: Store> Work<S> {
         }
     }
 
-    /// Replays the durable records the shadow does not have yet.
+    /// Replays the durable records the shadow does not have yet: first
+    /// those the writer handed over, while they follow on from what the
+    /// shadow holds without a gap and lie within the durable mark; then,
+    /// read back from the store, whatever that left out.
     fn catch_up(&mut self) -> Result<(), String> {
+        let mut handed = Vec::new();
+        while let Ok(batch) = self.handed.try_recv() {
+            handed.push(batch);
+        }
+        // Read after taking the batches: the writer moves the mark before
+        // it hands a batch over.
         let target = self.writer.durable_through();
+        let mut taken = 0;
+        'handed: for batch in handed {
+            for record in batch {
+                if record.seq <= self.covered {
+                    continue;
+                }
+                if record.seq != self.covered + 1 || record.seq > target {
+                    // A dropped batch or a gap: the store has the rest.
+                    break 'handed;
+                }
+                self.apply(record)?;
+                taken += 1;
+            }
+        }
+        self.status.lock().records_handed_over += taken;
         loop {
             let batch =
                 self.writer.read_durable_after(self.covered, READ_BATCH).map_err(|e| e.to_string())?;
             if batch.is_empty() {
                 break;
             }
+            self.status.lock().records_read_back += batch.len() as u64;
             for record in batch {
-                self.covered = self.covered.max(record.seq);
-                self.since_checkpoint += 1;
-                if let Err(error) = self.replayer.apply(&self.shadow, record) {
-                    let message = format!("the checkpoint shadow cannot apply a stored record: {error}");
-                    tracing::error!(%message, "ledger history: checkpoints stop");
-                    self.broken = Some(message.clone());
-                    return Err(message);
-                }
+                self.apply(record)?;
             }
         }
         // Numbers up to the durable mark that no record holds were lost in
         // a crash (or reserved): they never will be written.
         self.covered = self.covered.max(target);
+        Ok(())
+    }
+
+    fn apply(&mut self, record: Record) -> Result<(), String> {
+        self.covered = self.covered.max(record.seq);
+        self.since_checkpoint += 1;
+        if let Err(error) = self.replayer.apply(&self.shadow, record) {
+            let message = format!("the checkpoint shadow cannot apply a stored record: {error}");
+            tracing::error!(%message, "ledger history: checkpoints stop");
+            self.broken = Some(message.clone());
+            return Err(message);
+        }
         Ok(())
     }
 

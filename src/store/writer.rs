@@ -78,6 +78,9 @@ struct Shared {
     begins_after: AtomicU64,
     /// Every record with a sequence number up to this one is durable.
     durable_through: AtomicU64,
+    /// Where each flushed batch goes, in sequence order, so the historian
+    /// need not read it back from the store (see [`GroupCommit::hand_durable_to`]).
+    durable_to: OnceLock<SyncSender<Vec<Record>>>,
 }
 
 impl Shared {
@@ -181,6 +184,16 @@ impl<S: Store> GroupCommit<S> {
         let mut records = self.store.read_after(after, wanted)?;
         records.retain(|record| record.seq <= durable);
         Ok(records)
+    }
+
+    /// After each flush, hands the records it made durable to `to`, in
+    /// sequence order (set once; later calls are ignored). A batch that
+    /// does not fit is dropped, never waited for: the receiver must read
+    /// what it missed from the store, up to [`GroupCommit::durable_through`].
+    /// A batch can also hold records above that mark (released past a gap
+    /// that has not closed); the receiver must not use those either.
+    pub fn hand_durable_to(&self, to: SyncSender<Vec<Record>>) {
+        let _ = self.shared.durable_to.set(to);
     }
 
     /// The store underneath (for paging reads).
@@ -541,10 +554,17 @@ impl<S: Store> Worker<S> {
         self.store.flush()?;
         // Durable now, whatever happens to the watermark: a retry must not
         // write them again.
-        state.unflushed.clear();
         let begins_after = self.shared.begins_after.load(Ordering::Relaxed);
         let through = state.sequencer.contiguous_through(begins_after);
         self.shared.durable_through.fetch_max(through, Ordering::Release);
+        match self.shared.durable_to.get() {
+            Some(to) if !state.unflushed.is_empty() => {
+                // Sent after the mark moved, so the receiver sees the mark
+                // cover every record of the batch it may use.
+                let _full = to.try_send(std::mem::take(&mut state.unflushed));
+            }
+            _ => state.unflushed.clear(),
+        }
         state.reserved = state.reserved.max(self.store.reserved_seq());
         let renew = state.highest_seen.saturating_add(self.reserve_ahead / 2) > state.reserved;
         if acknowledging || renew {
@@ -636,5 +656,18 @@ impl<S: Store> Worker<S> {
         let reason = error.to_string();
         self.shared.set_trouble(Some(reason.clone()));
         JournalError::Unavailable { reason }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The queue's slots (a message and the channel's stamp each) are
+    /// allocated and touched at start: they must stay a small part of the
+    /// gateway's resident memory.
+    #[test]
+    fn the_default_queue_takes_at_most_8_mib_up_front() {
+        let slot = std::mem::size_of::<super::Message>() + std::mem::size_of::<usize>();
+        let bytes = slot * crate::store::StoreConfig::default().queue_capacity;
+        assert!(bytes <= 8 << 20, "{bytes} bytes in {slot}-byte slots");
     }
 }

@@ -14,7 +14,7 @@ use rust_decimal_macros::dec;
 use crate::clock::ManualClock;
 use crate::ledger::entity::{KeyHash, Plan};
 use crate::ledger::ids::{Owner, WalletId};
-use crate::ledger::journal::NullJournal;
+use crate::ledger::journal::{Journal, NullJournal};
 use crate::ledger::limit::Limits;
 use crate::ledger::testkit::{at, details, purchase, request, term};
 use crate::ledger::{Ledger, LedgerConfig, NewApp, NewKey, NewOrg, NewUser, SpendContext};
@@ -344,6 +344,67 @@ fn the_historian_checkpoints_by_count_and_by_clock_off_the_request_path() {
     let reopened = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
     assert_eq!(reopened.checkpoint.as_ref().map(|c| c.seq), Some(by_clock));
     reopened.writer.shutdown().unwrap();
+}
+
+#[test]
+fn the_shadow_takes_flushed_batches_from_the_writer_and_reads_back_only_what_it_missed() {
+    // Proves the hand-over: records durable before the historian started
+    // are read back from the store, later ones arrive from the writer after
+    // each flush, and the checkpoint built from both is exactly a full
+    // replay's state.
+    let dir = tempfile::tempdir().unwrap();
+    let start = at("2027-03-10T09:00:00Z");
+    let clock = ManualClock::new(start);
+    let opened = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
+    let wallets = populate(&opened.ledger, start, 2);
+    let WalletId::Pool(org) = wallets[0] else { unreachable!() };
+    Journal::sync(&*opened.writer).unwrap();
+    let before = opened.writer.durable_through();
+    let config = HistoryConfig {
+        checkpoint_every_records: 1_000_000,
+        checkpoint_interval_ms: 60_000,
+        ..HistoryConfig::default()
+    };
+    let historian = Historian::start(
+        opened.writer.clone(),
+        dir.path(),
+        dir.path().join("exports"),
+        config,
+        LedgerConfig::default(),
+        None,
+        clock.clone(),
+    )
+    .unwrap();
+    let later = start + TimeDelta::days(2);
+    for n in 0..40 {
+        opened.ledger.purchase(purchase(org, dec!(3), &format!("later-{n}")), later).unwrap();
+        if n % 10 == 0 {
+            // A few flushes, so several batches are handed over.
+            Journal::sync(&*opened.writer).unwrap();
+        }
+    }
+    Journal::sync(&*opened.writer).unwrap();
+    let last = opened.writer.durable_through();
+    clock.advance(TimeDelta::minutes(2));
+    for _ in 0..100 {
+        if historian.status().checkpoint_seq >= last {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = historian.status();
+    assert_eq!(status.checkpoint_seq, last, "{status:?}");
+    assert!(status.records_read_back >= before, "what came before the historian is read back: {status:?}");
+    assert!(status.records_handed_over > 0, "later records come from the writer: {status:?}");
+    assert!(
+        status.records_read_back + status.records_handed_over <= last,
+        "no record is taken twice: {status:?}"
+    );
+    historian.stop();
+    opened.writer.shutdown().unwrap();
+    drop(opened);
+    let saved = checkpoint::load_newest(&checkpoint::dir_of(dir.path())).unwrap().0.unwrap();
+    assert_eq!(saved, replayed(dir.path()).snapshot(last), "the checkpoint is the full replay's state");
 }
 
 /// Writes the checked-in fixture (`tests/fixtures/checkpoint-v1.cgcp`)
