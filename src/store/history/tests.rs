@@ -20,7 +20,7 @@ use crate::ledger::testkit::{at, details, purchase, request, term};
 use crate::ledger::{Ledger, LedgerConfig, NewApp, NewKey, NewOrg, NewUser, SpendContext};
 use crate::store::export::{self, ExportPlan};
 use crate::store::history::{checkpoint_offline, retain_through, Historian, HistoryConfig};
-use crate::store::{checkpoint, open_ledger, verify_store, SledStore, Store, StoreConfig};
+use crate::store::{checkpoint, open_ledger, verify_store, GroupCommit, SledStore, Store, StoreConfig};
 
 fn fast() -> StoreConfig {
     StoreConfig { flush_interval_ms: 1, ..StoreConfig::default() }
@@ -292,6 +292,24 @@ fn a_start_refuses_pruned_records_no_checkpoint_covers() {
     assert!(error.contains("pruned"), "{error}");
 }
 
+/// A historian over `writer` from the first record: a checkpoint every
+/// `every` records or every minute of `clock`.
+fn start_historian(
+    dir: &Path,
+    writer: &Arc<GroupCommit<SledStore>>,
+    every: u64,
+    clock: &Arc<ManualClock>,
+) -> Historian {
+    let config = HistoryConfig {
+        checkpoint_every_records: every,
+        checkpoint_interval_ms: 60_000,
+        ..HistoryConfig::default()
+    };
+    let clock: Arc<dyn crate::clock::Clock> = clock.clone();
+    Historian::start(writer.clone(), dir, dir.join("exports"), config, LedgerConfig::default(), None, clock)
+        .unwrap()
+}
+
 #[test]
 fn the_historian_checkpoints_by_count_and_by_clock_off_the_request_path() {
     // Proves the background historian writes a checkpoint once enough
@@ -301,21 +319,7 @@ fn the_historian_checkpoints_by_count_and_by_clock_off_the_request_path() {
     let start = at("2027-03-10T09:00:00Z");
     let clock = ManualClock::new(start);
     let opened = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
-    let config = HistoryConfig {
-        checkpoint_every_records: 20,
-        checkpoint_interval_ms: 60_000,
-        ..HistoryConfig::default()
-    };
-    let historian = Historian::start(
-        opened.writer.clone(),
-        dir.path(),
-        dir.path().join("exports"),
-        config,
-        LedgerConfig::default(),
-        None,
-        clock.clone(),
-    )
-    .unwrap();
+    let historian = start_historian(dir.path(), &opened.writer, 20, &clock);
     populate(&opened.ledger, start, 2);
     let wait_for = |count: u64| {
         for _ in 0..100 {
@@ -360,21 +364,7 @@ fn the_shadow_takes_flushed_batches_from_the_writer_and_reads_back_only_what_it_
     let WalletId::Pool(org) = wallets[0] else { unreachable!() };
     Journal::sync(&*opened.writer).unwrap();
     let before = opened.writer.durable_through();
-    let config = HistoryConfig {
-        checkpoint_every_records: 1_000_000,
-        checkpoint_interval_ms: 60_000,
-        ..HistoryConfig::default()
-    };
-    let historian = Historian::start(
-        opened.writer.clone(),
-        dir.path(),
-        dir.path().join("exports"),
-        config,
-        LedgerConfig::default(),
-        None,
-        clock.clone(),
-    )
-    .unwrap();
+    let historian = start_historian(dir.path(), &opened.writer, 1_000_000, &clock);
     let later = start + TimeDelta::days(2);
     for n in 0..40 {
         opened.ledger.purchase(purchase(org, dec!(3), &format!("later-{n}")), later).unwrap();
