@@ -12,10 +12,11 @@
 //! the writer itself, handed over after each flush
 //! ([`GroupCommit::hand_durable_to`]), as long as they follow on without a
 //! gap; whatever the hand-over missed (records from before the historian
-//! started, a batch dropped while it was busy) is read back from the store. A checkpoint is that
-//! shadow serialized ([`crate::ledger::snapshot`]) and written atomically
-//! ([`super::checkpoint`]). Settles never wait for any of it: the only
-//! shared things are the store (read) and the writer's durable counter.
+//! started, a batch dropped while it was busy) is read back from the store.
+//! A checkpoint is that shadow serialized ([`crate::ledger::snapshot`]) and
+//! written atomically ([`super::checkpoint`]). Settles never wait for any of
+//! it: the only shared things are the store (read), the writer's durable
+//! counter and the hand-over channel, which the writer never waits on.
 //!
 //! A checkpoint is due every `checkpoint_every_records` records or every
 //! `checkpoint_interval_ms` of the injected clock (if anything happened),
