@@ -87,7 +87,7 @@ impl Gateway {
                     .with_context(|| format!("cannot listen on {} (proxy)", config.server.listen))?,
             ),
             Scheduler::ThreadPerCore => {
-                let (_, listeners) = per_core::bind(config.server.listen, config.server.proxy_threads())
+                let listeners = per_core::bind(config.server.listen, config.server.proxy_threads())
                     .with_context(|| format!("cannot listen on {} (proxy)", config.server.listen))?;
                 ProxyListeners::PerCore(listeners)
             }

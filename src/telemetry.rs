@@ -137,7 +137,8 @@ pub mod metrics {
         pub open_holds: Gauge,
         pub store_flushes: Gauge,
         pub store_flush_micros: Gauge,
-        /// Worker threads of the runtime serving requests (`[server] workers`).
+        /// Worker threads of the shared runtime: `[server] workers`, or one
+        /// (admin and background work) under `thread-per-core`.
         pub runtime_workers: Gauge,
         /// Threads serving the proxy listener: the runtime's workers, or
         /// one runtime each under `scheduler = "thread-per-core"`.
@@ -206,7 +207,7 @@ pub mod metrics {
             let runtime_workers = Gauge::default();
             registry.register(
                 "runtime_workers",
-                "Worker threads of the async runtime serving requests ([server] workers)",
+                "Worker threads of the shared async runtime ([server] workers; 1 under scheduler = \"thread-per-core\", see proxy_threads)",
                 runtime_workers.clone(),
             );
             let proxy_threads = Gauge::default();

@@ -546,10 +546,13 @@ impl LeaseBook {
 
     /// Draws a lease ahead of need on `wallet` (off the request path).
     pub async fn refill(&self, wallet: &str, need: Decimal) -> Result<(), ClusterError> {
-        let yielding = self.wallet(wallet).lock().yielding_until.is_some_and(|until| until > Instant::now());
-        if yielding {
-            self.wallet(wallet).lock().refill_running = false;
-            return Ok(());
+        {
+            let cell = self.wallet(wallet);
+            let mut state = cell.lock();
+            if state.yielding_until.is_some_and(|until| until > Instant::now()) {
+                state.refill_running = false;
+                return Ok(());
+            }
         }
         let drawn = self.draw(wallet, need, false).await;
         self.wallet(wallet).lock().refill_running = false;

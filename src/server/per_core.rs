@@ -47,7 +47,7 @@ pub fn thread_index() -> usize {
 /// `threads` listeners on `addr`, all bound with `SO_REUSEPORT` to the
 /// same port (the first one's, when `addr` asks for port 0). Bound here,
 /// before any thread starts, so a taken address fails start-up.
-pub fn bind(addr: SocketAddr, threads: usize) -> std::io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
+pub fn bind(addr: SocketAddr, threads: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut bound = addr;
     let mut listeners = Vec::with_capacity(threads);
     for _ in 0..threads.max(1) {
@@ -61,7 +61,7 @@ pub fn bind(addr: SocketAddr, threads: usize) -> std::io::Result<(SocketAddr, Ve
         bound = listener.local_addr()?;
         listeners.push(listener);
     }
-    Ok((bound, listeners))
+    Ok(listeners)
 }
 
 /// The proxy threads, serving until shutdown.
