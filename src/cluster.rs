@@ -99,7 +99,9 @@ pub mod spend;
 pub mod usage;
 pub mod wakeups;
 
-pub use books::{Books, FundingReceipt, LeaseGrant, Renewal, ReplicaStatus, ShippedDebit, WalletAudit};
+pub use books::{
+    empty_detail, Books, FundingReceipt, LeaseGrant, Renewal, ReplicaStatus, ShippedDebit, WalletAudit,
+};
 pub use db::Database;
 pub use journal::LogJournal;
 pub use leases::{LeaseBook, LeaseHold, LeaseRefusal, LeaseSettings};

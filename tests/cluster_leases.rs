@@ -221,7 +221,7 @@ async fn a_shipped_batch_debits_once_however_often_it_is_retried() {
             lease: lease.id,
             amount: dec!(0.25),
             at: Utc::now(),
-            detail: serde_json::json!({}),
+            detail: creditgate::cluster::empty_detail(),
         })
         .collect();
     assert_eq!(books.ship("r1", &batch).await.unwrap(), 3);
@@ -249,6 +249,84 @@ async fn a_shipped_batch_debits_once_however_often_it_is_retried() {
     assert_eq!(audit[0].balance, dec!(9.00));
     // Open leases: r1's 2 less 0.75 spent, r2's 1 less 0.25.
     assert_eq!(audit[0].leased, dec!(2.00));
+}
+
+/// The outbox on disk: each flush writes what was settled since the last
+/// one as one record, not one per debit; a restart finds exactly what was
+/// flushed (and reads a record an older version wrote per debit), ships it
+/// once, and a record goes from the disk once its debits shipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_writes_one_record_per_flush_and_a_restart_ships_exactly_what_was_flushed() {
+    let pg = Postgres::start();
+    let url = pg.create_database("outbox");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(10), "p").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // sled's background threads may keep the dropped database (and its file
+    // lock) for a moment, so a reopen right after the drop may have to wait.
+    let open = || {
+        let started = std::time::Instant::now();
+        loop {
+            match sled::Config::new().path(dir.path()).flush_every_ms(None).open() {
+                Ok(db) => return db.open_tree("debits").unwrap(),
+                Err(err) if started.elapsed() < Duration::from_secs(10) => {
+                    eprintln!("reopening the outbox: {err}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(err) => panic!("cannot reopen the outbox: {err}"),
+            }
+        }
+    };
+
+    let tree = open();
+    let book = LeaseBook::with_outbox(books(&url).await, settings("disk"), 1, tree.clone()).unwrap();
+    // Held first: a hold that draws a lease ships the outbox.
+    let mut holds = Vec::new();
+    for _ in 0..7 {
+        holds.push(book.hold(WALLET, dec!(0.5)).await.unwrap());
+    }
+    let lease = holds[0].lease();
+    for hold in holds.drain(..5) {
+        book.settle(hold, dec!(0.1), Utc::now(), serde_json::json!({"n": 1}));
+    }
+    book.flush_outbox().await.unwrap();
+    assert_eq!(tree.len(), 1, "five debits flushed together are one record");
+    // Settled after the last flush: lost with the process, as the module says.
+    for hold in holds {
+        book.settle(hold, dec!(0.1), Utc::now(), serde_json::json!({}));
+    }
+    drop(book);
+    drop(tree);
+
+    // An older version's record: one debit under its entry number.
+    let tree = open();
+    let old = ShippedDebit {
+        entry: 900,
+        wallet: WALLET.into(),
+        lease,
+        amount: dec!(0.25),
+        at: Utc::now(),
+        detail: creditgate::cluster::empty_detail(),
+    };
+    tree.insert(900_i64.to_be_bytes(), serde_json::to_vec(&old).unwrap()).unwrap();
+    let restarted = LeaseBook::with_outbox(books(&url).await, settings("disk"), 1, tree.clone()).unwrap();
+    assert_eq!(restarted.outbox_len(), 6, "the five flushed debits and the older record");
+    assert!(restarted.settled_through() > 900, "new debits are numbered above what the disk kept");
+    restarted.recover().await.unwrap();
+    assert_eq!(restarted.outbox_len(), 0);
+    assert!(tree.is_empty(), "shipped records are gone from the disk");
+    let audit = assert_books_exact(&admin).await;
+    assert_eq!(audit[0].debited, dec!(0.75), "0.5 flushed, 0.25 from the older record, each once");
+
+    // A flush that finds nothing new writes nothing; a later one is read back.
+    let hold = restarted.hold(WALLET, dec!(0.5)).await.unwrap();
+    restarted.settle(hold, dec!(0.2), Utc::now(), serde_json::json!({}));
+    restarted.flush_outbox().await.unwrap();
+    restarted.flush_outbox().await.unwrap();
+    assert_eq!(tree.len(), 1);
+    restarted.shutdown().await.unwrap();
+    assert!(tree.is_empty());
+    assert_eq!(assert_books_exact(&admin).await[0].debited, dec!(0.95));
 }
 
 /// kill -9 of a replica: its leases come back after their deadline and the

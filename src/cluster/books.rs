@@ -34,7 +34,7 @@ impl LeaseGrant {
 }
 
 /// A settled debit on its way from a replica's outbox to the books.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct ShippedDebit {
     /// The replica's own number for it; (replica, entry) is unique.
     pub entry: i64,
@@ -46,8 +46,15 @@ pub struct ShippedDebit {
     pub amount: Decimal,
     /// When it was settled.
     pub at: DateTime<Utc>,
-    /// What the books keep about it (request id, model, usage).
-    pub detail: serde_json::Value,
+    /// What the books keep about it (request id, model, usage), as JSON
+    /// text: written once at the settle and carried as it is.
+    pub detail: Box<serde_json::value::RawValue>,
+}
+
+/// The detail of a debit that carries none.
+pub fn empty_detail() -> Box<serde_json::value::RawValue> {
+    serde_json::value::RawValue::from_string("{}".to_owned())
+        .unwrap_or_else(|_| unreachable!("`{{}}` is JSON"))
 }
 
 /// The answer to a funding call.
@@ -413,7 +420,8 @@ impl Books {
         let leases: Vec<i64> = debits.iter().map(|debit| debit.lease).collect();
         let amounts: Vec<Decimal> = debits.iter().map(|debit| debit.amount).collect();
         let ats: Vec<DateTime<Utc>> = debits.iter().map(|debit| debit.at).collect();
-        let details: Vec<serde_json::Value> = debits.iter().map(|debit| debit.detail.clone()).collect();
+        let details: Vec<tokio_postgres::types::Json<&serde_json::value::RawValue>> =
+            debits.iter().map(|debit| tokio_postgres::types::Json(&*debit.detail)).collect();
         let client = self.client().await?;
         let statement = client.prepare_cached("SELECT cg_ship_debits($1, $2, $3, $4, $5, $6, $7)").await?;
         let row = client

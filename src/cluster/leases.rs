@@ -15,7 +15,7 @@
 //! traffic returns to the others within `target` plus one round: that is
 //! how long a hold elsewhere can be refused while credit sits unused.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -26,7 +26,7 @@ use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use rust_decimal::Decimal;
 
-use super::books::{Books, ShippedDebit};
+use super::books::{empty_detail, Books, ShippedDebit};
 use super::ClusterError;
 use crate::telemetry::metrics::ClusterMetrics;
 
@@ -199,7 +199,7 @@ pub struct LeaseBook {
     outbox: Mutex<Outbox>,
     /// Where the outbox is kept until shipped (the replica's data
     /// directory); `None` keeps it in memory only.
-    durable: Option<sled::Tree>,
+    durable: Option<DurableOutbox>,
     next_entry: AtomicI64,
     holds: AtomicU64,
     metrics: Option<ClusterMetrics>,
@@ -211,25 +211,60 @@ pub struct LeaseBook {
     refill_wanted: tokio::sync::Notify,
 }
 
-/// Settled debits waiting to ship, in settle order, and when each was
-/// queued (for the outbox lag).
+/// Settled debits waiting to ship, in settle order, when each was queued
+/// (for the outbox lag), and the chunk on disk that keeps it (`None` until
+/// the next flush writes it).
 #[derive(Default)]
 struct Outbox {
     debits: Vec<ShippedDebit>,
     queued: Vec<Instant>,
+    chunks: Vec<Option<u64>>,
 }
 
 impl Outbox {
-    fn push(&mut self, debit: ShippedDebit, at: Instant) {
+    fn push(&mut self, debit: ShippedDebit, at: Instant, chunk: Option<u64>) {
         self.debits.push(debit);
         self.queued.push(at);
+        self.chunks.push(chunk);
     }
 
     /// Puts a batch that failed to ship back in front, keeping settle order.
     fn put_back(&mut self, mut batch: Outbox) {
         batch.debits.append(&mut self.debits);
         batch.queued.append(&mut self.queued);
+        batch.chunks.append(&mut self.chunks);
         *self = batch;
+    }
+}
+
+/// The outbox on disk. Each flush writes the debits settled since the last
+/// one as a single chunk (one sled key, a JSON array), not one key per
+/// settle, and a chunk is removed once every debit in it has shipped. Until
+/// the flush a debit is in memory only, as it was in sled's own cache
+/// before: a crash loses what was settled since the last flush, not more.
+struct DurableOutbox {
+    tree: sled::Tree,
+    /// Writing a chunk and removing one take turns, so a chunk is never
+    /// removed before it was written (it would then stay on disk for good).
+    chunks: tokio::sync::Mutex<Chunks>,
+}
+
+#[derive(Default)]
+struct Chunks {
+    next: u64,
+    /// Debits of each chunk on disk that have not shipped.
+    unshipped: HashMap<u64, usize>,
+    /// Chunks whose write failed: their debits are written by a later
+    /// flush (kept for good, as a failed shipment may bring some back).
+    failed: HashSet<u64>,
+}
+
+/// Reads an outbox value: a chunk, or one debit as written before chunks.
+fn read_outbox_value(value: &[u8]) -> Result<Vec<ShippedDebit>, serde_json::Error> {
+    if value.first() == Some(&b'[') {
+        serde_json::from_slice(value)
+    } else {
+        serde_json::from_slice(value).map(|debit| vec![debit])
     }
 }
 
@@ -276,19 +311,26 @@ impl LeaseBook {
         first_entry: i64,
         tree: sled::Tree,
     ) -> Result<LeaseBook, ClusterError> {
-        let mut pending = Vec::new();
-        for item in tree.iter() {
-            let (_, value) = item.map_err(|err| ClusterError::Config(format!("outbox: {err}")))?;
-            let debit: ShippedDebit = serde_json::from_slice(&value)
-                .map_err(|err| ClusterError::Schema(format!("outbox record cannot be read: {err}")))?;
-            pending.push(debit);
-        }
-        let next = pending.iter().map(|debit| debit.entry + 1).max().unwrap_or(0).max(first_entry);
-        let mut book = LeaseBook::new(books, settings, next);
+        let mut pending = Outbox::default();
+        let mut chunks = Chunks::default();
         let now = Instant::now();
-        book.outbox.get_mut().queued = vec![now; pending.len()];
-        book.outbox.get_mut().debits = pending;
-        book.durable = Some(tree);
+        for item in tree.iter() {
+            let (key, value) = item.map_err(|err| ClusterError::Config(format!("outbox: {err}")))?;
+            let chunk = <[u8; 8]>::try_from(key.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| ClusterError::Schema("an outbox key is not 8 bytes long".into()))?;
+            let debits = read_outbox_value(&value)
+                .map_err(|err| ClusterError::Schema(format!("outbox record cannot be read: {err}")))?;
+            chunks.next = chunks.next.max(chunk + 1);
+            chunks.unshipped.insert(chunk, debits.len());
+            for debit in debits {
+                pending.push(debit, now, Some(chunk));
+            }
+        }
+        let next = pending.debits.iter().map(|debit| debit.entry + 1).max().unwrap_or(0).max(first_entry);
+        let mut book = LeaseBook::new(books, settings, next);
+        *book.outbox.get_mut() = pending;
+        book.durable = Some(DurableOutbox { tree, chunks: tokio::sync::Mutex::new(chunks) });
         Ok(book)
     }
 
@@ -311,15 +353,58 @@ impl LeaseBook {
         self
     }
 
-    /// Makes the outbox durable (what was settled so far survives a crash).
+    /// Makes the outbox durable (what was settled so far survives a crash):
+    /// writes the debits not on disk yet as one chunk and flushes.
     pub async fn flush_outbox(&self) -> Result<(), ClusterError> {
-        match &self.durable {
-            Some(tree) => tree
-                .flush_async()
-                .await
-                .map(drop)
-                .map_err(|err| ClusterError::Unavailable(format!("outbox flush: {err}"))),
-            None => Ok(()),
+        let Some(durable) = &self.durable else { return Ok(()) };
+        let mut chunks = durable.chunks.lock().await;
+        let chunk = chunks.next;
+        chunks.next += 1;
+        let written = {
+            let mut outbox = self.outbox.lock();
+            let Outbox { debits, chunks: on_disk, .. } = &mut *outbox;
+            let fresh: Vec<&ShippedDebit> = debits
+                .iter()
+                .zip(on_disk.iter_mut())
+                .filter(|(_, on_disk)| on_disk.is_none_or(|chunk| chunks.failed.contains(&chunk)))
+                .map(|(debit, on_disk)| {
+                    *on_disk = Some(chunk);
+                    debit
+                })
+                .collect();
+            (!fresh.is_empty()).then(|| (fresh.len(), serde_json::to_vec(&fresh)))
+        };
+        if let Some((count, value)) = written {
+            let kept = value.map_err(|err| err.to_string()).and_then(|value| {
+                durable.tree.insert(chunk.to_be_bytes(), value).map_err(|err| err.to_string())
+            });
+            if let Err(error) = kept {
+                chunks.failed.insert(chunk);
+                return Err(ClusterError::Unavailable(format!("outbox write: {error}")));
+            }
+            chunks.unshipped.insert(chunk, count);
+        }
+        durable
+            .tree
+            .flush_async()
+            .await
+            .map(drop)
+            .map_err(|err| ClusterError::Unavailable(format!("outbox flush: {err}")))
+    }
+
+    /// Removes the chunks on disk whose debits have all shipped now.
+    async fn forget_shipped(&self, shipped: &[Option<u64>]) {
+        let Some(durable) = &self.durable else { return };
+        let mut chunks = durable.chunks.lock().await;
+        for chunk in shipped.iter().flatten() {
+            let Some(left) = chunks.unshipped.get_mut(chunk) else { continue };
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                chunks.unshipped.remove(chunk);
+                // A failed removal only ships its debits again at the next
+                // start: they are unique by entry.
+                let _ = durable.tree.remove(chunk.to_be_bytes());
+            }
         }
     }
 
@@ -618,7 +703,7 @@ impl LeaseBook {
 
     /// Settles a hold at `debit` (which may exceed the hold: the upstream's
     /// report is charged in full) and queues the debit for shipping.
-    pub fn settle(&self, hold: LeaseHold, debit: Decimal, at: DateTime<Utc>, detail: serde_json::Value) {
+    pub fn settle(&self, hold: LeaseHold, debit: Decimal, at: DateTime<Utc>, detail: impl serde::Serialize) {
         let cell = self.wallet(&hold.wallet);
         {
             let mut state = cell.lock();
@@ -641,18 +726,14 @@ impl LeaseBook {
             state.record_spend(debit, Instant::now(), self.settings.target);
         }
         let entry = self.next_entry.fetch_add(1, Ordering::Relaxed);
+        // Serialized once here; the outbox, the shipment and the books
+        // carry the same text.
+        let detail = serde_json::value::to_raw_value(&detail).unwrap_or_else(|error| {
+            tracing::error!(%error, entry, "a debit's detail cannot be written; it ships without it");
+            empty_detail()
+        });
         let debit = ShippedDebit { entry, wallet: hold.wallet, lease: hold.lease, amount: debit, at, detail };
-        if let Some(tree) = &self.durable {
-            // Kept until shipped; a write the tree refuses leaves the debit
-            // in memory only, to ship as usual.
-            let kept = serde_json::to_vec(&debit)
-                .map_err(|err| err.to_string())
-                .and_then(|value| tree.insert(entry.to_be_bytes(), value).map_err(|err| err.to_string()));
-            if let Err(error) = kept {
-                tracing::error!(%error, entry, "cannot keep a settled debit in the outbox");
-            }
-        }
-        self.outbox.lock().push(debit, Instant::now());
+        self.outbox.lock().push(debit, Instant::now(), None);
     }
 
     /// Releases a hold that spent nothing (the request failed before the
@@ -727,12 +808,7 @@ impl LeaseBook {
                         metrics.outbox_lag_seconds.observe(queued.elapsed().as_secs_f64());
                     }
                 }
-                if let Some(tree) = &self.durable {
-                    for debit in &batch.debits {
-                        // A failed removal only ships it again: it is unique by entry.
-                        let _ = tree.remove(debit.entry.to_be_bytes());
-                    }
-                }
+                self.forget_shipped(&batch.chunks).await;
                 for debit in &batch.debits {
                     if let Some(cell) = self.wallets.get(&debit.wallet) {
                         let mut state = cell.lock();

@@ -75,8 +75,8 @@ pub struct UnpostedDebit {
     pub amount: Decimal,
     /// When it was settled.
     pub at: DateTime<Utc>,
-    /// Its [`DebitDetail`], as shipped.
-    pub body: serde_json::Value,
+    /// Its [`DebitDetail`], as shipped (the books' JSON text).
+    pub body: Box<serde_json::value::RawValue>,
 }
 
 /// How a replica follows and keeps the treasury.
@@ -250,7 +250,7 @@ impl Replica {
         }
         let shipped = self.books.unposted(POST_BATCH).await?;
         for debit in &shipped {
-            let detail = match serde_json::from_value::<DebitDetail>(debit.body.clone()) {
+            let detail = match serde_json::from_str::<DebitDetail>(debit.body.get()) {
                 Ok(detail) => detail,
                 Err(err) => {
                     self.refuse_posting(debit, &format!("the debit's detail cannot be read: {err}")).await?;
@@ -497,7 +497,7 @@ impl Books {
                 entry: row.get(1),
                 amount: row.get(2),
                 at: row.get(3),
-                body: row.get(4),
+                body: row.get::<_, tokio_postgres::types::Json<Box<serde_json::value::RawValue>>>(4).0,
             })
             .collect())
     }

@@ -22,6 +22,12 @@ use crate::ledger::{Hold, Ledger, Refusal, SpendContext};
 
 use super::{DebitDetail, LeaseBook, LeaseHold, LeaseRefusal};
 
+/// What a debit against a limit's headroom says: which request it was.
+#[derive(serde::Serialize)]
+struct LimitDebit {
+    request_id: RequestId,
+}
+
 /// A request's reservation in cluster mode: settle or release it. Dropped
 /// unspent (a request cancelled mid-hold, or a caller's bug), it releases
 /// what it holds.
@@ -142,11 +148,9 @@ impl ClusterHold {
         view.release(now);
         for limit in std::mem::take(&mut self.limits) {
             // Counted against the limit only; the credit debit carries the detail.
-            let detail = serde_json::json!({ "request_id": detail.request_id });
-            self.book.settle(limit, cost, now, detail);
+            self.book.settle(limit, cost, now, LimitDebit { request_id: detail.request_id });
         }
-        let detail = serde_json::to_value(&detail).unwrap_or_default();
-        self.book.settle(lease, cost, now, detail);
+        self.book.settle(lease, cost, now, &detail);
         cost
     }
 
