@@ -29,8 +29,9 @@ pub struct Target {
     pub addrs: Arc<[String]>,
     /// A `Host` header to send (picks the gateway's pass-through route).
     pub host: Option<&'static str>,
-    /// Key secrets by mix key index; empty for targets that take no key.
-    pub keys: Arc<Vec<String>>,
+    /// Key secrets by mix key index, one set per address (gateways that
+    /// minted keys of their own) or one set for all; empty: no key.
+    pub keys: Arc<[Vec<String>]>,
     /// Whose CPU the phase is charged with.
     pub cpu: CpuSource,
 }
@@ -54,6 +55,16 @@ impl Target {
     pub fn addr(&self, seq: u64) -> &str {
         let count = self.addrs.len().max(1) as u64;
         self.addrs.get((seq % count) as usize).map_or("", String::as_str)
+    }
+
+    /// The secret of mix key `index` at the listener request `seq` goes to.
+    pub fn key(&self, seq: u64, index: usize) -> Option<&str> {
+        let sets = self.keys.len() as u64;
+        if sets == 0 {
+            return None;
+        }
+        let count = self.addrs.len().max(1) as u64;
+        self.keys[((seq % count) % sets) as usize].get(index).map(String::as_str)
     }
 }
 
@@ -118,7 +129,7 @@ pub fn build_request(
         .header("content-type", "application/json")
         .header("x-request-id", sequencer.request_id(spec.seq))
         .header(LOAD_REQUEST_ID, sequencer.request_id(spec.seq));
-    if let Some(key) = target.keys.get(spec.key) {
+    if let Some(key) = target.key(spec.seq, spec.key) {
         request = request.header("authorization", format!("Bearer {key}"));
     }
     if let Some(host) = target.host {

@@ -22,7 +22,7 @@ use crate::gateway::{self, Gateway, Launch, ADMIN_TOKEN, PASSTHROUGH_HOST};
 use crate::mix::{Catalog, KeyCounts, Mix, MixConfig, Source};
 use crate::nginx::{self, Nginx};
 use crate::report::{
-    self, ClusterFigures, Results, CLUSTER, DIRECT, HYPER_PROXY, METERED, METERED_WT_OFF, NGINX, PASSTHROUGH,
+    self, ClusterFigures, Results, CLUSTER, DIRECT, HYPER_PROXY, METERED, METERED_WT_OFF, NGINX, PASSTHROUGH, SPLIT,
 };
 use crate::settings::{LoadShape, Settings, Switch, TargetSettings};
 use crate::sse::{self, SseSample, StreamCall};
@@ -173,7 +173,7 @@ impl Metered {
         Target {
             addrs: self.proxies.clone().into(),
             host: None,
-            keys: Arc::new(self.tenants.keys.iter().map(|t| t.secret.clone()).collect()),
+            keys: vec![self.tenants.keys.iter().map(|t| t.secret.clone()).collect()].into(),
             cpu: self.cpu.clone(),
         }
     }
@@ -219,6 +219,8 @@ struct Run {
     on: Metered,
     off: Option<Metered>,
     cluster: Option<Metered>,
+    /// Single nodes sharing the cluster's traffic (the split floor).
+    split: Vec<Metered>,
     nginx: Option<Nginx>,
     /// The bare hyper proxy, the reference row.
     bare: Option<BareProxy>,
@@ -268,8 +270,26 @@ impl Run {
         };
         let baselines = Baselines { nginx: nginx.as_ref(), bare: bare.as_ref() };
         let mut modes = modes(&mock.addr().to_string(), Some(PASSTHROUGH_HOST), &on, off.as_ref(), baselines);
+        let mut split = Vec::new();
         if let Some(cluster) = &cluster {
             modes.push(Mode { name: CLUSTER, target: cluster.target(), books: Charged::Cluster });
+            for i in 0..settings.replicas {
+                let name: &'static str = Box::leak(format!("split-{}", i + 1).into_boxed_str());
+                split.push(Metered::start(name, &settings, &mock, "", &http).await?);
+            }
+            let target = Target {
+                addrs: split.iter().map(|single| single.proxies[0].clone()).collect::<Vec<_>>().into(),
+                host: None,
+                keys: split.iter().flat_map(|single| single.target().keys.to_vec()).collect::<Vec<_>>().into(),
+                cpu: CpuSource::Processes(split.iter().filter_map(|single| single.gateway.as_ref()).map(Gateway::pid).collect()),
+            };
+            modes.push(Mode { name: SPLIT, target, books: Charged::Nobody });
+            results.notes.push(format!(
+                "split: the cluster's traffic over {} single-node gateways with books of their own, \
+                 in turn (no shared books): what splitting it costs on this machine; checked by \
+                 `ledger verify` on each, not audited request by request",
+                settings.replicas
+            ));
             results.notes.push(format!(
                 "cluster: {} replicas on one PostgreSQL (fsync off, on this machine), requests spread \
                  over them in turn; its CPU per request is the replicas' only, the database's is shown apart",
@@ -287,6 +307,7 @@ impl Run {
             on,
             off,
             cluster,
+            split,
             nginx,
             bare,
             modes,
@@ -350,6 +371,7 @@ impl Run {
             on,
             off: None,
             cluster: None,
+            split: Vec::new(),
             nginx: None,
             bare: None,
             modes,
@@ -580,6 +602,20 @@ impl Run {
         if let Some(gateway) = self.off.as_mut().and_then(|off| off.gateway.as_mut()) {
             gateway.stop().context("stopping the write-through-off gateway")?;
         }
+        for single in &mut self.split {
+            let Some(gateway) = single.gateway.take() else { continue };
+            match gateway.stop_and_verify() {
+                Ok(verified) => println!(
+                    "audit: {} ledger verify after SIGTERM: {}",
+                    single.name,
+                    verified.lines().last().unwrap_or("ok")
+                ),
+                Err(error) => {
+                    println!("audit FAILED: {}: {error:#}", single.name);
+                    ok = false;
+                }
+            }
+        }
         if let Some(cluster) = self.cluster.as_mut().and_then(|c| c.cluster.take()) {
             match cluster.stop_and_verify() {
                 Ok(verified) => println!(
@@ -696,7 +732,7 @@ fn check_errors(results: &Results) -> bool {
             println!("audit FAILED: {mode}: {errors} requests answered neither 200 nor 402");
             ok = false;
         }
-        if refused > 0 && ![METERED, METERED_WT_OFF, CLUSTER].contains(mode) {
+        if refused > 0 && ![METERED, METERED_WT_OFF, CLUSTER, SPLIT].contains(mode) {
             println!("audit FAILED: {mode}: {refused} 402s on an unmetered path");
             ok = false;
         }

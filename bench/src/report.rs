@@ -20,6 +20,9 @@ pub const NGINX: &str = "nginx";
 pub const METERED: &str = "metered";
 pub const METERED_WT_OFF: &str = "metered-wt-off";
 pub const CLUSTER: &str = "cluster";
+/// The cluster's traffic over as many single-node gateways, each with
+/// books of its own: the cost of splitting it, without shared books.
+pub const SPLIT: &str = "split";
 
 /// Cluster mode's figures over the whole run, from the replicas' metrics.
 #[derive(Debug, Clone)]
@@ -270,6 +273,25 @@ fn cluster_section(results: &Results, text: &mut String, json: &mut Map<String, 
         paired(cluster, metered, cpu),
         "target ≤ 1.10 (replicas' CPU; the database's below)",
     );
+    let split = find(&results.modes, SPLIT).unwrap_or(&[]);
+    if !split.is_empty() {
+        ratio(
+            text,
+            json,
+            "split_over_metered_cpu_per_request",
+            "split / metered CPU per request",
+            paired(split, metered, cpu),
+            "the floor: same traffic over single nodes",
+        );
+        ratio(
+            text,
+            json,
+            "cluster_over_split_cpu_per_request",
+            "cluster / split CPU per request",
+            paired(cluster, split, cpu),
+            "what the shared books add",
+        );
+    }
     ratio(
         text,
         json,

@@ -290,7 +290,7 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<bool> {
     let target = Target {
         addrs: vec![gateway.proxy.clone()].into(),
         host: None,
-        keys: Arc::new(seeded.secrets.clone()),
+        keys: vec![seeded.secrets.clone()].into(),
         cpu: CpuSource::Process(gateway.pid()),
     };
     let mix = Mix::new(MixConfig::latency_probe(), KeyCounts { funded: seeded.secrets.len(), dry: 0 });

@@ -84,7 +84,7 @@ async fn stream_once(call: &StreamCall<'_>, seq: u64) -> anyhow::Result<Option<R
         .header("content-type", "application/json")
         .header(LOAD_REQUEST_ID, call.sequencer.request_id(seq))
         .header("x-mock-pace-ms", call.pace_ms.to_string());
-    if let Some(key) = call.target.keys.get(call.key) {
+    if let Some(key) = call.target.key(spec.seq, call.key) {
         request = request.header("authorization", format!("Bearer {key}"));
     }
     if let Some(host) = call.target.host {
