@@ -35,6 +35,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "posting_lookup",
         sql: include_str!("migrations/0012_posting_lookup.sql"),
     },
+    Migration {
+        version: 13,
+        name: "posting_in_one_update",
+        sql: include_str!("migrations/0013_posting_in_one_update.sql"),
+    },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).
