@@ -22,7 +22,8 @@ use crate::gateway::{self, Gateway, Launch, ADMIN_TOKEN, PASSTHROUGH_HOST};
 use crate::mix::{Catalog, KeyCounts, Mix, MixConfig, Source};
 use crate::nginx::{self, Nginx};
 use crate::report::{
-    self, ClusterFigures, Results, CLUSTER, DIRECT, HYPER_PROXY, METERED, METERED_WT_OFF, NGINX, PASSTHROUGH, SPLIT,
+    self, ClusterFigures, Results, CLUSTER, DIRECT, HYPER_PROXY, METERED, METERED_WT_OFF, NGINX, PASSTHROUGH,
+    SPLIT,
 };
 use crate::settings::{LoadShape, Settings, Switch, TargetSettings};
 use crate::sse::{self, SseSample, StreamCall};
@@ -280,8 +281,14 @@ impl Run {
             let target = Target {
                 addrs: split.iter().map(|single| single.proxies[0].clone()).collect::<Vec<_>>().into(),
                 host: None,
-                keys: split.iter().flat_map(|single| single.target().keys.to_vec()).collect::<Vec<_>>().into(),
-                cpu: CpuSource::Processes(split.iter().filter_map(|single| single.gateway.as_ref()).map(Gateway::pid).collect()),
+                keys: split
+                    .iter()
+                    .flat_map(|single| single.target().keys.to_vec())
+                    .collect::<Vec<_>>()
+                    .into(),
+                cpu: CpuSource::Processes(
+                    split.iter().filter_map(|single| single.gateway.as_ref()).map(Gateway::pid).collect(),
+                ),
             };
             modes.push(Mode { name: SPLIT, target, books: Charged::Nobody });
             results.notes.push(format!(

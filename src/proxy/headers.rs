@@ -10,7 +10,7 @@ pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Headers that describe one connection, not the message, and so must not be
 /// forwarded. `te` is kept when it is exactly `trailers` (needed by gRPC).
-const HOP_BY_HOP: [HeaderName; 7] = [
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -20,8 +20,19 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Whether [`strip_hop_by_hop`] may remove or check `name`.
+fn stripped_or_checked(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == header::UPGRADE || name == header::TE
+}
+
 /// Remove hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names present
+    // costs less than a hashed lookup for every name that might be.
+    // (Headers a `Connection` names count only when `Connection` is there.)
+    if !headers.keys().any(stripped_or_checked) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -69,9 +80,11 @@ pub fn keep_only(headers: &mut HeaderMap, allowed: &[HeaderName]) {
 /// hold, and a client that could choose it could replay another request's
 /// settlement.
 pub fn mint_request_id() -> HeaderValue {
-    let id = uuid::Uuid::now_v7().simple().to_string();
+    let mut digits = [0u8; uuid::fmt::Simple::LENGTH];
+    let id = uuid::Uuid::now_v7();
+    let id = id.simple().encode_lower(&mut digits);
     // A simple uuid is 32 hex digits: always a valid header value.
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// Longest client request id kept for the log.
@@ -88,6 +101,27 @@ pub fn client_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_hop_by_hop_header_is_removed_even_when_it_is_the_only_one() {
+        let alone: Vec<HeaderName> =
+            HOP_BY_HOP.iter().cloned().chain([header::UPGRADE, header::TE]).collect();
+        for name in alone {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            h.insert(name.clone(), HeaderValue::from_static("gzip"));
+            strip_hop_by_hop(&mut h);
+            assert!(h.get(&name).is_none(), "{name} was forwarded");
+            assert_eq!(h.len(), 1, "{name}: the end-to-end header stays");
+        }
+        let mut plain = HeaderMap::new();
+        plain.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        plain.append("x-custom", HeaderValue::from_static("1"));
+        plain.append("x-custom", HeaderValue::from_static("2"));
+        let before = plain.clone();
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain, before, "a message without hop-by-hop headers is left as it is");
+    }
 
     #[test]
     fn connection_named_headers_are_removed() {
