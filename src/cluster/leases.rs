@@ -384,6 +384,9 @@ impl LeaseBook {
             }
             chunks.unshipped.insert(chunk, count);
         }
+        // Written: a shipment may remove it now, before the flush (sled
+        // keeps both in order), so no settle's ship waits on the disk.
+        drop(chunks);
         durable
             .tree
             .flush_async()
