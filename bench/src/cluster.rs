@@ -161,7 +161,7 @@ impl Cluster {
         let mut steady = 0;
         loop {
             let now =
-                self.pg.psql("SELECT count(*) || '/' || count(*) FILTER (WHERE NOT posted) FROM cg_debits");
+                self.pg.psql("SELECT count(*) || '/' || (SELECT count(*) FROM cg_unposted) FROM cg_debits");
             steady = if now == last && now.ends_with("/0") { steady + 1 } else { 0 };
             if steady >= 3 {
                 std::thread::sleep(Duration::from_millis(500));

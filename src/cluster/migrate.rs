@@ -40,6 +40,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "posting_in_one_update",
         sql: include_str!("migrations/0013_posting_in_one_update.sql"),
     },
+    Migration {
+        version: 14,
+        name: "unposted_queue",
+        sql: include_str!("migrations/0014_unposted_queue.sql"),
+    },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).

@@ -238,12 +238,13 @@ impl Replica {
     }
 
     /// Posts the debits replicas shipped to the treasurer's ledger, oldest
-    /// first, up to one batch; returns how many. Each is marked posted in the
-    /// transaction that appends its settle record, so it is posted once
-    /// however often the treasury changes hands. A debit that cannot be
-    /// posted (a body this version does not read, a wallet or key the ledger
-    /// does not know) is marked with the reason instead and stays in the
-    /// shared books, where the audit counts it.
+    /// first, up to one batch; returns how many. Each leaves the queue of
+    /// unposted debits (`cg_unposted`) in the transaction that appends its
+    /// settle record, so it is posted once however often the treasury
+    /// changes hands. A debit that cannot be posted (a body this version
+    /// does not read, a wallet or key the ledger does not know) leaves the
+    /// queue marked with the reason instead and stays in the shared books,
+    /// where the audit counts it.
     pub async fn post_shipped(&self) -> Result<usize, ClusterError> {
         if self.epoch().is_none() {
             return Ok(0);
@@ -485,8 +486,11 @@ impl Books {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
-                "SELECT replica, entry, amount, at, body FROM cg_debits WHERE NOT posted
-                 ORDER BY shipped_at, replica, entry LIMIT $1",
+                "SELECT d.replica, d.entry, d.amount, d.at, d.body
+                 FROM (SELECT replica, entry, shipped_at FROM cg_unposted
+                       ORDER BY shipped_at, replica, entry LIMIT $1) u
+                 JOIN cg_debits d USING (replica, entry)
+                 ORDER BY u.shipped_at, u.replica, u.entry",
             )
             .await?;
         let rows = client.query(&statement, &[&limit]).await?;
@@ -502,8 +506,9 @@ impl Books {
             .collect())
     }
 
-    /// Marks a shipped debit that cannot be posted, with the reason; only
-    /// while `treasurer` holds `epoch`, so a deposed treasurer marks nothing.
+    /// Takes a shipped debit that cannot be posted off the queue, marked
+    /// with the reason; only while `treasurer` holds `epoch`, so a deposed
+    /// treasurer marks nothing.
     pub async fn refuse_posting(
         &self,
         treasurer: &str,
@@ -514,9 +519,12 @@ impl Books {
         let client = self.client().await?;
         client
             .execute(
-                "UPDATE cg_debits SET posted = true, post_error = $3
-                 WHERE replica = $1 AND entry = $2
-                   AND EXISTS (SELECT 1 FROM cg_treasurer WHERE epoch = $4 AND replica = $5)",
+                "WITH refused AS (
+                     DELETE FROM cg_unposted WHERE replica = $1 AND entry = $2
+                       AND EXISTS (SELECT 1 FROM cg_treasurer WHERE epoch = $4 AND replica = $5)
+                     RETURNING replica, entry)
+                 UPDATE cg_debits d SET post_error = $3 FROM refused r
+                 WHERE d.replica = r.replica AND d.entry = r.entry",
                 &[&debit.replica, &debit.entry, &reason, &epoch, &treasurer],
             )
             .await?;
