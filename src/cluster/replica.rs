@@ -486,10 +486,13 @@ impl Books {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
+                // Each queued debit found through cg_debits' key (the
+                // LIMIT keeps the planner from joining the whole table).
                 "SELECT d.replica, d.entry, d.amount, d.at, d.body
                  FROM (SELECT replica, entry, shipped_at FROM cg_unposted
                        ORDER BY shipped_at, replica, entry LIMIT $1) u
-                 JOIN cg_debits d USING (replica, entry)
+                 CROSS JOIN LATERAL (SELECT * FROM cg_debits d
+                                     WHERE d.replica = u.replica AND d.entry = u.entry LIMIT 1) d
                  ORDER BY u.shipped_at, u.replica, u.entry",
             )
             .await?;
