@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::pg::Postgres;
-use creditgate::cluster::migrate::{latest_version, migrate};
+use creditgate::cluster::migrate::{latest_version, migrate, migrate_to};
 use creditgate::cluster::{Books, Database, LeaseBook, LeaseRefusal, LeaseSettings, ShippedDebit};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
@@ -122,6 +122,64 @@ async fn replicas_starting_together_apply_each_migration_once_and_refuse_a_newer
         .unwrap();
     let err = migrate(&db).await.unwrap_err().to_string();
     assert!(err.contains("newer than this binary"), "{err}");
+}
+
+/// An upgrade that finds debits shipped but not yet posted: version 14
+/// moves them from the flag it drops into the treasurer's queue, in
+/// shipping order, so the treasurer still posts each of them once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debits_waiting_to_be_posted_across_the_upgrade_to_the_queue_stay_waiting() {
+    let pg = Postgres::start();
+    let url = pg.create_database("upgrade");
+    let db = Database::new(&url, 4).unwrap();
+    assert_eq!(migrate_to(&db, 13).await.unwrap(), 13);
+    let books = Books::new(db.clone());
+    books.fund(ORG, WALLET, dec!(1), "p").await.unwrap();
+    let second = Duration::from_secs(10);
+    let lease = books.draw_lease("r1", WALLET, dec!(1), dec!(0.1), second, second, Duration::ZERO).await;
+    let lease = lease.unwrap().unwrap();
+    let requests: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
+    let batch: Vec<ShippedDebit> = requests
+        .iter()
+        .zip(1..)
+        .map(|(request, entry)| ShippedDebit {
+            entry,
+            wallet: WALLET.into(),
+            lease: lease.id,
+            amount: dec!(0.1),
+            at: Utc::now(),
+            detail: serde_json::value::to_raw_value(&serde_json::json!({ "request_id": request })).unwrap(),
+        })
+        .collect();
+    assert_eq!(books.ship("r1", &batch).await.unwrap(), 3);
+    let client = db.client().await.unwrap();
+    let flagged: i64 =
+        client.query_one("SELECT count(*) FROM cg_debits WHERE NOT posted", &[]).await.unwrap().get(0);
+    assert_eq!(flagged, 3, "at version 13 they wait under the flag");
+
+    assert_eq!(migrate(&db).await.unwrap(), usize::try_from(latest_version() - 13).unwrap());
+    let queued = books.unposted(10).await.unwrap();
+    let entries: Vec<i64> = queued.iter().map(|debit| debit.entry).collect();
+    assert_eq!(entries, vec![1, 2, 3], "every waiting debit is queued, oldest first");
+    let ids: Vec<Option<String>> = client
+        .query("SELECT request_id::text FROM cg_unposted ORDER BY entry", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let expected: Vec<Option<String>> = requests.iter().map(|id| Some(id.to_string())).collect();
+    assert_eq!(ids, expected, "posting finds each by its request");
+    let flag: i64 = client
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'cg_debits' AND column_name = 'posted'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(flag, 0, "the flag is gone");
+    assert_books_exact(&books).await;
 }
 
 /// The overdraft attack across replicas: three replicas, eight clients each,

@@ -58,6 +58,12 @@ pub fn latest_version() -> i32 {
 /// Brings the schema to [`latest_version`]; returns how many versions this
 /// call applied.
 pub async fn migrate(db: &Database) -> Result<usize, ClusterError> {
+    migrate_to(db, latest_version()).await
+}
+
+/// Brings the schema to `target` (at most [`latest_version`]): an older
+/// schema, for tests of what a later version does to books it finds.
+pub async fn migrate_to(db: &Database, target: i32) -> Result<usize, ClusterError> {
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
@@ -76,7 +82,8 @@ pub async fn migrate(db: &Database) -> Result<usize, ClusterError> {
         )));
     }
     let mut applied = 0;
-    for migration in MIGRATIONS.iter().filter(|migration| migration.version > current) {
+    let wanted = |migration: &&Migration| migration.version > current && migration.version <= target;
+    for migration in MIGRATIONS.iter().filter(wanted) {
         tx.batch_execute(migration.sql).await.map_err(|err| {
             ClusterError::Schema(format!("migration {} ({}): {err}", migration.version, migration.name))
         })?;
