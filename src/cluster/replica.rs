@@ -497,16 +497,21 @@ impl Books {
             )
             .await?;
         let rows = client.query(&statement, &[&limit]).await?;
-        Ok(rows
-            .iter()
-            .map(|row| UnpostedDebit {
-                replica: row.get(0),
-                entry: row.get(1),
-                amount: row.get(2),
-                at: row.get(3),
-                body: row.get::<_, tokio_postgres::types::Json<Box<serde_json::value::RawValue>>>(4).0,
+        // A row this version cannot read is an error to log and retry, not
+        // a panic that would stop the treasurer's posting.
+        rows.iter()
+            .map(|row| {
+                Ok(UnpostedDebit {
+                    replica: row.try_get(0)?,
+                    entry: row.try_get(1)?,
+                    amount: row.try_get(2)?,
+                    at: row.try_get(3)?,
+                    body: row
+                        .try_get::<_, tokio_postgres::types::Json<Box<serde_json::value::RawValue>>>(4)?
+                        .0,
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// Takes a shipped debit that cannot be posted off the queue, marked
