@@ -37,13 +37,8 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 13,
-        name: "posting_in_one_update",
-        sql: include_str!("migrations/0013_posting_in_one_update.sql"),
-    },
-    Migration {
-        version: 14,
         name: "unposted_queue",
-        sql: include_str!("migrations/0014_unposted_queue.sql"),
+        sql: include_str!("migrations/0013_unposted_queue.sql"),
     },
 ];
 

@@ -1,4 +1,4 @@
--- Cluster books, version 14: the debits waiting for the treasurer are a
+-- Cluster books, version 13: the debits waiting for the treasurer are a
 -- queue of their own, not a flag on cg_debits. Marking a debit posted
 -- rewrote its whole row (body included) and, since the flag is in the
 -- predicate of two partial indexes, every index entry of it too: each
