@@ -356,7 +356,7 @@ impl Admin {
                 let call = api::OrgCall { ledger: &self.ledger, org, scope, headers: &parts.headers, now };
                 match (&parts.method, rest) {
                     (_, ["alerts", ..]) => {
-                        api::alert_resource(&call, &self.alerts, &parts.method, rest, &body)?
+                        api::alert_resource(&call, &self.alerts, &parts.method, rest, &body).await?
                     }
                     (&Method::GET, ["summary"]) => {
                         summary::org_summary(&self.ledger, &self.alerts.refusals, org, now)?
@@ -537,8 +537,8 @@ impl Admin {
 }
 
 /// The writes a follower forwards to the treasurer: every change to an
-/// organization's books. Price reloads and alert rules stay with the replica
-/// (its own price file and alerts file).
+/// organization's books. Price reloads stay with the replica (its own price
+/// file); alert rules go from any replica straight to the shared books.
 fn forwarded_in_cluster(method: &Method, segments: &[&str]) -> bool {
     let writes = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     writes && matches!(segments, ["orgs"] | ["orgs", _, ..]) && !matches!(segments, ["orgs", _, "alerts", ..])

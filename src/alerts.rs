@@ -10,9 +10,15 @@
 //! (see `destination`). They are `POST`s of a JSON event with `x-creditgate-timestamp` (Unix
 //! seconds) and `x-creditgate-signature: v1=<hex HMAC-SHA256 of
 //! "{timestamp}.{body}" under the rule's secret>`, retried with exponential
-//! backoff. Rules persist in `<data-dir>/alerts.json`; which thresholds have
-//! fired is kept in memory, so after a restart a threshold still crossed may
-//! fire once more.
+//! backoff.
+//!
+//! On a single node, rules persist in `<data-dir>/alerts.json` and which
+//! thresholds have fired is kept in memory, so after a restart a threshold
+//! still crossed may fire once more. In cluster mode ([`cluster`]) rules,
+//! firings and deliveries are in the shared books: a rule added through any
+//! replica is in force on all of them, every replica evaluates it on the
+//! spending its view of the books shows (all replicas' debits), and a
+//! threshold fires once for the cluster, restarts included.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -37,13 +43,14 @@ use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub mod cluster;
 mod destination;
 pub mod refusals;
 
 pub use destination::{DestinationPolicy, REFUSED as REFUSED_DESTINATION};
 
 use crate::clock::Clock;
-use crate::ledger::ids::{OrgId, WalletId};
+use crate::ledger::ids::{OrgId, RequestId, WalletId};
 use crate::ledger::lot::{Lot, LotKind};
 use crate::ledger::{too_fine, Ledger};
 use destination::GuardedResolver;
@@ -154,8 +161,9 @@ pub enum Signal {
     /// A request was refused by a spending limit paid from this wallet;
     /// `period` tells one limit period from the next.
     LimitReached(WalletId, Option<DateTime<Utc>>),
-    /// A debit on this wallet exceeded its request's hold.
-    OverHold(WalletId),
+    /// A debit on this wallet exceeded its request's hold (the request's
+    /// id makes each such event a period of its own).
+    OverHold(WalletId, RequestId),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +176,16 @@ pub enum AlertError {
     Invalid { field: &'static str, reason: String },
     #[error("an organization keeps at most {max} alert rules")]
     TooMany { max: usize },
+    #[error("the cluster's alert rules cannot be reached: {0}")]
+    Cluster(String),
+}
+
+/// Where rules, firings and deliveries are kept.
+enum Keeping {
+    /// This gateway's own file; firings and deliveries in memory.
+    File(PathBuf),
+    /// The cluster's shared books, as `replica` (boxed: a pool is large).
+    Cluster { books: Box<crate::cluster::Books>, replica: String },
 }
 
 pub struct Alerts {
@@ -185,9 +203,7 @@ pub struct Alerts {
     allocations: Mutex<HashMap<WalletId, Vec<Lot>>>,
     deliveries: Mutex<VecDeque<Delivery>>,
     next_id: AtomicU64,
-    /// Numbers each over-hold event, so each is an alert period of its own.
-    over_hold_events: AtomicU64,
-    path: PathBuf,
+    keeping: Keeping,
     queue: mpsc::Sender<Signal>,
     receiver: Mutex<Option<mpsc::Receiver<Signal>>>,
     pub dropped: AtomicU64,
@@ -213,29 +229,40 @@ impl Alerts {
         policy: DestinationPolicy,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Alerts>, AlertError> {
-        let rules: Vec<Rule> = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AlertError::Load {
-                path: path.display().to_string(),
-                reason: format!(
-                    "unreadable ({e}); the gateway writes it whole, so it was damaged from outside: \
-                     restore it from a backup, or move it away to start without alert rules"
-                ),
-            })?,
-            Err(_) => Vec::new(),
-        };
+        let rules = read_rules_file(&path)?;
+        Ok(Self::with_rules(rules, Keeping::File(path), policy, clock))
+    }
+
+    /// Alerts kept in the cluster's shared `books` (see [`cluster`]), for
+    /// the replica named `replica`: its rules read from them now.
+    pub async fn in_cluster(
+        books: crate::cluster::Books,
+        replica: String,
+        policy: DestinationPolicy,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Alerts>, AlertError> {
+        let rules = cluster::read_rules(&books).await?;
+        Ok(Self::with_rules(rules, Keeping::Cluster { books: Box::new(books), replica }, policy, clock))
+    }
+
+    fn with_rules(
+        rules: Vec<Rule>,
+        keeping: Keeping,
+        policy: DestinationPolicy,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Alerts> {
         let next = rules.iter().map(|r| r.id).max().unwrap_or(0) + 1;
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let watched = rules.iter().map(|r| r.wallet).collect();
         let policy = Arc::new(policy);
-        Ok(Arc::new(Alerts {
+        Arc::new(Alerts {
             watched: RwLock::new(watched),
             rules: Mutex::new(rules),
             fired: Mutex::new(HashMap::new()),
             allocations: Mutex::new(HashMap::new()),
             deliveries: Mutex::new(VecDeque::new()),
             next_id: AtomicU64::new(next),
-            over_hold_events: AtomicU64::new(0),
-            path,
+            keeping,
             queue,
             receiver: Mutex::new(Some(receiver)),
             dropped: AtomicU64::new(0),
@@ -243,7 +270,7 @@ impl Alerts {
             policy,
             refusals: RefusalLog::new(clock.now()),
             clock,
-        }))
+        })
     }
 
     /// Report a signal without waiting; a full queue drops it (counted).
@@ -257,12 +284,9 @@ impl Alerts {
             Signal::LimitReached(wallet, _) => {
                 self.refusals.record(wallet, RefusalReason::SpendLimitReached, self.clock.now());
             }
-            Signal::Changed(_) | Signal::OverHold(_) => {}
+            Signal::Changed(_) | Signal::OverHold(..) => {}
         }
-        let (Signal::Changed(wallet)
-        | Signal::Empty(wallet)
-        | Signal::LimitReached(wallet, _)
-        | Signal::OverHold(wallet)) = signal;
+        let wallet = signal.wallet();
         if !self.watched.read().contains(&wallet) {
             return;
         }
@@ -271,8 +295,9 @@ impl Alerts {
         }
     }
 
-    /// Add a rule and save the set before answering.
-    pub fn add_rule(
+    /// Add a rule and save it (in the file, or in the cluster's books)
+    /// before answering.
+    pub async fn add_rule(
         &self,
         org: OrgId,
         wallet: WalletId,
@@ -288,14 +313,18 @@ impl Alerts {
             return Err(AlertError::Invalid { field: "secret", reason: "at least 16 characters".into() });
         }
         condition.validate()?;
-        let rule = Rule {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            org,
-            wallet,
-            condition,
-            webhook_url,
-            secret,
+        let mut rule = Rule { id: 0, org, wallet, condition, webhook_url, secret };
+        let path = match &self.keeping {
+            Keeping::File(path) => path,
+            Keeping::Cluster { books, .. } => {
+                rule.id = cluster::add_rule(books, &rule).await?;
+                // In force here at once; the others reload when told.
+                self.rules.lock().push(rule.clone());
+                self.watched.write().insert(rule.wallet);
+                return Ok(rule);
+            }
         };
+        rule.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut rules = self.rules.lock();
         if rules.iter().filter(|r| r.org == org).count() >= MAX_RULES_PER_ORG {
             return Err(AlertError::TooMany { max: MAX_RULES_PER_ORG });
@@ -303,29 +332,32 @@ impl Alerts {
         // Saved first: a rule the file does not hold is not in force either.
         let mut saved = rules.clone();
         saved.push(rule.clone());
-        self.save(&saved)?;
+        save_rules_file(path, &saved)?;
         *rules = saved;
         self.watched.write().insert(rule.wallet);
         Ok(rule)
     }
 
-    pub fn rules_of(&self, org: OrgId) -> Vec<Rule> {
-        self.rules.lock().iter().filter(|r| r.org == org).cloned().collect()
+    /// `org`'s rules (in cluster mode, as the shared books hold them now).
+    pub async fn rules_of(&self, org: OrgId) -> Result<Vec<Rule>, AlertError> {
+        match &self.keeping {
+            Keeping::File(_) => Ok(self.rules.lock().iter().filter(|r| r.org == org).cloned().collect()),
+            Keeping::Cluster { books, .. } => cluster::rules_of(books, org).await,
+        }
     }
 
-    pub fn deliveries_of(&self, org: OrgId) -> Vec<Delivery> {
-        self.deliveries.lock().iter().filter(|d| d.org == org).cloned().collect()
+    /// `org`'s deliveries, oldest first (in cluster mode, every replica's).
+    pub async fn deliveries_of(&self, org: OrgId) -> Result<Vec<Delivery>, AlertError> {
+        match &self.keeping {
+            Keeping::File(_) => Ok(self.deliveries.lock().iter().filter(|d| d.org == org).cloned().collect()),
+            Keeping::Cluster { books, .. } => cluster::deliveries_of(books, org).await,
+        }
     }
 
-    /// Replaces the rules file whole and durably: a crash leaves the old
-    /// file or the new one, never a torn one (which would stop start-up).
-    fn save(&self, rules: &[Rule]) -> Result<(), AlertError> {
-        let error = |e: std::io::Error| AlertError::Save {
-            path: self.path.display().to_string(),
-            reason: e.to_string(),
-        };
-        let bytes = serde_json::to_vec_pretty(rules).unwrap_or_default();
-        write_durably(&self.path, &bytes).map_err(error)
+    /// Replaces the rules in force (a cluster replica's reload).
+    fn replace_rules(&self, rules: Vec<Rule>) {
+        *self.watched.write() = rules.iter().map(|r| r.wallet).collect();
+        *self.rules.lock() = rules;
     }
 
     /// Evaluate signals until shutdown.
@@ -343,16 +375,14 @@ impl Alerts {
             };
             for (rule, period, facts) in self.due(&ledger, signal, clock.now()) {
                 let alerts = self.clone();
-                tokio::spawn(async move { alerts.deliver(rule, period, facts).await });
+                tokio::spawn(async move { alerts.fire(rule, period, facts).await });
             }
         }
     }
 
     /// The rules this signal makes fire now, each marked as fired.
     fn due(&self, ledger: &Ledger, signal: Signal, now: DateTime<Utc>) -> Vec<(Rule, String, Value)> {
-        let wallet = match signal {
-            Signal::Changed(w) | Signal::Empty(w) | Signal::LimitReached(w, _) | Signal::OverHold(w) => w,
-        };
+        let wallet = signal.wallet();
         let rules: Vec<Rule> = self.rules.lock().iter().filter(|r| r.wallet == wallet).cloned().collect();
         if rules.is_empty() {
             return Vec::new();
@@ -395,8 +425,8 @@ impl Alerts {
                     (true, resets.map_or_else(|| format!("request:{}", now.date_naive()), |r| r.to_rfc3339()))
                 }
                 // Every overrun is its own event.
-                (Condition::UsageOverHold, Signal::OverHold(_)) => {
-                    (true, format!("over_hold:{}", self.over_hold_events.fetch_add(1, Ordering::Relaxed)))
+                (Condition::UsageOverHold, Signal::OverHold(_, request)) => {
+                    (true, format!("over_hold:{request}"))
                 }
                 _ => (false, String::new()),
             };
@@ -417,8 +447,24 @@ impl Alerts {
         seen.iter().map(|lot| lot.granted).sum()
     }
 
-    async fn deliver(&self, rule: Rule, period: String, facts: Value) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+    /// Delivers a firing: on a single node at once; in a cluster only if
+    /// this replica is the first to claim it in the shared books.
+    async fn fire(&self, rule: Rule, period: String, facts: Value) {
+        let id = match &self.keeping {
+            Keeping::File(_) => self.next_id.fetch_add(1, Ordering::Relaxed),
+            Keeping::Cluster { books, replica } => {
+                match cluster::claim(books, &rule, &period, replica).await {
+                    Ok(Some(id)) => id,
+                    Ok(None) => return,
+                    Err(error) => {
+                        // Not marked fired here, so the next signal tries again.
+                        forget_fired(&mut self.fired.lock(), rule.id, &period);
+                        tracing::warn!(rule = rule.id, %error, "cannot record an alert firing; trying at the next change");
+                        return;
+                    }
+                }
+            }
+        };
         let event = json!({
             "delivery": id, "rule": rule.id, "org": rule.org, "wallet": rule.wallet,
             "condition": rule.condition, "period": period, "facts": facts,
@@ -432,7 +478,8 @@ impl Alerts {
             attempts: 0,
             last_error: None,
             created_at: Utc::now(),
-        });
+        })
+        .await;
         let body = event.to_string();
         let mut backoff = FIRST_BACKOFF;
         for attempt in 1..=MAX_ATTEMPTS {
@@ -443,7 +490,7 @@ impl Alerts {
                 (Err(_), true) => "failed",
                 (Err(_), false) => "pending",
             };
-            self.update(id, status, attempt, result.err());
+            self.update(id, status, attempt, result.err()).await;
             tracing::info!(rule = rule.id, delivery = id, attempt, status, "alert webhook");
             if done {
                 return;
@@ -473,7 +520,11 @@ impl Alerts {
         }
     }
 
-    fn record(&self, delivery: Delivery) {
+    async fn record(&self, delivery: Delivery) {
+        if let Keeping::Cluster { books, .. } = &self.keeping {
+            cluster::record(books, &delivery).await;
+            return;
+        }
         let mut deliveries = self.deliveries.lock();
         if deliveries.len() == MAX_DELIVERIES {
             deliveries.pop_front();
@@ -481,13 +532,49 @@ impl Alerts {
         deliveries.push_back(delivery);
     }
 
-    fn update(&self, id: u64, status: &'static str, attempts: u32, error: Option<String>) {
+    async fn update(&self, id: u64, status: &'static str, attempts: u32, error: Option<String>) {
+        if let Keeping::Cluster { books, .. } = &self.keeping {
+            cluster::update(books, id, status, attempts, error.as_deref()).await;
+            return;
+        }
         if let Some(d) = self.deliveries.lock().iter_mut().rev().find(|d| d.id == id) {
             d.status = status;
             d.attempts = attempts;
             d.last_error = error;
         }
     }
+}
+
+impl Signal {
+    /// The wallet it is about.
+    pub fn wallet(self) -> WalletId {
+        match self {
+            Signal::Changed(w) | Signal::Empty(w) | Signal::LimitReached(w, _) | Signal::OverHold(w, _) => w,
+        }
+    }
+}
+
+/// The rules saved in `path` (none if there is no file).
+fn read_rules_file(path: &std::path::Path) -> Result<Vec<Rule>, AlertError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AlertError::Load {
+            path: path.display().to_string(),
+            reason: format!(
+                "unreadable ({e}); the gateway writes it whole, so it was damaged from outside: \
+                 restore it from a backup, or move it away to start without alert rules"
+            ),
+        }),
+        Err(_) => Ok(Vec::new()),
+    }
+}
+
+/// Replaces the rules file whole and durably: a crash leaves the old file
+/// or the new one, never a torn one (which would stop start-up).
+fn save_rules_file(path: &std::path::Path, rules: &[Rule]) -> Result<(), AlertError> {
+    let error =
+        |e: std::io::Error| AlertError::Save { path: path.display().to_string(), reason: e.to_string() };
+    let bytes = serde_json::to_vec_pretty(rules).unwrap_or_default();
+    write_durably(path, &bytes).map_err(error)
 }
 
 /// Writes `bytes` to `path` through a synced temporary file renamed into
@@ -516,6 +603,13 @@ fn first_time(fired: &mut HashMap<u64, VecDeque<String>>, rule: u64, period: &st
     }
     periods.push_back(period.to_owned());
     true
+}
+
+/// Unmarks `period` for `rule` (its firing could not be recorded).
+fn forget_fired(fired: &mut HashMap<u64, VecDeque<String>>, rule: u64, period: &str) {
+    if let Some(periods) = fired.get_mut(&rule) {
+        periods.retain(|p| p != period);
+    }
 }
 
 /// An error with its causes ("client error (Connect): ..."), for the
@@ -575,7 +669,7 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
-    fn watched_pool(condition: Condition) -> Watched {
+    async fn watched_pool(condition: Condition) -> Watched {
         use crate::ledger::testkit::{at, key, ledger, org, term, user};
         let (ledger, _journal) = ledger();
         let now = at("2026-03-01T00:00:00Z");
@@ -588,6 +682,7 @@ mod tests {
         let pool = WalletId::Pool(org);
         alerts
             .add_rule(org, pool, condition, "http://127.0.0.1:9/hook".into(), "a-long-enough-secret".into())
+            .await
             .unwrap();
         Watched { alerts, ledger, pool, key, _dir: dir }
     }
@@ -609,7 +704,7 @@ mod tests {
     #[tokio::test]
     async fn consumed_share_fires_at_100_percent_when_the_last_lot_is_emptied() {
         // Proves an emptied allocation counts as consumed, not as gone.
-        let watched = watched_pool(Condition::ConsumedShare { percent: Decimal::ONE_HUNDRED });
+        let watched = watched_pool(Condition::ConsumedShare { percent: Decimal::ONE_HUNDRED }).await;
         let (now, pool) = (crate::ledger::testkit::at("2026-03-02T00:00:00Z"), watched.pool);
         watched.spend(Decimal::from(4), now);
         assert!(watched.due(Signal::Changed(pool), now).is_empty(), "40 % is not 100 %");
@@ -623,7 +718,7 @@ mod tests {
     #[tokio::test]
     async fn consumed_share_counts_a_lot_emptied_before_it_was_ever_looked_at() {
         // Proves the fallback: the first look finds every lot gone.
-        let watched = watched_pool(Condition::ConsumedShare { percent: Decimal::ONE_HUNDRED });
+        let watched = watched_pool(Condition::ConsumedShare { percent: Decimal::ONE_HUNDRED }).await;
         let now = crate::ledger::testkit::at("2026-03-02T00:00:00Z");
         watched.spend(Decimal::TEN, now);
         assert_eq!(watched.due(Signal::Changed(watched.pool), now).len(), 1);
@@ -632,7 +727,7 @@ mod tests {
     #[tokio::test]
     async fn a_per_request_limit_alerts_again_on_a_later_day_and_the_fired_set_stays_bounded() {
         // Proves per-request limit alerts are not once per process, and memory does not grow.
-        let watched = watched_pool(Condition::SpendLimitReached);
+        let watched = watched_pool(Condition::SpendLimitReached).await;
         let day = |d: i64| crate::ledger::testkit::at("2026-03-02T12:00:00Z") + chrono::Duration::days(d);
         let signal = Signal::LimitReached(watched.pool, None);
         assert_eq!(watched.due(signal, day(0)).len(), 1);
@@ -651,23 +746,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alerts.json");
         let alerts = Alerts::load(path.clone(), open_loopback()).unwrap();
-        let add = |alerts: &Alerts| {
+        async fn add(alerts: &Alerts) -> Result<Rule, AlertError> {
             let wallet = WalletId::Pool(OrgId(1));
-            alerts.add_rule(
-                OrgId(1),
-                wallet,
-                Condition::LiteWalletEmpty,
-                "http://127.0.0.1:9/h".into(),
-                "a-long-enough-secret".into(),
-            )
-        };
-        add(&alerts).unwrap();
+            let (url, secret) = ("http://127.0.0.1:9/h".into(), "a-long-enough-secret".into());
+            alerts.add_rule(OrgId(1), wallet, Condition::LiteWalletEmpty, url, secret).await
+        }
+        add(&alerts).await.unwrap();
         assert!(!dir.path().join("alerts.json.tmp").exists(), "the temporary file was renamed");
-        assert_eq!(Alerts::load(path.clone(), open_loopback()).unwrap().rules_of(OrgId(1)).len(), 1);
+        assert_eq!(
+            Alerts::load(path.clone(), open_loopback()).unwrap().rules_of(OrgId(1)).await.unwrap().len(),
+            1
+        );
         // A directory where the file should be: the save fails, the rule is not kept.
         let blocked = Alerts::load(dir.path().join("blocked/alerts.json"), open_loopback()).unwrap();
-        assert!(matches!(add(&blocked), Err(AlertError::Save { .. })));
-        assert!(blocked.rules_of(OrgId(1)).is_empty(), "a rule that is not saved is not in force");
+        assert!(matches!(add(&blocked).await, Err(AlertError::Save { .. })));
+        assert!(
+            blocked.rules_of(OrgId(1)).await.unwrap().is_empty(),
+            "a rule that is not saved is not in force"
+        );
     }
 
     #[tokio::test]
@@ -687,11 +783,11 @@ mod tests {
             )
         };
         for _ in 0..MAX_RULES_PER_ORG {
-            add(1).unwrap();
+            add(1).await.unwrap();
         }
-        assert!(matches!(add(1), Err(AlertError::TooMany { .. })), "one more is refused");
-        assert!(add(2).is_ok(), "the cap is per organization");
-        assert_eq!(alerts.rules_of(OrgId(1)).len(), MAX_RULES_PER_ORG);
+        assert!(matches!(add(1).await, Err(AlertError::TooMany { .. })), "one more is refused");
+        assert!(add(2).await.is_ok(), "the cap is per organization");
+        assert_eq!(alerts.rules_of(OrgId(1)).await.unwrap().len(), MAX_RULES_PER_ORG);
     }
 
     #[tokio::test]
@@ -712,6 +808,7 @@ mod tests {
                 "http://127.0.0.1:9/hook".into(),
                 "a-long-enough-secret".into(),
             )
+            .await
             .unwrap();
         alerts.notify(Signal::Changed(other));
         alerts.notify(Signal::Empty(watched));

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, AdminError, EntryReader, OrgAccess, Readiness, Rollups, UsageReader, UsageSource};
-use crate::alerts::{Alerts, DestinationPolicy};
+use crate::alerts::{Alerts, DestinationPolicy, Signal};
 use crate::clock::{Clock, SystemClock};
 use crate::cluster::journal::decode;
 use crate::cluster::{ClusterNode, NodeOptions};
@@ -110,8 +110,11 @@ impl Gateway {
             }
         };
         let policy = DestinationPolicy { allow: config.admin.alert_webhook_allow.clone() };
-        let alerts =
-            Alerts::load_with_clock(config.server.data_dir.join("alerts.json"), policy, clock.clone())?;
+        let rules_file = config.server.data_dir.join("alerts.json");
+        let alerts = match &cluster {
+            None => Alerts::load_with_clock(rules_file, policy, clock.clone())?,
+            Some(node) => cluster_alerts(node, rules_file, policy, clock.clone(), shutdown.clone()).await?,
+        };
         tokio::spawn(alerts.clone().run(ledger.clone(), clock.clone(), shutdown.clone()));
         tokio::spawn(void_expired_holds(ledger.clone(), clock.clone(), shutdown.clone()));
         let options = ServeOptions {
@@ -406,6 +409,32 @@ async fn join_cluster(
     ClusterNode::start(options, data_dir, ledger_config, clock, shutdown)
         .await
         .context("cannot join the cluster")
+}
+
+/// A replica's alerts, kept in the cluster's books: rules a single node
+/// left in `rules_file` are moved there first; rules are reloaded when any
+/// replica adds one; every wallet the replica's view sees change is
+/// evaluated, whichever replica spent from it.
+async fn cluster_alerts(
+    node: &Arc<ClusterNode>,
+    rules_file: std::path::PathBuf,
+    policy: DestinationPolicy,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Arc<Alerts>> {
+    let alerts = Alerts::in_cluster(node.books().clone(), node.name().to_owned(), policy, clock)
+        .await
+        .context("cannot read the cluster's alert rules")?;
+    let moved = alerts.import_rules_file(&rules_file).await.with_context(|| {
+        format!("cannot move the alert rules in {} into the cluster", rules_file.display())
+    })?;
+    if moved > 0 {
+        tracing::info!(moved, file = %rules_file.display(), "alert rules moved into the cluster's books");
+    }
+    tokio::spawn(alerts.clone().follow_cluster_rules(node.wakeups().clone(), shutdown));
+    let watching = alerts.clone();
+    node.replica().watch_wallets(Box::new(move |wallet| watching.notify(Signal::Changed(wallet))));
+    Ok(alerts)
 }
 
 /// The replica name kept in the data directory, made at its first start:

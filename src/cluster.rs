@@ -17,6 +17,7 @@
 //! - [`spend`]   — a request's hold across the view, limits and credit
 //! - [`wakeups`] — `LISTEN`/`NOTIFY` instead of polling
 //! - [`usage`]   — usage reports as one SQL aggregate over the shipped debits
+//! - [`alert_books`] — alert rules and their firings, shared by every replica
 //!
 //! # Zero overdraft without a round trip per request
 //!
@@ -87,6 +88,7 @@
 //! the bound errs toward refusing, never toward spending expired credit.
 //!
 //! Not yet: debits partitioned by month for retention (issue 19).
+pub mod alert_books;
 pub mod books;
 pub mod db;
 pub mod journal;
@@ -99,6 +101,7 @@ pub mod spend;
 pub mod usage;
 pub mod wakeups;
 
+pub use alert_books::DeliveryRow;
 pub use books::{
     empty_detail, Books, FundingReceipt, LeaseGrant, Renewal, ReplicaStatus, ShippedDebit, WalletAudit,
 };

@@ -480,7 +480,7 @@ impl Proxy {
         {
             self.alerts.notify(Signal::Changed(wallet));
             if !over_hold.is_zero() {
-                self.alerts.notify(Signal::OverHold(wallet));
+                self.alerts.notify(Signal::OverHold(wallet, ledger_request_id(&ctx.request_id)));
             }
         }
         let upstream =

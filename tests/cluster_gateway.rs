@@ -509,3 +509,192 @@ async fn a_treasurer_paused_past_its_term_stops_to_be_restarted_and_the_books_st
     assert!(audit.balances(), "{audit:?}");
     verify(&cluster.url);
 }
+
+const WEBHOOK_SECRET: &str = "cluster-webhook-secret-0123";
+
+/// A webhook receiver on loopback that answers 200 and keeps each event
+/// whose signature verifies (and panics the connection on one that does not).
+async fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    use hmac::{Hmac, Mac};
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let store = store.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        let store = store.clone();
+                        async move {
+                            let header = |name: &str| request.headers()[name].to_str().unwrap().to_owned();
+                            let (timestamp, signature) =
+                                (header("x-creditgate-timestamp"), header("x-creditgate-signature"));
+                            let body = request.into_body().collect().await.unwrap().to_bytes();
+                            let mut mac =
+                                Hmac::<sha2::Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).unwrap();
+                            mac.update(format!("{timestamp}.").as_bytes());
+                            mac.update(&body);
+                            assert_eq!(signature, format!("v1={}", hex::encode(mac.finalize().into_bytes())));
+                            store.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+                            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::new(),
+                            )))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+/// The deliveries a replica's admin API lists for `org`.
+async fn deliveries(replica: &Replica, org: u64) -> Vec<serde_json::Value> {
+    let path = format!("/admin/v1/orgs/{org}/alerts/deliveries");
+    let reply = admin(replica, http::Method::GET, &path, serde_json::Value::Null, None).await.unwrap();
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    reply.json()["deliveries"].as_array().unwrap().clone()
+}
+
+/// Waits until `seen` holds `count` events, then a little longer for a
+/// duplicate to show, if there were one.
+async fn events(seen: &std::sync::Mutex<Vec<serde_json::Value>>, count: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while seen.lock().unwrap().len() < count && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    seen.lock().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn alert_rules_are_shared_by_the_replicas_and_each_threshold_fires_once_for_the_cluster() {
+    use serde_json::json;
+    let pg = Postgres::start();
+    let url = pg.create_database("alerts");
+    let mock = creditgate::mock::MockUpstream::start(
+        "127.0.0.1:0".parse().unwrap(),
+        creditgate::mock::MockOptions::default(),
+    )
+    .await
+    .unwrap();
+    // The receiver is on loopback, which the operator allows here.
+    let config = config_file(mock.addr());
+    let text = std::fs::read_to_string(config.path())
+        .unwrap()
+        .replace("[admin]\n", "[admin]\nalert_webhook_allow = [\"127.0.0.1/32\"]\n");
+    std::fs::write(config.path(), text).unwrap();
+    let replicas = (0..3).map(|_| spawn_replica(config.path(), &url, tempfile::tempdir().unwrap())).collect();
+    let mut cluster = Cluster { url, config, replicas, mock };
+    // About twenty calls' worth.
+    let (org, secret) = funded_org(&cluster, 0, "0.002", "0.002").await;
+    let (hook, seen) = webhook_receiver().await;
+
+    // Two thresholds, added through replica 0 and listed by replica 2 at once.
+    let mut rule_ids = Vec::new();
+    for condition in [
+        json!({"type": "consumed_share", "percent": "50"}),
+        json!({"type": "balance_below", "amount": "0.001"}),
+    ] {
+        let rule =
+            json!({"wallet": "pool", "condition": condition, "webhook_url": hook, "secret": WEBHOOK_SECRET});
+        let added =
+            admin_write(&cluster.replicas[0], &format!("/admin/v1/orgs/{org}/alerts"), rule, None).await;
+        rule_ids.push(added["id"].as_u64().unwrap());
+    }
+    let path = format!("/admin/v1/orgs/{org}/alerts");
+    let listed =
+        admin(&cluster.replicas[2], http::Method::GET, &path, serde_json::Value::Null, None).await.unwrap();
+    let listed: Vec<u64> =
+        listed.json()["rules"].as_array().unwrap().iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    assert_eq!(listed, rule_ids, "every replica lists the rules added through one");
+    // The others reload on the database's notification.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Spend the wallet dry over all three replicas, then knock on it some more.
+    let mut refused = 0;
+    for turn in 0..200 {
+        if call(&cluster.replicas[turn % 3].proxy, &secret).await == Some(402) {
+            refused += 1;
+            if refused == 6 {
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, 6, "the wallet ran dry");
+    let received = events(&seen, 2).await;
+    let mut fired: Vec<u64> = received.iter().map(|event| event["rule"].as_u64().unwrap()).collect();
+    fired.sort_unstable();
+    assert_eq!(fired, rule_ids, "each threshold fired exactly once for the cluster: {received:#?}");
+
+    // Every replica lists the same deliveries: the ones sent.
+    let sent: Vec<u64> = received.iter().map(|event| event["delivery"].as_u64().unwrap()).collect();
+    for replica in &cluster.replicas {
+        let listed = deliveries(replica, org).await;
+        assert_eq!(listed.len(), 2, "{listed:#?}");
+        assert!(listed.iter().all(|d| d["status"] == "delivered" && d["attempts"] == 1), "{listed:#?}");
+        assert!(listed.iter().all(|d| sent.contains(&d["id"].as_u64().unwrap())), "{listed:#?} {sent:?}");
+    }
+
+    // A replica restarted on its data directory does not fire them again:
+    // which periods fired is in the shared books, not in its memory.
+    cluster.replicas[2].child.kill().unwrap();
+    cluster.replicas[2].child.wait().unwrap();
+    let data = std::mem::replace(&mut cluster.replicas[2].data, tempfile::tempdir().unwrap());
+    cluster.replicas[2] = spawn_replica(cluster.config.path(), &cluster.url, data);
+    // A rule added through replica 1 after the wallet ran dry fires on the
+    // next refusal, which only replica 2 sees: it has the rule, and it
+    // alone evaluated it.
+    let late = json!({"wallet": "pool", "condition": {"type": "balance_below", "amount": "1"},
+                      "webhook_url": hook, "secret": WEBHOOK_SECRET});
+    let late = admin_write(&cluster.replicas[1], &format!("/admin/v1/orgs/{org}/alerts"), late, None).await;
+    let late = late["id"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        assert_eq!(call(&cluster.replicas[2].proxy, &secret).await, Some(402));
+    }
+    let received = events(&seen, 3).await;
+    let mut fired: Vec<u64> = received.iter().map(|event| event["rule"].as_u64().unwrap()).collect();
+    fired.sort_unstable();
+    assert_eq!(fired, [rule_ids.clone(), vec![late]].concat(), "the late rule once, the others not again");
+    let name = std::fs::read_to_string(cluster.replicas[2].data.path().join("replica-name")).unwrap();
+    let db = creditgate::cluster::Database::new(&cluster.url, 1).unwrap();
+    let client = db.client().await.unwrap();
+    let firing: String = client
+        .query_one(
+            "SELECT replica FROM cg_alert_deliveries WHERE rule = $1",
+            &[&i64::try_from(late).unwrap()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(firing, name.trim(), "the replica that saw the refusal fired it");
+
+    // Rules a single node kept in its data directory move into the shared
+    // books when that directory joins the cluster, once.
+    let data = tempfile::tempdir().unwrap();
+    let file = json!([{"id": 7, "org": org, "wallet": {"pool": org}, "condition": {"type": "spend_limit_reached"},
+                       "webhook_url": hook, "secret": WEBHOOK_SECRET}]);
+    std::fs::write(data.path().join("alerts.json"), file.to_string()).unwrap();
+    let joined = spawn_replica(cluster.config.path(), &cluster.url, data);
+    assert!(!joined.data.path().join("alerts.json").exists());
+    assert!(joined.data.path().join("alerts.json.imported").exists());
+    let listed =
+        admin(&cluster.replicas[0], http::Method::GET, &path, serde_json::Value::Null, None).await.unwrap();
+    let listed = listed.json()["rules"].as_array().unwrap().clone();
+    assert_eq!(listed.len(), 4, "{listed:#?}");
+    assert_eq!(listed[3]["condition"]["type"], "spend_limit_reached");
+    assert!(!listed.iter().any(|rule| rule.to_string().contains(WEBHOOK_SECRET)), "secrets are never shown");
+
+    settled(&cluster.url).await;
+    let audit = pool_audit(&cluster.url, org).await;
+    assert_eq!(audit.uncovered, Decimal::ZERO);
+    assert!(audit.balances(), "{audit:?}");
+    verify(&cluster.url);
+}

@@ -486,7 +486,7 @@ struct AlertIn {
 }
 
 /// `/admin/v1/orgs/{org}/alerts[/deliveries]`.
-pub fn alert_resource(
+pub async fn alert_resource(
     call: &OrgCall<'_>,
     alerts: &Alerts,
     method: &Method,
@@ -496,11 +496,12 @@ pub fn alert_resource(
     let OrgCall { ledger, org, scope, .. } = *call;
     match (method, rest) {
         (&Method::GET, ["alerts"]) => {
-            let rules: Vec<Value> = alerts.rules_of(org).iter().map(Rule::view).collect();
+            let rules: Vec<Value> =
+                alerts.rules_of(org).await.map_err(alert_error)?.iter().map(Rule::view).collect();
             Ok((StatusCode::OK, json!({ "rules": rules })))
         }
         (&Method::GET, ["alerts", "deliveries"]) => {
-            let mut deliveries = alerts.deliveries_of(org);
+            let mut deliveries = alerts.deliveries_of(org).await.map_err(alert_error)?;
             // What a connection attempt ran into (refused, reset, timed out)
             // would map the network behind an address: org tokens see only
             // that it failed; the operator sees why.
@@ -526,21 +527,26 @@ pub fn alert_resource(
                     WalletId::Lite(UserId(user))
                 }
             };
-            let rule = alerts.add_rule(org, wallet, raw.condition, raw.webhook_url, raw.secret).map_err(
-                |e| match e {
-                    // A URL of the documented form to an address the policy
-                    // refuses is a rule; anything else is the wrong shape.
-                    AlertError::Invalid { field: field @ "webhook_url", reason } => {
-                        AdminError::rule(field, reason)
-                    }
-                    AlertError::Invalid { field, reason } => AdminError::bad(field, reason),
-                    AlertError::TooMany { .. } => AdminError::rule("body", e.to_string()),
-                    AlertError::Save { .. } | AlertError::Load { .. } => AdminError::Store(e.to_string()),
-                },
-            )?;
+            let rule = alerts
+                .add_rule(org, wallet, raw.condition, raw.webhook_url, raw.secret)
+                .await
+                .map_err(alert_error)?;
             Ok((StatusCode::CREATED, rule.view()))
         }
         _ => Err(no_route(method, &format!("/admin/v1/orgs/{}/{}", org.0, rest.join("/")))),
+    }
+}
+
+fn alert_error(error: AlertError) -> AdminError {
+    match error {
+        // A URL of the documented form to an address the policy refuses is
+        // a rule; anything else is the wrong shape.
+        AlertError::Invalid { field: field @ "webhook_url", reason } => AdminError::rule(field, reason),
+        AlertError::Invalid { field, reason } => AdminError::bad(field, reason),
+        AlertError::TooMany { .. } => AdminError::rule("body", error.to_string()),
+        AlertError::Save { .. } | AlertError::Load { .. } | AlertError::Cluster(_) => {
+            AdminError::Store(error.to_string())
+        }
     }
 }
 

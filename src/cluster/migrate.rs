@@ -40,6 +40,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "unposted_queue",
         sql: include_str!("migrations/0013_unposted_queue.sql"),
     },
+    Migration { version: 14, name: "alerts", sql: include_str!("migrations/0014_alerts.sql") },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).

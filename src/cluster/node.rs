@@ -76,6 +76,8 @@ pub struct ClusterNode {
     last_reached: parking_lot::Mutex<std::time::Instant>,
     lease_ttl: Duration,
     tasks: parking_lot::Mutex<Vec<JoinHandle<()>>>,
+    /// What the database's notifications wake.
+    wakeups: Arc<super::Wakeups>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -134,18 +136,20 @@ impl ClusterNode {
             tracing::info!(%returned, "gave back the leases a previous run of this replica left open");
         }
 
+        let rounds = CancellationToken::new();
+        let wakeups = super::Wakeups::start(db, rounds.clone());
         let node = Arc::new(ClusterNode {
             replica: replica.clone(),
             book,
             books,
             name: options.replica.clone(),
             client: Client::builder(TokioExecutor::new()).build_http(),
-            rounds: CancellationToken::new(),
+            rounds: rounds.clone(),
             tasks: parking_lot::Mutex::new(Vec::new()),
             last_reached: parking_lot::Mutex::new(std::time::Instant::now()),
             lease_ttl: options.lease_ttl,
+            wakeups: wakeups.clone(),
         });
-        let wakeups = super::Wakeups::start(db, node.rounds.clone());
         let mut tasks = vec![tokio::spawn(replica.run(clock, wakeups.clone(), shutdown.clone()))];
         tasks.push(tokio::spawn(node.clone().answer_wanted(wakeups)));
         tasks.push(tokio::spawn(node.clone().ship_rounds(options.ship_interval)));
@@ -170,6 +174,11 @@ impl ClusterNode {
     /// The leases this replica spends from.
     pub fn lease_book(&self) -> &Arc<LeaseBook> {
         &self.book
+    }
+
+    /// The database's wake-ups this replica listens to.
+    pub fn wakeups(&self) -> &Arc<super::Wakeups> {
+        &self.wakeups
     }
 
     /// The shared books.

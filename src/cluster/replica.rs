@@ -123,7 +123,14 @@ pub struct Replica {
     lost_treasury: AtomicBool,
     /// Serializes reading the log, so records apply once and in order.
     tailing: tokio::sync::Mutex<()>,
+    /// Told of each wallet a debit or grant changed once the replica runs
+    /// (alerts evaluate on it: this replica's view is where every
+    /// replica's spending shows).
+    watcher: std::sync::OnceLock<WalletWatcher>,
 }
+
+/// Told the wallet whose balance a record just changed.
+pub type WalletWatcher = Box<dyn Fn(WalletId) + Send + Sync>;
 
 impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -155,9 +162,23 @@ impl Replica {
             deposed: AtomicBool::new(false),
             lost_treasury: AtomicBool::new(false),
             tailing: tokio::sync::Mutex::new(()),
+            watcher: std::sync::OnceLock::new(),
         };
         while replica.catch_up().await? > 0 {}
         Ok(replica)
+    }
+
+    /// Tells `watcher` of every wallet a record changes from now on, the
+    /// records this replica replays and the debits it posts as treasurer.
+    /// Set once; a second watcher is ignored.
+    pub fn watch_wallets(&self, watcher: WalletWatcher) {
+        let _ = self.watcher.set(watcher);
+    }
+
+    fn changed(&self, wallet: WalletId) {
+        if let Some(watcher) = self.watcher.get() {
+            watcher(wallet);
+        }
     }
 
     /// The ledger: serve from it; changes succeed only on the treasurer.
@@ -203,10 +224,17 @@ impl Replica {
         let records = self.books.tail(self.applied(), TAIL_BATCH).await?;
         for record in &records {
             let decoded = decode(record.gseq, &record.body)?;
+            let changed = match &decoded.body {
+                crate::ledger::journal::RecordBody::Entry(entry) => Some(entry.wallet),
+                _ => None,
+            };
             self.ledger.apply_replicated(decoded).map_err(|err| {
                 ClusterError::Schema(format!("log record {} does not replay: {err}", record.gseq))
             })?;
             self.applied.store(record.gseq, Ordering::Release);
+            if let Some(wallet) = changed {
+                self.changed(wallet);
+            }
         }
         Ok(records.len())
     }
@@ -258,6 +286,7 @@ impl Replica {
                     continue;
                 }
             };
+            let wallet = detail.wallet;
             let posted = self.ledger.post_debit(
                 detail.wallet,
                 detail.request_id,
@@ -269,7 +298,7 @@ impl Replica {
                 debit.at,
             );
             match posted {
-                Ok(_) => {}
+                Ok(_) => self.changed(wallet),
                 // The journal stopped (this epoch is over): the rest are the
                 // next treasurer's to post, never to be marked refused here.
                 Err(SettleError::Unavailable { reason }) => return Err(ClusterError::Unavailable(reason)),

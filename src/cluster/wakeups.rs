@@ -14,6 +14,9 @@
 //! near empty the last credit moves to where the traffic is in a round
 //! trip instead of after a lease's idle time.
 //!
+//! Adding an alert rule notifies `cg_alerts` (migration 14): every replica
+//! reloads its rules.
+//!
 //! A notification is a hint, never the only way to learn of a change: one
 //! sent while the listening connection was down is lost. So whoever waits
 //! also wakes on a timer, a slow one while the listener is connected and
@@ -34,6 +37,7 @@ const LOG: &str = "cg_log";
 const DEBITS: &str = "cg_debits";
 const TREASURY: &str = "cg_treasury";
 const WANTED: &str = "cg_wanted";
+const ALERTS: &str = "cg_alerts";
 /// Wait before connecting again after the listener lost its connection.
 const RECONNECT: Duration = Duration::from_secs(1);
 
@@ -47,6 +51,7 @@ pub struct Wakeups {
     /// Wallets other replicas asked for, as `(replica, wallet)`, not yet taken.
     wanted: parking_lot::Mutex<Vec<(String, String)>>,
     wanted_heard: Notify,
+    alerts: Notify,
     listening: AtomicBool,
 }
 
@@ -97,6 +102,12 @@ impl Wakeups {
         self.treasury.notified().await;
     }
 
+    /// Returns when an alert rule was added (or at once, if one was since
+    /// the last wait).
+    pub async fn alert_rules_changed(&self) {
+        self.alerts.notified().await;
+    }
+
     /// Returns the wallets other replicas than `me` asked for since the
     /// last call, waiting until there is one.
     pub async fn wanted(&self, me: &str) -> Vec<String> {
@@ -134,6 +145,7 @@ impl Wakeups {
                                     DEBITS => heard.debits.notify_one(),
                                     TREASURY => heard.treasury.notify_one(),
                                     WANTED => heard.heard_wanted(note.payload()),
+                                    ALERTS => heard.alerts.notify_one(),
                                     _ => {}
                                 },
                                 Some(Ok(_)) => {}
@@ -144,7 +156,7 @@ impl Wakeups {
                     });
                     match client
                         .batch_execute(&format!(
-                            "LISTEN {LOG}; LISTEN {DEBITS}; LISTEN {TREASURY}; LISTEN {WANTED}"
+                            "LISTEN {LOG}; LISTEN {DEBITS}; LISTEN {TREASURY}; LISTEN {WANTED}; LISTEN {ALERTS}"
                         ))
                         .await
                     {
@@ -153,6 +165,7 @@ impl Wakeups {
                             // Anything appended before LISTEN took effect is read now.
                             self.log.notify_one();
                             self.debits.notify_one();
+                            self.alerts.notify_one();
                             tokio::select! {
                                 () = shutdown.cancelled() => driver.abort(),
                                 ended = &mut driver => {

@@ -1,0 +1,175 @@
+//! Alerts in cluster mode: rules, firings and deliveries kept in the shared
+//! books (`crate::cluster::alert_books`, migration 14).
+//!
+//! - A rule added through any replica is saved there before the answer and
+//!   is in force on that replica at once; the others reload their rules
+//!   when the database tells them (`NOTIFY cg_alerts`), and on a slow timer
+//!   in case a notification was missed.
+//! - Every replica evaluates the rules on its own view of the books, which
+//!   every replica's debits reach (see `crate::cluster::Replica::watch_wallets`),
+//!   and on the refusals it answers itself.
+//! - A firing is claimed by inserting `(rule, period)`: the replica whose
+//!   insert takes the row delivers it; the others find it taken. So a
+//!   threshold fires once for the cluster, and a restart does not fire it again.
+//! - The webhook's progress is written to the firing's row, so every
+//!   replica's admin API lists every delivery.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::{AlertError, Alerts, Delivery, Rule, MAX_RULES_PER_ORG};
+use crate::cluster::{Books, ClusterError, Wakeups};
+use crate::ledger::ids::OrgId;
+
+/// How often rules are reloaded while notifications are heard (a missed
+/// one is caught up within this), and while they are not.
+const RELOAD_SLOW: Duration = Duration::from_secs(30);
+const RELOAD_POLL: Duration = Duration::from_secs(1);
+
+fn unreachable(error: ClusterError) -> AlertError {
+    AlertError::Cluster(error.to_string())
+}
+
+/// A rule from its row: the body carries all but the id.
+fn rule_from_row(id: i64, mut body: Value) -> Result<Rule, AlertError> {
+    if let Some(fields) = body.as_object_mut() {
+        fields.insert("id".into(), Value::from(id));
+    }
+    serde_json::from_value(body)
+        .map_err(|e| AlertError::Cluster(format!("alert rule {id} in the books cannot be read: {e}")))
+}
+
+pub(super) async fn read_rules(books: &Books) -> Result<Vec<Rule>, AlertError> {
+    let rows = books.alert_rules(None).await.map_err(unreachable)?;
+    rows.into_iter().map(|(id, body)| rule_from_row(id, body)).collect()
+}
+
+pub(super) async fn rules_of(books: &Books, org: OrgId) -> Result<Vec<Rule>, AlertError> {
+    let org =
+        i64::try_from(org.0).map_err(|_| AlertError::Cluster(format!("org {} is out of range", org.0)))?;
+    let rows = books.alert_rules(Some(org)).await.map_err(unreachable)?;
+    rows.into_iter().map(|(id, body)| rule_from_row(id, body)).collect()
+}
+
+/// Saves `rule` (its id ignored); returns the id the books gave it.
+pub(super) async fn add_rule(books: &Books, rule: &Rule) -> Result<u64, AlertError> {
+    let org = i64::try_from(rule.org.0).map_err(|_| AlertError::Cluster("org out of range".into()))?;
+    let mut body = serde_json::to_value(rule).map_err(|e| AlertError::Cluster(e.to_string()))?;
+    if let Some(fields) = body.as_object_mut() {
+        fields.remove("id");
+    }
+    let max = i32::try_from(MAX_RULES_PER_ORG).unwrap_or(i32::MAX);
+    match books.add_alert_rule(org, &body, max).await.map_err(unreachable)? {
+        Some(id) => u64::try_from(id).map_err(|_| AlertError::Cluster(format!("rule id {id}"))),
+        None => Err(AlertError::TooMany { max: MAX_RULES_PER_ORG }),
+    }
+}
+
+pub(super) async fn deliveries_of(books: &Books, org: OrgId) -> Result<Vec<Delivery>, AlertError> {
+    let org =
+        i64::try_from(org.0).map_err(|_| AlertError::Cluster(format!("org {} is out of range", org.0)))?;
+    let rows = books.alert_deliveries_of(org).await.map_err(unreachable)?;
+    Ok(rows
+        .into_iter()
+        .map(|row| Delivery {
+            id: u64::try_from(row.id).unwrap_or_default(),
+            rule: u64::try_from(row.rule).unwrap_or_default(),
+            org: OrgId(u64::try_from(row.org).unwrap_or_default()),
+            event: row.event.unwrap_or(Value::Null),
+            status: match row.status.as_str() {
+                "delivered" => "delivered",
+                "failed" => "failed",
+                _ => "pending",
+            },
+            attempts: u32::try_from(row.attempts).unwrap_or_default(),
+            last_error: row.last_error,
+            created_at: row.created_at,
+        })
+        .collect())
+}
+
+/// Claims the firing of `rule` in `period`: its delivery id if this
+/// replica took it, `None` if it had fired already.
+pub(super) async fn claim(
+    books: &Books,
+    rule: &Rule,
+    period: &str,
+    replica: &str,
+) -> Result<Option<u64>, AlertError> {
+    let (Ok(id), Ok(org)) = (i64::try_from(rule.id), i64::try_from(rule.org.0)) else {
+        return Err(AlertError::Cluster(format!("rule {} is out of range", rule.id)));
+    };
+    let claimed = books.claim_alert(id, org, period, replica).await.map_err(unreachable)?;
+    Ok(claimed.map(|id| u64::try_from(id).unwrap_or_default()))
+}
+
+/// Writes a delivery's event; a failure is logged (the webhook still goes).
+pub(super) async fn record(books: &Books, delivery: &Delivery) {
+    let Ok(id) = i64::try_from(delivery.id) else { return };
+    let written = books.update_alert_delivery(id, Some(&delivery.event), delivery.status, 0, None).await;
+    if let Err(error) = written {
+        tracing::warn!(delivery = delivery.id, %error, "cannot record an alert delivery in the books");
+    }
+}
+
+/// Writes a delivery attempt's outcome; a failure is logged.
+pub(super) async fn update(books: &Books, id: u64, status: &str, attempts: u32, error: Option<&str>) {
+    let (Ok(row), Ok(attempts)) = (i64::try_from(id), i32::try_from(attempts)) else { return };
+    if let Err(failure) = books.update_alert_delivery(row, None, status, attempts, error).await {
+        tracing::warn!(delivery = id, error = %failure, "cannot record an alert delivery's attempt in the books");
+    }
+}
+
+impl Alerts {
+    /// Reloads the rules from the cluster's books whenever one is added
+    /// anywhere (and on a slow timer), until `shutdown`.
+    pub async fn follow_cluster_rules(self: Arc<Self>, wakeups: Arc<Wakeups>, shutdown: CancellationToken) {
+        let super::Keeping::Cluster { books, .. } = &self.keeping else { return };
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = wakeups.alert_rules_changed() => {}
+                () = tokio::time::sleep(wakeups.fallback(RELOAD_SLOW, RELOAD_POLL)) => {}
+            }
+            match read_rules(books).await {
+                Ok(rules) => self.replace_rules(rules),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot reload the cluster's alert rules; keeping the last ones")
+                }
+            }
+        }
+    }
+
+    /// Moves the rules a single node kept in `path` (this replica's data
+    /// directory, from before it joined a cluster) into the cluster's books,
+    /// then renames the file to `<path>.imported` so a restart does not add
+    /// them twice. Rules the books refuse (an org at its cap, a webhook the
+    /// policy now refuses) are logged and left out. Returns how many moved.
+    pub async fn import_rules_file(&self, path: &std::path::Path) -> Result<usize, AlertError> {
+        if !path.exists() {
+            return Ok(0);
+        }
+        let rules = super::read_rules_file(path)?;
+        let mut moved = 0;
+        for rule in rules {
+            let old_id = rule.id;
+            match self.add_rule(rule.org, rule.wallet, rule.condition, rule.webhook_url, rule.secret).await {
+                Ok(added) => {
+                    tracing::info!(old_id, id = added.id, "moved an alert rule into the cluster's books");
+                    moved += 1;
+                }
+                Err(AlertError::Cluster(reason)) => return Err(AlertError::Cluster(reason)),
+                Err(error) => {
+                    tracing::error!(old_id, %error, "an alert rule from the data directory was not moved")
+                }
+            }
+        }
+        let imported = path.with_extension("json.imported");
+        std::fs::rename(path, &imported)
+            .map_err(|e| AlertError::Save { path: imported.display().to_string(), reason: e.to_string() })?;
+        Ok(moved)
+    }
+}

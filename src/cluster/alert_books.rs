@@ -1,0 +1,138 @@
+//! Alert rules and their firings in the shared books (migration 14), so a
+//! rule added through any replica is in force on all of them and a
+//! threshold fires once for the cluster. The rules themselves, their
+//! conditions and the webhook delivery are `crate::alerts`'s; this is only
+//! where they are kept.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio_postgres::types::Json;
+
+use super::{Books, ClusterError};
+
+/// Deliveries one org's listing reads at most (the newest).
+const DELIVERIES_SHOWN: i64 = 10_000;
+
+/// A firing as the books keep it.
+#[derive(Clone, Debug)]
+pub struct DeliveryRow {
+    /// Its id (the delivery's number in its event).
+    pub id: i64,
+    /// The rule that fired.
+    pub rule: i64,
+    /// The rule's organization.
+    pub org: i64,
+    /// The event sent (`None` until the firing replica built it).
+    pub event: Option<Value>,
+    /// pending, delivered or failed.
+    pub status: String,
+    /// Attempts made so far.
+    pub attempts: i32,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// When it fired.
+    pub created_at: DateTime<Utc>,
+}
+
+impl Books {
+    /// The rules of `org`, or every org's, oldest first, as `(id, body)`.
+    pub async fn alert_rules(&self, org: Option<i64>) -> Result<Vec<(i64, Value)>, ClusterError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, body FROM cg_alert_rules WHERE $1::bigint IS NULL OR org = $1 ORDER BY id",
+                &[&org],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let Json(body) = row.try_get::<_, Json<Value>>(1)?;
+                Ok((row.try_get(0)?, body))
+            })
+            .collect()
+    }
+
+    /// Adds a rule for `org` unless it keeps `max_rules` already; returns
+    /// its id, or `None` at the cap. Every replica is told to reload.
+    pub async fn add_alert_rule(
+        &self,
+        org: i64,
+        body: &Value,
+        max_rules: i32,
+    ) -> Result<Option<i64>, ClusterError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT cg_add_alert_rule($1, $2, $3)", &[&org, &Json(body), &max_rules])
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// Claims the firing of `rule` in `period` for `replica`: the delivery's
+    /// id if this call took it, `None` if some replica had fired it already.
+    pub async fn claim_alert(
+        &self,
+        rule: i64,
+        org: i64,
+        period: &str,
+        replica: &str,
+    ) -> Result<Option<i64>, ClusterError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "INSERT INTO cg_alert_deliveries (rule, org, period, replica) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (rule, period) DO NOTHING RETURNING id",
+                &[&rule, &org, &period, &replica],
+            )
+            .await?;
+        Ok(row.map(|row| row.try_get(0)).transpose()?)
+    }
+
+    /// Records a delivery's progress (and its event, once built).
+    pub async fn update_alert_delivery(
+        &self,
+        id: i64,
+        event: Option<&Value>,
+        status: &str,
+        attempts: i32,
+        last_error: Option<&str>,
+    ) -> Result<(), ClusterError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE cg_alert_deliveries
+                 SET event = COALESCE($2, event), status = $3, attempts = $4, last_error = $5
+                 WHERE id = $1",
+                &[&id, &event.map(Json), &status, &attempts, &last_error],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `org`'s deliveries, oldest first: the newest [`DELIVERIES_SHOWN`].
+    pub async fn alert_deliveries_of(&self, org: i64) -> Result<Vec<DeliveryRow>, ClusterError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT * FROM (
+                     SELECT id, rule, org, event, status, attempts, last_error, created_at
+                     FROM cg_alert_deliveries WHERE org = $1 ORDER BY id DESC LIMIT $2) newest
+                 ORDER BY id",
+                &[&org, &DELIVERIES_SHOWN],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeliveryRow {
+                    id: row.try_get(0)?,
+                    rule: row.try_get(1)?,
+                    org: row.try_get(2)?,
+                    event: row.try_get::<_, Option<Json<Value>>>(3)?.map(|Json(event)| event),
+                    status: row.try_get(4)?,
+                    attempts: row.try_get(5)?,
+                    last_error: row.try_get(6)?,
+                    created_at: row.try_get(7)?,
+                })
+            })
+            .collect()
+    }
+}
