@@ -338,7 +338,7 @@ impl Admin {
                 if scope != Scope::Operator {
                     return Err(AdminError::OperatorOnly);
                 }
-                return Ok(self.operator(&parts.method, parts.uri.path()));
+                return Ok(self.operator(&parts.method, parts.uri.path()).await);
             }
             ["whoami"] if parts.method == Method::GET => (StatusCode::OK, scope.view()),
             ["orgs"] => {
@@ -476,23 +476,34 @@ impl Admin {
         }
     }
 
-    fn operator(&self, method: &Method, path: &str) -> Response<GatewayBody> {
+    async fn operator(&self, method: &Method, path: &str) -> Response<GatewayBody> {
         match (method, path) {
             (&Method::GET, "/admin/v1/prices") => match &self.prices {
                 Some(prices) => json_response(StatusCode::OK, &json!(prices.status(self.clock.now()))),
                 None => no_prices(),
             },
-            (&Method::POST, "/admin/v1/prices/reload") => self.reload_prices(),
+            (&Method::POST, "/admin/v1/prices/reload") => self.reload_prices().await,
             _ => error_response(&method_not_allowed(api::no_route(method, path))),
         }
     }
 
-    fn reload_prices(&self) -> Response<GatewayBody> {
+    /// Re-reads this gateway's price file; in a cluster, once it loaded,
+    /// every other replica is asked to re-read its own.
+    async fn reload_prices(&self) -> Response<GatewayBody> {
         let Some(prices) = &self.prices else {
             return no_prices();
         };
         match prices.reload(self.clock.now(), "admin api") {
-            Ok(_) => json_response(StatusCode::OK, &json!(prices.status(self.clock.now()))),
+            Ok(_) => {
+                let mut status = json!(prices.status(self.clock.now()));
+                if let Some(node) = &self.cluster {
+                    status["replicas_asked"] = match node.books().ask_price_reload().await {
+                        Ok(()) => json!(true),
+                        Err(error) => json!(format!("not asked: {error}")),
+                    };
+                }
+                json_response(StatusCode::OK, &status)
+            }
             Err(load_error) => {
                 let problems: Vec<String> = match &load_error {
                     PriceLoadError::Invalid(errors) => errors

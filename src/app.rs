@@ -115,6 +115,14 @@ impl Gateway {
             None => Alerts::load_with_clock(rules_file, policy, clock.clone())?,
             Some(node) => cluster_alerts(node, rules_file, policy, clock.clone(), shutdown.clone()).await?,
         };
+        if let (Some(node), Some(prices)) = (&cluster, &prices) {
+            tokio::spawn(follow_cluster_prices(
+                prices.clone(),
+                node.clone(),
+                clock.clone(),
+                shutdown.clone(),
+            ));
+        }
         tokio::spawn(alerts.clone().run(ledger.clone(), clock.clone(), shutdown.clone()));
         tokio::spawn(void_expired_holds(ledger.clone(), clock.clone(), shutdown.clone()));
         let options = ServeOptions {
@@ -435,6 +443,36 @@ async fn cluster_alerts(
     let watching = alerts.clone();
     node.replica().watch_wallets(Box::new(move |wallet| watching.notify(Signal::Changed(wallet))));
     Ok(alerts)
+}
+
+/// A replica's prices in a cluster: it re-reads its price file whenever
+/// any replica is asked to reload (`POST /admin/v1/prices/reload`), and
+/// reports the version it runs whenever that changes (compared in memory
+/// every second; a statement only on a change), for `cluster status`.
+async fn follow_cluster_prices(
+    prices: Arc<LivePrices>,
+    node: Arc<ClusterNode>,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) {
+    let mut reported: Option<String> = None;
+    loop {
+        let version = prices.current().version().to_string();
+        if reported.as_deref() != Some(version.as_str()) {
+            match node.books().report_price_version(node.name(), &version).await {
+                Ok(()) => reported = Some(version),
+                Err(error) => tracing::debug!(%error, "cannot report the price version yet"),
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = node.wakeups().price_reload_asked() => {
+                // A failed reload keeps the table in force and is logged.
+                let _ = prices.reload(clock.now(), "cluster");
+            }
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// The replica name kept in the data directory, made at its first start:

@@ -512,19 +512,36 @@ async fn cluster_status(var: &str, json: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<24} {:<25} {:>6} {:>20} {:>8} {:>10}",
+        "{:<24} {:<25} {:>6} {:>20} {:>8} {:>10}  prices",
         "replica", "last seen", "leases", "leased", "outbox", "lag ms"
     );
     for replica in &replicas {
         let lag = replica.outbox_lag_ms.map_or_else(|| "-".to_owned(), |ms| ms.to_string());
         println!(
-            "{:<24} {:<25} {:>6} {:>20} {:>8} {:>10}",
+            "{:<24} {:<25} {:>6} {:>20} {:>8} {:>10}  {}",
             replica.replica,
             replica.last_seen.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             replica.open_leases,
             replica.leased,
             replica.outbox_len,
-            lag
+            lag,
+            replica.price_version.as_deref().unwrap_or("-")
+        );
+    }
+    // Replicas that renewed within the last minute are the live ones.
+    let live = chrono::Utc::now() - chrono::Duration::minutes(1);
+    let mut versions: Vec<&str> = replicas
+        .iter()
+        .filter(|replica| replica.last_seen > live)
+        .filter_map(|replica| replica.price_version.as_deref())
+        .collect();
+    versions.sort_unstable();
+    versions.dedup();
+    if versions.len() > 1 {
+        println!(
+            "warning: live replicas price with different tables ({}); the same call costs what the replica \
+             that serves it says",
+            versions.join(", ")
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -698,3 +698,123 @@ async fn alert_rules_are_shared_by_the_replicas_and_each_threshold_fires_once_fo
     assert!(audit.balances(), "{audit:?}");
     verify(&cluster.url);
 }
+
+/// `creditgate cluster status` as JSON, and as the table with its warnings.
+fn cluster_status(url: &str) -> (Vec<serde_json::Value>, String) {
+    let run = |json: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_creditgate"));
+        command.args(["cluster", "status", "--database-url-env", URL_VAR]).env(URL_VAR, url);
+        if json {
+            command.arg("--json");
+        }
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    (serde_json::from_str(&run(true)).unwrap(), run(false))
+}
+
+/// Waits until every replica `status` lists reports `version`.
+fn wait_for_versions(url: &str, names: &[String], version: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (replicas, table) = cluster_status(url);
+        let running = |name: &String| {
+            replicas
+                .iter()
+                .any(|r| r["replica"] == name.as_str() && r["price_version"].as_str() == Some(version))
+        };
+        if names.iter().all(running) {
+            return table;
+        }
+        assert!(Instant::now() < deadline, "not every replica runs {version}: {replicas:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_price_reload_asked_of_one_replica_reloads_every_replica_and_status_shows_what_each_runs() {
+    let pg = Postgres::start();
+    let url = pg.create_database("prices");
+    let mock = creditgate::mock::MockUpstream::start(
+        "127.0.0.1:0".parse().unwrap(),
+        creditgate::mock::MockOptions::default(),
+    )
+    .await
+    .unwrap();
+    // A price file of this test's own, which the replicas do not watch: only
+    // an asked-for reload changes what they run.
+    let prices = tempfile::tempdir().unwrap();
+    let file = prices.path().join("prices.toml");
+    let original = std::fs::read_to_string(common::PRICES_FILE).unwrap();
+    std::fs::write(&file, &original).unwrap();
+    let config = config_file(mock.addr());
+    let text = std::fs::read_to_string(config.path())
+        .unwrap()
+        .replace(common::PRICES_FILE, file.to_str().unwrap())
+        .replace("watch_interval_ms = 50", "watch_interval_ms = 3600000");
+    std::fs::write(config.path(), &text).unwrap();
+    let replicas: Vec<Replica> =
+        (0..2).map(|_| spawn_replica(config.path(), &url, tempfile::tempdir().unwrap())).collect();
+    let names: Vec<String> = replicas
+        .iter()
+        .map(|r| std::fs::read_to_string(r.data.path().join("replica-name")).unwrap().trim().to_owned())
+        .collect();
+    let version = |replica: &Replica| {
+        let replica = replica.admin.clone();
+        async move {
+            let reply = common::operator_call(
+                &replica,
+                http::Method::GET,
+                "/admin/v1/prices",
+                serde_json::Value::Null,
+                None,
+            )
+            .await
+            .unwrap();
+            reply.json()["version"].as_str().unwrap().to_owned()
+        }
+    };
+    let first = version(&replicas[0]).await;
+    assert_eq!(version(&replicas[1]).await, first);
+    let table = wait_for_versions(&url, &names, &first);
+    assert!(!table.contains("warning"), "{table}");
+
+    // A new table on disk; one replica is asked to reload, and both do.
+    std::fs::write(&file, original.replacen("label = \"", "label = \"next-", 1)).unwrap();
+    let reply = common::operator_call(
+        &replicas[0].admin,
+        http::Method::POST,
+        "/admin/v1/prices/reload",
+        serde_json::Value::Null,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.json()["replicas_asked"], true);
+    let next = reply.json()["version"].as_str().unwrap().to_owned();
+    assert!(next.starts_with("next-") && next != first, "{next}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while version(&replicas[1]).await != next {
+        assert!(Instant::now() < deadline, "the other replica did not reload: {}", replicas[1].log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for_versions(&url, &names, &next);
+
+    // A replica started on another file: status names both tables.
+    let other = prices.path().join("other.toml");
+    std::fs::write(&other, original.replacen("label = \"", "label = \"other-", 1)).unwrap();
+    let odd_config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(odd_config.path(), text.replace(file.to_str().unwrap(), other.to_str().unwrap())).unwrap();
+    let odd = spawn_replica(odd_config.path(), &url, tempfile::tempdir().unwrap());
+    let odd_name = std::fs::read_to_string(odd.data.path().join("replica-name")).unwrap().trim().to_owned();
+    let odd_version = version(&odd).await;
+    let table = wait_for_versions(&url, &[odd_name], &odd_version);
+    assert!(
+        table.contains("warning: live replicas price with different tables")
+            && table.contains(&next)
+            && table.contains(&odd_version),
+        "{table}"
+    );
+}

@@ -128,6 +128,8 @@ pub struct ReplicaStatus {
     pub open_leases: i64,
     /// Sum of their unspent part.
     pub leased: Decimal,
+    /// The price table it runs (`label@hash`), as it last reported.
+    pub price_version: Option<String>,
 }
 
 /// The shared books, through a [`Database`].
@@ -315,6 +317,22 @@ impl Books {
         Ok(())
     }
 
+    /// Records the price table `replica` runs now.
+    pub async fn report_price_version(&self, replica: &str, version: &str) -> Result<(), ClusterError> {
+        let client = self.client().await?;
+        client
+            .execute("UPDATE cg_replicas SET price_version = $2 WHERE replica = $1", &[&replica, &version])
+            .await?;
+        Ok(())
+    }
+
+    /// Asks every replica to re-read its price file (`NOTIFY cg_prices`).
+    pub async fn ask_price_reload(&self) -> Result<(), ClusterError> {
+        let client = self.client().await?;
+        client.execute("SELECT pg_notify('cg_prices', '')", &[]).await?;
+        Ok(())
+    }
+
     /// The treasurer while its treasury stands: its name and admin URL.
     pub async fn treasurer(&self) -> Result<Option<(String, Option<String>)>, ClusterError> {
         let client = self.client().await?;
@@ -452,7 +470,8 @@ impl Books {
                         (EXTRACT(EPOCH FROM (now() - r.oldest_unshipped)) * 1000)::bigint,
                         (SELECT count(*) FROM cg_leases l WHERE l.replica = r.replica AND l.closed_at IS NULL),
                         COALESCE((SELECT sum(granted - spent) FROM cg_leases l
-                                  WHERE l.replica = r.replica AND l.closed_at IS NULL), 0)
+                                  WHERE l.replica = r.replica AND l.closed_at IS NULL), 0),
+                        r.price_version
                  FROM cg_replicas r ORDER BY r.replica",
                 &[],
             )
@@ -467,6 +486,7 @@ impl Books {
                 outbox_lag_ms: row.get(4),
                 open_leases: row.get(5),
                 leased: row.get(6),
+                price_version: row.get(7),
             })
             .collect())
     }

@@ -41,6 +41,11 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("migrations/0013_unposted_queue.sql"),
     },
     Migration { version: 14, name: "alerts", sql: include_str!("migrations/0014_alerts.sql") },
+    Migration {
+        version: 15,
+        name: "price_versions",
+        sql: include_str!("migrations/0015_price_versions.sql"),
+    },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).

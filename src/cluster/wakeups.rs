@@ -15,7 +15,8 @@
 //! trip instead of after a lease's idle time.
 //!
 //! Adding an alert rule notifies `cg_alerts` (migration 14): every replica
-//! reloads its rules.
+//! reloads its rules. A price reload asked of one replica notifies
+//! `cg_prices`: every replica re-reads its own price file.
 //!
 //! A notification is a hint, never the only way to learn of a change: one
 //! sent while the listening connection was down is lost. So whoever waits
@@ -38,6 +39,7 @@ const DEBITS: &str = "cg_debits";
 const TREASURY: &str = "cg_treasury";
 const WANTED: &str = "cg_wanted";
 const ALERTS: &str = "cg_alerts";
+const PRICES: &str = "cg_prices";
 /// Wait before connecting again after the listener lost its connection.
 const RECONNECT: Duration = Duration::from_secs(1);
 
@@ -52,6 +54,7 @@ pub struct Wakeups {
     wanted: parking_lot::Mutex<Vec<(String, String)>>,
     wanted_heard: Notify,
     alerts: Notify,
+    prices: Notify,
     listening: AtomicBool,
 }
 
@@ -108,6 +111,12 @@ impl Wakeups {
         self.alerts.notified().await;
     }
 
+    /// Returns when some replica was asked to reload prices (or at once, if
+    /// one was since the last wait).
+    pub async fn price_reload_asked(&self) {
+        self.prices.notified().await;
+    }
+
     /// Returns the wallets other replicas than `me` asked for since the
     /// last call, waiting until there is one.
     pub async fn wanted(&self, me: &str) -> Vec<String> {
@@ -146,6 +155,7 @@ impl Wakeups {
                                     TREASURY => heard.treasury.notify_one(),
                                     WANTED => heard.heard_wanted(note.payload()),
                                     ALERTS => heard.alerts.notify_one(),
+                                    PRICES => heard.prices.notify_one(),
                                     _ => {}
                                 },
                                 Some(Ok(_)) => {}
@@ -156,7 +166,7 @@ impl Wakeups {
                     });
                     match client
                         .batch_execute(&format!(
-                            "LISTEN {LOG}; LISTEN {DEBITS}; LISTEN {TREASURY}; LISTEN {WANTED}; LISTEN {ALERTS}"
+                            "LISTEN {LOG}; LISTEN {DEBITS}; LISTEN {TREASURY}; LISTEN {WANTED}; LISTEN {ALERTS}; LISTEN {PRICES}"
                         ))
                         .await
                     {
