@@ -578,18 +578,11 @@ async fn alert_rules_are_shared_by_the_replicas_and_each_threshold_fires_once_fo
     use serde_json::json;
     let pg = Postgres::start();
     let url = pg.create_database("alerts");
-    let mock = creditgate::mock::MockUpstream::start(
-        "127.0.0.1:0".parse().unwrap(),
-        creditgate::mock::MockOptions::default(),
-    )
-    .await
-    .unwrap();
     // The receiver is on loopback, which the operator allows here.
-    let config = config_file(mock.addr());
-    let text = std::fs::read_to_string(config.path())
-        .unwrap()
-        .replace("[admin]\n", "[admin]\nalert_webhook_allow = [\"127.0.0.1/32\"]\n");
-    std::fs::write(config.path(), text).unwrap();
+    let (mock, config, _) = edited_config(|text| {
+        text.replace("[admin]\n", "[admin]\nalert_webhook_allow = [\"127.0.0.1/32\"]\n")
+    })
+    .await;
     let replicas = (0..3).map(|_| spawn_replica(config.path(), &url, tempfile::tempdir().unwrap())).collect();
     let mut cluster = Cluster { url, config, replicas, mock };
     // About twenty calls' worth.
@@ -663,7 +656,7 @@ async fn alert_rules_are_shared_by_the_replicas_and_each_threshold_fires_once_fo
     let mut fired: Vec<u64> = received.iter().map(|event| event["rule"].as_u64().unwrap()).collect();
     fired.sort_unstable();
     assert_eq!(fired, [rule_ids.clone(), vec![late]].concat(), "the late rule once, the others not again");
-    let name = std::fs::read_to_string(cluster.replicas[2].data.path().join("replica-name")).unwrap();
+    let name = replica_name(&cluster.replicas[2]);
     let db = creditgate::cluster::Database::new(&cluster.url, 1).unwrap();
     let client = db.client().await.unwrap();
     let firing: String = client
@@ -674,7 +667,7 @@ async fn alert_rules_are_shared_by_the_replicas_and_each_threshold_fires_once_fo
         .await
         .unwrap()
         .get(0);
-    assert_eq!(firing, name.trim(), "the replica that saw the refusal fired it");
+    assert_eq!(firing, name, "the replica that saw the refusal fired it");
 
     // Rules a single node kept in its data directory move into the shared
     // books when that directory joins the cluster, once.
@@ -736,30 +729,20 @@ fn wait_for_versions(url: &str, names: &[String], version: &str) -> String {
 async fn a_price_reload_asked_of_one_replica_reloads_every_replica_and_status_shows_what_each_runs() {
     let pg = Postgres::start();
     let url = pg.create_database("prices");
-    let mock = creditgate::mock::MockUpstream::start(
-        "127.0.0.1:0".parse().unwrap(),
-        creditgate::mock::MockOptions::default(),
-    )
-    .await
-    .unwrap();
     // A price file of this test's own, which the replicas do not watch: only
     // an asked-for reload changes what they run.
     let prices = tempfile::tempdir().unwrap();
     let file = prices.path().join("prices.toml");
     let original = std::fs::read_to_string(common::PRICES_FILE).unwrap();
     std::fs::write(&file, &original).unwrap();
-    let config = config_file(mock.addr());
-    let text = std::fs::read_to_string(config.path())
-        .unwrap()
-        .replace(common::PRICES_FILE, file.to_str().unwrap())
-        .replace("watch_interval_ms = 50", "watch_interval_ms = 3600000");
-    std::fs::write(config.path(), &text).unwrap();
+    let (_mock, config, text) = edited_config(|text| {
+        text.replace(common::PRICES_FILE, file.to_str().unwrap())
+            .replace("watch_interval_ms = 50", "watch_interval_ms = 3600000")
+    })
+    .await;
     let replicas: Vec<Replica> =
         (0..2).map(|_| spawn_replica(config.path(), &url, tempfile::tempdir().unwrap())).collect();
-    let names: Vec<String> = replicas
-        .iter()
-        .map(|r| std::fs::read_to_string(r.data.path().join("replica-name")).unwrap().trim().to_owned())
-        .collect();
+    let names: Vec<String> = replicas.iter().map(replica_name).collect();
     let version = |replica: &Replica| {
         let replica = replica.admin.clone();
         async move {
@@ -808,7 +791,7 @@ async fn a_price_reload_asked_of_one_replica_reloads_every_replica_and_status_sh
     let odd_config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(odd_config.path(), text.replace(file.to_str().unwrap(), other.to_str().unwrap())).unwrap();
     let odd = spawn_replica(odd_config.path(), &url, tempfile::tempdir().unwrap());
-    let odd_name = std::fs::read_to_string(odd.data.path().join("replica-name")).unwrap().trim().to_owned();
+    let odd_name = replica_name(&odd);
     let odd_version = version(&odd).await;
     let table = wait_for_versions(&url, &[odd_name], &odd_version);
     assert!(

@@ -49,6 +49,23 @@ pub fn config_file(mock: std::net::SocketAddr) -> tempfile::NamedTempFile {
     file
 }
 
+/// A mock upstream and a replica config file for it as [`config_file`]
+/// writes it, edited by `edit`; with the edited text.
+pub async fn edited_config(
+    edit: impl FnOnce(String) -> String,
+) -> (MockUpstream, tempfile::NamedTempFile, String) {
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default()).await.unwrap();
+    let config = config_file(mock.addr());
+    let text = edit(std::fs::read_to_string(config.path()).unwrap());
+    std::fs::write(config.path(), &text).unwrap();
+    (mock, config, text)
+}
+
+/// The name a replica keeps in its data directory.
+pub fn replica_name(replica: &Replica) -> String {
+    std::fs::read_to_string(replica.data.path().join("replica-name")).unwrap().trim().to_owned()
+}
+
 /// Gateway config `text` with a `[cluster]` section: the database URL in
 /// [`URL_VAR`], and `settings`.
 pub fn with_cluster_section(text: &str, settings: &str) -> String {
