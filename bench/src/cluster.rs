@@ -41,12 +41,13 @@ pub struct BucketP99 {
 
 impl Cluster {
     /// Starts PostgreSQL (with `pg_stat_statements`) and `replicas` gateways
-    /// on it, each on its own data directory.
+    /// on it, each on its own data directory, with `server` in `[server]`.
     pub async fn start(
         replicas: usize,
         bin: &Path,
         mock: &MockUpstream,
         prices: &Path,
+        server: &str,
         http: &Http,
     ) -> anyhow::Result<Cluster> {
         let mut pg = tokio::task::spawn_blocking(|| {
@@ -73,7 +74,7 @@ impl Cluster {
                 bin,
                 mock: mock.addr(),
                 prices,
-                server: "",
+                server,
                 extra: &section,
                 data_dir: None,
                 env: &env,

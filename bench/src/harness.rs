@@ -59,7 +59,7 @@ impl Metered {
         name: &'static str,
         settings: &Settings,
         mock: &MockUpstream,
-        extra: &str,
+        (server, extra): (&str, &str),
         http: &Http,
     ) -> anyhow::Result<Metered> {
         let gateway = Gateway::start(
@@ -68,7 +68,7 @@ impl Metered {
                 bin: &settings.gateway_bin,
                 mock: mock.addr(),
                 prices: &settings.prices,
-                server: &settings.server_lines(),
+                server,
                 extra,
                 data_dir: None,
                 env: &[],
@@ -124,8 +124,15 @@ impl Metered {
     /// every replica's view holds the seeded wallets.
     async fn start_cluster(settings: &Settings, mock: &MockUpstream, http: &Http) -> anyhow::Result<Metered> {
         eprintln!("starting PostgreSQL and {} cluster replicas", settings.replicas);
-        let cluster =
-            Cluster::start(settings.replicas, &settings.gateway_bin, mock, &settings.prices, http).await?;
+        let cluster = Cluster::start(
+            settings.replicas,
+            &settings.gateway_bin,
+            mock,
+            &settings.prices,
+            &settings.replica_server_lines(),
+            http,
+        )
+        .await?;
         let admins: Vec<Admin> = cluster
             .replicas
             .iter()
@@ -261,7 +268,7 @@ impl Run {
         if let Some(scheduler) = &settings.scheduler {
             results.notes.push(format!("the gateways run with [server] scheduler = \"{scheduler}\""));
         }
-        let on = Metered::start(METERED, &settings, &mock, "", &http).await?;
+        let on = Metered::start(METERED, &settings, &mock, (&settings.server_lines(), ""), &http).await?;
         let off = start_write_through_off(&settings, &mock, &http, &mut results.notes).await?;
         let nginx = start_nginx(&settings, &mock, &mut results.notes)?;
         let bare = start_bare(&settings, &mock, &mut results.notes)?;
@@ -276,7 +283,8 @@ impl Run {
             modes.push(Mode { name: CLUSTER, target: cluster.target(), books: Charged::Cluster });
             for i in 0..settings.replicas {
                 let name: &'static str = Box::leak(format!("split-{}", i + 1).into_boxed_str());
-                split.push(Metered::start(name, &settings, &mock, "", &http).await?);
+                let server = settings.replica_server_lines();
+                split.push(Metered::start(name, &settings, &mock, (&server, ""), &http).await?);
             }
             let target = Target {
                 addrs: split.iter().map(|single| single.proxies[0].clone()).collect::<Vec<_>>().into(),
@@ -291,6 +299,12 @@ impl Run {
                 ),
             };
             modes.push(Mode { name: SPLIT, target, books: Charged::Nobody });
+            if let Some(workers) = settings.replica_workers {
+                results.notes.push(format!(
+                    "each replica and each split node runs [server] workers = {workers}; the single node \
+                     runs the gateway's default (one per core)"
+                ));
+            }
             results.notes.push(format!(
                 "split: the cluster's traffic over {} single-node gateways with books of their own, \
                  in turn (no shared books): what splitting it costs on this machine; checked by \
@@ -766,7 +780,9 @@ async fn start_write_through_off(
     match gateway::write_through_off_switch(&settings.gateway_bin, mock.addr(), &settings.prices)? {
         Some(section) => {
             let section_name = section.lines().next().unwrap_or_default().to_owned();
-            let off = Metered::start(METERED_WT_OFF, settings, mock, &section, http).await?;
+            let off =
+                Metered::start(METERED_WT_OFF, settings, mock, (&settings.server_lines(), &section), http)
+                    .await?;
             notes.push(format!(
                 "write-through off via `{section_name} write_through = false`; audited by wallet balances"
             ));

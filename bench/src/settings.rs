@@ -146,6 +146,13 @@ pub struct Args {
     /// cluster's replicas) [default: the gateway's own, work-stealing].
     #[arg(long, value_parser = ["work-stealing", "thread-per-core"])]
     pub scheduler: Option<String>,
+    /// Cluster profile: `[server] workers` of each replica and of each
+    /// split node [default: cores / replicas, at least 1, so that together
+    /// they run as many proxy threads as the single node they are compared
+    /// with; with one per core each, N replicas on this machine would run
+    /// N times as many threads as it has cores].
+    #[arg(long)]
+    pub replica_workers: Option<usize>,
     /// Write the report as JSON to this file (`-` for stdout).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -266,6 +273,8 @@ pub struct Settings {
     pub progress: bool,
     /// Replicas of the cluster mode (0: no cluster mode).
     pub replicas: usize,
+    /// `[server] workers` of each replica and split node, if set.
+    pub replica_workers: Option<usize>,
     /// Drive an already running mock and gateway instead of starting them.
     pub target: Option<TargetSettings>,
 }
@@ -274,6 +283,12 @@ impl Settings {
     /// Lines for the `[server]` table of the gateways this run starts.
     pub fn server_lines(&self) -> String {
         self.scheduler.as_ref().map(|s| format!("scheduler = \"{s}\"\n")).unwrap_or_default()
+    }
+
+    /// Lines for the `[server]` table of the cluster's replicas and of the
+    /// split nodes (which stand in for them).
+    pub fn replica_server_lines(&self) -> String {
+        self.replica_workers.map(|n| format!("workers = {n}\n")).unwrap_or_default()
     }
 
     pub fn from_args(args: Args) -> anyhow::Result<Settings> {
@@ -391,6 +406,15 @@ impl Settings {
             json: args.json,
             progress: args.progress.unwrap_or(seconds >= 3),
             replicas,
+            replica_workers: match (cluster, args.replica_workers) {
+                (_, Some(0)) => bail!("--replica-workers must be at least 1"),
+                (false, Some(_)) => bail!("--replica-workers belongs to --profile cluster"),
+                (true, None) => {
+                    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                    Some((cores / replicas.max(1)).max(1))
+                }
+                (_, workers) => workers,
+            },
             target,
         })
     }
