@@ -929,3 +929,46 @@ async fn credit_idle_in_one_replicas_lease_goes_to_a_hold_on_another_at_once() {
     assert_eq!(audit[0].debited, dec!(1));
     assert_eq!(audit[0].uncovered, Decimal::ZERO);
 }
+
+/// A wallet whose balance in the books is below a hold was refused: for
+/// half a second more holds at least that large are refused from memory,
+/// so a spent wallet's traffic costs the books a few statements, not two
+/// per request; a smaller hold still asks, and a purchase is spendable
+/// again once the half second is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_wallet_is_refused_from_memory_for_half_a_second_and_a_purchase_then_spends() {
+    let pg = Postgres::start();
+    let url = pg.create_database("short");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(0.01), "p").await.unwrap();
+    let book = LeaseBook::new(books(&url).await, settings("replica-a"), 1);
+    let hold = book.hold(WALLET, dec!(0.006)).await.unwrap();
+    book.settle(hold, dec!(0.006), Utc::now(), serde_json::json!({}));
+
+    let (_, before) = book.stats();
+    let started = std::time::Instant::now();
+    for _ in 0..200 {
+        assert!(matches!(book.hold(WALLET, dec!(0.005)).await, Err(LeaseRefusal::InsufficientCredit { .. })));
+    }
+    let (_, after) = book.stats();
+    // The first refusal ships the debit, gives the leftover back, tries to
+    // draw and reads the balance: 4 operations; then 2 per half second.
+    let windows = u64::try_from(started.elapsed().as_millis() / 500).unwrap() + 1;
+    assert!(after - before <= 2 + 2 * windows, "{} operations for 200 refusals", after - before);
+    // 0.004 is left: a smaller hold is not refused from memory.
+    let hold = book.hold(WALLET, dec!(0.003)).await.unwrap();
+    book.release(hold);
+
+    // Spent to the last cent, then bought again.
+    let hold = book.hold(WALLET, dec!(0.004)).await.unwrap();
+    book.settle(hold, dec!(0.004), Utc::now(), serde_json::json!({}));
+    assert!(matches!(book.hold(WALLET, dec!(0.001)).await, Err(LeaseRefusal::InsufficientCredit { .. })));
+    admin.fund(ORG, WALLET, dec!(1), "p2").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    let hold = book.hold(WALLET, dec!(0.001)).await.expect("spendable once the memory lapsed");
+    book.settle(hold, dec!(0.001), Utc::now(), serde_json::json!({}));
+    book.maintain().await.unwrap();
+    let audit = admin.audit().await.unwrap();
+    assert_eq!(audit[0].debited, dec!(0.011));
+    assert!(audit[0].balances(), "{audit:?}");
+}

@@ -357,27 +357,28 @@ impl Books {
         .await
     }
 
-    /// Whether `wallet`'s balance covers `amount` (the credit is leased to
-    /// other replicas, then) and, when it does, tells them in the same
-    /// statement that `replica` needs it: each gives back what it is not
-    /// using (see [`super::Wakeups::wanted`]). The ask is a hint.
-    pub async fn balance_covers_asking(
+    /// `wallet`'s balance in the books (zero for a wallet they do not know)
+    /// and, when it covers `amount` (the credit is leased to other replicas,
+    /// then), tells them in the same statement that `replica` needs it: each
+    /// gives back what it is not using (see [`super::Wakeups::wanted`]). The
+    /// ask is a hint.
+    pub async fn balance_asking_if_it_covers(
         &self,
         replica: &str,
         wallet: &str,
         amount: Decimal,
-    ) -> Result<bool, ClusterError> {
+    ) -> Result<Decimal, ClusterError> {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
-                "SELECT w.balance >= $2,
+                "SELECT w.balance,
                         (SELECT count(*) FROM (SELECT pg_notify('cg_wanted', $3) WHERE w.balance >= $2) ask)
                  FROM cg_wallets w WHERE w.wallet = $1",
             )
             .await?;
         let payload = super::wakeups::wanted_payload(replica, wallet);
         let row = client.query_opt(&statement, &[&wallet, &amount, &payload]).await?;
-        Ok(row.is_some_and(|row| row.get(0)))
+        Ok(row.map_or(Ok(Decimal::ZERO), |row| row.try_get(0))?)
     }
 
     /// The open leases of `replica`.

@@ -37,6 +37,14 @@ use crate::telemetry::metrics::ClusterMetrics;
 const LEASED_ELSEWHERE_WAIT: Duration = Duration::from_millis(500);
 const LEASED_ELSEWHERE_RETRY: Duration = Duration::from_millis(10);
 const LEASED_ELSEWHERE_RETRY_MAX: Duration = Duration::from_millis(50);
+/// How long a replica remembers that a wallet's balance in the books was
+/// below a hold it refused: a hold at least that large is refused again
+/// without a statement. A balance falls with every debit and rises only by
+/// funding, so within this a purchase waits at most this long to be
+/// spendable on a replica that just refused the wallet, and a wallet that
+/// is spent costs the books two statements per replica per this, not two
+/// per request.
+const SHORT_MEMORY: Duration = Duration::from_millis(500);
 /// How long a replica that gave a wallet's leases up to another's ask keeps
 /// from drawing on it: several of the asker's tries.
 const YIELD_TO_ASKER: Duration = Duration::from_millis(200);
@@ -156,6 +164,9 @@ struct WalletLeases {
     /// asked for it (`cg_wanted`): its own draws wait, or the credit it gave
     /// back would be drawn again here before the asker's next try.
     yielding_until: Option<Instant>,
+    /// The wallet's balance in the books when a hold larger than it was
+    /// refused, and until when that is trusted ([`SHORT_MEMORY`]).
+    short: Option<(Instant, Decimal)>,
 }
 
 impl WalletLeases {
@@ -438,6 +449,8 @@ impl LeaseBook {
         }
         self.books.set_limit(name, org, cap).await?;
         self.limit_caps.insert(name.to_owned(), cap);
+        // A new cap may leave headroom the last refusal did not see.
+        self.wallet(name).lock().short = None;
         Ok(())
     }
 
@@ -459,6 +472,10 @@ impl LeaseBook {
             let cell = self.wallet(wallet);
             let mut state = cell.lock();
             state.largest_hold = state.largest_hold.max(amount);
+            // The books said a moment ago that the wallet holds less than this.
+            if state.short.is_some_and(|(until, balance)| until > Instant::now() && amount > balance) {
+                return Err(LeaseRefusal::InsufficientCredit { required: amount });
+            }
         }
         // Another replica asked for this wallet's credit: let it draw first.
         let yielding = self.wallet(wallet).lock().yielding_until.filter(|until| *until > Instant::now());
@@ -492,11 +509,15 @@ impl LeaseBook {
                 Ok(None) => {}
                 Err(err) => return Err(LeaseRefusal::Unavailable(err)),
             }
-            let leased_elsewhere =
-                match self.books.balance_covers_asking(&self.settings.replica, wallet, amount).await {
-                    Ok(covers) => covers,
+            let balance =
+                match self.books.balance_asking_if_it_covers(&self.settings.replica, wallet, amount).await {
+                    Ok(balance) => balance,
                     Err(err) => return Err(LeaseRefusal::Unavailable(err)),
                 };
+            let leased_elsewhere = balance >= amount;
+            if !leased_elsewhere {
+                self.wallet(wallet).lock().short = Some((Instant::now() + SHORT_MEMORY, balance));
+            }
             if !leased_elsewhere || started.elapsed() >= LEASED_ELSEWHERE_WAIT {
                 return Err(LeaseRefusal::InsufficientCredit { required: amount });
             }

@@ -9,7 +9,7 @@
 //! nothing, and a busy one one read per append instead of one per poll.
 //!
 //! A replica whose hold finds the credit it needs leased to others
-//! notifies `cg_wanted` with its name and the wallet ([`super::Books::balance_covers_asking`]):
+//! notifies `cg_wanted` with its name and the wallet ([`super::Books::balance_asking_if_it_covers`]):
 //! the others give back the leases on that wallet they are not using, so
 //! near empty the last credit moves to where the traffic is in a round
 //! trip instead of after a lease's idle time.
