@@ -328,7 +328,10 @@ fn price_status() -> Value {
                "as_of": {"anyOf": [{"type": "string", "format": "date"}, {"type": "null"}]},
                "age_days": {"type": ["integer", "null"]}, "markup_percent": decimal(),
                "loaded_at": time(), "last_reload_at": time(),
-               "last_reload_error": {"type": ["string", "null"]}, "reloads_ok": count, "reloads_failed": count}),
+               "last_reload_error": {"type": ["string", "null"]}, "reloads_ok": count, "reloads_failed": count,
+               "replicas_asked": {"type": ["boolean", "string"],
+                   "description": "cluster mode, after a reload: true once every other replica was asked to \
+                                   re-read its own price file, else why it was not"}}),
         &[
             "file",
             "version",
