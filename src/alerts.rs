@@ -1,5 +1,7 @@
 //! Balance alerts: rules per wallet, evaluated off the request path, each
-//! firing once per allocation period per threshold as a signed webhook.
+//! firing once per funding period per threshold as a signed webhook (a
+//! period runs from one credit to the wallet to the next: a contract year's
+//! grant, a month's Lite allowance, a purchase).
 //!
 //! Conditions: a share of the current allocation consumed (e.g. 80 %), the
 //! balance below an amount, a Lite wallet that ran empty (a 402 on it), and a
@@ -51,7 +53,7 @@ pub use destination::{DestinationPolicy, REFUSED as REFUSED_DESTINATION};
 
 use crate::clock::Clock;
 use crate::ledger::ids::{OrgId, RequestId, WalletId};
-use crate::ledger::lot::{Lot, LotKind};
+use crate::ledger::lot::Lot;
 use crate::ledger::{too_fine, Ledger};
 use destination::GuardedResolver;
 use refusals::{RefusalLog, RefusalReason};
@@ -389,6 +391,12 @@ impl Alerts {
         }
         let Ok(balance) = ledger.balance(wallet, now) else { return Vec::new() };
         let allocated = self.allocated(wallet, &balance.lots, now);
+        // A period runs from one credit to the wallet to the next (a
+        // contract year's grant, a month's Lite allowance, a purchase): the
+        // wallet's lifetime credit names it. It is the same on every
+        // replica and after a restart, which a cluster's once-only firing
+        // needs.
+        let period = format!("granted:{}", balance.totals.granted.normalize());
         let remaining: Decimal = balance.lots.iter().map(|l| l.remaining).sum();
         let consumed_percent = if allocated > Decimal::ZERO {
             (allocated - remaining) * Decimal::ONE_HUNDRED / allocated
@@ -398,14 +406,6 @@ impl Alerts {
         } else {
             Decimal::ZERO
         };
-        // An allocation period starts with the newest scheduled grant.
-        let period = balance
-            .lots
-            .iter()
-            .filter(|l| matches!(l.origin.kind(), LotKind::Platform | LotKind::Seat | LotKind::LiteMonthly))
-            .map(|l| l.effective_at)
-            .max()
-            .map_or_else(|| "none".to_owned(), |at| at.to_rfc3339());
         let facts = json!({
             "balance": balance.balance.normalize().to_string(),
             "available": balance.available.normalize().to_string(),
@@ -448,13 +448,33 @@ impl Alerts {
     }
 
     /// Delivers a firing: on a single node at once; in a cluster only if
-    /// this replica is the first to claim it in the shared books.
+    /// this replica is the first to claim it in the shared books, which
+    /// keep its event from the claim on (see [`Alerts::resume_deliveries`]).
     async fn fire(&self, rule: Rule, period: String, facts: Value) {
-        let id = match &self.keeping {
-            Keeping::File(_) => self.next_id.fetch_add(1, Ordering::Relaxed),
+        let event = json!({
+            "rule": rule.id, "org": rule.org, "wallet": rule.wallet,
+            "condition": rule.condition, "period": period, "facts": facts,
+        });
+        let (id, event) = match &self.keeping {
+            Keeping::File(_) => {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let mut event = event;
+                event["delivery"] = json!(id);
+                self.record(Delivery {
+                    id,
+                    rule: rule.id,
+                    org: rule.org,
+                    event: event.clone(),
+                    status: "pending",
+                    attempts: 0,
+                    last_error: None,
+                    created_at: Utc::now(),
+                });
+                (id, event)
+            }
             Keeping::Cluster { books, replica } => {
-                match cluster::claim(books, &rule, &period, replica).await {
-                    Ok(Some(id)) => id,
+                match cluster::claim(books, &rule, &period, replica, &event).await {
+                    Ok(Some(claimed)) => claimed,
                     Ok(None) => return,
                     Err(error) => {
                         // Not marked fired here, so the next signal tries again.
@@ -465,25 +485,15 @@ impl Alerts {
                 }
             }
         };
-        let event = json!({
-            "delivery": id, "rule": rule.id, "org": rule.org, "wallet": rule.wallet,
-            "condition": rule.condition, "period": period, "facts": facts,
-        });
-        self.record(Delivery {
-            id,
-            rule: rule.id,
-            org: rule.org,
-            event: event.clone(),
-            status: "pending",
-            attempts: 0,
-            last_error: None,
-            created_at: Utc::now(),
-        })
-        .await;
-        let body = event.to_string();
+        self.send(&rule, id, &event.to_string()).await;
+    }
+
+    /// Posts delivery `id`'s `body` to the rule's webhook, retrying with
+    /// backoff, and records each attempt.
+    async fn send(&self, rule: &Rule, id: u64, body: &str) {
         let mut backoff = FIRST_BACKOFF;
         for attempt in 1..=MAX_ATTEMPTS {
-            let result = self.post(&rule, &body).await;
+            let result = self.post(rule, body).await;
             let done = result.is_ok();
             let status = match (&result, attempt == MAX_ATTEMPTS) {
                 (Ok(()), _) => "delivered",
@@ -520,11 +530,7 @@ impl Alerts {
         }
     }
 
-    async fn record(&self, delivery: Delivery) {
-        if let Keeping::Cluster { books, .. } = &self.keeping {
-            cluster::record(books, &delivery).await;
-            return;
-        }
+    fn record(&self, delivery: Delivery) {
         let mut deliveries = self.deliveries.lock();
         if deliveries.len() == MAX_DELIVERIES {
             deliveries.pop_front();

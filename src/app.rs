@@ -439,9 +439,10 @@ async fn cluster_alerts(
     if moved > 0 {
         tracing::info!(moved, file = %rules_file.display(), "alert rules moved into the cluster's books");
     }
-    tokio::spawn(alerts.clone().follow_cluster_rules(node.wakeups().clone(), shutdown));
+    tokio::spawn(alerts.clone().follow_cluster_rules(node.wakeups().clone(), shutdown.clone()));
+    tokio::spawn(alerts.clone().resume_deliveries(shutdown));
     let watching = alerts.clone();
-    node.replica().watch_wallets(Box::new(move |wallet| watching.notify(Signal::Changed(wallet))));
+    node.replica().watch_wallets(Box::new(move |wallet, _| watching.notify(Signal::Changed(wallet))));
     Ok(alerts)
 }
 

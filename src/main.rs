@@ -528,11 +528,9 @@ async fn cluster_status(var: &str, json: bool) -> anyhow::Result<ExitCode> {
             replica.price_version.as_deref().unwrap_or("-")
         );
     }
-    // Replicas that renewed within the last minute are the live ones.
-    let live = chrono::Utc::now() - chrono::Duration::minutes(1);
     let mut versions: Vec<&str> = replicas
         .iter()
-        .filter(|replica| replica.last_seen > live)
+        .filter(|replica| replica.live)
         .filter_map(|replica| replica.price_version.as_deref())
         .collect();
     versions.sort_unstable();

@@ -669,6 +669,41 @@ async fn alert_rules_are_shared_by_the_replicas_and_each_threshold_fires_once_fo
         .get(0);
     assert_eq!(firing, name, "the replica that saw the refusal fired it");
 
+    // A firing whose replica claimed it and stopped before sending it:
+    // another replica takes it over and sends it.
+    let event = json!({"rule": late, "org": org, "period": "abandoned", "facts": {}});
+    let abandoned: i64 = client
+        .query_one(
+            "INSERT INTO cg_alert_deliveries (rule, org, period, replica, event, updated_at)
+             VALUES ($1, $2, 'abandoned', 'gone', $3, now() - interval '2 minutes') RETURNING id",
+            &[
+                &i64::try_from(late).unwrap(),
+                &i64::try_from(org).unwrap(),
+                &tokio_postgres::types::Json(&event),
+            ],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .execute(
+            "UPDATE cg_alert_deliveries SET event = jsonb_set(event, '{delivery}', to_jsonb(id)) WHERE id = $1",
+            &[&abandoned],
+        )
+        .await
+        .unwrap();
+    let received = events(&seen, 4).await;
+    let resent: Vec<&serde_json::Value> = received.iter().filter(|e| e["period"] == "abandoned").collect();
+    assert_eq!(resent.len(), 1, "{received:#?}");
+    assert_eq!(resent[0]["delivery"], abandoned);
+    let row = client
+        .query_one("SELECT status, replica FROM cg_alert_deliveries WHERE id = $1", &[&abandoned])
+        .await
+        .unwrap();
+    let (status, replica): (String, String) = (row.get(0), row.get(1));
+    assert_eq!(status, "delivered");
+    assert_ne!(replica, "gone", "a live replica took it over");
+
     // Rules a single node kept in its data directory move into the shared
     // books when that directory joins the cluster, once.
     let data = tempfile::tempdir().unwrap();
@@ -736,6 +771,7 @@ async fn a_price_reload_asked_of_one_replica_reloads_every_replica_and_status_sh
     let original = std::fs::read_to_string(common::PRICES_FILE).unwrap();
     std::fs::write(&file, &original).unwrap();
     let (_mock, config, text) = edited_config(|text| {
+        assert!(text.contains(common::PRICES_FILE) && text.contains("watch_interval_ms = 50"), "{text}");
         text.replace(common::PRICES_FILE, file.to_str().unwrap())
             .replace("watch_interval_ms = 50", "watch_interval_ms = 3600000")
     })

@@ -941,7 +941,7 @@ async fn a_spent_wallet_is_refused_from_memory_for_half_a_second_and_a_purchase_
     let url = pg.create_database("short");
     let admin = books(&url).await;
     admin.fund(ORG, WALLET, dec!(0.01), "p").await.unwrap();
-    let book = LeaseBook::new(books(&url).await, settings("replica-a"), 1);
+    let book = Arc::new(LeaseBook::new(books(&url).await, settings("replica-a"), 1));
     let hold = book.hold(WALLET, dec!(0.006)).await.unwrap();
     book.settle(hold, dec!(0.006), Utc::now(), serde_json::json!({}));
 
@@ -959,16 +959,29 @@ async fn a_spent_wallet_is_refused_from_memory_for_half_a_second_and_a_purchase_
     let hold = book.hold(WALLET, dec!(0.003)).await.unwrap();
     book.release(hold);
 
-    // Spent to the last cent, then bought again.
+    // Spent to the last cent, then bought again: refused from memory until
+    // the replica's view replays the purchase (which tells the book), or
+    // else until the memory lapses.
+    let refused = |amount| {
+        let book = book.clone();
+        async move { matches!(book.hold(WALLET, amount).await, Err(LeaseRefusal::InsufficientCredit { .. })) }
+    };
     let hold = book.hold(WALLET, dec!(0.004)).await.unwrap();
     book.settle(hold, dec!(0.004), Utc::now(), serde_json::json!({}));
-    assert!(matches!(book.hold(WALLET, dec!(0.001)).await, Err(LeaseRefusal::InsufficientCredit { .. })));
-    admin.fund(ORG, WALLET, dec!(1), "p2").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(550)).await;
-    let hold = book.hold(WALLET, dec!(0.001)).await.expect("spendable once the memory lapsed");
+    assert!(refused(dec!(0.001)).await);
+    admin.fund(ORG, WALLET, dec!(0.002), "p2").await.unwrap();
+    assert!(refused(dec!(0.001)).await, "remembered short");
+    book.credit_arrived(WALLET);
+    let hold = book.hold(WALLET, dec!(0.001)).await.expect("spendable once the credit is known");
     book.settle(hold, dec!(0.001), Utc::now(), serde_json::json!({}));
+    assert!(refused(dec!(0.005)).await, "0.002 is in the books");
+    admin.fund(ORG, WALLET, dec!(1), "p3").await.unwrap();
+    assert!(refused(dec!(0.005)).await, "remembered short");
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    let hold = book.hold(WALLET, dec!(0.005)).await.expect("spendable once the memory lapsed");
+    book.settle(hold, dec!(0.005), Utc::now(), serde_json::json!({}));
     book.maintain().await.unwrap();
     let audit = admin.audit().await.unwrap();
-    assert_eq!(audit[0].debited, dec!(0.011));
+    assert_eq!(audit[0].debited, dec!(0.016));
     assert!(audit[0].balances(), "{audit:?}");
 }

@@ -507,3 +507,25 @@ async fn a_hold_cancelled_while_it_waits_for_the_books_leaves_nothing_held() {
     }
     assert_shared_books(&url, pool, dec!(100)).await;
 }
+
+/// A follower tells its watchers of every wallet a replayed record changes,
+/// and whether the record credited it: the alerts of a replica that serves
+/// none of a wallet's traffic evaluate on it, and its lease book forgets a
+/// balance it refused on once credit arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_tells_its_watchers_of_each_wallet_the_log_credits_or_debits() {
+    let (_pg, _url, clock, treasurer, follower) = cluster("watch", "2026-03-10T12:00:00Z").await;
+    let seen: Arc<std::sync::Mutex<Vec<(WalletId, bool)>>> = Arc::default();
+    let told = seen.clone();
+    follower.watch_wallets(Box::new(move |wallet, credited| told.lock().unwrap().push((wallet, credited))));
+    let now = clock.now();
+    let seeded = seed(treasurer.ledger(), now);
+    spend(treasurer.ledger(), seeded.org, Owner::User(seeded.pro), dec!(1.25), now);
+    follow_all(&treasurer, &follower).await;
+    let seen = seen.lock().unwrap().clone();
+    let (pool, lite) = (WalletId::Pool(seeded.org), WalletId::Lite(seeded.lite));
+    assert!(seen.contains(&(pool, true)), "the purchase: {seen:?}");
+    assert!(seen.contains(&(lite, true)), "the Lite allowance: {seen:?}");
+    assert!(seen.contains(&(pool, false)), "the debit: {seen:?}");
+    assert!(!seen.contains(&(lite, false)), "nothing debited the Lite wallet: {seen:?}");
+}

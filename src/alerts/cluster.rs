@@ -33,25 +33,31 @@ fn unreachable(error: ClusterError) -> AlertError {
     AlertError::Cluster(error.to_string())
 }
 
-/// A rule from its row: the body carries all but the id.
-fn rule_from_row(id: i64, mut body: Value) -> Result<Rule, AlertError> {
-    if let Some(fields) = body.as_object_mut() {
-        fields.insert("id".into(), Value::from(id));
-    }
-    serde_json::from_value(body)
-        .map_err(|e| AlertError::Cluster(format!("alert rule {id} in the books cannot be read: {e}")))
+/// The rules in rows whose body carries all but the id. A row this
+/// version cannot read (a condition a newer replica wrote, during a rolling
+/// upgrade) is left out and logged, so it stops neither the start nor the
+/// other rules.
+fn rules_from_rows(rows: Vec<(i64, Value)>) -> Vec<Rule> {
+    rows.into_iter()
+        .filter_map(|(id, mut body)| {
+            if let Some(fields) = body.as_object_mut() {
+                fields.insert("id".into(), Value::from(id));
+            }
+            serde_json::from_value(body)
+                .map_err(|error| tracing::error!(rule = id, %error, "an alert rule in the books cannot be read; skipped"))
+                .ok()
+        })
+        .collect()
 }
 
 pub(super) async fn read_rules(books: &Books) -> Result<Vec<Rule>, AlertError> {
-    let rows = books.alert_rules(None).await.map_err(unreachable)?;
-    rows.into_iter().map(|(id, body)| rule_from_row(id, body)).collect()
+    Ok(rules_from_rows(books.alert_rules(None).await.map_err(unreachable)?))
 }
 
 pub(super) async fn rules_of(books: &Books, org: OrgId) -> Result<Vec<Rule>, AlertError> {
     let org =
         i64::try_from(org.0).map_err(|_| AlertError::Cluster(format!("org {} is out of range", org.0)))?;
-    let rows = books.alert_rules(Some(org)).await.map_err(unreachable)?;
-    rows.into_iter().map(|(id, body)| rule_from_row(id, body)).collect()
+    Ok(rules_from_rows(books.alert_rules(Some(org)).await.map_err(unreachable)?))
 }
 
 /// Saves `rule` (its id ignored); returns the id the books gave it.
@@ -91,39 +97,71 @@ pub(super) async fn deliveries_of(books: &Books, org: OrgId) -> Result<Vec<Deliv
         .collect())
 }
 
-/// Claims the firing of `rule` in `period`: its delivery id if this
-/// replica took it, `None` if it had fired already.
+/// Claims the firing of `rule` in `period` with its `event` (which gets
+/// the delivery's number): the delivery's id and event if this replica took
+/// it, `None` if it had fired already.
 pub(super) async fn claim(
     books: &Books,
     rule: &Rule,
     period: &str,
     replica: &str,
-) -> Result<Option<u64>, AlertError> {
+    event: &Value,
+) -> Result<Option<(u64, Value)>, AlertError> {
     let (Ok(id), Ok(org)) = (i64::try_from(rule.id), i64::try_from(rule.org.0)) else {
         return Err(AlertError::Cluster(format!("rule {} is out of range", rule.id)));
     };
-    let claimed = books.claim_alert(id, org, period, replica).await.map_err(unreachable)?;
-    Ok(claimed.map(|id| u64::try_from(id).unwrap_or_default()))
-}
-
-/// Writes a delivery's event; a failure is logged (the webhook still goes).
-pub(super) async fn record(books: &Books, delivery: &Delivery) {
-    let Ok(id) = i64::try_from(delivery.id) else { return };
-    let written = books.update_alert_delivery(id, Some(&delivery.event), delivery.status, 0, None).await;
-    if let Err(error) = written {
-        tracing::warn!(delivery = delivery.id, %error, "cannot record an alert delivery in the books");
-    }
+    let claimed = books.claim_alert(id, org, period, replica, event).await.map_err(unreachable)?;
+    Ok(claimed.map(|(id, event)| (u64::try_from(id).unwrap_or_default(), event)))
 }
 
 /// Writes a delivery attempt's outcome; a failure is logged.
 pub(super) async fn update(books: &Books, id: u64, status: &str, attempts: u32, error: Option<&str>) {
     let (Ok(row), Ok(attempts)) = (i64::try_from(id), i32::try_from(attempts)) else { return };
-    if let Err(failure) = books.update_alert_delivery(row, None, status, attempts, error).await {
+    if let Err(failure) = books.update_alert_delivery(row, status, attempts, error).await {
         tracing::warn!(delivery = id, error = %failure, "cannot record an alert delivery's attempt in the books");
     }
 }
 
+/// A delivery left pending longer than this was dropped by the replica
+/// that claimed it (it stopped, or lost the answer to its claim): another
+/// replica sends it. Far longer than a delivery's attempts take (five
+/// 5 s timeouts and their backoff), each of which marks the row.
+const ABANDONED_AFTER: Duration = Duration::from_secs(60);
+/// How often a replica looks for abandoned deliveries.
+const RESUME_EVERY: Duration = Duration::from_secs(5);
+
 impl Alerts {
+    /// Sends the deliveries other replicas claimed and abandoned, until
+    /// `shutdown`: a firing claimed in the books is delivered at least once
+    /// (receivers tell repeats apart by the event's `delivery` number).
+    pub async fn resume_deliveries(self: Arc<Self>, shutdown: CancellationToken) {
+        let super::Keeping::Cluster { books, replica } = &self.keeping else { return };
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(RESUME_EVERY) => {}
+            }
+            let taken = match books.take_abandoned_alerts(replica, ABANDONED_AFTER).await {
+                Ok(taken) => taken,
+                Err(error) => {
+                    tracing::debug!(%error, "cannot look for abandoned alert deliveries");
+                    continue;
+                }
+            };
+            for (id, event, rule_id, rule_body) in taken {
+                let Some(rule) = rules_from_rows(vec![(rule_id, rule_body)]).pop() else { continue };
+                let Ok(delivery) = u64::try_from(id) else { continue };
+                tracing::info!(
+                    delivery,
+                    rule = rule.id,
+                    "sending an alert delivery another replica abandoned"
+                );
+                let alerts = self.clone();
+                tokio::spawn(async move { alerts.send(&rule, delivery, &event.to_string()).await });
+            }
+        }
+    }
+
     /// Reloads the rules from the cluster's books whenever one is added
     /// anywhere (and on a slow timer), until `shutdown`.
     pub async fn follow_cluster_rules(self: Arc<Self>, wakeups: Arc<Wakeups>, shutdown: CancellationToken) {

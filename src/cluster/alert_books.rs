@@ -67,31 +67,69 @@ impl Books {
         Ok(row.try_get(0)?)
     }
 
-    /// Claims the firing of `rule` in `period` for `replica`: the delivery's
-    /// id if this call took it, `None` if some replica had fired it already.
+    /// Claims the firing of `rule` in `period` for `replica`, keeping
+    /// `event` with the delivery's number set in it: the delivery's id and
+    /// event if this call took it, `None` if some replica had fired it.
     pub async fn claim_alert(
         &self,
         rule: i64,
         org: i64,
         period: &str,
         replica: &str,
-    ) -> Result<Option<i64>, ClusterError> {
+        event: &Value,
+    ) -> Result<Option<(i64, Value)>, ClusterError> {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "INSERT INTO cg_alert_deliveries (rule, org, period, replica) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (rule, period) DO NOTHING RETURNING id",
-                &[&rule, &org, &period, &replica],
+                "WITH next AS (SELECT nextval(pg_get_serial_sequence('cg_alert_deliveries', 'id')) AS id)
+                 INSERT INTO cg_alert_deliveries (id, rule, org, period, replica, event)
+                 SELECT next.id, $1, $2, $3, $4, jsonb_set($5::jsonb, '{delivery}', to_jsonb(next.id))
+                 FROM next
+                 ON CONFLICT (rule, period) DO NOTHING RETURNING id, event",
+                &[&rule, &org, &period, &replica, &Json(event)],
             )
             .await?;
-        Ok(row.map(|row| row.try_get(0)).transpose()?)
+        let Some(row) = row else { return Ok(None) };
+        let Json(event) = row.try_get::<_, Json<Value>>(1)?;
+        Ok(Some((row.try_get(0)?, event)))
     }
 
-    /// Records a delivery's progress (and its event, once built).
+    /// Takes over, for `replica`, the pending deliveries nobody marked for
+    /// `abandoned` (their replica stopped or lost its claim's answer): each
+    /// as (id, event, rule id, rule body).
+    pub async fn take_abandoned_alerts(
+        &self,
+        replica: &str,
+        abandoned: std::time::Duration,
+    ) -> Result<Vec<(i64, Value, i64, Value)>, ClusterError> {
+        let client = self.client().await?;
+        let seconds = abandoned.as_secs_f64();
+        let rows = client
+            .query(
+                "UPDATE cg_alert_deliveries d SET replica = $1, updated_at = now()
+                 FROM cg_alert_rules r
+                 WHERE r.id = d.rule AND d.id IN (
+                     SELECT id FROM cg_alert_deliveries
+                     WHERE status = 'pending' AND event IS NOT NULL
+                       AND updated_at < now() - make_interval(secs => $2)
+                     ORDER BY id LIMIT 20 FOR UPDATE SKIP LOCKED)
+                 RETURNING d.id, d.event, r.id, r.body",
+                &[&replica, &seconds],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let (Json(event), Json(body)) =
+                    (row.try_get::<_, Json<Value>>(1)?, row.try_get::<_, Json<Value>>(3)?);
+                Ok((row.try_get(0)?, event, row.try_get(2)?, body))
+            })
+            .collect()
+    }
+
+    /// Records a delivery attempt's outcome.
     pub async fn update_alert_delivery(
         &self,
         id: i64,
-        event: Option<&Value>,
         status: &str,
         attempts: i32,
         last_error: Option<&str>,
@@ -100,9 +138,9 @@ impl Books {
         client
             .execute(
                 "UPDATE cg_alert_deliveries
-                 SET event = COALESCE($2, event), status = $3, attempts = $4, last_error = $5
+                 SET status = $2, attempts = $3, last_error = $4, updated_at = now()
                  WHERE id = $1",
-                &[&id, &event.map(Json), &status, &attempts, &last_error],
+                &[&id, &status, &attempts, &last_error],
             )
             .await?;
         Ok(())

@@ -130,6 +130,8 @@ pub struct ReplicaStatus {
     pub leased: Decimal,
     /// The price table it runs (`label@hash`), as it last reported.
     pub price_version: Option<String>,
+    /// Whether it renewed within the last minute (by the database's clock).
+    pub live: bool,
 }
 
 /// The shared books, through a [`Database`].
@@ -472,7 +474,7 @@ impl Books {
                         (SELECT count(*) FROM cg_leases l WHERE l.replica = r.replica AND l.closed_at IS NULL),
                         COALESCE((SELECT sum(granted - spent) FROM cg_leases l
                                   WHERE l.replica = r.replica AND l.closed_at IS NULL), 0),
-                        r.price_version
+                        r.price_version, r.last_seen > now() - interval '1 minute'
                  FROM cg_replicas r ORDER BY r.replica",
                 &[],
             )
@@ -488,6 +490,7 @@ impl Books {
                 open_leases: row.get(5),
                 leased: row.get(6),
                 price_version: row.get(7),
+                live: row.get(8),
             })
             .collect())
     }

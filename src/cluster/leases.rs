@@ -435,6 +435,15 @@ impl LeaseBook {
         self.wallets.entry(wallet.to_owned()).or_default().clone()
     }
 
+    /// Credit reached `wallet` (a purchase, grant or adjustment this
+    /// replica's view replayed): the books' balance it last refused on is
+    /// stale, so the next hold asks them again.
+    pub fn credit_arrived(&self, wallet: &str) {
+        if let Some(cell) = self.wallets.get(wallet) {
+            cell.lock().short = None;
+        }
+    }
+
     /// Holds granted and database operations sent so far: their ratio is
     /// the database cost per request.
     pub fn stats(&self) -> (u64, u64) {

@@ -136,6 +136,12 @@ impl ClusterNode {
             tracing::info!(%returned, "gave back the leases a previous run of this replica left open");
         }
 
+        let credited = book.clone();
+        replica.watch_wallets(Box::new(move |wallet, credit| {
+            if credit {
+                credited.credit_arrived(&wallet.to_string());
+            }
+        }));
         let rounds = CancellationToken::new();
         let wakeups = super::Wakeups::start(db, rounds.clone());
         let node = Arc::new(ClusterNode {

@@ -123,14 +123,17 @@ pub struct Replica {
     lost_treasury: AtomicBool,
     /// Serializes reading the log, so records apply once and in order.
     tailing: tokio::sync::Mutex<()>,
-    /// Told of each wallet a debit or grant changed once the replica runs
-    /// (alerts evaluate on it: this replica's view is where every
-    /// replica's spending shows).
-    watcher: std::sync::OnceLock<WalletWatcher>,
+    /// Told of each wallet a record changes once the replica runs: alerts
+    /// evaluate on it (this replica's view is where every replica's
+    /// spending shows), and the lease book forgets a balance it refused on
+    /// once credit arrives.
+    watchers: parking_lot::RwLock<Vec<WalletWatcher>>,
 }
 
-/// Told the wallet whose balance a record just changed.
-pub type WalletWatcher = Box<dyn Fn(WalletId) + Send + Sync>;
+/// Told the wallet whose balance a record just changed, and whether the
+/// record credited it (a grant, purchase or adjustment) rather than
+/// debiting it.
+pub type WalletWatcher = Box<dyn Fn(WalletId, bool) + Send + Sync>;
 
 impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,22 +165,21 @@ impl Replica {
             deposed: AtomicBool::new(false),
             lost_treasury: AtomicBool::new(false),
             tailing: tokio::sync::Mutex::new(()),
-            watcher: std::sync::OnceLock::new(),
+            watchers: parking_lot::RwLock::new(Vec::new()),
         };
         while replica.catch_up().await? > 0 {}
         Ok(replica)
     }
 
-    /// Tells `watcher` of every wallet a record changes from now on, the
+    /// Tells `watcher` of every wallet a record changes from now on: the
     /// records this replica replays and the debits it posts as treasurer.
-    /// Set once; a second watcher is ignored.
     pub fn watch_wallets(&self, watcher: WalletWatcher) {
-        let _ = self.watcher.set(watcher);
+        self.watchers.write().push(watcher);
     }
 
-    fn changed(&self, wallet: WalletId) {
-        if let Some(watcher) = self.watcher.get() {
-            watcher(wallet);
+    fn changed(&self, wallet: WalletId, credited: bool) {
+        for watcher in self.watchers.read().iter() {
+            watcher(wallet, credited);
         }
     }
 
@@ -225,15 +227,17 @@ impl Replica {
         for record in &records {
             let decoded = decode(record.gseq, &record.body)?;
             let changed = match &decoded.body {
-                crate::ledger::journal::RecordBody::Entry(entry) => Some(entry.wallet),
+                crate::ledger::journal::RecordBody::Entry(entry) => {
+                    Some((entry.wallet, entry.kind.is_credit_side()))
+                }
                 _ => None,
             };
             self.ledger.apply_replicated(decoded).map_err(|err| {
                 ClusterError::Schema(format!("log record {} does not replay: {err}", record.gseq))
             })?;
             self.applied.store(record.gseq, Ordering::Release);
-            if let Some(wallet) = changed {
-                self.changed(wallet);
+            if let Some((wallet, credited)) = changed {
+                self.changed(wallet, credited);
             }
         }
         Ok(records.len())
@@ -298,7 +302,7 @@ impl Replica {
                 debit.at,
             );
             match posted {
-                Ok(_) => self.changed(wallet),
+                Ok(_) => self.changed(wallet, false),
                 // The journal stopped (this epoch is over): the rest are the
                 // next treasurer's to post, never to be marked refused here.
                 Err(SettleError::Unavailable { reason }) => return Err(ClusterError::Unavailable(reason)),

@@ -176,6 +176,8 @@ impl Wakeups {
                             self.log.notify_one();
                             self.debits.notify_one();
                             self.alerts.notify_one();
+                            // A reload asked for while it was not listening.
+                            self.prices.notify_one();
                             tokio::select! {
                                 () = shutdown.cancelled() => driver.abort(),
                                 ended = &mut driver => {

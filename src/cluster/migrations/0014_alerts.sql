@@ -13,7 +13,10 @@ CREATE TABLE cg_alert_rules (
 CREATE INDEX cg_alert_rules_org ON cg_alert_rules (org, id);
 
 -- One row per firing: the unique (rule, period) is what makes a firing
--- once per cluster. The replica whose insert took the row delivers it.
+-- once per cluster. The replica whose insert took the row delivers it; the
+-- row keeps the event from the start, so a delivery its replica abandoned
+-- (pending and not marked for a while) is taken over by another.
+-- `attempts` may restart at 1 then: webhooks are delivered at least once.
 CREATE TABLE cg_alert_deliveries (
     id         bigserial PRIMARY KEY,
     rule       bigint NOT NULL REFERENCES cg_alert_rules (id),
@@ -26,9 +29,12 @@ CREATE TABLE cg_alert_deliveries (
     attempts   integer NOT NULL DEFAULT 0,
     last_error text,
     created_at timestamptz NOT NULL DEFAULT now(),
+    -- When the delivering replica last marked it (claim or attempt).
+    updated_at timestamptz NOT NULL DEFAULT now(),
     UNIQUE (rule, period)
 );
 CREATE INDEX cg_alert_deliveries_org ON cg_alert_deliveries (org, id);
+CREATE INDEX cg_alert_deliveries_pending ON cg_alert_deliveries (updated_at) WHERE status = 'pending';
 
 -- Adds a rule unless the org already keeps `max_rules`; returns its id, or
 -- NULL when the org is at the cap. The org's advisory lock makes the count
