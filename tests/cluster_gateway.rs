@@ -641,9 +641,10 @@ async fn alert_rules_are_shared_by_the_replicas_and_each_threshold_fires_once_fo
     cluster.replicas[2].child.wait().unwrap();
     let data = std::mem::replace(&mut cluster.replicas[2].data, tempfile::tempdir().unwrap());
     cluster.replicas[2] = spawn_replica(cluster.config.path(), &cluster.url, data);
-    // A rule added through replica 1 after the wallet ran dry fires on the
-    // next refusal, which only replica 2 sees: it has the rule, and it
-    // alone evaluated it.
+    // A rule added through replica 1 after the wallet ran dry (and every
+    // debit was posted) fires on the next refusal, which only replica 2
+    // sees: it has the rule, and it alone evaluated it.
+    settled(&cluster.url).await;
     let late = json!({"wallet": "pool", "condition": {"type": "balance_below", "amount": "1"},
                       "webhook_url": hook, "secret": WEBHOOK_SECRET});
     let late = admin_write(&cluster.replicas[1], &format!("/admin/v1/orgs/{org}/alerts"), late, None).await;
