@@ -11,8 +11,10 @@
 //! - A firing is claimed by inserting `(rule, period)`: the replica whose
 //!   insert takes the row delivers it; the others find it taken. So a
 //!   threshold fires once for the cluster, and a restart does not fire it again.
-//! - The webhook's progress is written to the firing's row, so every
-//!   replica's admin API lists every delivery.
+//! - The firing's row holds its event from the claim on, and each attempt
+//!   is written to it, so every replica's admin API lists every delivery,
+//!   and a delivery its replica abandoned (it stopped, or lost the answer
+//!   to its claim) is sent by another: webhooks arrive at least once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -184,8 +186,10 @@ impl Alerts {
     /// Moves the rules a single node kept in `path` (this replica's data
     /// directory, from before it joined a cluster) into the cluster's books,
     /// then renames the file to `<path>.imported` so a restart does not add
-    /// them twice. Rules the books refuse (an org at its cap, a webhook the
-    /// policy now refuses) are logged and left out. Returns how many moved.
+    /// them twice (a crash between the two would: the rules are then listed
+    /// twice and fire once each per period). Rules the books refuse (an org
+    /// at its cap, a webhook the policy now refuses) are logged and left
+    /// out. Returns how many moved.
     pub async fn import_rules_file(&self, path: &std::path::Path) -> Result<usize, AlertError> {
         if !path.exists() {
             return Ok(0);
