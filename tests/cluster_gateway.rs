@@ -711,9 +711,16 @@ async fn alert_rules_are_shared_by_the_replicas_and_each_threshold_fires_once_fo
     let file = json!([{"id": 7, "org": org, "wallet": {"pool": org}, "condition": {"type": "spend_limit_reached"},
                        "webhook_url": hook, "secret": WEBHOOK_SECRET}]);
     std::fs::write(data.path().join("alerts.json"), file.to_string()).unwrap();
-    let joined = spawn_replica(cluster.config.path(), &cluster.url, data);
+    let mut joined = spawn_replica(cluster.config.path(), &cluster.url, data);
     assert!(!joined.data.path().join("alerts.json").exists());
     assert!(joined.data.path().join("alerts.json.imported").exists());
+    // As if it had crashed before the rename: the next start adds nothing twice.
+    joined.child.kill().unwrap();
+    joined.child.wait().unwrap();
+    std::fs::write(joined.data.path().join("alerts.json"), file.to_string()).unwrap();
+    let data = std::mem::replace(&mut joined.data, tempfile::tempdir().unwrap());
+    let joined = spawn_replica(cluster.config.path(), &cluster.url, data);
+    assert!(!joined.data.path().join("alerts.json").exists());
     let listed =
         admin(&cluster.replicas[0], http::Method::GET, &path, serde_json::Value::Null, None).await.unwrap();
     let listed = listed.json()["rules"].as_array().unwrap().clone();

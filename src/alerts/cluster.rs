@@ -185,19 +185,30 @@ impl Alerts {
 
     /// Moves the rules a single node kept in `path` (this replica's data
     /// directory, from before it joined a cluster) into the cluster's books,
-    /// then renames the file to `<path>.imported` so a restart does not add
-    /// them twice (a crash between the two would: the rules are then listed
-    /// twice and fire once each per period). Rules the books refuse (an org
-    /// at its cap, a webhook the policy now refuses) are logged and left
-    /// out. Returns how many moved.
+    /// then renames the file to `<path>.imported`. A rule the books already
+    /// hold the same (org, wallet, condition, webhook and secret) is not
+    /// added again, so an import a crash cut short is finished by the next
+    /// start without doubling what it had moved. Rules the books refuse (an
+    /// org at its cap, a webhook the policy now refuses) are logged and
+    /// left out. Returns how many moved.
     pub async fn import_rules_file(&self, path: &std::path::Path) -> Result<usize, AlertError> {
         if !path.exists() {
             return Ok(0);
         }
+        let super::Keeping::Cluster { books, .. } = &self.keeping else { return Ok(0) };
         let rules = super::read_rules_file(path)?;
+        let held = read_rules(books).await?;
         let mut moved = 0;
         for rule in rules {
             let old_id = rule.id;
+            let same = |other: &Rule| {
+                (other.org, other.wallet, &other.condition, &other.webhook_url, &other.secret)
+                    == (rule.org, rule.wallet, &rule.condition, &rule.webhook_url, &rule.secret)
+            };
+            if held.iter().any(same) {
+                tracing::info!(old_id, "an alert rule from the data directory is in the books already");
+                continue;
+            }
             match self.add_rule(rule.org, rule.wallet, rule.condition, rule.webhook_url, rule.secret).await {
                 Ok(added) => {
                     tracing::info!(old_id, id = added.id, "moved an alert rule into the cluster's books");
