@@ -73,6 +73,13 @@ async fn many_max_cost_requests_over_three_replicas_never_overdraw_one_small_wal
     }
 }
 
+/// 0.01 of credit for `org`, bought through `replica`, that expires at `expiry`.
+async fn buy_short_lived(replica: &Replica, org: u64, expiry: chrono::DateTime<chrono::Utc>) {
+    let path = format!("/admin/v1/orgs/{org}/purchases");
+    let body = serde_json::json!({"amount": "0.01", "expires_at": expiry.to_rfc3339()});
+    admin_write(replica, &path, body, Some("short-lived")).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn credit_that_expires_is_spent_on_no_replica_after_its_expiry() {
     let pg = Postgres::start();
@@ -83,13 +90,7 @@ async fn credit_that_expires_is_spent_on_no_replica_after_its_expiry() {
     let (org, secret) = funded_org(&cluster, 0, "0.002", "0.001").await;
     let lasting = Decimal::new(3, 3);
     let expiry = chrono::Utc::now() + chrono::TimeDelta::seconds(8);
-    admin_write(
-        &cluster.replicas[1],
-        &format!("/admin/v1/orgs/{org}/purchases"),
-        serde_json::json!({"amount": "0.01", "expires_at": expiry.to_rfc3339()}),
-        Some("short-lived"),
-    )
-    .await;
+    buy_short_lived(&cluster.replicas[1], org, expiry).await;
     // Light traffic on every replica while it is valid: each draws leases.
     while chrono::Utc::now() < expiry - chrono::TimeDelta::milliseconds(4500) {
         for replica in &cluster.replicas {
@@ -133,6 +134,96 @@ async fn credit_that_expires_is_spent_on_no_replica_after_its_expiry() {
     assert_eq!(audit.uncovered, Decimal::ZERO, "every debit was covered by a lease");
     assert!(audit.balances(), "{audit:?}");
     assert!(audit.balance >= Decimal::ZERO, "the wallet went below zero: {audit:?}");
+    verify(&cluster.url);
+}
+
+/// The entries of `kind` in `org`'s ledger as `replica` lists them.
+async fn ledger_entries(replica: &Replica, org: u64, kind: &str) -> Vec<serde_json::Value> {
+    let path = format!("/admin/v1/orgs/{org}/ledger?kind={kind}&limit=1000");
+    let page = admin(replica, http::Method::GET, &path, serde_json::Value::Null, None).await.unwrap();
+    assert_eq!(page.status, 200, "{:?}", page.body);
+    page.json()["entries"].as_array().unwrap().clone()
+}
+
+fn amounts(entries: &[serde_json::Value]) -> Decimal {
+    entries.iter().map(|entry| entry["amount"].as_str().unwrap().parse::<Decimal>().unwrap()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_debit_settled_before_an_expiry_but_posted_after_it_is_paid_by_the_expired_credit() {
+    let pg = Postgres::start();
+    let cluster = start_cluster(&pg, "late_posting", 2).await;
+    let (org, secret) = funded_org(&cluster, 0, "0.002", "0.001").await;
+    let lasting = Decimal::new(3, 3);
+    // A third replica reaches the database through a relay the test cuts:
+    // its settles wait in its outbox until the relay is mended.
+    let gate = DbGate::start(&cluster.url).await;
+    let late = spawn_replica(cluster.config.path(), &gate.url(&cluster.url), tempfile::tempdir().unwrap());
+    let expiry = chrono::Utc::now() + chrono::TimeDelta::seconds(10);
+    buy_short_lived(&cluster.replicas[1], org, expiry).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shown_balance(&late, org).await != lasting + Decimal::new(1, 2) {
+        assert!(Instant::now() < deadline, "the late replica never saw the purchase");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Calls through it draw leases on the short-lived credit, the first to
+    // expire, and ship; then it is cut off and spends inside its leases.
+    for _ in 0..3 {
+        assert_eq!(call(&late.proxy, &secret).await, Some(200), "{}", late.log());
+    }
+    settled(&cluster.url).await;
+    let shipped_before = debits(&cluster.url, org).await.len();
+    gate.cut();
+    let mut served_cut_off = 0;
+    for _ in 0..5 {
+        match call(&late.proxy, &secret).await {
+            Some(200) => served_cut_off += 1,
+            other => assert_eq!(other, Some(503), "{}", late.log()),
+        }
+    }
+    assert!(served_cut_off > 0, "no call was served inside the leases: {}", late.log());
+    assert!(chrono::Utc::now() < expiry, "the calls were made too slowly to settle before the expiry");
+    // The treasurer writes the expired lot off before any of them is posted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ledger_entries(&cluster.replicas[0], org, "write_off").await.is_empty() {
+        assert!(Instant::now() < deadline, "the expired lot was never written off");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(debits(&cluster.url, org).await.len(), shipped_before, "the cut-off replica shipped");
+
+    // Reconnected, it ships them; the treasurer posts them after the write-off.
+    gate.mend();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while debits(&cluster.url, org).await.len() < shipped_before + served_cut_off {
+        assert!(Instant::now() < deadline, "the outbox was not shipped: {}", late.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    settled(&cluster.url).await;
+    let spent: Vec<Decimal> = debits(&cluster.url, org).await;
+    let late_spent: Decimal = spent[shipped_before..].iter().sum();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let taken_back = amounts(&ledger_entries(&cluster.replicas[0], org, "write_off_reversed").await);
+        if taken_back == late_spent {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{taken_back} of the write-off taken back for {late_spent} spent before it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The expired credit paid for every call: the lasting credit is whole.
+    for replica in cluster.replicas.iter().chain([&late]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shown_balance(replica, org).await != lasting {
+            assert!(Instant::now() < deadline, "a replica does not show the lasting credit whole");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let audit = pool_audit(&cluster.url, org).await;
+    assert!(audit.balances(), "{audit:?}");
+    assert_eq!(audit.balance, lasting, "{audit:?}");
     verify(&cluster.url);
 }
 

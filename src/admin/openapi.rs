@@ -496,7 +496,7 @@ fn query_parameters(path: &str) -> Vec<Value> {
             ("wallet", json!({"type": "string", "pattern": "^(pool|lite:[0-9]{1,19})?$"})),
             (
                 "kind",
-                json!({"type": "string", "enum": ["", "grant", "purchase", "adjustment", "debit", "write_off"]}),
+                json!({"type": "string", "enum": ["", "grant", "purchase", "adjustment", "debit", "write_off", "write_off_reversed"]}),
             ),
             ("key", json!({"type": "string", "pattern": "^[0-9]*$"})),
             ("user", json!({"type": "string", "pattern": "^[0-9]*$"})),

@@ -77,6 +77,7 @@ pub fn kind_name(kind: &EntryKind) -> &'static str {
         EntryKind::Adjustment { .. } => "adjustment",
         EntryKind::Debit(_) => "debit",
         EntryKind::WriteOff { .. } => "write_off",
+        EntryKind::WriteOffReversed { .. } => "write_off_reversed",
     }
 }
 
@@ -127,8 +128,13 @@ impl Filter {
         };
         let kind = params.get("kind").cloned();
         if let Some(kind) = &kind {
-            if !["grant", "purchase", "adjustment", "debit", "write_off"].contains(&kind.as_str()) {
-                return Err(AdminError::bad("kind", "one of grant, purchase, adjustment, debit, write_off"));
+            if !["grant", "purchase", "adjustment", "debit", "write_off", "write_off_reversed"]
+                .contains(&kind.as_str())
+            {
+                return Err(AdminError::bad(
+                    "kind",
+                    "one of grant, purchase, adjustment, debit, write_off, write_off_reversed",
+                ));
             }
         }
         Ok(Filter {

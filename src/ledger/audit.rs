@@ -151,7 +151,9 @@ impl Audit {
 
 fn sign_problem(entry: &LedgerEntry) -> Option<String> {
     let ok = match &entry.kind {
-        EntryKind::Grant { .. } | EntryKind::Purchase { .. } => entry.amount > Decimal::ZERO,
+        EntryKind::Grant { .. } | EntryKind::Purchase { .. } | EntryKind::WriteOffReversed { .. } => {
+            entry.amount > Decimal::ZERO
+        }
         EntryKind::Adjustment { expires_at, .. } => {
             !entry.amount.is_zero() && (entry.amount > Decimal::ZERO) == expires_at.is_some()
         }

@@ -1,10 +1,12 @@
 //! Ledger entries: the append-only record of every balance change.
 //!
 //! `amount` is the signed change to the wallet balance (grants and purchases
-//! positive, debits and write-offs negative, adjustments either), so for every
-//! wallet `balance_after(n) == balance_after(n-1) + amount(n)` and
+//! positive, debits and write-offs negative, adjustments either, a write-off
+//! taken back positive), so for every wallet
+//! `balance_after(n) == balance_after(n-1) + amount(n)` and
 //! `balance == granted - debited - written_off` where `granted` sums grants,
-//! purchases and adjustments.
+//! purchases and adjustments and `written_off` counts write-offs less what
+//! was taken back.
 
 use std::sync::Arc;
 
@@ -12,7 +14,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::ledger::ids::{EntryId, KeyId, OrgId, Owner, RequestId, WalletId};
+use crate::ledger::ids::{EntryId, KeyId, LotId, OrgId, Owner, RequestId, WalletId};
 use crate::ledger::lot::{LotOrigin, LotTouches};
 
 /// One balance change.
@@ -90,6 +92,22 @@ pub enum EntryKind {
         /// Why.
         reason: WriteOffReason,
     },
+    /// Part of an expired lot's write-off taken back to pay a debit that
+    /// settled before the expiry but reached the ledger after it (a cluster
+    /// replica's settles are posted a moment after they happen). The credit
+    /// becomes a lot again, already expired, and the debit recorded right
+    /// after empties it: the expired credit pays, as it did when the request
+    /// settled. Counts against `written_off`, never as granted.
+    WriteOffReversed {
+        /// The request whose debit it pays.
+        request_id: RequestId,
+        /// The expired lot whose write-off it takes from.
+        expired_lot: LotId,
+        /// That lot's origin.
+        origin: LotOrigin,
+        /// That lot's expiry, in the past.
+        expires_at: DateTime<Utc>,
+    },
 }
 
 impl EntryKind {
@@ -106,6 +124,7 @@ impl EntryKind {
             EntryKind::Adjustment { expires_at, .. } => {
                 expires_at.map(|expires_at| (LotOrigin::Adjustment, expires_at))
             }
+            EntryKind::WriteOffReversed { origin, expires_at, .. } => Some((*origin, *expires_at)),
             EntryKind::Debit(_) | EntryKind::WriteOff { .. } => None,
         }
     }

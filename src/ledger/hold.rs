@@ -456,6 +456,7 @@ impl WalletState {
         now: DateTime<Utc>,
         late: Option<LateSettle>,
     ) -> Result<Settlement, SettleError> {
+        let settled_at = now;
         let now = self.advance(now, &shared.committer);
         if let Some(first) = self.settled.get(&request_id) {
             return Ok(first);
@@ -474,6 +475,11 @@ impl WalletState {
         let (entry, overrun) = if actual_cost.is_zero() {
             (None, Decimal::ZERO)
         } else {
+            if settled_at < now {
+                // Recorded after it settled (a cluster replica's debit posted
+                // late): credit that expired in between still pays for it.
+                self.take_back_write_offs(&shared.committer, now, settled_at, request_id, actual_cost);
+            }
             let (id, overrun) = self.draw(&shared.committer, now, actual_cost, |overrun| {
                 EntryKind::Debit(Debit {
                     request_id,

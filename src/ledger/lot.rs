@@ -46,6 +46,46 @@ pub enum LotOrigin {
     Adjustment,
 }
 
+/// A lot written off at its expiry, remembered for a while so that a debit
+/// which settled before the expiry but reaches the ledger after it (a
+/// cluster replica ships its settles a moment later) is still paid from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiredLot {
+    /// The lot.
+    pub lot: LotId,
+    /// Its origin.
+    pub origin: LotOrigin,
+    /// When it became spendable.
+    pub effective_at: DateTime<Utc>,
+    /// When it expired.
+    pub expires_at: DateTime<Utc>,
+    /// What its write-off still holds: written off, not yet taken back.
+    pub written_off: Decimal,
+}
+
+impl ExpiredLot {
+    /// How long after its expiry a lot's write-off can still be taken back.
+    /// A debit posted later than this is charged to the credit live when it
+    /// is posted.
+    pub const MEMORY: chrono::TimeDelta = chrono::TimeDelta::days(31);
+
+    /// The lot, written off whole at its expiry.
+    pub fn written_off(lot: &Lot) -> ExpiredLot {
+        ExpiredLot {
+            lot: lot.id,
+            origin: lot.origin,
+            effective_at: lot.effective_at,
+            expires_at: lot.expires_at,
+            written_off: lot.remaining,
+        }
+    }
+
+    /// Whether a debit settled at `at` would have drawn on this lot.
+    pub fn was_live_at(&self, at: DateTime<Utc>) -> bool {
+        self.effective_at <= at && at < self.expires_at
+    }
+}
+
 /// The kind of a lot, without its period.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -695,3 +695,112 @@ fn new_lite_user_gets_current_month_in_full() {
     assert_eq!(view.lots[0].effective_at, at("2028-02-01T00:00:00Z"));
     let _ = NaiveDate::from_ymd_opt(2028, 2, 29).unwrap();
 }
+
+/// A pool holding 9 of a year's credit and 5 bought at `bought` that
+/// expire at 01:00, and the ledger's tick past that expiry: the 5 are
+/// written off. Returns the ledger, its journal, the pool and a key.
+fn pool_past_a_purchase_expiry(
+    bought: &str,
+) -> (
+    crate::ledger::Ledger,
+    std::sync::Arc<crate::ledger::journal::MemoryJournal>,
+    WalletId,
+    crate::ledger::ids::KeyId,
+) {
+    let (ledger, journal) = ledger();
+    let now = at("2027-01-10T00:00:00Z");
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(10), 0, dec!(0))), now);
+    let pool = WalletId::Pool(org);
+    let admin = user(&ledger, org, Plan::Pro, dec!(0), now);
+    let key = key(&ledger, org, Owner::User(admin), Limits::NONE, now);
+    spend(&ledger, pool, key, dec!(1), now);
+    let short = PurchaseRequest {
+        org,
+        amount: dec!(5),
+        expires_at: Some(at("2027-01-10T01:00:00Z")),
+        reference: None,
+        idempotency_key: "short".into(),
+    };
+    ledger.purchase(short, at(bought)).unwrap();
+    ledger.tick(at("2027-01-10T01:00:05Z"));
+    assert_eq!(ledger.balance(pool, at("2027-01-10T01:00:05Z")).unwrap().balance, dec!(9));
+    (ledger, journal, pool, key)
+}
+
+#[test]
+fn a_debit_posted_after_an_expiry_it_settled_before_is_paid_by_the_expired_credit() {
+    // Proves a debit recorded late (a cluster replica's settle, posted by
+    // the treasurer after it wrote the lot off) draws on the credit that was
+    // live when it settled: the write-off gives back what the debit needs,
+    // up to what was written off, and only for debits settled while the
+    // lot was live. The memory of the write-off survives a restart from the
+    // journal and a checkpoint.
+    // The treasurer's tick passes the expiry before the debits arrive.
+    let (ledger, journal, pool, key) = pool_past_a_purchase_expiry("2027-01-10T00:10:00Z");
+    let post = |ledger: &crate::ledger::Ledger, cost: Decimal, settled: &str| {
+        let posted = ledger.post_debit(pool, request(), key, None, cost, cost, details(), at(settled));
+        posted.unwrap().balance_after
+    };
+    // Settled a minute before the expiry: the expired purchase pays all 2.
+    assert_eq!(post(&ledger, dec!(2), "2027-01-10T00:59:00Z"), dec!(9));
+    let taken_back = |journal: &crate::ledger::journal::MemoryJournal| -> Vec<Decimal> {
+        let entries = entries(journal);
+        let reversed = entries.iter().filter(|e| matches!(e.kind, EntryKind::WriteOffReversed { .. }));
+        reversed.map(|e| e.amount).collect()
+    };
+    assert_eq!(taken_back(&journal), [dec!(2)]);
+
+    // A ledger rebuilt from the journal, and one from a checkpoint, remember
+    // that 3 of the write-off is left to give back.
+    let restored_journal = std::sync::Arc::new(crate::ledger::journal::MemoryJournal::default());
+    let restored =
+        crate::ledger::Ledger::restore(LedgerConfig::default(), restored_journal.clone(), journal.records())
+            .unwrap();
+    let checkpoint = restored.snapshot(u64::MAX);
+    let from_checkpoint_journal = std::sync::Arc::new(crate::ledger::journal::MemoryJournal::default());
+    let from_checkpoint = crate::ledger::Ledger::restore_from(
+        LedgerConfig::default(),
+        from_checkpoint_journal.clone(),
+        Some(&checkpoint),
+        Vec::new(),
+    )
+    .unwrap();
+    for (ledger, journal) in
+        [(&ledger, &journal), (&restored, &restored_journal), (&from_checkpoint, &from_checkpoint_journal)]
+    {
+        // 4 settled before the expiry: 3 left of the write-off, then 1 of the year's credit.
+        assert_eq!(post(ledger, dec!(4), "2027-01-10T00:59:30Z"), dec!(8));
+        // Nothing is left to give back, and a debit settled after the
+        // expiry has nothing to take back: both are charged to live credit.
+        assert_eq!(post(ledger, dec!(1), "2027-01-10T00:59:40Z"), dec!(7));
+        assert_eq!(post(ledger, dec!(1), "2027-01-10T01:00:01Z"), dec!(6));
+        assert_eq!(ledger.balance(pool, at("2027-01-10T01:00:06Z")).unwrap().balance, dec!(6));
+        let this_run: Vec<Decimal> = taken_back(journal);
+        assert!(this_run.ends_with(&[dec!(3)]), "3 more given back, once: {this_run:?}");
+        assert_eq!(this_run.iter().filter(|amount| **amount == dec!(3)).count(), 1);
+    }
+    assert_verified(&ledger, &journal);
+    // The whole write-off is now given back.
+    let totals = ledger.balance(pool, at("2027-01-10T01:00:06Z")).unwrap();
+    assert_eq!(totals.balance, dec!(6));
+}
+
+#[test]
+fn a_late_debit_settled_before_a_lot_existed_takes_nothing_back() {
+    // Proves the take-back is bounded by when the lot was live: a debit
+    // settled before the purchase was made is charged to the lasting credit.
+    let (ledger, journal, pool, key) = pool_past_a_purchase_expiry("2027-01-10T00:30:00Z");
+    let posted = ledger.post_debit(
+        pool,
+        request(),
+        key,
+        None,
+        dec!(2),
+        dec!(2),
+        details(),
+        at("2027-01-10T00:20:00Z"),
+    );
+    assert_eq!(posted.unwrap().balance_after, dec!(7));
+    assert!(entries(&journal).iter().all(|e| !matches!(e.kind, EntryKind::WriteOffReversed { .. })));
+    assert_verified(&ledger, &journal);
+}

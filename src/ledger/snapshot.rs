@@ -27,7 +27,7 @@ use crate::ledger::entity::{ApiKey, Application, Organization, User};
 use crate::ledger::funding::Replay;
 use crate::ledger::ids::{OrgId, WalletId};
 use crate::ledger::journal::Journal;
-use crate::ledger::lot::Lot;
+use crate::ledger::lot::{ExpiredLot, Lot};
 use crate::ledger::payer::PayerSpends;
 use crate::ledger::wallet::{ReplayMismatch, Totals, WalletState};
 use crate::ledger::{Ledger, LedgerConfig, RestoreError};
@@ -72,6 +72,10 @@ pub struct WalletSnapshot {
     pub clock: DateTime<Utc>,
     /// Live lots in consumption order.
     pub lots: Vec<Lot>,
+    /// Lots written off at their expiry whose write-off a late debit may
+    /// still take back (absent from checkpoints written before them).
+    #[serde(default)]
+    pub expired: Vec<ExpiredLot>,
     /// Debits no lot covered, paid back by the next lot.
     pub deficit: Decimal,
     /// Lifetime sums of its entries.

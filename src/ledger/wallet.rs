@@ -22,10 +22,10 @@ use crate::ledger::calendar::{self, YearMonth};
 use crate::ledger::contract::OrgCalendar;
 use crate::ledger::entry::{EntryKind, LedgerEntry, WriteOffReason};
 use crate::ledger::hold::{OpenHolds, RecentSettlements};
-use crate::ledger::ids::{EntryId, LotId, OrgId, WalletId};
+use crate::ledger::ids::{EntryId, LotId, OrgId, RequestId, WalletId};
 use crate::ledger::journal::{Committer, Record, RecordBody};
 use crate::ledger::limit::PeriodEnds;
-use crate::ledger::lot::{Lot, LotOrigin, LotTouch, LotTouches, Lots};
+use crate::ledger::lot::{ExpiredLot, Lot, LotOrigin, LotTouch, LotTouches, Lots};
 use crate::ledger::payer::Payers;
 use crate::ledger::refusal::WalletView;
 use crate::ledger::snapshot::WalletSnapshot;
@@ -69,8 +69,10 @@ impl Totals {
     pub fn count(&mut self, kind: &EntryKind, amount: Decimal) {
         match kind {
             EntryKind::Debit(_) => self.debited -= amount,
-            EntryKind::WriteOff { .. } => self.written_off -= amount,
-            _ => self.granted += amount,
+            EntryKind::WriteOff { .. } | EntryKind::WriteOffReversed { .. } => self.written_off -= amount,
+            EntryKind::Grant { .. } | EntryKind::Purchase { .. } | EntryKind::Adjustment { .. } => {
+                self.granted += amount
+            }
         }
     }
 }
@@ -94,6 +96,9 @@ pub(crate) struct WalletState {
     pub calendar: OrgCalendar,
     pub lite: Option<LiteSchedule>,
     pub lots: Lots,
+    /// Lots written off at their expiry in the last [`ExpiredLot::MEMORY`],
+    /// in the order they expired.
+    expired: Vec<ExpiredLot>,
     pub deficit: Decimal,
     pub totals: Totals,
     /// Sum of open holds.
@@ -122,6 +127,7 @@ impl WalletState {
             calendar,
             lite,
             lots: Lots::default(),
+            expired: Vec::new(),
             deficit: Decimal::ZERO,
             totals: Totals::default(),
             held: Decimal::ZERO,
@@ -206,11 +212,53 @@ impl WalletState {
             if lot.remaining.is_zero() {
                 continue;
             }
+            self.expired.push(ExpiredLot::written_off(&lot));
             self.totals.written_off += lot.remaining;
             let touch = LotTouch { lot: lot.id, amount: lot.remaining };
             let id = EntryId(committer.next_seq());
             let kind = EntryKind::WriteOff { reason: WriteOffReason::Expired };
             self.emit(committer, id, now, kind, -lot.remaining, smallvec![touch]);
+        }
+        self.forget_old_expired_lots();
+    }
+
+    fn forget_old_expired_lots(&mut self) {
+        let horizon = self.clock.checked_sub_signed(ExpiredLot::MEMORY).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        self.expired.retain(|lot| lot.expires_at > horizon && !lot.written_off.is_zero());
+    }
+
+    /// Takes back, from the write-offs of lots that expired after
+    /// `settled_at` but were live then, what a debit of `cost` settled at
+    /// `settled_at` would have drawn from them (soonest expiry first, as a
+    /// draw goes). Each part becomes a lot again, already expired, so the
+    /// debit drawn right after takes it before any live credit. A settle
+    /// recorded in time finds nothing to take back.
+    pub fn take_back_write_offs(
+        &mut self,
+        committer: &Committer,
+        now: DateTime<Utc>,
+        settled_at: DateTime<Utc>,
+        request_id: RequestId,
+        cost: Decimal,
+    ) {
+        let mut left = cost;
+        for at in 0..self.expired.len() {
+            let expired = &mut self.expired[at];
+            if left.is_zero() {
+                break;
+            }
+            if expired.written_off.is_zero() || !expired.was_live_at(settled_at) {
+                continue;
+            }
+            let give = left.min(expired.written_off);
+            expired.written_off -= give;
+            left -= give;
+            let (expired_lot, origin, expires_at) = (expired.lot, expired.origin, expired.expires_at);
+            let kind = EntryKind::WriteOffReversed { request_id, expired_lot, origin, expires_at };
+            let id = EntryId(committer.next_seq());
+            self.add_lot(id, &kind, give, now);
+            self.totals.written_off -= give;
+            self.emit(committer, id, now, kind, give, smallvec![LotTouch { lot: LotId(id.0), amount: give }]);
         }
     }
 
@@ -468,8 +516,20 @@ impl WalletState {
                 _ => entry.at,
             };
             self.add_lot(entry.id, &entry.kind, entry.amount, effective_at);
+            if let EntryKind::WriteOffReversed { expired_lot, .. } = &entry.kind {
+                if let Some(expired) = self.expired.iter_mut().find(|lot| lot.lot == *expired_lot) {
+                    expired.written_off -= entry.amount.min(expired.written_off);
+                }
+            }
         } else {
+            let expiring = matches!(entry.kind, EntryKind::WriteOff { reason: WriteOffReason::Expired });
             for touch in &entry.lots {
+                if expiring {
+                    if let Some(lot) = self.lots.iter().find(|lot| lot.id == touch.lot) {
+                        self.expired
+                            .push(ExpiredLot { written_off: touch.amount, ..ExpiredLot::written_off(lot) });
+                    }
+                }
                 if !self.lots.take_from(touch.lot, touch.amount) {
                     return Err(mismatch(format!("lot {} cannot give {}", touch.lot, touch.amount)));
                 }
@@ -478,6 +538,9 @@ impl WalletState {
                 self.deficit += debit.overrun;
                 let ends = self.period_ends(entry.at);
                 self.payers.add(debit.spender(), -entry.amount, &ends);
+            }
+            if expiring {
+                self.forget_old_expired_lots();
             }
         }
         self.totals.count(&entry.kind, entry.amount);
@@ -501,6 +564,7 @@ impl WalletState {
             org: self.org,
             clock: self.clock,
             lots: self.lots.iter().cloned().collect(),
+            expired: self.expired.clone(),
             deficit: self.deficit,
             totals: self.totals,
             granted_years: self.granted_years.clone(),
@@ -528,6 +592,7 @@ impl WalletState {
             )));
         }
         self.lots = lots;
+        self.expired.clone_from(&saved.expired);
         self.deficit = saved.deficit;
         self.totals = saved.totals;
         self.clock = saved.clock;

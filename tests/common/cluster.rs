@@ -442,3 +442,66 @@ pub fn served_without_lease(seen: &[Call], cut_off: Instant, back: Instant) -> V
         .copied()
         .collect()
 }
+
+/// A TCP relay between one replica and PostgreSQL that a test can cut, as
+/// a network partition would: cut, it drops every relayed connection and
+/// closes new ones at once; mended, it relays again.
+pub struct DbGate {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    relays: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl DbGate {
+    /// A relay to the server of database URL `url` (`…@127.0.0.1:PORT/…`).
+    pub async fn start(url: &str) -> DbGate {
+        let server_port: u16 =
+            url.split("127.0.0.1:").nth(1).and_then(|rest| rest.split('/').next()).unwrap().parse().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let relays = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (gate_open, gate_relays) = (open.clone(), relays.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !gate_open.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", server_port)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                gate_relays.lock().unwrap().push(relay);
+            }
+        });
+        DbGate { port, open, relays, accept }
+    }
+
+    /// `url` with the relay in place of the server.
+    pub fn url(&self, url: &str) -> String {
+        let (head, rest) = url.split_once("127.0.0.1:").unwrap();
+        let (_, path) = rest.split_once('/').unwrap();
+        format!("{head}127.0.0.1:{}/{path}", self.port)
+    }
+
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for relay in self.relays.lock().unwrap().drain(..) {
+            relay.abort();
+        }
+    }
+
+    pub fn mend(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for DbGate {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
