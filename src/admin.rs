@@ -359,7 +359,10 @@ impl Admin {
                         api::alert_resource(&call, &self.alerts, &parts.method, rest, &body).await?
                     }
                     (&Method::GET, ["summary"]) => {
-                        summary::org_summary(&self.ledger, &self.alerts.refusals, org, now)?
+                        let wallets = self.ledger.wallets_of(org);
+                        let refusals =
+                            self.alerts.refusal_counts(&wallets, now).await.map_err(api::alert_error)?;
+                        summary::org_summary(&self.ledger, refusals, org, now)?
                     }
                     (&Method::GET, ["ledger"]) => {
                         let entries = self.entries.clone();

@@ -56,7 +56,7 @@ use crate::ledger::ids::{OrgId, RequestId, WalletId};
 use crate::ledger::lot::Lot;
 use crate::ledger::{too_fine, Ledger};
 use destination::GuardedResolver;
-use refusals::{RefusalLog, RefusalReason};
+use refusals::{RefusalCount, RefusalLog, RefusalReason};
 
 /// Wallet signals waiting for evaluation; beyond this they are dropped (and
 /// counted): a later settle on the same wallet signals again.
@@ -178,7 +178,7 @@ pub enum AlertError {
     Invalid { field: &'static str, reason: String },
     #[error("an organization keeps at most {max} alert rules")]
     TooMany { max: usize },
-    #[error("the cluster's alert rules cannot be reached: {0}")]
+    #[error("the cluster's books (alert rules, deliveries, recent 402s) cannot be reached: {0}")]
     Cluster(String),
 }
 
@@ -257,6 +257,10 @@ impl Alerts {
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let watched = rules.iter().map(|r| r.wallet).collect();
         let policy = Arc::new(policy);
+        let refusals = match keeping {
+            Keeping::File(_) => RefusalLog::new(clock.now()),
+            Keeping::Cluster { .. } => RefusalLog::for_cluster(clock.now()),
+        };
         Arc::new(Alerts {
             watched: RwLock::new(watched),
             rules: Mutex::new(rules),
@@ -270,7 +274,7 @@ impl Alerts {
             dropped: AtomicU64::new(0),
             http: webhook_client(policy.clone()),
             policy,
-            refusals: RefusalLog::new(clock.now()),
+            refusals,
             clock,
         })
     }
@@ -353,6 +357,19 @@ impl Alerts {
         match &self.keeping {
             Keeping::File(_) => Ok(self.deliveries.lock().iter().filter(|d| d.org == org).cloned().collect()),
             Keeping::Cluster { books, .. } => cluster::deliveries_of(books, org).await,
+        }
+    }
+
+    /// The recent 402s of `wallets` as of `now`, and since when they are
+    /// counted: this gateway's, or in a cluster every replica's.
+    pub async fn refusal_counts(
+        &self,
+        wallets: &[WalletId],
+        now: DateTime<Utc>,
+    ) -> Result<(DateTime<Utc>, Vec<RefusalCount>), AlertError> {
+        match &self.keeping {
+            Keeping::File(_) => Ok((self.refusals.since(), self.refusals.counts(wallets, now))),
+            Keeping::Cluster { books, .. } => cluster::refusal_counts(books, wallets, now).await,
         }
     }
 

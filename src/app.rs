@@ -440,7 +440,8 @@ async fn cluster_alerts(
         tracing::info!(moved, file = %rules_file.display(), "alert rules moved into the cluster's books");
     }
     tokio::spawn(alerts.clone().follow_cluster_rules(node.wakeups().clone(), shutdown.clone()));
-    tokio::spawn(alerts.clone().resume_deliveries(shutdown));
+    tokio::spawn(alerts.clone().resume_deliveries(shutdown.clone()));
+    tokio::spawn(alerts.clone().ship_refusals(shutdown));
     let watching = alerts.clone();
     node.replica().watch_wallets(Box::new(move |wallet, _| watching.notify(Signal::Changed(wallet))));
     Ok(alerts)

@@ -96,6 +96,7 @@ pub mod leases;
 pub mod log;
 pub mod migrate;
 pub mod node;
+pub mod refusal_books;
 pub mod replica;
 pub mod spend;
 pub mod usage;

@@ -30,6 +30,7 @@ async fn many_max_cost_requests_over_three_replicas_never_overdraw_one_small_wal
     let audit = pool_audit(&cluster.url, org).await;
     assert_eq!(audit.funded, funded, "the contract's grant and the purchase are in the shared books");
 
+    let first_refusals_after = chrono::Utc::now();
     let statuses = burst(&cluster, &secret, 120).await;
     let served = statuses.iter().filter(|s| **s == Some(200)).count();
     let refused = statuses.iter().filter(|s| **s == Some(402)).count();
@@ -54,7 +55,13 @@ async fn many_max_cost_requests_over_three_replicas_never_overdraw_one_small_wal
     // target, 1 s, and a round), one replica can spend what is left down
     // to less than one hold.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    while call(&cluster.replicas[0].proxy, &secret).await == Some(200) {}
+    let last = loop {
+        let status = call(&cluster.replicas[0].proxy, &secret).await;
+        if status != Some(200) {
+            break status;
+        }
+    };
+    assert_eq!(last, Some(402));
     settled(&cluster.url).await;
     let spent: Decimal = debits(&cluster.url, org).await.iter().sum();
     let held = held_per_call(&cluster.url, org).await;
@@ -69,6 +76,30 @@ async fn many_max_cost_requests_over_three_replicas_never_overdraw_one_small_wal
         while shown_balance(replica, org).await != funded - spent {
             assert!(Instant::now() < deadline, "a replica's view did not catch up");
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The org summary on any replica counts every replica's 402s.
+    let refused = u64::try_from(refused + 1).unwrap();
+    for replica in &cluster.replicas {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let path = format!("/admin/v1/orgs/{org}/summary");
+            let summary =
+                admin(replica, http::Method::GET, &path, serde_json::Value::Null, None).await.unwrap();
+            assert_eq!(summary.status, 200, "{:?}", summary.body);
+            let summary = summary.json();
+            let counts = summary["refusals"]["counts"].as_array().unwrap().clone();
+            let pool = counts.iter().find(|count| count["wallet"] == serde_json::json!({"pool": org}));
+            if let Some(pool) = pool.filter(|pool| pool["total"] == refused) {
+                assert_eq!(pool["reason"], "insufficient_credits", "{summary}");
+                assert_eq!(pool["last_day"], refused, "{summary}");
+                let since = summary["refusals"]["since"].as_str().unwrap();
+                let since: chrono::DateTime<chrono::Utc> = since.parse().unwrap();
+                assert!(since <= first_refusals_after, "counted from before the first: {summary}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{refused} refusals, the summary shows {counts:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }

@@ -537,7 +537,7 @@ pub async fn alert_resource(
     }
 }
 
-fn alert_error(error: AlertError) -> AdminError {
+pub(super) fn alert_error(error: AlertError) -> AdminError {
     match error {
         // A URL of the documented form to an address the policy refuses is
         // a rule; anything else is the wrong shape.

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::api::Answer;
 use super::error::AdminError;
-use crate::alerts::refusals::RefusalLog;
+use crate::alerts::refusals::RefusalCount;
 use crate::ledger::contract::OrgCalendar;
 use crate::ledger::ids::{OrgId, WalletId};
 use crate::ledger::lot::LotOrigin;
@@ -18,10 +18,17 @@ use crate::ledger::Ledger;
 use crate::pricing::PriceTable;
 
 /// `GET /admin/v1/orgs/{org}/summary`.
-pub fn org_summary(ledger: &Ledger, refusals: &RefusalLog, org: OrgId, now: DateTime<Utc>) -> Answer {
+/// `refusals` are the org's wallets' recent 402s and since when they are
+/// counted ([`crate::alerts::Alerts::refusal_counts`]).
+pub fn org_summary(
+    ledger: &Ledger,
+    refusals: (DateTime<Utc>, Vec<RefusalCount>),
+    org: OrgId,
+    now: DateTime<Utc>,
+) -> Answer {
     let found = ledger.org(org).ok_or_else(|| AdminError::NotFound(format!("no org {}", org.0)))?;
     let contract_year = contract_year(ledger, &found, now)?;
-    let wallets = ledger.wallets_of(org);
+    let (since, counts) = refusals;
     Ok((
         StatusCode::OK,
         json!({
@@ -29,7 +36,7 @@ pub fn org_summary(ledger: &Ledger, refusals: &RefusalLog, org: OrgId, now: Date
             "time_zone": found.time_zone.name(),
             "now": now,
             "contract_year": contract_year,
-            "refusals": {"since": refusals.since(), "counts": refusals.counts(&wallets, now)},
+            "refusals": {"since": since, "counts": counts},
         }),
     ))
 }

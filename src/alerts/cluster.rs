@@ -15,6 +15,8 @@
 //!   is written to it, so every replica's admin API lists every delivery,
 //!   and a delivery its replica abandoned (it stopped, or lost the answer
 //!   to its claim) is sent by another: webhooks arrive at least once.
+//! - The recent 402s an org's summary shows are added to the books by each
+//!   replica about once a second, so every replica's summary counts them all.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,9 +24,17 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use chrono::{DateTime, Utc};
+
+use super::refusals::{RefusalCount, RefusalReason};
 use super::{AlertError, Alerts, Delivery, Rule, MAX_RULES_PER_ORG};
+use crate::cluster::refusal_books::RefusalRow;
 use crate::cluster::{Books, ClusterError, Wakeups};
-use crate::ledger::ids::OrgId;
+use crate::ledger::ids::{OrgId, WalletId};
+
+/// How often a replica adds its refusals to the books (only when it has
+/// some): how far behind the summary on another replica may be.
+const REFUSALS_EVERY: Duration = Duration::from_secs(1);
 
 /// How often rules are reloaded while notifications are heard (a missed
 /// one is caught up within this), and while they are not.
@@ -132,7 +142,65 @@ const ABANDONED_AFTER: Duration = Duration::from_secs(60);
 /// How often a replica looks for abandoned deliveries.
 const RESUME_EVERY: Duration = Duration::from_secs(5);
 
+/// The recent 402s of `wallets`, every replica's, from the books.
+pub(super) async fn refusal_counts(
+    books: &Books,
+    wallets: &[WalletId],
+    now: DateTime<Utc>,
+) -> Result<(DateTime<Utc>, Vec<RefusalCount>), AlertError> {
+    let names: Vec<String> = wallets.iter().map(ToString::to_string).collect();
+    let read = books.refusal_totals(&names, now).await.map_err(unreachable)?;
+    let counts = read
+        .totals
+        .into_iter()
+        .filter_map(|total| {
+            let wallet = *wallets.iter().zip(&names).find(|(_, name)| **name == total.wallet)?.0;
+            Some(RefusalCount {
+                wallet,
+                reason: RefusalReason::from_code(&total.reason)?,
+                total: u64::try_from(total.total).unwrap_or(0),
+                last_day: u64::try_from(total.last_day).unwrap_or(0),
+                last_day_capped: false,
+                last_at: Some(total.last_at),
+            })
+        })
+        .collect();
+    Ok((read.since, counts))
+}
+
 impl Alerts {
+    /// Adds this replica's refusals to the books about once a second, and
+    /// once more at `shutdown`; what cannot be added waits for the next try.
+    pub async fn ship_refusals(self: Arc<Self>, shutdown: CancellationToken) {
+        let super::Keeping::Cluster { books, .. } = &self.keeping else { return };
+        loop {
+            let stopping = tokio::select! {
+                () = shutdown.cancelled() => true,
+                () = tokio::time::sleep(REFUSALS_EVERY) => false,
+            };
+            let taken = self.refusals.take_unshipped();
+            if !taken.is_empty() {
+                let rows: Vec<RefusalRow> = taken
+                    .iter()
+                    .map(|((wallet, reason, minute), (count, last_at))| RefusalRow {
+                        wallet: wallet.to_string(),
+                        reason: reason.code().to_owned(),
+                        minute: *minute,
+                        count: i64::try_from(*count).unwrap_or(i64::MAX),
+                        last_at: *last_at,
+                    })
+                    .collect();
+                if let Err(error) = books.add_refusals(&rows).await {
+                    tracing::warn!(%error, "cannot add this replica's recent 402s to the books; retrying");
+                    self.refusals.put_back(taken);
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
     /// Sends the deliveries other replicas claimed and abandoned, until
     /// `shutdown`: a firing claimed in the books is delivered at least once
     /// (receivers tell repeats apart by the event's `delivery` number).

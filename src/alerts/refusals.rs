@@ -6,10 +6,16 @@
 //! arrive, so the request path gains no new call. It is not a ledger record:
 //! it starts empty at every start of the process, which the summary says
 //! (`since`).
+//!
+//! In a cluster the summary on any replica must count every replica's
+//! refusals: a replica then keeps only what it has not yet added to the
+//! shared books (per wallet, reason and minute), and adds it about once a
+//! second ([`RefusalLog::take_unshipped`]); the summary reads the sums from
+//! the books (`crate::cluster::refusal_books`).
 
 use std::collections::{HashMap, VecDeque};
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, DurationRound, Utc};
 use parking_lot::Mutex;
 use serde::Serialize;
 
@@ -27,6 +33,26 @@ pub enum RefusalReason {
     InsufficientCredits,
     SpendLimitReached,
 }
+
+impl RefusalReason {
+    /// The error code, as the books keep it.
+    pub fn code(self) -> &'static str {
+        match self {
+            RefusalReason::InsufficientCredits => "insufficient_credits",
+            RefusalReason::SpendLimitReached => "spend_limit_reached",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<RefusalReason> {
+        [RefusalReason::InsufficientCredits, RefusalReason::SpendLimitReached]
+            .into_iter()
+            .find(|reason| reason.code() == code)
+    }
+}
+
+/// A replica's refusals not yet added to the cluster's books: count and
+/// latest time per wallet, reason and minute.
+pub type Unshipped = HashMap<(WalletId, RefusalReason, DateTime<Utc>), (u64, DateTime<Utc>)>;
 
 #[derive(Default)]
 struct Tally {
@@ -56,11 +82,35 @@ pub struct RefusalCount {
 pub struct RefusalLog {
     since: DateTime<Utc>,
     tallies: Mutex<HashMap<(WalletId, RefusalReason), Tally>>,
+    /// In a cluster, what goes to the shared books instead of `tallies`.
+    unshipped: Option<Mutex<Unshipped>>,
 }
 
 impl RefusalLog {
     pub fn new(since: DateTime<Utc>) -> Self {
-        RefusalLog { since, tallies: Mutex::new(HashMap::new()) }
+        RefusalLog { since, tallies: Mutex::new(HashMap::new()), unshipped: None }
+    }
+
+    /// A cluster replica's log: refusals wait for [`RefusalLog::take_unshipped`].
+    pub fn for_cluster(since: DateTime<Utc>) -> Self {
+        RefusalLog { since, tallies: Mutex::new(HashMap::new()), unshipped: Some(Mutex::new(HashMap::new())) }
+    }
+
+    /// What was refused since the last call (a cluster replica's), to add
+    /// to the books; [`RefusalLog::put_back`] if that fails.
+    pub fn take_unshipped(&self) -> Unshipped {
+        self.unshipped.as_ref().map(|unshipped| std::mem::take(&mut *unshipped.lock())).unwrap_or_default()
+    }
+
+    /// Puts back what could not be added, to go with the next batch.
+    pub fn put_back(&self, taken: Unshipped) {
+        let Some(unshipped) = &self.unshipped else { return };
+        let mut unshipped = unshipped.lock();
+        for (key, (count, last_at)) in taken {
+            let slot = unshipped.entry(key).or_insert((0, last_at));
+            slot.0 = slot.0.saturating_add(count);
+            slot.1 = slot.1.max(last_at);
+        }
     }
 
     /// When counting began (the process start).
@@ -69,6 +119,14 @@ impl RefusalLog {
     }
 
     pub fn record(&self, wallet: WalletId, reason: RefusalReason, at: DateTime<Utc>) {
+        if let Some(unshipped) = &self.unshipped {
+            let minute = at.duration_trunc(Duration::minutes(1)).unwrap_or(at);
+            let mut unshipped = unshipped.lock();
+            let slot = unshipped.entry((wallet, reason, minute)).or_insert((0, at));
+            slot.0 = slot.0.saturating_add(1);
+            slot.1 = slot.1.max(at);
+            return;
+        }
         let mut tallies = self.tallies.lock();
         let tally = tallies.entry((wallet, reason)).or_default();
         tally.total = tally.total.saturating_add(1);

@@ -46,6 +46,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "price_versions",
         sql: include_str!("migrations/0015_price_versions.sql"),
     },
+    Migration { version: 16, name: "refusals", sql: include_str!("migrations/0016_refusals.sql") },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).
