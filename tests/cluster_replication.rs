@@ -529,3 +529,41 @@ async fn a_follower_tells_its_watchers_of_each_wallet_the_log_credits_or_debits(
     assert!(seen.contains(&(pool, false)), "the debit: {seen:?}");
     assert!(!seen.contains(&(lite, false)), "nothing debited the Lite wallet: {seen:?}");
 }
+
+#[tokio::test]
+async fn finished_alert_deliveries_are_forgotten_after_the_kept_window_but_each_rules_newest_stays() {
+    let url = Postgres::shared().create_database("alert_retention");
+    let books = books(&url).await;
+    let rule = |threshold: &str| serde_json::json!({"condition": {"below": threshold}});
+    let first = books.add_alert_rule(1, &rule("5"), 50).await.unwrap().unwrap();
+    let second = books.add_alert_rule(1, &rule("1"), 50).await.unwrap().unwrap();
+    let event = serde_json::json!({"type": "test"});
+    let mut claimed = Vec::new();
+    for (rule, period) in
+        [(first, "granted:10"), (first, "granted:20"), (first, "granted:30"), (second, "granted:10")]
+    {
+        let (id, _) = books.claim_alert(rule, 1, period, "r", &event).await.unwrap().unwrap();
+        claimed.push(id);
+    }
+    // All finished long ago but the second period of the first rule, still
+    // pending (its replica has yet to send it).
+    for id in [claimed[0], claimed[2], claimed[3]] {
+        books.update_alert_delivery(id, "delivered", 1, None).await.unwrap();
+    }
+    let db = Database::new(&url, 1).unwrap();
+    let client = db.client().await.unwrap();
+    client
+        .execute("UPDATE cg_alert_deliveries SET updated_at = now() - interval '100 days'", &[])
+        .await
+        .unwrap();
+    drop(client);
+    let kept = Duration::from_secs(90 * 24 * 3600);
+    assert_eq!(books.forget_old_alert_deliveries(kept).await.unwrap(), 1, "only the first period's row goes");
+    let left: Vec<i64> = books.alert_deliveries_of(1).await.unwrap().iter().map(|row| row.id).collect();
+    assert_eq!(left, claimed[1..].to_vec(), "a pending one and each rule's newest stay");
+    // A threshold of its newest period cannot fire again.
+    assert!(books.claim_alert(first, 1, "granted:30", "r", &event).await.unwrap().is_none());
+    // Within the window nothing goes.
+    let long = Duration::from_secs(365 * 24 * 3600);
+    assert_eq!(books.forget_old_alert_deliveries(long).await.unwrap(), 0);
+}

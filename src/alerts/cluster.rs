@@ -141,6 +141,10 @@ pub(super) async fn update(books: &Books, id: u64, status: &str, attempts: u32, 
 const ABANDONED_AFTER: Duration = Duration::from_secs(60);
 /// How often a replica looks for abandoned deliveries.
 const RESUME_EVERY: Duration = Duration::from_secs(5);
+/// How long finished deliveries are listed before they are forgotten
+/// (each rule's newest is kept), and how often a replica forgets them.
+const DELIVERIES_KEPT: Duration = Duration::from_secs(90 * 24 * 3600);
+const FORGET_EVERY: Duration = Duration::from_secs(3600);
 
 /// The recent 402s of `wallets`, every replica's, from the books.
 pub(super) async fn refusal_counts(
@@ -204,12 +208,22 @@ impl Alerts {
     /// Sends the deliveries other replicas claimed and abandoned, until
     /// `shutdown`: a firing claimed in the books is delivered at least once
     /// (receivers tell repeats apart by the event's `delivery` number).
+    /// Once an hour it also forgets deliveries finished over 90 days ago.
     pub async fn resume_deliveries(self: Arc<Self>, shutdown: CancellationToken) {
         let super::Keeping::Cluster { books, replica } = &self.keeping else { return };
+        let mut forgot_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(RESUME_EVERY) => {}
+            }
+            if forgot_at.is_none_or(|at| at.elapsed() >= FORGET_EVERY) {
+                forgot_at = Some(tokio::time::Instant::now());
+                match books.forget_old_alert_deliveries(DELIVERIES_KEPT).await {
+                    Ok(0) => {}
+                    Ok(forgotten) => tracing::info!(forgotten, "forgot old alert deliveries"),
+                    Err(error) => tracing::debug!(%error, "cannot forget old alert deliveries"),
+                }
             }
             let taken = match books.take_abandoned_alerts(replica, ABANDONED_AFTER).await {
                 Ok(taken) => taken,

@@ -146,6 +146,23 @@ impl Books {
         Ok(())
     }
 
+    /// Forgets deliveries finished (delivered or failed) longer than `kept`
+    /// ago, except each rule's newest: that row is what keeps a threshold
+    /// still crossed in its period from firing again. Returns how many.
+    pub async fn forget_old_alert_deliveries(&self, kept: std::time::Duration) -> Result<u64, ClusterError> {
+        let client = self.client().await?;
+        let forgotten = client
+            .execute(
+                "DELETE FROM cg_alert_deliveries d
+                 WHERE d.status <> 'pending'
+                   AND d.updated_at < now() - make_interval(secs => $1)
+                   AND EXISTS (SELECT 1 FROM cg_alert_deliveries n WHERE n.rule = d.rule AND n.id > d.id)",
+                &[&kept.as_secs_f64()],
+            )
+            .await?;
+        Ok(forgotten)
+    }
+
     /// `org`'s deliveries, oldest first: the newest [`DELIVERIES_SHOWN`].
     pub async fn alert_deliveries_of(&self, org: i64) -> Result<Vec<DeliveryRow>, ClusterError> {
         let client = self.client().await?;
