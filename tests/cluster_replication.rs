@@ -531,24 +531,29 @@ async fn a_follower_tells_its_watchers_of_each_wallet_the_log_credits_or_debits(
 }
 
 #[tokio::test]
-async fn finished_alert_deliveries_are_forgotten_after_the_kept_window_but_each_rules_newest_stays() {
+async fn finished_alert_deliveries_are_forgotten_once_their_period_cannot_come_round_again() {
     let url = Postgres::shared().create_database("alert_retention");
     let books = books(&url).await;
-    let rule = |threshold: &str| serde_json::json!({"condition": {"below": threshold}});
-    let first = books.add_alert_rule(1, &rule("5"), 50).await.unwrap().unwrap();
-    let second = books.add_alert_rule(1, &rule("1"), 50).await.unwrap().unwrap();
+    let rule = serde_json::json!({"condition": {"below": "5"}});
+    let rule = books.add_alert_rule(1, &rule, 50).await.unwrap().unwrap();
     let event = serde_json::json!({"type": "test"});
+    let next_year = (chrono::Utc::now() + TimeDelta::days(300)).to_rfc3339();
+    let last_year = (chrono::Utc::now() - TimeDelta::days(95)).to_rfc3339();
+    let periods = [
+        "granted:10".to_owned(),          // a threshold's: kept whatever its age
+        "granted:20".to_owned(),          // kept too (a lifetime credit can recur)
+        "over_hold:a-request".to_owned(), // one request's: goes
+        last_year.clone(),                // a limit period that has reset: goes
+        next_year.clone(),                // a year's limit still running: kept
+        "over_hold:pending".to_owned(),   // not yet sent: kept
+    ];
     let mut claimed = Vec::new();
-    for (rule, period) in
-        [(first, "granted:10"), (first, "granted:20"), (first, "granted:30"), (second, "granted:10")]
-    {
+    for period in &periods {
         let (id, _) = books.claim_alert(rule, 1, period, "r", &event).await.unwrap().unwrap();
         claimed.push(id);
     }
-    // All finished long ago but the second period of the first rule, still
-    // pending (its replica has yet to send it).
-    for id in [claimed[0], claimed[2], claimed[3]] {
-        books.update_alert_delivery(id, "delivered", 1, None).await.unwrap();
+    for id in &claimed[..5] {
+        books.update_alert_delivery(*id, "delivered", 1, None).await.unwrap();
     }
     let db = Database::new(&url, 1).unwrap();
     let client = db.client().await.unwrap();
@@ -557,13 +562,15 @@ async fn finished_alert_deliveries_are_forgotten_after_the_kept_window_but_each_
         .await
         .unwrap();
     drop(client);
-    let kept = Duration::from_secs(90 * 24 * 3600);
-    assert_eq!(books.forget_old_alert_deliveries(kept).await.unwrap(), 1, "only the first period's row goes");
-    let left: Vec<i64> = books.alert_deliveries_of(1).await.unwrap().iter().map(|row| row.id).collect();
-    assert_eq!(left, claimed[1..].to_vec(), "a pending one and each rule's newest stay");
-    // A threshold of its newest period cannot fire again.
-    assert!(books.claim_alert(first, 1, "granted:30", "r", &event).await.unwrap().is_none());
     // Within the window nothing goes.
     let long = Duration::from_secs(365 * 24 * 3600);
     assert_eq!(books.forget_old_alert_deliveries(long).await.unwrap(), 0);
+    let kept = Duration::from_secs(90 * 24 * 3600);
+    assert_eq!(books.forget_old_alert_deliveries(kept).await.unwrap(), 2);
+    let left: Vec<i64> = books.alert_deliveries_of(1).await.unwrap().iter().map(|row| row.id).collect();
+    assert_eq!(left, [claimed[0], claimed[1], claimed[4], claimed[5]], "{periods:?}");
+    // The kept rows still stop a second firing in their periods.
+    for period in ["granted:10", "granted:20", next_year.as_str()] {
+        assert!(books.claim_alert(rule, 1, period, "r", &event).await.unwrap().is_none(), "{period}");
+    }
 }

@@ -552,7 +552,7 @@ async function ledgerPage(org, params) {
   const form = el("form", { class: "inline", id: "ledger-filters" },
     select("wallet", "Wallet", [["", "All"], ["pool", "Pool"], ...balances.balances.filter((b) => b.wallet.lite !== undefined)
       .map((b) => [`lite:${b.wallet.lite}`, walletName(b.wallet, org.id)])], params.get("wallet")),
-    select("kind", "Kind", [["", "All"], ...["grant", "purchase", "adjustment", "debit", "write_off"].map((k) => [k, k.replace("_", " ")])], params.get("kind")),
+    select("kind", "Kind", [["", "All"], ...["grant", "purchase", "adjustment", "debit", "write_off", "write_off_reversed"].map((k) => [k, k.replaceAll("_", " ")])], params.get("kind")),
     select("user", "User", [["", "All"], ...names.users.map((u) => [String(u.id), u.name])], params.get("user")),
     select("key", "Key", [["", "All"], ...names.keys.map((k) => [String(k.id), `${k.label || "key"} #${k.id}`])], params.get("key")),
     el("label", {}, "From", el("input", { type: "date", name: "from", value: params.get("from") || "" })),
@@ -575,13 +575,17 @@ async function ledgerPage(org, params) {
         el("div", { class: "mono muted", title: "request id" }, k.request_id),
         el("div", { class: "muted" }, `price ${d.price_version || "?"}`),
         toNanos(k.overrun) !== 0n ? el("div", { class: "tag bad" }, "overrun ", money(k.overrun)) : null);
+    } else if (k.type === "write_off_reversed") {
+      // An expired lot's write-off taken back for a debit settled before the expiry.
+      detail = el("span", { class: "small" }, `from expired lot ${k.expired_lot} (${k.origin.kind}) · for request `,
+        el("span", { class: "mono", text: k.request_id }));
     } else if (k.origin) {
       detail = el("span", { class: "small" }, `${k.origin.kind}${k.expires_at ? " · expires " : ""}`, k.expires_at ? when(k.expires_at, zone, false) : "");
     } else if (k.reason) {
       detail = el("span", { class: "small", text: typeof k.reason === "string" ? k.reason : JSON.stringify(k.reason) });
     }
     return { attrs: { "data-entry": String(e.id), "data-kind": k.type, "data-key": k.key !== undefined ? String(k.key) : null },
-      cells: [when(e.at, zone), walletName(e.wallet, org.id), k.type.replace("_", " "), money(e.amount), money(e.balance_after), detail] };
+      cells: [when(e.at, zone), walletName(e.wallet, org.id), k.type.replaceAll("_", " "), money(e.amount), money(e.balance_after), detail] };
   });
   const paging = el("div", { class: "toolbar" });
   if (params.get("after")) {

@@ -141,8 +141,8 @@ pub(super) async fn update(books: &Books, id: u64, status: &str, attempts: u32, 
 const ABANDONED_AFTER: Duration = Duration::from_secs(60);
 /// How often a replica looks for abandoned deliveries.
 const RESUME_EVERY: Duration = Duration::from_secs(5);
-/// How long finished deliveries are listed before they are forgotten
-/// (each rule's newest is kept), and how often a replica forgets them.
+/// How long finished deliveries are listed before those whose period can
+/// never come round again are forgotten, and how often a replica does it.
 const DELIVERIES_KEPT: Duration = Duration::from_secs(90 * 24 * 3600);
 const FORGET_EVERY: Duration = Duration::from_secs(3600);
 
@@ -208,7 +208,8 @@ impl Alerts {
     /// Sends the deliveries other replicas claimed and abandoned, until
     /// `shutdown`: a firing claimed in the books is delivered at least once
     /// (receivers tell repeats apart by the event's `delivery` number).
-    /// Once an hour it also forgets deliveries finished over 90 days ago.
+    /// Once an hour it also forgets deliveries finished over 90 days ago
+    /// whose period is over for good (see `Books::forget_old_alert_deliveries`).
     pub async fn resume_deliveries(self: Arc<Self>, shutdown: CancellationToken) {
         let super::Keeping::Cluster { books, replica } = &self.keeping else { return };
         let mut forgot_at: Option<tokio::time::Instant> = None;

@@ -147,8 +147,12 @@ impl Books {
     }
 
     /// Forgets deliveries finished (delivered or failed) longer than `kept`
-    /// ago, except each rule's newest: that row is what keeps a threshold
-    /// still crossed in its period from firing again. Returns how many.
+    /// ago whose period can never come round again: an over-hold (one
+    /// request's), a per-request cap's day, a spending limit's period once
+    /// it has reset. A row is what keeps its (rule, period) from firing
+    /// twice, so a threshold's (`granted:…`, one per credit to the wallet,
+    /// and a lifetime credit can recur after a negative adjustment) and a
+    /// limit period still running are kept. Returns how many went.
     pub async fn forget_old_alert_deliveries(&self, kept: std::time::Duration) -> Result<u64, ClusterError> {
         let client = self.client().await?;
         let forgotten = client
@@ -156,7 +160,11 @@ impl Books {
                 "DELETE FROM cg_alert_deliveries d
                  WHERE d.status <> 'pending'
                    AND d.updated_at < now() - make_interval(secs => $1)
-                   AND EXISTS (SELECT 1 FROM cg_alert_deliveries n WHERE n.rule = d.rule AND n.id > d.id)",
+                   AND d.period NOT LIKE 'granted:%'
+                   -- A limit period is named by when it resets (RFC 3339).
+                   AND CASE WHEN d.period ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}T'
+                            THEN d.period::timestamptz < now()
+                            ELSE true END",
                 &[&kept.as_secs_f64()],
             )
             .await?;

@@ -45,11 +45,17 @@ pub struct RefusalTotals {
 
 impl Books {
     /// Adds `rows` to the counts (one statement), and forgets counts older
-    /// than [`REFUSALS_KEPT`].
+    /// than [`REFUSALS_KEPT`]. Rows are written in key order, so replicas
+    /// adding to the same rows at once wait for each other instead of
+    /// deadlocking. An error whose statement did commit (the answer was
+    /// lost) makes the caller add its rows again: counts may then run high,
+    /// never low.
     pub async fn add_refusals(&self, rows: &[RefusalRow]) -> Result<(), ClusterError> {
         if rows.is_empty() {
             return Ok(());
         }
+        let mut rows: Vec<&RefusalRow> = rows.iter().collect();
+        rows.sort_by(|a, b| (&a.wallet, &a.reason, a.minute).cmp(&(&b.wallet, &b.reason, b.minute)));
         let wallets: Vec<&str> = rows.iter().map(|row| row.wallet.as_str()).collect();
         let reasons: Vec<&str> = rows.iter().map(|row| row.reason.as_str()).collect();
         let minutes: Vec<DateTime<Utc>> = rows.iter().map(|row| row.minute).collect();
@@ -62,6 +68,7 @@ impl Books {
                 "WITH added AS (
                      INSERT INTO cg_refusals AS r (wallet, reason, minute, count, last_at)
                      SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], $5::timestamptz[])
+                     ORDER BY 1, 2, 3
                      ON CONFLICT (wallet, reason, minute) DO UPDATE
                          SET count = r.count + EXCLUDED.count, last_at = GREATEST(r.last_at, EXCLUDED.last_at)
                      RETURNING 1)

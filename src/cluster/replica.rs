@@ -73,7 +73,11 @@ pub struct UnpostedDebit {
     pub entry: i64,
     /// The amount.
     pub amount: Decimal,
-    /// When it was settled.
+    /// When it was settled by the replica's clock, or when the lease it was
+    /// spent from was drawn (the database's clock) if that is later: a
+    /// replica whose clock runs behind cannot date a debit before its
+    /// lease, so a lease drawn after a lot expired never takes back that
+    /// lot's write-off.
     pub at: DateTime<Utc>,
     /// Its [`DebitDetail`], as shipped (the books' JSON text).
     pub body: Box<serde_json::value::RawValue>,
@@ -131,8 +135,9 @@ pub struct Replica {
 }
 
 /// Told the wallet whose balance a record just changed, and whether the
-/// record credited it (a grant, purchase or adjustment) rather than
-/// debiting it.
+/// record credited it (a grant, purchase, positive adjustment, or a
+/// write-off taken back for a late debit: it frees what the debit's
+/// shipping had taken off the books' balance) rather than debiting it.
 pub type WalletWatcher = Box<dyn Fn(WalletId, bool) + Send + Sync>;
 
 impl std::fmt::Debug for Replica {
@@ -228,7 +233,7 @@ impl Replica {
             let decoded = decode(record.gseq, &record.body)?;
             let changed = match &decoded.body {
                 crate::ledger::journal::RecordBody::Entry(entry) => {
-                    Some((entry.wallet, entry.kind.is_credit_side()))
+                    Some((entry.wallet, entry.kind.created_lot().is_some()))
                 }
                 _ => None,
             };
@@ -521,11 +526,14 @@ impl Books {
             .prepare_cached(
                 // Each queued debit found through cg_debits' key (the
                 // LIMIT keeps the planner from joining the whole table).
-                "SELECT d.replica, d.entry, d.amount, d.at, d.body
+                // The lease's draw, in the database's time, bounds when the
+                // debit can have settled whatever the replica's clock says.
+                "SELECT d.replica, d.entry, d.amount, GREATEST(d.at, l.drawn_at), d.body
                  FROM (SELECT replica, entry, shipped_at FROM cg_unposted
                        ORDER BY shipped_at, replica, entry LIMIT $1) u
                  CROSS JOIN LATERAL (SELECT * FROM cg_debits d
                                      WHERE d.replica = u.replica AND d.entry = u.entry LIMIT 1) d
+                 LEFT JOIN LATERAL (SELECT drawn_at FROM cg_leases l WHERE l.id = d.lease) l ON true
                  ORDER BY u.shipped_at, u.replica, u.entry",
             )
             .await?;

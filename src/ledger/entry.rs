@@ -96,8 +96,10 @@ pub enum EntryKind {
     /// settled before the expiry but reached the ledger after it (a cluster
     /// replica's settles are posted a moment after they happen). The credit
     /// becomes a lot again, already expired, and the debit recorded right
-    /// after empties it: the expired credit pays, as it did when the request
-    /// settled. Counts against `written_off`, never as granted.
+    /// after draws it first: the expired credit pays, as it did when the
+    /// request settled (a wallet in deficit repays the deficit with it, as
+    /// with any credit, and the debit then records that much as overrun).
+    /// Counts against `written_off`, never as granted.
     WriteOffReversed {
         /// The request whose debit it pays.
         request_id: RequestId,
@@ -105,6 +107,10 @@ pub enum EntryKind {
         expired_lot: LotId,
         /// That lot's origin.
         origin: LotOrigin,
+        /// When that lot became spendable (the recreated lot keeps it, so
+        /// if it is written off again, say the debit's posting was cut
+        /// short, a later try can still take it back).
+        effective_at: DateTime<Utc>,
         /// That lot's expiry, in the past.
         expires_at: DateTime<Utc>,
     },

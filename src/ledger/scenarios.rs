@@ -756,7 +756,13 @@ fn a_debit_posted_after_an_expiry_it_settled_before_is_paid_by_the_expired_credi
     let restored =
         crate::ledger::Ledger::restore(LedgerConfig::default(), restored_journal.clone(), journal.records())
             .unwrap();
-    let checkpoint = restored.snapshot(u64::MAX);
+    // Through the checkpoint file's JSON, as a restart reads it.
+    let checkpoint: crate::ledger::snapshot::LedgerSnapshot =
+        serde_json::from_slice(&serde_json::to_vec(&restored.snapshot(u64::MAX)).unwrap()).unwrap();
+    assert!(
+        checkpoint.wallets.iter().any(|wallet| !wallet.expired.is_empty()),
+        "the checkpoint keeps the write-off"
+    );
     let from_checkpoint_journal = std::sync::Arc::new(crate::ledger::journal::MemoryJournal::default());
     let from_checkpoint = crate::ledger::Ledger::restore_from(
         LedgerConfig::default(),
@@ -780,9 +786,99 @@ fn a_debit_posted_after_an_expiry_it_settled_before_is_paid_by_the_expired_credi
         assert_eq!(this_run.iter().filter(|amount| **amount == dec!(3)).count(), 1);
     }
     assert_verified(&ledger, &journal);
-    // The whole write-off is now given back.
-    let totals = ledger.balance(pool, at("2027-01-10T01:00:06Z")).unwrap();
-    assert_eq!(totals.balance, dec!(6));
+}
+
+/// Posts a debit of `cost` for a new request settled at `settled`; the
+/// balance after.
+fn post_late(
+    ledger: &crate::ledger::Ledger,
+    pool: WalletId,
+    key: crate::ledger::ids::KeyId,
+    cost: Decimal,
+    settled: &str,
+) -> Decimal {
+    let posted = ledger.post_debit(pool, request(), key, None, cost, cost, details(), at(settled));
+    posted.unwrap().balance_after
+}
+
+#[test]
+fn a_checkpoint_written_before_write_offs_were_remembered_still_restores() {
+    // Proves an old checkpoint (no `expired` field) reads, remembering none.
+    let (ledger, _journal, pool, key) = pool_past_a_purchase_expiry("2027-01-10T00:10:00Z");
+    let mut old = serde_json::to_value(ledger.snapshot(u64::MAX)).unwrap();
+    for wallet in old["wallets"].as_array_mut().unwrap() {
+        assert!(wallet.as_object_mut().unwrap().remove("expired").is_some());
+    }
+    let old: crate::ledger::snapshot::LedgerSnapshot = serde_json::from_value(old).unwrap();
+    let journal = std::sync::Arc::new(crate::ledger::journal::MemoryJournal::default());
+    let restored =
+        crate::ledger::Ledger::restore_from(LedgerConfig::default(), journal, Some(&old), Vec::new())
+            .unwrap();
+    assert_eq!(
+        post_late(&restored, pool, key, dec!(2), "2027-01-10T00:59:00Z"),
+        dec!(7),
+        "nothing to take back"
+    );
+}
+
+#[test]
+fn a_write_off_is_taken_back_for_31_days_only() {
+    // Proves the memory's bound: a debit posted more than 31 days after
+    // the expiry it settled before is charged to live credit.
+    let (ledger, journal, pool, key) = pool_past_a_purchase_expiry("2027-01-10T00:10:00Z");
+    ledger.tick(at("2027-02-10T01:00:01Z"));
+    assert_eq!(post_late(&ledger, pool, key, dec!(2), "2027-01-10T00:59:00Z"), dec!(7));
+    assert!(entries(&journal).iter().all(|e| !matches!(e.kind, EntryKind::WriteOffReversed { .. })));
+    assert_verified(&ledger, &journal);
+}
+
+#[test]
+fn a_wallet_in_deficit_repays_it_from_the_taken_back_credit_first() {
+    // Proves the take-back in a wallet with a deficit: like any credit it
+    // repays the deficit first, the debit records the rest as overrun, and
+    // the balance is what it would have been had the debit been in time.
+    let (ledger, journal, pool, key) = pool_past_a_purchase_expiry("2027-01-10T00:10:00Z");
+    // Spend the year's 9 and 1 more: a deficit of 1.
+    let hold = ledger.hold(pool, request(), dec!(9), ctx(key), at("2027-01-10T01:01:00Z")).unwrap();
+    hold.settle(dec!(10), details(), at("2027-01-10T01:01:00Z")).unwrap();
+    assert_eq!(ledger.balance(pool, at("2027-01-10T01:01:00Z")).unwrap().balance, dec!(-1));
+    // 2 settled before the expiry: the expired purchase paid them then.
+    assert_eq!(post_late(&ledger, pool, key, dec!(2), "2027-01-10T00:59:00Z"), dec!(-1));
+    let debit = entries(&journal).into_iter().last().unwrap();
+    let EntryKind::Debit(debit) = debit.kind else { panic!("the debit comes last") };
+    assert_eq!(
+        debit.overrun,
+        dec!(1),
+        "the taken-back 2 repaid the deficit of 1: the debit overran by as much"
+    );
+    assert_verified(&ledger, &journal);
+}
+
+#[test]
+fn a_posting_cut_short_between_the_take_back_and_its_debit_takes_it_back_again() {
+    // Proves a treasurer that recorded the take-back but not its debit
+    // (it stopped between the two) leaves the next one able to post the
+    // debit from the expired credit: the recreated lot expires again and
+    // is remembered as live from the original's start. The debit needs
+    // the whole write-off, so only the recreated lot can pay it.
+    let (ledger, journal, pool, key) = pool_past_a_purchase_expiry("2027-01-10T00:10:00Z");
+    let request = request();
+    let posted =
+        ledger.post_debit(pool, request, key, None, dec!(5), dec!(5), details(), at("2027-01-10T00:59:00Z"));
+    assert_eq!(posted.unwrap().balance_after, dec!(9));
+    let mut records = journal.records();
+    let last = records.pop().unwrap();
+    assert!(
+        matches!(&last.body, crate::ledger::journal::RecordBody::Entry(e) if matches!(e.kind, EntryKind::Debit(_)))
+    );
+    let next_journal = std::sync::Arc::new(crate::ledger::journal::MemoryJournal::default());
+    let next =
+        crate::ledger::Ledger::restore(LedgerConfig::default(), next_journal.clone(), records).unwrap();
+    next.tick(at("2027-01-10T01:00:10Z"));
+    assert_eq!(next.balance(pool, at("2027-01-10T01:00:10Z")).unwrap().balance, dec!(9), "written off again");
+    let posted =
+        next.post_debit(pool, request, key, None, dec!(5), dec!(5), details(), at("2027-01-10T00:59:00Z"));
+    assert_eq!(posted.unwrap().balance_after, dec!(9), "the expired credit paid after all");
 }
 
 #[test]

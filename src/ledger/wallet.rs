@@ -228,11 +228,13 @@ impl WalletState {
     }
 
     /// Takes back, from the write-offs of lots that expired after
-    /// `settled_at` but were live then, what a debit of `cost` settled at
+    /// `settled_at` but were live then, and no longer ago than
+    /// [`ExpiredLot::MEMORY`], what a debit of `cost` settled at
     /// `settled_at` would have drawn from them (soonest expiry first, as a
     /// draw goes). Each part becomes a lot again, already expired, so the
-    /// debit drawn right after takes it before any live credit. A settle
-    /// recorded in time finds nothing to take back.
+    /// debit drawn right after takes it before any live credit (after a
+    /// deficit, which any new credit repays first). A settle recorded in
+    /// time finds nothing to take back.
     pub fn take_back_write_offs(
         &mut self,
         committer: &Committer,
@@ -241,22 +243,29 @@ impl WalletState {
         request_id: RequestId,
         cost: Decimal,
     ) {
+        // Whenever the memory was last pruned, the same write-offs qualify.
+        let horizon = now.checked_sub_signed(ExpiredLot::MEMORY).unwrap_or(DateTime::<Utc>::MIN_UTC);
         let mut left = cost;
         for at in 0..self.expired.len() {
             let expired = &mut self.expired[at];
             if left.is_zero() {
                 break;
             }
-            if expired.written_off.is_zero() || !expired.was_live_at(settled_at) {
+            if expired.written_off.is_zero()
+                || expired.expires_at <= horizon
+                || !expired.was_live_at(settled_at)
+            {
                 continue;
             }
             let give = left.min(expired.written_off);
             expired.written_off -= give;
             left -= give;
-            let (expired_lot, origin, expires_at) = (expired.lot, expired.origin, expired.expires_at);
-            let kind = EntryKind::WriteOffReversed { request_id, expired_lot, origin, expires_at };
+            let (expired_lot, origin, effective_at, expires_at) =
+                (expired.lot, expired.origin, expired.effective_at, expired.expires_at);
+            let kind =
+                EntryKind::WriteOffReversed { request_id, expired_lot, origin, effective_at, expires_at };
             let id = EntryId(committer.next_seq());
-            self.add_lot(id, &kind, give, now);
+            self.add_lot(id, &kind, give, effective_at);
             self.totals.written_off -= give;
             self.emit(committer, id, now, kind, give, smallvec![LotTouch { lot: LotId(id.0), amount: give }]);
         }
@@ -512,7 +521,9 @@ impl WalletState {
         self.clock = self.clock.max(entry.at);
         if entry.kind.created_lot().is_some() {
             let effective_at = match &entry.kind {
-                EntryKind::Grant { effective_at, .. } => *effective_at,
+                EntryKind::Grant { effective_at, .. } | EntryKind::WriteOffReversed { effective_at, .. } => {
+                    *effective_at
+                }
                 _ => entry.at,
             };
             self.add_lot(entry.id, &entry.kind, entry.amount, effective_at);

@@ -16,6 +16,8 @@
 //!   and `sha256` of the compressed file, and the sums of `granted`,
 //!   `debited` and `written_off` (decimal strings) in total and per wallet
 //!   (`pool:ORG` / `lite:USER`), with each wallet's last `balance_after`.
+//!   A day's `written_off` is net of write-offs taken back for late debits
+//!   (`write_off_reversed` entries), so it can be negative.
 //!
 //! A record belongs to the day of the newest entry at or before it in
 //! sequence order (entity records carry no time; records before the first
