@@ -950,9 +950,40 @@ impl SettleResult {
     }
 }
 
-/// The `x-creditgate-available` value.
+/// The `x-creditgate-available` value: the amount without trailing zeros,
+/// as `Decimal::normalize().to_string()` writes it. Written on every
+/// metered answer, so an amount whose digits fit in a `u64` (any real
+/// balance) is formatted in a stack buffer, without the formatter's
+/// allocation and 96-bit divisions.
 pub fn available_header(amount: Decimal) -> Option<HeaderValue> {
-    HeaderValue::from_str(&amount.normalize().to_string()).ok()
+    let Ok(mut digits) = u64::try_from(amount.mantissa().unsigned_abs()) else {
+        return HeaderValue::from_str(&amount.normalize().to_string()).ok();
+    };
+    let mut scale = amount.scale();
+    while scale > 0 && digits % 10 == 0 {
+        digits /= 10;
+        scale -= 1;
+    }
+    // At most 20 digits, a point, a sign and the zeros before a fraction
+    // (the scale is at most 28).
+    let mut buffer = [0_u8; 52];
+    let mut at = buffer.len();
+    let mut written = 0;
+    while digits > 0 || written <= scale {
+        if written == scale && scale > 0 {
+            at -= 1;
+            buffer[at] = b'.';
+        }
+        at -= 1;
+        buffer[at] = b'0' + (digits % 10) as u8;
+        digits /= 10;
+        written += 1;
+    }
+    if amount.is_sign_negative() && !amount.is_zero() {
+        at -= 1;
+        buffer[at] = b'-';
+    }
+    HeaderValue::from_bytes(&buffer[at..]).ok()
 }
 
 #[cfg(test)]
@@ -964,6 +995,48 @@ mod tests {
 
     fn injected(body: &str) -> Value {
         serde_json::from_slice(&with_include_usage(body.as_bytes()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_available_header_writes_an_amount_as_normalize_to_string_does() {
+        // Proves the stack-buffer formatting against rust_decimal's own for
+        // signs, zeros, scales 0 to 28, trailing zeros and mantissas beyond
+        // a u64 (those take the general path).
+        use rust_decimal::Decimal;
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut cases: Vec<Decimal> = vec![
+            Decimal::ZERO,
+            Decimal::new(0, 9),
+            Decimal::new(-0, 3),
+            -Decimal::new(0, 3),
+            -Decimal::ZERO,
+            Decimal::new(1, 28),
+            Decimal::new(-1, 28),
+            Decimal::new(1_000, 3),
+            Decimal::new(-25_000_000_000, 9),
+            Decimal::new(i64::MAX, 0),
+            Decimal::new(i64::MIN + 1, 5),
+            Decimal::MAX,
+            Decimal::MIN,
+            Decimal::from_i128_with_scale(u64::MAX as i128, 4),
+            Decimal::from_i128_with_scale(u64::MAX as i128 + 1, 4),
+        ];
+        for _ in 0..20_000 {
+            let mantissa = i64::try_from(next() >> (next() % 64)).unwrap_or(i64::MAX);
+            let mantissa = if next() % 2 == 0 { mantissa } else { -mantissa };
+            cases.push(Decimal::new(mantissa, (next() % 29) as u32));
+        }
+        for amount in cases {
+            let expected = amount.normalize().to_string();
+            let header = super::available_header(amount).unwrap();
+            assert_eq!(header.to_str().unwrap(), expected, "{amount:?}");
+        }
     }
 
     #[test]
