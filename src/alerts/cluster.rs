@@ -21,10 +21,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-
-use chrono::{DateTime, Utc};
 
 use super::refusals::{RefusalCount, RefusalReason};
 use super::{AlertError, Alerts, Delivery, Rule, MAX_RULES_PER_ORG};
