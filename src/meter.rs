@@ -409,9 +409,9 @@ impl Meter {
                 }
                 chunk
             }
-            Mode::Sse { .. } if self.strip_injected_usage => self.observe_sse_rewriting(&chunk),
+            Mode::Sse { .. } if self.strip_injected_usage => self.observe_sse_rewriting(chunk),
             Mode::Sse { .. } => {
-                self.scan_lines(&chunk);
+                self.scan_lines(&chunk, true);
                 chunk
             }
         }
@@ -427,10 +427,11 @@ impl Meter {
             return Bytes::new();
         }
         let event = pending_event.split().freeze();
-        self.scan_lines(&event);
+        let usage = UsageKeys::of(&event);
+        self.scan_lines(&event, usage.other);
         // A last line without its terminator is still a line.
-        self.scan_lines(b"\n");
-        self.rewritten_event(&event)
+        self.scan_lines(b"\n", usage.other);
+        self.rewritten_event(event, usage)
     }
 
     /// Usage once the body has ended.
@@ -444,7 +445,7 @@ impl Meter {
             Mode::Sse { line, .. } if !line.is_empty() => {
                 // A final `data:` line the upstream never terminated.
                 let last = line.clone();
-                self.on_line(&last);
+                self.on_line(&last, true);
             }
             _ => {}
         }
@@ -475,7 +476,9 @@ impl Meter {
     /// no earlier part of it is pending, so most lines are never copied.
     /// Lines end at LF, CR or CRLF (the SSE grammar); a CRLF split across
     /// chunks only adds an empty line, which means nothing to the meter.
-    fn scan_lines(&mut self, chunk: &[u8]) {
+    /// `may_carry_usage: false` says the caller already found no usage in
+    /// these bytes but `"usage": null` (see [`UsageKeys`]).
+    fn scan_lines(&mut self, chunk: &[u8], may_carry_usage: bool) {
         let Mode::Sse { line, .. } = &mut self.mode else {
             return;
         };
@@ -483,11 +486,12 @@ impl Meter {
         let mut rest = chunk;
         while let Some(at) = memchr::memchr2(b'\n', b'\r', rest) {
             if pending.is_empty() {
-                self.on_line(&rest[..at]);
+                self.on_line(&rest[..at], may_carry_usage);
             } else {
                 if pending.len() + at <= MAX_SSE_LINE_BYTES {
                     pending.extend_from_slice(&rest[..at]);
-                    self.on_line(&pending);
+                    // The pending part came from an earlier chunk, unseen by the caller.
+                    self.on_line(&pending, true);
                 }
                 pending.clear();
             }
@@ -503,7 +507,7 @@ impl Meter {
         }
     }
 
-    fn on_line(&mut self, line: &[u8]) {
+    fn on_line(&mut self, line: &[u8], may_carry_usage: bool) {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
@@ -511,7 +515,7 @@ impl Meter {
         self.text_bytes += delta_text_len(data);
         // Cheap scan before parsing: most events carry no usage, or only
         // the `"usage": null` that asking for it adds to every chunk.
-        if carries_usage(data) {
+        if may_carry_usage && carries_usage(data) {
             if let Some(found) = usage_from_bytes(data) {
                 self.reported.merge(found);
             }
@@ -522,39 +526,84 @@ impl Meter {
     /// chunk is dropped and `"usage": null` fields are removed. An event
     /// longer than [`MAX_SSE_EVENT_BYTES`] ends the rewriting: what is held
     /// goes out as it is and the rest of the stream passes untouched.
-    fn observe_sse_rewriting(&mut self, chunk: &[u8]) -> Bytes {
+    /// Events are cut from the chunk itself when nothing is pending, so a
+    /// chunk holding one event the rewrite leaves alone is never copied.
+    fn observe_sse_rewriting(&mut self, chunk: Bytes) -> Bytes {
         let Mode::Sse { pending_event, .. } = &mut self.mode else {
-            return Bytes::copy_from_slice(chunk);
+            return chunk;
         };
-        pending_event.extend_from_slice(chunk);
-        let mut out = BytesMut::new();
-        while let Mode::Sse { pending_event, .. } = &mut self.mode {
-            let Some(end) = event_end(pending_event) else {
-                if pending_event.len() > MAX_SSE_EVENT_BYTES {
-                    let held = pending_event.split().freeze();
-                    self.strip_injected_usage = false;
-                    self.scan_lines(&held);
-                    out.extend_from_slice(&held);
-                }
-                break;
-            };
-            let event = pending_event.split_to(end).freeze();
-            self.scan_lines(&event);
-            out.extend_from_slice(&self.rewritten_event(&event));
+        let mut input = if pending_event.is_empty() {
+            chunk
+        } else {
+            pending_event.extend_from_slice(&chunk);
+            pending_event.split().freeze()
+        };
+        let mut out = Outgoing::default();
+        while let Some(end) = event_end(&input) {
+            let event = input.split_to(end);
+            let usage = UsageKeys::of(&event);
+            self.scan_lines(&event, usage.other);
+            out.push(self.rewritten_event(event, usage));
         }
-        out.freeze()
+        if input.len() > MAX_SSE_EVENT_BYTES {
+            self.strip_injected_usage = false;
+            self.scan_lines(&input, true);
+            out.push(input);
+        } else if let Mode::Sse { pending_event, .. } = &mut self.mode {
+            pending_event.extend_from_slice(&input);
+        }
+        out.into_bytes()
     }
 
     /// One whole event as the client gets it: nothing for the usage-only
     /// chunk the gateway asked for, otherwise the event without its
     /// `"usage": null` field.
-    fn rewritten_event(&self, event: &[u8]) -> Bytes {
-        if is_usage_only(event) {
+    fn rewritten_event(&self, event: Bytes, usage: UsageKeys) -> Bytes {
+        if usage.other && is_usage_only(&event) {
             return Bytes::new();
         }
-        match remove_null_usage(event) {
+        match usage.without_nulls {
             Some(rewritten) => Bytes::from(rewritten),
-            None => Bytes::copy_from_slice(event),
+            None => event,
+        }
+    }
+}
+
+/// What the rewriter sends for one chunk: usually one event, passed on as
+/// it is; several are joined.
+#[derive(Default)]
+enum Outgoing {
+    #[default]
+    Nothing,
+    One(Bytes),
+    Joined(BytesMut),
+}
+
+impl Outgoing {
+    fn push(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        *self = match std::mem::take(self) {
+            Outgoing::Nothing => Outgoing::One(bytes),
+            Outgoing::One(first) => {
+                let mut joined = BytesMut::with_capacity(first.len() + bytes.len());
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&bytes);
+                Outgoing::Joined(joined)
+            }
+            Outgoing::Joined(mut joined) => {
+                joined.extend_from_slice(&bytes);
+                Outgoing::Joined(joined)
+            }
+        };
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Outgoing::Nothing => Bytes::new(),
+            Outgoing::One(bytes) => bytes,
+            Outgoing::Joined(joined) => joined.freeze(),
         }
     }
 }
@@ -638,38 +687,54 @@ fn carries_usage(json: &[u8]) -> bool {
     false
 }
 
-/// The event without its `"usage": null` members (whitespace allowed
-/// around the colon and before the comma); `None` when it has none.
-fn remove_null_usage(event: &[u8]) -> Option<Vec<u8>> {
-    let mut out: Option<Vec<u8>> = None;
-    let mut copied = 0;
-    let mut from = 0;
-    while let Some(found) = USAGE_KEY.find(&event[from..]) {
-        let key = from + found;
-        from = key + USAGE_KEY.needle().len();
-        let after = skip_whitespace(event, from);
-        let Some(b':') = event.get(after) else { continue };
-        let value = skip_whitespace(event, after + 1);
-        if !event[value..].starts_with(b"null") {
-            continue;
-        }
-        // Take the comma before the key, and the spaces around it, with it.
-        let mut start = key;
-        while start > copied && event[start - 1].is_ascii_whitespace() && event[start - 1] != b'\n' {
+/// One pass over an event's `"usage"` keys: the event without the
+/// `"usage": null` fields the gateway asked for (`None`: it has none), and
+/// whether any other `"usage"` is in it, which [`carries_usage`] would call
+/// usage. Without one, no line of the event carries usage.
+struct UsageKeys {
+    without_nulls: Option<Vec<u8>>,
+    other: bool,
+}
+
+impl UsageKeys {
+    fn of(event: &[u8]) -> UsageKeys {
+        let mut out: Option<Vec<u8>> = None;
+        let mut other = false;
+        let mut copied = 0;
+        let mut from = 0;
+        while let Some(found) = USAGE_KEY.find(&event[from..]) {
+            let key = from + found;
+            from = key + USAGE_KEY.needle().len();
+            let after = skip_whitespace(event, from);
+            let Some(b':') = event.get(after) else {
+                other = true;
+                continue;
+            };
+            let value = skip_whitespace(event, after + 1);
+            if !event[value..].starts_with(b"null") {
+                other = true;
+                continue;
+            }
+            // Take the comma before the key, and the spaces around it, with it.
+            let mut start = key;
+            while start > copied && event[start - 1].is_ascii_whitespace() && event[start - 1] != b'\n' {
+                start -= 1;
+            }
+            if start == copied || event[start - 1] != b',' {
+                continue;
+            }
             start -= 1;
+            let buffer = out.get_or_insert_with(|| Vec::with_capacity(event.len()));
+            buffer.extend_from_slice(&event[copied..start]);
+            copied = value + 4;
+            from = copied;
         }
-        if start == copied || event[start - 1] != b',' {
-            continue;
-        }
-        start -= 1;
-        let buffer = out.get_or_insert_with(|| Vec::with_capacity(event.len()));
-        buffer.extend_from_slice(&event[copied..start]);
-        copied = value + 4;
-        from = copied;
+        let without_nulls = out.map(|mut buffer| {
+            buffer.extend_from_slice(&event[copied..]);
+            buffer
+        });
+        UsageKeys { without_nulls, other }
     }
-    let mut buffer = out?;
-    buffer.extend_from_slice(&event[copied..]);
-    Some(buffer)
 }
 
 fn skip_whitespace(bytes: &[u8], mut at: usize) -> usize {
@@ -823,6 +888,48 @@ mod tests {
             let r = meter.finish();
             assert_eq!((r.input_tokens, r.output_tokens), (Some(11), Some(7)), "split at {at}");
         }
+    }
+
+    #[test]
+    fn the_rewrite_is_the_same_however_the_stream_is_cut_into_chunks() {
+        // Usage in a chunk that still has choices is read and kept; only the
+        // usage-only chunk and the `"usage":null` members go.
+        let stream = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"he\"}}],\"usage\":null}\n\n",
+            ": a comment\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"llo\"}}], \"usage\" : null}\r\n\r\n",
+            "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":7}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let expected = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"he\"}}]}\n\n",
+            ": a comment\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"llo\"}}]}\r\n\r\n",
+            "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        for size in [1, 2, 3, 7, 64, stream.len()] {
+            let mut meter = Meter::new(true, true);
+            let mut out = Vec::new();
+            for chunk in stream.as_bytes().chunks(size) {
+                out.extend_from_slice(&meter.observe(Bytes::copy_from_slice(chunk)));
+            }
+            out.extend_from_slice(&meter.end_of_body());
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "chunks of {size}");
+            let r = meter.finish();
+            assert_eq!((r.input_tokens, r.output_tokens), (Some(11), Some(7)), "chunks of {size}");
+            assert_eq!(meter.delivered_output_estimate(), 2, "5 bytes of text, chunks of {size}");
+        }
+    }
+
+    #[test]
+    fn an_event_the_rewrite_leaves_alone_is_passed_on_without_a_copy() {
+        let mut meter = Meter::new(true, true);
+        let event = Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+        let out = meter.observe(event.clone());
+        assert_eq!(out, event);
+        assert_eq!(out.as_ptr(), event.as_ptr(), "the chunk itself, not a copy");
     }
 
     #[test]

@@ -6,13 +6,19 @@
 #   cargo build --release -j2 -p creditgate -p creditgate-bench --bin creditgate --bin creditgate-bare-proxy
 #   bench/profile/callgrind.sh [REQUESTS]        # default 2000 per mode
 #   SCHEDULER=thread-per-core bench/profile/callgrind.sh 1000   # the gateway's [server] scheduler
-# Leaves callgrind.{hyper-proxy,passthrough,metered}.out in $OUT (default
-# target/callgrind) for `callgrind_annotate --inclusive=yes FILE`.
+# Then the cost of one SSE event in each mode: streams of 5 and of 45 content
+# deltas (STREAMS of each, default 200), whose difference over the 40 extra
+# events leaves out what a request costs whatever its length.
+# Leaves callgrind.{hyper-proxy,passthrough,metered}.out (and .sse-5.out,
+# .sse-45.out) in $OUT (default target/callgrind) for
+# `callgrind_annotate --inclusive=yes FILE`.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 bin="$root/target/release/creditgate"
 bare="$root/target/release/creditgate-bare-proxy"
 requests=${1:-2000}
+streams=${STREAMS:-200}
+short_events=5 long_events=45
 out=${OUT:-$root/target/callgrind}
 work=$(mktemp -d)
 mkdir -p "$out"
@@ -48,13 +54,22 @@ key=$(admin -d "{\"user\":$user}" "127.0.0.1:$port_admin/admin/v1/orgs/$org/keys
 
 drive() { python3 "$root/bench/profile/drive.py" "$1" "$2" "$key" "${3:-$port_proxy}"; }
 drive metered 300 && drive pass 300          # warm up pools, caches, the price table
+# One dump per measured run, numbered in this order.
+measure() { # TARGET-PID MODE N [EVENTS] [PORT]
+  callgrind_control -z "$1" > /dev/null 2>&1
+  python3 "$root/bench/profile/drive.py" "$2" "$3" "$key" "${5:-$port_proxy}" ${4:+"$4"}
+  callgrind_control -d "$1" > /dev/null 2>&1
+}
 for mode in metered pass; do
-  callgrind_control -z "$gateway" > /dev/null 2>&1
-  drive "$mode" "$requests"
-  callgrind_control -d "$gateway" > /dev/null 2>&1
+  measure "$gateway" "$mode" "$requests"
+done
+for mode in metered pass; do
+  for events in $short_events $long_events; do measure "$gateway" "$mode" "$streams" "$events"; done
 done
 kill "$gateway"; wait "$gateway" 2>/dev/null || true
 mv "$work/cg.out.1" "$out/callgrind.metered.out"; mv "$work/cg.out.2" "$out/callgrind.passthrough.out"
+mv "$work/cg.out.3" "$out/callgrind.metered.sse-$short_events.out"; mv "$work/cg.out.4" "$out/callgrind.metered.sse-$long_events.out"
+mv "$work/cg.out.5" "$out/callgrind.passthrough.sse-$short_events.out"; mv "$work/cg.out.6" "$out/callgrind.passthrough.sse-$long_events.out"
 
 # The bare proxy: the same requests (the key is forwarded and ignored), as
 # many worker threads as the gateway's runtime (one per core).
@@ -63,19 +78,26 @@ valgrind --tool=callgrind --callgrind-out-file="$work/bare.out" \
   > "$work/bare.log" 2>&1 & proxy=$!
 for _ in $(seq 1 120); do grep -q "^listening on" "$work/bare.log" && break; sleep 0.5; done
 drive bare 300 "$port_bare"
-callgrind_control -z "$proxy" > /dev/null 2>&1
-drive bare "$requests" "$port_bare"
-callgrind_control -d "$proxy" > /dev/null 2>&1
+measure "$proxy" bare "$requests" "" "$port_bare"
+for events in $short_events $long_events; do measure "$proxy" bare "$streams" "$events" "$port_bare"; done
 kill "$proxy"; wait "$proxy" 2>/dev/null || true
 mv "$work/bare.out.1" "$out/callgrind.hyper-proxy.out"
+mv "$work/bare.out.2" "$out/callgrind.hyper-proxy.sse-$short_events.out"; mv "$work/bare.out.3" "$out/callgrind.hyper-proxy.sse-$long_events.out"
 
-per_request() {
-  total=$(callgrind_annotate "$out/callgrind.$1.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
-  echo $((total / requests))
-}
+total() { callgrind_annotate "$out/callgrind.$1.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'; }
+per_request() { echo $(( $(total "$1") / requests )); }
 reference=$(per_request hyper-proxy)
 for mode in hyper-proxy passthrough metered; do
   count=$(per_request "$mode")
   ratio=$(awk -v a="$count" -v b="$reference" 'BEGIN { printf "%.2f", a / b }')
   echo "$mode: $count instructions per request (${ratio}x hyper-proxy, over $requests requests)"
+done
+
+# One event: (long run - short run) / (the long run's extra events).
+extra=$(( streams * (long_events - short_events) ))
+bare_event=$(( ($(total hyper-proxy.sse-$long_events) - $(total hyper-proxy.sse-$short_events)) / extra ))
+for mode in hyper-proxy passthrough metered; do
+  per_event=$(( ($(total "$mode.sse-$long_events") - $(total "$mode.sse-$short_events")) / extra ))
+  ratio=$(awk -v a="$per_event" -v b="$bare_event" 'BEGIN { printf "%.2f", a / b }')
+  echo "$mode: $per_event instructions per SSE event (${ratio}x hyper-proxy; $streams streams of $short_events and of $long_events deltas)"
 done
