@@ -524,8 +524,8 @@ impl Meter {
 
     /// Pass whole events through, minus the injected usage: the usage-only
     /// chunk is dropped and `"usage": null` fields are removed. An event
-    /// longer than [`MAX_SSE_EVENT_BYTES`] ends the rewriting: what is held
-    /// goes out as it is and the rest of the stream passes untouched.
+    /// still unfinished past [`MAX_SSE_EVENT_BYTES`] ends the rewriting: what
+    /// is held goes out as it is and the rest of the stream passes untouched.
     /// Events are cut from the chunk itself when nothing is pending, so a
     /// chunk holding one event the rewrite leaves alone is never copied.
     fn observe_sse_rewriting(&mut self, chunk: Bytes) -> Bytes {
@@ -536,6 +536,10 @@ impl Meter {
             chunk
         } else {
             pending_event.extend_from_slice(&chunk);
+            if pending_event.len() <= MAX_SSE_EVENT_BYTES && event_end(pending_event).is_none() {
+                // A long event arriving in pieces: keep appending, no copy back.
+                return Bytes::new();
+            }
             pending_event.split().freeze()
         };
         let mut out = Outgoing::default();
@@ -715,9 +719,10 @@ impl UsageKeys {
                 other = true;
                 continue;
             }
-            // Take the comma before the key, and the spaces around it, with it.
+            // Take the comma before the key, and the spaces around it, with
+            // it; not a line end, which would join two lines of the event.
             let mut start = key;
-            while start > copied && event[start - 1].is_ascii_whitespace() && event[start - 1] != b'\n' {
+            while start > copied && matches!(event[start - 1], b' ' | b'\t') {
                 start -= 1;
             }
             if start == copied || event[start - 1] != b',' {
@@ -921,6 +926,14 @@ mod tests {
             assert_eq!((r.input_tokens, r.output_tokens), (Some(11), Some(7)), "chunks of {size}");
             assert_eq!(meter.delivered_output_estimate(), 2, "5 bytes of text, chunks of {size}");
         }
+    }
+
+    #[test]
+    fn a_null_usage_on_a_line_of_its_own_is_not_removed_with_the_line_end_before_it() {
+        // Taking `,\r` with it would join the event's two lines into one.
+        let event = "data: {\"a\":1,\r\"usage\":null}\n\n";
+        let mut meter = Meter::new(true, true);
+        assert_eq!(meter.observe(Bytes::from_static(event.as_bytes())), event.as_bytes());
     }
 
     #[test]
