@@ -928,6 +928,57 @@ mod tests {
         }
     }
 
+    /// Lines an upstream's stream is made of, some of them odd: usage
+    /// spaced or not, in the usage-only chunk or beside choices, a key cut
+    /// from its value by a line end, comments, blank lines.
+    fn any_line() -> impl proptest::strategy::Strategy<Value = &'static str> {
+        proptest::sample::select(vec![
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a b\"}}], \"usage\" : null}",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":7}}",
+            "data: {\"choices\": [], \"usage\": {\"prompt_tokens\": 3, \"completion_tokens\": 9}}",
+            "data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}",
+            "data: [DONE]",
+            ": keep-alive",
+            "event: message",
+            "data: {\"usage\"",
+            "data: :null}",
+            "\"usage\":null",
+            "data: {\"a\":1,",
+            "",
+        ])
+    }
+
+    /// What the client gets, the usage and the cut-short estimate when the
+    /// stream arrives cut at `cuts`.
+    fn metered(stream: &[u8], cuts: &[usize], strip: bool) -> (Vec<u8>, Reported, u64) {
+        let mut meter = Meter::new(true, strip);
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &at in cuts.iter().chain([&stream.len()]) {
+            out.extend_from_slice(&meter.observe(Bytes::copy_from_slice(&stream[from..at])));
+            from = at;
+        }
+        out.extend_from_slice(&meter.end_of_body());
+        (out, meter.finish(), meter.delivered_output_estimate())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn what_the_client_gets_and_the_usage_do_not_depend_on_where_the_stream_is_cut(
+            lines in proptest::collection::vec(
+                (any_line(), proptest::sample::select(vec!["\n", "\r\n", "\r"])), 0..24),
+            cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..12),
+            strip in proptest::prelude::any::<bool>(),
+        ) {
+            let stream: Vec<u8> = lines.iter().flat_map(|(line, end)| [*line, *end].concat().into_bytes()).collect();
+            let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            cuts.sort_unstable();
+            let whole = metered(&stream, &[], strip);
+            proptest::prop_assert_eq!(metered(&stream, &cuts, strip), whole);
+        }
+    }
+
     #[test]
     fn a_null_usage_on_a_line_of_its_own_is_not_removed_with_the_line_end_before_it() {
         // Taking `,\r` with it would join the event's two lines into one.
