@@ -194,19 +194,34 @@ fn debits_consume_soonest_expiry_then_kind_then_age() {
     assert_verified(&ledger, &journal);
 }
 
-#[test]
-fn a_lot_that_expires_before_any_other_event_is_written_off_at_its_expiry() {
-    // Proves a purchase (or adjustment) whose expiry comes before the
-    // wallet's next scheduled event still expires on time: its credit is
-    // not spent after its expiry, and its remainder is written off.
+/// At 2027-01-10, an org whose pool holds 9 of a year's 10, spent by a Pro
+/// user's key. The spend of 1 brings the wallet up to date, so its next
+/// event is the year's end. Returns the ledger, its journal, the org, the
+/// pool and the key.
+fn pool_with_nine_of_a_years_ten() -> (
+    crate::ledger::Ledger,
+    std::sync::Arc<crate::ledger::journal::MemoryJournal>,
+    crate::ledger::ids::OrgId,
+    WalletId,
+    crate::ledger::ids::KeyId,
+) {
     let (ledger, journal) = ledger();
     let now = at("2027-01-10T00:00:00Z");
     let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(10), 0, dec!(0))), now);
     let pool = WalletId::Pool(org);
     let admin = user(&ledger, org, Plan::Pro, dec!(0), now);
     let key = key(&ledger, org, Owner::User(admin), Limits::NONE, now);
-    // The wallet is brought up to date (its next event is the year's end).
     spend(&ledger, pool, key, dec!(1), now);
+    (ledger, journal, org, pool, key)
+}
+
+#[test]
+fn a_lot_that_expires_before_any_other_event_is_written_off_at_its_expiry() {
+    // Proves a purchase (or adjustment) whose expiry comes before the
+    // wallet's next scheduled event still expires on time: its credit is
+    // not spent after its expiry, and its remainder is written off.
+    let (ledger, journal, org, pool, key) = pool_with_nine_of_a_years_ten();
+    let now = at("2027-01-10T00:00:00Z");
     let request = |amount, expires: &str, idempotency_key: &str| PurchaseRequest {
         org,
         amount,
@@ -696,9 +711,9 @@ fn new_lite_user_gets_current_month_in_full() {
     let _ = NaiveDate::from_ymd_opt(2028, 2, 29).unwrap();
 }
 
-/// A pool holding 9 of a year's credit and 5 bought at `bought` that
-/// expire at 01:00, and the ledger's tick past that expiry: the 5 are
-/// written off. Returns the ledger, its journal, the pool and a key.
+/// [`pool_with_nine_of_a_years_ten`] with 5 bought at `bought` that expire
+/// at 01:00, and the ledger's tick past that expiry: the 5 are written off.
+/// Returns the ledger, its journal, the pool and the key.
 fn pool_past_a_purchase_expiry(
     bought: &str,
 ) -> (
@@ -707,13 +722,7 @@ fn pool_past_a_purchase_expiry(
     WalletId,
     crate::ledger::ids::KeyId,
 ) {
-    let (ledger, journal) = ledger();
-    let now = at("2027-01-10T00:00:00Z");
-    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(10), 0, dec!(0))), now);
-    let pool = WalletId::Pool(org);
-    let admin = user(&ledger, org, Plan::Pro, dec!(0), now);
-    let key = key(&ledger, org, Owner::User(admin), Limits::NONE, now);
-    spend(&ledger, pool, key, dec!(1), now);
+    let (ledger, journal, org, pool, key) = pool_with_nine_of_a_years_ten();
     let short = PurchaseRequest {
         org,
         amount: dec!(5),
@@ -737,10 +746,7 @@ fn a_debit_posted_after_an_expiry_it_settled_before_is_paid_by_the_expired_credi
     // journal and a checkpoint.
     // The treasurer's tick passes the expiry before the debits arrive.
     let (ledger, journal, pool, key) = pool_past_a_purchase_expiry("2027-01-10T00:10:00Z");
-    let post = |ledger: &crate::ledger::Ledger, cost: Decimal, settled: &str| {
-        let posted = ledger.post_debit(pool, request(), key, None, cost, cost, details(), at(settled));
-        posted.unwrap().balance_after
-    };
+    let post = |ledger, cost, settled| post_late(ledger, pool, key, cost, settled);
     // Settled a minute before the expiry: the expired purchase pays all 2.
     assert_eq!(post(&ledger, dec!(2), "2027-01-10T00:59:00Z"), dec!(9));
     let taken_back = |journal: &crate::ledger::journal::MemoryJournal| -> Vec<Decimal> {
@@ -886,17 +892,7 @@ fn a_late_debit_settled_before_a_lot_existed_takes_nothing_back() {
     // Proves the take-back is bounded by when the lot was live: a debit
     // settled before the purchase was made is charged to the lasting credit.
     let (ledger, journal, pool, key) = pool_past_a_purchase_expiry("2027-01-10T00:30:00Z");
-    let posted = ledger.post_debit(
-        pool,
-        request(),
-        key,
-        None,
-        dec!(2),
-        dec!(2),
-        details(),
-        at("2027-01-10T00:20:00Z"),
-    );
-    assert_eq!(posted.unwrap().balance_after, dec!(7));
+    assert_eq!(post_late(&ledger, pool, key, dec!(2), "2027-01-10T00:20:00Z"), dec!(7));
     assert!(entries(&journal).iter().all(|e| !matches!(e.kind, EntryKind::WriteOffReversed { .. })));
     assert_verified(&ledger, &journal);
 }
