@@ -9,7 +9,8 @@
 # Then the cost of one SSE event in each mode: streams of 5 and of 45 content
 # deltas (STREAMS of each, default 200), whose difference over the 40 extra
 # events leaves out what a request costs whatever its length.
-# Leaves callgrind.{hyper-proxy,passthrough,metered}.out (and .sse-5.out,
+# The floors under the two routes run too (the bare proxy's `--floor auth|meter`).
+# Leaves callgrind.{hyper-proxy,auth-floor,meter-floor,passthrough,metered}.out (and .sse-5.out,
 # .sse-45.out) in $OUT (default target/callgrind) for
 # `callgrind_annotate --inclusive=yes FILE`.
 set -euo pipefail
@@ -72,31 +73,47 @@ mv "$work/cg.out.3" "$out/callgrind.metered.sse-$short_events.out"; mv "$work/cg
 mv "$work/cg.out.5" "$out/callgrind.passthrough.sse-$short_events.out"; mv "$work/cg.out.6" "$out/callgrind.passthrough.sse-$long_events.out"
 
 # The bare proxy: the same requests (the key is forwarded and ignored), as
-# many worker threads as the gateway's runtime (one per core).
-valgrind --tool=callgrind --callgrind-out-file="$work/bare.out" \
-  "$bare" --listen "127.0.0.1:$port_bare" --upstream "127.0.0.1:$port_mock" --workers "$(nproc)" \
-  > "$work/bare.log" 2>&1 & proxy=$!
-for _ in $(seq 1 120); do grep -q "^listening on" "$work/bare.log" && break; sleep 0.5; done
-drive bare 300 "$port_bare"
-measure "$proxy" bare "$requests" "" "$port_bare"
-for events in $short_events $long_events; do measure "$proxy" bare "$streams" "$events" "$port_bare"; done
-kill "$proxy"; wait "$proxy" 2>/dev/null || true
-mv "$work/bare.out.1" "$out/callgrind.hyper-proxy.out"
-mv "$work/bare.out.2" "$out/callgrind.hyper-proxy.sse-$short_events.out"; mv "$work/bare.out.3" "$out/callgrind.hyper-proxy.sse-$long_events.out"
+# many worker threads as the gateway's runtime (one per core); then the same
+# binary as the floors under the pass-through and the metered routes
+# (`--floor auth|meter`: the least work those routes must add).
+echo "$key" > "$work/keys"
+for name in hyper-proxy auth-floor meter-floor; do
+  case $name in
+    hyper-proxy) floor=() ;;
+    auth-floor) floor=(--floor auth --keys "$work/keys") ;;
+    meter-floor) floor=(--floor meter --keys "$work/keys" --models gpt-4o-mini --data-dir "$work/floor-data") ;;
+  esac
+  valgrind --tool=callgrind --callgrind-out-file="$work/$name.out" \
+    "$bare" --listen "127.0.0.1:$port_bare" --upstream "127.0.0.1:$port_mock" --workers "$(nproc)" "${floor[@]}" \
+    > "$work/$name.log" 2>&1 & proxy=$!
+  for _ in $(seq 1 120); do grep -q "^listening on" "$work/$name.log" && break; sleep 0.5; done
+  drive bare 300 "$port_bare"
+  measure "$proxy" bare "$requests" "" "$port_bare"
+  for events in $short_events $long_events; do measure "$proxy" bare "$streams" "$events" "$port_bare"; done
+  kill "$proxy"; wait "$proxy" 2>/dev/null || true
+  mv "$work/$name.out.1" "$out/callgrind.$name.out"
+  mv "$work/$name.out.2" "$out/callgrind.$name.sse-$short_events.out"; mv "$work/$name.out.3" "$out/callgrind.$name.sse-$long_events.out"
+done
 
 total() { callgrind_annotate "$out/callgrind.$1.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'; }
 per_request() { echo $(( $(total "$1") / requests )); }
 reference=$(per_request hyper-proxy)
-for mode in hyper-proxy passthrough metered; do
+for mode in hyper-proxy auth-floor passthrough meter-floor metered; do
   count=$(per_request "$mode")
   ratio=$(awk -v a="$count" -v b="$reference" 'BEGIN { printf "%.2f", a / b }')
   echo "$mode: $count instructions per request (${ratio}x hyper-proxy, over $requests requests)"
+done
+# Each route against the floor under it.
+for pair in passthrough:auth-floor metered:meter-floor; do
+  mode=${pair%%:*} floor=${pair##*:}
+  ratio=$(awk -v a="$(per_request "$mode")" -v b="$(per_request "$floor")" 'BEGIN { printf "%.2f", a / b }')
+  echo "$mode / $floor: ${ratio}x instructions per request"
 done
 
 # One event: (long run - short run) / (the long run's extra events).
 extra=$(( streams * (long_events - short_events) ))
 bare_event=$(( ($(total hyper-proxy.sse-$long_events) - $(total hyper-proxy.sse-$short_events)) / extra ))
-for mode in hyper-proxy passthrough metered; do
+for mode in hyper-proxy auth-floor passthrough meter-floor metered; do
   per_event=$(( ($(total "$mode.sse-$long_events") - $(total "$mode.sse-$short_events")) / extra ))
   ratio=$(awk -v a="$per_event" -v b="$bare_event" 'BEGIN { printf "%.2f", a / b }')
   echo "$mode: $per_event instructions per SSE event (${ratio}x hyper-proxy; $streams streams of $short_events and of $long_events deltas)"

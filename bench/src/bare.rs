@@ -30,11 +30,18 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
 }
 
 impl BareProxy {
-    /// Starts it on a free port in front of `mock`; returns once it listens.
-    pub fn start(bin: &Path, mock: SocketAddr, workers: usize) -> anyhow::Result<BareProxy> {
+    /// Starts it on a free port in front of `mock`, with `extra` arguments
+    /// (a `--floor`); returns once it listens.
+    pub fn start(
+        bin: &Path,
+        mock: SocketAddr,
+        workers: usize,
+        extra: &[String],
+    ) -> anyhow::Result<BareProxy> {
         let mut child = Command::new(bin)
             .args(["--listen", "127.0.0.1:0", "--upstream", &mock.to_string()])
             .args(["--workers", &workers.to_string()])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -65,6 +72,18 @@ impl BareProxy {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+/// The bare proxy as the floor under a gateway route (`kind`: `auth` or
+/// `meter`), with `keys` known, the mix's `models` priced and its store in `dir`.
+pub fn floor_args(kind: &str, keys_file: &Path, models: &[String], dir: &Path) -> Vec<String> {
+    let mut args = vec!["--floor".to_owned(), kind.to_owned(), "--keys".to_owned()];
+    args.push(keys_file.display().to_string());
+    if kind == "meter" {
+        args.extend(["--models".to_owned(), models.join(","), "--data-dir".to_owned()]);
+        args.push(dir.display().to_string());
+    }
+    args
 }
 
 impl Drop for BareProxy {

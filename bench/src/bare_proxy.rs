@@ -13,12 +13,17 @@
 //! creditgate-bare-proxy --listen 127.0.0.1:0 --upstream 127.0.0.1:8090 --workers 1
 //! ```
 //! prints `listening on ADDR` on stderr once it accepts connections.
+//!
+//! With `--floor auth|meter` it is instead the floor under the pass-through
+//! or the metered route: the least work those routes must add (`floor`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+
+use std::path::PathBuf;
 
 use bytes::Bytes;
 use clap::Parser;
@@ -32,6 +37,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+
+#[path = "bare_proxy/floor.rs"]
+mod floor;
 
 /// Pause after a failed accept (out of file descriptors, say), so the loop
 /// does not spin while the condition lasts.
@@ -55,6 +63,18 @@ struct Args {
     /// Idle keep-alive connections kept to the upstream.
     #[arg(long, default_value_t = 1024)]
     pool_max_idle: usize,
+    /// Be the floor under a gateway route instead of a bare proxy.
+    #[arg(long, value_enum, requires = "keys")]
+    floor: Option<floor::Kind>,
+    /// The floor's API keys, one secret per line; each pays from a wallet of its own.
+    #[arg(long)]
+    keys: Option<PathBuf>,
+    /// The models the metering floor prices (comma-separated); others get 400.
+    #[arg(long, value_delimiter = ',')]
+    models: Vec<String>,
+    /// The metering floor's sled directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
 }
 
 /// A response body: the upstream's, streamed, or empty for our own errors.
@@ -97,10 +117,21 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     eprintln!("listening on {}", listener.local_addr()?);
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_max_idle_per_host(args.pool_max_idle)
-        .build(connector);
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder.pool_timer(TokioTimer::new()).pool_max_idle_per_host(args.pool_max_idle);
+    let client = builder.build(connector.clone());
+    let floor = match (args.floor, &args.keys) {
+        (Some(kind), Some(keys_file)) => Some(Arc::new(floor::Floor::new(floor::Options {
+            kind,
+            keys_file,
+            models: &args.models,
+            data_dir: args.data_dir.as_deref(),
+            upstream: args.upstream.clone(),
+            streamed: client.clone(),
+            buffered: builder.build(connector),
+        })?)),
+        _ => None,
+    };
     let proxy = Arc::new(Proxy { client, upstream: args.upstream });
     loop {
         let stream = match listener.accept().await {
@@ -112,14 +143,21 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         };
         // Small responses and stream events leave at once, as the gateway's do.
         let _ = stream.set_nodelay(true);
+        // Keep-alive is hyper's default; the timer drives its header read timeout.
+        let connection = http1::Builder::new().timer(TokioTimer::new()).clone();
+        let io = TokioIo::new(stream);
+        if let Some(floor) = &floor {
+            let floor = floor.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| floor.clone().handle(request));
+                let _ = connection.serve_connection(io, service).await;
+            });
+            continue;
+        }
         let proxy = proxy.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| proxy.clone().forward(request));
-            // Keep-alive is hyper's default; the timer drives its header read timeout.
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = connection.serve_connection(io, service).await;
         });
     }
 }

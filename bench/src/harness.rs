@@ -22,8 +22,8 @@ use crate::gateway::{self, Gateway, Launch, ADMIN_TOKEN, PASSTHROUGH_HOST};
 use crate::mix::{Catalog, KeyCounts, Mix, MixConfig, Source};
 use crate::nginx::{self, Nginx};
 use crate::report::{
-    self, ClusterFigures, Results, CLUSTER, DIRECT, HYPER_PROXY, METERED, METERED_WT_OFF, NGINX, PASSTHROUGH,
-    SPLIT,
+    self, ClusterFigures, Results, AUTH_FLOOR, CLUSTER, DIRECT, HYPER_PROXY, METERED, METERED_WT_OFF,
+    METER_FLOOR, NGINX, PASSTHROUGH, SPLIT,
 };
 use crate::settings::{LoadShape, Settings, Switch, TargetSettings};
 use crate::sse::{self, SseSample, StreamCall};
@@ -232,6 +232,8 @@ struct Run {
     nginx: Option<Nginx>,
     /// The bare hyper proxy, the reference row.
     bare: Option<BareProxy>,
+    /// The floors under the pass-through and metered routes.
+    floors: Option<Floors>,
     modes: Vec<Mode>,
     results: Results,
 }
@@ -272,11 +274,12 @@ impl Run {
         let off = start_write_through_off(&settings, &mock, &http, &mut results.notes).await?;
         let nginx = start_nginx(&settings, &mock, &mut results.notes)?;
         let bare = start_bare(&settings, &mock, &mut results.notes)?;
+        let floors = start_floors(&settings, &mock, &on, &mut results.notes)?;
         let cluster = match settings.replicas {
             0 => None,
             _ => Some(Metered::start_cluster(&settings, &mock, &http).await?),
         };
-        let baselines = Baselines { nginx: nginx.as_ref(), bare: bare.as_ref() };
+        let baselines = Baselines { nginx: nginx.as_ref(), bare: bare.as_ref(), floors: floors.as_ref() };
         let mut modes = modes(&mock.addr().to_string(), Some(PASSTHROUGH_HOST), &on, off.as_ref(), baselines);
         let mut split = Vec::new();
         if let Some(cluster) = &cluster {
@@ -331,6 +334,7 @@ impl Run {
             split,
             nginx,
             bare,
+            floors,
             modes,
             results,
         })
@@ -379,7 +383,7 @@ impl Run {
             eprintln!("{note}");
             results.notes.push(note.to_owned());
         }
-        let baselines = Baselines { nginx: None, bare: None };
+        let baselines = Baselines { nginx: None, bare: None, floors: None };
         let modes = modes(&target.mock, target.passthrough_host, &on, None, baselines);
         Ok(Run {
             upstream: Upstream::Remote { addr: target.mock, next },
@@ -395,6 +399,7 @@ impl Run {
             split: Vec::new(),
             nginx: None,
             bare: None,
+            floors: None,
             modes,
             results,
         })
@@ -502,8 +507,18 @@ impl Run {
     fn latency_modes(&self) -> Vec<usize> {
         (0..self.modes.len())
             .filter(|&i| {
-                [DIRECT, HYPER_PROXY, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF, CLUSTER]
-                    .contains(&self.modes[i].name)
+                [
+                    DIRECT,
+                    HYPER_PROXY,
+                    AUTH_FLOOR,
+                    METER_FLOOR,
+                    PASSTHROUGH,
+                    NGINX,
+                    METERED,
+                    METERED_WT_OFF,
+                    CLUSTER,
+                ]
+                .contains(&self.modes[i].name)
             })
             .collect()
     }
@@ -612,6 +627,7 @@ impl Run {
             nginx.stop();
         }
         drop(self.bare.take());
+        drop(self.floors.take());
         if self.journal_gaps > 0 {
             println!(
                 "audit FAILED: the mock's journal dropped entries before {} phase(s) were read: \
@@ -688,6 +704,15 @@ impl Run {
 struct Baselines<'a> {
     nginx: Option<&'a Nginx>,
     bare: Option<&'a BareProxy>,
+    floors: Option<&'a Floors>,
+}
+
+/// The bare proxy as the floors under the gateway's two routes, and the
+/// directory of the keys file and the metering floor's store.
+struct Floors {
+    auth: BareProxy,
+    meter: BareProxy,
+    _dir: tempfile::TempDir,
 }
 
 /// The modes of the measured rounds, in order.
@@ -716,6 +741,12 @@ fn modes(
     if let Some(bare) = baselines.bare {
         let target = plain(bare.addr.to_string(), None, CpuSource::Process(bare.pid()));
         modes.push(Mode { name: HYPER_PROXY, target, books: Charged::Nobody });
+    }
+    if let Some(floors) = baselines.floors {
+        for (name, proxy) in [(AUTH_FLOOR, &floors.auth), (METER_FLOOR, &floors.meter)] {
+            let target = plain(proxy.addr.to_string(), None, CpuSource::Process(proxy.pid()));
+            modes.push(Mode { name, target, books: Charged::Nobody });
+        }
     }
     if let Some(host) = passthrough {
         let target = plain(on.proxies[0].clone(), Some(host), on.cpu.clone());
@@ -854,13 +885,44 @@ fn start_bare(
         return Ok(None);
     };
     let workers = std::thread::available_parallelism().map_or(1, usize::from);
-    let proxy = BareProxy::start(&bin, mock.addr(), workers)?;
+    let proxy = BareProxy::start(&bin, mock.addr(), workers, &[])?;
     notes.push(format!(
         "hyper-proxy: {} with {workers} worker thread(s), as many as the gateway's runtime; every ratio \
          `… / hyper-proxy` is to it",
         bare::BIN
     ));
     Ok(Some(proxy))
+}
+
+/// The floors, each with the gateway's worker count, knowing the metered
+/// gateway's keys (one wallet each, never short) and pricing the mix's models.
+fn start_floors(
+    settings: &Settings,
+    mock: &MockUpstream,
+    on: &Metered,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Option<Floors>> {
+    let missing = format!("no {} next to this binary", bare::BIN);
+    let Some(bin) = baseline_bin(settings.floors, bare::find, "floors", &missing, notes)? else {
+        return Ok(None);
+    };
+    let dir = tempfile::tempdir()?;
+    let keys_file = dir.path().join("keys");
+    let keys = on.target().keys;
+    std::fs::write(&keys_file, keys.first().map(|set| set.join("\n")).unwrap_or_default())?;
+    let models: Vec<String> = settings.mix.models.iter().map(|m| m.model.clone()).collect();
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+    let start = |kind| {
+        let args = bare::floor_args(kind, &keys_file, &models, &dir.path().join("store"));
+        BareProxy::start(&bin, mock.addr(), workers, &args)
+    };
+    let (auth, meter) = (start("auth")?, start("meter")?);
+    notes.push(format!(
+        "{AUTH_FLOOR} / {METER_FLOOR}: {} --floor auth / meter, the least the pass-through and the \
+         metered route must add to hyper-proxy (bench/src/bare_proxy/floor.rs); never refuses",
+        bare::BIN
+    ));
+    Ok(Some(Floors { auth, meter, _dir: dir }))
 }
 
 fn write_json(settings: &Settings, mut json: serde_json::Value, ok: bool) -> anyhow::Result<()> {

@@ -16,6 +16,10 @@ pub const DIRECT: &str = "direct";
 /// The bare hyper proxy: the reference every proxy mode is a ratio to.
 pub const HYPER_PROXY: &str = "hyper-proxy";
 pub const PASSTHROUGH: &str = "passthrough";
+/// The bare proxy plus the least a pass-through route must add (key auth).
+pub const AUTH_FLOOR: &str = "auth-floor";
+/// The bare proxy plus the least a metered route must add.
+pub const METER_FLOOR: &str = "meter-floor";
 pub const NGINX: &str = "nginx";
 pub const METERED: &str = "metered";
 pub const METERED_WT_OFF: &str = "metered-wt-off";
@@ -23,6 +27,9 @@ pub const CLUSTER: &str = "cluster";
 /// The cluster's traffic over as many single-node gateways, each with
 /// books of its own: the cost of splitting it, without shared books.
 pub const SPLIT: &str = "split";
+
+/// Each gateway route and the floor under it.
+const ROUTE_FLOORS: [(&str, &str); 2] = [(PASSTHROUGH, AUTH_FLOOR), (METERED, METER_FLOOR)];
 
 /// Cluster mode's figures over the whole run, from the replicas' metrics.
 #[derive(Debug, Clone)]
@@ -163,7 +170,7 @@ fn memory_section(results: &Results, text: &mut String, json: &mut Map<String, V
     }
     let get = |mode| find(&results.modes, mode).unwrap_or(&[]);
     let rss = |a: &Sample, b: &Sample| Some(mb(a.rss_kb?) / mb(b.rss_kb?.max(1)));
-    for mode in [PASSTHROUGH, METERED] {
+    for mode in [PASSTHROUGH, METER_FLOOR, METERED] {
         ratio(
             text,
             json,
@@ -173,6 +180,14 @@ fn memory_section(results: &Results, text: &mut String, json: &mut Map<String, V
             if mode == METERED { "target ≤ 2.00" } else { "" },
         );
     }
+    ratio(
+        text,
+        json,
+        "metered_over_meter_floor_rss",
+        "metered / meter-floor resident memory",
+        paired(get(METERED), get(METER_FLOOR), rss),
+        "",
+    );
 }
 
 fn ratios(results: &Results, text: &mut String, json: &mut Map<String, Value>) {
@@ -202,7 +217,7 @@ fn ratios(results: &Results, text: &mut String, json: &mut Map<String, Value>) {
         );
     }
     // Against what a user would run instead (issue 17's targets).
-    for mode in [PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
+    for mode in [AUTH_FLOOR, METER_FLOOR, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
         let key = mode.replace('-', "_");
         let cpu_target = match mode {
             METERED => "target ≤ 1.25",
@@ -226,6 +241,18 @@ fn ratios(results: &Results, text: &mut String, json: &mut Map<String, Value>) {
             cpu_target,
         );
     }
+    // Each route against the least its job needs.
+    for (mode, floor) in ROUTE_FLOORS {
+        let key = format!("{}_over_{}", mode.replace('-', "_"), floor.replace('-', "_"));
+        ratio(
+            text,
+            json,
+            &format!("{key}_cpu_per_request"),
+            &format!("{mode} / {floor} CPU per request"),
+            paired(get(mode), get(floor), cpu),
+            "",
+        );
+    }
     ratio(
         text,
         json,
@@ -234,7 +261,7 @@ fn ratios(results: &Results, text: &mut String, json: &mut Map<String, Value>) {
         paired(get(METERED), get(METERED_WT_OFF), throughput),
         "target ≥ 0.95",
     );
-    for mode in [HYPER_PROXY, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
+    for mode in [HYPER_PROXY, AUTH_FLOOR, METER_FLOOR, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
         let key = mode.replace('-', "_");
         ratio(
             text,
@@ -366,7 +393,7 @@ fn c1_section(results: &Results, text: &mut String, json: &mut Map<String, Value
     let get = |mode| find(&results.c1, mode).unwrap_or(&[]);
     let added_p50 = |a: &Sample, b: &Sample| Some(a.percentile_us(0.5) - b.percentile_us(0.5));
     let added_p99 = |a: &Sample, b: &Sample| Some(a.percentile_us(0.99) - b.percentile_us(0.99));
-    for mode in [HYPER_PROXY, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
+    for mode in [HYPER_PROXY, AUTH_FLOOR, METER_FLOOR, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
         if find(&results.c1, mode).is_none() {
             continue;
         }
@@ -389,16 +416,34 @@ fn c1_section(results: &Results, text: &mut String, json: &mut Map<String, Value
     }
     // What a request at idle pays on top of the bare proxy's hop (issue 17).
     let added = |q: f64| move |a: &Sample, b: &Sample| Some(a.percentile_us(q) - b.percentile_us(q));
-    for mode in [PASSTHROUGH, METERED] {
+    for mode in [AUTH_FLOOR, METER_FLOOR, PASSTHROUGH, METERED] {
+        if find(&results.c1, mode).is_none() {
+            continue;
+        }
         let targets = if mode == METERED { ["target ≤ +15", "target ≤ +40"] } else { ["", ""] };
         for ((name, q), target) in [("p50", 0.5), ("p99", 0.99)].into_iter().zip(targets) {
             ratio(
                 text,
                 json,
-                &format!("{mode}_added_{name}_over_hyper_proxy_us"),
+                &format!("{}_added_{name}_over_hyper_proxy_us", mode.replace('-', "_")),
                 &format!("{mode} added {name} over hyper-proxy (µs)"),
                 paired(get(mode), get(HYPER_PROXY), added(q)),
                 target,
+            );
+        }
+    }
+    for (mode, floor) in ROUTE_FLOORS {
+        if find(&results.c1, floor).is_none() {
+            continue;
+        }
+        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+            ratio(
+                text,
+                json,
+                &format!("{mode}_added_{name}_over_{}_us", floor.replace('-', "_")),
+                &format!("{mode} added {name} over {floor} (µs)"),
+                paired(get(mode), get(floor), added(q)),
+                "",
             );
         }
     }
@@ -454,7 +499,7 @@ fn sse_section(results: &Results, text: &mut String, json: &mut Map<String, Valu
     );
     // nginx (when installed) is the reference: what one established proxy
     // hop with buffering off adds on the same machine.
-    for mode in [HYPER_PROXY, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
+    for mode in [HYPER_PROXY, AUTH_FLOOR, METER_FLOOR, PASSTHROUGH, NGINX, METERED, METERED_WT_OFF] {
         if find(&results.sse, mode).is_none() {
             continue;
         }

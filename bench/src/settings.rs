@@ -138,6 +138,10 @@ pub struct Args {
     /// the reference row every mode is a ratio to [smoke and full auto].
     #[arg(long, value_enum)]
     pub hyper_proxy: Option<Switch>,
+    /// The floors under the pass-through and metered routes (the bare proxy
+    /// with `--floor auth` and `--floor meter`) [full auto, smoke off].
+    #[arg(long, value_enum)]
+    pub floors: Option<Switch>,
     /// A second gateway with durable write-through off [auto: when the
     /// gateway's config has the switch].
     #[arg(long, value_enum, default_value = "auto")]
@@ -266,6 +270,7 @@ pub struct Settings {
     pub tenants: TenantConfig,
     pub nginx: Switch,
     pub hyper_proxy: Switch,
+    pub floors: Switch,
     pub write_through_off: Switch,
     /// `[server] scheduler` of the gateways it starts, if set.
     pub scheduler: Option<String>,
@@ -402,6 +407,7 @@ impl Settings {
             scheduler: args.scheduler.clone(),
             nginx: args.nginx.unwrap_or(if smoke || cluster { Switch::Off } else { Switch::Auto }),
             hyper_proxy: args.hyper_proxy.unwrap_or(if cluster { Switch::Off } else { Switch::Auto }),
+            floors: args.floors.unwrap_or(if smoke || cluster { Switch::Off } else { Switch::Auto }),
             write_through_off: if cluster { Switch::Off } else { args.write_through_off },
             json: args.json,
             progress: args.progress.unwrap_or(seconds >= 3),
