@@ -329,6 +329,10 @@ pub struct Upstream {
     /// When set, the only client request headers forwarded (the gateway's
     /// own — credential, request id, length — are added after).
     pub forward_headers: Option<Vec<HeaderName>>,
+    /// The `Host` header of a plain-HTTP/1.1 upstream, made once here: the
+    /// pooled client would otherwise format it for every request. `None`
+    /// where the connection may speak HTTP/2, which carries `:authority`.
+    pub host_header: Option<HeaderValue>,
 }
 
 /// The upstream's own credential, added to every forwarded request.
@@ -1046,6 +1050,7 @@ fn validate_upstream(
             })
             .collect()
     });
+    let host_header = plain_http1_host(&scheme, &authority, raw.http2_prior_knowledge);
     Some(Upstream {
         name: name.to_owned(),
         scheme,
@@ -1060,7 +1065,22 @@ fn validate_upstream(
         http2_prior_knowledge: raw.http2_prior_knowledge,
         credential,
         forward_headers,
+        host_header,
     })
+}
+
+/// `Host` as the pooled client writes it for an HTTP/1.1 request (the host,
+/// and the port unless it is 80), for a plain-HTTP upstream without prior
+/// knowledge of HTTP/2; `None` for any other.
+fn plain_http1_host(scheme: &Scheme, authority: &Authority, http2_prior_knowledge: bool) -> Option<HeaderValue> {
+    if *scheme != Scheme::HTTP || http2_prior_knowledge {
+        return None;
+    }
+    let text = match authority.port_u16() {
+        Some(port) if port != 80 => format!("{}:{port}", authority.host()),
+        _ => authority.host().to_owned(),
+    };
+    HeaderValue::from_str(&text).ok()
 }
 
 fn credential(
@@ -1262,6 +1282,20 @@ passthrough = true
         assert_eq!(c.upstreams[0].base_path, "");
         assert!(c.route_for(None, "/v1/chat/completions").is_some());
         assert!(c.route_for(None, "/v10").is_none(), "prefix must match whole segments");
+    }
+
+    #[test]
+    fn only_a_plain_http1_upstream_gets_a_host_made_in_advance_written_as_the_client_would() {
+        let host = |base_url: &str, h2: bool| {
+            let text = MINIMAL.replace("http://127.0.0.1:8090", base_url);
+            let text = if h2 { text.replace("[[routes]]", "http2_prior_knowledge = true\n\n[[routes]]") } else { text };
+            parse(&text).unwrap().upstreams[0].host_header.clone()
+        };
+        assert_eq!(host("http://127.0.0.1:8090", false), Some(HeaderValue::from_static("127.0.0.1:8090")));
+        assert_eq!(host("http://models.internal:80/base", false), Some(HeaderValue::from_static("models.internal")));
+        assert_eq!(host("http://[::1]:9000", false), Some(HeaderValue::from_static("[::1]:9000")));
+        assert_eq!(host("https://api.example.com", false), None, "ALPN may pick HTTP/2");
+        assert_eq!(host("http://127.0.0.1:8090", true), None, "HTTP/2 carries :authority");
     }
 
     #[test]

@@ -425,8 +425,12 @@ impl Proxy {
         if let Some(allowed) = &upstream.forward_headers {
             headers::keep_only(headers, allowed);
         }
-        // The pooled client sets Host from the upstream URI.
-        headers.remove(header::HOST);
+        // Host names the upstream: made once per plain-HTTP/1.1 upstream,
+        // else left to the pooled client, which sets it from the upstream URI.
+        match &upstream.host_header {
+            Some(host) => headers.insert(header::HOST, host.clone()),
+            None => headers.remove(header::HOST),
+        };
         // An anonymous request (a public route) never carries the operator's credential.
         if let (Some(credential), true) = (&upstream.credential, ctx.authenticated) {
             headers.insert(credential.header.clone(), credential.value.clone());

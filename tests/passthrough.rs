@@ -132,6 +132,22 @@ async fn hop_by_hop_headers_are_not_forwarded() {
 }
 
 #[tokio::test]
+async fn the_upstream_sees_its_own_host_never_the_client_s() {
+    let stack = start().await;
+    for client_host in ["evil.example", "127.0.0.1:1"] {
+        let request = Request::get(stack.url("/echo/host"))
+            .header("host", client_host)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let reply = send(request).await;
+        assert_eq!(reply.status, 200, "{client_host}");
+        let seen = stack.mock.journal().last().unwrap();
+        let hosts: Vec<&str> = seen.headers.iter().filter(|(k, _)| k == "host").map(|(_, v)| v.as_str()).collect();
+        assert_eq!(hosts, [stack.mock.addr().to_string()], "one Host, the upstream's, for {client_host}");
+    }
+}
+
+#[tokio::test]
 async fn the_gateway_mints_every_request_id_whatever_the_client_sends() {
     // Proves the client's x-request-id never becomes the gateway's id (it keys the hold):
     // two requests with the same client id get two different ids.
