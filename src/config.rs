@@ -1072,7 +1072,11 @@ fn validate_upstream(
 /// `Host` as the pooled client writes it for an HTTP/1.1 request (the host,
 /// and the port unless it is 80), for a plain-HTTP upstream without prior
 /// knowledge of HTTP/2; `None` for any other.
-fn plain_http1_host(scheme: &Scheme, authority: &Authority, http2_prior_knowledge: bool) -> Option<HeaderValue> {
+fn plain_http1_host(
+    scheme: &Scheme,
+    authority: &Authority,
+    http2_prior_knowledge: bool,
+) -> Option<HeaderValue> {
     if *scheme != Scheme::HTTP || http2_prior_knowledge {
         return None;
     }
@@ -1288,11 +1292,18 @@ passthrough = true
     fn only_a_plain_http1_upstream_gets_a_host_made_in_advance_written_as_the_client_would() {
         let host = |base_url: &str, h2: bool| {
             let text = MINIMAL.replace("http://127.0.0.1:8090", base_url);
-            let text = if h2 { text.replace("[[routes]]", "http2_prior_knowledge = true\n\n[[routes]]") } else { text };
+            let text = if h2 {
+                text.replace("[[routes]]", "http2_prior_knowledge = true\n\n[[routes]]")
+            } else {
+                text
+            };
             parse(&text).unwrap().upstreams[0].host_header.clone()
         };
         assert_eq!(host("http://127.0.0.1:8090", false), Some(HeaderValue::from_static("127.0.0.1:8090")));
-        assert_eq!(host("http://models.internal:80/base", false), Some(HeaderValue::from_static("models.internal")));
+        assert_eq!(
+            host("http://models.internal:80/base", false),
+            Some(HeaderValue::from_static("models.internal"))
+        );
         assert_eq!(host("http://[::1]:9000", false), Some(HeaderValue::from_static("[::1]:9000")));
         assert_eq!(host("https://api.example.com", false), None, "ALPN may pick HTTP/2");
         assert_eq!(host("http://127.0.0.1:8090", true), None, "HTTP/2 carries :authority");

@@ -142,7 +142,8 @@ async fn the_upstream_sees_its_own_host_never_the_client_s() {
         let reply = send(request).await;
         assert_eq!(reply.status, 200, "{client_host}");
         let seen = stack.mock.journal().last().unwrap();
-        let hosts: Vec<&str> = seen.headers.iter().filter(|(k, _)| k == "host").map(|(_, v)| v.as_str()).collect();
+        let hosts: Vec<&str> =
+            seen.headers.iter().filter(|(k, _)| k == "host").map(|(_, v)| v.as_str()).collect();
         assert_eq!(hosts, [stack.mock.addr().to_string()], "one Host, the upstream's, for {client_host}");
     }
 }
