@@ -131,14 +131,14 @@ impl Floor {
     pub fn new(options: Options) -> anyhow::Result<Floor> {
         let text = std::fs::read_to_string(options.keys_file)
             .with_context(|| format!("cannot read {}", options.keys_file.display()))?;
-        let keys: HashMap<[u8; 32], usize> = text
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty())
+        let secrets: Vec<&str> = text.lines().map(str::trim).filter(|line| !line.is_empty()).collect();
+        // A wallet per line, so a secret listed twice cannot point past the end.
+        let keys: HashMap<[u8; 32], usize> = secrets
+            .iter()
             .enumerate()
             .map(|(wallet, secret)| (Sha256::digest(secret.as_bytes()).into(), wallet))
             .collect();
-        let wallets = (0..keys.len()).map(|_| Mutex::new(Decimal::from(WALLET_CREDIT))).collect();
+        let wallets = secrets.iter().map(|_| Mutex::new(Decimal::from(WALLET_CREDIT))).collect();
         let records = match options.kind {
             Kind::Auth => None,
             Kind::Meter => {
@@ -473,8 +473,12 @@ mod tests {
     }
 
     fn floor() -> Arc<Floor> {
+        floor_with_keys("k-1\nk-2\n")
+    }
+
+    fn floor_with_keys(lines: &str) -> Arc<Floor> {
         let keys = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(keys.path(), "k-1\nk-2\n").unwrap();
+        std::fs::write(keys.path(), lines).unwrap();
         let connector = HttpConnector::new();
         let builder = Client::builder(hyper_util::rt::TokioExecutor::new());
         Arc::new(
@@ -502,6 +506,15 @@ mod tests {
         headers.remove(header::AUTHORIZATION);
         headers.insert("x-api-key", HeaderValue::from_static("k-1"));
         assert_eq!(floor.authenticate(&headers), Some(0));
+    }
+
+    #[test]
+    fn a_secret_listed_twice_still_has_a_wallet() {
+        let floor = floor_with_keys("k-1\n\nk-1\n");
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", HeaderValue::from_static("k-1"));
+        let wallet = floor.authenticate(&headers).unwrap();
+        assert_eq!(floor.hold(wallet, Decimal::ONE), Ok(Decimal::ONE));
     }
 
     #[test]
