@@ -190,7 +190,7 @@ impl Floor {
             let held = self.hold(wallet, tool_price())?;
             let response = self.streamed.request(Request::from_parts(parts, body)).await;
             let meter = Meter::new(self.clone(), wallet, held, false);
-            return Ok(self.metered(response.map_err(|_| StatusCode::BAD_GATEWAY), meter)?);
+            return self.metered(response.map_err(|_| StatusCode::BAD_GATEWAY), meter);
         }
         let bytes = Limited::new(body, MAX_BODY_BYTES)
             .collect()
