@@ -133,6 +133,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         _ => None,
     };
     let proxy = Arc::new(Proxy { client, upstream: args.upstream });
+    // Keep-alive is hyper's default; the timer drives its header read timeout.
+    let mut connections = http1::Builder::new();
+    connections.timer(TokioTimer::new());
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -143,8 +146,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         };
         // Small responses and stream events leave at once, as the gateway's do.
         let _ = stream.set_nodelay(true);
-        // Keep-alive is hyper's default; the timer drives its header read timeout.
-        let connection = http1::Builder::new().timer(TokioTimer::new()).clone();
+        let connection = connections.clone();
         let io = TokioIo::new(stream);
         if let Some(floor) = &floor {
             let floor = floor.clone();

@@ -313,13 +313,9 @@ fn a_first_format_store_opens_replays_and_takes_new_segments() {
 #[test]
 fn appends_of_one_segment_and_of_many_all_come_back_after_a_reopen() {
     // Proves the single-insert path (one segment) and the batch (several) store the same records.
-    let dir = tempfile::tempdir().unwrap();
-    let opened = open_ledger(dir.path(), LedgerConfig::default(), fast()).unwrap();
-    populate(&opened.ledger);
-    opened.writer.shutdown().unwrap();
-    let records = all_records(opened.writer.store());
-    drop(opened);
+    let dir = populated_dir();
     let store = SledStore::open(dir.path()).unwrap();
+    let records = all_records(&store);
     let base = records.last().unwrap().seq;
     // Enough copies to overflow a segment many times over, then one small append.
     let copies: Vec<Record> = (0..2_000)

@@ -172,7 +172,7 @@ impl Floor {
         self: Arc<Self>,
         request: Request<Incoming>,
     ) -> Result<Response<FloorBody>, Infallible> {
-        Ok(self.clone().serve(request).await.unwrap_or_else(status))
+        Ok(self.serve(request).await.unwrap_or_else(status))
     }
 
     async fn serve(self: Arc<Self>, request: Request<Incoming>) -> Result<Response<FloorBody>, StatusCode> {
