@@ -392,8 +392,10 @@ impl Proxy {
         let started = std::time::Instant::now();
         let hold = match &self.leases {
             None => self.ledger.hold(wallet, request_id, amount, context, now).map(Reservation::Local),
+            // Boxed: the lease path's future is large, and inline it would
+            // swell every request's future, which is copied whole on each move.
             Some(leases) => {
-                cluster::spend::hold(&self.ledger, leases, wallet, request_id, amount, context, now)
+                Box::pin(cluster::spend::hold(&self.ledger, leases, wallet, request_id, amount, context, now))
                     .await
                     .map(Reservation::Leased)
             }

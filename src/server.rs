@@ -134,9 +134,12 @@ where
             let tracked = tracked.clone();
             service_fn(move |request| {
                 let busy = Busy::start(&tracked);
-                let response = handler(request, peer);
+                // Called inside the block: a future made outside and awaited
+                // inside is stored twice over in the block's state, and that
+                // state is copied whole every time the block is moved.
+                let handler = handler.clone();
                 async move {
-                    let response = response.await?;
+                    let response = handler(request, peer).await?;
                     // In flight until the body is dropped: sent or abandoned.
                     // (`map_err` keeps the body's size hint, so a known
                     // length is still sent as content-length.)
