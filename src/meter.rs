@@ -263,7 +263,14 @@ impl UsageFields {
 
 /// Usage in a JSON document, in any of the shapes the supported APIs use.
 fn usage_from_bytes(json: &[u8]) -> Option<Reported> {
-    match serde_json::from_slice::<Envelope>(json) {
+    // Checked whole and at once, a body's keys are not each checked for
+    // UTF-8 again as the slice reader would; a body that is not UTF-8 (in a
+    // string the parser skips) is still read the slice reader's way.
+    let envelope = match std::str::from_utf8(json) {
+        Ok(text) => serde_json::from_str::<Envelope>(text),
+        Err(_) => serde_json::from_slice::<Envelope>(json),
+    };
+    match envelope {
         Ok(envelope) => {
             let output =
                 envelope.output.as_deref().or(envelope.response.as_ref().and_then(|r| r.output.as_deref()));
@@ -1135,6 +1142,20 @@ mod tests {
         let mut meter = Meter::new(false, false);
         meter.observe(Bytes::from_static(b"not json at all"));
         assert!(!meter.finish().is_complete());
+    }
+
+    #[test]
+    fn usage_is_read_past_bytes_that_are_not_utf8_in_a_skipped_string() {
+        // The whole-body UTF-8 check fails; the slice reader, which checks
+        // only what it reads, still finds the usage, as before that check.
+        let mut body = br#"{"choices":[{"message":{"content":"caf"#.to_vec();
+        body.extend_from_slice(b"\xe9");
+        body.extend_from_slice(br#""}}],"usage":{"prompt_tokens":5,"completion_tokens":7}}"#);
+        assert!(std::str::from_utf8(&body).is_err());
+        let mut meter = Meter::new(false, false);
+        meter.observe(Bytes::from(body));
+        let r = meter.finish();
+        assert_eq!((r.input_tokens, r.output_tokens), (Some(5), Some(7)));
     }
 
     #[test]

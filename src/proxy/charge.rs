@@ -236,11 +236,12 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         return Err(ProxyError::InvalidJson { reason: "the body must be a JSON object".into() });
     }
     // Skipped members are not checked for UTF-8 by the parser; JSON must be.
-    if std::str::from_utf8(body).is_err() {
+    // (Checked whole, the parser need not check each key it reads again.)
+    let Ok(text) = std::str::from_utf8(body) else {
         return Err(ProxyError::InvalidJson { reason: "the body is not UTF-8".into() });
-    }
+    };
     let fields: ModelFields =
-        serde_json::from_slice(body).map_err(|e| ProxyError::InvalidJson { reason: e.to_string() })?;
+        serde_json::from_str(text).map_err(|e| ProxyError::InvalidJson { reason: e.to_string() })?;
     let model = match fields.model {
         Some(Value::String(model)) if !model.is_empty() => model,
         Some(_) => {
