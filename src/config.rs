@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
@@ -353,7 +354,8 @@ impl fmt::Debug for Credential {
 /// A path prefix (and optional host) mapped to an upstream.
 #[derive(Debug, Clone)]
 pub struct Route {
-    pub prefix: String,
+    /// Shared, not copied, by every request's context, record and metrics label.
+    pub prefix: Arc<str>,
     pub host: Option<String>,
     pub upstream: usize,
     pub kind: RouteKind,
@@ -409,7 +411,7 @@ impl Route {
                 _ => return false,
             }
         }
-        match path.strip_prefix(self.prefix.as_str()) {
+        match path.strip_prefix(&*self.prefix) {
             Some(rest) => self.prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
             None => false,
         }
@@ -1155,7 +1157,13 @@ fn validate_route(
     };
     let kind = route_kind(checker, offset, &raw)?;
     let limits = route_limits(checker, offset, &raw, &kind)?;
-    Some(Route { prefix: raw.prefix, host: raw.host.map(|h| h.to_ascii_lowercase()), upstream, kind, limits })
+    Some(Route {
+        prefix: Arc::from(raw.prefix),
+        host: raw.host.map(|h| h.to_ascii_lowercase()),
+        upstream,
+        kind,
+        limits,
+    })
 }
 
 fn route_limits(

@@ -50,7 +50,7 @@ use crate::ledger::ids::{KeyId, RequestId, WalletId};
 use crate::ledger::Refusal;
 use crate::ledger::{Ledger, SpendContext};
 use crate::pricing::{LivePrices, ModelPrice};
-use crate::telemetry::metrics::{ItemLabels, Metrics, ReasonLabels, RequestLabels, ResultLabels};
+use crate::telemetry::metrics::{ItemLabels, Metrics, ReasonLabels, RequestLabels, ResultLabels, SharedText};
 use charge::Reservation;
 use charge::{OutputPlan, Priced};
 use upstream::{UpstreamBody, UpstreamClients};
@@ -241,7 +241,7 @@ impl Proxy {
         let (key, end_user) = charge::identify(&self.ledger, &parts.headers)?;
         ctx.authenticated = true;
         if !self.ledger.key_allows(key.key, &route.prefix, None) {
-            return Err(ProxyError::NotAllowed { what: "route", name: route.prefix.clone() });
+            return Err(ProxyError::NotAllowed { what: "route", name: route.prefix.to_string() });
         }
         ctx.in_flight = self.traffic.admit(key.key)?;
         if route.kind == RouteKind::Passthrough {
@@ -322,7 +322,7 @@ impl Proxy {
             key,
             end_user,
             request_id,
-            route: Arc::from(route.prefix.as_str()),
+            route: route.prefix.clone(),
             table,
             priced: Some(priced),
             request_bytes,
@@ -491,9 +491,9 @@ impl Proxy {
         }
         let upstream =
             ctx.upstream.and_then(|i| self.config.upstreams.get(i)).map_or("-", |u| u.name.as_str());
-        let route = ctx.route_prefix.clone().unwrap_or_else(|| "none".to_owned());
+        let route = ctx.route_prefix.clone().unwrap_or_else(|| Arc::from("none"));
         let status = ctx.status.as_u16();
-        self.metrics.requests.get_or_create(&RequestLabels { route, status }).inc();
+        self.metrics.requests.get_or_create(&RequestLabels { route: SharedText(route), status }).inc();
         if let (402 | 429, Some(reason)) = (status, ctx.error_code) {
             self.metrics.refusals.get_or_create(&ReasonLabels { reason }).inc();
         }
@@ -542,7 +542,7 @@ impl Proxy {
             if let Some(n) = rust_decimal::prelude::ToPrimitive::to_u64(&nanodollars) {
                 self.metrics
                     .charged_nanodollars
-                    .get_or_create(&ItemLabels { item: item.to_string() })
+                    .get_or_create(&ItemLabels { item: SharedText(item.clone()) })
                     .inc_by(n);
             }
         }

@@ -29,15 +29,28 @@ pub fn init(log: &LogConfig) {
 /// ids.
 pub mod metrics {
     use prometheus_client::encoding::EncodeLabelSet;
+    use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;
     use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
     use prometheus_client::registry::Registry;
+    use std::sync::Arc;
+
+    /// A label value shared with the request path (a route prefix, a model
+    /// name) instead of copied for every request.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq)]
+    pub struct SharedText(pub Arc<str>);
+
+    impl EncodeLabelValue for SharedText {
+        fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+            EncodeLabelValue::encode(&&*self.0, encoder)
+        }
+    }
 
     #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
     pub struct RequestLabels {
-        pub route: String,
+        pub route: SharedText,
         pub status: u16,
     }
 
@@ -55,7 +68,7 @@ pub mod metrics {
     /// unpriced names are refused before anything is charged.
     #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
     pub struct ItemLabels {
-        pub item: String,
+        pub item: SharedText,
     }
 
     #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

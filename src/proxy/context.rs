@@ -1,6 +1,7 @@
 //! The typed per-request context every phase reads and writes.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::{HeaderValue, Method, StatusCode, Uri};
@@ -24,7 +25,7 @@ pub struct RequestCtx {
     /// Index into the config's upstreams, once the route phase has picked one.
     pub upstream: Option<usize>,
     /// The matched route's prefix (a bounded metric label).
-    pub route_prefix: Option<String>,
+    pub route_prefix: Option<Arc<str>>,
     /// Status of the upstream's response head, if one arrived.
     pub upstream_status: Option<StatusCode>,
     /// Status the client received.

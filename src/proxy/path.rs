@@ -21,26 +21,26 @@ pub fn normalise(path: &str) -> Result<Cow<'_, str>, ProxyError> {
     if bytes.contains(&b'\\') {
         return Err(ProxyError::InvalidPath { reason: "contains a backslash" });
     }
-    let escaped = bytes.windows(3).any(|w| REFUSED_ESCAPES.iter().any(|e| w.eq_ignore_ascii_case(*e)));
+    let escaped = bytes.contains(&b'%')
+        && bytes.windows(3).any(|w| REFUSED_ESCAPES.iter().any(|e| w.eq_ignore_ascii_case(*e)));
     if escaped {
         return Err(ProxyError::InvalidPath { reason: "percent-encodes '/', '.' or '\\'" });
     }
+    // Most paths are already normal: seen so without building anything.
+    if !path[1..].split('/').any(|segment| matches!(segment, "" | "." | "..")) {
+        return Ok(Cow::Borrowed(path));
+    }
     let mut segments: Vec<&str> = Vec::new();
-    let mut changed = false;
     for segment in path[1..].split('/') {
         match segment {
-            "" | "." => changed = true,
+            "" | "." => {}
             ".." => {
-                changed = true;
                 if segments.pop().is_none() {
                     return Err(ProxyError::InvalidPath { reason: "climbs above the root" });
                 }
             }
             _ => segments.push(segment),
         }
-    }
-    if !changed {
-        return Ok(Cow::Borrowed(path));
     }
     // A path that ended in a separator or a dot segment names a directory.
     let trailing = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..");
@@ -77,6 +77,8 @@ mod tests {
         for (path, expected) in cases {
             assert_eq!(normalise(path).unwrap(), expected, "{path}");
         }
+        let normal = normalise("/v1/chat/completions").unwrap();
+        assert!(matches!(normal, std::borrow::Cow::Borrowed(_)), "a normal path is not copied");
     }
 
     #[test]
