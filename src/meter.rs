@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde_json::Value;
+use smallvec::SmallVec;
 
 /// Most bytes of a non-streamed JSON body kept for usage parsing; a larger
 /// body is still forwarded whole, but charged at its hold.
@@ -388,7 +389,9 @@ pub struct Meter {
 #[derive(Debug)]
 enum Mode {
     /// A whole JSON body, parsed at the end.
-    Json { buffer: BytesMut, overflowed: bool },
+    /// The body's chunks are kept, not copied: most bodies are one chunk,
+    /// parsed where it lies.
+    Json { chunks: SmallVec<[Bytes; 2]>, len: usize, overflowed: bool },
     /// Server-sent events, parsed line by line as they pass.
     Sse { line: BytesMut, pending_event: BytesMut },
 }
@@ -399,7 +402,7 @@ impl Meter {
         let mode = if event_stream {
             Mode::Sse { line: BytesMut::new(), pending_event: BytesMut::new() }
         } else {
-            Mode::Json { buffer: BytesMut::new(), overflowed: false }
+            Mode::Json { chunks: SmallVec::new(), len: 0, overflowed: false }
         };
         Meter { mode, reported: Reported::default(), text_bytes: 0, strip_injected_usage }
     }
@@ -408,9 +411,10 @@ impl Meter {
     /// itself unless injected usage must be removed).
     pub fn observe(&mut self, chunk: Bytes) -> Bytes {
         match &mut self.mode {
-            Mode::Json { buffer, overflowed } => {
-                if buffer.len() + chunk.len() <= MAX_METERED_JSON_BYTES {
-                    buffer.extend_from_slice(&chunk);
+            Mode::Json { chunks, len, overflowed } => {
+                if *len + chunk.len() <= MAX_METERED_JSON_BYTES {
+                    *len += chunk.len();
+                    chunks.push(chunk.clone());
                 } else {
                     *overflowed = true;
                 }
@@ -444,8 +448,16 @@ impl Meter {
     /// Usage once the body has ended.
     pub fn finish(&mut self) -> Reported {
         match &self.mode {
-            Mode::Json { buffer, overflowed: false } => {
-                if let Some(found) = usage_from_bytes(buffer) {
+            Mode::Json { chunks, len, overflowed: false } => {
+                let found = match chunks.as_slice() {
+                    [whole] => usage_from_bytes(whole),
+                    parts => {
+                        let mut whole = Vec::with_capacity(*len);
+                        parts.iter().for_each(|part| whole.extend_from_slice(part));
+                        usage_from_bytes(&whole)
+                    }
+                };
+                if let Some(found) = found {
                     self.reported.merge(found);
                 }
             }
@@ -464,7 +476,7 @@ impl Meter {
     /// JSON body.
     pub fn delivered_output_estimate(&self) -> u64 {
         let bytes = match &self.mode {
-            Mode::Json { buffer, .. } => buffer.len() as u64,
+            Mode::Json { len, .. } => *len as u64,
             Mode::Sse { .. } => self.text_bytes,
         };
         bytes.div_ceil(BYTES_PER_TOKEN_ESTIMATE)
@@ -1070,6 +1082,27 @@ mod tests {
             let r = meter.finish();
             assert_eq!((r.input_tokens, r.output_tokens), (Some(20), Some(9)), "split at {at}");
             assert_eq!(meter.delivered_output_estimate(), 2, "8 text bytes ~ 2 tokens");
+        }
+    }
+
+    #[test]
+    fn a_json_body_in_pieces_is_read_whole() {
+        let body = br#"{"choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": 5, "completion_tokens": 7}}"#;
+        for at in 0..=body.len() {
+            for second in at..=body.len() {
+                let mut meter = Meter::new(false, false);
+                for part in [&body[..at], &body[at..second], &body[second..]] {
+                    let out = meter.observe(Bytes::copy_from_slice(part));
+                    assert_eq!(&out[..], part, "a JSON body passes as it came");
+                }
+                assert_eq!(meter.delivered_output_estimate(), (body.len() as u64).div_ceil(4));
+                let r = meter.finish();
+                assert_eq!(
+                    (r.input_tokens, r.output_tokens),
+                    (Some(5), Some(7)),
+                    "split at {at} and {second}"
+                );
+            }
         }
     }
 
