@@ -165,9 +165,13 @@ fn required(body: &[u8]) -> Option<Decimal> {
     value.pointer("/error/required")?.as_str()?.parse().ok()
 }
 
+/// How often resident memory is read while a phase runs.
+pub const RSS_EVERY: Duration = Duration::from_millis(200);
+
 pub async fn run(phase: Phase<'_>) -> anyhow::Result<Sample> {
     let done = Arc::new(AtomicU64::new(0));
     let stop_progress = Arc::new(AtomicBool::new(false));
+    let rss_peak = tokio::spawn(peak_rss(phase.target.cpu.clone(), stop_progress.clone()));
     let expected = match phase.shape {
         LoadShape::Open { rate, .. } => Some((f64::from(rate) * phase.duration.as_secs_f64()) as u64),
         LoadShape::Closed { .. } => None,
@@ -177,19 +181,36 @@ pub async fn run(phase: Phase<'_>) -> anyhow::Result<Sample> {
     });
     let cpu_before = phase.target.cpu.read();
     let started = Instant::now();
-    let mut sample = match phase.shape {
-        LoadShape::Closed { concurrency } => closed_loop(&phase, concurrency, &done).await?,
+    let driven = match phase.shape {
+        LoadShape::Closed { concurrency } => closed_loop(&phase, concurrency, &done).await,
         LoadShape::Open { rate, max_in_flight, late_ms } => {
-            open_loop(&phase, rate, max_in_flight, Duration::from_millis(late_ms), &done).await?
+            open_loop(&phase, rate, max_in_flight, Duration::from_millis(late_ms), &done).await
         }
     };
+    let elapsed = started.elapsed();
     let cpu = phase.target.cpu.read().zip(cpu_before).map(|(after, before)| after.saturating_sub(before));
-    sample.finish(started.elapsed(), cpu);
+    // Stopped whether or not the phase failed, so no reader outlives it.
     stop_progress.store(true, Ordering::Relaxed);
     if let Some(progress) = progress {
         let _ = progress.await;
     }
+    let rss_peak_kb = rss_peak.await.ok().flatten();
+    let mut sample = driven?;
+    sample.finish(elapsed, cpu);
+    sample.rss_peak_kb = rss_peak_kb;
     Ok(sample)
+}
+
+/// The highest resident memory of `cpu`'s processes, read every
+/// [`RSS_EVERY`] until `stop`.
+async fn peak_rss(cpu: CpuSource, stop: Arc<AtomicBool>) -> Option<u64> {
+    let mut peak = cpu.rss_kb()?;
+    let mut ticker = tokio::time::interval(RSS_EVERY);
+    while !stop.load(Ordering::Relaxed) {
+        ticker.tick().await;
+        peak = peak.max(cpu.rss_kb().unwrap_or(0));
+    }
+    Some(peak)
 }
 
 async fn closed_loop(phase: &Phase<'_>, concurrency: usize, done: &Arc<AtomicU64>) -> anyhow::Result<Sample> {
@@ -321,5 +342,21 @@ mod tests {
             "other run"
         );
         assert_eq!(sequencer.seq_of("not-an-id"), None, "garbage");
+    }
+
+    #[tokio::test]
+    async fn the_peak_counts_memory_that_is_gone_by_the_end() {
+        let me = CpuSource::Process(std::process::id());
+        let stop = Arc::new(AtomicBool::new(false));
+        let before = me.rss_kb().unwrap();
+        let peak = tokio::spawn(peak_rss(me.clone(), stop.clone()));
+        // 64 MiB touched, held across a few readings, then freed.
+        let held = vec![1u8; 64 << 20];
+        tokio::time::sleep(RSS_EVERY * 3).await;
+        assert!(held.iter().step_by(4096).all(|b| *b == 1));
+        drop(held);
+        stop.store(true, Ordering::Relaxed);
+        let peak = peak.await.unwrap().unwrap();
+        assert!(peak >= before + (60 << 10), "peak {peak} KiB from {before} KiB");
     }
 }

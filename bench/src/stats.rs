@@ -54,6 +54,10 @@ pub struct Sample {
     pub db_cpu: Option<Duration>,
     /// Resident memory of the process under test when the phase ended, KiB.
     pub rss_kb: Option<u64>,
+    /// The most resident memory seen while the phase ran (read every
+    /// [`crate::drive::RSS_EVERY`]), KiB: buffers that live only under load
+    /// are gone by the end of a phase.
+    pub rss_peak_kb: Option<u64>,
 }
 
 impl Sample {
