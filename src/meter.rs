@@ -9,7 +9,6 @@ use bytes::{Bytes, BytesMut};
 use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde_json::Value;
-use smallvec::SmallVec;
 
 /// Most bytes of a non-streamed JSON body kept for usage parsing; a larger
 /// body is still forwarded whole, but charged at its hold.
@@ -389,9 +388,11 @@ pub struct Meter {
 #[derive(Debug)]
 enum Mode {
     /// A whole JSON body, parsed at the end.
-    /// The body's chunks are kept, not copied: most bodies are one chunk,
-    /// parsed where it lies.
-    Json { chunks: SmallVec<[Bytes; 2]>, len: usize, overflowed: bool },
+    /// The first chunk is kept, not copied: most bodies are one chunk,
+    /// parsed where it lies. Later chunks are copied into `rest`, so what
+    /// is held stays near the body's size: a chunk kept is a slice of the
+    /// connection's read buffer and keeps all of that buffer alive.
+    Json { first: Option<Bytes>, rest: BytesMut, overflowed: bool },
     /// Server-sent events, parsed line by line as they pass.
     Sse { line: BytesMut, pending_event: BytesMut },
 }
@@ -402,7 +403,7 @@ impl Meter {
         let mode = if event_stream {
             Mode::Sse { line: BytesMut::new(), pending_event: BytesMut::new() }
         } else {
-            Mode::Json { chunks: SmallVec::new(), len: 0, overflowed: false }
+            Mode::Json { first: None, rest: BytesMut::new(), overflowed: false }
         };
         Meter { mode, reported: Reported::default(), text_bytes: 0, strip_injected_usage }
     }
@@ -411,10 +412,13 @@ impl Meter {
     /// itself unless injected usage must be removed).
     pub fn observe(&mut self, chunk: Bytes) -> Bytes {
         match &mut self.mode {
-            Mode::Json { chunks, len, overflowed } => {
-                if *len + chunk.len() <= MAX_METERED_JSON_BYTES {
-                    *len += chunk.len();
-                    chunks.push(chunk.clone());
+            Mode::Json { first, rest, overflowed } => {
+                let held = first.as_ref().map_or(0, Bytes::len) + rest.len();
+                if held + chunk.len() <= MAX_METERED_JSON_BYTES {
+                    match first {
+                        None => *first = Some(chunk.clone()),
+                        Some(_) => rest.extend_from_slice(&chunk),
+                    }
                 } else {
                     *overflowed = true;
                 }
@@ -448,14 +452,11 @@ impl Meter {
     /// Usage once the body has ended.
     pub fn finish(&mut self) -> Reported {
         match &self.mode {
-            Mode::Json { chunks, len, overflowed: false } => {
-                let found = match chunks.as_slice() {
-                    [whole] => usage_from_bytes(whole),
-                    parts => {
-                        let mut whole = Vec::with_capacity(*len);
-                        parts.iter().for_each(|part| whole.extend_from_slice(part));
-                        usage_from_bytes(&whole)
-                    }
+            Mode::Json { first, rest, overflowed: false } => {
+                let found = match first {
+                    Some(first) if rest.is_empty() => usage_from_bytes(first),
+                    Some(first) => usage_from_bytes(&[&first[..], &rest[..]].concat()),
+                    None => usage_from_bytes(rest),
                 };
                 if let Some(found) = found {
                     self.reported.merge(found);
@@ -476,7 +477,7 @@ impl Meter {
     /// JSON body.
     pub fn delivered_output_estimate(&self) -> u64 {
         let bytes = match &self.mode {
-            Mode::Json { len, .. } => *len as u64,
+            Mode::Json { first, rest, .. } => (first.as_ref().map_or(0, Bytes::len) + rest.len()) as u64,
             Mode::Sse { .. } => self.text_bytes,
         };
         bytes.div_ceil(BYTES_PER_TOKEN_ESTIMATE)
@@ -1104,6 +1105,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn only_the_first_json_chunk_is_held_where_it_lies() {
+        let first = Bytes::from(br#"{"usage":"#.to_vec());
+        let second = Bytes::from(br#"{"prompt_tokens":1,"completion_tokens":2}}"#.to_vec());
+        let mut meter = Meter::new(false, false);
+        drop(meter.observe(first.clone()));
+        drop(meter.observe(second.clone()));
+        assert!(!first.is_unique(), "the first chunk is kept, not copied");
+        // A chunk is a slice of the connection's read buffer: one kept would
+        // keep all of that buffer alive, for every chunk of a long body.
+        assert!(second.is_unique(), "a later chunk is copied, not kept");
+        let r = meter.finish();
+        assert_eq!((r.input_tokens, r.output_tokens), (Some(1), Some(2)));
     }
 
     #[test]
