@@ -11,8 +11,10 @@
 //!   make (cost above hold);
 //! - every 402 `insufficient_credits` names the hold the request needed, and
 //!   came from a wallet whose available balance at the end is below that
-//!   hold; every wallet that ended dry (below the smallest hold its keys
-//!   asked for) had 402s; no other 402 code appears (no limits are set);
+//!   hold plus what the requests in flight with it could have handed back
+//!   (see [`in_flight_return`]); every wallet that ended dry (below the
+//!   smallest hold its keys asked for) had 402s; no other 402 code appears
+//!   (no limits are set);
 //! - no hold is left open.
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,11 +30,16 @@ use serde_json::{json, Value};
 use crate::client::Admin;
 use crate::drive::{Sequencer, LOAD_REQUEST_ID};
 use crate::mix::{Call, Catalog, Spec};
-use crate::stats::Refused;
+use crate::stats::{Refused, Span};
 use crate::tenants::{Tenants, WalletRef};
 
 /// Longest wait for in-flight settles to close their holds.
 const SETTLE_WAIT: Duration = Duration::from_secs(15);
+
+/// How long after its client saw the last byte a request's hold may still
+/// be open: the gateway settles when it polls the upstream body's end, which
+/// can come after the client has read the whole (length-delimited) body.
+const SETTLE_LAG_NS: u64 = 250_000_000;
 
 /// A request id as plain lowercase hex (the gateway writes it without
 /// hyphens to the upstream, the ledger with them).
@@ -164,6 +171,8 @@ pub struct Books<'a> {
     pub seeded: &'a BTreeMap<WalletRef, WalletState>,
     pub served: &'a [Served],
     pub refused: &'a [Refused],
+    /// When each request that was not refused was in flight, by number.
+    pub spans: &'a [(u64, Span)],
     pub catalog: &'a Catalog,
     pub sequencer: &'a Sequencer,
     pub prices: &'a PriceTable,
@@ -208,7 +217,7 @@ pub async fn audit(books: &Books<'_>) -> anyhow::Result<Findings> {
         e.smallest_hold = Some(e.smallest_hold.map_or(hold, |h| h.min(hold)));
         costs.insert(served.seq, (cost, hold));
     }
-    check_refusals(books, &wallets, &mut expected, now, &mut findings)?;
+    check_refusals(books, &wallets, &costs, &mut expected, now, &mut findings)?;
     check_wallets(books, &wallets, &expected, &mut findings);
     if books.per_debit {
         check_debits(books, &costs, &mut findings).await?;
@@ -293,11 +302,15 @@ fn price_served(
 fn check_refusals(
     books: &Books<'_>,
     wallets: &BTreeMap<WalletRef, WalletState>,
+    costs: &HashMap<u64, (Decimal, Decimal)>,
     expected: &mut BTreeMap<WalletRef, Expected>,
     now: chrono::DateTime<Utc>,
     findings: &mut Findings,
 ) -> anyhow::Result<()> {
     let name = books.name;
+    // Built on the first refusal the wallet's end alone does not explain.
+    let mut spans_by_wallet: Option<HashMap<WalletRef, Vec<(u64, Span)>>> = None;
+    let mut excused = 0;
     for refused in books.refused {
         let tenant = books.tenants.keys.get(refused.key).context("refused key out of range")?;
         let e = expected.entry(tenant.wallet).or_default();
@@ -321,15 +334,86 @@ fn check_refusals(
                 refused.seq, refused.required
             ));
         }
-        let available = wallets.get(&tenant.wallet).map(|w| w.available);
-        if available.is_none_or(|a| a >= hold) {
+        let Some(available) = wallets.get(&tenant.wallet).map(|w| w.available) else {
+            findings
+                .failures
+                .push(format!("{name}: request {} got 402 from unknown {}", refused.seq, tenant.wallet));
+            continue;
+        };
+        if available < hold {
+            continue;
+        }
+        let by_wallet = match &mut spans_by_wallet {
+            Some(by_wallet) => by_wallet,
+            None => spans_by_wallet.insert(spans_by_wallet_of(books)?),
+        };
+        let spans = by_wallet.get(&tenant.wallet).map_or(&[][..], Vec::as_slice);
+        let (overlapping, returned) = in_flight_return(spans, refused.span, |seq| {
+            let Some(spec) = books.catalog.spec(seq) else { return Ok(None) };
+            let amount = match costs.get(&seq) {
+                Some((cost, hold)) => (*hold - *cost).max(Decimal::ZERO),
+                None => spec.hold(books.prices, now)?,
+            };
+            Ok(Some((spec.abandon, amount)))
+        })?;
+        if available >= hold + returned {
             findings.failures.push(format!(
-                "{name}: request {} got 402 from {} which ends with {available:?} available, enough for its hold {hold}",
+                "{name}: request {} got 402 from {} which ends with {available} available, enough for its hold \
+                 {hold} and the {returned} that {overlapping} requests in flight with it could have handed back",
                 refused.seq, tenant.wallet
             ));
+        } else {
+            excused += 1;
         }
     }
+    if excused > 0 {
+        findings.notes.push(format!(
+            "{name}: {excused} refusals came from wallets that end with enough for the hold, within what \
+             requests in flight with them handed back"
+        ));
+    }
     Ok(())
+}
+
+/// The spans of requests that were not refused, by the wallet their key
+/// draws from.
+fn spans_by_wallet_of(books: &Books<'_>) -> anyhow::Result<HashMap<WalletRef, Vec<(u64, Span)>>> {
+    let mut by_wallet: HashMap<WalletRef, Vec<(u64, Span)>> = HashMap::new();
+    for &(seq, span) in books.spans {
+        let Some(spec) = books.catalog.spec(seq) else { continue };
+        let wallet = books.tenants.keys.get(spec.key).map(|t| t.wallet).context("sent key out of range")?;
+        by_wallet.entry(wallet).or_default().push((seq, span));
+    }
+    Ok(by_wallet)
+}
+
+/// How much credit the requests of `spans` that may have held while
+/// `refused` was decided can have handed back since, with how many there
+/// were. `hand_back(seq)` says whether request `seq` was an abandoned stream
+/// and what it could hand back: its hold less its cost, or its whole hold
+/// if the mock never served it. A wallet short of a hold when it refused
+/// can end no richer than that much above the hold (no grants run during a
+/// phase), so this bounds the check of 402s without timing the gateway.
+/// Abandoned streams count however long ago they were sent: the gateway
+/// settles them when it notices the hang-up.
+fn in_flight_return(
+    spans: &[(u64, Span)],
+    refused: Span,
+    mut hand_back: impl FnMut(u64) -> anyhow::Result<Option<(bool, Decimal)>>,
+) -> anyhow::Result<(u64, Decimal)> {
+    let (mut count, mut total) = (0, Decimal::ZERO);
+    for &(seq, span) in spans {
+        if span.sent_ns >= refused.ended_ns {
+            continue;
+        }
+        let Some((abandoned, amount)) = hand_back(seq)? else { continue };
+        if !abandoned && span.ended_ns.saturating_add(SETTLE_LAG_NS) <= refused.sent_ns {
+            continue;
+        }
+        count += 1;
+        total += amount;
+    }
+    Ok((count, total))
 }
 
 fn check_wallets(
@@ -470,5 +554,29 @@ mod tests {
         let (none, gap) = Served::from_journal_json(&json!([]), &sequencer, &mut next).unwrap();
         assert!(none.is_empty() && !gap);
         assert_eq!(next, 10);
+    }
+
+    #[test]
+    fn a_refusal_is_excused_only_by_requests_that_could_hold_while_it_was_decided() {
+        const MS: u64 = 1_000_000;
+        let span = |sent_ms: u64, ended_ms: u64| Span { sent_ns: sent_ms * MS, ended_ns: ended_ms * MS };
+        let refused = span(1_000, 1_002);
+        let spans = [
+            (1, span(990, 1_001)),   // in flight across it
+            (2, span(1_001, 1_010)), // sent while it was decided
+            (3, span(900, 950)),     // ended 50 ms before: may not have settled yet
+            (4, span(100, 200)),     // settled long before
+            (5, span(100, 110)),     // abandoned long before: may settle any time
+            (6, span(1_002, 1_010)), // sent once it was answered
+            (7, span(995, 999)),     // never served: its whole hold came back
+        ];
+        let hand_back = |seq: u64| -> anyhow::Result<Option<(bool, Decimal)>> {
+            Ok(Some((seq == 5, Decimal::new(1 << seq, 0))))
+        };
+        let (count, total) = in_flight_return(&spans, refused, hand_back).unwrap();
+        let expected: i64 = [1, 2, 3, 5, 7].iter().map(|seq| 1 << seq).sum();
+        assert_eq!((count, total), (5, Decimal::new(expected, 0)));
+        let (count, total) = in_flight_return(&spans, refused, |_| Ok(None)).unwrap();
+        assert_eq!((count, total), (0, Decimal::ZERO), "requests of no phase count nothing");
     }
 }

@@ -20,7 +20,7 @@ use crate::client::{self, Http};
 use crate::cpu::CpuSource;
 use crate::mix::{Mix, Spec};
 use crate::settings::LoadShape;
-use crate::stats::{Outcome, Sample};
+use crate::stats::{run_ns, Outcome, Sample, Span};
 
 /// Where a phase sends its requests.
 #[derive(Clone)]
@@ -140,8 +140,16 @@ pub fn build_request(
 
 /// Send one request; time it from `since`.
 async fn send(http: &Http, target: &Target, sequencer: &Sequencer, spec: &Spec, since: Instant) -> Outcome {
-    let mut outcome =
-        Outcome { seq: spec.seq, key: spec.key, latency_ns: 0, status: 0, code: None, required: None };
+    let sent_ns = run_ns(Instant::now());
+    let mut outcome = Outcome {
+        seq: spec.seq,
+        key: spec.key,
+        latency_ns: 0,
+        status: 0,
+        code: None,
+        required: None,
+        span: Span { sent_ns, ended_ns: sent_ns },
+    };
     if let Ok(request) = build_request(target, sequencer, spec) {
         let call = if spec.abandon {
             client::call_and_hang_up(http, request).await
@@ -156,7 +164,9 @@ async fn send(http: &Http, target: &Target, sequencer: &Sequencer, spec: &Spec, 
             }
         }
     }
-    outcome.latency_ns = since.elapsed().as_nanos() as u64;
+    let ended = Instant::now();
+    outcome.latency_ns = ended.duration_since(since).as_nanos() as u64;
+    outcome.span.ended_ns = run_ns(ended);
     outcome
 }
 

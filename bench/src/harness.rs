@@ -27,7 +27,7 @@ use crate::report::{
 };
 use crate::settings::{LoadShape, Settings, Switch, TargetSettings};
 use crate::sse::{self, SseSample, StreamCall};
-use crate::stats::{Refused, Sample};
+use crate::stats::{Refused, Sample, Span};
 use crate::tenants::{self, Tenants, WalletRef};
 
 /// Journal entries the mock keeps between two drains (one phase's requests).
@@ -50,6 +50,8 @@ struct Metered {
     seeded: BTreeMap<WalletRef, WalletState>,
     served: Vec<Served>,
     refused: Vec<Refused>,
+    /// When each request it was sent (and not refused) was in flight.
+    spans: Vec<(u64, Span)>,
     /// Its ledger entries can be read back (durable store on).
     per_debit: bool,
 }
@@ -92,6 +94,7 @@ impl Metered {
             seeded,
             served: Vec::new(),
             refused: Vec::new(),
+            spans: Vec::new(),
             per_debit: extra.is_empty(),
         })
     }
@@ -115,6 +118,7 @@ impl Metered {
             seeded,
             served: Vec::new(),
             refused: Vec::new(),
+            spans: Vec::new(),
             per_debit: true,
         })
     }
@@ -173,6 +177,7 @@ impl Metered {
             seeded,
             served: Vec::new(),
             refused: Vec::new(),
+            spans: Vec::new(),
             per_debit: true,
         })
     }
@@ -434,7 +439,9 @@ impl Run {
             sample.db_cpu = Some(cluster.database_cpu().saturating_sub(cpu));
         }
         eprintln!("{label:<32} {}", summary(&sample));
-        self.file(index, first, Source::Mix(mix.clone()), &sample.refused).await?;
+        // Kept by the books the phase charged, not with every round's sample.
+        let spans = std::mem::take(&mut sample.spans);
+        self.file(index, first, Source::Mix(mix.clone()), &sample.refused, spans).await?;
         Ok(sample)
     }
 
@@ -454,6 +461,7 @@ impl Run {
         first: u64,
         source: Source,
         refused: &[Refused],
+        spans: Vec<(u64, Span)>,
     ) -> anyhow::Result<()> {
         self.catalog.add(first..self.sequencer.peek(), source);
         let served = match &mut self.upstream {
@@ -479,6 +487,7 @@ impl Run {
         };
         metered.served.extend(served);
         metered.refused.extend_from_slice(refused);
+        metered.spans.extend(spans);
         Ok(())
     }
 
@@ -570,7 +579,7 @@ impl Run {
                     frames,
                 };
                 let sample = sse::measure(&call, self.settings.sse_streams).await?;
-                self.file(index, first, Source::Stream { key: 0, frames }, &[]).await?;
+                self.file(index, first, Source::Stream { key: 0, frames }, &[], Vec::new()).await?;
                 sse[slot].1.push(sample);
             }
         }
@@ -608,6 +617,7 @@ impl Run {
                 seeded: &metered.seeded,
                 served: &metered.served,
                 refused: &metered.refused,
+                spans: &metered.spans,
                 catalog: &self.catalog,
                 sequencer: &self.sequencer,
                 prices: &self.prices,

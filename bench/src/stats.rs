@@ -2,9 +2,25 @@
 //! rounds. Timing statistics use floats; money never passes through here.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
+
+/// When one request was in flight as the client saw it: from just before it
+/// was sent to the end of its response, in nanoseconds of [`run_ns`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub sent_ns: u64,
+    pub ended_ns: u64,
+}
+
+/// `at` on one clock shared by every phase of the run, so spans of
+/// different phases compare.
+pub fn run_ns(at: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    at.saturating_duration_since(*EPOCH.get_or_init(Instant::now)).as_nanos() as u64
+}
 
 /// A refused request, kept for the audit's check of 402s against wallets.
 #[derive(Debug, Clone)]
@@ -14,6 +30,7 @@ pub struct Refused {
     pub code: String,
     /// The `required` amount of the 402 body.
     pub required: Option<Decimal>,
+    pub span: Span,
 }
 
 /// How one request ended.
@@ -26,6 +43,7 @@ pub struct Outcome {
     pub status: u16,
     pub code: Option<String>,
     pub required: Option<Decimal>,
+    pub span: Span,
 }
 
 /// One mode in one round.
@@ -41,6 +59,9 @@ pub struct Sample {
     /// Everything else that was not a 200, by `status code` (or `transport`).
     pub errors: BTreeMap<String, u64>,
     pub refused: Vec<Refused>,
+    /// Every request that was not refused, by number: any of them may have
+    /// held credit while a refusal was decided (the audit's check of 402s).
+    pub spans: Vec<(u64, Span)>,
     pub elapsed: Duration,
     /// CPU the process under test used during the phase.
     pub cpu: Option<Duration>,
@@ -65,6 +86,9 @@ impl Sample {
         self.requests += 1;
         self.latencies_ns.push(outcome.latency_ns);
         *self.by_status.entry(outcome.status).or_default() += 1;
+        if outcome.status != 402 {
+            self.spans.push((outcome.seq, outcome.span));
+        }
         match outcome.status {
             200 => {}
             402 => {
@@ -75,6 +99,7 @@ impl Sample {
                     key: outcome.key,
                     code,
                     required: outcome.required,
+                    span: outcome.span,
                 });
             }
             0 => *self.errors.entry("transport".into()).or_default() += 1,
@@ -98,6 +123,7 @@ impl Sample {
             *self.errors.entry(code).or_default() += count;
         }
         self.refused.extend(other.refused);
+        self.spans.extend(other.spans);
         self.late += other.late;
         self.unsent += other.unsent;
     }
