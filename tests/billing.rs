@@ -610,6 +610,73 @@ async fn usage_past_the_hold_raises_an_alert() {
 }
 
 #[tokio::test]
+async fn an_upstream_idle_past_its_timeout_is_cut_but_one_that_keeps_sending_is_not() {
+    // Proves the upstream idle timeout counts silence, not the response's length: a stream
+    // with 150 ms between events runs past several 400 ms timeouts and is charged its usage,
+    // and one that goes silent before its usage is cut and charged what it delivered.
+    let books = Books::start(
+        |t| {
+            t.replace(
+                "credential_env = \"MOCK_UPSTREAM_KEY\"",
+                "credential_env = \"MOCK_UPSTREAM_KEY\"\nidle_timeout_ms = 400",
+            )
+        },
+        "100",
+        "1",
+    )
+    .await;
+    let pro = books.keys.pro.clone();
+    let body = json!({"model": "mock-gpt", "stream": true, "max_tokens": 100, "n": 8});
+    let before = books.settled_balance(&pro).await;
+    let started = std::time::Instant::now();
+    let paced = books
+        .post(CHAT, Some(&pro), &[("x-provider-pace-ms", "150"), ("x-provider-output", "40")], &body)
+        .await;
+    assert_eq!(paced.status, 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "the stream was paced: {:?}",
+        started.elapsed()
+    );
+    let text = String::from_utf8_lossy(&paced.body);
+    assert!(text.contains("[DONE]"), "the paced stream ran to its end: {text}");
+    let charged = before - books.settled_balance(&pro).await;
+    assert_eq!(charged, books.reported_cost("mock-gpt"), "the paced stream's usage");
+
+    let before = books.settled_balance(&pro).await;
+    let mut sender = open_h1(books.gateway.proxy_addr()).await;
+    let request = Request::post(books.url(CHAT))
+        .header("authorization", format!("Bearer {pro}"))
+        .header("x-provider-usage-delay-ms", "20000")
+        .body(creditgate::mock::MockBody::Full(Some(Bytes::from(body.to_string()))))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) => return true,
+                None => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended, Ok(true), "the silent upstream's response was cut with an error");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cut after the idle timeout: {:?}",
+        started.elapsed()
+    );
+    let charged = before - books.settled_balance(&pro).await;
+    assert!(charged > Decimal::ZERO, "the cut stream was charged what it delivered");
+    let open = books.gateway.ledger().balance(books.wallet(&pro), chrono::Utc::now()).unwrap().open_holds;
+    assert_eq!(open, 0);
+}
+
+#[tokio::test]
 async fn a_response_is_ended_after_max_response_ms_even_when_its_client_stopped_reading() {
     // Proves a client cannot keep a request (and its hold) open at will: the response is cut
     // after [server] max_response_ms however the client behaves, and the request is charged

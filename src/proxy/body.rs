@@ -42,13 +42,25 @@ enum Source {
     Upstream {
         body: Incoming,
         idle_timeout: Duration,
-        /// Boxed because `Sleep` is `!Unpin`; one allocation per streamed response.
-        idle_timer: Pin<Box<Sleep>>,
+        /// Armed only once the upstream makes the body wait: a response
+        /// whose frames are ready when asked for (most of them) never
+        /// touches the timer wheel. Boxed because `Sleep` is `!Unpin`.
+        idle_timer: Option<Pin<Box<Sleep>>>,
+        /// A frame came since the timer was last armed: re-arm it at the
+        /// next wait rather than at every frame.
+        progressed: bool,
+        /// Frames so far, for the deadline check of a body that never waits.
+        frames: u32,
         /// When the response must have ended (`max_response_duration`).
         deadline: Instant,
         max_duration: Duration,
     },
 }
+
+/// A body whose frames are always ready (its client reads slower than its
+/// upstream writes) never waits on the timer: every this many frames the
+/// clock is read for its deadline instead.
+const DEADLINE_CHECK_EVERY: u32 = 64;
 
 /// Hands the context to [`Proxy::settle`] when the body ends or is dropped.
 struct SettleOnDone {
@@ -77,10 +89,17 @@ impl GatewayBody {
     }
 
     pub fn upstream(body: Incoming, idle_timeout: Duration, max_duration: Duration) -> Self {
-        let idle_timer = Box::pin(tokio::time::sleep(idle_timeout));
         let deadline = Instant::now() + max_duration;
         GatewayBody {
-            source: Source::Upstream { body, idle_timeout, idle_timer, deadline, max_duration },
+            source: Source::Upstream {
+                body,
+                idle_timeout,
+                idle_timer: None,
+                progressed: false,
+                frames: 0,
+                deadline,
+                max_duration,
+            },
             settle: None,
         }
     }
@@ -190,16 +209,23 @@ impl GatewayBody {
     fn poll_source(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.source {
             Source::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Source::Upstream { body, idle_timeout, idle_timer, deadline, max_duration } => {
-                if Instant::now() >= *deadline {
-                    let max = *max_duration;
-                    self.source = Source::Local(None);
-                    self.finish(Outcome::TooLong);
-                    return Poll::Ready(Some(Err(TooLong(max).into())));
-                }
+            Source::Upstream {
+                body,
+                idle_timeout,
+                idle_timer,
+                progressed,
+                frames,
+                deadline,
+                max_duration,
+            } => {
+                let max = *max_duration;
                 match Pin::new(body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
-                        idle_timer.as_mut().reset(Instant::now() + *idle_timeout);
+                        *progressed = true;
+                        *frames = frames.wrapping_add(1);
+                        if *frames % DEADLINE_CHECK_EVERY == 0 && Instant::now() >= *deadline {
+                            return self.too_long(max);
+                        }
                         Poll::Ready(Some(Ok(frame)))
                     }
                     Poll::Ready(Some(Err(e))) => {
@@ -208,17 +234,42 @@ impl GatewayBody {
                     }
                     Poll::Ready(None) => Poll::Ready(None),
                     Poll::Pending => {
-                        if idle_timer.as_mut().poll(cx).is_ready() {
-                            let timeout = *idle_timeout;
-                            self.finish(Outcome::UpstreamIdle);
-                            Poll::Ready(Some(Err(IdleTimeout(timeout).into())))
-                        } else {
-                            Poll::Pending
+                        let now = Instant::now();
+                        if now >= *deadline {
+                            return self.too_long(max);
                         }
+                        // One timer for both limits: whichever comes first.
+                        let wake_at = (now + *idle_timeout).min(*deadline);
+                        let timer = match idle_timer {
+                            Some(timer) => {
+                                if *progressed {
+                                    timer.as_mut().reset(wake_at);
+                                }
+                                timer
+                            }
+                            None => idle_timer.insert(Box::pin(tokio::time::sleep_until(wake_at))),
+                        };
+                        *progressed = false;
+                        if timer.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        if Instant::now() >= *deadline {
+                            return self.too_long(max);
+                        }
+                        let timeout = *idle_timeout;
+                        self.finish(Outcome::UpstreamIdle);
+                        Poll::Ready(Some(Err(IdleTimeout(timeout).into())))
                     }
                 }
             }
         }
+    }
+
+    /// End a response that ran past `max_response_duration`.
+    fn too_long(&mut self, max: Duration) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.source = Source::Local(None);
+        self.finish(Outcome::TooLong);
+        Poll::Ready(Some(Err(TooLong(max).into())))
     }
 }
 
