@@ -12,9 +12,13 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
+
+use atomic_waker::AtomicWaker;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -23,7 +27,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -84,7 +87,6 @@ where
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout);
     builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(options.max_connections));
     let open = Arc::new(OpenConnections::default());
     let sweep =
@@ -153,26 +155,45 @@ where
             })
         };
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-        let connection = graceful.watch(connection);
         let name = options.name;
         let open = open.clone();
         connections.spawn(async move {
-            tokio::select! {
-                ended = connection => if let Err(error) = ended {
-                    tracing::debug!(listener = name, %peer, error = %error, "connection ended with an error");
-                },
-                () = tracked.close.cancelled() => {
-                    tracing::debug!(listener = name, %peer, "closed an idle connection");
+            let mut connection = pin!(connection);
+            let mut draining = false;
+            // The listener's word is read at every poll: one atomic load,
+            // where a select over a shutdown watch and a close token polled
+            // two more futures (and took two locks) at every wake.
+            let ended = std::future::poll_fn(|cx| {
+                tracked.signal.waker.register(cx.waker());
+                match tracked.signal.state.load(Ordering::Acquire) {
+                    Signal::CLOSE => return Poll::Ready(None),
+                    Signal::DRAIN if !draining => {
+                        draining = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    _ => {}
                 }
+                connection.as_mut().poll(cx).map(Some)
+            })
+            .await;
+            match ended {
+                Some(Err(error)) => {
+                    tracing::debug!(listener = name, %peer, error = %error, "connection ended with an error");
+                }
+                None => tracing::debug!(listener = name, %peer, "closed an idle connection"),
+                Some(Ok(())) => {}
             }
             open.remove(tracked.id);
             drop(permit);
         });
     }
     drop(listener);
-    let drained = tokio::select! {
-        () = graceful.shutdown() => Drained::All,
-        () = tokio::time::sleep(options.shutdown_grace) => {
+    // Each connection finishes the request it is serving and closes.
+    open.drain_all();
+    let all_closed = async { while connections.join_next().await.is_some() {} };
+    let drained = match tokio::time::timeout(options.shutdown_grace, all_closed).await {
+        Ok(()) => Drained::All,
+        Err(_) => {
             tracing::warn!(listener = options.name, "shutdown grace period ran out; cutting open connections");
             connections.abort_all();
             Drained::TimedOut
@@ -202,8 +223,32 @@ struct Tracked {
     last_active: Mutex<Instant>,
     /// Since when it has had a request in flight without a pause.
     busy_since: Mutex<Option<Instant>>,
-    /// Cancelled to close it.
-    close: CancellationToken,
+    /// What the listener asks of it: to drain (shutdown) or to close.
+    signal: Signal,
+}
+
+/// The listener's word to one connection's task, which reads it whenever it
+/// is polled and registers its waker so that raising it wakes the task.
+#[derive(Default)]
+struct Signal {
+    state: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Signal {
+    /// Finish the request in flight, then close.
+    const DRAIN: u8 = 1;
+    /// Close now.
+    const CLOSE: u8 = 2;
+
+    fn raise(&self, to: u8) {
+        self.state.fetch_max(to, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    fn closing(&self) -> bool {
+        self.state.load(Ordering::Acquire) >= Signal::CLOSE
+    }
 }
 
 impl Tracked {
@@ -249,7 +294,7 @@ impl OpenConnections {
             served: AtomicBool::new(false),
             last_active: Mutex::new(Instant::now()),
             busy_since: Mutex::new(None),
-            close: CancellationToken::new(),
+            signal: Signal::default(),
         });
         self.connections.lock().insert(id, tracked.clone());
         tracked
@@ -259,18 +304,25 @@ impl OpenConnections {
         self.connections.lock().remove(&id);
     }
 
+    /// Asks every open connection to finish what it serves and close.
+    fn drain_all(&self) {
+        for tracked in self.connections.lock().values() {
+            tracked.signal.raise(Signal::DRAIN);
+        }
+    }
+
     /// Closes the connection idle the longest; false when none is idle.
     fn close_longest_idle(&self) -> bool {
         let now = Instant::now();
         let connections = self.connections.lock();
         let longest = connections
             .values()
-            .filter(|tracked| !tracked.close.is_cancelled())
+            .filter(|tracked| !tracked.signal.closing())
             .filter_map(|tracked| tracked.idle_for(now).map(|idle| (idle, tracked)))
             .max_by_key(|(idle, _)| *idle);
         match longest {
             Some((_, tracked)) => {
-                tracked.close.cancel();
+                tracked.signal.raise(Signal::CLOSE);
                 true
             }
             None => false,
@@ -305,7 +357,7 @@ impl OpenConnections {
                     .zip(*tracked.busy_since.lock())
                     .is_some_and(|(max, since)| now.saturating_duration_since(since) >= max);
                 if busy_too_long || tracked.idle_for(now).is_some_and(|idle| idle >= limit) {
-                    tracked.close.cancel();
+                    tracked.signal.raise(Signal::CLOSE);
                 }
             }
         }
