@@ -772,12 +772,62 @@ fn skip_whitespace(bytes: &[u8], mut at: usize) -> usize {
 /// Length of the generated text in a stream delta, of every kind the APIs
 /// send: OpenAI `content`, `refusal`, tool-call `arguments`, reasoning text;
 /// Responses API `delta`; Anthropic `text`, `thinking` and `partial_json`.
+/// Every API puts the generated text in a `delta` (the text itself, or an
+/// object holding it), so only what follows each `"delta"` key, up to the
+/// next, is read: one search of the whole event, then a walk over the few
+/// strings of each delta, and every choice of an `n`-choice chunk counts.
 /// Read without parsing the event; a non-string value counts nothing.
 fn delta_text_len(data: &[u8]) -> u64 {
-    DELTA_KEYS
-        .iter()
-        .map(|key| key.find(data).map_or(0, |at| string_len_after(data, at + key.needle().len())))
-        .sum()
+    let key_len = DELTA_KEY.needle().len();
+    let Some(first) = DELTA_KEY.find(data) else { return 0 };
+    let mut rest = &data[first + key_len..];
+    let mut total = 0;
+    loop {
+        let next = DELTA_KEY.find(rest);
+        let scope = &rest[..next.unwrap_or(rest.len())];
+        total += string_len_after(scope, 0) + text_keys_len(scope);
+        match next {
+            Some(at) => rest = &rest[at + key_len..],
+            None => return total,
+        }
+    }
+}
+
+/// Keys whose string value is generated text, inside a delta.
+const TEXT_KEYS: [&[u8]; 8] = [
+    b"content",
+    b"text",
+    b"arguments",
+    b"refusal",
+    b"reasoning_content",
+    b"reasoning",
+    b"thinking",
+    b"partial_json",
+];
+
+/// Length of the string values of [`TEXT_KEYS`] in `json`, found by walking
+/// its strings (a string followed by a colon is a key). A delta is short
+/// and holds a few strings: a byte loop over them costs less than a
+/// substring search per key, or a `memchr` call per string.
+fn text_keys_len(json: &[u8]) -> u64 {
+    let mut total = 0;
+    let mut at = 0;
+    while let Some(open) = json[at..].iter().position(|b| *b == b'"').map(|i| at + i + 1) {
+        let mut close = open;
+        while close < json.len() && json[close] != b'"' {
+            // An escape: the byte after the backslash does not end the string.
+            close += if json[close] == b'\\' { 2 } else { 1 };
+        }
+        if close >= json.len() {
+            break;
+        }
+        at = close + 1;
+        let is_key = json.get(skip_whitespace(json, at)) == Some(&b':');
+        if is_key && TEXT_KEYS.contains(&&json[open..close]) {
+            total += string_len_after(json, at);
+        }
+    }
+    total
 }
 
 /// Length of the JSON string value after a key ending at `at` (`: "..."`).
@@ -808,22 +858,7 @@ type Needle = LazyLock<Finder<'static>>;
 
 static USAGE_KEY: Needle = LazyLock::new(|| Finder::new(b"\"usage\""));
 static CHOICES_KEY: Needle = LazyLock::new(|| Finder::new(b"\"choices\""));
-static DELTA_KEYS: LazyLock<Vec<Finder<'static>>> = LazyLock::new(|| {
-    [
-        "\"content\"",
-        "\"text\"",
-        "\"arguments\"",
-        "\"refusal\"",
-        "\"reasoning_content\"",
-        "\"reasoning\"",
-        "\"thinking\"",
-        "\"partial_json\"",
-        "\"delta\"",
-    ]
-    .iter()
-    .map(|key| Finder::new(key.as_bytes()))
-    .collect()
-});
+static DELTA_KEY: Needle = LazyLock::new(|| Finder::new(b"\"delta\""));
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -1064,6 +1099,27 @@ mod tests {
             let mut meter = Meter::new(true, false);
             meter.observe(Bytes::from(format!("data: {event}\n\n")));
             assert_eq!(meter.delivered_output_estimate(), 2, "{event}");
+        }
+        // Each choice of an `n`-choice chunk counts; text outside a delta
+        // (a `done` event repeating it, logprobs) does not.
+        for (event, bytes) in [
+            (
+                r#"{"choices":[{"index":0,"delta":{"content":"abcdefgh"}},{"index":1,"delta":{"content":"abcdefgh"}}]}"#,
+                16,
+            ),
+            (
+                r#"{"choices":[{"index":0,"logprobs":{"content":"abcdefgh"},"delta":{"content":"abcdefgh"}}]}"#,
+                8,
+            ),
+            (r#"{"type":"response.output_text.done","text":"abcdefghabcdefgh"}"#, 0),
+            // An escaped quote, and a key's name inside a value, are not keys.
+            (r#"{"choices":[{"delta":{"content":"a\"text\": \"b","role":"text"}}]}"#, 14),
+            (
+                r#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{}"}},{"function":{"arguments":"[]"}}]}}]}"#,
+                4,
+            ),
+        ] {
+            assert_eq!(delta_text_len(event.as_bytes()), bytes, "{event}");
         }
         let mut meter = Meter::new(false, false);
         meter.observe(Bytes::from_static(br#"{"choices":[{"message":{"content":"cut"#));

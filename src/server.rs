@@ -194,7 +194,10 @@ where
     let drained = match tokio::time::timeout(options.shutdown_grace, all_closed).await {
         Ok(()) => Drained::All,
         Err(_) => {
-            tracing::warn!(listener = options.name, "shutdown grace period ran out; cutting open connections");
+            tracing::warn!(
+                listener = options.name,
+                "shutdown grace period ran out; cutting open connections"
+            );
             connections.abort_all();
             Drained::TimedOut
         }
