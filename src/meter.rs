@@ -773,24 +773,20 @@ fn skip_whitespace(bytes: &[u8], mut at: usize) -> usize {
 /// send: OpenAI `content`, `refusal`, tool-call `arguments`, reasoning text;
 /// Responses API `delta`; Anthropic `text`, `thinking` and `partial_json`.
 /// Every API puts the generated text in a `delta` (the text itself, or an
-/// object holding it), so only what follows each `"delta"` key, up to the
-/// next, is read: one search of the whole event, then a walk over the few
-/// strings of each delta, and every choice of an `n`-choice chunk counts.
-/// Read without parsing the event; a non-string value counts nothing.
+/// object holding it), so only the value of each `"delta"` key is read: one
+/// search for the key, then a walk over that value alone. Text outside a
+/// delta (a `done` event repeating it, logprobs) does not count, and every
+/// choice of an `n`-choice chunk does. Read without parsing the event; a
+/// non-string value counts nothing.
 fn delta_text_len(data: &[u8]) -> u64 {
-    let key_len = DELTA_KEY.needle().len();
-    let Some(first) = DELTA_KEY.find(data) else { return 0 };
-    let mut rest = &data[first + key_len..];
     let mut total = 0;
-    loop {
-        let next = DELTA_KEY.find(rest);
-        let scope = &rest[..next.unwrap_or(rest.len())];
-        total += string_len_after(scope, 0) + text_keys_len(scope);
-        match next {
-            Some(at) => rest = &rest[at + key_len..],
-            None => return total,
-        }
+    let mut from = 0;
+    while let Some(at) = DELTA_KEY.find(&data[from..]) {
+        let (text, end) = delta_value_text(data, from + at + DELTA_KEY.needle().len());
+        total += text;
+        from = end;
     }
+    total
 }
 
 /// Keys whose string value is generated text, inside a delta.
@@ -805,51 +801,69 @@ const TEXT_KEYS: [&[u8]; 8] = [
     b"partial_json",
 ];
 
-/// Length of the string values of [`TEXT_KEYS`] in `json`, found by walking
-/// its strings (a string followed by a colon is a key). A delta is short
-/// and holds a few strings: a byte loop over them costs less than a
-/// substring search per key, or a `memchr` call per string.
-fn text_keys_len(json: &[u8]) -> u64 {
-    let mut total = 0;
-    let mut at = 0;
-    while let Some(open) = json[at..].iter().position(|b| *b == b'"').map(|i| at + i + 1) {
-        let mut close = open;
-        while close < json.len() && json[close] != b'"' {
-            // An escape: the byte after the backslash does not end the string.
-            close += if json[close] == b'\\' { 2 } else { 1 };
-        }
-        if close >= json.len() {
-            break;
-        }
-        at = close + 1;
-        let is_key = json.get(skip_whitespace(json, at)) == Some(&b':');
-        if is_key && TEXT_KEYS.contains(&&json[open..close]) {
-            total += string_len_after(json, at);
-        }
+/// The text in the value of the key that ends at `at` (a string: its
+/// length; an object: the string values of its [`TEXT_KEYS`], at any
+/// depth), and where that value ends. A byte loop: a delta is short, and
+/// walking it once costs less than a substring search per key.
+fn delta_value_text(json: &[u8], at: usize) -> (u64, usize) {
+    let colon = skip_whitespace(json, at);
+    if json.get(colon) != Some(&b':') {
+        return (0, at);
     }
-    total
+    let start = skip_whitespace(json, colon + 1);
+    match json.get(start) {
+        Some(b'"') => match string_end(json, start + 1) {
+            Some(close) => ((close - start - 1) as u64, close + 1),
+            None => (0, json.len()),
+        },
+        Some(b'{') => {
+            let (mut total, mut depth, mut i) = (0, 0usize, start);
+            while i < json.len() {
+                match json[i] {
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return (total, i + 1);
+                        }
+                    }
+                    b'"' => {
+                        let Some(close) = string_end(json, i + 1) else { break };
+                        let name = &json[i + 1..close];
+                        i = close + 1;
+                        let colon = skip_whitespace(json, i);
+                        if json.get(colon) == Some(&b':') && TEXT_KEYS.contains(&name) {
+                            let value = skip_whitespace(json, colon + 1);
+                            if json.get(value) == Some(&b'"') {
+                                let Some(end) = string_end(json, value + 1) else { break };
+                                total += (end - value - 1) as u64;
+                                i = end + 1;
+                            }
+                        }
+                        continue;
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            (total, json.len())
+        }
+        _ => (0, start),
+    }
 }
 
-/// Length of the JSON string value after a key ending at `at` (`: "..."`).
-fn string_len_after(data: &[u8], at: usize) -> u64 {
-    let colon = skip_whitespace(data, at);
-    if data.get(colon) != Some(&b':') {
-        return 0;
-    }
-    let open = skip_whitespace(data, colon + 1);
-    if data.get(open) != Some(&b'"') {
-        return 0;
-    }
-    let text = &data[open + 1..];
-    let mut escaped = false;
-    for (i, &b) in text.iter().enumerate() {
-        match b {
-            b'\\' if !escaped => escaped = true,
-            b'"' if !escaped => return i as u64,
-            _ => escaped = false,
+/// Where the JSON string whose text starts at `from` ends (its closing
+/// quote); `None` when it does not end in `bytes`.
+fn string_end(bytes: &[u8], mut from: usize) -> Option<usize> {
+    while from < bytes.len() {
+        match bytes[from] {
+            b'"' => return Some(from),
+            // An escape: the byte after the backslash does not end the string.
+            b'\\' => from += 2,
+            _ => from += 1,
         }
     }
-    0
+    None
 }
 
 /// A substring searcher built once: building one costs more than most
@@ -1112,6 +1126,8 @@ mod tests {
                 8,
             ),
             (r#"{"type":"response.output_text.done","text":"abcdefghabcdefgh"}"#, 0),
+            // An event cut off inside its delta counts what it holds.
+            (r#"{"choices":[{"delta":{"content":"abcdefgh","refusal":"abc"#, 8),
             // An escaped quote, and a key's name inside a value, are not keys.
             (r#"{"choices":[{"delta":{"content":"a\"text\": \"b","role":"text"}}]}"#, 14),
             (
