@@ -413,8 +413,7 @@ impl Meter {
     pub fn observe(&mut self, chunk: Bytes) -> Bytes {
         match &mut self.mode {
             Mode::Json { first, rest, overflowed } => {
-                let held = first.as_ref().map_or(0, Bytes::len) + rest.len();
-                if held + chunk.len() <= MAX_METERED_JSON_BYTES {
+                if json_held(first, rest) + chunk.len() <= MAX_METERED_JSON_BYTES {
                     match first {
                         None => *first = Some(chunk.clone()),
                         Some(_) => rest.extend_from_slice(&chunk),
@@ -477,7 +476,7 @@ impl Meter {
     /// JSON body.
     pub fn delivered_output_estimate(&self) -> u64 {
         let bytes = match &self.mode {
-            Mode::Json { first, rest, .. } => (first.as_ref().map_or(0, Bytes::len) + rest.len()) as u64,
+            Mode::Json { first, rest, .. } => json_held(first, rest) as u64,
             Mode::Sse { .. } => self.text_bytes,
         };
         bytes.div_ceil(BYTES_PER_TOKEN_ESTIMATE)
@@ -630,6 +629,11 @@ impl Outgoing {
             Outgoing::Joined(joined) => joined.freeze(),
         }
     }
+}
+
+/// Bytes of a JSON body the meter holds: its first chunk and the rest.
+fn json_held(first: &Option<Bytes>, rest: &BytesMut) -> usize {
+    first.as_ref().map_or(0, Bytes::len) + rest.len()
 }
 
 /// Longest SSE event the rewriter holds back while waiting for its end.

@@ -609,6 +609,24 @@ async fn usage_past_the_hold_raises_an_alert() {
     assert!(more.is_err(), "one alert per overrun, none for the request within its hold");
 }
 
+/// Reads a response body to its end within `limit`: `Ok(true)` when it
+/// ended in an error (the gateway cut it), `Ok(false)` when it ended cleanly.
+async fn read_to_end(
+    body: &mut hyper::body::Incoming,
+    limit: Duration,
+) -> Result<bool, tokio::time::error::Elapsed> {
+    tokio::time::timeout(limit, async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) => return true,
+                None => return false,
+            }
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn an_upstream_idle_past_its_timeout_is_cut_but_one_that_keeps_sending_is_not() {
     // Proves the upstream idle timeout counts silence, not the response's length: a stream
@@ -654,16 +672,7 @@ async fn an_upstream_idle_past_its_timeout_is_cut_but_one_that_keeps_sending_is_
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match body.frame().await {
-                Some(Ok(_)) => continue,
-                Some(Err(_)) => return true,
-                None => return false,
-            }
-        }
-    })
-    .await;
+    let ended = read_to_end(&mut body, Duration::from_secs(5)).await;
     assert_eq!(ended, Ok(true), "the silent upstream's response was cut with an error");
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -708,15 +717,7 @@ async fn a_response_is_ended_after_max_response_ms_even_when_its_client_stopped_
     next_chunk(&mut body).await.unwrap();
     // The client stops reading; the upstream would take 20 s more.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let ended = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            match body.frame().await {
-                Some(Ok(_)) => continue,
-                Some(Err(_)) | None => return,
-            }
-        }
-    })
-    .await;
+    let ended = read_to_end(&mut body, Duration::from_secs(3)).await;
     assert!(ended.is_ok(), "the gateway ended the response");
     let after = books.settled_balance(&pro).await;
     assert!(after < before, "the cut request was charged");

@@ -49,18 +49,11 @@ enum Source {
         /// A frame came since the timer was last armed: re-arm it at the
         /// next wait rather than at every frame.
         progressed: bool,
-        /// Frames so far, for the deadline check of a body that never waits.
-        frames: u32,
         /// When the response must have ended (`max_response_duration`).
         deadline: Instant,
         max_duration: Duration,
     },
 }
-
-/// A body whose frames are always ready (its client reads slower than its
-/// upstream writes) never waits on the timer: every this many frames the
-/// clock is read for its deadline instead.
-const DEADLINE_CHECK_EVERY: u32 = 64;
 
 /// Hands the context to [`Proxy::settle`] when the body ends or is dropped.
 struct SettleOnDone {
@@ -96,7 +89,6 @@ impl GatewayBody {
                 idle_timeout,
                 idle_timer: None,
                 progressed: false,
-                frames: 0,
                 deadline,
                 max_duration,
             },
@@ -209,21 +201,15 @@ impl GatewayBody {
     fn poll_source(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.source {
             Source::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Source::Upstream {
-                body,
-                idle_timeout,
-                idle_timer,
-                progressed,
-                frames,
-                deadline,
-                max_duration,
-            } => {
+            Source::Upstream { body, idle_timeout, idle_timer, progressed, deadline, max_duration } => {
                 let max = *max_duration;
                 match Pin::new(body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         *progressed = true;
-                        *frames = frames.wrapping_add(1);
-                        if *frames % DEADLINE_CHECK_EVERY == 0 && Instant::now() >= *deadline {
+                        // A body whose frames are always ready (its client
+                        // reads slower than its upstream writes) never
+                        // waits on the timer: its deadline is read here.
+                        if Instant::now() >= *deadline {
                             return self.too_long(max);
                         }
                         Poll::Ready(Some(Ok(frame)))
