@@ -95,6 +95,14 @@ impl Books {
         send(request.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await
     }
 
+    /// POST a body exactly as written (JSON spelled as a test needs it).
+    async fn post_text(&self, path: &str, key: &str, body: &'static str) -> Reply {
+        let request = Request::post(self.url(path))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {key}"));
+        send(request.body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap()).await
+    }
+
     async fn metrics(&self) -> String {
         let url = format!("http://{}/metrics", self.gateway.admin_addr());
         let reply = send(Request::get(url).body(Full::new(Bytes::new())).unwrap()).await;
@@ -211,7 +219,15 @@ async fn context_the_upstream_reads_itself_is_held_for_and_charged() {
     let reply = refusing.post("/v1/responses", Some(&refusing.keys.pro), &[], &body).await;
     assert_eq!(reply.status, 400);
     assert_eq!(reply.json()["error"]["code"], "server_context_not_allowed");
+    // The same key spelled with JSON escapes is the same key to the upstream.
+    let escaped = r#"{"model":"mock-gpt","\u0070revious_response_id":"resp_1","input":"and then?"}"#;
+    let reply = refusing.post_text("/v1/responses", &refusing.keys.pro, escaped).await;
+    assert_eq!(reply.status, 400, "{:?}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "server_context_not_allowed");
     assert!(refusing.provider.received().is_empty(), "nothing was forwarded");
+    // Text that only mentions a marker, its quotes escaped, is not context.
+    let text = r#"{"model":"mock-gpt","input":"what is a \u0022prompt\u0022 or a \"url\"?"}"#;
+    assert_eq!(refusing.post_text("/v1/responses", &refusing.keys.pro, text).await.status, 200);
 }
 
 #[tokio::test]

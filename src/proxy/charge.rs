@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, LazyLock};
 
+use aho_corasick::AhoCorasick;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -283,8 +284,7 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let server_context =
-        SERVER_CONTEXT.iter().find(|(_, finder)| finder.find(body).is_some()).map(|(name, _)| *name);
+    let server_context = server_context_marker(body);
     // `auto` runs on the project's default tier, which the operator chose.
     let service_tier = match fields.service_tier {
         None | Some(Value::Null) => None,
@@ -382,26 +382,67 @@ static UNICODE_ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(
 /// Keys (or values) that make an upstream read input from its own storage or
 /// the web. Quoted, so text inside a message (where quotes are escaped) never
 /// matches; a false match only makes the hold larger.
-static SERVER_CONTEXT: LazyLock<Vec<(&'static str, Finder<'static>)>> = LazyLock::new(|| {
-    [
-        "\"previous_response_id\"",
-        "\"conversation\"",
-        "\"prompt\"",
-        "\"file_id\"",
-        "\"file_url\"",
-        "\"image_url\"",
-        "\"url\"",
-        "\"file_search\"",
-        "\"vector_store_ids\"",
-        "\"web_search\"",
-        "\"web_search_preview\"",
-        "\"mcp_servers\"",
-        "\"container\"",
-    ]
-    .iter()
-    .map(|marker| (marker.trim_matches('"'), Finder::new(marker.as_bytes())))
-    .collect()
-});
+const SERVER_CONTEXT_MARKERS: [&str; 13] = [
+    "\"previous_response_id\"",
+    "\"conversation\"",
+    "\"prompt\"",
+    "\"file_id\"",
+    "\"file_url\"",
+    "\"image_url\"",
+    "\"url\"",
+    "\"file_search\"",
+    "\"vector_store_ids\"",
+    "\"web_search\"",
+    "\"web_search_preview\"",
+    "\"mcp_servers\"",
+    "\"container\"",
+];
+/// All the markers in one pass over the body (one search per marker cost
+/// 13 passes).
+static SERVER_CONTEXT: LazyLock<AhoCorasick> =
+    LazyLock::new(|| AhoCorasick::new(SERVER_CONTEXT_MARKERS).expect("fixed, short patterns build"));
+
+/// The server-context marker a body names, if any. A key or value spelled
+/// with `\u` escapes (`"\u0070revious_response_id"`) reads the same to the
+/// upstream, so a body with any is also searched with its escaped printable
+/// ASCII spelled out.
+fn server_context_marker(body: &[u8]) -> Option<&'static str> {
+    let find = |bytes: &[u8]| {
+        SERVER_CONTEXT.find(bytes).map(|found| SERVER_CONTEXT_MARKERS[found.pattern()].trim_matches('"'))
+    };
+    find(body).or_else(|| UNICODE_ESCAPE.find(body).and_then(|_| find(&ascii_unescaped(body))))
+}
+
+/// `body` with each `\uXXXX` escape of a printable ASCII character other than
+/// a quote or a backslash replaced by that character; every other escape is
+/// kept as written (so an escaped quote still cannot end a string).
+fn ascii_unescaped(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len());
+    let mut at = 0;
+    while let Some(found) = memchr::memchr(b'\\', &body[at..]) {
+        let slash = at + found;
+        out.extend_from_slice(&body[at..slash]);
+        let spelled = body
+            .get(slash + 1..slash + 6)
+            .filter(|escape| escape[0] == b'u' && escape[1..].iter().all(u8::is_ascii_hexdigit))
+            .and_then(|escape| std::str::from_utf8(&escape[1..]).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match spelled {
+            Some(c @ (b' '..=b'~')) if c != b'"' && c != b'\\' => {
+                out.push(c);
+                at = slash + 6;
+            }
+            // Any other escape (or a backslash at the end) is copied whole.
+            _ => {
+                let end = (slash + 2).min(body.len());
+                out.extend_from_slice(&body[slash..end]);
+                at = end;
+            }
+        }
+    }
+    out.extend_from_slice(&body[at..]);
+    out
+}
 
 /// What the gateway changes in a model request body before it goes upstream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -992,7 +1033,22 @@ pub fn available_header(amount: Decimal) -> Option<HeaderValue> {
 mod tests {
     use serde_json::{json, Value};
 
-    use super::with_include_usage;
+    use super::{ascii_unescaped, server_context_marker, with_include_usage};
+
+    #[test]
+    fn a_marker_spelled_with_escapes_is_found_and_escaped_quotes_stay_text() {
+        let marker = |body: &str| server_context_marker(body.as_bytes());
+        assert_eq!(marker(r#"{"previous_response_id":"r"}"#), Some("previous_response_id"));
+        assert_eq!(marker(r#"{"\u0070revious_response_id":"r"}"#), Some("previous_response_id"));
+        assert_eq!(marker(r#"{"tools":[{"type":"web_s\u0065\u0061rch"}]}"#), Some("web_search"));
+        assert_eq!(marker(r#"{"x":"\u00e9","\u0055RL":1,"u\u0072l":2}"#), Some("url"));
+        // Quotes inside text are escaped however they are spelled.
+        assert_eq!(marker(r#"{"input":"a \"prompt\" and a \u0022prompt\u0022"}"#), None);
+        // An escaped backslash before `u0070` is a backslash, then text.
+        assert_eq!(ascii_unescaped(br#""\\u0070rompt""#), br#""\\u0070rompt""#.to_vec());
+        assert_eq!(ascii_unescaped(br#""\u0041\u00e9\u005c\n\"#), br#""A\u00e9\u005c\n\"#.to_vec());
+        assert_eq!(ascii_unescaped(br#"\u+070 \u00"#), br#"\u+070 \u00"#.to_vec());
+    }
 
     fn injected(body: &str) -> Value {
         serde_json::from_slice(&with_include_usage(body.as_bytes()).unwrap()).unwrap()

@@ -101,9 +101,12 @@ impl Provider {
             return self.tool(&path, headers, bytes);
         }
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        // As a real provider does, it reads the JSON: a key spelled with
+        // `\u` escapes is the same key.
+        let decoded = body.to_string();
         let reads_context = ["previous_response_id", "conversation", "file_id", "image_url"]
             .iter()
-            .any(|key| bytes.windows(key.len()).any(|w| w == key.as_bytes()));
+            .any(|key| decoded.contains(key) || bytes.windows(key.len()).any(|w| w == key.as_bytes()));
         let input_tokens = (bytes.len() as u64).div_ceil(4)
             + if reads_context { number("x-provider-context-tokens", 50_000) } else { 0 };
         let cap = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
