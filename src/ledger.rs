@@ -71,7 +71,7 @@ pub use spend::{ResolvedKey, SpendContext, TickReport};
 pub use wallet::{ReplayMismatch, Totals};
 
 use entity::{ApiKey, Application, KeyHash, Organization, Plan, User};
-use ids::{AppId, KeyId, OrgId, Owner, UserId, WalletId};
+use ids::{AppId, IdDashMap, KeyId, OrgId, Owner, UserId, WalletId};
 use journal::{Committer, Journal};
 use lot::Lot;
 use wallet::WalletCell;
@@ -91,12 +91,14 @@ const WALLET_SHARDS: usize = 128;
 /// The ledger. Share it behind an `Arc`; every method takes `&self`.
 pub struct Ledger {
     shared: Arc<Shared>,
-    wallets: DashMap<WalletId, Arc<WalletCell>>,
-    orgs: DashMap<OrgId, Organization>,
-    users: DashMap<UserId, User>,
-    apps: DashMap<AppId, Application>,
-    keys: DashMap<KeyId, ApiKey>,
-    key_index: DashMap<KeyHash, KeyId>,
+    wallets: IdDashMap<WalletId, Arc<WalletCell>>,
+    orgs: IdDashMap<OrgId, Organization>,
+    users: IdDashMap<UserId, User>,
+    apps: IdDashMap<AppId, Application>,
+    keys: IdDashMap<KeyId, ApiKey>,
+    /// By the SHA-256 of a secret: a client cannot choose where its digest
+    /// lands, and only the admin API adds to the map.
+    key_index: IdDashMap<KeyHash, KeyId>,
     /// Idempotency keys of purchases and adjustments, per organization.
     idempotency: Mutex<HashMap<(OrgId, String), funding::Replay>>,
     /// Serializes entity changes, purchases and adjustments.
@@ -141,12 +143,12 @@ impl Ledger {
     pub fn new(config: LedgerConfig, journal: Arc<dyn Journal>) -> Self {
         Ledger {
             shared: Arc::new(Shared { config, committer: Committer::new(journal, 1) }),
-            wallets: DashMap::with_shard_amount(WALLET_SHARDS),
-            orgs: DashMap::new(),
-            users: DashMap::new(),
-            apps: DashMap::new(),
-            keys: DashMap::new(),
-            key_index: DashMap::new(),
+            wallets: DashMap::with_hasher_and_shard_amount(Default::default(), WALLET_SHARDS),
+            orgs: DashMap::default(),
+            users: DashMap::default(),
+            apps: DashMap::default(),
+            keys: DashMap::default(),
+            key_index: DashMap::default(),
             idempotency: Mutex::new(HashMap::new()),
             admin: Mutex::new(()),
         }

@@ -131,8 +131,8 @@ impl fmt::Display for Owner {
 }
 
 /// A fast, non-cryptographic hasher for the ledger's own maps, keyed by
-/// ledger-assigned ids and gateway-minted request ids (never by strings a
-/// client chooses, which keep std's SipHash). It is the multiply-rotate
+/// ledger-assigned ids, gateway-minted request ids and key digests (never by
+/// strings a client chooses, which keep std's SipHash). It is the multiply-rotate
 /// scheme of rustc's FxHasher; hold and settle each do several lookups, and
 /// SipHash would dominate their cost.
 #[derive(Clone, Copy, Debug, Default)]
@@ -178,3 +178,6 @@ impl std::hash::Hasher for IdHasher {
 
 /// A `HashMap` keyed by ids, hashed with [`IdHasher`].
 pub type IdMap<K, V> = std::collections::HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// A `DashMap` keyed by ids, hashed with [`IdHasher`].
+pub type IdDashMap<K, V> = dashmap::DashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
