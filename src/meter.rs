@@ -75,7 +75,8 @@ impl HostedTool {
     /// The hosted tool a request's `tools[].type` enables, if any.
     pub fn from_request_type(kind: &str) -> Option<HostedTool> {
         match kind {
-            "web_search" | "web_search_preview" | "web_search_2025_08_26" => Some(HostedTool::WebSearch),
+            // Every dated version too (`web_search_preview_2025_03_11`).
+            kind if kind == "web_search" || kind.starts_with("web_search_") => Some(HostedTool::WebSearch),
             "file_search" => Some(HostedTool::FileSearch),
             "code_interpreter" => Some(HostedTool::CodeInterpreter),
             "image_generation" => Some(HostedTool::ImageGeneration),

@@ -228,6 +228,45 @@ async fn context_the_upstream_reads_itself_is_held_for_and_charged() {
     // Text that only mentions a marker, its quotes escaped, is not context.
     let text = r#"{"model":"mock-gpt","input":"what is a \u0022prompt\u0022 or a \"url\"?"}"#;
     assert_eq!(refusing.post_text("/v1/responses", &refusing.keys.pro, text).await.status, 200);
+    // Tool servers, stored items, base64 media and every version of a fetching tool read
+    // input the request does not carry (or whose tokens its bytes do not bound).
+    for reads in [
+        json!({"tools": [{"type": "mcp", "server_label": "x", "server_url": "https://tools.test/mcp"}]}),
+        json!({"input": [{"type": "item_reference", "id": "msg_1"}]}),
+        json!({"input": [{"role": "user", "content": [{"type": "input_file", "file_data": "data:application/pdf;base64,AA"}]}]}),
+        json!({"tools": [{"type": "web_search_preview_2025_03_11"}]}),
+    ] {
+        let mut body = json!({"model": "mock-gpt", "input": "hi"});
+        body.as_object_mut().unwrap().extend(reads.as_object().unwrap().clone());
+        let reply = refusing.post("/v1/responses", Some(&refusing.keys.pro), &[], &body).await;
+        assert_eq!(reply.status, 400, "{body}");
+        assert_eq!(reply.json()["error"]["code"], "server_context_not_allowed");
+    }
+    // An embedding asked for in base64 reads nothing more.
+    let body = json!({"model": "mock-embed", "input": "hi", "encoding_format": "base64"});
+    assert_eq!(refusing.post("/v1/embeddings", Some(&refusing.keys.pro), &[], &body).await.status, 200);
+    // A background response is billed after the connection ends, where no meter reads it.
+    let body = json!({"model": "mock-gpt", "input": "think long", "background": true});
+    let reply = books.post("/v1/responses", Some(&pro), &[], &body).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["error"]["code"], "background_not_supported");
+}
+
+#[tokio::test]
+async fn a_path_that_spells_letters_as_escapes_is_routed_as_the_upstream_reads_it() {
+    // `/v1/chat/%63ompletions` is `/v1/chat/completions` to the upstream; routed as written it
+    // missed the metered route and, with a broad unmetered route configured, was served free.
+    let books = Books::start(|t| t.replace("prefix = \"/echo\"", "prefix = \"/\""), "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let before = books.settled_balance(&pro).await;
+    let body = json!({"model": "mock-gpt", "max_tokens": 40});
+    let reply = books.post("/v1/chat/%63omplet%69ons", Some(&pro), &[], &body).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(books.provider.last().path, "/v1/chat/completions");
+    assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-gpt"), "metered");
+    // Other escapes are forwarded as written: `%20` is not an unreserved character.
+    books.post("/v1/chat/%20x", Some(&pro), &[], &body).await;
+    assert_eq!(books.provider.last().path, "/v1/chat/%20x");
 }
 
 #[tokio::test]
@@ -647,7 +686,7 @@ async fn read_to_end(
 async fn an_upstream_idle_past_its_timeout_is_cut_but_one_that_keeps_sending_is_not() {
     // Proves the upstream idle timeout counts silence, not the response's length: a stream
     // with 150 ms between events runs past several 400 ms timeouts and is charged its usage,
-    // and one that goes silent before its usage is cut and charged what it delivered.
+    // and one that goes silent before its usage is cut and charged its hold.
     let books = Books::start(
         |t| {
             t.replace(
@@ -695,8 +734,21 @@ async fn an_upstream_idle_past_its_timeout_is_cut_but_one_that_keeps_sending_is_
         "cut after the idle timeout: {:?}",
         started.elapsed()
     );
+    // A silent upstream may be reasoning (billed, not streamed) up to the cap: the hold.
     let charged = before - books.settled_balance(&pro).await;
-    assert!(charged > Decimal::ZERO, "the cut stream was charged what it delivered");
+    assert!(books.metrics().await.contains("creditgate_settles_total{result=\"debited_no_usage\"} 1"));
+    let mut held = None;
+    for _ in 0..200 {
+        held = books.gateway.ledger_entries(0, 1000).unwrap().iter().rev().find_map(|e| match &e.kind {
+            EntryKind::Debit(debit) if e.amount.abs() == charged => Some(debit.held),
+            _ => None,
+        });
+        if held.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(held, Some(charged), "the cut stream was charged its hold");
     let open = books.gateway.ledger().balance(books.wallet(&pro), chrono::Utc::now()).unwrap().open_holds;
     assert_eq!(open, 0);
 }

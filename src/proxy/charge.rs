@@ -182,6 +182,7 @@ struct ModelFields {
     service_tier: Option<Value>,
     tools: Option<Vec<RequestTool>>,
     max_tool_calls: Option<Value>,
+    background: Option<Value>,
 }
 
 /// A `tools[]` entry: only its type is read (function schemas are skipped).
@@ -278,13 +279,29 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
             return Err(ProxyError::InvalidField { field: "stream", reason: "must be true or false".into() })
         }
     };
+    // A background response runs on after the connection ends and is billed
+    // then, where no meter reads it (a stream cut while it reasons would be
+    // charged what it had sent).
+    match fields.background {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => return Err(ProxyError::BackgroundRefused),
+        Some(_) => {
+            return Err(ProxyError::InvalidField {
+                field: "background",
+                reason: "must be true or false".into(),
+            })
+        }
+    }
     let include_usage = fields
         .stream_options
         .as_ref()
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let server_context = server_context_marker(body);
+    let server_context = match flavour {
+        Flavour::OpenaiEmbeddings => None,
+        _ => server_context_marker(body),
+    };
     // `auto` runs on the project's default tier, which the operator chose.
     let service_tier = match fields.service_tier {
         None | Some(Value::Null) => None,
@@ -379,26 +396,37 @@ fn output_cap(flavour: Flavour, caps: &[(&'static str, Option<u64>)]) -> Result<
 /// Searchers built once (building one costs more than searching a body).
 static STREAM_OPTIONS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"stream_options\""));
 static UNICODE_ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
-/// Keys (or values) that make an upstream read input from its own storage or
-/// the web. Quoted, so text inside a message (where quotes are escaped) never
-/// matches; a false match only makes the hold larger.
-const SERVER_CONTEXT_MARKERS: [&str; 13] = [
+/// Keys (or values) that make an upstream read input from its own storage,
+/// the web or a tool server, or that carry media whose tokens are not bound
+/// by their bytes (base64 images and documents). Quoted, so text inside a
+/// message (where quotes are escaped) never matches; a false match only
+/// makes the hold larger. The last three have no closing quote: they match
+/// every version of a tool type (`web_search_preview_2025_03_11`,
+/// `web_fetch_20250910`, `mcp`, `mcp_servers`). Embeddings read only the
+/// text they are sent (and `"encoding_format": "base64"` is theirs), so
+/// they are not searched.
+const SERVER_CONTEXT_MARKERS: [&str; 18] = [
     "\"previous_response_id\"",
     "\"conversation\"",
     "\"prompt\"",
+    "\"item_reference\"",
     "\"file_id\"",
     "\"file_url\"",
+    "\"file_data\"",
     "\"image_url\"",
     "\"url\"",
+    "\"base64\"",
     "\"file_search\"",
     "\"vector_store_ids\"",
-    "\"web_search\"",
-    "\"web_search_preview\"",
-    "\"mcp_servers\"",
+    "\"server_url\"",
+    "\"connector_id\"",
     "\"container\"",
+    "\"web_search",
+    "\"web_fetch",
+    "\"mcp",
 ];
 /// All the markers in one pass over the body (one search per marker cost
-/// 13 passes).
+/// a pass each).
 static SERVER_CONTEXT: LazyLock<AhoCorasick> =
     LazyLock::new(|| AhoCorasick::new(SERVER_CONTEXT_MARKERS).expect("fixed, short patterns build"));
 
@@ -508,7 +536,8 @@ pub fn edited_body(body: &[u8], edits: BodyEdits) -> Option<Bytes> {
         for tool in tools.filter_map(Value::as_object_mut) {
             let searches =
                 tool.get("type").and_then(Value::as_str).is_some_and(|t| t.starts_with("web_search_"));
-            if searches && !tool.contains_key("max_uses") {
+            // `null` is no bound to the upstream, so it is replaced too.
+            if searches && tool.get("max_uses").is_none_or(Value::is_null) {
                 tool.insert("max_uses".into(), Value::from(uses));
             }
         }

@@ -93,9 +93,11 @@ pub enum Outcome {
 
 impl Outcome {
     /// The upstream may have produced up to the held cap, and no usage says
-    /// otherwise: only the hold is sure not to bill less.
+    /// otherwise: only the hold is sure not to bill less. An upstream cut for
+    /// silence counts: a reasoning model is billed for thinking it does not
+    /// stream.
     pub fn charges_hold_without_usage(self) -> bool {
-        matches!(self, Outcome::Completed | Outcome::Abandoned | Outcome::TooLong)
+        matches!(self, Outcome::Completed | Outcome::Abandoned | Outcome::TooLong | Outcome::UpstreamIdle)
     }
 
     pub fn as_str(self) -> &'static str {

@@ -52,6 +52,8 @@ pub enum ProxyError {
     NotAllowed { what: &'static str, name: String },
     #[error("the request makes the upstream read input it does not carry (`{marker}`), which this route does not allow")]
     ServerContextRefused { marker: &'static str },
+    #[error("background responses are not served: the gateway meters a response as it streams, and a background one is billed after the connection ends")]
+    BackgroundRefused,
     #[error("the path {reason}; send a normalised path")]
     InvalidPath { reason: &'static str },
     #[error("the request's Host {host:?} does not match the host of its target URI")]
@@ -98,6 +100,7 @@ impl ProxyError {
             ProxyError::Refused(refusal) => refusal_class(refusal),
             ProxyError::NotAllowed { .. } => (S::FORBIDDEN, "permission_error", "not_allowed_for_key", Level::DEBUG),
             ProxyError::ServerContextRefused { .. } => (S::BAD_REQUEST, "invalid_request_error", "server_context_not_allowed", Level::DEBUG),
+            ProxyError::BackgroundRefused => (S::BAD_REQUEST, "invalid_request_error", "background_not_supported", Level::DEBUG),
             ProxyError::InvalidPath { .. } => (S::BAD_REQUEST, "invalid_request_error", "invalid_path", Level::DEBUG),
             ProxyError::HostMismatch { .. } => (S::BAD_REQUEST, "invalid_request_error", "host_mismatch", Level::DEBUG),
             ProxyError::TrafficCap { .. } => (S::TOO_MANY_REQUESTS, "rate_limit_error", "traffic_cap", Level::DEBUG),

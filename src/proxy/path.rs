@@ -10,10 +10,50 @@ use super::error::ProxyError;
 /// after routing (upstreams and frameworks decode them differently).
 const REFUSED_ESCAPES: [&[u8; 3]; 3] = [b"%2f", b"%2e", b"%5c"];
 
-/// The path with dot segments removed (RFC 3986 §5.2.4) and empty segments
-/// (`//`) folded. Refuses encoded `/`, `.` and `\`, a raw `\`, and a path
-/// that climbs above the root.
+/// The path with percent-encoded unreserved characters decoded (RFC 3986
+/// §6.2.2.2: `/v1/chat/%63ompletions` is `/v1/chat/completions` to the
+/// upstream, so it must be to routing too), dot segments removed (§5.2.4)
+/// and empty segments (`//`) folded. Refuses encoded `/`, `.` and `\`, a raw
+/// `\`, and a path that climbs above the root.
 pub fn normalise(path: &str) -> Result<Cow<'_, str>, ProxyError> {
+    match unreserved_decoded(path) {
+        Some(decoded) => Ok(Cow::Owned(normalise_decoded(&decoded)?.into_owned())),
+        None => normalise_decoded(path),
+    }
+}
+
+/// `path` with each `%XX` of a letter, digit, `-`, `_` or `~` decoded;
+/// `None` if it has none. Other escapes are kept as written.
+fn unreserved_decoded(path: &str) -> Option<String> {
+    let bytes = path.as_bytes();
+    let unreserved = |at: usize| {
+        let hex = bytes.get(at + 1..at + 3)?;
+        let byte = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+        (hex.iter().all(u8::is_ascii_hexdigit) && (byte.is_ascii_alphanumeric() || b"-_~".contains(&byte)))
+            .then_some(byte)
+    };
+    let first = (0..bytes.len()).find(|&at| bytes[at] == b'%' && unreserved(at).is_some())?;
+    let mut decoded = String::with_capacity(path.len());
+    decoded.push_str(&path[..first]);
+    let mut at = first;
+    while at < bytes.len() {
+        match (bytes[at], unreserved(at)) {
+            (b'%', Some(byte)) => {
+                decoded.push(char::from(byte));
+                at += 3;
+            }
+            _ => {
+                let next =
+                    bytes[at + 1..].iter().position(|&b| b == b'%').map_or(bytes.len(), |i| at + 1 + i);
+                decoded.push_str(&path[at..next]);
+                at = next;
+            }
+        }
+    }
+    Some(decoded)
+}
+
+fn normalise_decoded(path: &str) -> Result<Cow<'_, str>, ProxyError> {
     let bytes = path.as_bytes();
     if !path.starts_with('/') {
         return Err(ProxyError::InvalidPath { reason: "does not start with '/'" });
@@ -72,7 +112,11 @@ mod tests {
             ("/", "/"),
             ("//", "/"),
             ("/a/b/./../c", "/a/c"),
-            ("/v1/%41bc", "/v1/%41bc"),
+            ("/v1/%41bc", "/v1/Abc"),
+            ("/v1/chat/%63ompletions", "/v1/chat/completions"),
+            ("/v1/%2D%5f%7e%20x%", "/v1/-_~%20x%"),
+            ("/v1/%6", "/v1/%6"),
+            ("/v1/%C3%A9/%2b", "/v1/%C3%A9/%2b"),
         ];
         for (path, expected) in cases {
             assert_eq!(normalise(path).unwrap(), expected, "{path}");
