@@ -4,7 +4,6 @@
 
 use std::sync::{Arc, LazyLock};
 
-use aho_corasick::AhoCorasick;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -396,49 +395,45 @@ fn output_cap(flavour: Flavour, caps: &[(&'static str, Option<u64>)]) -> Result<
 /// Searchers built once (building one costs more than searching a body).
 static STREAM_OPTIONS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"stream_options\""));
 static UNICODE_ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
-/// Keys (or values) that make an upstream read input from its own storage,
-/// the web or a tool server, or that carry media whose tokens are not bound
-/// by their bytes (base64 images and documents). Quoted, so text inside a
-/// message (where quotes are escaped) never matches; a false match only
-/// makes the hold larger. The last three have no closing quote: they match
-/// every version of a tool type (`web_search_preview_2025_03_11`,
-/// `web_fetch_20250910`, `mcp`, `mcp_servers`). Embeddings read only the
-/// text they are sent (and `"encoding_format": "base64"` is theirs), so
-/// they are not searched.
-const SERVER_CONTEXT_MARKERS: [&str; 18] = [
-    "\"previous_response_id\"",
-    "\"conversation\"",
-    "\"prompt\"",
-    "\"item_reference\"",
-    "\"file_id\"",
-    "\"file_url\"",
-    "\"file_data\"",
-    "\"image_url\"",
-    "\"url\"",
-    "\"base64\"",
-    "\"file_search\"",
-    "\"vector_store_ids\"",
-    "\"server_url\"",
-    "\"connector_id\"",
-    "\"container\"",
-    "\"web_search",
-    "\"web_fetch",
-    "\"mcp",
-];
-/// All the markers in one pass over the body (one search per marker cost
-/// a pass each).
-static SERVER_CONTEXT: LazyLock<AhoCorasick> =
-    LazyLock::new(|| AhoCorasick::new(SERVER_CONTEXT_MARKERS).expect("fixed, short patterns build"));
-
-/// The server-context marker a body names, if any. A key or value spelled
-/// with `\u` escapes (`"\u0070revious_response_id"`) reads the same to the
-/// upstream, so a body with any is also searched with its escaped printable
-/// ASCII spelled out.
+/// The server-context marker a body names, if any: a key or value that makes
+/// the upstream read input from its own storage, the web or a tool server, or
+/// that carries media whose tokens its bytes do not bound (base64 images and
+/// documents). Embeddings read only the text they are sent (and
+/// `"encoding_format": "base64"` is theirs), so they are not searched. A key
+/// or value spelled with `\u` escapes (`"\u0070revious_response_id"`) reads
+/// the same to the upstream, so a body with any is also searched with its
+/// escaped printable ASCII spelled out.
 fn server_context_marker(body: &[u8]) -> Option<&'static str> {
-    let find = |bytes: &[u8]| {
-        SERVER_CONTEXT.find(bytes).map(|found| SERVER_CONTEXT_MARKERS[found.pattern()].trim_matches('"'))
-    };
+    let find =
+        |bytes: &[u8]| memchr::memchr_iter(b'"', bytes).find_map(|at| marker_after_quote(&bytes[at + 1..]));
     find(body).or_else(|| UNICODE_ESCAPE.find(body).and_then(|_| find(&ascii_unescaped(body))))
+}
+
+/// The marker that `rest` (what follows a quote) starts with. A marker is a
+/// whole quoted string, so text inside a message (where quotes are escaped)
+/// never matches, and a false match only makes the hold larger; the last
+/// three have no closing quote and match every version of a tool type
+/// (`web_search_preview_2025_03_11`, `web_fetch_20250910`, `mcp_servers`).
+/// One match on the first letter (a pass per marker cost more, and an
+/// automaton more still, on the short bodies most requests send).
+fn marker_after_quote(rest: &[u8]) -> Option<&'static str> {
+    let markers: &[&'static str] = match rest.first()? {
+        b'p' => &["previous_response_id\"", "prompt\""],
+        b'c' => &["conversation\"", "connector_id\"", "container\""],
+        b'i' => &["item_reference\"", "image_url\""],
+        b'f' => &["file_id\"", "file_url\"", "file_data\"", "file_search\""],
+        b'u' => &["url\""],
+        b'b' => &["base64\""],
+        b'v' => &["vector_store_ids\""],
+        b's' => &["server_url\""],
+        b'w' => &["web_search", "web_fetch"],
+        b'm' => &["mcp"],
+        _ => return None,
+    };
+    markers
+        .iter()
+        .find(|marker| rest.starts_with(marker.as_bytes()))
+        .map(|marker| marker.trim_end_matches('"'))
 }
 
 /// `body` with each `\uXXXX` escape of a printable ASCII character other than
@@ -1071,6 +1066,11 @@ mod tests {
         assert_eq!(marker(r#"{"\u0070revious_response_id":"r"}"#), Some("previous_response_id"));
         assert_eq!(marker(r#"{"tools":[{"type":"web_s\u0065\u0061rch"}]}"#), Some("web_search"));
         assert_eq!(marker(r#"{"x":"\u00e9","\u0055RL":1,"u\u0072l":2}"#), Some("url"));
+        assert_eq!(marker(r#"{"tools":[{"type":"web_fetch_20250910"}]}"#), Some("web_fetch"));
+        assert_eq!(marker(r#"{"tools":[{"type":"mcp","server_label":"x"}]}"#), Some("mcp"));
+        assert_eq!(marker(r#"{"source":{"type": "base64","data":"AA"}}"#), Some("base64"));
+        assert_eq!(marker(r#"{"model":"m","messages":[{"content":"file_id url","role":"p"}]}"#), None);
+        assert_eq!(marker(r#"{"prompt_cache_key":"k","urls":1,"webs":"w","f":"""#), None);
         // Quotes inside text are escaped however they are spelled.
         assert_eq!(marker(r#"{"input":"a \"prompt\" and a \u0022prompt\u0022"}"#), None);
         // An escaped backslash before `u0070` is a backslash, then text.
