@@ -263,6 +263,10 @@ impl UsageFields {
 }
 
 /// Usage in a JSON document, in any of the shapes the supported APIs use.
+/// Anthropic's `message_start` (usage under `message`) opens a stream with
+/// `output_tokens: 1`, a running count: its output is not read, so a stream
+/// cut before `message_delta` has no output count and is charged as one
+/// without usage, not as one token.
 fn usage_from_bytes(json: &[u8]) -> Option<Reported> {
     // Checked whole and at once, a body's keys are not each checked for
     // UTF-8 again as the slice reader would; a body that is not UTF-8 (in a
@@ -276,11 +280,15 @@ fn usage_from_bytes(json: &[u8]) -> Option<Reported> {
             let output =
                 envelope.output.as_deref().or(envelope.response.as_ref().and_then(|r| r.output.as_deref()));
             let hosted_calls = output.map(|items| count_hosted_calls(item_types(items))).unwrap_or_default();
-            let usage = envelope
-                .usage
-                .or_else(|| envelope.message.and_then(|m| m.usage))
-                .or_else(|| envelope.response.and_then(|r| r.usage))?;
+            let (usage, opening) = match (envelope.usage, envelope.message.and_then(|m| m.usage)) {
+                (Some(usage), _) => (usage, false),
+                (None, Some(usage)) => (usage, true),
+                (None, None) => (envelope.response.and_then(|r| r.usage)?, false),
+            };
             let mut reported = usage.reported();
+            if opening {
+                reported.output_tokens = None;
+            }
             for (mine, from_output) in reported.hosted_calls.iter_mut().zip(hosted_calls) {
                 *mine = (*mine).max(from_output);
             }
@@ -334,14 +342,15 @@ fn counted(c: UsageCounts) -> Reported {
 
 /// Read a `usage` object in any of the shapes the supported APIs use.
 fn usage_from_json(value: &Value) -> Option<Reported> {
-    let usage = value
-        .get("usage")
-        .filter(|u| u.is_object())
-        .or_else(|| value.pointer("/message/usage"))
-        .or_else(|| value.pointer("/response/usage"))?;
+    let top = value.get("usage").filter(|u| u.is_object());
+    let opening = top.is_none() && value.pointer("/message/usage").is_some();
+    let usage = top.or_else(|| value.pointer("/message/usage")).or_else(|| value.pointer("/response/usage"))?;
     let output = value.get("output").or_else(|| value.pointer("/response/output")).and_then(Value::as_array);
     let types = output.into_iter().flatten().filter_map(|item| item.get("type").and_then(Value::as_str));
     let mut reported = usage_from_object(usage)?;
+    if opening {
+        reported.output_tokens = None;
+    }
     for (mine, from_output) in reported.hosted_calls.iter_mut().zip(count_hosted_calls(types)) {
         *mine = (*mine).max(from_output);
     }

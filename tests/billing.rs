@@ -103,6 +103,22 @@ impl Books {
         send(request.body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap()).await
     }
 
+    /// The hold of the durable debit of `amount` (entries are exported once durable).
+    async fn debit_held(&self, amount: Decimal) -> Option<Decimal> {
+        for _ in 0..200 {
+            let held =
+                self.gateway.ledger_entries(0, 1000).unwrap().iter().rev().find_map(|e| match &e.kind {
+                    EntryKind::Debit(debit) if e.amount.abs() == amount => Some(debit.held),
+                    _ => None,
+                });
+            if held.is_some() {
+                return held;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    }
+
     async fn metrics(&self) -> String {
         let url = format!("http://{}/metrics", self.gateway.admin_addr());
         let reply = send(Request::get(url).body(Full::new(Bytes::new())).unwrap()).await;
@@ -737,17 +753,7 @@ async fn an_upstream_idle_past_its_timeout_is_cut_but_one_that_keeps_sending_is_
     // A silent upstream may be reasoning (billed, not streamed) up to the cap: the hold.
     let charged = before - books.settled_balance(&pro).await;
     assert!(books.metrics().await.contains("creditgate_settles_total{result=\"debited_no_usage\"} 1"));
-    let mut held = None;
-    for _ in 0..200 {
-        held = books.gateway.ledger_entries(0, 1000).unwrap().iter().rev().find_map(|e| match &e.kind {
-            EntryKind::Debit(debit) if e.amount.abs() == charged => Some(debit.held),
-            _ => None,
-        });
-        if held.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let held = books.debit_held(charged).await;
     assert_eq!(held, Some(charged), "the cut stream was charged its hold");
     let open = books.gateway.ledger().balance(books.wallet(&pro), chrono::Utc::now()).unwrap().open_holds;
     assert_eq!(open, 0);
@@ -771,24 +777,31 @@ async fn a_response_is_ended_after_max_response_ms_even_when_its_client_stopped_
     .await;
     let pro = books.keys.pro.clone();
     let wallet = books.wallet(&pro);
-    let before = books.settled_balance(&pro).await;
-    let mut sender = open_h1(books.gateway.proxy_addr()).await;
-    let request = Request::post(books.url(CHAT))
-        .header("authorization", format!("Bearer {pro}"))
-        .header("x-provider-usage-delay-ms", "20000")
-        .body(creditgate::mock::MockBody::Full(Some(Bytes::from(
-            json!({"model": "mock-gpt", "stream": true, "max_tokens": 100}).to_string(),
-        ))))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    let mut body = response.into_body();
-    next_chunk(&mut body).await.unwrap();
-    // The client stops reading; the upstream would take 20 s more.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let ended = read_to_end(&mut body, Duration::from_secs(3)).await;
-    assert!(ended.is_ok(), "the gateway ended the response");
-    let after = books.settled_balance(&pro).await;
-    assert!(after < before, "the cut request was charged");
+    // Anthropic's stream opens with a running count (`output_tokens: 1`), which is not usage.
+    for (path, model) in [(CHAT, "mock-gpt"), ("/v1/messages", "mock-claude")] {
+        let before = books.settled_balance(&pro).await;
+        let mut sender = open_h1(books.gateway.proxy_addr()).await;
+        let request = Request::post(books.url(path))
+            .header("authorization", format!("Bearer {pro}"))
+            .header("x-provider-usage-delay-ms", "20000")
+            .body(creditgate::mock::MockBody::Full(Some(Bytes::from(
+                json!({"model": model, "stream": true, "max_tokens": 100, "messages": []}).to_string(),
+            ))))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let mut body = response.into_body();
+        next_chunk(&mut body).await.unwrap();
+        // The client stops reading; the upstream would take 20 s more.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let ended = read_to_end(&mut body, Duration::from_secs(3)).await;
+        assert!(ended.is_ok(), "the gateway ended the response");
+        let charged = before - books.settled_balance(&pro).await;
+        assert_eq!(
+            books.debit_held(charged).await,
+            Some(charged),
+            "{model}: the cut request was charged its hold"
+        );
+    }
     let open = books.gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap().open_holds;
     assert_eq!(open, 0);
 }
