@@ -238,6 +238,20 @@ pub enum Flavour {
     AnthropicMessages,
 }
 
+impl Flavour {
+    /// The end of the path that creates a call in this API, wherever the
+    /// upstream mounts it (`/v1/chat/completions`,
+    /// `/openai/deployments/d/chat/completions`).
+    pub fn create_path(self) -> &'static str {
+        match self {
+            Flavour::OpenaiChat => "/chat/completions",
+            Flavour::OpenaiEmbeddings => "/embeddings",
+            Flavour::OpenaiResponses => "/responses",
+            Flavour::AnthropicMessages => "/messages",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -404,6 +418,10 @@ impl Default for RouteLimits {
 impl Route {
     /// Whether this route serves `path` on `host`. Prefixes match whole path
     /// segments: `/v1/chat` serves `/v1/chat/completions` but not `/v1/chatty`.
+    /// A model route serves only paths that create a call in its API: beside
+    /// them are the upstream's stored objects (`/v1/responses/{id}`,
+    /// `/v1/messages/batches`), which belong to every tenant of the
+    /// operator's account and are not metered.
     pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
         if let Some(want) = &self.host {
             match host {
@@ -412,7 +430,13 @@ impl Route {
             }
         }
         match path.strip_prefix(&*self.prefix) {
-            Some(rest) => self.prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+            Some(rest) => {
+                let whole_segments = self.prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/');
+                match &self.kind {
+                    RouteKind::Model(flavour) => whole_segments && path.ends_with(flavour.create_path()),
+                    _ => whole_segments,
+                }
+            }
             None => false,
         }
     }
@@ -1462,6 +1486,8 @@ file = "prices.toml"
         let c = parse(text).unwrap();
         let name = |host, path| c.upstreams[c.route_for(host, path).unwrap().upstream].name.clone();
         assert_eq!(name(None, "/v1/chat/completions"), "b");
+        // Stored objects beside the create path are not the model route's.
+        assert_eq!(name(None, "/v1/chat/completions/chatcmpl_1"), "a");
         assert_eq!(name(None, "/v1/embeddings"), "a");
         assert_eq!(name(Some("special.example:8080"), "/v1/chat/completions"), "c");
     }

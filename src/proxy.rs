@@ -216,6 +216,10 @@ impl Proxy {
             .ok_or_else(|| ProxyError::RouteNotFound { path: request.uri().path().to_owned() })?;
         ctx.upstream = Some(route.upstream);
         ctx.route_prefix = Some(route.prefix.clone());
+        // GET or DELETE on a create path lists or removes stored objects.
+        if matches!(route.kind, RouteKind::Model(_)) && request.method() != http::Method::POST {
+            return Err(ProxyError::MethodNotAllowed { method: request.method().clone() });
+        }
         Ok(route)
     }
 
@@ -424,6 +428,8 @@ impl Proxy {
         headers::strip_hop_by_hop(headers);
         headers::strip_client_credentials(headers);
         headers::strip_billing_selectors(headers);
+        // The end user is the operator's record, not the upstream's business.
+        headers.remove(&charge::END_USER);
         if let Some(allowed) = &upstream.forward_headers {
             headers::keep_only(headers, allowed);
         }

@@ -286,6 +286,51 @@ async fn a_path_that_spells_letters_as_escapes_is_routed_as_the_upstream_reads_i
 }
 
 #[tokio::test]
+async fn a_model_route_creates_calls_and_never_reaches_stored_objects() {
+    // GET /v1/chat/completions lists, and /v1/responses/{id} reads, the stored objects of every
+    // tenant on the operator's upstream account; priced by a body's `model`, they went through.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let body = json!({"model": "mock-gpt", "max_tokens": 1}).to_string();
+    for (method, path, status) in [
+        ("GET", CHAT, 405),
+        ("DELETE", "/v1/responses", 405),
+        ("GET", "/v1/responses/resp_1", 404),
+        ("GET", "/v1/responses/resp_1/input_items", 404),
+        ("POST", "/v1/messages/batches", 404),
+        ("POST", "/v1/chat/completions/chatcmpl_1", 404),
+    ] {
+        let request = Request::builder()
+            .method(method)
+            .uri(books.url(path))
+            .header("authorization", format!("Bearer {pro}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap();
+        let reply = send(request).await;
+        assert_eq!(reply.status.as_u16(), status, "{method} {path}");
+        if status == 405 {
+            assert_eq!(reply.header("allow"), Some("POST"));
+        }
+    }
+    assert!(books.provider.received().is_empty(), "nothing was forwarded");
+}
+
+#[tokio::test]
+async fn an_end_user_is_an_applications_and_is_not_sent_upstream() {
+    // A user key naming an end user put the user's spend on an application customer's
+    // chargeback rows; and every end-user id went on to the provider.
+    let books = Books::start(|t| t, "100", "1").await;
+    let body = json!({"model": "mock-gpt", "max_tokens": 5});
+    let end_user = [("x-creditgate-end-user", "customer-42")];
+    assert_eq!(books.post(CHAT, Some(&books.keys.app), &end_user, &body).await.status, 200);
+    assert!(!books.provider.last().headers.contains_key("x-creditgate-end-user"), "not forwarded");
+    let reply = books.post(CHAT, Some(&books.keys.pro), &end_user, &body).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(books.provider.received().len(), 1, "the user key's call was not forwarded");
+}
+
+#[tokio::test]
 async fn a_client_request_id_names_no_hold_and_the_ttl_spares_running_requests() {
     // Proves defect 3: the client's x-request-id keyed the hold, so two requests with one id
     // collided, and the TTL voided a hold still streaming (freeing credit it was spending).

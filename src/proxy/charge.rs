@@ -20,7 +20,7 @@ use crate::cluster::ClusterHold;
 use crate::config::{Flavour, RouteLimits};
 use crate::ledger::entity::KeyHash;
 use crate::ledger::entry::{SettleDetails, Usage};
-use crate::ledger::ids::RequestId;
+use crate::ledger::ids::{Owner, RequestId};
 use crate::ledger::{Hold, Ledger, ResolvedKey, SettleError};
 use crate::meter::{HostedTool, Meter, Reported};
 use crate::pricing::{customer_price, HoldRequest, Markup, ModelPrice, PriceTable, TokenUsage, ToolPrice};
@@ -159,6 +159,13 @@ pub fn identify(ledger: &Ledger, headers: &HeaderMap) -> Result<(ResolvedKey, Op
                 field: "x-creditgate-end-user",
                 reason: format!("must be 1 to {MAX_END_USER_LEN} visible ASCII characters"),
             })?;
+            // End users are an application's customers; a user's spend is its own.
+            if let Owner::User(_) = key.owner {
+                return Err(ProxyError::InvalidField {
+                    field: "x-creditgate-end-user",
+                    reason: "names an application's end user; send it with an application's key".into(),
+                });
+            }
             Some(Arc::from(text))
         }
     };

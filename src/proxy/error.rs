@@ -16,6 +16,8 @@ use crate::ledger::Refusal;
 pub enum ProxyError {
     #[error("no route serves {path}")]
     RouteNotFound { path: String },
+    #[error("{method} is not served here: a model route takes POST (it creates a metered call)")]
+    MethodNotAllowed { method: http::Method },
     #[error("request body exceeds the {limit_bytes}-byte limit")]
     BodyTooLarge { limit_bytes: u64 },
     #[error("the request body did not arrive within {timeout:?}")]
@@ -82,6 +84,7 @@ impl ProxyError {
         use StatusCode as S;
         let (status, kind, code, level) = match self {
             ProxyError::RouteNotFound { .. } => (S::NOT_FOUND, "invalid_request_error", "route_not_found", Level::DEBUG),
+            ProxyError::MethodNotAllowed { .. } => (S::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed", Level::DEBUG),
             ProxyError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "invalid_request_error", "body_too_large", Level::DEBUG),
             ProxyError::BodyTimeout { .. } => (S::REQUEST_TIMEOUT, "invalid_request_error", "body_timeout", Level::DEBUG),
             ProxyError::UpstreamUnreachable { .. } => (S::BAD_GATEWAY, "upstream_error", "upstream_unreachable", Level::WARN),
@@ -123,6 +126,9 @@ impl ProxyError {
             body["error"]["limit"] = json!(limit);
             response = json_body(class.status, &body);
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+        if let ProxyError::MethodNotAllowed { .. } = self {
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
         }
         response
     }
