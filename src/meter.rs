@@ -344,7 +344,8 @@ fn counted(c: UsageCounts) -> Reported {
 fn usage_from_json(value: &Value) -> Option<Reported> {
     let top = value.get("usage").filter(|u| u.is_object());
     let opening = top.is_none() && value.pointer("/message/usage").is_some();
-    let usage = top.or_else(|| value.pointer("/message/usage")).or_else(|| value.pointer("/response/usage"))?;
+    let usage =
+        top.or_else(|| value.pointer("/message/usage")).or_else(|| value.pointer("/response/usage"))?;
     let output = value.get("output").or_else(|| value.pointer("/response/output")).and_then(Value::as_array);
     let types = output.into_iter().flatten().filter_map(|item| item.get("type").and_then(Value::as_str));
     let mut reported = usage_from_object(usage)?;
