@@ -411,8 +411,15 @@ static UNICODE_ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(
 /// the same to the upstream, so a body with any is also searched with its
 /// escaped printable ASCII spelled out.
 fn server_context_marker(body: &[u8]) -> Option<&'static str> {
-    let find =
-        |bytes: &[u8]| memchr::memchr_iter(b'"', bytes).find_map(|at| marker_after_quote(&bytes[at + 1..]));
+    let find = |bytes: &[u8]| {
+        let after = |at: usize| marker_after_quote(&bytes[at + 1..]);
+        // Setting up a SIMD search per quote costs more than walking a short body.
+        if bytes.len() < 512 {
+            (0..bytes.len()).filter(|&at| bytes[at] == b'"').find_map(after)
+        } else {
+            memchr::memchr_iter(b'"', bytes).find_map(after)
+        }
+    };
     find(body).or_else(|| UNICODE_ESCAPE.find(body).and_then(|_| find(&ascii_unescaped(body))))
 }
 
@@ -1078,6 +1085,10 @@ mod tests {
         assert_eq!(marker(r#"{"source":{"type": "base64","data":"AA"}}"#), Some("base64"));
         assert_eq!(marker(r#"{"model":"m","messages":[{"content":"file_id url","role":"p"}]}"#), None);
         assert_eq!(marker(r#"{"prompt_cache_key":"k","urls":1,"webs":"w","f":"""#), None);
+        // Long bodies take the SIMD search; the same answers.
+        let pad = "a \\\"url\\\" ".repeat(100);
+        assert_eq!(marker(&format!(r#"{{"input":"{pad}","conversation":"c"}}"#)), Some("conversation"));
+        assert_eq!(marker(&format!(r#"{{"input":"{pad}"}}"#)), None);
         // Quotes inside text are escaped however they are spelled.
         assert_eq!(marker(r#"{"input":"a \"prompt\" and a \u0022prompt\u0022"}"#), None);
         // An escaped backslash before `u0070` is a backslash, then text.

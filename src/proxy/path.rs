@@ -32,7 +32,7 @@ fn unreserved_decoded(path: &str) -> Option<String> {
         (hex.iter().all(u8::is_ascii_hexdigit) && (byte.is_ascii_alphanumeric() || b"-_~".contains(&byte)))
             .then_some(byte)
     };
-    let first = (0..bytes.len()).find(|&at| bytes[at] == b'%' && unreserved(at).is_some())?;
+    let first = memchr::memchr_iter(b'%', bytes).find(|&at| unreserved(at).is_some())?;
     let mut decoded = String::with_capacity(path.len());
     decoded.push_str(&path[..first]);
     let mut at = first;
