@@ -603,7 +603,7 @@ fn same_host(uri_host: &str, header_host: &str) -> bool {
 /// a fresh one stands in should it somehow not parse). Never the client's.
 fn ledger_request_id(request_id: &HeaderValue) -> RequestId {
     let parsed = request_id.to_str().ok().and_then(|text| uuid::Uuid::try_parse(text).ok());
-    RequestId(parsed.unwrap_or_else(uuid::Uuid::now_v7))
+    RequestId(parsed.unwrap_or_else(headers::new_request_uuid))
 }
 
 fn log_error(span: &tracing::Span, level: tracing::Level, code: &str, error: &ProxyError) {

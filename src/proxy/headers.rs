@@ -81,10 +81,38 @@ pub fn keep_only(headers: &mut HeaderMap, allowed: &[HeaderName]) {
 /// settlement.
 pub fn mint_request_id() -> HeaderValue {
     let mut digits = [0u8; uuid::fmt::Simple::LENGTH];
-    let id = uuid::Uuid::now_v7();
+    let id = new_request_uuid();
     let id = id.simple().encode_lower(&mut digits);
     // A simple uuid is 32 hex digits: always a valid header value.
     HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// A UUIDv7 unique to this process: the time, then a per-thread random
+/// nonce and a per-thread count (from a random start) in the bits the
+/// version and variant leave whole. uuid's `now_v7` asked the kernel for
+/// random bytes twice an id (two `getrandom` system calls a request); this
+/// asks once a thread.
+pub fn new_request_uuid() -> uuid::Uuid {
+    thread_local! {
+        static MINT: std::cell::Cell<(u32, u64)> = std::cell::Cell::new({
+            let seed = uuid::Uuid::new_v4().as_u128();
+            (seed as u32, (seed >> 64) as u64)
+        });
+    }
+    let (nonce, count) = MINT.with(|mint| {
+        let (nonce, count) = mint.get();
+        mint.set((nonce, count.wrapping_add(1)));
+        (nonce, count)
+    });
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+    // Bytes 6..16 of the UUID: 6 and 8 give up bits to the version and the
+    // variant; 10..16 (the count's low 48 bits) are kept whole.
+    let mut random = [0u8; 10];
+    random[..4].copy_from_slice(&nonce.to_le_bytes());
+    random[4..].copy_from_slice(&count.to_le_bytes()[..6]);
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
 /// Longest client request id kept for the log.
@@ -101,6 +129,24 @@ pub fn client_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_version_7_and_unique_across_threads() {
+        let before = std::time::SystemTime::now();
+        let threads: Vec<_> = (0..4)
+            .map(|_| std::thread::spawn(|| (0..20_000).map(|_| new_request_uuid()).collect::<Vec<_>>()))
+            .collect();
+        let ids: Vec<uuid::Uuid> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let unique: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        for id in &ids {
+            assert_eq!(id.get_version_num(), 7);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+            let (seconds, _) = id.get_timestamp().unwrap().to_unix();
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+            assert!(at + std::time::Duration::from_secs(1) >= before, "the id carries the time");
+        }
+    }
 
     #[test]
     fn each_hop_by_hop_header_is_removed_even_when_it_is_the_only_one() {
