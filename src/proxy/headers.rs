@@ -20,9 +20,22 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Whether [`strip_hop_by_hop`] may remove or check `name`.
+/// Whether [`strip_hop_by_hop`] may remove or check `name`: [`HOP_BY_HOP`],
+/// `upgrade` and `te`. One match on the name's text (which compiles to a
+/// switch on its length) instead of nine name comparisons per header.
 fn stripped_or_checked(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name == header::UPGRADE || name == header::TE
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+    )
 }
 
 /// Remove hop-by-hop headers, including any the `Connection` header names.
