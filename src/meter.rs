@@ -161,6 +161,7 @@ fn item_types(items: &[OutputItem]) -> impl Iterator<Item = &str> {
 struct UsageFields {
     prompt_tokens: Option<Count>,
     completion_tokens: Option<Count>,
+    total_tokens: Option<Count>,
     input_tokens: Option<Count>,
     output_tokens: Option<Count>,
     cache_read_input_tokens: Option<Count>,
@@ -248,6 +249,7 @@ impl UsageFields {
         let mut reported = counted(UsageCounts {
             prompt: count(&self.prompt_tokens),
             completion: count(&self.completion_tokens),
+            total: count(&self.total_tokens),
             input: count(&self.input_tokens),
             output: count(&self.output_tokens),
             cache_read: count(&self.cache_read_input_tokens),
@@ -304,6 +306,7 @@ fn usage_from_bytes(json: &[u8]) -> Option<Reported> {
 struct UsageCounts {
     prompt: Option<u64>,
     completion: Option<u64>,
+    total: Option<u64>,
     input: Option<u64>,
     output: Option<u64>,
     cache_read: Option<u64>,
@@ -330,12 +333,18 @@ fn counted(c: UsageCounts) -> Reported {
             (five.or_else(|| c.cache_write.map(|all| all.saturating_sub(hour.unwrap_or(0)))), hour)
         }
     };
+    // Some providers (xAI) leave reasoning out of completion_tokens but count
+    // it in total_tokens, and bill it: output is at least total less input.
+    let output = match (c.completion.or(c.output), c.total, c.prompt.or(c.input)) {
+        (Some(output), Some(total), Some(input)) => Some(output.max(total.saturating_sub(input))),
+        (output, _, _) => output,
+    };
     Reported {
         input_tokens: input,
         cached_input_tokens: c.cached.or(c.cache_read),
         cache_write_5m_tokens: write_5m,
         cache_write_1h_tokens: write_1h,
-        output_tokens: c.completion.or(c.output),
+        output_tokens: output,
         hosted_calls: Default::default(),
     }
 }
@@ -370,6 +379,7 @@ fn usage_from_object(usage: &Value) -> Option<Reported> {
     let mut reported = counted(UsageCounts {
         prompt: count("prompt_tokens"),
         completion: count("completion_tokens"),
+        total: count("total_tokens"),
         input: count("input_tokens"),
         output: count("output_tokens"),
         cache_read: count("cache_read_input_tokens"),
@@ -394,6 +404,9 @@ pub struct Meter {
     /// Remove the usage-only chunk and `"usage":null` fields the gateway
     /// asked for on the client's behalf.
     strip_injected_usage: bool,
+    /// The stream reached the event that ends its usage (see [`ends_usage`]):
+    /// what was reported is the bill, not a running total.
+    usage_final: bool,
 }
 
 #[derive(Debug)]
@@ -416,7 +429,7 @@ impl Meter {
         } else {
             Mode::Json { first: None, rest: BytesMut::new(), overflowed: false }
         };
-        Meter { mode, reported: Reported::default(), text_bytes: 0, strip_injected_usage }
+        Meter { mode, reported: Reported::default(), text_bytes: 0, strip_injected_usage, usage_final: false }
     }
 
     /// Look at one chunk; returns what the client should get (the chunk
@@ -497,6 +510,12 @@ impl Meter {
         self.reported
     }
 
+    /// A stream's usage came in the event that ends it (or `[DONE]` came):
+    /// a stream cut before that has seen at most a running total.
+    pub fn usage_is_final(&self) -> bool {
+        self.usage_final
+    }
+
     /// The rewriter holds bytes of an event it has not seen the end of.
     pub fn holds_bytes(&self) -> bool {
         matches!(&self.mode, Mode::Sse { pending_event, .. } if !pending_event.is_empty())
@@ -542,12 +561,17 @@ impl Meter {
             return;
         };
         let data = data.strip_prefix(b" ").unwrap_or(data);
+        if data.starts_with(b"[DONE]") {
+            self.usage_final = true;
+            return;
+        }
         self.text_bytes += delta_text_len(data);
         // Cheap scan before parsing: most events carry no usage, or only
         // the `"usage": null` that asking for it adds to every chunk.
         if may_carry_usage && carries_usage(data) {
             if let Some(found) = usage_from_bytes(data) {
                 self.reported.merge(found);
+                self.usage_final |= ends_usage(data);
             }
         }
     }
@@ -672,6 +696,24 @@ fn event_end(buffer: &[u8]) -> Option<usize> {
         line_start = next;
     }
     None
+}
+
+/// Whether a data line's usage is the call's last word: OpenAI's usage-only
+/// chunk (`choices` empty), a Responses API ending (`response.completed`,
+/// `.incomplete`, `.failed`) or Anthropic's `message_delta`. A provider that
+/// reports a running total on every chunk (vLLM's continuous usage stats)
+/// sends usage before its end too: a floor, not the bill.
+fn ends_usage(data: &[u8]) -> bool {
+    let choices_empty = || {
+        CHOICES_KEY.find_iter(data).any(|at| {
+            let colon = skip_whitespace(data, at + CHOICES_KEY.needle().len());
+            let open = skip_whitespace(data, colon + 1);
+            data.get(colon) == Some(&b':')
+                && data.get(open) == Some(&b'[')
+                && data.get(skip_whitespace(data, open + 1)) == Some(&b']')
+        })
+    };
+    FINAL_EVENTS.iter().any(|kind| kind.find(data).is_some()) || choices_empty()
 }
 
 /// The event is the usage-only chunk: `choices` an empty array and `usage`
@@ -888,6 +930,15 @@ type Needle = LazyLock<Finder<'static>>;
 static USAGE_KEY: Needle = LazyLock::new(|| Finder::new(b"\"usage\""));
 static CHOICES_KEY: Needle = LazyLock::new(|| Finder::new(b"\"choices\""));
 static DELTA_KEY: Needle = LazyLock::new(|| Finder::new(b"\"delta\""));
+/// Event types whose usage ends a stream's.
+static FINAL_EVENTS: LazyLock<[Finder<'static>; 4]> = LazyLock::new(|| {
+    [
+        Finder::new(b"\"response.completed\""),
+        Finder::new(b"\"response.incomplete\""),
+        Finder::new(b"\"response.failed\""),
+        Finder::new(b"\"message_delta\""),
+    ]
+});
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -1174,6 +1225,39 @@ mod tests {
     }
 
     #[test]
+    fn output_is_at_least_total_less_input() {
+        // xAI counts reasoning in total_tokens but not in completion_tokens, and bills it.
+        let xai = br#"{"usage":{"prompt_tokens":20,"completion_tokens":151,"total_tokens":553,"completion_tokens_details":{"reasoning_tokens":382}}}"#;
+        assert_eq!(usage_from_bytes(xai).unwrap().output_tokens, Some(533));
+        let openai = br#"{"usage":{"prompt_tokens":20,"completion_tokens":151,"total_tokens":171}}"#;
+        assert_eq!(usage_from_bytes(openai).unwrap().output_tokens, Some(151));
+        let responses = br#"{"usage":{"input_tokens":4,"output_tokens":6,"total_tokens":10}}"#;
+        assert_eq!(usage_from_bytes(responses).unwrap().output_tokens, Some(6));
+        let embeddings = br#"{"usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        assert_eq!(usage_from_bytes(embeddings).unwrap().output_tokens, None);
+    }
+
+    #[test]
+    fn usage_is_final_only_from_the_event_that_ends_it() {
+        let cases: [(&str, bool); 9] = [
+            ("data: {\"choices\": [{\"delta\": {}}], \"usage\": {\"prompt_tokens\": 3, \"completion_tokens\": 1}}\n\n", false),
+            ("data: {\"choices\": [], \"usage\": {\"prompt_tokens\": 3, \"completion_tokens\": 9}}\n\n", true),
+            ("data: {\"choices\":[ ],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":9}}\n\n", true),
+            ("data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n", false),
+            ("data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n\n", true),
+            ("data: {\"type\":\"response.in_progress\",\"response\":{\"usage\":null}}\n\n", false),
+            ("data: {\"type\":\"response.incomplete\",\"response\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":9}}}\n\n", true),
+            ("data: {\"choices\": [{\"delta\": {\"content\": \"[]\"}}]}\n\n", false),
+            ("data: [DONE]\n\n", true),
+        ];
+        for (event, ends) in cases {
+            let mut meter = Meter::new(true, false);
+            meter.observe(Bytes::from(event));
+            assert_eq!(meter.usage_is_final(), ends, "{event}");
+        }
+    }
+
+    #[test]
     fn a_json_body_in_pieces_is_read_whole() {
         let body = br#"{"choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": 5, "completion_tokens": 7}}"#;
         for at in 0..=body.len() {
@@ -1296,7 +1380,8 @@ mod tests {
 
     #[test]
     fn the_fast_parse_reads_what_the_general_one_reads() {
-        let documents: [&[u8]; 13] = [
+        let documents: [&[u8]; 14] = [
+            br#"{"usage":{"prompt_tokens":20,"completion_tokens":151,"total_tokens":553}}"#,
             br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":5,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":2}}}"#,
             br#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":9,"output_tokens":1,"cache_read_input_tokens":3}}}"#,
             br#"{"type":"response.completed","response":{"output":[],"usage":{"input_tokens":4,"output_tokens":6,"input_tokens_details":{"cached_tokens":1}}}}"#,

@@ -256,7 +256,9 @@ impl Proxy {
         let now = self.clock.now();
         let request_id = ledger_request_id(&ctx.request_id);
         let context = SpendContext { key: key.key, end_user: end_user.as_deref() };
-        let (body, priced, hold, held_cost, output_cap, injected_usage, request_bytes) = match &route.kind {
+        let (body, priced, hold, held_cost, output_cap, injected_usage, estimated_input_tokens) = match &route
+            .kind
+        {
             RouteKind::Model(flavour) => {
                 let timeout = self.config.server.body_read_timeout;
                 let bytes = tokio::time::timeout(timeout, read_body(incoming, limit))
@@ -305,7 +307,8 @@ impl Proxy {
                 let held_cost =
                     charge::model_hold_cost(&price, request_bytes, &plan).unwrap_or_else(|| hold.amount());
                 let priced = Priced::Model { name: Arc::from(fields.model), price, flavour: *flavour };
-                (Either::Right(Full::new(bytes)), priced, hold, held_cost, plan.cap, inject, request_bytes)
+                let estimated_input = charge::estimated_input_tokens(request_bytes, context_tokens);
+                (Either::Right(Full::new(bytes)), priced, hold, held_cost, plan.cap, inject, estimated_input)
             }
             RouteKind::Tool { name, units_header } => {
                 let price = charge::price_tool(&table, name, now)?;
@@ -317,8 +320,8 @@ impl Proxy {
                     units_header: units_header.clone(),
                 };
                 let hold = self.hold(key.wallet, request_id, held.price, context, now).await?;
-                let request_bytes = incoming.size_hint().exact().unwrap_or(0);
-                (streamed(incoming), priced, hold, held.cost, None, false, request_bytes)
+                // A tool call is charged its units or its hold, never an estimate.
+                (streamed(incoming), priced, hold, held.cost, None, false, 0)
             }
             RouteKind::Passthrough => return Ok((parts, streamed(incoming))),
         };
@@ -329,7 +332,7 @@ impl Proxy {
             route: route.prefix.clone(),
             table,
             priced: Some(priced),
-            request_bytes,
+            estimated_input_tokens,
             limits: route.limits.clone(),
             output_cap,
             hold: Some(hold),

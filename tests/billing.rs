@@ -331,6 +331,39 @@ async fn an_end_user_is_an_applications_and_is_not_sent_upstream() {
 }
 
 #[tokio::test]
+async fn a_body_the_upstream_compressed_unasked_is_charged_its_hold_however_it_ends() {
+    // The gateway asks for an unencoded body; one compressed anyway cannot be metered. Read to
+    // its end it was charged the hold, but a client that left mid-body was charged an estimate
+    // of its request alone.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    for leave in [false, true] {
+        let before = books.settled_balance(&pro).await;
+        let mut sender = open_h1(books.gateway.proxy_addr()).await;
+        let request = Request::post(books.url(CHAT))
+            .header("authorization", format!("Bearer {pro}"))
+            .header("x-provider-gzip-anyway", "1")
+            .header("x-provider-pace-ms", "500")
+            .body(creditgate::mock::MockBody::Full(Some(Bytes::from(
+                json!({"model": "mock-gpt", "max_tokens": 100}).to_string(),
+            ))))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.headers()["content-encoding"], "gzip");
+        if leave {
+            let mut body = response.into_body();
+            next_chunk(&mut body).await.unwrap();
+            drop(body);
+            drop(sender);
+        } else {
+            response.into_body().collect().await.unwrap();
+        }
+        let charged = before - books.settled_balance(&pro).await;
+        assert_eq!(books.debit_held(charged).await, Some(charged), "left mid-body: {leave}");
+    }
+}
+
+#[tokio::test]
 async fn a_client_request_id_names_no_hold_and_the_ttl_spares_running_requests() {
     // Proves defect 3: the client's x-request-id keyed the hold, so two requests with one id
     // collided, and the TTL voided a hold still streaming (freeing credit it was spending).
@@ -822,13 +855,20 @@ async fn a_response_is_ended_after_max_response_ms_even_when_its_client_stopped_
     .await;
     let pro = books.keys.pro.clone();
     let wallet = books.wallet(&pro);
-    // Anthropic's stream opens with a running count (`output_tokens: 1`), which is not usage.
-    for (path, model) in [(CHAT, "mock-gpt"), ("/v1/messages", "mock-claude")] {
+    // Anthropic's stream opens with a running count (`output_tokens: 1`), and a provider with
+    // continuous usage stats sends one on every chunk: neither is the bill.
+    for (path, model, running) in
+        [(CHAT, "mock-gpt", "0"), (CHAT, "mock-gpt", "1"), ("/v1/messages", "mock-claude", "0")]
+    {
         let before = books.settled_balance(&pro).await;
         let mut sender = open_h1(books.gateway.proxy_addr()).await;
-        let request = Request::post(books.url(path))
+        let mut request = Request::post(books.url(path))
             .header("authorization", format!("Bearer {pro}"))
-            .header("x-provider-usage-delay-ms", "20000")
+            .header("x-provider-usage-delay-ms", "20000");
+        if running == "1" {
+            request = request.header("x-provider-usage-every-chunk", running);
+        }
+        let request = request
             .body(creditgate::mock::MockBody::Full(Some(Bytes::from(
                 json!({"model": model, "stream": true, "max_tokens": 100, "messages": []}).to_string(),
             ))))
@@ -844,7 +884,7 @@ async fn a_response_is_ended_after_max_response_ms_even_when_its_client_stopped_
         assert_eq!(
             books.debit_held(charged).await,
             Some(charged),
-            "{model}: the cut request was charged its hold"
+            "{model} (running usage: {running}): the cut request was charged its hold"
         );
     }
     let open = books.gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap().open_holds;

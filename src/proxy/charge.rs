@@ -100,7 +100,9 @@ pub struct Charge {
     pub route: Arc<str>,
     pub table: Arc<PriceTable>,
     pub priced: Option<Priced>,
-    pub request_bytes: u64,
+    /// Input an estimate charges when the upstream reports none (see
+    /// [`estimated_input_tokens`]).
+    pub estimated_input_tokens: u64,
     /// The route's bounds (usage ceiling) for the settle.
     pub limits: RouteLimits,
     /// The output cap per choice sent upstream (model routes).
@@ -670,6 +672,14 @@ pub struct HostedHold {
     pub calls_to_send: Option<u64>,
 }
 
+/// Input tokens for a call cut off before its usage: the body at
+/// [`REQUEST_BYTES_PER_TOKEN`], plus the context the hold allowed for when the
+/// request makes the upstream read input it does not carry (which the
+/// upstream bills whether or not it finishes).
+pub fn estimated_input_tokens(request_bytes: u64, context_tokens: u64) -> u64 {
+    request_bytes.div_ceil(REQUEST_BYTES_PER_TOKEN).saturating_add(context_tokens)
+}
+
 /// Phase `price` for the upstream's own tools a Responses request enables:
 /// every such tool must be priced (as `[tools."<item type>"]`), and the
 /// request is held for `max_tool_calls` calls of the dearest, each tool
@@ -839,9 +849,13 @@ impl Charge {
     ///   (`no_usage`), as is a tool call without a readable units header,
     ///   a response the client left whose usage the gateway could not read
     ///   on to in time, and one ended for running too long.
-    /// - A response the upstream broke off (reset, idle) without usage is
-    ///   charged what it delivered, estimated from every kind of delta it
-    ///   carried, up to the hold (`estimated`).
+    /// - A response the upstream broke off (reset) without usage is charged
+    ///   what it delivered, estimated from every kind of delta it carried,
+    ///   plus the context the hold allowed for, up to the hold
+    ///   (`estimated`). An upstream cut for silence is charged the hold.
+    /// - Usage is the bill only once the event that ends it has come (or the
+    ///   body ended): a running total before a cut is a floor.
+    /// - A body the gateway could not read (encoded) is charged the hold.
     /// - A non-2xx response costs nothing.
     pub fn settle(mut self, outcome: Outcome, now: DateTime<Utc>) -> SettleResult {
         let Some(hold) = self.hold.take() else {
@@ -891,12 +905,18 @@ impl Charge {
         held: Amounts,
         now: DateTime<Utc>,
     ) -> (Amounts, Usage, SettleFlag) {
-        let (reported, delivered) = match self.meter.as_mut() {
-            Some(meter) => (meter.finish(), meter.delivered_output_estimate()),
-            None => (Reported::default(), 0),
+        let Some(meter) = self.meter.as_mut() else {
+            // An encoded body (the gateway asked for none) cannot be read,
+            // however it ended: only the hold is sure not to bill less.
+            return (held, Usage::default(), SettleFlag::NoUsage);
         };
+        let (reported, delivered) = (meter.finish(), meter.delivered_output_estimate());
         let no_output = flavour == Flavour::OpenaiEmbeddings;
-        let complete = reported.input_tokens.is_some() && (reported.output_tokens.is_some() || no_output);
+        // A body cut short has seen at most a running total, unless its
+        // usage came in the event that ends it.
+        let ended = outcome == Outcome::Completed || meter.usage_is_final();
+        let complete =
+            ended && reported.input_tokens.is_some() && (reported.output_tokens.is_some() || no_output);
         let (tokens, flag) = if complete {
             let mut tokens = token_usage(&reported, 0);
             let ceiling = self.limits.usage_ceiling;
@@ -920,7 +940,7 @@ impl Charge {
         } else {
             let mut usage = token_usage(&reported, delivered);
             if reported.input_tokens.is_none() {
-                usage.input_tokens = self.request_bytes.div_ceil(REQUEST_BYTES_PER_TOKEN);
+                usage.input_tokens = self.estimated_input_tokens;
             }
             (usage, SettleFlag::Estimated)
         };

@@ -10,7 +10,9 @@
 //! `x-provider-context-tokens: N` input read from server-side context
 //! (default 50,000); `x-provider-pace-ms: N` between stream events;
 //! `x-provider-usage-delay-ms: N` before the usage event;
-//! `x-provider-no-final-blank: 1`; `x-provider-units: N|none|garbage` for
+//! `x-provider-no-final-blank: 1`; `x-provider-usage-every-chunk: 1` (a
+//! running total on every chunk); `x-provider-gzip-anyway: 1` (compress
+//! unasked); `x-provider-units: N|none|garbage` for
 //! the tool route; `x-provider-cache-write-5m: N` and `-1h: N` input tokens
 //! an Anthropic call wrote to its prompt cache (reported apart, as
 //! Anthropic does).
@@ -140,8 +142,10 @@ impl Provider {
             hosted_calls,
         });
         let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        // `x-provider-gzip-anyway`: an upstream that compresses unasked.
         let gzip =
-            headers.get("accept-encoding").and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("gzip"));
+            headers.get("accept-encoding").and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("gzip"))
+                || headers.contains_key("x-provider-gzip-anyway");
         let anthropic = path.starts_with("/v1/messages");
         if !stream {
             let document = if path.starts_with("/v1/responses") {
@@ -166,7 +170,8 @@ impl Provider {
                        "usage": {"prompt_tokens": input_tokens, "completion_tokens": output_tokens}})
             };
             let text = serde_json::to_string_pretty(&document).unwrap();
-            return respond(text.into_bytes(), "application/json", gzip);
+            let response = respond(text.into_bytes(), "application/json", gzip);
+            return in_two_parts(response, number("x-provider-pace-ms", 0));
         }
         let include_usage =
             body.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
@@ -177,8 +182,17 @@ impl Provider {
             events.push((pace, "event: content_block_delta\r\ndata: {\"type\": \"content_block_delta\", \"delta\": {\"type\": \"text_delta\", \"text\": \"hello there\"}}\r\n\r\n".into()));
             events.push((number("x-provider-usage-delay-ms", pace), format!("event: message_delta\r\ndata: {{\"type\": \"message_delta\", \"usage\": {{\"output_tokens\": {output_tokens}}}}}\r\n\r\n")));
         } else {
-            let usage_field = if include_usage { ", \"usage\": null" } else { "" };
+            // vLLM's continuous usage stats: a running total on every chunk.
+            let running = headers.contains_key("x-provider-usage-every-chunk");
             for i in 0..choices {
+                let usage_field = match (include_usage, running) {
+                    (true, true) => format!(
+                        ", \"usage\": {{\"prompt_tokens\": {input_tokens}, \"completion_tokens\": {}}}",
+                        i + 1
+                    ),
+                    (true, false) => ", \"usage\": null".to_owned(),
+                    (false, _) => String::new(),
+                };
                 events.push((pace, format!("data: {{\"id\": \"c1\", \"choices\": [{{\"index\": {i}, \"delta\": {{\"content\": \"hello there\"}}}}]{usage_field}}}\r\n\r\n")));
             }
             if include_usage {
@@ -233,6 +247,24 @@ impl Provider {
         }
         response
     }
+}
+
+/// With a pace, the body goes as two frames that far apart (so a client can
+/// leave in the middle of it).
+fn in_two_parts(response: Response<MockBody>, pace_ms: u64) -> Response<MockBody> {
+    let (parts, body) = response.into_parts();
+    let MockBody::Full(Some(bytes)) = body else { return Response::from_parts(parts, body) };
+    if pace_ms == 0 {
+        return Response::from_parts(parts, MockBody::Full(Some(bytes)));
+    }
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let half = bytes.len() / 2;
+        let _ = tx.send(Ok(Frame::data(bytes.slice(..half)))).await;
+        tokio::time::sleep(Duration::from_millis(pace_ms)).await;
+        let _ = tx.send(Ok(Frame::data(bytes.slice(half..)))).await;
+    });
+    Response::from_parts(parts, MockBody::Channel(rx))
 }
 
 fn respond(body: Vec<u8>, content_type: &str, gzip: bool) -> Response<MockBody> {
