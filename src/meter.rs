@@ -869,8 +869,8 @@ fn delta_value_text(json: &[u8], at: usize) -> (u64, usize) {
     }
     let start = skip_whitespace(json, colon + 1);
     match json.get(start) {
-        Some(b'"') => match string_end(json, start + 1) {
-            Some(close) => ((close - start - 1) as u64, close + 1),
+        Some(b'"') => match text_end(json, start + 1) {
+            Some((close, weight)) => (weight, close + 1),
             None => (0, json.len()),
         },
         Some(b'{') => {
@@ -892,8 +892,8 @@ fn delta_value_text(json: &[u8], at: usize) -> (u64, usize) {
                         if json.get(colon) == Some(&b':') && TEXT_KEYS.contains(&name) {
                             let value = skip_whitespace(json, colon + 1);
                             if json.get(value) == Some(&b'"') {
-                                let Some(end) = string_end(json, value + 1) else { break };
-                                total += (end - value - 1) as u64;
+                                let Some((end, weight)) = text_end(json, value + 1) else { break };
+                                total += weight;
                                 i = end + 1;
                             }
                         }
@@ -907,6 +907,30 @@ fn delta_value_text(json: &[u8], at: usize) -> (u64, usize) {
         }
         _ => (0, start),
     }
+}
+
+/// [`string_end`] for generated text, with the text's weight for the
+/// estimate: its bytes, a character beyond ASCII counted as four (about a
+/// token each; CJK text at four bytes a token would be charged a third).
+fn text_end(bytes: &[u8], mut from: usize) -> Option<(usize, u64)> {
+    let start = from;
+    let mut extra = 0u64;
+    while from < bytes.len() {
+        match bytes[from] {
+            b'"' => return Some((from, (from - start) as u64 + extra)),
+            b'\\' => from += 2,
+            lead => {
+                // A UTF-8 lead byte: 2, 3 or 4 bytes make the character.
+                extra += match lead {
+                    0xC0..=0xDF => 2,
+                    0xE0..=0xEF => 1,
+                    _ => 0,
+                };
+                from += 1;
+            }
+        }
+    }
+    None
 }
 
 /// Where the JSON string whose text starts at `from` ends (its closing
@@ -1200,6 +1224,11 @@ mod tests {
                 r#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{}"}},{"function":{"arguments":"[]"}}]}}]}"#,
                 4,
             ),
+            // A character beyond ASCII weighs four (about a token): CJK (3 bytes), Cyrillic (2),
+            // an emoji (4); an escaped one is its six bytes.
+            (r#"{"choices":[{"delta":{"content":"你好"}}]}"#, 8),
+            (r#"{"type":"content_block_delta","delta":{"type":"text_delta","text":"да😀"}}"#, 12),
+            (r#"{"delta":"a\u4f60"}"#, 7),
         ] {
             assert_eq!(delta_text_len(event.as_bytes()), bytes, "{event}");
         }
