@@ -19,6 +19,7 @@ mod context;
 mod error;
 pub(crate) mod headers;
 mod path;
+mod server_context;
 mod traffic;
 mod upstream;
 
@@ -256,9 +257,7 @@ impl Proxy {
         let now = self.clock.now();
         let request_id = ledger_request_id(&ctx.request_id);
         let context = SpendContext { key: key.key, end_user: end_user.as_deref() };
-        let (body, priced, hold, held_cost, output_cap, injected_usage, estimated_input_tokens) = match &route
-            .kind
-        {
+        let (body, priced, hold, held_cost, output_cap, injected_usage, estimated_input) = match &route.kind {
             RouteKind::Model(flavour) => {
                 let timeout = self.config.server.body_read_timeout;
                 let bytes = tokio::time::timeout(timeout, read_body(incoming, limit))
@@ -332,7 +331,7 @@ impl Proxy {
             route: route.prefix.clone(),
             table,
             priced: Some(priced),
-            estimated_input_tokens,
+            estimated_input_tokens: estimated_input,
             limits: route.limits.clone(),
             output_cap,
             hold: Some(hold),
