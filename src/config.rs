@@ -418,10 +418,9 @@ impl Default for RouteLimits {
 impl Route {
     /// Whether this route serves `path` on `host`. Prefixes match whole path
     /// segments: `/v1/chat` serves `/v1/chat/completions` but not `/v1/chatty`.
-    /// A model route serves only paths that create a call in its API: beside
-    /// them are the upstream's stored objects (`/v1/responses/{id}`,
-    /// `/v1/messages/batches`), which belong to every tenant of the
-    /// operator's account and are not metered.
+    /// A model route owns every path under its prefix, and serves only those
+    /// that create a call in its API ([`Route::creates_calls`]): a path it
+    /// does not serve must not fall through to a broader unmetered route.
     pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
         if let Some(want) = &self.host {
             match host {
@@ -430,14 +429,19 @@ impl Route {
             }
         }
         match path.strip_prefix(&*self.prefix) {
-            Some(rest) => {
-                let whole_segments = self.prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/');
-                match &self.kind {
-                    RouteKind::Model(flavour) => whole_segments && path.ends_with(flavour.create_path()),
-                    _ => whole_segments,
-                }
-            }
+            Some(rest) => self.prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
             None => false,
+        }
+    }
+
+    /// Whether a model route serves `path`: one that creates a call in its
+    /// API. Beside it are the upstream's stored objects (`/v1/responses/{id}`,
+    /// `/v1/messages/batches`), which belong to every tenant of the
+    /// operator's account and are not metered. Other routes serve any path.
+    pub fn creates_calls(&self, path: &str) -> bool {
+        match &self.kind {
+            RouteKind::Model(flavour) => path.trim_end_matches('/').ends_with(flavour.create_path()),
+            _ => true,
         }
     }
 }
@@ -1486,8 +1490,12 @@ file = "prices.toml"
         let c = parse(text).unwrap();
         let name = |host, path| c.upstreams[c.route_for(host, path).unwrap().upstream].name.clone();
         assert_eq!(name(None, "/v1/chat/completions"), "b");
-        // Stored objects beside the create path are not the model route's.
-        assert_eq!(name(None, "/v1/chat/completions/chatcmpl_1"), "a");
+        // Stored objects under a model route are its own (it refuses them), never the
+        // broader unmetered route's.
+        assert_eq!(name(None, "/v1/chat/completions/chatcmpl_1"), "b");
+        let route = c.route_for(None, "/v1/chat/completions/chatcmpl_1").unwrap();
+        assert!(!route.creates_calls("/v1/chat/completions/chatcmpl_1"));
+        assert!(route.creates_calls("/v1/chat/completions") && route.creates_calls("/v1/chat/completions/"));
         assert_eq!(name(None, "/v1/embeddings"), "a");
         assert_eq!(name(Some("special.example:8080"), "/v1/chat/completions"), "c");
     }

@@ -482,7 +482,9 @@ impl Meter {
                     None => usage_from_bytes(rest),
                 };
                 if let Some(found) = found {
+                    // A JSON document that parsed arrived whole: its usage is the bill.
                     self.reported.merge(found);
+                    self.usage_final = true;
                 }
             }
             Mode::Sse { line, .. } if !line.is_empty() => {
@@ -510,8 +512,9 @@ impl Meter {
         self.reported
     }
 
-    /// A stream's usage came in the event that ends it (or `[DONE]` came):
-    /// a stream cut before that has seen at most a running total.
+    /// The usage came in the event that ends a stream (or `[DONE]` came), or
+    /// in a whole JSON body: a stream cut before that has seen at most a
+    /// running total. Meaningful once [`Meter::finish`] has run.
     pub fn usage_is_final(&self) -> bool {
         self.usage_final
     }
@@ -1283,6 +1286,16 @@ mod tests {
             let mut meter = Meter::new(true, false);
             meter.observe(Bytes::from(event));
             assert_eq!(meter.usage_is_final(), ends, "{event}");
+        }
+        // A JSON body that parses arrived whole; one cut short does not parse.
+        for (body, ends) in [
+            (&br#"{"usage":{"prompt_tokens":3,"completion_tokens":9}}"#[..], true),
+            (&br#"{"usage":{"#[..], false),
+        ] {
+            let mut meter = Meter::new(false, false);
+            meter.observe(Bytes::from_static(body));
+            meter.finish();
+            assert_eq!(meter.usage_is_final(), ends);
         }
     }
 

@@ -217,7 +217,11 @@ impl Proxy {
             .ok_or_else(|| ProxyError::RouteNotFound { path: request.uri().path().to_owned() })?;
         ctx.upstream = Some(route.upstream);
         ctx.route_prefix = Some(route.prefix.clone());
-        // GET or DELETE on a create path lists or removes stored objects.
+        // Beside a create path, or with GET or DELETE on one, a model route
+        // would list, read or remove stored objects.
+        if !route.creates_calls(request.uri().path()) {
+            return Err(ProxyError::NotACall { path: request.uri().path().chars().take(256).collect() });
+        }
         if matches!(route.kind, RouteKind::Model(_)) && request.method() != http::Method::POST {
             return Err(ProxyError::MethodNotAllowed { method: request.method().clone() });
         }

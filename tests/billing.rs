@@ -283,13 +283,18 @@ async fn a_path_that_spells_letters_as_escapes_is_routed_as_the_upstream_reads_i
     // Other escapes are forwarded as written: `%20` is not an unreserved character.
     books.post("/v1/chat/%20x", Some(&pro), &[], &body).await;
     assert_eq!(books.provider.last().path, "/v1/chat/%20x");
+    // A `%` that starts no escape could make one once its neighbours are decoded.
+    let forwarded = books.provider.received().len();
+    assert_eq!(books.post("/v1/chat/%%36%33ompletions", Some(&pro), &[], &body).await.status, 400);
+    assert_eq!(books.provider.received().len(), forwarded, "not forwarded");
 }
 
 #[tokio::test]
 async fn a_model_route_creates_calls_and_never_reaches_stored_objects() {
     // GET /v1/chat/completions lists, and /v1/responses/{id} reads, the stored objects of every
     // tenant on the operator's upstream account; priced by a body's `model`, they went through.
-    let books = Books::start(|t| t, "100", "1").await;
+    // A broad unmetered route (here `/`) must not take what the model routes refuse.
+    let books = Books::start(|t| t.replace("prefix = \"/echo\"", "prefix = \"/\""), "100", "1").await;
     let pro = books.keys.pro.clone();
     let body = json!({"model": "mock-gpt", "max_tokens": 1}).to_string();
     for (method, path, status) in [

@@ -16,6 +16,8 @@ use crate::ledger::Refusal;
 pub enum ProxyError {
     #[error("no route serves {path}")]
     RouteNotFound { path: String },
+    #[error("{path} is not a call this model route meters; the upstream's stored objects are not served through the gateway")]
+    NotACall { path: String },
     #[error("{method} is not served here: a model route takes POST (it creates a metered call)")]
     MethodNotAllowed { method: http::Method },
     #[error("request body exceeds the {limit_bytes}-byte limit")]
@@ -84,6 +86,7 @@ impl ProxyError {
         use StatusCode as S;
         let (status, kind, code, level) = match self {
             ProxyError::RouteNotFound { .. } => (S::NOT_FOUND, "invalid_request_error", "route_not_found", Level::DEBUG),
+            ProxyError::NotACall { .. } => (S::NOT_FOUND, "invalid_request_error", "not_a_metered_call", Level::DEBUG),
             ProxyError::MethodNotAllowed { .. } => (S::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed", Level::DEBUG),
             ProxyError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "invalid_request_error", "body_too_large", Level::DEBUG),
             ProxyError::BodyTimeout { .. } => (S::REQUEST_TIMEOUT, "invalid_request_error", "body_timeout", Level::DEBUG),

@@ -19,6 +19,14 @@ pub fn normalise(path: &str) -> Result<Cow<'_, str>, ProxyError> {
     if plainly_normal(path.as_bytes()) {
         return Ok(Cow::Borrowed(path));
     }
+    // A `%` that starts no escape could make one once its neighbours are
+    // decoded (`%%36%33` -> `%63` -> `c`): refused, as the URI grammar says.
+    let bytes = path.as_bytes();
+    let broken = memchr::memchr_iter(b'%', bytes)
+        .any(|at| !bytes.get(at + 1..at + 3).is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)));
+    if broken {
+        return Err(ProxyError::InvalidPath { reason: "has a '%' that starts no escape" });
+    }
     match unreserved_decoded(path) {
         Some(decoded) => Ok(Cow::Owned(normalise_decoded(&decoded)?.into_owned())),
         None => normalise_decoded(path),
@@ -136,8 +144,7 @@ mod tests {
             ("/a/b/./../c", "/a/c"),
             ("/v1/%41bc", "/v1/Abc"),
             ("/v1/chat/%63ompletions", "/v1/chat/completions"),
-            ("/v1/%2D%5f%7e%20x%", "/v1/-_~%20x%"),
-            ("/v1/%6", "/v1/%6"),
+            ("/v1/%2D%5f%7e%20x", "/v1/-_~%20x"),
             ("/v1/%C3%A9/%2b", "/v1/%C3%A9/%2b"),
         ];
         for (path, expected) in cases {
@@ -169,6 +176,10 @@ mod tests {
             "/..",
             "/a/../..",
             "*",
+            "/v1/chat/%%36%33ompletions",
+            "/v1/chat/%6%33ompletions",
+            "/v1/%6",
+            "/v1/x%",
         ] {
             assert!(normalise(path).is_err(), "{path} is refused");
         }

@@ -14,7 +14,9 @@ use super::charge::UNICODE_ESCAPE;
 /// escaped printable ASCII spelled out.
 pub(super) fn marker(body: &[u8]) -> Option<&'static str> {
     let find = |bytes: &[u8]| {
-        let after = |at: usize| marker_after_quote(&bytes[at + 1..]);
+        // A quote after an odd run of backslashes is text, not a string's start.
+        let escaped = |at: usize| bytes[..at].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1;
+        let after = |at: usize| if escaped(at) { None } else { marker_after_quote(&bytes[at + 1..]) };
         // Setting up a SIMD search per quote costs more than walking a short body.
         if bytes.len() < 512 {
             (0..bytes.len()).filter(|&at| bytes[at] == b'"').find_map(after)
@@ -25,31 +27,46 @@ pub(super) fn marker(body: &[u8]) -> Option<&'static str> {
     find(body).or_else(|| UNICODE_ESCAPE.find(body).and_then(|_| find(&ascii_unescaped(body))))
 }
 
-/// The marker that `rest` (what follows a quote) starts with. A marker is a
-/// whole quoted string, so text inside a message (where quotes are escaped)
-/// never matches, and a false match only makes the hold larger; the last
-/// three have no closing quote and match every version of a tool type
-/// (`web_search_preview_2025_03_11`, `web_fetch_20250910`, `mcp_servers`).
-/// One match on the first letter (a pass per marker cost more, and an
-/// automaton more still, on the short bodies most requests send).
+/// The marker a string starting at `rest` (what follows an opening quote)
+/// is: the whole string, so text inside a message (where quotes are escaped)
+/// never matches, and a false match only makes the hold larger. Tool types
+/// also match in every dated version (`web_search_preview_2025_03_11`,
+/// `web_fetch_20250910`), but not a client's own tool named
+/// `web_search_google`. One match on the first letter (a pass per marker
+/// cost more, and an automaton more still, on the short bodies most
+/// requests send).
 fn marker_after_quote(rest: &[u8]) -> Option<&'static str> {
-    let markers: &[&'static str] = match rest.first()? {
-        b'p' => &["previous_response_id\"", "prompt\""],
-        b'c' => &["conversation\"", "connector_id\"", "container\""],
-        b'i' => &["item_reference\"", "image_url\""],
-        b'f' => &["file_id\"", "file_url\"", "file_data\"", "file_search\""],
-        b'u' => &["url\""],
-        b'b' => &["base64\""],
-        b'v' => &["vector_store_ids\""],
-        b's' => &["server_url\""],
-        b'w' => &["web_search", "web_fetch"],
-        b'm' => &["mcp"],
+    let (whole, dated): (&[&'static str], &[&'static str]) = match rest.first()? {
+        b'p' => (&["previous_response_id", "prompt"], &[]),
+        b'c' => (&["conversation", "connector_id", "container"], &[]),
+        b'i' => (&["item_reference", "image_url"], &[]),
+        b'f' => (&["file_id", "file_url", "file_data", "file_search"], &[]),
+        b'u' => (&["url"], &[]),
+        b'b' => (&["base64"], &[]),
+        b'v' => (&["vector_store_ids"], &[]),
+        b's' => (&["server_url"], &[]),
+        b'w' => (&[], &["web_search", "web_fetch"]),
+        b'm' => (&["mcp", "mcp_servers", "mcp_toolset"], &[]),
         _ => return None,
     };
-    markers
+    // The string's text after `name`, if it starts with `name` and ends.
+    let tail = |name: &str| {
+        let tail = rest.strip_prefix(name.as_bytes())?;
+        Some(&tail[..tail.iter().position(|&b| b == b'"')?])
+    };
+    let exact = |name: &str| tail(name).is_some_and(<[u8]>::is_empty);
+    // `_preview`, then dates and numbers: `_2025_03_11`, `_20250910`.
+    let version = |name: &str| {
+        tail(name).is_some_and(|tail| {
+            let tail = tail.strip_prefix(b"_preview").unwrap_or(tail);
+            tail.iter().all(|&b| b == b'_' || b.is_ascii_digit())
+        })
+    };
+    whole
         .iter()
-        .find(|marker| rest.starts_with(marker.as_bytes()))
-        .map(|marker| marker.trim_end_matches('"'))
+        .copied()
+        .find(|name| exact(name))
+        .or_else(|| dated.iter().copied().find(|name| version(name)))
 }
 
 /// `body` with each `\uXXXX` escape of a printable ASCII character other than
@@ -100,6 +117,11 @@ mod tests {
         assert_eq!(marker(r#"{"source":{"type": "base64","data":"AA"}}"#), Some("base64"));
         assert_eq!(marker(r#"{"model":"m","messages":[{"content":"file_id url","role":"p"}]}"#), None);
         assert_eq!(marker(r#"{"prompt_cache_key":"k","urls":1,"webs":"w","f":"""#), None);
+        // Versions of a tool type match; a client's own tool, or text quoting one, does not.
+        assert_eq!(marker(r#"{"tools":[{"type":"web_search_20250305"}]}"#), Some("web_search"));
+        assert_eq!(marker(r#"{"tools":[{"type":"function","name":"web_search_google"}]}"#), None);
+        assert_eq!(marker(r#"{"content":"what does \"web_search\" or {\"mcpServers\": {}} do"}"#), None);
+        assert_eq!(marker(r#"{"content":"a backslash \\","url":"u"}"#), Some("url"));
         // Long bodies take the SIMD search; the same answers.
         let pad = "a \\\"url\\\" ".repeat(100);
         assert_eq!(marker(&format!(r#"{{"input":"{pad}","conversation":"c"}}"#)), Some("conversation"));
