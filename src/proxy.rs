@@ -309,8 +309,13 @@ impl Proxy {
                 // At most the hold (markups are not negative), so it fits where the hold did.
                 let held_cost =
                     charge::model_hold_cost(&price, request_bytes, &plan).unwrap_or_else(|| hold.amount());
+                // A call that may run the upstream's own tools has an estimate
+                // of none: the calls made before a cut are billed, not all seen.
+                let estimated_input = fields
+                    .hosted_tools
+                    .is_empty()
+                    .then(|| charge::estimated_input_tokens(request_bytes, context_tokens));
                 let priced = Priced::Model { name: Arc::from(fields.model), price, flavour: *flavour };
-                let estimated_input = charge::estimated_input_tokens(request_bytes, context_tokens);
                 (Either::Right(Full::new(bytes)), priced, hold, held_cost, plan.cap, inject, estimated_input)
             }
             RouteKind::Tool { name, units_header } => {
@@ -324,7 +329,7 @@ impl Proxy {
                 };
                 let hold = self.hold(key.wallet, request_id, held.price, context, now).await?;
                 // A tool call is charged its units or its hold, never an estimate.
-                (streamed(incoming), priced, hold, held.cost, None, false, 0)
+                (streamed(incoming), priced, hold, held.cost, None, false, None)
             }
             RouteKind::Passthrough => return Ok((parts, streamed(incoming))),
         };

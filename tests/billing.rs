@@ -103,6 +103,26 @@ impl Books {
         send(request.body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap()).await
     }
 
+    /// POST `body` with `key` on a connection of its own; the response's body unread.
+    async fn open_post(
+        &self,
+        path: &str,
+        key: &str,
+        headers: &[(&str, &str)],
+        body: &Value,
+    ) -> http::Response<hyper::body::Incoming> {
+        let mut sender = open_h1(self.gateway.proxy_addr()).await;
+        let mut request = Request::post(self.url(path)).header("authorization", format!("Bearer {key}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let body = creditgate::mock::MockBody::Full(Some(Bytes::from(body.to_string())));
+        let response = sender.send_request(request.body(body).unwrap()).await.unwrap();
+        // The connection lives on with its task; the sender is not needed to read the body.
+        drop(sender);
+        response
+    }
+
     /// The hold of the durable debit of `amount` (entries are exported once durable).
     async fn debit_held(&self, amount: Decimal) -> Option<Decimal> {
         for _ in 0..200 {
@@ -816,14 +836,8 @@ async fn an_upstream_idle_past_its_timeout_is_cut_but_one_that_keeps_sending_is_
     assert_eq!(charged, books.reported_cost("mock-gpt"), "the paced stream's usage");
 
     let before = books.settled_balance(&pro).await;
-    let mut sender = open_h1(books.gateway.proxy_addr()).await;
-    let request = Request::post(books.url(CHAT))
-        .header("authorization", format!("Bearer {pro}"))
-        .header("x-provider-usage-delay-ms", "20000")
-        .body(creditgate::mock::MockBody::Full(Some(Bytes::from(body.to_string()))))
-        .unwrap();
     let started = std::time::Instant::now();
-    let response = sender.send_request(request).await.unwrap();
+    let response = books.open_post(CHAT, &pro, &[("x-provider-usage-delay-ms", "20000")], &body).await;
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     let ended = read_to_end(&mut body, Duration::from_secs(5)).await;
@@ -840,6 +854,40 @@ async fn an_upstream_idle_past_its_timeout_is_cut_but_one_that_keeps_sending_is_
     assert_eq!(held, Some(charged), "the cut stream was charged its hold");
     let open = books.gateway.ledger().balance(books.wallet(&pro), chrono::Utc::now()).unwrap().open_holds;
     assert_eq!(open, 0);
+}
+
+#[tokio::test]
+async fn a_stream_the_upstream_breaks_is_charged_an_estimate_unless_it_may_run_hosted_tools() {
+    // Proves the estimate for a stream the upstream broke off before its usage: what it
+    // delivered plus its request, under the hold. A call that may run the upstream's own tools
+    // is charged its hold instead: the calls it made before the break are billed, not all seen.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let tools = json!([{"type": "web_search"}]);
+    for (path, body, estimated) in [
+        (CHAT, json!({"model": "mock-gpt", "stream": true, "max_tokens": 100}), true),
+        (
+            "/v1/responses",
+            json!({"model": "mock-gpt", "stream": true, "input": "news?", "tools": tools}),
+            false,
+        ),
+    ] {
+        let before = books.settled_balance(&pro).await;
+        let response = books.open_post(path, &pro, &[("x-provider-reset-after", "1")], &body).await;
+        assert_eq!(response.status(), 200);
+        let broke = read_to_end(&mut response.into_body(), Duration::from_secs(5)).await;
+        assert_eq!(broke, Ok(true), "{path}: the client saw the stream break");
+        let charged = before - books.settled_balance(&pro).await;
+        let held = books.debit_held(charged).await.expect("a debit");
+        if estimated {
+            assert!(charged > Decimal::ZERO && charged < held, "{path}: an estimate under the hold");
+        } else {
+            assert_eq!(charged, held, "{path}: the hold");
+        }
+    }
+    let metrics = books.metrics().await;
+    assert!(metrics.contains("creditgate_settles_total{result=\"debited_estimate\"} 1"), "{metrics}");
+    assert!(metrics.contains("creditgate_settles_total{result=\"debited_no_usage\"} 1"), "{metrics}");
 }
 
 #[tokio::test]

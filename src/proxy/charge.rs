@@ -102,8 +102,10 @@ pub struct Charge {
     pub table: Arc<PriceTable>,
     pub priced: Option<Priced>,
     /// Input an estimate charges when the upstream reports none (see
-    /// [`estimated_input_tokens`]).
-    pub estimated_input_tokens: u64,
+    /// [`estimated_input_tokens`]); `None`: a call cut short is charged its
+    /// hold, never an estimate (tools, and calls that may run the upstream's
+    /// hosted tools, whose calls before the cut are billed but not all seen).
+    pub estimated_input_tokens: Option<u64>,
     /// The route's bounds (usage ceiling) for the settle.
     pub limits: RouteLimits,
     /// The output cap per choice sent upstream (model routes).
@@ -776,7 +778,8 @@ impl Charge {
     /// - A response the upstream broke off (reset) without usage is charged
     ///   what it delivered, estimated from every kind of delta it carried,
     ///   plus the context the hold allowed for, up to the hold
-    ///   (`estimated`). An upstream cut for silence is charged the hold.
+    ///   (`estimated`); one that may have run hosted tools, the hold. An
+    ///   upstream cut for silence is charged the hold.
     /// - Usage is the bill only once the event that ends it has come (or the
     ///   body ended): a running total before a cut is a floor.
     /// - A body the gateway could not read (encoded) is charged the hold.
@@ -861,12 +864,14 @@ impl Charge {
             (tokens, if clipped { SettleFlag::Ceiling } else { SettleFlag::Exact })
         } else if outcome.charges_hold_without_usage() {
             return (held, Usage::default(), SettleFlag::NoUsage);
-        } else {
+        } else if let Some(estimated_input) = self.estimated_input_tokens {
             let mut usage = token_usage(&reported, delivered);
             if reported.input_tokens.is_none() {
-                usage.input_tokens = self.estimated_input_tokens;
+                usage.input_tokens = estimated_input;
             }
             (usage, SettleFlag::Estimated)
+        } else {
+            return (held, Usage::default(), SettleFlag::NoUsage);
         };
         // One price over the whole call: tokens at the model's markup, each
         // hosted tool's calls at the tool's, rounded up once.

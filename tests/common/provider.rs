@@ -12,7 +12,8 @@
 //! `x-provider-usage-delay-ms: N` before the usage event;
 //! `x-provider-no-final-blank: 1`; `x-provider-usage-every-chunk: 1` (a
 //! running total on every chunk); `x-provider-gzip-anyway: 1` (compress
-//! unasked); `x-provider-units: N|none|garbage` for
+//! unasked); `x-provider-reset-after: N` (a stream breaks after N events);
+//! `x-provider-units: N|none|garbage` for
 //! the tool route; `x-provider-cache-write-5m: N` and `-1h: N` input tokens
 //! an Anthropic call wrote to its prompt cache (reported apart, as
 //! Anthropic does).
@@ -209,10 +210,16 @@ impl Provider {
             let all: String = events.iter().map(|(_, e)| e.as_str()).collect();
             return respond(all.into_bytes(), "text/event-stream", true);
         }
+        // `x-provider-reset-after: N`: the connection breaks after N events.
+        let reset_after = headers.get("x-provider-reset-after").map(|_| number("x-provider-reset-after", 0));
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
-            for (delay_ms, event) in events {
+            for (sent, (delay_ms, event)) in events.into_iter().enumerate() {
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                if reset_after == Some(sent as u64) {
+                    let _ = tx.send(Err("the provider's connection broke".into())).await;
+                    return;
+                }
                 if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
                     return;
                 }
