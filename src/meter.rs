@@ -181,6 +181,8 @@ struct ServerToolUse {
 #[derive(Deserialize)]
 struct Details {
     cached_tokens: Option<Count>,
+    /// OpenRouter's cache writes (Anthropic's `cache_creation_input_tokens`).
+    cache_write_tokens: Option<Count>,
 }
 
 /// Anthropic's split of `cache_creation_input_tokens` by cache lifetime.
@@ -253,7 +255,10 @@ impl UsageFields {
             input: count(&self.input_tokens),
             output: count(&self.output_tokens),
             cache_read: count(&self.cache_read_input_tokens),
-            cache_write: count(&self.cache_creation_input_tokens),
+            cache_write: count(&self.cache_creation_input_tokens).or_else(|| {
+                let details = self.prompt_tokens_details.as_ref()?;
+                details.cache_write_tokens.as_ref().and_then(|count| count.0)
+            }),
             cache_write_5m: split(|c| &c.ephemeral_5m_input_tokens),
             cache_write_1h: split(|c| &c.ephemeral_1h_input_tokens),
             cached,
@@ -383,7 +388,8 @@ fn usage_from_object(usage: &Value) -> Option<Reported> {
         input: count("input_tokens"),
         output: count("output_tokens"),
         cache_read: count("cache_read_input_tokens"),
-        cache_write: count("cache_creation_input_tokens"),
+        cache_write: count("cache_creation_input_tokens")
+            .or_else(|| usage.pointer("/prompt_tokens_details/cache_write_tokens").and_then(Value::as_u64)),
         cache_write_5m: usage.pointer("/cache_creation/ephemeral_5m_input_tokens").and_then(Value::as_u64),
         cache_write_1h: usage.pointer("/cache_creation/ephemeral_1h_input_tokens").and_then(Value::as_u64),
         cached,
@@ -1257,6 +1263,18 @@ mod tests {
     }
 
     #[test]
+    fn openrouter_cache_writes_are_read() {
+        // OpenRouter reports Anthropic's cache writes beside OpenAI's cached reads.
+        let body = br#"{"usage":{"completion_tokens":2,"cost":0.95,"prompt_tokens":194,"prompt_tokens_details":{"cached_tokens":10,"cache_write_tokens":100,"audio_tokens":0},"total_tokens":196}}"#;
+        let r = usage_from_bytes(body).unwrap();
+        assert_eq!(
+            (r.input_tokens, r.cached_input_tokens, r.cache_write_5m_tokens),
+            (Some(194), Some(10), Some(100))
+        );
+        assert_eq!(r.output_tokens, Some(2));
+    }
+
+    #[test]
     fn output_is_at_least_total_less_input() {
         // xAI counts reasoning in total_tokens but not in completion_tokens, and bills it.
         let xai = br#"{"usage":{"prompt_tokens":20,"completion_tokens":151,"total_tokens":553,"completion_tokens_details":{"reasoning_tokens":382}}}"#;
@@ -1422,8 +1440,9 @@ mod tests {
 
     #[test]
     fn the_fast_parse_reads_what_the_general_one_reads() {
-        let documents: [&[u8]; 14] = [
+        let documents: [&[u8]; 15] = [
             br#"{"usage":{"prompt_tokens":20,"completion_tokens":151,"total_tokens":553}}"#,
+            br#"{"usage":{"prompt_tokens":194,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":10,"cache_write_tokens":100}}}"#,
             br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":5,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":2}}}"#,
             br#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":9,"output_tokens":1,"cache_read_input_tokens":3}}}"#,
             br#"{"type":"response.completed","response":{"output":[],"usage":{"input_tokens":4,"output_tokens":6,"input_tokens_details":{"cached_tokens":1}}}}"#,
