@@ -878,7 +878,7 @@ fn delta_value_text(json: &[u8], at: usize) -> (u64, usize) {
     }
     let start = skip_whitespace(json, colon + 1);
     match json.get(start) {
-        Some(b'"') => match text_end(json, start + 1) {
+        Some(b'"') => match string_end(json, start + 1) {
             Some((close, weight)) => (weight, close + 1),
             None => (0, json.len()),
         },
@@ -894,14 +894,14 @@ fn delta_value_text(json: &[u8], at: usize) -> (u64, usize) {
                         }
                     }
                     b'"' => {
-                        let Some(close) = string_end(json, i + 1) else { break };
+                        let Some((close, _)) = string_end(json, i + 1) else { break };
                         let name = &json[i + 1..close];
                         i = close + 1;
                         let colon = skip_whitespace(json, i);
                         if json.get(colon) == Some(&b':') && TEXT_KEYS.contains(&name) {
                             let value = skip_whitespace(json, colon + 1);
                             if json.get(value) == Some(&b'"') {
-                                let Some((end, weight)) = text_end(json, value + 1) else { break };
+                                let Some((end, weight)) = string_end(json, value + 1) else { break };
                                 total += weight;
                                 i = end + 1;
                             }
@@ -918,15 +918,18 @@ fn delta_value_text(json: &[u8], at: usize) -> (u64, usize) {
     }
 }
 
-/// [`string_end`] for generated text, with the text's weight for the
-/// estimate: its bytes, a character beyond ASCII counted as four (about a
-/// token each; CJK text at four bytes a token would be charged a third).
-fn text_end(bytes: &[u8], mut from: usize) -> Option<(usize, u64)> {
+/// Where the JSON string whose text starts at `from` ends (its closing
+/// quote; `None` when it does not end in `bytes`), and the text's weight
+/// for a cut-short estimate: its bytes, a character beyond ASCII counted as
+/// four (about a token each; CJK text at four bytes a token would be
+/// charged a third).
+fn string_end(bytes: &[u8], mut from: usize) -> Option<(usize, u64)> {
     let start = from;
     let mut extra = 0u64;
     while from < bytes.len() {
         match bytes[from] {
             b'"' => return Some((from, (from - start) as u64 + extra)),
+            // An escape: the byte after the backslash does not end the string.
             b'\\' => from += 2,
             lead => {
                 // A UTF-8 lead byte: 2, 3 or 4 bytes make the character.
@@ -937,20 +940,6 @@ fn text_end(bytes: &[u8], mut from: usize) -> Option<(usize, u64)> {
                 };
                 from += 1;
             }
-        }
-    }
-    None
-}
-
-/// Where the JSON string whose text starts at `from` ends (its closing
-/// quote); `None` when it does not end in `bytes`.
-fn string_end(bytes: &[u8], mut from: usize) -> Option<usize> {
-    while from < bytes.len() {
-        match bytes[from] {
-            b'"' => return Some(from),
-            // An escape: the byte after the backslash does not end the string.
-            b'\\' => from += 2,
-            _ => from += 1,
         }
     }
     None

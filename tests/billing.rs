@@ -364,22 +364,14 @@ async fn a_body_the_upstream_compressed_unasked_is_charged_its_hold_however_it_e
     let pro = books.keys.pro.clone();
     for leave in [false, true] {
         let before = books.settled_balance(&pro).await;
-        let mut sender = open_h1(books.gateway.proxy_addr()).await;
-        let request = Request::post(books.url(CHAT))
-            .header("authorization", format!("Bearer {pro}"))
-            .header("x-provider-gzip-anyway", "1")
-            .header("x-provider-pace-ms", "500")
-            .body(creditgate::mock::MockBody::Full(Some(Bytes::from(
-                json!({"model": "mock-gpt", "max_tokens": 100}).to_string(),
-            ))))
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
+        let headers = [("x-provider-gzip-anyway", "1"), ("x-provider-pace-ms", "500")];
+        let body = json!({"model": "mock-gpt", "max_tokens": 100});
+        let response = books.open_post(CHAT, &pro, &headers, &body).await;
         assert_eq!(response.headers()["content-encoding"], "gzip");
         if leave {
             let mut body = response.into_body();
             next_chunk(&mut body).await.unwrap();
             drop(body);
-            drop(sender);
         } else {
             response.into_body().collect().await.unwrap();
         }
@@ -914,19 +906,12 @@ async fn a_response_is_ended_after_max_response_ms_even_when_its_client_stopped_
         [(CHAT, "mock-gpt", "0"), (CHAT, "mock-gpt", "1"), ("/v1/messages", "mock-claude", "0")]
     {
         let before = books.settled_balance(&pro).await;
-        let mut sender = open_h1(books.gateway.proxy_addr()).await;
-        let mut request = Request::post(books.url(path))
-            .header("authorization", format!("Bearer {pro}"))
-            .header("x-provider-usage-delay-ms", "20000");
+        let mut headers = vec![("x-provider-usage-delay-ms", "20000")];
         if running == "1" {
-            request = request.header("x-provider-usage-every-chunk", running);
+            headers.push(("x-provider-usage-every-chunk", running));
         }
-        let request = request
-            .body(creditgate::mock::MockBody::Full(Some(Bytes::from(
-                json!({"model": model, "stream": true, "max_tokens": 100, "messages": []}).to_string(),
-            ))))
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
+        let body = json!({"model": model, "stream": true, "max_tokens": 100, "messages": []});
+        let response = books.open_post(path, &pro, &headers, &body).await;
         let mut body = response.into_body();
         next_chunk(&mut body).await.unwrap();
         // The client stops reading; the upstream would take 20 s more.
