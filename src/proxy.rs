@@ -19,6 +19,7 @@ mod context;
 mod error;
 pub(crate) mod headers;
 mod path;
+mod read_on;
 mod server_context;
 mod traffic;
 mod upstream;
@@ -159,7 +160,7 @@ impl Proxy {
     }
 
     async fn run_phases(
-        &self,
+        self: &Arc<Self>,
         ctx: &mut RequestCtx,
         request: Request<Incoming>,
     ) -> Result<Response<GatewayBody>, ProxyError> {
@@ -466,18 +467,38 @@ impl Proxy {
         Ok(Request::from_parts(parts, body))
     }
 
-    /// Phase: send upstream and wait for the response head.
+    /// Phase: send upstream and wait for the response head. The upstream
+    /// bills a call it was sent whether or not anyone waits for the answer:
+    /// when the client leaves first (this future is dropped) or the head is
+    /// later than the upstream's `response_timeout` (504), a metered call's
+    /// wait goes on in the background and it is settled from the answer.
     pub async fn forward(
-        &self,
+        self: &Arc<Self>,
         ctx: &mut RequestCtx,
         route: &Route,
         request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let upstream = self.upstream_of(route);
-        let response =
-            self.upstreams.send(route.upstream, upstream, self.config.server.max_body_bytes, request).await?;
-        ctx.upstream_status = Some(response.status());
-        Ok(response)
+        let deadline = tokio::time::Instant::now() + upstream.response_timeout;
+        let head = self.upstreams.start(route.upstream, upstream, request)?;
+        let mut waiting = AwaitingHead { proxy: self, ctx, head: None, deadline };
+        let answer = tokio::time::timeout_at(deadline, waiting.head.insert(head)).await;
+        match answer {
+            Ok(answer) => {
+                waiting.head = None;
+                let response = answer
+                    .map_err(|e| upstream::classify(&e, upstream, self.config.server.max_body_bytes))?;
+                waiting.ctx.upstream_status = Some(response.status());
+                Ok(response)
+            }
+            Err(_) => {
+                waiting.wait_on(StatusCode::GATEWAY_TIMEOUT);
+                Err(ProxyError::UpstreamTimeout {
+                    upstream: upstream.name.clone(),
+                    timeout: upstream.response_timeout,
+                })
+            }
+        }
     }
 
     /// Phase: adjust the upstream's response head before it goes to the client.
@@ -529,6 +550,35 @@ impl Proxy {
             peer = %ctx.peer,
             "request finished"
         );
+    }
+}
+
+/// A call sent upstream whose response head is awaited. Dropped before the
+/// head came (the client left), or told to stop waiting, it hands a metered
+/// call to [`read_on::head`], which waits on and settles it.
+struct AwaitingHead<'a> {
+    proxy: &'a Arc<Proxy>,
+    ctx: &'a mut RequestCtx,
+    head: Option<hyper_util::client::legacy::ResponseFuture>,
+    deadline: tokio::time::Instant,
+}
+
+impl AwaitingHead<'_> {
+    /// Moves the wait to the background, with the charge; `status` is what
+    /// the client got. A call that holds nothing is simply dropped.
+    fn wait_on(&mut self, status: StatusCode) {
+        let Some(head) = self.head.take() else { return };
+        if self.ctx.charge.is_some() {
+            let ctx = self.ctx.detach_charge(status);
+            read_on::head(Arc::clone(self.proxy), ctx, head, self.deadline);
+        }
+    }
+}
+
+impl Drop for AwaitingHead<'_> {
+    fn drop(&mut self) {
+        // 499: the client closed the connection (nginx's code for it).
+        self.wait_on(StatusCode::from_u16(499).unwrap_or(StatusCode::REQUEST_TIMEOUT));
     }
 }
 

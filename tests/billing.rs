@@ -381,6 +381,65 @@ async fn a_body_the_upstream_compressed_unasked_is_charged_its_hold_however_it_e
 }
 
 #[tokio::test]
+async fn a_call_the_client_leaves_before_its_answer_is_charged_what_the_upstream_bills() {
+    // A client that hung up while the upstream was still thinking paid nothing, though the
+    // upstream had the call and billed it: a long call that does not stream was free to any
+    // client that closed its socket just before the answer.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let wallet = books.wallet(&pro);
+    let before = books.settled_balance(&pro).await;
+    let body = r#"{"model":"mock-gpt","max_tokens":100}"#;
+    {
+        let mut stream = tokio::net::TcpStream::connect(books.gateway.proxy_addr()).await.unwrap();
+        let request = format!(
+            "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {pro}\r\n\
+             x-provider-head-delay-ms: 600\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let open = books.gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap().open_holds;
+        assert_eq!(open, 1, "the call holds while the upstream thinks");
+    } // the client hangs up
+    let charged = before - books.settled_balance(&pro).await;
+    assert!(charged > Decimal::ZERO, "the upstream answered and billed the call");
+    assert_eq!(charged, books.reported_cost("mock-gpt"), "charged what the upstream reported");
+}
+
+#[tokio::test]
+async fn a_call_the_gateway_stops_waiting_for_is_charged_from_its_late_answer_or_its_hold() {
+    // A 504 (the head later than the upstream's response_timeout) released the hold, though
+    // the upstream went on with the call and billed it: a client could make a call slow
+    // enough (a long prompt, a reasoning model) to be served free.
+    let books = Books::start(
+        |t| {
+            t.replace("[upstreams.mock]", "[upstreams.mock]\nresponse_timeout_ms = 300")
+                .replace("shutdown_grace_ms = 5000", "shutdown_grace_ms = 5000\nread_on_timeout_ms = 1000")
+        },
+        "100",
+        "1",
+    )
+    .await;
+    let pro = books.keys.pro.clone();
+    let body = json!({"model": "mock-gpt", "max_tokens": 100});
+    // Late, then answered within the read-on time: the answer's usage is the bill.
+    let before = books.settled_balance(&pro).await;
+    let reply = books.post(CHAT, Some(&pro), &[("x-provider-head-delay-ms", "600")], &body).await;
+    assert_eq!(reply.status, 504, "{:?}", reply.body);
+    let charged = before - books.settled_balance(&pro).await;
+    assert!(charged > Decimal::ZERO);
+    assert_eq!(charged, books.reported_cost("mock-gpt"), "charged what the late answer reported");
+    // No answer at all within it: the upstream may bill up to the cap, so the hold.
+    let before = books.settled_balance(&pro).await;
+    let reply = books.post(CHAT, Some(&pro), &[("x-provider-head-delay-ms", "5000")], &body).await;
+    assert_eq!(reply.status, 504, "{:?}", reply.body);
+    let charged = before - books.settled_balance(&pro).await;
+    assert!(charged > Decimal::ZERO);
+    assert_eq!(books.debit_held(charged).await, Some(charged), "a call never answered is charged its hold");
+}
+
+#[tokio::test]
 async fn a_client_request_id_names_no_hold_and_the_ttl_spares_running_requests() {
     // Proves defect 3: the client's x-request-id keyed the hold, so two requests with one id
     // collided, and the TTL voided a hold still streaming (freeing credit it was spending).

@@ -4,9 +4,8 @@
 //! the settle phase exactly once.
 //!
 //! A client that leaves a metered 2xx response early does not end its bill:
-//! the gateway reads on in the background (bounded by
-//! `[server] read_on_timeout_ms` and `read_on_max_bytes`) to meter the usage
-//! the upstream reports at the end, and charges the hold if it cannot.
+//! the gateway reads on in the background ([`super::read_on`]) to meter the
+//! usage the upstream reports at the end, and charges the hold if it cannot.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,7 +15,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
@@ -273,7 +271,8 @@ impl Drop for GatewayBody {
             Source::Upstream { body, .. }
                 if done.wants_usage() && tokio::runtime::Handle::try_current().is_ok() =>
             {
-                read_on(body, done)
+                let SettleOnDone { proxy, ctx } = *done;
+                super::read_on::body(proxy, ctx, body);
             }
             _ if done.wants_usage() => {
                 let SettleOnDone { proxy, ctx } = *done;
@@ -282,44 +281,6 @@ impl Drop for GatewayBody {
             _ => {
                 let SettleOnDone { proxy, ctx } = *done;
                 proxy.settle(ctx, Outcome::ClientGone);
-            }
-        }
-    }
-}
-
-/// The client left a metered response before its usage: read the rest of
-/// the upstream body through the meter in the background, then settle.
-fn read_on(body: Incoming, done: Box<SettleOnDone>) {
-    let proxy = done.proxy.clone();
-    let limits = (proxy.config.server.read_on_timeout, proxy.config.server.read_on_max_bytes);
-    let shutdown = proxy.shutdown.clone();
-    proxy.background.spawn(async move {
-        let mut done = done;
-        let outcome = tokio::select! {
-            outcome = drain_through_meter(body, &mut done, limits.1) => outcome,
-            () = tokio::time::sleep(limits.0) => Outcome::Abandoned,
-            () = shutdown.cancelled() => Outcome::Abandoned,
-        };
-        let SettleOnDone { proxy, ctx } = *done;
-        proxy.settle(ctx, outcome);
-    });
-}
-
-async fn drain_through_meter(mut body: Incoming, done: &mut SettleOnDone, max_bytes: u64) -> Outcome {
-    let mut read = 0u64;
-    loop {
-        match body.frame().await {
-            None => return Outcome::Completed,
-            Some(Err(_)) => return Outcome::UpstreamBroke,
-            Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else { continue };
-                read += data.len() as u64;
-                if read > max_bytes {
-                    return Outcome::Abandoned;
-                }
-                if let Some(meter) = done.ctx.charge.as_mut().and_then(|c| c.meter.as_mut()) {
-                    meter.observe(data);
-                }
             }
         }
     }

@@ -783,7 +783,10 @@ impl Charge {
     /// - Usage is the bill only once the event that ends it has come (or the
     ///   body ended): a running total before a cut is a floor.
     /// - A body the gateway could not read (encoded) is charged the hold.
-    /// - A non-2xx response costs nothing.
+    /// - A call the upstream was sent is settled from its answer even when
+    ///   the client left first or the gateway stopped waiting (504): the
+    ///   gateway waits on in the background. No answer in time: the hold.
+    /// - A non-2xx response, or an upstream that failed, costs nothing.
     pub fn settle(mut self, outcome: Outcome, now: DateTime<Utc>) -> SettleResult {
         let Some(hold) = self.hold.take() else {
             return SettleResult::NotHeld;
@@ -792,7 +795,11 @@ impl Charge {
             hold.release(now);
             return SettleResult::Released;
         };
-        if !self.upstream_status.is_some_and(|s| s.is_success()) {
+        // An upstream that failed bills nothing; one that had the call and
+        // never answered may bill it all.
+        let answered = self.upstream_status.is_some_and(|s| s.is_success());
+        let unanswered = self.upstream_status.is_none() && outcome == Outcome::NoAnswer;
+        if !answered && !unanswered {
             hold.release(now);
             return SettleResult::Released;
         }

@@ -71,6 +71,31 @@ impl RequestCtx {
             span,
         }
     }
+
+    /// Moves the request's charge (and its in-flight place) to a context of
+    /// its own, for a task that settles the call after this request has
+    /// answered or its client has gone; `status` is what the client got.
+    pub fn detach_charge(&mut self, status: StatusCode) -> RequestCtx {
+        RequestCtx {
+            request_id: self.request_id.clone(),
+            client_request_id: self.client_request_id.clone(),
+            authenticated: self.authenticated,
+            started: self.started,
+            peer: self.peer,
+            method: self.method.clone(),
+            uri: self.uri.clone(),
+            upstream: self.upstream,
+            route_prefix: self.route_prefix.clone(),
+            upstream_status: None,
+            status,
+            error_code: None,
+            wallet: self.wallet,
+            in_flight: self.in_flight.take(),
+            charge: self.charge.take(),
+            response_bytes: 0,
+            span: self.span.clone(),
+        }
+    }
 }
 
 /// How a response ended, as seen by the settle phase.
@@ -89,6 +114,9 @@ pub enum Outcome {
     Abandoned,
     /// The response ran past `[server] max_response_ms` and was ended.
     TooLong,
+    /// The upstream was sent the call and gave no response head in time
+    /// (or the gateway shut down first): it may still bill up to the cap.
+    NoAnswer,
 }
 
 impl Outcome {
@@ -97,7 +125,14 @@ impl Outcome {
     /// silence counts: a reasoning model is billed for thinking it does not
     /// stream.
     pub fn charges_hold_without_usage(self) -> bool {
-        matches!(self, Outcome::Completed | Outcome::Abandoned | Outcome::TooLong | Outcome::UpstreamIdle)
+        matches!(
+            self,
+            Outcome::Completed
+                | Outcome::Abandoned
+                | Outcome::TooLong
+                | Outcome::UpstreamIdle
+                | Outcome::NoAnswer
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -108,6 +143,7 @@ impl Outcome {
             Outcome::UpstreamIdle => "upstream_idle",
             Outcome::Abandoned => "abandoned",
             Outcome::TooLong => "too_long",
+            Outcome::NoAnswer => "no_answer",
         }
     }
 }

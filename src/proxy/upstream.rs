@@ -6,12 +6,12 @@ use std::io;
 
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response, Version};
+use http::{Request, Version};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::error::ProxyError;
@@ -42,15 +42,15 @@ impl UpstreamClients {
         UpstreamClients { clients }
     }
 
-    /// Send a request and wait for the response head, within the upstream's
-    /// response timeout.
-    pub async fn send(
+    /// Sends a request; the future it returns resolves to the response head.
+    /// It owns everything it needs, so it can be awaited by a task other than
+    /// the request's (reading on after the client left).
+    pub fn start(
         &self,
         index: usize,
         upstream: &Upstream,
-        max_body_bytes: u64,
         request: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<ResponseFuture, ProxyError> {
         let thread = self.clients.get(thread_index()).or_else(|| self.clients.first());
         let Some(client) = thread.and_then(|clients| clients.get(index)) else {
             return Err(ProxyError::UpstreamFailed {
@@ -58,14 +58,7 @@ impl UpstreamClients {
                 reason: "no client configured".to_owned(),
             });
         };
-        match tokio::time::timeout(upstream.response_timeout, client.request(request)).await {
-            Err(_) => Err(ProxyError::UpstreamTimeout {
-                upstream: upstream.name.clone(),
-                timeout: upstream.response_timeout,
-            }),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(classify(&e, upstream, max_body_bytes)),
-        }
+        Ok(client.request(request))
     }
 }
 
@@ -116,7 +109,7 @@ pub fn upstream_version(upstream: &Upstream) -> Version {
     }
 }
 
-fn classify(
+pub fn classify(
     error: &hyper_util::client::legacy::Error,
     upstream: &Upstream,
     max_body_bytes: u64,

@@ -13,6 +13,8 @@
 //! `x-provider-no-final-blank: 1`; `x-provider-usage-every-chunk: 1` (a
 //! running total on every chunk); `x-provider-gzip-anyway: 1` (compress
 //! unasked); `x-provider-reset-after: N` (a stream breaks after N events);
+//! `x-provider-head-delay-ms: N` (it thinks that long before the response
+//! head, as a long call that does not stream does);
 //! `x-provider-units: N|none|garbage` for
 //! the tool route; `x-provider-cache-write-5m: N` and `-1h: N` input tokens
 //! an Anthropic call wrote to its prompt cache (reported apart, as
@@ -142,6 +144,10 @@ impl Provider {
             cache_write_1h_tokens: write_1h,
             hosted_calls,
         });
+        let head_delay = number("x-provider-head-delay-ms", 0);
+        if head_delay > 0 {
+            tokio::time::sleep(Duration::from_millis(head_delay)).await;
+        }
         let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
         // `x-provider-gzip-anyway`: an upstream that compresses unasked.
         let gzip =
