@@ -22,7 +22,6 @@ use smallvec::SmallVec;
 
 use crate::ledger::entry::{Debit, EntryKind, SettleDetails};
 use crate::ledger::ids::{EntryId, IdMap, KeyId, Owner, RequestId, WalletId};
-use crate::ledger::limit::PeriodEnds;
 use crate::ledger::payer::{PayerRefusal, Spender};
 use crate::ledger::refusal::Refusal;
 use crate::ledger::wallet::{WalletCell, WalletState};
@@ -200,9 +199,10 @@ pub(crate) fn settle_in(
 pub(crate) struct OpenHold {
     pub amount: Decimal,
     pub payer: HoldPayer,
-    /// The periods its amount was counted in, so a release or settle takes it
-    /// back from the right counters even after a period rolled.
-    pub counted_in: PeriodEnds,
+    /// When it was taken: its call is paid from the credit live then, even
+    /// if that expired (a Lite month's end, a contract year's) before the
+    /// call settled.
+    pub held_at: DateTime<Utc>,
     /// When the TTL voids it, once it is an orphan.
     pub expires_at: DateTime<Utc>,
     /// Its token was dropped unspent: nothing will settle it.
@@ -408,14 +408,14 @@ impl WalletState {
         if self.available() < args.amount {
             return Err(Refusal::InsufficientFunds { wallet: self.view(), required: args.amount });
         }
-        self.payers.add(spender, args.amount, &ends);
+        self.payers.reserve(spender, args.amount, &ends);
         self.held += args.amount;
         let payer =
             HoldPayer { key: args.key, owner, end_user: crate::ledger::payer::end_user_arc(args.end_user) };
         let hold = OpenHold {
             amount: args.amount,
             payer: payer.clone(),
-            counted_in: ends,
+            held_at: now,
             expires_at: WalletState::hold_ttl_expiry(now, config.hold_ttl()),
             orphaned: false,
         };
@@ -461,13 +461,15 @@ impl WalletState {
         if let Some(first) = self.settled.get(&request_id) {
             return Ok(first);
         }
-        let (held, payer, is_late) = match (self.holds.remove(&request_id), late) {
+        // The credit that pays is what was live when the call was made: its
+        // hold's time, or a late debit's own settle time.
+        let (held, payer, made_at, is_late) = match (self.holds.remove(&request_id), late) {
             (Some(open), _) => {
                 self.held -= open.amount;
-                self.payers.unreserve(open.spender(), open.amount, &open.counted_in);
-                (open.amount, open.payer, false)
+                self.payers.unreserve(open.spender(), open.amount);
+                (open.amount, open.payer, open.held_at, false)
             }
-            (None, Some(late)) => (late.held, late.payer, true),
+            (None, Some(late)) => (late.held, late.payer, settled_at, true),
             (None, None) => return Err(SettleError::UnknownRequest { wallet: self.id, request_id }),
         };
         let ends = self.period_ends(now);
@@ -475,10 +477,10 @@ impl WalletState {
         let (entry, overrun) = if actual_cost.is_zero() {
             (None, Decimal::ZERO)
         } else {
-            if settled_at < now {
-                // Recorded after it settled (a cluster replica's debit posted
-                // late): credit that expired in between still pays for it.
-                self.take_back_write_offs(&shared.committer, now, settled_at, request_id, actual_cost);
+            if made_at < now {
+                // Credit that expired while the call ran (or before a cluster
+                // replica's late debit was posted) still pays for it.
+                self.take_back_write_offs(&shared.committer, now, made_at, request_id, actual_cost);
             }
             let (id, overrun) = self.draw(&shared.committer, now, actual_cost, |overrun| {
                 EntryKind::Debit(Debit {
@@ -513,7 +515,7 @@ impl WalletState {
             return Decimal::ZERO;
         };
         self.held -= open.amount;
-        self.payers.unreserve(open.spender(), open.amount, &open.counted_in);
+        self.payers.unreserve(open.spender(), open.amount);
         open.amount
     }
 }
@@ -561,8 +563,7 @@ mod tests {
     fn open_hold(amount: u64, expires_at: DateTime<Utc>) -> OpenHold {
         let payer =
             HoldPayer { key: KeyId(1), owner: Owner::User(crate::ledger::ids::UserId(1)), end_user: None };
-        let counted_in = PeriodEnds { day: expires_at, month: expires_at, year: expires_at };
-        OpenHold { amount: Decimal::from(amount), payer, counted_in, expires_at, orphaned: true }
+        OpenHold { amount: Decimal::from(amount), payer, held_at: expires_at, expires_at, orphaned: true }
     }
 
     #[test]

@@ -200,12 +200,20 @@ struct Counter {
     /// End of the period `spent` belongs to; a different current end means
     /// the period rolled and `spent` is stale.
     ends_at: DateTime<Utc>,
+    /// Settled spend in the period, plus the open holds.
     spent: Decimal,
+    /// The part of `spent` that open holds reserve. A call is counted in the
+    /// period it settles in, so holds still open when a period rolls are
+    /// carried into the next one: a limit cannot be passed twice over by
+    /// holds taken just before a boundary and more just after it. Never in
+    /// a checkpoint (open holds are not kept there).
+    #[serde(default, skip_serializing_if = "Decimal::is_zero")]
+    held: Decimal,
 }
 
 impl Default for Counter {
     fn default() -> Self {
-        Counter { ends_at: DateTime::<Utc>::MIN_UTC, spent: Decimal::ZERO }
+        Counter { ends_at: DateTime::<Utc>::MIN_UTC, spent: Decimal::ZERO, held: Decimal::ZERO }
     }
 }
 
@@ -214,24 +222,40 @@ impl Counter {
         if self.ends_at == ends_at {
             self.spent
         } else {
-            Decimal::ZERO
+            self.held
+        }
+    }
+
+    fn roll_to(&mut self, ends_at: DateTime<Utc>) {
+        if self.ends_at != ends_at {
+            self.ends_at = ends_at;
+            self.spent = self.held;
         }
     }
 
     fn add(&mut self, ends_at: DateTime<Utc>, amount: Decimal) {
-        if self.ends_at != ends_at {
-            self.ends_at = ends_at;
-            self.spent = Decimal::ZERO;
-        }
+        self.roll_to(ends_at);
         self.spent += amount;
     }
 
-    /// Takes back a hold counted in the period ending `held_in`; nothing to
-    /// take back once that period has rolled.
-    fn unreserve(&mut self, held_in: DateTime<Utc>, amount: Decimal) {
-        if self.ends_at == held_in {
-            self.spent = (self.spent - amount).max(Decimal::ZERO);
-        }
+    fn reserve(&mut self, ends_at: DateTime<Utc>, amount: Decimal) {
+        self.add(ends_at, amount);
+        self.held += amount;
+    }
+
+    /// Takes back an open hold, in whichever period it is now counted (as
+    /// far as it is still counted: see [`Counter::forget_holds`]).
+    fn unreserve(&mut self, amount: Decimal) {
+        let counted = amount.min(self.held);
+        self.held -= counted;
+        self.spent = (self.spent - counted).max(Decimal::ZERO);
+    }
+
+    /// Stops counting the open holds (the counter's limits changed or it
+    /// moved to another wallet, whose holds will not take theirs back here).
+    fn forget_holds(&mut self) {
+        self.spent = (self.spent - self.held).max(Decimal::ZERO);
+        self.held = Decimal::ZERO;
     }
 }
 
@@ -271,23 +295,41 @@ impl Spend {
         })
     }
 
-    /// Counts `amount` in the current periods.
+    /// Counts settled spend of `amount` in the current periods.
     pub fn add(&mut self, ends: &PeriodEnds, amount: Decimal) {
         self.day.add(ends.day, amount);
         self.month.add(ends.month, amount);
         self.year.add(ends.year, amount);
     }
 
-    /// Takes back a hold of `amount` counted in the periods `held_in`.
-    pub fn unreserve(&mut self, held_in: &PeriodEnds, amount: Decimal) {
-        self.day.unreserve(held_in.day, amount);
-        self.month.unreserve(held_in.month, amount);
-        self.year.unreserve(held_in.year, amount);
+    /// Counts an open hold of `amount` in the current periods.
+    pub fn reserve(&mut self, ends: &PeriodEnds, amount: Decimal) {
+        self.day.reserve(ends.day, amount);
+        self.month.reserve(ends.month, amount);
+        self.year.reserve(ends.year, amount);
     }
 
-    /// True when every counter belongs to a period that ended before `now`.
+    /// Takes back an open hold of `amount`.
+    pub fn unreserve(&mut self, amount: Decimal) {
+        self.day.unreserve(amount);
+        self.month.unreserve(amount);
+        self.year.unreserve(amount);
+    }
+
+    /// Stops counting open holds (see [`Counter::forget_holds`]).
+    pub fn forget_holds(&mut self) {
+        self.day.forget_holds();
+        self.month.forget_holds();
+        self.year.forget_holds();
+    }
+
+    /// True when every counter belongs to a period that ended before `now`
+    /// and no open hold is counted.
     pub fn is_stale(&self, now: DateTime<Utc>) -> bool {
-        self.day.ends_at <= now && self.month.ends_at <= now && self.year.ends_at <= now
+        self.day.ends_at <= now
+            && self.month.ends_at <= now
+            && self.year.ends_at <= now
+            && self.day.held.is_zero()
     }
 }
 
@@ -322,8 +364,37 @@ mod tests {
         assert_eq!((breach.0, breach.2), (LimitPeriod::Day, dec!(5)));
         let tomorrow = ends("2027-01-03T00:00:00Z");
         assert_eq!(spend.check(&limits, dec!(4), &tomorrow), None);
-        spend.unreserve(&today, dec!(5));
-        assert_eq!(spend.check(&limits, dec!(5), &today), None);
+        spend.reserve(&today, dec!(2));
+        spend.unreserve(dec!(2));
+        assert_eq!(spend.check(&limits, dec!(3), &today), None, "a released hold counts for nothing");
+    }
+
+    #[test]
+    fn holds_open_when_a_period_rolls_count_in_the_next_one() {
+        // Proves a daily cap cannot be passed twice over at midnight: holds
+        // taken just before it stay counted after it until they settle, and
+        // their calls count in the day they settle in.
+        let limits = Limits { daily: Some(dec!(100)), ..Limits::NONE };
+        let (today, tomorrow) = (ends("2027-01-02T00:00:00Z"), ends("2027-01-03T00:00:00Z"));
+        let mut spend = Spend::default();
+        spend.add(&today, dec!(20));
+        spend.reserve(&today, dec!(80));
+        assert!(spend.check(&limits, dec!(1), &today).is_some(), "today is full");
+        let breach = spend.check(&limits, dec!(21), &tomorrow).unwrap();
+        assert_eq!(
+            (breach.0, breach.2),
+            (LimitPeriod::Day, dec!(80)),
+            "the open holds carry over, not today's settled 20"
+        );
+        assert_eq!(spend.check(&limits, dec!(20), &tomorrow), None);
+        spend.reserve(&tomorrow, dec!(20));
+        assert!(spend.check(&limits, dec!(1), &tomorrow).is_some(), "tomorrow is full");
+        // The holds of yesterday settle tomorrow, for 50 of their 80.
+        spend.unreserve(dec!(80));
+        spend.add(&tomorrow, dec!(50));
+        let breach = spend.check(&limits, dec!(31), &tomorrow).unwrap();
+        assert_eq!(breach.2, dec!(70), "tomorrow counts its own hold and the 50 that settled in it");
+        assert!(!spend.is_stale("2027-01-04T00:00:00Z".parse().unwrap()), "a hold is still counted");
     }
 
     #[test]

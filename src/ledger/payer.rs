@@ -54,6 +54,13 @@ pub(crate) struct OwnerPayer {
     end_users: HashMap<Box<str>, Spend>,
 }
 
+impl OwnerPayer {
+    fn forget_holds(&mut self) {
+        self.spend.forget_holds();
+        self.end_users.values_mut().for_each(Spend::forget_holds);
+    }
+}
+
 /// An owner with its keys, detached from one wallet to join another.
 #[derive(Debug)]
 pub(crate) struct MovedOwner {
@@ -118,6 +125,8 @@ impl Payers {
         let payer = self.owners.entry(owner).or_default();
         payer.limits = limits;
         payer.end_user_limits = end_user_limits;
+        // Holds open now take nothing back if their limits went away meanwhile.
+        payer.forget_holds();
         self.recount();
     }
 
@@ -141,7 +150,10 @@ impl Payers {
         };
         let payer = &mut self.keys[at].1;
         match (&mut payer.capped, limits.is_empty()) {
-            (Some(capped), _) => capped.limits = limits,
+            (Some(capped), _) => {
+                capped.limits = limits;
+                capped.spend.forget_holds();
+            }
             (None, true) => {}
             (None, false) => payer.capped = Some(Box::new(Capped { limits, spend: Spend::default() })),
         }
@@ -156,9 +168,15 @@ impl Payers {
 
     /// Detaches an owner and its keys, spend included.
     pub fn take_owner(&mut self, owner: Owner) -> Option<MovedOwner> {
-        let payer = self.owners.remove(&owner)?;
-        let (keys, stay): (Vec<_>, Vec<_>) =
+        let mut payer = self.owners.remove(&owner)?;
+        let (mut keys, stay): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.keys).into_iter().partition(|(_, key)| key.owner == owner);
+        // Their open holds settle here, where the owner no longer is: the
+        // counters that move do not count them.
+        payer.forget_holds();
+        for capped in keys.iter_mut().filter_map(|(_, key)| key.capped.as_deref_mut()) {
+            capped.spend.forget_holds();
+        }
         self.keys = SmallVec::from_vec(stay);
         // Back inline when one key is left (`from_vec` keeps the heap buffer).
         self.keys.shrink_to_fit();
@@ -247,14 +265,20 @@ impl Payers {
         caps
     }
 
-    /// Counts `amount` for the spender in the periods `ends`.
+    /// Counts settled spend of `amount` for the spender in the periods `ends`.
     pub fn add(&mut self, spender: Spender<'_>, amount: Decimal, ends: &PeriodEnds) {
         self.each_spend(spender, true, |spend| spend.add(ends, amount));
     }
 
-    /// Takes back a hold counted in `held_in`.
-    pub fn unreserve(&mut self, spender: Spender<'_>, amount: Decimal, held_in: &PeriodEnds) {
-        self.each_spend(spender, false, |spend| spend.unreserve(held_in, amount));
+    /// Counts an open hold of `amount` for the spender in the periods `ends`
+    /// (and in the periods after them while it stays open).
+    pub fn reserve(&mut self, spender: Spender<'_>, amount: Decimal, ends: &PeriodEnds) {
+        self.each_spend(spender, true, |spend| spend.reserve(ends, amount));
+    }
+
+    /// Takes back an open hold (its call settles, or it is released).
+    pub fn unreserve(&mut self, spender: Spender<'_>, amount: Decimal) {
+        self.each_spend(spender, false, |spend| spend.unreserve(amount));
     }
 
     /// Applies `apply` to every counter the spender draws on; only tracks a

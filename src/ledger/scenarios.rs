@@ -896,3 +896,81 @@ fn a_late_debit_settled_before_a_lot_existed_takes_nothing_back() {
     assert!(entries(&journal).iter().all(|e| !matches!(e.kind, EntryKind::WriteOffReversed { .. })));
     assert_verified(&ledger, &journal);
 }
+
+#[test]
+fn a_call_held_before_its_credit_expires_is_paid_by_that_credit() {
+    // Proves a call held just before its credit expired (a Lite month's end, the contract
+    // term's) settles on that credit: the write-off gives back what the call cost. Before, the
+    // whole lot was written off held part and all, and the call was paid again from the next
+    // month's allowance, or left the pool in deficit.
+    let tz = Tz::UTC;
+    let (ledger, journal) = ledger();
+    let created = at("2028-01-15T12:00:00Z");
+    let org = org(&ledger, tz, Some(term("2027-02-01", 1, dec!(10), 0, dec!(0))), created);
+    let lite_user = user(&ledger, org, Plan::Lite, dec!(10), created);
+    let pro_user = user(&ledger, org, Plan::Pro, dec!(0), created);
+    let lite_key = key(&ledger, org, Owner::User(lite_user), Limits::NONE, created);
+    let pro_key = key(&ledger, org, Owner::User(pro_user), Limits::NONE, created);
+    let (lite, pool) = (WalletId::Lite(lite_user), WalletId::Pool(org));
+    spend(&ledger, lite, lite_key, dec!(8), created);
+    spend(&ledger, pool, pro_key, dec!(6), created);
+    let before = at("2028-01-31T23:59:50Z");
+    let lite_hold = ledger.hold(lite, request(), dec!(2), ctx(lite_key), before).unwrap();
+    let pool_hold = ledger.hold(pool, request(), dec!(4), ctx(pro_key), before).unwrap();
+    let after = at("2028-02-01T00:00:10Z");
+    // The term ended with the month: no more credit for the pool.
+    assert_eq!(ledger.balance(pool, after).unwrap().balance, dec!(0));
+    lite_hold.settle(dec!(1.5), details(), after).unwrap();
+    pool_hold.settle(dec!(3), details(), after).unwrap();
+    let lite_view = ledger.balance(lite, after).unwrap();
+    assert_eq!(lite_view.balance, dec!(10), "February's allowance is whole");
+    assert_eq!(lite_view.totals.written_off, dec!(0.5), "January wrote off what the call left");
+    let pool_view = ledger.balance(pool, after).unwrap();
+    assert_eq!(pool_view.balance, dec!(0), "no deficit: the expired term paid its own call");
+    assert_eq!(pool_view.totals.written_off, dec!(1));
+    assert_verified(&ledger, &journal);
+}
+
+#[test]
+fn a_call_held_before_an_upgrade_settles_on_the_lite_credit_it_was_held_from() {
+    // Proves a Lite call still open when its user moves to Pro is paid from the written-off
+    // Lite remainder, not left as a deficit that the user's next Lite allowance would repay.
+    let (ledger, journal) = ledger();
+    let now = at("2027-05-10T00:00:00Z");
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(100), 0, dec!(0))), now);
+    let user = user(&ledger, org, Plan::Lite, dec!(50), now);
+    let key = key(&ledger, org, Owner::User(user), Limits::NONE, now);
+    let lite = WalletId::Lite(user);
+    let hold = ledger.hold(lite, request(), dec!(20), ctx(key), now).unwrap();
+    let later = now + TimeDelta::seconds(5);
+    ledger.set_user_plan(org, user, Plan::Pro, later).unwrap();
+    hold.settle(dec!(15), details(), later + TimeDelta::seconds(5)).unwrap();
+    let view = ledger.balance(lite, later + TimeDelta::seconds(5)).unwrap();
+    assert_eq!((view.balance, view.totals.written_off), (dec!(0), dec!(35)));
+    assert_eq!(ledger.balance(WalletId::Pool(org), later).unwrap().balance, dec!(100));
+    assert_verified(&ledger, &journal);
+}
+
+#[test]
+fn holds_open_at_midnight_count_against_the_new_day_until_they_settle() {
+    // Proves a daily cap is not passed twice over at midnight: holds taken just before it stay
+    // counted after it, so new holds see them; each call counts in the day it settles in.
+    let tz = Tz::UTC;
+    let (ledger, journal) = ledger();
+    let now = at("2027-03-10T12:00:00Z");
+    let org = org(&ledger, tz, Some(term("2027-01-01", 1, dec!(1000), 0, dec!(0))), now);
+    let user = user(&ledger, org, Plan::Pro, dec!(0), now);
+    let daily = Limits { daily: Some(dec!(100)), ..Limits::NONE };
+    let key = key(&ledger, org, Owner::User(user), daily, now);
+    let pool = WalletId::Pool(org);
+    let before = at("2027-03-10T23:59:50Z");
+    let open = ledger.hold(pool, request(), dec!(100), ctx(key), before).unwrap();
+    let after = at("2027-03-11T00:00:01Z");
+    let refused = ledger.hold(pool, request(), dec!(1), ctx(key), after).unwrap_err();
+    assert_eq!(refused.code(), "spending_limit", "yesterday's open call counts today");
+    open.settle(dec!(60), details(), after).unwrap();
+    let refused = ledger.hold(pool, request(), dec!(41), ctx(key), after).unwrap_err();
+    assert_eq!(refused.code(), "spending_limit", "its 60 count in the day it settled in");
+    ledger.hold(pool, request(), dec!(40), ctx(key), after).unwrap().release(after);
+    assert_verified(&ledger, &journal);
+}

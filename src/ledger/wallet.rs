@@ -426,9 +426,16 @@ impl WalletState {
         (id, overrun)
     }
 
-    /// Writes off every live lot (a Lite user moving to Pro).
+    /// Writes off every live lot (a Lite user moving to Pro). Each is
+    /// remembered as expired now, so a call held before still settles on
+    /// the credit it was held from (see [`WalletState::take_back_write_offs`]).
     pub fn write_off_all(&mut self, committer: &Committer, now: DateTime<Utc>) {
         let lots = self.lots.take_all();
+        self.expired.extend(
+            lots.iter()
+                .filter(|lot| !lot.remaining.is_zero())
+                .map(|lot| ExpiredLot { expires_at: now, ..ExpiredLot::written_off(lot) }),
+        );
         let touches: LotTouches = lots
             .iter()
             .filter(|lot| !lot.remaining.is_zero())
@@ -510,7 +517,7 @@ impl WalletState {
         let count = voided.len();
         for hold in voided {
             self.held -= hold.amount;
-            self.payers.unreserve(hold.spender(), hold.amount, &hold.counted_in);
+            self.payers.unreserve(hold.spender(), hold.amount);
         }
         count
     }
@@ -533,12 +540,19 @@ impl WalletState {
                 }
             }
         } else {
-            let expiring = matches!(entry.kind, EntryKind::WriteOff { reason: WriteOffReason::Expired });
+            // Remembered as the live path remembers them: at their expiry, or
+            // (an upgrade's) when written off.
+            let expiring = match entry.kind {
+                EntryKind::WriteOff { reason: WriteOffReason::Expired } => Some(None),
+                EntryKind::WriteOff { reason: WriteOffReason::Upgraded } => Some(Some(entry.at)),
+                _ => None,
+            };
             for touch in &entry.lots {
-                if expiring {
+                if let Some(ended_at) = expiring {
                     if let Some(lot) = self.lots.iter().find(|lot| lot.id == touch.lot) {
-                        self.expired
-                            .push(ExpiredLot { written_off: touch.amount, ..ExpiredLot::written_off(lot) });
+                        let expired = ExpiredLot::written_off(lot);
+                        let expires_at = ended_at.unwrap_or(expired.expires_at);
+                        self.expired.push(ExpiredLot { written_off: touch.amount, expires_at, ..expired });
                     }
                 }
                 if !self.lots.take_from(touch.lot, touch.amount) {
@@ -550,7 +564,7 @@ impl WalletState {
                 let ends = self.period_ends(entry.at);
                 self.payers.add(debit.spender(), -entry.amount, &ends);
             }
-            if expiring {
+            if expiring.is_some() {
                 self.forget_old_expired_lots();
             }
         }

@@ -45,6 +45,11 @@ struct ModelWallet {
     deficit: Decimal,
     /// Amount, TTL expiry, and whether its token still lives (only orphans expire).
     holds: BTreeMap<RequestId, (Decimal, DateTime<Utc>, bool)>,
+    /// When each hold was taken and the lots live then: its call is paid
+    /// from them even if they expired before it settled.
+    made: BTreeMap<RequestId, (DateTime<Utc>, Vec<u64>)>,
+    /// Lots written off at their expiry, with what their write-off still holds.
+    expired: Vec<ModelLot>,
     granted: HashSet<String>,
 }
 
@@ -62,6 +67,42 @@ impl ModelWallet {
         self.deficit -= repaid;
         *seq += 1;
         self.lots.push(ModelLot { expires_at, rank, seq: *seq, left: amount - repaid });
+    }
+
+    /// The seqs of the live lots.
+    fn live(&self) -> Vec<u64> {
+        self.lots.iter().map(|l| l.seq).collect()
+    }
+
+    /// Gives back, from lots live at `made_at` that expired since (within
+    /// the 31 days write-offs are remembered), what a call made then costs.
+    fn take_back(
+        &mut self,
+        seq: &mut u64,
+        made_at: DateTime<Utc>,
+        live: &[u64],
+        cost: Decimal,
+        now: DateTime<Utc>,
+    ) {
+        let horizon = now - TimeDelta::days(31);
+        self.expired.sort_by_key(|l| (l.expires_at, l.rank, l.seq));
+        let mut left = cost;
+        let mut given = Vec::new();
+        for lot in &mut self.expired {
+            if lot.expires_at <= horizon || lot.expires_at <= made_at || !live.contains(&lot.seq) {
+                continue;
+            }
+            let give = left.min(lot.left);
+            lot.left -= give;
+            left -= give;
+            if !give.is_zero() {
+                given.push((lot.rank, give, lot.expires_at));
+            }
+        }
+        self.expired.retain(|l| !l.left.is_zero());
+        for (rank, give, expires_at) in given {
+            self.add_lot(seq, rank, give, expires_at);
+        }
     }
 
     fn draw(&mut self, amount: Decimal) {
@@ -124,7 +165,10 @@ impl Model {
             WalletKey::Pool => &mut self.pool,
             WalletKey::Lite => &mut self.lite,
         };
-        target.lots.retain(|l| l.expires_at > now);
+        let (live, expired): (Vec<ModelLot>, Vec<ModelLot>) =
+            std::mem::take(&mut target.lots).into_iter().partition(|l| l.expires_at > now);
+        target.lots = live;
+        target.expired.extend(expired.into_iter().filter(|l| !l.left.is_zero()));
         target.holds.retain(|_, h| h.1 > now || h.2);
         match wallet {
             WalletKey::Pool => {
@@ -307,7 +351,10 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
                 seen.refused += u32::from(result.is_err());
                 if let Ok(hold) = result {
                     let expiry = now + TimeDelta::minutes(HOLD_TTL_MINUTES);
-                    model.wallet(wallet).holds.insert(id, (amount, expiry, true));
+                    let m = model.wallet(wallet);
+                    m.holds.insert(id, (amount, expiry, true));
+                    let live = m.live();
+                    m.made.insert(id, (now, live));
                     system.holds.push((wallet, hold));
                 }
             }
@@ -321,9 +368,18 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
                     (held * Decimal::from(rng.below(151)) / dec!(100)).round_dp(2)
                 };
                 model.advance(wallet, now);
+                let mut seq = model.seq;
                 let model_wallet = model.wallet(wallet);
                 let was_open = model_wallet.holds.remove(&hold.request_id()).is_some();
+                let made = model_wallet.made.remove(&hold.request_id());
+                if let (true, Some((made_at, live)), false) = (was_open, made, actual.is_zero()) {
+                    let written_off = model_wallet.expired.iter().map(|l| l.left).sum::<Decimal>();
+                    model_wallet.take_back(&mut seq, made_at, &live, actual, now);
+                    let after = model_wallet.expired.iter().map(|l| l.left).sum::<Decimal>();
+                    seen.taken_back += u32::from(after < written_off);
+                }
                 model_wallet.draw(actual);
+                model.seq = seq;
                 let settled = hold.settle(actual, details(), now).unwrap();
                 assert_eq!(settled.late, !was_open, "late flag");
                 seen.overruns += u32::from(settled.overrun > Decimal::ZERO);
@@ -383,6 +439,8 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
                 seen.restarts += 1;
                 model.pool.holds.clear();
                 model.lite.holds.clear();
+                model.pool.made.clear();
+                model.lite.made.clear();
             }
             _ => {}
         }
@@ -410,8 +468,13 @@ fn run_steps(seed: u64, step: &std::cell::Cell<usize>) {
     assert!(report.is_clean(), "{:#?}", report.audit.mismatches);
     assert!(purchases > 0 && renewed, "the workload must reach purchases and the renewal");
     assert!(
-        seen.refused > 0 && seen.orphans > 0 && seen.overruns > 0 && seen.restarts >= 5,
-        "the workload must exercise refusals, orphaned holds, overruns and restarts: {seen:?}"
+        seen.refused > 0
+            && seen.orphans > 0
+            && seen.overruns > 0
+            && seen.restarts >= 5
+            && seen.taken_back > 0,
+        "the workload must exercise refusals, orphaned holds, overruns, restarts and calls paid by credit \
+         that expired while they ran: {seen:?}"
     );
 }
 
@@ -422,6 +485,8 @@ struct Seen {
     orphans: u32,
     overruns: u32,
     restarts: u32,
+    /// Settles paid (in part) by credit that expired while they were held.
+    taken_back: u32,
 }
 
 #[test]
