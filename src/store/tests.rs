@@ -639,6 +639,40 @@ fn a_store_that_cannot_write_refuses_new_work_then_resumes_when_it_can() {
     assert!(report.is_clean(), "{report:?}");
 }
 
+#[test]
+fn a_number_waiting_in_the_queue_of_a_failing_store_is_never_written_past() {
+    // Proves a gap is released only when the queue does not hold the missing
+    // number. While the store failed, the writer read its queue only up to a
+    // bound and, after the gap patience, wrote past a number still waiting in
+    // it: the durable mark then covered a record not yet written, which a
+    // checkpoint could leave out for good.
+    use crate::store::GroupCommit;
+    let template = all_records(&SledStore::open(populated_dir().path()).unwrap()).remove(0);
+    let numbered = |seq| Record { seq, body: template.body.clone() };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Faulty::new(dir.path()));
+    let config = StoreConfig { queue_capacity: 4, max_batch: 4, gap_patience_ms: 20, ..fast() };
+    let writer = GroupCommit::start(Arc::clone(&store), config).unwrap();
+    writer.begin_after(0).unwrap();
+    store.set(FAILING);
+    writer.append(numbered(1)).unwrap();
+    wait_until("the writer to see the failure", || writer.health().is_err());
+    // 6 comes before 5 (two threads, one slower to send), and 4 fills the
+    // bound of records kept for the failing store, so 5 waits in the queue.
+    for seq in [2, 3, 6, 4, 5] {
+        writer.append(numbered(seq)).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    store.set(HEALTHY);
+    wait_until("the writer to recover", || writer.health().is_ok());
+    writer.sync().unwrap();
+    assert_eq!(writer.durable_through(), 6);
+    assert_eq!(writer.stats().written_out_of_order, 0, "every record was written in number order");
+    writer.shutdown().unwrap();
+    let stored: Vec<u64> = store.records().map(|r| r.unwrap().seq).collect();
+    assert_eq!(stored, [1, 2, 3, 4, 5, 6]);
+}
+
 /// Polls `done` until it holds (or fails the test after a generous bound).
 fn wait_until(what: &str, done: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -48,6 +48,9 @@ pub struct WriterStats {
     pub flush_micros: u64,
     /// Failed writes or flushes (each one retried).
     pub store_failures: u64,
+    /// Records that came after the writer had written past their number
+    /// (their gap outlasted `gap_patience_ms`): stored, but out of order.
+    pub written_out_of_order: u64,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +61,7 @@ struct Counters {
     written: AtomicU64,
     flush_micros: AtomicU64,
     store_failures: AtomicU64,
+    written_out_of_order: AtomicU64,
 }
 
 /// State the writer thread shares with its handle.
@@ -211,6 +215,7 @@ impl<S: Store> GroupCommit<S> {
             written: counters.written.load(Ordering::Relaxed),
             flush_micros: counters.flush_micros.load(Ordering::Relaxed),
             store_failures: counters.store_failures.load(Ordering::Relaxed),
+            written_out_of_order: counters.written_out_of_order.load(Ordering::Relaxed),
         }
     }
 
@@ -333,7 +338,8 @@ impl Ord for Held {
 
 impl Sequencer {
     /// Takes a record; pushes onto `ready` what can be written now, in order.
-    fn take(&mut self, record: Record, begins_after: u64, ready: &mut Vec<Record>) {
+    /// True when the record came after its number was passed.
+    fn take(&mut self, record: Record, begins_after: u64, ready: &mut Vec<Record>) -> bool {
         // Numbering resumes after `begins_after` (set once the ledger is
         // restored); records taken before that were numbered below it.
         let resumes_at = begins_after.saturating_add(1);
@@ -343,18 +349,20 @@ impl Sequencer {
         }
         if record.seq > *next {
             self.held.push(Reverse(Held(record, Instant::now())));
-            return;
+            return false;
         }
-        if record.seq == *next {
+        let late = record.seq < *next;
+        if !late {
             *next += 1;
         } else {
-            // Below the next number: a second record with a number already
-            // written, which only a test's hand-made records do. It cannot be
-            // put in order any more; write it as it comes.
+            // Below the next number: its gap outlasted the patience and was
+            // written past (or a test's hand-made record repeats a number).
+            // It cannot be put in order any more; write it as it comes.
             tracing::warn!(seq = record.seq, "a record arrived after its number was passed");
         }
         ready.push(record);
         self.release_in_order(ready);
+        late
     }
 
     fn release_in_order(&mut self, ready: &mut Vec<Record>) {
@@ -482,7 +490,9 @@ impl<S: Store> Worker<S> {
                 state.highest_seen = state.highest_seen.max(record.seq);
                 self.shared.counters.appended.fetch_add(1, Ordering::Relaxed);
                 let begins_after = self.shared.begins_after.load(Ordering::Relaxed);
-                state.sequencer.take(record, begins_after, &mut group.records);
+                if state.sequencer.take(record, begins_after, &mut group.records) {
+                    self.shared.counters.written_out_of_order.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Message::Barrier(answer) => group.barriers.push(answer),
             Message::Shutdown(answer) => group.shutdown = Some(answer),
@@ -616,16 +626,25 @@ impl<S: Store> Worker<S> {
     /// While the store fails: keep records (up to the bound), answer
     /// barriers at once, note a shutdown.
     fn drain_while_failing(&self, state: &mut State, group: &mut Group) {
+        let mut drained = false;
         while state.unflushed.len() + group.records.len() < self.max_unflushed && group.shutdown.is_none() {
             match self.receiver.try_recv() {
                 Ok(Message::Barrier(answer)) => {
                     let _gone = answer.send(self.shared.health());
                 }
                 Ok(message) => self.take(group, state, message),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => {
+                    drained = true;
+                    break;
+                }
             }
         }
-        state.sequencer.release_stuck(self.gap_patience, group.shutdown.is_some(), &mut group.records);
+        // Past the bound the queue is not read, so a missing number may be
+        // waiting in it: only a gap the queue does not hold is one that
+        // will never close.
+        if drained || group.shutdown.is_some() {
+            state.sequencer.release_stuck(self.gap_patience, group.shutdown.is_some(), &mut group.records);
+        }
     }
 
     /// Reopens the store and writes again what it does not hold.
