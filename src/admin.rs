@@ -14,6 +14,9 @@
 //! create or remove credit (purchases, adjustments, contracts, Lite
 //! allowances and downgrades that grant them) need the operator token or an
 //! org token the operator marked `finance = true`; other org tokens get 403.
+//! An upgrade to Pro, which writes off the Lite remainder, does not: that
+//! credit was the org's own allowance to its user, and leaves no wallet
+//! anyone else can spend (calls still open settle on it).
 //! - `GET /admin/v1/whoami` — the caller's scope: operator, or which org
 //!   and whether it may move money.
 //! - `GET /admin/v1/prices` — the price table in force: version, loaded-at,
@@ -369,7 +372,7 @@ impl Admin {
                         let (status, mut page) =
                             self.report(move || reports::ledger_page(&*entries, org, &params)).await??;
                         if let Some(history) = &self.history {
-                            page["history"] = history_view(&history.status());
+                            page["history"] = history_view(&history.status(), scope);
                         }
                         (status, page)
                     }
@@ -404,9 +407,11 @@ impl Admin {
                                 "x-creditgate-retained-after",
                                 HeaderValue::from(status.pruned_through),
                             );
+                            // A path on the operator's machine is the operator's business.
                             if let Some(dir) = status
                                 .export_dir
                                 .as_ref()
+                                .filter(|_| scope == Scope::Operator)
                                 .and_then(|d| HeaderValue::try_from(d.display().to_string()).ok())
                             {
                                 headers.insert("x-creditgate-exports", dir);
@@ -583,11 +588,16 @@ fn method_not_allowed(error: AdminError) -> AdminError {
 
 fn error_response(error: &AdminError) -> Response<GatewayBody> {
     let (status, code) = error.class();
-    // Never say which organization owns something: that would leak it.
+    // Never say which organization owns something, nor whether it exists in
+    // another one: both read exactly as a missing id does.
+    use crate::ledger::LedgerError;
     let message = match error {
-        AdminError::Ledger(crate::ledger::LedgerError::CrossOrg { target, .. }) => {
-            format!("{target} not found")
-        }
+        AdminError::Ledger(LedgerError::CrossOrg { target, .. }) => format!("{target} not found"),
+        AdminError::Ledger(LedgerError::UnknownUser(id)) => format!("{id} not found"),
+        AdminError::Ledger(LedgerError::UnknownApp(id)) => format!("{id} not found"),
+        AdminError::Ledger(LedgerError::UnknownKey(id)) => format!("{id} not found"),
+        AdminError::Ledger(LedgerError::UnknownWallet(id)) => format!("{id} not found"),
+        AdminError::Ledger(LedgerError::UnknownOrg(id)) => format!("{id} not found"),
         other => other.to_string(),
     };
     let mut body = json!({"error": {"type": "admin_error", "code": code, "message": message}});
@@ -616,10 +626,13 @@ async fn read_body(body: Incoming, timeout: std::time::Duration) -> Result<Bytes
 /// Where the ledger's history lives, beside a page of entries: the hot
 /// store answers only for records after `retained_after`; older ones are in
 /// the export directory, one file per day (see `crate::store::export`).
-fn history_view(status: &crate::store::history::HistoryStatus) -> serde_json::Value {
+/// The export directory, a path on the operator's machine, is shown to the
+/// operator's token only.
+fn history_view(status: &crate::store::history::HistoryStatus, scope: Scope) -> serde_json::Value {
+    let export_dir = status.export_dir.as_ref().filter(|_| scope == Scope::Operator);
     serde_json::json!({
         "retained_after": status.pruned_through,
-        "export_dir": status.export_dir,
+        "export_dir": export_dir,
         "exported_through": status.exported_through,
         "checkpoint_seq": status.checkpoint_seq,
         "checkpoint_at": status.checkpoint_at,

@@ -168,6 +168,26 @@ async fn the_dashboard_shows_the_books_as_the_api_does() {
     open(&session, &stack, &format!("#/org/{org}/overview"), "tr[data-reason='spend_limit_reached']").await;
 
     open(&session, &stack, &format!("#/org/{org}/usage?group=model"), "#usage-chart").await;
+    // The CSV download defuses cells a spreadsheet would run (an end user's id is the client's).
+    let cells = session
+        .script(
+            "return ['=HYPERLINK(\"x\")', '+1', '@SUM(A1)', '-2+3', '\\tx', '0.001', '-0.5', 'a,b'].map(csvField);",
+            json!([]),
+        )
+        .await;
+    assert_eq!(
+        cells,
+        json!([
+            "\"'=HYPERLINK(\"\"x\"\")\"",
+            "'+1",
+            "'@SUM(A1)",
+            "'-2+3",
+            "'\tx",
+            "0.001",
+            "-0.5",
+            "\"a,b\""
+        ])
+    );
     let bars = session
         .script(
             "return [...document.querySelectorAll('#usage-chart g.bar')].map(g => ({day: g.dataset.day, \

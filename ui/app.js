@@ -511,7 +511,10 @@ function usageChart(rows, group, range, zone, orgId) {
 }
 
 function csvField(value) {
-  const text = value === null || value === undefined ? "" : String(value);
+  let text = value === null || value === undefined ? "" : String(value);
+  // A cell a spreadsheet would run as a formula (an end user's id, a name) is
+  // defused as the server's CSV does it; a number stays a number.
+  if (/^[=+\-@\t\r]/.test(text) && !/^-?\d+(\.\d+)?$/.test(text)) text = "'" + text;
   return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
 }
 

@@ -407,7 +407,11 @@ fn render_csv(group_by: &[String], groups: &BTreeMap<Vec<String>, Totals>) -> St
 /// Quote a CSV cell when it needs it (RFC 4180); also defuse cells that a
 /// spreadsheet would run as a formula.
 fn csv_cell(value: &str) -> String {
-    let value = if value.starts_with(['=', '+', '-', '@']) { format!("'{value}") } else { value.to_owned() };
+    let value = if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{value}")
+    } else {
+        value.to_owned()
+    };
     if value.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
@@ -434,5 +438,6 @@ mod tests {
         assert_eq!(csv_cell("a,b"), "\"a,b\"");
         assert_eq!(csv_cell("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(csv_cell("=cmd()"), "'=cmd()");
+        assert_eq!(csv_cell("\t=cmd()"), "'\t=cmd()");
     }
 }

@@ -97,6 +97,32 @@ pub fn too_fine(amount: Decimal) -> bool {
     amount.scale() > MAX_AMOUNT_SCALE && amount.normalize().scale() > MAX_AMOUNT_SCALE
 }
 
+/// Longest name, label, reference or reason, in bytes: text for people to
+/// read, journalled whole with every change of what it names.
+pub const MAX_TEXT_BYTES: usize = 256;
+/// Most routes, and most models, one key's scope may list.
+pub const MAX_SCOPE_ENTRIES: usize = 64;
+/// Most users, applications and keys (of each) one organization may have:
+/// each lives in every replica's memory.
+pub const MAX_PER_ORG: usize = 100_000;
+
+pub(crate) fn check_text(field: &'static str, text: &str) -> Result<(), LedgerError> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(LedgerError::TooLong { field, max: MAX_TEXT_BYTES, unit: "bytes" });
+    }
+    Ok(())
+}
+
+fn check_scope(scope: &KeyScope) -> Result<(), LedgerError> {
+    for (field, list) in [("routes", &scope.routes), ("models", &scope.models)] {
+        if list.len() > MAX_SCOPE_ENTRIES {
+            return Err(LedgerError::TooLong { field, max: MAX_SCOPE_ENTRIES, unit: "entries" });
+        }
+        list.iter().try_for_each(|entry| check_text(field, entry))?;
+    }
+    Ok(())
+}
+
 pub(crate) fn check_amount(field: &'static str, amount: Decimal) -> Result<(), LedgerError> {
     if amount.is_sign_negative() || amount > MAX_AMOUNT || too_fine(amount) {
         return Err(LedgerError::InvalidAmount {
@@ -119,6 +145,7 @@ impl Ledger {
     /// force, if any.
     pub fn create_org(&self, new: NewOrg, now: DateTime<Utc>) -> Result<Organization, LedgerError> {
         let _admin = self.lock_admin()?;
+        check_text("name", &new.name)?;
         let mut calendar = OrgCalendar::new(new.time_zone);
         if let Some(term) = &new.contract {
             check_term(term)?;
@@ -167,6 +194,10 @@ impl Ledger {
     pub fn create_user(&self, org: OrgId, new: NewUser, now: DateTime<Utc>) -> Result<User, LedgerError> {
         let _admin = self.lock_admin()?;
         let tz = self.org(org).ok_or(LedgerError::UnknownOrg(org))?.time_zone;
+        check_text("name", &new.name)?;
+        if self.users.iter().filter(|user| user.org == org).count() >= MAX_PER_ORG {
+            return Err(LedgerError::TooMany { what: "users", max: MAX_PER_ORG });
+        }
         check_amount("lite_monthly_allowance", new.lite_monthly_allowance)?;
         new.limits.validate()?;
         let record = self.commit(|seq| {
@@ -243,6 +274,10 @@ impl Ledger {
         if !self.orgs.contains_key(&org) {
             return Err(LedgerError::UnknownOrg(org));
         }
+        check_text("name", &new.name)?;
+        if self.apps.iter().filter(|app| app.org == org).count() >= MAX_PER_ORG {
+            return Err(LedgerError::TooMany { what: "applications", max: MAX_PER_ORG });
+        }
         new.limits.validate()?;
         new.end_user_limits.validate()?;
         let record = self.commit(|seq| {
@@ -287,6 +322,10 @@ impl Ledger {
         let _admin = self.lock_admin()?;
         let owner_org = self.owner_org(new.owner)?;
         self.ensure_same_org(org, owner_org, &new.owner.to_string())?;
+        check_text("label", &new.label)?;
+        if self.keys.iter().filter(|key| key.org == org).count() >= MAX_PER_ORG {
+            return Err(LedgerError::TooMany { what: "keys", max: MAX_PER_ORG });
+        }
         new.limits.validate()?;
         if self.key_index.contains_key(&new.hash) {
             return Err(LedgerError::DuplicateKey);
@@ -324,6 +363,7 @@ impl Ledger {
 
     /// Restricts a key to some routes and models (empty lists: everything).
     pub fn set_key_scope(&self, org: OrgId, key: KeyId, scope: KeyScope) -> Result<ApiKey, LedgerError> {
+        check_scope(&scope)?;
         self.update_key(org, key, |key| key.scope = scope)
     }
 

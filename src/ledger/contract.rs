@@ -194,6 +194,11 @@ impl OrgCalendar {
         })
     }
 
+    /// End of the last term agreed (a renewal's included), if any.
+    pub fn last_term_end(&self) -> Option<DateTime<Utc>> {
+        self.terms.last().map(|term| local_midnight(self.tz, term.end_date()))
+    }
+
     /// End of the contract year containing `at`; outside any term, the end of
     /// the local calendar year (so yearly limits still reset).
     pub fn limit_year_end(&self, at: DateTime<Utc>) -> DateTime<Utc> {

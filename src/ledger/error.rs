@@ -118,4 +118,31 @@ pub enum LedgerError {
     /// End-user limits apply to applications only.
     #[error("end-user limits apply to applications only")]
     EndUserLimitsOnUser,
+    /// A name, label or list is longer than the ledger keeps.
+    #[error("{field} must be at most {max} {unit}")]
+    TooLong {
+        /// The field.
+        field: &'static str,
+        /// The most allowed.
+        max: usize,
+        /// What `max` counts.
+        unit: &'static str,
+    },
+    /// The organization has as many of these as one may have.
+    #[error("an organization may have at most {max} {what}")]
+    TooMany {
+        /// Users, applications or keys.
+        what: &'static str,
+        /// The most allowed.
+        max: usize,
+    },
+    /// A purchase's explicit expiry after the contract it falls under ends:
+    /// purchased credits expire with the term.
+    #[error("expiry {expires_at} is after the contract's end, {term_end}")]
+    ExpiryAfterTerm {
+        /// The expiry given.
+        expires_at: DateTime<Utc>,
+        /// The end of the last term agreed.
+        term_end: DateTime<Utc>,
+    },
 }

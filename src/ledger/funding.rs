@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::ledger::admin::{check_amount, too_fine, MAX_AMOUNT};
+use crate::ledger::admin::{check_amount, check_text, too_fine, MAX_AMOUNT};
 use crate::ledger::entry::{EntryKind, LedgerEntry};
 use crate::ledger::ids::{EntryId, LotId, OrgId, WalletId};
 use crate::ledger::{Ledger, LedgerError};
@@ -158,8 +158,19 @@ impl Ledger {
         let cell = self.cell(wallet).ok_or(LedgerError::UnknownOrg(request.org))?;
         let mut state = cell.state.lock();
         let now = state.advance(now, &self.shared.committer);
+        if let Some(reference) = &request.reference {
+            check_text("reference", reference)?;
+        }
         let expires_at = match request.expires_at {
-            Some(at) => at,
+            // Only outside any contract may a purchase outlive the terms.
+            Some(at) => {
+                match state.calendar.last_term_end().filter(|_| state.calendar.term_end_at(now).is_some()) {
+                    Some(term_end) if at > term_end => {
+                        return Err(LedgerError::ExpiryAfterTerm { expires_at: at, term_end })
+                    }
+                    _ => at,
+                }
+            }
             None => state
                 .calendar
                 .term_end_at(now)
@@ -198,6 +209,7 @@ impl Ledger {
         // Money is not credited while the store cannot record it.
         let _admin = self.lock_admin()?;
         check_key(&request.idempotency_key)?;
+        check_text("reason", &request.reason)?;
         let slot = (request.org, request.idempotency_key.clone());
         let remembered = self.idempotency.lock().get(&slot).cloned();
         match remembered {

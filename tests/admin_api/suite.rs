@@ -441,6 +441,13 @@ async fn an_org_token_cannot_see_or_change_another_org_through_any_route() {
     .await;
     assert_eq!(cross.status, 404);
     assert!(!String::from_utf8_lossy(&cross.body).contains(&format!("organization {b}")), "{:?}", cross.body);
+    // And reads exactly as an id no organization has, so ids cannot be probed.
+    let unknown =
+        call(&stack, ORG_TOKEN, Method::POST, "/admin/v1/orgs/1/keys/987654321/revoke", None, &[]).await;
+    assert_eq!(unknown.status, 404);
+    let message =
+        |reply: &Reply, id: &str| reply.json()["error"]["message"].as_str().unwrap().replace(id, "N");
+    assert_eq!(message(&cross, &ids["key"].to_string()), message(&unknown, "987654321"));
     let cross_key = call(
         &stack,
         ORG_TOKEN,
@@ -957,6 +964,8 @@ async fn schema_valid_bodies_that_a_rule_refuses_answer_422_naming_the_field() {
     let today = chrono::Utc::now().date_naive().to_string();
     let cases = [
         (format!("{base}/purchases"), json!({"amount": "5", "expires_at": "2001-01-01T00:00:00Z"}), None),
+        // Purchased credit expires with the contract it is bought under.
+        (format!("{base}/purchases"), json!({"amount": "5", "expires_at": "2999-01-01T00:00:00Z"}), None),
         (
             format!("{base}/contracts"),
             json!({"start": today, "years": 1, "platform_allocation_per_year": "10"}),
@@ -985,6 +994,41 @@ async fn schema_valid_bodies_that_a_rule_refuses_answer_422_naming_the_field() {
     }
     let after = call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/balances"), None, &[]).await;
     assert_eq!(before.json(), after.json(), "no refused call changed a wallet");
+}
+
+#[tokio::test]
+async fn names_labels_and_key_scopes_are_bounded() {
+    // Proves an org token cannot grow the journal and every replica's memory
+    // without bound through one entity: names, labels and scope entries are
+    // at most 256 bytes, and a scope lists at most 64 routes and 64 models.
+    let stack = start().await;
+    let base = "/admin/v1/orgs/1";
+    let long = "x".repeat(257);
+    let post = |path: String, body: Value| {
+        let stack = &stack;
+        async move { call(stack, ORG_TOKEN, Method::POST, &path, Some(body), &[]).await }
+    };
+    let user = post(format!("{base}/users"), json!({"name": long, "plan": "pro"})).await;
+    assert_eq!(user.status, 400, "{:?}", user.body);
+    let app = post(format!("{base}/apps"), json!({"name": long})).await;
+    assert_eq!(app.status, 400, "{:?}", app.body);
+    let fine = post(format!("{base}/users"), json!({"name": "x".repeat(256), "plan": "pro"})).await;
+    assert_eq!(fine.status, 201, "{:?}", fine.body);
+    let user_id = fine.json()["id"].clone();
+    let key = post(format!("{base}/keys"), json!({"user": user_id, "label": long})).await;
+    assert_eq!(key.status, 400, "{:?}", key.body);
+    let key = post(format!("{base}/keys"), json!({"user": user_id, "label": "ok"})).await;
+    assert_eq!(key.status, 201, "{:?}", key.body);
+    let scope = format!("{base}/keys/{}/scope", key.json()["id"]);
+    let many: Vec<String> = (0..65).map(|i| format!("/v1/r{i}")).collect();
+    for body in [json!({"routes": many}), json!({"models": [long]})] {
+        let reply = call(&stack, ORG_TOKEN, Method::PUT, &scope, Some(body.clone()), &[]).await;
+        assert_eq!(reply.status, 400, "{body}: {:?}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "invalid_field");
+    }
+    let reply =
+        call(&stack, ORG_TOKEN, Method::PUT, &scope, Some(json!({"models": ["mock-gpt"]})), &[]).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
 }
 
 #[tokio::test]
