@@ -340,6 +340,7 @@ impl Proxy {
             request_id,
             route: route.prefix.clone(),
             table,
+            priced_at: now,
             priced: Some(priced),
             estimated_input_tokens: estimated_input,
             limits: route.limits.clone(),

@@ -715,6 +715,46 @@ async fn price_modifiers_the_client_picks_are_priced() {
 }
 
 #[tokio::test]
+async fn a_call_is_charged_at_the_prices_in_force_when_it_was_held_hosted_tools_included() {
+    // A scheduled tool price that came into force while a call ran charged the call's tokens at
+    // the prices of its hold but its hosted tool calls at the new price.
+    use creditgate::clock::ManualClock;
+    let provider = Provider::start().await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let now = chrono::Utc::now();
+    let switch = (now + chrono::TimeDelta::hours(1)).format("%Y-%m-%dT%H:%M:%SZ");
+    let prices = data_dir.path().join("prices.toml");
+    let schedule =
+        format!("\n[[tools.\"web_search_call\".schedule]]\neffective_from = {switch}\nper_call = \"5\"\n");
+    std::fs::write(&prices, std::fs::read_to_string(PRICES_FILE).unwrap() + &schedule).unwrap();
+    let text = config_text(provider.addr(), "", "").replace(PRICES_FILE, prices.to_str().unwrap());
+    let config = parse_config(&text, &data_dir.path().join("data"));
+    let clock = ManualClock::new(now);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let gateway = Gateway::start_with_clock(config, clock.clone(), cancel).await.unwrap();
+    let keys = seed(&gateway, "100", "1");
+    let books = Books { provider, gateway, keys, _data_dir: data_dir };
+    let pro = books.keys.pro.clone();
+    let per_call =
+        books.gateway.prices().unwrap().current().tool("web_search_call", now).unwrap().cost(0).unwrap();
+    let body = json!({"model": "mock-gpt", "max_output_tokens": 50, "input": "news?",
+                      "tools": [{"type": "web_search"}], "max_tool_calls": 2});
+    let before = books.settled_balance(&pro).await;
+    let headers = [("x-provider-tool-calls", "2"), ("x-provider-head-delay-ms", "400")];
+    let (reply, ()) = tokio::join!(books.post("/v1/responses", Some(&pro), &headers, &body), async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        clock.advance(chrono::TimeDelta::hours(2));
+    });
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let charged = before - books.settled_balance(&pro).await;
+    assert_eq!(
+        charged,
+        books.reported_cost("mock-gpt") + per_call * Decimal::from(2u64),
+        "both searches at the old price"
+    );
+}
+
+#[tokio::test]
 async fn hosted_tool_calls_are_held_bounded_and_charged_per_call() {
     // Proves the per-call fees of the upstream's own tools (Responses API web search) are
     // charged: the request is held for max_tool_calls calls (sent upstream when the request

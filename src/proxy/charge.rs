@@ -100,6 +100,9 @@ pub struct Charge {
     pub request_id: RequestId,
     pub route: Arc<str>,
     pub table: Arc<PriceTable>,
+    /// When the call was priced and held: every part of it is charged at
+    /// the prices in force then, hosted tool calls included.
+    pub priced_at: DateTime<Utc>,
     pub priced: Option<Priced>,
     /// Input an estimate charges when the upstream reports none (see
     /// [`estimated_input_tokens`]); `None`: a call cut short is charged its
@@ -805,7 +808,7 @@ impl Charge {
         }
         let held = Amounts { cost: self.held_cost, price: hold.amount() };
         let (charged, usage, flag) = match &priced {
-            Priced::Model { price, flavour, .. } => self.model_cost(price, *flavour, outcome, held, now),
+            Priced::Model { price, flavour, .. } => self.model_cost(price, *flavour, outcome, held),
             Priced::Tool { price, units_header, .. } => self.tool_cost(price, units_header.is_some(), held),
         };
         let name = match &priced {
@@ -837,7 +840,6 @@ impl Charge {
         flavour: Flavour,
         outcome: Outcome,
         held: Amounts,
-        now: DateTime<Utc>,
     ) -> (Amounts, Usage, SettleFlag) {
         let Some(meter) = self.meter.as_mut() else {
             // An encoded body (the gateway asked for none) cannot be read,
@@ -887,7 +889,7 @@ impl Charge {
         if let Ok(cost) = token_cost {
             parts.push((cost, price.markup()));
         }
-        let tool_calls = hosted_calls_cost(&self.table, &reported, now, &mut parts);
+        let tool_calls = hosted_calls_cost(&self.table, &reported, self.priced_at, &mut parts);
         let charged = token_cost.ok().and_then(|_| Amounts::of(&parts));
         let charged = match charged {
             Some(charged) if flag == SettleFlag::Estimated => charged.at_most(held),
