@@ -493,7 +493,8 @@ impl Proxy {
                 Ok(response)
             }
             Err(_) => {
-                waiting.wait_on(StatusCode::GATEWAY_TIMEOUT);
+                // The 504 is counted and logged as the request; the call, later.
+                waiting.wait_on(StatusCode::GATEWAY_TIMEOUT, true);
                 Err(ProxyError::UpstreamTimeout {
                     upstream: upstream.name.clone(),
                     timeout: upstream.response_timeout,
@@ -527,6 +528,12 @@ impl Proxy {
             if !over_hold.is_zero() {
                 self.alerts.notify(Signal::OverHold(wallet, ledger_request_id(&ctx.request_id)));
             }
+        }
+        if ctx.counted {
+            let _entered = ctx.span.enter();
+            let settled = settled.as_ref().map(|s| format!("{s:?}"));
+            tracing::info!(outcome = outcome.as_str(), settled, "call settled after its answer");
+            return;
         }
         let upstream =
             ctx.upstream.and_then(|i| self.config.upstreams.get(i)).map_or("-", |u| u.name.as_str());
@@ -567,10 +574,10 @@ struct AwaitingHead<'a> {
 impl AwaitingHead<'_> {
     /// Moves the wait to the background, with the charge; `status` is what
     /// the client got. A call that holds nothing is simply dropped.
-    fn wait_on(&mut self, status: StatusCode) {
+    fn wait_on(&mut self, status: StatusCode, counted: bool) {
         let Some(head) = self.head.take() else { return };
         if self.ctx.charge.is_some() {
-            let ctx = self.ctx.detach_charge(status);
+            let ctx = self.ctx.detach_charge(status, counted);
             read_on::head(Arc::clone(self.proxy), ctx, head, self.deadline);
         }
     }
@@ -579,7 +586,7 @@ impl AwaitingHead<'_> {
 impl Drop for AwaitingHead<'_> {
     fn drop(&mut self) {
         // 499: the client closed the connection (nginx's code for it).
-        self.wait_on(StatusCode::from_u16(499).unwrap_or(StatusCode::REQUEST_TIMEOUT));
+        self.wait_on(StatusCode::from_u16(499).unwrap_or(StatusCode::REQUEST_TIMEOUT), false);
     }
 }
 

@@ -437,6 +437,11 @@ async fn a_call_the_gateway_stops_waiting_for_is_charged_from_its_late_answer_or
     let charged = before - books.settled_balance(&pro).await;
     assert!(charged > Decimal::ZERO);
     assert_eq!(books.debit_held(charged).await, Some(charged), "a call never answered is charged its hold");
+    // Each 504 is one request answered, however late its call settled.
+    let metrics = books.metrics().await;
+    let answered =
+        metrics.lines().find(|l| l.starts_with("creditgate_requests_total") && l.contains("\"504\""));
+    assert!(answered.is_some_and(|l| l.ends_with(" 2")), "{metrics}");
 }
 
 #[tokio::test]

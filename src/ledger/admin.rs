@@ -102,8 +102,9 @@ pub fn too_fine(amount: Decimal) -> bool {
 pub const MAX_TEXT_BYTES: usize = 256;
 /// Most routes, and most models, one key's scope may list.
 pub const MAX_SCOPE_ENTRIES: usize = 64;
-/// Most users, applications and keys (of each) one organization may have:
-/// each lives in every replica's memory.
+/// Most users, applications and live keys (of each) one organization may
+/// have: each lives in every replica's memory. (Counted only once the whole
+/// gateway has that many, so a create scans nothing before.)
 pub const MAX_PER_ORG: usize = 100_000;
 
 pub(crate) fn check_text(field: &'static str, text: &str) -> Result<(), LedgerError> {
@@ -195,7 +196,9 @@ impl Ledger {
         let _admin = self.lock_admin()?;
         let tz = self.org(org).ok_or(LedgerError::UnknownOrg(org))?.time_zone;
         check_text("name", &new.name)?;
-        if self.users.iter().filter(|user| user.org == org).count() >= MAX_PER_ORG {
+        if self.users.len() >= MAX_PER_ORG
+            && self.users.iter().filter(|user| user.org == org).count() >= MAX_PER_ORG
+        {
             return Err(LedgerError::TooMany { what: "users", max: MAX_PER_ORG });
         }
         check_amount("lite_monthly_allowance", new.lite_monthly_allowance)?;
@@ -275,7 +278,9 @@ impl Ledger {
             return Err(LedgerError::UnknownOrg(org));
         }
         check_text("name", &new.name)?;
-        if self.apps.iter().filter(|app| app.org == org).count() >= MAX_PER_ORG {
+        if self.apps.len() >= MAX_PER_ORG
+            && self.apps.iter().filter(|app| app.org == org).count() >= MAX_PER_ORG
+        {
             return Err(LedgerError::TooMany { what: "applications", max: MAX_PER_ORG });
         }
         new.limits.validate()?;
@@ -323,7 +328,9 @@ impl Ledger {
         let owner_org = self.owner_org(new.owner)?;
         self.ensure_same_org(org, owner_org, &new.owner.to_string())?;
         check_text("label", &new.label)?;
-        if self.keys.iter().filter(|key| key.org == org).count() >= MAX_PER_ORG {
+        // Revoked keys cannot be deleted, so only live ones count.
+        let live = |key: &ApiKey| key.org == org && !key.revoked;
+        if self.keys.len() >= MAX_PER_ORG && self.keys.iter().filter(|key| live(key)).count() >= MAX_PER_ORG {
             return Err(LedgerError::TooMany { what: "keys", max: MAX_PER_ORG });
         }
         new.limits.validate()?;

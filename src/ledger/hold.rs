@@ -203,6 +203,8 @@ pub(crate) struct OpenHold {
     /// if that expired (a Lite month's end, a contract year's) before the
     /// call settled.
     pub held_at: DateTime<Utc>,
+    /// The payers' epoch its limit reservation was made in.
+    pub limits_epoch: u64,
     /// When the TTL voids it, once it is an orphan.
     pub expires_at: DateTime<Utc>,
     /// Its token was dropped unspent: nothing will settle it.
@@ -416,6 +418,7 @@ impl WalletState {
             amount: args.amount,
             payer: payer.clone(),
             held_at: now,
+            limits_epoch: self.payers.epoch(),
             expires_at: WalletState::hold_ttl_expiry(now, config.hold_ttl()),
             orphaned: false,
         };
@@ -466,7 +469,7 @@ impl WalletState {
         let (held, payer, made_at, is_late) = match (self.holds.remove(&request_id), late) {
             (Some(open), _) => {
                 self.held -= open.amount;
-                self.payers.unreserve(open.spender(), open.amount);
+                self.payers.unreserve(open.spender(), open.amount, open.limits_epoch);
                 (open.amount, open.payer, open.held_at, false)
             }
             (None, Some(late)) => (late.held, late.payer, settled_at, true),
@@ -515,7 +518,7 @@ impl WalletState {
             return Decimal::ZERO;
         };
         self.held -= open.amount;
-        self.payers.unreserve(open.spender(), open.amount);
+        self.payers.unreserve(open.spender(), open.amount, open.limits_epoch);
         open.amount
     }
 }
@@ -563,7 +566,14 @@ mod tests {
     fn open_hold(amount: u64, expires_at: DateTime<Utc>) -> OpenHold {
         let payer =
             HoldPayer { key: KeyId(1), owner: Owner::User(crate::ledger::ids::UserId(1)), end_user: None };
-        OpenHold { amount: Decimal::from(amount), payer, held_at: expires_at, expires_at, orphaned: true }
+        OpenHold {
+            amount: Decimal::from(amount),
+            payer,
+            held_at: expires_at,
+            limits_epoch: 0,
+            expires_at,
+            orphaned: true,
+        }
     }
 
     #[test]

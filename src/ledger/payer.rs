@@ -89,6 +89,10 @@ pub(crate) struct Payers {
     /// True when any key or owner here has a cap; when false the hot path
     /// skips limit bookkeeping altogether. Recomputed on every change.
     any_limits: bool,
+    /// Bumped whenever the counters stop counting the open holds (limits
+    /// changed, an owner left): a hold reserved before takes nothing back,
+    /// so it never takes another hold's reservation.
+    epoch: u64,
 }
 
 /// The spend a hold or debit counts against: a key, its owner, and maybe an
@@ -122,11 +126,15 @@ impl Payers {
 
     /// Adds or updates an owner's limits.
     pub fn set_owner(&mut self, owner: Owner, limits: Limits, end_user_limits: Limits) {
+        // A new owner has no open holds to forget.
+        let known = self.owners.contains_key(&owner);
         let payer = self.owners.entry(owner).or_default();
+        let changed = known && (payer.limits != limits || payer.end_user_limits != end_user_limits);
         payer.limits = limits;
         payer.end_user_limits = end_user_limits;
-        // Holds open now take nothing back if their limits went away meanwhile.
-        payer.forget_holds();
+        if changed {
+            self.forget_holds();
+        }
         self.recount();
     }
 
@@ -150,10 +158,11 @@ impl Payers {
         };
         let payer = &mut self.keys[at].1;
         match (&mut payer.capped, limits.is_empty()) {
-            (Some(capped), _) => {
+            (Some(capped), _) if capped.limits != limits => {
                 capped.limits = limits;
-                capped.spend.forget_holds();
+                self.forget_holds();
             }
+            (Some(_), _) => {}
             (None, true) => {}
             (None, false) => payer.capped = Some(Box::new(Capped { limits, spend: Spend::default() })),
         }
@@ -168,15 +177,15 @@ impl Payers {
 
     /// Detaches an owner and its keys, spend included.
     pub fn take_owner(&mut self, owner: Owner) -> Option<MovedOwner> {
-        let mut payer = self.owners.remove(&owner)?;
-        let (mut keys, stay): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.keys).into_iter().partition(|(_, key)| key.owner == owner);
-        // Their open holds settle here, where the owner no longer is: the
-        // counters that move do not count them.
-        payer.forget_holds();
-        for capped in keys.iter_mut().filter_map(|(_, key)| key.capped.as_deref_mut()) {
-            capped.spend.forget_holds();
+        if !self.owners.contains_key(&owner) {
+            return None;
         }
+        // Its open holds settle here, where the owner no longer is: the
+        // counters that move (and those that stay) stop counting them.
+        self.forget_holds();
+        let payer = self.owners.remove(&owner)?;
+        let (keys, stay): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.keys).into_iter().partition(|(_, key)| key.owner == owner);
         self.keys = SmallVec::from_vec(stay);
         // Back inline when one key is left (`from_vec` keeps the heap buffer).
         self.keys.shrink_to_fit();
@@ -276,9 +285,27 @@ impl Payers {
         self.each_spend(spender, true, |spend| spend.reserve(ends, amount));
     }
 
-    /// Takes back an open hold (its call settles, or it is released).
-    pub fn unreserve(&mut self, spender: Spender<'_>, amount: Decimal) {
-        self.each_spend(spender, false, |spend| spend.unreserve(amount));
+    /// Takes back an open hold (its call settles, or it is released) that
+    /// was reserved in `epoch`; one from before the counters forgot the open
+    /// holds takes nothing back.
+    pub fn unreserve(&mut self, spender: Spender<'_>, amount: Decimal, epoch: u64) {
+        if epoch == self.epoch {
+            self.each_spend(spender, false, |spend| spend.unreserve(amount));
+        }
+    }
+
+    /// The epoch a hold reserved now belongs to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Every counter stops counting the open holds; see [`Payers::epoch`].
+    fn forget_holds(&mut self) {
+        self.epoch += 1;
+        for capped in self.keys.iter_mut().filter_map(|(_, key)| key.capped.as_deref_mut()) {
+            capped.spend.forget_holds();
+        }
+        self.owners.values_mut().for_each(OwnerPayer::forget_holds);
     }
 
     /// Applies `apply` to every counter the spender draws on; only tracks a

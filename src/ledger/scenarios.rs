@@ -143,7 +143,9 @@ fn debits_consume_soonest_expiry_then_kind_then_age() {
     // Proves the draw order across platform, seat, purchase and adjustment lots.
     let (ledger, journal) = ledger();
     let now = at("2027-01-10T00:00:00Z");
-    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(10), 1, dec!(10))), now);
+    // Two contract years: a purchase expires at the term's end, after the
+    // first year's platform and seat lots.
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 2, dec!(10), 1, dec!(10))), now);
     let pool = WalletId::Pool(org);
     let admin = user(&ledger, org, Plan::Pro, dec!(0), now);
     let key = key(&ledger, org, Owner::User(admin), Limits::NONE, now);
@@ -162,8 +164,8 @@ fn debits_consume_soonest_expiry_then_kind_then_age() {
             .unwrap()
             .lot
     };
-    let bought_late = purchase(dec!(10), Some("2028-06-01T00:00:00Z"), "late");
-    let bought_year_end = purchase(dec!(10), None, "year-end");
+    let bought_early = purchase(dec!(10), Some("2028-06-01T00:00:00Z"), "early");
+    let bought_term_end = purchase(dec!(10), None, "term-end");
     let adjusted = ledger
         .adjust(
             AdjustmentRequest {
@@ -183,7 +185,7 @@ fn debits_consume_soonest_expiry_then_kind_then_age() {
     let order: Vec<_> = view.lots.iter().map(|l| l.id).collect();
     let platform = view.lots.iter().find(|l| l.origin.kind() == LotKind::Platform).unwrap().id;
     let seat = view.lots.iter().find(|l| l.origin.kind() == LotKind::Seat).unwrap().id;
-    assert_eq!(order, [adjusted, platform, seat, bought_year_end, bought_late]);
+    assert_eq!(order, [adjusted, platform, seat, bought_early, bought_term_end]);
     // Each step drains exactly one lot, in that order.
     for (step, lot) in order.iter().enumerate() {
         spend(&ledger, pool, key, dec!(10), now);
@@ -943,10 +945,13 @@ fn a_call_held_before_an_upgrade_settles_on_the_lite_credit_it_was_held_from() {
     let lite = WalletId::Lite(user);
     let hold = ledger.hold(lite, request(), dec!(20), ctx(key), now).unwrap();
     let later = now + TimeDelta::seconds(5);
+    // One more taken in the very instant of the upgrade, just before it.
+    let at_once = ledger.hold(lite, request(), dec!(10), ctx(key), later).unwrap();
     ledger.set_user_plan(org, user, Plan::Pro, later).unwrap();
     hold.settle(dec!(15), details(), later + TimeDelta::seconds(5)).unwrap();
+    at_once.settle(dec!(5), details(), later + TimeDelta::seconds(5)).unwrap();
     let view = ledger.balance(lite, later + TimeDelta::seconds(5)).unwrap();
-    assert_eq!((view.balance, view.totals.written_off), (dec!(0), dec!(35)));
+    assert_eq!((view.balance, view.totals.written_off), (dec!(0), dec!(30)));
     assert_eq!(ledger.balance(WalletId::Pool(org), later).unwrap().balance, dec!(100));
     assert_verified(&ledger, &journal);
 }
@@ -972,5 +977,32 @@ fn holds_open_at_midnight_count_against_the_new_day_until_they_settle() {
     let refused = ledger.hold(pool, request(), dec!(41), ctx(key), after).unwrap_err();
     assert_eq!(refused.code(), "spending_limit", "its 60 count in the day it settled in");
     ledger.hold(pool, request(), dec!(40), ctx(key), after).unwrap().release(after);
+    assert_verified(&ledger, &journal);
+}
+
+#[test]
+fn a_limit_change_forgets_open_holds_without_letting_them_take_back_newer_ones() {
+    // Proves other changes to a key (its scope) keep its open holds counted, and a limit
+    // change, which stops counting them, never lets an older hold take back a newer one's
+    // reservation: a daily cap of 150 is not passed. (Before, any change of the key forgot
+    // its holds, and the older hold's settle then took back the newer one's reservation.)
+    let (ledger, journal) = ledger();
+    let now = at("2027-03-10T12:00:00Z");
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(1000), 0, dec!(0))), now);
+    let user = user(&ledger, org, Plan::Pro, dec!(0), now);
+    let key = key(&ledger, org, Owner::User(user), Limits { daily: Some(dec!(100)), ..Limits::NONE }, now);
+    let pool = WalletId::Pool(org);
+    let first = ledger.hold(pool, request(), dec!(80), ctx(key), now).unwrap();
+    let scope = crate::ledger::entity::KeyScope { routes: vec!["/v1".into()], models: Vec::new() };
+    ledger.set_key_scope(org, key, scope).unwrap();
+    let refused = ledger.hold(pool, request(), dec!(80), ctx(key), now).unwrap_err();
+    assert_eq!(refused.code(), "spending_limit", "a scope change keeps the open hold counted");
+    ledger.set_key_limits(org, key, Limits { daily: Some(dec!(150)), ..Limits::NONE }).unwrap();
+    let second = ledger.hold(pool, request(), dec!(80), ctx(key), now).unwrap();
+    first.settle(dec!(80), details(), now).unwrap();
+    let refused = ledger.hold(pool, request(), dec!(1), ctx(key), now).unwrap_err();
+    assert_eq!(refused.code(), "spending_limit", "80 settled and 80 still held fill the 150");
+    second.release(now);
+    ledger.hold(pool, request(), dec!(70), ctx(key), now).unwrap().release(now);
     assert_verified(&ledger, &journal);
 }

@@ -431,10 +431,13 @@ impl WalletState {
     /// the credit it was held from (see [`WalletState::take_back_write_offs`]).
     pub fn write_off_all(&mut self, committer: &Committer, now: DateTime<Utc>) {
         let lots = self.lots.take_all();
+        // Live through the upgrade's instant: a hold taken at it was taken
+        // before it (the user's keys draw on the pool from then on).
+        let ended_at = now.checked_add_signed(TimeDelta::nanoseconds(1)).unwrap_or(now);
         self.expired.extend(
             lots.iter()
                 .filter(|lot| !lot.remaining.is_zero())
-                .map(|lot| ExpiredLot { expires_at: now, ..ExpiredLot::written_off(lot) }),
+                .map(|lot| ExpiredLot { expires_at: ended_at, ..ExpiredLot::written_off(lot) }),
         );
         let touches: LotTouches = lots
             .iter()
@@ -517,7 +520,7 @@ impl WalletState {
         let count = voided.len();
         for hold in voided {
             self.held -= hold.amount;
-            self.payers.unreserve(hold.spender(), hold.amount);
+            self.payers.unreserve(hold.spender(), hold.amount, hold.limits_epoch);
         }
         count
     }
@@ -544,7 +547,9 @@ impl WalletState {
             // (an upgrade's) when written off.
             let expiring = match entry.kind {
                 EntryKind::WriteOff { reason: WriteOffReason::Expired } => Some(None),
-                EntryKind::WriteOff { reason: WriteOffReason::Upgraded } => Some(Some(entry.at)),
+                EntryKind::WriteOff { reason: WriteOffReason::Upgraded } => {
+                    Some(Some(entry.at.checked_add_signed(TimeDelta::nanoseconds(1)).unwrap_or(entry.at)))
+                }
                 _ => None,
             };
             for touch in &entry.lots {

@@ -40,6 +40,10 @@ pub struct RequestCtx {
     pub charge: Option<super::charge::Charge>,
     /// Body bytes handed to the client so far.
     pub response_bytes: u64,
+    /// The request was already counted and logged by the context it was
+    /// detached from (a 504 whose call settles later): settling this one
+    /// records the money only.
+    pub counted: bool,
     pub span: tracing::Span,
 }
 
@@ -68,14 +72,17 @@ impl RequestCtx {
             in_flight: None,
             charge: None,
             response_bytes: 0,
+            counted: false,
             span,
         }
     }
 
     /// Moves the request's charge (and its in-flight place) to a context of
     /// its own, for a task that settles the call after this request has
-    /// answered or its client has gone; `status` is what the client got.
-    pub fn detach_charge(&mut self, status: StatusCode) -> RequestCtx {
+    /// answered or its client has gone; `status` is what the client got,
+    /// `counted` whether this context still answers (and so counts and logs
+    /// the request).
+    pub fn detach_charge(&mut self, status: StatusCode, counted: bool) -> RequestCtx {
         RequestCtx {
             request_id: self.request_id.clone(),
             client_request_id: self.client_request_id.clone(),
@@ -93,6 +100,7 @@ impl RequestCtx {
             in_flight: self.in_flight.take(),
             charge: self.charge.take(),
             response_bytes: 0,
+            counted,
             span: self.span.clone(),
         }
     }

@@ -455,8 +455,11 @@ impl<S: Store> Worker<S> {
             // together than the interval and a lone purchase waits no longer
             // than it must.
             let deadline = last_flush.map_or_else(Instant::now, |at| at + self.interval);
-            let gathered = self.gather(&mut group, &mut state, deadline);
-            state.sequencer.release_stuck(self.gap_patience, group.shutdown.is_some(), &mut group.records);
+            let (gathered, read_empty) = self.gather(&mut group, &mut state, deadline);
+            // A missing number may still wait in a queue not read empty (a
+            // backlog): its gap is given ten times the patience then.
+            let patience = if read_empty { self.gap_patience } else { self.gap_patience * 10 };
+            state.sequencer.release_stuck(patience, group.shutdown.is_some(), &mut group.records);
             if state.sequencer.is_holding() {
                 // Records queued before these barriers may still be held:
                 // answer them once the gap closes.
@@ -507,12 +510,19 @@ impl<S: Store> Worker<S> {
     /// (a futex call and a context switch, several microseconds on the
     /// request path), while a sleeping one is woken by nobody. The first
     /// record of a group still wakes it, at most once per flush interval.
-    fn gather(&self, group: &mut Group, state: &mut State, deadline: Instant) -> Result<(), JournalError> {
+    /// Takes what is queued until `deadline`; also says whether the queue
+    /// was read empty (else more may wait in it).
+    fn gather(
+        &self,
+        group: &mut Group,
+        state: &mut State,
+        deadline: Instant,
+    ) -> (Result<(), JournalError>, bool) {
         let mut result = Ok(());
         loop {
             for taken in 0_u64.. {
                 if group.shutdown.is_some() {
-                    return result;
+                    return (result, false);
                 }
                 if group.records.len() >= self.max_batch {
                     result = result.and_then(|()| self.hand_over(&mut group.records, state));
@@ -521,7 +531,7 @@ impl<S: Store> Worker<S> {
                 // under steady load the queue is never empty, and the group
                 // would never flush. (The clock is read every 64 records.)
                 if taken % 64 == 63 && Instant::now() >= deadline {
-                    return result;
+                    return (result, false);
                 }
                 match self.receiver.try_recv() {
                     Ok(message) => self.take(group, state, message),
@@ -530,7 +540,7 @@ impl<S: Store> Worker<S> {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return result;
+                return (result, true);
             }
             std::thread::sleep(left);
         }
