@@ -258,6 +258,127 @@ async fn a_debit_settled_before_an_expiry_but_posted_after_it_is_paid_by_the_exp
     verify(&cluster.url);
 }
 
+/// A chat call through `proxy` naming `model`, the upstream answering after
+/// `latency_ms`: its status.
+async fn chat(proxy: &str, secret: &str, model: &str, latency_ms: u64) -> u16 {
+    let body = serde_json::json!({"model": model, "max_tokens": 50, "seed": 40,
+                                  "messages": [{"role": "user", "content": "hello"}]});
+    let request = http::Request::post(format!("http://{proxy}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {secret}"))
+        .header("x-mock-latency-ms", latency_ms.to_string())
+        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let response = client().request(request).await.unwrap();
+    let status = response.status().as_u16();
+    http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_held_before_an_expiry_and_settled_after_it_is_paid_by_the_expired_credit() {
+    // A replica's debit carries its hold's time, and the treasurer pays the call from the
+    // credit live then. Before, a call running across an expiry was paid from the credit
+    // that lasts, while the expired lot, held part and all, was written off.
+    let pg = Postgres::start();
+    let cluster = start_cluster(&pg, "held_across_expiry", 2).await;
+    let (org, secret) = funded_org(&cluster, 0, "0.002", "0.001").await;
+    let lasting = Decimal::new(3, 3);
+    let expiry = chrono::Utc::now() + chrono::TimeDelta::seconds(4);
+    buy_short_lived(&cluster.replicas[1], org, expiry).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shown_balance(&cluster.replicas[0], org).await != lasting + Decimal::new(1, 2) {
+        assert!(Instant::now() < deadline, "the replica never saw the purchase");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Held now, on the short-lived credit (it expires first); answered after the expiry.
+    let left = (expiry - chrono::Utc::now()).num_milliseconds();
+    assert!(left > 1000, "the purchase took too long to reach the replica");
+    let latency = u64::try_from(left).unwrap() + 1500;
+    assert_eq!(chat(&cluster.replicas[0].proxy, &secret, "mock-gpt", latency).await, 200);
+    assert!(chrono::Utc::now() > expiry, "the call ended before the expiry");
+    settled(&cluster.url).await;
+    let spent: Decimal = debits(&cluster.url, org).await.iter().sum();
+    assert!(spent > Decimal::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let taken_back = amounts(&ledger_entries(&cluster.replicas[0], org, "write_off_reversed").await);
+        if taken_back == spent {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{taken_back} of the write-off taken back for {spent} spent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shown_balance(&cluster.replicas[1], org).await != lasting {
+        assert!(Instant::now() < deadline, "the lasting credit is not whole");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let audit = pool_audit(&cluster.url, org).await;
+    assert!(audit.balances(), "{audit:?}");
+    verify(&cluster.url);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_whose_clock_runs_ahead_cannot_move_the_books_into_its_future() {
+    // A debit is posted no later than it was shipped, by the database's clock. Before, one
+    // replica 40 days ahead dated its debit 40 days on, and the treasurer, posting it, wrote
+    // off credit that had 10 days to live (and would have granted months early).
+    let pg = Postgres::start();
+    let cluster = start_cluster(&pg, "clock_ahead", 2).await;
+    let (org, secret) = funded_org(&cluster, 0, "0.002", "0.001").await;
+    buy_short_lived(&cluster.replicas[1], org, chrono::Utc::now() + chrono::TimeDelta::days(10)).await;
+    let ahead = spawn_replica_with_env(
+        cluster.config.path(),
+        &cluster.url,
+        tempfile::tempdir().unwrap(),
+        &[("CREDITGATE_TEST_CLOCK_SHIFT_DAYS", "40")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(&ahead.proxy, &secret).await != Some(200) {
+        assert!(Instant::now() < deadline, "the replica ahead never served: {}", ahead.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    settled(&cluster.url).await;
+    let spent: Decimal = debits(&cluster.url, org).await.iter().sum();
+    let expected = Decimal::new(3, 3) + Decimal::new(1, 2) - spent;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shown_balance(&cluster.replicas[0], org).await != expected {
+        assert!(Instant::now() < deadline, "the treasurer's books moved: {}", cluster.replicas[0].log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ledger_entries(&cluster.replicas[0], org, "write_off").await.is_empty(), "nothing expired yet");
+    let audit = pool_audit(&cluster.url, org).await;
+    assert!(audit.balances(), "{audit:?}");
+    verify(&cluster.url);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_that_cost_nothing_leave_nothing_to_post() {
+    // A call that costs nothing makes no ledger entry, so a debit shipped for it was never
+    // taken off the treasurer's posting queue: after 2,000 of them posting stopped for good.
+    let pg = Postgres::start();
+    let url = pg.create_database("free_calls");
+    let prices = tempfile::NamedTempFile::new().unwrap();
+    let free = "\n[models.\"free-model\"]\ninput_per_mtok = \"0\"\noutput_per_mtok = \"0\"\ndefault_max_output_tokens = 100\n";
+    std::fs::write(prices.path(), std::fs::read_to_string(common::PRICES_FILE).unwrap() + free).unwrap();
+    let (mock, config, _) =
+        edited_config(|text| text.replace(common::PRICES_FILE, prices.path().to_str().unwrap())).await;
+    let replicas = (0..2).map(|_| spawn_replica(config.path(), &url, tempfile::tempdir().unwrap())).collect();
+    let cluster = Cluster { url, config, replicas, mock };
+    let (org, secret) = funded_org(&cluster, 0, "0.002", "0.001").await;
+    for replica in &cluster.replicas {
+        for _ in 0..3 {
+            assert_eq!(chat(&replica.proxy, &secret, "free-model", 0).await, 200, "{}", replica.log());
+        }
+    }
+    assert_eq!(call(&cluster.replicas[1].proxy, &secret).await, Some(200));
+    settled(&cluster.url).await;
+    assert_eq!(debits(&cluster.url, org).await.len(), 1, "only the paid call is a debit");
+    let audit = pool_audit(&cluster.url, org).await;
+    assert!(audit.balances(), "{audit:?}");
+    verify(&cluster.url);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_under_load_leaves_its_leases_to_expire_and_the_books_balance() {
     let pg = Postgres::start();

@@ -325,6 +325,7 @@ fn settle_on_lease(
         key,
         end_user: None,
         held: hold.amount(),
+        held_at: None,
         details: SettleDetails {
             route: Arc::from("/v1/chat/completions"),
             model: Arc::from("gpt-test"),

@@ -60,6 +60,11 @@ pub struct DebitDetail {
     pub end_user: Option<String>,
     /// What was held for it.
     pub held: Decimal,
+    /// When its hold was taken, by the replica's clock: the call is paid
+    /// from the credit live then (absent from debits shipped before it was
+    /// recorded, which are paid from the credit live when they settled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_at: Option<DateTime<Utc>>,
     /// Route, model, usage and price version.
     pub details: SettleDetails,
 }
@@ -79,6 +84,9 @@ pub struct UnpostedDebit {
     /// lease, so a lease drawn after a lot expired never takes back that
     /// lot's write-off.
     pub at: DateTime<Utc>,
+    /// When the lease it was spent from was drawn (the database's clock): no
+    /// hold on it was taken before.
+    pub drawn_at: Option<DateTime<Utc>>,
     /// Its [`DebitDetail`], as shipped (the books' JSON text).
     pub body: Box<serde_json::value::RawValue>,
 }
@@ -296,6 +304,17 @@ impl Replica {
                 }
             };
             let wallet = detail.wallet;
+            if debit.amount.is_zero() {
+                // Costs nothing, so posting makes no record that would take
+                // it off the queue (older replicas shipped such debits).
+                self.drop_unposted(debit).await?;
+                continue;
+            }
+            // The hold's time, by the replica's clock, bounded by the
+            // lease's draw and the settle (as the settle time is).
+            let made_at = detail.held_at.map_or(debit.at, |held_at| {
+                debit.drawn_at.map_or(held_at, |drawn_at| held_at.max(drawn_at)).min(debit.at)
+            });
             let posted = self.ledger.post_debit(
                 detail.wallet,
                 detail.request_id,
@@ -304,6 +323,7 @@ impl Replica {
                 detail.held,
                 debit.amount,
                 detail.details,
+                made_at,
                 debit.at,
             );
             match posted {
@@ -320,6 +340,11 @@ impl Replica {
             .map_err(|err| ClusterError::Unavailable(err.to_string()))?
             .map_err(|err| ClusterError::Unavailable(err.to_string()))?;
         Ok(shipped.len())
+    }
+
+    async fn drop_unposted(&self, debit: &UnpostedDebit) -> Result<(), ClusterError> {
+        let Some(epoch) = self.epoch() else { return Ok(()) };
+        self.books.drop_unposted(&self.settings.replica, epoch, debit).await
     }
 
     async fn refuse_posting(&self, debit: &UnpostedDebit, reason: &str) -> Result<(), ClusterError> {
@@ -528,7 +553,11 @@ impl Books {
                 // LIMIT keeps the planner from joining the whole table).
                 // The lease's draw, in the database's time, bounds when the
                 // debit can have settled whatever the replica's clock says.
-                "SELECT d.replica, d.entry, d.amount, GREATEST(d.at, l.drawn_at), d.body
+                // And it settled before it was shipped (the database's
+                // clock again): a replica whose clock runs ahead cannot move
+                // the books into its future.
+                "SELECT d.replica, d.entry, d.amount, LEAST(GREATEST(d.at, l.drawn_at), u.shipped_at), d.body,
+                        l.drawn_at
                  FROM (SELECT replica, entry, shipped_at FROM cg_unposted
                        ORDER BY shipped_at, replica, entry LIMIT $1) u
                  CROSS JOIN LATERAL (SELECT * FROM cg_debits d
@@ -547,12 +576,32 @@ impl Books {
                     entry: row.try_get(1)?,
                     amount: row.try_get(2)?,
                     at: row.try_get(3)?,
+                    drawn_at: row.try_get(5)?,
                     body: row
                         .try_get::<_, tokio_postgres::types::Json<Box<serde_json::value::RawValue>>>(4)?
                         .0,
                 })
             })
             .collect()
+    }
+
+    /// Takes a shipped debit of nothing off the queue; only while
+    /// `treasurer` holds `epoch`.
+    pub async fn drop_unposted(
+        &self,
+        treasurer: &str,
+        epoch: i64,
+        debit: &UnpostedDebit,
+    ) -> Result<(), ClusterError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM cg_unposted WHERE replica = $1 AND entry = $2
+                   AND EXISTS (SELECT 1 FROM cg_treasurer WHERE epoch = $3 AND replica = $4)",
+                &[&debit.replica, &debit.entry, &epoch, &treasurer],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Takes a shipped debit that cannot be posted off the queue, marked

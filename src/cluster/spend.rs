@@ -133,6 +133,11 @@ impl ClusterHold {
     /// Charges `cost` (in full, even above the hold) and queues the debit
     /// for the books; returns the amount debited.
     pub fn settle(mut self, cost: Decimal, details: SettleDetails, now: DateTime<Utc>) -> Decimal {
+        if cost.is_zero() {
+            // Nothing to debit or ship: the books make no entry for it.
+            self.release_taken(now);
+            return Decimal::ZERO;
+        }
         let (Some(view), Some(lease)) = (self.view.take(), self.lease.take()) else {
             // Only a complete hold is handed out.
             return Decimal::ZERO;
@@ -143,6 +148,7 @@ impl ClusterHold {
             key: self.key,
             end_user: self.end_user.take(),
             held: lease.amount(),
+            held_at: Some(self.taken_at),
             details,
         };
         view.release(now);

@@ -144,7 +144,8 @@ impl Hold {
         now: DateTime<Utc>,
     ) -> Result<Settlement, SettleError> {
         self.spent = true;
-        let late = LateSettle { held: self.amount, payer: self.payer.clone() };
+        // Voided by the TTL meanwhile: paid from the credit live now.
+        let late = LateSettle { held: self.amount, payer: self.payer.clone(), made_at: now };
         settle_in(&self.cell, self.request_id, actual_cost, details, now, Some(late))
     }
 
@@ -172,6 +173,8 @@ impl Drop for Hold {
 pub(crate) struct LateSettle {
     pub held: Decimal,
     pub payer: HoldPayer,
+    /// When the call was made: it is paid from the credit live then.
+    pub made_at: DateTime<Utc>,
 }
 
 /// Settles `request_id` on the wallet in `cell`.
@@ -465,14 +468,14 @@ impl WalletState {
             return Ok(first);
         }
         // The credit that pays is what was live when the call was made: its
-        // hold's time, or a late debit's own settle time.
+        // hold's time (a late debit's says when).
         let (held, payer, made_at, is_late) = match (self.holds.remove(&request_id), late) {
             (Some(open), _) => {
                 self.held -= open.amount;
                 self.payers.unreserve(open.spender(), open.amount, open.limits_epoch);
                 (open.amount, open.payer, open.held_at, false)
             }
-            (None, Some(late)) => (late.held, late.payer, settled_at, true),
+            (None, Some(late)) => (late.held, late.payer, late.made_at.min(settled_at), true),
             (None, None) => return Err(SettleError::UnknownRequest { wallet: self.id, request_id }),
         };
         let ends = self.period_ends(now);

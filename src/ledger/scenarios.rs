@@ -805,7 +805,8 @@ fn post_late(
     cost: Decimal,
     settled: &str,
 ) -> Decimal {
-    let posted = ledger.post_debit(pool, request(), key, None, cost, cost, details(), at(settled));
+    let posted =
+        ledger.post_debit(pool, request(), key, None, cost, cost, details(), at(settled), at(settled));
     posted.unwrap().balance_after
 }
 
@@ -871,9 +872,11 @@ fn a_posting_cut_short_between_the_take_back_and_its_debit_takes_it_back_again()
     // the whole write-off, so only the recreated lot can pay it.
     let (ledger, journal, pool, key) = pool_past_a_purchase_expiry("2027-01-10T00:10:00Z");
     let request = request();
-    let posted =
-        ledger.post_debit(pool, request, key, None, dec!(5), dec!(5), details(), at("2027-01-10T00:59:00Z"));
-    assert_eq!(posted.unwrap().balance_after, dec!(9));
+    let settled = at("2027-01-10T00:59:00Z");
+    let post = |ledger: &crate::ledger::Ledger| {
+        ledger.post_debit(pool, request, key, None, dec!(5), dec!(5), details(), settled, settled)
+    };
+    assert_eq!(post(&ledger).unwrap().balance_after, dec!(9));
     let mut records = journal.records();
     let last = records.pop().unwrap();
     assert!(
@@ -884,9 +887,7 @@ fn a_posting_cut_short_between_the_take_back_and_its_debit_takes_it_back_again()
         crate::ledger::Ledger::restore(LedgerConfig::default(), next_journal.clone(), records).unwrap();
     next.tick(at("2027-01-10T01:00:10Z"));
     assert_eq!(next.balance(pool, at("2027-01-10T01:00:10Z")).unwrap().balance, dec!(9), "written off again");
-    let posted =
-        next.post_debit(pool, request, key, None, dec!(5), dec!(5), details(), at("2027-01-10T00:59:00Z"));
-    assert_eq!(posted.unwrap().balance_after, dec!(9), "the expired credit paid after all");
+    assert_eq!(post(&next).unwrap().balance_after, dec!(9), "the expired credit paid after all");
 }
 
 #[test]

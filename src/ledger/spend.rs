@@ -158,6 +158,7 @@ impl Ledger {
         held: Decimal,
         cost: Decimal,
         details: SettleDetails,
+        made_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<Settlement, SettleError> {
         let cell = self.cell(wallet).ok_or(SettleError::UnknownWallet { wallet })?;
@@ -167,7 +168,7 @@ impl Ledger {
             .map(|key| key.owner)
             .ok_or(SettleError::UnknownRequest { wallet, request_id })?;
         let payer = HoldPayer { key, owner, end_user: crate::ledger::payer::end_user_arc(end_user) };
-        hold::settle_in(&cell, request_id, cost, details, now, Some(LateSettle { held, payer }))
+        hold::settle_in(&cell, request_id, cost, details, now, Some(LateSettle { held, payer, made_at }))
     }
 
     /// Voids every hold past its TTL; returns how many.

@@ -123,12 +123,26 @@ pub async fn start_replica_stack(
 /// Starts a replica whose log goes to `<data>/replica.log` (kept for a
 /// failing test's message); returns once it serves.
 pub fn spawn_replica(config: &std::path::Path, url: &str, data: tempfile::TempDir) -> Replica {
+    spawn_replica_with_env(config, url, data, &[])
+}
+
+/// [`spawn_replica`] with more environment (a test clock shift, say).
+pub fn spawn_replica_with_env(
+    config: &std::path::Path,
+    url: &str,
+    data: tempfile::TempDir,
+    env: &[(&str, &str)],
+) -> Replica {
     let log_path = data.path().join("replica.log");
     // A restart on the same directory must not read the last run's address.
     let _ = std::fs::rename(&log_path, data.path().join("replica.previous.log"));
     let log = std::fs::File::options().create(true).append(true).open(&log_path).unwrap();
-    let child =
-        serve_command(config, data.path()).env(URL_VAR, url).stderr(Stdio::from(log)).spawn().unwrap();
+    let child = serve_command(config, data.path())
+        .env(URL_VAR, url)
+        .envs(env.iter().copied())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
     // Owned at once, so a failed start is killed too (on drop).
     let mut replica = Replica { child, proxy: String::new(), admin: String::new(), data };
     let deadline = Instant::now() + Duration::from_secs(30);
