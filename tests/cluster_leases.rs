@@ -387,6 +387,29 @@ async fn the_outbox_writes_one_record_per_flush_and_a_restart_ships_exactly_what
     assert_eq!(assert_books_exact(&admin).await[0].debited, dec!(0.95));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debits_a_failed_shipment_puts_back_are_on_disk() {
+    // A shipment takes the outbox; while it is out, a flush writes only what
+    // is left. Put back after a failure, debits settled before that flush
+    // stayed in memory only, and in an outage (no new settles, so no new
+    // flush) a crash lost them. Now a failed shipment writes them itself.
+    let pg = Postgres::start();
+    let url = pg.create_database("put_back");
+    books(&url).await.fund(ORG, WALLET, dec!(10), "p").await.unwrap();
+    let gate = common::cluster::DbGate::start(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tree = sled::Config::new().path(dir.path()).open().unwrap().open_tree("debits").unwrap();
+    let book =
+        LeaseBook::with_outbox(books(&gate.url(&url)).await, settings("gated"), 1, tree.clone()).unwrap();
+    let hold = book.hold(WALLET, dec!(0.5)).await.unwrap();
+    book.settle(hold, dec!(0.1), Utc::now(), serde_json::json!({}));
+    assert!(tree.is_empty(), "settled, not yet flushed");
+    gate.cut();
+    assert!(book.ship().await.is_err(), "the database is out of reach");
+    assert_eq!(book.outbox_len(), 1, "the debit is put back");
+    assert_eq!(tree.len(), 1, "and written to disk");
+}
+
 /// kill -9 of a replica: its leases come back after their deadline and the
 /// grace; if it returns later and ships what its outbox kept, the debits
 /// post as recorded overrun (the stated bound), never lost or doubled.

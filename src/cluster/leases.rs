@@ -854,6 +854,12 @@ impl LeaseBook {
             }
             Err(err) => {
                 self.outbox.lock().put_back(batch);
+                // A flush that ran while the batch was out did not write the
+                // batch's unflushed debits, and nothing new may come to make
+                // the next one (leases lapse in an outage): write them now.
+                if let Err(error) = self.flush_outbox().await {
+                    tracing::warn!(%error, "cannot make the outbox durable after a failed shipment");
+                }
                 Err(err)
             }
         }
