@@ -828,6 +828,25 @@ impl GatewayConfig {
     }
 }
 
+/// Longest any timeout or duration in the config may be (a week): a deadline
+/// further off could overflow the clock it is added to.
+const MAX_DURATION_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+
+/// `value` (or `default`) milliseconds, refused past [`MAX_DURATION_MS`].
+fn duration_ms(
+    checker: &mut Checker<'_>,
+    offset: usize,
+    name: &str,
+    value: Option<u64>,
+    default: u64,
+) -> Duration {
+    let ms = value.unwrap_or(default);
+    if ms > MAX_DURATION_MS {
+        checker.problem(offset, format!("{name} = {ms} is too long"), Some("use at most 604800000 (a week)"));
+    }
+    Duration::from_millis(ms.min(MAX_DURATION_MS))
+}
+
 fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> ServerConfig {
     let mut addr = |value: Option<String>, default: &str, key: &str| -> SocketAddr {
         let text = value.unwrap_or_else(|| default.to_owned());
@@ -857,24 +876,30 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
             Some("use 1 to 1024, or leave it out for one per core"),
         );
     }
+    let mut ms = |name: &str, value: Option<u64>, default: u64| {
+        duration_ms(checker, offset, &format!("[server] {name}"), value, default)
+    };
+    let shutdown_grace = ms("shutdown_grace_ms", raw.shutdown_grace_ms, DEFAULT_SHUTDOWN_GRACE_MS);
+    let header_read_timeout =
+        ms("header_read_timeout_ms", raw.header_read_timeout_ms, DEFAULT_HEADER_READ_TIMEOUT_MS);
+    let body_read_timeout =
+        ms("body_read_timeout_ms", raw.body_read_timeout_ms, DEFAULT_BODY_READ_TIMEOUT_MS);
+    let read_on_timeout = ms("read_on_timeout_ms", raw.read_on_timeout_ms, DEFAULT_READ_ON_TIMEOUT_MS);
+    let max_response_duration = ms("max_response_ms", raw.max_response_ms, DEFAULT_MAX_RESPONSE_MS);
     ServerConfig {
         listen,
         admin_listen,
         data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from("./data")),
         max_body_bytes,
-        shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS)),
-        header_read_timeout: Duration::from_millis(
-            raw.header_read_timeout_ms.unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS),
-        ),
-        body_read_timeout: Duration::from_millis(
-            raw.body_read_timeout_ms.unwrap_or(DEFAULT_BODY_READ_TIMEOUT_MS),
-        ),
+        shutdown_grace,
+        header_read_timeout,
+        body_read_timeout,
         max_connections: raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS).max(1),
         workers: raw.workers.map(|n| n.clamp(1, MAX_WORKERS)),
         scheduler: raw.scheduler.unwrap_or_default(),
-        read_on_timeout: Duration::from_millis(raw.read_on_timeout_ms.unwrap_or(DEFAULT_READ_ON_TIMEOUT_MS)),
+        read_on_timeout,
         read_on_max_bytes: raw.read_on_max_bytes.unwrap_or(DEFAULT_READ_ON_MAX_BYTES),
-        max_response_duration: Duration::from_millis(raw.max_response_ms.unwrap_or(DEFAULT_MAX_RESPONSE_MS)),
+        max_response_duration,
     }
 }
 
@@ -1081,16 +1106,20 @@ fn validate_upstream(
             .collect()
     });
     let host_header = plain_http1_host(&scheme, &authority, raw.http2_prior_knowledge);
+    let mut ms = |field: &str, value: Option<u64>, default: u64| {
+        duration_ms(checker, offset, &format!("[upstreams.{name}] {field}"), value, default)
+    };
+    let connect_timeout = ms("connect_timeout_ms", raw.connect_timeout_ms, DEFAULT_CONNECT_TIMEOUT_MS);
+    let response_timeout = ms("response_timeout_ms", raw.response_timeout_ms, DEFAULT_RESPONSE_TIMEOUT_MS);
+    let idle_timeout = ms("idle_timeout_ms", raw.idle_timeout_ms, DEFAULT_IDLE_TIMEOUT_MS);
     Some(Upstream {
         name: name.to_owned(),
         scheme,
         authority,
         base_path: uri.path().trim_end_matches('/').to_owned(),
-        connect_timeout: Duration::from_millis(raw.connect_timeout_ms.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS)),
-        response_timeout: Duration::from_millis(
-            raw.response_timeout_ms.unwrap_or(DEFAULT_RESPONSE_TIMEOUT_MS),
-        ),
-        idle_timeout: Duration::from_millis(raw.idle_timeout_ms.unwrap_or(DEFAULT_IDLE_TIMEOUT_MS)),
+        connect_timeout,
+        response_timeout,
+        idle_timeout,
         pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),
         http2_prior_knowledge: raw.http2_prior_knowledge,
         credential,
@@ -1421,6 +1450,24 @@ upstream = "nope"
         assert_eq!(history.export_dir.as_deref(), Some(Path::new("/srv/old")));
         let text = format!("{MINIMAL}\n[ledger]\ncheckpoint_every_records = 0\ncheckpoint_interval_ms = 5\n");
         assert_eq!(problems(&text).len(), 2, "both bounds reported");
+    }
+
+    #[test]
+    fn a_timeout_too_long_for_the_clock_is_refused_by_name() {
+        // Proves a duration a deadline could not be computed from (it would
+        // overflow the clock, on every request) is a config problem, not a panic.
+        let long = i64::MAX; // TOML's largest integer
+        let text = MINIMAL.replace(
+            "[upstreams.mock]\n",
+            &format!(
+                "[server]\nread_on_timeout_ms = {long}\n\n[upstreams.mock]\nresponse_timeout_ms = {long}\n"
+            ),
+        );
+        let found: Vec<String> = problems(&text).into_iter().map(|p| p.message).collect();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].contains("[server] read_on_timeout_ms") && found[1].contains("response_timeout_ms"));
+        let week = format!("[server]\nmax_response_ms = {}\n{MINIMAL}", 7 * 24 * 3_600_000u64);
+        assert!(parse(&week).is_ok(), "a week is allowed");
     }
 
     #[test]

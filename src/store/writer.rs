@@ -458,7 +458,7 @@ impl<S: Store> Worker<S> {
             let (gathered, read_empty) = self.gather(&mut group, &mut state, deadline);
             // A missing number may still wait in a queue not read empty (a
             // backlog): its gap is given ten times the patience then.
-            let patience = if read_empty { self.gap_patience } else { self.gap_patience * 10 };
+            let patience = if read_empty { self.gap_patience } else { self.gap_patience.saturating_mul(10) };
             state.sequencer.release_stuck(patience, group.shutdown.is_some(), &mut group.records);
             if state.sequencer.is_holding() {
                 // Records queued before these barriers may still be held:
