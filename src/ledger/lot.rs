@@ -80,6 +80,14 @@ impl ExpiredLot {
         }
     }
 
+    /// The lot, written off whole when its Lite user moved to Pro at `at`.
+    /// It counts as live through that instant: a hold taken at it was taken
+    /// before the move (the user's keys draw on the pool from then on).
+    pub fn upgraded_away(lot: &Lot, at: DateTime<Utc>) -> ExpiredLot {
+        let expires_at = at.checked_add_signed(chrono::TimeDelta::nanoseconds(1)).unwrap_or(at);
+        ExpiredLot { expires_at, ..ExpiredLot::written_off(lot) }
+    }
+
     /// Whether a debit settled at `at` would have drawn on this lot.
     pub fn was_live_at(&self, at: DateTime<Utc>) -> bool {
         self.effective_at <= at && at < self.expires_at

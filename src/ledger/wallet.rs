@@ -431,13 +431,8 @@ impl WalletState {
     /// the credit it was held from (see [`WalletState::take_back_write_offs`]).
     pub fn write_off_all(&mut self, committer: &Committer, now: DateTime<Utc>) {
         let lots = self.lots.take_all();
-        // Live through the upgrade's instant: a hold taken at it was taken
-        // before it (the user's keys draw on the pool from then on).
-        let ended_at = now.checked_add_signed(TimeDelta::nanoseconds(1)).unwrap_or(now);
         self.expired.extend(
-            lots.iter()
-                .filter(|lot| !lot.remaining.is_zero())
-                .map(|lot| ExpiredLot { expires_at: ended_at, ..ExpiredLot::written_off(lot) }),
+            lots.iter().filter(|lot| !lot.remaining.is_zero()).map(|lot| ExpiredLot::upgraded_away(lot, now)),
         );
         let touches: LotTouches = lots
             .iter()
@@ -543,22 +538,18 @@ impl WalletState {
                 }
             }
         } else {
-            // Remembered as the live path remembers them: at their expiry, or
-            // (an upgrade's) when written off.
-            let expiring = match entry.kind {
-                EntryKind::WriteOff { reason: WriteOffReason::Expired } => Some(None),
+            // Remembered as the live path remembers them.
+            let remember = |lot: &Lot| match entry.kind {
+                EntryKind::WriteOff { reason: WriteOffReason::Expired } => Some(ExpiredLot::written_off(lot)),
                 EntryKind::WriteOff { reason: WriteOffReason::Upgraded } => {
-                    Some(Some(entry.at.checked_add_signed(TimeDelta::nanoseconds(1)).unwrap_or(entry.at)))
+                    Some(ExpiredLot::upgraded_away(lot, entry.at))
                 }
                 _ => None,
             };
             for touch in &entry.lots {
-                if let Some(ended_at) = expiring {
-                    if let Some(lot) = self.lots.iter().find(|lot| lot.id == touch.lot) {
-                        let expired = ExpiredLot::written_off(lot);
-                        let expires_at = ended_at.unwrap_or(expired.expires_at);
-                        self.expired.push(ExpiredLot { written_off: touch.amount, expires_at, ..expired });
-                    }
+                let lot = self.lots.iter().find(|lot| lot.id == touch.lot);
+                if let Some(expired) = lot.and_then(remember) {
+                    self.expired.push(ExpiredLot { written_off: touch.amount, ..expired });
                 }
                 if !self.lots.take_from(touch.lot, touch.amount) {
                     return Err(mismatch(format!("lot {} cannot give {}", touch.lot, touch.amount)));
@@ -569,7 +560,10 @@ impl WalletState {
                 let ends = self.period_ends(entry.at);
                 self.payers.add(debit.spender(), -entry.amount, &ends);
             }
-            if expiring.is_some() {
+            if matches!(
+                entry.kind,
+                EntryKind::WriteOff { reason: WriteOffReason::Expired | WriteOffReason::Upgraded }
+            ) {
                 self.forget_old_expired_lots();
             }
         }
