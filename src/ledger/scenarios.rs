@@ -196,24 +196,32 @@ fn debits_consume_soonest_expiry_then_kind_then_age() {
     assert_verified(&ledger, &journal);
 }
 
-/// At 2027-01-10, an org whose pool holds 9 of a year's 10, spent by a Pro
-/// user's key. The spend of 1 brings the wallet up to date, so its next
-/// event is the year's end. Returns the ledger, its journal, the org, the
-/// pool and the key.
-fn pool_with_nine_of_a_years_ten() -> (
+/// A ledger, its journal, an org, its pool and a Pro user's key.
+type PoolAndKey = (
     crate::ledger::Ledger,
     std::sync::Arc<crate::ledger::journal::MemoryJournal>,
     crate::ledger::ids::OrgId,
     WalletId,
     crate::ledger::ids::KeyId,
-) {
+);
+
+/// At `now`, an org (UTC) whose pool holds `allocation` for the contract
+/// year from 2027-01-01, and a Pro user's key capped by `limits`.
+fn pool_with_a_key(now: &str, allocation: Decimal, limits: Limits) -> PoolAndKey {
     let (ledger, journal) = ledger();
-    let now = at("2027-01-10T00:00:00Z");
-    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(10), 0, dec!(0))), now);
-    let pool = WalletId::Pool(org);
-    let admin = user(&ledger, org, Plan::Pro, dec!(0), now);
-    let key = key(&ledger, org, Owner::User(admin), Limits::NONE, now);
-    spend(&ledger, pool, key, dec!(1), now);
+    let now = at(now);
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, allocation, 0, dec!(0))), now);
+    let user = user(&ledger, org, Plan::Pro, dec!(0), now);
+    let key = key(&ledger, org, Owner::User(user), limits, now);
+    (ledger, journal, org, WalletId::Pool(org), key)
+}
+
+/// At 2027-01-10, an org whose pool holds 9 of a year's 10, spent by a Pro
+/// user's key. The spend of 1 brings the wallet up to date, so its next
+/// event is the year's end.
+fn pool_with_nine_of_a_years_ten() -> PoolAndKey {
+    let (ledger, journal, org, pool, key) = pool_with_a_key("2027-01-10T00:00:00Z", dec!(10), Limits::NONE);
+    spend(&ledger, pool, key, dec!(1), at("2027-01-10T00:00:00Z"));
     (ledger, journal, org, pool, key)
 }
 
@@ -961,14 +969,11 @@ fn a_call_held_before_an_upgrade_settles_on_the_lite_credit_it_was_held_from() {
 fn holds_open_at_midnight_count_against_the_new_day_until_they_settle() {
     // Proves a daily cap is not passed twice over at midnight: holds taken just before it stay
     // counted after it, so new holds see them; each call counts in the day it settles in.
-    let tz = Tz::UTC;
-    let (ledger, journal) = ledger();
-    let now = at("2027-03-10T12:00:00Z");
-    let org = org(&ledger, tz, Some(term("2027-01-01", 1, dec!(1000), 0, dec!(0))), now);
-    let user = user(&ledger, org, Plan::Pro, dec!(0), now);
-    let daily = Limits { daily: Some(dec!(100)), ..Limits::NONE };
-    let key = key(&ledger, org, Owner::User(user), daily, now);
-    let pool = WalletId::Pool(org);
+    let (ledger, journal, _, pool, key) = pool_with_a_key(
+        "2027-03-10T12:00:00Z",
+        dec!(1000),
+        Limits { daily: Some(dec!(100)), ..Limits::NONE },
+    );
     let before = at("2027-03-10T23:59:50Z");
     let open = ledger.hold(pool, request(), dec!(100), ctx(key), before).unwrap();
     let after = at("2027-03-11T00:00:01Z");
@@ -987,12 +992,12 @@ fn a_limit_change_forgets_open_holds_without_letting_them_take_back_newer_ones()
     // change, which stops counting them, never lets an older hold take back a newer one's
     // reservation: a daily cap of 150 is not passed. (Before, any change of the key forgot
     // its holds, and the older hold's settle then took back the newer one's reservation.)
-    let (ledger, journal) = ledger();
+    let (ledger, journal, org, pool, key) = pool_with_a_key(
+        "2027-03-10T12:00:00Z",
+        dec!(1000),
+        Limits { daily: Some(dec!(100)), ..Limits::NONE },
+    );
     let now = at("2027-03-10T12:00:00Z");
-    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(1000), 0, dec!(0))), now);
-    let user = user(&ledger, org, Plan::Pro, dec!(0), now);
-    let key = key(&ledger, org, Owner::User(user), Limits { daily: Some(dec!(100)), ..Limits::NONE }, now);
-    let pool = WalletId::Pool(org);
     let first = ledger.hold(pool, request(), dec!(80), ctx(key), now).unwrap();
     let scope = crate::ledger::entity::KeyScope { routes: vec!["/v1".into()], models: Vec::new() };
     ledger.set_key_scope(org, key, scope).unwrap();
