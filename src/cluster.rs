@@ -13,6 +13,7 @@
 //! - [`replica`] — a replica's ledger: a follower replaying the log, or the
 //!   treasurer (one at a time, fenced by epoch) whose ledger makes records
 //! - [`journal`] — [`LogJournal`], the treasurer's journal into the log
+//! - [`name_lock`] — one live process per replica name (an advisory lock)
 //! - [`node`]    — a replica at run time: its view, leases, outbox and rounds
 //! - [`spend`]   — a request's hold across the view, limits and credit
 //! - [`wakeups`] — `LISTEN`/`NOTIFY` instead of polling
@@ -95,6 +96,7 @@ pub mod journal;
 pub mod leases;
 pub mod log;
 pub mod migrate;
+pub mod name_lock;
 pub mod node;
 pub mod refusal_books;
 pub mod replica;

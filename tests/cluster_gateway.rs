@@ -1088,3 +1088,51 @@ async fn a_price_reload_asked_of_one_replica_reloads_every_replica_and_status_sh
         "{table}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_process_under_a_live_replicas_name_is_refused_and_touches_nothing() {
+    // Debits are unique by (replica, entry) and a start gives back every open lease of its
+    // name. Before, a second process under a live replica's name (a cloned data directory, a
+    // copied `replica = ...`) started, closed the live one's leases, and would have had its own
+    // debits dropped as duplicates of the other's.
+    let pg = Postgres::start();
+    let cluster = start_cluster(&pg, "twin_names", 2).await;
+    let (org, secret) = funded_org(&cluster, 0, "1", "0.5").await;
+    let live = &cluster.replicas[1];
+    assert_eq!(call(&live.proxy, &secret).await, Some(200), "{}", live.log());
+
+    let twin_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(live.data.path().join("replica-name"), twin_dir.path().join("replica-name")).unwrap();
+    let log_path = twin_dir.path().join("replica.log");
+    let mut twin = common::serve_command(cluster.config.path(), twin_dir.path())
+        .env(URL_VAR, &cluster.url)
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(status) = twin.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = twin.kill();
+            panic!("the twin is still running: {}", std::fs::read_to_string(&log_path).unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!status.success(), "the twin started: {log}");
+    assert!(log.contains("is held by another live process"), "{log}");
+    assert!(!log.contains("creditgate is serving"), "{log}");
+
+    // The live replica's leases were left alone: what it spends is covered.
+    for _ in 0..5 {
+        assert_eq!(call(&live.proxy, &secret).await, Some(200), "{}", live.log());
+    }
+    settled(&cluster.url).await;
+    let audit = pool_audit(&cluster.url, org).await;
+    assert!(audit.balances(), "{audit:?}");
+    assert_eq!(audit.uncovered, Decimal::ZERO, "a debit ran past a lease the twin closed: {audit:?}");
+    assert_eq!(debits(&cluster.url, org).await.len(), 6);
+    verify(&cluster.url);
+}

@@ -716,7 +716,7 @@ async fn cluster_status_and_verify_read_the_books_from_the_database() {
     // The renewal a replica sends while its outbox holds that settle, three
     // seconds old (as when the database refused the shipment).
     let outbox = (1, Some(Utc::now() - chrono::TimeDelta::seconds(3)));
-    admin.renew("replica-a", Duration::from_secs(10), Duration::ZERO, outbox).await.unwrap();
+    admin.renew("replica-a", Duration::from_secs(10), Duration::ZERO, outbox, &[]).await.unwrap();
     let cli = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_creditgate"))
             .args(args)
@@ -1007,4 +1007,105 @@ async fn a_spent_wallet_is_refused_from_memory_for_half_a_second_and_a_purchase_
     let audit = admin.audit().await.unwrap();
     assert_eq!(audit[0].debited, dec!(0.016));
     assert!(audit[0].balances(), "{audit:?}");
+}
+
+/// A replica name is held by one live process: a second claim waits, then is refused; the
+/// name is free again as soon as its holder lets go; a holder whose connection is cut claims
+/// the name again, or learns that another process took it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_name_is_held_by_one_process_at_a_time() {
+    use creditgate::cluster::name_lock::{NameLock, TRY_LOCK};
+    let pg = Postgres::start();
+    let url = pg.create_database("names");
+    let db = Database::new(&url, 2).unwrap();
+    let patience = Duration::from_millis(600);
+
+    let first_stop = CancellationToken::new();
+    let first = NameLock::claim(&db, "twin", patience, first_stop.clone()).await.unwrap();
+    let started = std::time::Instant::now();
+    let refused = NameLock::claim(&db, "twin", patience, CancellationToken::new()).await.unwrap_err();
+    assert!(started.elapsed() >= patience, "it did not wait for the holder to go");
+    assert!(refused.to_string().contains("\"twin\" is held by another live process"), "{refused}");
+    let other_stop = CancellationToken::new();
+    NameLock::claim(&db, "other", patience, other_stop.clone()).await.unwrap();
+    assert_eq!(first.lost(), None);
+
+    // Let go: the name is free at once.
+    first_stop.cancel();
+    let second_stop = CancellationToken::new();
+    let second = NameLock::claim(&db, "twin", Duration::from_secs(5), second_stop.clone()).await.unwrap();
+
+    // Its connection is cut with nobody else waiting: it holds the name again.
+    let admin = Database::new(&url, 2).unwrap().client().await.unwrap();
+    let name_holders = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted";
+    let cut = "SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+               WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()";
+    assert_eq!(admin.query_one(name_holders, &[]).await.unwrap().get::<_, i64>(0), 2);
+    let cut_names = |names: i64| {
+        let admin = &admin;
+        async move { assert_eq!(admin.query_one(cut, &[]).await.unwrap().get::<_, i64>(0), names) }
+    };
+    // "other" is cut too, and comes back the same way.
+    cut_names(2).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while admin.query_one(name_holders, &[]).await.unwrap().get::<_, i64>(0) < 2 {
+        assert!(std::time::Instant::now() < deadline, "the names were not claimed again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(NameLock::claim(&db, "twin", patience, CancellationToken::new()).await.is_err());
+    assert_eq!(second.lost(), None);
+
+    // Cut again, and another session takes the name first: the holder learns it lost it.
+    let (thief, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    cut_names(2).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !thief.query_one(TRY_LOCK, &[&"twin"]).await.unwrap().get::<_, bool>(0) {
+        assert!(std::time::Instant::now() < deadline, "the name never came free");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while second.lost().is_none() {
+        assert!(std::time::Instant::now() < deadline, "the holder never learnt its name was taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(second.lost().unwrap().contains("another process took"));
+    second_stop.cancel();
+    other_stop.cancel();
+}
+
+/// A draw that committed but whose reply never came back (the connection cut after the commit,
+/// or a draw retried after such a cut) leaves a lease its replica never heard of. Before, every
+/// renewal renewed all of the replica's open leases, so that credit stayed out of reach until
+/// the replica restarted; now only the leases it knows are renewed and the sweep returns the
+/// rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_its_replica_never_heard_of_lapses_and_its_credit_comes_back() {
+    let pg = Postgres::start();
+    let url = pg.create_database("lost_reply");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(1), "p").await.unwrap();
+    let mut quick = settings("lost-reply");
+    quick.ttl = Duration::from_secs(1);
+    quick.safety = Duration::from_millis(200);
+    let ttl = quick.ttl;
+    let book = LeaseBook::new(books(&url).await, quick, 1);
+    let orphan = admin
+        .draw_lease("lost-reply", WALLET, dec!(0.40), dec!(0.40), ttl, ttl, Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    let hold = book.hold(WALLET, dec!(0.10)).await.unwrap();
+    // The replica's rounds run for twice the TTL while its own hold stays open.
+    for _ in 0..8 {
+        book.maintain().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let returned = admin.expire(Duration::ZERO).await.unwrap();
+    assert_eq!(returned, orphan.granted, "the unknown lease's credit came back, and only it");
+    book.settle(hold, dec!(0.10), Utc::now(), serde_json::json!({}));
+    book.shutdown().await.unwrap();
+    let audit = assert_books_exact(&admin).await;
+    assert_eq!(audit[0].uncovered, Decimal::ZERO, "the replica's own lease was renewed throughout");
+    assert_eq!(audit[0].leased, Decimal::ZERO);
+    assert_eq!(audit[0].balance, dec!(0.90));
 }

@@ -279,9 +279,10 @@ impl Books {
         .await
     }
 
-    /// Extends every open lease of `replica` to `ttl` from now (bounded as
-    /// [`Renewal::open`] says, with lots expiring within `horizon` counted
-    /// as expired), marks it live and records its outbox (length, oldest
+    /// Extends the open leases of `replica` named in `known` to `ttl` from
+    /// now (bounded as [`Renewal::open`] says, with lots expiring within
+    /// `horizon` counted as expired; a lease the replica does not know of,
+    /// its draw's reply lost, is left to lapse), marks it live and records its outbox (length, oldest
     /// unshipped settle); returns the database's `now()` and every open
     /// lease with its deadline (a lease missing from them was closed: it
     /// must not be used).
@@ -291,8 +292,9 @@ impl Books {
         ttl: Duration,
         horizon: Duration,
         outbox: (i64, Option<DateTime<Utc>>),
+        known: &[i64],
     ) -> Result<Renewal, ClusterError> {
-        retrying(|| self.renew_once(replica, ttl, horizon, outbox)).await
+        retrying(|| self.renew_once(replica, ttl, horizon, outbox, known)).await
     }
 
     /// Ships a batch of debits; returns how many were new.
@@ -414,6 +416,7 @@ impl Books {
         ttl: Duration,
         horizon: Duration,
         (outbox_len, oldest_unshipped): (i64, Option<DateTime<Utc>>),
+        known: &[i64],
     ) -> Result<Renewal, ClusterError> {
         let client = self.client().await?;
         let statement = client
@@ -422,11 +425,11 @@ impl Books {
                      INSERT INTO cg_replicas (replica, outbox_len, oldest_unshipped) VALUES ($1, $4, $5)
                      ON CONFLICT (replica) DO UPDATE
                      SET last_seen = now(), outbox_len = $4, oldest_unshipped = $5)
-                 SELECT now(), r.ids, r.deadlines FROM cg_renew_leases($1, $2, $3) r",
+                 SELECT now(), r.ids, r.deadlines FROM cg_renew_leases($1, $2, $3, $6) r",
             )
             .await?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&replica, &millis(ttl), &millis(horizon), &outbox_len, &oldest_unshipped];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+            [&replica, &millis(ttl), &millis(horizon), &outbox_len, &oldest_unshipped, &known];
         let row = client.query_one(&statement, &params).await?;
         let (ids, deadlines): (Vec<i64>, Vec<DateTime<Utc>>) = (row.get(1), row.get(2));
         Ok(Renewal { db_now: row.get(0), open: ids.into_iter().zip(deadlines).collect() })

@@ -879,15 +879,21 @@ impl LeaseBook {
                 outbox.debits.iter().map(|debit| debit.at).min(),
             )
         };
+        // Only the leases this replica knows are renewed (retiring ones
+        // included): one whose draw reply was lost lapses on its own.
+        let wallets = self.snapshot();
+        let mut known = Vec::new();
+        for (_, cell) in &wallets {
+            known.extend(cell.lock().leases.iter().map(|lease| lease.id));
+        }
         let renewal = self
             .books
-            .renew(&self.settings.replica, self.settings.ttl, self.settings.horizon(), outbox)
+            .renew(&self.settings.replica, self.settings.ttl, self.settings.horizon(), outbox, &known)
             .await?;
         let usable = |lease: i64| {
             renewal.lifetime(lease).map(|lifetime| usable_until(lifetime, self.settings.safety, asked_at))
         };
         let now = Instant::now();
-        let wallets = self.snapshot();
         let mut give_back = Vec::new();
         let mut refill = Vec::new();
         for (wallet, cell) in &wallets {

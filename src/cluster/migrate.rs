@@ -47,6 +47,11 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("migrations/0015_price_versions.sql"),
     },
     Migration { version: 16, name: "refusals", sql: include_str!("migrations/0016_refusals.sql") },
+    Migration {
+        version: 17,
+        name: "renew_known_leases",
+        sql: include_str!("migrations/0017_renew_known_leases.sql"),
+    },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).

@@ -33,6 +33,7 @@ use crate::ledger::LedgerConfig;
 use crate::proxy::headers::strip_hop_by_hop;
 
 use super::migrate::migrate;
+use super::name_lock::NameLock;
 use super::{Books, ClusterError, Database, LeaseBook, LeaseSettings, Replica, ReplicaSettings};
 
 /// Header on an admin request a follower forwarded: the receiver handles it
@@ -44,6 +45,9 @@ const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 const OUTBOX_FLUSH: Duration = Duration::from_millis(50);
 /// Longest wait for the treasurer's reply.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The least a start waits for its name to be let go: long enough for the
+/// server's keepalive to notice a holder whose machine vanished.
+const NAME_PATIENCE: Duration = Duration::from_secs(12);
 
 /// How a replica joins the cluster.
 #[derive(Clone)]
@@ -78,6 +82,8 @@ pub struct ClusterNode {
     tasks: parking_lot::Mutex<Vec<JoinHandle<()>>>,
     /// What the database's notifications wake.
     wakeups: Arc<super::Wakeups>,
+    /// This process's hold on the replica name.
+    name_lock: NameLock,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -104,6 +110,11 @@ impl ClusterNode {
             );
         }
         migrate(&db).await?;
+        let rounds = CancellationToken::new();
+        // Before anything is written under the name, and kept until the
+        // leases went back (the rounds stop last).
+        let patience = (options.lease_ttl * 2).max(NAME_PATIENCE);
+        let name_lock = NameLock::claim(&db, &options.replica, patience, rounds.clone()).await?;
         let books = Books::new(db.clone());
         books.register(&options.replica, &options.admin_url).await?;
         let replica_settings = ReplicaSettings {
@@ -142,7 +153,6 @@ impl ClusterNode {
                 credited.credit_arrived(&wallet.to_string());
             }
         }));
-        let rounds = CancellationToken::new();
         let wakeups = super::Wakeups::start(db, rounds.clone());
         let node = Arc::new(ClusterNode {
             replica: replica.clone(),
@@ -155,6 +165,7 @@ impl ClusterNode {
             last_reached: parking_lot::Mutex::new(std::time::Instant::now()),
             lease_ttl: options.lease_ttl,
             wakeups: wakeups.clone(),
+            name_lock,
         });
         let mut tasks = vec![tokio::spawn(replica.run(clock, wakeups.clone(), shutdown.clone()))];
         tasks.push(tokio::spawn(node.clone().answer_wanted(wakeups)));
@@ -261,7 +272,7 @@ impl ClusterNode {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
-            if let Some(reason) = self.replica.must_restart() {
+            if let Some(reason) = self.must_restart() {
                 tracing::error!(%reason, "this replica's ledger cannot go on: stopping to be restarted");
                 shutdown.cancel();
                 return;
@@ -271,7 +282,7 @@ impl ClusterNode {
 
     /// Why this replica stopped to be restarted, if it did.
     pub fn must_restart(&self) -> Option<String> {
-        self.replica.must_restart()
+        self.replica.must_restart().or_else(|| self.name_lock.lost())
     }
 
     /// Draws leases ahead of need for wallets whose holds ran them low, and
