@@ -1109,3 +1109,78 @@ async fn a_lease_its_replica_never_heard_of_lapses_and_its_credit_comes_back() {
     assert_eq!(audit[0].leased, Decimal::ZERO);
     assert_eq!(audit[0].balance, dec!(0.90));
 }
+
+/// A hold ships the outbox from its own request when it gives small leftovers back, and a
+/// request stops wherever it is when its client leaves. Before, a shipment dropped on its way
+/// lost the batch it had taken: those calls were never debited and their leases never went back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shipment_dropped_on_its_way_puts_its_debits_back() {
+    let pg = Postgres::start();
+    let url = pg.create_database("dropped_ship");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(1), "p").await.unwrap();
+    let book = LeaseBook::new(books(&url).await, settings("dropped"), 1);
+    let hold = book.hold(WALLET, dec!(0.15)).await.unwrap();
+    book.settle(hold, dec!(0.15), Utc::now(), serde_json::json!({}));
+    assert_eq!(book.outbox_len(), 1);
+    // Polled once (it takes the batch and waits on the database), then dropped.
+    let dropped = tokio::time::timeout(Duration::ZERO, book.ship()).await;
+    assert!(dropped.is_err(), "the shipment finished in one poll: {dropped:?}");
+    assert_eq!(book.outbox_len(), 1, "the dropped shipment's debit is queued again");
+    assert!(book.take_unflushed_put_back(), "a flush is asked for: they were on no disk yet");
+    book.ship().await.unwrap();
+    assert_eq!(book.outbox_len(), 0);
+    book.shutdown().await.unwrap();
+    let audit = assert_books_exact(&admin).await;
+    assert_eq!(audit[0].debited, dec!(0.15));
+    assert_eq!(audit[0].leased, Decimal::ZERO, "the lease went back once its debits shipped");
+}
+
+/// A database that stops answering without closing its connections (a silent partition, a
+/// frozen host) is a 503 within a bounded wait, as one that refuses connections is. Before, a
+/// hold that needed a draw waited for as long as the connection stayed open, and every hold on
+/// the wallet queued behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_database_silent_a_hold_that_needs_it_is_refused_in_bounded_time() {
+    let pg = Postgres::start();
+    let url = pg.create_database("silent");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(1), "p").await.unwrap();
+    let gate = common::cluster::DbGate::start(&url).await;
+    let book = LeaseBook::new(books(&gate.url(&url)).await, settings("silent"), 1);
+    let open = book.hold(WALLET, dec!(0.10)).await.unwrap();
+    gate.stall();
+    let started = std::time::Instant::now();
+    let waiting = async { tokio::join!(book.hold(WALLET, dec!(0.50)), book.hold(WALLET, dec!(0.40))) };
+    let refused = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("holds hung on a silent database");
+    for hold in [&refused.0, &refused.1] {
+        assert!(matches!(hold, Err(LeaseRefusal::Unavailable(_))), "{hold:?}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(8), "refused after {:?}", started.elapsed());
+
+    // The partition ends; the kernel has given up on the silent connections by then
+    // (TCP_USER_TIMEOUT), as the relay's cut does here.
+    gate.cut();
+    gate.mend();
+    book.settle(open, dec!(0.10), Utc::now(), serde_json::json!({}));
+    // A draw that reached the database before the stall but whose reply never came back left
+    // a lease this replica does not know: it lapses, and the sweep returns its credit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let next = loop {
+        book.maintain().await.unwrap();
+        admin.expire(Duration::ZERO).await.unwrap();
+        match book.hold(WALLET, dec!(0.50)).await {
+            Ok(hold) => break hold,
+            Err(refusal) => assert!(std::time::Instant::now() < deadline, "{refusal:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    book.settle(next, dec!(0.50), Utc::now(), serde_json::json!({}));
+    book.shutdown().await.unwrap();
+    let audit = assert_books_exact(&admin).await;
+    assert_eq!(audit[0].debited, dec!(0.60));
+    assert_eq!(audit[0].uncovered, Decimal::ZERO);
+    assert_eq!(audit[0].leased, Decimal::ZERO, "no lease drawn for a refused hold was left open");
+}

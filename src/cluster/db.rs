@@ -34,6 +34,17 @@ const POOL_WAIT: Duration = Duration::from_secs(2);
 /// Connect timeout per host when the URL sets none.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The driver's keepalive idle time when the URL sets none (libpq's too).
+const DRIVER_KEEPALIVE_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+/// TCP keepalives unless the URL sets them: a silent peer is found in
+/// about 10 + 3 × 5 s.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
+/// How long sent data may go unacknowledged before the connection fails
+/// (TCP_USER_TIMEOUT), unless the URL sets it.
+const UNACKED_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// A pool of connections to the primary.
 ///
 /// A connection's I/O runs as a task on the runtime that opened it, so a
@@ -96,6 +107,23 @@ impl Database {
         config.target_session_attrs(TargetSessionAttrs::ReadWrite);
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        // A connection whose peer went silent (a partition, a host that
+        // froze) must fail, not wait for the kernel's defaults (two hours
+        // idle before a keepalive; some fifteen minutes of retransmission):
+        // a failed connection is a 503 and a fresh one from the pool, which
+        // finds the new primary after a failover.
+        if config.get_keepalives_idle() == DRIVER_KEEPALIVE_IDLE {
+            config.keepalives_idle(KEEPALIVE_IDLE);
+        }
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_interval(KEEPALIVE_INTERVAL);
+        }
+        if config.get_keepalives_retries().is_none() {
+            config.keepalives_retries(KEEPALIVE_RETRIES);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(UNACKED_TIMEOUT);
         }
         if config.get_application_name().is_none() {
             config.application_name("creditgate");
@@ -215,4 +243,26 @@ fn tls_config(root_file: Option<&str>) -> Result<rustls::ClientConfig, ClusterEr
         .with_safe_default_protocol_versions()
         .map(|builder| builder.with_root_certificates(roots).with_no_client_auth())
         .map_err(|err| ClusterError::Config(format!("TLS: {err}")))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_peer_is_given_up_on_in_seconds_unless_the_url_says_otherwise() {
+        let db = Database::new("postgresql://cg@db1:5432,db2:5432/books", 2).unwrap();
+        assert_eq!(db.config.get_keepalives_idle(), KEEPALIVE_IDLE);
+        assert_eq!(db.config.get_keepalives_interval(), Some(KEEPALIVE_INTERVAL));
+        assert_eq!(db.config.get_keepalives_retries(), Some(KEEPALIVE_RETRIES));
+        assert_eq!(db.config.get_tcp_user_timeout(), Some(&UNACKED_TIMEOUT));
+
+        let own = "postgresql://cg@db1/books?keepalives_idle=30&keepalives_interval=7&keepalives_retries=9&tcp_user_timeout=4";
+        let db = Database::new(own, 2).unwrap();
+        assert_eq!(db.config.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(db.config.get_keepalives_interval(), Some(Duration::from_secs(7)));
+        assert_eq!(db.config.get_keepalives_retries(), Some(9));
+        assert_eq!(db.config.get_tcp_user_timeout(), Some(&Duration::from_secs(4)));
+    }
 }

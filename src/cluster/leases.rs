@@ -45,6 +45,11 @@ const LEASED_ELSEWHERE_RETRY_MAX: Duration = Duration::from_millis(50);
 /// is spent costs the books two statements per replica per this, not two
 /// per request.
 const SHORT_MEMORY: Duration = Duration::from_millis(500);
+/// Longest a request waits on the database (draws, balance checks, a limit
+/// row): a database that stops answering without closing its connections
+/// (a partition, a frozen host) is then a 503, as a refused connection is,
+/// instead of requests that hang until their clients give up.
+const REQUEST_WAIT: Duration = Duration::from_secs(5);
 /// How long a replica that gave a wallet's leases up to another's ask keeps
 /// from drawing on it: several of the asker's tries.
 const YIELD_TO_ASKER: Duration = Duration::from_millis(200);
@@ -220,6 +225,49 @@ pub struct LeaseBook {
     spent_leases: std::sync::atomic::AtomicBool,
     /// Wakes the errand task: refills wanted, or spent leases to give back.
     refill_wanted: tokio::sync::Notify,
+    /// Set when a dropped shipment put back debits not yet on disk.
+    put_back_unflushed: std::sync::atomic::AtomicBool,
+}
+
+/// A batch taken from the outbox to ship: put back in front if the
+/// shipment is dropped or fails, with a flush asked for when it holds
+/// debits not yet on disk.
+struct OutForShipping<'a> {
+    book: &'a LeaseBook,
+    batch: Option<Outbox>,
+}
+
+impl OutForShipping<'_> {
+    fn debits(&self) -> &[ShippedDebit] {
+        self.batch.as_ref().map_or(&[], |batch| &batch.debits)
+    }
+
+    /// The batch, shipped: nothing goes back.
+    fn landed(mut self) -> Outbox {
+        self.batch.take().unwrap_or_default()
+    }
+}
+
+impl Drop for OutForShipping<'_> {
+    fn drop(&mut self) {
+        if let Some(batch) = self.batch.take() {
+            if batch.chunks.iter().any(Option::is_none) {
+                self.book.put_back_unflushed.store(true, Ordering::Release);
+            }
+            self.book.outbox.lock().put_back(batch);
+        }
+    }
+}
+
+/// `work` on the database, bounded by [`REQUEST_WAIT`].
+async fn within_request_wait<T>(
+    work: impl std::future::Future<Output = Result<T, ClusterError>>,
+) -> Result<T, ClusterError> {
+    tokio::time::timeout(REQUEST_WAIT, work).await.unwrap_or_else(|_| Err(no_answer()))
+}
+
+fn no_answer() -> ClusterError {
+    ClusterError::Unavailable(format!("the database did not answer within {} s", REQUEST_WAIT.as_secs()))
 }
 
 /// Settled debits waiting to ship, in settle order, when each was queued
@@ -309,6 +357,7 @@ impl LeaseBook {
             metrics: None,
             refills: Mutex::new(Vec::new()),
             spent_leases: std::sync::atomic::AtomicBool::new(false),
+            put_back_unflushed: std::sync::atomic::AtomicBool::new(false),
             refill_wanted: tokio::sync::Notify::new(),
         }
     }
@@ -456,7 +505,7 @@ impl LeaseBook {
         if self.limit_caps.get(name).is_some_and(|known| *known == cap) {
             return Ok(());
         }
-        self.books.set_limit(name, org, cap).await?;
+        within_request_wait(self.books.set_limit(name, org, cap)).await?;
         self.limit_caps.insert(name.to_owned(), cap);
         // A new cap may leave headroom the last refusal did not see.
         self.wallet(name).lock().short = None;
@@ -466,7 +515,12 @@ impl LeaseBook {
     /// Holds `amount` from a lease on `wallet`, drawing one first if none
     /// covers it.
     pub async fn hold(&self, wallet: &str, amount: Decimal) -> Result<LeaseHold, LeaseRefusal> {
-        let hold = self.hold_inner(wallet, amount).await;
+        // Dropped at the deadline wherever it waits: a draw still on its way
+        // gives its lease back, a shipment puts its batch back.
+        let hold = match tokio::time::timeout(REQUEST_WAIT, self.hold_inner(wallet, amount)).await {
+            Ok(hold) => hold,
+            Err(_) => Err(LeaseRefusal::Unavailable(no_answer())),
+        };
         if hold.is_ok() {
             self.holds.fetch_add(1, Ordering::Relaxed);
         }
@@ -823,6 +877,12 @@ impl LeaseBook {
         self.next_entry.load(Ordering::Relaxed)
     }
 
+    /// Whether a shipment dropped on its way put back debits that only a
+    /// flush makes durable (and forgets that it did).
+    pub fn take_unflushed_put_back(&self) -> bool {
+        self.put_back_unflushed.swap(false, Ordering::AcqRel)
+    }
+
     /// Debits waiting to ship.
     pub fn outbox_len(&self) -> usize {
         self.outbox.lock().debits.len()
@@ -834,14 +894,19 @@ impl LeaseBook {
         if batch.debits.is_empty() {
             return Ok(0);
         }
-        match self.books.ship(&self.settings.replica, &batch.debits).await {
+        // A hold ships from its request (to give back leftovers), and a
+        // request stops when its client leaves: dropped mid-shipment, the
+        // batch goes back to the outbox (shipping again is idempotent).
+        let out = OutForShipping { book: self, batch: Some(batch) };
+        match self.books.ship(&self.settings.replica, out.debits()).await {
             Ok(new) => {
+                let batch = out.landed();
                 if let Some(metrics) = &self.metrics {
                     for queued in &batch.queued {
                         metrics.outbox_lag_seconds.observe(queued.elapsed().as_secs_f64());
                     }
                 }
-                self.forget_shipped(&batch.chunks).await;
+                // Before the next await: the leases may go back once shipped.
                 for debit in &batch.debits {
                     if let Some(cell) = self.wallets.get(&debit.wallet) {
                         let mut state = cell.lock();
@@ -850,10 +915,11 @@ impl LeaseBook {
                         }
                     }
                 }
+                self.forget_shipped(&batch.chunks).await;
                 Ok(new)
             }
             Err(err) => {
-                self.outbox.lock().put_back(batch);
+                drop(out);
                 // A flush that ran while the batch was out did not write the
                 // batch's unflushed debits, and nothing new may come to make
                 // the next one (leases lapse in an outage): write them now.

@@ -241,7 +241,7 @@ impl ClusterNode {
                 continue;
             }
             let settled = self.book.settled_through();
-            if settled != flushed_through {
+            if settled != flushed_through || self.book.take_unflushed_put_back() {
                 match self.book.flush_outbox().await {
                     Ok(()) => flushed_through = settled,
                     Err(error) => {

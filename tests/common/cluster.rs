@@ -459,10 +459,13 @@ pub fn served_without_lease(seen: &[Call], cut_off: Instant, back: Instant) -> V
 
 /// A TCP relay between one replica and PostgreSQL that a test can cut, as
 /// a network partition would: cut, it drops every relayed connection and
-/// closes new ones at once; mended, it relays again.
+/// closes new ones at once; stalled, it keeps every connection open and
+/// relays nothing (a silent partition, a frozen host); mended, it relays
+/// again.
 pub struct DbGate {
     port: u16,
     open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stalled: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
     relays: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -476,22 +479,37 @@ impl DbGate {
         let port = listener.local_addr().unwrap().port();
         let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let relays = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (gate_open, gate_relays) = (open.clone(), relays.clone());
+        let stalled = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
+        let (gate_open, gate_stalled, gate_relays) = (open.clone(), stalled.clone(), relays.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if !gate_open.load(std::sync::atomic::Ordering::SeqCst) {
                     continue;
                 }
+                let mut stalled = gate_stalled.subscribe();
                 let relay = tokio::spawn(async move {
+                    let stalled_at_once = *stalled.borrow();
+                    if stalled_at_once {
+                        // Open, and silent.
+                        return std::future::pending::<()>().await;
+                    }
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", server_port)).await
                     {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        let stall = async { stalled.wait_for(|stalled| *stalled).await.is_ok() };
+                        let stalled_now = tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                            stalled_now = stall => stalled_now,
+                        };
+                        if stalled_now {
+                            // Both ends stay open (owned here), and nothing passes.
+                            std::future::pending::<()>().await;
+                        }
                     }
                 });
                 gate_relays.lock().unwrap().push(relay);
             }
         });
-        DbGate { port, open, relays, accept }
+        DbGate { port, open, stalled, relays, accept }
     }
 
     /// `url` with the relay in place of the server.
@@ -509,7 +527,13 @@ impl DbGate {
     }
 
     pub fn mend(&self) {
+        self.stalled.send_replace(false);
         self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Every connection, open or new, stays open and silent until cut.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
     }
 }
 
