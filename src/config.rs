@@ -822,9 +822,23 @@ impl GatewayConfig {
         tools
     }
 
-    /// The route serving a request, if any.
+    /// The route serving a request, if any. A host-bound route comes first,
+    /// but `Host` is the client's to choose: a host-bound pass-through
+    /// route never takes a path that a metered route (for any host) of the
+    /// same upstream claims, or any client could reach that upstream's
+    /// billed endpoints unmetered by naming the host.
     pub fn route_for(&self, host: Option<&str>, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(host, path))
+        let route = self.routes.iter().find(|r| r.matches(host, path))?;
+        if route.host.is_none() || route.kind != RouteKind::Passthrough {
+            return Some(route);
+        }
+        let metered = self.routes.iter().find(|r| {
+            r.host.is_none()
+                && r.kind != RouteKind::Passthrough
+                && r.upstream == route.upstream
+                && r.matches(None, path)
+        });
+        Some(metered.unwrap_or(route))
     }
 }
 
@@ -1545,5 +1559,30 @@ file = "prices.toml"
         assert!(route.creates_calls("/v1/chat/completions") && route.creates_calls("/v1/chat/completions/"));
         assert_eq!(name(None, "/v1/embeddings"), "a");
         assert_eq!(name(Some("special.example:8080"), "/v1/chat/completions"), "c");
+    }
+
+    #[test]
+    fn a_host_bound_pass_through_route_never_takes_what_a_metered_route_of_its_upstream_claims() {
+        // The client picks the Host: naming the host must not make a billed endpoint free.
+        let text = r#"
+[upstreams.a]
+base_url = "http://a"
+[[routes]]
+prefix = "/v1/chat/completions"
+upstream = "a"
+flavour = "openai-chat"
+[[routes]]
+prefix = "/v1"
+host = "internal.example"
+upstream = "a"
+passthrough = true
+[pricing]
+file = "prices.toml"
+"#;
+        let c = parse(text).unwrap();
+        let kind = |path| c.route_for(Some("internal.example"), path).map(|route| route.kind.clone());
+        assert_eq!(kind("/v1/chat/completions"), Some(RouteKind::Model(Flavour::OpenaiChat)));
+        assert_eq!(kind("/v1/chat/completions/chatcmpl_1"), Some(RouteKind::Model(Flavour::OpenaiChat)));
+        assert_eq!(kind("/v1/models"), Some(RouteKind::Passthrough), "the rest of the host is its own");
     }
 }

@@ -243,3 +243,33 @@ async fn a_price_file_deleted_or_truncated_keeps_the_prices_in_force() {
     .await;
     assert_eq!(reply.status, 200, "requests are still priced and served");
 }
+
+#[tokio::test]
+async fn naming_the_host_of_a_pass_through_route_does_not_make_a_billed_endpoint_free() {
+    // The client picks the Host. Before, a host-bound pass-through route on the same upstream as
+    // the metered routes came first for every path under its prefix: any key holder who named
+    // that host had chat completions forwarded unmetered.
+    let stack = start_edited(|text| {
+        text.replace(
+            "host = \"passthrough.test\"\nupstream = \"mock-direct\"",
+            "host = \"passthrough.test\"\nupstream = \"mock\"",
+        )
+    })
+    .await;
+    let body = r#"{"model":"mock-gpt","max_tokens":20}"#;
+    let per_mtok = |tokens: u64, dollars: u64| Decimal::from(tokens * dollars) / Decimal::from(1_000_000u64);
+    for host in ["passthrough.test", "PASSTHROUGH.test:8080"] {
+        let before = pool_balance(&stack);
+        let request = Request::post(stack.url("/v1/chat/completions"))
+            .header("host", host)
+            .header("authorization", format!("Bearer {}", stack.keys.pro))
+            .header("x-mock-usage", r#"{"prompt_tokens": 3, "completion_tokens": 7}"#)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let reply = send(request).await;
+        assert_eq!(reply.status, 200);
+        assert!(reply.header("x-creditgate-available").is_some(), "metered, for {host}");
+        let charged = before - wait_settled(&stack).await;
+        assert_eq!(charged, per_mtok(3, 1) + per_mtok(7, 2) + Decimal::new(1, 4), "for {host}");
+    }
+}

@@ -32,7 +32,8 @@ pub struct Gateway {
 
 /// The config of every gateway the harness runs: every model flavour, the
 /// web-search tool, and an unmetered `passthrough = true` route chosen by
-/// `Host`. `server` goes into `[server]` (the scheduler); `extra` is
+/// `Host`, through an upstream entry of its own (a host-bound pass-through
+/// route never takes a path a metered route of its upstream claims). `server` goes into `[server]` (the scheduler); `extra` is
 /// appended (the write-through switch).
 pub fn config_text(mock: SocketAddr, prices: &Path, server: &str, extra: &str) -> String {
     format!(
@@ -71,10 +72,13 @@ prefix = "/v1/tools/web-search"
 upstream = "mock"
 tool = "web-search"
 units_header = "x-usage-units"
+[upstreams.mock-direct]
+base_url = "http://{mock}"
+pool_max_idle_per_host = 1024
 [[routes]]
 prefix = "/v1"
 host = "{PASSTHROUGH_HOST}"
-upstream = "mock"
+upstream = "mock-direct"
 passthrough = true
 public = true
 {extra}

@@ -111,17 +111,23 @@ passthrough = true
 public = true
 
 # Unmetered access to the model endpoints: with a key (the default), and
-# without one (public), for tests of the bare data path.
+# without one (public), for tests of the bare data path. Through an upstream
+# of their own: a host-bound pass-through route never takes a path a metered
+# route of its own upstream claims (the client picks the Host).
+[upstreams.mock-direct]
+base_url = "http://{mock}"
+credential_env = "MOCK_UPSTREAM_KEY"
+
 [[routes]]
 prefix = "/v1"
 host = "passthrough.test"
-upstream = "mock"
+upstream = "mock-direct"
 passthrough = true
 
 [[routes]]
 prefix = "/v1"
 host = "public.test"
-upstream = "mock"
+upstream = "mock-direct"
 passthrough = true
 public = true
 "#,
