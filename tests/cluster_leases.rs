@@ -1184,3 +1184,33 @@ async fn with_the_database_silent_a_hold_that_needs_it_is_refused_in_bounded_tim
     assert_eq!(audit[0].uncovered, Decimal::ZERO);
     assert_eq!(audit[0].leased, Decimal::ZERO, "no lease drawn for a refused hold was left open");
 }
+
+/// A hold whose draw's grant arrived but which was dropped before it was polled again (its
+/// client left in the same moment, or its wait ran out) gives the lease back. Before, the grant
+/// was dropped with the channel: the books kept the credit leased to nobody until the lease's
+/// deadline, and a client hanging up near empty could park the wallet's last credit that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_that_arrives_for_a_hold_dropped_before_reading_it_goes_back() {
+    let pg = Postgres::start();
+    let url = pg.create_database("unread_grant");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(1), "p").await.unwrap();
+    let book = LeaseBook::new(books(&url).await, settings("unread"), 1);
+    let mut hold = Box::pin(book.hold(WALLET, dec!(0.30)));
+    // Polled once: it sent its draw and waits for the grant.
+    assert!(tokio::time::timeout(Duration::ZERO, &mut hold).await.is_err());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while admin.audit().await.unwrap()[0].leased.is_zero() {
+        assert!(std::time::Instant::now() < deadline, "the draw never landed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The grant is in the channel now; the hold is dropped without reading it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(hold);
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while !admin.audit().await.unwrap()[0].leased.is_zero() {
+        assert!(std::time::Instant::now() < deadline, "the unread grant stayed leased");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_books_exact(&admin).await;
+}

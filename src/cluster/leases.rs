@@ -259,6 +259,37 @@ impl Drop for OutForShipping<'_> {
     }
 }
 
+/// The waiting end of a draw. The grant can arrive between a request's
+/// polls, and the request be dropped before the next (its client left, its
+/// wait ran out): dropped with a grant in it, it gives the lease back, as
+/// the drawing task does when nobody waits any more.
+struct AwaitingGrant {
+    received: tokio::sync::oneshot::Receiver<Result<Option<super::books::LeaseGrant>, ClusterError>>,
+    books: Books,
+    replica: String,
+}
+
+impl Drop for AwaitingGrant {
+    fn drop(&mut self) {
+        self.received.close();
+        if let Ok(Ok(Some(grant))) = self.received.try_recv() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(give_back_unheard(self.books.clone(), self.replica.clone(), grant.id));
+                }
+                Err(_) => tracing::warn!("a lease drawn for a cancelled hold is left to expire"),
+            }
+        }
+    }
+}
+
+/// Gives back a lease drawn for a hold that stopped waiting.
+async fn give_back_unheard(books: Books, replica: String, lease: i64) {
+    if let Err(error) = books.give_back(&replica, &[lease]).await {
+        tracing::warn!(%error, "a lease drawn for a cancelled hold is left to expire");
+    }
+}
+
 /// `work` on the database, bounded by [`REQUEST_WAIT`].
 async fn within_request_wait<T>(
     work: impl std::future::Future<Output = Result<T, ClusterError>>,
@@ -305,7 +336,7 @@ struct DurableOutbox {
     tree: sled::Tree,
     /// Writing a chunk and removing one take turns, so a chunk is never
     /// removed before it was written (it would then stay on disk for good).
-    chunks: tokio::sync::Mutex<Chunks>,
+    chunks: Mutex<Chunks>,
 }
 
 #[derive(Default)]
@@ -390,7 +421,7 @@ impl LeaseBook {
         let next = pending.debits.iter().map(|debit| debit.entry + 1).max().unwrap_or(0).max(first_entry);
         let mut book = LeaseBook::new(books, settings, next);
         *book.outbox.get_mut() = pending;
-        book.durable = Some(DurableOutbox { tree, chunks: tokio::sync::Mutex::new(chunks) });
+        book.durable = Some(DurableOutbox { tree, chunks: Mutex::new(chunks) });
         Ok(book)
     }
 
@@ -417,36 +448,38 @@ impl LeaseBook {
     /// writes the debits not on disk yet as one chunk and flushes.
     pub async fn flush_outbox(&self) -> Result<(), ClusterError> {
         let Some(durable) = &self.durable else { return Ok(()) };
-        let mut chunks = durable.chunks.lock().await;
-        let chunk = chunks.next;
-        chunks.next += 1;
-        let written = {
-            let mut outbox = self.outbox.lock();
-            let Outbox { debits, chunks: on_disk, .. } = &mut *outbox;
-            let fresh: Vec<&ShippedDebit> = debits
-                .iter()
-                .zip(on_disk.iter_mut())
-                .filter(|(_, on_disk)| on_disk.is_none_or(|chunk| chunks.failed.contains(&chunk)))
-                .map(|(debit, on_disk)| {
-                    *on_disk = Some(chunk);
-                    debit
-                })
-                .collect();
-            (!fresh.is_empty()).then(|| (fresh.len(), serde_json::to_vec(&fresh)))
-        };
-        if let Some((count, value)) = written {
-            let kept = value.map_err(|err| err.to_string()).and_then(|value| {
-                durable.tree.insert(chunk.to_be_bytes(), value).map_err(|err| err.to_string())
-            });
-            if let Err(error) = kept {
-                chunks.failed.insert(chunk);
-                return Err(ClusterError::Unavailable(format!("outbox write: {error}")));
+        // Written under the lock, flushed after it: a shipment may remove
+        // the chunk before the flush (sled keeps both in order), so no
+        // settle's ship waits on the disk.
+        {
+            let mut chunks = durable.chunks.lock();
+            let chunk = chunks.next;
+            chunks.next += 1;
+            let written = {
+                let mut outbox = self.outbox.lock();
+                let Outbox { debits, chunks: on_disk, .. } = &mut *outbox;
+                let fresh: Vec<&ShippedDebit> = debits
+                    .iter()
+                    .zip(on_disk.iter_mut())
+                    .filter(|(_, on_disk)| on_disk.is_none_or(|chunk| chunks.failed.contains(&chunk)))
+                    .map(|(debit, on_disk)| {
+                        *on_disk = Some(chunk);
+                        debit
+                    })
+                    .collect();
+                (!fresh.is_empty()).then(|| (fresh.len(), serde_json::to_vec(&fresh)))
+            };
+            if let Some((count, value)) = written {
+                let kept = value.map_err(|err| err.to_string()).and_then(|value| {
+                    durable.tree.insert(chunk.to_be_bytes(), value).map_err(|err| err.to_string())
+                });
+                if let Err(error) = kept {
+                    chunks.failed.insert(chunk);
+                    return Err(ClusterError::Unavailable(format!("outbox write: {error}")));
+                }
+                chunks.unshipped.insert(chunk, count);
             }
-            chunks.unshipped.insert(chunk, count);
         }
-        // Written: a shipment may remove it now, before the flush (sled
-        // keeps both in order), so no settle's ship waits on the disk.
-        drop(chunks);
         durable
             .tree
             .flush_async()
@@ -456,9 +489,11 @@ impl LeaseBook {
     }
 
     /// Removes the chunks on disk whose debits have all shipped now.
-    async fn forget_shipped(&self, shipped: &[Option<u64>]) {
+    /// Synchronous: it runs after a shipment landed, where a drop of the
+    /// caller (a hold's request) must not leave a shipped chunk counted.
+    fn forget_shipped(&self, shipped: &[Option<u64>]) {
         let Some(durable) = &self.durable else { return };
-        let mut chunks = durable.chunks.lock().await;
+        let mut chunks = durable.chunks.lock();
         for chunk in shipped.iter().flatten() {
             let Some(left) = chunks.unshipped.get_mut(chunk) else { continue };
             *left = left.saturating_sub(1);
@@ -756,15 +791,14 @@ impl LeaseBook {
             self.settings.ttl,
             self.settings.horizon(),
         );
+        let mut awaiting = AwaitingGrant { received, books: books.clone(), replica: replica.clone() };
         tokio::spawn(async move {
             let drawn = books.draw_lease(&replica, &named, want, need, ttl, ttl, horizon).await;
             if let Err(Ok(Some(grant))) = sent.send(drawn) {
-                if let Err(error) = books.give_back(&replica, &[grant.id]).await {
-                    tracing::warn!(%error, "a lease drawn for a cancelled hold is left to expire");
-                }
+                give_back_unheard(books, replica, grant.id).await;
             }
         });
-        let grant = received
+        let grant = (&mut awaiting.received)
             .await
             .map_err(|_| ClusterError::Unavailable("the lease draw was cut short".into()))??;
         if let Some(metrics) = &self.metrics {
@@ -915,7 +949,7 @@ impl LeaseBook {
                         }
                     }
                 }
-                self.forget_shipped(&batch.chunks).await;
+                self.forget_shipped(&batch.chunks);
                 Ok(new)
             }
             Err(err) => {
@@ -999,10 +1033,18 @@ impl LeaseBook {
                 refill.push((wallet.clone(), state.largest_hold.max(self.settings.min_lease)));
             }
         }
+        // Every wallet marked for a refill above is refilled (which clears
+        // its mark) whatever fails before it: a mark left set would keep the
+        // wallet from drawing ahead, and from being forgotten, for good.
+        let mut outcome = Ok(());
         if !give_back.is_empty() {
-            self.books.give_back(&self.settings.replica, &give_back).await?;
-            for (_, cell) in &wallets {
-                cell.lock().leases.retain(|lease| !give_back.contains(&lease.id));
+            match self.books.give_back(&self.settings.replica, &give_back).await {
+                Ok(_) => {
+                    for (_, cell) in &wallets {
+                        cell.lock().leases.retain(|lease| !give_back.contains(&lease.id));
+                    }
+                }
+                Err(err) => outcome = Err(err),
             }
         }
         self.forget_quiet(now);
@@ -1010,14 +1052,17 @@ impl LeaseBook {
         // one) are drawn here.
         refill.append(&mut self.refills.lock());
         for (wallet, need) in refill {
-            self.refill(&wallet, need).await?;
+            if let Err(err) = self.refill(&wallet, need).await {
+                outcome = outcome.and(Err(err));
+            }
         }
-        Ok(())
+        outcome
     }
 
-    /// Forgets wallets with no lease that took no hold for a while, and the
-    /// caps of limit periods that ended: limit rows are named per period,
-    /// so without this the book would grow by a row per subject and period.
+    /// Forgets wallets with no lease that took no hold for a while (and
+    /// their draw locks), and the caps of limit periods that ended: limit
+    /// rows are named per period, so without this the book would grow by a
+    /// row per subject and period.
     fn forget_quiet(&self, now: Instant) {
         let quiet = self.settings.ttl * 6;
         self.wallets.retain(|_, cell| {
@@ -1026,6 +1071,10 @@ impl LeaseBook {
                 || state.refill_running
                 || state.last_hold.is_some_and(|at| now.duration_since(at) < quiet)
         });
+        // A draw lock nobody holds or waits on, of a wallet forgotten above.
+        self.drawing
+            .lock()
+            .retain(|wallet, lock| Arc::strong_count(lock) > 1 || self.wallets.contains_key(wallet));
         let now = Utc::now().timestamp();
         self.limit_caps.retain(|name, _| {
             name.rsplit(':').next().and_then(|end| end.parse::<i64>().ok()).is_none_or(|end| end > now)
