@@ -428,6 +428,11 @@ impl Route {
                 _ => return false,
             }
         }
+        self.serves_path(path)
+    }
+
+    /// Whether this route's prefix covers `path`, whatever the host.
+    pub fn serves_path(&self, path: &str) -> bool {
         match path.strip_prefix(&*self.prefix) {
             Some(rest) => self.prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
             None => false,
@@ -823,22 +828,23 @@ impl GatewayConfig {
     }
 
     /// The route serving a request, if any. A host-bound route comes first,
-    /// but `Host` is the client's to choose: a host-bound pass-through
-    /// route never takes a path that a metered route (for any host) of the
-    /// same upstream claims, or any client could reach that upstream's
-    /// billed endpoints unmetered by naming the host.
+    /// but `Host` is the client's to choose: a pass-through route never
+    /// takes a path that a metered route of the same upstream claims for
+    /// some host, or any client could reach that upstream's billed
+    /// endpoints unmetered by naming (or not naming) a host.
     pub fn route_for(&self, host: Option<&str>, path: &str) -> Option<&Route> {
         let route = self.routes.iter().find(|r| r.matches(host, path))?;
-        if route.host.is_none() || route.kind != RouteKind::Passthrough {
+        if route.kind != RouteKind::Passthrough {
             return Some(route);
         }
-        let metered = self.routes.iter().find(|r| {
-            r.host.is_none()
-                && r.kind != RouteKind::Passthrough
-                && r.upstream == route.upstream
-                && r.matches(None, path)
-        });
-        Some(metered.unwrap_or(route))
+        // The route of this upstream the path belongs to whatever the Host:
+        // the longest prefix, a metered one at equal length.
+        let claimed = self
+            .routes
+            .iter()
+            .filter(|r| r.upstream == route.upstream && r.serves_path(path))
+            .max_by_key(|r| (r.prefix.len(), r.kind != RouteKind::Passthrough));
+        Some(claimed.filter(|r| r.kind != RouteKind::Passthrough).unwrap_or(route))
     }
 }
 
@@ -1562,7 +1568,7 @@ file = "prices.toml"
     }
 
     #[test]
-    fn a_host_bound_pass_through_route_never_takes_what_a_metered_route_of_its_upstream_claims() {
+    fn a_pass_through_route_never_takes_what_a_metered_route_of_its_upstream_claims_for_any_host() {
         // The client picks the Host: naming the host must not make a billed endpoint free.
         let text = r#"
 [upstreams.a]
@@ -1584,5 +1590,40 @@ file = "prices.toml"
         assert_eq!(kind("/v1/chat/completions"), Some(RouteKind::Model(Flavour::OpenaiChat)));
         assert_eq!(kind("/v1/chat/completions/chatcmpl_1"), Some(RouteKind::Model(Flavour::OpenaiChat)));
         assert_eq!(kind("/v1/models"), Some(RouteKind::Passthrough), "the rest of the host is its own");
+
+        // The metered route bound to a host, the pass-through to another or to none.
+        let text = r#"
+[upstreams.a]
+base_url = "http://a"
+[[routes]]
+prefix = "/v1/chat/completions"
+host = "api.example"
+upstream = "a"
+flavour = "openai-chat"
+[[routes]]
+prefix = "/v1"
+host = "internal.example"
+upstream = "a"
+passthrough = true
+[[routes]]
+prefix = "/v1"
+upstream = "a"
+passthrough = true
+[[routes]]
+prefix = "/v1/models"
+upstream = "a"
+passthrough = true
+[pricing]
+file = "prices.toml"
+"#;
+        let c = parse(text).unwrap();
+        let kind = |host, path| c.route_for(host, path).map(|route| route.kind.clone());
+        for host in [Some("internal.example"), Some("other.example"), None] {
+            let chat = kind(host, "/v1/chat/completions");
+            assert_eq!(chat, Some(RouteKind::Model(Flavour::OpenaiChat)), "{host:?}");
+            // A pass-through prefix longer than any metered one keeps its paths.
+            assert_eq!(kind(host, "/v1/models"), Some(RouteKind::Passthrough), "{host:?}");
+            assert_eq!(kind(host, "/v1/files"), Some(RouteKind::Passthrough), "{host:?}");
+        }
     }
 }
