@@ -1,24 +1,24 @@
-//! Per-key traffic caps: requests per minute and requests in flight, counted
-//! with pingora-limits' estimators. Over a cap the answer is 429 with
-//! `Retry-After`, before anything is held or charged.
+//! Per-key traffic caps: requests per minute (a sliding window per key)
+//! and requests in flight (pingora-limits' estimator). Over a cap the
+//! answer is 429 with `Retry-After`, before anything is held or charged.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use pingora_limits::inflight::{Guard, Inflight};
-use pingora_limits::rate::{Rate, RateComponents};
 
 use super::error::ProxyError;
 use crate::config::TrafficConfig;
-use crate::ledger::ids::KeyId;
+use crate::ledger::ids::{IdDashMap, KeyId};
 
 /// The window for the requests-per-minute cap.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 
 pub struct TrafficCaps {
     config: TrafficConfig,
-    /// Count-min estimators: a collision can only over-count, so a cap may
+    rate: RequestWindows,
+    /// A count-min estimator: a collision can only over-count, so a cap may
     /// refuse a little early under extreme key cardinality, never late.
-    rate: Rate,
     in_flight: Inflight,
 }
 
@@ -28,25 +28,28 @@ impl TrafficCaps {
     }
 
     fn with_window(config: TrafficConfig, window: Duration) -> Self {
-        TrafficCaps { config, rate: Rate::new(window), in_flight: Inflight::new() }
+        TrafficCaps { config, rate: RequestWindows::new(window), in_flight: Inflight::new() }
     }
 
     /// Admit one request of `key`, or say which cap it hit. The guard keeps
     /// the request counted as in flight until it is dropped (at settle).
+    /// A refused request counts against neither cap: a key over its cap
+    /// still gets the cap, not nothing.
     pub fn admit(&self, key: KeyId) -> Result<Option<Guard>, ProxyError> {
         let caps = self.config.caps_for(key.0);
+        let guard = match caps.max_in_flight {
+            None => None,
+            Some(limit) => {
+                let (guard, open) = self.in_flight.incr(key.0, 1);
+                if open > isize::try_from(limit).unwrap_or(isize::MAX) {
+                    // Dropping the guard takes this request back out of the count.
+                    return Err(ProxyError::TrafficCap { cap: "max_in_flight", limit, retry_after_secs: 1 });
+                }
+                Some(guard)
+            }
+        };
         if let Some(limit) = caps.requests_per_minute {
-            self.rate.observe(&key.0, 1);
-            // The requests of the last full window before now: this
-            // window's, and the last one's weighted by how much of it is
-            // still within a window of now. Counting this window alone let
-            // a key send the cap just before a boundary and again just
-            // after it: twice the cap within a second.
-            let seen = self.rate.rate_with(&key.0, sliding_count);
-            if seen > f64::from(limit) {
-                // Refused requests do not count: a key over its cap still
-                // gets the cap, not nothing.
-                self.rate.observe(&key.0, -1);
+            if !self.rate.admit(key, limit) {
                 return Err(ProxyError::TrafficCap {
                     cap: "requests_per_minute",
                     limit,
@@ -54,27 +57,74 @@ impl TrafficCaps {
                 });
             }
         }
-        let Some(limit) = caps.max_in_flight else {
-            return Ok(None);
-        };
-        let (guard, open) = self.in_flight.incr(key.0, 1);
-        if open > isize::try_from(limit).unwrap_or(isize::MAX) {
-            // Dropping the guard takes this request back out of the count.
-            drop(guard);
-            return Err(ProxyError::TrafficCap { cap: "max_in_flight", limit, retry_after_secs: 1 });
-        }
-        Ok(Some(guard))
+        Ok(guard)
     }
 }
 
-/// The estimator's counts as one sliding window's. A request count, not
-/// money: pingora-limits gives the window's elapsed part as a float.
-#[allow(clippy::float_arithmetic, clippy::cast_precision_loss)]
-fn sliding_count(counts: RateComponents) -> f64 {
-    counts.prev_samples as f64 * (1.0 - counts.current_interval_fraction) + counts.curr_samples as f64
+/// Each capped key's requests in the current and the previous window,
+/// windows aligned on a fixed start. A request is admitted while the
+/// requests of the last window's length before it (this window's, and the
+/// previous one's in proportion to how much of it is still that recent)
+/// stay within the cap. Counting this window alone let a key send the cap
+/// just before a boundary and again just after it.
+struct RequestWindows {
+    window_ms: u64,
+    start: Instant,
+    keys: IdDashMap<u64, Window>,
+    /// The window in which idle keys were last forgotten.
+    pruned: AtomicU64,
+}
+
+#[derive(Clone, Copy)]
+struct Window {
+    index: u64,
+    previous: u64,
+    current: u64,
+}
+
+impl RequestWindows {
+    fn new(window: Duration) -> Self {
+        RequestWindows {
+            window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1),
+            start: Instant::now(),
+            keys: IdDashMap::default(),
+            pruned: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one request of `key` if the cap allows it.
+    fn admit(&self, key: KeyId, limit: u32) -> bool {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let (index, into) = (now / self.window_ms, now % self.window_ms);
+        self.forget_idle(index);
+        let mut window = self.keys.entry(key.0).or_insert(Window { index, previous: 0, current: 0 });
+        if window.index != index {
+            let previous = if window.index + 1 == index { window.current } else { 0 };
+            *window = Window { index, previous, current: 0 };
+        }
+        // previous × (window − into) / window + current + 1 ≤ limit, in integers.
+        let recent = u128::from(window.previous) * u128::from(self.window_ms - into)
+            + u128::from(window.current + 1) * u128::from(self.window_ms);
+        if recent > u128::from(limit) * u128::from(self.window_ms) {
+            return false;
+        }
+        window.current += 1;
+        true
+    }
+
+    /// Once per window, forgets keys with no request in this or the last.
+    fn forget_idle(&self, index: u64) {
+        let pruned = self.pruned.load(Ordering::Relaxed);
+        if pruned < index
+            && self.pruned.compare_exchange(pruned, index, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            self.keys.retain(|_, window| window.index + 1 >= index);
+        }
+    }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::config::TrafficConfig;
@@ -100,5 +150,28 @@ mod tests {
         // A window later the last one's weight is gone.
         std::thread::sleep(window * 2);
         assert_eq!(admitted(&caps, key, 20), 20);
+    }
+
+    #[test]
+    fn requests_older_than_a_window_never_count_however_quiet_the_gateway_was() {
+        // pingora-limits moves to a new window only when a request comes: after a quiet
+        // spell its "previous" window held requests far older than one window, at full weight.
+        let defaults = crate::config::TrafficCaps { requests_per_minute: Some(10), max_in_flight: None };
+        let config = TrafficConfig { defaults, per_key: Default::default() };
+        let window = Duration::from_millis(200);
+        let caps = TrafficCaps::with_window(config, window);
+        assert_eq!(admitted(&caps, KeyId(1), 10), 10);
+        // Nine tenths of the next window later, a tenth of those requests is that recent.
+        std::thread::sleep(window * 19 / 10);
+        let again = admitted(&caps, KeyId(1), 10);
+        assert!(again >= 9, "only {again} admitted after a quiet window");
+        // Refused requests count against neither cap.
+        let defaults = crate::config::TrafficCaps { requests_per_minute: Some(3), max_in_flight: Some(1) };
+        let caps =
+            TrafficCaps::with_window(TrafficConfig { defaults, per_key: Default::default() }, window * 10);
+        let open = caps.admit(KeyId(2)).unwrap();
+        assert!(caps.admit(KeyId(2)).is_err(), "one in flight");
+        drop(open);
+        assert_eq!(admitted(&caps, KeyId(2), 5), 2, "the in-flight refusal took none of the rate");
     }
 }
