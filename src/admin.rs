@@ -370,7 +370,7 @@ impl Admin {
                     (&Method::GET, ["ledger"]) => {
                         let entries = self.entries.clone();
                         let (status, mut page) =
-                            self.report(move || reports::ledger_page(&*entries, org, &params)).await??;
+                            self.report(org, move || reports::ledger_page(&*entries, org, &params)).await??;
                         if let Some(history) = &self.history {
                             page["history"] = history_view(&history.status(), scope);
                         }
@@ -389,7 +389,7 @@ impl Admin {
                         let (entries, usage) = (self.entries.clone(), self.usage.clone());
                         let ledger = self.ledger.clone();
                         let (status, text, content_type) = self
-                            .report(move || {
+                            .report(org, move || {
                                 reports::usage(&*entries, &usage, &ledger, org, time_zone, &params, wants_csv)
                             })
                             .await??;
@@ -443,11 +443,12 @@ impl Admin {
     /// [`background::database_report`]).
     async fn report<T: Send + 'static>(
         &self,
+        org: OrgId,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, AdminError> {
         match self.cluster {
-            None => background::report(work).await,
-            Some(_) => background::database_report(work).await,
+            None => background::report(org.0, work).await,
+            Some(_) => background::database_report(org.0, work).await,
         }
     }
 

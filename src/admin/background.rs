@@ -8,7 +8,10 @@
 //! scheduler slice behind a running report); an idle-policy thread is
 //! preempted as soon as any normal thread wants its core.
 
-use tokio::sync::Semaphore;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::AdminError;
 
@@ -16,12 +19,33 @@ use super::error::AdminError;
 /// a thread (and its share of the store's page cache) of their own.
 static REPORT_SLOTS: Semaphore = Semaphore::const_new(4);
 
+/// Each organization's reports run one at a time, so one tenant's token
+/// holds at most one of the slots: four slow reports of one organization
+/// would otherwise keep every other organization's reports waiting.
+static ORG_TURNS: LazyLock<parking_lot::Mutex<HashMap<u64, Arc<Semaphore>>>> =
+    LazyLock::new(Default::default);
+
+/// Waits for `org`'s turn to run a report.
+async fn org_turn(org: u64) -> Result<OwnedSemaphorePermit, AdminError> {
+    let turn = {
+        let mut turns = ORG_TURNS.lock();
+        // Organizations with no report running or waiting are forgotten.
+        turns.retain(|_, turn| Arc::strong_count(turn) > 1);
+        turns.entry(org).or_insert_with(|| Arc::new(Semaphore::new(1))).clone()
+    };
+    turn.acquire_owned().await.map_err(|error| AdminError::Store(format!("the report failed: {error}")))
+}
+
 /// `SCHED_IDLE` in /proc's policy field.
 #[cfg(test)]
 const SCHED_IDLE: i64 = 5;
 
-/// Runs a report's store scan on a low-priority thread and waits for it.
-pub async fn report<T: Send + 'static>(scan: impl FnOnce() -> T + Send + 'static) -> Result<T, AdminError> {
+/// Runs a report of `org`'s on a low-priority thread and waits for it.
+pub async fn report<T: Send + 'static>(
+    org: u64,
+    scan: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AdminError> {
+    let _turn = org_turn(org).await?;
     let _slot = REPORT_SLOTS
         .acquire()
         .await
@@ -39,8 +63,10 @@ pub async fn report<T: Send + 'static>(scan: impl FnOnce() -> T + Send + 'static
 /// report would wait for an idle core after every answer from the
 /// database: on a busy machine, for as long as the machine stays busy.
 pub async fn database_report<T: Send + 'static>(
+    org: u64,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, AdminError> {
+    let _turn = org_turn(org).await?;
     let _slot = REPORT_SLOTS
         .acquire()
         .await
@@ -86,7 +112,7 @@ mod tests {
         // scan's thread runs under SCHED_IDLE, the calling thread is untouched.
         let before = own_policy();
         assert_ne!(before, SCHED_IDLE, "the test starts on a normal thread");
-        assert_eq!(report(own_policy).await.unwrap(), SCHED_IDLE, "the report thread is idle-policy");
+        assert_eq!(report(1, own_policy).await.unwrap(), SCHED_IDLE, "the report thread is idle-policy");
         assert_eq!(own_policy(), before, "the caller's policy is unchanged");
     }
 
@@ -94,6 +120,29 @@ mod tests {
     async fn a_database_report_runs_at_normal_priority() {
         // Proves a cluster report, which only waits on the database, is not
         // starved by a busy machine the way an idle-policy thread is.
-        assert_ne!(database_report(own_policy).await.unwrap(), SCHED_IDLE);
+        assert_ne!(database_report(1, own_policy).await.unwrap(), SCHED_IDLE);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_organization_s_reports_never_keep_another_s_waiting() {
+        // Four slow reports of one organization took all four slots before: every other
+        // organization's report waited for them.
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut slow = Vec::new();
+        for _ in 0..4 {
+            let open = open.clone();
+            slow.push(tokio::spawn(database_report(41, move || {
+                while !open.load(std::sync::atomic::Ordering::Acquire) {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            })));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let other = tokio::time::timeout(std::time::Duration::from_secs(2), database_report(42, || 7)).await;
+        open.store(true, std::sync::atomic::Ordering::Release);
+        assert_eq!(other.expect("another organization's report waited").unwrap(), 7);
+        for report in slow {
+            report.await.unwrap().unwrap();
+        }
     }
 }
