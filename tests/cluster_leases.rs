@@ -1214,3 +1214,47 @@ async fn a_grant_that_arrives_for_a_hold_dropped_before_reading_it_goes_back() {
     }
     assert_books_exact(&admin).await;
 }
+
+/// While the session holding a replica's name is down its books send nothing (a twin that took
+/// the name meanwhile never has company), and a lock still held by the replica's own lost
+/// session, which the server has not seen go (as behind a proxy keeping its server
+/// connections), is ended and the name claimed again rather than given up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_lock_session_is_lost_writes_nothing_until_it_holds_its_name_again() {
+    use creditgate::cluster::name_lock::NameLock;
+    use creditgate::cluster::ClusterError;
+    let pg = Postgres::start();
+    let url = pg.create_database("severed");
+    books(&url).await;
+    let gate = common::cluster::DbGate::start(&url).await;
+    let stop = CancellationToken::new();
+    let lock = NameLock::claim(
+        &Database::new(&gate.url(&url), 2).unwrap(),
+        "severed",
+        Duration::from_secs(5),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let held = lock.held();
+    let fenced = Books::new(Database::new(&url, 2).unwrap()).fenced_by(held.clone());
+    fenced.audit().await.unwrap();
+
+    gate.sever_clients();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while held.load(std::sync::atomic::Ordering::Acquire) {
+        assert!(std::time::Instant::now() < deadline, "the lost session went unnoticed");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let refused = fenced.audit().await;
+    assert!(matches!(refused, Err(ClusterError::Unavailable(_))), "{refused:?}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !held.load(std::sync::atomic::Ordering::Acquire) {
+        assert!(std::time::Instant::now() < deadline, "the name was not claimed again: {:?}", lock.lost());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(lock.lost(), None, "its own old session is no other process");
+    fenced.audit().await.unwrap();
+    stop.cancel();
+}

@@ -140,6 +140,11 @@ pub struct Books {
     db: Database,
     /// Operations sent (each one statement, or one short transaction).
     operations: Arc<AtomicU64>,
+    /// Set while this process holds its replica name (see
+    /// [`super::name_lock`]); while it does not, no statement is sent, so a
+    /// process that lost its name cannot write under it. `None`: unfenced
+    /// (the command-line tools).
+    name_held: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Deadlock (40P01) and serialization (40001) failures roll the whole
@@ -173,17 +178,30 @@ fn millis(duration: Duration) -> i64 {
 impl Books {
     /// Books in `db` (migrated with [`super::migrate::migrate`]).
     pub fn new(db: Database) -> Books {
-        Books { db, operations: Arc::new(AtomicU64::new(0)) }
+        Books { db, operations: Arc::new(AtomicU64::new(0)), name_held: None }
     }
 
     /// The same books through a pool of their own, for a thread that runs
     /// its own runtime (see [`Database`]); operations are counted together.
     pub fn with_own_pool(&self, max_connections: usize) -> Result<Books, ClusterError> {
-        Ok(Books { db: self.db.own_pool(max_connections)?, operations: self.operations.clone() })
+        Ok(Books {
+            db: self.db.own_pool(max_connections)?,
+            operations: self.operations.clone(),
+            name_held: self.name_held.clone(),
+        })
+    }
+
+    /// These books, sending statements only while `held` is set.
+    pub fn fenced_by(mut self, held: Arc<std::sync::atomic::AtomicBool>) -> Books {
+        self.name_held = Some(held);
+        self
     }
 
     /// A connection for one operation, counted.
     pub(super) async fn client(&self) -> Result<deadpool_postgres::Object, ClusterError> {
+        if self.name_held.as_ref().is_some_and(|held| !held.load(Ordering::Acquire)) {
+            return Err(ClusterError::Unavailable("this process does not hold its replica name now".into()));
+        }
         self.operations.fetch_add(1, Ordering::Relaxed);
         self.db.client().await
     }

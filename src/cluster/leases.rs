@@ -251,10 +251,12 @@ impl OutForShipping<'_> {
 impl Drop for OutForShipping<'_> {
     fn drop(&mut self) {
         if let Some(batch) = self.batch.take() {
-            if batch.chunks.iter().any(Option::is_none) {
+            let unflushed = batch.chunks.iter().any(Option::is_none);
+            self.book.outbox.lock().put_back(batch);
+            // After the put-back: a flush that takes the flag then writes them.
+            if unflushed {
                 self.book.put_back_unflushed.store(true, Ordering::Release);
             }
-            self.book.outbox.lock().put_back(batch);
         }
     }
 }
@@ -1033,9 +1035,9 @@ impl LeaseBook {
                 refill.push((wallet.clone(), state.largest_hold.max(self.settings.min_lease)));
             }
         }
-        // Every wallet marked for a refill above is refilled (which clears
-        // its mark) whatever fails before it: a mark left set would keep the
-        // wallet from drawing ahead, and from being forgotten, for good.
+        // Every wallet marked for a refill above is refilled or unmarked
+        // whatever fails before it: a mark left set would keep the wallet
+        // from drawing ahead, and from being forgotten, for good.
         let mut outcome = Ok(());
         if !give_back.is_empty() {
             match self.books.give_back(&self.settings.replica, &give_back).await {
@@ -1052,8 +1054,12 @@ impl LeaseBook {
         // one) are drawn here.
         refill.append(&mut self.refills.lock());
         for (wallet, need) in refill {
-            if let Err(err) = self.refill(&wallet, need).await {
-                outcome = outcome.and(Err(err));
+            if outcome.is_err() {
+                // The database is failing: unmark the rest, do not wait on it
+                // once per wallet.
+                self.wallet(&wallet).lock().refill_running = false;
+            } else if let Err(err) = self.refill(&wallet, need).await {
+                outcome = Err(err);
             }
         }
         outcome

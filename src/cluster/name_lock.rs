@@ -13,10 +13,15 @@
 //! connection close; a machine that vanishes, within the server-side TCP
 //! keepalive this connection asks for. A claim that finds the name held
 //! therefore waits a while before it gives up. If the connection is lost
-//! (a database restart or failover) the lock goes with it and is claimed
-//! again on the next connection; if another process took the name in
-//! between, this one must stop ([`NameLock::lost`]).
+//! (a database restart or failover) the lock goes with it: until it is
+//! claimed again the replica's books send nothing ([`NameLock::held`],
+//! [`super::Books::fenced_by`]), so a twin that takes the name in between
+//! never writes beside it. A lock still held by this process's own lost
+//! session (the server has not noticed it closed, or a proxy in between
+//! keeps it) is ended and claimed again; one held by another process means
+//! this one must stop ([`NameLock::lost`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,9 +42,17 @@ const KEEPALIVES: &str =
 pub const TRY_LOCK: &str =
     "SELECT pg_try_advisory_lock(('x' || left(md5('creditgate replica ' || $1), 16))::bit(64)::bigint)";
 
+/// The session holding the lock of a name (a 64-bit advisory key is split
+/// into classid, the high half, and objid).
+const HOLDER: &str = "SELECT l.pid FROM pg_locks l
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+       AND ((l.classid::bigint << 32) | l.objid::bigint)
+           = ('x' || left(md5('creditgate replica ' || $1), 16))::bit(64)::bigint";
+
 /// A replica's hold on its name; released when the lock's task ends.
 #[derive(Debug)]
 pub struct NameLock {
+    held: Arc<AtomicBool>,
     lost: Arc<parking_lot::Mutex<Option<String>>>,
 }
 
@@ -55,7 +68,7 @@ impl NameLock {
     ) -> Result<NameLock, ClusterError> {
         let deadline = Instant::now() + patience;
         let mut waited = false;
-        let held = loop {
+        let session = loop {
             let mut session = Session::open(db).await?;
             if session.try_lock(replica).await? {
                 break session;
@@ -77,9 +90,17 @@ impl NameLock {
             }
             tokio::time::sleep(RETRY).await;
         };
-        let lost = Arc::new(parking_lot::Mutex::new(None));
-        tokio::spawn(keep(db.clone(), replica.to_owned(), held, lost.clone(), stop));
-        Ok(NameLock { lost })
+        let (held, lost) = (Arc::new(AtomicBool::new(true)), Arc::new(parking_lot::Mutex::new(None)));
+        let kept =
+            Kept { db: db.clone(), replica: replica.to_owned(), held: held.clone(), lost: lost.clone() };
+        tokio::spawn(kept.keep(session, stop));
+        Ok(NameLock { held, lost })
+    }
+
+    /// Set while this process holds its name: the flag its books are
+    /// fenced by.
+    pub fn held(&self) -> Arc<AtomicBool> {
+        self.held.clone()
     }
 
     /// Why this process no longer holds its name, once another took it.
@@ -88,42 +109,63 @@ impl NameLock {
     }
 }
 
-/// Holds the lock while the session lives; when the session is lost,
-/// claims the name again on a new one, or records that another has it.
-async fn keep(
+/// What the lock's task keeps up to date.
+struct Kept {
     db: Database,
     replica: String,
-    mut session: Session,
+    held: Arc<AtomicBool>,
     lost: Arc<parking_lot::Mutex<Option<String>>>,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => {
-                session.close().await;
-                return;
-            }
-            () = session.ended() => {}
-        }
-        tracing::warn!(replica, "lost the connection that holds this replica's name; claiming it again");
-        session = loop {
+}
+
+impl Kept {
+    /// Holds the lock while the session lives; when the session is lost,
+    /// claims the name again on a new one, or records that another has it.
+    async fn keep(self, mut session: Session, stop: CancellationToken) {
+        loop {
             tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(RETRY) => {}
-            }
-            let Ok(mut next) = Session::open(&db).await else { continue };
-            match next.try_lock(&replica).await {
-                Ok(true) => break next,
-                Ok(false) => {
-                    next.close().await;
-                    let reason = format!("another process took this replica's name {replica:?}");
-                    tracing::error!(%reason, "two processes run under one replica name");
-                    *lost.lock() = Some(reason);
+                () = stop.cancelled() => {
+                    session.close().await;
                     return;
                 }
-                Err(_) => next.close().await,
+                () = session.ended() => {}
             }
-        };
+            // From here until the name is ours again, nothing is written under it.
+            self.held.store(false, Ordering::Release);
+            let replica = &self.replica;
+            tracing::warn!(replica, "lost the connection that holds this replica's name; claiming it again");
+            let lost_pid = session.pid;
+            session = loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(RETRY) => {}
+                }
+                let Ok(mut next) = Session::open(&self.db).await else { continue };
+                match next.try_lock(replica).await {
+                    Ok(true) => break next,
+                    Ok(false) => match next.holder(replica).await {
+                        // Our own lost session, not yet ended on the server
+                        // (or kept by a proxy): end it and try again.
+                        Ok(Some(holder)) if holder == lost_pid => {
+                            let _ =
+                                next.client.query_one("SELECT pg_terminate_backend($1)", &[&holder]).await;
+                            next.close().await;
+                        }
+                        // Let go meanwhile, or unknown: try again.
+                        Ok(None) | Err(_) => next.close().await,
+                        Ok(Some(_)) => {
+                            next.close().await;
+                            let reason = format!("another process took this replica's name {replica:?}");
+                            tracing::error!(%reason, "two processes run under one replica name");
+                            *self.lost.lock() = Some(reason);
+                            return;
+                        }
+                    },
+                    Err(_) => next.close().await,
+                }
+            };
+            self.held.store(true, Ordering::Release);
+            tracing::info!(replica, "holds this replica's name again");
+        }
     }
 }
 
@@ -131,6 +173,8 @@ async fn keep(
 struct Session {
     client: tokio_postgres::Client,
     driver: tokio::task::JoinHandle<()>,
+    /// Its server process, as the lock tables name it.
+    pid: i32,
 }
 
 impl Session {
@@ -139,16 +183,28 @@ impl Session {
         let driver = tokio::spawn(async move {
             while let Some(Ok(_)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {}
         });
-        let session = Session { client, driver };
+        let mut session = Session { client, driver, pid: 0 };
         if let Err(err) = session.client.batch_execute(KEEPALIVES).await {
             session.close().await;
             return Err(err.into());
+        }
+        match session.client.query_one("SELECT pg_backend_pid()", &[]).await {
+            Ok(row) => session.pid = row.get(0),
+            Err(err) => {
+                session.close().await;
+                return Err(err.into());
+            }
         }
         Ok(session)
     }
 
     async fn try_lock(&mut self, replica: &str) -> Result<bool, ClusterError> {
         Ok(self.client.query_one(TRY_LOCK, &[&replica]).await?.get(0))
+    }
+
+    /// The server process holding `replica`'s lock, if any.
+    async fn holder(&mut self, replica: &str) -> Result<Option<i32>, ClusterError> {
+        Ok(self.client.query_opt(HOLDER, &[&replica]).await?.map(|row| row.get(0)))
     }
 
     /// Returns when the connection closed.

@@ -115,7 +115,9 @@ impl ClusterNode {
         // leases went back (the rounds stop last).
         let patience = (options.lease_ttl * 2).max(NAME_PATIENCE);
         let name_lock = NameLock::claim(&db, &options.replica, patience, rounds.clone()).await?;
-        let books = Books::new(db.clone());
+        // A start that fails from here lets the name go.
+        let started = rounds.clone().drop_guard();
+        let books = Books::new(db.clone()).fenced_by(name_lock.held());
         books.register(&options.replica, &options.admin_url).await?;
         let replica_settings = ReplicaSettings {
             treasury_ttl: options.treasury_ttl,
@@ -174,6 +176,7 @@ impl ClusterNode {
         tasks.push(tokio::spawn(node.clone().errands()));
         tasks.push(tokio::spawn(node.clone().watch_ledger(shutdown.clone())));
         *node.tasks.lock() = tasks;
+        started.disarm();
         tracing::info!(replica = %options.replica, "joined the cluster");
         Ok(node)
     }

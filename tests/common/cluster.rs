@@ -461,11 +461,14 @@ pub fn served_without_lease(seen: &[Call], cut_off: Instant, back: Instant) -> V
 /// a network partition would: cut, it drops every relayed connection and
 /// closes new ones at once; stalled, it keeps every connection open and
 /// relays nothing (a silent partition, a frozen host); mended, it relays
-/// again.
+/// again. Severed, the connections open now lose their client side while
+/// the server side stays open, so the server still sees the sessions alive
+/// (as behind a proxy that keeps its server connections).
 pub struct DbGate {
     port: u16,
     open: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stalled: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    severs: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     relays: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -480,13 +483,17 @@ impl DbGate {
         let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let relays = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stalled = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
+        let severs = std::sync::Arc::new(tokio::sync::watch::Sender::new(0u64));
         let (gate_open, gate_stalled, gate_relays) = (open.clone(), stalled.clone(), relays.clone());
+        let gate_severs = severs.clone();
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if !gate_open.load(std::sync::atomic::Ordering::SeqCst) {
                     continue;
                 }
                 let mut stalled = gate_stalled.subscribe();
+                let mut severs = gate_severs.subscribe();
+                severs.mark_unchanged();
                 let relay = tokio::spawn(async move {
                     let stalled_at_once = *stalled.borrow();
                     if stalled_at_once {
@@ -496,11 +503,17 @@ impl DbGate {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", server_port)).await
                     {
                         let stall = async { stalled.wait_for(|stalled| *stalled).await.is_ok() };
-                        let stalled_now = tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
-                            stalled_now = stall => stalled_now,
+                        let (stalled_now, severed) = tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => (false, false),
+                            stalled_now = stall => (stalled_now, false),
+                            severed = severs.changed() => (false, severed.is_ok()),
                         };
-                        if stalled_now {
+                        if severed {
+                            // The client side closes; the server's stays open.
+                            drop(inbound);
+                            let _keep = outbound;
+                            std::future::pending::<()>().await;
+                        } else if stalled_now {
                             // Both ends stay open (owned here), and nothing passes.
                             std::future::pending::<()>().await;
                         }
@@ -509,7 +522,7 @@ impl DbGate {
                 gate_relays.lock().unwrap().push(relay);
             }
         });
-        DbGate { port, open, stalled, relays, accept }
+        DbGate { port, open, stalled, severs, relays, accept }
     }
 
     /// `url` with the relay in place of the server.
@@ -534,6 +547,12 @@ impl DbGate {
     /// Every connection, open or new, stays open and silent until cut.
     pub fn stall(&self) {
         self.stalled.send_replace(true);
+    }
+
+    /// Closes the client side of every connection open now and keeps its
+    /// server side open; new connections relay as before.
+    pub fn sever_clients(&self) {
+        self.severs.send_modify(|generation| *generation += 1);
     }
 }
 
