@@ -235,6 +235,9 @@ pub struct Admin {
     /// Cluster mode: a follower forwards organization writes to the
     /// treasurer, whose ledger alone can make them.
     pub cluster: Option<Arc<crate::cluster::ClusterNode>>,
+    /// Each organization token's writes in the last minute, and the cap.
+    pub org_writes: crate::rate_window::RequestWindows,
+    pub org_writes_per_minute: u32,
 }
 
 impl Admin {
@@ -311,6 +314,12 @@ impl Admin {
 
     async fn api(&self, request: Request<Incoming>) -> Result<Response<GatewayBody>, AdminError> {
         let scope = self.scope(request.headers())?;
+        if let Scope::Org { org, .. } = scope {
+            let write = !matches!(*request.method(), Method::GET | Method::HEAD);
+            if write && !self.org_writes.admit(org.0, self.org_writes_per_minute) {
+                return Err(AdminError::TooManyWrites { limit: self.org_writes_per_minute });
+            }
+        }
         let (parts, body) = request.into_parts();
         let body = read_body(body, self.body_read_timeout).await?;
         let path = parts.uri.path().trim_start_matches("/admin/v1/").trim_end_matches('/');
@@ -610,6 +619,9 @@ fn error_response(error: &AdminError) -> Response<GatewayBody> {
         if let Ok(value) = HeaderValue::from_str(allow) {
             response.headers_mut().insert(header::ALLOW, value);
         }
+    }
+    if let AdminError::TooManyWrites { .. } = error {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
     }
     response
 }

@@ -196,6 +196,8 @@ impl Gateway {
             },
             cluster: cluster.clone(),
             history: historian.clone(),
+            org_writes: crate::rate_window::RequestWindows::new(std::time::Duration::from_secs(60)),
+            org_writes_per_minute: config.admin.org_writes_per_minute,
         });
         admin.build_rollups(shutdown.clone());
         let admin_options = ServeOptions { name: "admin", ..options };

@@ -185,6 +185,10 @@ pub struct AdminConfig {
     /// Rows one organization's usage rollup may hold; past it that
     /// organization's usage reports scan the ledger instead.
     pub usage_rollup_max_rows: usize,
+    /// Writes (anything but GET) an organization token may make per
+    /// minute: its token is a tenant's, and each write grows the journal.
+    /// The operator token has no cap.
+    pub org_writes_per_minute: u32,
 }
 
 impl Default for AdminConfig {
@@ -194,9 +198,13 @@ impl Default for AdminConfig {
             org_tokens: Vec::new(),
             alert_webhook_allow: Vec::new(),
             usage_rollup_max_rows: DEFAULT_USAGE_ROLLUP_MAX_ROWS,
+            org_writes_per_minute: DEFAULT_ORG_WRITES_PER_MINUTE,
         }
     }
 }
+
+/// Admin writes an organization token may make per minute by default.
+pub const DEFAULT_ORG_WRITES_PER_MINUTE: u32 = 600;
 
 /// An organization-scoped admin token.
 #[derive(Clone)]
@@ -628,6 +636,8 @@ struct RawAdmin {
     alert_webhook_allow: Vec<ipnet::IpNet>,
     /// Rows per organization's usage rollup (default 100,000).
     usage_rollup_max_rows: Option<usize>,
+    /// Admin writes per minute per organization token (default 600).
+    org_writes_per_minute: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -727,6 +737,13 @@ impl GatewayConfig {
             })
         });
         let admin = top.admin.and_then(|v| checker.section::<RawAdmin>("[admin]", v)).unwrap_or_default();
+        if admin.org_writes_per_minute == Some(0) {
+            checker.problem(
+                0,
+                "[admin] org_writes_per_minute = 0 would refuse every write of an organization token",
+                Some("use at least 1; the default is 600"),
+            );
+        }
         let admin = AdminConfig {
             operator_token: admin.token_env.and_then(|var| env(&var)).filter(|t| !t.is_empty()),
             org_tokens: admin
@@ -739,6 +756,7 @@ impl GatewayConfig {
                 .collect(),
             alert_webhook_allow: admin.alert_webhook_allow,
             usage_rollup_max_rows: admin.usage_rollup_max_rows.unwrap_or(DEFAULT_USAGE_ROLLUP_MAX_ROWS),
+            org_writes_per_minute: admin.org_writes_per_minute.unwrap_or(DEFAULT_ORG_WRITES_PER_MINUTE),
         };
 
         let traffic = validate_traffic(&mut checker, top.traffic);

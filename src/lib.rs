@@ -14,6 +14,7 @@
 //! - [`mock`] — the mock upstream used by the demo, tests and load harness.
 //! - [`pricing`] — the price table: schema, validation, cost functions (pure).
 //! - [`proxy`] — the data path as named phases.
+//! - [`rate_window`] — sliding-window request counts for per-key caps.
 //! - [`server`] — the accept loop shared by all listeners.
 //! - [`store`] — the storage interface, its sled backend, group commit, checkpoints and retention.
 //! - [`telemetry`] — logging setup.
@@ -31,6 +32,7 @@ pub mod meter;
 pub mod mock;
 pub mod pricing;
 pub mod proxy;
+pub mod rate_window;
 pub mod server;
 pub mod store;
 pub mod telemetry;

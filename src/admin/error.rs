@@ -32,6 +32,11 @@ pub enum AdminError {
     Rule { field: String, reason: String },
     #[error("the {0} header is required: a retry with the same key changes nothing")]
     MissingHeader(&'static str),
+    #[error(
+        "this organization's token made {limit} admin writes within the last minute; retry after the \
+         Retry-After seconds"
+    )]
+    TooManyWrites { limit: u32 },
     #[error("{0}")]
     Ledger(LedgerError),
     #[error("the ledger store could not be read: {0}")]
@@ -87,6 +92,7 @@ impl AdminError {
             AdminError::BadRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
             AdminError::Rule { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "rule_refused"),
             AdminError::MissingHeader(_) => (StatusCode::BAD_REQUEST, "missing_header"),
+            AdminError::TooManyWrites { .. } => (StatusCode::TOO_MANY_REQUESTS, "admin_rate_limited"),
             AdminError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             AdminError::OutcomeUnknown { .. } => (StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown"),
             AdminError::Ledger(error) => ledger_class(error),

@@ -563,6 +563,12 @@ fn responses(route: &RouteDoc) -> Value {
              original result and never credits twice)",
         );
     }
+    if route.method != "get" && !route.operator_only {
+        answers["429"] = error(
+            "`admin_rate_limited`: this organization token made `[admin] org_writes_per_minute` \
+             writes within the last minute; retry after `Retry-After` seconds",
+        );
+    }
     if route.path.ends_with("/reload") {
         answers["422"] = error("The price file is invalid; the previous table stays in force");
     } else if request_schema(route.method, route.path).is_some() {

@@ -2,14 +2,14 @@
 //! and requests in flight (pingora-limits' estimator). Over a cap the
 //! answer is 429 with `Retry-After`, before anything is held or charged.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pingora_limits::inflight::{Guard, Inflight};
 
 use super::error::ProxyError;
 use crate::config::TrafficConfig;
-use crate::ledger::ids::{IdDashMap, KeyId};
+use crate::ledger::ids::KeyId;
+use crate::rate_window::RequestWindows;
 
 /// The window for the requests-per-minute cap.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
@@ -49,7 +49,7 @@ impl TrafficCaps {
             }
         };
         if let Some(limit) = caps.requests_per_minute {
-            if !self.rate.admit(key, limit) {
+            if !self.rate.admit(key.0, limit) {
                 return Err(ProxyError::TrafficCap {
                     cap: "requests_per_minute",
                     limit,
@@ -58,68 +58,6 @@ impl TrafficCaps {
             }
         }
         Ok(guard)
-    }
-}
-
-/// Each capped key's requests in the current and the previous window,
-/// windows aligned on a fixed start. A request is admitted while the
-/// requests of the last window's length before it (this window's, and the
-/// previous one's in proportion to how much of it is still that recent)
-/// stay within the cap. Counting this window alone let a key send the cap
-/// just before a boundary and again just after it.
-struct RequestWindows {
-    window_ms: u64,
-    start: Instant,
-    keys: IdDashMap<u64, Window>,
-    /// The window in which idle keys were last forgotten.
-    pruned: AtomicU64,
-}
-
-#[derive(Clone, Copy)]
-struct Window {
-    index: u64,
-    previous: u64,
-    current: u64,
-}
-
-impl RequestWindows {
-    fn new(window: Duration) -> Self {
-        RequestWindows {
-            window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1),
-            start: Instant::now(),
-            keys: IdDashMap::default(),
-            pruned: AtomicU64::new(0),
-        }
-    }
-
-    /// Counts one request of `key` if the cap allows it.
-    fn admit(&self, key: KeyId, limit: u32) -> bool {
-        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let (index, into) = (now / self.window_ms, now % self.window_ms);
-        self.forget_idle(index);
-        let mut window = self.keys.entry(key.0).or_insert(Window { index, previous: 0, current: 0 });
-        if window.index != index {
-            let previous = if window.index + 1 == index { window.current } else { 0 };
-            *window = Window { index, previous, current: 0 };
-        }
-        // previous × (window − into) / window + current + 1 ≤ limit, in integers.
-        let recent = u128::from(window.previous) * u128::from(self.window_ms - into)
-            + u128::from(window.current + 1) * u128::from(self.window_ms);
-        if recent > u128::from(limit) * u128::from(self.window_ms) {
-            return false;
-        }
-        window.current += 1;
-        true
-    }
-
-    /// Once per window, forgets keys with no request in this or the last.
-    fn forget_idle(&self, index: u64) {
-        let pruned = self.pruned.load(Ordering::Relaxed);
-        if pruned < index
-            && self.pruned.compare_exchange(pruned, index, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-        {
-            self.keys.retain(|_, window| window.index + 1 >= index);
-        }
     }
 }
 

@@ -1075,3 +1075,31 @@ async fn the_dashboard_reads_scope_summary_and_price_entries() {
     let models = table["models"].as_array().unwrap();
     assert!(models.iter().any(|m| m["name"] == "mock-gpt" && m["input_per_mtok"].is_string()), "{table}");
 }
+
+#[tokio::test]
+async fn an_org_token_s_writes_are_capped_per_minute_and_its_reads_and_the_operator_s_are_not() {
+    // A tenant's token could loop writes (a label changed back and forth) and grow every
+    // replica's journal without bound; the entities are bounded, the writes were not.
+    let stack = start_edited(|text| {
+        text.replace("token_env = \"ADMIN_TOKEN\"", "token_env = \"ADMIN_TOKEN\"\norg_writes_per_minute = 3")
+    })
+    .await;
+    let add_user = |token: &'static str, name: &'static str| {
+        let stack = &stack;
+        async move {
+            let body = json!({"name": name, "plan": "pro"});
+            call(stack, token, Method::POST, "/admin/v1/orgs/1/users", Some(body), &[]).await
+        }
+    };
+    for name in ["u1", "u2", "u3"] {
+        assert_eq!(add_user(ORG_TOKEN, name).await.status, 201);
+    }
+    let refused = add_user(ORG_TOKEN, "u4").await;
+    assert_eq!(refused.status, 429, "{:?}", refused.body);
+    assert_eq!(refused.json()["error"]["code"], "admin_rate_limited");
+    assert_eq!(refused.header("retry-after"), Some("60"));
+    let users = call(&stack, ORG_TOKEN, Method::GET, "/admin/v1/orgs/1/users", None, &[]).await;
+    assert_eq!(users.status, 200, "reads are not capped");
+    assert!(!String::from_utf8_lossy(&users.body).contains("\"u4\""), "the refused write did nothing");
+    assert_eq!(add_user(ADMIN_TOKEN, "by-operator").await.status, 201, "the operator is not capped");
+}
