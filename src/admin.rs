@@ -314,12 +314,6 @@ impl Admin {
 
     async fn api(&self, request: Request<Incoming>) -> Result<Response<GatewayBody>, AdminError> {
         let scope = self.scope(request.headers())?;
-        if let Scope::Org { org, .. } = scope {
-            let write = !matches!(*request.method(), Method::GET | Method::HEAD);
-            if write && !self.org_writes.admit(org.0, self.org_writes_per_minute) {
-                return Err(AdminError::TooManyWrites { limit: self.org_writes_per_minute });
-            }
-        }
         let (parts, body) = request.into_parts();
         let body = read_body(body, self.body_read_timeout).await?;
         let path = parts.uri.path().trim_start_matches("/admin/v1/").trim_end_matches('/');
@@ -333,6 +327,14 @@ impl Admin {
                         crate::ledger::journal::JournalError::Unavailable { reason },
                     ))),
                 };
+            }
+        }
+        // Counted where the write is made: a follower's forwarded writes
+        // count on the treasurer, once, whatever it answers.
+        if let Scope::Org { org, .. } = scope {
+            let write = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+            if write && !self.org_writes.admit(org.0, self.org_writes_per_minute) {
+                return Err(AdminError::TooManyWrites { limit: self.org_writes_per_minute });
             }
         }
         let mut params = reports::query_pairs(parts.uri.query());

@@ -855,14 +855,24 @@ impl GatewayConfig {
         if route.kind != RouteKind::Passthrough {
             return Some(route);
         }
-        // The route of this upstream the path belongs to whatever the Host:
-        // the longest prefix, a metered one at equal length.
-        let claimed = self
+        // The longest metered claim on the path for any host, against the
+        // longest pass-through prefix that serves it on this host.
+        let same_upstream = |r: &&Route| r.upstream == route.upstream;
+        let metered = self
             .routes
             .iter()
-            .filter(|r| r.upstream == route.upstream && r.serves_path(path))
-            .max_by_key(|r| (r.prefix.len(), r.kind != RouteKind::Passthrough));
-        Some(claimed.filter(|r| r.kind != RouteKind::Passthrough).unwrap_or(route))
+            .filter(same_upstream)
+            .filter(|r| r.kind != RouteKind::Passthrough && r.serves_path(path))
+            .max_by_key(|r| r.prefix.len());
+        let unmetered = self
+            .routes
+            .iter()
+            .filter(same_upstream)
+            .filter(|r| r.kind == RouteKind::Passthrough && r.matches(host, path))
+            .map(|r| r.prefix.len())
+            .max()
+            .unwrap_or(0);
+        Some(metered.filter(|r| r.prefix.len() >= unmetered).unwrap_or(route))
     }
 }
 
@@ -1636,6 +1646,31 @@ file = "prices.toml"
 "#;
         let c = parse(text).unwrap();
         let kind = |host, path| c.route_for(host, path).map(|route| route.kind.clone());
+        // A longer pass-through bound to another host frees nothing here.
+        let text = r#"
+[upstreams.a]
+base_url = "http://a"
+[[routes]]
+prefix = "/tools/search"
+upstream = "a"
+tool = "search"
+[[routes]]
+prefix = "/tools/search/v2"
+host = "h2.internal"
+upstream = "a"
+passthrough = true
+[[routes]]
+prefix = "/"
+host = "h3.example"
+upstream = "a"
+passthrough = true
+[pricing]
+file = "prices.toml"
+"#;
+        let tools = parse(text).unwrap();
+        let tool = |host| tools.route_for(host, "/tools/search/v2").map(|route| route.kind.clone());
+        assert_eq!(tool(Some("h2.internal")), Some(RouteKind::Passthrough));
+        assert!(matches!(tool(Some("h3.example")), Some(RouteKind::Tool { .. })));
         for host in [Some("internal.example"), Some("other.example"), None] {
             let chat = kind(host, "/v1/chat/completions");
             assert_eq!(chat, Some(RouteKind::Model(Flavour::OpenaiChat)), "{host:?}");

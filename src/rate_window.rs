@@ -44,6 +44,9 @@ impl RequestWindows {
         let (index, into) = (now / self.window_ms, now % self.window_ms);
         self.forget_idle(index);
         let mut window = self.keys.entry(key).or_insert(Window { index, previous: 0, current: 0 });
+        // A thread that read the clock before another moved the window on
+        // counts at the start of the newer window: never back.
+        let (index, into) = if index < window.index { (window.index, 0) } else { (index, into) };
         if window.index != index {
             let previous = if window.index + 1 == index { window.current } else { 0 };
             *window = Window { index, previous, current: 0 };

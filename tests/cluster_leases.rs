@@ -1239,6 +1239,10 @@ async fn a_replica_whose_lock_session_is_lost_writes_nothing_until_it_holds_its_
     let held = lock.held();
     let fenced = Books::new(Database::new(&url, 2).unwrap()).fenced_by(held.clone());
     fenced.audit().await.unwrap();
+    // The same name in another database of the server (a staging cluster, say) is another lock.
+    let elsewhere_stop = CancellationToken::new();
+    let elsewhere = Database::new(&pg.create_database("severed_staging"), 2).unwrap();
+    NameLock::claim(&elsewhere, "severed", Duration::from_secs(1), elsewhere_stop.clone()).await.unwrap();
 
     gate.sever_clients();
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -1257,4 +1261,5 @@ async fn a_replica_whose_lock_session_is_lost_writes_nothing_until_it_holds_its_
     assert_eq!(lock.lost(), None, "its own old session is no other process");
     fenced.audit().await.unwrap();
     stop.cancel();
+    elsewhere_stop.cancel();
 }

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
 use super::error::AdminError;
 
@@ -24,6 +24,18 @@ static REPORT_SLOTS: Semaphore = Semaphore::const_new(4);
 /// would otherwise keep every other organization's reports waiting.
 static ORG_TURNS: LazyLock<parking_lot::Mutex<HashMap<u64, Arc<Semaphore>>>> =
     LazyLock::new(Default::default);
+
+/// `org`'s turn and a slot, for as long as its report's work runs: a
+/// caller that stops waiting (a reset stream, a client gone) leaves the
+/// work running, so the permits go with the work, not with the caller.
+async fn permits(org: u64) -> Result<(OwnedSemaphorePermit, SemaphorePermit<'static>), AdminError> {
+    let turn = org_turn(org).await?;
+    let slot = REPORT_SLOTS
+        .acquire()
+        .await
+        .map_err(|error| AdminError::Store(format!("the report failed: {error}")))?;
+    Ok((turn, slot))
+}
 
 /// Waits for `org`'s turn to run a report.
 async fn org_turn(org: u64) -> Result<OwnedSemaphorePermit, AdminError> {
@@ -45,13 +57,11 @@ pub async fn report<T: Send + 'static>(
     org: u64,
     scan: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, AdminError> {
-    let _turn = org_turn(org).await?;
-    let _slot = REPORT_SLOTS
-        .acquire()
-        .await
-        .map_err(|error| AdminError::Store(format!("the report failed: {error}")))?;
+    let permits = permits(org).await?;
     let (done, answer) = tokio::sync::oneshot::channel();
     spawn("report", move || {
+        // Held until the scan ends, not until its caller stops waiting.
+        let _permits = permits;
         let _ = done.send(scan());
     })?;
     answer.await.map_err(|_| AdminError::Store("the report failed: its thread stopped".into()))
@@ -66,14 +76,13 @@ pub async fn database_report<T: Send + 'static>(
     org: u64,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, AdminError> {
-    let _turn = org_turn(org).await?;
-    let _slot = REPORT_SLOTS
-        .acquire()
-        .await
-        .map_err(|error| AdminError::Store(format!("the report failed: {error}")))?;
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|error| AdminError::Store(format!("the report failed: {error}")))
+    let permits = permits(org).await?;
+    tokio::task::spawn_blocking(move || {
+        let _permits = permits;
+        work()
+    })
+    .await
+    .map_err(|error| AdminError::Store(format!("the report failed: {error}")))
 }
 
 /// Starts `work` on a new thread named `name` under the idle policy.
@@ -144,5 +153,38 @@ mod tests {
         for report in slow {
             report.await.unwrap().unwrap();
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_report_keeps_its_turn_while_its_work_runs_though_its_caller_left() {
+        // The permits went with the caller: a tenant that reset its stream right after asking
+        // for a year of usage freed its turn and slot while the scan ran on, and could start
+        // any number of scans that way.
+        /// Lets the work end however the test ends (a failed assertion
+        /// must not leave it spinning under the runtime's shutdown).
+        struct Release(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let release = Release(open.clone());
+        let running = open.clone();
+        let left = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            database_report(43, move || {
+                while !running.load(std::sync::atomic::Ordering::Acquire) {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }),
+        )
+        .await;
+        assert!(left.is_err(), "the caller stopped waiting");
+        let next =
+            tokio::time::timeout(std::time::Duration::from_millis(300), database_report(43, || 1)).await;
+        assert!(next.is_err(), "the organization's next report ran beside the first one's work");
+        drop(release);
+        assert_eq!(database_report(43, || 2).await.unwrap(), 2);
     }
 }

@@ -42,12 +42,20 @@ const KEEPALIVES: &str =
 pub const TRY_LOCK: &str =
     "SELECT pg_try_advisory_lock(('x' || left(md5('creditgate replica ' || $1), 16))::bit(64)::bigint)";
 
-/// The session holding the lock of a name (a 64-bit advisory key is split
-/// into classid, the high half, and objid).
-const HOLDER: &str = "SELECT l.pid FROM pg_locks l
+/// The session holding the lock of a name in this database (a 64-bit
+/// advisory key is split into classid, the high half, and objid), with
+/// when it started: a pid alone can be reused.
+const HOLDER: &str = "SELECT l.pid, a.backend_start FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
        AND ((l.classid::bigint << 32) | l.objid::bigint)
            = ('x' || left(md5('creditgate replica ' || $1), 16))::bit(64)::bigint";
+
+/// This session, as [`HOLDER`] names one.
+const ITSELF: &str = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+
+/// A server session: its pid and when it started.
+type SessionId = (i32, Option<chrono::DateTime<chrono::Utc>>);
 
 /// A replica's hold on its name; released when the lock's task ends.
 #[derive(Debug)]
@@ -133,7 +141,7 @@ impl Kept {
             self.held.store(false, Ordering::Release);
             let replica = &self.replica;
             tracing::warn!(replica, "lost the connection that holds this replica's name; claiming it again");
-            let lost_pid = session.pid;
+            let lost_session = session.id;
             session = loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
@@ -145,9 +153,24 @@ impl Kept {
                     Ok(false) => match next.holder(replica).await {
                         // Our own lost session, not yet ended on the server
                         // (or kept by a proxy): end it and try again.
-                        Ok(Some(holder)) if holder == lost_pid => {
-                            let _ =
-                                next.client.query_one("SELECT pg_terminate_backend($1)", &[&holder]).await;
+                        Ok(Some(holder)) if holder == lost_session => {
+                            let ended =
+                                next.client.query_one("SELECT pg_terminate_backend($1)", &[&holder.0]).await;
+                            match ended.map(|row| row.get::<_, bool>(0)) {
+                                Ok(true) => tracing::info!(
+                                    replica,
+                                    pid = holder.0,
+                                    "ended this replica's own old session, which still held its name"
+                                ),
+                                Ok(false) => tracing::warn!(
+                                    replica,
+                                    pid = holder.0,
+                                    "could not end this replica's own old session; retrying"
+                                ),
+                                Err(error) => {
+                                    tracing::warn!(replica, %error, "could not end this replica's own old session; retrying")
+                                }
+                            }
                             next.close().await;
                         }
                         // Let go meanwhile, or unknown: try again.
@@ -173,8 +196,8 @@ impl Kept {
 struct Session {
     client: tokio_postgres::Client,
     driver: tokio::task::JoinHandle<()>,
-    /// Its server process, as the lock tables name it.
-    pid: i32,
+    /// Its server session, as the lock tables name it.
+    id: SessionId,
 }
 
 impl Session {
@@ -183,13 +206,13 @@ impl Session {
         let driver = tokio::spawn(async move {
             while let Some(Ok(_)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {}
         });
-        let mut session = Session { client, driver, pid: 0 };
+        let mut session = Session { client, driver, id: (0, None) };
         if let Err(err) = session.client.batch_execute(KEEPALIVES).await {
             session.close().await;
             return Err(err.into());
         }
-        match session.client.query_one("SELECT pg_backend_pid()", &[]).await {
-            Ok(row) => session.pid = row.get(0),
+        match session.client.query_one(ITSELF, &[]).await {
+            Ok(row) => session.id = (row.get(0), row.get(1)),
             Err(err) => {
                 session.close().await;
                 return Err(err.into());
@@ -202,9 +225,9 @@ impl Session {
         Ok(self.client.query_one(TRY_LOCK, &[&replica]).await?.get(0))
     }
 
-    /// The server process holding `replica`'s lock, if any.
-    async fn holder(&mut self, replica: &str) -> Result<Option<i32>, ClusterError> {
-        Ok(self.client.query_opt(HOLDER, &[&replica]).await?.map(|row| row.get(0)))
+    /// The server session holding `replica`'s lock, if any.
+    async fn holder(&mut self, replica: &str) -> Result<Option<SessionId>, ClusterError> {
+        Ok(self.client.query_opt(HOLDER, &[&replica]).await?.map(|row| (row.get(0), row.get(1))))
     }
 
     /// Returns when the connection closed.
