@@ -563,7 +563,9 @@ fn responses(route: &RouteDoc) -> Value {
              original result and never credits twice)",
         );
     }
-    if route.method != "get" && !route.operator_only {
+    // Counted before the route's own checks: an org token's write to an
+    // operator-only route can meet the cap before its 403.
+    if route.method != "get" {
         answers["429"] = error(
             "`admin_rate_limited`: this organization token made `[admin] org_writes_per_minute` \
              writes within the last minute; retry after `Retry-After` seconds",
