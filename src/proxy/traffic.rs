@@ -67,16 +67,21 @@ mod tests {
     use super::*;
     use crate::config::TrafficConfig;
 
+    /// Caps for every key, counted in windows of `window`.
+    fn caps(requests_per_minute: u32, max_in_flight: Option<u32>, window: Duration) -> TrafficCaps {
+        let defaults =
+            crate::config::TrafficCaps { requests_per_minute: Some(requests_per_minute), max_in_flight };
+        TrafficCaps::with_window(TrafficConfig { defaults, per_key: Default::default() }, window)
+    }
+
     fn admitted(caps: &TrafficCaps, key: KeyId, tries: usize) -> usize {
         (0..tries).filter(|_| caps.admit(key).is_ok()).count()
     }
 
     #[test]
     fn the_rate_cap_holds_across_a_window_boundary() {
-        let defaults = crate::config::TrafficCaps { requests_per_minute: Some(20), max_in_flight: None };
-        let config = TrafficConfig { defaults, per_key: Default::default() };
         let window = Duration::from_millis(400);
-        let caps = TrafficCaps::with_window(config, window);
+        let caps = caps(20, None, window);
         let key = KeyId(7);
         // The whole cap just before the boundary...
         std::thread::sleep(window * 17 / 20);
@@ -94,19 +99,15 @@ mod tests {
     fn requests_older_than_a_window_never_count_however_quiet_the_gateway_was() {
         // pingora-limits moves to a new window only when a request comes: after a quiet
         // spell its "previous" window held requests far older than one window, at full weight.
-        let defaults = crate::config::TrafficCaps { requests_per_minute: Some(10), max_in_flight: None };
-        let config = TrafficConfig { defaults, per_key: Default::default() };
         let window = Duration::from_millis(200);
-        let caps = TrafficCaps::with_window(config, window);
-        assert_eq!(admitted(&caps, KeyId(1), 10), 10);
+        let quiet = caps(10, None, window);
+        assert_eq!(admitted(&quiet, KeyId(1), 10), 10);
         // Nine tenths of the next window later, a tenth of those requests is that recent.
         std::thread::sleep(window * 19 / 10);
-        let again = admitted(&caps, KeyId(1), 10);
+        let again = admitted(&quiet, KeyId(1), 10);
         assert!(again >= 9, "only {again} admitted after a quiet window");
         // Refused requests count against neither cap.
-        let defaults = crate::config::TrafficCaps { requests_per_minute: Some(3), max_in_flight: Some(1) };
-        let caps =
-            TrafficCaps::with_window(TrafficConfig { defaults, per_key: Default::default() }, window * 10);
+        let caps = caps(3, Some(1), window * 10);
         let open = caps.admit(KeyId(2)).unwrap();
         assert!(caps.admit(KeyId(2)).is_err(), "one in flight");
         drop(open);
