@@ -19,6 +19,7 @@ mod context;
 mod error;
 pub(crate) mod headers;
 mod path;
+mod plain_pool;
 mod read_on;
 mod server_context;
 mod traffic;
@@ -567,7 +568,7 @@ impl Proxy {
 struct AwaitingHead<'a> {
     proxy: &'a Arc<Proxy>,
     ctx: &'a mut RequestCtx,
-    head: Option<hyper_util::client::legacy::ResponseFuture>,
+    head: Option<upstream::HeadFuture>,
     deadline: tokio::time::Instant,
 }
 

@@ -1,8 +1,14 @@
 //! Pooled clients to the upstreams (plain HTTP and HTTPS via rustls, HTTP/1.1
 //! or HTTP/2) and the mapping of their failures to gateway errors.
+//! Plain-HTTP/1.1 upstreams use a pool of our own ([`PlainPool`]); the
+//! others, hyper-util's legacy client.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
@@ -15,6 +21,7 @@ use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::error::ProxyError;
+use super::plain_pool::{HeadResult, PlainError, PlainPool};
 use crate::config::Upstream;
 use crate::server::per_core::thread_index;
 
@@ -24,8 +31,37 @@ pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
 
 type HttpsClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
-/// Idle pooled connections are closed after this long.
-const POOL_IDLE_TIMEOUT_SECS: u64 = 90;
+/// An upstream's pooled client.
+enum UpstreamClient {
+    /// Plain HTTP/1.1 (the upstream has a ready-made `Host`).
+    Plain(Arc<PlainPool>),
+    /// HTTPS, where ALPN may choose HTTP/2, or HTTP/2 by prior knowledge.
+    Legacy(Box<HttpsClient>),
+}
+
+/// The upstream's response head, to come. Owns everything it needs, so it
+/// can be awaited by a task other than the request's.
+pub enum HeadFuture {
+    Plain(Pin<Box<dyn Future<Output = HeadResult> + Send>>),
+    Legacy(ResponseFuture),
+}
+
+/// Why an upstream call got no response head.
+pub enum UpstreamError {
+    Plain(PlainError),
+    Legacy(hyper_util::client::legacy::Error),
+}
+
+impl Future for HeadFuture {
+    type Output = Result<hyper::Response<Incoming>, UpstreamError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            HeadFuture::Plain(head) => head.as_mut().poll(cx).map_err(UpstreamError::Plain),
+            HeadFuture::Legacy(head) => Pin::new(head).poll(cx).map_err(UpstreamError::Legacy),
+        }
+    }
+}
 
 /// One pooled client per upstream, so each keeps its own pool size, timeouts
 /// and protocol choice; and one such set per proxy thread under
@@ -33,7 +69,7 @@ const POOL_IDLE_TIMEOUT_SECS: u64 = 90;
 /// another thread runs.
 pub struct UpstreamClients {
     /// `[thread][upstream]`; one thread's set under work-stealing.
-    clients: Vec<Vec<HttpsClient>>,
+    clients: Vec<Vec<UpstreamClient>>,
 }
 
 impl UpstreamClients {
@@ -50,7 +86,7 @@ impl UpstreamClients {
         index: usize,
         upstream: &Upstream,
         request: Request<UpstreamBody>,
-    ) -> Result<ResponseFuture, ProxyError> {
+    ) -> Result<HeadFuture, ProxyError> {
         let thread = self.clients.get(thread_index()).or_else(|| self.clients.first());
         let Some(client) = thread.and_then(|clients| clients.get(index)) else {
             return Err(ProxyError::UpstreamFailed {
@@ -58,11 +94,25 @@ impl UpstreamClients {
                 reason: "no client configured".to_owned(),
             });
         };
-        Ok(client.request(request))
+        Ok(match client {
+            UpstreamClient::Plain(pool) => HeadFuture::Plain(pool.send(request)),
+            UpstreamClient::Legacy(client) => HeadFuture::Legacy(client.request(request)),
+        })
     }
 }
 
-fn build_client(upstream: &Upstream) -> HttpsClient {
+/// Whether the upstream is reached through our own pool: plain HTTP/1.1,
+/// which is when the config made its `Host` header.
+fn uses_plain_pool(upstream: &Upstream) -> bool {
+    upstream.host_header.is_some()
+}
+
+fn build_client(upstream: &Upstream) -> UpstreamClient {
+    if uses_plain_pool(upstream) {
+        let pool =
+            PlainPool::new(&upstream.authority, upstream.connect_timeout, upstream.pool_max_idle_per_host);
+        return UpstreamClient::Plain(Arc::new(pool));
+    }
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     // Stream chunks as soon as they are written: no Nagle delay on SSE.
@@ -74,16 +124,18 @@ fn build_client(upstream: &Upstream) -> HttpsClient {
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
+    let client = Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(POOL_IDLE_TIMEOUT_SECS))
+        .pool_idle_timeout(super::plain_pool::IDLE_TIMEOUT)
         .pool_max_idle_per_host(upstream.pool_max_idle_per_host)
         .http2_only(upstream.http2_prior_knowledge)
-        .build(connector)
+        .build(connector);
+    UpstreamClient::Legacy(Box::new(client))
 }
 
 /// The upstream URI for a client request: the upstream's base URL with the
-/// request's path and query appended.
+/// request's path and query appended; origin-form (the path and query
+/// alone) for our own pool, which sends the URI as it is.
 pub fn upstream_uri(upstream: &Upstream, client_uri: &Uri) -> Result<Uri, http::Error> {
     let path_and_query = client_uri.path_and_query().map_or("/", PathAndQuery::as_str);
     let path_and_query = if upstream.base_path.is_empty() {
@@ -91,6 +143,9 @@ pub fn upstream_uri(upstream: &Upstream, client_uri: &Uri) -> Result<Uri, http::
     } else {
         PathAndQuery::try_from(format!("{}{path_and_query}", upstream.base_path))?
     };
+    if uses_plain_pool(upstream) {
+        return Ok(Uri::from(path_and_query));
+    }
     Uri::builder()
         .scheme(upstream.scheme.clone())
         .authority(upstream.authority.clone())
@@ -109,24 +164,35 @@ pub fn upstream_version(upstream: &Upstream) -> Version {
     }
 }
 
-pub fn classify(
-    error: &hyper_util::client::legacy::Error,
-    upstream: &Upstream,
-    max_body_bytes: u64,
-) -> ProxyError {
+pub fn classify(error: &UpstreamError, upstream: &Upstream, max_body_bytes: u64) -> ProxyError {
     let name = upstream.name.clone();
+    let (error, is_connect, timed_out): (&(dyn StdError + 'static), bool, bool) = match error {
+        UpstreamError::Plain(PlainError::ConnectTimeout) => (error_of(error), true, true),
+        UpstreamError::Plain(PlainError::Connect(e)) => (e, true, e.kind() == io::ErrorKind::TimedOut),
+        UpstreamError::Plain(PlainError::Http(e)) => (e, false, false),
+        UpstreamError::Legacy(e) => {
+            let timed_out = find_source::<io::Error>(e).is_some_and(|e| e.kind() == io::ErrorKind::TimedOut);
+            (e, e.is_connect(), timed_out)
+        }
+    };
     if find_source::<http_body_util::LengthLimitError>(error).is_some() {
         return ProxyError::BodyTooLarge { limit_bytes: max_body_bytes };
     }
-    let timed_out = find_source::<io::Error>(error).is_some_and(|e| e.kind() == io::ErrorKind::TimedOut);
-    if error.is_connect() && timed_out {
+    if is_connect && timed_out {
         return ProxyError::UpstreamConnectTimeout { upstream: name, timeout: upstream.connect_timeout };
     }
     let reason = error_chain(error);
-    if error.is_connect() {
+    if is_connect {
         ProxyError::UpstreamUnreachable { upstream: name, reason }
     } else {
         ProxyError::UpstreamFailed { upstream: name, reason }
+    }
+}
+
+fn error_of(error: &UpstreamError) -> &(dyn StdError + 'static) {
+    match error {
+        UpstreamError::Plain(e) => e,
+        UpstreamError::Legacy(e) => e,
     }
 }
 
