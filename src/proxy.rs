@@ -44,6 +44,9 @@ pub use charge::{cap_field, edited_body, read_model_request, with_include_usage,
 pub use context::{Outcome, RequestCtx};
 pub use error::{json_error, ErrorClass, ProxyError};
 pub use headers::REQUEST_ID;
+/// The plain-HTTP/1.1 upstream pool, public for the bench's floors, which use it too.
+pub use plain_pool::{PlainError, PlainPool};
+pub use upstream::UpstreamBody;
 
 use crate::alerts::{Alerts, Signal};
 use crate::clock::Clock;
@@ -56,7 +59,7 @@ use crate::pricing::{LivePrices, ModelPrice};
 use crate::telemetry::metrics::{ItemLabels, Metrics, ReasonLabels, RequestLabels, ResultLabels, SharedText};
 use charge::Reservation;
 use charge::{OutputPlan, Priced};
-use upstream::{UpstreamBody, UpstreamClients};
+use upstream::UpstreamClients;
 
 /// The gateway's request handler, shared by all connections.
 pub struct Proxy {

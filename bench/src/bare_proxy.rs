@@ -127,8 +127,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             models: &args.models,
             data_dir: args.data_dir.as_deref(),
             upstream: args.upstream.clone(),
-            streamed: client.clone(),
-            buffered: builder.build(connector),
+            pool: Arc::new(creditgate::proxy::PlainPool::new(
+                &args.upstream,
+                std::time::Duration::from_secs(2),
+                args.pool_max_idle,
+            )),
         })?)),
         _ => None,
     };

@@ -26,6 +26,11 @@
 //! ids, access logs, metrics, timeouts, hop-by-hop headers, the ledger's
 //! entries (a 44-byte record instead) and replaying them at start. Each
 //! omission makes the floor lower, never higher.
+//!
+//! Both floors reach the upstream through the gateway's own connection pool
+//! (`creditgate::proxy::PlainPool`), which costs less per call than the
+//! hyper-util client the bare proxy uses: a floor must not carry a cost the
+//! gateway no longer pays.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -39,13 +44,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use creditgate::proxy::{PlainPool, UpstreamBody};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -61,6 +66,11 @@ pub enum Kind {
 
 /// The gateway's body limit.
 const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// A client body forwarded as it comes, under the size cap.
+fn streamed(body: Incoming) -> UpstreamBody {
+    Either::Left(Limited::new(body, MAX_BODY_BYTES))
+}
 /// Output tokens held for when a request names no cap.
 const DEFAULT_OUTPUT_CAP: u64 = 4096;
 /// The store writer's flush window (the gateway's `[ledger] flush_interval_ms`).
@@ -89,9 +99,10 @@ pub struct Floor {
     keys: HashMap<[u8; 32], usize>,
     wallets: Box<[Mutex<Decimal>]>,
     models: HashSet<Box<str>>,
-    upstream: http::uri::Authority,
-    streamed: Client<HttpConnector, Incoming>,
-    buffered: Client<HttpConnector, Full<Bytes>>,
+    /// The upstream's `Host`, made once.
+    host: HeaderValue,
+    /// The gateway's own pool: the floor is as lean as the gateway can be.
+    pool: Arc<PlainPool>,
     /// Records settled since the writer last took them, encoded; `None`
     /// for the auth floor.
     records: Option<Arc<Mutex<Vec<u8>>>>,
@@ -123,8 +134,7 @@ pub struct Options<'a> {
     pub models: &'a [String],
     pub data_dir: Option<&'a Path>,
     pub upstream: http::uri::Authority,
-    pub streamed: Client<HttpConnector, Incoming>,
-    pub buffered: Client<HttpConnector, Full<Bytes>>,
+    pub pool: Arc<PlainPool>,
 }
 
 impl Floor {
@@ -160,9 +170,8 @@ impl Floor {
             keys,
             wallets,
             models: options.models.iter().map(|m| m.as_str().into()).collect(),
-            upstream: options.upstream,
-            streamed: options.streamed,
-            buffered: options.buffered,
+            host: HeaderValue::from_str(options.upstream.as_str())?,
+            pool: options.pool,
             records,
             sequence: AtomicU64::new(0),
         })
@@ -183,12 +192,12 @@ impl Floor {
         parts.uri = self.upstream_uri(parts.uri)?;
         let path = parts.uri.path();
         if self.kind == Kind::Auth || !path.starts_with("/v1/") {
-            let response = self.streamed.request(Request::from_parts(parts, body)).await;
+            let response = self.send(parts, streamed(body)).await;
             return Ok(response.map_err(|_| StatusCode::BAD_GATEWAY)?.map(FloorBody::passed));
         }
         if path.starts_with("/v1/tools/") {
             let held = self.hold(wallet, tool_price())?;
-            let response = self.streamed.request(Request::from_parts(parts, body)).await;
+            let response = self.send(parts, streamed(body)).await;
             let meter = Meter::new(self.clone(), wallet, held, false);
             return self.metered(response.map_err(|_| StatusCode::BAD_GATEWAY), meter);
         }
@@ -210,7 +219,7 @@ impl Floor {
         let held = self.hold(wallet, worst)?;
         let body = if splice { with_include_usage(&bytes) } else { bytes };
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        let response = self.buffered.request(Request::from_parts(parts, Full::new(body))).await;
+        let response = self.send(parts, Either::Right(Full::new(body))).await;
         let meter = Meter::new(self.clone(), wallet, held, stream);
         self.metered(response.map_err(|_| StatusCode::BAD_GATEWAY), meter)
     }
@@ -238,12 +247,22 @@ impl Floor {
         self.keys.get(&digest).copied()
     }
 
+    /// Origin-form, as the pool sends it: the path and query alone.
     fn upstream_uri(&self, uri: http::Uri) -> Result<http::Uri, StatusCode> {
         let mut parts = uri.into_parts();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
-        parts.authority = Some(self.upstream.clone());
+        parts.scheme = None;
+        parts.authority = None;
         parts.path_and_query.get_or_insert(http::uri::PathAndQuery::from_static("/"));
         http::Uri::from_parts(parts).map_err(|_| StatusCode::BAD_REQUEST)
+    }
+
+    async fn send(
+        &self,
+        mut parts: http::request::Parts,
+        body: UpstreamBody,
+    ) -> Result<Response<Incoming>, creditgate::proxy::PlainError> {
+        parts.headers.insert(header::HOST, self.host.clone());
+        self.pool.send(Request::from_parts(parts, body)).await
     }
 
     fn hold(&self, wallet: usize, amount: Decimal) -> Result<Decimal, StatusCode> {
@@ -479,17 +498,15 @@ mod tests {
     fn floor_with_keys(lines: &str) -> Arc<Floor> {
         let keys = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(keys.path(), lines).unwrap();
-        let connector = HttpConnector::new();
-        let builder = Client::builder(hyper_util::rt::TokioExecutor::new());
+        let upstream: http::uri::Authority = "127.0.0.1:1".parse().unwrap();
         Arc::new(
             Floor::new(Options {
                 kind: Kind::Auth,
                 keys_file: keys.path(),
                 models: &["m".to_owned()],
                 data_dir: None,
-                upstream: "127.0.0.1:1".parse().unwrap(),
-                streamed: builder.build(connector.clone()),
-                buffered: builder.build(connector),
+                upstream: upstream.clone(),
+                pool: Arc::new(PlainPool::new(&upstream, std::time::Duration::from_secs(1), 8)),
             })
             .unwrap(),
         )
