@@ -189,11 +189,10 @@ impl PlainPool {
         while at > 0 {
             at -= 1;
             let candidate = &connections[at];
-            if candidate.awaiting_head.load(Ordering::Acquire) {
-                continue;
-            }
             if candidate.sender.is_closed() {
                 connections.remove(at);
+            } else if candidate.awaiting_head.load(Ordering::Acquire) {
+                continue;
             } else if candidate.sender.is_ready() {
                 let Some(mut chosen) = connections.remove(at) else { break };
                 chosen.awaiting_head.store(true, Ordering::Release);
@@ -272,7 +271,7 @@ impl PlainPool {
             return;
         }
         let pool = Arc::downgrade(self);
-        let every = REAP_EVERY.min(self.idle_timeout / 2);
+        let every = REAP_EVERY.min(self.idle_timeout / 2).max(Duration::from_millis(1));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -339,6 +338,7 @@ mod tests {
         authority: http::uri::Authority,
         accepted: Arc<AtomicUsize>,
         open: Arc<AtomicUsize>,
+        answered: Arc<AtomicUsize>,
     }
 
     /// An HTTP/1.1 upstream on raw sockets, so the test sees every
@@ -348,12 +348,14 @@ mod tests {
         let authority = listener.local_addr().unwrap().to_string().parse().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let open = Arc::new(AtomicUsize::new(0));
-        let (counted, still_open) = (Arc::clone(&accepted), Arc::clone(&open));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (counted, still_open, answers) =
+            (Arc::clone(&accepted), Arc::clone(&open), Arc::clone(&answered));
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
                 still_open.fetch_add(1, Ordering::SeqCst);
-                let still_open = Arc::clone(&still_open);
+                let (still_open, answers) = (Arc::clone(&still_open), Arc::clone(&answers));
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut seen = Vec::new();
@@ -370,6 +372,7 @@ mod tests {
                             if socket.write_all(answer).await.is_err() {
                                 break;
                             }
+                            answers.fetch_add(1, Ordering::SeqCst);
                             if let AfterAnswer::CloseAfter(after) = after {
                                 tokio::time::sleep(after).await;
                                 still_open.fetch_sub(1, Ordering::SeqCst);
@@ -381,7 +384,19 @@ mod tests {
                 });
             }
         });
-        RawUpstream { authority, accepted, open }
+        RawUpstream { authority, accepted, open, answered }
+    }
+
+    /// Waits until `done` holds, for at most 5 s; whether it came to hold.
+    async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+        let waited = Instant::now();
+        while !done() {
+            if waited.elapsed() > Duration::from_secs(5) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
     }
 
     fn request(upstream: &RawUpstream) -> Request<UpstreamBody> {
@@ -422,7 +437,9 @@ mod tests {
         let pool = pool_for(&upstream, 8);
         for _ in 0..5 {
             assert_eq!(call(&pool, &upstream).await, "hello");
-            tokio::time::sleep(Duration::from_millis(80)).await;
+            // The upstream closes it; the pool sees it closed.
+            let closed = || pool.connections.lock().iter().all(|c| c.sender.is_closed());
+            assert!(eventually(|| upstream.open.load(Ordering::SeqCst) == 0 && closed()).await);
         }
         assert_eq!(upstream.accepted.load(Ordering::SeqCst), 5);
         assert!(pool.pooled() <= 1, "closed connections are dropped: {} pooled", pool.pooled());
@@ -444,10 +461,7 @@ mod tests {
         assert_eq!(upstream.accepted.load(Ordering::SeqCst), 6, "one connection per call in flight");
         assert_eq!(call(&pool, &upstream).await, "hello");
         assert_eq!(upstream.accepted.load(Ordering::SeqCst), 6, "a later call reuses one");
-        let waited = Instant::now();
-        while upstream.open.load(Ordering::SeqCst) > 2 && waited.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        assert!(eventually(|| upstream.open.load(Ordering::SeqCst) <= 2).await);
         assert_eq!(upstream.open.load(Ordering::SeqCst), 2, "connections beyond max_idle are closed");
     }
 
@@ -461,55 +475,46 @@ mod tests {
             Duration::from_millis(50),
         ));
         assert_eq!(call(&pool, &upstream).await, "hello");
-        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(eventually(|| pool.pooled() == 0).await, "the idle connection was dropped");
+        assert!(eventually(|| upstream.open.load(Ordering::SeqCst) == 0).await, "and closed");
         assert_eq!(call(&pool, &upstream).await, "hello");
         assert_eq!(upstream.accepted.load(Ordering::SeqCst), 2, "the idle connection was not reused");
-        let waited = Instant::now();
-        while upstream.open.load(Ordering::SeqCst) > 1 && waited.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(upstream.open.load(Ordering::SeqCst), 1, "the idle one was closed");
-    }
-
-    /// An upstream on a thread of its own that answers one request per
-    /// connection and closes it, without saying so in the answer.
-    fn one_answer_per_connection_upstream() -> (http::uri::Authority, Arc<AtomicUsize>) {
-        use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let authority = listener.local_addr().unwrap().to_string().parse().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&accepted);
-        std::thread::spawn(move || {
-            for socket in listener.incoming() {
-                let Ok(mut socket) = socket else { return };
-                counted.fetch_add(1, Ordering::SeqCst);
-                let (mut buf, mut seen) = ([0u8; 4096], Vec::new());
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match socket.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello");
-            }
-        });
-        (authority, accepted)
     }
 
     #[tokio::test]
-    async fn a_call_a_closing_connection_never_sent_goes_out_on_a_new_one() {
-        let (authority, accepted) = one_answer_per_connection_upstream();
-        let pool = Arc::new(PlainPool::new(&authority, Duration::from_secs(2), 8));
-        let request = || get(authority.as_str());
-        let first = pool.send(request()).await.unwrap();
-        assert_eq!(first.into_body().collect().await.unwrap().to_bytes(), "hello");
-        // The upstream's close reaches the socket while this runtime's only
-        // thread sleeps: the pooled connection still looks ready, its task
-        // has not run, and meets the close before it writes the request.
-        std::thread::sleep(Duration::from_millis(100));
-        let second = pool.send(request()).await.expect("sent again on a new connection");
-        assert_eq!(second.into_body().collect().await.unwrap().to_bytes(), "hello");
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    async fn a_call_its_connection_never_sent_goes_out_on_a_new_one_and_reaches_the_upstream_once() {
+        let upstream = raw_upstream(AfterAnswer::KeepOpen, Duration::ZERO).await;
+        let pool = pool_for(&upstream, 8);
+        // A pooled connection whose task asks for a request once and is then
+        // gone (as when a connection closes between the check and the send).
+        let stream = TcpStream::connect(upstream.authority.as_str()).await.unwrap();
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        let mut connection = Box::pin(connection);
+        std::future::poll_fn(|cx| {
+            let _ = connection.as_mut().poll(cx);
+            std::task::Poll::Ready(())
+        })
+        .await;
+        assert!(sender.is_ready());
+        let awaiting_head = Arc::new(AtomicBool::new(false));
+        pool.connections.lock().push_back(Pooled {
+            sender,
+            awaiting_head: Arc::clone(&awaiting_head),
+            idle_since: None,
+        });
+        let call = tokio::spawn({
+            let (pool, request) = (Arc::clone(&pool), request(&upstream));
+            async move { pool.send(request).await }
+        });
+        assert!(
+            eventually(|| awaiting_head.load(Ordering::Acquire)).await,
+            "the call took the pooled connection"
+        );
+        drop(connection);
+        let response = call.await.unwrap().expect("sent again on a new connection");
+        assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "hello");
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(upstream.answered.load(Ordering::SeqCst), 1, "the call reached the upstream once");
     }
 
     #[tokio::test]
