@@ -119,7 +119,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     connector.set_nodelay(true);
     let mut builder = Client::builder(TokioExecutor::new());
     builder.pool_timer(TokioTimer::new()).pool_max_idle_per_host(args.pool_max_idle);
-    let client = builder.build(connector.clone());
+    let client = builder.build(connector);
     let floor = match (args.floor, &args.keys) {
         (Some(kind), Some(keys_file)) => Some(Arc::new(floor::Floor::new(floor::Options {
             kind,

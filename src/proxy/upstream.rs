@@ -167,7 +167,7 @@ pub fn upstream_version(upstream: &Upstream) -> Version {
 pub fn classify(error: &UpstreamError, upstream: &Upstream, max_body_bytes: u64) -> ProxyError {
     let name = upstream.name.clone();
     let (error, is_connect, timed_out): (&(dyn StdError + 'static), bool, bool) = match error {
-        UpstreamError::Plain(PlainError::ConnectTimeout) => (error_of(error), true, true),
+        UpstreamError::Plain(timeout @ PlainError::ConnectTimeout) => (timeout, true, true),
         UpstreamError::Plain(PlainError::Connect(e)) => (e, true, e.kind() == io::ErrorKind::TimedOut),
         UpstreamError::Plain(PlainError::Http(e)) => (e, false, false),
         UpstreamError::Legacy(e) => {
@@ -186,13 +186,6 @@ pub fn classify(error: &UpstreamError, upstream: &Upstream, max_body_bytes: u64)
         ProxyError::UpstreamUnreachable { upstream: name, reason }
     } else {
         ProxyError::UpstreamFailed { upstream: name, reason }
-    }
-}
-
-fn error_of(error: &UpstreamError) -> &(dyn StdError + 'static) {
-    match error {
-        UpstreamError::Plain(e) => e,
-        UpstreamError::Legacy(e) => e,
     }
 }
 
