@@ -424,15 +424,16 @@ impl Default for RouteLimits {
 }
 
 impl Route {
-    /// Whether this route serves `path` on `host`. Prefixes match whole path
+    /// Whether this route serves `path` on `host_name` (the request's host
+    /// without its port). Prefixes match whole path
     /// segments: `/v1/chat` serves `/v1/chat/completions` but not `/v1/chatty`.
     /// A model route owns every path under its prefix, and serves only those
     /// that create a call in its API ([`Route::creates_calls`]): a path it
     /// does not serve must not fall through to a broader unmetered route.
-    pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
+    fn matches(&self, host_name: Option<&str>, path: &str) -> bool {
         if let Some(want) = &self.host {
-            match host {
-                Some(h) if strip_port(h).eq_ignore_ascii_case(want) => {}
+            match host_name {
+                Some(h) if h.eq_ignore_ascii_case(want) => {}
                 _ => return false,
             }
         }
@@ -851,6 +852,8 @@ impl GatewayConfig {
     /// some host, or any client could reach that upstream's billed
     /// endpoints unmetered by naming (or not naming) a host.
     pub fn route_for(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        // The port stripped once, not once per route tried.
+        let host = host.map(strip_port);
         let route = self.routes.iter().find(|r| r.matches(host, path))?;
         if route.kind != RouteKind::Passthrough {
             return Some(route);

@@ -135,7 +135,9 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Result<Response<GatewayBody>, Infallible> {
         let request_id = headers::mint_request_id();
-        let mut ctx = RequestCtx::new(request_id, peer, request.method().clone(), request.uri().clone());
+        // Boxed: the context is large, and it moves from here to the
+        // response body, whose settle takes it.
+        let mut ctx = Box::new(RequestCtx::new(request_id, peer, request.method(), request.uri()));
         ctx.client_request_id = headers::client_request_id(request.headers());
         let span = ctx.span.clone();
         let result = self.run_phases(&mut ctx, request).instrument(span).await;
@@ -166,10 +168,10 @@ impl Proxy {
     async fn run_phases(
         self: &Arc<Self>,
         ctx: &mut RequestCtx,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
     ) -> Result<Response<GatewayBody>, ProxyError> {
         self.request_filter(ctx, &request)?;
-        let request = normalise_path(request)?;
+        normalise_path(&mut request)?;
         let route = self.route(ctx, &request)?;
         let upstream = self.upstream_of(route);
         let (parts, body) = self.charge(ctx, route, request).await?;
@@ -193,12 +195,9 @@ impl Proxy {
         request: &Request<Incoming>,
     ) -> Result<(), ProxyError> {
         let limit_bytes = self.config.server.max_body_bytes;
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        match declared {
+        // hyper parsed `Content-Length` already: a body of known length
+        // hints exactly that.
+        match request.body().size_hint().exact() {
             Some(length) if length > limit_bytes => Err(ProxyError::BodyTooLarge { limit_bytes }),
             _ => Ok(()),
         }
@@ -436,17 +435,16 @@ impl Proxy {
         mut parts: http::request::Parts,
         body: UpstreamBody,
     ) -> Result<Request<UpstreamBody>, ProxyError> {
-        parts.uri = upstream::upstream_uri(upstream, &parts.uri).map_err(|e| ProxyError::UpstreamFailed {
-            upstream: upstream.name.clone(),
-            reason: format!("cannot build upstream URI: {e}"),
+        parts.uri = upstream::upstream_uri(upstream, std::mem::take(&mut parts.uri)).map_err(|e| {
+            ProxyError::UpstreamFailed {
+                upstream: upstream.name.clone(),
+                reason: format!("cannot build upstream URI: {e}"),
+            }
         })?;
         parts.version = upstream::upstream_version(upstream);
         let headers = &mut parts.headers;
         headers::strip_hop_by_hop(headers);
-        headers::strip_client_credentials(headers);
-        headers::strip_billing_selectors(headers);
-        // The end user is the operator's record, not the upstream's business.
-        headers.remove(&charge::END_USER);
+        headers::strip_client_only(headers);
         if let Some(allowed) = &upstream.forward_headers {
             headers::keep_only(headers, allowed);
         }
@@ -522,7 +520,7 @@ impl Proxy {
     /// Phase: runs exactly once per request on every path — success, gateway
     /// error, upstream failure, client disconnect — when the response body
     /// ends or is dropped. Writes the access log line.
-    pub fn settle(&self, mut ctx: RequestCtx, outcome: Outcome) {
+    pub fn settle(&self, mut ctx: Box<RequestCtx>, outcome: Outcome) {
         let started = std::time::Instant::now();
         let settled = ctx.charge.take().map(|charge| charge.settle(outcome, self.clock.now()));
         self.record_settle(settled.as_ref(), started.elapsed());
@@ -642,24 +640,23 @@ async fn read_body(body: Incoming, limit_bytes: u64) -> Result<Bytes, ProxyError
     }
 }
 
-/// The request with its path normalised (see [`path::normalise`]).
-fn normalise_path(request: Request<Incoming>) -> Result<Request<Incoming>, ProxyError> {
+/// Normalises the request's path in place (see [`path::normalise`]).
+fn normalise_path(request: &mut Request<Incoming>) -> Result<(), ProxyError> {
     let normalised = match path::normalise(request.uri().path())? {
-        std::borrow::Cow::Borrowed(_) => return Ok(request),
+        std::borrow::Cow::Borrowed(_) => return Ok(()),
         std::borrow::Cow::Owned(normalised) => normalised,
     };
-    let (mut parts, body) = request.into_parts();
-    let path_and_query = match parts.uri.query() {
+    let path_and_query = match request.uri().query() {
         Some(query) => format!("{normalised}?{query}"),
         None => normalised,
     };
-    let mut uri = http::uri::Parts::from(parts.uri);
+    let mut uri = http::uri::Parts::from(std::mem::take(request.uri_mut()));
     uri.path_and_query = Some(
         path_and_query.parse().map_err(|_| ProxyError::InvalidPath { reason: "is not a valid URI path" })?,
     );
-    parts.uri =
+    *request.uri_mut() =
         http::Uri::from_parts(uri).map_err(|_| ProxyError::InvalidPath { reason: "is not a valid URI" })?;
-    Ok(Request::from_parts(parts, body))
+    Ok(())
 }
 
 /// Host names equal without their ports, ignoring case.

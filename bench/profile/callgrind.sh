@@ -13,6 +13,9 @@
 # Leaves callgrind.{hyper-proxy,auth-floor,meter-floor,passthrough,metered}.out (and .sse-5.out,
 # .sse-45.out) in $OUT (default target/callgrind) for
 # `callgrind_annotate --inclusive=yes FILE`.
+# valgrind runs one thread at a time; `--fair-sched=yes` hands the turn
+# round fairly, so a thread spinning on a lock (sled's lazy thread pool at
+# start) cannot keep out the thread that holds it.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 bin="$root/target/release/creditgate"
@@ -45,7 +48,7 @@ printf '\n[[routes]]\nprefix = "/v1"\nhost = "passthrough.test"\nupstream = "moc
 
 "$bin" mock-upstream --listen "127.0.0.1:$port_mock" > "$work/mock.log" 2>&1 & mock=$!
 export CREDITGATE_ADMIN_TOKEN=callgrind-token
-valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
+valgrind --tool=callgrind --fair-sched=yes --callgrind-out-file="$work/cg.out" \
   "$bin" serve --config "$work/gateway.toml" --data-dir "$work/data" > "$work/gateway.log" 2>&1 & gateway=$!
 for _ in $(seq 1 120); do curl -sf -o /dev/null "127.0.0.1:$port_admin/healthz" && break; sleep 0.5; done
 
@@ -86,7 +89,7 @@ for name in hyper-proxy auth-floor meter-floor; do
     auth-floor) floor=(--floor auth --keys "$work/keys") ;;
     meter-floor) floor=(--floor meter --keys "$work/keys" --models gpt-4o-mini --data-dir "$work/floor-data") ;;
   esac
-  valgrind --tool=callgrind --callgrind-out-file="$work/$name.out" \
+  valgrind --tool=callgrind --fair-sched=yes --callgrind-out-file="$work/$name.out" \
     "$bare" --listen "127.0.0.1:$port_bare" --upstream "127.0.0.1:$port_mock" --workers "$(nproc)" "${floor[@]}" \
     > "$work/$name.log" 2>&1 & proxy=$!
   for _ in $(seq 1 120); do grep -q "^listening on" "$work/$name.log" && break; sleep 0.5; done

@@ -56,7 +56,8 @@ enum Source {
 /// Hands the context to [`Proxy::settle`] when the body ends or is dropped.
 struct SettleOnDone {
     proxy: Arc<Proxy>,
-    ctx: RequestCtx,
+    /// Boxed: the context is large and the body is moved around by hyper.
+    ctx: Box<RequestCtx>,
 }
 
 impl SettleOnDone {
@@ -70,8 +71,7 @@ impl SettleOnDone {
 
 pub struct GatewayBody {
     source: Source,
-    /// Boxed: the context is large and the body is moved around by hyper.
-    settle: Option<Box<SettleOnDone>>,
+    settle: Option<SettleOnDone>,
 }
 
 impl GatewayBody {
@@ -95,13 +95,13 @@ impl GatewayBody {
     }
 
     /// Arrange for `proxy.settle(ctx, ..)` to run when this body is done.
-    pub fn settle_with(&mut self, proxy: Arc<Proxy>, ctx: RequestCtx) {
-        self.settle = Some(Box::new(SettleOnDone { proxy, ctx }));
+    pub fn settle_with(&mut self, proxy: Arc<Proxy>, ctx: Box<RequestCtx>) {
+        self.settle = Some(SettleOnDone { proxy, ctx });
     }
 
     fn finish(&mut self, outcome: Outcome) {
         if let Some(done) = self.settle.take() {
-            let SettleOnDone { proxy, ctx } = *done;
+            let SettleOnDone { proxy, ctx } = done;
             proxy.settle(ctx, outcome);
         }
     }
@@ -271,15 +271,15 @@ impl Drop for GatewayBody {
             Source::Upstream { body, .. }
                 if done.wants_usage() && tokio::runtime::Handle::try_current().is_ok() =>
             {
-                let SettleOnDone { proxy, ctx } = *done;
+                let SettleOnDone { proxy, ctx } = done;
                 super::read_on::body(proxy, ctx, body);
             }
             _ if done.wants_usage() => {
-                let SettleOnDone { proxy, ctx } = *done;
+                let SettleOnDone { proxy, ctx } = done;
                 proxy.settle(ctx, Outcome::Abandoned);
             }
             _ => {
-                let SettleOnDone { proxy, ctx } = *done;
+                let SettleOnDone { proxy, ctx } = done;
                 proxy.settle(ctx, Outcome::ClientGone);
             }
         }

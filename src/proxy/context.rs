@@ -18,10 +18,6 @@ pub struct RequestCtx {
     pub authenticated: bool,
     pub started: Instant,
     pub peer: SocketAddr,
-    pub method: Method,
-    /// Kept for the access log, which prints the path only: a query string can
-    /// carry secrets.
-    pub uri: Uri,
     /// Index into the config's upstreams, once the route phase has picked one.
     pub upstream: Option<usize>,
     /// The matched route's prefix (a bounded metric label).
@@ -48,7 +44,9 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    pub fn new(request_id: HeaderValue, peer: SocketAddr, method: Method, uri: Uri) -> Self {
+    /// The span (and so the access log) names the path only: a query
+    /// string can carry secrets.
+    pub fn new(request_id: HeaderValue, peer: SocketAddr, method: &Method, uri: &Uri) -> Self {
         let span = tracing::info_span!(
             "request",
             request_id = request_id.to_str().unwrap_or("-"),
@@ -61,8 +59,6 @@ impl RequestCtx {
             authenticated: false,
             started: Instant::now(),
             peer,
-            method,
-            uri,
             upstream: None,
             route_prefix: None,
             upstream_status: None,
@@ -82,15 +78,13 @@ impl RequestCtx {
     /// answered or its client has gone; `status` is what the client got,
     /// `counted` whether this context still answers (and so counts and logs
     /// the request).
-    pub fn detach_charge(&mut self, status: StatusCode, counted: bool) -> RequestCtx {
-        RequestCtx {
+    pub fn detach_charge(&mut self, status: StatusCode, counted: bool) -> Box<RequestCtx> {
+        Box::new(RequestCtx {
             request_id: self.request_id.clone(),
             client_request_id: self.client_request_id.clone(),
             authenticated: self.authenticated,
             started: self.started,
             peer: self.peer,
-            method: self.method.clone(),
-            uri: self.uri.clone(),
             upstream: self.upstream,
             route_prefix: self.route_prefix.clone(),
             upstream_status: None,
@@ -102,7 +96,7 @@ impl RequestCtx {
             response_bytes: 0,
             counted,
             span: self.span.clone(),
-        }
+        })
     }
 }
 

@@ -62,20 +62,39 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Remove the client's own credentials so they never reach the upstream.
-pub fn strip_client_credentials(headers: &mut HeaderMap) {
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(&X_API_KEY);
+/// Request headers meant for the gateway alone: the client's credentials
+/// (never forwarded), the end user (the operator's record, not the
+/// upstream's business), and the selectors that pick which of the
+/// operator's upstream accounts pays (the operator's choice, never the
+/// client's).
+static CLIENT_ONLY: [HeaderName; 5] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("x-creditgate-end-user"),
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
+];
+
+/// The place of `name` in [`CLIENT_ONLY`]: one match on its text.
+fn client_only(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "authorization" => Some(0),
+        "x-api-key" => Some(1),
+        "x-creditgate-end-user" => Some(2),
+        "openai-organization" => Some(3),
+        "openai-project" => Some(4),
+        _ => None,
+    }
 }
 
-/// Request headers that pick which of the operator's upstream accounts
-/// pays (and so are the operator's choice, never the client's).
-const BILLING_SELECTORS: [HeaderName; 2] =
-    [HeaderName::from_static("openai-organization"), HeaderName::from_static("openai-project")];
-
-/// Remove headers with which a client could bill another upstream account.
-pub fn strip_billing_selectors(headers: &mut HeaderMap) {
-    for name in &BILLING_SELECTORS {
+/// Remove the [`CLIENT_ONLY`] headers. One pass over the names present,
+/// then a hashed removal only of those found, not of all five.
+pub fn strip_client_only(headers: &mut HeaderMap) {
+    let mut present = [false; CLIENT_ONLY.len()];
+    for index in headers.keys().filter_map(client_only) {
+        present[index] = true;
+    }
+    for (name, _) in CLIENT_ONLY.iter().zip(present).filter(|(_, present)| *present) {
         headers.remove(name);
     }
 }
@@ -159,6 +178,31 @@ mod tests {
             let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
             assert!(at + std::time::Duration::from_secs(1) >= before, "the id carries the time");
         }
+    }
+
+    #[test]
+    fn every_client_only_header_is_removed_alone_or_together_and_nothing_else() {
+        assert!(CLIENT_ONLY.contains(&X_API_KEY) && CLIENT_ONLY.contains(&super::super::charge::END_USER));
+        let request = |names: &[&HeaderName]| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            h.append("x-custom", HeaderValue::from_static("1"));
+            for name in names {
+                // Twice: every value goes, not only the first.
+                h.append((*name).clone(), HeaderValue::from_static("secret"));
+                h.append((*name).clone(), HeaderValue::from_static("secret"));
+            }
+            h
+        };
+        for name in &CLIENT_ONLY {
+            let mut h = request(&[name]);
+            strip_client_only(&mut h);
+            assert!(h.get(name).is_none(), "{name} was forwarded");
+            assert_eq!(h.len(), 2, "{name}: the other headers stay");
+        }
+        let mut all = request(&CLIENT_ONLY.iter().collect::<Vec<_>>());
+        strip_client_only(&mut all);
+        assert_eq!(all, request(&[]));
     }
 
     #[test]

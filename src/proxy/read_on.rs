@@ -20,7 +20,7 @@ use super::upstream::HeadFuture;
 use super::Proxy;
 
 /// Reads the rest of a 2xx upstream body through the meter, then settles.
-pub(super) fn body(proxy: Arc<Proxy>, ctx: RequestCtx, body: Incoming) {
+pub(super) fn body(proxy: Arc<Proxy>, ctx: Box<RequestCtx>, body: Incoming) {
     let background = proxy.background.clone();
     background.spawn(async move {
         let mut ctx = ctx;
@@ -34,7 +34,7 @@ pub(super) fn body(proxy: Arc<Proxy>, ctx: RequestCtx, body: Incoming) {
 /// `head_deadline`, then `read_on_timeout` more), reads its body through the
 /// meter, then settles. Without a head in time the call is charged its hold:
 /// the upstream had it and may bill it all.
-pub(super) fn head(proxy: Arc<Proxy>, ctx: RequestCtx, head: HeadFuture, head_deadline: Instant) {
+pub(super) fn head(proxy: Arc<Proxy>, ctx: Box<RequestCtx>, head: HeadFuture, head_deadline: Instant) {
     // Shutting down (or the runtime gone): no time to wait.
     if proxy.shutdown.is_cancelled() || tokio::runtime::Handle::try_current().is_err() {
         return proxy.settle(ctx, Outcome::NoAnswer);

@@ -13,18 +13,33 @@ use super::charge::UNICODE_ESCAPE;
 /// the same to the upstream, so a body with any is also searched with its
 /// escaped printable ASCII spelled out.
 pub(super) fn marker(body: &[u8]) -> Option<&'static str> {
-    let find = |bytes: &[u8]| {
-        // A quote after an odd run of backslashes is text, not a string's start.
-        let escaped = |at: usize| bytes[..at].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1;
-        let after = |at: usize| if escaped(at) { None } else { marker_after_quote(&bytes[at + 1..]) };
-        // Setting up a SIMD search per quote costs more than walking a short body.
-        if bytes.len() < 512 {
-            (0..bytes.len()).filter(|&at| bytes[at] == b'"').find_map(after)
-        } else {
-            memchr::memchr_iter(b'"', bytes).find_map(after)
+    marker_in_strings(body)
+        .or_else(|| UNICODE_ESCAPE.find(body).and_then(|_| marker_in_strings(&ascii_unescaped(body))))
+}
+
+/// The first string of a JSON text that is a marker. Each string is looked
+/// at once, from its opening quote, and skipped to its end (an escaped
+/// quote inside is text): quotes that close strings are never tried, and
+/// no quote needs the backslashes before it counted. The body parsed as
+/// JSON before it gets here, so every quote outside a string opens one.
+fn marker_in_strings(bytes: &[u8]) -> Option<&'static str> {
+    let mut at = 0;
+    while let Some(found) = memchr::memchr(b'"', bytes.get(at..)?) {
+        at += found + 1;
+        if let Some(marker) = marker_after_quote(&bytes[at..]) {
+            return Some(marker);
         }
-    };
-    find(body).or_else(|| UNICODE_ESCAPE.find(body).and_then(|_| find(&ascii_unescaped(body))))
+        // To the string's closing quote.
+        loop {
+            at += memchr::memchr2(b'"', b'\\', bytes.get(at..)?)?;
+            if bytes[at] == b'"' {
+                at += 1;
+                break;
+            }
+            at += 2;
+        }
+    }
+    None
 }
 
 /// The marker a string starting at `rest` (what follows an opening quote)
@@ -122,7 +137,7 @@ mod tests {
         assert_eq!(marker(r#"{"tools":[{"type":"function","name":"web_search_google"}]}"#), None);
         assert_eq!(marker(r#"{"content":"what does \"web_search\" or {\"mcpServers\": {}} do"}"#), None);
         assert_eq!(marker(r#"{"content":"a backslash \\","url":"u"}"#), Some("url"));
-        // Long bodies take the SIMD search; the same answers.
+        // Long bodies (strings skipped whole); the same answers.
         let pad = "a \\\"url\\\" ".repeat(100);
         assert_eq!(marker(&format!(r#"{{"input":"{pad}","conversation":"c"}}"#)), Some("conversation"));
         assert_eq!(marker(&format!(r#"{{"input":"{pad}"}}"#)), None);

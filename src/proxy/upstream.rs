@@ -136,12 +136,17 @@ fn build_client(upstream: &Upstream) -> UpstreamClient {
 /// The upstream URI for a client request: the upstream's base URL with the
 /// request's path and query appended; origin-form (the path and query
 /// alone) for our own pool, which sends the URI as it is.
-pub fn upstream_uri(upstream: &Upstream, client_uri: &Uri) -> Result<Uri, http::Error> {
-    let path_and_query = client_uri.path_and_query().map_or("/", PathAndQuery::as_str);
-    let path_and_query = if upstream.base_path.is_empty() {
-        PathAndQuery::try_from(path_and_query)?
-    } else {
-        PathAndQuery::try_from(format!("{}{path_and_query}", upstream.base_path))?
+pub fn upstream_uri(upstream: &Upstream, client_uri: Uri) -> Result<Uri, http::Error> {
+    // The client's path and query were parsed once already: reused, not
+    // parsed again, unless a base path goes in front.
+    let path_and_query = match client_uri.into_parts().path_and_query {
+        Some(path_and_query) if upstream.base_path.is_empty() => path_and_query,
+        None if upstream.base_path.is_empty() => PathAndQuery::from_static("/"),
+        path_and_query => PathAndQuery::try_from(format!(
+            "{}{}",
+            upstream.base_path,
+            path_and_query.as_ref().map_or("/", PathAndQuery::as_str)
+        ))?,
     };
     if uses_plain_pool(upstream) {
         return Ok(Uri::from(path_and_query));
