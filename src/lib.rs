@@ -19,6 +19,9 @@
 //! - [`store`] — the storage interface, its sled backend, group commit, checkpoints and retention.
 //! - [`telemetry`] — logging setup.
 
+// The fuzzers run without a sanitizer on the strength of this (.ci/run).
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod alerts;
 pub mod app;
