@@ -575,3 +575,82 @@ async fn finished_alert_deliveries_are_forgotten_once_their_period_cannot_come_r
         assert!(books.claim_alert(rule, 1, period, "r", &event).await.unwrap().is_none(), "{period}");
     }
 }
+
+/// Holds `amount` on `wallet` through `book`, with `replica`'s view of the
+/// books; true when it was served (the hold is released at once).
+async fn served(
+    replica: &Replica,
+    book: &Arc<LeaseBook>,
+    wallet: WalletId,
+    key: KeyId,
+    amount: Decimal,
+    now: DateTime<Utc>,
+) -> bool {
+    let context = SpendContext { key, end_user: None };
+    let request = RequestId(uuid::Uuid::now_v7());
+    match creditgate::cluster::spend::hold(replica.ledger(), book, wallet, request, amount, context, now)
+        .await
+    {
+        Ok(hold) => {
+            hold.release(now);
+            true
+        }
+        Err(refusal) => {
+            assert_eq!(refusal.code(), "spending_limit", "{refusal:?}");
+            false
+        }
+    }
+}
+
+/// The cap the books' row for `key`'s daily limit carries.
+async fn daily_cap_in_books(url: &str, key: KeyId) -> Decimal {
+    let audit = books(url).await.audit().await.unwrap();
+    let row = audit.iter().find(|line| line.wallet.starts_with(&format!("limit:{key}:day:")));
+    row.unwrap_or_else(|| panic!("no limit row for {key} in {audit:?}")).funded
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_has_not_read_a_lowered_cap_cannot_set_the_books_back_to_it() {
+    // Proves a limit row keeps the newest cap whichever replica sets it
+    // last: a follower whose view lags a lowered cap (its first hold on the
+    // key since it started, so it has no row cap of its own to compare)
+    // is held to the lowered cap. Before, it set the row back to the cap it
+    // had read, and every replica then spent against the old cap.
+    let (_pg, url, clock, treasurer, follower) = cluster("stale_cap", "2026-03-10T12:00:00Z").await;
+    let now = clock.now();
+    let seeded = seed(treasurer.ledger(), now);
+    let pool = WalletId::Pool(seeded.org);
+    let daily = |cap| Limits { daily: Some(cap), ..Limits::NONE };
+    let key = NewKey {
+        owner: Owner::User(seeded.pro),
+        hash: KeyHash::of_secret("sk-stale-cap"),
+        label: "k".into(),
+        limits: daily(dec!(10)),
+    };
+    let key = treasurer.ledger().create_key(seeded.org, key, now).unwrap().id;
+    follow_all(&treasurer, &follower).await;
+    let at_treasurer = Arc::new(LeaseBook::new(books(&url).await, LeaseSettings::new("r1"), 1));
+    let at_follower = Arc::new(LeaseBook::new(books(&url).await, LeaseSettings::new("r2"), 1));
+    assert!(served(&treasurer, &at_treasurer, pool, key, dec!(5), now).await);
+    assert_eq!(daily_cap_in_books(&url, key).await, dec!(10));
+
+    // Lowered on the treasurer, which sets the row; the follower reads
+    // nothing of it yet.
+    treasurer.ledger().set_key_limits(seeded.org, key, daily(dec!(1))).unwrap();
+    assert!(served(&treasurer, &at_treasurer, pool, key, dec!(0.5), now).await);
+    assert_eq!(daily_cap_in_books(&url, key).await, dec!(1));
+    assert!(!served(&follower, &at_follower, pool, key, dec!(5), now).await, "the old cap was restored");
+    assert_eq!(daily_cap_in_books(&url, key).await, dec!(1));
+
+    // Raised, the row moves as soon as either replica reads the change.
+    treasurer.ledger().set_key_limits(seeded.org, key, daily(dec!(20))).unwrap();
+    follow_all(&treasurer, &follower).await;
+    assert!(served(&follower, &at_follower, pool, key, dec!(5), now).await);
+    assert_eq!(daily_cap_in_books(&url, key).await, dec!(20));
+    assert!(served(&treasurer, &at_treasurer, pool, key, dec!(5), now).await);
+    for book in [at_treasurer, at_follower] {
+        book.shutdown().await.unwrap();
+    }
+    let audit = books(&url).await.audit().await.unwrap();
+    assert!(audit.iter().all(|line| line.balances()), "{audit:?}");
+}

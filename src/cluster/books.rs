@@ -368,13 +368,22 @@ impl Books {
         Ok(row.map(|row| (row.get(0), row.get(1))))
     }
 
-    /// Sets a limit row's cap (creating the row): see migration 6.
-    pub async fn set_limit(&self, name: &str, org: i64, cap: Decimal) -> Result<(), ClusterError> {
+    /// Sets a limit row's cap from the record numbered `version` (creating
+    /// the row): see migrations 6 and 18. Returns false when a newer record
+    /// set it already, and the row keeps that cap.
+    pub async fn set_limit(
+        &self,
+        name: &str,
+        org: i64,
+        cap: Decimal,
+        version: u64,
+    ) -> Result<bool, ClusterError> {
+        let version = i64::try_from(version)
+            .map_err(|_| ClusterError::Schema(format!("limit version {version} is past the books' range")))?;
         retrying(|| async move {
             let client = self.client().await?;
-            let statement = client.prepare_cached("SELECT cg_set_limit($1, $2, $3)").await?;
-            client.query_one(&statement, &[&name, &org, &cap]).await?;
-            Ok(())
+            let statement = client.prepare_cached("SELECT cg_set_limit($1, $2, $3, $4)").await?;
+            Ok(client.query_one(&statement, &[&name, &org, &cap, &version]).await?.get(0))
         })
         .await
     }

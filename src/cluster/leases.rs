@@ -208,8 +208,9 @@ pub struct LeaseBook {
     books: Books,
     settings: LeaseSettings,
     wallets: DashMap<String, Arc<Mutex<WalletLeases>>>,
-    /// The caps this book set on limit rows, so each is set once per change.
-    limit_caps: DashMap<String, Decimal>,
+    /// The caps (with their versions) this book set on limit rows, so each
+    /// is set once per change.
+    limit_caps: DashMap<String, (Decimal, u64)>,
     /// Serializes draws per wallet so concurrent misses share one draw.
     drawing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     outbox: Mutex<Outbox>,
@@ -536,14 +537,23 @@ impl LeaseBook {
         (self.holds.load(Ordering::Relaxed), self.books.operations())
     }
 
-    /// Makes sure the books' row for a limit period carries `cap` (one
+    /// Makes sure the books' row for a limit period carries `cap`, set by
+    /// the record numbered `version`, unless a newer record set it (one
     /// statement the first time, and again only when the cap changed).
-    pub async fn set_limit(&self, name: &str, org: i64, cap: Decimal) -> Result<(), ClusterError> {
-        if self.limit_caps.get(name).is_some_and(|known| *known == cap) {
+    pub async fn set_limit(
+        &self,
+        name: &str,
+        org: i64,
+        cap: Decimal,
+        version: u64,
+    ) -> Result<(), ClusterError> {
+        if self.limit_caps.get(name).is_some_and(|known| *known == (cap, version)) {
             return Ok(());
         }
-        within_request_wait(self.books.set_limit(name, org, cap)).await?;
-        self.limit_caps.insert(name.to_owned(), cap);
+        // Refused when this replica's view lags a newer cap: the row keeps
+        // that one, and holds here draw on it until the view catches up.
+        within_request_wait(self.books.set_limit(name, org, cap, version)).await?;
+        self.limit_caps.insert(name.to_owned(), (cap, version));
         // A new cap may leave headroom the last refusal did not see.
         self.wallet(name).lock().short = None;
         Ok(())

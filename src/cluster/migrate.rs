@@ -52,6 +52,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "renew_known_leases",
         sql: include_str!("migrations/0017_renew_known_leases.sql"),
     },
+    Migration {
+        version: 18,
+        name: "limit_versions",
+        sql: include_str!("migrations/0018_limit_versions.sql"),
+    },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).

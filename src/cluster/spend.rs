@@ -82,7 +82,7 @@ pub async fn hold(
         let org = i64::try_from(org.0).map_err(|_| Refusal::UnknownWallet { wallet })?;
         for cap in caps {
             let name = cap.name();
-            let held = match book.set_limit(&name, org, cap.cap).await {
+            let held = match book.set_limit(&name, org, cap.cap, cap.version).await {
                 Ok(()) => book.hold(&name, amount).await,
                 Err(err) => Err(LeaseRefusal::Unavailable(err)),
             };

@@ -152,7 +152,7 @@ impl Ledger {
             check_term(term)?;
             calendar = calendar.with_term(term.clone())?;
         }
-        let org = self.commit(|seq| {
+        let record = self.commit(|seq| {
             RecordBody::Org(Organization {
                 id: OrgId(seq),
                 name: new.name,
@@ -161,7 +161,9 @@ impl Ledger {
                 created_at: now,
             })
         });
-        let RecordBody::Org(org) = org else { unreachable!("commit returns the record it was given") };
+        let RecordBody::Org(org) = record.body else {
+            unreachable!("commit returns the record it was given")
+        };
         self.apply_org(&org);
         self.advance_wallet(WalletId::Pool(org.id), now);
         self.shared.committer.sync()?;
@@ -183,7 +185,7 @@ impl Ledger {
         let calendar = calendar_of(&current).with_term(term)?;
         current.contracts = calendar.terms.to_vec();
         let record = self.commit(|_| RecordBody::Org(current.clone()));
-        debug_assert!(matches!(record, RecordBody::Org(_)));
+        debug_assert!(matches!(record.body, RecordBody::Org(_)));
         self.apply_org(&current);
         self.advance_wallet(WalletId::Pool(org), now);
         self.shared.committer.sync()?;
@@ -216,8 +218,10 @@ impl Ledger {
                 created_at: now,
             })
         });
-        let RecordBody::User(user) = record else { unreachable!("commit returns the record it was given") };
-        self.apply_user(&user);
+        let RecordBody::User(user) = record.body else {
+            unreachable!("commit returns the record it was given")
+        };
+        self.apply_user(&user, record.seq);
         if user.plan == Plan::Lite {
             self.advance_wallet(WalletId::Lite(user.id), now);
         }
@@ -260,8 +264,8 @@ impl Ledger {
         let _admin = self.lock_admin()?;
         let mut current = self.user_in(org, user)?;
         change(&mut current)?;
-        self.commit(|_| RecordBody::User(current.clone()));
-        self.apply_user(&current);
+        let record = self.commit(|_| RecordBody::User(current.clone()));
+        self.apply_user(&current, record.seq);
         self.shared.committer.sync()?;
         Ok(current)
     }
@@ -295,8 +299,10 @@ impl Ledger {
                 created_at: now,
             })
         });
-        let RecordBody::App(app) = record else { unreachable!("commit returns the record it was given") };
-        self.apply_app(&app);
+        let RecordBody::App(app) = record.body else {
+            unreachable!("commit returns the record it was given")
+        };
+        self.apply_app(&app, record.seq);
         self.shared.committer.sync()?;
         Ok(app)
     }
@@ -316,8 +322,8 @@ impl Ledger {
         self.ensure_same_org(org, current.org, &app.to_string())?;
         current.limits = limits;
         current.end_user_limits = end_user_limits;
-        self.commit(|_| RecordBody::App(current.clone()));
-        self.apply_app(&current);
+        let record = self.commit(|_| RecordBody::App(current.clone()));
+        self.apply_app(&current, record.seq);
         self.shared.committer.sync()?;
         Ok(current)
     }
@@ -350,8 +356,10 @@ impl Ledger {
                 scope: KeyScope::default(),
             })
         });
-        let RecordBody::Key(key) = record else { unreachable!("commit returns the record it was given") };
-        self.apply_key(&key);
+        let RecordBody::Key(key) = record.body else {
+            unreachable!("commit returns the record it was given")
+        };
+        self.apply_key(&key, record.seq);
         self.shared.committer.sync()?;
         Ok(key)
     }
@@ -384,18 +392,18 @@ impl Ledger {
         let mut current = self.key(key).ok_or(LedgerError::UnknownKey(key))?;
         self.ensure_same_org(org, current.org, &key.to_string())?;
         change(&mut current);
-        self.commit(|_| RecordBody::Key(current.clone()));
-        self.apply_key(&current);
+        let record = self.commit(|_| RecordBody::Key(current.clone()));
+        self.apply_key(&current, record.seq);
         self.shared.committer.sync()?;
         Ok(current)
     }
 
     /// Takes a sequence number, builds the record with it, appends it.
-    pub(crate) fn commit(&self, make: impl FnOnce(u64) -> RecordBody) -> RecordBody {
+    pub(crate) fn commit(&self, make: impl FnOnce(u64) -> RecordBody) -> Record {
         let seq = self.shared.committer.next_seq();
-        let body = make(seq);
-        self.shared.committer.append(Record { seq, body: body.clone() });
-        body
+        let record = Record { seq, body: make(seq) };
+        self.shared.committer.append(record.clone());
+        record
     }
 
     pub(crate) fn user_in(&self, org: OrgId, user: UserId) -> Result<User, LedgerError> {
@@ -448,10 +456,10 @@ impl Ledger {
         }
     }
 
-    /// Installs a user version: creates their Lite wallet on first need,
+    /// Installs a user version (the record numbered `version`): creates their Lite wallet on first need,
     /// moves their spend and keys when their paying wallet changes, and sets
     /// the Lite schedule.
-    pub(crate) fn apply_user(&self, user: &User) {
+    pub(crate) fn apply_user(&self, user: &User, version: u64) {
         let previous = self.users.insert(user.id, user.clone());
         let wallet = match user.plan {
             Plan::Pro => WalletId::Pool(user.org),
@@ -481,21 +489,23 @@ impl Ledger {
             }
         }
         if let Some(cell) = self.cell(wallet) {
-            cell.state.lock().payers.set_owner(owner, user.limits, Limits::NONE);
+            cell.state.lock().payers.set_owner(owner, user.limits, Limits::NONE, version);
         }
     }
 
-    /// Installs an application version on its org's pool.
-    pub(crate) fn apply_app(&self, app: &Application) {
+    /// Installs an application version (the record numbered `version`) on
+    /// its org's pool.
+    pub(crate) fn apply_app(&self, app: &Application, version: u64) {
         self.apps.insert(app.id, app.clone());
         if let Some(cell) = self.cell(WalletId::Pool(app.org)) {
-            cell.state.lock().payers.set_owner(Owner::App(app.id), app.limits, app.end_user_limits);
+            let mut state = cell.state.lock();
+            state.payers.set_owner(Owner::App(app.id), app.limits, app.end_user_limits, version);
         }
     }
 
-    /// Installs a key version on its owner's wallet (or removes it there
-    /// when revoked).
-    pub(crate) fn apply_key(&self, key: &ApiKey) {
+    /// Installs a key version (the record numbered `version`) on its
+    /// owner's wallet (or removes it there when revoked).
+    pub(crate) fn apply_key(&self, key: &ApiKey, version: u64) {
         self.keys.insert(key.id, key.clone());
         self.key_index.insert(key.hash, key.id);
         let Some(cell) = self.wallet_of(key.owner).ok().and_then(|wallet| self.cell(wallet)) else {
@@ -505,7 +515,7 @@ impl Ledger {
         if key.revoked {
             state.payers.remove_key(key.id);
         } else {
-            state.payers.set_key(key.id, key.owner, key.limits);
+            state.payers.set_key(key.id, key.owner, key.limits, version);
         }
     }
 }

@@ -135,6 +135,12 @@ pub struct PeriodCap {
     pub cap: Decimal,
     /// When this period ends: with subject and period, it names the period.
     pub ends_at: DateTime<Utc>,
+    /// The sequence number of the record (key, user or application version)
+    /// the cap came from, or of a checkpoint that had it: every replica
+    /// reads the same number for the same cap, and a newer cap has a
+    /// larger one, so the shared books keep the newest whichever replica
+    /// sets it last.
+    pub version: u64,
 }
 
 impl PeriodCap {
@@ -162,11 +168,18 @@ impl PeriodCap {
 }
 
 impl Limits {
-    /// The period caps set here, for `subject`, in the periods `ends`.
-    pub fn period_caps(&self, subject: &LimitSubject, ends: &PeriodEnds, out: &mut Vec<PeriodCap>) {
+    /// The period caps set here (by the record numbered `version`), for
+    /// `subject`, in the periods `ends`.
+    pub fn period_caps(
+        &self,
+        subject: &LimitSubject,
+        ends: &PeriodEnds,
+        version: u64,
+        out: &mut Vec<PeriodCap>,
+    ) {
         for (period, cap) in self.caps() {
             if let (Some(cap), Some(ends_at)) = (cap, ends.of(period)) {
-                out.push(PeriodCap { subject: subject.clone(), period, cap, ends_at });
+                out.push(PeriodCap { subject: subject.clone(), period, cap, ends_at, version });
             }
         }
     }

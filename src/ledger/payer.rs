@@ -31,6 +31,8 @@ struct KeyPayer {
 struct Capped {
     limits: Limits,
     spend: Spend,
+    /// The sequence number of the key version that set `limits`.
+    version: u64,
 }
 
 impl KeyPayer {
@@ -52,6 +54,8 @@ pub(crate) struct OwnerPayer {
     /// Applications only: caps applied to each end user separately.
     end_user_limits: Limits,
     end_users: HashMap<Box<str>, Spend>,
+    /// The sequence number of the owner version that set both limits.
+    version: u64,
 }
 
 impl OwnerPayer {
@@ -124,14 +128,16 @@ impl Payers {
         Some(&mut self.keys[at].1)
     }
 
-    /// Adds or updates an owner's limits.
-    pub fn set_owner(&mut self, owner: Owner, limits: Limits, end_user_limits: Limits) {
+    /// Adds or updates an owner's limits, as set by the record numbered
+    /// `version`.
+    pub fn set_owner(&mut self, owner: Owner, limits: Limits, end_user_limits: Limits, version: u64) {
         // A new owner has no open holds to forget.
         let known = self.owners.contains_key(&owner);
         let payer = self.owners.entry(owner).or_default();
         let changed = known && (payer.limits != limits || payer.end_user_limits != end_user_limits);
         payer.limits = limits;
         payer.end_user_limits = end_user_limits;
+        payer.version = version;
         if changed {
             self.forget_holds();
         }
@@ -146,8 +152,9 @@ impl Payers {
                 .any(|owner| !owner.limits.is_empty() || !owner.end_user_limits.is_empty());
     }
 
-    /// Adds or updates a key; its owner must already be here.
-    pub fn set_key(&mut self, key: KeyId, owner: Owner, limits: Limits) {
+    /// Adds or updates a key, as set by the record numbered `version`; its
+    /// owner must already be here.
+    pub fn set_key(&mut self, key: KeyId, owner: Owner, limits: Limits, version: u64) {
         debug_assert!(self.owners.contains_key(&owner), "key {key} added before its owner {owner}");
         let at = match self.slot(key) {
             Ok(at) => at,
@@ -157,14 +164,20 @@ impl Payers {
             }
         };
         let payer = &mut self.keys[at].1;
+        let mut changed = false;
         match (&mut payer.capped, limits.is_empty()) {
-            (Some(capped), _) if capped.limits != limits => {
+            (Some(capped), _) => {
+                changed = capped.limits != limits;
                 capped.limits = limits;
-                self.forget_holds();
+                capped.version = version;
             }
-            (Some(_), _) => {}
             (None, true) => {}
-            (None, false) => payer.capped = Some(Box::new(Capped { limits, spend: Spend::default() })),
+            (None, false) => {
+                payer.capped = Some(Box::new(Capped { limits, spend: Spend::default(), version }));
+            }
+        }
+        if changed {
+            self.forget_holds();
         }
         self.recount();
     }
@@ -222,7 +235,7 @@ impl Payers {
                 PayerRefusal::Limit(LimitBreach { subject, period, cap, spent, resets_at })
             })
         };
-        if let Some(Capped { limits, spend }) = self.key(spender.key).and_then(KeyPayer::caps) {
+        if let Some(Capped { limits, spend, .. }) = self.key(spender.key).and_then(KeyPayer::caps) {
             if let Some(refusal) = breach(LimitSubject::Key(spender.key), spend, limits) {
                 return Err(refusal);
             }
@@ -260,16 +273,16 @@ impl Payers {
         if !self.any_limits {
             return caps;
         }
-        if let Some(Capped { limits, .. }) = self.key(spender.key).and_then(KeyPayer::caps) {
-            limits.period_caps(&LimitSubject::Key(spender.key), ends, &mut caps);
+        if let Some(Capped { limits, version, .. }) = self.key(spender.key).and_then(KeyPayer::caps) {
+            limits.period_caps(&LimitSubject::Key(spender.key), ends, *version, &mut caps);
         }
         let Some(owner) = self.owners.get(&spender.owner) else {
             return caps;
         };
-        owner.limits.period_caps(&spender.owner.into(), ends, &mut caps);
+        owner.limits.period_caps(&spender.owner.into(), ends, owner.version, &mut caps);
         if let (Owner::App(app), Some(end_user)) = (spender.owner, spender.end_user) {
             let subject = LimitSubject::EndUser { app, end_user: end_user.to_owned() };
-            owner.end_user_limits.period_caps(&subject, ends, &mut caps);
+            owner.end_user_limits.period_caps(&subject, ends, owner.version, &mut caps);
         }
         caps
     }
@@ -453,10 +466,10 @@ mod tests {
         let mut payers = Payers::default();
         let mut model = BTreeMap::new();
         for owner in [alice, bob, app] {
-            payers.set_owner(owner, Limits::NONE, Limits::NONE);
+            payers.set_owner(owner, Limits::NONE, Limits::NONE, 1);
         }
         for (id, owner) in [(40, bob), (3, alice), (17, app), (1, bob), (29, alice), (8, app)] {
-            payers.set_key(KeyId(id), owner, Limits::NONE);
+            payers.set_key(KeyId(id), owner, Limits::NONE, 1);
             model.insert(id, owner);
             check_against(&payers, &model);
         }
@@ -471,9 +484,9 @@ mod tests {
         check_against(&payers, &model);
         assert!(!payers.any_limits, "no caps were set");
         let cap = Limits { daily: Some(Decimal::ONE), ..Limits::NONE };
-        payers.set_key(KeyId(8), app, cap);
+        payers.set_key(KeyId(8), app, cap, 2);
         assert!(payers.any_limits, "a capped key counts");
-        payers.set_key(KeyId(8), app, Limits::NONE);
+        payers.set_key(KeyId(8), app, Limits::NONE, 3);
         assert!(!payers.any_limits && payers.key(KeyId(8)).is_some_and(|key| key.caps().is_none()));
         check_against(&payers, &model);
     }
@@ -484,17 +497,17 @@ mod tests {
         // the same day, the cap still counts the spend from before.
         let owner = Owner::User(UserId(1));
         let mut payers = Payers::default();
-        payers.set_owner(owner, Limits::NONE, Limits::NONE);
+        payers.set_owner(owner, Limits::NONE, Limits::NONE, 1);
         let cap = Limits { daily: Some(Decimal::TEN), ..Limits::NONE };
-        payers.set_key(KeyId(1), owner, cap);
+        payers.set_key(KeyId(1), owner, cap, 4);
         let now: DateTime<Utc> = "2027-03-10T12:00:00Z".parse().unwrap();
         let day_end: DateTime<Utc> = "2027-03-11T00:00:00Z".parse().unwrap();
         let ends = PeriodEnds { day: day_end, month: day_end, year: day_end };
         let spender = Spender { key: KeyId(1), owner, end_user: None };
         payers.add(spender, Decimal::from(8), &ends);
-        payers.set_key(KeyId(1), owner, Limits::NONE);
+        payers.set_key(KeyId(1), owner, Limits::NONE, 5);
         assert_eq!(payers.check(spender, Decimal::from(5), &ends, now, 10), Ok(()), "no cap, no refusal");
-        payers.set_key(KeyId(1), owner, cap);
+        payers.set_key(KeyId(1), owner, cap, 6);
         let refused = payers.check(spender, Decimal::from(5), &ends, now, 10);
         assert!(
             matches!(&refused, Err(PayerRefusal::Limit(breach)) if breach.spent == Decimal::from(8)),

@@ -66,8 +66,8 @@ impl Ledger {
             Plan::Pro => None,
             Plan::Lite => Some(YearMonth::containing(tz, now).next()),
         };
-        self.commit(|_| RecordBody::User(current.clone()));
-        self.apply_user(&current);
+        let record = self.commit(|_| RecordBody::User(current.clone()));
+        self.apply_user(&current, record.seq);
         if let Some(cell) = self.cell(lite_wallet) {
             let mut state = cell.state.lock();
             let now = state.advance(now, &self.shared.committer);

@@ -108,9 +108,9 @@ impl Ledger {
     pub(crate) fn replay(&self, record: Record) -> Result<(), RestoreError> {
         match record.body {
             RecordBody::Org(org) => self.apply_org(&org),
-            RecordBody::User(user) => self.apply_user(&user),
-            RecordBody::App(app) => self.apply_app(&app),
-            RecordBody::Key(key) => self.apply_key(&key),
+            RecordBody::User(user) => self.apply_user(&user, record.seq),
+            RecordBody::App(app) => self.apply_app(&app, record.seq),
+            RecordBody::Key(key) => self.apply_key(&key, record.seq),
             RecordBody::Entry(entry) => {
                 let cell = self
                     .cell(entry.wallet)

@@ -1012,3 +1012,49 @@ fn a_limit_change_forgets_open_holds_without_letting_them_take_back_newer_ones()
     ledger.hold(pool, request(), dec!(70), ctx(key), now).unwrap().release(now);
     assert_verified(&ledger, &journal);
 }
+
+#[test]
+fn a_caps_version_is_its_records_number_on_every_ledger_that_reads_it() {
+    // Proves the version cluster mode orders caps by: the number of the record
+    // that set them, rising with every change, the same on a ledger rebuilt from
+    // the records, and no older on one restored from a checkpoint.
+    let daily = |cap| Limits { daily: Some(cap), ..Limits::NONE };
+    let (ledger, journal, org, pool, key) =
+        pool_with_a_key("2027-03-10T12:00:00Z", dec!(1000), daily(dec!(10)));
+    let now = at("2027-03-10T12:00:00Z");
+    let versions = |ledger: &crate::ledger::Ledger| -> Vec<(Decimal, u64)> {
+        ledger.period_caps(pool, ctx(key), now).iter().map(|cap| (cap.cap, cap.version)).collect()
+    };
+    let key_record = |journal: &crate::ledger::journal::MemoryJournal| {
+        let records = journal.records();
+        let last = records.iter().rev().find(|record| {
+            matches!(&record.body, crate::ledger::journal::RecordBody::Key(version) if version.id == key)
+        });
+        last.map(|record| record.seq).unwrap()
+    };
+    let first = versions(&ledger);
+    assert_eq!(first, [(dec!(10), key_record(&journal))]);
+    ledger.set_key_limits(org, key, daily(dec!(4))).unwrap();
+    let second = versions(&ledger);
+    assert_eq!(second, [(dec!(4), key_record(&journal))]);
+    assert!(second[0].1 > first[0].1, "{first:?} then {second:?}");
+
+    let replayed = crate::ledger::Ledger::restore(
+        LedgerConfig::default(),
+        std::sync::Arc::new(crate::ledger::journal::MemoryJournal::default()),
+        journal.records(),
+    )
+    .unwrap();
+    assert_eq!(versions(&replayed), second, "a replay reads the same version");
+    let checkpoint = replayed.snapshot(journal.records().iter().map(|record| record.seq).max().unwrap());
+    let from_checkpoint = crate::ledger::Ledger::restore_from(
+        LedgerConfig::default(),
+        std::sync::Arc::new(crate::ledger::journal::MemoryJournal::default()),
+        Some(&checkpoint),
+        Vec::new(),
+    )
+    .unwrap();
+    let restored = versions(&from_checkpoint);
+    assert_eq!(restored[0].0, dec!(4));
+    assert!(restored[0].1 >= second[0].1, "a checkpoint's caps are no older: {restored:?}");
+}

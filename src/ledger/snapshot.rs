@@ -151,14 +151,16 @@ impl Ledger {
                 ledger.wallets.insert(saved.wallet, ledger.new_cell(state));
             }
         }
+        // The checkpoint does not keep each version's own number; its own is
+        // at least as new, and every later version is numbered above it.
         for user in &snapshot.users {
-            ledger.apply_user(user);
+            ledger.apply_user(user, snapshot.seq);
         }
         for app in &snapshot.apps {
-            ledger.apply_app(app);
+            ledger.apply_app(app, snapshot.seq);
         }
         for key in &snapshot.keys {
-            ledger.apply_key(key);
+            ledger.apply_key(key, snapshot.seq);
         }
         for saved in &snapshot.wallets {
             if let Some(cell) = ledger.cell(saved.wallet) {
