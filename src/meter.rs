@@ -3,15 +3,20 @@
 //! except when it must remove the usage chunk the gateway itself asked for
 //! (then it releases each SSE event as soon as the event is complete).
 
+mod large_json;
+
 use std::sync::LazyLock;
 
 use bytes::{Bytes, BytesMut};
 use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde_json::Value;
+use smallvec::SmallVec;
+
+use large_json::LargeJson;
 
 /// Most bytes of a non-streamed JSON body kept for usage parsing; a larger
-/// body is still forwarded whole, but charged at its hold.
+/// body's usage is read as it passes (see `large_json`).
 pub const MAX_METERED_JSON_BYTES: usize = 4 * 1024 * 1024;
 /// Longest SSE line the meter keeps while looking for its end.
 const MAX_SSE_LINE_BYTES: usize = 1024 * 1024;
@@ -307,6 +312,20 @@ fn usage_from_bytes(json: &[u8]) -> Option<Reported> {
     }
 }
 
+/// For the fuzzer: the usage of a JSON body as parsed whole and as read in
+/// two parts split at `split` (the reader of bodies too large to hold);
+/// `None` when `body` is not one JSON value in UTF-8. The two must agree.
+/// (Where a body is not UTF-8 they may not: the reader does not check text
+/// it skips, and the parser refuses a key that is not UTF-8.)
+#[doc(hidden)]
+pub fn json_usage_read_both_ways(body: &[u8], split: usize) -> Option<(Option<Reported>, Option<Reported>)> {
+    serde_json::from_str::<serde::de::IgnoredAny>(std::str::from_utf8(body).ok()?).ok()?;
+    let mut large = LargeJson::default();
+    large.feed(&body[..split.min(body.len())]);
+    large.feed(&body[split.min(body.len())..]);
+    Some((usage_from_bytes(body), large.usage()))
+}
+
 /// The counts the APIs report, each `None` when absent or not a count.
 struct UsageCounts {
     prompt: Option<u64>,
@@ -422,18 +441,54 @@ enum Mode {
     /// parsed where it lies. Later chunks are copied into `rest`, so what
     /// is held stays near the body's size: a chunk kept is a slice of the
     /// connection's read buffer and keeps all of that buffer alive.
-    Json { first: Option<Bytes>, rest: BytesMut, overflowed: bool },
-    /// Server-sent events, parsed line by line as they pass.
-    Sse { line: BytesMut, pending_event: BytesMut },
+    /// Past [`MAX_METERED_JSON_BYTES`] what is held goes to `large`, which
+    /// reads the usage as the rest passes and keeps nothing else.
+    Json { first: Option<Bytes>, rest: BytesMut, large: Option<Box<LargeJson>> },
+    /// Server-sent events, parsed line by line as they pass. A line longer
+    /// than [`MAX_SSE_LINE_BYTES`] (a Responses call's `response.completed`
+    /// carrying generated images) is read as it passes by `long_line`.
+    Sse { line: BytesMut, pending_event: BytesMut, long_line: Option<LongLine> },
+}
+
+/// A line too long to keep, read to its end.
+#[derive(Debug)]
+enum LongLine {
+    /// A `data:` line: its JSON is read as it passes.
+    Data(Box<LargeJson>),
+    /// Anything else: skipped.
+    Other,
+}
+
+impl LongLine {
+    /// For a line that begins with `first` and goes on with `then`.
+    fn starting(first: &[u8], then: &[u8]) -> LongLine {
+        let head: SmallVec<[u8; 6]> = first.iter().chain(then).take(6).copied().collect();
+        let field = match &head[..] {
+            [b'd', b'a', b't', b'a', b':', b' '] => 6,
+            [b'd', b'a', b't', b'a', b':', ..] => 5,
+            _ => return LongLine::Other,
+        };
+        let mut reader = Box::<LargeJson>::default();
+        let in_first = field.min(first.len());
+        reader.feed(&first[in_first..]);
+        reader.feed(&then[field - in_first..]);
+        LongLine::Data(reader)
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        if let LongLine::Data(reader) = self {
+            reader.feed(bytes);
+        }
+    }
 }
 
 impl Meter {
     /// A meter for a response whose head says whether it is an event stream.
     pub fn new(event_stream: bool, strip_injected_usage: bool) -> Self {
         let mode = if event_stream {
-            Mode::Sse { line: BytesMut::new(), pending_event: BytesMut::new() }
+            Mode::Sse { line: BytesMut::new(), pending_event: BytesMut::new(), long_line: None }
         } else {
-            Mode::Json { first: None, rest: BytesMut::new(), overflowed: false }
+            Mode::Json { first: None, rest: BytesMut::new(), large: None }
         };
         Meter { mode, reported: Reported::default(), text_bytes: 0, strip_injected_usage, usage_final: false }
     }
@@ -442,14 +497,20 @@ impl Meter {
     /// itself unless injected usage must be removed).
     pub fn observe(&mut self, chunk: Bytes) -> Bytes {
         match &mut self.mode {
-            Mode::Json { first, rest, overflowed } => {
-                if json_held(first, rest) + chunk.len() <= MAX_METERED_JSON_BYTES {
+            Mode::Json { first, rest, large } => {
+                if let Some(large) = large {
+                    large.feed(&chunk);
+                } else if json_held(first, rest) + chunk.len() <= MAX_METERED_JSON_BYTES {
                     match first {
                         None => *first = Some(chunk.clone()),
                         Some(_) => rest.extend_from_slice(&chunk),
                     }
                 } else {
-                    *overflowed = true;
+                    let mut reader = Box::<LargeJson>::default();
+                    reader.feed(first.take().as_deref().unwrap_or_default());
+                    reader.feed(&std::mem::take(rest));
+                    reader.feed(&chunk);
+                    *large = Some(reader);
                 }
                 chunk
             }
@@ -481,17 +542,22 @@ impl Meter {
     /// Usage once the body has ended.
     pub fn finish(&mut self) -> Reported {
         match &self.mode {
-            Mode::Json { first, rest, overflowed: false } => {
-                let found = match first {
-                    Some(first) if rest.is_empty() => usage_from_bytes(first),
-                    Some(first) => usage_from_bytes(&[&first[..], &rest[..]].concat()),
-                    None => usage_from_bytes(rest),
+            Mode::Json { first, rest, large } => {
+                let found = match (first, large) {
+                    (_, Some(large)) => large.usage(),
+                    (Some(first), None) if rest.is_empty() => usage_from_bytes(first),
+                    (Some(first), None) => usage_from_bytes(&[&first[..], &rest[..]].concat()),
+                    (None, None) => usage_from_bytes(rest),
                 };
                 if let Some(found) = found {
                     // A JSON document that parsed arrived whole: its usage is the bill.
                     self.reported.merge(found);
                     self.usage_final = true;
                 }
+            }
+            Mode::Sse { long_line: Some(_), .. } => {
+                // A final long line the upstream never terminated.
+                self.scan_lines(b"\n", true);
             }
             Mode::Sse { line, .. } if !line.is_empty() => {
                 // A final `data:` line the upstream never terminated.
@@ -508,6 +574,7 @@ impl Meter {
     /// JSON body.
     pub fn delivered_output_estimate(&self) -> u64 {
         let bytes = match &self.mode {
+            Mode::Json { large: Some(large), .. } => large.len(),
             Mode::Json { first, rest, .. } => json_held(first, rest) as u64,
             Mode::Sse { .. } => self.text_bytes,
         };
@@ -537,31 +604,51 @@ impl Meter {
     /// `may_carry_usage: false` says the caller already found no usage in
     /// these bytes but `"usage": null` (see [`UsageKeys`]).
     fn scan_lines(&mut self, chunk: &[u8], may_carry_usage: bool) {
-        let Mode::Sse { line, .. } = &mut self.mode else {
+        let Mode::Sse { line, long_line, .. } = &mut self.mode else {
             return;
         };
         let mut pending = std::mem::take(line);
+        let mut long = long_line.take();
         let mut rest = chunk;
         while let Some(at) = memchr::memchr2(b'\n', b'\r', rest) {
-            if pending.is_empty() {
+            if let Some(mut reading) = long.take() {
+                reading.feed(&rest[..at]);
+                self.on_long_line(reading);
+            } else if pending.is_empty() {
                 self.on_line(&rest[..at], may_carry_usage);
+            } else if pending.len() + at <= MAX_SSE_LINE_BYTES {
+                pending.extend_from_slice(&rest[..at]);
+                // The pending part came from an earlier chunk, unseen by the caller.
+                self.on_line(&pending, true);
+                pending.clear();
             } else {
-                if pending.len() + at <= MAX_SSE_LINE_BYTES {
-                    pending.extend_from_slice(&rest[..at]);
-                    // The pending part came from an earlier chunk, unseen by the caller.
-                    self.on_line(&pending, true);
-                }
+                self.on_long_line(LongLine::starting(&pending, &rest[..at]));
                 pending.clear();
             }
             rest = &rest[at + 1..];
         }
-        if pending.len() + rest.len() <= MAX_SSE_LINE_BYTES {
+        if let Some(reading) = &mut long {
+            reading.feed(rest);
+        } else if pending.len() + rest.len() <= MAX_SSE_LINE_BYTES {
             pending.extend_from_slice(rest);
         } else {
-            pending.clear();
+            long = Some(LongLine::starting(&pending, rest));
+            // Given back: a long line keeps nothing.
+            pending = BytesMut::new();
         }
-        if let Mode::Sse { line, .. } = &mut self.mode {
+        if let Mode::Sse { line, long_line, .. } = &mut self.mode {
             *line = pending;
+            *long_line = long;
+        }
+    }
+
+    /// A line too long to keep has ended: what [`Meter::on_line`] reads of
+    /// a line, but its usage and the event it ends come from the reader.
+    fn on_long_line(&mut self, line: LongLine) {
+        let LongLine::Data(reader) = line else { return };
+        if let Some(found) = reader.usage() {
+            self.reported.merge(found);
+            self.usage_final |= reader.ends_usage();
         }
     }
 

@@ -811,6 +811,58 @@ async fn hosted_tool_calls_are_held_bounded_and_charged_per_call() {
 }
 
 #[tokio::test]
+async fn a_response_too_large_to_hold_is_charged_the_usage_at_its_end() {
+    // Proves a JSON body past what the meter holds (4 MiB) is charged what the upstream
+    // reports, tokens and hosted calls, and reaches the client whole. Before, it was
+    // charged its hold.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let table = books.gateway.prices().unwrap().current();
+    let per_call = table.tool("web_search_call", chrono::Utc::now()).unwrap().cost(0).unwrap();
+    let body = json!({"model": "mock-gpt", "max_output_tokens": 50, "input": "news?",
+                      "tools": [{"type": "web_search"}], "max_tool_calls": 3});
+    let text_bytes = (creditgate::meter::MAX_METERED_JSON_BYTES + 1024 * 1024).to_string();
+    let before = books.settled_balance(&pro).await;
+    let headers = [("x-provider-tool-calls", "2"), ("x-provider-text-bytes", text_bytes.as_str())];
+    let reply = books.post("/v1/responses", Some(&pro), &headers, &body).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.body.len() > creditgate::meter::MAX_METERED_JSON_BYTES, "{} bytes", reply.body.len());
+    let answer = reply.json();
+    let last = books.provider.last();
+    assert_eq!(answer["usage"]["output_tokens"], last.output_tokens, "the body reached the client whole");
+    let charged = before - books.settled_balance(&pro).await;
+    let reported = books.reported_cost("mock-gpt") + per_call * Decimal::from(2u64);
+    assert_eq!(charged, reported, "tokens plus 2 searches, not the hold");
+    let held = books.cost("mock-gpt", last.input_tokens, 50) + per_call * Decimal::from(3u64);
+    assert!(charged < held, "{charged} charged against a hold of about {held}");
+}
+
+#[tokio::test]
+async fn a_streamed_response_whose_last_event_is_too_long_to_hold_is_charged_its_usage() {
+    // Proves a Responses stream whose `response.completed` line runs past what the meter
+    // holds of a line (1 MiB: the event repeats the whole output) is charged the usage in
+    // it, tokens and hosted calls, and reaches the client whole. Before, the hold.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let table = books.gateway.prices().unwrap().current();
+    let per_call = table.tool("web_search_call", chrono::Utc::now()).unwrap().cost(0).unwrap();
+    let body = json!({"model": "mock-gpt", "stream": true, "max_output_tokens": 50, "input": "news?",
+                      "tools": [{"type": "web_search"}], "max_tool_calls": 3});
+    let before = books.settled_balance(&pro).await;
+    let headers = [("x-provider-tool-calls", "2"), ("x-provider-text-bytes", "3000000")];
+    let reply = books.post("/v1/responses", Some(&pro), &headers, &body).await;
+    assert_eq!(reply.status, 200);
+    let last_line = reply.body.split(|b| *b == b'\n').rev().find(|line| line.starts_with(b"data:")).unwrap();
+    assert!(last_line.len() > 3_000_000, "the completed event came whole: {} bytes", last_line.len());
+    let completed: Value = serde_json::from_slice(&last_line[5..]).unwrap();
+    let last = books.provider.last();
+    assert_eq!(completed["response"]["usage"]["output_tokens"], last.output_tokens);
+    let charged = before - books.settled_balance(&pro).await;
+    let reported = books.reported_cost("mock-gpt") + per_call * Decimal::from(2u64);
+    assert_eq!(charged, reported, "tokens plus 2 searches, not the hold");
+}
+
+#[tokio::test]
 async fn usage_past_the_hold_raises_an_alert() {
     // Proves an overrun is signalled to alerts (a usage_over_hold rule fires for each one), not
     // only counted: an upstream that ignored the cap it was sent is worth a look every time.

@@ -15,6 +15,8 @@
 //! unasked); `x-provider-reset-after: N` (a stream breaks after N events);
 //! `x-provider-head-delay-ms: N` (it thinks that long before the response
 //! head, as a long call that does not stream does);
+//! `x-provider-text-bytes: N` (a Responses answer's text is that long,
+//! streamed or not);
 //! `x-provider-units: N|none|garbage` for
 //! the tool route; `x-provider-cache-write-5m: N` and `-1h: N` input tokens
 //! an Anthropic call wrote to its prompt cache (reported apart, as
@@ -159,7 +161,10 @@ impl Provider {
                 let mut output: Vec<Value> = (0..hosted_calls)
                     .map(|i| json!({"type": "web_search_call", "id": format!("ws_{i}"), "status": "completed"}))
                     .collect();
-                output.push(json!({"type": "message", "content": [{"type": "output_text", "text": "hi"}]}));
+                // `x-provider-text-bytes: N`: a long answer (the body past what a meter can hold).
+                let line = "a \"quoted\" line\n";
+                let long = line.repeat(number("x-provider-text-bytes", 0) as usize / line.len());
+                output.push(json!({"type": "message", "content": [{"type": "output_text", "text": format!("hi{long}")}]}));
                 json!({"id": "resp_1", "object": "response", "output": output,
                        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}})
             } else if anthropic {
@@ -184,7 +189,25 @@ impl Provider {
             body.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
         let mut events: Vec<(u64, String)> = Vec::new();
         let pace = number("x-provider-pace-ms", 0);
-        if anthropic {
+        if path.starts_with("/v1/responses") {
+            // The Responses API's events, its usage (and the whole output) in the last.
+            let line = "a \"quoted\" line\n";
+            let long = line.repeat(number("x-provider-text-bytes", 0) as usize / line.len());
+            let mut output: Vec<Value> = (0..hosted_calls)
+                .map(|i| json!({"type": "web_search_call", "id": format!("ws_{i}"), "status": "completed"}))
+                .collect();
+            output.push(json!({"type": "message", "content": [{"type": "output_text", "text": format!("hello there{long}")}]}));
+            let created = json!({"type": "response.created", "response": {"id": "resp_1", "output": []}});
+            let delta = json!({"type": "response.output_text.delta", "delta": "hello there"});
+            let completed = json!({"type": "response.completed", "response": {"id": "resp_1", "output": output,
+                                   "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}});
+            events.push((0, format!("event: response.created\r\ndata: {created}\r\n\r\n")));
+            events.push((pace, format!("event: response.output_text.delta\r\ndata: {delta}\r\n\r\n")));
+            events.push((
+                number("x-provider-usage-delay-ms", pace),
+                format!("event: response.completed\r\ndata: {completed}\r\n\r\n"),
+            ));
+        } else if anthropic {
             events.push((0, format!("event: message_start\r\ndata: {{\"type\": \"message_start\", \"message\": {{\"usage\": {{\"input_tokens\": {input_tokens}, \"output_tokens\": 1}}}}}}\r\n\r\n")));
             events.push((pace, "event: content_block_delta\r\ndata: {\"type\": \"content_block_delta\", \"delta\": {\"type\": \"text_delta\", \"text\": \"hello there\"}}\r\n\r\n".into()));
             events.push((number("x-provider-usage-delay-ms", pace), format!("event: message_delta\r\ndata: {{\"type\": \"message_delta\", \"usage\": {{\"output_tokens\": {output_tokens}}}}}\r\n\r\n")));
