@@ -263,6 +263,9 @@ impl Gateway {
     /// succeeded (`Err` means records were left unwritten).
     pub async fn wait_stopped(self) -> Stopped {
         self.shutdown.cancelled().await;
+        // The grace period counts from now, for the listeners and for the
+        // work requests left behind alike.
+        self.proxy.grace_ends();
         self.readiness.set(false);
         let (proxy, per_core) = match self.proxy_serving {
             ProxyServing::Shared(task) => (task.await.unwrap_or(Drained::TimedOut), None),

@@ -76,6 +76,9 @@ pub struct Proxy {
     /// gateway waits for it before the store writer stops.
     background: TaskTracker,
     shutdown: CancellationToken,
+    /// When the shutdown began (noted by the gateway as it begins, or by the
+    /// first work that sees it): the grace period counts from there.
+    shutdown_began: std::sync::OnceLock<tokio::time::Instant>,
     /// Cluster mode: the leases credit is held under (see `cluster::spend`).
     leases: Option<Arc<LeaseBook>>,
 }
@@ -108,6 +111,7 @@ impl Proxy {
             alerts,
             background,
             shutdown,
+            shutdown_began: std::sync::OnceLock::new(),
             leases: None,
         }
     }
@@ -119,8 +123,26 @@ impl Proxy {
         self
     }
 
+    /// When the shutdown's grace period ends, once the shutdown began.
+    pub fn grace_ends(&self) -> Option<tokio::time::Instant> {
+        if !self.shutdown.is_cancelled() {
+            return None;
+        }
+        let began = *self.shutdown_began.get_or_init(tokio::time::Instant::now);
+        Some(began + self.config.server.shutdown_grace)
+    }
+
+    /// Resolves when the shutdown's grace period is over: work a request left
+    /// behind gets the grace the requests still on the listeners get.
+    pub async fn grace_over(&self) {
+        self.shutdown.cancelled().await;
+        if let Some(ends) = self.grace_ends() {
+            tokio::time::sleep_until(ends).await;
+        }
+    }
+
     /// Wait for the work requests left behind (each ends by itself within
-    /// `read_on_timeout`, or at once once shutdown is signalled).
+    /// `read_on_timeout`, or when the shutdown's grace period ends).
     pub async fn drain_background(&self) {
         self.background.close();
         self.background.wait().await;

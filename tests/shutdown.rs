@@ -267,6 +267,50 @@ async fn streams_cut_at_the_end_of_the_grace_period_are_settled_before_the_store
     assert_eq!(after.balance, after.totals.balance());
 }
 
+#[tokio::test]
+async fn a_call_its_client_left_is_read_on_through_the_shutdown_grace() {
+    // Proves reading on for the usage of a call whose client left is in-flight work: it
+    // goes on through the shutdown's grace period, as the streams still sending do, and
+    // the call is charged its usage. Before, it stopped when the shutdown began and the
+    // call was charged its hold.
+    let stack = start().await;
+    let ledger = stack.gateway.ledger();
+    let wallet =
+        ledger.resolve_key(&creditgate::ledger::entity::KeyHash::of_secret(&stack.keys.pro)).unwrap().wallet;
+    let balance = || ledger.balance(wallet, chrono::Utc::now()).unwrap().balance;
+    let stream = |pace: &str| small_usage_stream(&stack, pace);
+    let before = balance();
+    let mut sender = open_h1(stack.gateway.proxy_addr()).await;
+    let reply = read(sender.send_request(stream("1")).await.unwrap()).await;
+    assert!(reply.body.ends_with(b"data: [DONE]\n\n"));
+    let usage_cost = before - balance();
+    assert!(usage_cost > rust_decimal::Decimal::ZERO);
+
+    // Left after its first event, with some 700 ms of the stream to come.
+    let before = balance();
+    let mut sender = open_h1(stack.gateway.proxy_addr()).await;
+    let mut body = sender.send_request(stream("100")).await.unwrap().into_body();
+    assert!(next_chunk(&mut body).await.is_some(), "the stream started");
+    drop((body, sender));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(ledger.open_holds(), 1, "read on for its usage");
+    stack.shutdown.cancel();
+    assert_eq!(stack.gateway.wait().await, Drained::All);
+    assert_eq!(ledger.open_holds(), 0);
+    assert_eq!(before - balance(), usage_cost, "charged its usage, not its hold");
+}
+
+/// A stream whose usage the mock reports as 3 + 2 tokens, `pace_ms` between
+/// its events.
+fn small_usage_stream(stack: &Stack, pace_ms: &str) -> Request<creditgate::mock::MockBody> {
+    Request::post(stack.url("/v1/chat/completions"))
+        .header("x-mock-pace-ms", pace_ms)
+        .header("x-mock-usage", r#"{"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}"#)
+        .header("authorization", format!("Bearer {}", stack.keys.pro))
+        .body(creditgate::mock::MockBody::Full(Some(Bytes::from(STREAM_BODY))))
+        .unwrap()
+}
+
 /// The amounts of the debits the gateway has made durable so far.
 fn debit_amounts(gateway: &creditgate::app::Gateway) -> Vec<rust_decimal::Decimal> {
     let entries = gateway.ledger_entries(0, 10_000).unwrap();
@@ -328,14 +372,7 @@ async fn thread_per_core_charges_every_request_reads_on_and_drains_streams_at_sh
     assert_eq!(before - after, spent, "the pool paid exactly the debits");
 
     // The same small-usage stream three times. Read to its end:
-    let stream = |pace: &str| {
-        Request::post(stack.url("/v1/chat/completions"))
-            .header("x-mock-pace-ms", pace)
-            .header("x-mock-usage", r#"{"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}"#)
-            .header("authorization", format!("Bearer {}", stack.keys.pro))
-            .body(creditgate::mock::MockBody::Full(Some(Bytes::from(STREAM_BODY))))
-            .unwrap()
-    };
+    let stream = |pace: &str| small_usage_stream(&stack, pace);
     let mut sender = open_h1(stack.gateway.proxy_addr()).await;
     let reply = read(sender.send_request(stream("1")).await.unwrap()).await;
     assert!(reply.body.ends_with(b"data: [DONE]\n\n"));

@@ -6,8 +6,9 @@
 //! ([`body`], from the response body's drop), or before the response head
 //! came, or the gateway stopped waiting for the head and answered 504
 //! ([`head`]). Both are bounded by `[server] read_on_timeout_ms` and
-//! `read_on_max_bytes`, and end at once when the gateway shuts down; what
-//! they cannot read is charged the hold.
+//! `read_on_max_bytes`, and by the grace period of a shutdown, as the
+//! requests still being served are; what they cannot read is charged the
+//! hold.
 
 use std::sync::Arc;
 
@@ -35,8 +36,9 @@ pub(super) fn body(proxy: Arc<Proxy>, ctx: Box<RequestCtx>, body: Incoming) {
 /// meter, then settles. Without a head in time the call is charged its hold:
 /// the upstream had it and may bill it all.
 pub(super) fn head(proxy: Arc<Proxy>, ctx: Box<RequestCtx>, head: HeadFuture, head_deadline: Instant) {
-    // Shutting down (or the runtime gone): no time to wait.
-    if proxy.shutdown.is_cancelled() || tokio::runtime::Handle::try_current().is_err() {
+    // The grace period over (or the runtime gone): no time to wait.
+    let grace_over = proxy.grace_ends().is_some_and(|ends| ends <= Instant::now());
+    if grace_over || tokio::runtime::Handle::try_current().is_err() {
         return proxy.settle(ctx, Outcome::NoAnswer);
     }
     let background = proxy.background.clone();
@@ -67,7 +69,7 @@ pub(super) fn head(proxy: Arc<Proxy>, ctx: Box<RequestCtx>, head: HeadFuture, he
 }
 
 /// `read`'s outcome, or `None` once `read_on_timeout` has passed (counted
-/// from `from`, or from now) or the gateway shuts down.
+/// from `from`, or from now) or a shutdown's grace period is over.
 async fn within_bounds(
     proxy: &Proxy,
     from: Option<Instant>,
@@ -78,7 +80,7 @@ async fn within_bounds(
     tokio::select! {
         outcome = read => Some(outcome),
         () = tokio::time::sleep_until(deadline) => None,
-        () = proxy.shutdown.cancelled() => None,
+        () = proxy.grace_over() => None,
     }
 }
 
