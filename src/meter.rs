@@ -280,43 +280,54 @@ impl UsageFields {
 /// cut before `message_delta` has no output count and is charged as one
 /// without usage, not as one token.
 fn usage_from_bytes(json: &[u8]) -> Option<Reported> {
-    // Checked whole and at once, a body's keys are not each checked for
-    // UTF-8 again as the slice reader would; a body that is not UTF-8 (in a
-    // string the parser skips) is still read the slice reader's way.
-    let envelope = match std::str::from_utf8(json) {
-        Ok(text) => serde_json::from_str::<Envelope>(text),
-        Err(_) => serde_json::from_slice::<Envelope>(json),
-    };
-    match envelope {
-        Ok(envelope) => {
-            let output =
-                envelope.output.as_deref().or(envelope.response.as_ref().and_then(|r| r.output.as_deref()));
-            let hosted_calls = output.map(|items| count_hosted_calls(item_types(items))).unwrap_or_default();
-            let (usage, opening) = match (envelope.usage, envelope.message.and_then(|m| m.usage)) {
-                (Some(usage), _) => (usage, false),
-                (None, Some(usage)) => (usage, true),
-                (None, None) => (envelope.response.and_then(|r| r.usage)?, false),
-            };
-            let mut reported = usage.reported();
-            if opening {
-                reported.output_tokens = None;
-            }
-            for (mine, from_output) in reported.hosted_calls.iter_mut().zip(hosted_calls) {
-                *mine = (*mine).max(from_output);
-            }
-            Some(reported)
-        }
+    match envelope_of(json) {
+        Ok(envelope) => usage_in(envelope),
         // An unusual shape (`usage` that is not an object, a duplicated
         // key): read it the slow, general way.
         Err(_) => serde_json::from_slice::<Value>(json).ok().as_ref().and_then(usage_from_json),
     }
 }
 
+/// [`usage_from_bytes`] for a document in the usual shape only: `None` for
+/// one the general way would have to read.
+fn usage_from_usual_bytes(json: &[u8]) -> Option<Reported> {
+    envelope_of(json).ok().and_then(usage_in)
+}
+
+fn envelope_of(json: &[u8]) -> Result<Envelope, serde_json::Error> {
+    // Checked whole and at once, a body's keys are not each checked for
+    // UTF-8 again as the slice reader would; a body that is not UTF-8 (in a
+    // string the parser skips) is still read the slice reader's way.
+    match std::str::from_utf8(json) {
+        Ok(text) => serde_json::from_str::<Envelope>(text),
+        Err(_) => serde_json::from_slice::<Envelope>(json),
+    }
+}
+
+fn usage_in(envelope: Envelope) -> Option<Reported> {
+    let output = envelope.output.as_deref().or(envelope.response.as_ref().and_then(|r| r.output.as_deref()));
+    let hosted_calls = output.map(|items| count_hosted_calls(item_types(items))).unwrap_or_default();
+    let (usage, opening) = match (envelope.usage, envelope.message.and_then(|m| m.usage)) {
+        (Some(usage), _) => (usage, false),
+        (None, Some(usage)) => (usage, true),
+        (None, None) => (envelope.response.and_then(|r| r.usage)?, false),
+    };
+    let mut reported = usage.reported();
+    if opening {
+        reported.output_tokens = None;
+    }
+    for (mine, from_output) in reported.hosted_calls.iter_mut().zip(hosted_calls) {
+        *mine = (*mine).max(from_output);
+    }
+    Some(reported)
+}
+
 /// For the fuzzer: the usage of a JSON body as parsed whole and as read in
 /// two parts split at `split` (the reader of bodies too large to hold);
-/// `None` when `body` is not one JSON value in UTF-8. The two must agree.
-/// (Where a body is not UTF-8 they may not: the reader does not check text
-/// it skips, and the parser refuses a key that is not UTF-8.)
+/// `None` when `body` is not one JSON value in UTF-8. The reader must read
+/// what the parse reads, or nothing (a body in an unusual shape, which it
+/// leaves to be charged its hold). (Where a body is not UTF-8 they may
+/// differ: the reader does not check text it skips.)
 #[doc(hidden)]
 pub fn json_usage_read_both_ways(body: &[u8], split: usize) -> Option<(Option<Reported>, Option<Reported>)> {
     serde_json::from_str::<serde::de::IgnoredAny>(std::str::from_utf8(body).ok()?).ok()?;
@@ -642,8 +653,10 @@ impl Meter {
         }
     }
 
-    /// A line too long to keep has ended: what [`Meter::on_line`] reads of
-    /// a line, but its usage and the event it ends come from the reader.
+    /// A line too long to keep has ended: its usage, and whether its event
+    /// ends the usage (told by its top-level `type`), as the reader read
+    /// them. Its text is not counted toward a cut stream's estimate: a line
+    /// this long is an event that repeats the output, not a delta.
     fn on_long_line(&mut self, line: LongLine) {
         let LongLine::Data(reader) = line else { return };
         if let Some(found) = reader.usage() {

@@ -1,7 +1,7 @@
 //! The usage meter never panics on any body, and an SSE stream split at any
 //! byte boundary yields the same usage and the same client bytes as the
 //! stream fed whole. A JSON body read as one too large to hold (as it
-//! passes) yields the usage it yields parsed whole.
+//! passes) yields the usage it yields parsed whole, or none.
 #![no_main]
 
 use bytes::Bytes;
@@ -33,7 +33,8 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 4000 {
         for split in (0..=data.len()).step_by((data.len() / 16).max(1)) {
             if let Some((whole, streamed)) = creditgate::meter::json_usage_read_both_ways(data, split) {
-                assert_eq!(whole, streamed, "split at {split}");
+                // Nothing read (an unusual shape, charged its hold) or what the parse reads.
+                assert!(streamed.is_none() || streamed == whole, "split at {split}: {streamed:?} against {whole:?}");
             }
         }
     }
