@@ -551,6 +551,11 @@ impl Admin {
         self.metrics.open_holds.set(gauge(self.ledger.open_holds() as u64));
         self.metrics.store_flushes.set(gauge(stats.flushes));
         self.metrics.store_flush_micros.set(gauge(stats.flush_micros));
+        if let Some(history) = &self.history {
+            let status = history.status();
+            self.metrics.history_handed_over.set(gauge(status.records_handed_over));
+            self.metrics.history_read_back.set(gauge(status.records_read_back));
+        }
         let workers = tokio::runtime::Handle::current().metrics().num_workers();
         self.metrics.runtime_workers.set(gauge(workers as u64));
         if let (Some(node), Some(cluster)) = (&self.cluster, &self.metrics.cluster) {

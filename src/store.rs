@@ -90,7 +90,7 @@ use std::sync::Arc;
 
 pub use self::sled::SledStore;
 pub use self::verify::{verify_store, Report};
-pub use self::writer::{GroupCommit, WriterStats};
+pub use self::writer::{DurableBatch, GroupCommit, WriterStats};
 
 use crate::ledger::journal::Record;
 use crate::ledger::snapshot::LedgerSnapshot;

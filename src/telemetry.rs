@@ -150,6 +150,11 @@ pub mod metrics {
         pub open_holds: Gauge,
         pub store_flushes: Gauge,
         pub store_flush_micros: Gauge,
+        /// Read at scrape time: records the checkpoint historian took from
+        /// the store's writer in memory, and those it had to read back from
+        /// the store (a steady rise of the second costs CPU and page cache).
+        pub history_handed_over: Gauge,
+        pub history_read_back: Gauge,
         /// Worker threads of the shared runtime: `[server] workers`, or one
         /// (admin and background work) under `thread-per-core`.
         pub runtime_workers: Gauge,
@@ -217,6 +222,18 @@ pub mod metrics {
                 "Time spent flushing the ledger store since start, in microseconds",
                 store_flush_micros.clone(),
             );
+            let history_handed_over = Gauge::default();
+            registry.register(
+                "history_records_handed_over",
+                "Records the checkpoint historian took from the store's writer in memory since start",
+                history_handed_over.clone(),
+            );
+            let history_read_back = Gauge::default();
+            registry.register(
+                "history_records_read_back",
+                "Records the checkpoint historian read back from the store since start (those before it started, and batches the hand-over dropped)",
+                history_read_back.clone(),
+            );
             let runtime_workers = Gauge::default();
             registry.register(
                 "runtime_workers",
@@ -236,6 +253,8 @@ pub mod metrics {
                 open_holds,
                 store_flushes,
                 store_flush_micros,
+                history_handed_over,
+                history_read_back,
                 runtime_workers,
                 proxy_threads,
                 requests,

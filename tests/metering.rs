@@ -553,6 +553,9 @@ async fn metrics_count_charges_refusals_and_ledger_latency_with_bounded_labels()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     assert!(flushes > 0, "the store has flushed: {text}");
+    for gauge in ["creditgate_history_records_handed_over ", "creditgate_history_records_read_back "] {
+        assert!(text.contains(gauge), "the checkpoint historian's intake is exported: {text}");
+    }
     assert!(!text.contains(&keys.pro) && !text.contains("org="), "no keys or org ids in labels");
 }
 

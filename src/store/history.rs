@@ -69,7 +69,7 @@ use crate::ledger::journal::{NullJournal, Record};
 use crate::ledger::snapshot::LedgerSnapshot;
 use crate::ledger::{Ledger, LedgerConfig, Replayer};
 use crate::store::export::{export_days, ExportPlan};
-use crate::store::{checkpoint, GroupCommit, Store, StoreError};
+use crate::store::{checkpoint, DurableBatch, GroupCommit, Store, StoreError};
 
 /// `[ledger]` settings for checkpoints and retention.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,7 +150,7 @@ struct Work<S: Store> {
     shadow: Ledger,
     replayer: Replayer,
     /// Batches the writer made durable, in sequence order.
-    handed: Receiver<Vec<Record>>,
+    handed: Receiver<DurableBatch>,
     /// The shadow holds every record up to this one.
     covered: u64,
     since_checkpoint: u64,
@@ -278,16 +278,19 @@ impl<S: Store> Work<S> {
         while let Ok(batch) = self.handed.try_recv() {
             handed.push(batch);
         }
-        // Read after taking the batches: the writer moves the mark before
-        // it hands a batch over.
-        let target = self.writer.durable_through();
+        // The shadow catches up to the newest mark the batches carry, not to
+        // the writer's mark now: batches flushed while these are applied
+        // come in the next hand-over, where reading them back from the store
+        // (as every step under load did) cost a read of its pages. Without
+        // a batch (at start, when idle, or all dropped): the writer's mark.
+        let target = handed.last().map_or_else(|| self.writer.durable_through(), |batch| batch.through);
         let mut taken = 0;
         'handed: for batch in handed {
-            for record in batch {
+            for record in batch.records {
                 if record.seq <= self.covered {
                     continue;
                 }
-                if record.seq != self.covered + 1 || record.seq > target {
+                if record.seq != self.covered + 1 || record.seq > batch.through {
                     // A dropped batch or a gap: the store has the rest.
                     break 'handed;
                 }
@@ -297,8 +300,10 @@ impl<S: Store> Work<S> {
         }
         self.status.lock().records_handed_over += taken;
         loop {
-            let batch =
-                self.writer.read_durable_after(self.covered, READ_BATCH).map_err(|e| e.to_string())?;
+            let batch = self
+                .writer
+                .read_durable_between(self.covered, target, READ_BATCH)
+                .map_err(|e| e.to_string())?;
             if batch.is_empty() {
                 break;
             }

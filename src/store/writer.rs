@@ -84,7 +84,16 @@ struct Shared {
     durable_through: AtomicU64,
     /// Where each flushed batch goes, in sequence order, so the historian
     /// need not read it back from the store (see [`GroupCommit::hand_durable_to`]).
-    durable_to: OnceLock<SyncSender<Vec<Record>>>,
+    durable_to: OnceLock<SyncSender<DurableBatch>>,
+}
+
+/// Records one flush made durable, as handed to the historian, with the
+/// durable mark that flush set: every number up to `through` is in this
+/// batch or an earlier one (or will never be written).
+#[derive(Debug)]
+pub struct DurableBatch {
+    pub through: u64,
+    pub records: Vec<Record>,
 }
 
 impl Shared {
@@ -180,7 +189,17 @@ impl<S: Store> GroupCommit<S> {
     /// last number it saw gets every record exactly once, however records
     /// are appended meanwhile.
     pub fn read_durable_after(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
-        let durable = self.durable_through();
+        self.read_durable_between(after, u64::MAX, limit)
+    }
+
+    /// As [`GroupCommit::read_durable_after`], but no record above `through`.
+    pub fn read_durable_between(
+        &self,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        let durable = self.durable_through().min(through);
         if after >= durable {
             return Ok(Vec::new());
         }
@@ -193,10 +212,10 @@ impl<S: Store> GroupCommit<S> {
     /// After each flush, hands the records it made durable to `to`, in
     /// sequence order (set once; later calls are ignored). A batch that
     /// does not fit is dropped, never waited for: the receiver must read
-    /// what it missed from the store, up to [`GroupCommit::durable_through`].
-    /// A batch can also hold records above that mark (released past a gap
-    /// that has not closed); the receiver must not use those either.
-    pub fn hand_durable_to(&self, to: SyncSender<Vec<Record>>) {
+    /// what it missed from the store, up to the mark of the newest batch it
+    /// has. A batch can also hold records above its mark (released past a
+    /// gap that has not closed); the receiver must not use those either.
+    pub fn hand_durable_to(&self, to: SyncSender<DurableBatch>) {
         let _ = self.shared.durable_to.set(to);
     }
 
@@ -579,9 +598,10 @@ impl<S: Store> Worker<S> {
         self.shared.durable_through.fetch_max(through, Ordering::Release);
         match self.shared.durable_to.get() {
             Some(to) if !state.unflushed.is_empty() => {
-                // Sent after the mark moved, so the receiver sees the mark
-                // cover every record of the batch it may use.
-                let _full = to.try_send(std::mem::take(&mut state.unflushed));
+                // With the mark this flush set: the receiver uses no record
+                // above it, and catches up to it without reading the store.
+                let records = std::mem::take(&mut state.unflushed);
+                let _full = to.try_send(DurableBatch { through, records });
             }
             _ => state.unflushed.clear(),
         }
