@@ -27,6 +27,15 @@ struct Running {
     admin: String,
 }
 
+impl Drop for Running {
+    /// A test that fails must not leave its gateway running (holding the
+    /// test's output open).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// `serve` with the clock shifted by `shift_days` and the test pause.
 fn spawn(config: &Path, data: &Path, shift_days: i64, pause: Option<&str>) -> Running {
     let mut command = serve_command(config, data);
@@ -189,4 +198,69 @@ async fn sigkill_while_an_export_is_written() {
 async fn sigkill_while_pruning() {
     // Proves a kill between recording the prune floor and removing records is recovered.
     killed_during("prune").await;
+}
+
+/// The historian's `creditgate_history_records_handed_over` gauge.
+async fn handed_over(running: &Running) -> u64 {
+    let metrics = call(running, Method::GET, "/metrics", json!({}), None).await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    text.lines()
+        .find_map(|line| line.strip_prefix("creditgate_history_records_handed_over "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no hand-over gauge in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shadow_keeps_catching_up_while_a_checkpoint_is_written() {
+    // Proves a checkpoint is written off the historian's own thread: with
+    // the write held open, records made durable meanwhile still reach the
+    // shadow by the writer's hand-over (before, the historian sat inside
+    // the write, and under load the hand-over filled up behind it).
+    let mock = creditgate::mock::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    let ledger = "\n[ledger]\ncheckpoint_every_records = 5\ncheckpoint_interval_ms = 200\n";
+    std::fs::write(&config, config_text(mock.addr(), "", "") + ledger).unwrap();
+    let data = dir.path().join("data");
+    let started = (chrono::Utc::now() - chrono::TimeDelta::days(10)).date_naive().to_string();
+    let running = spawn(&config, &data, 0, Some("checkpoint=20000"));
+    let org = json!({"name": "busy", "contract": {"start": started, "years": 1, "platform_allocation_per_year": "1000"}});
+    assert_eq!(call(&running, Method::POST, "/admin/v1/orgs", org, None).await.status, 201);
+    let marker = data.join("ledger").join("test-paused-checkpoint");
+    let buy = |n: usize| {
+        let running = &running;
+        async move {
+            let reply = call(
+                running,
+                Method::POST,
+                "/admin/v1/orgs/1/purchases",
+                json!({"amount": "1"}),
+                Some(&format!("buy-{n}")),
+            )
+            .await;
+            assert_eq!(reply.status, 201);
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    while !marker.exists() {
+        assert!(std::time::Instant::now() < deadline, "the checkpoint pause never came");
+        buy(n).await;
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the historian take what came before the pause, then write more.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = handed_over(&running).await;
+    for more in 0..10 {
+        buy(n + more).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(marker.exists(), "still inside the checkpoint's write");
+    let after = handed_over(&running).await;
+    assert!(after >= before + 10, "the shadow took the purchases made during the write: {before} -> {after}");
+    drop(running);
+    mock.stop().await;
 }

@@ -18,6 +18,15 @@
 //! it: the only shared things are the store (read), the writer's durable
 //! counter and the hand-over channel, which the writer never waits on.
 //!
+//! The catching up runs at normal priority: it is about half a microsecond
+//! a record and must keep pace with the writer. Under the idle policy a
+//! saturated machine can starve it (an idle thread's weight is 3 against a
+//! normal one's 1,024): the hand-over then fills and drops, what it dropped
+//! is read back from the store later, and the checkpoint falls behind for as
+//! long as the load lasts. Writing a checkpoint and the retention after it
+//! run on a thread of their own under the idle policy, from a snapshot taken
+//! at once, while the shadow goes on catching up; one at a time.
+//!
 //! A checkpoint is due every `checkpoint_every_records` records or every
 //! `checkpoint_interval_ms` of the injected clock (if anything happened),
 //! whichever comes first. Start-up loads the newest valid checkpoint and
@@ -160,6 +169,20 @@ struct Work<S: Store> {
     /// Set when the shadow could not apply a record: a bug, and checkpoints
     /// stop rather than save a state that may be wrong.
     broken: Option<String>,
+    /// The checkpoint being written, if any.
+    job: Option<CheckpointJob>,
+}
+
+/// A checkpoint being written (and retention after it) on its own thread.
+struct CheckpointJob {
+    /// The snapshot's number and when it was taken.
+    seq: u64,
+    at: DateTime<Utc>,
+    /// Records the shadow had applied since the last checkpoint when the
+    /// snapshot was taken.
+    since: u64,
+    /// Whether the checkpoint was written, and how retention went.
+    thread: JoinHandle<(Result<(), String>, Result<(), String>)>,
 }
 
 impl Historian {
@@ -192,9 +215,8 @@ impl Historian {
         let thread = std::thread::Builder::new()
             .name("historian".into())
             .spawn(move || {
-                // Replaying into the shadow is CPU work the writer and the
-                // proxy must never wait behind.
-                crate::server::idle_priority("the ledger historian");
+                // Catching up stays at normal priority (see the module doc);
+                // the writer and the proxy never wait on it.
                 let shadow = match &start {
                     Some(snapshot) => Ledger::from_snapshot(ledger_config, Arc::new(NullJournal), snapshot),
                     None => Ok(Ledger::new(ledger_config, Arc::new(NullJournal))),
@@ -226,12 +248,19 @@ impl Historian {
                     last_checkpoint_seq: covered,
                     status: shared,
                     broken: None,
+                    job: None,
                 };
                 loop {
                     work.step();
                     match stopped.recv_timeout(POLL) {
                         Err(RecvTimeoutError::Timeout) => {}
-                        _ => return,
+                        _ => {
+                            // A checkpoint or prune in progress ends first.
+                            if let Some(job) = work.job.take() {
+                                let _ = work.finish(job);
+                            }
+                            return;
+                        }
                     }
                 }
             })
@@ -331,6 +360,14 @@ impl<S: Store> Work<S> {
     }
 
     fn checkpoint_if_due(&mut self) -> Result<(), String> {
+        match self.job.take() {
+            Some(job) if !job.thread.is_finished() => {
+                self.job = Some(job);
+                return Ok(());
+            }
+            Some(job) => self.finish(job)?,
+            None => {}
+        }
         let now = self.clock.now();
         let interval =
             TimeDelta::milliseconds(i64::try_from(self.config.checkpoint_interval_ms).unwrap_or(i64::MAX));
@@ -338,25 +375,65 @@ impl<S: Store> Work<S> {
         let by_time = self.since_checkpoint > 0 && now - self.last_checkpoint_at >= interval;
         if (by_count || by_time) && self.covered > self.last_checkpoint_seq {
             let snapshot = self.shadow.snapshot(self.covered);
-            let dir = checkpoint::dir_of(&self.ledger_dir);
-            let path = checkpoint::write(&dir, &snapshot, || test_pause(&self.ledger_dir, "checkpoint"))
-                .map_err(|e| e.to_string())?;
-            tracing::info!(checkpoint = %path.display(), seq = snapshot.seq, "ledger checkpoint written");
-            self.since_checkpoint = 0;
-            self.last_checkpoint_at = now;
-            self.last_checkpoint_seq = snapshot.seq;
-            let mut status = self.status.lock();
-            status.checkpoint_seq = snapshot.seq;
-            status.checkpoint_at = Some(now);
-            status.checkpoints_written += 1;
-            drop(status);
-            self.retain(now)?;
+            let seq = snapshot.seq;
+            let disk = DiskWork {
+                writer: self.writer.clone(),
+                ledger_dir: self.ledger_dir.clone(),
+                export_dir: self.export_dir.clone(),
+                config: self.config.clone(),
+                status: self.status.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name("checkpoint".into())
+                .spawn(move || {
+                    crate::server::idle_priority("a ledger checkpoint");
+                    let written = disk.write_checkpoint(&snapshot, now);
+                    let retained = if written.is_ok() { disk.retain(now) } else { Ok(()) };
+                    (written, retained)
+                })
+                .map_err(|error| format!("the checkpoint thread could not start: {error}"))?;
+            self.job = Some(CheckpointJob { seq, at: now, since: self.since_checkpoint, thread });
         }
         Ok(())
     }
 
+    /// Waits for `job` and takes its outcome: a written checkpoint resets
+    /// the counts; a failed one is tried again at a later step.
+    fn finish(&mut self, job: CheckpointJob) -> Result<(), String> {
+        let (written, retained) =
+            job.thread.join().unwrap_or_else(|_| (Err("the checkpoint thread panicked".to_owned()), Ok(())));
+        written?;
+        self.since_checkpoint = self.since_checkpoint.saturating_sub(job.since);
+        self.last_checkpoint_at = job.at;
+        self.last_checkpoint_seq = job.seq;
+        retained
+    }
+}
+
+/// What writing a checkpoint and retention need, moved to their thread.
+struct DiskWork<S: Store> {
+    writer: Arc<GroupCommit<S>>,
+    ledger_dir: PathBuf,
+    export_dir: PathBuf,
+    config: HistoryConfig,
+    status: Arc<Mutex<HistoryStatus>>,
+}
+
+impl<S: Store> DiskWork<S> {
+    fn write_checkpoint(&self, snapshot: &LedgerSnapshot, now: DateTime<Utc>) -> Result<(), String> {
+        let dir = checkpoint::dir_of(&self.ledger_dir);
+        let path = checkpoint::write(&dir, snapshot, || test_pause(&self.ledger_dir, "checkpoint"))
+            .map_err(|e| e.to_string())?;
+        tracing::info!(checkpoint = %path.display(), seq = snapshot.seq, "ledger checkpoint written");
+        let mut status = self.status.lock();
+        status.checkpoint_seq = snapshot.seq;
+        status.checkpoint_at = Some(now);
+        status.checkpoints_written += 1;
+        Ok(())
+    }
+
     /// Exports and prunes what retention allows; see the module doc.
-    fn retain(&mut self, now: DateTime<Utc>) -> Result<(), String> {
+    fn retain(&self, now: DateTime<Utc>) -> Result<(), String> {
         let Some(days) = self.config.retain_days else {
             return Ok(());
         };
