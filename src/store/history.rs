@@ -58,7 +58,7 @@
 //! # Test hook
 //!
 //! `CREDITGATE_TEST_PAUSE=STEP=MS` (test-only, never for production) makes
-//! the historian stop for `MS` milliseconds in the middle of `STEP`
+//! the checkpoint thread stop for `MS` milliseconds in the middle of `STEP`
 //! (`checkpoint`: halfway through the temporary file; `export`: after the
 //! first record of a day file; `prune`: once the new floor is durable, before each batch is removed),
 //! creating the file `test-paused-STEP` in the ledger directory while it
@@ -257,7 +257,9 @@ impl Historian {
                         _ => {
                             // A checkpoint or prune in progress ends first.
                             if let Some(job) = work.job.take() {
-                                let _ = work.finish(job);
+                                if let Err(error) = work.finish(job) {
+                                    tracing::error!(%error, "ledger history: the last checkpoint or retention failed");
+                                }
                             }
                             return;
                         }
@@ -311,7 +313,7 @@ impl<S: Store> Work<S> {
         // the writer's mark now: batches flushed while these are applied
         // come in the next hand-over, where reading them back from the store
         // (as every step under load did) cost a read of its pages. Without
-        // a batch (at start, when idle, or all dropped): the writer's mark.
+        // a batch (at start, or nothing flushed since): the writer's mark.
         let target = handed.last().map_or_else(|| self.writer.durable_through(), |batch| batch.through);
         let mut taken = 0;
         'handed: for batch in handed {

@@ -88,8 +88,9 @@ struct Shared {
 }
 
 /// Records one flush made durable, as handed to the historian, with the
-/// durable mark that flush set: every number up to `through` is in this
-/// batch or an earlier one (or will never be written).
+/// durable mark that flush set: the receiver catches up to `through` from
+/// this batch and the earlier ones, and reads from the store only what they
+/// miss (a dropped batch, records a retry found already stored).
 #[derive(Debug)]
 pub struct DurableBatch {
     pub through: u64,
@@ -213,8 +214,7 @@ impl<S: Store> GroupCommit<S> {
     /// sequence order (set once; later calls are ignored). A batch that
     /// does not fit is dropped, never waited for: the receiver must read
     /// what it missed from the store, up to the mark of the newest batch it
-    /// has. A batch can also hold records above its mark (released past a
-    /// gap that has not closed); the receiver must not use those either.
+    /// has, and use no record above a batch's own mark.
     pub fn hand_durable_to(&self, to: SyncSender<DurableBatch>) {
         let _ = self.shared.durable_to.set(to);
     }

@@ -382,8 +382,10 @@ impl Watched {
     fn checkpoint_all(&self) -> (u64, crate::store::history::HistoryStatus) {
         Journal::sync(&*self.opened.writer).unwrap();
         let last = self.opened.writer.durable_through();
-        self.clock.advance(TimeDelta::minutes(2));
         for _ in 0..100 {
+            // Past the interval again each time: a checkpoint taken before
+            // the last batch reached the shadow is followed by another.
+            self.clock.advance(TimeDelta::minutes(2));
             if self.historian.status().checkpoint_seq >= last {
                 break;
             }
