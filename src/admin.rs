@@ -551,6 +551,8 @@ impl Admin {
         self.metrics.open_holds.set(gauge(self.ledger.open_holds() as u64));
         self.metrics.store_flushes.set(gauge(stats.flushes));
         self.metrics.store_flush_micros.set(gauge(stats.flush_micros));
+        self.metrics.store_records_written_late.set(gauge(stats.written_out_of_order));
+        self.metrics.store_sequence_gaps_open.set(gauge(stats.sequence_gaps_open));
         if let Some(history) = &self.history {
             let status = history.status();
             self.metrics.history_handed_over.set(gauge(status.records_handed_over));

@@ -61,9 +61,11 @@
 //!   process stops while the store still fails; a shutdown then reports the
 //!   failed last flush (the process exits non-zero).
 //! - **Order and numbering.** The writer stores records in sequence order
-//!   (putting back the few that were queued a moment out of order), so a
-//!   reader paging by sequence number never skips one; readers serve only up
-//!   to [`GroupCommit::durable_through`]. Numbers are reserved ahead in the
+//!   (putting back the few that were queued a moment out of order; one
+//!   whose thread stalled past `gap_patience_ms` is written past and, when
+//!   it comes, put in its place), so a reader paging by sequence number
+//!   never skips one; readers serve only up to
+//!   [`GroupCommit::durable_through`], which never passes a missing number. Numbers are reserved ahead in the
 //!   watermark, and a restart numbers new records above the reservation, so
 //!   a number a crash lost is never given to another record.
 //! - **Damage.** The store refuses to open (an error, never a panic) when
@@ -238,7 +240,11 @@ pub struct StoreConfig {
     /// How long records wait behind a missing sequence number before they
     /// are written anyway. A number is taken and its record queued inside
     /// one critical section, so a gap normally closes within microseconds;
-    /// one that does not is a bug, and the books must not stall on it.
+    /// one that does not is a stalled thread (or a bug), and the records
+    /// after it must not wait on it. The durable mark readers serve up to
+    /// still stops below the missing number until its record comes (the
+    /// `store_sequence_gaps_open` gauge counts such numbers); a number that
+    /// never comes holds readers back until the next start.
     pub gap_patience_ms: u64,
 }
 

@@ -150,6 +150,11 @@ pub mod metrics {
         pub open_holds: Gauge,
         pub store_flushes: Gauge,
         pub store_flush_micros: Gauge,
+        /// Read at scrape time: records stored after the writer wrote past
+        /// their number, and numbers it still waits for (readers of the
+        /// durable records stop below the lowest; see `gap_patience_ms`).
+        pub store_records_written_late: Gauge,
+        pub store_sequence_gaps_open: Gauge,
         /// Read at scrape time: records the checkpoint historian took from
         /// the store's writer in memory, and those it had to read back from
         /// the store (a steady rise of the second costs CPU and page cache).
@@ -222,6 +227,18 @@ pub mod metrics {
                 "Time spent flushing the ledger store since start, in microseconds",
                 store_flush_micros.clone(),
             );
+            let store_records_written_late = Gauge::default();
+            registry.register(
+                "store_records_written_late",
+                "Ledger records stored after the writer had written past their number (their thread stalled past gap_patience_ms) since start",
+                store_records_written_late.clone(),
+            );
+            let store_sequence_gaps_open = Gauge::default();
+            registry.register(
+                "store_sequence_gaps_open",
+                "Sequence numbers the ledger writer wrote past and still waits for; checkpoints and the entries feed stop below the lowest",
+                store_sequence_gaps_open.clone(),
+            );
             let history_handed_over = Gauge::default();
             registry.register(
                 "history_records_handed_over",
@@ -253,6 +270,8 @@ pub mod metrics {
                 open_holds,
                 store_flushes,
                 store_flush_micros,
+                store_records_written_late,
+                store_sequence_gaps_open,
                 history_handed_over,
                 history_read_back,
                 runtime_workers,

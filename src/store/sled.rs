@@ -110,6 +110,14 @@ impl SledStore {
     fn tree(&self) -> Result<::sled::Tree, StoreError> {
         self.open.read().as_ref().map(|open| open.records.clone()).ok_or(StoreError::Reopening)
     }
+
+    /// Appends records in the order given, as stores written before the
+    /// writer ordered records may hold them (for tests of reading those).
+    #[cfg(test)]
+    pub(crate) fn append_as_given(&self, records: &[Record]) -> Result<(), StoreError> {
+        let tree = self.tree()?;
+        write_segments(&tree, &mut self.tail.lock(), records, ::sled::Batch::default(), true)
+    }
 }
 
 /// Opens the database and finds its tail. sled panics on some damaged files
@@ -175,7 +183,7 @@ fn find_tail(records: &::sled::Tree) -> Result<Tail, StoreError> {
         None => Tail::default(),
         Some((key, value)) => match segment_key(&key) {
             Some((running_max, segment)) => {
-                Tail { running_max, next_segment: segment + 1, buffer: Vec::new() }
+                Tail { running_max, next_segment: segment.saturating_add(1), buffer: Vec::new() }
             }
             None => {
                 // A first-format record: its key is its sequence number.
@@ -235,31 +243,24 @@ pub(super) fn open_db(dir: &Path) -> Result<::sled::Db, StoreError> {
 
 impl Store for SledStore {
     fn append(&self, records: &[Record]) -> Result<(), StoreError> {
+        // The writer hands records in number order, except one that came
+        // after the writer had written past its number (its thread stalled):
+        // that one is put in its place, so the store's order stays number
+        // order and a reader paging by number finds it where it belongs.
+        if !records.is_sorted_by_key(|record| record.seq) {
+            let mut sorted = records.to_vec();
+            sorted.sort_by_key(|record| record.seq);
+            return self.append(&sorted);
+        }
         let tree = self.tree()?;
         let mut tail = self.tail.lock();
+        let late = records.partition_point(|record| record.seq < tail.running_max);
+        let (late, rest) = records.split_at(late);
         let mut batch = ::sled::Batch::default();
-        let mut segments = 0;
-        let mut rest = records;
-        while !rest.is_empty() {
-            let tail = &mut *tail;
-            let taken = codec::encode_segment(rest, SEGMENT_BYTES, &mut tail.buffer)
-                .map_err(|error| StoreError::Encode { seq: rest[0].seq, reason: error.to_string() })?;
-            let (chunk, after) = rest.split_at(taken.clamp(1, rest.len()));
-            rest = after;
-            tail.running_max = chunk.iter().map(|record| record.seq).fold(tail.running_max, u64::max);
-            let key = segment_key_bytes((tail.running_max, tail.next_segment));
-            tail.next_segment += 1;
-            segments += 1;
-            if segments == 1 && rest.is_empty() {
-                // One segment, the usual flush window: a single insert is
-                // atomic by itself and skips the batch's log marker and lock.
-                tree.insert(key, tail.buffer.as_slice())?;
-                return Ok(());
-            }
-            batch.insert(&key, tail.buffer.as_slice());
+        if !late.is_empty() {
+            merge_late(&tree, late, &mut tail, &mut batch)?;
         }
-        tree.apply_batch(batch)?;
-        Ok(())
+        write_segments(&tree, &mut tail, rest, batch, late.is_empty())
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -351,10 +352,11 @@ impl Store for SledStore {
     }
 
     /// Segments before the first whose running maximum exceeds `after` hold
-    /// nothing after it. From there, records come in append order, which
-    /// differs from sequence order only for records that were between taking
-    /// their number and being queued when a batch closed; reading one segment
-    /// past the page and sorting puts those in place.
+    /// nothing after it. From there, records come in number order (the
+    /// writer orders them, and one stored late is put in its place); a
+    /// store written before the writer ordered records may hold a few a
+    /// segment out of place, so one segment past the page is read and the
+    /// page sorted.
     fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
         let start = after.saturating_add(1).to_be_bytes();
         let mut found = Vec::new();
@@ -416,6 +418,78 @@ impl Store for SledStore {
         *self.open.write() = Some(fresh);
         Ok(present)
     }
+}
+
+/// Writes `records` as new segments after the tail, in the order given,
+/// together with what `batch` already holds (`alone`: nothing).
+fn write_segments(
+    tree: &::sled::Tree,
+    tail: &mut Tail,
+    mut rest: &[Record],
+    mut batch: ::sled::Batch,
+    alone: bool,
+) -> Result<(), StoreError> {
+    let mut segments = 0;
+    while !rest.is_empty() {
+        let taken = codec::encode_segment(rest, SEGMENT_BYTES, &mut tail.buffer)
+            .map_err(|error| StoreError::Encode { seq: rest[0].seq, reason: error.to_string() })?;
+        let (chunk, after) = rest.split_at(taken.clamp(1, rest.len()));
+        rest = after;
+        tail.running_max = chunk.iter().map(|record| record.seq).fold(tail.running_max, u64::max);
+        let key = segment_key_bytes((tail.running_max, tail.next_segment));
+        tail.next_segment += 1;
+        segments += 1;
+        if alone && segments == 1 && rest.is_empty() {
+            // One segment, the usual flush window: a single insert is
+            // atomic by itself and skips the batch's log marker and lock.
+            tree.insert(key, tail.buffer.as_slice())?;
+            return Ok(());
+        }
+        batch.insert(&key, tail.buffer.as_slice());
+    }
+    tree.apply_batch(batch)?;
+    Ok(())
+}
+
+/// Puts records numbered below the stored tail (stored late) into the
+/// segments where their numbers belong: the first whose running maximum
+/// reaches the number (every segment before it holds only lower numbers).
+/// A record already there (a retry writing it again) is replaced, not
+/// doubled. Rare, so reading and rewriting a segment is fine.
+fn merge_late(
+    tree: &::sled::Tree,
+    late: &[Record],
+    tail: &mut Tail,
+    batch: &mut ::sled::Batch,
+) -> Result<(), StoreError> {
+    let mut targets: std::collections::BTreeMap<::sled::IVec, Vec<Record>> = Default::default();
+    for record in late {
+        let segment = match tree.range(segment_key_bytes((record.seq, 0))..).next().transpose()? {
+            Some((key, value)) => match targets.entry(key) {
+                std::collections::btree_map::Entry::Occupied(found) => found.into_mut(),
+                std::collections::btree_map::Entry::Vacant(empty) => {
+                    let records = decode_all(empty.key(), &value)?;
+                    empty.insert(records)
+                }
+            },
+            // Nothing stored reaches it (cannot happen below the tail): a
+            // segment of its own at the end.
+            None => {
+                let key = ::sled::IVec::from(&segment_key_bytes((tail.running_max, tail.next_segment)));
+                tail.next_segment += 1;
+                targets.entry(key).or_default()
+            }
+        };
+        segment.retain(|held| held.seq != record.seq);
+        let at = segment.partition_point(|held| held.seq < record.seq);
+        segment.insert(at, record.clone());
+    }
+    for (key, records) in targets {
+        codec::encode_segment(&records, usize::MAX, &mut tail.buffer)
+            .map_err(|error| StoreError::Encode { seq: records[0].seq, reason: error.to_string() })?;
+        batch.insert(key, tail.buffer.as_slice());
+    }
+    Ok(())
 }
 
 /// The key of the segment at `position`.

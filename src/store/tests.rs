@@ -29,10 +29,12 @@ fn populated_dir() -> tempfile::TempDir {
 }
 
 /// A fresh sled directory holding exactly `records`, in the order given.
+/// A store holding `records` in the order given (as one written before the
+/// writer ordered records may).
 fn stored(records: &[Record]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
-    store.append(records).unwrap();
+    store.append_as_given(records).unwrap();
     store.flush().unwrap();
     dir
 }
@@ -354,8 +356,9 @@ fn paging_is_in_sequence_order_even_when_batches_arrived_out_of_order() {
         .collect();
     let late = copies.remove(3);
     let (first, second) = copies.split_at(copies.len() / 2);
-    store.append(first).unwrap();
-    store.append(&[second.to_vec(), vec![late]].concat()).unwrap();
+    // As a store written before the writer ordered records holds them.
+    store.append_as_given(first).unwrap();
+    store.append_as_given(&[second.to_vec(), vec![late]].concat()).unwrap();
     records.extend(copies.iter().cloned());
     records.sort_by_key(|record| record.seq);
     let mut expected: Vec<u64> = records.iter().map(|r| r.seq).collect();
@@ -647,8 +650,7 @@ fn a_number_waiting_in_the_queue_of_a_failing_store_is_never_written_past() {
     // it: the durable mark then covered a record not yet written, which a
     // checkpoint could leave out for good.
     use crate::store::GroupCommit;
-    let template = all_records(&SledStore::open(populated_dir().path()).unwrap()).remove(0);
-    let numbered = |seq| Record { seq, body: template.body.clone() };
+    let numbered = numbered_records();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Faulty::new(dir.path()));
     let config = StoreConfig { queue_capacity: 4, max_batch: 4, gap_patience_ms: 20, ..fast() };
@@ -673,6 +675,24 @@ fn a_number_waiting_in_the_queue_of_a_failing_store_is_never_written_past() {
     assert_eq!(stored, [1, 2, 3, 4, 5, 6]);
 }
 
+/// Copies of one real record under any number, for the ordering tests.
+fn numbered_records() -> impl Fn(u64) -> Record {
+    let template = all_records(&SledStore::open(populated_dir().path()).unwrap()).remove(0);
+    move |seq| Record { seq, body: template.body.clone() }
+}
+
+/// A writer over a fresh sled store at `dir`, numbering from 1.
+fn sled_writer(
+    dir: &std::path::Path,
+    gap_patience_ms: u64,
+) -> (Arc<SledStore>, crate::store::GroupCommit<SledStore>) {
+    let store = Arc::new(SledStore::open(dir).unwrap());
+    let config = StoreConfig { gap_patience_ms, ..fast() };
+    let writer = crate::store::GroupCommit::start(Arc::clone(&store), config).unwrap();
+    writer.begin_after(0).unwrap();
+    (store, writer)
+}
+
 /// Polls `done` until it holds (or fails the test after a generous bound).
 fn wait_until(what: &str, done: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -688,14 +708,9 @@ fn a_reader_paging_by_number_never_skips_a_record_appended_out_of_order() {
     // the durable, contiguous floor: with records 1 and 3 queued before 2, a
     // reader first sees only 1, then 2 and 3. (Before, 1 and 3 were stored
     // and served together, and a reader resuming after 3 never saw 2.)
-    use crate::store::GroupCommit;
-    let template = all_records(&SledStore::open(populated_dir().path()).unwrap()).remove(0);
-    let numbered = |seq| Record { seq, body: template.body.clone() };
+    let numbered = numbered_records();
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SledStore::open(dir.path()).unwrap());
-    let patient = StoreConfig { gap_patience_ms: 60_000, ..fast() };
-    let writer = GroupCommit::start(Arc::clone(&store), patient).unwrap();
-    writer.begin_after(0).unwrap();
+    let (store, writer) = sled_writer(dir.path(), 60_000);
     writer.append(numbered(1)).unwrap();
     writer.append(numbered(3)).unwrap();
     wait_until("record 1 to be durable", || writer.durable_through() >= 1);
@@ -707,6 +722,75 @@ fn a_reader_paging_by_number_never_skips_a_record_appended_out_of_order() {
     writer.shutdown().unwrap();
     let stored: Vec<u64> = store.records().map(|r| r.unwrap().seq).collect();
     assert_eq!(stored, [1, 2, 3], "the store's order is number order");
+}
+
+#[test]
+fn a_record_written_late_is_stored_at_its_number_and_the_mark_waits_for_it() {
+    // Proves a record whose thread stalled past the gap patience (the
+    // records after it written without it) holds the durable mark below its
+    // number until it comes, and is then stored at its number's place: a
+    // reader paging in small steps gets every record once, in order, and a
+    // reopen reads them in order. Before, the mark moved past the missing
+    // number, and a reader that had moved past it never saw the record.
+    let numbered = numbered_records();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = sled_writer(dir.path(), 20);
+    writer.append(numbered(1)).unwrap();
+    for seq in 3..=300 {
+        writer.append(numbered(seq)).unwrap();
+    }
+    // Answered once 3..=300 are written past the gap.
+    writer.sync().unwrap();
+    assert_eq!(store.read_after(2, 1000).unwrap().len(), 298, "the records past the gap are stored");
+    assert_eq!(writer.durable_through(), 1, "the mark waits below the missing number");
+    assert_eq!(writer.stats().sequence_gaps_open, 1);
+    let seqs = |records: Vec<Record>| records.iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(writer.read_durable_after(0, 100).unwrap()), [1]);
+    writer.append(numbered(2)).unwrap();
+    writer.sync().unwrap();
+    assert_eq!(writer.durable_through(), 300);
+    assert_eq!(writer.stats().sequence_gaps_open, 0);
+    assert_eq!(writer.stats().written_out_of_order, 1);
+    let mut seen = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let page = seqs(writer.read_durable_after(cursor, 5).unwrap());
+        let Some(&last) = page.last() else { break };
+        cursor = last;
+        seen.extend(page);
+    }
+    assert_eq!(seen, (1..=300).collect::<Vec<u64>>(), "pages of 5");
+    writer.shutdown().unwrap();
+    drop(writer);
+    drop(store);
+    let reopened = SledStore::open(dir.path()).unwrap();
+    let stored: Vec<u64> = reopened.records().map(|r| r.unwrap().seq).collect();
+    assert_eq!(stored, (1..=300).collect::<Vec<u64>>(), "the store's order is number order");
+}
+
+#[test]
+fn a_late_record_goes_into_the_segment_where_its_number_belongs_once() {
+    // Proves the store puts records numbered below its tail in their place
+    // (reading in key order gives number order), across segments, and that
+    // writing one again (a retry after a failed flush) replaces it.
+    let numbered = numbered_records();
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let missing = [2, 150, 151, 299];
+    let present: Vec<Record> = (1..=300).filter(|seq| !missing.contains(seq)).map(&numbered).collect();
+    for chunk in present.chunks(37) {
+        store.append(chunk).unwrap();
+    }
+    store.append(&[numbered(151), numbered(2)]).unwrap();
+    store.append(&[numbered(299), numbered(301), numbered(150)]).unwrap();
+    store.append(&[numbered(150)]).unwrap();
+    store.flush().unwrap();
+    drop(store);
+    let reopened = SledStore::open(dir.path()).unwrap();
+    let stored: Vec<u64> = reopened.records().map(|r| r.unwrap().seq).collect();
+    assert_eq!(stored, (1..=301).collect::<Vec<u64>>());
+    let page: Vec<u64> = reopened.read_after(149, 3).unwrap().iter().map(|r| r.seq).collect();
+    assert_eq!(page, [150, 151, 152]);
 }
 
 #[test]

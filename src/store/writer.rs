@@ -4,7 +4,7 @@
 //! and resumes once writes succeed again.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
@@ -49,8 +49,12 @@ pub struct WriterStats {
     /// Failed writes or flushes (each one retried).
     pub store_failures: u64,
     /// Records that came after the writer had written past their number
-    /// (their gap outlasted `gap_patience_ms`): stored, but out of order.
+    /// (their gap outlasted `gap_patience_ms`): stored late, at their
+    /// number's place in the store.
     pub written_out_of_order: u64,
+    /// Numbers the writer wrote past whose records have not come yet: the
+    /// durable mark readers serve up to stops below the lowest of them.
+    pub sequence_gaps_open: u64,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +66,7 @@ struct Counters {
     flush_micros: AtomicU64,
     store_failures: AtomicU64,
     written_out_of_order: AtomicU64,
+    sequence_gaps_open: AtomicU64,
 }
 
 /// State the writer thread shares with its handle.
@@ -235,6 +240,7 @@ impl<S: Store> GroupCommit<S> {
             flush_micros: counters.flush_micros.load(Ordering::Relaxed),
             store_failures: counters.store_failures.load(Ordering::Relaxed),
             written_out_of_order: counters.written_out_of_order.load(Ordering::Relaxed),
+            sequence_gaps_open: counters.sequence_gaps_open.load(Ordering::Relaxed),
         }
     }
 
@@ -328,11 +334,21 @@ struct Worker<S: Store> {
 /// records of different wallets numbered a moment apart; writing them in
 /// number order makes the store's order the paging order, so a reader
 /// resuming after a number never skips one that was written later.
+///
+/// A record whose thread stalls between taking its number and queueing it
+/// for longer than the gap patience is written past (the records after it
+/// must not wait on one slow thread); its number is then *missing*, and the
+/// durable mark stops below it until the record comes, so no reader (the
+/// historian, the entries feed) moves past a number whose record may still
+/// be stored (a checkpoint taken past it would lack it for good).
 #[derive(Default)]
 struct Sequencer {
     /// The next number to write; `None` until the first record.
     next: Option<u64>,
     held: BinaryHeap<Reverse<Held>>,
+    /// Numbers written past whose records have not come, as ranges
+    /// `first -> last` (a gap is normally one number, one per stalled thread).
+    missing: BTreeMap<u64, u64>,
 }
 
 /// A record ordered by its number alone, with when it was taken.
@@ -373,10 +389,13 @@ impl Sequencer {
         let late = record.seq < *next;
         if !late {
             *next += 1;
+        } else if self.fill(record.seq) {
+            // The store puts it at its number's place; once flushed, the
+            // durable mark moves past it.
+            tracing::warn!(seq = record.seq, "a record came after its number was written past; stored now");
         } else {
-            // Below the next number: its gap outlasted the patience and was
-            // written past (or a test's hand-made record repeats a number).
-            // It cannot be put in order any more; write it as it comes.
+            // A number below the resumption point, or a test's hand-made
+            // record repeating one: write it as it comes.
             tracing::warn!(seq = record.seq, "a record arrived after its number was passed");
         }
         ready.push(record);
@@ -395,7 +414,7 @@ impl Sequencer {
     }
 
     /// Writes held records past a gap that has lasted too long (or all of
-    /// them when `now_anyway`): such a gap is a number that will never come.
+    /// them when `now_anyway`); the gap's numbers are noted as missing.
     fn release_stuck(&mut self, patience: Duration, now_anyway: bool, ready: &mut Vec<Record>) {
         loop {
             let stuck = self.held.peek().is_some_and(|Reverse(Held(_, since))| since.elapsed() >= patience);
@@ -403,23 +422,55 @@ impl Sequencer {
                 return;
             }
             let Some(Reverse(Held(record, _))) = self.held.pop() else { return };
-            tracing::warn!(
-                seq = record.seq,
-                "sequence numbers before this record never arrived; writing past them"
-            );
-            self.next = Some(record.seq.saturating_add(1).max(self.next.unwrap_or(0)));
+            let next = self.next.unwrap_or(record.seq);
+            if record.seq > next {
+                tracing::warn!(
+                    first_missing = next,
+                    seq = record.seq,
+                    "sequence numbers before this record have not arrived; writing past them (readers of \
+                     the durable records wait for them)"
+                );
+                self.missing.insert(next, record.seq - 1);
+            }
+            self.next = Some(record.seq.saturating_add(1).max(next));
             ready.push(record);
             self.release_in_order(ready);
         }
+    }
+
+    /// Takes `seq` out of the missing numbers; false if it was not missing.
+    fn fill(&mut self, seq: u64) -> bool {
+        let Some((&first, &last)) = self.missing.range(..=seq).next_back() else { return false };
+        if last < seq {
+            return false;
+        }
+        self.missing.remove(&first);
+        if first < seq {
+            self.missing.insert(first, seq - 1);
+        }
+        if seq < last {
+            self.missing.insert(seq + 1, last);
+        }
+        true
+    }
+
+    /// How many numbers are missing.
+    fn missing_count(&self) -> u64 {
+        self.missing.iter().map(|(first, last)| last - first + 1).sum()
     }
 
     fn is_holding(&self) -> bool {
         !self.held.is_empty()
     }
 
-    /// Every number below this has been taken in order.
+    /// Every number up to this has been taken (or lies below where this
+    /// run's numbering began): the durable mark once they are flushed.
     fn contiguous_through(&self, begins_after: u64) -> u64 {
-        self.next.map_or(begins_after, |next| next.saturating_sub(1))
+        let written = self.next.map_or(begins_after, |next| next.saturating_sub(1));
+        match self.missing.keys().next() {
+            Some(&first) => written.min(first.saturating_sub(1)),
+            None => written,
+        }
     }
 }
 
@@ -596,6 +647,7 @@ impl<S: Store> Worker<S> {
         let begins_after = self.shared.begins_after.load(Ordering::Relaxed);
         let through = state.sequencer.contiguous_through(begins_after);
         self.shared.durable_through.fetch_max(through, Ordering::Release);
+        self.shared.counters.sequence_gaps_open.store(state.sequencer.missing_count(), Ordering::Relaxed);
         match self.shared.durable_to.get() {
             Some(to) if !state.unflushed.is_empty() => {
                 // With the mark this flush set: the receiver uses no record

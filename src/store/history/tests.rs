@@ -572,3 +572,74 @@ fn compaction_gives_pruned_space_back_and_survives_an_interrupted_swap() {
     let report = verify_store(&ledger_dir, Some(&dir.path().join("exports"))).unwrap();
     assert!(report.is_clean(), "{report:#?}");
 }
+
+#[test]
+fn a_record_stored_after_the_writer_wrote_past_its_number_is_in_the_checkpoint() {
+    // Proves a record whose thread stalled past the writer's gap patience
+    // (written after the records numbered above it) reaches the shadow and
+    // the checkpoint. Before, the durable mark moved past the missing
+    // number, a checkpoint was taken without it, and the record, when it
+    // came, was skipped as already covered: a restart from that checkpoint
+    // lost it.
+    let source = tempfile::tempdir().unwrap();
+    let opened = open_ledger(source.path(), LedgerConfig::default(), fast()).unwrap();
+    populate(&opened.ledger, at("2027-03-10T09:00:00Z"), 2);
+    opened.writer.shutdown().unwrap();
+    drop(opened);
+    let mut records: Vec<_> = SledStore::open(source.path()).unwrap().records().map(Result::unwrap).collect();
+    records.sort_by_key(|record| record.seq);
+    // The last entry of some wallet with other records after it: numbers are
+    // taken under the wallet's lock, so only other wallets' records can
+    // overtake a stalled one.
+    let wallet_of = |record: &crate::ledger::journal::Record| match &record.body {
+        crate::ledger::journal::RecordBody::Entry(entry) => Some(entry.wallet),
+        _ => None,
+    };
+    let position = (records.len() / 2..records.len() - 1)
+        .find(|&n| {
+            wallet_of(&records[n])
+                .is_some_and(|wallet| records[n + 1..].iter().all(|later| wallet_of(later) != Some(wallet)))
+        })
+        .unwrap();
+    let stalled = records.remove(position);
+    let last = records.last().unwrap().seq;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig { gap_patience_ms: 20, ..fast() };
+    let opened = open_ledger(dir.path(), LedgerConfig::default(), config).unwrap();
+    let clock = ManualClock::new(at("2027-03-12T09:00:00Z"));
+    let historian = start_historian(dir.path(), &opened.writer, 1_000_000, &clock);
+    for record in records {
+        Journal::append(&*opened.writer, record).unwrap();
+    }
+    // Answered once the records past the gap are written (after the patience).
+    Journal::sync(&*opened.writer).unwrap();
+    assert_eq!(opened.writer.durable_through(), stalled.seq - 1, "the mark waits below the gap");
+    assert_eq!(opened.writer.stats().sequence_gaps_open, 1);
+    for _ in 0..10 {
+        clock.advance(TimeDelta::minutes(2));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = historian.status();
+    assert!(before.checkpoint_seq < stalled.seq, "no checkpoint passes the gap: {before:?}");
+
+    Journal::append(&*opened.writer, stalled.clone()).unwrap();
+    Journal::sync(&*opened.writer).unwrap();
+    assert_eq!(opened.writer.durable_through(), last);
+    assert_eq!(opened.writer.stats().sequence_gaps_open, 0);
+    assert_eq!(opened.writer.stats().written_out_of_order, 1);
+    for _ in 0..100 {
+        clock.advance(TimeDelta::minutes(2));
+        if historian.status().checkpoint_seq >= last {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(historian.status().checkpoint_seq, last, "{:?}", historian.status());
+    historian.stop();
+    opened.writer.shutdown().unwrap();
+    drop(opened);
+    let saved = checkpoint::load_newest(&checkpoint::dir_of(dir.path())).unwrap().0.unwrap();
+    assert_eq!(saved, replayed(dir.path()).snapshot(last), "the checkpoint is the full replay's state");
+    assert_eq!(saved, replayed(source.path()).snapshot(last), "and the original ledger's");
+}
