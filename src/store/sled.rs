@@ -1,12 +1,14 @@
 //! The sled backend: one tree of segments (see [`super::codec`]), each
-//! holding the records of one batch in append order, and a meta tree holding
+//! holding records of one batch in number order, and a meta tree holding
 //! the format version.
 //!
 //! A segment's key is `running_max_seq ‖ segment_number` (both big-endian):
 //! the highest sequence number stored so far, including this segment, then a
 //! counter. Both only grow, so sled's key order is append order (replay
 //! order), and the first segment whose running maximum exceeds `n` is where
-//! records after `n` begin (paging). Stores of the first format (one JSON
+//! records after `n` begin (paging). A record that comes after higher
+//! numbers were stored (its thread stalled) is merged into the segment where
+//! its number belongs, so key order stays number order. Stores of the first format (one JSON
 //! record per key, keyed by its sequence number) open and keep working: their
 //! 8-byte keys sort before every later segment.
 
@@ -454,8 +456,8 @@ fn write_segments(
 /// Puts records numbered below the stored tail (stored late) into the
 /// segments where their numbers belong: the first whose running maximum
 /// reaches the number (every segment before it holds only lower numbers).
-/// A record already there (a retry writing it again) is replaced, not
-/// doubled. Rare, so reading and rewriting a segment is fine.
+/// The same record written again (a retry) is not doubled. Rare, so
+/// reading and rewriting a segment is fine.
 fn merge_late(
     tree: &::sled::Tree,
     late: &[Record],
@@ -480,9 +482,18 @@ fn merge_late(
                 targets.entry(key).or_default()
             }
         };
-        segment.retain(|held| held.seq != record.seq);
         let at = segment.partition_point(|held| held.seq < record.seq);
-        segment.insert(at, record.clone());
+        match segment.get(at) {
+            // Written again (a retry after a failed flush): already there.
+            Some(held) if held == record => {}
+            Some(held) if held.seq == record.seq => {
+                // Two records under one number is a bug; keep both, so
+                // `ledger verify` and replay see it rather than lose one.
+                tracing::error!(seq = record.seq, "a different record under a stored number; both kept");
+                segment.insert(at + 1, record.clone());
+            }
+            _ => segment.insert(at, record.clone()),
+        }
     }
     for (key, records) in targets {
         codec::encode_segment(&records, usize::MAX, &mut tail.buffer)

@@ -346,10 +346,24 @@ struct Sequencer {
     /// The next number to write; `None` until the first record.
     next: Option<u64>,
     held: BinaryHeap<Reverse<Held>>,
-    /// Numbers written past whose records have not come, as ranges
-    /// `first -> last` (a gap is normally one number, one per stalled thread).
-    missing: BTreeMap<u64, u64>,
+    /// Numbers written past whose records have not come, as ranges by
+    /// their first number (a gap is normally one number, one per stalled
+    /// thread).
+    missing: BTreeMap<u64, Gap>,
 }
+
+/// Missing numbers from a range's key through `last`.
+#[derive(Clone, Copy)]
+struct Gap {
+    last: u64,
+    since: Instant,
+    reported: bool,
+}
+
+/// How long a missing number may stay missing before it is logged as an
+/// error: by then its thread is not slow but gone (a panic between taking
+/// the number and queueing the record), and readers wait until a restart.
+const GAP_REPORTED_AFTER: Duration = Duration::from_secs(30);
 
 /// A record ordered by its number alone, with when it was taken.
 struct Held(Record, Instant);
@@ -381,6 +395,8 @@ impl Sequencer {
         let next = self.next.get_or_insert(resumes_at);
         if *next < resumes_at {
             *next = resumes_at;
+            // Nothing below where numbering resumes is waited for.
+            self.missing.retain(|&first, _| first >= resumes_at);
         }
         if record.seq > *next {
             self.held.push(Reverse(Held(record, Instant::now())));
@@ -430,7 +446,8 @@ impl Sequencer {
                     "sequence numbers before this record have not arrived; writing past them (readers of \
                      the durable records wait for them)"
                 );
-                self.missing.insert(next, record.seq - 1);
+                self.missing
+                    .insert(next, Gap { last: record.seq - 1, since: Instant::now(), reported: false });
             }
             self.next = Some(record.seq.saturating_add(1).max(next));
             ready.push(record);
@@ -440,23 +457,36 @@ impl Sequencer {
 
     /// Takes `seq` out of the missing numbers; false if it was not missing.
     fn fill(&mut self, seq: u64) -> bool {
-        let Some((&first, &last)) = self.missing.range(..=seq).next_back() else { return false };
-        if last < seq {
+        let Some((&first, &gap)) = self.missing.range(..=seq).next_back() else { return false };
+        if gap.last < seq {
             return false;
         }
         self.missing.remove(&first);
         if first < seq {
-            self.missing.insert(first, seq - 1);
+            self.missing.insert(first, Gap { last: seq - 1, ..gap });
         }
-        if seq < last {
-            self.missing.insert(seq + 1, last);
+        if seq < gap.last {
+            self.missing.insert(seq + 1, gap);
         }
         true
     }
 
-    /// How many numbers are missing.
-    fn missing_count(&self) -> u64 {
-        self.missing.iter().map(|(first, last)| last - first + 1).sum()
+    /// How many numbers are missing; logs, once each, those missing too long.
+    fn missing_count(&mut self) -> u64 {
+        let mut count = 0;
+        for (&first, gap) in &mut self.missing {
+            count += gap.last - first + 1;
+            if !gap.reported && gap.since.elapsed() >= GAP_REPORTED_AFTER {
+                gap.reported = true;
+                tracing::error!(
+                    first,
+                    last = gap.last,
+                    "ledger sequence numbers never came: checkpoints, retention and the entries feed wait \
+                     below them until the gateway restarts (the records after them are stored)"
+                );
+            }
+        }
+        count
     }
 
     fn is_holding(&self) -> bool {

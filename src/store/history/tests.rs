@@ -628,7 +628,7 @@ fn a_record_stored_after_the_writer_wrote_past_its_number_is_in_the_checkpoint()
     assert_eq!(opened.writer.durable_through(), last);
     assert_eq!(opened.writer.stats().sequence_gaps_open, 0);
     assert_eq!(opened.writer.stats().written_out_of_order, 1);
-    for _ in 0..100 {
+    for _ in 0..200 {
         clock.advance(TimeDelta::minutes(2));
         if historian.status().checkpoint_seq >= last {
             break;
