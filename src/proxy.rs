@@ -13,6 +13,7 @@
 //! Bodies stream in both directions: nothing here buffers a whole request or
 //! response.
 
+mod audio;
 mod body;
 mod charge;
 mod context;

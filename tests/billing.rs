@@ -1084,3 +1084,35 @@ async fn a_response_is_ended_after_max_response_ms_even_when_its_client_stopped_
     let open = books.gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap().open_holds;
     assert_eq!(open, 0);
 }
+
+#[tokio::test]
+async fn audio_the_price_table_cannot_price_is_refused_not_charged_as_text() {
+    // Proves audio is refused before anything is held or sent: providers
+    // bill audio tokens at their own rates (OpenAI's audio models: 16x the
+    // text rate on input, 8x on output), and the price table states none,
+    // so a call with audio would have been charged its tokens as text.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let sent = books.provider.received().len();
+    let before = books.settled_balance(&pro).await;
+    let part = json!({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}});
+    let refused = [
+        ("input_audio", json!({"model": "mock-gpt", "messages": [{"role": "user", "content": [part]}]})),
+        ("modalities", json!({"model": "mock-gpt", "modalities": ["text", "audio"], "messages": []})),
+        ("audio", json!({"model": "mock-gpt", "audio": {"voice": "alloy", "format": "wav"}, "messages": []})),
+    ];
+    for (marker, body) in refused {
+        let reply = books.post(CHAT, Some(&pro), &[], &body).await;
+        assert_eq!(reply.status, 400, "{marker}");
+        assert_eq!(reply.json()["error"]["code"], "audio_not_priced", "{marker}");
+        assert!(reply.json()["error"]["message"].as_str().unwrap().contains(marker));
+    }
+    assert_eq!(books.provider.received().len(), sent, "nothing reached the upstream");
+    assert_eq!(books.settled_balance(&pro).await, before, "nothing was charged");
+
+    // Text that only mentions audio, and text-only modalities, are served.
+    let text = json!({"model": "mock-gpt", "max_tokens": 10, "modalities": ["text"],
+        "messages": [{"role": "user", "content": "what is an {\"type\": \"input_audio\"} part?"}]});
+    assert_eq!(books.post(CHAT, Some(&pro), &[], &text).await.status, 200);
+    assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-gpt"));
+}

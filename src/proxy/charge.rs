@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::context::Outcome;
 use super::error::ProxyError;
 use super::headers::X_API_KEY;
-use super::server_context;
+use super::{audio, server_context};
 use crate::clock::Clock;
 use crate::cluster::ClusterHold;
 use crate::config::{Flavour, RouteLimits};
@@ -197,6 +197,10 @@ struct ModelFields {
     tools: Option<Vec<RequestTool>>,
     max_tool_calls: Option<Value>,
     background: Option<Value>,
+    /// Output modalities (`["text", "audio"]`) and the audio output's
+    /// settings: either asks for audio.
+    modalities: Option<Value>,
+    audio: Option<Value>,
 }
 
 /// A `tools[]` entry: only its type is read (function schemas are skipped).
@@ -304,6 +308,21 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
                 field: "background",
                 reason: "must be true or false".into(),
             })
+        }
+    }
+    if flavour != Flavour::OpenaiEmbeddings {
+        let audio_out =
+            fields.modalities.as_ref().and_then(Value::as_array).is_some_and(|modalities| {
+                modalities.iter().any(|modality| modality.as_str() == Some("audio"))
+            });
+        if audio_out {
+            return Err(ProxyError::AudioRefused { marker: "modalities" });
+        }
+        if fields.audio.as_ref().is_some_and(|audio| !audio.is_null()) {
+            return Err(ProxyError::AudioRefused { marker: "audio" });
+        }
+        if audio::has_input_audio(body) {
+            return Err(ProxyError::AudioRefused { marker: "input_audio" });
         }
     }
     let include_usage = fields

@@ -58,6 +58,8 @@ pub enum ProxyError {
     ServerContextRefused { marker: &'static str },
     #[error("background responses are not served: the gateway meters a response as it streams, and a background one is billed after the connection ends")]
     BackgroundRefused,
+    #[error("the request sends or asks for audio (`{marker}`), which this gateway cannot price: providers bill audio tokens at their own rates and the price table has none; send text")]
+    AudioRefused { marker: &'static str },
     #[error("the path {reason}; send a normalised path")]
     InvalidPath { reason: &'static str },
     #[error("the request's Host {host:?} does not match the host of its target URI")]
@@ -107,6 +109,7 @@ impl ProxyError {
             ProxyError::NotAllowed { .. } => (S::FORBIDDEN, "permission_error", "not_allowed_for_key", Level::DEBUG),
             ProxyError::ServerContextRefused { .. } => (S::BAD_REQUEST, "invalid_request_error", "server_context_not_allowed", Level::DEBUG),
             ProxyError::BackgroundRefused => (S::BAD_REQUEST, "invalid_request_error", "background_not_supported", Level::DEBUG),
+            ProxyError::AudioRefused { .. } => (S::BAD_REQUEST, "invalid_request_error", "audio_not_priced", Level::DEBUG),
             ProxyError::InvalidPath { .. } => (S::BAD_REQUEST, "invalid_request_error", "invalid_path", Level::DEBUG),
             ProxyError::HostMismatch { .. } => (S::BAD_REQUEST, "invalid_request_error", "host_mismatch", Level::DEBUG),
             ProxyError::TrafficCap { .. } => (S::TOO_MANY_REQUESTS, "rate_limit_error", "traffic_cap", Level::DEBUG),

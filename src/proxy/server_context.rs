@@ -87,7 +87,7 @@ fn marker_after_quote(rest: &[u8]) -> Option<&'static str> {
 /// `body` with each `\uXXXX` escape of a printable ASCII character other than
 /// a quote or a backslash replaced by that character; every other escape is
 /// kept as written (so an escaped quote still cannot end a string).
-fn ascii_unescaped(body: &[u8]) -> Vec<u8> {
+pub(super) fn ascii_unescaped(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len());
     let mut at = 0;
     while let Some(found) = memchr::memchr(b'\\', &body[at..]) {
