@@ -1100,6 +1100,15 @@ async fn audio_the_price_table_cannot_price_is_refused_not_charged_as_text() {
         ("input_audio", json!({"model": "mock-gpt", "messages": [{"role": "user", "content": [part]}]})),
         ("modalities", json!({"model": "mock-gpt", "modalities": ["text", "audio"], "messages": []})),
         ("audio", json!({"model": "mock-gpt", "audio": {"voice": "alloy", "format": "wav"}, "messages": []})),
+        ("modalities", json!({"model": "mock-gpt", "modalities": ["TEXT", "AUDIO"], "messages": []})),
+        // An earlier audio reply, by id: the upstream reads it back as audio input.
+        (
+            "messages[].audio",
+            json!({"model": "mock-gpt", "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "audio": {"id": "audio_abc123"}},
+                {"role": "user", "content": "go on"}]}),
+        ),
     ];
     for (marker, body) in refused {
         let reply = books.post(CHAT, Some(&pro), &[], &body).await;

@@ -198,9 +198,11 @@ struct ModelFields {
     max_tool_calls: Option<Value>,
     background: Option<Value>,
     /// Output modalities (`["text", "audio"]`) and the audio output's
-    /// settings: either asks for audio.
+    /// settings: either asks for audio; and earlier audio replies in the
+    /// conversation, which the upstream reads back.
     modalities: Option<Value>,
     audio: Option<Value>,
+    messages: Option<audio::AudioInMessages>,
 }
 
 /// A `tools[]` entry: only its type is read (function schemas are skipped).
@@ -311,15 +313,20 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         }
     }
     if flavour != Flavour::OpenaiEmbeddings {
-        let audio_out =
-            fields.modalities.as_ref().and_then(Value::as_array).is_some_and(|modalities| {
-                modalities.iter().any(|modality| modality.as_str() == Some("audio"))
-            });
+        let is_audio = |modality: &Value| modality.as_str().is_some_and(|m| m.eq_ignore_ascii_case("audio"));
+        let audio_out = match &fields.modalities {
+            Some(Value::Array(modalities)) => modalities.iter().any(is_audio),
+            Some(modality) => is_audio(modality),
+            None => false,
+        };
         if audio_out {
             return Err(ProxyError::AudioRefused { marker: "modalities" });
         }
         if fields.audio.as_ref().is_some_and(|audio| !audio.is_null()) {
             return Err(ProxyError::AudioRefused { marker: "audio" });
+        }
+        if fields.messages.as_ref().is_some_and(|messages| messages.0) {
+            return Err(ProxyError::AudioRefused { marker: "messages[].audio" });
         }
         if audio::has_input_audio(body) {
             return Err(ProxyError::AudioRefused { marker: "input_audio" });
