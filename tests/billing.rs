@@ -808,6 +808,20 @@ async fn hosted_tool_calls_are_held_bounded_and_charged_per_call() {
     let reply = books.post("/v1/responses", Some(&pro), &[], &body).await;
     assert_eq!(reply.status, 400);
     assert_eq!(reply.json()["error"]["code"], "tool_not_priced");
+
+    // Anthropic's code execution is billed by container time, which no
+    // response reports: refused in every dated version, before anything is held.
+    let sent = books.provider.received().len();
+    let before = books.settled_balance(&pro).await;
+    for kind in ["code_execution_20250522", "code_execution_20250825"] {
+        let body = json!({"model": "mock-claude", "max_tokens": 50, "messages": [],
+                          "tools": [{"type": kind, "name": "code_execution"}]});
+        let reply = books.post("/v1/messages", Some(&pro), &[], &body).await;
+        assert_eq!(reply.status, 400, "{kind}");
+        assert_eq!(reply.json()["error"]["code"], "tool_not_metered", "{kind}");
+    }
+    assert_eq!(books.provider.received().len(), sent);
+    assert_eq!(books.settled_balance(&pro).await, before);
 }
 
 #[tokio::test]
@@ -1123,5 +1137,38 @@ async fn audio_the_price_table_cannot_price_is_refused_not_charged_as_text() {
     let text = json!({"model": "mock-gpt", "max_tokens": 10, "modalities": ["text"],
         "messages": [{"role": "user", "content": "what is an {\"type\": \"input_audio\"} part?"}]});
     assert_eq!(books.post(CHAT, Some(&pro), &[], &text).await.status, 200);
+    assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-gpt"));
+}
+
+#[tokio::test]
+async fn an_azure_deployment_in_the_path_must_be_the_model_priced() {
+    // Proves a path that names a deployment (Azure serves that one and
+    // ignores the body's model) is priced only when the body names the same:
+    // a dear deployment cannot be priced as a cheap model the body names.
+    let books = Books::start(
+        |t| {
+            format!(
+                "{t}\n[[routes]]\nprefix = \"/openai/deployments\"\nupstream = \"mock\"\nflavour = \"openai-chat\"\n"
+            )
+        },
+        "100",
+        "1",
+    )
+    .await;
+    let pro = books.keys.pro.clone();
+    let sent = books.provider.received().len();
+    let before = books.settled_balance(&pro).await;
+    let body = json!({"model": "mock-gpt", "max_tokens": 10, "messages": []});
+    let reply = books.post("/openai/deployments/mock-claude/chat/completions", Some(&pro), &[], &body).await;
+    assert_eq!(reply.status, 400);
+    assert!(reply.json()["error"]["message"].as_str().unwrap().contains("mock-claude"));
+    // Another casing is no route here at all.
+    let reply = books.post("/openai/Deployments/mock-claude/chat/completions", Some(&pro), &[], &body).await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(books.provider.received().len(), sent, "nothing reached the upstream");
+    assert_eq!(books.settled_balance(&pro).await, before, "nothing was charged");
+    let body = json!({"model": "mock-gpt", "max_tokens": 10, "messages": []});
+    let reply = books.post("/openai/deployments/mock-gpt/chat/completions", Some(&pro), &[], &body).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
     assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-gpt"));
 }

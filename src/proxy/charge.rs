@@ -364,6 +364,13 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         _ => |_: &str| None,
     };
     for tool in fields.tools.into_iter().flatten() {
+        // Anthropic bills code execution by container time, which no
+        // response reports: it cannot be metered, so it is not served.
+        if flavour == Flavour::AnthropicMessages
+            && tool.kind.as_deref().is_some_and(|kind| kind.starts_with("code_execution"))
+        {
+            return Err(ProxyError::UnmeteredHostedTool { tool: "code_execution" });
+        }
         let Some(hosted) = tool.kind.as_deref().and_then(recognise) else { continue };
         if !hosted_tools.contains(&hosted) {
             hosted_tools.push(hosted);
@@ -385,6 +392,32 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         hosted_tools,
         max_tool_calls,
     })
+}
+
+/// Azure-style upstreams (`/openai/deployments/{name}/chat/completions`)
+/// serve the deployment the path names and ignore the body's `model`, which
+/// is what the gateway prices and checks against the key's scope: the two
+/// must name the same thing (Azure's own clients send both), or a call to
+/// a dear deployment would be priced as a cheap model.
+pub fn check_deployment(path: &str, model: &str) -> Result<(), ProxyError> {
+    let mut segments = path.split('/');
+    while let Some(segment) = segments.next() {
+        if !segment.eq_ignore_ascii_case("deployments") {
+            continue;
+        }
+        let Some(deployment) = segments.next() else { break };
+        if !deployment.eq_ignore_ascii_case(model) {
+            return Err(ProxyError::InvalidField {
+                field: "model",
+                reason: format!(
+                    "must name the deployment in the path (`{}`): the upstream serves that deployment, \
+                     whatever the body's model",
+                    deployment.chars().take(128).collect::<String>()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A whole number of tokens or choices, 0 or more; `null` counts as absent.
@@ -1053,6 +1086,18 @@ pub fn available_header(amount: Decimal) -> Option<HeaderValue> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn a_deployment_named_in_the_path_or_base_path_must_be_the_body_s_model() {
+        use super::check_deployment;
+        assert!(check_deployment("/v1/chat/completions", "m").is_ok());
+        assert!(check_deployment("", "m").is_ok());
+        assert!(check_deployment("/openai/deployments/gpt-4o/chat/completions", "gpt-4o").is_ok());
+        assert!(check_deployment("/openai/deployments/GPT-4o/chat/completions", "gpt-4o").is_ok());
+        assert!(check_deployment("/openai/deployments/gpt-4o/chat/completions", "gpt-4o-mini").is_err());
+        assert!(check_deployment("/openai/deployments/gpt-4o", "gpt-4o-mini").is_err(), "a base path");
+        assert!(check_deployment("/openai/deployments", "m").is_ok(), "no name after it");
+    }
+
     use serde_json::{json, Value};
 
     use super::with_include_usage;

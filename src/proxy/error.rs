@@ -46,6 +46,8 @@ pub enum ProxyError {
     UnpricedServiceTier { model: String, tier: String },
     #[error("the request enables the upstream's `{tool}` tool, which has no price on this gateway; ask the operator to price [tools.\"{tool}\"]")]
     UnpricedHostedTool { tool: &'static str },
+    #[error("the request enables the upstream's `{tool}` tool, which the upstream bills by time the gateway cannot meter; run code on the client side")]
+    UnmeteredHostedTool { tool: &'static str },
     #[error("`{field}` {reason}")]
     InvalidField { field: &'static str, reason: String },
     #[error("this route is metered but the gateway has no price table")]
@@ -103,6 +105,7 @@ impl ProxyError {
             ProxyError::UnpricedModel { .. } => (S::BAD_REQUEST, "invalid_request_error", "model_not_priced", Level::DEBUG),
             ProxyError::UnpricedServiceTier { .. } => (S::BAD_REQUEST, "invalid_request_error", "service_tier_not_priced", Level::DEBUG),
             ProxyError::UnpricedHostedTool { .. } => (S::BAD_REQUEST, "invalid_request_error", "tool_not_priced", Level::DEBUG),
+            ProxyError::UnmeteredHostedTool { .. } => (S::BAD_REQUEST, "invalid_request_error", "tool_not_metered", Level::DEBUG),
             ProxyError::InvalidField { .. } => (S::BAD_REQUEST, "invalid_request_error", "invalid_field", Level::DEBUG),
             ProxyError::NoPriceTable => (S::SERVICE_UNAVAILABLE, "gateway_error", "no_price_table", Level::ERROR),
             ProxyError::Refused(refusal) => refusal_class(refusal),
