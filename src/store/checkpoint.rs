@@ -206,14 +206,23 @@ pub fn write(dir: &Path, snapshot: &LedgerSnapshot, pause: impl Fn()) -> Result<
     }
     std::fs::rename(&temp, &path).map_err(io(&path))?;
     sync_dir(dir).map_err(io(dir))?;
-    remove_old(dir)?;
+    remove_old(dir, &path)?;
     Ok(path)
 }
 
-/// Removes checkpoints past the newest [`KEPT`] and leftover temporary files.
-fn remove_old(dir: &Path) -> Result<(), CheckpointError> {
-    for (_, path) in list(dir)?.into_iter().skip(KEPT) {
-        std::fs::remove_file(&path).map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
+/// Removes checkpoints past the newest [`KEPT`] that read back whole (the
+/// one just `written` counts without a read), and leftover temporary files.
+/// A damaged one is not counted: after a start that fell back past it, the
+/// good fallback it would have displaced is kept instead.
+fn remove_old(dir: &Path, written: &Path) -> Result<(), CheckpointError> {
+    let mut whole = 0;
+    for (_, path) in list(dir)? {
+        if whole >= KEPT {
+            std::fs::remove_file(&path)
+                .map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
+        } else if path == written || read(&path).is_ok() {
+            whole += 1;
+        }
     }
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
@@ -271,6 +280,25 @@ mod tests {
         let (found, skipped) = load_newest(dir.path()).unwrap();
         assert!(found.is_none() && skipped.len() == 2, "no valid checkpoint: full replay ({skipped:?})");
         assert!(skipped[1].contains("version 9"), "{skipped:?}");
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_does_not_push_out_the_good_fallback() {
+        // Proves the two kept are the two newest that read back whole: with
+        // 30 damaged (a start fell back to 20), writing 40 keeps 20. Before,
+        // 40 and the damaged 30 were kept and 20 deleted, leaving one good
+        // checkpoint, and retention failed on reading 30.
+        let dir = tempfile::tempdir().unwrap();
+        for seq in [10, 20, 30] {
+            write(dir.path(), &snapshot(seq), || {}).unwrap();
+        }
+        std::fs::write(path_of(dir.path(), 30), b"damaged").unwrap();
+        write(dir.path(), &snapshot(40), || {}).unwrap();
+        let kept: Vec<u64> = list(dir.path()).unwrap().into_iter().map(|(seq, _)| seq).collect();
+        assert_eq!(kept, [40, 30, 20]);
+        write(dir.path(), &snapshot(50), || {}).unwrap();
+        let kept: Vec<u64> = list(dir.path()).unwrap().into_iter().map(|(seq, _)| seq).collect();
+        assert_eq!(kept, [50, 40], "the damaged one goes once two good ones are newer");
     }
 
     #[test]
