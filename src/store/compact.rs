@@ -15,8 +15,8 @@
 //! [`finish_interrupted`] (run before every open) completes or discards an
 //! interrupted compaction: a complete copy with `<dir>` missing is moved into
 //! place; an incomplete one is removed; a leftover `<dir>.old` beside a
-//! present `<dir>` is removed. The original is never removed before its copy
-//! is in place.
+//! present `<dir>` is removed, and one with `<dir>` missing is put back. The
+//! original is never removed before its copy is in place.
 
 use std::path::{Path, PathBuf};
 
@@ -54,6 +54,15 @@ pub fn finish_interrupted(dir: &Path) -> Result<(), StoreError> {
     }
     if old.exists() && dir.exists() {
         std::fs::remove_dir_all(&old).map_err(io)?;
+    } else if old.exists() {
+        // Moved aside, but no complete copy took its place (the swap
+        // failed, or another command removed the copy meanwhile): the
+        // original goes back, or the next open would make an empty store.
+        tracing::warn!(dir = %dir.display(), "putting back a ledger an interrupted compaction moved aside");
+        std::fs::rename(&old, dir).map_err(io)?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent).map_err(io)?;
+        }
     }
     Ok(())
 }
@@ -106,6 +115,8 @@ fn copy_store(dir: &Path, copy: &Path) -> Result<(), StoreError> {
         }
         to.flush()?;
     }
+    // sled's flush does not fsync (see `SledStore::flush`).
+    std::fs::File::open(copy.join("db")).and_then(|f| f.sync_all()).map_err(io)?;
     for entry in std::fs::read_dir(dir).map_err(io)?.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();

@@ -523,7 +523,7 @@ fn copy_tree(from: &Path, to: &Path) {
 fn compaction_gives_pruned_space_back_and_survives_an_interrupted_swap() {
     // Proves `ledger compact` shrinks a pruned store without changing a
     // balance, keeps checkpoints and the watermark, and that a crash after
-    // the original was moved aside is finished by the next open.
+    // the original was moved aside is finished (or undone) by the next open.
     let start = at("2027-03-10T09:00:00Z");
     let (dir, wallets) = history_dir(start, 6);
     let ledger_dir = dir.path().join("ledger");
@@ -569,6 +569,13 @@ fn compaction_gives_pruned_space_back_and_survives_an_interrupted_swap() {
     std::fs::rename(&ledger_dir, dir.path().join("ledger.old")).unwrap();
     check("finished after a crash");
     assert!(!copy.exists() && !dir.path().join("ledger.old").exists(), "nothing is left behind");
+    // The original moved aside with no complete copy to take its place (the
+    // swap failed, or another command removed the copy): it is put back.
+    // Before, the next open made an empty store and the one after it
+    // deleted the original.
+    std::fs::rename(&ledger_dir, dir.path().join("ledger.old")).unwrap();
+    check("put back");
+    assert!(!dir.path().join("ledger.old").exists());
     let report = verify_store(&ledger_dir, Some(&dir.path().join("exports"))).unwrap();
     assert!(report.is_clean(), "{report:#?}");
 }
