@@ -52,6 +52,8 @@ pub struct SledStore {
 struct Open {
     db: ::sled::Db,
     records: ::sled::Tree,
+    /// sled's data file, synced after each flush (see `flushed_to_disk`).
+    file: Arc<std::fs::File>,
 }
 
 #[derive(Debug, Default)]
@@ -109,6 +111,22 @@ impl SledStore {
     }
 
     /// The records tree, or an error while the database is being reopened.
+    /// sled's flush writes its buffers with `sync_file_range` only (its
+    /// periodic fsync is off here), which neither commits the file's
+    /// metadata (the blocks a write filled) nor empties the disk's write
+    /// cache: the records would survive a crash of the process but not of
+    /// the machine. An `fdatasync` after it does both.
+    fn flushed_to_disk(&self) -> Result<(), StoreError> {
+        let (db, file) = self
+            .open
+            .read()
+            .as_ref()
+            .map(|open| (open.db.clone(), Arc::clone(&open.file)))
+            .ok_or(StoreError::Reopening)?;
+        db.flush()?;
+        file.sync_data().map_err(|error| StoreError::Sled(::sled::Error::Io(error)))
+    }
+
     fn tree(&self) -> Result<::sled::Tree, StoreError> {
         self.open.read().as_ref().map(|open| open.records.clone()).ok_or(StoreError::Reopening)
     }
@@ -132,7 +150,13 @@ fn open_checked(dir: &Path) -> Result<(Open, Tail), StoreError> {
         check_format(&db)?;
         let records = db.open_tree("records")?;
         let tail = find_tail(&records)?;
-        Ok((Open { db, records }, tail))
+        // The file sled writes everything to, and its directory entry.
+        let file = std::fs::File::open(dir.join("db"))
+            .map_err(|error| StoreError::Sled(::sled::Error::Io(error)))?;
+        std::fs::File::open(dir)
+            .and_then(|directory| directory.sync_all())
+            .map_err(|error| StoreError::Sled(::sled::Error::Io(error)))?;
+        Ok((Open { db, records, file: Arc::new(file) }, tail))
     }));
     opened.unwrap_or_else(|panic| {
         let message = panic
@@ -266,10 +290,9 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        let db = self.open.read().as_ref().map(|open| open.db.clone()).ok_or(StoreError::Reopening)?;
         // Only the writer appends, and it is the caller: the tail is still.
         let position = self.tail.lock().position();
-        db.flush()?;
+        self.flushed_to_disk()?;
         *self.durable.lock() = position;
         Ok(())
     }
@@ -324,7 +347,7 @@ impl Store for SledStore {
         let db = self.open.read().as_ref().map(|open| open.db.clone()).ok_or(StoreError::Reopening)?;
         let floor = self.pruned_through().max(seq);
         self.meta()?.insert(PRUNED_THROUGH, &floor.to_be_bytes())?;
-        db.flush()?;
+        self.flushed_to_disk()?;
         let tree = self.tree()?;
         let last = tree.last()?.map(|(key, _)| key);
         let mut removed = 0;
@@ -411,6 +434,15 @@ impl Store for SledStore {
         drop(failed);
         let (fresh, tail) = open_checked(&self.dir)?;
         let durable = *self.durable.lock();
+        if tail.position() < durable {
+            // The store lost what an earlier flush made durable (damage the
+            // failure left behind): writing on would hide that for good.
+            return Err(StoreError::BehindWatermark {
+                found_seq: tail.running_max,
+                acknowledged_seq: durable.0,
+                path: Watermark::path(&self.dir),
+            });
+        }
         let mut present = HashSet::new();
         for item in fresh.records.range(segment_key_bytes(durable)..) {
             let (key, value) = item?;
@@ -509,4 +541,43 @@ fn segment_key_bytes((running_max, segment): Position) -> [u8; 16] {
     key[..8].copy_from_slice(&running_max.to_be_bytes());
     key[8..].copy_from_slice(&segment.to_be_bytes());
     key
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::SledStore;
+    use crate::store::{Store, StoreError};
+
+    #[test]
+    fn a_reopen_that_finds_flushed_records_gone_is_refused() {
+        // Proves the writer's recovery cannot write on over a loss: a store
+        // that, reopened after a failure, ends before what an earlier flush
+        // made durable is refused (BehindWatermark), where before its new
+        // records were written after the gap and the watermark moved past
+        // it, so no later start could tell.
+        let numbered = crate::store::tests::numbered_records();
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        for seq in 1..=40 {
+            store.append(&[numbered(seq)]).unwrap();
+        }
+        store.flush().unwrap();
+        assert!(store.reopen().unwrap().is_empty(), "nothing lost, nothing after the flush");
+        // Damage: the newest segments vanish behind the store's back.
+        {
+            let tree = store.tree().unwrap();
+            for _ in 0..3 {
+                let (key, _) = tree.last().unwrap().unwrap();
+                tree.remove(key).unwrap();
+            }
+            // Removals reach the file; sled's lock goes with the last handle.
+            store.flushed_to_disk().unwrap();
+        }
+        let error = store.reopen().unwrap_err();
+        assert!(
+            matches!(error, StoreError::BehindWatermark { found_seq: 37, acknowledged_seq: 40, .. }),
+            "{error}"
+        );
+    }
 }

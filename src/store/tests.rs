@@ -675,7 +675,7 @@ fn a_number_waiting_in_the_queue_of_a_failing_store_is_never_written_past() {
 }
 
 /// Copies of one real record under any number, for the ordering tests.
-fn numbered_records() -> impl Fn(u64) -> Record {
+pub(crate) fn numbered_records() -> impl Fn(u64) -> Record {
     let template = all_records(&SledStore::open(populated_dir().path()).unwrap()).remove(0);
     move |seq| Record { seq, body: template.body.clone() }
 }

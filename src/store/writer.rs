@@ -761,7 +761,10 @@ impl<S: Store> Worker<S> {
 
     /// Reopens the store and writes again what it does not hold.
     fn retry(&self, state: &mut State, group: &mut Group, acknowledging: bool) -> Result<(), JournalError> {
-        let present = self.store.reopen().map_err(|error| self.trouble(error))?;
+        let present = self.store.reopen().map_err(|error| match error {
+            error @ StoreError::BehindWatermark { .. } => self.fail(error),
+            error => self.trouble(error),
+        })?;
         state.unflushed.retain(|record| !present.contains(&record.seq));
         state.unflushed.append(&mut group.records);
         if !state.unflushed.is_empty() {
@@ -772,7 +775,9 @@ impl<S: Store> Worker<S> {
 
     /// Records a store error: retried unless it is one retrying cannot mend.
     fn fail(&self, error: StoreError) -> JournalError {
-        if let StoreError::Encode { .. } = error {
+        // A record that cannot be encoded, or a store that lost what it had
+        // made durable: retrying mends neither.
+        if let StoreError::Encode { .. } | StoreError::BehindWatermark { .. } = error {
             let error = JournalError::Failed { reason: error.to_string() };
             let _first = self.shared.failure.set(error.clone());
             tracing::error!(%error, "the ledger store writer stopped");
