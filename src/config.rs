@@ -861,11 +861,24 @@ impl GatewayConfig {
         // The longest metered claim on the path for any host, against the
         // longest pass-through prefix that serves it on this host.
         let same_upstream = |r: &&Route| r.upstream == route.upstream;
+        // Some upstreams match paths loosely (case-insensitively, or with
+        // `;` parameters cut off): a claim on the loose form counts too.
+        let loose = loosely(path);
+        let claims = |r: &Route| {
+            r.serves_path(path)
+                || loose.as_deref().is_some_and(|loose| {
+                    let prefix = r.prefix.to_ascii_lowercase();
+                    match loose.strip_prefix(&*prefix) {
+                        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+                        None => false,
+                    }
+                })
+        };
         let metered = self
             .routes
             .iter()
             .filter(same_upstream)
-            .filter(|r| r.kind != RouteKind::Passthrough && r.serves_path(path))
+            .filter(|r| r.kind != RouteKind::Passthrough && claims(r))
             .max_by_key(|r| r.prefix.len());
         let unmetered = self
             .routes
@@ -877,6 +890,18 @@ impl GatewayConfig {
             .unwrap_or(0);
         Some(metered.filter(|r| r.prefix.len() >= unmetered).unwrap_or(route))
     }
+}
+
+/// `path` as an upstream that matches paths loosely may read it: ASCII case
+/// folded and `;` parameters cut from each segment (`/V1/Chat;x=1/completions`
+/// is `/v1/chat/completions` to such a server); `None` when it reads the same.
+fn loosely(path: &str) -> Option<String> {
+    if !path.bytes().any(|b| b == b';' || b.is_ascii_uppercase()) {
+        return None;
+    }
+    let segments: Vec<String> =
+        path.split('/').map(|segment| segment.split(';').next().unwrap_or("").to_ascii_lowercase()).collect();
+    Some(segments.join("/"))
 }
 
 /// Longest any timeout or duration in the config may be (a week): a deadline
@@ -1254,6 +1279,28 @@ fn validate_route(
         );
         return None;
     }
+    // Requests are matched after their path is normalised: a prefix in
+    // another form would match none of them (and the calls it meant to
+    // meter would fall to a broader route).
+    let normal = crate::proxy::path::normalise(&raw.prefix);
+    // A metered prefix ending in '/' would not match the path without it.
+    let trailing = !raw.passthrough && raw.prefix.len() > 1 && raw.prefix.ends_with('/');
+    if !matches!(&normal, Ok(path) if *path == raw.prefix) || trailing {
+        let suggestion = match &normal {
+            Ok(path) => format!("prefix = {:?}", path.trim_end_matches('/')),
+            Err(_) => "no percent-escapes of '/', '.' or '\\', no '\\'".to_owned(),
+        };
+        checker.problem(
+            offset,
+            format!(
+                "route prefix {:?} is not in the form requests are matched in (no `//`, `.` or `..` segments, \
+                 escapes of plain characters or trailing '/')",
+                raw.prefix
+            ),
+            Some(&suggestion),
+        );
+        return None;
+    }
     let Some(&upstream) = upstream_index.get(&raw.upstream) else {
         let known: Vec<&str> = upstream_index.keys().map(String::as_str).collect();
         checker.problem(
@@ -1454,6 +1501,30 @@ upstream = "nope"
         assert!(p.iter().any(|p| p.message.contains("MISSING")), "missing env var named");
         assert!(p.iter().any(|p| p.message.contains("must start with '/'")));
         assert!(p.iter().any(|p| p.message.contains("\"nope\"") && p.hint.is_some()));
+    }
+
+    #[test]
+    fn a_route_prefix_must_be_in_the_form_requests_are_matched_in() {
+        // Proves a prefix the path normaliser would change, or a metered one
+        // ending in '/', is refused: requests are matched after normalising,
+        // so `POST /v1/chat/completions` never matched a metered
+        // "/v1/chat/completions/" and fell to a broader pass-through.
+        for prefix in [
+            "/v1/chat/completions/",
+            "/v1//chat/completions",
+            "/v1/./chat/completions",
+            "/v1/%63hat/completions",
+        ] {
+            let text = format!(
+                "[upstreams.mock]\nbase_url = \"http://127.0.0.1:8090\"\n\n[[routes]]\nprefix = {prefix:?}\n\
+                 upstream = \"mock\"\nflavour = \"openai-chat\"\n"
+            );
+            let p = problems(&text);
+            assert!(p.iter().any(|p| p.message.contains("not in the form")), "{prefix}: {p:#?}");
+        }
+        let passthrough = MINIMAL.replace("prefix = \"/v1\"", "prefix = \"/v1/\"");
+        assert!(parse(&passthrough).is_ok(), "a pass-through may end in '/'");
+        assert!(parse(&MINIMAL.replace("prefix = \"/v1\"", "prefix = \"/\"")).is_ok());
     }
 
     #[test]
@@ -1680,6 +1751,18 @@ file = "prices.toml"
             // A pass-through prefix longer than any metered one keeps its paths.
             assert_eq!(kind(host, "/v1/models"), Some(RouteKind::Passthrough), "{host:?}");
             assert_eq!(kind(host, "/v1/files"), Some(RouteKind::Passthrough), "{host:?}");
+            // Spellings an upstream that matches paths loosely reads as the
+            // metered path go to the metered route (which refuses them as no
+            // call of its API), never through the pass-through unmetered.
+            for loose in ["/v1/Chat/Completions", "/v1/chat;a=b/completions"] {
+                assert_eq!(
+                    kind(host, loose),
+                    Some(RouteKind::Model(Flavour::OpenaiChat)),
+                    "{host:?} {loose}"
+                );
+            }
+            assert_eq!(kind(host, "/V1/chat/completions"), None, "no route has that prefix: 404");
+            assert_eq!(kind(host, "/v1/Models"), Some(RouteKind::Passthrough), "{host:?}");
         }
     }
 }

@@ -19,7 +19,7 @@ mod charge;
 mod context;
 mod error;
 pub(crate) mod headers;
-mod path;
+pub(crate) mod path;
 mod plain_pool;
 mod read_on;
 mod server_context;
