@@ -79,9 +79,18 @@ impl Watermark {
                 Err(reason) => problems.push(reason),
             }
         }
+        // Slots are written in turn from slot 1, so a slot 0 that is still
+        // the hole the first write left means that write was the only one:
+        // torn, it acknowledged nothing (`save` returns after its sync).
+        let only_the_first_write = bytes.iter().take(SLOT_BYTES).all(|&byte| byte == 0);
         match newest {
             Some(found) => Ok(Some(found)),
-            None if bytes.is_empty() => Ok(None),
+            None if only_the_first_write => {
+                if !bytes.is_empty() {
+                    tracing::warn!(path = %path.display(), "the watermark's first write was torn; nothing was acknowledged by it");
+                }
+                Ok(None)
+            }
             None => Err(corrupt(&path, &problems.join("; "))),
         }
     }
@@ -200,5 +209,12 @@ mod tests {
         std::fs::write(&path, torn.replace("=40 ", "=43 ")).unwrap();
         let error = Watermark::load(dir.path()).unwrap_err().to_string();
         assert!(error.contains("checksum"), "{error}");
+        // A torn first write (slot 0 still the hole it left) acknowledged
+        // nothing: no mark, not a damaged file the store refuses to open on.
+        let mut first_only = vec![0; SLOT_BYTES];
+        first_only.extend_from_slice(&torn.as_bytes()[SLOT_BYTES..SLOT_BYTES + 20]);
+        std::fs::write(&path, &first_only).unwrap();
+        assert_eq!(Watermark::load(dir.path()).unwrap(), None);
+        assert!(WatermarkFile::open(dir.path()).is_ok());
     }
 }
