@@ -1279,22 +1279,27 @@ fn validate_route(
         );
         return None;
     }
+    // A metered prefix ending in '/' would not cover the path without it,
+    // which would fall to a broader route: it covers both.
+    let mut raw = raw;
+    if !raw.passthrough && raw.prefix.len() > 1 {
+        let trimmed = raw.prefix.trim_end_matches('/');
+        raw.prefix = if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() };
+    }
     // Requests are matched after their path is normalised: a prefix in
     // another form would match none of them (and the calls it meant to
     // meter would fall to a broader route).
     let normal = crate::proxy::path::normalise(&raw.prefix);
-    // A metered prefix ending in '/' would not match the path without it.
-    let trailing = !raw.passthrough && raw.prefix.len() > 1 && raw.prefix.ends_with('/');
-    if !matches!(&normal, Ok(path) if *path == raw.prefix) || trailing {
+    if !matches!(&normal, Ok(path) if *path == raw.prefix) {
         let suggestion = match &normal {
-            Ok(path) => format!("prefix = {:?}", path.trim_end_matches('/')),
+            Ok(path) => format!("prefix = {path:?}"),
             Err(_) => "no percent-escapes of '/', '.' or '\\', no '\\'".to_owned(),
         };
         checker.problem(
             offset,
             format!(
-                "route prefix {:?} is not in the form requests are matched in (no `//`, `.` or `..` segments, \
-                 escapes of plain characters or trailing '/')",
+                "route prefix {:?} is not in the form requests are matched in (no `//`, `.` or `..` segments \
+                 or escapes of plain characters)",
                 raw.prefix
             ),
             Some(&suggestion),
@@ -1505,22 +1510,27 @@ upstream = "nope"
 
     #[test]
     fn a_route_prefix_must_be_in_the_form_requests_are_matched_in() {
-        // Proves a prefix the path normaliser would change, or a metered one
-        // ending in '/', is refused: requests are matched after normalising,
-        // so `POST /v1/chat/completions` never matched a metered
+        // Proves a prefix the path normaliser would change is refused
+        // (requests are matched after normalising, so it matched none), and
+        // a metered one ending in '/' covers the path without it: before,
+        // `POST /v1/chat/completions` never matched a metered
         // "/v1/chat/completions/" and fell to a broader pass-through.
-        for prefix in [
-            "/v1/chat/completions/",
-            "/v1//chat/completions",
-            "/v1/./chat/completions",
-            "/v1/%63hat/completions",
-        ] {
+        for prefix in ["/v1//chat/completions", "/v1/./chat/completions", "/v1/%63hat/completions"] {
             let text = format!(
                 "[upstreams.mock]\nbase_url = \"http://127.0.0.1:8090\"\n\n[[routes]]\nprefix = {prefix:?}\n\
                  upstream = \"mock\"\nflavour = \"openai-chat\"\n"
             );
             let p = problems(&text);
             assert!(p.iter().any(|p| p.message.contains("not in the form")), "{prefix}: {p:#?}");
+        }
+        let metered = "[upstreams.mock]\nbase_url = \"http://127.0.0.1:8090\"\n\n[[routes]]\n\
+                       prefix = \"/v1/chat/completions/\"\nupstream = \"mock\"\nflavour = \"openai-chat\"\n\
+                       [[routes]]\nprefix = \"/v1\"\nupstream = \"mock\"\npassthrough = true\n\
+                       [pricing]\nfile = \"prices.toml\"\n";
+        let config = parse(metered).unwrap();
+        for path in ["/v1/chat/completions", "/v1/chat/completions/x"] {
+            let route = config.route_for(None, path).unwrap();
+            assert_eq!(route.kind, RouteKind::Model(Flavour::OpenaiChat), "{path}");
         }
         let passthrough = MINIMAL.replace("prefix = \"/v1\"", "prefix = \"/v1/\"");
         assert!(parse(&passthrough).is_ok(), "a pass-through may end in '/'");

@@ -295,9 +295,8 @@ impl Proxy {
                     .await
                     .map_err(|_| ProxyError::BodyTimeout { timeout })??;
                 let fields = charge::read_model_request(&bytes, *flavour)?;
-                // The upstream's base path may name the deployment too.
-                charge::check_deployment(&self.config.upstreams[route.upstream].base_path, &fields.model)?;
-                charge::check_deployment(parts.uri.path(), &fields.model)?;
+                let base = &self.config.upstreams[route.upstream].base_path;
+                charge::check_deployment(base, parts.uri.path(), &fields.model)?;
                 let price = charge::price_model(&table, &fields.model, fields.service_tier.as_deref(), now)?;
                 self.check_item_allowed(key.key, route, &fields.model)?;
                 let context_tokens = match fields.server_context {

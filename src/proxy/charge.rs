@@ -398,14 +398,20 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
 /// serve the deployment the path names and ignore the body's `model`, which
 /// is what the gateway prices and checks against the key's scope: the two
 /// must name the same thing (Azure's own clients send both), or a call to
-/// a dear deployment would be priced as a cheap model.
-pub fn check_deployment(path: &str, model: &str) -> Result<(), ProxyError> {
-    let mut segments = path.split('/');
+/// a dear deployment would be priced as a cheap model. `base` is the
+/// upstream's base path, which the request path is appended to, so the name
+/// may come from either.
+pub fn check_deployment(base: &str, path: &str, model: &str) -> Result<(), ProxyError> {
+    let mut segments = base.split('/').chain(path.split('/')).filter(|segment| !segment.is_empty());
+    let mut previous = "";
     while let Some(segment) = segments.next() {
-        if !segment.eq_ignore_ascii_case("deployments") {
+        let azure = previous.eq_ignore_ascii_case("openai") && segment.eq_ignore_ascii_case("deployments");
+        previous = segment;
+        if !azure {
             continue;
         }
         let Some(deployment) = segments.next() else { break };
+        previous = deployment;
         if !deployment.eq_ignore_ascii_case(model) {
             return Err(ProxyError::InvalidField {
                 field: "model",
@@ -1089,13 +1095,17 @@ mod tests {
     #[test]
     fn a_deployment_named_in_the_path_or_base_path_must_be_the_body_s_model() {
         use super::check_deployment;
-        assert!(check_deployment("/v1/chat/completions", "m").is_ok());
-        assert!(check_deployment("", "m").is_ok());
-        assert!(check_deployment("/openai/deployments/gpt-4o/chat/completions", "gpt-4o").is_ok());
-        assert!(check_deployment("/openai/deployments/GPT-4o/chat/completions", "gpt-4o").is_ok());
-        assert!(check_deployment("/openai/deployments/gpt-4o/chat/completions", "gpt-4o-mini").is_err());
-        assert!(check_deployment("/openai/deployments/gpt-4o", "gpt-4o-mini").is_err(), "a base path");
-        assert!(check_deployment("/openai/deployments", "m").is_ok(), "no name after it");
+        let path = "/openai/deployments/gpt-4o/chat/completions";
+        assert!(check_deployment("", "/v1/chat/completions", "m").is_ok());
+        assert!(check_deployment("", path, "gpt-4o").is_ok());
+        assert!(check_deployment("", &path.replace("gpt-4o", "GPT-4o"), "gpt-4o").is_ok());
+        assert!(check_deployment("", path, "gpt-4o-mini").is_err());
+        assert!(check_deployment("/openai/deployments/gpt-4o", "/chat/completions", "gpt-4o-mini").is_err());
+        // Split across the two: the base path names `deployments`, the request the name.
+        assert!(check_deployment("/openai/deployments", "/gpt-4o/chat/completions", "gpt-4o-mini").is_err());
+        assert!(check_deployment("/openai", "/deployments/gpt-4o/chat/completions", "gpt-4o").is_ok());
+        // Other APIs' deployments (SAP AI Core: opaque ids) are not Azure's.
+        assert!(check_deployment("", "/v2/inference/deployments/d4f1/chat/completions", "gpt-4o").is_ok());
     }
 
     use serde_json::{json, Value};
