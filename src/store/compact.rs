@@ -15,8 +15,9 @@
 //! [`finish_interrupted`] (run before every open) completes or discards an
 //! interrupted compaction: a complete copy with `<dir>` missing is moved into
 //! place; an incomplete one is removed; a leftover `<dir>.old` beside a
-//! present `<dir>` is removed, and one with `<dir>` missing is put back. The
-//! original is never removed before its copy is in place.
+//! present `<dir>` is removed, and one with `<dir>` missing is put back if
+//! compaction moved it (its `MOVED_BY_COMPACTION` mark; not one an operator
+//! moved). The original is never removed before its copy is in place.
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,9 @@ use crate::store::sled::open_db;
 use crate::store::StoreError;
 
 const COMPLETE: &str = "COMPLETE";
+/// Left in the original just before it is moved aside: only an original
+/// compaction moved is put back (not one an operator moved on purpose).
+const MOVED_ASIDE: &str = "MOVED_BY_COMPACTION";
 
 fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
@@ -54,7 +58,7 @@ pub fn finish_interrupted(dir: &Path) -> Result<(), StoreError> {
     }
     if old.exists() && dir.exists() {
         std::fs::remove_dir_all(&old).map_err(io)?;
-    } else if old.exists() {
+    } else if old.join(MOVED_ASIDE).exists() {
         // Moved aside, but no complete copy took its place (the swap
         // failed, or another command removed the copy meanwhile): the
         // original goes back, or the next open would make an empty store.
@@ -63,6 +67,10 @@ pub fn finish_interrupted(dir: &Path) -> Result<(), StoreError> {
         if let Some(parent) = dir.parent() {
             sync_dir(parent).map_err(io)?;
         }
+    }
+    // From a compaction that failed before moving the original.
+    if dir.join(MOVED_ASIDE).exists() {
+        std::fs::remove_file(dir.join(MOVED_ASIDE)).map_err(io)?;
     }
     Ok(())
 }
@@ -79,6 +87,8 @@ pub fn compact(dir: &Path) -> Result<(u64, u64), StoreError> {
     }
     copy_store(dir, &copy)?;
     let old = sibling(dir, ".old");
+    std::fs::write(dir.join(MOVED_ASIDE), b"").map_err(io)?;
+    sync_dir(dir).map_err(io)?;
     std::fs::rename(dir, &old).map_err(io)?;
     std::fs::rename(&copy, dir).map_err(io)?;
     std::fs::remove_file(dir.join(COMPLETE)).map_err(io)?;

@@ -46,6 +46,10 @@ pub struct SledStore {
     durable: Arc<Mutex<Position>>,
     /// The watermark as last read or written, and its file once opened.
     watermark: Arc<Mutex<(Watermark, Option<WatermarkFile>)>>,
+    /// A flush failed since the last reopen: what the file seems to hold
+    /// past the durable position may be only in the page cache (a failed
+    /// writeback can leave its pages clean), so a reopen trusts none of it.
+    flush_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug, Clone)]
@@ -107,10 +111,10 @@ impl SledStore {
             tail: Arc::new(Mutex::new(tail)),
             durable: Arc::new(Mutex::new(durable)),
             watermark: Arc::new(Mutex::new((watermark.unwrap_or_default(), None))),
+            flush_failed: Arc::default(),
         })
     }
 
-    /// The records tree, or an error while the database is being reopened.
     /// sled's flush writes its buffers with `sync_file_range` only (its
     /// periodic fsync is off here), which neither commits the file's
     /// metadata (the blocks a write filled) nor empties the disk's write
@@ -123,10 +127,17 @@ impl SledStore {
             .as_ref()
             .map(|open| (open.db.clone(), Arc::clone(&open.file)))
             .ok_or(StoreError::Reopening)?;
-        db.flush()?;
-        file.sync_data().map_err(|error| StoreError::Sled(::sled::Error::Io(error)))
+        let synced = db
+            .flush()
+            .map_err(StoreError::from)
+            .and_then(|_| file.sync_data().map_err(|error| StoreError::Sled(::sled::Error::Io(error))));
+        if synced.is_err() {
+            self.flush_failed.store(true, std::sync::atomic::Ordering::Release);
+        }
+        synced
     }
 
+    /// The records tree, or an error while the database is being reopened.
     fn tree(&self) -> Result<::sled::Tree, StoreError> {
         self.open.read().as_ref().map(|open| open.records.clone()).ok_or(StoreError::Reopening)
     }
@@ -280,7 +291,8 @@ impl Store for SledStore {
         }
         let tree = self.tree()?;
         let mut tail = self.tail.lock();
-        let late = records.partition_point(|record| record.seq < tail.running_max);
+        // At or below the stored maximum: late, or written again by a retry.
+        let late = records.partition_point(|record| record.seq <= tail.running_max);
         let (late, rest) = records.split_at(late);
         let mut batch = ::sled::Batch::default();
         if !late.is_empty() {
@@ -293,6 +305,13 @@ impl Store for SledStore {
         // Only the writer appends, and it is the caller: the tail is still.
         let position = self.tail.lock().position();
         self.flushed_to_disk()?;
+        // A failed sync elsewhere (the prune) may have taken the error that
+        // was this flush's to see: the writer must recover all the same.
+        if self.flush_failed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Sled(::sled::Error::Io(std::io::Error::other(
+                "an earlier sync of the ledger store failed",
+            ))));
+        }
         *self.durable.lock() = position;
         Ok(())
     }
@@ -444,9 +463,14 @@ impl Store for SledStore {
             });
         }
         let mut present = HashSet::new();
-        for item in fresh.records.range(segment_key_bytes(durable)..) {
-            let (key, value) = item?;
-            present.extend(decode_all(&key, &value)?.iter().map(|record| record.seq));
+        // After a failed flush nothing past the durable position counts as
+        // present: it is written again, and what the store does hold is
+        // merged with it, not doubled (see `merge_late`).
+        if !self.flush_failed.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            for item in fresh.records.range(segment_key_bytes(durable)..) {
+                let (key, value) = item?;
+                present.extend(decode_all(&key, &value)?.iter().map(|record| record.seq));
+            }
         }
         *self.tail.lock() = tail;
         *self.open.write() = Some(fresh);
@@ -579,5 +603,27 @@ mod tests {
             matches!(error, StoreError::BehindWatermark { found_seq: 37, acknowledged_seq: 40, .. }),
             "{error}"
         );
+    }
+
+    #[test]
+    fn after_a_failed_flush_a_reopen_trusts_nothing_past_the_last_good_one() {
+        // Proves records the file seems to hold after a failed flush (maybe
+        // only in the page cache) are written again, and once, not doubled.
+        let numbered = crate::store::tests::numbered_records();
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let first: Vec<_> = (1..=40).map(&numbered).collect();
+        store.append(&first).unwrap();
+        store.flush().unwrap();
+        let next: Vec<_> = (41..=45).map(&numbered).collect();
+        store.append(&next).unwrap();
+        assert_eq!(store.reopen().unwrap().len(), 5, "a reopen after no failure trusts what it finds");
+        store.flush_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(store.flush().is_err(), "the writer is told");
+        assert!(store.reopen().unwrap().is_empty(), "nothing past the last good flush is trusted");
+        store.append(&next).unwrap();
+        store.flush().unwrap();
+        let stored: Vec<u64> = store.records().map(|r| r.unwrap().seq).collect();
+        assert_eq!(stored, (1..=45).collect::<Vec<u64>>(), "written again, not doubled");
     }
 }

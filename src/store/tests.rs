@@ -9,7 +9,7 @@ use rust_decimal_macros::dec;
 
 use crate::ledger::entity::{KeyHash, Plan};
 use crate::ledger::ids::{Owner, WalletId};
-use crate::ledger::journal::{Journal, Record, RecordBody};
+use crate::ledger::journal::{Journal, JournalError, Record, RecordBody};
 use crate::ledger::limit::Limits;
 use crate::ledger::testkit::{at, details, purchase, request, term};
 use crate::ledger::{Ledger, LedgerConfig, NewKey, NewOrg, NewUser, PurchaseRequest, SpendContext};
@@ -542,6 +542,8 @@ const HEALTHY: u8 = 0;
 const FAILING: u8 = 1;
 /// Takes writes without keeping them (what a crash loses).
 const FORGETTING: u8 = 2;
+/// Works, but a reopen finds flushed records gone (damage a failure left).
+const LOST: u8 = 3;
 
 impl Faulty {
     fn new(dir: &std::path::Path) -> Faulty {
@@ -592,8 +594,40 @@ impl Store for Faulty {
 
     fn reopen(&self) -> Result<std::collections::HashSet<u64>, StoreError> {
         self.check()?;
+        if self.fault.load(Ordering::SeqCst) == LOST {
+            let path = std::path::PathBuf::from("watermark");
+            return Err(StoreError::BehindWatermark { found_seq: 1, acknowledged_seq: 2, path });
+        }
         self.inner.reopen()
     }
+}
+
+#[test]
+fn a_store_that_lost_flushed_records_stops_the_journal_for_good() {
+    // Proves the writer does not retry over a loss: a reopen that finds
+    // flushed records gone (BehindWatermark) fails the journal for good, so
+    // the ledger stops and a restart refuses the store, where before the
+    // writer wrote on after the gap and moved the watermark past it.
+    use crate::store::GroupCommit;
+    let numbered = numbered_records();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Faulty::new(dir.path()));
+    let writer = GroupCommit::start(Arc::clone(&store), fast()).unwrap();
+    writer.begin_after(0).unwrap();
+    writer.append(numbered(1)).unwrap();
+    writer.sync().unwrap();
+    store.set(FAILING);
+    writer.append(numbered(2)).unwrap();
+    wait_until("the writer to see the failure", || writer.health().is_err());
+    assert!(matches!(writer.health(), Err(JournalError::Unavailable { .. })), "retried at first");
+    store.set(LOST);
+    wait_until("the loss to stop the journal", || {
+        matches!(writer.health(), Err(JournalError::Failed { .. }))
+    });
+    store.set(HEALTHY);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(matches!(writer.health(), Err(JournalError::Failed { .. })), "for good");
+    assert!(writer.append(numbered(3)).is_err());
 }
 
 #[test]

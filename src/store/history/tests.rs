@@ -573,11 +573,16 @@ fn compaction_gives_pruned_space_back_and_survives_an_interrupted_swap() {
     // swap failed, or another command removed the copy): it is put back.
     // Before, the next open made an empty store and the one after it
     // deleted the original.
+    std::fs::write(ledger_dir.join("MOVED_BY_COMPACTION"), b"").unwrap();
     std::fs::rename(&ledger_dir, dir.path().join("ledger.old")).unwrap();
     check("put back");
-    assert!(!dir.path().join("ledger.old").exists());
+    assert!(!dir.path().join("ledger.old").exists() && !ledger_dir.join("MOVED_BY_COMPACTION").exists());
     let report = verify_store(&ledger_dir, Some(&dir.path().join("exports"))).unwrap();
     assert!(report.is_clean(), "{report:#?}");
+    // One an operator moved aside on purpose (no mark) stays where it is.
+    std::fs::rename(&ledger_dir, dir.path().join("ledger.old")).unwrap();
+    crate::store::compact::finish_interrupted(&ledger_dir).unwrap();
+    assert!(!ledger_dir.exists() && dir.path().join("ledger.old").exists());
 }
 
 #[test]
