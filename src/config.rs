@@ -1279,18 +1279,17 @@ fn validate_route(
         );
         return None;
     }
-    // A metered prefix ending in '/' would not cover the path without it,
-    // which would fall to a broader route: it covers both.
-    let mut raw = raw;
-    if !raw.passthrough && raw.prefix.len() > 1 {
-        let trimmed = raw.prefix.trim_end_matches('/');
-        raw.prefix = if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() };
-    }
     // Requests are matched after their path is normalised: a prefix in
     // another form would match none of them (and the calls it meant to
     // meter would fall to a broader route).
-    let normal = crate::proxy::path::normalise(&raw.prefix);
-    if !matches!(&normal, Ok(path) if *path == raw.prefix) {
+    let bare_len = if raw.prefix.len() > 1 && raw.prefix.ends_with('/') {
+        raw.prefix.len() - 1
+    } else {
+        raw.prefix.len()
+    };
+    let bare = &raw.prefix[..bare_len];
+    let normal = crate::proxy::path::normalise(bare);
+    if !matches!(&normal, Ok(path) if *path == bare) || (bare.len() > 1 && bare.ends_with('/')) {
         let suggestion = match &normal {
             Ok(path) => format!("prefix = {path:?}"),
             Err(_) => "no percent-escapes of '/', '.' or '\\', no '\\'".to_owned(),
@@ -1305,6 +1304,12 @@ fn validate_route(
             Some(&suggestion),
         );
         return None;
+    }
+    // A metered prefix ending in '/' would not cover the path without it,
+    // which would fall to a broader route: it covers both.
+    let mut raw = raw;
+    if !raw.passthrough {
+        raw.prefix.truncate(bare_len);
     }
     let Some(&upstream) = upstream_index.get(&raw.upstream) else {
         let known: Vec<&str> = upstream_index.keys().map(String::as_str).collect();
@@ -1515,7 +1520,7 @@ upstream = "nope"
         // a metered one ending in '/' covers the path without it: before,
         // `POST /v1/chat/completions` never matched a metered
         // "/v1/chat/completions/" and fell to a broader pass-through.
-        for prefix in ["/v1//chat/completions", "/v1/./chat/completions", "/v1/%63hat/completions"] {
+        for prefix in ["/v1//chat/completions", "/v1/./chat/completions", "/v1/%63hat/completions", "/v1//"] {
             let text = format!(
                 "[upstreams.mock]\nbase_url = \"http://127.0.0.1:8090\"\n\n[[routes]]\nprefix = {prefix:?}\n\
                  upstream = \"mock\"\nflavour = \"openai-chat\"\n"

@@ -2,7 +2,7 @@
 //! writer that connects it to the ledger's journal.
 //!
 //! - `codec`  — the segment layout: a batch of records per stored value
-//! - `sled`   — [`SledStore`], segments in one sled tree, in append order
+//! - `sled`   — [`SledStore`], segments in one sled tree, in number order
 //! - `writer` — [`GroupCommit`], the bounded background writer (a [`crate::ledger::journal::Journal`])
 //! - `verify` — [`verify_store`], the offline audit behind `ledger verify`
 //! - `watermark` — the checksummed file that says how far the store must
@@ -59,7 +59,12 @@
 //!   the store, writes again only the records the store does not hold, and
 //!   resumes once a flush succeeds. Nothing is lost or stored twice unless the
 //!   process stops while the store still fails; a shutdown then reports the
-//!   failed last flush (the process exits non-zero).
+//!   failed last flush (the process exits non-zero). A reopen that finds
+//!   records an earlier flush made durable gone stops the writer for good
+//!   and records the loss in the watermark, so a restart refuses the store
+//!   rather than write on over it. Each flush is sled's flush and an
+//!   `fdatasync` of its file (sled's own writes survive a process crash,
+//!   not a machine's).
 //! - **Order and numbering.** The writer stores records in sequence order
 //!   (putting back the few that were queued a moment out of order; one
 //!   whose thread stalled past `gap_patience_ms` is written past and, when

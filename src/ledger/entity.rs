@@ -150,11 +150,36 @@ pub struct KeyScope {
 }
 
 impl KeyScope {
+    /// A scope written with the trailing `/` the config trims from a
+    /// metered prefix still names that route.
     pub fn allows_route(&self, route: &str) -> bool {
-        self.routes.is_empty() || self.routes.iter().any(|r| r == route)
+        fn bare(prefix: &str) -> &str {
+            if prefix.len() > 1 {
+                prefix.strip_suffix('/').unwrap_or(prefix)
+            } else {
+                prefix
+            }
+        }
+        self.routes.is_empty() || self.routes.iter().any(|r| r == route || bare(r) == route)
     }
 
     pub fn allows_model(&self, model: &str) -> bool {
         self.models.is_empty() || self.models.iter().any(|m| m == model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeyScope;
+
+    #[test]
+    fn a_scope_names_a_metered_route_with_or_without_its_trailing_slash() {
+        // The config trims a metered prefix's trailing '/'; a key scoped to
+        // the prefix as the operator wrote it keeps its route.
+        let scope = KeyScope { routes: vec!["/v1/chat/completions/".into(), "/".into()], models: vec![] };
+        assert!(scope.allows_route("/v1/chat/completions"));
+        assert!(scope.allows_route("/"));
+        assert!(!scope.allows_route("/v1/embeddings"));
+        assert!(!KeyScope { routes: vec!["/v1/".into()], models: vec![] }.allows_route("/"));
     }
 }

@@ -197,11 +197,11 @@ struct ModelFields {
     tools: Option<Vec<RequestTool>>,
     max_tool_calls: Option<Value>,
     background: Option<Value>,
-    /// Output modalities (`["text", "audio"]`) and the audio output's
-    /// settings: either asks for audio; and earlier audio replies in the
-    /// conversation, which the upstream reads back.
+    /// Output modalities (`["text", "audio"]`): `audio` asks for audio.
     modalities: Option<Value>,
+    /// The audio output's settings: set, it asks for audio.
     audio: Option<Value>,
+    /// Earlier audio replies in the conversation, which the upstream reads back.
     messages: Option<audio::AudioInMessages>,
 }
 
@@ -402,7 +402,12 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
 /// upstream's base path, which the request path is appended to, so the name
 /// may come from either.
 pub fn check_deployment(base: &str, path: &str, model: &str) -> Result<(), ProxyError> {
-    let mut segments = base.split('/').chain(path.split('/')).filter(|segment| !segment.is_empty());
+    // `;` parameters cut, as a server matching paths loosely reads them.
+    let mut segments = base
+        .split('/')
+        .chain(path.split('/'))
+        .map(|segment| segment.split(';').next().unwrap_or(""))
+        .filter(|segment| !segment.is_empty());
     let mut previous = "";
     while let Some(segment) = segments.next() {
         let azure = previous.eq_ignore_ascii_case("openai") && segment.eq_ignore_ascii_case("deployments");
@@ -1092,6 +1097,10 @@ pub fn available_header(amount: Decimal) -> Option<HeaderValue> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use serde_json::{json, Value};
+
+    use super::with_include_usage;
+
     #[test]
     fn a_deployment_named_in_the_path_or_base_path_must_be_the_body_s_model() {
         use super::check_deployment;
@@ -1104,13 +1113,10 @@ mod tests {
         // Split across the two: the base path names `deployments`, the request the name.
         assert!(check_deployment("/openai/deployments", "/gpt-4o/chat/completions", "gpt-4o-mini").is_err());
         assert!(check_deployment("/openai", "/deployments/gpt-4o/chat/completions", "gpt-4o").is_ok());
+        assert!(check_deployment("", "/openai/deployments;x/gpt-4o/chat/completions", "mini").is_err());
         // Other APIs' deployments (SAP AI Core: opaque ids) are not Azure's.
         assert!(check_deployment("", "/v2/inference/deployments/d4f1/chat/completions", "gpt-4o").is_ok());
     }
-
-    use serde_json::{json, Value};
-
-    use super::with_include_usage;
 
     fn injected(body: &str) -> Value {
         serde_json::from_slice(&with_include_usage(body.as_bytes()).unwrap()).unwrap()

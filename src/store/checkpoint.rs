@@ -18,9 +18,10 @@
 //! Written atomically: the bytes go to a temporary file, which is fsynced,
 //! renamed into place, and the directory fsynced. A crash leaves either the
 //! old set of checkpoints or the new one, plus perhaps a temporary file that
-//! the next write removes. The newest [`KEPT`] checkpoints are kept, so a
-//! damaged newest one (a bad checksum, a truncated file) falls back to the
-//! one before; [`load_newest`] says which were skipped and why.
+//! the next write removes. The newest [`KEPT`] checkpoints that read back
+//! whole are kept (a damaged newer one stays until that many good ones are
+//! newer), so a damaged newest one (a bad checksum, a truncated file) falls
+//! back to the one before; [`load_newest`] says which were skipped and why.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

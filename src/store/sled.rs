@@ -4,13 +4,13 @@
 //!
 //! A segment's key is `running_max_seq ‖ segment_number` (both big-endian):
 //! the highest sequence number stored so far, including this segment, then a
-//! counter. Both only grow, so sled's key order is append order (replay
+//! counter. Both only grow, so sled's key order is number order (replay
 //! order), and the first segment whose running maximum exceeds `n` is where
 //! records after `n` begin (paging). A record that comes after higher
-//! numbers were stored (its thread stalled) is merged into the segment where
-//! its number belongs, so key order stays number order. Stores of the first format (one JSON
-//! record per key, keyed by its sequence number) open and keep working: their
-//! 8-byte keys sort before every later segment.
+//! numbers were stored (its thread stalled) is merged into the segment
+//! where its number belongs, so key order stays number order. Stores of the
+//! first format (one JSON record per key, keyed by its sequence number) open
+//! and keep working: their 8-byte keys sort before every later segment.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -46,6 +46,9 @@ pub struct SledStore {
     durable: Arc<Mutex<Position>>,
     /// The watermark as last read or written, and its file once opened.
     watermark: Arc<Mutex<(Watermark, Option<WatermarkFile>)>>,
+    /// Held across a sync and the flag it may set, so a failed sync by the
+    /// prune is seen by the writer's next flush.
+    sync_lock: Arc<Mutex<()>>,
     /// A flush failed since the last reopen: what the file seems to hold
     /// past the durable position may be only in the page cache (a failed
     /// writeback can leave its pages clean), so a reopen trusts none of it.
@@ -111,6 +114,7 @@ impl SledStore {
             tail: Arc::new(Mutex::new(tail)),
             durable: Arc::new(Mutex::new(durable)),
             watermark: Arc::new(Mutex::new((watermark.unwrap_or_default(), None))),
+            sync_lock: Arc::default(),
             flush_failed: Arc::default(),
         })
     }
@@ -127,6 +131,7 @@ impl SledStore {
             .as_ref()
             .map(|open| (open.db.clone(), Arc::clone(&open.file)))
             .ok_or(StoreError::Reopening)?;
+        let _one_at_a_time = self.sync_lock.lock();
         let synced = db
             .flush()
             .map_err(StoreError::from)
@@ -455,7 +460,12 @@ impl Store for SledStore {
         let durable = *self.durable.lock();
         if tail.position() < durable {
             // The store lost what an earlier flush made durable (damage the
-            // failure left behind): writing on would hide that for good.
+            // failure left behind): writing on would hide that for good. The
+            // watermark records the position it lost, so a restart refuses
+            // the store too.
+            if let Err(error) = self.acknowledge(self.reserved_seq()) {
+                tracing::error!(%error, "the watermark could not record the ledger store's loss");
+            }
             return Err(StoreError::BehindWatermark {
                 found_seq: tail.running_max,
                 acknowledged_seq: durable.0,
@@ -603,6 +613,9 @@ mod tests {
             matches!(error, StoreError::BehindWatermark { found_seq: 37, acknowledged_seq: 40, .. }),
             "{error}"
         );
+        drop(store);
+        let error = SledStore::open(dir.path()).unwrap_err();
+        assert!(matches!(error, StoreError::BehindWatermark { .. }), "a restart refuses it too: {error}");
     }
 
     #[test]

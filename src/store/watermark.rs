@@ -82,6 +82,8 @@ impl Watermark {
         // Slots are written in turn from slot 1, so a slot 0 that is still
         // the hole the first write left means that write was the only one:
         // torn, it acknowledged nothing (`save` returns after its sync).
+        // (Damage that zeroes slot 0 exactly and breaks slot 1 would read
+        // the same: a risk taken for a crash at first start.)
         let only_the_first_write = bytes.iter().take(SLOT_BYTES).all(|&byte| byte == 0);
         match newest {
             Some(found) => Ok(Some(found)),
@@ -190,7 +192,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_watermark_round_trips_a_torn_slot_falls_back_and_two_are_refused() {
+    fn a_watermark_round_trips_a_torn_slot_falls_back_two_are_refused_a_torn_first_is_none() {
         // Proves the file reads back the newest mark, that a torn slot falls
         // back to the previous one, and that damage to both is reported
         // rather than trusted.

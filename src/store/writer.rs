@@ -361,8 +361,9 @@ struct Gap {
 }
 
 /// How long a missing number may stay missing before it is logged as an
-/// error: by then its thread is not slow but gone (a panic between taking
-/// the number and queueing the record), and readers wait until a restart.
+/// error (at the first flush after): by then its thread is not slow but
+/// gone (a panic between taking the number and queueing the record), and
+/// readers wait until a restart.
 const GAP_REPORTED_AFTER: Duration = Duration::from_secs(30);
 
 /// A record ordered by its number alone, with when it was taken.
