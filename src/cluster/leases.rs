@@ -337,6 +337,10 @@ impl Outbox {
 /// before: a crash loses what was settled since the last flush, not more.
 struct DurableOutbox {
     tree: sled::Tree,
+    /// sled's data file, `fdatasync`ed after each flush: sled's own flush
+    /// (`sync_file_range`) survives a process crash, not a machine's (see
+    /// `SledStore::flushed_to_disk`). `None` where the caller gave none.
+    file: Option<Arc<std::fs::File>>,
     /// Writing a chunk and removing one take turns, so a chunk is never
     /// removed before it was written (it would then stay on disk for good).
     chunks: Mutex<Chunks>,
@@ -424,8 +428,16 @@ impl LeaseBook {
         let next = pending.debits.iter().map(|debit| debit.entry + 1).max().unwrap_or(0).max(first_entry);
         let mut book = LeaseBook::new(books, settings, next);
         *book.outbox.get_mut() = pending;
-        book.durable = Some(DurableOutbox { tree, chunks: Mutex::new(chunks) });
+        book.durable = Some(DurableOutbox { tree, file: None, chunks: Mutex::new(chunks) });
         Ok(book)
+    }
+
+    /// Syncs `file` (the outbox's sled data file) after each outbox flush.
+    pub fn syncing_outbox_file(mut self, file: std::fs::File) -> LeaseBook {
+        if let Some(durable) = &mut self.durable {
+            durable.file = Some(Arc::new(file));
+        }
+        self
     }
 
     /// Debits a previous run of this replica left unshipped are shipped,
@@ -487,8 +499,12 @@ impl LeaseBook {
             .tree
             .flush_async()
             .await
-            .map(drop)
-            .map_err(|err| ClusterError::Unavailable(format!("outbox flush: {err}")))
+            .map_err(|err| ClusterError::Unavailable(format!("outbox flush: {err}")))?;
+        let Some(file) = durable.file.clone() else { return Ok(()) };
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|err| ClusterError::Unavailable(format!("outbox sync: {err}")))?
+            .map_err(|err| ClusterError::Unavailable(format!("outbox sync: {err}")))
     }
 
     /// Removes the chunks on disk whose debits have all shipped now.

@@ -140,8 +140,12 @@ impl ClusterNode {
             ..LeaseSettings::new(options.replica.clone())
         };
         let first_entry = books.last_entry(&options.replica).await? + 1;
+        let outbox_file = std::fs::File::open(data_dir.join("outbox").join("db")).map_err(|err| {
+            ClusterError::Config(format!("cannot open the outbox file in {}: {err}", data_dir.display()))
+        })?;
         let book = Arc::new(
             LeaseBook::with_outbox(books.clone(), lease_settings, first_entry, outbox)?
+                .syncing_outbox_file(outbox_file)
                 .with_metrics(options.metrics.clone()),
         );
         let returned = book.recover().await?;
