@@ -408,7 +408,17 @@ pub struct RouteLimits {
     /// Responses request is held for and sent with as `max_tool_calls`,
     /// when it names no bound itself.
     pub max_tool_calls: u64,
+    /// Methods a pass-through route forwards; `None`: any. A pass-through on
+    /// an upstream that metered routes also use forwards only
+    /// [`SAFE_METHODS`] unless its `methods` lists more: the upstream's other
+    /// create calls (`/v1/batches`, `/v1/images/generations`) are billed too,
+    /// and a broad prefix would pass them on unmetered.
+    pub methods: Option<Vec<http::Method>>,
 }
+
+/// What a pass-through of a metered upstream forwards by default: methods
+/// that read, which no model or tool API bills.
+pub const SAFE_METHODS: [http::Method; 3] = [http::Method::GET, http::Method::HEAD, http::Method::OPTIONS];
 
 impl Default for RouteLimits {
     fn default() -> Self {
@@ -419,6 +429,7 @@ impl Default for RouteLimits {
             usage_ceiling: 10_000_000,
             max_units: 100,
             max_tool_calls: 10,
+            methods: None,
         }
     }
 }
@@ -575,6 +586,9 @@ struct RawRoute {
     passthrough: bool,
     #[serde(default)]
     public: bool,
+    /// Pass-through routes: the methods forwarded (default: any, or only
+    /// GET, HEAD and OPTIONS on an upstream a metered route also uses).
+    methods: Option<Vec<String>>,
     context_budget_tokens: Option<u64>,
     min_output_tokens: Option<u64>,
     usage_ceiling: Option<u64>,
@@ -802,6 +816,7 @@ impl GatewayConfig {
             );
         }
         check_duplicate_routes(&mut checker, &routes);
+        only_reads_through_metered_upstreams(&mut routes);
         if pricing.is_none() && routes.iter().any(|r| r.kind != RouteKind::Passthrough) {
             checker.problem(
                 0,
@@ -1345,6 +1360,7 @@ fn route_limits(
         usage_ceiling: raw.usage_ceiling.unwrap_or(defaults.usage_ceiling),
         max_units: raw.max_units.unwrap_or(defaults.max_units),
         max_tool_calls: raw.max_tool_calls.unwrap_or(defaults.max_tool_calls),
+        methods: None,
     };
     let model_only = [
         ("context_budget_tokens", raw.context_budget_tokens.is_some()),
@@ -1358,6 +1374,37 @@ fn route_limits(
     };
     if raw.public && *kind != RouteKind::Passthrough {
         refuse(checker, format!("route {:?}: only a passthrough route can be public", raw.prefix));
+    }
+    let mut limits = limits;
+    match (&raw.methods, kind) {
+        (None, _) => {}
+        (Some(_), kind) if *kind != RouteKind::Passthrough => refuse(
+            checker,
+            format!(
+                "route {:?}: methods applies to passthrough routes only (a model route takes POST)",
+                raw.prefix
+            ),
+        ),
+        (Some(names), _) => {
+            let methods: Vec<http::Method> = names
+                .iter()
+                .filter_map(|name| {
+                    let method = http::Method::from_bytes(name.as_bytes()).ok();
+                    // Methods are case-sensitive: `post` is not POST to an upstream.
+                    method.filter(|m| m.as_str() == name.to_ascii_uppercase())
+                })
+                .collect();
+            if methods.is_empty() || methods.len() != names.len() {
+                refuse(
+                    checker,
+                    format!(
+                        "route {:?}: methods must list HTTP methods in capitals, such as [\"GET\", \"POST\"]",
+                        raw.prefix
+                    ),
+                );
+            }
+            limits.methods = Some(methods);
+        }
     }
     if !matches!(kind, RouteKind::Model(_)) {
         for (name, set) in model_only {
@@ -1407,6 +1454,20 @@ fn route_kind(checker: &mut Checker<'_>, offset: usize, raw: &RawRoute) -> Optio
             );
             None
         }
+    }
+}
+
+/// A pass-through route that does not list its `methods`, on an upstream a
+/// metered route also uses, forwards only [`SAFE_METHODS`]: a model API's
+/// other create calls (batches, images, speech, fine-tuning) are billed, and
+/// a prefix written for `/v1/models` would pass them on unmetered.
+fn only_reads_through_metered_upstreams(routes: &mut [Route]) {
+    let metered: std::collections::HashSet<usize> =
+        routes.iter().filter(|r| r.kind != RouteKind::Passthrough).map(|r| r.upstream).collect();
+    for route in
+        routes.iter_mut().filter(|r| r.kind == RouteKind::Passthrough && metered.contains(&r.upstream))
+    {
+        route.limits.methods.get_or_insert_with(|| SAFE_METHODS.to_vec());
     }
 }
 
@@ -1540,6 +1601,35 @@ upstream = "nope"
         let passthrough = MINIMAL.replace("prefix = \"/v1\"", "prefix = \"/v1/\"");
         assert!(parse(&passthrough).is_ok(), "a pass-through may end in '/'");
         assert!(parse(&MINIMAL.replace("prefix = \"/v1\"", "prefix = \"/\"")).is_ok());
+    }
+
+    #[test]
+    fn a_pass_through_on_a_metered_upstream_forwards_only_reads_unless_it_lists_methods() {
+        let text = |methods: &str| {
+            format!(
+                "[upstreams.models]\nbase_url = \"http://127.0.0.1:8090\"\n\
+                 [upstreams.other]\nbase_url = \"http://127.0.0.1:8091\"\n\
+                 [[routes]]\nprefix = \"/v1/chat/completions\"\nupstream = \"models\"\nflavour = \"openai-chat\"\n\
+                 [[routes]]\nprefix = \"/v1\"\nupstream = \"models\"\npassthrough = true\n{methods}\n\
+                 [[routes]]\nprefix = \"/other\"\nupstream = \"other\"\npassthrough = true\n\
+                 [pricing]\nfile = \"prices.toml\"\n"
+            )
+        };
+        let methods =
+            |config: &GatewayConfig, path: &str| config.route_for(None, path).unwrap().limits.methods.clone();
+        let config = parse(&text("")).unwrap();
+        assert_eq!(methods(&config, "/v1/batches"), Some(SAFE_METHODS.to_vec()), "the model upstream's");
+        assert_eq!(methods(&config, "/other/x"), None, "an upstream no metered route uses");
+        let config = parse(&text("methods = [\"GET\", \"POST\"]")).unwrap();
+        assert_eq!(methods(&config, "/v1/batches"), Some(vec![http::Method::GET, http::Method::POST]));
+        for bad in ["methods = [\"post\"]", "methods = []", "methods = [\"GE T\"]"] {
+            let p = problems(&text(bad));
+            assert!(p.iter().any(|p| p.message.contains("methods must list")), "{bad}: {p:#?}");
+        }
+        let on_a_model_route = text("")
+            .replace("flavour = \"openai-chat\"\n", "flavour = \"openai-chat\"\nmethods = [\"POST\"]\n");
+        let p = problems(&on_a_model_route);
+        assert!(p.iter().any(|p| p.message.contains("passthrough routes only")), "{p:#?}");
     }
 
     #[test]

@@ -252,6 +252,21 @@ impl Proxy {
         if matches!(route.kind, RouteKind::Model(_)) && request.method() != http::Method::POST {
             return Err(ProxyError::MethodNotAllowed { method: request.method().clone() });
         }
+        if let Some(allowed) = &route.limits.methods {
+            if !allowed.contains(request.method()) {
+                let allowed = allowed.iter().map(http::Method::as_str).collect::<Vec<_>>().join(", ");
+                return Err(ProxyError::MethodNotForwarded { method: request.method().clone(), allowed });
+            }
+        }
+        // Some upstreams (Google's APIs among them) serve the method a header
+        // names instead of the request's: a metered POST could read stored
+        // objects, and a GET through a read-only pass-through could create a
+        // call. Only a pass-through free to forward any method passes them.
+        if route.kind != RouteKind::Passthrough || route.limits.methods.is_some() {
+            if let Some(header) = headers::method_override(request.headers()) {
+                return Err(ProxyError::MethodOverride { header });
+            }
+        }
         Ok(route)
     }
 

@@ -127,6 +127,82 @@ async fn a_matrix_of_malformed_requests_gets_clear_4xx_and_costs_nothing() {
     println!("malformed cases tried: {tried}");
 }
 
+#[tokio::test]
+async fn a_pass_through_on_a_metered_upstream_forwards_reads_only_unless_it_lists_more() {
+    // Before, a pass-through written for `/v1/models` on the model upstream passed every
+    // other create call under its prefix (batches, images, speech) on unmetered.
+    let on_the_model_upstream = |text: String| {
+        text.replace(
+            "host = \"passthrough.test\"\nupstream = \"mock-direct\"",
+            "host = \"passthrough.test\"\nupstream = \"mock\"",
+        )
+    };
+    let stack = start_edited(on_the_model_upstream).await;
+    let before = pool_balance(&stack);
+    let call = |method: &str, path: &str, extra: Option<(&str, &str)>| {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(stack.url(path))
+            .header("host", "passthrough.test")
+            .header("authorization", format!("Bearer {}", stack.keys.pro));
+        if let Some((name, value)) = extra {
+            request = request.header(name, value);
+        }
+        request.body(Full::new(Bytes::from(r#"{"model":"mock-gpt","prompt":"a cat"}"#))).unwrap()
+    };
+    for (method, path) in [
+        ("POST", "/v1/images/generations"),
+        ("POST", "/v1/batches"),
+        ("PUT", "/v1/files/f1"),
+        ("DELETE", "/v1/files/f1"),
+    ] {
+        let reply = send(call(method, path, None)).await;
+        assert_eq!(reply.status, 405, "{method} {path}");
+        assert_eq!(reply.json()["error"]["code"], "method_not_forwarded");
+        assert_eq!(reply.header("allow"), Some("GET, HEAD, OPTIONS"));
+    }
+    // A read passes; a read that names another method in a header does not.
+    // (The mock answers it 405 itself: it serves create calls only.)
+    let read = send(call("GET", "/v1/models", None)).await;
+    assert_eq!(read.json()["error"]["type"], "mock_error", "the read reached the upstream");
+    for name in ["x-http-method-override", "X-HTTP-Method", "x-method-override"] {
+        let reply = send(call("GET", "/v1/images/generations", Some((name, "POST")))).await;
+        assert_eq!(reply.status, 400, "{name}");
+        assert_eq!(reply.json()["error"]["code"], "method_override_not_allowed");
+    }
+    // Nor may a metered call read stored objects by naming GET.
+    let request = Request::post(stack.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {}", stack.keys.pro))
+        .header("x-http-method-override", "GET")
+        .body(Full::new(Bytes::from(r#"{"model":"mock-gpt","max_tokens":5}"#)))
+        .unwrap();
+    assert_eq!(send(request).await.status, 400);
+    let seen: Vec<(String, String)> =
+        stack.mock.journal().entries().iter().map(|e| (e.method.clone(), e.uri.clone())).collect();
+    assert_eq!(
+        seen,
+        [("GET".to_owned(), "/v1/models".to_owned())],
+        "only the plain read reached the upstream"
+    );
+    assert_eq!(wait_settled(&stack).await, before, "nothing was charged");
+
+    // The operator who lists POST forwards it, as configured.
+    let listed = start_edited(|text| {
+        on_the_model_upstream(text).replace(
+            "host = \"passthrough.test\"\nupstream = \"mock\"\npassthrough = true",
+            "host = \"passthrough.test\"\nupstream = \"mock\"\npassthrough = true\nmethods = [\"GET\", \"POST\"]",
+        )
+    })
+    .await;
+    let request = Request::post(listed.url("/v1/batches"))
+        .header("host", "passthrough.test")
+        .header("authorization", format!("Bearer {}", listed.keys.pro))
+        .body(Full::new(Bytes::from("{}")))
+        .unwrap();
+    assert_ne!(send(request).await.status, 405);
+    assert_eq!(listed.mock.journal().last().unwrap().uri, "/v1/batches");
+}
+
 async fn post_raw_body(stack: &Stack, key: &str, body: &[u8]) -> Reply {
     let request = Request::post(stack.url("/v1/chat/completions"))
         .header("authorization", format!("Bearer {key}"))

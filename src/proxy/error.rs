@@ -20,6 +20,10 @@ pub enum ProxyError {
     NotACall { path: String },
     #[error("{method} is not served here: a model route takes POST (it creates a metered call)")]
     MethodNotAllowed { method: http::Method },
+    #[error("{method} is not forwarded here: this unmetered route forwards only {allowed}, so that no call the upstream bills passes it unmetered")]
+    MethodNotForwarded { method: http::Method, allowed: String },
+    #[error("`{header}` is not accepted: the method a route meters or forwards is the request's own")]
+    MethodOverride { header: &'static str },
     #[error("request body exceeds the {limit_bytes}-byte limit")]
     BodyTooLarge { limit_bytes: u64 },
     #[error("the request body did not arrive within {timeout:?}")]
@@ -92,6 +96,8 @@ impl ProxyError {
             ProxyError::RouteNotFound { .. } => (S::NOT_FOUND, "invalid_request_error", "route_not_found", Level::DEBUG),
             ProxyError::NotACall { .. } => (S::NOT_FOUND, "invalid_request_error", "not_a_metered_call", Level::DEBUG),
             ProxyError::MethodNotAllowed { .. } => (S::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed", Level::DEBUG),
+            ProxyError::MethodNotForwarded { .. } => (S::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_forwarded", Level::DEBUG),
+            ProxyError::MethodOverride { .. } => (S::BAD_REQUEST, "invalid_request_error", "method_override_not_allowed", Level::DEBUG),
             ProxyError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "invalid_request_error", "body_too_large", Level::DEBUG),
             ProxyError::BodyTimeout { .. } => (S::REQUEST_TIMEOUT, "invalid_request_error", "body_timeout", Level::DEBUG),
             ProxyError::UpstreamUnreachable { .. } => (S::BAD_GATEWAY, "upstream_error", "upstream_unreachable", Level::WARN),
@@ -136,8 +142,16 @@ impl ProxyError {
             response = json_body(class.status, &body);
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
         }
-        if let ProxyError::MethodNotAllowed { .. } = self {
-            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+        match self {
+            ProxyError::MethodNotAllowed { .. } => {
+                response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+            }
+            ProxyError::MethodNotForwarded { allowed, .. } => {
+                if let Ok(allowed) = HeaderValue::from_str(allowed) {
+                    response.headers_mut().insert(header::ALLOW, allowed);
+                }
+            }
+            _ => {}
         }
         response
     }

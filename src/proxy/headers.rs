@@ -99,6 +99,18 @@ pub fn strip_client_only(headers: &mut HeaderMap) {
     }
 }
 
+/// The method-override header `headers` carry, if any: the names
+/// frameworks and Google's APIs read in place of the request's method.
+/// One pass over the names present, as for the other header rules.
+pub fn method_override(headers: &HeaderMap) -> Option<&'static str> {
+    headers.keys().find_map(|name| match name.as_str() {
+        "x-http-method-override" => Some("x-http-method-override"),
+        "x-http-method" => Some("x-http-method"),
+        "x-method-override" => Some("x-method-override"),
+        _ => None,
+    })
+}
+
 /// Keep only the `allowed` headers (an upstream's `forward_headers`).
 pub fn keep_only(headers: &mut HeaderMap, allowed: &[HeaderName]) {
     let refused: Vec<HeaderName> = headers.keys().filter(|name| !allowed.contains(name)).cloned().collect();

@@ -104,11 +104,14 @@ upstream = "mock"
 tool = "web-search"
 units_header = "x-usage-units"
 
+# The metered routes' upstream: a pass-through on it forwards only reads
+# unless it lists the methods (the tests of the data path send them all).
 [[routes]]
 prefix = "/echo"
 upstream = "mock"
 passthrough = true
 public = true
+methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 # Unmetered access to the model endpoints: with a key (the default), and
 # without one (public), for tests of the bare data path. Through an upstream
