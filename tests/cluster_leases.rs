@@ -410,6 +410,69 @@ async fn debits_a_failed_shipment_puts_back_are_on_disk() {
     assert_eq!(tree.len(), 1, "and written to disk");
 }
 
+/// A failed sync may leave the outbox's pages dropped yet marked clean, so a
+/// later sync that succeeds proves nothing about them. Before, a retry found
+/// nothing new and wrote nothing: the debits settled before the failure were
+/// on no disk. Now the retry writes them again, and the chunk they left goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failed_sync_the_outbox_writes_its_debits_again_and_a_restart_queues_each_once() {
+    let pg = Postgres::start();
+    let url = pg.create_database("failed_sync");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(10), "p").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tree = sled::Config::new().path(dir.path()).open().unwrap().open_tree("debits").unwrap();
+    let chunks_on_disk = || -> Vec<u64> {
+        tree.iter().keys().map(|key| u64::from_be_bytes(key.unwrap().as_ref().try_into().unwrap())).collect()
+    };
+    // A pipe cannot be synced (EINVAL): every sync of this outbox fails.
+    let (_reader, writer) = std::io::pipe().unwrap();
+    let unsyncable = std::fs::File::from(std::os::fd::OwnedFd::from(writer));
+    let book = LeaseBook::with_outbox(books(&url).await, settings("unsynced"), 1, tree.clone())
+        .unwrap()
+        .syncing_outbox_file(unsyncable);
+    let hold = book.hold(WALLET, dec!(0.5)).await.unwrap();
+    let lease = hold.lease();
+    book.settle(hold, dec!(0.1), Utc::now(), serde_json::json!({}));
+    assert!(book.flush_outbox().await.is_err(), "the sync fails");
+    let first = chunks_on_disk();
+    assert_eq!(first.len(), 1);
+    assert!(book.flush_outbox().await.is_err());
+    let second = chunks_on_disk();
+    assert_eq!(second.len(), 1, "one copy on disk: {second:?}");
+    assert!(
+        second[0] > first[0],
+        "written again in a new chunk, the old one gone: {first:?} then {second:?}"
+    );
+    book.ship().await.unwrap();
+    assert!(tree.is_empty(), "shipped, so gone from the disk");
+    drop(book);
+
+    // A debit in two chunks (the first kept while a shipment had some of its
+    // debits out, then a crash) is queued once, and a chunk left with none goes.
+    let debit = |entry: i64| ShippedDebit {
+        entry,
+        wallet: WALLET.into(),
+        lease,
+        amount: dec!(0.01),
+        at: Utc::now(),
+        detail: creditgate::cluster::empty_detail(),
+    };
+    let write = |chunk: u64, entries: &[i64]| {
+        let debits: Vec<ShippedDebit> = entries.iter().map(|&entry| debit(entry)).collect();
+        tree.insert(chunk.to_be_bytes(), serde_json::to_vec(&debits).unwrap()).unwrap();
+    };
+    write(5, &[501, 502]);
+    write(6, &[501]);
+    write(7, &[502, 503]);
+    let restarted = LeaseBook::with_outbox(books(&url).await, settings("unsynced"), 1, tree.clone()).unwrap();
+    assert_eq!(restarted.outbox_len(), 3, "501, 502 and 503, each once");
+    assert_eq!(chunks_on_disk(), [6, 7], "chunk 5 had nothing left in it");
+    restarted.recover().await.unwrap();
+    assert!(tree.is_empty());
+    assert_eq!(assert_books_exact(&admin).await[0].debited, dec!(0.13), "0.10, then three debits of 0.01");
+}
+
 /// kill -9 of a replica: its leases come back after their deadline and the
 /// grace; if it returns later and ships what its outbox kept, the debits
 /// post as recorded overrun (the stated bound), never lost or doubled.

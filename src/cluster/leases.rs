@@ -351,9 +351,36 @@ struct Chunks {
     next: u64,
     /// Debits of each chunk on disk that have not shipped.
     unshipped: HashMap<u64, usize>,
-    /// Chunks whose write failed: their debits are written by a later
-    /// flush (kept for good, as a failed shipment may bring some back).
+    /// Chunks whose write, flush or sync failed: their debits are written
+    /// again by a later flush, and the chunk goes once none is left in it.
     failed: HashSet<u64>,
+    /// Chunks written since the last sync that succeeded. A failed sync
+    /// fails them all: the kernel may have dropped their pages and marked
+    /// them clean, and a later sync that succeeds would not bring them back.
+    unsynced: HashSet<u64>,
+}
+
+impl Chunks {
+    /// `moved` debits of `chunk` are written in another chunk now: the
+    /// chunk goes from the disk once none of its debits is left in it
+    /// (a shipment may have some of them out).
+    fn moved_out(&mut self, tree: &sled::Tree, chunk: u64, moved: usize) {
+        let left = self.unshipped.get(&chunk).map_or(0, |left| left.saturating_sub(moved));
+        if left > 0 {
+            self.unshipped.insert(chunk, left);
+            return;
+        }
+        self.forget(chunk);
+        // A failed removal only ships its debits again at the next start:
+        // they are unique by entry.
+        let _ = tree.remove(chunk.to_be_bytes());
+    }
+
+    fn forget(&mut self, chunk: u64) {
+        self.unshipped.remove(&chunk);
+        self.failed.remove(&chunk);
+        self.unsynced.remove(&chunk);
+    }
 }
 
 /// Reads an outbox value: a chunk, or one debit as written before chunks.
@@ -412,6 +439,7 @@ impl LeaseBook {
         let mut pending = Outbox::default();
         let mut chunks = Chunks::default();
         let now = Instant::now();
+        let mut read = Vec::new();
         for item in tree.iter() {
             let (key, value) = item.map_err(|err| ClusterError::Config(format!("outbox: {err}")))?;
             let chunk = <[u8; 8]>::try_from(key.as_ref())
@@ -420,8 +448,27 @@ impl LeaseBook {
             let debits = read_outbox_value(&value)
                 .map_err(|err| ClusterError::Schema(format!("outbox record cannot be read: {err}")))?;
             chunks.next = chunks.next.max(chunk + 1);
-            chunks.unshipped.insert(chunk, debits.len());
+            read.push((chunk, debits));
+        }
+        // A debit written again after a failed sync may be in two chunks
+        // (the first kept while a shipment had some of its debits out): it
+        // is queued once, from the later chunk, and a chunk left with none
+        // goes.
+        let mut latest: HashMap<i64, u64> = HashMap::new();
+        for (chunk, debits) in &read {
             for debit in debits {
+                latest.insert(debit.entry, *chunk);
+            }
+        }
+        for (chunk, debits) in read {
+            let mine: Vec<ShippedDebit> =
+                debits.into_iter().filter(|debit| latest[&debit.entry] == chunk).collect();
+            if mine.is_empty() {
+                let _ = tree.remove(chunk.to_be_bytes());
+                continue;
+            }
+            chunks.unshipped.insert(chunk, mine.len());
+            for debit in mine {
                 pending.push(debit, now, Some(chunk));
             }
         }
@@ -460,16 +507,20 @@ impl LeaseBook {
     }
 
     /// Makes the outbox durable (what was settled so far survives a crash):
-    /// writes the debits not on disk yet as one chunk and flushes.
+    /// writes the debits not on disk yet, and those of chunks that failed,
+    /// as one chunk, then flushes and syncs. A failed flush or sync fails
+    /// every chunk not known synced, so the next flush writes their debits
+    /// again rather than trust pages the kernel may have dropped.
     pub async fn flush_outbox(&self) -> Result<(), ClusterError> {
         let Some(durable) = &self.durable else { return Ok(()) };
         // Written under the lock, flushed after it: a shipment may remove
         // the chunk before the flush (sled keeps both in order), so no
         // settle's ship waits on the disk.
-        {
+        let syncing = {
             let mut chunks = durable.chunks.lock();
             let chunk = chunks.next;
             chunks.next += 1;
+            let mut moved: HashMap<u64, usize> = HashMap::new();
             let written = {
                 let mut outbox = self.outbox.lock();
                 let Outbox { debits, chunks: on_disk, .. } = &mut *outbox;
@@ -478,7 +529,9 @@ impl LeaseBook {
                     .zip(on_disk.iter_mut())
                     .filter(|(_, on_disk)| on_disk.is_none_or(|chunk| chunks.failed.contains(&chunk)))
                     .map(|(debit, on_disk)| {
-                        *on_disk = Some(chunk);
+                        if let Some(old) = on_disk.replace(chunk) {
+                            *moved.entry(old).or_default() += 1;
+                        }
                         debit
                     })
                     .collect();
@@ -493,8 +546,28 @@ impl LeaseBook {
                     return Err(ClusterError::Unavailable(format!("outbox write: {error}")));
                 }
                 chunks.unshipped.insert(chunk, count);
+                chunks.unsynced.insert(chunk);
+                // Removed after the new chunk went in: sled keeps the two in
+                // order, so no crash finds the old gone and the new missing.
+                for (old, count) in moved {
+                    chunks.moved_out(&durable.tree, old, count);
+                }
+            }
+            chunks.unsynced.clone()
+        };
+        let synced = self.flush_and_sync(durable).await;
+        let mut chunks = durable.chunks.lock();
+        match synced {
+            Ok(()) => chunks.unsynced.retain(|chunk| !syncing.contains(chunk)),
+            Err(_) => {
+                let unsynced = std::mem::take(&mut chunks.unsynced);
+                chunks.failed.extend(unsynced);
             }
         }
+        synced
+    }
+
+    async fn flush_and_sync(&self, durable: &DurableOutbox) -> Result<(), ClusterError> {
         durable
             .tree
             .flush_async()
@@ -517,7 +590,7 @@ impl LeaseBook {
             let Some(left) = chunks.unshipped.get_mut(chunk) else { continue };
             *left = left.saturating_sub(1);
             if *left == 0 {
-                chunks.unshipped.remove(chunk);
+                chunks.forget(*chunk);
                 // A failed removal only ships its debits again at the next
                 // start: they are unique by entry.
                 let _ = durable.tree.remove(chunk.to_be_bytes());
