@@ -70,6 +70,10 @@ const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Alert rules one organization may keep: each can send webhooks, so an org
 /// token must not be able to add them without end.
 pub const MAX_RULES_PER_ORG: usize = 50;
+/// Longest signing secret a rule may have, in characters.
+pub const MAX_SECRET_CHARS: usize = 256;
+/// Longest webhook URL a rule may have.
+pub const MAX_WEBHOOK_URL_BYTES: usize = 2048;
 /// Periods remembered per rule as fired: enough for a rule fed by limits of
 /// several periods at once (a daily and a monthly cap), never growing.
 const FIRED_PERIODS_PER_RULE: usize = 4;
@@ -311,12 +315,22 @@ impl Alerts {
         webhook_url: String,
         secret: String,
     ) -> Result<Rule, AlertError> {
+        // Bounded: each settle of a watched wallet copies its rules.
+        if webhook_url.len() > MAX_WEBHOOK_URL_BYTES {
+            return Err(AlertError::Invalid {
+                field: "webhook_url",
+                reason: format!("at most {MAX_WEBHOOK_URL_BYTES} bytes"),
+            });
+        }
         self.policy
             .check_url(&webhook_url)
             .map_err(|reason| AlertError::Invalid { field: "webhook_url", reason: reason.into() })?;
         // Characters, as the OpenAPI document's `minLength` counts them.
-        if secret.chars().count() < 16 {
-            return Err(AlertError::Invalid { field: "secret", reason: "at least 16 characters".into() });
+        if !(16..=MAX_SECRET_CHARS).contains(&secret.chars().count()) {
+            return Err(AlertError::Invalid {
+                field: "secret",
+                reason: format!("16 to {MAX_SECRET_CHARS} characters"),
+            });
         }
         condition.validate()?;
         let mut rule = Rule { id: 0, org, wallet, condition, webhook_url, secret };
@@ -605,7 +619,14 @@ fn save_rules_file(path: &std::path::Path, rules: &[Rule]) -> Result<(), AlertEr
 fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
     let temp = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&temp)?;
+    // The rules hold each organization's webhook secrets: the owner's alone.
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&temp)?;
+    #[cfg(unix)]
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     file.write_all(bytes)?;
     file.sync_all()?;
     drop(file);
@@ -776,6 +797,12 @@ mod tests {
         }
         add(&alerts).await.unwrap();
         assert!(!dir.path().join("alerts.json.tmp").exists(), "the temporary file was renamed");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "the webhook secrets are the owner's alone");
+        }
         assert_eq!(
             Alerts::load(path.clone(), open_loopback()).unwrap().rules_of(OrgId(1)).await.unwrap().len(),
             1
@@ -809,6 +836,21 @@ mod tests {
             add(1).await.unwrap();
         }
         assert!(matches!(add(1).await, Err(AlertError::TooMany { .. })), "one more is refused");
+        // Nor make each rule as large as a request body: a settle copies them.
+        let wallet = WalletId::Pool(OrgId(3));
+        let huge = "s".repeat(MAX_SECRET_CHARS + 1);
+        let refused = alerts.add_rule(
+            OrgId(3),
+            wallet,
+            Condition::LiteWalletEmpty,
+            "http://127.0.0.1:9/h".into(),
+            huge,
+        );
+        assert!(matches!(refused.await, Err(AlertError::Invalid { field: "secret", .. })));
+        let long_url = format!("http://127.0.0.1:9/{}", "p".repeat(MAX_WEBHOOK_URL_BYTES));
+        let secret = "a-long-enough-secret".to_owned();
+        let refused = alerts.add_rule(OrgId(3), wallet, Condition::LiteWalletEmpty, long_url, secret);
+        assert!(matches!(refused.await, Err(AlertError::Invalid { field: "webhook_url", .. })));
         assert!(add(2).await.is_ok(), "the cap is per organization");
         assert_eq!(alerts.rules_of(OrgId(1)).await.unwrap().len(), MAX_RULES_PER_ORG);
     }

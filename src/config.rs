@@ -773,6 +773,19 @@ impl GatewayConfig {
             usage_rollup_max_rows: admin.usage_rollup_max_rows.unwrap_or(DEFAULT_USAGE_ROLLUP_MAX_ROWS),
             org_writes_per_minute: admin.org_writes_per_minute.unwrap_or(DEFAULT_ORG_WRITES_PER_MINUTE),
         };
+        // A token is matched to the first entry that has it: one secret given
+        // twice would let one organization's admins act as another's (or as
+        // the operator).
+        let mut tokens: Vec<&str> = admin.org_tokens.iter().map(|t| t.token.as_str()).collect();
+        tokens.extend(admin.operator_token.as_deref());
+        tokens.sort_unstable();
+        if tokens.windows(2).any(|pair| pair[0] == pair[1]) {
+            checker.problem(
+                0,
+                "[admin] two admin tokens (org_tokens, token_env) hold the same secret",
+                Some("give every organization token, and the operator's, a secret of its own"),
+            );
+        }
 
         let traffic = validate_traffic(&mut checker, top.traffic);
         let ledger = validate_ledger(&mut checker, top.ledger);
@@ -1630,6 +1643,32 @@ upstream = "nope"
             .replace("flavour = \"openai-chat\"\n", "flavour = \"openai-chat\"\nmethods = [\"POST\"]\n");
         let p = problems(&on_a_model_route);
         assert!(p.iter().any(|p| p.message.contains("passthrough routes only")), "{p:#?}");
+    }
+
+    #[test]
+    fn one_secret_may_not_be_two_admin_tokens() {
+        let text = |second: &str| {
+            format!(
+                "{MINIMAL}\n[admin]\ntoken_env = \"OPERATOR\"\n\
+                 org_tokens = [{{ org = 1, token_env = \"ACME\" }}, {{ org = 2, token_env = \"{second}\" }}]\n"
+            )
+        };
+        let env = |name: &str| match name {
+            "OPERATOR" => Some("operator-secret".to_owned()),
+            "ACME" | "ALSO_ACME" => Some("acme-secret".to_owned()),
+            "GLOBEX" => Some("globex-secret".to_owned()),
+            _ => None,
+        };
+        let parse = |text: &str| GatewayConfig::parse(Path::new("test.toml"), text, &env);
+        assert!(parse(&text("GLOBEX")).is_ok());
+        for second in ["ALSO_ACME", "OPERATOR"] {
+            match parse(&text(second)) {
+                Err(ConfigError::Invalid { problems, .. }) => {
+                    assert!(problems.iter().any(|p| p.message.contains("same secret")), "{problems:#?}")
+                }
+                other => panic!("{second}: org 2 would act with another's token: {other:?}"),
+            }
+        }
     }
 
     #[test]

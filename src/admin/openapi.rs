@@ -201,7 +201,7 @@ fn request_schema(method: &str, path: &str) -> Option<Value> {
             &["wallet", "amount", "reason"],
         ),
         ("post", "/orgs/{org}/alerts") => object(
-            json!({"wallet": wallet(), "condition": condition(), "webhook_url": {"type": "string", "format": "uri"}, "secret": {"type": "string", "minLength": 16}}),
+            json!({"wallet": wallet(), "condition": condition(), "webhook_url": {"type": "string", "format": "uri", "maxLength": crate::alerts::MAX_WEBHOOK_URL_BYTES}, "secret": {"type": "string", "minLength": 16, "maxLength": crate::alerts::MAX_SECRET_CHARS}}),
             &["wallet", "condition", "webhook_url", "secret"],
         ),
         _ => return None,

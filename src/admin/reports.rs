@@ -1,7 +1,7 @@
 //! Reading the books: ledger entries with cursor paging and filters, and
 //! usage reports grouped by any mix of dimensions, as JSON or CSV.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use http::StatusCode;
@@ -243,6 +243,12 @@ pub fn usage(
         .unwrap_or_default();
     if let Some(bad) = group_by.iter().find(|d| !DIMENSIONS.contains(&d.as_str())) {
         return Err(AdminError::bad("group_by", format!("{bad:?} is not one of {DIMENSIONS:?}")));
+    }
+    // Each group's key holds every name given: thousands of repeats would
+    // make every row thousands of strings.
+    let mut named = BTreeSet::new();
+    if let Some(twice) = group_by.iter().find(|d| !named.insert(d.as_str())) {
+        return Err(AdminError::bad("group_by", format!("{twice:?} is named twice")));
     }
     let (from, to) = (time(params, "from")?, time(params, "to")?);
     let groups = match usage {

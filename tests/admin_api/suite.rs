@@ -363,6 +363,13 @@ async fn ledger_pages_and_usage_reports_agree_with_each_other() {
     let bad =
         call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/usage?group_by=colour"), None, &[]).await;
     assert_eq!(bad.status, 400);
+    // Every group's key holds each name given: thousands of repeats would
+    // make each row thousands of strings.
+    let repeated = vec!["model"; 5000].join(",");
+    let bad =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/usage?group_by={repeated}"), None, &[]).await;
+    assert_eq!(bad.status, 400);
+    assert!(String::from_utf8_lossy(&bad.body).contains("named twice"));
 }
 
 #[tokio::test]
