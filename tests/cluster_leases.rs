@@ -847,6 +847,61 @@ async fn a_lease_closed_by_the_sweep_is_never_spent_again_after_the_replica_retu
     assert_eq!(audit[0].leased, Decimal::ZERO);
 }
 
+/// The sweep picks expired leases, then waits for their wallets' locks. A
+/// replica back from a cut that renewed such a lease in that wait had it
+/// closed anyway (its credit back in the wallet, to be leased again) while
+/// the renewal told the replica it was open: the credit could be spent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_renewed_while_the_sweep_waits_for_its_wallet_stays_open() {
+    let pg = Postgres::start();
+    let url = pg.create_database("sweep_race");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(1), "p").await.unwrap();
+    let mut quick = settings("back");
+    quick.ttl = Duration::from_secs(1);
+    quick.safety = Duration::from_millis(200);
+    let book = LeaseBook::new(books(&url).await, quick, 1);
+    let hold = book.hold(WALLET, dec!(0.10)).await.unwrap();
+    let lease = hold.lease();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+
+    // A shipment holds the wallet's lock while the sweep starts.
+    let (mut shipment, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let shipment = shipment.transaction().await.unwrap();
+    shipment.execute("SELECT 1 FROM cg_wallets WHERE wallet = $1 FOR UPDATE", &[&WALLET]).await.unwrap();
+    let sweeper = books(&url).await;
+    let sweep = tokio::spawn(async move { sweeper.expire(Duration::ZERO).await.unwrap() });
+    let (watcher, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%cg_close_leases%'";
+    let started = std::time::Instant::now();
+    while watcher.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the sweep never waited for the wallet");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The replica is back and renews the lease in that wait.
+    let renewal =
+        admin.renew("back", Duration::from_secs(30), Duration::ZERO, (0, None), &[lease]).await.unwrap();
+    assert!(renewal.open.iter().any(|(id, _)| *id == lease), "renewed: {:?}", renewal.open);
+    shipment.commit().await.unwrap();
+
+    assert_eq!(sweep.await.unwrap(), Decimal::ZERO, "nothing the sweep may close");
+    let open: bool = watcher
+        .query_one("SELECT closed_at IS NULL FROM cg_leases WHERE id = $1", &[&lease])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(open, "the renewed lease stays open");
+    book.settle(hold, dec!(0.10), Utc::now(), serde_json::json!({}));
+    book.shutdown().await.unwrap();
+    let audit = assert_books_exact(&admin).await;
+    assert_eq!(
+        (audit[0].debited, audit[0].uncovered, audit[0].leased),
+        (dec!(0.10), Decimal::ZERO, Decimal::ZERO)
+    );
+}
+
 /// Credit does not stay parked on a replica whose traffic for a wallet
 /// stopped: within a few rounds of the last request every lease is back,
 /// without a shutdown, and no refill draws it out again.

@@ -57,6 +57,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "limit_versions",
         sql: include_str!("migrations/0018_limit_versions.sql"),
     },
+    Migration {
+        version: 19,
+        name: "sweep_rechecks_deadline",
+        sql: include_str!("migrations/0019_sweep_rechecks_deadline.sql"),
+    },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).
