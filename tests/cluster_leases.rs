@@ -410,6 +410,55 @@ async fn debits_a_failed_shipment_puts_back_are_on_disk() {
     assert_eq!(tree.len(), 1, "and written to disk");
 }
 
+/// A shipment can hang for as long as the database is silent, and the
+/// replica goes on settling inside its leases. Before, the shipment took the
+/// whole outbox, flushed or not, and the flush waited behind it: a SIGKILL in
+/// the hang lost every settle since the last flush before it. Now what a
+/// shipment has out is on disk, and settles made during it are flushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_shipment_has_only_flushed_debits_out_and_settles_go_on_to_disk() {
+    let pg = Postgres::start();
+    let url = pg.create_database("hanging_ship");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(10), "p").await.unwrap();
+    let gate = common::cluster::DbGate::start(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tree = sled::Config::new().path(dir.path()).open().unwrap().open_tree("debits").unwrap();
+    let book = Arc::new(
+        LeaseBook::with_outbox(books(&gate.url(&url)).await, settings("hang"), 1, tree.clone()).unwrap(),
+    );
+    let first = book.hold(WALLET, dec!(0.5)).await.unwrap();
+    let second = book.hold(WALLET, dec!(0.5)).await.unwrap();
+    book.settle(first, dec!(0.1), Utc::now(), serde_json::json!({}));
+    assert!(tree.is_empty(), "settled, not yet flushed");
+    gate.stall();
+    let shipping = tokio::spawn({
+        let book = book.clone();
+        async move { book.ship().await }
+    });
+    let started = std::time::Instant::now();
+    while book.outbox_len() > 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the shipment never took its batch");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(tree.len(), 1, "the debit the shipment has out is on disk");
+    // Settled inside the lease while the shipment hangs, and flushed.
+    book.settle(second, dec!(0.2), Utc::now(), serde_json::json!({}));
+    assert!(book.unflushed());
+    book.flush_outbox().await.unwrap();
+    assert_eq!(tree.len(), 2);
+    // SIGKILL: the process and its shipment are gone; the disk has both.
+    shipping.abort();
+    let _ = shipping.await;
+    drop(book);
+    gate.mend();
+    let restarted = LeaseBook::with_outbox(books(&url).await, settings("hang"), 1, tree.clone()).unwrap();
+    assert_eq!(restarted.outbox_len(), 2);
+    restarted.recover().await.unwrap();
+    assert!(tree.is_empty());
+    assert_eq!(assert_books_exact(&admin).await[0].debited, dec!(0.3));
+}
+
 /// A failed sync may leave the outbox's pages dropped yet marked clean, so a
 /// later sync that succeeds proves nothing about them. Before, a retry found
 /// nothing new and wrote nothing: the debits settled before the failure were
@@ -1249,7 +1298,7 @@ async fn a_shipment_dropped_on_its_way_puts_its_debits_back() {
     let dropped = tokio::time::timeout(Duration::from_millis(300), book.ship()).await;
     assert!(dropped.is_err(), "the shipment finished on a silent database: {dropped:?}");
     assert_eq!(book.outbox_len(), 1, "the dropped shipment's debit is queued again");
-    assert!(book.take_unflushed_put_back(), "a flush is asked for: they were on no disk yet");
+    assert!(book.unflushed(), "a flush is asked for: they were on no disk yet");
     gate.cut();
     gate.mend();
     // The pool finds its silent connection gone and opens another.

@@ -226,8 +226,10 @@ pub struct LeaseBook {
     spent_leases: std::sync::atomic::AtomicBool,
     /// Wakes the errand task: refills wanted, or spent leases to give back.
     refill_wanted: tokio::sync::Notify,
-    /// Set when a dropped shipment put back debits not yet on disk.
-    put_back_unflushed: std::sync::atomic::AtomicBool,
+    /// Set when the outbox may hold debits not on disk (a settle, a
+    /// shipment put back, a failed flush); a flush takes it before it reads
+    /// the outbox, so a debit pushed meanwhile sets it again.
+    unflushed: std::sync::atomic::AtomicBool,
 }
 
 /// A batch taken from the outbox to ship: put back in front if the
@@ -256,7 +258,7 @@ impl Drop for OutForShipping<'_> {
             self.book.outbox.lock().put_back(batch);
             // After the put-back: a flush that takes the flag then writes them.
             if unflushed {
-                self.book.put_back_unflushed.store(true, Ordering::Release);
+                self.book.unflushed.store(true, Ordering::Release);
             }
         }
     }
@@ -422,7 +424,7 @@ impl LeaseBook {
             metrics: None,
             refills: Mutex::new(Vec::new()),
             spent_leases: std::sync::atomic::AtomicBool::new(false),
-            put_back_unflushed: std::sync::atomic::AtomicBool::new(false),
+            unflushed: std::sync::atomic::AtomicBool::new(false),
             refill_wanted: tokio::sync::Notify::new(),
         }
     }
@@ -513,6 +515,15 @@ impl LeaseBook {
     /// again rather than trust pages the kernel may have dropped.
     pub async fn flush_outbox(&self) -> Result<(), ClusterError> {
         let Some(durable) = &self.durable else { return Ok(()) };
+        self.unflushed.store(false, Ordering::Release);
+        let flushed = self.write_and_sync(durable).await;
+        if flushed.is_err() {
+            self.unflushed.store(true, Ordering::Release);
+        }
+        flushed
+    }
+
+    async fn write_and_sync(&self, durable: &DurableOutbox) -> Result<(), ClusterError> {
         // Written under the lock, flushed after it: a shipment may remove
         // the chunk before the flush (sled keeps both in order), so no
         // settle's ship waits on the disk.
@@ -553,6 +564,9 @@ impl LeaseBook {
                     chunks.moved_out(&durable.tree, old, count);
                 }
             }
+            if chunks.unsynced.is_empty() {
+                return Ok(()); // Nothing new, and all of it synced.
+            }
             chunks.unsynced.clone()
         };
         let synced = self.flush_and_sync(durable).await;
@@ -578,6 +592,25 @@ impl LeaseBook {
             .await
             .map_err(|err| ClusterError::Unavailable(format!("outbox sync: {err}")))?
             .map_err(|err| ClusterError::Unavailable(format!("outbox sync: {err}")))
+    }
+
+    /// Takes the debits written in a chunk that did not fail, leaving the
+    /// rest for the next flush.
+    fn take_on_disk(&self) -> Outbox {
+        let Some(durable) = &self.durable else { return std::mem::take(&mut *self.outbox.lock()) };
+        // The chunks' lock first, as a flush takes them.
+        let chunks = durable.chunks.lock();
+        let mut outbox = self.outbox.lock();
+        let mut taken = Outbox::default();
+        let mut left = Outbox::default();
+        let Outbox { debits, queued, chunks: on_disk } = std::mem::take(&mut *outbox);
+        for ((debit, at), chunk) in debits.into_iter().zip(queued).zip(on_disk) {
+            let written = chunk.is_some_and(|chunk| !chunks.failed.contains(&chunk));
+            let to = if written { &mut taken } else { &mut left };
+            to.push(debit, at, chunk);
+        }
+        *outbox = left;
+        taken
     }
 
     /// Removes the chunks on disk whose debits have all shipped now.
@@ -956,6 +989,7 @@ impl LeaseBook {
         });
         let debit = ShippedDebit { entry, wallet: hold.wallet, lease: hold.lease, amount: debit, at, detail };
         self.outbox.lock().push(debit, Instant::now(), None);
+        self.unflushed.store(true, Ordering::Release);
     }
 
     /// Releases a hold that spent nothing (the request failed before the
@@ -1012,10 +1046,9 @@ impl LeaseBook {
         self.next_entry.load(Ordering::Relaxed)
     }
 
-    /// Whether a shipment dropped on its way put back debits that only a
-    /// flush makes durable (and forgets that it did).
-    pub fn take_unflushed_put_back(&self) -> bool {
-        self.put_back_unflushed.swap(false, Ordering::AcqRel)
+    /// Whether the outbox may hold debits not on disk yet.
+    pub fn unflushed(&self) -> bool {
+        self.unflushed.load(Ordering::Acquire)
     }
 
     /// Debits waiting to ship.
@@ -1024,8 +1057,19 @@ impl LeaseBook {
     }
 
     /// Ships the outbox in one batch; on failure the batch stays queued.
+    /// With an outbox on disk, the batch is what is on disk: a shipment can
+    /// hang for as long as the database is silent, and no flush sees the
+    /// debits it has out, so none may be in memory only.
     pub async fn ship(&self) -> Result<u64, ClusterError> {
-        let batch = std::mem::take(&mut *self.outbox.lock());
+        let mut on_disk_only = self.durable.is_some();
+        if on_disk_only && self.unflushed() {
+            if let Err(error) = self.flush_outbox().await {
+                // The shipment is then the only way to keep them.
+                tracing::warn!(%error, "cannot make the outbox durable; shipping it as it is");
+                on_disk_only = false;
+            }
+        }
+        let batch = if on_disk_only { self.take_on_disk() } else { std::mem::take(&mut *self.outbox.lock()) };
         if batch.debits.is_empty() {
             return Ok(0);
         }
@@ -1055,11 +1099,13 @@ impl LeaseBook {
             }
             Err(err) => {
                 drop(out);
-                // A flush that ran while the batch was out did not write the
-                // batch's unflushed debits, and nothing new may come to make
-                // the next one (leases lapse in an outage): write them now.
-                if let Err(error) = self.flush_outbox().await {
-                    tracing::warn!(%error, "cannot make the outbox durable after a failed shipment");
+                // A batch shipped as it was (the disk failing) goes back with
+                // debits no flush wrote, and nothing new may come to make the
+                // next one (leases lapse in an outage): try them now.
+                if self.unflushed() {
+                    if let Err(error) = self.flush_outbox().await {
+                        tracing::warn!(%error, "cannot make the outbox durable after a failed shipment");
+                    }
                 }
                 Err(err)
             }

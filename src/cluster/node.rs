@@ -175,6 +175,7 @@ impl ClusterNode {
         });
         let mut tasks = vec![tokio::spawn(replica.run(clock, wakeups.clone(), shutdown.clone()))];
         tasks.push(tokio::spawn(node.clone().answer_wanted(wakeups)));
+        tasks.push(tokio::spawn(node.clone().flush_rounds()));
         tasks.push(tokio::spawn(node.clone().ship_rounds(options.ship_interval)));
         tasks.push(tokio::spawn(node.clone().lease_rounds(options.lease_ttl)));
         tasks.push(tokio::spawn(node.clone().errands()));
@@ -232,35 +233,34 @@ impl ClusterNode {
     }
 
     /// Makes settles durable in the outbox every [`OUTBOX_FLUSH`] (a local
-    /// fsync, no database statement) and ships them every `every`, so a
-    /// SIGKILL loses at most the last flush window while the database sees
-    /// one shipment per `every`.
-    async fn ship_rounds(self: Arc<Self>, every: Duration) {
-        let tick = every.min(OUTBOX_FLUSH);
-        let mut flushed_through = self.book.settled_through();
-        let mut last_ship = tokio::time::Instant::now();
+    /// fsync, no database statement), so a SIGKILL loses at most the last
+    /// flush window. A task of its own: a shipment can hang for as long as
+    /// the database is silent, and settles go on inside the leases.
+    async fn flush_rounds(self: Arc<Self>) {
         loop {
             tokio::select! {
                 () = self.rounds.cancelled() => return,
-                () = tokio::time::sleep(tick) => {}
+                () = tokio::time::sleep(OUTBOX_FLUSH) => {}
+            }
+            if self.book.unflushed() {
+                if let Err(error) = self.book.flush_outbox().await {
+                    tracing::warn!(%error, "cannot make the outbox durable; retrying");
+                }
+            }
+        }
+    }
+
+    /// Ships the outbox every `every`, so the database sees one shipment
+    /// per `every`.
+    async fn ship_rounds(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::select! {
+                () = self.rounds.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
             }
             if self.book.outbox_len() == 0 {
                 continue;
             }
-            let settled = self.book.settled_through();
-            if settled != flushed_through || self.book.take_unflushed_put_back() {
-                match self.book.flush_outbox().await {
-                    Ok(()) => flushed_through = settled,
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot make the outbox durable; retrying");
-                        continue;
-                    }
-                }
-            }
-            if last_ship.elapsed() < every {
-                continue;
-            }
-            last_ship = tokio::time::Instant::now();
             if let Err(error) = self.book.ship().await {
                 tracing::warn!(%error, outbox = self.book.outbox_len(), "cannot ship settled debits; retrying");
             }
