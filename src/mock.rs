@@ -24,7 +24,9 @@
 //! `x-mock-pace-ms: N` waits between stream events (default from options);
 //! `x-mock-reset-after: N` breaks the connection after N events (or after half
 //! of a plain body); `x-mock-hang: 1` never answers; `x-mock-omit-usage: 1`
-//! leaves `usage` out of a JSON body; `x-mock-usage: {...}` replaces it.
+//! leaves `usage` out of a JSON body; `x-mock-usage: {...}` replaces it;
+//! `x-mock-input-tokens: N` reports N input tokens, JSON or stream (context
+//! the upstream read that the request does not carry).
 
 mod responses;
 
@@ -213,6 +215,8 @@ struct Controls {
     reset_after: Option<usize>,
     hang: bool,
     omit_usage: bool,
+    /// Input tokens the answer reports, whatever the body's size.
+    input_tokens: Option<u64>,
     /// Replaces the `usage` object of a JSON answer (fault injection).
     usage_override: Option<serde_json::Value>,
 }
@@ -230,6 +234,7 @@ impl Controls {
             reset_after: number("x-mock-reset-after").and_then(|n| usize::try_from(n).ok()),
             hang: headers.contains_key("x-mock-hang"),
             omit_usage: headers.contains_key("x-mock-omit-usage"),
+            input_tokens: number("x-mock-input-tokens"),
             usage_override: headers
                 .get("x-mock-usage")
                 .and_then(|v| v.to_str().ok())
@@ -288,7 +293,13 @@ impl MockState {
         entry.body_bytes = bytes.len() as u64;
         let reply = match controls.status {
             Some(status) => responses::error(status, "injected by x-mock-status"),
-            None => responses::answer(parts.method == Method::POST, &path, &bytes, &mut entry),
+            None => responses::answer(
+                parts.method == Method::POST,
+                &path,
+                &bytes,
+                controls.input_tokens,
+                &mut entry,
+            ),
         };
         self.write(reply, &controls, entry)
     }

@@ -203,6 +203,16 @@ async fn a_pass_through_on_a_metered_upstream_forwards_reads_only_unless_it_list
     assert_eq!(listed.mock.journal().last().unwrap().uri, "/v1/batches");
 }
 
+/// Sends `request` and reads its 200 stream, which the mock breaks.
+async fn read_a_stream_the_upstream_cuts(request: Request<Full<Bytes>>) {
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let result = http_body_util::BodyExt::collect(response.into_body()).await;
+    assert!(result.is_err(), "the client sees the stream break, not a clean end");
+}
+
 async fn post_raw_body(stack: &Stack, key: &str, body: &[u8]) -> Reply {
     let request = Request::post(stack.url("/v1/chat/completions"))
         .header("authorization", format!("Bearer {key}"))
@@ -254,12 +264,7 @@ async fn an_upstream_that_resets_mid_stream_is_charged_for_what_was_delivered() 
         .header("x-mock-reset-after", "6")
         .body(Full::new(Bytes::from(body)))
         .unwrap();
-    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let response = client.request(request).await.unwrap();
-    assert_eq!(response.status(), 200);
-    let result = http_body_util::BodyExt::collect(response.into_body()).await;
-    assert!(result.is_err(), "the client sees the stream break, not a clean end");
+    read_a_stream_the_upstream_cuts(request).await;
     let charged = before - wait_settled(&stack).await;
     let full = (Decimal::from((body.len() as u64).div_ceil(4)) + Decimal::from(80u64))
         / Decimal::from(1_000_000u64)
@@ -273,6 +278,30 @@ async fn an_upstream_that_resets_mid_stream_is_charged_for_what_was_delivered() 
     )
     .await;
     assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn a_running_total_reported_before_a_cut_is_charged_even_above_the_hold() {
+    // Anthropic's `message_start` carries the whole input, which context the
+    // request's bytes do not bound can make far larger than the hold. Before,
+    // a stream cut after it was charged at most the hold.
+    let stack = start().await;
+    let before = pool_balance(&stack);
+    let body = r#"{"model":"mock-claude","stream":true,"max_tokens":9}"#;
+    let request = Request::post(stack.url("/v1/messages"))
+        .header("authorization", format!("Bearer {}", stack.keys.pro))
+        .header("x-mock-input-tokens", "400000")
+        .header("x-mock-reset-after", "2")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    read_a_stream_the_upstream_cuts(request).await;
+    let charged = before - wait_settled(&stack).await;
+    // The reported input, at the long-context rate its size calls for ($6 per million).
+    let table = stack.gateway.prices().unwrap().current();
+    let price = table.model("mock-claude", chrono::Utc::now()).unwrap();
+    let input = creditgate::pricing::TokenUsage { input_tokens: 400_000, ..Default::default() };
+    assert_eq!(price.cost(&input).unwrap(), Decimal::new(24, 1));
+    assert_eq!(charged, Decimal::new(24, 1), "the reported input is a floor on the bill");
 }
 
 #[tokio::test]

@@ -45,7 +45,15 @@ impl ModelRequest {
 }
 
 /// Build the answer for a request to `path`.
-pub(crate) fn answer(is_post: bool, path: &str, body: &[u8], entry: &mut JournalEntry) -> Reply {
+/// `input_tokens`, when given, is the input the answer reports whatever the
+/// body's size (an upstream that read context the request does not carry).
+pub(crate) fn answer(
+    is_post: bool,
+    path: &str,
+    body: &[u8],
+    input_tokens: Option<u64>,
+    entry: &mut JournalEntry,
+) -> Reply {
     if !is_post {
         return error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
     }
@@ -53,10 +61,13 @@ pub(crate) fn answer(is_post: bool, path: &str, body: &[u8], entry: &mut Journal
         return web_search(body);
     }
     let has_output = path != "/v1/embeddings";
-    let request = match ModelRequest::parse(body, has_output) {
+    let mut request = match ModelRequest::parse(body, has_output) {
         Ok(request) => request,
         Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
+    if let Some(input_tokens) = input_tokens {
+        request.usage.input_tokens = input_tokens;
+    }
     entry.model = Some(request.model.clone());
     match path {
         "/v1/chat/completions" if request.stream => chat_stream(&request),

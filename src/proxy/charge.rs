@@ -923,49 +923,71 @@ impl Charge {
         let ended = outcome == Outcome::Completed || meter.usage_is_final();
         let complete =
             ended && reported.input_tokens.is_some() && (reported.output_tokens.is_some() || no_output);
-        let (tokens, flag) = if complete {
-            let mut tokens = token_usage(&reported, 0);
-            let ceiling = self.limits.usage_ceiling;
-            let clipped = tokens.input_tokens > ceiling || tokens.output_tokens > ceiling;
-            if clipped {
-                tokens = TokenUsage {
-                    input_tokens: tokens.input_tokens.min(ceiling),
-                    output_tokens: tokens.output_tokens.min(ceiling),
-                    ..TokenUsage::default()
-                };
-                tracing::warn!(
-                    input = reported.input_tokens,
-                    output = reported.output_tokens,
-                    ceiling,
-                    "usage above the route's ceiling reported; charged at the ceiling"
-                );
-            }
-            (tokens, if clipped { SettleFlag::Ceiling } else { SettleFlag::Exact })
-        } else if outcome.charges_hold_without_usage() {
-            return (held, Usage::default(), SettleFlag::NoUsage);
-        } else if let Some(estimated_input) = self.estimated_input_tokens {
-            let mut usage = token_usage(&reported, delivered);
-            if reported.input_tokens.is_none() {
-                usage.input_tokens = estimated_input;
-            }
-            (usage, SettleFlag::Estimated)
-        } else {
-            return (held, Usage::default(), SettleFlag::NoUsage);
-        };
-        // One price over the whole call: tokens at the model's markup, each
-        // hosted tool's calls at the tool's, rounded up once.
-        let mut parts = CostParts::new();
-        let token_cost = price.cost(&tokens);
-        if let Ok(cost) = token_cost {
-            parts.push((cost, price.markup()));
+        if complete {
+            let (tokens, clipped) = self.within_ceiling(token_usage(&reported, 0), &reported);
+            let flag = if clipped { SettleFlag::Ceiling } else { SettleFlag::Exact };
+            return match self.priced(price, tokens, &reported) {
+                Some((charged, usage)) => (charged, usage, flag),
+                None => (held, Usage::default(), flag),
+            };
         }
-        let tool_calls = hosted_calls_cost(&self.table, &reported, self.priced_at, &mut parts);
-        let charged = token_cost.ok().and_then(|_| Amounts::of(&parts));
-        let charged = match charged {
-            Some(charged) if flag == SettleFlag::Estimated => charged.at_most(held),
-            Some(charged) => charged,
-            None => held,
+        // A running total the upstream reported before the end (Anthropic's
+        // `message_start` carries the whole input) is a floor on its bill,
+        // whatever the hold or the estimate says.
+        let floor = (reported.input_tokens.is_some() || reported.output_tokens.is_some())
+            .then(|| self.within_ceiling(token_usage(&reported, 0), &reported).0)
+            .and_then(|tokens| self.priced(price, tokens, &reported));
+        let estimate = match self.estimated_input_tokens {
+            Some(estimated_input) if !outcome.charges_hold_without_usage() => {
+                let mut tokens = token_usage(&reported, delivered);
+                if reported.input_tokens.is_none() {
+                    tokens.input_tokens = estimated_input;
+                }
+                self.priced(price, tokens, &reported)
+                    .map(|(charged, usage)| (charged.at_most(held), usage, SettleFlag::Estimated))
+            }
+            _ => None,
         };
+        let (charged, usage, flag) = estimate.unwrap_or((held, Usage::default(), SettleFlag::NoUsage));
+        match floor {
+            Some((least, usage)) if least.price > charged.price => (least, usage, flag),
+            _ => (charged, usage, flag),
+        }
+    }
+
+    /// `tokens` with each count at most the route's ceiling (a count above it
+    /// is an upstream's bug, not a bill), and whether one was above it.
+    fn within_ceiling(&self, tokens: TokenUsage, reported: &Reported) -> (TokenUsage, bool) {
+        let ceiling = self.limits.usage_ceiling;
+        if tokens.input_tokens <= ceiling && tokens.output_tokens <= ceiling {
+            return (tokens, false);
+        }
+        tracing::warn!(
+            input = reported.input_tokens,
+            output = reported.output_tokens,
+            ceiling,
+            "usage above the route's ceiling reported; charged at the ceiling"
+        );
+        let clipped = TokenUsage {
+            input_tokens: tokens.input_tokens.min(ceiling),
+            output_tokens: tokens.output_tokens.min(ceiling),
+            ..TokenUsage::default()
+        };
+        (clipped, true)
+    }
+
+    /// One price over the whole call: tokens at the model's markup, each
+    /// hosted tool's calls at the tool's, rounded up once. `None` when the
+    /// amounts cannot be represented (the caller charges the hold).
+    fn priced(
+        &self,
+        price: &ModelPrice,
+        tokens: TokenUsage,
+        reported: &Reported,
+    ) -> Option<(Amounts, Usage)> {
+        let mut parts = CostParts::new();
+        parts.push((price.cost(&tokens).ok()?, price.markup()));
+        let tool_calls = hosted_calls_cost(&self.table, reported, self.priced_at, &mut parts);
         let usage = Usage {
             input_tokens: tokens.input_tokens,
             output_tokens: tokens.output_tokens,
@@ -973,7 +995,7 @@ impl Charge {
             // A Responses call's hosted tool calls (the entry's unit count).
             tool_units: tool_calls,
         };
-        (charged, usage, flag)
+        Some((Amounts::of(&parts)?, usage))
     }
 
     /// A tool's units as its header reported them, up to the ceiling; no
