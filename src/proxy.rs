@@ -15,6 +15,7 @@
 
 mod audio;
 mod body;
+mod cache_marks;
 mod charge;
 mod context;
 mod error;
@@ -313,6 +314,9 @@ impl Proxy {
                 let base = &self.config.upstreams[route.upstream].base_path;
                 charge::check_deployment(base, parts.uri.path(), &fields.model)?;
                 let price = charge::price_model(&table, &fields.model, fields.service_tier.as_deref(), now)?;
+                if fields.cache_breakpoints && !price.cache_writes_priced() {
+                    return Err(ProxyError::CacheWriteNotPriced { model: fields.model });
+                }
                 self.check_item_allowed(key.key, route, &fields.model)?;
                 let context_tokens = match fields.server_context {
                     Some(marker) if route.limits.context_budget_tokens == 0 => {

@@ -717,6 +717,22 @@ async fn price_modifiers_the_client_picks_are_priced() {
         "cache writes at their prices"
     );
     assert!(charged > books.reported_cost("mock-claude"), "dearer than plain input");
+
+    // A model without write prices would charge writes as plain input: a
+    // request that marks cache breakpoints is refused for it, before anything
+    // is held or sent; mentioning the key in text is no mark.
+    let forwarded = books.provider.received().len();
+    let marked = |model: &str, text: &str| {
+        json!({"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": text, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]})
+    };
+    let reply = books.post(CHAT, Some(&pro), &[], &marked("mock-gpt", "hi")).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["error"]["code"], "cache_write_not_priced");
+    assert_eq!(books.provider.received().len(), forwarded, "nothing reached the upstream");
+    let mention = json!({"model": "mock-gpt", "messages": [{"role": "user", "content": "what does \"cache_control\": do?"}]});
+    assert_eq!(books.post(CHAT, Some(&pro), &[], &mention).await.status, 200);
+    assert_eq!(books.post("/v1/messages", Some(&pro), &[], &marked("mock-claude", "hi")).await.status, 200);
 }
 
 #[tokio::test]

@@ -181,6 +181,10 @@ pub struct ModelPrice {
     /// Equal to `input_per_mtok` when the file sets no cache-write price.
     pub(super) cache_write_5m_per_mtok: Picos,
     pub(super) cache_write_1h_per_mtok: Picos,
+    /// Whether the file states both cache-write prices. Without them a
+    /// request that marks cache breakpoints is refused: the providers that
+    /// bill writes bill them above plain input (Anthropic: 1.25x, 2x).
+    pub(super) cache_writes_priced: bool,
     /// Output tokens to hold for when a request names no maximum. Zero only
     /// for models whose output is free, where it does not matter.
     pub(super) default_max_output_tokens: u64,
@@ -228,6 +232,10 @@ impl ModelPrice {
     }
 
     /// These prices in a service tier.
+    pub fn cache_writes_priced(&self) -> bool {
+        self.cache_writes_priced
+    }
+
     pub fn in_tier(self, tier: Multipliers) -> ModelPrice {
         ModelPrice { tier, ..self }
     }
@@ -399,6 +407,7 @@ mod tests {
             per_request: picos(per_request),
             cache_write_5m_per_mtok: picos(input),
             cache_write_1h_per_mtok: picos(input),
+            cache_writes_priced: false,
             default_max_output_tokens: 4096,
             long_context: None,
             tier: Multipliers::ONE,
@@ -536,6 +545,7 @@ mod tests {
             per_request: ceiling,
             cache_write_5m_per_mtok: ceiling,
             cache_write_1h_per_mtok: ceiling,
+            cache_writes_priced: true,
             default_max_output_tokens: u64::MAX,
             long_context: None,
             tier: Multipliers::ONE,
@@ -638,6 +648,7 @@ mod tests {
                 per_request: fee,
                 cache_write_5m_per_mtok: input,
                 cache_write_1h_per_mtok: input,
+                cache_writes_priced: false,
                 default_max_output_tokens: default_out,
                 long_context: None,
                 tier: Multipliers::ONE,

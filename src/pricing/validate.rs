@@ -142,7 +142,8 @@ impl ModelRates {
 
     /// An unset price is zero, except the cached and cache-write prices,
     /// which follow the input price in force (also after a scheduled input
-    /// change).
+    /// change); a model without both write prices serves no request that
+    /// marks cache breakpoints.
     fn price(
         self,
         default_max_output_tokens: u64,
@@ -157,6 +158,7 @@ impl ModelRates {
             per_request: self.per_request.unwrap_or_default(),
             cache_write_5m_per_mtok: self.cache_write_5m.unwrap_or(input),
             cache_write_1h_per_mtok: self.cache_write_1h.unwrap_or(input),
+            cache_writes_priced: self.cache_write_5m.is_some() && self.cache_write_1h.is_some(),
             default_max_output_tokens,
             long_context,
             tier: Multipliers::ONE,

@@ -237,6 +237,9 @@ pub struct ModelRequest {
     pub hosted_tools: Vec<HostedTool>,
     /// The request's own bound on hosted tool calls.
     pub max_tool_calls: Option<u64>,
+    /// The request marks cache breakpoints (`cache_control`): the upstream
+    /// may bill cache writes, which need their own prices.
+    pub cache_breakpoints: bool,
 }
 
 /// The output-cap field each API reads; a cap in any other field would be
@@ -391,6 +394,8 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         service_tier,
         hosted_tools,
         max_tool_calls,
+        cache_breakpoints: flavour != Flavour::OpenaiEmbeddings
+            && super::cache_marks::marks_cache_breakpoints(body),
     })
 }
 
