@@ -433,13 +433,36 @@ impl Admin {
                     _ => {
                         let (method, headers, body) =
                             (parts.method.clone(), parts.headers.clone(), body.clone());
+                        let call = api::OrgCall { ledger: &self.ledger, org, scope, headers: &headers, now };
+                        let taken = api::credit_taken(&call, &method, rest, &body);
+                        let reserved = match (&self.cluster, taken) {
+                            (Some(node), Some((wallet, amount))) => {
+                                let wallet = wallet.to_string();
+                                let lease = node.reserve(&wallet, amount).await.map_err(|error| {
+                                    AdminError::Store(format!(
+                                        "cannot reserve the credit the change takes: {error}"
+                                    ))
+                                })?;
+                                Some(lease.ok_or(AdminError::CreditLeased { wallet })?)
+                            }
+                            _ => None,
+                        };
                         let rest: Vec<String> = rest.iter().map(|segment| (*segment).to_owned()).collect();
-                        self.change(&parts.method, move |ledger| {
-                            let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
-                            let call = api::OrgCall { ledger, org, scope, headers: &headers, now };
-                            api::org_resource(&call, &method, &rest, &body)
-                        })
-                        .await?
+                        let changed = self
+                            .change(&parts.method, move |ledger| {
+                                let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+                                let call = api::OrgCall { ledger, org, scope, headers: &headers, now };
+                                api::org_resource(&call, &method, &rest, &body)
+                            })
+                            .await;
+                        // In the books, or refused: the credit is free again. A change whose
+                        // outcome is unknown may still be written: its reservation lapses.
+                        if let (Some(node), Some(lease)) = (&self.cluster, reserved) {
+                            if !matches!(changed, Err(AdminError::OutcomeUnknown { .. })) {
+                                node.release(lease).await;
+                            }
+                        }
+                        changed?
                     }
                 }
             }

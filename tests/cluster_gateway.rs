@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use common::cluster::*;
 use common::pg::Postgres;
 use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
 
 /// How close to a kill a lost settle must have been served: many outbox
 /// flushes (every 20 ms here) on a loaded machine.
@@ -1134,5 +1135,90 @@ async fn a_second_process_under_a_live_replicas_name_is_refused_and_touches_noth
     assert!(audit.balances(), "{audit:?}");
     assert_eq!(audit.uncovered, Decimal::ZERO, "a debit ran past a lease the twin closed: {audit:?}");
     assert_eq!(debits(&cluster.url, org).await.len(), 6);
+    verify(&cluster.url);
+}
+
+/// A change that lowers a balance (a negative adjustment, a Lite user's
+/// upgrade, which writes the Lite wallet off) takes credit the replicas may
+/// have leased. Before, it was checked against the treasurer's own view
+/// only: a wallet of 1.00 with 0.90 leased out took a -0.50 adjustment, and
+/// the leases, still live, spent credit that was gone. Now the change first
+/// takes its amount out of reach of the leases, or answers 409 and asks the
+/// replicas to give back what they are not using.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_that_lowers_a_balance_takes_no_credit_a_replica_has_leased() {
+    let pg = Postgres::start();
+    let cluster = start_cluster(&pg, "lowering", 1).await;
+    let (org, _) = funded_org(&cluster, 0, "0.50", "0.50").await;
+    let replica = &cluster.replicas[0];
+    let books = books(&cluster.url).await;
+    let pool = format!("pool:org_{org}");
+    let ttl = Duration::from_secs(60);
+    // Another replica's lease on most of the pool.
+    let lease = books.draw_lease("elsewhere", &pool, dec!(0.90), dec!(0.90), ttl, ttl, Duration::ZERO).await;
+    let lease = lease.unwrap().unwrap();
+    assert_eq!(lease.granted, dec!(0.90));
+
+    let adjust =
+        |amount: &str| serde_json::json!({"wallet": "pool", "amount": amount, "reason": "refund reversal"});
+    let path = format!("/admin/v1/orgs/{org}/adjustments");
+    let (status, body) = admin_call(replica, &path, adjust("-0.50"), "lower-1").await.unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("credit_leased"), "{body}");
+    // What is free can go at once, and the books never fall below what is leased.
+    let (status, body) = admin_call(replica, &path, adjust("-0.05"), "lower-2").await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    let audit = pool_audit(&cluster.url, org).await;
+    assert_eq!((audit.balance, audit.leased), (dec!(0.95), dec!(0.90)), "the reservation went back");
+
+    // The lease comes back; the retry with the same key goes through.
+    books.give_back("elsewhere", &[lease.id]).await.unwrap();
+    let (status, body) = admin_call(replica, &path, adjust("-0.50"), "lower-1").await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    let audit = pool_audit(&cluster.url, org).await;
+    assert_eq!((audit.balance, audit.leased), (dec!(0.45), Decimal::ZERO));
+
+    // An upgrade writes the Lite wallet off: the same rule.
+    let base = format!("/admin/v1/orgs/{org}");
+    let user = admin_write(
+        replica,
+        &format!("{base}/users"),
+        serde_json::json!({"name": "lee", "plan": "lite", "lite_monthly_allowance": "0.30"}),
+        None,
+    )
+    .await;
+    let id = user["id"].as_u64().unwrap();
+    let lite = creditgate::ledger::ids::WalletId::Lite(creditgate::ledger::ids::UserId(id)).to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lease = loop {
+        match books
+            .draw_lease("elsewhere", &lite, dec!(0.20), dec!(0.20), ttl, ttl, Duration::ZERO)
+            .await
+            .unwrap()
+        {
+            Some(lease) => break lease,
+            None => assert!(Instant::now() < deadline, "the Lite grant never reached the books"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let upgrade = || async {
+        admin(
+            replica,
+            http::Method::PATCH,
+            &format!("{base}/users/{id}"),
+            serde_json::json!({"plan": "pro"}),
+            None,
+        )
+        .await
+        .unwrap()
+    };
+    let refused = upgrade().await;
+    assert_eq!(refused.status, 409, "{:?}", refused.body);
+    books.give_back("elsewhere", &[lease.id]).await.unwrap();
+    let upgraded = upgrade().await;
+    assert_eq!(upgraded.status, 200, "{:?}", upgraded.body);
+    let audit = books.audit().await.unwrap();
+    let lite = audit.iter().find(|line| line.wallet == lite).unwrap();
+    assert_eq!((lite.balance, lite.leased), (Decimal::ZERO, Decimal::ZERO));
     verify(&cluster.url);
 }

@@ -446,6 +446,40 @@ fn patch_user(call: &OrgCall<'_>, user: UserId, body: &[u8]) -> Answer {
     Ok((StatusCode::OK, json!(updated)))
 }
 
+/// The credit a change would take from a wallet: a negative adjustment, or
+/// the upgrade of a Lite user (its wallet is written off). In cluster mode
+/// that credit is first taken out of reach of the replicas' leases
+/// ([`crate::cluster::ClusterNode::reserve`]). A body that does not parse
+/// takes nothing here; the change itself refuses it.
+pub fn credit_taken(
+    call: &OrgCall<'_>,
+    method: &Method,
+    rest: &[&str],
+    body: &[u8],
+) -> Option<(WalletId, Decimal)> {
+    let OrgCall { ledger, org, now, .. } = *call;
+    match (method, rest) {
+        (&Method::POST, ["adjustments"]) => {
+            let raw: AdjustmentIn = serde_json::from_slice(body).ok()?;
+            let wallet = match raw.wallet {
+                WalletIn::Pool => WalletId::Pool(org),
+                WalletIn::LiteUser(user) => WalletId::Lite(UserId(user)),
+            };
+            (raw.amount.0 < Decimal::ZERO).then(|| (wallet, -raw.amount.0))
+        }
+        (&Method::PATCH, ["users", user]) => {
+            let raw: UserPatch = serde_json::from_slice(body).ok()?;
+            let user = ledger.user(UserId(user.parse().ok()?)).filter(|u| u.org == org)?;
+            let upgrade =
+                user.plan == Plan::Lite && raw.plan.is_some_and(|plan| Plan::from(plan) != Plan::Lite);
+            let wallet = WalletId::Lite(user.id);
+            let left = ledger.balance(wallet, now).ok()?.balance;
+            (upgrade && left > Decimal::ZERO).then_some((wallet, left))
+        }
+        _ => None,
+    }
+}
+
 /// Whether a user change can grant credit: a new allowance or pro-rating
 /// setting, or a downgrade to Lite (granted its allowance, pro-rated or from
 /// the next month; cycling Pro -> Lite -> Pro would mint one per cycle).

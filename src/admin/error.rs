@@ -37,6 +37,11 @@ pub enum AdminError {
          Retry-After seconds"
     )]
     TooManyWrites { limit: u32 },
+    #[error(
+        "that much of {wallet}'s credit is leased to replicas serving calls; they were asked to give \
+         back what they are not using: retry in a few seconds with the same Idempotency-Key"
+    )]
+    CreditLeased { wallet: String },
     #[error("{0}")]
     Ledger(LedgerError),
     #[error("the ledger store could not be read: {0}")]
@@ -95,6 +100,7 @@ impl AdminError {
             AdminError::TooManyWrites { .. } => (StatusCode::TOO_MANY_REQUESTS, "admin_rate_limited"),
             AdminError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             AdminError::OutcomeUnknown { .. } => (StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown"),
+            AdminError::CreditLeased { .. } => (StatusCode::CONFLICT, "credit_leased"),
             AdminError::Ledger(error) => ledger_class(error),
         }
     }

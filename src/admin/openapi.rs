@@ -555,12 +555,21 @@ fn responses(route: &RouteDoc) -> Value {
         "503": error("The ledger store is unavailable"),
     });
     if route.path.ends_with("/purchases") || route.path.ends_with("/adjustments") {
-        answers["409"] =
-            error("The Idempotency-Key was used for a different request; `message` names the field");
+        answers["409"] = error(
+            "`idempotency_conflict`: the Idempotency-Key was used for a different request; `message` names \
+             the field. `credit_leased` (cluster mode, a negative adjustment): replicas have that credit \
+             leased; retry with the same key in a few seconds",
+        );
         answers["503"] = error(
             "`outcome_unknown`: the store failed, so the write may or may not have been recorded; \
              retry with the same Idempotency-Key once /readyz answers 200 (the retry answers the \
              original result and never credits twice)",
+        );
+    }
+    if route.method == "patch" && route.path.ends_with("/users/{user}") {
+        answers["409"] = error(
+            "`credit_leased` (cluster mode, an upgrade from Lite): replicas have the Lite wallet's credit \
+             leased; retry in a few seconds",
         );
     }
     // Counted before the route's own checks: an org token's write to an

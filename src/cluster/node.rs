@@ -43,6 +43,9 @@ pub const FORWARDED: &str = "x-creditgate-forwarded";
 const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 /// How often settles in the outbox are made durable on disk.
 const OUTBOX_FLUSH: Duration = Duration::from_millis(50);
+/// How long a reservation for a change holds its credit if nobody gives it
+/// back: far longer than a change waits for the books (8 s).
+const RESERVATION_TTL: Duration = Duration::from_secs(300);
 /// Longest wait for the treasurer's reply.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// The least a start waits for its name to be let go: long enough for the
@@ -230,6 +233,41 @@ impl ClusterNode {
     /// This replica's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Takes `amount` of `wallet`'s credit out of reach of every replica's
+    /// leases while a change lowers its balance (a negative adjustment, a
+    /// Lite wallet written off): otherwise credit leased out before the
+    /// change would still be spent after it, below zero. A lease under this
+    /// replica's name that its rounds do not know, so none renews it; give
+    /// it back with [`ClusterNode::release`] once the change is in the
+    /// books, or it lapses after [`RESERVATION_TTL`]. `None`: that much is
+    /// not free (leased out); the replicas holding it are asked to give back
+    /// what they are not using, and the change can be retried.
+    pub async fn reserve(&self, wallet: &str, amount: Decimal) -> Result<Option<i64>, ClusterError> {
+        let grant = self
+            .books
+            .draw_lease(&self.name, wallet, amount, amount, RESERVATION_TTL, self.lease_ttl, Duration::ZERO)
+            .await?;
+        match grant {
+            Some(grant) if grant.granted >= amount => Ok(Some(grant.id)),
+            Some(grant) => {
+                self.release(grant.id).await;
+                Ok(None)
+            }
+            None => {
+                self.books.balance_asking_if_it_covers(&self.name, wallet, amount).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Gives back a [`ClusterNode::reserve`]d lease: the change that lowered
+    /// the balance is in the books now (or was refused).
+    pub async fn release(&self, lease: i64) {
+        if let Err(error) = self.books.give_back(&self.name, &[lease]).await {
+            tracing::warn!(%error, lease, "cannot give back a reservation; it lapses at its deadline");
+        }
     }
 
     /// Makes settles durable in the outbox every [`OUTBOX_FLUSH`] (a local
