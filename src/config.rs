@@ -24,6 +24,7 @@ use toml::Spanned;
 
 /// Largest request body the gateway accepts unless the config says otherwise.
 const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
+const DEFAULT_MAX_BUFFERED_BODY_BYTES: u64 = 512 * 1024 * 1024;
 /// How often the price file is checked for changes.
 const DEFAULT_PRICE_WATCH_INTERVAL_MS: u64 = 250;
 /// How long in-flight requests may run after a shutdown signal.
@@ -266,6 +267,10 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub max_body_bytes: u64,
+    /// Bytes of request bodies read whole (model routes) the proxy holds at
+    /// once; a request that would pass it gets 503 `gateway_busy`, so many
+    /// large bodies sent slowly cannot run the process out of memory.
+    pub max_buffered_body_bytes: u64,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
     /// Bound on reading a request body the gateway must see whole (model
@@ -533,6 +538,7 @@ struct RawServer {
     admin_listen: Option<String>,
     data_dir: Option<PathBuf>,
     max_body_bytes: Option<u64>,
+    max_buffered_body_bytes: Option<u64>,
     shutdown_grace_ms: Option<u64>,
     header_read_timeout_ms: Option<u64>,
     body_read_timeout_ms: Option<u64>,
@@ -973,6 +979,17 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
             Some("the default is 8388608 (8 MiB)"),
         );
     }
+    let max_buffered_body_bytes = raw.max_buffered_body_bytes.unwrap_or(DEFAULT_MAX_BUFFERED_BODY_BYTES);
+    if max_buffered_body_bytes < max_body_bytes {
+        checker.problem(
+            offset,
+            format!(
+                "[server] max_buffered_body_bytes = {max_buffered_body_bytes} is below max_body_bytes = {max_body_bytes}: \
+                 a body of the largest size could never be read"
+            ),
+            Some("the default is 536870912 (512 MiB)"),
+        );
+    }
     if let Some(workers) = raw.workers.filter(|n| !(1..=MAX_WORKERS).contains(n)) {
         checker.problem(
             offset,
@@ -995,6 +1012,7 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
         admin_listen,
         data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from("./data")),
         max_body_bytes,
+        max_buffered_body_bytes,
         shutdown_grace,
         header_read_timeout,
         body_read_timeout,

@@ -15,6 +15,7 @@
 
 mod audio;
 mod body;
+mod body_budget;
 mod cache_marks;
 mod charge;
 mod context;
@@ -31,10 +32,9 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -83,6 +83,8 @@ pub struct Proxy {
     shutdown_began: std::sync::OnceLock<tokio::time::Instant>,
     /// Cluster mode: the leases credit is held under (see `cluster::spend`).
     leases: Option<Arc<LeaseBook>>,
+    /// Bounds the request bodies read whole at once.
+    body_budget: body_budget::BodyBudget,
 }
 
 impl Proxy {
@@ -102,7 +104,9 @@ impl Proxy {
         let upstreams = UpstreamClients::new(&config.upstreams, client_sets);
         let traffic = traffic::TrafficCaps::new(config.traffic.clone());
         let background = TaskTracker::new();
+        let body_budget = body_budget::BodyBudget::new(config.server.max_buffered_body_bytes);
         Proxy {
+            body_budget,
             config,
             upstreams,
             prices,
@@ -307,7 +311,9 @@ impl Proxy {
         let (body, priced, hold, held_cost, output_cap, injected_usage, estimated_input) = match &route.kind {
             RouteKind::Model(flavour) => {
                 let timeout = self.config.server.body_read_timeout;
-                let bytes = tokio::time::timeout(timeout, read_body(incoming, limit))
+                // The budget is taken while the body is read and parsed; the
+                // bytes then go upstream.
+                let (bytes, _budget) = tokio::time::timeout(timeout, self.body_budget.read(incoming, limit))
                     .await
                     .map_err(|_| ProxyError::BodyTimeout { timeout })??;
                 let fields = charge::read_model_request(&bytes, *flavour)?;
@@ -671,19 +677,6 @@ impl Proxy {
 }
 
 /// Read a whole request body, refusing one over `limit_bytes`.
-async fn read_body(body: Incoming, limit_bytes: u64) -> Result<Bytes, ProxyError> {
-    let limit = usize::try_from(limit_bytes).unwrap_or(usize::MAX);
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Err(ProxyError::BodyTooLarge { limit_bytes })
-        }
-        Err(error) => {
-            Err(ProxyError::InvalidField { field: "body", reason: format!("could not be read: {error}") })
-        }
-    }
-}
-
 /// Normalises the request's path in place (see [`path::normalise`]).
 fn normalise_path(request: &mut Request<Incoming>) -> Result<(), ProxyError> {
     let normalised = match path::normalise(request.uri().path())? {

@@ -305,6 +305,60 @@ async fn a_running_total_reported_before_a_cut_is_charged_even_above_the_hold() 
 }
 
 #[tokio::test]
+async fn bodies_read_whole_share_one_memory_budget() {
+    // Each body is bounded by max_body_bytes, but before, not their sum: many
+    // connections sending large bodies slowly held gigabytes between them.
+    let server = "max_body_bytes = 65536\nmax_buffered_body_bytes = 65536";
+    let stack = start_with(server, "", Default::default()).await;
+    let key = stack.keys.pro.clone();
+    let padded = |bytes: usize| {
+        let head = r#"{"model":"mock-gpt","max_tokens":5,"user":""#;
+        let pad = "a".repeat(bytes - head.len() - 2);
+        format!("{head}{pad}\"}}")
+    };
+    let post = |body: String| {
+        let key = key.clone();
+        let url = stack.url("/v1/chat/completions");
+        async move {
+            let request = Request::post(url)
+                .header("authorization", format!("Bearer {key}"))
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            send(request).await
+        }
+    };
+    // A body that declares 60,000 bytes and stops after 40,000 holds its share.
+    let mut slow = tokio::net::TcpStream::connect(stack.gateway.proxy_addr()).await.unwrap();
+    let body = padded(60_000);
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&body.as_bytes()[..40_000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let refused = post(padded(30_000)).await;
+    assert_eq!(refused.status, 503, "{:?}", String::from_utf8_lossy(&refused.body));
+    assert_eq!(refused.json()["error"]["code"], "gateway_busy");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(post(padded(2_000)).await.status, 200, "what fits is served");
+    // The slow client leaves: its share comes back.
+    drop(slow);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = post(padded(30_000)).await;
+        if reply.status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the budget never came back: {}", reply.status);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reply = post(padded(70_000)).await;
+    assert_eq!(reply.status, 413, "the per-body bound still holds");
+}
+
+#[tokio::test]
 async fn an_unwritable_data_directory_stops_the_start_with_a_clear_error() {
     let mock = creditgate::mock::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default())
         .await

@@ -26,6 +26,8 @@ pub enum ProxyError {
     MethodOverride { header: &'static str },
     #[error("request body exceeds the {limit_bytes}-byte limit")]
     BodyTooLarge { limit_bytes: u64 },
+    #[error("the gateway is reading as many request bodies as its memory budget allows; retry shortly")]
+    BodyBudget,
     #[error("the request body did not arrive within {timeout:?}")]
     BodyTimeout { timeout: Duration },
     #[error("upstream {upstream} refused the connection: {reason}")]
@@ -101,6 +103,7 @@ impl ProxyError {
             ProxyError::MethodNotForwarded { .. } => (S::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_forwarded", Level::DEBUG),
             ProxyError::MethodOverride { .. } => (S::BAD_REQUEST, "invalid_request_error", "method_override_not_allowed", Level::DEBUG),
             ProxyError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "invalid_request_error", "body_too_large", Level::DEBUG),
+            ProxyError::BodyBudget => (S::SERVICE_UNAVAILABLE, "gateway_error", "gateway_busy", Level::WARN),
             ProxyError::BodyTimeout { .. } => (S::REQUEST_TIMEOUT, "invalid_request_error", "body_timeout", Level::DEBUG),
             ProxyError::UpstreamUnreachable { .. } => (S::BAD_GATEWAY, "upstream_error", "upstream_unreachable", Level::WARN),
             ProxyError::UpstreamConnectTimeout { .. } => (S::GATEWAY_TIMEOUT, "upstream_error", "upstream_connect_timeout", Level::WARN),
@@ -146,6 +149,9 @@ impl ProxyError {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
         }
         match self {
+            ProxyError::BodyBudget => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+            }
             ProxyError::MethodNotAllowed { .. } => {
                 response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
             }

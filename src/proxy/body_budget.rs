@@ -1,0 +1,99 @@
+//! The memory the proxy spends on request bodies it reads whole (model
+//! routes: it must see `model` and the cap before it holds credit). Each is
+//! bounded by `max_body_bytes`, but not their sum: many connections sending
+//! large bodies slowly, each inside its read timeout, could hold gigabytes.
+//! A shared budget of `max_buffered_body_bytes` bounds the sum; a body that
+//! would pass it is refused with 503 `gateway_busy` as it arrives.
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use super::ProxyError;
+
+/// Budget units: KiB, so a budget of any size fits the semaphore.
+const UNIT: u64 = 1024;
+
+pub struct BodyBudget {
+    units: Semaphore,
+}
+
+impl BodyBudget {
+    pub fn new(max_buffered_bytes: u64) -> BodyBudget {
+        let units = usize::try_from(max_buffered_bytes / UNIT).unwrap_or(Semaphore::MAX_PERMITS);
+        BodyBudget { units: Semaphore::new(units.min(Semaphore::MAX_PERMITS)) }
+    }
+
+    /// Reads `body` whole, up to `limit_bytes`, taking its size from the
+    /// budget as it arrives (a declared length at once); what it took goes
+    /// back when the permit drops.
+    pub async fn read(
+        &self,
+        mut body: Incoming,
+        limit_bytes: u64,
+    ) -> Result<(Bytes, Option<SemaphorePermit<'_>>), ProxyError> {
+        use http_body::Body as _;
+        if body.size_hint().lower() > limit_bytes {
+            return Err(ProxyError::BodyTooLarge { limit_bytes });
+        }
+        let mut taken = Taken { budget: self, permit: None, units: 0 };
+        taken.cover(body.size_hint().lower())?;
+        // One frame (the common case) is kept as it came; more are joined.
+        let mut first: Option<Bytes> = None;
+        let mut joined: Option<BytesMut> = None;
+        let mut size = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|error| ProxyError::InvalidField {
+                field: "body",
+                reason: format!("could not be read: {error}"),
+            })?;
+            let Ok(data) = frame.into_data() else { continue };
+            size += data.len() as u64;
+            if size > limit_bytes {
+                return Err(ProxyError::BodyTooLarge { limit_bytes });
+            }
+            taken.cover(size)?;
+            match (&mut joined, first.take()) {
+                (Some(joined), _) => joined.extend_from_slice(&data),
+                (None, None) => first = Some(data),
+                (None, Some(earlier)) => {
+                    let mut both = BytesMut::with_capacity(earlier.len() + data.len());
+                    both.extend_from_slice(&earlier);
+                    both.extend_from_slice(&data);
+                    joined = Some(both);
+                }
+            }
+        }
+        let bytes = match (joined, first) {
+            (Some(joined), _) => joined.freeze(),
+            (None, first) => first.unwrap_or_default(),
+        };
+        Ok((bytes, taken.permit))
+    }
+}
+
+/// What one body took from the budget so far.
+struct Taken<'a> {
+    budget: &'a BodyBudget,
+    permit: Option<SemaphorePermit<'a>>,
+    units: u64,
+}
+
+impl Taken<'_> {
+    /// Takes enough to cover `bytes` in all, or refuses the body.
+    fn cover(&mut self, bytes: u64) -> Result<(), ProxyError> {
+        let needed = bytes.div_ceil(UNIT);
+        if needed <= self.units {
+            return Ok(());
+        }
+        let more = u32::try_from(needed - self.units).map_err(|_| ProxyError::BodyBudget)?;
+        let permit = self.budget.units.try_acquire_many(more).map_err(|_| ProxyError::BodyBudget)?;
+        match &mut self.permit {
+            Some(taken) => taken.merge(permit),
+            None => self.permit = Some(permit),
+        }
+        self.units = needed;
+        Ok(())
+    }
+}
