@@ -131,6 +131,7 @@ impl Gateway {
             header_read_timeout: config.server.header_read_timeout,
             shutdown_grace: config.server.shutdown_grace,
             max_request_duration: Some(config.server.max_response_duration),
+            client_stall_timeout: config.server.client_stall_timeout,
         };
         let mut proxy = Proxy::new(
             config.clone(),

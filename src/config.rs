@@ -25,6 +25,7 @@ use toml::Spanned;
 /// Largest request body the gateway accepts unless the config says otherwise.
 const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
 const DEFAULT_MAX_BUFFERED_BODY_BYTES: u64 = 512 * 1024 * 1024;
+const DEFAULT_CLIENT_STALL_TIMEOUT_MS: u64 = 60_000;
 /// How often the price file is checked for changes.
 const DEFAULT_PRICE_WATCH_INTERVAL_MS: u64 = 250;
 /// How long in-flight requests may run after a shutdown signal.
@@ -290,6 +291,11 @@ pub struct ServerConfig {
     /// A response still streaming after this long is ended (and charged
     /// the hold): no request holds credit forever.
     pub max_response_duration: Duration,
+    /// A connection whose response has waited this long for its client to
+    /// take the next part is closed: a client that stopped reading would
+    /// otherwise hold its connection (and its slot) until
+    /// `max_response_duration`.
+    pub client_stall_timeout: Duration,
 }
 
 /// `[server] scheduler`: how proxy connections are spread over threads.
@@ -548,6 +554,7 @@ struct RawServer {
     read_on_timeout_ms: Option<u64>,
     read_on_max_bytes: Option<u64>,
     max_response_ms: Option<u64>,
+    client_stall_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1007,6 +1014,15 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
         ms("body_read_timeout_ms", raw.body_read_timeout_ms, DEFAULT_BODY_READ_TIMEOUT_MS);
     let read_on_timeout = ms("read_on_timeout_ms", raw.read_on_timeout_ms, DEFAULT_READ_ON_TIMEOUT_MS);
     let max_response_duration = ms("max_response_ms", raw.max_response_ms, DEFAULT_MAX_RESPONSE_MS);
+    let client_stall_timeout =
+        ms("client_stall_timeout_ms", raw.client_stall_timeout_ms, DEFAULT_CLIENT_STALL_TIMEOUT_MS);
+    if client_stall_timeout < Duration::from_millis(100) {
+        checker.problem(
+            offset,
+            "[server] client_stall_timeout_ms is below 100: clients that read at all would be cut",
+            Some("the default is 60000"),
+        );
+    }
     ServerConfig {
         listen,
         admin_listen,
@@ -1022,6 +1038,7 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
         read_on_timeout,
         read_on_max_bytes: raw.read_on_max_bytes.unwrap_or(DEFAULT_READ_ON_MAX_BYTES),
         max_response_duration,
+        client_stall_timeout,
     }
 }
 

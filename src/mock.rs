@@ -172,6 +172,7 @@ impl MockUpstream {
             header_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(1),
             max_request_duration: None,
+            client_stall_timeout: Duration::from_secs(60),
         };
         let task =
             tokio::spawn(server::serve(listener, serve_options, shutdown.clone(), move |req, _peer| {

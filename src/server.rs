@@ -7,6 +7,10 @@
 //! before its first request, which also bounds protocol detection; the
 //! keep-alive idle timeout after), and when every connection slot is taken,
 //! a new client takes the slot of the connection idle the longest.
+//!
+//! Nor can clients that stop reading: a connection whose response has been
+//! waiting for its client to take the next part (a full socket, an h2 flow
+//! window left at zero) for `client_stall_timeout` is closed.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -22,7 +26,6 @@ use atomic_waker::AtomicWaker;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -59,6 +62,9 @@ pub struct ServeOptions {
     /// whether or not its client still reads: a response body is only
     /// polled (and its own deadline checked) while the client reads.
     pub max_request_duration: Option<Duration>,
+    /// A connection whose response waited this long for its client to take
+    /// the next part is closed (a client that stopped reading).
+    pub client_stall_timeout: Duration,
 }
 
 /// How a listener stopped.
@@ -81,7 +87,7 @@ pub async fn serve<H, F, B>(
 where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -89,8 +95,12 @@ where
     builder.http2().timer(TokioTimer::new());
     let permits = Arc::new(Semaphore::new(options.max_connections));
     let open = Arc::new(OpenConnections::default());
-    let sweep =
-        open.clone().close_idle(options.header_read_timeout, options.max_request_duration, shutdown.clone());
+    let sweep = open.clone().close_idle(
+        options.header_read_timeout,
+        options.max_request_duration,
+        options.client_stall_timeout,
+        shutdown.clone(),
+    );
     tokio::spawn(sweep);
     // Owned so that shutdown can cut what outlives the grace period and wait
     // for it: a request's settle runs when its connection is dropped.
@@ -143,14 +153,7 @@ where
                 async move {
                     let response = handler(request, peer).await?;
                     // In flight until the body is dropped: sent or abandoned.
-                    // (`map_err` keeps the body's size hint, so a known
-                    // length is still sent as content-length.)
-                    Ok::<_, Infallible>(response.map(|body| {
-                        body.map_err(move |error| {
-                            let _in_flight = &busy;
-                            error
-                        })
-                    }))
+                    Ok::<_, Infallible>(response.map(|body| ClientPaced::new(body, busy)))
                 }
             })
         };
@@ -213,6 +216,9 @@ where
 struct OpenConnections {
     next_id: AtomicU64,
     connections: Mutex<HashMap<u64, Arc<Tracked>>>,
+    /// Milliseconds since the sweep began, set at each sweep: what response
+    /// bodies read instead of the system clock on every part.
+    clock_ms: Arc<AtomicU64>,
 }
 
 /// One open connection.
@@ -226,6 +232,12 @@ struct Tracked {
     last_active: Mutex<Instant>,
     /// Since when it has had a request in flight without a pause.
     busy_since: Mutex<Option<Instant>>,
+    /// Responses whose next part waits for the client to take it (see
+    /// [`ClientPaced`]), and when the client last took a part of any.
+    owed: AtomicUsize,
+    last_taken: AtomicU64,
+    /// The listener's coarse clock ([`OpenConnections::clock_ms`]).
+    clock_ms: Arc<AtomicU64>,
     /// What the listener asks of it: to drain (shutdown) or to close.
     signal: Signal,
 }
@@ -297,6 +309,9 @@ impl OpenConnections {
             served: AtomicBool::new(false),
             last_active: Mutex::new(Instant::now()),
             busy_since: Mutex::new(None),
+            owed: AtomicUsize::new(0),
+            last_taken: AtomicU64::new(0),
+            clock_ms: self.clock_ms.clone(),
             signal: Signal::default(),
         });
         self.connections.lock().insert(id, tracked.clone());
@@ -340,17 +355,29 @@ impl OpenConnections {
         self: Arc<Self>,
         header_read_timeout: Duration,
         max_busy: Option<Duration>,
+        stall: Duration,
         shutdown: CancellationToken,
     ) {
-        let shortest = max_busy.map_or(header_read_timeout, |busy| busy.min(header_read_timeout));
+        let shortest = max_busy.map_or(header_read_timeout, |busy| busy.min(header_read_timeout)).min(stall);
         let interval = IDLE_SWEEP_INTERVAL.min(shortest.max(Duration::from_millis(10)));
+        let began = Instant::now();
+        let stall_ms = u64::try_from(stall.as_millis()).unwrap_or(u64::MAX);
         loop {
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
                 () = shutdown.cancelled() => return,
             }
             let now = Instant::now();
+            let now_ms = u64::try_from(now.saturating_duration_since(began).as_millis()).unwrap_or(u64::MAX);
+            self.clock_ms.store(now_ms, Ordering::Relaxed);
             for tracked in self.connections.lock().values() {
+                let stalled = tracked.owed.load(Ordering::Acquire) > 0
+                    && now_ms.saturating_sub(tracked.last_taken.load(Ordering::Acquire)) >= stall_ms;
+                if stalled {
+                    tracing::debug!("closed a connection whose client stopped reading its response");
+                    tracked.signal.raise(Signal::CLOSE);
+                    continue;
+                }
                 let limit = if tracked.served.load(Ordering::Relaxed) {
                     KEEP_ALIVE_IDLE_TIMEOUT
                 } else {
@@ -364,6 +391,73 @@ impl OpenConnections {
                 }
             }
         }
+    }
+}
+
+/// A response body on its way to the client. Between the moment it has a
+/// part ready (the response head, then each part it yields) and the moment
+/// the connection asks for the next, it is owed to the client: a client
+/// that stops reading (a full socket, an h2 window at zero) keeps it owed,
+/// and the sweep closes the connection after `client_stall_timeout`. A body
+/// waiting on its own source (an upstream that has not answered yet) owes
+/// nothing. Holds the request's [`Busy`] until it is dropped.
+struct ClientPaced<B> {
+    body: B,
+    busy: Busy,
+    owing: bool,
+}
+
+impl<B> ClientPaced<B> {
+    fn new(body: B, busy: Busy) -> ClientPaced<B> {
+        let mut paced = ClientPaced { body, busy, owing: false };
+        paced.owe();
+        paced
+    }
+
+    fn owe(&mut self) {
+        let tracked = &self.busy.0;
+        tracked.last_taken.store(tracked.clock_ms.load(Ordering::Relaxed), Ordering::Release);
+        tracked.owed.fetch_add(1, Ordering::AcqRel);
+        self.owing = true;
+    }
+
+    fn paid(&mut self) {
+        if std::mem::take(&mut self.owing) {
+            self.busy.0.owed.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl<B> Drop for ClientPaced<B> {
+    fn drop(&mut self) {
+        self.paid();
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for ClientPaced<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        // Asked for the next part: the client took the last one.
+        self.paid();
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            self.owe();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    // Kept, so a known length is still sent as content-length.
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -127,3 +127,53 @@ async fn a_response_of_known_length_keeps_its_content_length() {
     assert!(head.contains("content-length:"), "{head}");
     assert!(!head.contains("transfer-encoding: chunked"), "{head}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_response_is_cut_and_a_slow_upstream_is_not() {
+    // Before, a connection whose client never read its response stayed open
+    // (and held its slot) until max_response_ms, 30 minutes by default: a
+    // listener full of them accepted no one. Now the response's next part
+    // waiting client_stall_timeout for the client closes it.
+    let server = "client_stall_timeout_ms = 500\nmax_body_bytes = 67108864";
+    let stack = common::start_with(server, "", Default::default()).await;
+    let proxy = stack.gateway.proxy_addr();
+    let ended = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(proxy).unwrap();
+        stream.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        let size = 48 * 1024 * 1024;
+        write!(stream, "POST /echo/big HTTP/1.1\r\nhost: test\r\ncontent-length: {size}\r\n\r\n").unwrap();
+        // The echo comes back as it is sent; this client never reads it.
+        let chunk = vec![b'x'; 64 * 1024];
+        let started = Instant::now();
+        for _ in 0..size / chunk.len() {
+            if let Err(error) = stream.write_all(&chunk) {
+                return (error.kind(), started.elapsed());
+            }
+        }
+        (std::io::ErrorKind::Other, started.elapsed())
+    })
+    .await
+    .unwrap();
+    let (kind, took) = ended;
+    assert!(
+        matches!(kind, std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset),
+        "the gateway closed the connection ({kind:?} after {took:?})"
+    );
+
+    // A stream whose upstream pauses longer than the stall timeout between
+    // events is waiting on the upstream, not on its client: it runs to the end.
+    let body = r#"{"model":"mock-gpt","stream":true,"max_tokens":3,"stream_options":{"include_usage":true}}"#;
+    let request = http::Request::post(stack.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {}", stack.keys.pro))
+        .header("x-mock-pace-ms", "700")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let started = Instant::now();
+    let reply = common::send(request).await;
+    assert_eq!(reply.status, 200);
+    assert!(String::from_utf8_lossy(&reply.body).contains("[DONE]"), "the stream ran to its end");
+    assert!(
+        started.elapsed() > Duration::from_millis(1400),
+        "the upstream paused longer than the stall timeout"
+    );
+}

@@ -83,7 +83,7 @@ pub fn start<H, F, B>(
 where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Result<Response<B>, std::convert::Infallible>> + Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     let count = listeners.len().max(1);
