@@ -71,6 +71,17 @@ impl HostedTool {
         }
     }
 
+    /// The name its calls are priced under. OpenAI bills the preview of
+    /// web search apart from the tool (the preview, on a model that does
+    /// not reason, at 2.5x), though both leave `web_search_call` items: a
+    /// request that enables the preview is priced as `web_search_preview_call`.
+    pub fn price_name(self, web_search_preview: bool) -> &'static str {
+        match self {
+            HostedTool::WebSearch if web_search_preview => "web_search_preview_call",
+            tool => tool.item_type(),
+        }
+    }
+
     /// The hosted tool an Anthropic request's `tools[].type` enables
     /// (`web_search_20250305` and later versions).
     pub fn from_anthropic_type(kind: &str) -> Option<HostedTool> {

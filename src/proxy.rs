@@ -369,7 +369,12 @@ impl Proxy {
                     .hosted_tools
                     .is_empty()
                     .then(|| charge::estimated_input_tokens(request_bytes, context_tokens));
-                let priced = Priced::Model { name: Arc::from(fields.model), price, flavour: *flavour };
+                let priced = Priced::Model {
+                    name: Arc::from(fields.model),
+                    price,
+                    flavour: *flavour,
+                    web_search_preview: fields.web_search_preview,
+                };
                 (Either::Right(Full::new(bytes)), priced, hold, held_cost, plan.cap, inject, estimated_input)
             }
             RouteKind::Tool { name, units_header } => {

@@ -820,6 +820,18 @@ async fn hosted_tool_calls_are_held_bounded_and_charged_per_call() {
     let charged = before - books.settled_balance(&pro).await;
     assert_eq!(charged, books.reported_cost("mock-claude") + per_search * Decimal::from(10u64));
 
+    // The web search preview leaves web_search_call items too, and OpenAI
+    // bills it apart: before, its calls were charged at the tool's price.
+    let preview = table.tool("web_search_preview_call", chrono::Utc::now()).unwrap().cost(0).unwrap();
+    assert!(preview > per_call);
+    let before = books.settled_balance(&pro).await;
+    let body = json!({"model": "mock-gpt", "max_output_tokens": 50, "input": "news?", "max_tool_calls": 3,
+                      "tools": [{"type": "web_search_preview_2025_03_11"}]});
+    let reply = books.post("/v1/responses", Some(&pro), &[("x-provider-tool-calls", "2")], &body).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let charged = before - books.settled_balance(&pro).await;
+    assert_eq!(charged, books.reported_cost("mock-gpt") + preview * Decimal::from(2u64));
+
     let body = json!({"model": "mock-gpt", "input": "draw", "tools": [{"type": "image_generation"}]});
     let reply = books.post("/v1/responses", Some(&pro), &[], &body).await;
     assert_eq!(reply.status, 400);

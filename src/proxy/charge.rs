@@ -41,8 +41,19 @@ const REQUEST_BYTES_PER_TOKEN: u64 = 4;
 /// What is being bought.
 #[derive(Debug, Clone)]
 pub enum Priced {
-    Model { name: Arc<str>, price: ModelPrice, flavour: Flavour },
-    Tool { name: Arc<str>, price: ToolPrice, units_header: Option<HeaderName> },
+    /// `web_search_preview`: the request enabled OpenAI's web search
+    /// preview, whose calls are priced apart ([`HostedTool::price_name`]).
+    Model {
+        name: Arc<str>,
+        price: ModelPrice,
+        flavour: Flavour,
+        web_search_preview: bool,
+    },
+    Tool {
+        name: Arc<str>,
+        price: ToolPrice,
+        units_header: Option<HeaderName>,
+    },
 }
 
 impl Priced {
@@ -235,6 +246,8 @@ pub struct ModelRequest {
     pub service_tier: Option<String>,
     /// Tools the upstream runs and bills per call (Responses API).
     pub hosted_tools: Vec<HostedTool>,
+    /// One of them is OpenAI's web search preview, priced apart.
+    pub web_search_preview: bool,
     /// The request's own bound on hosted tool calls.
     pub max_tool_calls: Option<u64>,
     /// The request marks cache breakpoints (`cache_control`): the upstream
@@ -360,6 +373,7 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         }
     };
     let mut hosted_tools: Vec<HostedTool> = Vec::new();
+    let mut web_search_preview = false;
     let mut max_tool_calls = count(fields.max_tool_calls, "max_tool_calls")?;
     let recognise = match flavour {
         Flavour::OpenaiResponses => HostedTool::from_request_type,
@@ -375,6 +389,10 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
             return Err(ProxyError::UnmeteredHostedTool { tool: "code_execution" });
         }
         let Some(hosted) = tool.kind.as_deref().and_then(recognise) else { continue };
+        if flavour == Flavour::OpenaiResponses {
+            web_search_preview |=
+                tool.kind.as_deref().is_some_and(|kind| kind.starts_with("web_search_preview"));
+        }
         if !hosted_tools.contains(&hosted) {
             hosted_tools.push(hosted);
         }
@@ -393,6 +411,7 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         server_context,
         service_tier,
         hosted_tools,
+        web_search_preview,
         max_tool_calls,
         cache_breakpoints: flavour != Flavour::OpenaiEmbeddings
             && super::cache_marks::marks_cache_breakpoints(body),
@@ -700,7 +719,7 @@ pub fn hosted_tools_hold(
     }
     let (mut dearest_price, mut dearest_cost) = (Decimal::ZERO, Decimal::ZERO);
     for tool in &fields.hosted_tools {
-        let name = tool.item_type();
+        let name = tool.price_name(fields.web_search_preview);
         let per_call = table
             .tool(name, now)
             .and_then(|price| Some((price.hold_amount(0).ok()?, price.cost(0).ok()?)))
@@ -733,6 +752,7 @@ fn hosted_calls_cost(
     table: &PriceTable,
     reported: &Reported,
     now: DateTime<Utc>,
+    web_search_preview: bool,
     parts: &mut CostParts,
 ) -> u64 {
     let mut calls = 0u64;
@@ -741,14 +761,14 @@ fn hosted_calls_cost(
             continue;
         }
         calls += u64::from(count);
-        match table.tool(tool.item_type(), now).and_then(|price| Some((price.cost(0).ok()?, price.markup())))
-        {
+        let name = tool.price_name(web_search_preview);
+        match table.tool(name, now).and_then(|price| Some((price.cost(0).ok()?, price.markup()))) {
             Some((per_call, markup)) => {
                 // A product that does not fit makes the price overflow, so the call is charged its hold.
                 let cost = per_call.checked_mul(Decimal::from(count)).unwrap_or(Decimal::MAX);
                 parts.push((cost, markup));
             }
-            None => tracing::warn!(tool = tool.item_type(), count, "unpriced hosted tool calls reported"),
+            None => tracing::warn!(tool = name, count, "unpriced hosted tool calls reported"),
         }
     }
     calls
@@ -992,7 +1012,8 @@ impl Charge {
     ) -> Option<(Amounts, Usage)> {
         let mut parts = CostParts::new();
         parts.push((price.cost(&tokens).ok()?, price.markup()));
-        let tool_calls = hosted_calls_cost(&self.table, reported, self.priced_at, &mut parts);
+        let preview = matches!(self.priced, Some(Priced::Model { web_search_preview: true, .. }));
+        let tool_calls = hosted_calls_cost(&self.table, reported, self.priced_at, preview, &mut parts);
         let usage = Usage {
             input_tokens: tokens.input_tokens,
             output_tokens: tokens.output_tokens,
