@@ -698,6 +698,24 @@ async fn price_modifiers_the_client_picks_are_priced() {
     assert_eq!(reply.status, 400);
     assert_eq!(reply.json()["error"]["code"], "service_tier_not_priced");
 
+    // Options that bill the same tokens at other rates, which the table
+    // cannot state (Anthropic's fast mode and region, OpenRouter's fallback
+    // models and plugins), are refused before anything is held or sent.
+    let forwarded = books.provider.received().len();
+    for (path, option) in [
+        ("/v1/messages", json!({"speed": "fast"})),
+        ("/v1/messages", json!({"inference_geo": "us"})),
+        (CHAT, json!({"models": ["mock-claude"]})),
+        (CHAT, json!({"plugins": [{"id": "web", "max_results": 20}]})),
+    ] {
+        let mut body = json!({"model": "mock-claude", "max_tokens": 10, "messages": []});
+        body.as_object_mut().unwrap().extend(option.as_object().unwrap().clone());
+        let reply = books.post(path, Some(&pro), &[], &body).await;
+        assert_eq!(reply.status, 400, "{option}");
+        assert_eq!(reply.json()["error"]["code"], "option_not_priced", "{option}");
+    }
+    assert_eq!(books.provider.received().len(), forwarded, "nothing reached the upstream");
+
     let before = books.settled_balance(&pro).await;
     let headers = [("x-provider-cache-write-5m", "1000"), ("x-provider-cache-write-1h", "2000")];
     let body = json!({"model": "mock-claude", "max_tokens": 10, "messages": []});

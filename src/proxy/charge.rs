@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use memchr::memmem::Finder;
 use rust_decimal::Decimal;
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -214,6 +215,14 @@ struct ModelFields {
     audio: Option<Value>,
     /// Earlier audio replies in the conversation, which the upstream reads back.
     messages: Option<audio::AudioInMessages>,
+    /// Options that change what the upstream bills for the same tokens, which
+    /// the price table cannot state: Anthropic's fast mode and inference
+    /// region, OpenRouter's fallback models and plugins (web results, PDF
+    /// parsing), each billed at its own rates.
+    speed: Option<IgnoredAny>,
+    inference_geo: Option<IgnoredAny>,
+    models: Option<IgnoredAny>,
+    plugins: Option<IgnoredAny>,
 }
 
 /// A `tools[]` entry: only its type is read (function schemas are skipped).
@@ -347,6 +356,15 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         if audio::has_input_audio(body) {
             return Err(ProxyError::AudioRefused { marker: "input_audio" });
         }
+    }
+    let unpriced = [
+        ("speed", fields.speed.is_some()),
+        ("inference_geo", fields.inference_geo.is_some()),
+        ("models", fields.models.is_some()),
+        ("plugins", fields.plugins.is_some()),
+    ];
+    if let Some((field, _)) = unpriced.into_iter().find(|(_, set)| *set) {
+        return Err(ProxyError::UnpricedOption { field });
     }
     let include_usage = fields
         .stream_options

@@ -56,6 +56,8 @@ pub enum ProxyError {
     UnmeteredHostedTool { tool: &'static str },
     #[error("the request marks cache breakpoints (`cache_control`), and `{model}` has no cache-write prices on this gateway; leave them out or ask the operator to price cache_write_5m and cache_write_1h")]
     CacheWriteNotPriced { model: String },
+    #[error("the request sets `{field}`, which changes what the upstream bills and has no price on this gateway; leave it out")]
+    UnpricedOption { field: &'static str },
     #[error("`{field}` {reason}")]
     InvalidField { field: &'static str, reason: String },
     #[error("this route is metered but the gateway has no price table")]
@@ -118,6 +120,7 @@ impl ProxyError {
             ProxyError::UnpricedHostedTool { .. } => (S::BAD_REQUEST, "invalid_request_error", "tool_not_priced", Level::DEBUG),
             ProxyError::UnmeteredHostedTool { .. } => (S::BAD_REQUEST, "invalid_request_error", "tool_not_metered", Level::DEBUG),
             ProxyError::CacheWriteNotPriced { .. } => (S::BAD_REQUEST, "invalid_request_error", "cache_write_not_priced", Level::DEBUG),
+            ProxyError::UnpricedOption { .. } => (S::BAD_REQUEST, "invalid_request_error", "option_not_priced", Level::DEBUG),
             ProxyError::InvalidField { .. } => (S::BAD_REQUEST, "invalid_request_error", "invalid_field", Level::DEBUG),
             ProxyError::NoPriceTable => (S::SERVICE_UNAVAILABLE, "gateway_error", "no_price_table", Level::ERROR),
             ProxyError::Refused(refusal) => refusal_class(refusal),
