@@ -436,15 +436,7 @@ impl Admin {
                         let call = api::OrgCall { ledger: &self.ledger, org, scope, headers: &headers, now };
                         let taken = api::credit_taken(&call, &method, rest, &body);
                         let reserved = match (&self.cluster, taken) {
-                            (Some(node), Some((wallet, amount))) => {
-                                let wallet = wallet.to_string();
-                                let lease = node.reserve(&wallet, amount).await.map_err(|error| {
-                                    AdminError::Store(format!(
-                                        "cannot reserve the credit the change takes: {error}"
-                                    ))
-                                })?;
-                                Some(lease.ok_or(AdminError::CreditLeased { wallet })?)
-                            }
+                            (Some(node), Some(taken)) => reserve(node, taken).await?,
                             _ => None,
                         };
                         let rest: Vec<String> = rest.iter().map(|segment| (*segment).to_owned()).collect();
@@ -682,4 +674,41 @@ fn history_view(status: &crate::store::history::HistoryStatus, scope: Scope) -> 
         "checkpoint_seq": status.checkpoint_seq,
         "checkpoint_at": status.checkpoint_at,
     })
+}
+
+/// Cluster mode: takes the credit a change takes out of reach of the
+/// replicas' leases first ([`crate::cluster::ClusterNode::reserve`]); the
+/// reservation's lease, to give back once the change is in the books. A
+/// negative adjustment larger than the wallet's balance in the books is
+/// refused; a write-off takes what the books hold.
+async fn reserve(
+    node: &crate::cluster::ClusterNode,
+    taken: api::CreditTaken,
+) -> Result<Option<i64>, AdminError> {
+    use crate::cluster::node::Reserved;
+    let (wallet, amount, exact) = match taken {
+        api::CreditTaken::Adjustment(wallet, amount) => (wallet.to_string(), amount, true),
+        api::CreditTaken::WriteOff(wallet, amount) => (wallet.to_string(), amount, false),
+    };
+    let failed = |error: crate::cluster::ClusterError| {
+        AdminError::Store(format!("cannot reserve the credit the change takes: {error}"))
+    };
+    let mut reserved = node.reserve(&wallet, amount).await.map_err(failed)?;
+    if let (Reserved::Short { balance }, false) = (reserved, exact) {
+        // The books hold less than the replica's view (debits shipped, not yet posted).
+        if balance <= rust_decimal::Decimal::ZERO {
+            return Ok(None);
+        }
+        reserved = node.reserve(&wallet, balance).await.map_err(failed)?;
+    }
+    match reserved {
+        Reserved::Lease(lease) => Ok(Some(lease)),
+        Reserved::Short { balance } => Err(AdminError::rule(
+            "amount",
+            format!(
+                "{wallet} holds {balance} in the cluster's books, less than the {amount} the change takes"
+            ),
+        )),
+        Reserved::Leased => Err(AdminError::CreditLeased { wallet }),
+    }
 }

@@ -1170,6 +1170,13 @@ async fn a_change_that_lowers_a_balance_takes_no_credit_a_replica_has_leased() {
     assert_eq!(status, 201, "{body}");
     let audit = pool_audit(&cluster.url, org).await;
     assert_eq!((audit.balance, audit.leased), (dec!(0.95), dec!(0.90)), "the reservation went back");
+    // A retry of a change already made answers its result, reserving nothing.
+    let (status, again) = admin_call(replica, &path, adjust("-0.05"), "lower-2").await.unwrap();
+    assert_eq!((status, &again), (201, &body), "the replay answers the first result");
+    assert_eq!(pool_audit(&cluster.url, org).await.balance, dec!(0.95));
+    // More than the books hold is refused as such, not as leased.
+    let (status, body) = admin_call(replica, &path, adjust("-2.00"), "lower-3").await.unwrap();
+    assert_eq!(status, 422, "{body}");
 
     // The lease comes back; the retry with the same key goes through.
     books.give_back("elsewhere", &[lease.id]).await.unwrap();

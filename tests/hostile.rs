@@ -327,6 +327,15 @@ async fn bodies_read_whole_share_one_memory_budget() {
             send(request).await
         }
     };
+    // A body is counted as it arrives, not as declared: declaring the whole
+    // budget and sending nothing holds none of it.
+    let mut idle = tokio::net::TcpStream::connect(stack.gateway.proxy_addr()).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-length: 65000\r\n\r\n"
+    );
+    idle.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(post(padded(30_000)).await.status, 200, "a declared length holds nothing");
     // A body that declares 60,000 bytes and stops after 40,000 holds its share.
     let mut slow = tokio::net::TcpStream::connect(stack.gateway.proxy_addr()).await.unwrap();
     let body = padded(60_000);
@@ -344,7 +353,7 @@ async fn bodies_read_whole_share_one_memory_budget() {
     assert_eq!(refused.header("retry-after"), Some("1"));
     assert_eq!(post(padded(2_000)).await.status, 200, "what fits is served");
     // The slow client leaves: its share comes back.
-    drop(slow);
+    drop((slow, idle));
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let reply = post(padded(30_000)).await;

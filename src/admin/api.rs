@@ -446,26 +446,38 @@ fn patch_user(call: &OrgCall<'_>, user: UserId, body: &[u8]) -> Answer {
     Ok((StatusCode::OK, json!(updated)))
 }
 
-/// The credit a change would take from a wallet: a negative adjustment, or
-/// the upgrade of a Lite user (its wallet is written off). In cluster mode
-/// that credit is first taken out of reach of the replicas' leases
-/// ([`crate::cluster::ClusterNode::reserve`]). A body that does not parse
-/// takes nothing here; the change itself refuses it.
-pub fn credit_taken(
-    call: &OrgCall<'_>,
-    method: &Method,
-    rest: &[&str],
-    body: &[u8],
-) -> Option<(WalletId, Decimal)> {
-    let OrgCall { ledger, org, now, .. } = *call;
+/// What a change would take from a wallet's credit, so that in cluster mode
+/// it is first taken out of reach of the replicas' leases
+/// ([`crate::cluster::ClusterNode::reserve`]).
+pub enum CreditTaken {
+    /// A negative adjustment: exactly this much, or it is refused.
+    Adjustment(WalletId, Decimal),
+    /// A Lite user's upgrade writes the Lite wallet off: whatever it holds.
+    WriteOff(WalletId, Decimal),
+}
+
+/// The credit a change would take: a negative adjustment by a finance scope
+/// of a wallet of the caller's organization (not a replay of one already
+/// made), or a Lite user's upgrade. `None` for anything else, including a
+/// body that does not parse: the change itself refuses what it must.
+pub fn credit_taken(call: &OrgCall<'_>, method: &Method, rest: &[&str], body: &[u8]) -> Option<CreditTaken> {
+    let OrgCall { ledger, org, scope, headers, now } = *call;
     match (method, rest) {
         (&Method::POST, ["adjustments"]) => {
+            scope.require_finance().ok()?;
+            let key = idempotency_key(headers).ok()?;
+            if ledger.idempotency_key_used(org, &key) {
+                return None; // A replay: it answers the first result.
+            }
             let raw: AdjustmentIn = serde_json::from_slice(body).ok()?;
             let wallet = match raw.wallet {
                 WalletIn::Pool => WalletId::Pool(org),
-                WalletIn::LiteUser(user) => WalletId::Lite(UserId(user)),
+                WalletIn::LiteUser(user) => {
+                    let user = ledger.user(UserId(user)).filter(|u| u.org == org)?;
+                    WalletId::Lite(user.id)
+                }
             };
-            (raw.amount.0 < Decimal::ZERO).then(|| (wallet, -raw.amount.0))
+            (raw.amount.0 < Decimal::ZERO).then(|| CreditTaken::Adjustment(wallet, -raw.amount.0))
         }
         (&Method::PATCH, ["users", user]) => {
             let raw: UserPatch = serde_json::from_slice(body).ok()?;
@@ -474,7 +486,7 @@ pub fn credit_taken(
                 user.plan == Plan::Lite && raw.plan.is_some_and(|plan| Plan::from(plan) != Plan::Lite);
             let wallet = WalletId::Lite(user.id);
             let left = ledger.balance(wallet, now).ok()?.balance;
-            (upgrade && left > Decimal::ZERO).then_some((wallet, left))
+            (upgrade && left > Decimal::ZERO).then_some(CreditTaken::WriteOff(wallet, left))
         }
         _ => None,
     }

@@ -594,8 +594,8 @@ impl LeaseBook {
             .map_err(|err| ClusterError::Unavailable(format!("outbox sync: {err}")))
     }
 
-    /// Takes the debits written in a chunk that did not fail, leaving the
-    /// rest for the next flush.
+    /// Takes the debits written in a chunk that was synced, leaving the rest
+    /// for the next flush.
     fn take_on_disk(&self) -> Outbox {
         let Some(durable) = &self.durable else { return std::mem::take(&mut *self.outbox.lock()) };
         // The chunks' lock first, as a flush takes them.
@@ -605,7 +605,9 @@ impl LeaseBook {
         let mut left = Outbox::default();
         let Outbox { debits, queued, chunks: on_disk } = std::mem::take(&mut *outbox);
         for ((debit, at), chunk) in debits.into_iter().zip(queued).zip(on_disk) {
-            let written = chunk.is_some_and(|chunk| !chunks.failed.contains(&chunk));
+            // Written and synced: a chunk whose sync is running may yet fail.
+            let written = chunk
+                .is_some_and(|chunk| !chunks.failed.contains(&chunk) && !chunks.unsynced.contains(&chunk));
             let to = if written { &mut taken } else { &mut left };
             to.push(debit, at, chunk);
         }

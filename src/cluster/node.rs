@@ -45,7 +45,22 @@ const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 const OUTBOX_FLUSH: Duration = Duration::from_millis(50);
 /// How long a reservation for a change holds its credit if nobody gives it
 /// back: far longer than a change waits for the books (8 s).
-const RESERVATION_TTL: Duration = Duration::from_secs(300);
+const RESERVATION_TTL: Duration = Duration::from_secs(60);
+/// How long a reservation waits for replicas to give leased credit back,
+/// and how often it tries (they yield to an ask for 200 ms).
+const RESERVE_PATIENCE: Duration = Duration::from_secs(3);
+const RESERVE_RETRY: Duration = Duration::from_millis(50);
+
+/// What [`ClusterNode::reserve`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserved {
+    /// The credit, under this lease.
+    Lease(i64),
+    /// The wallet holds less than that in the books.
+    Short { balance: Decimal },
+    /// Enough, but leased to replicas that did not give it back in time.
+    Leased,
+}
 /// Longest wait for the treasurer's reply.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// The least a start waits for its name to be let go: long enough for the
@@ -241,24 +256,37 @@ impl ClusterNode {
     /// change would still be spent after it, below zero. A lease under this
     /// replica's name that its rounds do not know, so none renews it; give
     /// it back with [`ClusterNode::release`] once the change is in the
-    /// books, or it lapses after [`RESERVATION_TTL`]. `None`: that much is
-    /// not free (leased out); the replicas holding it are asked to give back
-    /// what they are not using, and the change can be retried.
-    pub async fn reserve(&self, wallet: &str, amount: Decimal) -> Result<Option<i64>, ClusterError> {
-        let grant = self
-            .books
-            .draw_lease(&self.name, wallet, amount, amount, RESERVATION_TTL, self.lease_ttl, Duration::ZERO)
-            .await?;
-        match grant {
-            Some(grant) if grant.granted >= amount => Ok(Some(grant.id)),
-            Some(grant) => {
-                self.release(grant.id).await;
-                Ok(None)
+    /// books, or it lapses after [`RESERVATION_TTL`]. While the credit is
+    /// leased out, the replicas holding it are asked to give back what they
+    /// are not using, and the draw is tried again for [`RESERVE_PATIENCE`].
+    pub async fn reserve(&self, wallet: &str, amount: Decimal) -> Result<Reserved, ClusterError> {
+        let deadline = tokio::time::Instant::now() + RESERVE_PATIENCE;
+        loop {
+            let grant = self
+                .books
+                .draw_lease(
+                    &self.name,
+                    wallet,
+                    amount,
+                    amount,
+                    RESERVATION_TTL,
+                    self.lease_ttl,
+                    Duration::ZERO,
+                )
+                .await?;
+            match grant {
+                Some(grant) if grant.granted >= amount => return Ok(Reserved::Lease(grant.id)),
+                Some(grant) => self.release(grant.id).await,
+                None => {}
             }
-            None => {
-                self.books.balance_asking_if_it_covers(&self.name, wallet, amount).await?;
-                Ok(None)
+            let balance = self.books.balance_asking_if_it_covers(&self.name, wallet, amount).await?;
+            if balance < amount {
+                return Ok(Reserved::Short { balance });
             }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(Reserved::Leased);
+            }
+            tokio::time::sleep(RESERVE_RETRY).await;
         }
     }
 

@@ -200,6 +200,12 @@ impl Ledger {
         Ok(receipt)
     }
 
+    /// Whether `org` used `idempotency_key` for a purchase or adjustment
+    /// already: sent again, it changes nothing.
+    pub fn idempotency_key_used(&self, org: OrgId, idempotency_key: &str) -> bool {
+        self.idempotency.lock().contains_key(&(org, idempotency_key.to_owned()))
+    }
+
     /// Corrects a wallet of `request.org` by a signed amount.
     pub fn adjust(
         &self,

@@ -21,13 +21,16 @@ pub struct BodyBudget {
 
 impl BodyBudget {
     pub fn new(max_buffered_bytes: u64) -> BodyBudget {
-        let units = usize::try_from(max_buffered_bytes / UNIT).unwrap_or(Semaphore::MAX_PERMITS);
+        // Rounded up, as each body's share is: a budget equal to the largest
+        // body always admits one.
+        let units = usize::try_from(max_buffered_bytes.div_ceil(UNIT)).unwrap_or(Semaphore::MAX_PERMITS);
         BodyBudget { units: Semaphore::new(units.min(Semaphore::MAX_PERMITS)) }
     }
 
     /// Reads `body` whole, up to `limit_bytes`, taking its size from the
-    /// budget as it arrives (a declared length at once); what it took goes
-    /// back when the permit drops.
+    /// budget as it arrives (not as declared: a client could declare large
+    /// bodies it never sends and hold the budget); what it took goes back
+    /// when the permit drops.
     pub async fn read(
         &self,
         mut body: Incoming,
@@ -38,7 +41,6 @@ impl BodyBudget {
             return Err(ProxyError::BodyTooLarge { limit_bytes });
         }
         let mut taken = Taken { budget: self, permit: None, units: 0 };
-        taken.cover(body.size_hint().lower())?;
         // One frame (the common case) is kept as it came; more are joined.
         let mut first: Option<Bytes> = None;
         let mut joined: Option<BytesMut> = None;
