@@ -459,6 +459,36 @@ async fn a_hanging_shipment_has_only_flushed_debits_out_and_settles_go_on_to_dis
     assert_eq!(assert_books_exact(&admin).await[0].debited, dec!(0.3));
 }
 
+/// A failover to an asynchronous standby can lose a lease drawn just before
+/// it. Before, the debits under it broke a foreign key: every shipment
+/// failed, and the replica could neither ship nor start again. Now they ship
+/// as uncovered, the recorded overrun they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debit_under_a_lease_the_books_lost_ships_as_uncovered() {
+    let pg = Postgres::start();
+    let url = pg.create_database("lost_lease");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(1), "p").await.unwrap();
+    let book = LeaseBook::new(books(&url).await, settings("failed-over"), 1);
+    let hold = book.hold(WALLET, dec!(0.5)).await.unwrap();
+    let lease = hold.lease();
+    // The standby never saw the draw.
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "UPDATE cg_wallets SET leased = leased - (SELECT granted - spent FROM cg_leases WHERE id = {lease}) \
+             WHERE wallet = '{WALLET}'; DELETE FROM cg_leases WHERE id = {lease};"
+        ))
+        .await
+        .unwrap();
+    book.settle(hold, dec!(0.1), Utc::now(), serde_json::json!({}));
+    assert_eq!(book.ship().await.unwrap(), 1, "the debit shipped");
+    assert_eq!(book.outbox_len(), 0);
+    let audit = assert_books_exact(&admin).await;
+    assert_eq!((audit[0].debited, audit[0].uncovered), (dec!(0.1), dec!(0.1)), "as recorded overrun");
+}
+
 /// A failed sync may leave the outbox's pages dropped yet marked clean, so a
 /// later sync that succeeds proves nothing about them. Before, a retry found
 /// nothing new and wrote nothing: the debits settled before the failure were

@@ -62,6 +62,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "sweep_rechecks_deadline",
         sql: include_str!("migrations/0019_sweep_rechecks_deadline.sql"),
     },
+    Migration {
+        version: 20,
+        name: "debits_outlive_lost_leases",
+        sql: include_str!("migrations/0020_debits_outlive_lost_leases.sql"),
+    },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).

@@ -1,0 +1,9 @@
+-- Cluster books, version 20: a debit may name a lease the books do not have.
+--
+-- After a failover to an asynchronous standby the books can lack a lease
+-- a replica drew just before it. Its debits then broke the foreign key, the
+-- whole shipment failed every time, and the replica could neither ship nor
+-- start again (a start ships what its outbox kept). Such a debit now ships
+-- as uncovered, the recorded overrun it is: cg_ship_debits already counts a
+-- lease it cannot find as no room.
+ALTER TABLE cg_debits DROP CONSTRAINT IF EXISTS cg_debits_lease_fkey;
