@@ -449,9 +449,10 @@ impl Admin {
                             .await;
                         // In the books, or refused: the credit is free again. A change whose
                         // outcome is unknown may still be written: its reservation lapses.
-                        if let (Some(node), Some(lease)) = (&self.cluster, reserved) {
-                            if !matches!(changed, Err(AdminError::OutcomeUnknown { .. })) {
-                                node.release(lease).await;
+                        if let Some(reservation) = reserved {
+                            match changed {
+                                Err(AdminError::OutcomeUnknown { .. }) => reservation.keep(),
+                                _ => reservation.release().await,
                             }
                         }
                         changed?
@@ -682,9 +683,9 @@ fn history_view(status: &crate::store::history::HistoryStatus, scope: Scope) -> 
 /// negative adjustment larger than the wallet's balance in the books is
 /// refused; a write-off takes what the books hold.
 async fn reserve(
-    node: &crate::cluster::ClusterNode,
+    node: &Arc<crate::cluster::ClusterNode>,
     taken: api::CreditTaken,
-) -> Result<Option<i64>, AdminError> {
+) -> Result<Option<Reservation>, AdminError> {
     use crate::cluster::node::Reserved;
     let (wallet, amount, exact) = match taken {
         api::CreditTaken::Adjustment(wallet, amount) => (wallet.to_string(), amount, true),
@@ -693,22 +694,62 @@ async fn reserve(
     let failed = |error: crate::cluster::ClusterError| {
         AdminError::Store(format!("cannot reserve the credit the change takes: {error}"))
     };
-    let mut reserved = node.reserve(&wallet, amount).await.map_err(failed)?;
+    // Bounded like a change's wait for the books: a silent database answers
+    // 503, not a request held for as long as its connection lives.
+    let wallet = wallet.as_str();
+    let reserve = |amount| async move {
+        match tokio::time::timeout(CLUSTER_CHANGE_TIMEOUT, node.reserve(wallet, amount)).await {
+            Ok(reserved) => reserved.map_err(failed),
+            Err(_) => {
+                Err(AdminError::Store("the cluster's books did not answer the reservation in time".into()))
+            }
+        }
+    };
+    let mut reserved = reserve(amount).await?;
     if let (Reserved::Short { balance }, false) = (reserved, exact) {
         // The books hold less than the replica's view (debits shipped, not yet posted).
         if balance <= rust_decimal::Decimal::ZERO {
             return Ok(None);
         }
-        reserved = node.reserve(&wallet, balance).await.map_err(failed)?;
+        reserved = reserve(balance).await?;
     }
     match reserved {
-        Reserved::Lease(lease) => Ok(Some(lease)),
+        Reserved::Lease(lease) => Ok(Some(Reservation { node: node.clone(), lease: Some(lease) })),
         Reserved::Short { balance } => Err(AdminError::rule(
             "amount",
             format!(
                 "{wallet} holds {balance} in the cluster's books, less than the {amount} the change takes"
             ),
         )),
-        Reserved::Leased => Err(AdminError::CreditLeased { wallet }),
+        Reserved::Leased => Err(AdminError::CreditLeased { wallet: wallet.to_owned() }),
+    }
+}
+
+/// Credit a change has reserved ([`reserve`]): given back once the change
+/// is in the books or refused, and also if the request is dropped first
+/// (its client left); kept to lapse when the change's outcome is unknown.
+struct Reservation {
+    node: Arc<crate::cluster::ClusterNode>,
+    lease: Option<i64>,
+}
+
+impl Reservation {
+    async fn release(mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.node.release(lease).await;
+        }
+    }
+
+    fn keep(mut self) {
+        self.lease = None;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let node = self.node.clone();
+            tokio::spawn(async move { node.release(lease).await });
+        }
     }
 }

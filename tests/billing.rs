@@ -715,6 +715,10 @@ async fn price_modifiers_the_client_picks_are_priced() {
         assert_eq!(reply.json()["error"]["code"], "option_not_priced", "{option}");
     }
     assert_eq!(books.provider.received().len(), forwarded, "nothing reached the upstream");
+    // Their default prices pass.
+    let body = json!({"model": "mock-claude", "max_tokens": 10, "messages": [],
+                      "speed": "standard", "inference_geo": "global"});
+    assert_eq!(books.post("/v1/messages", Some(&pro), &[], &body).await.status, 200);
 
     let before = books.settled_balance(&pro).await;
     let headers = [("x-provider-cache-write-5m", "1000"), ("x-provider-cache-write-1h", "2000")];

@@ -1149,7 +1149,7 @@ async fn a_second_process_under_a_live_replicas_name_is_refused_and_touches_noth
 async fn a_change_that_lowers_a_balance_takes_no_credit_a_replica_has_leased() {
     let pg = Postgres::start();
     let cluster = start_cluster(&pg, "lowering", 1).await;
-    let (org, _) = funded_org(&cluster, 0, "0.50", "0.50").await;
+    let (org, secret) = funded_org(&cluster, 0, "0.50", "0.50").await;
     let replica = &cluster.replicas[0];
     let books = books(&cluster.url).await;
     let pool = format!("pool:org_{org}");
@@ -1184,6 +1184,28 @@ async fn a_change_that_lowers_a_balance_takes_no_credit_a_replica_has_leased() {
     assert_eq!(status, 201, "{body}");
     let audit = pool_audit(&cluster.url, org).await;
     assert_eq!((audit.balance, audit.leased), (dec!(0.45), Decimal::ZERO));
+
+    // Credit the replica making the change (the treasurer) leased itself to
+    // serve a call is taken too (it gives its own leases on the wallet back;
+    // an idle one would also come back within a few rounds).
+    assert_eq!(call(&replica.proxy, &secret).await, Some(200));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let audit = loop {
+        let audit = pool_audit(&cluster.url, org).await;
+        if audit.leased > Decimal::ZERO && audit.debited > Decimal::ZERO {
+            break audit;
+        }
+        assert!(Instant::now() < deadline, "the call's lease and debit never reached the books: {audit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let needs_the_lease = -(audit.balance - audit.leased / Decimal::TWO);
+    let (status, body) =
+        admin_call(replica, &path, adjust(&needs_the_lease.round_dp(9).to_string()), "lower-4")
+            .await
+            .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let audit = pool_audit(&cluster.url, org).await;
+    assert!(audit.balance >= audit.leased, "{audit:?}");
 
     // An upgrade writes the Lite wallet off: the same rule.
     let base = format!("/admin/v1/orgs/{org}");

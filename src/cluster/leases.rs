@@ -1064,7 +1064,10 @@ impl LeaseBook {
     /// debits it has out, so none may be in memory only.
     pub async fn ship(&self) -> Result<u64, ClusterError> {
         let mut on_disk_only = self.durable.is_some();
-        if on_disk_only && self.unflushed() {
+        // Also when nothing is new: a chunk another flush is still syncing
+        // is synced here, not left out of the batch (at shutdown it would
+        // ship only at the next start).
+        if on_disk_only {
             if let Err(error) = self.flush_outbox().await {
                 // The shipment is then the only way to keep them.
                 tracing::warn!(%error, "cannot make the outbox durable; shipping it as it is");

@@ -279,6 +279,11 @@ impl ClusterNode {
                 Some(grant) => self.release(grant.id).await,
                 None => {}
             }
+            // This replica's own leases on it go back too: the ask below
+            // reaches only the others.
+            if let Err(error) = self.book.give_up(wallet).await {
+                tracing::warn!(%error, "cannot give back this replica's own leases for a reservation");
+            }
             let balance = self.books.balance_asking_if_it_covers(&self.name, wallet, amount).await?;
             if balance < amount {
                 return Ok(Reserved::Short { balance });

@@ -219,8 +219,9 @@ struct ModelFields {
     /// the price table cannot state: Anthropic's fast mode and inference
     /// region, OpenRouter's fallback models and plugins (web results, PDF
     /// parsing), each billed at its own rates.
-    speed: Option<IgnoredAny>,
-    inference_geo: Option<IgnoredAny>,
+    /// (`"standard"` and `"global"` are the default prices, and pass.)
+    speed: Option<Value>,
+    inference_geo: Option<Value>,
     models: Option<IgnoredAny>,
     plugins: Option<IgnoredAny>,
 }
@@ -357,9 +358,12 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
             return Err(ProxyError::AudioRefused { marker: "input_audio" });
         }
     }
+    let other_than = |value: &Option<Value>, default: &str| {
+        value.as_ref().is_some_and(|value| !value.is_null() && value.as_str() != Some(default))
+    };
     let unpriced = [
-        ("speed", fields.speed.is_some()),
-        ("inference_geo", fields.inference_geo.is_some()),
+        ("speed", other_than(&fields.speed, "standard")),
+        ("inference_geo", other_than(&fields.inference_geo, "global")),
         ("models", fields.models.is_some()),
         ("plugins", fields.plugins.is_some()),
     ];
