@@ -233,7 +233,8 @@ struct Tracked {
     /// Since when it has had a request in flight without a pause.
     busy_since: Mutex<Option<Instant>>,
     /// Responses whose next part waits for the client to take it (see
-    /// [`ClientPaced`]), and when the client last took a part of any.
+    /// [`ClientPaced`]), and when a part last came to wait (so on h2 a new
+    /// stream's head restarts the count for the connection).
     owed: AtomicUsize,
     last_taken: AtomicU64,
     /// The listener's coarse clock ([`OpenConnections::clock_ms`]).

@@ -43,10 +43,11 @@ impl RefusalReason {
         }
     }
 
+    pub const ALL: [RefusalReason; 2] =
+        [RefusalReason::InsufficientCredits, RefusalReason::SpendLimitReached];
+
     pub fn from_code(code: &str) -> Option<RefusalReason> {
-        [RefusalReason::InsufficientCredits, RefusalReason::SpendLimitReached]
-            .into_iter()
-            .find(|reason| reason.code() == code)
+        RefusalReason::ALL.into_iter().find(|reason| reason.code() == code)
     }
 }
 
@@ -136,14 +137,16 @@ impl RefusalLog {
         tally.times.push_back(at);
     }
 
-    /// The counts of `wallets`, by wallet then reason, as of `now`.
+    /// The counts of `wallets`, by wallet then reason, as of `now`. Each is
+    /// looked up, not found by a scan of every organization's tallies: the
+    /// proxy records refusals under the same lock.
     pub fn counts(&self, wallets: &[WalletId], now: DateTime<Utc>) -> Vec<RefusalCount> {
         let day_ago = now - Duration::hours(24);
         let tallies = self.tallies.lock();
-        let mut counts: Vec<RefusalCount> = tallies
-            .iter()
-            .filter(|((wallet, _), _)| wallets.contains(wallet))
-            .map(|(&(wallet, reason), tally)| {
+        let keys = wallets.iter().flat_map(|&wallet| RefusalReason::ALL.map(|reason| (wallet, reason)));
+        let mut counts: Vec<RefusalCount> = keys
+            .filter_map(|key| tallies.get(&key).map(|tally| (key, tally)))
+            .map(|((wallet, reason), tally)| {
                 let last_day = tally.times.iter().filter(|&&t| t > day_ago).count();
                 RefusalCount {
                     wallet,
