@@ -315,11 +315,24 @@ impl Admin {
     async fn api(&self, request: Request<Incoming>) -> Result<Response<GatewayBody>, AdminError> {
         let scope = self.scope(request.headers())?;
         let (parts, body) = request.into_parts();
-        let body = read_body(body, self.body_read_timeout).await?;
         let path = parts.uri.path().trim_start_matches("/admin/v1/").trim_end_matches('/');
         let segments: Vec<&str> = path.split('/').collect();
         let now = self.clock.now();
-        if let Some(node) = self.cluster.as_ref().filter(|_| forwarded_in_cluster(&parts.method, &segments)) {
+        let forwarded = self
+            .cluster
+            .as_ref()
+            .filter(|node| forwarded_in_cluster(&parts.method, &segments) && !node.is_treasurer());
+        // Counted where the write is made (a follower's forwarded writes
+        // count on the treasurer, once, whatever it answers), and before the
+        // body is read: a token over its cap costs no more than its headers.
+        if let (Scope::Org { org, .. }, None) = (scope, forwarded) {
+            let write = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+            if write && !self.org_writes.admit(org.0, self.org_writes_per_minute) {
+                return Err(AdminError::TooManyWrites { limit: self.org_writes_per_minute });
+            }
+        }
+        let body = read_body(body, self.body_read_timeout).await?;
+        if let Some(node) = forwarded {
             if let Some(reply) = node.forward_admin(&parts, body.clone()).await {
                 return match reply {
                     Ok(response) => Ok(response.map(GatewayBody::local)),
@@ -327,14 +340,6 @@ impl Admin {
                         crate::ledger::journal::JournalError::Unavailable { reason },
                     ))),
                 };
-            }
-        }
-        // Counted where the write is made: a follower's forwarded writes
-        // count on the treasurer, once, whatever it answers.
-        if let Scope::Org { org, .. } = scope {
-            let write = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-            if write && !self.org_writes.admit(org.0, self.org_writes_per_minute) {
-                return Err(AdminError::TooManyWrites { limit: self.org_writes_per_minute });
             }
         }
         let mut params = reports::query_pairs(parts.uri.query());

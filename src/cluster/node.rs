@@ -454,6 +454,11 @@ impl ClusterNode {
         }
     }
 
+    /// Whether this replica is the treasurer now (it makes admin changes).
+    pub fn is_treasurer(&self) -> bool {
+        self.replica.epoch().is_some()
+    }
+
     /// An admin write for the treasurer: `None` when this replica is the
     /// treasurer (handle it here); otherwise the treasurer's reply, or 503
     /// when no treasurer can be reached.

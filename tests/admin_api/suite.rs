@@ -1108,5 +1108,17 @@ async fn an_org_token_s_writes_are_capped_per_minute_and_its_reads_and_the_opera
     let users = call(&stack, ORG_TOKEN, Method::GET, "/admin/v1/orgs/1/users", None, &[]).await;
     assert_eq!(users.status, 200, "reads are not capped");
     assert!(!String::from_utf8_lossy(&users.body).contains("\"u4\""), "the refused write did nothing");
+    // Refused before its body is read: a capped token's writes hold no memory
+    // and wait for nothing (this one never sends the body it announces).
+    let mut stream = tokio::net::TcpStream::connect(stack.gateway.admin_addr()).await.unwrap();
+    let head = format!(
+        "POST /admin/v1/orgs/1/users HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {ORG_TOKEN}\r\n\
+         content-type: application/json\r\ncontent-length: 100000\r\n\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes()).await.unwrap();
+    let mut answer = [0_u8; 12];
+    let read = tokio::io::AsyncReadExt::read_exact(&mut stream, &mut answer);
+    tokio::time::timeout(std::time::Duration::from_secs(2), read).await.expect("answered at once").unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 429");
     assert_eq!(add_user(ADMIN_TOKEN, "by-operator").await.status, 201, "the operator is not capped");
 }
