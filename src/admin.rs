@@ -341,6 +341,13 @@ impl Admin {
                     ))),
                 };
             }
+            // It became the treasurer while the body was read: the write is
+            // made here, so it counts here.
+            if let Scope::Org { org, .. } = scope {
+                if !self.org_writes.admit(org.0, self.org_writes_per_minute) {
+                    return Err(AdminError::TooManyWrites { limit: self.org_writes_per_minute });
+                }
+            }
         }
         let mut params = reports::query_pairs(parts.uri.query());
         // As documented: `?limit=` is the same as no `limit` at all.
@@ -455,9 +462,8 @@ impl Admin {
                         // In the books, or refused: the credit is free again. A change whose
                         // outcome is unknown may still be written: its reservation lapses.
                         if let Some(reservation) = reserved {
-                            match changed {
-                                Err(AdminError::OutcomeUnknown { .. }) => reservation.keep(),
-                                _ => reservation.release().await,
+                            if !matches!(changed, Err(AdminError::OutcomeUnknown { .. })) {
+                                reservation.release().await;
                             }
                         }
                         changed?
@@ -719,7 +725,7 @@ async fn reserve(
         reserved = reserve(balance).await?;
     }
     match reserved {
-        Reserved::Lease(lease) => Ok(Some(Reservation { node: node.clone(), lease: Some(lease) })),
+        Reserved::Lease(lease) => Ok(Some(Reservation { node: node.clone(), lease })),
         Reserved::Short { balance } => Err(AdminError::rule(
             "amount",
             format!(
@@ -731,30 +737,17 @@ async fn reserve(
 }
 
 /// Credit a change has reserved ([`reserve`]): given back once the change
-/// is in the books or refused, and also if the request is dropped first
-/// (its client left); kept to lapse when the change's outcome is unknown.
+/// is in the books or refused; left to lapse (`RESERVATION_TTL`) when the
+/// change's outcome is unknown, and when the request is dropped (its client
+/// left): the change runs on where it cannot be cancelled, and credit given
+/// back before it lands could be leased again and spent.
 struct Reservation {
     node: Arc<crate::cluster::ClusterNode>,
-    lease: Option<i64>,
+    lease: i64,
 }
 
 impl Reservation {
-    async fn release(mut self) {
-        if let Some(lease) = self.lease.take() {
-            self.node.release(lease).await;
-        }
-    }
-
-    fn keep(mut self) {
-        self.lease = None;
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            let node = self.node.clone();
-            tokio::spawn(async move { node.release(lease).await });
-        }
+    async fn release(self) {
+        self.node.release(self.lease).await;
     }
 }
