@@ -460,10 +460,13 @@ impl Admin {
                             })
                             .await;
                         // In the books, or refused: the credit is free again. A change whose
-                        // outcome is unknown may still be written: its reservation lapses.
-                        if let Some(reservation) = reserved {
+                        // outcome is unknown may still be written, and one whose request is
+                        // dropped here runs on where it cannot be cancelled: their
+                        // reservations lapse (credit given back before the change lands
+                        // could be leased again and spent).
+                        if let (Some(node), Some(lease)) = (&self.cluster, reserved) {
                             if !matches!(changed, Err(AdminError::OutcomeUnknown { .. })) {
-                                reservation.release().await;
+                                node.release(lease).await;
                             }
                         }
                         changed?
@@ -690,13 +693,14 @@ fn history_view(status: &crate::store::history::HistoryStatus, scope: Scope) -> 
 
 /// Cluster mode: takes the credit a change takes out of reach of the
 /// replicas' leases first ([`crate::cluster::ClusterNode::reserve`]); the
-/// reservation's lease, to give back once the change is in the books. A
+/// reservation's lease, to give back once the change is in the books
+/// ([`crate::cluster::ClusterNode::release`]). A
 /// negative adjustment larger than the wallet's balance in the books is
 /// refused; a write-off takes what the books hold.
 async fn reserve(
-    node: &Arc<crate::cluster::ClusterNode>,
+    node: &crate::cluster::ClusterNode,
     taken: api::CreditTaken,
-) -> Result<Option<Reservation>, AdminError> {
+) -> Result<Option<i64>, AdminError> {
     use crate::cluster::node::Reserved;
     let (wallet, amount, exact) = match taken {
         api::CreditTaken::Adjustment(wallet, amount) => (wallet.to_string(), amount, true),
@@ -725,7 +729,7 @@ async fn reserve(
         reserved = reserve(balance).await?;
     }
     match reserved {
-        Reserved::Lease(lease) => Ok(Some(Reservation { node: node.clone(), lease })),
+        Reserved::Lease(lease) => Ok(Some(lease)),
         Reserved::Short { balance } => Err(AdminError::rule(
             "amount",
             format!(
@@ -733,21 +737,5 @@ async fn reserve(
             ),
         )),
         Reserved::Leased => Err(AdminError::CreditLeased { wallet: wallet.to_owned() }),
-    }
-}
-
-/// Credit a change has reserved ([`reserve`]): given back once the change
-/// is in the books or refused; left to lapse (`RESERVATION_TTL`) when the
-/// change's outcome is unknown, and when the request is dropped (its client
-/// left): the change runs on where it cannot be cancelled, and credit given
-/// back before it lands could be leased again and spent.
-struct Reservation {
-    node: Arc<crate::cluster::ClusterNode>,
-    lease: i64,
-}
-
-impl Reservation {
-    async fn release(self) {
-        self.node.release(self.lease).await;
     }
 }
