@@ -21,6 +21,7 @@ mod charge;
 mod context;
 mod error;
 pub(crate) mod headers;
+mod model_fields;
 pub(crate) mod path;
 mod plain_pool;
 mod read_on;

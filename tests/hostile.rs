@@ -63,6 +63,11 @@ async fn a_matrix_of_malformed_requests_gets_clear_4xx_and_costs_nothing() {
         (r#"{"model": "mock-gpt", "max_tokens": "10"}"#.into(), 400),
         (r#"{"model": "mock-gpt", "max_tokens": 18446744073709551615}"#.into(), 402),
         (r#"{"model": "mock-gpt", "stream": "yes"}"#.into(), 400),
+        // Keys an upstream matching keys as Go does reads as a priced field.
+        (r#"{"model": "mock-gpt", "Model": "mock-gpt-dear"}"#.into(), 400),
+        (r#"{"model": "mock-gpt", "MAX_TOKENS": 100000}"#.into(), 400),
+        (r#"{"model": "mock-gpt", "max_toKens": 100000}"#.into(), 400),
+        (r#"{"model": "mock-gpt", "N": 128}"#.into(), 400),
         ("{\"model\": \"mock-gpt\u{0000}\"}".into(), 400),
         ("{\"model\": \"\u{202e}tpg-kcom\"}".into(), 400),
         ("{\"model\": \"𝓂𝑜𝒸𝓀-gpt\"}".into(), 400),

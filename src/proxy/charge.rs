@@ -9,13 +9,12 @@ use chrono::{DateTime, Utc};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use memchr::memmem::Finder;
 use rust_decimal::Decimal;
-use serde::de::IgnoredAny;
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::context::Outcome;
 use super::error::ProxyError;
 use super::headers::X_API_KEY;
+use super::model_fields::ModelFields;
 use super::{audio, server_context};
 use crate::clock::Clock;
 use crate::cluster::ClusterHold;
@@ -190,49 +189,6 @@ pub fn identify(ledger: &Ledger, headers: &HeaderMap) -> Result<(ResolvedKey, Op
         }
     };
     Ok((key, end_user))
-}
-
-/// The fields of a model request the gateway reads; everything else is
-/// skipped without being built. A key given twice is refused by the derive
-/// (the upstream would read the last one, the gateway the first).
-#[derive(Deserialize)]
-struct ModelFields {
-    model: Option<Value>,
-    max_tokens: Option<Value>,
-    max_completion_tokens: Option<Value>,
-    max_output_tokens: Option<Value>,
-    n: Option<Value>,
-    best_of: Option<Value>,
-    stream: Option<Value>,
-    stream_options: Option<Value>,
-    service_tier: Option<Value>,
-    tools: Option<Vec<RequestTool>>,
-    max_tool_calls: Option<Value>,
-    background: Option<Value>,
-    /// Output modalities (`["text", "audio"]`): `audio` asks for audio.
-    modalities: Option<Value>,
-    /// The audio output's settings: set, it asks for audio.
-    audio: Option<Value>,
-    /// Earlier audio replies in the conversation, which the upstream reads back.
-    messages: Option<audio::AudioInMessages>,
-    /// Options that change what the upstream bills for the same tokens, which
-    /// the price table cannot state: Anthropic's fast mode and inference
-    /// region, OpenRouter's fallback models and plugins (web results, PDF
-    /// parsing), each billed at its own rates.
-    /// (`"standard"` and `"global"` are the default prices, and pass.)
-    speed: Option<Value>,
-    inference_geo: Option<Value>,
-    models: Option<IgnoredAny>,
-    plugins: Option<IgnoredAny>,
-}
-
-/// A `tools[]` entry: only its type is read (function schemas are skipped).
-#[derive(Deserialize)]
-struct RequestTool {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    /// Anthropic's bound on a server tool's calls.
-    max_uses: Option<Value>,
 }
 
 /// Most choices one request may ask for (`n`, `best_of`); OpenAI's own bound.

@@ -51,7 +51,7 @@ fn marker_in_strings(bytes: &[u8]) -> Option<&'static str> {
 /// cost more, and an automaton more still, on the short bodies most
 /// requests send).
 fn marker_after_quote(rest: &[u8]) -> Option<&'static str> {
-    let (whole, dated): (&[&'static str], &[&'static str]) = match rest.first()? {
+    let (whole, dated): (&[&'static str], &[&'static str]) = match rest.first()?.to_ascii_lowercase() {
         b'p' => (&["previous_response_id", "prompt"], &[]),
         b'c' => (&["conversation", "connector_id", "container"], &[]),
         b'i' => (&["item_reference", "image_url"], &[]),
@@ -65,9 +65,16 @@ fn marker_after_quote(rest: &[u8]) -> Option<&'static str> {
         _ => return None,
     };
     // The string's text after `name`, if it starts with `name` and ends.
+    // Spelled in another case it is the marker only as a key, which an
+    // upstream matching keys as Go does reads as the marker.
     let tail = |name: &str| {
-        let tail = rest.strip_prefix(name.as_bytes())?;
-        Some(&tail[..tail.iter().position(|&b| b == b'"')?])
+        let (head, tail) = rest.split_at_checked(name.len())?;
+        if !head.eq_ignore_ascii_case(name.as_bytes()) {
+            return None;
+        }
+        let end = tail.iter().position(|&b| b == b'"')?;
+        let is_key = || tail[end + 1..].trim_ascii_start().starts_with(b":");
+        (head == name.as_bytes() || is_key()).then_some(&tail[..end])
     };
     let exact = |name: &str| tail(name).is_some_and(<[u8]>::is_empty);
     // `_preview`, then dates and numbers: `_2025_03_11`, `_20250910`.
@@ -127,6 +134,11 @@ mod tests {
         assert_eq!(marker(r#"{"\u0070revious_response_id":"r"}"#), Some("previous_response_id"));
         assert_eq!(marker(r#"{"tools":[{"type":"web_s\u0065\u0061rch"}]}"#), Some("web_search"));
         assert_eq!(marker(r#"{"x":"\u00e9","\u0055RL":1,"u\u0072l":2}"#), Some("url"));
+        // Keys in another case read as the marker to upstreams that fold
+        // keys (Go); values in another case are text.
+        assert_eq!(marker(r#"{"Previous_Response_ID" :"r"}"#), Some("previous_response_id"));
+        assert_eq!(marker(r#"{"content":[{"Image_Url":{"URL":"u"}}]}"#), Some("image_url"));
+        assert_eq!(marker(r#"{"content":"URL","role":"Prompt"}"#), None);
         assert_eq!(marker(r#"{"tools":[{"type":"web_fetch_20250910"}]}"#), Some("web_fetch"));
         assert_eq!(marker(r#"{"tools":[{"type":"mcp","server_label":"x"}]}"#), Some("mcp"));
         assert_eq!(marker(r#"{"source":{"type": "base64","data":"AA"}}"#), Some("base64"));
