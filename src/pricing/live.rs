@@ -62,6 +62,12 @@ pub struct LivePrices {
     /// Tools that routes charge for; a table that lacks one is refused.
     required_tools: Vec<String>,
     current: ArcSwap<PriceTable>,
+    /// Held from reading the file to storing its table: a reload that read
+    /// the file before a newer one must not store its older table after.
+    reloading: Mutex<()>,
+    /// Run once, by the next reload, between reading the file and storing.
+    #[cfg(test)]
+    after_read: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     status: Mutex<(DateTime<Utc>, DateTime<Utc>, Option<String>)>,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
@@ -82,6 +88,9 @@ impl LivePrices {
             path: path.to_owned(),
             required_tools,
             current: ArcSwap::from_pointee(table),
+            reloading: Mutex::new(()),
+            #[cfg(test)]
+            after_read: Mutex::new(None),
             status: Mutex::new((now, now, None)),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
@@ -101,7 +110,16 @@ impl LivePrices {
         now: DateTime<Utc>,
         trigger: &'static str,
     ) -> Result<Arc<PriceTable>, PriceLoadError> {
-        match read_table(&self.path, &self.required_tools) {
+        let _one_at_a_time = self.reloading.lock();
+        let read = read_table(&self.path, &self.required_tools);
+        #[cfg(test)]
+        {
+            let hook = self.after_read.lock().take();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+        match read {
             Ok(table) => {
                 let old = self.current();
                 let changed = old.version() != table.version();
@@ -217,4 +235,57 @@ fn read_table(path: &Path, required_tools: &[String]) -> Result<PriceTable, Pric
         return Err(PriceLoadError::MissingTools { file, missing });
     }
     Ok(table)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn table_text(label: usize) -> String {
+        let base =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/prices.toml")).unwrap();
+        base.replacen("label = \"2025-11\"", &format!("label = \"v{label}\""), 1)
+    }
+
+    fn label(prices: &LivePrices) -> usize {
+        prices.current().version().label.trim_start_matches('v').parse().unwrap()
+    }
+
+    #[test]
+    fn a_reload_that_read_an_older_file_does_not_store_it_after_a_newer_one() {
+        use std::sync::mpsc::channel;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prices.toml");
+        std::fs::write(&path, table_text(0)).unwrap();
+        let now = Utc::now();
+        let prices =
+            Arc::new(LivePrices::load(&path, Vec::new(), now, Arc::new(Metrics::new(false))).unwrap());
+        std::fs::write(&path, table_text(1)).unwrap();
+        // The first reload reads v1, then waits (at most 2 s) for a second
+        // one, started once the file says v2, to finish.
+        let (read_tx, read_rx) = channel();
+        let (done_tx, done_rx) = channel::<()>();
+        *prices.after_read.lock() = Some(Box::new(move || {
+            read_tx.send(()).unwrap();
+            let _ = done_rx.recv_timeout(Duration::from_secs(2));
+        }));
+        let first = std::thread::spawn({
+            let prices = prices.clone();
+            move || prices.reload(now, "first").map(|_| ())
+        });
+        read_rx.recv().unwrap();
+        std::fs::write(&path, table_text(2)).unwrap();
+        let second = std::thread::spawn({
+            let prices = prices.clone();
+            move || {
+                let reloaded = prices.reload(now, "second").map(|_| ());
+                let _ = done_tx.send(());
+                reloaded
+            }
+        });
+        first.join().unwrap().unwrap();
+        second.join().unwrap().unwrap();
+        assert_eq!(label(&prices), 2, "the newer file's table is in force");
+    }
 }
