@@ -772,16 +772,26 @@ impl GatewayConfig {
                 Some("use at least 1; the default is 600"),
             );
         }
+        // An organization token listed but not set is a mistake (its admins
+        // would get 401 with nothing said), as an upstream's is; the
+        // operator's `token_env` unset turns the operator's access off.
+        let mut org_tokens = Vec::new();
+        for t in admin.org_tokens {
+            match env(&t.token_env).filter(|v| !v.is_empty()) {
+                Some(token) => org_tokens.push(OrgToken { org: t.org, token, finance: t.finance }),
+                None => checker.problem(
+                    0,
+                    format!(
+                        "[admin] org_tokens: environment variable {} (organization {}) is not set",
+                        t.token_env, t.org
+                    ),
+                    Some("export it before starting, or remove the entry"),
+                ),
+            }
+        }
         let admin = AdminConfig {
             operator_token: admin.token_env.and_then(|var| env(&var)).filter(|t| !t.is_empty()),
-            org_tokens: admin
-                .org_tokens
-                .into_iter()
-                .filter_map(|t| {
-                    let token = env(&t.token_env).filter(|v| !v.is_empty())?;
-                    Some(OrgToken { org: t.org, token, finance: t.finance })
-                })
-                .collect(),
+            org_tokens,
             alert_webhook_allow: admin.alert_webhook_allow,
             usage_rollup_max_rows: admin.usage_rollup_max_rows.unwrap_or(DEFAULT_USAGE_ROLLUP_MAX_ROWS),
             org_writes_per_minute: admin.org_writes_per_minute.unwrap_or(DEFAULT_ORG_WRITES_PER_MINUTE),
@@ -1702,6 +1712,19 @@ upstream = "nope"
                     assert!(problems.iter().any(|p| p.message.contains("same secret")), "{problems:#?}")
                 }
                 other => panic!("{second}: org 2 would act with another's token: {other:?}"),
+            }
+        }
+        // A listed token whose variable is unset or empty stops the start.
+        for second in ["UNSET", "EMPTY"] {
+            let env = |name: &str| if name == "EMPTY" { Some(String::new()) } else { env(name) };
+            match GatewayConfig::parse(Path::new("test.toml"), &text(second), &env) {
+                Err(ConfigError::Invalid { problems, .. }) => assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.message.contains(&format!("{second} (organization 2) is not set"))),
+                    "{problems:#?}"
+                ),
+                other => panic!("{second}: {other:?}"),
             }
         }
     }
