@@ -59,6 +59,7 @@ use parking_lot::Mutex;
 use rust_decimal::Decimal;
 use serde::Serialize;
 
+pub(crate) use admin::check_amount;
 pub use admin::{too_fine, NewApp, NewKey, NewOrg, NewUser, MAX_AMOUNT_SCALE};
 pub use audit::{Audit, AuditReport, Mismatch};
 pub use config::LedgerConfig;

@@ -428,13 +428,20 @@ fn patch_user(call: &OrgCall<'_>, user: UserId, body: &[u8]) -> Answer {
     if grants_credit(&raw, &current) {
         scope.require_finance()?;
     }
-    if raw.lite_monthly_allowance.is_some() || raw.prorate_on_downgrade.is_some() {
-        let allowance = amount(raw.lite_monthly_allowance).unwrap_or(current.lite_monthly_allowance);
-        let prorate = raw.prorate_on_downgrade.unwrap_or(current.prorate_on_downgrade);
-        ledger.set_lite_allowance(org, user, allowance, prorate)?;
+    // Each part is its own durable change: all are checked before the first,
+    // so a refused part leaves nothing of the patch recorded.
+    let allowance = amount(raw.lite_monthly_allowance).unwrap_or(current.lite_monthly_allowance);
+    crate::ledger::check_amount("lite_monthly_allowance", allowance)?;
+    let limits: Option<Limits> = raw.limits.map(Into::into);
+    if let Some(limits) = &limits {
+        limits.validate().map_err(crate::ledger::LedgerError::from)?;
     }
-    if let Some(limits) = raw.limits {
-        ledger.set_user_limits(org, user, limits.into())?;
+    if raw.lite_monthly_allowance.is_some() || raw.prorate_on_downgrade.is_some() {
+        let prorate = raw.prorate_on_downgrade.unwrap_or(current.prorate_on_downgrade);
+        ledger.set_lite_allowance(org, user, allowance, prorate, now)?;
+    }
+    if let Some(limits) = limits {
+        ledger.set_user_limits(org, user, limits)?;
     }
     if let Some(plan) = raw.plan {
         let plan: Plan = plan.into();

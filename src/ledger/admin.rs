@@ -238,21 +238,35 @@ impl Ledger {
         })
     }
 
-    /// Changes a user's Lite allowance and downgrade setting; takes effect
-    /// from the next grant.
+    /// Changes a user's Lite allowance and downgrade setting. A Lite user's
+    /// new allowance is granted from next month: this month's grant, if due,
+    /// is made at the old one first. The user record says so
+    /// (`lite_allowance_from`), because a replay knows which months were
+    /// granted only from their grant entries, and a grant of 0 writes none:
+    /// after a restart this month would be granted again at the new amount.
     pub fn set_lite_allowance(
         &self,
         org: OrgId,
         user: UserId,
         allowance: Decimal,
         prorate_on_downgrade: bool,
+        now: DateTime<Utc>,
     ) -> Result<User, LedgerError> {
         check_amount("lite_monthly_allowance", allowance)?;
-        self.update_user(org, user, |user| {
-            user.lite_monthly_allowance = allowance;
-            user.prorate_on_downgrade = prorate_on_downgrade;
-            Ok(())
-        })
+        let _admin = self.lock_admin()?;
+        let mut current = self.user_in(org, user)?;
+        if current.plan == Plan::Lite && current.lite_monthly_allowance != allowance {
+            let tz = self.org(org).ok_or(LedgerError::UnknownOrg(org))?.time_zone;
+            self.advance_wallet(WalletId::Lite(user), now);
+            let next = YearMonth::containing(tz, now).next();
+            current.lite_allowance_from = current.lite_allowance_from.max(Some(next));
+        }
+        current.lite_monthly_allowance = allowance;
+        current.prorate_on_downgrade = prorate_on_downgrade;
+        let record = self.commit(|_| RecordBody::User(current.clone()));
+        self.apply_user(&current, record.seq);
+        self.shared.committer.sync()?;
+        Ok(current)
     }
 
     pub(crate) fn update_user(

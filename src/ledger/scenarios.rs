@@ -302,7 +302,7 @@ fn downgrade_grants_from_next_first_or_pro_rated() {
         let now = at(now);
         let org = org(&ledger, tz, None, now);
         let user = user(&ledger, org, Plan::Pro, dec!(30), now);
-        ledger.set_lite_allowance(org, user, dec!(30), prorate).unwrap();
+        ledger.set_lite_allowance(org, user, dec!(30), prorate, now).unwrap();
         let key = key(&ledger, org, Owner::User(user), Limits::NONE, now);
         ledger.set_user_plan(org, user, Plan::Lite, now).unwrap();
         let lite = WalletId::Lite(user);
@@ -719,6 +719,44 @@ fn new_lite_user_gets_current_month_in_full() {
     assert_eq!(view.balance, dec!(12.5));
     assert_eq!(view.lots[0].effective_at, at("2028-02-01T00:00:00Z"));
     let _ = NaiveDate::from_ymd_opt(2028, 2, 29).unwrap();
+}
+
+#[test]
+fn an_allowance_raised_mid_month_is_granted_next_month_also_after_a_restart() {
+    // Proves a Lite allowance changed mid-month starts on the next 1st, live
+    // and after a restart from the journal or a checkpoint. A month granted
+    // at 0 writes no entry, so a restart used to grant it again at the new
+    // allowance: credit from nothing.
+    let (ledger, journal) = ledger();
+    let created = at("2027-03-03T00:00:00Z");
+    let org = org(&ledger, Tz::UTC, None, created);
+    let zero = user(&ledger, org, Plan::Lite, dec!(0), created);
+    // A second user: 5 granted in March, then 0, then 8, all in March.
+    let five = user(&ledger, org, Plan::Lite, dec!(5), created);
+    let changed = at("2027-03-10T00:00:00Z");
+    ledger.set_lite_allowance(org, zero, dec!(10), false, changed).unwrap();
+    ledger.set_lite_allowance(org, five, dec!(0), false, changed).unwrap();
+    ledger.set_lite_allowance(org, five, dec!(8), false, changed).unwrap();
+    let later = at("2027-03-20T00:00:00Z");
+    let april = at("2027-04-01T00:00:00Z");
+    let fresh = || std::sync::Arc::new(crate::ledger::journal::MemoryJournal::default());
+    let restored =
+        crate::ledger::Ledger::restore(LedgerConfig::default(), fresh(), journal.records()).unwrap();
+    let checkpoint: crate::ledger::snapshot::LedgerSnapshot =
+        serde_json::from_slice(&serde_json::to_vec(&restored.snapshot(u64::MAX)).unwrap()).unwrap();
+    let from_checkpoint =
+        crate::ledger::Ledger::restore_from(LedgerConfig::default(), fresh(), Some(&checkpoint), Vec::new())
+            .unwrap();
+    for (name, ledger) in
+        [("live", &ledger), ("restored", &restored), ("from a checkpoint", &from_checkpoint)]
+    {
+        let balance = |user, at| ledger.balance(WalletId::Lite(user), at).unwrap().balance;
+        assert_eq!(balance(zero, later), dec!(0), "{name}: March stays at the old 0");
+        assert_eq!(balance(five, later), dec!(5), "{name}: March stays at the old 5");
+        assert_eq!(balance(zero, april), dec!(10), "{name}: the new allowance from April");
+        assert_eq!(balance(five, april), dec!(8), "{name}");
+    }
+    assert_verified(&ledger, &journal);
 }
 
 /// [`pool_with_nine_of_a_years_ten`] with 5 bought at `bought` that expire

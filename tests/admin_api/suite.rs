@@ -131,6 +131,28 @@ async fn an_operator_sets_up_an_org_whose_keys_are_charged_through_the_proxy() {
     let reply = post_json(&stack.url("/v1/chat/completions"), secret, &json!({"model": "mock-gpt"})).await;
     assert_eq!(reply.status, 401);
 
+    // A patch with one bad part records none of it.
+    let user_path = format!("{base}/users/{}", ids["lite"]);
+    let lite_user = || async {
+        let users = call(&stack, ADMIN_TOKEN, Method::GET, &format!("{base}/users"), None, &[]).await.json();
+        let listed = users["users"].as_array().cloned().unwrap_or_default();
+        listed.into_iter().find(|user| user["id"] == json!(ids["lite"])).unwrap()
+    };
+    let before = lite_user().await;
+    let bad = call(
+        &stack,
+        ADMIN_TOKEN,
+        Method::PATCH,
+        &user_path,
+        Some(json!({"lite_monthly_allowance": "50", "limits": {"daily": "-1"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(bad.status, 422, "{:?}", bad.body);
+    let after = lite_user().await;
+    assert!(before["lite_monthly_allowance"].is_string(), "{before:?}");
+    assert_eq!(after, before, "the allowance was not changed by the refused patch");
+
     // Upgrade the Lite user to Pro: its Lite remainder is written off.
     let patched = call(
         &stack,
