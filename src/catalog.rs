@@ -84,7 +84,8 @@ pub struct Import {
 /// A per-token price as an exact per-1M-token decimal string.
 pub fn per_mtok(value: &Value) -> Result<Decimal, String> {
     let per_token = exact(value)?;
-    Ok((per_token * Decimal::from(1_000_000)).normalize())
+    let per_mtok = per_token.checked_mul(Decimal::from(1_000_000));
+    per_mtok.map(|price| price.normalize()).ok_or_else(|| format!("{value} per token is too large a price"))
 }
 
 /// A JSON number as an exact decimal, through its shortest decimal form.

@@ -495,10 +495,11 @@ impl Checker<'_> {
     fn multiplier(&mut self, field: &str, value: Option<&RawValue>) -> Option<u64> {
         let Some(value) = value else { return Some(MULTIPLIER_ONE) };
         let amount = self.decimal(field, value)?;
-        let scaled = amount * Decimal::from(MULTIPLIER_ONE);
-        let valid =
-            amount > Decimal::ZERO && amount <= Decimal::from(MAX_MULTIPLIER) && scaled.fract().is_zero();
-        let result = valid.then(|| rust_decimal::prelude::ToPrimitive::to_u64(&scaled)).flatten();
+        // Bounded before it is scaled: a 27-digit value would overflow.
+        let scaled = (amount > Decimal::ZERO && amount <= Decimal::from(MAX_MULTIPLIER))
+            .then(|| amount * Decimal::from(MULTIPLIER_ONE))
+            .filter(|scaled| scaled.fract().is_zero());
+        let result = scaled.and_then(|scaled| rust_decimal::prelude::ToPrimitive::to_u64(&scaled));
         if result.is_none() {
             let message = format!(
                 "{field} = {}: a multiplier is above 0, at most {MAX_MULTIPLIER}, with at most 4 decimal places",
@@ -1195,9 +1196,13 @@ mod tests {
             "service_tiers.flex = { output = \"1.00001\" }\n",
             "service_tiers.slow = { input = 0.5 }\n",
             "long_context = { input = \"2\" }\n",
+            "[models.n]\ninput_per_mtok = \"1\"\n",
+            // Too large to scale by 10^4: a problem, not a panic.
+            "service_tiers.priority = { input = \"100000000000000000000000000\" }\n",
         ));
         let found = problems(&text);
-        assert_eq!(found.len(), 4, "{found:?}");
+        assert_eq!(found.len(), 5, "{found:?}");
+        assert!(found.iter().any(|(line, m)| *line == 10 && m.contains("above 0, at most 100")), "{found:?}");
         assert!(found.iter().any(|(_, m)| m.contains("above 0, at most 100")), "{found:?}");
         assert!(found.iter().any(|(_, m)| m.contains("bare TOML float")), "{found:?}");
         assert!(found.iter().any(|(_, m)| m.contains("needs above_input_tokens")), "{found:?}");
