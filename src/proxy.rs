@@ -375,6 +375,7 @@ impl Proxy {
                     price,
                     flavour: *flavour,
                     web_search_preview: fields.web_search_preview,
+                    cache_longer_lifetime: fields.cache_longer_lifetime,
                 };
                 (Either::Right(Full::new(bytes)), priced, hold, held_cost, plan.cap, inject, estimated_input)
             }

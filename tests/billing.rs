@@ -700,13 +700,14 @@ async fn price_modifiers_the_client_picks_are_priced() {
 
     // Options that bill the same tokens at other rates, which the table
     // cannot state (Anthropic's fast mode and region, OpenRouter's fallback
-    // models and plugins), are refused before anything is held or sent.
+    // models, plugins and provider routing), are refused before anything is held or sent.
     let forwarded = books.provider.received().len();
     for (path, option) in [
         ("/v1/messages", json!({"speed": "fast"})),
         ("/v1/messages", json!({"inference_geo": "us"})),
         (CHAT, json!({"models": ["mock-claude"]})),
         (CHAT, json!({"plugins": [{"id": "web", "max_results": 20}]})),
+        (CHAT, json!({"provider": {"order": ["dearest"], "allow_fallbacks": false}})),
     ] {
         let mut body = json!({"model": "mock-claude", "max_tokens": 10, "messages": []});
         body.as_object_mut().unwrap().extend(option.as_object().unwrap().clone());
@@ -739,6 +740,31 @@ async fn price_modifiers_the_client_picks_are_priced() {
         "cache writes at their prices"
     );
     assert!(charged > books.reported_cost("mock-claude"), "dearer than plain input");
+
+    // OpenRouter reports cache writes as one count, whatever their lifetime:
+    // a request whose breakpoints may ask for an hour pays the hour's price.
+    let model = table.model("mock-claude", now).unwrap();
+    for (ttl, hour) in [(None, false), (Some("5m"), false), (Some("1h"), true)] {
+        let mut mark = json!({"type": "ephemeral"});
+        if let Some(ttl) = ttl {
+            mark["ttl"] = json!(ttl);
+        }
+        let body = json!({"model": "mock-claude", "max_tokens": 10, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hi", "cache_control": mark}]}]});
+        let before = books.settled_balance(&pro).await;
+        let headers = [("x-provider-cache-write-5m", "3000")];
+        assert_eq!(books.post(CHAT, Some(&pro), &headers, &body).await.status, 200, "{ttl:?}");
+        let last = books.provider.last();
+        let usage = TokenUsage {
+            input_tokens: last.input_tokens,
+            cache_write_5m_tokens: if hour { 0 } else { 3000 },
+            cache_write_1h_tokens: if hour { 3000 } else { 0 },
+            output_tokens: last.output_tokens,
+            ..TokenUsage::default()
+        };
+        let charged = before - books.settled_balance(&pro).await;
+        assert_eq!(charged, model.cost(&usage).unwrap(), "ttl {ttl:?}");
+    }
 
     // A model without write prices would charge writes as plain input: a
     // request that marks cache breakpoints is refused for it, before anything

@@ -12,8 +12,10 @@ use super::charge::UNICODE_ESCAPE;
 use super::server_context::ascii_unescaped;
 
 const KEY: &[u8] = b"\"cache_control\"";
+const TTL: &[u8] = b"\"ttl\"";
 
 static CACHE_CONTROL: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
+static TTL_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(TTL));
 
 /// Whether the body has a `cache_control` key anywhere: the quoted name
 /// followed by `:`, not text that mentions it (quotes inside a string are
@@ -29,6 +31,24 @@ fn keyed(body: &[u8]) -> bool {
         .any(|at| body.get(at + KEY.len()..).is_some_and(|rest| rest.trim_ascii_start().starts_with(b":")))
 }
 
+/// Whether a breakpoint may ask for a lifetime other than the default five
+/// minutes: a `ttl` key whose value is not `"5m"` (Anthropic offers `"1h"`,
+/// billed at 2x input against 1.25x). Usage that reports cache writes
+/// without splitting them by lifetime (OpenRouter's `cache_write_tokens`)
+/// is then charged at the hour's price, the dearer.
+pub(super) fn asks_longer_cache_lifetime(body: &[u8]) -> bool {
+    longer_ttl(body) || (UNICODE_ESCAPE.find(body).is_some() && longer_ttl(&ascii_unescaped(body)))
+}
+
+fn longer_ttl(body: &[u8]) -> bool {
+    TTL_KEY.find_iter(body).any(|at| {
+        let Some(value) = body[at + TTL.len()..].trim_ascii_start().strip_prefix(b":") else {
+            return false;
+        };
+        !value.trim_ascii_start().starts_with(b"\"5m\"")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,5 +61,15 @@ mod tests {
         assert!(marks_cache_breakpoints(br#"{"a":{"\u0063ache_control":{}}}"#), "escaped");
         assert!(!marks_cache_breakpoints(br#"{"text":"set \"cache_control\": on"}"#), "mentioned");
         assert!(!marks_cache_breakpoints(br#"{"type":"cache_control"}"#), "a value");
+    }
+
+    #[test]
+    fn a_lifetime_other_than_five_minutes_is_found() {
+        assert!(asks_longer_cache_lifetime(br#"{"a":{"cache_control":{"type":"ephemeral","ttl" : "1h"}}}"#));
+        assert!(asks_longer_cache_lifetime(br#"{"a":{"cache_control":{"t\u0074l":"1h"}}}"#), "escaped");
+        assert!(asks_longer_cache_lifetime(br#"{"cache_control":{"ttl":"60m"}}"#), "any other value");
+        assert!(!asks_longer_cache_lifetime(br#"{"cache_control":{"ttl":"5m"}}"#));
+        assert!(!asks_longer_cache_lifetime(br#"{"cache_control":{"type":"ephemeral"}}"#));
+        assert!(!asks_longer_cache_lifetime(br#"{"text":"a \"ttl\": 1h","type":"ttl"}"#), "text and values");
     }
 }

@@ -48,6 +48,9 @@ pub enum Priced {
         price: ModelPrice,
         flavour: Flavour,
         web_search_preview: bool,
+        /// The request may have asked for hour-long cache writes: writes
+        /// the usage does not split by lifetime are charged as those.
+        cache_longer_lifetime: bool,
     },
     Tool {
         name: Arc<str>,
@@ -219,6 +222,8 @@ pub struct ModelRequest {
     /// The request marks cache breakpoints (`cache_control`): the upstream
     /// may bill cache writes, which need their own prices.
     pub cache_breakpoints: bool,
+    /// A breakpoint may ask for a lifetime longer than five minutes.
+    pub cache_longer_lifetime: bool,
 }
 
 /// The output-cap field each API reads; a cap in any other field would be
@@ -322,6 +327,7 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         ("inference_geo", other_than(&fields.inference_geo, "global")),
         ("models", fields.models.is_some()),
         ("plugins", fields.plugins.is_some()),
+        ("provider", fields.provider.is_some()),
     ];
     if let Some((field, _)) = unpriced.into_iter().find(|(_, set)| *set) {
         return Err(ProxyError::UnpricedOption { field });
@@ -380,6 +386,8 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
             }
         }
     }
+    let cache_breakpoints =
+        flavour != Flavour::OpenaiEmbeddings && super::cache_marks::marks_cache_breakpoints(body);
     Ok(ModelRequest {
         model,
         max_output_tokens,
@@ -391,8 +399,8 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         hosted_tools,
         web_search_preview,
         max_tool_calls,
-        cache_breakpoints: flavour != Flavour::OpenaiEmbeddings
-            && super::cache_marks::marks_cache_breakpoints(body),
+        cache_breakpoints,
+        cache_longer_lifetime: cache_breakpoints && super::cache_marks::asks_longer_cache_lifetime(body),
     })
 }
 
@@ -919,7 +927,11 @@ impl Charge {
             // however it ended: only the hold is sure not to bill less.
             return (held, Usage::default(), SettleFlag::NoUsage);
         };
-        let (reported, delivered) = (meter.finish(), meter.delivered_output_estimate());
+        let (mut reported, delivered) = (meter.finish(), meter.delivered_output_estimate());
+        let longer = matches!(self.priced, Some(Priced::Model { cache_longer_lifetime: true, .. }));
+        if longer && reported.cache_write_1h_tokens.is_none() {
+            reported.cache_write_1h_tokens = reported.cache_write_5m_tokens.take();
+        }
         let no_output = flavour == Flavour::OpenaiEmbeddings;
         // A body cut short has seen at most a running total, unless its
         // usage came in the event that ends it.

@@ -49,12 +49,16 @@ pub(super) struct ModelFields {
     pub inference_geo: Option<Value>,
     pub models: Option<IgnoredAny>,
     pub plugins: Option<IgnoredAny>,
+    /// OpenRouter's provider routing (`order`, `only`, `sort`,
+    /// `quantizations`, ...): OpenRouter bills the rate of the provider that
+    /// served the call, so a client could steer a model to its dearest one.
+    pub provider: Option<IgnoredAny>,
 }
 
 /// The top-level names read above, then those whose presence the
 /// server-context scan prices (stored responses, conversations, prompts,
 /// tool servers): a folded spelling of any of them is refused.
-const TOP_LEVEL: [&str; 25] = [
+const TOP_LEVEL: [&str; 26] = [
     "model",
     "max_tokens",
     "max_completion_tokens",
@@ -74,6 +78,7 @@ const TOP_LEVEL: [&str; 25] = [
     "inference_geo",
     "models",
     "plugins",
+    "provider",
     "previous_response_id",
     "conversation",
     "prompt",
@@ -198,6 +203,7 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                 "inference_geo" => read!(16, inference_geo),
                 "models" => read!(17, models),
                 "plugins" => read!(18, plugins),
+                "provider" => read!(19, provider),
                 other => {
                     refuse_folded(other, &TOP_LEVEL)?;
                     map.next_value::<IgnoredAny>()?;

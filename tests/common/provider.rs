@@ -19,8 +19,8 @@
 //! streamed or not);
 //! `x-provider-units: N|none|garbage` for
 //! the tool route; `x-provider-cache-write-5m: N` and `-1h: N` input tokens
-//! an Anthropic call wrote to its prompt cache (reported apart, as
-//! Anthropic does).
+//! a call wrote to its prompt cache (on `/v1/messages` reported apart, as
+//! Anthropic does; on chat as one `cache_write_tokens`, as OpenRouter does).
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::Write as _;
@@ -178,8 +178,15 @@ impl Provider {
                 let choices: Vec<Value> = (0..choices)
                     .map(|i| json!({"index": i, "message": {"role": "assistant", "content": "hi"}}))
                     .collect();
-                json!({"id": "chatcmpl-1", "object": "chat.completion", "choices": choices,
-                       "usage": {"prompt_tokens": input_tokens, "completion_tokens": output_tokens}})
+                // Cache writes as OpenRouter reports them: in the prompt,
+                // one count whatever their lifetime.
+                let mut usage = json!({"prompt_tokens": input_tokens + write_5m + write_1h,
+                                       "completion_tokens": output_tokens});
+                if write_5m + write_1h > 0 {
+                    usage["prompt_tokens_details"] =
+                        json!({"cached_tokens": 0, "cache_write_tokens": write_5m + write_1h});
+                }
+                json!({"id": "chatcmpl-1", "object": "chat.completion", "choices": choices, "usage": usage})
             };
             let text = serde_json::to_string_pretty(&document).unwrap();
             let response = respond(text.into_bytes(), "application/json", gzip);
