@@ -497,6 +497,24 @@ async fn a_client_that_accepts_gzip_is_still_metered() {
     assert!(text.contains("hello there") && text.contains("[DONE]"), "{text}");
     assert!(!text.contains("\"usage\""), "the usage the client did not ask for stays hidden: {text}");
     assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-gpt"));
+
+    // A stream the upstream sends whole with its content-length: the client
+    // is not promised the upstream's length for the shorter body it gets
+    // (hyper would send it again from the body's size, and the client would
+    // see the body end early).
+    let before = books.settled_balance(&pro).await;
+    let whole = [("x-provider-stream-length", "1")];
+    let reply = books
+        .post(CHAT, Some(&pro), &whole, &json!({"model": "mock-gpt", "max_tokens": 40, "stream": true}))
+        .await;
+    assert_eq!(reply.status, 200);
+    let text = String::from_utf8_lossy(&reply.body);
+    assert!(text.contains("hello there") && text.ends_with("[DONE]\r\n\r\n"), "{text}");
+    assert!(!text.contains("\"usage\""), "{text}");
+    if let Some(length) = reply.header("content-length") {
+        assert_eq!(length, reply.body.len().to_string(), "a length the body keeps");
+    }
+    assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-gpt"));
 }
 
 #[tokio::test]

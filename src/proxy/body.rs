@@ -188,12 +188,21 @@ impl Body for GatewayBody {
         match &self.source {
             Source::Local(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Source::Local(None) => SizeHint::with_exact(0),
+            // The meter removes the usage the client did not ask for: the
+            // body is shorter than the upstream's, and hyper would send the
+            // upstream's length again if it were hinted.
+            Source::Upstream { .. } if self.rewritten() => SizeHint::default(),
             Source::Upstream { body, .. } => body.size_hint(),
         }
     }
 }
 
 impl GatewayBody {
+    /// Whether the client gets other bytes than the upstream sent.
+    fn rewritten(&self) -> bool {
+        self.settle.as_ref().and_then(|s| s.ctx.charge.as_ref()).is_some_and(|charge| charge.injected_usage)
+    }
+
     /// The next frame from the source, with idle-timeout, deadline and error
     /// handling.
     fn poll_source(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {

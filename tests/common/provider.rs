@@ -17,6 +17,7 @@
 //! head, as a long call that does not stream does);
 //! `x-provider-text-bytes: N` (a Responses answer's text is that long,
 //! streamed or not);
+//! `x-provider-stream-length: 1` (a stream sent whole, with its length);
 //! `x-provider-units: N|none|garbage` for
 //! the tool route; `x-provider-cache-write-5m: N` and `-1h: N` input tokens
 //! a call wrote to its prompt cache (on `/v1/messages` reported apart, as
@@ -242,9 +243,11 @@ impl Provider {
             };
             events.push((pace, done.into()));
         }
-        if gzip {
+        // `x-provider-stream-length: 1`: the whole stream at once, with its
+        // `content-length` (as some buffering upstreams send it).
+        if gzip || headers.contains_key("x-provider-stream-length") {
             let all: String = events.iter().map(|(_, e)| e.as_str()).collect();
-            return respond(all.into_bytes(), "text/event-stream", true);
+            return respond(all.into_bytes(), "text/event-stream", gzip);
         }
         // `x-provider-reset-after: N`: the connection breaks after N events.
         let reset_after = headers.get("x-provider-reset-after").map(|_| number("x-provider-reset-after", 0));
