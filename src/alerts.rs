@@ -601,7 +601,13 @@ fn read_rules_file(path: &std::path::Path) -> Result<Vec<Rule>, AlertError> {
                  restore it from a backup, or move it away to start without alert rules"
             ),
         }),
-        Err(_) => Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        // Started without them, the next rule added would replace every
+        // organization's rules with that one.
+        Err(e) => Err(AlertError::Load {
+            path: path.display().to_string(),
+            reason: format!("cannot be read ({e}); fix its owner and mode (the gateway's user, 0600)"),
+        }),
     }
 }
 
@@ -701,6 +707,20 @@ mod tests {
 
     fn open_loopback() -> DestinationPolicy {
         DestinationPolicy { allow: vec!["127.0.0.0/8".parse().unwrap()] }
+    }
+
+    #[test]
+    fn a_rules_file_that_cannot_be_read_stops_the_load_and_a_missing_one_is_no_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alerts.json");
+        assert!(Alerts::load(path.clone(), open_loopback()).is_ok(), "no file: no rules");
+        // A directory in its place cannot be read, as a file of another owner cannot.
+        std::fs::create_dir(&path).unwrap();
+        match Alerts::load(path, open_loopback()) {
+            Err(AlertError::Load { reason, .. }) => assert!(reason.contains("cannot be read"), "{reason}"),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("loaded without the rules it could not read"),
+        }
     }
 
     /// A pool with a $10 platform lot, a Pro user's key that spends from it,
