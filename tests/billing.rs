@@ -353,6 +353,12 @@ async fn an_end_user_is_an_applications_and_is_not_sent_upstream() {
     let reply = books.post(CHAT, Some(&books.keys.pro), &end_user, &body).await;
     assert_eq!(reply.status, 400);
     assert_eq!(books.provider.received().len(), 1, "the user key's call was not forwarded");
+    // Nor are the client's keys under the names Azure and Google read them from.
+    let pro = books.keys.pro.clone();
+    let keys = [("api-key", pro.as_str()), ("x-goog-api-key", pro.as_str())];
+    assert_eq!(books.post(CHAT, Some(&pro), &keys, &body).await.status, 200);
+    let forwarded = &books.provider.last().headers;
+    assert!(!forwarded.contains_key("api-key") && !forwarded.contains_key("x-goog-api-key"), "{forwarded:?}");
 }
 
 #[tokio::test]

@@ -63,16 +63,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Request headers meant for the gateway alone: the client's credentials
-/// (never forwarded), the end user (the operator's record, not the
-/// upstream's business), and the selectors that pick which of the
-/// operator's upstream accounts pays (the operator's choice, never the
-/// client's).
-static CLIENT_ONLY: [HeaderName; 5] = [
+/// (never forwarded, including the names Azure's and Google's APIs read a
+/// key from, where a client may have put its gateway key), the end user
+/// (the operator's record, not the upstream's business), and the selectors
+/// that pick which of the operator's upstream accounts pays (the
+/// operator's choice, never the client's).
+static CLIENT_ONLY: [HeaderName; 7] = [
     header::AUTHORIZATION,
     HeaderName::from_static("x-api-key"),
     HeaderName::from_static("x-creditgate-end-user"),
     HeaderName::from_static("openai-organization"),
     HeaderName::from_static("openai-project"),
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-goog-api-key"),
 ];
 
 /// The place of `name` in [`CLIENT_ONLY`]: one match on its text.
@@ -83,12 +86,14 @@ fn client_only(name: &HeaderName) -> Option<usize> {
         "x-creditgate-end-user" => Some(2),
         "openai-organization" => Some(3),
         "openai-project" => Some(4),
+        "api-key" => Some(5),
+        "x-goog-api-key" => Some(6),
         _ => None,
     }
 }
 
 /// Remove the [`CLIENT_ONLY`] headers. One pass over the names present,
-/// then a hashed removal only of those found, not of all five.
+/// then a hashed removal only of those found, not of all of them.
 pub fn strip_client_only(headers: &mut HeaderMap) {
     let mut present = [false; CLIENT_ONLY.len()];
     for index in headers.keys().filter_map(client_only) {
@@ -195,6 +200,9 @@ mod tests {
     #[test]
     fn every_client_only_header_is_removed_alone_or_together_and_nothing_else() {
         assert!(CLIENT_ONLY.contains(&X_API_KEY) && CLIENT_ONLY.contains(&super::super::charge::END_USER));
+        for name in ["api-key", "x-goog-api-key"] {
+            assert!(CLIENT_ONLY.iter().any(|n| n == name), "{name}");
+        }
         let request = |names: &[&HeaderName]| {
             let mut h = HeaderMap::new();
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
