@@ -124,7 +124,9 @@ impl Gateway {
             ));
         }
         tokio::spawn(alerts.clone().run(ledger.clone(), clock.clone(), shutdown.clone()));
-        tokio::spawn(void_expired_holds(ledger.clone(), clock.clone(), shutdown.clone()));
+        // A cluster's treasurer brings the wallets up to date itself.
+        let single_node = cluster.is_none();
+        tokio::spawn(keep_wallets_current(ledger.clone(), clock.clone(), shutdown.clone(), single_node));
         let options = ServeOptions {
             name: "proxy",
             max_connections: config.server.max_connections,
@@ -534,17 +536,31 @@ fn open_books(config: &GatewayConfig, clock: &Arc<dyn Clock>) -> anyhow::Result<
     Ok((opened.ledger, Some(opened.writer), Some(Arc::new(historian))))
 }
 
-/// How often open holds are checked against their TTL.
+/// How often open holds are checked against their TTL, and a single
+/// node's wallets brought up to date.
 const HOLD_VOID_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Void holds whose request never settled (lost upstream, crash of a task).
-async fn void_expired_holds(ledger: Arc<Ledger>, clock: Arc<dyn Clock>, shutdown: CancellationToken) {
+/// On a single node, also make the grants and write-offs that fell due on
+/// wallets nobody touched, so the books date them when they happened, not
+/// at the wallet's next request (a wallet untouched does nothing else; the
+/// check is one comparison of its next event's time).
+async fn keep_wallets_current(
+    ledger: Arc<Ledger>,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+    single_node: bool,
+) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(HOLD_VOID_INTERVAL) => {}
             () = shutdown.cancelled() => return,
         }
-        let voided = ledger.void_expired_holds(clock.now());
+        let voided = if single_node {
+            ledger.tick(clock.now()).holds_voided
+        } else {
+            ledger.void_expired_holds(clock.now())
+        };
         if voided > 0 {
             tracing::warn!(voided, "voided holds that outlived their TTL");
         }

@@ -581,3 +581,34 @@ async fn without_write_through_requests_are_charged_in_memory_and_nothing_is_sto
         "no sled directory is created when write-through is off"
     );
 }
+
+#[tokio::test]
+async fn an_expiry_on_a_wallet_nobody_touches_is_booked_when_it_falls_due() {
+    // Before, only a request or a balance read on the wallet made its write-offs and
+    // grants: an idle pool's expired credit was booked weeks late, or never.
+    let now = chrono::Utc::now();
+    let clock = creditgate::clock::ManualClock::new(now);
+    let stack = start_with_clock(clock.clone()).await;
+    let org = stack.keys.org;
+    let short = creditgate::ledger::PurchaseRequest {
+        org,
+        amount: dec("5"),
+        expires_at: Some(now + chrono::TimeDelta::hours(1)),
+        reference: None,
+        idempotency_key: "short".into(),
+    };
+    stack.gateway.ledger().purchase(short, now).unwrap();
+    clock.advance(chrono::TimeDelta::hours(2));
+    // No request and no balance read: the listing reads the books as they are.
+    let path = format!("/admin/v1/orgs/{}/ledger?kind=write_off", org.0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let entry = loop {
+        let listed = admin_get(&stack, &path).await;
+        if let Some(entry) = listed["entries"].as_array().and_then(|entries| entries.first().cloned()) {
+            break entry;
+        }
+        assert!(std::time::Instant::now() < deadline, "the expired purchase was never written off");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(dec(entry["amount"].as_str().unwrap()).abs(), dec("5"), "{entry}");
+}
