@@ -33,6 +33,9 @@ struct Capped {
     spend: Spend,
     /// The sequence number of the key version that set `limits`.
     version: u64,
+    /// The wallet's epoch when this counter last stopped counting the open
+    /// holds: holds reserved before then take nothing back from it.
+    forgot_at: u64,
 }
 
 impl KeyPayer {
@@ -56,12 +59,15 @@ pub(crate) struct OwnerPayer {
     end_users: HashMap<Box<str>, Spend>,
     /// The sequence number of the owner version that set both limits.
     version: u64,
+    /// As [`Capped::forgot_at`], for its own and its end users' counters.
+    forgot_at: u64,
 }
 
 impl OwnerPayer {
-    fn forget_holds(&mut self) {
+    fn forget_holds(&mut self, epoch: u64) {
         self.spend.forget_holds();
         self.end_users.values_mut().for_each(Spend::forget_holds);
+        self.forgot_at = epoch;
     }
 }
 
@@ -93,9 +99,12 @@ pub(crate) struct Payers {
     /// True when any key or owner here has a cap; when false the hot path
     /// skips limit bookkeeping altogether. Recomputed on every change.
     any_limits: bool,
-    /// Bumped whenever the counters stop counting the open holds (limits
-    /// changed, an owner left): a hold reserved before takes nothing back,
-    /// so it never takes another hold's reservation.
+    /// Bumped whenever a counter stops counting the open holds (its limits
+    /// changed, it began, it moved here): a hold reserved before takes
+    /// nothing back from that counter, so it never takes another hold's
+    /// reservation. Only that subject's counters forget; the others go on
+    /// counting every open hold, so an edit of one cap lets no other be
+    /// passed.
     epoch: u64,
 }
 
@@ -139,7 +148,8 @@ impl Payers {
         payer.end_user_limits = end_user_limits;
         payer.version = version;
         if changed {
-            self.forget_holds();
+            self.epoch += 1;
+            payer.forget_holds(self.epoch);
         }
         self.recount();
     }
@@ -164,20 +174,23 @@ impl Payers {
             }
         };
         let payer = &mut self.keys[at].1;
-        let mut changed = false;
         match (&mut payer.capped, limits.is_empty()) {
             (Some(capped), _) => {
-                changed = capped.limits != limits;
+                if capped.limits != limits {
+                    self.epoch += 1;
+                    capped.spend.forget_holds();
+                    capped.forgot_at = self.epoch;
+                }
                 capped.limits = limits;
                 capped.version = version;
             }
             (None, true) => {}
             (None, false) => {
-                payer.capped = Some(Box::new(Capped { limits, spend: Spend::default(), version }));
+                // Holds open from before it was capped were never counted here.
+                self.epoch += 1;
+                let capped = Capped { limits, spend: Spend::default(), version, forgot_at: self.epoch };
+                payer.capped = Some(Box::new(capped));
             }
-        }
-        if changed {
-            self.forget_holds();
         }
         self.recount();
     }
@@ -194,11 +207,16 @@ impl Payers {
             return None;
         }
         // Its open holds settle here, where the owner no longer is: the
-        // counters that move (and those that stay) stop counting them.
-        self.forget_holds();
-        let payer = self.owners.remove(&owner)?;
-        let (keys, stay): (Vec<_>, Vec<_>) =
+        // counters that move stop counting them (those that stay take
+        // theirs back as before).
+        let mut payer = self.owners.remove(&owner)?;
+        payer.spend.forget_holds();
+        payer.end_users.values_mut().for_each(Spend::forget_holds);
+        let (mut keys, stay): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.keys).into_iter().partition(|(_, key)| key.owner == owner);
+        for capped in keys.iter_mut().filter_map(|(_, key)| key.capped.as_deref_mut()) {
+            capped.spend.forget_holds();
+        }
         self.keys = SmallVec::from_vec(stay);
         // Back inline when one key is left (`from_vec` keeps the heap buffer).
         self.keys.shrink_to_fit();
@@ -206,10 +224,16 @@ impl Payers {
         Some(MovedOwner { owner, payer, keys })
     }
 
-    /// Attaches an owner taken from another wallet.
-    pub fn put_owner(&mut self, moved: MovedOwner) {
+    /// Attaches an owner taken from another wallet. Holds open here from
+    /// before take nothing back from its counters (they never counted them).
+    pub fn put_owner(&mut self, mut moved: MovedOwner) {
+        self.epoch += 1;
+        moved.payer.forgot_at = self.epoch;
         self.owners.insert(moved.owner, moved.payer);
-        for (key, payer) in moved.keys {
+        for (key, mut payer) in moved.keys {
+            if let Some(capped) = payer.capped.as_deref_mut() {
+                capped.forgot_at = self.epoch;
+            }
             match self.slot(key) {
                 Ok(at) => self.keys[at].1 = payer,
                 Err(at) => self.keys.insert(at, (key, payer)),
@@ -289,21 +313,40 @@ impl Payers {
 
     /// Counts settled spend of `amount` for the spender in the periods `ends`.
     pub fn add(&mut self, spender: Spender<'_>, amount: Decimal, ends: &PeriodEnds) {
-        self.each_spend(spender, true, |spend| spend.add(ends, amount));
+        self.each_spend(spender, |spend| spend.add(ends, amount));
     }
 
     /// Counts an open hold of `amount` for the spender in the periods `ends`
     /// (and in the periods after them while it stays open).
     pub fn reserve(&mut self, spender: Spender<'_>, amount: Decimal, ends: &PeriodEnds) {
-        self.each_spend(spender, true, |spend| spend.reserve(ends, amount));
+        self.each_spend(spender, |spend| spend.reserve(ends, amount));
     }
 
     /// Takes back an open hold (its call settles, or it is released) that
-    /// was reserved in `epoch`; one from before the counters forgot the open
-    /// holds takes nothing back.
+    /// was reserved in `epoch`, from each counter that has counted it since:
+    /// not from one that forgot the open holds after it was reserved.
     pub fn unreserve(&mut self, spender: Spender<'_>, amount: Decimal, epoch: u64) {
-        if epoch == self.epoch {
-            self.each_spend(spender, false, |spend| spend.unreserve(amount));
+        if !self.any_limits {
+            return;
+        }
+        if let Some(capped) = self.key_mut(spender.key).and_then(KeyPayer::caps_mut) {
+            if epoch >= capped.forgot_at {
+                capped.spend.unreserve(amount);
+            }
+        }
+        let Some(owner) = self.owners.get_mut(&spender.owner) else {
+            return;
+        };
+        if epoch < owner.forgot_at {
+            return;
+        }
+        if !owner.limits.is_empty() {
+            owner.spend.unreserve(amount);
+        }
+        if let (Some(end_user), false) = (spender.end_user, owner.end_user_limits.is_empty()) {
+            if let Some(spend) = owner.end_users.get_mut(end_user) {
+                spend.unreserve(amount);
+            }
         }
     }
 
@@ -312,18 +355,9 @@ impl Payers {
         self.epoch
     }
 
-    /// Every counter stops counting the open holds; see [`Payers::epoch`].
-    fn forget_holds(&mut self) {
-        self.epoch += 1;
-        for capped in self.keys.iter_mut().filter_map(|(_, key)| key.capped.as_deref_mut()) {
-            capped.spend.forget_holds();
-        }
-        self.owners.values_mut().for_each(OwnerPayer::forget_holds);
-    }
-
-    /// Applies `apply` to every counter the spender draws on; only tracks a
-    /// new end user when `create` (a hold or debit), never on a take-back.
-    fn each_spend(&mut self, spender: Spender<'_>, create: bool, mut apply: impl FnMut(&mut Spend)) {
+    /// Applies `apply` to every counter the spender draws on (a hold or a
+    /// debit), tracking a new end user (a take-back is [`Payers::unreserve`]).
+    fn each_spend(&mut self, spender: Spender<'_>, mut apply: impl FnMut(&mut Spend)) {
         // Only counters under a cap count, so with no cap here there is
         // nothing to do and the lookups (cold on a wallet just woken) are
         // skipped.
@@ -344,7 +378,7 @@ impl Payers {
         };
         if let Some(spend) = owner.end_users.get_mut(end_user) {
             apply(spend);
-        } else if create {
+        } else {
             let mut spend = Spend::default();
             apply(&mut spend);
             owner.end_users.insert(end_user.into(), spend);

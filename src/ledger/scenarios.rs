@@ -1052,6 +1052,49 @@ fn a_limit_change_forgets_open_holds_without_letting_them_take_back_newer_ones()
 }
 
 #[test]
+fn a_cap_changed_on_one_key_leaves_the_open_holds_counted_against_every_other_cap() {
+    // Proves a limit change forgets the open holds of that subject only: a key
+    // capped at 100 with 80 held still refuses another 80 after another key's
+    // cap changed, and a user's cap likewise. (Before, any cap change in the
+    // wallet forgot every counter's open holds, and each cap could then be
+    // passed by what was in flight.) A key capped while holds it made were
+    // open counts from then, and those holds take nothing back from it.
+    let daily = |cap| Limits { daily: Some(cap), ..Limits::NONE };
+    let (ledger, journal, org, pool, capped) =
+        pool_with_a_key("2027-03-10T12:00:00Z", dec!(1000), daily(dec!(100)));
+    let now = at("2027-03-10T12:00:00Z");
+    let capped_user = user(&ledger, org, Plan::Pro, dec!(0), now);
+    ledger.set_user_limits(org, capped_user, daily(dec!(100))).unwrap();
+    let users_key = key(&ledger, org, Owner::User(capped_user), Limits::NONE, now);
+    let other_user = user(&ledger, org, Plan::Pro, dec!(0), now);
+    let other = key(&ledger, org, Owner::User(other_user), daily(dec!(500)), now);
+    let uncapped = key(&ledger, org, Owner::User(other_user), Limits::NONE, now);
+    let in_flight = [
+        ledger.hold(pool, request(), dec!(80), ctx(capped), now).unwrap(),
+        ledger.hold(pool, request(), dec!(80), ctx(users_key), now).unwrap(),
+    ];
+    let early = ledger.hold(pool, request(), dec!(50), ctx(uncapped), now).unwrap();
+    ledger.set_key_limits(org, other, daily(dec!(400))).unwrap();
+    ledger.set_user_limits(org, other_user, daily(dec!(900))).unwrap();
+    for key in [capped, users_key] {
+        let refused = ledger.hold(pool, request(), dec!(80), ctx(key), now).unwrap_err();
+        assert_eq!(refused.code(), "spending_limit", "key {key}: 80 still held against its 100");
+    }
+    // Capped now, with 50 of its own in flight: the cap counts from here.
+    ledger.set_key_limits(org, uncapped, daily(dec!(100))).unwrap();
+    let late = ledger.hold(pool, request(), dec!(80), ctx(uncapped), now).unwrap();
+    early.settle(dec!(50), details(), now).unwrap();
+    let refused = ledger.hold(pool, request(), dec!(30), ctx(uncapped), now).unwrap_err();
+    assert_eq!(refused.code(), "spending_limit", "the earlier hold took back none of the 80 held");
+    late.release(now);
+    for hold in in_flight {
+        hold.settle(dec!(80), details(), now).unwrap();
+    }
+    ledger.hold(pool, request(), dec!(20), ctx(capped), now).unwrap().release(now);
+    assert_verified(&ledger, &journal);
+}
+
+#[test]
 fn a_caps_version_is_its_records_number_on_every_ledger_that_reads_it() {
     // Proves the version cluster mode orders caps by: the number of the record
     // that set them, rising with every change, the same on a ledger rebuilt from
