@@ -493,27 +493,29 @@ impl Admin {
         }
     }
 
-    /// Runs an organization call that may change the books. A change waits
-    /// for its journal; in cluster mode that is the shared log, whose
-    /// appends and connections run on this runtime, so a change waiting on
-    /// a runtime thread could leave none to drive them: a deadlock once as
-    /// many admin writes wait as the runtime has threads (at once on a
-    /// current-thread runtime). There a change runs on a blocking thread;
-    /// a single node's journal is its own thread, so it runs in place.
+    /// Runs an organization call that may change the books on a blocking
+    /// thread: a change waits for its journal to be durable (a single
+    /// node's flush and fsync), which on a runtime thread would stall every
+    /// request that thread serves, and with as many writes as the runtime
+    /// has threads, all of them. In cluster mode the journal is the shared
+    /// log, whose appends run on this runtime: a change waiting on a
+    /// runtime thread could leave none to drive them (a deadlock).
     async fn change(
         &self,
         method: &Method,
         work: impl FnOnce(&Ledger) -> api::Answer + Send + 'static,
     ) -> api::Answer {
-        if self.cluster.is_none() || *method == Method::GET {
+        if *method == Method::GET {
             return work(&self.ledger);
         }
         let ledger = self.ledger.clone();
         let change = tokio::task::spawn_blocking(move || work(&ledger));
+        let not_finished = |error| AdminError::Store(format!("the change did not finish: {error}"));
+        if self.cluster.is_none() {
+            return change.await.map_err(not_finished)?;
+        }
         match tokio::time::timeout(CLUSTER_CHANGE_TIMEOUT, change).await {
-            Ok(done) => {
-                done.map_err(|error| AdminError::Store(format!("the change did not finish: {error}")))?
-            }
+            Ok(done) => done.map_err(not_finished)?,
             // The change stays queued for the log and is written once the
             // database is back; the caller is told it cannot know yet.
             Err(_) => Err(AdminError::OutcomeUnknown {
