@@ -176,11 +176,20 @@ impl Alerts {
     /// once more at `shutdown`; what cannot be added waits for the next try.
     pub async fn ship_refusals(self: Arc<Self>, shutdown: CancellationToken) {
         let super::Keeping::Cluster { books, .. } = &self.keeping else { return };
+        let mut dropped_told = 0;
         loop {
             let stopping = tokio::select! {
                 () = shutdown.cancelled() => true,
                 () = tokio::time::sleep(REFUSALS_EVERY) => false,
             };
+            let dropped = self.refusals.unshipped_dropped();
+            if dropped > dropped_told {
+                tracing::warn!(
+                    dropped,
+                    "402s not kept for the books while they were out of reach; the summary's counts run low"
+                );
+                dropped_told = dropped;
+            }
             let taken = self.refusals.take_unshipped();
             if !taken.is_empty() {
                 let rows: Vec<RefusalRow> = taken

@@ -14,6 +14,7 @@
 //! the books (`crate::cluster::refusal_books`).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use parking_lot::Mutex;
@@ -25,6 +26,13 @@ use crate::ledger::ids::WalletId;
 /// the oldest are forgotten and the day's count is a lower bound
 /// (`last_day_capped`).
 const TIMES_PER_TALLY: usize = 1_000;
+
+/// Most (wallet, reason, minute) rows a replica keeps for the books while
+/// they are out of reach (some 8 MB): a long outage with many dry wallets
+/// would otherwise grow them without bound. Past it, a refusal of a new row
+/// is only counted in [`RefusalLog::unshipped_dropped`], and the summary's
+/// counts run low.
+const MAX_UNSHIPPED: usize = 100_000;
 
 /// Why a request was answered 402, by the proxy's stable error code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -85,16 +93,23 @@ pub struct RefusalLog {
     tallies: Mutex<HashMap<(WalletId, RefusalReason), Tally>>,
     /// In a cluster, what goes to the shared books instead of `tallies`.
     unshipped: Option<Mutex<Unshipped>>,
+    /// Refusals left out of `unshipped`, full at [`MAX_UNSHIPPED`] rows.
+    dropped: AtomicU64,
 }
 
 impl RefusalLog {
     pub fn new(since: DateTime<Utc>) -> Self {
-        RefusalLog { since, tallies: Mutex::new(HashMap::new()), unshipped: None }
+        RefusalLog { since, tallies: Mutex::new(HashMap::new()), unshipped: None, dropped: AtomicU64::new(0) }
     }
 
     /// A cluster replica's log: refusals wait for [`RefusalLog::take_unshipped`].
     pub fn for_cluster(since: DateTime<Utc>) -> Self {
-        RefusalLog { since, tallies: Mutex::new(HashMap::new()), unshipped: Some(Mutex::new(HashMap::new())) }
+        RefusalLog {
+            since,
+            tallies: Mutex::new(HashMap::new()),
+            unshipped: Some(Mutex::new(HashMap::new())),
+            dropped: AtomicU64::new(0),
+        }
     }
 
     /// What was refused since the last call (a cluster replica's), to add
@@ -108,10 +123,38 @@ impl RefusalLog {
         let Some(unshipped) = &self.unshipped else { return };
         let mut unshipped = unshipped.lock();
         for (key, (count, last_at)) in taken {
-            let slot = unshipped.entry(key).or_insert((0, last_at));
-            slot.0 = slot.0.saturating_add(count);
-            slot.1 = slot.1.max(last_at);
+            self.add_unshipped(&mut unshipped, key, count, last_at);
         }
+    }
+
+    /// Adds to a row, or makes one while there is room.
+    fn add_unshipped(
+        &self,
+        unshipped: &mut Unshipped,
+        key: (WalletId, RefusalReason, DateTime<Utc>),
+        count: u64,
+        last_at: DateTime<Utc>,
+    ) {
+        let full = unshipped.len() >= MAX_UNSHIPPED;
+        match unshipped.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut row) => {
+                let slot = row.get_mut();
+                slot.0 = slot.0.saturating_add(count);
+                slot.1 = slot.1.max(last_at);
+            }
+            std::collections::hash_map::Entry::Vacant(row) if !full => {
+                row.insert((count, last_at));
+            }
+            std::collections::hash_map::Entry::Vacant(_) => {
+                self.dropped.fetch_add(count, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Refusals a cluster replica could not keep for the books (see
+    /// [`MAX_UNSHIPPED`]), since the start.
+    pub fn unshipped_dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// When counting began (the process start).
@@ -122,10 +165,7 @@ impl RefusalLog {
     pub fn record(&self, wallet: WalletId, reason: RefusalReason, at: DateTime<Utc>) {
         if let Some(unshipped) = &self.unshipped {
             let minute = at.duration_trunc(Duration::minutes(1)).unwrap_or(at);
-            let mut unshipped = unshipped.lock();
-            let slot = unshipped.entry((wallet, reason, minute)).or_insert((0, at));
-            slot.0 = slot.0.saturating_add(1);
-            slot.1 = slot.1.max(at);
+            self.add_unshipped(&mut unshipped.lock(), (wallet, reason, minute), 1, at);
             return;
         }
         let mut tallies = self.tallies.lock();
@@ -194,5 +234,31 @@ mod tests {
         assert_eq!(lite_count.last_day, TIMES_PER_TALLY as u64, "only the kept times count");
         assert!(lite_count.last_day_capped);
         assert!(log.counts(&[WalletId::Pool(OrgId(9))], now).is_empty(), "other wallets are not shown");
+    }
+
+    #[test]
+    fn a_replica_keeps_a_bounded_number_of_rows_for_the_books() {
+        // Proves the rows waiting for the books stop growing at MAX_UNSHIPPED
+        // (the database out of reach for hours, many dry wallets): refusals of
+        // rows already kept still count, others are counted as dropped.
+        let start: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
+        let log = RefusalLog::for_cluster(start);
+        let reason = RefusalReason::InsufficientCredits;
+        let minute = |n: usize| start + Duration::minutes(i64::try_from(n).unwrap());
+        for n in 0..MAX_UNSHIPPED + 10 {
+            log.record(WalletId::Pool(OrgId(1 + (n % 7) as u64)), reason, minute(n));
+        }
+        assert_eq!(log.unshipped_dropped(), 10);
+        log.record(WalletId::Pool(OrgId(1)), reason, minute(0));
+        let taken = log.take_unshipped();
+        assert_eq!(taken.len(), MAX_UNSHIPPED);
+        assert_eq!(taken[&(WalletId::Pool(OrgId(1)), reason, minute(0))].0, 2, "a kept row still counts");
+        // Put back after a failed shipment beside new rows: still bounded.
+        for n in 0..5 {
+            log.record(WalletId::Lite(UserId(2)), reason, minute(n));
+        }
+        log.put_back(taken);
+        assert_eq!(log.take_unshipped().len(), MAX_UNSHIPPED);
+        assert_eq!(log.unshipped_dropped(), 15);
     }
 }
