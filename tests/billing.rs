@@ -925,6 +925,28 @@ async fn hosted_tool_calls_are_held_bounded_and_charged_per_call() {
 }
 
 #[tokio::test]
+async fn hosted_calls_of_a_tool_the_table_does_not_price_cost_the_hold_not_nothing() {
+    // A response may carry hosted tool calls the request did not enable (a stored prompt
+    // with tools): before, calls of a tool without a price were charged nothing.
+    let prices_dir = tempfile::tempdir().unwrap();
+    let prices = prices_dir.path().join("prices.toml");
+    let table = std::fs::read_to_string(PRICES_FILE).unwrap();
+    let unpriced = table.replace("[tools.\"web_search_call\"]\nper_call = \"0.01\"\n", "");
+    assert_ne!(unpriced, table);
+    std::fs::write(&prices, unpriced).unwrap();
+    let books = Books::start(|t| t.replace(PRICES_FILE, prices.to_str().unwrap()), "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let before = books.settled_balance(&pro).await;
+    let body = json!({"model": "mock-gpt", "max_output_tokens": 50, "input": "news?"});
+    let reply = books.post("/v1/responses", Some(&pro), &[("x-provider-tool-calls", "3")], &body).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(books.provider.last().hosted_calls, 3);
+    let charged = before - books.settled_balance(&pro).await;
+    assert!(charged > books.reported_cost("mock-gpt"), "more than the tokens: {charged}");
+    assert_eq!(books.debit_held(charged).await, Some(charged), "the hold, charged whole");
+}
+
+#[tokio::test]
 async fn a_response_too_large_to_hold_is_charged_the_usage_at_its_end() {
     // Proves a JSON body past what the meter holds (4 MiB) is charged what the upstream
     // reports, tokens and hosted calls, and reaches the client whole. Before, it was

@@ -733,14 +733,17 @@ type CostParts = smallvec::SmallVec<[(Decimal, Markup); 1 + HostedTool::ALL.len(
 
 /// What the hosted tool calls a response reports cost the operator (each at
 /// its tool's per-call price), one part per tool with the tool's markup,
-/// added to `parts`; returns how many calls there were.
+/// added to `parts`; returns how many calls there were. `None` when a tool
+/// the table does not price made calls (the request did not enable it: a
+/// stored prompt may carry tools): the call is then charged its hold, as a
+/// response the meter cannot price, not those calls at nothing.
 fn hosted_calls_cost(
     table: &PriceTable,
     reported: &Reported,
     now: DateTime<Utc>,
     web_search_preview: bool,
     parts: &mut CostParts,
-) -> u64 {
+) -> Option<u64> {
     let mut calls = 0u64;
     for (tool, count) in HostedTool::ALL.into_iter().zip(reported.hosted_calls) {
         if count == 0 {
@@ -754,10 +757,13 @@ fn hosted_calls_cost(
                 let cost = per_call.checked_mul(Decimal::from(count)).unwrap_or(Decimal::MAX);
                 parts.push((cost, markup));
             }
-            None => tracing::warn!(tool = name, count, "unpriced hosted tool calls reported"),
+            None => {
+                tracing::warn!(tool = name, count, "unpriced hosted tool calls reported; charged the hold");
+                return None;
+            }
         }
     }
-    calls
+    Some(calls)
 }
 
 /// What a settle charges: the operator's cost and the customer's price.
@@ -1003,7 +1009,7 @@ impl Charge {
         let mut parts = CostParts::new();
         parts.push((price.cost(&tokens).ok()?, price.markup()));
         let preview = matches!(self.priced, Some(Priced::Model { web_search_preview: true, .. }));
-        let tool_calls = hosted_calls_cost(&self.table, reported, self.priced_at, preview, &mut parts);
+        let tool_calls = hosted_calls_cost(&self.table, reported, self.priced_at, preview, &mut parts)?;
         let usage = Usage {
             input_tokens: tokens.input_tokens,
             output_tokens: tokens.output_tokens,
