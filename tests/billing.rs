@@ -908,6 +908,25 @@ async fn hosted_tool_calls_are_held_bounded_and_charged_per_call() {
     let reply = books.post("/v1/responses", Some(&pro), &[], &body).await;
     assert_eq!(reply.status, 400);
     assert_eq!(reply.json()["error"]["code"], "tool_not_priced");
+    // A tool the upstream runs that the gateway does not know (OpenAI's
+    // hosted shell bills its containers by size and time) is not served,
+    // nor a code interpreter container larger than the one the table prices.
+    let sent = books.provider.received().len();
+    let shell = json!({"type": "shell", "environment": {"type": "container_auto", "memory_limit": "64g"}});
+    let large = json!({"type": "code_interpreter", "container": {"type": "auto", "memory_limit": "64g"}});
+    for (tool, code) in [(shell, "tool_not_priced"), (large, "option_not_priced")] {
+        let body = json!({"model": "mock-gpt", "input": "run", "max_tool_calls": 1, "tools": [tool]});
+        let reply = books.post("/v1/responses", Some(&pro), &[], &body).await;
+        assert_eq!(reply.status, 400, "{tool}");
+        assert_eq!(reply.json()["error"]["code"], code, "{tool}");
+    }
+    assert_eq!(books.provider.received().len(), sent, "nothing reached the upstream");
+    // Tools that bill only tokens, and the default container, pass.
+    let tools = json!([{"type": "mcp", "server_label": "x", "server_url": "https://mcp.example"},
+                       {"type": "local_shell"}, {"type": "function", "name": "f"},
+                       {"type": "code_interpreter", "container": {"type": "auto", "memory_limit": "1g"}}]);
+    let body = json!({"model": "mock-gpt", "input": "run", "max_tool_calls": 1, "tools": tools});
+    assert_eq!(books.post("/v1/responses", Some(&pro), &[], &body).await.status, 200);
 
     // Anthropic's code execution is billed by container time, which no
     // response reports: refused in every dated version, before anything is held.

@@ -194,6 +194,22 @@ pub fn identify(ledger: &Ledger, headers: &HeaderMap) -> Result<(ResolvedKey, Op
     Ok((key, end_user))
 }
 
+/// Responses API tool types that bill only tokens: the client runs them
+/// (functions, custom tools, local shell, patches, computer use) or the
+/// upstream calls out for them at no fee of its own (remote MCP servers).
+/// Types the upstream runs for a fee are [`HostedTool`]s; any other type is
+/// refused.
+const RESPONSES_TOKEN_TOOLS: [&str; 8] = [
+    "function",
+    "custom",
+    "local_shell",
+    "apply_patch",
+    "computer_use_preview",
+    "computer_use",
+    "computer",
+    "mcp",
+];
+
 /// Most choices one request may ask for (`n`, `best_of`); OpenAI's own bound.
 pub const MAX_CHOICES: u64 = 128;
 
@@ -372,7 +388,27 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         {
             return Err(ProxyError::UnmeteredHostedTool { tool: "code_execution" });
         }
-        let Some(hosted) = tool.kind.as_deref().and_then(recognise) else { continue };
+        let Some(hosted) = tool.kind.as_deref().and_then(recognise) else {
+            // A Responses tool the upstream runs and the gateway does not
+            // know (`shell`, whose containers bill by size and time, or
+            // one added later) would be served with its fees unmetered.
+            match tool.kind {
+                Some(kind)
+                    if flavour == Flavour::OpenaiResponses && !RESPONSES_TOKEN_TOOLS.contains(&&*kind) =>
+                {
+                    return Err(ProxyError::UnknownHostedTool { tool: kind.chars().take(64).collect() })
+                }
+                _ => continue,
+            }
+        };
+        // A code interpreter container's session is billed by its memory
+        // size (1 GB the default); the table prices one size per call.
+        if hosted == HostedTool::CodeInterpreter {
+            let memory = tool.container.as_ref().and_then(|container| container.get("memory_limit"));
+            if memory.is_some_and(|memory| !memory.is_null() && memory.as_str() != Some("1g")) {
+                return Err(ProxyError::UnpricedOption { field: "memory_limit" });
+            }
+        }
         if flavour == Flavour::OpenaiResponses {
             web_search_preview |=
                 tool.kind.as_deref().is_some_and(|kind| kind.starts_with("web_search_preview"));

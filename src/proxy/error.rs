@@ -54,6 +54,8 @@ pub enum ProxyError {
     UnpricedHostedTool { tool: &'static str },
     #[error("the request enables the upstream's `{tool}` tool, which the upstream bills by time the gateway cannot meter; run code on the client side")]
     UnmeteredHostedTool { tool: &'static str },
+    #[error("the request enables a tool of type `{tool}`, which this gateway does not know how the upstream bills; it is not served")]
+    UnknownHostedTool { tool: String },
     #[error("the request marks cache breakpoints (`cache_control`), and `{model}` has no cache-write prices on this gateway; leave them out or ask the operator to price cache_write_5m and cache_write_1h")]
     CacheWriteNotPriced { model: String },
     #[error("the request sets `{field}`, which changes what the upstream bills and has no price on this gateway; leave it out")]
@@ -119,6 +121,7 @@ impl ProxyError {
             ProxyError::UnpricedServiceTier { .. } => (S::BAD_REQUEST, "invalid_request_error", "service_tier_not_priced", Level::DEBUG),
             ProxyError::UnpricedHostedTool { .. } => (S::BAD_REQUEST, "invalid_request_error", "tool_not_priced", Level::DEBUG),
             ProxyError::UnmeteredHostedTool { .. } => (S::BAD_REQUEST, "invalid_request_error", "tool_not_metered", Level::DEBUG),
+            ProxyError::UnknownHostedTool { .. } => (S::BAD_REQUEST, "invalid_request_error", "tool_not_priced", Level::DEBUG),
             ProxyError::CacheWriteNotPriced { .. } => (S::BAD_REQUEST, "invalid_request_error", "cache_write_not_priced", Level::DEBUG),
             ProxyError::UnpricedOption { .. } => (S::BAD_REQUEST, "invalid_request_error", "option_not_priced", Level::DEBUG),
             ProxyError::InvalidField { .. } => (S::BAD_REQUEST, "invalid_request_error", "invalid_field", Level::DEBUG),

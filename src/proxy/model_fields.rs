@@ -93,9 +93,12 @@ pub(super) struct RequestTool {
     pub kind: Option<String>,
     /// Anthropic's bound on a server tool's calls.
     pub max_uses: Option<Value>,
+    /// OpenAI's code interpreter container: an id, or `{"type": "auto",
+    /// "memory_limit": ...}`, whose size sets what a session costs.
+    pub container: Option<Value>,
 }
 
-const TOOL: [&str; 2] = ["type", "max_uses"];
+const TOOL: [&str; 3] = ["type", "max_uses", "container"];
 
 /// The name in `names` that `key` reads as to an upstream matching keys as
 /// Go does, when `key` is not spelled exactly that way.
@@ -241,6 +244,10 @@ impl<'de> Visitor<'de> for ToolVisitor {
                 "max_uses" => {
                     seen.first::<A::Error>(1, TOOL[1])?;
                     tool.max_uses = map.next_value()?;
+                }
+                "container" => {
+                    seen.first::<A::Error>(2, TOOL[2])?;
+                    tool.container = map.next_value()?;
                 }
                 other => {
                     refuse_folded(other, &TOOL)?;
