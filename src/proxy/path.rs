@@ -36,7 +36,9 @@ pub fn normalise(path: &str) -> Result<Cow<'_, str>, ProxyError> {
 /// Most paths start with `/` and have no `\`, no `%` and no empty or dot
 /// segment, so are normal already: one pass over the bytes says so.
 fn plainly_normal(bytes: &[u8]) -> bool {
-    let odd_segment = |segment: &[u8]| matches!(segment, b"" | b"." | b"..");
+    let odd_segment = |segment: &[u8]| {
+        matches!(segment, b"" | b"." | b"..") || segment.starts_with(b".;") || segment.starts_with(b"..;")
+    };
     if bytes.first() != Some(&b'/') {
         return false;
     }
@@ -95,6 +97,12 @@ fn normalise_decoded(path: &str) -> Result<Cow<'_, str>, ProxyError> {
         && bytes.windows(3).any(|w| REFUSED_ESCAPES.iter().any(|e| w.eq_ignore_ascii_case(*e)));
     if escaped {
         return Err(ProxyError::InvalidPath { reason: "percent-encodes '/', '.' or '\\'" });
+    }
+    // Servers that cut `;` parameters off segments before resolving dot
+    // segments (Tomcat, Jetty) read `..;x` as `..`: a path priced as one
+    // route could climb to another there.
+    if path[1..].split('/').any(|segment| segment.starts_with(".;") || segment.starts_with("..;")) {
+        return Err(ProxyError::InvalidPath { reason: "has a dot segment with parameters ('..;')" });
     }
     // Most paths are already normal: seen so without building anything.
     if !path[1..].split('/').any(|segment| matches!(segment, "" | "." | "..")) {
@@ -180,6 +188,8 @@ mod tests {
             "/v1/chat/%6%33ompletions",
             "/v1/%6",
             "/v1/x%",
+            "/v1/tools/web-search/..;/..;/chat/completions",
+            "/v1/tools/x/.;a/y",
         ] {
             assert!(normalise(path).is_err(), "{path} is refused");
         }
