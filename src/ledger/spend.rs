@@ -180,13 +180,20 @@ impl Ledger {
     /// off what expired, voids expired holds. Run it periodically (say every
     /// minute) so idle wallets get their grants and write-offs on time;
     /// every operation on a wallet does the same for that wallet first.
+    /// While the journal cannot make records durable, the grants and
+    /// write-offs wait for it (their records would queue behind the failed
+    /// store, and a full queue would block the caller under a wallet's
+    /// lock); expired holds are still voided.
     pub fn tick(&self, now: DateTime<Utc>) -> TickReport {
+        let advancing = self.shared.committer.check_ready().is_ok();
         let cells = self.all_cells();
         let mut report = TickReport { wallets: cells.len(), holds_voided: 0 };
         for cell in cells {
             let mut state = cell.state.lock();
             report.holds_voided += state.void_expired_holds(now);
-            state.advance(now, &self.shared.committer);
+            if advancing {
+                state.advance(now, &self.shared.committer);
+            }
         }
         report
     }

@@ -262,13 +262,13 @@ mod tests {
         let prices =
             Arc::new(LivePrices::load(&path, Vec::new(), now, Arc::new(Metrics::new(false))).unwrap());
         std::fs::write(&path, table_text(1)).unwrap();
-        // The first reload reads v1, then waits (at most 2 s) for a second
+        // The first reload reads v1, then waits (at most 0.5 s) for a second
         // one, started once the file says v2, to finish.
         let (read_tx, read_rx) = channel();
         let (done_tx, done_rx) = channel::<()>();
         *prices.after_read.lock() = Some(Box::new(move || {
             read_tx.send(()).unwrap();
-            let _ = done_rx.recv_timeout(Duration::from_secs(2));
+            let _ = done_rx.recv_timeout(Duration::from_millis(500));
         }));
         let first = std::thread::spawn({
             let prices = prices.clone();

@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use super::charge::UNICODE_ESCAPE;
+use super::model_fields::{reads_as, Key};
 use super::server_context::ascii_unescaped;
 
 /// The quoted type of an audio content part (OpenAI chat, and the
@@ -32,7 +33,9 @@ pub(super) fn has_input_audio(body: &[u8]) -> bool {
 fn typed_input_audio(body: &[u8]) -> bool {
     INPUT_AUDIO.find_iter(body).any(|at| {
         let Some(key) = body[..at].trim_ascii_end().strip_suffix(b":") else { return false };
-        key.trim_ascii_end().ends_with(b"\"type\"")
+        // In any case: upstreams written in Go match keys so.
+        let key = key.trim_ascii_end();
+        key.len() >= 6 && key[key.len() - 6..].eq_ignore_ascii_case(b"\"type\"")
     })
 }
 
@@ -46,15 +49,6 @@ pub(super) struct AudioInMessages(pub bool);
 /// `visit_map` (one message) looks inside, as `list` says.
 struct Lenient {
     list: bool,
-}
-
-/// A message's keys: only `audio` is read.
-#[derive(Deserialize)]
-#[serde(field_identifier, rename_all = "lowercase")]
-enum MessageKey {
-    Audio,
-    #[serde(other)]
-    Other,
 }
 
 impl<'de> Deserialize<'de> for AudioInMessages {
@@ -109,12 +103,12 @@ impl<'de> Visitor<'de> for Lenient {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut audio = false;
-        while let Some(key) = map.next_key()? {
-            match (self.list, key) {
-                (false, MessageKey::Audio) => audio |= !map.next_value::<Value>()?.is_null(),
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
+        // A message's `audio`, spelled in any case a Go upstream reads as it.
+        while let Some(Key(key)) = map.next_key()? {
+            if !self.list && reads_as(&key, "audio") {
+                audio |= !map.next_value::<Value>()?.is_null();
+            } else {
+                map.next_value::<IgnoredAny>()?;
             }
         }
         Ok(AudioInMessages(audio))
@@ -140,6 +134,7 @@ mod tests {
         assert!(!found(r#"{"content":"input_audio","type":"text"}"#));
         assert!(!found(r#"{"name":"input_audio"}"#));
         assert!(!found(r#"{"content":[{"type":"input_text","text":"x"}]}"#));
+        assert!(found(r#"{"content":[{"Type":"input_audio"}]}"#), "a key in another case");
     }
 
     #[test]
@@ -148,6 +143,8 @@ mod tests {
         assert!(audio(r#"[{"role":"user","content":"hi"},{"role":"assistant","audio":{"id":"audio_1"}}]"#));
         assert!(audio(r#"[{"role":"assistant","\u0061udio":{"id":"a"},"content":null}]"#));
         assert!(!audio(r#"[{"role":"assistant","audio":null,"content":"x"}]"#));
+        assert!(audio(r#"[{"role":"assistant","Audio":{"id":"a"}}]"#), "a key in another case");
+        assert!(audio(r#"[{"role":"assistant","AUDIO":{"id":"a"}}]"#));
         assert!(!audio(r#"[{"role":"user","content":[{"type":"text","text":"audio"}],"name":"audio"}]"#));
         // Other shapes are left for the upstream to refuse.
         assert!(!audio(r#""audio""#));

@@ -32,12 +32,16 @@ fn keyed(body: &[u8]) -> bool {
 }
 
 /// Whether a breakpoint may ask for a lifetime other than the default five
-/// minutes: a `ttl` key whose value is not `"5m"` (Anthropic offers `"1h"`,
-/// billed at 2x input against 1.25x). Usage that reports cache writes
-/// without splitting them by lifetime (OpenRouter's `cache_write_tokens`)
-/// is then charged at the hour's price, the dearer.
+/// minutes: a `ttl` key (in any case, as Go upstreams read keys) whose
+/// value is a string other than `"5m"` (Anthropic offers `"1h"`, billed at
+/// 2x input against 1.25x; a tool schema's `"ttl": {...}` property is no
+/// lifetime). Usage that reports cache writes without splitting them by
+/// lifetime (OpenRouter's `cache_write_tokens`) is then charged at the
+/// hour's price, the dearer. Run only on bodies that mark breakpoints, so
+/// the lower-cased copy costs the others nothing.
 pub(super) fn asks_longer_cache_lifetime(body: &[u8]) -> bool {
-    longer_ttl(body) || (UNICODE_ESCAPE.find(body).is_some() && longer_ttl(&ascii_unescaped(body)))
+    let body = if UNICODE_ESCAPE.find(body).is_some() { ascii_unescaped(body) } else { body.to_vec() };
+    longer_ttl(&body.to_ascii_lowercase())
 }
 
 fn longer_ttl(body: &[u8]) -> bool {
@@ -45,7 +49,8 @@ fn longer_ttl(body: &[u8]) -> bool {
         let Some(value) = body[at + TTL.len()..].trim_ascii_start().strip_prefix(b":") else {
             return false;
         };
-        !value.trim_ascii_start().starts_with(b"\"5m\"")
+        let value = value.trim_ascii_start();
+        value.starts_with(b"\"") && !value.starts_with(b"\"5m\"")
     })
 }
 
@@ -71,5 +76,9 @@ mod tests {
         assert!(!asks_longer_cache_lifetime(br#"{"cache_control":{"ttl":"5m"}}"#));
         assert!(!asks_longer_cache_lifetime(br#"{"cache_control":{"type":"ephemeral"}}"#));
         assert!(!asks_longer_cache_lifetime(br#"{"text":"a \"ttl\": 1h","type":"ttl"}"#), "text and values");
+        assert!(asks_longer_cache_lifetime(br#"{"cache_control":{"TTL":"1h"}}"#), "a key in another case");
+        let schema =
+            br#"{"tools":[{"parameters":{"properties":{"ttl":{"type":"integer"}}}}],"cache_control":{}}"#;
+        assert!(!asks_longer_cache_lifetime(schema), "a schema's property is no lifetime");
     }
 }

@@ -114,6 +114,11 @@ fn folds_to(key: &str, names: &[&'static str]) -> Option<&'static str> {
     names.iter().copied().find(|name| key.len() >= name.len() && key.chars().map(folded).eq(name.chars()))
 }
 
+/// Whether `key` reads as `name` to an upstream matching keys as Go does.
+pub(super) fn reads_as(key: &str, name: &'static str) -> bool {
+    key == name || folds_to(key, &[name]).is_some()
+}
+
 fn refuse_folded<E: de::Error>(key: &str, names: &[&'static str]) -> Result<(), E> {
     match folds_to(key, names) {
         Some(name) => Err(E::custom(format_args!(
@@ -125,7 +130,7 @@ fn refuse_folded<E: de::Error>(key: &str, names: &[&'static str]) -> Result<(), 
 }
 
 /// A key as the parser gives it: borrowed from the body unless it had escapes.
-struct Key<'de>(Cow<'de, str>);
+pub(super) struct Key<'de>(pub Cow<'de, str>);
 
 impl<'de> Deserialize<'de> for Key<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
