@@ -506,6 +506,8 @@ mod tests {
         let prices: Vec<Decimal> = json.as_array().unwrap().iter().map(|v| per_mtok(v).unwrap()).collect();
         assert_eq!(prices, [dec!(0.15), dec!(2.5), dec!(10), dec!(3.75), dec!(0), dec!(0.075), dec!(1.1)]);
         assert!(per_mtok(&serde_json::json!(-1e-6)).is_err());
+        // Too large to scale to a million tokens: an error, not a panic.
+        assert!(per_mtok(&serde_json::json!(1e24)).is_err());
     }
 
     #[test]

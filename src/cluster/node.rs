@@ -50,6 +50,11 @@ const RESERVATION_TTL: Duration = Duration::from_secs(60);
 /// and how often it tries (they yield to an ask for 200 ms).
 const RESERVE_PATIENCE: Duration = Duration::from_secs(3);
 const RESERVE_RETRY: Duration = Duration::from_millis(50);
+/// Credit that expires within this is not reserved: the change lands up to
+/// 8 s after the draw, and credit written off meanwhile would leave the
+/// change to take what replicas lease (an overdraft). A change near an
+/// expiry waits for it (409, retried) instead.
+const RESERVATION_HORIZON: Duration = Duration::from_secs(10);
 
 /// What [`ClusterNode::reserve`] got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,7 +276,7 @@ impl ClusterNode {
                     amount,
                     RESERVATION_TTL,
                     self.lease_ttl,
-                    Duration::ZERO,
+                    RESERVATION_HORIZON,
                 )
                 .await?;
             match grant {

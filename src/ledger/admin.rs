@@ -257,7 +257,7 @@ impl Ledger {
         let mut current = self.user_in(org, user)?;
         if current.plan == Plan::Lite && current.lite_monthly_allowance != allowance {
             let tz = self.org(org).ok_or(LedgerError::UnknownOrg(org))?.time_zone;
-            self.advance_wallet(WalletId::Lite(user), now);
+            let now = self.advance_wallet(WalletId::Lite(user), now);
             let next = YearMonth::containing(tz, now).next();
             current.lite_allowance_from = current.lite_allowance_from.max(Some(next));
         }
@@ -441,9 +441,13 @@ impl Ledger {
         }
     }
 
-    pub(crate) fn advance_wallet(&self, wallet: WalletId, now: DateTime<Utc>) {
-        if let Some(cell) = self.cell(wallet) {
-            cell.state.lock().advance(now, &self.shared.committer);
+    /// Brings `wallet` up to `now`; returns the wallet's own time after,
+    /// which the tick may have moved past `now` (a request's time is read
+    /// when it arrives): months and years are reckoned from that.
+    pub(crate) fn advance_wallet(&self, wallet: WalletId, now: DateTime<Utc>) -> DateTime<Utc> {
+        match self.cell(wallet) {
+            Some(cell) => cell.state.lock().advance(now, &self.shared.committer),
+            None => now,
         }
     }
 

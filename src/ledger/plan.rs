@@ -60,7 +60,7 @@ impl Ledger {
         let lite_wallet = WalletId::Lite(user);
         // Settle the Lite wallet's schedule up to now under the old plan, so
         // the write-off or pro-rated grant below starts from a current state.
-        self.advance_wallet(lite_wallet, now);
+        let now = self.advance_wallet(lite_wallet, now);
         current.plan = plan;
         current.lite_allowance_from = match plan {
             Plan::Pro => None,

@@ -759,6 +759,40 @@ fn an_allowance_raised_mid_month_is_granted_next_month_also_after_a_restart() {
     assert_verified(&ledger, &journal);
 }
 
+#[test]
+fn a_change_read_before_midnight_and_made_after_the_tick_reckons_the_month_from_the_wallet() {
+    // Proves an admin change whose time was read before a month ended, and
+    // which runs after the tick moved the wallet into the next month, starts
+    // the new allowance the month after the wallet's: April was granted (at
+    // 0) before the change, so a restart must not grant it again at 10; and
+    // a downgrade then grants April once, not in full and pro-rated too.
+    let (ledger, journal) = ledger();
+    let march = at("2027-03-03T00:00:00Z");
+    let org = org(&ledger, Tz::UTC, None, march);
+    let zero = user(&ledger, org, Plan::Lite, dec!(0), march);
+    let was_lite = user(&ledger, org, Plan::Lite, dec!(30), march);
+    ledger.set_lite_allowance(org, was_lite, dec!(30), true, march).unwrap();
+    ledger.set_user_plan(org, was_lite, Plan::Pro, march).unwrap();
+    let (read, tick) = (at("2027-03-31T23:59:59.900Z"), at("2027-04-01T00:00:00.300Z"));
+    ledger.tick(tick);
+    ledger.set_lite_allowance(org, zero, dec!(10), false, read).unwrap();
+    ledger.set_user_plan(org, was_lite, Plan::Lite, read).unwrap();
+    let restored = crate::ledger::Ledger::restore(
+        LedgerConfig::default(),
+        std::sync::Arc::new(crate::ledger::journal::MemoryJournal::default()),
+        journal.records(),
+    )
+    .unwrap();
+    let april = at("2027-04-02T00:00:00Z");
+    for (name, ledger) in [("live", &ledger), ("restored", &restored)] {
+        let balance = |user| ledger.balance(WalletId::Lite(user), april).unwrap().balance;
+        assert_eq!(balance(zero), dec!(0), "{name}: April was granted at 0 before the change");
+        let downgraded = balance(was_lite);
+        assert!(downgraded <= dec!(30) && downgraded >= dec!(29.99), "{name}: one April: {downgraded}");
+    }
+    assert_verified(&ledger, &journal);
+}
+
 /// [`pool_with_nine_of_a_years_ten`] with 5 bought at `bought` that expire
 /// at 01:00, and the ledger's tick past that expiry: the 5 are written off.
 /// Returns the ledger, its journal, the pool and the key.
