@@ -66,7 +66,7 @@ pub async fn hold(
     context: SpendContext<'_>,
     now: DateTime<Utc>,
 ) -> Result<ClusterHold, Refusal> {
-    let view = ledger.hold_in_view(wallet, request_id, amount, context, now)?;
+    let (view, caps) = ledger.hold_in_view_with_caps(wallet, request_id, amount, context, now)?;
     let mut hold = ClusterHold {
         taken_at: now,
         view: Some(view),
@@ -76,7 +76,6 @@ pub async fn hold(
         key: context.key,
         end_user: context.end_user.map(str::to_owned),
     };
-    let caps = ledger.period_caps(wallet, context, now);
     if !caps.is_empty() {
         let org = ledger.wallet_org(wallet).map_err(|_| Refusal::UnknownWallet { wallet })?;
         let org = i64::try_from(org.0).map_err(|_| Refusal::UnknownWallet { wallet })?;

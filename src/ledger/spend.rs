@@ -112,9 +112,36 @@ impl Ledger {
         Ok(Hold::new(cell, wallet, request_id, amount, payer))
     }
 
+    /// [`Ledger::hold_in_view`], and the period caps the hold draws on,
+    /// read under the same lock: cluster mode leases headroom under each.
+    /// Read apart, a plan change or a revocation replayed between the two
+    /// would leave the hold with no cap, and its cost counted under none.
+    pub fn hold_in_view_with_caps(
+        &self,
+        wallet: WalletId,
+        request_id: RequestId,
+        amount: Decimal,
+        context: SpendContext<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<(Hold, Vec<PeriodCap>), Refusal> {
+        if amount < Decimal::ZERO {
+            return Err(Refusal::InvalidAmount { required: amount });
+        }
+        let cell = self.cell(wallet).ok_or(Refusal::UnknownWallet { wallet })?;
+        let args = HoldArgs { request_id, amount, key: context.key, end_user: context.end_user };
+        let (payer, caps) = {
+            let mut state = cell.state.lock();
+            let payer = state.try_hold(&self.shared, &args, now)?;
+            let ends = state.period_ends(now);
+            let spender = Spender { key: payer.key, owner: payer.owner, end_user: payer.end_user.as_deref() };
+            let caps = state.payers.period_caps(spender, &ends);
+            (payer, caps)
+        };
+        Ok((Hold::new(cell, wallet, request_id, amount, payer), caps))
+    }
+
     /// The period caps a spend on `wallet` with `context` draws on right
-    /// now (none without limits, at no cost): cluster mode leases headroom
-    /// under each.
+    /// now (none without limits, at no cost).
     pub fn period_caps(
         &self,
         wallet: WalletId,
