@@ -66,7 +66,7 @@ pub async fn hold(
     context: SpendContext<'_>,
     now: DateTime<Utc>,
 ) -> Result<ClusterHold, Refusal> {
-    let (view, caps) = ledger.hold_in_view_with_caps(wallet, request_id, amount, context, now)?;
+    let (view, caps) = ledger.hold_in_view(wallet, request_id, amount, context, now)?;
     let mut hold = ClusterHold {
         taken_at: now,
         view: Some(view),

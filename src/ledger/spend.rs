@@ -87,14 +87,17 @@ impl Ledger {
         if let Err(error) = self.shared.committer.check_ready() {
             return Err(Refusal::Unavailable { reason: error.to_string() });
         }
-        self.hold_in_view(wallet, request_id, amount, context, now)
+        self.view_hold(wallet, request_id, amount, context, now, false).map(|(hold, _)| hold)
     }
 
     /// Cluster mode: reserves `amount` in this replica's view of the books,
     /// with every check [`Ledger::hold`] makes (key, payer, limits,
     /// balance), on a follower too. The credit itself is held under a lease
     /// and the debit shipped to the treasurer, so this hold is only ever
-    /// released, never settled here.
+    /// released, never settled here. Also returns the period caps the hold
+    /// draws on, under each of which headroom is leased: read under the same
+    /// lock, since a plan change or a revocation replayed between two locks
+    /// would leave the hold with no cap, and its cost counted under none.
     pub fn hold_in_view(
         &self,
         wallet: WalletId,
@@ -102,27 +105,20 @@ impl Ledger {
         amount: Decimal,
         context: SpendContext<'_>,
         now: DateTime<Utc>,
-    ) -> Result<Hold, Refusal> {
-        if amount < Decimal::ZERO {
-            return Err(Refusal::InvalidAmount { required: amount });
-        }
-        let cell = self.cell(wallet).ok_or(Refusal::UnknownWallet { wallet })?;
-        let args = HoldArgs { request_id, amount, key: context.key, end_user: context.end_user };
-        let payer = cell.state.lock().try_hold(&self.shared, &args, now)?;
-        Ok(Hold::new(cell, wallet, request_id, amount, payer))
+    ) -> Result<(Hold, Vec<PeriodCap>), Refusal> {
+        self.view_hold(wallet, request_id, amount, context, now, true)
     }
 
-    /// [`Ledger::hold_in_view`], and the period caps the hold draws on,
-    /// read under the same lock: cluster mode leases headroom under each.
-    /// Read apart, a plan change or a revocation replayed between the two
-    /// would leave the hold with no cap, and its cost counted under none.
-    pub fn hold_in_view_with_caps(
+    /// A hold in this ledger's view, with the period caps it draws on when
+    /// `with_caps` (none otherwise).
+    fn view_hold(
         &self,
         wallet: WalletId,
         request_id: RequestId,
         amount: Decimal,
         context: SpendContext<'_>,
         now: DateTime<Utc>,
+        with_caps: bool,
     ) -> Result<(Hold, Vec<PeriodCap>), Refusal> {
         if amount < Decimal::ZERO {
             return Err(Refusal::InvalidAmount { required: amount });
@@ -132,9 +128,14 @@ impl Ledger {
         let (payer, caps) = {
             let mut state = cell.state.lock();
             let payer = state.try_hold(&self.shared, &args, now)?;
-            let ends = state.period_ends(now);
-            let spender = Spender { key: payer.key, owner: payer.owner, end_user: payer.end_user.as_deref() };
-            let caps = state.payers.period_caps(spender, &ends);
+            let caps = if with_caps {
+                let ends = state.period_ends(now);
+                let spender =
+                    Spender { key: payer.key, owner: payer.owner, end_user: payer.end_user.as_deref() };
+                state.payers.period_caps(spender, &ends)
+            } else {
+                Vec::new()
+            };
             (payer, caps)
         };
         Ok((Hold::new(cell, wallet, request_id, amount, payer), caps))
