@@ -38,8 +38,9 @@ pub enum AdminError {
     )]
     TooManyWrites { limit: u32 },
     #[error(
-        "that much of {wallet}'s credit is leased to replicas serving calls; they were asked to give \
-         back what they are not using: retry in a few seconds with the same Idempotency-Key"
+        "that much of {wallet}'s credit is leased to replicas serving calls (or expires within \
+         seconds); they were asked to give back what they are not using: retry in a few seconds \
+         with the same Idempotency-Key"
     )]
     CreditLeased { wallet: String },
     #[error("{0}")]

@@ -448,6 +448,11 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
 /// upstream's base path, which the request path is appended to, so the name
 /// may come from either.
 pub fn check_deployment(base: &str, path: &str, model: &str) -> Result<(), ProxyError> {
+    // Most paths name no deployment: a search for the word, in any case,
+    // spares them the split (a segment never spans the two).
+    if !names_deployments(base) && !names_deployments(path) {
+        return Ok(());
+    }
     // `;` parameters cut, as a server matching paths loosely reads them.
     let mut segments = base
         .split('/')
@@ -475,6 +480,14 @@ pub fn check_deployment(base: &str, path: &str, model: &str) -> Result<(), Proxy
         }
     }
     Ok(())
+}
+
+/// Whether `text` holds `deployments`, in any case.
+fn names_deployments(text: &str) -> bool {
+    const WORD: &[u8] = b"deployments";
+    let bytes = text.as_bytes();
+    memchr::memchr2_iter(b'd', b'D', bytes)
+        .any(|at| bytes.get(at..at + WORD.len()).is_some_and(|word| word.eq_ignore_ascii_case(WORD)))
 }
 
 /// A whole number of tokens or choices, 0 or more; `null` counts as absent.
@@ -1194,6 +1207,11 @@ mod tests {
         assert!(check_deployment("/openai/deployments", "/gpt-4o/chat/completions", "gpt-4o-mini").is_err());
         assert!(check_deployment("/openai", "/deployments/gpt-4o/chat/completions", "gpt-4o").is_ok());
         assert!(check_deployment("", "/openai/deployments;x/gpt-4o/chat/completions", "mini").is_err());
+        assert!(
+            check_deployment("", "/OpenAI/DePloyments/gpt-4o/chat/completions", "mini").is_err(),
+            "any case"
+        );
+        assert!(check_deployment("/OPENAI/", "/DEPLOYMENTS;v=1/gpt-4o/x", "mini").is_err());
         // Other APIs' deployments (SAP AI Core: opaque ids) are not Azure's.
         assert!(check_deployment("", "/v2/inference/deployments/d4f1/chat/completions", "gpt-4o").is_ok());
     }

@@ -234,7 +234,7 @@ fn a_corrupt_record_stops_the_start_and_fails_verify() {
     // Proves a record that does not decode is an error naming it, not a silently smaller ledger.
     let dir = populated_dir();
     {
-        let db = ::sled::open(dir.path()).unwrap();
+        let db = super::sled::open_db(dir.path()).unwrap();
         db.open_tree("records").unwrap().insert(3_u64.to_be_bytes(), b"{not json".as_slice()).unwrap();
         db.flush().unwrap();
     }
@@ -248,7 +248,7 @@ fn a_damaged_segment_stops_the_start() {
     // Proves a segment whose bytes were damaged on disk is an error, not a shorter ledger.
     let dir = populated_dir();
     {
-        let db = ::sled::open(dir.path()).unwrap();
+        let db = super::sled::open_db(dir.path()).unwrap();
         let tree = db.open_tree("records").unwrap();
         let (key, value) = tree.last().unwrap().unwrap();
         let mut damaged = value.to_vec();
