@@ -720,12 +720,15 @@ fn ledger_request_id(request_id: &HeaderValue) -> RequestId {
     RequestId(parsed.unwrap_or_else(headers::new_request_uuid))
 }
 
+/// The error is logged escaped (`?` on its text): some carry strings from
+/// the request body (an unpriced model's name), which could hold newlines
+/// and terminal escapes that the text log format writes as they are.
 fn log_error(span: &tracing::Span, level: tracing::Level, code: &str, error: &ProxyError) {
     let _entered = span.enter();
     if level == tracing::Level::WARN {
-        tracing::warn!(code, %error, "request failed");
+        tracing::warn!(code, error = ?error.to_string(), "request failed");
     } else {
-        tracing::debug!(code, %error, "request refused");
+        tracing::debug!(code, error = ?error.to_string(), "request refused");
     }
 }
 

@@ -359,6 +359,7 @@ async fn the_price_tables_age_shows_in_the_api_the_metrics_and_check_config() {
         std::process::Command::new(env!("CARGO_BIN_EXE_creditgate"))
             .args(["check-config", "--config", gateway_toml.to_str().unwrap()])
             .env("MOCK_UPSTREAM_KEY", UPSTREAM_SECRET)
+            .env("ORG_TOKEN", ORG_TOKEN)
             .output()
             .unwrap()
     };

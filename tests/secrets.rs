@@ -67,6 +67,7 @@ async fn no_secret_reaches_the_logs_even_at_trace_level() {
         .arg(&data)
         .env("MOCK_UPSTREAM_KEY", UPSTREAM_SECRET)
         .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("ORG_TOKEN", ORG_TOKEN)
         .env("RUST_LOG", "trace")
         .stderr(Stdio::piped())
         .spawn()
@@ -123,7 +124,10 @@ async fn no_secret_reaches_the_logs_even_at_trace_level() {
     .await
     .json();
     let secret = key["secret"].as_str().unwrap().to_owned();
-    for body in [serde_json::json!({"model": "mock-gpt"}), serde_json::json!({"model": "unpriced"})] {
+    // A model name carrying a line of its own (and a terminal escape) stays on the refusal's line.
+    let forging = serde_json::json!({"model": "unpriced\nFORGED-LINE status=200\u{1b}[2J"});
+    for body in [serde_json::json!({"model": "mock-gpt"}), serde_json::json!({"model": "unpriced"}), forging]
+    {
         post_json(&format!("http://{proxy}/v1/chat/completions"), &secret, &body).await;
     }
     post_json(
@@ -136,6 +140,9 @@ async fn no_secret_reaches_the_logs_even_at_trace_level() {
     assert!(child.wait().unwrap().success());
     let logs = reader.join().unwrap();
     assert!(logs.contains("request finished"), "trace logs were captured");
+    assert!(logs.contains("FORGED-LINE"), "the refusal was logged");
+    assert!(!logs.lines().any(|line| line.starts_with("FORGED-LINE")), "a client forged a log line:\n{logs}");
+    assert!(!logs.contains('\u{1b}'), "a client's terminal escape reached the log");
     for secret in [secret.as_str(), UPSTREAM_SECRET, ADMIN_TOKEN, "cg_wrong_key_value_0000"] {
         assert!(!logs.contains(secret), "a secret appears in the logs:\n{logs}");
     }

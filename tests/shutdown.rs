@@ -70,6 +70,7 @@ fn spawn_gateway(
         .arg("--data-dir")
         .arg(data_dir)
         .env("MOCK_UPSTREAM_KEY", UPSTREAM_SECRET)
+        .env("ORG_TOKEN", ORG_TOKEN)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
