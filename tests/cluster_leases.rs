@@ -1235,7 +1235,9 @@ async fn a_replica_name_is_held_by_one_process_at_a_time() {
     // Its connection is cut with nobody else waiting: it holds the name again.
     let admin = Database::new(&url, 2).unwrap().client().await.unwrap();
     let name_holders = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted";
-    let cut = "SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+    // Waiting (up to 5 s) for each session to end: without the wait the ended
+    // sessions' locks can still be listed a moment, read as the names claimed again.
+    let cut = "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_locks
                WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()";
     assert_eq!(admin.query_one(name_holders, &[]).await.unwrap().get::<_, i64>(0), 2);
     let cut_names = |names: i64| {
