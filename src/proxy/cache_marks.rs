@@ -11,10 +11,8 @@ use memchr::memmem::Finder;
 use super::charge::UNICODE_ESCAPE;
 use super::server_context::ascii_unescaped;
 
-const KEY: &[u8] = b"\"cache_control\"";
 const TTL: &[u8] = b"\"ttl\"";
 
-static CACHE_CONTROL: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
 static TTL_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(TTL));
 
 /// Whether the body has a `cache_control` key anywhere: the quoted name
@@ -25,10 +23,16 @@ pub(super) fn marks_cache_breakpoints(body: &[u8]) -> bool {
     keyed(body) || (UNICODE_ESCAPE.find(body).is_some() && keyed(&ascii_unescaped(body)))
 }
 
+/// The key in any case (upstreams written in Go read `"Cache_Control"` as
+/// it): found from its underscore, which few bytes of a body are.
 fn keyed(body: &[u8]) -> bool {
-    CACHE_CONTROL
-        .find_iter(body)
-        .any(|at| body.get(at + KEY.len()..).is_some_and(|rest| rest.trim_ascii_start().starts_with(b":")))
+    memchr::memchr_iter(b'_', body).any(|at| {
+        let (head, tail) = (b"\"cache", b"control\"");
+        at >= head.len()
+            && body[at - head.len()..at].eq_ignore_ascii_case(head)
+            && body.get(at + 1..at + 1 + tail.len()).is_some_and(|word| word.eq_ignore_ascii_case(tail))
+            && body[at + 1 + tail.len()..].trim_ascii_start().starts_with(b":")
+    })
 }
 
 /// Whether a breakpoint may ask for a lifetime other than the default five
@@ -66,6 +70,9 @@ mod tests {
         assert!(marks_cache_breakpoints(br#"{"a":{"\u0063ache_control":{}}}"#), "escaped");
         assert!(!marks_cache_breakpoints(br#"{"text":"set \"cache_control\": on"}"#), "mentioned");
         assert!(!marks_cache_breakpoints(br#"{"type":"cache_control"}"#), "a value");
+        assert!(marks_cache_breakpoints(br#"{"a":{"Cache_Control":{}}}"#), "a key in another case");
+        assert!(marks_cache_breakpoints(br#"{"a":{"CACHE_CONTROL" :{}}}"#));
+        assert!(!marks_cache_breakpoints(br#"{"a":"x_y","cache_controls":{},"_":1}"#), "other keys");
     }
 
     #[test]
