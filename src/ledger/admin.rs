@@ -253,20 +253,17 @@ impl Ledger {
         now: DateTime<Utc>,
     ) -> Result<User, LedgerError> {
         check_amount("lite_monthly_allowance", allowance)?;
-        let _admin = self.lock_admin()?;
-        let mut current = self.user_in(org, user)?;
-        if current.plan == Plan::Lite && current.lite_monthly_allowance != allowance {
-            let tz = self.org(org).ok_or(LedgerError::UnknownOrg(org))?.time_zone;
-            let now = self.advance_wallet(WalletId::Lite(user), now);
-            let next = YearMonth::containing(tz, now).next();
-            current.lite_allowance_from = current.lite_allowance_from.max(Some(next));
-        }
-        current.lite_monthly_allowance = allowance;
-        current.prorate_on_downgrade = prorate_on_downgrade;
-        let record = self.commit(|_| RecordBody::User(current.clone()));
-        self.apply_user(&current, record.seq);
-        self.shared.committer.sync()?;
-        Ok(current)
+        self.update_user(org, user, |current| {
+            if current.plan == Plan::Lite && current.lite_monthly_allowance != allowance {
+                let tz = self.org(org).ok_or(LedgerError::UnknownOrg(org))?.time_zone;
+                let now = self.advance_wallet(WalletId::Lite(user), now);
+                let next = YearMonth::containing(tz, now).next();
+                current.lite_allowance_from = current.lite_allowance_from.max(Some(next));
+            }
+            current.lite_monthly_allowance = allowance;
+            current.prorate_on_downgrade = prorate_on_downgrade;
+            Ok(())
+        })
     }
 
     pub(crate) fn update_user(
