@@ -740,10 +740,7 @@ impl Meter {
         if usage.other && is_usage_only(&event) {
             return Bytes::new();
         }
-        match usage.without_nulls {
-            Some(rewritten) => Bytes::from(rewritten),
-            None => event,
-        }
+        usage.without_nulls.unwrap_or(event)
     }
 }
 
@@ -893,13 +890,16 @@ fn carries_usage(json: &[u8]) -> bool {
 /// whether any other `"usage"` is in it, which [`carries_usage`] would call
 /// usage. Without one, no line of the event carries usage.
 struct UsageKeys {
-    without_nulls: Option<Vec<u8>>,
+    without_nulls: Option<Bytes>,
     other: bool,
 }
 
 impl UsageKeys {
     fn of(event: &[u8]) -> UsageKeys {
-        let mut out: Option<Vec<u8>> = None;
+        // The byte ranges to cut, found first so that the rewritten event is
+        // built at its exact size (a `Vec` with spare room becomes `Bytes`
+        // through a second allocation).
+        let mut cuts: SmallVec<[(usize, usize); 2]> = SmallVec::new();
         let mut other = false;
         let mut copied = 0;
         let mut from = 0;
@@ -926,14 +926,20 @@ impl UsageKeys {
                 continue;
             }
             start -= 1;
-            let buffer = out.get_or_insert_with(|| Vec::with_capacity(event.len()));
-            buffer.extend_from_slice(&event[copied..start]);
+            cuts.push((start, value + 4));
             copied = value + 4;
             from = copied;
         }
-        let without_nulls = out.map(|mut buffer| {
-            buffer.extend_from_slice(&event[copied..]);
-            buffer
+        let without_nulls = (!cuts.is_empty()).then(|| {
+            let removed: usize = cuts.iter().map(|(start, end)| end - start).sum();
+            let mut buffer = Vec::with_capacity(event.len() - removed);
+            let mut kept = 0;
+            for (start, end) in cuts {
+                buffer.extend_from_slice(&event[kept..start]);
+                kept = end;
+            }
+            buffer.extend_from_slice(&event[kept..]);
+            Bytes::from(buffer)
         });
         UsageKeys { without_nulls, other }
     }
