@@ -336,13 +336,19 @@ impl Spend {
         self.year.forget_holds();
     }
 
-    /// True when every counter belongs to a period that ended before `now`
-    /// and no open hold is counted.
-    pub fn is_stale(&self, now: DateTime<Utc>) -> bool {
-        self.day.ends_at <= now
-            && self.month.ends_at <= now
-            && self.year.ends_at <= now
-            && self.day.held.is_zero()
+    /// True when forgetting these counters changes no answer under
+    /// `limits`: no open hold is counted, and each capped period's counter
+    /// belongs to a period that ended before `now` or has nothing spent.
+    /// Counters of periods without a cap are not looked at: an end user
+    /// capped daily is forgotten the next day, not when the contract year
+    /// (which every counter tracks) ends.
+    pub fn is_stale(&self, limits: &Limits, now: DateTime<Utc>) -> bool {
+        let no_holds = [&self.day, &self.month, &self.year].iter().all(|counter| counter.held.is_zero());
+        no_holds
+            && limits.caps().into_iter().all(|(period, cap)| match (cap, self.counter(period)) {
+                (Some(_), Some(counter)) => counter.ends_at <= now || counter.spent.is_zero(),
+                _ => true,
+            })
     }
 }
 
@@ -407,7 +413,7 @@ mod tests {
         spend.add(&tomorrow, dec!(50));
         let breach = spend.check(&limits, dec!(31), &tomorrow).unwrap();
         assert_eq!(breach.2, dec!(70), "tomorrow counts its own hold and the 50 that settled in it");
-        assert!(!spend.is_stale("2027-01-04T00:00:00Z".parse().unwrap()), "a hold is still counted");
+        assert!(!spend.is_stale(&limits, "2027-01-04T00:00:00Z".parse().unwrap()), "a hold is still counted");
     }
 
     #[test]

@@ -279,7 +279,7 @@ impl Payers {
         let spend = match owner.end_users.get(end_user) {
             Some(spend) => *spend,
             None => {
-                make_room(&mut owner.end_users, now, max_end_users)?;
+                make_room(&mut owner.end_users, &owner.end_user_limits, now, max_end_users)?;
                 Spend::default()
             }
         };
@@ -453,17 +453,18 @@ pub struct OwnerSpend {
     pub end_users: Vec<(String, Spend)>,
 }
 
-/// Drops end users whose counters all belong to past periods; refuses when
-/// the table is still full.
+/// Drops end users whose counters no cap needs any longer (see
+/// [`Spend::is_stale`]); refuses when the table is still full.
 fn make_room(
     end_users: &mut HashMap<Box<str>, Spend>,
+    limits: &Limits,
     now: DateTime<Utc>,
     max_end_users: usize,
 ) -> Result<(), PayerRefusal> {
     if end_users.len() < max_end_users {
         return Ok(());
     }
-    end_users.retain(|_, spend| !spend.is_stale(now));
+    end_users.retain(|_, spend| !spend.is_stale(limits, now));
     if end_users.len() < max_end_users {
         Ok(())
     } else {

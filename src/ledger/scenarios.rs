@@ -535,6 +535,68 @@ fn each_spending_limit_refuses_and_resets() {
 }
 
 #[test]
+fn a_full_end_user_table_makes_room_once_a_daily_cap_s_day_is_over() {
+    // Proves the end users an application tracks are forgotten when no cap
+    // needs them: those capped daily the next day (they were kept until the
+    // contract year ended, so one client minting ids locked every new end
+    // user out for a year), those whose holds were released at once, and
+    // never one whose monthly cap still counts its spend.
+    let tz = Tz::UTC;
+    let config = LedgerConfig { max_end_users_per_app: 3, ..LedgerConfig::default() };
+    let (ledger, journal) = ledger_with(config);
+    let now = local(tz, "2027-03-10 15:00:00");
+    let org = org(&ledger, tz, Some(term("2026-07-01", 2, dec!(1000), 0, dec!(0))), now);
+    let pool = WalletId::Pool(org);
+    let app_capped = |limits: Limits| {
+        let app = ledger
+            .create_app(
+                org,
+                NewApp { name: "bot".into(), limits: Limits::NONE, end_user_limits: limits },
+                now,
+            )
+            .unwrap();
+        key(&ledger, org, Owner::App(app.id), Limits::NONE, now)
+    };
+    let spend_as = |key, end_user: &str, at| {
+        let context = SpendContext { key, end_user: Some(end_user) };
+        ledger
+            .hold(pool, request(), dec!(1), context, at)
+            .map(|hold| hold.settle(dec!(1), details(), at).unwrap())
+    };
+    let refused_for_room =
+        |result: Result<_, Refusal>| matches!(result, Err(Refusal::EndUserCapacity { .. }));
+
+    let daily = app_capped(Limits { daily: Some(dec!(5)), ..Limits::NONE });
+    for end_user in ["eu-1", "eu-2", "eu-3"] {
+        spend_as(daily, end_user, now).unwrap();
+    }
+    assert!(refused_for_room(spend_as(daily, "eu-4", now)), "today the table is full");
+    let tomorrow = local(tz, "2027-03-11 00:00:01");
+    spend_as(daily, "eu-4", tomorrow).expect("yesterday's end users are no longer needed");
+    // eu-1 was forgotten with the others: its day starts from nothing.
+    for _ in 0..5 {
+        spend_as(daily, "eu-1", tomorrow).unwrap();
+    }
+    assert!(matches!(spend_as(daily, "eu-1", tomorrow), Err(Refusal::SpendingLimit { .. })), "still capped");
+
+    let released = app_capped(Limits { daily: Some(dec!(5)), ..Limits::NONE });
+    for end_user in ["r-1", "r-2", "r-3"] {
+        let context = SpendContext { key: released, end_user: Some(end_user) };
+        ledger.hold(pool, request(), dec!(1), context, now).unwrap().release(now);
+    }
+    spend_as(released, "r-4", now).expect("end users who spent nothing are not kept");
+
+    let monthly = app_capped(Limits { monthly: Some(dec!(5)), ..Limits::NONE });
+    for end_user in ["m-1", "m-2", "m-3"] {
+        spend_as(monthly, end_user, now).unwrap();
+    }
+    assert!(refused_for_room(spend_as(monthly, "m-4", tomorrow)), "this month's spend still counts");
+    let next_month = local(tz, "2027-04-01 00:00:01");
+    spend_as(monthly, "m-4", next_month).expect("last month's end users are no longer needed");
+    assert_verified(&ledger, &journal);
+}
+
+#[test]
 fn per_request_and_user_caps_refuse() {
     // Proves a per-request cap refuses one large hold and a user cap covers all the user's keys.
     let (ledger, _journal) = ledger();
