@@ -169,6 +169,14 @@ impl Scope {
             Scope::Org { finance: false, .. } => Err(AdminError::FinanceOnly),
         }
     }
+
+    /// What this token's reports show of the operator's cost.
+    pub fn cost_view(self) -> reports::CostView {
+        match self {
+            Scope::Operator => reports::CostView::WithOperatorCost,
+            Scope::Org { .. } => reports::CostView::ChargedOnly,
+        }
+    }
 }
 
 /// An organization token as configured.
@@ -392,8 +400,11 @@ impl Admin {
                     }
                     (&Method::GET, ["ledger"]) => {
                         let entries = self.entries.clone();
-                        let (status, mut page) =
-                            self.report(org, move || reports::ledger_page(&*entries, org, &params)).await??;
+                        let (status, mut page) = self
+                            .report(org, move || {
+                                reports::ledger_page(&*entries, org, &params, scope.cost_view())
+                            })
+                            .await??;
                         if let Some(history) = &self.history {
                             page["history"] = history_view(&history.status(), scope);
                         }
@@ -411,9 +422,12 @@ impl Admin {
                                 .is_some_and(|a| a.contains("text/csv"));
                         let (entries, usage) = (self.entries.clone(), self.usage.clone());
                         let ledger = self.ledger.clone();
+                        let costs = scope.cost_view();
                         let (status, text, content_type) = self
                             .report(org, move || {
-                                reports::usage(&*entries, &usage, &ledger, org, time_zone, &params, wants_csv)
+                                reports::usage(
+                                    &*entries, &usage, &ledger, org, time_zone, &params, wants_csv, costs,
+                                )
                             })
                             .await??;
                         let mut response = Response::new(GatewayBody::local(Bytes::from(text)));

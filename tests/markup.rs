@@ -158,6 +158,26 @@ async fn a_20_percent_markup_charges_exactly_cost_times_1_2_and_the_entry_shows_
         admin_get(&stack, &format!("/admin/v1/orgs/{}/usage?group_by=model", stack.keys.org.0)).await;
     assert_eq!(dec(&report["total"]["charged"]), Decimal::new(132, 5), "{report}");
     assert_eq!(dec(&report["total"]["operator_cost"]), Decimal::new(11, 4), "{report}");
+
+    // The organization's own token sees what it was charged, never the
+    // operator's cost (from which its markup and the provider's rates follow).
+    assert_eq!(stack.keys.org.0, 1, "the org token's org");
+    let org = stack.keys.org.0;
+    for path in [
+        format!("/admin/v1/orgs/{org}/ledger?kind=debit"),
+        format!("/admin/v1/orgs/{org}/usage?group_by=model"),
+        format!("/admin/v1/orgs/{org}/usage?group_by=model&format=csv"),
+    ] {
+        let request = Request::get(stack.admin_url(&path))
+            .header("authorization", format!("Bearer {ORG_TOKEN}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let reply = send(request).await;
+        let text = String::from_utf8_lossy(&reply.body);
+        assert_eq!(reply.status, 200, "{path}: {text}");
+        assert!(!text.contains("operator_cost"), "{path} shows the org the operator's cost: {text}");
+        assert!(text.contains("0.00132"), "{path} shows what the org was charged: {text}");
+    }
 }
 
 #[tokio::test]

@@ -518,14 +518,20 @@ function csvField(value) {
   return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
 }
 
-// The table on screen as CSV: the API's own rows and total, unchanged.
+// The table on screen as CSV: the API's own rows and total, unchanged (the
+// operator's cost only when the API shows it: to the operator's token).
 function downloadCsv(name, group, report, orgId) {
-  const lines = [[group, "name", "requests", "input_tokens", "cached_input_tokens", "output_tokens", "tool_units", "charged", "operator_cost"]];
+  const withCost = "operator_cost" in report.total;
+  const figures = (r) => {
+    const cells = [r.requests, r.input_tokens, r.cached_input_tokens, r.output_tokens, r.tool_units, r.charged];
+    return withCost ? cells.concat([r.operator_cost]) : cells;
+  };
+  const head = ["requests", "input_tokens", "cached_input_tokens", "output_tokens", "tool_units", "charged"];
+  const lines = [[group, "name"].concat(withCost ? head.concat(["operator_cost"]) : head)];
   for (const r of report.rows) {
-    lines.push([r[group], dimensionLabel(group, r[group], orgId), r.requests, r.input_tokens, r.cached_input_tokens, r.output_tokens, r.tool_units, r.charged, r.operator_cost]);
+    lines.push([r[group], dimensionLabel(group, r[group], orgId)].concat(figures(r)));
   }
-  const t = report.total;
-  lines.push(["total", "", t.requests, t.input_tokens, t.cached_input_tokens, t.output_tokens, t.tool_units, t.charged, t.operator_cost]);
+  lines.push(["total", ""].concat(figures(report.total)));
   const text = lines.map((line) => line.map(csvField).join(",")).join("\r\n") + "\r\n";
   const url = URL.createObjectURL(new Blob([text], { type: "text/csv" }));
   const link = el("a", { href: url, download: name });

@@ -235,8 +235,9 @@ fn organization() -> Value {
     )
 }
 
-/// An entry's kind: a debit's also shows what it cost the operator and the
-/// price the customer paid (the amount debited), before and after markup.
+/// An entry's kind: a debit's also shows the price the customer paid (the
+/// amount debited) and, to the operator's token only, what it cost the
+/// operator before markup.
 fn entry_kind() -> Value {
     json!({
         "type": "object",
@@ -245,17 +246,20 @@ fn entry_kind() -> Value {
         "if": {"properties": {"type": {"const": "debit"}}},
         "then": has(
             json!({"operator_cost": decimal(), "price": decimal(), "held": decimal(), "overrun": decimal()}),
-            &["operator_cost", "price", "held", "overrun"],
+            &["price", "held", "overrun"],
         ),
     })
 }
 
+/// A usage row's totals; `operator_cost` is shown to the operator's token only.
 fn usage_totals() -> Value {
     let count = json!({"type": "integer", "minimum": 0});
+    let required: Vec<&str> =
+        super::reports::TOTALS_FIELDS.into_iter().filter(|field| *field != "operator_cost").collect();
     has(
         json!({"requests": count, "charged": decimal(), "operator_cost": decimal(), "input_tokens": count,
                "cached_input_tokens": count, "output_tokens": count, "tool_units": count}),
-        &super::reports::TOTALS_FIELDS,
+        &required,
     )
 }
 

@@ -167,7 +167,12 @@ impl Filter {
 }
 
 /// `GET /admin/v1/orgs/{org}/ledger?after=&limit=&wallet=&kind=&key=&user=&from=&to=`
-pub fn ledger_page(source: EntrySource<'_>, org: OrgId, params: &BTreeMap<String, String>) -> Answer {
+pub fn ledger_page(
+    source: EntrySource<'_>,
+    org: OrgId,
+    params: &BTreeMap<String, String>,
+    costs: CostView,
+) -> Answer {
     let filter = Filter::parse(org, params)?;
     let limit = number(params, "limit")?
         .map_or(DEFAULT_PAGE, |n| usize::try_from(n).unwrap_or(MAX_PAGE))
@@ -196,18 +201,31 @@ pub fn ledger_page(source: EntrySource<'_>, org: OrgId, params: &BTreeMap<String
         cursor = last;
     }
     let next = if exhausted { Value::Null } else { json!(cursor) };
-    let entries: Vec<Value> = found.iter().map(entry_json).collect();
+    let entries: Vec<Value> = found.iter().map(|entry| entry_json(entry, costs)).collect();
     Ok((StatusCode::OK, json!({ "entries": entries, "next_cursor": next })))
 }
 
+/// Whether a report shows what requests cost the operator before markup.
+/// The operator's own figure: an organization's token sees what it was
+/// charged, and the price table itself is closed to it, so its cost (and
+/// with it the markup and the provider's rates) is left out for it too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CostView {
+    WithOperatorCost,
+    ChargedOnly,
+}
+
 /// An entry as the ledger export shows it: a debit's kind also carries
-/// `operator_cost` (what the request cost the operator, before markup) and
-/// `price` (what the customer paid: the amount debited), always both, so
-/// an entry from before markups shows them equal.
-fn entry_json(entry: &LedgerEntry) -> Value {
+/// `operator_cost` (what the request cost the operator, before markup;
+/// with [`CostView::WithOperatorCost`] only) and `price` (what the
+/// customer paid: the amount debited), so an entry from before markups
+/// shows them equal.
+fn entry_json(entry: &LedgerEntry, costs: CostView) -> Value {
     let mut value = json!(entry);
     if let (Some((cost, price)), Some(kind)) = (entry.cost_and_price(), value.get_mut("kind")) {
-        kind["operator_cost"] = json!(cost.to_string());
+        if costs == CostView::WithOperatorCost {
+            kind["operator_cost"] = json!(cost.to_string());
+        }
         kind["price"] = json!(price.to_string());
         if let Some(details) = kind.get_mut("details").and_then(Value::as_object_mut) {
             details.remove("operator_cost");
@@ -236,6 +254,7 @@ pub fn usage(
     time_zone: chrono_tz::Tz,
     params: &BTreeMap<String, String>,
     csv: bool,
+    costs: CostView,
 ) -> Result<(StatusCode, String, &'static str), AdminError> {
     let group_by: Vec<String> = params
         .get("group_by")
@@ -259,7 +278,7 @@ pub fn usage(
             aggregates::groups(read, ledger, org, time_zone, &group_by, (from, to))?
         }
     };
-    Ok(render(&group_by, &groups, csv))
+    Ok(render(&group_by, &groups, csv, costs))
 }
 
 /// The report's groups from the ledger entries: through the rollups when
@@ -314,23 +333,24 @@ fn render(
     group_by: &[String],
     groups: &BTreeMap<Vec<String>, Totals>,
     csv: bool,
+    costs: CostView,
 ) -> (StatusCode, String, &'static str) {
     if csv {
-        return (StatusCode::OK, render_csv(group_by, groups), "text/csv; charset=utf-8");
+        return (StatusCode::OK, render_csv(group_by, groups, costs), "text/csv; charset=utf-8");
     }
     let mut total = Totals::default();
     let rows: Vec<Value> = groups
         .iter()
         .map(|(key, t)| {
             total.add(t);
-            let mut row = totals_json(t);
+            let mut row = totals_json(t, costs);
             for (dimension, value) in group_by.iter().zip(key) {
                 row[dimension] = json!(value);
             }
             row
         })
         .collect();
-    let body = json!({ "group_by": group_by, "rows": rows, "total": totals_json(&total) });
+    let body = json!({ "group_by": group_by, "rows": rows, "total": totals_json(&total, costs) });
     (StatusCode::OK, body.to_string(), "application/json")
 }
 
@@ -375,35 +395,45 @@ pub const TOTALS_FIELDS: [&str; 7] = [
     "tool_units",
 ];
 
-fn totals_json(t: &Totals) -> Value {
-    json!({
+fn totals_json(t: &Totals, costs: CostView) -> Value {
+    let mut totals = json!({
         "requests": t.requests,
         "charged": t.charged.normalize().to_string(),
-        "operator_cost": t.operator_cost.normalize().to_string(),
         "input_tokens": t.input_tokens,
         "cached_input_tokens": t.cached_input_tokens,
         "output_tokens": t.output_tokens,
         "tool_units": t.tool_units,
-    })
+    });
+    if costs == CostView::WithOperatorCost {
+        totals["operator_cost"] = json!(t.operator_cost.normalize().to_string());
+    }
+    totals
 }
 
-fn render_csv(group_by: &[String], groups: &BTreeMap<Vec<String>, Totals>) -> String {
+fn render_csv(group_by: &[String], groups: &BTreeMap<Vec<String>, Totals>, costs: CostView) -> String {
+    let shown = |field: &str| costs == CostView::WithOperatorCost || field != "operator_cost";
     let mut out = String::new();
     let mut header: Vec<&str> = group_by.iter().map(String::as_str).collect();
-    header.extend(TOTALS_FIELDS);
+    header.extend(TOTALS_FIELDS.into_iter().filter(|field| shown(field)));
     out.push_str(&header.join(","));
     out.push('\n');
     for (key, t) in groups {
         let mut cells: Vec<String> = key.iter().map(|v| csv_cell(v)).collect();
-        cells.extend([
-            t.requests.to_string(),
-            t.charged.normalize().to_string(),
-            t.operator_cost.normalize().to_string(),
-            t.input_tokens.to_string(),
-            t.cached_input_tokens.to_string(),
-            t.output_tokens.to_string(),
-            t.tool_units.to_string(),
-        ]);
+        cells.extend(
+            [
+                t.requests.to_string(),
+                t.charged.normalize().to_string(),
+                t.operator_cost.normalize().to_string(),
+                t.input_tokens.to_string(),
+                t.cached_input_tokens.to_string(),
+                t.output_tokens.to_string(),
+                t.tool_units.to_string(),
+            ]
+            .into_iter()
+            .zip(TOTALS_FIELDS)
+            .filter(|(_, field)| shown(field))
+            .map(|(cell, _)| cell),
+        );
         out.push_str(&cells.join(","));
         out.push('\n');
     }

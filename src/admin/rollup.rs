@@ -371,7 +371,18 @@ mod tests {
                 .into_iter()
                 .collect();
             let usage = super::super::UsageSource::Rollups(rollups.clone());
-            super::super::reports::usage(&source, &usage, &ledger, org, Tz::UTC, &params, false).unwrap().1
+            super::super::reports::usage(
+                &source,
+                &usage,
+                &ledger,
+                org,
+                Tz::UTC,
+                &params,
+                false,
+                super::super::reports::CostView::WithOperatorCost,
+            )
+            .unwrap()
+            .1
         };
         let (capped, uncapped) = (Arc::new(Rollups::new(20)), Arc::new(Rollups::new(100_000)));
         for group_by in ["end_user", "model,day", "end_user,key"] {
