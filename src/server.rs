@@ -9,8 +9,10 @@
 //! a new client takes the slot of the connection idle the longest.
 //!
 //! Nor can clients that stop reading: a connection whose response has been
-//! waiting for its client to take the next part (a full socket, an h2 flow
-//! window left at zero) for `client_stall_timeout` is closed.
+//! waiting for its client to take the next part (an h2 flow window left at
+//! zero), or whose socket has refused every write (a full socket: also
+//! responses to pipelined requests, which hyper queues before their bodies
+//! are ever polled), for `client_stall_timeout` is closed.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -157,7 +159,8 @@ where
                 }
             })
         };
-        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let io = WriteWatched { io: TokioIo::new(stream), tracked: tracked.clone() };
+        let connection = builder.serve_connection(io, service).into_owned();
         let name = options.name;
         let open = open.clone();
         connections.spawn(async move {
@@ -237,6 +240,9 @@ struct Tracked {
     /// stream's head restarts the count for the connection).
     owed: AtomicUsize,
     last_taken: AtomicU64,
+    /// When (on the listener's clock) the socket last refused a write that
+    /// has not gone through since; [`NOT_BLOCKED`] while writes go through.
+    write_blocked_at: AtomicU64,
     /// The listener's coarse clock ([`OpenConnections::clock_ms`]).
     clock_ms: Arc<AtomicU64>,
     /// What the listener asks of it: to drain (shutdown) or to close.
@@ -312,6 +318,7 @@ impl OpenConnections {
             busy_since: Mutex::new(None),
             owed: AtomicUsize::new(0),
             last_taken: AtomicU64::new(0),
+            write_blocked_at: AtomicU64::new(NOT_BLOCKED),
             clock_ms: self.clock_ms.clone(),
             signal: Signal::default(),
         });
@@ -374,6 +381,9 @@ impl OpenConnections {
             for tracked in self.connections.lock().values() {
                 let stalled = tracked.owed.load(Ordering::Acquire) > 0
                     && now_ms.saturating_sub(tracked.last_taken.load(Ordering::Acquire)) >= stall_ms;
+                let blocked_at = tracked.write_blocked_at.load(Ordering::Acquire);
+                let stalled =
+                    stalled || (blocked_at != NOT_BLOCKED && now_ms.saturating_sub(blocked_at) >= stall_ms);
                 if stalled {
                     tracing::debug!("closed a connection whose client stopped reading its response");
                     tracked.signal.raise(Signal::CLOSE);
@@ -459,6 +469,90 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for ClientPaced<B
     // Kept, so a known length is still sent as content-length.
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// [`Tracked::write_blocked_at`] while the socket takes writes.
+const NOT_BLOCKED: u64 = u64::MAX;
+
+/// A connection's socket, watched for writes it refuses. A response body
+/// that is never polled cannot say its client stopped reading: hyper reads
+/// pipelined requests and runs their handlers while an earlier response
+/// still waits in its write buffer, and it polls none of them until that
+/// buffer drains. So the sweep also closes a connection whose socket has
+/// refused writes for `client_stall_timeout`.
+struct WriteWatched<I> {
+    io: I,
+    tracked: Arc<Tracked>,
+}
+
+impl<I> WriteWatched<I> {
+    fn note<T>(&self, result: &Poll<T>) {
+        let blocked_at = &self.tracked.write_blocked_at;
+        match result {
+            Poll::Pending => {
+                if blocked_at.load(Ordering::Relaxed) == NOT_BLOCKED {
+                    blocked_at.store(self.tracked.clock_ms.load(Ordering::Relaxed), Ordering::Release);
+                }
+            }
+            Poll::Ready(_) => {
+                if blocked_at.load(Ordering::Relaxed) != NOT_BLOCKED {
+                    blocked_at.store(NOT_BLOCKED, Ordering::Release);
+                }
+            }
+        }
+    }
+}
+
+impl<I: hyper::rt::Read + Unpin> hyper::rt::Read for WriteWatched<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for WriteWatched<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(&result);
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.note(&result);
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let result = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.note(&result);
+        result
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

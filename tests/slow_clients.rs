@@ -129,6 +129,47 @@ async fn a_response_of_known_length_keeps_its_content_length() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_pipelines_requests_and_never_reads_is_cut() {
+    // Before, pipelined requests whose answers the client never read held
+    // the connection (and its slot) for max_response_ms, 30 minutes: hyper
+    // queued the answers in its write buffer and ran the next request's
+    // handler, whose body it never polled, so nothing looked owed. 10,000
+    // such sockets shut the listener for everyone, without a key. Now a
+    // socket that refuses writes for client_stall_timeout is closed.
+    let server = "client_stall_timeout_ms = 500";
+    let stack = common::start_with(server, "", Default::default()).await;
+    let proxy = stack.gateway.proxy_addr();
+    let ended = tokio::task::spawn_blocking(move || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // A small window, so the answers back up quickly.
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&proxy.into()).unwrap();
+        let mut stream: TcpStream = socket.into();
+        stream.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        let requests = "GET /no-such-route HTTP/1.1\r\nhost: test\r\n\r\n".repeat(500);
+        let started = Instant::now();
+        // Up to 200,000 requests: the answers fill every buffer long before.
+        for _ in 0..400 {
+            if let Err(error) = stream.write_all(requests.as_bytes()) {
+                return (error.kind(), started.elapsed());
+            }
+        }
+        (std::io::ErrorKind::Other, started.elapsed())
+    })
+    .await
+    .unwrap();
+    let (kind, took) = ended;
+    assert!(
+        matches!(kind, std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset),
+        "the gateway closed the connection ({kind:?} after {took:?})"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "closed within the stall timeout and a sweep, not at a write timeout: {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_its_response_is_cut_and_a_slow_upstream_is_not() {
     // Before, a connection whose client never read its response stayed open
     // (and held its slot) until max_response_ms, 30 minutes by default: a
