@@ -41,10 +41,11 @@ fn search_is_a_tool(provider: &str) -> bool {
         || provider.starts_with("bedrock")
 }
 
-/// Models that search on every call (search previews, deep research): their
-/// per-query fee belongs to every request, not to a tool call.
+/// Models that search on every call (search previews, OpenAI's search API
+/// models, deep research): their per-query fee belongs to every request, not
+/// to a tool call.
 fn always_searches(name: &str) -> bool {
-    name.contains("search-preview") || name.contains("deep-research")
+    name.contains("search-preview") || name.contains("search-api") || name.contains("deep-research")
 }
 
 /// A value that charges something: a non-zero number, or an object or
@@ -524,6 +525,9 @@ mod tests {
             "gpt-x-search-preview": {"mode": "chat", "litellm_provider": "openai", "input_cost_per_token": 1e-06,
                         "output_cost_per_token": 1e-06, "max_output_tokens": 100,
                         "search_context_cost_per_query": {"search_context_size_low": 0.01}},
+            "gpt-x-search-api-2025-10-14": {"mode": "chat", "litellm_provider": "openai", "input_cost_per_token": 1e-06,
+                        "output_cost_per_token": 1e-06, "max_output_tokens": 100,
+                        "search_context_cost_per_query": {"search_context_size_low": 0.01}},
             "no-output": {"mode": "chat", "input_cost_per_token": 1e-06, "max_output_tokens": 100},
             "cachey": {"mode": "chat", "input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
                        "cache_creation_input_token_cost": 3.75e-06, "max_output_tokens": 100},
@@ -531,7 +535,10 @@ mod tests {
         }"#;
         let import = import_litellm(catalog, &[]).unwrap();
         let skipped: Vec<&str> = import.skipped.iter().map(|skip| skip.model.as_str()).collect();
-        assert_eq!(skipped, ["gpt-x-search-preview", "no-output", "sonar", "tiered"]);
+        assert_eq!(
+            skipped,
+            ["gpt-x-search-api-2025-10-14", "gpt-x-search-preview", "no-output", "sonar", "tiered"]
+        );
         let imported: Vec<&str> = import.models.keys().map(String::as_str).collect();
         assert_eq!(imported, ["cachey", "embed", "searchy"]);
         // Web search as a hosted tool is priced under [tools]: said, not hidden.

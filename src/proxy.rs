@@ -311,6 +311,16 @@ impl Proxy {
         let context = SpendContext { key: key.key, end_user: end_user.as_deref() };
         let (body, priced, hold, held_cost, output_cap, injected_usage, estimated_input) = match &route.kind {
             RouteKind::Model(flavour) => {
+                // The body is priced as sent; an upstream that decodes it
+                // (deflate, brotli) could read another document.
+                if let Some(encoding) = parts.headers.get(header::CONTENT_ENCODING) {
+                    let encoding = String::from_utf8_lossy(encoding.as_bytes());
+                    if !encoding.trim().eq_ignore_ascii_case("identity") {
+                        return Err(ProxyError::EncodedRequestBody {
+                            encoding: encoding.chars().take(64).collect(),
+                        });
+                    }
+                }
                 let timeout = self.config.server.body_read_timeout;
                 // The budget is taken while the body is read and parsed; the
                 // bytes then go upstream.
@@ -321,6 +331,14 @@ impl Proxy {
                 let base = &self.config.upstreams[route.upstream].base_path;
                 charge::check_deployment(base, parts.uri.path(), &fields.model)?;
                 let price = charge::price_model(&table, &fields.model, fields.service_tier.as_deref(), now)?;
+                if *flavour == Flavour::AnthropicMessages
+                    && !price.has_long_context_prices()
+                    && charge::asks_long_context(&parts.headers)
+                {
+                    // Anthropic bills a 1M-context call above 200k input
+                    // tokens at long-context rates, on the whole call.
+                    return Err(ProxyError::UnpricedOption { field: "anthropic-beta: context-1m" });
+                }
                 if fields.cache_breakpoints && !price.cache_writes_priced() {
                     return Err(ProxyError::CacheWriteNotPriced { model: fields.model });
                 }

@@ -732,6 +732,9 @@ async fn price_modifiers_the_client_picks_are_priced() {
         (CHAT, json!({"models": ["mock-claude"]})),
         (CHAT, json!({"plugins": [{"id": "web", "max_results": 20}]})),
         (CHAT, json!({"provider": {"order": ["dearest"], "allow_fallbacks": false}})),
+        // Chat-side web search, billed per search or per source.
+        (CHAT, json!({"web_search_options": {"search_context_size": "high"}})),
+        (CHAT, json!({"search_parameters": {"mode": "on"}})),
     ] {
         let mut body = json!({"model": "mock-claude", "max_tokens": 10, "messages": []});
         body.as_object_mut().unwrap().extend(option.as_object().unwrap().clone());
@@ -744,6 +747,31 @@ async fn price_modifiers_the_client_picks_are_priced() {
     let body = json!({"model": "mock-claude", "max_tokens": 10, "messages": [],
                       "speed": "standard", "inference_geo": "global"});
     assert_eq!(books.post("/v1/messages", Some(&pro), &[], &body).await.status, 200);
+    // The 1M-token context window, which Anthropic bills at long-context
+    // rates above 200k input tokens, only for a model the table gives them.
+    let forwarded = books.provider.received().len();
+    let body = json!({"model": "claude-haiku-4-5", "max_tokens": 10, "messages": []});
+    for beta in ["context-1m-2025-08-07", "interleaved-thinking-2025-05-14, CONTEXT-1M-2025-08-07"] {
+        let reply = books.post("/v1/messages", Some(&pro), &[("anthropic-beta", beta)], &body).await;
+        assert_eq!(reply.status, 400, "{beta}");
+        assert_eq!(reply.json()["error"]["code"], "option_not_priced", "{beta}");
+    }
+    assert_eq!(books.provider.received().len(), forwarded, "nothing reached the upstream");
+    let beta = [("anthropic-beta", "context-1m-2025-08-07")];
+    let body = json!({"model": "mock-claude", "max_tokens": 10, "messages": []});
+    assert_eq!(books.post("/v1/messages", Some(&pro), &beta, &body).await.status, 200, "long-context prices");
+    let body = json!({"model": "claude-haiku-4-5", "max_tokens": 10, "messages": []});
+    let other = [("anthropic-beta", "interleaved-thinking-2025-05-14")];
+    assert_eq!(books.post("/v1/messages", Some(&pro), &other, &body).await.status, 200, "other betas");
+    // Chat tools an OpenAI-compatible upstream runs for a fee of its own.
+    let body = json!({"model": "mock-gpt", "max_tokens": 10, "messages": [],
+                      "tools": [{"type": "function", "function": {"name": "f"}}, {"type": "browser_search"}]});
+    let reply = books.post(CHAT, Some(&pro), &[], &body).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["error"]["code"], "tool_not_priced");
+    let body = json!({"model": "mock-gpt", "max_tokens": 10, "messages": [],
+                      "tools": [{"type": "function", "function": {"name": "f"}}, {"type": "custom", "name": "g"}]});
+    assert_eq!(books.post(CHAT, Some(&pro), &[], &body).await.status, 200, "client-run tools pass");
 
     let before = books.settled_balance(&pro).await;
     let headers = [("x-provider-cache-write-5m", "1000"), ("x-provider-cache-write-1h", "2000")];

@@ -98,6 +98,20 @@ async fn a_matrix_of_malformed_requests_gets_clear_4xx_and_costs_nothing() {
         assert_eq!(send(request).await.status, 400, "end user {end_user:?}");
         tried += 1;
     }
+    // An encoded body: the gateway prices the bytes as sent, and an upstream
+    // that decodes them (raw deflate starts with `{` as well) could read
+    // another document.
+    for encoding in ["deflate", "br", "gzip, identity"] {
+        let request = Request::post(stack.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-encoding", encoding)
+            .body(Full::new(Bytes::from(r#"{"model":"mock-gpt","max_tokens":5}"#)))
+            .unwrap();
+        let reply = send(request).await;
+        assert_eq!(reply.status, 415, "content-encoding {encoding}: {:?}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "request_encoding_not_supported");
+        tried += 1;
+    }
     // Header injection never gets through the parser.
     let status = raw(
         &stack,

@@ -246,6 +246,7 @@ pub const DIMENSIONS: [&str; 9] =
 /// read from the per-organization rollups, unless the rollup it needs went
 /// over its cap; any other range scans the entries. Cluster mode: one SQL
 /// aggregate over the shipped debits ([`super::aggregates`]).
+#[allow(clippy::too_many_arguments)]
 pub fn usage(
     source: EntrySource<'_>,
     usage: &UsageSource,

@@ -231,6 +231,11 @@ impl ModelPrice {
         self.tier.and(long)
     }
 
+    /// Whether the file states long-context multipliers for the model.
+    pub fn has_long_context_prices(&self) -> bool {
+        self.long_context.is_some()
+    }
+
     /// These prices in a service tier.
     pub fn cache_writes_priced(&self) -> bool {
         self.cache_writes_priced

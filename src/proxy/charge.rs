@@ -210,6 +210,12 @@ const RESPONSES_TOKEN_TOOLS: [&str; 8] = [
     "mcp",
 ];
 
+/// Chat Completions tool types that bill only tokens: the client runs them.
+/// Any other type is one an OpenAI-compatible upstream runs itself, for a
+/// fee of its own (Groq's `browser_search` and `code_interpreter`), and is
+/// refused.
+const CHAT_TOKEN_TOOLS: [&str; 2] = ["function", "custom"];
+
 /// Most choices one request may ask for (`n`, `best_of`); OpenAI's own bound.
 pub const MAX_CHOICES: u64 = 128;
 
@@ -344,6 +350,10 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         ("models", fields.models.is_some()),
         ("plugins", fields.plugins.is_some()),
         ("provider", fields.provider.is_some()),
+        // Chat-side web search: OpenAI's search models and xAI's Live
+        // Search bill per search or per source, a fee the table does not state.
+        ("web_search_options", fields.web_search_options.as_ref().is_some_and(|v| !v.is_null())),
+        ("search_parameters", fields.search_parameters.as_ref().is_some_and(|v| !v.is_null())),
     ];
     if let Some((field, _)) = unpriced.into_iter().find(|(_, set)| *set) {
         return Err(ProxyError::UnpricedOption { field });
@@ -392,10 +402,13 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
             // A Responses tool the upstream runs and the gateway does not
             // know (`shell`, whose containers bill by size and time, or
             // one added later) would be served with its fees unmetered.
+            let billed_by_the_upstream = |kind: &str| match flavour {
+                Flavour::OpenaiResponses => !RESPONSES_TOKEN_TOOLS.contains(&kind),
+                Flavour::OpenaiChat => !CHAT_TOKEN_TOOLS.contains(&kind),
+                _ => false,
+            };
             match tool.kind {
-                Some(kind)
-                    if flavour == Flavour::OpenaiResponses && !RESPONSES_TOKEN_TOOLS.contains(&&*kind) =>
-                {
+                Some(kind) if billed_by_the_upstream(&kind) => {
                     return Err(ProxyError::UnknownHostedTool { tool: kind.chars().take(64).collect() })
                 }
                 _ => continue,
@@ -870,6 +883,17 @@ pub fn price_model(
         price = price.in_tier(multipliers);
     }
     Ok(price)
+}
+
+/// Whether an Anthropic request opts into the 1M-token context window
+/// (`anthropic-beta: context-1m-...`, in any of its comma-separated values).
+pub fn asks_long_context(headers: &HeaderMap) -> bool {
+    headers.get_all("anthropic-beta").iter().any(|value| {
+        value.as_bytes().split(|b| *b == b',').any(|beta| {
+            let beta = beta.trim_ascii();
+            beta.len() >= 10 && beta[..10].eq_ignore_ascii_case(b"context-1m")
+        })
+    })
 }
 
 pub fn price_tool(table: &PriceTable, tool: &str, now: DateTime<Utc>) -> Result<ToolPrice, ProxyError> {

@@ -28,6 +28,8 @@ pub enum ProxyError {
     BodyTooLarge { limit_bytes: u64 },
     #[error("the gateway is reading as many request bodies as its memory budget allows; retry shortly")]
     BodyBudget,
+    #[error("a model request's body is read as sent, and this one is encoded (`content-encoding: {encoding}`); send it unencoded")]
+    EncodedRequestBody { encoding: String },
     #[error("the request body did not arrive within {timeout:?}")]
     BodyTimeout { timeout: Duration },
     #[error("upstream {upstream} refused the connection: {reason}")]
@@ -108,6 +110,7 @@ impl ProxyError {
             ProxyError::MethodOverride { .. } => (S::BAD_REQUEST, "invalid_request_error", "method_override_not_allowed", Level::DEBUG),
             ProxyError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "invalid_request_error", "body_too_large", Level::DEBUG),
             ProxyError::BodyBudget => (S::SERVICE_UNAVAILABLE, "gateway_error", "gateway_busy", Level::WARN),
+            ProxyError::EncodedRequestBody { .. } => (S::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", "request_encoding_not_supported", Level::DEBUG),
             ProxyError::BodyTimeout { .. } => (S::REQUEST_TIMEOUT, "invalid_request_error", "body_timeout", Level::DEBUG),
             ProxyError::UpstreamUnreachable { .. } => (S::BAD_GATEWAY, "upstream_error", "upstream_unreachable", Level::WARN),
             ProxyError::UpstreamConnectTimeout { .. } => (S::GATEWAY_TIMEOUT, "upstream_error", "upstream_connect_timeout", Level::WARN),

@@ -53,12 +53,16 @@ pub(super) struct ModelFields {
     /// `quantizations`, ...): OpenRouter bills the rate of the provider that
     /// served the call, so a client could steer a model to its dearest one.
     pub provider: Option<IgnoredAny>,
+    /// Web search in Chat Completions: OpenAI's search options, xAI's Live
+    /// Search. Each search (or source) is billed apart from the tokens.
+    pub web_search_options: Option<Value>,
+    pub search_parameters: Option<Value>,
 }
 
 /// The top-level names read above, then those whose presence the
 /// server-context scan prices (stored responses, conversations, prompts,
 /// tool servers): a folded spelling of any of them is refused.
-const TOP_LEVEL: [&str; 26] = [
+const TOP_LEVEL: [&str; 28] = [
     "model",
     "max_tokens",
     "max_completion_tokens",
@@ -79,6 +83,8 @@ const TOP_LEVEL: [&str; 26] = [
     "models",
     "plugins",
     "provider",
+    "web_search_options",
+    "search_parameters",
     "previous_response_id",
     "conversation",
     "prompt",
@@ -212,6 +218,8 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                 "models" => read!(17, models),
                 "plugins" => read!(18, plugins),
                 "provider" => read!(19, provider),
+                "web_search_options" => read!(20, web_search_options),
+                "search_parameters" => read!(21, search_parameters),
                 other => {
                     refuse_folded(other, &TOP_LEVEL)?;
                     map.next_value::<IgnoredAny>()?;
