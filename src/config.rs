@@ -272,6 +272,9 @@ pub struct ServerConfig {
     /// once; a request that would pass it gets 503 `gateway_busy`, so many
     /// large bodies sent slowly cannot run the process out of memory.
     pub max_buffered_body_bytes: u64,
+    /// The most of that one organization's requests may hold at once, so
+    /// one tenant's slow bodies cannot leave every other tenant refused.
+    pub max_buffered_body_bytes_per_org: u64,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
     /// Bound on reading a request body the gateway must see whole (model
@@ -545,6 +548,7 @@ struct RawServer {
     data_dir: Option<PathBuf>,
     max_body_bytes: Option<u64>,
     max_buffered_body_bytes: Option<u64>,
+    max_buffered_body_bytes_per_org: Option<u64>,
     shutdown_grace_ms: Option<u64>,
     header_read_timeout_ms: Option<u64>,
     body_read_timeout_ms: Option<u64>,
@@ -1007,6 +1011,22 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
             Some("the default is 536870912 (512 MiB)"),
         );
     }
+    // A quarter of the whole by default, and never less than one body.
+    let max_buffered_body_bytes_per_org = raw
+        .max_buffered_body_bytes_per_org
+        .unwrap_or_else(|| (max_buffered_body_bytes / 4).max(max_body_bytes).min(max_buffered_body_bytes));
+    if max_buffered_body_bytes_per_org < max_body_bytes
+        || max_buffered_body_bytes_per_org > max_buffered_body_bytes
+    {
+        checker.problem(
+            offset,
+            format!(
+                "[server] max_buffered_body_bytes_per_org = {max_buffered_body_bytes_per_org} is not between \
+                 max_body_bytes = {max_body_bytes} and max_buffered_body_bytes = {max_buffered_body_bytes}"
+            ),
+            Some("leave it out for a quarter of max_buffered_body_bytes"),
+        );
+    }
     if let Some(workers) = raw.workers.filter(|n| !(1..=MAX_WORKERS).contains(n)) {
         checker.problem(
             offset,
@@ -1039,6 +1059,7 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
         data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from("./data")),
         max_body_bytes,
         max_buffered_body_bytes,
+        max_buffered_body_bytes_per_org,
         shutdown_grace,
         header_read_timeout,
         body_read_timeout,

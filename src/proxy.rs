@@ -105,7 +105,10 @@ impl Proxy {
         let upstreams = UpstreamClients::new(&config.upstreams, client_sets);
         let traffic = traffic::TrafficCaps::new(config.traffic.clone());
         let background = TaskTracker::new();
-        let body_budget = body_budget::BodyBudget::new(config.server.max_buffered_body_bytes);
+        let body_budget = body_budget::BodyBudget::new(
+            config.server.max_buffered_body_bytes,
+            config.server.max_buffered_body_bytes_per_org,
+        );
         Proxy {
             body_budget,
             config,
@@ -324,9 +327,10 @@ impl Proxy {
                 let timeout = self.config.server.body_read_timeout;
                 // The budget is taken while the body is read and parsed; the
                 // bytes then go upstream.
-                let (bytes, _budget) = tokio::time::timeout(timeout, self.body_budget.read(incoming, limit))
-                    .await
-                    .map_err(|_| ProxyError::BodyTimeout { timeout })??;
+                let (bytes, _budget) =
+                    tokio::time::timeout(timeout, self.body_budget.read(incoming, limit, key.org))
+                        .await
+                        .map_err(|_| ProxyError::BodyTimeout { timeout })??;
                 let fields = charge::read_model_request(&bytes, *flavour)?;
                 let base = &self.config.upstreams[route.upstream].base_path;
                 charge::check_deployment(base, parts.uri.path(), &fields.model)?;

@@ -323,6 +323,55 @@ async fn a_running_total_reported_before_a_cut_is_charged_even_above_the_hold() 
     assert_eq!(charged, Decimal::new(24, 1), "the reported input is a floor on the bill");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_organization_holds_at_most_its_share_of_the_body_budget() {
+    // Before, one tenant's slow bodies (its keys are many, each with its own
+    // in-flight cap) could hold the whole budget, and every other tenant's
+    // model requests got 503. Now an organization holds at most its share.
+    let server =
+        "max_body_bytes = 65536\nmax_buffered_body_bytes = 262144\nmax_buffered_body_bytes_per_org = 65536";
+    let stack = start_with(server, "", Default::default()).await;
+    let other = common::seed(&stack.gateway, "100", "1");
+    assert_ne!(other.org, stack.keys.org, "a second organization");
+    let padded = |bytes: usize| {
+        let head = r#"{"model":"mock-gpt","max_tokens":5,"user":""#;
+        format!("{head}{}\"}}", "a".repeat(bytes - head.len() - 2))
+    };
+    let post = |key: String, body: String| {
+        let url = stack.url("/v1/chat/completions");
+        async move {
+            let request = Request::post(url)
+                .header("authorization", format!("Bearer {key}"))
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            send(request).await
+        }
+    };
+    // The first organization's slow body holds 40,000 bytes of its 65,536.
+    let mut slow = tokio::net::TcpStream::connect(stack.gateway.proxy_addr()).await.unwrap();
+    let body = padded(60_000);
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-length: {}\r\n\r\n",
+        stack.keys.pro,
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&body.as_bytes()[..40_000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let refused = post(stack.keys.pro.clone(), padded(30_000)).await;
+    assert_eq!(refused.status, 503, "past its share: {:?}", String::from_utf8_lossy(&refused.body));
+    assert_eq!(refused.json()["error"]["code"], "gateway_busy");
+    assert_eq!(post(stack.keys.pro.clone(), padded(20_000)).await.status, 200, "within its share");
+    assert_eq!(post(other.pro.clone(), padded(60_000)).await.status, 200, "the other organization is served");
+    drop(slow);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while post(stack.keys.pro.clone(), padded(60_000)).await.status != 200 {
+        assert!(std::time::Instant::now() < deadline, "the share never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn bodies_read_whole_share_one_memory_budget() {
     // Each body is bounded by max_body_bytes, but before, not their sum: many

@@ -3,44 +3,57 @@
 //! bounded by `max_body_bytes`, but not their sum: many connections sending
 //! large bodies slowly, each inside its read timeout, could hold gigabytes.
 //! A shared budget of `max_buffered_body_bytes` bounds the sum; a body that
-//! would pass it is refused with 503 `gateway_busy` as it arrives.
+//! would pass it is refused with 503 `gateway_busy` as it arrives. Each
+//! organization may hold at most `max_buffered_body_bytes_per_org` of it, so
+//! one tenant's slow bodies (its keys are many, each with its own in-flight
+//! cap) cannot leave every other tenant refused.
 
 use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::ProxyError;
+use crate::ledger::ids::OrgId;
 
 /// Budget units: KiB, so a budget of any size fits the semaphore.
 const UNIT: u64 = 1024;
 
 pub struct BodyBudget {
     units: Semaphore,
+    /// Units each organization holds now; an entry goes when it is back to 0.
+    by_org: DashMap<OrgId, u64>,
+    per_org_units: u64,
 }
 
 impl BodyBudget {
-    pub fn new(max_buffered_bytes: u64) -> BodyBudget {
+    pub fn new(max_buffered_bytes: u64, per_org_bytes: u64) -> BodyBudget {
         // Rounded up, as each body's share is: a budget equal to the largest
         // body always admits one.
         let units = usize::try_from(max_buffered_bytes.div_ceil(UNIT)).unwrap_or(Semaphore::MAX_PERMITS);
-        BodyBudget { units: Semaphore::new(units.min(Semaphore::MAX_PERMITS)) }
+        BodyBudget {
+            units: Semaphore::new(units.min(Semaphore::MAX_PERMITS)),
+            by_org: DashMap::new(),
+            per_org_units: per_org_bytes.div_ceil(UNIT),
+        }
     }
 
     /// Reads `body` whole, up to `limit_bytes`, taking its size from the
-    /// budget as it arrives (not as declared: a client could declare large
-    /// bodies it never sends and hold the budget); what it took goes back
-    /// when the permit drops.
+    /// budget (and `org`'s share of it) as it arrives (not as declared: a
+    /// client could declare large bodies it never sends and hold the
+    /// budget); what it took goes back when the returned hold drops.
     pub async fn read(
         &self,
         mut body: Incoming,
         limit_bytes: u64,
-    ) -> Result<(Bytes, Option<SemaphorePermit<'_>>), ProxyError> {
+        org: OrgId,
+    ) -> Result<(Bytes, Taken<'_>), ProxyError> {
         use http_body::Body as _;
         if body.size_hint().lower() > limit_bytes {
             return Err(ProxyError::BodyTooLarge { limit_bytes });
         }
-        let mut taken = Taken { budget: self, permit: None, units: 0 };
+        let mut taken = Taken { budget: self, org, permit: None, units: 0 };
         // One frame (the common case) is kept as it came; more are joined.
         let mut first: Option<Bytes> = None;
         let mut joined: Option<BytesMut> = None;
@@ -71,13 +84,14 @@ impl BodyBudget {
             (Some(joined), _) => joined.freeze(),
             (None, first) => first.unwrap_or_default(),
         };
-        Ok((bytes, taken.permit))
+        Ok((bytes, taken))
     }
 }
 
-/// What one body took from the budget so far.
-struct Taken<'a> {
+/// What one body took from the budget so far; given back when dropped.
+pub struct Taken<'a> {
     budget: &'a BodyBudget,
+    org: OrgId,
     permit: Option<SemaphorePermit<'a>>,
     units: u64,
 }
@@ -89,13 +103,45 @@ impl Taken<'_> {
         if needed <= self.units {
             return Ok(());
         }
-        let more = u32::try_from(needed - self.units).map_err(|_| ProxyError::BodyBudget)?;
-        let permit = self.budget.units.try_acquire_many(more).map_err(|_| ProxyError::BodyBudget)?;
+        let more_units = needed - self.units;
+        let more = u32::try_from(more_units).map_err(|_| ProxyError::BodyBudget)?;
+        // The organization's share first, then the whole budget.
+        {
+            let mut held = self.budget.by_org.entry(self.org).or_insert(0);
+            if *held + more_units > self.budget.per_org_units {
+                drop(held);
+                self.budget.by_org.remove_if(&self.org, |_, held| *held == 0);
+                return Err(ProxyError::BodyBudget);
+            }
+            *held += more_units;
+        }
+        let permit = match self.budget.units.try_acquire_many(more) {
+            Ok(permit) => permit,
+            Err(_) => {
+                self.give_back_org(more_units);
+                return Err(ProxyError::BodyBudget);
+            }
+        };
         match &mut self.permit {
             Some(taken) => taken.merge(permit),
             None => self.permit = Some(permit),
         }
         self.units = needed;
         Ok(())
+    }
+
+    fn give_back_org(&self, units: u64) {
+        if let Some(mut held) = self.budget.by_org.get_mut(&self.org) {
+            *held = held.saturating_sub(units);
+        }
+        self.budget.by_org.remove_if(&self.org, |_, held| *held == 0);
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if self.units > 0 {
+            self.give_back_org(self.units);
+        }
     }
 }
