@@ -197,7 +197,7 @@ async fn bad_requests_are_refused_and_charge_nothing() {
 }
 
 #[tokio::test]
-async fn upstream_errors_charge_nothing() {
+async fn upstream_errors_charge_nothing_but_an_edge_timeout_is_charged_the_hold() {
     let stack = start().await;
     let pool = wallet_of(&stack, &stack.keys.pro);
     let before = balance(&stack, pool);
@@ -209,6 +209,17 @@ async fn upstream_errors_charge_nothing() {
     let reply = send(request).await;
     assert_eq!(reply.status, 500);
     assert_eq!(balance(&stack, pool), before, "an upstream 500 costs nothing");
+
+    // 524: the edge in front of the upstream stopped waiting for an origin
+    // that had the call, which runs on and is billed. Before, it cost nothing.
+    let request = Request::post(stack.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {}", stack.keys.pro))
+        .header("x-mock-status", "524")
+        .body(Full::new(Bytes::from(SMALL_CALL)))
+        .unwrap();
+    assert_eq!(send(request).await.status, 524);
+    let hold = cost(SMALL_CALL.len() as u64, 20, "1", "2", "0.0001");
+    assert_eq!(before - balance(&stack, pool), hold, "a 524 is charged the hold");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -210,6 +210,10 @@ const RESPONSES_TOKEN_TOOLS: [&str; 8] = [
     "mcp",
 ];
 
+/// Cloudflare's "a timeout occurred": the origin took the call and had not
+/// answered when the edge gave up. The call runs on, and is billed.
+const ORIGIN_TIMED_OUT: u16 = 524;
+
 /// Chat Completions tool types that bill only tokens: the client runs them.
 /// Any other type is one an OpenAI-compatible upstream runs itself, for a
 /// fee of its own (Groq's `browser_search` and `code_interpreter`), and is
@@ -949,7 +953,9 @@ impl Charge {
     /// - A call the upstream was sent is settled from its answer even when
     ///   the client left first or the gateway stopped waiting (504): the
     ///   gateway waits on in the background. No answer in time: the hold.
-    /// - A non-2xx response, or an upstream that failed, costs nothing.
+    /// - A non-2xx response, or an upstream that failed, costs nothing;
+    ///   except 524, an edge (Cloudflare, in front of OpenAI) that stopped
+    ///   waiting for an origin that had the call and runs it on: the hold.
     pub fn settle(mut self, outcome: Outcome, now: DateTime<Utc>) -> SettleResult {
         let Some(hold) = self.hold.take() else {
             return SettleResult::NotHeld;
@@ -961,7 +967,8 @@ impl Charge {
         // An upstream that failed bills nothing; one that had the call and
         // never answered may bill it all.
         let answered = self.upstream_status.is_some_and(|s| s.is_success());
-        let unanswered = self.upstream_status.is_none() && outcome == Outcome::NoAnswer;
+        let unanswered = (self.upstream_status.is_none() && outcome == Outcome::NoAnswer)
+            || self.upstream_status.is_some_and(|s| s.as_u16() == ORIGIN_TIMED_OUT);
         if !answered && !unanswered {
             hold.release(now);
             return SettleResult::Released;
