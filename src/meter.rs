@@ -35,6 +35,96 @@ pub struct Reported {
     pub output_tokens: Option<u64>,
     /// Calls of the upstream's own (hosted) tools, by [`HostedTool`].
     pub hosted_calls: [u32; HostedTool::ALL.len()],
+    /// The service tier the upstream says served the call (it may differ
+    /// from the one asked for), as the document with the usage names it.
+    pub served_tier: Option<ServiceTier>,
+}
+
+/// A service tier as a request asks for it or a response names the one
+/// that served the call: OpenAI's `service_tier` (`default`, `flex`,
+/// `priority`, `scale`), Anthropic's `usage.service_tier` (`standard`,
+/// `priority`, `batch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceTier {
+    /// The base prices: `default`, `standard`, and the requests' `auto`
+    /// and `standard_only`.
+    Default,
+    Priority,
+    Flex,
+    Scale,
+    Batch,
+    /// Any other name.
+    Other,
+}
+
+impl ServiceTier {
+    pub fn from_name(name: &str) -> ServiceTier {
+        match name {
+            "default" | "standard" | "auto" | "standard_only" => ServiceTier::Default,
+            "priority" => ServiceTier::Priority,
+            "flex" => ServiceTier::Flex,
+            "scale" => ServiceTier::Scale,
+            "batch" => ServiceTier::Batch,
+            _ => ServiceTier::Other,
+        }
+    }
+
+    /// Its name under a model's `service_tiers` in the price table.
+    pub fn table_name(self) -> Option<&'static str> {
+        match self {
+            ServiceTier::Priority => Some("priority"),
+            ServiceTier::Flex => Some("flex"),
+            ServiceTier::Scale => Some("scale"),
+            ServiceTier::Batch => Some("batch"),
+            ServiceTier::Default | ServiceTier::Other => None,
+        }
+    }
+}
+
+/// A `service_tier` value: any JSON value, kept only if it is a string.
+struct TierField(Option<ServiceTier>);
+
+impl<'de> Deserialize<'de> for TierField {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TierVisitor;
+        impl<'de> serde::de::Visitor<'de> for TierVisitor {
+            type Value = TierField;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, value: &str) -> Result<TierField, E> {
+                Ok(TierField(Some(ServiceTier::from_name(value))))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<TierField, E> {
+                Ok(TierField(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<TierField, E> {
+                Ok(TierField(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<TierField, E> {
+                Ok(TierField(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<TierField, E> {
+                Ok(TierField(None))
+            }
+            fn visit_unit<E>(self) -> Result<TierField, E> {
+                Ok(TierField(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<TierField, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(TierField(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TierField, A::Error> {
+                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(TierField(None))
+            }
+        }
+        deserializer.deserialize_any(TierVisitor)
+    }
+}
+
+fn tier_of(field: Option<TierField>) -> Option<ServiceTier> {
+    field.and_then(|field| field.0)
 }
 
 /// A tool the upstream runs itself and bills per call. OpenAI's (Responses
@@ -140,6 +230,8 @@ impl Reported {
             *mine = (*mine).max(theirs);
         }
         self.output_tokens = max(self.output_tokens, other.output_tokens);
+        // The latest document that names one says what served the call.
+        self.served_tier = other.served_tier.or(self.served_tier);
     }
 }
 
@@ -152,12 +244,14 @@ struct Envelope {
     message: Option<Nested>,
     response: Option<Nested>,
     output: Option<Vec<OutputItem>>,
+    service_tier: Option<TierField>,
 }
 
 #[derive(Deserialize)]
 struct Nested {
     usage: Option<UsageFields>,
     output: Option<Vec<OutputItem>>,
+    service_tier: Option<TierField>,
 }
 
 /// An item of a Responses API `output`: only its type is read.
@@ -186,6 +280,7 @@ struct UsageFields {
     input_tokens_details: Option<Details>,
     cache_creation: Option<CacheCreation>,
     server_tool_use: Option<ServerToolUse>,
+    service_tier: Option<TierField>,
 }
 
 /// Anthropic's count of the server tools a call ran.
@@ -251,7 +346,7 @@ impl<'de> Deserialize<'de> for Count {
 }
 
 impl UsageFields {
-    fn reported(&self) -> Reported {
+    fn reported(self) -> Reported {
         let count = |field: &Option<Count>| field.as_ref().and_then(|count| count.0);
         fn cached(details: &Option<Details>) -> Option<&Count> {
             details.as_ref().and_then(|d| d.cached_tokens.as_ref())
@@ -281,6 +376,7 @@ impl UsageFields {
         });
         reported.hosted_calls[HostedTool::AnthropicWebSearch.index()] =
             searches.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
+        reported.served_tier = tier_of(self.service_tier);
         reported
     }
 }
@@ -315,15 +411,21 @@ fn envelope_of(json: &[u8]) -> Result<Envelope, serde_json::Error> {
     }
 }
 
-fn usage_in(envelope: Envelope) -> Option<Reported> {
+fn usage_in(mut envelope: Envelope) -> Option<Reported> {
     let output = envelope.output.as_deref().or(envelope.response.as_ref().and_then(|r| r.output.as_deref()));
     let hosted_calls = output.map(|items| count_hosted_calls(item_types(items))).unwrap_or_default();
+    // The tier next to the usage: the document's, the response's or the
+    // message's (OpenAI), else the usage's own (Anthropic).
+    let served_tier = tier_of(envelope.service_tier.take())
+        .or_else(|| tier_of(envelope.response.as_mut().and_then(|r| r.service_tier.take())))
+        .or_else(|| tier_of(envelope.message.as_mut().and_then(|m| m.service_tier.take())));
     let (usage, opening) = match (envelope.usage, envelope.message.and_then(|m| m.usage)) {
         (Some(usage), _) => (usage, false),
         (None, Some(usage)) => (usage, true),
         (None, None) => (envelope.response.and_then(|r| r.usage)?, false),
     };
     let mut reported = usage.reported();
+    reported.served_tier = served_tier.or(reported.served_tier);
     if opening {
         reported.output_tokens = None;
     }
@@ -392,6 +494,7 @@ fn counted(c: UsageCounts) -> Reported {
         cache_write_1h_tokens: write_1h,
         output_tokens: output,
         hosted_calls: Default::default(),
+        served_tier: None,
     }
 }
 
@@ -407,6 +510,11 @@ fn usage_from_json(value: &Value) -> Option<Reported> {
     if opening {
         reported.output_tokens = None;
     }
+    let tier = |pointer: &str| value.pointer(pointer).and_then(Value::as_str).map(ServiceTier::from_name);
+    reported.served_tier = tier("/service_tier")
+        .or_else(|| tier("/response/service_tier"))
+        .or_else(|| tier("/message/service_tier"))
+        .or(reported.served_tier);
     for (mine, from_output) in reported.hosted_calls.iter_mut().zip(count_hosted_calls(types)) {
         *mine = (*mine).max(from_output);
     }
@@ -438,6 +546,7 @@ fn usage_from_object(usage: &Value) -> Option<Reported> {
     let searches = usage.pointer("/server_tool_use/web_search_requests").and_then(Value::as_u64);
     reported.hosted_calls[HostedTool::AnthropicWebSearch.index()] =
         searches.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
+    reported.served_tier = usage.get("service_tier").and_then(Value::as_str).map(ServiceTier::from_name);
     Some(reported)
 }
 
@@ -1378,6 +1487,29 @@ mod tests {
             (Some(194), Some(10), Some(100))
         );
         assert_eq!(r.output_tokens, Some(2));
+    }
+
+    #[test]
+    fn the_tier_that_served_the_call_is_read_beside_its_usage() {
+        // OpenAI names it beside the usage (a body, a stream's usage chunk,
+        // a Responses ending); Anthropic inside the usage.
+        let cases: [(&[u8], Option<ServiceTier>); 6] = [
+            (br#"{"service_tier":"priority","usage":{"prompt_tokens":1,"completion_tokens":1}}"#, Some(ServiceTier::Priority)),
+            (br#"{"choices": [], "service_tier": "default", "usage": {"prompt_tokens":1,"completion_tokens":1}}"#, Some(ServiceTier::Default)),
+            (br#"{"type":"response.completed","response":{"service_tier":"flex","usage":{"input_tokens":1,"output_tokens":1}}}"#, Some(ServiceTier::Flex)),
+            (br#"{"usage":{"input_tokens":1,"output_tokens":1,"service_tier":"standard"}}"#, Some(ServiceTier::Default)),
+            (br#"{"usage":{"input_tokens":1,"output_tokens":1,"service_tier":"priority"},"service_tier":7}"#, Some(ServiceTier::Priority)),
+            (br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#, None),
+        ];
+        for (body, tier) in cases {
+            let read = usage_from_bytes(body).unwrap();
+            assert_eq!(read.served_tier, tier, "{}", String::from_utf8_lossy(body));
+        }
+        // In a stream: the usage chunk's, which the rewrite leaves in place.
+        let stream = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"service_tier\":\"priority\",\"usage\":null}\r\n\r\ndata: {\"choices\":[],\"service_tier\":\"priority\",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\r\n\r\ndata: [DONE]\r\n\r\n";
+        let mut meter = Meter::new(true, true);
+        meter.observe(Bytes::from_static(stream));
+        assert_eq!(meter.finish().served_tier, Some(ServiceTier::Priority));
     }
 
     #[test]

@@ -335,6 +335,10 @@ impl Proxy {
                 let base = &self.config.upstreams[route.upstream].base_path;
                 charge::check_deployment(base, parts.uri.path(), &fields.model)?;
                 let price = charge::price_model(&table, &fields.model, fields.service_tier.as_deref(), now)?;
+                let requested_tier = fields
+                    .service_tier
+                    .as_deref()
+                    .map_or(crate::meter::ServiceTier::Default, crate::meter::ServiceTier::from_name);
                 if *flavour == Flavour::AnthropicMessages
                     && !price.has_long_context_prices()
                     && charge::asks_long_context(&parts.headers)
@@ -398,6 +402,7 @@ impl Proxy {
                     flavour: *flavour,
                     web_search_preview: fields.web_search_preview,
                     cache_longer_lifetime: fields.cache_longer_lifetime,
+                    requested_tier,
                 };
                 (Either::Right(Full::new(bytes)), priced, hold, held_cost, plan.cap, inject, estimated_input)
             }

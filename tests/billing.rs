@@ -690,6 +690,59 @@ async fn a_crlf_stream_with_spaced_json_and_no_final_blank_line_reaches_the_clie
 }
 
 #[tokio::test]
+async fn a_call_is_charged_at_the_tier_the_upstream_says_served_it() {
+    // Before, the tier the request named priced the call whatever served it:
+    // a project whose default is priority served `auto` calls at 1.7x and
+    // they were charged 1x; a priority call served at the default tier was
+    // charged 1.7x. Now the tier the response names prices the call.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let table = books.gateway.prices().unwrap().current();
+    let now = chrono::Utc::now();
+    let in_tier = |tier: &str| {
+        let last = books.provider.last();
+        let usage = TokenUsage {
+            input_tokens: last.input_tokens,
+            output_tokens: last.output_tokens,
+            ..TokenUsage::default()
+        };
+        let price = table.model("mock-gpt", now).unwrap();
+        match tier {
+            "default" => price.cost(&usage).unwrap(),
+            tier => price.in_tier(table.service_tier("mock-gpt", tier).unwrap()).cost(&usage).unwrap(),
+        }
+    };
+    let cases = [
+        // (asked, served, streamed, priced at)
+        (None, "priority", false, "priority"),
+        (None, "priority", true, "priority"),
+        (Some("auto"), "priority", false, "priority"),
+        (Some("priority"), "default", false, "default"),
+        (Some("priority"), "default", true, "default"),
+        (Some("flex"), "flex", false, "flex"),
+        // A served tier the table does not price: the one asked for.
+        (Some("flex"), "scale", false, "flex"),
+        (None, "default", true, "default"),
+    ];
+    for (asked, served, stream, priced_at) in cases {
+        let mut body = json!({"model": "mock-gpt", "max_tokens": 100, "stream": stream,
+                              "stream_options": {"include_usage": true}});
+        if let Some(asked) = asked {
+            body["service_tier"] = json!(asked);
+        }
+        let before = books.settled_balance(&pro).await;
+        let reply = books.post(CHAT, Some(&pro), &[("x-provider-served-tier", served)], &body).await;
+        assert_eq!(reply.status, 200, "{asked:?} served {served}");
+        let charged = before - books.settled_balance(&pro).await;
+        assert_eq!(
+            charged,
+            in_tier(priced_at),
+            "{asked:?} served {served} (stream {stream}): {priced_at} prices"
+        );
+    }
+}
+
+#[tokio::test]
 async fn price_modifiers_the_client_picks_are_priced() {
     // Proves defect 9 (prices): a `service_tier` the client picked and Anthropic cache writes
     // were priced at base input rates. Now a priced tier applies its multipliers, an unpriced

@@ -4,8 +4,9 @@
 //!
 //! A tokenizer that keeps only the nesting skips everything except what
 //! [`super::usage_from_bytes`] reads: the top-level `usage`, the `usage`
-//! under `message` and `response`, and the `type` of each item of `output`
-//! and `response.output` (and the top-level `type`, an event's kind). Those
+//! under `message` and `response`, the `service_tier` beside each, and the
+//! `type` of each item of `output` and `response.output` (and the
+//! top-level `type`, an event's kind). Those
 //! values are copied out as they pass; at the end they are put back
 //! together as a small document read by the same parser, so a large body is
 //! charged by the same rules as a small one. Memory stays bounded whatever
@@ -43,6 +44,7 @@ enum Key {
     Response,
     Output,
     Type,
+    ServiceTier,
     Other,
 }
 
@@ -62,6 +64,7 @@ impl Key {
             b"response" => Key::Response,
             b"output" => Key::Output,
             b"type" => Key::Type,
+            b"service_tier" => Key::ServiceTier,
             _ => Key::Other,
         })
     }
@@ -75,9 +78,9 @@ impl Key {
 /// may each be given once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
-    /// The document: `usage`, `message`, `response`, `output`.
+    /// The document: `usage`, `message`, `response`, `output`, `service_tier`.
     Document,
-    /// `message` or `response`: `usage`, `output`.
+    /// `message` or `response`: `usage`, `output`, `service_tier`.
     Nested,
     /// An item of `output`: `type`.
     Item,
@@ -88,8 +91,10 @@ enum Role {
 impl Role {
     fn reads(self, key: Key) -> bool {
         match self {
-            Role::Document => matches!(key, Key::Usage | Key::Message | Key::Response | Key::Output),
-            Role::Nested => matches!(key, Key::Usage | Key::Output),
+            Role::Document => {
+                matches!(key, Key::Usage | Key::Message | Key::Response | Key::Output | Key::ServiceTier)
+            }
+            Role::Nested => matches!(key, Key::Usage | Key::Output | Key::ServiceTier),
             Role::Item => key == Key::Type,
             Role::Other => false,
         }
@@ -123,6 +128,10 @@ enum Target {
     ResponseUsage,
     OutputType,
     ResponseOutputType,
+    /// `service_tier`, and under `message` and `response`: any value.
+    ServiceTier,
+    MessageServiceTier,
+    ResponseServiceTier,
 }
 
 /// The place a value is at, as far as the fast path reads.
@@ -147,12 +156,13 @@ enum Place {
 impl Place {
     /// The place the path `open` leads to.
     fn at(open: &[Open]) -> Place {
-        use Key::{Message, Output, Response, Type, Usage};
+        use Key::{Message, Output, Response, ServiceTier, Type, Usage};
         let item = |open: &Open| *open == Open::Array;
         match open {
             [a] => match a.key() {
                 Some(Type) => Place::Read(Target::TopType),
                 Some(Usage) => Place::Read(Target::Usage),
+                Some(ServiceTier) => Place::Read(Target::ServiceTier),
                 Some(Message | Response) => Place::Nested,
                 Some(Output) => Place::Output { in_response: false },
                 _ => Place::Elsewhere,
@@ -160,6 +170,8 @@ impl Place {
             [a, b] => match (a.key(), b.key()) {
                 (Some(Message), Some(Usage)) => Place::Read(Target::MessageUsage),
                 (Some(Response), Some(Usage)) => Place::Read(Target::ResponseUsage),
+                (Some(Message), Some(ServiceTier)) => Place::Read(Target::MessageServiceTier),
+                (Some(Response), Some(ServiceTier)) => Place::Read(Target::ResponseServiceTier),
                 (Some(Response), Some(Output)) => Place::Output { in_response: true },
                 (Some(Message), Some(Output)) => Place::MessageOutput,
                 (Some(Output), None) if item(b) => Place::Item { in_response: false },
@@ -231,6 +243,9 @@ pub(super) struct LargeJson {
     usage: Option<Vec<u8>>,
     message_usage: Option<Vec<u8>>,
     response_usage: Option<Vec<u8>>,
+    service_tier: Option<Vec<u8>>,
+    message_service_tier: Option<Vec<u8>>,
+    response_service_tier: Option<Vec<u8>>,
     /// The hosted-tool calls among the items of `output` and
     /// `response.output`, once those lists began.
     output: Option<Vec<HostedTool>>,
@@ -276,16 +291,30 @@ impl LargeJson {
                 calls.iter().map(|tool| format!("{{\"type\":\"{}\"}}", tool.item_type())).collect();
             format!("[{}]", listed.join(",")).into_bytes()
         };
+        let field = |name: &[u8], value: &[u8]| [b"\"", name, b"\":", value].concat();
         let mut fields: Vec<Vec<u8>> = Vec::new();
         if let Some(usage) = &self.usage {
-            fields.push([b"\"usage\":", &usage[..]].concat());
+            fields.push(field(b"usage", usage));
         }
+        if let Some(tier) = &self.service_tier {
+            fields.push(field(b"service_tier", tier));
+        }
+        let mut message: Vec<Vec<u8>> = Vec::new();
         if let Some(usage) = &self.message_usage {
-            fields.push([b"\"message\":{\"usage\":", &usage[..], b"}"].concat());
+            message.push(field(b"usage", usage));
+        }
+        if let Some(tier) = &self.message_service_tier {
+            message.push(field(b"service_tier", tier));
+        }
+        if !message.is_empty() {
+            fields.push([b"\"message\":{", &message.join(&b","[..])[..], b"}"].concat());
         }
         let mut response: Vec<Vec<u8>> = Vec::new();
         if let Some(usage) = &self.response_usage {
-            response.push([b"\"usage\":", &usage[..]].concat());
+            response.push(field(b"usage", usage));
+        }
+        if let Some(tier) = &self.response_service_tier {
+            response.push(field(b"service_tier", tier));
         }
         if let Some(calls) = &self.response_output {
             response.push([b"\"output\":", &items(calls)[..]].concat());
@@ -534,6 +563,9 @@ impl LargeJson {
             Target::Usage => return self.usage = Some(bytes),
             Target::MessageUsage => return self.message_usage = Some(bytes),
             Target::ResponseUsage => return self.response_usage = Some(bytes),
+            Target::ServiceTier => return self.service_tier = Some(bytes),
+            Target::MessageServiceTier => return self.message_service_tier = Some(bytes),
+            Target::ResponseServiceTier => return self.response_service_tier = Some(bytes),
             Target::OutputType => false,
             Target::ResponseOutputType => true,
         };
@@ -563,7 +595,7 @@ mod tests {
 
     /// Bodies in the usual shapes (the providers', and some odd but usual
     /// ones): read as the whole-body parse reads them.
-    const USUAL: [&str; 18] = [
+    const USUAL: [&str; 22] = [
         r#"{"object":"list","data":[{"object":"embedding","embedding":[0.1,-0.2,3e-5],"index":0}],"model":"m","usage":{"prompt_tokens":8,"total_tokens":8}}"#,
         r#"{"id":"r","output":[{"type":"web_search_call","id":"ws"},{"type":"image_generation_call","result":"AAAA\"x"},{"type":"message","content":[{"type":"output_text","text":"hi \\ \" there"}]}],"usage":{"input_tokens":9,"output_tokens":4,"input_tokens_details":{"cached_tokens":2}}}"#,
         r#"{"id":"msg","type":"message","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":10,"output_tokens":2,"cache_read_input_tokens":5,"cache_creation_input_tokens":300,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200},"server_tool_use":{"web_search_requests":2}}}"#,
@@ -582,11 +614,16 @@ mod tests {
         r#"{"message":{"output":null,"usage":null},"response":null,"usage":{"input_tokens":2,"output_tokens":1}}"#,
         r#"{"message":{"usage":{"input_tokens":3,"output_tokens":9}},"response":{"usage":{"input_tokens":4,"output_tokens":1}}}"#,
         r#"{"usage":{"input_tokens":5.0,"output_tokens":1e2,"prompt_tokens_details":null}}"#,
+        // The tier that served the call, wherever it is named, in any shape.
+        r#"{"id":"c","choices":[],"service_tier":"priority","usage":{"prompt_tokens":4,"completion_tokens":2}}"#,
+        r#"{"type":"response.completed","response":{"service_tier":"flex","usage":{"input_tokens":7,"output_tokens":3}}}"#,
+        r#"{"type":"message_start","message":{"service_tier":null,"usage":{"input_tokens":5,"output_tokens":1,"service_tier":"priority"}}}"#,
+        r#"{"service_tier":{"x":[1,"scale"]},"message":{"service_tier":"batch"},"usage":{"input_tokens":1,"output_tokens":1}}"#,
     ];
 
     /// Bodies the parser reads its general way (a key given twice, a list
     /// where an object goes, an item that is not an object): left unread.
-    const UNUSUAL: [&str; 15] = [
+    const UNUSUAL: [&str; 16] = [
         r#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"usage":{"prompt_tokens":5,"completion_tokens":6}}"#,
         r#"{"output":[{"type":7},{"type":"code_interpreter_call"}],"usage":{"input_tokens":1,"output_tokens":1}}"#,
         r#"[{"usage":{"prompt_tokens":4,"completion_tokens":2}}]"#,
@@ -602,6 +639,7 @@ mod tests {
         r#"{"\udc00":0,"usage":{"prompt_tokens":1}}"#,
         r#"{"output":[["web_search_call"]],"usage":{"input_tokens":1,"output_tokens":1}}"#,
         r#"{"message":[{"input_tokens":3,"output_tokens":2},null]}"#,
+        r#"{"service_tier":"flex","service_tier":"priority","usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
     ];
 
     fn read(parts: &[&[u8]]) -> Option<Reported> {

@@ -23,8 +23,10 @@ use crate::ledger::entity::KeyHash;
 use crate::ledger::entry::{SettleDetails, Usage};
 use crate::ledger::ids::{Owner, RequestId};
 use crate::ledger::{Hold, Ledger, ResolvedKey, SettleError};
-use crate::meter::{HostedTool, Meter, Reported};
-use crate::pricing::{customer_price, HoldRequest, Markup, ModelPrice, PriceTable, TokenUsage, ToolPrice};
+use crate::meter::{HostedTool, Meter, Reported, ServiceTier};
+use crate::pricing::{
+    customer_price, HoldRequest, Markup, ModelPrice, Multipliers, PriceTable, TokenUsage, ToolPrice,
+};
 
 /// Header an application uses to name its end user (recorded, for reports).
 pub static END_USER: HeaderName = HeaderName::from_static("x-creditgate-end-user");
@@ -51,6 +53,8 @@ pub enum Priced {
         /// The request may have asked for hour-long cache writes: writes
         /// the usage does not split by lifetime are charged as those.
         cache_longer_lifetime: bool,
+        /// The service tier the request asked for (`price` is in it).
+        requested_tier: ServiceTier,
     },
     Tool {
         name: Arc<str>,
@@ -374,10 +378,13 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         Flavour::OpenaiEmbeddings => None,
         _ => server_context::marker(body),
     };
-    // `auto` runs on the project's default tier, which the operator chose.
+    // `auto` runs on the project's default tier, which the operator chose
+    // (the response says which tier served the call, and settles at its
+    // prices: see `Charge::price_as_served`); Anthropic's `standard_only` is
+    // the standard tier.
     let service_tier = match fields.service_tier {
         None | Some(Value::Null) => None,
-        Some(Value::String(tier)) if tier == "auto" || tier == "default" => None,
+        Some(Value::String(tier)) if ServiceTier::from_name(&tier) == ServiceTier::Default => None,
         Some(Value::String(tier)) if !tier.is_empty() && tier.len() <= 64 => Some(tier),
         Some(_) => {
             return Err(ProxyError::InvalidField {
@@ -1014,6 +1021,9 @@ impl Charge {
             return (held, Usage::default(), SettleFlag::NoUsage);
         };
         let (mut reported, delivered) = (meter.finish(), meter.delivered_output_estimate());
+        let usage_is_final = meter.usage_is_final();
+        let served = self.price_as_served(price, reported.served_tier);
+        let price = &served;
         let longer = matches!(self.priced, Some(Priced::Model { cache_longer_lifetime: true, .. }));
         if longer && reported.cache_write_1h_tokens.is_none() {
             reported.cache_write_1h_tokens = reported.cache_write_5m_tokens.take();
@@ -1021,7 +1031,7 @@ impl Charge {
         let no_output = flavour == Flavour::OpenaiEmbeddings;
         // A body cut short has seen at most a running total, unless its
         // usage came in the event that ends it.
-        let ended = outcome == Outcome::Completed || meter.usage_is_final();
+        let ended = outcome == Outcome::Completed || usage_is_final;
         let complete =
             ended && reported.input_tokens.is_some() && (reported.output_tokens.is_some() || no_output);
         if complete {
@@ -1053,6 +1063,33 @@ impl Charge {
         match floor {
             Some((least, usage)) if least.price > charged.price => (least, usage, flag),
             _ => (charged, usage, flag),
+        }
+    }
+
+    /// The prices of the tier the upstream says served the call, when it
+    /// names one other than the request's: OpenAI serves `auto` (or no
+    /// tier) on a project's own default, which may be priority, and may
+    /// serve a `priority` request at the default tier; Anthropic's `auto`
+    /// runs on priority capacity where the organization has it. The bill
+    /// follows the tier that served. A served tier the table does not price
+    /// leaves the request's prices (and is logged).
+    fn price_as_served(&self, price: &ModelPrice, served: Option<ServiceTier>) -> ModelPrice {
+        let Some(Priced::Model { name, requested_tier, .. }) = &self.priced else {
+            return *price;
+        };
+        let Some(served) = served.filter(|served| served != requested_tier) else {
+            return *price;
+        };
+        let multipliers = match served {
+            ServiceTier::Default => Some(Multipliers::ONE),
+            named => named.table_name().and_then(|tier| self.table.service_tier(name, tier)),
+        };
+        match multipliers {
+            Some(multipliers) => price.in_tier(multipliers),
+            None => {
+                tracing::warn!(model = %name, ?served, "the upstream served a tier the table does not price; charged at the requested tier");
+                *price
+            }
         }
     }
 

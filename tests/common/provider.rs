@@ -19,7 +19,9 @@
 //! streamed or not);
 //! `x-provider-stream-length: 1` (a stream sent whole, with its length);
 //! `x-provider-units: N|none|garbage` for
-//! the tool route; `x-provider-cache-write-5m: N` and `-1h: N` input tokens
+//! the tool route; `x-provider-served-tier: NAME` (the tier it says served
+//! the call; by default the one asked for, `default` or Anthropic's
+//! `standard` when none was); `x-provider-cache-write-5m: N` and `-1h: N` input tokens
 //! a call wrote to its prompt cache (on `/v1/messages` reported apart, as
 //! Anthropic does; on chat as one `cache_write_tokens`, as OpenRouter does).
 #![allow(dead_code, clippy::unwrap_used)]
@@ -157,6 +159,15 @@ impl Provider {
             headers.get("accept-encoding").and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("gzip"))
                 || headers.contains_key("x-provider-gzip-anyway");
         let anthropic = path.starts_with("/v1/messages");
+        // As the providers do, every answer names the tier that served it.
+        let asked = body.get("service_tier").and_then(Value::as_str).filter(|t| *t != "auto");
+        let default_tier = if anthropic { "standard" } else { "default" };
+        let served_tier = headers
+            .get("x-provider-served-tier")
+            .and_then(|v| v.to_str().ok())
+            .or(asked)
+            .unwrap_or(default_tier)
+            .to_owned();
         if !stream {
             let document = if path.starts_with("/v1/responses") {
                 let mut output: Vec<Value> = (0..hosted_calls)
@@ -166,11 +177,12 @@ impl Provider {
                 let line = "a \"quoted\" line\n";
                 let long = line.repeat(number("x-provider-text-bytes", 0) as usize / line.len());
                 output.push(json!({"type": "message", "content": [{"type": "output_text", "text": format!("hi{long}")}]}));
-                json!({"id": "resp_1", "object": "response", "output": output,
+                json!({"id": "resp_1", "object": "response", "output": output, "service_tier": served_tier,
                        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}})
             } else if anthropic {
                 json!({"id": "msg_1", "type": "message", "content": [{"type": "text", "text": "hi"}],
                        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
+                                 "service_tier": served_tier,
                                  "server_tool_use": {"web_search_requests": hosted_calls},
                                  "cache_creation_input_tokens": write_5m + write_1h,
                                  "cache_creation": {"ephemeral_5m_input_tokens": write_5m,
@@ -187,7 +199,8 @@ impl Provider {
                     usage["prompt_tokens_details"] =
                         json!({"cached_tokens": 0, "cache_write_tokens": write_5m + write_1h});
                 }
-                json!({"id": "chatcmpl-1", "object": "chat.completion", "choices": choices, "usage": usage})
+                json!({"id": "chatcmpl-1", "object": "chat.completion", "choices": choices,
+                       "service_tier": served_tier, "usage": usage})
             };
             let text = serde_json::to_string_pretty(&document).unwrap();
             let response = respond(text.into_bytes(), "application/json", gzip);
@@ -208,6 +221,7 @@ impl Provider {
             let created = json!({"type": "response.created", "response": {"id": "resp_1", "output": []}});
             let delta = json!({"type": "response.output_text.delta", "delta": "hello there"});
             let completed = json!({"type": "response.completed", "response": {"id": "resp_1", "output": output,
+                                   "service_tier": served_tier,
                                    "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}});
             events.push((0, format!("event: response.created\r\ndata: {created}\r\n\r\n")));
             events.push((pace, format!("event: response.output_text.delta\r\ndata: {delta}\r\n\r\n")));
@@ -216,7 +230,7 @@ impl Provider {
                 format!("event: response.completed\r\ndata: {completed}\r\n\r\n"),
             ));
         } else if anthropic {
-            events.push((0, format!("event: message_start\r\ndata: {{\"type\": \"message_start\", \"message\": {{\"usage\": {{\"input_tokens\": {input_tokens}, \"output_tokens\": 1}}}}}}\r\n\r\n")));
+            events.push((0, format!("event: message_start\r\ndata: {{\"type\": \"message_start\", \"message\": {{\"usage\": {{\"input_tokens\": {input_tokens}, \"output_tokens\": 1, \"service_tier\": \"{served_tier}\"}}}}}}\r\n\r\n")));
             events.push((pace, "event: content_block_delta\r\ndata: {\"type\": \"content_block_delta\", \"delta\": {\"type\": \"text_delta\", \"text\": \"hello there\"}}\r\n\r\n".into()));
             events.push((number("x-provider-usage-delay-ms", pace), format!("event: message_delta\r\ndata: {{\"type\": \"message_delta\", \"usage\": {{\"output_tokens\": {output_tokens}}}}}\r\n\r\n")));
         } else {
@@ -231,10 +245,10 @@ impl Provider {
                     (true, false) => ", \"usage\": null".to_owned(),
                     (false, _) => String::new(),
                 };
-                events.push((pace, format!("data: {{\"id\": \"c1\", \"choices\": [{{\"index\": {i}, \"delta\": {{\"content\": \"hello there\"}}}}]{usage_field}}}\r\n\r\n")));
+                events.push((pace, format!("data: {{\"id\": \"c1\", \"choices\": [{{\"index\": {i}, \"delta\": {{\"content\": \"hello there\"}}}}], \"service_tier\": \"{served_tier}\"{usage_field}}}\r\n\r\n")));
             }
             if include_usage {
-                events.push((number("x-provider-usage-delay-ms", pace), format!("data: {{\"id\": \"c1\", \"choices\": [], \"usage\": {{\"prompt_tokens\": {input_tokens}, \"completion_tokens\": {output_tokens}}}}}\r\n\r\n")));
+                events.push((number("x-provider-usage-delay-ms", pace), format!("data: {{\"id\": \"c1\", \"choices\": [], \"service_tier\": \"{served_tier}\", \"usage\": {{\"prompt_tokens\": {input_tokens}, \"completion_tokens\": {output_tokens}}}}}\r\n\r\n")));
             }
             let done = if headers.contains_key("x-provider-no-final-blank") {
                 "data: [DONE]"
