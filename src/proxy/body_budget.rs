@@ -8,22 +8,24 @@
 //! one tenant's slow bodies (its keys are many, each with its own in-flight
 //! cap) cannot leave every other tenant refused.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::{Bytes, BytesMut};
-use dashmap::DashMap;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::ProxyError;
-use crate::ledger::ids::OrgId;
+use crate::ledger::ids::{IdDashMap, OrgId};
 
 /// Budget units: KiB, so a budget of any size fits the semaphore.
 const UNIT: u64 = 1024;
 
 pub struct BodyBudget {
     units: Semaphore,
-    /// Units each organization holds now; an entry goes when it is back to 0.
-    by_org: DashMap<OrgId, u64>,
+    /// Units each organization holds now (one entry per organization that
+    /// ever sent a body: the operator creates them, so they are few).
+    by_org: IdDashMap<OrgId, AtomicU64>,
     per_org_units: u64,
 }
 
@@ -34,7 +36,7 @@ impl BodyBudget {
         let units = usize::try_from(max_buffered_bytes.div_ceil(UNIT)).unwrap_or(Semaphore::MAX_PERMITS);
         BodyBudget {
             units: Semaphore::new(units.min(Semaphore::MAX_PERMITS)),
-            by_org: DashMap::new(),
+            by_org: IdDashMap::default(),
             per_org_units: per_org_bytes.div_ceil(UNIT),
         }
     }
@@ -106,14 +108,20 @@ impl Taken<'_> {
         let more_units = needed - self.units;
         let more = u32::try_from(more_units).map_err(|_| ProxyError::BodyBudget)?;
         // The organization's share first, then the whole budget.
-        {
-            let mut held = self.budget.by_org.entry(self.org).or_insert(0);
-            if *held + more_units > self.budget.per_org_units {
-                drop(held);
-                self.budget.by_org.remove_if(&self.org, |_, held| *held == 0);
-                return Err(ProxyError::BodyBudget);
+        let within_share = |held: &AtomicU64| {
+            let before = held.fetch_add(more_units, Ordering::AcqRel);
+            if before + more_units > self.budget.per_org_units {
+                held.fetch_sub(more_units, Ordering::AcqRel);
+                return false;
             }
-            *held += more_units;
+            true
+        };
+        let admitted = match self.budget.by_org.get(&self.org) {
+            Some(held) => within_share(&held),
+            None => within_share(&self.budget.by_org.entry(self.org).or_default()),
+        };
+        if !admitted {
+            return Err(ProxyError::BodyBudget);
         }
         let permit = match self.budget.units.try_acquire_many(more) {
             Ok(permit) => permit,
@@ -131,10 +139,9 @@ impl Taken<'_> {
     }
 
     fn give_back_org(&self, units: u64) {
-        if let Some(mut held) = self.budget.by_org.get_mut(&self.org) {
-            *held = held.saturating_sub(units);
+        if let Some(held) = self.budget.by_org.get(&self.org) {
+            held.fetch_sub(units, Ordering::AcqRel);
         }
-        self.budget.by_org.remove_if(&self.org, |_, held| *held == 0);
     }
 }
 
