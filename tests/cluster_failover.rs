@@ -25,6 +25,13 @@ async fn a_standby_promoted_under_load_takes_over_and_the_books_stay_exact() {
     let mut pg = Replicated::start();
     let url = pg.create_database("failover");
     let cluster = start_cluster_at(url, 3).await;
+    for replica in &cluster.replicas {
+        assert!(
+            !replica.log().contains("replicates asynchronously"),
+            "a synchronous standby: {}",
+            replica.log()
+        );
+    }
     let (org, secret) = funded_org(&cluster, 1, "50", "10").await;
     let addresses: Vec<_> = cluster.replicas.iter().map(|r| r.proxy.clone()).collect();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -1091,6 +1091,29 @@ async fn a_price_reload_asked_of_one_replica_reloads_every_replica_and_status_sh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_url_naming_standbys_of_a_primary_that_replicates_asynchronously_is_reported() {
+    // A failover to an asynchronous standby can lose commits the replicas
+    // saw acknowledged: the shared log then breaks (replicas stop on a
+    // balance mismatch, and cannot restart) and debits can post twice. The
+    // README asks for a synchronous standby; a start now says so when the
+    // URL names standbys and the primary does not run one.
+    let pg = Postgres::start();
+    pg.create_database("async_standby");
+    let url = format!("postgresql://postgres@127.0.0.1:{0},127.0.0.1:{0}/async_standby", pg.port());
+    let cluster = start_cluster_at(url, 1).await;
+    let log = cluster.replicas[0].log();
+    assert!(
+        log.contains("replicates asynchronously") && log.contains("synchronous_standby_names is empty"),
+        "{log}"
+    );
+    let one_host = start_cluster(&pg, "one_host", 1).await;
+    assert!(
+        !one_host.replicas[0].log().contains("replicates asynchronously"),
+        "no standby named, nothing to say"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_second_process_under_a_live_replicas_name_is_refused_and_touches_nothing() {
     // Debits are unique by (replica, entry) and a start gives back every open lease of its
     // name. Before, a second process under a live replica's name (a cloned data directory, a

@@ -114,12 +114,27 @@ async fn replicas_starting_together_apply_each_migration_once_and_refuse_a_newer
     );
 
     let db = Database::new(&url, 2).unwrap();
-    db.client()
+    // The forms version 9 replaced refuse to run: a replica of an older
+    // binary still running would draw leases with no expiry bound, and an
+    // older treasurer would append the books without their lots.
+    let client = db.client().await.unwrap();
+    let old_draw = client
+        .query("SELECT * FROM cg_draw_lease('old', 'pool:org_1', 1::numeric, 1::numeric, 1000::bigint, 1000::bigint)", &[])
         .await
-        .unwrap()
-        .execute("INSERT INTO cg_schema (version, name) VALUES (9999, 'future')", &[])
+        .unwrap_err();
+    let old_append = client
+        .query(
+            "SELECT cg_append_books(1::bigint, 'old', '{}'::bigint[], '{}'::bytea[], '{}'::text[], '{}'::bigint[], \
+             '{}'::numeric[], '{}'::text[])",
+            &[],
+        )
         .await
-        .unwrap();
+        .unwrap_err();
+    for err in [old_draw, old_append] {
+        let text = err.as_db_error().map(|db| db.message().to_owned()).unwrap_or_default();
+        assert!(text.contains("older than the books"), "{err:?}");
+    }
+    client.execute("INSERT INTO cg_schema (version, name) VALUES (9999, 'future')", &[]).await.unwrap();
     let err = migrate(&db).await.unwrap_err().to_string();
     assert!(err.contains("newer than this binary"), "{err}");
 }
@@ -891,6 +906,57 @@ async fn cluster_status_and_verify_read_the_books_from_the_database() {
     );
     let unset = cli(&["ledger", "verify", "--database-url-env", "CG_NOT_SET"]);
     assert!(String::from_utf8_lossy(&unset.stderr).contains("CG_NOT_SET"));
+}
+
+/// A shipment the database refuses does not stop the renewal. Before, a
+/// round shipped first and gave up on its error, so a live replica whose
+/// outbox would not ship (a batch the database times out on) let its leases
+/// lapse; the sweep then closed them and gave their credit back while its
+/// holds were still open on them, and that credit was spent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shipment_that_fails_leaves_the_leases_renewed() {
+    let pg = Postgres::start();
+    let url = pg.create_database("shipfails");
+    let admin = books(&url).await;
+    admin.fund(ORG, WALLET, dec!(1), "p").await.unwrap();
+    let mut quick = settings("ships-badly");
+    quick.ttl = Duration::from_secs(1);
+    quick.safety = Duration::from_millis(200);
+    let book = LeaseBook::new(books(&url).await, quick, 1);
+    let db = Database::new(&url, 1).unwrap();
+    // Shipping fails while the function it calls is away.
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("ALTER FUNCTION cg_ship_debits RENAME TO cg_ship_debits_away")
+        .await
+        .unwrap();
+    let streaming = book.hold(WALLET, dec!(0.10)).await.unwrap();
+    let done = book.hold(WALLET, dec!(0.05)).await.unwrap();
+    book.settle(done, dec!(0.05), Utc::now(), serde_json::json!({}));
+    for _ in 0..10 {
+        // Its result is the renewal's; what counts is that no lease lapsed.
+        let _ = book.maintain().await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(book.outbox_len(), 1, "the debit is still waiting to ship");
+    assert_eq!(
+        admin.expire(Duration::ZERO).await.unwrap(),
+        Decimal::ZERO,
+        "no lease of a live replica lapsed"
+    );
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("ALTER FUNCTION cg_ship_debits_away RENAME TO cg_ship_debits")
+        .await
+        .unwrap();
+    book.settle(streaming, dec!(0.10), Utc::now(), serde_json::json!({}));
+    book.shutdown().await.unwrap();
+    let audit = assert_books_exact(&admin).await;
+    assert_eq!(audit[0].debited, dec!(0.15));
+    assert_eq!(audit[0].uncovered, Decimal::ZERO, "both debits were covered by a live lease");
+    assert_eq!(audit[0].leased, Decimal::ZERO);
 }
 
 /// A replica cut off past its lease's deadline and grace: the sweep closes

@@ -153,6 +153,28 @@ impl Database {
         matches!(self.tls, Tls::Verified(_))
     }
 
+    /// Whether the URL names more than one host: a failover is expected.
+    pub fn names_standbys(&self) -> bool {
+        self.config.get_hosts().len() > 1
+    }
+
+    /// What is wrong with failing over to a standby of this server, if
+    /// anything: a primary that replicates asynchronously acknowledges
+    /// commits a promoted standby may never have had.
+    pub async fn failover_risk(&self) -> Result<Option<String>, ClusterError> {
+        let client = self.client().await?;
+        let setting = |row: tokio_postgres::Row| row.try_get::<_, String>(0);
+        let standbys = setting(client.query_one("SHOW synchronous_standby_names", &[]).await?)?;
+        let commit = setting(client.query_one("SHOW synchronous_commit", &[]).await?)?;
+        Ok(if standbys.trim().is_empty() {
+            Some("synchronous_standby_names is empty".to_owned())
+        } else if commit == "off" || commit == "local" {
+            Some(format!("synchronous_commit is {commit}"))
+        } else {
+            None
+        })
+    }
+
     fn from_config(
         config: tokio_postgres::Config,
         tls: Tls,

@@ -67,6 +67,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "debits_outlive_lost_leases",
         sql: include_str!("migrations/0020_debits_outlive_lost_leases.sql"),
     },
+    Migration {
+        version: 21,
+        name: "retire_unbounded_versions",
+        sql: include_str!("migrations/0021_retire_unbounded_versions.sql"),
+    },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).

@@ -115,6 +115,47 @@ impl std::fmt::Debug for ClusterNode {
     }
 }
 
+/// Opens the outbox in `data_dir` for `replica`: its debits tree. Debits are
+/// unique in the books by replica and entry, and covered by their replica's
+/// leases, so a run under another name must not ship what an earlier run
+/// left (already shipped debits would post twice; covered ones would ship
+/// as uncovered while the old name's leases returned their credit). The
+/// outbox records its replica's name, and a non-empty one refuses any other;
+/// an empty one is taken over.
+fn open_outbox(data_dir: &Path, replica: &str) -> Result<sled::Tree, ClusterError> {
+    let unusable = |err: sled::Error| {
+        ClusterError::Config(format!("cannot open the outbox in {}: {err}", data_dir.display()))
+    };
+    let db = sled::Config::new()
+        .path(data_dir.join("outbox"))
+        // Flushed by the shipping round, just before each shipment.
+        .flush_every_ms(None)
+        .open()
+        .map_err(unusable)?;
+    let debits = db.open_tree("debits").map_err(unusable)?;
+    let owner = db.get(OUTBOX_OWNER).map_err(unusable)?;
+    match owner {
+        Some(owner) if owner.as_ref() != replica.as_bytes() && !debits.is_empty() => {
+            Err(ClusterError::Config(format!(
+                "the outbox in {} holds debits replica {:?} has not shipped; start this data directory as that replica \
+                 ([cluster] replica = {:?}) to ship them, since shipped under {replica:?} they would be posted twice",
+                data_dir.display(),
+                String::from_utf8_lossy(&owner),
+                String::from_utf8_lossy(&owner),
+            )))
+        }
+        Some(owner) if owner.as_ref() == replica.as_bytes() => Ok(debits),
+        _ => {
+            db.insert(OUTBOX_OWNER, replica.as_bytes()).map_err(unusable)?;
+            db.flush().map_err(unusable)?;
+            Ok(debits)
+        }
+    }
+}
+
+/// Key of the outbox's replica name, in the outbox store's default tree.
+const OUTBOX_OWNER: &[u8] = b"replica";
+
 impl ClusterNode {
     /// Joins the cluster: migrates the schema, replays the log, opens the
     /// outbox in `data_dir` and ships what a previous run left there, then
@@ -126,6 +167,9 @@ impl ClusterNode {
         clock: Arc<dyn Clock>,
         shutdown: CancellationToken,
     ) -> Result<Arc<ClusterNode>, ClusterError> {
+        // The outbox first: debits a run under another name left there are
+        // refused before anything is written under this one.
+        let outbox = open_outbox(data_dir, &options.replica)?;
         let db = Database::new(&options.database_url, options.max_connections)?;
         if !db.encrypted() {
             tracing::info!(
@@ -133,6 +177,19 @@ impl ClusterNode {
             );
         }
         migrate(&db).await?;
+        if db.names_standbys() {
+            match db.failover_risk().await {
+                Ok(Some(why)) => tracing::error!(
+                    why,
+                    "the database URL names standbys to fail over to, but the primary replicates asynchronously: \
+                     a failover can lose commits the replicas saw acknowledged, which breaks the shared log \
+                     (replicas stop on a balance mismatch and cannot restart) and can post debits twice; \
+                     run a synchronous standby (Patroni: synchronous_mode)"
+                ),
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "cannot read the primary's replication settings"),
+            }
+        }
         let rounds = CancellationToken::new();
         // Before anything is written under the name, and kept until the
         // leases went back (the rounds stop last).
@@ -148,15 +205,6 @@ impl ClusterNode {
         };
         let replica = Arc::new(Replica::open(books.clone(), ledger_config, replica_settings).await?);
 
-        let outbox = sled::Config::new()
-            .path(data_dir.join("outbox"))
-            // Flushed by the shipping round, just before each shipment.
-            .flush_every_ms(None)
-            .open()
-            .and_then(|db| db.open_tree("debits"))
-            .map_err(|err| {
-                ClusterError::Config(format!("cannot open the outbox in {}: {err}", data_dir.display()))
-            })?;
         let lease_settings = LeaseSettings {
             ttl: options.lease_ttl,
             safety: options.lease_ttl / 5,
@@ -526,5 +574,38 @@ impl ClusterNode {
             }
         }
         Ok(Response::from_parts(head, body))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outbox_with_debits_ships_under_its_own_replica_name_only() {
+        // Before, a data directory started under another explicit name (a
+        // pod's name, say) shipped the earlier run's outbox under the new
+        // one: debits already shipped were posted twice, and covered ones
+        // shipped as uncovered while the old name's leases gave their
+        // credit back.
+        let dir = tempfile::tempdir().unwrap();
+        let debits = open_outbox(dir.path(), "replica-a").unwrap();
+        debits.insert(7u64.to_be_bytes(), &b"a debit"[..]).unwrap();
+        debits.flush().unwrap();
+        drop(debits);
+        let refused = open_outbox(dir.path(), "replica-b").unwrap_err().to_string();
+        assert!(refused.contains("\"replica-a\"") && refused.contains("posted twice"), "{refused}");
+        let debits = open_outbox(dir.path(), "replica-a").unwrap();
+        assert_eq!(debits.len(), 1, "its own name opens it, debits and all");
+        // Shipped and emptied, it is taken over by a new name.
+        debits.clear().unwrap();
+        debits.flush().unwrap();
+        drop(debits);
+        assert!(open_outbox(dir.path(), "replica-b").unwrap().is_empty());
+        assert!(
+            open_outbox(dir.path(), "replica-a").is_ok(),
+            "an empty outbox belongs to whoever starts on it"
+        );
     }
 }
