@@ -46,8 +46,8 @@ pub struct Reported {
 /// `priority`, `batch`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServiceTier {
-    /// The base prices: `default`, `standard`, and the requests' `auto`
-    /// and `standard_only`.
+    /// The base prices: `default`, `standard`, `on_demand`, and the
+    /// requests' `auto` and `standard_only`.
     Default,
     Priority,
     Flex,
@@ -60,7 +60,8 @@ pub enum ServiceTier {
 impl ServiceTier {
     pub fn from_name(name: &str) -> ServiceTier {
         match name {
-            "default" | "standard" | "auto" | "standard_only" => ServiceTier::Default,
+            // Groq names its standard tier `on_demand`.
+            "default" | "standard" | "auto" | "standard_only" | "on_demand" => ServiceTier::Default,
             "priority" => ServiceTier::Priority,
             "flex" => ServiceTier::Flex,
             "scale" => ServiceTier::Scale,

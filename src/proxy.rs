@@ -316,9 +316,10 @@ impl Proxy {
             RouteKind::Model(flavour) => {
                 // The body is priced as sent; an upstream that decodes it
                 // (deflate, brotli) could read another document.
-                if let Some(encoding) = parts.headers.get(header::CONTENT_ENCODING) {
+                // Every value, and every token of each (`identity, deflate`).
+                for encoding in parts.headers.get_all(header::CONTENT_ENCODING) {
                     let encoding = String::from_utf8_lossy(encoding.as_bytes());
-                    if !encoding.trim().eq_ignore_ascii_case("identity") {
+                    if encoding.split(',').any(|token| !token.trim().eq_ignore_ascii_case("identity")) {
                         return Err(ProxyError::EncodedRequestBody {
                             encoding: encoding.chars().take(64).collect(),
                         });

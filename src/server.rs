@@ -369,7 +369,10 @@ impl OpenConnections {
         let shortest = max_busy.map_or(header_read_timeout, |busy| busy.min(header_read_timeout)).min(stall);
         let interval = IDLE_SWEEP_INTERVAL.min(shortest.max(Duration::from_millis(10)));
         let began = Instant::now();
-        let stall_ms = u64::try_from(stall.as_millis()).unwrap_or(u64::MAX);
+        // Both waits are stamped with the clock of the sweep before they
+        // began, up to one interval early: one interval more is allowed, so
+        // a socket full for a moment at a sweep is never taken for a stall.
+        let stall_ms = u64::try_from((stall + interval).as_millis()).unwrap_or(u64::MAX);
         loop {
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}

@@ -387,6 +387,31 @@ async fn a_body_the_upstream_compressed_unasked_is_charged_its_hold_however_it_e
 }
 
 #[tokio::test]
+async fn an_edge_timeout_is_charged_its_hold_even_when_the_client_hangs_up_on_it() {
+    // A 524 (the edge in front of the upstream stopped waiting; the origin
+    // runs the call on, and bills it) is charged the hold. A client that hung
+    // up on seeing its head was charged an estimate of its request and the
+    // edge's page instead.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    for leave in [false, true] {
+        let before = books.settled_balance(&pro).await;
+        let headers = [("x-provider-status", "524"), ("x-provider-pace-ms", "500")];
+        let body = json!({"model": "mock-gpt", "max_tokens": 100});
+        let response = books.open_post(CHAT, &pro, &headers, &body).await;
+        assert_eq!(response.status(), 524);
+        if leave {
+            drop(response);
+        } else {
+            response.into_body().collect().await.unwrap();
+        }
+        let charged = before - books.settled_balance(&pro).await;
+        assert!(charged > Decimal::ZERO, "left: {leave}");
+        assert_eq!(books.debit_held(charged).await, Some(charged), "the hold, left: {leave}");
+    }
+}
+
+#[tokio::test]
 async fn a_call_the_client_leaves_before_its_answer_is_charged_what_the_upstream_bills() {
     // A client that hung up while the upstream was still thinking paid nothing, though the
     // upstream had the call and billed it: a long call that does not stream was free to any

@@ -112,6 +112,15 @@ async fn a_matrix_of_malformed_requests_gets_clear_4xx_and_costs_nothing() {
         assert_eq!(reply.json()["error"]["code"], "request_encoding_not_supported");
         tried += 1;
     }
+    // Nor behind an `identity` given first: the upstream reads both.
+    let request = Request::post(stack.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-encoding", "identity")
+        .header("content-encoding", "deflate")
+        .body(Full::new(Bytes::from(r#"{"model":"mock-gpt","max_tokens":5}"#)))
+        .unwrap();
+    assert_eq!(send(request).await.status, 415, "a second content-encoding");
+    tried += 1;
     // Header injection never gets through the parser.
     let status = raw(
         &stack,

@@ -168,6 +168,14 @@ impl PeriodCap {
 }
 
 impl Limits {
+    /// The periods capped here that `before` left uncapped.
+    pub fn newly_capped(&self, before: &Limits) -> impl Iterator<Item = LimitPeriod> {
+        self.caps()
+            .into_iter()
+            .zip(before.caps())
+            .filter_map(|((period, now), (_, then))| (now.is_some() && then.is_none()).then_some(period))
+    }
+
     /// The period caps set here (by the record numbered `version`), for
     /// `subject`, in the periods `ends`.
     pub fn period_caps(
@@ -281,6 +289,18 @@ pub struct Spend {
 }
 
 impl Spend {
+    /// Counts `period` afresh from now, open holds only: a cap on it was
+    /// just set where none was.
+    pub fn restart(&mut self, period: LimitPeriod) {
+        let counter = match period {
+            LimitPeriod::Request => return,
+            LimitPeriod::Day => &mut self.day,
+            LimitPeriod::Month => &mut self.month,
+            LimitPeriod::ContractYear => &mut self.year,
+        };
+        counter.spent = counter.held;
+    }
+
     fn counter(&self, period: LimitPeriod) -> Option<&Counter> {
         match period {
             LimitPeriod::Request => None,

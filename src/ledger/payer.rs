@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
 use crate::ledger::ids::{IdMap, KeyId, Owner};
-use crate::ledger::limit::{LimitBreach, LimitSubject, Limits, PeriodCap, PeriodEnds, Spend};
+use crate::ledger::limit::{LimitBreach, LimitPeriod, LimitSubject, Limits, PeriodCap, PeriodEnds, Spend};
 
 #[derive(Clone, Debug)]
 struct KeyPayer {
@@ -144,12 +144,22 @@ impl Payers {
         let known = self.owners.contains_key(&owner);
         let payer = self.owners.entry(owner).or_default();
         let changed = known && (payer.limits != limits || payer.end_user_limits != end_user_limits);
+        // An end user's counters are dropped once no cap needs them (see
+        // `make_room`), so a period capped where none was counts every end
+        // user from now, not only those still kept: the answer must not
+        // depend on which were dropped.
+        let newly_capped: Vec<LimitPeriod> = end_user_limits.newly_capped(&payer.end_user_limits).collect();
         payer.limits = limits;
         payer.end_user_limits = end_user_limits;
         payer.version = version;
         if changed {
             self.epoch += 1;
             payer.forget_holds(self.epoch);
+        }
+        if known {
+            for spend in payer.end_users.values_mut() {
+                newly_capped.iter().for_each(|period| spend.restart(*period));
+            }
         }
         self.recount();
     }

@@ -555,7 +555,7 @@ fn a_full_end_user_table_makes_room_once_a_daily_cap_s_day_is_over() {
                 now,
             )
             .unwrap();
-        key(&ledger, org, Owner::App(app.id), Limits::NONE, now)
+        (app.id, key(&ledger, org, Owner::App(app.id), Limits::NONE, now))
     };
     let spend_as = |key, end_user: &str, at| {
         let context = SpendContext { key, end_user: Some(end_user) };
@@ -566,7 +566,7 @@ fn a_full_end_user_table_makes_room_once_a_daily_cap_s_day_is_over() {
     let refused_for_room =
         |result: Result<_, Refusal>| matches!(result, Err(Refusal::EndUserCapacity { .. }));
 
-    let daily = app_capped(Limits { daily: Some(dec!(5)), ..Limits::NONE });
+    let (daily_app, daily) = app_capped(Limits { daily: Some(dec!(5)), ..Limits::NONE });
     for end_user in ["eu-1", "eu-2", "eu-3"] {
         spend_as(daily, end_user, now).unwrap();
     }
@@ -579,20 +579,37 @@ fn a_full_end_user_table_makes_room_once_a_daily_cap_s_day_is_over() {
     }
     assert!(matches!(spend_as(daily, "eu-1", tomorrow), Err(Refusal::SpendingLimit { .. })), "still capped");
 
-    let released = app_capped(Limits { daily: Some(dec!(5)), ..Limits::NONE });
+    let (_, released) = app_capped(Limits { daily: Some(dec!(5)), ..Limits::NONE });
     for end_user in ["r-1", "r-2", "r-3"] {
         let context = SpendContext { key: released, end_user: Some(end_user) };
         ledger.hold(pool, request(), dec!(1), context, now).unwrap().release(now);
     }
     spend_as(released, "r-4", now).expect("end users who spent nothing are not kept");
 
-    let monthly = app_capped(Limits { monthly: Some(dec!(5)), ..Limits::NONE });
+    let (_, monthly) = app_capped(Limits { monthly: Some(dec!(5)), ..Limits::NONE });
     for end_user in ["m-1", "m-2", "m-3"] {
         spend_as(monthly, end_user, now).unwrap();
     }
     assert!(refused_for_room(spend_as(monthly, "m-4", tomorrow)), "this month's spend still counts");
     let next_month = local(tz, "2027-04-01 00:00:01");
     spend_as(monthly, "m-4", next_month).expect("last month's end users are no longer needed");
+
+    // A cap set on a period none was set on counts every end user from
+    // then, those kept and those already forgotten alike: eu-4 (kept, 1
+    // spent this month) and eu-2 (forgotten) may each spend the new 3.
+    let april = local(tz, "2027-04-02 12:00:00");
+    spend_as(daily, "eu-4", april).unwrap();
+    let both = Limits { daily: Some(dec!(5)), monthly: Some(dec!(3)), ..Limits::NONE };
+    ledger.set_app_limits(org, daily_app, Limits::NONE, both).unwrap();
+    for end_user in ["eu-4", "eu-2"] {
+        for _ in 0..3 {
+            spend_as(daily, end_user, april).unwrap();
+        }
+        assert!(
+            matches!(spend_as(daily, end_user, april), Err(Refusal::SpendingLimit { .. })),
+            "{end_user} is capped at the new 3"
+        );
+    }
     assert_verified(&ledger, &journal);
 }
 

@@ -109,12 +109,21 @@ impl Taken<'_> {
         let more = u32::try_from(more_units).map_err(|_| ProxyError::BodyBudget)?;
         // The organization's share first, then the whole budget.
         let within_share = |held: &AtomicU64| {
-            let before = held.fetch_add(more_units, Ordering::AcqRel);
-            if before + more_units > self.budget.per_org_units {
-                held.fetch_sub(more_units, Ordering::AcqRel);
-                return false;
+            let mut before = held.load(Ordering::Acquire);
+            loop {
+                if before + more_units > self.budget.per_org_units {
+                    return false;
+                }
+                match held.compare_exchange_weak(
+                    before,
+                    before + more_units,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return true,
+                    Err(now) => before = now,
+                }
             }
-            true
         };
         let admitted = match self.budget.by_org.get(&self.org) {
             Some(held) => within_share(&held),

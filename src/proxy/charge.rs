@@ -981,7 +981,10 @@ impl Charge {
             return SettleResult::Released;
         }
         let held = Amounts { cost: self.held_cost, price: hold.amount() };
+        let timed_out_at_the_edge = self.upstream_status.is_some_and(|s| s.as_u16() == ORIGIN_TIMED_OUT);
         let (charged, usage, flag) = match &priced {
+            // Its body is the edge's page, whatever the client did with it.
+            _ if timed_out_at_the_edge => (held, Usage::default(), SettleFlag::NoUsage),
             Priced::Model { price, flavour, .. } => self.model_cost(price, *flavour, outcome, held),
             Priced::Tool { price, units_header, .. } => self.tool_cost(price, units_header.is_some(), held),
         };
@@ -1087,7 +1090,7 @@ impl Charge {
         match multipliers {
             Some(multipliers) => price.in_tier(multipliers),
             None => {
-                tracing::warn!(model = %name, ?served, "the upstream served a tier the table does not price; charged at the requested tier");
+                tracing::debug!(model = %name, ?served, "the upstream served a tier the table does not price; charged at the requested tier");
                 *price
             }
         }

@@ -19,7 +19,8 @@
 //! streamed or not);
 //! `x-provider-stream-length: 1` (a stream sent whole, with its length);
 //! `x-provider-units: N|none|garbage` for
-//! the tool route; `x-provider-served-tier: NAME` (the tier it says served
+//! the tool route; `x-provider-status: N` (a JSON answer with that status:
+//! an edge's 524, say); `x-provider-served-tier: NAME` (the tier it says served
 //! the call; by default the one asked for, `default` or Anthropic's
 //! `standard` when none was); `x-provider-cache-write-5m: N` and `-1h: N` input tokens
 //! a call wrote to its prompt cache (on `/v1/messages` reported apart, as
@@ -203,7 +204,10 @@ impl Provider {
                        "service_tier": served_tier, "usage": usage})
             };
             let text = serde_json::to_string_pretty(&document).unwrap();
-            let response = respond(text.into_bytes(), "application/json", gzip);
+            let mut response = respond(text.into_bytes(), "application/json", gzip);
+            if let Some(status) = headers.get("x-provider-status").map(|_| number("x-provider-status", 200)) {
+                *response.status_mut() = StatusCode::from_u16(u16::try_from(status).unwrap()).unwrap();
+            }
             return in_two_parts(response, number("x-provider-pace-ms", 0));
         }
         let include_usage =
