@@ -366,6 +366,11 @@ pub struct Upstream {
     /// When set, the only client request headers forwarded (the gateway's
     /// own — credential, request id, length — are added after).
     pub forward_headers: Option<Vec<HeaderName>>,
+    /// The output-cap field its Chat Completions read: `max_completion_tokens`
+    /// (OpenAI's), or `max_tokens` for servers whose OpenAI layer reads only
+    /// that (Ollama, llama.cpp, DeepSeek, LM Studio), where a cap sent in the
+    /// other field would be ignored.
+    pub chat_cap_field: &'static str,
     /// The `Host` header of a plain-HTTP/1.1 upstream, made once here: the
     /// pooled client would otherwise format it for every request. `None`
     /// where the connection may speak HTTP/2, which carries `:authority`.
@@ -588,6 +593,8 @@ struct RawUpstream {
     /// Request headers forwarded to this upstream; unset forwards every
     /// end-to-end header but the client's credentials and account selectors.
     forward_headers: Option<Vec<String>>,
+    /// `max_completion_tokens` (default) or `max_tokens`: see [`Upstream::chat_cap_field`].
+    chat_cap_field: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1276,6 +1283,22 @@ fn validate_upstream(
             .collect()
     });
     let host_header = plain_http1_host(&scheme, &authority, raw.http2_prior_knowledge);
+    let chat_cap_field = match raw.chat_cap_field.as_deref() {
+        None | Some("max_completion_tokens") => "max_completion_tokens",
+        Some("max_tokens") => "max_tokens",
+        Some(other) => {
+            checker.problem(
+                offset,
+                format!(
+                    "[upstreams.{name}] chat_cap_field {other:?} is not an output cap this gateway writes"
+                ),
+                Some(
+                    "use \"max_completion_tokens\" (OpenAI) or \"max_tokens\" (Ollama, llama.cpp, DeepSeek)",
+                ),
+            );
+            "max_completion_tokens"
+        }
+    };
     let mut ms = |field: &str, value: Option<u64>, default: u64| {
         duration_ms(checker, offset, &format!("[upstreams.{name}] {field}"), value, default)
     };
@@ -1294,6 +1317,7 @@ fn validate_upstream(
         http2_prior_knowledge: raw.http2_prior_knowledge,
         credential,
         forward_headers,
+        chat_cap_field,
         host_header,
     })
 }

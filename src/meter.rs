@@ -717,6 +717,13 @@ impl Meter {
         self.reported
     }
 
+    /// Whether [`Meter::delivered_output_estimate`] counts generated text
+    /// (a stream's deltas), not a whole body's bytes (ids, metadata and
+    /// structure with the text).
+    pub fn estimate_counts_text(&self) -> bool {
+        matches!(self.mode, Mode::Sse { .. })
+    }
+
     /// The usage came in the event that ends a stream (or `[DONE]` came), or
     /// in a whole JSON body: a stream cut before that has seen at most a
     /// running total. Meaningful once [`Meter::finish`] has run.

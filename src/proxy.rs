@@ -333,6 +333,24 @@ impl Proxy {
                         .await
                         .map_err(|_| ProxyError::BodyTimeout { timeout })??;
                 let fields = charge::read_model_request(&bytes, *flavour)?;
+                let upstream = &self.config.upstreams[route.upstream];
+                // The cap field this upstream reads (OpenAI's chat reads
+                // `max_tokens` too; servers set to `max_tokens` read only
+                // that), and the one the gateway writes a cap into.
+                let cap_field = match flavour {
+                    Flavour::OpenaiChat => Some(upstream.chat_cap_field),
+                    _ => charge::cap_field(*flavour),
+                };
+                if let (Some(given), Some(read)) = (fields.cap_given_in, cap_field) {
+                    if *flavour == Flavour::OpenaiChat && read == "max_tokens" && given != read {
+                        return Err(ProxyError::InvalidField {
+                            field: given,
+                            reason: format!(
+                                "is not read by this route's upstream, so it would not cap the output; use `{read}`"
+                            ),
+                        });
+                    }
+                }
                 let base = &self.config.upstreams[route.upstream].base_path;
                 charge::check_deployment(base, parts.uri.path(), &fields.model)?;
                 let price = charge::price_model(&table, &fields.model, fields.service_tier.as_deref(), now)?;
@@ -340,13 +358,19 @@ impl Proxy {
                     .service_tier
                     .as_deref()
                     .map_or(crate::meter::ServiceTier::Default, crate::meter::ServiceTier::from_name);
-                if *flavour == Flavour::AnthropicMessages
-                    && !price.has_long_context_prices()
-                    && charge::asks_long_context(&parts.headers)
-                {
+                if *flavour == Flavour::AnthropicMessages {
                     // Anthropic bills a 1M-context call above 200k input
                     // tokens at long-context rates, on the whole call.
-                    return Err(ProxyError::UnpricedOption { field: "anthropic-beta: context-1m" });
+                    if !price.has_long_context_prices()
+                        && charge::asks_anthropic_beta(&parts.headers, "context-1m")
+                    {
+                        return Err(ProxyError::UnpricedOption { field: "anthropic-beta: context-1m" });
+                    }
+                    // Server-side compaction is a summarising pass billed
+                    // apart from the usage the response reports.
+                    if charge::asks_anthropic_beta(&parts.headers, "compact-") {
+                        return Err(ProxyError::UnpricedOption { field: "anthropic-beta: compact" });
+                    }
                 }
                 if fields.cache_breakpoints && !price.cache_writes_priced() {
                     return Err(ProxyError::CacheWriteNotPriced { model: fields.model });
@@ -371,7 +395,7 @@ impl Proxy {
                     .hold_model(key.wallet, request_id, &price, request_bytes, plan, route, context, now)
                     .await?;
                 let inject = *flavour == Flavour::OpenaiChat && fields.stream && !fields.include_usage;
-                let cap_edit = match (charge::cap_field(*flavour), plan.cap) {
+                let cap_edit = match (cap_field, plan.cap) {
                     (Some(field), Some(cap)) if fields.max_output_tokens != Some(cap) => Some((field, cap)),
                     _ => None,
                 };

@@ -271,6 +271,9 @@ async fn context_the_upstream_reads_itself_is_held_for_and_charged() {
         json!({"input": [{"type": "item_reference", "id": "msg_1"}]}),
         json!({"input": [{"role": "user", "content": [{"type": "input_file", "file_data": "data:application/pdf;base64,AA"}]}]}),
         json!({"tools": [{"type": "web_search_preview_2025_03_11"}]}),
+        // Gemini's cached contents, Mistral's documents fetched by URL.
+        json!({"extra_body": {"google": {"cached_content": "cachedContents/abc"}}}),
+        json!({"input": [{"role": "user", "content": [{"type": "document_url", "document_url": "https://d.test/a.pdf"}]}]}),
     ] {
         let mut body = json!({"model": "mock-gpt", "input": "hi"});
         body.as_object_mut().unwrap().extend(reads.as_object().unwrap().clone());
@@ -383,6 +386,73 @@ async fn a_body_the_upstream_compressed_unasked_is_charged_its_hold_however_it_e
         }
         let charged = before - books.settled_balance(&pro).await;
         assert_eq!(books.debit_held(charged).await, Some(charged), "left mid-body: {leave}");
+    }
+}
+
+#[tokio::test]
+async fn an_answer_longer_than_its_hold_that_ends_without_usage_is_charged_what_it_delivered() {
+    // A server that reads another cap field (Ollama's OpenAI layer reads only
+    // `max_tokens`) ignores the one sent and writes on. When such an answer
+    // ended without usage (broken off, or cut), it was charged at most its
+    // hold, whatever it had delivered: 40,000 bytes for the price of 10
+    // tokens. Now what it delivered is charged, above the hold.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let before = books.settled_balance(&pro).await;
+    let headers =
+        [("x-provider-ignore-cap", "1"), ("x-provider-text-bytes", "40000"), ("x-provider-reset-after", "1")];
+    let body = json!({"model": "mock-gpt", "max_tokens": 10, "stream": true});
+    let response = books.open_post(CHAT, &pro, &headers, &body).await;
+    let _ = response.into_body().collect().await;
+    let charged = before - books.settled_balance(&pro).await;
+    // 40,000 bytes at four a token: 10,000 output tokens at $2/M.
+    assert!(charged > Decimal::new(2, 2), "charged {charged}, under what it delivered");
+    let held = books.debit_held(charged).await.unwrap();
+    assert!(charged > held, "above the hold of {held}");
+}
+
+#[tokio::test]
+async fn an_upstream_whose_chat_reads_only_max_tokens_gets_the_held_cap_there() {
+    // Ollama's OpenAI layer (and llama.cpp's, DeepSeek's) reads only
+    // `max_tokens`: the cap the gateway wrote into `max_completion_tokens`,
+    // or a client's own cap there, was ignored, and the answer ran past its
+    // hold. Such an upstream is set `chat_cap_field = "max_tokens"`.
+    let books = Books::start(
+        |t| {
+            t.replace(
+                "credential_env = \"MOCK_UPSTREAM_KEY\"",
+                "credential_env = \"MOCK_UPSTREAM_KEY\"\nchat_cap_field = \"max_tokens\"",
+            )
+        },
+        "100",
+        "1",
+    )
+    .await;
+    let pro = books.keys.pro.clone();
+    let body = json!({"model": "mock-gpt", "messages": []});
+    assert_eq!(books.post(CHAT, Some(&pro), &[], &body).await.status, 200);
+    let sent = books.provider.last().body;
+    assert_eq!(sent["max_tokens"], 256, "the model's default cap, held and sent where it is read: {sent}");
+    assert!(sent.get("max_completion_tokens").is_none(), "{sent}");
+    let body = json!({"model": "mock-gpt", "messages": [], "max_completion_tokens": 5});
+    let reply = books.post(CHAT, Some(&pro), &[], &body).await;
+    assert_eq!(reply.status, 400, "a cap this upstream would not read");
+    let message = reply.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("`max_completion_tokens`") && message.contains("use `max_tokens`"), "{message}");
+    let body = json!({"model": "mock-gpt", "messages": [], "max_tokens": 5});
+    assert_eq!(books.post(CHAT, Some(&pro), &[], &body).await.status, 200);
+    assert_eq!(books.provider.last().body["max_tokens"], 5);
+    // Caps other servers read in place of the API's are refused everywhere.
+    for (field, value) in [
+        ("n_predict", json!(-1)),
+        ("num_predict", json!(100000)),
+        ("max_new_tokens", json!(9)),
+        ("options", json!({"num_predict": -1})),
+    ] {
+        let mut body = json!({"model": "mock-gpt", "messages": [], "max_tokens": 5});
+        body[field] = value;
+        let reply = books.post(CHAT, Some(&pro), &[], &body).await;
+        assert_eq!(reply.status, 400, "{field}");
     }
 }
 
@@ -813,6 +883,12 @@ async fn price_modifiers_the_client_picks_are_priced() {
         // Chat-side web search, billed per search or per source.
         (CHAT, json!({"web_search_options": {"search_context_size": "high"}})),
         (CHAT, json!({"search_parameters": {"mode": "on"}})),
+        // Azure's On Your Data (a search the operator's resources run and
+        // bill), Groq's compound tools, Anthropic's server-side compaction.
+        (CHAT, json!({"data_sources": [{"type": "azure_search", "parameters": {"index_name": "i"}}]})),
+        (CHAT, json!({"compound_custom": {"tools": {"enabled_tools": ["web_search"]}}})),
+        (CHAT, json!({"search_settings": {"country": "fr"}})),
+        ("/v1/messages", json!({"compaction": {"trigger": 50000}})),
     ] {
         let mut body = json!({"model": "mock-claude", "max_tokens": 10, "messages": []});
         body.as_object_mut().unwrap().extend(option.as_object().unwrap().clone());
@@ -834,6 +910,9 @@ async fn price_modifiers_the_client_picks_are_priced() {
         assert_eq!(reply.status, 400, "{beta}");
         assert_eq!(reply.json()["error"]["code"], "option_not_priced", "{beta}");
     }
+    let reply =
+        books.post("/v1/messages", Some(&pro), &[("anthropic-beta", "compact-2026-01-12")], &body).await;
+    assert_eq!(reply.json()["error"]["code"], "option_not_priced", "server-side compaction");
     assert_eq!(books.provider.received().len(), forwarded, "nothing reached the upstream");
     let beta = [("anthropic-beta", "context-1m-2025-08-07")];
     let body = json!({"model": "mock-claude", "max_tokens": 10, "messages": []});

@@ -232,6 +232,8 @@ pub struct ModelRequest {
     pub model: String,
     /// The output cap per choice the request names, in a field its API reads.
     pub max_output_tokens: Option<u64>,
+    /// The field it named it in.
+    pub cap_given_in: Option<&'static str>,
     /// Choices the upstream generates (`n`, `best_of`), each billed for its output.
     pub choices: u64,
     pub stream: bool,
@@ -296,7 +298,22 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         ("max_completion_tokens", count(fields.max_completion_tokens, "max_completion_tokens")?),
         ("max_output_tokens", count(fields.max_output_tokens, "max_output_tokens")?),
     ];
-    let max_output_tokens = output_cap(flavour, &caps)?;
+    let (max_output_tokens, cap_given_in) = output_cap(flavour, &caps)?;
+    let other_caps = [
+        ("n_predict", fields.n_predict.is_some()),
+        ("num_predict", fields.num_predict.is_some()),
+        ("max_new_tokens", fields.max_new_tokens.is_some()),
+        ("options", fields.options.is_some()),
+    ];
+    if let Some((field, _)) = other_caps.into_iter().find(|(_, set)| *set) {
+        return Err(ProxyError::InvalidField {
+            field,
+            reason: format!(
+                "is an output cap (or holds one) some servers read in place of the API's own, past the one the gateway holds for; use `{}`",
+                cap_field(flavour).unwrap_or("max_tokens")
+            ),
+        });
+    }
     let mut choices = 1;
     for (field, value) in [("n", fields.n), ("best_of", fields.best_of)] {
         if let Some(n) = count(value, field)? {
@@ -362,6 +379,10 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         // Search bill per search or per source, a fee the table does not state.
         ("web_search_options", fields.web_search_options.as_ref().is_some_and(|v| !v.is_null())),
         ("search_parameters", fields.search_parameters.as_ref().is_some_and(|v| !v.is_null())),
+        ("data_sources", fields.data_sources.is_some()),
+        ("compound_custom", fields.compound_custom.is_some()),
+        ("search_settings", fields.search_settings.is_some()),
+        ("compaction", fields.compaction.is_some()),
     ];
     if let Some((field, _)) = unpriced.into_iter().find(|(_, set)| *set) {
         return Err(ProxyError::UnpricedOption { field });
@@ -451,6 +472,7 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
     Ok(ModelRequest {
         model,
         max_output_tokens,
+        cap_given_in,
         choices,
         stream,
         include_usage,
@@ -528,13 +550,16 @@ fn count(value: Option<Value>, field: &'static str) -> Result<Option<u64>, Proxy
 /// The cap the upstream will enforce. Chat reads `max_tokens` (older
 /// models) and `max_completion_tokens`; both given must agree. A cap field
 /// the API does not read is refused: the upstream would ignore it.
-fn output_cap(flavour: Flavour, caps: &[(&'static str, Option<u64>)]) -> Result<Option<u64>, ProxyError> {
+fn output_cap(
+    flavour: Flavour,
+    caps: &[(&'static str, Option<u64>)],
+) -> Result<(Option<u64>, Option<&'static str>), ProxyError> {
     let read_by_api = |field: &str| match flavour {
         Flavour::OpenaiChat => field == "max_tokens" || field == "max_completion_tokens",
         Flavour::OpenaiEmbeddings => false,
         _ => cap_field(flavour) == Some(field),
     };
-    let mut cap = None;
+    let (mut cap, mut given_in) = (None, None);
     for &(field, value) in caps {
         let Some(value) = value else { continue };
         if flavour == Flavour::OpenaiEmbeddings {
@@ -556,10 +581,13 @@ fn output_cap(flavour: Flavour, caps: &[(&'static str, Option<u64>)]) -> Result<
                     reason: "conflicts with another output cap in the request; give one".into(),
                 })
             }
-            _ => cap = Some(value),
+            _ => {
+                cap = Some(value);
+                given_in = given_in.or(Some(field));
+            }
         }
     }
-    Ok(cap)
+    Ok((cap, given_in))
 }
 
 /// Searchers built once (building one costs more than searching a body).
@@ -847,16 +875,16 @@ pub struct Amounts {
 }
 
 impl Amounts {
+    /// Both sides capped at the hold's.
+    fn at_most(self, held: Amounts) -> Amounts {
+        Amounts { cost: self.cost.min(held.cost), price: self.price.min(held.price) }
+    }
+
     /// Costs each under its markup: their sum, and the price of the whole
     /// rounded up once ([`customer_price`]).
     fn of(parts: &[(Decimal, Markup)]) -> Option<Amounts> {
         let cost = parts.iter().try_fold(Decimal::ZERO, |sum, (cost, _)| sum.checked_add(*cost))?;
         Some(Amounts { cost, price: customer_price(parts).ok()? })
-    }
-
-    /// Both sides capped at the hold's.
-    fn at_most(self, held: Amounts) -> Amounts {
-        Amounts { cost: self.cost.min(held.cost), price: self.price.min(held.price) }
     }
 }
 
@@ -896,13 +924,13 @@ pub fn price_model(
     Ok(price)
 }
 
-/// Whether an Anthropic request opts into the 1M-token context window
-/// (`anthropic-beta: context-1m-...`, in any of its comma-separated values).
-pub fn asks_long_context(headers: &HeaderMap) -> bool {
+/// Whether an Anthropic request opts into a beta whose name starts with
+/// `prefix` (`context-1m-2025-08-07`), in any of its comma-separated values.
+pub fn asks_anthropic_beta(headers: &HeaderMap, prefix: &str) -> bool {
     headers.get_all("anthropic-beta").iter().any(|value| {
         value.as_bytes().split(|b| *b == b',').any(|beta| {
             let beta = beta.trim_ascii();
-            beta.len() >= 10 && beta[..10].eq_ignore_ascii_case(b"context-1m")
+            beta.len() >= prefix.len() && beta[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
         })
     })
 }
@@ -954,6 +982,9 @@ impl Charge {
     ///   plus the context the hold allowed for, up to the hold
     ///   (`estimated`); one that may have run hosted tools, the hold. An
     ///   upstream cut for silence is charged the hold.
+    /// - Whatever the ending, a stream without usage that delivered more
+    ///   text than the hold allowed for (an upstream that ignored the cap)
+    ///   is charged that estimate: what it delivered is a floor on its bill.
     /// - Usage is the bill only once the event that ends it has come (or the
     ///   body ended): a running total before a cut is a floor.
     /// - A body the gateway could not read (encoded) is charged the hold.
@@ -1025,6 +1056,7 @@ impl Charge {
         };
         let (mut reported, delivered) = (meter.finish(), meter.delivered_output_estimate());
         let usage_is_final = meter.usage_is_final();
+        let delivered_is_text = meter.estimate_counts_text();
         let served = self.price_as_served(price, reported.served_tier);
         let price = &served;
         let longer = matches!(self.priced, Some(Priced::Model { cache_longer_lifetime: true, .. }));
@@ -1051,18 +1083,26 @@ impl Charge {
         let floor = (reported.input_tokens.is_some() || reported.output_tokens.is_some())
             .then(|| self.within_ceiling(token_usage(&reported, 0), &reported).0)
             .and_then(|tokens| self.priced(price, tokens, &reported));
-        let estimate = match self.estimated_input_tokens {
-            Some(estimated_input) if !outcome.charges_hold_without_usage() => {
-                let mut tokens = token_usage(&reported, delivered);
-                if reported.input_tokens.is_none() {
-                    tokens.input_tokens = estimated_input;
-                }
-                self.priced(price, tokens, &reported)
-                    .map(|(charged, usage)| (charged.at_most(held), usage, SettleFlag::Estimated))
+        let estimate = self.estimated_input_tokens.and_then(|estimated_input| {
+            let mut tokens = token_usage(&reported, delivered);
+            if reported.input_tokens.is_none() {
+                tokens.input_tokens = estimated_input;
             }
-            _ => None,
+            self.priced(price, tokens, &reported)
+        });
+        let (charged, usage, flag) = match estimate {
+            // More was delivered than the hold allowed for: the upstream
+            // ignored the cap it was sent (a server that reads another cap
+            // field), and what it delivered is a floor on its bill, however
+            // the call ended.
+            Some((charged, usage)) if delivered_is_text && charged.price > held.price => {
+                (charged, usage, SettleFlag::Estimated)
+            }
+            Some((charged, usage)) if !outcome.charges_hold_without_usage() => {
+                (charged.at_most(held), usage, SettleFlag::Estimated)
+            }
+            _ => (held, Usage::default(), SettleFlag::NoUsage),
         };
-        let (charged, usage, flag) = estimate.unwrap_or((held, Usage::default(), SettleFlag::NoUsage));
         match floor {
             Some((least, usage)) if least.price > charged.price => (least, usage, flag),
             _ => (charged, usage, flag),

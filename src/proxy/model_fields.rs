@@ -57,12 +57,29 @@ pub(super) struct ModelFields {
     /// Search. Each search (or source) is billed apart from the tokens.
     pub web_search_options: Option<Value>,
     pub search_parameters: Option<Value>,
+    /// Azure's "On Your Data": a search the operator's resources run (and
+    /// bill), under the operator's identity, adding retrieved text as input.
+    pub data_sources: Option<IgnoredAny>,
+    /// Groq's compound systems: web search, page visits and code execution,
+    /// each billed per use.
+    pub compound_custom: Option<IgnoredAny>,
+    pub search_settings: Option<IgnoredAny>,
+    /// Anthropic's server-side compaction: a summarising pass billed apart
+    /// from the call's usage.
+    pub compaction: Option<IgnoredAny>,
+    /// Output caps other servers read in place of the API's own (llama.cpp's
+    /// `n_predict`, Ollama's `num_predict` and its `options`, TGI's
+    /// `max_new_tokens`): they would lift the cap the gateway holds for.
+    pub n_predict: Option<IgnoredAny>,
+    pub num_predict: Option<IgnoredAny>,
+    pub max_new_tokens: Option<IgnoredAny>,
+    pub options: Option<IgnoredAny>,
 }
 
 /// The top-level names read above, then those whose presence the
 /// server-context scan prices (stored responses, conversations, prompts,
 /// tool servers): a folded spelling of any of them is refused.
-const TOP_LEVEL: [&str; 28] = [
+const TOP_LEVEL: [&str; 36] = [
     "model",
     "max_tokens",
     "max_completion_tokens",
@@ -85,6 +102,14 @@ const TOP_LEVEL: [&str; 28] = [
     "provider",
     "web_search_options",
     "search_parameters",
+    "data_sources",
+    "compound_custom",
+    "search_settings",
+    "compaction",
+    "n_predict",
+    "num_predict",
+    "max_new_tokens",
+    "options",
     "previous_response_id",
     "conversation",
     "prompt",
@@ -220,6 +245,14 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                 "provider" => read!(19, provider),
                 "web_search_options" => read!(20, web_search_options),
                 "search_parameters" => read!(21, search_parameters),
+                "data_sources" => read!(22, data_sources),
+                "compound_custom" => read!(23, compound_custom),
+                "search_settings" => read!(24, search_settings),
+                "compaction" => read!(25, compaction),
+                "n_predict" => read!(26, n_predict),
+                "num_predict" => read!(27, num_predict),
+                "max_new_tokens" => read!(28, max_new_tokens),
+                "options" => read!(29, options),
                 other => {
                     refuse_folded(other, &TOP_LEVEL)?;
                     map.next_value::<IgnoredAny>()?;

@@ -53,7 +53,10 @@ fn marker_in_strings(bytes: &[u8]) -> Option<&'static str> {
 fn marker_after_quote(rest: &[u8]) -> Option<&'static str> {
     let (whole, dated): (&[&'static str], &[&'static str]) = match rest.first()?.to_ascii_lowercase() {
         b'p' => (&["previous_response_id", "prompt"], &[]),
-        b'c' => (&["conversation", "connector_id", "container"], &[]),
+        // Gemini's cached contents (`extra_body.google.cached_content`).
+        b'c' => (&["conversation", "connector_id", "container", "cached_content", "cachedContent"], &[]),
+        // Mistral's documents fetched by URL.
+        b'd' => (&["document_url"], &[]),
         b'i' => (&["item_reference", "image_url"], &[]),
         b'f' => (&["file_id", "file_url", "file_data", "file_search"], &[]),
         b'u' => (&["url"], &[]),

@@ -16,7 +16,7 @@
 //! `x-provider-head-delay-ms: N` (it thinks that long before the response
 //! head, as a long call that does not stream does);
 //! `x-provider-text-bytes: N` (a Responses answer's text is that long,
-//! streamed or not);
+//! streamed or not; a chat stream's delta, for a server that ignores the cap);
 //! `x-provider-stream-length: 1` (a stream sent whole, with its length);
 //! `x-provider-units: N|none|garbage` for
 //! the tool route; `x-provider-status: N` (a JSON answer with that status:
@@ -240,6 +240,10 @@ impl Provider {
         } else {
             // vLLM's continuous usage stats: a running total on every chunk.
             let running = headers.contains_key("x-provider-usage-every-chunk");
+            let text = match number("x-provider-text-bytes", 0) {
+                0 => "hello there".to_owned(),
+                bytes => "a".repeat(bytes as usize),
+            };
             for i in 0..choices {
                 let usage_field = match (include_usage, running) {
                     (true, true) => format!(
@@ -249,7 +253,7 @@ impl Provider {
                     (true, false) => ", \"usage\": null".to_owned(),
                     (false, _) => String::new(),
                 };
-                events.push((pace, format!("data: {{\"id\": \"c1\", \"choices\": [{{\"index\": {i}, \"delta\": {{\"content\": \"hello there\"}}}}], \"service_tier\": \"{served_tier}\"{usage_field}}}\r\n\r\n")));
+                events.push((pace, format!("data: {{\"id\": \"c1\", \"choices\": [{{\"index\": {i}, \"delta\": {{\"content\": \"{text}\"}}}}], \"service_tier\": \"{served_tier}\"{usage_field}}}\r\n\r\n")));
             }
             if include_usage {
                 events.push((number("x-provider-usage-delay-ms", pace), format!("data: {{\"id\": \"c1\", \"choices\": [], \"service_tier\": \"{served_tier}\", \"usage\": {{\"prompt_tokens\": {input_tokens}, \"completion_tokens\": {output_tokens}}}}}\r\n\r\n")));
