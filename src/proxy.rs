@@ -332,7 +332,6 @@ impl Proxy {
                     tokio::time::timeout(timeout, self.body_budget.read(incoming, limit, key.org))
                         .await
                         .map_err(|_| ProxyError::BodyTimeout { timeout })??;
-                let fields = charge::read_model_request(&bytes, *flavour)?;
                 let upstream = &self.config.upstreams[route.upstream];
                 // The cap field this upstream reads (OpenAI's chat reads
                 // `max_tokens` too; servers set to `max_tokens` read only
@@ -341,6 +340,7 @@ impl Proxy {
                     Flavour::OpenaiChat => Some(upstream.chat_cap_field),
                     _ => charge::cap_field(*flavour),
                 };
+                let fields = charge::read_model_request_for(&bytes, *flavour, cap_field)?;
                 if let (Some(given), Some(read)) = (fields.cap_given_in, cap_field) {
                     if *flavour == Flavour::OpenaiChat && read == "max_tokens" && given != read {
                         return Err(ProxyError::InvalidField {
@@ -428,6 +428,7 @@ impl Proxy {
                     web_search_preview: fields.web_search_preview,
                     cache_longer_lifetime: fields.cache_longer_lifetime,
                     requested_tier,
+                    held_output_tokens: plan.cap.unwrap_or(0).saturating_mul(plan.choices),
                 };
                 (Either::Right(Full::new(bytes)), priced, hold, held_cost, plan.cap, inject, estimated_input)
             }

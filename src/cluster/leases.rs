@@ -1126,8 +1126,15 @@ impl LeaseBook {
         // stop the renewal: leases left to lapse on a live replica would be
         // closed by the sweep and their credit spent again by others while
         // this replica's open holds still settle on them.
-        if let Err(error) = self.ship().await {
-            tracing::warn!(%error, "cannot ship the outbox; renewing the leases all the same");
+        // Nor does a slow one (wallet locks, a silent server) delay it past
+        // the leases' deadline: it is cut at a quarter of the TTL (the batch
+        // goes back to the outbox) and the shipping rounds go on with it.
+        match tokio::time::timeout(self.settings.ttl / 4, self.ship()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot ship the outbox; renewing the leases all the same")
+            }
+            Err(_) => tracing::warn!("the outbox's shipment is slow; renewing the leases first"),
         }
         let asked_at = Instant::now();
         let outbox = {

@@ -69,8 +69,8 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 21,
-        name: "retire_unbounded_versions",
-        sql: include_str!("migrations/0021_retire_unbounded_versions.sql"),
+        name: "retire_unbounded_draw",
+        sql: include_str!("migrations/0021_retire_unbounded_draw.sql"),
     },
 ];
 

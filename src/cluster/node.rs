@@ -456,7 +456,8 @@ impl ClusterNode {
                 () = self.rounds.cancelled() => return,
                 () = tokio::time::sleep(every) => {}
             }
-            // A round that succeeds shipped and renewed in the database.
+            // A round that succeeds renewed in the database (its shipment may
+            // have failed: the shipping rounds try it again).
             match self.book.maintain().await {
                 Ok(()) => {
                     reachable_since.get_or_insert_with(tokio::time::Instant::now);

@@ -55,6 +55,8 @@ pub enum Priced {
         cache_longer_lifetime: bool,
         /// The service tier the request asked for (`price` is in it).
         requested_tier: ServiceTier,
+        /// Output tokens the hold allowed for: the cap sent, times the choices.
+        held_output_tokens: u64,
     },
     Tool {
         name: Arc<str>,
@@ -214,6 +216,10 @@ const RESPONSES_TOKEN_TOOLS: [&str; 8] = [
     "mcp",
 ];
 
+/// Tokens beyond twice the output a hold allowed for before a stream's
+/// delivered text counts as past its cap (see `Charge::model_cost`).
+const RAN_PAST_CAP_SLACK_TOKENS: u64 = 256;
+
 /// Cloudflare's "a timeout occurred": the origin took the call and had not
 /// answered when the edge gave up. The call runs on, and is billed.
 const ORIGIN_TIMED_OUT: u16 = 524;
@@ -272,6 +278,16 @@ pub fn cap_field(flavour: Flavour) -> Option<&'static str> {
 /// Read `model`, the output cap, the choice count and the stream flags from a
 /// JSON object body.
 pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest, ProxyError> {
+    read_model_request_for(body, flavour, cap_field(flavour))
+}
+
+/// [`read_model_request`] for an upstream that reads its output cap in
+/// `cap_field` (named in what is refused).
+pub fn read_model_request_for(
+    body: &[u8],
+    flavour: Flavour,
+    cap_field: Option<&'static str>,
+) -> Result<ModelRequest, ProxyError> {
     // serde's derive also reads a JSON array into a struct, by position.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ProxyError::InvalidJson { reason: "the body must be a JSON object".into() });
@@ -298,7 +314,7 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
         ("max_completion_tokens", count(fields.max_completion_tokens, "max_completion_tokens")?),
         ("max_output_tokens", count(fields.max_output_tokens, "max_output_tokens")?),
     ];
-    let (max_output_tokens, cap_given_in) = output_cap(flavour, &caps)?;
+    let (max_output_tokens, cap_given_in) = output_cap(flavour, &caps, cap_field)?;
     let other_caps = [
         ("n_predict", fields.n_predict.is_some()),
         ("num_predict", fields.num_predict.is_some()),
@@ -310,7 +326,7 @@ pub fn read_model_request(body: &[u8], flavour: Flavour) -> Result<ModelRequest,
             field,
             reason: format!(
                 "is an output cap (or holds one) some servers read in place of the API's own, past the one the gateway holds for; use `{}`",
-                cap_field(flavour).unwrap_or("max_tokens")
+                cap_field.unwrap_or("max_tokens")
             ),
         });
     }
@@ -553,6 +569,7 @@ fn count(value: Option<Value>, field: &'static str) -> Result<Option<u64>, Proxy
 fn output_cap(
     flavour: Flavour,
     caps: &[(&'static str, Option<u64>)],
+    upstream_field: Option<&'static str>,
 ) -> Result<(Option<u64>, Option<&'static str>), ProxyError> {
     let read_by_api = |field: &str| match flavour {
         Flavour::OpenaiChat => field == "max_tokens" || field == "max_completion_tokens",
@@ -570,7 +587,7 @@ fn output_cap(
                 field,
                 reason: format!(
                     "is not read by this API, so it would not cap the output; use `{}`",
-                    cap_field(flavour).unwrap_or("max_tokens")
+                    upstream_field.unwrap_or("max_tokens")
                 ),
             });
         }
@@ -982,9 +999,11 @@ impl Charge {
     ///   plus the context the hold allowed for, up to the hold
     ///   (`estimated`); one that may have run hosted tools, the hold. An
     ///   upstream cut for silence is charged the hold.
-    /// - Whatever the ending, a stream without usage that delivered more
-    ///   text than the hold allowed for (an upstream that ignored the cap)
-    ///   is charged that estimate: what it delivered is a floor on its bill.
+    /// - Whatever the ending, a stream without usage that delivered clearly
+    ///   more text than the hold allowed for (more than twice its output
+    ///   tokens and 256: an upstream that ignored the cap) is charged that
+    ///   estimate, at most the route's usage ceiling: what it delivered is a
+    ///   floor on its bill.
     /// - Usage is the bill only once the event that ends it has come (or the
     ///   body ended): a running total before a cut is a floor.
     /// - A body the gateway could not read (encoded) is charged the hold.
@@ -1056,7 +1075,15 @@ impl Charge {
         };
         let (mut reported, delivered) = (meter.finish(), meter.delivered_output_estimate());
         let usage_is_final = meter.usage_is_final();
-        let delivered_is_text = meter.estimate_counts_text();
+        // A stream that delivered clearly more text than the hold allowed
+        // for (twice it, and more: the estimate is rough) came from an
+        // upstream that ignored the cap it was sent.
+        let held_output = match &self.priced {
+            Some(Priced::Model { held_output_tokens, .. }) => *held_output_tokens,
+            _ => u64::MAX,
+        };
+        let ran_past_cap = meter.estimate_counts_text()
+            && delivered > held_output.saturating_mul(2).saturating_add(RAN_PAST_CAP_SLACK_TOKENS);
         let served = self.price_as_served(price, reported.served_tier);
         let price = &served;
         let longer = matches!(self.priced, Some(Priced::Model { cache_longer_lifetime: true, .. }));
@@ -1088,6 +1115,7 @@ impl Charge {
             if reported.input_tokens.is_none() {
                 tokens.input_tokens = estimated_input;
             }
+            let (tokens, _) = self.within_ceiling(tokens, &reported);
             self.priced(price, tokens, &reported)
         });
         let (charged, usage, flag) = match estimate {
@@ -1095,7 +1123,7 @@ impl Charge {
             // ignored the cap it was sent (a server that reads another cap
             // field), and what it delivered is a floor on its bill, however
             // the call ended.
-            Some((charged, usage)) if delivered_is_text && charged.price > held.price => {
+            Some((charged, usage)) if ran_past_cap && charged.price > held.price => {
                 (charged, usage, SettleFlag::Estimated)
             }
             Some((charged, usage)) if !outcome.charges_hold_without_usage() => {
