@@ -121,7 +121,8 @@ impl std::fmt::Debug for ClusterNode {
 /// left (already shipped debits would post twice; covered ones would ship
 /// as uncovered while the old name's leases returned their credit). The
 /// outbox records its replica's name, and a non-empty one refuses any other;
-/// an empty one is taken over.
+/// an empty one is taken over. One written before names were recorded is
+/// judged by the data directory's `replica-name` file, where there is one.
 fn open_outbox(data_dir: &Path, replica: &str) -> Result<sled::Tree, ClusterError> {
     let unusable = |err: sled::Error| {
         ClusterError::Config(format!("cannot open the outbox in {}: {err}", data_dir.display()))
@@ -133,9 +134,17 @@ fn open_outbox(data_dir: &Path, replica: &str) -> Result<sled::Tree, ClusterErro
         .open()
         .map_err(unusable)?;
     let debits = db.open_tree("debits").map_err(unusable)?;
-    let owner = db.get(OUTBOX_OWNER).map_err(unusable)?;
+    let owner = match db.get(OUTBOX_OWNER).map_err(unusable)? {
+        Some(owner) => Some(owner.to_vec()),
+        // Written before the outbox recorded its name: the name this data
+        // directory was started under, when it kept one.
+        None => std::fs::read_to_string(data_dir.join("replica-name"))
+            .ok()
+            .map(|name| name.trim().as_bytes().to_vec())
+            .filter(|name| !name.is_empty()),
+    };
     match owner {
-        Some(owner) if owner.as_ref() != replica.as_bytes() && !debits.is_empty() => {
+        Some(owner) if owner != replica.as_bytes() && !debits.is_empty() => {
             Err(ClusterError::Config(format!(
                 "the outbox in {} holds debits replica {:?} has not shipped; start this data directory as that replica \
                  ([cluster] replica = {:?}) to ship them, since shipped under {replica:?} they would be posted twice",
@@ -144,7 +153,6 @@ fn open_outbox(data_dir: &Path, replica: &str) -> Result<sled::Tree, ClusterErro
                 String::from_utf8_lossy(&owner),
             )))
         }
-        Some(owner) if owner.as_ref() == replica.as_bytes() => Ok(debits),
         _ => {
             db.insert(OUTBOX_OWNER, replica.as_bytes()).map_err(unusable)?;
             db.flush().map_err(unusable)?;
@@ -608,5 +616,17 @@ mod tests {
             open_outbox(dir.path(), "replica-a").is_ok(),
             "an empty outbox belongs to whoever starts on it"
         );
+
+        // An outbox from before names were recorded (no owner in it) is
+        // judged by the data directory's own name.
+        let old = tempfile::tempdir().unwrap();
+        std::fs::write(old.path().join("replica-name"), "replica-a\n").unwrap();
+        {
+            let store = sled::Config::new().path(old.path().join("outbox")).open().unwrap();
+            store.open_tree("debits").unwrap().insert(7u64.to_be_bytes(), &b"a debit"[..]).unwrap();
+            store.flush().unwrap();
+        }
+        assert!(open_outbox(old.path(), "replica-b").is_err(), "its name file says replica-a");
+        assert_eq!(open_outbox(old.path(), "replica-a").unwrap().len(), 1);
     }
 }
