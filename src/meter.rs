@@ -83,44 +83,11 @@ impl ServiceTier {
 }
 
 /// A `service_tier` value: any JSON value, kept only if it is a string.
-struct TierField(Option<ServiceTier>);
+type TierField = Lenient<ServiceTier>;
 
-impl<'de> Deserialize<'de> for TierField {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct TierVisitor;
-        impl<'de> serde::de::Visitor<'de> for TierVisitor {
-            type Value = TierField;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_str<E>(self, value: &str) -> Result<TierField, E> {
-                Ok(TierField(Some(ServiceTier::from_name(value))))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<TierField, E> {
-                Ok(TierField(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<TierField, E> {
-                Ok(TierField(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<TierField, E> {
-                Ok(TierField(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<TierField, E> {
-                Ok(TierField(None))
-            }
-            fn visit_unit<E>(self) -> Result<TierField, E> {
-                Ok(TierField(None))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<TierField, A::Error> {
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(TierField(None))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TierField, A::Error> {
-                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
-                Ok(TierField(None))
-            }
-        }
-        deserializer.deserialize_any(TierVisitor)
+impl FromJsonScalar for ServiceTier {
+    fn from_str(value: &str) -> Option<ServiceTier> {
+        Some(ServiceTier::from_name(value))
     }
 }
 
@@ -305,44 +272,71 @@ struct CacheCreation {
 }
 
 /// Any JSON value; keeps it only if it is a non-negative integer.
-struct Count(Option<u64>);
+type Count = Lenient<u64>;
 
-impl<'de> Deserialize<'de> for Count {
+impl FromJsonScalar for u64 {
+    fn from_u64(value: u64) -> Option<u64> {
+        Some(value)
+    }
+    fn from_i64(value: i64) -> Option<u64> {
+        u64::try_from(value).ok()
+    }
+}
+
+/// What a lenient field keeps of a JSON scalar (nothing, unless said).
+trait FromJsonScalar: Sized {
+    fn from_u64(_: u64) -> Option<Self> {
+        None
+    }
+    fn from_i64(_: i64) -> Option<Self> {
+        None
+    }
+    fn from_str(_: &str) -> Option<Self> {
+        None
+    }
+}
+
+/// A field that takes any JSON value and keeps it only where `T` reads it:
+/// a value of another shape is not the parser's error (which would send the
+/// whole document the slow way), only nothing read.
+struct Lenient<T>(Option<T>);
+
+impl<'de, T: FromJsonScalar> Deserialize<'de> for Lenient<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct CountVisitor;
-        impl<'de> serde::de::Visitor<'de> for CountVisitor {
-            type Value = Count;
+        struct LenientVisitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: FromJsonScalar> serde::de::Visitor<'de> for LenientVisitor<T> {
+            type Value = Lenient<T>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("any JSON value")
             }
-            fn visit_u64<E>(self, value: u64) -> Result<Count, E> {
-                Ok(Count(Some(value)))
+            fn visit_u64<E>(self, value: u64) -> Result<Lenient<T>, E> {
+                Ok(Lenient(T::from_u64(value)))
             }
-            fn visit_i64<E>(self, value: i64) -> Result<Count, E> {
-                Ok(Count(u64::try_from(value).ok()))
+            fn visit_i64<E>(self, value: i64) -> Result<Lenient<T>, E> {
+                Ok(Lenient(T::from_i64(value)))
             }
-            fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
-                Ok(Count(None))
+            fn visit_f64<E>(self, _: f64) -> Result<Lenient<T>, E> {
+                Ok(Lenient(None))
             }
-            fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
-                Ok(Count(None))
+            fn visit_bool<E>(self, _: bool) -> Result<Lenient<T>, E> {
+                Ok(Lenient(None))
             }
-            fn visit_str<E>(self, _: &str) -> Result<Count, E> {
-                Ok(Count(None))
+            fn visit_str<E>(self, value: &str) -> Result<Lenient<T>, E> {
+                Ok(Lenient(T::from_str(value)))
             }
-            fn visit_unit<E>(self) -> Result<Count, E> {
-                Ok(Count(None))
+            fn visit_unit<E>(self) -> Result<Lenient<T>, E> {
+                Ok(Lenient(None))
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Lenient<T>, A::Error> {
                 while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(Count(None))
+                Ok(Lenient(None))
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Lenient<T>, A::Error> {
                 while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
-                Ok(Count(None))
+                Ok(Lenient(None))
             }
         }
-        deserializer.deserialize_any(CountVisitor)
+        deserializer.deserialize_any(LenientVisitor(std::marker::PhantomData))
     }
 }
 

@@ -315,8 +315,8 @@ impl Proxy {
         let (body, priced, hold, held_cost, output_cap, injected_usage, estimated_input) = match &route.kind {
             RouteKind::Model(flavour) => {
                 // The body is priced as sent; an upstream that decodes it
-                // (deflate, brotli) could read another document.
-                // Every value, and every token of each (`identity, deflate`).
+                // (deflate, brotli) could read another document. Every value
+                // is checked, and every token of each (`identity, deflate`).
                 for encoding in parts.headers.get_all(header::CONTENT_ENCODING) {
                     let encoding = String::from_utf8_lossy(encoding.as_bytes());
                     if encoding.split(',').any(|token| !token.trim().eq_ignore_ascii_case("identity")) {
@@ -341,18 +341,7 @@ impl Proxy {
                     _ => charge::cap_field(*flavour),
                 };
                 let fields = charge::read_model_request_for(&bytes, *flavour, cap_field)?;
-                if let (Some(given), Some(read)) = (fields.cap_given_in, cap_field) {
-                    if *flavour == Flavour::OpenaiChat && read == "max_tokens" && given != read {
-                        return Err(ProxyError::InvalidField {
-                            field: given,
-                            reason: format!(
-                                "is not read by this route's upstream, so it would not cap the output; use `{read}`"
-                            ),
-                        });
-                    }
-                }
-                let base = &self.config.upstreams[route.upstream].base_path;
-                charge::check_deployment(base, parts.uri.path(), &fields.model)?;
+                charge::check_deployment(&upstream.base_path, parts.uri.path(), &fields.model)?;
                 let price = charge::price_model(&table, &fields.model, fields.service_tier.as_deref(), now)?;
                 let requested_tier = fields
                     .service_tier

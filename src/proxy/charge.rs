@@ -238,8 +238,6 @@ pub struct ModelRequest {
     pub model: String,
     /// The output cap per choice the request names, in a field its API reads.
     pub max_output_tokens: Option<u64>,
-    /// The field it named it in.
-    pub cap_given_in: Option<&'static str>,
     /// Choices the upstream generates (`n`, `best_of`), each billed for its output.
     pub choices: u64,
     pub stream: bool,
@@ -314,7 +312,7 @@ pub fn read_model_request_for(
         ("max_completion_tokens", count(fields.max_completion_tokens, "max_completion_tokens")?),
         ("max_output_tokens", count(fields.max_output_tokens, "max_output_tokens")?),
     ];
-    let (max_output_tokens, cap_given_in) = output_cap(flavour, &caps, cap_field)?;
+    let max_output_tokens = output_cap(flavour, &caps, cap_field)?;
     let other_caps = [
         ("n_predict", fields.n_predict.is_some()),
         ("num_predict", fields.num_predict.is_some()),
@@ -488,7 +486,6 @@ pub fn read_model_request_for(
     Ok(ModelRequest {
         model,
         max_output_tokens,
-        cap_given_in,
         choices,
         stream,
         include_usage,
@@ -570,13 +567,16 @@ fn output_cap(
     flavour: Flavour,
     caps: &[(&'static str, Option<u64>)],
     upstream_field: Option<&'static str>,
-) -> Result<(Option<u64>, Option<&'static str>), ProxyError> {
+) -> Result<Option<u64>, ProxyError> {
+    // OpenAI's chat reads `max_tokens` too; an upstream set to read
+    // `max_tokens` (Ollama, llama.cpp) reads only that.
     let read_by_api = |field: &str| match flavour {
+        Flavour::OpenaiChat if upstream_field == Some("max_tokens") => field == "max_tokens",
         Flavour::OpenaiChat => field == "max_tokens" || field == "max_completion_tokens",
         Flavour::OpenaiEmbeddings => false,
         _ => cap_field(flavour) == Some(field),
     };
-    let (mut cap, mut given_in) = (None, None);
+    let mut cap = None;
     for &(field, value) in caps {
         let Some(value) = value else { continue };
         if flavour == Flavour::OpenaiEmbeddings {
@@ -586,7 +586,7 @@ fn output_cap(
             return Err(ProxyError::InvalidField {
                 field,
                 reason: format!(
-                    "is not read by this API, so it would not cap the output; use `{}`",
+                    "is not read by this route's upstream, so it would not cap the output; use `{}`",
                     upstream_field.unwrap_or("max_tokens")
                 ),
             });
@@ -598,13 +598,10 @@ fn output_cap(
                     reason: "conflicts with another output cap in the request; give one".into(),
                 })
             }
-            _ => {
-                cap = Some(value);
-                given_in = given_in.or(Some(field));
-            }
+            _ => cap = Some(value),
         }
     }
-    Ok((cap, given_in))
+    Ok(cap)
 }
 
 /// Searchers built once (building one costs more than searching a body).
@@ -1024,14 +1021,14 @@ impl Charge {
         // An upstream that failed bills nothing; one that had the call and
         // never answered may bill it all.
         let answered = self.upstream_status.is_some_and(|s| s.is_success());
-        let unanswered = (self.upstream_status.is_none() && outcome == Outcome::NoAnswer)
-            || self.upstream_status.is_some_and(|s| s.as_u16() == ORIGIN_TIMED_OUT);
+        let timed_out_at_the_edge = self.upstream_status.is_some_and(|s| s.as_u16() == ORIGIN_TIMED_OUT);
+        let unanswered =
+            (self.upstream_status.is_none() && outcome == Outcome::NoAnswer) || timed_out_at_the_edge;
         if !answered && !unanswered {
             hold.release(now);
             return SettleResult::Released;
         }
         let held = Amounts { cost: self.held_cost, price: hold.amount() };
-        let timed_out_at_the_edge = self.upstream_status.is_some_and(|s| s.as_u16() == ORIGIN_TIMED_OUT);
         let (charged, usage, flag) = match &priced {
             // Its body is the edge's page, whatever the client did with it.
             _ if timed_out_at_the_edge => (held, Usage::default(), SettleFlag::NoUsage),
