@@ -134,6 +134,7 @@ impl Gateway {
             shutdown_grace: config.server.shutdown_grace,
             max_request_duration: Some(config.server.max_response_duration),
             client_stall_timeout: config.server.client_stall_timeout,
+            http2_max_concurrent_streams: config.server.http2_max_concurrent_streams,
         };
         let mut proxy = Proxy::new(
             config.clone(),

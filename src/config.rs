@@ -26,6 +26,9 @@ use toml::Spanned;
 const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
 const DEFAULT_MAX_BUFFERED_BODY_BYTES: u64 = 512 * 1024 * 1024;
 const DEFAULT_CLIENT_STALL_TIMEOUT_MS: u64 = 60_000;
+/// Streams one h2 client connection may have open at once (RFC 9113
+/// suggests no fewer than 100; hyper's default is 200).
+const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 100;
 /// How often the price file is checked for changes.
 const DEFAULT_PRICE_WATCH_INTERVAL_MS: u64 = 250;
 /// How long in-flight requests may run after a shutdown signal.
@@ -299,6 +302,10 @@ pub struct ServerConfig {
     /// otherwise hold its connection (and its slot) until
     /// `max_response_duration`.
     pub client_stall_timeout: Duration,
+    /// Streams one h2 client connection may have open at once: each is a
+    /// request in flight (and may be an upstream connection), and the
+    /// connection cap counts the connection once.
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// `[server] scheduler`: how proxy connections are spread over threads.
@@ -564,6 +571,7 @@ struct RawServer {
     read_on_max_bytes: Option<u64>,
     max_response_ms: Option<u64>,
     client_stall_timeout_ms: Option<u64>,
+    http2_max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1077,6 +1085,10 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
         read_on_max_bytes: raw.read_on_max_bytes.unwrap_or(DEFAULT_READ_ON_MAX_BYTES),
         max_response_duration,
         client_stall_timeout,
+        http2_max_concurrent_streams: raw
+            .http2_max_concurrent_streams
+            .unwrap_or(DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS)
+            .max(1),
     }
 }
 

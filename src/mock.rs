@@ -173,6 +173,7 @@ impl MockUpstream {
             shutdown_grace: Duration::from_secs(1),
             max_request_duration: None,
             client_stall_timeout: Duration::from_secs(60),
+            http2_max_concurrent_streams: 200,
         };
         let task =
             tokio::spawn(server::serve(listener, serve_options, shutdown.clone(), move |req, _peer| {

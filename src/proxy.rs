@@ -49,7 +49,7 @@ pub use error::{json_error, ErrorClass, ProxyError};
 pub use headers::REQUEST_ID;
 /// The plain-HTTP/1.1 upstream pool, public for the bench's floors, which use it too.
 pub use plain_pool::{PlainError, PlainPool};
-pub use upstream::UpstreamBody;
+pub use upstream::{UpstreamBody, WithoutTrailers};
 
 use crate::alerts::{Alerts, Signal};
 use crate::clock::Clock;
@@ -293,8 +293,12 @@ impl Proxy {
     ) -> Result<(http::request::Parts, UpstreamBody), ProxyError> {
         let limit = self.config.server.max_body_bytes;
         let (parts, incoming) = request.into_parts();
-        let streamed =
-            |incoming| Either::Left(Limited::new(incoming, usize::try_from(limit).unwrap_or(usize::MAX)));
+        let streamed = |incoming| {
+            Either::Left(WithoutTrailers(Limited::new(
+                incoming,
+                usize::try_from(limit).unwrap_or(usize::MAX),
+            )))
+        };
         if route.kind == RouteKind::Passthrough && route.limits.public {
             return Ok((parts, streamed(incoming)));
         }

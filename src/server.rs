@@ -8,11 +8,13 @@
 //! keep-alive idle timeout after), and when every connection slot is taken,
 //! a new client takes the slot of the connection idle the longest.
 //!
-//! Nor can clients that stop reading: a connection whose response has been
-//! waiting for its client to take the next part (an h2 flow window left at
-//! zero), or whose socket has refused every write (a full socket: also
+//! Nor can clients that stop reading: a connection with a response that has
+//! been waiting for its client to take the next part (an h2 flow window left
+//! at zero), or whose socket has refused every write (a full socket: also
 //! responses to pipelined requests, which hyper queues before their bodies
-//! are ever polled), for `client_stall_timeout` is closed.
+//! are ever polled), for `client_stall_timeout` is closed. Each request is
+//! timed on its own: on h2, the other streams of a connection neither hide
+//! a stuck one nor share its fate at once (the connection drains first).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -60,13 +62,17 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// How long in-flight requests may run after shutdown is signalled.
     pub shutdown_grace: Duration,
-    /// A connection busy with requests this long without a pause is closed,
-    /// whether or not its client still reads: a response body is only
-    /// polled (and its own deadline checked) while the client reads.
+    /// A request in flight this long closes its connection (an h2 one
+    /// drains first), whether or not its client still reads: a response
+    /// body is only polled (and its own deadline checked) while the client
+    /// reads.
     pub max_request_duration: Option<Duration>,
-    /// A connection whose response waited this long for its client to take
-    /// the next part is closed (a client that stopped reading).
+    /// A response that waited this long for its client to take its next
+    /// part closes its connection (a client that stopped reading; an h2
+    /// connection drains first).
     pub client_stall_timeout: Duration,
+    /// Streams one h2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// How a listener stopped.
@@ -94,7 +100,7 @@ where
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(options.http2_max_concurrent_streams);
     let permits = Arc::new(Semaphore::new(options.max_connections));
     let open = Arc::new(OpenConnections::default());
     let sweep = open.clone().close_idle(
@@ -147,7 +153,7 @@ where
         let service = {
             let tracked = tracked.clone();
             service_fn(move |request| {
-                let busy = Busy::start(&tracked);
+                let busy = Busy::start(&tracked, request.version());
                 // Called inside the block: a future made outside and awaited
                 // inside is stored twice over in the block's state, and that
                 // state is copied whole every time the block is moved.
@@ -229,17 +235,21 @@ struct Tracked {
     id: u64,
     /// Requests whose response has not been sent (or dropped) yet.
     in_flight: AtomicUsize,
+    /// Each of them, for its own age and stall: on h2 one connection carries
+    /// many, and neither a sibling's start nor its progress may hide one
+    /// that has run too long or that its client stopped reading.
+    requests: Mutex<Vec<Arc<InFlight>>>,
     /// Whether a request ever started on it.
     served: AtomicBool,
+    /// It carries HTTP/2: a stuck stream first drains it (GOAWAY: the
+    /// other streams finish), and closes it only if still stuck a stall
+    /// timeout later.
+    multiplexed: AtomicBool,
+    /// When (on the listener's clock) the sweep asked it to drain for a
+    /// stuck stream; [`NOT_BLOCKED`] before.
+    drained_for_stuck_at: AtomicU64,
     /// When it last started or finished a request (or was accepted).
     last_active: Mutex<Instant>,
-    /// Since when it has had a request in flight without a pause.
-    busy_since: Mutex<Option<Instant>>,
-    /// Responses whose next part waits for the client to take it (see
-    /// [`ClientPaced`]), and when a part last came to wait (so on h2 a new
-    /// stream's head restarts the count for the connection).
-    owed: AtomicUsize,
-    last_taken: AtomicU64,
     /// When (on the listener's clock) the socket last refused a write that
     /// has not gone through since; [`NOT_BLOCKED`] while writes go through.
     write_blocked_at: AtomicU64,
@@ -273,6 +283,17 @@ impl Signal {
     }
 }
 
+/// One request in flight: when it started, and since when (on the
+/// listener's clock) its response has waited for the client to take its
+/// next part ([`NOT_OWED`] while it waits on nothing but its own source).
+struct InFlight {
+    started: Instant,
+    owed_since: AtomicU64,
+}
+
+/// [`InFlight::owed_since`] while nothing is owed.
+const NOT_OWED: u64 = u64::MAX;
+
 impl Tracked {
     /// How long it has been idle; `None` while a request is in flight.
     fn idle_for(&self, now: Instant) -> Option<Duration> {
@@ -284,26 +305,35 @@ impl Tracked {
 }
 
 /// A request in flight on a connection, from its head to its body's end.
-struct Busy(Arc<Tracked>);
+struct Busy {
+    tracked: Arc<Tracked>,
+    request: Arc<InFlight>,
+}
 
 impl Busy {
-    fn start(tracked: &Arc<Tracked>) -> Busy {
+    fn start(tracked: &Arc<Tracked>, version: http::Version) -> Busy {
         tracked.served.store(true, Ordering::Relaxed);
-        let now = Instant::now();
-        if tracked.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
-            *tracked.busy_since.lock() = Some(now);
+        if version == http::Version::HTTP_2 {
+            tracked.multiplexed.store(true, Ordering::Relaxed);
         }
+        let now = Instant::now();
+        let request = Arc::new(InFlight { started: now, owed_since: AtomicU64::new(NOT_OWED) });
+        tracked.requests.lock().push(request.clone());
+        tracked.in_flight.fetch_add(1, Ordering::AcqRel);
         *tracked.last_active.lock() = now;
-        Busy(tracked.clone())
+        Busy { tracked: tracked.clone(), request }
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        *self.0.last_active.lock() = Instant::now();
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.0.busy_since.lock() = None;
+        *self.tracked.last_active.lock() = Instant::now();
+        let mut requests = self.tracked.requests.lock();
+        if let Some(at) = requests.iter().position(|request| Arc::ptr_eq(request, &self.request)) {
+            requests.swap_remove(at);
         }
+        drop(requests);
+        self.tracked.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -314,10 +344,10 @@ impl OpenConnections {
             id,
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
+            requests: Mutex::new(Vec::new()),
+            multiplexed: AtomicBool::new(false),
+            drained_for_stuck_at: AtomicU64::new(NOT_BLOCKED),
             last_active: Mutex::new(Instant::now()),
-            busy_since: Mutex::new(None),
-            owed: AtomicUsize::new(0),
-            last_taken: AtomicU64::new(0),
             write_blocked_at: AtomicU64::new(NOT_BLOCKED),
             clock_ms: self.clock_ms.clone(),
             signal: Signal::default(),
@@ -382,14 +412,22 @@ impl OpenConnections {
             let now_ms = u64::try_from(now.saturating_duration_since(began).as_millis()).unwrap_or(u64::MAX);
             self.clock_ms.store(now_ms, Ordering::Relaxed);
             for tracked in self.connections.lock().values() {
-                let stalled = tracked.owed.load(Ordering::Acquire) > 0
-                    && now_ms.saturating_sub(tracked.last_taken.load(Ordering::Acquire)) >= stall_ms;
                 let blocked_at = tracked.write_blocked_at.load(Ordering::Acquire);
-                let stalled =
-                    stalled || (blocked_at != NOT_BLOCKED && now_ms.saturating_sub(blocked_at) >= stall_ms);
-                if stalled {
-                    tracing::debug!("closed a connection whose client stopped reading its response");
-                    tracked.signal.raise(Signal::CLOSE);
+                let socket_stalled =
+                    blocked_at != NOT_BLOCKED && now_ms.saturating_sub(blocked_at) >= stall_ms;
+                let (stream_stalled, too_long) = {
+                    let requests = tracked.requests.lock();
+                    let stalled = requests.iter().any(|request| {
+                        let since = request.owed_since.load(Ordering::Acquire);
+                        since != NOT_OWED && now_ms.saturating_sub(since) >= stall_ms
+                    });
+                    let too_long = max_busy.is_some_and(|max| {
+                        requests.iter().any(|request| now.saturating_duration_since(request.started) >= max)
+                    });
+                    (stalled, too_long)
+                };
+                if socket_stalled || stream_stalled || too_long {
+                    tracked.stuck(socket_stalled, now_ms, stall_ms);
                     continue;
                 }
                 let limit = if tracked.served.load(Ordering::Relaxed) {
@@ -397,13 +435,39 @@ impl OpenConnections {
                 } else {
                     header_read_timeout
                 };
-                let busy_too_long = max_busy
-                    .zip(*tracked.busy_since.lock())
-                    .is_some_and(|(max, since)| now.saturating_duration_since(since) >= max);
-                if busy_too_long || tracked.idle_for(now).is_some_and(|idle| idle >= limit) {
+                if tracked.idle_for(now).is_some_and(|idle| idle >= limit) {
                     tracked.signal.raise(Signal::CLOSE);
                 }
             }
+        }
+    }
+}
+
+impl Tracked {
+    /// A request on it has run past its limit, or its client stopped taking
+    /// a response. HTTP/1.1 carries one request at a time: the connection
+    /// closes. An h2 connection first drains (its other streams finish, new
+    /// ones go to a new connection) and closes if still stuck a stall
+    /// timeout later; a socket that takes no writes at all closes at once.
+    fn stuck(&self, socket_stalled: bool, now_ms: u64, stall_ms: u64) {
+        if socket_stalled || !self.multiplexed.load(Ordering::Relaxed) {
+            tracing::debug!(
+                "closed a connection whose client stopped reading, or whose request ran too long"
+            );
+            self.signal.raise(Signal::CLOSE);
+            return;
+        }
+        match self.drained_for_stuck_at.load(Ordering::Acquire) {
+            NOT_BLOCKED => {
+                tracing::debug!("draining an h2 connection with a stream stuck");
+                self.drained_for_stuck_at.store(now_ms, Ordering::Release);
+                self.signal.raise(Signal::DRAIN);
+            }
+            since if now_ms.saturating_sub(since) >= stall_ms => {
+                tracing::debug!("closed an h2 connection whose stuck stream outlived its drain");
+                self.signal.raise(Signal::CLOSE);
+            }
+            _ => {}
         }
     }
 }
@@ -429,15 +493,14 @@ impl<B> ClientPaced<B> {
     }
 
     fn owe(&mut self) {
-        let tracked = &self.busy.0;
-        tracked.last_taken.store(tracked.clock_ms.load(Ordering::Relaxed), Ordering::Release);
-        tracked.owed.fetch_add(1, Ordering::AcqRel);
+        let now_ms = self.busy.tracked.clock_ms.load(Ordering::Relaxed);
+        self.busy.request.owed_since.store(now_ms, Ordering::Release);
         self.owing = true;
     }
 
     fn paid(&mut self) {
         if std::mem::take(&mut self.owing) {
-            self.busy.0.owed.fetch_sub(1, Ordering::AcqRel);
+            self.busy.request.owed_since.store(NOT_OWED, Ordering::Release);
         }
     }
 }

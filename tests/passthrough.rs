@@ -267,3 +267,89 @@ async fn http2_prior_knowledge_upstreams_are_reached_over_h2() {
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     assert_eq!(reply.json()["model"], "mock-gpt");
 }
+
+#[tokio::test]
+async fn an_h2_connection_carries_at_most_the_configured_streams_at_once() {
+    // Before, hyper's default of 200 streams applied to every h2 connection,
+    // and the listener's connection cap counted each connection once: one
+    // socket could hold 200 requests (each perhaps an upstream connection).
+    let stack = start_with("http2_max_concurrent_streams = 2", "", Default::default()).await;
+    let mut sender = open_h2(stack.gateway.proxy_addr()).await;
+    // One request first, so the client has the gateway's SETTINGS (before
+    // them, a stream past the limit is refused, not queued).
+    let warm = Request::get("http://test/echo/warm").body(creditgate::mock::MockBody::Full(None)).unwrap();
+    sender.send_request(warm).await.unwrap().into_body().collect().await.unwrap();
+    let started = Instant::now();
+    let mut requests = Vec::new();
+    for i in 0..3 {
+        let mut sender = sender.clone();
+        requests.push(tokio::spawn(async move {
+            let request = Request::get(format!("http://test/echo/slow/{i}"))
+                .header("x-mock-latency-ms", "700")
+                .body(creditgate::mock::MockBody::Full(None))
+                .unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.into_body().collect().await.unwrap();
+            started.elapsed()
+        }));
+    }
+    let mut took: Vec<Duration> = Vec::new();
+    for request in requests {
+        took.push(request.await.unwrap());
+    }
+    took.sort();
+    assert!(took[1] < Duration::from_millis(1300), "two ran at once: {took:?}");
+    assert!(took[2] >= Duration::from_millis(1400), "the third waited for a stream: {took:?}");
+}
+
+#[tokio::test]
+async fn request_trailers_do_not_reach_an_h2_upstream() {
+    // Before, a streamed body's trailers went to an upstream reached over h2
+    // as they came: a trailer `x-api-key` or `authorization` passed the
+    // rules that strip and allow request headers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|request: Request<hyper::body::Incoming>| async move {
+                let collected = request.into_body().collect().await?;
+                let names: Vec<String> = collected
+                    .trailers()
+                    .map(|trailers| trailers.keys().map(|name| name.to_string()).collect())
+                    .unwrap_or_default();
+                let body = collected.to_bytes();
+                Ok::<_, hyper::Error>(
+                    http::Response::builder()
+                        .header("x-upstream-trailers", names.join(","))
+                        .body(Full::new(body))
+                        .unwrap(),
+                )
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    let stack =
+        start_edited(|text| {
+            text.replacen(r#"base_url = "http://"#, &format!(r#"base_url = "http://{upstream}" # "#), 1)
+                .replacen("[upstreams.mock]\n", "[upstreams.mock]\nhttp2_prior_knowledge = true\n", 1)
+        })
+        .await;
+    let mut sender = open_h2(stack.gateway.proxy_addr()).await;
+    let (tx, body) = channel_body();
+    let request = Request::post("http://test/echo/trailers").body(body).unwrap();
+    let response = tokio::spawn(sender.send_request(request));
+    tx.send(Ok(http_body::Frame::data(Bytes::from("payload")))).await.unwrap();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-api-key", "client-secret".parse().unwrap());
+    trailers.insert("x-checksum", "abc".parse().unwrap());
+    tx.send(Ok(http_body::Frame::trailers(trailers))).await.unwrap();
+    drop(tx);
+    let reply = read(response.await.unwrap().unwrap()).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.body.as_ref(), b"payload", "the body itself went through");
+    assert_eq!(reply.header("x-upstream-trailers"), Some(""), "no trailer reached the upstream");
+}

@@ -218,3 +218,85 @@ async fn a_client_that_stops_reading_its_response_is_cut_and_a_slow_upstream_is_
         "the upstream paused longer than the stall timeout"
     );
 }
+
+/// `GET path` on an h2 connection, read to its end.
+async fn h2_get(
+    sender: &mut hyper::client::conn::http2::SendRequest<creditgate::mock::MockBody>,
+    path: &str,
+    latency_ms: u64,
+) -> Result<u16, String> {
+    use http_body_util::BodyExt;
+    let request = http::Request::get(format!("http://test{path}"))
+        .header("x-mock-latency-ms", latency_ms.to_string())
+        .body(creditgate::mock::MockBody::Full(None))
+        .unwrap();
+    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    response.into_body().collect().await.map_err(|e| e.to_string())?;
+    Ok(status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_h2_connection_is_not_cut_while_each_of_its_requests_is_young() {
+    // Before, an h2 connection was timed from the moment it went from no
+    // request in flight to one, and cut at max_response_ms with every stream
+    // on it: a client (Envoy, a Go or gRPC client) whose requests overlap
+    // never returns to none, so its connection was reset every 30 minutes of
+    // steady traffic. Now each request is timed on its own.
+    let stack = common::start_with("max_response_ms = 1500", "", Default::default()).await;
+    let sender = common::open_h2(stack.gateway.proxy_addr()).await;
+    let mut requests = Vec::new();
+    // Two in flight at every moment for 4 s, none older than 0.4 s.
+    for i in 0..20 {
+        let mut sender = sender.clone();
+        requests
+            .push(tokio::spawn(async move { h2_get(&mut sender, &format!("/echo/overlap/{i}"), 400).await }));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (i, request) in requests.into_iter().enumerate() {
+        assert_eq!(request.await.unwrap(), Ok(200), "request {i} on the busy connection");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stream_its_client_stops_reading_is_cut_though_other_streams_keep_coming() {
+    // Before, every new stream's response head restarted the stall clock of
+    // the whole connection: a client that never read one stream and sent a
+    // cheap request every few seconds on another held that stream (its
+    // upstream socket, its hold, its in-flight slot) for max_response_ms,
+    // 30 minutes. Now each response has its own stall clock: the connection
+    // drains (GOAWAY: the other streams finish) and then closes.
+    let server = "client_stall_timeout_ms = 500\nmax_body_bytes = 67108864";
+    let stack = common::start_with(server, "", Default::default()).await;
+    let mut sender = common::open_h2(stack.gateway.proxy_addr()).await;
+    let (tx, body) = common::channel_body();
+    let request = http::Request::post("http://test/echo/unread").body(body).unwrap();
+    // The echo comes back as it is sent; this client never reads it.
+    let _response = tokio::spawn(sender.send_request(request));
+    let feeder = tokio::spawn(async move {
+        let started = Instant::now();
+        let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+        for _ in 0..1024 {
+            if tx.send(Ok(http_body::Frame::data(chunk.clone()))).await.is_err() {
+                break;
+            }
+        }
+        // Ends when the connection drops the body: fed to the end, or cut.
+        tx.closed().await;
+        started.elapsed()
+    });
+    // A short request every 300 ms on the same connection, for as long as it
+    // takes new streams.
+    let mut others = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !feeder.is_finished() && Instant::now() < deadline {
+        if h2_get(&mut sender, "/echo/other", 0).await == Ok(200) {
+            others += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(others > 0, "other streams were served beside the stuck one");
+    assert!(feeder.is_finished(), "the unread stream was still open after 10 s");
+    let took = feeder.await.unwrap();
+    assert!(took < Duration::from_secs(5), "cut within two stall timeouts and sweeps: {took:?}");
+}

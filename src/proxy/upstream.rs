@@ -27,7 +27,37 @@ use crate::server::per_core::thread_index;
 
 /// The body sent upstream: the client's stream under a size limit, or a body
 /// the gateway rebuilt (e.g. after adding `stream_options`).
-pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
+pub type UpstreamBody = Either<WithoutTrailers<Limited<Incoming>>, Full<Bytes>>;
+
+/// A client's body streamed upstream without its trailers: an h2 upstream
+/// would be sent them as they came, past the rules that strip and allow
+/// request headers (a trailer `authorization` or `x-api-key`).
+pub struct WithoutTrailers<B>(pub B);
+
+impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for WithoutTrailers<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        loop {
+            match std::task::ready!(Pin::new(&mut self.0).poll_frame(cx)) {
+                Some(Ok(frame)) if frame.is_trailers() => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
+    }
+}
 
 type HttpsClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 

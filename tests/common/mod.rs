@@ -277,6 +277,17 @@ pub async fn open_h1(addr: SocketAddr) -> hyper::client::conn::http1::SendReques
     sender
 }
 
+/// One h2c connection (prior knowledge): every request sent on it is a
+/// stream of that one connection.
+pub async fn open_h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<MockBody> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
 pub type BodySender = mpsc::Sender<Result<http_body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>;
 
 /// A request body the test feeds chunk by chunk (sent chunked, no length).

@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use creditgate::proxy::{PlainPool, UpstreamBody};
+use creditgate::proxy::{PlainPool, UpstreamBody, WithoutTrailers};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -69,7 +69,7 @@ const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// A client body forwarded as it comes, under the size cap.
 fn streamed(body: Incoming) -> UpstreamBody {
-    Either::Left(Limited::new(body, MAX_BODY_BYTES))
+    Either::Left(WithoutTrailers(Limited::new(body, MAX_BODY_BYTES)))
 }
 /// Output tokens held for when a request names no cap.
 const DEFAULT_OUTPUT_CAP: u64 = 4096;
