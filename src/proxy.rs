@@ -422,6 +422,7 @@ impl Proxy {
                     cache_longer_lifetime: fields.cache_longer_lifetime,
                     requested_tier,
                     held_output_tokens: plan.cap.unwrap_or(0).saturating_mul(plan.choices),
+                    hosted_calls_held: (!fields.hosted_tools.is_empty()).then_some(hosted.calls_held),
                 };
                 (Either::Right(Full::new(bytes)), priced, hold, held_cost, plan.cap, inject, estimated_input)
             }

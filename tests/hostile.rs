@@ -518,3 +518,85 @@ async fn naming_the_host_of_a_pass_through_route_does_not_make_a_billed_endpoint
         assert_eq!(charged, per_mtok(3, 1) + per_mtok(7, 2) + Decimal::new(1, 4), "for {host}");
     }
 }
+
+#[tokio::test]
+async fn absurd_hosted_call_counts_are_charged_at_the_bound_sent_and_a_clipped_input_keeps_its_cache_split() {
+    // Before, an upstream's count of hosted tool calls was charged whole:
+    // 4,294,967,295 web searches were a debit of $42.9M, though the request
+    // was sent a bound of 2 and the ceiling rule promised that a count past
+    // it is garbage, not a bill. And a usage clipped at the route's ceiling
+    // lost its cache split: hour-long cache writes were charged as plain
+    // input. A top-level `max_tool_calls`, which Anthropic does not read,
+    // held for none and sent none.
+    let stack = start_edited(|text| {
+        text.replacen(
+            "flavour = \"anthropic-messages\"\n",
+            "flavour = \"anthropic-messages\"\nusage_ceiling = 100000\n",
+            1,
+        )
+    })
+    .await;
+    let table = stack.gateway.prices().unwrap().current();
+    let now = chrono::Utc::now();
+    let price = table.model("mock-claude", now).unwrap();
+    let per_search = table.tool("web_search_requests", now).unwrap().cost(0).unwrap();
+    let post = |body: serde_json::Value, usage: &'static str| {
+        let request = Request::post(stack.url("/v1/messages"))
+            .header("authorization", format!("Bearer {}", stack.keys.pro))
+            .header("x-mock-usage", usage)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        send(request)
+    };
+    let absurd =
+        r#"{"input_tokens":10,"output_tokens":5,"server_tool_use":{"web_search_requests":4294967295}}"#;
+    let tokens = price
+        .cost(&creditgate::pricing::TokenUsage { input_tokens: 10, output_tokens: 5, ..Default::default() })
+        .unwrap();
+    let search = |max_uses: Option<u64>| match max_uses {
+        Some(uses) => {
+            serde_json::json!({"type": "web_search_20250305", "name": "web_search", "max_uses": uses})
+        }
+        None => serde_json::json!({"type": "web_search_20250305", "name": "web_search"}),
+    };
+    // One tool bounded at 2; then one at 2 and one the gateway bounds at the route's 10.
+    for (tools, bound) in [(vec![search(Some(2))], 2u64), (vec![search(Some(2)), search(None)], 12)] {
+        let before = pool_balance(&stack);
+        let body =
+            serde_json::json!({"model": "mock-claude", "max_tokens": 50, "messages": [], "tools": tools});
+        let reply = post(body, absurd).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        let charged = before - wait_settled(&stack).await;
+        assert_eq!(
+            charged,
+            tokens + per_search * Decimal::from(bound),
+            "searches at the bound sent, {bound}"
+        );
+    }
+    let body = serde_json::json!({"model": "mock-claude", "max_tokens": 50, "messages": [],
+                                  "max_tool_calls": 0, "tools": [search(None)]});
+    let reply = post(body, absurd).await;
+    assert_eq!(reply.status, 400, "{:?}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "invalid_field");
+
+    // 150,000 input tokens, 140,000 of them hour-long cache writes, past the
+    // route's ceiling of 100,000: the writes keep their share of what is charged.
+    let before = pool_balance(&stack);
+    let usage = concat!(
+        r#"{"input_tokens":10000,"cache_creation_input_tokens":140000,"#,
+        r#""cache_creation":{"ephemeral_1h_input_tokens":140000},"output_tokens":5}"#
+    );
+    let body = serde_json::json!({"model": "mock-claude", "max_tokens": 50, "messages": []});
+    assert_eq!(post(body, usage).await.status, 200);
+    let charged = before - wait_settled(&stack).await;
+    let clipped = creditgate::pricing::TokenUsage {
+        input_tokens: 100_000,
+        cache_write_1h_tokens: 93_334,
+        output_tokens: 5,
+        ..Default::default()
+    };
+    let plain =
+        creditgate::pricing::TokenUsage { input_tokens: 100_000, output_tokens: 5, ..Default::default() };
+    assert_eq!(charged, price.cost(&clipped).unwrap(), "the writes' share, 14/15, at the hour-long rate");
+    assert!(charged > price.cost(&plain).unwrap(), "more than the same tokens as plain input");
+}

@@ -57,6 +57,9 @@ pub enum Priced {
         requested_tier: ServiceTier,
         /// Output tokens the hold allowed for: the cap sent, times the choices.
         held_output_tokens: u64,
+        /// Hosted tool calls the hold allowed for, all the bounds sent
+        /// upstream together (`None`: the request enabled none).
+        hosted_calls_held: Option<u64>,
     },
     Tool {
         name: Arc<str>,
@@ -253,8 +256,14 @@ pub struct ModelRequest {
     pub hosted_tools: Vec<HostedTool>,
     /// One of them is OpenAI's web search preview, priced apart.
     pub web_search_preview: bool,
-    /// The request's own bound on hosted tool calls.
+    /// The hosted tool calls the request's own bounds allow: its
+    /// `max_tool_calls` (OpenAI: one bound over every tool), or the sum of
+    /// its web search tools' `max_uses` (Anthropic: one bound per tool).
     pub max_tool_calls: Option<u64>,
+    /// Bounds the request leaves unset, each to be sent as the route's: one
+    /// when a Responses request names no `max_tool_calls`, one per
+    /// Anthropic web search tool without `max_uses`.
+    pub unbounded_tools: u64,
     /// The request marks cache breakpoints (`cache_control`): the upstream
     /// may bill cache writes, which need their own prices.
     pub cache_breakpoints: bool,
@@ -430,7 +439,17 @@ pub fn read_model_request_for(
     };
     let mut hosted_tools: Vec<HostedTool> = Vec::new();
     let mut web_search_preview = false;
+    // Anthropic reads no top-level bound: one would have been held for and
+    // sent as the tools' `max_uses`, which the upstream obeys, while the
+    // upstream ignored it.
+    if flavour == Flavour::AnthropicMessages && fields.max_tool_calls.is_some() {
+        return Err(ProxyError::InvalidField {
+            field: "max_tool_calls",
+            reason: "is not read by this API; bound each web search tool with `max_uses`".into(),
+        });
+    }
     let mut max_tool_calls = count(fields.max_tool_calls, "max_tool_calls")?;
+    let mut unbounded_tools = 0u64;
     let recognise = match flavour {
         Flavour::OpenaiResponses => HostedTool::from_request_type,
         Flavour::AnthropicMessages => HostedTool::from_anthropic_type,
@@ -476,10 +495,14 @@ pub fn read_model_request_for(
             hosted_tools.push(hosted);
         }
         if hosted == HostedTool::AnthropicWebSearch {
-            if let Some(uses) = count(tool.max_uses, "max_uses")? {
-                max_tool_calls = Some(max_tool_calls.map_or(uses, |calls| calls.max(uses)));
+            match count(tool.max_uses, "max_uses")? {
+                Some(uses) => max_tool_calls = Some(max_tool_calls.unwrap_or(0).saturating_add(uses)),
+                None => unbounded_tools += 1,
             }
         }
+    }
+    if flavour != Flavour::AnthropicMessages && !hosted_tools.is_empty() && max_tool_calls.is_none() {
+        unbounded_tools = 1;
     }
     let cache_breakpoints =
         flavour != Flavour::OpenaiEmbeddings && super::cache_marks::marks_cache_breakpoints(body);
@@ -494,6 +517,7 @@ pub fn read_model_request_for(
         hosted_tools,
         web_search_preview,
         max_tool_calls,
+        unbounded_tools,
         cache_breakpoints,
         cache_longer_lifetime: cache_breakpoints && super::cache_marks::asks_longer_cache_lifetime(body),
     })
@@ -792,8 +816,10 @@ pub struct HostedHold {
     pub fee: Decimal,
     /// The operator's cost: calls × the dearest per-call cost.
     pub cost: Decimal,
-    /// The bound to send upstream when the request named none.
+    /// The bound to send upstream where the request named none.
     pub calls_to_send: Option<u64>,
+    /// The calls held for: all the bounds sent allow.
+    pub calls_held: u64,
 }
 
 /// Input tokens for a call cut off before its usage: the body at
@@ -816,7 +842,12 @@ pub fn hosted_tools_hold(
     now: DateTime<Utc>,
 ) -> Result<HostedHold, ProxyError> {
     if fields.hosted_tools.is_empty() {
-        return Ok(HostedHold { fee: Decimal::ZERO, cost: Decimal::ZERO, calls_to_send: None });
+        return Ok(HostedHold {
+            fee: Decimal::ZERO,
+            cost: Decimal::ZERO,
+            calls_to_send: None,
+            calls_held: 0,
+        });
     }
     let (mut dearest_price, mut dearest_cost) = (Decimal::ZERO, Decimal::ZERO);
     for tool in &fields.hosted_tools {
@@ -828,7 +859,9 @@ pub fn hosted_tools_hold(
         dearest_price = dearest_price.max(per_call.0);
         dearest_cost = dearest_cost.max(per_call.1);
     }
-    let calls = fields.max_tool_calls.unwrap_or(route_calls);
+    // The bounds the request set, and the route's for each it left unset.
+    let calls =
+        fields.max_tool_calls.unwrap_or(0).saturating_add(fields.unbounded_tools.saturating_mul(route_calls));
     let times = |per_call: Decimal| {
         per_call.checked_mul(Decimal::from(calls)).ok_or_else(|| ProxyError::InvalidField {
             field: "max_tool_calls",
@@ -838,7 +871,8 @@ pub fn hosted_tools_hold(
     Ok(HostedHold {
         fee: times(dearest_price)?,
         cost: times(dearest_cost)?,
-        calls_to_send: fields.max_tool_calls.is_none().then_some(calls),
+        calls_to_send: (fields.unbounded_tools > 0).then_some(route_calls),
+        calls_held: calls,
     })
 }
 
@@ -879,6 +913,32 @@ fn hosted_calls_cost(
         }
     }
     Some(calls)
+}
+
+/// `tokens` with input and output at most `ceiling`, the parts of the input
+/// (cached reads, cache writes) keeping their shares of what is left of it:
+/// cache writes rounded up and cached reads down, the dearer way for each.
+fn clipped_to(tokens: TokenUsage, ceiling: u64) -> TokenUsage {
+    let input = tokens.input_tokens.min(ceiling);
+    let share = |part: u64, round_up: bool| -> u64 {
+        if tokens.input_tokens == 0 {
+            return 0;
+        }
+        let (of, whole) = (u128::from(part) * u128::from(input), u128::from(tokens.input_tokens));
+        let share = if round_up { of.div_ceil(whole) } else { of / whole };
+        u64::try_from(share).unwrap_or(input)
+    };
+    let cache_write_1h_tokens = share(tokens.cache_write_1h_tokens, true).min(input);
+    let cache_write_5m_tokens = share(tokens.cache_write_5m_tokens, true).min(input - cache_write_1h_tokens);
+    let cached_input_tokens =
+        share(tokens.cached_input_tokens, false).min(input - cache_write_1h_tokens - cache_write_5m_tokens);
+    TokenUsage {
+        input_tokens: input,
+        cached_input_tokens,
+        cache_write_5m_tokens,
+        cache_write_1h_tokens,
+        output_tokens: tokens.output_tokens.min(ceiling),
+    }
 }
 
 /// What a settle charges: the operator's cost and the customer's price.
@@ -1081,6 +1141,7 @@ impl Charge {
         };
         let ran_past_cap = meter.estimate_counts_text()
             && delivered > held_output.saturating_mul(2).saturating_add(RAN_PAST_CAP_SLACK_TOKENS);
+        let calls_clipped = self.hosted_calls_within_bound(&mut reported);
         let served = self.price_as_served(price, reported.served_tier);
         let price = &served;
         let longer = matches!(self.priced, Some(Priced::Model { cache_longer_lifetime: true, .. }));
@@ -1095,7 +1156,7 @@ impl Charge {
             ended && reported.input_tokens.is_some() && (reported.output_tokens.is_some() || no_output);
         if complete {
             let (tokens, clipped) = self.within_ceiling(token_usage(&reported, 0), &reported);
-            let flag = if clipped { SettleFlag::Ceiling } else { SettleFlag::Exact };
+            let flag = if clipped || calls_clipped { SettleFlag::Ceiling } else { SettleFlag::Exact };
             return match self.priced(price, tokens, &reported) {
                 Some((charged, usage)) => (charged, usage, flag),
                 None => (held, Usage::default(), flag),
@@ -1161,6 +1222,35 @@ impl Charge {
         }
     }
 
+    /// Each hosted tool's reported calls at most the bound the upstream was
+    /// sent (`max_tool_calls`, `max_uses`: limits the providers enforce) and
+    /// the route's usage ceiling: a count past them is an upstream's bug,
+    /// not a bill (4,294,967,295 searches would be a debit of millions).
+    /// A request that enabled no hosted tool (a stored prompt's) sent no
+    /// bound: its calls are clipped at the ceiling only. Whether one was
+    /// past its bound.
+    fn hosted_calls_within_bound(&self, reported: &mut Reported) -> bool {
+        let held = match &self.priced {
+            Some(Priced::Model { hosted_calls_held, .. }) => *hosted_calls_held,
+            _ => None,
+        };
+        let ceiling = self.limits.usage_ceiling;
+        let bound = u32::try_from(held.map_or(ceiling, |held| held.min(ceiling))).unwrap_or(u32::MAX);
+        let mut clipped = false;
+        for count in &mut reported.hosted_calls {
+            if *count > bound {
+                tracing::warn!(
+                    reported = *count,
+                    bound,
+                    "hosted tool calls past the bound sent reported; charged at the bound"
+                );
+                *count = bound;
+                clipped = true;
+            }
+        }
+        clipped
+    }
+
     /// `tokens` with each count at most the route's ceiling (a count above it
     /// is an upstream's bug, not a bill), and whether one was above it.
     fn within_ceiling(&self, tokens: TokenUsage, reported: &Reported) -> (TokenUsage, bool) {
@@ -1174,12 +1264,7 @@ impl Charge {
             ceiling,
             "usage above the route's ceiling reported; charged at the ceiling"
         );
-        let clipped = TokenUsage {
-            input_tokens: tokens.input_tokens.min(ceiling),
-            output_tokens: tokens.output_tokens.min(ceiling),
-            ..TokenUsage::default()
-        };
-        (clipped, true)
+        (clipped_to(tokens, ceiling), true)
     }
 
     /// One price over the whole call: tokens at the model's markup, each
@@ -1329,6 +1414,40 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::with_include_usage;
+
+    #[test]
+    fn a_usage_clipped_to_the_ceiling_keeps_the_shares_of_its_input() {
+        use super::clipped_to;
+        use crate::pricing::TokenUsage;
+        let usage = TokenUsage {
+            input_tokens: 300,
+            cached_input_tokens: 100,
+            cache_write_5m_tokens: 50,
+            cache_write_1h_tokens: 101,
+            output_tokens: 7,
+        };
+        // Under the ceiling: as it was.
+        assert_eq!(clipped_to(usage, 300), usage);
+        // A third of it: writes rounded up, reads down, never past the input.
+        let third = clipped_to(usage, 100);
+        assert_eq!(
+            (
+                third.input_tokens,
+                third.cache_write_1h_tokens,
+                third.cache_write_5m_tokens,
+                third.cached_input_tokens
+            ),
+            (100, 34, 17, 33)
+        );
+        let all_writes =
+            TokenUsage { input_tokens: 9, cache_write_1h_tokens: 5, cache_write_5m_tokens: 4, ..usage };
+        let tiny = clipped_to(all_writes, 1);
+        assert_eq!(
+            (tiny.cache_write_1h_tokens, tiny.cache_write_5m_tokens, tiny.cached_input_tokens),
+            (1, 0, 0)
+        );
+        assert_eq!(clipped_to(usage, 5).output_tokens, 5);
+    }
 
     #[test]
     fn a_deployment_named_in_the_path_or_base_path_must_be_the_body_s_model() {
