@@ -1266,6 +1266,13 @@ async fn a_change_that_lowers_a_balance_takes_no_credit_a_replica_has_leased() {
     };
     let refused = upgrade().await;
     assert_eq!(refused.status, 409, "{:?}", refused.body);
+    // The same id written as a whole float (`7.0`), which the change reads
+    // as the id: before, the reservation read none and took nothing, and
+    // the adjustment ran past the lease.
+    let float_id = serde_json::from_str::<serde_json::Value>(&format!("{id}.0")).unwrap();
+    let lower = serde_json::json!({"wallet": {"lite_user": float_id}, "amount": "-0.25", "reason": "x"});
+    let (status, body) = admin_call(replica, &path, lower, "lower-lite").await.unwrap();
+    assert_eq!(status, 409, "{body}");
     books.give_back("elsewhere", &[lease.id]).await.unwrap();
     let upgraded = upgrade().await;
     assert_eq!(upgraded.status, 200, "{:?}", upgraded.body);

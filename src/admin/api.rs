@@ -476,7 +476,10 @@ pub fn credit_taken(call: &OrgCall<'_>, method: &Method, rest: &[&str], body: &[
             if ledger.idempotency_key_used(org, &key) {
                 return None; // A replay: it answers the first result.
             }
-            let raw: AdjustmentIn = serde_json::from_slice(body).ok()?;
+            // Read as the change reads it (`7.0` is the id 7): a body
+            // this read could not take would reserve nothing for a change
+            // that goes through.
+            let raw: AdjustmentIn = parse(body).ok()?;
             let wallet = match raw.wallet {
                 WalletIn::Pool => WalletId::Pool(org),
                 WalletIn::LiteUser(user) => {
@@ -487,7 +490,7 @@ pub fn credit_taken(call: &OrgCall<'_>, method: &Method, rest: &[&str], body: &[
             (raw.amount.0 < Decimal::ZERO).then(|| CreditTaken::Adjustment(wallet, -raw.amount.0))
         }
         (&Method::PATCH, ["users", user]) => {
-            let raw: UserPatch = serde_json::from_slice(body).ok()?;
+            let raw: UserPatch = parse(body).ok()?;
             let user = ledger.user(UserId(user.parse().ok()?)).filter(|u| u.org == org)?;
             let upgrade =
                 user.plan == Plan::Lite && raw.plan.is_some_and(|plan| Plan::from(plan) != Plan::Lite);
