@@ -6,6 +6,12 @@
 //! one, so a broken or half-written file never changes prices. Requests take
 //! an `Arc` snapshot of the table and keep it from hold to settle, so a reload
 //! in between does not change the version a request is settled with.
+//!
+//! A file cut short while it was written (a writer killed, a full disk, a
+//! copy dropped) can still be valid TOML: cut at a line end, it drops the
+//! prices and the `[markup]` that came after the cut, and an unset price is
+//! free. So a reload that would leave unset a price the table in force sets
+//! is refused; an operator who means it writes "0" (or removes the entry).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +41,14 @@ pub enum PriceLoadError {
         "{file}: routes name tools the file does not price: {missing:?} (add a [tools.NAME] table for each)"
     )]
     MissingTools { file: String, missing: Vec<String> },
+    #[error(
+        "{file}: prices the table in force sets are missing (a file cut short while written?): {}; \
+         write \"0\" to make one free, or remove the whole entry",
+        unset.join(", ")
+    )]
+    PricesUnset { file: String, unset: Vec<String> },
+    #[error("price file {path} changed while it was read; it is read again once it stays the same")]
+    ChangedWhileRead { path: PathBuf },
 }
 
 /// What the admin API shows about the table in force and the last reload.
@@ -62,6 +76,9 @@ pub struct LivePrices {
     /// Tools that routes charge for; a table that lacks one is refused.
     required_tools: Vec<String>,
     current: ArcSwap<PriceTable>,
+    /// The text of the file the table in force was read from, to compare a
+    /// new file with.
+    text_in_force: Mutex<String>,
     /// Held from reading the file to storing its table: a reload that read
     /// the file before a newer one must not store its older table after.
     reloading: Mutex<()>,
@@ -82,12 +99,13 @@ impl LivePrices {
         now: DateTime<Utc>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, PriceLoadError> {
-        let table = read_table(path, &required_tools)?;
+        let (table, text) = read_table(path, &required_tools)?;
         metrics.set_price_version(table.version());
         Ok(LivePrices {
             path: path.to_owned(),
             required_tools,
             current: ArcSwap::from_pointee(table),
+            text_in_force: Mutex::new(text),
             reloading: Mutex::new(()),
             #[cfg(test)]
             after_read: Mutex::new(None),
@@ -111,7 +129,14 @@ impl LivePrices {
         trigger: &'static str,
     ) -> Result<Arc<PriceTable>, PriceLoadError> {
         let _one_at_a_time = self.reloading.lock();
-        let read = read_table(&self.path, &self.required_tools);
+        let read = read_table(&self.path, &self.required_tools).and_then(|(table, text)| {
+            let unset = unset_prices(&self.text_in_force.lock(), &text);
+            if unset.is_empty() {
+                Ok((table, text))
+            } else {
+                Err(PriceLoadError::PricesUnset { file: self.path.display().to_string(), unset })
+            }
+        });
         #[cfg(test)]
         {
             let hook = self.after_read.lock().take();
@@ -120,11 +145,12 @@ impl LivePrices {
             }
         }
         match read {
-            Ok(table) => {
+            Ok((table, text)) => {
                 let old = self.current();
                 let changed = old.version() != table.version();
                 let table = Arc::new(table);
                 if changed {
+                    *self.text_in_force.lock() = text;
                     self.current.store(table.clone());
                     self.metrics.set_price_version(table.version());
                 }
@@ -219,22 +245,50 @@ fn fingerprint(path: &Path) -> Fingerprint {
     Some((meta.modified().ok()?, meta.len(), inode))
 }
 
-fn read_table(path: &Path, required_tools: &[String]) -> Result<PriceTable, PriceLoadError> {
+/// The table a file holds, and its text.
+fn read_table(path: &Path, required_tools: &[String]) -> Result<(PriceTable, String), PriceLoadError> {
     let size = std::fs::metadata(path)
         .map_err(|source| PriceLoadError::Read { path: path.to_owned(), source })?
         .len();
     if size > MAX_PRICE_FILE_BYTES as u64 {
         return Err(PriceLoadError::TooLarge { path: path.to_owned(), size });
     }
+    let before = fingerprint(path);
     let text = std::fs::read_to_string(path)
         .map_err(|source| PriceLoadError::Read { path: path.to_owned(), source })?;
+    // A writer still at it (SIGHUP and the admin API do not wait for the
+    // file to settle, as the watcher does).
+    if fingerprint(path) != before {
+        return Err(PriceLoadError::ChangedWhileRead { path: path.to_owned() });
+    }
     let file = path.display().to_string();
     let table = PriceTable::parse(&file, &text).map_err(PriceLoadError::Invalid)?;
     let missing: Vec<String> = required_tools.iter().filter(|t| !table.has_tool(t)).cloned().collect();
     if !missing.is_empty() {
         return Err(PriceLoadError::MissingTools { file, missing });
     }
-    Ok(table)
+    Ok((table, text))
+}
+
+/// The prices `old` sets that `new` leaves unset, in entries both have:
+/// each `*_per_mtok`, `per_request`, `per_call` and `per_unit`, an entry's
+/// `markup_percent` and the table's `[markup] percent`. Unset, each is free
+/// (or follows the input price). Removed entries are not listed: a model or
+/// tool with no price is refused, not served free.
+fn unset_prices(old: &str, new: &str) -> Vec<String> {
+    const PRICES: [&str; 5] = ["per_request", "per_call", "per_unit", "markup_percent", "percent"];
+    let Ok(changes) = super::diff::diff(old, new) else { return Vec::new() };
+    changes
+        .into_iter()
+        .filter_map(|change| match change {
+            super::diff::Change::Changed { kind, name, field, old: Some(_), new: None } => {
+                let leaf = field.rsplit('.').next().unwrap_or(&field);
+                (leaf.ends_with("_per_mtok") || PRICES.contains(&leaf))
+                    .then(|| format!("{kind} {name}: {field}"))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -287,5 +341,48 @@ mod tests {
         first.join().unwrap().unwrap();
         second.join().unwrap().unwrap();
         assert_eq!(label(&prices), 2, "the newer file's table is in force");
+    }
+
+    #[test]
+    fn a_file_cut_short_at_a_line_end_does_not_unset_prices_in_force() {
+        // Before, a file cut at a line end was put in force when it was
+        // still valid TOML: the prices after the cut (an output price, the
+        // `[markup]` at the end) were unset, so free.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prices.toml");
+        let full = format!("{}\n[markup]\npercent = \"20\"\n", table_text(0));
+        std::fs::write(&path, &full).unwrap();
+        let now = Utc::now();
+        let prices = LivePrices::load(&path, Vec::new(), now, Arc::new(Metrics::new(false))).unwrap();
+        let version = prices.current().version().clone();
+        // Cut before the markup, then before mock-claude's output price.
+        let before_markup = &full[..full.find("[markup]").unwrap()];
+        let output = full.find("output_per_mtok = \"15\"").unwrap();
+        let before_output = &full[..output];
+        for (cut, missing) in [
+            (before_markup.to_owned(), "table [markup]: percent"),
+            (before_output.to_owned(), "model mock-claude: output_per_mtok"),
+            (full.replacen("per_request = \"0.0001\"\n", "", 1), "model mock-gpt: per_request"),
+        ] {
+            std::fs::write(&path, &cut).unwrap();
+            let error = prices.reload(now, "test").map(|_| ()).unwrap_err().to_string();
+            assert!(error.contains(missing), "{error}");
+            assert_eq!(prices.current().version(), &version, "the table in force stays");
+        }
+        assert_eq!(prices.current().markup().percent().to_string(), "20");
+        // Set free on purpose, and with the markup dropped as "0": put in force.
+        let meant = full.replacen("output_per_mtok = \"15\"", "output_per_mtok = \"0\"", 1).replacen(
+            "percent = \"20\"",
+            "percent = \"0\"",
+            1,
+        );
+        std::fs::write(&path, &meant).unwrap();
+        prices.reload(now, "test").unwrap();
+        assert_ne!(prices.current().version(), &version);
+        // And from there a file without the `[markup]` that is "0" anyway.
+        let without = &meant[..meant.find("[markup]").unwrap()];
+        std::fs::write(&path, without).unwrap();
+        let error = prices.reload(now, "test").map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("[markup]: percent"), "an explicit 0 is a price too: {error}");
     }
 }
