@@ -229,7 +229,8 @@ fn model(name: &str, entry: &Map<String, Value>) -> Result<(toml::Table, Vec<Str
     // with a 5-minute write price but none for the hour would otherwise
     // charge them as plain input.
     if table.contains_key("cache_write_5m_per_mtok") && !table.contains_key("cache_write_1h_per_mtok") {
-        set(&mut table, "cache_write_1h_per_mtok", input * Decimal::TWO);
+        let doubled = input.checked_mul(Decimal::TWO).ok_or("an input price too large to double")?;
+        set(&mut table, "cache_write_1h_per_mtok", doubled);
         early_notes
             .push("1-hour cache writes priced at 2x input (the catalog states no price for them)".to_owned());
     }
@@ -382,7 +383,8 @@ fn long_context(
         used.push(field.clone());
     }
     let mut table = ratios.table();
-    let tokens = threshold.unwrap_or_default() * 1000;
+    let tokens =
+        threshold.unwrap_or_default().checked_mul(1000).ok_or("an input-size tier past any count")?;
     table
         .insert("above_input_tokens".into(), toml::Value::Integer(i64::try_from(tokens).unwrap_or(i64::MAX)));
     Ok(Some(table))

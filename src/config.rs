@@ -26,6 +26,12 @@ use toml::Spanned;
 const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
 const DEFAULT_MAX_BUFFERED_BODY_BYTES: u64 = 512 * 1024 * 1024;
 const DEFAULT_CLIENT_STALL_TIMEOUT_MS: u64 = 60_000;
+/// Most a route's `usage_ceiling` (and `max_units`) may be: a trillion
+/// tokens, far past any call, and far from wrapping a report's totals.
+const MAX_USAGE_CEILING: u64 = 1_000_000_000_000;
+/// Most days `[ledger] retain_days` may keep: past them, the cut-off date
+/// is before any date there is.
+const MAX_RETAIN_DAYS: u32 = 36_500;
 /// Streams one h2 client connection may have open at once (RFC 9113
 /// suggests no fewer than 100; hyper's default is 200).
 const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 100;
@@ -1148,6 +1154,13 @@ fn validate_history(
             Some("use at least 100; the default is 300000 (5 minutes)"),
         );
     }
+    if raw.retain_days.is_some_and(|days| days > MAX_RETAIN_DAYS) {
+        checker.problem(
+            offset,
+            format!("[ledger] retain_days = {} is past any date", raw.retain_days.unwrap_or_default()),
+            Some("use at most 36500 (a hundred years), or leave it out to keep everything"),
+        );
+    }
     crate::store::history::HistoryConfig {
         checkpoint_every_records: every,
         checkpoint_interval_ms: interval,
@@ -1534,6 +1547,15 @@ fn route_limits(
     if limits.usage_ceiling == 0 || limits.max_units == 0 {
         refuse(checker, format!("route {:?}: usage_ceiling and max_units must be above 0", raw.prefix));
     }
+    if limits.usage_ceiling > MAX_USAGE_CEILING || limits.max_units > MAX_USAGE_CEILING {
+        refuse(
+            checker,
+            format!(
+                "route {:?}: usage_ceiling and max_units must be at most {MAX_USAGE_CEILING}",
+                raw.prefix
+            ),
+        );
+    }
     ok.then_some(limits)
 }
 
@@ -1831,6 +1853,22 @@ upstream = "nope"
         assert_eq!(history.export_dir.as_deref(), Some(Path::new("/srv/old")));
         let text = format!("{MINIMAL}\n[ledger]\ncheckpoint_every_records = 0\ncheckpoint_interval_ms = 5\n");
         assert_eq!(problems(&text).len(), 2, "both bounds reported");
+        // A cut-off before any date: it panicked the checkpoint thread at every checkpoint.
+        let text = format!("{MINIMAL}\n[ledger]\nretain_days = 100000000\n");
+        assert_eq!(problems(&text).len(), 1, "a retention past any date is refused");
+        assert!(parse(&format!("{MINIMAL}\n[ledger]\nretain_days = 36500\n")).is_ok());
+    }
+
+    #[test]
+    fn a_usage_ceiling_past_a_trillion_is_refused() {
+        // Near u64::MAX, report totals could wrap.
+        let route = "prefix = \"/v1/chat\"\nupstream = \"mock\"\nflavour = \"openai-chat\"\n";
+        let with = |ceiling: u64| format!("{MINIMAL}\n[[routes]]\n{route}usage_ceiling = {ceiling}\n");
+        let ceiling_problems = |ceiling| {
+            problems(&with(ceiling)).into_iter().filter(|p| p.message.contains("usage_ceiling")).count()
+        };
+        assert_eq!(ceiling_problems(1_000_000_000_000), 0);
+        assert_eq!(ceiling_problems(1_000_000_000_001), 1);
     }
 
     #[test]

@@ -53,13 +53,15 @@ pub struct Totals {
 
 impl Totals {
     pub fn add(&mut self, other: &Totals) {
-        self.requests += other.requests;
+        // Counts past u64 stay at its top rather than wrap (a release
+        // build would) into a small total.
+        self.requests = self.requests.saturating_add(other.requests);
         self.charged += other.charged;
         self.operator_cost += other.operator_cost;
-        self.input_tokens += other.input_tokens;
-        self.cached_input_tokens += other.cached_input_tokens;
-        self.output_tokens += other.output_tokens;
-        self.tool_units += other.tool_units;
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.cached_input_tokens = self.cached_input_tokens.saturating_add(other.cached_input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.tool_units = self.tool_units.saturating_add(other.tool_units);
     }
 }
 

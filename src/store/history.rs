@@ -449,7 +449,10 @@ impl<S: Store> DiskWork<S> {
             return Ok(());
         };
         checkpoint::read(path).map_err(|e| e.to_string())?;
-        let before = (now - TimeDelta::days(i64::from(days))).date_naive();
+        let Some(before) = now.checked_sub_signed(TimeDelta::days(i64::from(days))) else {
+            return Ok(()); // Before any date: nothing is old enough to go.
+        };
+        let before = before.date_naive();
         let outcome = retain_through(
             self.writer.store(),
             &self.export_dir,
