@@ -237,6 +237,8 @@ pub struct Admin {
     pub body_read_timeout: std::time::Duration,
     /// Where usage reports read their totals.
     pub usage: UsageSource,
+    /// Groups one usage report may have (`[admin] max_report_groups`).
+    pub max_report_groups: usize,
     /// Checkpoints and retention: where history older than the store's
     /// retained window lives (single node with write-through only).
     pub history: Option<Arc<crate::store::history::Historian>>,
@@ -423,11 +425,12 @@ impl Admin {
                         let (entries, usage) = (self.entries.clone(), self.usage.clone());
                         let ledger = self.ledger.clone();
                         let costs = scope.cost_view();
+                        let max_groups = self.max_report_groups;
                         let (status, text, content_type) = self
                             .report(org, move || {
-                                reports::usage(
-                                    &*entries, &usage, &ledger, org, time_zone, &params, wants_csv, costs,
-                                )
+                                let report =
+                                    reports::Report { org, time_zone, csv: wants_csv, costs, max_groups };
+                                reports::usage(&*entries, &usage, &ledger, &params, report)
                             })
                             .await??;
                         let mut response = Response::new(GatewayBody::local(Bytes::from(text)));

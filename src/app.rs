@@ -202,6 +202,7 @@ impl Gateway {
             history: historian.clone(),
             org_writes: crate::rate_window::RequestWindows::new(std::time::Duration::from_secs(60)),
             org_writes_per_minute: config.admin.org_writes_per_minute,
+            max_report_groups: config.admin.max_report_groups,
         });
         admin.build_rollups(shutdown.clone());
         let admin_options = ServeOptions { name: "admin", ..options };

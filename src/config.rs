@@ -181,6 +181,8 @@ pub struct PricingConfig {
 pub const DEFAULT_PRICE_MAX_AGE_DAYS: u32 = 30;
 
 pub const DEFAULT_USAGE_ROLLUP_MAX_ROWS: usize = 100_000;
+/// Groups one usage report may have (see [`AdminConfig::max_report_groups`]).
+pub const DEFAULT_MAX_REPORT_GROUPS: usize = 100_000;
 
 #[derive(Clone)]
 pub struct AdminConfig {
@@ -196,6 +198,11 @@ pub struct AdminConfig {
     /// Rows one organization's usage rollup may hold; past it that
     /// organization's usage reports scan the ledger instead.
     pub usage_rollup_max_rows: usize,
+    /// Groups one usage report may have: a tenant's clients name their end
+    /// users, and a report grouped by millions of them would be held whole
+    /// in the process every tenant shares. Past it the report is refused
+    /// and asks for a narrower range or grouping.
+    pub max_report_groups: usize,
     /// Writes (anything but GET) an organization token may make per
     /// minute: its token is a tenant's, and each write grows the journal.
     /// The operator token has no cap.
@@ -209,6 +216,7 @@ impl Default for AdminConfig {
             org_tokens: Vec::new(),
             alert_webhook_allow: Vec::new(),
             usage_rollup_max_rows: DEFAULT_USAGE_ROLLUP_MAX_ROWS,
+            max_report_groups: DEFAULT_MAX_REPORT_GROUPS,
             org_writes_per_minute: DEFAULT_ORG_WRITES_PER_MINUTE,
         }
     }
@@ -689,6 +697,7 @@ struct RawAdmin {
     alert_webhook_allow: Vec<ipnet::IpNet>,
     /// Rows per organization's usage rollup (default 100,000).
     usage_rollup_max_rows: Option<usize>,
+    max_report_groups: Option<usize>,
     /// Admin writes per minute per organization token (default 600).
     org_writes_per_minute: Option<u32>,
 }
@@ -819,6 +828,7 @@ impl GatewayConfig {
             org_tokens,
             alert_webhook_allow: admin.alert_webhook_allow,
             usage_rollup_max_rows: admin.usage_rollup_max_rows.unwrap_or(DEFAULT_USAGE_ROLLUP_MAX_ROWS),
+            max_report_groups: admin.max_report_groups.unwrap_or(DEFAULT_MAX_REPORT_GROUPS).max(1),
             org_writes_per_minute: admin.org_writes_per_minute.unwrap_or(DEFAULT_ORG_WRITES_PER_MINUTE),
         };
         // A token is matched to the first entry that has it: one secret given

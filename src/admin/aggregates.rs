@@ -9,13 +9,10 @@
 //! report's groups exactly as the single node folds its rollups, so both
 //! answer in the same shape and order.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 
 use super::error::AdminError;
-use super::reports::owner_cell;
-use super::rollup::Totals;
+use super::reports::{owner_cell, Groups};
 use super::UsageReader;
 use crate::cluster::usage::{UsageGroup, UsageQuery};
 use crate::ledger::ids::{KeyId, OrgId};
@@ -29,7 +26,8 @@ pub fn groups(
     time_zone: chrono_tz::Tz,
     group_by: &[String],
     (from, to): (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
-) -> Result<BTreeMap<Vec<String>, Totals>, AdminError> {
+    groups: &mut Groups,
+) -> Result<(), AdminError> {
     let by = |names: &[&str]| group_by.iter().any(|d| names.contains(&d.as_str()));
     let query = UsageQuery {
         org: org.0,
@@ -42,13 +40,20 @@ pub fn groups(
         by_route: by(&["route"]),
         by_day: by(&["day"]),
         by_month: by(&["month"]),
+        max_rows: groups.max().saturating_add(1),
     };
-    let mut groups: BTreeMap<Vec<String>, Totals> = BTreeMap::new();
-    for row in read(&query)? {
-        let cells = group_by.iter().map(|dimension| cell(dimension, &row, ledger)).collect();
-        groups.entry(cells).or_default().add(&row.totals);
+    let rows = read(&query)?;
+    // The aggregate stops one row past the cap (its rows are by key, which
+    // may fold into fewer groups: past the cap in rows is refused too).
+    if rows.len() > groups.max() {
+        groups.refuse();
+        return Ok(());
     }
-    Ok(groups)
+    for row in rows {
+        let cells = group_by.iter().map(|dimension| cell(dimension, &row, ledger)).collect();
+        groups.add(cells, &row.totals);
+    }
+    Ok(())
 }
 
 /// A row's value for one dimension, as the single node's report shows it.

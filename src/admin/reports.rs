@@ -246,17 +246,14 @@ pub const DIMENSIONS: [&str; 9] =
 /// read from the per-organization rollups, unless the rollup it needs went
 /// over its cap; any other range scans the entries. Cluster mode: one SQL
 /// aggregate over the shipped debits ([`super::aggregates`]).
-#[allow(clippy::too_many_arguments)]
 pub fn usage(
     source: EntrySource<'_>,
     usage: &UsageSource,
     ledger: &Ledger,
-    org: OrgId,
-    time_zone: chrono_tz::Tz,
     params: &BTreeMap<String, String>,
-    csv: bool,
-    costs: CostView,
+    report: Report,
 ) -> Result<(StatusCode, String, &'static str), AdminError> {
+    let Report { org, time_zone, csv, costs, max_groups } = report;
     let group_by: Vec<String> = params
         .get("group_by")
         .map(|g| g.split(',').map(str::trim).filter(|d| !d.is_empty()).map(str::to_owned).collect())
@@ -271,15 +268,77 @@ pub fn usage(
         return Err(AdminError::bad("group_by", format!("{twice:?} is named twice")));
     }
     let (from, to) = (time(params, "from")?, time(params, "to")?);
-    let groups = match usage {
+    let mut groups = Groups::new(max_groups);
+    match usage {
         UsageSource::Rollups(rollups) => {
-            from_entries(source, rollups, org, time_zone, &group_by, (from, to))?
+            from_entries(source, rollups, org, time_zone, &group_by, (from, to), &mut groups)?
         }
         UsageSource::Database(read) => {
-            aggregates::groups(read, ledger, org, time_zone, &group_by, (from, to))?
+            aggregates::groups(read, ledger, org, time_zone, &group_by, (from, to), &mut groups)?
         }
     };
-    Ok(render(&group_by, &groups, csv, costs))
+    Ok(render(&group_by, &groups.finish()?, csv, costs))
+}
+
+/// Whose usage report, and how it is shown.
+#[derive(Clone, Copy, Debug)]
+pub struct Report {
+    pub org: OrgId,
+    /// The zone days and months are counted in.
+    pub time_zone: chrono_tz::Tz,
+    pub csv: bool,
+    pub costs: CostView,
+    /// Groups past which the report is refused (`[admin] max_report_groups`).
+    pub max_groups: usize,
+}
+
+/// A usage report's groups, at most `max` of them: clients name their end
+/// users, so a report grouped by them could hold millions of rows, whole,
+/// in the process every tenant shares.
+pub struct Groups {
+    map: BTreeMap<Vec<String>, Totals>,
+    max: usize,
+    over: bool,
+}
+
+impl Groups {
+    pub fn new(max: usize) -> Groups {
+        Groups { map: BTreeMap::new(), max, over: false }
+    }
+
+    /// Adds `totals` to the group `key`; a group past the cap is not kept.
+    pub fn add(&mut self, key: Vec<String>, totals: &Totals) {
+        if let Some(group) = self.map.get_mut(&key) {
+            group.add(totals);
+        } else if self.map.len() < self.max {
+            self.map.entry(key).or_default().add(totals);
+        } else {
+            self.over = true;
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Refuses the report: it has more groups than the cap.
+    pub fn refuse(&mut self) {
+        self.over = true;
+    }
+
+    /// The groups; refused when there were more than the cap.
+    pub fn finish(self) -> Result<BTreeMap<Vec<String>, Totals>, AdminError> {
+        if self.over {
+            return Err(AdminError::bad(
+                "group_by",
+                format!(
+                    "the report has more than {} groups; narrow it with from and to, or group by fewer dimensions",
+                    self.max
+                ),
+            ));
+        }
+        Ok(self.map)
+    }
 }
 
 /// The report's groups from the ledger entries: through the rollups when
@@ -291,11 +350,9 @@ fn from_entries(
     time_zone: chrono_tz::Tz,
     group_by: &[String],
     (from, to): (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
-) -> Result<BTreeMap<Vec<String>, Totals>, AdminError> {
-    let mut groups: BTreeMap<Vec<String>, Totals> = BTreeMap::new();
-    let mut fold = |key: &RowKey, totals: &Totals| {
-        groups.entry(group_key(group_by, key, time_zone)).or_default().add(totals);
-    };
+    groups: &mut Groups,
+) -> Result<(), AdminError> {
+    let mut fold = |key: &RowKey, totals: &Totals| groups.add(group_key(group_by, key, time_zone), totals);
     let aligned = from.is_none_or(rollup::on_boundary) && to.is_none_or(rollup::on_boundary);
     let grain = if group_by.iter().any(|d| d == "end_user") { Grain::Fine } else { Grain::Coarse };
     let from_rollup = aligned
@@ -326,7 +383,7 @@ fn from_entries(
             }
         }
     }
-    Ok(groups)
+    Ok(())
 }
 
 /// The report's body and content type: JSON, or CSV when `csv`.

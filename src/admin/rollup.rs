@@ -368,25 +368,31 @@ mod tests {
         let source = |after: u64, limit: usize| Ok(source_of(&entries, after, limit));
         // The single-node path reads no entity from the ledger.
         let ledger = Ledger::new(LedgerConfig::default(), Arc::new(MemoryJournal::default()));
-        let report = |rollups: &Arc<Rollups>, group_by: &str, from: &str| {
+        let report_at_most = |rollups: &Arc<Rollups>, group_by: &str, from: &str, max_groups: usize| {
             let params = [("group_by".to_owned(), group_by.to_owned()), ("from".to_owned(), from.to_owned())]
                 .into_iter()
                 .collect();
             let usage = super::super::UsageSource::Rollups(rollups.clone());
-            super::super::reports::usage(
-                &source,
-                &usage,
-                &ledger,
-                org,
-                Tz::UTC,
-                &params,
-                false,
-                super::super::reports::CostView::WithOperatorCost,
-            )
-            .unwrap()
-            .1
+            let costs = super::super::reports::CostView::WithOperatorCost;
+            let shown =
+                super::super::reports::Report { org, time_zone: Tz::UTC, csv: false, costs, max_groups };
+            super::super::reports::usage(&source, &usage, &ledger, &params, shown).map(|(_, body, _)| body)
+        };
+        let report = |rollups: &Arc<Rollups>, group_by: &str, from: &str| {
+            report_at_most(rollups, group_by, from, 100_000).unwrap()
         };
         let (capped, uncapped) = (Arc::new(Rollups::new(20)), Arc::new(Rollups::new(100_000)));
+        // More end users than a report may have groups: refused, from the
+        // rollup and from the scan alike, not held whole.
+        let ends =
+            serde_json::from_str::<serde_json::Value>(&report(&uncapped, "end_user", "2000-01-01T00:00:00Z"));
+        let groups = ends.unwrap()["rows"].as_array().map_or(0, Vec::len);
+        assert!(groups > 10, "{groups}");
+        for from in ["2000-01-01T00:00:00Z", "2000-01-01T00:00:00.5Z"] {
+            let refused = report_at_most(&uncapped, "end_user", from, 10).unwrap_err();
+            assert!(refused.to_string().contains("more than 10 groups"), "{refused}");
+            assert!(report_at_most(&uncapped, "end_user", from, groups).is_ok(), "exactly the cap is shown");
+        }
         for group_by in ["end_user", "model,day", "end_user,key"] {
             let scanned = report(&uncapped, group_by, "2000-01-01T00:00:00.5Z");
             assert_eq!(report(&capped, group_by, "2000-01-01T00:00:00Z"), scanned, "capped, by {group_by}");

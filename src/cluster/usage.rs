@@ -36,6 +36,8 @@ pub struct UsageQuery {
     pub by_route: bool,
     pub by_day: bool,
     pub by_month: bool,
+    /// Rows past which the aggregate stops (0: all).
+    pub max_rows: usize,
 }
 
 /// One group's columns (`None` when not grouped by, or absent) and totals.
@@ -58,7 +60,7 @@ pub struct UsageGroup {
 }
 
 /// The aggregate. `$1` org, `$2`/`$3` the range (NULL: open), `$4` the zone,
-/// `$5..$10` the grouping flags. Written so the wallet and range conditions
+/// `$5..$10` the grouping flags, `$11` the most rows (NULL: all). Written so the wallet and range conditions
 /// match `cg_debits_usage`'s predicate and columns.
 pub const USAGE_SQL: &str = "
     SELECT CASE WHEN $5 THEN d.body->>'key' END,
@@ -82,7 +84,8 @@ pub const USAGE_SQL: &str = "
     WHERE w.org = $1 AND w.wallet NOT LIKE 'limit:%'
       AND d.wallet NOT LIKE 'limit:%' AND d.post_error IS NULL
       AND d.at >= COALESCE($2::timestamptz, '-infinity') AND d.at < COALESCE($3::timestamptz, 'infinity')
-    GROUP BY 1, 2, 3, 4, 5, 6, 7";
+    GROUP BY 1, 2, 3, 4, 5, 6, 7
+    LIMIT $11";
 
 impl Books {
     /// The usage groups of `query`, in no particular order.
@@ -93,6 +96,7 @@ impl Books {
         // `at >= from rounded up`, for either end, so a bound with
         // nanoseconds selects exactly what the ledger's comparison would.
         let (from, to) = (query.from.map(up_to_micros), query.to.map(up_to_micros));
+        let max_rows = (query.max_rows > 0).then(|| i64::try_from(query.max_rows).unwrap_or(i64::MAX));
         let client = self.client().await?;
         let statement = client.prepare_cached(USAGE_SQL).await?;
         let rows = client
@@ -109,6 +113,7 @@ impl Books {
                     &query.by_route,
                     &query.by_day,
                     &query.by_month,
+                    &max_rows,
                 ],
             )
             .await?;
