@@ -158,7 +158,18 @@ async fn the_dashboard_shows_the_books_as_the_api_does() {
     }
     clock.set(Utc::now());
     chat(&stack, &stack.keys.app, "mock-gpt", 40).await;
-    let debits = (0..days).map(|day| 2 + day as usize).sum::<usize>() + 1;
+    // End users named as a client may name them (the chart keeps its groups
+    // in a Map: in a plain object "__proto__" was lost and "constructor"
+    // summed into a string).
+    for end_user in ["__proto__", "constructor"] {
+        let request = Request::post(stack.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {}", stack.keys.app))
+            .header("x-creditgate-end-user", end_user)
+            .body(Full::new(Bytes::from(json!({"model": "mock-gpt", "max_tokens": 40}).to_string())))
+            .unwrap();
+        assert_eq!(send(request).await.status, 200, "{end_user}");
+    }
+    let debits = (0..days).map(|day| 2 + day as usize).sum::<usize>() + 3;
     wait_for_debits(&stack, org, debits).await;
     limit_the_app_key(&stack, org).await;
     let body =
@@ -224,6 +235,19 @@ async fn the_dashboard_shows_the_books_as_the_api_does() {
         dec(&total["total"]["charged"]),
         "table total"
     );
+
+    // By end user: every client-named group is in the legend, in a colour,
+    // and no id passes for the calls with no end user.
+    open(&session, &stack, &format!("#/org/{org}/usage?group=end_user"), "#usage-chart").await;
+    let legend = session
+        .script("return [...document.querySelectorAll('.legend span')].map(s => s.textContent);", json!([]))
+        .await;
+    for name in ["__proto__", "constructor", "\u{2014} none \u{2014}"] {
+        assert!(legend.as_array().unwrap().iter().any(|shown| shown == name), "{name} in {legend}");
+    }
+    let uncoloured =
+        session.script("return document.querySelectorAll('#usage-chart rect.c-1').length;", json!([])).await;
+    assert_eq!(uncoloured, 0, "every part has its group's colour");
 
     // Create a key in the page, use it through the proxy, find its debit in the ledger page.
     open(&session, &stack, &format!("#/org/{org}/keys"), "#create-key").await;

@@ -88,8 +88,9 @@ async fn a_matrix_of_malformed_requests_gets_clear_4xx_and_costs_nothing() {
     let reply = post_raw_body(&stack, &key, &[0xff, 0xfe, b'{', 0x80]).await;
     assert_eq!(reply.status, 400);
     tried += 1;
-    // Header tricks: an overlong or non-ASCII end-user id.
-    for end_user in ["x".repeat(500), "ünïcödé".to_owned()] {
+    // Header tricks: an overlong or non-ASCII end-user id, or one with a
+    // tab (shown in a report, "a<TAB>b" passed for "a b").
+    for end_user in ["x".repeat(500), "ünïcödé".to_owned(), "a\tb".to_owned()] {
         let request = Request::post(stack.url("/v1/chat/completions"))
             .header("authorization", format!("Bearer {key}"))
             .header("x-creditgate-end-user", http::HeaderValue::from_bytes(end_user.as_bytes()).unwrap())

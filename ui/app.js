@@ -415,8 +415,10 @@ function usageRange(zone, range) {
   return { from: localMidnight(zone, ...f), first: f };
 }
 
+// A group's label. No value reads "— none —": an end user's id is ASCII, so
+// no client can name one that reads the same.
 function dimensionLabel(dim, value, org) {
-  if (value === null || value === undefined || value === "") return "(none)";
+  if (value === null || value === undefined || value === "") return "\u2014 none \u2014";
   const names = state.names[org];
   if (names && names[dim] && names[dim][value] !== undefined) return `${names[dim][value]} (#${value})`;
   return String(value);
@@ -442,7 +444,7 @@ async function usagePage(org, params) {
   const headers = [{ label: title }, { label: "Requests", num: true }, { label: "Input tokens", num: true, cls: "hide-narrow" },
     { label: "Output tokens", num: true, cls: "hide-narrow" }, { label: "Charged", num: true }];
   const rows = totals.rows.map((r) => ({ attrs: { "data-group": String(r[group] ?? "") },
-    cells: [dimensionLabel(group, r[group], org.id), String(r.requests), String(r.input_tokens), String(r.output_tokens), money(r.charged)] }));
+    cells: [el("span", { class: "ident", text: dimensionLabel(group, r[group], org.id) }), String(r.requests), String(r.input_tokens), String(r.output_tokens), money(r.charged)] }));
   const footer = ["Total", String(totals.total.requests), String(totals.total.input_tokens), String(totals.total.output_tokens), el("span", { id: "usage-total" }, money(totals.total.charged))];
   const csv = el("button", { class: "secondary", type: "button", id: "usage-csv", text: "Download CSV" });
   csv.addEventListener("click", () => downloadCsv(`usage-${org.id}-${group}-${rangeName}.csv`, group, totals, org.id));
@@ -470,9 +472,13 @@ function usageChart(rows, group, range, zone, orgId) {
   }
   if (!rows.length) return el("p", { class: "empty", id: "usage-chart-empty", text: "No spend in this range." });
   // Series: the biggest groups get their own colour, the rest share one.
-  const byGroup = {};
-  for (const r of rows) byGroup[String(r[group] ?? "")] = (byGroup[String(r[group] ?? "")] || 0n) + toNanos(r.charged);
-  const order = Object.keys(byGroup).sort((a, b) => (byGroup[b] > byGroup[a] ? 1 : byGroup[b] < byGroup[a] ? -1 : 0));
+  // A Map: a client's end-user id may be "__proto__" or "constructor".
+  const byGroup = new Map();
+  for (const r of rows) {
+    const g = String(r[group] ?? "");
+    byGroup.set(g, (byGroup.get(g) || 0n) + toNanos(r.charged));
+  }
+  const order = [...byGroup.keys()].sort((a, b) => (byGroup.get(b) > byGroup.get(a) ? 1 : byGroup.get(b) < byGroup.get(a) ? -1 : 0));
   const colour = (g) => `c${Math.min(order.indexOf(g), 7)}`;
   const perDay = {};
   for (const r of rows) (perDay[r.day] = perDay[r.day] || []).push(r);
@@ -505,8 +511,8 @@ function usageChart(rows, group, range, zone, orgId) {
     chart.append(bar);
     if (i % labelEvery === 0) chart.append(svg("text", { x: x + barWidth / 2, y: height - 8, "text-anchor": "middle", text: day.slice(5) }));
   });
-  const legend = el("div", { class: "legend" }, order.slice(0, 7).map((g) => el("span", { class: colour(g), text: dimensionLabel(group, g === "" ? null : g, orgId) })),
-    order.length > 7 ? el("span", { class: "c7", text: "others" }) : null);
+  const legend = el("div", { class: "legend" }, order.slice(0, 7).map((g) => el("span", { class: `${colour(g)} ident`, text: dimensionLabel(group, g === "" ? null : g, orgId) })),
+    order.length > 7 ? el("span", { class: "c7", text: "\u2014 others \u2014" }) : null);
   return el("div", {}, chart, legend);
 }
 
@@ -515,7 +521,8 @@ function csvField(value) {
   // A cell a spreadsheet would run as a formula (an end user's id, a name) is
   // defused as the server's CSV does it; a number stays a number.
   if (/^[=+\-@\t\r]/.test(text) && !/^-?\d+(\.\d+)?$/.test(text)) text = "'" + text;
-  return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+  // Quoted with a `;` too: spreadsheets in some locales split on it.
+  return /[",;\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
 }
 
 // The table on screen as CSV: the API's own rows and total, unchanged (the
@@ -652,7 +659,8 @@ async function keysPage(org) {
     const owner = k.owner.user !== undefined ? `${names.user[k.owner.user] || "user " + k.owner.user}` : `${names.app[k.owner.app] || "app " + k.owner.app} (app)`;
     const revoke = el("button", { class: "danger", type: "button", disabled: k.revoked, "data-revoke": String(k.id), text: "Revoke" });
     revoke.addEventListener("click", async () => {
-      if (!confirm(`Revoke key ${k.label || k.id}? Requests with it will be refused at once.`)) return;
+      // The id only: a label is the tenant's text, inside the operator's prompt.
+      if (!confirm(`Revoke key #${k.id}? Requests with it will be refused at once.`)) return;
       try { await api(`/orgs/${org.id}/keys/${k.id}/revoke`, { method: "POST" }); await rerenderKeys(org); } catch (error) { showError(error.message); }
     });
     const edit = el("button", { class: "secondary", type: "button", "data-edit": String(k.id), text: "Limits & scope" });

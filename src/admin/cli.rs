@@ -248,7 +248,8 @@ fn usage_table(report: &Value) -> String {
         .unwrap_or_default();
     let mut total: Vec<String> = dimensions.iter().map(|_| String::new()).collect();
     if let Some(first) = total.first_mut() {
-        *first = "TOTAL".to_owned();
+        // Not ASCII: no end user's id (a client names them) reads the same.
+        *first = "\u{2014} total \u{2014}".to_owned();
     }
     total.extend(metrics.iter().map(|m| text(&report["total"][*m])));
     rows.push(total);

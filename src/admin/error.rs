@@ -119,7 +119,9 @@ fn ledger_class(error: &LedgerError) -> (StatusCode, &'static str) {
         LedgerError::IdempotencyConflict { .. } => (StatusCode::CONFLICT, "idempotency_conflict"),
         LedgerError::DuplicateKey => (StatusCode::CONFLICT, "duplicate_key"),
         LedgerError::BadIdempotencyKey { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
-        LedgerError::TooLong { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
+        LedgerError::TooLong { .. } | LedgerError::Unprintable { .. } => {
+            (StatusCode::BAD_REQUEST, "invalid_field")
+        }
         // The request has the documented shape; the books' rules refuse it
         // (no contract in force, an expiry already past, an overlapping
         // term, an amount that must be positive, ...).

@@ -506,7 +506,8 @@ fn csv_cell(value: &str) -> String {
     } else {
         value.to_owned()
     };
-    if value.contains([',', '"', '\n', '\r']) {
+    // Quoted with a `;` too: spreadsheets in some locales split on it.
+    if value.contains([',', ';', '"', '\n', '\r']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
         value
@@ -533,5 +534,6 @@ mod tests {
         assert_eq!(csv_cell("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(csv_cell("=cmd()"), "'=cmd()");
         assert_eq!(csv_cell("\t=cmd()"), "'\t=cmd()");
+        assert_eq!(csv_cell("a;=1+1"), "\"a;=1+1\"");
     }
 }

@@ -111,7 +111,30 @@ pub(crate) fn check_text(field: &'static str, text: &str) -> Result<(), LedgerEr
     if text.len() > MAX_TEXT_BYTES {
         return Err(LedgerError::TooLong { field, max: MAX_TEXT_BYTES, unit: "bytes" });
     }
+    if text.chars().any(|c| c.is_control() || is_invisible_format(c)) {
+        return Err(LedgerError::Unprintable { field });
+    }
     Ok(())
+}
+
+/// Unicode's format characters (category Cf) that change how text around
+/// them shows without showing themselves: bidi controls, zero-width
+/// characters, the soft hyphen, tags.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0001}'
+            | '\u{E0020}'..='\u{E007F}'
+    )
 }
 
 fn check_scope(scope: &KeyScope) -> Result<(), LedgerError> {

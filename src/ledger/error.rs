@@ -128,6 +128,15 @@ pub enum LedgerError {
         /// What `max` counts.
         unit: &'static str,
     },
+    /// A name or label holds a control character (a line break, an escape)
+    /// or an invisible formatting one (a bidi override, a zero-width
+    /// space): shown in the dashboard, a prompt or a report, it could pass
+    /// for another name.
+    #[error("{field} must not hold control characters or invisible formatting characters")]
+    Unprintable {
+        /// The field.
+        field: &'static str,
+    },
     /// The organization has as many of these as one may have.
     #[error("an organization may have at most {max} {what}")]
     TooMany {

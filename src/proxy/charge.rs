@@ -185,10 +185,20 @@ pub fn identify(ledger: &Ledger, headers: &HeaderMap) -> Result<(ResolvedKey, Op
     let end_user = match headers.get(&END_USER) {
         None => None,
         Some(value) => {
-            let text = value.to_str().ok().filter(|t| !t.is_empty() && t.len() <= MAX_END_USER_LEN);
+            // Visible ASCII, and spaces only between characters: a tab or
+            // an edge space makes an id that reads as another in a report.
+            let visible = |t: &str| {
+                t.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+                    && !t.starts_with(' ')
+                    && !t.ends_with(' ')
+            };
+            let text =
+                value.to_str().ok().filter(|t| !t.is_empty() && t.len() <= MAX_END_USER_LEN && visible(t));
             let text = text.ok_or(ProxyError::InvalidField {
                 field: "x-creditgate-end-user",
-                reason: format!("must be 1 to {MAX_END_USER_LEN} visible ASCII characters"),
+                reason: format!(
+                    "must be 1 to {MAX_END_USER_LEN} visible ASCII characters (spaces only between them)"
+                ),
             })?;
             // End users are an application's customers; a user's spend is its own.
             if let Owner::User(_) = key.owner {

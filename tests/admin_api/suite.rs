@@ -1058,6 +1058,20 @@ async fn names_labels_and_key_scopes_are_bounded() {
     let reply =
         call(&stack, ORG_TOKEN, Method::PUT, &scope, Some(json!({"models": ["mock-gpt"]})), &[]).await;
     assert_eq!(reply.status, 200, "{:?}", reply.body);
+
+    // A name shown to the operator (the dashboard, its confirmations, the
+    // CLI) cannot hold a line break, an escape, a bidi override or a
+    // zero-width character: before, "Bob (#7)" with a right-to-left
+    // override or an extra line could pass for another row or prompt.
+    for name in ["a\nb", "a\u{1b}[31mb", "a\u{202e}b", "a\u{200b}b", "a\tb"] {
+        let user = post(format!("{base}/users"), json!({"name": name, "plan": "pro"})).await;
+        assert_eq!(user.status, 400, "{name:?}: {:?}", user.body);
+        assert_eq!(user.json()["error"]["code"], "invalid_field", "{name:?}");
+        let key = post(format!("{base}/keys"), json!({"user": user_id, "label": name})).await;
+        assert_eq!(key.status, 400, "{name:?}: {:?}", key.body);
+    }
+    let named = post(format!("{base}/users"), json!({"name": "Zoë Ñandú 東京", "plan": "pro"})).await;
+    assert_eq!(named.status, 201, "letters of any script are names: {:?}", named.body);
 }
 
 #[tokio::test]
