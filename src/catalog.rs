@@ -242,6 +242,12 @@ fn model(name: &str, entry: &Map<String, Value>) -> Result<(toml::Table, Vec<Str
             return Err("prices reasoning tokens apart from output".into());
         }
     }
+    // A model that reasons may bill reasoning it never streams (OpenAI's
+    // o-series and GPT-5, Gemini's thoughts): a stream broken off before
+    // its usage is charged the hold.
+    if entry.get("supports_reasoning").and_then(Value::as_bool) == Some(true) {
+        table.insert("hidden_reasoning".into(), toml::Value::Boolean(true));
+    }
     let mut notes = early_notes;
     for tier in ["priority", "flex"] {
         let multipliers = match tier_multipliers(entry, &price, tier, &mut used) {
@@ -532,7 +538,8 @@ mod tests {
                         "search_context_cost_per_query": {"search_context_size_low": 0.01}},
             "no-output": {"mode": "chat", "input_cost_per_token": 1e-06, "max_output_tokens": 100},
             "cachey": {"mode": "chat", "input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
-                       "cache_creation_input_token_cost": 3.75e-06, "max_output_tokens": 100},
+                       "cache_creation_input_token_cost": 3.75e-06, "max_output_tokens": 100,
+                       "supports_reasoning": true},
             "embed": {"mode": "embedding", "input_cost_per_token": 2e-08}
         }"#;
         let import = import_litellm(catalog, &[]).unwrap();
@@ -547,6 +554,9 @@ mod tests {
         assert!(import.notes.iter().any(|note| note.model == "searchy" && note.reason.contains("[tools]")));
         // 1-hour cache writes are not left at the input price.
         assert_eq!(import.models["cachey"]["cache_write_1h_per_mtok"].as_str(), Some("6"));
+        // A model that reasons is marked: its reasoning may be billed unseen.
+        assert_eq!(import.models["cachey"]["hidden_reasoning"].as_bool(), Some(true));
+        assert!(!import.models["embed"].contains_key("hidden_reasoning"));
     }
 
     #[test]

@@ -601,3 +601,50 @@ async fn absurd_hosted_call_counts_are_charged_at_the_bound_sent_and_a_clipped_i
     assert_eq!(charged, price.cost(&clipped).unwrap(), "the writes' share, 14/15, at the hour-long rate");
     assert!(charged > price.cost(&plain).unwrap(), "more than the same tokens as plain input");
 }
+
+#[tokio::test]
+async fn a_stream_broken_off_by_the_upstream_costs_the_hold_on_a_model_that_reasons_unseen() {
+    // OpenAI's reasoning models bill reasoning tokens they never stream.
+    // Before, a stream the upstream (or a load balancer's idle timeout in
+    // front of it) broke off was charged the text it had delivered: 15,000
+    // reasoning tokens and a few words of answer cost the few words. Now a
+    // model marked `hidden_reasoning` is charged its hold; others as before.
+    let stack = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prices.toml");
+    let prices = std::fs::read_to_string(PRICES_FILE).unwrap();
+    let reasoning =
+        prices.replacen("[models.\"mock-gpt\"]", "[models.\"mock-gpt\"]\nhidden_reasoning = true", 1);
+    assert_ne!(reasoning, prices);
+    std::fs::write(&path, reasoning).unwrap();
+    let text = config_text(stack.mock.addr(), "", "").replace(PRICES_FILE, path.to_str().unwrap());
+    let config = parse_config(&text, &dir.path().join("data"));
+    let gateway =
+        creditgate::app::Gateway::start(config, tokio_util::sync::CancellationToken::new()).await.unwrap();
+    let keys = seed(&gateway, "10", "1");
+    let wallet = gateway.ledger().resolve_key(&KeyHash::of_secret(&keys.pro)).unwrap().wallet;
+    let balance = |gateway: &creditgate::app::Gateway| {
+        let b = gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap();
+        assert_eq!(b.balance, b.totals.balance(), "the books balance");
+        (b.balance, b.open_holds)
+    };
+    let body = r#"{"model":"mock-gpt","stream":true,"max_tokens":40,"seed":30}"#;
+    let per_mtok = |tokens: u64, dollars: u64| Decimal::from(tokens * dollars) / Decimal::from(1_000_000u64);
+    let hold = per_mtok(body.len() as u64, 1) + per_mtok(40, 2) + Decimal::new(1, 4);
+    let before = balance(&gateway).0;
+    let request = Request::post(format!("http://{}/v1/chat/completions", gateway.proxy_addr()))
+        .header("authorization", format!("Bearer {}", keys.pro))
+        .header("x-mock-reset-after", "6")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    read_a_stream_the_upstream_cuts(request).await;
+    let mut after = balance(&gateway);
+    for _ in 0..300 {
+        if after.1 == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        after = balance(&gateway);
+    }
+    assert_eq!(before - after.0, hold, "the hold, not the text delivered");
+}

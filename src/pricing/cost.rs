@@ -193,6 +193,9 @@ pub struct ModelPrice {
     pub(super) tier: Multipliers,
     /// What the customer pays above these prices (the model's own, else the table's).
     pub(super) markup: Markup,
+    /// The model reasons in tokens it bills and never streams (`hidden_reasoning`):
+    /// a stream the upstream breaks off shows nothing of them.
+    pub(super) hidden_reasoning: bool,
 }
 
 impl ModelPrice {
@@ -289,6 +292,12 @@ impl ModelPrice {
     /// Dollars charged per request on top of tokens.
     pub fn per_request(&self) -> Decimal {
         self.per_request.dollars()
+    }
+
+    /// Whether the model bills reasoning it never streams: what a stream
+    /// broken off before its usage delivered is no floor on its bill.
+    pub fn reasons_unseen(&self) -> bool {
+        self.hidden_reasoning
     }
 
     pub fn default_max_output_tokens(&self) -> u64 {
@@ -417,6 +426,7 @@ mod tests {
             long_context: None,
             tier: Multipliers::ONE,
             markup: Markup::NONE,
+            hidden_reasoning: false,
         }
     }
 
@@ -555,6 +565,7 @@ mod tests {
             long_context: None,
             tier: Multipliers::ONE,
             markup: Markup::NONE,
+            hidden_reasoning: false,
         };
         let most = usage(u64::MAX, 0, u64::MAX);
         assert!(price.cost(&most).is_ok(), "u64 usage at the ceiling fits");
@@ -658,6 +669,7 @@ mod tests {
                 long_context: None,
                 tier: Multipliers::ONE,
             markup: Markup::NONE,
+            hidden_reasoning: false,
             }
         }
     }

@@ -63,6 +63,8 @@ pub(super) struct RawModel {
     /// This model's markup in percent, instead of the table's (`"0"`: none).
     pub markup_percent: Option<RawValue>,
     pub long_context: Option<Spanned<Lenient<RawLongContext>>>,
+    /// The model reasons in tokens it bills and never streams.
+    pub hidden_reasoning: Option<RawValue>,
     /// Multipliers per `service_tier` a request may ask for.
     #[serde(default)]
     pub service_tiers: RawEntries<RawMultipliers>,

@@ -149,6 +149,7 @@ impl ModelRates {
         default_max_output_tokens: u64,
         long_context: Option<LongContext>,
         markup: Markup,
+        hidden_reasoning: bool,
     ) -> ModelPrice {
         let input = self.input.unwrap_or_default();
         ModelPrice {
@@ -163,6 +164,7 @@ impl ModelRates {
             long_context,
             tier: Multipliers::ONE,
             markup,
+            hidden_reasoning,
         }
     }
 }
@@ -424,11 +426,11 @@ impl Checker<'_> {
         let default_output = self.default_output(&what, name, raw, &periods);
         let long_context = raw.long_context.as_ref().and_then(|long| self.long_context(&what, long));
         let markup = self.entry_markup(raw.markup_percent.as_ref());
-        let schedule = Schedule::new(
-            periods
-                .into_iter()
-                .map(|(from, rates)| (from, rates.price(default_output, long_context, markup))),
-        );
+        let hidden_reasoning =
+            raw.hidden_reasoning.as_ref().is_some_and(|value| self.flag("hidden_reasoning", value));
+        let schedule = Schedule::new(periods.into_iter().map(|(from, rates)| {
+            (from, rates.price(default_output, long_context, markup, hidden_reasoning))
+        }));
         let service_tiers = in_file_order_ref(&raw.service_tiers)
             .into_iter()
             .filter_map(|(tier, body)| {
@@ -828,6 +830,18 @@ impl Checker<'_> {
             self.problems.at_span(&value.span(), message);
         }
         tokens
+    }
+
+    /// `true` or `false`.
+    fn flag(&mut self, field: &str, value: &RawValue) -> bool {
+        match value.get_ref() {
+            Value::Boolean(set) => *set,
+            _ => {
+                let message = format!("{field} = {}: use true or false", self.written(value));
+                self.problems.at_span(&value.span(), message);
+                false
+            }
+        }
     }
 
     /// A non-empty string without surrounding spaces (an alias or a unit).
@@ -1237,7 +1251,7 @@ mod tests {
 
     #[test]
     fn a_bad_markup_is_refused_with_the_reason() {
-        let model = "[models.m]\ninput_per_mtok = \"1\"\n";
+        let model = "label = \"t\"\n[models.m]\ninput_per_mtok = \"1\"\n";
         let cases: [(&str, &[&str]); 7] = [
             ("\"-5\"", &["percent = \"-5\"", "cannot be negative", "\"0\" for no markup"]),
             ("-5", &["cannot be negative"]),
@@ -1404,6 +1418,20 @@ mod tests {
                 "prices.toml:12:12",
             ],
             "{errors}"
+        );
+    }
+
+    #[test]
+    fn hidden_reasoning_is_true_or_false() {
+        let model = "label = \"t\"\n[models.m]\ninput_per_mtok = \"1\"\n";
+        let table = PriceTable::parse("p.toml", &format!("{model}hidden_reasoning = true\n")).unwrap();
+        assert!(table.model("m", chrono::Utc::now()).unwrap().reasons_unseen());
+        let table = PriceTable::parse("p.toml", model).unwrap();
+        assert!(!table.model("m", chrono::Utc::now()).unwrap().reasons_unseen());
+        assert_one_problem(
+            &format!("{model}hidden_reasoning = \"yes\"\n"),
+            4,
+            &["hidden_reasoning", "true or false"],
         );
     }
 }

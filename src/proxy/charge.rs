@@ -1186,6 +1186,11 @@ impl Charge {
             let (tokens, _) = self.within_ceiling(tokens, &reported);
             self.priced(price, tokens, &reported)
         });
+        // A model that reasons unseen may have billed up to its cap in
+        // reasoning before the upstream broke off, however little text came:
+        // only the hold is sure not to bill less.
+        let charges_hold = outcome.charges_hold_without_usage()
+            || (price.reasons_unseen() && outcome == Outcome::UpstreamBroke);
         let (charged, usage, flag) = match estimate {
             // More was delivered than the hold allowed for: the upstream
             // ignored the cap it was sent (a server that reads another cap
@@ -1194,9 +1199,7 @@ impl Charge {
             Some((charged, usage)) if ran_past_cap && charged.price > held.price => {
                 (charged, usage, SettleFlag::Estimated)
             }
-            Some((charged, usage)) if !outcome.charges_hold_without_usage() => {
-                (charged.at_most(held), usage, SettleFlag::Estimated)
-            }
+            Some((charged, usage)) if !charges_hold => (charged.at_most(held), usage, SettleFlag::Estimated),
             _ => (held, Usage::default(), SettleFlag::NoUsage),
         };
         match floor {
