@@ -272,8 +272,8 @@ fn read_table(path: &Path, required_tools: &[String]) -> Result<(PriceTable, Str
 
 /// The prices `old` sets that `new` leaves unset, in entries both have:
 /// each `*_per_mtok`, `per_request`, `per_call` and `per_unit`, an entry's
-/// `markup_percent` and the table's `[markup] percent`. Unset, each is free
-/// (or follows the input price). Removed entries are not listed: a model or
+/// `markup_percent` and the table's `[markup] percent`, unless it was "0".
+/// Unset, each is free (or follows the input price). Removed entries are not listed: a model or
 /// tool with no price is refused, not served free.
 fn unset_prices(old: &str, new: &str) -> Vec<String> {
     const PRICES: [&str; 5] = ["per_request", "per_call", "per_unit", "markup_percent", "percent"];
@@ -281,7 +281,10 @@ fn unset_prices(old: &str, new: &str) -> Vec<String> {
     changes
         .into_iter()
         .filter_map(|change| match change {
-            super::diff::Change::Changed { kind, name, field, old: Some(_), new: None } => {
+            // A price that was "0" is no lower unset.
+            super::diff::Change::Changed { kind, name, field, old: Some(old), new: None }
+                if !old.parse::<rust_decimal::Decimal>().is_ok_and(|old| old.is_zero()) =>
+            {
                 let leaf = field.rsplit('.').next().unwrap_or(&field);
                 (leaf.ends_with("_per_mtok") || PRICES.contains(&leaf))
                     .then(|| format!("{kind} {name}: {field}"))
@@ -379,10 +382,11 @@ mod tests {
         std::fs::write(&path, &meant).unwrap();
         prices.reload(now, "test").unwrap();
         assert_ne!(prices.current().version(), &version);
-        // And from there a file without the `[markup]` that is "0" anyway.
+        // And from there a file without the `[markup]` that was "0" anyway.
+        let version = prices.current().version().clone();
         let without = &meant[..meant.find("[markup]").unwrap()];
         std::fs::write(&path, without).unwrap();
-        let error = prices.reload(now, "test").map(|_| ()).unwrap_err().to_string();
-        assert!(error.contains("[markup]: percent"), "an explicit 0 is a price too: {error}");
+        prices.reload(now, "test").unwrap();
+        assert_ne!(prices.current().version(), &version, "a price that was 0 may go unset");
     }
 }

@@ -1251,7 +1251,7 @@ mod tests {
 
     #[test]
     fn a_bad_markup_is_refused_with_the_reason() {
-        let model = "label = \"t\"\n[models.m]\ninput_per_mtok = \"1\"\n";
+        let model = "[models.m]\ninput_per_mtok = \"1\"\n";
         let cases: [(&str, &[&str]); 7] = [
             ("\"-5\"", &["percent = \"-5\"", "cannot be negative", "\"0\" for no markup"]),
             ("-5", &["cannot be negative"]),
