@@ -143,10 +143,14 @@ impl Hold {
         details: SettleDetails,
         now: DateTime<Utc>,
     ) -> Result<Settlement, SettleError> {
-        self.spent = true;
         // Voided by the TTL meanwhile: paid from the credit live now.
         let late = LateSettle { held: self.amount, payer: self.payer.clone(), made_at: now };
-        settle_in(&self.cell, self.request_id, actual_cost, details, now, Some(late))
+        let settled = settle_in(&self.cell, self.request_id, actual_cost, details, now, Some(late));
+        // A settle refused before it took the hold (a failing store, a
+        // negative cost) leaves it open: orphaned, so its TTL voids it rather
+        // than it staying held until a restart.
+        self.spent = settled.is_ok();
+        settled
     }
 
     /// Ends the hold without a debit (the request was never forwarded, or

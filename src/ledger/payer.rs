@@ -59,16 +59,10 @@ pub(crate) struct OwnerPayer {
     end_users: HashMap<Box<str>, Spend>,
     /// The sequence number of the owner version that set both limits.
     version: u64,
-    /// As [`Capped::forgot_at`], for its own and its end users' counters.
+    /// As [`Capped::forgot_at`], for its own counters...
     forgot_at: u64,
-}
-
-impl OwnerPayer {
-    fn forget_holds(&mut self, epoch: u64) {
-        self.spend.forget_holds();
-        self.end_users.values_mut().for_each(Spend::forget_holds);
-        self.forgot_at = epoch;
-    }
+    /// ... and for its end users'.
+    end_users_forgot_at: u64,
 }
 
 /// An owner with its keys, detached from one wallet to join another.
@@ -99,8 +93,8 @@ pub(crate) struct Payers {
     /// True when any key or owner here has a cap; when false the hot path
     /// skips limit bookkeeping altogether. Recomputed on every change.
     any_limits: bool,
-    /// Bumped whenever a counter stops counting the open holds (its limits
-    /// changed, it began, it moved here): a hold reserved before takes
+    /// Bumped whenever a counter stops counting the open holds (it gets a
+    /// cap where it had none, it began, it moved here): a hold reserved before takes
     /// nothing back from that counter, so it never takes another hold's
     /// reservation. Only that subject's counters forget; the others go on
     /// counting every open hold, so an edit of one cap lets no other be
@@ -140,10 +134,17 @@ impl Payers {
     /// Adds or updates an owner's limits, as set by the record numbered
     /// `version`.
     pub fn set_owner(&mut self, owner: Owner, limits: Limits, end_user_limits: Limits, version: u64) {
-        // A new owner has no open holds to forget.
+        // A new owner has no open holds to forget. A counter under a cap
+        // counts every open hold, whichever caps it has: only one that
+        // counted nothing (no cap) and now has one forgets the holds it
+        // never counted. (Forgetting on every change let a cap be passed:
+        // a cap lowered or raised while holds were open forgot them, so new
+        // holds passed a check that the open ones, settling, then crossed.)
         let known = self.owners.contains_key(&owner);
         let payer = self.owners.entry(owner).or_default();
-        let changed = known && (payer.limits != limits || payer.end_user_limits != end_user_limits);
+        let starts_counting = known && payer.limits.is_empty() && !limits.is_empty();
+        let end_users_start_counting =
+            known && payer.end_user_limits.is_empty() && !end_user_limits.is_empty();
         // An end user's counters are dropped once no cap needs them (see
         // `make_room`), so a period capped where none was counts every end
         // user from now, not only those still kept: the answer must not
@@ -152,9 +153,16 @@ impl Payers {
         payer.limits = limits;
         payer.end_user_limits = end_user_limits;
         payer.version = version;
-        if changed {
+        if starts_counting || end_users_start_counting {
             self.epoch += 1;
-            payer.forget_holds(self.epoch);
+        }
+        if starts_counting {
+            payer.spend.forget_holds();
+            payer.forgot_at = self.epoch;
+        }
+        if end_users_start_counting {
+            payer.end_users.values_mut().for_each(Spend::forget_holds);
+            payer.end_users_forgot_at = self.epoch;
         }
         if known {
             for spend in payer.end_users.values_mut() {
@@ -186,7 +194,8 @@ impl Payers {
         let payer = &mut self.keys[at].1;
         match (&mut payer.capped, limits.is_empty()) {
             (Some(capped), _) => {
-                if capped.limits != limits {
+                // As an owner's: only a key that counted nothing forgets.
+                if capped.limits.is_empty() && !limits.is_empty() {
                     self.epoch += 1;
                     capped.spend.forget_holds();
                     capped.forgot_at = self.epoch;
@@ -239,6 +248,7 @@ impl Payers {
     pub fn put_owner(&mut self, mut moved: MovedOwner) {
         self.epoch += 1;
         moved.payer.forgot_at = self.epoch;
+        moved.payer.end_users_forgot_at = self.epoch;
         self.owners.insert(moved.owner, moved.payer);
         for (key, mut payer) in moved.keys {
             if let Some(capped) = payer.capped.as_deref_mut() {
@@ -347,11 +357,11 @@ impl Payers {
         let Some(owner) = self.owners.get_mut(&spender.owner) else {
             return;
         };
-        if epoch < owner.forgot_at {
-            return;
-        }
-        if !owner.limits.is_empty() {
+        if !owner.limits.is_empty() && epoch >= owner.forgot_at {
             owner.spend.unreserve(amount);
+        }
+        if epoch < owner.end_users_forgot_at {
+            return;
         }
         if let (Some(end_user), false) = (spender.end_user, owner.end_user_limits.is_empty()) {
             if let Some(spend) = owner.end_users.get_mut(end_user) {

@@ -61,6 +61,18 @@ impl Ledger {
         // Settle the Lite wallet's schedule up to now under the old plan, so
         // the write-off or pro-rated grant below starts from a current state.
         let now = self.advance_wallet(lite_wallet, now);
+        // An upgrade writes the Lite credit off before it records the plan:
+        // a crash between the two records then leaves a Lite user with
+        // nothing to carry over, whose retried upgrade completes. (The other
+        // way round left a Pro user whose Lite credit lived on, a downgrade
+        // could spend it, and the retry was refused as the same plan.)
+        if plan == Plan::Pro {
+            if let Some(cell) = self.cell(lite_wallet) {
+                let mut state = cell.state.lock();
+                let now = state.advance(now, &self.shared.committer);
+                state.write_off_all(&self.shared.committer, now);
+            }
+        }
         current.plan = plan;
         current.lite_allowance_from = match plan {
             Plan::Pro => None,
@@ -68,17 +80,14 @@ impl Ledger {
         };
         let record = self.commit(|_| RecordBody::User(current.clone()));
         self.apply_user(&current, record.seq);
-        if let Some(cell) = self.cell(lite_wallet) {
+        // A downgrade's pro-rated grant follows the plan: granted first, a
+        // crash before the plan would leave the grant for the retry to make
+        // twice.
+        if let (Plan::Lite, true, Some(cell)) = (plan, current.prorate_on_downgrade, self.cell(lite_wallet)) {
             let mut state = cell.state.lock();
             let now = state.advance(now, &self.shared.committer);
-            match plan {
-                Plan::Pro => state.write_off_all(&self.shared.committer, now),
-                Plan::Lite if current.prorate_on_downgrade => {
-                    let amount = prorated_allowance(current.lite_monthly_allowance, now, tz);
-                    state.grant_prorated(now, amount, &self.shared.committer);
-                }
-                Plan::Lite => {}
-            }
+            let amount = prorated_allowance(current.lite_monthly_allowance, now, tz);
+            state.grant_prorated(now, amount, &self.shared.committer);
         }
         self.shared.committer.sync()?;
         Ok(current)

@@ -289,6 +289,29 @@ fn upgrade_writes_off_lite_and_moves_to_pool() {
 }
 
 #[test]
+fn an_upgrade_cut_short_between_its_records_is_completed_by_its_retry() {
+    // Proves the write-off is recorded before the plan: a crash after the
+    // first record leaves a Lite user with no Lite credit, and the retried
+    // upgrade goes through. (Before, the plan came first: a crash left a Pro
+    // user whose Lite credit lived on, and the retry was refused as the same
+    // plan.)
+    let (ledger, journal) = ledger();
+    let now = at("2027-05-10T00:00:00Z");
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(100), 0, dec!(0))), now);
+    let user = user(&ledger, org, Plan::Lite, dec!(50), now);
+    let lite = WalletId::Lite(user);
+    ledger.set_user_plan(org, user, Plan::Pro, now).unwrap();
+    let mut records = journal.records();
+    let last = records.pop().unwrap();
+    assert!(matches!(last.body, crate::ledger::journal::RecordBody::User(_)), "the plan is the last record");
+    let next_journal = std::sync::Arc::new(crate::ledger::journal::MemoryJournal::default());
+    let next = crate::ledger::Ledger::restore(LedgerConfig::default(), next_journal, records).unwrap();
+    assert_eq!(next.balance(lite, now).unwrap().balance, dec!(0), "nothing to carry over");
+    assert_eq!(next.set_user_plan(org, user, Plan::Pro, now).unwrap().plan, Plan::Pro, "the retry completes");
+    assert_eq!(next.balance(lite, at("2027-06-01T00:00:00Z")).unwrap().balance, dec!(0));
+}
+
+#[test]
 fn downgrade_grants_from_next_first_or_pro_rated() {
     // Proves Pro -> Lite waits for the next 1st by default, or grants the pro-rated rest of
     // the month at once when configured (rounded down to the cent).
@@ -745,6 +768,14 @@ fn holds_expire_after_their_ttl_only_when_orphaned() {
     assert!(matches!(late, SettleError::UnknownRequest { .. }), "a voided hold is forgotten: {late:?}");
     let unknown = ledger.settle_request(pool, request(), dec!(1), details(), after).unwrap_err();
     assert!(matches!(unknown, SettleError::UnknownRequest { .. }));
+    // A settle refused before it took the hold leaves it orphaned, voided by
+    // its TTL. (Before, the token counted as spent: the hold stayed held
+    // until a restart.)
+    let refused = ledger.hold(pool, request(), dec!(4), ctx(key), after).unwrap();
+    assert!(matches!(refused.settle(dec!(-1), details(), after), Err(SettleError::InvalidCost { .. })));
+    assert_eq!(ledger.balance(pool, after).unwrap().available, dec!(3), "held until its TTL");
+    assert_eq!(ledger.void_expired_holds(after + TimeDelta::seconds(60)), 1, "then voided");
+    assert_eq!(ledger.balance(pool, after + TimeDelta::seconds(61)).unwrap().available, dec!(7));
     assert_verified(&ledger, &journal);
 }
 
@@ -1138,29 +1169,54 @@ fn holds_open_at_midnight_count_against_the_new_day_until_they_settle() {
 }
 
 #[test]
-fn a_limit_change_forgets_open_holds_without_letting_them_take_back_newer_ones() {
-    // Proves other changes to a key (its scope) keep its open holds counted, and a limit
-    // change, which stops counting them, never lets an older hold take back a newer one's
-    // reservation: a daily cap of 150 is not passed. (Before, any change of the key forgot
-    // its holds, and the older hold's settle then took back the newer one's reservation.)
+fn a_limit_change_keeps_the_open_holds_counted_so_no_cap_is_passed() {
+    // Proves changes to a key (its scope, its caps) keep its open holds
+    // counted: raised to 150 with 80 in flight, it takes 70 more, not 80, and
+    // lowered to 50 with 90 in flight it takes nothing, so the day's debits
+    // stay within the cap in force. (Before, a cap change forgot the open
+    // holds: lowered from 100 to 50 with 90 in flight, it took another 50,
+    // and the day's spend was 140 against 50.)
     let (ledger, journal, org, pool, key) = pool_with_a_key(
         "2027-03-10T12:00:00Z",
         dec!(1000),
         Limits { daily: Some(dec!(100)), ..Limits::NONE },
     );
+    let daily = |cap| Limits { daily: Some(cap), ..Limits::NONE };
     let now = at("2027-03-10T12:00:00Z");
     let first = ledger.hold(pool, request(), dec!(80), ctx(key), now).unwrap();
     let scope = crate::ledger::entity::KeyScope { routes: vec!["/v1".into()], models: Vec::new() };
     ledger.set_key_scope(org, key, scope).unwrap();
     let refused = ledger.hold(pool, request(), dec!(80), ctx(key), now).unwrap_err();
     assert_eq!(refused.code(), "spending_limit", "a scope change keeps the open hold counted");
-    ledger.set_key_limits(org, key, Limits { daily: Some(dec!(150)), ..Limits::NONE }).unwrap();
-    let second = ledger.hold(pool, request(), dec!(80), ctx(key), now).unwrap();
+    ledger.set_key_limits(org, key, daily(dec!(150))).unwrap();
+    let refused = ledger.hold(pool, request(), dec!(80), ctx(key), now).unwrap_err();
+    assert_eq!(refused.code(), "spending_limit", "the open 80 counts against the raised cap");
+    let second = ledger.hold(pool, request(), dec!(70), ctx(key), now).unwrap();
     first.settle(dec!(80), details(), now).unwrap();
     let refused = ledger.hold(pool, request(), dec!(1), ctx(key), now).unwrap_err();
-    assert_eq!(refused.code(), "spending_limit", "80 settled and 80 still held fill the 150");
+    assert_eq!(refused.code(), "spending_limit", "80 settled and 70 still held fill the 150");
     second.release(now);
     ledger.hold(pool, request(), dec!(70), ctx(key), now).unwrap().release(now);
+
+    // The next day: 90 in flight, the cap lowered to 50.
+    let tomorrow = at("2027-03-11T12:00:00Z");
+    let long = ledger.hold(pool, request(), dec!(90), ctx(key), tomorrow).unwrap();
+    ledger.set_key_limits(org, key, daily(dec!(50))).unwrap();
+    let refused = ledger.hold(pool, request(), dec!(50), ctx(key), tomorrow).unwrap_err();
+    assert_eq!(refused.code(), "spending_limit", "the open 90 is over the lowered cap already");
+    long.settle(dec!(90), details(), tomorrow).unwrap();
+    let refused = ledger.hold(pool, request(), dec!(1), ctx(key), tomorrow).unwrap_err();
+    assert_eq!(refused.code(), "spending_limit");
+
+    // The same for a user's cap.
+    let owner = user(&ledger, org, Plan::Pro, dec!(0), tomorrow);
+    ledger.set_user_limits(org, owner, daily(dec!(100))).unwrap();
+    let users_key = crate::ledger::testkit::key(&ledger, org, Owner::User(owner), Limits::NONE, tomorrow);
+    let long = ledger.hold(pool, request(), dec!(90), ctx(users_key), tomorrow).unwrap();
+    ledger.set_user_limits(org, owner, daily(dec!(50))).unwrap();
+    let refused = ledger.hold(pool, request(), dec!(50), ctx(users_key), tomorrow).unwrap_err();
+    assert_eq!(refused.code(), "spending_limit", "the user's open 90 still counts");
+    long.settle(dec!(90), details(), tomorrow).unwrap();
     assert_verified(&ledger, &journal);
 }
 
