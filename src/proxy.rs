@@ -414,6 +414,7 @@ impl Proxy {
                     .hosted_tools
                     .is_empty()
                     .then(|| charge::estimated_input_tokens(request_bytes, context_tokens));
+                let reasons_unseen = price.reasons_unseen() || fields.asks_reasoning;
                 let priced = Priced::Model {
                     name: Arc::from(fields.model),
                     price,
@@ -423,6 +424,7 @@ impl Proxy {
                     requested_tier,
                     held_output_tokens: plan.cap.unwrap_or(0).saturating_mul(plan.choices),
                     hosted_calls_held: (!fields.hosted_tools.is_empty()).then_some(hosted.calls_held),
+                    reasons_unseen,
                 };
                 (Either::Right(Full::new(bytes)), priced, hold, held_cost, plan.cap, inject, estimated_input)
             }

@@ -647,4 +647,26 @@ async fn a_stream_broken_off_by_the_upstream_costs_the_hold_on_a_model_that_reas
         after = balance(&gateway);
     }
     assert_eq!(before - after.0, hold, "the hold, not the text delivered");
+
+    // On any model, a request that asks for reasoning (Claude 4 streams only
+    // a summary of its thinking and bills all of it) is charged its hold too;
+    // one that turns reasoning off is charged what it delivered.
+    for (options, charged_hold) in [
+        (r#""reasoning_effort":"high""#, true),
+        (r#""thinking":{"type":"enabled","budget_tokens":1024}"#, true),
+        (r#""reasoning":{"effort":"none"}"#, false),
+    ] {
+        let body = format!(r#"{{"model":"mock-gpt","stream":true,"max_tokens":40,"seed":30,{options}}}"#);
+        let hold = per_mtok(body.len() as u64, 1) + per_mtok(40, 2) + Decimal::new(1, 4);
+        let before = pool_balance(&stack);
+        let request = Request::post(stack.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {}", stack.keys.pro))
+            .header("x-mock-reset-after", "6")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        read_a_stream_the_upstream_cuts(request).await;
+        let charged = before - wait_settled(&stack).await;
+        assert_eq!(charged == hold, charged_hold, "{options}: {charged} against a hold of {hold}");
+        assert!(charged > Decimal::ZERO && charged <= hold, "{options}: {charged}");
+    }
 }

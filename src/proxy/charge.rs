@@ -60,6 +60,9 @@ pub enum Priced {
         /// Hosted tool calls the hold allowed for, all the bounds sent
         /// upstream together (`None`: the request enabled none).
         hosted_calls_held: Option<u64>,
+        /// The model may bill reasoning it does not stream (the table marks
+        /// it `hidden_reasoning`, or the request asks for reasoning).
+        reasons_unseen: bool,
     },
     Tool {
         name: Arc<str>,
@@ -279,6 +282,10 @@ pub struct ModelRequest {
     pub cache_breakpoints: bool,
     /// A breakpoint may ask for a lifetime longer than five minutes.
     pub cache_longer_lifetime: bool,
+    /// The request asks the model to reason (`thinking`, `reasoning`,
+    /// `reasoning_effort`): reasoning billed in full and streamed at most
+    /// as a summary.
+    pub asks_reasoning: bool,
 }
 
 /// The output-cap field each API reads; a cap in any other field would be
@@ -530,7 +537,28 @@ pub fn read_model_request_for(
         unbounded_tools,
         cache_breakpoints,
         cache_longer_lifetime: cache_breakpoints && super::cache_marks::asks_longer_cache_lifetime(body),
+        asks_reasoning: asks_reasoning(fields.thinking, fields.reasoning, fields.reasoning_effort),
     })
+}
+
+/// Whether a request's reasoning options ask for reasoning: anything set but
+/// Anthropic's `{"type": "disabled"}`, OpenRouter's `{"enabled": false}` or
+/// an effort of `"none"`.
+fn asks_reasoning(thinking: Option<Value>, reasoning: Option<Value>, effort: Option<Value>) -> bool {
+    let off = |value: &Value| match value {
+        Value::Null => true,
+        Value::String(effort) => effort.eq_ignore_ascii_case("none"),
+        Value::Object(object) => {
+            object.get("type").and_then(Value::as_str) == Some("disabled")
+                || object.get("enabled") == Some(&Value::Bool(false))
+                || object
+                    .get("effort")
+                    .and_then(Value::as_str)
+                    .is_some_and(|e| e.eq_ignore_ascii_case("none"))
+        }
+        _ => false,
+    };
+    [thinking, reasoning, effort].iter().flatten().any(|value| !off(value))
 }
 
 /// Azure-style upstreams (`/openai/deployments/{name}/chat/completions`)
@@ -1189,8 +1217,9 @@ impl Charge {
         // A model that reasons unseen may have billed up to its cap in
         // reasoning before the upstream broke off, however little text came:
         // only the hold is sure not to bill less.
-        let charges_hold = outcome.charges_hold_without_usage()
-            || (price.reasons_unseen() && outcome == Outcome::UpstreamBroke);
+        let reasons_unseen = matches!(self.priced, Some(Priced::Model { reasons_unseen: true, .. }));
+        let charges_hold =
+            outcome.charges_hold_without_usage() || (reasons_unseen && outcome == Outcome::UpstreamBroke);
         let (charged, usage, flag) = match estimate {
             // More was delivered than the hold allowed for: the upstream
             // ignored the cap it was sent (a server that reads another cap

@@ -74,12 +74,18 @@ pub(super) struct ModelFields {
     pub num_predict: Option<IgnoredAny>,
     pub max_new_tokens: Option<IgnoredAny>,
     pub options: Option<IgnoredAny>,
+    /// Reasoning asked for (Anthropic's `thinking`, the Responses API's and
+    /// OpenRouter's `reasoning`, Chat's `reasoning_effort`): reasoning the
+    /// upstream bills in full and streams at most a summary of.
+    pub thinking: Option<Value>,
+    pub reasoning: Option<Value>,
+    pub reasoning_effort: Option<Value>,
 }
 
 /// The top-level names read above, then those whose presence the
 /// server-context scan prices (stored responses, conversations, prompts,
 /// tool servers): a folded spelling of any of them is refused.
-const TOP_LEVEL: [&str; 36] = [
+const TOP_LEVEL: [&str; 39] = [
     "model",
     "max_tokens",
     "max_completion_tokens",
@@ -110,6 +116,9 @@ const TOP_LEVEL: [&str; 36] = [
     "num_predict",
     "max_new_tokens",
     "options",
+    "thinking",
+    "reasoning",
+    "reasoning_effort",
     "previous_response_id",
     "conversation",
     "prompt",
@@ -183,11 +192,11 @@ impl<'de> Deserialize<'de> for Key<'de> {
 }
 
 /// Which keys a map has had, for refusing one given twice.
-struct Seen(u32);
+struct Seen(u64);
 
 impl Seen {
     fn first<E: de::Error>(&mut self, index: usize, name: &'static str) -> Result<(), E> {
-        let bit = 1 << index;
+        let bit = 1u64 << index;
         if self.0 & bit != 0 {
             return Err(E::duplicate_field(name));
         }
@@ -253,6 +262,9 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                 "num_predict" => read!(27, num_predict),
                 "max_new_tokens" => read!(28, max_new_tokens),
                 "options" => read!(29, options),
+                "thinking" => read!(30, thinking),
+                "reasoning" => read!(31, reasoning),
+                "reasoning_effort" => read!(32, reasoning_effort),
                 other => {
                     refuse_folded(other, &TOP_LEVEL)?;
                     map.next_value::<IgnoredAny>()?;
