@@ -578,19 +578,38 @@ fn load_prices(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Arc<LivePrices>>> {
     let Some(pricing) = &config.pricing else {
+        // SIGHUP's default is to end the process, undrained: a habit of
+        // sending it must not stop a gateway with nothing to reload.
+        #[cfg(unix)]
+        spawn_sighup_reload(None, clock.clone(), shutdown.clone())?;
         return Ok(None);
     };
     let prices =
         Arc::new(LivePrices::load(&pricing.file, config.required_tools(), clock.now(), metrics.clone())?);
+    warn_if_stale(&prices, pricing.max_age_days, clock.now());
     tokio::spawn(prices.clone().watch(pricing.watch_interval, clock.clone(), shutdown.clone()));
     #[cfg(unix)]
-    spawn_sighup_reload(prices.clone(), clock.clone(), shutdown.clone())?;
+    spawn_sighup_reload(Some(prices.clone()), clock.clone(), shutdown.clone())?;
     Ok(Some(prices))
+}
+
+/// Says at start when the table's `as_of` is older than `[pricing]
+/// max_age_days`: provider prices change, and a stale table bills at old ones.
+fn warn_if_stale(prices: &LivePrices, max_age_days: u32, now: chrono::DateTime<chrono::Utc>) {
+    let status = prices.status(now);
+    if let Some(age) = status.age_days.filter(|age| *age > i64::from(max_age_days)) {
+        tracing::warn!(
+            age_days = age,
+            max_age_days,
+            as_of = ?status.as_of,
+            "the price table's prices were last checked {age} days ago; check them against the providers and update as_of"
+        );
+    }
 }
 
 #[cfg(unix)]
 fn spawn_sighup_reload(
-    prices: Arc<LivePrices>,
+    prices: Option<Arc<LivePrices>>,
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -603,7 +622,12 @@ fn spawn_sighup_reload(
                     if received.is_none() {
                         return;
                     }
-                    let _ = prices.reload(clock.now(), "SIGHUP");
+                    match &prices {
+                        Some(prices) => {
+                            let _ = prices.reload(clock.now(), "SIGHUP");
+                        }
+                        None => tracing::info!("SIGHUP: no price file to reload"),
+                    }
                 }
                 () = shutdown.cancelled() => return,
             }
@@ -614,8 +638,13 @@ fn spawn_sighup_reload(
 
 fn prepare_data_dir(config: &GatewayConfig) -> anyhow::Result<()> {
     let dir = &config.server.data_dir;
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    // Created readable by the gateway's user only: the ledger names
+    // organizations, users and end users.
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
     // Refuse to start rather than serve with books we cannot write.
     let probe = dir.join(".write-probe");
     std::fs::write(&probe, b"ok")

@@ -772,12 +772,18 @@ impl GatewayConfig {
 
         let server_offset = top.server.as_ref().map_or(0, |v| v.span().start);
         let server = top.server.and_then(|v| checker.section::<RawServer>("[server]", v)).unwrap_or_default();
+        let log_offset = top.log.as_ref().map_or(0, |v| v.span().start);
         let log = top.log.and_then(|v| checker.section::<RawLog>("[log]", v)).unwrap_or_default();
         let server = validate_server(&mut checker, server_offset, server);
-        let log = LogConfig {
-            level: log.level.unwrap_or_else(|| "info".to_owned()),
-            format: log.format.unwrap_or(LogFormat::Text),
-        };
+        let level = log.level.unwrap_or_else(|| "info".to_owned());
+        if let Some(bad) = unknown_log_level(&level) {
+            checker.problem(
+                log_offset,
+                format!("[log] level {level:?}: {bad:?} is not a level, so every line would be filtered out"),
+                Some("use error, warn, info, debug, trace or off, or target=level pairs joined by commas"),
+            );
+        }
+        let log = LogConfig { level, format: log.format.unwrap_or(LogFormat::Text) };
 
         let pricing = top.pricing.and_then(|v| {
             let offset = v.span().start;
@@ -1007,6 +1013,16 @@ fn duration_ms(
         checker.problem(offset, format!("{name} = {ms} is too long"), Some("use at most 604800000 (a week)"));
     }
     Duration::from_millis(ms.min(MAX_DURATION_MS))
+}
+
+/// The first directive of a tracing filter whose level is not one: the
+/// filter reads `warning` as a target with no level, and logs nothing.
+fn unknown_log_level(filter: &str) -> Option<&str> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    filter.split(',').map(str::trim).filter(|d| !d.is_empty()).find(|directive| {
+        let level = directive.rsplit_once('=').map_or(*directive, |(_, level)| level);
+        !LEVELS.iter().any(|known| known.eq_ignore_ascii_case(level.trim()))
+    })
 }
 
 fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> ServerConfig {
@@ -1867,6 +1883,20 @@ upstream = "nope"
         let text = format!("{MINIMAL}\n[ledger]\nretain_days = 100000000\n");
         assert_eq!(problems(&text).len(), 1, "a retention past any date is refused");
         assert!(parse(&format!("{MINIMAL}\n[ledger]\nretain_days = 36500\n")).is_ok());
+    }
+
+    #[test]
+    fn a_log_level_that_is_not_one_is_refused() {
+        // Before, `level = "warning"` was read as a target and every line,
+        // errors included, was filtered out.
+        for level in ["info", "WARN", "info,creditgate::access=warn", "off", "creditgate=debug,hyper=info"] {
+            assert!(parse(&format!("{MINIMAL}\n[log]\nlevel = \"{level}\"\n")).is_ok(), "{level}");
+        }
+        for level in ["warning", "info,creditgate::access", "verbose"] {
+            let found = problems(&format!("{MINIMAL}\n[log]\nlevel = \"{level}\"\n"));
+            assert_eq!(found.len(), 1, "{level}: {found:?}");
+            assert!(found[0].message.contains("not a level"), "{found:?}");
+        }
     }
 
     #[test]

@@ -95,6 +95,35 @@ fn spawn_gateway(
     (child, proxy, admin)
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_a_price_file_does_not_stop_the_gateway_whose_data_directory_is_private() {
+    // Before, a pass-through config (no [pricing]) installed no SIGHUP
+    // handler, and SIGHUP's default ended the process without a drain.
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("gateway.toml");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[upstreams.mock]\n\
+         base_url = \"http://{}\"\n\n[[routes]]\nprefix = \"/echo\"\nupstream = \"mock\"\npassthrough = true\npublic = true\n",
+        mock.addr()
+    );
+    std::fs::write(&config_path, config).unwrap();
+    let data = dir.path().join("new").join("data");
+    let (child, addr, _) = spawn_gateway(&config_path, &data);
+    let mut child = KillOnDrop(child);
+    let status = Command::new("kill").args(["-HUP", &child.0.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(child.0.try_wait().unwrap().is_none(), "the gateway is still running");
+    let reply =
+        send(Request::get(format!("http://{addr}/echo/after-hup")).body(Full::new(Bytes::new())).unwrap())
+            .await;
+    assert_eq!(reply.status, 200);
+    // The ledger names organizations and end users: its directory is the gateway user's only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&data).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+}
+
 // Multi-threaded: the test does blocking socket I/O while the mock runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_stream_and_exits_zero() {
