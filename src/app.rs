@@ -584,8 +584,8 @@ fn load_prices(
         spawn_sighup_reload(None, clock.clone(), shutdown.clone())?;
         return Ok(None);
     };
-    let prices =
-        Arc::new(LivePrices::load(&pricing.file, config.required_tools(), clock.now(), metrics.clone())?);
+    let prices = LivePrices::load(&pricing.file, config.required_tools(), clock.now(), metrics.clone())?;
+    let prices = Arc::new(prices.keep_in(&config.server.data_dir)?);
     warn_if_stale(&prices, pricing.max_age_days, clock.now());
     tokio::spawn(prices.clone().watch(pricing.watch_interval, clock.clone(), shutdown.clone()));
     #[cfg(unix)]

@@ -245,7 +245,11 @@ fn model(name: &str, entry: &Map<String, Value>) -> Result<(toml::Table, Vec<Str
     // A model that reasons may bill reasoning it never streams (OpenAI's
     // o-series and GPT-5, Gemini's thoughts): a stream broken off before
     // its usage is charged the hold.
-    if entry.get("supports_reasoning").and_then(Value::as_bool) == Some(true) {
+    // Claude thinks only when asked (and a request that asks is charged the
+    // hold for a broken stream anyway).
+    let opt_in = entry.get("litellm_provider").and_then(Value::as_str) == Some("anthropic")
+        || name.starts_with("claude");
+    if entry.get("supports_reasoning").and_then(Value::as_bool) == Some(true) && !opt_in {
         table.insert("hidden_reasoning".into(), toml::Value::Boolean(true));
     }
     let mut notes = early_notes;

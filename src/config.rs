@@ -1015,13 +1015,21 @@ fn duration_ms(
     Duration::from_millis(ms.min(MAX_DURATION_MS))
 }
 
-/// The first directive of a tracing filter whose level is not one: the
-/// filter reads `warning` as a target with no level, and logs nothing.
+/// The first directive of a tracing filter that is a lone word but no
+/// level: the filter reads `warning` as a target (at every level) and the
+/// gateway's own lines, errors included, are filtered out. Targets with a
+/// path (`hyper::proto`), span filters and `target=level` pairs are left to
+/// the filter; a level after `=` must be one.
 fn unknown_log_level(filter: &str) -> Option<&str> {
-    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
-    filter.split(',').map(str::trim).filter(|d| !d.is_empty()).find(|directive| {
-        let level = directive.rsplit_once('=').map_or(*directive, |(_, level)| level);
-        !LEVELS.iter().any(|known| known.eq_ignore_ascii_case(level.trim()))
+    const LEVELS: [&str; 12] =
+        ["error", "warn", "info", "debug", "trace", "off", "0", "1", "2", "3", "4", "5"];
+    let is_level =
+        |word: &str| word.is_empty() || LEVELS.iter().any(|known| known.eq_ignore_ascii_case(word));
+    filter.split(',').map(str::trim).filter(|d| !d.is_empty() && !d.contains('[')).find(|directive| {
+        match directive.rsplit_once('=') {
+            Some((_, level)) => !is_level(level.trim()),
+            None => !directive.contains("::") && !is_level(directive),
+        }
     })
 }
 
@@ -1889,10 +1897,21 @@ upstream = "nope"
     fn a_log_level_that_is_not_one_is_refused() {
         // Before, `level = "warning"` was read as a target and every line,
         // errors included, was filtered out.
-        for level in ["info", "WARN", "info,creditgate::access=warn", "off", "creditgate=debug,hyper=info"] {
+        for level in [
+            "info",
+            "WARN",
+            "info,creditgate::access=warn",
+            "off",
+            "creditgate=debug,hyper=info",
+            "info,creditgate::access",
+            "hyper=3",
+            "creditgate=",
+            "creditgate[request{route=x}]",
+            "creditgate[request{route=x}]=debug",
+        ] {
             assert!(parse(&format!("{MINIMAL}\n[log]\nlevel = \"{level}\"\n")).is_ok(), "{level}");
         }
-        for level in ["warning", "info,creditgate::access", "verbose"] {
+        for level in ["warning", "info,verbose", "creditgate=loud"] {
             let found = problems(&format!("{MINIMAL}\n[log]\nlevel = \"{level}\"\n"));
             assert_eq!(found.len(), 1, "{level}: {found:?}");
             assert!(found[0].message.contains("not a level"), "{found:?}");

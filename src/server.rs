@@ -14,7 +14,8 @@
 //! responses to pipelined requests, which hyper queues before their bodies
 //! are ever polled), for `client_stall_timeout` is closed. Each request is
 //! timed on its own: on h2, the other streams of a connection neither hide
-//! a stuck one nor share its fate at once (the connection drains first).
+//! a stuck one nor share its fate (the connection drains, and closes once
+//! only stuck streams are left).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -63,9 +64,9 @@ pub struct ServeOptions {
     /// How long in-flight requests may run after shutdown is signalled.
     pub shutdown_grace: Duration,
     /// A request in flight this long closes its connection (an h2 one
-    /// drains first), whether or not its client still reads: a response
-    /// body is only polled (and its own deadline checked) while the client
-    /// reads.
+    /// drains first, and closes once only stuck streams are left), whether
+    /// or not its client still reads: a response body is only polled (and
+    /// its own deadline checked) while the client reads.
     pub max_request_duration: Option<Duration>,
     /// A response that waited this long for its client to take its next
     /// part closes its connection (a client that stopped reading; an h2
@@ -242,12 +243,10 @@ struct Tracked {
     /// Whether a request ever started on it.
     served: AtomicBool,
     /// It carries HTTP/2: a stuck stream first drains it (GOAWAY: the
-    /// other streams finish), and closes it only if still stuck a stall
-    /// timeout later.
+    /// other streams run on), and closes it once every stream left is stuck.
     multiplexed: AtomicBool,
-    /// When (on the listener's clock) the sweep asked it to drain for a
-    /// stuck stream; [`NOT_BLOCKED`] before.
-    drained_for_stuck_at: AtomicU64,
+    /// The sweep asked it to drain for a stuck stream.
+    drained_for_stuck: AtomicBool,
     /// When it last started or finished a request (or was accepted).
     last_active: Mutex<Instant>,
     /// When (on the listener's clock) the socket last refused a write that
@@ -346,7 +345,7 @@ impl OpenConnections {
             served: AtomicBool::new(false),
             requests: Mutex::new(Vec::new()),
             multiplexed: AtomicBool::new(false),
-            drained_for_stuck_at: AtomicU64::new(NOT_BLOCKED),
+            drained_for_stuck: AtomicBool::new(false),
             last_active: Mutex::new(Instant::now()),
             write_blocked_at: AtomicU64::new(NOT_BLOCKED),
             clock_ms: self.clock_ms.clone(),
@@ -415,19 +414,20 @@ impl OpenConnections {
                 let blocked_at = tracked.write_blocked_at.load(Ordering::Acquire);
                 let socket_stalled =
                     blocked_at != NOT_BLOCKED && now_ms.saturating_sub(blocked_at) >= stall_ms;
-                let (stream_stalled, too_long) = {
+                // A request is stuck when its client stopped taking its
+                // response, or it has run past its limit.
+                let (any_stuck, all_stuck) = {
                     let requests = tracked.requests.lock();
-                    let stalled = requests.iter().any(|request| {
+                    let stuck = |request: &Arc<InFlight>| {
                         let since = request.owed_since.load(Ordering::Acquire);
-                        since != NOT_OWED && now_ms.saturating_sub(since) >= stall_ms
-                    });
-                    let too_long = max_busy.is_some_and(|max| {
-                        requests.iter().any(|request| now.saturating_duration_since(request.started) >= max)
-                    });
-                    (stalled, too_long)
+                        (since != NOT_OWED && now_ms.saturating_sub(since) >= stall_ms)
+                            || max_busy
+                                .is_some_and(|max| now.saturating_duration_since(request.started) >= max)
+                    };
+                    (requests.iter().any(stuck), requests.iter().all(stuck))
                 };
-                if socket_stalled || stream_stalled || too_long {
-                    tracked.stuck(socket_stalled, now_ms, stall_ms);
+                if socket_stalled || any_stuck {
+                    tracked.stuck(socket_stalled, all_stuck);
                     continue;
                 }
                 let limit = if tracked.served.load(Ordering::Relaxed) {
@@ -446,28 +446,19 @@ impl OpenConnections {
 impl Tracked {
     /// A request on it has run past its limit, or its client stopped taking
     /// a response. HTTP/1.1 carries one request at a time: the connection
-    /// closes. An h2 connection first drains (its other streams finish, new
-    /// ones go to a new connection) and closes if still stuck a stall
-    /// timeout later; a socket that takes no writes at all closes at once.
-    fn stuck(&self, socket_stalled: bool, now_ms: u64, stall_ms: u64) {
-        if socket_stalled || !self.multiplexed.load(Ordering::Relaxed) {
+    /// closes. An h2 connection first drains (GOAWAY: new streams go to a
+    /// new connection, the others run on) and closes once every stream left
+    /// on it is stuck, at the latest when the others reach their own limit;
+    /// a socket that takes no writes at all closes at once.
+    fn stuck(&self, socket_stalled: bool, all_stuck: bool) {
+        if socket_stalled || all_stuck || !self.multiplexed.load(Ordering::Relaxed) {
             tracing::debug!(
                 "closed a connection whose client stopped reading, or whose request ran too long"
             );
             self.signal.raise(Signal::CLOSE);
-            return;
-        }
-        match self.drained_for_stuck_at.load(Ordering::Acquire) {
-            NOT_BLOCKED => {
-                tracing::debug!("draining an h2 connection with a stream stuck");
-                self.drained_for_stuck_at.store(now_ms, Ordering::Release);
-                self.signal.raise(Signal::DRAIN);
-            }
-            since if now_ms.saturating_sub(since) >= stall_ms => {
-                tracing::debug!("closed an h2 connection whose stuck stream outlived its drain");
-                self.signal.raise(Signal::CLOSE);
-            }
-            _ => {}
+        } else if !self.drained_for_stuck.swap(true, Ordering::AcqRel) {
+            tracing::debug!("draining an h2 connection with a stream stuck");
+            self.signal.raise(Signal::DRAIN);
         }
     }
 }

@@ -265,10 +265,25 @@ async fn an_h2_stream_its_client_stops_reading_is_cut_though_other_streams_keep_
     // cheap request every few seconds on another held that stream (its
     // upstream socket, its hold, its in-flight slot) for max_response_ms,
     // 30 minutes. Now each response has its own stall clock: the connection
-    // drains (GOAWAY: the other streams finish) and then closes.
+    // drains (GOAWAY: no new streams, the others run on, a stream streaming
+    // past the stall timeout included) and closes once only the stuck one is left.
     let server = "client_stall_timeout_ms = 500\nmax_body_bytes = 67108864";
     let stack = common::start_with(server, "", Default::default()).await;
     let mut sender = common::open_h2(stack.gateway.proxy_addr()).await;
+    // A stream the client reads, paced by its upstream for about 3 s.
+    let body = r#"{"model":"mock-gpt","stream":true,"max_tokens":8,"stream_options":{"include_usage":true}}"#;
+    let streamed = http::Request::post("http://test/v1/chat/completions")
+        .header("authorization", format!("Bearer {}", stack.keys.pro))
+        .header("x-mock-pace-ms", "300")
+        .body(creditgate::mock::MockBody::Full(Some(bytes::Bytes::from(body))))
+        .unwrap();
+    let mut reader = sender.clone();
+    let sibling = tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let response = reader.send_request(streamed).await.map_err(|e| e.to_string())?;
+        let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>((Instant::now(), String::from_utf8_lossy(&body).into_owned()))
+    });
     let (tx, body) = common::channel_body();
     let request = http::Request::post("http://test/echo/unread").body(body).unwrap();
     // The echo comes back as it is sent; this client never reads it.
@@ -297,6 +312,10 @@ async fn an_h2_stream_its_client_stops_reading_is_cut_though_other_streams_keep_
     }
     assert!(others > 0, "other streams were served beside the stuck one");
     assert!(feeder.is_finished(), "the unread stream was still open after 10 s");
+    let cut_at = Instant::now();
     let took = feeder.await.unwrap();
-    assert!(took < Duration::from_secs(5), "cut within two stall timeouts and sweeps: {took:?}");
+    assert!(took < Duration::from_secs(8), "cut once the streams beside it ended: {took:?}");
+    let (ended_at, text) = sibling.await.unwrap().expect("the stream beside the stuck one ran to its end");
+    assert!(text.contains("[DONE]"), "{text}");
+    assert!(ended_at <= cut_at, "the stuck stream outlived the one beside it");
 }

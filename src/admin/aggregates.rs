@@ -40,12 +40,13 @@ pub fn groups(
         by_route: by(&["route"]),
         by_day: by(&["day"]),
         by_month: by(&["month"]),
-        max_rows: groups.max().saturating_add(1),
+        // A row per key folds into its owner's group: rows are groups only
+        // when the report is not by user or application.
+        max_rows: if by(&["user", "app"]) { 0 } else { groups.max().saturating_add(1) },
     };
     let rows = read(&query)?;
-    // The aggregate stops one row past the cap (its rows are by key, which
-    // may fold into fewer groups: past the cap in rows is refused too).
-    if rows.len() > groups.max() {
+    // The aggregate stops one row past the cap, where its rows are groups.
+    if query.max_rows > 0 && rows.len() > groups.max() {
         groups.refuse();
         return Ok(());
     }

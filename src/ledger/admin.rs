@@ -117,6 +117,15 @@ pub(crate) fn check_text(field: &'static str, text: &str) -> Result<(), LedgerEr
     Ok(())
 }
 
+/// A free text (a reason, a reference): as [`check_text`], but it may run
+/// over several lines.
+pub(crate) fn check_prose(field: &'static str, text: &str) -> Result<(), LedgerError> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(LedgerError::TooLong { field, max: MAX_TEXT_BYTES, unit: "bytes" });
+    }
+    text.split('\n').try_for_each(|line| check_text(field, line.strip_suffix('\r').unwrap_or(line)))
+}
+
 /// Unicode's format characters (category Cf) that change how text around
 /// them shows without showing themselves: bidi controls, zero-width
 /// characters, the soft hyphen, tags.

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::ledger::admin::{check_amount, check_text, too_fine, MAX_AMOUNT};
+use crate::ledger::admin::{check_amount, check_prose, too_fine, MAX_AMOUNT};
 use crate::ledger::entry::{EntryKind, LedgerEntry};
 use crate::ledger::ids::{EntryId, LotId, OrgId, WalletId};
 use crate::ledger::{Ledger, LedgerError};
@@ -159,7 +159,7 @@ impl Ledger {
         let mut state = cell.state.lock();
         let now = state.advance(now, &self.shared.committer);
         if let Some(reference) = &request.reference {
-            check_text("reference", reference)?;
+            check_prose("reference", reference)?;
         }
         let expires_at = match request.expires_at {
             // Only outside any contract may a purchase outlive the terms.
@@ -215,7 +215,6 @@ impl Ledger {
         // Money is not credited while the store cannot record it.
         let _admin = self.lock_admin()?;
         check_key(&request.idempotency_key)?;
-        check_text("reason", &request.reason)?;
         let slot = (request.org, request.idempotency_key.clone());
         let remembered = self.idempotency.lock().get(&slot).cloned();
         match remembered {
@@ -228,6 +227,9 @@ impl Ledger {
             Some(Replay::Purchase(..)) => return Err(conflict(&request.idempotency_key, "operation")),
             None => {}
         }
+        // Checked after the replay: a retry of an adjustment made before the
+        // check answers its receipt, not an error that invites a new key.
+        check_prose("reason", &request.reason)?;
         self.shared.committer.check()?;
         self.ensure_wallet_in(request.org, request.wallet)?;
         if request.amount.is_zero() || request.amount.abs() > MAX_AMOUNT || too_fine(request.amount) {

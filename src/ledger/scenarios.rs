@@ -289,6 +289,37 @@ fn upgrade_writes_off_lite_and_moves_to_pool() {
 }
 
 #[test]
+fn a_reason_may_run_over_lines_but_hold_no_other_control_character() {
+    // Proves reasons and references are prose (line breaks pass) while an
+    // escape or a bidi override is refused, and that a retry of an
+    // adjustment answers its receipt before its text is checked.
+    let (ledger, journal) = ledger();
+    let now = at("2027-05-10T00:00:00Z");
+    let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(100), 0, dec!(0))), now);
+    let adjust = |reason: &str, key: &str| {
+        ledger.adjust(
+            AdjustmentRequest {
+                org,
+                wallet: WalletId::Pool(org),
+                amount: dec!(-1),
+                reason: reason.to_owned(),
+                expires_at: None,
+                idempotency_key: key.to_owned(),
+            },
+            now,
+        )
+    };
+    adjust("refund\r\nper ticket 42", "lines").unwrap();
+    for reason in ["a\u{1b}[31m", "a\u{202e}b", "a\tb"] {
+        assert!(
+            matches!(adjust(reason, reason), Err(LedgerError::Unprintable { field: "reason" })),
+            "{reason:?}"
+        );
+    }
+    assert_verified(&ledger, &journal);
+}
+
+#[test]
 fn an_upgrade_cut_short_between_its_records_is_completed_by_its_retry() {
     // Proves the write-off is recorded before the plan: a crash after the
     // first record leaves a Lite user with no Lite credit, and the retried

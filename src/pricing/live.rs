@@ -11,7 +11,9 @@
 //! copy dropped) can still be valid TOML: cut at a line end, it drops the
 //! prices and the `[markup]` that came after the cut, and an unset price is
 //! free. So a reload that would leave unset a price the table in force sets
-//! is refused; an operator who means it writes "0" (or removes the entry).
+//! is refused; an operator who means it states the price (or removes the
+//! entry). A copy of the file in force is kept in the data directory, so a
+//! restart on a cut file is refused the same way.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,10 +45,14 @@ pub enum PriceLoadError {
     MissingTools { file: String, missing: Vec<String> },
     #[error(
         "{file}: prices the table in force sets are missing (a file cut short while written?): {}; \
-         write \"0\" to make one free, or remove the whole entry",
-        unset.join(", ")
+         state each as you mean it (\"0\" for free, the inherited price to inherit it), or remove \
+         the whole entry{}",
+        unset.join(", "),
+        kept.as_ref().map(|kept| format!("; or delete {} to accept the file as it is", kept.display())).unwrap_or_default()
     )]
-    PricesUnset { file: String, unset: Vec<String> },
+    PricesUnset { file: String, unset: Vec<String>, kept: Option<PathBuf> },
+    #[error("cannot keep a copy of the price file in force at {path}: {source}")]
+    Keep { path: PathBuf, source: std::io::Error },
     #[error("price file {path} changed while it was read; it is read again once it stays the same")]
     ChangedWhileRead { path: PathBuf },
 }
@@ -79,6 +85,8 @@ pub struct LivePrices {
     /// The text of the file the table in force was read from, to compare a
     /// new file with.
     text_in_force: Mutex<String>,
+    /// Where a copy of that text is kept across restarts ([`LivePrices::keep_in`]).
+    kept: Option<PathBuf>,
     /// Held from reading the file to storing its table: a reload that read
     /// the file before a newer one must not store its older table after.
     reloading: Mutex<()>,
@@ -106,6 +114,7 @@ impl LivePrices {
             required_tools,
             current: ArcSwap::from_pointee(table),
             text_in_force: Mutex::new(text),
+            kept: None,
             reloading: Mutex::new(()),
             #[cfg(test)]
             after_read: Mutex::new(None),
@@ -114,6 +123,24 @@ impl LivePrices {
             reloads_failed: AtomicU64::new(0),
             metrics,
         })
+    }
+
+    /// Keeps a copy of the file in force in `dir` from now on, and refuses
+    /// the file just loaded if it leaves unset a price the copy kept from
+    /// the last run sets (a file cut short, then a restart).
+    pub fn keep_in(mut self, dir: &Path) -> Result<Self, PriceLoadError> {
+        let kept = dir.join(KEPT_FILE);
+        if let Ok(before) = std::fs::read_to_string(&kept) {
+            let unset = unset_prices(&before, &self.text_in_force.lock());
+            if !unset.is_empty() {
+                let file = self.path.display().to_string();
+                return Err(PriceLoadError::PricesUnset { file, unset, kept: Some(kept) });
+            }
+        }
+        write_kept(&kept, &self.text_in_force.lock())
+            .map_err(|source| PriceLoadError::Keep { path: kept.clone(), source })?;
+        self.kept = Some(kept);
+        Ok(self)
     }
 
     /// The table in force. Cheap: no lock, one reference-count increment.
@@ -134,7 +161,8 @@ impl LivePrices {
             if unset.is_empty() {
                 Ok((table, text))
             } else {
-                Err(PriceLoadError::PricesUnset { file: self.path.display().to_string(), unset })
+                let file = self.path.display().to_string();
+                Err(PriceLoadError::PricesUnset { file, unset, kept: None })
             }
         });
         #[cfg(test)]
@@ -150,6 +178,11 @@ impl LivePrices {
                 let changed = old.version() != table.version();
                 let table = Arc::new(table);
                 if changed {
+                    if let Some(kept) = &self.kept {
+                        if let Err(error) = write_kept(kept, &text) {
+                            tracing::warn!(%error, path = %kept.display(), "cannot keep a copy of the price file in force");
+                        }
+                    }
                     *self.text_in_force.lock() = text;
                     self.current.store(table.clone());
                     self.metrics.set_price_version(table.version());
@@ -231,6 +264,17 @@ impl LivePrices {
             }
         }
     }
+}
+
+/// The copy of the price file in force, in the data directory.
+const KEPT_FILE: &str = "prices-in-force.toml";
+
+/// Writes the copy whole or not at all: a temporary file renamed over it.
+fn write_kept(kept: &Path, text: &str) -> std::io::Result<()> {
+    let temporary = kept.with_extension("toml.tmp");
+    std::fs::write(&temporary, text)?;
+    std::fs::File::open(&temporary)?.sync_all()?;
+    std::fs::rename(&temporary, kept)
 }
 
 /// What changes when a file is rewritten or replaced.
@@ -388,5 +432,33 @@ mod tests {
         std::fs::write(&path, without).unwrap();
         prices.reload(now, "test").unwrap();
         assert_ne!(prices.current().version(), &version, "a price that was 0 may go unset");
+    }
+
+    #[test]
+    fn a_restart_on_a_file_cut_short_is_refused_by_the_copy_kept_in_the_data_directory() {
+        // Before, only a live reload compared the file with the one in force:
+        // a cut refused by the reload was put in force by the next restart.
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = (dir.path().join("prices.toml"), dir.path().join("data"));
+        std::fs::create_dir_all(&data).unwrap();
+        let full = format!("{}\n[markup]\npercent = \"20\"\n", table_text(0));
+        std::fs::write(&path, &full).unwrap();
+        let now = Utc::now();
+        let load = || LivePrices::load(&path, Vec::new(), now, Arc::new(Metrics::new(false)));
+        let prices = load().unwrap().keep_in(&data).unwrap();
+        // A reload in force is kept too.
+        let raised = full.replacen("percent = \"20\"", "percent = \"25\"", 1);
+        std::fs::write(&path, &raised).unwrap();
+        prices.reload(now, "test").unwrap();
+        drop(prices);
+        std::fs::write(&path, &raised[..raised.find("[markup]").unwrap()]).unwrap();
+        let error = load().unwrap().keep_in(&data).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("[markup]: percent") && error.contains("prices-in-force.toml"), "{error}");
+        // The whole file starts; deleting the copy accepts the cut one on purpose.
+        std::fs::write(&path, &raised).unwrap();
+        assert_eq!(load().unwrap().keep_in(&data).unwrap().current().markup().percent().to_string(), "25");
+        std::fs::write(&path, &raised[..raised.find("[markup]").unwrap()]).unwrap();
+        std::fs::remove_file(data.join(KEPT_FILE)).unwrap();
+        assert!(load().unwrap().keep_in(&data).unwrap().current().markup().is_none());
     }
 }

@@ -547,6 +547,7 @@ pub fn read_model_request_for(
 fn asks_reasoning(thinking: Option<Value>, reasoning: Option<Value>, effort: Option<Value>) -> bool {
     let off = |value: &Value| match value {
         Value::Null => true,
+        Value::Bool(on) => !on,
         Value::String(effort) => effort.eq_ignore_ascii_case("none"),
         Value::Object(object) => {
             object.get("type").and_then(Value::as_str) == Some("disabled")
@@ -1277,18 +1278,20 @@ impl Charge {
             _ => None,
         };
         let ceiling = self.limits.usage_ceiling;
-        let bound = u32::try_from(held.map_or(ceiling, |held| held.min(ceiling))).unwrap_or(u32::MAX);
+        // OpenAI's bound is on all the tools together (Anthropic reports one).
+        let mut left = u32::try_from(held.map_or(ceiling, |held| held.min(ceiling))).unwrap_or(u32::MAX);
         let mut clipped = false;
         for count in &mut reported.hosted_calls {
-            if *count > bound {
+            if *count > left {
                 tracing::warn!(
                     reported = *count,
-                    bound,
+                    left,
                     "hosted tool calls past the bound sent reported; charged at the bound"
                 );
-                *count = bound;
+                *count = left;
                 clipped = true;
             }
+            left -= *count;
         }
         clipped
     }
