@@ -595,9 +595,12 @@ pub async fn alert_resource(
 
 pub(super) fn alert_error(error: AlertError) -> AdminError {
     match error {
-        // A URL of the documented form to an address the policy refuses is
-        // a rule; anything else is the wrong shape.
-        AlertError::Invalid { field: field @ "webhook_url", reason } => AdminError::rule(field, reason),
+        // A URL of the documented form to an address the policy refuses, or
+        // a share of the documented form that is zero ("00"), is a rule;
+        // anything else is the wrong shape.
+        AlertError::Invalid { field: field @ ("webhook_url" | "condition.percent"), reason } => {
+            AdminError::rule(field, reason)
+        }
         AlertError::Invalid { field, reason } => AdminError::bad(field, reason),
         AlertError::TooMany { .. } => AdminError::rule("body", error.to_string()),
         AlertError::Save { .. } | AlertError::Load { .. } | AlertError::Cluster(_) => {

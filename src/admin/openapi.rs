@@ -164,40 +164,39 @@ fn condition() -> Value {
 fn request_schema(method: &str, path: &str) -> Option<Value> {
     let schema = match (method, path.trim_start_matches("/admin/v1")) {
         ("post", "/orgs") => object(
-            json!({"name": {"type": "string"}, "time_zone": time_zone(), "contract": {"anyOf": [contract(), {"type": "null"}]}}),
+            json!({"name": text(), "time_zone": time_zone(), "contract": {"anyOf": [contract(), {"type": "null"}]}}),
             &["name"],
         ),
         ("post", "/orgs/{org}/contracts") => contract(),
         ("post", "/orgs/{org}/users") => object(
-            json!({"name": {"type": "string"}, "plan": plan(), "lite_monthly_allowance": optional_amount(), "prorate_on_downgrade": {"type": "boolean"}, "limits": limits()}),
+            json!({"name": text(), "plan": plan(), "lite_monthly_allowance": optional_amount(), "prorate_on_downgrade": {"type": "boolean"}, "limits": limits()}),
             &["name", "plan"],
         ),
         ("patch", "/orgs/{org}/users/{user}") => object(
             json!({"plan": {"anyOf": [plan(), {"type": "null"}]}, "lite_monthly_allowance": optional_amount(), "prorate_on_downgrade": {"type": ["boolean", "null"]}, "limits": {"anyOf": [limits(), {"type": "null"}]}}),
             &[],
         ),
-        ("post", "/orgs/{org}/apps") => object(
-            json!({"name": {"type": "string"}, "limits": limits(), "end_user_limits": limits()}),
-            &["name"],
-        ),
+        ("post", "/orgs/{org}/apps") => {
+            object(json!({"name": text(), "limits": limits(), "end_user_limits": limits()}), &["name"])
+        }
         ("put", "/orgs/{org}/apps/{app}/limits") => {
             object(json!({"limits": limits(), "end_user_limits": limits()}), &[])
         }
         ("post", "/orgs/{org}/keys") => object(
-            json!({"user": {"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX}, "app": {"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX}, "label": {"type": "string"}, "limits": limits()}),
+            json!({"user": {"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX}, "app": {"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX}, "label": text(), "limits": limits()}),
             &[],
         ),
         ("put", "/orgs/{org}/keys/{key}/limits") => limits(),
         ("put", "/orgs/{org}/keys/{key}/scope") => object(
-            json!({"routes": {"type": "array", "items": {"type": "string"}}, "models": {"type": "array", "items": {"type": "string"}}}),
+            json!({"routes": {"type": "array", "items": text()}, "models": {"type": "array", "items": text()}}),
             &[],
         ),
         ("post", "/orgs/{org}/purchases") => object(
-            json!({"amount": amount(), "expires_at": {"type": ["string", "null"], "format": "date-time"}, "reference": {"type": ["string", "null"]}}),
+            json!({"amount": amount(), "expires_at": {"type": ["string", "null"], "format": "date-time"}, "reference": {"anyOf": [prose(), {"type": "null"}]}}),
             &["amount"],
         ),
         ("post", "/orgs/{org}/adjustments") => object(
-            json!({"wallet": wallet(), "amount": amount(), "reason": {"type": "string"}, "expires_at": {"type": ["string", "null"], "format": "date-time"}}),
+            json!({"wallet": wallet(), "amount": amount(), "reason": prose(), "expires_at": {"type": ["string", "null"], "format": "date-time"}}),
             &["wallet", "amount", "reason"],
         ),
         ("post", "/orgs/{org}/alerts") => object(
@@ -529,6 +528,20 @@ fn path_parameters(path: &str) -> Vec<Value> {
         .filter_map(|segment| segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
         .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "integer", "minimum": 0}}))
         .collect()
+}
+
+/// The characters a name or label may not hold: control characters and
+/// the invisible formatting ones `crate::ledger::admin` refuses.
+const UNPRINTABLE: &str = "\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u061c\\u180e\\u200b\\u200e\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u206f\\ufeff\\ufff9-\\ufffb";
+
+/// A name, label or scope entry.
+fn text() -> Value {
+    json!({"type": "string", "pattern": format!("^[^{UNPRINTABLE}]*$")})
+}
+
+/// A reason or reference: as [`text`], with line breaks.
+fn prose() -> Value {
+    json!({"type": "string", "pattern": format!("^([^{UNPRINTABLE}]|[\\n\\r])*$")})
 }
 
 fn error(description: &str) -> Value {

@@ -123,26 +123,29 @@ pub(crate) fn check_prose(field: &'static str, text: &str) -> Result<(), LedgerE
     if text.len() > MAX_TEXT_BYTES {
         return Err(LedgerError::TooLong { field, max: MAX_TEXT_BYTES, unit: "bytes" });
     }
-    text.split('\n').try_for_each(|line| check_text(field, line.strip_suffix('\r').unwrap_or(line)))
+    text.split(['\n', '\r']).try_for_each(|line| check_text(field, line))
 }
 
-/// Unicode's format characters (category Cf) that change how text around
-/// them shows without showing themselves: bidi controls, zero-width
-/// characters, the soft hyphen, tags.
+/// Unicode's format characters (category Cf) that change how the text
+/// around them shows without showing themselves: bidi controls, zero-width
+/// spaces and joiners of words, the soft hyphen. (The zero-width joiner and
+/// non-joiner, which scripts and emoji need, and the tags of flag emoji
+/// pass.) The admin API's document states the same set
+/// (`crate::admin::openapi`).
 fn is_invisible_format(c: char) -> bool {
     matches!(
         c,
         '\u{00AD}'
             | '\u{061C}'
             | '\u{180E}'
-            | '\u{200B}'..='\u{200F}'
+            | '\u{200B}'
+            | '\u{200E}'
+            | '\u{200F}'
             | '\u{202A}'..='\u{202E}'
             | '\u{2060}'..='\u{2064}'
             | '\u{2066}'..='\u{206F}'
             | '\u{FEFF}'
             | '\u{FFF9}'..='\u{FFFB}'
-            | '\u{E0001}'
-            | '\u{E0020}'..='\u{E007F}'
     )
 }
 
