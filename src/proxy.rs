@@ -21,6 +21,7 @@ mod charge;
 mod context;
 mod error;
 pub(crate) mod headers;
+mod json_members;
 mod model_fields;
 pub(crate) mod path;
 mod plain_pool;
@@ -209,7 +210,19 @@ impl Proxy {
         let (parts, body) = self.charge(ctx, route, request).await?;
         let upstream_request = self.upstream_request(ctx, upstream, parts, body)?;
         let mut response = self.forward(ctx, route, upstream_request).await?;
-        self.response_filter(ctx, &mut response);
+        self.response_filter(ctx, upstream, &mut response);
+        // The upstream refused the operator's credential, which the gateway
+        // sent in place of the client's: its answer (`invalid_api_key`, a
+        // fragment of the operator's key) would tell the client its own key
+        // is bad. The call charges nothing, as any upstream error.
+        if upstream.credential.is_some()
+            && matches!(
+                response.status(),
+                StatusCode::UNAUTHORIZED | StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            )
+        {
+            return Err(ProxyError::UpstreamAuthFailed { upstream: upstream.name.clone() });
+        }
         let max_duration = self.config.server.max_response_duration;
         Ok(response.map(|body| GatewayBody::upstream(body, upstream.idle_timeout, max_duration)))
     }
@@ -612,8 +625,15 @@ impl Proxy {
     }
 
     /// Phase: adjust the upstream's response head before it goes to the client.
-    pub fn response_filter(&self, ctx: &mut RequestCtx, response: &mut Response<Incoming>) {
+    pub fn response_filter(
+        &self,
+        ctx: &mut RequestCtx,
+        upstream: &Upstream,
+        response: &mut Response<Incoming>,
+    ) {
         headers::strip_hop_by_hop(response.headers_mut());
+        headers::strip_upstream_only(response.headers_mut());
+        headers::relative_location(response.headers_mut(), upstream);
         if let Some(charge) = ctx.charge.as_mut() {
             charge.on_response_head(response.status(), response.headers());
             if charge.injected_usage {

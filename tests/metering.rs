@@ -109,6 +109,12 @@ async fn streams_are_charged_and_reach_the_client_as_a_direct_call_would() {
             r#"{"model":"mock-gpt","stream":true,"max_tokens":6,"seed":1,"stream_options":{"include_usage":true}}"#,
             "with client usage",
         ),
+        // OpenAI reads a null as absent (before, the gateway refused it as
+        // not a JSON object when it added its own).
+        (
+            r#"{"model":"mock-gpt","stream":true,"max_tokens":6,"seed":1,"stream_options":null}"#,
+            "with null options",
+        ),
     ] {
         let direct = {
             let request = Request::post(format!("http://{}/v1/chat/completions", stack.mock.addr()))

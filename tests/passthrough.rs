@@ -353,3 +353,69 @@ async fn request_trailers_do_not_reach_an_h2_upstream() {
     assert_eq!(reply.body.as_ref(), b"payload", "the body itself went through");
     assert_eq!(reply.header("x-upstream-trailers"), Some(""), "no trailer reached the upstream");
 }
+
+#[tokio::test]
+async fn the_upstream_s_account_origin_and_auth_failures_stay_behind_the_gateway() {
+    // Before, the upstream's answer went to the client with only hop-by-hop
+    // headers removed: a 401 for the operator's revoked credential told the
+    // client its own key was bad (with a fragment of the operator's key), a
+    // redirect named the upstream's address, and the upstream's account,
+    // cookies and origin policies came along.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(
+                move |request: Request<hyper::body::Incoming>| async move {
+                    let auth_failed = r#"{"error":{"code":"invalid_api_key","message":"Incorrect API key provided: sk-proj-...abcd"}}"#;
+                    let response = match request.uri().path() {
+                        "/echo/auth" => http::Response::builder()
+                            .status(401)
+                            .header("www-authenticate", "Bearer")
+                            .body(Full::new(Bytes::from(auth_failed))),
+                        "/echo/moved" => http::Response::builder()
+                            .status(307)
+                            .header("location", format!("http://{upstream}/echo/there?x=1"))
+                            .body(Full::new(Bytes::new())),
+                        _ => http::Response::builder()
+                            .header("x-request-id", "req_abc")
+                            .header("openai-organization", "org-operator")
+                            .header("set-cookie", "__cf_bm=1; Domain=api.openai.com")
+                            .header("alt-svc", "h3=\":443\"")
+                            .header("x-ratelimit-remaining-requests", "99")
+                            .body(Full::new(Bytes::new())),
+                    };
+                    Ok::<_, hyper::Error>(response.unwrap())
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    let stack = start_edited(|text| {
+        text.replacen(r#"base_url = "http://"#, &format!(r#"base_url = "http://{upstream}" # "#), 1)
+    })
+    .await;
+    let get = |path: &str| send(Request::get(stack.url(path)).body(Full::new(Bytes::new())).unwrap());
+
+    let refused = get("/echo/auth").await;
+    assert_eq!(refused.status, 502, "{:?}", refused.body);
+    assert_eq!(refused.json()["error"]["code"], "upstream_auth_failed");
+    assert!(!String::from_utf8_lossy(&refused.body).contains("sk-"), "{:?}", refused.body);
+    assert!(refused.header("www-authenticate").is_none());
+
+    let moved = get("/echo/moved").await;
+    assert_eq!(moved.status, 307);
+    assert_eq!(moved.header("location"), Some("/echo/there?x=1"), "relative to the gateway");
+
+    let plain = get("/echo/headers").await;
+    assert_eq!(plain.status, 200);
+    assert_eq!(plain.header("x-upstream-request-id"), Some("req_abc"), "the provider's id, for its support");
+    assert_ne!(plain.header("x-request-id"), Some("req_abc"), "the gateway's own id");
+    for name in ["openai-organization", "set-cookie", "alt-svc"] {
+        assert!(plain.header(name).is_none(), "{name} stays behind the gateway");
+    }
+    assert_eq!(plain.header("x-ratelimit-remaining-requests"), Some("99"), "the rest passes");
+}

@@ -9,11 +9,13 @@ use chrono::{DateTime, Utc};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use memchr::memmem::Finder;
 use rust_decimal::Decimal;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::context::Outcome;
 use super::error::ProxyError;
 use super::headers::X_API_KEY;
+use super::json_members::Members;
 use super::model_fields::ModelFields;
 use super::{audio, server_context};
 use crate::clock::Clock;
@@ -721,30 +723,52 @@ pub fn edited_body(body: &[u8], edits: BodyEdits) -> Option<Bytes> {
         spliced.extend_from_slice(rest);
         return Some(Bytes::from(spliced));
     }
-    let mut value: Value = serde_json::from_slice(body).ok()?;
-    let object = value.as_object_mut()?;
+    // Edited member by member: what is not edited goes as it was written,
+    // in its order (see `json_members`).
+    let mut object = Members::of(std::str::from_utf8(body).ok()?)?;
     if let Some((field, cap)) = edits.cap {
-        object.insert(field.into(), Value::from(cap));
+        object.set_to(field, &cap)?;
     }
     if let Some(calls) = edits.max_tool_calls {
-        object.insert("max_tool_calls".into(), Value::from(calls));
+        object.set_to("max_tool_calls", &calls)?;
     }
     if let Some(uses) = edits.anthropic_max_uses {
-        let tools = object.get_mut("tools").and_then(Value::as_array_mut).into_iter().flatten();
-        for tool in tools.filter_map(Value::as_object_mut) {
-            let searches =
-                tool.get("type").and_then(Value::as_str).is_some_and(|t| t.starts_with("web_search_"));
-            // `null` is no bound to the upstream, so it is replaced too.
-            if searches && tool.get("max_uses").is_none_or(Value::is_null) {
-                tool.insert("max_uses".into(), Value::from(uses));
+        if let Some(tools) =
+            object.get("tools").and_then(|tools| serde_json::from_str::<Vec<&RawValue>>(tools.get()).ok())
+        {
+            let mut bounded: Vec<Box<RawValue>> = Vec::with_capacity(tools.len());
+            for tool in tools {
+                bounded.push(with_max_uses(tool, uses)?);
             }
+            object.set_to("tools", &bounded)?;
         }
     }
     if edits.include_usage {
-        let options = object.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
-        options.as_object_mut()?.insert("include_usage".into(), Value::Bool(true));
+        // Absent or `null` (which OpenAI reads as absent): a new object.
+        let mut options = match object.get("stream_options").map(RawValue::get) {
+            None | Some("null") => Members::of("{}")?,
+            Some(options) => Members::of(options)?,
+        };
+        options.set_to("include_usage", &true)?;
+        object.set("stream_options", options.to_raw()?);
     }
-    serde_json::to_vec(&value).ok().map(Bytes::from)
+    serde_json::to_vec(&object).ok().map(Bytes::from)
+}
+
+/// An Anthropic tool with `max_uses` set to `uses` when it is a web search
+/// that names none (`null` is no bound to the upstream, so it is replaced
+/// too); any other tool as it was written.
+fn with_max_uses(tool: &RawValue, uses: u64) -> Option<Box<RawValue>> {
+    let Some(mut members) = Members::of(tool.get()) else {
+        return Some(tool.to_owned());
+    };
+    let kind = members.get("type").and_then(|kind| serde_json::from_str::<String>(kind.get()).ok());
+    let searches = kind.is_some_and(|kind| kind.starts_with("web_search_"));
+    if !searches || members.get("max_uses").is_some_and(|bound| bound.get() != "null") {
+        return Some(tool.to_owned());
+    }
+    members.set_to("max_uses", &uses)?;
+    members.to_raw()
 }
 
 /// The output a model request is held for, and the cap that goes upstream.
@@ -1059,7 +1083,8 @@ impl Charge {
         let event_stream = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
+            // A media type is case-insensitive (`Text/Event-Stream`).
+            .is_some_and(|v| v.get(..17).is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream")));
         // The gateway asked for an unencoded body; an upstream that encodes
         // anyway cannot be metered (it is charged the hold) or rewritten.
         let encoded = headers
@@ -1583,5 +1608,38 @@ mod tests {
             assert_eq!(injected(body), expected, "{body}");
         }
         assert!(with_include_usage(b"[1]").is_none(), "not an object");
+        let null = injected(r#"{"model":"m","stream_options":null}"#);
+        assert_eq!(null, json!({"model":"m","stream_options":{"include_usage":true}}), "null is absent");
+    }
+
+    #[test]
+    fn an_edited_body_keeps_every_other_byte_as_written() {
+        // Before, a body the general path edited was rebuilt through
+        // `Value`: every object's keys came out sorted (a Structured Outputs
+        // schema then asked for its fields in another order), integers past
+        // u64 as floats, and escapes spelled out.
+        use super::{edited_body, BodyEdits};
+        let schema = r#"{"properties":{"reasoning":{"type":"string"},"answer":{"type":"string"}}}"#;
+        let body = format!(
+            r#"{{"model":"m","response_format":{{"type":"json_schema","schema":{schema}}},"seed":123456789012345678901234567890,"messages":[{{"content":"caf\u00e9"}}],"stream":true}}"#
+        );
+        let edited =
+            edited_body(body.as_bytes(), BodyEdits { include_usage: true, ..BodyEdits::default() }).unwrap();
+        let text = std::str::from_utf8(&edited).unwrap();
+        assert!(text.contains(schema), "nested order kept: {text}");
+        assert!(text.contains("123456789012345678901234567890"), "a large integer kept: {text}");
+        assert!(text.contains(r#""caf\u00e9""#), "escapes kept: {text}");
+        assert!(text.starts_with(r#"{"model":"m","response_format""#), "top-level order kept: {text}");
+        assert!(text.ends_with(r#""stream_options":{"include_usage":true}}"#), "{text}");
+        // An Anthropic web search without a bound gets one; its other members stay in order.
+        let tools = r#"{"model":"m","tools":[{"name":"f","input_schema":{"z":1,"a":2}},{"type":"web_search_20250305","name":"web_search","max_uses":null}]}"#;
+        let edits = BodyEdits { anthropic_max_uses: Some(5), ..BodyEdits::default() };
+        let edited = edited_body(tools.as_bytes(), edits).unwrap();
+        let text = std::str::from_utf8(&edited).unwrap();
+        assert!(text.contains(r#"{"name":"f","input_schema":{"z":1,"a":2}}"#), "{text}");
+        assert!(
+            text.contains(r#"{"type":"web_search_20250305","name":"web_search","max_uses":5}"#),
+            "{text}"
+        );
     }
 }

@@ -40,6 +40,8 @@ pub enum ProxyError {
     UpstreamTimeout { upstream: String, timeout: Duration },
     #[error("upstream {upstream} failed: {reason}")]
     UpstreamFailed { upstream: String, reason: String },
+    #[error("upstream {upstream} refused the gateway's own credential for it; the operator must renew it (your key is fine)")]
+    UpstreamAuthFailed { upstream: String },
     #[error("no API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")]
     MissingKey,
     #[error("the API key is unknown or revoked")]
@@ -116,6 +118,7 @@ impl ProxyError {
             ProxyError::UpstreamConnectTimeout { .. } => (S::GATEWAY_TIMEOUT, "upstream_error", "upstream_connect_timeout", Level::WARN),
             ProxyError::UpstreamTimeout { .. } => (S::GATEWAY_TIMEOUT, "upstream_error", "upstream_timeout", Level::WARN),
             ProxyError::UpstreamFailed { .. } => (S::BAD_GATEWAY, "upstream_error", "upstream_failed", Level::WARN),
+            ProxyError::UpstreamAuthFailed { .. } => (S::BAD_GATEWAY, "upstream_error", "upstream_auth_failed", Level::ERROR),
             ProxyError::MissingKey => (S::UNAUTHORIZED, "authentication_error", "missing_api_key", Level::DEBUG),
             ProxyError::InvalidKey => (S::UNAUTHORIZED, "authentication_error", "invalid_api_key", Level::DEBUG),
             ProxyError::InvalidJson { .. } => (S::BAD_REQUEST, "invalid_request_error", "invalid_json", Level::DEBUG),

@@ -62,6 +62,57 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Response headers about the upstream's account or its own origin, not the
+/// gateway's: which of the operator's accounts served the call, its
+/// cookies, its HTTP/3 endpoint and HSTS policy, and a challenge for the
+/// operator's credential. The upstream's own request id goes to the client
+/// as `x-upstream-request-id` (the gateway's is `x-request-id`): it is what
+/// a provider's support asks for.
+static UPSTREAM_ONLY: [HeaderName; 7] = [
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
+    HeaderName::from_static("anthropic-organization-id"),
+    header::SET_COOKIE,
+    header::ALT_SVC,
+    header::STRICT_TRANSPORT_SECURITY,
+    header::WWW_AUTHENTICATE,
+];
+
+/// The header carrying the upstream's own request id to the client.
+pub static UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+
+/// Removes [`UPSTREAM_ONLY`] headers and renames the upstream's request id.
+pub fn strip_upstream_only(headers: &mut HeaderMap) {
+    for name in &UPSTREAM_ONLY {
+        headers.remove(name);
+    }
+    if let Some(id) = headers.remove(&REQUEST_ID) {
+        headers.insert(&UPSTREAM_REQUEST_ID, id);
+    }
+}
+
+/// A redirect to the upstream's own host, made relative to the gateway:
+/// the client neither learns the upstream's address nor follows it there
+/// (with its gateway key). A redirect elsewhere is left as it is.
+pub fn relative_location(headers: &mut HeaderMap, upstream: &crate::config::Upstream) {
+    let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else { return };
+    let Ok(uri) = location.parse::<http::Uri>() else { return };
+    if uri
+        .authority()
+        .is_none_or(|authority| !authority.as_str().eq_ignore_ascii_case(upstream.authority.as_str()))
+    {
+        return;
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = path
+        .strip_prefix(upstream.base_path.trim_end_matches('/'))
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or(path);
+    if let Ok(value) = HeaderValue::from_str(path) {
+        headers.insert(header::LOCATION, value);
+    }
+}
+
 /// Request headers meant for the gateway alone: the client's credentials
 /// (never forwarded, including the names Azure's and Google's APIs read a
 /// key from, where a client may have put its gateway key), the end user
