@@ -507,7 +507,7 @@ fn query_parameters(path: &str) -> Vec<Value> {
             ("to", query_time()),
         ],
         "/admin/v1/orgs/{org}/usage" => vec![
-            ("group_by", json!({"type": "string", "examples": ["model,day"]})),
+            ("group_by", json!({"type": "string", "pattern": group_by_pattern(), "examples": ["model,day"]})),
             ("from", query_time()),
             ("to", query_time()),
             ("format", json!({"type": "string", "enum": ["json", "csv"]})),
@@ -533,6 +533,12 @@ fn path_parameters(path: &str) -> Vec<Value> {
 /// The characters a name or label may not hold: control characters and
 /// the invisible formatting ones `crate::ledger::admin` refuses.
 const UNPRINTABLE: &str = "\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u061c\\u180e\\u200b\\u200e\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u206f\\ufeff\\ufff9-\\ufffb";
+
+/// `group_by`: dimensions joined by commas, spaces around them.
+fn group_by_pattern() -> String {
+    let dimension = format!("({})", super::reports::DIMENSIONS.join("|"));
+    format!("^ *{dimension}? *(, *{dimension}? *)*$")
+}
 
 /// A name, label or scope entry.
 fn text() -> Value {
@@ -581,6 +587,12 @@ fn responses(route: &RouteDoc) -> Value {
             "`outcome_unknown`: the store failed, so the write may or may not have been recorded; \
              retry with the same Idempotency-Key once /readyz answers 200 (the retry answers the \
              original result and never credits twice)",
+        );
+    }
+    if route.path.ends_with("/usage") {
+        answers["422"] = error(
+            "`rule_refused`: `group_by` names a dimension twice, or the report would have more groups \
+             than `[admin] max_report_groups`; narrow the range (`from`, `to`) or the grouping",
         );
     }
     if route.method == "patch" && route.path.ends_with("/users/{user}") {

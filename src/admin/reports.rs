@@ -256,7 +256,9 @@ pub fn usage(
     let Report { org, time_zone, csv, costs, max_groups } = report;
     let group_by: Vec<String> = params
         .get("group_by")
-        .map(|g| g.split(',').map(str::trim).filter(|d| !d.is_empty()).map(str::to_owned).collect())
+        .map(|g| {
+            g.split(',').map(|d| d.trim_matches(' ')).filter(|d| !d.is_empty()).map(str::to_owned).collect()
+        })
         .unwrap_or_default();
     if let Some(bad) = group_by.iter().find(|d| !DIMENSIONS.contains(&d.as_str())) {
         return Err(AdminError::bad("group_by", format!("{bad:?} is not one of {DIMENSIONS:?}")));
@@ -265,7 +267,8 @@ pub fn usage(
     // make every row thousands of strings.
     let mut named = BTreeSet::new();
     if let Some(twice) = group_by.iter().find(|d| !named.insert(d.as_str())) {
-        return Err(AdminError::bad("group_by", format!("{twice:?} is named twice")));
+        // The document's pattern cannot say it: a rule (422).
+        return Err(AdminError::rule("group_by", format!("{twice:?} is named twice")));
     }
     let (from, to) = (time(params, "from")?, time(params, "to")?);
     let mut groups = Groups::new(max_groups);
@@ -329,7 +332,8 @@ impl Groups {
     /// The groups; refused when there were more than the cap.
     pub fn finish(self) -> Result<BTreeMap<Vec<String>, Totals>, AdminError> {
         if self.over {
-            return Err(AdminError::bad(
+            // A request of the documented shape that its data makes too large: a rule (422).
+            return Err(AdminError::rule(
                 "group_by",
                 format!(
                     "the report has more than {} groups; narrow it with from and to, or group by fewer dimensions",
