@@ -632,8 +632,7 @@ impl Proxy {
         response: &mut Response<Incoming>,
     ) {
         headers::strip_hop_by_hop(response.headers_mut());
-        headers::strip_upstream_only(response.headers_mut());
-        headers::relative_location(response.headers_mut(), upstream);
+        headers::strip_upstream_only(response.headers_mut(), upstream);
         if let Some(charge) = ctx.charge.as_mut() {
             charge.on_response_head(response.status(), response.headers());
             if charge.injected_usage {

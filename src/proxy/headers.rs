@@ -81,20 +81,43 @@ static UPSTREAM_ONLY: [HeaderName; 7] = [
 /// The header carrying the upstream's own request id to the client.
 pub static UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 
-/// Removes [`UPSTREAM_ONLY`] headers and renames the upstream's request id.
-pub fn strip_upstream_only(headers: &mut HeaderMap) {
-    for name in &UPSTREAM_ONLY {
-        headers.remove(name);
+/// Removes [`UPSTREAM_ONLY`] headers, renames the upstream's request id and
+/// makes a redirect to the upstream relative ([`relative_location`]). One
+/// pass over the names present first: most answers carry few of them, and a
+/// hashed lookup per name that might be there cost more.
+pub fn strip_upstream_only(headers: &mut HeaderMap, upstream: &crate::config::Upstream) {
+    let (mut strip, mut location) = (false, false);
+    for name in headers.keys() {
+        match name.as_str() {
+            "openai-organization"
+            | "openai-project"
+            | "anthropic-organization-id"
+            | "set-cookie"
+            | "alt-svc"
+            | "strict-transport-security"
+            | "www-authenticate"
+            | "x-request-id" => strip = true,
+            "location" => location = true,
+            _ => {}
+        }
     }
-    if let Some(id) = headers.remove(&REQUEST_ID) {
-        headers.insert(&UPSTREAM_REQUEST_ID, id);
+    if strip {
+        for name in &UPSTREAM_ONLY {
+            headers.remove(name);
+        }
+        if let Some(id) = headers.remove(&REQUEST_ID) {
+            headers.insert(&UPSTREAM_REQUEST_ID, id);
+        }
+    }
+    if location {
+        relative_location(headers, upstream);
     }
 }
 
 /// A redirect to the upstream's own host, made relative to the gateway:
 /// the client neither learns the upstream's address nor follows it there
 /// (with its gateway key). A redirect elsewhere is left as it is.
-pub fn relative_location(headers: &mut HeaderMap, upstream: &crate::config::Upstream) {
+fn relative_location(headers: &mut HeaderMap, upstream: &crate::config::Upstream) {
     let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else { return };
     let Ok(uri) = location.parse::<http::Uri>() else { return };
     if uri
