@@ -60,7 +60,9 @@ use crate::ledger::ids::{KeyId, RequestId, WalletId};
 use crate::ledger::Refusal;
 use crate::ledger::{Ledger, SpendContext};
 use crate::pricing::{LivePrices, ModelPrice};
-use crate::telemetry::metrics::{ItemLabels, Metrics, ReasonLabels, RequestLabels, ResultLabels, SharedText};
+use crate::telemetry::metrics::{
+    CachedCounters, ItemLabels, Metrics, ReasonLabels, RequestLabels, ResultLabels, SharedText,
+};
 use charge::Reservation;
 use charge::{OutputPlan, Priced};
 use upstream::UpstreamClients;
@@ -87,6 +89,10 @@ pub struct Proxy {
     leases: Option<Arc<LeaseBook>>,
     /// Bounds the request bodies read whole at once.
     body_budget: body_budget::BodyBudget,
+    /// The counters most requests increment: each route's 200s, and the
+    /// settles by how they ended.
+    ok_requests: CachedCounters,
+    settles: CachedCounters,
 }
 
 impl Proxy {
@@ -111,6 +117,8 @@ impl Proxy {
             config.server.max_buffered_body_bytes_per_org,
         );
         Proxy {
+            ok_requests: CachedCounters::new(config.routes.len()),
+            settles: CachedCounters::new(charge::SETTLE_LABELS.len()),
             body_budget,
             config,
             upstreams,
@@ -266,6 +274,7 @@ impl Proxy {
             .ok_or_else(|| ProxyError::RouteNotFound { path: request.uri().path().to_owned() })?;
         ctx.upstream = Some(route.upstream);
         ctx.route_prefix = Some(route.prefix.clone());
+        ctx.route_index = self.config.routes.iter().position(|r| std::ptr::eq(r, route));
         // Beside a create path, or with GET or DELETE on one, a model route
         // would list, read or remove stored objects.
         if !route.creates_calls(request.uri().path()) {
@@ -664,9 +673,19 @@ impl Proxy {
         }
         let upstream =
             ctx.upstream.and_then(|i| self.config.upstreams.get(i)).map_or("-", |u| u.name.as_str());
-        let route = ctx.route_prefix.clone().unwrap_or_else(|| Arc::from("none"));
         let status = ctx.status.as_u16();
-        self.metrics.requests.get_or_create(&RequestLabels { route: SharedText(route), status }).inc();
+        let labels = || RequestLabels {
+            route: SharedText(ctx.route_prefix.clone().unwrap_or_else(|| Arc::from("none"))),
+            status,
+        };
+        let cached = ctx
+            .route_index
+            .filter(|_| status == 200)
+            .and_then(|route| self.ok_requests.get(route, &self.metrics.requests, labels));
+        match cached {
+            Some(counter) => counter.inc(),
+            None => self.metrics.requests.get_or_create(&labels()).inc(),
+        };
         if let (402 | 429, Some(reason)) = (status, ctx.error_code) {
             self.metrics.refusals.get_or_create(&ReasonLabels { reason }).inc();
         }
@@ -732,7 +751,11 @@ impl Proxy {
 
     fn record_settle(&self, settled: Option<&charge::SettleResult>, took: std::time::Duration) {
         let Some(result) = settled else { return };
-        self.metrics.settles.get_or_create(&ResultLabels { result: result.metric_label() }).inc();
+        let labels = || ResultLabels { result: result.metric_label() };
+        match self.settles.get(result.metric_slot(), &self.metrics.settles, labels) {
+            Some(counter) => counter.inc(),
+            None => self.metrics.settles.get_or_create(&labels()).inc(),
+        };
         self.metrics.settle_seconds.observe(took.as_secs_f64());
         if let charge::SettleResult::Debited { amount, item, over_hold, .. } = result {
             if !over_hold.is_zero() {

@@ -174,6 +174,32 @@ pub mod metrics {
         }
     }
 
+    /// Handles to one family's counters for a fixed set of label sets (one
+    /// per slot), each found on first use and kept: a family's lookup hashes
+    /// its labels and takes its lock every time, on every request.
+    pub struct CachedCounters(Box<[std::sync::OnceLock<Counter>]>);
+
+    impl CachedCounters {
+        pub fn new(slots: usize) -> CachedCounters {
+            CachedCounters((0..slots).map(|_| std::sync::OnceLock::new()).collect())
+        }
+
+        /// The counter of `slot`, made from `labels` in `family` the first
+        /// time; `None` for a slot past the end.
+        pub fn get<L>(
+            &self,
+            slot: usize,
+            family: &Family<L, Counter>,
+            labels: impl FnOnce() -> L,
+        ) -> Option<&Counter>
+        where
+            L: Clone + std::hash::Hash + Eq,
+        {
+            let cell = self.0.get(slot)?;
+            Some(cell.get_or_init(|| family.get_or_create(&labels()).clone()))
+        }
+    }
+
     impl Metrics {
         /// The gateway's metrics; with `cluster`, a replica's too.
         pub fn new(cluster: bool) -> Metrics {

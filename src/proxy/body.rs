@@ -44,9 +44,13 @@ enum Source {
         /// whose frames are ready when asked for (most of them) never
         /// touches the timer wheel. Boxed because `Sleep` is `!Unpin`.
         idle_timer: Option<Pin<Box<Sleep>>>,
-        /// A frame came since the timer was last armed: re-arm it at the
-        /// next wait rather than at every frame.
+        /// A frame came since the current wait began: the next wait
+        /// begins at the next `Pending`.
         progressed: bool,
+        /// When the current wait for the upstream began. The timer is not
+        /// moved at every wait: armed for an earlier one, it fires early,
+        /// and is then moved to this wait's end.
+        waiting_since: Instant,
         /// When the response must have ended (`max_response_duration`).
         deadline: Instant,
         max_duration: Duration,
@@ -80,13 +84,15 @@ impl GatewayBody {
     }
 
     pub fn upstream(body: Incoming, idle_timeout: Duration, max_duration: Duration) -> Self {
-        let deadline = Instant::now() + max_duration;
+        let now = Instant::now();
+        let deadline = now + max_duration;
         GatewayBody {
             source: Source::Upstream {
                 body,
                 idle_timeout,
                 idle_timer: None,
-                progressed: false,
+                progressed: true,
+                waiting_since: now,
                 deadline,
                 max_duration,
             },
@@ -208,7 +214,15 @@ impl GatewayBody {
     fn poll_source(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.source {
             Source::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Source::Upstream { body, idle_timeout, idle_timer, progressed, deadline, max_duration } => {
+            Source::Upstream {
+                body,
+                idle_timeout,
+                idle_timer,
+                progressed,
+                waiting_since,
+                deadline,
+                max_duration,
+            } => {
                 let max = *max_duration;
                 match Pin::new(body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
@@ -231,20 +245,22 @@ impl GatewayBody {
                         if now >= *deadline {
                             return self.too_long(max);
                         }
+                        if std::mem::take(progressed) {
+                            *waiting_since = now;
+                        }
                         // One timer for both limits: whichever comes first.
-                        let wake_at = (now + *idle_timeout).min(*deadline);
-                        let timer = match idle_timer {
-                            Some(timer) => {
-                                if *progressed {
-                                    timer.as_mut().reset(wake_at);
-                                }
-                                timer
+                        let wake_at = (*waiting_since + *idle_timeout).min(*deadline);
+                        let timer =
+                            idle_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(wake_at)));
+                        loop {
+                            if timer.as_mut().poll(cx).is_pending() {
+                                return Poll::Pending;
                             }
-                            None => idle_timer.insert(Box::pin(tokio::time::sleep_until(wake_at))),
-                        };
-                        *progressed = false;
-                        if timer.as_mut().poll(cx).is_pending() {
-                            return Poll::Pending;
+                            // Armed for an earlier wait, it fired before this one's end.
+                            if timer.deadline() >= wake_at {
+                                break;
+                            }
+                            timer.as_mut().reset(wake_at);
                         }
                         if Instant::now() >= *deadline {
                             return self.too_long(max);

@@ -1429,18 +1429,35 @@ pub enum SettleResult {
 impl SettleResult {
     /// Bounded label for the settle metric.
     pub fn metric_label(&self) -> &'static str {
+        SETTLE_LABELS[self.metric_slot()]
+    }
+
+    /// The place of [`SettleResult::metric_label`] in [`SETTLE_LABELS`].
+    pub fn metric_slot(&self) -> usize {
         match self {
-            SettleResult::NotHeld => "not_held",
-            SettleResult::Released => "released",
-            SettleResult::Debited { flag: SettleFlag::Exact, .. } => "debited",
-            SettleResult::Debited { flag: SettleFlag::OverHold, .. } => "debited_over_hold",
-            SettleResult::Debited { flag: SettleFlag::Ceiling, .. } => "debited_ceiling",
-            SettleResult::Debited { flag: SettleFlag::NoUsage, .. } => "debited_no_usage",
-            SettleResult::Debited { flag: SettleFlag::Estimated, .. } => "debited_estimate",
-            SettleResult::Failed(_) => "failed",
+            SettleResult::NotHeld => 0,
+            SettleResult::Released => 1,
+            SettleResult::Debited { flag: SettleFlag::Exact, .. } => 2,
+            SettleResult::Debited { flag: SettleFlag::OverHold, .. } => 3,
+            SettleResult::Debited { flag: SettleFlag::Ceiling, .. } => 4,
+            SettleResult::Debited { flag: SettleFlag::NoUsage, .. } => 5,
+            SettleResult::Debited { flag: SettleFlag::Estimated, .. } => 6,
+            SettleResult::Failed(_) => 7,
         }
     }
 }
+
+/// The `result` label of each way a settle ends.
+pub const SETTLE_LABELS: [&str; 8] = [
+    "not_held",
+    "released",
+    "debited",
+    "debited_over_hold",
+    "debited_ceiling",
+    "debited_no_usage",
+    "debited_estimate",
+    "failed",
+];
 
 /// The `x-creditgate-available` value: the amount without trailing zeros,
 /// as `Decimal::normalize().to_string()` writes it. Written on every

@@ -22,6 +22,9 @@ pub struct RequestCtx {
     pub upstream: Option<usize>,
     /// The matched route's prefix (a bounded metric label).
     pub route_prefix: Option<Arc<str>>,
+    /// Index into the config's routes, beside the prefix: it finds the
+    /// route's cached metric handles.
+    pub route_index: Option<usize>,
     /// Status of the upstream's response head, if one arrived.
     pub upstream_status: Option<StatusCode>,
     /// Status the client received.
@@ -61,6 +64,7 @@ impl RequestCtx {
             peer,
             upstream: None,
             route_prefix: None,
+            route_index: None,
             upstream_status: None,
             status: StatusCode::OK,
             error_code: None,
@@ -87,6 +91,7 @@ impl RequestCtx {
             peer: self.peer,
             upstream: self.upstream,
             route_prefix: self.route_prefix.clone(),
+            route_index: self.route_index,
             upstream_status: None,
             status,
             error_code: None,
