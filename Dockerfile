@@ -19,7 +19,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /data creditgate \
  && mkdir -p /data /etc/creditgate \
- && chown creditgate /data
+ && chown creditgate /data \
+ && chmod 700 /data
 COPY --from=build /src/target/release/creditgate /usr/local/bin/creditgate
 COPY config /etc/creditgate
 # The proxy listens on all interfaces inside the container. The admin

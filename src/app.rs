@@ -412,6 +412,12 @@ async fn join_cluster(
     };
     if section.admin_url.is_none() && admin_addr.ip().is_unspecified() {
         tracing::warn!(%admin_addr, "set [cluster] admin_url: other replicas forward admin writes to it");
+    } else if section.admin_url.is_none() && admin_addr.ip().is_loopback() {
+        tracing::warn!(
+            %admin_addr,
+            "[cluster] admin_url is unset and the admin listener is loopback: replicas on other hosts \
+             cannot forward admin writes to this one (fine when every replica runs on this host)"
+        );
     }
     let options = NodeOptions {
         database_url: section.database_url.clone(),
@@ -645,6 +651,19 @@ fn prepare_data_dir(config: &GatewayConfig) -> anyhow::Result<()> {
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
     builder.create(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    // One made before (by an image's `mkdir`, an operator) keeps its mode.
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(dir) {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the data directory is open to other users, and the ledger names organizations, users \
+                 and end users: chmod 700 it"
+            );
+        }
+    }
     // Refuse to start rather than serve with books we cannot write.
     let probe = dir.join(".write-probe");
     std::fs::write(&probe, b"ok")

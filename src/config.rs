@@ -387,6 +387,10 @@ pub struct Upstream {
     /// When set, the only client request headers forwarded (the gateway's
     /// own — credential, request id, length — are added after).
     pub forward_headers: Option<Vec<HeaderName>>,
+    /// The query parameters a metered model call may carry to it: upstreams
+    /// read some from the query (LiteLLM's proxy takes `?model=` over the
+    /// body's), which the gateway neither reads nor prices.
+    pub model_query_params: Vec<String>,
     /// The output-cap field its Chat Completions read: `max_completion_tokens`
     /// (OpenAI's), or `max_tokens` for servers whose OpenAI layer reads only
     /// that (Ollama, llama.cpp, DeepSeek, LM Studio), where a cap sent in the
@@ -456,8 +460,9 @@ pub struct RouteLimits {
     pub methods: Option<Vec<http::Method>>,
 }
 
-/// What a pass-through of a metered upstream forwards by default: methods
-/// that read, which no model or tool API bills.
+/// What a pass-through of a model upstream forwards by default: methods
+/// that read, which no model API bills (a tool API may: a search is a GET,
+/// so a pass-through on a tool's upstream must list its methods).
 pub const SAFE_METHODS: [http::Method; 3] = [http::Method::GET, http::Method::HEAD, http::Method::OPTIONS];
 
 impl Default for RouteLimits {
@@ -616,6 +621,8 @@ struct RawUpstream {
     /// Request headers forwarded to this upstream; unset forwards every
     /// end-to-end header but the client's credentials and account selectors.
     forward_headers: Option<Vec<String>>,
+    /// See [`Upstream::model_query_params`] (default: `api-version`, which Azure needs).
+    model_query_params: Option<Vec<String>>,
     /// `max_completion_tokens` (default) or `max_tokens`: see [`Upstream::chat_cap_field`].
     chat_cap_field: Option<String>,
 }
@@ -799,9 +806,14 @@ impl GatewayConfig {
             }
             Some(PricingConfig {
                 file: base.join(raw.file),
-                watch_interval: Duration::from_millis(
-                    raw.watch_interval_ms.unwrap_or(DEFAULT_PRICE_WATCH_INTERVAL_MS).max(10),
-                ),
+                watch_interval: duration_ms(
+                    &mut checker,
+                    offset,
+                    "[pricing] watch_interval_ms",
+                    raw.watch_interval_ms,
+                    DEFAULT_PRICE_WATCH_INTERVAL_MS,
+                )
+                .max(Duration::from_millis(10)),
                 max_age_days: raw.max_age_days.unwrap_or(DEFAULT_PRICE_MAX_AGE_DAYS),
             })
         });
@@ -894,7 +906,8 @@ impl GatewayConfig {
             );
         }
         check_duplicate_routes(&mut checker, &routes);
-        only_reads_through_metered_upstreams(&mut routes);
+        check_tool_passthroughs(&mut checker, &routes, &upstreams);
+        only_reads_through_metered_upstreams(&mut routes, &upstreams);
         if pricing.is_none() && routes.iter().any(|r| r.kind != RouteKind::Passthrough) {
             checker.problem(
                 0,
@@ -1014,6 +1027,12 @@ fn duration_ms(
         checker.problem(offset, format!("{name} = {ms} is too long"), Some("use at most 604800000 (a week)"));
     }
     Duration::from_millis(ms.min(MAX_DURATION_MS))
+}
+
+/// `ms`, refused past [`MAX_DURATION_MS`] (for settings kept in milliseconds).
+fn at_most_a_week(checker: &mut Checker<'_>, offset: usize, name: &str, ms: u64) -> u64 {
+    let kept = duration_ms(checker, offset, name, Some(ms), ms);
+    u64::try_from(kept.as_millis()).unwrap_or(MAX_DURATION_MS)
 }
 
 /// The first directive of a tracing filter that is a lone word but no
@@ -1143,6 +1162,7 @@ fn validate_ledger(checker: &mut Checker<'_>, value: Option<Spanned<toml::Value>
         return defaults;
     };
     let hold_ttl_ms = raw.hold_ttl_ms.unwrap_or(defaults.hold_ttl_ms);
+    let hold_ttl_ms = at_most_a_week(checker, offset, "[ledger] hold_ttl_ms", hold_ttl_ms);
     if hold_ttl_ms < 1_000 {
         checker.problem(
             offset,
@@ -1182,6 +1202,7 @@ fn validate_history(
         );
     }
     let interval = raw.checkpoint_interval_ms.unwrap_or(defaults.checkpoint_interval_ms);
+    let interval = at_most_a_week(checker, offset, "[ledger] checkpoint_interval_ms", interval);
     if interval < 100 {
         checker.problem(
             offset,
@@ -1342,6 +1363,16 @@ fn validate_upstream(
             })
             .collect()
     });
+    let model_query_params = raw.model_query_params.clone().unwrap_or_else(|| vec!["api-version".to_owned()]);
+    for param in &model_query_params {
+        if param.is_empty() || param.eq_ignore_ascii_case("model") || param.contains(['&', '=', '%', '+']) {
+            checker.problem(
+                offset,
+                format!("[upstreams.{name}] model_query_params: {param:?} cannot be allowed"),
+                Some("list plain parameter names; `model` is read from the body, where it is priced"),
+            );
+        }
+    }
     let host_header = plain_http1_host(&scheme, &authority, raw.http2_prior_knowledge);
     let chat_cap_field = match raw.chat_cap_field.as_deref() {
         None | Some("max_completion_tokens") => "max_completion_tokens",
@@ -1377,6 +1408,7 @@ fn validate_upstream(
         http2_prior_knowledge: raw.http2_prior_knowledge,
         credential,
         forward_headers,
+        model_query_params,
         chat_cap_field,
         host_header,
     })
@@ -1632,14 +1664,49 @@ fn route_kind(checker: &mut Checker<'_>, offset: usize, raw: &RawRoute) -> Optio
 /// A pass-through route that does not list its `methods`, on an upstream a
 /// metered route also uses, forwards only [`SAFE_METHODS`]: a model API's
 /// other create calls (batches, images, speech, fine-tuning) are billed, and
-/// a prefix written for `/v1/models` would pass them on unmetered.
-fn only_reads_through_metered_upstreams(routes: &mut [Route]) {
-    let metered: std::collections::HashSet<usize> =
-        routes.iter().filter(|r| r.kind != RouteKind::Passthrough).map(|r| r.upstream).collect();
-    for route in
-        routes.iter_mut().filter(|r| r.kind == RouteKind::Passthrough && metered.contains(&r.upstream))
+/// a prefix written for `/v1/models` would pass them on unmetered. An
+/// upstream is known by where it sends (scheme, host and port, base path),
+/// not by its entry's name: a second entry for the same API (kept for its
+/// longer timeouts, say) reaches the same billed endpoints.
+fn only_reads_through_metered_upstreams(routes: &mut [Route], upstreams: &[Upstream]) {
+    let origin = |index: usize| origin_of(upstreams, index);
+    let metered: std::collections::HashSet<_> =
+        routes.iter().filter(|r| r.kind != RouteKind::Passthrough).map(|r| origin(r.upstream)).collect();
+    for route in routes
+        .iter_mut()
+        .filter(|r| r.kind == RouteKind::Passthrough && metered.contains(&origin(r.upstream)))
     {
         route.limits.methods.get_or_insert_with(|| SAFE_METHODS.to_vec());
+    }
+}
+
+/// Where upstream `index` sends: scheme, host and port, base path.
+fn origin_of(upstreams: &[Upstream], index: usize) -> Option<(String, String, String)> {
+    upstreams.get(index).map(|u| {
+        (u.scheme.as_str().to_owned(), u.authority.as_str().to_ascii_lowercase(), u.base_path.clone())
+    })
+}
+
+/// A pass-through on an upstream a tool route sends to must list its
+/// `methods`: tool APIs bill reads too (a web search is a `GET`), so no
+/// default is safe.
+fn check_tool_passthroughs(checker: &mut Checker<'_>, routes: &[Route], upstreams: &[Upstream]) {
+    for route in routes.iter().filter(|r| r.kind == RouteKind::Passthrough && r.limits.methods.is_none()) {
+        let origin = origin_of(upstreams, route.upstream);
+        let tool = routes.iter().find_map(|r| match &r.kind {
+            RouteKind::Tool { name, .. } if origin_of(upstreams, r.upstream) == origin => Some(name),
+            _ => None,
+        });
+        if let Some(tool) = tool {
+            checker.problem(
+                0,
+                format!(
+                    "pass-through route {:?} sends where tool route `{tool}` does and lists no `methods`",
+                    route.prefix
+                ),
+                Some("list the methods it forwards: a tool API may bill any of them (a search is a GET)"),
+            );
+        }
     }
 }
 
@@ -1665,6 +1732,51 @@ mod tests {
         GatewayConfig::parse(Path::new("test.toml"), text, &|name| {
             (name == "UP_KEY").then(|| "sk-upstream".to_owned())
         })
+    }
+
+    #[test]
+    fn a_pass_through_where_a_tool_route_sends_must_list_its_methods() {
+        let tools = |methods: &str| {
+            format!(
+                "[upstreams.search]\nbase_url = \"https://search.example/res\"\n\
+                 [upstreams.search-status]\nbase_url = \"https://SEARCH.example/res/\"\n\
+                 [pricing]\nfile = \"prices.toml\"\n\
+                 [[routes]]\nprefix = \"/v1/search\"\nupstream = \"search\"\ntool = \"web-search\"\n\
+                 [[routes]]\nprefix = \"/status\"\nupstream = \"search-status\"\npassthrough = true\n{methods}"
+            )
+        };
+        // Another entry for the same API, spelled otherwise, is the same upstream.
+        let found = problems(&tools(""));
+        assert!(found.iter().any(|p| p.message.contains("lists no `methods`")), "{found:?}");
+        assert!(parse(&tools("methods = [\"GET\"]\n")).is_ok());
+    }
+
+    #[test]
+    fn every_duration_in_milliseconds_is_at_most_a_week() {
+        for (section, field) in [
+            ("ledger", "hold_ttl_ms"),
+            ("ledger", "checkpoint_interval_ms"),
+            ("pricing", "watch_interval_ms"),
+        ] {
+            let file = if section == "pricing" { "file = \"prices.toml\"\n" } else { "" };
+            let text = format!("{MINIMAL}\n[{section}]\n{file}{field} = 604800001\n");
+            let found = problems(&text);
+            assert!(
+                found.iter().any(|p| p.message.contains(field) && p.message.contains("too long")),
+                "{found:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_host_s_port_is_stripped_only_when_it_is_one() {
+        assert_eq!(strip_port("api.example:8443"), "api.example");
+        assert_eq!(strip_port("api.example"), "api.example");
+        assert_eq!(strip_port("api.example:"), "api.example");
+        assert_eq!(strip_port("api.example:80x"), "api.example:80x");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("ünï.example:1"), "ünï.example");
     }
 
     fn problems(text: &str) -> Vec<ConfigProblem> {
@@ -2090,11 +2202,13 @@ prefix = "/tools/search/v2"
 host = "h2.internal"
 upstream = "a"
 passthrough = true
+methods = ["POST"]
 [[routes]]
 prefix = "/"
 host = "h3.example"
 upstream = "a"
 passthrough = true
+methods = ["POST"]
 [pricing]
 file = "prices.toml"
 "#;

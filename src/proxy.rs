@@ -340,6 +340,10 @@ impl Proxy {
         let context = SpendContext { key: key.key, end_user: end_user.as_deref() };
         let (body, priced, hold, held_cost, output_cap, injected_usage, estimated_input) = match &route.kind {
             RouteKind::Model(flavour) => {
+                if let Some(query) = parts.uri.query() {
+                    charge::check_query(query, &self.config.upstreams[route.upstream].model_query_params)?;
+                }
+                charge::check_content_type(&parts.headers)?;
                 // The body is priced as sent; an upstream that decodes it
                 // (deflate, brotli) could read another document. Every value
                 // is checked, and every token of each (`identity, deflate`).
@@ -816,10 +820,12 @@ fn ledger_request_id(request_id: &HeaderValue) -> RequestId {
 /// and terminal escapes that the text log format writes as they are.
 fn log_error(span: &tracing::Span, level: tracing::Level, code: &str, error: &ProxyError) {
     let _entered = span.enter();
-    if level == tracing::Level::WARN {
-        tracing::warn!(code, error = ?error.to_string(), "request failed");
-    } else {
-        tracing::debug!(code, error = ?error.to_string(), "request refused");
+    match level {
+        // The operator's to mend (an upstream credential refused, the books
+        // unreachable): logged whatever filter quiets the rest.
+        tracing::Level::ERROR => tracing::error!(code, error = ?error.to_string(), "request failed"),
+        tracing::Level::WARN => tracing::warn!(code, error = ?error.to_string(), "request failed"),
+        _ => tracing::debug!(code, error = ?error.to_string(), "request refused"),
     }
 }
 
@@ -829,4 +835,51 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::{log_error, ProxyError};
+
+    /// Lines a subscriber writes, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::ErrorKind::Other)?.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn errors_the_operator_must_mend_are_logged_at_error_and_refusals_at_debug() {
+        // Before, an error classed ERROR (the upstream refusing the operator's
+        // credential: every call a 502) went out at debug, below any
+        // production filter.
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::Span::none();
+            let failed = ProxyError::UpstreamAuthFailed { upstream: "openai".into() };
+            log_error(&span, failed.class().level, failed.class().code, &failed);
+            let refused = ProxyError::MissingModel;
+            log_error(&span, refused.class().level, refused.class().code, &refused);
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("ERROR") && text.contains("upstream_auth_failed"), "{text}");
+        assert!(!text.contains("missing_model"), "a client's mistake stays at debug: {text}");
+    }
 }

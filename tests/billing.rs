@@ -25,6 +25,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Books {
+    /// First: dropped while the gateway still runs.
+    _books: BooksCheck,
     provider: Provider,
     gateway: Gateway,
     keys: SeededKeys,
@@ -39,7 +41,7 @@ impl Books {
         let config = parse_config(&text, data_dir.path());
         let gateway = Gateway::start(config, tokio_util::sync::CancellationToken::new()).await.unwrap();
         let keys = seed(&gateway, pool, lite);
-        Books { provider, gateway, keys, _data_dir: data_dir }
+        Books { provider, _books: BooksCheck::of(&gateway), gateway, keys, _data_dir: data_dir }
     }
 
     fn url(&self, path: &str) -> String {
@@ -202,7 +204,11 @@ async fn n_choices_are_held_and_usage_past_the_hold_is_charged_in_full() {
     let charged = before - books.settled_balance(&pro).await;
     assert_eq!(charged, books.reported_cost("mock-gpt"), "all 32,000 tokens are charged");
     assert!(charged > first, "more than the hold");
-    assert!(books.metrics().await.contains("creditgate_settles_total{result=\"debited_over_hold\"} 1"));
+    assert!(books
+        .metrics()
+        .await
+        .lines()
+        .any(|line| line == "creditgate_settles_total{result=\"debited_over_hold\"} 1"));
     // Entries are exported once durable: wait for this one.
     let mut last_debit = None;
     for _ in 0..200 {
@@ -1011,7 +1017,7 @@ async fn a_call_is_charged_at_the_prices_in_force_when_it_was_held_hosted_tools_
     let cancel = tokio_util::sync::CancellationToken::new();
     let gateway = Gateway::start_with_clock(config, clock.clone(), cancel).await.unwrap();
     let keys = seed(&gateway, "100", "1");
-    let books = Books { provider, gateway, keys, _data_dir: data_dir };
+    let books = Books { provider, _books: BooksCheck::of(&gateway), gateway, keys, _data_dir: data_dir };
     let pro = books.keys.pro.clone();
     let per_call =
         books.gateway.prices().unwrap().current().tool("web_search_call", now).unwrap().cost(0).unwrap();
@@ -1337,7 +1343,11 @@ async fn an_upstream_idle_past_its_timeout_is_cut_but_one_that_keeps_sending_is_
     );
     // A silent upstream may be reasoning (billed, not streamed) up to the cap: the hold.
     let charged = before - books.settled_balance(&pro).await;
-    assert!(books.metrics().await.contains("creditgate_settles_total{result=\"debited_no_usage\"} 1"));
+    assert!(books
+        .metrics()
+        .await
+        .lines()
+        .any(|line| line == "creditgate_settles_total{result=\"debited_no_usage\"} 1"));
     let held = books.debit_held(charged).await;
     assert_eq!(held, Some(charged), "the cut stream was charged its hold");
     let open = books.gateway.ledger().balance(books.wallet(&pro), chrono::Utc::now()).unwrap().open_holds;
@@ -1374,8 +1384,14 @@ async fn a_stream_the_upstream_breaks_is_charged_an_estimate_unless_it_may_run_h
         }
     }
     let metrics = books.metrics().await;
-    assert!(metrics.contains("creditgate_settles_total{result=\"debited_estimate\"} 1"), "{metrics}");
-    assert!(metrics.contains("creditgate_settles_total{result=\"debited_no_usage\"} 1"), "{metrics}");
+    assert!(
+        metrics.lines().any(|line| line == "creditgate_settles_total{result=\"debited_estimate\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|line| line == "creditgate_settles_total{result=\"debited_no_usage\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

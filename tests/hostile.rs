@@ -26,6 +26,7 @@ async fn wait_settled(stack: &Stack) -> Decimal {
     for _ in 0..300 {
         let b = stack.gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap();
         if b.open_holds == 0 {
+            assert_eq!(b.balance, b.totals.balance(), "the books balance");
             return b.balance;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -149,10 +150,23 @@ async fn a_matrix_of_malformed_requests_gets_clear_4xx_and_costs_nothing() {
     assert_eq!(forwarded, 1, "only the one well-formed call reached the upstream");
     let after = wait_settled(&stack).await;
     let one_call = before - after;
-    assert!(
-        one_call > Decimal::ZERO && one_call < Decimal::new(1, 3),
-        "only the well-formed call was charged: {one_call}"
-    );
+    // One debit, of the well-formed call's reported usage: no refused
+    // request held, let alone kept, anything.
+    audit(&stack.gateway).await;
+    let entries = stack.gateway.ledger_entries(0, usize::MAX).unwrap();
+    let debits: Vec<_> = entries
+        .iter()
+        .filter_map(|entry| match &entry.kind {
+            creditgate::ledger::entry::EntryKind::Debit(debit) => Some((entry.amount, debit)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(debits.len(), 1, "only the well-formed call was charged: {debits:?}");
+    let (amount, debit) = debits[0];
+    assert_eq!(-amount, one_call, "the pool paid that debit and nothing else");
+    let reported = stack.mock.journal().entries()[0].usage.expect("the mock reported usage");
+    assert_eq!(debit.details.usage.input_tokens, reported.input_tokens, "the input the upstream reported");
+    assert_eq!(debit.details.usage.output_tokens, reported.output_tokens, "the output the upstream reported");
     println!("malformed cases tried: {tried}");
 }
 
@@ -162,8 +176,8 @@ async fn a_pass_through_on_a_metered_upstream_forwards_reads_only_unless_it_list
     // other create call under its prefix (batches, images, speech) on unmetered.
     let on_the_model_upstream = |text: String| {
         text.replace(
-            "host = \"passthrough.test\"\nupstream = \"mock-direct\"",
-            "host = \"passthrough.test\"\nupstream = \"mock\"",
+            "host = \"passthrough.test\"\nupstream = \"mock-direct\"\npassthrough = true\nmethods = [\"GET\", \"HEAD\", \"POST\", \"PUT\", \"PATCH\", \"DELETE\", \"OPTIONS\"]",
+            "host = \"passthrough.test\"\nupstream = \"mock\"\npassthrough = true",
         )
     };
     let stack = start_edited(on_the_model_upstream).await;
@@ -230,6 +244,25 @@ async fn a_pass_through_on_a_metered_upstream_forwards_reads_only_unless_it_list
         .unwrap();
     assert_ne!(send(request).await.status, 405);
     assert_eq!(listed.mock.journal().last().unwrap().uri, "/v1/batches");
+
+    // A second upstream entry for the same API (kept for its timeouts, say)
+    // is the same upstream: its pass-through forwards reads only, unlisted.
+    let second_entry = start_edited(|text| {
+        text.replace(
+            "upstream = \"mock-direct\"\npassthrough = true\nmethods = [\"GET\", \"HEAD\", \"POST\", \"PUT\", \"PATCH\", \"DELETE\", \"OPTIONS\"]",
+            "upstream = \"mock-direct\"\npassthrough = true",
+        )
+    })
+    .await;
+    let request = Request::post(second_entry.url("/v1/chat/completions"))
+        .header("host", "passthrough.test")
+        .header("authorization", format!("Bearer {}", second_entry.keys.pro))
+        .body(Full::new(Bytes::from(r#"{"model":"mock-gpt","max_tokens":5}"#)))
+        .unwrap();
+    let reply = send(request).await;
+    assert_eq!(reply.status, 405, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(reply.json()["error"]["code"], "method_not_forwarded");
+    assert!(second_entry.mock.journal().entries().is_empty(), "nothing reached the upstream");
 }
 
 /// Sends `request` and reads its 200 stream, which the mock breaks.
@@ -295,10 +328,13 @@ async fn an_upstream_that_resets_mid_stream_is_charged_for_what_was_delivered() 
         .unwrap();
     read_a_stream_the_upstream_cuts(request).await;
     let charged = before - wait_settled(&stack).await;
-    let full = (Decimal::from((body.len() as u64).div_ceil(4)) + Decimal::from(80u64))
-        / Decimal::from(1_000_000u64)
-        + Decimal::new(1, 4);
-    assert!(charged > Decimal::ZERO && charged < full, "partial charge {charged} below the full {full}");
+    // $1/M in, $2/M out and a $0.0001 fee: the estimate is the request's
+    // input and fee, and the output delivered before the cut (six events
+    // of text: at least a token), under the 40 tokens held.
+    let input = Decimal::from((body.len() as u64).div_ceil(4));
+    let full = (input + Decimal::from(80u64)) / Decimal::from(1_000_000u64) + Decimal::new(1, 4);
+    let least = (input + Decimal::from(2u64)) / Decimal::from(1_000_000u64) + Decimal::new(1, 4);
+    assert!(charged >= least && charged < full, "partial charge {charged}: from {least}, below {full}");
     // The gateway keeps serving.
     let reply = post_json(
         &stack.url("/v1/chat/completions"),
@@ -497,8 +533,8 @@ async fn naming_the_host_of_a_pass_through_route_does_not_make_a_billed_endpoint
     // that host had chat completions forwarded unmetered.
     let stack = start_edited(|text| {
         text.replace(
-            "host = \"passthrough.test\"\nupstream = \"mock-direct\"",
-            "host = \"passthrough.test\"\nupstream = \"mock\"",
+            "host = \"passthrough.test\"\nupstream = \"mock-direct\"\npassthrough = true\nmethods = [\"GET\", \"HEAD\", \"POST\", \"PUT\", \"PATCH\", \"DELETE\", \"OPTIONS\"]",
+            "host = \"passthrough.test\"\nupstream = \"mock\"\npassthrough = true",
         )
     })
     .await;
@@ -669,4 +705,47 @@ async fn a_stream_broken_off_by_the_upstream_costs_the_hold_on_a_model_that_reas
         assert_eq!(charged == hold, charged_hold, "{options}: {charged} against a hold of {hold}");
         assert!(charged > Decimal::ZERO && charged <= hold, "{options}: {charged}");
     }
+}
+
+#[tokio::test]
+async fn what_an_upstream_reads_beside_the_body_cannot_name_another_model() {
+    // LiteLLM's proxy takes `?model=` over the body's `model`, and one-api-style
+    // aggregators pick their body parser by content-type. Before, both went
+    // upstream while the gateway priced the body's cheap model. (Its legacy
+    // `/engines/{model}/...` paths: `check_deployment`'s unit test.)
+    let stack = start().await;
+    let before = pool_balance(&stack);
+    let body = r#"{"model":"mock-gpt","max_tokens":5}"#;
+    let call = |path: &str, content_type: Option<&str>| {
+        let mut request =
+            Request::post(stack.url(path)).header("authorization", format!("Bearer {}", stack.keys.pro));
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request.body(Full::new(Bytes::from(body))).unwrap()
+    };
+    for (path, content_type, status, code) in [
+        ("/v1/chat/completions?model=mock-claude", None, 400, "query_param_not_accepted"),
+        ("/v1/chat/completions?stream=true&m%6Fdel=mock-claude", None, 400, "query_param_not_accepted"),
+        (
+            "/v1/chat/completions",
+            Some("application/x-www-form-urlencoded"),
+            415,
+            "content_type_not_supported",
+        ),
+        ("/v1/chat/completions", Some("multipart/form-data; boundary=x"), 415, "content_type_not_supported"),
+    ] {
+        let reply = send(call(path, content_type)).await;
+        assert_eq!(reply.status, status, "{path} {content_type:?}: {}", String::from_utf8_lossy(&reply.body));
+        assert_eq!(reply.json()["error"]["code"], code, "{path}");
+    }
+    assert!(stack.mock.journal().entries().is_empty(), "none reached the upstream");
+    assert_eq!(wait_settled(&stack).await, before, "none was charged");
+    // What the upstream needs passes: Azure's `api-version` (the default
+    // allowance), JSON with a charset.
+    let reply =
+        send(call("/v1/chat/completions?api-version=2024-10-21", Some("application/json; charset=utf-8")))
+            .await;
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(stack.mock.journal().last().unwrap().uri, "/v1/chat/completions?api-version=2024-10-21");
 }

@@ -62,7 +62,7 @@ async fn start_priced_at(prices: &str, upstream: Option<std::net::SocketAddr>) -
     let config = parse_config(&text, &stack.data_dir.path().join("data"));
     let gateway = Gateway::start(config, stack.shutdown.clone()).await.unwrap();
     let keys = seed(&gateway, "100", "1");
-    Stack { gateway, keys, ..stack }
+    Stack { books: BooksCheck::of(&gateway), gateway, keys, ..stack }
 }
 
 fn dec(value: &Value) -> Decimal {

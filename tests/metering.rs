@@ -150,7 +150,10 @@ async fn an_empty_lite_wallet_gets_402_while_the_pool_still_pays() {
     // Each call costs ~$0.00018 and holds ~$0.00043: the $0.002 allowance
     // runs dry within a dozen calls.
     let body = r#"{"model":"mock-claude","max_tokens":20}"#;
+    let pool = wallet_of(&stack, &keys.pro);
+    let pool_before = balance(&stack, pool);
     let mut refused = None;
+    let mut served = 0;
     for _ in 0..30 {
         let reply = post_raw(&stack, "/v1/messages", &keys.lite, body).await;
         if reply.status == 402 {
@@ -158,21 +161,23 @@ async fn an_empty_lite_wallet_gets_402_while_the_pool_still_pays() {
             break;
         }
         assert_eq!(reply.status, 200);
+        served += 1;
     }
     let refused = refused.expect("the Lite wallet never ran dry");
+    assert_eq!(stack.mock.journal().entries().len(), served, "the refused call was never forwarded");
+    assert_eq!(balance(&stack, pool), pool_before, "Lite spending never touches the pool");
     let error = &refused.json()["error"];
     assert_eq!(error["type"], "insufficient_credits");
     assert_eq!(error["wallet"], "lite");
     assert!(error["resets_at"].as_str().unwrap().contains("-01T00:00:00"), "resets on the 1st: {error}");
     assert!(dec(error["required"].as_str().unwrap()) > dec(error["available"].as_str().unwrap()));
     assert!(refused.header("x-creditgate-available").is_some());
-    let forwarded = stack.mock.journal().entries().len();
-    // The pool is untouched by Lite spending and still serves a Pro user.
+    // The pool still serves a Pro user.
     let reply = post_raw(&stack, "/v1/messages", &keys.pro, body).await;
     assert_eq!(reply.status, 200);
-    assert_eq!(stack.mock.journal().entries().len(), forwarded + 1, "the refused call was never forwarded");
+    assert_eq!(stack.mock.journal().entries().len(), served + 1);
     assert!(balance(&stack, wallet_of(&stack, &keys.lite)) >= Decimal::ZERO);
-    balance(&stack, wallet_of(&stack, &keys.pro));
+    assert!(balance(&stack, pool) < pool_before, "the pool paid the Pro call");
 }
 
 #[tokio::test]
@@ -350,13 +355,34 @@ async fn a_user_limit_covers_all_of_the_users_keys() {
     let Owner::User(user) = key.owner else { panic!("the pro key belongs to a user") };
     let limits = Limits { monthly: Some(dec("0.0005")), ..Limits::default() };
     stack.gateway.ledger().set_user_limits(key.org, user, limits).unwrap();
-    let mut statuses = Vec::new();
+    // A second key of the same user, with no limits of its own.
+    let second = "sk-second-key-of-the-pro-user-0123456789";
+    let new = creditgate::ledger::NewKey {
+        owner: Owner::User(user),
+        hash: KeyHash::of_secret(second),
+        label: "second".into(),
+        limits: Limits::default(),
+    };
+    stack.gateway.ledger().create_key(key.org, new, chrono::Utc::now()).unwrap();
+    // Spent with the first key until the user's limit refuses it…
+    let mut refused = None;
     for _ in 0..10 {
-        statuses.push(post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await);
+        let reply = post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await;
+        if reply.status == 402 {
+            refused = Some(reply);
+            break;
+        }
+        assert_eq!(reply.status, 200);
     }
-    let refused = statuses.iter().find(|r| r.status == 402).expect("the monthly user limit never applied");
+    let refused = refused.expect("the monthly user limit never applied");
     assert_eq!(refused.json()["error"]["limit"]["subject"], "user");
     assert_eq!(refused.json()["error"]["limit"]["period"], "month");
+    // …and the user's other key is refused too: the limit is the user's, not a key's.
+    let other = post_raw(&stack, "/v1/chat/completions", second, SMALL_CALL).await;
+    assert_eq!(other.status, 402, "{}", String::from_utf8_lossy(&other.body));
+    assert_eq!(other.json()["error"]["limit"]["subject"], "user");
+    // The pool itself still pays: the app's key is not this user's.
+    assert_eq!(post_raw(&stack, "/v1/chat/completions", &stack.keys.app, SMALL_CALL).await.status, 200);
 }
 
 #[tokio::test]
@@ -508,7 +534,10 @@ async fn a_success_without_usage_is_charged_at_the_hold_and_counted() {
     let metrics =
         send(Request::get(stack.admin_url("/metrics")).body(Full::new(Bytes::new())).unwrap()).await;
     let metrics = String::from_utf8_lossy(&metrics.body);
-    assert!(metrics.contains("creditgate_settles_total{result=\"debited_no_usage\"} 1"), "{metrics}");
+    assert!(
+        metrics.lines().any(|line| line == "creditgate_settles_total{result=\"debited_no_usage\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -555,15 +584,22 @@ async fn metrics_count_charges_refusals_and_ledger_latency_with_bounded_labels()
     let text = String::from_utf8_lossy(&metrics.body).into_owned();
     let nanodollars = (charged * Decimal::from(1_000_000_000u64)).normalize().to_string();
     assert!(
-        text.contains(&format!("creditgate_charged_nanodollars_total{{item=\"mock-gpt\"}} {nanodollars}")),
+        text.lines()
+            .any(|line| line
+                == format!("creditgate_charged_nanodollars_total{{item=\"mock-gpt\"}} {nanodollars}")),
         "{text}"
     );
     assert!(
-        text.contains(&format!("creditgate_refusals_total{{reason=\"insufficient_credits\"}} {refused}")),
+        text.lines()
+            .any(|line| line
+                == format!("creditgate_refusals_total{{reason=\"insufficient_credits\"}} {refused}")),
         "{text}"
     );
-    assert!(text.contains("creditgate_hold_seconds_count 10"), "every hold attempt is timed: {text}");
-    assert!(text.contains("creditgate_open_holds 0"), "no hold left open: {text}");
+    assert!(
+        text.lines().any(|line| line == "creditgate_hold_seconds_count 10"),
+        "every hold attempt is timed: {text}"
+    );
+    assert!(text.lines().any(|line| line == "creditgate_open_holds 0"), "no hold left open: {text}");
     let flushes: u64 = text
         .lines()
         .find_map(|l| l.strip_prefix("creditgate_store_flushes "))
@@ -614,6 +650,8 @@ async fn an_expiry_on_a_wallet_nobody_touches_is_booked_when_it_falls_due() {
         reference: None,
         idempotency_key: "short".into(),
     };
+    let pool = wallet_of(&stack, &stack.keys.pro);
+    let before = stack.gateway.ledger().balance(pool, now).unwrap();
     stack.gateway.ledger().purchase(short, now).unwrap();
     clock.advance(chrono::TimeDelta::hours(2));
     // No request and no balance read: the listing reads the books as they are.
@@ -628,4 +666,10 @@ async fn an_expiry_on_a_wallet_nobody_touches_is_booked_when_it_falls_due() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
     assert_eq!(dec(entry["amount"].as_str().unwrap()).abs(), dec("5"), "{entry}");
+    // Booked on the wallet, not only listed: the 5 came and went.
+    let after = stack.gateway.ledger().balance(pool, creditgate::clock::Clock::now(&*clock)).unwrap();
+    assert_eq!(after.balance, before.balance, "{after:?}");
+    assert_eq!(after.totals.written_off - before.totals.written_off, dec("5"));
+    assert_eq!(after.totals.granted - before.totals.granted, dec("5"));
+    assert_eq!(after.balance, after.totals.balance());
 }

@@ -50,7 +50,7 @@ async fn start_with_prices(text: &str) -> (Stack, std::path::PathBuf) {
     let config = parse_config(&config_text, &data);
     let gateway = Gateway::start(config, stack.shutdown.clone()).await.unwrap();
     let keys = seed(&gateway, "100", "1");
-    (Stack { gateway, keys, ..stack }, prices)
+    (Stack { books: BooksCheck::of(&gateway), gateway, keys, ..stack }, prices)
 }
 
 async fn admin(stack: &Stack, method: http::Method, path: &str) -> Reply {
@@ -254,6 +254,52 @@ async fn a_scheduled_price_switch_happens_at_the_injected_instant() {
     assert_eq!(before.input_per_mtok().to_string(), "1");
     assert_eq!(after.input_per_mtok().to_string(), "1.5");
     assert_eq!(after.output_per_mtok().to_string(), "3");
+
+    // Through the gateway: a call before the switch and one after it are
+    // priced by the gateway's clock, not the machine's (which is before both).
+    let keys = seed(&gateway, "100", "1");
+    clock.set(switch - chrono::TimeDelta::seconds(1));
+    let url = format!("http://{}/v1/chat/completions", gateway.proxy_addr());
+    let body = serde_json::json!({"model": "mock-gpt", "max_tokens": 20, "seed": 4});
+    assert_eq!(post_json(&url, &keys.pro, &body).await.status, 200);
+    clock.set(switch);
+    assert_eq!(post_json(&url, &keys.pro, &body).await.status, 200);
+    let debits = loop {
+        let entries = gateway.ledger_entries(0, usize::MAX).unwrap();
+        let debits: Vec<_> = entries
+            .into_iter()
+            .filter_map(|entry| match entry.kind {
+                creditgate::ledger::entry::EntryKind::Debit(debit) => {
+                    Some((-entry.amount, debit.details.usage))
+                }
+                _ => None,
+            })
+            .collect();
+        if debits.len() == 2 {
+            break debits;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // The same call, so the same usage: 1/2 per Mtok, then 1.5/3, plus the call fee.
+    assert_eq!(debits[0].1, debits[1].1);
+    let usage = &debits[0].1;
+    let (input, output) =
+        (rust_decimal::Decimal::from(usage.input_tokens), rust_decimal::Decimal::from(usage.output_tokens));
+    // The per-call fee, priced by each table entry with no tokens.
+    let (fee_before, fee_after) =
+        (before.cost(&Default::default()).unwrap(), after.cost(&Default::default()).unwrap());
+    let mtok = rust_decimal::Decimal::from(1_000_000u64);
+    assert_eq!(
+        debits[0].0,
+        (input + output * rust_decimal::Decimal::TWO) / mtok + fee_before,
+        "before the switch"
+    );
+    assert_eq!(
+        debits[1].0,
+        (input * rust_decimal::Decimal::new(15, 1) + output * rust_decimal::Decimal::from(3u64)) / mtok
+            + fee_after,
+        "after the switch"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,7 +389,10 @@ async fn the_price_tables_age_shows_in_the_api_the_metrics_and_check_config() {
     assert_eq!(body["age_days"], 45);
     let metrics = String::from_utf8(send(request("/metrics")).await.body.to_vec()).unwrap();
     // 2026-05-01T00:00:00Z
-    assert!(metrics.contains("creditgate_price_table_as_of_seconds 1777593600"), "{metrics}");
+    assert!(
+        metrics.lines().any(|line| line == "creditgate_price_table_as_of_seconds 1777593600"),
+        "{metrics}"
+    );
 
     // check-config, on the wall clock: a table checked 400 days ago is stale
     // under the default 30 days, one checked today is not.

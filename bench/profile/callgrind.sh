@@ -44,7 +44,7 @@ if [ -n "${SCHEDULER:-}" ]; then
   sed -i "s#^\[server\]#[server]\nscheduler = \"$SCHEDULER\"#" "$work/gateway.toml"
 fi
 printf '\n[upstreams.mock-direct]\nbase_url = "http://127.0.0.1:%s"\npool_max_idle_per_host = 256\n' "$port_mock" >> "$work/gateway.toml"
-printf '\n[[routes]]\nprefix = "/v1"\nhost = "passthrough.test"\nupstream = "mock-direct"\npassthrough = true\n' >> "$work/gateway.toml"
+printf '\n[[routes]]\nprefix = "/v1"\nhost = "passthrough.test"\nupstream = "mock-direct"\npassthrough = true\nmethods = ["POST"]\n' >> "$work/gateway.toml"
 
 "$bin" mock-upstream --listen "127.0.0.1:$port_mock" > "$work/mock.log" 2>&1 & mock=$!
 export CREDITGATE_ADMIN_TOKEN=callgrind-token

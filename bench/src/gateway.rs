@@ -81,6 +81,7 @@ host = "{PASSTHROUGH_HOST}"
 upstream = "mock-direct"
 passthrough = true
 public = true
+methods = ["GET", "POST"]
 {extra}
 "#,
         prices = prices.display(),

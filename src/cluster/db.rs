@@ -221,7 +221,9 @@ impl Database {
 
 /// Takes libpq's TLS options the driver does not read out of a URL:
 /// `sslrootcert` (returned), and `sslmode=verify-ca|verify-full` (returned
-/// as `true`, passed on as `require`). Other forms pass unchanged.
+/// as `true`, passed on as `require`), and `sslmode=allow` (passed on as
+/// `prefer`, which the driver knows). Other forms pass unchanged; libpq's
+/// `key=value` connection strings are not read (the URL form is).
 fn take_tls_options(url: &str) -> (String, Option<String>, bool) {
     let Some((base, query)) = url.split_once('?') else {
         return (url.to_owned(), None, false);
@@ -237,6 +239,9 @@ fn take_tls_options(url: &str) -> (String, Option<String>, bool) {
                 verify = true;
                 kept.push("sslmode=require");
             }
+            // libpq's `allow` (clear first, TLS if the server insists),
+            // which the driver does not know: in the clear, as `prefer` is here.
+            Some(("sslmode", "allow")) => kept.push("sslmode=prefer"),
             _ => kept.push(pair),
         }
     }
@@ -286,5 +291,13 @@ mod tests {
         assert_eq!(db.config.get_keepalives_interval(), Some(Duration::from_secs(7)));
         assert_eq!(db.config.get_keepalives_retries(), Some(9));
         assert_eq!(db.config.get_tcp_user_timeout(), Some(&Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn every_sslmode_the_readme_names_is_read() {
+        for mode in ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] {
+            let db = Database::new(&format!("postgresql://cg@db1/books?sslmode={mode}"), 2);
+            assert!(db.is_ok(), "sslmode={mode}: {:?}", db.err());
+        }
     }
 }

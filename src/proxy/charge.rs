@@ -568,11 +568,12 @@ fn asks_reasoning(thinking: Option<Value>, reasoning: Option<Value>, effort: Opt
 /// serve the deployment the path names and ignore the body's `model`, which
 /// is what the gateway prices and checks against the key's scope: the two
 /// must name the same thing (Azure's own clients send both), or a call to
-/// a dear deployment would be priced as a cheap model. `base` is the
-/// upstream's base path, which the request path is appended to, so the name
-/// may come from either.
+/// a dear deployment would be priced as a cheap model. So do OpenAI's legacy
+/// engine paths, which LiteLLM's proxy still serves
+/// (`/engines/{name}/chat/completions`). `base` is the upstream's base path,
+/// which the request path is appended to, so the name may come from either.
 pub fn check_deployment(base: &str, path: &str, model: &str) -> Result<(), ProxyError> {
-    // Most paths name no deployment: a search for the word, in any case,
+    // Most paths name no deployment: a search for the words, in any case,
     // spares them the split (a segment never spans the two).
     if !names_deployments(base) && !names_deployments(path) {
         return Ok(());
@@ -585,9 +586,10 @@ pub fn check_deployment(base: &str, path: &str, model: &str) -> Result<(), Proxy
         .filter(|segment| !segment.is_empty());
     let mut previous = "";
     while let Some(segment) = segments.next() {
-        let azure = previous.eq_ignore_ascii_case("openai") && segment.eq_ignore_ascii_case("deployments");
+        let names = (previous.eq_ignore_ascii_case("openai") && segment.eq_ignore_ascii_case("deployments"))
+            || segment.eq_ignore_ascii_case("engines");
         previous = segment;
-        if !azure {
+        if !names {
             continue;
         }
         let Some(deployment) = segments.next() else { break };
@@ -606,12 +608,48 @@ pub fn check_deployment(base: &str, path: &str, model: &str) -> Result<(), Proxy
     Ok(())
 }
 
-/// Whether `text` holds `deployments`, in any case.
+/// A metered call's query string may carry only the parameters its
+/// upstream lists (`model_query_params`): upstreams read some of theirs from
+/// the query (LiteLLM's proxy takes `?model=` over the body's `model`),
+/// which the gateway neither reads nor prices. Names are compared decoded,
+/// as the upstream reads them, and `;` separates as `&` does (older Python
+/// servers split on both).
+pub fn check_query(query: &str, allowed: &[String]) -> Result<(), ProxyError> {
+    for part in query.split(';') {
+        for (name, _) in form_urlencoded::parse(part.as_bytes()) {
+            if !name.is_empty() && !allowed.iter().any(|allowed| **allowed == *name) {
+                return Err(ProxyError::QueryParamRefused { name: name.chars().take(64).collect() });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A model request's body is read as JSON: sent as anything else (a form),
+/// an upstream that picks its parser by `content-type` (one-api-style
+/// aggregators) could read another document from the same bytes. Absent is
+/// taken as JSON; `application/json` and `+json` types, with parameters, pass,
+/// once.
+pub fn check_content_type(headers: &http::HeaderMap) -> Result<(), ProxyError> {
+    let mut values = headers.get_all(http::header::CONTENT_TYPE).iter();
+    let Some(value) = values.next() else { return Ok(()) };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    let media_type = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let json = media_type == "application/json"
+        || media_type.strip_prefix("application/").is_some_and(|subtype| subtype.ends_with("+json"));
+    if json && values.next().is_none() {
+        return Ok(());
+    }
+    Err(ProxyError::UnsupportedContentType { content_type: text.chars().take(64).collect() })
+}
+
+/// Whether `text` holds `deployments` or `engines`, in any case.
 fn names_deployments(text: &str) -> bool {
-    const WORD: &[u8] = b"deployments";
     let bytes = text.as_bytes();
-    memchr::memchr2_iter(b'd', b'D', bytes)
-        .any(|at| bytes.get(at..at + WORD.len()).is_some_and(|word| word.eq_ignore_ascii_case(WORD)))
+    let holds =
+        |word: &[u8], at: usize| bytes.get(at..at + word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word));
+    memchr::memchr2_iter(b'd', b'D', bytes).any(|at| holds(b"deployments", at))
+        || memchr::memchr2_iter(b'e', b'E', bytes).any(|at| holds(b"engines", at))
 }
 
 /// A whole number of tokens or choices, 0 or more; `null` counts as absent.
@@ -1556,10 +1594,73 @@ mod tests {
         assert!(check_deployment("/OPENAI/", "/DEPLOYMENTS;v=1/gpt-4o/x", "mini").is_err());
         // Other APIs' deployments (SAP AI Core: opaque ids) are not Azure's.
         assert!(check_deployment("", "/v2/inference/deployments/d4f1/chat/completions", "gpt-4o").is_ok());
+        // OpenAI's legacy engine paths, which LiteLLM's proxy serves the named model on.
+        let azure = ["api-version".to_owned()];
+        assert!(super::check_query("api-version=2024-10-21", &azure).is_ok());
+        assert!(super::check_query("api-version=1&&", &azure).is_ok());
+        for refused in [
+            "model=claude-opus-4-1",
+            "api-version=1&model=x",
+            "m%6Fdel=x",
+            "api-version=1;model=x",
+            "Model=x",
+            "model",
+        ] {
+            assert!(
+                matches!(
+                    super::check_query(refused, &azure),
+                    Err(super::ProxyError::QueryParamRefused { .. })
+                ),
+                "{refused}"
+            );
+        }
+        assert!(super::check_query("model=x", &[]).is_err());
+        let typed = |values: &[&'static str]| {
+            let mut headers = http::HeaderMap::new();
+            for value in values {
+                headers.append(http::header::CONTENT_TYPE, http::HeaderValue::from_static(value));
+            }
+            super::check_content_type(&headers).is_ok()
+        };
+        assert!(typed(&[]) && typed(&["application/json"]) && typed(&["Application/JSON; charset=utf-8"]));
+        assert!(typed(&["application/vnd.api+json"]));
+        assert!(
+            !typed(&["application/x-www-form-urlencoded"]) && !typed(&["multipart/form-data; boundary=x"])
+        );
+        assert!(
+            !typed(&["text/plain"]) && !typed(&["application/json", "application/x-www-form-urlencoded"])
+        );
+        assert!(check_deployment("", "/engines/claude-opus-4-1/chat/completions", "gpt-4o-mini").is_err());
+        assert!(check_deployment("/v1", "/Engines;x/claude-opus-4-1/completions", "gpt-4o-mini").is_err());
+        assert!(check_deployment("", "/v1/engines/gpt-4o-mini/chat/completions", "gpt-4o-mini").is_ok());
     }
 
     fn injected(body: &str) -> Value {
-        serde_json::from_slice(&with_include_usage(body.as_bytes()).unwrap()).unwrap()
+        let edited = with_include_usage(body.as_bytes()).unwrap();
+        // Parsed into a `Value`, a duplicate key would keep only its last
+        // copy: an upstream that reads the first would see the client's.
+        let named = top_level_keys(&edited).into_iter().filter(|key| key == "stream_options").count();
+        assert_eq!(named, 1, "one stream_options: {}", String::from_utf8_lossy(&edited));
+        serde_json::from_slice(&edited).unwrap()
+    }
+
+    /// The keys of a JSON object as written, duplicates included.
+    fn top_level_keys(json: &[u8]) -> Vec<String> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = Vec<String>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
+                let mut keys = Vec::new();
+                while let Some((key, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
+                    keys.push(key);
+                }
+                Ok(keys)
+            }
+        }
+        serde::Deserializer::deserialize_map(&mut serde_json::Deserializer::from_slice(json), Keys).unwrap()
     }
 
     #[test]

@@ -78,6 +78,10 @@ pub enum ProxyError {
     BackgroundRefused,
     #[error("the request sends or asks for audio (`{marker}`), which this gateway cannot price: providers bill audio tokens at their own rates and the price table has none; send text")]
     AudioRefused { marker: &'static str },
+    #[error("the query parameter `{name}` is not accepted on a metered call: the upstream may read it in place of what the body says and is priced")]
+    QueryParamRefused { name: String },
+    #[error("a model request's body is read as JSON, and this one is sent as `{content_type}`; send `application/json`")]
+    UnsupportedContentType { content_type: String },
     #[error("the path {reason}; send a normalised path")]
     InvalidPath { reason: &'static str },
     #[error("the request's Host {host:?} does not match the host of its target URI")]
@@ -112,6 +116,8 @@ impl ProxyError {
             ProxyError::MethodOverride { .. } => (S::BAD_REQUEST, "invalid_request_error", "method_override_not_allowed", Level::DEBUG),
             ProxyError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "invalid_request_error", "body_too_large", Level::DEBUG),
             ProxyError::BodyBudget => (S::SERVICE_UNAVAILABLE, "gateway_error", "gateway_busy", Level::WARN),
+            ProxyError::QueryParamRefused { .. } => (S::BAD_REQUEST, "invalid_request_error", "query_param_not_accepted", Level::DEBUG),
+            ProxyError::UnsupportedContentType { .. } => (S::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", "content_type_not_supported", Level::DEBUG),
             ProxyError::EncodedRequestBody { .. } => (S::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", "request_encoding_not_supported", Level::DEBUG),
             ProxyError::BodyTimeout { .. } => (S::REQUEST_TIMEOUT, "invalid_request_error", "body_timeout", Level::DEBUG),
             ProxyError::UpstreamUnreachable { .. } => (S::BAD_GATEWAY, "upstream_error", "upstream_unreachable", Level::WARN),

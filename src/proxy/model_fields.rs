@@ -255,6 +255,9 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                 "web_search_options" => read!(20, web_search_options),
                 "search_parameters" => read!(21, search_parameters),
                 "data_sources" => read!(22, data_sources),
+                // Azure's older "On Your Data" spelling; ASP.NET reads keys
+                // in any case.
+                other if other.eq_ignore_ascii_case("dataSources") => read!(22, data_sources),
                 "compound_custom" => read!(23, compound_custom),
                 "search_settings" => read!(24, search_settings),
                 "compaction" => read!(25, compaction),

@@ -613,9 +613,10 @@ mod tests {
         // A day-two record stamped a moment before midnight of day one.
         let straggler =
             records.iter_mut().find(|r| r.seq > day_one.last_seq && matches!(r.body, RecordBody::Entry(_)));
-        if let Some(Record { body: RecordBody::Entry(entry), .. }) = straggler {
-            entry.at = at("2027-03-01T23:59:59Z");
-        }
+        let Some(Record { body: RecordBody::Entry(entry), .. }) = straggler else {
+            panic!("the fixture has no day-two entry to make a straggler of");
+        };
+        entry.at = at("2027-03-01T23:59:59Z");
         let second = export_days(
             records.clone().into_iter().map(Ok),
             dir.path(),

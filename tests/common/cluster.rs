@@ -117,7 +117,7 @@ pub async fn start_replica_stack(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    Stack { keys, mock, gateway, shutdown, data_dir }
+    Stack { keys, mock, books: super::BooksCheck::of(&gateway), gateway, shutdown, data_dir }
 }
 
 /// Starts a replica whose log goes to `<data>/replica.log` (kept for a

@@ -34,11 +34,67 @@ pub const FINANCE_TOKEN: &str = "finance-token-for-tests";
 pub const PRICES_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/prices.toml");
 
 pub struct Stack {
+    /// Checks every wallet's books when the test is done with the stack
+    /// (first, so dropped while the gateway still runs).
+    pub books: BooksCheck,
     pub keys: SeededKeys,
     pub mock: MockUpstream,
     pub gateway: Gateway,
     pub shutdown: CancellationToken,
     pub data_dir: tempfile::TempDir,
+}
+
+/// Asserts, when dropped at the end of a test (one that has not already
+/// failed), that every wallet's balance is `granted - debited -
+/// written_off`: the rule that must hold after every test. The balance is
+/// the wallet's lots, the sums its entries: two records kept apart. Holds
+/// the ledger weakly: a test that stopped its gateway (and checked the
+/// books it left on disk) must find the store free.
+pub struct BooksCheck(std::sync::Weak<creditgate::ledger::Ledger>);
+
+impl BooksCheck {
+    pub fn of(gateway: &Gateway) -> BooksCheck {
+        BooksCheck(std::sync::Arc::downgrade(&gateway.ledger()))
+    }
+}
+
+impl Drop for BooksCheck {
+    fn drop(&mut self) {
+        if let (false, Some(ledger)) = (std::thread::panicking(), self.0.upgrade()) {
+            assert_books_balance(&ledger);
+        }
+    }
+}
+
+/// Every wallet's balance is `granted - debited - written_off`.
+pub fn assert_books_balance(ledger: &creditgate::ledger::Ledger) {
+    for (wallet, balance, totals) in ledger.wallet_totals() {
+        assert_eq!(
+            balance,
+            totals.balance(),
+            "wallet {wallet:?}: balance against granted - debited - written_off"
+        );
+    }
+}
+
+/// Waits (up to 10 s) until no hold is open and every wallet, recomputed
+/// from the entries in the store alone, matches the live books; fails with
+/// what does not add up.
+pub async fn audit(gateway: &Gateway) {
+    let ledger = gateway.ledger();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let entries = gateway.ledger_entries(0, usize::MAX).unwrap();
+        let report = ledger.verify(&entries);
+        let quiet = ledger.open_holds() == 0 && report.is_clean();
+        if quiet || std::time::Instant::now() > deadline {
+            assert_eq!(ledger.open_holds(), 0, "holds still open");
+            assert!(report.is_clean(), "the entries do not add up to the books: {:#?}", report.mismatches);
+            assert_books_balance(&ledger);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 impl Stack {
@@ -98,9 +154,16 @@ prefix = "/v1/messages"
 upstream = "mock"
 flavour = "anthropic-messages"
 
+# The tool: the same mock under another name (`localhost`), as a tool API
+# would have an origin of its own (a pass-through on a tool's origin must
+# list its methods: tool APIs bill reads too).
+[upstreams.mock-tools]
+base_url = "http://localhost:{mock_port}"
+credential_env = "MOCK_UPSTREAM_KEY"
+
 [[routes]]
 prefix = "/v1/tools/web-search"
-upstream = "mock"
+upstream = "mock-tools"
 tool = "web-search"
 units_header = "x-usage-units"
 
@@ -115,8 +178,10 @@ methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 # Unmetered access to the model endpoints: with a key (the default), and
 # without one (public), for tests of the bare data path. Through an upstream
-# of their own: a host-bound pass-through route never takes a path a metered
-# route of its own upstream claims (the client picks the Host).
+# entry of their own: a host-bound pass-through route never takes a path a
+# metered route of its own entry claims (the client picks the Host). The
+# entry sends where the metered routes' does, so these routes forward only
+# reads unless they list their methods: listed, every key gets them free.
 [upstreams.mock-direct]
 base_url = "http://{mock}"
 credential_env = "MOCK_UPSTREAM_KEY"
@@ -126,6 +191,7 @@ prefix = "/v1"
 host = "passthrough.test"
 upstream = "mock-direct"
 passthrough = true
+methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 [[routes]]
 prefix = "/v1"
@@ -133,8 +199,10 @@ host = "public.test"
 upstream = "mock-direct"
 passthrough = true
 public = true
+methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 "#,
         prices = PRICES_FILE,
+        mock_port = mock.port(),
     )
 }
 
@@ -167,7 +235,7 @@ pub async fn start_with(extra_server: &str, extra_upstream: &str, mock_options: 
     let shutdown = CancellationToken::new();
     let gateway = Gateway::start(config, shutdown.clone()).await.unwrap();
     let keys = seed(&gateway, "100", "1");
-    Stack { keys, mock, gateway, shutdown, data_dir }
+    Stack { keys, mock, books: BooksCheck::of(&gateway), gateway, shutdown, data_dir }
 }
 
 /// Seed an org whose pool holds `pool` dollars and whose Lite user gets
@@ -189,7 +257,7 @@ pub async fn start_edited(edit: impl FnOnce(String) -> String) -> Stack {
     let shutdown = CancellationToken::new();
     let gateway = Gateway::start(config, shutdown.clone()).await.unwrap();
     let keys = seed(&gateway, "100", "1");
-    Stack { keys, mock, gateway, shutdown, data_dir }
+    Stack { keys, mock, books: BooksCheck::of(&gateway), gateway, shutdown, data_dir }
 }
 
 /// A stack whose gateway reads `clock`.
@@ -206,7 +274,7 @@ pub async fn start_with_clock(clock: std::sync::Arc<dyn creditgate::clock::Clock
         lite_allowance: "1".parse().unwrap(),
     };
     let keys = seed_org(&gateway.ledger(), &spec, now).unwrap();
-    Stack { keys, mock, gateway, shutdown, data_dir }
+    Stack { keys, mock, books: BooksCheck::of(&gateway), gateway, shutdown, data_dir }
 }
 
 pub async fn start() -> Stack {
