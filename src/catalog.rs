@@ -26,9 +26,16 @@ use serde_json::{Map, Value};
 const TOKEN_MODES: &[&str] = &["chat", "completion", "responses", "embedding"];
 
 /// Fields that carry no price (metadata), or prices of provider batch APIs,
-/// which a real-time gateway does not proxy.
+/// which a real-time gateway does not proxy. A multiplier of the prices is
+/// a price, whatever its name says ([`is_uplift`]).
 fn ignored(field: &str) -> bool {
-    field.ends_with("_batches") || !(field.contains("cost") || field.contains("pric"))
+    field.ends_with("_batches") || !(field.contains("cost") || field.contains("pric") || is_uplift(field))
+}
+
+/// A field that scales the prices for some deployments
+/// (`regional_processing_uplift_multiplier_eu`, `fedramp_uplift_multiplier`).
+fn is_uplift(field: &str) -> bool {
+    field.contains("uplift") || field.contains("multiplier")
 }
 
 /// Providers whose web search is a hosted tool a request opts into: the
@@ -75,8 +82,9 @@ pub struct Import {
     pub models: BTreeMap<String, toml::Table>,
     /// Models left out, with their reasons.
     pub skipped: Vec<Skipped>,
-    /// Parts of imported models left out (a service tier the table cannot
-    /// state is refused at request time, never charged at the base price).
+    /// What imported models leave out or round (a service tier the table
+    /// cannot state is refused when a request asks for it; surcharges of
+    /// some deployments), for the operator to read.
     pub notes: Vec<Skipped>,
     /// Every name the catalog has, imported or not.
     pub known: std::collections::BTreeSet<String>,
@@ -108,15 +116,16 @@ fn exact(value: &Value) -> Result<Decimal, String> {
     Ok(decimal)
 }
 
-/// A multiplier `tier / base` when it is exact in four decimal places (the
-/// price table's multiplier precision), as a string.
-fn ratio(tier: Decimal, base: Decimal) -> Option<String> {
+/// The multiplier `tier / base` in the price table's precision (four
+/// places), rounded up: a tier's price is never stated below the
+/// catalog's. Whether it was rounded.
+fn ratio(tier: Decimal, base: Decimal) -> Option<(Decimal, bool)> {
     if base.is_zero() {
         return None;
     }
     let ratio = tier.checked_div(base)?;
-    let rounded = ratio.round_dp(4);
-    (rounded == ratio && rounded > Decimal::ZERO).then(|| rounded.normalize().to_string())
+    let rounded = ratio.round_dp_with_strategy(4, rust_decimal::RoundingStrategy::ToPositiveInfinity);
+    (rounded > Decimal::ZERO).then_some((rounded.normalize(), rounded != ratio))
 }
 
 /// Shell-style pattern with `*` only, matched against the whole name.
@@ -184,6 +193,15 @@ fn model(name: &str, entry: &Map<String, Value>) -> Result<(toml::Table, Vec<Str
     let Some(input) = input else {
         return Err("no input_cost_per_token".into());
     };
+    // The catalog writes 0 where it does not know a price (and for routers
+    // whose routed model bills on top): imported, every call would be free.
+    // A model that really is free can be priced in the overlay.
+    if input.is_zero() {
+        return Err("input_cost_per_token is 0 (the catalog's placeholder for unknown)".into());
+    }
+    if mode != "embedding" && output.is_some_and(|output| output.is_zero()) {
+        return Err("output_cost_per_token is 0 (the catalog's placeholder for unknown)".into());
+    }
     let mut table = toml::Table::new();
     let mut early_notes: Vec<String> = Vec::new();
     let set = |table: &mut toml::Table, key: &str, amount: Decimal| {
@@ -247,8 +265,13 @@ fn model(name: &str, entry: &Map<String, Value>) -> Result<(toml::Table, Vec<Str
     // its usage is charged the hold.
     // Claude thinks only when asked (and a request that asks is charged the
     // hold for a broken stream anyway).
-    let opt_in = entry.get("litellm_provider").and_then(Value::as_str) == Some("anthropic")
-        || name.starts_with("claude");
+    // Unless the catalog says it thinks by default, or always.
+    let always_thinks = ["thinking_on_by_default", "thinking_always_on"]
+        .iter()
+        .any(|flag| entry.get(*flag).and_then(Value::as_bool) == Some(true));
+    let opt_in = (entry.get("litellm_provider").and_then(Value::as_str) == Some("anthropic")
+        || name.starts_with("claude"))
+        && !always_thinks;
     if entry.get("supports_reasoning").and_then(Value::as_bool) == Some(true) && !opt_in {
         table.insert("hidden_reasoning".into(), toml::Value::Boolean(true));
     }
@@ -266,7 +289,11 @@ fn model(name: &str, entry: &Map<String, Value>) -> Result<(toml::Table, Vec<Str
                 None
             }
         };
-        if let Some(multipliers) = multipliers {
+        if let Some((multipliers, approximate)) = multipliers {
+            if approximate {
+                notes
+                    .push(format!("service tier {tier}'s multipliers rounded up to the table's four places"));
+            }
             let tiers =
                 table.entry("service_tiers").or_insert_with(|| toml::Value::Table(toml::Table::new()));
             if let toml::Value::Table(tiers) = tiers {
@@ -274,7 +301,10 @@ fn model(name: &str, entry: &Map<String, Value>) -> Result<(toml::Table, Vec<Str
             }
         }
     }
-    if let Some(long_context) = long_context(entry, &price, &mut used)? {
+    if let Some((long_context, approximate)) = long_context(entry, &price, &mut used)? {
+        if approximate {
+            notes.push("long-context multipliers rounded up to the table's four places".into());
+        }
         table.insert("long_context".into(), toml::Value::Table(long_context));
     }
     let provider = entry.get("litellm_provider").and_then(Value::as_str).unwrap_or("");
@@ -286,6 +316,18 @@ fn model(name: &str, entry: &Map<String, Value>) -> Result<(toml::Table, Vec<Str
         notes.push(
             "web search is priced per call under [tools] (set it in the overlay), not per model".into(),
         );
+    }
+    // Surcharges for some deployments (EU data residency, FedRAMP, regional
+    // endpoints) multiply the prices: the table states one price, the
+    // standard deployment's, and says so where an operator reads it.
+    for (field, value) in entry.iter().filter(|(field, _)| is_uplift(field)) {
+        if let Some(factor) = value.as_f64().filter(|factor| *factor > 1.0) {
+            used.push(field.clone());
+            notes.push(format!(
+                "{field} = {factor}: a deployment it names bills that much more, and the table \
+                 prices the standard one (price it in the overlay if yours is that deployment)"
+            ));
+        }
     }
     // Anything priced that was not read is a price the table cannot state.
     let unpriced: Vec<&str> = entry
@@ -303,8 +345,11 @@ fn model(name: &str, entry: &Map<String, Value>) -> Result<(toml::Table, Vec<Str
 /// output.
 #[derive(Default)]
 struct Ratios {
-    input: Option<String>,
-    output: Option<String>,
+    input: Option<Decimal>,
+    output: Option<Decimal>,
+    /// A ratio was rounded up, or rates of one side scale by different
+    /// factors and the largest is stated: the tier costs a little more here.
+    approximate: bool,
 }
 
 impl Ratios {
@@ -319,21 +364,21 @@ impl Ratios {
         let (Some(tiered), Some(base)) = (price(field)?, price(base_field)?) else {
             return Err(format!("{field} has no base price {base_field}"));
         };
-        let ratio = ratio(tiered, base)
-            .ok_or_else(|| format!("{field} is not a 4-place multiple of {base_field}"))?;
+        let (ratio, rounded) =
+            ratio(tiered, base).ok_or_else(|| format!("{field} is no positive multiple of {base_field}"))?;
         let slot = if base_field.starts_with("output") { &mut self.output } else { &mut self.input };
-        if slot.as_ref().is_some_and(|seen| *seen != ratio) {
-            return Err("TIER scales input-side rates by different factors".into());
-        }
-        *slot = Some(ratio);
+        self.approximate |= rounded || slot.is_some_and(|seen| seen != ratio);
+        *slot = Some(slot.map_or(ratio, |seen| seen.max(ratio)));
         Ok(())
     }
 
-    fn table(self) -> toml::Table {
+    /// The multipliers, and whether they are rounded up (see `approximate`).
+    fn table(self) -> (toml::Table, bool) {
+        let text = |ratio: Option<Decimal>| toml::Value::String(ratio.unwrap_or(Decimal::ONE).to_string());
         let mut table = toml::Table::new();
-        table.insert("input".into(), toml::Value::String(self.input.unwrap_or_else(|| "1".into())));
-        table.insert("output".into(), toml::Value::String(self.output.unwrap_or_else(|| "1".into())));
-        table
+        table.insert("input".into(), text(self.input));
+        table.insert("output".into(), text(self.output));
+        (table, self.approximate)
     }
 }
 
@@ -345,7 +390,7 @@ fn tier_multipliers(
     price: &dyn Fn(&str) -> Result<Option<Decimal>, String>,
     tier: &str,
     used: &mut Vec<String>,
-) -> Result<Option<toml::Table>, String> {
+) -> Result<Option<(toml::Table, bool)>, String> {
     let fields: Vec<String> =
         entry.keys().filter(|field| field.ends_with(&format!("_{tier}"))).cloned().collect();
     if fields.is_empty() {
@@ -371,7 +416,7 @@ fn long_context(
     entry: &Map<String, Value>,
     price: &dyn Fn(&str) -> Result<Option<Decimal>, String>,
     used: &mut Vec<String>,
-) -> Result<Option<toml::Table>, String> {
+) -> Result<Option<(toml::Table, bool)>, String> {
     let fields: Vec<&String> =
         entry.keys().filter(|field| field.contains("_above_") && field.ends_with("k_tokens")).collect();
     if fields.is_empty() {
@@ -392,12 +437,12 @@ fn long_context(
         ratios.fold(field, base_field, price).map_err(|err| err.replace("TIER", "the input-size tier"))?;
         used.push(field.clone());
     }
-    let mut table = ratios.table();
+    let (mut table, approximate) = ratios.table();
     let tokens =
         threshold.unwrap_or_default().checked_mul(1000).ok_or("an input-size tier past any count")?;
     table
         .insert("above_input_tokens".into(), toml::Value::Integer(i64::try_from(tokens).unwrap_or(i64::MAX)));
-    Ok(Some(table))
+    Ok(Some((table, approximate)))
 }
 
 /// Lays `overlay` (a price file) over `models`: every field an overlay
@@ -561,6 +606,40 @@ mod tests {
         // A model that reasons is marked: its reasoning may be billed unseen.
         assert_eq!(import.models["cachey"]["hidden_reasoning"].as_bool(), Some(true));
         assert!(!import.models["embed"].contains_key("hidden_reasoning"));
+    }
+
+    #[test]
+    fn placeholders_surcharges_default_thinking_and_inexact_tiers_never_undercharge() {
+        let catalog = r#"{
+            "unknown-in": {"mode": "chat", "input_cost_per_token": 0, "output_cost_per_token": 2e-06, "max_output_tokens": 100},
+            "unknown-out": {"mode": "chat", "input_cost_per_token": 1e-06, "output_cost_per_token": 0.0, "max_output_tokens": 100},
+            "eu-uplift": {"mode": "chat", "input_cost_per_token": 5e-06, "output_cost_per_token": 3e-05, "max_output_tokens": 100,
+                          "regional_processing_uplift_multiplier_eu": 1.1},
+            "claude-thinks": {"mode": "chat", "litellm_provider": "anthropic", "input_cost_per_token": 3e-06,
+                              "output_cost_per_token": 1.5e-05, "max_output_tokens": 100,
+                              "supports_reasoning": true, "thinking_on_by_default": true},
+            "claude-asks": {"mode": "chat", "litellm_provider": "anthropic", "input_cost_per_token": 3e-06,
+                            "output_cost_per_token": 1.5e-05, "max_output_tokens": 100, "supports_reasoning": true},
+            "priced-priority": {"mode": "chat", "input_cost_per_token": 1.5e-07, "output_cost_per_token": 6e-07,
+                                "max_output_tokens": 100, "input_cost_per_token_priority": 2.5e-07,
+                                "cache_read_input_token_cost": 7.5e-08, "cache_read_input_token_cost_priority": 1.3e-07,
+                                "output_cost_per_token_priority": 1e-06}
+        }"#;
+        let import = import_litellm(catalog, &[]).unwrap();
+        let skipped: Vec<&str> = import.skipped.iter().map(|skip| skip.model.as_str()).collect();
+        assert_eq!(skipped, ["unknown-in", "unknown-out"], "a zero is the catalog's unknown, not free");
+        let note = |model: &str, text: &str| {
+            import.notes.iter().any(|note| note.model == model && note.reason.contains(text))
+        };
+        assert!(note("eu-uplift", "regional_processing_uplift_multiplier_eu"), "{:?}", import.notes);
+        assert_eq!(import.models["claude-thinks"]["hidden_reasoning"].as_bool(), Some(true));
+        assert!(!import.models["claude-asks"].contains_key("hidden_reasoning"));
+        // 0.25/0.15 is 1.6666…: rounded up, and the input side's largest
+        // factor (cached 0.13/0.075 = 1.7333…) stated for all of it.
+        let tier = &import.models["priced-priority"]["service_tiers"]["priority"];
+        assert_eq!(tier["input"].as_str(), Some("1.7334"));
+        assert_eq!(tier["output"].as_str(), Some("1.6667"));
+        assert!(note("priced-priority", "rounded up"));
     }
 
     #[test]

@@ -375,6 +375,14 @@ pub struct Upstream {
     pub authority: Authority,
     /// Path of the base URL without a trailing slash; prepended to request paths.
     pub base_path: String,
+    /// The API it reaches, by name: scheme, host (ASCII case and a trailing
+    /// dot folded) and port (the scheme's default when none is written).
+    /// Entries with the same origin are one upstream to the routing rules,
+    /// whatever their base paths (the client's path follows either).
+    pub origin: (String, String, u16),
+    /// The index of the first upstream entry with this origin: compared on
+    /// the request path instead of the origin's text.
+    pub origin_group: usize,
     pub connect_timeout: Duration,
     /// Time from sending the request to receiving the response head.
     pub response_timeout: Duration,
@@ -887,6 +895,11 @@ impl GatewayConfig {
                 }
             }
         }
+        for index in 0..upstreams.len() {
+            let origin = &upstreams[index].origin;
+            let group = upstreams.iter().position(|u| u.origin == *origin).unwrap_or(index);
+            upstreams[index].origin_group = group;
+        }
 
         let mut routes = Vec::new();
         for (i, value) in top.routes.into_iter().enumerate() {
@@ -966,7 +979,10 @@ impl GatewayConfig {
         }
         // The longest metered claim on the path for any host, against the
         // longest pass-through prefix that serves it on this host.
-        let same_upstream = |r: &&Route| r.upstream == route.upstream;
+        // Any entry for the same API: a second one (kept for its timeouts,
+        // say) reaches the same billed endpoints.
+        let group = |r: &Route| self.upstreams.get(r.upstream).map(|u| u.origin_group);
+        let same_upstream = |r: &&Route| group(r) == group(route);
         // Some upstreams match paths loosely (case-insensitively, or with
         // `;` parameters cut off): a claim on the loose form counts too.
         let loose = loosely(path);
@@ -1396,8 +1412,17 @@ fn validate_upstream(
     let connect_timeout = ms("connect_timeout_ms", raw.connect_timeout_ms, DEFAULT_CONNECT_TIMEOUT_MS);
     let response_timeout = ms("response_timeout_ms", raw.response_timeout_ms, DEFAULT_RESPONSE_TIMEOUT_MS);
     let idle_timeout = ms("idle_timeout_ms", raw.idle_timeout_ms, DEFAULT_IDLE_TIMEOUT_MS);
+    let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+    let origin = (
+        scheme.as_str().to_ascii_lowercase(),
+        authority.host().trim_end_matches('.').to_ascii_lowercase(),
+        authority.port_u16().unwrap_or(default_port),
+    );
     Some(Upstream {
         name: name.to_owned(),
+        origin,
+        // Set once every entry is read.
+        origin_group: 0,
         scheme,
         authority,
         base_path: uri.path().trim_end_matches('/').to_owned(),
@@ -1667,7 +1692,8 @@ fn route_kind(checker: &mut Checker<'_>, offset: usize, raw: &RawRoute) -> Optio
 /// a prefix written for `/v1/models` would pass them on unmetered. An
 /// upstream is known by where it sends (scheme, host and port, base path),
 /// not by its entry's name: a second entry for the same API (kept for its
-/// longer timeouts, say) reaches the same billed endpoints.
+/// longer timeouts, say) reaches the same billed endpoints. Known by name:
+/// `localhost` and `127.0.0.1` are two origins.
 fn only_reads_through_metered_upstreams(routes: &mut [Route], upstreams: &[Upstream]) {
     let origin = |index: usize| origin_of(upstreams, index);
     let metered: std::collections::HashSet<_> =
@@ -1680,11 +1706,9 @@ fn only_reads_through_metered_upstreams(routes: &mut [Route], upstreams: &[Upstr
     }
 }
 
-/// Where upstream `index` sends: scheme, host and port, base path.
-fn origin_of(upstreams: &[Upstream], index: usize) -> Option<(String, String, String)> {
-    upstreams.get(index).map(|u| {
-        (u.scheme.as_str().to_owned(), u.authority.as_str().to_ascii_lowercase(), u.base_path.clone())
-    })
+/// The API upstream `index` reaches ([`Upstream::origin`]).
+fn origin_of(upstreams: &[Upstream], index: usize) -> Option<&(String, String, u16)> {
+    upstreams.get(index).map(|u| &u.origin)
 }
 
 /// A pass-through on an upstream a tool route sends to must list its
@@ -1739,13 +1763,14 @@ mod tests {
         let tools = |methods: &str| {
             format!(
                 "[upstreams.search]\nbase_url = \"https://search.example/res\"\n\
-                 [upstreams.search-status]\nbase_url = \"https://SEARCH.example/res/\"\n\
+                 [upstreams.search-status]\nbase_url = \"https://SEARCH.example.:443/status/\"\n\
                  [pricing]\nfile = \"prices.toml\"\n\
                  [[routes]]\nprefix = \"/v1/search\"\nupstream = \"search\"\ntool = \"web-search\"\n\
                  [[routes]]\nprefix = \"/status\"\nupstream = \"search-status\"\npassthrough = true\n{methods}"
             )
         };
-        // Another entry for the same API, spelled otherwise, is the same upstream.
+        // Another entry for the same API, spelled otherwise (case, a trailing
+        // dot, the default port, another base path), is the same upstream.
         let found = problems(&tools(""));
         assert!(found.iter().any(|p| p.message.contains("lists no `methods`")), "{found:?}");
         assert!(parse(&tools("methods = [\"GET\"]\n")).is_ok());

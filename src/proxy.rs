@@ -341,7 +341,8 @@ impl Proxy {
         let (body, priced, hold, held_cost, output_cap, injected_usage, estimated_input) = match &route.kind {
             RouteKind::Model(flavour) => {
                 if let Some(query) = parts.uri.query() {
-                    charge::check_query(query, &self.config.upstreams[route.upstream].model_query_params)?;
+                    let allowed = &self.config.upstreams[route.upstream].model_query_params;
+                    charge::check_query(query, allowed, *flavour)?;
                 }
                 charge::check_content_type(&parts.headers)?;
                 // The body is priced as sent; an upstream that decodes it

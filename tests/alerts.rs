@@ -168,7 +168,12 @@ async fn each_threshold_fires_exactly_once_as_a_signed_webhook() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spending_limit_alert_fires_once_per_limit_period() {
-    let stack = start_with_loopback_webhooks().await;
+    let clock = creditgate::clock::ManualClock::new(chrono::Utc::now());
+    let stack = start_edited_with_clock(
+        |text| text.replace("[admin]\n", "[admin]\nalert_webhook_allow = [\"127.0.0.1/32\"]\n"),
+        clock.clone(),
+    )
+    .await;
     let org = stack.keys.org.0;
     let (url, seen) = receiver().await;
     let key = stack
@@ -184,25 +189,35 @@ async fn a_spending_limit_alert_fires_once_per_limit_period() {
         admin(&stack, Method::POST, &format!("/admin/v1/orgs/{org}/alerts"), Some(rule)).await.status,
         201
     );
-    let mut refusals = 0;
-    for _ in 0..10 {
-        if post_json(
-            &stack.url("/v1/chat/completions"),
-            &stack.keys.pro,
-            &json!({"model": "mock-gpt", "max_tokens": 20}),
-        )
-        .await
-        .status
-            == 402
-        {
-            refusals += 1;
+    let spend_until_refused = || async {
+        let mut refusals = 0;
+        for _ in 0..10 {
+            let reply = post_json(
+                &stack.url("/v1/chat/completions"),
+                &stack.keys.pro,
+                &json!({"model": "mock-gpt", "max_tokens": 20}),
+            )
+            .await;
+            if reply.status == 402 {
+                refusals += 1;
+            }
         }
-    }
+        refusals
+    };
+    let refusals = spend_until_refused().await;
     assert!(refusals >= 2, "several refusals by the same limit: {refusals}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let received = seen.lock().unwrap().clone();
     assert_eq!(received.len(), 1, "one alert for the period, however many refusals: {received:#?}");
     assert_eq!(received[0].event["condition"]["type"], "spend_limit_reached");
+    // The next day is another period: the limit is reached again, and told again.
+    clock.advance(chrono::TimeDelta::days(1));
+    let refusals = spend_until_refused().await;
+    assert!(refusals >= 2, "the new day's limit is reached too: {refusals}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = seen.lock().unwrap().clone();
+    assert_eq!(received.len(), 2, "one alert for each period: {received:#?}");
+    assert_eq!(received[1].event["condition"]["type"], "spend_limit_reached");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

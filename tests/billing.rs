@@ -955,6 +955,17 @@ async fn price_modifiers_the_client_picks_are_priced() {
         "cache writes at their prices"
     );
     assert!(charged > books.reported_cost("mock-claude"), "dearer than plain input");
+    // Worked out by hand from config/prices.toml, not by the table the
+    // gateway loaded (a loader that swapped the 5-minute and hour-long rates
+    // would move both sides above): the writes replace plain input at $3/M
+    // with 1,000 at $3.75/M and 2,000 at $6/M, $0.00675 more.
+    let plain = TokenUsage {
+        input_tokens: last.input_tokens,
+        output_tokens: last.output_tokens,
+        ..TokenUsage::default()
+    };
+    let plain = table.model("mock-claude", now).unwrap().cost(&plain).unwrap();
+    assert_eq!(charged - plain, "0.00675".parse::<Decimal>().unwrap(), "the writes' premium");
 
     // OpenRouter reports cache writes as one count, whatever their lifetime:
     // a request whose breakpoints may ask for an hour pays the hour's price.

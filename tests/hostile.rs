@@ -245,24 +245,33 @@ async fn a_pass_through_on_a_metered_upstream_forwards_reads_only_unless_it_list
     assert_ne!(send(request).await.status, 405);
     assert_eq!(listed.mock.journal().last().unwrap().uri, "/v1/batches");
 
-    // A second upstream entry for the same API (kept for its timeouts, say)
-    // is the same upstream: its pass-through forwards reads only, unlisted.
+    // A second upstream entry for the same API (kept for its timeouts, say),
+    // spelled otherwise, is the same upstream: the metered route claims its
+    // create calls, and its pass-through forwards reads only, unlisted.
     let second_entry = start_edited(|text| {
-        text.replace(
+        let at = text.find("base_url = \"http://127.0.0.1:").unwrap() + "base_url = \"http://127.0.0.1:".len();
+        let port: String = text[at..].chars().take_while(char::is_ascii_digit).collect();
+        let entry = format!("[upstreams.mock-again]\nbase_url = \"HTTP://127.0.0.1:{port}/\"\n\n[[routes]]\n");
+        text.replacen("[[routes]]\n", &entry, 1).replace(
             "upstream = \"mock-direct\"\npassthrough = true\nmethods = [\"GET\", \"HEAD\", \"POST\", \"PUT\", \"PATCH\", \"DELETE\", \"OPTIONS\"]",
-            "upstream = \"mock-direct\"\npassthrough = true",
+            "upstream = \"mock-again\"\npassthrough = true",
         )
     })
     .await;
-    let request = Request::post(second_entry.url("/v1/chat/completions"))
-        .header("host", "passthrough.test")
-        .header("authorization", format!("Bearer {}", second_entry.keys.pro))
-        .body(Full::new(Bytes::from(r#"{"model":"mock-gpt","max_tokens":5}"#)))
-        .unwrap();
-    let reply = send(request).await;
-    assert_eq!(reply.status, 405, "{}", String::from_utf8_lossy(&reply.body));
-    assert_eq!(reply.json()["error"]["code"], "method_not_forwarded");
-    assert!(second_entry.mock.journal().entries().is_empty(), "nothing reached the upstream");
+    let call = |path: &str| {
+        Request::post(second_entry.url(path))
+            .header("host", "passthrough.test")
+            .header("authorization", format!("Bearer {}", second_entry.keys.pro))
+            .body(Full::new(Bytes::from(r#"{"model":"mock-gpt","max_tokens":5}"#)))
+            .unwrap()
+    };
+    let chat = send(call("/v1/chat/completions")).await;
+    assert_eq!(chat.status, 200, "{}", String::from_utf8_lossy(&chat.body));
+    assert!(chat.header("x-creditgate-available").is_some(), "metered: the chat call is the metered route's");
+    let batch = send(call("/v1/batches")).await;
+    assert_eq!(batch.status, 405, "{}", String::from_utf8_lossy(&batch.body));
+    assert_eq!(batch.json()["error"]["code"], "method_not_forwarded");
+    assert_eq!(second_entry.mock.journal().entries().len(), 1, "only the metered call reached the upstream");
 }
 
 /// Sends `request` and reads its 200 stream, which the mock breaks.

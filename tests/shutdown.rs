@@ -396,9 +396,26 @@ async fn thread_per_core_charges_every_request_reads_on_and_drains_streams_at_sh
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(debits.len(), calls, "one debit per request");
+    // Each the usage its upstream reported, at mock-gpt's $1/M in, $2/M out
+    // and $0.0001 a call, whichever thread served it.
+    let per_mtok = rust_decimal::Decimal::from(1_000_000u64);
+    let mut reported: Vec<rust_decimal::Decimal> = stack
+        .mock
+        .journal()
+        .entries()
+        .iter()
+        .map(|entry| {
+            let usage = entry.usage.expect("the mock reported usage");
+            let tokens = usage.input_tokens + 2 * usage.output_tokens;
+            rust_decimal::Decimal::from(tokens) / per_mtok + rust_decimal::Decimal::new(1, 4)
+        })
+        .collect();
+    let mut charged = debits.clone();
+    reported.sort();
+    charged.sort();
+    assert_eq!(charged, reported, "every request charged what its upstream reported");
     let spent: rust_decimal::Decimal = debits.iter().sum();
     let after = org_balance();
-    assert!(spent > rust_decimal::Decimal::ZERO);
     assert_eq!(before - after, spent, "the pool paid exactly the debits");
 
     // The same small-usage stream three times. Read to its end:

@@ -34,8 +34,9 @@ trap cleanup EXIT
 
 # The example config, on these ports, with caps out of the way and an
 # unmetered route for the same endpoints under Host: passthrough.test
-# (through an upstream entry of its own: a host-bound pass-through route
-# never takes a path a metered route of its upstream claims).
+# (through an origin of its own, the same mock named `localhost`: a
+# host-bound pass-through route never takes a path a metered route of its
+# origin claims).
 sed -e "s#127.0.0.1:8090#127.0.0.1:$port_mock#; s#127.0.0.1:8080#127.0.0.1:$port_proxy#" \
     -e "s#127.0.0.1:8081#127.0.0.1:$port_admin#; s#file = \"prices.toml\"#file = \"$root/config/prices.toml\"#" \
     -e 's#^requests_per_minute = 600#requests_per_minute = 100000000#; s#^max_in_flight = 32#max_in_flight = 100000#' \
@@ -43,7 +44,7 @@ sed -e "s#127.0.0.1:8090#127.0.0.1:$port_mock#; s#127.0.0.1:8080#127.0.0.1:$port
 if [ -n "${SCHEDULER:-}" ]; then
   sed -i "s#^\[server\]#[server]\nscheduler = \"$SCHEDULER\"#" "$work/gateway.toml"
 fi
-printf '\n[upstreams.mock-direct]\nbase_url = "http://127.0.0.1:%s"\npool_max_idle_per_host = 256\n' "$port_mock" >> "$work/gateway.toml"
+printf '\n[upstreams.mock-direct]\nbase_url = "http://localhost:%s"\npool_max_idle_per_host = 256\n' "$port_mock" >> "$work/gateway.toml"
 printf '\n[[routes]]\nprefix = "/v1"\nhost = "passthrough.test"\nupstream = "mock-direct"\npassthrough = true\nmethods = ["POST"]\n' >> "$work/gateway.toml"
 
 "$bin" mock-upstream --listen "127.0.0.1:$port_mock" > "$work/mock.log" 2>&1 & mock=$!

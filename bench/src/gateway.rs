@@ -32,8 +32,9 @@ pub struct Gateway {
 
 /// The config of every gateway the harness runs: every model flavour, the
 /// web-search tool, and an unmetered `passthrough = true` route chosen by
-/// `Host`, through an upstream entry of its own (a host-bound pass-through
-/// route never takes a path a metered route of its upstream claims). `server` goes into `[server]` (the scheduler); `extra` is
+/// `Host`, through an origin of its own (the same mock, named `localhost`: a
+/// host-bound pass-through route never takes a path a metered route of its
+/// origin claims). `server` goes into `[server]` (the scheduler); `extra` is
 /// appended (the write-through switch).
 pub fn config_text(mock: SocketAddr, prices: &Path, server: &str, extra: &str) -> String {
     format!(
@@ -73,7 +74,7 @@ upstream = "mock"
 tool = "web-search"
 units_header = "x-usage-units"
 [upstreams.mock-direct]
-base_url = "http://{mock}"
+base_url = "http://localhost:{mock_port}"
 pool_max_idle_per_host = 1024
 [[routes]]
 prefix = "/v1"
@@ -85,6 +86,7 @@ methods = ["GET", "POST"]
 {extra}
 "#,
         prices = prices.display(),
+        mock_port = mock.port(),
     )
 }
 

@@ -613,16 +613,28 @@ pub fn check_deployment(base: &str, path: &str, model: &str) -> Result<(), Proxy
 /// the query (LiteLLM's proxy takes `?model=` over the body's `model`),
 /// which the gateway neither reads nor prices. Names are compared decoded,
 /// as the upstream reads them, and `;` separates as `&` does (older Python
-/// servers split on both).
-pub fn check_query(query: &str, allowed: &[String]) -> Result<(), ProxyError> {
+/// servers split on both). An API's own parameters that name no model pass
+/// too ([`query_params_of`]).
+pub fn check_query(query: &str, allowed: &[String], flavour: Flavour) -> Result<(), ProxyError> {
+    let own = query_params_of(flavour);
     for part in query.split(';') {
         for (name, _) in form_urlencoded::parse(part.as_bytes()) {
-            if !name.is_empty() && !allowed.iter().any(|allowed| **allowed == *name) {
+            let listed = allowed.iter().any(|allowed| **allowed == *name) || own.contains(&&*name);
+            if !name.is_empty() && !listed {
                 return Err(ProxyError::QueryParamRefused { name: name.chars().take(64).collect() });
             }
         }
     }
     Ok(())
+}
+
+/// Query parameters an API's own clients send on its create calls: the
+/// Anthropic SDKs send beta calls as `POST /v1/messages?beta=true`.
+fn query_params_of(flavour: Flavour) -> &'static [&'static str] {
+    match flavour {
+        Flavour::AnthropicMessages => &["beta"],
+        _ => &[],
+    }
 }
 
 /// A model request's body is read as JSON: sent as anything else (a form),
@@ -1596,8 +1608,9 @@ mod tests {
         assert!(check_deployment("", "/v2/inference/deployments/d4f1/chat/completions", "gpt-4o").is_ok());
         // OpenAI's legacy engine paths, which LiteLLM's proxy serves the named model on.
         let azure = ["api-version".to_owned()];
-        assert!(super::check_query("api-version=2024-10-21", &azure).is_ok());
-        assert!(super::check_query("api-version=1&&", &azure).is_ok());
+        let chat = crate::config::Flavour::OpenaiChat;
+        assert!(super::check_query("api-version=2024-10-21", &azure, chat).is_ok());
+        assert!(super::check_query("api-version=1&&", &azure, chat).is_ok());
         for refused in [
             "model=claude-opus-4-1",
             "api-version=1&model=x",
@@ -1605,16 +1618,21 @@ mod tests {
             "api-version=1;model=x",
             "Model=x",
             "model",
+            "beta=true",
         ] {
             assert!(
                 matches!(
-                    super::check_query(refused, &azure),
+                    super::check_query(refused, &azure, chat),
                     Err(super::ProxyError::QueryParamRefused { .. })
                 ),
                 "{refused}"
             );
         }
-        assert!(super::check_query("model=x", &[]).is_err());
+        assert!(super::check_query("model=x", &[], chat).is_err());
+        // The Anthropic SDKs' beta calls.
+        let messages = crate::config::Flavour::AnthropicMessages;
+        assert!(super::check_query("beta=true", &[], messages).is_ok());
+        assert!(super::check_query("beta=true&model=x", &[], messages).is_err());
         let typed = |values: &[&'static str]| {
             let mut headers = http::HeaderMap::new();
             for value in values {

@@ -73,7 +73,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present[UPGRADE_AT] {
         headers.remove(header::UPGRADE);
     }
-    if present[TE_AT] && headers.get(header::TE).is_some_and(|v| v != "trailers") {
+    // Every value: `TE: trailers` then `TE: gzip` is not `trailers`.
+    if present[TE_AT] && headers.get_all(header::TE).iter().any(|v| v != "trailers") {
         headers.remove(header::TE);
     }
 }
@@ -365,6 +366,9 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h);
         assert!(h.contains_key(header::TE));
+        h.append(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key(header::TE), "a second value that is not `trailers` takes it away");
     }
 
     #[test]

@@ -177,13 +177,13 @@ public = true
 methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 # Unmetered access to the model endpoints: with a key (the default), and
-# without one (public), for tests of the bare data path. Through an upstream
-# entry of their own: a host-bound pass-through route never takes a path a
-# metered route of its own entry claims (the client picks the Host). The
-# entry sends where the metered routes' does, so these routes forward only
-# reads unless they list their methods: listed, every key gets them free.
+# without one (public), for tests of the bare data path. Through an origin
+# of their own (the same mock, named `localhost`): a pass-through route never
+# takes a path a metered route of its origin claims, and forwards only reads
+# unless it lists its methods (the client picks the Host). As the tool's
+# origin too, they must list them.
 [upstreams.mock-direct]
-base_url = "http://{mock}"
+base_url = "http://localhost:{mock_port}"
 credential_env = "MOCK_UPSTREAM_KEY"
 
 [[routes]]
@@ -262,9 +262,17 @@ pub async fn start_edited(edit: impl FnOnce(String) -> String) -> Stack {
 
 /// A stack whose gateway reads `clock`.
 pub async fn start_with_clock(clock: std::sync::Arc<dyn creditgate::clock::Clock>) -> Stack {
+    start_edited_with_clock(|text| text, clock).await
+}
+
+/// A stack whose config text the test edits first, and whose gateway reads `clock`.
+pub async fn start_edited_with_clock(
+    edit: impl FnOnce(String) -> String,
+    clock: std::sync::Arc<dyn creditgate::clock::Clock>,
+) -> Stack {
     let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default()).await.unwrap();
     let data_dir = tempfile::tempdir().unwrap();
-    let config = parse_config(&config_text(mock.addr(), "", ""), data_dir.path());
+    let config = parse_config(&edit(config_text(mock.addr(), "", "")), data_dir.path());
     let shutdown = CancellationToken::new();
     let now = clock.now();
     let gateway = Gateway::start_with_clock(config, clock, shutdown.clone()).await.unwrap();
