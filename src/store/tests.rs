@@ -913,3 +913,45 @@ fn numbers_lost_in_a_crash_are_never_handed_out_again() {
     assert!(again > lost, "entry {again} reuses a number at or below lost entry {lost}");
     opened.writer.shutdown().unwrap();
 }
+
+#[test]
+fn ledger_verify_finds_a_checkpoint_that_adds_up_but_is_not_what_its_records_make() {
+    // Before, both the replay and the auditor started from the newest
+    // checkpoint: one that gave a wallet 5 more, in a lot and in its sums
+    // alike, passed. Its records are all still in the store.
+    let dir = populated_dir();
+    let records = all_records(&SledStore::open(dir.path()).unwrap());
+    let seq = records.last().unwrap().seq;
+    let made = Ledger::restore_from(
+        LedgerConfig::default(),
+        Arc::new(crate::ledger::journal::NullJournal),
+        None,
+        records,
+    )
+    .unwrap()
+    .snapshot(seq);
+    let checkpoints = crate::store::checkpoint::dir_of(dir.path());
+    crate::store::checkpoint::write(&checkpoints, &made, || {}).unwrap();
+    let report = verify_store(dir.path(), None).unwrap();
+    assert!(report.is_clean(), "the true checkpoint passes: {:#?}", report.audit.mismatches);
+    assert_eq!(report.checkpoint_seq, seq);
+
+    let mut forged = made.clone();
+    let wallet = forged.wallets.iter_mut().find(|wallet| !wallet.lots.is_empty()).unwrap();
+    wallet.lots[0].granted += dec!(5);
+    wallet.lots[0].remaining += dec!(5);
+    wallet.totals.granted += dec!(5);
+    std::fs::remove_dir_all(&checkpoints).unwrap();
+    crate::store::checkpoint::write(&checkpoints, &forged, || {}).unwrap();
+    let report = verify_store(dir.path(), None).unwrap();
+    assert!(!report.is_clean(), "a forged checkpoint passed");
+    assert!(
+        report
+            .audit
+            .mismatches
+            .iter()
+            .any(|m| m.problem.contains("checkpoint") && m.problem.contains("wallets")),
+        "{:#?}",
+        report.audit.mismatches
+    );
+}

@@ -7,6 +7,9 @@
 //!    entry the store holds after it; the ledger is rebuilt the way a
 //!    restart does (checkpoint, then replay) and compared with the auditor.
 //!    With no checkpoint, this is the full replay from the first record.
+//!    While the store still holds every record the checkpoint covers (none
+//!    pruned), the checkpoint must also be the state those records make: a
+//!    wrong one that adds up would pass the rest, which start from it.
 //! 2. **The whole history across the cut.** Every export day file is checked
 //!    against its manifest (size, sha256, counts, sums), and a second ledger
 //!    is rebuilt from nothing: every exported record, then the store's
@@ -103,7 +106,60 @@ fn verify_from<S: Store>(store: &S, snapshot: Option<&LedgerSnapshot>) -> Result
             "records up to {pruned_through} were pruned but the newest valid checkpoint covers only {covered}"
         )));
     }
+    // The checkpoint is where both the replay and the auditor started: a
+    // wrong one that adds up would pass them both. While the store still
+    // holds every record it covers, it must be the state they make.
+    if let (Some(snapshot), 0) = (snapshot, pruned_through) {
+        if let Some(difference) = checkpoint_against_records(store, snapshot)? {
+            audit.mismatches.push(problem(difference));
+        }
+    }
     Ok(Report { records, checkpoint_seq: covered, pruned_through, audit, full_history: None })
+}
+
+/// Rebuilds the ledger from the first record through `snapshot.seq` and
+/// names the first part of the checkpoint that differs from it, if any.
+fn checkpoint_against_records<S: Store>(
+    store: &S,
+    snapshot: &LedgerSnapshot,
+) -> Result<Option<String>, StoreError> {
+    let mut failure = None;
+    let stream = store
+        .records_after(0)
+        .map_while(|record| record.map_err(|error| failure = Some(error)).ok())
+        .take_while(|record| record.seq <= snapshot.seq);
+    let rebuilt = Ledger::restore_from(LedgerConfig::default(), Arc::new(NullJournal), None, stream);
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    let rebuilt = match rebuilt {
+        Ok(ledger) => ledger.snapshot(snapshot.seq),
+        Err(error) => return Ok(Some(format!("the records the checkpoint covers do not replay: {error}"))),
+    };
+    if rebuilt == *snapshot {
+        return Ok(None);
+    }
+    let part = if rebuilt.wallets != snapshot.wallets {
+        let wallet = rebuilt
+            .wallets
+            .iter()
+            .zip(&snapshot.wallets)
+            .find(|(made, kept)| made != kept)
+            .map_or_else(|| "their number".to_owned(), |(made, _)| format!("wallet {:?}", made.wallet));
+        format!("its wallets ({wallet})")
+    } else if rebuilt.keys != snapshot.keys {
+        "its keys".to_owned()
+    } else if (&rebuilt.orgs, &rebuilt.users, &rebuilt.apps)
+        != (&snapshot.orgs, &snapshot.users, &snapshot.apps)
+    {
+        "its organizations, users or applications".to_owned()
+    } else {
+        "its idempotency keys".to_owned()
+    };
+    Ok(Some(format!(
+        "the checkpoint at {} is not the state the records it covers make: {part} differ",
+        snapshot.seq
+    )))
 }
 
 fn finish(replayed: Result<&Ledger, String>, audit: Audit) -> AuditReport {
