@@ -229,7 +229,7 @@ fn model(name: &str, entry: &Map<String, Value>) -> Result<(toml::Table, Vec<Str
     // DeepSeek's name for the cache-read price.
     used.push("input_cost_per_token_cache_hit".into());
     if !entry.contains_key("cache_read_input_token_cost") {
-        if let Some(amount) = price("input_cost_per_token_cache_hit")? {
+        if let Some(amount) = price("input_cost_per_token_cache_hit")?.filter(|amount| !amount.is_zero()) {
             set(&mut table, "cached_input_per_mtok", amount);
         }
     }
@@ -239,8 +239,15 @@ fn model(name: &str, entry: &Map<String, Value>) -> Result<(toml::Table, Vec<Str
         ("cache_creation_input_token_cost_above_1hr", "cache_write_1h_per_mtok"),
     ] {
         used.push(field.into());
-        if let Some(amount) = price(field)? {
-            set(&mut table, key, amount);
+        match price(field)? {
+            // A placeholder, as above: left out, the input price applies.
+            Some(amount) if amount.is_zero() => {
+                early_notes.push(format!(
+                    "{field} is 0 (the catalog's placeholder): left out, input's price applies"
+                ));
+            }
+            Some(amount) => set(&mut table, key, amount),
+            None => {}
         }
     }
     // Anthropic-style 1-hour cache writes cost 2x input; a catalog entry
@@ -321,6 +328,10 @@ fn model(name: &str, entry: &Map<String, Value>) -> Result<(toml::Table, Vec<Str
     // endpoints) multiply the prices: the table states one price, the
     // standard deployment's, and says so where an operator reads it.
     for (field, value) in entry.iter().filter(|(field, _)| is_uplift(field)) {
+        // One of 1 or less surcharges nothing.
+        if value.as_f64().is_some_and(|factor| factor <= 1.0) {
+            used.push(field.clone());
+        }
         if let Some(factor) = value.as_f64().filter(|factor| *factor > 1.0) {
             used.push(field.clone());
             notes.push(format!(
@@ -613,6 +624,8 @@ mod tests {
         let catalog = r#"{
             "unknown-in": {"mode": "chat", "input_cost_per_token": 0, "output_cost_per_token": 2e-06, "max_output_tokens": 100},
             "unknown-out": {"mode": "chat", "input_cost_per_token": 1e-06, "output_cost_per_token": 0.0, "max_output_tokens": 100},
+            "unknown-cache": {"mode": "chat", "input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06, "max_output_tokens": 100,
+                              "cache_read_input_token_cost": 0, "fedramp_uplift_multiplier": 1.0},
             "eu-uplift": {"mode": "chat", "input_cost_per_token": 5e-06, "output_cost_per_token": 3e-05, "max_output_tokens": 100,
                           "regional_processing_uplift_multiplier_eu": 1.1},
             "claude-thinks": {"mode": "chat", "litellm_provider": "anthropic", "input_cost_per_token": 3e-06,
@@ -632,6 +645,11 @@ mod tests {
             import.notes.iter().any(|note| note.model == model && note.reason.contains(text))
         };
         assert!(note("eu-uplift", "regional_processing_uplift_multiplier_eu"), "{:?}", import.notes);
+        // A zero cache-read price is left out (input's applies), and a
+        // multiplier of 1 surcharges nothing.
+        assert!(!import.models["unknown-cache"].contains_key("cached_input_per_mtok"));
+        assert!(note("unknown-cache", "cache_read_input_token_cost is 0"));
+        assert!(!note("unknown-cache", "fedramp"));
         assert_eq!(import.models["claude-thinks"]["hidden_reasoning"].as_bool(), Some(true));
         assert!(!import.models["claude-asks"].contains_key("hidden_reasoning"));
         // 0.25/0.15 is 1.6666…: rounded up, and the input side's largest

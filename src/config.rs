@@ -978,17 +978,33 @@ impl GatewayConfig {
             return Some(route);
         }
         // The longest metered claim on the path for any host, against the
-        // longest pass-through prefix that serves it on this host.
-        // Any entry for the same API: a second one (kept for its timeouts,
-        // say) reaches the same billed endpoints.
-        let group = |r: &Route| self.upstreams.get(r.upstream).map(|u| u.origin_group);
-        let same_upstream = |r: &&Route| group(r) == group(route);
+        // longest pass-through prefix that serves it on this host. Any entry
+        // for the same API counts (a second one, kept for its timeouts, say,
+        // reaches the same billed endpoints), on the path the upstream is
+        // sent: an entry's base path goes in front of the client's.
+        let upstream = |r: &Route| self.upstreams.get(r.upstream);
+        let group = |r: &Route| upstream(r).map(|u| u.origin_group);
+        let same_api = |r: &&Route| group(r) == group(route);
+        if !self.routes.iter().filter(same_api).any(|r| r.kind != RouteKind::Passthrough) {
+            return Some(route);
+        }
+        let base = |r: &Route| upstream(r).map_or("", |u| u.base_path.as_str());
+        let sent = format!("{}{path}", base(route));
+        // What a client of `r` would send for the upstream to be sent `sent`.
+        let path_of = |r: &Route| {
+            sent.strip_prefix(base(r)).filter(|rest| rest.starts_with('/') || rest.is_empty()).map(|rest| {
+                if rest.is_empty() {
+                    "/"
+                } else {
+                    rest
+                }
+            })
+        };
         // Some upstreams match paths loosely (case-insensitively, or with
         // `;` parameters cut off): a claim on the loose form counts too.
-        let loose = loosely(path);
-        let claims = |r: &Route| {
+        let claims = |r: &Route, path: &str| {
             r.serves_path(path)
-                || loose.as_deref().is_some_and(|loose| {
+                || loosely(path).is_some_and(|loose| {
                     let prefix = r.prefix.to_ascii_lowercase();
                     match loose.strip_prefix(&*prefix) {
                         Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
@@ -996,21 +1012,25 @@ impl GatewayConfig {
                     }
                 })
         };
+        // Lengths on the upstream's side: base path and prefix.
+        let reach = |r: &Route| base(r).len() + r.prefix.len();
         let metered = self
             .routes
             .iter()
-            .filter(same_upstream)
-            .filter(|r| r.kind != RouteKind::Passthrough && claims(r))
-            .max_by_key(|r| r.prefix.len());
+            .filter(same_api)
+            .filter(|r| r.kind != RouteKind::Passthrough && path_of(r).is_some_and(|path| claims(r, path)))
+            .max_by_key(|r| reach(r));
         let unmetered = self
             .routes
             .iter()
-            .filter(same_upstream)
-            .filter(|r| r.kind == RouteKind::Passthrough && r.matches(host, path))
-            .map(|r| r.prefix.len())
+            .filter(same_api)
+            .filter(|r| {
+                r.kind == RouteKind::Passthrough && path_of(r).is_some_and(|path| r.matches(host, path))
+            })
+            .map(reach)
             .max()
             .unwrap_or(0);
-        Some(metered.filter(|r| r.prefix.len() >= unmetered).unwrap_or(route))
+        Some(metered.filter(|r| reach(r) >= unmetered).unwrap_or(route))
     }
 }
 
@@ -1774,6 +1794,29 @@ mod tests {
         let found = problems(&tools(""));
         assert!(found.iter().any(|p| p.message.contains("lists no `methods`")), "{found:?}");
         assert!(parse(&tools("methods = [\"GET\"]\n")).is_ok());
+    }
+
+    #[test]
+    fn entries_of_one_api_share_their_claims_on_the_path_the_upstream_is_sent() {
+        let config = |second_base: &str| {
+            parse(&format!(
+                "[upstreams.a]\nbase_url = \"https://gw.example/openai\"\n\
+                 [upstreams.b]\nbase_url = \"https://GW.example:443{second_base}\"\n\
+                 [pricing]\nfile = \"prices.toml\"\n\
+                 [[routes]]\nprefix = \"/v1/chat/completions\"\nupstream = \"a\"\nflavour = \"openai-chat\"\n\
+                 [[routes]]\nprefix = \"/\"\nhost = \"h.example\"\nupstream = \"b\"\npassthrough = true\nmethods = [\"POST\"]\n"
+            ))
+            .unwrap()
+        };
+        let kind =
+            |c: &GatewayConfig, path| c.route_for(Some("h.example"), path).map(|route| route.kind.clone());
+        // `b` sends `/chat/completions` to /openai/v1/chat/completions: `a`'s metered call.
+        let same = config("/openai/v1");
+        assert_eq!(kind(&same, "/chat/completions"), Some(RouteKind::Model(Flavour::OpenaiChat)));
+        assert_eq!(kind(&same, "/models"), Some(RouteKind::Passthrough));
+        // Another API behind the same host (a gateway's other provider): its own.
+        let other = config("/workers-ai");
+        assert_eq!(kind(&other, "/v1/chat/completions"), Some(RouteKind::Passthrough));
     }
 
     #[test]

@@ -204,18 +204,29 @@ async fn a_spending_limit_alert_fires_once_per_limit_period() {
         }
         refusals
     };
+    // Deliveries arrive in their own time (the first attempt is failed on
+    // purpose and retried): wait for `count`, then a moment more for any extra.
+    let delivered = |count: usize| {
+        let seen = seen.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while seen.lock().unwrap().len() < count && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            seen.lock().unwrap().clone()
+        }
+    };
     let refusals = spend_until_refused().await;
     assert!(refusals >= 2, "several refusals by the same limit: {refusals}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let received = seen.lock().unwrap().clone();
+    let received = delivered(1).await;
     assert_eq!(received.len(), 1, "one alert for the period, however many refusals: {received:#?}");
     assert_eq!(received[0].event["condition"]["type"], "spend_limit_reached");
     // The next day is another period: the limit is reached again, and told again.
     clock.advance(chrono::TimeDelta::days(1));
     let refusals = spend_until_refused().await;
     assert!(refusals >= 2, "the new day's limit is reached too: {refusals}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let received = seen.lock().unwrap().clone();
+    let received = delivered(2).await;
     assert_eq!(received.len(), 2, "one alert for each period: {received:#?}");
     assert_eq!(received[1].event["condition"]["type"], "spend_limit_reached");
 }

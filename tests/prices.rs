@@ -242,8 +242,8 @@ async fn a_scheduled_price_switch_happens_at_the_injected_instant() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = parse_config(&config_text(mock.addr(), "", ""), dir.path());
-    // The example file moves mock-gpt from 1/2 to 1.5/3 per Mtok at 2027-01-01.
-    let switch: chrono::DateTime<chrono::Utc> = "2027-01-01T00:00:00Z".parse().unwrap();
+    // The example file moves mock-gpt from 1/2 to 1.5/3 per Mtok at 2031-01-01.
+    let switch: chrono::DateTime<chrono::Utc> = "2031-01-01T00:00:00Z".parse().unwrap();
     let clock = ManualClock::new(switch - chrono::TimeDelta::nanoseconds(1));
     let gateway = Gateway::start_with_clock(config, clock.clone(), CancellationToken::new()).await.unwrap();
     let table = gateway.prices().unwrap().current();
@@ -257,8 +257,15 @@ async fn a_scheduled_price_switch_happens_at_the_injected_instant() {
 
     // Through the gateway: a call before the switch and one after it are
     // priced by the gateway's clock, not the machine's (which is before both).
-    let keys = seed(&gateway, "100", "1");
     clock.set(switch - chrono::TimeDelta::seconds(1));
+    // Seeded at the gateway's time: a contract begun in the machine's year
+    // would have run out by then.
+    let spec = creditgate::demo::SeedSpec {
+        org_name: "test-org".into(),
+        pool: "100".parse().unwrap(),
+        lite_allowance: "1".parse().unwrap(),
+    };
+    let keys = creditgate::demo::seed_org(&gateway.ledger(), &spec, clock.now()).unwrap();
     let url = format!("http://{}/v1/chat/completions", gateway.proxy_addr());
     let body = serde_json::json!({"model": "mock-gpt", "max_tokens": 20, "seed": 4});
     assert_eq!(post_json(&url, &keys.pro, &body).await.status, 200);

@@ -396,9 +396,9 @@ async fn thread_per_core_charges_every_request_reads_on_and_drains_streams_at_sh
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(debits.len(), calls, "one debit per request");
-    // Each the usage its upstream reported, at mock-gpt's $1/M in, $2/M out
-    // and $0.0001 a call, whichever thread served it.
-    let per_mtok = rust_decimal::Decimal::from(1_000_000u64);
+    // Each the usage its upstream reported, at mock-gpt's prices, whichever
+    // thread served it.
+    let price = stack.gateway.prices().unwrap().current().model("mock-gpt", chrono::Utc::now()).unwrap();
     let mut reported: Vec<rust_decimal::Decimal> = stack
         .mock
         .journal()
@@ -406,8 +406,12 @@ async fn thread_per_core_charges_every_request_reads_on_and_drains_streams_at_sh
         .iter()
         .map(|entry| {
             let usage = entry.usage.expect("the mock reported usage");
-            let tokens = usage.input_tokens + 2 * usage.output_tokens;
-            rust_decimal::Decimal::from(tokens) / per_mtok + rust_decimal::Decimal::new(1, 4)
+            let usage = creditgate::pricing::TokenUsage {
+                input_tokens: usage.input_tokens,
+                output_tokens: usage.output_tokens,
+                ..Default::default()
+            };
+            price.cost(&usage).unwrap()
         })
         .collect();
     let mut charged = debits.clone();

@@ -300,7 +300,7 @@ mod tests {
     #[test]
     fn a_scheduled_change_applies_from_its_exact_instant() {
         let table = example();
-        let switch = instant("2027-01-01T00:00:00Z");
+        let switch = instant("2031-01-01T00:00:00Z");
         let before = switch - chrono::Duration::nanoseconds(1);
         let old = table.model("mock-gpt", before).unwrap();
         let new = table.model("mock-gpt", switch).unwrap();
