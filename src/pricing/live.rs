@@ -316,8 +316,11 @@ fn read_table(path: &Path, required_tools: &[String]) -> Result<(PriceTable, Str
 
 /// The prices `old` sets that `new` leaves unset, in entries both have:
 /// each `*_per_mtok`, `per_request`, `per_call` and `per_unit`, an entry's
-/// `markup_percent` and the table's `[markup] percent`, unless it was "0".
-/// Unset, each is free (or follows the input price). Removed entries are not listed: a model or
+/// `markup_percent` and the table's `[markup] percent`, unless it was "0";
+/// a service tier's or the long context's multipliers (unset, a call served
+/// at the tier, or past the size, is charged base prices); and a model's
+/// `hidden_reasoning = true` (unset, a broken stream is charged what it
+/// showed). Unset, each is free (or follows the input price). Removed entries are not listed: a model or
 /// tool with no price is refused, not served free.
 fn unset_prices(old: &str, new: &str) -> Vec<String> {
     const PRICES: [&str; 5] = ["per_request", "per_call", "per_unit", "markup_percent", "percent"];
@@ -325,13 +328,17 @@ fn unset_prices(old: &str, new: &str) -> Vec<String> {
     changes
         .into_iter()
         .filter_map(|change| match change {
-            // A price that was "0" is no lower unset.
+            // A price that was "0" is no lower unset, nor a flag that was false.
             super::diff::Change::Changed { kind, name, field, old: Some(old), new: None }
-                if !old.parse::<rust_decimal::Decimal>().is_ok_and(|old| old.is_zero()) =>
+                if !old.parse::<rust_decimal::Decimal>().is_ok_and(|old| old.is_zero()) && old != "false" =>
             {
                 let leaf = field.rsplit('.').next().unwrap_or(&field);
-                (leaf.ends_with("_per_mtok") || PRICES.contains(&leaf))
-                    .then(|| format!("{kind} {name}: {field}"))
+                let charges = leaf.ends_with("_per_mtok")
+                    || PRICES.contains(&leaf)
+                    || field.starts_with("service_tiers.")
+                    || field.starts_with("long_context.")
+                    || field == "hidden_reasoning";
+                charges.then(|| format!("{kind} {name}: {field}"))
             }
             _ => None,
         })
@@ -351,6 +358,22 @@ mod tests {
 
     fn label(prices: &LivePrices) -> usize {
         prices.current().version().label.trim_start_matches('v').parse().unwrap()
+    }
+
+    #[test]
+    fn a_reload_that_unsets_a_tier_a_long_context_or_hidden_reasoning_is_listed() {
+        let old = "label = \"a\"\n[models.m]\ninput_per_mtok = \"1\"\noutput_per_mtok = \"2\"\n\
+                   default_max_output_tokens = 10\nhidden_reasoning = true\n\
+                   service_tiers.priority = { input = \"1.7\", output = \"1.7\" }\n\
+                   long_context = { above_input_tokens = 200000, input = \"2\", output = \"1.5\" }\n";
+        let new = "label = \"b\"\n[models.m]\ninput_per_mtok = \"1\"\noutput_per_mtok = \"2\"\n\
+                   default_max_output_tokens = 10\n";
+        let unset = unset_prices(old, new);
+        for field in ["service_tiers.priority.input", "long_context.input", "hidden_reasoning"] {
+            assert!(unset.iter().any(|listed| listed.ends_with(field)), "{field}: {unset:?}");
+        }
+        // Lowering or keeping them is a price change, not a cut.
+        assert!(unset_prices(old, &old.replace("1.7", "1.5")).is_empty());
     }
 
     #[test]
