@@ -573,8 +573,9 @@ fn asks_reasoning(thinking: Option<Value>, reasoning: Option<Value>, effort: Opt
 /// (`/engines/{name}/chat/completions`). `base` is the upstream's base path,
 /// which the request path is appended to, so the name may come from either.
 pub fn check_deployment(base: &str, path: &str, model: &str) -> Result<(), ProxyError> {
-    // Most paths name no deployment: a search for the words, in any case,
-    // spares them the split (a segment never spans the two).
+    // Most paths name no deployment: a pass over the segments for the
+    // words, in any case, spares them the rest (a segment never spans the
+    // two).
     if !names_deployments(base) && !names_deployments(path) {
         return Ok(());
     }
@@ -645,23 +646,27 @@ fn query_params_of(flavour: Flavour) -> &'static [&'static str] {
 pub fn check_content_type(headers: &http::HeaderMap) -> Result<(), ProxyError> {
     let mut values = headers.get_all(http::header::CONTENT_TYPE).iter();
     let Some(value) = values.next() else { return Ok(()) };
-    let text = String::from_utf8_lossy(value.as_bytes());
-    let media_type = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    let json = media_type == "application/json"
-        || media_type.strip_prefix("application/").is_some_and(|subtype| subtype.ends_with("+json"));
+    // Compared as bytes, in place: on every model request.
+    let bytes = value.as_bytes();
+    let media_type = bytes.split(|b| *b == b';').next().unwrap_or_default().trim_ascii();
+    let json = media_type.eq_ignore_ascii_case(b"application/json")
+        || (media_type.len() > b"application/+json".len()
+            && media_type[..b"application/".len()].eq_ignore_ascii_case(b"application/")
+            && media_type[media_type.len() - b"+json".len()..].eq_ignore_ascii_case(b"+json"));
     if json && values.next().is_none() {
         return Ok(());
     }
+    let text = String::from_utf8_lossy(bytes);
     Err(ProxyError::UnsupportedContentType { content_type: text.chars().take(64).collect() })
 }
 
-/// Whether `text` holds `deployments` or `engines`, in any case.
+/// Whether a segment of `text` is `deployments` or `engines`, in any case
+/// and with any `;` parameters.
 fn names_deployments(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    let holds =
-        |word: &[u8], at: usize| bytes.get(at..at + word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word));
-    memchr::memchr2_iter(b'd', b'D', bytes).any(|at| holds(b"deployments", at))
-        || memchr::memchr2_iter(b'e', b'E', bytes).any(|at| holds(b"engines", at))
+    text.split('/').any(|segment| {
+        let name = segment.split_once(';').map_or(segment, |(name, _)| name);
+        name.eq_ignore_ascii_case("deployments") || name.eq_ignore_ascii_case("engines")
+    })
 }
 
 /// A whole number of tokens or choices, 0 or more; `null` counts as absent.
