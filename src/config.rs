@@ -377,8 +377,8 @@ pub struct Upstream {
     pub base_path: String,
     /// The API it reaches, by name: scheme, host (ASCII case and a trailing
     /// dot folded) and port (the scheme's default when none is written).
-    /// Entries with the same origin are one upstream to the routing rules,
-    /// whatever their base paths (the client's path follows either).
+    /// Entries with the same origin are one API to the routing rules, which
+    /// compare paths as the upstream is sent them (base path first).
     pub origin: (String, String, u16),
     /// The index of the first upstream entry with this origin: compared on
     /// the request path instead of the origin's text.
@@ -1710,10 +1710,10 @@ fn route_kind(checker: &mut Checker<'_>, offset: usize, raw: &RawRoute) -> Optio
 /// metered route also uses, forwards only [`SAFE_METHODS`]: a model API's
 /// other create calls (batches, images, speech, fine-tuning) are billed, and
 /// a prefix written for `/v1/models` would pass them on unmetered. An
-/// upstream is known by where it sends (scheme, host and port, base path),
-/// not by its entry's name: a second entry for the same API (kept for its
-/// longer timeouts, say) reaches the same billed endpoints. Known by name:
-/// `localhost` and `127.0.0.1` are two origins.
+/// upstream is known by its origin (scheme, host and port, whatever the
+/// base path), not by its entry's name: a second entry for the same API
+/// (kept for its longer timeouts, say) reaches the same billed endpoints.
+/// Known by name: `localhost` and `127.0.0.1` are two origins.
 fn only_reads_through_metered_upstreams(routes: &mut [Route], upstreams: &[Upstream]) {
     let origin = |index: usize| origin_of(upstreams, index);
     let metered: std::collections::HashSet<_> =
