@@ -128,6 +128,11 @@ fn checked_body<'a>(path: &Path, bytes: &'a [u8]) -> Result<(u64, &'a [u8]), Che
             .ok_or_else(|| damaged(format!("header field {name} is missing")))
     };
     let seq: u64 = field("seq")?.parse().map_err(|_| damaged("header seq is not a number".into()))?;
+    // The name is what the list and retention read (a file restored or
+    // renamed by hand could say another number): the two must agree.
+    if let Some(named) = seq_of_name(path).filter(|named| *named != seq) {
+        return Err(damaged(format!("the file is named for record {named} but covers {seq}")));
+    }
     let length: usize =
         field("bytes")?.parse().map_err(|_| damaged("header bytes is not a number".into()))?;
     let sum = field("sha256")?;
@@ -163,13 +168,18 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     let mut found: Vec<(u64, PathBuf)> = entries
         .flatten()
         .filter_map(|entry| {
-            let name = entry.file_name();
-            let seq = name.to_str()?.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?.parse().ok()?;
-            Some((seq, entry.path()))
+            let path = entry.path();
+            Some((seq_of_name(&path)?, path))
         })
         .collect();
     found.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
     Ok(found)
+}
+
+/// The record a checkpoint file's name says it covers (`None`: not a
+/// checkpoint's name).
+fn seq_of_name(path: &Path) -> Option<u64> {
+    path.file_name()?.to_str()?.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?.parse().ok()
 }
 
 /// The newest checkpoint that reads back whole, and a line for each newer
@@ -315,6 +325,21 @@ mod tests {
         write(dir.path(), &snapshot(50), || {}).unwrap();
         let kept: Vec<u64> = list(dir.path()).unwrap().into_iter().map(|(seq, _)| seq).collect();
         assert_eq!(kept, [50, 40], "the damaged one goes once two good ones are newer");
+    }
+
+    #[test]
+    fn a_checkpoint_renamed_to_another_record_is_damaged_and_not_counted() {
+        // Retention reads a checkpoint's record from its name: one restored
+        // or renamed by hand that covers less would let it prune records the
+        // restart still needs.
+        let dir = tempfile::tempdir().unwrap();
+        let written = write(dir.path(), &snapshot(10), || {}).unwrap();
+        let renamed = path_of(dir.path(), 30);
+        std::fs::rename(&written, &renamed).unwrap();
+        assert!(matches!(read(&renamed), Err(CheckpointError::Damaged { .. })));
+        assert!(!reads_back_whole(&renamed));
+        let (newest, skipped) = load_newest(dir.path()).unwrap();
+        assert!(newest.is_none() && skipped.len() == 1, "{skipped:?}");
     }
 
     #[test]
