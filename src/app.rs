@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, AdminError, EntryReader, OrgAccess, Readiness, Rollups, UsageReader, UsageSource};
 use crate::alerts::{Alerts, DestinationPolicy, Signal};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, DatabaseClock, SystemClock};
 use crate::cluster::journal::decode;
 use crate::cluster::{ClusterNode, NodeOptions};
 use crate::config::{ClusterConfig, GatewayConfig, Scheduler};
@@ -72,6 +72,12 @@ impl Gateway {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Gateway> {
         let config = Arc::new(config);
+        // A replica dates the shared books by a clock never ahead of the database's.
+        let database_clock = config.cluster.as_ref().map(|_| DatabaseClock::new(clock.clone()));
+        let clock = match &database_clock {
+            Some(database_clock) => database_clock.clone() as Arc<dyn Clock>,
+            None => clock,
+        };
         prepare_data_dir(&config)?;
         let metrics = Arc::new(Metrics::new(config.cluster.is_some()));
         let proxy_threads = match config.server.scheduler {
@@ -97,16 +103,16 @@ impl Gateway {
             .with_context(|| format!("cannot listen on {} (admin)", config.server.admin_listen))?;
         let proxy_addr = proxy_listeners.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
-        let (ledger, writer, cluster, historian) = match &config.cluster {
-            None => {
-                let (ledger, writer, historian) = open_books(&config, &clock)?;
-                (ledger, writer, None, historian)
-            }
-            Some(section) => {
+        let (ledger, writer, cluster, historian) = match (&config.cluster, database_clock) {
+            (Some(section), Some(database_clock)) => {
                 let node =
-                    join_cluster(&config, section, admin_addr, &metrics, clock.clone(), shutdown.clone())
+                    join_cluster(&config, section, admin_addr, &metrics, database_clock, shutdown.clone())
                         .await?;
                 (node.ledger().clone(), None, Some(node), None)
+            }
+            _ => {
+                let (ledger, writer, historian) = open_books(&config, &clock)?;
+                (ledger, writer, None, historian)
             }
         };
         let policy = DestinationPolicy { allow: config.admin.alert_webhook_allow.clone() };
@@ -402,7 +408,7 @@ async fn join_cluster(
     section: &ClusterConfig,
     admin_addr: SocketAddr,
     metrics: &Metrics,
-    clock: Arc<dyn Clock>,
+    clock: Arc<DatabaseClock>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<ClusterNode>> {
     let data_dir = &config.server.data_dir;
@@ -428,9 +434,10 @@ async fn join_cluster(
         treasury_ttl: std::time::Duration::from_millis(section.treasury_ttl_ms),
         ship_interval: std::time::Duration::from_millis(section.ship_interval_ms),
         metrics: metrics.cluster.clone(),
+        clock: clock.clone(),
     };
     let ledger_config = LedgerConfig { hold_ttl_ms: config.ledger.hold_ttl_ms, ..LedgerConfig::default() };
-    ClusterNode::start(options, data_dir, ledger_config, clock, shutdown)
+    ClusterNode::start(options, data_dir, ledger_config, clock.clone(), shutdown)
         .await
         .context("cannot join the cluster")
 }

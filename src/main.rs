@@ -268,8 +268,9 @@ async fn serve(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode> 
     let shutdown = CancellationToken::new();
     app::cancel_on_signal(shutdown.clone());
     // Test-only: run on a clock moved by whole days (see `ShiftedClock`).
+    // A release build ignores it: a variable left set would move the books.
     let shift_days =
-        std::env::var("CREDITGATE_TEST_CLOCK_SHIFT_DAYS").ok().and_then(|days| days.parse::<i64>().ok());
+        test_switch("CREDITGATE_TEST_CLOCK_SHIFT_DAYS").and_then(|days| days.parse::<i64>().ok());
     let gateway = match shift_days.and_then(chrono::TimeDelta::try_days) {
         Some(shift) => {
             tracing::warn!(
@@ -295,6 +296,17 @@ async fn serve(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode> 
         // Still a clean exit: the grace period is the operator's choice.
         Drained::TimedOut => ExitCode::SUCCESS,
     })
+}
+
+/// A test-only switch's value: read by debug builds (the test suite's)
+/// only; a release build warns that it is set and goes on without it.
+fn test_switch(name: &str) -> Option<String> {
+    let value = std::env::var(name).ok()?;
+    if cfg!(debug_assertions) {
+        return Some(value);
+    }
+    tracing::warn!(name, "a test-only switch is set and ignored: this is a release build");
+    None
 }
 
 fn check_config(path: PathBuf) -> ExitCode {

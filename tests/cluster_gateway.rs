@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::*;
 use common::pg::Postgres;
+use creditgate::mock::{MockOptions, MockUpstream};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 
@@ -348,6 +349,51 @@ async fn a_replica_whose_clock_runs_ahead_cannot_move_the_books_into_its_future(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(ledger_entries(&cluster.replicas[0], org, "write_off").await.is_empty(), "nothing expired yet");
+    let audit = pool_audit(&cluster.url, org).await;
+    assert!(audit.balances(), "{audit:?}");
+    verify(&cluster.url);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_treasurer_whose_clock_runs_ahead_dates_the_books_by_the_database() {
+    // The treasurer ticks the wallets and takes every admin write. One 40 days ahead
+    // wrote off a purchase with 10 days to live at its first tick, and dated every
+    // entry 40 days on; it now runs on the database's time.
+    let pg = Postgres::start();
+    let url = pg.create_database("treasurer_ahead");
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), MockOptions::default()).await.unwrap();
+    let config = config_file(mock.addr());
+    let shift = [("CREDITGATE_TEST_CLOCK_SHIFT_DAYS", "40")];
+    let ahead = spawn_replica_with_env(config.path(), &url, tempfile::tempdir().unwrap(), &shift);
+    let mut cluster = Cluster { url, config, replicas: vec![ahead], mock };
+    // Alone, it is the treasurer: these writes are its own.
+    let (org, secret) = funded_org(&cluster, 0, "0.002", "0.001").await;
+    let on_time = spawn_replica(cluster.config.path(), &cluster.url, tempfile::tempdir().unwrap());
+    cluster.replicas.push(on_time);
+    buy_short_lived(&cluster.replicas[1], org, chrono::Utc::now() + chrono::TimeDelta::days(10)).await;
+    for replica in &cluster.replicas {
+        assert_eq!(call(&replica.proxy, &secret).await, Some(200), "{}", replica.log());
+    }
+    // Ticks run every second: give the treasurer several.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    settled(&cluster.url).await;
+    let spent: Decimal = debits(&cluster.url, org).await.iter().sum();
+    let expected = Decimal::new(3, 3) + Decimal::new(1, 2) - spent;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shown_balance(&cluster.replicas[1], org).await != expected {
+        assert!(Instant::now() < deadline, "the books moved: {}", cluster.replicas[0].log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ledger_entries(&cluster.replicas[0], org, "write_off").await.is_empty(), "nothing expired yet");
+    let latest = chrono::Utc::now() + chrono::TimeDelta::minutes(1);
+    for kind in ["grant", "purchase", "debit"] {
+        let entries = ledger_entries(&cluster.replicas[0], org, kind).await;
+        assert!(!entries.is_empty(), "no {kind} entries");
+        for entry in entries {
+            let at: chrono::DateTime<chrono::Utc> = entry["at"].as_str().unwrap().parse().unwrap();
+            assert!(at < latest, "an entry dated in the treasurer's future: {entry}");
+        }
+    }
     let audit = pool_audit(&cluster.url, org).await;
     assert!(audit.balances(), "{audit:?}");
     verify(&cluster.url);

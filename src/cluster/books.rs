@@ -145,6 +145,8 @@ pub struct Books {
     /// process that lost its name cannot write under it. `None`: unfenced
     /// (the command-line tools).
     name_held: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The replica's clock, told the database's time at each treasury claim.
+    pub(super) clock: Option<Arc<crate::clock::DatabaseClock>>,
 }
 
 /// Deadlock (40P01) and serialization (40001) failures roll the whole
@@ -178,7 +180,7 @@ fn millis(duration: Duration) -> i64 {
 impl Books {
     /// Books in `db` (migrated with [`super::migrate::migrate`]).
     pub fn new(db: Database) -> Books {
-        Books { db, operations: Arc::new(AtomicU64::new(0)), name_held: None }
+        Books { db, operations: Arc::new(AtomicU64::new(0)), name_held: None, clock: None }
     }
 
     /// The same books through a pool of their own, for a thread that runs
@@ -188,12 +190,20 @@ impl Books {
             db: self.db.own_pool(max_connections)?,
             operations: self.operations.clone(),
             name_held: self.name_held.clone(),
+            clock: self.clock.clone(),
         })
     }
 
     /// These books, sending statements only while `held` is set.
     pub fn fenced_by(mut self, held: Arc<std::sync::atomic::AtomicBool>) -> Books {
         self.name_held = Some(held);
+        self
+    }
+
+    /// These books, telling `clock` the database's time at each treasury
+    /// claim or renewal (every replica makes one at least once a second).
+    pub fn keeping_time(mut self, clock: Arc<crate::clock::DatabaseClock>) -> Books {
+        self.clock = Some(clock);
         self
     }
 

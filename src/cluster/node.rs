@@ -28,7 +28,7 @@ use rust_decimal::Decimal;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, DatabaseClock};
 use crate::ledger::LedgerConfig;
 use crate::proxy::headers::strip_hop_by_hop;
 
@@ -87,6 +87,8 @@ pub struct NodeOptions {
     pub ship_interval: Duration,
     /// Where the replica records its draw times and outbox lag.
     pub metrics: Option<crate::telemetry::metrics::ClusterMetrics>,
+    /// The clock the replica runs on, told the database's time.
+    pub clock: Arc<DatabaseClock>,
 }
 
 /// A running replica.
@@ -205,7 +207,7 @@ impl ClusterNode {
         let name_lock = NameLock::claim(&db, &options.replica, patience, rounds.clone()).await?;
         // A start that fails from here lets the name go.
         let started = rounds.clone().drop_guard();
-        let books = Books::new(db.clone()).fenced_by(name_lock.held());
+        let books = Books::new(db.clone()).fenced_by(name_lock.held()).keeping_time(options.clock.clone());
         books.register(&options.replica, &options.admin_url).await?;
         let replica_settings = ReplicaSettings {
             treasury_ttl: options.treasury_ttl,

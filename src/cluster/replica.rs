@@ -640,8 +640,13 @@ impl Books {
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         retrying(|| async {
             let client = self.client().await?;
-            let statement = client.prepare_cached("SELECT cg_claim_treasury($1, $2, $3)").await?;
-            Ok(client.query_one(&statement, &[&replica, &epoch, &ttl_ms]).await?.get(0))
+            let statement =
+                client.prepare_cached("SELECT cg_claim_treasury($1, $2, $3), clock_timestamp()").await?;
+            let row = client.query_one(&statement, &[&replica, &epoch, &ttl_ms]).await?;
+            if let Some(clock) = &self.clock {
+                clock.observe(row.get(1));
+            }
+            Ok(row.get(0))
         })
         .await
     }

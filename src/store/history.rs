@@ -57,7 +57,7 @@
 //!
 //! # Test hook
 //!
-//! `CREDITGATE_TEST_PAUSE=STEP=MS` (test-only, never for production) makes
+//! `CREDITGATE_TEST_PAUSE=STEP=MS` (test-only, read by debug builds only) makes
 //! the checkpoint thread stop for `MS` milliseconds in the middle of `STEP`
 //! (`checkpoint`: halfway through the temporary file; `export`: after the
 //! first record of a day file; `prune`: once the new floor is durable, before each batch is removed),
@@ -507,6 +507,10 @@ pub fn retain_through<S: Store + ?Sized>(
 
 /// The test-only pause; see the module doc.
 pub fn test_pause(ledger_dir: &Path, step: &str) {
+    // Read by debug builds (the test suite's) only.
+    if !cfg!(debug_assertions) {
+        return;
+    }
     let Ok(setting) = std::env::var("CREDITGATE_TEST_PAUSE") else {
         return;
     };
