@@ -504,7 +504,7 @@ pub fn credit_taken(call: &OrgCall<'_>, method: &Method, rest: &[&str], body: &[
 
 /// Whether a user change can grant credit: a new allowance or pro-rating
 /// setting, or a downgrade to Lite (granted its allowance, pro-rated or from
-/// the next month; cycling Pro -> Lite -> Pro would mint one per cycle).
+/// the next month; never twice in one month, however often it cycles).
 fn grants_credit(patch: &UserPatch, current: &User) -> bool {
     let allowance = amount(patch.lite_monthly_allowance).unwrap_or(current.lite_monthly_allowance);
     let prorate = patch.prorate_on_downgrade.unwrap_or(current.prorate_on_downgrade);

@@ -130,7 +130,12 @@ fn wallet() -> Value {
 fn time_zone() -> Value {
     let mut names: Vec<Value> = chrono_tz::TZ_VARIANTS.iter().map(|tz| json!(tz.name())).collect();
     names.push(Value::Null);
-    json!({"enum": names, "examples": ["Europe/Berlin"]})
+    json!({
+        "enum": names,
+        "examples": ["Europe/Berlin"],
+        "description": "The zone of the org's calendar (Lite resets on the 1st, contract years, limit periods, \
+                        reports); UTC when absent or null; fixed once the org is created."
+    })
 }
 
 /// A time, or empty (the same as leaving the parameter out).

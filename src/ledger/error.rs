@@ -115,6 +115,13 @@ pub enum LedgerError {
         /// The plan.
         plan: crate::ledger::entity::Plan,
     },
+    /// Credit for the Lite wallet of a user not on Lite now: nobody draws
+    /// from it, and a later downgrade would make it spendable.
+    #[error("user {user} is not on Lite: their Lite wallet takes no credit")]
+    LiteWalletNotInUse {
+        /// The user.
+        user: UserId,
+    },
     /// End-user limits apply to applications only.
     #[error("end-user limits apply to applications only")]
     EndUserLimitsOnUser,

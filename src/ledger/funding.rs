@@ -11,6 +11,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::admin::{check_amount, check_prose, too_fine, MAX_AMOUNT};
+use crate::ledger::entity::Plan;
 use crate::ledger::entry::{EntryKind, LedgerEntry};
 use crate::ledger::ids::{EntryId, LotId, OrgId, WalletId};
 use crate::ledger::{Ledger, LedgerError};
@@ -232,6 +233,12 @@ impl Ledger {
         check_prose("reason", &request.reason)?;
         self.shared.committer.check()?;
         self.ensure_wallet_in(request.org, request.wallet)?;
+        // Taking stale credit back from it stays possible.
+        if let (WalletId::Lite(user), true) = (request.wallet, request.amount > Decimal::ZERO) {
+            if self.users.get(&user).is_some_and(|user| user.plan != Plan::Lite) {
+                return Err(LedgerError::LiteWalletNotInUse { user });
+            }
+        }
         if request.amount.is_zero() || request.amount.abs() > MAX_AMOUNT || too_fine(request.amount) {
             return Err(LedgerError::InvalidAmount {
                 field: "amount",

@@ -285,6 +285,17 @@ fn upgrade_writes_off_lite_and_moves_to_pool() {
     assert_eq!(ledger.balance(WalletId::Pool(org), now).unwrap().balance, dec!(95));
     // No more monthly grants while on Pro.
     assert_eq!(ledger.balance(lite, at("2027-07-01T00:00:00Z")).unwrap().balance, dec!(0));
+    // Nor credit by hand, which a downgrade would make spendable: only taking it back.
+    let adjust = |amount: Decimal, expires_at: Option<DateTime<Utc>>| {
+        let wallet = lite;
+        let (reason, idempotency_key) = ("goodwill".to_owned(), format!("to-lite-{amount}"));
+        ledger.adjust(AdjustmentRequest { org, wallet, amount, reason, expires_at, idempotency_key }, now)
+    };
+    let refused = adjust(dec!(50), Some(at("2027-12-31T00:00:00Z")));
+    assert_eq!(refused.unwrap_err(), LedgerError::LiteWalletNotInUse { user });
+    assert_eq!(ledger.balance(lite, now).unwrap().balance, dec!(0));
+    let taken_back = adjust(dec!(-1), None).unwrap_err();
+    assert!(matches!(taken_back, LedgerError::InsufficientAvailable { .. }), "{taken_back:?}");
     assert_verified(&ledger, &journal);
 }
 
@@ -897,6 +908,36 @@ fn an_allowance_raised_mid_month_is_granted_next_month_also_after_a_restart() {
         assert_eq!(balance(zero, april), dec!(10), "{name}: the new allowance from April");
         assert_eq!(balance(five, april), dec!(8), "{name}");
     }
+    assert_verified(&ledger, &journal);
+}
+
+#[test]
+fn moving_between_plans_within_a_month_never_grants_its_allowance_twice() {
+    // Proves a downgrade's pro-rated grant is skipped for a month already granted: a Lite
+    // user who spent April's 30, upgraded and downgraded again got 15 more, and each
+    // Pro -> Lite -> Pro round trip minted another share.
+    let (ledger, journal) = ledger();
+    let april = at("2027-04-01T00:00:00Z");
+    let org = org(&ledger, Tz::UTC, None, april);
+    let spender = user(&ledger, org, Plan::Lite, dec!(30), april);
+    ledger.set_lite_allowance(org, spender, dec!(30), true, april).unwrap();
+    let key = key(&ledger, org, Owner::User(spender), Limits::NONE, april);
+    let lite = WalletId::Lite(spender);
+    spend(&ledger, lite, key, dec!(30), april);
+    let mid = at("2027-04-16T00:00:00Z");
+    ledger.set_user_plan(org, spender, Plan::Pro, mid).unwrap();
+    ledger.set_user_plan(org, spender, Plan::Lite, mid).unwrap();
+    assert_eq!(ledger.balance(lite, mid).unwrap().balance, dec!(0), "April was granted once, and spent");
+    assert_eq!(ledger.balance(lite, at("2027-05-01T00:00:00Z")).unwrap().balance, dec!(30), "May comes");
+
+    let pro = user(&ledger, org, Plan::Pro, dec!(30), april);
+    ledger.set_lite_allowance(org, pro, dec!(30), true, april).unwrap();
+    let wallet = WalletId::Lite(pro);
+    ledger.set_user_plan(org, pro, Plan::Lite, mid).unwrap();
+    assert_eq!(ledger.balance(wallet, mid).unwrap().balance, dec!(15.00), "the rest of April, once");
+    ledger.set_user_plan(org, pro, Plan::Pro, mid).unwrap();
+    ledger.set_user_plan(org, pro, Plan::Lite, mid).unwrap();
+    assert_eq!(ledger.balance(wallet, mid).unwrap().balance, dec!(0), "no second share of April");
     assert_verified(&ledger, &journal);
 }
 

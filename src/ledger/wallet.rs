@@ -317,10 +317,16 @@ impl WalletState {
         }
     }
 
-    /// Grants a pro-rated allowance for the current month (downgrade).
+    /// Grants a pro-rated allowance for the current month (downgrade),
+    /// unless this month's was granted already: one allowance a month, so a
+    /// user moved Lite -> Pro -> Lite (or Pro -> Lite twice) within a month
+    /// is not granted it again.
     pub fn grant_prorated(&mut self, now: DateTime<Utc>, amount: Decimal, committer: &Committer) {
         let tz = self.calendar.tz;
         let month = YearMonth::containing(tz, now);
+        if self.lite_granted_through.is_some_and(|done| done >= month) {
+            return;
+        }
         self.lite_granted_through = Some(month);
         if amount > Decimal::ZERO {
             let kind = EntryKind::Grant {
