@@ -19,7 +19,8 @@ use crate::store::{Store, StoreConfig, StoreError};
 // Records are most of the traffic; boxing them would allocate per record.
 #[allow(clippy::large_enum_variant)]
 enum Message {
-    Record(Record),
+    /// Boxed, so the queue's slots (allocated up front) are small.
+    Record(Box<Record>),
     /// Answered after the flush that covers everything queued before it.
     Barrier(SyncSender<Result<(), JournalError>>),
     /// Flush, answer, stop.
@@ -293,7 +294,7 @@ impl<S: Store> Journal for GroupCommit<S> {
         }
         // Counted by the writer as it takes them: a counter every request
         // thread bumped would be one more cache line they pass around.
-        self.send(Message::Record(record))
+        self.send(Message::Record(Box::new(record)))
     }
 
     fn sync(&self) -> Result<(), JournalError> {
@@ -594,7 +595,7 @@ impl<S: Store> Worker<S> {
                 state.highest_seen = state.highest_seen.max(record.seq);
                 self.shared.counters.appended.fetch_add(1, Ordering::Relaxed);
                 let begins_after = self.shared.begins_after.load(Ordering::Relaxed);
-                if state.sequencer.take(record, begins_after, &mut group.records) {
+                if state.sequencer.take(*record, begins_after, &mut group.records) {
                     self.shared.counters.written_out_of_order.fetch_add(1, Ordering::Relaxed);
                 }
             }
