@@ -378,9 +378,11 @@ impl Admin {
             }
             ["whoami"] if parts.method == Method::GET => (StatusCode::OK, scope.view()),
             ["orgs"] => {
-                let (method, body) = (parts.method.clone(), body.clone());
-                self.change(&parts.method, move |ledger| api::orgs(ledger, scope, &method, &body, now))
-                    .await?
+                let (method, headers, body) = (parts.method.clone(), parts.headers.clone(), body.clone());
+                self.change(&parts.method, move |ledger| {
+                    api::orgs(ledger, scope, &method, &headers, &body, now)
+                })
+                .await?
             }
             ["orgs", org, rest @ ..] => {
                 let org = OrgId(org.parse().map_err(|_| AdminError::NotFound(format!("no org {org}")))?);

@@ -230,16 +230,21 @@ pub fn key_view(key: &ApiKey) -> Value {
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<String, AdminError> {
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .ok_or(AdminError::MissingHeader("Idempotency-Key"))?;
+    optional_idempotency_key(headers)?.ok_or(AdminError::MissingHeader("Idempotency-Key"))
+}
+
+/// The `Idempotency-Key` of a create that takes one if given (orgs, users).
+fn optional_idempotency_key(headers: &HeaderMap) -> Result<Option<String>, AdminError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value.to_str().ok().map(str::trim).filter(|k| !k.is_empty()).ok_or_else(|| {
+        AdminError::bad("Idempotency-Key", format!("1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII bytes"))
+    })?;
     if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
         return Err(AdminError::bad("Idempotency-Key", format!("at most {MAX_IDEMPOTENCY_KEY_LEN} bytes")));
     }
-    Ok(key.to_owned())
+    Ok(Some(key.to_owned()))
 }
 
 fn id(segment: &str, what: &str) -> Result<u64, AdminError> {
@@ -247,7 +252,14 @@ fn id(segment: &str, what: &str) -> Result<u64, AdminError> {
 }
 
 /// `POST /admin/v1/orgs` and `GET /admin/v1/orgs`.
-pub fn orgs(ledger: &Ledger, scope: Scope, method: &Method, body: &[u8], now: DateTime<Utc>) -> Answer {
+pub fn orgs(
+    ledger: &Ledger,
+    scope: Scope,
+    method: &Method,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: DateTime<Utc>,
+) -> Answer {
     match *method {
         Method::GET => {
             let orgs: Vec<_> = ledger.orgs().into_iter().filter(|o| scope.sees(o.id)).collect();
@@ -268,7 +280,8 @@ pub fn orgs(ledger: &Ledger, scope: Scope, method: &Method, body: &[u8], now: Da
                 })?,
             };
             let new = NewOrg { name: raw.name, time_zone, contract: raw.contract.map(Into::into) };
-            Ok((StatusCode::CREATED, json!(ledger.create_org(new, now)?)))
+            let key = optional_idempotency_key(headers)?;
+            Ok((StatusCode::CREATED, json!(ledger.create_org_once(new, key, now)?)))
         }
         _ => Err(no_route(method, "/admin/v1/orgs")),
     }
@@ -396,7 +409,7 @@ pub fn org_resource(call: &OrgCall<'_>, method: &Method, rest: &[&str], body: &[
 }
 
 fn create_user(call: &OrgCall<'_>, body: &[u8]) -> Answer {
-    let OrgCall { ledger, org, scope, now, .. } = *call;
+    let OrgCall { ledger, org, scope, headers, now } = *call;
     let raw: UserIn = parse(body)?;
     let plan: Plan = raw.plan.into();
     let allowance = amount(raw.lite_monthly_allowance).unwrap_or(Decimal::ZERO);
@@ -415,7 +428,8 @@ fn create_user(call: &OrgCall<'_>, body: &[u8]) -> Answer {
         prorate_on_downgrade: raw.prorate_on_downgrade,
         limits: raw.limits.into(),
     };
-    Ok((StatusCode::CREATED, json!(ledger.create_user(org, new, now)?)))
+    let key = optional_idempotency_key(headers)?;
+    Ok((StatusCode::CREATED, json!(ledger.create_user_once(org, new, key, now)?)))
 }
 
 fn patch_user(call: &OrgCall<'_>, user: UserId, body: &[u8]) -> Answer {

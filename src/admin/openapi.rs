@@ -29,11 +29,19 @@ pub const ROUTES: &[RouteDoc] = &[
     operator("get", "/admin/v1/prices/table", "Every model and tool with its prices in force now"),
     operator("post", "/admin/v1/prices/reload", "Reload the price file; 422 with every problem if invalid"),
     route("get", "/admin/v1/orgs", "Organizations (an org token sees its own)"),
-    operator("post", "/admin/v1/orgs", "Create an organization, optionally with its first contract"),
+    operator(
+        "post",
+        "/admin/v1/orgs",
+        "Create an organization, optionally with its first contract (an Idempotency-Key header makes a retry safe)",
+    ),
     route("get", "/admin/v1/orgs/{org}", "One organization and its contracts"),
     route("post", "/admin/v1/orgs/{org}/contracts", "Add a contract term (renewal)"),
     route("get", "/admin/v1/orgs/{org}/users", "Users"),
-    route("post", "/admin/v1/orgs/{org}/users", "Create a Pro or Lite user"),
+    route(
+        "post",
+        "/admin/v1/orgs/{org}/users",
+        "Create a Pro or Lite user (an Idempotency-Key header makes a retry safe)",
+    ),
     route("patch", "/admin/v1/orgs/{org}/users/{user}", "Change plan, Lite allowance or limits"),
     route("get", "/admin/v1/orgs/{org}/apps", "Applications"),
     route("post", "/admin/v1/orgs/{org}/apps", "Create an application"),
@@ -234,7 +242,8 @@ fn time() -> Value {
 fn organization() -> Value {
     has(
         json!({"id": id(), "name": {"type": "string"}, "time_zone": {"type": "string"},
-               "contracts": {"type": "array", "items": {"type": "object"}}, "created_at": time()}),
+               "contracts": {"type": "array", "items": {"type": "object"}}, "created_at": time(),
+               "idempotency_key": {"type": "string"}}),
         &["id", "name", "time_zone", "contracts", "created_at"],
     )
 }
@@ -280,7 +289,7 @@ fn user() -> Value {
     has(
         json!({"id": id(), "org": id(), "name": {"type": "string"}, "plan": plan(),
                "lite_monthly_allowance": decimal(), "prorate_on_downgrade": {"type": "boolean"},
-               "limits": shown_limits(), "created_at": time()}),
+               "limits": shown_limits(), "created_at": time(), "idempotency_key": {"type": "string"}}),
         &[
             "id",
             "org",
@@ -594,6 +603,12 @@ fn responses(route: &RouteDoc) -> Value {
              original result and never credits twice)",
         );
     }
+    if takes_optional_idempotency_key(route) {
+        answers["409"] = error(
+            "`idempotency_conflict`: the Idempotency-Key was used for a different request (or for a user \
+             changed since); `message` names the field",
+        );
+    }
     if route.path.ends_with("/usage") {
         answers["422"] = error(
             "`rule_refused`: `group_by` names a dimension twice, or the report would have more groups \
@@ -626,11 +641,20 @@ fn responses(route: &RouteDoc) -> Value {
     answers
 }
 
+/// Creates that take an `Idempotency-Key` if given: a retry answers what the
+/// first call created.
+fn takes_optional_idempotency_key(route: &RouteDoc) -> bool {
+    route.method == "post" && (route.path == "/admin/v1/orgs" || route.path.ends_with("/users"))
+}
+
 fn operation(route: &RouteDoc) -> Value {
     let mut parameters = path_parameters(route.path);
     parameters.extend(query_parameters(route.path));
     if route.path.ends_with("/purchases") || route.path.ends_with("/adjustments") {
         parameters.push(json!({"name": "Idempotency-Key", "in": "header", "required": true, "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[\\x21-\\x7e]+$"}}));
+    }
+    if takes_optional_idempotency_key(route) {
+        parameters.push(json!({"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[\\x21-\\x7e]+$"}}));
     }
     let mut op = json!({"summary": route.summary, "parameters": parameters, "responses": responses(route)});
     if route.operator_only {

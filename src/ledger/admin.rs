@@ -21,6 +21,7 @@ use rust_decimal::Decimal;
 use crate::ledger::calendar::YearMonth;
 use crate::ledger::contract::{ContractTerm, OrgCalendar};
 use crate::ledger::entity::{ApiKey, Application, KeyHash, KeyScope, Organization, Plan, User};
+use crate::ledger::funding::{check_key, conflict};
 use crate::ledger::ids::{AppId, KeyId, OrgId, Owner, UserId, WalletId};
 use crate::ledger::journal::{Record, RecordBody};
 use crate::ledger::limit::Limits;
@@ -180,7 +181,35 @@ impl Ledger {
     /// Creates an organization and its pool; grants the contract year in
     /// force, if any.
     pub fn create_org(&self, new: NewOrg, now: DateTime<Utc>) -> Result<Organization, LedgerError> {
+        self.create_org_once(new, None, now)
+    }
+
+    /// [`Ledger::create_org`] under an idempotency key: a retry of the same
+    /// request answers the org the first one created (once it is durable),
+    /// a different request under the key is refused naming the field.
+    pub fn create_org_once(
+        &self,
+        new: NewOrg,
+        idempotency_key: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<Organization, LedgerError> {
         let _admin = self.lock_admin()?;
+        if let Some(key) = &idempotency_key {
+            check_key(key)?;
+            let first =
+                self.orgs.iter().find(|org| org.idempotency_key.as_ref() == Some(key)).map(|org| org.clone());
+            if let Some(first) = first {
+                let differs = [
+                    ("name", first.name != new.name),
+                    ("time_zone", first.time_zone != new.time_zone),
+                    ("contract", first.contracts.first() != new.contract.as_ref()),
+                ];
+                return match differs.into_iter().find_map(|(field, differs)| differs.then_some(field)) {
+                    None => self.durable(first),
+                    Some(field) => Err(conflict(key, field)),
+                };
+            }
+        }
         check_text("name", &new.name)?;
         let mut calendar = OrgCalendar::new(new.time_zone);
         if let Some(term) = &new.contract {
@@ -194,6 +223,7 @@ impl Ledger {
                 time_zone: new.time_zone,
                 contracts: calendar.terms.to_vec(),
                 created_at: now,
+                idempotency_key,
             })
         });
         let RecordBody::Org(org) = record.body else {
@@ -230,8 +260,43 @@ impl Ledger {
     /// Creates a user. A Lite user gets a wallet and this month's allowance in
     /// full at once; a Pro user draws on the pool.
     pub fn create_user(&self, org: OrgId, new: NewUser, now: DateTime<Utc>) -> Result<User, LedgerError> {
+        self.create_user_once(org, new, None, now)
+    }
+
+    /// [`Ledger::create_user`] under an idempotency key, scoped to `org`: a
+    /// retry of the same request answers the user the first one created; a
+    /// different request, or one for a user changed since, is refused
+    /// naming the field.
+    pub fn create_user_once(
+        &self,
+        org: OrgId,
+        new: NewUser,
+        idempotency_key: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<User, LedgerError> {
         let _admin = self.lock_admin()?;
         let tz = self.org(org).ok_or(LedgerError::UnknownOrg(org))?.time_zone;
+        if let Some(key) = &idempotency_key {
+            check_key(key)?;
+            let first = self
+                .users
+                .iter()
+                .find(|user| user.org == org && user.idempotency_key.as_ref() == Some(key))
+                .map(|user| user.clone());
+            if let Some(first) = first {
+                let differs = [
+                    ("name", first.name != new.name),
+                    ("plan", first.plan != new.plan),
+                    ("lite_monthly_allowance", first.lite_monthly_allowance != new.lite_monthly_allowance),
+                    ("prorate_on_downgrade", first.prorate_on_downgrade != new.prorate_on_downgrade),
+                    ("limits", first.limits != new.limits),
+                ];
+                return match differs.into_iter().find_map(|(field, differs)| differs.then_some(field)) {
+                    None => self.durable(first),
+                    Some(field) => Err(conflict(key, field)),
+                };
+            }
+        }
         check_text("name", &new.name)?;
         if self.users.len() >= MAX_PER_ORG
             && self.users.iter().filter(|user| user.org == org).count() >= MAX_PER_ORG
@@ -251,6 +316,7 @@ impl Ledger {
                 lite_allowance_from: (new.plan == Plan::Lite).then(|| YearMonth::containing(tz, now)),
                 limits: new.limits,
                 created_at: now,
+                idempotency_key,
             })
         });
         let RecordBody::User(user) = record.body else {

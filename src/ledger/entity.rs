@@ -27,6 +27,9 @@ pub struct Organization {
     pub contracts: Vec<ContractTerm>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
+    /// The `Idempotency-Key` it was created under: a retry answers this org.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Which wallet a user draws from.
@@ -61,6 +64,9 @@ pub struct User {
     pub limits: Limits,
     /// Creation time.
     pub created_at: DateTime<Utc>,
+    /// The `Idempotency-Key` they were created under: a retry answers this user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// An embedded application drawing from the org pool.

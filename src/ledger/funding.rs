@@ -114,7 +114,7 @@ fn adjustment_difference(first: &AdjustmentRequest, again: &AdjustmentRequest) -
     .find_map(|(field, differs)| differs.then_some(field))
 }
 
-fn check_key(key: &str) -> Result<(), LedgerError> {
+pub(crate) fn check_key(key: &str) -> Result<(), LedgerError> {
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
         return Err(LedgerError::BadIdempotencyKey { max: MAX_IDEMPOTENCY_KEY_BYTES });
     }
@@ -298,7 +298,7 @@ impl Ledger {
     /// either: it waits for the journal to confirm everything appended so far
     /// (the journal keeps order and never drops a record it then confirms),
     /// and a failed journal answers its failure.
-    fn durable<R>(&self, receipt: R) -> Result<R, LedgerError> {
+    pub(crate) fn durable<R>(&self, receipt: R) -> Result<R, LedgerError> {
         self.shared.committer.sync()?;
         Ok(receipt)
     }
@@ -352,7 +352,7 @@ impl Ledger {
     }
 }
 
-fn conflict(key: &str, field: &'static str) -> LedgerError {
+pub(crate) fn conflict(key: &str, field: &'static str) -> LedgerError {
     LedgerError::IdempotencyConflict { key: key.to_owned(), field }
 }
 

@@ -942,6 +942,47 @@ fn moving_between_plans_within_a_month_never_grants_its_allowance_twice() {
 }
 
 #[test]
+fn a_create_retried_after_a_restart_answers_what_the_first_call_created() {
+    // Proves the idempotency key of an org or a user lives in its record, so a
+    // retry after a restart finds it, and that a user's key is scoped to its org.
+    let (ledger, journal) = ledger();
+    let now = at("2027-05-10T00:00:00Z");
+    let contract = Some(term("2027-01-01", 1, dec!(100), 0, dec!(0)));
+    let new_org = || crate::ledger::admin::NewOrg {
+        name: "acme".into(),
+        time_zone: Tz::UTC,
+        contract: contract.clone(),
+    };
+    let new_user = || crate::ledger::admin::NewUser {
+        name: "lee".into(),
+        plan: Plan::Lite,
+        lite_monthly_allowance: dec!(5),
+        prorate_on_downgrade: false,
+        limits: Limits::NONE,
+    };
+    let org = ledger.create_org_once(new_org(), Some("org-1".into()), now).unwrap();
+    let user = ledger.create_user_once(org.id, new_user(), Some("user-1".into()), now).unwrap();
+    let restored = crate::ledger::Ledger::restore(
+        LedgerConfig::default(),
+        std::sync::Arc::new(crate::ledger::journal::MemoryJournal::default()),
+        journal.records(),
+    )
+    .unwrap();
+    assert_eq!(restored.create_org_once(new_org(), Some("org-1".into()), now).unwrap(), org);
+    assert_eq!(restored.create_user_once(org.id, new_user(), Some("user-1".into()), now).unwrap(), user);
+    assert_eq!(restored.orgs().len(), 1);
+    assert_eq!(restored.balance(WalletId::Pool(org.id), now).unwrap().balance, dec!(100), "granted once");
+    assert_eq!(restored.balance(WalletId::Lite(user.id), now).unwrap().balance, dec!(5), "granted once");
+    let other = restored.create_org_once(new_org(), Some("org-2".into()), now).unwrap();
+    let theirs = restored.create_user_once(other.id, new_user(), Some("user-1".into()), now).unwrap();
+    assert_ne!(theirs.id, user.id, "a user's key belongs to its org");
+    let renamed = crate::ledger::admin::NewOrg { name: "acme2".into(), ..new_org() };
+    let refused = restored.create_org_once(renamed, Some("org-1".into()), now).unwrap_err();
+    assert_eq!(refused, LedgerError::IdempotencyConflict { key: "org-1".into(), field: "name" });
+    assert_verified(&ledger, &journal);
+}
+
+#[test]
 fn a_change_read_before_midnight_and_made_after_the_tick_reckons_the_month_from_the_wallet() {
     // Proves an admin change whose time was read before a month ended, and
     // which runs after the tick moved the wallet into the next month, starts

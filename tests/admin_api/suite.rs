@@ -245,6 +245,72 @@ async fn purchases_are_idempotent_and_a_conflicting_replay_names_the_field() {
 }
 
 #[tokio::test]
+async fn an_org_or_a_user_created_under_an_idempotency_key_is_created_once_however_often_retried() {
+    // Before, a retried create made a second org, granted its allocation, or a second
+    // Lite user, granted a month's allowance at once; neither can be deleted.
+    let stack = start().await;
+    let today = chrono::Utc::now().date_naive().to_string();
+    let org_body = json!({"name": "retried", "contract": {"start": today, "years": 1, "platform_allocation_per_year": "40"}});
+    let create_org = |body: Value, key: &'static str| {
+        let stack = &stack;
+        async move {
+            call(stack, ADMIN_TOKEN, Method::POST, "/admin/v1/orgs", Some(body), &[("idempotency-key", key)])
+                .await
+        }
+    };
+    let first = create_org(org_body.clone(), "org-1").await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    let again = create_org(org_body.clone(), "org-1").await;
+    assert_eq!(again.status, 201, "{:?}", again.body);
+    assert_eq!(again.json()["id"], first.json()["id"], "the retry answers the first org");
+    let renamed = create_org(json!({"name": "other"}), "org-1").await;
+    assert_eq!(renamed.status, 409, "{:?}", renamed.body);
+    assert!(renamed.json()["error"]["message"].as_str().unwrap().contains("name"), "{:?}", renamed.body);
+    let orgs = call(&stack, ADMIN_TOKEN, Method::GET, "/admin/v1/orgs", None, &[]).await.json();
+    let named = orgs["orgs"].as_array().unwrap().iter().filter(|org| org["name"] == "retried").count();
+    assert_eq!(named, 1);
+    let org = first.json()["id"].as_u64().unwrap();
+    let balances =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("/admin/v1/orgs/{org}/balances"), None, &[]).await;
+    assert_eq!(dec(&balances.json()["balances"][0]["balance"]), dec(&json!("40")), "granted once");
+
+    let user_body = json!({"name": "lee", "plan": "lite", "lite_monthly_allowance": "5"});
+    let create_user = |org: u64, body: Value| {
+        let stack = &stack;
+        let path = format!("/admin/v1/orgs/{org}/users");
+        async move {
+            call(stack, ADMIN_TOKEN, Method::POST, &path, Some(body), &[("idempotency-key", "user-1")]).await
+        }
+    };
+    let first = create_user(org, user_body.clone()).await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    let again = create_user(org, user_body.clone()).await;
+    assert_eq!(again.status, 201, "{:?}", again.body);
+    assert_eq!(again.json()["id"], first.json()["id"], "the retry answers the first user");
+    let changed = create_user(org, json!({"name": "lee", "plan": "pro"})).await;
+    assert_eq!(changed.status, 409, "{:?}", changed.body);
+    assert!(changed.json()["error"]["message"].as_str().unwrap().contains("plan"), "{:?}", changed.body);
+    let users =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("/admin/v1/orgs/{org}/users"), None, &[]).await;
+    assert_eq!(users.json()["users"].as_array().unwrap().len(), 1, "{:?}", users.body);
+    let balances =
+        call(&stack, ADMIN_TOKEN, Method::GET, &format!("/admin/v1/orgs/{org}/balances"), None, &[]).await;
+    let lite: Decimal = balances.json()["balances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|wallet| wallet["wallet"] != json!("pool") && wallet["wallet"].get("pool").is_none())
+        .map(|wallet| dec(&wallet["balance"]))
+        .sum();
+    assert_eq!(lite, dec(&json!("5")), "one month's allowance, once: {:?}", balances.body);
+    // Keys are scoped to the org: another org's user under the same key is its own.
+    let (other, _) = org_b(&stack).await;
+    let elsewhere = create_user(other, user_body).await;
+    assert_eq!(elsewhere.status, 201, "{:?}", elsewhere.body);
+    assert_ne!(elsewhere.json()["id"], first.json()["id"]);
+}
+
+#[tokio::test]
 async fn invalid_bodies_get_400_naming_the_field() {
     let stack = start().await;
     let cases = [
