@@ -272,8 +272,16 @@ impl Counter {
         self.spent = (self.spent - counted).max(Decimal::ZERO);
     }
 
-    /// Stops counting the open holds (the counter's limits changed or it
-    /// moved to another wallet, whose holds will not take theirs back here).
+    /// Counts the open holds as spent in full from now: they settle on a
+    /// wallet this counter left, and will not take their reservation back
+    /// here (nor add what they cost). The period then counts each at its
+    /// worst case, never less than it costs.
+    fn count_holds_as_spent(&mut self) {
+        self.held = Decimal::ZERO;
+    }
+
+    /// Stops counting the open holds (the counter got a cap where it had
+    /// none, so it never counted them).
     fn forget_holds(&mut self) {
         self.spent = (self.spent - self.held).max(Decimal::ZERO);
         self.held = Decimal::ZERO;
@@ -354,6 +362,13 @@ impl Spend {
         self.day.forget_holds();
         self.month.forget_holds();
         self.year.forget_holds();
+    }
+
+    /// [`Counter::count_holds_as_spent`] for every period.
+    pub fn count_holds_as_spent(&mut self) {
+        self.day.count_holds_as_spent();
+        self.month.count_holds_as_spent();
+        self.year.count_holds_as_spent();
     }
 
     /// True when forgetting these counters changes no answer under

@@ -225,16 +225,18 @@ impl Payers {
         if !self.owners.contains_key(&owner) {
             return None;
         }
-        // Its open holds settle here, where the owner no longer is: the
-        // counters that move stop counting them (those that stay take
-        // theirs back as before).
+        // Its open holds settle here, where the owner no longer is, so the
+        // counters that move count them as spent in full: a call in flight
+        // across a plan change is counted at its hold, never at nothing (a
+        // key capped at 10 a day with 6 in flight could take 6 more on the
+        // new wallet). The counters that stay take theirs back as before.
         let mut payer = self.owners.remove(&owner)?;
-        payer.spend.forget_holds();
-        payer.end_users.values_mut().for_each(Spend::forget_holds);
+        payer.spend.count_holds_as_spent();
+        payer.end_users.values_mut().for_each(Spend::count_holds_as_spent);
         let (mut keys, stay): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.keys).into_iter().partition(|(_, key)| key.owner == owner);
         for capped in keys.iter_mut().filter_map(|(_, key)| key.capped.as_deref_mut()) {
-            capped.spend.forget_holds();
+            capped.spend.count_holds_as_spent();
         }
         self.keys = SmallVec::from_vec(stay);
         // Back inline when one key is left (`from_vec` keeps the heap buffer).

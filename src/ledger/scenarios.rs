@@ -1282,6 +1282,44 @@ fn holds_open_at_midnight_count_against_the_new_day_until_they_settle() {
 }
 
 #[test]
+fn calls_in_flight_across_a_plan_change_count_against_the_caps_that_move() {
+    // Proves a user's and a key's counters that move with a plan change count the calls
+    // in flight at their holds: a Lite key capped at 10 a day with 6 in flight could
+    // take 6 more on the pool after an upgrade (the moved counters forgot the 6, and
+    // its settle on the Lite wallet counted nowhere), 12 against 10.
+    let now = at("2027-05-10T12:00:00Z");
+    for capped in ["key", "user"] {
+        let (ledger, journal) = ledger();
+        let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(100), 0, dec!(0))), now);
+        let lee = user(&ledger, org, Plan::Lite, dec!(50), now);
+        let daily = Limits { daily: Some(dec!(10)), ..Limits::NONE };
+        let (key_limits, user_limits) =
+            if capped == "key" { (daily, Limits::NONE) } else { (Limits::NONE, daily) };
+        ledger.set_user_limits(org, lee, user_limits).unwrap();
+        let key = key(&ledger, org, Owner::User(lee), key_limits, now);
+        let in_flight = ledger.hold(WalletId::Lite(lee), request(), dec!(6), ctx(key), now).unwrap();
+        ledger.set_user_plan(org, lee, Plan::Pro, now).unwrap();
+        let pool = WalletId::Pool(org);
+        let refused = ledger.hold(pool, request(), dec!(6), ctx(key), now).unwrap_err();
+        assert_eq!(refused.code(), "spending_limit", "{capped}: the 6 in flight still count");
+        in_flight.settle(dec!(2), details(), now).unwrap();
+        // Counted at its hold until the day ends: 4 more fit, 5 do not.
+        assert_eq!(
+            ledger.hold(pool, request(), dec!(5), ctx(key), now).unwrap_err().code(),
+            "spending_limit"
+        );
+        ledger
+            .hold(pool, request(), dec!(4), ctx(key), now)
+            .unwrap()
+            .settle(dec!(4), details(), now)
+            .unwrap();
+        let tomorrow = at("2027-05-11T12:00:00Z");
+        ledger.hold(pool, request(), dec!(10), ctx(key), tomorrow).unwrap().release(tomorrow);
+        assert_verified(&ledger, &journal);
+    }
+}
+
+#[test]
 fn a_limit_change_keeps_the_open_holds_counted_so_no_cap_is_passed() {
     // Proves changes to a key (its scope, its caps) keep its open holds
     // counted: raised to 150 with 80 in flight, it takes 70 more, not 80, and
