@@ -72,8 +72,13 @@ impl Gateway {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Gateway> {
         let config = Arc::new(config);
-        // A replica dates the shared books by a clock never ahead of the database's.
-        let database_clock = config.cluster.as_ref().map(|_| DatabaseClock::new(clock.clone()));
+        // A replica dates the shared books by a clock never ahead of the
+        // database's. (Test-only, debug builds: `CREDITGATE_TEST_LOCAL_CLOCK`
+        // leaves a replica on its own clock, so a test can reach the bounds
+        // the shared books put on a clock that runs ahead.)
+        let local_clock = cfg!(debug_assertions) && std::env::var_os("CREDITGATE_TEST_LOCAL_CLOCK").is_some();
+        let database_clock =
+            config.cluster.as_ref().filter(|_| !local_clock).map(|_| DatabaseClock::new(clock.clone()));
         let clock = match &database_clock {
             Some(database_clock) => database_clock.clone() as Arc<dyn Clock>,
             None => clock,
@@ -103,16 +108,22 @@ impl Gateway {
             .with_context(|| format!("cannot listen on {} (admin)", config.server.admin_listen))?;
         let proxy_addr = proxy_listeners.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
-        let (ledger, writer, cluster, historian) = match (&config.cluster, database_clock) {
-            (Some(section), Some(database_clock)) => {
-                let node =
-                    join_cluster(&config, section, admin_addr, &metrics, database_clock, shutdown.clone())
-                        .await?;
-                (node.ledger().clone(), None, Some(node), None)
-            }
-            _ => {
+        let (ledger, writer, cluster, historian) = match &config.cluster {
+            None => {
                 let (ledger, writer, historian) = open_books(&config, &clock)?;
                 (ledger, writer, None, historian)
+            }
+            Some(section) => {
+                let node = join_cluster(
+                    &config,
+                    section,
+                    admin_addr,
+                    &metrics,
+                    (clock.clone(), database_clock),
+                    shutdown.clone(),
+                )
+                .await?;
+                (node.ledger().clone(), None, Some(node), None)
             }
         };
         let policy = DestinationPolicy { allow: config.admin.alert_webhook_allow.clone() };
@@ -408,7 +419,7 @@ async fn join_cluster(
     section: &ClusterConfig,
     admin_addr: SocketAddr,
     metrics: &Metrics,
-    clock: Arc<DatabaseClock>,
+    (clock, database_clock): (Arc<dyn Clock>, Option<Arc<DatabaseClock>>),
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<ClusterNode>> {
     let data_dir = &config.server.data_dir;
@@ -434,10 +445,10 @@ async fn join_cluster(
         treasury_ttl: std::time::Duration::from_millis(section.treasury_ttl_ms),
         ship_interval: std::time::Duration::from_millis(section.ship_interval_ms),
         metrics: metrics.cluster.clone(),
-        clock: clock.clone(),
+        clock: database_clock,
     };
     let ledger_config = LedgerConfig { hold_ttl_ms: config.ledger.hold_ttl_ms, ..LedgerConfig::default() };
-    ClusterNode::start(options, data_dir, ledger_config, clock.clone(), shutdown)
+    ClusterNode::start(options, data_dir, ledger_config, clock, shutdown)
         .await
         .context("cannot join the cluster")
 }

@@ -1,7 +1,7 @@
 //! The injectable clock every time-dependent rule reads, so tests can cross
 //! month, year and price-schedule boundaries without waiting.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -38,16 +38,28 @@ impl Clock for ShiftedClock {
 /// shared books by it, so one whose clock runs ahead (as the treasurer, or
 /// taking admin writes) cannot expire lots, grant allowances or date
 /// entries early. A clock that runs behind is left as it is: the database
-/// never leases credit past its expiry by its own clock.
+/// never leases credit past its expiry by its own clock. It never runs
+/// backwards, though each reading moves the offset (by the time the
+/// answer took to be read).
 pub struct DatabaseClock {
     local: Arc<dyn Clock>,
     /// Microseconds the local clock ran ahead at the last reading (0: not ahead).
     ahead_micros: AtomicI64,
+    /// The latest time answered since the first reading, in microseconds
+    /// since the epoch (before it, the local clock is answered as it is,
+    /// and must not hold the clock ahead once a reading says otherwise).
+    latest_micros: AtomicI64,
+    read: AtomicBool,
 }
 
 impl DatabaseClock {
     pub fn new(local: Arc<dyn Clock>) -> Arc<Self> {
-        Arc::new(DatabaseClock { local, ahead_micros: AtomicI64::new(0) })
+        Arc::new(DatabaseClock {
+            local,
+            ahead_micros: AtomicI64::new(0),
+            latest_micros: AtomicI64::new(i64::MIN),
+            read: AtomicBool::new(false),
+        })
     }
 
     /// Records the database's clock as a statement that has just answered
@@ -56,6 +68,7 @@ impl DatabaseClock {
     pub fn observe(&self, database_now: DateTime<Utc>) {
         let ahead = (self.local.now() - database_now).num_microseconds().unwrap_or(i64::MAX).max(0);
         self.ahead_micros.store(ahead, Ordering::Relaxed);
+        self.read.store(true, Ordering::Release);
     }
 }
 
@@ -68,10 +81,19 @@ impl std::fmt::Debug for DatabaseClock {
 impl Clock for DatabaseClock {
     fn now(&self) -> DateTime<Utc> {
         let local = self.local.now();
-        match self.ahead_micros.load(Ordering::Relaxed) {
+        let now = match self.ahead_micros.load(Ordering::Relaxed) {
             0 => local,
             ahead => local - TimeDelta::microseconds(ahead),
+        };
+        if !self.read.load(Ordering::Acquire) {
+            return now;
         }
+        let micros = now.timestamp_micros();
+        let latest = self.latest_micros.fetch_max(micros, Ordering::Relaxed);
+        if latest > micros {
+            return DateTime::from_timestamp_micros(latest).unwrap_or(now);
+        }
+        now
     }
 }
 
@@ -115,8 +137,16 @@ mod tests {
         assert_eq!(clock.now(), database);
         local.advance(TimeDelta::hours(1));
         assert_eq!(clock.now(), database + TimeDelta::hours(1), "it runs at the local clock's pace");
+        // A reading that finds it further ahead (an answer read late) never moves it back.
+        clock.observe(database + TimeDelta::minutes(59));
+        assert_eq!(clock.now(), database + TimeDelta::hours(1));
+        local.advance(TimeDelta::seconds(30));
+        assert_eq!(clock.now(), database + TimeDelta::hours(1), "held until it catches up");
+        clock.observe(database + TimeDelta::hours(1) + TimeDelta::seconds(30));
+        assert_eq!(clock.now(), database + TimeDelta::hours(1) + TimeDelta::seconds(30));
         // A local clock behind the database's is not moved forward.
-        local.set(database - TimeDelta::minutes(5));
+        let local = ManualClock::new(database - TimeDelta::minutes(5));
+        let clock = DatabaseClock::new(local.clone());
         clock.observe(database);
         assert_eq!(clock.now(), database - TimeDelta::minutes(5));
     }

@@ -247,6 +247,17 @@ fn optional_idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Admin
     Ok(Some(key.to_owned()))
 }
 
+/// An org or a user as the API shows it: the `Idempotency-Key` it was
+/// created under stays in the books (an org token must not read the
+/// operator's, and nobody needs it back).
+fn shown(value: &impl serde::Serialize) -> Value {
+    let mut value = json!(value);
+    if let Some(fields) = value.as_object_mut() {
+        fields.remove("idempotency_key");
+    }
+    value
+}
+
 fn id(segment: &str, what: &str) -> Result<u64, AdminError> {
     segment.parse().map_err(|_| AdminError::NotFound(format!("no {what} {segment}")))
 }
@@ -262,7 +273,7 @@ pub fn orgs(
 ) -> Answer {
     match *method {
         Method::GET => {
-            let orgs: Vec<_> = ledger.orgs().into_iter().filter(|o| scope.sees(o.id)).collect();
+            let orgs: Vec<_> = ledger.orgs().iter().filter(|o| scope.sees(o.id)).map(shown).collect();
             Ok((StatusCode::OK, json!({ "orgs": orgs })))
         }
         Method::POST => {
@@ -281,7 +292,7 @@ pub fn orgs(
             };
             let new = NewOrg { name: raw.name, time_zone, contract: raw.contract.map(Into::into) };
             let key = optional_idempotency_key(headers)?;
-            Ok((StatusCode::CREATED, json!(ledger.create_org_once(new, key, now)?)))
+            Ok((StatusCode::CREATED, shown(&ledger.create_org_once(new, key, now)?)))
         }
         _ => Err(no_route(method, "/admin/v1/orgs")),
     }
@@ -306,14 +317,16 @@ pub fn org_resource(call: &OrgCall<'_>, method: &Method, rest: &[&str], body: &[
     let get = |value: Value| Ok((StatusCode::OK, value));
     match (method, rest) {
         (&Method::GET, []) => {
-            get(json!(ledger.org(org).ok_or_else(|| AdminError::NotFound(format!("no org {}", org.0)))?))
+            get(shown(&ledger.org(org).ok_or_else(|| AdminError::NotFound(format!("no org {}", org.0)))?))
         }
         (&Method::POST, ["contracts"]) => {
             scope.require_finance()?;
             let raw: ContractIn = parse(body)?;
-            Ok((StatusCode::CREATED, json!(ledger.renew_contract(org, raw.into(), now)?)))
+            Ok((StatusCode::CREATED, shown(&ledger.renew_contract(org, raw.into(), now)?)))
         }
-        (&Method::GET, ["users"]) => get(json!({ "users": ledger.users_of(org) })),
+        (&Method::GET, ["users"]) => {
+            get(json!({ "users": ledger.users_of(org).iter().map(shown).collect::<Vec<_>>() }))
+        }
         (&Method::POST, ["users"]) => create_user(call, body),
         (&Method::PATCH, ["users", user]) => patch_user(call, UserId(id(user, "user")?), body),
         (&Method::GET, ["apps"]) => get(json!({ "apps": ledger.apps_of(org) })),
@@ -429,7 +442,7 @@ fn create_user(call: &OrgCall<'_>, body: &[u8]) -> Answer {
         limits: raw.limits.into(),
     };
     let key = optional_idempotency_key(headers)?;
-    Ok((StatusCode::CREATED, json!(ledger.create_user_once(org, new, key, now)?)))
+    Ok((StatusCode::CREATED, shown(&ledger.create_user_once(org, new, key, now)?)))
 }
 
 fn patch_user(call: &OrgCall<'_>, user: UserId, body: &[u8]) -> Answer {
@@ -464,7 +477,7 @@ fn patch_user(call: &OrgCall<'_>, user: UserId, body: &[u8]) -> Answer {
         }
     }
     let updated = ledger.user(user).ok_or_else(|| AdminError::NotFound(format!("no user {}", user.0)))?;
-    Ok((StatusCode::OK, json!(updated)))
+    Ok((StatusCode::OK, shown(&updated)))
 }
 
 /// What a change would take from a wallet's credit, so that in cluster mode

@@ -242,8 +242,7 @@ fn time() -> Value {
 fn organization() -> Value {
     has(
         json!({"id": id(), "name": {"type": "string"}, "time_zone": {"type": "string"},
-               "contracts": {"type": "array", "items": {"type": "object"}}, "created_at": time(),
-               "idempotency_key": {"type": "string"}}),
+               "contracts": {"type": "array", "items": {"type": "object"}}, "created_at": time()}),
         &["id", "name", "time_zone", "contracts", "created_at"],
     )
 }
@@ -289,7 +288,7 @@ fn user() -> Value {
     has(
         json!({"id": id(), "org": id(), "name": {"type": "string"}, "plan": plan(),
                "lite_monthly_allowance": decimal(), "prorate_on_downgrade": {"type": "boolean"},
-               "limits": shown_limits(), "created_at": time(), "idempotency_key": {"type": "string"}}),
+               "limits": shown_limits(), "created_at": time()}),
         &[
             "id",
             "org",
@@ -606,7 +605,8 @@ fn responses(route: &RouteDoc) -> Value {
     if takes_optional_idempotency_key(route) {
         answers["409"] = error(
             "`idempotency_conflict`: the Idempotency-Key was used for a different request (or for a user \
-             changed since); `message` names the field",
+             changed since, or an org created without a contract that has one since); `message` names \
+             the field",
         );
     }
     if route.path.ends_with("/usage") {

@@ -201,10 +201,21 @@ impl Books {
     }
 
     /// These books, telling `clock` the database's time at each treasury
-    /// claim or renewal (every replica makes one at least once a second).
+    /// claim or renewal (every replica makes one each `treasury_ttl_ms / 6`,
+    /// a second at the default).
     pub fn keeping_time(mut self, clock: Arc<crate::clock::DatabaseClock>) -> Books {
         self.clock = Some(clock);
         self
+    }
+
+    /// Tells the clock the database's time now (a replica's first reading,
+    /// before it serves).
+    pub async fn read_database_time(&self) -> Result<(), ClusterError> {
+        let Some(clock) = &self.clock else { return Ok(()) };
+        let client = self.client().await?;
+        let row = client.query_one("SELECT clock_timestamp()", &[]).await?;
+        clock.observe(row.get(0));
+        Ok(())
     }
 
     /// A connection for one operation, counted.

@@ -87,8 +87,9 @@ pub struct NodeOptions {
     pub ship_interval: Duration,
     /// Where the replica records its draw times and outbox lag.
     pub metrics: Option<crate::telemetry::metrics::ClusterMetrics>,
-    /// The clock the replica runs on, told the database's time.
-    pub clock: Arc<DatabaseClock>,
+    /// The clock the replica runs on, to be told the database's time
+    /// (`None`: a test's replica left on its own clock).
+    pub clock: Option<Arc<DatabaseClock>>,
 }
 
 /// A running replica.
@@ -207,7 +208,11 @@ impl ClusterNode {
         let name_lock = NameLock::claim(&db, &options.replica, patience, rounds.clone()).await?;
         // A start that fails from here lets the name go.
         let started = rounds.clone().drop_guard();
-        let books = Books::new(db.clone()).fenced_by(name_lock.held()).keeping_time(options.clock.clone());
+        let mut books = Books::new(db.clone()).fenced_by(name_lock.held());
+        if let Some(clock) = options.clock.clone() {
+            books = books.keeping_time(clock);
+            books.read_database_time().await?;
+        }
         books.register(&options.replica, &options.admin_url).await?;
         let replica_settings = ReplicaSettings {
             treasury_ttl: options.treasury_ttl,

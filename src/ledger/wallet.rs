@@ -110,7 +110,8 @@ pub(crate) struct WalletState {
     next_event_at: DateTime<Utc>,
     /// Contract years whose lots were granted (pool wallets).
     granted_years: Vec<(u32, u32)>,
-    /// Last month whose allowance was granted (Lite wallets).
+    /// Last month whose allowance (in full or pro-rated) was credited
+    /// (Lite wallets): set by the credit alone, so a replay rebuilds it.
     lite_granted_through: Option<YearMonth>,
     pub holds: OpenHolds,
     pub settled: RecentSettlements,
@@ -305,7 +306,10 @@ impl WalletState {
         if month < from || self.lite_granted_through.is_some_and(|done| done >= month) {
             return;
         }
-        self.lite_granted_through = Some(month);
+        // The credit marks the month granted (`add_lot`), as a replay of
+        // its entry does; a grant of 0 writes none and marks nothing, so a
+        // restart knows what this run knew (later allowances start from
+        // `allowance_from`, never this month).
         if allowance > Decimal::ZERO {
             let tz = self.calendar.tz;
             let kind = EntryKind::Grant {
@@ -327,7 +331,7 @@ impl WalletState {
         if self.lite_granted_through.is_some_and(|done| done >= month) {
             return;
         }
-        self.lite_granted_through = Some(month);
+        // Marked by the credit, as in `grant_lite_month`.
         if amount > Decimal::ZERO {
             let kind = EntryKind::Grant {
                 origin: LotOrigin::LiteMonthly { month },

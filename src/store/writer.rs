@@ -16,10 +16,10 @@ use parking_lot::Mutex;
 use crate::ledger::journal::{Journal, JournalError, Record};
 use crate::store::{Store, StoreConfig, StoreError};
 
-// Records are most of the traffic; boxing them would allocate per record.
-#[allow(clippy::large_enum_variant)]
 enum Message {
-    /// Boxed, so the queue's slots (allocated up front) are small.
+    /// Boxed, so the queue's slots (all allocated up front) are small: an
+    /// allocation a record (about 300 instructions) against 5 MB resident
+    /// from the start (bench/README.md).
     Record(Box<Record>),
     /// Answered after the flush that covers everything queued before it.
     Barrier(SyncSender<Result<(), JournalError>>),

@@ -263,6 +263,7 @@ async fn an_org_or_a_user_created_under_an_idempotency_key_is_created_once_howev
     let again = create_org(org_body.clone(), "org-1").await;
     assert_eq!(again.status, 201, "{:?}", again.body);
     assert_eq!(again.json()["id"], first.json()["id"], "the retry answers the first org");
+    assert!(first.json().get("idempotency_key").is_none(), "the key stays in the books: {:?}", first.body);
     let renamed = create_org(json!({"name": "other"}), "org-1").await;
     assert_eq!(renamed.status, 409, "{:?}", renamed.body);
     assert!(renamed.json()["error"]["message"].as_str().unwrap().contains("name"), "{:?}", renamed.body);
