@@ -1212,6 +1212,8 @@ impl LeaseBook {
                 Err(err) => outcome = Err(err),
             }
         }
+        // Before forgetting: a cell held outside the map is not forgotten.
+        drop(wallets);
         self.forget_quiet(now);
         // Refills asked for on holds that no task took (a book run without
         // one) are drawn here.
@@ -1237,6 +1239,12 @@ impl LeaseBook {
     fn forget_quiet(&self, now: Instant) {
         let quiet = self.settings.ttl * 6;
         self.wallets.retain(|_, cell| {
+            // Held outside the map: a draw took the cell (under the shard's
+            // lock) and is about to push its lease into it. Forgotten, the
+            // lease would sit in a cell nobody renews or settles against.
+            if Arc::strong_count(cell) > 1 {
+                return true;
+            }
             let state = cell.lock();
             !state.leases.is_empty()
                 || state.refill_running
@@ -1276,5 +1284,30 @@ impl LeaseBook {
             cell.lock().leases.retain(|lease| !give_back.contains(&lease.id));
         }
         Ok(returned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_quiet_wallet_taken_by_a_draw_is_not_forgotten_under_it() {
+        // A draw takes the wallet's cell, then pushes its lease into it: a
+        // cell forgotten in between took a lease that nobody renewed or
+        // settled against (its credit returned at its expiry, the hold still
+        // open). No database is reached here.
+        let db = crate::cluster::Database::new("postgresql://nobody@127.0.0.1:1/none", 1).unwrap();
+        let book = LeaseBook::new(Books::new(db), LeaseSettings::new("r1"), 1);
+        let taken = book.wallet("pool:org_1");
+        drop(book.wallet("pool:org_2"));
+        let later = Instant::now() + book.settings.ttl * 7;
+        book.forget_quiet(later);
+        assert!(book.wallets.contains_key("pool:org_1"), "the cell a draw holds stays");
+        assert!(!book.wallets.contains_key("pool:org_2"), "a quiet cell nobody holds goes");
+        drop(taken);
+        book.forget_quiet(later);
+        assert!(!book.wallets.contains_key("pool:org_1"));
     }
 }
