@@ -708,6 +708,38 @@ fn a_number_waiting_in_the_queue_of_a_failing_store_is_never_written_past() {
     assert_eq!(stored, [1, 2, 3, 4, 5, 6]);
 }
 
+#[test]
+fn a_sync_waiting_behind_a_gap_is_answered_when_the_store_fails() {
+    // Proves a barrier carried over a gap in the numbers (a record taken but
+    // not yet sent) is answered with the store's failure. It was answered
+    // only once the store recovered: a purchase waiting on it held the admin
+    // lock, and every admin change waited, for the whole outage.
+    use crate::store::GroupCommit;
+    let numbered = numbered_records();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Faulty::new(dir.path()));
+    let config = StoreConfig { gap_patience_ms: 60_000, ..fast() };
+    let writer = Arc::new(GroupCommit::start(Arc::clone(&store), config).unwrap());
+    writer.begin_after(0).unwrap();
+    writer.append(numbered(1)).unwrap();
+    writer.sync().unwrap();
+    // 2 is taken and not yet sent: 3 waits behind it, and so does the sync.
+    writer.append(numbered(3)).unwrap();
+    store.set(FAILING);
+    let (answer, answered) = std::sync::mpsc::channel();
+    let waiting = Arc::clone(&writer);
+    std::thread::spawn(move || answer.send(waiting.sync()));
+    let result = answered.recv_timeout(std::time::Duration::from_secs(5)).expect("the sync was not answered");
+    assert!(matches!(result, Err(JournalError::Unavailable { .. })), "{result:?}");
+    store.set(HEALTHY);
+    wait_until("the writer to recover", || writer.health().is_ok());
+    writer.append(numbered(2)).unwrap();
+    writer.sync().unwrap();
+    writer.shutdown().unwrap();
+    let stored: Vec<u64> = store.records().map(|r| r.unwrap().seq).collect();
+    assert_eq!(stored, [1, 2, 3]);
+}
+
 /// Copies of one real record under any number, for the ordering tests.
 pub(crate) fn numbered_records() -> impl Fn(u64) -> Record {
     let template = all_records(&SledStore::open(populated_dir().path()).unwrap()).remove(0);

@@ -573,7 +573,9 @@ impl<S: Store> Worker<S> {
                 .and_then(|()| self.flush(&mut state, group.count, needs_mark));
             last_flush = Some(Instant::now());
             if let Err(JournalError::Unavailable { .. }) = &result {
-                for barrier in group.barriers.drain(..) {
+                // Those carried over a gap too: a purchase waiting on one
+                // holds the admin lock, and must fail now, not at recovery.
+                for barrier in group.barriers.drain(..).chain(state.carried.drain(..)) {
                     let _gone = barrier.send(result.clone());
                 }
                 result = self.recover(&mut state, &mut group, needs_mark);
