@@ -423,6 +423,13 @@ async fn join_cluster(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<ClusterNode>> {
     let data_dir = &config.server.data_dir;
+    let history = &config.ledger.history;
+    if history.retain_days.is_some() || history.export_dir.is_some() {
+        tracing::warn!(
+            "[ledger] retain_days and export_dir are not used in cluster mode: the shared log in \
+             PostgreSQL is neither checkpointed nor pruned (README, \"Ledger history\")"
+        );
+    }
     let replica = match &section.replica {
         Some(name) => name.clone(),
         None => replica_name(data_dir)?,

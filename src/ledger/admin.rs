@@ -103,6 +103,13 @@ pub fn too_fine(amount: Decimal) -> bool {
 pub const MAX_TEXT_BYTES: usize = 256;
 /// Most routes, and most models, one key's scope may list.
 pub const MAX_SCOPE_ENTRIES: usize = 64;
+/// Most bytes one key's scope may hold, routes and models together: it is
+/// kept in memory for the key's life and journalled with each change.
+pub const MAX_SCOPE_BYTES: usize = 4096;
+/// Most keys, revoked ones included, one organization may ever have:
+/// revoked keys cannot be deleted, and each stays in memory (without its
+/// scope) for the books' sake.
+pub const MAX_KEYS_EVER_PER_ORG: usize = 1_000_000;
 /// Most users, applications and live keys (of each) one organization may
 /// have: each lives in every replica's memory. (Counted only once the whole
 /// gateway has that many, so a create scans nothing before.)
@@ -156,6 +163,14 @@ fn check_scope(scope: &KeyScope) -> Result<(), LedgerError> {
             return Err(LedgerError::TooLong { field, max: MAX_SCOPE_ENTRIES, unit: "entries" });
         }
         list.iter().try_for_each(|entry| check_text(field, entry))?;
+    }
+    let bytes: usize = scope.routes.iter().chain(&scope.models).map(String::len).sum();
+    if bytes > MAX_SCOPE_BYTES {
+        return Err(LedgerError::TooLong {
+            field: "scope",
+            max: MAX_SCOPE_BYTES,
+            unit: "bytes of routes and models",
+        });
     }
     Ok(())
 }
@@ -446,10 +461,19 @@ impl Ledger {
         let owner_org = self.owner_org(new.owner)?;
         self.ensure_same_org(org, owner_org, &new.owner.to_string())?;
         check_text("label", &new.label)?;
-        // Revoked keys cannot be deleted, so only live ones count.
+        // Revoked keys cannot be deleted: live ones count against one cap,
+        // all against a larger one (revoked keys keep no scope, so each is small).
         let live = |key: &ApiKey| key.org == org && !key.revoked;
         if self.keys.len() >= MAX_PER_ORG && self.keys.iter().filter(|key| live(key)).count() >= MAX_PER_ORG {
             return Err(LedgerError::TooMany { what: "keys", max: MAX_PER_ORG });
+        }
+        if self.keys.len() >= MAX_KEYS_EVER_PER_ORG
+            && self.keys.iter().filter(|key| key.org == org).count() >= MAX_KEYS_EVER_PER_ORG
+        {
+            return Err(LedgerError::TooMany {
+                what: "keys, revoked ones included,",
+                max: MAX_KEYS_EVER_PER_ORG,
+            });
         }
         new.limits.validate()?;
         if self.key_index.contains_key(&new.hash) {
@@ -477,9 +501,17 @@ impl Ledger {
     }
 
     /// Revokes a key: it resolves to nothing and cannot hold. Open holds
-    /// taken with it still settle.
+    /// taken with it still settle. Its scope, which nothing reads again, is
+    /// dropped (the key stays in memory for good).
     pub fn revoke_key(&self, org: OrgId, key: KeyId) -> Result<ApiKey, LedgerError> {
-        self.update_key(org, key, |key| key.revoked = true)
+        // Revoked for good: a repeated revocation answers the key.
+        if let Some(found) = self.key(key).filter(|found| found.revoked && found.org == org) {
+            return self.durable(found);
+        }
+        self.update_key(org, key, |key| {
+            key.revoked = true;
+            key.scope = KeyScope::default();
+        })
     }
 
     /// Changes a key's limits.
@@ -503,7 +535,16 @@ impl Ledger {
         let _admin = self.lock_admin()?;
         let mut current = self.key(key).ok_or(LedgerError::UnknownKey(key))?;
         self.ensure_same_org(org, current.org, &key.to_string())?;
+        let before = current.clone();
         change(&mut current);
+        // A change that changes nothing (a revocation repeated, the same
+        // scope sent again) writes nothing; a revoked key takes no other.
+        if current == before {
+            return self.durable(current);
+        }
+        if before.revoked {
+            return Err(LedgerError::KeyRevoked { key });
+        }
         let record = self.commit(|_| RecordBody::Key(current.clone()));
         self.apply_key(&current, record.seq);
         self.shared.committer.sync()?;

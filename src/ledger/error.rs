@@ -122,6 +122,12 @@ pub enum LedgerError {
         /// The user.
         user: UserId,
     },
+    /// A revoked key takes no change: it can never be used again.
+    #[error("key {key} is revoked: it takes no changes")]
+    KeyRevoked {
+        /// The key.
+        key: KeyId,
+    },
     /// End-user limits apply to applications only.
     #[error("end-user limits apply to applications only")]
     EndUserLimitsOnUser,

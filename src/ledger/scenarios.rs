@@ -1320,6 +1320,35 @@ fn calls_in_flight_across_a_plan_change_count_against_the_caps_that_move() {
 }
 
 #[test]
+fn a_key_holds_a_bounded_scope_and_a_revoked_one_keeps_none_and_takes_no_change() {
+    // Proves what one key may keep in memory for good is bounded: its scope
+    // holds at most 4 KiB, a revoked key drops it and takes no later change,
+    // and a change that changes nothing writes no record. (An org token could
+    // create, scope at 36 KB and revoke keys, 200 a minute, and keep every one.)
+    use crate::ledger::entity::KeyScope;
+    let (ledger, journal, org, _, key) = pool_with_a_key("2027-03-10T12:00:00Z", dec!(10), Limits::NONE);
+    let long = KeyScope { routes: (0..64).map(|n| format!("/v1/{n:0>100}")).collect(), models: Vec::new() };
+    let refused = ledger.set_key_scope(org, key, long).unwrap_err();
+    assert!(matches!(refused, LedgerError::TooLong { field: "scope", .. }), "{refused:?}");
+    let scope = KeyScope { routes: vec!["/v1".into()], models: vec!["gpt-4o-mini".into()] };
+    ledger.set_key_scope(org, key, scope.clone()).unwrap();
+    let written = journal.records().len();
+    assert_eq!(ledger.set_key_scope(org, key, scope).unwrap().scope.models, ["gpt-4o-mini"]);
+    assert_eq!(journal.records().len(), written, "the same scope again writes nothing");
+    let revoked = ledger.revoke_key(org, key).unwrap();
+    assert!(revoked.revoked && revoked.scope == KeyScope::default(), "{revoked:?}");
+    let written = journal.records().len();
+    assert!(ledger.revoke_key(org, key).unwrap().revoked, "a repeated revocation answers the key");
+    let changed = ledger.set_key_limits(org, key, Limits { daily: Some(dec!(1)), ..Limits::NONE });
+    assert_eq!(changed.unwrap_err(), LedgerError::KeyRevoked { key });
+    let rescoped =
+        ledger.set_key_scope(org, key, KeyScope { routes: vec!["/v2".into()], models: Vec::new() });
+    assert_eq!(rescoped.unwrap_err(), LedgerError::KeyRevoked { key });
+    assert_eq!(journal.records().len(), written, "nothing written for a revoked key");
+    assert_verified(&ledger, &journal);
+}
+
+#[test]
 fn a_limit_change_keeps_the_open_holds_counted_so_no_cap_is_passed() {
     // Proves changes to a key (its scope, its caps) keep its open holds
     // counted: raised to 150 with 80 in flight, it takes 70 more, not 80, and
