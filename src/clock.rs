@@ -80,12 +80,15 @@ impl std::fmt::Debug for DatabaseClock {
 
 impl Clock for DatabaseClock {
     fn now(&self) -> DateTime<Utc> {
+        // First: once it says a reading was made, that reading's offset is
+        // seen below (a local time must never be kept as the latest).
+        let read = self.read.load(Ordering::Acquire);
         let local = self.local.now();
         let now = match self.ahead_micros.load(Ordering::Relaxed) {
             0 => local,
             ahead => local - TimeDelta::microseconds(ahead),
         };
-        if !self.read.load(Ordering::Acquire) {
+        if !read {
             return now;
         }
         let micros = now.timestamp_micros();

@@ -471,7 +471,7 @@ impl Ledger {
             && self.keys.iter().filter(|key| key.org == org).count() >= MAX_KEYS_EVER_PER_ORG
         {
             return Err(LedgerError::TooMany {
-                what: "keys, revoked ones included,",
+                what: "keys (revoked ones included)",
                 max: MAX_KEYS_EVER_PER_ORG,
             });
         }
@@ -537,13 +537,14 @@ impl Ledger {
         self.ensure_same_org(org, current.org, &key.to_string())?;
         let before = current.clone();
         change(&mut current);
-        // A change that changes nothing (a revocation repeated, the same
-        // scope sent again) writes nothing; a revoked key takes no other.
-        if current == before {
-            return self.durable(current);
-        }
+        // A revoked key takes no change (a repeated revocation is answered
+        // before); a change that changes nothing (the same scope sent
+        // again) writes nothing.
         if before.revoked {
             return Err(LedgerError::KeyRevoked { key });
+        }
+        if current == before {
+            return self.durable(current);
         }
         let record = self.commit(|_| RecordBody::Key(current.clone()));
         self.apply_key(&current, record.seq);

@@ -1344,6 +1344,8 @@ fn a_key_holds_a_bounded_scope_and_a_revoked_one_keeps_none_and_takes_no_change(
     let rescoped =
         ledger.set_key_scope(org, key, KeyScope { routes: vec!["/v2".into()], models: Vec::new() });
     assert_eq!(rescoped.unwrap_err(), LedgerError::KeyRevoked { key });
+    let same = ledger.set_key_scope(org, key, KeyScope::default()).unwrap_err();
+    assert_eq!(same, LedgerError::KeyRevoked { key }, "not even an unchanged one");
     assert_eq!(journal.records().len(), written, "nothing written for a revoked key");
     assert_verified(&ledger, &journal);
 }
