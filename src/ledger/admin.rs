@@ -641,7 +641,7 @@ impl Ledger {
                 Plan::Pro => WalletId::Pool(user.org),
                 Plan::Lite => lite_wallet,
             };
-            let moved = self.cell(from).and_then(|cell| cell.state.lock().payers.take_owner(owner));
+            let moved = self.cell(from).and_then(|cell| cell.state.lock().take_owner(owner));
             if let (Some(moved), Some(to)) = (moved, self.cell(wallet)) {
                 to.state.lock().payers.put_owner(moved);
             }

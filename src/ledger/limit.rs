@@ -364,8 +364,13 @@ impl Spend {
         self.year.forget_holds();
     }
 
-    /// [`Counter::count_holds_as_spent`] for every period.
-    pub fn count_holds_as_spent(&mut self) {
+    /// [`Counter::count_holds_as_spent`] for every period, once each
+    /// counter is in the current period (`ends`): holds carried over a
+    /// period's end count in full in the new one.
+    pub fn count_holds_as_spent(&mut self, ends: Option<&PeriodEnds>) {
+        if let Some(ends) = ends {
+            self.add(ends, Decimal::ZERO);
+        }
         self.day.count_holds_as_spent();
         self.month.count_holds_as_spent();
         self.year.count_holds_as_spent();

@@ -221,7 +221,7 @@ impl Payers {
     }
 
     /// Detaches an owner and its keys, spend included.
-    pub fn take_owner(&mut self, owner: Owner) -> Option<MovedOwner> {
+    pub fn take_owner(&mut self, owner: Owner, ends: Option<&PeriodEnds>) -> Option<MovedOwner> {
         if !self.owners.contains_key(&owner) {
             return None;
         }
@@ -231,12 +231,12 @@ impl Payers {
         // key capped at 10 a day with 6 in flight could take 6 more on the
         // new wallet). The counters that stay take theirs back as before.
         let mut payer = self.owners.remove(&owner)?;
-        payer.spend.count_holds_as_spent();
-        payer.end_users.values_mut().for_each(Spend::count_holds_as_spent);
+        payer.spend.count_holds_as_spent(ends);
+        payer.end_users.values_mut().for_each(|spend| spend.count_holds_as_spent(ends));
         let (mut keys, stay): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.keys).into_iter().partition(|(_, key)| key.owner == owner);
         for capped in keys.iter_mut().filter_map(|(_, key)| key.capped.as_deref_mut()) {
-            capped.spend.count_holds_as_spent();
+            capped.spend.count_holds_as_spent(ends);
         }
         self.keys = SmallVec::from_vec(stay);
         // Back inline when one key is left (`from_vec` keeps the heap buffer).
@@ -530,7 +530,9 @@ mod tests {
             model.insert(id, owner);
             check_against(&payers, &model);
         }
-        let moved = payers.take_owner(alice).expect("alice pays here");
+        let now = Utc::now();
+        let ends = PeriodEnds { day: now, month: now, year: now };
+        let moved = payers.take_owner(alice, Some(&ends)).expect("alice pays here");
         model.retain(|_, owner| *owner != alice);
         check_against(&payers, &model);
         payers.put_owner(moved);

@@ -59,8 +59,12 @@ impl Ledger {
         let tz = self.org(org).ok_or(LedgerError::UnknownOrg(org))?.time_zone;
         let lite_wallet = WalletId::Lite(user);
         // Settle the Lite wallet's schedule up to now under the old plan, so
-        // the write-off or pro-rated grant below starts from a current state.
+        // the write-off or pro-rated grant below starts from a current state;
+        // the pool too, so the counters that leave it are in today's periods.
         let now = self.advance_wallet(lite_wallet, now);
+        if plan == Plan::Lite {
+            self.advance_wallet(WalletId::Pool(org), now);
+        }
         // An upgrade writes the Lite credit off before it records the plan:
         // a crash between the two records then leaves a Lite user with
         // nothing to carry over, whose retried upgrade completes. (The other

@@ -1351,6 +1351,37 @@ fn a_key_holds_a_bounded_scope_and_a_revoked_one_keeps_none_and_takes_no_change(
 }
 
 #[test]
+fn a_call_held_before_midnight_whose_user_changes_plan_after_it_counts_in_the_new_day() {
+    // Proves the counters that move are brought into the current periods before they
+    // count the calls in flight: held at 23:59:50, moved at 00:00:10, the 6 count
+    // against the new day (as a hold still open at midnight does), so 6 more do not fit
+    // a cap of 10. Before, the move forgot them and 16 could settle on the new day.
+    for (from, to) in [(Plan::Lite, Plan::Pro), (Plan::Pro, Plan::Lite)] {
+        let (ledger, journal) = ledger();
+        let before = at("2027-05-10T23:59:50Z");
+        let org = org(&ledger, Tz::UTC, Some(term("2027-01-01", 1, dec!(100), 0, dec!(0))), before);
+        let lee = user(&ledger, org, from, dec!(50), before);
+        let daily = Limits { daily: Some(dec!(10)), ..Limits::NONE };
+        let key = key(&ledger, org, Owner::User(lee), daily, before);
+        let wallet = |plan| if plan == Plan::Lite { WalletId::Lite(lee) } else { WalletId::Pool(org) };
+        let in_flight = ledger.hold(wallet(from), request(), dec!(6), ctx(key), before).unwrap();
+        let after = at("2027-05-11T00:00:10Z");
+        ledger.set_user_plan(org, lee, to, after).unwrap();
+        let refused = ledger.hold(wallet(to), request(), dec!(6), ctx(key), after).unwrap_err();
+        assert_eq!(refused.code(), "spending_limit", "{from:?} -> {to:?}: the 6 held before midnight count");
+        // 4 more fit the cap (a Lite wallet just downgraded to may have no credit yet).
+        match ledger.hold(wallet(to), request(), dec!(4), ctx(key), after) {
+            Ok(hold) => {
+                hold.release(after);
+            }
+            Err(refused) => assert_eq!(refused.code(), "insufficient_funds", "{from:?} -> {to:?}"),
+        }
+        in_flight.settle(dec!(6), details(), after).unwrap();
+        assert_verified(&ledger, &journal);
+    }
+}
+
+#[test]
 fn a_limit_change_keeps_the_open_holds_counted_so_no_cap_is_passed() {
     // Proves changes to a key (its scope, its caps) keep its open holds
     // counted: raised to 150 with 80 in flight, it takes 70 more, not 80, and

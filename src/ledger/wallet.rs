@@ -22,11 +22,11 @@ use crate::ledger::calendar::{self, YearMonth};
 use crate::ledger::contract::OrgCalendar;
 use crate::ledger::entry::{EntryKind, LedgerEntry, WriteOffReason};
 use crate::ledger::hold::{OpenHolds, RecentSettlements};
-use crate::ledger::ids::{EntryId, LotId, OrgId, RequestId, WalletId};
+use crate::ledger::ids::{EntryId, LotId, OrgId, Owner, RequestId, WalletId};
 use crate::ledger::journal::{Committer, Record, RecordBody};
 use crate::ledger::limit::PeriodEnds;
 use crate::ledger::lot::{ExpiredLot, Lot, LotOrigin, LotTouch, LotTouches, Lots};
-use crate::ledger::payer::Payers;
+use crate::ledger::payer::{MovedOwner, Payers};
 use crate::ledger::refusal::WalletView;
 use crate::ledger::snapshot::WalletSnapshot;
 use crate::ledger::Shared;
@@ -319,6 +319,14 @@ impl WalletState {
             };
             self.credit(committer, now, kind, allowance);
         }
+    }
+
+    /// Detaches an owner and its keys to move them to another wallet, their
+    /// counters brought into the periods of the wallet's time first.
+    pub(crate) fn take_owner(&mut self, owner: Owner) -> Option<MovedOwner> {
+        // A wallet never brought up to a time holds nothing to count.
+        let ends = (self.clock != DateTime::<Utc>::MIN_UTC).then(|| self.period_ends(self.clock));
+        self.payers.take_owner(owner, ends.as_ref())
     }
 
     /// Grants a pro-rated allowance for the current month (downgrade),
