@@ -21,7 +21,7 @@ use rust_decimal::Decimal;
 use crate::ledger::calendar::YearMonth;
 use crate::ledger::contract::{ContractTerm, OrgCalendar};
 use crate::ledger::entity::{ApiKey, Application, KeyHash, KeyScope, Organization, Plan, User};
-use crate::ledger::funding::{check_key, conflict};
+use crate::ledger::funding::check_key;
 use crate::ledger::ids::{AppId, KeyId, OrgId, Owner, UserId, WalletId};
 use crate::ledger::journal::{Record, RecordBody};
 use crate::ledger::limit::Limits;
@@ -219,10 +219,7 @@ impl Ledger {
                     ("time_zone", first.time_zone != new.time_zone),
                     ("contract", first.contracts.first() != new.contract.as_ref()),
                 ];
-                return match differs.into_iter().find_map(|(field, differs)| differs.then_some(field)) {
-                    None => self.durable(first),
-                    Some(field) => Err(conflict(key, field)),
-                };
+                return self.replayed(key, first, &differs);
             }
         }
         check_text("name", &new.name)?;
@@ -306,10 +303,7 @@ impl Ledger {
                     ("prorate_on_downgrade", first.prorate_on_downgrade != new.prorate_on_downgrade),
                     ("limits", first.limits != new.limits),
                 ];
-                return match differs.into_iter().find_map(|(field, differs)| differs.then_some(field)) {
-                    None => self.durable(first),
-                    Some(field) => Err(conflict(key, field)),
-                };
+                return self.replayed(key, first, &differs);
             }
         }
         check_text("name", &new.name)?;

@@ -93,25 +93,21 @@ pub(crate) enum Replay {
     Adjustment(AdjustmentRequest, AdjustmentReceipt),
 }
 
-fn purchase_difference(first: &PurchaseRequest, again: &PurchaseRequest) -> Option<&'static str> {
+fn purchase_differences(first: &PurchaseRequest, again: &PurchaseRequest) -> [(&'static str, bool); 3] {
     [
         ("amount", first.amount != again.amount),
         ("expires_at", first.expires_at != again.expires_at),
         ("reference", first.reference != again.reference),
     ]
-    .into_iter()
-    .find_map(|(field, differs)| differs.then_some(field))
 }
 
-fn adjustment_difference(first: &AdjustmentRequest, again: &AdjustmentRequest) -> Option<&'static str> {
+fn adjustment_differences(first: &AdjustmentRequest, again: &AdjustmentRequest) -> [(&'static str, bool); 4] {
     [
         ("wallet", first.wallet != again.wallet),
         ("amount", first.amount != again.amount),
         ("reason", first.reason != again.reason),
         ("expires_at", first.expires_at != again.expires_at),
     ]
-    .into_iter()
-    .find_map(|(field, differs)| differs.then_some(field))
 }
 
 pub(crate) fn check_key(key: &str) -> Result<(), LedgerError> {
@@ -137,10 +133,11 @@ impl Ledger {
         let remembered = self.idempotency.lock().get(&slot).cloned();
         match remembered {
             Some(Replay::Purchase(first, receipt)) => {
-                return match purchase_difference(&first, &request) {
-                    None => self.durable(receipt),
-                    Some(field) => Err(conflict(&request.idempotency_key, field)),
-                }
+                return self.replayed(
+                    &request.idempotency_key,
+                    receipt,
+                    &purchase_differences(&first, &request),
+                );
             }
             Some(Replay::Adjustment(..)) => return Err(conflict(&request.idempotency_key, "operation")),
             None => {}
@@ -220,10 +217,11 @@ impl Ledger {
         let remembered = self.idempotency.lock().get(&slot).cloned();
         match remembered {
             Some(Replay::Adjustment(first, receipt)) => {
-                return match adjustment_difference(&first, &request) {
-                    None => self.durable(receipt),
-                    Some(field) => Err(conflict(&request.idempotency_key, field)),
-                }
+                return self.replayed(
+                    &request.idempotency_key,
+                    receipt,
+                    &adjustment_differences(&first, &request),
+                );
             }
             Some(Replay::Purchase(..)) => return Err(conflict(&request.idempotency_key, "operation")),
             None => {}
@@ -298,6 +296,21 @@ impl Ledger {
     /// either: it waits for the journal to confirm everything appended so far
     /// (the journal keeps order and never drops a record it then confirms),
     /// and a failed journal answers its failure.
+    /// A retry under `key` of a request first answered `first`: that answer
+    /// (once durable) when no field `differs`, else a conflict naming the
+    /// first that does.
+    pub(crate) fn replayed<R>(
+        &self,
+        key: &str,
+        first: R,
+        differs: &[(&'static str, bool)],
+    ) -> Result<R, LedgerError> {
+        match differs.iter().find_map(|(field, differs)| differs.then_some(*field)) {
+            None => self.durable(first),
+            Some(field) => Err(conflict(key, field)),
+        }
+    }
+
     pub(crate) fn durable<R>(&self, receipt: R) -> Result<R, LedgerError> {
         self.shared.committer.sync()?;
         Ok(receipt)
@@ -352,7 +365,7 @@ impl Ledger {
     }
 }
 
-pub(crate) fn conflict(key: &str, field: &'static str) -> LedgerError {
+fn conflict(key: &str, field: &'static str) -> LedgerError {
     LedgerError::IdempotencyConflict { key: key.to_owned(), field }
 }
 
