@@ -175,13 +175,20 @@ async fn a_client_that_stops_reading_its_response_is_cut_and_a_slow_upstream_is_
     // (and held its slot) until max_response_ms, 30 minutes by default: a
     // listener full of them accepted no one. Now the response's next part
     // waiting client_stall_timeout for the client closes it.
-    let server = "client_stall_timeout_ms = 500\nmax_body_bytes = 67108864";
+    let server = "client_stall_timeout_ms = 500\nmax_body_bytes = 536870912";
     let stack = common::start_with(server, "", Default::default()).await;
     let proxy = stack.gateway.proxy_addr();
     let ended = tokio::task::spawn_blocking(move || {
-        let mut stream = TcpStream::connect(proxy).unwrap();
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // A small window, so the echo backs up at once. Loopback buffers
+        // autotune up to tcp_rmem's maximum (32 MiB on some machines), and
+        // the four sockets between this client and the echo once absorbed
+        // a whole 48 MiB body before the gateway had a chance to cut it.
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&proxy.into()).unwrap();
+        let mut stream: TcpStream = socket.into();
         stream.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
-        let size = 48 * 1024 * 1024;
+        let size = 512 * 1024 * 1024;
         write!(stream, "POST /echo/big HTTP/1.1\r\nhost: test\r\ncontent-length: {size}\r\n\r\n").unwrap();
         // The echo comes back as it is sent; this client never reads it.
         let chunk = vec![b'x'; 64 * 1024];
