@@ -87,6 +87,11 @@ pub struct LivePrices {
     text_in_force: Mutex<String>,
     /// Where a copy of that text is kept across restarts ([`LivePrices::keep_in`]).
     kept: Option<PathBuf>,
+    /// The file as it was when loaded: what the watcher compares with
+    /// first, so a change made between the load and the watcher's start is
+    /// seen (before, the watcher took the file as it found it at its start
+    /// to be the one in force).
+    loaded_print: Fingerprint,
     /// Held from reading the file to storing its table: a reload that read
     /// the file before a newer one must not store its older table after.
     reloading: Mutex<()>,
@@ -107,7 +112,7 @@ impl LivePrices {
         now: DateTime<Utc>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, PriceLoadError> {
-        let (table, text) = read_table(path, &required_tools)?;
+        let (table, text, loaded_print) = read_table(path, &required_tools)?;
         metrics.set_price_version(table.version());
         Ok(LivePrices {
             path: path.to_owned(),
@@ -115,6 +120,7 @@ impl LivePrices {
             current: ArcSwap::from_pointee(table),
             text_in_force: Mutex::new(text),
             kept: None,
+            loaded_print,
             reloading: Mutex::new(()),
             #[cfg(test)]
             after_read: Mutex::new(None),
@@ -156,7 +162,7 @@ impl LivePrices {
         trigger: &'static str,
     ) -> Result<Arc<PriceTable>, PriceLoadError> {
         let _one_at_a_time = self.reloading.lock();
-        let read = read_table(&self.path, &self.required_tools).and_then(|(table, text)| {
+        let read = read_table(&self.path, &self.required_tools).and_then(|(table, text, _)| {
             let unset = unset_prices(&self.text_in_force.lock(), &text);
             if unset.is_empty() {
                 Ok((table, text))
@@ -242,7 +248,7 @@ impl LivePrices {
         clock: Arc<dyn Clock>,
         shutdown: CancellationToken,
     ) {
-        let mut seen = fingerprint(&self.path);
+        let mut seen = self.loaded_print;
         let mut pending: Option<Fingerprint> = None;
         loop {
             tokio::select! {
@@ -290,7 +296,11 @@ fn fingerprint(path: &Path) -> Fingerprint {
 }
 
 /// The table a file holds, and its text.
-fn read_table(path: &Path, required_tools: &[String]) -> Result<(PriceTable, String), PriceLoadError> {
+/// The file's table, its text, and its fingerprint as read.
+fn read_table(
+    path: &Path,
+    required_tools: &[String],
+) -> Result<(PriceTable, String, Fingerprint), PriceLoadError> {
     let size = std::fs::metadata(path)
         .map_err(|source| PriceLoadError::Read { path: path.to_owned(), source })?
         .len();
@@ -311,7 +321,7 @@ fn read_table(path: &Path, required_tools: &[String]) -> Result<(PriceTable, Str
     if !missing.is_empty() {
         return Err(PriceLoadError::MissingTools { file, missing });
     }
-    Ok((table, text))
+    Ok((table, text, before))
 }
 
 /// The prices `old` sets that `new` leaves unset, in entries both have:
@@ -374,6 +384,27 @@ mod tests {
         }
         // Lowering or keeping them is a price change, not a cut.
         assert!(unset_prices(old, &old.replace("1.7", "1.5")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_change_made_before_the_watcher_starts_is_put_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prices.toml");
+        std::fs::write(&path, table_text(0)).unwrap();
+        let prices =
+            Arc::new(LivePrices::load(&path, Vec::new(), Utc::now(), Arc::new(Metrics::new(false))).unwrap());
+        // Changed in place after the load, before the watcher's first look.
+        std::fs::write(&path, table_text(1)).unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let stop = CancellationToken::new();
+        let watching = tokio::spawn(prices.clone().watch(Duration::from_millis(10), clock, stop.clone()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while label(&prices) != 1 {
+            assert!(std::time::Instant::now() < deadline, "the change was never put in force");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        watching.await.unwrap();
     }
 
     #[test]
