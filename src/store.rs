@@ -86,7 +86,7 @@ pub mod codec;
 pub mod compact;
 pub mod export;
 pub mod history;
-mod sled;
+pub(crate) mod sled;
 mod verify;
 mod watermark;
 mod writer;

@@ -265,20 +265,27 @@ const SLED_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 /// How long to wait for another holder of the directory's lock to let go.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Open the sled database, waiting briefly if its file lock is still held: a
-/// dropped `Db` releases the lock from sled's own threads a moment later, so
-/// a quick reopen (restart, `ledger verify` right after a test) can race it.
+/// Open the sled database, waiting briefly if its file lock is still held.
 pub(super) fn open_db(dir: &Path) -> Result<::sled::Db, StoreError> {
+    let config = ::sled::Config::new().path(dir).flush_every_ms(None).cache_capacity(SLED_CACHE_BYTES);
+    Ok(open_waiting_for_lock(&config)?)
+}
+
+/// Opens `config`'s database, waiting up to [`LOCK_WAIT`] if its file lock is
+/// still held: a dropped `Db` releases the lock from sled's own threads a
+/// moment later, so a quick reopen (a restart, `ledger verify` right after
+/// a test) can race it.
+pub(crate) fn open_waiting_for_lock(config: &::sled::Config) -> Result<::sled::Db, ::sled::Error> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
-        match ::sled::Config::new().path(dir).flush_every_ms(None).cache_capacity(SLED_CACHE_BYTES).open() {
+        match config.open() {
             Err(::sled::Error::Io(error))
                 if error.to_string().contains("could not acquire lock")
                     && std::time::Instant::now() < deadline =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            other => return Ok(other?),
+            other => return other,
         }
     }
 }
