@@ -30,21 +30,12 @@ use super::books::{empty_detail, Books, ShippedDebit};
 use super::ClusterError;
 use crate::telemetry::metrics::ClusterMetrics;
 
-/// Longest a hold waits for credit that other replicas' leases hold
-/// (near empty) before it is refused, and how often it asks again: at
-/// first soon, then less often, so a wallet that is truly spent costs the
-/// database a few statements rather than one every few milliseconds.
-const LEASED_ELSEWHERE_WAIT: Duration = Duration::from_millis(500);
+/// How often a hold waiting for credit that other replicas' leases hold
+/// asks again ([`LeaseSettings::leased_elsewhere_wait`]): at first soon,
+/// then less often, so a wallet that is truly spent costs the database a
+/// few statements rather than one every few milliseconds.
 const LEASED_ELSEWHERE_RETRY: Duration = Duration::from_millis(10);
 const LEASED_ELSEWHERE_RETRY_MAX: Duration = Duration::from_millis(50);
-/// How long a replica remembers that a wallet's balance in the books was
-/// below a hold it refused: a hold at least that large is refused again
-/// without a statement. A balance falls with every debit and rises only by
-/// funding, so within this a purchase waits at most this long to be
-/// spendable on a replica that just refused the wallet, and a wallet that
-/// is spent costs the books two statements per replica per this, not two
-/// per request.
-const SHORT_MEMORY: Duration = Duration::from_millis(500);
 /// Longest a request waits on the database (draws, balance checks, a limit
 /// row): a database that stops answering without closing its connections
 /// (a partition, a frozen host) is then a 503, as a refused connection is,
@@ -72,6 +63,17 @@ pub struct LeaseSettings {
     pub min_lease: Decimal,
     /// The largest lease.
     pub max_lease: Decimal,
+    /// Longest a hold waits for credit that other replicas' leases hold
+    /// (near empty) before it is refused.
+    pub leased_elsewhere_wait: Duration,
+    /// How long a replica remembers that a wallet's balance in the books
+    /// was below a hold it refused: a hold at least that large is refused
+    /// again without a statement. A balance falls with every debit and
+    /// rises only by funding, so within this a purchase waits at most this
+    /// long to be spendable on a replica that just refused the wallet, and
+    /// a wallet that is spent costs the books two statements per replica
+    /// per this, not two per request.
+    pub short_memory: Duration,
 }
 
 impl LeaseSettings {
@@ -82,7 +84,8 @@ impl LeaseSettings {
     }
 
     /// Defaults: 10 s leases renewed every 2.5 s, 4 s of spend each, given
-    /// back after 1 s idle.
+    /// back after 1 s idle; a hold waits up to 0.5 s for credit leased
+    /// elsewhere, and a short balance is remembered for 0.5 s.
     pub fn new(replica: impl Into<String>) -> LeaseSettings {
         LeaseSettings {
             replica: replica.into(),
@@ -92,6 +95,8 @@ impl LeaseSettings {
             cover: Duration::from_secs(4),
             min_lease: Decimal::new(1, 2),
             max_lease: Decimal::new(100, 0),
+            leased_elsewhere_wait: Duration::from_millis(500),
+            short_memory: Duration::from_millis(500),
         }
     }
 }
@@ -170,7 +175,7 @@ struct WalletLeases {
     /// back would be drawn again here before the asker's next try.
     yielding_until: Option<Instant>,
     /// The wallet's balance in the books when a hold larger than it was
-    /// refused, and until when that is trusted ([`SHORT_MEMORY`]).
+    /// refused, and until when that is trusted ([`LeaseSettings::short_memory`]).
     short: Option<(Instant, Decimal)>,
 }
 
@@ -750,9 +755,10 @@ impl LeaseBook {
                 };
             let leased_elsewhere = balance >= amount;
             if !leased_elsewhere {
-                self.wallet(wallet).lock().short = Some((Instant::now() + SHORT_MEMORY, balance));
+                self.wallet(wallet).lock().short =
+                    Some((Instant::now() + self.settings.short_memory, balance));
             }
-            if !leased_elsewhere || started.elapsed() >= LEASED_ELSEWHERE_WAIT {
+            if !leased_elsewhere || started.elapsed() >= self.settings.leased_elsewhere_wait {
                 return Err(LeaseRefusal::InsufficientCredit { required: amount });
             }
             tokio::time::sleep(retry).await;
