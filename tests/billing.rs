@@ -501,11 +501,16 @@ async fn a_call_the_client_leaves_before_its_answer_is_charged_what_the_upstream
         let mut stream = tokio::net::TcpStream::connect(books.gateway.proxy_addr()).await.unwrap();
         let request = format!(
             "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {pro}\r\n\
-             x-provider-head-delay-ms: 600\r\ncontent-length: {}\r\n\r\n{body}",
+             x-provider-head-delay-ms: 2000\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
         stream.write_all(request.as_bytes()).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Once the upstream has it (so it is held), while it thinks.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while books.provider.received().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the call never reached the upstream");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let open = books.gateway.ledger().balance(wallet, chrono::Utc::now()).unwrap().open_holds;
         assert_eq!(open, 1, "the call holds while the upstream thinks");
     } // the client hangs up
@@ -1035,9 +1040,15 @@ async fn a_call_is_charged_at_the_prices_in_force_when_it_was_held_hosted_tools_
     let body = json!({"model": "mock-gpt", "max_output_tokens": 50, "input": "news?",
                       "tools": [{"type": "web_search"}], "max_tool_calls": 2});
     let before = books.settled_balance(&pro).await;
-    let headers = [("x-provider-tool-calls", "2"), ("x-provider-head-delay-ms", "400")];
+    let headers = [("x-provider-tool-calls", "2"), ("x-provider-head-delay-ms", "1500")];
     let (reply, ()) = tokio::join!(books.post("/v1/responses", Some(&pro), &headers, &body), async {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Past the switch once the call is held (the upstream has it) and
+        // before it settles (the upstream thinks for 1.5 s).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while books.provider.received().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the call never reached the upstream");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         clock.advance(chrono::TimeDelta::hours(2));
     });
     assert_eq!(reply.status, 200, "{:?}", reply.body);

@@ -45,7 +45,21 @@ async fn a_standby_promoted_under_load_takes_over_and_the_books_stay_exact() {
     let promoting_at = Instant::now();
     pg.standby.promote();
     let promoted_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Load runs until every replica is ready on the new primary, then a
+    // while longer: calls caught in the outage take seconds each, and a
+    // fixed time could end before the loads came round to every replica.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for replica in &cluster.replicas {
+        loop {
+            let ready = admin(replica, http::Method::GET, "/readyz", serde_json::Value::Null, None).await;
+            if ready.is_some_and(|reply| reply.status == 200) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replica {} not ready after the promotion", replica.proxy);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut seen = Vec::new();
     for load in loads {

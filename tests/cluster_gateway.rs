@@ -118,19 +118,25 @@ async fn credit_that_expires_is_spent_on_no_replica_after_its_expiry() {
     let pg = Postgres::start();
     let cluster = start_cluster(&pg, "lot_expiry", 3).await;
     // 0.003 that lasts (the year's grant and a purchase), then 0.01 more,
-    // bought through a follower, that expires in 8 s: it is spent first,
-    // and about half of it is left when it expires.
+    // bought through a follower, that expires in 12 s: it is spent first,
+    // and some of it is left when it expires.
     let (org, secret) = funded_org(&cluster, 0, "0.002", "0.001").await;
     let lasting = Decimal::new(3, 3);
-    let expiry = chrono::Utc::now() + chrono::TimeDelta::seconds(8);
+    let expiry = chrono::Utc::now() + chrono::TimeDelta::seconds(12);
     buy_short_lived(&cluster.replicas[1], org, expiry).await;
-    // Light traffic on every replica while it is valid: each draws leases.
-    while chrono::Utc::now() < expiry - chrono::TimeDelta::milliseconds(4500) {
+    // Light traffic on every replica while it is valid, for about 3.5 s
+    // (more would spend the lot): each draws leases. At least one round,
+    // however long the purchase took.
+    loop {
         for replica in &cluster.replicas {
             assert_eq!(call(&replica.proxy, &secret).await, Some(200));
         }
+        if chrono::Utc::now() >= expiry - chrono::TimeDelta::milliseconds(8500) {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    assert!(chrono::Utc::now() < expiry, "the traffic before the expiry came too late");
     while chrono::Utc::now() < expiry {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -192,7 +198,9 @@ async fn a_debit_settled_before_an_expiry_but_posted_after_it_is_paid_by_the_exp
     // its settles wait in its outbox until the relay is mended.
     let gate = DbGate::start(&cluster.url).await;
     let late = spawn_replica(cluster.config.path(), &gate.url(&cluster.url), tempfile::tempdir().unwrap());
-    let expiry = chrono::Utc::now() + chrono::TimeDelta::seconds(10);
+    // Room for a loaded machine: the late replica must see the purchase,
+    // call, settle and call cut off, all before the expiry.
+    let expiry = chrono::Utc::now() + chrono::TimeDelta::seconds(20);
     buy_short_lived(&cluster.replicas[1], org, expiry).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while shown_balance(&late, org).await != lasting + Decimal::new(1, 2) {
@@ -537,6 +545,10 @@ async fn with_postgresql_stopped_replicas_serve_only_inside_their_leases_then_an
         let reply = admin_call(treasurer, &purchase_path, purchase.clone(), "outage-buy").await;
         (reply, sent.elapsed())
     };
+    // Longer than the 10 s the issue names, so that a purchase answered at
+    // the gateway's own timeout (8 s) and one held until the database is
+    // back stay apart on a loaded machine.
+    let outage_length = Duration::from_secs(14);
     let outage = async {
         // Once the leases lapsed (a TTL with no round reaching the books) a
         // replica says it is not ready, so a load balancer can route around it.
@@ -544,20 +556,25 @@ async fn with_postgresql_stopped_replicas_serve_only_inside_their_leases_then_an
         for replica in &cluster.replicas {
             assert_eq!(readyz(replica).await, 503, "not ready while the books are out of reach");
         }
-        tokio::time::sleep(Duration::from_secs(10) - stopped_at.elapsed()).await;
+        tokio::time::sleep(outage_length.saturating_sub(stopped_at.elapsed())).await;
     };
     let ((bought, waited), ()) = tokio::join!(buy_during_outage, outage);
     assert_eq!(bought.as_ref().map(|reply| reply.0), Some(503), "{bought:?}");
-    assert!(waited < Duration::from_millis(9500), "the purchase was held {waited:?}");
+    assert!(waited < Duration::from_secs(12), "the purchase was held {waited:?}");
     // Taken before the restart: the server accepts connections a little
     // before `restart` sees it ready.
     let restarted_at = Instant::now();
     pg.restart();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(15);
     for replica in &cluster.replicas {
-        assert_eq!(readyz(replica).await, 200, "ready again once the books are back");
+        while readyz(replica).await != 200 {
+            assert!(Instant::now() < deadline, "ready again once the books are back");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
+    // A moment of load with every replica ready, then stop.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut seen = Vec::new();
     for load in loads {
         seen.extend(load.await.unwrap());
@@ -715,8 +732,9 @@ async fn an_idle_cluster_waits_for_wake_ups_and_changes_still_reach_every_replic
 
     // A purchase through one follower is in every replica's view within
     // moments: the treasurer's append woke the followers.
+    // (The bound is loose for a loaded machine; the count above is what
+    // shows the idle replicas wait for wake-ups rather than poll.)
     let before = shown_balance(&cluster.replicas[0], org).await;
-    let started = Instant::now();
     admin_write(
         &cluster.replicas[1],
         &format!("/admin/v1/orgs/{org}/purchases"),
@@ -724,9 +742,10 @@ async fn an_idle_cluster_waits_for_wake_ups_and_changes_still_reach_every_replic
         Some("wake-up-purchase"),
     )
     .await;
+    let started = Instant::now();
     for replica in &cluster.replicas {
         while shown_balance(replica, org).await != before + Decimal::ONE {
-            assert!(started.elapsed() < Duration::from_secs(2), "a view did not see the purchase");
+            assert!(started.elapsed() < Duration::from_secs(10), "a view did not see the purchase");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -941,9 +960,16 @@ async fn alert_rules_are_shared_by_the_replicas_and_each_threshold_fires_once_fo
                       "webhook_url": hook, "secret": WEBHOOK_SECRET});
     let late = admin_write(&cluster.replicas[1], &format!("/admin/v1/orgs/{org}/alerts"), late, None).await;
     let late = late["id"].as_u64().unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for _ in 0..3 {
+    // Refused until it fires: the restarted replica has the rule once its
+    // listener hears of it (or its reload timer runs), which on a loaded
+    // machine may take more than a moment.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
         assert_eq!(call(&cluster.replicas[2].proxy, &secret).await, Some(402));
+        if seen.lock().unwrap().len() >= 3 || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let received = events(&seen, 3).await;
     let mut fired: Vec<u64> = received.iter().map(|event| event["rule"].as_u64().unwrap()).collect();

@@ -22,8 +22,9 @@ use serde_json::{json, Value};
 
 const KILLS: usize = 5;
 /// How close to a kill a lost settle must have been served: far past one
-/// flush window and fsync on a loaded machine, well short of a round.
-const FLUSH_BOUND: Duration = Duration::from_millis(250);
+/// flush window and an fsync stalled on a loaded machine, well short of a
+/// round (2 to 3 s).
+const FLUSH_BOUND: Duration = Duration::from_secs(1);
 
 struct Running {
     child: Child,
@@ -153,7 +154,7 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
             })
             .collect();
         // Purchases while the load runs; record each one acknowledged.
-        let kill_after = Duration::from_millis(600 + next(&mut seed) % 400);
+        let kill_after = Duration::from_millis(2_000 + next(&mut seed) % 1_000);
         let started = std::time::Instant::now();
         let mut n = 0;
         while started.elapsed() < kill_after {

@@ -257,9 +257,14 @@ async fn the_shadow_keeps_catching_up_while_a_checkpoint_is_written() {
     for more in 0..10 {
         buy(n + more).await;
     }
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Polled, not slept through: the checkpoint's pause lasts 20 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut after = handed_over(&running).await;
+    while after < before + 10 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = handed_over(&running).await;
+    }
     assert!(marker.exists(), "still inside the checkpoint's write");
-    let after = handed_over(&running).await;
     assert!(after >= before + 10, "the shadow took the purchases made during the write: {before} -> {after}");
     drop(running);
     mock.stop().await;

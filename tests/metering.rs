@@ -455,13 +455,14 @@ async fn a_key_over_its_in_flight_cap_gets_429_until_a_request_ends() {
         tokio::spawn(async move {
             let request = Request::post(url)
                 .header("authorization", format!("Bearer {key}"))
-                .header("x-mock-latency-ms", "400")
+                .header("x-mock-latency-ms", "2500")
                 .body(Full::new(Bytes::from(SMALL_CALL)))
                 .unwrap();
             send(request).await.status
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Well after the first is admitted and well before it ends, on a loaded machine too.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     let reply = post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await;
     assert_eq!(reply.status, 429, "a second request while one is open");
     assert_eq!(reply.json()["error"]["cap"], "max_in_flight");

@@ -171,7 +171,8 @@ async fn sse_events_reach_the_client_before_the_upstream_writes_the_next() {
     let mut sender = open_h1(stack.gateway.proxy_addr()).await;
     let (tx, body) = channel_body();
     let request = Request::post(stack.url("/v1/chat/completions"))
-        .header("x-mock-pace-ms", "200")
+        // Paced widely, so a loaded machine's delay stays well inside a gap.
+        .header("x-mock-pace-ms", "1000")
         .header("authorization", format!("Bearer {}", stack.keys.pro))
         .body(body)
         .unwrap();
@@ -198,7 +199,7 @@ async fn sse_events_reach_the_client_before_the_upstream_writes_the_next() {
         first_received.saturating_duration_since(times[1])
     );
     assert!(
-        times[1] - first_received > Duration::from_millis(100),
+        times[1] - first_received > Duration::from_millis(500),
         "the first event was not held back until near the second"
     );
 }
@@ -285,7 +286,7 @@ async fn an_h2_connection_carries_at_most_the_configured_streams_at_once() {
         let mut sender = sender.clone();
         requests.push(tokio::spawn(async move {
             let request = Request::get(format!("http://test/echo/slow/{i}"))
-                .header("x-mock-latency-ms", "700")
+                .header("x-mock-latency-ms", "1500")
                 .body(creditgate::mock::MockBody::Full(None))
                 .unwrap();
             let response = sender.send_request(request).await.unwrap();
@@ -299,8 +300,8 @@ async fn an_h2_connection_carries_at_most_the_configured_streams_at_once() {
         took.push(request.await.unwrap());
     }
     took.sort();
-    assert!(took[1] < Duration::from_millis(1300), "two ran at once: {took:?}");
-    assert!(took[2] >= Duration::from_millis(1400), "the third waited for a stream: {took:?}");
+    assert!(took[1] < Duration::from_millis(2700), "two ran at once: {took:?}");
+    assert!(took[2] >= Duration::from_millis(3000), "the third waited for a stream: {took:?}");
 }
 
 #[tokio::test]

@@ -327,8 +327,9 @@ async fn a_request_is_settled_with_the_table_it_was_held_with() {
         }
     };
     // A slow call is held under A; B comes into force while it is upstream.
-    let slow = tokio::spawn(call("400"));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // (Wide margins: held well before the reload, upstream well after it.)
+    let slow = tokio::spawn(call("2500"));
+    tokio::time::sleep(Duration::from_millis(700)).await;
     write_atomically(&path, TABLE_B);
     assert_eq!(admin(&stack, http::Method::POST, "/admin/v1/prices/reload").await.status, 200);
     assert_eq!(slow.await.unwrap().status, 200);

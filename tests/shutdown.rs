@@ -434,13 +434,14 @@ async fn thread_per_core_charges_every_request_reads_on_and_drains_streams_at_sh
     // that connection's thread (charging the whole hold if it could not).
     let after = org_balance();
     let mut sender = open_h1(stack.gateway.proxy_addr()).await;
-    let mut body = sender.send_request(stream("20")).await.unwrap().into_body();
+    // Paced at 200 ms, so the hold is still open below on a loaded machine.
+    let mut body = sender.send_request(stream("200")).await.unwrap().into_body();
     assert!(next_chunk(&mut body).await.is_some(), "the stream started");
     drop(body);
     drop(sender);
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(ledger.open_holds(), 1, "the left stream's hold waits for its usage");
-    for _ in 0..300 {
+    for _ in 0..1000 {
         if ledger.open_holds() == 0 {
             break;
         }
