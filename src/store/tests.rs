@@ -544,6 +544,8 @@ const FAILING: u8 = 1;
 const FORGETTING: u8 = 2;
 /// Works, but a reopen finds flushed records gone (damage a failure left).
 const LOST: u8 = 3;
+/// Panics on every write (a bug in the writer's path).
+const PANICKING: u8 = 4;
 
 impl Faulty {
     fn new(dir: &std::path::Path) -> Faulty {
@@ -557,6 +559,7 @@ impl Faulty {
     fn check(&self) -> Result<bool, StoreError> {
         match self.fault.load(Ordering::SeqCst) {
             FAILING => Err(StoreError::Sled(::sled::Error::Io(std::io::Error::other("disk full")))),
+            PANICKING => panic!("a bug in the store's write path"),
             fault => Ok(fault == FORGETTING),
         }
     }
@@ -602,20 +605,27 @@ impl Store for Faulty {
     }
 }
 
+/// A writer over a healthy [`Faulty`] store with record 1 durable.
+#[allow(clippy::type_complexity)]
+fn faulty_writer_with_one_record(
+) -> (impl Fn(u64) -> Record, tempfile::TempDir, Arc<Faulty>, crate::store::GroupCommit<Faulty>) {
+    let numbered = numbered_records();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Faulty::new(dir.path()));
+    let writer = crate::store::GroupCommit::start(Arc::clone(&store), fast()).unwrap();
+    writer.begin_after(0).unwrap();
+    writer.append(numbered(1)).unwrap();
+    writer.sync().unwrap();
+    (numbered, dir, store, writer)
+}
+
 #[test]
 fn a_store_that_lost_flushed_records_stops_the_journal_for_good() {
     // Proves the writer does not retry over a loss: a reopen that finds
     // flushed records gone (BehindWatermark) fails the journal for good, so
     // the ledger stops and a restart refuses the store, where before the
     // writer wrote on after the gap and moved the watermark past it.
-    use crate::store::GroupCommit;
-    let numbered = numbered_records();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Faulty::new(dir.path()));
-    let writer = GroupCommit::start(Arc::clone(&store), fast()).unwrap();
-    writer.begin_after(0).unwrap();
-    writer.append(numbered(1)).unwrap();
-    writer.sync().unwrap();
+    let (numbered, _dir, store, writer) = faulty_writer_with_one_record();
     store.set(FAILING);
     writer.append(numbered(2)).unwrap();
     wait_until("the writer to see the failure", || writer.health().is_err());
@@ -706,6 +716,22 @@ fn a_number_waiting_in_the_queue_of_a_failing_store_is_never_written_past() {
     writer.shutdown().unwrap();
     let stored: Vec<u64> = store.records().map(|r| r.unwrap().seq).collect();
     assert_eq!(stored, [1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn a_writer_thread_that_panics_fails_the_journal_for_good_and_says_so() {
+    // Proves a dead writer is seen: before, its panic set nothing, so
+    // health (and /readyz) stayed ok while every hold was refused as closed
+    // and the records it had taken were lost.
+    let (numbered, _dir, store, writer) = faulty_writer_with_one_record();
+    store.set(PANICKING);
+    writer.append(numbered(2)).unwrap();
+    wait_until("the writer's panic to fail the journal", || {
+        matches!(writer.health(), Err(JournalError::Failed { .. }))
+    });
+    assert!(writer.append(numbered(3)).is_err(), "no new work is taken");
+    assert!(matches!(writer.sync(), Err(JournalError::Failed { .. })));
+    assert!(matches!(writer.shutdown(), Err(JournalError::Failed { .. })));
 }
 
 #[test]

@@ -158,9 +158,19 @@ impl<S: Store> GroupCommit<S> {
             gap_patience: Duration::from_millis(config.gap_patience_ms),
             shared: Arc::clone(&shared),
         };
+        let failed = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                // A writer that died (a bug) must not leave the journal
+                // looking healthy: every hold would be refused as closed
+                // while readiness said 200. It fails for good instead.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run())).is_err() {
+                    let reason = "the ledger writer thread panicked; restart the gateway".to_owned();
+                    tracing::error!(%reason, "records it had not written are lost");
+                    let _first = failed.failure.set(JournalError::Failed { reason });
+                }
+            })
             .map_err(StoreError::Spawn)?;
         let reserve_ahead = reserve_ahead(config.queue_capacity);
         Ok(GroupCommit { queue, reserve_ahead, shared, thread: Mutex::new(Some(thread)), store })
@@ -260,7 +270,8 @@ impl<S: Store> GroupCommit<S> {
         if thread.join().is_err() {
             return Err(JournalError::Failed { reason: "the writer thread panicked".into() });
         }
-        result
+        // A writer that panicked earlier answered nothing: say why.
+        result.map_err(|error| self.shared.failure.get().cloned().unwrap_or(error))
     }
 
     fn send(&self, message: Message) -> Result<(), JournalError> {
