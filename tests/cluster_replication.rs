@@ -272,15 +272,66 @@ async fn a_deposed_treasurer_cannot_fork_the_log() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_meets_a_log_record_it_cannot_read_must_restart() {
+    // Before, it logged a warning and retried the same record forever,
+    // serving from a view that no longer moved (revoked keys still working,
+    // purchases never spendable) while it said it was ready.
+    let (_pg, url, clock, treasurer, follower) = cluster("unreadable", "2026-05-05T10:00:00Z").await;
+    let _seeded = seed(treasurer.ledger(), clock.now());
+    follow_all(&treasurer, &follower).await;
+    assert_eq!(follower.must_restart(), None);
+    books(&url).await.append("intruder", &[(1, b"not a record".to_vec())]).await.unwrap();
+    assert!(follower.catch_up().await.is_err());
+    let reason = follower.must_restart().expect("a replica whose view stopped must restart");
+    assert!(reason.contains("cannot be read"), "{reason}");
+    // Retrying does not clear it.
+    assert!(follower.catch_up().await.is_err());
+    assert!(follower.must_restart().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_treasurer_whose_log_task_ends_before_shutdown_must_restart_and_its_term_lapses() {
+    // A panic in the treasurer's log-following task ends it as an abort
+    // does: tokio drops it unfinished. Before, the keeper thread went on
+    // renewing the term, so posting, ticks and replay stopped for the whole
+    // cluster and no follower could take over, while readiness said 200.
+    let pg = Postgres::start();
+    let url = pg.create_database("ended_early");
+    let clock: Arc<ManualClock> = ManualClock::new(at("2026-06-01T08:00:00Z"));
+    let first = Arc::new(replica(&url, "r1").await);
+    let second = replica(&url, "r2").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let wakeups = creditgate::cluster::Wakeups::start(Database::new(&url, 1).unwrap(), stop.clone());
+    let running = tokio::spawn(first.clone().run(clock.clone(), wakeups, stop.clone()));
+    while first.epoch().is_none() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(first.must_restart(), None);
+    running.abort();
+    assert!(running.await.unwrap_err().is_cancelled());
+    let reason = first.must_restart().expect("a treasurer whose log task ended must restart");
+    assert!(reason.contains("ended before shutdown"), "{reason}");
+    // Its term is no longer renewed: it lapses (1.5 s) and another takes it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !second.try_promote(clock.as_ref()).await.unwrap() {
+        assert!(std::time::Instant::now() < deadline, "the ended treasurer's term was still renewed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_treasurer_that_steps_down_hands_over_at_once() {
     let pg = Postgres::start();
     let url = pg.create_database("handover");
     let clock: Arc<ManualClock> = ManualClock::new(at("2026-06-01T08:00:00Z"));
     // A treasury lease far longer than the handover's bound below, so a
-    // handover that waited for it to lapse fails however slow the machine.
+    // handover that waited for it to lapse, or for the follower's next
+    // periodic claim (every sixth of it, 10 s), fails however slow the
+    // machine: only the step-down's wake-up hands over in time.
     let patient = |name: &str| {
         let mut settings = settings(name);
-        settings.treasury_ttl = Duration::from_secs(15);
+        settings.treasury_ttl = Duration::from_secs(60);
         settings
     };
     let first =

@@ -115,7 +115,19 @@ impl LogJournal {
             .map_err(|err| ClusterError::Config(format!("log journal runtime: {err}")))?;
         std::thread::Builder::new()
             .name("creditgate-log-journal".into())
-            .spawn(move || runtime.block_on(append_loop(inner, books)))
+            .spawn(move || {
+                let appending =
+                    std::panic::AssertUnwindSafe(|| runtime.block_on(append_loop(inner.clone(), books)));
+                if std::panic::catch_unwind(appending).is_err() {
+                    // A sync waiting on the appender would wait forever, and
+                    // the replica would go on as treasurer posting nothing:
+                    // failed for good, the node restarts it.
+                    let reason = "the log journal's appender panicked".to_owned();
+                    tracing::error!(%reason, "the treasurer's records it had not appended are lost");
+                    inner.state.lock().failed.get_or_insert(JournalError::Failed { reason });
+                    inner.changed.notify_all();
+                }
+            })
             .map_err(|err| ClusterError::Config(format!("log journal thread: {err}")))?;
         Ok(())
     }

@@ -133,6 +133,11 @@ pub struct Replica {
     deposed: AtomicBool,
     /// Set when it lost it without stepping down (a pause, a partition).
     lost_treasury: AtomicBool,
+    /// Why its view of the books stopped: a log record that does not
+    /// replay, or its log-following task ended before shutdown (a panic).
+    /// Serving on would answer from a frozen view (a revoked key still
+    /// working, a purchase never spendable), so it must restart.
+    stopped: Mutex<Option<String>>,
     /// Serializes reading the log, so records apply once and in order.
     tailing: tokio::sync::Mutex<()>,
     /// Told of each wallet a record changes once the replica runs: alerts
@@ -140,6 +145,22 @@ pub struct Replica {
     /// spending shows), and the lease book forgets a balance it refused on
     /// once credit arrives.
     watchers: parking_lot::RwLock<Vec<WalletWatcher>>,
+}
+
+/// Marks the replica stopped when [`Replica::run`] is dropped unfinished.
+struct EndedBeforeShutdown {
+    replica: Arc<Replica>,
+    finished: bool,
+}
+
+impl Drop for EndedBeforeShutdown {
+    fn drop(&mut self) {
+        if !self.finished {
+            let reason = "its log-following task ended before shutdown (a panic)";
+            tracing::error!(reason, "this replica must restart");
+            self.replica.stopped.lock().get_or_insert_with(|| reason.to_owned());
+        }
+    }
 }
 
 /// Told the wallet whose balance a record just changed, and whether the
@@ -177,6 +198,7 @@ impl Replica {
             epoch: Mutex::new(None),
             deposed: AtomicBool::new(false),
             lost_treasury: AtomicBool::new(false),
+            stopped: Mutex::new(None),
             tailing: tokio::sync::Mutex::new(()),
             watchers: parking_lot::RwLock::new(Vec::new()),
         };
@@ -221,6 +243,9 @@ impl Replica {
         if self.lost_treasury.load(Ordering::Acquire) {
             return Some("it lost the treasury (its renewal came too late)".into());
         }
+        if let Some(reason) = self.stopped.lock().clone() {
+            return Some(reason);
+        }
         self.journal.failure().map(|reason| format!("its journal stopped: {reason}"))
     }
 
@@ -237,17 +262,26 @@ impl Replica {
             return Ok(0);
         }
         let records = self.books.tail(self.applied(), TAIL_BATCH).await?;
+        // A record that cannot be read or replayed stops the view for good:
+        // retrying cannot mend it, and every later record waits behind it.
+        // A restart rebuilds the view from the log (or refuses to start).
+        let stop = |reason: String| {
+            tracing::error!(%reason, "this replica's view of the books stopped; it must restart");
+            self.stopped.lock().get_or_insert_with(|| reason.clone());
+            ClusterError::Schema(reason)
+        };
         for record in &records {
-            let decoded = decode(record.gseq, &record.body)?;
+            let decoded = decode(record.gseq, &record.body)
+                .map_err(|err| stop(format!("log record {} cannot be read: {err}", record.gseq)))?;
             let changed = match &decoded.body {
                 crate::ledger::journal::RecordBody::Entry(entry) => {
                     Some((entry.wallet, entry.kind.created_lot().is_some()))
                 }
                 _ => None,
             };
-            self.ledger.apply_replicated(decoded).map_err(|err| {
-                ClusterError::Schema(format!("log record {} does not replay: {err}", record.gseq))
-            })?;
+            self.ledger
+                .apply_replicated(decoded)
+                .map_err(|err| stop(format!("log record {} does not replay: {err}", record.gseq)))?;
             self.applied.store(record.gseq, Ordering::Release);
             if let Some((wallet, credited)) = changed {
                 self.changed(wallet, credited);
@@ -390,6 +424,12 @@ impl Replica {
         // keep going for longer than a term.
         let keeper_stop = CancellationToken::new();
         let keeper = self.clone().keep_treasury(keeper_stop.clone());
+        // If this task ends before shutdown (a panic unwinds out of it and
+        // tokio drops it), the keeper must not renew a term nobody uses
+        // (posting, ticks and replay would stop for the whole cluster while
+        // no follower could claim it), and the replica must restart.
+        let _keeper_stops_with_this_task = keeper_stop.clone().drop_guard();
+        let mut ended = EndedBeforeShutdown { replica: self.clone(), finished: false };
         let mut last_claim: Option<tokio::time::Instant> = None;
         // When the books were last out of reach: after an outage the
         // treasurer, back too, renews its own term (its epoch is still the
@@ -477,6 +517,7 @@ impl Replica {
             let _ = keeper.await;
         }
         self.step_down().await;
+        ended.finished = true;
     }
 
     /// Renews the treasury every `treasury_ttl / 6` while this replica
