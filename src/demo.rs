@@ -156,6 +156,7 @@ pub fn seed_org(ledger: &Ledger, spec: &SeedSpec, now: DateTime<Utc>) -> Result<
 pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let mut config = demo_config(options.config.as_deref())?;
     telemetry::init(&config.log);
+    telemetry::log_panics();
     if let Some(listen) = options.listen {
         config.server.listen = listen;
     }

@@ -256,6 +256,7 @@ const EXIT_RESTART: u8 = 75;
 async fn serve(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode> {
     let mut config = GatewayConfig::load(&path)?;
     telemetry::init(&config.log);
+    telemetry::log_panics();
     if let Some(listen) = overrides.listen {
         config.server.listen = listen;
     }

@@ -24,6 +24,22 @@ pub fn init(log: &LogConfig) {
     };
 }
 
+/// Sends panics to the log as errors too (once per process), then to the
+/// default hook. A panic in a spawned task is caught by tokio and would
+/// otherwise show only as a bare line on stderr, outside the log an
+/// operator watches.
+pub fn log_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current();
+            tracing::error!(thread = thread.name().unwrap_or("unnamed"), panic = %info, "a thread or task panicked");
+            default(info);
+        }));
+    });
+}
+
 /// The gateway's Prometheus metrics. Labels are bounded: route prefixes come
 /// from the config, statuses and codes from fixed sets; never org, key or user
 /// ids.
