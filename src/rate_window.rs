@@ -112,6 +112,12 @@ mod tests {
         assert_eq!(admitted(&windows, 1, 10, 380, 10), 9, "only a tenth of the old window counts");
         // Quiet for more than a window: none of it counts.
         assert_eq!(admitted(&windows, 1, 10, 1_000, 20), 10);
+        // The same, for a key the pruning has not removed: a window two
+        // back is not the previous one.
+        let windows = RequestWindows::new(Duration::from_millis(100));
+        assert!(windows.admit_at(9, 5, 250), "prunes at window 2");
+        assert_eq!(admitted(&windows, 1, 5, 50, 5), 5, "a stale clock puts key 1 in window 0");
+        assert_eq!(admitted(&windows, 1, 5, 250, 5), 5, "window 0 is not window 2's previous");
     }
 
     #[test]

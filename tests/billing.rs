@@ -1050,6 +1050,7 @@ async fn a_call_is_charged_at_the_prices_in_force_when_it_was_held_hosted_tools_
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         clock.advance(chrono::TimeDelta::hours(2));
+        assert_eq!(books.gateway.ledger().open_holds(), 1, "the switch came while the call was upstream");
     });
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     let charged = before - books.settled_balance(&pro).await;

@@ -35,7 +35,9 @@ async fn a_standby_promoted_under_load_takes_over_and_the_books_stay_exact() {
     let (org, secret) = funded_org(&cluster, 1, "50", "10").await;
     let addresses: Vec<_> = cluster.replicas.iter().map(|r| r.proxy.clone()).collect();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let loads: Vec<_> = (0..3).map(|_| load(addresses.clone(), secret.clone(), stop.clone())).collect();
+    let log = CallLog::default();
+    let loads: Vec<_> =
+        (0..3).map(|_| load_logged(addresses.clone(), secret.clone(), stop.clone(), log.clone())).collect();
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
     pg.primary.kill();
@@ -45,26 +47,14 @@ async fn a_standby_promoted_under_load_takes_over_and_the_books_stay_exact() {
     let promoting_at = Instant::now();
     pg.standby.promote();
     let promoted_at = Instant::now();
-    // Load runs until every replica is ready on the new primary, then a
-    // while longer: calls caught in the outage take seconds each, and a
-    // fixed time could end before the loads came round to every replica.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for replica in &cluster.replicas {
-        loop {
-            let ready = admin(replica, http::Method::GET, "/readyz", serde_json::Value::Null, None).await;
-            if ready.is_some_and(|reply| reply.status == 200) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "replica {} not ready after the promotion", replica.proxy);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Load runs until every replica served again after the promotion (the
+    // check below), however long calls caught in the outage took.
+    log.until_each_serves_after(cluster.replicas.len(), promoted_at).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut seen = Vec::new();
     for load in loads {
-        seen.extend(load.await.unwrap());
+        load.await.unwrap();
     }
+    let seen = log.calls();
     let logs = || {
         cluster
             .replicas

@@ -41,7 +41,7 @@ const GROUPINGS: &[&str] = &[
     "user,app,key,end_user,model,tool,route,day,month",
 ];
 
-/// A zone whose date differs from UTC's for the next hour at least, so
+/// A zone whose date differs from UTC's for ten minutes at least, so
 /// grouping by day in UTC instead of the org's zone cannot pass by luck.
 /// UTC-12 differs from 00:00 to 12:00 UTC and UTC+14 from 10:00 to 24:00;
 /// no zone differs on both sides of midnight, so a test started in its last

@@ -461,8 +461,12 @@ async fn a_key_over_its_in_flight_cap_gets_429_until_a_request_ends() {
             send(request).await.status
         })
     };
-    // Well after the first is admitted and well before it ends, on a loaded machine too.
-    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    // Once the first is held (admitted), while the upstream keeps it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stack.gateway.ledger().open_holds() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the first call was never held");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let reply = post_raw(&stack, "/v1/chat/completions", &stack.keys.pro, SMALL_CALL).await;
     assert_eq!(reply.status, 429, "a second request while one is open");
     assert_eq!(reply.json()["error"]["cap"], "max_in_flight");

@@ -327,11 +327,15 @@ async fn a_request_is_settled_with_the_table_it_was_held_with() {
         }
     };
     // A slow call is held under A; B comes into force while it is upstream.
-    // (Wide margins: held well before the reload, upstream well after it.)
     let slow = tokio::spawn(call("2500"));
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stack.gateway.ledger().open_holds() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the slow call was never held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     write_atomically(&path, TABLE_B);
     assert_eq!(admin(&stack, http::Method::POST, "/admin/v1/prices/reload").await.status, 200);
+    assert_eq!(stack.gateway.ledger().open_holds(), 1, "B came into force while the slow call was upstream");
     assert_eq!(slow.await.unwrap().status, 200);
     assert_eq!(call("0").await.status, 200);
 

@@ -393,13 +393,14 @@ mod tests {
         std::fs::write(&path, table_text(0)).unwrap();
         let prices =
             Arc::new(LivePrices::load(&path, Vec::new(), Utc::now(), Arc::new(Metrics::new(false))).unwrap());
-        // Changed in place after the load, before the watcher's first look.
-        std::fs::write(&path, table_text(1)).unwrap();
+        // Changed in place after the load, before the watcher's first look
+        // (to another length, so coarse file times cannot hide it).
+        std::fs::write(&path, table_text(10)).unwrap();
         let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
         let stop = CancellationToken::new();
         let watching = tokio::spawn(prices.clone().watch(Duration::from_millis(10), clock, stop.clone()));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while label(&prices) != 1 {
+        while label(&prices) != 10 {
             assert!(std::time::Instant::now() < deadline, "the change was never put in force");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -413,17 +413,59 @@ pub fn load(
     secret: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<Vec<Call>> {
+    let log = CallLog::default();
+    let running = load_logged(proxies, secret, stop, log.clone());
     tokio::spawn(async move {
-        let mut seen = Vec::new();
+        running.await.unwrap();
+        log.calls()
+    })
+}
+
+/// The calls of load runs, as each ends.
+#[derive(Clone, Default)]
+pub struct CallLog(std::sync::Arc<std::sync::Mutex<Vec<Call>>>);
+
+impl CallLog {
+    pub fn calls(&self) -> Vec<Call> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits (up to 30 s) until each of `replicas` served a call that
+    /// started after `after`: load that runs for a fixed time after an
+    /// outage may not come round to every replica, since calls caught in
+    /// the outage take seconds each.
+    pub async fn until_each_serves_after(&self, replicas: usize, after: Instant) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let served = |replica| {
+            self.0
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|c| c.replica == replica && c.status == Some(200) && c.started > after)
+        };
+        while !(0..replicas).all(served) {
+            assert!(Instant::now() < deadline, "not every replica served again within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// [`load`], each call logged in `log` as it ends.
+pub fn load_logged(
+    proxies: Vec<String>,
+    secret: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    log: CallLog,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let mut i = 0;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let replica = i % proxies.len();
             let started = Instant::now();
             let status = call(&proxies[replica], &secret).await;
-            seen.push(Call { replica, status, started, finished: Instant::now() });
+            log.0.lock().unwrap().push(Call { replica, status, started, finished: Instant::now() });
             i += 1;
         }
-        seen
     })
 }
 
