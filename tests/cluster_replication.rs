@@ -272,21 +272,47 @@ async fn a_deposed_treasurer_cannot_fork_the_log() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_follower_that_meets_a_log_record_it_cannot_read_must_restart() {
+async fn a_follower_that_meets_a_log_record_that_does_not_replay_must_restart() {
     // Before, it logged a warning and retried the same record forever,
     // serving from a view that no longer moved (revoked keys still working,
     // purchases never spendable) while it said it was ready.
-    let (_pg, url, clock, treasurer, follower) = cluster("unreadable", "2026-05-05T10:00:00Z").await;
+    let (_pg, url, clock, treasurer, follower) = cluster("no_replay", "2026-05-05T10:00:00Z").await;
     let _seeded = seed(treasurer.ledger(), clock.now());
     follow_all(&treasurer, &follower).await;
     assert_eq!(follower.must_restart(), None);
-    books(&url).await.append("intruder", &[(1, b"not a record".to_vec())]).await.unwrap();
+    // A ledger entry the follower has applied, appended to the log again
+    // (as a bug could): it reads, but its balance no longer matches.
+    let books = books(&url).await;
+    let entry = books
+        .tail(0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|record| matches!(decode(record.gseq, &record.body).unwrap().body, RecordBody::Entry(_)))
+        .unwrap();
+    books.append("intruder", &[(1, entry.body)]).await.unwrap();
     assert!(follower.catch_up().await.is_err());
     let reason = follower.must_restart().expect("a replica whose view stopped must restart");
-    assert!(reason.contains("cannot be read"), "{reason}");
+    assert!(reason.contains("does not replay"), "{reason}");
     // Retrying does not clear it.
     assert!(follower.catch_up().await.is_err());
     assert!(follower.must_restart().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_meets_a_log_record_it_cannot_read_says_it_is_not_ready() {
+    // A newer treasurer's record (an upgrade done out of order): restarting
+    // the same binary cannot read it either, so the replica stays up inside
+    // its leases and reports why it is not ready, instead of crash-looping.
+    let (_pg, url, clock, treasurer, follower) = cluster("unreadable", "2026-05-05T10:00:00Z").await;
+    let _seeded = seed(treasurer.ledger(), clock.now());
+    follow_all(&treasurer, &follower).await;
+    assert_eq!(follower.unreadable(), None);
+    books(&url).await.append("intruder", &[(1, b"a record from a later version".to_vec())]).await.unwrap();
+    assert!(follower.catch_up().await.is_err());
+    let reason = follower.unreadable().expect("the replica says its view stopped");
+    assert!(reason.contains("cannot be read by this version"), "{reason}");
+    assert_eq!(follower.must_restart(), None, "a restart would not help");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

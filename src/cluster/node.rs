@@ -299,8 +299,14 @@ impl ClusterNode {
     /// `Ok` while this replica can spend: its lease rounds reached the
     /// books within a lease TTL. Past that its leases have lapsed and every
     /// hold is answered 503 `ledger_unavailable`, so `/readyz` says so and a
-    /// load balancer sends the traffic to replicas that can serve it.
+    /// load balancer sends the traffic to replicas that can serve it. Nor
+    /// while its view of the books is stuck on a log record it cannot read
+    /// (a newer treasurer's): it still spends inside leases, but its keys,
+    /// limits and balances no longer move.
     pub fn health(&self) -> Result<(), String> {
+        if let Some(reason) = self.replica.unreadable() {
+            return Err(reason);
+        }
         let since = self.last_reached.lock().elapsed();
         if since > self.lease_ttl {
             return Err(format!(

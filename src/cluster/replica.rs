@@ -138,6 +138,11 @@ pub struct Replica {
     /// Serving on would answer from a frozen view (a revoked key still
     /// working, a purchase never spendable), so it must restart.
     stopped: Mutex<Option<String>>,
+    /// A log record this version cannot read (a newer treasurer's, during
+    /// an upgrade done out of order): restarting the same binary cannot
+    /// mend it, so the replica stays up, inside its leases, and says it is
+    /// not ready until it runs the new binary.
+    unreadable: Mutex<Option<String>>,
     /// Serializes reading the log, so records apply once and in order.
     tailing: tokio::sync::Mutex<()>,
     /// Told of each wallet a record changes once the replica runs: alerts
@@ -156,7 +161,7 @@ struct EndedBeforeShutdown {
 impl Drop for EndedBeforeShutdown {
     fn drop(&mut self) {
         if !self.finished {
-            let reason = "its log-following task ended before shutdown (a panic)";
+            let reason = "its log-following task ended before shutdown (a panic, or a start that failed)";
             tracing::error!(reason, "this replica must restart");
             self.replica.stopped.lock().get_or_insert_with(|| reason.to_owned());
         }
@@ -199,6 +204,7 @@ impl Replica {
             deposed: AtomicBool::new(false),
             lost_treasury: AtomicBool::new(false),
             stopped: Mutex::new(None),
+            unreadable: Mutex::new(None),
             tailing: tokio::sync::Mutex::new(()),
             watchers: parking_lot::RwLock::new(Vec::new()),
         };
@@ -249,6 +255,12 @@ impl Replica {
         self.journal.failure().map(|reason| format!("its journal stopped: {reason}"))
     }
 
+    /// Why this replica's view cannot move on although a restart would not
+    /// help (a log record from a newer version), if so: it is not ready.
+    pub fn unreadable(&self) -> Option<String> {
+        self.unreadable.lock().clone()
+    }
+
     /// The last log record this replica applied (its own, once treasurer).
     pub fn applied(&self) -> i64 {
         self.applied.load(Ordering::Acquire)
@@ -258,21 +270,33 @@ impl Replica {
     /// returns how many. Nothing for the treasurer: it made them.
     pub async fn catch_up(&self) -> Result<usize, ClusterError> {
         let _tailing = self.tailing.lock().await;
-        if self.epoch().is_some() {
+        // A treasurer made the records; one that stepped down or lost the
+        // term never follows again (it exits, or restarts): reading on from
+        // where it stopped following would replay its own epoch twice.
+        if self.epoch().is_some() || self.deposed.load(Ordering::Acquire) {
             return Ok(0);
         }
         let records = self.books.tail(self.applied(), TAIL_BATCH).await?;
-        // A record that cannot be read or replayed stops the view for good:
-        // retrying cannot mend it, and every later record waits behind it.
-        // A restart rebuilds the view from the log (or refuses to start).
+        // A record that does not replay stops the view for good: retrying
+        // cannot mend it (a replay is not undone), and every later record
+        // waits behind it. A restart rebuilds the view from the log (or
+        // refuses to start, which is seen).
         let stop = |reason: String| {
             tracing::error!(%reason, "this replica's view of the books stopped; it must restart");
             self.stopped.lock().get_or_insert_with(|| reason.clone());
             ClusterError::Schema(reason)
         };
         for record in &records {
-            let decoded = decode(record.gseq, &record.body)
-                .map_err(|err| stop(format!("log record {} cannot be read: {err}", record.gseq)))?;
+            let decoded = decode(record.gseq, &record.body).map_err(|err| {
+                let reason = format!(
+                    "log record {} cannot be read by this version ({err}): run the treasurer's version",
+                    record.gseq
+                );
+                if self.unreadable.lock().replace(reason.clone()).is_none() {
+                    tracing::error!(%reason, "this replica's view of the books stopped");
+                }
+                ClusterError::Schema(reason)
+            })?;
             let changed = match &decoded.body {
                 crate::ledger::journal::RecordBody::Entry(entry) => {
                     Some((entry.wallet, entry.kind.created_lot().is_some()))

@@ -726,6 +726,12 @@ fn a_writer_thread_that_panics_fails_the_journal_for_good_and_says_so() {
     let (numbered, _dir, store, writer) = faulty_writer_with_one_record();
     store.set(PANICKING);
     writer.append(numbered(2)).unwrap();
+    // A sync waiting as it panics is told why, not that the journal closed.
+    let synced = writer.sync();
+    assert!(
+        matches!(&synced, Err(JournalError::Failed { reason }) if reason.contains("panicked")),
+        "{synced:?}"
+    );
     wait_until("the writer's panic to fail the journal", || {
         matches!(writer.health(), Err(JournalError::Failed { .. }))
     });

@@ -165,10 +165,11 @@ impl<S: Store> GroupCommit<S> {
                 // A writer that died (a bug) must not leave the journal
                 // looking healthy: every hold would be refused as closed
                 // while readiness said 200. It fails for good instead.
+                // (`FailOnUnwind` has marked it already, before the waiters
+                // were woken; this covers a panic outside a group.)
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run())).is_err() {
-                    let reason = "the ledger writer thread panicked; restart the gateway".to_owned();
-                    tracing::error!(%reason, "records it had not written are lost");
-                    let _first = failed.failure.set(JournalError::Failed { reason });
+                    tracing::error!(reason = WRITER_PANICKED, "records it had not written are lost");
+                    let _first = failed.failure.set(JournalError::Failed { reason: WRITER_PANICKED.into() });
                 }
             })
             .map_err(StoreError::Spawn)?;
@@ -325,6 +326,21 @@ impl<S: Store> Drop for GroupCommit<S> {
     fn drop(&mut self) {
         // Best effort: the owner should have called shutdown and seen its result.
         let _ = self.shutdown();
+    }
+}
+
+/// Why the journal failed when the writer thread panicked.
+const WRITER_PANICKED: &str = "the ledger writer thread panicked; restart the gateway";
+
+/// Marks the journal failed if the writer unwinds while it is alive: a sync
+/// woken by its barrier being dropped then reads the reason, not "closed".
+struct FailOnUnwind<'a>(&'a Shared);
+
+impl Drop for FailOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _first = self.0.failure.set(JournalError::Failed { reason: WRITER_PANICKED.into() });
+        }
     }
 }
 
@@ -560,6 +576,9 @@ impl<S: Store> Worker<S> {
                 }
             };
             let mut group = Group { barriers: std::mem::take(&mut state.carried), ..Group::default() };
+            // Dropped before the group and the state: a panic marks the
+            // journal failed before their barriers wake anyone.
+            let _fail_on_unwind = FailOnUnwind(&self.shared);
             if let Some(first) = first {
                 self.take(&mut group, &mut state, first);
             }
