@@ -86,7 +86,7 @@ pub mod codec;
 pub mod compact;
 pub mod export;
 pub mod history;
-pub(crate) mod sled;
+mod sled;
 mod verify;
 mod watermark;
 mod writer;
@@ -95,6 +95,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
+pub(crate) use self::sled::open_waiting_for_lock;
 pub use self::sled::SledStore;
 pub use self::verify::{verify_store, Report};
 pub use self::writer::{DurableBatch, GroupCommit, WriterStats};

@@ -271,14 +271,20 @@ async fn a_deposed_treasurer_cannot_fork_the_log() {
     assert_audited(fresh.ledger(), &entries(&records));
 }
 
+/// A treasurer with a seeded org and a follower that has applied all of it.
+async fn a_follower_in_step(name: &str) -> (Postgres, String, Replica, Replica) {
+    let (pg, url, clock, treasurer, follower) = cluster(name, "2026-05-05T10:00:00Z").await;
+    let _seeded = seed(treasurer.ledger(), clock.now());
+    follow_all(&treasurer, &follower).await;
+    (pg, url, treasurer, follower)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_that_meets_a_log_record_that_does_not_replay_must_restart() {
     // Before, it logged a warning and retried the same record forever,
     // serving from a view that no longer moved (revoked keys still working,
     // purchases never spendable) while it said it was ready.
-    let (_pg, url, clock, treasurer, follower) = cluster("no_replay", "2026-05-05T10:00:00Z").await;
-    let _seeded = seed(treasurer.ledger(), clock.now());
-    follow_all(&treasurer, &follower).await;
+    let (_pg, url, _treasurer, follower) = a_follower_in_step("no_replay").await;
     assert_eq!(follower.must_restart(), None);
     // A ledger entry the follower has applied, appended to the log again
     // (as a bug could): it reads, but its balance no longer matches.
@@ -304,9 +310,7 @@ async fn a_follower_that_meets_a_log_record_it_cannot_read_says_it_is_not_ready(
     // A newer treasurer's record (an upgrade done out of order): restarting
     // the same binary cannot read it either, so the replica stays up inside
     // its leases and reports why it is not ready, instead of crash-looping.
-    let (_pg, url, clock, treasurer, follower) = cluster("unreadable", "2026-05-05T10:00:00Z").await;
-    let _seeded = seed(treasurer.ledger(), clock.now());
-    follow_all(&treasurer, &follower).await;
+    let (_pg, url, _treasurer, follower) = a_follower_in_step("unreadable").await;
     assert_eq!(follower.unreadable(), None);
     books(&url).await.append("intruder", &[(1, b"a record from a later version".to_vec())]).await.unwrap();
     assert!(follower.catch_up().await.is_err());

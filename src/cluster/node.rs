@@ -134,7 +134,7 @@ fn open_outbox(data_dir: &Path, replica: &str) -> Result<sled::Tree, ClusterErro
         .path(data_dir.join("outbox"))
         // Flushed by the shipping round, just before each shipment.
         .flush_every_ms(None);
-    let db = crate::store::sled::open_waiting_for_lock(&config).map_err(unusable)?;
+    let db = crate::store::open_waiting_for_lock(&config).map_err(unusable)?;
     let debits = db.open_tree("debits").map_err(unusable)?;
     let owner = match db.get(OUTBOX_OWNER).map_err(unusable)? {
         Some(owner) => Some(owner.to_vec()),

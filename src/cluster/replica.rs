@@ -152,14 +152,18 @@ pub struct Replica {
     watchers: parking_lot::RwLock<Vec<WalletWatcher>>,
 }
 
-/// Marks the replica stopped when [`Replica::run`] is dropped unfinished.
+/// Stops the treasury keeper whenever [`Replica::run`] ends, and marks the
+/// replica stopped when it is dropped unfinished (a panic unwinds out of
+/// it and tokio drops it).
 struct EndedBeforeShutdown {
     replica: Arc<Replica>,
+    keeper_stop: CancellationToken,
     finished: bool,
 }
 
 impl Drop for EndedBeforeShutdown {
     fn drop(&mut self) {
+        self.keeper_stop.cancel();
         if !self.finished {
             let reason = "its log-following task ended before shutdown (a panic, or a start that failed)";
             tracing::error!(reason, "this replica must restart");
@@ -448,12 +452,12 @@ impl Replica {
         // keep going for longer than a term.
         let keeper_stop = CancellationToken::new();
         let keeper = self.clone().keep_treasury(keeper_stop.clone());
-        // If this task ends before shutdown (a panic unwinds out of it and
-        // tokio drops it), the keeper must not renew a term nobody uses
-        // (posting, ticks and replay would stop for the whole cluster while
-        // no follower could claim it), and the replica must restart.
-        let _keeper_stops_with_this_task = keeper_stop.clone().drop_guard();
-        let mut ended = EndedBeforeShutdown { replica: self.clone(), finished: false };
+        // If this task ends before shutdown, the keeper must not renew a
+        // term nobody uses (posting, ticks and replay would stop for the
+        // whole cluster while no follower could claim it), and the replica
+        // must restart.
+        let mut ended =
+            EndedBeforeShutdown { replica: self.clone(), keeper_stop: keeper_stop.clone(), finished: false };
         let mut last_claim: Option<tokio::time::Instant> = None;
         // When the books were last out of reach: after an outage the
         // treasurer, back too, renews its own term (its epoch is still the
