@@ -487,6 +487,7 @@ impl Proxy {
             injected_usage,
             upstream_status: None,
             tool_units: None,
+            sent: false,
             clock: self.clock.clone(),
         });
         Ok((parts, body))
@@ -617,6 +618,9 @@ impl Proxy {
         let upstream = self.upstream_of(route);
         let deadline = tokio::time::Instant::now() + upstream.response_timeout;
         let head = self.upstreams.start(route.upstream, upstream, request)?;
+        if let Some(charge) = ctx.charge.as_mut() {
+            charge.sent = true;
+        }
         let mut waiting = AwaitingHead { proxy: self, ctx, head: None, deadline };
         let answer = tokio::time::timeout_at(deadline, waiting.head.insert(head)).await;
         match answer {

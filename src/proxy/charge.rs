@@ -150,17 +150,45 @@ pub struct Charge {
     pub injected_usage: bool,
     pub upstream_status: Option<StatusCode>,
     pub tool_units: Option<u64>,
-    /// For releasing the hold if the request is dropped before it settles.
+    /// The call was handed to the upstream, which bills it whether or not
+    /// anyone reads the answer: dropped unsettled, it is charged its hold.
+    pub sent: bool,
+    /// For ending the hold if the request is dropped before it settles.
     pub clock: Arc<dyn Clock>,
 }
 
 impl Drop for Charge {
-    /// A request dropped before its response began (the client went away
-    /// while the upstream was still thinking) releases its hold at once
-    /// instead of leaving it to the TTL. After a settle there is no hold left.
+    /// A request dropped before it was sent (the client went away while its
+    /// body was read) releases its hold at once instead of leaving it to the
+    /// TTL. Every way a sent call ends settles it (a client that leaves is
+    /// read on for, see `read_on`), so one dropped unsettled after it was
+    /// sent was cut off by a panic: the upstream may bill it all, and it is
+    /// charged its hold, never made free. After a settle no hold is left.
     fn drop(&mut self) {
-        if let Some(hold) = self.hold.take() {
-            hold.release(self.clock.now());
+        let Some(hold) = self.hold.take() else { return };
+        let now = self.clock.now();
+        let Some(priced) = self.priced.as_ref().filter(|_| self.sent) else {
+            hold.release(now);
+            return;
+        };
+        let amount = hold.amount();
+        let details = SettleDetails {
+            route: self.route.clone(),
+            model: Arc::from(priced.name()),
+            usage: Usage::default(),
+            price_version: self.table.version_text(),
+            operator_cost: Some(self.held_cost),
+        };
+        let request_id = self.request_id;
+        match hold.settle(amount, details, now) {
+            Ok(debited) => tracing::error!(
+                %request_id, %debited,
+                "a call sent upstream was dropped before its settle: charged its hold"
+            ),
+            Err(error) => tracing::error!(
+                %request_id, %error,
+                "a call sent upstream was dropped before its settle, and charging its hold failed"
+            ),
         }
     }
 }
@@ -1557,6 +1585,85 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::with_include_usage;
+
+    #[test]
+    fn a_charge_dropped_unsettled_is_released_before_it_was_sent_and_charged_its_hold_after() {
+        // A panic between sending a call and settling it (in a read-on task,
+        // or before the response body took the charge) drops the charge: the
+        // upstream has the call and may bill it all, so it must not be free.
+        use std::sync::Arc;
+
+        use rust_decimal_macros::dec;
+
+        use super::{Charge, Priced, Reservation};
+        use crate::clock::ManualClock;
+        use crate::ledger::entity::Plan;
+        use crate::ledger::ids::{Owner, WalletId};
+        use crate::ledger::limit::Limits;
+        use crate::ledger::testkit::{assert_verified, at, key, ledger, org, request, term, user};
+        use crate::ledger::{ResolvedKey, SpendContext};
+        use crate::pricing::PriceTable;
+
+        let now = at("2027-03-10T12:00:00Z");
+        let (ledger, journal) = ledger();
+        let contract = term("2027-01-01", 1, dec!(10), 0, dec!(0));
+        let org = org(&ledger, chrono_tz::Tz::UTC, Some(contract), now);
+        let user = user(&ledger, org, Plan::Pro, dec!(0), now);
+        let key_id = key(&ledger, org, Owner::User(user), Limits::NONE, now);
+        let wallet = WalletId::Pool(org);
+        let resolved = ResolvedKey { key: key_id, org, owner: Owner::User(user), wallet };
+        let table = Arc::new(
+            PriceTable::parse("prices.toml", "label = \"t\"\n[tools.\"search\"]\nper_call = \"0.5\"\n")
+                .unwrap(),
+        );
+        let price = table.tool("search", now).unwrap();
+        let charge = |sent: bool, amount| {
+            let request_id = request();
+            let context = SpendContext { key: key_id, end_user: None };
+            let hold = ledger.hold(wallet, request_id, amount, context, now).unwrap();
+            Charge {
+                key: resolved,
+                end_user: None,
+                request_id,
+                route: Arc::from("/tools"),
+                table: table.clone(),
+                priced_at: now,
+                priced: Some(Priced::Tool { name: Arc::from("search"), price, units_header: None }),
+                estimated_input_tokens: None,
+                limits: crate::config::RouteLimits::default(),
+                output_cap: None,
+                hold: Some(Reservation::Local(hold)),
+                held_cost: amount,
+                meter: None,
+                injected_usage: false,
+                upstream_status: None,
+                tool_units: None,
+                sent,
+                clock: ManualClock::new(now),
+            }
+        };
+        let totals = || ledger.balance(wallet, now).unwrap();
+
+        drop(charge(false, dec!(2)));
+        let after_unsent = totals();
+        assert_eq!(
+            (after_unsent.balance, after_unsent.held, after_unsent.totals.debited),
+            (dec!(10), dec!(0), dec!(0))
+        );
+
+        drop(charge(true, dec!(3)));
+        let after_sent = totals();
+        assert_eq!(after_sent.open_holds, 0, "the hold is ended, not left to its TTL");
+        assert_eq!(
+            (after_sent.balance, after_sent.held, after_sent.totals.debited),
+            (dec!(7), dec!(0), dec!(3))
+        );
+        assert_eq!(
+            after_sent.balance,
+            after_sent.totals.granted - after_sent.totals.debited - after_sent.totals.written_off
+        );
+        assert_verified(&ledger, &journal);
+    }
 
     #[test]
     fn a_usage_clipped_to_the_ceiling_keeps_the_shares_of_its_input() {
