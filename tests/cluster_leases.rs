@@ -1549,3 +1549,61 @@ async fn a_replica_whose_lock_session_is_lost_writes_nothing_until_it_holds_its_
     stop.cancel();
     elsewhere_stop.cancel();
 }
+
+/// The SETTING of one session.
+async fn shown(db: &Database, setting: &str) -> String {
+    db.client().await.unwrap().query_one(&format!("SHOW {setting}"), &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wallet_row_a_stalled_session_holds_fails_a_draw_in_time_and_migrations_still_wait() {
+    // A session that stopped inside a transaction (a frozen replica) holds
+    // its row locks: draws queued behind them must fail within the pool's
+    // lock limit, not keep their connections for as long as it lasts.
+    let pg = Postgres::shared();
+    let url = pg.create_database("stalled");
+    let db = Database::new(&url, 2).unwrap();
+    migrate(&db).await.unwrap();
+    assert_eq!(shown(&db, "lock_timeout").await, "5s");
+    assert_eq!(shown(&db, "idle_in_transaction_session_timeout").await, "1min");
+    assert_eq!(shown(&db, "statement_timeout").await, "1min");
+    // The URL's own options win, one by one.
+    let short = Database::new(&format!("{url}?options=-c%20lock_timeout%3D300ms"), 2).unwrap();
+    assert_eq!(shown(&short, "lock_timeout").await, "300ms");
+    assert_eq!(shown(&short, "statement_timeout").await, "1min");
+
+    let books = Books::new(db.clone());
+    books.fund(ORG, WALLET, dec!(10), "p").await.unwrap();
+    let mut stalled = short.client().await.unwrap();
+    let stalled = stalled.transaction().await.unwrap();
+    stalled.execute("SELECT 1 FROM cg_wallets WHERE wallet = $1 FOR UPDATE", &[&WALLET]).await.unwrap();
+    let second = Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let draw = tokio::time::timeout(
+        Duration::from_secs(20),
+        books.draw_lease("r1", WALLET, dec!(1), dec!(1), second, second, Duration::ZERO),
+    )
+    .await
+    .expect("a draw behind a held row lock must not wait for the lock's holder");
+    let error = draw.expect_err("the draw waited past the lock limit");
+    assert!(error.to_string().contains("lock timeout"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(10), "failed after {:?}", started.elapsed());
+    stalled.commit().await.unwrap();
+    let lease =
+        books.draw_lease("r1", WALLET, dec!(1), dec!(1), second, second, Duration::ZERO).await.unwrap();
+    assert!(lease.is_some(), "the wallet draws again once the lock is gone");
+
+    // A migration waits for another replica's as long as that takes,
+    // whatever the pool's lock limit.
+    let url = pg.create_database("stalled_migration");
+    let holder = Database::new(&url, 1).unwrap();
+    let mut holding = holder.client().await.unwrap();
+    let holding = holding.transaction().await.unwrap();
+    holding.execute("SELECT pg_advisory_xact_lock(7162814031830606196)", &[]).await.unwrap();
+    let short = Database::new(&format!("{url}?options=-c%20lock_timeout%3D100ms"), 2).unwrap();
+    let waiting = tokio::spawn(async move { migrate(&short).await });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!waiting.is_finished(), "the migration waits for the lock");
+    holding.commit().await.unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap(), usize::try_from(latest_version()).unwrap());
+}

@@ -548,8 +548,11 @@ impl Books {
 
     /// Every wallet's books recomputed from funding, debits and open leases.
     pub async fn audit(&self) -> Result<Vec<WalletAudit>, ClusterError> {
-        let client = self.client().await?;
-        let rows = client
+        let mut client = self.client().await?;
+        // Every wallet's every row: not cut at the pool's statement limit.
+        let tx = client.transaction().await?;
+        tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
+        let rows = tx
             .query(
                 "SELECT w.wallet, w.balance, w.leased,
                         COALESCE((SELECT sum(amount) FROM cg_funding f WHERE f.wallet = w.wallet), 0),
@@ -561,6 +564,7 @@ impl Books {
                 &[],
             )
             .await?;
+        tx.commit().await?;
         Ok(rows
             .iter()
             .map(|row| WalletAudit {

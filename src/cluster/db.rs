@@ -7,6 +7,12 @@
 //! follows a Patroni-managed failover. A short connect timeout (unless the
 //! URL sets one) keeps a dead host from stalling that search.
 //!
+//! Every pooled session starts with bounds on waiting (see
+//! [`SESSION_LIMITS`]) unless the URL's `options` sets them: a wallet row
+//! locked by a session that stopped mid-transaction (a frozen process,
+//! whose kernel still answers keepalives) must fail the draws queued behind
+//! it, not hold their connections until the pool is gone.
+//!
 //! TLS follows libpq's `sslmode`, always verified: `require`, `verify-ca`
 //! and `verify-full` connect only over TLS to a server whose certificate
 //! chains to a trusted root and names the host (rustls checks both; a
@@ -20,7 +26,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    ClientWrapper, Hook, HookError, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tokio_postgres::config::{SslMode, TargetSessionAttrs};
@@ -44,6 +52,30 @@ const KEEPALIVE_RETRIES: u32 = 3;
 /// How long sent data may go unacknowledged before the connection fails
 /// (TCP_USER_TIMEOUT), unless the URL sets it.
 const UNACKED_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What a pooled session may wait, each set when the URL's `options` does
+/// not name it:
+/// - `lock_timeout`: a row or advisory lock another session holds (every
+///   caller retries: a draw at the next hold, a shipment or posting at its
+///   next round);
+/// - `idle_in_transaction_session_timeout`: a session of ours that stopped
+///   between the statements of a transaction is ended, its locks released;
+/// - `statement_timeout`: a backstop for a statement that never ends (a
+///   connection handed back after its caller stopped waiting serves the next
+///   borrower only when the statement it runs has ended). Migrations and
+///   the audit lift it for their own transaction.
+pub const SESSION_LIMITS: [(&str, &str); 3] =
+    [("lock_timeout", "5s"), ("idle_in_transaction_session_timeout", "60s"), ("statement_timeout", "60s")];
+
+/// The `SET` statements for the limits `options` (the URL's) leaves unset.
+fn session_limits_sql(options: Option<&str>) -> String {
+    let named = |name: &str| options.is_some_and(|options| options.contains(name));
+    SESSION_LIMITS
+        .iter()
+        .filter(|(name, _)| !named(name))
+        .map(|(name, value)| format!("SET {name} = '{value}';"))
+        .collect()
+}
 
 /// A pool of connections to the primary.
 ///
@@ -185,7 +217,18 @@ impl Database {
             Tls::Off => Manager::from_config(config.clone(), NoTls, settings),
             Tls::Verified(connector) => Manager::from_config(config.clone(), connector.clone(), settings),
         };
+        let limits = session_limits_sql(config.get_options());
+        let set_limits = Hook::async_fn(move |client: &mut ClientWrapper, _| {
+            let limits = limits.clone();
+            Box::pin(async move {
+                if !limits.is_empty() {
+                    client.batch_execute(&limits).await.map_err(HookError::Backend)?;
+                }
+                Ok(())
+            })
+        });
         let pool = Pool::builder(manager)
+            .post_create(set_limits)
             .max_size(max_connections.max(1))
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(POOL_WAIT))

@@ -93,6 +93,9 @@ pub async fn migrate(db: &Database) -> Result<usize, ClusterError> {
 pub async fn migrate_to(db: &Database, target: i32) -> Result<usize, ClusterError> {
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
+    // A migration may rewrite a large table and wait for sessions of older
+    // replicas: the pool's session limits do not apply to it.
+    tx.batch_execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0").await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS cg_schema (
