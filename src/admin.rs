@@ -604,10 +604,18 @@ impl Admin {
         self.metrics.store_flush_micros.set(gauge(stats.flush_micros));
         self.metrics.store_records_written_late.set(gauge(stats.written_out_of_order));
         self.metrics.store_sequence_gaps_open.set(gauge(stats.sequence_gaps_open));
+        self.metrics.store_appends_waited.set(gauge(stats.waited_for_room));
+        self.metrics.store_failures.set(gauge(stats.store_failures));
         if let Some(history) = &self.history {
             let status = history.status();
             self.metrics.history_handed_over.set(gauge(status.records_handed_over));
             self.metrics.history_read_back.set(gauge(status.records_read_back));
+            self.metrics.history_checkpoint_seq.set(gauge(status.checkpoint_seq));
+            self.metrics.history_failing.set(i64::from(status.last_error.is_some()));
+        }
+        if let Some(prices) = &self.prices {
+            let failing = prices.status(self.clock.now()).last_reload_error.is_some();
+            self.metrics.price_reload_failing.set(i64::from(failing));
         }
         let workers = tokio::runtime::Handle::current().metrics().num_workers();
         self.metrics.runtime_workers.set(gauge(workers as u64));
@@ -615,6 +623,12 @@ impl Admin {
             let (holds, statements) = node.lease_book().stats();
             cluster.lease_holds.set(gauge(holds));
             cluster.db_statements.set(gauge(statements));
+            let unshipped = node.lease_book().unshipped();
+            cluster.outbox_debits.set(gauge(unshipped.debits as u64));
+            cluster.outbox_oldest_seconds.set(unshipped.oldest.map_or(0.0, |at| at.elapsed().as_secs_f64()));
+            cluster.database_unreached_seconds.set(node.database_unreached_for().as_secs_f64());
+            cluster.log_applied.set(node.replica().applied());
+            cluster.treasurer.set(i64::from(node.replica().epoch().is_some()));
         }
         let mut response = Response::new(GatewayBody::local(self.metrics.render().into()));
         response.headers_mut().insert(

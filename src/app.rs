@@ -28,7 +28,7 @@ use crate::server::{self, Drained, ServeOptions};
 use crate::store::history::Historian;
 use crate::store::SledStore;
 use crate::store::{open_ledger, GroupCommit, StoreConfig};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, TaskLabels};
 
 /// A running gateway: the proxy listener and the admin listener.
 pub struct Gateway {
@@ -143,7 +143,13 @@ impl Gateway {
         tokio::spawn(alerts.clone().run(ledger.clone(), clock.clone(), shutdown.clone()));
         // A cluster's treasurer brings the wallets up to date itself.
         let single_node = cluster.is_none();
-        tokio::spawn(keep_wallets_current(ledger.clone(), clock.clone(), shutdown.clone(), single_node));
+        tokio::spawn(keep_wallets_current(
+            ledger.clone(),
+            clock.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            single_node,
+        ));
         let options = ServeOptions {
             name: "proxy",
             max_connections: config.server.max_connections,
@@ -578,9 +584,13 @@ const HOLD_VOID_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1
 /// wallets nobody touched, so the books date them when they happened, not
 /// at the wallet's next request (a wallet untouched does nothing else; the
 /// check is one comparison of its next event's time).
+/// A tick that panics (a bug) is counted and logged and the next one runs:
+/// holds that outlived their TTL must not stay held for good because one
+/// wallet's catch-up failed once.
 async fn keep_wallets_current(
     ledger: Arc<Ledger>,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     single_node: bool,
 ) {
@@ -589,13 +599,23 @@ async fn keep_wallets_current(
             () = tokio::time::sleep(HOLD_VOID_INTERVAL) => {}
             () = shutdown.cancelled() => return,
         }
-        let voided = if single_node {
-            ledger.tick(clock.now()).holds_voided
-        } else {
-            ledger.void_expired_holds(clock.now())
-        };
-        if voided > 0 {
-            tracing::warn!(voided, "voided holds that outlived their TTL");
+        let tick = std::panic::AssertUnwindSafe(|| {
+            if single_node {
+                ledger.tick(clock.now()).holds_voided
+            } else {
+                ledger.void_expired_holds(clock.now())
+            }
+        });
+        match std::panic::catch_unwind(tick) {
+            Ok(0) => {}
+            Ok(voided) => {
+                metrics.holds_voided.inc_by(voided as u64);
+                tracing::warn!(voided, "voided holds that outlived their TTL");
+            }
+            Err(_) => {
+                metrics.background_panics.get_or_create(&TaskLabels { task: "wallet_tick" }).inc();
+                tracing::error!("the wallets' tick panicked; the next one runs in a second");
+            }
         }
     }
 }

@@ -110,7 +110,7 @@ pub use books::{
 };
 pub use db::Database;
 pub use journal::LogJournal;
-pub use leases::{LeaseBook, LeaseHold, LeaseRefusal, LeaseSettings};
+pub use leases::{LeaseBook, LeaseHold, LeaseRefusal, LeaseSettings, Unshipped};
 pub use node::{ClusterNode, NodeOptions};
 pub use replica::{DebitDetail, Replica, ReplicaSettings};
 pub use spend::ClusterHold;

@@ -51,6 +51,7 @@ pub mod metrics {
     use prometheus_client::metrics::gauge::Gauge;
     use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
     use prometheus_client::registry::Registry;
+    use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
     /// A label value shared with the request path (a route prefix, a model
@@ -88,6 +89,11 @@ pub mod metrics {
     }
 
     #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct TaskLabels {
+        pub task: &'static str,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
     pub struct VersionLabels {
         pub version: String,
     }
@@ -106,6 +112,18 @@ pub mod metrics {
         /// cost per request).
         pub db_statements: Gauge,
         pub lease_holds: Gauge,
+        /// Shipments of the outbox the database refused or did not answer.
+        pub shipment_failures: Counter,
+        /// Read at scrape time: debits settled here and not yet in the
+        /// shared books, and how long the oldest has waited.
+        pub outbox_debits: Gauge,
+        pub outbox_oldest_seconds: Gauge<f64, AtomicU64>,
+        /// Read at scrape time: since a lease round last reached the database.
+        pub database_unreached_seconds: Gauge<f64, AtomicU64>,
+        /// Read at scrape time: the last shared-log record this replica's
+        /// view applied, and whether it holds the treasury (1) or follows (0).
+        pub log_applied: Gauge,
+        pub treasurer: Gauge,
     }
 
     impl ClusterMetrics {
@@ -118,6 +136,12 @@ pub mod metrics {
                 outbox_lag_seconds: Histogram::new(buckets()),
                 db_statements: Gauge::default(),
                 lease_holds: Gauge::default(),
+                shipment_failures: Counter::default(),
+                outbox_debits: Gauge::default(),
+                outbox_oldest_seconds: Gauge::default(),
+                database_unreached_seconds: Gauge::default(),
+                log_applied: Gauge::default(),
+                treasurer: Gauge::default(),
             };
             registry.register(
                 "lease_draw_seconds",
@@ -138,6 +162,36 @@ pub mod metrics {
                 "lease_holds",
                 "Holds granted from leased credit since start",
                 metrics.lease_holds.clone(),
+            );
+            registry.register(
+                "cluster_shipment_failures",
+                "Shipments of settled debits to the shared books that failed (each is retried)",
+                metrics.shipment_failures.clone(),
+            );
+            registry.register(
+                "cluster_outbox_debits",
+                "Debits settled on this replica and not yet in the shared books",
+                metrics.outbox_debits.clone(),
+            );
+            registry.register(
+                "cluster_outbox_oldest_seconds",
+                "How long the oldest debit not yet in the shared books has waited (0 when none waits)",
+                metrics.outbox_oldest_seconds.clone(),
+            );
+            registry.register(
+                "cluster_database_unreached_seconds",
+                "Time since a lease round last reached the cluster database (/readyz fails past the lease TTL)",
+                metrics.database_unreached_seconds.clone(),
+            );
+            registry.register(
+                "cluster_log_applied",
+                "Number of the last shared-log record this replica's view of the books applied as a follower (a treasurer makes the records after it)",
+                metrics.log_applied.clone(),
+            );
+            registry.register(
+                "cluster_treasurer",
+                "1 while this replica holds the treasury (posts debits, applies expiry, resets and grants), else 0",
+                metrics.treasurer.clone(),
             );
             metrics
         }
@@ -176,6 +230,23 @@ pub mod metrics {
         /// the store (a steady rise of the second costs CPU and page cache).
         pub history_handed_over: Gauge,
         pub history_read_back: Gauge,
+        /// Read at scrape time: appends that found the store writer's queue
+        /// full and waited (requests held up by the disk), and failed
+        /// writes or flushes (each retried).
+        pub store_appends_waited: Gauge,
+        pub store_failures: Gauge,
+        /// Read at scrape time: the record the newest checkpoint covers, and
+        /// 1 while the historian's last attempt failed or it stopped.
+        pub history_checkpoint_seq: Gauge,
+        pub history_failing: Gauge,
+        /// Read at scrape time: 1 while the price file on disk failed to
+        /// load and an older table stays in force.
+        pub price_reload_failing: Gauge,
+        /// Holds voided by their TTL (a request that never settled: its
+        /// call is not billed).
+        pub holds_voided: Counter,
+        /// Panics caught in background work, by task.
+        pub background_panics: Family<TaskLabels, Counter>,
         /// Worker threads of the shared runtime: `[server] workers`, or one
         /// (admin and background work) under `thread-per-core`.
         pub runtime_workers: Gauge,
@@ -246,8 +317,9 @@ pub mod metrics {
                 "Credits debited, in 1e-9 dollars, by model or tool",
                 charged_nanodollars.clone(),
             );
-            // 1 µs to ~4 ms in powers of 2.
-            let hold_seconds = Histogram::new(exponential_buckets(0.000_001, 2.0, 12));
+            // 1 µs to ~8 s in powers of 2: a replica's hold may wait for a
+            // lease draw (up to 5 s).
+            let hold_seconds = Histogram::new(exponential_buckets(0.000_001, 2.0, 24));
             registry.register("hold_seconds", "Time to place a hold in the ledger", hold_seconds.clone());
             let settle_seconds = Histogram::new(exponential_buckets(0.000_001, 2.0, 12));
             registry.register(
@@ -293,6 +365,48 @@ pub mod metrics {
                 "Records the checkpoint historian read back from the store since start (those before it started, and batches the hand-over dropped)",
                 history_read_back.clone(),
             );
+            let store_appends_waited = Gauge::default();
+            registry.register(
+                "store_appends_waited",
+                "Ledger records whose append found the store writer's queue full and waited, since start",
+                store_appends_waited.clone(),
+            );
+            let store_failures = Gauge::default();
+            registry.register(
+                "store_failures",
+                "Failed writes or flushes of the ledger store since start (each retried; a store that keeps failing makes /readyz fail)",
+                store_failures.clone(),
+            );
+            let history_checkpoint_seq = Gauge::default();
+            registry.register(
+                "history_checkpoint_seq",
+                "The ledger record the newest checkpoint covers (a restart replays the records after it)",
+                history_checkpoint_seq.clone(),
+            );
+            let history_failing = Gauge::default();
+            registry.register(
+                "history_failing",
+                "1 while the checkpoint historian's last attempt failed or it stopped (checkpoints and pruning wait)",
+                history_failing.clone(),
+            );
+            let price_reload_failing = Gauge::default();
+            registry.register(
+                "price_reload_failing",
+                "1 while the price file on disk failed to load and an older table stays in force",
+                price_reload_failing.clone(),
+            );
+            let holds_voided = Counter::default();
+            registry.register(
+                "holds_voided",
+                "Holds voided by their TTL: requests that never settled, whose calls were not billed",
+                holds_voided.clone(),
+            );
+            let background_panics = Family::<TaskLabels, Counter>::default();
+            registry.register(
+                "background_panics",
+                "Panics caught in background work, by task",
+                background_panics.clone(),
+            );
             let runtime_workers = Gauge::default();
             registry.register(
                 "runtime_workers",
@@ -316,6 +430,13 @@ pub mod metrics {
                 store_sequence_gaps_open,
                 history_handed_over,
                 history_read_back,
+                store_appends_waited,
+                store_failures,
+                history_checkpoint_seq,
+                history_failing,
+                price_reload_failing,
+                holds_voided,
+                background_panics,
                 runtime_workers,
                 proxy_threads,
                 requests,

@@ -556,9 +556,20 @@ async fn with_postgresql_stopped_replicas_serve_only_inside_their_leases_then_an
         // Once the leases lapsed (a TTL with no round reaching the books) a
         // replica says it is not ready, so a load balancer can route around it.
         tokio::time::sleep(Duration::from_secs(5)).await;
+        let (mut waiting, mut failures) = (0_u64, 0_u64);
         for replica in &cluster.replicas {
             assert_eq!(readyz(replica).await, 503, "not ready while the books are out of reach");
+            // And the metrics say why before /readyz does, and what waits.
+            let unreached: f64 = metric(replica, "creditgate_cluster_database_unreached_seconds").await;
+            assert!(unreached > 2.0, "the database unreached for {unreached} s");
+            let debits: u64 = metric(replica, "creditgate_cluster_outbox_debits").await;
+            let oldest: f64 = metric(replica, "creditgate_cluster_outbox_oldest_seconds").await;
+            assert_eq!(debits > 0, oldest > 0.0, "{debits} debits waiting, the oldest for {oldest} s");
+            waiting += debits;
+            failures += metric::<u64>(replica, "creditgate_cluster_shipment_failures_total").await;
         }
+        assert!(waiting > 0, "calls served inside leases wait in the outboxes");
+        assert!(failures > 0, "their shipments failed");
         tokio::time::sleep(outage_length.saturating_sub(stopped_at.elapsed())).await;
     };
     let ((bought, waited), ()) = tokio::join!(buy_during_outage, outage);
@@ -594,6 +605,18 @@ async fn with_postgresql_stopped_replicas_serve_only_inside_their_leases_then_an
     assert!(recovered > 0, "serving again once the books are back");
 
     settled(&cluster.url).await;
+    let mut treasurers = 0_u64;
+    for replica in &cluster.replicas {
+        assert_eq!(
+            metric::<u64>(replica, "creditgate_cluster_outbox_debits").await,
+            0,
+            "every outbox shipped"
+        );
+        assert_eq!(metric::<f64>(replica, "creditgate_cluster_outbox_oldest_seconds").await, 0.0);
+        assert!(metric::<f64>(replica, "creditgate_cluster_database_unreached_seconds").await < 5.0);
+        treasurers += metric::<u64>(replica, "creditgate_cluster_treasurer").await;
+    }
+    assert_eq!(treasurers, 1, "one treasurer");
     let served = seen.iter().filter(|call| call.status == Some(200)).count();
     assert_eq!(debits(&cluster.url, org).await.len(), served, "every call served is debited once");
     let audit = pool_audit(&cluster.url, org).await;
@@ -697,18 +720,22 @@ async fn readyz(replica: &Replica) -> u16 {
     reply.status.as_u16()
 }
 
+/// One unlabelled metric of a replica, from its `/metrics`.
+async fn metric<T: std::str::FromStr<Err: std::fmt::Debug>>(replica: &Replica, name: &str) -> T {
+    let reply = admin(replica, http::Method::GET, "/metrics", serde_json::Value::Null, None).await.unwrap();
+    let text = String::from_utf8_lossy(&reply.body).into_owned();
+    let value = text
+        .lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in {text}"));
+    value.trim().parse().unwrap()
+}
+
 /// Statements each replica has sent the database, from its `/metrics`.
 async fn statements_sent(cluster: &Cluster) -> Vec<u64> {
     let mut sent = Vec::new();
     for replica in &cluster.replicas {
-        let reply =
-            admin(replica, http::Method::GET, "/metrics", serde_json::Value::Null, None).await.unwrap();
-        let text = String::from_utf8_lossy(&reply.body).into_owned();
-        let value = text
-            .lines()
-            .find_map(|line| line.strip_prefix("creditgate_db_statements "))
-            .unwrap_or_else(|| panic!("no creditgate_db_statements in {text}"));
-        sent.push(value.trim().parse().unwrap());
+        sent.push(metric(replica, "creditgate_db_statements").await);
     }
     sent
 }

@@ -617,6 +617,18 @@ async fn metrics_count_charges_refusals_and_ledger_latency_with_bounded_labels()
     for gauge in ["creditgate_store_records_written_late ", "creditgate_store_sequence_gaps_open "] {
         assert!(text.contains(gauge), "the writer's late records are exported: {text}");
     }
+    // Nothing failed, stalled or was left unbilled here, and each says so.
+    for healthy in [
+        "creditgate_store_failures 0",
+        "creditgate_history_failing 0",
+        "creditgate_price_reload_failing 0",
+        "creditgate_holds_voided_total 0",
+    ] {
+        assert!(text.lines().any(|line| line == healthy), "{healthy}: {text}");
+    }
+    for gauge in ["creditgate_store_appends_waited ", "creditgate_history_checkpoint_seq "] {
+        assert!(text.contains(gauge), "{gauge}: {text}");
+    }
     assert!(!text.contains(&keys.pro) && !text.contains("org="), "no keys or org ids in labels");
 }
 

@@ -110,6 +110,18 @@ async fn an_invalid_file_keeps_the_old_prices_and_reports_file_and_line() {
     let metrics = String::from_utf8_lossy(&metrics.body);
     assert!(metrics.contains("creditgate_price_reloads_total{result=\"failed\"}"), "{metrics}");
     assert!(metrics.contains("creditgate_price_table_active{version=\"A@"), "{metrics}");
+    // The failure stays visible while the broken file does (a counter's
+    // increase would have cleared), and clears once a good one loads.
+    let failing = |metrics: &str| {
+        metrics.lines().find(|l| l.starts_with("creditgate_price_reload_failing ")).map(str::to_owned)
+    };
+    assert_eq!(failing(&metrics).as_deref(), Some("creditgate_price_reload_failing 1"), "{metrics}");
+    write_atomically(&path, TABLE_B);
+    wait_for_label(&stack, "B").await;
+    let metrics =
+        send(Request::get(stack.admin_url("/metrics")).body(Full::new(Bytes::new())).unwrap()).await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    assert_eq!(failing(&metrics).as_deref(), Some("creditgate_price_reload_failing 0"), "{metrics}");
 }
 
 #[tokio::test]

@@ -235,6 +235,18 @@ pub struct LeaseBook {
     /// shipment put back, a failed flush); a flush takes it before it reads
     /// the outbox, so a debit pushed meanwhile sets it again.
     unflushed: std::sync::atomic::AtomicBool,
+    /// Batches out for shipping now: each one's size and oldest settle,
+    /// still unshipped (a shipment can hang for as long as the database).
+    shipping: Mutex<Vec<(u64, usize, Instant)>>,
+    next_shipment: AtomicU64,
+}
+
+/// Debits settled on this replica and not yet in the shared books.
+#[derive(Clone, Copy, Debug)]
+pub struct Unshipped {
+    pub debits: usize,
+    /// When the oldest of them was settled.
+    pub oldest: Option<Instant>,
 }
 
 /// A batch taken from the outbox to ship: put back in front if the
@@ -243,15 +255,26 @@ pub struct LeaseBook {
 struct OutForShipping<'a> {
     book: &'a LeaseBook,
     batch: Option<Outbox>,
+    /// Its place in the book's list of shipments out.
+    ticket: u64,
 }
 
-impl OutForShipping<'_> {
+impl<'a> OutForShipping<'a> {
+    fn new(book: &'a LeaseBook, batch: Outbox) -> OutForShipping<'a> {
+        let ticket = book.next_shipment.fetch_add(1, Ordering::Relaxed);
+        if let Some(oldest) = batch.queued.first() {
+            book.shipping.lock().push((ticket, batch.debits.len(), *oldest));
+        }
+        OutForShipping { book, batch: Some(batch), ticket }
+    }
+
     fn debits(&self) -> &[ShippedDebit] {
         self.batch.as_ref().map_or(&[], |batch| &batch.debits)
     }
 
     /// The batch, shipped: nothing goes back.
     fn landed(mut self) -> Outbox {
+        self.book.no_longer_shipping(self.ticket);
         self.batch.take().unwrap_or_default()
     }
 }
@@ -259,6 +282,7 @@ impl OutForShipping<'_> {
 impl Drop for OutForShipping<'_> {
     fn drop(&mut self) {
         if let Some(batch) = self.batch.take() {
+            self.book.no_longer_shipping(self.ticket);
             let unflushed = batch.chunks.iter().any(Option::is_none);
             self.book.outbox.lock().put_back(batch);
             // After the put-back: a flush that takes the flag then writes them.
@@ -430,6 +454,8 @@ impl LeaseBook {
             refills: Mutex::new(Vec::new()),
             spent_leases: std::sync::atomic::AtomicBool::new(false),
             unflushed: std::sync::atomic::AtomicBool::new(false),
+            shipping: Mutex::new(Vec::new()),
+            next_shipment: AtomicU64::new(0),
             refill_wanted: tokio::sync::Notify::new(),
         }
     }
@@ -1064,6 +1090,23 @@ impl LeaseBook {
         self.outbox.lock().debits.len()
     }
 
+    /// Debits not yet in the shared books: queued, and out for shipping.
+    pub fn unshipped(&self) -> Unshipped {
+        let (mut debits, mut oldest) = {
+            let outbox = self.outbox.lock();
+            (outbox.debits.len(), outbox.queued.first().copied())
+        };
+        for (_, count, since) in self.shipping.lock().iter() {
+            debits += count;
+            oldest = Some(oldest.map_or(*since, |oldest| oldest.min(*since)));
+        }
+        Unshipped { debits, oldest }
+    }
+
+    fn no_longer_shipping(&self, ticket: u64) {
+        self.shipping.lock().retain(|(out, ..)| *out != ticket);
+    }
+
     /// Ships the outbox in one batch; on failure the batch stays queued.
     /// With an outbox on disk, the batch is what is on disk: a shipment can
     /// hang for as long as the database is silent, and no flush sees the
@@ -1087,7 +1130,7 @@ impl LeaseBook {
         // A hold ships from its request (to give back leftovers), and a
         // request stops when its client leaves: dropped mid-shipment, the
         // batch goes back to the outbox (shipping again is idempotent).
-        let out = OutForShipping { book: self, batch: Some(batch) };
+        let out = OutForShipping::new(self, batch);
         match self.books.ship(&self.settings.replica, out.debits()).await {
             Ok(new) => {
                 let batch = out.landed();
@@ -1110,6 +1153,9 @@ impl LeaseBook {
             }
             Err(err) => {
                 drop(out);
+                if let Some(metrics) = &self.metrics {
+                    metrics.shipment_failures.inc();
+                }
                 // A batch shipped as it was (the disk failing) goes back with
                 // debits no flush wrote, and nothing new may come to make the
                 // next one (leases lapse in an outage): try them now.

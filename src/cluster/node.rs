@@ -318,6 +318,11 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// How long since a lease round last reached the database.
+    pub fn database_unreached_for(&self) -> std::time::Duration {
+        self.last_reached.lock().elapsed()
+    }
+
     /// This replica's name.
     pub fn name(&self) -> &str {
         &self.name

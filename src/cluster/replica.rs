@@ -265,7 +265,8 @@ impl Replica {
         self.unreadable.lock().clone()
     }
 
-    /// The last log record this replica applied (its own, once treasurer).
+    /// The last log record this replica applied as a follower (a treasurer
+    /// makes the records after it and does not read them back).
     pub fn applied(&self) -> i64 {
         self.applied.load(Ordering::Acquire)
     }

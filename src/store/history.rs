@@ -215,55 +215,64 @@ impl Historian {
         let thread = std::thread::Builder::new()
             .name("historian".into())
             .spawn(move || {
-                // Catching up stays at normal priority (see the module doc);
-                // the writer and the proxy never wait on it.
-                let shadow = match &start {
-                    Some(snapshot) => Ledger::from_snapshot(ledger_config, Arc::new(NullJournal), snapshot),
-                    None => Ok(Ledger::new(ledger_config, Arc::new(NullJournal))),
-                };
-                drop(start);
-                let shadow = match shadow {
-                    Ok(shadow) => shadow,
-                    Err(error) => {
-                        tracing::error!(%error, "ledger history: the checkpoint shadow cannot be built");
-                        shared.lock().last_error = Some(error.to_string());
-                        return;
-                    }
-                };
-                // The shadow only follows: it must never make catch-up records.
-                shadow.set_following(true);
-                let now = clock.now();
-                let mut work = Work {
-                    writer,
-                    ledger_dir,
-                    export_dir,
-                    config,
-                    clock,
-                    shadow,
-                    replayer: Replayer::after(covered),
-                    handed,
-                    covered,
-                    since_checkpoint: 0,
-                    last_checkpoint_at: now,
-                    last_checkpoint_seq: covered,
-                    status: shared,
-                    broken: None,
-                    job: None,
-                };
-                loop {
-                    work.step();
-                    match stopped.recv_timeout(POLL) {
-                        Err(RecvTimeoutError::Timeout) => {}
-                        _ => {
-                            // A checkpoint or prune in progress ends first.
-                            if let Some(job) = work.job.take() {
-                                if let Err(error) = work.finish(job) {
-                                    tracing::error!(%error, "ledger history: the last checkpoint or retention failed");
-                                }
-                            }
+                // A panic (a bug) stops the historian: said in its status, so
+                // the metrics and the admin API show it, not the log alone.
+                let said = shared.clone();
+                let run = std::panic::AssertUnwindSafe(move || {
+                    // Catching up stays at normal priority (see the module doc);
+                    // the writer and the proxy never wait on it.
+                    let shadow = match &start {
+                        Some(snapshot) => Ledger::from_snapshot(ledger_config, Arc::new(NullJournal), snapshot),
+                        None => Ok(Ledger::new(ledger_config, Arc::new(NullJournal))),
+                    };
+                    drop(start);
+                    let shadow = match shadow {
+                        Ok(shadow) => shadow,
+                        Err(error) => {
+                            tracing::error!(%error, "ledger history: the checkpoint shadow cannot be built");
+                            shared.lock().last_error = Some(error.to_string());
                             return;
                         }
+                    };
+                    // The shadow only follows: it must never make catch-up records.
+                    shadow.set_following(true);
+                    let now = clock.now();
+                    let mut work = Work {
+                        writer,
+                        ledger_dir,
+                        export_dir,
+                        config,
+                        clock,
+                        shadow,
+                        replayer: Replayer::after(covered),
+                        handed,
+                        covered,
+                        since_checkpoint: 0,
+                        last_checkpoint_at: now,
+                        last_checkpoint_seq: covered,
+                        status: shared,
+                        broken: None,
+                        job: None,
+                    };
+                    loop {
+                        work.step();
+                        match stopped.recv_timeout(POLL) {
+                            Err(RecvTimeoutError::Timeout) => {}
+                            _ => {
+                                // A checkpoint or prune in progress ends first.
+                                if let Some(job) = work.job.take() {
+                                    if let Err(error) = work.finish(job) {
+                                        tracing::error!(%error, "ledger history: the last checkpoint or retention failed");
+                                    }
+                                }
+                                return;
+                            }
+                        }
                     }
+                });
+                if std::panic::catch_unwind(run).is_err() {
+                    said.lock().last_error =
+                        Some("the historian stopped (it panicked; see the log): checkpoints and pruning wait for a restart".into());
                 }
             })
             .map_err(StoreError::Spawn)?;

@@ -546,6 +546,8 @@ const FORGETTING: u8 = 2;
 const LOST: u8 = 3;
 /// Panics on every write (a bug in the writer's path).
 const PANICKING: u8 = 4;
+/// Panics on every read back (a bug in the historian's path); writes work.
+const PANICKING_READS: u8 = 5;
 
 impl Faulty {
     fn new(dir: &std::path::Path) -> Faulty {
@@ -583,6 +585,7 @@ impl Store for Faulty {
     }
 
     fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
+        assert_ne!(self.fault.load(Ordering::SeqCst), PANICKING_READS, "a bug in the store's read path");
         self.inner.read_after(after, limit)
     }
 
@@ -617,6 +620,34 @@ fn faulty_writer_with_one_record(
     writer.append(numbered(1)).unwrap();
     writer.sync().unwrap();
     (numbered, dir, store, writer)
+}
+
+#[test]
+fn a_historian_that_panics_says_so_in_its_status() {
+    // Before, its thread died unseen: the status (and the metrics and admin
+    // API read from it) went on showing the last checkpoint as current
+    // while checkpoints and pruning had stopped for good.
+    use crate::store::history::{Historian, HistoryConfig};
+    let (_numbered, dir, store, writer) = faulty_writer_with_one_record();
+    store.set(PANICKING_READS);
+    let writer = Arc::new(writer);
+    let clock: Arc<dyn crate::clock::Clock> = crate::clock::ManualClock::new(at("2027-03-10T12:00:00Z"));
+    let ledger_config = LedgerConfig::default();
+    let exports = dir.path().join("exports");
+    let historian = Historian::start(
+        writer.clone(),
+        dir.path(),
+        exports,
+        HistoryConfig::default(),
+        ledger_config,
+        None,
+        clock,
+    )
+    .unwrap();
+    wait_until("the historian's panic to show in its status", || {
+        historian.status().last_error.is_some_and(|error| error.contains("panicked"))
+    });
+    historian.stop();
 }
 
 #[test]
