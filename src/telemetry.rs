@@ -50,7 +50,7 @@ pub mod metrics {
     use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;
     use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-    use prometheus_client::registry::Registry;
+    use prometheus_client::registry::{Metric, Registry};
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
@@ -131,70 +131,62 @@ pub mod metrics {
             // 100 µs to ~20 s in steps of 25%, so a p99 read from the
             // buckets is within a quarter of the truth.
             let buckets = || exponential_buckets(0.000_1, 1.25, 56);
-            let metrics = ClusterMetrics {
-                lease_draw_seconds: Histogram::new(buckets()),
-                outbox_lag_seconds: Histogram::new(buckets()),
-                db_statements: Gauge::default(),
-                lease_holds: Gauge::default(),
-                shipment_failures: Counter::default(),
-                outbox_debits: Gauge::default(),
-                outbox_oldest_seconds: Gauge::default(),
-                database_unreached_seconds: Gauge::default(),
-                log_applied: Gauge::default(),
-                treasurer: Gauge::default(),
-            };
+            let lease_draw_seconds = Histogram::new(buckets());
             registry.register(
                 "lease_draw_seconds",
                 "Time to draw a credit or limit lease from the shared books",
-                metrics.lease_draw_seconds.clone(),
+                lease_draw_seconds.clone(),
             );
+            let outbox_lag_seconds = Histogram::new(buckets());
             registry.register(
                 "outbox_lag_seconds",
                 "Time from a settle to its debit being shipped to the shared books",
-                metrics.outbox_lag_seconds.clone(),
+                outbox_lag_seconds.clone(),
             );
-            registry.register(
-                "db_statements",
-                "Statements sent to the cluster database since start",
-                metrics.db_statements.clone(),
-            );
-            registry.register(
-                "lease_holds",
-                "Holds granted from leased credit since start",
-                metrics.lease_holds.clone(),
-            );
-            registry.register(
-                "cluster_shipment_failures",
-                "Shipments of settled debits to the shared books that failed (each is retried)",
-                metrics.shipment_failures.clone(),
-            );
-            registry.register(
-                "cluster_outbox_debits",
-                "Debits settled on this replica and not yet in the shared books",
-                metrics.outbox_debits.clone(),
-            );
-            registry.register(
-                "cluster_outbox_oldest_seconds",
-                "How long the oldest debit not yet in the shared books has waited (0 when none waits)",
-                metrics.outbox_oldest_seconds.clone(),
-            );
-            registry.register(
-                "cluster_database_unreached_seconds",
-                "Time since a lease round last reached the cluster database (/readyz fails past the lease TTL)",
-                metrics.database_unreached_seconds.clone(),
-            );
-            registry.register(
-                "cluster_log_applied",
-                "Number of the last shared-log record this replica's view of the books applied as a follower (a treasurer makes the records after it)",
-                metrics.log_applied.clone(),
-            );
-            registry.register(
-                "cluster_treasurer",
-                "1 while this replica holds the treasury (posts debits, applies expiry, resets and grants), else 0",
-                metrics.treasurer.clone(),
-            );
-            metrics
+            ClusterMetrics {
+                lease_draw_seconds,
+                outbox_lag_seconds,
+                db_statements: registered(registry, "db_statements", "Statements sent to the cluster database since start"),
+                lease_holds: registered(registry, "lease_holds", "Holds granted from leased credit since start"),
+                shipment_failures: registered(
+                    registry,
+                    "cluster_shipment_failures",
+                    "Shipments of settled debits to the shared books that failed (each is retried)",
+                ),
+                outbox_debits: registered(
+                    registry,
+                    "cluster_outbox_debits",
+                    "Debits settled on this replica and not yet in the shared books",
+                ),
+                outbox_oldest_seconds: registered(
+                    registry,
+                    "cluster_outbox_oldest_seconds",
+                    "How long the oldest debit not yet in the shared books has waited (0 when none waits)",
+                ),
+                database_unreached_seconds: registered(
+                    registry,
+                    "cluster_database_unreached_seconds",
+                    "Time since a lease round last reached the cluster database (/readyz fails past the lease TTL)",
+                ),
+                log_applied: registered(
+                    registry,
+                    "cluster_log_applied",
+                    "Number of the last shared-log record this replica's view of the books applied as a follower (a treasurer makes the records after it)",
+                ),
+                treasurer: registered(
+                    registry,
+                    "cluster_treasurer",
+                    "1 while this replica holds the treasury (posts debits, applies expiry, resets and grants), else 0",
+                ),
+            }
         }
+    }
+
+    /// A new metric, registered under `name` (after the registry's prefix).
+    fn registered<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
+        let metric = M::default();
+        registry.register(name, help, metric.clone());
+        metric
     }
 
     pub struct Metrics {
@@ -291,31 +283,25 @@ pub mod metrics {
         /// The gateway's metrics; with `cluster`, a replica's too.
         pub fn new(cluster: bool) -> Metrics {
             let mut registry = Registry::with_prefix("creditgate");
-            let requests = Family::<RequestLabels, Counter>::default();
-            registry.register("requests", "Requests answered, by route prefix and status", requests.clone());
-            let price_reloads = Family::<ResultLabels, Counter>::default();
-            registry.register("price_reloads", "Price table reloads, by result", price_reloads.clone());
-            let price_version = Family::<VersionLabels, Gauge>::default();
-            registry.register(
-                "price_table_active",
-                "1 for the price table version in force",
-                price_version.clone(),
-            );
-            let price_as_of = Gauge::default();
-            registry.register(
+            let requests: Family<RequestLabels, Counter> =
+                registered(&mut registry, "requests", "Requests answered, by route prefix and status");
+            let price_reloads: Family<ResultLabels, Counter> =
+                registered(&mut registry, "price_reloads", "Price table reloads, by result");
+            let price_version: Family<VersionLabels, Gauge> =
+                registered(&mut registry, "price_table_active", "1 for the price table version in force");
+            let price_as_of: Gauge = registered(
+                &mut registry,
                 "price_table_as_of_seconds",
                 "Unix time of the price table's as_of date (0 without one); its age is time() minus this",
-                price_as_of.clone(),
             );
-            let settles = Family::<ResultLabels, Counter>::default();
-            registry.register("settles", "Held requests by how they settled", settles.clone());
-            let refusals = Family::<ReasonLabels, Counter>::default();
-            registry.register("refusals", "402 and 429 answers, by reason", refusals.clone());
-            let charged_nanodollars = Family::<ItemLabels, Counter>::default();
-            registry.register(
+            let settles: Family<ResultLabels, Counter> =
+                registered(&mut registry, "settles", "Held requests by how they settled");
+            let refusals: Family<ReasonLabels, Counter> =
+                registered(&mut registry, "refusals", "402 and 429 answers, by reason");
+            let charged_nanodollars: Family<ItemLabels, Counter> = registered(
+                &mut registry,
                 "charged_nanodollars",
                 "Credits debited, in 1e-9 dollars, by model or tool",
-                charged_nanodollars.clone(),
             );
             // 1 µs to ~8 s in powers of 2: a replica's hold may wait for a
             // lease draw (up to 5 s).
@@ -327,98 +313,49 @@ pub mod metrics {
                 "Time to settle a hold in the ledger",
                 settle_seconds.clone(),
             );
-            let open_holds = Gauge::default();
-            registry.register("open_holds", "Holds open now, across all wallets", open_holds.clone());
-            let store_flushes = Gauge::default();
-            registry.register(
-                "store_flushes",
-                "Flushes (fsync) of the ledger store since start",
-                store_flushes.clone(),
-            );
-            let store_flush_micros = Gauge::default();
-            registry.register(
+            let open_holds: Gauge =
+                registered(&mut registry, "open_holds", "Holds open now, across all wallets");
+            let store_flushes: Gauge =
+                registered(&mut registry, "store_flushes", "Flushes (fsync) of the ledger store since start");
+            let store_flush_micros: Gauge = registered(
+                &mut registry,
                 "store_flush_micros",
                 "Time spent flushing the ledger store since start, in microseconds",
-                store_flush_micros.clone(),
             );
-            let store_records_written_late = Gauge::default();
-            registry.register(
-                "store_records_written_late",
-                "Ledger records stored after the writer had written past their number (their thread stalled past gap_patience_ms) since start",
-                store_records_written_late.clone(),
-            );
-            let store_sequence_gaps_open = Gauge::default();
-            registry.register(
-                "store_sequence_gaps_open",
-                "Sequence numbers the ledger writer wrote past and still waits for; checkpoints and the entries feed stop below the lowest",
-                store_sequence_gaps_open.clone(),
-            );
-            let history_handed_over = Gauge::default();
-            registry.register(
+            let store_records_written_late: Gauge = registered(&mut registry, "store_records_written_late", "Ledger records stored after the writer had written past their number (their thread stalled past gap_patience_ms) since start");
+            let store_sequence_gaps_open: Gauge = registered(&mut registry, "store_sequence_gaps_open", "Sequence numbers the ledger writer wrote past and still waits for; checkpoints and the entries feed stop below the lowest");
+            let history_handed_over: Gauge = registered(
+                &mut registry,
                 "history_records_handed_over",
                 "Records the checkpoint historian took from the store's writer in memory since start",
-                history_handed_over.clone(),
             );
-            let history_read_back = Gauge::default();
-            registry.register(
-                "history_records_read_back",
-                "Records the checkpoint historian read back from the store since start (those before it started, and batches the hand-over dropped)",
-                history_read_back.clone(),
-            );
-            let store_appends_waited = Gauge::default();
-            registry.register(
+            let history_read_back: Gauge = registered(&mut registry, "history_records_read_back", "Records the checkpoint historian read back from the store since start (those before it started, and batches the hand-over dropped)");
+            let store_appends_waited: Gauge = registered(
+                &mut registry,
                 "store_appends_waited",
                 "Ledger records whose append found the store writer's queue full and waited, since start",
-                store_appends_waited.clone(),
             );
-            let store_failures = Gauge::default();
-            registry.register(
-                "store_failures",
-                "Failed writes or flushes of the ledger store since start (each retried; a store that keeps failing makes /readyz fail)",
-                store_failures.clone(),
-            );
-            let history_checkpoint_seq = Gauge::default();
-            registry.register(
+            let store_failures: Gauge = registered(&mut registry, "store_failures", "Failed writes or flushes of the ledger store since start (each retried; a store that keeps failing makes /readyz fail)");
+            let history_checkpoint_seq: Gauge = registered(
+                &mut registry,
                 "history_checkpoint_seq",
                 "The ledger record the newest checkpoint covers (a restart replays the records after it)",
-                history_checkpoint_seq.clone(),
             );
-            let history_failing = Gauge::default();
-            registry.register(
-                "history_failing",
-                "1 while the checkpoint historian's last attempt failed or it stopped (checkpoints and pruning wait)",
-                history_failing.clone(),
-            );
-            let price_reload_failing = Gauge::default();
-            registry.register(
+            let history_failing: Gauge = registered(&mut registry, "history_failing", "1 while the checkpoint historian's last attempt failed or it stopped (checkpoints and pruning wait)");
+            let price_reload_failing: Gauge = registered(
+                &mut registry,
                 "price_reload_failing",
                 "1 while the price file on disk failed to load and an older table stays in force",
-                price_reload_failing.clone(),
             );
-            let holds_voided = Counter::default();
-            registry.register(
+            let holds_voided: Counter = registered(
+                &mut registry,
                 "holds_voided",
                 "Holds voided by their TTL: requests that never settled, whose calls were not billed",
-                holds_voided.clone(),
             );
-            let background_panics = Family::<TaskLabels, Counter>::default();
-            registry.register(
-                "background_panics",
-                "Panics caught in background work, by task",
-                background_panics.clone(),
-            );
-            let runtime_workers = Gauge::default();
-            registry.register(
-                "runtime_workers",
-                "Worker threads of the shared async runtime ([server] workers; 1 under scheduler = \"thread-per-core\", see proxy_threads)",
-                runtime_workers.clone(),
-            );
-            let proxy_threads = Gauge::default();
-            registry.register(
-                "proxy_threads",
-                "Threads serving the proxy listener (one runtime each under [server] scheduler = \"thread-per-core\")",
-                proxy_threads.clone(),
-            );
+            let background_panics: Family<TaskLabels, Counter> =
+                registered(&mut registry, "background_panics", "Panics caught in background work, by task");
+            let runtime_workers: Gauge = registered(&mut registry, "runtime_workers", "Worker threads of the shared async runtime ([server] workers; 1 under scheduler = \"thread-per-core\", see proxy_threads)");
+            let proxy_threads: Gauge = registered(&mut registry, "proxy_threads", "Threads serving the proxy listener (one runtime each under [server] scheduler = \"thread-per-core\")");
             let cluster = cluster.then(|| ClusterMetrics::register(&mut registry));
             Metrics {
                 registry,
