@@ -1607,3 +1607,47 @@ async fn a_wallet_row_a_stalled_session_holds_fails_a_draw_in_time_and_migration
     holding.commit().await.unwrap();
     assert_eq!(waiting.await.unwrap().unwrap(), usize::try_from(latest_version()).unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_that_stops_waiting_leaves_one_draw_on_the_wallet_not_one_per_hold() {
+    // A hold gives up after 5 s, but its draw runs on (a lease the books
+    // grant must not go unheard). Before, the next hold on the wallet sent
+    // a draw beside it: behind a stalled row, one pooled connection more
+    // every 5 s until the pool was gone for every wallet.
+    let pg = Postgres::shared();
+    let url = pg.create_database("one_draw");
+    let db = Database::new(&format!("{url}?options=-c%20lock_timeout%3D30s"), 8).unwrap();
+    migrate(&db).await.unwrap();
+    let books = Books::new(db.clone());
+    books.fund(ORG, WALLET, dec!(10), "p").await.unwrap();
+    let book = Arc::new(LeaseBook::new(books, settings("r1"), 1));
+    let mut stalled = db.client().await.unwrap();
+    let stalled = stalled.transaction().await.unwrap();
+    stalled.execute("SELECT 1 FROM cg_wallets WHERE wallet = $1 FOR UPDATE", &[&WALLET]).await.unwrap();
+
+    assert!(book.hold(WALLET, dec!(1)).await.is_err(), "no lease behind the stalled row");
+    let second = tokio::spawn({
+        let book = book.clone();
+        async move { book.hold(WALLET, dec!(1)).await }
+    });
+    let draws_waiting = || async {
+        let client = db.client().await.unwrap();
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%cg_draw_lease%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!second.is_finished(), "the second hold waits");
+    assert_eq!(draws_waiting().await, 1, "one draw waits on the row, whatever the holds that wait");
+    stalled.commit().await.unwrap();
+    let hold = second.await.unwrap().expect("once the row is free the waiting hold draws");
+    book.settle(hold, dec!(1), Utc::now(), serde_json::json!({}));
+    book.shutdown().await.unwrap();
+    assert_books_exact(&Books::new(db)).await;
+}

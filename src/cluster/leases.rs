@@ -748,7 +748,10 @@ impl LeaseBook {
             tokio::time::sleep_until(until.into()).await;
         }
         let draw_lock = self.drawing.lock().entry(wallet.to_owned()).or_default().clone();
-        let _drawing = draw_lock.lock().await;
+        // Shared with the draws' tasks: a hold that stops waiting (its 5 s
+        // ran out) leaves its draw running, and the next hold on the wallet
+        // waits for that draw rather than send another beside it.
+        let drawing = Arc::new(draw_lock.lock_owned().await);
         // Another hold may have drawn while this one waited.
         if let Some(hold) = self.take(wallet, amount) {
             return Ok(hold);
@@ -769,7 +772,7 @@ impl LeaseBook {
         let started = Instant::now();
         let mut retry = LEASED_ELSEWHERE_RETRY;
         loop {
-            match self.draw(wallet, amount, true).await {
+            match self.draw(wallet, amount, Some(drawing.clone())).await {
                 Ok(Some(hold)) => return Ok(hold),
                 Ok(None) => {}
                 Err(err) => return Err(LeaseRefusal::Unavailable(err)),
@@ -929,19 +932,21 @@ impl LeaseBook {
                 return Ok(());
             }
         }
-        let drawn = self.draw(wallet, need, false).await;
+        let drawn = self.draw(wallet, need, None).await;
         self.wallet(wallet).lock().refill_running = false;
         drawn.map(drop)
     }
 
-    /// Draws one lease sized from the wallet's spend, at least `need`; with
-    /// `hold_need`, holds `need` from it before any other hold can see it.
+    /// Draws one lease sized from the wallet's spend, at least `need`; for
+    /// a hold (which holds the wallet's draw lock, kept until the draw ends),
+    /// holds `need` from it before any other hold can see it.
     async fn draw(
         &self,
         wallet: &str,
         need: Decimal,
-        hold_need: bool,
+        for_hold: Option<Arc<tokio::sync::OwnedMutexGuard<()>>>,
     ) -> Result<Option<LeaseHold>, ClusterError> {
+        let hold_need = for_hold.is_some();
         let want = {
             let cell = self.wallet(wallet);
             let state = cell.lock();
@@ -961,6 +966,7 @@ impl LeaseBook {
         );
         let mut awaiting = AwaitingGrant { received, books: books.clone(), replica: replica.clone() };
         tokio::spawn(async move {
+            let _drawing = for_hold;
             let drawn = books.draw_lease(&replica, &named, want, need, ttl, ttl, horizon).await;
             if let Err(Ok(Some(grant))) = sent.send(drawn) {
                 give_back_unheard(books, replica, grant.id).await;
