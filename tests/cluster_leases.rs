@@ -1651,3 +1651,29 @@ async fn a_hold_that_stops_waiting_leaves_one_draw_on_the_wallet_not_one_per_hol
     book.shutdown().await.unwrap();
     assert_books_exact(&Books::new(db)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn funding_and_open_leases_are_found_by_wallet_through_an_index() {
+    // A cap set in a new period sums that wallet's funding, and `ledger
+    // verify` every wallet's funding and open leases: with no index on the
+    // wallet, each read every funding row and lease the books ever had.
+    let pg = Postgres::shared();
+    let url = pg.create_database("wallet_indexes");
+    let db = Database::new(&url, 1).unwrap();
+    migrate(&db).await.unwrap();
+    let mut client = db.client().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    // Told not to scan where it has another way: a plan that still scans has none.
+    tx.batch_execute("SET LOCAL enable_seqscan = off").await.unwrap();
+    for (query, index) in [
+        ("SELECT sum(amount) FROM cg_funding WHERE wallet = 'pool:org_1'", "cg_funding_wallet"),
+        (
+            "SELECT sum(granted - spent) FROM cg_leases WHERE wallet = 'pool:org_1' AND closed_at IS NULL",
+            "cg_leases_wallet_open",
+        ),
+    ] {
+        let plan: Vec<String> =
+            tx.query(&format!("EXPLAIN {query}"), &[]).await.unwrap().iter().map(|row| row.get(0)).collect();
+        assert!(plan.iter().any(|line| line.contains(index)), "{query}: {plan:#?}");
+    }
+}

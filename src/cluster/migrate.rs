@@ -72,6 +72,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "retire_unbounded_draw",
         sql: include_str!("migrations/0021_retire_unbounded_draw.sql"),
     },
+    Migration {
+        version: 22,
+        name: "wallet_indexes",
+        sql: include_str!("migrations/0022_wallet_indexes.sql"),
+    },
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).

@@ -1,0 +1,11 @@
+-- Cluster books, version 22: funding and open leases found by wallet.
+--
+-- cg_set_limit sums a limit period's funding each time it sets a cap (a
+-- replica's first hold in a new period, a changed cap), and `ledger verify`
+-- sums every wallet's funding and open leases. Without these indexes each
+-- such sum read every funding row and every lease ever recorded: a row per
+-- cap change per key, user and app per period, and a lease per draw, so a
+-- new day's first holds and the audit grew slower with the books' age.
+-- (Built once, at the upgrade: writes to the two tables wait for it.)
+CREATE INDEX cg_funding_wallet ON cg_funding (wallet);
+CREATE INDEX cg_leases_wallet_open ON cg_leases (wallet) WHERE closed_at IS NULL;
