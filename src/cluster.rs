@@ -106,7 +106,8 @@ pub mod wakeups;
 
 pub use alert_books::DeliveryRow;
 pub use books::{
-    empty_detail, Books, FundingReceipt, LeaseGrant, Renewal, ReplicaStatus, ShippedDebit, WalletAudit,
+    empty_detail, Books, FundingReceipt, LeaseGrant, PostingBacklog, Renewal, ReplicaStatus, ShippedDebit,
+    WalletAudit,
 };
 pub use db::Database;
 pub use journal::LogJournal;

@@ -519,20 +519,22 @@ async fn cluster_verify(var: &str) -> anyhow::Result<ExitCode> {
 }
 
 async fn cluster_status(var: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let replicas = cluster_books(var)?.replicas().await?;
+    let books = cluster_books(var)?;
+    let replicas = books.replicas().await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&replicas)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!(
         "{:<24} {:<25} {:>6} {:>20} {:>8} {:>10}  prices",
-        "replica", "last seen", "leases", "leased", "outbox", "lag ms"
+        "replica (* treasurer)", "last seen", "leases", "leased", "outbox", "lag ms"
     );
     for replica in &replicas {
         let lag = replica.outbox_lag_ms.map_or_else(|| "-".to_owned(), |ms| ms.to_string());
+        let name = if replica.treasurer { format!("{} *", replica.replica) } else { replica.replica.clone() };
         println!(
             "{:<24} {:<25} {:>6} {:>20} {:>8} {:>10}  {}",
-            replica.replica,
+            name,
             replica.last_seen.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             replica.open_leases,
             replica.leased,
@@ -548,6 +550,14 @@ async fn cluster_status(var: &str, json: bool) -> anyhow::Result<ExitCode> {
         .collect();
     versions.sort_unstable();
     versions.dedup();
+    // Shipped debits wait for the treasurer to post them into the ledger
+    // (balances, reports, alerts): a queue that grows means it is behind.
+    let backlog = books.posting_backlog().await?;
+    let oldest = backlog.oldest_ms.map_or_else(String::new, |ms| format!(" (oldest {ms} ms)"));
+    println!("debits shipped and waiting to be posted: {}{oldest}", backlog.debits);
+    if !replicas.iter().any(|replica| replica.treasurer) {
+        println!("warning: no replica holds the treasury: nothing is posted, and no expiry, reset or grant is applied");
+    }
     if versions.len() > 1 {
         println!(
             "warning: live replicas price with different tables ({}); the same call costs what the replica \

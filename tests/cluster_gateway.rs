@@ -1153,6 +1153,20 @@ async fn a_price_reload_asked_of_one_replica_reloads_every_replica_and_status_sh
     };
     let first = version(&replicas[0]).await;
     assert_eq!(version(&replicas[1]).await, first);
+    // Status marks the one replica that holds the treasury (claimed as the
+    // first replica starts).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (listed, table) = cluster_status(&url);
+        let treasurers: Vec<_> = listed.iter().filter(|replica| replica["treasurer"] == true).collect();
+        if let [treasurer] = treasurers[..] {
+            let name = treasurer["replica"].as_str().unwrap();
+            assert!(table.contains(&format!("{name} *")), "{table}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no treasurer shown: {listed:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let table = wait_for_versions(&url, &names, &first);
     assert!(!table.contains("warning"), "{table}");
 

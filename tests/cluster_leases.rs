@@ -881,8 +881,13 @@ async fn cluster_status_and_verify_read_the_books_from_the_database() {
     assert_eq!(replica["open_leases"], 1);
     assert_eq!(replica["outbox_len"], 1);
     assert!(replica["outbox_lag_ms"].as_i64().unwrap() >= 3_000, "{replica}");
+    assert_eq!(replica["treasurer"], false);
     let table = cli(&["cluster", "status", "--database-url-env", "CG_TEST_DATABASE_URL"]);
-    assert!(String::from_utf8_lossy(&table.stdout).contains("replica-a"));
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("replica-a"), "{table}");
+    // No treasurer here: the two shipped settles wait to be posted, and it says so.
+    assert!(table.contains("debits shipped and waiting to be posted: 2 (oldest "), "{table}");
+    assert!(table.contains("warning: no replica holds the treasury"), "{table}");
 
     let verify = cli(&["ledger", "verify", "--database-url-env", "CG_TEST_DATABASE_URL"]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));

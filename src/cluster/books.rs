@@ -132,6 +132,17 @@ pub struct ReplicaStatus {
     pub price_version: Option<String>,
     /// Whether it renewed within the last minute (by the database's clock).
     pub live: bool,
+    /// Whether it holds the treasury now (posts the shipped debits, applies
+    /// expiry, resets and grants).
+    pub treasurer: bool,
+}
+
+/// Debits shipped to the books and not yet posted by the treasurer.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct PostingBacklog {
+    pub debits: i64,
+    /// How long the oldest has waited, by the database's clock.
+    pub oldest_ms: Option<i64>,
 }
 
 /// The shared books, through a [`Database`].
@@ -525,7 +536,9 @@ impl Books {
                         (SELECT count(*) FROM cg_leases l WHERE l.replica = r.replica AND l.closed_at IS NULL),
                         COALESCE((SELECT sum(granted - spent) FROM cg_leases l
                                   WHERE l.replica = r.replica AND l.closed_at IS NULL), 0),
-                        r.price_version, r.last_seen > now() - interval '1 minute'
+                        r.price_version, r.last_seen > now() - interval '1 minute',
+                        EXISTS (SELECT 1 FROM cg_treasurer t
+                                WHERE t.replica = r.replica AND t.expires_at > clock_timestamp())
                  FROM cg_replicas r ORDER BY r.replica",
                 &[],
             )
@@ -542,8 +555,21 @@ impl Books {
                 leased: row.get(6),
                 price_version: row.get(7),
                 live: row.get(8),
+                treasurer: row.get(9),
             })
             .collect())
+    }
+
+    /// The debits shipped and waiting for the treasurer to post them.
+    pub async fn posting_backlog(&self) -> Result<PostingBacklog, ClusterError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*), (EXTRACT(EPOCH FROM (now() - min(shipped_at))) * 1000)::bigint FROM cg_unposted",
+                &[],
+            )
+            .await?;
+        Ok(PostingBacklog { debits: row.get(0), oldest_ms: row.get(1) })
     }
 
     /// Every wallet's books recomputed from funding, debits and open leases.
