@@ -20,7 +20,6 @@ use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use toml::Spanned;
 
 /// Largest request body the gateway accepts unless the config says otherwise.
 const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
@@ -562,22 +561,83 @@ fn render_problems(file: &str, problems: &[ConfigProblem]) -> String {
 
 // ---------------------------------------------------------------- raw layer
 
+/// A section of the file and where it starts in the text.
+struct Section {
+    span: std::ops::Range<usize>,
+    value: toml::Value,
+}
+
+impl Section {
+    fn span(&self) -> std::ops::Range<usize> {
+        self.span.clone()
+    }
+
+    fn into_inner(self) -> toml::Value {
+        self.value
+    }
+}
+
+/// Asked for as `toml::Spanned` is, so the reader gives the section's place
+/// where it has one. It has none for a table made only by its sub-tables or
+/// dotted keys (`[traffic.per_key."7"]` with no `[traffic]` line), which
+/// `Spanned` then refused as "expected a borrowed string": such a section
+/// is read all the same and placed at the top of the file.
+impl<'de> Deserialize<'de> for Section {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Section, D::Error> {
+        const NAME: &str = "$__serde_spanned_private_Spanned";
+        const START: &str = "$__serde_spanned_private_start";
+        const END: &str = "$__serde_spanned_private_end";
+        const VALUE: &str = "$__serde_spanned_private_value";
+
+        struct SectionVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for SectionVisitor {
+            type Value = Section;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a table")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Section, A::Error> {
+                let mut table = toml::Table::new();
+                let Some(first) = map.next_key::<String>()? else {
+                    return Ok(Section { span: 0..0, value: toml::Value::Table(table) });
+                };
+                if first == START {
+                    let start: usize = map.next_value()?;
+                    let (_, end) = map.next_entry::<String, usize>()?.unwrap_or_default();
+                    let value = map.next_entry::<String, toml::Value>()?.map(|(_, value)| value);
+                    let value = value.ok_or_else(|| serde::de::Error::missing_field(VALUE))?;
+                    return Ok(Section { span: start..end.max(start), value });
+                }
+                table.insert(first, map.next_value()?);
+                while let Some((key, value)) = map.next_entry::<String, toml::Value>()? {
+                    table.insert(key, value);
+                }
+                Ok(Section { span: 0..0, value: toml::Value::Table(table) })
+            }
+        }
+
+        deserializer.deserialize_struct(NAME, &[START, END, VALUE], SectionVisitor)
+    }
+}
+
 /// The top level of the file. Each section is kept as a spanned TOML value and
 /// deserialized on its own, so an error in one section does not hide the rest.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTop {
-    server: Option<Spanned<toml::Value>>,
-    log: Option<Spanned<toml::Value>>,
-    pricing: Option<Spanned<toml::Value>>,
-    admin: Option<Spanned<toml::Value>>,
-    traffic: Option<Spanned<toml::Value>>,
-    ledger: Option<Spanned<toml::Value>>,
-    cluster: Option<Spanned<toml::Value>>,
+    server: Option<Section>,
+    log: Option<Section>,
+    pricing: Option<Section>,
+    admin: Option<Section>,
+    traffic: Option<Section>,
+    ledger: Option<Section>,
+    cluster: Option<Section>,
     #[serde(default)]
-    upstreams: BTreeMap<String, Spanned<toml::Value>>,
+    upstreams: BTreeMap<String, Section>,
     #[serde(default)]
-    routes: Vec<Spanned<toml::Value>>,
+    routes: Vec<Section>,
 }
 
 #[derive(Deserialize, Default)]
@@ -747,7 +807,7 @@ impl Checker<'_> {
     }
 
     /// Deserialize one section; on failure record the problem at its line.
-    fn section<T: DeserializeOwned>(&mut self, what: &str, value: Spanned<toml::Value>) -> Option<T> {
+    fn section<T: DeserializeOwned>(&mut self, what: &str, value: Section) -> Option<T> {
         let offset = value.span().start;
         match value.into_inner().try_into::<T>() {
             Ok(v) => Some(v),
@@ -1046,6 +1106,10 @@ fn loosely(path: &str) -> Option<String> {
     Some(segments.join("/"))
 }
 
+/// Most `[server] max_connections` may be: far above what one process can
+/// hold open, and well inside what its semaphore can count.
+const MAX_CONNECTIONS: usize = 1_000_000;
+
 /// Longest any timeout or duration in the config may be (a week): a deadline
 /// further off could overflow the clock it is added to.
 const MAX_DURATION_MS: u64 = 7 * 24 * 60 * 60 * 1000;
@@ -1063,6 +1127,17 @@ fn duration_ms(
         checker.problem(offset, format!("{name} = {ms} is too long"), Some("use at most 604800000 (a week)"));
     }
     Duration::from_millis(ms.min(MAX_DURATION_MS))
+}
+
+/// Refuses a timeout of 0, which would end what it times at once.
+fn refuse_zero(checker: &mut Checker<'_>, offset: usize, name: &str, value: Duration) {
+    if value.is_zero() {
+        checker.problem(
+            offset,
+            format!("{name} = 0 would cut everything it times at once"),
+            Some("use at least 1"),
+        );
+    }
 }
 
 /// `ms`, refused past [`MAX_DURATION_MS`] (for settings kept in milliseconds).
@@ -1164,6 +1239,23 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
             Some("the default is 60000"),
         );
     }
+    // At 0 every connection, body or response would be cut at once (and
+    // every metered call charged its hold).
+    for (name, value) in [
+        ("header_read_timeout_ms", header_read_timeout),
+        ("body_read_timeout_ms", body_read_timeout),
+        ("max_response_ms", max_response_duration),
+    ] {
+        refuse_zero(checker, offset, &format!("[server] {name}"), value);
+    }
+    let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if !(1..=MAX_CONNECTIONS).contains(&max_connections) {
+        checker.problem(
+            offset,
+            format!("[server] max_connections = {max_connections} is out of range"),
+            Some("use 1 to 1000000; the default is 10000"),
+        );
+    }
     ServerConfig {
         listen,
         admin_listen,
@@ -1174,7 +1266,7 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
         shutdown_grace,
         header_read_timeout,
         body_read_timeout,
-        max_connections: raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS).max(1),
+        max_connections: max_connections.clamp(1, MAX_CONNECTIONS),
         workers: raw.workers.map(|n| n.clamp(1, MAX_WORKERS)),
         scheduler: raw.scheduler.unwrap_or_default(),
         read_on_timeout,
@@ -1188,7 +1280,7 @@ fn validate_server(checker: &mut Checker<'_>, offset: usize, raw: RawServer) -> 
     }
 }
 
-fn validate_ledger(checker: &mut Checker<'_>, value: Option<Spanned<toml::Value>>) -> LedgerSection {
+fn validate_ledger(checker: &mut Checker<'_>, value: Option<Section>) -> LedgerSection {
     let defaults = LedgerSection::default();
     let Some(value) = value else {
         return defaults;
@@ -1264,7 +1356,7 @@ fn validate_history(
 
 fn validate_cluster(
     checker: &mut Checker<'_>,
-    value: Spanned<toml::Value>,
+    value: Section,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Option<ClusterConfig> {
     let offset = value.span().start;
@@ -1319,7 +1411,7 @@ fn validate_cluster(
     })
 }
 
-fn validate_traffic(checker: &mut Checker<'_>, value: Option<Spanned<toml::Value>>) -> TrafficConfig {
+fn validate_traffic(checker: &mut Checker<'_>, value: Option<Section>) -> TrafficConfig {
     let Some(value) = value else {
         return TrafficConfig::default();
     };
@@ -1328,7 +1420,26 @@ fn validate_traffic(checker: &mut Checker<'_>, value: Option<Spanned<toml::Value
         return TrafficConfig::default();
     };
     let mut per_key = HashMap::new();
+    let refuse_zero_caps = |checker: &mut Checker<'_>, section: &str, caps: &TrafficCaps| {
+        for (name, cap) in
+            [("requests_per_minute", caps.requests_per_minute), ("max_in_flight", caps.max_in_flight)]
+        {
+            if cap == Some(0) {
+                checker.problem(
+                    offset,
+                    format!("{section} {name} = 0 would refuse every request"),
+                    Some("leave it out for no cap; revoke a key to stop it"),
+                );
+            }
+        }
+    };
+    refuse_zero_caps(
+        checker,
+        "[traffic]",
+        &TrafficCaps { requests_per_minute: raw.requests_per_minute, max_in_flight: raw.max_in_flight },
+    );
     for (id, caps) in raw.per_key {
+        refuse_zero_caps(checker, &format!("[traffic.per_key.{id:?}]"), &caps);
         match id.parse::<u64>() {
             Ok(id) => {
                 per_key.insert(id, caps);
@@ -1432,6 +1543,13 @@ fn validate_upstream(
     let connect_timeout = ms("connect_timeout_ms", raw.connect_timeout_ms, DEFAULT_CONNECT_TIMEOUT_MS);
     let response_timeout = ms("response_timeout_ms", raw.response_timeout_ms, DEFAULT_RESPONSE_TIMEOUT_MS);
     let idle_timeout = ms("idle_timeout_ms", raw.idle_timeout_ms, DEFAULT_IDLE_TIMEOUT_MS);
+    for (field, value) in [
+        ("connect_timeout_ms", connect_timeout),
+        ("response_timeout_ms", response_timeout),
+        ("idle_timeout_ms", idle_timeout),
+    ] {
+        refuse_zero(checker, offset, &format!("[upstreams.{name}] {field}"), value);
+    }
     let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
     let origin = (
         scheme.as_str().to_ascii_lowercase(),
@@ -1656,6 +1774,12 @@ fn route_limits(
     if raw.max_units.is_some() && !matches!(kind, RouteKind::Tool { units_header: Some(_), .. }) {
         refuse(checker, format!("route {:?}: max_units needs a tool route with units_header", raw.prefix));
     }
+    if limits.min_output_tokens == 0 {
+        refuse(
+            checker,
+            format!("route {:?}: min_output_tokens must be above 0 (0 would send max_tokens: 0)", raw.prefix),
+        );
+    }
     if limits.usage_ceiling == 0 || limits.max_units == 0 {
         refuse(checker, format!("route {:?}: usage_ceiling and max_units must be above 0", raw.prefix));
     }
@@ -1863,6 +1987,56 @@ prefix = "/v1"
 upstream = "mock"
 passthrough = true
 "#;
+
+    #[test]
+    fn a_value_that_would_stop_all_traffic_or_overflow_a_count_is_refused_at_load() {
+        // Each passed before: 0 cut every connection, body, response or
+        // call at once (a metered one charged its hold) or refused every
+        // request; a max_connections past 2^61 panicked the listener's task
+        // after the start said it was serving.
+        let cases = [
+            ("[server]\nheader_read_timeout_ms = 0\n", "[server] header_read_timeout_ms = 0"),
+            ("[server]\nbody_read_timeout_ms = 0\n", "[server] body_read_timeout_ms = 0"),
+            ("[server]\nmax_response_ms = 0\n", "[server] max_response_ms = 0"),
+            (
+                "[server]\nmax_connections = 2305843009213693952\n",
+                "max_connections = 2305843009213693952 is out of range",
+            ),
+            ("[server]\nmax_connections = 0\n", "max_connections = 0 is out of range"),
+            ("[traffic]\nrequests_per_minute = 0\n", "[traffic] requests_per_minute = 0"),
+            ("[traffic.per_key.\"7\"]\nmax_in_flight = 0\n", "max_in_flight = 0 would refuse every request"),
+        ];
+        for (section, expected) in cases {
+            let p = problems(&format!("{section}{MINIMAL}"));
+            assert!(p.iter().any(|p| p.message.contains(expected)), "{section}: {p:#?}");
+        }
+        for field in ["connect_timeout_ms", "response_timeout_ms", "idle_timeout_ms"] {
+            let text = MINIMAL.replace(
+                "base_url = \"http://127.0.0.1:8090\"",
+                &format!("base_url = \"http://127.0.0.1:8090\"\n{field} = 0"),
+            );
+            let p = problems(&text);
+            assert!(
+                p.iter().any(|p| p.message.contains(&format!("[upstreams.mock] {field} = 0"))),
+                "{field}: {p:#?}"
+            );
+        }
+        let model_route =
+            MINIMAL.replace("passthrough = true", "flavour = \"openai-chat\"\nmin_output_tokens = 0");
+        let p = problems(&model_route);
+        assert!(p.iter().any(|p| p.message.contains("min_output_tokens must be above 0")), "{p:#?}");
+        // A section written only through its sub-tables has no place of its
+        // own in the file: it was refused ("expected a borrowed string").
+        let only_overrides = format!("[traffic.per_key.\"7\"]\nmax_in_flight = 3\n{MINIMAL}");
+        assert_eq!(parse(&only_overrides).unwrap().traffic.caps_for(7).max_in_flight, Some(3));
+        let dotted = format!("server.max_connections = 5\n{MINIMAL}");
+        assert_eq!(parse(&dotted).unwrap().server.max_connections, 5);
+        let p = problems(&format!("server.max_connections = 0\n{MINIMAL}"));
+        assert!(p.iter().any(|p| p.message.contains("max_connections = 0 is out of range")), "{p:#?}");
+        // The edges that stay allowed.
+        let edges = format!("[server]\nmax_connections = 1000000\nheader_read_timeout_ms = 1\n[traffic]\nrequests_per_minute = 1\n{MINIMAL}");
+        assert!(parse(&edges).is_ok(), "{:?}", parse(&edges).err());
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {
