@@ -600,6 +600,7 @@ impl Admin {
         let stats = (self.store_stats)();
         let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         self.metrics.open_holds.set(gauge(self.ledger.open_holds() as u64));
+        self.metrics.holds_voided.set(gauge(self.ledger.holds_voided()));
         self.metrics.store_flushes.set(gauge(stats.flushes));
         self.metrics.store_flush_micros.set(gauge(stats.flush_micros));
         self.metrics.store_records_written_late.set(gauge(stats.written_out_of_order));
@@ -628,7 +629,7 @@ impl Admin {
             cluster.outbox_oldest_seconds.set(unshipped.oldest.map_or(0.0, |at| at.elapsed().as_secs_f64()));
             cluster.database_unreached_seconds.set(node.database_unreached_for().as_secs_f64());
             cluster.log_applied.set(node.replica().applied());
-            cluster.treasurer.set(i64::from(node.replica().epoch().is_some()));
+            cluster.treasurer.set(i64::from(node.replica().holds_treasury()));
         }
         let mut response = Response::new(GatewayBody::local(self.metrics.render().into()));
         response.headers_mut().insert(

@@ -608,10 +608,7 @@ async fn keep_wallets_current(
         });
         match std::panic::catch_unwind(tick) {
             Ok(0) => {}
-            Ok(voided) => {
-                metrics.holds_voided.inc_by(voided as u64);
-                tracing::warn!(voided, "voided holds that outlived their TTL");
-            }
+            Ok(voided) => tracing::warn!(voided, "voided holds that outlived their TTL"),
             Err(_) => {
                 metrics.background_panics.get_or_create(&TaskLabels { task: "wallet_tick" }).inc();
                 tracing::error!("the wallets' tick panicked; the next one runs in a second");

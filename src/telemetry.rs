@@ -112,7 +112,8 @@ pub mod metrics {
         /// cost per request).
         pub db_statements: Gauge,
         pub lease_holds: Gauge,
-        /// Shipments of the outbox the database refused or did not answer.
+        /// Shipments of the outbox the database refused, or that were cut
+        /// off waiting for it.
         pub shipment_failures: Counter,
         /// Read at scrape time: debits settled here and not yet in the
         /// shared books, and how long the oldest has waited.
@@ -151,7 +152,7 @@ pub mod metrics {
                 shipment_failures: registered(
                     registry,
                     "cluster_shipment_failures",
-                    "Shipments of settled debits to the shared books that failed (each is retried)",
+                    "Shipments of settled debits to the shared books that failed or were cut off waiting (each is retried)",
                 ),
                 outbox_debits: registered(
                     registry,
@@ -234,9 +235,9 @@ pub mod metrics {
         /// Read at scrape time: 1 while the price file on disk failed to
         /// load and an older table stays in force.
         pub price_reload_failing: Gauge,
-        /// Holds voided by their TTL (a request that never settled: its
-        /// call is not billed).
-        pub holds_voided: Counter,
+        /// Read at scrape time: holds voided by their TTL since start (a
+        /// request that never settled: its call is not billed).
+        pub holds_voided: Gauge,
         /// Panics caught in background work, by task.
         pub background_panics: Family<TaskLabels, Counter>,
         /// Worker threads of the shared runtime: `[server] workers`, or one
@@ -347,10 +348,10 @@ pub mod metrics {
                 "price_reload_failing",
                 "1 while the price file on disk failed to load and an older table stays in force",
             );
-            let holds_voided: Counter = registered(
+            let holds_voided: Gauge = registered(
                 &mut registry,
                 "holds_voided",
-                "Holds voided by their TTL: requests that never settled, whose calls were not billed",
+                "Holds voided by their TTL since start: requests that never settled, whose calls were not billed",
             );
             let background_panics: Family<TaskLabels, Counter> =
                 registered(&mut registry, "background_panics", "Panics caught in background work, by task");

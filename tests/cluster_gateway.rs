@@ -562,8 +562,9 @@ async fn with_postgresql_stopped_replicas_serve_only_inside_their_leases_then_an
             // And the metrics say why before /readyz does, and what waits.
             let unreached: f64 = metric(replica, "creditgate_cluster_database_unreached_seconds").await;
             assert!(unreached > 2.0, "the database unreached for {unreached} s");
-            let debits: u64 = metric(replica, "creditgate_cluster_outbox_debits").await;
-            let oldest: f64 = metric(replica, "creditgate_cluster_outbox_oldest_seconds").await;
+            let scrape = metrics(replica).await;
+            let debits: u64 = value_in(&scrape, "creditgate_cluster_outbox_debits");
+            let oldest: f64 = value_in(&scrape, "creditgate_cluster_outbox_oldest_seconds");
             assert_eq!(debits > 0, oldest > 0.0, "{debits} debits waiting, the oldest for {oldest} s");
             waiting += debits;
             failures += metric::<u64>(replica, "creditgate_cluster_shipment_failures_total").await;
@@ -720,15 +721,24 @@ async fn readyz(replica: &Replica) -> u16 {
     reply.status.as_u16()
 }
 
-/// One unlabelled metric of a replica, from its `/metrics`.
-async fn metric<T: std::str::FromStr<Err: std::fmt::Debug>>(replica: &Replica, name: &str) -> T {
+/// A replica's `/metrics`.
+async fn metrics(replica: &Replica) -> String {
     let reply = admin(replica, http::Method::GET, "/metrics", serde_json::Value::Null, None).await.unwrap();
-    let text = String::from_utf8_lossy(&reply.body).into_owned();
+    String::from_utf8_lossy(&reply.body).into_owned()
+}
+
+/// One unlabelled metric from a scrape.
+fn value_in<T: std::str::FromStr<Err: std::fmt::Debug>>(text: &str, name: &str) -> T {
     let value = text
         .lines()
         .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .unwrap_or_else(|| panic!("no {name} in {text}"));
     value.trim().parse().unwrap()
+}
+
+/// One unlabelled metric of a replica, from its `/metrics`.
+async fn metric<T: std::str::FromStr<Err: std::fmt::Debug>>(replica: &Replica, name: &str) -> T {
+    value_in(&metrics(replica).await, name)
 }
 
 /// Statements each replica has sent the database, from its `/metrics`.

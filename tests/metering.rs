@@ -622,7 +622,7 @@ async fn metrics_count_charges_refusals_and_ledger_latency_with_bounded_labels()
         "creditgate_store_failures 0",
         "creditgate_history_failing 0",
         "creditgate_price_reload_failing 0",
-        "creditgate_holds_voided_total 0",
+        "creditgate_holds_voided 0",
     ] {
         assert!(text.lines().any(|line| line == healthy), "{healthy}: {text}");
     }

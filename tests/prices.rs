@@ -118,10 +118,18 @@ async fn an_invalid_file_keeps_the_old_prices_and_reports_file_and_line() {
     assert_eq!(failing(&metrics).as_deref(), Some("creditgate_price_reload_failing 1"), "{metrics}");
     write_atomically(&path, TABLE_B);
     wait_for_label(&stack, "B").await;
-    let metrics =
-        send(Request::get(stack.admin_url("/metrics")).body(Full::new(Bytes::new())).unwrap()).await;
-    let metrics = String::from_utf8_lossy(&metrics.body);
-    assert_eq!(failing(&metrics).as_deref(), Some("creditgate_price_reload_failing 0"), "{metrics}");
+    // The table comes into force a moment before the reload's status is
+    // written: poll for it.
+    for _ in 0..200 {
+        let metrics =
+            send(Request::get(stack.admin_url("/metrics")).body(Full::new(Bytes::new())).unwrap()).await;
+        let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+        if failing(&metrics).as_deref() == Some("creditgate_price_reload_failing 0") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the failure never cleared after a good file loaded");
 }
 
 #[tokio::test]

@@ -69,12 +69,29 @@ pub const SESSION_LIMITS: [(&str, &str); 3] =
 
 /// The `SET` statements for the limits `options` (the URL's) leaves unset.
 fn session_limits_sql(options: Option<&str>) -> String {
-    let named = |name: &str| options.is_some_and(|options| options.contains(name));
+    let named = settings_named(options.unwrap_or_default());
     SESSION_LIMITS
         .iter()
-        .filter(|(name, _)| !named(name))
+        .filter(|(name, _)| !named.iter().any(|named| named == name))
         .map(|(name, value)| format!("SET {name} = '{value}';"))
         .collect()
+}
+
+/// The settings libpq's `options` names: `-c name=value`, `-cname=value`
+/// and `--name=value` (where `-` in a name stands for `_`).
+fn settings_named(options: &str) -> Vec<String> {
+    let mut named = Vec::new();
+    let mut tokens = options.split_whitespace();
+    while let Some(token) = tokens.next() {
+        let setting = match token {
+            "-c" => tokens.next(),
+            _ => token.strip_prefix("--").or_else(|| token.strip_prefix("-c")),
+        };
+        if let Some((name, _)) = setting.and_then(|setting| setting.split_once('=')) {
+            named.push(name.replace('-', "_").to_ascii_lowercase());
+        }
+    }
+    named
 }
 
 /// A pool of connections to the primary.
@@ -319,6 +336,24 @@ fn tls_config(root_file: Option<&str>) -> Result<rustls::ClientConfig, ClusterEr
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_session_limits_a_url_sets_are_left_to_it_and_only_those() {
+        let all = "SET lock_timeout = '5s';SET idle_in_transaction_session_timeout = '60s';SET statement_timeout = '60s';";
+        assert_eq!(session_limits_sql(None), all);
+        // Another setting whose name holds one of ours is not one of ours.
+        assert_eq!(session_limits_sql(Some("-c deadlock_timeout=2s")), all);
+        assert_eq!(
+            session_limits_sql(Some(
+                "-c lock_timeout=1s -cstatement_timeout=0 --idle-in-transaction-session-timeout=9s"
+            )),
+            ""
+        );
+        assert_eq!(
+            session_limits_sql(Some("-c search_path=books -c Lock_Timeout=1s")),
+            "SET idle_in_transaction_session_timeout = '60s';SET statement_timeout = '60s';"
+        );
+    }
 
     #[test]
     fn a_silent_peer_is_given_up_on_in_seconds_unless_the_url_says_otherwise() {

@@ -283,6 +283,10 @@ impl Drop for OutForShipping<'_> {
     fn drop(&mut self) {
         if let Some(batch) = self.batch.take() {
             self.book.no_longer_shipping(self.ticket);
+            // Refused, or cut off while it waited (a round's time ran out).
+            if let Some(metrics) = &self.book.metrics {
+                metrics.shipment_failures.inc();
+            }
             let unflushed = batch.chunks.iter().any(Option::is_none);
             self.book.outbox.lock().put_back(batch);
             // After the put-back: a flush that takes the flag then writes them.
@@ -966,8 +970,10 @@ impl LeaseBook {
         );
         let mut awaiting = AwaitingGrant { received, books: books.clone(), replica: replica.clone() };
         tokio::spawn(async move {
-            let _drawing = for_hold;
             let drawn = books.draw_lease(&replica, &named, want, need, ttl, ttl, horizon).await;
+            // Not held while an unheard grant goes back (which can wait on
+            // a silent database as long as its connection lives).
+            drop(for_hold);
             if let Err(Ok(Some(grant))) = sent.send(drawn) {
                 give_back_unheard(books, replica, grant.id).await;
             }
@@ -1159,9 +1165,6 @@ impl LeaseBook {
             }
             Err(err) => {
                 drop(out);
-                if let Some(metrics) = &self.metrics {
-                    metrics.shipment_failures.inc();
-                }
                 // A batch shipped as it was (the disk failing) goes back with
                 // debits no flush wrote, and nothing new may come to make the
                 // next one (leases lapse in an outage): try them now.

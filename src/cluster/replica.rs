@@ -265,6 +265,12 @@ impl Replica {
         self.unreadable.lock().clone()
     }
 
+    /// Whether it holds the treasury now: it took it and was not deposed
+    /// (a deposed treasurer keeps its epoch until it exits).
+    pub fn holds_treasury(&self) -> bool {
+        self.epoch().is_some() && !self.deposed.load(Ordering::Acquire)
+    }
+
     /// The last log record this replica applied as a follower (a treasurer
     /// makes the records after it and does not read them back).
     pub fn applied(&self) -> i64 {

@@ -97,9 +97,13 @@ impl Books {
         // nanoseconds selects exactly what the ledger's comparison would.
         let (from, to) = (query.from.map(up_to_micros), query.to.map(up_to_micros));
         let max_rows = (query.max_rows > 0).then(|| i64::try_from(query.max_rows).unwrap_or(i64::MAX));
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let statement = client.prepare_cached(USAGE_SQL).await?;
-        let rows = client
+        // An organization's whole history may take longer than the pool's
+        // backstop for one statement; ten minutes still bounds a runaway.
+        let tx = client.transaction().await?;
+        tx.batch_execute("SET LOCAL statement_timeout = '10min'").await?;
+        let rows = tx
             .query(
                 &statement,
                 &[
@@ -117,6 +121,7 @@ impl Books {
                 ],
             )
             .await?;
+        tx.commit().await?;
         rows.iter().map(group).collect()
     }
 }

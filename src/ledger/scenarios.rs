@@ -818,6 +818,13 @@ fn holds_expire_after_their_ttl_only_when_orphaned() {
     assert_eq!(ledger.balance(pool, after).unwrap().available, dec!(3), "held until its TTL");
     assert_eq!(ledger.void_expired_holds(after + TimeDelta::seconds(60)), 1, "then voided");
     assert_eq!(ledger.balance(pool, after + TimeDelta::seconds(61)).unwrap().available, dec!(7));
+    // The count the metrics show takes a hold voided by the wallet's own next
+    // operation as well as those the periodic sweep voids.
+    assert_eq!(ledger.holds_voided(), 2);
+    let last = after + TimeDelta::seconds(61);
+    drop(ledger.hold(pool, request(), dec!(1), ctx(key), last).unwrap());
+    assert_eq!(ledger.balance(pool, last + TimeDelta::seconds(60)).unwrap().open_holds, 0);
+    assert_eq!(ledger.holds_voided(), 3);
     assert_verified(&ledger, &journal);
 }
 

@@ -233,6 +233,12 @@ impl Ledger {
         self.all_cells().iter().map(|cell| cell.state.lock().holds.len()).sum()
     }
 
+    /// Holds voided by their TTL since start, across every wallet (by the
+    /// tick, or by the wallet's own next operation), for the metrics.
+    pub fn holds_voided(&self) -> u64 {
+        self.all_cells().iter().map(|cell| cell.state.lock().holds_voided).sum()
+    }
+
     /// Every lot with credit left, with its wallet (the cluster's treasurer
     /// publishes them so leases end before the credit they draw on does).
     pub fn live_lots(&self) -> Vec<(WalletId, Lot)> {

@@ -114,6 +114,8 @@ pub(crate) struct WalletState {
     /// (Lite wallets): set by the credit alone, so a replay rebuilds it.
     lite_granted_through: Option<YearMonth>,
     pub holds: OpenHolds,
+    /// Holds voided by their TTL since this process built the wallet.
+    pub holds_voided: u64,
     pub settled: RecentSettlements,
     pub payers: Payers,
     /// Period ends for limits, valid until the day ends.
@@ -137,6 +139,7 @@ impl WalletState {
             granted_years: Vec::new(),
             lite_granted_through: None,
             holds: OpenHolds::default(),
+            holds_voided: 0,
             settled: RecentSettlements::default(),
             payers: Payers::default(),
             period_cache: None,
@@ -531,6 +534,7 @@ impl WalletState {
     pub fn void_expired_holds(&mut self, now: DateTime<Utc>) -> usize {
         let voided = self.holds.take_expired(now);
         let count = voided.len();
+        self.holds_voided += count as u64;
         for hold in voided {
             self.held -= hold.amount;
             self.payers.unreserve(hold.spender(), hold.amount, hold.limits_epoch);

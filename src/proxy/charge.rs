@@ -162,15 +162,17 @@ impl Drop for Charge {
     /// body was read) releases its hold at once instead of leaving it to the
     /// TTL. Every way a sent call ends settles it (a client that leaves is
     /// read on for, see `read_on`), so one dropped unsettled after it was
-    /// sent was cut off by a panic: the upstream may bill it all, and it is
-    /// charged its hold, never made free. After a settle no hold is left.
+    /// sent was cut off by a panic (in a read-on task, or in the settle
+    /// itself): the upstream may bill it all, and unless its answer was an
+    /// error (which bills nothing) it is charged its hold, never made free.
+    /// After a settle no hold is left.
     fn drop(&mut self) {
-        let Some(hold) = self.hold.take() else { return };
         let now = self.clock.now();
-        let Some(priced) = self.priced.as_ref().filter(|_| self.sent) else {
-            hold.release(now);
-            return;
-        };
+        // What the settle would do when nothing is known of the answer.
+        if !self.sent || self.priced.is_none() || self.upstream_bills_nothing(Outcome::NoAnswer) {
+            return self.release_hold(now);
+        }
+        let (Some(hold), Some(priced)) = (self.hold.take(), self.priced.as_ref()) else { return };
         let amount = hold.amount();
         let details = SettleDetails {
             route: self.route.clone(),
@@ -1219,24 +1221,22 @@ impl Charge {
     ///   except 524, an edge (Cloudflare, in front of OpenAI) that stopped
     ///   waiting for an origin that had the call and runs it on: the hold.
     pub fn settle(mut self, outcome: Outcome, now: DateTime<Utc>) -> SettleResult {
-        let Some(hold) = self.hold.take() else {
+        // The hold stays in the charge until the debit is made: a panic
+        // while the cost is worked out leaves it to `Drop`, which charges a
+        // sent call its hold instead of letting the hold go unspent.
+        let Some(held_price) = self.hold.as_ref().map(Reservation::amount) else {
             return SettleResult::NotHeld;
         };
         let Some(priced) = self.priced.clone() else {
-            hold.release(now);
+            self.release_hold(now);
             return SettleResult::Released;
         };
-        // An upstream that failed bills nothing; one that had the call and
-        // never answered may bill it all.
-        let answered = self.upstream_status.is_some_and(|s| s.is_success());
-        let timed_out_at_the_edge = self.upstream_status.is_some_and(|s| s.as_u16() == ORIGIN_TIMED_OUT);
-        let unanswered =
-            (self.upstream_status.is_none() && outcome == Outcome::NoAnswer) || timed_out_at_the_edge;
-        if !answered && !unanswered {
-            hold.release(now);
+        if self.upstream_bills_nothing(outcome) {
+            self.release_hold(now);
             return SettleResult::Released;
         }
-        let held = Amounts { cost: self.held_cost, price: hold.amount() };
+        let timed_out_at_the_edge = self.upstream_status.is_some_and(|s| s.as_u16() == ORIGIN_TIMED_OUT);
+        let held = Amounts { cost: self.held_cost, price: held_price };
         let (charged, usage, flag) = match &priced {
             // Its body is the edge's page, whatever the client did with it.
             _ if timed_out_at_the_edge => (held, Usage::default(), SettleFlag::NoUsage),
@@ -1255,6 +1255,9 @@ impl Charge {
         };
         let flag =
             if flag == SettleFlag::Exact && charged.price > held.price { SettleFlag::OverHold } else { flag };
+        let Some(hold) = self.hold.take() else {
+            return SettleResult::NotHeld;
+        };
         match hold.settle(charged.price, details, now) {
             Ok(debited) => SettleResult::Debited {
                 amount: debited,
@@ -1263,6 +1266,22 @@ impl Charge {
                 item: name,
             },
             Err(error) => SettleResult::Failed(error.to_string()),
+        }
+    }
+
+    /// An upstream that failed bills nothing; one that had the call and
+    /// never answered (or timed out at its edge) may bill it all.
+    fn upstream_bills_nothing(&self, outcome: Outcome) -> bool {
+        let answered = self.upstream_status.is_some_and(|s| s.is_success());
+        let timed_out_at_the_edge = self.upstream_status.is_some_and(|s| s.as_u16() == ORIGIN_TIMED_OUT);
+        let unanswered =
+            (self.upstream_status.is_none() && outcome == Outcome::NoAnswer) || timed_out_at_the_edge;
+        !answered && !unanswered
+    }
+
+    fn release_hold(&mut self, now: DateTime<Utc>) {
+        if let Some(hold) = self.hold.take() {
+            hold.release(now);
         }
     }
 
@@ -1587,7 +1606,7 @@ mod tests {
     use super::with_include_usage;
 
     #[test]
-    fn a_charge_dropped_unsettled_is_released_before_it_was_sent_and_charged_its_hold_after() {
+    fn a_charge_dropped_unsettled_is_charged_its_hold_once_sent_unless_the_upstream_failed() {
         // A panic between sending a call and settling it (in a read-on task,
         // or before the response body took the charge) drops the charge: the
         // upstream has the call and may bill it all, so it must not be free.
@@ -1617,7 +1636,7 @@ mod tests {
                 .unwrap(),
         );
         let price = table.tool("search", now).unwrap();
-        let charge = |sent: bool, amount| {
+        let charge = |sent: bool, amount, upstream_status: Option<http::StatusCode>| {
             let request_id = request();
             let context = SpendContext { key: key_id, end_user: None };
             let hold = ledger.hold(wallet, request_id, amount, context, now).unwrap();
@@ -1636,7 +1655,7 @@ mod tests {
                 held_cost: amount,
                 meter: None,
                 injected_usage: false,
-                upstream_status: None,
+                upstream_status,
                 tool_units: None,
                 sent,
                 clock: ManualClock::new(now),
@@ -1644,14 +1663,16 @@ mod tests {
         };
         let totals = || ledger.balance(wallet, now).unwrap();
 
-        drop(charge(false, dec!(2)));
+        drop(charge(false, dec!(2), None));
+        // An upstream that answered with an error bills nothing, as the settle says.
+        drop(charge(true, dec!(2), Some(http::StatusCode::INTERNAL_SERVER_ERROR)));
         let after_unsent = totals();
         assert_eq!(
             (after_unsent.balance, after_unsent.held, after_unsent.totals.debited),
             (dec!(10), dec!(0), dec!(0))
         );
 
-        drop(charge(true, dec!(3)));
+        drop(charge(true, dec!(3), None));
         let after_sent = totals();
         assert_eq!(after_sent.open_holds, 0, "the hold is ended, not left to its TTL");
         assert_eq!(
