@@ -1682,3 +1682,37 @@ async fn funding_and_open_leases_are_found_by_wallet_through_an_index() {
         assert!(plan.iter().any(|line| line.contains(index)), "{query}: {plan:#?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_does_not_hold_up_the_renewal_of_the_leases() {
+    // Draws and shipments on a slow database can take every pooled
+    // connection; the renewal, which keeps every lease of the replica
+    // alive, waited behind them and failed, and the leases lapsed.
+    let pg = Postgres::shared();
+    let url = pg.create_database("full_pool");
+    let db = Database::new(&url, 2).unwrap();
+    migrate(&db).await.unwrap();
+    let books = Books::new(db.clone());
+    books.fund(ORG, WALLET, dec!(10), "p").await.unwrap();
+    let book =
+        LeaseBook::new(books.clone(), settings("r1"), 1).with_renewal_pool(books.with_own_pool(1).unwrap());
+    let hold = book.hold(WALLET, dec!(1)).await.unwrap();
+    book.settle(hold, dec!(1), Utc::now(), serde_json::json!({}));
+    let renewed_before = last_seen(&db).await;
+
+    let taken = (db.client().await.unwrap(), db.client().await.unwrap());
+    let started = std::time::Instant::now();
+    book.maintain().await.expect("the renewal goes through its own connection");
+    assert!(started.elapsed() < Duration::from_secs(2), "renewed after {:?}", started.elapsed());
+    drop(taken);
+    let renewed = last_seen(&db).await;
+    assert!(renewed > renewed_before, "the replica's row was renewed: {renewed_before} -> {renewed}");
+    book.shutdown().await.unwrap();
+    assert_books_exact(&books).await;
+}
+
+/// When the replica `r1` last renewed, by the database's clock.
+async fn last_seen(db: &Database) -> chrono::DateTime<Utc> {
+    let client = db.client().await.unwrap();
+    client.query_one("SELECT last_seen FROM cg_replicas WHERE replica = 'r1'", &[]).await.unwrap().get(0)
+}

@@ -211,6 +211,12 @@ impl WalletLeases {
 /// A replica's leases and outbox.
 pub struct LeaseBook {
     books: Books,
+    /// Where the renewals go: the books' pool, unless
+    /// [`LeaseBook::with_renewal_pool`] gives them one of their own (a
+    /// replica's does), so draws and shipments that fill the pool (a slow
+    /// database) cannot hold up the statement that keeps every lease of
+    /// this replica alive.
+    renewals: Books,
     settings: LeaseSettings,
     wallets: DashMap<String, Arc<Mutex<WalletLeases>>>,
     /// The caps (with their versions) this book set on limit rows, so each
@@ -445,6 +451,7 @@ impl LeaseBook {
     /// above every number this replica shipped before).
     pub fn new(books: Books, settings: LeaseSettings, first_entry: i64) -> LeaseBook {
         LeaseBook {
+            renewals: books.clone(),
             books,
             settings,
             wallets: DashMap::new(),
@@ -535,6 +542,12 @@ impl LeaseBook {
             return Ok(Decimal::ZERO);
         }
         self.books.give_back(&self.settings.replica, &open).await
+    }
+
+    /// Renewals through `books` (a pool of their own, see [`Books::with_own_pool`]).
+    pub fn with_renewal_pool(mut self, books: Books) -> LeaseBook {
+        self.renewals = books;
+        self
     }
 
     /// A book that records its draw times and outbox lag in `metrics`.
@@ -1213,7 +1226,7 @@ impl LeaseBook {
             known.extend(cell.lock().leases.iter().map(|lease| lease.id));
         }
         let renewal = self
-            .books
+            .renewals
             .renew(&self.settings.replica, self.settings.ttl, self.settings.horizon(), outbox, &known)
             .await?;
         let usable = |lease: i64| {

@@ -231,6 +231,7 @@ impl ClusterNode {
         let book = Arc::new(
             LeaseBook::with_outbox(books.clone(), lease_settings, first_entry, outbox)?
                 .syncing_outbox_file(outbox_file)
+                .with_renewal_pool(books.with_own_pool(1)?)
                 .with_metrics(options.metrics.clone()),
         );
         let returned = book.recover().await?;
