@@ -1716,3 +1716,56 @@ async fn last_seen(db: &Database) -> chrono::DateTime<Utc> {
     let client = db.client().await.unwrap();
     client.query_one("SELECT last_seen FROM cg_replicas WHERE replica = 'r1'", &[]).await.unwrap().get(0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_built_at_an_upgrade_does_not_stop_the_writes_of_the_replicas_still_running() {
+    // Schema 22 indexes two tables every replica writes. Built plainly, in
+    // the migration's transaction, the build stopped their writes (draws,
+    // renewals, shipments, purchases) until it ended; on large books, past
+    // the leases' TTL.
+    let pg = Postgres::shared();
+    let url = pg.create_database("concurrent_index");
+    let db = Database::new(&url, 4).unwrap();
+    assert_eq!(migrate_to(&db, 21).await.unwrap(), 21);
+    let books = Books::new(db.clone());
+    books.fund(ORG, WALLET, dec!(10), "before").await.unwrap();
+    // A write of a running replica, open as the upgrade starts: the build
+    // waits for it.
+    let mut open = db.client().await.unwrap();
+    let open = open.transaction().await.unwrap();
+    open.batch_execute(
+        "INSERT INTO cg_wallets (wallet, org, balance) VALUES ('pool:org_2', 2, 1);
+         INSERT INTO cg_funding (org, wallet, amount, idempotency_key) VALUES (2, 'pool:org_2', 1, 'open')",
+    )
+    .await
+    .unwrap();
+    let upgrading = tokio::spawn({
+        let db = db.clone();
+        async move { migrate(&db).await }
+    });
+    // A second replica of the new version starting meanwhile waits its turn.
+    let joining = tokio::spawn({
+        let db = db.clone();
+        async move { migrate(&db).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!upgrading.is_finished(), "the build waits for the write open before it");
+    let write =
+        tokio::time::timeout(Duration::from_secs(5), books.fund(ORG, WALLET, dec!(1), "during")).await;
+    write.expect("a write waited for the index build").unwrap();
+    open.commit().await.unwrap();
+    let applied = upgrading.await.unwrap().unwrap() + joining.await.unwrap().unwrap();
+    assert_eq!(applied, 1, "schema 22 applied once");
+    let client = db.client().await.unwrap();
+    let valid: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE c.relname IN ('cg_funding_wallet', 'cg_leases_wallet_open') AND i.indisvalid",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(valid, 2, "both indexes built and valid");
+    assert_books_exact(&books).await;
+}

@@ -1,9 +1,16 @@
 //! Embedded, versioned schema migrations, applied at start-up.
 //!
-//! Replicas starting together race to migrate; a transaction-scoped advisory
-//! lock makes one of them apply each missing version, in order, and the rest
-//! find it done. A database whose schema is newer than this binary knows is
-//! refused rather than written with old assumptions.
+//! Replicas starting together race to migrate; an advisory lock, held by a
+//! session of its own, makes one of them apply each missing version, in
+//! order, and the rest find it done.
+//! A database whose schema is newer than this binary knows is refused rather
+//! than written with old assumptions.
+//!
+//! Most versions are applied together in one transaction. A version that
+//! builds an index on a table the running replicas write (`concurrently`)
+//! is applied on its own, outside a transaction, with `CREATE INDEX
+//! CONCURRENTLY`: a plain build would stop those writes (draws, renewals,
+//! shipments) for as long as it took on large books, past the leases' TTL.
 
 use super::{ClusterError, Database};
 
@@ -12,70 +19,139 @@ struct Migration {
     version: i32,
     name: &'static str,
     sql: &'static str,
+    /// Its statements run one at a time outside a transaction (each
+    /// `DROP INDEX CONCURRENTLY IF EXISTS` first, for an invalid index an
+    /// interrupted build left).
+    concurrently: bool,
 }
 
 const MIGRATIONS: &[Migration] = &[
-    Migration { version: 1, name: "leases", sql: include_str!("migrations/0001_leases.sql") },
-    Migration { version: 2, name: "log", sql: include_str!("migrations/0002_log.sql") },
-    Migration { version: 3, name: "treasury", sql: include_str!("migrations/0003_treasury.sql") },
-    Migration { version: 4, name: "posting", sql: include_str!("migrations/0004_posting.sql") },
-    Migration { version: 5, name: "admin", sql: include_str!("migrations/0005_admin.sql") },
-    Migration { version: 6, name: "limits", sql: include_str!("migrations/0006_limits.sql") },
-    Migration { version: 7, name: "notify", sql: include_str!("migrations/0007_notify.sql") },
-    Migration { version: 8, name: "reports", sql: include_str!("migrations/0008_reports.sql") },
-    Migration { version: 9, name: "lot_expiry", sql: include_str!("migrations/0009_lot_expiry.sql") },
+    Migration {
+        version: 1,
+        name: "leases",
+        sql: include_str!("migrations/0001_leases.sql"),
+        concurrently: false,
+    },
+    Migration { version: 2, name: "log", sql: include_str!("migrations/0002_log.sql"), concurrently: false },
+    Migration {
+        version: 3,
+        name: "treasury",
+        sql: include_str!("migrations/0003_treasury.sql"),
+        concurrently: false,
+    },
+    Migration {
+        version: 4,
+        name: "posting",
+        sql: include_str!("migrations/0004_posting.sql"),
+        concurrently: false,
+    },
+    Migration {
+        version: 5,
+        name: "admin",
+        sql: include_str!("migrations/0005_admin.sql"),
+        concurrently: false,
+    },
+    Migration {
+        version: 6,
+        name: "limits",
+        sql: include_str!("migrations/0006_limits.sql"),
+        concurrently: false,
+    },
+    Migration {
+        version: 7,
+        name: "notify",
+        sql: include_str!("migrations/0007_notify.sql"),
+        concurrently: false,
+    },
+    Migration {
+        version: 8,
+        name: "reports",
+        sql: include_str!("migrations/0008_reports.sql"),
+        concurrently: false,
+    },
+    Migration {
+        version: 9,
+        name: "lot_expiry",
+        sql: include_str!("migrations/0009_lot_expiry.sql"),
+        concurrently: false,
+    },
     Migration {
         version: 10,
         name: "treasury_renewal",
         sql: include_str!("migrations/0010_treasury_renewal.sql"),
+        concurrently: false,
     },
-    Migration { version: 11, name: "append_lookup", sql: include_str!("migrations/0011_append_lookup.sql") },
+    Migration {
+        version: 11,
+        name: "append_lookup",
+        sql: include_str!("migrations/0011_append_lookup.sql"),
+        concurrently: false,
+    },
     Migration {
         version: 12,
         name: "posting_lookup",
         sql: include_str!("migrations/0012_posting_lookup.sql"),
+        concurrently: false,
     },
     Migration {
         version: 13,
         name: "unposted_queue",
         sql: include_str!("migrations/0013_unposted_queue.sql"),
+        concurrently: false,
     },
-    Migration { version: 14, name: "alerts", sql: include_str!("migrations/0014_alerts.sql") },
+    Migration {
+        version: 14,
+        name: "alerts",
+        sql: include_str!("migrations/0014_alerts.sql"),
+        concurrently: false,
+    },
     Migration {
         version: 15,
         name: "price_versions",
         sql: include_str!("migrations/0015_price_versions.sql"),
+        concurrently: false,
     },
-    Migration { version: 16, name: "refusals", sql: include_str!("migrations/0016_refusals.sql") },
+    Migration {
+        version: 16,
+        name: "refusals",
+        sql: include_str!("migrations/0016_refusals.sql"),
+        concurrently: false,
+    },
     Migration {
         version: 17,
         name: "renew_known_leases",
         sql: include_str!("migrations/0017_renew_known_leases.sql"),
+        concurrently: false,
     },
     Migration {
         version: 18,
         name: "limit_versions",
         sql: include_str!("migrations/0018_limit_versions.sql"),
+        concurrently: false,
     },
     Migration {
         version: 19,
         name: "sweep_rechecks_deadline",
         sql: include_str!("migrations/0019_sweep_rechecks_deadline.sql"),
+        concurrently: false,
     },
     Migration {
         version: 20,
         name: "debits_outlive_lost_leases",
         sql: include_str!("migrations/0020_debits_outlive_lost_leases.sql"),
+        concurrently: false,
     },
     Migration {
         version: 21,
         name: "retire_unbounded_draw",
         sql: include_str!("migrations/0021_retire_unbounded_draw.sql"),
+        concurrently: false,
     },
     Migration {
         version: 22,
         name: "wallet_indexes",
         sql: include_str!("migrations/0022_wallet_indexes.sql"),
+        concurrently: true,
     },
 ];
 
@@ -96,12 +172,52 @@ pub async fn migrate(db: &Database) -> Result<usize, ClusterError> {
 /// Brings the schema to `target` (at most [`latest_version`]): an older
 /// schema, for tests of what a later version does to books it finds.
 pub async fn migrate_to(db: &Database, target: i32) -> Result<usize, ClusterError> {
-    let mut client = db.client().await?;
+    let (mut client, mut connection) = db.connect().await?;
+    let driving = tokio::spawn(async move {
+        while let Some(Ok(_)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {}
+    });
+    let result = migrate_on(&mut client, target).await;
+    // Ending the session releases the migration lock whatever happened.
+    drop(client);
+    let _ = driving.await;
+    result
+}
+
+/// How often a replica asks again for the migration lock another holds.
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+async fn migrate_on(client: &mut tokio_postgres::Client, target: i32) -> Result<usize, ClusterError> {
+    // A migration may rewrite a large table and wait for older replicas'
+    // sessions however long that takes: no limits on this session.
+    client
+        .batch_execute(
+            "SET lock_timeout = 0; SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0",
+        )
+        .await?;
+    // Asked for again and again, not waited on: a session that waits for a
+    // lock holds a snapshot, and an index built concurrently waits for
+    // every older snapshot, so a replica waiting on the one that builds
+    // would deadlock with it.
+    while !client.query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK]).await?.get::<_, bool>(0) {
+        tokio::time::sleep(LOCK_POLL).await;
+    }
+    let mut applied = 0;
+    loop {
+        let (done, next) = apply_in_one_transaction(client, target).await?;
+        applied += done;
+        let Some(migration) = next else { return Ok(applied) };
+        apply_concurrently(client, migration).await?;
+        applied += 1;
+    }
+}
+
+/// Applies the missing versions up to `target` in one transaction, up to
+/// the first that must run outside one (returned, not applied).
+async fn apply_in_one_transaction(
+    client: &mut tokio_postgres::Client,
+    target: i32,
+) -> Result<(usize, Option<&'static Migration>), ClusterError> {
     let tx = client.transaction().await?;
-    // A migration may rewrite a large table and wait for sessions of older
-    // replicas: the pool's session limits do not apply to it.
-    tx.batch_execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0").await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS cg_schema (
              version    integer PRIMARY KEY,
@@ -117,8 +233,13 @@ pub async fn migrate_to(db: &Database, target: i32) -> Result<usize, ClusterErro
         )));
     }
     let mut applied = 0;
+    let mut outside = None;
     let wanted = |migration: &&Migration| migration.version > current && migration.version <= target;
     for migration in MIGRATIONS.iter().filter(wanted) {
+        if migration.concurrently {
+            outside = Some(migration);
+            break;
+        }
         tx.batch_execute(migration.sql).await.map_err(|err| {
             ClusterError::Schema(format!("migration {} ({}): {err}", migration.version, migration.name))
         })?;
@@ -130,5 +251,34 @@ pub async fn migrate_to(db: &Database, target: i32) -> Result<usize, ClusterErro
         applied += 1;
     }
     tx.commit().await?;
-    Ok(applied)
+    Ok((applied, outside))
+}
+
+/// Applies `migration` statement by statement outside a transaction (the
+/// migration lock is the session's).
+async fn apply_concurrently(
+    client: &tokio_postgres::Client,
+    migration: &Migration,
+) -> Result<(), ClusterError> {
+    for statement in statements(migration.sql) {
+        client.batch_execute(statement).await.map_err(|err| {
+            ClusterError::Schema(format!("migration {} ({}): {err}", migration.version, migration.name))
+        })?;
+    }
+    client
+        .execute(
+            "INSERT INTO cg_schema (version, name) VALUES ($1, $2)",
+            &[&migration.version, &migration.name],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The statements of a migration's text, split at `;` (the text of a
+/// migration run this way holds no `;` inside a statement); comment lines
+/// are dropped.
+fn statements(sql: &str) -> impl Iterator<Item = &str> {
+    sql.split(';').map(str::trim).filter(|statement| {
+        statement.lines().any(|line| !line.trim().is_empty() && !line.trim_start().starts_with("--"))
+    })
 }

@@ -167,6 +167,9 @@ impl Drop for Charge {
     /// error (which bills nothing) it is charged its hold, never made free.
     /// After a settle no hold is left.
     fn drop(&mut self) {
+        if self.hold.is_none() {
+            return;
+        }
         let now = self.clock.now();
         // What the settle would do when nothing is known of the answer.
         if !self.sent || self.priced.is_none() || self.upstream_bills_nothing(Outcome::NoAnswer) {

@@ -6,6 +6,12 @@
 -- such sum read every funding row and every lease ever recorded: a row per
 -- cap change per key, user and app per period, and a lease per draw, so a
 -- new day's first holds and the audit grew slower with the books' age.
--- (Built once, at the upgrade: writes to the two tables wait for it.)
-CREATE INDEX cg_funding_wallet ON cg_funding (wallet);
-CREATE INDEX cg_leases_wallet_open ON cg_leases (wallet) WHERE closed_at IS NULL;
+--
+-- Built CONCURRENTLY, statement by statement outside a transaction (see
+-- migrate.rs): replicas of the older version go on drawing, renewing and
+-- shipping while the indexes build. A build an interruption left invalid is
+-- dropped and made again.
+DROP INDEX CONCURRENTLY IF EXISTS cg_funding_wallet;
+CREATE INDEX CONCURRENTLY cg_funding_wallet ON cg_funding (wallet);
+DROP INDEX CONCURRENTLY IF EXISTS cg_leases_wallet_open;
+CREATE INDEX CONCURRENTLY cg_leases_wallet_open ON cg_leases (wallet) WHERE closed_at IS NULL;
