@@ -259,6 +259,14 @@ impl Database {
     /// A connection of its own, outside the pool, and its messages (poll
     /// them to drive it and to receive notifications).
     pub async fn connect(&self) -> Result<(tokio_postgres::Client, Box<dyn Messages>), ClusterError> {
+        // The connect timeout covers each host's TCP connect only; TLS and
+        // authentication are bounded as the pool bounds making a connection.
+        tokio::time::timeout(CONNECT_TIMEOUT * 4, self.connect_unbounded())
+            .await
+            .map_err(|_| ClusterError::Unavailable("connecting to the database took too long".into()))?
+    }
+
+    async fn connect_unbounded(&self) -> Result<(tokio_postgres::Client, Box<dyn Messages>), ClusterError> {
         let unavailable = |err: tokio_postgres::Error| ClusterError::Unavailable(err.to_string());
         Ok(match &self.tls {
             Tls::Off => {

@@ -1301,9 +1301,14 @@ impl LeaseBook {
                 outcome = Err(err);
             }
         }
-        // The round reached the books if the renewal did; the shipment's
-        // failure was logged, and the next round ships the batch again.
-        outcome
+        // The round reached the books if the renewal did (on its own
+        // connection, however full the pool): the leases live on, and what
+        // failed after it (a give-back, a refill, waiting for a pooled
+        // connection) is tried again next round, as a failed shipment is.
+        if let Err(error) = outcome {
+            tracing::warn!(%error, "leases renewed; giving back or drawing ahead failed and is tried again");
+        }
+        Ok(())
     }
 
     /// Forgets wallets with no lease that took no hold for a while (and

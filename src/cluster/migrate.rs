@@ -255,11 +255,29 @@ async fn apply_in_one_transaction(
 }
 
 /// Applies `migration` statement by statement outside a transaction (the
-/// migration lock is the session's).
+/// migration lock is the session's). An index an interrupted build left
+/// invalid is dropped first; one it finished is kept (its statements say
+/// `IF NOT EXISTS`), so a start cut short and tried again does not build
+/// it twice.
 async fn apply_concurrently(
     client: &tokio_postgres::Client,
     migration: &Migration,
 ) -> Result<(), ClusterError> {
+    let invalid = client
+        .query(
+            "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE NOT i.indisvalid AND c.relnamespace = current_schema()::regnamespace
+               AND starts_with(c.relname::text, 'cg_')",
+            &[],
+        )
+        .await?;
+    for row in invalid {
+        let name: String = row.get(0);
+        // Only names of ours: written into the statement, not bound.
+        if name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            client.batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}")).await?;
+        }
+    }
     for statement in statements(migration.sql) {
         client.batch_execute(statement).await.map_err(|err| {
             ClusterError::Schema(format!("migration {} ({}): {err}", migration.version, migration.name))
@@ -281,4 +299,26 @@ fn statements(sql: &str) -> impl Iterator<Item = &str> {
     sql.split(';').map(str::trim).filter(|statement| {
         statement.lines().any(|line| !line.trim().is_empty() && !line.trim_start().starts_with("--"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{statements, MIGRATIONS};
+
+    #[test]
+    fn a_migration_run_outside_a_transaction_splits_into_whole_statements() {
+        // Split at `;`: such a migration may hold no function body, quoted
+        // text or comment with a `;` in it, and each piece is one statement.
+        for migration in MIGRATIONS.iter().filter(|migration| migration.concurrently) {
+            let pieces: Vec<&str> = statements(migration.sql).collect();
+            assert!(!pieces.is_empty(), "migration {} has no statement", migration.version);
+            for piece in pieces {
+                let code: String =
+                    piece.lines().filter(|line| !line.trim_start().starts_with("--")).collect();
+                assert!(!code.contains("$$") && !code.contains('\'') && !code.contains('"'), "{piece}");
+                assert!(code.trim_start().starts_with("CREATE INDEX CONCURRENTLY IF NOT EXISTS"), "{piece}");
+            }
+        }
+        assert_eq!(statements("-- only a comment;\n SELECT 1; ;").collect::<Vec<_>>(), ["SELECT 1"]);
+    }
 }

@@ -9,9 +9,7 @@
 --
 -- Built CONCURRENTLY, statement by statement outside a transaction (see
 -- migrate.rs): replicas of the older version go on drawing, renewing and
--- shipping while the indexes build. A build an interruption left invalid is
--- dropped and made again.
-DROP INDEX CONCURRENTLY IF EXISTS cg_funding_wallet;
-CREATE INDEX CONCURRENTLY cg_funding_wallet ON cg_funding (wallet);
-DROP INDEX CONCURRENTLY IF EXISTS cg_leases_wallet_open;
-CREATE INDEX CONCURRENTLY cg_leases_wallet_open ON cg_leases (wallet) WHERE closed_at IS NULL;
+-- shipping while the indexes build. The migrator drops an index an
+-- interrupted build left invalid and keeps one it finished.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS cg_funding_wallet ON cg_funding (wallet);
+CREATE INDEX CONCURRENTLY IF NOT EXISTS cg_leases_wallet_open ON cg_leases (wallet) WHERE closed_at IS NULL;
