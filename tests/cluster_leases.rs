@@ -1706,7 +1706,7 @@ async fn a_full_pool_does_not_hold_up_the_renewal_of_the_leases() {
     book.settle(hold, dec!(0.1), Utc::now(), serde_json::json!({}));
     book.maintain().await.unwrap(); // ships the debits
     assert_eq!(books.open_leases("r1").await.unwrap().len(), 1);
-                                    // Quiet past the spend target: the next round gives the lease back.
+    // Quiet past the spend target: the next round gives the lease back.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let renewed_before = last_seen(&db).await;
 
