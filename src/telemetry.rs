@@ -147,8 +147,16 @@ pub mod metrics {
             ClusterMetrics {
                 lease_draw_seconds,
                 outbox_lag_seconds,
-                db_statements: registered(registry, "db_statements", "Statements sent to the cluster database since start"),
-                lease_holds: registered(registry, "lease_holds", "Holds granted from leased credit since start"),
+                db_statements: registered(
+                    registry,
+                    "db_statements",
+                    "Statements sent to the cluster database since start",
+                ),
+                lease_holds: registered(
+                    registry,
+                    "lease_holds",
+                    "Holds granted from leased credit since start",
+                ),
                 shipment_failures: registered(
                     registry,
                     "cluster_shipment_failures",
@@ -323,26 +331,46 @@ pub mod metrics {
                 "store_flush_micros",
                 "Time spent flushing the ledger store since start, in microseconds",
             );
-            let store_records_written_late: Gauge = registered(&mut registry, "store_records_written_late", "Ledger records stored after the writer had written past their number (their thread stalled past gap_patience_ms) since start");
-            let store_sequence_gaps_open: Gauge = registered(&mut registry, "store_sequence_gaps_open", "Sequence numbers the ledger writer wrote past and still waits for; checkpoints and the entries feed stop below the lowest");
+            let store_records_written_late: Gauge = registered(
+                &mut registry,
+                "store_records_written_late",
+                "Ledger records stored after the writer had written past their number (their thread stalled past gap_patience_ms) since start",
+            );
+            let store_sequence_gaps_open: Gauge = registered(
+                &mut registry,
+                "store_sequence_gaps_open",
+                "Sequence numbers the ledger writer wrote past and still waits for; checkpoints and the entries feed stop below the lowest",
+            );
             let history_handed_over: Gauge = registered(
                 &mut registry,
                 "history_records_handed_over",
                 "Records the checkpoint historian took from the store's writer in memory since start",
             );
-            let history_read_back: Gauge = registered(&mut registry, "history_records_read_back", "Records the checkpoint historian read back from the store since start (those before it started, and batches the hand-over dropped)");
+            let history_read_back: Gauge = registered(
+                &mut registry,
+                "history_records_read_back",
+                "Records the checkpoint historian read back from the store since start (those before it started, and batches the hand-over dropped)",
+            );
             let store_appends_waited: Gauge = registered(
                 &mut registry,
                 "store_appends_waited",
                 "Ledger records whose append found the store writer's queue full and waited, since start",
             );
-            let store_failures: Gauge = registered(&mut registry, "store_failures", "Failed writes or flushes of the ledger store since start (each retried; a store that keeps failing makes /readyz fail)");
+            let store_failures: Gauge = registered(
+                &mut registry,
+                "store_failures",
+                "Failed writes or flushes of the ledger store since start (each retried; a store that keeps failing makes /readyz fail)",
+            );
             let history_checkpoint_seq: Gauge = registered(
                 &mut registry,
                 "history_checkpoint_seq",
                 "The ledger record the newest checkpoint covers (a restart replays the records after it)",
             );
-            let history_failing: Gauge = registered(&mut registry, "history_failing", "1 while the checkpoint historian's last attempt failed or it stopped (checkpoints and pruning wait)");
+            let history_failing: Gauge = registered(
+                &mut registry,
+                "history_failing",
+                "1 while the checkpoint historian's last attempt failed or it stopped (checkpoints and pruning wait)",
+            );
             let price_reload_failing: Gauge = registered(
                 &mut registry,
                 "price_reload_failing",
@@ -355,8 +383,16 @@ pub mod metrics {
             );
             let background_panics: Family<TaskLabels, Counter> =
                 registered(&mut registry, "background_panics", "Panics caught in background work, by task");
-            let runtime_workers: Gauge = registered(&mut registry, "runtime_workers", "Worker threads of the shared async runtime ([server] workers; 1 under scheduler = \"thread-per-core\", see proxy_threads)");
-            let proxy_threads: Gauge = registered(&mut registry, "proxy_threads", "Threads serving the proxy listener (one runtime each under [server] scheduler = \"thread-per-core\")");
+            let runtime_workers: Gauge = registered(
+                &mut registry,
+                "runtime_workers",
+                "Worker threads of the shared async runtime ([server] workers; 1 under scheduler = \"thread-per-core\", see proxy_threads)",
+            );
+            let proxy_threads: Gauge = registered(
+                &mut registry,
+                "proxy_threads",
+                "Threads serving the proxy listener (one runtime each under [server] scheduler = \"thread-per-core\")",
+            );
             let cluster = cluster.then(|| ClusterMetrics::register(&mut registry));
             Metrics {
                 registry,

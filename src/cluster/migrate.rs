@@ -25,134 +25,47 @@ struct Migration {
     concurrently: bool,
 }
 
+/// A version applied in one transaction with the others.
+const fn in_transaction(version: i32, name: &'static str, sql: &'static str) -> Migration {
+    Migration { version, name, sql, concurrently: false }
+}
+
+/// A version that builds indexes concurrently, on its own (see the module doc).
+const fn built_concurrently(version: i32, name: &'static str, sql: &'static str) -> Migration {
+    Migration { version, name, sql, concurrently: true }
+}
+
 const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "leases",
-        sql: include_str!("migrations/0001_leases.sql"),
-        concurrently: false,
-    },
-    Migration { version: 2, name: "log", sql: include_str!("migrations/0002_log.sql"), concurrently: false },
-    Migration {
-        version: 3,
-        name: "treasury",
-        sql: include_str!("migrations/0003_treasury.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 4,
-        name: "posting",
-        sql: include_str!("migrations/0004_posting.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 5,
-        name: "admin",
-        sql: include_str!("migrations/0005_admin.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 6,
-        name: "limits",
-        sql: include_str!("migrations/0006_limits.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 7,
-        name: "notify",
-        sql: include_str!("migrations/0007_notify.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 8,
-        name: "reports",
-        sql: include_str!("migrations/0008_reports.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 9,
-        name: "lot_expiry",
-        sql: include_str!("migrations/0009_lot_expiry.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 10,
-        name: "treasury_renewal",
-        sql: include_str!("migrations/0010_treasury_renewal.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 11,
-        name: "append_lookup",
-        sql: include_str!("migrations/0011_append_lookup.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 12,
-        name: "posting_lookup",
-        sql: include_str!("migrations/0012_posting_lookup.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 13,
-        name: "unposted_queue",
-        sql: include_str!("migrations/0013_unposted_queue.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 14,
-        name: "alerts",
-        sql: include_str!("migrations/0014_alerts.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 15,
-        name: "price_versions",
-        sql: include_str!("migrations/0015_price_versions.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 16,
-        name: "refusals",
-        sql: include_str!("migrations/0016_refusals.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 17,
-        name: "renew_known_leases",
-        sql: include_str!("migrations/0017_renew_known_leases.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 18,
-        name: "limit_versions",
-        sql: include_str!("migrations/0018_limit_versions.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 19,
-        name: "sweep_rechecks_deadline",
-        sql: include_str!("migrations/0019_sweep_rechecks_deadline.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 20,
-        name: "debits_outlive_lost_leases",
-        sql: include_str!("migrations/0020_debits_outlive_lost_leases.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 21,
-        name: "retire_unbounded_draw",
-        sql: include_str!("migrations/0021_retire_unbounded_draw.sql"),
-        concurrently: false,
-    },
-    Migration {
-        version: 22,
-        name: "wallet_indexes",
-        sql: include_str!("migrations/0022_wallet_indexes.sql"),
-        concurrently: true,
-    },
+    in_transaction(1, "leases", include_str!("migrations/0001_leases.sql")),
+    in_transaction(2, "log", include_str!("migrations/0002_log.sql")),
+    in_transaction(3, "treasury", include_str!("migrations/0003_treasury.sql")),
+    in_transaction(4, "posting", include_str!("migrations/0004_posting.sql")),
+    in_transaction(5, "admin", include_str!("migrations/0005_admin.sql")),
+    in_transaction(6, "limits", include_str!("migrations/0006_limits.sql")),
+    in_transaction(7, "notify", include_str!("migrations/0007_notify.sql")),
+    in_transaction(8, "reports", include_str!("migrations/0008_reports.sql")),
+    in_transaction(9, "lot_expiry", include_str!("migrations/0009_lot_expiry.sql")),
+    in_transaction(10, "treasury_renewal", include_str!("migrations/0010_treasury_renewal.sql")),
+    in_transaction(11, "append_lookup", include_str!("migrations/0011_append_lookup.sql")),
+    in_transaction(12, "posting_lookup", include_str!("migrations/0012_posting_lookup.sql")),
+    in_transaction(13, "unposted_queue", include_str!("migrations/0013_unposted_queue.sql")),
+    in_transaction(14, "alerts", include_str!("migrations/0014_alerts.sql")),
+    in_transaction(15, "price_versions", include_str!("migrations/0015_price_versions.sql")),
+    in_transaction(16, "refusals", include_str!("migrations/0016_refusals.sql")),
+    in_transaction(17, "renew_known_leases", include_str!("migrations/0017_renew_known_leases.sql")),
+    in_transaction(18, "limit_versions", include_str!("migrations/0018_limit_versions.sql")),
+    in_transaction(
+        19,
+        "sweep_rechecks_deadline",
+        include_str!("migrations/0019_sweep_rechecks_deadline.sql"),
+    ),
+    in_transaction(
+        20,
+        "debits_outlive_lost_leases",
+        include_str!("migrations/0020_debits_outlive_lost_leases.sql"),
+    ),
+    in_transaction(21, "retire_unbounded_draw", include_str!("migrations/0021_retire_unbounded_draw.sql")),
+    built_concurrently(22, "wallet_indexes", include_str!("migrations/0022_wallet_indexes.sql")),
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).
@@ -293,8 +206,8 @@ async fn apply_concurrently(
 }
 
 /// The statements of a migration's text, split at `;` (the text of a
-/// migration run this way holds no `;` inside a statement); comment lines
-/// are dropped.
+/// migration run this way holds no `;` inside a statement, comments
+/// included); a piece with nothing but comments is skipped.
 fn statements(sql: &str) -> impl Iterator<Item = &str> {
     sql.split(';').map(str::trim).filter(|statement| {
         statement.lines().any(|line| !line.trim().is_empty() && !line.trim_start().starts_with("--"))

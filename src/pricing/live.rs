@@ -295,7 +295,6 @@ fn fingerprint(path: &Path) -> Fingerprint {
     Some((meta.modified().ok()?, meta.len(), inode))
 }
 
-/// The table a file holds, and its text.
 /// The file's table, its text, and its fingerprint as read.
 fn read_table(
     path: &Path,
