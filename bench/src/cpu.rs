@@ -78,16 +78,22 @@ fn children(pid: u32) -> Vec<u32> {
 
 /// Resident memory of the process now (`VmRSS`), in KiB; 0 once it is gone.
 pub fn process_rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS:")
+}
+
+/// The anonymous part of it (`RssAnon`: heap, stacks), in KiB. The rest is
+/// mostly the executable's code and read-only data mapped from its file,
+/// which grows with the binary, not with what the process holds.
+pub fn process_rss_anon_kb(pid: u32) -> u64 {
+    status_kb(pid, "RssAnon:")
+}
+
+/// A `kB` line of `/proc/PID/status`; 0 once the process is gone.
+fn status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
+            status.lines().find_map(|line| line.strip_prefix(field))?.split_whitespace().next()?.parse().ok()
         })
         .unwrap_or(0)
 }
@@ -114,13 +120,20 @@ impl CpuSource {
 
     /// Resident memory of the same processes now, in KiB.
     pub fn rss_kb(&self) -> Option<u64> {
+        self.sum(process_rss_kb)
+    }
+
+    /// Their anonymous resident memory now, in KiB.
+    pub fn rss_anon_kb(&self) -> Option<u64> {
+        self.sum(process_rss_anon_kb)
+    }
+
+    fn sum(&self, read: fn(u32) -> u64) -> Option<u64> {
         match self {
             CpuSource::None => None,
-            CpuSource::Process(pid) => Some(process_rss_kb(*pid)),
-            CpuSource::Tree(pid) => {
-                Some(process_rss_kb(*pid) + children(*pid).into_iter().map(process_rss_kb).sum::<u64>())
-            }
-            CpuSource::Processes(pids) => Some(pids.iter().map(|pid| process_rss_kb(*pid)).sum()),
+            CpuSource::Process(pid) => Some(read(*pid)),
+            CpuSource::Tree(pid) => Some(read(*pid) + children(*pid).into_iter().map(read).sum::<u64>()),
+            CpuSource::Processes(pids) => Some(pids.iter().map(|pid| read(*pid)).sum()),
         }
     }
 }
@@ -136,7 +149,9 @@ mod tests {
             std::hint::black_box(spin.elapsed());
         }
         assert!(process_cpu(std::process::id()) > Duration::ZERO, "utime+stime read from /proc");
-        assert!(process_rss_kb(std::process::id()) > 0, "VmRSS read from /proc");
+        let (rss, anon) = (process_rss_kb(std::process::id()), process_rss_anon_kb(std::process::id()));
+        assert!(rss > 0, "VmRSS read from /proc");
+        assert!(anon > 0 && anon < rss, "RssAnon read from /proc, a part of VmRSS: {anon} of {rss} KiB");
     }
 
     #[test]

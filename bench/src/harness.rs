@@ -433,6 +433,7 @@ impl Run {
         let before = database.map(|cluster| (cluster.statements(), cluster.database_cpu()));
         let mut sample = drive::run(phase).await?;
         sample.rss_kb = self.modes[index].target.cpu.rss_kb();
+        sample.rss_anon_kb = self.modes[index].target.cpu.rss_anon_kb();
         if let (Some(cluster), Some((statements, cpu))) = (database, before) {
             // Less the first reading, which the second counts.
             sample.db_statements = Some(cluster.statements().saturating_sub(statements + 1));

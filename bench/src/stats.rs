@@ -79,6 +79,8 @@ pub struct Sample {
     /// [`crate::drive::RSS_EVERY`]), KiB: buffers that live only under load
     /// are gone by the end of a phase.
     pub rss_peak_kb: Option<u64>,
+    /// The anonymous part of `rss_kb` (heap and stacks, not mapped code).
+    pub rss_anon_kb: Option<u64>,
 }
 
 impl Sample {
