@@ -42,15 +42,29 @@ pub fn process_cpu(pid: u32) -> Duration {
     parse_stat(&stat).map_or(Duration::ZERO, |(_, fields)| cpu_of(&fields))
 }
 
+/// The threads that make settles durable, by the names the kernel keeps (cut
+/// to 15 bytes): the gateway's store writer, sled's IO threads, the
+/// historian and its checkpoint writer, and the meter floor's writer.
+pub const STORE_THREADS: [&str; 5] = ["ledger-writer", "sled-io", "historian", "checkpoint", "floor-writer"];
+
 /// CPU time used so far by this process's threads whose name starts with
-/// `prefix` (thread names are cut to 15 bytes by the kernel).
+/// `prefix`.
 pub fn own_threads_cpu(prefix: &str) -> Duration {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Duration::ZERO };
+    threads_cpu("/proc/self/task", &[prefix])
+}
+
+/// CPU time used so far by the threads under `tasks` (a `/proc/…/task`
+/// directory) whose name starts with one of `prefixes`. A thread that has
+/// ended is no longer listed: these are meant for long-lived threads.
+fn threads_cpu(tasks: &str, prefixes: &[&str]) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(tasks) else { return Duration::ZERO };
     let mut total = Duration::ZERO;
     for task in tasks.flatten() {
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
         match parse_stat(&stat) {
-            Some((name, fields)) if name.starts_with(prefix) => total += cpu_of(&fields),
+            Some((name, fields)) if prefixes.iter().any(|prefix| name.starts_with(prefix)) => {
+                total += cpu_of(&fields)
+            }
             _ => {}
         }
     }
@@ -118,6 +132,16 @@ impl CpuSource {
         }
     }
 
+    /// CPU time of the same processes' [`STORE_THREADS`] so far.
+    pub fn read_store_threads(&self) -> Option<Duration> {
+        let of = |pid: &u32| threads_cpu(&format!("/proc/{pid}/task"), &STORE_THREADS);
+        match self {
+            CpuSource::None => None,
+            CpuSource::Process(pid) | CpuSource::Tree(pid) => Some(of(pid)),
+            CpuSource::Processes(pids) => Some(pids.iter().map(of).sum()),
+        }
+    }
+
     /// Resident memory of the same processes now, in KiB.
     pub fn rss_kb(&self) -> Option<u64> {
         self.sum(process_rss_kb)
@@ -171,5 +195,23 @@ mod tests {
         assert_eq!(before, Duration::ZERO, "no such thread before");
         assert!(during >= Duration::from_millis(30), "the spinning thread saw its own time: {during:?}");
         assert_eq!(own_threads_cpu("no-such-thread"), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_store_thread_of_a_process_is_counted_apart() {
+        let me = CpuSource::Process(std::process::id());
+        assert_eq!(me.read_store_threads(), Some(Duration::ZERO), "no store thread yet");
+        let writer = std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || {
+                let spin = std::time::Instant::now();
+                while own_threads_cpu("ledger-writer") < Duration::from_millis(30) {
+                    std::hint::black_box(spin.elapsed());
+                }
+                CpuSource::Process(std::process::id()).read_store_threads()
+            })
+            .unwrap();
+        let seen = writer.join().unwrap().unwrap();
+        assert!(seen >= Duration::from_millis(30), "the store thread's CPU: {seen:?}");
     }
 }

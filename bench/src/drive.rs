@@ -190,6 +190,7 @@ pub async fn run(phase: Phase<'_>) -> anyhow::Result<Sample> {
         tokio::spawn(progress_lines(label, done.clone(), stop_progress.clone(), phase.duration, expected))
     });
     let cpu_before = phase.target.cpu.read();
+    let store_before = phase.target.cpu.read_store_threads();
     let started = Instant::now();
     let driven = match phase.shape {
         LoadShape::Closed { concurrency } => closed_loop(&phase, concurrency, &done).await,
@@ -199,6 +200,12 @@ pub async fn run(phase: Phase<'_>) -> anyhow::Result<Sample> {
     };
     let elapsed = started.elapsed();
     let cpu = phase.target.cpu.read().zip(cpu_before).map(|(after, before)| after.saturating_sub(before));
+    let store_cpu = phase
+        .target
+        .cpu
+        .read_store_threads()
+        .zip(store_before)
+        .map(|(after, before)| after.saturating_sub(before));
     // Stopped whether or not the phase failed, so no reader outlives it.
     stop_progress.store(true, Ordering::Relaxed);
     if let Some(progress) = progress {
@@ -207,6 +214,7 @@ pub async fn run(phase: Phase<'_>) -> anyhow::Result<Sample> {
     let rss_peak_kb = rss_peak.await.ok().flatten();
     let mut sample = driven?;
     sample.finish(elapsed, cpu);
+    sample.store_cpu = store_cpu;
     sample.rss_peak_kb = rss_peak_kb;
     Ok(sample)
 }

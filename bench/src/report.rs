@@ -108,11 +108,29 @@ fn mode_table(text: &mut String, list: &[(&'static str, Vec<Sample>)], json: &mu
             entry.insert(format!("{}_us", name.replace('.', "")), spread.map_or(Value::Null, |s| s.json()));
         }
         entry.insert("gateway_cpu_us_per_request".into(), cpu.map_or(Value::Null, |s| s.json()));
+        let store = over_rounds(samples, Sample::store_cpu_per_request_us);
+        entry.insert("store_threads_cpu_us_per_request".into(), store.map_or(Value::Null, |s| s.json()));
         entry.insert("refusals_402_by_code".into(), json!(merged(samples, |s| &s.refusals)));
         entry.insert("errors_by_status".into(), json!(merged(samples, |s| &s.errors)));
         entry.insert("late".into(), json!(samples.iter().map(|s| s.late).sum::<u64>()));
         entry.insert("unsent".into(), json!(samples.iter().map(|s| s.unsent).sum::<u64>()));
         json.insert((*mode).to_owned(), Value::Object(entry));
+    }
+    // What durable writes cost, apart from the request path: the CPU
+    // column's part on the threads that write the store.
+    let stores: Vec<String> = list
+        .iter()
+        .filter_map(|(mode, samples)| {
+            let store = over_rounds(samples, Sample::store_cpu_per_request_us)?;
+            (store.max > 0.0).then(|| format!("{mode} {}", store.text(1)))
+        })
+        .collect();
+    if !stores.is_empty() {
+        let _ = writeln!(
+            text,
+            "  of CPU µs/req, on the store's threads (writer, sled's IO, historian): {}",
+            stores.join(", ")
+        );
     }
 }
 

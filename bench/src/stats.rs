@@ -65,6 +65,8 @@ pub struct Sample {
     pub elapsed: Duration,
     /// CPU the process under test used during the phase.
     pub cpu: Option<Duration>,
+    /// The part of `cpu` spent on the store's threads (`cpu::STORE_THREADS`).
+    pub store_cpu: Option<Duration>,
     /// Open loop: requests sent later than the late threshold after their
     /// intended time, and requests not sent at all (too many in flight).
     pub late: u64,
@@ -158,6 +160,11 @@ impl Sample {
 
     pub fn cpu_per_request_us(&self) -> Option<f64> {
         self.cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64)
+    }
+
+    /// The store threads' part of [`Sample::cpu_per_request_us`].
+    pub fn store_cpu_per_request_us(&self) -> Option<f64> {
+        self.store_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64)
     }
 
     pub fn error_count(&self) -> u64 {
