@@ -550,6 +550,50 @@ async fn shipped_debits_post_once_and_every_book_agrees() {
     assert_audited(follower.ledger(), &entries(&records));
 }
 
+/// A posting round makes a record per debit. They reach the log in one
+/// append (one transaction, one wake-up of each follower), not in as many
+/// as the appender happened to wake for while the round ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_posting_round_reaches_the_log_in_one_append() {
+    let (_pg, url, clock, treasurer, follower) = cluster("one-append", "2026-03-31T22:00:00Z").await;
+    let seeded = seed(treasurer.ledger(), clock.now());
+    let pool = WalletId::Pool(seeded.org);
+    let new_key = NewKey {
+        owner: Owner::User(seeded.pro),
+        hash: KeyHash::of_secret("sk-one-append"),
+        label: "k".into(),
+        limits: Limits::NONE,
+    };
+    let key = treasurer.ledger().create_key(seeded.org, new_key, clock.now()).unwrap().id;
+    tokio::task::block_in_place(|| treasurer.sync()).unwrap();
+    let book = LeaseBook::new(books(&url).await, LeaseSettings::new("r2"), 1);
+    const DEBITS: usize = 1_500;
+    for _ in 0..DEBITS {
+        let hold = book.hold(&pool.to_string(), dec!(0.01)).await.unwrap();
+        settle_on_lease(&book, hold, pool, key, dec!(0.01));
+    }
+    book.ship().await.unwrap();
+    let db = Database::new(&url, 1).unwrap();
+    let client = db.client().await.unwrap();
+    let before: i64 =
+        client.query_one("SELECT COALESCE(max(gseq), 0) FROM cg_log", &[]).await.unwrap().get(0);
+    assert_eq!(treasurer.post_shipped().await.unwrap(), DEBITS);
+    let (records, appends): (i64, i64) = client
+        .query_one("SELECT count(*), count(DISTINCT xmin::text) FROM cg_log WHERE gseq > $1", &[&before])
+        .await
+        .map(|row| (row.get(0), row.get(1)))
+        .unwrap();
+    assert_eq!(records, i64::try_from(DEBITS).unwrap(), "one record per posted debit");
+    assert_eq!(appends, 1, "the round's records went to the log in {appends} appends");
+    follow_all(&treasurer, &follower).await;
+    assert_eq!(
+        follower.ledger().balance(pool, clock.now()).unwrap().balance,
+        treasurer.ledger().balance(pool, clock.now()).unwrap().balance
+    );
+    book.shutdown().await.unwrap();
+    assert_audited(follower.ledger(), &entries(&log(&url).await));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_cancelled_while_it_waits_for_the_books_leaves_nothing_held() {
     let (_pg, url, clock, treasurer, follower) = cluster("cancelled", "2026-03-31T22:00:00Z").await;

@@ -18,7 +18,7 @@
 //!   follower's ledger makes no records (see `Committer::following`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -38,6 +38,14 @@ use super::ClusterError;
 const JOURNAL_CONNECTIONS: usize = 2;
 /// Records sent to the log in one statement at most.
 const BATCH: usize = 2_000;
+/// How long a record nobody syncs may wait for more. Records are appended
+/// when someone syncs (an admin change, the end of a posting round), a
+/// batch fills, or the first queued has waited this long; while a
+/// [`Gathering`] is open they wait for the sync alone. So a posting round,
+/// a record per debit, goes to the log in one append, where it went in as
+/// many as the appender happened to wake for (about two a round under
+/// load, three to five for 1,500 debits in a test).
+const LINGER: Duration = Duration::from_millis(20);
 /// First wait before retrying an append the database refused or missed.
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 /// Longest wait between retries.
@@ -60,9 +68,15 @@ struct State {
     /// Who appends, once promoted.
     writer: Option<Writer>,
     queue: Vec<Record>,
+    /// When the oldest record in the queue was queued.
+    oldest_queued: Option<Instant>,
     /// Records ever queued, and ever committed to the log.
     queued: u64,
     committed: u64,
+    /// The most records a sync is waiting to see committed.
+    sync_wanted: u64,
+    /// Open [`Gathering`]s: records wait for a sync, however long.
+    gathering: usize,
     /// Set for good: the epoch is over, or a record cannot be encoded.
     failed: Option<JournalError>,
     /// The last append's error while it is being retried.
@@ -138,13 +152,21 @@ impl LogJournal {
         self.inner.changed.notify_all();
     }
 
-    /// Records committed to the log so far.
+    /// Holds what is appended from now on for the next sync (or a full
+    /// batch) until the returned guard is dropped: for records made in one
+    /// go and then synced, such as a posting round.
+    pub fn gather(&self) -> Gathering {
+        self.inner.state.lock().gathering += 1;
+        Gathering { inner: Arc::clone(&self.inner) }
+    }
+
     /// Why the journal stopped for good (its epoch is over, or a record
     /// could not be encoded), if it did.
     pub fn failure(&self) -> Option<String> {
         self.inner.state.lock().failed.as_ref().map(ToString::to_string)
     }
 
+    /// Records committed to the log so far.
     pub fn committed(&self) -> u64 {
         self.inner.state.lock().committed
     }
@@ -163,14 +185,24 @@ impl Journal for LogJournal {
         }
         state.queue.push(record);
         state.queued += 1;
+        // The appender needs telling only when it has a new wait to start
+        // (the queue was empty) or a batch to take; not once per record.
+        let wake = state.oldest_queued.is_none() || state.queue.len() == BATCH;
+        state.oldest_queued.get_or_insert_with(Instant::now);
         drop(state);
-        self.inner.changed.notify_all();
+        if wake {
+            self.inner.changed.notify_all();
+        }
         Ok(())
     }
 
     fn sync(&self) -> Result<(), JournalError> {
         let mut state = self.inner.state.lock();
         let target = state.queued;
+        if target > state.sync_wanted {
+            state.sync_wanted = target;
+            self.inner.changed.notify_all();
+        }
         loop {
             if let Some(failed) = &state.failed {
                 return Err(failed.clone());
@@ -199,11 +231,28 @@ async fn append_loop(inner: Arc<Inner>, books: Books) {
     loop {
         let (batch, writer) = {
             let mut state = inner.state.lock();
-            while state.queue.is_empty() && !state.closed && state.failed.is_none() {
-                inner.changed.wait(&mut state);
-            }
-            if state.failed.is_some() || (state.closed && state.queue.is_empty()) {
-                return;
+            loop {
+                if state.failed.is_some() || (state.closed && state.queue.is_empty()) {
+                    return;
+                }
+                let Some(oldest) = state.oldest_queued else {
+                    inner.changed.wait(&mut state);
+                    continue;
+                };
+                let wanted =
+                    state.sync_wanted > state.committed || state.queue.len() >= BATCH || state.closed;
+                if wanted {
+                    break;
+                }
+                if state.gathering > 0 {
+                    inner.changed.wait(&mut state);
+                    continue;
+                }
+                let left = LINGER.saturating_sub(oldest.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                inner.changed.wait_for(&mut state, left);
             }
             let take = state.queue.len().min(BATCH);
             let Some(writer) = state.writer.clone() else { return };
@@ -218,6 +267,11 @@ async fn append_loop(inner: Arc<Inner>, books: Books) {
             match outcome {
                 Ok(()) => {
                     state.queue.drain(..batch.len());
+                    // What is left was queued after the oldest taken: it
+                    // goes no later than that one's wait would have ended.
+                    if state.queue.is_empty() {
+                        state.oldest_queued = None;
+                    }
                     state.committed += batch.len() as u64;
                     state.retrying = None;
                     retry = RETRY_FIRST;
@@ -240,6 +294,18 @@ async fn append_loop(inner: Arc<Inner>, books: Books) {
             tokio::time::sleep(retry).await;
             retry = (retry * 2).min(RETRY_MAX);
         }
+    }
+}
+
+/// See [`LogJournal::gather`].
+pub struct Gathering {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Gathering {
+    fn drop(&mut self) {
+        self.inner.state.lock().gathering -= 1;
+        self.inner.changed.notify_all();
     }
 }
 

@@ -96,7 +96,7 @@ pub struct UnpostedDebit {
 pub struct ReplicaSettings {
     /// The replica's name (unique per data directory).
     pub replica: String,
-    /// The treasury lease's length; the treasurer renews it every third.
+    /// The treasury lease's length; the treasurer renews it every sixth.
     pub treasury_ttl: Duration,
     /// How often a follower reads the log (and the treasurer looks for
     /// shipped debits) while the database's wake-ups are not heard.
@@ -364,6 +364,8 @@ impl Replica {
             return Ok(0);
         }
         let shipped = self.books.unposted(POST_BATCH).await?;
+        // The round's records go to the log together, at the sync below.
+        let _together = self.journal.gather();
         for debit in &shipped {
             let detail = match serde_json::from_str::<DebitDetail>(debit.body.get()) {
                 Ok(detail) => detail,
@@ -447,7 +449,7 @@ impl Replica {
     /// A follower reads the log when `wakeups` says it grew, and tries for
     /// the treasury every `treasury_ttl / 6` and as soon as a treasurer
     /// steps down; the treasurer posts shipped debits when told there are
-    /// some, and a task of its own renews its term every `treasury_ttl / 3`.
+    /// some, and a thread of its own renews its term every `treasury_ttl / 6`.
     /// Without wake-ups (the listener is down) both poll every `poll`.
     pub async fn run(
         self: Arc<Self>,
