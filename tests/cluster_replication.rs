@@ -399,6 +399,43 @@ async fn a_treasurer_that_steps_down_hands_over_at_once() {
     assert_audited(second.ledger(), &entries(&records));
 }
 
+/// Records the treasurer's ledger made without a sync (a tick's write-off
+/// and grant) are in the log when its step-down returns: the term is given
+/// up only after them, so a new treasurer cannot fence them off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_treasurer_steps_down_only_after_its_records_reach_the_log() {
+    let (_pg, url, clock, treasurer, follower) = cluster("step-down", "2026-03-31T22:00:00Z").await;
+    let seeded = seed(treasurer.ledger(), clock.now());
+    tokio::task::block_in_place(|| treasurer.sync()).unwrap();
+    let before = log(&url).await.len();
+    // The log's appends wait behind this lock until the test lets go.
+    let db = Database::new(&url, 1).unwrap();
+    let blocker = db.client().await.unwrap();
+    blocker.batch_execute("BEGIN; LOCK TABLE cg_log IN EXCLUSIVE MODE").await.unwrap();
+    // April: March's allowance written off, April's granted; nobody syncs.
+    clock.advance(TimeDelta::hours(3));
+    treasurer.ledger().tick(clock.now());
+    let stepping = tokio::spawn(async move {
+        treasurer.step_down().await;
+        treasurer
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stepping.is_finished(), "the step-down gave the term up with its records still on their way");
+    assert_eq!(log(&url).await.len(), before, "the append waits for the lock");
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let _treasurer = stepping.await.unwrap();
+    let records = log(&url).await;
+    assert!(
+        records.len() >= before + 2,
+        "the tick's records reached the log: {} then {}",
+        before,
+        records.len()
+    );
+    assert!(follower.try_promote(clock.as_ref()).await.unwrap());
+    assert_eq!(follower.ledger().balance(WalletId::Lite(seeded.lite), clock.now()).unwrap().balance, dec!(5));
+    assert_audited(follower.ledger(), &entries(&log(&url).await));
+}
+
 /// A debit as a replica settles it under a lease: held `held`, charged
 /// `cost`, with the detail the treasurer posts from.
 fn settle_on_lease(

@@ -40,11 +40,11 @@ const JOURNAL_CONNECTIONS: usize = 2;
 const BATCH: usize = 2_000;
 /// How long a record nobody syncs may wait for more. Records are appended
 /// when someone syncs (an admin change, the end of a posting round), a
-/// batch fills, or the first queued has waited this long; while a
-/// [`Gathering`] is open they wait for the sync alone. So a posting round,
-/// a record per debit, goes to the log in one append, where it went in as
-/// many as the appender happened to wake for (about two a round under
-/// load, three to five for 1,500 debits in a test).
+/// batch fills, the journal closes, or the first queued has waited this
+/// long; records queued while a [`Gathering`] is open wait for the sync
+/// alone. So a posting round, a record per debit, goes to the log in one
+/// append, where it went in as many as the appender happened to wake for
+/// (about two a round under load, three to five for 1,500 debits in a test).
 const LINGER: Duration = Duration::from_millis(20);
 /// First wait before retrying an append the database refused or missed.
 const RETRY_FIRST: Duration = Duration::from_millis(50);
@@ -75,8 +75,10 @@ struct State {
     committed: u64,
     /// The most records a sync is waiting to see committed.
     sync_wanted: u64,
-    /// Open [`Gathering`]s: records wait for a sync, however long.
+    /// Open [`Gathering`]s, and how many records were queued when the
+    /// first of them opened: records queued since wait for a sync.
     gathering: usize,
+    gathered_after: u64,
     /// Set for good: the epoch is over, or a record cannot be encoded.
     failed: Option<JournalError>,
     /// The last append's error while it is being retried.
@@ -152,12 +154,36 @@ impl LogJournal {
         self.inner.changed.notify_all();
     }
 
-    /// Holds what is appended from now on for the next sync (or a full
-    /// batch) until the returned guard is dropped: for records made in one
-    /// go and then synced, such as a posting round.
+    /// Until the returned guard is dropped, records queued from now on wait
+    /// for the next sync (or a full batch), however long that takes: for
+    /// records made in one go and then synced, such as a posting round.
+    /// Records queued before it keep their own wait.
     pub fn gather(&self) -> Gathering {
-        self.inner.state.lock().gathering += 1;
+        let mut state = self.inner.state.lock();
+        if state.gathering == 0 {
+            state.gathered_after = state.queued;
+        }
+        state.gathering += 1;
         Gathering { inner: Arc::clone(&self.inner) }
+    }
+
+    /// Waits up to `limit` for every record queued so far to reach the log;
+    /// whether they did. Blocks the thread. For a treasurer stepping down:
+    /// once it gives up its term, a new treasurer fences off its appends.
+    pub fn drain_within(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut state = self.inner.state.lock();
+        let target = state.queued;
+        if target > state.sync_wanted {
+            state.sync_wanted = target;
+            self.inner.changed.notify_all();
+        }
+        while state.committed < target && state.failed.is_none() {
+            if self.inner.changed.wait_until(&mut state, deadline).timed_out() {
+                break;
+            }
+        }
+        state.committed >= target
     }
 
     /// Why the journal stopped for good (its epoch is over, or a record
@@ -244,7 +270,10 @@ async fn append_loop(inner: Arc<Inner>, books: Books) {
                 if wanted {
                     break;
                 }
-                if state.gathering > 0 {
+                // Records from before the gathering, or a failed append to
+                // retry, keep the timed wait.
+                let gathered_only = state.committed >= state.gathered_after;
+                if state.gathering > 0 && gathered_only && state.retrying.is_none() {
                     inner.changed.wait(&mut state);
                     continue;
                 }
@@ -267,8 +296,8 @@ async fn append_loop(inner: Arc<Inner>, books: Books) {
             match outcome {
                 Ok(()) => {
                     state.queue.drain(..batch.len());
-                    // What is left was queued after the oldest taken: it
-                    // goes no later than that one's wait would have ended.
+                    // What is left keeps the oldest taken's time: outside a
+                    // gathering it goes at once.
                     if state.queue.is_empty() {
                         state.oldest_queued = None;
                     }
@@ -298,6 +327,7 @@ async fn append_loop(inner: Arc<Inner>, books: Books) {
 }
 
 /// See [`LogJournal::gather`].
+#[must_use = "records gather only while the guard is held"]
 pub struct Gathering {
     inner: Arc<Inner>,
 }

@@ -45,6 +45,8 @@ const TAIL_BATCH_LEN: usize = TAIL_BATCH as usize;
 /// Shipped debits posted per round.
 const POST_BATCH: i64 = 2_000;
 const POST_BATCH_LEN: usize = POST_BATCH as usize;
+/// How long a treasurer stepping down waits for its records to reach the log.
+const STEP_DOWN_DRAIN: Duration = Duration::from_secs(2);
 
 /// What a replica ships with a debit so the treasurer can post it: the
 /// settle its own ledger would have made.
@@ -615,6 +617,16 @@ impl Replica {
         self.deposed.store(true, Ordering::Release);
         self.ledger.set_following(true);
         self.journal.close();
+        // What the ledger made goes to the log before the term is given up:
+        // a follower that claims it then fences off every later append.
+        let journal = self.journal.clone();
+        let drained =
+            tokio::task::spawn_blocking(move || journal.drain_within(STEP_DOWN_DRAIN)).await.unwrap_or(false);
+        if !drained {
+            tracing::warn!(
+                "records of the stepping-down treasurer did not reach the log in time; the next treasurer's tick and posting make them again"
+            );
+        }
         if let Err(err) = self.books.release_treasury(&self.settings.replica, epoch).await {
             tracing::warn!(error = %err, "cannot release the treasury; it lapses by itself");
         }
