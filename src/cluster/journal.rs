@@ -42,9 +42,10 @@ const BATCH: usize = 2_000;
 /// when someone syncs (an admin change, the end of a posting round), a
 /// batch fills, the journal closes, or the first queued has waited this
 /// long; records queued while a [`Gathering`] is open wait for the sync
-/// alone. So a posting round, a record per debit, goes to the log in one
-/// append, where it went in as many as the appender happened to wake for
-/// (about two a round under load, three to five for 1,500 debits in a test).
+/// (unless older records go first and take them along). So a posting
+/// round, a record per debit, goes to the log in one append, where it went
+/// in as many as the appender happened to wake for (about two a round
+/// under load, three to five for 1,500 debits in a test).
 const LINGER: Duration = Duration::from_millis(20);
 /// First wait before retrying an append the database refused or missed.
 const RETRY_FIRST: Duration = Duration::from_millis(50);
@@ -157,7 +158,8 @@ impl LogJournal {
     /// Until the returned guard is dropped, records queued from now on wait
     /// for the next sync (or a full batch), however long that takes: for
     /// records made in one go and then synced, such as a posting round.
-    /// Records queued before it keep their own wait.
+    /// Records queued before it keep their own wait, and when they go they
+    /// take what is queued behind them.
     pub fn gather(&self) -> Gathering {
         let mut state = self.inner.state.lock();
         if state.gathering == 0 {

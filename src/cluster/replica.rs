@@ -623,8 +623,13 @@ impl Replica {
         let drained =
             tokio::task::spawn_blocking(move || journal.drain_within(STEP_DOWN_DRAIN)).await.unwrap_or(false);
         if !drained {
+            // A tick's grants and write-offs are made again by the next
+            // treasurer's tick, a posting by its posting (the queue row goes
+            // only with the log row); a change nobody synced was never
+            // acknowledged.
             tracing::warn!(
-                "records of the stepping-down treasurer did not reach the log in time; the next treasurer's tick and posting make them again"
+                failure = self.journal.failure().as_deref().unwrap_or("none: still appending after 2 s"),
+                "records of the stepping-down treasurer are not all in the log"
             );
         }
         if let Err(err) = self.books.release_treasury(&self.settings.replica, epoch).await {
