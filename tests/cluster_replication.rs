@@ -438,6 +438,90 @@ async fn a_treasurer_steps_down_only_after_its_records_reach_the_log() {
     assert_audited(follower.ledger(), &entries(&log(&url).await));
 }
 
+/// Records nobody syncs (a tick's write-off and grant) are not left in the
+/// queue: the appender takes them once the first has waited its linger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_nobody_syncs_reach_the_log_by_themselves() {
+    let (_pg, url, clock, treasurer, follower) = cluster("linger", "2026-03-31T22:00:00Z").await;
+    let seeded = seed(treasurer.ledger(), clock.now());
+    tokio::task::block_in_place(|| treasurer.sync()).unwrap();
+    let before = log(&url).await.len();
+    // April: March's allowance written off, April's granted; nobody syncs.
+    clock.advance(TimeDelta::hours(3));
+    treasurer.ledger().tick(clock.now());
+    let waited = wait_for_log(&url, before + 2, Duration::from_secs(5)).await;
+    assert!(waited.is_some(), "the tick's records stayed in the treasurer's queue");
+    follow(&follower).await;
+    assert_eq!(follower.ledger().balance(WalletId::Lite(seeded.lite), clock.now()).unwrap().balance, dec!(5));
+    assert_audited(follower.ledger(), &entries(&log(&url).await));
+}
+
+/// An append the database cuts short (its connection ended under it) is
+/// tried again on another connection, and its records reach the log once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_cut_short_is_retried_and_its_records_logged_once() {
+    let (_pg, url, clock, treasurer, follower) = cluster("retry", "2026-03-31T22:00:00Z").await;
+    let seeded = seed(treasurer.ledger(), clock.now());
+    tokio::task::block_in_place(|| treasurer.sync()).unwrap();
+    let before = log(&url).await.len();
+    let db = Database::new(&url, 2).unwrap();
+    let blocker = db.client().await.unwrap();
+    blocker.batch_execute("BEGIN; LOCK TABLE cg_log IN EXCLUSIVE MODE").await.unwrap();
+    // Read outside the locking transaction, which would see one snapshot
+    // of pg_stat_activity throughout.
+    let watcher = db.client().await.unwrap();
+    clock.advance(TimeDelta::hours(3));
+    treasurer.ledger().tick(clock.now());
+    // The appender's statement, waiting behind the lock, is ended.
+    let waiting = "SELECT pid FROM pg_stat_activity \
+                   WHERE wait_event_type = 'Lock' AND query LIKE '%cg_append_books%'";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let pid: i32 = loop {
+        if let Some(row) = watcher.query_opt(waiting, &[]).await.unwrap() {
+            break row.get(0);
+        }
+        assert!(std::time::Instant::now() < deadline, "the append never reached the database");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let ended: bool = watcher.query_one("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap().get(0);
+    assert!(ended);
+    // Retried: another append waits behind the lock.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let again = watcher.query_opt(waiting, &[]).await.unwrap().map(|row| row.get::<_, i32>(0));
+        if again.is_some_and(|again| again != pid) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the cut-short append was not tried again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    blocker.batch_execute("COMMIT").await.unwrap();
+    tokio::task::block_in_place(|| treasurer.sync()).unwrap();
+    assert_eq!(treasurer.must_restart(), None);
+    let records = log(&url).await;
+    assert!(records.len() >= before + 2, "the tick's records reached the log");
+    let mut seqs: Vec<u64> = records.iter().map(|record| record.seq).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), records.len(), "a record reached the log twice");
+    follow(&follower).await;
+    assert_eq!(follower.ledger().balance(WalletId::Lite(seeded.lite), clock.now()).unwrap().balance, dec!(5));
+    assert_audited(follower.ledger(), &entries(&records));
+}
+
+/// Polls the log until it holds `len` records; how long that took, or
+/// `None` after `limit`.
+async fn wait_for_log(url: &str, len: usize, limit: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if log(url).await.len() >= len {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
 /// A debit as a replica settles it under a lease: held `held`, charged
 /// `cost`, with the detail the treasurer posts from.
 fn settle_on_lease(
