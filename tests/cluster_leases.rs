@@ -1731,6 +1731,23 @@ async fn last_seen(db: &Database) -> chrono::DateTime<Utc> {
     client.query_one("SELECT last_seen FROM cg_replicas WHERE replica = 'r1'", &[]).await.unwrap().get(0)
 }
 
+/// Every shipped debit pays for each index on cg_debits: its key (a
+/// shipment retried adds nothing twice) and the reports' range scan, no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shipped_debit_is_indexed_by_its_key_and_for_reports_only() {
+    let pg = Postgres::shared();
+    let url = pg.create_database("debit_indexes");
+    let db = Database::new(&url, 2).unwrap();
+    migrate(&db).await.unwrap();
+    let client = db.client().await.unwrap();
+    let rows = client
+        .query("SELECT indexname::text FROM pg_indexes WHERE tablename = 'cg_debits' ORDER BY 1", &[])
+        .await
+        .unwrap();
+    let names: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+    assert_eq!(names, ["cg_debits_pkey", "cg_debits_usage"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_index_built_at_an_upgrade_does_not_stop_the_writes_of_the_replicas_still_running() {
     // Schema 22 indexes two tables every replica writes. Built plainly, in
@@ -1755,12 +1772,12 @@ async fn an_index_built_at_an_upgrade_does_not_stop_the_writes_of_the_replicas_s
     .unwrap();
     let upgrading = tokio::spawn({
         let db = db.clone();
-        async move { migrate(&db).await }
+        async move { migrate_to(&db, 22).await }
     });
     // A second replica of the new version starting meanwhile waits its turn.
     let joining = tokio::spawn({
         let db = db.clone();
-        async move { migrate(&db).await }
+        async move { migrate_to(&db, 22).await }
     });
     // Until the build runs (waiting for the open write).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -1,0 +1,11 @@
+-- Cluster books, version 23: one index fewer on every shipped debit.
+--
+-- cg_debits_wallet_at served `ledger verify`, which summed each wallet's
+-- debits with a lookup per wallet. It now sums them all in one pass, and
+-- reports read cg_debits_usage: nothing reads this index any more, while
+-- every shipped debit paid for an entry in it.
+--
+-- Dropped CONCURRENTLY, on its own outside a transaction (see migrate.rs):
+-- replicas of the older version go on shipping meanwhile. No semicolon in
+-- these comments: such a migration is split into statements at each one.
+DROP INDEX CONCURRENTLY IF EXISTS cg_debits_wallet_at;
