@@ -509,6 +509,59 @@ async fn an_append_cut_short_is_retried_and_its_records_logged_once() {
     assert_audited(follower.ledger(), &entries(&records));
 }
 
+/// An append's duplicate checks look each record up in the log's key: what
+/// an append reads of the log does not grow with the log. The server logs
+/// the plan of every statement in the books' functions (auto_explain) with
+/// the rows each step read; the treasurer appends in rounds of a hundred
+/// records (past the five after which PL/pgSQL may plan generically), and
+/// no step of its functions may read more of `cg_log` than a round holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_reads_of_the_log_only_the_records_it_appends() {
+    let pg = Postgres::start();
+    let url = pg.create_database("keyed");
+    pg.psql(
+        "LOAD 'auto_explain'; \
+         ALTER DATABASE keyed SET session_preload_libraries = 'auto_explain'; \
+         ALTER DATABASE keyed SET auto_explain.log_min_duration = 0; \
+         ALTER DATABASE keyed SET auto_explain.log_nested_statements = on; \
+         ALTER DATABASE keyed SET auto_explain.log_analyze = on; \
+         ALTER DATABASE keyed SET auto_explain.log_timing = off",
+    );
+    let clock = ManualClock::new(at("2026-03-01T00:00:00Z"));
+    let treasurer = replica(&url, "r1").await;
+    assert!(treasurer.try_promote(clock.as_ref()).await.unwrap());
+    let seeded = seed(treasurer.ledger(), clock.now());
+    const ROUND: usize = 100;
+    for round in 0..12 {
+        for n in 0..ROUND {
+            let order = format!("order-{round}-{n}");
+            treasurer.ledger().purchase(purchase(seeded.org, dec!(1), &order), clock.now()).unwrap();
+        }
+        tokio::task::block_in_place(|| treasurer.sync()).unwrap();
+    }
+    assert!(log(&url).await.len() > 10 * ROUND);
+    let (mut steps, mut widest) = (0, (0, String::new()));
+    for plan in pg.log().split("LOG:  duration: ").skip(1) {
+        if !plan.contains("p_replica") {
+            continue; // not a statement of the books' functions
+        }
+        for step in plan.lines().filter(|line| line.contains(" on cg_log ")) {
+            steps += 1;
+            let rows = step
+                .split("actual rows=")
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next())
+                .and_then(|rows| rows.parse::<usize>().ok())
+                .unwrap_or(0);
+            if rows > widest.0 {
+                widest = (rows, step.trim().to_owned());
+            }
+        }
+    }
+    assert!(steps > 12, "the server logged the appends' plans ({steps} steps on cg_log)");
+    assert!(widest.0 <= ROUND, "an append read {} log rows: {}", widest.0, widest.1);
+}
+
 /// Polls the log until it holds `len` records; how long that took, or
 /// `None` after `limit`.
 async fn wait_for_log(url: &str, len: usize, limit: Duration) -> Option<Duration> {

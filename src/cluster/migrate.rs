@@ -72,6 +72,7 @@ const MIGRATIONS: &[Migration] = &[
         "debits_one_index_fewer",
         include_str!("migrations/0023_debits_one_index_fewer.sql"),
     ),
+    in_transaction(24, "keyed_duplicate_checks", include_str!("migrations/0024_keyed_duplicate_checks.sql")),
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).
