@@ -5,17 +5,18 @@
 -- (cg_ship_debits) skip what a retried batch already recorded with
 -- `NOT EXISTS (SELECT 1 FROM cg_log e WHERE e.replica = p_replica AND
 -- e.origin = ...)`, and cg_append returns each origin's place with a
--- lateral join on the same key. PL/pgSQL plans such a statement once for
--- every value of p_replica, and on a table that grew faster than its
--- statistics the planner took the replica's rows for a handful: it read
--- every log row the treasurer ever appended, four times per append, into a
--- hash or a sort (61,202 rows for a 2,000-record append in a one-minute
--- load run), so an append cost more the longer the log, without bound.
--- Version 11 meant the lateral join to be a lookup per origin, but a
--- lateral subquery that simple is pulled up into a plain join. Each check
--- is now a lookup per record in the key, and the LIMIT keeps the planner
--- from turning it back into a join over the whole table (as in version
--- 12). The functions are otherwise as versions 9, 11 and 13 left them.
+-- lateral join on the same key. PL/pgSQL may plan such a statement once
+-- for every value of p_replica and keep that plan, and on a log that grew
+-- faster than its statistics the planner took the replica's rows for a
+-- handful: it read every log row the treasurer had appended, four times
+-- per append, into a hash or a sort (61,202 rows for a 2,000-record append
+-- in a one-minute load run), until the statistics next changed. Version 11
+-- meant the lateral join to be a lookup per origin, but a lateral subquery
+-- that simple is pulled up into a plain join. Each check is now a lookup
+-- per record in the key whatever the statistics say, and the LIMIT keeps
+-- the planner from turning it back into a join over the whole table (as in
+-- version 12). The functions are otherwise as versions 9, 11 and 13 left
+-- them.
 
 CREATE OR REPLACE FUNCTION cg_append(p_replica text, p_origins bigint[], p_bodies bytea[])
 RETURNS TABLE (origin bigint, gseq bigint)
