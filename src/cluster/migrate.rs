@@ -31,7 +31,8 @@ const fn in_transaction(version: i32, name: &'static str, sql: &'static str) -> 
     Migration { version, name, sql, concurrently: false }
 }
 
-/// A version that builds indexes concurrently, on its own (see the module doc).
+/// A version that builds or drops indexes concurrently, on its own (see
+/// the module doc).
 const fn built_concurrently(version: i32, name: &'static str, sql: &'static str) -> Migration {
     Migration { version, name, sql, concurrently: true }
 }

@@ -13,10 +13,13 @@
 -- in a one-minute load run), until the statistics next changed. Version 11
 -- meant the lateral join to be a lookup per origin, but a lateral subquery
 -- that simple is pulled up into a plain join. Each check is now a lookup
--- per record in the key whatever the statistics say, and the LIMIT keeps
--- the planner from turning it back into a join over the whole table (as in
--- version 12). The functions are otherwise as versions 9, 11 and 13 left
--- them.
+-- per record in the key, and the LIMIT keeps the planner from turning it
+-- back into a join over the whole table (as in version 12). And these
+-- functions are planned afresh at each call (plan_cache_mode), so a plan
+-- sees the tables' size now, not their size when it was first made: kept,
+-- a plan made for a log of ten rows could scan the log once per record.
+-- A shipment or append of hundreds of records pays nothing measurable for
+-- it. The functions are otherwise as versions 9, 11 and 13 left them.
 
 CREATE OR REPLACE FUNCTION cg_append(p_replica text, p_origins bigint[], p_bodies bytea[])
 RETURNS TABLE (origin bigint, gseq bigint)
@@ -182,3 +185,12 @@ BEGIN
     SELECT count(*) INTO v_new FROM ins;
     RETURN v_new;
 END $$;
+
+ALTER FUNCTION cg_append(text, bigint[], bytea[]) SET plan_cache_mode = force_custom_plan;
+ALTER FUNCTION cg_append_books(bigint, text, bigint[], bytea[], text[], bigint[], numeric[], text[])
+    SET plan_cache_mode = force_custom_plan;
+ALTER FUNCTION cg_append_books(bigint, text, bigint[], bytea[], text[], bigint[], numeric[], text[],
+                               bigint[], text[], bigint[], timestamptz[], numeric[])
+    SET plan_cache_mode = force_custom_plan;
+ALTER FUNCTION cg_ship_debits(text, bigint[], text[], bigint[], numeric[], timestamptz[], jsonb[])
+    SET plan_cache_mode = force_custom_plan;
