@@ -410,8 +410,7 @@ async fn a_treasurer_steps_down_only_after_its_records_reach_the_log() {
     let before = log(&url).await.len();
     // The log's appends wait behind this lock until the test lets go.
     let db = Database::new(&url, 1).unwrap();
-    let blocker = db.client().await.unwrap();
-    blocker.batch_execute("BEGIN; LOCK TABLE cg_log IN EXCLUSIVE MODE").await.unwrap();
+    let blocker = lock_log(&db).await;
     // April: March's allowance written off, April's granted; nobody syncs.
     clock.advance(TimeDelta::hours(3));
     treasurer.ledger().tick(clock.now());
@@ -449,8 +448,8 @@ async fn records_nobody_syncs_reach_the_log_by_themselves() {
     // April: March's allowance written off, April's granted; nobody syncs.
     clock.advance(TimeDelta::hours(3));
     treasurer.ledger().tick(clock.now());
-    let waited = wait_for_log(&url, before + 2, Duration::from_secs(5)).await;
-    assert!(waited.is_some(), "the tick's records stayed in the treasurer's queue");
+    let arrived = wait_for_log(&url, before + 2, Duration::from_secs(5)).await;
+    assert!(arrived, "the tick's records stayed in the treasurer's queue");
     follow(&follower).await;
     assert_april_applied(&follower, seeded.lite, clock.now());
     assert_audited(follower.ledger(), &entries(&log(&url).await));
@@ -475,8 +474,7 @@ async fn an_append_cut_short_is_retried_and_its_records_reach_the_log() {
     tokio::task::block_in_place(|| treasurer.sync()).unwrap();
     let before = log(&url).await.len();
     let db = Database::new(&url, 2).unwrap();
-    let blocker = db.client().await.unwrap();
-    blocker.batch_execute("BEGIN; LOCK TABLE cg_log IN EXCLUSIVE MODE").await.unwrap();
+    let blocker = lock_log(&db).await;
     // Read outside the locking transaction, which would see one snapshot
     // of pg_stat_activity throughout.
     let watcher = db.client().await.unwrap();
@@ -603,17 +601,24 @@ fn log_rows_read(step: &str, below: &[&str]) -> Decimal {
     (number(step, "actual rows=") + removed) * number(step, "loops=")
 }
 
-/// Polls the log until it holds `len` records; how long that took, or
-/// `None` after `limit`.
-async fn wait_for_log(url: &str, len: usize, limit: Duration) -> Option<Duration> {
+/// Polls the log until it holds `len` records; whether it did within `limit`.
+async fn wait_for_log(url: &str, len: usize, limit: Duration) -> bool {
     let started = std::time::Instant::now();
     while started.elapsed() < limit {
         if log(url).await.len() >= len {
-            return Some(started.elapsed());
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    None
+    false
+}
+
+/// A session of `db` holding `cg_log` locked against appends (reads go on)
+/// in a transaction the test ends with `COMMIT`.
+async fn lock_log(db: &Database) -> deadpool_postgres::Object {
+    let session = db.client().await.unwrap();
+    session.batch_execute("BEGIN; LOCK TABLE cg_log IN EXCLUSIVE MODE").await.unwrap();
+    session
 }
 
 /// A debit as a replica settles it under a lease: held `held`, charged
