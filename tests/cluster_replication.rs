@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use common::pg::Postgres;
 use creditgate::clock::{Clock, ManualClock};
-use creditgate::cluster::journal::decode;
+use creditgate::cluster::journal::{decode, Appended, LotMove};
 use creditgate::cluster::migrate::migrate;
 use creditgate::cluster::{Books, Database, DebitDetail, LeaseBook, LeaseSettings, Replica, ReplicaSettings};
 use creditgate::ledger::contract::ContractTerm;
@@ -154,9 +154,19 @@ fn seed(ledger: &Ledger, now: DateTime<Utc>) -> Seeded {
 }
 
 fn spend(ledger: &Ledger, org: OrgId, owner: Owner, amount: Decimal, now: DateTime<Utc>) {
+    let key = new_key(ledger, org, owner, now);
+    spend_with(ledger, key, owner, amount, now);
+}
+
+fn new_key(ledger: &Ledger, org: OrgId, owner: Owner, now: DateTime<Utc>) -> KeyId {
     let secret = format!("secret-{}", uuid::Uuid::now_v7());
     let key = NewKey { owner, hash: KeyHash::of_secret(&secret), label: "k".into(), limits: Limits::NONE };
-    let key = ledger.create_key(org, key, now).unwrap().id;
+    ledger.create_key(org, key, now).unwrap().id
+}
+
+/// A request held and settled at `amount` through `key` (records the
+/// journal appends in its own time: a settle does not sync).
+fn spend_with(ledger: &Ledger, key: KeyId, owner: Owner, amount: Decimal, now: DateTime<Utc>) {
     let wallet = ledger.wallet_of(owner).unwrap();
     let request = RequestId(uuid::Uuid::now_v7());
     let hold = ledger.hold(wallet, request, amount, SpendContext { key, end_user: None }, now).unwrap();
@@ -517,14 +527,16 @@ async fn an_append_cut_short_is_retried_and_its_records_reach_the_log() {
     assert_audited(follower.ledger(), &entries(&records));
 }
 
-/// An append's duplicate checks look each record up in the log's key: what
-/// an append reads of the log does not grow with the log. The server logs
-/// the plan of every statement in the books' functions (auto_explain) with
-/// the rows each step read; the treasurer appends in rounds of a hundred
-/// records (past the five after which PL/pgSQL may plan generically), and
-/// no step of its functions may read more of `cg_log` than a round holds.
+/// An append finds out which of its records the log lacks in one read of
+/// the log's key, not a lookup per record, and what it reads of the log
+/// does not grow with the log. The server logs the plan of every statement
+/// in the books' functions (auto_explain) with the rows and loops of each
+/// step; the treasurer appends in rounds of a hundred records (past the
+/// five after which PL/pgSQL may plan generically). No step of its
+/// functions may read more of `cg_log` than a round holds, and all their
+/// steps on `cg_log` together may run only a few times per append.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_append_reads_of_the_log_only_the_records_it_appends() {
+async fn an_append_reads_of_the_log_once_and_only_the_records_it_appends() {
     let pg = Postgres::start();
     let url = pg.create_database("keyed");
     pg.psql(
@@ -539,23 +551,29 @@ async fn an_append_reads_of_the_log_only_the_records_it_appends() {
     let treasurer = replica(&url, "r1").await;
     assert!(treasurer.try_promote(clock.as_ref()).await.unwrap());
     let seeded = seed(treasurer.ledger(), clock.now());
+    let pro = Owner::User(seeded.pro);
+    let key = new_key(treasurer.ledger(), seeded.org, pro, clock.now());
     const ROUND: usize = 100;
-    for round in 0..12 {
-        for n in 0..ROUND {
-            let order = format!("order-{round}-{n}");
-            treasurer.ledger().purchase(purchase(seeded.org, dec!(1), &order), clock.now()).unwrap();
+    for _ in 0..12 {
+        for _ in 0..ROUND {
+            spend_with(treasurer.ledger(), key, pro, dec!(0.01), clock.now());
         }
         tokio::task::block_in_place(|| treasurer.sync()).unwrap();
     }
     assert!(log(&url).await.len() > 10 * ROUND);
-    let (mut steps, mut widest) = (0, (Decimal::ZERO, String::new()));
+    let (mut steps, mut widest, mut runs, mut appends) =
+        (0, (Decimal::ZERO, String::new()), Decimal::ZERO, 0);
     for plan in pg.log().split("LOG:  duration: ").skip(1) {
+        if plan.contains("Query Text: SELECT cg_append_books($1,") {
+            appends += 1; // the treasurer's call
+        }
         if !plan.contains("p_replica") {
             continue; // not a statement of the books' functions
         }
         let lines: Vec<&str> = plan.lines().collect();
         for (at, step) in lines.iter().enumerate().filter(|(_, line)| line.contains(" on cg_log ")) {
             steps += 1;
+            runs += plan_figure(step, "loops=");
             let read = log_rows_read(step, &lines[at + 1..]);
             if read > widest.0 {
                 widest = (read, step.trim().to_owned());
@@ -564,6 +582,12 @@ async fn an_append_reads_of_the_log_only_the_records_it_appends() {
     }
     assert!(steps > 12, "the server logged the appends' plans ({steps} steps on cg_log)");
     assert!(widest.0 <= Decimal::from(ROUND), "an append read {} log rows: {}", widest.0, widest.1);
+    // Each append scans the key once for its records and inserts them: a
+    // lookup per record (version 24 made four) would run hundreds of times
+    // in each append of a round's settles.
+    assert!(appends >= 12, "the server logged the treasurer's appends ({appends})");
+    assert!(appends < 12 * 10, "a round's settles were appended together ({appends} appends)");
+    assert!(runs <= Decimal::from(3 * appends), "{appends} appends ran steps on cg_log {runs} times");
     // Planned at each call, on the tables' size then, not kept from a call
     // when the log was small.
     let db = Database::new(&url, 1).unwrap();
@@ -572,14 +596,80 @@ async fn an_append_reads_of_the_log_only_the_records_it_appends() {
         .await
         .unwrap()
         .query_one(
-            "SELECT count(*) FROM pg_proc WHERE proname IN ('cg_append', 'cg_append_books', 'cg_ship_debits')
+            "SELECT count(*) FROM pg_proc
+             WHERE proname IN ('cg_append', 'cg_append_books', 'cg_ship_debits', 'cg_unlogged', 'cg_append_unlogged')
                AND proconfig @> ARRAY['plan_cache_mode=force_custom_plan']",
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(replanned, 4, "cg_append, both cg_append_books and cg_ship_debits are planned at each call");
+    assert_eq!(replanned, 6, "the books' append and shipment functions are planned at each call");
+}
+
+/// An append tried again after an earlier try of part of it was logged
+/// (its commit's answer lost) logs and moves only what it lacked: each
+/// origin once, in the order given, without a gap in the log's numbers, and
+/// the wallet's funding and lots moved once per record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_tried_again_adds_only_what_it_lacked() {
+    let pg = Postgres::start();
+    let url = pg.create_database("again");
+    let books = books(&url).await;
+    let epoch = books.claim_treasury("r1", None, Duration::from_secs(60)).await.unwrap().unwrap();
+    let wallet = "pool:1";
+    let expires = at("2027-01-01T00:00:00Z");
+    // Each record grants 10 into its own lot, then takes 1 from lot 1.
+    let record = |origin: i64| Appended {
+        origin,
+        body: vec![u8::try_from(origin).unwrap()],
+        funding: Some((wallet.to_owned(), 1, dec!(10))),
+        posts: None,
+        lots: vec![
+            LotMove { wallet: wallet.to_owned(), lot: origin, expires_at: Some(expires), delta: dec!(10) },
+            LotMove { wallet: wallet.to_owned(), lot: 1, expires_at: None, delta: dec!(-1) },
+        ],
+    };
+    let append = |origins: &[i64]| {
+        let records: Vec<Appended> = origins.iter().map(|origin| record(*origin)).collect();
+        let books = books.clone();
+        async move { books.append_books(epoch, "r1", &records).await.unwrap() }
+    };
+    append(&[1, 2, 3]).await;
+    append(&[2, 3, 5, 4]).await;
+    append(&[1, 4]).await;
+    append(&[7, 6, 5]).await;
+    let client = Database::new(&url, 1).unwrap().client().await.unwrap();
+    let logged: Vec<(i64, i64)> = client
+        .query("SELECT gseq, origin FROM cg_log WHERE replica = 'r1' ORDER BY gseq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let first = logged[0].0;
+    let expected: Vec<(i64, i64)> =
+        [1, 2, 3, 5, 4, 7, 6].iter().zip(first..).map(|(origin, gseq)| (gseq, *origin)).collect();
+    assert_eq!(logged, expected);
+    let totals = client
+        .query_one(
+            "SELECT w.balance, (SELECT count(*) FROM cg_funding f WHERE f.wallet = w.wallet)
+             FROM cg_wallets w WHERE w.wallet = $1",
+            &[&wallet],
+        )
+        .await
+        .unwrap();
+    assert_eq!((totals.get::<_, Decimal>(0), totals.get::<_, i64>(1)), (dec!(70), 7));
+    let lots: Vec<(i64, Decimal)> = client
+        .query("SELECT lot, remaining FROM cg_lots WHERE wallet = $1 ORDER BY lot", &[&wallet])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let mut expected = vec![(1, dec!(3))];
+    expected.extend((2..=7).map(|lot| (lot, dec!(10))));
+    assert_eq!(lots, expected, "each record's lot moves applied once");
 }
 
 /// The rows a plan step read over all its loops: those it returned and
@@ -587,18 +677,21 @@ async fn an_append_reads_of_the_log_only_the_records_it_appends() {
 /// EXPLAIN gives per loop. Panics on a step it cannot read, so a format it
 /// does not know fails the test instead of passing it.
 fn log_rows_read(step: &str, below: &[&str]) -> Decimal {
-    let number = |text: &str, after: &str| -> Decimal {
-        let rest = text.split(after).nth(1).unwrap_or_else(|| panic!("no {after:?} in {text:?}"));
-        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
-        digits.parse().unwrap_or_else(|_| panic!("cannot read {after:?} in {text:?}"))
-    };
     let removed: Decimal = below
         .iter()
         .take_while(|line| !line.contains("(cost="))
         .filter(|line| line.trim_start().starts_with("Rows Removed by"))
-        .map(|line| number(line, ": "))
+        .map(|line| plan_figure(line, ": "))
         .sum();
-    (number(step, "actual rows=") + removed) * number(step, "loops=")
+    (plan_figure(step, "actual rows=") + removed) * plan_figure(step, "loops=")
+}
+
+/// The number after `after` in a line of EXPLAIN; panics on one it cannot
+/// read.
+fn plan_figure(text: &str, after: &str) -> Decimal {
+    let rest = text.split(after).nth(1).unwrap_or_else(|| panic!("no {after:?} in {text:?}"));
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    digits.parse().unwrap_or_else(|_| panic!("cannot read {after:?} in {text:?}"))
 }
 
 /// Polls the log until it holds `len` records; whether it did within `limit`.

@@ -74,6 +74,11 @@ const MIGRATIONS: &[Migration] = &[
         include_str!("migrations/0023_debits_one_index_fewer.sql"),
     ),
     in_transaction(24, "keyed_duplicate_checks", include_str!("migrations/0024_keyed_duplicate_checks.sql")),
+    in_transaction(
+        25,
+        "one_duplicate_check_per_append",
+        include_str!("migrations/0025_one_duplicate_check_per_append.sql"),
+    ),
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).
