@@ -17,7 +17,8 @@
 -- callers of older versions.
 
 -- p_origins without those `p_replica` has logged, in their order (an
--- origin given twice is kept twice, as the lookups kept it).
+-- origin given twice is kept twice, as the lookups kept it). A record
+-- without an origin is refused, as the log's NOT NULL refused it before.
 CREATE OR REPLACE FUNCTION cg_unlogged(p_replica text, p_origins bigint[])
 RETURNS bigint[]
 LANGUAGE plpgsql AS $$
@@ -26,6 +27,10 @@ DECLARE
     v_high bigint;
     v_logged bigint[];
 BEGIN
+    IF array_position(p_origins, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'a record appended by % has no origin', p_replica USING ERRCODE = 'not_null_violation';
+    END IF;
+    p_origins := COALESCE(p_origins, '{}');
     SELECT min(u.o), max(u.o) INTO v_low, v_high FROM unnest(p_origins) AS u(o);
     SELECT COALESCE(array_agg(e.origin), '{}') INTO v_logged FROM cg_log e
         WHERE e.replica = p_replica AND e.origin BETWEEN v_low AND v_high;
@@ -34,12 +39,13 @@ BEGIN
     END IF;
     RETURN (SELECT COALESCE(array_agg(u.o ORDER BY u.ord), '{}')
             FROM unnest(p_origins) WITH ORDINALITY AS u(o, ord)
-            WHERE u.o IS NULL OR u.o <> ALL (v_logged));
+            WHERE u.o <> ALL (v_logged));
 END $$;
 
 -- Appends the records of p_new (the caller found them unlogged under the
 -- log's lock) and moves the shared books with them: the 8-argument
--- cg_append_books of version 24, given its answer.
+-- cg_append_books of version 24, given its answer. Internal to the two
+-- cg_append_books: a p_new that misses a record skips it.
 CREATE OR REPLACE FUNCTION cg_append_unlogged(p_epoch bigint, p_replica text, p_origins bigint[], p_bodies bytea[],
                                               p_wallets text[], p_orgs bigint[], p_deltas numeric[], p_posts text[],
                                               p_new bigint[])
@@ -52,6 +58,12 @@ BEGIN
     PERFORM pg_advisory_xact_lock(109295633723239); -- "cg_log" in ASCII; the caller's, taken again
     IF NOT EXISTS (SELECT 1 FROM cg_treasurer t WHERE t.epoch = p_epoch AND t.replica = p_replica) THEN
         RAISE EXCEPTION 'treasury epoch % of % is over', p_epoch, p_replica USING ERRCODE = 'CG001';
+    END IF;
+    -- Refused, as the log's NOT NULL refused the origin or body missing
+    -- from a shorter array before.
+    IF cardinality(COALESCE(p_origins, '{}')) <> cardinality(COALESCE(p_bodies, '{}')) THEN
+        RAISE EXCEPTION 'an append of % has % origins for % bodies', p_replica,
+            cardinality(p_origins), cardinality(p_bodies) USING ERRCODE = 'not_null_violation';
     END IF;
     SELECT COALESCE(max(l.gseq), 0) + 1 INTO v_next FROM cg_log l;
     INSERT INTO cg_log (gseq, replica, origin, body)
