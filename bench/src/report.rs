@@ -348,6 +348,19 @@ fn cluster_section(results: &Results, text: &mut String, json: &mut Map<String, 
         paired(cluster, metered, cpu),
         "target ≤ 1.10 (replicas' CPU; the database's below)",
     );
+    // The figure read whole: the replicas and their database
+    // against the single node (which has no database process).
+    let with_database = |a: &Sample, b: &Sample| {
+        Some((a.cpu_per_request_us()? + a.db_cpu_per_request_us()?) / b.cpu_per_request_us()?)
+    };
+    ratio(
+        text,
+        json,
+        "cluster_with_database_over_metered_cpu_per_request",
+        "cluster + database / metered CPU per request",
+        paired(cluster, metered, with_database),
+        "the same target, the database's CPU counted in",
+    );
     let split = find(&results.modes, SPLIT).unwrap_or(&[]);
     if !split.is_empty() {
         ratio(
