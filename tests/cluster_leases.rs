@@ -166,15 +166,17 @@ async fn debits_waiting_to_be_posted_across_the_upgrade_to_the_queue_stay_waitin
     let queued = books.unposted(10).await.unwrap();
     let entries: Vec<i64> = queued.iter().map(|debit| debit.entry).collect();
     assert_eq!(entries, vec![1, 2, 3], "every waiting debit is queued, oldest first");
+    let numbers: Vec<i64> = queued.iter().map(|debit| debit.post_seq).collect();
+    assert_eq!(numbers, vec![1, 2, 3], "and numbered for posting in that order (version 28)");
     let ids: Vec<Option<String>> = client
-        .query("SELECT request_id::text FROM cg_unposted ORDER BY entry", &[])
+        .query("SELECT request_id::text FROM cg_debits ORDER BY post_seq", &[])
         .await
         .unwrap()
         .iter()
         .map(|row| row.get(0))
         .collect();
     let expected: Vec<Option<String>> = requests.iter().map(|id| Some(id.to_string())).collect();
-    assert_eq!(ids, expected, "posting finds each by its request");
+    assert_eq!(ids, expected, "each keeps its request");
     let flag: i64 = client
         .query_one(
             "SELECT count(*) FROM information_schema.columns WHERE table_name = 'cg_debits' AND column_name = 'posted'",
@@ -1732,7 +1734,9 @@ async fn last_seen(db: &Database) -> chrono::DateTime<Utc> {
 }
 
 /// Every shipped debit pays for each index on cg_debits: its key (a
-/// shipment retried adds nothing twice) and the reports' range scan, no more.
+/// shipment retried adds nothing twice), the reports' range scan and its
+/// place in the posting order (where the posting queue's row and its three
+/// indexes were), no more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shipped_debit_is_indexed_by_its_key_and_for_reports_only() {
     let pg = Postgres::shared();
@@ -1745,7 +1749,13 @@ async fn a_shipped_debit_is_indexed_by_its_key_and_for_reports_only() {
         .await
         .unwrap();
     let names: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
-    assert_eq!(names, ["cg_debits_pkey", "cg_debits_usage"]);
+    assert_eq!(names, ["cg_debits_pkey", "cg_debits_post_seq", "cg_debits_usage"]);
+    let tables: i64 = client
+        .query_one("SELECT count(*) FROM pg_tables WHERE tablename = 'cg_unposted'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "no queue beside the debits");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1809,5 +1819,81 @@ async fn an_index_built_at_an_upgrade_does_not_stop_the_writes_of_the_replicas_s
         .unwrap()
         .get(0);
     assert_eq!(valid, 2, "both indexes built and valid");
+    assert_books_exact(&books).await;
+}
+
+/// Shipments number the debits the treasurer must post, and commit in the
+/// order of their numbers: one shipment waits for another's commit before
+/// it numbers, even on other wallets. A shipment that numbered on from
+/// what it could see would take a number an uncommitted one holds, or a
+/// lower one, and the treasurer, which posts from a mark, would pass over
+/// a debit that committed below it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipments_number_their_debits_in_the_order_they_commit() {
+    let pg = Postgres::shared();
+    let url = pg.create_database("posting_numbers");
+    let books = books(&url).await;
+    let other = "pool:org_2";
+    books.fund(ORG, WALLET, dec!(1), "p1").await.unwrap();
+    books.fund(2, other, dec!(1), "p2").await.unwrap();
+    let ttl = Duration::from_secs(10);
+    let first = books.draw_lease("r1", WALLET, dec!(1), dec!(0.1), ttl, ttl, Duration::ZERO).await;
+    let second = books.draw_lease("r2", other, dec!(1), dec!(0.1), ttl, ttl, Duration::ZERO).await;
+    let (first, second) = (first.unwrap().unwrap(), second.unwrap().unwrap());
+
+    // r1's shipment, left open: two debits and one of nothing, which is
+    // not posted and so not numbered.
+    let db = Database::new(&url, 2).unwrap();
+    let mut client = db.client().await.unwrap();
+    let open = client.transaction().await.unwrap();
+    let shipped: i64 = open
+        .query_one(
+            "SELECT cg_ship_debits('r1', ARRAY[1, 2, 3]::bigint[], ARRAY[$1, $1, $1]::text[],
+                                   ARRAY[$2, $2, $2]::bigint[], ARRAY[0.1, 0, 0.2]::numeric[],
+                                   ARRAY[now(), now(), now()], ARRAY['{}', '{}', '{}']::jsonb[])",
+            &[&WALLET, &first.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shipped, 3);
+    let debit = |entry, lease, amount| ShippedDebit {
+        entry,
+        wallet: other.into(),
+        lease,
+        amount,
+        at: Utc::now(),
+        detail: creditgate::cluster::empty_detail(),
+    };
+    let later = {
+        let books = books.clone();
+        let batch = vec![debit(1, second.id, dec!(0.3))];
+        tokio::spawn(async move { books.ship("r2", &batch).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!later.is_finished(), "r2's shipment numbered while r1's was open");
+    open.commit().await.unwrap();
+    assert_eq!(later.await.unwrap().unwrap(), 1);
+
+    let numbered: Vec<(String, i64, Option<i64>)> = client
+        .query("SELECT replica, entry, post_seq FROM cg_debits ORDER BY replica, entry", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let expected = [("r1", 1, Some(1)), ("r1", 2, None), ("r1", 3, Some(2)), ("r2", 1, Some(3))];
+    let expected: Vec<(String, i64, Option<i64>)> =
+        expected.iter().map(|(replica, entry, seq)| (replica.to_string(), *entry, *seq)).collect();
+    assert_eq!(numbered, expected);
+    // The treasurer reads them in that order, from its mark.
+    let unposted = books.unposted(10).await.unwrap();
+    let order: Vec<(&str, i64)> =
+        unposted.iter().map(|debit| (debit.replica.as_str(), debit.entry)).collect();
+    assert_eq!(order, [("r1", 1), ("r1", 3), ("r2", 1)]);
+    client.execute("UPDATE cg_posting SET posted_through = 2", &[]).await.unwrap();
+    let unposted = books.unposted(10).await.unwrap();
+    assert_eq!(unposted.iter().map(|debit| debit.post_seq).collect::<Vec<_>>(), [3]);
+    assert_eq!(books.posting_backlog().await.unwrap().debits, 1);
     assert_books_exact(&books).await;
 }

@@ -678,7 +678,7 @@ async fn an_append_tried_again_adds_only_what_it_lacked() {
         .query_one(
             "SELECT cg_append_books($1, 'r1', ARRAY[8, NULL]::bigint[], ARRAY['\\x08', '\\x09']::bytea[],
                                     ARRAY[NULL, NULL]::text[], ARRAY[NULL, NULL]::bigint[],
-                                    ARRAY[NULL, NULL]::numeric[], ARRAY[NULL, NULL]::text[])",
+                                    ARRAY[NULL, NULL]::numeric[], ARRAY[NULL, NULL]::bigint[])",
             &[&epoch],
         )
         .await

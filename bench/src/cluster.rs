@@ -161,8 +161,10 @@ impl Cluster {
         let mut last = String::new();
         let mut steady = 0;
         loop {
-            let now =
-                self.pg.psql("SELECT count(*) || '/' || (SELECT count(*) FROM cg_unposted) FROM cg_debits");
+            let now = self.pg.psql(
+                "SELECT count(*) || '/' || count(*) FILTER (WHERE post_error IS NULL
+                     AND post_seq > (SELECT posted_through FROM cg_posting)) FROM cg_debits",
+            );
             steady = if now == last && now.ends_with("/0") { steady + 1 } else { 0 };
             if steady >= 3 {
                 std::thread::sleep(Duration::from_millis(500));

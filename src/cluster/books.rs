@@ -565,7 +565,8 @@ impl Books {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT count(*), (EXTRACT(EPOCH FROM (now() - min(shipped_at))) * 1000)::bigint FROM cg_unposted",
+                "SELECT count(*), (EXTRACT(EPOCH FROM (now() - min(shipped_at))) * 1000)::bigint FROM cg_debits
+                 WHERE post_seq > (SELECT posted_through FROM cg_posting) AND post_error IS NULL",
                 &[],
             )
             .await?;

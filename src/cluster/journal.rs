@@ -17,6 +17,7 @@
 //! - Until a replica is promoted it has no epoch, and an append fails: a
 //!   follower's ledger makes no records (see `Committer::following`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use rust_decimal::Decimal;
 use chrono::{DateTime, Utc};
 
 use crate::ledger::entry::{EntryKind, LedgerEntry};
+use crate::ledger::ids::RequestId;
 use crate::ledger::journal::{Journal, JournalError, Record, RecordBody};
 use crate::ledger::lot::LotTouch;
 use crate::store::codec;
@@ -68,7 +70,11 @@ struct Inner {
 struct State {
     /// Who appends, once promoted.
     writer: Option<Writer>,
-    queue: Vec<Record>,
+    queue: Vec<Queued>,
+    /// The shipped debits being posted, by request: each one's number in
+    /// the posting order (`cg_debits.post_seq`), which its record carries
+    /// to the log (see [`LogJournal::will_post`]).
+    posting: HashMap<RequestId, i64>,
     /// When the oldest record in the queue was queued.
     oldest_queued: Option<Instant>,
     /// Records ever queued, and ever committed to the log.
@@ -85,6 +91,14 @@ struct State {
     /// The last append's error while it is being retried.
     retrying: Option<String>,
     closed: bool,
+}
+
+/// A record waiting for the log, with the number of the shipped debit it
+/// posts, if it posts one.
+#[derive(Clone)]
+struct Queued {
+    record: Record,
+    post: Option<i64>,
 }
 
 #[derive(Clone)]
@@ -169,6 +183,19 @@ impl LogJournal {
         Gathering { inner: Arc::clone(&self.inner) }
     }
 
+    /// The next debit record for `request` posts the shipped debit numbered
+    /// `post_seq`: the append that logs it moves the posting mark past it,
+    /// in the same transaction. For the posting round, before it posts.
+    pub fn will_post(&self, request: RequestId, post_seq: i64) {
+        self.inner.state.lock().posting.insert(request, post_seq);
+    }
+
+    /// Forgets the numbers of debits the round did not post (refused, or
+    /// cut short): their records were never made.
+    pub fn posting_round_over(&self) {
+        self.inner.state.lock().posting.clear();
+    }
+
     /// Waits up to `limit` for every record queued so far to reach the log;
     /// whether they did. Blocks the thread. For a treasurer stepping down:
     /// once it gives up its term, a new treasurer fences off its appends.
@@ -211,7 +238,13 @@ impl Journal for LogJournal {
                 reason: "this replica is not the cluster's treasurer and cannot make records".into(),
             });
         }
-        state.queue.push(record);
+        let post = match &record.body {
+            RecordBody::Entry(LedgerEntry { kind: EntryKind::Debit(debit), .. }) => {
+                state.posting.remove(&debit.request_id)
+            }
+            _ => None,
+        };
+        state.queue.push(Queued { record, post });
         state.queued += 1;
         // The appender needs telling only when it has a new wait to start
         // (the queue was empty) or a batch to take; not once per record.
@@ -350,8 +383,8 @@ pub struct Appended {
     pub body: Vec<u8>,
     /// A credit or write-off: wallet, org and signed amount.
     pub funding: Option<(String, i64, Decimal)>,
-    /// A posted debit: the request it settles.
-    pub posts: Option<String>,
+    /// A posted shipped debit: its number in the posting order.
+    pub posts: Option<i64>,
     /// What it does to the wallet's lots (see [`LotMove`]).
     pub lots: Vec<LotMove>,
 }
@@ -371,20 +404,20 @@ pub struct LotMove {
 /// log and the sled store read back through one decoder), with its effect
 /// on the shared books: debits were taken off when they shipped; every
 /// other balance change moves what replicas may lease.
-fn encode(records: &[Record]) -> Result<Vec<Appended>, String> {
-    records
+fn encode(queued: &[Queued]) -> Result<Vec<Appended>, String> {
+    queued
         .iter()
-        .map(|record| {
+        .map(|Queued { record, post }| {
             let mut body = Vec::new();
             codec::encode_segment(std::slice::from_ref(record), usize::MAX, &mut body)
                 .map_err(|err| format!("record {} cannot be encoded: {err}", record.seq))?;
             let origin =
                 i64::try_from(record.seq).map_err(|_| format!("record {} is out of range", record.seq))?;
-            let (mut funding, mut posts, mut lots) = (None, None, Vec::new());
+            let (mut funding, mut lots) = (None, Vec::new());
             if let RecordBody::Entry(entry) = &record.body {
                 lots = lot_moves(entry).map_err(|err| format!("record {}: {err}", record.seq))?;
                 match &entry.kind {
-                    EntryKind::Debit(debit) => posts = Some(debit.request_id.0.to_string()),
+                    EntryKind::Debit(_) => {}
                     _ if entry.amount.is_zero() => {}
                     _ => {
                         let org = i64::try_from(entry.org.0)
@@ -393,7 +426,7 @@ fn encode(records: &[Record]) -> Result<Vec<Appended>, String> {
                     }
                 }
             }
-            Ok(Appended { origin, body, funding, posts, lots })
+            Ok(Appended { origin, body, funding, posts: *post, lots })
         })
         .collect()
 }

@@ -79,6 +79,13 @@ const MIGRATIONS: &[Migration] = &[
         "one_duplicate_check_per_append",
         include_str!("migrations/0025_one_duplicate_check_per_append.sql"),
     ),
+    in_transaction(
+        26,
+        "debits_numbered_for_posting",
+        include_str!("migrations/0026_debits_numbered_for_posting.sql"),
+    ),
+    built_concurrently(27, "posting_order_index", include_str!("migrations/0027_posting_order_index.sql")),
+    in_transaction(28, "posting_by_number", include_str!("migrations/0028_posting_by_number.sql")),
 ];
 
 /// The advisory lock key migrations take ("cgmigrat" in ASCII).
@@ -245,6 +252,7 @@ mod tests {
                 let code = code.trim_start();
                 assert!(
                     code.starts_with("CREATE INDEX CONCURRENTLY IF NOT EXISTS")
+                        || code.starts_with("CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS")
                         || code.starts_with("DROP INDEX CONCURRENTLY IF EXISTS"),
                     "{piece}"
                 );

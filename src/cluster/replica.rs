@@ -78,6 +78,8 @@ pub struct UnpostedDebit {
     pub replica: String,
     /// That replica's number for it.
     pub entry: i64,
+    /// Its number in the posting order (`cg_debits.post_seq`).
+    pub post_seq: i64,
     /// The amount.
     pub amount: Decimal,
     /// When it was settled by the replica's clock, or when the lease it was
@@ -353,14 +355,15 @@ impl Replica {
         Ok(true)
     }
 
-    /// Posts the debits replicas shipped to the treasurer's ledger, oldest
-    /// first, up to one batch; returns how many. Each leaves the queue of
-    /// unposted debits (`cg_unposted`) in the transaction that appends its
-    /// settle record, so it is posted once however often the treasury
-    /// changes hands. A debit that cannot be posted (a body this version
-    /// does not read, a wallet or key the ledger does not know) leaves the
-    /// queue marked with the reason instead and stays in the shared books,
-    /// where the audit counts it.
+    /// Posts the debits replicas shipped to the treasurer's ledger, in the
+    /// order they were numbered as they shipped, up to one batch; returns
+    /// how many it read. The append that logs a debit's settle record moves
+    /// the posting mark (`cg_posting`) past it in the same transaction, so
+    /// it is posted once however often the treasury changes hands. A debit
+    /// that cannot be posted (a body this version does not read, a wallet
+    /// or key the ledger does not know) is marked with the reason instead,
+    /// passed over, and stays in the shared books, where the audit counts
+    /// it.
     pub async fn post_shipped(&self) -> Result<usize, ClusterError> {
         if self.epoch().is_none() {
             return Ok(0);
@@ -368,7 +371,19 @@ impl Replica {
         let shipped = self.books.unposted(POST_BATCH).await?;
         // The round's records go to the log together, at the sync below.
         let _together = self.journal.gather();
-        for debit in &shipped {
+        let posted = self.post_each(&shipped).await;
+        self.journal.posting_round_over();
+        posted?;
+        let journal = self.journal.clone();
+        tokio::task::spawn_blocking(move || crate::ledger::journal::Journal::sync(&journal))
+            .await
+            .map_err(|err| ClusterError::Unavailable(err.to_string()))?
+            .map_err(|err| ClusterError::Unavailable(err.to_string()))?;
+        Ok(shipped.len())
+    }
+
+    async fn post_each(&self, shipped: &[UnpostedDebit]) -> Result<(), ClusterError> {
+        for debit in shipped {
             let detail = match serde_json::from_str::<DebitDetail>(debit.body.get()) {
                 Ok(detail) => detail,
                 Err(err) => {
@@ -378,9 +393,8 @@ impl Replica {
             };
             let wallet = detail.wallet;
             if debit.amount.is_zero() {
-                // Costs nothing, so posting makes no record that would take
-                // it off the queue (older replicas shipped such debits).
-                self.drop_unposted(debit).await?;
+                // Costs nothing, so posting would make no record; shipments
+                // do not number such debits (older queues held them).
                 continue;
             }
             // The hold's time, by the replica's clock, bounded by the
@@ -388,6 +402,7 @@ impl Replica {
             let made_at = detail.held_at.map_or(debit.at, |held_at| {
                 debit.drawn_at.map_or(held_at, |drawn_at| held_at.max(drawn_at)).min(debit.at)
             });
+            self.journal.will_post(detail.request_id, debit.post_seq);
             let posted = self.ledger.post_debit(
                 detail.wallet,
                 detail.request_id,
@@ -407,17 +422,7 @@ impl Replica {
                 Err(err) => self.refuse_posting(debit, &err.to_string()).await?,
             }
         }
-        let journal = self.journal.clone();
-        tokio::task::spawn_blocking(move || crate::ledger::journal::Journal::sync(&journal))
-            .await
-            .map_err(|err| ClusterError::Unavailable(err.to_string()))?
-            .map_err(|err| ClusterError::Unavailable(err.to_string()))?;
-        Ok(shipped.len())
-    }
-
-    async fn drop_unposted(&self, debit: &UnpostedDebit) -> Result<(), ClusterError> {
-        let Some(epoch) = self.epoch() else { return Ok(()) };
-        self.books.drop_unposted(&self.settings.replica, epoch, debit).await
+        Ok(())
     }
 
     async fn refuse_posting(&self, debit: &UnpostedDebit, reason: &str) -> Result<(), ClusterError> {
@@ -639,26 +644,25 @@ impl Replica {
 }
 
 impl Books {
-    /// Up to `limit` shipped debits not yet posted, in shipping order.
+    /// Up to `limit` shipped debits not yet posted, in the order they were
+    /// numbered as they shipped.
     pub async fn unposted(&self, limit: i64) -> Result<Vec<UnpostedDebit>, ClusterError> {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
-                // Each queued debit found through cg_debits' key (the
-                // LIMIT keeps the planner from joining the whole table).
-                // The lease's draw, in the database's time, bounds when the
-                // debit can have settled whatever the replica's clock says.
-                // And it settled before it was shipped (the database's
-                // clock again): a replica whose clock runs ahead cannot move
-                // the books into its future.
-                "SELECT d.replica, d.entry, d.amount, LEAST(GREATEST(d.at, l.drawn_at), u.shipped_at), d.body,
-                        l.drawn_at
-                 FROM (SELECT replica, entry, shipped_at FROM cg_unposted
-                       ORDER BY shipped_at, replica, entry LIMIT $1) u
-                 CROSS JOIN LATERAL (SELECT * FROM cg_debits d
-                                     WHERE d.replica = u.replica AND d.entry = u.entry LIMIT 1) d
+                // Read along cg_debits_post_seq from the mark. The lease's
+                // draw, in the database's time, bounds when the debit can
+                // have settled whatever the replica's clock says. And it
+                // settled before it was shipped (the database's clock
+                // again): a replica whose clock runs ahead cannot move the
+                // books into its future.
+                "SELECT d.replica, d.entry, d.amount, LEAST(GREATEST(d.at, l.drawn_at), d.shipped_at), d.body,
+                        l.drawn_at, d.post_seq
+                 FROM (SELECT * FROM cg_debits
+                       WHERE post_seq > (SELECT posted_through FROM cg_posting) AND post_error IS NULL
+                       ORDER BY post_seq LIMIT $1) d
                  LEFT JOIN LATERAL (SELECT drawn_at FROM cg_leases l WHERE l.id = d.lease) l ON true
-                 ORDER BY u.shipped_at, u.replica, u.entry",
+                 ORDER BY d.post_seq",
             )
             .await?;
         let rows = client.query(&statement, &[&limit]).await?;
@@ -669,6 +673,7 @@ impl Books {
                 Ok(UnpostedDebit {
                     replica: row.try_get(0)?,
                     entry: row.try_get(1)?,
+                    post_seq: row.try_get(6)?,
                     amount: row.try_get(2)?,
                     at: row.try_get(3)?,
                     drawn_at: row.try_get(5)?,
@@ -680,28 +685,9 @@ impl Books {
             .collect()
     }
 
-    /// Takes a shipped debit of nothing off the queue; only while
-    /// `treasurer` holds `epoch`.
-    pub async fn drop_unposted(
-        &self,
-        treasurer: &str,
-        epoch: i64,
-        debit: &UnpostedDebit,
-    ) -> Result<(), ClusterError> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "DELETE FROM cg_unposted WHERE replica = $1 AND entry = $2
-                   AND EXISTS (SELECT 1 FROM cg_treasurer WHERE epoch = $3 AND replica = $4)",
-                &[&debit.replica, &debit.entry, &epoch, &treasurer],
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Takes a shipped debit that cannot be posted off the queue, marked
-    /// with the reason; only while `treasurer` holds `epoch`, so a deposed
-    /// treasurer marks nothing.
+    /// Marks a shipped debit that cannot be posted with the reason, so
+    /// posting passes over it; only while `treasurer` holds `epoch`, so a
+    /// deposed treasurer marks nothing, and only while it is unposted.
     pub async fn refuse_posting(
         &self,
         treasurer: &str,
@@ -712,12 +698,10 @@ impl Books {
         let client = self.client().await?;
         client
             .execute(
-                "WITH refused AS (
-                     DELETE FROM cg_unposted WHERE replica = $1 AND entry = $2
-                       AND EXISTS (SELECT 1 FROM cg_treasurer WHERE epoch = $4 AND replica = $5)
-                     RETURNING replica, entry)
-                 UPDATE cg_debits d SET post_error = $3 FROM refused r
-                 WHERE d.replica = r.replica AND d.entry = r.entry",
+                "UPDATE cg_debits d SET post_error = $3
+                 WHERE d.replica = $1 AND d.entry = $2 AND d.post_error IS NULL
+                   AND d.post_seq > (SELECT posted_through FROM cg_posting)
+                   AND EXISTS (SELECT 1 FROM cg_treasurer WHERE epoch = $4 AND replica = $5)",
                 &[&debit.replica, &debit.entry, &reason, &epoch, &treasurer],
             )
             .await?;
@@ -770,7 +754,7 @@ impl Books {
         let wallets: Vec<Option<&str>> = records.iter().map(|r| funding(r).map(|f| f.0.as_str())).collect();
         let orgs: Vec<Option<i64>> = records.iter().map(|r| funding(r).map(|f| f.1)).collect();
         let deltas: Vec<Option<Decimal>> = records.iter().map(|r| funding(r).map(|f| f.2)).collect();
-        let posts: Vec<Option<&str>> = records.iter().map(|r| r.posts.as_deref()).collect();
+        let posts: Vec<Option<i64>> = records.iter().map(|r| r.posts).collect();
         let moves =
             || records.iter().flat_map(|record| record.lots.iter().map(move |lot| (record.origin, lot)));
         let lot_origins: Vec<i64> = moves().map(|(origin, _)| origin).collect();

@@ -322,7 +322,15 @@ pub async fn settled(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let client = db.client().await.unwrap();
-        let unposted: i64 = client.query_one("SELECT count(*) FROM cg_unposted", &[]).await.unwrap().get(0);
+        let unposted: i64 = client
+            .query_one(
+                "SELECT count(*) FROM cg_debits
+                 WHERE post_seq > (SELECT posted_through FROM cg_posting) AND post_error IS NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
         // Replicas seen shortly before the wait began are live; each must
         // report an empty outbox after it began (a killed one never does).
         let row = client
