@@ -551,7 +551,7 @@ async fn cluster_status(var: &str, json: bool) -> anyhow::Result<ExitCode> {
     versions.sort_unstable();
     versions.dedup();
     // Shipped debits wait for the treasurer to post them into the ledger
-    // (balances, reports, alerts): a queue that grows means it is behind.
+    // (balances, reports, alerts): a backlog that grows means it is behind.
     let backlog = books.posting_backlog().await?;
     let oldest = backlog.oldest_ms.map_or_else(String::new, |ms| format!(" (oldest {ms} ms)"));
     println!("debits shipped and waiting to be posted: {}{oldest}", backlog.debits);

@@ -131,9 +131,11 @@ async fn replicas_starting_together_apply_each_migration_once_and_refuse_a_newer
 
 /// An upgrade that finds debits shipped but not yet posted: version 13
 /// moves them from the flag it drops into the treasurer's queue, in
-/// shipping order, so the treasurer still posts each of them once.
+/// shipping order, and version 28 numbers them for posting in the queue's
+/// order (all but a debit of nothing, which posts nothing), so the
+/// treasurer still posts each of them once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn debits_waiting_to_be_posted_across_the_upgrade_to_the_queue_stay_waiting() {
+async fn debits_waiting_to_be_posted_across_the_upgrades_stay_waiting() {
     let pg = Postgres::start();
     let url = pg.create_database("upgrade");
     let db = Database::new(&url, 4).unwrap();
@@ -143,7 +145,7 @@ async fn debits_waiting_to_be_posted_across_the_upgrade_to_the_queue_stay_waitin
     let second = Duration::from_secs(10);
     let lease = books.draw_lease("r1", WALLET, dec!(1), dec!(0.1), second, second, Duration::ZERO).await;
     let lease = lease.unwrap().unwrap();
-    let requests: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
+    let requests: Vec<uuid::Uuid> = (0..4).map(|_| uuid::Uuid::now_v7()).collect();
     let batch: Vec<ShippedDebit> = requests
         .iter()
         .zip(1..)
@@ -151,16 +153,17 @@ async fn debits_waiting_to_be_posted_across_the_upgrade_to_the_queue_stay_waitin
             entry,
             wallet: WALLET.into(),
             lease: lease.id,
-            amount: dec!(0.1),
+            amount: if entry == 4 { Decimal::ZERO } else { dec!(0.1) },
             at: Utc::now(),
             detail: serde_json::value::to_raw_value(&serde_json::json!({ "request_id": request })).unwrap(),
         })
         .collect();
-    assert_eq!(books.ship("r1", &batch).await.unwrap(), 3);
+    assert_eq!(books.ship("r1", &batch).await.unwrap(), 4);
+    let requests = &requests[..3];
     let client = db.client().await.unwrap();
     let flagged: i64 =
         client.query_one("SELECT count(*) FROM cg_debits WHERE NOT posted", &[]).await.unwrap().get(0);
-    assert_eq!(flagged, 3, "at version 12 they wait under the flag");
+    assert_eq!(flagged, 4, "at version 12 they wait under the flag");
 
     assert_eq!(migrate(&db).await.unwrap(), usize::try_from(latest_version() - 12).unwrap());
     let queued = books.unposted(10).await.unwrap();
@@ -169,7 +172,7 @@ async fn debits_waiting_to_be_posted_across_the_upgrade_to_the_queue_stay_waitin
     let numbers: Vec<i64> = queued.iter().map(|debit| debit.post_seq).collect();
     assert_eq!(numbers, vec![1, 2, 3], "and numbered for posting in that order (version 28)");
     let ids: Vec<Option<String>> = client
-        .query("SELECT request_id::text FROM cg_debits ORDER BY post_seq", &[])
+        .query("SELECT request_id::text FROM cg_debits WHERE post_seq IS NOT NULL ORDER BY post_seq", &[])
         .await
         .unwrap()
         .iter()
@@ -177,6 +180,9 @@ async fn debits_waiting_to_be_posted_across_the_upgrade_to_the_queue_stay_waitin
         .collect();
     let expected: Vec<Option<String>> = requests.iter().map(|id| Some(id.to_string())).collect();
     assert_eq!(ids, expected, "each keeps its request");
+    let nothing: Option<i64> =
+        client.query_one("SELECT post_seq FROM cg_debits WHERE entry = 4", &[]).await.unwrap().get(0);
+    assert_eq!(nothing, None, "a debit of nothing is not numbered");
     let flag: i64 = client
         .query_one(
             "SELECT count(*) FROM information_schema.columns WHERE table_name = 'cg_debits' AND column_name = 'posted'",

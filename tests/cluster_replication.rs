@@ -626,7 +626,8 @@ async fn an_append_tried_again_adds_only_what_it_lacked() {
         origin,
         body: vec![u8::try_from(origin).unwrap()],
         funding: Some((wallet.to_owned(), 1, dec!(10))),
-        posts: None,
+        // As if each posted the shipped debit numbered ten times its origin.
+        posts: Some(origin * 10),
         lots: vec![
             LotMove { wallet: wallet.to_owned(), lot: origin, expires_at: Some(expires), delta: dec!(10) },
             LotMove { wallet: wallet.to_owned(), lot: 1, expires_at: None, delta: dec!(-1) },
@@ -637,11 +638,18 @@ async fn an_append_tried_again_adds_only_what_it_lacked() {
         let books = books.clone();
         async move { books.append_books(epoch, "r1", &records).await.unwrap() }
     };
-    append(&[1, 2, 3]).await;
-    append(&[2, 3, 5, 4]).await;
-    append(&[1, 4]).await;
-    append(&[7, 6, 5]).await;
     let client = Database::new(&url, 1).unwrap().client().await.unwrap();
+    let mark = || async {
+        client.query_one("SELECT posted_through FROM cg_posting", &[]).await.unwrap().get::<_, i64>(0)
+    };
+    append(&[1, 2, 3]).await;
+    assert_eq!(mark().await, 30, "the posting mark moves to the highest debit an append posts");
+    append(&[2, 3, 5, 4]).await;
+    assert_eq!(mark().await, 50);
+    append(&[1, 4]).await;
+    assert_eq!(mark().await, 50, "records logged before move it no more, and never back");
+    append(&[7, 6, 5]).await;
+    assert_eq!(mark().await, 70);
     let logged: Vec<(i64, i64)> = client
         .query("SELECT gseq, origin FROM cg_log WHERE replica = 'r1' ORDER BY gseq", &[])
         .await
@@ -678,12 +686,24 @@ async fn an_append_tried_again_adds_only_what_it_lacked() {
         .query_one(
             "SELECT cg_append_books($1, 'r1', ARRAY[8, NULL]::bigint[], ARRAY['\\x08', '\\x09']::bytea[],
                                     ARRAY[NULL, NULL]::text[], ARRAY[NULL, NULL]::bigint[],
-                                    ARRAY[NULL, NULL]::numeric[], ARRAY[NULL, NULL]::bigint[])",
+                                    ARRAY[NULL, NULL]::numeric[], ARRAY[NULL, NULL]::text[])",
             &[&epoch],
         )
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Some(&tokio_postgres::error::SqlState::NOT_NULL_VIOLATION), "{refused}");
+    // An older treasurer's append (a request id where the number goes) is
+    // refused as a deposed treasurer's is: it stops, and nothing is logged.
+    let older = client
+        .query_one(
+            "SELECT cg_append_books($1, 'r1', ARRAY[8]::bigint[], ARRAY['\\x08']::bytea[], ARRAY[NULL]::text[],
+                                    ARRAY[NULL]::bigint[], ARRAY[NULL]::numeric[],
+                                    ARRAY['0190e0b2-7c1a-7000-8000-000000000001']::text[])",
+            &[&epoch],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(older.code().map(|code| code.code()), Some("CG001"), "{older}");
     let count: i64 = client.query_one("SELECT count(*) FROM cg_log", &[]).await.unwrap().get(0);
     assert_eq!(count, 7);
 }
@@ -857,10 +877,17 @@ async fn shipped_debits_post_once_and_every_book_agrees() {
     assert_eq!(follower.post_shipped().await.unwrap(), 1);
     assert_eq!(follower.post_shipped().await.unwrap(), 0, "a refused debit is tried again");
     let db = Database::new(&url, 1).unwrap();
-    let refused: Vec<String> = db
-        .client()
+    let client = db.client().await.unwrap();
+    // The mark passed the refused debit, the last of its round: it is not
+    // read again, and nothing waits to be posted.
+    let (mark, last): (i64, i64) = client
+        .query_one("SELECT (SELECT posted_through FROM cg_posting), max(post_seq) FROM cg_debits", &[])
         .await
-        .unwrap()
+        .map(|row| (row.get(0), row.get(1)))
+        .unwrap();
+    assert_eq!(mark, last, "the posting mark stopped before a refused debit");
+    assert_eq!(books(&url).await.posting_backlog().await.unwrap().debits, 0);
+    let refused: Vec<String> = client
         .query("SELECT post_error FROM cg_debits WHERE post_error IS NOT NULL", &[])
         .await
         .unwrap()

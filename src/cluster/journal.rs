@@ -190,10 +190,14 @@ impl LogJournal {
         self.inner.state.lock().posting.insert(request, post_seq);
     }
 
-    /// Forgets the numbers of debits the round did not post (refused, or
-    /// cut short): their records were never made.
-    pub fn posting_round_over(&self) {
-        self.inner.state.lock().posting.clear();
+    /// Forgets the numbers of debits the round did not post (refused, cut
+    /// short, or settled already): their records were never made. Whether
+    /// there were any.
+    pub fn posting_round_over(&self) -> bool {
+        let mut state = self.inner.state.lock();
+        let unrecorded = !state.posting.is_empty();
+        state.posting.clear();
+        unrecorded
     }
 
     /// Waits up to `limit` for every record queued so far to reach the log;

@@ -372,22 +372,35 @@ impl Replica {
         // The round's records go to the log together, at the sync below.
         let _together = self.journal.gather();
         let posted = self.post_each(&shipped).await;
-        self.journal.posting_round_over();
-        posted?;
+        let unrecorded = self.journal.posting_round_over();
+        // Synced also when the round stopped short: the next round reads
+        // from the mark, which moves only as the records reach the log, and
+        // would post again a debit whose record was still waiting.
         let journal = self.journal.clone();
-        tokio::task::spawn_blocking(move || crate::ledger::journal::Journal::sync(&journal))
+        let synced = tokio::task::spawn_blocking(move || crate::ledger::journal::Journal::sync(&journal))
             .await
-            .map_err(|err| ClusterError::Unavailable(err.to_string()))?
-            .map_err(|err| ClusterError::Unavailable(err.to_string()))?;
+            .map_err(|err| ClusterError::Unavailable(err.to_string()))
+            .and_then(|synced| synced.map_err(|err| ClusterError::Unavailable(err.to_string())));
+        let passed_over = posted?;
+        synced?;
+        // A debit that made no record (refused, or of nothing) moved no
+        // mark. Every debit of the round is behind it now, so the mark
+        // passes them all and none is read again.
+        if let (true, Some(last), Some(epoch)) = (passed_over || unrecorded, shipped.last(), self.epoch()) {
+            self.books.pass_posted(&self.settings.replica, epoch, last.post_seq).await?;
+        }
         Ok(shipped.len())
     }
 
-    async fn post_each(&self, shipped: &[UnpostedDebit]) -> Result<(), ClusterError> {
+    /// Posts each debit; whether it passed over any without posting it.
+    async fn post_each(&self, shipped: &[UnpostedDebit]) -> Result<bool, ClusterError> {
+        let mut passed_over = false;
         for debit in shipped {
             let detail = match serde_json::from_str::<DebitDetail>(debit.body.get()) {
                 Ok(detail) => detail,
                 Err(err) => {
                     self.refuse_posting(debit, &format!("the debit's detail cannot be read: {err}")).await?;
+                    passed_over = true;
                     continue;
                 }
             };
@@ -395,6 +408,7 @@ impl Replica {
             if debit.amount.is_zero() {
                 // Costs nothing, so posting would make no record; shipments
                 // do not number such debits (older queues held them).
+                passed_over = true;
                 continue;
             }
             // The hold's time, by the replica's clock, bounded by the
@@ -419,10 +433,13 @@ impl Replica {
                 // The journal stopped (this epoch is over): the rest are the
                 // next treasurer's to post, never to be marked refused here.
                 Err(SettleError::Unavailable { reason }) => return Err(ClusterError::Unavailable(reason)),
-                Err(err) => self.refuse_posting(debit, &err.to_string()).await?,
+                Err(err) => {
+                    self.refuse_posting(debit, &err.to_string()).await?;
+                    passed_over = true;
+                }
             }
         }
-        Ok(())
+        Ok(passed_over)
     }
 
     async fn refuse_posting(&self, debit: &UnpostedDebit, reason: &str) -> Result<(), ClusterError> {
@@ -629,8 +646,8 @@ impl Replica {
             tokio::task::spawn_blocking(move || journal.drain_within(STEP_DOWN_DRAIN)).await.unwrap_or(false);
         if !drained {
             // A tick's grants and write-offs are made again by the next
-            // treasurer's tick, a posting by its posting (the queue row goes
-            // only with the log row); a change nobody synced was never
+            // treasurer's tick, a posting by its posting (the posting mark
+            // moves only with the log row); a change nobody synced was never
             // acknowledged.
             tracing::warn!(
                 failure = self.journal.failure().as_deref().unwrap_or("none: still appending after 2 s"),
@@ -683,6 +700,20 @@ impl Books {
                 })
             })
             .collect()
+    }
+
+    /// Moves the posting mark up to `post_seq`, for a round whose last
+    /// debits made no record; only while `treasurer` holds `epoch`.
+    pub async fn pass_posted(&self, treasurer: &str, epoch: i64, post_seq: i64) -> Result<(), ClusterError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE cg_posting SET posted_through = $3 WHERE posted_through < $3
+                   AND EXISTS (SELECT 1 FROM cg_treasurer WHERE epoch = $2 AND replica = $1)",
+                &[&treasurer, &epoch, &post_seq],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Marks a shipped debit that cannot be posted with the reason, so
@@ -754,7 +785,8 @@ impl Books {
         let wallets: Vec<Option<&str>> = records.iter().map(|r| funding(r).map(|f| f.0.as_str())).collect();
         let orgs: Vec<Option<i64>> = records.iter().map(|r| funding(r).map(|f| f.1)).collect();
         let deltas: Vec<Option<Decimal>> = records.iter().map(|r| funding(r).map(|f| f.2)).collect();
-        let posts: Vec<Option<i64>> = records.iter().map(|r| r.posts).collect();
+        // As text: the functions kept their signatures (migration 28).
+        let posts: Vec<Option<String>> = records.iter().map(|r| r.posts.map(|seq| seq.to_string())).collect();
         let moves =
             || records.iter().flat_map(|record| record.lots.iter().map(move |lot| (record.origin, lot)));
         let lot_origins: Vec<i64> = moves().map(|(origin, _)| origin).collect();

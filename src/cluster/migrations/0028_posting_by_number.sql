@@ -17,9 +17,13 @@
 --
 -- Shipments from different replicas now take turns at the numbering (they
 -- already took turns on a wallet they share). Replicas of an older
--- version go on shipping through the new cg_ship_debits; an older
--- treasurer can no longer read a queue and posts nothing until a replica
--- of this version takes the treasury.
+-- version go on shipping through the new cg_ship_debits. An older
+-- treasurer can no longer read a queue, so it posts nothing more (its
+-- reads fail and are retried) while admin changes and time rules go on;
+-- posting resumes once a replica of this version holds the treasury. An
+-- append of debits it read before the upgrade is refused as a deposed
+-- treasurer's is (below): logged without moving the mark, they would be
+-- posted again by the next treasurer.
 
 CREATE TABLE cg_posting (
     only_row       boolean PRIMARY KEY DEFAULT true CHECK (only_row),
@@ -47,12 +51,12 @@ DECLARE
     v_new bigint;
     v_last bigint;
 BEGIN
+    -- Kept until commit: the next shipment numbers on from what this one
+    -- committed. Taken before the rows, so a shipment waiting for its turn
+    -- holds no wallet that a lease draw or an append may want meanwhile.
+    PERFORM pg_advisory_xact_lock(27979682300261236); -- "cg_post" in ASCII
     PERFORM 1 FROM cg_wallets w WHERE w.wallet = ANY (p_wallets) ORDER BY w.wallet FOR UPDATE;
     PERFORM 1 FROM cg_leases l WHERE l.id = ANY (p_leases) ORDER BY l.id FOR UPDATE;
-    -- Taken after the rows (a shipment holding it never waits for a row
-    -- another shipment holds) and kept until commit: the next shipment
-    -- numbers on from what this one committed.
-    PERFORM pg_advisory_xact_lock(27979682300261236); -- "cg_post" in ASCII
     SELECT COALESCE(max(d.post_seq), 0) INTO v_last FROM cg_debits d;
     WITH input AS (
         -- Amounts arrive at the cost scale (9 places); rounding up here only
@@ -100,19 +104,20 @@ BEGIN
     RETURN v_new;
 END $$;
 
--- The appends take the numbers of the debits their records post
--- (p_posts, bigint) where they took request ids to find queue rows.
-DROP FUNCTION cg_append_books(bigint, text, bigint[], bytea[], text[], bigint[], numeric[], text[],
-                              bigint[], text[], bigint[], timestamptz[], numeric[]);
-DROP FUNCTION cg_append_books(bigint, text, bigint[], bytea[], text[], bigint[], numeric[], text[]);
-DROP FUNCTION cg_append_unlogged(bigint, text, bigint[], bytea[], text[], bigint[], numeric[], text[], bigint[]);
+-- The appends take the numbers of the debits their records post in
+-- p_posts, where they took request ids to find queue rows. The parameter
+-- keeps its type (text), so the functions keep their signatures: an older
+-- treasurer's call still finds them (under another signature its untyped
+-- call would find no function, or two), and one that names request ids is
+-- refused with the code of an epoch that is over, so it stops appending
+-- as a deposed treasurer does.
 
 -- Appends the records of p_new (the caller found them unlogged under the
 -- log's lock) and moves the shared books with them. Internal to the two
 -- cg_append_books: a p_new that misses a record skips it.
-CREATE FUNCTION cg_append_unlogged(p_epoch bigint, p_replica text, p_origins bigint[], p_bodies bytea[],
-                                   p_wallets text[], p_orgs bigint[], p_deltas numeric[], p_posts bigint[],
-                                   p_new bigint[])
+CREATE OR REPLACE FUNCTION cg_append_unlogged(p_epoch bigint, p_replica text, p_origins bigint[],
+                                              p_bodies bytea[], p_wallets text[], p_orgs bigint[],
+                                              p_deltas numeric[], p_posts text[], p_new bigint[])
 RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -121,6 +126,10 @@ BEGIN
     PERFORM pg_advisory_xact_lock(109295633723239); -- "cg_log" in ASCII; the caller's, taken again
     IF NOT EXISTS (SELECT 1 FROM cg_treasurer t WHERE t.epoch = p_epoch AND t.replica = p_replica) THEN
         RAISE EXCEPTION 'treasury epoch % of % is over', p_epoch, p_replica USING ERRCODE = 'CG001';
+    END IF;
+    IF EXISTS (SELECT 1 FROM unnest(p_posts) AS t(post) WHERE t.post !~ '^[0-9]+$') THEN
+        RAISE EXCEPTION 'treasury epoch % of % is over: it posts by request id, the books by number since version 28',
+            p_epoch, p_replica USING ERRCODE = 'CG001';
     END IF;
     -- Refused, as the log's NOT NULL refused the origin or body missing
     -- from a shorter array before.
@@ -157,14 +166,14 @@ BEGIN
     -- it posts, so every numbered debit below it is posted (here or in an
     -- earlier append) or refused.
     UPDATE cg_posting p SET posted_through = s.top
-        FROM (SELECT max(t.post) AS top FROM unnest(p_origins, p_posts) AS t(origin, post)
+        FROM (SELECT max(t.post::bigint) AS top FROM unnest(p_origins, p_posts) AS t(origin, post)
               WHERE t.origin = ANY (p_new)) s
         WHERE s.top > p.posted_through;
     RETURN cardinality(p_new);
 END $$;
 
-CREATE FUNCTION cg_append_books(p_epoch bigint, p_replica text, p_origins bigint[], p_bodies bytea[],
-                                p_wallets text[], p_orgs bigint[], p_deltas numeric[], p_posts bigint[])
+CREATE OR REPLACE FUNCTION cg_append_books(p_epoch bigint, p_replica text, p_origins bigint[], p_bodies bytea[],
+                                           p_wallets text[], p_orgs bigint[], p_deltas numeric[], p_posts text[])
 RETURNS bigint
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -175,8 +184,8 @@ END $$;
 
 -- cg_append_books, moving cg_lots too: each record's lot moves (a created
 -- lot with its expiry and remainder, or a signed amount taken from one).
-CREATE FUNCTION cg_append_books(p_epoch bigint, p_replica text, p_origins bigint[], p_bodies bytea[],
-                                p_wallets text[], p_orgs bigint[], p_deltas numeric[], p_posts bigint[],
+CREATE OR REPLACE FUNCTION cg_append_books(p_epoch bigint, p_replica text, p_origins bigint[], p_bodies bytea[],
+                                p_wallets text[], p_orgs bigint[], p_deltas numeric[], p_posts text[],
                                 p_lot_origins bigint[], p_lot_wallets text[], p_lot_ids bigint[],
                                 p_lot_expires timestamptz[], p_lot_deltas numeric[])
 RETURNS bigint
@@ -209,10 +218,10 @@ END $$;
 -- Planned at each call, as versions 24 and 25 have them.
 ALTER FUNCTION cg_ship_debits(text, bigint[], text[], bigint[], numeric[], timestamptz[], jsonb[])
     SET plan_cache_mode = force_custom_plan;
-ALTER FUNCTION cg_append_unlogged(bigint, text, bigint[], bytea[], text[], bigint[], numeric[], bigint[], bigint[])
+ALTER FUNCTION cg_append_unlogged(bigint, text, bigint[], bytea[], text[], bigint[], numeric[], text[], bigint[])
     SET plan_cache_mode = force_custom_plan;
-ALTER FUNCTION cg_append_books(bigint, text, bigint[], bytea[], text[], bigint[], numeric[], bigint[])
+ALTER FUNCTION cg_append_books(bigint, text, bigint[], bytea[], text[], bigint[], numeric[], text[])
     SET plan_cache_mode = force_custom_plan;
-ALTER FUNCTION cg_append_books(bigint, text, bigint[], bytea[], text[], bigint[], numeric[], bigint[],
+ALTER FUNCTION cg_append_books(bigint, text, bigint[], bytea[], text[], bigint[], numeric[], text[],
                                bigint[], text[], bigint[], timestamptz[], numeric[])
     SET plan_cache_mode = force_custom_plan;
