@@ -406,8 +406,9 @@ impl Replica {
             };
             let wallet = detail.wallet;
             if debit.amount.is_zero() {
-                // Costs nothing, so posting would make no record; shipments
-                // do not number such debits (older queues held them).
+                // Costs nothing, so posting would make no record. A guard
+                // only: shipments do not number such debits, and migration
+                // 28 numbered none of those the queue held.
                 passed_over = true;
                 continue;
             }

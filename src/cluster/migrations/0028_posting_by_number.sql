@@ -4,7 +4,7 @@
 -- Since version 13 every shipped debit also wrote a row in cg_unposted
 -- (its key, its request id, its shipping time, three indexes), which the
 -- append that posted it deleted by request id: on a scratch database about
--- a sixth of the database's time per debit. Now a shipment numbers the
+-- a fifth of a debit's statement time (bench/README.md). Now a shipment numbers the
 -- debits the treasurer must post (cg_debits.post_seq, version 26) under
 -- an advisory lock held until it commits, so shipments commit in the
 -- order of their numbers and a reader that sees number n has seen every
@@ -51,12 +51,14 @@ DECLARE
     v_new bigint;
     v_last bigint;
 BEGIN
-    -- Kept until commit: the next shipment numbers on from what this one
-    -- committed. Taken before the rows, so a shipment waiting for its turn
-    -- holds no wallet that a lease draw or an append may want meanwhile.
-    PERFORM pg_advisory_xact_lock(27979682300261236); -- "cg_post" in ASCII
     PERFORM 1 FROM cg_wallets w WHERE w.wallet = ANY (p_wallets) ORDER BY w.wallet FOR UPDATE;
     PERFORM 1 FROM cg_leases l WHERE l.id = ANY (p_leases) ORDER BY l.id FOR UPDATE;
+    -- Kept until commit: the next shipment numbers on from what this one
+    -- committed. Taken after the rows, so a shipment holding it never
+    -- waits for a row: one stuck behind a wallet's row (a stalled session
+    -- holds it until its lock_timeout) holds up the shipments on that
+    -- wallet only, not every replica's.
+    PERFORM pg_advisory_xact_lock(27979682300261236); -- "cg_post" in ASCII
     SELECT COALESCE(max(d.post_seq), 0) INTO v_last FROM cg_debits d;
     WITH input AS (
         -- Amounts arrive at the cost scale (9 places); rounding up here only
