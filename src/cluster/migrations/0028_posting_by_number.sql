@@ -108,7 +108,8 @@ END $$;
 
 -- The appends take the numbers of the debits their records post in
 -- p_posts, where they took request ids to find queue rows. The parameter
--- keeps its type (text), so the functions keep their signatures: an older
+-- keeps its type (text), so the functions keep their signatures (and the
+-- two cg_append_books their version-25 bodies, which pass it on): an older
 -- treasurer's call still finds them (under another signature its untyped
 -- call would find no function, or two), and one that names request ids is
 -- refused with the code of an epoch that is over, so it stops appending
@@ -177,56 +178,10 @@ BEGIN
     RETURN cardinality(p_new);
 END $$;
 
-CREATE OR REPLACE FUNCTION cg_append_books(p_epoch bigint, p_replica text, p_origins bigint[], p_bodies bytea[],
-                                           p_wallets text[], p_orgs bigint[], p_deltas numeric[], p_posts text[])
-RETURNS bigint
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_advisory_xact_lock(109295633723239);
-    RETURN cg_append_unlogged(p_epoch, p_replica, p_origins, p_bodies, p_wallets, p_orgs, p_deltas, p_posts,
-                              cg_unlogged(p_replica, p_origins));
-END $$;
-
--- cg_append_books, moving cg_lots too: each record's lot moves (a created
--- lot with its expiry and remainder, or a signed amount taken from one).
-CREATE OR REPLACE FUNCTION cg_append_books(p_epoch bigint, p_replica text, p_origins bigint[], p_bodies bytea[],
-                                p_wallets text[], p_orgs bigint[], p_deltas numeric[], p_posts text[],
-                                p_lot_origins bigint[], p_lot_wallets text[], p_lot_ids bigint[],
-                                p_lot_expires timestamptz[], p_lot_deltas numeric[])
-RETURNS bigint
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_new bigint[];
-BEGIN
-    PERFORM pg_advisory_xact_lock(109295633723239);
-    v_new := cg_unlogged(p_replica, p_origins);
-    PERFORM cg_append_unlogged(p_epoch, p_replica, p_origins, p_bodies, p_wallets, p_orgs, p_deltas, p_posts, v_new);
-    -- Created lots first (their expiry is known only there), then the
-    -- amounts taken from them; a lot with nothing left is gone.
-    INSERT INTO cg_lots AS l (wallet, lot, expires_at, remaining)
-        SELECT t.wallet, t.lot, t.expires, sum(t.delta)
-        FROM unnest(p_lot_origins, p_lot_wallets, p_lot_ids, p_lot_expires, p_lot_deltas)
-             AS t(origin, wallet, lot, expires, delta)
-        WHERE t.expires IS NOT NULL AND t.origin = ANY (v_new)
-        GROUP BY t.wallet, t.lot, t.expires
-        ON CONFLICT (wallet, lot) DO UPDATE SET remaining = l.remaining + EXCLUDED.remaining;
-    UPDATE cg_lots l SET remaining = l.remaining + s.delta
-        FROM (SELECT t.wallet, t.lot, sum(t.delta) AS delta
-              FROM unnest(p_lot_origins, p_lot_wallets, p_lot_ids, p_lot_expires, p_lot_deltas)
-                   AS t(origin, wallet, lot, expires, delta)
-              WHERE t.expires IS NULL AND t.origin = ANY (v_new) GROUP BY t.wallet, t.lot) s
-        WHERE l.wallet = s.wallet AND l.lot = s.lot;
-    DELETE FROM cg_lots l WHERE l.remaining <= 0 AND l.wallet = ANY (p_lot_wallets);
-    RETURN cardinality(v_new);
-END $$;
-
--- Planned at each call, as versions 24 and 25 have them.
+-- Planned at each call, as versions 24 and 25 have them (CREATE OR
+-- REPLACE drops the setting). The two cg_append_books are version 25's,
+-- unchanged: they pass p_posts through to cg_append_unlogged.
 ALTER FUNCTION cg_ship_debits(text, bigint[], text[], bigint[], numeric[], timestamptz[], jsonb[])
     SET plan_cache_mode = force_custom_plan;
 ALTER FUNCTION cg_append_unlogged(bigint, text, bigint[], bytea[], text[], bigint[], numeric[], text[], bigint[])
-    SET plan_cache_mode = force_custom_plan;
-ALTER FUNCTION cg_append_books(bigint, text, bigint[], bytea[], text[], bigint[], numeric[], text[])
-    SET plan_cache_mode = force_custom_plan;
-ALTER FUNCTION cg_append_books(bigint, text, bigint[], bytea[], text[], bigint[], numeric[], text[],
-                               bigint[], text[], bigint[], timestamptz[], numeric[])
     SET plan_cache_mode = force_custom_plan;
