@@ -908,6 +908,104 @@ async fn shipped_debits_post_once_and_every_book_agrees() {
     assert_audited(follower.ledger(), &entries(&records));
 }
 
+/// A posting round that stops on an error (here: a refusal the database
+/// will not record) returns only once the records of the debits it did
+/// post are in the log and the mark has passed them. Otherwise the next
+/// round, reading from the mark, would post them again: the settled-request
+/// memory reaches back only 8 requests a wallet, and this round posts 12.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_posting_round_stopped_short_logs_what_it_posted_before_returning() {
+    let (_pg, url, clock, treasurer, follower) = cluster("stopped-short", "2026-03-31T22:00:00Z").await;
+    let seeded = seed(treasurer.ledger(), clock.now());
+    let pool = WalletId::Pool(seeded.org);
+    let new_key = NewKey {
+        owner: Owner::User(seeded.pro),
+        hash: KeyHash::of_secret("sk-stopped-short"),
+        label: "k".into(),
+        limits: Limits::NONE,
+    };
+    let key = treasurer.ledger().create_key(seeded.org, new_key, clock.now()).unwrap().id;
+    tokio::task::block_in_place(|| treasurer.sync()).unwrap();
+    let book = LeaseBook::new(books(&url).await, LeaseSettings::new("r2"), 1);
+    let mut requests = Vec::new();
+    for _ in 0..12 {
+        let hold = book.hold(&pool.to_string(), dec!(1)).await.unwrap();
+        requests.push(settle_on_lease(&book, hold, pool, key, dec!(0.5)));
+    }
+    // The round's last debit cannot be posted, and its refusal fails.
+    let unreadable = book.hold(&pool.to_string(), dec!(1)).await.unwrap();
+    book.settle(unreadable, dec!(0.25), Utc::now(), serde_json::json!({"unexpected": true}));
+    book.ship().await.unwrap();
+    let db = Database::new(&url, 1).unwrap();
+    let mut client = db.client().await.unwrap();
+    client
+        .batch_execute(
+            "CREATE FUNCTION cg_test_refusals_down() RETURNS trigger LANGUAGE plpgsql
+               AS $$ BEGIN RAISE EXCEPTION 'refusals are down'; END $$;
+             CREATE TRIGGER cg_test_refusals_down BEFORE UPDATE OF post_error ON cg_debits
+               FOR EACH ROW EXECUTE FUNCTION cg_test_refusals_down();",
+        )
+        .await
+        .unwrap();
+    let (good_last, last): (i64, i64) = client
+        .query_one("SELECT max(post_seq) FILTER (WHERE amount = 0.5), max(post_seq) FROM cg_debits", &[])
+        .await
+        .map(|row| (row.get(0), row.get(1)))
+        .unwrap();
+    assert_eq!(last, good_last + 1);
+
+    // The posting mark's row is held, so the round's append waits: the
+    // round must not return while it does.
+    let holder = client.transaction().await.unwrap();
+    holder.execute("SELECT 1 FROM cg_posting FOR UPDATE", &[]).await.unwrap();
+    let watcher = Database::new(&url, 1).unwrap();
+    let watcher = watcher.client().await.unwrap();
+    let round = treasurer.post_shipped();
+    tokio::pin!(round);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::select! {
+            ended = &mut round => panic!("the round returned before its records reached the log: {ended:?}"),
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the round's append never reached the mark's row");
+    }
+    holder.rollback().await.unwrap();
+    assert!(round.await.is_err(), "the round did not stop on the failed refusal");
+    let mark: i64 = client.query_one("SELECT posted_through FROM cg_posting", &[]).await.unwrap().get(0);
+    assert_eq!(mark, good_last, "the mark did not pass what the round posted");
+
+    // Refusals work again: the next round reads the unreadable debit only.
+    client.batch_execute("DROP TRIGGER cg_test_refusals_down ON cg_debits").await.unwrap();
+    assert_eq!(treasurer.post_shipped().await.unwrap(), 1);
+    assert_eq!(treasurer.post_shipped().await.unwrap(), 0);
+    let mark: i64 = client.query_one("SELECT posted_through FROM cg_posting", &[]).await.unwrap().get(0);
+    assert_eq!(mark, last);
+    let records = log(&url).await;
+    for request in &requests {
+        assert_eq!(debits_of(&records, *request), 1, "{request:?}");
+    }
+    follow_all(&treasurer, &follower).await;
+    for ledger in [treasurer.ledger(), follower.ledger()] {
+        assert_eq!(ledger.balance(pool, clock.now()).unwrap().balance, dec!(94));
+    }
+    book.shutdown().await.unwrap();
+    assert_shared_books(&url, pool, dec!(93.75)).await;
+    assert_audited(follower.ledger(), &entries(&records));
+}
+
 /// A posting round makes a record per debit. They reach the log in one
 /// append (one transaction, one wake-up of each follower), not in as many
 /// as the appender happened to wake for while the round ran.
