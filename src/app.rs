@@ -28,6 +28,7 @@ use crate::server::{self, Drained, ServeOptions};
 use crate::store::history::Historian;
 use crate::store::SledStore;
 use crate::store::{open_ledger, GroupCommit, StoreConfig};
+use crate::supervise::Supervisor;
 use crate::telemetry::metrics::{Metrics, TaskLabels};
 
 /// A running gateway: the proxy listener and the admin listener.
@@ -48,6 +49,8 @@ pub struct Gateway {
     cluster: Option<Arc<ClusterNode>>,
     /// Checkpoints and retention (single node with write-through).
     historian: Option<Arc<Historian>>,
+    /// Watches the background tasks: a failed one stops the gateway.
+    supervisor: Supervisor,
 }
 
 /// Who serves the proxy listener (`[server] scheduler`).
@@ -90,7 +93,8 @@ impl Gateway {
             Scheduler::ThreadPerCore => config.server.proxy_threads(),
         };
         metrics.proxy_threads.set(i64::try_from(proxy_threads).unwrap_or(i64::MAX));
-        let prices = load_prices(&config, &clock, &metrics, &shutdown)?;
+        let supervisor = Supervisor::new(shutdown.clone(), Some(metrics.clone()));
+        let prices = load_prices(&config, &clock, &metrics, &shutdown, &supervisor)?;
         let proxy_listeners = match config.server.scheduler {
             Scheduler::WorkStealing => ProxyListeners::Shared(
                 TcpListener::bind(config.server.listen)
@@ -121,6 +125,7 @@ impl Gateway {
                     &metrics,
                     (clock.clone(), database_clock),
                     shutdown.clone(),
+                    &supervisor,
                 )
                 .await?;
                 (node.ledger().clone(), None, Some(node), None)
@@ -130,26 +135,29 @@ impl Gateway {
         let rules_file = config.server.data_dir.join("alerts.json");
         let alerts = match &cluster {
             None => Alerts::load_with_clock(rules_file, policy, clock.clone())?,
-            Some(node) => cluster_alerts(node, rules_file, policy, clock.clone(), shutdown.clone()).await?,
+            Some(node) => {
+                cluster_alerts(node, rules_file, policy, clock.clone(), shutdown.clone(), &supervisor).await?
+            }
         };
         if let (Some(node), Some(prices)) = (&cluster, &prices) {
-            tokio::spawn(follow_cluster_prices(
-                prices.clone(),
-                node.clone(),
-                clock.clone(),
-                shutdown.clone(),
-            ));
+            supervisor.spawn(
+                "follow_cluster_prices",
+                follow_cluster_prices(prices.clone(), node.clone(), clock.clone(), shutdown.clone()),
+            );
         }
-        tokio::spawn(alerts.clone().run(ledger.clone(), clock.clone(), shutdown.clone()));
+        supervisor.spawn("alerts", alerts.clone().run(ledger.clone(), clock.clone(), shutdown.clone()));
         // A cluster's treasurer brings the wallets up to date itself.
         let single_node = cluster.is_none();
-        tokio::spawn(keep_wallets_current(
-            ledger.clone(),
-            clock.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-            single_node,
-        ));
+        supervisor.spawn(
+            "wallet_tick",
+            keep_wallets_current(
+                ledger.clone(),
+                clock.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+                single_node,
+            ),
+        );
         let options = ServeOptions {
             name: "proxy",
             max_connections: config.server.max_connections,
@@ -250,6 +258,7 @@ impl Gateway {
             admin_task,
             cluster,
             historian,
+            supervisor,
         })
     }
 
@@ -324,7 +333,8 @@ impl Gateway {
         let drained =
             if proxy == Drained::All && admin == Drained::All { Drained::All } else { Drained::TimedOut };
         tracing::info!(?drained, "creditgate stopped");
-        let restart = self.cluster.as_ref().and_then(|node| node.must_restart());
+        let restart =
+            self.cluster.as_ref().and_then(|node| node.must_restart()).or_else(|| self.supervisor.failure());
         Stopped { drained, store, restart }
     }
 }
@@ -353,8 +363,9 @@ pub struct Stopped {
     pub drained: Drained,
     /// Whether the store's last flush succeeded.
     pub store: Result<(), String>,
-    /// Cluster mode: why this replica stopped to be started again (its
-    /// ledger must be rebuilt from the shared log), if it did.
+    /// Why the gateway stopped to be started again, if it did: a
+    /// background task it needs failed, or (cluster mode) its ledger must
+    /// be rebuilt from the shared log.
     pub restart: Option<String>,
 }
 
@@ -427,6 +438,7 @@ async fn join_cluster(
     metrics: &Metrics,
     (clock, database_clock): (Arc<dyn Clock>, Option<Arc<DatabaseClock>>),
     shutdown: CancellationToken,
+    supervisor: &Supervisor,
 ) -> anyhow::Result<Arc<ClusterNode>> {
     let data_dir = &config.server.data_dir;
     let history = &config.ledger.history;
@@ -459,6 +471,7 @@ async fn join_cluster(
         ship_interval: std::time::Duration::from_millis(section.ship_interval_ms),
         metrics: metrics.cluster.clone(),
         clock: database_clock,
+        supervisor: supervisor.clone(),
     };
     let ledger_config = LedgerConfig { hold_ttl_ms: config.ledger.hold_ttl_ms, ..LedgerConfig::default() };
     ClusterNode::start(options, data_dir, ledger_config, clock, shutdown)
@@ -476,6 +489,7 @@ async fn cluster_alerts(
     policy: DestinationPolicy,
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
+    supervisor: &Supervisor,
 ) -> anyhow::Result<Arc<Alerts>> {
     let alerts = Alerts::in_cluster(node.books().clone(), node.name().to_owned(), policy, clock)
         .await
@@ -486,9 +500,10 @@ async fn cluster_alerts(
     if moved > 0 {
         tracing::info!(moved, file = %rules_file.display(), "alert rules moved into the cluster's books");
     }
-    tokio::spawn(alerts.clone().follow_cluster_rules(node.wakeups().clone(), shutdown.clone()));
-    tokio::spawn(alerts.clone().resume_deliveries(shutdown.clone()));
-    tokio::spawn(alerts.clone().ship_refusals(shutdown));
+    supervisor
+        .spawn("alert_rules", alerts.clone().follow_cluster_rules(node.wakeups().clone(), shutdown.clone()));
+    supervisor.spawn("alert_deliveries", alerts.clone().resume_deliveries(shutdown.clone()));
+    supervisor.spawn("refusal_shipping", alerts.clone().ship_refusals(shutdown));
     let watching = alerts.clone();
     node.replica().watch_wallets(Box::new(move |wallet, _| watching.notify(Signal::Changed(wallet))));
     Ok(alerts)
@@ -624,6 +639,7 @@ fn load_prices(
     clock: &Arc<dyn Clock>,
     metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
+    supervisor: &Supervisor,
 ) -> anyhow::Result<Option<Arc<LivePrices>>> {
     let Some(pricing) = &config.pricing else {
         // SIGHUP's default is to end the process, undrained: a habit of
@@ -635,7 +651,8 @@ fn load_prices(
     let prices = LivePrices::load(&pricing.file, config.required_tools(), clock.now(), metrics.clone())?;
     let prices = Arc::new(prices.keep_in(&config.server.data_dir)?);
     warn_if_stale(&prices, pricing.max_age_days, clock.now());
-    tokio::spawn(prices.clone().watch(pricing.watch_interval, clock.clone(), shutdown.clone()));
+    supervisor
+        .spawn("price_watch", prices.clone().watch(pricing.watch_interval, clock.clone(), shutdown.clone()));
     #[cfg(unix)]
     spawn_sighup_reload(Some(prices.clone()), clock.clone(), shutdown.clone())?;
     Ok(Some(prices))

@@ -38,4 +38,5 @@ pub mod proxy;
 pub mod rate_window;
 pub mod server;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;

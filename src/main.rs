@@ -249,8 +249,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Exit status of a replica that stopped so its supervisor starts it
-/// again (EX_TEMPFAIL): its ledger is rebuilt from the shared log.
+/// Exit status of a gateway that stopped so its supervisor starts it
+/// again (EX_TEMPFAIL): a background task it needs failed, or a replica's
+/// ledger must be rebuilt from the shared log.
 const EXIT_RESTART: u8 = 75;
 
 async fn serve(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode> {
@@ -289,7 +290,7 @@ async fn serve(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode> 
         return Ok(ExitCode::FAILURE);
     }
     if let Some(reason) = stopped.restart {
-        eprintln!("creditgate: this replica stopped to be restarted: {reason}");
+        eprintln!("creditgate: stopped to be started again: {reason}");
         return Ok(ExitCode::from(EXIT_RESTART));
     }
     Ok(match stopped.drained {

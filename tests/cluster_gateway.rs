@@ -834,7 +834,7 @@ async fn a_treasurer_paused_past_its_term_stops_to_be_restarted_and_the_books_st
     };
     let log = cluster.replicas[index].log();
     assert_eq!(status.code(), Some(75), "exit 75 asks its supervisor for a restart: {log}");
-    assert!(log.contains("stopped to be restarted"), "{log}");
+    assert!(log.contains("stopped to be started again"), "{log}");
     let (new, _) = books.treasurer().await.unwrap().unwrap();
     assert_ne!(new, old, "another replica is the treasurer");
 

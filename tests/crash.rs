@@ -272,3 +272,97 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
     );
     mock.stop().await;
 }
+
+/// A background task the gateway needs (here the wallets' tick, which voids
+/// stale holds and applies expiries and Lite resets) that panics stops the
+/// gateway, gracefully, with exit status 75 (EX_TEMPFAIL) and the task
+/// named, for its supervisor to start it again: never a gateway serving on
+/// without it. What the books held is whole at the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_task_that_panics_stops_the_gateway_to_be_started_again() {
+    let mock = creditgate::mock::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, config_text(mock.addr(), "", "")).unwrap();
+    let data = dir.path().join("data");
+    let mut running = spawn(&config, &data);
+    let today = chrono::Utc::now().date_naive().to_string();
+    let call = |running: &Running, method, path: String, body| {
+        let admin = running.admin.clone();
+        async move { operator_call(&admin, method, &path, body, None).await.unwrap().json() }
+    };
+    let org = call(
+        &running,
+        Method::POST,
+        "/admin/v1/orgs".into(),
+        json!({"name": "panics", "contract": {"start": today, "years": 1, "platform_allocation_per_year": "100"}}),
+    )
+    .await["id"]
+        .as_u64()
+        .unwrap();
+    let user = call(
+        &running,
+        Method::POST,
+        format!("/admin/v1/orgs/{org}/users"),
+        json!({"name": "u", "plan": "pro"}),
+    )
+    .await;
+    let key =
+        call(&running, Method::POST, format!("/admin/v1/orgs/{org}/keys"), json!({"user": user["id"]})).await;
+    let secret = key["secret"].as_str().unwrap().to_owned();
+    let charged = post_json(
+        &format!("http://{}/v1/chat/completions", running.proxy),
+        &secret,
+        &json!({"model": "mock-gpt", "max_tokens": 10}),
+    )
+    .await;
+    assert_eq!(charged.status, 200);
+    let balances = format!("/admin/v1/orgs/{org}/balances");
+    let before = call(&running, Method::GET, balances.clone(), json!({})).await;
+    assert_ne!(before["balances"][0]["balance"], "100", "the call was charged: {before}");
+    let stop = |child: &mut Child| {
+        assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+        assert!(child.wait().unwrap().success());
+    };
+    stop(&mut running.child);
+
+    let mut failing = serve_command(&config, &data)
+        .env("CREDITGATE_TEST_PANIC_TASK", "wallet_tick")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = failing.stderr.take().unwrap();
+    let reading = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = failing.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            failing.kill().unwrap();
+            failing.wait().unwrap();
+            panic!("the gateway served on without its wallets' tick: {}", reading.join().unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = reading.join().unwrap();
+    assert_eq!(status.code(), Some(75), "{log}");
+    assert!(log.contains("the background task wallet_tick panicked"), "{log}");
+    assert!(log.contains("stopped to be started again"), "{log}");
+
+    let mut running = spawn(&config, &data);
+    let after = call(&running, Method::GET, balances, json!({})).await;
+    for field in ["balance", "lots", "open_holds"] {
+        assert_eq!(after["balances"][0][field], before["balances"][0][field], "{field}");
+    }
+    stop(&mut running.child);
+    let verify = Command::new(env!("CARGO_BIN_EXE_creditgate"))
+        .args(["ledger", "verify", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    mock.stop().await;
+}

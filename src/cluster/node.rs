@@ -90,6 +90,8 @@ pub struct NodeOptions {
     /// The clock the replica runs on, to be told the database's time
     /// (`None`: a test's replica left on its own clock).
     pub clock: Option<Arc<DatabaseClock>>,
+    /// Watches the replica's rounds: one that panics stops the gateway.
+    pub supervisor: crate::supervise::Supervisor,
 }
 
 /// A running replica.
@@ -259,13 +261,15 @@ impl ClusterNode {
             wakeups: wakeups.clone(),
             name_lock,
         });
-        let mut tasks = vec![tokio::spawn(replica.run(clock, wakeups.clone(), shutdown.clone()))];
-        tasks.push(tokio::spawn(node.clone().answer_wanted(wakeups)));
-        tasks.push(tokio::spawn(node.clone().flush_rounds()));
-        tasks.push(tokio::spawn(node.clone().ship_rounds(options.ship_interval)));
-        tasks.push(tokio::spawn(node.clone().lease_rounds(options.lease_ttl)));
-        tasks.push(tokio::spawn(node.clone().errands()));
-        tasks.push(tokio::spawn(node.clone().watch_ledger(shutdown.clone())));
+        let watched = &options.supervisor;
+        let mut tasks =
+            vec![watched.spawn("treasury", replica.run(clock, wakeups.clone(), shutdown.clone()))];
+        tasks.push(watched.spawn("answer_wanted", node.clone().answer_wanted(wakeups)));
+        tasks.push(watched.spawn("flush_rounds", node.clone().flush_rounds()));
+        tasks.push(watched.spawn("ship_rounds", node.clone().ship_rounds(options.ship_interval)));
+        tasks.push(watched.spawn("lease_rounds", node.clone().lease_rounds(options.lease_ttl)));
+        tasks.push(watched.spawn("errands", node.clone().errands()));
+        tasks.push(watched.spawn("watch_ledger", node.clone().watch_ledger(shutdown.clone())));
         *node.tasks.lock() = tasks;
         started.disarm();
         tracing::info!(replica = %options.replica, "joined the cluster");
