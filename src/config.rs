@@ -435,6 +435,16 @@ pub struct Route {
     pub limits: RouteLimits,
 }
 
+/// The tools the routes charge for (see [`GatewayConfig::required_tools`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequiredTools {
+    /// Every tool a route serves.
+    pub names: Vec<String>,
+    /// Tools some route serves without a `units_header`: it charges every
+    /// call 0 units, so a price per unit there would go uncharged.
+    pub without_units: Vec<String>,
+}
+
 /// What a route lets a request cost, and who may use it. Each bound exists
 /// because a client chooses the value it bounds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1010,18 +1020,22 @@ impl GatewayConfig {
         })
     }
 
-    /// Tools that metered routes charge for; the price file must price each.
-    pub fn required_tools(&self) -> Vec<String> {
-        let mut tools: Vec<String> = self
-            .routes
-            .iter()
-            .filter_map(|r| match &r.kind {
-                RouteKind::Tool { name, .. } => Some(name.clone()),
-                _ => None,
-            })
-            .collect();
-        tools.sort();
-        tools.dedup();
+    /// Tools that metered routes charge for; the price file must price
+    /// each, and may price per unit only those whose every route counts units.
+    pub fn required_tools(&self) -> RequiredTools {
+        let mut tools = RequiredTools::default();
+        for route in &self.routes {
+            if let RouteKind::Tool { name, units_header } = &route.kind {
+                tools.names.push(name.clone());
+                if units_header.is_none() {
+                    tools.without_units.push(name.clone());
+                }
+            }
+        }
+        for names in [&mut tools.names, &mut tools.without_units] {
+            names.sort();
+            names.dedup();
+        }
         tools
     }
 
@@ -2338,7 +2352,7 @@ upstream = "nope"
             "metered routes need prices: {p:#?}"
         );
         let ok = parse(&format!("{metered}[pricing]\nfile = \"prices.toml\"\n")).unwrap();
-        assert_eq!(ok.required_tools(), ["web-search"]);
+        assert_eq!(ok.required_tools().names, ["web-search"]);
         assert_eq!(ok.pricing.unwrap().file, Path::new("prices.toml"));
     }
 

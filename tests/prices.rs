@@ -459,3 +459,46 @@ async fn the_price_tables_age_shows_in_the_api_the_metrics_and_check_config() {
     let message = bad.unwrap_err().to_string();
     assert!(message.starts_with("p.toml:2:9: as_of = \"2026-13-01\""), "{message}");
 }
+
+/// A tool priced per unit on a route that counts no units (no
+/// `units_header`) would be charged 0 units a call: served free where it
+/// has no `per_call`. Such a table is refused at start and at reload, where
+/// the table in force keeps billing.
+#[tokio::test]
+async fn a_price_per_unit_on_a_route_that_counts_no_units_is_refused() {
+    let stack = start().await;
+    let prices = stack.data_dir.path().join("prices.toml");
+    let per_call = format!("{TABLE_A}[tools.lookup]\nper_call = \"0.001\"\n");
+    let per_unit = format!("{TABLE_A}[tools.lookup]\nper_unit = \"0.001\"\nunit = \"rows\"\n")
+        .replace("label = \"A\"", "label = \"per-unit\"");
+    let route = "\n[[routes]]\nprefix = \"/v1/tools/lookup\"\nupstream = \"mock-tools\"\ntool = \"lookup\"\n";
+    let config_text =
+        config_text(stack.mock.addr(), "", "").replace(PRICES_FILE, prices.to_str().unwrap()) + route;
+    let data = stack.data_dir.path().join("data");
+
+    std::fs::write(&prices, &per_unit).unwrap();
+    let refused = Gateway::start(parse_config(&config_text, &data), CancellationToken::new()).await;
+    let error = format!("{:#}", refused.err().expect("a table that prices uncounted units started"));
+    assert!(error.contains("units_header") && error.contains("lookup"), "{error}");
+
+    std::fs::write(&prices, &per_call).unwrap();
+    let gateway = Gateway::start(parse_config(&config_text, &data), stack.shutdown.clone()).await.unwrap();
+    let keys = seed(&gateway, "100", "1");
+    let stack = Stack { books: BooksCheck::of(&gateway), gateway, keys, ..stack };
+    write_atomically(&prices, &per_unit);
+    let reply = admin(&stack, http::Method::POST, "/admin/v1/prices/reload").await;
+    assert_eq!(reply.status, 422, "{:?}", reply.body);
+    let body = String::from_utf8_lossy(&reply.body);
+    assert!(body.contains("units_header") && body.contains("lookup"), "{body}");
+    assert_eq!(stack.gateway.prices().unwrap().current().version().label, "A");
+    // The same table, on a route that counts units, loads.
+    std::fs::write(&prices, &per_unit).unwrap();
+    let counted =
+        config_text.replace("tool = \"lookup\"\n", "tool = \"lookup\"\nunits_header = \"x-usage-units\"\n");
+    let data = stack.data_dir.path().join("data-counted");
+    let shutdown = CancellationToken::new();
+    let counting = Gateway::start(parse_config(&counted, &data), shutdown.clone()).await.unwrap();
+    assert_eq!(counting.prices().unwrap().current().version().label, "per-unit");
+    shutdown.cancel();
+    counting.wait_stopped().await;
+}

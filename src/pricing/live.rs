@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{PriceFileErrors, PriceTable, MAX_PRICE_FILE_BYTES};
 use crate::clock::Clock;
+use crate::config::RequiredTools;
 use crate::telemetry::metrics::{Metrics, ResultLabels};
 
 /// Why a price file could not be put in force.
@@ -43,6 +44,12 @@ pub enum PriceLoadError {
         "{file}: routes name tools the file does not price: {missing:?} (add a [tools.NAME] table for each)"
     )]
     MissingTools { file: String, missing: Vec<String> },
+    #[error(
+        "{file}: prices per unit tools that a route serves without a units_header: {tools:?}; that \
+         route would charge every call 0 units (set the route's units_header to the header the \
+         upstream counts in, or price the tool per_call only)"
+    )]
+    UnitsNotCounted { file: String, tools: Vec<String> },
     #[error(
         "{file}: prices the table in force sets are missing (a file cut short while written?): {}; \
          state each as you mean it (\"0\" for free, the inherited price to inherit it), or remove \
@@ -80,7 +87,7 @@ pub struct PriceStatus {
 pub struct LivePrices {
     path: PathBuf,
     /// Tools that routes charge for; a table that lacks one is refused.
-    required_tools: Vec<String>,
+    required_tools: RequiredTools,
     current: ArcSwap<PriceTable>,
     /// The text of the file the table in force was read from, to compare a
     /// new file with.
@@ -108,7 +115,7 @@ impl LivePrices {
     /// Load the initial table; an error here stops the gateway from starting.
     pub fn load(
         path: &Path,
-        required_tools: Vec<String>,
+        required_tools: RequiredTools,
         now: DateTime<Utc>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, PriceLoadError> {
@@ -298,7 +305,7 @@ fn fingerprint(path: &Path) -> Fingerprint {
 /// The file's table, its text, and its fingerprint as read.
 fn read_table(
     path: &Path,
-    required_tools: &[String],
+    required_tools: &RequiredTools,
 ) -> Result<(PriceTable, String, Fingerprint), PriceLoadError> {
     let size = std::fs::metadata(path)
         .map_err(|source| PriceLoadError::Read { path: path.to_owned(), source })?
@@ -316,9 +323,14 @@ fn read_table(
     }
     let file = path.display().to_string();
     let table = PriceTable::parse(&file, &text).map_err(PriceLoadError::Invalid)?;
-    let missing: Vec<String> = required_tools.iter().filter(|t| !table.has_tool(t)).cloned().collect();
+    let missing: Vec<String> = required_tools.names.iter().filter(|t| !table.has_tool(t)).cloned().collect();
     if !missing.is_empty() {
         return Err(PriceLoadError::MissingTools { file, missing });
+    }
+    let uncounted: Vec<String> =
+        required_tools.without_units.iter().filter(|t| table.charges_per_unit(t)).cloned().collect();
+    if !uncounted.is_empty() {
+        return Err(PriceLoadError::UnitsNotCounted { file, tools: uncounted });
     }
     Ok((table, text, before))
 }
@@ -390,8 +402,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("prices.toml");
         std::fs::write(&path, table_text(0)).unwrap();
-        let prices =
-            Arc::new(LivePrices::load(&path, Vec::new(), Utc::now(), Arc::new(Metrics::new(false))).unwrap());
+        let prices = Arc::new(
+            LivePrices::load(&path, RequiredTools::default(), Utc::now(), Arc::new(Metrics::new(false)))
+                .unwrap(),
+        );
         // Changed in place after the load, before the watcher's first look
         // (to another length, so coarse file times cannot hide it).
         std::fs::write(&path, table_text(10)).unwrap();
@@ -414,8 +428,9 @@ mod tests {
         let path = dir.path().join("prices.toml");
         std::fs::write(&path, table_text(0)).unwrap();
         let now = Utc::now();
-        let prices =
-            Arc::new(LivePrices::load(&path, Vec::new(), now, Arc::new(Metrics::new(false))).unwrap());
+        let prices = Arc::new(
+            LivePrices::load(&path, RequiredTools::default(), now, Arc::new(Metrics::new(false))).unwrap(),
+        );
         std::fs::write(&path, table_text(1)).unwrap();
         // The first reload reads v1, then waits (at most 0.5 s) for a second
         // one, started once the file says v2, to finish.
@@ -454,7 +469,8 @@ mod tests {
         let full = format!("{}\n[markup]\npercent = \"20\"\n", table_text(0));
         std::fs::write(&path, &full).unwrap();
         let now = Utc::now();
-        let prices = LivePrices::load(&path, Vec::new(), now, Arc::new(Metrics::new(false))).unwrap();
+        let prices =
+            LivePrices::load(&path, RequiredTools::default(), now, Arc::new(Metrics::new(false))).unwrap();
         let version = prices.current().version().clone();
         // Cut before the markup, then before mock-claude's output price.
         let before_markup = &full[..full.find("[markup]").unwrap()];
@@ -498,7 +514,7 @@ mod tests {
         let full = format!("{}\n[markup]\npercent = \"20\"\n", table_text(0));
         std::fs::write(&path, &full).unwrap();
         let now = Utc::now();
-        let load = || LivePrices::load(&path, Vec::new(), now, Arc::new(Metrics::new(false)));
+        let load = || LivePrices::load(&path, RequiredTools::default(), now, Arc::new(Metrics::new(false)));
         let prices = load().unwrap().keep_in(&data).unwrap();
         // A reload in force is kept too.
         let raised = full.replacen("percent = \"20\"", "percent = \"25\"", 1);

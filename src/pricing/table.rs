@@ -129,6 +129,14 @@ impl PriceTable {
         self.tools.iter().map(|tool| tool.name.as_str())
     }
 
+    /// Whether any of a tool's prices, now or scheduled, charges per unit.
+    pub fn charges_per_unit(&self, name: &str) -> bool {
+        let Some(tool) = self.tool_names.get(name).and_then(|index| self.tools.get(*index)) else {
+            return false;
+        };
+        tool.schedule.periods.iter().any(|(_, price)| price.per_unit.0 > 0)
+    }
+
     /// What a tool's `per_unit` counts (e.g. "results"), if it is priced per unit.
     pub fn tool_unit(&self, name: &str) -> Option<&str> {
         let index = *self.tool_names.get(name)?;
