@@ -900,6 +900,15 @@ async fn price_modifiers_the_client_picks_are_priced() {
         (CHAT, json!({"compound_custom": {"tools": {"enabled_tools": ["web_search"]}}})),
         (CHAT, json!({"search_settings": {"country": "fr"}})),
         ("/v1/messages", json!({"compaction": {"trigger": 50000}})),
+        // Routers that serve another model than the one priced: LiteLLM's
+        // client-side fallbacks, its switch that fails the named model so
+        // they (or the proxy's own) serve, its per-request router, and
+        // OpenRouter's presets.
+        (CHAT, json!({"fallbacks": ["mock-gpt-large"]})),
+        (CHAT, json!({"context_window_fallback_dict": {"mock-claude": "mock-gpt-large"}})),
+        (CHAT, json!({"mock_testing_fallbacks": true})),
+        (CHAT, json!({"user_config": {"model_list": []}})),
+        (CHAT, json!({"preset": "dearest"})),
     ] {
         let mut body = json!({"model": "mock-claude", "max_tokens": 10, "messages": []});
         body.as_object_mut().unwrap().extend(option.as_object().unwrap().clone());

@@ -458,6 +458,11 @@ pub fn read_model_request_for(
         ("compound_custom", fields.compound_custom.is_some()),
         ("search_settings", fields.search_settings.is_some()),
         ("compaction", fields.compaction.is_some()),
+        ("fallbacks", fields.fallbacks.is_some()),
+        ("context_window_fallback_dict", fields.context_window_fallback_dict.is_some()),
+        ("mock_testing_fallbacks", fields.mock_testing_fallbacks.is_some()),
+        ("user_config", fields.user_config.is_some()),
+        ("preset", fields.preset.is_some()),
     ];
     if let Some((field, _)) = unpriced.into_iter().find(|(_, set)| *set) {
         return Err(ProxyError::UnpricedOption { field });

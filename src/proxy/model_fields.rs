@@ -80,12 +80,25 @@ pub(super) struct ModelFields {
     pub thinking: Option<Value>,
     pub reasoning: Option<Value>,
     pub reasoning_effort: Option<Value>,
+    /// Routers that serve a request with another model than it names, which
+    /// the gateway priced: LiteLLM's client-side fallbacks (`fallbacks`,
+    /// `context_window_fallback_dict`), its switch that fails the named model
+    /// on purpose so the fallbacks serve (`mock_testing_fallbacks`, which
+    /// also reaches fallbacks the proxy's own config sets) and its
+    /// per-request router (`user_config`, a model list of the client's);
+    /// OpenRouter's presets (`preset`, which can set fallback models,
+    /// providers and plugins). The usage they report is the other model's.
+    pub fallbacks: Option<IgnoredAny>,
+    pub context_window_fallback_dict: Option<IgnoredAny>,
+    pub mock_testing_fallbacks: Option<IgnoredAny>,
+    pub user_config: Option<IgnoredAny>,
+    pub preset: Option<IgnoredAny>,
 }
 
 /// The top-level names read above, then those whose presence the
 /// server-context scan prices (stored responses, conversations, prompts,
 /// tool servers): a folded spelling of any of them is refused.
-const TOP_LEVEL: [&str; 39] = [
+const TOP_LEVEL: [&str; 44] = [
     "model",
     "max_tokens",
     "max_completion_tokens",
@@ -119,6 +132,11 @@ const TOP_LEVEL: [&str; 39] = [
     "thinking",
     "reasoning",
     "reasoning_effort",
+    "fallbacks",
+    "context_window_fallback_dict",
+    "mock_testing_fallbacks",
+    "user_config",
+    "preset",
     "previous_response_id",
     "conversation",
     "prompt",
@@ -268,6 +286,11 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                 "thinking" => read!(30, thinking),
                 "reasoning" => read!(31, reasoning),
                 "reasoning_effort" => read!(32, reasoning_effort),
+                "fallbacks" => read!(33, fallbacks),
+                "context_window_fallback_dict" => read!(34, context_window_fallback_dict),
+                "mock_testing_fallbacks" => read!(35, mock_testing_fallbacks),
+                "user_config" => read!(36, user_config),
+                "preset" => read!(37, preset),
                 other => {
                     refuse_folded(other, &TOP_LEVEL)?;
                     map.next_value::<IgnoredAny>()?;
