@@ -629,20 +629,16 @@ async fn a_client_that_accepts_gzip_is_still_metered() {
     assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-gpt"));
 }
 
-#[tokio::test]
-async fn a_client_that_hangs_up_before_the_usage_event_pays_the_reported_usage() {
-    // Proves defect 5: a client that reset the stream just before the usage event paid an
-    // estimate of the text it had seen. Now the gateway reads on to the usage.
-    let books = Books::start(|t| t, "100", "1").await;
-    let pro = books.keys.pro.clone();
-    let before = books.settled_balance(&pro).await;
+/// What `pro` is charged for a stream of `mock-gpt` whose client hangs up
+/// after the first chunk, the provider told by `headers` how to answer.
+async fn charged_when_the_client_hangs_up(books: &Books, pro: &str, headers: &[(&str, &str)]) -> Decimal {
+    let before = books.settled_balance(pro).await;
     let body = json!({"model": "mock-gpt", "stream": true, "max_tokens": 200});
-    let request = Request::post(books.url(CHAT))
-        .header("authorization", format!("Bearer {pro}"))
-        .header("x-provider-output", "200")
-        .header("x-provider-usage-delay-ms", "400")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
+    let mut request = Request::post(books.url(CHAT)).header("authorization", format!("Bearer {pro}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(Bytes::from(body.to_string()))).unwrap();
     let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let response = client.request(request).await.unwrap();
@@ -652,8 +648,41 @@ async fn a_client_that_hangs_up_before_the_usage_event_pays_the_reported_usage()
     assert!(first.is_data());
     drop(body);
     drop(client);
-    let charged = before - books.settled_balance(&pro).await;
+    before - books.settled_balance(pro).await
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_before_the_usage_event_pays_the_reported_usage() {
+    // Proves defect 5: a client that reset the stream just before the usage event paid an
+    // estimate of the text it had seen. Now the gateway reads on to the usage.
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let headers = [("x-provider-output", "200"), ("x-provider-usage-delay-ms", "400")];
+    let charged = charged_when_the_client_hangs_up(&books, &pro, &headers).await;
     assert_eq!(charged, books.reported_cost("mock-gpt"), "all 200 output tokens, not the 2 it saw");
+}
+
+/// A stream that ends with its usage chunk, without `data: [DONE]` or a
+/// last blank line, read on after its client left: the unterminated event is
+/// still an event, and its usage the bill. Before, reading on never looked
+/// at the event the rewriter held at the end, and the call paid its hold.
+#[tokio::test]
+async fn a_client_that_hangs_up_pays_the_usage_of_a_last_event_without_its_blank_line() {
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let unterminated =
+        [("x-provider-output", "100"), ("x-provider-no-done", "1"), ("x-provider-no-final-blank", "1")];
+    let mut headers = unterminated.to_vec();
+    headers.push(("x-provider-usage-delay-ms", "400"));
+    let charged = charged_when_the_client_hangs_up(&books, &pro, &headers).await;
+    assert_eq!(charged, books.reported_cost("mock-gpt"), "the reported usage, not the hold");
+    // The client that stays gets the same bill, and the event.
+    let before = books.settled_balance(&pro).await;
+    let streamed = json!({"model": "mock-gpt", "stream": true, "max_tokens": 200});
+    let reply = books.post(CHAT, Some(&pro), &unterminated, &streamed).await;
+    assert_eq!(reply.status, 200);
+    assert!(String::from_utf8_lossy(&reply.body).trim_end().ends_with('}'), "the last chunk, unterminated");
+    assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-gpt"));
 }
 
 #[tokio::test]
@@ -1430,7 +1459,7 @@ async fn a_stream_the_upstream_breaks_is_charged_an_estimate_unless_it_may_run_h
 async fn a_response_is_ended_after_max_response_ms_even_when_its_client_stopped_reading() {
     // Proves a client cannot keep a request (and its hold) open at will: the response is cut
     // after [server] max_response_ms however the client behaves, and the request is charged
-    // (here the hold: reading on for the usage gives up after read_on_timeout_ms).
+    // its hold (nothing is read on after the cut; a running total below the hold is no bill).
     let books = Books::start(
         |t| {
             t.replace(

@@ -88,7 +88,14 @@ async fn drain_through_meter(mut body: Incoming, ctx: &mut RequestCtx, max_bytes
     let mut read = 0u64;
     loop {
         match body.frame().await {
-            None => return Outcome::Completed,
+            None => {
+                // A last event without its blank line is still an event:
+                // the rewriter holds it until told the body ended.
+                if let Some(meter) = ctx.charge.as_mut().and_then(|c| c.meter.as_mut()) {
+                    let _for_nobody = meter.end_of_body();
+                }
+                return Outcome::Completed;
+            }
             Some(Err(_)) => return Outcome::UpstreamBroke,
             Some(Ok(frame)) => {
                 let Ok(data) = frame.into_data() else { continue };

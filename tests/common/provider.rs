@@ -10,7 +10,8 @@
 //! `x-provider-context-tokens: N` input read from server-side context
 //! (default 50,000); `x-provider-pace-ms: N` between stream events;
 //! `x-provider-usage-delay-ms: N` before the usage event;
-//! `x-provider-no-final-blank: 1`; `x-provider-usage-every-chunk: 1` (a
+//! `x-provider-no-final-blank: 1`; `x-provider-no-done: 1` (a chat stream
+//! without `data: [DONE]`); `x-provider-usage-every-chunk: 1` (a
 //! running total on every chunk); `x-provider-gzip-anyway: 1` (compress
 //! unasked); `x-provider-reset-after: N` (a stream breaks after N events);
 //! `x-provider-head-delay-ms: N` (it thinks that long before the response
@@ -258,12 +259,17 @@ impl Provider {
             if include_usage {
                 events.push((number("x-provider-usage-delay-ms", pace), format!("data: {{\"id\": \"c1\", \"choices\": [], \"service_tier\": \"{served_tier}\", \"usage\": {{\"prompt_tokens\": {input_tokens}, \"completion_tokens\": {output_tokens}}}}}\r\n\r\n")));
             }
-            let done = if headers.contains_key("x-provider-no-final-blank") {
-                "data: [DONE]"
+            let no_final_blank = headers.contains_key("x-provider-no-final-blank");
+            if headers.contains_key("x-provider-no-done") {
+                // The stream ends with its last chunk, which with
+                // `x-provider-no-final-blank` lacks its blank line too.
+                if let Some((_, last)) = events.last_mut().filter(|_| no_final_blank) {
+                    last.truncate(last.trim_end().len());
+                }
             } else {
-                "data: [DONE]\r\n\r\n"
-            };
-            events.push((pace, done.into()));
+                let done = if no_final_blank { "data: [DONE]" } else { "data: [DONE]\r\n\r\n" };
+                events.push((pace, done.into()));
+            }
         }
         // `x-provider-stream-length: 1`: the whole stream at once, with its
         // `content-length` (as some buffering upstreams send it).
