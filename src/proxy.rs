@@ -402,7 +402,8 @@ impl Proxy {
                     }
                     Some(_) => route.limits.context_budget_tokens,
                     None => 0,
-                };
+                }
+                .saturating_add(fields.tool_prompt_tokens);
                 let request_bytes = bytes.len() as u64;
                 let hosted = charge::hosted_tools_hold(&table, &fields, route.limits.max_tool_calls, now)?;
                 let tool_calls = hosted.calls_to_send;

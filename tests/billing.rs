@@ -685,6 +685,33 @@ async fn a_client_that_hangs_up_pays_the_usage_of_a_last_event_without_its_blank
     assert_eq!(before - books.settled_balance(&pro).await, books.reported_cost("mock-gpt"));
 }
 
+/// Anthropic's built-in client tools bill input their few bytes do not
+/// bound (a tool-use system prompt and each tool's own definition: some
+/// 2,500 tokens for computer use, the text editor and bash, sent in about
+/// 400 bytes). The hold allows for them, so the call is charged within it
+/// and a wallet it fits is never overdrawn. Before, the hold counted only
+/// the body's bytes, and such a call ran past it by five times.
+#[tokio::test]
+async fn anthropic_built_in_tools_are_held_for_the_input_they_add() {
+    let books = Books::start(|t| t, "100", "1").await;
+    let pro = books.keys.pro.clone();
+    let tools = json!([
+        {"type": "computer_20250124", "name": "computer", "display_width_px": 1, "display_height_px": 1},
+        {"type": "text_editor_20250429", "name": "str_replace_based_edit_tool"},
+        {"type": "bash_20250124", "name": "bash"},
+    ]);
+    let body = json!({"model": "mock-claude", "max_tokens": 1, "tools": tools,
+                      "messages": [{"role": "user", "content": "x"}]});
+    let before = books.settled_balance(&pro).await;
+    let reply = books.post("/v1/messages", Some(&pro), &[("x-provider-output", "1")], &body).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert!(books.provider.last().input_tokens > 2_500, "the provider billed the tools' prompts");
+    let charged = before - books.settled_balance(&pro).await;
+    assert_eq!(charged, books.reported_cost("mock-claude"));
+    let held = books.debit_held(charged).await.expect("a debit");
+    assert!(charged <= held, "charged {charged} past its hold {held}");
+}
+
 #[tokio::test]
 async fn passthrough_needs_a_key_and_anonymous_requests_never_carry_the_upstream_credential() {
     // Proves defect 6: a client-supplied Host picked the unmetered route with no key at all,

@@ -281,6 +281,16 @@ const ORIGIN_TIMED_OUT: u16 = 524;
 /// refused.
 const CHAT_TOKEN_TOOLS: [&str; 2] = ["function", "custom"];
 
+/// Input a request's tools make the upstream bill beyond the body's bytes,
+/// which bound everything else it sends: Anthropic's tool-use system prompt
+/// (at most 530 tokens over its models) whenever tools are given, and the
+/// built-in client tools' own definitions and prompts (Claude 4: bash 245,
+/// the text editor 700, computer use 735 plus 499 of system prompt; matched
+/// by type prefix, every version). Rounded up: a hold too large is given
+/// back at the settle, one too small overdraws the wallet.
+const TOOL_USE_PROMPT_TOKENS: u64 = 600;
+const BUILT_IN_TOOL_TOKENS: [(&str, u64); 3] = [("bash_", 300), ("text_editor_", 800), ("computer_", 1_300)];
+
 /// Most choices one request may ask for (`n`, `best_of`); OpenAI's own bound.
 pub const MAX_CHOICES: u64 = 128;
 
@@ -321,6 +331,9 @@ pub struct ModelRequest {
     /// `reasoning_effort`): reasoning billed in full and streamed at most
     /// as a summary.
     pub asks_reasoning: bool,
+    /// Input tokens its tools add that its bytes do not carry
+    /// ([`TOOL_USE_PROMPT_TOKENS`], [`BUILT_IN_TOOL_TOKENS`]).
+    pub tool_prompt_tokens: u64,
 }
 
 /// The output-cap field each API reads; a cap in any other field would be
@@ -507,12 +520,23 @@ pub fn read_model_request_for(
     }
     let mut max_tool_calls = count(fields.max_tool_calls, "max_tool_calls")?;
     let mut unbounded_tools = 0u64;
+    let mut tool_prompt_tokens = match &fields.tools {
+        Some(tools) if !tools.is_empty() && flavour != Flavour::OpenaiEmbeddings => TOOL_USE_PROMPT_TOKENS,
+        _ => 0,
+    };
     let recognise = match flavour {
         Flavour::OpenaiResponses => HostedTool::from_request_type,
         Flavour::AnthropicMessages => HostedTool::from_anthropic_type,
         _ => |_: &str| None,
     };
     for tool in fields.tools.into_iter().flatten() {
+        let built_in = tool.kind.as_deref().and_then(|kind| {
+            BUILT_IN_TOOL_TOKENS
+                .iter()
+                .find(|(prefix, _)| kind.starts_with(prefix))
+                .map(|(_, tokens)| *tokens)
+        });
+        tool_prompt_tokens = tool_prompt_tokens.saturating_add(built_in.unwrap_or(0));
         // Anthropic bills code execution by container time, which no
         // response reports: it cannot be metered, so it is not served.
         if flavour == Flavour::AnthropicMessages
@@ -578,6 +602,7 @@ pub fn read_model_request_for(
         cache_breakpoints,
         cache_longer_lifetime: cache_breakpoints && super::cache_marks::asks_longer_cache_lifetime(body),
         asks_reasoning: asks_reasoning(fields.thinking, fields.reasoning, fields.reasoning_effort),
+        tool_prompt_tokens,
     })
 }
 

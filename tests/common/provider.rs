@@ -119,7 +119,28 @@ impl Provider {
         let reads_context = ["previous_response_id", "conversation", "file_id", "image_url"]
             .iter()
             .any(|key| decoded.contains(key) || bytes.windows(key.len()).any(|w| w == key.as_bytes()));
+        // Anthropic bills input its body does not carry when tools are
+        // given: a tool-use system prompt (346 tokens on Claude 4 models),
+        // and the built-in client tools' own definitions and prompts (bash
+        // 245, the text editor 700, computer use 735 + 499).
+        let tools = body.get("tools").and_then(Value::as_array).filter(|tools| !tools.is_empty());
+        let hidden_tool_tokens = match tools {
+            Some(tools) if path.starts_with("/v1/messages") => {
+                346 + tools
+                    .iter()
+                    .filter_map(|tool| tool.get("type")?.as_str())
+                    .map(|kind| match kind {
+                        kind if kind.starts_with("bash_") => 245,
+                        kind if kind.starts_with("text_editor_") => 700,
+                        kind if kind.starts_with("computer_") => 735 + 499,
+                        _ => 0,
+                    })
+                    .sum::<u64>()
+            }
+            _ => 0,
+        };
         let input_tokens = (bytes.len() as u64).div_ceil(4)
+            + hidden_tool_tokens
             + if reads_context { number("x-provider-context-tokens", 50_000) } else { 0 };
         let cap = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
             .iter()
