@@ -268,10 +268,9 @@ impl Proxy {
             (Some(uri_host), _) => Some(uri_host),
             (None, header_host) => header_host,
         };
-        let route = self
-            .config
-            .route_for(host, request.uri().path())
-            .ok_or_else(|| ProxyError::RouteNotFound { path: request.uri().path().to_owned() })?;
+        let route = self.config.route_for(host, request.uri().path()).ok_or_else(|| {
+            ProxyError::RouteNotFound { path: error::clipped(request.uri().path()).to_owned() }
+        })?;
         ctx.upstream = Some(route.upstream);
         ctx.route_prefix = Some(route.prefix.clone());
         ctx.route_index = self.config.routes.iter().position(|r| std::ptr::eq(r, route));

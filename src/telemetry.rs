@@ -13,6 +13,7 @@ pub fn init(log: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = without_statement_parameters(filter);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -22,6 +23,16 @@ pub fn init(log: &LogConfig) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// `filter` with PostgreSQL's driver held at `info`, whatever level was
+/// asked for: at `debug` it logs every statement's parameters, and those
+/// carry secrets (an alert rule's signing secret, as written to the books).
+fn without_statement_parameters(filter: EnvFilter) -> EnvFilter {
+    match "tokio_postgres=info".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
 }
 
 /// Sends panics to the log as errors too (once per process), then to the

@@ -936,7 +936,16 @@ async fn alert_rules_are_shared_by_the_replicas_and_each_threshold_fires_once_fo
         text.replace("[admin]\n", "[admin]\nalert_webhook_allow = [\"127.0.0.1/32\"]\n")
     })
     .await;
-    let replicas = (0..3).map(|_| spawn_replica(config.path(), &url, tempfile::tempdir().unwrap())).collect();
+    // Replica 0, through which the rules are written, logs at debug: the
+    // database driver's statements and their parameters (the rules'
+    // signing secrets) must stay out of its log.
+    let debug = [("RUST_LOG", "debug")];
+    let replicas = (0..3)
+        .map(|i| {
+            let env: &[(&str, &str)] = if i == 0 { &debug } else { &[] };
+            spawn_replica_with_env(config.path(), &url, tempfile::tempdir().unwrap(), env)
+        })
+        .collect();
     let mut cluster = Cluster { url, config, replicas, mock };
     // About twenty calls' worth.
     let (org, secret) = funded_org(&cluster, 0, "0.002", "0.002").await;
@@ -978,6 +987,9 @@ async fn alert_rules_are_shared_by_the_replicas_and_each_threshold_fires_once_fo
     let mut fired: Vec<u64> = received.iter().map(|event| event["rule"].as_u64().unwrap()).collect();
     fired.sort_unstable();
     assert_eq!(fired, rule_ids, "each threshold fired exactly once for the cluster: {received:#?}");
+    let log = cluster.replicas[0].log();
+    assert!(log.contains("DEBUG"), "replica 0 logs at debug");
+    assert!(!log.contains(WEBHOOK_SECRET), "a signing secret reached the log");
 
     // Every replica lists the same deliveries: the ones sent.
     let sent: Vec<u64> = received.iter().map(|event| event["delivery"].as_u64().unwrap()).collect();

@@ -85,6 +85,15 @@ async fn a_matrix_of_malformed_requests_gets_clear_4xx_and_costs_nothing() {
         }
         tried += 1;
     }
+    // A name or path of the client's length is echoed (and logged) clipped.
+    let long_model = format!("{{\"model\": \"{}\"}}", "m".repeat(60_000));
+    let reply = post_raw_body(&stack, &key, long_model.as_bytes()).await;
+    assert_eq!(reply.json()["error"]["code"], "model_not_priced");
+    assert!(reply.body.len() < 1_024, "an error of {} bytes", reply.body.len());
+    let long_path = format!("/{}", "p".repeat(60_000));
+    let reply = send(Request::get(stack.url(&long_path)).body(Full::new(Bytes::new())).unwrap()).await;
+    assert_eq!(reply.status, 404);
+    assert!(reply.body.len() < 1_024, "an error of {} bytes", reply.body.len());
     // Bytes that are not UTF-8 at all.
     let reply = post_raw_body(&stack, &key, &[0xff, 0xfe, b'{', 0x80]).await;
     assert_eq!(reply.status, 400);

@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::context::Outcome;
-use super::error::ProxyError;
+use super::error::{clipped, ProxyError};
 use super::headers::X_API_KEY;
 use super::json_members::Members;
 use super::model_fields::ModelFields;
@@ -1168,12 +1168,13 @@ pub fn price_model(
     service_tier: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<ModelPrice, ProxyError> {
-    let mut price =
-        table.model(model, now).ok_or_else(|| ProxyError::UnpricedModel { model: model.to_owned() })?;
+    let mut price = table
+        .model(model, now)
+        .ok_or_else(|| ProxyError::UnpricedModel { model: clipped(model).to_owned() })?;
     if let Some(tier) = service_tier {
         let multipliers = table.service_tier(model, tier).ok_or_else(|| ProxyError::UnpricedServiceTier {
-            model: model.to_owned(),
-            tier: tier.to_owned(),
+            model: clipped(model).to_owned(),
+            tier: clipped(tier).to_owned(),
         })?;
         price = price.in_tier(multipliers);
     }
@@ -1192,7 +1193,7 @@ pub fn asks_anthropic_beta(headers: &HeaderMap, prefix: &str) -> bool {
 }
 
 pub fn price_tool(table: &PriceTable, tool: &str, now: DateTime<Utc>) -> Result<ToolPrice, ProxyError> {
-    table.tool(tool, now).ok_or_else(|| ProxyError::UnpricedModel { model: tool.to_owned() })
+    table.tool(tool, now).ok_or_else(|| ProxyError::UnpricedModel { model: clipped(tool).to_owned() })
 }
 
 impl Charge {

@@ -47,14 +47,14 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    /// The span (and so the access log) names the path only: a query
-    /// string can carry secrets.
+    /// The span (and so the access log) names the path only, clipped: a
+    /// query string can carry secrets, and a client picks the length.
     pub fn new(request_id: HeaderValue, peer: SocketAddr, method: &Method, uri: &Uri) -> Self {
         let span = tracing::info_span!(
             "request",
             request_id = request_id.to_str().unwrap_or("-"),
             method = %method,
-            path = uri.path(),
+            path = super::error::clipped(uri.path()),
         );
         RequestCtx {
             request_id,

@@ -250,6 +250,22 @@ fn limit_period(period: LimitPeriod) -> &'static str {
 }
 
 /// Build a JSON error response in the gateway's one error shape.
+/// Most bytes of a client's text (a path, a model name) an error answer or
+/// a log line repeats: the client chooses its length.
+pub const ECHOED_BYTES: usize = 256;
+
+/// `text` cut to at most [`ECHOED_BYTES`] bytes, at a character boundary.
+pub fn clipped(text: &str) -> &str {
+    if text.len() <= ECHOED_BYTES {
+        return text;
+    }
+    let mut end = ECHOED_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 pub fn json_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response<Bytes> {
     json_body(status, &json!({"error": {"type": kind, "code": code, "message": message}}))
 }
@@ -265,6 +281,17 @@ fn json_body(status: StatusCode, body: &serde_json::Value) -> Response<Bytes> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clipped_text_keeps_whole_characters() {
+        assert_eq!(clipped("short"), "short");
+        let long = "é".repeat(200); // 400 bytes
+        let clip = clipped(&long);
+        assert_eq!(clip.len(), ECHOED_BYTES);
+        assert!(long.starts_with(clip));
+        let odd = format!("a{long}"); // a boundary at 256 falls inside an é
+        assert_eq!(clipped(&odd).len(), ECHOED_BYTES - 1);
+    }
 
     #[test]
     fn a_ledger_that_cannot_record_answers_503_never_free_service() {
