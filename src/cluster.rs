@@ -54,8 +54,9 @@
 //!
 //! A debit that ships after its lease was closed (its replica was killed and
 //! restarted on its data directory after the grace, or was cut off from the
-//! database for longer than the grace while a request was in flight) is
-//! still posted, never dropped: the part no open lease covered is recorded
+//! database alone for longer than the grace: it settles what it served under
+//! its leases until `safety_ms` before their deadline, and none of it ships)
+//! is still posted, never dropped: the part no open lease covered is recorded
 //! in `cg_debits.uncovered` and counted as the wallet's overrun. So the
 //! overspend is zero while every replica ships within the grace, and is in
 //! any case bounded by the leases the late replica held, and always visible.
