@@ -187,26 +187,27 @@ impl Ledger {
         orgs
     }
 
-    /// The users of an organization, by id.
-    pub fn users_of(&self, org: OrgId) -> Vec<User> {
-        let mut users: Vec<User> = self.users.iter().filter(|u| u.org == org).map(|u| u.clone()).collect();
-        users.sort_by_key(|u| u.id);
-        users
-    }
-
-    /// The applications of an organization, by id.
-    pub fn apps_of(&self, org: OrgId) -> Vec<Application> {
-        let mut apps: Vec<Application> =
-            self.apps.iter().filter(|a| a.org == org).map(|a| a.clone()).collect();
-        apps.sort_by_key(|a| a.id);
-        apps
-    }
-
     /// The key records of an organization (hashes only, never secrets), by id.
     pub fn keys_of(&self, org: OrgId) -> Vec<ApiKey> {
         let mut keys: Vec<ApiKey> = self.keys.iter().filter(|k| k.org == org).map(|k| k.clone()).collect();
         keys.sort_by_key(|k| k.id);
         keys
+    }
+
+    /// Up to `limit` of an organization's users with ids above `after`, by
+    /// id, and the last id given when more follow.
+    pub fn users_page(&self, org: OrgId, after: u64, limit: usize) -> (Vec<User>, Option<u64>) {
+        page_of(&self.users, |id| id.0, |user| user.org == org, after, limit)
+    }
+
+    /// [`Ledger::users_page`] for applications.
+    pub fn apps_page(&self, org: OrgId, after: u64, limit: usize) -> (Vec<Application>, Option<u64>) {
+        page_of(&self.apps, |id| id.0, |app| app.org == org, after, limit)
+    }
+
+    /// [`Ledger::users_page`] for key records (hashes only, never secrets).
+    pub fn keys_page(&self, org: OrgId, after: u64, limit: usize) -> (Vec<ApiKey>, Option<u64>) {
+        page_of(&self.keys, |id| id.0, |key| key.org == org, after, limit)
     }
 
     /// Every wallet of an organization: its pool, then its Lite wallets.
@@ -346,6 +347,32 @@ impl Ledger {
         live.sort_by_key(|(wallet, _, _)| *wallet);
         live
     }
+}
+
+/// Up to `limit` values of `map` that `belongs` with ids above `after`, by
+/// id, and the last id given when more follow. Ids are gathered first and
+/// only the page is copied: an organization with many keys costs one page
+/// of memory to list, not all of them.
+fn page_of<K, V: Clone>(
+    map: &IdDashMap<K, V>,
+    id: impl Fn(&K) -> u64,
+    belongs: impl Fn(&V) -> bool,
+    after: u64,
+    limit: usize,
+) -> (Vec<V>, Option<u64>)
+where
+    K: Copy + Eq + std::hash::Hash,
+{
+    let mut ids: Vec<K> = map
+        .iter()
+        .filter(|entry| id(entry.key()) > after && belongs(entry.value()))
+        .map(|e| *e.key())
+        .collect();
+    ids.sort_unstable_by_key(&id);
+    let more = ids.len() > limit;
+    ids.truncate(limit);
+    let next = if more { ids.last().map(&id) } else { None };
+    (ids.iter().filter_map(|key| map.get(key).map(|value| value.clone())).collect(), next)
 }
 
 #[cfg(test)]

@@ -173,13 +173,26 @@ function walletName(wallet, org) {
   return `Lite: ${user || "user " + wallet.lite}`;
 }
 
+// Every item of a paged list (`users`, `apps`, `keys`), page after page.
+async function listAll(path, field) {
+  const items = [];
+  let after = null;
+  for (;;) {
+    const page = await api(after === null ? path : `${path}?after=${after}`);
+    items.push(...page[field]);
+    if (page.next_cursor === null || page.next_cursor === undefined) return items;
+    after = page.next_cursor;
+  }
+}
+
 // Names of users, apps and keys of an org, for labels.
 async function loadNames(org) {
-  const [users, apps, keys] = await Promise.all([api(`/orgs/${org}/users`), api(`/orgs/${org}/apps`), api(`/orgs/${org}/keys`)]);
-  const names = { user: {}, app: {}, key: {}, users: users.users, apps: apps.apps, keys: keys.keys };
-  for (const u of users.users) names.user[u.id] = u.name;
-  for (const a of apps.apps) names.app[a.id] = a.name;
-  for (const k of keys.keys) names.key[k.id] = k.label || `key ${k.id}`;
+  const [users, apps, keys] = await Promise.all([
+    listAll(`/orgs/${org}/users`, "users"), listAll(`/orgs/${org}/apps`, "apps"), listAll(`/orgs/${org}/keys`, "keys")]);
+  const names = { user: {}, app: {}, key: {}, users, apps, keys };
+  for (const u of users) names.user[u.id] = u.name;
+  for (const a of apps) names.app[a.id] = a.name;
+  for (const k of keys) names.key[k.id] = k.label || `key ${k.id}`;
   state.names[org] = names;
   return names;
 }

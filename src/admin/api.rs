@@ -250,7 +250,7 @@ fn optional_idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Admin
 /// An org or a user as the API shows it: the `Idempotency-Key` it was
 /// created under stays in the books (an org token must not read the
 /// operator's, and nobody needs it back).
-fn shown(value: &impl serde::Serialize) -> Value {
+pub(super) fn shown(value: &impl serde::Serialize) -> Value {
     let mut value = json!(value);
     if let Some(fields) = value.as_object_mut() {
         fields.remove("idempotency_key");
@@ -324,12 +324,8 @@ pub fn org_resource(call: &OrgCall<'_>, method: &Method, rest: &[&str], body: &[
             let raw: ContractIn = parse(body)?;
             Ok((StatusCode::CREATED, shown(&ledger.renew_contract(org, raw.into(), now)?)))
         }
-        (&Method::GET, ["users"]) => {
-            get(json!({ "users": ledger.users_of(org).iter().map(shown).collect::<Vec<_>>() }))
-        }
         (&Method::POST, ["users"]) => create_user(call, body),
         (&Method::PATCH, ["users", user]) => patch_user(call, UserId(id(user, "user")?), body),
-        (&Method::GET, ["apps"]) => get(json!({ "apps": ledger.apps_of(org) })),
         (&Method::POST, ["apps"]) => {
             let raw: AppIn = parse(body)?;
             let new = NewApp {
@@ -338,9 +334,6 @@ pub fn org_resource(call: &OrgCall<'_>, method: &Method, rest: &[&str], body: &[
                 end_user_limits: raw.end_user_limits.into(),
             };
             Ok((StatusCode::CREATED, json!(ledger.create_app(org, new, now)?)))
-        }
-        (&Method::GET, ["keys"]) => {
-            get(json!({ "keys": ledger.keys_of(org).iter().map(key_view).collect::<Vec<_>>() }))
         }
         (&Method::POST, ["keys"]) => create_key(call, body),
         (&Method::POST, ["keys", key, "revoke"]) => {

@@ -424,15 +424,22 @@ fn response_schema(method: &str, path: &str) -> Value {
         ),
         ("get", "/orgs/{org}/summary") => org_summary(),
         ("post", "/orgs/{org}/contracts") => organization(),
-        ("get", "/orgs/{org}/users") => has(json!({"users": {"type": "array", "items": user()}}), &["users"]),
+        ("get", "/orgs/{org}/users") => has(
+            json!({"users": {"type": "array", "items": user()}, "next_cursor": {"anyOf": [id(), {"type": "null"}]}}),
+            &["users", "next_cursor"],
+        ),
         ("post", "/orgs/{org}/users") | ("patch", "/orgs/{org}/users/{user}") => user(),
-        ("get", "/orgs/{org}/apps") => {
-            has(json!({"apps": {"type": "array", "items": application()}}), &["apps"])
-        }
+        ("get", "/orgs/{org}/apps") => has(
+            json!({"apps": {"type": "array", "items": application()},
+                       "next_cursor": {"anyOf": [id(), {"type": "null"}]}}),
+            &["apps", "next_cursor"],
+        ),
         ("post", "/orgs/{org}/apps") | ("put", "/orgs/{org}/apps/{app}/limits") => application(),
-        ("get", "/orgs/{org}/keys") => {
-            has(json!({"keys": {"type": "array", "items": key(false)}}), &["keys"])
-        }
+        ("get", "/orgs/{org}/keys") => has(
+            json!({"keys": {"type": "array", "items": key(false)},
+                       "next_cursor": {"anyOf": [id(), {"type": "null"}]}}),
+            &["keys", "next_cursor"],
+        ),
         ("post", "/orgs/{org}/keys") => key(true),
         ("post", "/orgs/{org}/keys/{key}/revoke")
         | ("put", "/orgs/{org}/keys/{key}/limits")
@@ -518,6 +525,11 @@ fn query_parameters(path: &str) -> Vec<Value> {
             ("user", json!({"type": "string", "pattern": "^[0-9]*$"})),
             ("from", query_time()),
             ("to", query_time()),
+        ],
+        // Pages of at most 1,000, by id.
+        "/admin/v1/orgs/{org}/users" | "/admin/v1/orgs/{org}/apps" | "/admin/v1/orgs/{org}/keys" => vec![
+            ("after", json!({"type": "string", "pattern": "^[0-9]*$"})),
+            ("limit", json!({"type": "string", "pattern": "^[0-9]*$"})),
         ],
         "/admin/v1/orgs/{org}/usage" => vec![
             ("group_by", json!({"type": "string", "pattern": group_by_pattern(), "examples": ["model,day"]})),
@@ -649,7 +661,9 @@ fn takes_optional_idempotency_key(route: &RouteDoc) -> bool {
 
 fn operation(route: &RouteDoc) -> Value {
     let mut parameters = path_parameters(route.path);
-    parameters.extend(query_parameters(route.path));
+    if route.method == "get" {
+        parameters.extend(query_parameters(route.path));
+    }
     if route.path.ends_with("/purchases") || route.path.ends_with("/adjustments") {
         parameters.push(json!({"name": "Idempotency-Key", "in": "header", "required": true, "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[\\x21-\\x7e]+$"}}));
     }

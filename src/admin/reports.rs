@@ -205,6 +205,36 @@ pub fn ledger_page(
     Ok((StatusCode::OK, json!({ "entries": entries, "next_cursor": next })))
 }
 
+/// An organization's users, applications or keys (`list`), a page of at
+/// most `limit` (1,000, also the default) after the id `after`, with the
+/// cursor of the next page (`null` at the end). Paged so that an
+/// organization of many keys, each with a large scope, cannot have one
+/// answer copy them all.
+pub fn list_page(ledger: &Ledger, org: OrgId, list: &str, params: &BTreeMap<String, String>) -> Answer {
+    let limit = number(params, "limit")?
+        .map_or(MAX_PAGE, |n| usize::try_from(n).unwrap_or(MAX_PAGE))
+        .clamp(1, MAX_PAGE);
+    let after = number(params, "after")?.unwrap_or(0);
+    let (items, next): (Vec<Value>, Option<u64>) = match list {
+        "users" => {
+            let (users, next) = ledger.users_page(org, after, limit);
+            (users.iter().map(super::api::shown).collect(), next)
+        }
+        "apps" => {
+            let (apps, next) = ledger.apps_page(org, after, limit);
+            (apps.iter().map(|app| json!(app)).collect(), next)
+        }
+        _ => {
+            let (keys, next) = ledger.keys_page(org, after, limit);
+            (keys.iter().map(super::api::key_view).collect(), next)
+        }
+    };
+    let mut page = serde_json::Map::new();
+    page.insert(list.to_owned(), Value::Array(items));
+    page.insert("next_cursor".to_owned(), json!(next));
+    Ok((StatusCode::OK, Value::Object(page)))
+}
+
 /// Whether a report shows what requests cost the operator before markup.
 /// The operator's own figure: an organization's token sees what it was
 /// charged, and the price table itself is closed to it, so its cost (and

@@ -1226,3 +1226,56 @@ async fn an_org_token_s_writes_are_capped_per_minute_and_its_reads_and_the_opera
     assert_eq!(&answer, b"HTTP/1.1 429");
     assert_eq!(add_user(ADMIN_TOKEN, "by-operator").await.status, 201, "the operator is not capped");
 }
+
+/// Users, applications and keys are listed a page at a time, by id: the
+/// cursors walk every item once, and another org's never appear. Before,
+/// a list copied every item of its kind into one answer, which an org
+/// with many keys of large scopes could make as large as it pleased.
+#[tokio::test]
+async fn users_apps_and_keys_are_listed_a_page_at_a_time() {
+    let stack = start().await;
+    // The org token's org, and another.
+    let org = stack.keys.org.0;
+    let (other, _) = org_b(&stack).await;
+    let base = format!("/admin/v1/orgs/{org}");
+    for n in 0..5 {
+        let app = json!({"name": format!("paged-{n}")});
+        let made = call(&stack, ADMIN_TOKEN, Method::POST, &format!("{base}/apps"), Some(app), &[]).await;
+        assert_eq!(made.status, 201, "{:?}", made.body);
+        let key = json!({"app": made.json()["id"]});
+        let made = call(&stack, ADMIN_TOKEN, Method::POST, &format!("{base}/keys"), Some(key), &[]).await;
+        assert_eq!(made.status, 201, "{:?}", made.body);
+    }
+    for list in ["users", "apps", "keys"] {
+        let whole = call(&stack, ORG_TOKEN, Method::GET, &format!("{base}/{list}"), None, &[]).await;
+        assert_eq!(whole.status, 200, "{list}: {:?}", whole.body);
+        let whole = whole.json();
+        assert_eq!(whole["next_cursor"], Value::Null, "{list}: one page holds them all");
+        let ids = |page: &Value| -> Vec<u64> {
+            page[list].as_array().unwrap().iter().map(|item| item["id"].as_u64().unwrap()).collect()
+        };
+        let all = ids(&whole);
+        let mut walked = Vec::new();
+        let mut path = format!("{base}/{list}?limit=2");
+        loop {
+            let page = call(&stack, ORG_TOKEN, Method::GET, &path, None, &[]).await.json();
+            assert!(ids(&page).len() <= 2, "{list}: {page}");
+            walked.extend(ids(&page));
+            match page["next_cursor"].as_u64() {
+                Some(next) => path = format!("{base}/{list}?limit=2&after={next}"),
+                None => break,
+            }
+        }
+        assert_eq!(walked, all, "{list}: the pages walk every item once, in order");
+        let mut sorted = all.clone();
+        sorted.sort_unstable();
+        assert_eq!(all, sorted, "{list}: by id");
+        let theirs_path = format!("/admin/v1/orgs/{other}/{list}");
+        let theirs = ids(&call(&stack, ADMIN_TOKEN, Method::GET, &theirs_path, None, &[]).await.json());
+        assert!(theirs.iter().all(|id| !all.contains(id)), "{list}: another org's items");
+    }
+    let apps = call(&stack, ORG_TOKEN, Method::GET, &format!("{base}/apps"), None, &[]).await.json();
+    assert!(apps["apps"].as_array().unwrap().len() >= 5);
+    let bad = call(&stack, ORG_TOKEN, Method::GET, &format!("{base}/keys?after=x"), None, &[]).await;
+    assert_eq!(bad.status, 400, "{:?}", bad.body);
+}
