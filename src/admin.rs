@@ -402,11 +402,12 @@ impl Admin {
                             self.alerts.refusal_counts(&wallets, now).await.map_err(api::alert_error)?;
                         summary::org_summary(&self.ledger, refusals, org, now)?
                     }
-                    // Off the runtime and one at a time per organization,
-                    // as reports are: a list reads every record of its kind.
+                    // Off the runtime and one at a time per organization:
+                    // a list reads every record of its kind.
                     (&Method::GET, [list @ ("users" | "apps" | "keys")]) => {
                         let (ledger, list) = (self.ledger.clone(), (*list).to_owned());
-                        self.report(org, move || reports::list_page(&ledger, org, &list, &params)).await??
+                        background::listing(org.0, move || reports::list_page(&ledger, org, &list, &params))
+                            .await??
                     }
                     (&Method::GET, ["ledger"]) => {
                         let entries = self.entries.clone();

@@ -85,6 +85,17 @@ pub async fn database_report<T: Send + 'static>(
     .map_err(|error| AdminError::Store(format!("the report failed: {error}")))
 }
 
+/// Runs a listing of `org`'s (its users, applications or keys) off the
+/// runtime, in the reports' slots and the organization's turn, at normal
+/// priority: short work the dashboard waits on at every page, which under
+/// the idle policy would wait for as long as the machine stays busy.
+pub async fn listing<T: Send + 'static>(
+    org: u64,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AdminError> {
+    database_report(org, work).await
+}
+
 /// Starts `work` on a new thread named `name` under the idle policy.
 pub fn spawn(name: &str, work: impl FnOnce() + Send + 'static) -> Result<(), AdminError> {
     std::thread::Builder::new()
