@@ -50,7 +50,7 @@ impl Supervisor {
         tokio::spawn(async move {
             match task.await {
                 Ok(()) => {}
-                Err(error) if error.is_panic() => supervisor.failed(name, "panicked"),
+                Err(error) if error.is_panic() => supervisor.panicked(name),
                 // Only a runtime shutting down cancels these tasks.
                 Err(_) => {}
             }
@@ -62,11 +62,11 @@ impl Supervisor {
         self.inner.failed.get().cloned()
     }
 
-    fn failed(&self, name: &'static str, how: &str) {
+    fn panicked(&self, name: &'static str) {
         if let Some(metrics) = &self.inner.metrics {
             metrics.background_panics.get_or_create(&TaskLabels { task: name }).inc();
         }
-        let reason = format!("the background task {name} {how}");
+        let reason = format!("the background task {name} panicked");
         tracing::error!(task = name, "{reason}: stopping, to be started again");
         let _first = self.inner.failed.set(reason);
         self.inner.shutdown.cancel();

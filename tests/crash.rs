@@ -8,6 +8,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,10 +58,9 @@ fn next(seed: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_under_load_loses_nothing_acknowledged() {
-    let mut seed: u64 = std::env::var("CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
-    println!("crash test seed: {seed} (rerun with CRASH_SEED={seed})");
+/// A mock upstream and a gateway config on it in a temporary directory;
+/// also the data directory's path (not yet made).
+async fn on_a_mock() -> (creditgate::mock::MockUpstream, tempfile::TempDir, PathBuf, PathBuf) {
     let mock = creditgate::mock::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default())
         .await
         .unwrap();
@@ -68,43 +68,33 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
     let config = dir.path().join("gateway.toml");
     std::fs::write(&config, config_text(mock.addr(), "", "")).unwrap();
     let data = dir.path().join("data");
+    (mock, dir, config, data)
+}
+
+/// An org allocated `allocation` a year, a Pro user and a key, through the
+/// admin API: the org's id and the key's secret.
+async fn seed_org(running: &Running, name: &str, allocation: &str) -> (u64, String) {
+    let today = chrono::Utc::now().date_naive().to_string();
+    let call = |path: String, body: Value| async move {
+        admin(running, Method::POST, &path, body, None).await.unwrap().json()
+    };
+    let contract = json!({"start": today, "years": 1, "platform_allocation_per_year": allocation});
+    let org = call("/admin/v1/orgs".into(), json!({"name": name, "contract": contract})).await;
+    let org = org["id"].as_u64().unwrap();
+    let user = call(format!("/admin/v1/orgs/{org}/users"), json!({"name": "u", "plan": "pro"})).await;
+    let key = call(format!("/admin/v1/orgs/{org}/keys"), json!({"user": user["id"]})).await;
+    (org, key["secret"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_nothing_acknowledged() {
+    let mut seed: u64 = std::env::var("CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
+    println!("crash test seed: {seed} (rerun with CRASH_SEED={seed})");
+    let (mock, _dir, config, data) = on_a_mock().await;
 
     // Seed an org, a user and a key through the admin API.
     let mut running = spawn(&config, &data);
-    let today = chrono::Utc::now().date_naive().to_string();
-    let org = admin(
-        &running,
-        Method::POST,
-        "/admin/v1/orgs",
-        json!({"name": "crash",
-        "contract": {"start": today, "years": 1, "platform_allocation_per_year": "1000"}}),
-        None,
-    )
-    .await
-    .unwrap()
-    .json();
-    let org = org["id"].as_u64().unwrap();
-    let user = admin(
-        &running,
-        Method::POST,
-        &format!("/admin/v1/orgs/{org}/users"),
-        json!({"name": "u", "plan": "pro"}),
-        None,
-    )
-    .await
-    .unwrap()
-    .json();
-    let key = admin(
-        &running,
-        Method::POST,
-        &format!("/admin/v1/orgs/{org}/keys"),
-        json!({"user": user["id"]}),
-        None,
-    )
-    .await
-    .unwrap()
-    .json();
-    let secret = key["secret"].as_str().unwrap().to_owned();
+    let (org, secret) = seed_org(&running, "crash", "1000").await;
 
     let mut acknowledged_purchases: Vec<String> = Vec::new();
     // Every call served (its request id and when its body arrived), and
@@ -280,38 +270,13 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
 /// without it. What the books held is whole at the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_background_task_that_panics_stops_the_gateway_to_be_started_again() {
-    let mock = creditgate::mock::MockUpstream::start("127.0.0.1:0".parse().unwrap(), Default::default())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(&config, config_text(mock.addr(), "", "")).unwrap();
-    let data = dir.path().join("data");
+    let (mock, _dir, config, data) = on_a_mock().await;
     let mut running = spawn(&config, &data);
-    let today = chrono::Utc::now().date_naive().to_string();
+    let (org, secret) = seed_org(&running, "panics", "100").await;
     let call = |running: &Running, method, path: String, body| {
         let admin = running.admin.clone();
         async move { operator_call(&admin, method, &path, body, None).await.unwrap().json() }
     };
-    let org = call(
-        &running,
-        Method::POST,
-        "/admin/v1/orgs".into(),
-        json!({"name": "panics", "contract": {"start": today, "years": 1, "platform_allocation_per_year": "100"}}),
-    )
-    .await["id"]
-        .as_u64()
-        .unwrap();
-    let user = call(
-        &running,
-        Method::POST,
-        format!("/admin/v1/orgs/{org}/users"),
-        json!({"name": "u", "plan": "pro"}),
-    )
-    .await;
-    let key =
-        call(&running, Method::POST, format!("/admin/v1/orgs/{org}/keys"), json!({"user": user["id"]})).await;
-    let secret = key["secret"].as_str().unwrap().to_owned();
     let charged = post_json(
         &format!("http://{}/v1/chat/completions", running.proxy),
         &secret,

@@ -249,7 +249,6 @@ fn limit_period(period: LimitPeriod) -> &'static str {
     }
 }
 
-/// Build a JSON error response in the gateway's one error shape.
 /// Most bytes of a client's text (a path, a model name) an error answer or
 /// a log line repeats: the client chooses its length.
 pub const ECHOED_BYTES: usize = 256;
@@ -266,6 +265,7 @@ pub fn clipped(text: &str) -> &str {
     &text[..end]
 }
 
+/// Build a JSON error response in the gateway's one error shape.
 pub fn json_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response<Bytes> {
     json_body(status, &json!({"error": {"type": kind, "code": code, "message": message}}))
 }
